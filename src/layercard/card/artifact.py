@@ -1,0 +1,221 @@
+"""The Layer Card artifact: typed, JSON round-trip, scores re-evaluable without a new pass."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from layercard.artifacts import SCHEMA_VERSION, read_json, write_json
+from layercard.card import stats
+from layercard.errors import LayercardError
+
+KIND = "card"
+
+# Predicted-gain scores kept side by side (DESIGN §3a). Each is per unit; per-layer values
+# aggregate the units of the chosen roles (sums, or a root-sum-square for the gradient norms).
+SCORES: dict[str, str] = {
+    "capacity": "½·N_t·resnorm² at damping δ: the local quadratic model's optimal decrease of the mean loss",
+    "capacity_energy": "resnorm² × activation energy tr(Σ)/d_in",
+    "gradnorm": "‖∇W‖_F, the raw gradient norm (the 'gradnorm' baseline)",
+    "gradnorm_energy": "‖∇W‖_F × √(tr(Σ)/d_in)",
+    "rate": "loss decrease of the first Adam step of a LoRA module at the unit (B=0, seeded A)",
+    "saturating": "C·(1 − exp(−ρ·T/C)) with capacity C, rate ρ and horizon T steps",
+}
+# Provisional until the placement benchmark measures which score predicts best.
+DEFAULT_SCORE = "rate"
+DEFAULT_SCORE_BASIS = (
+    "provisional: not yet confirmed by layercard's placement benchmark; no score's predictive power "
+    "is claimed until benchmarks/results reports its measured correlation"
+)
+
+
+def _r(x: float) -> float:
+    """Round for storage: 8 significant digits is far below the card's sampling noise."""
+    if x == 0 or not math.isfinite(x):
+        return float(x)
+    return float(f"{x:.8g}")
+
+
+def _rl(a: Sequence[float] | np.ndarray) -> list[float]:
+    return [_r(float(v)) for v in a]
+
+
+@dataclasses.dataclass(frozen=True)
+class UnitRow:
+    key: str
+    layer: int
+    role: str
+    name: str
+    d_in: int
+    d_out: int
+    group: str  # "{layer}.{input_group}"
+    grad_norm: float
+    resnorm: float  # at the card's δ
+    captured: dict[str, float]  # rank → captured@r at the card's δ
+    rate: float
+    rate_linear: float
+    rate_quadratic: float
+    lora_params: int  # r·(d_in + d_out) at the card's LoRA rank
+    grad_eig_energy: list[float]  # eⱼ = ‖∇W uⱼ‖² along Σ's eigenvectors (ascending λ)
+
+
+@dataclasses.dataclass(frozen=True)
+class GroupRow:
+    key: str
+    layer: int
+    input_group: str
+    d_in: int
+    n: int
+    sketched: int | None  # sketch size k, or None when exact
+    eigenvalues: list[float]  # of Σ (or of the sketched RᵀΣR), ascending
+    energy: float
+    kappa: float
+    effective_rank: float
+    noise_amplification: float
+
+
+@dataclasses.dataclass(frozen=True)
+class Card:
+    """A Layer Card; see DESIGN §3. Built by :func:`layercard.card.compute_card`."""
+
+    provenance: dict[str, Any]
+    config: dict[str, Any]
+    model: dict[str, Any]  # id, hash, family, n_layers, d_model
+    task: dict[str, Any]  # name, source, split, n_examples, data_hash
+    roles: list[str]
+    n_positions: int
+    n_target_tokens: int
+    loss: float
+    units: list[UnitRow]
+    groups: list[GroupRow]
+    coupling: dict[str, Any] | None = None
+    cost: dict[str, Any] | None = None
+    timings: dict[str, float] = dataclasses.field(default_factory=dict)
+    default_score: str = DEFAULT_SCORE
+    default_score_basis: str = DEFAULT_SCORE_BASIS
+
+    # ---- derived quantities -------------------------------------------------------------
+    @property
+    def n_layers(self) -> int:
+        return int(self.model["n_layers"])
+
+    @property
+    def delta(self) -> float:
+        return float(self.config["delta"])
+
+    def group_of(self, unit: UnitRow) -> GroupRow:
+        return self._groups_by_key()[unit.group]
+
+    def _groups_by_key(self) -> dict[str, GroupRow]:
+        return {g.key: g for g in self.groups}
+
+    def resnorm_sq(self, unit: UnitRow, delta: float | None = None) -> float:
+        """resnorm² at any damping δ, from the stored spectra (no new pass)."""
+        g = self.group_of(unit)
+        return stats.resnorm_sq_from_energy(
+            np.asarray(unit.grad_eig_energy),
+            np.asarray(g.eigenvalues),
+            g.n,
+            self.delta if delta is None else delta,
+        )
+
+    def unit_score(
+        self, unit: UnitRow, score: str, *, delta: float | None = None, horizon: int | None = None
+    ) -> float:
+        g = self.group_of(unit)
+        if score == "capacity":
+            return 0.5 * self.n_target_tokens * self.resnorm_sq(unit, delta)
+        if score == "capacity_energy":
+            return self.resnorm_sq(unit, delta) * g.energy
+        if score == "gradnorm":
+            return unit.grad_norm
+        if score == "gradnorm_energy":
+            return unit.grad_norm * math.sqrt(g.energy)
+        if score == "rate":
+            return unit.rate
+        if score == "saturating":
+            c = 0.5 * self.n_target_tokens * self.resnorm_sq(unit, delta)
+            rho = max(unit.rate, 0.0)
+            t = horizon if horizon is not None else int(self.config.get("horizon_steps", 100))
+            return c * (1.0 - math.exp(-rho * t / c)) if c > 0 else 0.0
+        raise LayercardError(f"unknown score {score!r}; valid: {', '.join(SCORES)}")
+
+    def selected_units(self, roles: Sequence[str] | None = None) -> list[UnitRow]:
+        if roles is None:
+            return list(self.units)
+        want = set(roles)
+        return [u for u in self.units if u.role in want or bool(set(_covers(u.role)) & want)]
+
+    def layer_scores(
+        self,
+        score: str | None = None,
+        *,
+        roles: Sequence[str] | None = None,
+        delta: float | None = None,
+        horizon: int | None = None,
+    ) -> np.ndarray:
+        """Per-layer predicted gain for ``score`` over the chosen roles (default: the card's)."""
+        score = score or self.default_score
+        out = np.zeros(self.n_layers)
+        sq = score in ("gradnorm", "gradnorm_energy")
+        for u in self.selected_units(roles):
+            v = self.unit_score(u, score, delta=delta, horizon=horizon)
+            out[u.layer] += v * v if sq else v
+        return np.sqrt(out) if sq else out
+
+    def layer_table(self, roles: Sequence[str] | None = None) -> list[dict[str, float]]:
+        """One row per layer: every score plus the input statistics (mean over the layer's inputs)."""
+        rows = []
+        per_score = {s: self.layer_scores(s, roles=roles) for s in SCORES}
+        resn = np.zeros(self.n_layers)
+        params = np.zeros(self.n_layers)
+        for u in self.selected_units(roles):
+            resn[u.layer] += u.resnorm**2
+            params[u.layer] += u.lora_params
+        for layer in range(self.n_layers):
+            gs = [g for g in self.groups if g.layer == layer]
+            row: dict[str, float] = {"layer": layer, "resnorm": float(math.sqrt(resn[layer]))}
+            row.update({s: float(per_score[s][layer]) for s in SCORES})
+            if gs:
+                row["energy"] = float(np.mean([g.energy for g in gs]))
+                row["kappa"] = float(np.max([g.kappa for g in gs]))
+                row["effective_rank"] = float(np.mean([g.effective_rank for g in gs]))
+                row["noise_amplification"] = float(np.mean([g.noise_amplification for g in gs]))
+            row["lora_params"] = float(params[layer])
+            rows.append(row)
+        return rows
+
+    # ---- serialisation -----------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        return {"kind": KIND, "schema_version": SCHEMA_VERSION, "scores": SCORES, **d}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Card:
+        fields = {f.name for f in dataclasses.fields(cls)}
+        kw = {k: v for k, v in d.items() if k in fields}
+        kw["units"] = [UnitRow(**u) for u in d["units"]]
+        kw["groups"] = [GroupRow(**g) for g in d["groups"]]
+        return cls(**kw)
+
+    def save(self, path: str | Path) -> Path:
+        return write_json(path, self.to_dict())
+
+    @classmethod
+    def load(cls, path: str | Path) -> Card:
+        d = read_json(path, kind=KIND)
+        try:
+            return cls.from_dict(d)
+        except (KeyError, TypeError) as e:
+            raise LayercardError(f"{path}: malformed card ({e})") from None
+
+
+def _covers(role: str) -> tuple[str, ...]:
+    from layercard.models import FUSED_ROLES
+
+    return FUSED_ROLES.get(role, (role,))

@@ -1,0 +1,324 @@
+"""Build a Layer Card: probe pass(es), statistics, optional coupling and cost calibration."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from layercard.artifacts import Provenance
+from layercard.card import stats
+from layercard.card.artifact import Card, GroupRow, UnitRow, _r, _rl
+from layercard.card.probe import UnitAccumulator, make_accumulators, run_probe
+from layercard.errors import LayercardError
+from layercard.progress import track
+
+
+@dataclasses.dataclass(frozen=True)
+class CardConfig:
+    """What the card measures and how. Validated on construction; errors name the field."""
+
+    roles: str = "q,v"
+    examples: int = 64
+    max_length: int = 128
+    batch_size: int = 8
+    delta: float = 1e-3
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    lr: float = 1e-3
+    a_draws: int = 4
+    seed: int = 0
+    sketch: int | None = None
+    layer_groups: int = 1
+    coupling: bool = False
+    coupling_examples: int = 8
+    coupling_direction: str = "first_step"
+    calibrate: bool = False
+    calibrate_steps: int = 2
+    horizon_steps: int = 100
+
+    def __post_init__(self) -> None:
+        for name in (
+            "examples",
+            "max_length",
+            "batch_size",
+            "lora_rank",
+            "a_draws",
+            "layer_groups",
+            "coupling_examples",
+            "calibrate_steps",
+            "horizon_steps",
+        ):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise LayercardError(f"card config: {name}={v!r} must be a positive integer")
+        for name in ("delta", "lr", "lora_alpha"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+                raise LayercardError(f"card config: {name}={v!r} must be a positive number")
+        if self.sketch is not None and (not isinstance(self.sketch, int) or self.sketch < 1):
+            raise LayercardError(f"card config: sketch={self.sketch!r} must be a positive integer or null")
+        if self.coupling_direction not in ("first_step", "capacity"):
+            raise LayercardError(
+                f"card config: coupling_direction={self.coupling_direction!r}; valid: first_step, capacity"
+            )
+        if self.sketch is not None and self.coupling and self.coupling_direction == "capacity":
+            raise LayercardError(
+                "card config: coupling_direction='capacity' needs an exact covariance (sketch=null)"
+            )
+        if self.max_length < 8:
+            raise LayercardError(f"card config: max_length={self.max_length} is too short (minimum 8)")
+
+
+def _finish_pass(
+    accs: Sequence[UnitAccumulator], cfg: CardConfig, n_target_tokens: int
+) -> tuple[list[UnitRow], list[GroupRow], dict[str, torch.Tensor], dict[str, stats.Spectrum]]:
+    groups: dict[int, tuple[str, stats.Spectrum, Any]] = {}
+    group_rows: list[GroupRow] = []
+    unit_rows: list[UnitRow] = []
+    grads: dict[str, torch.Tensor] = {}
+    spectra: dict[str, stats.Spectrum] = {}
+    scale = cfg.lora_alpha / cfg.lora_rank
+    for acc in accs:
+        g = acc.group
+        if id(g) not in groups:
+            if g.n == 0:
+                raise LayercardError("probe set has no unpadded positions")
+            spec = stats.spectrum(g.xtx.cpu().numpy(), g.n)
+            gkey = f"{acc.spec.layer}.{acc.spec.input_group}"
+            st = stats.input_stats(spec.eigenvalues, cfg.delta)
+            # A Gaussian sketch keeps tr(Σ) unbiased, so energy stays per original input dimension.
+            energy = spec.trace / g.d_in
+            group_rows.append(
+                GroupRow(
+                    key=gkey,
+                    layer=acc.spec.layer,
+                    input_group=acc.spec.input_group,
+                    d_in=g.d_in,
+                    n=g.n,
+                    sketched=None if g.sketch is None else int(g.sketch.shape[1]),
+                    eigenvalues=_rl(spec.eigenvalues),
+                    energy=_r(energy),
+                    kappa=_r(st.kappa),
+                    effective_rank=_r(st.effective_rank),
+                    noise_amplification=_r(st.noise_amplification),
+                )
+            )
+            groups[id(g)] = (gkey, spec, g.sketch)
+            spectra[gkey] = spec
+        gkey, spec, sketch = groups[id(g)]
+        grad = acc.grad.cpu().numpy()
+        grads[acc.spec.key] = acc.grad.cpu()
+        gcoord = grad @ sketch.cpu().numpy() if sketch is not None else grad
+        energy_j = stats.grad_eig_energy(gcoord, spec)
+        rsq = stats.resnorm_sq_from_energy(energy_j, spec.eigenvalues, spec.n, cfg.delta)
+        m = stats.whitened_gradient(gcoord, spec, cfg.delta)
+        cap = stats.captured(stats.singular_values_sq(m))
+        r = cfg.lora_rank
+        a = acc.a_stack.cpu().numpy()
+        asa = acc.asa.cpu().numpy() / g.n
+        draws = [a[i * r : (i + 1) * r] for i in range(cfg.a_draws)]
+        asas = [asa[i * r : (i + 1) * r, i * r : (i + 1) * r] for i in range(cfg.a_draws)]
+        rate, lin, quad = stats.first_step_rate(
+            grad, draws, asas, lr=cfg.lr, scale=scale, curvature=g.n / n_target_tokens
+        )
+        unit_rows.append(
+            UnitRow(
+                key=acc.spec.key,
+                layer=acc.spec.layer,
+                role=acc.spec.role,
+                name=acc.spec.name,
+                d_in=acc.spec.d_in,
+                d_out=acc.spec.d_out,
+                group=gkey,
+                grad_norm=_r(float(np.linalg.norm(grad))),
+                resnorm=_r(math.sqrt(max(rsq, 0.0))),
+                captured={str(k): _r(v) for k, v in cap.items()},
+                rate=_r(rate),
+                rate_linear=_r(lin),
+                rate_quadratic=_r(quad),
+                lora_params=r * (acc.spec.d_in + acc.spec.d_out),
+                grad_eig_energy=_rl(energy_j),
+            )
+        )
+    return unit_rows, group_rows, grads, spectra
+
+
+def _layer_chunks(layers: Sequence[int], n_groups: int) -> list[list[int]]:
+    layers = sorted(set(layers))
+    n_groups = min(n_groups, len(layers))
+    return [list(c) for c in np.array_split(np.asarray(layers), n_groups)]
+
+
+def compute_card(loaded: Any, task: Any, cfg: CardConfig, *, progress: bool | None = None) -> Card:
+    """Measure the frozen model on the task and return the Layer Card (DESIGN §3–§5)."""
+    from layercard import models
+    from layercard.tasks import batches as make_batches
+    from layercard.tasks import count_target_tokens, encode_task
+
+    t0 = time.perf_counter()
+    model, tok = loaded.model, loaded.tokenizer
+    roles = models.parse_roles(cfg.roles)
+    specs = models.units(model, roles)
+    probe_task = task.subset(cfg.examples, seed=cfg.seed)
+    if len(probe_task.examples) == 0:
+        raise LayercardError(f"task {task.name}: no examples to probe")
+    encoded = encode_task(tok, probe_task, max_length=cfg.max_length)
+    n_tgt = count_target_tokens(encoded)
+    if n_tgt == 0:
+        raise LayercardError(f"task {task.name}: the probe set has no target tokens")
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+    batch_list = list(make_batches(encoded, cfg.batch_size, pad_id))
+    device = next(model.parameters()).device
+
+    torch.manual_seed(cfg.seed)
+    unit_rows: list[UnitRow] = []
+    group_rows: list[GroupRow] = []
+    grads: dict[str, torch.Tensor] = {}
+    spectra: dict[str, stats.Spectrum] = {}
+    loss = float("nan")
+    timings: dict[str, float] = {}
+    chunks = _layer_chunks([s.layer for s in specs], cfg.layer_groups)
+    t_probe = time.perf_counter()
+    for ci, chunk in enumerate(chunks):
+        cspecs = [s for s in specs if s.layer in set(chunk)]
+        accs = make_accumulators(
+            cspecs,
+            lora_rank=cfg.lora_rank,
+            a_draws=cfg.a_draws,
+            seed=cfg.seed,
+            sketch=cfg.sketch,
+            device=device,
+        )
+        desc = "card pass" if len(chunks) == 1 else f"card pass {ci + 1}/{len(chunks)}"
+        loss = run_probe(
+            model,
+            batch_list,
+            accs,
+            n_target_tokens=n_tgt,
+            progress=lambda it, d=desc: track(it, d, total=len(batch_list), enabled=progress),
+        )
+        u, g, gr, sp = _finish_pass(accs, cfg, n_tgt)
+        unit_rows += u
+        group_rows += g
+        grads.update(gr)
+        spectra.update(sp)
+        del accs
+    timings["probe_s"] = time.perf_counter() - t_probe
+    n_positions = group_rows[0].n if group_rows else 0
+
+    coupling = None
+    if cfg.coupling:
+        t_c = time.perf_counter()
+        coupling = _coupling(model, specs, grads, spectra, unit_rows, cfg, encoded, pad_id, progress)
+        timings["coupling_s"] = time.perf_counter() - t_c
+
+    cost = None
+    if cfg.calibrate:
+        from layercard.cost import calibrate
+
+        t_k = time.perf_counter()
+        cost = calibrate(
+            model, tok, batch_list[0], roles, steps=cfg.calibrate_steps, progress=progress
+        ).to_dict()
+        timings["calibrate_s"] = time.perf_counter() - t_k
+
+    timings["total_s"] = time.perf_counter() - t0
+    layout = models.layout_for(model)
+    config = dataclasses.asdict(cfg)
+    prov = Provenance.make(
+        stage="card",
+        model_id=loaded.model_id,
+        model_hash=loaded.model_hash,
+        task=task.name,
+        data_hash=probe_task.data_hash,
+        config=config,
+        seed=cfg.seed,
+        wall_time_s=timings["total_s"],
+    )
+    return Card(
+        provenance=prov.to_dict(),
+        config=config,
+        model={
+            "id": loaded.model_id,
+            "hash": loaded.model_hash,
+            "family": layout.family,
+            "n_layers": models.num_layers(model),
+            "d_model": int(getattr(model.config, "hidden_size", 0) or getattr(model.config, "n_embd", 0)),
+        },
+        task={
+            "name": task.name,
+            "source": task.source,
+            "split": task.split,
+            "n_examples": len(probe_task.examples),
+            "data_hash": probe_task.data_hash,
+        },
+        roles=list(roles),
+        n_positions=n_positions,
+        n_target_tokens=n_tgt,
+        loss=_r(loss),
+        units=unit_rows,
+        groups=group_rows,
+        coupling=coupling,
+        cost=cost,
+        timings={k: round(v, 3) for k, v in timings.items()},
+    )
+
+
+def unit_direction(
+    grad: torch.Tensor, spec: stats.Spectrum | None, cfg: CardConfig, kind: str, key: str
+) -> torch.Tensor:
+    """The update direction a unit contributes to its layer's coupling probe."""
+    g = grad.double()
+    if kind == "capacity":
+        if spec is None:
+            raise LayercardError("capacity direction needs an exact (unsketched) covariance")
+        lam = stats.damping(spec.eigenvalues, cfg.delta)
+        u = torch.from_numpy(spec.eigenvectors)
+        inv = torch.from_numpy(1.0 / (spec.eigenvalues + lam))
+        return -((g @ u) * inv[None, :]) @ u.T
+    from layercard.card.probe import _stable_seed
+
+    rng = np.random.default_rng(_stable_seed(cfg.seed, f"lora_a.{key}"))
+    d_in = g.shape[1]
+    bound = 1.0 / math.sqrt(d_in)
+    a = torch.from_numpy(rng.uniform(-bound, bound, size=(cfg.lora_rank, d_in)))
+    s = torch.sign(g @ a.T)
+    return -cfg.lr * (cfg.lora_alpha / cfg.lora_rank) * s @ a
+
+
+def _coupling(model, specs, grads, spectra, unit_rows, cfg, encoded, pad_id, progress) -> dict[str, Any]:
+    from layercard.card.coupling import layer_effects
+    from layercard.tasks import batches as make_batches
+
+    by_key = {u.key: u for u in unit_rows}
+    directions: dict[int, dict[str, torch.Tensor]] = {}
+    for s in specs:
+        row = by_key[s.key]
+        sp = spectra.get(row.group)
+        d = unit_direction(grads[s.key], sp, cfg, cfg.coupling_direction, s.key)
+        dev = next(model.parameters()).device
+        dt = next(model.parameters()).dtype
+        directions.setdefault(s.layer, {})[s.name] = d.to(device=dev, dtype=dt)
+    sub = encoded[: cfg.coupling_examples]
+    cb = list(make_batches(sub, cfg.batch_size, pad_id))
+    layers, effects = layer_effects(
+        model,
+        directions,
+        cb,
+        progress=lambda it: track(it, "coupling", total=len(directions), enabled=progress),
+    )
+    c = stats.coupling_matrix(effects)
+    return {
+        "level": "layer",
+        "direction": cfg.coupling_direction,
+        "examples": len(sub),
+        "layers": layers,
+        "matrix": [[_r(v) for v in row] for row in c],
+        "effect_norms": _rl(np.linalg.norm(effects, axis=1)),
+    }

@@ -1,0 +1,107 @@
+"""Coupling between layers: cosines of their updates' effects on the final hidden state (DESIGN §4).
+
+For each layer ℓ the update direction Δ_ℓ adds, at every unit of the chosen roles in ℓ, the unit's
+first Adam step (or its capacity direction). Its effect e_ℓ = d h_final / dε is taken by a central
+finite difference over target positions of a small coupling probe; C is the cosine matrix of the e_ℓ.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from layercard.models import get_module, lm_head
+
+
+@contextlib.contextmanager
+def perturb(model: nn.Module, deltas: Mapping[str, torch.Tensor], eps: float) -> Iterator[None]:
+    """Add ε·x ΔWᵀ to the outputs of the named modules (ΔW in logical d_out × d_in orientation)."""
+    handles = []
+
+    def make(dw: torch.Tensor):
+        def hook(_m: nn.Module, inputs: tuple[torch.Tensor, ...], out: torch.Tensor) -> torch.Tensor:
+            x = inputs[0]
+            return out + eps * (x @ dw.to(x.dtype).T)
+
+        return hook
+
+    try:
+        for name, dw in deltas.items():
+            handles.append(get_module(model, name).register_forward_hook(make(dw)))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextlib.contextmanager
+def capture_final_hidden(model: nn.Module, store: list[torch.Tensor]) -> Iterator[None]:
+    """Record the final-norm output (the input of the LM head)."""
+
+    def hook(_m: nn.Module, inputs: tuple[torch.Tensor, ...], _out: torch.Tensor) -> None:
+        store.append(inputs[0].detach())
+
+    # The LM head's input is the final hidden state whatever the layout calls its norm.
+    h = lm_head(model).register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        h.remove()
+
+
+def _final_hidden(model: nn.Module, batches: Sequence[dict[str, torch.Tensor]]) -> torch.Tensor:
+    device = next(model.parameters()).device
+    parts: list[torch.Tensor] = []
+    for batch in batches:
+        store: list[torch.Tensor] = []
+        with capture_final_hidden(model, store):
+            model(
+                input_ids=batch["input_ids"].to(device),
+                attention_mask=batch["attention_mask"].to(device),
+                use_cache=False,
+            )
+        h = store[0]
+        labels = batch["labels"].to(device)
+        # Positions that predict a target token: label at t+1 is not masked.
+        pos = torch.zeros_like(labels, dtype=torch.bool)
+        pos[:, :-1] = labels[:, 1:] != -100
+        parts.append(h[pos].to(torch.float64).reshape(-1))
+    return torch.cat(parts)
+
+
+@torch.no_grad()
+def layer_effects(
+    model: nn.Module,
+    directions: Mapping[int, Mapping[str, torch.Tensor]],
+    batches: Sequence[dict[str, torch.Tensor]],
+    *,
+    rel_step: float = 1e-2,
+    progress=None,
+) -> tuple[list[int], np.ndarray]:
+    """Effects e_ℓ (rows) of each layer's update direction on the final hidden state."""
+    layers = sorted(directions)
+    rows = []
+    it = progress(layers) if progress is not None else layers
+    for layer in it:
+        deltas = directions[layer]
+        wnorm = 0.0
+        dnorm = 0.0
+        for name, dw in deltas.items():
+            wnorm += float(get_module(model, name).weight.detach().double().norm() ** 2)
+            dnorm += float(dw.double().norm() ** 2)
+        if dnorm == 0.0:
+            rows.append(None)
+            continue
+        eps = rel_step * (wnorm**0.5) / (dnorm**0.5)
+        with perturb(model, deltas, eps):
+            hp = _final_hidden(model, batches)
+        with perturb(model, deltas, -eps):
+            hm = _final_hidden(model, batches)
+        rows.append(((hp - hm) / (2 * eps)).cpu().numpy())
+    width = next((r.shape[0] for r in rows if r is not None), 0)
+    mat = np.stack([r if r is not None else np.zeros(width) for r in rows]) if rows else np.zeros((0, 0))
+    return layers, mat

@@ -1,0 +1,215 @@
+"""The card's measuring pass: hooks that stream X and G = ∂L/∂Y into float64 accumulators.
+
+Only the activations need gradients: the base stays frozen and the embedding output is made to
+require grad, so backward computes no weight gradient. Each unit's ∇W = Gᵀ X is formed in the
+hooks from the same X its forward saw, which is the work a weight gradient would cost anyway.
+Hooks exist only inside :func:`probe_hooks`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from layercard.errors import LayercardError
+from layercard.models import UnitSpec, get_module, input_embeddings
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class GroupAccumulator:
+    """Σ-side statistics of one distinct input (layer, input_group)."""
+
+    d_in: int
+    xtx: torch.Tensor  # float64, (k, k) with k = d_in or the sketch size
+    n: int = 0
+    sketch: torch.Tensor | None = None  # (d_in, k) projection, None when exact
+    last_step: int = -1
+
+
+@dataclass
+class UnitAccumulator:
+    """Gradient-side statistics of one unit."""
+
+    spec: UnitSpec
+    group: GroupAccumulator
+    grad: torch.Tensor  # float64 (d_out, d_in), logical orientation
+    a_stack: torch.Tensor  # (draws*r, d_in) LoRA A draws, stacked
+    asa: torch.Tensor  # float64 (draws*r, draws*r): A X ᵀ X Aᵀ summed
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class _State:
+    mask: torch.Tensor | None = None
+    step: int = 0
+
+
+def loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Summed next-token cross-entropy over target tokens (labels ≠ -100) and their count."""
+    shift_logits = logits[:, :-1, :]
+    if shift_logits.dtype in (torch.float16, torch.bfloat16):
+        shift_logits = shift_logits.float()
+    shift_labels = labels[:, 1:]
+    n_tok = int((shift_labels != IGNORE_INDEX).sum())
+    loss = nn.functional.cross_entropy(
+        shift_logits.reshape(-1, shift_logits.shape[-1]),
+        shift_labels.reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction="sum",
+    )
+    return loss, n_tok
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+@contextlib.contextmanager
+def probe_hooks(model: nn.Module, accs: Sequence[UnitAccumulator], state: _State) -> Iterator[None]:
+    """Attach the measuring hooks for ``accs``; always removed on exit."""
+    handles: list[torch.utils.hooks.RemovableHandle] = []
+
+    def embed_hook(_mod: nn.Module, _inp: object, out: torch.Tensor) -> torch.Tensor:
+        # The base is frozen; gradients must still flow back through every layer.
+        return out.detach().requires_grad_(True)
+
+    def make_hook(acc: UnitAccumulator):
+        spec = acc.spec
+
+        def hook(_mod: nn.Module, inputs: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
+            x = inputs[0]
+            dt = _compute_dtype(x)
+            mask = state.mask
+            x2 = x.detach().reshape(-1, spec.d_in).to(dt)
+            if mask is not None:
+                x2 = x2 * mask.reshape(-1, 1).to(dt)
+            g = acc.group
+            if g.last_step != state.step:
+                g.last_step = state.step
+                xs = x2 @ g.sketch.to(dt) if g.sketch is not None else x2
+                g.xtx += (xs.T @ xs).to(torch.float64)
+                g.n += int(mask.sum()) if mask is not None else x2.shape[0]
+            xa = x2 @ acc.a_stack.to(dt).T
+            acc.asa += (xa.T @ xa).to(torch.float64)
+            if out.requires_grad:
+
+                def grad_hook(gout: torch.Tensor) -> None:
+                    g2 = gout.reshape(-1, spec.d_out).to(dt)
+                    acc.grad += (g2.T @ x2).to(torch.float64)
+
+                out.register_hook(grad_hook)
+
+        return hook
+
+    try:
+        handles.append(input_embeddings(model).register_forward_hook(embed_hook))
+        for acc in accs:
+            handles.append(get_module(model, acc.spec.name).register_forward_hook(make_hook(acc)))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def make_accumulators(
+    specs: Sequence[UnitSpec],
+    *,
+    lora_rank: int,
+    a_draws: int,
+    seed: int,
+    sketch: int | None,
+    device: torch.device,
+) -> list[UnitAccumulator]:
+    """One accumulator per unit, sharing a group accumulator per distinct input."""
+    groups: dict[tuple[int, str], GroupAccumulator] = {}
+    accs: list[UnitAccumulator] = []
+    for spec in specs:
+        gkey = (spec.layer, spec.input_group)
+        if gkey not in groups:
+            proj = None
+            k = spec.d_in
+            if sketch is not None and sketch < spec.d_in:
+                gen = torch.Generator().manual_seed(
+                    _stable_seed(seed, f"sketch.{spec.layer}.{spec.input_group}")
+                )
+                proj = (
+                    torch.randn(spec.d_in, sketch, generator=gen, dtype=torch.float64) / math.sqrt(sketch)
+                ).to(device)
+                k = sketch
+            groups[gkey] = GroupAccumulator(
+                d_in=spec.d_in, xtx=torch.zeros(k, k, dtype=torch.float64, device=device), sketch=proj
+            )
+        rng = np.random.default_rng(_stable_seed(seed, f"lora_a.{spec.key}"))
+        bound = 1.0 / math.sqrt(spec.d_in)
+        a = rng.uniform(-bound, bound, size=(a_draws * lora_rank, spec.d_in))
+        accs.append(
+            UnitAccumulator(
+                spec=spec,
+                group=groups[gkey],
+                grad=torch.zeros(spec.d_out, spec.d_in, dtype=torch.float64, device=device),
+                a_stack=torch.from_numpy(a).to(device),
+                asa=torch.zeros(a.shape[0], a.shape[0], dtype=torch.float64, device=device),
+            )
+        )
+    return accs
+
+
+def _stable_seed(seed: int, name: str) -> int:
+    import zlib
+
+    return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**32)
+
+
+def run_probe(
+    model: nn.Module,
+    batches: Sequence[dict[str, torch.Tensor]],
+    accs: Sequence[UnitAccumulator],
+    *,
+    n_target_tokens: int,
+    progress=None,
+) -> float:
+    """One forward+backward over ``batches`` with hooks; returns the mean target loss.
+
+    Each micro-batch's summed loss is divided by the probe's total target-token count, so the
+    accumulated gradients are those of the mean loss over the whole probe set.
+    """
+    if n_target_tokens <= 0:
+        raise LayercardError("probe set has no target tokens (every label is masked)")
+    device = next(model.parameters()).device
+    state = _State()
+    total = 0.0
+    was_training = model.training
+    model.eval()
+    requires = [p.requires_grad for p in model.parameters()]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    try:
+        with probe_hooks(model, accs, state):
+            it = progress(batches) if progress is not None else batches
+            for step, batch in enumerate(it):
+                state.step = step
+                state.mask = batch["attention_mask"].to(device)
+                out = model(
+                    input_ids=batch["input_ids"].to(device),
+                    attention_mask=state.mask,
+                    use_cache=False,
+                )
+                loss, _ = loss_sum(out.logits, batch["labels"].to(device))
+                loss = loss / n_target_tokens
+                if not torch.isfinite(loss):
+                    raise LayercardError(f"non-finite loss on probe micro-batch {step} (loss={loss.item()})")
+                loss.backward()
+                total += float(loss.detach())
+    finally:
+        for p, r in zip(model.parameters(), requires, strict=True):
+            p.requires_grad_(r)
+        model.train(was_training)
+    return total

@@ -1,0 +1,196 @@
+"""Pure statistics of the Layer Card (DESIGN §3, §3a, §4).
+
+Everything here is a function of float64 numpy arrays, with no model or hook in sight, so the maths
+can be tested against brute force. Notation: a unit has weight W (d_out × d_in); X (n × d_in) are
+its input rows over the probe positions and G = ∂L/∂Y (n × d_out) the output gradients, so
+∇W = Gᵀ X and Σ = XᵀX / n.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+CAPTURE_RANKS: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
+
+
+@dataclass(frozen=True)
+class Spectrum:
+    """Eigen-decomposition of an input covariance Σ = U diag(λ) Uᵀ (λ ascending, clipped at 0)."""
+
+    eigenvalues: np.ndarray  # (d,)
+    eigenvectors: np.ndarray  # (d, d), columns
+    n: int  # positions the covariance was averaged over
+
+    @property
+    def dim(self) -> int:
+        return int(self.eigenvalues.shape[0])
+
+    @property
+    def trace(self) -> float:
+        return float(self.eigenvalues.sum())
+
+
+def spectrum(xtx: np.ndarray, n: int) -> Spectrum:
+    """Σ = XᵀX / n from an accumulated XᵀX, eigen-decomposed in float64."""
+    if n <= 0:
+        raise ValueError("covariance over zero positions")
+    sigma = np.asarray(xtx, dtype=np.float64) / n
+    sigma = 0.5 * (sigma + sigma.T)
+    lam, u = np.linalg.eigh(sigma)
+    return Spectrum(np.clip(lam, 0.0, None), u, n)
+
+
+def damping(eigenvalues: np.ndarray, delta: float) -> float:
+    """λ = δ·tr(Σ)/d_in (DESIGN §3). A tiny floor keeps an all-zero input finite."""
+    d = eigenvalues.shape[0]
+    lam = delta * float(eigenvalues.sum()) / d
+    return max(lam, 1e-30)
+
+
+def grad_eig_energy(grad: np.ndarray, spec: Spectrum) -> np.ndarray:
+    """eⱼ = ‖∇W uⱼ‖²: the gradient's energy along each eigenvector of Σ.
+
+    Stored in the card so resnorm can be re-evaluated at any damping without a new pass.
+    """
+    proj = np.asarray(grad, dtype=np.float64) @ spec.eigenvectors
+    return np.einsum("ij,ij->j", proj, proj)
+
+
+def resnorm_sq_from_energy(energy: np.ndarray, eigenvalues: np.ndarray, n: int, delta: float) -> float:
+    """resnorm² = tr(∇W Σλ⁻¹ ∇Wᵀ) / n = Σⱼ eⱼ / (λⱼ + λ) / n."""
+    lam = damping(eigenvalues, delta)
+    return float(np.sum(np.asarray(energy) / (np.asarray(eigenvalues) + lam)) / n)
+
+
+def whitened_gradient(grad: np.ndarray, spec: Spectrum, delta: float) -> np.ndarray:
+    """M = ∇W Σλ^{-1/2} / √n, expressed in Σ's eigenbasis (same singular values)."""
+    lam = damping(spec.eigenvalues, delta)
+    proj = np.asarray(grad, dtype=np.float64) @ spec.eigenvectors
+    return proj / np.sqrt(spec.eigenvalues + lam)[None, :] / math.sqrt(spec.n)
+
+
+def singular_values_sq(m: np.ndarray) -> np.ndarray:
+    """σᵢ(M)² in descending order, via the eigenvalues of the smaller Gram matrix."""
+    gram = m @ m.T if m.shape[0] <= m.shape[1] else m.T @ m
+    ev = np.linalg.eigvalsh(0.5 * (gram + gram.T))
+    return np.clip(ev[::-1], 0.0, None)
+
+
+def captured(sv_sq: np.ndarray, ranks: Sequence[int] = CAPTURE_RANKS) -> dict[int, float]:
+    """captured@r = Σ_{i≤r} σᵢ(M)²: what the best rank-r update captures (Eckart–Young)."""
+    cs = np.cumsum(sv_sq)
+    out: dict[int, float] = {}
+    for r in ranks:
+        k = min(r, cs.shape[0])
+        out[int(r)] = float(cs[k - 1]) if k > 0 else 0.0
+    return out
+
+
+@dataclass(frozen=True)
+class InputStats:
+    """Conditioning of one input covariance (DESIGN §3, activation energy row)."""
+
+    energy: float  # tr(Σ)/d_in
+    kappa: float  # λmax/λmin of Σλ
+    effective_rank: float  # exp(H(λ/Σλ))
+    noise_amplification: float  # tr(Σλ⁻¹)·tr(Σ)/d_in² (1 when isotropic)
+
+
+def input_stats(eigenvalues: np.ndarray, delta: float) -> InputStats:
+    lam_vec = np.asarray(eigenvalues, dtype=np.float64)
+    d = lam_vec.shape[0]
+    tr = float(lam_vec.sum())
+    lam = damping(lam_vec, delta)
+    damped = lam_vec + lam
+    p = lam_vec / tr if tr > 0 else np.full(d, 1.0 / d)
+    nz = p[p > 0]
+    entropy = float(-(nz * np.log(nz)).sum())
+    return InputStats(
+        energy=tr / d,
+        kappa=float(damped.max() / damped.min()),
+        effective_rank=float(math.exp(entropy)),
+        noise_amplification=float(np.sum(1.0 / damped) * tr / d**2) if tr > 0 else 1.0,
+    )
+
+
+def lora_a_init(d_in: int, rank: int, generator: np.random.Generator) -> np.ndarray:
+    """LoRA A as PEFT initialises it: kaiming_uniform(a=√5) → U(−1/√d_in, 1/√d_in)."""
+    bound = 1.0 / math.sqrt(d_in)
+    return generator.uniform(-bound, bound, size=(rank, d_in))
+
+
+def first_step_rate(
+    grad: np.ndarray,
+    a_draws: Sequence[np.ndarray],
+    a_sigma_a: Sequence[np.ndarray],
+    *,
+    lr: float,
+    scale: float,
+    curvature: float,
+) -> tuple[float, float, float]:
+    """Loss decrease of Adam's first step on a LoRA module at this unit (DESIGN §3a).
+
+    With B = 0 at init only B moves; Adam's first step is ΔB = −lr·sign(∂L/∂B) with
+    ∂L/∂B = s·∇W Aᵀ, so ΔW = s·ΔB·A. First-order decrease: lr·s·‖∇W Aᵀ‖₁. Quadratic term:
+    ½·curvature·tr(ΔW Σ ΔWᵀ) = ½·curvature·(lr·s)²·tr(S (A Σ Aᵀ) Sᵀ) with S = sign(∇W Aᵀ).
+    ``a_sigma_a[i]`` is A Σ Aᵀ for draw i. Returns (rate, linear, quadratic), means over draws.
+    """
+    lin, quad = [], []
+    g = np.asarray(grad, dtype=np.float64)
+    for a, asa in zip(a_draws, a_sigma_a, strict=True):
+        gb = g @ a.T  # (d_out, r)
+        s = np.sign(gb)
+        lin.append(lr * scale * float(np.abs(gb).sum()))
+        quad.append(0.5 * curvature * (lr * scale) ** 2 * float(np.einsum("ij,jk,ik->", s, asa, s)))
+    linear = float(np.mean(lin))
+    quadratic = float(np.mean(quad))
+    return linear - quadratic, linear, quadratic
+
+
+def set_gain(gains: np.ndarray, coupling: np.ndarray, ridge: float = 1e-6) -> float:
+    """gain(S) = g_Sᵀ K_SS⁻¹ g_S with K = diag(g)^½ C diag(g)^½ (DESIGN §4).
+
+    Equivalent to √g_Sᵀ C_SS⁻¹ √g_S; reduces to Σ g when C = I, and redundant units add less.
+    Negative predicted gains count as zero. A small ridge keeps a near-singular C finite.
+    """
+    g = np.clip(np.asarray(gains, dtype=np.float64), 0.0, None)
+    if g.size == 0:
+        return 0.0
+    c = np.asarray(coupling, dtype=np.float64)
+    c = 0.5 * (c + c.T) + ridge * np.eye(c.shape[0])
+    r = np.sqrt(g)
+    return float(r @ np.linalg.solve(c, r))
+
+
+def coupling_matrix(effects: np.ndarray) -> np.ndarray:
+    """Cosine matrix C_uv = ⟨e_u, e_v⟩ / (‖e_u‖‖e_v‖) of output-space effects (rows)."""
+    e = np.asarray(effects, dtype=np.float64)
+    norms = np.linalg.norm(e, axis=1)
+    norms[norms == 0] = 1.0
+    e = e / norms[:, None]
+    c = e @ e.T
+    np.fill_diagonal(c, 1.0)
+    return np.clip(c, -1.0, 1.0)
+
+
+def redundancy(coupling: np.ndarray) -> float:
+    """ρ(S) = ‖C_SS − I‖₂."""
+    c = np.asarray(coupling, dtype=np.float64)
+    if c.shape[0] == 0:
+        return 0.0
+    return float(np.linalg.norm(c - np.eye(c.shape[0]), 2))
+
+
+def spearman(a: Sequence[float], b: Sequence[float]) -> float:
+    """Spearman rank correlation with average ranks for ties."""
+    from scipy.stats import spearmanr
+
+    if len(a) != len(b):
+        raise ValueError("spearman: sequences differ in length")
+    if len(a) < 2:
+        return float("nan")
+    return float(spearmanr(a, b).statistic)

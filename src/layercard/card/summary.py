@@ -1,0 +1,77 @@
+"""Human-readable views of a card: markdown table and the top layers by a score."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from layercard.card.artifact import SCORES, Card
+
+
+def top_layers(card: Card, key: str = "resnorm", k: int = 5) -> list[int]:
+    """The k layers with the highest per-layer value of ``key`` (a layer_table column)."""
+    rows = card.layer_table()
+    vals = np.array([r[key] for r in rows])
+    return [int(i) for i in np.argsort(-vals, kind="stable")[:k]]
+
+
+def card_markdown(card: Card) -> str:
+    rows = card.layer_table()
+    lines = [
+        f"# Layer Card · {card.model['id']} · {card.task['name']}",
+        "",
+        f"- model hash `{card.model['hash'][:16]}`, {card.n_layers} layers, family {card.model['family']}",
+        f"- task `{card.task['source']}` split {card.task['split']}, {card.task['n_examples']} examples, "
+        f"{card.n_positions} positions, {card.n_target_tokens} target tokens, probe loss {card.loss:.4f}",
+        f"- roles {', '.join(card.roles)}; damping δ = {card.delta:g}; LoRA r={card.config['lora_rank']}, "
+        f"α={card.config['lora_alpha']}, lr={card.config['lr']:g} for the first-step rate",
+        f"- planner's default score: **{card.default_score}** ({card.default_score_basis})",
+        "- timings: " + ", ".join(f"{k} {v:.1f} s" for k, v in card.timings.items()),
+        "",
+        "| layer | resnorm | ‖∇W‖ | energy | κ | eff. rank | noise amp. | capacity | rate | LoRA params |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['layer']} | {r['resnorm']:.4g} | {r['gradnorm']:.4g} | {r.get('energy', float('nan')):.4g} | "
+            f"{r.get('kappa', float('nan')):.3g} | {r.get('effective_rank', float('nan')):.1f} | "
+            f"{r.get('noise_amplification', float('nan')):.3g} | {r['capacity']:.4g} | {r['rate']:.4g} | "
+            f"{int(r['lora_params'])} |"
+        )
+    lines += ["", "Top 5 layers by resnorm: " + ", ".join(map(str, top_layers(card, "resnorm")))]
+    lines += [
+        "Top 5 layers by the default score: " + ", ".join(map(str, top_layers(card, card.default_score)))
+    ]
+    lines += ["", "## Scores", ""] + [f"- `{k}`: {v}" for k, v in SCORES.items()]
+    if card.cost:
+        c = card.cost
+        lines += [
+            "",
+            "## Cost model (measured on this machine)",
+            "",
+            f"`{c['formula']}` with intercept {c['intercept_s']:.3f} s, per-layer backward "
+            f"{c['per_layer_backward_s']:.4f} s, per-module {c['per_module_s']:.4f} s "
+            f"(batch {c['batch_size']} sequences, {c['batch_tokens']} tokens, {c['device']}).",
+            "",
+            "| adapted layers | modules | measured s/step | predicted s/step |",
+            "|---|---:|---:|---:|",
+        ]
+        from layercard.cost import CostModel
+
+        cm = CostModel.from_dict(c)
+        for m in c["measured"]:
+            ls = m["layers"]
+            desc = f"{ls[0]}–{ls[-1]}" if len(ls) > 1 else str(ls[0])
+            lines.append(
+                f"| {desc} | {m['modules']} | {m['s_per_step']:.3f} | {cm.step_time(ls, m['modules']):.3f} |"
+            )
+    if card.coupling:
+        c = np.asarray(card.coupling["matrix"])
+        off = c[~np.eye(c.shape[0], dtype=bool)]
+        lines += [
+            "",
+            "## Coupling",
+            "",
+            f"Layer-level cosines of update effects ({card.coupling['direction']} directions, "
+            f"{card.coupling['examples']} examples): mean off-diagonal {off.mean():.3f}, max {off.max():.3f}.",
+        ]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,295 @@
+"""The `layercard` command: one thin command per pipeline stage over the library functions."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from layercard.errors import LayercardError
+
+app = typer.Typer(
+    name="layercard",
+    help="Decide where parameter-efficient adapters go in an LLM, and prove the choice with measurements.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+console = Console(stderr=True)
+_STATE = {"debug": False}
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _guard(fn: F) -> F:
+    """Known failures become one line on stderr and a non-zero exit; --debug shows the traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except LayercardError as e:
+            if _STATE["debug"]:
+                traceback.print_exc()
+            console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+            raise typer.Exit(e.exit_code) from None
+        except KeyboardInterrupt:
+            console.print("[bold red]interrupted[/]")
+            raise typer.Exit(130) from None
+        except (typer.Exit, typer.Abort):
+            raise
+        except Exception as e:  # an unexpected failure: still one line unless debugging
+            if _STATE["debug"]:
+                traceback.print_exc()
+            else:
+                msg = str(e).splitlines()[0] if str(e) else ""
+                console.print(
+                    f"[bold red]internal error:[/] {type(e).__name__}: {msg} (run with --debug for the traceback)",
+                    highlight=False,
+                    soft_wrap=True,
+                )
+            raise typer.Exit(1) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+@app.callback()
+def main(
+    debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks.")] = False,
+) -> None:
+    _STATE["debug"] = debug
+
+
+def _emit_json(obj: Any) -> None:
+    sys.stdout.write(json.dumps(obj, indent=1, default=str) + "\n")
+
+
+def _device(device: str) -> str:
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _load(model: str, dtype: str, device: str, trust_remote_code: bool):
+    from layercard.models import load_model
+
+    return load_model(model, dtype=dtype, device=_device(device), trust_remote_code=trust_remote_code)
+
+
+def _progress(json_out: bool) -> bool | None:
+    return False if json_out else None
+
+
+# ---------------------------------------------------------------------------------------------
+@app.command("models")
+@_guard
+def models_cmd(
+    json_out: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """List the built-in model names and what is in the local cache."""
+    from layercard.models import cache_dir, list_models
+
+    rows = list_models()
+    if json_out:
+        _emit_json({"cache_dir": str(cache_dir()), "models": rows})
+        return
+    t = Table(title=f"layercard models (cache: {cache_dir()})")
+    keys = sorted({k for r in rows for k in r})
+    order = [k for k in ("name", "kind", "status", "description", "path") if k in keys] + [
+        k for k in keys if k not in ("name", "kind", "status", "description", "path")
+    ]
+    for k in order:
+        t.add_column(k)
+    for r in rows:
+        t.add_row(*[str(r.get(k, "")) for k in order])
+    Console().print(t)
+
+
+# ---------------------------------------------------------------------------------------------
+ModelOpt = Annotated[
+    str, typer.Option("--model", "-m", help="Built-in name (smollm2), local folder, .gguf file.")
+]
+TaskOpt = Annotated[
+    str,
+    typer.Option(
+        "--task",
+        "-t",
+        help="JSONL path, preset:split (e2e_nlg:validation), or synthetic:facts / synthetic:format.",
+    ),
+]
+
+
+@app.command("card")
+@_guard
+def card_cmd(
+    model: ModelOpt = "smollm2",
+    task: TaskOpt = "synthetic:facts",
+    out: Annotated[
+        Path, typer.Option("--out", "-o", help="Folder for card.json, card.md and figures.")
+    ] = Path("card"),
+    split: Annotated[str | None, typer.Option(help="Split for preset/synthetic tasks.")] = None,
+    roles: Annotated[str, typer.Option(help="q,v | attention | mlp | all-linear | any comma list.")] = "q,v",
+    examples: Annotated[int, typer.Option(help="Probe examples.")] = 64,
+    max_length: Annotated[int, typer.Option(help="Max tokens per probe example.")] = 128,
+    batch_size: Annotated[int, typer.Option(help="Micro-batch size of the pass.")] = 8,
+    delta: Annotated[float, typer.Option(help="Damping δ: λ = δ·tr(Σ)/d_in.")] = 1e-3,
+    coupling: Annotated[
+        bool, typer.Option("--coupling", help="Also measure the layer coupling matrix.")
+    ] = False,
+    coupling_examples: Annotated[int, typer.Option(help="Examples for the coupling probe.")] = 8,
+    calibrate: Annotated[bool, typer.Option(help="Time short LoRA runs to calibrate the cost model.")] = True,
+    sketch: Annotated[
+        int | None, typer.Option(help="Sketch inputs to K dims (bounds memory; lower bound).")
+    ] = None,
+    layer_groups: Annotated[
+        int, typer.Option(help="Split the layers into G separate passes (bounds memory).")
+    ] = 1,
+    lora_rank: Annotated[int, typer.Option(help="LoRA rank for params and the first-step rate.")] = 8,
+    lr: Annotated[float, typer.Option(help="Learning rate assumed by the first-step rate.")] = 1e-3,
+    seed: int = 0,
+    dtype: Annotated[str, typer.Option(help="float32 | bfloat16 | float16.")] = "float32",
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda.")] = "auto",
+    trust_remote_code: bool = False,
+    json_out: Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout.")] = False,
+) -> None:
+    """Measure the frozen model on a task: the Layer Card (card.json, card.md, PNG figures)."""
+    from layercard.card import CardConfig, compute_card
+    from layercard.card.figures import write_all
+    from layercard.card.summary import card_markdown, top_layers
+    from layercard.tasks import load_task
+
+    cfg = CardConfig(
+        roles=roles,
+        examples=examples,
+        max_length=max_length,
+        batch_size=batch_size,
+        delta=delta,
+        coupling=coupling,
+        coupling_examples=coupling_examples,
+        calibrate=calibrate,
+        sketch=sketch,
+        layer_groups=layer_groups,
+        lora_rank=lora_rank,
+        lr=lr,
+        seed=seed,
+    )
+    from layercard.models import parse_roles
+
+    parse_roles(roles)
+    t = load_task(task, split=split, seed=seed)
+    loaded = _load(model, dtype, device, trust_remote_code)
+    card = compute_card(loaded, t, cfg, progress=_progress(json_out))
+    out.mkdir(parents=True, exist_ok=True)
+    figs = write_all(card, out)
+    from layercard.artifacts import write_text
+
+    write_text(out / "card.md", card_markdown(card))
+    card.save(out / "card.json")
+    summary = {
+        "card": str(out / "card.json"),
+        "markdown": str(out / "card.md"),
+        "figures": [str(p) for p in figs],
+        "loss": card.loss,
+        "n_positions": card.n_positions,
+        "n_target_tokens": card.n_target_tokens,
+        "top5_resnorm": top_layers(card, "resnorm"),
+        "top5_default_score": top_layers(card, card.default_score),
+        "default_score": card.default_score,
+        "timings": card.timings,
+    }
+    if json_out:
+        _emit_json(summary)
+        return
+    _print_card_summary(card)
+    console.print(f"wrote {out / 'card.json'}, {out / 'card.md'} and {len(figs)} figures")
+
+
+def _print_card_summary(card) -> None:
+    from layercard.card.summary import top_layers
+
+    tbl = Table(title=f"Layer Card · {card.model['id']} · {card.task['name']} · roles {','.join(card.roles)}")
+    for col in ("layer", "resnorm", "‖∇W‖", "energy", "κ", "rate"):
+        tbl.add_column(col, justify="right")
+    rows = card.layer_table()
+    top = set(top_layers(card, "resnorm"))
+    for r in rows:
+        style = "bold" if r["layer"] in top else None
+        tbl.add_row(
+            str(r["layer"]),
+            f"{r['resnorm']:.4g}",
+            f"{r['gradnorm']:.4g}",
+            f"{r.get('energy', float('nan')):.4g}",
+            f"{r.get('kappa', float('nan')):.3g}",
+            f"{r['rate']:.4g}",
+            style=style,
+        )
+    Console(stderr=True).print(tbl)
+    console.print(
+        f"probe: {card.task['n_examples']} examples, {card.n_positions} positions, loss {card.loss:.4f}; "
+        f"timings " + ", ".join(f"{k}={v:.1f}s" for k, v in card.timings.items())
+    )
+    console.print(
+        f"top-5 layers by resnorm: {top_layers(card, 'resnorm')}; by {card.default_score} "
+        f"(planner default, {card.default_score_basis.split(':')[0]}): {top_layers(card, card.default_score)}"
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+@app.command("compare")
+@_guard
+def compare_cmd(
+    a: Annotated[Path, typer.Argument(help="First card.json.")],
+    b: Annotated[Path, typer.Argument(help="Second card.json (same model).")],
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="PNG path for the plot.")] = None,
+    score: Annotated[str, typer.Option(help="Per-layer column to correlate.")] = "resnorm",
+    json_out: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Spearman correlation of per-layer resnorm between two cards of the same model."""
+    from layercard.card import Card
+    from layercard.card.figures import compare_plot
+    from layercard.card.stats import spearman
+    from layercard.card.summary import top_layers
+
+    ca, cb = Card.load(a), Card.load(b)
+    if ca.model["hash"] != cb.model["hash"]:
+        raise LayercardError(
+            f"{b}: card is for model {cb.model['id']} ({cb.model['hash'][:12]}), {a} for "
+            f"{ca.model['id']} ({ca.model['hash'][:12]}); compare cards of the same model"
+        )
+    if score not in ca.layer_table()[0]:
+        raise LayercardError(f"--score {score!r}: not a per-layer column")
+    va = [r[score] for r in ca.layer_table()]
+    vb = [r[score] for r in cb.layer_table()]
+    rho = spearman(va, vb)
+    res = {
+        "a": {"card": str(a), "task": ca.task["name"], f"top5_{score}": top_layers(ca, score)},
+        "b": {"card": str(b), "task": cb.task["name"], f"top5_{score}": top_layers(cb, score)},
+        "score": score,
+        "spearman": rho,
+    }
+    if out is not None:
+        compare_plot(ca, cb, out, rho)
+        res["plot"] = str(out)
+    if json_out:
+        _emit_json(res)
+        return
+    console.print(
+        f"Spearman ρ of per-layer {score}: {rho:.3f}  ({ca.task['name']} top-5 {res['a'][f'top5_{score}']}, "
+        f"{cb.task['name']} top-5 {res['b'][f'top5_{score}']})"
+    )
+    if out is not None:
+        console.print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,47 @@
+"""Progress bars on long loops (rich), silent when not wanted (tests, --json)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Iterator
+from typing import TypeVar
+
+T = TypeVar("T")
+
+
+def enabled_default() -> bool:
+    return os.environ.get("LAYERCARD_PROGRESS", "1") != "0"
+
+
+def track(
+    items: Iterable[T], description: str, *, total: int | None = None, enabled: bool | None = None
+) -> Iterator[T]:
+    """Iterate with a rich progress bar on stderr when enabled."""
+    if enabled is None:
+        enabled = enabled_default()
+    if not enabled:
+        yield from items
+        return
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    with Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=Console(stderr=True),
+        transient=False,
+    ) as prog:
+        tid = prog.add_task(description, total=total)
+        for item in items:
+            yield item
+            prog.advance(tid)

