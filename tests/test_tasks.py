@@ -1,0 +1,498 @@
+"""Tests for layercard.tasks: loading, presets, synthetic tasks, encoding and batching."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from tiny_tok import tiny_tokenizer
+
+from layercard.errors import LayercardError
+from layercard.tasks import (
+    IGNORE_INDEX,
+    PRESETS,
+    Encoded,
+    Example,
+    Task,
+    TaskFormat,
+    batches,
+    build_prompt,
+    collate,
+    count_target_tokens,
+    encode_example,
+    encode_prompt,
+    encode_task,
+    examples_from_records,
+    load_task,
+    read_jsonl,
+    turn_end_token,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+SMOL_TOKENIZER = Path("/tmp/smol_cache")
+
+needs_data = pytest.mark.skipif(
+    not SHARED_DATA.is_dir(), reason=f"real data not found at {SHARED_DATA} (../shared/data)"
+)
+needs_smol = pytest.mark.skipif(
+    not (SMOL_TOKENIZER / "tokenizer.json").is_file(),
+    reason=f"SmolLM2 tokenizer not converted at {SMOL_TOKENIZER}",
+)
+
+
+def write_jsonl(path: Path, rows: list[object]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture()
+def tok():
+    return tiny_tokenizer()
+
+
+# ---------------------------------------------------------------- JSONL loading
+
+
+def test_jsonl_good_file(tmp_path):
+    p = write_jsonl(
+        tmp_path / "mine.jsonl",
+        [
+            {"id": "a", "input": "x", "target": "y", "label": 1},
+            "",  # blank lines are allowed
+            {"input": "p", "target": "q", "references": ["q", "r"]},
+        ],
+    )
+    task = load_task(str(p))
+    assert task.format.name == "jsonl" and task.name == "mine" and len(task) == 2
+    a, b = task.examples
+    assert (a.id, a.input, a.target, a.references, dict(a.meta)) == ("a", "x", "y", ("y",), {"label": 1})
+    assert b.references == ("q", "r") and b.id == "mine-00003"  # default id names the line
+
+
+def test_jsonl_bad_json_names_file_and_line(tmp_path):
+    p = write_jsonl(tmp_path / "bad.jsonl", [{"input": "x", "target": "y"}, '{"input": "x", "target": '])
+    with pytest.raises(LayercardError, match=re.escape(f"{p}:2: not valid JSON (")):
+        load_task(str(p))
+
+
+@pytest.mark.parametrize(
+    ("row", "message"),
+    [
+        ({"input": "x"}, "field 'target' missing"),
+        ({"target": "y"}, "field 'input' missing"),
+        ({"input": "x", "target": ""}, "field 'target' missing"),
+        ({"input": "x", "target": "  "}, "field 'target' missing"),
+        ({"input": "x", "target": 5}, "field 'target' must be a string"),
+        ({"input": "x", "target": "y", "references": []}, "field 'references' must be a non-empty list"),
+        ({"input": "x", "target": "y", "references": "y"}, "field 'references' must be a non-empty list"),
+        ([1, 2], "expected a JSON object"),
+    ],
+)
+def test_jsonl_bad_record(tmp_path, row, message):
+    p = write_jsonl(tmp_path / "d.jsonl", [{"input": "ok", "target": "ok"}, row])
+    with pytest.raises(LayercardError, match=re.escape(f"{p}:2: {message}")):
+        read_jsonl(p)
+
+
+def test_jsonl_empty_missing_duplicate(tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n\n")
+    with pytest.raises(LayercardError, match=re.escape(f"{empty}: no examples")):
+        load_task(str(empty))
+    with pytest.raises(LayercardError, match="no such file"):
+        load_task(str(tmp_path / "absent.jsonl"))
+    dup = write_jsonl(tmp_path / "dup.jsonl", [{"id": "1", "input": "a", "target": "b"}] * 2)
+    with pytest.raises(LayercardError, match=re.escape(f"{dup}:2: duplicate id '1'")):
+        load_task(str(dup))
+
+
+def test_jsonl_line_separator_inside_string_is_not_a_line_break(tmp_path):
+    # GSM8K has U+2028 inside strings; str.splitlines() would split the record there
+    p = write_jsonl(
+        tmp_path / "u.jsonl", [json.dumps({"input": "a\u2028b", "target": "c"}, ensure_ascii=False)]
+    )
+    assert load_task(str(p)).examples[0].input == "a\u2028b"
+
+
+def test_jsonl_field_map(tmp_path):
+    p = write_jsonl(tmp_path / "qa.jsonl", [{"question": "q1", "answer": "a1", "extra": 3}])
+    ex = load_task(str(p), field_map={"input": "question", "target": "answer"}).examples[0]
+    assert (ex.input, ex.target, dict(ex.meta)) == ("q1", "a1", {"extra": 3})
+    with pytest.raises(LayercardError, match="field 'answer' missing"):
+        load_task(str(write_jsonl(tmp_path / "b.jsonl", [{"input": "q"}])), field_map={"target": "answer"})
+
+
+def test_examples_from_hf_dataset_mapping():
+    datasets = pytest.importorskip("datasets")
+    ds = datasets.Dataset.from_dict({"question": ["q1", "q2"], "answer": ["a1", "a2"], "n": [1, 2]})
+    exs = examples_from_records(
+        ds, source="hf:demo[train]", field_map={"input": "question", "target": "answer"}
+    )
+    assert [(e.input, e.target, e.references, dict(e.meta)) for e in exs] == [
+        ("q1", "a1", ("a1",), {"n": 1}),
+        ("q2", "a2", ("a2",), {"n": 2}),
+    ]
+    with pytest.raises(LayercardError, match=re.escape("hf:demo[train]:1: field 'text' missing")):
+        examples_from_records(ds, source="hf:demo[train]", field_map={"input": "text", "target": "answer"})
+    with pytest.raises(LayercardError, match="field_map: unknown key 'label'"):
+        examples_from_records(ds, source="x", field_map={"label": "n"})
+
+
+def test_hf_spec_fails_offline_with_one_line():
+    # a subprocess so the offline switches are read when datasets is imported; no network is touched
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    code = (
+        "from layercard.tasks import load_task\n"
+        "from layercard.errors import LayercardError\n"
+        "try:\n    load_task('hf:layercard-no-such/dataset', field_map={'input': 'q', 'target': 'a'})\n"
+        "except LayercardError as e:\n    print('ERR', e)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    line = out.stdout.strip()
+    assert line.startswith("ERR task 'hf:layercard-no-such/dataset': datasets.load_dataset failed"), out
+    assert "\n" not in line
+
+
+# ---------------------------------------------------------------- presets and spec resolution
+
+
+def test_preset_detected_from_folder_and_overridden(tmp_path):
+    row = {"input": "Q?", "target": "steps\n#### 5", "final_answer": "5"}
+    p = write_jsonl(tmp_path / "gsm8k" / "mine.jsonl", [row])
+    task = load_task(str(p))
+    assert task.format is PRESETS["gsm8k"] and task.name == "gsm8k"
+    assert task.format.metrics[0] == "gsm8k_accuracy"
+    assert load_task(str(p), preset="samsum").format is PRESETS["samsum"]
+    other = write_jsonl(tmp_path / "other" / "x.jsonl", [row])
+    assert load_task(str(other)).format is PRESETS["jsonl"]
+    with pytest.raises(LayercardError, match="unknown preset 'nope'; valid: e2e_nlg, gsm8k"):
+        load_task(str(p), preset="nope")
+
+
+def test_preset_name_resolved_under_layercard_data(tmp_path, monkeypatch):
+    write_jsonl(
+        tmp_path / "e2e_nlg" / "validation.jsonl",
+        [{"input": "name[X]", "target": "X.", "references": ["X.", "Y."]}],
+    )
+    write_jsonl(tmp_path / "sst2" / "train.jsonl", [{"input": "good", "target": "positive"}])
+    monkeypatch.setenv("LAYERCARD_DATA", str(tmp_path))
+    t = load_task("e2e_nlg:validation")
+    assert (t.name, t.split, len(t), t.format.name) == ("e2e_nlg", "validation", 1, "e2e_nlg")
+    assert load_task("e2e_nlg", split="validation").data_hash == t.data_hash
+    assert load_task("sst2").split == "train"  # train is the default split when shipped
+    assert len(load_task("e2e_nlg:validation", expand_references=True)) == 2
+    with pytest.raises(
+        LayercardError, match=r"e2e_nlg:test: data file not found; looked in .*e2e_nlg/test\.jsonl"
+    ):
+        load_task("e2e_nlg:test")
+    with pytest.raises(LayercardError, match="no split given and no train split \\(available: validation\\)"):
+        load_task("e2e_nlg")
+    with pytest.raises(LayercardError, match="split 'validation' in the spec but split='test' given"):
+        load_task("e2e_nlg:validation", split="test")
+    with pytest.raises(LayercardError, match="unknown task 'nonsense'"):
+        load_task("nonsense")
+
+
+def test_task_format_validation():
+    base = dict(name="t", instruction="Do: {input}", metrics=("exact_match",), max_input_tokens=8,
+                max_target_tokens=8, max_new_tokens=8)  # fmt: skip
+    assert TaskFormat(**base).primary_metric == "exact_match"
+    bad = [
+        ({"instruction": "no placeholder"}, "TaskFormat.instruction"),
+        ({"metrics": ("exact_match", "bogus")}, "TaskFormat.metrics: unknown metric 'bogus'"),
+        ({"metrics": ()}, "TaskFormat.metrics"),
+        ({"max_input_tokens": 0}, "TaskFormat.max_input_tokens"),
+        ({"max_new_tokens": 2.5}, "TaskFormat.max_new_tokens"),
+        ({"name": ""}, "TaskFormat.name"),
+    ]
+    for change, msg in bad:
+        with pytest.raises(LayercardError, match=re.escape(msg)):
+            TaskFormat(**{**base, **change})
+    fmt = PRESETS["e2e_nlg"]
+    assert TaskFormat.from_dict(fmt.to_dict()) == fmt
+
+
+# ---------------------------------------------------------------- synthetic tasks
+
+
+@pytest.mark.parametrize("kind", ["facts", "format"])
+def test_synthetic_deterministic_and_seeded(kind):
+    a = load_task(f"synthetic:{kind}", split="train", seed=3)
+    b = load_task(kind, split="train", seed=3)  # the short form is the same task
+    assert a.data_hash == b.data_hash and len(a) == 400
+    assert load_task(f"synthetic:{kind}:train", seed=4).data_hash != a.data_hash
+    assert a.format.name == kind and a.format.metrics[0] in ("exact_match", "strict_match")
+    for split in ("train", "test"):
+        for ex in load_task(kind, split=split).examples:
+            assert ex.input.strip() and ex.target.strip() and ex.references == (ex.target,)
+    with pytest.raises(LayercardError, match="unknown split 'validation'; valid: train, test"):
+        load_task(kind, split="validation")
+
+
+def test_synthetic_facts_same_facts_new_wordings():
+    train, test = load_task("facts", split="train"), load_task("facts", split="test")
+    facts_train = {(e.meta["entity"], e.meta["attribute"]): e.target for e in train.examples}
+    facts_test = {(e.meta["entity"], e.meta["attribute"]): e.target for e in test.examples}
+    assert facts_train == facts_test  # every test fact was taught in train
+    assert len(facts_train) == 50 * 4
+    assert not {e.input for e in train.examples} & {e.input for e in test.examples}
+    assert {e.meta["template"] for e in train.examples} == {0, 1}
+    assert {e.meta["template"] for e in test.examples} == {2, 3}
+
+
+def test_synthetic_format_new_values_in_test():
+    train, test = load_task("format", split="train"), load_task("format", split="test")
+    record = re.compile(r"^\[name=[A-Z][a-z]+ \| age=\d\d \| city=[A-Z][a-z]+\]$")
+    for ex in train.examples + test.examples:
+        assert record.match(ex.target), ex.target
+        f = ex.meta["fields"]
+        assert all(f[k] in ex.input for k in ("name", "age", "job", "city"))
+    for key in ("name", "city"):
+        assert not {e.meta["fields"][key] for e in train.examples} & {
+            e.meta["fields"][key] for e in test.examples
+        }
+    assert len({e.meta["template"] for e in train.examples}) == 6
+
+
+def test_load_task_unknown_synthetic():
+    with pytest.raises(LayercardError, match="unknown synthetic task; valid: facts, format"):
+        load_task("synthetic:poems")
+
+
+# ---------------------------------------------------------------- Task: subset and data_hash
+
+
+def small_task(n: int = 20) -> Task:
+    exs = tuple(Example(f"e{i}", f"in {i}", f"out {i}") for i in range(n))
+    return Task("t", "mem", "train", PRESETS["jsonl"], exs)
+
+
+def test_subset_deterministic_nested_disjoint():
+    t = small_task()
+    a, b = t.subset(5, seed=1), t.subset(5, seed=1)
+    assert a.examples == b.examples and len(a) == 5
+    assert t.subset(5, seed=2).examples != a.examples
+    assert set(a.examples) <= set(t.subset(8, seed=1).examples)
+    rest = t.subset(None, seed=1, offset=5)
+    assert not set(a.examples) & set(rest.examples) and len(rest) == 15
+    assert [e.id for e in a.examples] == sorted((e.id for e in a.examples), key=lambda s: int(s[1:]))
+    assert t.subset(None).examples == t.examples
+    assert len(t.subset(100)) == 20
+    with pytest.raises(LayercardError, match="subset: n must be"):
+        t.subset(-1)
+
+
+def test_load_task_limit_uses_seeded_subset():
+    full = load_task("facts")
+    lim = load_task("facts", limit=10, seed=0)
+    assert lim.examples == full.subset(10, seed=0).examples
+
+
+def test_data_hash_stable_and_content_sensitive():
+    t = small_task(3)
+    # a literal: the hash must not change across runs, processes or Python versions
+    assert t.data_hash == "4a63ec684e74591396abb66c19b98a6e8c6b1562dea1b4277b9d99eacd7385e0"
+    assert small_task(3).data_hash == t.data_hash
+    changed = Task("t", "mem", "train", PRESETS["jsonl"], t.examples[:2] + (Example("e2", "in 2", "OUT 2"),))
+    assert changed.data_hash != t.data_hash
+    assert t.with_format(PRESETS["sst2"]).data_hash == t.data_hash  # format is not data
+
+
+# ---------------------------------------------------------------- encoding
+
+
+FMT = TaskFormat(
+    "demo", "say: {input}", ("exact_match",), max_input_tokens=64, max_target_tokens=16, max_new_tokens=8
+)
+
+
+def test_encoding_masks_exactly_the_prompt(tok):
+    ex = Example("1", "Hello World", "Fine, thanks")
+    enc = encode_example(tok, FMT, ex)
+    prompt = build_prompt(tok, FMT, ex.input)
+    assert prompt == "<|user|>say: Hello World\n<|assistant|>"
+    assert tok.decode(enc.prompt_ids) == prompt.lower()
+    assert tok.decode(enc.target_ids) == "fine, thanks<eos>"
+    assert enc.labels[: enc.prompt_len] == (IGNORE_INDEX,) * enc.prompt_len
+    assert enc.labels[enc.prompt_len :] == enc.input_ids[enc.prompt_len :]
+    assert enc.input_ids[-1] == tok.eos_token_id and turn_end_token(tok) == "<eos>"
+    # prompt ids + target ids == the whole chat text tokenized at once
+    full = tok.apply_chat_template(
+        [{"role": "user", "content": "say: Hello World"}, {"role": "assistant", "content": "Fine, thanks"}],
+        tokenize=False,
+    )
+    assert (
+        list(enc.input_ids) + tok("\n", add_special_tokens=False)["input_ids"]
+        == tok(full, add_special_tokens=False)["input_ids"]
+    )
+
+
+def test_encoding_without_chat_template():
+    plain = tiny_tokenizer(with_chat_template=False)
+    enc = encode_example(plain, FMT, Example("1", "abc", "xyz"))
+    assert build_prompt(plain, FMT, "abc") == "say: abc\n"
+    assert plain.decode(enc.input_ids) == "say: abc\nxyz<eos>" and enc.prompt_len == len("say: abc\n")
+    system = dataclasses.replace(FMT, system="be brief")
+    assert build_prompt(plain, system, "abc") == "be brief\n\nsay: abc\n"
+    assert build_prompt(tiny_tokenizer(), system, "abc") == "be brief\n<|user|>say: abc\n<|assistant|>"
+
+
+def test_prompt_truncated_from_the_left_of_the_input(tok):
+    fmt = dataclasses.replace(FMT, max_input_tokens=30)
+    text = "abcdefghijklmnopqrstuvwxyz0123456789"
+    enc = encode_example(tok, fmt, Example("1", text, "ok"))
+    prompt = tok.decode(enc.prompt_ids)
+    assert enc.prompt_len == 30
+    # the template head and the generation prompt survive; the input loses its start, keeps its end
+    assert prompt.startswith("<|user|>say: ") and prompt.endswith("456789\n<|assistant|>")
+    assert "abc" not in prompt
+    assert encode_prompt(tok, fmt, text) == list(enc.prompt_ids)
+    # a budget smaller than the template itself falls back to keeping the prompt's end
+    tiny_budget = encode_prompt(tok, fmt, text, max_tokens=5)
+    assert tok.decode(tiny_budget) == "789\n<|assistant|>"
+
+
+def test_target_truncated_from_the_right(tok):
+    fmt = dataclasses.replace(FMT, max_target_tokens=4)
+    enc = encode_example(tok, fmt, Example("1", "q", "abcdefgh"))
+    assert tok.decode(enc.target_ids) == "abcd" and enc.target_len == 4
+
+
+def test_encode_task_max_length(tok):
+    task = Task("t", "mem", "train", FMT, (Example("1", "x" * 40, "y" * 30), Example("2", "q", "ok")))
+    full = encode_task(tok, task)
+    # prompt: "<|user|>" + "say: " + 40 x + "\n" + "<|assistant|>"; target cut to max_target_tokens=16
+    assert [(e.prompt_len, e.target_len) for e in full] == [(48, 16), (9, 3)]
+    capped = encode_task(tok, task, max_length=40)
+    assert (capped[0].prompt_len, capped[0].target_len) == (24, 16)  # the prompt is cut first
+    assert tok.decode(capped[0].prompt_ids) == "<|user|>say: " + "x" * 16 + "\n<|assistant|>"
+    assert capped[1] == full[1]  # short examples are untouched
+    # ... but never below half the budget: then the target is cut from the right
+    half = encode_task(tok, task, max_length=30)[0]
+    assert (half.prompt_len, half.target_len) == (15, 15)
+    assert encode_task(tok, task, max_length=2)[0].target_len == 1
+    with pytest.raises(LayercardError, match="max_length: must be >= 2"):
+        encode_task(tok, task, max_length=1)
+
+
+def test_encoded_validation():
+    with pytest.raises(LayercardError, match="2 input_ids but 1 labels"):
+        Encoded((1, 2), (-100,), 1)
+    with pytest.raises(LayercardError, match="leaves no target token"):
+        Encoded((1, 2), (-100, -100), 2)
+
+
+def test_collate_and_batches():
+    a = Encoded((5, 6, 7), (-100, 6, 7), 1)
+    b = Encoded((8, 9), (-100, 9), 1)
+    c = Encoded((1, 2, 3, 4), (-100, -100, 3, 4), 2)
+    out = collate([a, b], pad_id=0)
+    assert out["input_ids"].tolist() == [[5, 6, 7], [8, 9, 0]]
+    assert out["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0]]
+    assert out["labels"].tolist() == [[-100, 6, 7], [-100, 9, -100]]
+    assert all(t.dtype == torch.long for t in out.values())
+    assert collate([b], pad_id=3, pad_to=4)["input_ids"].tolist() == [[8, 9, 3, 3]]
+    with pytest.raises(LayercardError, match="pad_to=2 is shorter"):
+        collate([a], pad_id=0, pad_to=2)
+    in_order = [x["input_ids"].shape for x in batches([a, b, c], 2, 0)]
+    assert in_order == [(2, 3), (1, 4)]
+    by_len = list(batches([a, b, c], 2, 0, sort_by_length=True))
+    assert by_len[0]["input_ids"].tolist() == [[1, 2, 3, 4], [5, 6, 7, 0]]
+    assert count_target_tokens([a, b, c]) == 5
+
+
+# ---------------------------------------------------------------- real data (../shared/data)
+
+
+@needs_data
+@pytest.mark.parametrize(
+    ("spec", "count", "preset"),
+    [
+        ("e2e_nlg:validation", 547, "e2e_nlg"),
+        ("e2e_nlg:test", 630, "e2e_nlg"),
+        ("gsm8k:test", 1319, "gsm8k"),
+        ("gsm8k:train", 7473, "gsm8k"),
+        ("samsum:validation", 818, "samsum"),
+        ("samsum:test", 819, "samsum"),
+        ("sst2:validation", 872, "sst2"),
+        ("sst2:train", 5000, "sst2"),
+    ],
+)
+def test_real_datasets_load(spec, count, preset, monkeypatch):
+    monkeypatch.setenv("LAYERCARD_DATA", str(SHARED_DATA))
+    task = load_task(spec)
+    assert len(task) == count and task.format is PRESETS[preset]
+    ex = task.examples[0]
+    assert ex.target in ex.references
+    if preset == "gsm8k":
+        assert all("final_answer" in e.meta and "####" in e.target for e in task.examples)
+    if preset == "sst2":
+        assert {e.target for e in task.examples} == {"negative", "positive"}
+
+
+@needs_data
+def test_real_e2e_expand_references(monkeypatch):
+    monkeypatch.setenv("LAYERCARD_DATA", str(SHARED_DATA))
+    task = load_task("e2e_nlg:validation", expand_references=True)
+    assert len(task) == 4672  # one per (MR, reference) pair, as in the source CSV
+    assert len(load_task("e2e_nlg:validation", limit=10, expand_references=True)) > 10
+
+
+@needs_data
+def test_real_dataset_by_path_detects_preset():
+    assert load_task(str(SHARED_DATA / "gsm8k" / "test.jsonl")).format.name == "gsm8k"
+
+
+# ---------------------------------------------------------------- SmolLM2 tokenizer
+
+
+@pytest.fixture(scope="module")
+def smol_tok():
+    if not (SMOL_TOKENIZER / "tokenizer.json").is_file():
+        pytest.skip(f"SmolLM2 tokenizer not converted at {SMOL_TOKENIZER}")
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(SMOL_TOKENIZER))
+
+
+def _check_smol_encoding(tokenizer, task: Task) -> None:
+    for ex, enc in zip(task.examples, encode_task(tokenizer, task), strict=True):
+        user = task.format.render_instruction(ex.input)
+        chat = tokenizer.apply_chat_template(
+            [{"role": "user", "content": user}, {"role": "assistant", "content": ex.target}], tokenize=False
+        )
+        full_ids = tokenizer(chat, add_special_tokens=False)["input_ids"]
+        if enc.prompt_len < task.format.max_input_tokens and enc.target_len < task.format.max_target_tokens:
+            # untruncated: prompt ids + target ids are the whole chat text, minus the template's final "\n"
+            assert list(enc.input_ids) == full_ids[: len(enc)]
+            assert tokenizer.decode(full_ids[len(enc) :]) == "\n"
+            assert tokenizer.decode(enc.input_ids) + "\n" == chat
+            assert tokenizer.decode(enc.target_ids) == ex.target + "<|im_end|>"
+        assert tokenizer.decode(enc.prompt_ids).endswith("<|im_end|>\n<|im_start|>assistant\n")
+
+
+@needs_smol
+@pytest.mark.parametrize("kind", ["facts", "format"])
+def test_smol_synthetic_encoding_and_short_targets(smol_tok, kind):
+    task = load_task(kind, split="test")
+    assert turn_end_token(smol_tok) == "<|im_end|>"
+    _check_smol_encoding(smol_tok, task.subset(30))
+    encoded = encode_task(smol_tok, task)
+    assert max(e.target_len for e in encoded) <= 24
+
+
+@needs_smol
+@needs_data
+@pytest.mark.parametrize("spec", ["e2e_nlg:validation", "gsm8k:test", "samsum:validation", "sst2:validation"])
+def test_smol_real_encoding(smol_tok, spec, monkeypatch):
+    monkeypatch.setenv("LAYERCARD_DATA", str(SHARED_DATA))
+    _check_smol_encoding(smol_tok, load_task(spec, limit=12, seed=1))
