@@ -23,7 +23,9 @@ SCORES: dict[str, str] = {
     "capacity_energy": "resnorm² × activation energy tr(Σ)/d_in",
     "gradnorm": "‖∇W‖_F, the raw gradient norm (the 'gradnorm' baseline)",
     "gradnorm_energy": "‖∇W‖_F × √(tr(Σ)/d_in)",
-    "rate": "loss decrease of the first Adam step of a LoRA module at the unit (B=0, seeded A)",
+    "rate": "loss decrease of the first Adam step of a LoRA module at the unit (B=0, seeded A), "
+    "first-order term minus the quadratic term of the local model",
+    "rate_linear": "first-order term of the rate alone: lr·s·‖∇W Aᵀ‖₁",
     "saturating": "C·(1 − exp(−ρ·T/C)) with capacity C, rate ρ and horizon T steps",
 }
 # Provisional until the placement benchmark measures which score predicts best.
@@ -138,6 +140,8 @@ class Card:
             return unit.grad_norm * math.sqrt(g.energy)
         if score == "rate":
             return unit.rate
+        if score == "rate_linear":
+            return unit.rate_linear
         if score == "saturating":
             c = 0.5 * self.n_target_tokens * self.resnorm_sq(unit, delta)
             rho = max(unit.rate, 0.0)

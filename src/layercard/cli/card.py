@@ -1,98 +1,21 @@
-"""The `layercard` command: one thin command per pipeline stage over the library functions."""
+"""Commands over the Layer Card: models, card, compare."""
 
 from __future__ import annotations
 
-import functools
-import json
-import sys
-import traceback
-from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
+from layercard.cli.app import app, console, emit_json, guard, load_cli_model, progress_flag
 from layercard.errors import LayercardError
-
-app = typer.Typer(
-    name="layercard",
-    help="Decide where parameter-efficient adapters go in an LLM, and prove the choice with measurements.",
-    no_args_is_help=True,
-    pretty_exceptions_enable=False,
-    add_completion=False,
-)
-console = Console(stderr=True)
-_STATE = {"debug": False}
-
-F = TypeVar("F", bound=Callable[..., Any])
-
-
-def _guard(fn: F) -> F:
-    """Known failures become one line on stderr and a non-zero exit; --debug shows the traceback."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except LayercardError as e:
-            if _STATE["debug"]:
-                traceback.print_exc()
-            console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
-            raise typer.Exit(e.exit_code) from None
-        except KeyboardInterrupt:
-            console.print("[bold red]interrupted[/]")
-            raise typer.Exit(130) from None
-        except (typer.Exit, typer.Abort):
-            raise
-        except Exception as e:  # an unexpected failure: still one line unless debugging
-            if _STATE["debug"]:
-                traceback.print_exc()
-            else:
-                msg = str(e).splitlines()[0] if str(e) else ""
-                console.print(
-                    f"[bold red]internal error:[/] {type(e).__name__}: {msg} (run with --debug for the traceback)",
-                    highlight=False,
-                    soft_wrap=True,
-                )
-            raise typer.Exit(1) from None
-
-    return wrapper  # type: ignore[return-value]
-
-
-@app.callback()
-def main(
-    debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks.")] = False,
-) -> None:
-    _STATE["debug"] = debug
-
-
-def _emit_json(obj: Any) -> None:
-    sys.stdout.write(json.dumps(obj, indent=1, default=str) + "\n")
-
-
-def _device(device: str) -> str:
-    if device != "auto":
-        return device
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def _load(model: str, dtype: str, device: str, trust_remote_code: bool):
-    from layercard.models import load_model
-
-    return load_model(model, dtype=dtype, device=_device(device), trust_remote_code=trust_remote_code)
-
-
-def _progress(json_out: bool) -> bool | None:
-    return False if json_out else None
 
 
 # ---------------------------------------------------------------------------------------------
 @app.command("models")
-@_guard
+@guard
 def models_cmd(
     json_out: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
@@ -101,7 +24,7 @@ def models_cmd(
 
     rows = list_models()
     if json_out:
-        _emit_json({"cache_dir": str(cache_dir()), "models": rows})
+        emit_json({"cache_dir": str(cache_dir()), "models": rows})
         return
     t = Table(title=f"layercard models (cache: {cache_dir()})")
     keys = sorted({k for r in rows for k in r})
@@ -130,7 +53,7 @@ TaskOpt = Annotated[
 
 
 @app.command("card")
-@_guard
+@guard
 def card_cmd(
     model: ModelOpt = "smollm2",
     task: TaskOpt = "synthetic:facts",
@@ -187,8 +110,8 @@ def card_cmd(
 
     parse_roles(roles)
     t = load_task(task, split=split, seed=seed)
-    loaded = _load(model, dtype, device, trust_remote_code)
-    card = compute_card(loaded, t, cfg, progress=_progress(json_out))
+    loaded = load_cli_model(model, dtype, device, trust_remote_code)
+    card = compute_card(loaded, t, cfg, progress=progress_flag(json_out))
     out.mkdir(parents=True, exist_ok=True)
     figs = write_all(card, out)
     from layercard.artifacts import write_text
@@ -208,7 +131,7 @@ def card_cmd(
         "timings": card.timings,
     }
     if json_out:
-        _emit_json(summary)
+        emit_json(summary)
         return
     _print_card_summary(card)
     console.print(f"wrote {out / 'card.json'}, {out / 'card.md'} and {len(figs)} figures")
@@ -246,7 +169,7 @@ def _print_card_summary(card) -> None:
 
 # ---------------------------------------------------------------------------------------------
 @app.command("compare")
-@_guard
+@guard
 def compare_cmd(
     a: Annotated[Path, typer.Argument(help="First card.json.")],
     b: Annotated[Path, typer.Argument(help="Second card.json (same model).")],
@@ -281,7 +204,7 @@ def compare_cmd(
         compare_plot(ca, cb, out, rho)
         res["plot"] = str(out)
     if json_out:
-        _emit_json(res)
+        emit_json(res)
         return
     console.print(
         f"Spearman ρ of per-layer {score}: {rho:.3f}  ({ca.task['name']} top-5 {res['a'][f'top5_{score}']}, "
@@ -289,7 +212,3 @@ def compare_cmd(
     )
     if out is not None:
         console.print(f"wrote {out}")
-
-
-if __name__ == "__main__":
-    app()

@@ -1,0 +1,196 @@
+"""Card overhead: the card's wall time over a plain forward+backward on the same tokens.
+
+Each measurement runs in its own process (so peak RSS is that measurement's), three repetitions
+per mode, interleaved; the ratio is of medians. Results are cached per (mode, repetition) in the
+JSON, so an interrupted run resumes where it stopped.
+
+    .venv/bin/python benchmarks/card_overhead.py [--examples 64] [--max-length 128] [--reps 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+DEFAULT_TASK = str(HERE.parent.parent / "shared" / "data" / "e2e_nlg" / "validation.jsonl")
+
+
+def _setup(args):
+    import torch
+
+    from layercard.models import load_model
+    from layercard.tasks import batches, count_target_tokens, encode_task, load_task
+
+    torch.manual_seed(0)
+    loaded = load_model(args.model)
+    task = load_task(args.task).subset(args.examples, seed=0)
+    enc = encode_task(loaded.tokenizer, task, max_length=args.max_length)
+    pad = loaded.tokenizer.pad_token_id
+    bl = list(batches(enc, args.batch_size, pad))
+    return loaded, task, bl, count_target_tokens(enc)
+
+
+def _plain(loaded, bl, n_tgt, trainable: str) -> float:
+    """A plain forward+backward over the same micro-batches."""
+    import torch
+
+    from layercard import models
+    from layercard.card.probe import loss_sum
+
+    model = loaded.model
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(trainable == "all")
+    if trainable == "units":
+        for s in models.units(model, args_roles):
+            models.get_module(model, s.name).weight.requires_grad_(True)
+    t = time.perf_counter()
+    for b in bl:
+        out = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], use_cache=False)
+        loss, _ = loss_sum(out.logits, b["labels"])
+        (loss / n_tgt).backward()
+    dt = time.perf_counter() - t
+    model.zero_grad(set_to_none=True)
+    return dt
+
+
+args_roles = "q,v"
+
+
+def child(args) -> dict:
+    global args_roles
+    args_roles = args.roles
+    import torch
+
+    torch.set_num_threads(args.threads) if args.threads else None
+    loaded, task, bl, n_tgt = _setup(args)
+    # Warm-up on one micro-batch so one-off allocations are not timed in either mode.
+    _plain(loaded, bl[:1], n_tgt, "all")
+    res: dict = {"mode": args.mode, "positions": int(sum(int(b["attention_mask"].sum()) for b in bl)),
+                 "padded_tokens": int(sum(b["input_ids"].numel() for b in bl)), "target_tokens": n_tgt,
+                 "micro_batches": len(bl), "threads": torch.get_num_threads()}
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    if args.mode.startswith("plain"):
+        res["wall_s"] = _plain(loaded, bl, n_tgt, args.mode.split("-", 1)[1])
+    else:
+        from layercard.card import CardConfig, compute_card
+
+        cfg = CardConfig(roles=args.roles, examples=args.examples, max_length=args.max_length,
+                         batch_size=args.batch_size, calibrate=args.mode == "card+calibrate",
+                         coupling=args.mode == "card+coupling")
+        from layercard.tasks import load_task
+
+        t = time.perf_counter()
+        card = compute_card(loaded, load_task(args.task), cfg, progress=False)
+        res["wall_s"] = time.perf_counter() - t
+        res["card_timings"] = card.timings
+    res["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    res["rss_before_mib"] = rss0 / 1024
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--model", default="smollm2")
+    ap.add_argument("--task", default=DEFAULT_TASK)
+    ap.add_argument("--roles", default="q,v")
+    ap.add_argument("--examples", type=int, default=64)
+    ap.add_argument("--max-length", type=int, default=128)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--modes", default="plain-all,plain-units,card")
+    ap.add_argument("--extra-modes", default="card+calibrate,card+coupling", help="measured once each")
+    ap.add_argument("--out", default=str(RESULTS / "card_overhead"))
+    ap.add_argument("--mode", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.mode:
+        print(json.dumps(child(args)))
+        return
+    out_json = Path(args.out + ".json")
+    state = json.loads(out_json.read_text()) if out_json.exists() else {"runs": {}}
+    conf = {k: getattr(args, k) for k in ("model", "task", "roles", "examples", "max_length", "batch_size")}
+    if state.get("config") not in (None, conf):
+        state = {"runs": {}}
+    state["config"] = conf
+    plan = [(m, r) for r in range(args.reps) for m in args.modes.split(",")]
+    plan += [(m, 0) for m in args.extra_modes.split(",") if m]
+    for mode, rep in plan:
+        key = f"{mode}#{rep}"
+        if key in state["runs"]:
+            continue
+        cmd = [sys.executable, __file__, "--mode", mode] + [
+            f"--{k.replace('_', '-')}={v}" for k, v in conf.items()
+        ] + [f"--threads={args.threads}"]
+        print(f"running {key} ...", flush=True)
+        p = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "LAYERCARD_PROGRESS": "0"})
+        if p.returncode != 0:
+            sys.stderr.write(p.stderr[-3000:])
+            raise SystemExit(f"{key} failed")
+        state["runs"][key] = json.loads(p.stdout.strip().splitlines()[-1])
+        print(f"  {state['runs'][key]['wall_s']:.2f} s, peak RSS {state['runs'][key]['peak_rss_mib']:.0f} MiB",
+              flush=True)
+        _write(state, out_json)
+    _write(state, out_json)
+
+
+def _median(state, mode):
+    vals = [v["wall_s"] for k, v in state["runs"].items() if k.split("#")[0] == mode]
+    return statistics.median(vals) if vals else float("nan"), vals
+
+
+def _write(state, out_json: Path) -> None:
+    from layercard.artifacts import machine_info, package_versions
+
+    summ = {}
+    for mode in sorted({k.split("#")[0] for k in state["runs"]}):
+        med, vals = _median(state, mode)
+        rss = [v["peak_rss_mib"] for k, v in state["runs"].items() if k.split("#")[0] == mode]
+        summ[mode] = {"median_s": med, "runs_s": vals, "peak_rss_mib": max(rss)}
+    card_med = summ.get("card", {}).get("median_s", float("nan"))
+    ratios = {f"card/{m}": card_med / s["median_s"] for m, s in summ.items() if m.startswith("plain")}
+    state["summary"] = summ
+    state["ratios"] = ratios
+    state["machine"] = machine_info()
+    state["versions"] = package_versions()
+    state["date"] = time.strftime("%Y-%m-%d")
+    out_json.parent.mkdir(parents=True, exist_ok=True)
+    out_json.write_text(json.dumps(state, indent=1) + "\n")
+    c = state["config"]
+    any_run = next(iter(state["runs"].values()), {})
+    lines = [
+        "# Card overhead",
+        "",
+        f"Model {c['model']}, task `{Path(c['task']).parent.name}/{Path(c['task']).name}`, {c['examples']} examples "
+        f"capped at {c['max_length']} tokens ({any_run.get('positions', '?')} unpadded positions, "
+        f"{any_run.get('target_tokens', '?')} target tokens), micro-batch {c['batch_size']}, roles {c['roles']}.",
+        f"Machine: {state['machine'].get('processor')} · {state['machine'].get('cpu_count')} cores · "
+        f"torch threads {any_run.get('threads', '?')} · {state['date']}. Each run in its own process; "
+        "medians over repetitions.",
+        "",
+        "| mode | median wall s | runs | peak RSS MiB |",
+        "|---|---:|---|---:|",
+    ]
+    for m, s in summ.items():
+        lines.append(f"| {m} | {s['median_s']:.2f} | {', '.join(f'{v:.2f}' for v in s['runs_s'])} | "
+                     f"{s['peak_rss_mib']:.0f} |")
+    lines += ["", "Modes: `plain-all` = forward+backward with every weight trainable (a standard backward); "
+              "`plain-units` = only the card's units' weights trainable; `card` = the full card "
+              "(probe pass + eigen/SVD + scores), no coupling, no calibration; `card+calibrate` and `card+coupling` "
+              "add those (measured once).", ""]
+    for k, v in ratios.items():
+        lines.append(f"- **{k} = {v:.3f}**")
+    out_json.with_suffix(".md").write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,89 @@
+"""The Typer app and what every command shares: one-line errors, JSON output, model loading."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+import traceback
+from collections.abc import Callable
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+
+from layercard.errors import LayercardError
+
+app = typer.Typer(
+    name="layercard",
+    help="Decide where parameter-efficient adapters go in an LLM, and prove the choice with measurements.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+console = Console(stderr=True)
+_STATE = {"debug": False}
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def guard(fn: F) -> F:
+    """Known failures become one line on stderr and a non-zero exit; --debug shows the traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except LayercardError as e:
+            if _STATE["debug"]:
+                traceback.print_exc()
+            console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+            raise typer.Exit(e.exit_code) from None
+        except KeyboardInterrupt:
+            console.print("[bold red]interrupted[/]")
+            raise typer.Exit(130) from None
+        except (typer.Exit, typer.Abort):
+            raise
+        except Exception as e:  # an unexpected failure: still one line unless debugging
+            if _STATE["debug"]:
+                traceback.print_exc()
+            else:
+                msg = str(e).splitlines()[0] if str(e) else ""
+                console.print(
+                    f"[bold red]internal error:[/] {type(e).__name__}: {msg} "
+                    "(run with --debug for the traceback)",
+                    highlight=False,
+                    soft_wrap=True,
+                )
+            raise typer.Exit(1) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+@app.callback()
+def main(
+    debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks.")] = False,
+) -> None:
+    _STATE["debug"] = debug
+
+
+def emit_json(obj: Any) -> None:
+    sys.stdout.write(json.dumps(obj, indent=1, default=str) + "\n")
+
+
+def resolve_device(device: str) -> str:
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load_cli_model(model: str, dtype: str, device: str, trust_remote_code: bool):
+    from layercard.models import load_model
+
+    return load_model(model, dtype=dtype, device=resolve_device(device), trust_remote_code=trust_remote_code)
+
+
+def progress_flag(json_out: bool) -> bool | None:
+    return False if json_out else None

@@ -1,0 +1,102 @@
+"""Commands of the evaluate stage."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from layercard.cli.app import app, console, emit_json, guard, load_cli_model, progress_flag
+from layercard.errors import LayercardError
+
+
+@app.command("eval")
+@guard
+def eval_cmd(
+    model: Annotated[
+        str, typer.Option("--model", "-m", help="Built-in name (smollm2), local folder, .gguf file.")
+    ],
+    task: Annotated[
+        str,
+        typer.Option(
+            "--task",
+            "-t",
+            help="JSONL path, preset:split (sst2:validation), or synthetic:facts / synthetic:format.",
+        ),
+    ],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for eval.json and predictions.jsonl.")],
+    adapter: Annotated[
+        Path | None, typer.Option("--adapter", "-a", help="PEFT or layercard adapter folder to evaluate.")
+    ] = None,
+    split: Annotated[str | None, typer.Option(help="Split for preset/synthetic tasks.")] = None,
+    examples: Annotated[
+        int | None, typer.Option(help="Evaluate a seeded subset of N examples (default: all).")
+    ] = None,
+    batch_size: Annotated[int, typer.Option(help="Generation and loss batch size.")] = 16,
+    max_new_tokens: Annotated[
+        int | None, typer.Option(help="Generation limit (default: the task format's).")
+    ] = None,
+    metrics: Annotated[
+        str | None, typer.Option(help="Comma list of metrics (default: the task format's; first = primary).")
+    ] = None,
+    loss: Annotated[bool, typer.Option("--loss/--no-loss", help="Also compute the target loss.")] = True,
+    max_length: Annotated[
+        int | None, typer.Option(help="Cap on prompt+target tokens for the loss (default: format limits).")
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the example subset and of synthetic tasks.")] = 0,
+    dtype: Annotated[str, typer.Option(help="float32 | bfloat16 | float16.")] = "float32",
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda.")] = "auto",
+    trust_remote_code: bool = False,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+) -> None:
+    """Generate greedily on a task, score it with the task metrics and write eval.json + predictions.jsonl."""
+    from layercard.evaluate import EvalConfig, evaluate
+    from layercard.tasks import load_task
+
+    # Everything that can be checked without the model is checked first, so a typo costs no load time
+    # and writes nothing.
+    metric_names = None if metrics is None else tuple(m.strip() for m in metrics.split(",") if m.strip())
+    cfg = EvalConfig(
+        examples=examples,
+        batch_size=batch_size,
+        max_new_tokens=max_new_tokens,
+        metrics=metric_names,
+        loss=loss,
+        max_length=max_length,
+        seed=seed,
+    )
+    if adapter is not None and not adapter.is_dir():
+        raise LayercardError(f"--adapter {adapter}: no such folder")
+    t = load_task(task, split=split, seed=seed)
+    loaded = load_cli_model(model, dtype, device, trust_remote_code)
+    result = evaluate(loaded, t, cfg, adapter=adapter, progress=progress_flag(json_out))
+    path = result.save(out)
+    if json_out:
+        d = result.to_dict(include_predictions=False)
+        emit_json({**d, "eval": str(path), "predictions": str(out / d["predictions_file"])})
+        return
+    _print_result(result)
+    console.print(f"wrote {path} and {out / 'predictions.jsonl'}")
+
+
+def _print_result(result) -> None:
+    from layercard.tasks import metric_scale
+
+    title = f"eval · {result.provenance['model_id']} · {result.task['name']} ({result.task['split']})"
+    if result.adapter:
+        title += f" · adapter {result.adapter}"
+    tbl = Table(title=title)
+    tbl.add_column("metric")
+    tbl.add_column("value", justify="right")
+    for i, (name, value) in enumerate(result.metrics.items()):
+        # BLEU keeps sacrebleu's 0-100 scale; the rest are fractions
+        shown = f"{value:.2f}" if metric_scale(name) > 1 else f"{value:.4f}"
+        tbl.add_row(name + (" (primary)" if i == 0 else ""), shown)
+    tbl.add_row("loss", "-" if result.loss is None else f"{result.loss:.4f}")
+    tbl.add_row("n", str(result.n))
+    tbl.add_row("s/example", f"{result.timing['s_per_example']:.3f}")
+    tbl.add_row("tokens/s", f"{result.timing['tokens_per_s']:.1f}")
+    Console(stderr=True).print(tbl)

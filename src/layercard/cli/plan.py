@@ -1,0 +1,3 @@
+"""Commands of the plan stage."""
+
+from __future__ import annotations

@@ -1,0 +1,3 @@
+"""Commands of the train stage."""
+
+from __future__ import annotations

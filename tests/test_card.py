@@ -1,0 +1,231 @@
+"""compute_card end to end on tiny models, its artifact, and the card/compare commands."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import torch
+from tiny import tiny_model
+from tiny_tok import tiny_tokenizer
+from typer.testing import CliRunner
+
+from layercard.card import Card, CardConfig, compute_card
+from layercard.card import stats
+from layercard.card.probe import make_accumulators, run_probe
+from layercard.cli import app
+from layercard.errors import LayercardError
+from layercard.models import LoadedModel, units, weights_hash
+from layercard.tasks import load_task
+
+FAST = dict(examples=8, max_length=48, batch_size=4)
+
+
+def _loaded(family: str = "llama", **kw) -> LoadedModel:
+    model = tiny_model(family, **kw)
+    return LoadedModel(model=model, tokenizer=tiny_tokenizer(), model_id=f"tiny-{family}",
+                       model_hash=weights_hash(model), source="memory")
+
+
+@pytest.fixture(scope="module")
+def facts():
+    return load_task("synthetic:facts", split="train")
+
+
+def _strip_volatile(d: dict) -> dict:
+    d = json.loads(json.dumps(d))
+    for k in ("wall_time_s", "created"):
+        d["provenance"].pop(k)
+    d.pop("timings")
+    return d
+
+
+def test_same_seed_same_card(facts):
+    loaded = _loaded()
+    a = compute_card(loaded, facts, CardConfig(**FAST), progress=False)
+    b = compute_card(loaded, facts, CardConfig(**FAST), progress=False)
+    assert _strip_volatile(a.to_dict()) == _strip_volatile(b.to_dict())
+    c = compute_card(loaded, facts, CardConfig(**FAST, seed=1), progress=False)
+    assert [u.resnorm for u in a.units] != [u.resnorm for u in c.units]  # another probe subset
+
+
+def test_card_contents_and_roundtrip(facts, tmp_path):
+    loaded = _loaded()
+    card = compute_card(loaded, facts, CardConfig(**FAST, roles="all-linear"), progress=False)
+    assert len(card.units) == 4 * 7 and card.n_layers == 4
+    assert {g.input_group for g in card.groups} == {"attn_in", "attn_out", "mlp_in", "mlp_mid"}
+    for u in card.units:
+        assert u.grad_norm > 0 and u.resnorm > 0
+        caps = [u.captured[str(r)] for r in stats.CAPTURE_RANKS]
+        assert caps == sorted(caps)  # captured@r grows with r ...
+        assert caps[-1] == pytest.approx(u.resnorm**2, rel=1e-5)  # ... up to resnorm² at full rank
+        assert card.resnorm_sq(u) == pytest.approx(u.resnorm**2, rel=1e-6)  # δ re-evaluation
+        assert u.lora_params == 8 * (u.d_in + u.d_out)
+    # Stronger damping can only lower resnorm.
+    assert all(card.resnorm_sq(u, 10.0) < card.resnorm_sq(u) for u in card.units)
+    path = card.save(tmp_path / "card.json")
+    again = Card.load(path)
+    assert again.to_dict() == card.to_dict()
+    for score in ("capacity", "gradnorm", "rate", "rate_linear", "gradnorm_energy", "saturating"):
+        assert again.layer_scores(score).shape == (4,)
+
+
+def test_layer_group_passes_equal_one_pass(facts):
+    loaded = _loaded()
+    one = compute_card(loaded, facts, CardConfig(**FAST), progress=False)
+    two = compute_card(loaded, facts, CardConfig(**FAST, layer_groups=3), progress=False)
+    for a, b in zip(one.units, two.units, strict=True):
+        assert a.key == b.key
+        assert a.resnorm == pytest.approx(b.resnorm, rel=1e-6)
+        assert a.rate == pytest.approx(b.rate, rel=1e-6, abs=1e-12)
+
+
+def test_sketch_keeps_ranking_and_is_a_lower_bound(facts):
+    loaded = _loaded(layers=12, hidden=64)
+    cfg = dict(examples=16, max_length=64, batch_size=8, delta=1e-6, roles="all-linear")
+    exact = compute_card(loaded, facts, CardConfig(**cfg), progress=False)
+    sk = compute_card(loaded, facts, CardConfig(**cfg, sketch=48), progress=False)
+    assert all(g.sketched == 48 for g in sk.groups if g.d_in > 48)
+    a = [u.resnorm for u in exact.units]
+    b = [u.resnorm for u in sk.units]
+    assert stats.spearman(a, b) >= 0.95
+    # The sketch sees a subspace of the inputs, so it cannot explain more of the gradient.
+    assert all(y <= x * (1 + 1e-3) for x, y in zip(a, b, strict=True))
+
+
+def test_coupling_and_cost(facts):
+    loaded = _loaded()
+    card = compute_card(loaded, facts, CardConfig(**FAST, coupling=True, calibrate=True, calibrate_steps=1),
+                        progress=False)
+    c = np.asarray(card.coupling["matrix"])
+    assert c.shape == (4, 4)
+    np.testing.assert_allclose(np.diag(c), 1.0)
+    np.testing.assert_allclose(c, c.T, atol=1e-12)
+    assert card.cost["n_layers"] == 4 and len(card.cost["measured"]) == 4
+    assert all(m["s_per_step"] > 0 for m in card.cost["measured"])
+
+
+def test_no_target_tokens_and_nonfinite_loss():
+    model = tiny_model("llama")
+    specs = units(model, "q,v")
+    accs = make_accumulators(specs, lora_rank=2, a_draws=1, seed=0, sketch=None, device=torch.device("cpu"))
+    batch = {"input_ids": torch.ones(1, 6, dtype=torch.long), "attention_mask": torch.ones(1, 6, dtype=torch.long),
+             "labels": torch.full((1, 6), -100)}
+    with pytest.raises(LayercardError, match="no target tokens"):
+        run_probe(model, [batch], accs, n_target_tokens=0)
+    batch["labels"] = torch.ones(1, 6, dtype=torch.long)
+    with torch.no_grad():
+        model.lm_head.weight.fill_(float("nan"))
+    with pytest.raises(LayercardError, match="non-finite loss"):
+        run_probe(model, [batch], accs, n_target_tokens=5)
+
+
+def test_config_validation_names_field():
+    with pytest.raises(LayercardError, match="examples"):
+        CardConfig(examples=0)
+    with pytest.raises(LayercardError, match="delta"):
+        CardConfig(delta=-1.0)
+    with pytest.raises(LayercardError, match="coupling_direction"):
+        CardConfig(coupling_direction="sideways")
+
+
+# ---- CLI -----------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tiny-llama")
+    tiny_model("llama").save_pretrained(d)
+    tiny_tokenizer().save_pretrained(d)
+    return d
+
+
+def _card_args(model, task, out, *extra):
+    return ["card", "--model", str(model), "--task", task, "--out", str(out), "--examples", "6",
+            "--max-length", "48", "--batch-size", "3", "--no-calibrate", *extra]
+
+
+def test_cli_card_writes_artifacts(tiny_folder, tmp_path):
+    out = tmp_path / "card"
+    r = CliRunner().invoke(app, _card_args(tiny_folder, "synthetic:facts", out, "--coupling", "--json"))
+    assert r.exit_code == 0, r.output
+    summary = json.loads(r.stdout)
+    assert summary["default_score"] == "rate"
+    for name in ("card.json", "card.md", "card_heatmap.png", "card_profiles.png", "card_coupling.png"):
+        assert (out / name).stat().st_size > 0
+    assert (out / "card_heatmap.png").read_bytes()[:4] == b"\x89PNG"
+    card = Card.load(out / "card.json")
+    assert card.provenance["model_hash"] == card.model["hash"]
+    assert card.provenance["data_hash"] == card.task["data_hash"]
+
+
+def test_cli_compare(tiny_folder, tmp_path):
+    for name, task in (("a", "synthetic:facts"), ("b", "synthetic:format")):
+        r = CliRunner().invoke(app, _card_args(tiny_folder, task, tmp_path / name))
+        assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(app, ["compare", str(tmp_path / "a/card.json"), str(tmp_path / "b/card.json"),
+                                 "--out", str(tmp_path / "cmp.png"), "--json"])
+    assert r.exit_code == 0, r.output
+    res = json.loads(r.stdout)
+    assert -1.0 <= res["spearman"] <= 1.0
+    assert (tmp_path / "cmp.png").exists()
+    # A card of another model is refused.
+    other = json.loads((tmp_path / "b/card.json").read_text())
+    other["model"]["hash"] = "0" * 64
+    (tmp_path / "c.json").write_text(json.dumps(other))
+    r = CliRunner().invoke(app, ["compare", str(tmp_path / "a/card.json"), str(tmp_path / "c.json")])
+    assert r.exit_code != 0 and "same model" in r.output
+
+
+@pytest.mark.parametrize(
+    "content, expect",
+    [
+        ('{"input": "a", "target": "b"}\n{"input": "c", "target": \n', ":2"),
+        ('{"input": "a"}\n', "target"),
+        ("", "no examples"),
+    ],
+)
+def test_cli_bad_task_file(tiny_folder, tmp_path, content, expect):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(content)
+    out = tmp_path / "card"
+    r = CliRunner().invoke(app, _card_args(tiny_folder, str(bad), out))
+    assert r.exit_code != 0
+    assert expect in r.output and "bad.jsonl" in r.output
+    assert len(r.output.strip().splitlines()) == 1, r.output
+    assert not (out / "card.json").exists()
+
+
+@pytest.mark.parametrize("args, expect", [(["--roles", "q,x"], "x"), (["--model", "/no/such/model"], "/no/such")])
+def test_cli_bad_model_or_role(tiny_folder, tmp_path, args, expect):
+    base = _card_args(tiny_folder, "synthetic:facts", tmp_path / "card")
+    i = base.index("--model")
+    if args[0] == "--model":
+        base[i + 1] = args[1]
+    else:
+        base += args
+    r = CliRunner().invoke(app, base)
+    assert r.exit_code != 0 and expect in r.output
+    assert not (tmp_path / "card" / "card.json").exists()
+
+
+def test_dataclass_replace_keeps_card_valid(facts):
+    card = compute_card(_loaded(), facts, CardConfig(**FAST), progress=False)
+    hot = dataclasses.replace(card, default_score="gradnorm")
+    assert np.allclose(hot.layer_scores(), card.layer_scores("gradnorm"))
+
+
+# ---- the real model ------------------------------------------------------------------------
+@pytest.mark.smollm2
+def test_smollm2_card_whole_path(smollm2, tmp_path):
+    """A small card on SmolLM2-135M: every unit measured, finite, and saved."""
+    from conftest import shared_data
+
+    task = load_task(str(shared_data("e2e_nlg/validation.jsonl")))
+    card = compute_card(smollm2, task, CardConfig(examples=4, max_length=96, batch_size=4), progress=False)
+    assert card.n_layers == 30 and len(card.units) == 60
+    assert {u.role for u in card.units} == {"q", "v"}
+    assert all(np.isfinite(u.resnorm) and u.resnorm > 0 and u.grad_norm > 0 for u in card.units)
+    assert 0 < card.loss < 10
+    assert card.model["hash"] == smollm2.model_hash
+    Card.load(card.save(tmp_path / "card.json"))
