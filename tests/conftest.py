@@ -26,6 +26,17 @@ def shared_data(name: str) -> Path:
     return p
 
 
+@pytest.fixture(autouse=True)
+def _threads(request):
+    """One thread for tiny models (more only oversubscribes 2 cores); all cores for the real model."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(before if request.node.get_closest_marker("smollm2") else 1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def smollm2():
     """The real SmolLM2-135M, loaded once per test session (skipped if the wheel is absent)."""

@@ -229,3 +229,10 @@ def test_smollm2_card_whole_path(smollm2, tmp_path):
     assert 0 < card.loss < 10
     assert card.model["hash"] == smollm2.model_hash
     Card.load(card.save(tmp_path / "card.json"))
+
+
+def test_cli_models_lists_builtin():
+    r = CliRunner().invoke(app, ["models", "--json"])
+    assert r.exit_code == 0, r.output
+    names = [m["name"] for m in json.loads(r.stdout)["models"]]
+    assert "smollm2" in names

@@ -142,3 +142,10 @@ def test_coupling_matrix_identical_and_orthogonal():
 def test_spearman():
     assert stats.spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
     assert stats.spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+
+
+def test_set_gain_never_exceeds_additive():
+    near = np.array([[1.0, 0.999], [0.999, 1.0]])
+    g = np.array([1.0, 0.9])
+    v = stats.set_gain(g, near)
+    assert g.max() <= v <= g.sum()

@@ -839,6 +839,10 @@ def load_model(
     torch_dtype = _resolve_dtype(dtype)
     dev = _resolve_device(device)
     path = Path(spec).expanduser()
+    # layercard draws its own progress bars; transformers' per-load bars only add noise.
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
     if spec in BUILTIN_MODELS:  # a built-in name wins over a same-named folder; use ./name for the folder
         folder = builtin_path(spec)
     elif path.is_dir():

@@ -38,15 +38,19 @@ def perturb(model: nn.Module, deltas: Mapping[str, torch.Tensor], eps: float) ->
             h.remove()
 
 
+class _Stop(Exception):
+    """Raised from the LM head's pre-hook: the logits are not needed, only the head's input."""
+
+
 @contextlib.contextmanager
 def capture_final_hidden(model: nn.Module, store: list[torch.Tensor]) -> Iterator[None]:
-    """Record the final-norm output (the input of the LM head)."""
+    """Record the final hidden state (the LM head's input) and skip the LM head itself."""
 
-    def hook(_m: nn.Module, inputs: tuple[torch.Tensor, ...], _out: torch.Tensor) -> None:
+    def hook(_m: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
         store.append(inputs[0].detach())
+        raise _Stop
 
-    # The LM head's input is the final hidden state whatever the layout calls its norm.
-    h = lm_head(model).register_forward_hook(hook)
+    h = lm_head(model).register_forward_pre_hook(hook)
     try:
         yield
     finally:
@@ -59,11 +63,14 @@ def _final_hidden(model: nn.Module, batches: Sequence[dict[str, torch.Tensor]]) 
     for batch in batches:
         store: list[torch.Tensor] = []
         with capture_final_hidden(model, store):
-            model(
-                input_ids=batch["input_ids"].to(device),
-                attention_mask=batch["attention_mask"].to(device),
-                use_cache=False,
-            )
+            try:
+                model(
+                    input_ids=batch["input_ids"].to(device),
+                    attention_mask=batch["attention_mask"].to(device),
+                    use_cache=False,
+                )
+            except _Stop:
+                pass
         h = store[0]
         labels = batch["labels"].to(device)
         # Positions that predict a target token: label at t+1 is not masked.

@@ -156,6 +156,10 @@ def set_gain(gains: np.ndarray, coupling: np.ndarray, ridge: float = 1e-6) -> fl
 
     Equivalent to √g_Sᵀ C_SS⁻¹ √g_S; reduces to Σ g when C = I, and redundant units add less.
     Negative predicted gains count as zero. A small ridge keeps a near-singular C finite.
+
+    The result is clipped to [max g, Σ g]: with nearly collinear effects and unequal gains the
+    quadratic model credits the tiny-curvature difference direction with a huge gain, which a short
+    optimizer run does not realise; coupling is only allowed to make a set worth less than its sum.
     """
     g = np.clip(np.asarray(gains, dtype=np.float64), 0.0, None)
     if g.size == 0:
@@ -163,7 +167,8 @@ def set_gain(gains: np.ndarray, coupling: np.ndarray, ridge: float = 1e-6) -> fl
     c = np.asarray(coupling, dtype=np.float64)
     c = 0.5 * (c + c.T) + ridge * np.eye(c.shape[0])
     r = np.sqrt(g)
-    return float(r @ np.linalg.solve(c, r))
+    raw = float(r @ np.linalg.solve(c, r))
+    return float(min(max(raw, g.max()), g.sum()))
 
 
 def coupling_matrix(effects: np.ndarray) -> np.ndarray:

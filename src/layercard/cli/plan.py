@@ -1,3 +1,152 @@
 """Commands of the plan stage."""
 
 from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from layercard.cli.app import app, console, emit_json, guard, load_cli_model
+from layercard.errors import LayercardError
+
+
+def _rank_arg(text: str) -> int | str:
+    t = text.strip().lower()
+    if t == "auto":
+        return "auto"
+    try:
+        return int(t)
+    except ValueError:
+        raise LayercardError(f"--rank {text!r}: a positive integer or 'auto'") from None
+
+
+@app.command("plan")
+@guard
+def plan_cmd(
+    card: Annotated[Path, typer.Option("--card", "-c", help="card.json from `layercard card`.")],
+    policy: Annotated[
+        str,
+        typer.Option(
+            help="card | card-additive | card-stratified | all | top | bottom | middle | uniform | random | "
+            "gradnorm."
+        ),
+    ],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Where to write plan.json.")] = Path("plan.json"),
+    budget: Annotated[
+        str | None, typer.Option(help="layers=8 | params=N (k/M suffix ok) | step_time=S | modules=N.")
+    ] = None,
+    target: Annotated[
+        float | None,
+        typer.Option(help="Cheapest placement reaching this fraction (0,1] of the all-layer predicted gain."),
+    ] = None,
+    roles: Annotated[str | None, typer.Option(help="Roles to adapt (default: the card's roles).")] = None,
+    rank: Annotated[
+        str, typer.Option(help="LoRA rank (or bottleneck width), or 'auto' from captured@r.")
+    ] = "8",
+    alpha: Annotated[float | None, typer.Option(help="LoRA alpha (default 2·rank per module).")] = None,
+    dropout: Annotated[float, typer.Option(help="LoRA dropout.")] = 0.0,
+    score: Annotated[str | None, typer.Option(help="Card score used as gain (default: the card's).")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the random policy.")] = 0,
+    kind: Annotated[str, typer.Option(help="Adapter kind: lora | houlsby | parallel.")] = "lora",
+    bands: Annotated[int | None, typer.Option(help="card-stratified: number of depth bands.")] = None,
+    check_model: Annotated[
+        str | None,
+        typer.Option(help="Load this model and check the plan applies with PEFT exactly as planned."),
+    ] = None,
+    dtype: Annotated[str, typer.Option(help="dtype for --check-model.")] = "float32",
+    device: Annotated[str, typer.Option(help="Device for --check-model.")] = "cpu",
+    trust_remote_code: bool = False,
+    json_out: Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout.")] = False,
+) -> None:
+    """Place adapters from a Layer Card under a budget: plan.json with a ready PEFT LoraConfig."""
+    from layercard.card import Card
+    from layercard.plan import Budget, PlanConfig, check_model_matches, check_plan, make_plan
+
+    cfg = PlanConfig(
+        policy=policy,
+        budget=Budget.parse(budget) if budget is not None else None,
+        target=target,
+        roles=roles,
+        rank=_rank_arg(rank),
+        alpha=alpha,
+        dropout=dropout,
+        score=score,
+        seed=seed,
+        kind=kind,
+        bands=bands,
+    )
+    c = Card.load(card)
+    plan = make_plan(c, cfg, card_path=str(card))
+    check: dict[str, Any] | None = None
+    if check_model is not None:
+        loaded = load_cli_model(check_model, dtype, device, trust_remote_code)
+        check_model_matches(plan, loaded, where=str(out))
+        check = check_plan(plan, loaded.model)
+    plan.save(out)  # only now: a failed plan or check leaves no plan.json behind
+    if json_out:
+        emit_json(
+            {
+                "plan": str(out),
+                "policy": cfg.policy,
+                "layers": plan.layers,
+                "units": len(plan.units),
+                "ranks": {u.name: u.rank for u in plan.units},
+                "predicted": plan.predicted,
+                "lora_config": plan.lora_config,
+                "adapter_config": plan.adapter_config,
+                "warnings": plan.warnings,
+                "check": check,
+            }
+        )
+        return
+    _print_plan(plan)
+    if check is not None:
+        console.print(f"check: PEFT adapted exactly the {len(check['matched'])} planned modules")
+    console.print(f"wrote {out}")
+
+
+def _print_plan(plan) -> None:
+    p = plan.predicted
+    cfg = plan.config
+    roles = ",".join(cfg["roles"])
+    title = f"Plan · {cfg['policy']} · {plan.card['model_id']} · {plan.card['task']} · roles {roles}"
+    t = Table(title=title, show_header=False)
+    t.add_column("", style="bold")
+    t.add_column("")
+    t.add_row(
+        "budget", str(cfg["budget"]) + (f", target {cfg['target']}" if cfg["target"] is not None else "")
+    )
+    t.add_row("layers", f"{len(plan.layers)}: {plan.layers}")
+    t.add_row("adapter", plan.kind)
+    t.add_row("units", str(len(plan.units)))
+    t.add_row("ranks", _ranks_text(plan))
+    t.add_row(f"predicted gain ({p['score']})", f"{p['gain']:.4g} (additive {p['additive_gain']:.4g})")
+    frac = p["fraction"]
+    t.add_row("of all-layer gain", "undefined" if frac is None else f"{100 * frac:.1f}%")
+    t.add_row("redundancy ρ(S)", f"{p['redundancy']:.3f}  (coupling: {p['coupling']})")
+    t.add_row("trainable params", f"{p['params']:,} of {p['all_layer_params']:,} (all layers)")
+    t.add_row("adapted modules", str(p["modules"]))
+    st = p["step_time_s"]
+    t.add_row(
+        "predicted s/step",
+        "no cost model in the card"
+        if st is None
+        else f"{st:.3g} (all layers {p['all_layer_step_time_s']:.3g})",
+    )
+    console.print(t)
+    console.print(f"[dim]score basis: {p['score_basis']}[/]", highlight=False, soft_wrap=True)
+    for w in plan.warnings:
+        console.print(f"[yellow]warning:[/] {w}", highlight=False, soft_wrap=True)
+
+
+def _ranks_text(plan) -> str:
+    ranks = [u.rank for u in plan.units]
+    if not ranks:
+        return "-"
+    if len(set(ranks)) == 1:
+        return f"{ranks[0]} (uniform)"
+    pat = (plan.lora_config or {}).get("rank_pattern") or {}
+    r = (plan.lora_config or {}).get("r")
+    return f"r={r}, {len(pat)} modules differ (min {min(ranks)}, max {max(ranks)})"

@@ -1,3 +1,173 @@
 """Commands of the train stage."""
 
 from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from layercard.cli.app import app, console, emit_json, guard, load_cli_model, progress_flag
+from layercard.errors import LayercardError
+
+
+def _load_plan(path: Path) -> Any:
+    try:
+        from layercard.plan import Plan
+    except ImportError:  # plan stage not installed: the JSON dict carries the same fields
+        from layercard.artifacts import read_json
+
+        return read_json(path, kind="plan")
+    return Plan.load(path)
+
+
+def _val_task(task: str, train_split: str, val_task: str | None, val_split: str | None, seed: int):
+    """The validation task: as given; else, for preset/synthetic tasks, their validation or test split."""
+    from layercard.tasks import load_task
+
+    if val_task is not None or val_split is not None:
+        return load_task(val_task or task, split=val_split, seed=seed)
+    if task.endswith(".jsonl") or Path(task).exists():
+        return None  # a file has no other split to hold out
+    # The spec without its split: hf:NAME[:CONFIG] takes the split separately; others end in :SPLIT.
+    if task.startswith("hf:"):
+        base = task
+    else:
+        base = ":".join(task.split(":")[: 2 if task.startswith("synthetic:") else 1])
+    for candidate in ("validation", "test"):
+        if candidate == train_split:
+            continue
+        try:
+            return load_task(base, split=candidate, seed=seed)
+        except LayercardError:
+            continue
+    return None
+
+
+@app.command("train")
+@guard
+def train_cmd(
+    plan: Annotated[Path, typer.Option("--plan", "-p", help="plan.json from `layercard plan`.")],
+    task: Annotated[
+        str,
+        typer.Option("--task", "-t", help="JSONL path, preset:split, or synthetic:facts / synthetic:format."),
+    ],
+    out: Annotated[
+        Path, typer.Option("--out", "-o", help="Run folder: adapter/, train_metrics.json, checkpoints/.")
+    ],
+    split: Annotated[
+        str | None, typer.Option(help="Training split for preset/synthetic tasks (default: train).")
+    ] = None,
+    val_task: Annotated[
+        str | None, typer.Option(help="Validation task (default: --task's validation or test split).")
+    ] = None,
+    val_split: Annotated[str | None, typer.Option(help="Validation split.")] = None,
+    model: Annotated[
+        str | None, typer.Option("--model", "-m", help="Base model (default: the plan's card model).")
+    ] = None,
+    steps: Annotated[int | None, typer.Option(help="Optimizer steps (default 100 unless --epochs).")] = None,
+    epochs: Annotated[
+        float | None, typer.Option(help="Train for this many epochs instead of --steps.")
+    ] = None,
+    batch_size: Annotated[int, typer.Option(help="Micro-batch size.")] = 8,
+    grad_accum: Annotated[int, typer.Option(help="Micro-batches per optimizer step.")] = 1,
+    lr: Annotated[float, typer.Option(help="AdamW learning rate.")] = 1e-3,
+    scheduler: Annotated[str, typer.Option(help="constant | linear | cosine.")] = "constant",
+    warmup_steps: Annotated[int, typer.Option(help="Linear warm-up steps.")] = 0,
+    max_length: Annotated[int, typer.Option(help="Max prompt+target tokens per example.")] = 128,
+    train_examples: Annotated[
+        int | None, typer.Option(help="Train on a seeded subset of N examples.")
+    ] = None,
+    eval_examples: Annotated[int, typer.Option(help="Validation examples (0: none).")] = 64,
+    eval_every: Annotated[int, typer.Option(help="Validate every N steps (0: only at the end).")] = 25,
+    checkpoint_every: Annotated[int, typer.Option(help="Checkpoint every N steps (0: never).")] = 50,
+    seed: int = 0,
+    kind: Annotated[
+        str | None, typer.Option(help="lora | houlsby | parallel (default: the plan's kind).")
+    ] = None,
+    bottleneck: Annotated[
+        int | None, typer.Option(help="Bottleneck width for houlsby/parallel (default: the plan's, else 16).")
+    ] = None,
+    load_in_4bit: Annotated[
+        bool, typer.Option("--load-in-4bit", help="QLoRA: NF4 base through bitsandbytes (CUDA only).")
+    ] = False,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue from the latest checkpoint in --out.")
+    ] = False,
+    dtype: Annotated[
+        str, typer.Option(help="Weights dtype of the loaded base: float32 | bfloat16.")
+    ] = "float32",
+    trust_remote_code: bool = False,
+    json_out: Annotated[bool, typer.Option("--json", help="Print train_metrics as JSON.")] = False,
+) -> None:
+    """Train the adapters a plan places; write adapter/, train_metrics.json and checkpoints/ under --out."""
+    from layercard.tasks import load_task
+    from layercard.train import PlanSpec, TrainConfig, train
+
+    # Everything checkable without the model first, so a typo costs no load time.
+    cfg = TrainConfig(
+        steps=steps if steps is not None or epochs is not None else 100,
+        epochs=epochs,
+        batch_size=batch_size,
+        grad_accum=grad_accum,
+        lr=lr,
+        scheduler=scheduler,
+        warmup_steps=warmup_steps,
+        max_length=max_length,
+        train_examples=train_examples,
+        eval_examples=eval_examples,
+        eval_every=eval_every,
+        checkpoint_every=checkpoint_every,
+        seed=seed,
+        bottleneck=bottleneck,
+        load_in_4bit=load_in_4bit,
+    )
+    p = _load_plan(plan)
+    spec = PlanSpec.from_any(p)
+    model_spec = model or spec.model_id
+    if not model_spec:
+        raise LayercardError(f"{plan}: the plan names no model; pass --model")
+    train_t = load_task(task, split=split, seed=seed)
+    val_t = _val_task(task, train_t.split, val_task, val_split, seed) if eval_examples else None
+    loaded = load_cli_model(model_spec, dtype, "auto", trust_remote_code)  # Accelerate places it
+    metrics = train(
+        loaded, p, train_t, val_t, cfg, out, resume=resume, progress=progress_flag(json_out), kind=kind
+    )
+    if json_out:
+        emit_json(metrics)
+        return
+    _print_summary(metrics)
+    console.print(f"wrote {out / 'adapter'} and {out / 'train_metrics.json'}")
+
+
+def _fmt(x: Any, spec: str) -> str:
+    return "—" if x is None else format(x, spec)
+
+
+def _print_summary(m: dict[str, Any]) -> None:
+    plan = m["plan"]
+    tbl = Table(
+        title=f"train · {m['adapter_kind']} · layers {plan['layers']} · {m['steps']} steps",
+        show_header=False,
+    )
+    tbl.add_column("what")
+    tbl.add_column("value", justify="right")
+    total = m["total_params"] or 1
+    tbl.add_row("trainable params", f"{m['trainable_params']:,} ({100 * m['trainable_params'] / total:.3f}%)")
+    pred = m.get("predicted_step_time_s")
+    ratio = m.get("step_time_ratio")
+    tbl.add_row(
+        "s/step measured / predicted",
+        f"{_fmt(m['s_per_step'], '.3f')} / {_fmt(pred, '.3f')}" + (f"  (×{ratio:.2f})" if ratio else ""),
+    )
+    tbl.add_row("tokens/s", _fmt(m["tokens_per_s"], ",.0f"))
+    tbl.add_row(f"peak memory ({m['peak_memory_kind']})", f"{m['peak_memory_mib']:,.0f} MiB")
+    tbl.add_row(
+        "train loss first → last",
+        f"{_fmt(m['first_train_loss'], '.4f')} → {_fmt(m['final_train_loss'], '.4f')}",
+    )
+    tbl.add_row("final val loss", _fmt(m["final_val_loss"], ".4f"))
+    if m.get("resumed_from") is not None:
+        tbl.add_row("resumed from step", str(m["resumed_from"]))
+    console.print(tbl)

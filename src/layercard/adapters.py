@@ -1,0 +1,383 @@
+"""Bottleneck adapters (Houlsby and parallel) and one loader for every adapter folder layercard writes.
+
+No maintained adapter library works with the pinned transformers (the ``adapters`` package pins an
+old one), so this is a small module of ours (DESIGN §7):
+
+- ``houlsby`` (sequential): after the attention sublayer and after the MLP sublayer of a chosen decoder
+  layer, ``h ← h + B(h)`` on the sublayer's output;
+- ``parallel``: beside each sublayer, ``out ← sublayer(x) + B(x)`` with ``x`` the sublayer's input.
+
+``B(x) = up(act(down(x)))`` with ``down: d → r`` and ``up: r → d``; ``up`` starts at zero, so an adapted
+model starts exactly equal to its base. Adapters run through forward hooks on the attention and MLP
+modules, found from :mod:`layercard.models`' units (the parents of the ``o`` and ``down`` modules), so
+no architecture knowledge lives here. An :class:`AdapterSet` registers itself as a submodule of the
+model while attached: its parameters then move with ``model.to()``, show in ``model.parameters()``
+(which Accelerate/DDP need) and follow ``model.train()/eval()``; :meth:`AdapterSet.remove` undoes both.
+
+Saved folder: ``layercard_adapter.json`` (kind, bottleneck, layers, activation, base model hash,
+schema version) and ``adapter_model.safetensors``. :func:`load_adapter` also opens PEFT folders.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from layercard.artifacts import SCHEMA_VERSION, atomic_path
+from layercard.errors import LayercardError
+
+__all__ = [
+    "ACTIVATIONS",
+    "ADAPTER_ATTR",
+    "ADAPTER_KINDS",
+    "CONFIG_FILE",
+    "PEFT_CONFIG_FILE",
+    "WEIGHTS_FILE",
+    "AdapterSet",
+    "Bottleneck",
+    "add_adapters",
+    "attached_adapters",
+    "load_adapter",
+    "load_adapters",
+    "save_adapters",
+    "sublayer_paths",
+]
+
+ADAPTER_KINDS = ("houlsby", "parallel")
+ACTIVATIONS = ("relu", "gelu")
+CONFIG_FILE = "layercard_adapter.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+PEFT_CONFIG_FILE = "adapter_config.json"
+ADAPTER_ATTR = "layercard_adapters"  # submodule name on the (PEFT-unwrapped) model while attached
+_SUBLAYERS = ("attn", "mlp")
+
+
+class Bottleneck(nn.Module):
+    """``up(act(down(x)))``: d → r → d, with ``up`` zero-initialised so the adapter starts as a no-op."""
+
+    def __init__(self, d: int, r: int, activation: str = "relu") -> None:
+        super().__init__()
+        if activation not in ACTIVATIONS:
+            raise LayercardError(f"activation {activation!r}: unknown; use one of {', '.join(ACTIVATIONS)}")
+        self.down = nn.Linear(d, r)
+        self.act: nn.Module = nn.ReLU() if activation == "relu" else nn.GELU()
+        self.up = nn.Linear(r, d)
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.up(self.act(self.down(x)))
+
+
+def sublayer_paths(model: nn.Module, layer: int) -> tuple[str, str]:
+    """``(attention module path, MLP module path)`` of decoder layer ``layer``.
+
+    They are the parents of the layer's ``o`` and ``down`` units, so the layout stays in models.py.
+    """
+    from layercard import models
+
+    out = []
+    for role in ("o", "down"):
+        specs = models.units(model, role, layers=[layer])
+        if not specs or "." not in specs[0].name:
+            raise LayercardError(f"layer {layer}: no {role!r} module to locate its sublayer from")
+        out.append(specs[0].name.rsplit(".", 1)[0])
+    return out[0], out[1]
+
+
+def _first_tensor(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor:
+    """The sublayer's input: first positional tensor, else ``hidden_states=`` (Llama calls by keyword)."""
+    if args and isinstance(args[0], torch.Tensor):
+        return args[0]
+    hs = kwargs.get("hidden_states")
+    if isinstance(hs, torch.Tensor):
+        return hs
+    raise LayercardError("parallel adapter: cannot find the sublayer's input tensor in its call")
+
+
+class AdapterSet(nn.Module):
+    """Bottleneck adapters on some decoder layers, plus the hooks that run them.
+
+    ``enabled`` switches all of them off (the model then computes its base outputs);
+    :meth:`set_enabled_layers` keeps only some layers on. Use as a context manager, or call
+    :meth:`remove`, to detach.
+    """
+
+    def __init__(
+        self, kind: str, layers: Sequence[int], d: int, bottleneck: int, activation: str = "relu"
+    ) -> None:
+        super().__init__()
+        self.kind = kind
+        self.layers = tuple(int(i) for i in layers)
+        self.bottleneck = int(bottleneck)
+        self.activation = activation
+        self.d = int(d)
+        self.adapters = nn.ModuleDict(
+            {
+                str(i): nn.ModuleDict({s: Bottleneck(d, bottleneck, activation) for s in _SUBLAYERS})
+                for i in self.layers
+            }
+        )
+        self.enabled = True
+        self._active: frozenset[int] = frozenset(self.layers)
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        # A list, not an attribute: nn.Module would register the owner as *our* submodule (a cycle).
+        self._owner: list[nn.Module] = []
+
+    @property
+    def enabled_layers(self) -> tuple[int, ...]:
+        return tuple(i for i in self.layers if i in self._active)
+
+    def set_enabled_layers(self, layers: Iterable[int] | None) -> None:
+        """Run only the adapters of ``layers`` (None: all); the others are skipped, not deleted."""
+        if layers is None:
+            self._active = frozenset(self.layers)
+            return
+        wanted = {int(i) for i in layers}
+        unknown = sorted(wanted - set(self.layers))
+        if unknown:
+            raise LayercardError(
+                f"layers {unknown}: no adapters there; adapted layers are {list(self.layers)}"
+            )
+        self._active = frozenset(wanted)
+
+    def _hook(self, layer: int, sub: str):
+        adapter = self.adapters[str(layer)][sub]
+
+        def hook(_mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
+            if not self.enabled or layer not in self._active:
+                return None
+            is_seq = isinstance(output, (tuple, list))
+            h = output[0] if is_seq else output
+            if not isinstance(h, torch.Tensor):
+                raise LayercardError(
+                    f"layer {layer} {sub}: sublayer returned {type(h).__name__}, not a tensor"
+                )
+            src = h if self.kind == "houlsby" else _first_tensor(args, kwargs)
+            # Adapters keep their own dtype (fp32 beside a bf16 or 4-bit base) and cast at the boundary.
+            dtype = adapter.down.weight.dtype
+            new = h + adapter(src.to(dtype)).to(h.dtype)
+            return (new, *output[1:]) if is_seq else new
+
+        return hook
+
+    def attach(self, model: nn.Module) -> AdapterSet:
+        """Register the hooks on ``model`` and make this set its submodule (idempotent per model)."""
+        from layercard import models
+
+        if self._owner:
+            raise LayercardError("adapter set is already attached; call remove() first")
+        base = models._base(model)
+        if hasattr(base, ADAPTER_ATTR):
+            raise LayercardError(f"model already has layercard adapters ({ADAPTER_ATTR}); remove them first")
+        try:
+            for i in self.layers:
+                for sub, path in zip(_SUBLAYERS, sublayer_paths(model, i), strict=True):
+                    mod = models.get_module(model, path)
+                    h = mod.register_forward_hook(self._hook(i, sub), with_kwargs=True)
+                    self._handles.append(h)
+        except BaseException:
+            self._detach_hooks()
+            raise
+        base.add_module(ADAPTER_ATTR, self)
+        self._owner.append(base)
+        return self
+
+    def _detach_hooks(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def remove(self) -> None:
+        """Detach the hooks and the submodule; the model computes its base outputs again."""
+        self._detach_hooks()
+        for owner in self._owner:
+            if getattr(owner, ADAPTER_ATTR, None) is self:
+                delattr(owner, ADAPTER_ATTR)
+        self._owner.clear()
+
+    def __enter__(self) -> AdapterSet:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+    def config(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "bottleneck": self.bottleneck,
+            "layers": list(self.layers),
+            "activation": self.activation,
+            "d": self.d,
+        }
+
+    def extra_repr(self) -> str:
+        return f"kind={self.kind}, layers={list(self.layers)}, bottleneck={self.bottleneck}"
+
+
+def _check_kind(kind: str) -> None:
+    if kind not in ADAPTER_KINDS:
+        raise LayercardError(
+            f"adapter kind {kind!r}: unknown; bottleneck kinds are {', '.join(ADAPTER_KINDS)}"
+        )
+
+
+def add_adapters(
+    model: nn.Module,
+    kind: str,
+    layers: Sequence[int],
+    bottleneck: int = 16,
+    seed: int = 0,
+    *,
+    activation: str = "relu",
+) -> AdapterSet:
+    """Attach ``kind`` bottleneck adapters to decoder ``layers`` of ``model`` and return them.
+
+    ``down`` is drawn from ``seed`` without touching the global RNG; ``up`` is zero. The adapters
+    sit on the device of each layer's attention module, in float32.
+    """
+    from layercard import models
+
+    _check_kind(kind)
+    if isinstance(bottleneck, bool) or not isinstance(bottleneck, int) or bottleneck < 1:
+        raise LayercardError(f"bottleneck: must be a positive integer, got {bottleneck!r}")
+    if not layers:
+        raise LayercardError("layers: no layers to adapt")
+    n = models.num_layers(model)
+    bad = sorted({int(i) for i in layers if not 0 <= int(i) < n})
+    if bad:
+        raise LayercardError(f"layers: {bad} out of range; the model has layers 0..{n - 1}")
+    layers = sorted({int(i) for i in layers})
+    d = int(models.input_embeddings(model).weight.shape[1])
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        aset = AdapterSet(kind, layers, d, bottleneck, activation)
+    attn_path, _ = sublayer_paths(model, layers[0])
+    ref = next(models.get_module(model, attn_path).parameters(), None)
+    if ref is not None and ref.device.type != "meta":
+        aset.to(ref.device)
+    return aset.attach(model)
+
+
+def attached_adapters(model: nn.Module) -> AdapterSet | None:
+    """The :class:`AdapterSet` attached to ``model``, if any."""
+    from layercard import models
+
+    aset = getattr(models._base(model), ADAPTER_ATTR, None)
+    return aset if isinstance(aset, AdapterSet) else None
+
+
+def save_adapters(adapter_set: AdapterSet, path: str | Path, *, base_model_hash: str | None = None) -> Path:
+    """Write ``layercard_adapter.json`` and ``adapter_model.safetensors`` into folder ``path``."""
+    from safetensors.torch import save_file
+
+    folder = Path(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    cfg = {**adapter_set.config(), "base_model_hash": base_model_hash, "schema_version": SCHEMA_VERSION}
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in adapter_set.state_dict().items()}
+    with atomic_path(folder / WEIGHTS_FILE) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "pt", "kind": adapter_set.kind})
+    with atomic_path(folder / CONFIG_FILE) as tmp:
+        tmp.write_text(json.dumps(cfg, indent=1) + "\n")
+    return folder
+
+
+def _read_config(folder: Path) -> dict[str, Any]:
+    p = folder / CONFIG_FILE
+    try:
+        cfg = json.loads(p.read_text())
+    except FileNotFoundError:
+        raise LayercardError(f"{folder}: no {CONFIG_FILE}; not a layercard adapter folder") from None
+    except json.JSONDecodeError as e:
+        raise LayercardError(f"{p}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    if cfg.get("schema_version") != SCHEMA_VERSION:
+        raise LayercardError(
+            f"{p}: schema_version={cfg.get('schema_version')!r}, this layercard reads {SCHEMA_VERSION}"
+        )
+    for key in ("kind", "bottleneck", "layers"):
+        if key not in cfg:
+            raise LayercardError(f"{p}: field {key!r} missing")
+    return cfg
+
+
+def load_adapters(model: nn.Module, path: str | Path, *, model_hash: str | None = None) -> AdapterSet:
+    """Attach the bottleneck adapters saved in folder ``path`` to ``model``.
+
+    Weights come from safetensors only; a missing, unexpected or mis-shaped tensor is an error naming
+    it. With ``model_hash``, a folder trained on another base model is refused.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    folder = Path(path)
+    cfg = _read_config(folder)
+    saved_hash = cfg.get("base_model_hash")
+    if model_hash is not None and saved_hash is not None and saved_hash != model_hash:
+        raise LayercardError(
+            f"{folder}: adapter was trained on base model {saved_hash[:12]}, this model is {model_hash[:12]}"
+        )
+    wfile = folder / WEIGHTS_FILE
+    if not wfile.is_file():
+        raise LayercardError(f"{folder}: no {WEIGHTS_FILE}")
+    try:
+        tensors = load_file(str(wfile))
+    except (SafetensorError, OSError) as e:
+        raise LayercardError(f"{wfile}: cannot read safetensors ({e})") from None
+    aset = add_adapters(
+        model, cfg["kind"], cfg["layers"], int(cfg["bottleneck"]), activation=cfg.get("activation", "relu")
+    )
+    try:
+        expected = aset.state_dict()
+        missing = sorted(set(expected) - set(tensors))
+        extra = sorted(set(tensors) - set(expected))
+        if missing or extra:
+            parts = ([f"missing {', '.join(missing)}"] if missing else []) + (
+                [f"unexpected {', '.join(extra)}"] if extra else []
+            )
+            raise LayercardError(f"{wfile}: tensors do not match {CONFIG_FILE}: {'; '.join(parts)}")
+        bad = [k for k, v in expected.items() if tuple(v.shape) != tuple(tensors[k].shape)]
+        if bad:
+            k = bad[0]
+            got, want = tuple(tensors[k].shape), tuple(expected[k].shape)
+            raise LayercardError(f"{wfile}: tensor {k} has shape {got}, expected {want}")
+        aset.load_state_dict(tensors)
+    except BaseException:
+        aset.remove()
+        raise
+    return aset
+
+
+def load_adapter(model: nn.Module, path: str | Path, *, is_trainable: bool = False) -> nn.Module:
+    """``model`` with the adapter in folder ``path`` attached: a PEFT folder or a layercard one.
+
+    A PEFT folder (``adapter_config.json``) returns ``PeftModel.from_pretrained(model, path)``; a layercard
+    folder (``layercard_adapter.json``) returns ``model`` itself with an :class:`AdapterSet` attached
+    (see :func:`attached_adapters`). As with PEFT, the base weights are frozen and the adapter's are
+    trainable only with ``is_trainable``.
+    """
+    folder = Path(path)
+    if (folder / PEFT_CONFIG_FILE).is_file():
+        from peft import PeftModel
+
+        try:
+            return PeftModel.from_pretrained(model, str(folder), is_trainable=is_trainable)
+        except Exception as e:
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            raise LayercardError(
+                f"{folder}: PEFT cannot load this adapter ({type(e).__name__}: {msg})"
+            ) from e
+    if (folder / CONFIG_FILE).is_file():
+        for p in model.parameters():
+            p.requires_grad_(False)
+        aset = load_adapters(model, folder)
+        for p in aset.parameters():
+            p.requires_grad_(is_trainable)
+        return model
+    raise LayercardError(
+        f"{folder}: not an adapter folder; looked for {PEFT_CONFIG_FILE} (PEFT) and {CONFIG_FILE} (layercard)"
+    )

@@ -1,0 +1,205 @@
+"""Bottleneck adapters (houlsby, parallel) and the adapter-folder loader, on tiny random models."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from tiny import tiny_model
+
+from layercard.adapters import (
+    ADAPTER_ATTR,
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    AdapterSet,
+    add_adapters,
+    attached_adapters,
+    load_adapter,
+    load_adapters,
+    save_adapters,
+    sublayer_paths,
+)
+from layercard.errors import LayercardError
+
+KINDS = ("houlsby", "parallel")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny models run ~10x faster on one intra-op thread on a shared CPU (no oversubscription spin)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _ids(vocab: int = 96) -> torch.Tensor:
+    return torch.randint(3, vocab, (2, 9), generator=torch.Generator().manual_seed(1))
+
+
+def _logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def _perturb(aset: AdapterSet, seed: int = 0) -> None:
+    """Random (not constant: a LayerNorm would cancel a constant shift) non-zero adapter weights."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in aset.parameters():
+            p.add_(0.3 * torch.randn(p.shape, generator=g))
+
+
+def test_sublayer_paths_come_from_the_layout():
+    assert sublayer_paths(tiny_model("llama"), 2) == ("model.layers.2.self_attn", "model.layers.2.mlp")
+    assert sublayer_paths(tiny_model("gpt2"), 0) == ("transformer.h.0.attn", "transformer.h.0.mlp")
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gpt_neox"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_zero_init_is_the_base_and_disabling_restores_it(family: str, kind: str):
+    model = tiny_model(family)
+    ids = _ids()
+    base = _logits(model, ids)
+    aset = add_adapters(model, kind, [1, 3], bottleneck=4)
+    assert attached_adapters(model) is aset
+    torch.testing.assert_close(_logits(model, ids), base, rtol=0, atol=0)
+    _perturb(aset)
+    adapted = _logits(model, ids)
+    assert (adapted - base).abs().max() > 1e-3
+    aset.enabled = False
+    torch.testing.assert_close(_logits(model, ids), base, rtol=0, atol=0)
+    aset.enabled = True
+    aset.set_enabled_layers([])
+    torch.testing.assert_close(_logits(model, ids), base, rtol=0, atol=0)
+    aset.set_enabled_layers([1])
+    partial = _logits(model, ids)
+    assert not torch.equal(partial, base) and not torch.equal(partial, adapted)
+    aset.set_enabled_layers(None)
+    torch.testing.assert_close(_logits(model, ids), adapted, rtol=0, atol=0)
+    with pytest.raises(LayercardError, match=r"layers \[2\]"):
+        aset.set_enabled_layers([2])
+    aset.remove()
+    assert attached_adapters(model) is None and not hasattr(model, ADAPTER_ATTR)
+    torch.testing.assert_close(_logits(model, ids), base, rtol=0, atol=0)
+
+
+def test_houlsby_and_parallel_differ_and_params_live_in_the_model():
+    model = tiny_model("llama")
+    n_base = sum(p.numel() for p in model.parameters())
+    outs = {}
+    for kind in KINDS:
+        with add_adapters(model, kind, [2], bottleneck=4, seed=3) as aset:
+            # d·r + r + r·d + d per sublayer, two sublayers
+            assert sum(p.numel() for p in model.parameters()) == n_base + 2 * (32 * 4 * 2 + 4 + 32)
+            _perturb(aset)
+            outs[kind] = _logits(model, _ids())
+    assert not torch.equal(outs["houlsby"], outs["parallel"])
+    assert sum(p.numel() for p in model.parameters()) == n_base
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_training_changes_the_outputs(kind: str):
+    model = tiny_model("llama")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    ids = _ids()
+    base = _logits(model, ids)
+    aset = add_adapters(model, kind, [0, 2], bottleneck=4)
+    opt = torch.optim.Adam(aset.parameters(), lr=1e-2)
+    for _ in range(2):
+        out = model(input_ids=ids, labels=ids)
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad()
+    assert aset.adapters["0"]["attn"].up.weight.abs().sum() > 0
+    assert (_logits(model, ids) - base).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_save_load_round_trip(tmp_path, kind: str):
+    model = tiny_model("llama")
+    ids = _ids()
+    aset = add_adapters(model, kind, [1, 2], bottleneck=4, activation="gelu")
+    _perturb(aset)
+    want = _logits(model, ids)
+    save_adapters(aset, tmp_path / "ad", base_model_hash="abc")
+    cfg = json.loads((tmp_path / "ad" / CONFIG_FILE).read_text())
+    assert cfg["kind"] == kind and cfg["layers"] == [1, 2] and cfg["bottleneck"] == 4
+    assert cfg["base_model_hash"] == "abc" and cfg["schema_version"] == 1
+
+    fresh = tiny_model("llama")
+    loaded = load_adapters(fresh, tmp_path / "ad")
+    assert loaded.activation == "gelu"
+    torch.testing.assert_close(_logits(fresh, ids), want, rtol=0, atol=0)
+    loaded.remove()
+    with pytest.raises(LayercardError, match="trained on base model abc"):
+        load_adapters(fresh, tmp_path / "ad", model_hash="def")
+
+
+def test_missing_or_extra_tensor_is_an_error(tmp_path):
+    model = tiny_model("llama")
+    aset = add_adapters(model, "houlsby", [1], bottleneck=4)
+    save_adapters(aset, tmp_path / "ad")
+    aset.remove()
+    weights = tmp_path / "ad" / WEIGHTS_FILE
+    tensors = load_file(str(weights))
+    gone = "adapters.1.mlp.up.weight"
+    save_file({k: v for k, v in tensors.items() if k != gone}, str(weights))
+    with pytest.raises(LayercardError, match=f"missing {gone}"):
+        load_adapters(model, tmp_path / "ad")
+    assert attached_adapters(model) is None  # a failed load leaves the model clean
+    save_file({**tensors, "adapters.9.attn.up.bias": torch.zeros(32)}, str(weights))
+    with pytest.raises(LayercardError, match="unexpected adapters.9.attn.up.bias"):
+        load_adapters(model, tmp_path / "ad")
+    first = add_adapters(model, "houlsby", [0])
+    with pytest.raises(LayercardError, match="already has layercard adapters"):
+        add_adapters(model, "parallel", [1])
+    with pytest.raises(LayercardError, match="already attached"):
+        first.attach(model)
+    first.remove()
+
+
+def test_bad_arguments():
+    model = tiny_model("llama")
+    with pytest.raises(LayercardError, match="houlsby, parallel"):
+        add_adapters(model, "prefix", [0])
+    with pytest.raises(LayercardError, match=r"out of range"):
+        add_adapters(model, "houlsby", [7])
+    with pytest.raises(LayercardError, match="bottleneck"):
+        add_adapters(model, "houlsby", [0], bottleneck=0)
+
+
+def test_load_adapter_dispatches_peft_and_ours(tmp_path):
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    ids = _ids()
+    # A PEFT folder.
+    model = tiny_model("llama")
+    peft_model = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
+    want = _logits(peft_model, ids)
+    peft_model.save_pretrained(str(tmp_path / "lora"))
+    got = load_adapter(tiny_model("llama"), tmp_path / "lora")
+    assert isinstance(got, PeftModel)
+    torch.testing.assert_close(_logits(got, ids), want)
+    assert not any(p.requires_grad for p in got.parameters())
+
+    # Ours.
+    model = tiny_model("llama")
+    aset = add_adapters(model, "parallel", [3], bottleneck=4)
+    _perturb(aset)
+    want = _logits(model, ids)
+    save_adapters(aset, tmp_path / "ours")
+    fresh = tiny_model("llama")
+    got = load_adapter(fresh, tmp_path / "ours", is_trainable=True)
+    assert got is fresh and attached_adapters(fresh) is not None
+    torch.testing.assert_close(_logits(got, ids), want, rtol=0, atol=0)
+    trainable = {n for n, p in got.named_parameters() if p.requires_grad}
+    assert trainable and all(n.startswith(ADAPTER_ATTR) for n in trainable)
+
+    # Neither.
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(LayercardError, match="adapter_config.json.*layercard_adapter.json"):
+        load_adapter(tiny_model("llama"), tmp_path / "empty")

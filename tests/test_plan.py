@@ -1,0 +1,566 @@
+"""Planning (DESIGN §4–§6): budgets, policies, ranks, the PEFT config and its check, the plan command."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import torch
+from tiny import tiny_model
+from tiny_tok import tiny_tokenizer
+from typer.testing import CliRunner
+
+from layercard.card import Card, CardConfig, GroupRow, UnitRow, compute_card
+from layercard.cli import app
+from layercard.cost import CostModel
+from layercard.errors import LayercardError
+from layercard.models import LoadedModel, weights_hash
+from layercard.plan import POLICIES, Budget, Plan, PlanConfig, check_model_matches, check_plan, make_plan
+from layercard.tasks import load_task
+
+N_LAYERS = 8
+# A fixed cost model so budgets do not depend on this machine's timing noise.
+COST = CostModel(
+    intercept_s=1.0,
+    per_layer_backward_s=0.5,
+    per_module_s=0.1,
+    n_layers=N_LAYERS,
+    batch_size=4,
+    batch_tokens=192,
+    measured=[],
+    device="cpu",
+).to_dict()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny models gain nothing from threads, and on a shared 2-core machine oversubscription makes
+    their passes 10-30x slower; restore the setting for other modules."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama():
+    return tiny_model("llama", layers=N_LAYERS)
+
+
+@pytest.fixture(scope="session")
+def tiny_card(tiny_llama) -> Card:
+    """A real card (coupling included) of an 8-layer tiny Llama; gradnorm gains are all positive."""
+    loaded = LoadedModel(
+        model=tiny_llama,
+        tokenizer=tiny_tokenizer(),
+        model_id="tiny",
+        model_hash=weights_hash(tiny_llama),
+        source="memory",
+    )
+    task = load_task("synthetic:facts", split="train")
+    cfg = CardConfig(examples=8, max_length=48, batch_size=4, coupling=True)
+    card = compute_card(loaded, task, cfg, progress=False)
+    # The random tiny model's first-step rates are negative (its quadratic term dominates); plan on gradnorm.
+    return dataclasses.replace(card, cost=COST, default_score="gradnorm")
+
+
+def synthetic_card(gains, coupling=None, *, captured=None, d=32, cost=None) -> Card:
+    """A hand-made card: one ``q`` unit per layer with the given rate gains and layer coupling."""
+    n = len(gains)
+    units, groups = [], []
+    for i, g in enumerate(gains):
+        cap = (
+            captured[i] if captured is not None else {str(r): float(g) * (1 - 2.0**-r) for r in (1, 2, 4, 8)}
+        )
+        units.append(
+            UnitRow(
+                key=f"{i}.q", layer=i, role="q", name=f"model.layers.{i}.self_attn.q_proj", d_in=d, d_out=d,
+                group=f"{i}.attn_in", grad_norm=1.0 + i, resnorm=1.0, captured=cap, rate=float(g),
+                rate_linear=float(g), rate_quadratic=0.0, lora_params=8 * 2 * d, grad_eig_energy=[1.0] * d,
+            )
+        )  # fmt: skip
+        groups.append(
+            GroupRow(
+                key=f"{i}.attn_in", layer=i, input_group="attn_in", d_in=d, n=10, sketched=None,
+                eigenvalues=[1.0] * d, energy=1.0, kappa=1.0, effective_rank=float(d),
+                noise_amplification=1.0,
+            )
+        )  # fmt: skip
+    cpl = None
+    if coupling is not None:
+        cpl = {"level": "layer", "layers": list(range(n)), "matrix": np.asarray(coupling).tolist()}
+    return Card(
+        provenance={}, config={"delta": 1e-3}, model={"id": "synthetic", "hash": "h" * 64, "family": "llama",
+        "n_layers": n, "d_model": d}, task={"name": "t", "data_hash": "d" * 64}, roles=["q"], n_positions=10,
+        n_target_tokens=10, loss=1.0, units=units, groups=groups, coupling=cpl, cost=cost,
+    )  # fmt: skip
+
+
+def _budgets(card: Card) -> list[Budget]:
+    per_layer = 8 * sum(u.d_in + u.d_out for u in card.units if u.layer == 0)
+    cm = CostModel.from_dict(card.cost)
+    return [
+        Budget("layers", 3),
+        Budget("params", 2.5 * per_layer),
+        Budget("modules", 5),
+        # Enough for the top half of the model, not for layer 0: bottom-first orders must skip layers.
+        Budget("step_time", cm.step_time([N_LAYERS // 2], 2 * (N_LAYERS // 2))),
+    ]
+
+
+def _cost(plan: Plan, card: Card, kind: str) -> float:
+    """Recompute a plan's cost independently of the planner."""
+    if kind == "layers":
+        return len(plan.layers)
+    if kind == "modules":
+        return len(plan.units)
+    if kind == "params":
+        dims = {u.name: u.d_in + u.d_out for u in card.units}
+        return sum(p.rank * dims[p.name] for p in plan.units)
+    return CostModel.from_dict(card.cost).step_time(plan.layers, len(plan.units))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Budget and config
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_budget_parse():
+    assert Budget.parse("layers=8") == Budget("layers", 8)
+    assert Budget.parse("params=2.5M").value == 2.5e6
+    assert Budget.parse(" step-time = 1.5 ") == Budget("step_time", 1.5)
+    assert str(Budget.parse("modules=16")) == "modules=16"
+    bad_cases = [("layers", "KIND=VALUE"), ("flops=3", "flops"), ("layers=x", "'x'"),
+                 ("layers=0", "positive"), ("layers=2.5", "whole"), ("params=-1", "positive")]  # fmt: skip
+    for bad, expect in bad_cases:
+        with pytest.raises(LayercardError, match=expect) as e:
+            Budget.parse(bad)
+        assert "\n" not in str(e.value)
+    with pytest.raises(LayercardError, match="layers, params, step_time, modules"):
+        Budget.parse("flops=3")
+
+
+@pytest.mark.parametrize(
+    "kw, field",
+    [
+        (dict(policy="best"), "policy"),
+        (dict(policy="top", budget="layers=2", kind="prefix"), "kind"),
+        (dict(policy="top", budget="layers=2", score="magic"), "score"),
+        (dict(policy="top", target=1.5), "target"),
+        (dict(policy="top", budget="layers=2", rank=0), "rank"),
+        (dict(policy="top", budget="layers=2", dropout=1.0), "dropout"),
+        (dict(policy="top", budget="layers=2", bands=2), "bands"),
+        (dict(policy="top"), "budget"),
+        (dict(policy="top", budget="layers=2", kind="houlsby", rank="auto"), "rank"),
+        (dict(policy="top", budget="layers=2", roles="q,zz"), "zz"),
+    ],
+)
+def test_config_errors_name_the_field(kw, field):
+    with pytest.raises(LayercardError, match=field):
+        PlanConfig(**kw)
+
+
+def test_unknown_policy_lists_valid():
+    with pytest.raises(LayercardError) as e:
+        PlanConfig("best", budget="layers=2")
+    assert all(p in str(e.value) for p in POLICIES)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Policies and budgets
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("policy", [p for p in POLICIES if p != "all"])
+@pytest.mark.parametrize("kind", ["layers", "params", "modules", "step_time"])
+def test_every_policy_respects_every_budget(tiny_card, policy, kind):
+    budget = next(b for b in _budgets(tiny_card) if b.kind == kind)
+    plan = make_plan(tiny_card, PlanConfig(policy, budget=budget))
+    assert plan.layers and plan.units
+    assert _cost(plan, tiny_card, kind) <= budget.value * (1 + 1e-9)
+    assert plan.predicted["params"] == _cost(plan, tiny_card, "params")
+    assert plan.predicted["modules"] == len(plan.units)
+    assert plan.predicted["step_time_s"] == pytest.approx(_cost(plan, tiny_card, "step_time"))
+    assert plan.predicted["calibration_batch_size"] == 4
+    assert 0 <= plan.predicted["fraction"] <= 1 + 1e-9
+    assert plan.lora_config["target_modules"] == [u.name for u in plan.units]
+    if kind == "layers":
+        assert len(plan.layers) == 3  # every layer has positive gradnorm gain, so all fill the budget
+
+
+def test_non_additive_step_time_budget(tiny_card):
+    # Budget 3.8 s: layers 0-2 alone are over it (backward reaches deeper); bottom skips them and takes 3
+    # (3.7 s), after which any further layer costs another module (3.9 s) and no longer fits.
+    budget = next(b for b in _budgets(tiny_card) if b.kind == "step_time")
+    assert budget.value == pytest.approx(3.8)
+    assert make_plan(tiny_card, PlanConfig("bottom", budget=budget)).layers == [3]
+    assert make_plan(tiny_card, PlanConfig("top", budget=budget)).layers == [4, 5, 6, 7]
+    # A policy defined per K whose smallest placement is already too expensive says so.
+    tight = Budget("step_time", CostModel.from_dict(COST).step_time([7], 2))
+    with pytest.raises(LayercardError, match="policy middle's smallest placement \\[3\\] already costs"):
+        make_plan(tiny_card, PlanConfig("middle", budget=tight))
+    assert make_plan(tiny_card, PlanConfig("top", budget=tight)).layers == [7]
+
+
+def test_all_ignores_budget_and_says_so(tiny_card):
+    plan = make_plan(tiny_card, PlanConfig("all", budget="layers=2"))
+    assert plan.layers == list(range(N_LAYERS))
+    assert plan.predicted["fraction"] == pytest.approx(1.0)
+    assert any("ignores the budget layers=2" in w for w in plan.warnings)
+
+
+def test_baselines_on_layers_budget(tiny_card):
+    def layers(policy, k=3, **kw):
+        return make_plan(tiny_card, PlanConfig(policy, budget=f"layers={k}", **kw)).layers
+
+    assert layers("top") == [5, 6, 7]
+    assert layers("bottom") == [0, 1, 2]
+    assert layers("middle", 4) == [2, 3, 4, 5]
+    g = tiny_card.layer_scores("gradnorm")
+    assert layers("gradnorm") == sorted(np.argsort(-g)[:3].tolist())
+    # card-additive with a layers budget is the top-K by the chosen score.
+    g_rate = tiny_card.layer_scores("capacity")
+    assert layers("card-additive", score="capacity") == sorted(np.argsort(-g_rate)[:3].tolist())
+
+
+def test_random_is_seeded(tiny_card):
+    def layers(seed):
+        return make_plan(tiny_card, PlanConfig("random", budget="layers=3", seed=seed)).layers
+
+    assert layers(0) == layers(0)
+    assert len({tuple(layers(s)) for s in range(5)}) > 1
+
+
+def test_uniform_spreads_across_depth(tiny_card):
+    assert make_plan(tiny_card, PlanConfig("uniform", budget="layers=4")).layers == [1, 3, 5, 7]
+    assert make_plan(tiny_card, PlanConfig("uniform", budget="layers=2")).layers == [2, 6]
+    card30 = synthetic_card([1.0] * 30)
+    # The pilot's even spread: the centres of 4 equal bands of 30 layers.
+    assert make_plan(card30, PlanConfig("uniform", budget="layers=4")).layers == [3, 11, 18, 26]
+
+
+def test_stratified_takes_the_best_of_each_band(tiny_card):
+    g = tiny_card.layer_scores("gradnorm")
+    plan = make_plan(tiny_card, PlanConfig("card-stratified", budget="layers=4"))
+    bands = [range(0, 2), range(2, 4), range(4, 6), range(6, 8)]
+    assert len(plan.layers) == 4
+    for band in bands:
+        inside = [x for x in plan.layers if x in band]
+        assert inside == [max(band, key=lambda x: g[x])]
+    two = make_plan(tiny_card, PlanConfig("card-stratified", bands=2, budget="layers=8"))
+    assert len(two.layers) == 2 and two.layers[0] < 4 <= two.layers[1]
+
+
+def test_card_avoids_identical_coupled_layers():
+    # Layers 0 and 1 have equal gains and identical effects: together they fix what either fixes alone.
+    c = np.eye(4)
+    c[0, 1] = c[1, 0] = 1.0
+    card = synthetic_card([1.0, 1.0, 0.6, 0.3], c)
+    plan = make_plan(card, PlanConfig("card", budget="layers=2"))
+    assert plan.layers == [0, 2]
+    assert plan.predicted["gain"] == pytest.approx(1.6, rel=1e-4)
+    additive = make_plan(card, PlanConfig("card-additive", budget="layers=2"))
+    assert additive.layers == [0, 1]  # additive gain 2.0 ...
+    assert additive.predicted["gain"] == pytest.approx(1.0, rel=1e-4)  # ... but the set gain is 1.0
+    assert additive.predicted["redundancy"] == pytest.approx(1.0)
+    assert plan.predicted["redundancy"] == pytest.approx(0.0)
+
+
+def test_no_coupling_is_recorded_and_warned():
+    card = synthetic_card([1.0, 0.5, 0.2])
+    plan = make_plan(card, PlanConfig("card", budget="layers=2"))
+    assert plan.predicted["coupling"] == "absent (independent units assumed)"
+    assert any("no coupling matrix" in w for w in plan.warnings)
+    assert plan.predicted["gain"] == pytest.approx(plan.predicted["additive_gain"], rel=1e-5)
+
+
+def test_card_stops_when_nothing_adds_gain():
+    plan = make_plan(synthetic_card([1.0, 0.0, -0.5, 0.4]), PlanConfig("card", budget="layers=4"))
+    assert plan.layers == [0, 3]
+    assert any("stopped at 2 of 4 layers" in w for w in plan.warnings)
+    with pytest.raises(LayercardError, match="no layer has a positive predicted gain"):
+        make_plan(synthetic_card([-1.0, 0.0]), PlanConfig("card", budget="layers=1"))
+
+
+def test_card_greedy_uses_gain_per_step_time():
+    # Equal gains: under a step-time budget the cheaper (higher) layers win, as backward stops earlier.
+    cost = dataclasses.replace(CostModel.from_dict(COST), n_layers=6).to_dict()
+    card = synthetic_card([1.0] * 6, cost=cost)
+    plan = make_plan(card, PlanConfig("card", budget="step_time=3.0"))
+    assert plan.layers == [3, 4, 5]  # 1 + 0.5·3 + 0.1·3 = 2.8 ≤ 3.0; adding layer 2 costs 3.4
+    assert plan.predicted["step_time_s"] == pytest.approx(2.8)
+
+
+@pytest.mark.parametrize("policy", ["card", "card-additive", "uniform", "top", "gradnorm"])
+def test_target_reaches_fraction_cheaper_than_all(tiny_card, policy):
+    full = make_plan(tiny_card, PlanConfig("all"))
+    plan = make_plan(tiny_card, PlanConfig(policy, target=0.7))
+    assert plan.predicted["fraction"] >= 0.7 - 1e-9
+    assert plan.predicted["params"] < full.predicted["params"]
+    # Cheapest within the policy's order: one layer fewer would miss the target (for nested orders).
+    if policy in ("top", "gradnorm", "card-additive"):
+        smaller = make_plan(tiny_card, PlanConfig(policy, budget=f"layers={len(plan.layers) - 1}"))
+        assert smaller.predicted["fraction"] < 0.7
+
+
+def test_target_with_budget_cap(tiny_card):
+    plan = make_plan(tiny_card, PlanConfig("card", target=0.5, budget="modules=16"))
+    assert plan.predicted["fraction"] >= 0.5 and len(plan.units) <= 16
+    with pytest.raises(LayercardError, match="target 0.99"):
+        make_plan(tiny_card, PlanConfig("top", target=0.99, budget="layers=2"))
+
+
+@pytest.mark.parametrize(
+    "budget, expect",
+    [("layers=9", "only 8 layers"), ("params=100", "fits no layer"), ("modules=1", "fits no layer"),
+     ("step_time=1.0", "fits no layer")],
+)  # fmt: skip
+def test_impossible_budgets(tiny_card, budget, expect):
+    with pytest.raises(LayercardError, match=expect) as e:
+        make_plan(tiny_card, PlanConfig("card", budget=budget))
+    assert budget.split("=")[0] in str(e.value) and "\n" not in str(e.value)
+
+
+def test_step_time_budget_needs_cost_model(tiny_card):
+    with pytest.raises(LayercardError, match="layercard card"):
+        make_plan(dataclasses.replace(tiny_card, cost=None), PlanConfig("top", budget="step_time=9"))
+
+
+def test_roles_must_be_in_the_card(tiny_card):
+    plan = make_plan(tiny_card, PlanConfig("top", budget="layers=2", roles="v"))
+    assert [u.role for u in plan.units] == ["v", "v"]
+    assert any("approximation" in w for w in plan.warnings)
+    with pytest.raises(LayercardError, match="no units for k"):
+        make_plan(tiny_card, PlanConfig("top", budget="layers=2", roles="q,k"))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Ranks and the PEFT config
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_rank_auto_respects_params_budget(tiny_card, tiny_llama):
+    per_layer = 8 * sum(u.d_in + u.d_out for u in tiny_card.units if u.layer == 0)
+    budget = 2.5 * per_layer
+    plan = make_plan(tiny_card, PlanConfig("card", budget=f"params={budget}", rank="auto"))
+    assert plan.predicted["params"] == _cost(plan, tiny_card, "params") <= budget
+    ranks = {u.name: u.rank for u in plan.units}
+    assert len(set(ranks.values())) > 1  # the budget is spread unevenly by captured@r
+    lc = plan.lora_config
+    assert lc["rank_pattern"] and set(lc["rank_pattern"]) <= set(lc["target_modules"])
+    for name, r in lc["rank_pattern"].items():
+        assert name.startswith("model.layers.") and name.endswith("_proj")
+        assert r == ranks[name] != lc["r"]
+        assert lc["alpha_pattern"][name] == 2 * r  # alpha/r stays 2
+    assert all(ranks[n] == lc["r"] for n in ranks if n not in lc["rank_pattern"])
+    assert check_plan(plan, tiny_llama)["ok"]
+    # Without a parameter budget, auto spends what uniform rank 8 would on the chosen layers.
+    plan2 = make_plan(tiny_card, PlanConfig("top", budget="layers=2", rank="auto"))
+    assert plan2.predicted["params"] <= 2 * per_layer
+
+
+def test_rank_pattern_key_of_layer_1_does_not_hit_layer_11():
+    from peft.utils.other import get_pattern_key
+
+    one, eleven = "model.layers.1.self_attn.q_proj", "model.layers.11.self_attn.q_proj"
+    assert get_pattern_key([one], eleven) == eleven  # no match: PEFT falls back to the module's own name
+    assert get_pattern_key([one], one) == one
+    # End to end on a 12-layer model: layer 1's captured@r is flat, so it keeps rank 1 while others grow.
+    flat = {str(r): 1.0 for r in (1, 2, 4, 8, 16, 32, 64)}
+    grow = {str(r): 1.0 - 2.0**-r for r in (1, 2, 4, 8, 16, 32, 64)}
+    caps = [flat if i == 1 else grow for i in range(12)]
+    card = synthetic_card([1.0] * 12, captured=caps)
+    plan = make_plan(card, PlanConfig("all", rank="auto"))
+    ranks = {u.layer: u.rank for u in plan.units}
+    assert ranks[1] == 1 and ranks[11] > 1
+    assert check_plan(plan, tiny_model("llama", layers=12))["ok"]
+
+
+def test_check_plan_passes_and_restores_the_model(tiny_card, tiny_llama):
+    plan = make_plan(tiny_card, PlanConfig("uniform", budget="layers=3", rank=4, alpha=8))
+    ids = torch.arange(3, 19).reshape(1, -1)
+    before = tiny_llama(input_ids=ids).logits
+    grads = [p.requires_grad for p in tiny_llama.parameters()]
+    res = check_plan(plan, tiny_llama)
+    assert res["ok"] and res["matched"] == sorted(u.name for u in plan.units)
+    from peft.tuners.lora import LoraLayer
+
+    assert not any(isinstance(m, LoraLayer) for m in tiny_llama.modules())
+    assert not hasattr(tiny_llama, "peft_config")
+    assert [p.requires_grad for p in tiny_llama.parameters()] == grads
+    assert not tiny_llama.training
+    assert torch.equal(tiny_llama(input_ids=ids).logits, before)
+
+
+@pytest.mark.parametrize(
+    "defect", ["unmatched_key", "extra_target", "missing_target", "broad_key", "wrong_rank"]
+)
+def test_check_plan_raises_on_mismatch(tiny_card, tiny_llama, defect):
+    plan = make_plan(tiny_card, PlanConfig("top", budget="layers=2"))
+    lc = dict(plan.lora_config)
+    if defect == "unmatched_key":
+        lc["rank_pattern"] = {"model.layers.99.self_attn.q_proj": 4}
+        expect = "matches 0"
+    elif defect == "extra_target":
+        lc["target_modules"] = [*lc["target_modules"], "model.layers.0.self_attn.q_proj"]
+        expect = "unplanned"
+    elif defect == "missing_target":
+        lc["target_modules"] = lc["target_modules"][1:]
+        expect = "not adapted"
+    elif defect == "broad_key":
+        lc["rank_pattern"] = {"self_attn.q_proj": 4}
+        expect = "matches 2"
+    else:
+        lc["r"] = 4
+        expect = "rank 4"
+    bad = dataclasses.replace(plan, lora_config=lc)
+    grads = [p.requires_grad for p in tiny_llama.parameters()]
+    with pytest.raises(LayercardError, match=expect):
+        check_plan(bad, tiny_llama)
+    from peft.tuners.lora import LoraLayer
+
+    assert not any(isinstance(m, LoraLayer) for m in tiny_llama.modules())
+    assert [p.requires_grad for p in tiny_llama.parameters()] == grads
+
+
+def test_plan_json_roundtrip(tiny_card, tmp_path):
+    plan = make_plan(tiny_card, PlanConfig("card", budget="params=3000", rank="auto"), card_path="card.json")
+    path = plan.save(tmp_path / "plan.json")
+    raw = json.loads(path.read_text())
+    assert raw["kind"] == "plan" and raw["schema_version"] == 1 and raw["adapter_kind"] == "lora"
+    again = Plan.load(path)
+    assert again == plan
+    a, b = plan.peft_config(), again.peft_config()
+    for field in (
+        "r",
+        "lora_alpha",
+        "lora_dropout",
+        "target_modules",
+        "rank_pattern",
+        "alpha_pattern",
+        "bias",
+    ):
+        assert getattr(a, field) == getattr(b, field)
+    assert set(a.target_modules) == {u.name for u in plan.units}
+    assert str(a.task_type.value if hasattr(a.task_type, "value") else a.task_type) == "CAUSAL_LM"
+    assert plan.card["path"] == "card.json" and plan.card["model_hash"] == tiny_card.model["hash"]
+    assert plan.provenance["stage"] == "plan"
+
+
+def test_malformed_plan_file(tmp_path):
+    p = tmp_path / "plan.json"
+    p.write_text(json.dumps({"kind": "plan", "schema_version": 1, "units": [{"key": 1}]}))
+    with pytest.raises(LayercardError, match="plan.json: malformed plan") as e:
+        Plan.load(p)
+    assert "\n" not in str(e.value)
+    p.write_text(json.dumps({"kind": "card", "schema_version": 1}))
+    with pytest.raises(LayercardError, match="expected a plan"):
+        Plan.load(p)
+
+
+def test_bottleneck_kinds(tiny_card, tiny_llama):
+    plan = make_plan(tiny_card, PlanConfig("top", budget="layers=2", kind="houlsby", rank=16))
+    assert plan.lora_config is None
+    want = {"kind": "houlsby", "bottleneck": 16, "layers": [6, 7], "adapters_per_layer": 2, "d_model": 32}
+    assert plan.adapter_config == want
+    assert [u.name for u in plan.units] == ["model.layers.6", "model.layers.7"]
+    assert plan.predicted["params"] == 2 * 2 * (2 * 32 * 16 + 16 + 32)
+    with pytest.raises(LayercardError, match="no LoraConfig"):
+        plan.peft_config()
+    assert check_plan(plan, tiny_llama)["ok"]
+
+
+def test_check_model_matches(tiny_card):
+    plan = make_plan(tiny_card, PlanConfig("top", budget="layers=1"))
+    ok = LoadedModel(
+        model=None, tokenizer=None, model_id="tiny", model_hash=tiny_card.model["hash"], source="m"
+    )
+    check_model_matches(plan, ok)
+    other = dataclasses.replace(ok, model_id="other", model_hash="f" * 64)
+    with pytest.raises(LayercardError, match=r"plan.json: made for model tiny \(hash .*\), loaded other"):
+        check_model_matches(plan, other, where="plan.json")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# CLI
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def card_file(tiny_card, tmp_path_factory):
+    return tiny_card.save(tmp_path_factory.mktemp("card") / "card.json")
+
+
+def test_cli_plan_writes_plan(card_file, tmp_path):
+    out = tmp_path / "plan.json"
+    args = ["plan", "--card", str(card_file), "--policy", "card", "--budget", "layers=3", "--out", str(out)]
+    r = CliRunner().invoke(app, [*args, "--json"])
+    assert r.exit_code == 0, r.output
+    summary = json.loads(r.stdout)
+    assert summary["layers"] == Plan.load(out).layers and len(summary["layers"]) == 3
+    r = CliRunner().invoke(app, [*args, "--rank", "auto"])  # the rich summary
+    assert r.exit_code == 0, r.output
+    assert "predicted gain" in r.output and "wrote" in r.output
+
+
+@pytest.mark.parametrize(
+    "extra, expect",
+    [(["--policy", "best"], "policy='best'"), (["--policy", "top", "--kind", "ia3"], "kind='ia3'"),
+     (["--policy", "top", "--score", "magic"], "score='magic'"),
+     (["--policy", "top", "--budget", "x=1"], "x=1"), (["--policy", "top", "--rank", "big"], "--rank")],
+)  # fmt: skip
+def test_cli_plan_errors_write_nothing(card_file, tmp_path, extra, expect):
+    out = tmp_path / "plan.json"
+    r = CliRunner().invoke(
+        app, ["plan", "--card", str(card_file), "--budget", "layers=2", "--out", str(out), *extra]
+    )
+    assert r.exit_code != 0
+    assert expect in r.output and len(r.output.strip().splitlines()) == 1, r.output
+    assert not out.exists()
+
+
+def test_cli_check_model(tiny_card, tiny_llama, tmp_path, monkeypatch):
+    monkeypatch.setenv("LAYERCARD_CACHE", str(tmp_path / "cache"))
+    folder = tmp_path / "model"
+    tiny_llama.save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    from layercard.models import load_model
+
+    folder_hash = load_model(str(folder)).model_hash
+    out = tmp_path / "plan.json"
+    # A card of other weights is refused, and no plan is written.
+    wrong = tiny_card.save(tmp_path / "wrong.json")
+    base = [
+        "plan",
+        "--policy",
+        "top",
+        "--budget",
+        "layers=2",
+        "--out",
+        str(out),
+        "--check-model",
+        str(folder),
+    ]
+    r = CliRunner().invoke(app, [*base, "--card", str(wrong)])
+    assert r.exit_code != 0 and "made for model tiny" in r.output, r.output
+    assert not out.exists()
+    right = dataclasses.replace(tiny_card, model={**tiny_card.model, "hash": folder_hash})
+    r = CliRunner().invoke(app, [*base, "--card", str(right.save(tmp_path / "right.json")), "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["check"]["ok"] and out.exists()
+
+
+@pytest.mark.smollm2
+def test_check_plan_on_smollm2(smollm2):
+    """Real module paths of a 30-layer model: layer 1's and 21's keys must not touch layer 11 (or 1x)."""
+    flat = {str(r): 1.0 for r in (1, 2, 4, 8, 16, 32, 64)}
+    grow = {str(r): 1.0 - 2.0**-r for r in (1, 2, 4, 8, 16, 32, 64)}
+    card = synthetic_card([1.0] * 30, captured=[flat if i in (1, 21) else grow for i in range(30)], d=576)
+    plan = make_plan(card, PlanConfig("all", rank="auto"))
+    ranks = {u.layer: u.rank for u in plan.units}
+    assert ranks[1] == ranks[21] == 1 and all(ranks[i] > 1 for i in range(10, 20))
+    assert check_plan(plan, smollm2.model)["ok"]
+    with pytest.raises(LayercardError, match="made for model synthetic"):
+        check_model_matches(plan, smollm2)

@@ -1,0 +1,371 @@
+"""Training on tiny random models: LoRA through PEFT, bottleneck adapters, checkpoints and resume, CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from tiny import tiny_model
+from tiny_tok import tiny_tokenizer
+
+from layercard import models
+from layercard.errors import LayercardError
+from layercard.models import LoadedModel
+from layercard.tasks import load_task
+from layercard.train import TrainConfig, train
+
+TRAIN = load_task("synthetic:facts", split="train").subset(16)
+VAL = load_task("synthetic:facts", split="test").subset(8)
+# Small and fast: 8 examples of ≤ 64 characters (the tiny tokenizer is character-level).
+FAST = dict(batch_size=4, max_length=64, train_examples=8, eval_examples=4, checkpoint_every=0)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny models run ~10x faster on one intra-op thread on a shared CPU (no oversubscription spin)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _loaded(seed: int = 0) -> LoadedModel:
+    model = tiny_model("llama", seed=seed)
+    return LoadedModel(model, tiny_tokenizer(), f"tiny-llama-{seed}", models.weights_hash(model), "tiny")
+
+
+def make_plan(
+    loaded: LoadedModel, layers: list[int], *, kind: str = "lora", rank: int = 4, dropout: float = 0.0
+) -> dict[str, Any]:
+    """A plan.json dict as `layercard plan` writes it (q,v on ``layers``)."""
+    units = models.units(loaded.model, "q,v", layers=layers)
+    names = [u.name for u in units]
+    return {
+        "kind": "plan",
+        "schema_version": 1,
+        "provenance": {},
+        "card": {"model_id": loaded.model_id, "model_hash": loaded.model_hash, "task": "facts"},
+        "config": {"policy": "test"},
+        "adapter_kind": kind,
+        "units": [
+            {"key": u.key, "layer": u.layer, "role": u.role, "name": u.name, "rank": rank} for u in units
+        ],
+        "layers": layers,
+        "predicted": {"step_time_s": 0.05, "params": 0, "modules": len(units), "gain": 1.0},
+        "lora_config": {
+            "r": rank,
+            "lora_alpha": 2 * rank,
+            "lora_dropout": dropout,
+            "target_modules": names,
+            "rank_pattern": dict.fromkeys(names, rank),
+            "alpha_pattern": {},
+            "bias": "none",
+            "task_type": "CAUSAL_LM",
+        },
+        "adapter_config": {"kind": kind, "bottleneck": 4, "layers": layers} if kind != "lora" else None,
+    }
+
+
+def _logits(model: torch.nn.Module) -> torch.Tensor:
+    ids = torch.arange(5, 25).reshape(2, 10)
+    was = model.training
+    model.eval()
+    with torch.no_grad():
+        out = model(input_ids=ids).logits
+    model.train(was)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# One LoRA run, inspected by several tests
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory):
+    from peft.tuners.lora import LoraLayer
+
+    loaded = _loaded()
+    base_logits = _logits(loaded.model)
+    plan = make_plan(loaded, [1, 3])
+    out = tmp_path_factory.mktemp("lora")
+    seen: dict[str, Any] = {}
+
+    def callback(step: int, loss: float, model: torch.nn.Module) -> None:
+        if step == 1:
+            seen["lora_modules"] = {
+                n for n, m in model.base_model.model.named_modules() if isinstance(m, LoraLayer)
+            }
+        seen["logits"] = _logits(model)  # the last call leaves the trained model's logits
+
+    cfg = TrainConfig(steps=20, lr=1e-2, eval_every=10, **FAST)
+    metrics = train(loaded, plan, TRAIN, VAL, cfg, out, callback=callback)
+    return {"loaded": loaded, "plan": plan, "out": out, "metrics": metrics, "seen": seen, "base": base_logits}
+
+
+def test_lora_loss_decreases(lora_run):
+    curve = [loss for _, loss in lora_run["metrics"]["loss_curve"]]
+    assert len(curve) == 20
+    assert sum(curve[-5:]) / 5 < curve[0] - 0.1
+    val = lora_run["metrics"]["val_curve"]
+    assert [s for s, _ in val] == [10, 20] and val[-1][1] < val[0][1] + 1e-9
+
+
+def test_only_planned_modules_have_lora(lora_run):
+    planned = {u["name"] for u in lora_run["plan"]["units"]}
+    assert lora_run["seen"]["lora_modules"] == planned
+    from safetensors.torch import load_file
+
+    keys = load_file(str(lora_run["out"] / "adapter" / "adapter_model.safetensors"))
+    saved = {k.removeprefix("base_model.model.").split(".lora_")[0] for k in keys}
+    assert saved == planned
+
+
+def test_base_model_restored(lora_run):
+    model = lora_run["loaded"].model
+    torch.testing.assert_close(_logits(model), lora_run["base"], rtol=0, atol=0)
+    assert all(p.requires_grad for p in model.parameters())  # as the caller left them
+    assert not model.training
+    assert models.weights_hash(model) == lora_run["loaded"].model_hash
+
+
+def test_saved_adapter_loads_in_vanilla_peft(lora_run):
+    from peft import PeftModel
+
+    peft_model = PeftModel.from_pretrained(_loaded().model, str(lora_run["out"] / "adapter"))
+    torch.testing.assert_close(_logits(peft_model), lora_run["seen"]["logits"], rtol=0, atol=0)
+    assert not torch.equal(lora_run["seen"]["logits"], lora_run["base"])
+
+
+def test_train_metrics(lora_run):
+    m = json.loads((lora_run["out"] / "train_metrics.json").read_text())
+    assert m == json.loads(json.dumps(lora_run["metrics"]))
+    assert m["kind"] == "train_metrics" and m["schema_version"] == 1 and m["adapter_kind"] == "lora"
+    prov = m["provenance"]
+    assert prov["stage"] == "train" and prov["model_hash"] == lora_run["loaded"].model_hash
+    assert prov["seed"] == 0 and prov["data_hash"] == m["task"]["data_hash"] and prov["task"] == "facts"
+    # q (32→32) and v (32→16) at r=4 on 2 layers: 2 · 4 · (64 + 48)
+    assert m["trainable_params"] == 896
+    assert m["total_params"] > m["trainable_params"]
+    assert m["steps"] == 20 and m["epochs"] == pytest.approx(10.0)
+    assert 0 < m["s_per_step"] < 5 and m["tokens_per_s"] > 0
+    assert m["tokens_seen"] >= m["target_tokens_seen"] > 0
+    assert m["peak_memory_mib"] > 0 and m["peak_memory_kind"] == "process_peak_rss"
+    assert m["predicted_step_time_s"] == 0.05
+    assert m["step_time_ratio"] == pytest.approx(m["s_per_step"] / 0.05)
+    assert m["plan"]["layers"] == [1, 3] and m["plan"]["modules"] == 4
+    assert m["final_val_loss"] == m["val_curve"][-1][1]
+    assert m["first_train_loss"] == m["loss_curve"][0][1] and m["resumed_from"] is None
+    assert m["wall_time_s"] > 0
+    assert not (lora_run["out"] / "checkpoints").exists()  # checkpoint_every=0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Determinism, gradient accumulation, resume
+# ---------------------------------------------------------------------------------------------------------
+
+
+class Interrupt(Exception):
+    pass
+
+
+@pytest.mark.parametrize("kind", ["lora", "houlsby"])
+def test_resume_equals_uninterrupted(tmp_path: Path, kind: str):
+    def run(out: Path, *, resume: bool = False, stop_at: int | None = None) -> dict[str, Any]:
+        loaded = _loaded()
+
+        def callback(step: int, _loss: float, _model: torch.nn.Module) -> None:
+            if step == stop_at:
+                raise Interrupt
+
+        # Dropout on, so the resumed run must also restore the RNG state to match.
+        plan = make_plan(loaded, [0, 2], kind=kind, dropout=0.2)
+        cfg = TrainConfig(steps=6, lr=1e-2, eval_every=2, **{**FAST, "checkpoint_every": 3})
+        return train(loaded, plan, TRAIN, VAL, cfg, out, resume=resume, callback=callback)
+
+    full = run(tmp_path / "full")
+    again = run(tmp_path / "again")
+    assert again["loss_curve"] == full["loss_curve"]  # same seed, same curve
+
+    part = tmp_path / "part"
+    with pytest.raises(Interrupt):
+        run(part, stop_at=3)
+    # Interrupted: checkpoints only, no half-written outputs.
+    assert not (part / "adapter").exists() and not (part / "train_metrics.json").exists()
+    assert [p.name for p in (part / "checkpoints").iterdir()] == ["step-3"]
+    with pytest.raises(LayercardError, match="--resume"):
+        run(part)
+    resumed = run(part, resume=True)
+    assert resumed["resumed_from"] == 3
+    assert [s for s, _ in resumed["loss_curve"]] == list(range(1, 7))
+    for key in ("loss_curve", "val_curve"):
+        for (s1, a), (s2, b) in zip(resumed[key], full[key], strict=True):
+            assert s1 == s2 and a == pytest.approx(b, rel=1e-6, abs=1e-6)
+    assert sorted(p.name for p in (part / "checkpoints").iterdir()) == ["step-3", "step-6"]
+    assert resumed["tokens_seen"] == full["tokens_seen"]
+
+
+def test_resume_refuses_changed_settings(tmp_path: Path):
+    loaded = _loaded()
+    plan = make_plan(loaded, [1])
+    cfg = TrainConfig(steps=2, **{**FAST, "checkpoint_every": 2, "eval_examples": 0})
+    train(loaded, plan, TRAIN, None, cfg, tmp_path)
+    with pytest.raises(LayercardError, match="lr was 0.001, now 0.01"):
+        train(loaded, plan, TRAIN, None, TrainConfig(**{**cfg.to_dict(), "lr": 1e-2}), tmp_path, resume=True)
+    # More steps on a constant schedule is fine: training continues from step 2.
+    more = train(
+        loaded, plan, TRAIN, None, TrainConfig(**{**cfg.to_dict(), "steps": 3}), tmp_path, resume=True
+    )
+    assert more["resumed_from"] == 2 and len(more["loss_curve"]) == 3
+
+
+def test_grad_accum_matches_one_big_batch(tmp_path: Path):
+    """Two micro-batches of 4 normalised by their joint token count equal one batch of 8."""
+    curves = []
+    for bs, ga in ((8, 1), (4, 2)):
+        loaded = _loaded()
+        cfg = TrainConfig(steps=2, lr=1e-2, **{**FAST, "batch_size": bs, "eval_examples": 0}, grad_accum=ga)
+        m = train(loaded, make_plan(loaded, [1]), TRAIN, None, cfg, tmp_path / f"{bs}x{ga}")
+        curves.append([loss for _, loss in m["loss_curve"]])
+        assert m["epochs"] == pytest.approx(2.0) and m["val_curve"] == [] and m["final_val_loss"] is None
+    assert curves[0] == pytest.approx(curves[1], rel=1e-5)
+
+
+def test_epochs_and_parallel_kind_override(tmp_path: Path):
+    loaded = _loaded()
+    cfg = TrainConfig(steps=None, epochs=1.5, bottleneck=3, **FAST)
+    m = train(loaded, make_plan(loaded, [2, 3]), TRAIN, VAL, cfg, tmp_path, kind="parallel")
+    assert m["steps"] == 3 and m["adapter_kind"] == "parallel"  # ceil(1.5 · 8 / 4)
+    assert m["trainable_params"] == 2 * 2 * (32 * 3 * 2 + 3 + 32)
+    cfg_json = json.loads((tmp_path / "adapter" / "layercard_adapter.json").read_text())
+    assert cfg_json["kind"] == "parallel" and cfg_json["layers"] == [2, 3] and cfg_json["bottleneck"] == 3
+    assert cfg_json["base_model_hash"] == loaded.model_hash
+    assert not hasattr(loaded.model, "layercard_adapters")  # removed after training
+
+
+def test_plan_object_is_accepted(tmp_path: Path):
+    plan_mod = pytest.importorskip("layercard.plan")
+    loaded = _loaded()
+    path = tmp_path / "plan.json"
+    path.write_text(json.dumps(make_plan(loaded, [3])))
+    plan = plan_mod.Plan.load(path)
+    m = train(loaded, plan, TRAIN, None, TrainConfig(steps=1, **{**FAST, "eval_examples": 0}), tmp_path / "r")
+    assert m["plan"]["layers"] == [3] and m["trainable_params"] == 4 * (64 + 48)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Bad input
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_plan_for_another_model(tmp_path: Path):
+    plan = make_plan(_loaded(seed=1), [1])
+    with pytest.raises(
+        LayercardError, match="plan is for model tiny-llama-1 .* loaded model is tiny-llama-0"
+    ):
+        train(_loaded(), plan, TRAIN, VAL, TrainConfig(steps=1), tmp_path)
+    assert not any(tmp_path.iterdir())
+
+
+def test_unknown_kind_and_mismatched_targets(tmp_path: Path):
+    loaded = _loaded()
+    plan = make_plan(loaded, [1])
+    with pytest.raises(LayercardError, match="lora, houlsby, parallel"):
+        train(loaded, plan, TRAIN, VAL, TrainConfig(steps=1), tmp_path, kind="prefix")
+    plan["units"] = plan["units"][:1]  # target_modules still lists v_proj
+    with pytest.raises(LayercardError, match="adapted but not planned: model.layers.1.self_attn.v_proj"):
+        train(loaded, plan, TRAIN, VAL, TrainConfig(steps=1, **FAST), tmp_path)
+    assert not any(hasattr(m, "lora_A") for m in loaded.model.modules())  # restored after the error
+    no_lora = {**make_plan(loaded, [1], kind="houlsby"), "lora_config": None}
+    with pytest.raises(LayercardError, match="no lora_config"):
+        train(loaded, no_lora, TRAIN, VAL, TrainConfig(steps=1), tmp_path, kind="lora")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
+def test_4bit_needs_cuda(tmp_path: Path):
+    loaded = _loaded()
+    with pytest.raises(LayercardError, match="--load-in-4bit needs a CUDA GPU and bitsandbytes; none found"):
+        train(
+            loaded,
+            make_plan(loaded, [1]),
+            TRAIN,
+            VAL,
+            TrainConfig(steps=1, load_in_4bit=True),
+            tmp_path / "o",
+        )
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"steps": 5, "epochs": 1.0}, "steps/epochs"),
+        ({"steps": None}, "steps/epochs"),
+        ({"steps": 0}, "steps"),
+        ({"steps": None, "epochs": -1.0}, "epochs"),
+        ({"batch_size": 0}, "batch_size"),
+        ({"lr": 0.0}, "lr"),
+        ({"scheduler": "step"}, "scheduler"),
+        ({"dtype": "int8"}, "dtype"),
+        ({"train_examples": 0}, "train_examples"),
+    ],
+)
+def test_config_validation_names_the_field(kwargs: dict[str, Any], field: str):
+    with pytest.raises(LayercardError, match=f"^{field}:"):
+        TrainConfig(**kwargs)
+
+
+def test_schedules():
+    from layercard.train import _lr_lambda
+
+    lin = _lr_lambda(TrainConfig(steps=10, scheduler="linear", warmup_steps=2), 10)
+    assert [round(lin(s), 3) for s in (0, 1, 2, 6, 9)] == [0.333, 0.667, 1.0, 0.5, 0.125]
+    cos = _lr_lambda(TrainConfig(steps=10, scheduler="cosine"), 10)
+    assert cos(0) == 1.0 and cos(5) == pytest.approx(0.5) and 0 < cos(9) < 0.05
+
+
+# ---------------------------------------------------------------------------------------------------------
+# CLI
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_cli_train(tmp_path: Path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from layercard.cli import app
+    from layercard.models import load_model
+
+    monkeypatch.setenv("LAYERCARD_CACHE", str(tmp_path / "cache"))
+    folder = tmp_path / "tiny"
+    tiny_model("llama").save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    loaded = load_model(str(folder))
+    plan = make_plan(loaded, [1, 2], kind="houlsby")
+    card_path = tmp_path / "card.json"  # the plan points at its card, whose cost model has the batch shape
+    card_path.write_text(json.dumps({"kind": "card", "cost": {"batch_size": 8, "batch_tokens": 1000}}))
+    plan["card"]["path"] = str(card_path)
+    plan_path = tmp_path / "plan.json"
+    plan_path.write_text(json.dumps(plan))
+    args = ["train", "--plan", str(plan_path), "--task", "synthetic:facts", "--out", str(tmp_path / "run")]
+    args += ["--steps", "2", "--batch-size", "2", "--max-length", "64", "--train-examples", "4"]
+    args += ["--eval-examples", "2", "--checkpoint-every", "2"]
+    runner = CliRunner()
+    res = runner.invoke(app, [*args, "--json"])
+    assert res.exit_code == 0, res.output
+    m = json.loads(res.stdout)
+    assert m["adapter_kind"] == "houlsby" and m["steps"] == 2 and m["plan"]["bottleneck"] == 4
+    assert m["predicted_batch_size"] == 8 and m["predicted_batch_tokens"] == 1000 and m["batch_size"] == 2
+    assert m["val_task"]["split"] == "test" and m["final_val_loss"] is not None  # held-out split by default
+    assert (tmp_path / "run" / "adapter" / "layercard_adapter.json").is_file()
+
+    res = runner.invoke(app, [*args, "--resume", "--steps", "3"])  # the rich summary
+    assert res.exit_code == 0, res.output
+    assert "trainable params" in res.output and "resumed from step" in res.output
+
+    res = runner.invoke(app, [*args, "--model", "nowhere-model"])
+    assert res.exit_code == 2 and "nowhere-model" in res.output
+    res = runner.invoke(app, [*args, "--epochs", "1"])
+    assert res.exit_code == 2 and "steps/epochs" in res.output and len(res.output.strip().splitlines()) == 1
