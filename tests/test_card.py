@@ -12,8 +12,7 @@ from tiny import tiny_model
 from tiny_tok import tiny_tokenizer
 from typer.testing import CliRunner
 
-from layercard.card import Card, CardConfig, compute_card
-from layercard.card import stats
+from layercard.card import Card, CardConfig, compute_card, stats
 from layercard.card.probe import make_accumulators, run_probe
 from layercard.cli import app
 from layercard.errors import LayercardError
@@ -25,8 +24,13 @@ FAST = dict(examples=8, max_length=48, batch_size=4)
 
 def _loaded(family: str = "llama", **kw) -> LoadedModel:
     model = tiny_model(family, **kw)
-    return LoadedModel(model=model, tokenizer=tiny_tokenizer(), model_id=f"tiny-{family}",
-                       model_hash=weights_hash(model), source="memory")
+    return LoadedModel(
+        model=model,
+        tokenizer=tiny_tokenizer(),
+        model_id=f"tiny-{family}",
+        model_hash=weights_hash(model),
+        source="memory",
+    )
 
 
 @pytest.fixture(scope="module")
@@ -97,8 +101,9 @@ def test_sketch_keeps_ranking_and_is_a_lower_bound(facts):
 
 def test_coupling_and_cost(facts):
     loaded = _loaded()
-    card = compute_card(loaded, facts, CardConfig(**FAST, coupling=True, calibrate=True, calibrate_steps=1),
-                        progress=False)
+    card = compute_card(
+        loaded, facts, CardConfig(**FAST, coupling=True, calibrate=True, calibrate_steps=1), progress=False
+    )
     c = np.asarray(card.coupling["matrix"])
     assert c.shape == (4, 4)
     np.testing.assert_allclose(np.diag(c), 1.0)
@@ -111,8 +116,11 @@ def test_no_target_tokens_and_nonfinite_loss():
     model = tiny_model("llama")
     specs = units(model, "q,v")
     accs = make_accumulators(specs, lora_rank=2, a_draws=1, seed=0, sketch=None, device=torch.device("cpu"))
-    batch = {"input_ids": torch.ones(1, 6, dtype=torch.long), "attention_mask": torch.ones(1, 6, dtype=torch.long),
-             "labels": torch.full((1, 6), -100)}
+    batch = {
+        "input_ids": torch.ones(1, 6, dtype=torch.long),
+        "attention_mask": torch.ones(1, 6, dtype=torch.long),
+        "labels": torch.full((1, 6), -100),
+    }
     with pytest.raises(LayercardError, match="no target tokens"):
         run_probe(model, [batch], accs, n_target_tokens=0)
     batch["labels"] = torch.ones(1, 6, dtype=torch.long)
@@ -141,8 +149,23 @@ def tiny_folder(tmp_path_factory):
 
 
 def _card_args(model, task, out, *extra):
-    return ["card", "--model", str(model), "--task", task, "--out", str(out), "--examples", "6",
-            "--max-length", "48", "--batch-size", "3", "--no-calibrate", *extra]
+    return [
+        "card",
+        "--model",
+        str(model),
+        "--task",
+        task,
+        "--out",
+        str(out),
+        "--examples",
+        "6",
+        "--max-length",
+        "48",
+        "--batch-size",
+        "3",
+        "--no-calibrate",
+        *extra,
+    ]
 
 
 def test_cli_card_writes_artifacts(tiny_folder, tmp_path):
@@ -163,8 +186,17 @@ def test_cli_compare(tiny_folder, tmp_path):
     for name, task in (("a", "synthetic:facts"), ("b", "synthetic:format")):
         r = CliRunner().invoke(app, _card_args(tiny_folder, task, tmp_path / name))
         assert r.exit_code == 0, r.output
-    r = CliRunner().invoke(app, ["compare", str(tmp_path / "a/card.json"), str(tmp_path / "b/card.json"),
-                                 "--out", str(tmp_path / "cmp.png"), "--json"])
+    r = CliRunner().invoke(
+        app,
+        [
+            "compare",
+            str(tmp_path / "a/card.json"),
+            str(tmp_path / "b/card.json"),
+            "--out",
+            str(tmp_path / "cmp.png"),
+            "--json",
+        ],
+    )
     assert r.exit_code == 0, r.output
     res = json.loads(r.stdout)
     assert -1.0 <= res["spearman"] <= 1.0
@@ -196,7 +228,9 @@ def test_cli_bad_task_file(tiny_folder, tmp_path, content, expect):
     assert not (out / "card.json").exists()
 
 
-@pytest.mark.parametrize("args, expect", [(["--roles", "q,x"], "x"), (["--model", "/no/such/model"], "/no/such")])
+@pytest.mark.parametrize(
+    "args, expect", [(["--roles", "q,x"], "x"), (["--model", "/no/such/model"], "/no/such")]
+)
 def test_cli_bad_model_or_role(tiny_folder, tmp_path, args, expect):
     base = _card_args(tiny_folder, "synthetic:facts", tmp_path / "card")
     i = base.index("--model")

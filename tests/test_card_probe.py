@@ -89,7 +89,9 @@ def test_identical_directions_have_coupling_one():
     specs = models.units(model, "q,v", layers=[0])
     g = torch.Generator().manual_seed(0)
     d = {s.name: torch.randn(s.d_out, s.d_in, generator=g) for s in specs}
-    other = {s.name: torch.randn(s.d_out, s.d_in, generator=g) for s in models.units(model, "q,v", layers=[2])}
+    other = {
+        s.name: torch.randn(s.d_out, s.d_in, generator=g) for s in models.units(model, "q,v", layers=[2])
+    }
     batches = _batches(model.config.vocab_size, n_batches=1)
     # Same direction under two keys (and a scaled copy): cosine 1; another layer: less.
     _, eff = layer_effects(model, {0: d, 1: {k: 3 * v for k, v in d.items()}, 2: other}, batches)

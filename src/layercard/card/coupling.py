@@ -1,7 +1,7 @@
 """Coupling between layers: cosines of their updates' effects on the final hidden state (DESIGN §4).
 
 For each layer ℓ the update direction Δ_ℓ adds, at every unit of the chosen roles in ℓ, the unit's
-first Adam step (or its capacity direction). Its effect e_ℓ = d h_final / dε is taken by a central
+first Adam step (or its capacity direction). Its effect e_ℓ = d h_final / dε is taken by a one-sided
 finite difference over target positions of a small coupling probe; C is the cosine matrix of the e_ℓ.
 """
 
@@ -86,12 +86,15 @@ def layer_effects(
     directions: Mapping[int, Mapping[str, torch.Tensor]],
     batches: Sequence[dict[str, torch.Tensor]],
     *,
-    rel_step: float = 1e-2,
+    rel_step: float = 1e-3,
     progress=None,
 ) -> tuple[list[int], np.ndarray]:
     """Effects e_ℓ (rows) of each layer's update direction on the final hidden state."""
     layers = sorted(directions)
     rows = []
+    # One shared unperturbed pass: a one-sided difference halves the forwards of a central one, and
+    # with ‖εΔ‖ = 0.1% of ‖W‖ its O(ε) error is far below what changes a cosine.
+    h0 = _final_hidden(model, batches)
     it = progress(layers) if progress is not None else layers
     for layer in it:
         deltas = directions[layer]
@@ -106,9 +109,7 @@ def layer_effects(
         eps = rel_step * (wnorm**0.5) / (dnorm**0.5)
         with perturb(model, deltas, eps):
             hp = _final_hidden(model, batches)
-        with perturb(model, deltas, -eps):
-            hm = _final_hidden(model, batches)
-        rows.append(((hp - hm) / (2 * eps)).cpu().numpy())
+        rows.append(((hp - h0) / eps).cpu().numpy())
     width = next((r.shape[0] for r in rows if r is not None), 0)
     mat = np.stack([r if r is not None else np.zeros(width) for r in rows]) if rows else np.zeros((0, 0))
     return layers, mat

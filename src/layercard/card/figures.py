@@ -44,7 +44,7 @@ def heatmap(card: Card, path: Path) -> Path:
 
 
 def profiles(card: Card, path: Path) -> Path:
-    """Per-layer profiles: resnorm, gradient norm, activation energy, first-step rate (each max-normalised)."""
+    """Per-layer profiles: resnorm, gradient norm, activation energy and first-step rate."""
     plt = _plt()
     rows = card.layer_table()
     layers = [r["layer"] for r in rows]

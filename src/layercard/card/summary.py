@@ -32,7 +32,8 @@ def card_markdown(card: Card) -> str:
     ]
     for r in rows:
         lines.append(
-            f"| {r['layer']} | {r['resnorm']:.4g} | {r['gradnorm']:.4g} | {r.get('energy', float('nan')):.4g} | "
+            f"| {r['layer']} | {r['resnorm']:.4g} | {r['gradnorm']:.4g} | "
+            f"{r.get('energy', float('nan')):.4g} | "
             f"{r.get('kappa', float('nan')):.3g} | {r.get('effective_rank', float('nan')):.1f} | "
             f"{r.get('noise_amplification', float('nan')):.3g} | {r['capacity']:.4g} | {r['rate']:.4g} | "
             f"{int(r['lora_params'])} |"
@@ -72,6 +73,7 @@ def card_markdown(card: Card) -> str:
             "## Coupling",
             "",
             f"Layer-level cosines of update effects ({card.coupling['direction']} directions, "
-            f"{card.coupling['examples']} examples): mean off-diagonal {off.mean():.3f}, max {off.max():.3f}.",
+            f"{card.coupling['examples']} examples): mean off-diagonal {off.mean():.3f}, "
+            f"max {off.max():.3f}.",
         ]
     return "\n".join(lines) + "\n"
