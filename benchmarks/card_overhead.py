@@ -41,7 +41,6 @@ def _setup(args):
 
 def _plain(loaded, bl, n_tgt, trainable: str) -> float:
     """A plain forward+backward over the same micro-batches."""
-    import torch
 
     from layercard import models
     from layercard.card.probe import loss_sum
@@ -75,18 +74,29 @@ def child(args) -> dict:
     loaded, task, bl, n_tgt = _setup(args)
     # Warm-up on one micro-batch so one-off allocations are not timed in either mode.
     _plain(loaded, bl[:1], n_tgt, "all")
-    res: dict = {"mode": args.mode, "positions": int(sum(int(b["attention_mask"].sum()) for b in bl)),
-                 "padded_tokens": int(sum(b["input_ids"].numel() for b in bl)), "target_tokens": n_tgt,
-                 "micro_batches": len(bl), "threads": torch.get_num_threads()}
+    res: dict = {
+        "mode": args.mode,
+        "positions": int(sum(int(b["attention_mask"].sum()) for b in bl)),
+        "padded_tokens": int(sum(b["input_ids"].numel() for b in bl)),
+        "target_tokens": n_tgt,
+        "micro_batches": len(bl),
+        "threads": torch.get_num_threads(),
+    }
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    res["load_avg_before"] = round(os.getloadavg()[0], 2)
     if args.mode.startswith("plain"):
         res["wall_s"] = _plain(loaded, bl, n_tgt, args.mode.split("-", 1)[1])
     else:
         from layercard.card import CardConfig, compute_card
 
-        cfg = CardConfig(roles=args.roles, examples=args.examples, max_length=args.max_length,
-                         batch_size=args.batch_size, calibrate=args.mode == "card+calibrate",
-                         coupling=args.mode == "card+coupling")
+        cfg = CardConfig(
+            roles=args.roles,
+            examples=args.examples,
+            max_length=args.max_length,
+            batch_size=args.batch_size,
+            calibrate=args.mode == "card+calibrate",
+            coupling=args.mode == "card+coupling",
+        )
         from layercard.tasks import load_task
 
         t = time.perf_counter()
@@ -94,6 +104,7 @@ def child(args) -> dict:
         res["wall_s"] = time.perf_counter() - t
         res["card_timings"] = card.timings
     res["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    res["load_avg_after"] = round(os.getloadavg()[0], 2)
     res["rss_before_mib"] = rss0 / 1024
     return res
 
@@ -128,17 +139,21 @@ def main() -> None:
         key = f"{mode}#{rep}"
         if key in state["runs"]:
             continue
-        cmd = [sys.executable, __file__, "--mode", mode] + [
-            f"--{k.replace('_', '-')}={v}" for k, v in conf.items()
-        ] + [f"--threads={args.threads}"]
+        cmd = (
+            [sys.executable, __file__, "--mode", mode]
+            + [f"--{k.replace('_', '-')}={v}" for k, v in conf.items()]
+            + [f"--threads={args.threads}"]
+        )
         print(f"running {key} ...", flush=True)
         p = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "LAYERCARD_PROGRESS": "0"})
         if p.returncode != 0:
             sys.stderr.write(p.stderr[-3000:])
             raise SystemExit(f"{key} failed")
         state["runs"][key] = json.loads(p.stdout.strip().splitlines()[-1])
-        print(f"  {state['runs'][key]['wall_s']:.2f} s, peak RSS {state['runs'][key]['peak_rss_mib']:.0f} MiB",
-              flush=True)
+        print(
+            f"  {state['runs'][key]['wall_s']:.2f} s, peak RSS {state['runs'][key]['peak_rss_mib']:.0f} MiB",
+            flush=True,
+        )
         _write(state, out_json)
     _write(state, out_json)
 
@@ -170,23 +185,36 @@ def _write(state, out_json: Path) -> None:
     lines = [
         "# Card overhead",
         "",
-        f"Model {c['model']}, task `{Path(c['task']).parent.name}/{Path(c['task']).name}`, {c['examples']} examples "
+        f"Model {c['model']}, task `{Path(c['task']).parent.name}/{Path(c['task']).name}`, "
+        f"{c['examples']} examples "
         f"capped at {c['max_length']} tokens ({any_run.get('positions', '?')} unpadded positions, "
-        f"{any_run.get('target_tokens', '?')} target tokens), micro-batch {c['batch_size']}, roles {c['roles']}.",
+        f"{any_run.get('target_tokens', '?')} target tokens), micro-batch {c['batch_size']}, "
+        f"roles {c['roles']}.",
         f"Machine: {state['machine'].get('processor')} · {state['machine'].get('cpu_count')} cores · "
         f"torch threads {any_run.get('threads', '?')} · {state['date']}. Each run in its own process; "
         "medians over repetitions.",
         "",
-        "| mode | median wall s | runs | peak RSS MiB |",
-        "|---|---:|---|---:|",
+        "| mode | median wall s | runs | peak RSS MiB | 1-min load avg before → after |",
+        "|---|---:|---|---:|---|",
     ]
     for m, s in summ.items():
-        lines.append(f"| {m} | {s['median_s']:.2f} | {', '.join(f'{v:.2f}' for v in s['runs_s'])} | "
-                     f"{s['peak_rss_mib']:.0f} |")
-    lines += ["", "Modes: `plain-all` = forward+backward with every weight trainable (a standard backward); "
-              "`plain-units` = only the card's units' weights trainable; `card` = the full card "
-              "(probe pass + eigen/SVD + scores), no coupling, no calibration; `card+calibrate` and `card+coupling` "
-              "add those (measured once).", ""]
+        loads = [
+            f"{v.get('load_avg_before', float('nan')):.1f}→{v.get('load_avg_after', float('nan')):.1f}"
+            for k, v in state["runs"].items()
+            if k.split("#")[0] == m
+        ]
+        lines.append(
+            f"| {m} | {s['median_s']:.2f} | {', '.join(f'{v:.2f}' for v in s['runs_s'])} | "
+            f"{s['peak_rss_mib']:.0f} | {', '.join(loads)} |"
+        )
+    lines += [
+        "",
+        "Modes: `plain-all` = forward+backward with every weight trainable (a standard backward); "
+        "`plain-units` = only the card's units' weights trainable; `card` = the full card "
+        "(probe pass + eigen/SVD + scores), no coupling, no calibration; `card+calibrate` and "
+        "`card+coupling` add those (measured once).",
+        "",
+    ]
     for k, v in ratios.items():
         lines.append(f"- **{k} = {v:.3f}**")
     out_json.with_suffix(".md").write_text("\n".join(lines) + "\n")

@@ -2,7 +2,7 @@
 
 With a frozen base, backward only has to reach the lowest adapted layer, so a LoRA training step
 costs t(S) ≈ a + b·(L − min S) + c·modules(S): a forward plus head, a per-layer backward, and a
-per-adapted-module overhead. The three coefficients are fitted from timed steps of real PEFT LoRA
+per-adapted-module overhead. The three non-negative coefficients are fitted from timed steps of real PEFT LoRA
 placements on the user's machine; train reports the measured step time next to this prediction.
 """
 
@@ -109,7 +109,10 @@ def calibrate(
         model.train(was_training)
     x = np.array([[1.0, n_layers - min(r["layers"]), r["modules"]] for r in rows])
     y = np.array([r["s_per_step"] for r in rows])
-    coef, *_ = np.linalg.lstsq(x, y, rcond=None)
+    # Non-negative least squares: each term is a time, and timing noise must not make one negative.
+    from scipy.optimize import nnls
+
+    coef, _ = nnls(x, y)
     device = str(next(model.parameters()).device)
     return CostModel(
         intercept_s=float(coef[0]),
