@@ -1,0 +1,170 @@
+"""Commands over the whole pipeline: run (a YAML config), demo (the packaged config), report."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich import box
+from rich.table import Table
+
+from layercard.cli.app import app, console, emit_json, guard, progress_flag
+
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--set",
+        "-s",
+        help="Override a config key, e.g. --set train.steps=10 (value typed as YAML; repeatable; "
+        "placements by index or name: placements.all.rank=4).",
+    ),
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout (no tables, no bars).")]
+DEMO_DIR = Path("layercard-demo")
+
+
+def _on_stage(event: str, name: str, result: Any) -> None:
+    """A short table at the end of every stage that ran; one line for a stage skipped as unchanged."""
+    if event == "start":
+        console.print(f"[bold cyan]▶ {name}[/]", highlight=False)
+        return
+    if result.status == "skipped":
+        console.print(f"[dim]✓ {name}: skipped (inputs unchanged)[/]", highlight=False)
+        return
+    t = Table(
+        title=f"{name} · {result.status} in {result.seconds:.1f} s", show_header=False, title_justify="left"
+    )
+    t.add_column("what", style="bold")
+    t.add_column("value")
+    for k, v in result.rows:
+        t.add_row(k, v)
+    console.print(t)
+
+
+def _fmt(x: Any, spec: str = ".4g") -> str:
+    return "—" if x is None else format(x, spec)
+
+
+def _comparison(summary: dict[str, Any]) -> Table:
+    primary = summary.get("primary_metric") or "metric"
+    # Compact, so the table fits an 80-column terminal (or a log) without cutting the numbers.
+    t = Table(
+        title="comparison on the eval split",
+        title_justify="left",
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
+        caption="s/step: training; drop: base eval loss − model eval loss; s/ex: generation",
+        caption_justify="left",
+    )
+    for col in ("model", "layers", "modules", "s/step", "loss", "drop", primary, "s/ex"):
+        t.add_column(col, justify="left" if col == "model" else "right", no_wrap=True)
+    for r in summary["rows"]:
+        t.add_row(
+            r["name"],
+            str(len(r["layers"])),
+            _fmt(r.get("modules")),
+            _fmt(r.get("s_per_step"), ".2f"),
+            _fmt(r.get("eval_loss"), ".3f"),
+            _fmt(r.get("measured_gain"), ".3f"),
+            _fmt(r.get("primary_value"), ".3f"),
+            _fmt(r.get("s_per_example"), ".3f"),
+        )
+    return t
+
+
+def _headline(summary: dict[str, Any]) -> dict[str, Any]:
+    """What a script wants from a run: paths, stage statuses and the headline numbers."""
+    keep = (
+        "name",
+        "kind",
+        "policy",
+        "layers",
+        "modules",
+        "trainable_params",
+        "predicted_gain",
+        "s_per_step",
+        "peak_memory_mib",
+        "eval_loss",
+        "measured_gain",
+        "primary_value",
+        "metrics",
+        "s_per_example",
+        "chosen_k",
+    )
+    return {
+        "run_dir": summary["run_dir"],
+        "report": summary["report"],
+        "summary": str(Path(summary["run_dir"]) / "summary.json"),
+        "ran": summary["ran"],
+        "skipped": summary["skipped"],
+        "primary_metric": summary["primary_metric"],
+        "rows": [{k: r[k] for k in keep if k in r} for r in summary["rows"]],
+        "wall_time_s": summary["wall_time_s"],
+    }
+
+
+def _run(config: Path, sets: list[str], out: Path, json_out: bool) -> None:
+    from layercard.pipeline import load_config, run_pipeline
+
+    cfg = load_config(config, sets)  # validated in full before anything is written
+    summary = run_pipeline(
+        cfg, out, progress=progress_flag(json_out), on_stage=None if json_out else _on_stage
+    )
+    if json_out:
+        emit_json(_headline(summary))
+        return
+    console.print(_comparison(summary))
+    skipped = len(summary["skipped"])
+    console.print(
+        f"{len(summary['ran'])} stages ran, {skipped} skipped, {summary['wall_time_s']:.0f} s on "
+        f"{summary['threads']} torch thread(s); run folder {out}"
+    )
+    console.print(f"[bold]report:[/] {summary['report']['html']}  (and {summary['report']['markdown']})")
+
+
+@app.command("run")
+@guard
+def run_cmd(
+    config: Annotated[Path, typer.Argument(help="YAML run config (see `layercard demo` for an example).")],
+    set_: SetOpt = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", "-o", help="Run folder (default: runs/<config name>).")
+    ] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """card → plan → train → trim → eval → report in one run folder; unchanged stages are skipped."""
+    _run(config, list(set_ or []), out or Path("runs") / config.stem, json_out)
+
+
+@app.command("demo")
+@guard
+def demo_cmd(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Run folder.")] = DEMO_DIR,
+    set_: SetOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """The main job on the embedded default: SmolLM2 + synthetic facts, card-guided vs all-layer LoRA
+    vs the trimmed adapter (the packaged demo.yaml; a few minutes on a laptop CPU)."""
+    from layercard.pipeline import demo_config_path
+
+    _run(demo_config_path(), list(set_ or []), out, json_out)
+
+
+@app.command("report")
+@guard
+def report_cmd(
+    run_dir: Annotated[Path, typer.Argument(help="Run folder written by `layercard run` or `demo`.")],
+    out: Annotated[
+        Path | None, typer.Option("--out", "-o", help="HTML path (default RUN_DIR/report.html).")
+    ] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Build report.html (self-contained, figures inline) and report.md from a run folder's artifacts."""
+    from layercard.report import build_report
+
+    paths = build_report(run_dir, out)
+    if json_out:
+        emit_json(paths)
+        return
+    console.print(f"wrote {paths['html']}, {paths['markdown']} and {len(paths['figures'])} figures")

@@ -1,0 +1,377 @@
+"""The whole pipeline on a tiny model: one run folder, stage skipping and resumption, config errors, CLI."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from tiny import tiny_model
+from tiny_tok import tiny_tokenizer
+from typer.testing import CliRunner
+
+from layercard.cli import app
+from layercard.errors import LayercardError
+from layercard.pipeline import (
+    STAGE_FILE,
+    apply_overrides,
+    demo_config_path,
+    load_config,
+    parse_config,
+    run_pipeline,
+)
+
+STAGES = [
+    "card",
+    "plan:card-2",
+    "plan:all",
+    "train:card-2",
+    "train:all",
+    "trim",
+    "eval:base",
+    "eval:card-2",
+    "eval:all",
+    "eval:trimmed",
+    "report",
+]
+
+
+def tiny_config(model_dir: Path) -> dict[str, Any]:
+    """A config for the tiny model: everything small enough to run in seconds on one thread."""
+    return {
+        "model": str(model_dir),
+        "task": {
+            "train": "synthetic:facts",
+            "train_split": "train",
+            "eval": "synthetic:facts",
+            "eval_split": "test",
+        },
+        "seed": 0,
+        "threads": 1,
+        "card": {
+            "roles": "q,v",
+            "examples": 8,
+            "max_length": 64,
+            "batch_size": 4,
+            "coupling": True,
+            "coupling_examples": 4,
+            "calibrate": True,
+            "calibrate_steps": 1,
+        },
+        "placements": [
+            {"name": "card-2", "policy": "card", "budget": "layers=2", "rank": 4, "score": "gradnorm"},
+            {"name": "all", "policy": "all", "rank": 4},
+        ],
+        "train": {
+            "steps": 3,
+            "batch_size": 4,
+            "lr": "1e-3",
+            "max_length": 64,
+            "eval_examples": 4,
+            "eval_every": 2,
+            "checkpoint_every": 2,
+        },
+        "trim": {"examples": 4, "batch_size": 4, "max_length": 96, "radius": 1},
+        "eval": {"examples": 4, "batch_size": 4, "max_new_tokens": 4},
+    }
+
+
+def make_model_dir(root: Path) -> Path:
+    d = root / "tiny-llama"
+    if not (d / "config.json").is_file():
+        tiny_model("llama").save_pretrained(d)
+        tiny_tokenizer().save_pretrained(d)
+    return d
+
+
+def write_config(root: Path, cfg: dict[str, Any], name: str = "config.yaml") -> Path:
+    p = root / name
+    p.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return p
+
+
+def make_run(root: Path) -> tuple[Path, Path, dict[str, Any]]:
+    """Config file, run folder and summary of one complete tiny run under ``root``."""
+    cfg_path = write_config(root, tiny_config(make_model_dir(root)))
+    run_dir = root / "run"
+    summary = run_pipeline(load_config(cfg_path), run_dir, progress=False)
+    return cfg_path, run_dir, summary
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory) -> tuple[Path, Path, dict[str, Any]]:
+    return make_run(tmp_path_factory.mktemp("pipeline"))
+
+
+def _records(run_dir: Path) -> dict[str, dict[str, Any]]:
+    recs = {}
+    for p in [*run_dir.glob(f"**/{STAGE_FILE}"), run_dir / "report.stage.json"]:
+        d = json.loads(p.read_text())
+        recs[d["stage"]] = {**d, "mtime": p.stat().st_mtime_ns}
+    return recs
+
+
+# ---------------------------------------------------------------- a full run
+
+
+def test_run_writes_every_artifact(tiny_run):
+    _, run_dir, summary = tiny_run
+    assert summary["ran"] == STAGES and summary["skipped"] == []
+    expected = [
+        "run.json",
+        "summary.json",
+        "card/card.json",
+        "card/card.md",
+        "card/card_heatmap.png",
+        "card/card_coupling.png",
+        "plan/card-2/plan.json",
+        "plan/all/plan.json",
+        "train/card-2/adapter/adapter_config.json",
+        "train/card-2/train_metrics.json",
+        "train/all/adapter/adapter_model.safetensors",
+        "train/all/train_metrics.json",
+        "trim/trace.json",
+        "trim/trim.json",
+        "trim/adapter-trimmed/adapter_config.json",
+        "eval/base/eval.json",
+        "eval/card-2/eval.json",
+        "eval/all/eval.json",
+        "eval/trimmed/eval.json",
+        "eval/trimmed/predictions.jsonl",
+        "report.html",
+        "report.md",
+        "figures/quality_cost.png",
+    ]
+    missing = [p for p in expected if not (run_dir / p).is_file()]
+    assert not missing, missing
+    assert set(_records(run_dir)) == set(STAGES)
+    assert all(r["status"] == "done" for r in _records(run_dir).values())
+    # the trim stage picked the placement with the most layers, and the summary has every model
+    assert json.loads((run_dir / "trim" / "stage.json").read_text())["config"]["placement"] == "all"
+    names = [r["name"] for r in summary["rows"]]
+    assert names == ["base", "card-2", "all", "all-trimmed"]
+    rows = {r["name"]: r for r in summary["rows"]}
+    assert len(rows["card-2"]["layers"]) == 2 and len(rows["all"]["layers"]) == 4
+    assert rows["all"]["measured_gain"] == pytest.approx(rows["base"]["eval_loss"] - rows["all"]["eval_loss"])
+    assert rows["all"]["s_per_step"] > 0 and rows["card-2"]["predicted_gain"] is not None
+    assert rows["all-trimmed"]["modules"] <= rows["all"]["modules"]
+    saved = json.loads((run_dir / "summary.json").read_text())
+    assert saved["rows"] == json.loads(json.dumps(summary["rows"]))
+
+
+def test_second_run_skips_every_stage(tiny_run, tmp_path):
+    cfg_path, run_dir, _ = tiny_run
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    before = _records(copy)
+    events: list[tuple[str, str]] = []
+    summary = run_pipeline(
+        load_config(cfg_path), copy, progress=False, on_stage=lambda e, n, r: events.append((e, n))
+    )
+    assert summary["ran"] == [] and summary["skipped"] == STAGES
+    assert not [e for e in events if e[0] == "start"]
+    after = _records(copy)
+    assert {k: v["mtime"] for k, v in after.items()} == {k: v["mtime"] for k, v in before.items()}
+
+
+def test_changed_train_steps_reruns_downstream_only(tiny_run, tmp_path):
+    cfg_path, run_dir, _ = tiny_run
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    before = _records(copy)
+    summary = run_pipeline(load_config(cfg_path, ["train.steps=4"]), copy, progress=False)
+    assert set(summary["skipped"]) == {"card", "plan:card-2", "plan:all", "eval:base"}
+    assert set(summary["ran"]) == set(STAGES) - set(summary["skipped"])
+    after = _records(copy)
+    for stage in ("card", "plan:all", "eval:base"):
+        assert after[stage]["mtime"] == before[stage]["mtime"]
+    assert json.loads((copy / "train/all/train_metrics.json").read_text())["steps"] == 4
+
+
+def test_stopped_training_resumes(tiny_run, tmp_path, monkeypatch):
+    """A run stopped inside training continues from its checkpoint; finished stages are not redone."""
+    import layercard.train as train_mod
+
+    cfg_path, run_dir, _ = tiny_run
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    cfg = load_config(cfg_path, ["train.steps=5"])
+    real = train_mod.train
+
+    def stop_after_checkpoint(*args, **kwargs):
+        def cb(step, _loss, _model):
+            if step == 2:
+                raise KeyboardInterrupt
+
+        return real(*args, **kwargs, callback=cb)
+
+    monkeypatch.setattr(train_mod, "train", stop_after_checkpoint)
+    with pytest.raises(KeyboardInterrupt):
+        run_pipeline(cfg, copy, progress=False)
+    rec = json.loads((copy / "train/card-2/stage.json").read_text())
+    assert rec["status"] == "running"
+    assert (copy / "train/card-2/checkpoints/step-2").is_dir()
+    monkeypatch.setattr(train_mod, "train", real)
+    summary = run_pipeline(cfg, copy, progress=False)
+    status = {s["stage"]: s["status"] for s in summary["stages"]}
+    assert status["train:card-2"] == "resumed" and status["card"] == "skipped"
+    metrics = json.loads((copy / "train/card-2/train_metrics.json").read_text())
+    assert metrics["resumed_from"] == 2 and metrics["steps"] == 5
+
+
+# ---------------------------------------------------------------- config validation
+
+
+def _error(raw: dict[str, Any], source: str = "config.yaml") -> str:
+    with pytest.raises(LayercardError) as e:
+        parse_config(raw, source=source)
+    return str(e.value)
+
+
+def test_config_errors_name_the_key(tmp_path):
+    base = tiny_config(tmp_path / "model")
+    bad_steps = apply_overrides(base, ["train.steps=-3"])
+    assert _error(bad_steps) == "config.yaml: train.steps: must be a positive integer, got -3"
+    msg = _error(apply_overrides(base, ["train.stpes=3"]))
+    assert msg.startswith("config.yaml: train.stpes: unknown key (did you mean steps?)")
+    msg = _error(apply_overrides(base, ["placements.all.policy=everything"]))
+    assert msg.startswith("config.yaml: placements[all].policy: must be one of card, ")
+    assert "got 'everything'" in msg
+    assert _error({**base, "colour": 1}).startswith("config.yaml: colour: unknown key")
+    assert _error(apply_overrides(base, ["card.coupling=maybe"])) == (
+        "config.yaml: card.coupling: must be true or false, got 'maybe'"
+    )
+    assert "placements[card-2].budget" in _error(apply_overrides(base, ["placements.0.budget=rooms=3"]))
+    assert "placements[card-2]: policy card needs a budget" in _error(
+        apply_overrides(base, ["placements.0.budget=null"])
+    )
+    dup = apply_overrides(base, ["placements.1.name=card-2"])
+    assert "name 'card-2' is used twice" in _error(dup)
+    assert "trim.placement: 'nope' is not a placement" in _error(
+        apply_overrides(base, ["trim.placement=nope"])
+    )
+    assert "task: required key" in _error({k: v for k, v in base.items() if k != "task"})
+    assert "eval.metrics: unknown metric 'accuracy'" in _error(
+        apply_overrides(base, ["eval.metrics=accuracy"])
+    )
+    # YAML flow mappings split `roles: q,v` at the comma; the error says how to write it
+    flow = yaml.safe_load("{roles: q,v, examples: 8}")
+    assert "write roles: 'q,v'" in _error({**base, "card": flow})
+
+
+def test_config_values_typed_and_defaults_filled(tmp_path):
+    cfg = parse_config(tiny_config(tmp_path), source="c.yaml")
+    assert cfg.train.lr == 1e-3  # "1e-3" is a string to PyYAML; numbers in strings are accepted
+    assert cfg.card.seed == cfg.train.seed == cfg.eval.seed == cfg.placements[0].plan.seed == 0
+    assert cfg.to_dict()["card"]["coupling"] is True
+    over = load_config(write_config(tmp_path, tiny_config(tmp_path)), ["train.steps=10", "card.roles=[q, k]"])
+    assert over.train.steps == 10 and over.card.roles == "q,k"
+    with pytest.raises(LayercardError, match="expected KEY=VALUE"):
+        apply_overrides({}, ["train.steps"])
+    with pytest.raises(LayercardError, match=r"placements\.x: no such list entry"):
+        apply_overrides(tiny_config(tmp_path), ["placements.x.rank=2"])
+    no_steps = tiny_config(tmp_path)
+    del no_steps["train"]["steps"]
+    epochs = parse_config(apply_overrides(no_steps, ["train.epochs=0.5"]))
+    assert epochs.train.steps is None and epochs.train.epochs == 0.5
+
+
+def test_demo_config_is_packaged_and_valid():
+    cfg = load_config(demo_config_path())
+    assert cfg.model == "smollm2" and [p.name for p in cfg.placements] == ["card-8", "all"]
+    assert cfg.trim.enabled and cfg.trim.placement == "all"
+
+
+def test_reference_config_lists_every_key_with_its_default():
+    """configs/reference.yaml documents each key at its default: it must parse to the defaults exactly."""
+    ref = load_config(demo_config_path().with_name("reference.yaml")).to_dict()
+    minimal = {
+        "task": "synthetic:facts",
+        "placements": [{"name": "card-8", "policy": "card", "budget": "layers=8"}],
+    }
+    assert ref == parse_config(minimal).to_dict()
+    raw = yaml.safe_load(demo_config_path().with_name("reference.yaml").read_text())
+    for section in ("card", "train", "trim", "eval"):
+        assert set(raw[section]) == set(ref[section]), section  # no key missing from the reference
+
+
+def test_config_error_writes_nothing(tmp_path):
+    cfg = write_config(tmp_path, apply_overrides(tiny_config(tmp_path), ["train.steps=-3"]))
+    out = tmp_path / "run"
+    r = CliRunner().invoke(app, ["run", str(cfg), "--out", str(out)])
+    assert r.exit_code == 2
+    assert f"{cfg}: train.steps: must be a positive integer, got -3" in r.output
+    assert not out.exists()
+    r = CliRunner().invoke(
+        app, ["run", str(cfg), "--set", "train.steps=2", "--set", "task.train=nope", "--out", str(out)]
+    )
+    assert r.exit_code == 2 and "task.train: unknown task 'nope'" in r.output
+    assert not out.exists()
+    r = CliRunner().invoke(
+        app,
+        ["run", str(cfg), "--set", "train.steps=2", "--set", f"model={tmp_path / 'none'}", "--out", str(out)],
+    )
+    assert r.exit_code == 2 and f"{cfg}: model: model '{tmp_path / 'none'}': not a built-in" in r.output
+    assert not out.exists()
+
+
+# ---------------------------------------------------------------- CLI
+
+
+def test_cli_run_json_and_tables(tiny_run, tmp_path):
+    cfg_path, run_dir, _ = tiny_run
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    r = CliRunner().invoke(app, ["run", str(cfg_path), "--out", str(copy), "--json"])
+    assert r.exit_code == 0, r.output
+    d = json.loads(r.stdout)
+    assert d["ran"] == [] and Path(d["report"]["html"]).is_file()
+    assert [row["name"] for row in d["rows"]] == ["base", "card-2", "all", "all-trimmed"]
+    r = CliRunner().invoke(app, ["run", str(cfg_path), "--out", str(copy), "--set", "eval.batch_size=2"])
+    assert r.exit_code == 0, r.output
+    assert "eval:all · ran" in r.output and "card: skipped (inputs unchanged)" in r.output
+    assert "comparison" in r.output and "report:" in r.output
+
+
+def test_demo_command_runs_the_packaged_config(tmp_path):
+    """`demo` is `run` on the packaged demo.yaml; here shrunk onto the tiny model with --set."""
+    model = make_model_dir(tmp_path)
+    sets = [
+        f"model={model}",
+        "placements.card-8.score=gradnorm",
+        "placements.card-8.budget=layers=2",
+        "card.examples=8",
+        "card.max_length=64",
+        "card.coupling_examples=4",
+        "train.steps=2",
+        "train.max_length=64",
+        "train.eval_examples=4",
+        "train.checkpoint_every=0",
+        "trim.examples=4",
+        "trim.max_length=96",
+        "eval.examples=4",
+        "eval.max_new_tokens=4",
+    ]
+    args = ["demo", "--out", str(tmp_path / "demo"), "--json"]
+    for s in sets:
+        args += ["--set", s]
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 0, r.output
+    d = json.loads(r.stdout)
+    assert [row["name"] for row in d["rows"]] == ["base", "card-8", "all", "all-trimmed"]
+    assert d["ran"][-1] == "report" and Path(d["report"]["html"]).is_file()
+    assert Path(d["summary"]).is_file()
+
+
+def test_switching_trim_off_reruns_only_the_report(tiny_run, tmp_path):
+    cfg_path, run_dir, _ = tiny_run
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    summary = run_pipeline(load_config(cfg_path, ["trim=false"]), copy, progress=False)
+    assert summary["ran"] == ["report"]
+    assert [r["name"] for r in summary["rows"]] == ["base", "card-2", "all"]
+    text = (copy / "report.html").read_text()
+    assert "Trimming was not run" in text and "all-trimmed" not in text

@@ -1,0 +1,167 @@
+"""The run report: sections, inline figures, markdown, the report command, and a headless-Chromium render."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from conftest import REPO
+from test_pipeline import make_run
+from typer.testing import CliRunner
+
+from layercard.cli import app
+from layercard.errors import LayercardError
+from layercard.report import build_report
+
+SECTIONS = [
+    "Headline: quality against cost",
+    "Layer Card",
+    "Coupling matrix",
+    "Plans",
+    "Training",
+    "Boundary trace and trimming",
+    "Predicted vs measured gain",
+    "Quality vs cost",
+    "Evaluation",
+    "Provenance",
+]
+FIGURES = [
+    "card_heatmap.png",
+    "card_profiles.png",
+    "card_coupling.png",
+    "placements.png",
+    "training.png",
+    "trace.png",
+    "gain.png",
+    "quality_cost.png",
+]
+ARTIFACTS = REPO / "test-artifacts"
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    return make_run(tmp_path_factory.mktemp("report"))[1]
+
+
+def _data_images(text: str) -> list[bytes]:
+    return [base64.b64decode(m) for m in re.findall(r'<img [^>]*src="data:image/png;base64,([^"]+)"', text)]
+
+
+def test_report_sections_and_inline_figures(run_dir):
+    text = (run_dir / "report.html").read_text()
+    heads = re.findall(r"<h2[^>]*>([^<]+)</h2>", text)
+    assert heads == SECTIONS
+    images = _data_images(text)
+    assert len(images) == len(FIGURES) == text.count("<img")
+    assert all(img.startswith(PNG_MAGIC) and len(img) > 2000 for img in images)
+    # self-contained: nothing is fetched from anywhere
+    assert not re.search(r'(src|href)="(?!data:)', text)
+    for word in ("card-2", "all-trimmed", "chosen K", "exact_match", "loss drop"):
+        assert word in text
+    md = (run_dir / "report.md").read_text()
+    assert [h for h in re.findall(r"^## (.+)$", md, flags=re.M)] == SECTIONS
+    links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
+    assert sorted(Path(x).name for x in links) == sorted(FIGURES)
+    assert all((run_dir / x).is_file() for x in links)
+    # writes are atomic: no temporary siblings left behind
+    assert not [p for p in run_dir.iterdir() if p.name.startswith(".")]
+
+
+def test_report_command_other_path_and_json(run_dir, tmp_path):
+    out = tmp_path / "elsewhere" / "r.html"
+    r = CliRunner().invoke(app, ["report", str(run_dir), "--out", str(out), "--json"])
+    assert r.exit_code == 0, r.output
+    d = json.loads(r.stdout)
+    assert d["html"] == str(out) and Path(d["markdown"]) == out.with_suffix(".md")
+    assert sorted(Path(f).name for f in d["figures"]) == sorted(FIGURES)
+    assert len(_data_images(out.read_text())) == len(FIGURES)
+    r = CliRunner().invoke(app, ["report", str(tmp_path)])
+    assert r.exit_code == 2 and "not a layercard run folder" in r.output
+
+
+def test_report_with_missing_stages(run_dir, tmp_path):
+    """A run without trimming or a base evaluation still reports, saying what is missing."""
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    shutil.rmtree(copy / "trim")
+    shutil.rmtree(copy / "eval" / "trimmed")
+    shutil.rmtree(copy / "eval" / "base")
+    paths = build_report(copy)
+    text = Path(paths["html"]).read_text()
+    assert "Trimming was not run" in text
+    assert "Needs plans and the evaluations of the base model" in text
+    assert "all-trimmed" not in text
+    assert not (copy / "figures" / "trace.png").exists()  # a stale figure of the earlier report is gone
+    with pytest.raises(LayercardError, match="no such run folder"):
+        build_report(tmp_path / "nope")
+
+
+# ---------------------------------------------------------------- headless Chromium
+
+
+def _chromium() -> str:
+    """Path of Debian's chromium, installing it when missing (root with apt), else a skip saying why."""
+    for name in ("chromium", "chromium-browser"):
+        found = shutil.which(name)
+        if found:
+            return found
+    if os.geteuid() != 0 or shutil.which("apt-get") is None:
+        pytest.skip(
+            "chromium is not installed and cannot be (needs root and apt-get): apt-get install chromium"
+        )
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    cmd = ["apt-get", "install", "-y", "-q", "chromium"]
+    try:
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+        if done.returncode != 0:  # a stale package list: refresh once and retry
+            subprocess.run(["apt-get", "update", "-q"], env=env, capture_output=True, timeout=600)
+            done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    except subprocess.TimeoutExpired:
+        pytest.skip("installing chromium with apt-get timed out")
+    found = shutil.which("chromium")
+    if found is None:
+        tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
+        pytest.skip(f"apt-get install chromium failed: {tail[0]}")
+    return found
+
+
+def test_report_renders_in_headless_chromium(run_dir, tmp_path):
+    chromium = _chromium()
+    ARTIFACTS.mkdir(exist_ok=True)
+    shot = ARTIFACTS / "report_screenshot.png"
+    shot.unlink(missing_ok=True)
+    cmd = [
+        chromium,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={tmp_path / 'chromium-profile'}",
+        f"--screenshot={shot}",
+        "--window-size=1280,4000",
+        (run_dir / "report.html").resolve().as_uri(),
+    ]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
+    assert shot.is_file(), f"chromium wrote no screenshot (exit {done.returncode}): {done.stderr[-500:]}"
+    data = shot.read_bytes()
+    assert data.startswith(PNG_MAGIC) and len(data) > 50_000
+    width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+    assert (width, height) == (1280, 4000)
+    # Not a blank page: the rendered figures and tables cover a good part of the screenshot.
+    import matplotlib.image
+
+    pixels = matplotlib.image.imread(str(shot))[..., :3]
+    not_white = (pixels < 0.95).any(axis=-1).mean()
+    colourful = (pixels.max(axis=-1) - pixels.min(axis=-1) > 0.2).mean()
+    assert not_white > 0.05 and colourful > 0.01, (not_white, colourful)
