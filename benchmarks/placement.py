@@ -16,9 +16,10 @@ Phases, each a sub-command (``all`` runs them in order, skipping whatever is cac
     trim      trim the all-30 run of each task (layercard.trim.trim) and evaluate the trimmed adapter
     report    JSON + markdown tables + PNG plots under RESULTS (works on partial results, listing the gaps)
 
-Every train+eval run is cached as ROOT/runs/<sha256 of its full config>/result.json (and copied to the
-committed ledger RESULTS/placement_runs/<sha256>.json, as cards are to RESULTS/placement_cards/), written last and
-atomically: a crashed run leaves no result.json and is redone from scratch. The config is what is trained
+Every train+eval run is cached as ROOT/runs/<sha256 of its full config>/result.json, written last and
+atomically: a crashed run leaves no result.json and is redone from scratch. Finished runs are also copied
+to the committed ledger RESULTS/placement_runs/<sha256>.json (cards to RESULTS/placement_cards/), so a
+fresh checkout resumes where the last sitting stopped. The config is what is trained
 and evaluated (model and data hashes, layers, LoRA config, training and evaluation settings), so two
 policies that pick the same layers share one run, and a changed card only re-runs placements that moved.
 
