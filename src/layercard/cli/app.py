@@ -67,6 +67,12 @@ def main(
     _STATE["debug"] = debug
 
 
+# Options that every model-loading command shares.
+DtypeOpt = Annotated[str, typer.Option(help="float32 | bfloat16 | float16.")]
+DeviceOpt = Annotated[str, typer.Option(help="auto | cpu | cuda.")]
+TrustOpt = Annotated[bool, typer.Option(help="Allow the model's own code from its folder (off by default).")]
+
+
 def emit_json(obj: Any) -> None:
     sys.stdout.write(json.dumps(obj, indent=1, default=str) + "\n")
 

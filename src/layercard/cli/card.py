@@ -9,7 +9,17 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from layercard.cli.app import app, console, emit_json, guard, load_cli_model, progress_flag
+from layercard.cli.app import (
+    DeviceOpt,
+    DtypeOpt,
+    TrustOpt,
+    app,
+    console,
+    emit_json,
+    guard,
+    load_cli_model,
+    progress_flag,
+)
 from layercard.errors import LayercardError
 
 
@@ -80,9 +90,9 @@ def card_cmd(
     lora_rank: Annotated[int, typer.Option(help="LoRA rank for params and the first-step rate.")] = 8,
     lr: Annotated[float, typer.Option(help="Learning rate assumed by the first-step rate.")] = 1e-3,
     seed: int = 0,
-    dtype: Annotated[str, typer.Option(help="float32 | bfloat16 | float16.")] = "float32",
-    device: Annotated[str, typer.Option(help="auto | cpu | cuda.")] = "auto",
-    trust_remote_code: bool = False,
+    dtype: DtypeOpt = "float32",
+    device: DeviceOpt = "auto",
+    trust_remote_code: TrustOpt = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout.")] = False,
 ) -> None:
     """Measure the frozen model on a task: the Layer Card (card.json, card.md, PNG figures)."""

@@ -9,7 +9,17 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from layercard.cli.app import app, console, emit_json, guard, load_cli_model, progress_flag
+from layercard.cli.app import (
+    DeviceOpt,
+    DtypeOpt,
+    TrustOpt,
+    app,
+    console,
+    emit_json,
+    guard,
+    load_cli_model,
+    progress_flag,
+)
 from layercard.errors import LayercardError
 
 
@@ -47,9 +57,9 @@ def eval_cmd(
         int | None, typer.Option(help="Cap on prompt+target tokens for the loss (default: format limits).")
     ] = None,
     seed: Annotated[int, typer.Option(help="Seed of the example subset and of synthetic tasks.")] = 0,
-    dtype: Annotated[str, typer.Option(help="float32 | bfloat16 | float16.")] = "float32",
-    device: Annotated[str, typer.Option(help="auto | cpu | cuda.")] = "auto",
-    trust_remote_code: bool = False,
+    dtype: DtypeOpt = "float32",
+    device: DeviceOpt = "auto",
+    trust_remote_code: TrustOpt = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
     """Generate greedily on a task, score it with the task metrics and write eval.json + predictions.jsonl."""

@@ -8,7 +8,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from layercard.cli.app import app, console, emit_json, guard, load_cli_model
+from layercard.cli.app import TrustOpt, app, console, emit_json, guard, load_cli_model
 from layercard.errors import LayercardError
 
 
@@ -57,7 +57,7 @@ def plan_cmd(
     ] = None,
     dtype: Annotated[str, typer.Option(help="dtype for --check-model.")] = "float32",
     device: Annotated[str, typer.Option(help="Device for --check-model.")] = "cpu",
-    trust_remote_code: bool = False,
+    trust_remote_code: TrustOpt = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout.")] = False,
 ) -> None:
     """Place adapters from a Layer Card under a budget: plan.json with a ready PEFT LoraConfig."""

@@ -8,7 +8,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from layercard.cli.app import app, console, emit_json, guard, load_cli_model, progress_flag
+from layercard.cli.app import TrustOpt, app, console, emit_json, guard, load_cli_model, progress_flag
 from layercard.errors import LayercardError
 
 
@@ -98,7 +98,7 @@ def train_cmd(
     dtype: Annotated[
         str, typer.Option(help="Weights dtype of the loaded base: float32 | bfloat16.")
     ] = "float32",
-    trust_remote_code: bool = False,
+    trust_remote_code: TrustOpt = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print train_metrics as JSON.")] = False,
 ) -> None:
     """Train the adapters a plan places; write adapter/, train_metrics.json and checkpoints/ under --out."""

@@ -9,7 +9,17 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from layercard.cli.app import app, console, emit_json, guard, load_cli_model, progress_flag
+from layercard.cli.app import (
+    DeviceOpt,
+    DtypeOpt,
+    TrustOpt,
+    app,
+    console,
+    emit_json,
+    guard,
+    load_cli_model,
+    progress_flag,
+)
 from layercard.errors import LayercardError
 
 ModelOpt = Annotated[
@@ -84,9 +94,9 @@ def trace_cmd(
     batch_size: Annotated[int, typer.Option(help="Forward batch size.")] = 8,
     max_length: Annotated[int | None, typer.Option(help="Max prompt+target tokens per example.")] = 256,
     seed: Annotated[int, typer.Option(help="Seed of the example subset and of synthetic tasks.")] = 0,
-    dtype: Annotated[str, typer.Option(help="float32 | bfloat16 | float16.")] = "float32",
-    device: Annotated[str, typer.Option(help="auto | cpu | cuda.")] = "auto",
-    trust_remote_code: bool = False,
+    dtype: DtypeOpt = "float32",
+    device: DeviceOpt = "auto",
+    trust_remote_code: TrustOpt = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print the trace as JSON.")] = False,
 ) -> None:
     """Logit lens per layer (P of the gold target tokens), adapter on and off; boundary candidates."""
@@ -157,9 +167,9 @@ def trim_cmd(
         typer.Option("--export-merged", help="Also save the base with the trimmed LoRA merged here."),
     ] = None,
     seed: Annotated[int, typer.Option(help="Seed of the example subset and of synthetic tasks.")] = 0,
-    dtype: Annotated[str, typer.Option(help="float32 | bfloat16 | float16.")] = "float32",
-    device: Annotated[str, typer.Option(help="auto | cpu | cuda.")] = "auto",
-    trust_remote_code: bool = False,
+    dtype: DtypeOpt = "float32",
+    device: DeviceOpt = "auto",
+    trust_remote_code: TrustOpt = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print trim.json as JSON.")] = False,
 ) -> None:
     """Sweep the boundary layer K, pick the best, export adapter-trimmed/ (and optionally a merged model)."""
