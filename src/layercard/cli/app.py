@@ -6,6 +6,7 @@ import functools
 import json
 import sys
 import traceback
+import warnings
 from collections.abc import Callable
 from typing import Annotated, Any, TypeVar
 
@@ -65,6 +66,8 @@ def main(
     debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks.")] = False,
 ) -> None:
     _STATE["debug"] = debug
+    # PEFT still calls a transformers attribute deprecated in v5; the message says nothing to our users.
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
 
 # Options that every model-loading command shares.
