@@ -212,7 +212,8 @@ def _write(state, out_json: Path) -> None:
             if k.split("#")[0] == m
         ]
         lines.append(
-            f"| {m} | {s['median_s']:.2f} | {', '.join(f'{v:.2f}' for v in s['runs_s'])} | "
+            f"| {m} | {s['median_s']:.2f} | {s['min_s']:.2f} | "
+            f"{', '.join(f'{v:.2f}' for v in s['runs_s'])} | "
             f"{s['peak_rss_mib']:.0f} | {', '.join(loads)} |"
         )
     lines += [
