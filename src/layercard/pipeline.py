@@ -1062,8 +1062,9 @@ class _Runner:
                 ("steps", f"{m['steps']} ({m['epochs']:.2f} epochs)"),
                 ("trainable params", f"{m['trainable_params']:,}"),
                 (
-                    "s/step measured / predicted",
-                    f"{_fmt(m['s_per_step'], '.3f')} / {_fmt(m.get('predicted_step_time_s'), '.3f')}",
+                    "s/step measured / predicted (at these tokens/step)",
+                    f"{_fmt(m['s_per_step'], '.3f')} / "
+                    f"{_fmt(m.get('predicted_step_time_scaled_s') or m.get('predicted_step_time_s'), '.3f')}",
                 ),
                 ("train loss first → last", f"{_fmt(m['first_train_loss'])} → {_fmt(m['final_train_loss'])}"),
                 ("final val loss", _fmt(m.get("final_val_loss"))),

@@ -558,7 +558,7 @@ def _train_table(metrics: dict[str, dict[str, Any]]) -> Table:
             name,
             str(m["steps"]),
             _f(m.get("s_per_step"), ".3f"),
-            _f(m.get("predicted_step_time_s"), ".3f"),
+            _f(m.get("predicted_step_time_scaled_s") or m.get("predicted_step_time_s"), ".3f"),
             _f(m.get("tokens_per_s"), ",.0f"),
             _f(m.get("peak_memory_mib"), ",.0f"),
             f"{_f(m.get('first_train_loss'))} → {_f(m.get('final_train_loss'))}",

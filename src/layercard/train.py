@@ -760,6 +760,13 @@ def train(
             "batch_size": cfg.batch_size * cfg.grad_accum,
             "batch_tokens_per_step": tokens_seen / step if step else None,
             "step_time_ratio": (s_per_step / predicted) if predicted and s_per_step else None,
+            # The cost model was calibrated on the card's batch; CPU step time grows about linearly with
+            # tokens, so the prediction is also given rescaled to this run's tokens per step.
+            "predicted_step_time_scaled_s": (
+                predicted * (tokens_seen / step) / calib_tokens
+                if predicted and calib_tokens and step
+                else None
+            ),
             "resumed_from": resumed_from,
         }
         wall = prior_wall + time.perf_counter() - t_start

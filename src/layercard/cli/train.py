@@ -161,6 +161,9 @@ def _print_summary(m: dict[str, Any]) -> None:
         "s/step measured / predicted",
         f"{_fmt(m['s_per_step'], '.3f')} / {_fmt(pred, '.3f')}" + (f"  (×{ratio:.2f})" if ratio else ""),
     )
+    scaled = m.get("predicted_step_time_scaled_s")
+    if scaled:
+        tbl.add_row("predicted s/step at this run's tokens/step", _fmt(scaled, ".3f"))
     tbl.add_row("tokens/s", _fmt(m["tokens_per_s"], ",.0f"))
     tbl.add_row(f"peak memory ({m['peak_memory_kind']})", f"{m['peak_memory_mib']:,.0f} MiB")
     tbl.add_row(
