@@ -20,8 +20,9 @@ schema version) and ``adapter_model.safetensors``. :func:`load_adapter` also ope
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -381,3 +382,44 @@ def load_adapter(model: nn.Module, path: str | Path, *, is_trainable: bool = Fal
     raise LayercardError(
         f"{folder}: not an adapter folder; looked for {PEFT_CONFIG_FILE} (PEFT) and {CONFIG_FILE} (layercard)"
     )
+
+
+def _adapter_modules(model: nn.Module) -> set[str]:
+    """Names of modules that belong to an adapter library or to layercard's adapters."""
+    return {
+        name
+        for name, m in model.named_modules()
+        if type(m).__module__.startswith(("peft.", "layercard.adapters"))
+    }
+
+
+@contextlib.contextmanager
+def attached(base: nn.Module, adapter: str | Path) -> Iterator[nn.Module]:
+    """The base with ``adapter`` attached for the block; detached again afterwards, even on error.
+
+    Callers reuse ``loaded.model`` (e.g. evaluate several adapters or trim levels on one base), so the
+    base must come back exactly as it was: adapter layers or hooks removed and ``requires_grad`` flags
+    restored (attaching freezes every base parameter).
+    """
+    before = _adapter_modules(base)
+    had = attached_adapters(base)
+    grads = {n: p.requires_grad for n, p in base.named_parameters()}
+    adapted = load_adapter(base, adapter, is_trainable=False)
+    try:
+        yield adapted
+    finally:
+        if adapted is not base and callable(getattr(adapted, "unload", None)):
+            adapted.unload()  # PeftModel: swaps every LoRA wrapper back to its base_layer, no merge
+        else:
+            aset = attached_adapters(base)  # layercard bottleneck adapters: hooks + a submodule
+            if aset is not None and aset is not had:
+                aset.remove()
+        for n, p in base.named_parameters():
+            if n in grads:
+                p.requires_grad_(grads[n])
+        left = _adapter_modules(base) - before
+        if left:
+            raise LayercardError(
+                f"adapter {adapter}: {len(left)} adapter modules stayed attached to the base model "
+                f"after use (e.g. {sorted(left)[0]})"
+            )

@@ -47,6 +47,15 @@ def sha256_json(obj: Any) -> str:
     return sha256_bytes(json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str).encode())
 
 
+def hash_folder(folder: Path) -> str:
+    """sha256 over a small folder's file names and bytes (adapters are KB to a few MB)."""
+    h = hashlib.sha256()
+    for f in sorted(p for p in folder.rglob("*") if p.is_file()):
+        h.update(f"{f.relative_to(folder)}\n".encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()
+
+
 @dataclasses.dataclass(frozen=True)
 class Provenance:
     """Where an artifact came from: enough to tell whether two artifacts are comparable."""

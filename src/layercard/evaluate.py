@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import json
 import math
 import time
@@ -26,7 +25,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from layercard.artifacts import SCHEMA_VERSION, Provenance, read_json, write_json, write_text
+from layercard.adapters import attached
+from layercard.artifacts import SCHEMA_VERSION, Provenance, hash_folder, read_json, write_json, write_text
 from layercard.errors import LayercardError
 from layercard.progress import track
 from layercard.tasks import (
@@ -380,58 +380,6 @@ class EvalResult:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _hash_folder(folder: Path) -> str:
-    """sha256 over a small folder's file names and bytes (adapters are KB to a few MB)."""
-    h = hashlib.sha256()
-    for f in sorted(p for p in folder.rglob("*") if p.is_file()):
-        h.update(f"{f.relative_to(folder)}\n".encode())
-        h.update(f.read_bytes())
-    return h.hexdigest()
-
-
-def _adapter_modules(model: nn.Module) -> set[str]:
-    """Names of modules that belong to an adapter library or to layercard's adapters."""
-    return {
-        name
-        for name, m in model.named_modules()
-        if type(m).__module__.startswith(("peft.", "layercard.adapters"))
-    }
-
-
-@contextlib.contextmanager
-def _attached(base: nn.Module, adapter: Path) -> Iterator[nn.Module]:
-    """The base with ``adapter`` attached for the block; detached again afterwards, even on error.
-
-    Callers reuse ``loaded.model`` (e.g. evaluate several adapters or trim levels on one base), so the
-    base must come back exactly as it was: adapter layers or hooks removed and ``requires_grad`` flags
-    restored (attaching freezes every base parameter).
-    """
-    from layercard.adapters import attached_adapters, load_adapter
-
-    before = _adapter_modules(base)
-    had = attached_adapters(base)
-    grads = {n: p.requires_grad for n, p in base.named_parameters()}
-    adapted = load_adapter(base, adapter, is_trainable=False)
-    try:
-        yield adapted
-    finally:
-        if adapted is not base and callable(getattr(adapted, "unload", None)):
-            adapted.unload()  # PeftModel: swaps every LoRA wrapper back to its base_layer, no merge
-        else:
-            aset = attached_adapters(base)  # layercard bottleneck adapters: hooks + a submodule
-            if aset is not None and aset is not had:
-                aset.remove()
-        for n, p in base.named_parameters():
-            if n in grads:
-                p.requires_grad_(grads[n])
-        left = _adapter_modules(base) - before
-        if left:
-            raise LayercardError(
-                f"adapter {adapter}: {len(left)} adapter modules stayed attached to the base model "
-                f"after evaluation (e.g. {sorted(left)[0]})"
-            )
-
-
 def evaluate(
     loaded: Any,
     task: Task,
@@ -460,9 +408,9 @@ def evaluate(
     tok = loaded.tokenizer
 
     attach = adapter_dir is not None and model is None
-    ctx = _attached(loaded.model, adapter_dir) if attach else contextlib.nullcontext()
-    with ctx as attached:
-        net = model if model is not None else (attached if attached is not None else loaded.model)
+    ctx = attached(loaded.model, adapter_dir) if attach else contextlib.nullcontext()
+    with ctx as adapted:
+        net = model if model is not None else (adapted if adapted is not None else loaded.model)
         texts, timing = generate(
             net,
             tok,
@@ -485,7 +433,7 @@ def evaluate(
     prov_config = {**config, "model_override": model is not None}
     if adapter_dir is not None:
         prov_config["adapter"] = str(adapter_dir)
-        prov_config["adapter_hash"] = _hash_folder(adapter_dir)
+        prov_config["adapter_hash"] = hash_folder(adapter_dir)
     provenance = Provenance.make(
         stage="eval",
         model_id=loaded.model_id,

@@ -37,7 +37,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-import hashlib
 import json
 import math
 import re
@@ -50,7 +49,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from layercard.artifacts import SCHEMA_VERSION, Provenance, atomic_path, read_json, write_json
+from layercard.adapters import attached
+from layercard.artifacts import SCHEMA_VERSION, Provenance, atomic_path, hash_folder, read_json, write_json
 from layercard.errors import LayercardError
 from layercard.progress import track
 from layercard.tasks import METRICS, Example, Task, batches, compute_metrics, encode_task
@@ -933,38 +933,6 @@ def export_merged(
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _hash_folder(folder: Path) -> str:
-    """sha256 over a small folder's file names and bytes (adapters are KB to a few MB)."""
-    h = hashlib.sha256()
-    for f in sorted(p for p in folder.rglob("*") if p.is_file()):
-        h.update(f"{f.relative_to(folder)}\n".encode())
-        h.update(f.read_bytes())
-    return h.hexdigest()
-
-
-@contextlib.contextmanager
-def _attached(base: nn.Module, adapter_dir: Path) -> Iterator[nn.Module]:
-    """``base`` with the adapter attached for the block; detached afterwards (even on error), with the
-    base's ``requires_grad`` flags restored, so one loaded base serves many adapters."""
-    from layercard.adapters import attached_adapters, load_adapter
-
-    grads = {n: p.requires_grad for n, p in base.named_parameters()}
-    had = attached_adapters(base)
-    adapted = load_adapter(base, adapter_dir, is_trainable=False)
-    try:
-        yield adapted
-    finally:
-        if adapted is not base and callable(getattr(adapted, "unload", None)):
-            adapted.unload()  # PeftModel: every LoRA wrapper back to its base layer, no merge
-        else:
-            aset = attached_adapters(base)
-            if aset is not None and aset is not had:
-                aset.remove()
-        for n, p in base.named_parameters():
-            if n in grads:
-                p.requires_grad_(grads[n])
-
-
 def _subset(task: Task, n: int | None, seed: int) -> Task:
     sub = task.subset(n, seed=seed) if n is not None else task
     if len(sub) == 0:
@@ -1009,8 +977,8 @@ def run_trace(
     adapter = Path(adapter_dir)
     _adapter_kind(adapter)
     sub = _subset(task, cfg.examples, cfg.seed)
-    with _attached(loaded.model, adapter) as model:
-        return _traced(model, loaded, adapter, _hash_folder(adapter), task, sub, cfg, progress)
+    with attached(loaded.model, adapter) as model:
+        return _traced(model, loaded, adapter, hash_folder(adapter), task, sub, cfg, progress)
 
 
 def _reusable_trace(path: Path, loaded: Any, sub: Task, cfg: TraceConfig, adapter_hash: str) -> Trace | None:
@@ -1109,7 +1077,7 @@ def trim(
         tok, sub, examples, metrics=names, batch_size=cfg.batch_size, max_new_tokens=max_new,
         max_length=cfg.max_length,
     )  # fmt: skip
-    adapter_hash = _hash_folder(adapter)
+    adapter_hash = hash_folder(adapter)
     probe = _probe_batch(tok, sub, cfg)
 
     def gen_timer(net: nn.Module) -> Callable[[], float]:
@@ -1126,7 +1094,7 @@ def trim(
     tr: Trace | None = None
     timings: dict[str, float] = {}
 
-    with _attached(loaded.model, adapter) as model:
+    with attached(loaded.model, adapter) as model:
         from layercard.models import num_layers
 
         n_layers = num_layers(model)
@@ -1162,7 +1130,7 @@ def trim(
     trimmed_dir = out / TRIMMED_DIR
     with atomic_path(trimmed_dir) as tmp:
         export = _write_trimmed(adapter, tmp, chosen, loaded.model)
-        with _attached(loaded.model, tmp) as trimmed_model:
+        with attached(loaded.model, tmp) as trimmed_model:
             got = _logits(trimmed_model, probe)
             diff = _max_diff(got, ref_logits, probe["attention_mask"])
             scale = max(1.0, float(ref_logits.abs().max()))
