@@ -1,6 +1,6 @@
 """Placement benchmark: does card-guided placement beat fixed rules at the same budget, on real data?
 
-The issue's claim under test: at the same layer budget, card-guided LoRA placement beats fixed rules and
+The claim under test: at the same layer budget, card-guided LoRA placement beats fixed rules and
 comes close to all-layer LoRA at a fraction of its cost. Model smollm2; tasks e2e_nlg (train on
 validation, evaluate on test), sst2 (train → validation), gsm8k (train → test, subsets) and samsum
 (train on validation, evaluate on test), all from ../shared/data.
