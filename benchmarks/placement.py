@@ -1416,18 +1416,7 @@ def print_estimate(est: dict[str, Any]) -> None:
 # Report
 # ---------------------------------------------------------------------------------------------------------
 
-_POLICY_ORDER = (
-    "card",
-    "card-additive",
-    "card-stratified",
-    "gradnorm",
-    "top",
-    "bottom",
-    "middle",
-    "uniform",
-    "random",
-    "all",
-)
+_POLICY_ORDER = (*FULL_POLICIES, "all")
 
 
 def _grid_rows(rows: list[dict[str, Any]], task: str) -> list[dict[str, Any]]:
