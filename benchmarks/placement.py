@@ -556,6 +556,7 @@ class Bench:
         self.results = results
         self.task_names = tuple(tasks)
         self.only = only
+        self.groups: set[str] | None = None
         self.limit_runs = limit_runs
         self.new_runs = 0
         self._loaded: Any = None
@@ -1106,6 +1107,8 @@ class Bench:
             self.card(t)
             self.result(None, t, execute=True)
             for job in grid_jobs(self.s, [t], self.only):
+                if self.groups is not None and job.group not in self.groups:
+                    continue
                 r = self.result(job, t, execute=True)
                 if r is not None and r.get("status") == "no_plan":
                     print(f"[skip] {job.label}: {r['reason']}")
@@ -2341,6 +2344,7 @@ def _parse() -> argparse.Namespace:
     ap.add_argument("phase", nargs="?", choices=PHASES, help="what to run (default with --estimate: nothing)")
     ap.add_argument("--tasks", help="comma-separated subset of e2e_nlg,sst2,gsm8k,samsum")
     ap.add_argument("--only", help="policies phase: only these policies (comma-separated; 'all' = all-30)")
+    ap.add_argument("--groups", help="policies phase: only these job groups (grid, repeat; comma-separated)")
     ap.add_argument("--limit-runs", type=int, help="stop after this many new runs (train+eval, base or trim)")
     ap.add_argument("--refreeze", action="store_true", help="select: replace the frozen default score")
     ap.add_argument("--reason", help="select --refreeze: why (recorded with the before/after numbers)")
@@ -2383,6 +2387,11 @@ def main() -> None:
     if args.phase is not None:
         _fix_malloc()
     bench = Bench(settings, root, results, tasks=tasks, only=only, limit_runs=args.limit_runs)
+    if args.groups:
+        bench.groups = {g.strip() for g in args.groups.split(",") if g.strip()}
+        bad_groups = sorted(bench.groups - {"grid", "repeat"})
+        if bad_groups:
+            raise SystemExit(f"--groups: unknown {bad_groups}; valid: grid, repeat")
 
     est = None
     if args.estimate or args.phase in ("report", "all"):
