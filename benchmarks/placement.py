@@ -41,6 +41,7 @@ import dataclasses
 import hashlib
 import math
 import os
+import re
 import shutil
 import statistics
 import string
@@ -450,13 +451,20 @@ def _cheap_hash(model: Any) -> str:
     return h.hexdigest()
 
 
+# The planner's default-score declaration in the card package: which score the planner uses changes no
+# number in a card, so it is left out of the card code hash (the benchmark itself sets that default).
+_DEFAULT_DECL = re.compile(
+    rb"^(?:# .*\n)*DEFAULT_SCORE = .*?\n(?:DEFAULT_SCORE_BASIS = \(\n(?:    .*\n)*?\)\n)?", re.M
+)
+
+
 def _card_code_hash() -> str:
     """sha256 of the card package's source: a change to the card's definitions changes this."""
     import layercard.card as card_pkg
 
     h = hashlib.sha256()
     for f in sorted(Path(card_pkg.__file__).parent.glob("*.py")):
-        h.update(f.name.encode() + b"\n" + f.read_bytes())
+        h.update(f.name.encode() + b"\n" + _DEFAULT_DECL.sub(b"", f.read_bytes()))
     return h.hexdigest()
 
 

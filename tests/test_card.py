@@ -173,7 +173,7 @@ def test_cli_card_writes_artifacts(tiny_folder, tmp_path):
     r = CliRunner().invoke(app, _card_args(tiny_folder, "synthetic:facts", out, "--coupling", "--json"))
     assert r.exit_code == 0, r.output
     summary = json.loads(r.stdout)
-    assert summary["default_score"] == "rate"
+    assert summary["default_score"] == "gradnorm_energy"
     for name in ("card.json", "card.md", "card_heatmap.png", "card_profiles.png", "card_coupling.png"):
         assert (out / name).stat().st_size > 0
     assert (out / "card_heatmap.png").read_bytes()[:4] == b"\x89PNG"
