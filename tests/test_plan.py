@@ -95,6 +95,7 @@ def synthetic_card(gains, coupling=None, *, captured=None, d=32, cost=None) -> C
         provenance={}, config={"delta": 1e-3}, model={"id": "synthetic", "hash": "h" * 64, "family": "llama",
         "n_layers": n, "d_model": d}, task={"name": "t", "data_hash": "d" * 64}, roles=["q"], n_positions=10,
         n_target_tokens=10, loss=1.0, units=units, groups=groups, coupling=cpl, cost=cost,
+        default_score="rate",  # the gains above are rate gains
     )  # fmt: skip
 
 
