@@ -2188,12 +2188,20 @@ def _verdict(task: str, budget: str, e: dict[str, Any]) -> str:
             f"- budget {budget}: `card` ties with `{e['best_other']}` for the lowest test loss{part}.{tail}"
         )
     if e.get("card_wins"):
-        how = "a real lead" if real else "within noise, so not a real win"
+        how = (
+            "whether it is real is not known yet"
+            if thr is None
+            else ("a real lead" if real else "within noise, so not a real win")
+        )
         return (
             f"- budget {budget}: `card` has the lowest test loss{part}, {_f(-d, '.4f')} below "
             f"`{e['best_other']}` ({noise}: {how}).{tail}"
         )
-    how = "a real difference" if real else "within noise"
+    how = (
+        "whether it is real is not known yet"
+        if thr is None
+        else ("a real difference" if real else "within noise")
+    )
     return (
         f"- budget {budget}: **`card` does not win on {task}**{part}: `{e['best_other']}` is better by "
         f"{_f(d, '.4f')} test loss ({noise}: {how}); `card` ranks {e['card_rank_loss']} of "
