@@ -355,8 +355,10 @@ def single_jobs(s: Settings, tasks: Sequence[str]) -> list[Job]:
     return [Job(t, "single", "single", layer=layer) for t in tasks for layer in s.single_layers]
 
 
-def grid_jobs(s: Settings, tasks: Sequence[str], only: set[str] | None = None) -> list[Job]:
-    """The budget × policy grid, then the seed repeats; ``only`` keeps the named policies."""
+def grid_jobs(
+    s: Settings, tasks: Sequence[str], only: set[str] | None = None, groups: set[str] | None = None
+) -> list[Job]:
+    """The budget × policy grid, then the seed repeats; ``only``/``groups`` keep the named policies/groups."""
     jobs: list[Job] = []
     for t in tasks:
         ts = s.task(t)
@@ -373,7 +375,7 @@ def grid_jobs(s: Settings, tasks: Sequence[str], only: set[str] | None = None) -
         for seed in s.repeat_seeds:
             for p in s.repeat_policies:
                 jobs.append(Job(t, "repeat", p, None if p == "all" else s.repeat_budget, train_seed=seed))
-    return [j for j in jobs if only is None or j.policy in only]
+    return [j for j in jobs if (only is None or j.policy in only) and (groups is None or j.group in groups)]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -557,6 +559,7 @@ class Bench:
         *,
         tasks: Sequence[str],
         only: set[str] | None = None,
+        groups: set[str] | None = None,
         limit_runs: int | None = None,
     ) -> None:
         self.s = settings
@@ -564,7 +567,7 @@ class Bench:
         self.results = results
         self.task_names = tuple(tasks)
         self.only = only
-        self.groups: set[str] | None = None
+        self.groups = groups
         self.limit_runs = limit_runs
         self.new_runs = 0
         self._loaded: Any = None
@@ -1114,9 +1117,7 @@ class Bench:
         for t in self.task_names:
             self.card(t)
             self.result(None, t, execute=True)
-            for job in grid_jobs(self.s, [t], self.only):
-                if self.groups is not None and job.group not in self.groups:
-                    continue
+            for job in grid_jobs(self.s, [t], self.only, self.groups):
                 r = self.result(job, t, execute=True)
                 if r is not None and r.get("status") == "no_plan":
                     print(f"[skip] {job.label}: {r['reason']}")
@@ -2179,7 +2180,12 @@ def _verdict(task: str, budget: str, e: dict[str, Any]) -> str:
     if d is None:
         return f"- budget {budget}: `card` is the only policy measured so far."
     real = e.get("difference_real")
-    noise = f"seed spread {_f(thr, '.4f')}" if thr is not None else "no seed spread measured yet"
+
+    def judged(if_real: str, if_noise: str) -> str:
+        if thr is None:
+            return "no seed spread measured yet, so whether it is real is not known"
+        return f"seed spread {_f(thr, '.4f')}: {if_real if real else if_noise}"
+
     gap = e.get("card_gap_to_all30_pct")
     tail = f" Its gap to all-30 is {_f(gap, '.0f')}% of the all-30 improvement." if gap is not None else ""
     part = "" if e.get("complete") else " (not every policy measured yet)"
@@ -2188,24 +2194,14 @@ def _verdict(task: str, budget: str, e: dict[str, Any]) -> str:
             f"- budget {budget}: `card` ties with `{e['best_other']}` for the lowest test loss{part}.{tail}"
         )
     if e.get("card_wins"):
-        how = (
-            "whether it is real is not known yet"
-            if thr is None
-            else ("a real lead" if real else "within noise, so not a real win")
-        )
         return (
             f"- budget {budget}: `card` has the lowest test loss{part}, {_f(-d, '.4f')} below "
-            f"`{e['best_other']}` ({noise}: {how}).{tail}"
+            f"`{e['best_other']}` ({judged('a real lead', 'within noise, so not a real win')}).{tail}"
         )
-    how = (
-        "whether it is real is not known yet"
-        if thr is None
-        else ("a real difference" if real else "within noise")
-    )
     return (
         f"- budget {budget}: **`card` does not win on {task}**{part}: `{e['best_other']}` is better by "
-        f"{_f(d, '.4f')} test loss ({noise}: {how}); `card` ranks {e['card_rank_loss']} of "
-        f"{e['n_policies']}.{tail}"
+        f"{_f(d, '.4f')} test loss ({judged('a real difference', 'within noise')}); "
+        f"`card` ranks {e['card_rank_loss']} of {e['n_policies']}.{tail}"
     )
 
 
@@ -2396,18 +2392,16 @@ def main() -> None:
             raise SystemExit(
                 f"--only: unknown policies {sorted(bad)}; valid: {', '.join(FULL_POLICIES)}, all"
             )
+    groups = {g.strip() for g in args.groups.split(",") if g.strip()} if args.groups else None
+    if groups and groups - {"grid", "repeat"}:
+        raise SystemExit(f"--groups: unknown {sorted(groups - {'grid', 'repeat'})}; valid: grid, repeat")
     os.environ.setdefault("LAYERCARD_PROGRESS", "0")
     shared = REPO.parent / "shared" / "data"
     if shared.is_dir():  # PRESET:SPLIT specs resolve from any working directory
         os.environ.setdefault("LAYERCARD_DATA", str(shared))
     if args.phase is not None:
         _fix_malloc()
-    bench = Bench(settings, root, results, tasks=tasks, only=only, limit_runs=args.limit_runs)
-    if args.groups:
-        bench.groups = {g.strip() for g in args.groups.split(",") if g.strip()}
-        bad_groups = sorted(bench.groups - {"grid", "repeat"})
-        if bad_groups:
-            raise SystemExit(f"--groups: unknown {bad_groups}; valid: grid, repeat")
+    bench = Bench(settings, root, results, tasks=tasks, only=only, groups=groups, limit_runs=args.limit_runs)
 
     est = None
     if args.estimate or args.phase in ("report", "all"):
