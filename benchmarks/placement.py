@@ -39,6 +39,7 @@ import contextlib
 import ctypes
 import dataclasses
 import hashlib
+import json
 import math
 import os
 import re
@@ -59,6 +60,7 @@ REPO = HERE.parent
 RESULTS = HERE / "results"
 ROOT = REPO / "runs" / "placement"
 DRY_ROOT = REPO / "runs" / "placement-dry"
+GPU_ROOT = REPO / "runs" / "placement-gpu"
 BENCH = "placement/1"
 PHASES = ("cards", "single", "select", "confirm", "policies", "trim", "report", "all")
 FULL_POLICIES = (
@@ -75,6 +77,7 @@ FULL_POLICIES = (
 SMALL_POLICIES = ("card", "card-stratified", "gradnorm", "top", "middle", "uniform")
 CARD_POLICIES = ("card", "card-additive", "card-stratified")
 FROZEN_FILE = "placement_default_score.json"
+MEASURED_FILE = "placement_measured_on.json"
 CONFIRM_FILE = "placement_confirm.json"
 
 
@@ -135,6 +138,7 @@ class Settings:
     deltas: tuple[float, ...] = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)
     trim_radius: int = 2
     dry_run: bool = False
+    profile: str = "cpu"  # "cpu" (the 2-core grid) or "gpu" (more steps and examples, one GPU)
 
     def task(self, name: str) -> TaskSetting:
         for t in self.tasks:
@@ -218,6 +222,40 @@ def real_settings() -> Settings:
     )
 
 
+def gpu_settings() -> Settings:
+    """--profile gpu: the same grid and lengths with 120 steps (3.3×), bigger batches, 4-8× the test
+    examples and a 4× larger card; sized for about 20 minutes of one H100 with the tasks in parallel."""
+    more = {
+        "e2e_nlg": dict(batch_size=8, loss_examples=512, gen_examples=128, trim_examples=64),
+        "sst2": dict(batch_size=8, loss_examples=512, gen_examples=512, trim_examples=64),
+        "gsm8k": dict(batch_size=4, loss_examples=256, gen_examples=64, trim_examples=32),
+        "samsum": dict(batch_size=4, loss_examples=256, gen_examples=128, trim_examples=64),
+    }
+    cpu = real_settings()
+    return dataclasses.replace(
+        cpu,
+        tasks=tuple(
+            dataclasses.replace(
+                t,
+                **more[t.name],
+                why=f"lengths as the CPU profile's (benchmarks/results/placement.md); batch "
+                f"{more[t.name]['batch_size']}; test loss on {more[t.name]['loss_examples']} examples, the "
+                f"task metric by generation on {more[t.name]['gen_examples']} of them, the boundary sweep on "
+                f"{more[t.name]['trim_examples']} others",
+            )
+            for t in cpu.tasks
+        ),
+        lr=1e-3,
+        steps=120,
+        train_examples=4000,
+        eval_batch_size=64,
+        card_examples=256,
+        card_batch_size=16,
+        coupling_examples=16,
+        profile="gpu",
+    )
+
+
 def tiny_settings() -> Settings:
     """--dry-run-tiny: a tiny random Llama with the real layer count, synthetic data, 2 steps."""
     tiny = dict(
@@ -255,13 +293,29 @@ def tiny_settings() -> Settings:
 
 def why(s: Settings) -> list[str]:
     """The reasons for the shared settings, in words (the per-task ones are in ``TaskSetting.why``)."""
+    if s.profile == "gpu":
+        head = [
+            f"LoRA r={s.rank}, α={s.alpha:g} on {s.roles} (the card's roles), AdamW lr {s.lr:g} constant, "
+            "no warm-up: the pilot's lr (DESIGN §3a, batch 8); batches are 8 (e2e_nlg, sst2) and 4 (gsm8k, "
+            "samsum), twice the CPU profile's.",
+            f"{s.steps} steps for every run (policies and single layers alike), 3.3× the CPU profile's, with "
+            "4-8× its test examples and a 4× larger card. The default score is the one the CPU profile "
+            "froze (selected on its e2e_nlg and sst2 single-layer runs), reported unchanged on all four "
+            "tasks here. Each task ran in its own process, the four sharing the GPU, so s/step compares "
+            "policies within a task only.",
+        ]
+    else:
+        head = [
+            f"LoRA r={s.rank}, α={s.alpha:g} on {s.roles} (the card's roles), AdamW lr {s.lr:g} constant, "
+            "no warm-up: the pilot (DESIGN §3a) used lr 1e-3 at batch 8 for 60 steps; the lr is doubled "
+            "because these runs are shorter and their batches smaller.",
+            f"{s.steps} steps for every run (policies and single layers alike): what fits the grid (about "
+            "110 runs) into about three hours on 2 cores (see the estimate). Short runs favour scores built "
+            "on the first optimizer step (rate, saturating); keep that in mind when reading the Spearman "
+            "table.",
+        ]
     return [
-        f"LoRA r={s.rank}, α={s.alpha:g} on {s.roles} (the card's roles), AdamW lr {s.lr:g} constant, no "
-        "warm-up: the pilot (DESIGN §3a) used lr 1e-3 at batch 8 for 60 steps; the lr is doubled because "
-        "these runs are shorter and their batches smaller.",
-        f"{s.steps} steps for every run (policies and single layers alike): what fits the grid (about 110 "
-        "runs) into about three hours on 2 cores (see the estimate). Short runs favour scores built on the "
-        "first optimizer step (rate, saturating); keep that in mind when reading the Spearman table.",
+        *head,
         f"The same training seed ({s.seed}) for every policy; data order, the training subset and LoRA A "
         f"init come from it. {', '.join(s.repeat_policies)} are repeated with seeds "
         f"{', '.join(map(str, s.repeat_seeds))} on the seed-repeat tasks at budget {s.repeat_budget}; "
@@ -715,6 +769,26 @@ class Bench:
         self._cards[name] = card
         return card
 
+    # ---- where the runs were measured ----------------------------------------------------------------------
+    @property
+    def measured_on_path(self) -> Path:
+        return self.results / MEASURED_FILE
+
+    def measured_on(self) -> list[dict[str, Any]]:
+        """Each distinct machine (and package versions) that measured runs into these results."""
+        from layercard.artifacts import read_json
+
+        return read_json(self.measured_on_path)["machines"] if self.measured_on_path.is_file() else []
+
+    def note_machine(self) -> None:
+        """Record this machine before it measures a run, so a report made elsewhere still names it."""
+        from layercard.artifacts import machine_info, package_versions, write_json
+
+        entry = {"machine": machine_info(), "versions": package_versions()}
+        known = self.measured_on()
+        if entry not in known:
+            write_json(self.measured_on_path, {"machines": [*known, entry]})
+
     # ---- the frozen score ---------------------------------------------------------------------------------
     @property
     def frozen_path(self) -> Path:
@@ -843,13 +917,14 @@ class Bench:
         # folder with its adapter does not).
         ledger = self.results / "placement_runs" / f"{key}.json"
         if done.is_file():
-            return read_json(done)
+            return _without_texts(read_json(done))
         if ledger.is_file():
-            return read_json(ledger)
+            return _without_texts(read_json(ledger))
         if not execute:
             return None
         label = job.label if job is not None else f"{task} · base model"
         self._count_new(label)
+        self.note_machine()
         if folder.exists():  # a crashed run: start over
             shutil.rmtree(folder)
         folder.mkdir(parents=True)
@@ -957,10 +1032,8 @@ class Bench:
                     metrics=r.metrics,
                     gen_examples=r.n,
                     gen_timing={k: round(float(v), 4) for k, v in r.timing.items()},
-                    samples=[
-                        {"prediction": p["prediction"], "reference": p["references"][0]}
-                        for p in r.predictions[:3]
-                    ],
+                    # the example's id, never its text: the committed ledger holds no dataset text
+                    samples=[{"id": p["id"], "prediction": p["prediction"]} for p in r.predictions[:3]],
                 )
         return out
 
@@ -1676,19 +1749,48 @@ def _trim_summary(bench: Bench, task: str, rows: list[dict[str, Any]]) -> dict[s
     }
 
 
+def _without_texts(res: dict[str, Any]) -> dict[str, Any]:
+    """The run result without dataset texts (sample references written by older runs)."""
+    samples = res.get("eval", {}).get("samples")
+    if samples and any("reference" in x for x in samples):
+        res["eval"]["samples"] = [{k: v for k, v in x.items() if k != "reference"} for x in samples]
+    return res
+
+
+def scrub_ledger(results: Path) -> int:
+    """Drop dataset texts (sample references) that older runs wrote into the committed ledger."""
+    from layercard.artifacts import read_json, write_json
+
+    n = 0
+    for f in sorted((results / "placement_runs").glob("*.json")):
+        res = read_json(f)
+        before = json.dumps(res, sort_keys=True)
+        if json.dumps(_without_texts(res), sort_keys=True) != before:
+            write_json(f, res)
+            n += 1
+    return n
+
+
 def report(bench: Bench, est: dict[str, Any] | None) -> dict[str, Any]:
     """Collect every cached result into RESULTS/placement.{json,md} and the PNG plots."""
     from layercard.artifacts import machine_info, package_versions, read_json, write_json, write_text
 
     s = bench.s
+    measured = bench.measured_on() or [{"machine": machine_info(), "versions": package_versions()}]
+    scrubbed = scrub_ledger(bench.results)
+    if scrubbed:
+        print(f"report: removed dataset texts from {scrubbed} ledger files")
     rows, bases = bench.rows()
     frozen = bench.frozen()
     confirm = read_json(bench.results / CONFIRM_FILE) if (bench.results / CONFIRM_FILE).is_file() else None
     spearman = {t: bench.spearman_table(t) for t in bench.task_names if bench.card(t, compute=False)}
     seeds_noise = [seed_stats(rows, s, t)["noise"] for t in bench.task_names if s.task(t).grid == "full"]
+    # Borrowed only for the loss: the tasks' metrics have different units (BLEU, accuracy, ROUGE).
     ref = {
-        f: max([n[f] for n in seeds_noise if n.get(f) is not None], default=None)
-        for f in ("test_loss", "metric")
+        "test_loss": max(
+            [n["test_loss"] for n in seeds_noise if n.get("test_loss") is not None], default=None
+        ),
+        "metric": None,
     }
     summary = {t: task_summary(rows, bases.get(t), s, t, ref) for t in bench.task_names if bases.get(t)}
     for t, sm in summary.items():
@@ -1726,8 +1828,9 @@ def report(bench: Bench, est: dict[str, Any] | None) -> dict[str, Any]:
         "created": _now(),
         "settings": s.to_dict(),
         "why": why(s),
-        "machine": machine_info(),
-        "versions": package_versions(),
+        "machine": measured[0]["machine"],
+        "versions": measured[0]["versions"],
+        "measured_on": measured,
         "estimate": est,
         "status": status,
         "frozen_default": frozen,
@@ -1784,12 +1887,16 @@ def markdown(out: dict[str, Any], bench: Bench) -> str:
             "exercise the control flow and mean nothing.**",
             "",
         ]
-    m = out["machine"]
-    L += [
-        f"Generated {out['created']} · {m.get('processor')} · {m.get('cpu_count')} cores · torch threads "
-        f"{m.get('torch_threads')} · " + ", ".join(f"{k} {v}" for k, v in out["versions"].items()),
-        "",
-    ]
+    L += [f"Generated {out['created']}; measured on:", ""]
+    for e in out.get("measured_on") or [{"machine": out["machine"], "versions": out["versions"]}]:
+        m = e["machine"]
+        L += [
+            "- "
+            + (f"{m['cuda_device']} · " if m.get("cuda_device") else "")
+            + f"{m.get('processor')} · {m.get('cpu_count')} cores · torch threads {m.get('torch_threads')} · "
+            + ", ".join(f"{k} {v}" for k, v in e["versions"].items())
+        ]
+    L += [""]
 
     L += ["## Settings and why", ""]
     L += _md_table(
@@ -1880,7 +1987,13 @@ def markdown(out: dict[str, Any], bench: Bench) -> str:
         L += [
             f"**Frozen default score: `{v['name']}`** "
             f"(mean Spearman {_f(frozen['mean_spearman'], '+.3f')} on "
-            f"{', '.join(frozen['selected_on'])}; frozen {frozen['created']}).",
+            f"{', '.join(frozen['selected_on'])}; frozen {frozen['created']})"
+            + (
+                f", adopted from {frozen['frozen_by']}: the mean is the CPU runs'."
+                if frozen.get("frozen_by")
+                else "."
+            )
+            + (" Here every task's Spearman is a confirmation." if s.profile == "gpu" else ""),
             "",
         ]
     else:
@@ -2054,7 +2167,12 @@ def markdown(out: dict[str, Any], bench: Bench) -> str:
             if sm and sm.get("noise"):
                 L += [
                     f"- {t}: noise threshold (test loss) {_f(sm['noise'].get('test_loss'), '.4f')}, "
-                    f"(metric) {_f(sm['noise'].get('metric'), '.4f')} — {sm['noise_source']}."
+                    + (
+                        f"(metric) {_f(sm['noise'].get('metric'), '.4f')}"
+                        if sm["noise"].get("metric") is not None
+                        else "(metric) not known without repeats on this task"
+                    )
+                    + f" — {sm['noise_source']}."
                 ]
             sd = (sm or {}).get("seed_means")
             if sd:
@@ -2151,6 +2269,19 @@ def markdown(out: dict[str, Any], bench: Bench) -> str:
     if out["card_code_note"]:
         L += [f"**Warning: {out['card_code_note']}.**", ""]
 
+    if s.profile == "gpu":
+        L += [
+            "## Reproduce",
+            "",
+            "One process per task (cards, single, policies, trim; the four share the GPU), then `confirm` "
+            "and `report`; resumable:",
+            "",
+            "```",
+            "benchmarks/placement_gpu.sh",
+            "```",
+            "",
+        ]
+        return "\n".join(L) + "\n"
     L += [
         "## Reproduce",
         "",
@@ -2365,6 +2496,12 @@ def _parse() -> argparse.Namespace:
         "--dry-run-tiny", action="store_true", help="tiny random model + synthetic tasks, 2 steps"
     )
     ap.add_argument(
+        "--profile",
+        choices=("cpu", "gpu"),
+        default="cpu",
+        help="cpu: the 2-core grid (default); gpu: 120 steps, more examples (results/gpu-DEVICE)",
+    )
+    ap.add_argument(
         "--root", type=Path, help="run cache folder (default runs/placement or runs/placement-dry)"
     )
     ap.add_argument(
@@ -2378,9 +2515,12 @@ def _parse() -> argparse.Namespace:
 
 def main() -> None:
     args = _parse()
-    settings = tiny_settings() if args.dry_run_tiny else real_settings()
-    root = args.root or (DRY_ROOT if args.dry_run_tiny else ROOT)
-    results = args.results or (root / "results" if args.dry_run_tiny else RESULTS)
+    gpu = args.profile == "gpu" and not args.dry_run_tiny
+    settings = tiny_settings() if args.dry_run_tiny else gpu_settings() if gpu else real_settings()
+    root = args.root or (DRY_ROOT if args.dry_run_tiny else GPU_ROOT if gpu else ROOT)
+    results = args.results or (root / "results" if args.dry_run_tiny else _gpu_results() if gpu else RESULTS)
+    if gpu:
+        _adopt_frozen(results)
     names = [t.name for t in settings.tasks]
     tasks = names if not args.tasks else [t.strip() for t in args.tasks.split(",") if t.strip()]
     for t in tasks:
@@ -2404,7 +2544,7 @@ def main() -> None:
     bench = Bench(settings, root, results, tasks=tasks, only=only, groups=groups, limit_runs=args.limit_runs)
 
     est = None
-    if args.estimate or args.phase in ("report", "all"):
+    if args.estimate or (args.phase in ("report", "all") and not gpu):  # the cost model is the CPU's
         tok = bench.loaded.tokenizer if args.phase else _tokenizer(settings, root)
         est = estimate(settings, token_stats(settings, tok))
         if args.estimate:
@@ -2447,6 +2587,31 @@ def main() -> None:
         f"done in {(time.perf_counter() - t0) / 60:.1f} min; {bench.new_runs} new runs; base-model checks "
         f"{bench.checks['cheap']} cheap + {bench.checks['full']} full, all equal"
     )
+
+
+def _gpu_results() -> Path:
+    """RESULTS/gpu-<device>, e.g. gpu-h100-80gb-hbm3: results are labelled by the GPU they ran on."""
+    import torch
+
+    if not torch.cuda.is_available():
+        raise SystemExit("--profile gpu: no CUDA device here; pass --results DIR to name the results folder")
+    name = re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(0).lower()).strip("-")
+    return RESULTS / f"gpu-{name.removeprefix('nvidia-')}"
+
+
+def _adopt_frozen(results: Path) -> None:
+    """The GPU profile reports the score the CPU profile froze; it never selects one of its own."""
+    from layercard.artifacts import read_json, write_json
+
+    mine, cpu = results / FROZEN_FILE, RESULTS / FROZEN_FILE
+    if mine.is_file():
+        return
+    if not cpu.is_file():
+        raise SystemExit(f"--profile gpu: {cpu} is missing; run the CPU profile's `select` first")
+    frozen = read_json(cpu)
+    frozen["frozen_by"] = "the CPU profile's select (benchmarks/results/placement_default_score.json)"
+    write_json(mine, frozen)
+    print(f"adopted the CPU profile's frozen default score {frozen['variant']['name']} → {mine}")
 
 
 def _tokenizer(settings: Settings, root: Path) -> Any:

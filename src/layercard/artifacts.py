@@ -34,6 +34,10 @@ def package_versions() -> dict[str, str]:
             out[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             out[name] = "absent"
+    if out.get("layercard") == "absent":  # run from a source tree without installing it
+        from layercard import __version__
+
+        out["layercard"] = f"{__version__} (source)"
     out["python"] = platform.python_version()
     return out
 
