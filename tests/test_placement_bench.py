@@ -1,0 +1,77 @@
+"""The placement benchmark's pure parts: its profiles, its job grid and the ledger's text scrubbing."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "placement.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("placement_bench", _PATH)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses resolve their module by name
+    spec.loader.exec_module(mod)
+    yield mod
+    sys.modules.pop(spec.name, None)
+
+
+def test_grid_has_the_issue_counts(bench):
+    s = bench.real_settings()
+    jobs = bench.grid_jobs(s, ["e2e_nlg", "gsm8k"])
+    e2e = [j for j in jobs if j.task == "e2e_nlg"]
+    # 2 budgets × (8 policies + random × 3) + all-30 in the grid; 4 policies × 2 extra seeds repeated
+    assert sum(j.group == "grid" for j in e2e) == 23
+    assert sum(j.group == "repeat" for j in e2e) == 8
+    gsm = [j for j in jobs if j.task == "gsm8k"]
+    assert [j.policy for j in gsm] == [*bench.SMALL_POLICIES, "all"]
+    assert all(j.budget == 8 for j in gsm if j.policy != "all")
+    only = bench.grid_jobs(s, ["e2e_nlg"], {"card"}, {"repeat"})
+    assert [(j.policy, j.train_seed) for j in only] == [("card", 1), ("card", 2)]
+
+
+def test_gpu_profile_scales_steps_and_examples_but_keeps_lengths(bench):
+    cpu, gpu = bench.real_settings(), bench.gpu_settings()
+    assert (gpu.profile, cpu.profile) == ("gpu", "cpu")
+    assert gpu.steps > cpu.steps and gpu.card_examples > cpu.card_examples
+    for c, g in zip(cpu.tasks, gpu.tasks, strict=True):
+        assert (g.name, g.max_length, g.max_input_tokens, g.max_new_tokens, g.grid) == (
+            c.name,
+            c.max_length,
+            c.max_input_tokens,
+            c.max_new_tokens,
+            c.grid,
+        )
+        assert g.loss_examples > c.loss_examples and g.gen_examples <= g.loss_examples
+        assert f"batch {g.batch_size}" in g.why
+    # the same policies, seeds and budgets: only the measurement's size changes
+    assert bench.grid_jobs(cpu, ["sst2"]) == bench.grid_jobs(gpu, ["sst2"])
+    assert any("GPU" in w for w in bench.why(gpu)) and not any("GPU" in w for w in bench.why(cpu))
+
+
+def _run(samples):
+    return {"key": "k", "eval": {"test_loss": 1.0, "samples": samples}}
+
+
+def test_ledger_scrub_drops_dataset_texts_only(bench, tmp_path):
+    ledger = tmp_path / "placement_runs"
+    ledger.mkdir()
+    old = _run([{"prediction": "p1", "reference": "a dataset text"}, {"prediction": "p2", "reference": "b"}])
+    new = _run([{"id": "x-1", "prediction": "p1"}])
+    (ledger / "old.json").write_text(json.dumps(old))
+    (ledger / "new.json").write_text(json.dumps(new))
+    before_new = (ledger / "new.json").read_text()
+
+    assert bench.scrub_ledger(tmp_path) == 1
+    scrubbed = json.loads((ledger / "old.json").read_text())
+    assert scrubbed["eval"]["samples"] == [{"prediction": "p1"}, {"prediction": "p2"}]
+    assert scrubbed["eval"]["test_loss"] == 1.0
+    assert (ledger / "new.json").read_text() == before_new  # nothing to remove: left untouched
+    assert bench.scrub_ledger(tmp_path) == 0
+    assert bench._without_texts({"eval": {"test_loss": 2.0}}) == {"eval": {"test_loss": 2.0}}
