@@ -39,7 +39,6 @@ import contextlib
 import ctypes
 import dataclasses
 import hashlib
-import json
 import math
 import os
 import re
@@ -231,20 +230,21 @@ def gpu_settings() -> Settings:
         "gsm8k": dict(batch_size=4, loss_examples=256, gen_examples=64, trim_examples=32),
         "samsum": dict(batch_size=4, loss_examples=256, gen_examples=128, trim_examples=64),
     }
+
+    def scaled(t: TaskSetting) -> TaskSetting:
+        m = more[t.name]
+        return dataclasses.replace(
+            t,
+            **m,
+            why=f"lengths as the CPU profile's (benchmarks/results/placement.md); batch {m['batch_size']}; "
+            f"test loss on {m['loss_examples']} examples, the task metric by generation on "
+            f"{m['gen_examples']} of them, the boundary sweep on {m['trim_examples']} others",
+        )
+
     cpu = real_settings()
     return dataclasses.replace(
         cpu,
-        tasks=tuple(
-            dataclasses.replace(
-                t,
-                **more[t.name],
-                why=f"lengths as the CPU profile's (benchmarks/results/placement.md); batch "
-                f"{more[t.name]['batch_size']}; test loss on {more[t.name]['loss_examples']} examples, the "
-                f"task metric by generation on {more[t.name]['gen_examples']} of them, the boundary sweep on "
-                f"{more[t.name]['trim_examples']} others",
-            )
-            for t in cpu.tasks
-        ),
+        tasks=tuple(scaled(t) for t in cpu.tasks),
         lr=1e-3,
         steps=120,
         train_examples=4000,
@@ -293,11 +293,11 @@ def tiny_settings() -> Settings:
 
 def why(s: Settings) -> list[str]:
     """The reasons for the shared settings, in words (the per-task ones are in ``TaskSetting.why``)."""
+    lora = f"LoRA r={s.rank}, α={s.alpha:g} on {s.roles} (the card's roles), AdamW lr {s.lr:g} constant, "
     if s.profile == "gpu":
         head = [
-            f"LoRA r={s.rank}, α={s.alpha:g} on {s.roles} (the card's roles), AdamW lr {s.lr:g} constant, "
-            "no warm-up: the pilot's lr (DESIGN §3a, batch 8); batches are 8 (e2e_nlg, sst2) and 4 (gsm8k, "
-            "samsum), twice the CPU profile's.",
+            lora + "no warm-up: the pilot's lr (DESIGN §3a, batch 8); batches are 8 (e2e_nlg, sst2) and 4 "
+            "(gsm8k, samsum), twice the CPU profile's.",
             f"{s.steps} steps for every run (policies and single layers alike), 3.3× the CPU profile's, with "
             "4-8× its test examples and a 4× larger card. The default score is the one the CPU profile "
             "froze (selected on its e2e_nlg and sst2 single-layer runs), reported unchanged on all four "
@@ -306,9 +306,8 @@ def why(s: Settings) -> list[str]:
         ]
     else:
         head = [
-            f"LoRA r={s.rank}, α={s.alpha:g} on {s.roles} (the card's roles), AdamW lr {s.lr:g} constant, "
-            "no warm-up: the pilot (DESIGN §3a) used lr 1e-3 at batch 8 for 60 steps; the lr is doubled "
-            "because these runs are shorter and their batches smaller.",
+            lora + "no warm-up: the pilot (DESIGN §3a) used lr 1e-3 at batch 8 for 60 steps; the lr is "
+            "doubled because these runs are shorter and their batches smaller.",
             f"{s.steps} steps for every run (policies and single layers alike): what fits the grid (about "
             "110 runs) into about three hours on 2 cores (see the estimate). Short runs favour scores built "
             "on the first optimizer step (rate, saturating); keep that in mind when reading the Spearman "
@@ -631,6 +630,7 @@ class Bench:
         self._base_full: str | None = None
         self._base_cheap: str | None = None
         self.checks = {"cheap": 0, "full": 0}
+        self._machine_noted = False
 
     # ---- model, tasks, cards -------------------------------------------------------------------------------
     @property
@@ -782,6 +782,9 @@ class Bench:
 
     def note_machine(self) -> None:
         """Record this machine before it measures a run, so a report made elsewhere still names it."""
+        if self._machine_noted:  # the machine does not change within one process
+            return
+        self._machine_noted = True
         from layercard.artifacts import machine_info, package_versions, write_json
 
         entry = {"machine": machine_info(), "versions": package_versions()}
@@ -1749,11 +1752,17 @@ def _trim_summary(bench: Bench, task: str, rows: list[dict[str, Any]]) -> dict[s
     }
 
 
+def _has_texts(res: dict[str, Any]) -> bool:
+    """Whether the run result holds dataset texts (sample references written by older runs)."""
+    return any("reference" in x for x in res.get("eval", {}).get("samples") or [])
+
+
 def _without_texts(res: dict[str, Any]) -> dict[str, Any]:
     """The run result without dataset texts (sample references written by older runs)."""
-    samples = res.get("eval", {}).get("samples")
-    if samples and any("reference" in x for x in samples):
-        res["eval"]["samples"] = [{k: v for k, v in x.items() if k != "reference"} for x in samples]
+    if _has_texts(res):
+        res["eval"]["samples"] = [
+            {k: v for k, v in x.items() if k != "reference"} for x in res["eval"]["samples"]
+        ]
     return res
 
 
@@ -1764,9 +1773,8 @@ def scrub_ledger(results: Path) -> int:
     n = 0
     for f in sorted((results / "placement_runs").glob("*.json")):
         res = read_json(f)
-        before = json.dumps(res, sort_keys=True)
-        if json.dumps(_without_texts(res), sort_keys=True) != before:
-            write_json(f, res)
+        if _has_texts(res):
+            write_json(f, _without_texts(res))
             n += 1
     return n
 
