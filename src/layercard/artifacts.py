@@ -51,12 +51,26 @@ def sha256_json(obj: Any) -> str:
     return sha256_bytes(json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str).encode())
 
 
-def hash_folder(folder: Path) -> str:
-    """sha256 over a small folder's file names and bytes (adapters are KB to a few MB)."""
+def _update_from_file(h: Any, path: Path) -> None:
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+
+
+def hash_file(path: str | os.PathLike[str]) -> str:
+    """sha256 of a file's bytes, read in chunks."""
+    h = hashlib.sha256()
+    _update_from_file(h, Path(path))
+    return h.hexdigest()
+
+
+def hash_folder(folder: str | os.PathLike[str]) -> str:
+    """sha256 over a folder's relative file names and bytes: the one identity of an adapter folder."""
+    folder = Path(folder)
     h = hashlib.sha256()
     for f in sorted(p for p in folder.rglob("*") if p.is_file()):
         h.update(f"{f.relative_to(folder)}\n".encode())
-        h.update(f.read_bytes())
+        _update_from_file(h, f)
     return h.hexdigest()
 
 

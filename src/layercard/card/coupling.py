@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from layercard.models import get_module, lm_head
+from layercard.tasks.loss import target_mask
 
 
 @contextlib.contextmanager
@@ -75,7 +76,7 @@ def _final_hidden(model: nn.Module, batches: Sequence[dict[str, torch.Tensor]]) 
         labels = batch["labels"].to(device)
         # Positions that predict a target token: label at t+1 is not masked.
         pos = torch.zeros_like(labels, dtype=torch.bool)
-        pos[:, :-1] = labels[:, 1:] != -100
+        pos[:, :-1] = target_mask(labels)
         parts.append(h[pos].to(torch.float64).reshape(-1))
     return torch.cat(parts)
 

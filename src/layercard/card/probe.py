@@ -19,8 +19,7 @@ from torch import nn
 
 from layercard.errors import LayercardError
 from layercard.models import UnitSpec, get_module, input_embeddings
-
-IGNORE_INDEX = -100
+from layercard.tasks.loss import loss_sum
 
 
 @dataclass
@@ -50,22 +49,6 @@ class UnitAccumulator:
 class _State:
     mask: torch.Tensor | None = None
     step: int = 0
-
-
-def loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Summed next-token cross-entropy over target tokens (labels ≠ -100) and their count."""
-    shift_logits = logits[:, :-1, :]
-    if shift_logits.dtype in (torch.float16, torch.bfloat16):
-        shift_logits = shift_logits.float()
-    shift_labels = labels[:, 1:]
-    n_tok = int((shift_labels != IGNORE_INDEX).sum())
-    loss = nn.functional.cross_entropy(
-        shift_logits.reshape(-1, shift_logits.shape[-1]),
-        shift_labels.reshape(-1),
-        ignore_index=IGNORE_INDEX,
-        reduction="sum",
-    )
-    return loss, n_tok
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:

@@ -6,16 +6,17 @@
 """
 
 from layercard.tasks.data import (
-    Example,
     Task,
     data_roots,
     examples_from_records,
     expand_references,
+    held_out,
+    is_file_spec,
     load_task,
+    names_split,
     read_jsonl,
 )
 from layercard.tasks.encode import (
-    IGNORE_INDEX,
     Encoded,
     batches,
     build_prompt,
@@ -27,7 +28,10 @@ from layercard.tasks.encode import (
     turn_end_token,
     turn_end_token_id,
 )
+from layercard.tasks.example import Example
+from layercard.tasks.loss import IGNORE_INDEX, loss_sum, target_count, target_mask
 from layercard.tasks.metrics import (
+    LOSS,
     METRICS,
     Metric,
     bleu,
@@ -35,6 +39,7 @@ from layercard.tasks.metrics import (
     exact_match,
     extract_final_number,
     gsm8k_accuracy,
+    higher_is_better,
     label_accuracy,
     metric_scale,
     normalize_text,
@@ -48,6 +53,7 @@ from layercard.tasks.synthetic import make_facts, make_format, make_synthetic
 __all__ = [
     "DATASET_PRESETS",
     "IGNORE_INDEX",
+    "LOSS",
     "METRICS",
     "PRESETS",
     "Encoded",
@@ -71,17 +77,24 @@ __all__ = [
     "expand_references",
     "extract_final_number",
     "get_preset",
+    "held_out",
+    "higher_is_better",
+    "is_file_spec",
     "gsm8k_accuracy",
     "label_accuracy",
     "load_task",
+    "loss_sum",
     "make_facts",
     "make_format",
     "make_synthetic",
     "metric_scale",
+    "names_split",
     "normalize_text",
     "read_jsonl",
     "rouge_l",
     "strict_match",
+    "target_count",
+    "target_mask",
     "token_f1",
     "turn_end_token",
     "turn_end_token_id",

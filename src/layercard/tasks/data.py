@@ -16,16 +16,15 @@ from __future__ import annotations
 
 import json
 import os
-import random
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
-from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from layercard.artifacts import sha256_json
 from layercard.errors import LayercardError
+from layercard.tasks.example import Example
 from layercard.tasks.presets import DATASET_PRESETS, PRESETS, TaskFormat, detect_preset, get_preset
+from layercard.tasks.synthetic import make_synthetic
+from layercard.tasks.task import Task
 
 __all__ = [
     "Example",
@@ -39,96 +38,6 @@ __all__ = [
 
 SYNTHETIC_TASKS = ("facts", "format")
 _RESERVED = ("id", "input", "target", "references")
-
-
-@dataclass(frozen=True)
-class Example:
-    """One input/target pair; ``references`` holds every acceptable output (``target`` among them)."""
-
-    id: str
-    input: str
-    target: str
-    references: tuple[str, ...] = ()
-    # left out of the hash (a dict is unhashable) but not of equality, so examples can go in sets
-    meta: Mapping[str, Any] = field(default_factory=dict, hash=False)
-
-    def __post_init__(self) -> None:
-        for name in ("id", "input", "target"):
-            if not isinstance(getattr(self, name), str):
-                raise LayercardError(f"Example.{name}: must be a string, got {getattr(self, name)!r}")
-        refs = tuple(self.references) if self.references else (self.target,)
-        if not all(isinstance(r, str) for r in refs):
-            raise LayercardError(f"Example {self.id!r}: references must be strings")
-        object.__setattr__(self, "references", refs)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "input": self.input,
-            "target": self.target,
-            "references": list(self.references),
-            "meta": dict(self.meta),
-        }
-
-
-@dataclass(frozen=True)
-class Task:
-    """A named, split-specific list of examples plus the format that prompts and scores them."""
-
-    name: str
-    source: str
-    split: str
-    format: TaskFormat
-    examples: tuple[Example, ...]
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "examples", tuple(self.examples))
-
-    def __len__(self) -> int:
-        return len(self.examples)
-
-    @cached_property
-    def data_hash(self) -> str:
-        """sha256 of the examples' content (ids, texts, references, meta; order matters), key-order free."""
-        return sha256_json([ex.to_dict() for ex in self.examples])
-
-    def subset(self, n: int | None, *, seed: int = 0, offset: int = 0) -> Task:
-        """Examples ``offset .. offset+n`` of a seeded shuffle, returned in source order.
-
-        Deterministic for a seed; subsets with the same seed are nested in ``n``, and different
-        offsets give disjoint parts (``subset(k)`` and ``subset(None, offset=k)`` split the task).
-        ``subset(None)`` is the whole task unchanged.
-        """
-        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 0):
-            raise LayercardError(f"subset: n must be a non-negative integer or None, got {n!r}")
-        if offset < 0:
-            raise LayercardError(f"subset: offset must be >= 0, got {offset!r}")
-        order = list(range(len(self.examples)))
-        random.Random(seed).shuffle(order)
-        stop = None if n is None else offset + n
-        picked = sorted(order[offset:stop])
-        return Task(
-            name=self.name,
-            source=self.source,
-            split=self.split,
-            format=self.format,
-            examples=tuple(self.examples[i] for i in picked),
-        )
-
-    def with_format(self, fmt: TaskFormat) -> Task:
-        """The same examples under another prompt format."""
-        return Task(self.name, self.source, self.split, fmt, self.examples)
-
-    def describe(self) -> dict[str, Any]:
-        """What an artifact records about the task."""
-        return {
-            "name": self.name,
-            "source": self.source,
-            "split": self.split,
-            "n_examples": len(self.examples),
-            "data_hash": self.data_hash,
-            "format": self.format.to_dict(),
-        }
 
 
 # ---------------------------------------------------------------- JSONL and record mapping
@@ -324,8 +233,6 @@ def load_task(
                     f"task {spec!r}: unknown synthetic task; valid: {', '.join(SYNTHETIC_TASKS)}"
                 )
         if name in SYNTHETIC_TASKS:
-            from layercard.tasks.synthetic import make_synthetic  # synthetic imports this module
-
             task = make_synthetic(name, split=split_ or "train", seed=seed)
             if fmt is not None:
                 task = task.with_format(fmt)
@@ -367,3 +274,37 @@ def _load_hf(spec: str, *, split: str, field_map: Mapping[str, str] | None, fmt:
     examples = examples_from_records(ds, source=f"{spec}[{split}]", field_map=field_map)
     fmt = fmt or PRESETS["jsonl"]
     return Task(name, spec, split, fmt, examples)
+
+
+def is_file_spec(spec: str) -> bool:
+    """A task read from one file: it has no other split to hold out."""
+    return spec.endswith(".jsonl") or Path(spec).exists()
+
+
+def names_split(spec: str) -> bool:
+    """Whether ``spec`` carries its own split (``NAME:SPLIT``, ``synthetic:NAME:SPLIT``; never ``hf:``)."""
+    if spec.startswith("hf:") or is_file_spec(spec):
+        return False
+    return len(spec.split(":")) > (2 if spec.startswith("synthetic:") else 1)
+
+
+def held_out(spec: str, *, exclude: str | None = None, seed: int = 0) -> Task | None:
+    """The validation split of the task ``spec`` names, else its test split; never the split ``exclude``.
+
+    A split written in ``spec`` is dropped first (``e2e_nlg:train`` → ``e2e_nlg``). ``None`` for a file
+    (it has no other split) and for a task with neither split.
+    """
+    if is_file_spec(spec):
+        return None
+    if spec.startswith("hf:"):
+        base = spec
+    else:
+        base = ":".join(spec.split(":")[: 2 if spec.startswith("synthetic:") else 1])
+    for candidate in ("validation", "test"):
+        if candidate == exclude:
+            continue
+        try:
+            return load_task(base, split=candidate, seed=seed)
+        except LayercardError:
+            continue
+    return None

@@ -22,8 +22,10 @@ from typing import Any
 import torch
 
 from layercard.errors import LayercardError
-from layercard.tasks.data import Example, Task
+from layercard.tasks.example import Example
+from layercard.tasks.loss import IGNORE_INDEX
 from layercard.tasks.presets import TaskFormat
+from layercard.tasks.task import Task
 
 __all__ = [
     "IGNORE_INDEX",
@@ -39,7 +41,6 @@ __all__ = [
     "turn_end_token_id",
 ]
 
-IGNORE_INDEX = -100
 _MARK = "LAYERCARDTURNMARK"
 
 

@@ -6,7 +6,9 @@ the number every BLEU table in the literature reports. :data:`METRICS` records e
 Per-example functions (``exact_match``, ``strict_match``, ``token_f1``) take one prediction and its
 references and take the maximum over references. Corpus functions (``rouge_l``, ``bleu``,
 ``gsm8k_accuracy``, ``label_accuracy``) take parallel lists. :func:`compute_metrics` dispatches by name
-over a list of :class:`~layercard.tasks.data.Example`.
+over a list of :class:`~layercard.tasks.example.Example`.
+Every metric declares its direction (``higher_is_better``); so does the teacher-forced ``loss``, which
+is not a text metric but is selected on beside them.
 """
 
 from __future__ import annotations
@@ -17,12 +19,9 @@ import re
 import string
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from layercard.errors import LayercardError
-
-if TYPE_CHECKING:  # data.py imports presets which imports this module: keep the import type-only
-    from layercard.tasks.data import Example
+from layercard.tasks.example import Example
 
 __all__ = [
     "METRICS",
@@ -31,7 +30,9 @@ __all__ = [
     "compute_metrics",
     "exact_match",
     "extract_final_number",
+    "LOSS",
     "gsm8k_accuracy",
+    "higher_is_better",
     "label_accuracy",
     "normalize_text",
     "rouge_l",
@@ -217,6 +218,7 @@ class Metric:
     fn: Callable[[Sequence[str], Sequence[Example]], float]
     scale: float
     description: str
+    higher_is_better: bool = True
 
     def __call__(self, predictions: Sequence[str], examples: Sequence[Example]) -> float:
         _check_parallel(predictions, examples, self.name)
@@ -291,6 +293,18 @@ def compute_metrics(
     if unknown:
         raise LayercardError(f"unknown metric {unknown[0]!r}; valid: {', '.join(METRICS)}")
     return {n: METRICS[n](predictions, examples) for n in names}
+
+
+LOSS = "loss"  # the teacher-forced loss: selectable like a metric, lower is better
+
+
+def higher_is_better(name: str) -> bool:
+    """The direction of a metric, or of ``loss`` (lower is better)."""
+    if name == LOSS:
+        return False
+    if name not in METRICS:
+        raise LayercardError(f"unknown metric {name!r}; valid: {', '.join(METRICS)}, {LOSS}")
+    return METRICS[name].higher_is_better
 
 
 def metric_scale(name: str) -> float:

@@ -20,8 +20,9 @@ from __future__ import annotations
 import random
 
 from layercard.errors import LayercardError
-from layercard.tasks.data import Example, Task
+from layercard.tasks.example import Example
 from layercard.tasks.presets import PRESETS
+from layercard.tasks.task import Task
 
 __all__ = ["RECORD_FIELDS", "SPLITS", "format_record", "make_facts", "make_format", "make_synthetic"]
 

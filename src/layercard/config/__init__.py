@@ -1,0 +1,29 @@
+"""Stage settings: one frozen dataclass per stage, from which CLI options, YAML checks and defaults derive.
+
+This package imports nothing heavy, so the command line can build its options without loading torch.
+"""
+
+from layercard.config.card import CardConfig
+from layercard.config.evaluate import EvalConfig
+from layercard.config.plan import ADAPTER_KINDS, BUDGET_KINDS, POLICIES, Budget, PlanConfig
+from layercard.config.schema import ConfigError, Schema, setting
+from layercard.config.train import DTYPES, SCHEDULERS, TrainConfig
+from layercard.config.trim import TraceConfig, TrimConfig
+
+__all__ = [
+    "ADAPTER_KINDS",
+    "BUDGET_KINDS",
+    "DTYPES",
+    "POLICIES",
+    "SCHEDULERS",
+    "Budget",
+    "CardConfig",
+    "ConfigError",
+    "EvalConfig",
+    "PlanConfig",
+    "Schema",
+    "TraceConfig",
+    "TrainConfig",
+    "TrimConfig",
+    "setting",
+]

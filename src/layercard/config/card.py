@@ -1,0 +1,53 @@
+"""Settings of the card stage (docs/design.md §3)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from layercard.config.schema import Schema, setting
+
+COUPLING_DIRECTIONS = ("first_step", "capacity")
+
+
+@dataclasses.dataclass(frozen=True)
+class CardConfig(Schema):
+    """What the Layer Card measures and how."""
+
+    SECTION = "card"
+
+    roles: str = setting(
+        "q,v", kind="roles", help="roles to measure: q,v | attention | mlp | all-linear | any comma list"
+    )
+    examples: int = setting(64, kind="int", minimum=1, help="probe examples from the task")
+    max_length: int = setting(128, kind="int", minimum=8, help="max tokens per probe example")
+    batch_size: int = setting(8, kind="int", minimum=1, help="micro-batch size of the probe pass")
+    delta: float = setting(1e-3, kind="pos_float", help="damping δ: λ = δ·tr(Σ)/d_in")
+    lora_rank: int = setting(
+        8, kind="int", minimum=1, help="LoRA rank assumed by the first-step rate and the parameter counts"
+    )
+    lora_alpha: float = setting(16.0, kind="pos_float", help="LoRA alpha assumed by the first-step rate")
+    lr: float = setting(1e-3, kind="pos_float", help="learning rate assumed by the first-step rate")
+    a_draws: int = setting(4, kind="int", minimum=1, help="LoRA A draws averaged by the first-step rate")
+    seed: int = setting(0, kind="int", minimum=0, yaml=False, help="seed of the probe subset and draws")
+    sketch: int | None = setting(
+        None, kind="int", minimum=1, help="project inputs to K dims to bound memory (resnorm: a lower bound)"
+    )
+    layer_groups: int = setting(
+        1, kind="int", minimum=1, help="split the layers into G probe passes to bound memory"
+    )
+    coupling: bool = setting(
+        False, kind="bool", help="measure the layer coupling matrix (the `card` policy's set gain uses it)"
+    )
+    coupling_examples: int = setting(8, kind="int", minimum=1, help="examples for the coupling probe")
+    coupling_direction: str = setting(
+        "first_step", kind="choice", choices=COUPLING_DIRECTIONS, help="direction of each layer's correction"
+    )
+    calibrate: bool = setting(
+        True, kind="bool", help="time short LoRA runs: the cost model behind predicted s/step"
+    )
+    calibrate_steps: int = setting(2, kind="int", minimum=1, help="timed steps per calibration placement")
+    horizon_steps: int = setting(100, kind="int", minimum=1, help="T of the saturating score")
+
+    def validate(self) -> None:
+        if self.sketch is not None and self.coupling and self.coupling_direction == "capacity":
+            raise self.fail("coupling_direction", "'capacity' needs an exact covariance (sketch=null)")

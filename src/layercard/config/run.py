@@ -1,0 +1,163 @@
+"""Settings of a whole run (``layercard run``): its top-level keys, the task, and each stage section.
+
+A run config is YAML with the sections ``task``, ``card``, ``placements``, ``train``, ``trim`` and
+``eval``. Each section's keys are the YAML settings of one stage config (plus a few run-level keys:
+``trim.enabled``, ``trim.placement``, ``eval.base``, a placement's ``name``), so the run schema is
+assembled here from the stage schemas rather than written again. :func:`reference_yaml` renders every
+key at its default with its help: ``configs/reference.yaml`` is that text (a test keeps them equal).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any
+
+from layercard.config.card import CardConfig
+from layercard.config.evaluate import EvalConfig
+from layercard.config.plan import PlanConfig
+from layercard.config.schema import Schema, setting, spec_of, to_jsonable
+from layercard.config.train import DTYPES, TrainConfig
+from layercard.config.trim import TrimConfig
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+RESERVED_NAMES = ("base", "trimmed")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSettings(Schema):
+    """The run's top-level keys: one model, one seed, where and how it runs."""
+
+    SECTION = ""
+
+    model: str = setting(
+        "smollm2", kind="str", help="built-in name, local Hugging Face folder, .gguf file, or a cached hub id"
+    )
+    seed: int = setting(
+        0, kind="int", minimum=0, help="one seed for probe subsets, planning, LoRA init, data order, eval"
+    )
+    dtype: str = setting("float32", kind="choice", choices=DTYPES, help="weights dtype of the loaded model")
+    device: str = setting("auto", kind="str", help="auto | cpu | cuda | cuda:N")
+    trust_remote_code: bool = setting(False, kind="bool", help="allow the model folder's own code")
+    threads: int | str = setting(
+        "auto", kind="threads", help="torch threads; auto: the cores other processes leave idle (at least 1)"
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskSpec(Schema):
+    """Where training and evaluation data come from.
+
+    ``eval`` defaults to ``train``; ``eval_split`` then defaults to the task's validation split, else
+    its test split (never the training split).
+    """
+
+    SECTION = "task"
+
+    train: str = setting(
+        kind="str", help="JSONL path, PRESET:SPLIT (e2e_nlg:train), synthetic:facts|format, hf:NAME[:CONFIG]"
+    )
+    train_split: str | None = setting(None, kind="str", help="split of a preset/synthetic task; null: train")
+    eval: str | None = setting(None, kind="str", help="null: the training task ...")
+    eval_split: str | None = setting(
+        None, kind="str", help="... on its validation split, else its test split"
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class PlacementName(Schema):
+    """The run-level key of a placement: its name, which names its folders."""
+
+    SECTION = "placement"
+
+    name: str = setting(kind="str", help="folder name: letters, digits, _ . - ; not base or trimmed")
+
+    def validate(self) -> None:
+        if not NAME_RE.match(self.name):
+            raise self.fail(
+                "name", f"{self.name!r} must be 1-64 letters, digits, '_', '.' or '-' (it names a folder)"
+            )
+        if self.name in RESERVED_NAMES:
+            raise self.fail("name", f"{self.name!r} is reserved; choose another")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrimStage(Schema):
+    """The run-level keys of the trim section."""
+
+    SECTION = "trim"
+
+    enabled: bool = setting(True, kind="bool", help="`trim: false` switches the stage off")
+    placement: str | None = setting(
+        None, kind="str", help="which trained placement; null: the one adapting the most layers"
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalStage(Schema):
+    """The run-level keys of the eval section."""
+
+    SECTION = "eval"
+
+    base: bool = setting(True, kind="bool", help="also evaluate the base model: the reference of loss drops")
+
+
+# (YAML key, run-level schema or None, stage schema or None, comment) in file order.
+SECTIONS: tuple[tuple[str, type[Schema] | None, type[Schema] | None, str], ...] = (
+    ("task", TaskSpec, None, "or just `task: synthetic:facts`"),
+    ("card", None, CardConfig, "the Layer Card (layercard card)"),
+    ("placements", PlacementName, PlanConfig, "at least one; each is planned, trained, evaluated, compared"),
+    ("train", None, TrainConfig, "applies to every placement (layercard train)"),
+    ("trim", TrimStage, TrimConfig, "boundary layer and trimming (layercard trim)"),
+    ("eval", EvalStage, EvalConfig, "every placement, the trimmed adapter and the base model"),
+)
+# Values shown for required keys, which have no default.
+_EXAMPLES = {
+    ("task", "train"): "synthetic:facts",
+    ("placements", "name"): "all",
+    ("placements", "policy"): "all",
+}
+_COMMENT_COLUMN = 26
+
+
+def _yaml_value(v: Any) -> str:
+    import yaml
+
+    text = yaml.safe_dump(to_jsonable(v), default_flow_style=True, width=1000).strip()
+    return text.removesuffix("\n...").removesuffix("...").strip()
+
+
+def _lines(section: str, schema: type[Schema], indent: str, first_prefix: str | None = None) -> list[str]:
+    out = []
+    for f in schema.settings(yaml_only=True):
+        spec = spec_of(f)
+        assert spec is not None
+        value = _EXAMPLES.get((section, f.name), f.default)
+        prefix = first_prefix if (first_prefix is not None and not out) else indent
+        text = f"{prefix}{f.name}: {_yaml_value(value)}"
+        choices = spec.choice_list()
+        note = spec.help + (f" ({' | '.join(choices)})" if choices and spec.kind == "choice" else "")
+        out.append(f"{text.ljust(_COMMENT_COLUMN - 1)} # {note}")
+    return out
+
+
+def reference_yaml() -> str:
+    """Every key of a run config at its default, with its help: the text of ``configs/reference.yaml``."""
+    lines = [
+        "# Every key of a `layercard run` config, at its default (generated from the stage settings;",
+        "# `layercard config --reference` prints it). Unknown keys are errors. Numbers may be written 1e-3.",
+        "# Override any key from the command line: `layercard run this.yaml --set train.steps=10`.",
+        "",
+        *_lines("", RunSettings, ""),
+    ]
+    for key, run_schema, stage_schema, comment in SECTIONS:
+        lines += ["", f"{f'{key}:'.ljust(_COMMENT_COLUMN - 1)} # {comment}"]
+        if key == "placements":
+            assert run_schema is not None and stage_schema is not None
+            lines += _lines(key, run_schema, "    ", first_prefix="  - ")
+            lines += _lines(key, stage_schema, "    ")
+            continue
+        for schema in (run_schema, stage_schema):
+            if schema is not None:
+                lines += _lines(key, schema, "  ")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,62 @@
+"""Settings of the train stage (docs/design.md §7)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from layercard.config.schema import Schema, setting
+
+SCHEDULERS = ("constant", "linear", "cosine")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig(Schema):
+    """Training hyper-parameters. Exactly one of ``steps`` / ``epochs`` (``steps=None`` with epochs).
+
+    ``eval_every=0`` evaluates only at the end, ``checkpoint_every=0`` writes no checkpoints,
+    ``eval_examples=0`` skips validation. ``bottleneck=None`` takes the plan's (else 16). ``dtype`` is the
+    compute precision (Accelerate mixed precision for bfloat16/float16); the weights keep their dtype.
+    """
+
+    SECTION = "train"
+
+    steps: int | None = setting(
+        100, optional=True, kind="int", minimum=1, help="optimizer steps (null with epochs)"
+    )
+    epochs: float | None = setting(None, kind="pos_float", help="or: passes over the training data")
+    batch_size: int = setting(8, kind="int", minimum=1, help="examples per micro-batch")
+    grad_accum: int = setting(1, kind="int", minimum=1, help="micro-batches per optimizer step")
+    lr: float = setting(1e-3, kind="pos_float", help="AdamW learning rate")
+    weight_decay: float = setting(0.0, kind="nonneg_float", help="AdamW weight decay")
+    warmup_steps: int = setting(0, kind="int", minimum=0, help="linear warm-up steps")
+    scheduler: str = setting("constant", kind="choice", choices=SCHEDULERS, help="learning-rate schedule")
+    max_length: int = setting(128, kind="int", minimum=2, help="max tokens per training example")
+    train_examples: int | None = setting(
+        None, kind="int", minimum=1, help="seeded subset of the training task; null: all"
+    )
+    eval_examples: int = setting(64, kind="int", minimum=0, help="validation examples; 0: no validation")
+    eval_every: int = setting(25, kind="int", minimum=0, help="validate every N steps; 0: at the end only")
+    checkpoint_every: int = setting(50, kind="int", minimum=0, help="checkpoint every N steps; 0: never")
+    log_every: int = setting(1, kind="int", minimum=1, help="keep every N-th step in the loss curve")
+    seed: int = setting(0, kind="int", minimum=0, yaml=False, help="seed of init, dropout and data order")
+    bottleneck: int | None = setting(
+        None, kind="int", minimum=1, help="houlsby/parallel width; null: the plan's (else 16)"
+    )
+    load_in_4bit: bool = setting(False, kind="bool", help="4-bit base weights (QLoRA; CUDA + bitsandbytes)")
+    dtype: str = setting("float32", kind="choice", choices=DTYPES, help="compute precision")
+
+    def validate(self) -> None:
+        if (self.steps is None) == (self.epochs is None):
+            raise self.fail(
+                "steps",
+                f"give exactly one of steps and epochs (got steps={self.steps!r}, epochs={self.epochs!r}); "
+                "set steps to null to train by epochs",
+            )
+
+    @classmethod
+    def prepare(cls, values: dict[str, Any]) -> dict[str, Any]:
+        if "epochs" in values and "steps" not in values:
+            values["steps"] = None  # epochs given alone replaces the default step count
+        return values

@@ -1,0 +1,75 @@
+"""A task: a named, split-specific list of examples and the prompt format that scores them."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any
+
+from layercard.artifacts import sha256_json
+from layercard.errors import LayercardError
+from layercard.tasks.example import Example
+from layercard.tasks.presets import TaskFormat
+
+__all__ = ["Task"]
+
+
+@dataclass(frozen=True)
+class Task:
+    """A named, split-specific list of examples plus the format that prompts and scores them."""
+
+    name: str
+    source: str
+    split: str
+    format: TaskFormat
+    examples: tuple[Example, ...]
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "examples", tuple(self.examples))
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    @cached_property
+    def data_hash(self) -> str:
+        """sha256 of the examples' content (ids, texts, references, meta; order matters), key-order free."""
+        return sha256_json([ex.to_dict() for ex in self.examples])
+
+    def subset(self, n: int | None, *, seed: int = 0, offset: int = 0) -> Task:
+        """Examples ``offset .. offset+n`` of a seeded shuffle, returned in source order.
+
+        Deterministic for a seed; subsets with the same seed are nested in ``n``, and different
+        offsets give disjoint parts (``subset(k)`` and ``subset(None, offset=k)`` split the task).
+        ``subset(None)`` is the whole task unchanged.
+        """
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 0):
+            raise LayercardError(f"subset: n must be a non-negative integer or None, got {n!r}")
+        if offset < 0:
+            raise LayercardError(f"subset: offset must be >= 0, got {offset!r}")
+        order = list(range(len(self.examples)))
+        random.Random(seed).shuffle(order)
+        stop = None if n is None else offset + n
+        picked = sorted(order[offset:stop])
+        return Task(
+            name=self.name,
+            source=self.source,
+            split=self.split,
+            format=self.format,
+            examples=tuple(self.examples[i] for i in picked),
+        )
+
+    def with_format(self, fmt: TaskFormat) -> Task:
+        """The same examples under another prompt format."""
+        return Task(self.name, self.source, self.split, fmt, self.examples)
+
+    def describe(self) -> dict[str, Any]:
+        """What an artifact records about the task."""
+        return {
+            "name": self.name,
+            "source": self.source,
+            "split": self.split,
+            "n_examples": len(self.examples),
+            "data_hash": self.data_hash,
+            "format": self.format.to_dict(),
+        }
