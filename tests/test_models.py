@@ -18,6 +18,7 @@ from transformers import PretrainedConfig, PreTrainedModel
 from layercard import models as M
 from layercard.artifacts import atomic_path
 from layercard.errors import LayercardError
+from layercard.models import loading as ML
 
 LLAMA_ROLES = {
     "q": "self_attn.q_proj",
@@ -468,8 +469,8 @@ def test_load_gguf_converts_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     from transformers import AutoModelForCausalLM
 
     calls: list[Path] = []
-    convert = M._convert_gguf
-    monkeypatch.setattr(M, "_convert_gguf", lambda *a: (calls.append(a[0]), convert(*a)))
+    convert = ML._convert_gguf
+    monkeypatch.setattr(ML, "_convert_gguf", lambda *a: (calls.append(a[0]), convert(*a)))
     gguf = write_tiny_gguf(tmp_path / "My Tiny.F32.gguf")
     first = M.load_model(str(gguf))
     second = M.load_model(str(gguf))
@@ -500,14 +501,14 @@ def test_gguf_cache_keying_and_lock(tmp_path: Path, monkeypatch: pytest.MonkeyPa
             tmp.mkdir()
             (tmp / "layercard_source.json").write_text(json.dumps({"gguf": str(gguf), "gguf_sha256": digest}))
 
-    monkeypatch.setattr(M, "_convert_gguf", fake_convert)
+    monkeypatch.setattr(ML, "_convert_gguf", fake_convert)
     gguf = tmp_path / "m.gguf"
     gguf.write_bytes(b"GGUF-one")
     with ThreadPoolExecutor(2) as pool:
-        a, b = pool.map(M._gguf_cache, [gguf, gguf])
+        a, b = pool.map(ML._gguf_cache, [gguf, gguf])
     assert a == b and len(calls) == 1
     gguf.write_bytes(b"GGUF-two")
-    assert M._gguf_cache(gguf) != a and len(calls) == 2
+    assert ML._gguf_cache(gguf) != a and len(calls) == 2
 
 
 def test_list_models_and_cache_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,6 +1,38 @@
-"""layercard: decide where parameter-efficient adapters go in an LLM, and prove the choice."""
+"""layercard: decide where parameter-efficient adapters go in an LLM, and prove the choice.
 
+The public API (``from layercard import measure_card, make_plan, train_adapter, ...``) is in
+:mod:`layercard.api`; its names load on first use, so ``import layercard`` stays light.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from layercard.config import CardConfig, EvalConfig, PlanConfig, TraceConfig, TrainConfig, TrimConfig
 from layercard.errors import LayercardError
 
 __version__ = "0.1.0"
-__all__ = ["LayercardError", "__version__"]
+
+_API = (
+    "Card", "EvalResult", "LoadedModel", "Plan", "Task", "check_plan", "evaluate_model", "load_config",
+    "load_model", "load_task", "make_plan", "measure_card", "run_pipeline", "train_adapter", "trim_adapter",
+)  # fmt: skip
+__all__ = [
+    "CardConfig",
+    "EvalConfig",
+    "LayercardError",
+    "PlanConfig",
+    "TraceConfig",
+    "TrainConfig",
+    "TrimConfig",
+    "__version__",
+    *_API,
+]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _API:
+        from layercard import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'layercard' has no attribute {name!r}")

@@ -15,64 +15,9 @@ from layercard.artifacts import Provenance
 from layercard.card import stats
 from layercard.card.artifact import Card, GroupRow, UnitRow, _r, _rl
 from layercard.card.probe import UnitAccumulator, make_accumulators, run_probe
+from layercard.config import CardConfig
 from layercard.errors import LayercardError
 from layercard.progress import track
-
-
-@dataclasses.dataclass(frozen=True)
-class CardConfig:
-    """What the card measures and how. Validated on construction; errors name the field."""
-
-    roles: str = "q,v"
-    examples: int = 64
-    max_length: int = 128
-    batch_size: int = 8
-    delta: float = 1e-3
-    lora_rank: int = 8
-    lora_alpha: float = 16.0
-    lr: float = 1e-3
-    a_draws: int = 4
-    seed: int = 0
-    sketch: int | None = None
-    layer_groups: int = 1
-    coupling: bool = False
-    coupling_examples: int = 8
-    coupling_direction: str = "first_step"
-    calibrate: bool = False
-    calibrate_steps: int = 2
-    horizon_steps: int = 100
-
-    def __post_init__(self) -> None:
-        for name in (
-            "examples",
-            "max_length",
-            "batch_size",
-            "lora_rank",
-            "a_draws",
-            "layer_groups",
-            "coupling_examples",
-            "calibrate_steps",
-            "horizon_steps",
-        ):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise LayercardError(f"card config: {name}={v!r} must be a positive integer")
-        for name in ("delta", "lr", "lora_alpha"):
-            v = getattr(self, name)
-            if not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
-                raise LayercardError(f"card config: {name}={v!r} must be a positive number")
-        if self.sketch is not None and (not isinstance(self.sketch, int) or self.sketch < 1):
-            raise LayercardError(f"card config: sketch={self.sketch!r} must be a positive integer or null")
-        if self.coupling_direction not in ("first_step", "capacity"):
-            raise LayercardError(
-                f"card config: coupling_direction={self.coupling_direction!r}; valid: first_step, capacity"
-            )
-        if self.sketch is not None and self.coupling and self.coupling_direction == "capacity":
-            raise LayercardError(
-                "card config: coupling_direction='capacity' needs an exact covariance (sketch=null)"
-            )
-        if self.max_length < 8:
-            raise LayercardError(f"card config: max_length={self.max_length} is too short (minimum 8)")
 
 
 def _finish_pass(

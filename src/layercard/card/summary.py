@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
 from layercard.card.artifact import SCORES, Card
@@ -77,3 +79,19 @@ def card_markdown(card: Card) -> str:
             f"max {off.max():.3f}.",
         ]
     return "\n".join(lines) + "\n"
+
+
+def write_card_folder(card: Card, out: str | Path) -> list[Path]:
+    """``out/card.json``, ``card.md`` and the figures; card.json last, so its presence means complete.
+
+    Returns the figure paths.
+    """
+    from layercard.artifacts import write_text
+    from layercard.card.figures import write_all
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    figures = write_all(card, out)
+    write_text(out / "card.md", card_markdown(card))
+    card.save(out / "card.json")
+    return figures

@@ -81,11 +81,10 @@ def emit_json(obj: Any) -> None:
 
 
 def resolve_device(device: str) -> str:
-    if device != "auto":
-        return device
-    import torch
+    """The torch device name for ``--device`` (``auto`` -> cuda when available, else cpu)."""
+    from layercard import models  # imported here: torch makes `layercard --help` slow
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    return str(models.resolve_device(device))
 
 
 def load_cli_model(model: str, dtype: str, device: str, trust_remote_code: bool):

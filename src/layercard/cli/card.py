@@ -17,9 +17,10 @@ from layercard.cli.app import (
     console,
     emit_json,
     guard,
-    load_cli_model,
     progress_flag,
 )
+from layercard.cli.options import config_options
+from layercard.config import CardConfig
 from layercard.errors import LayercardError
 
 
@@ -64,6 +65,7 @@ TaskOpt = Annotated[
 
 @app.command("card")
 @guard
+@config_options(CardConfig)
 def card_cmd(
     model: ModelOpt = "smollm2",
     task: TaskOpt = "synthetic:facts",
@@ -71,67 +73,26 @@ def card_cmd(
         Path, typer.Option("--out", "-o", help="Folder for card.json, card.md and figures.")
     ] = Path("card"),
     split: Annotated[str | None, typer.Option(help="Split for preset/synthetic tasks.")] = None,
-    roles: Annotated[str, typer.Option(help="q,v | attention | mlp | all-linear | any comma list.")] = "q,v",
-    examples: Annotated[int, typer.Option(help="Probe examples.")] = 64,
-    max_length: Annotated[int, typer.Option(help="Max tokens per probe example.")] = 128,
-    batch_size: Annotated[int, typer.Option(help="Micro-batch size of the pass.")] = 8,
-    delta: Annotated[float, typer.Option(help="Damping δ: λ = δ·tr(Σ)/d_in.")] = 1e-3,
-    coupling: Annotated[
-        bool, typer.Option("--coupling", help="Also measure the layer coupling matrix.")
-    ] = False,
-    coupling_examples: Annotated[int, typer.Option(help="Examples for the coupling probe.")] = 8,
-    calibrate: Annotated[bool, typer.Option(help="Time short LoRA runs to calibrate the cost model.")] = True,
-    sketch: Annotated[
-        int | None, typer.Option(help="Sketch inputs to K dims (bounds memory; lower bound).")
-    ] = None,
-    layer_groups: Annotated[
-        int, typer.Option(help="Split the layers into G separate passes (bounds memory).")
-    ] = 1,
-    lora_rank: Annotated[int, typer.Option(help="LoRA rank for params and the first-step rate.")] = 8,
-    lr: Annotated[float, typer.Option(help="Learning rate assumed by the first-step rate.")] = 1e-3,
-    seed: int = 0,
     dtype: DtypeOpt = "float32",
     device: DeviceOpt = "auto",
     trust_remote_code: TrustOpt = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout.")] = False,
+    cfg: CardConfig = CardConfig(),
 ) -> None:
     """Measure the frozen model on a task: the Layer Card (card.json, card.md, PNG figures)."""
-    from layercard.card import CardConfig, compute_card
-    from layercard.card.figures import write_all
-    from layercard.card.summary import card_markdown, top_layers
-    from layercard.tasks import load_task
+    from layercard.api import measure_card
+    from layercard.card import write_card_folder
+    from layercard.card.summary import top_layers
 
-    cfg = CardConfig(
-        roles=roles,
-        examples=examples,
-        max_length=max_length,
-        batch_size=batch_size,
-        delta=delta,
-        coupling=coupling,
-        coupling_examples=coupling_examples,
-        calibrate=calibrate,
-        sketch=sketch,
-        layer_groups=layer_groups,
-        lora_rank=lora_rank,
-        lr=lr,
-        seed=seed,
-    )
-    from layercard.models import parse_roles
-
-    parse_roles(roles)
-    t = load_task(task, split=split, seed=seed)
-    loaded = load_cli_model(model, dtype, device, trust_remote_code)
-    card = compute_card(loaded, t, cfg, progress=progress_flag(json_out))
-    out.mkdir(parents=True, exist_ok=True)
-    figs = write_all(card, out)
-    from layercard.artifacts import write_text
-
-    write_text(out / "card.md", card_markdown(card))
-    card.save(out / "card.json")
+    card = measure_card(
+        model, task, cfg, split=split, dtype=dtype, device=device,
+        trust_remote_code=trust_remote_code, progress=progress_flag(json_out),
+    )  # fmt: skip
+    written = write_card_folder(card, out)
     summary = {
         "card": str(out / "card.json"),
         "markdown": str(out / "card.md"),
-        "figures": [str(p) for p in figs],
+        "figures": [str(p) for p in written],
         "loss": card.loss,
         "n_positions": card.n_positions,
         "n_target_tokens": card.n_target_tokens,
@@ -144,7 +105,7 @@ def card_cmd(
         emit_json(summary)
         return
     _print_card_summary(card)
-    console.print(f"wrote {out / 'card.json'}, {out / 'card.md'} and {len(figs)} figures")
+    console.print(f"wrote {out / 'card.json'}, {out / 'card.md'} and {len(written)} figures")
 
 
 def _print_card_summary(card) -> None:

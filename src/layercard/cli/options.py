@@ -1,0 +1,100 @@
+"""Command-line options derived from a stage's settings (``layercard.config``), never written by hand.
+
+:func:`config_options` gives a command one ``--option`` per setting of a config schema, with the
+setting's default and help, and hands the command the validated config. A bad value fails with the
+option's name: ``--examples: must be a positive integer, got 0``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+from collections.abc import Callable, Iterable
+from typing import Annotated, Any, TypeVar
+
+import typer
+
+from layercard.config.schema import ConfigError, Schema, Spec, spec_of
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+_TYPES: dict[str, type] = {"int": int, "pos_float": float, "nonneg_float": float, "fraction": float}
+_TYPES |= {"unit": float, "bool": bool}
+
+
+def option_name(field: str) -> str:
+    return "--" + field.replace("_", "-")
+
+
+def _help(spec: Spec) -> str:
+    choices = spec.choice_list()
+    if choices and spec.kind == "choice":
+        return f"{spec.help} ({' | '.join(choices)})."
+    return f"{spec.help}."
+
+
+def _cli_default(value: Any) -> Any:
+    """The option's default as the command line shows it (text for budgets, windows and lists)."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, tuple):
+        return ",".join(map(str, value)) if value and isinstance(value[0], str) else ":".join(map(str, value))
+    return str(value)
+
+
+def _parameter(f: dataclasses.Field, default: Any) -> inspect.Parameter:
+    spec = spec_of(f)
+    assert spec is not None
+    base = _TYPES.get(spec.kind, str)
+    annotation: Any = base | None if spec.optional else base
+    name = option_name(f.name)
+    if spec.kind == "bool":
+        name = f"{name}/--no-{name[2:]}"
+    option = typer.Option(name, help=_help(spec))
+    return inspect.Parameter(
+        f.name,
+        inspect.Parameter.KEYWORD_ONLY,
+        default=_cli_default(default),
+        annotation=Annotated[annotation, option],
+    )
+
+
+def config_options(
+    schema: type[Schema],
+    *,
+    param: str = "cfg",
+    exclude: Iterable[str] = (),
+    defaults: dict[str, Any] | None = None,
+) -> Callable[[F], F]:
+    """Decorate a command so it takes every setting of ``schema`` as an option and receives ``param``.
+
+    ``exclude`` leaves settings out (they keep their schema default); ``defaults`` changes a default for
+    this command only (shown in its help).
+    """
+    skip = set(exclude)
+    defaults = defaults or {}
+    fields = [f for f in schema.settings(cli_only=True) if f.name not in skip]
+
+    def decorate(fn: F) -> F:
+        own = [p for p in inspect.signature(fn, eval_str=True).parameters.values() if p.name != param]
+        names = {p.name for p in own}
+        derived = [f for f in fields if f.name not in names]
+        params = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own]
+        params += [_parameter(f, defaults.get(f.name, f.default)) for f in derived]
+
+        @functools.wraps(fn)
+        def wrapper(**kwargs: Any) -> Any:
+            values = {f.name: kwargs.pop(f.name) for f in derived}
+            try:
+                cfg = schema(**values)
+            except ConfigError as e:
+                field = e.where.rpartition(".")[2]
+                raise ConfigError(option_name(field), e.problem) from None
+            return fn(**kwargs, **{param: cfg})
+
+        wrapper.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+        wrapper.__annotations__ = {p.name: p.annotation for p in params}
+        return wrapper  # type: ignore[return-value]
+
+    return decorate

