@@ -1,4 +1,4 @@
-"""Exactness of the card's statistics against brute force (DESIGN §3 'Exactness')."""
+"""Exactness of the card's statistics against brute force (docs/design.md §3 'Exactness')."""
 
 from __future__ import annotations
 

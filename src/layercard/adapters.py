@@ -1,7 +1,7 @@
 """Bottleneck adapters (Houlsby and parallel) and one loader for every adapter folder layercard writes.
 
 No maintained adapter library works with the pinned transformers (the ``adapters`` package pins an
-old one), so this is a small module of ours (DESIGN §7):
+old one), so this is a small module of ours (docs/design.md §7):
 
 - ``houlsby`` (sequential): after the attention sublayer and after the MLP sublayer of a chosen decoder
   layer, ``h ← h + B(h)`` on the sublayer's output;

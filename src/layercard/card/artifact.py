@@ -12,22 +12,11 @@ import numpy as np
 
 from layercard.artifacts import SCHEMA_VERSION, read_json, write_json
 from layercard.card import stats
+from layercard.config.card import SCORES
 from layercard.errors import LayercardError
 
 KIND = "card"
 
-# Predicted-gain scores kept side by side (DESIGN §3a). Each is per unit; per-layer values
-# aggregate the units of the chosen roles (sums, or a root-sum-square for the gradient norms).
-SCORES: dict[str, str] = {
-    "capacity": "½·N_t·resnorm² at damping δ: the local quadratic model's optimal decrease of the mean loss",
-    "capacity_energy": "resnorm² × activation energy tr(Σ)/d_in",
-    "gradnorm": "‖∇W‖_F, the raw gradient norm (the 'gradnorm' baseline)",
-    "gradnorm_energy": "‖∇W‖_F × √(tr(Σ)/d_in)",
-    "rate": "loss decrease of the first Adam step of a LoRA module at the unit (B=0, seeded A), "
-    "first-order term minus the quadratic term of the local model",
-    "rate_linear": "first-order term of the rate alone: lr·s·‖∇W Aᵀ‖₁",
-    "saturating": "C·(1 − exp(−ρ·T/C)) with capacity C, rate ρ and horizon T steps",
-}
 # Chosen by the placement benchmark (benchmarks/results/placement.md): the best mean Spearman with
 # measured single-layer gains on the selection tasks, then reported unchanged on the confirmation tasks.
 DEFAULT_SCORE = "gradnorm_energy"
@@ -85,7 +74,7 @@ class GroupRow:
 
 @dataclasses.dataclass(frozen=True)
 class Card:
-    """A Layer Card; see DESIGN §3. Built by :func:`layercard.card.compute_card`."""
+    """A Layer Card; see docs/design.md §3. Built by :func:`layercard.card.compute_card`."""
 
     provenance: dict[str, Any]
     config: dict[str, Any]

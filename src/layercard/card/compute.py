@@ -101,7 +101,7 @@ def _layer_chunks(layers: Sequence[int], n_groups: int) -> list[list[int]]:
 
 
 def compute_card(loaded: Any, task: Any, cfg: CardConfig, *, progress: bool | None = None) -> Card:
-    """Measure the frozen model on the task and return the Layer Card (DESIGN §3–§5)."""
+    """Measure the frozen model on the task and return the Layer Card (docs/design.md §3–§5)."""
     from layercard import models
     from layercard.tasks import batches as make_batches
     from layercard.tasks import count_target_tokens, encode_task

@@ -1,4 +1,4 @@
-"""Coupling between layers: cosines of their updates' effects on the final hidden state (DESIGN §4).
+"""Coupling between layers: cosines of their updates' effects on the final hidden state (docs/design.md §4).
 
 For each layer ℓ the update direction Δ_ℓ adds, at every unit of the chosen roles in ℓ, the unit's
 first Adam step (or its capacity direction). Its effect e_ℓ = d h_final / dε is taken by a one-sided

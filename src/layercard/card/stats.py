@@ -1,4 +1,4 @@
-"""Pure statistics of the Layer Card (DESIGN §3, §3a, §4).
+"""Pure statistics of the Layer Card (docs/design.md §3, §3a, §4).
 
 Everything here is a function of float64 numpy arrays, with no model or hook in sight, so the maths
 can be tested against brute force. Notation: a unit has weight W (d_out × d_in); X (n × d_in) are
@@ -45,7 +45,7 @@ def spectrum(xtx: np.ndarray, n: int) -> Spectrum:
 
 
 def damping(eigenvalues: np.ndarray, delta: float) -> float:
-    """λ = δ·tr(Σ)/d_in (DESIGN §3). A tiny floor keeps an all-zero input finite."""
+    """λ = δ·tr(Σ)/d_in (docs/design.md §3). A tiny floor keeps an all-zero input finite."""
     d = eigenvalues.shape[0]
     lam = delta * float(eigenvalues.sum()) / d
     return max(lam, 1e-30)
@@ -92,7 +92,7 @@ def captured(sv_sq: np.ndarray, ranks: Sequence[int] = CAPTURE_RANKS) -> dict[in
 
 @dataclass(frozen=True)
 class InputStats:
-    """Conditioning of one input covariance (DESIGN §3, activation energy row)."""
+    """Conditioning of one input covariance (docs/design.md §3, activation energy row)."""
 
     energy: float  # tr(Σ)/d_in
     kappa: float  # λmax/λmin of Σλ
@@ -132,7 +132,7 @@ def first_step_rate(
     scale: float,
     curvature: float,
 ) -> tuple[float, float, float]:
-    """Loss decrease of Adam's first step on a LoRA module at this unit (DESIGN §3a).
+    """Loss decrease of Adam's first step on a LoRA module at this unit (docs/design.md §3).
 
     With B = 0 at init only B moves; Adam's first step is ΔB = −lr·sign(∂L/∂B) with
     ∂L/∂B = s·∇W Aᵀ, so ΔW = s·ΔB·A. First-order decrease: lr·s·‖∇W Aᵀ‖₁. Quadratic term:
@@ -152,7 +152,7 @@ def first_step_rate(
 
 
 def set_gain(gains: np.ndarray, coupling: np.ndarray, ridge: float = 1e-6) -> float:
-    """gain(S) = g_Sᵀ K_SS⁻¹ g_S with K = diag(g)^½ C diag(g)^½ (DESIGN §4).
+    """gain(S) = g_Sᵀ K_SS⁻¹ g_S with K = diag(g)^½ C diag(g)^½ (docs/design.md §4).
 
     Equivalent to √g_Sᵀ C_SS⁻¹ √g_S; reduces to Σ g when C = I, and redundant units add less.
     Negative predicted gains count as zero. A small ridge keeps a near-singular C finite.

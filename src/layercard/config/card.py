@@ -7,6 +7,18 @@ import dataclasses
 from layercard.config.schema import Schema, setting
 
 COUPLING_DIRECTIONS = ("first_step", "capacity")
+# Predicted-gain scores kept side by side (docs/design.md §3). Each is per unit; per-layer values
+# aggregate the units of the chosen roles (sums, or a root-sum-square for the gradient norms).
+SCORES: dict[str, str] = {
+    "capacity": "½·N_t·resnorm² at damping δ: the local quadratic model's optimal decrease of the mean loss",
+    "capacity_energy": "resnorm² × activation energy tr(Σ)/d_in",
+    "gradnorm": "‖∇W‖_F, the raw gradient norm (the 'gradnorm' baseline)",
+    "gradnorm_energy": "‖∇W‖_F × √(tr(Σ)/d_in)",
+    "rate": "loss decrease of the first Adam step of a LoRA module at the unit (B=0, seeded A), "
+    "first-order term minus the quadratic term of the local model",
+    "rate_linear": "first-order term of the rate alone: lr·s·‖∇W Aᵀ‖₁",
+    "saturating": "C·(1 − exp(−ρ·T/C)) with capacity C, rate ρ and horizon T steps",
+}
 
 
 @dataclasses.dataclass(frozen=True)

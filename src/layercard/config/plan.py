@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 
+from layercard.config.budget import Budget
+from layercard.config.card import SCORES
 from layercard.config.schema import Schema, setting
-from layercard.errors import LayercardError
 
 POLICIES: tuple[str, ...] = (
     "card",
@@ -20,61 +20,7 @@ POLICIES: tuple[str, ...] = (
     "random",
     "gradnorm",
 )
-BUDGET_KINDS: tuple[str, ...] = ("layers", "params", "step_time", "modules")
 ADAPTER_KINDS: tuple[str, ...] = ("lora", "houlsby", "parallel")
-_SUFFIX = {"k": 1e3, "m": 1e6, "g": 1e9}
-
-
-@dataclasses.dataclass(frozen=True)
-class Budget:
-    """A cap on one cost of a placement: ``layers``, ``params``, ``step_time`` (seconds) or ``modules``."""
-
-    kind: str
-    value: float
-
-    def __post_init__(self) -> None:
-        if self.kind not in BUDGET_KINDS:
-            raise LayercardError(
-                f"budget {self.kind!r}: unknown kind; valid kinds: {', '.join(BUDGET_KINDS)}"
-            )
-        v = self.value
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
-            raise LayercardError(f"budget {self.kind}={v!r}: must be a positive finite number")
-        if self.kind in ("layers", "modules") and float(v) != int(v):
-            raise LayercardError(f"budget {self.kind}={v!r}: must be a whole number")
-        object.__setattr__(self, "value", float(v))
-
-    @classmethod
-    def parse(cls, text: str) -> Budget:
-        """``'layers=8'``, ``'params=2.5M'``, ``'step_time=1.5'``, ``'modules=16'``."""
-        kind, sep, raw = str(text).partition("=")
-        kind, raw = kind.strip().lower().replace("-", "_"), raw.strip().lower()
-        if not sep or not kind or not raw:
-            raise LayercardError(
-                f"budget {text!r}: expected KIND=VALUE, e.g. layers=8; valid kinds: {', '.join(BUDGET_KINDS)}"
-            )
-        if kind not in BUDGET_KINDS:
-            raise LayercardError(
-                f"budget {text!r}: unknown kind {kind!r}; valid kinds: {', '.join(BUDGET_KINDS)}"
-            )
-        mult = 1.0
-        if kind == "params" and raw[-1] in _SUFFIX:
-            raw, mult = raw[:-1], _SUFFIX[raw[-1]]
-        try:
-            value = float(raw) * mult
-        except ValueError:
-            raise LayercardError(f"budget {text!r}: value {raw!r} is not a number") from None
-        return cls(kind, value)
-
-    def __str__(self) -> str:
-        v = int(self.value) if self.value == int(self.value) else self.value
-        return f"{self.kind}={v}"
-
-
-def _scores() -> tuple[str, ...]:
-    from layercard.card.artifact import SCORES
-
-    return tuple(SCORES)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,7 +50,7 @@ class PlanConfig(Schema):
     alpha: float | None = setting(None, kind="pos_float", help="LoRA alpha; null: 2·rank per module")
     dropout: float = setting(0.0, kind="unit", help="LoRA dropout")
     score: str | None = setting(
-        None, kind="choice", choices=_scores, help="card score used as the gain; null: the card's default"
+        None, kind="choice", choices=tuple(SCORES), help="card score used as the gain; null: the card default"
     )
     seed: int = setting(0, kind="int", minimum=0, yaml=False, help="seed of the random policy")
     kind: str = setting("lora", kind="choice", choices=ADAPTER_KINDS, help="adapter kind")

@@ -178,7 +178,7 @@ def _auto_or_int(where: str, spec: Spec, v: Any) -> int | str:
 
 
 def _budget(where: str, spec: Spec, v: Any) -> Any:
-    from layercard.config.plan import Budget
+    from layercard.config.budget import Budget
 
     if isinstance(v, Budget):
         return v
