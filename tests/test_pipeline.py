@@ -245,7 +245,7 @@ def test_config_errors_name_the_key(tmp_path):
         "config.yaml: card.coupling: must be true or false, got 'maybe'"
     )
     assert "placements[card-2].budget" in _error(apply_overrides(base, ["placements.0.budget=rooms=3"]))
-    assert "placements[card-2]: policy card needs a budget" in _error(
+    assert "placements[card-2].budget: policy card needs a budget" in _error(
         apply_overrides(base, ["placements.0.budget=null"])
     )
     dup = apply_overrides(base, ["placements.1.name=card-2"])
@@ -288,14 +288,32 @@ def test_demo_config_is_packaged_and_valid():
 def test_reference_config_lists_every_key_with_its_default():
     """configs/reference.yaml documents each key at its default: it must parse to the defaults exactly."""
     ref = load_config(demo_config_path().with_name("reference.yaml")).to_dict()
-    minimal = {
-        "task": "synthetic:facts",
-        "placements": [{"name": "card-8", "policy": "card", "budget": "layers=8"}],
-    }
+    minimal = {"task": "synthetic:facts", "placements": [{"name": "all", "policy": "all"}]}
     assert ref == parse_config(minimal).to_dict()
     raw = yaml.safe_load(demo_config_path().with_name("reference.yaml").read_text())
     for section in ("card", "train", "trim", "eval"):
         assert set(raw[section]) == set(ref[section]), section  # no key missing from the reference
+
+
+def test_reference_config_is_the_rendered_schema():
+    """The file is generated from the stage settings, so its keys, defaults and help cannot drift."""
+    from layercard.config.run import reference_yaml
+
+    assert demo_config_path().with_name("reference.yaml").read_text() == reference_yaml()
+
+
+def test_every_setting_has_help_and_a_valid_default():
+    import dataclasses
+
+    from layercard.config import CardConfig, EvalConfig, PlanConfig, TraceConfig, TrainConfig, TrimConfig
+    from layercard.config.schema import check, spec_of
+
+    for schema in (CardConfig, EvalConfig, PlanConfig, TraceConfig, TrainConfig, TrimConfig):
+        for f in schema.settings():
+            spec = spec_of(f)
+            assert spec.help.strip(), f"{schema.__name__}.{f.name} has no help"
+            if f.default is not dataclasses.MISSING:
+                check(f"{schema.SECTION}.{f.name}", spec, f.default)  # a default passes its own check
 
 
 def test_config_error_writes_nothing(tmp_path):
@@ -375,3 +393,32 @@ def test_switching_trim_off_reruns_only_the_report(tiny_run, tmp_path):
     assert [r["name"] for r in summary["rows"]] == ["base", "card-2", "all"]
     text = (copy / "report.html").read_text()
     assert "Trimming was not run" in text and "all-trimmed" not in text
+
+
+# ---------------------------------------------------------------- run folder layout and module order
+
+
+def test_run_layout_names_match_the_stages():
+    """run_layout repeats the file names the stages write (it imports none of them): they must agree."""
+    from layercard import evaluate, run_layout, train, trim
+
+    assert run_layout.TRAIN_METRICS_FILE == train.METRICS_FILE
+    assert run_layout.ADAPTER_DIR == train.ADAPTER_DIR
+    assert run_layout.TRIM_FILE == trim.TRIM_FILE
+    assert run_layout.TRACE_FILE == trim.TRACE_FILE
+    assert run_layout.TRIMMED_ADAPTER_DIR == trim.TRIMMED_DIR
+    assert run_layout.EVAL_FILE == evaluate.EVAL_FILE
+
+
+def test_report_does_not_import_the_pipeline():
+    """The pipeline runs the report; the report reads the run folder through run_layout only."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, layercard.report, layercard.run_layout\n"
+        "bad = sorted(m for m in sys.modules if m.startswith('layercard.pipeline'))\n"
+        "assert not bad, bad\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]

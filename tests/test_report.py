@@ -165,3 +165,29 @@ def test_report_renders_in_headless_chromium(run_dir, tmp_path):
     not_white = (pixels < 0.95).any(axis=-1).mean()
     colourful = (pixels.max(axis=-1) - pixels.min(axis=-1) > 0.2).mean()
     assert not_white > 0.05 and colourful > 0.01, (not_white, colourful)
+
+
+def test_report_markdown_depends_on_the_artifacts_only(run_dir, tmp_path):
+    """The same artifacts give the same report.md, wherever the folder is (but for the first paragraph,
+    which names the folder and the time the report was built)."""
+    texts = []
+    for name in ("a", "b"):
+        copy = tmp_path / name
+        shutil.copytree(run_dir, copy)
+        build_report(copy)
+        lines = (copy / "report.md").read_text().splitlines()
+        assert lines[2].startswith(f"Run folder {copy.resolve()}; report built ")
+        texts.append([*lines[:2], *lines[3:]])
+    assert texts[0] == texts[1]
+
+
+def test_predicted_step_time_prefers_the_rescaled_prediction():
+    from types import SimpleNamespace
+
+    from layercard.report import predicted_s_per_step
+
+    def metrics(scaled, plain):
+        return SimpleNamespace(predicted_step_time_scaled_s=scaled, predicted_step_time_s=plain)
+
+    assert predicted_s_per_step(metrics(2.0, 1.0)) == 2.0
+    assert predicted_s_per_step(metrics(None, 1.0)) == 1.0

@@ -10,6 +10,7 @@ from rich import box
 from rich.table import Table
 
 from layercard.cli.app import app, console, emit_json, guard, progress_flag
+from layercard.run_layout import RunLayout
 
 SetOpt = Annotated[
     list[str] | None,
@@ -95,7 +96,7 @@ def _headline(summary: dict[str, Any]) -> dict[str, Any]:
     return {
         "run_dir": summary["run_dir"],
         "report": summary["report"],
-        "summary": str(Path(summary["run_dir"]) / "summary.json"),
+        "summary": str(RunLayout(Path(summary["run_dir"])).summary_json),
         "ran": summary["ran"],
         "skipped": summary["skipped"],
         "primary_metric": summary["primary_metric"],

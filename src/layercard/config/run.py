@@ -21,7 +21,7 @@ from layercard.config.train import DTYPES, TrainConfig
 from layercard.config.trim import TrimConfig
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-RESERVED_NAMES = ("base", "trimmed")
+RESERVED_NAMES = ("base", "trimmed")  # the eval folders of the base model and the trimmed adapter
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,8 +144,8 @@ def _lines(section: str, schema: type[Schema], indent: str, first_prefix: str | 
 def reference_yaml() -> str:
     """Every key of a run config at its default, with its help: the text of ``configs/reference.yaml``."""
     lines = [
-        "# Every key of a `layercard run` config, at its default (generated from the stage settings;",
-        "# `layercard config --reference` prints it). Unknown keys are errors. Numbers may be written 1e-3.",
+        "# Every key of a `layercard run` config at its default, generated from the stage settings",
+        "# (layercard.config); a test keeps them equal. Unknown keys are errors; 1e-3 is a number.",
         "# Override any key from the command line: `layercard run this.yaml --set train.steps=10`.",
         "",
         *_lines("", RunSettings, ""),

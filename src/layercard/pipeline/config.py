@@ -1,0 +1,227 @@
+"""The run config: YAML loading and validation into the typed config of every stage (docs/design.md §1).
+
+A run is described by one YAML config (:func:`load_config`), validated in full before anything runs:
+every error names the file and the key (``config.yaml: train.steps: must be a positive integer, got -3``)
+and unknown keys are errors. Each section is checked by the stage's own settings schema
+(``layercard.config``); this module only assembles them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from layercard.config import CardConfig, EvalConfig, PlanConfig, TrainConfig, TrimConfig
+from layercard.config.run import EvalStage, PlacementName, RunSettings, TaskSpec, TrimStage
+from layercard.config.schema import ConfigError, Schema, unknown_key
+from layercard.errors import LayercardError
+from layercard.pipeline.overrides import apply_overrides
+
+__all__ = [
+    "PlacementSpec",
+    "RunConfig",
+    "TaskSpec",
+    "TrimSpec",
+    "apply_overrides",
+    "demo_config_path",
+    "load_config",
+    "parse_config",
+]
+
+_SECTIONS = ("task", "card", "placements", "train", "trim", "eval")
+_TOP_KEYS = [*(f.name for f in RunSettings.settings(yaml_only=True)), *_SECTIONS]
+
+
+@dataclasses.dataclass(frozen=True)
+class PlacementSpec:
+    """One placement to plan, train and compare: a name (its folder) and the planner's config."""
+
+    name: str
+    plan: PlanConfig
+
+    def __post_init__(self) -> None:
+        PlacementName(name=self.name)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, **self.plan.to_dict(yaml_only=True)}
+
+
+@dataclasses.dataclass(frozen=True)
+class TrimSpec:
+    """Which trained placement to trim (default: the one with the most layers) and the sweep settings."""
+
+    enabled: bool = True
+    placement: str | None = None
+    config: TrimConfig = dataclasses.field(default_factory=TrimConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"enabled": self.enabled, "placement": self.placement, **self.config.to_dict(yaml_only=True)}
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """A validated pipeline config; every stage config inside carries the run's seed."""
+
+    model: str
+    task: TaskSpec
+    placements: tuple[PlacementSpec, ...]
+    card: CardConfig
+    train: TrainConfig
+    trim: TrimSpec
+    eval: EvalConfig
+    eval_base: bool = True
+    seed: int = 0
+    dtype: str = "float32"
+    device: str = "auto"
+    trust_remote_code: bool = False
+    threads: int | str = "auto"
+    source: str = "config"
+
+    def __post_init__(self) -> None:
+        if not self.placements:
+            raise LayercardError("placements: list at least one placement")
+        names = [p.name for p in self.placements]
+        dup = next((n for n in names if names.count(n) > 1), None)
+        if dup is not None:
+            raise LayercardError(f"placements: name {dup!r} is used twice; names must be unique")
+        if self.trim.enabled and self.trim.placement is not None and self.trim.placement not in names:
+            raise LayercardError(
+                f"trim.placement: {self.trim.placement!r} is not a placement; placements: {', '.join(names)}"
+            )
+
+    def placement(self, name: str) -> PlacementSpec:
+        """The placement called ``name``."""
+        return next(p for p in self.placements if p.name == name)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The resolved config (every default filled in), as YAML/JSON would write it."""
+        return {
+            "model": self.model,
+            "task": self.task.to_dict(),
+            "seed": self.seed,
+            "dtype": self.dtype,
+            "device": self.device,
+            "trust_remote_code": self.trust_remote_code,
+            "threads": self.threads,
+            "card": self.card.to_dict(yaml_only=True),
+            "placements": [p.to_dict() for p in self.placements],
+            "train": self.train.to_dict(yaml_only=True),
+            "trim": self.trim.to_dict(),
+            "eval": {"base": self.eval_base, **self.eval.to_dict(yaml_only=True)},
+        }
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Parsing
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _two_part(
+    where: str, raw: Any, run_schema: type[Schema], stage_schema: type[Schema], seed: int
+) -> tuple[Any, Any]:
+    """A section holding run-level keys beside a stage's settings: check the union, build both."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, Mapping):
+        raise ConfigError(where, f"must be a mapping of keys to values, got {type(raw).__name__}")
+    run_keys = [f.name for f in run_schema.settings(yaml_only=True)]
+    stage_keys = [f.name for f in stage_schema.settings(yaml_only=True)]
+    for key in raw:
+        if not isinstance(key, str) or key not in (*run_keys, *stage_keys):
+            raise unknown_key(f"{where}.", str(key), [*run_keys, *stage_keys], raw[key])
+    run = run_schema.from_mapping({k: raw[k] for k in run_keys if k in raw}, where=where)
+    stage = stage_schema.from_mapping({k: raw[k] for k in stage_keys if k in raw}, where=where, seed=seed)
+    return run, stage
+
+
+def _placement(i: int, raw: Any, seed: int) -> PlacementSpec:
+    where = f"placements[{i}]"
+    if isinstance(raw, Mapping) and isinstance(raw.get("name"), str):
+        where = f"placements[{raw['name']}]"
+    named, plan = _two_part(where, raw, PlacementName, PlanConfig, seed)
+    return PlacementSpec(named.name, plan)
+
+
+def _task(raw: Any) -> TaskSpec:
+    if isinstance(raw, str):  # shorthand: one task, trained on its train split, evaluated on the held-out one
+        return TaskSpec.build("task", train=raw)
+    return TaskSpec.from_mapping(raw)
+
+
+def parse_config(raw: Any, *, source: str = "config") -> RunConfig:
+    """Validate a config mapping (parsed YAML) into a :class:`RunConfig`; errors start with ``source``."""
+    try:
+        return _parse(raw, source)
+    except LayercardError as e:
+        raise LayercardError(f"{source}: {e}") from None
+
+
+def _parse(raw: Any, source: str) -> RunConfig:
+    if not isinstance(raw, Mapping):
+        raise ConfigError("", f"the config must be a mapping of keys to values, got {type(raw).__name__}")
+    for key in raw:
+        if key not in _TOP_KEYS:
+            raise unknown_key("", str(key), _TOP_KEYS, raw[key])
+    for key in ("task", "placements"):
+        if key not in raw:
+            raise ConfigError(key, "required key is missing")
+    top = RunSettings.from_mapping({k: v for k, v in raw.items() if k not in _SECTIONS}, where="")
+    seed = top.seed
+    placements_raw = raw["placements"]
+    if not isinstance(placements_raw, list) or not placements_raw:
+        raise ConfigError("placements", "must be a non-empty list of placements ({name, policy, ...} each)")
+    task = _task(raw["task"])
+    card = CardConfig.from_mapping(raw.get("card"), seed=seed)
+    placements = tuple(_placement(i, p, seed) for i, p in enumerate(placements_raw))
+    train = TrainConfig.from_mapping(raw.get("train"), seed=seed)
+    trim_raw = raw.get("trim", {})
+    if trim_raw is False:  # `trim: false` switches the stage off
+        trim_raw = {"enabled": False}
+    trim_stage, trim_cfg = _two_part("trim", trim_raw, TrimStage, TrimConfig, seed)
+    eval_stage, ev = _two_part("eval", raw.get("eval"), EvalStage, EvalConfig, seed)
+    return RunConfig(
+        model=top.model,
+        task=task,
+        placements=placements,
+        card=card,
+        train=train,
+        trim=TrimSpec(enabled=trim_stage.enabled, placement=trim_stage.placement, config=trim_cfg),
+        eval=ev,
+        eval_base=eval_stage.base,
+        seed=seed,
+        dtype=top.dtype,
+        device=top.device,
+        trust_remote_code=top.trust_remote_code,
+        threads=top.threads,
+        source=source,
+    )
+
+
+def load_config(path: str | Path, overrides: Sequence[str] = ()) -> RunConfig:
+    """Read, override and validate a YAML run config. Nothing is written."""
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise LayercardError(f"{p}: no such config file")
+    try:
+        raw = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise LayercardError(f"{p}: not valid YAML{where} ({problem})") from None
+    if raw is None:
+        raise LayercardError(f"{p}: empty config")
+    if not isinstance(raw, dict):
+        raise LayercardError(f"{p}: the config must be a mapping of keys to values")
+    return parse_config(apply_overrides(raw, overrides), source=str(p))
+
+
+def demo_config_path() -> Path:
+    """The packaged demo config (``layercard/configs/demo.yaml``)."""
+    from importlib import resources
+
+    return Path(str(resources.files("layercard") / "configs" / "demo.yaml"))

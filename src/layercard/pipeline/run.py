@@ -1,0 +1,136 @@
+"""The whole job over one loaded model: every stage in order, then the run summary (docs/design.md §1)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from layercard.artifacts import SCHEMA_VERSION, write_json
+from layercard.errors import LayercardError
+from layercard.pipeline.config import RunConfig
+from layercard.pipeline.stages import Runner, StageCallback
+from layercard.run_layout import BASE_EVAL, TRIMMED_EVAL
+
+__all__ = ["RUN_KIND", "SUMMARY_KIND", "choose_threads", "run_pipeline"]
+
+RUN_KIND = "run_config"
+SUMMARY_KIND = "run_summary"
+
+
+def choose_threads(setting: int | str) -> int:
+    """Torch intra-op threads for a run: the number given, or for ``auto`` the cores left idle.
+
+    On a shared CPU, OpenMP threads beyond the idle cores spin-wait on their busy siblings: measured on
+    2 cores with one other busy process, a SmolLM2 forward+backward took 17-23 s on 2 threads and 6-8 s
+    on 1. ``auto`` therefore takes the cores minus the 1-minute load average at the start (at least 1,
+    at most torch's default).
+    """
+    import os
+
+    import torch
+
+    default = torch.get_num_threads()
+    if setting != "auto":
+        return int(setting)
+    try:
+        busy = os.getloadavg()[0]
+    except (AttributeError, OSError):  # no load average on this platform: keep torch's default
+        return default
+    idle = (os.cpu_count() or default) - round(busy)
+    return max(1, min(default, idle))
+
+
+def run_pipeline(
+    cfg: RunConfig,
+    run_dir: str | Path,
+    *,
+    progress: bool | None = None,
+    on_stage: StageCallback | None = None,
+) -> dict[str, Any]:
+    """Run every stage of ``cfg`` in ``run_dir``, skipping those whose inputs are unchanged.
+
+    ``on_stage(event, name, result)`` is called with ``("start", name, None)`` before a stage runs and
+    ``("end", name, result)`` after it ran or was skipped. Returns the run summary (also written to
+    ``summary.json``): each stage's status and the headline numbers of every placement.
+    """
+    t0 = time.perf_counter()
+    import torch
+
+    runner = _open_run(cfg, Path(run_dir), progress=progress, on_stage=on_stage)
+    threads_before = torch.get_num_threads()
+    threads = choose_threads(cfg.threads)
+    torch.set_num_threads(threads)
+    try:
+        _run_stages(runner)
+    finally:
+        torch.set_num_threads(threads_before)
+    summary = _summary(runner, threads, t0)
+    write_json(runner.out.summary_json, summary)
+    return summary
+
+
+def _open_run(cfg: RunConfig, root: Path, *, progress: bool | None, on_stage: StageCallback | None) -> Runner:
+    """The runner of ``cfg`` in ``root``, after every check that can fail without writing anything."""
+    runner = Runner(cfg, root, progress=progress, on_stage=on_stage)  # loads the tasks: may raise
+    try:
+        _ = runner.model_hash  # an unknown model fails here, before the run folder exists
+    except LayercardError as e:
+        raise LayercardError(f"{cfg.source}: model: {e}", exit_code=e.exit_code) from None
+    if root.exists() and not root.is_dir():
+        raise LayercardError(f"{root}: exists and is not a folder")
+    root.mkdir(parents=True, exist_ok=True)
+    # No paths or times in run.json: its hash is one of the report's inputs.
+    write_json(
+        runner.out.run_json, {"kind": RUN_KIND, "schema_version": SCHEMA_VERSION, "config": cfg.to_dict()}
+    )
+    return runner
+
+
+def _run_stages(runner: Runner) -> None:
+    """card → plan → train → trim → eval → report, each skipped when its inputs are unchanged."""
+    cfg = runner.cfg
+    runner.card()
+    for p in cfg.placements:
+        runner.plan(p)
+    for p in cfg.placements:
+        runner.train(p)
+    target = None
+    if cfg.trim.enabled:
+        target = runner.trim_target()
+        runner.trim(target)
+    if cfg.eval_base:
+        runner.evaluate(BASE_EVAL, None)
+    for p in cfg.placements:
+        runner.evaluate(p.name, runner.out.adapter_dir(p.name))
+    if target is not None:
+        runner.evaluate(TRIMMED_EVAL, runner.out.trimmed_adapter)
+    runner.report()
+
+
+def _summary(runner: Runner, threads: int, t0: float) -> dict[str, Any]:
+    """What this invocation did (each stage's status) with the headline numbers of every model."""
+    from layercard.report import collect_results
+
+    cfg, out = runner.cfg, runner.out
+    results = collect_results(out.root)
+    return {
+        "kind": SUMMARY_KIND,
+        "schema_version": SCHEMA_VERSION,
+        "run_dir": str(out.root),
+        "config": cfg.source,
+        "model": cfg.model,
+        "task": {
+            "train": runner.train_task.describe()["name"],
+            "train_split": runner.train_task.split,
+            "eval_split": runner.eval_task.split,
+        },
+        "stages": [r.to_dict() for r in runner.results],
+        "ran": [r.stage for r in runner.results if r.status != "skipped"],
+        "skipped": [r.stage for r in runner.results if r.status == "skipped"],
+        "primary_metric": results["primary_metric"],
+        "rows": results["rows"],
+        "report": {"html": str(out.report_html.resolve()), "markdown": str(out.report_md.resolve())},
+        "threads": threads,
+        "wall_time_s": round(time.perf_counter() - t0, 3),
+    }

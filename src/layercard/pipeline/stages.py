@@ -1,0 +1,499 @@
+"""The stage runner: fingerprints, stage records, skipping and resuming, and each stage (docs/design.md §1).
+
+Each stage folder holds ``stage.json`` with the stage's fingerprint, the sha256 of the stage config and
+of its input artifacts (model weights, task data, card.json, plan.json, adapter files...). A stage whose
+recorded fingerprint matches and whose outputs exist is skipped; one whose fingerprint changed is
+recomputed (and everything downstream of it, since its outputs' hashes change). A stage that was stopped
+part-way has a record marked ``running``; training then continues from its last checkpoint when nothing
+it depends on changed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from layercard.artifacts import SCHEMA_VERSION, hash_file, hash_folder, read_json, sha256_json, write_json
+from layercard.errors import LayercardError
+from layercard.pipeline.config import PlacementSpec, RunConfig
+from layercard.report import fmt as _fmt
+from layercard.run_layout import RunLayout
+
+__all__ = ["STAGE_KIND", "STAGE_VERSION", "Runner", "StageCallback", "StageResult", "stage_fingerprint"]
+
+STAGE_KIND = "stage"
+# Bumped when a stage's code changes what it writes, so old records stop matching.
+STAGE_VERSION = 1
+
+
+def _content_hash(path: Path) -> str:
+    """Hash of a JSON artifact without its provenance and timings (when it was made, how long it took), so
+    a stage rerun that reproduces the same content does not invalidate the stages downstream of it."""
+    obj = read_json(path)
+    if isinstance(obj, dict):
+        obj = {k: v for k, v in obj.items() if k not in ("provenance", "timings")}
+    return sha256_json(obj)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Stages
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class StageResult:
+    """What one stage did in this invocation: ``ran``, ``resumed`` or ``skipped`` (inputs unchanged)."""
+
+    stage: str
+    status: str
+    seconds: float
+    folder: str
+    fingerprint: str
+    rows: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The stage as summary.json lists it."""
+        return {
+            "stage": self.stage,
+            "status": self.status,
+            "seconds": round(self.seconds, 3),
+            "folder": self.folder,
+            "fingerprint": self.fingerprint,
+            "summary": dict(self.rows),
+        }
+
+
+StageCallback = Callable[[str, str, "StageResult | None"], None]
+
+
+def stage_fingerprint(kind: str, config: Any, inputs: Mapping[str, Any]) -> str:
+    """sha256 of the stage kind, its config and its input artifacts' hashes."""
+    return sha256_json({"stage": kind, "version": STAGE_VERSION, "config": config, "inputs": dict(inputs)})
+
+
+def _read_record(path: Path) -> dict[str, Any] | None:
+    try:
+        return read_json(path, kind=STAGE_KIND)
+    except LayercardError:
+        return None
+
+
+def _write_record(path: Path, **fields: Any) -> None:
+    write_json(path, {"kind": STAGE_KIND, "schema_version": SCHEMA_VERSION, **fields})
+
+
+def _layers_text(layers: Sequence[int]) -> str:
+    return (
+        f"{len(layers)}: {list(layers)}" if len(layers) <= 12 else f"{len(layers)}: {layers[0]}–{layers[-1]}"
+    )
+
+
+class Runner:
+    """Runs the stages of one config in one folder over one lazily loaded model."""
+
+    def __init__(
+        self, cfg: RunConfig, root: Path, *, progress: bool | None, on_stage: StageCallback | None
+    ) -> None:
+        self.cfg = cfg
+        self.out = RunLayout(root)
+        self.progress = progress
+        self.on_stage = on_stage
+        self.results: list[StageResult] = []
+        self._loaded: Any = None
+        self._model_hash: str | None = None
+        self.train_task, self.eval_task = self._tasks()
+        self.trim_task, self.trim_note = self._trim_task()
+
+    # ---- inputs ------------------------------------------------------------------------------------
+    def _tasks(self) -> tuple[Any, Any]:
+        from layercard.tasks import load_task
+
+        t = self.cfg.task
+        src = self.cfg.source
+        try:
+            train_task = load_task(t.train, split=t.train_split, seed=self.cfg.seed)
+        except LayercardError as e:
+            raise LayercardError(f"{src}: task.train: {e}") from None
+        try:
+            if t.eval is None and t.eval_split is None:
+                eval_task = _held_out(t.train, train_task.split, self.cfg.seed)
+            else:
+                eval_task = load_task(t.eval or t.train, split=t.eval_split, seed=self.cfg.seed)
+        except LayercardError as e:
+            raise LayercardError(f"{src}: task.eval: {e}") from None
+        if len(train_task) == 0 or len(eval_task) == 0:
+            which = "train" if len(train_task) == 0 else "eval"
+            raise LayercardError(f"{src}: task.{which}: no examples")
+        return train_task, eval_task
+
+    def _trim_task(self) -> tuple[Any, str]:
+        """Boundary selection on eval-split examples the final evaluation does not score, when there are."""
+        n = self.cfg.eval.examples
+        want = self.cfg.trim.config.examples if self.cfg.trim.config is not None else None
+        split = self.eval_task.split
+        if n is not None and len(self.eval_task) > n:
+            rest = self.eval_task.subset(None, seed=self.cfg.seed, offset=n)
+            used = len(rest) if want is None else min(want, len(rest))
+            return rest, f"{used} {split} examples held out from eval"
+        # Evaluating the whole split leaves nothing held out: the boundary is then chosen on the
+        # examples it is scored on, which flatters the trimmed adapter; the summary says so.
+        return self.eval_task, f"the eval examples themselves ({split}: none held out)"
+
+    @property
+    def loaded(self) -> Any:
+        """The model, loaded on first use (a run whose stages are all skipped never loads it)."""
+        if self._loaded is None:
+            from layercard.models import load_model
+
+            device = self.cfg.device
+            if device == "auto":
+                import torch
+
+                device = "cuda" if torch.cuda.is_available() else "cpu"
+            self._loaded = load_model(
+                self.cfg.model,
+                dtype=self.cfg.dtype,
+                device=device,
+                trust_remote_code=self.cfg.trust_remote_code,
+            )
+            self._model_hash = self._loaded.model_hash
+        return self._loaded
+
+    @property
+    def model_hash(self) -> str:
+        """The weights' hash without loading the model where the weights are a local folder."""
+        if self._model_hash is None:
+            from layercard import models
+
+            spec = self.cfg.model
+            path = Path(spec).expanduser()
+            folder: Path | None = None
+            if spec in models.BUILTIN_MODELS:
+                folder = models.builtin_path(spec)
+            elif path.is_dir():
+                folder = path
+            if folder is not None and any(folder.glob("*.safetensors")):
+                # the same memoised hash load_model records (sha256 of the safetensors files)
+                self._model_hash = models._folder_hash(folder)
+            else:
+                self._model_hash = self.loaded.model_hash
+        return self._model_hash
+
+    # ---- the stage mechanism ----------------------------------------------------------------------
+    def stage(
+        self,
+        name: str,
+        kind: str,
+        folder: Path,
+        config: Any,
+        inputs: Mapping[str, Any],
+        outputs: Sequence[Path],
+        fn: Callable[[bool], None],
+        summarize: Callable[[], list[tuple[str, str]]],
+        *,
+        record: Path | None = None,
+        owns_folder: bool = True,
+    ) -> StageResult:
+        """Run ``fn(resume)`` unless the recorded fingerprint matches and every output exists."""
+        record = record or RunLayout.stage_record(folder)
+        fp = stage_fingerprint(kind, config, inputs)
+        old = _read_record(record)
+        done = old is not None and old.get("fingerprint") == fp and old.get("status") == "done"
+        if done and all(p.exists() for p in outputs):
+            result = StageResult(name, "skipped", 0.0, str(folder), fp, summarize())
+            self._emit("end", name, result)
+            return result
+        resume = old is not None and old.get("fingerprint") == fp and old.get("status") == "running"
+        if owns_folder and folder.exists() and not resume:
+            shutil.rmtree(folder)  # outputs of other settings: nothing in them may leak into this run
+        folder.mkdir(parents=True, exist_ok=True)
+        self._emit("start", name, None)
+        t0 = time.perf_counter()
+        base = {"stage": name, "fingerprint": fp, "config": config, "inputs": dict(inputs)}
+        _write_record(record, status="running", **base)
+        try:
+            fn(resume)
+        except LayercardError as e:  # say which stage failed; the record stays "running" for a resume
+            raise LayercardError(f"stage {name}: {e}", exit_code=e.exit_code) from e
+        seconds = time.perf_counter() - t0
+        rel = [str(p.relative_to(self.out.root)) for p in outputs]
+        _write_record(record, status="done", outputs=rel, wall_time_s=round(seconds, 3), **base)
+        result = StageResult(name, "resumed" if resume else "ran", seconds, str(folder), fp, summarize())
+        self._emit("end", name, result)
+        return result
+
+    def _emit(self, event: str, name: str, result: StageResult | None) -> None:
+        if result is not None:
+            self.results.append(result)
+        if self.on_stage is not None:
+            self.on_stage(event, name, result)
+
+    # ---- card ---------------------------------------------------------------------------------------
+    def card(self) -> None:
+        """The Layer Card of the model on the training task."""
+        from layercard.card import Card
+
+        out = self.out
+        config = dataclasses.asdict(self.cfg.card)
+
+        def fn(_resume: bool) -> None:
+            from layercard.artifacts import write_text
+            from layercard.card import compute_card
+            from layercard.card.figures import write_all
+            from layercard.card.summary import card_markdown
+
+            card = compute_card(self.loaded, self.train_task, self.cfg.card, progress=self.progress)
+            write_all(card, out.card_dir)
+            write_text(out.card_dir / "card.md", card_markdown(card))
+            card.save(out.card_json)  # last: its presence means the stage finished
+
+        def summarize() -> list[tuple[str, str]]:
+            from layercard.card.summary import top_layers
+
+            card = Card.load(out.card_json)
+            rows = [
+                ("model", f"{card.model['id']} ({card.n_layers} layers)"),
+                ("probe", f"{card.task['n_examples']} examples, {card.n_target_tokens} target tokens"),
+                ("probe loss", _fmt(card.loss)),
+                (f"top-5 layers by {card.default_score}", str(top_layers(card, card.default_score))),
+                ("coupling", "measured" if card.coupling else "not measured"),
+                ("cost model", "calibrated" if card.cost else "not calibrated"),
+            ]
+            return rows + [("time", ", ".join(f"{k} {v:.1f}s" for k, v in card.timings.items()))]
+
+        inputs = {"model": self.model_hash, "data": self.train_task.data_hash}
+        self.stage("card", "card", out.card_dir, config, inputs, [out.card_json], fn, summarize)
+
+    # ---- plan ---------------------------------------------------------------------------------------
+    def plan(self, p: PlacementSpec) -> None:
+        """The plan of placement ``p`` from the card."""
+        from layercard.plan import Plan
+
+        out = self.out
+        path = out.plan_json(p.name)
+
+        def fn(_resume: bool) -> None:
+            from layercard.card import Card
+            from layercard.plan import make_plan
+
+            card = Card.load(out.card_json)
+            make_plan(card, p.plan, card_path=str(out.card_json.resolve())).save(path)
+
+        def summarize() -> list[tuple[str, str]]:
+            plan = Plan.load(path)
+            pr = plan.predicted
+            frac = pr.get("fraction")
+            rows = [
+                (
+                    "policy",
+                    f"{plan.config['policy']}"
+                    + (f" ({plan.config['budget']})" if plan.config["budget"] else ""),
+                ),
+                ("layers", _layers_text(plan.layers)),
+                ("adapted modules", str(pr.get("modules"))),
+                ("trainable params", f"{pr.get('params', 0):,}"),
+                (f"predicted gain ({pr.get('score')})", _fmt(pr.get("gain"))),
+                ("of all-layer gain", "—" if frac is None else f"{100 * frac:.1f}%"),
+                ("predicted s/step", _fmt(pr.get("step_time_s"), ".3g")),
+            ]
+            return rows + [("warning", w) for w in plan.warnings]
+
+        config = {**p.to_dict(), "seed": p.plan.seed}
+        inputs = {"card": _content_hash(out.card_json)}
+        self.stage(f"plan:{p.name}", "plan", out.plan_dir(p.name), config, inputs, [path], fn, summarize)
+
+    # ---- train --------------------------------------------------------------------------------------
+    def train(self, p: PlacementSpec) -> None:
+        """Train the adapters of placement ``p``'s plan (resuming from a checkpoint when it can)."""
+        out = self.out
+        folder = out.train_dir(p.name)
+        val = self.eval_task if self.cfg.train.eval_examples else None
+
+        def fn(resume: bool) -> None:
+            from layercard.plan import Plan
+            from layercard.train import latest_checkpoint, train
+
+            plan = Plan.load(out.plan_json(p.name))
+            resume = resume and latest_checkpoint(folder) is not None
+            train(
+                self.loaded,
+                plan,
+                self.train_task,
+                val,
+                self.cfg.train,
+                folder,
+                resume=resume,
+                progress=self.progress,
+            )
+
+        def summarize() -> list[tuple[str, str]]:
+            from layercard.report import predicted_s_per_step, read_train_metrics
+
+            m = read_train_metrics(out.train_metrics(p.name))
+            rows = [
+                ("steps", f"{m.steps} ({m.epochs:.2f} epochs)"),
+                ("trainable params", f"{m.trainable_params:,}"),
+                (
+                    "s/step measured / predicted (at these tokens/step)",
+                    f"{_fmt(m.s_per_step, '.3f')} / {_fmt(predicted_s_per_step(m), '.3f')}",
+                ),
+                ("train loss first → last", f"{_fmt(m.first_train_loss)} → {_fmt(m.final_train_loss)}"),
+                ("final val loss", _fmt(m.final_val_loss)),
+                (f"peak memory ({m.peak_memory_kind})", f"{m.peak_memory_mib:,.0f} MiB"),
+            ]
+            if m.resumed_from is not None:
+                rows.append(("resumed from step", str(m.resumed_from)))
+            return rows
+
+        inputs = {
+            "plan": _content_hash(out.plan_json(p.name)),
+            "model": self.model_hash,
+            "train_data": self.train_task.data_hash,
+            "val_data": val.data_hash if val is not None else None,
+        }
+        outputs = [out.adapter_dir(p.name), out.train_metrics(p.name)]
+        self.stage(
+            f"train:{p.name}", "train", folder, self.cfg.train.to_dict(), inputs, outputs, fn, summarize
+        )
+
+    # ---- trim ---------------------------------------------------------------------------------------
+    def trim_target(self) -> str:
+        """The placement to trim: the configured one, else the one whose plan adapts the most layers."""
+        if self.cfg.trim.placement is not None:
+            return self.cfg.trim.placement
+        from layercard.plan import Plan
+
+        sizes = [
+            (len(Plan.load(self.out.plan_json(p.name)).layers), -i, p.name)
+            for i, p in enumerate(self.cfg.placements)
+        ]
+        return max(sizes)[2]
+
+    def trim(self, target: str) -> None:
+        """Find the boundary layer of placement ``target``'s adapter and export the trimmed adapter."""
+        out = self.out
+        spec = self.cfg.trim
+
+        def fn(_resume: bool) -> None:
+            from layercard.trim import trim
+
+            trim(
+                self.loaded,
+                out.adapter_dir(target),
+                self.trim_task,
+                spec.config,
+                out.trim_dir,
+                progress=self.progress,
+            )
+
+        def summarize() -> list[tuple[str, str]]:
+            t = read_json(out.trim_json)
+            b, a = t["before"], t["after"]
+            metric = t["metric"]
+
+            def val(row: dict[str, Any]) -> Any:
+                return row.get("loss") if metric == "loss" else row["metrics"].get(metric)
+
+            return [
+                ("placement", target),
+                ("selected on", self.trim_note),
+                ("candidates", ", ".join(f"{k}={v}" for k, v in (t.get("candidates") or {}).items()) or "—"),
+                ("boundaries swept", str(t["ks"])),
+                ("chosen K", f"{t['chosen_k']} (adapters kept in layers ≤ K)"),
+                (f"{metric} before → after", f"{_fmt(val(b))} → {_fmt(val(a))}"),
+                ("adapted layers before → after", f"{b['n_adapted_layers']} → {a['n_adapted_layers']}"),
+                ("adapted modules before → after", f"{b['adapted_modules']} → {a['adapted_modules']}"),
+                (
+                    "s/example before → after",
+                    f"{_fmt(b['s_per_example'], '.3f')} → {_fmt(a['s_per_example'], '.3f')}",
+                ),
+            ]
+
+        config = {**spec.to_dict(), "placement": target, "seed": self.cfg.seed}
+        inputs = {
+            "adapter": hash_folder(out.adapter_dir(target)),
+            "model": self.model_hash,
+            "data": self.trim_task.data_hash,
+        }
+        outputs = [out.trim_json, out.trimmed_adapter]
+        self.stage("trim", "trim", out.trim_dir, config, inputs, outputs, fn, summarize)
+
+    # ---- eval ---------------------------------------------------------------------------------------
+    def evaluate(self, name: str, adapter: Path | None) -> None:
+        """Evaluate the base model (``adapter`` None) or an adapter into ``eval/<name>/``."""
+        from layercard.evaluate import EvalResult
+
+        out = self.out
+        folder = out.eval_dir(name)
+
+        def fn(_resume: bool) -> None:
+            from layercard.evaluate import evaluate
+
+            res = evaluate(
+                self.loaded, self.eval_task, self.cfg.eval, adapter=adapter, progress=self.progress
+            )
+            res.save(folder)
+
+        def summarize() -> list[tuple[str, str]]:
+            r = EvalResult.load(out.eval_json(name))
+            rows = [
+                (m + (" (primary)" if i == 0 else ""), _fmt(v)) for i, (m, v) in enumerate(r.metrics.items())
+            ]
+            return rows + [
+                ("loss", _fmt(r.loss)),
+                ("examples", str(r.n)),
+                ("s/example", _fmt(r.timing.get("s_per_example"), ".3f")),
+            ]
+
+        inputs = {
+            "model": self.model_hash,
+            "data": self.eval_task.data_hash,
+            "adapter": hash_folder(adapter) if adapter is not None else None,
+        }
+        outputs = [out.eval_json(name)]
+        self.stage(f"eval:{name}", "eval", folder, self.cfg.eval.to_dict(), inputs, outputs, fn, summarize)
+
+    # ---- report -------------------------------------------------------------------------------------
+    def report(self) -> None:
+        """report.html and report.md from the run folder's artifacts."""
+        from layercard import report
+
+        out = self.out
+        html, md = out.report_html, out.report_md
+
+        def fn(_resume: bool) -> None:
+            report.build_report(out.root)
+
+        def summarize() -> list[tuple[str, str]]:
+            return [("html", str(html.resolve())), ("markdown", str(md.resolve()))]
+
+        inputs = {str(p.relative_to(out.root)): hash_file(p) for p in report.report_inputs(out.root)}
+        config = {"report_version": report.REPORT_VERSION}
+        self.stage(
+            "report",
+            "report",
+            out.root,
+            config,
+            inputs,
+            [html, md],
+            fn,
+            summarize,
+            record=out.report_record,
+            owns_folder=False,
+        )
+
+
+def _held_out(spec: str, train_split: str, seed: int) -> Any:
+    """The validation split of a preset/synthetic/HF task, else its test split; never the train split."""
+    from layercard.tasks import held_out, is_file_spec
+
+    if is_file_spec(spec):
+        raise LayercardError(f"{spec}: a file has no held-out split; give task.eval (and task.eval_split)")
+    task = held_out(spec, exclude=train_split, seed=seed)
+    if task is None:
+        raise LayercardError(f"{spec}: found no validation or test split; give task.eval_split")
+    return task

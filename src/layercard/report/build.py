@@ -1,0 +1,438 @@
+"""Assembling the report: every section once, rendered as self-contained HTML and as markdown."""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import html
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from layercard.artifacts import read_json, write_text
+from layercard.errors import LayercardError
+from layercard.report.figures import (
+    Figure,
+    fig_gain,
+    fig_placements,
+    fig_quality_cost,
+    fig_trace,
+    fig_training,
+)
+from layercard.report.results import (
+    collect_results,
+    load_optional,
+    placement_names,
+    read_train_metrics,
+    run_config,
+    stages_active,
+    trim_target,
+)
+from layercard.report.tables import (
+    Table,
+    eval_table,
+    fmt,
+    headline_table,
+    plans_table,
+    spearman_or_none,
+    stages_table,
+    sweep_table,
+    train_table,
+)
+from layercard.run_layout import BASE_EVAL, FIGURES_DIR, PLAN_FILE, TRIMMED_EVAL, RunLayout
+
+if TYPE_CHECKING:
+    from layercard.card import Card
+    from layercard.plan import Plan
+    from layercard.train import TrainMetrics
+    from layercard.trim import Trace
+
+__all__ = ["build_report"]
+
+
+@dataclasses.dataclass
+class _Doc:
+    """Sections accumulated once, rendered as HTML and as markdown."""
+
+    title: str
+    fig_dir: Path
+    parts: list[tuple[str, Any]] = dataclasses.field(default_factory=list)  # (kind, payload)
+    figures: list[Figure] = dataclasses.field(default_factory=list)
+
+    def h2(self, text: str) -> None:
+        self.parts.append(("h2", text))
+
+    def p(self, text: str) -> None:
+        self.parts.append(("p", text))
+
+    def table(self, t: Table) -> None:
+        self.parts.append(("table", t))
+
+    def figure(self, name: str, caption: str, make: Callable[[Path], bytes | Path | None]) -> None:
+        """Add the figure ``name`` that ``make(path)`` writes (it returns the PNG bytes or path, or None)."""
+        got = make(self.fig_dir / name)
+        if got is None:
+            return
+        f = Figure(name, caption, got if isinstance(got, bytes) else Path(got).read_bytes())
+        self.figures.append(f)
+        self.parts.append(("figure", f))
+
+    def html(self) -> str:
+        out = [f"<h1>{html.escape(self.title)}</h1>"]
+        for kind, x in self.parts:
+            if kind == "h2":
+                anchor = "".join(c if c.isalnum() else "-" for c in x.lower())
+                out.append(f'<h2 id="{anchor}">{html.escape(x)}</h2>')
+            elif kind == "p":
+                out.append(f"<p>{html.escape(x)}</p>")
+            elif kind == "table":
+                out.append(x.html())
+            else:
+                b64 = base64.b64encode(x.png).decode("ascii")
+                out.append(
+                    f'<figure><img alt="{html.escape(x.caption)}" src="data:image/png;base64,{b64}">'
+                    f"<figcaption>{html.escape(x.caption)}</figcaption></figure>"
+                )
+        body = "\n".join(out)
+        return (
+            '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+            f"<title>{html.escape(self.title)}</title><style>{_CSS}</style></head>"
+            f"<body>\n{body}\n</body></html>\n"
+        )
+
+    def markdown(self, figures_rel: str) -> str:
+        out = [f"# {self.title}", ""]
+        for kind, x in self.parts:
+            if kind == "h2":
+                out += [f"## {x}", ""]
+            elif kind == "p":
+                out += [x, ""]
+            elif kind == "table":
+                out += [x.markdown(), ""]
+            else:
+                out += [f"![{x.caption}]({figures_rel}/{x.name})", ""]
+        return "\n".join(out)
+
+
+_CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px auto;max-width:1200px;
+color:#222;padding:0 16px}
+h1{font-size:1.5em;border-bottom:2px solid #444;padding-bottom:4px}
+h2{font-size:1.2em;margin-top:1.8em;border-bottom:1px solid #ccc;padding-bottom:2px}
+table{border-collapse:collapse;margin:8px 0 16px;font-size:0.85em}
+th,td{border:1px solid #ccc;padding:3px 8px;text-align:right}
+th{background:#f0f0f0}td:first-child,th:first-child{text-align:left}
+figure{margin:8px 0 20px}img{max-width:100%;border:1px solid #eee}
+figcaption{font-size:0.85em;color:#555}p{line-height:1.45}
+"""
+
+
+@dataclasses.dataclass(frozen=True)
+class _Run:
+    """The artifacts of one run folder, each read once through its typed loader."""
+
+    lay: RunLayout
+    run_cfg: dict[str, Any] | None
+    card: Card | None
+    names: list[str]
+    plans: dict[str, Plan]
+    metrics: dict[str, TrainMetrics]
+    trim: dict[str, Any] | None  # trim.json: a plain dict, trim has no typed loader for it
+    trace: Trace | None
+    results: dict[str, Any]
+
+    @property
+    def root(self) -> Path:
+        return self.lay.root
+
+    @property
+    def rows(self) -> list[dict[str, Any]]:
+        return self.results["rows"]
+
+
+def _load_run(root: Path) -> _Run:
+    from layercard.card import Card
+    from layercard.plan import Plan
+    from layercard.trim import Trace
+
+    lay = RunLayout(root)
+    names = placement_names(root)
+    plans = {n: x for n in names if (x := load_optional(Plan.load, lay.plan_json(n))) is not None}
+    metrics = {
+        n: x for n in names if (x := load_optional(read_train_metrics, lay.train_metrics(n))) is not None
+    }
+    trim = load_optional(read_json, lay.trim_json) if stages_active(root)[0] else None
+    trace = load_optional(Trace.load, lay.trace_json) if trim is not None and trim.get("trace") else None
+    return _Run(
+        lay=lay,
+        run_cfg=run_config(root),
+        card=load_optional(Card.load, lay.card_json),
+        names=names,
+        plans=plans,
+        metrics=metrics,
+        trim=trim,
+        trace=trace,
+        results=collect_results(root),
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Sections, in the order the report shows them
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _headline(doc: _Doc, run: _Run) -> None:
+    doc.h2("Headline: quality against cost")
+    doc.p(
+        "One row per model: the base model, each trained placement, and the trimmed adapter (adapters "
+        "above the boundary K dropped). Loss drop = base eval loss − the model's eval loss. The trimmed "
+        "adapter was trained as its parent, so its training cost is the parent's."
+    )
+    doc.table(headline_table(run.results))
+    if any(r.get("peak_memory_kind") == "process_peak_rss" for r in run.rows):
+        doc.p(
+            "Peak memory on CPU is the process's peak resident set: placements trained later in the same "
+            "process cannot show less than an earlier one, so compare it only across separate runs."
+        )
+
+
+def _card(doc: _Doc, run: _Run) -> None:
+    """The Layer Card and its coupling matrix."""
+    doc.h2("Layer Card")
+    card = run.card
+    if card is None:
+        doc.p("No card.json in this run.")
+        return
+    from layercard.card import figures as card_figures
+    from layercard.card.summary import top_layers
+
+    doc.p(
+        f"{card.model['id']} ({card.n_layers} layers), task {card.task['name']} ({card.task['split']}), "
+        f"{card.task['n_examples']} probe examples, {card.n_target_tokens} target tokens, probe loss "
+        f"{card.loss:.4f}; roles {','.join(card.roles)}. Top-5 layers by the planner's score "
+        f"'{card.default_score}': {top_layers(card, card.default_score)}; by resnorm: "
+        f"{top_layers(card, 'resnorm')}. Score basis: {card.default_score_basis}."
+    )
+    doc.figure(
+        "card_heatmap.png",
+        "Layer Card heat map: log10 resnorm per layer and role",
+        lambda p: card_figures.heatmap(card, p),
+    )
+    doc.figure(
+        "card_profiles.png",
+        "Per-layer profiles: resnorm, gradient norm, activation energy, first-step rate",
+        lambda p: card_figures.profiles(card, p),
+    )
+    doc.h2("Coupling matrix")
+    if card.coupling:
+        doc.figure(
+            "card_coupling.png",
+            "Layer coupling: cosines of the layers' update effects on the output",
+            lambda p: card_figures.coupling(card, p),
+        )
+    else:
+        doc.p("The card was computed without coupling (card.coupling: false).")
+
+
+def _plans(doc: _Doc, run: _Run) -> None:
+    doc.h2("Plans")
+    if not run.plans:
+        doc.p("No plans in this run.")
+        return
+    rows = run.rows
+    doc.table(plans_table(run.plans))
+    n_layers = run.card.n_layers if run.card else 1 + max((x for r in rows for x in r["layers"]), default=0)
+    doc.figure(
+        "placements.png", "Adapted layers of every placement", lambda p: fig_placements(rows, n_layers, p)
+    )
+    for name, plan in run.plans.items():
+        for w in plan.warnings:
+            doc.p(f"{name}: warning: {w}")
+
+
+def _training(doc: _Doc, run: _Run) -> None:
+    doc.h2("Training")
+    if not run.metrics:
+        doc.p("No training metrics in this run.")
+        return
+    doc.table(train_table(run.metrics))
+    doc.figure(
+        "training.png",
+        "Training loss per step (solid) and validation loss (dashed)",
+        lambda p: fig_training(run.metrics, p),
+    )
+
+
+def _trimming(doc: _Doc, run: _Run) -> None:
+    doc.h2("Boundary trace and trimming")
+    trim = run.trim
+    if trim is None:
+        doc.p("Trimming was not run (trim.enabled: false).")
+        return
+    target = trim_target(run.root, trim)
+    cands = ", ".join(
+        f"{k.replace('_', ' ')} at layer {v}" for k, v in (trim.get("candidates") or {}).items()
+    )
+    b, a = trim["before"], trim["after"]
+    doc.p(
+        f"Placement {target}: candidates {cands or '— (fixed window)'}; swept K = {trim['ks']} on "
+        f"{trim['task']['n_examples']} {trim['task']['split']} examples by {trim['metric']}; chosen K = "
+        f"{trim['chosen_k']}: adapted layers {b['n_adapted_layers']} → {a['n_adapted_layers']}, modules "
+        f"{b['adapted_modules']} → {a['adapted_modules']}, inference s/example "
+        f"{fmt(b['s_per_example'], '.3f')} → {fmt(a['s_per_example'], '.3f')}."
+    )
+    if a["n_adapted_layers"] == b["n_adapted_layers"]:
+        doc.p(
+            "No layer could be dropped: the best boundary keeps every adapted layer, so the trimmed "
+            "adapter is the trained one (the logit lens shows where the gold token becomes likely; "
+            "adapters above that layer are the ones trimming can remove)."
+        )
+    doc.figure(
+        "trace.png",
+        "Logit-lens P(gold token) by layer with the adapter on and off, "
+        "boundary candidates marked (left); sweep of the metric over K (right)",
+        lambda p: fig_trace(run.trace, trim, p),
+    )
+    doc.table(sweep_table(trim))
+
+
+def _predicted_vs_measured(doc: _Doc, run: _Run) -> None:
+    doc.h2("Predicted vs measured gain")
+    rows = run.rows
+    pts = [
+        r
+        for r in rows
+        if r["kind"] == "placement"
+        and r.get("predicted_gain") is not None
+        and r.get("measured_gain") is not None
+    ]
+    scores = list(dict.fromkeys(str(p.predicted.get("score")) for p in run.plans.values()))
+    score = "/".join(scores) or "?"
+    if len(scores) > 1:
+        doc.p(
+            f"The placements were planned with different scores ({', '.join(scores)}): their predicted gains "
+            "are in different units and do not rank against each other."
+        )
+    if not pts:
+        doc.p("Needs plans and the evaluations of the base model and the placements.")
+        return
+    rho = spearman_or_none([r["predicted_gain"] for r in pts], [r["measured_gain"] for r in pts])
+    doc.p(
+        f"Predicted set gain is in the units of the card score '{score}' (it ranks placements; it is "
+        "not a loss). Measured gain is the drop of the eval loss against the base model. "
+        + (
+            f"Spearman ρ over {len(pts)} placements: {rho:.2f}."
+            if rho is not None
+            else f"{len(pts)} placement(s): too few for a rank correlation."
+        )
+    )
+    doc.figure(
+        "gain.png",
+        "Predicted set gain (plan) against the measured loss drop",
+        lambda p: fig_gain(rows, score, p),
+    )
+
+
+def _quality_vs_cost(doc: _Doc, run: _Run) -> None:
+    doc.h2("Quality vs cost")
+    if not any(r["kind"] != "base" for r in run.rows):
+        doc.p("No trained placements to compare.")
+        return
+    doc.figure(
+        "quality_cost.png",
+        "Primary metric (top) and eval loss (bottom) against train s/step, "
+        "peak memory, adapted modules and inference s/example; dotted: the base model",
+        lambda p: fig_quality_cost(run.rows, run.results["primary_metric"], p),
+    )
+
+
+def _evaluation(doc: _Doc, run: _Run) -> None:
+    from layercard.evaluate import EvalResult
+
+    doc.h2("Evaluation")
+    if not run.rows:
+        doc.p("No evaluations in this run.")
+        return
+    lay = run.lay
+    first = next(
+        (lay.eval_json(n) for n in (BASE_EVAL, *run.names, TRIMMED_EVAL) if lay.eval_json(n).is_file()), None
+    )
+    if first is not None:
+        ev = EvalResult.load(first)
+        doc.p(
+            f"{ev.n} examples of {ev.task.get('name')} ({ev.task.get('split')}), greedy decoding, "
+            f"batch {ev.config.get('batch_size')}."
+        )
+    doc.table(eval_table(run.results))
+
+
+def _provenance(doc: _Doc, run: _Run) -> None:
+    doc.h2("Provenance")
+    card = run.card
+    if card is not None:
+        v = card.provenance.get("versions", {})
+        machine = card.provenance.get("machine", {})
+        doc.p(
+            f"Model {card.model['id']} weights sha256 {card.model['hash'][:16]}…; task data sha256 "
+            f"{card.task['data_hash'][:16]}…; seed {card.provenance.get('seed')}; "
+            + ", ".join(f"{k} {val}" for k, val in v.items())
+            + f"; machine {machine.get('processor', '?')} ({machine.get('cpu_count', '?')} CPUs)."
+        )
+    doc.table(stages_table(run.root))
+
+
+_SECTIONS: tuple[Callable[[_Doc, _Run], None], ...] = (
+    _headline,
+    _card,
+    _plans,
+    _training,
+    _trimming,
+    _predicted_vs_measured,
+    _quality_vs_cost,
+    _evaluation,
+    _provenance,
+)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Building
+# ---------------------------------------------------------------------------------------------------------
+
+
+def build_report(run_dir: str | Path, out: str | Path | None = None) -> dict[str, Any]:
+    """Write ``report.html`` (self-contained) and ``report.md`` (+ ``figures/``) for a run folder.
+
+    ``out`` is the HTML path (default ``RUN_DIR/report.html``); the markdown goes beside it with the
+    ``.md`` suffix and the PNG figures into ``figures/`` beside it. Returns the paths written.
+    """
+    root = Path(run_dir)
+    if not root.is_dir():
+        raise LayercardError(f"{root}: no such run folder")
+    lay = RunLayout(root)
+    if not lay.card_json.is_file() and not any(lay.plans_dir.glob(f"*/{PLAN_FILE}")):
+        raise LayercardError(f"{root}: not a layercard run folder (no card/card.json or plan/*/plan.json)")
+    html_path = Path(out) if out is not None else lay.report_html
+    md_path = html_path.with_suffix(".md")
+    fig_dir = html_path.parent / FIGURES_DIR
+    if fig_dir.is_dir():
+        shutil.rmtree(fig_dir)  # the report owns its figures: none may linger from an earlier report
+    fig_dir.mkdir(parents=True, exist_ok=True)
+
+    run = _load_run(root)
+    model_id = run.card.model["id"] if run.card else (run.run_cfg or {}).get("model", "?")
+    task_name = run.card.task["name"] if run.card else "?"
+    doc = _Doc(f"layercard run · {model_id} · {task_name}", fig_dir)
+    created = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    doc.p(f"Run folder {root.resolve()}; report built {created} from the artifacts only.")
+    for section in _SECTIONS:
+        section(doc, run)
+
+    write_text(html_path, doc.html())
+    write_text(md_path, doc.markdown(FIGURES_DIR if fig_dir.parent == md_path.parent else str(fig_dir)))
+    return {
+        "html": str(html_path),
+        "markdown": str(md_path),
+        "figures": [str(fig_dir / f.name) for f in doc.figures],
+    }

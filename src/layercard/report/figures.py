@@ -1,0 +1,242 @@
+"""The report's figures, written as PNG and kept in memory for inlining into the HTML."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from layercard.artifacts import atomic_path
+
+if TYPE_CHECKING:
+    from layercard.train import TrainMetrics
+    from layercard.trim import Trace
+
+__all__ = ["Figure", "fig_gain", "fig_placements", "fig_quality_cost", "fig_trace", "fig_training"]
+
+_DPI = 100
+
+
+def _plt() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+@dataclasses.dataclass(frozen=True)
+class Figure:
+    """A figure written as PNG: file name, caption, and the bytes for inlining."""
+
+    name: str
+    caption: str
+    png: bytes
+
+
+def _save(fig: Any, path: Path) -> bytes:
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=_DPI, bbox_inches="tight", format="png")
+        data = tmp.read_bytes()
+    _plt().close(fig)
+    return data
+
+
+def _palette(names: Sequence[str]) -> dict[str, Any]:
+    cmap = _plt().get_cmap("tab10")
+    return {n: cmap(i % 10) for i, n in enumerate(names)}
+
+
+def fig_placements(rows: list[dict[str, Any]], n_layers: int, path: Path) -> bytes:
+    """Which layers each placement adapts (the trimmed adapter included)."""
+    plt = _plt()
+    shown = [r for r in rows if r["kind"] != "base"]
+    fig, ax = plt.subplots(figsize=(min(12, 2 + 0.3 * n_layers), 0.9 + 0.45 * len(shown)))
+    for i, r in enumerate(shown):
+        for layer in r["layers"]:
+            color = "tab:orange" if r["kind"] == "trimmed" else "tab:blue"
+            ax.add_patch(plt.Rectangle((layer - 0.45, i - 0.38), 0.9, 0.76, color=color))
+    ax.set_xlim(-0.6, n_layers - 0.4)
+    ax.set_ylim(-0.6, len(shown) - 0.4)
+    ax.set_yticks(range(len(shown)), [r["name"] for r in shown])
+    ax.set_xticks(range(0, n_layers, max(1, n_layers // 15)))
+    ax.set_xlabel("layer")
+    ax.invert_yaxis()
+    ax.grid(axis="x", alpha=0.3)
+    ax.set_title("adapted layers per placement (orange: trimmed)", fontsize=9)
+    return _save(fig, path)
+
+
+def fig_training(curves: dict[str, TrainMetrics], path: Path) -> bytes:
+    """Training and validation loss curves of every placement."""
+    plt = _plt()
+    colors = _palette(list(curves))
+    fig, ax = plt.subplots(figsize=(7.5, 4))
+    for name, m in curves.items():
+        lc = m.loss_curve or []
+        if lc:
+            ax.plot([s for s, _ in lc], [v for _, v in lc], color=colors[name], lw=1.2, label=f"{name} train")
+        vc = m.val_curve or []
+        if vc:
+            ax.plot(
+                [s for s, _ in vc],
+                [v for _, v in vc],
+                color=colors[name],
+                ls="--",
+                marker="o",
+                ms=4,
+                label=f"{name} validation",
+            )
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (mean CE over target tokens)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title("training curves", fontsize=9)
+    return _save(fig, path)
+
+
+def fig_trace(trace: Trace | None, trim: dict[str, Any], path: Path) -> bytes:
+    """Logit-lens curves with the boundary candidates (when there is a trace), and the sweep's metric
+    against K."""
+    plt = _plt()
+    panels = 2 if trace is not None else 1
+    fig, axes = plt.subplots(1, panels, figsize=(6.5 * panels, 4), squeeze=False)
+    axes = axes[0]
+    if trace is not None:
+        _trace_panel(axes[0], trace, trim["chosen_k"])
+    _sweep_panel(axes[-1], trim)
+    return _save(fig, path)
+
+
+def _trace_panel(ax: Any, trace: Trace, chosen: int) -> None:
+    """Both lens curves, the boundary candidates of the 'on' curve and the chosen K."""
+    layers = list(range(len(trace.curve_on)))
+    ax.plot(layers, trace.curve_on, marker="o", ms=3, label="adapter on")
+    ax.plot(layers, trace.curve_off, marker="o", ms=3, ls="--", color="grey", label="adapter off")
+    styles = {"sharpest_rise": "tab:red", "half_final": "tab:green"}
+    for key, layer in trace.candidates.items():
+        ax.axvline(
+            layer,
+            color=styles.get(key, "tab:purple"),
+            ls=":",
+            lw=1.5,
+            label=f"{key.replace('_', ' ')}: layer {layer}",
+        )
+    ax.axvline(chosen, color="black", lw=1, alpha=0.6, label=f"chosen K = {chosen}")
+    ax.set_xlabel("layer (output of)")
+    ax.set_ylabel("P(gold next token), logit lens")
+    ax.set_title(f"boundary trace · {trace.n_examples} examples", fontsize=9)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+
+
+def _sweep_panel(ax: Any, trim: dict[str, Any]) -> None:
+    """The selection metric (and the loss, grey) against K, the chosen K marked."""
+    chosen = trim["chosen_k"]
+    rows = trim["sweep"]
+    metric = trim["metric"]
+    ks = [r["k"] for r in rows]
+
+    def value(r: dict[str, Any]) -> float:
+        v = r.get("loss") if metric == "loss" else r.get("metrics", {}).get(metric)
+        return float("nan") if v is None else float(v)
+
+    ax.plot(ks, [value(r) for r in rows], marker="o", label=metric)
+    ax.set_xlabel("boundary K (adapters kept in layers ≤ K)")
+    ax.set_ylabel(metric)
+    if metric != "loss" and any(r.get("loss") is not None for r in rows):
+        ax2 = ax.twinx()
+        ax2.plot(
+            ks,
+            [r["loss"] if r.get("loss") is not None else float("nan") for r in rows],
+            marker="s",
+            ms=3,
+            ls="--",
+            color="grey",
+        )
+        ax2.set_ylabel("loss (grey)")
+    ax.axvline(chosen, color="tab:red", ls=":", label=f"chosen K = {chosen}")
+    ax.legend(fontsize=8, loc="lower right")
+    ax.grid(alpha=0.3)
+    ax.set_title("trim sweep", fontsize=9)
+
+
+def fig_gain(rows: list[dict[str, Any]], score: str, path: Path) -> bytes:
+    """The plans' predicted set gain against the measured loss drop, one point per placement."""
+    plt = _plt()
+    pts = [r for r in rows if r["kind"] == "placement" and r.get("predicted_gain") is not None]
+    colors = _palette([r["name"] for r in rows])  # the same colour per model as in the cost chart
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for r in pts:
+        y = r.get("measured_gain")
+        if y is None:
+            continue
+        ax.scatter([r["predicted_gain"]], [y], s=40, color=colors[r["name"]])
+        ax.annotate(
+            r["name"], (r["predicted_gain"], y), textcoords="offset points", xytext=(5, 4), fontsize=8
+        )
+    ax.set_xlabel(f"predicted set gain (card score '{score}', plan.json)")
+    ax.set_ylabel("measured loss drop (base − adapted eval loss)")
+    ax.grid(alpha=0.3)
+    ax.set_title("predicted vs measured gain", fontsize=9)
+    return _save(fig, path)
+
+
+_COSTS = (
+    ("s_per_step", "train s/step"),
+    ("peak_memory_mib", "peak memory (MiB)"),
+    ("modules", "adapted modules (inference)"),
+    ("s_per_example", "inference s/example"),
+)
+
+
+def fig_quality_cost(rows: list[dict[str, Any]], primary: str | None, path: Path) -> bytes:
+    """Primary metric (top) and eval loss (bottom) against each cost, one point per model."""
+    plt = _plt()
+    shown = [r for r in rows if r["kind"] != "base"]
+    colors = _palette([r["name"] for r in rows])
+    base = next((r for r in rows if r["kind"] == "base"), None)
+    qualities = [("primary_value", primary or "primary metric"), ("eval_loss", "eval loss (lower is better)")]
+    fig, axes = plt.subplots(2, len(_COSTS), figsize=(4 * len(_COSTS), 7), squeeze=False)
+    for row_i, (qkey, qlabel) in enumerate(qualities):
+        for col, (ckey, clabel) in enumerate(_COSTS):
+            ax = axes[row_i][col]
+            for r in shown:
+                x, y = r.get(ckey), r.get(qkey)
+                if x is None or y is None:
+                    continue
+                if r["kind"] == "trimmed":  # hollow and larger: it shares its parent's training cost
+                    ax.scatter(
+                        [x],
+                        [y],
+                        s=110,
+                        marker="s",
+                        facecolors="none",
+                        edgecolors=colors[r["name"]],
+                        linewidths=2,
+                        label=r["name"],
+                    )
+                else:
+                    ax.scatter([x], [y], s=45, marker="o", color=colors[r["name"]], label=r["name"])
+            if base is not None and base.get(qkey) is not None:
+                ax.axhline(base[qkey], color="grey", ls=":", lw=1, label="base model")
+            ax.grid(alpha=0.3)
+            if row_i == len(qualities) - 1:
+                ax.set_xlabel(clabel)
+            if col == 0:
+                ax.set_ylabel(qlabel)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    uniq = dict(zip(labels, handles, strict=False))
+    fig.suptitle("quality against cost (hollow square: trimmed adapter)", fontsize=10)
+    fig.tight_layout()
+    fig.legend(
+        uniq.values(),
+        uniq.keys(),
+        loc="upper center",
+        bbox_to_anchor=(0.5, 0.0),
+        ncol=min(6, len(uniq)),
+        fontsize=9,
+    )
+    return _save(fig, path)

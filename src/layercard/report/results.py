@@ -1,0 +1,226 @@
+"""Reading a run folder: the artifacts the report uses, and one row per compared model.
+
+Every stage artifact is read through its typed loader (``Card.load``, ``Plan.load``, ``EvalResult.load``,
+``Trace.load``); the run's own files (run.json, stage records) and trim.json, which have none, are read
+as JSON.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from layercard.artifacts import read_json
+from layercard.run_layout import BASE_EVAL, TRIMMED_EVAL, RunLayout
+
+if TYPE_CHECKING:
+    from layercard.train import TrainMetrics
+
+__all__ = [
+    "collect_results",
+    "load_optional",
+    "placement_names",
+    "predicted_s_per_step",
+    "read_train_metrics",
+    "report_inputs",
+    "run_config",
+    "stages_active",
+    "trim_target",
+]
+
+T = TypeVar("T")
+
+
+def load_optional(load: Callable[[Path], T], path: Path) -> T | None:
+    """``load(path)`` when the file exists, else None: a stage that did not run leaves no artifact."""
+    return load(path) if path.is_file() else None
+
+
+def _maybe(path: Path) -> dict[str, Any] | None:
+    return read_json(path) if path.is_file() else None
+
+
+def read_train_metrics(path: Path) -> TrainMetrics:
+    """A train_metrics.json, typed: the one place the report and the pipeline read training metrics."""
+    from layercard.train import TrainMetrics
+
+    return TrainMetrics.load(path)
+
+
+def predicted_s_per_step(m: TrainMetrics) -> float | None:
+    """The cost model's s/step for a training run: rescaled to its tokens per step when it could be."""
+    return m.predicted_step_time_scaled_s or m.predicted_step_time_s
+
+
+def placement_names(root: Path) -> list[str]:
+    """Placements in config order (run.json), else every plan folder in name order."""
+    lay = RunLayout(root)
+    run = _maybe(lay.run_json)
+    if run is not None:
+        return [p["name"] for p in run["config"]["placements"]]
+    plans = lay.plans_dir
+    return (
+        sorted(p.name for p in plans.iterdir() if lay.plan_json(p.name).is_file()) if plans.is_dir() else []
+    )
+
+
+def run_config(root: Path) -> dict[str, Any] | None:
+    """The resolved config the run recorded in run.json, if any."""
+    run = _maybe(RunLayout(root).run_json)
+    return run["config"] if run is not None else None
+
+
+def stages_active(root: Path) -> tuple[bool, bool]:
+    """(trim, base eval) as the run's config has them: a stage switched off may have left an old folder."""
+    cfg = run_config(root)
+    if cfg is None:
+        return True, True
+    return bool(cfg.get("trim", {}).get("enabled", True)), bool(cfg.get("eval", {}).get("base", True))
+
+
+def trim_target(root: Path, trim: dict[str, Any]) -> str:
+    """The placement the trim stage trimmed (its record says; else the adapter path does)."""
+    rec = _maybe(RunLayout.stage_record(RunLayout(root).trim_dir))
+    if rec is not None and rec.get("config", {}).get("placement"):
+        return str(rec["config"]["placement"])
+    return Path(trim["adapter"]).parent.name  # .../train/<placement>/adapter
+
+
+def report_inputs(root: str | Path) -> list[Path]:
+    """Every artifact file the report reads (their hashes fingerprint the report stage)."""
+    root = Path(root)
+    lay = RunLayout(root)
+    names = placement_names(root)
+    trim_on, base_on = stages_active(root)
+    cands = [lay.run_json, lay.card_json]
+    cands += [lay.plan_json(n) for n in names] + [lay.train_metrics(n) for n in names]
+    cands += [lay.eval_json(n) for n in names]
+    if trim_on:
+        cands += [lay.trim_json, lay.trace_json, lay.eval_json(TRIMMED_EVAL)]
+    if base_on:
+        cands.append(lay.eval_json(BASE_EVAL))
+    return [p for p in cands if p.is_file()]
+
+
+def _safetensors_params(folder: Path) -> int | None:
+    """Parameter count of an adapter folder's safetensors files (read from the headers only)."""
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        return None
+    from safetensors import safe_open
+
+    total = 0
+    for f in files:
+        with safe_open(str(f), framework="pt") as fh:
+            for key in fh.keys():
+                total += math.prod(fh.get_slice(key).get_shape())
+    return total
+
+
+def _primary(ev: Any) -> tuple[str | None, float | None]:
+    if ev is None or not ev.metrics:
+        return None, None
+    name = next(iter(ev.metrics))
+    return name, ev.metrics[name]
+
+
+class _Rows:
+    """The rows of :func:`collect_results`; the primary metric is the first evaluation's first metric."""
+
+    def __init__(self, base_ev: Any) -> None:
+        self.base_loss = base_ev.loss if base_ev is not None else None
+        self.primary = _primary(base_ev)[0]
+        self.rows: list[dict[str, Any]] = []
+
+    def eval_fields(self, ev: Any) -> dict[str, Any]:
+        if ev is None:
+            return {"eval_loss": None, "metrics": {}, "primary_value": None, "s_per_example": None}
+        name, value = _primary(ev)
+        self.primary = self.primary or name
+        loss, base = ev.loss, self.base_loss
+        return {
+            "eval_loss": loss,
+            "measured_gain": (base - loss) if base is not None and loss is not None else None,
+            "metrics": ev.metrics,
+            "primary_value": ev.metrics.get(self.primary) if self.primary else value,
+            "s_per_example": ev.timing.get("s_per_example"),
+        }
+
+
+def _placement_row(rows: _Rows, lay: RunLayout, name: str) -> dict[str, Any]:
+    from layercard.evaluate import EvalResult
+    from layercard.plan import Plan
+
+    plan = load_optional(Plan.load, lay.plan_json(name))
+    tm = load_optional(read_train_metrics, lay.train_metrics(name))
+    ev = load_optional(EvalResult.load, lay.eval_json(name))
+    pr = plan.predicted if plan else {}
+    return {
+        "name": name,
+        "kind": "placement",
+        "policy": plan.config["policy"] if plan else None,
+        "layers": plan.layers if plan else [],
+        "modules": pr.get("modules"),
+        "trainable_params": tm.trainable_params if tm else pr.get("params"),
+        "predicted_gain": pr.get("gain"),
+        "predicted_fraction": pr.get("fraction"),
+        "predicted_s_per_step": pr.get("step_time_s"),
+        "s_per_step": tm.s_per_step if tm else None,
+        "peak_memory_mib": tm.peak_memory_mib if tm else None,
+        "peak_memory_kind": tm.peak_memory_kind if tm else None,
+        "steps": tm.steps if tm else None,
+        "final_train_loss": tm.final_train_loss if tm else None,
+        "final_val_loss": tm.final_val_loss if tm else None,
+        **rows.eval_fields(ev),
+    }
+
+
+def _trimmed_row(rows: _Rows, lay: RunLayout, trim: dict[str, Any]) -> dict[str, Any]:
+    from layercard.evaluate import EvalResult
+
+    target = trim_target(lay.root, trim)
+    parent = next((r for r in rows.rows if r["name"] == target), {})
+    after = trim["after"]
+    ev = load_optional(EvalResult.load, lay.eval_json(TRIMMED_EVAL))
+    return {
+        "name": f"{target}-trimmed",
+        "kind": "trimmed",
+        "parent": target,
+        "chosen_k": trim["chosen_k"],
+        "layers": after["adapted_layers"],
+        "modules": after["adapted_modules"],
+        "trainable_params": _safetensors_params(lay.trimmed_adapter),
+        # trained as its parent: the training cost is the parent's
+        "s_per_step": parent.get("s_per_step"),
+        "peak_memory_mib": parent.get("peak_memory_mib"),
+        "peak_memory_kind": parent.get("peak_memory_kind"),
+        **rows.eval_fields(ev),
+    }
+
+
+def collect_results(root: str | Path) -> dict[str, Any]:
+    """One row per compared model (base, each placement, the trimmed adapter) from the artifacts.
+
+    ``measured_gain`` is the base eval loss minus the row's eval loss (the loss drop the adapter bought);
+    ``predicted_gain`` is the plan's set gain in the card score's units (a ranking, not a loss).
+    """
+    from layercard.evaluate import EvalResult
+
+    root = Path(root)
+    lay = RunLayout(root)
+    trim_on, base_on = stages_active(root)
+    base_ev = load_optional(EvalResult.load, lay.eval_json(BASE_EVAL)) if base_on else None
+    rows = _Rows(base_ev)
+    if base_ev is not None:
+        base = {"name": BASE_EVAL, "kind": "base", "layers": [], "modules": 0, "trainable_params": 0}
+        rows.rows.append({**base, **rows.eval_fields(base_ev), "measured_gain": 0.0})
+    for name in placement_names(root):
+        rows.rows.append(_placement_row(rows, lay, name))
+    trim = _maybe(lay.trim_json) if trim_on else None
+    if trim is not None:
+        rows.rows.append(_trimmed_row(rows, lay, trim))
+    for r in rows.rows:
+        r.setdefault("measured_gain", None)
+    return {"primary_metric": rows.primary, "base_loss": rows.base_loss, "rows": rows.rows}

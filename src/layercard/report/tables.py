@@ -1,0 +1,245 @@
+"""The report's tables, each rendered both as HTML and as markdown."""
+
+from __future__ import annotations
+
+import dataclasses
+import html
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from layercard.report.results import placement_names, predicted_s_per_step, stages_active
+from layercard.run_layout import BASE_EVAL, TRIMMED_EVAL, RunLayout
+
+if TYPE_CHECKING:
+    from layercard.plan import Plan
+    from layercard.train import TrainMetrics
+
+__all__ = [
+    "Table",
+    "eval_table",
+    "fmt",
+    "headline_table",
+    "plans_table",
+    "spearman_or_none",
+    "stages_table",
+    "sweep_table",
+    "train_table",
+]
+
+
+def fmt(x: Any, spec: str = ".4g") -> str:
+    """``x`` formatted by ``spec``; "—" for a missing value, "nan" for any non-finite float."""
+    if x is None:
+        return "—"
+    if isinstance(x, float) and not math.isfinite(x):
+        return "nan"
+    if isinstance(x, int) and not isinstance(x, bool) and spec == ",":
+        return f"{x:,}"
+    return format(x, spec)
+
+
+def _layers(layers: Sequence[int]) -> str:
+    if not layers:
+        return "—"
+    s = sorted(layers)
+    if len(s) > 3 and s == list(range(s[0], s[-1] + 1)):
+        return f"{s[0]}–{s[-1]} ({len(s)})"
+    return ", ".join(map(str, s)) + f" ({len(s)})"
+
+
+@dataclasses.dataclass(frozen=True)
+class Table:
+    """A header and rows of cell texts."""
+
+    header: list[str]
+    rows: list[list[str]]
+
+    def html(self) -> str:
+        head = "".join(f"<th>{html.escape(h)}</th>" for h in self.header)
+        body = "".join(
+            "<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in self.rows
+        )
+        return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+    def markdown(self) -> str:
+        def cell(c: str) -> str:
+            return c.replace("|", "\\|")
+
+        lines = ["| " + " | ".join(map(cell, self.header)) + " |", "|" + "---|" * len(self.header)]
+        lines += ["| " + " | ".join(map(cell, row)) + " |" for row in self.rows]
+        return "\n".join(lines)
+
+
+def headline_table(results: dict[str, Any]) -> Table:
+    """One row per compared model: its adapted layers, costs and quality."""
+    p = results["primary_metric"] or "primary"
+    header = [
+        "model",
+        "adapted layers",
+        "modules",
+        "trainable params",
+        "train s/step",
+        "peak MiB",
+        "eval loss",
+        "loss drop",
+        p,
+        "infer s/example",
+    ]
+    rows = [
+        [
+            r["name"],
+            _layers(r["layers"]),
+            fmt(r.get("modules")),
+            fmt(r.get("trainable_params"), ","),
+            fmt(r.get("s_per_step"), ".3f"),
+            fmt(r.get("peak_memory_mib"), ",.0f"),
+            fmt(r.get("eval_loss")),
+            fmt(r.get("measured_gain")),
+            fmt(r.get("primary_value")),
+            fmt(r.get("s_per_example"), ".3f"),
+        ]
+        for r in results["rows"]
+    ]
+    return Table(header, rows)
+
+
+def plans_table(plans: dict[str, Plan]) -> Table:
+    """One row per plan: its policy, layers, size and predicted gain and cost."""
+    header = [
+        "placement",
+        "policy",
+        "budget",
+        "layers",
+        "modules",
+        "params",
+        "rank",
+        "predicted gain",
+        "of all-layer gain",
+        "redundancy ρ",
+        "predicted s/step",
+    ]
+    rows = []
+    for name, plan in plans.items():
+        pr, cfg = plan.predicted, plan.config
+        frac = pr.get("fraction")
+        rows.append(
+            [
+                name,
+                cfg["policy"],
+                str(cfg.get("budget") or "—"),
+                _layers(plan.layers),
+                fmt(pr.get("modules")),
+                fmt(pr.get("params"), ","),
+                str(cfg.get("rank")),
+                f"{fmt(pr.get('gain'))} ({pr.get('score')})",
+                "—" if frac is None else f"{100 * frac:.1f}%",
+                fmt(pr.get("redundancy"), ".3f"),
+                fmt(pr.get("step_time_s"), ".3f"),
+            ]
+        )
+    return Table(header, rows)
+
+
+def train_table(metrics: dict[str, TrainMetrics]) -> Table:
+    """One row per placement from its train metrics."""
+    header = [
+        "placement",
+        "steps",
+        "s/step (measured)",
+        "s/step (predicted)",
+        "tokens/s",
+        "peak MiB",
+        "train loss first → last",
+        "val loss",
+    ]
+    rows = [
+        [
+            name,
+            str(m.steps),
+            fmt(m.s_per_step, ".3f"),
+            fmt(predicted_s_per_step(m), ".3f"),
+            fmt(m.tokens_per_s, ",.0f"),
+            fmt(m.peak_memory_mib, ",.0f"),
+            f"{fmt(m.first_train_loss)} → {fmt(m.final_train_loss)}",
+            fmt(m.final_val_loss),
+        ]
+        for name, m in metrics.items()
+    ]
+    return Table(header, rows)
+
+
+def sweep_table(trim: dict[str, Any]) -> Table:
+    """One row per boundary K the trim stage swept (trim.json), the chosen one ticked."""
+    metric = trim["metric"]
+    shown = list(dict.fromkeys([metric, *trim.get("metrics", [])]))[:4]
+    header = ["K", "adapted layers", "modules", *shown, "loss", "s/example"]
+    rows = []
+    for r in trim["sweep"]:
+        vals = [fmt(r["loss"] if m == "loss" else r.get("metrics", {}).get(m)) for m in shown]
+        mark = " ✓" if r["k"] == trim["chosen_k"] else ""
+        rows.append(
+            [
+                f"{r['k']}{mark}",
+                str(r["n_adapted_layers"]),
+                str(r["adapted_modules"]),
+                *vals,
+                fmt(r.get("loss")),
+                fmt(r.get("s_per_example"), ".3f"),
+            ]
+        )
+    return Table(header, rows)
+
+
+def eval_table(results: dict[str, Any]) -> Table:
+    """Every metric and the loss of every compared model."""
+    names = list(dict.fromkeys(m for r in results["rows"] for m in r.get("metrics", {})))
+    header = ["model", *names, "loss"]
+    rows = [
+        [r["name"], *[fmt(r["metrics"].get(m)) for m in names], fmt(r.get("eval_loss"))]
+        for r in results["rows"]
+    ]
+    return Table(header, rows)
+
+
+def stages_table(root: Path) -> Table:
+    """Each stage's record (status, fingerprint, wall time), for the stages the run's config has."""
+    lay = RunLayout(root)
+    names = placement_names(root)
+    trim_on, base_on = stages_active(root)
+    dirs = [lay.card_dir, *(lay.plan_dir(n) for n in names), *(lay.train_dir(n) for n in names)]
+    dirs += [lay.trim_dir] if trim_on else []
+    dirs += [
+        lay.eval_dir(n)
+        for n in ([BASE_EVAL] if base_on else []) + names + ([TRIMMED_EVAL] if trim_on else [])
+    ]
+    recs = [RunLayout.stage_record(d) for d in dirs] + [lay.report_record]
+    rows = []
+    for p in recs:
+        if not p.is_file():
+            continue
+        try:
+            d = json.loads(p.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        rows.append(
+            [
+                str(d.get("stage")),
+                str(d.get("status")),
+                str(d.get("fingerprint", ""))[:12],
+                fmt(d.get("wall_time_s"), ".1f"),
+            ]
+        )
+    return Table(["stage", "status", "fingerprint", "wall s"], rows)
+
+
+def spearman_or_none(xs: Sequence[float], ys: Sequence[float]) -> float | None:
+    """Spearman's ρ of three or more points, else (or when undefined) None."""
+    if len(xs) < 3:
+        return None
+    from layercard.card.stats import spearman
+
+    rho = spearman(list(xs), list(ys))
+    return None if rho is None or not math.isfinite(rho) else float(rho)
