@@ -102,7 +102,10 @@ def test_sketch_keeps_ranking_and_is_a_lower_bound(facts):
 def test_coupling_and_cost(facts):
     loaded = _loaded()
     card = compute_card(
-        loaded, facts, CardConfig(**{**FAST, "calibrate": True}, coupling=True, calibrate_steps=1), progress=False
+        loaded,
+        facts,
+        CardConfig(**{**FAST, "calibrate": True}, coupling=True, calibrate_steps=1),
+        progress=False,
     )
     c = np.asarray(card.coupling["matrix"])
     assert c.shape == (4, 4)
@@ -256,7 +259,9 @@ def test_smollm2_card_whole_path(smollm2, tmp_path):
     from conftest import shared_data
 
     task = load_task(str(shared_data("e2e_nlg/validation.jsonl")))
-    card = compute_card(smollm2, task, CardConfig(examples=4, max_length=96, batch_size=4, calibrate=False), progress=False)
+    card = compute_card(
+        smollm2, task, CardConfig(examples=4, max_length=96, batch_size=4, calibrate=False), progress=False
+    )
     assert card.n_layers == 30 and len(card.units) == 60
     assert {u.role for u in card.units} == {"q", "v"}
     assert all(np.isfinite(u.resnorm) and u.resnorm > 0 and u.grad_norm > 0 for u in card.units)

@@ -13,7 +13,8 @@ from typer.testing import CliRunner
 
 from layercard.cli import app
 from layercard.errors import LayercardError
-from layercard.evaluate import EvalConfig, EvalResult, eval_loss, evaluate, generate
+from layercard.evaluate import EvalConfig, EvalResult, evaluate
+from layercard.inference import eval_loss, generate
 from layercard.models import LoadedModel
 from layercard.tasks import (
     Example,

@@ -1,4 +1,4 @@
-"""Planning (DESIGN §4–§6): budgets, policies, ranks, the PEFT config and its check, the plan command."""
+"""Planning (docs/design.md §4–§6): budgets, policies, ranks, the PEFT config and its check, the CLI."""
 
 from __future__ import annotations
 
@@ -406,7 +406,7 @@ def test_check_plan_raises_on_mismatch(tiny_card, tiny_llama, defect):
         expect = "matches 0"
     elif defect == "extra_target":
         lc["target_modules"] = [*lc["target_modules"], "model.layers.0.self_attn.q_proj"]
-        expect = "unplanned"
+        expect = "adapted but not planned: model.layers.0.self_attn.q_proj"
     elif defect == "missing_target":
         lc["target_modules"] = lc["target_modules"][1:]
         expect = "not adapted"
@@ -480,8 +480,82 @@ def test_check_model_matches(tiny_card):
     )
     check_model_matches(plan, ok)
     other = dataclasses.replace(ok, model_id="other", model_hash="f" * 64)
-    with pytest.raises(LayercardError, match=r"plan.json: made for model tiny \(hash .*\), loaded other"):
+    with pytest.raises(
+        LayercardError, match=r"plan.json is for model tiny \(.*\), but the loaded model is other"
+    ):
         check_model_matches(plan, other, where="plan.json")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Restricted plans
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _without_budget(predicted: dict) -> dict:
+    return {k: v for k, v in predicted.items() if k not in ("budget", "budget_used", "target")}
+
+
+def test_restricted_equals_the_direct_plan(tiny_card, tiny_llama, tmp_path):
+    full = make_plan(tiny_card, PlanConfig("all"))
+    top = make_plan(tiny_card, PlanConfig("top", budget="layers=3"))
+    cut = full.restricted([7, 5, 6], tiny_card, policy="top")
+    assert cut.layers == top.layers == [5, 6, 7] and cut.kind == "lora"
+    assert cut.units == top.units and cut.lora_config == top.lora_config
+    assert cut.predicted == _without_budget(top.predicted)
+    assert cut.config == {**top.config, "budget": None}
+    assert cut.card == full.card and cut.provenance["stage"] == "plan"
+    assert cut.warnings == [w for w in top.warnings if "ignores" not in w]
+    assert check_plan(cut, tiny_llama)["ok"]
+    assert Plan.load(cut.save(tmp_path / "cut.json")) == cut
+    # Restricting to every layer gives the plan back.
+    same = full.restricted(full.layers, tiny_card, policy="all")
+    assert dataclasses.replace(same, provenance=full.provenance) == full
+    single = full.restricted([3], tiny_card, policy="single")
+    assert single.config["policy"] == "single" and [u.layer for u in single.units] == [3, 3]
+    assert single.predicted["params"] == _cost(single, tiny_card, "params")
+    assert single.predicted["step_time_s"] == pytest.approx(_cost(single, tiny_card, "step_time"))
+
+
+def test_restricted_keeps_ranks_and_rebuilds_patterns(tiny_card, tiny_llama):
+    per_layer = 8 * sum(u.d_in + u.d_out for u in tiny_card.units if u.layer == 0)
+    plan = make_plan(tiny_card, PlanConfig("card", budget=f"params={2.5 * per_layer}", rank="auto"))
+    keep = plan.layers[:-1]
+    cut = plan.restricted(keep, tiny_card)
+    assert cut.units == [u for u in plan.units if u.layer in keep]
+    lc = cut.lora_config
+    assert lc["target_modules"] == [u.name for u in cut.units]
+    ranks = [u.rank for u in cut.units]
+    assert lc["r"] == max(set(ranks), key=lambda r: (ranks.count(r), r))  # the commonest rank
+    assert lc["rank_pattern"] == {u.name: u.rank for u in cut.units if u.rank != lc["r"]}
+    assert lc["alpha_pattern"] == {n: 2 * r for n, r in lc["rank_pattern"].items()}
+    assert lc["lora_alpha"] == 2 * lc["r"]
+    assert cut.predicted["params"] == _cost(cut, tiny_card, "params") < plan.predicted["params"]
+    assert cut.predicted["modules"] == len(cut.units) and cut.predicted["n_layers"] == len(keep)
+    assert cut.predicted["all_layer_params"] == plan.predicted["all_layer_params"]
+    assert cut.predicted["captured"] < plan.predicted["captured"]
+    assert "budget" not in cut.predicted and cut.config["budget"] is None
+    assert cut.config["policy"] == "restricted" and cut.config["rank"] == "auto"
+    assert check_plan(cut, tiny_llama)["ok"]
+
+
+def test_restricted_bottleneck_plan(tiny_card):
+    plan = make_plan(tiny_card, PlanConfig("top", budget="layers=3", kind="houlsby", rank=16))
+    cut = plan.restricted([6], tiny_card)
+    assert cut.lora_config is None and [u.name for u in cut.units] == ["model.layers.6"]
+    assert cut.adapter_config == {**plan.adapter_config, "layers": [6]}
+    assert cut.predicted["params"] == 2 * (2 * 32 * 16 + 16 + 32)
+    assert any("kind houlsby" in w for w in cut.warnings)
+
+
+def test_restricted_refuses_bad_input(tiny_card):
+    plan = make_plan(tiny_card, PlanConfig("top", budget="layers=2"))
+    with pytest.raises(LayercardError, match=r"layers \[0\] are not in the plan's layers \[6, 7\]"):
+        plan.restricted([0, 7], tiny_card)
+    with pytest.raises(LayercardError, match="no layers"):
+        plan.restricted([], tiny_card)
+    other = dataclasses.replace(tiny_card, model={**tiny_card.model, "id": "other", "hash": "f" * 64})
+    with pytest.raises(LayercardError, match="card is of model other"):
+        plan.restricted([7], other)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -508,8 +582,8 @@ def test_cli_plan_writes_plan(card_file, tmp_path):
 
 @pytest.mark.parametrize(
     "extra, expect",
-    [(["--policy", "best"], "policy='best'"), (["--policy", "top", "--kind", "ia3"], "kind='ia3'"),
-     (["--policy", "top", "--score", "magic"], "score='magic'"),
+    [(["--policy", "best"], "policy: must be one of"), (["--policy", "top", "--kind", "ia3"], "got 'ia3'"),
+     (["--policy", "top", "--score", "magic"], "got 'magic'"),
      (["--policy", "top", "--budget", "x=1"], "x=1"), (["--policy", "top", "--rank", "big"], "--rank")],
 )  # fmt: skip
 def test_cli_plan_errors_write_nothing(card_file, tmp_path, extra, expect):
@@ -545,7 +619,7 @@ def test_cli_check_model(tiny_card, tiny_llama, tmp_path, monkeypatch):
         str(folder),
     ]
     r = CliRunner().invoke(app, [*base, "--card", str(wrong)])
-    assert r.exit_code != 0 and "made for model tiny" in r.output, r.output
+    assert r.exit_code != 0 and "wrong.json is for model tiny" in r.output, r.output
     assert not out.exists()
     right = dataclasses.replace(tiny_card, model={**tiny_card.model, "hash": folder_hash})
     r = CliRunner().invoke(app, [*base, "--card", str(right.save(tmp_path / "right.json")), "--json"])
@@ -563,5 +637,5 @@ def test_check_plan_on_smollm2(smollm2):
     ranks = {u.layer: u.rank for u in plan.units}
     assert ranks[1] == ranks[21] == 1 and all(ranks[i] > 1 for i in range(10, 20))
     assert check_plan(plan, smollm2.model)["ok"]
-    with pytest.raises(LayercardError, match="made for model synthetic"):
+    with pytest.raises(LayercardError, match="plan is for model synthetic"):
         check_model_matches(plan, smollm2)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -14,8 +15,9 @@ from tiny_tok import tiny_tokenizer
 from layercard import models
 from layercard.errors import LayercardError
 from layercard.models import LoadedModel
+from layercard.plan import Plan
 from layercard.tasks import load_task
-from layercard.train import TrainConfig, train
+from layercard.train import TrainConfig, TrainMetrics, train
 
 TRAIN = load_task("synthetic:facts", split="train").subset(16)
 VAL = load_task("synthetic:facts", split="test").subset(8)
@@ -39,8 +41,15 @@ def _loaded(seed: int = 0) -> LoadedModel:
 
 def make_plan(
     loaded: LoadedModel, layers: list[int], *, kind: str = "lora", rank: int = 4, dropout: float = 0.0
+) -> Plan:
+    """A plan as `layercard plan` writes it (q,v on ``layers``)."""
+    return Plan.from_dict(plan_dict(loaded, layers, kind=kind, rank=rank, dropout=dropout))
+
+
+def plan_dict(
+    loaded: LoadedModel, layers: list[int], *, kind: str = "lora", rank: int = 4, dropout: float = 0.0
 ) -> dict[str, Any]:
-    """A plan.json dict as `layercard plan` writes it (q,v on ``layers``)."""
+    """The plan.json dict of :func:`make_plan`."""
     units = models.units(loaded.model, "q,v", layers=layers)
     names = [u.name for u in units]
     return {
@@ -115,7 +124,7 @@ def test_lora_loss_decreases(lora_run):
 
 
 def test_only_planned_modules_have_lora(lora_run):
-    planned = {u["name"] for u in lora_run["plan"]["units"]}
+    planned = {u.name for u in lora_run["plan"].units}
     assert lora_run["seen"]["lora_modules"] == planned
     from safetensors.torch import load_file
 
@@ -161,6 +170,28 @@ def test_train_metrics(lora_run):
     assert m["first_train_loss"] == m["loss_curve"][0][1] and m["resumed_from"] is None
     assert m["wall_time_s"] > 0
     assert not (lora_run["out"] / "checkpoints").exists()  # checkpoint_every=0
+
+
+def test_train_metrics_artifact_roundtrip(lora_run, tmp_path: Path):
+    path = lora_run["out"] / "train_metrics.json"
+    tm = TrainMetrics.load(path)
+    assert TrainMetrics.load(lora_run["out"]) == tm  # the run folder names its metrics file
+    assert tm.to_dict() == lora_run["metrics"]
+    assert tm.adapter_kind == "lora" and tm.steps == 20 and tm.trainable_params == 896
+    again = tm.save(tmp_path / "again.json")
+    assert again.read_bytes() == path.read_bytes()  # the same bytes train wrote
+    raw = json.loads(path.read_text())
+    (tmp_path / "wrong.json").write_text(json.dumps({**raw, "kind": "plan"}))
+    with pytest.raises(LayercardError, match="expected a train_metrics artifact"):
+        TrainMetrics.load(tmp_path / "wrong.json")
+    (tmp_path / "old.json").write_text(json.dumps({**raw, "schema_version": 0}))
+    with pytest.raises(LayercardError, match="schema_version=0"):
+        TrainMetrics.load(tmp_path / "old.json")
+    del raw["s_per_step"]
+    (tmp_path / "short.json").write_text(json.dumps(raw))
+    with pytest.raises(LayercardError, match="short.json: malformed train metrics .*s_per_step") as e:
+        TrainMetrics.load(tmp_path / "short.json")
+    assert "\n" not in str(e.value)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -250,7 +281,7 @@ def test_plan_object_is_accepted(tmp_path: Path):
     plan_mod = pytest.importorskip("layercard.plan")
     loaded = _loaded()
     path = tmp_path / "plan.json"
-    path.write_text(json.dumps(make_plan(loaded, [3])))
+    path.write_text(json.dumps(plan_dict(loaded, [3])))
     plan = plan_mod.Plan.load(path)
     m = train(loaded, plan, TRAIN, None, TrainConfig(steps=1, **{**FAST, "eval_examples": 0}), tmp_path / "r")
     assert m["plan"]["layers"] == [3] and m["trainable_params"] == 4 * (64 + 48)
@@ -270,16 +301,23 @@ def test_plan_for_another_model(tmp_path: Path):
     assert not any(tmp_path.iterdir())
 
 
+def test_plan_must_be_a_plan(tmp_path: Path):
+    loaded = _loaded()
+    with pytest.raises(LayercardError, match="plan must be a layercard.plan.Plan, not dict"):
+        train(loaded, plan_dict(loaded, [1]), TRAIN, VAL, TrainConfig(steps=1), tmp_path)
+    assert not any(tmp_path.iterdir())
+
+
 def test_unknown_kind_and_mismatched_targets(tmp_path: Path):
     loaded = _loaded()
     plan = make_plan(loaded, [1])
     with pytest.raises(LayercardError, match="lora, houlsby, parallel"):
         train(loaded, plan, TRAIN, VAL, TrainConfig(steps=1), tmp_path, kind="prefix")
-    plan["units"] = plan["units"][:1]  # target_modules still lists v_proj
+    plan = dataclasses.replace(plan, units=plan.units[:1])  # target_modules still lists v_proj
     with pytest.raises(LayercardError, match="adapted but not planned: model.layers.1.self_attn.v_proj"):
         train(loaded, plan, TRAIN, VAL, TrainConfig(steps=1, **FAST), tmp_path)
     assert not any(hasattr(m, "lora_A") for m in loaded.model.modules())  # restored after the error
-    no_lora = {**make_plan(loaded, [1], kind="houlsby"), "lora_config": None}
+    no_lora = dataclasses.replace(make_plan(loaded, [1], kind="houlsby"), lora_config=None)
     with pytest.raises(LayercardError, match="no lora_config"):
         train(loaded, no_lora, TRAIN, VAL, TrainConfig(steps=1), tmp_path, kind="lora")
 
@@ -302,8 +340,8 @@ def test_4bit_needs_cuda(tmp_path: Path):
 @pytest.mark.parametrize(
     ("kwargs", "field"),
     [
-        ({"steps": 5, "epochs": 1.0}, "steps/epochs"),
-        ({"steps": None}, "steps/epochs"),
+        ({"steps": 5, "epochs": 1.0}, "steps"),
+        ({"steps": None}, "steps"),
         ({"steps": 0}, "steps"),
         ({"steps": None, "epochs": -1.0}, "epochs"),
         ({"batch_size": 0}, "batch_size"),
@@ -314,16 +352,16 @@ def test_4bit_needs_cuda(tmp_path: Path):
     ],
 )
 def test_config_validation_names_the_field(kwargs: dict[str, Any], field: str):
-    with pytest.raises(LayercardError, match=f"^{field}:"):
+    with pytest.raises(LayercardError, match=f"^train.{field}:"):
         TrainConfig(**kwargs)
 
 
 def test_schedules():
-    from layercard.train import _lr_lambda
+    from layercard.train.data import lr_lambda
 
-    lin = _lr_lambda(TrainConfig(steps=10, scheduler="linear", warmup_steps=2), 10)
+    lin = lr_lambda(TrainConfig(steps=10, scheduler="linear", warmup_steps=2), 10)
     assert [round(lin(s), 3) for s in (0, 1, 2, 6, 9)] == [0.333, 0.667, 1.0, 0.5, 0.125]
-    cos = _lr_lambda(TrainConfig(steps=10, scheduler="cosine"), 10)
+    cos = lr_lambda(TrainConfig(steps=10, scheduler="cosine"), 10)
     assert cos(0) == 1.0 and cos(5) == pytest.approx(0.5) and 0 < cos(9) < 0.05
 
 
@@ -343,10 +381,9 @@ def test_cli_train(tmp_path: Path, monkeypatch):
     tiny_model("llama").save_pretrained(folder)
     tiny_tokenizer().save_pretrained(folder)
     loaded = load_model(str(folder))
-    plan = make_plan(loaded, [1, 2], kind="houlsby")
-    card_path = tmp_path / "card.json"  # the plan points at its card, whose cost model has the batch shape
-    card_path.write_text(json.dumps({"kind": "card", "cost": {"batch_size": 8, "batch_tokens": 1000}}))
-    plan["card"]["path"] = str(card_path)
+    plan = plan_dict(loaded, [1, 2], kind="houlsby")
+    # make_plan records the batch shape the card's cost model was timed at.
+    plan["predicted"] |= {"calibration_batch_size": 8, "calibration_batch_tokens": 1000}
     plan_path = tmp_path / "plan.json"
     plan_path.write_text(json.dumps(plan))
     args = ["train", "--plan", str(plan_path), "--task", "synthetic:facts", "--out", str(tmp_path / "run")]
@@ -368,4 +405,4 @@ def test_cli_train(tmp_path: Path, monkeypatch):
     res = runner.invoke(app, [*args, "--model", "nowhere-model"])
     assert res.exit_code == 2 and "nowhere-model" in res.output
     res = runner.invoke(app, [*args, "--epochs", "1"])
-    assert res.exit_code == 2 and "steps/epochs" in res.output and len(res.output.strip().splitlines()) == 1
+    assert res.exit_code == 2 and "give exactly one of steps and epochs" in res.output and len(res.output.strip().splitlines()) == 1

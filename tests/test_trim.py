@@ -19,6 +19,8 @@ from layercard.cli import app
 from layercard.errors import LayercardError
 from layercard.models import LoadedModel, load_model
 from layercard.tasks import load_task
+from layercard.trim import lens as trim_lens
+from layercard.trim import run as trim_run
 
 LAYERS = 4
 IDS = torch.tensor([[5, 6, 7, 8, 9, 10, 11], [12, 13, 14, 15, 16, 17, 18]])
@@ -113,7 +115,7 @@ def test_trace_off_curve_is_the_base_model():
         assert aset.enabled and aset.enabled_layers == (1, 2)  # restored after the off pass
     plain = tiny_model("llama", layers=LAYERS)
     with torch.no_grad():
-        ref_probs, _ = T._gold_probs(plain, _batch(tok, task))
+        ref_probs, _ = trim_lens._gold_probs(plain, _batch(tok, task))
     assert list(tr.curve_off) == pytest.approx(ref_probs.mean(1).tolist(), rel=1e-6)
     assert tr.adapted_layers == (1, 2) and tr.curve_on[0] == pytest.approx(tr.curve_off[0], rel=1e-6)
 
@@ -336,7 +338,7 @@ def _loaded(model):
 def test_trim_refuses_an_export_that_differs_and_writes_nothing(lora_dir, tmp_path, monkeypatch):
     task = load_task("synthetic:facts", split="test")
     cfg = T.TrimConfig(examples=2, batch_size=2, max_new_tokens=2, max_length=64, window=(1, 2))
-    monkeypatch.setattr(T, "_max_diff", lambda *a: 1.0)
+    monkeypatch.setattr(trim_run, "_max_diff", lambda *a: 1.0)
     with pytest.raises(LayercardError, match="does not reproduce"):
         T.trim(_loaded(tiny_model("llama", layers=LAYERS)), lora_dir, task, cfg, tmp_path / "run")
     assert (
@@ -370,6 +372,71 @@ def test_trim_bottleneck_adapter_end_to_end(tmp_path):
     assert attached_adapters(loaded.model) is None  # the base is left clean
     with pytest.raises(LayercardError, match="cannot be merged"):
         T.trim(loaded, tmp_path / "adapter", task, cfg, tmp_path / "run", export_merged_dir=tmp_path / "m")
+
+
+def test_loss_selected_sweep_never_generates_and_picks_the_same_k(lora_dir, tmp_path, monkeypatch):
+    from layercard import inference
+    from layercard.adapters import attached
+
+    task = load_task("synthetic:facts", split="test")
+    sub, tok = task.subset(4, seed=0), tiny_tokenizer()
+    loaded = _loaded(tiny_model("llama", layers=LAYERS))
+    ks = list(range(LAYERS))
+    real_generate = inference.generate
+
+    def boom(*a, **kw):
+        raise AssertionError("a loss-selected sweep generated text")
+
+    with attached(loaded.model, lora_dir) as model:
+        # what a loss-selected sweep did before: generate and score text at every K, then read the loss
+        full = T.sweep(
+            model, ks, T.task_scorer(tok, sub, sub.examples, metrics=["exact_match"], batch_size=2,
+                                     max_new_tokens=2, max_length=64),
+        )  # fmt: skip
+        with monkeypatch.context() as m:
+            m.setattr(inference, "generate", boom)
+            lean = T.sweep(model, ks, T.loss_scorer(tok, sub, sub.examples, batch_size=2, max_length=64))
+    assert [r["loss"] for r in lean] == pytest.approx([r["loss"] for r in full], rel=1e-12)
+    assert all(set(r) == {"k", "adapted_layers", "n_adapted_layers", "adapted_modules", "loss"} for r in lean)
+    expected = T.choose_boundary(full, "loss", higher_is_better=False)
+    assert T.choose_boundary(lean, "loss", higher_is_better=False) == expected
+
+    # end to end: trim() generates for the before/after rows only, never inside its sweep
+    in_sweep, calls = [], []
+
+    def guarded(*a, **kw):
+        if in_sweep:
+            boom()
+        calls.append(1)
+        return real_generate(*a, **kw)
+
+    def watched(*a, **kw):
+        in_sweep.append(True)
+        try:
+            return real_sweep(*a, **kw)
+        finally:
+            in_sweep.clear()
+
+    real_sweep = trim_run.sweep
+    monkeypatch.setattr(inference, "generate", guarded)
+    monkeypatch.setattr(trim_run, "sweep", watched)
+    cfg = T.TrimConfig(
+        examples=4, batch_size=2, max_new_tokens=2, max_length=64, metric="loss", all_layers=True,
+        latency_repeats=2,
+    )  # fmt: skip
+    res = T.trim(loaded, lora_dir, task, cfg, tmp_path / "run")
+    assert res["ks"] == ks and res["chosen_k"] == expected
+    assert [r["loss"] for r in res["sweep"]] == pytest.approx([r["loss"] for r in full], rel=1e-12)
+    assert all("metrics" not in r and "s_per_example" not in r for r in res["sweep"])
+    # before and after each: one scoring pass and latency_repeats - 1 timed passes
+    assert len(calls) == 2 * cfg.latency_repeats
+    for row in (res["before"], res["after"]):
+        assert set(row["metrics"]) == set(res["metrics"]) and len(row["s_per_example_samples"]) == 2
+    # the unmasked model's text scores, as the generating sweep's last row had them
+    assert res["before"]["metrics"]["exact_match"] == full[-1]["metrics"]["exact_match"]
+    chosen_row = next(r for r in full if r["k"] == expected)
+    assert res["after"]["loss"] == pytest.approx(chosen_row["loss"], rel=1e-6)
+    assert res["after_matches_sweep"] is True
 
 
 # ---------------------------------------------------------------- CLI
@@ -432,6 +499,21 @@ def test_cli_trace_and_trim(tiny_folder, lora_dir, tmp_path, monkeypatch):
     )
     assert r.exit_code == 0, r.output
     assert json.loads((run / "trim.json").read_text())["ks"] == [1, 2, 3]
+
+
+def test_cli_trim_by_loss_prints_rows_without_text_metrics(tiny_folder, lora_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("LAYERCARD_CACHE", str(tmp_path / "cache"))
+    run = tmp_path / "run"
+    r = CliRunner().invoke(
+        app, ["trim", "--model", str(tiny_folder), "--adapter", str(lora_dir), "--task", "synthetic:facts",
+              "--examples", "2", "--batch-size", "2", "--max-length", "64", "--max-new-tokens", "2",
+              "--metric", "loss", "--window", "2:3", "--latency-repeats", "1", "--out", str(run)],
+    )  # fmt: skip
+    assert r.exit_code == 0, r.output
+    res = json.loads((run / "trim.json").read_text())
+    assert res["metric"] == "loss" and res["ks"] == [2, 3]
+    assert all("metrics" not in row and row["loss"] is not None for row in res["sweep"])
+    assert set(res["after"]["metrics"]) == set(res["metrics"]) and res["after"]["s_per_example"] > 0
 
 
 def test_cli_bad_inputs(tiny_folder, lora_dir, tmp_path):

@@ -1,4 +1,4 @@
-"""Non-additive cost model (DESIGN §5), calibrated from short measured runs.
+"""Non-additive cost model (docs/design.md §5), calibrated from short measured runs.
 
 With a frozen base, backward only has to reach the lowest adapted layer, so a LoRA training step
 costs t(S) ≈ a + b·(L − min S) + c·modules(S): a forward plus head, a per-layer backward, and a
@@ -51,7 +51,7 @@ class CostModel:
 def _time_steps(model, targets: list[str], batch: dict[str, torch.Tensor], steps: int) -> float:
     from peft import LoraConfig, get_peft_model
 
-    from layercard.card.probe import loss_sum
+    from layercard.tasks.loss import loss_sum
 
     device = next(model.parameters()).device
     requires = [p.requires_grad for p in model.parameters()]

@@ -2,13 +2,15 @@
 
 :func:`evaluate` runs a (possibly adapted) model over a task split and returns an :class:`EvalResult`,
 saved as ``eval.json`` (metrics, loss, timing, provenance) and ``predictions.jsonl`` (one line per
-example). Prompts are exactly the ones training used (:func:`layercard.tasks.encode_prompt`), and
-generation stops at the chat template's turn-end token, which is what the targets were trained to end with.
+example). Generation and loss are :func:`layercard.inference.generate` and
+:func:`layercard.inference.eval_loss`: prompts are exactly the ones training used, and generation stops
+at the chat template's turn-end token, which is what the targets were trained to end with.
 
 Timing (``s_per_example``, ``tokens_per_s``) is wall time of the batched ``generate`` calls only, with
-adapters unmerged: this is the inference latency the trimming stage compares before and after (§8).
-``s_per_example`` is amortised over a batch (wall time / examples at ``batch_size``), not the latency
-of a single request; compare it only between runs with the same batch size and machine.
+adapters unmerged: this is the inference latency the trimming stage compares before and after
+(docs/design.md §8). ``s_per_example`` is amortised over a batch (wall time / examples at
+``batch_size``), not the latency of a single request; compare it only between runs with the same batch
+size and machine.
 """
 
 from __future__ import annotations
@@ -18,30 +20,20 @@ import dataclasses
 import json
 import math
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 from layercard.adapters import attached
 from layercard.artifacts import SCHEMA_VERSION, Provenance, hash_folder, read_json, write_json, write_text
+from layercard.config import EvalConfig
 from layercard.errors import LayercardError
-from layercard.progress import track
-from layercard.tasks import (
-    METRICS,
-    Example,
-    Task,
-    batches,
-    encode_prompt,
-    encode_task,
-    exact_match,
-    strict_match,
-    token_f1,
-    turn_end_token_id,
-)
+from layercard.inference import eval_loss, generate
+from layercard.tasks import METRICS, Example, Task, exact_match, strict_match, token_f1
 
+# generate and eval_loss live in layercard.inference; they stay importable from here for older callers.
 __all__ = ["KIND", "PREDICTIONS_FILE", "EvalConfig", "EvalResult", "eval_loss", "evaluate", "generate"]
 
 KIND = "eval"
@@ -56,218 +48,6 @@ PREDICTIONS_FILE = "predictions.jsonl"
 
 def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
-
-
-@dataclasses.dataclass(frozen=True)
-class EvalConfig:
-    """What to evaluate and how. ``None`` means the task format's default. Errors name the field."""
-
-    examples: int | None = None  # seeded subset of the split (Task.subset); None = all
-    batch_size: int = 16
-    max_new_tokens: int | None = None  # None: task.format.max_new_tokens
-    metrics: tuple[str, ...] | None = None  # None: task.format.metrics (first = primary)
-    loss: bool = True  # also compute teacher-forced loss over the targets
-    max_length: int | None = None  # cap on prompt + target tokens for the loss; None: format limits only
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        for name, minimum in (("examples", 1), ("max_new_tokens", 1), ("max_length", 2)):
-            v = getattr(self, name)
-            if v is not None and (not _is_int(v) or v < minimum):
-                raise LayercardError(f"eval config: {name}={v!r} must be an integer >= {minimum} or null")
-        if not _is_int(self.batch_size) or self.batch_size < 1:
-            raise LayercardError(f"eval config: batch_size={self.batch_size!r} must be a positive integer")
-        if not _is_int(self.seed):
-            raise LayercardError(f"eval config: seed={self.seed!r} must be an integer")
-        if not isinstance(self.loss, bool):
-            raise LayercardError(f"eval config: loss={self.loss!r} must be true or false")
-        if self.metrics is not None:
-            names = (self.metrics,) if isinstance(self.metrics, str) else tuple(self.metrics)
-            names = tuple(str(n).strip() for n in names)
-            if not names:
-                raise LayercardError(
-                    "eval config: metrics is empty; name at least one, or null for the default"
-                )
-            for n in names:
-                if n not in METRICS:
-                    valid = ", ".join(METRICS)
-                    raise LayercardError(f"eval config: metrics: unknown metric {n!r}; valid: {valid}")
-            # duplicates would be scored twice and shown twice; keep the first occurrence
-            object.__setattr__(self, "metrics", tuple(dict.fromkeys(names)))
-
-    def resolved(self, task: Task) -> EvalConfig:
-        """This config with the task-format defaults filled in (what actually runs)."""
-        return dataclasses.replace(
-            self,
-            metrics=self.metrics if self.metrics is not None else tuple(task.format.metrics),
-            max_new_tokens=self.max_new_tokens or task.format.max_new_tokens,
-        )
-
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["metrics"] = list(self.metrics) if self.metrics is not None else None
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> EvalConfig:
-        kw = {f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d}
-        if kw.get("metrics") is not None:
-            kw["metrics"] = tuple(kw["metrics"])
-        return cls(**kw)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Generation and loss
-# ---------------------------------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    """Eval mode (no dropout: greedy outputs must be deterministic), restoring the caller's mode."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
-
-
-def _left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-padded ``input_ids`` and ``attention_mask``: every row's last prompt token lines up at the end,
-    where generation continues. Done here rather than by flipping ``tokenizer.padding_side``, so the
-    shared tokenizer (right-padded for training) is never mutated and no pad token is required."""
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), int(pad_id), dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for k, r in enumerate(rows):
-        ids[k, width - len(r) :] = torch.tensor(list(r), dtype=torch.long)
-        mask[k, width - len(r) :] = 1
-    return ids, mask
-
-
-def _device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
-def _stop_ids(tokenizer: Any) -> list[int]:
-    """Turn-end token first (what targets end with), then the tokenizer's eos if different."""
-    ids = [turn_end_token_id(tokenizer)]
-    eos = getattr(tokenizer, "eos_token_id", None)
-    if eos is not None and int(eos) not in ids:
-        ids.append(int(eos))
-    return ids
-
-
-def _pad_id(tokenizer: Any, stop_ids: Sequence[int]) -> int:
-    pad = getattr(tokenizer, "pad_token_id", None)
-    return int(pad) if pad is not None else int(stop_ids[-1])
-
-
-def _generation_config(max_new_tokens: int, stop_ids: Sequence[int], pad_id: int) -> Any:
-    from transformers import GenerationConfig
-
-    # Greedy. The sampling knobs are set to their neutral values explicitly: left as None, generate()
-    # fills them from the checkpoint's generation_config.json (e.g. temperature=0.2), and some
-    # transformers versions then warn that do_sample=False ignores them.
-    return GenerationConfig(
-        do_sample=False,
-        num_beams=1,
-        max_new_tokens=max_new_tokens,
-        eos_token_id=list(stop_ids),
-        pad_token_id=pad_id,
-        temperature=1.0,
-        top_p=1.0,
-        top_k=50,
-        repetition_penalty=1.0,
-    )
-
-
-def generate(
-    model: nn.Module,
-    tokenizer: Any,
-    task: Task,
-    examples: Sequence[Example],
-    *,
-    batch_size: int,
-    max_new_tokens: int,
-    progress: bool | None = None,
-) -> tuple[list[str], dict[str, float]]:
-    """Greedy completions for ``examples`` (in their order) and the timing of the generate calls.
-
-    Prompts are batched longest-first to cut padding, left-padded, and decoded up to the first stop
-    token (turn-end or eos), special tokens skipped, outer whitespace stripped. Timing:
-    ``gen_s`` (wall time in ``generate``), ``new_tokens`` (generated tokens up to and including the stop
-    token), ``s_per_example`` and ``tokens_per_s``.
-    """
-    if batch_size < 1:
-        raise LayercardError(f"batch_size: must be >= 1, got {batch_size}")
-    if max_new_tokens < 1:
-        raise LayercardError(f"max_new_tokens: must be >= 1, got {max_new_tokens}")
-    if not examples:
-        raise LayercardError(f"task {task.name!r}: no examples to generate for")
-    stops = _stop_ids(tokenizer)
-    stop_set = set(stops)
-    pad_id = _pad_id(tokenizer, stops)
-    gen_cfg = _generation_config(max_new_tokens, stops, pad_id)
-    prompts = [encode_prompt(tokenizer, task.format, ex.input) for ex in examples]
-    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))  # stable: ties keep source order
-    groups = [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
-    texts: list[str] = [""] * len(prompts)
-    new_tokens = 0
-    gen_s = 0.0
-    device = _device(model)
-    with _eval_mode(model), torch.no_grad():
-        for group in track(groups, "generate", total=len(groups), enabled=progress):
-            input_ids, attention = _left_pad([prompts[i] for i in group], pad_id)
-            input_ids, attention = input_ids.to(device), attention.to(device)
-            t0 = time.perf_counter()
-            out = model.generate(input_ids=input_ids, attention_mask=attention, generation_config=gen_cfg)
-            gen_s += time.perf_counter() - t0
-            width = input_ids.shape[1]
-            for row, i in enumerate(group):
-                ids = out[row, width:].tolist()
-                cut = next((k for k, t in enumerate(ids) if t in stop_set), None)
-                # finished rows are padded with pad_id after their stop token: count only real tokens
-                new_tokens += len(ids) if cut is None else cut + 1
-                kept = ids if cut is None else ids[:cut]
-                texts[i] = tokenizer.decode(kept, skip_special_tokens=True).strip()
-    timing = {
-        "gen_s": gen_s,
-        "new_tokens": new_tokens,
-        "s_per_example": gen_s / len(prompts),
-        "tokens_per_s": new_tokens / gen_s if gen_s > 0 else 0.0,  # JSON has no NaN
-    }
-    return texts, timing
-
-
-def eval_loss(
-    model: nn.Module,
-    tokenizer: Any,
-    task: Task,
-    examples: Sequence[Example],
-    *,
-    batch_size: int,
-    max_length: int | None,
-) -> float:
-    """Mean cross-entropy per target token (teacher forced, prompt masked), as training measures it."""
-    from layercard.card.probe import loss_sum
-
-    if not examples:
-        raise LayercardError(f"task {task.name!r}: no examples to score")
-    sub = Task(task.name, task.source, task.split, task.format, tuple(examples))
-    encoded = encode_task(tokenizer, sub, max_length=max_length)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    device = _device(model)
-    total, count = 0.0, 0
-    with _eval_mode(model), torch.no_grad():
-        for batch in batches(encoded, batch_size, pad, sort_by_length=True):
-            logits = model(
-                input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)
-            ).logits
-            loss, n = loss_sum(logits, batch["labels"].to(device))
-            total += float(loss)
-            count += n
-    return total / count
 
 
 # ---------------------------------------------------------------------------------------------------------

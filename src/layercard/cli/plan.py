@@ -22,6 +22,7 @@ def _rank_arg(text: str) -> int | str:
         raise LayercardError(f"--rank {text!r}: a positive integer or 'auto'") from None
 
 
+# Longer than most functions: one typer option per parameter; the body itself is short.
 @app.command("plan")
 @guard
 def plan_cmd(
@@ -82,7 +83,7 @@ def plan_cmd(
     check: dict[str, Any] | None = None
     if check_model is not None:
         loaded = load_cli_model(check_model, dtype, device, trust_remote_code)
-        check_model_matches(plan, loaded, where=str(out))
+        check_model_matches(plan, loaded, where=str(card))
         check = check_plan(plan, loaded.model)
     plan.save(out)  # only now: a failed plan or check leaves no plan.json behind
     if json_out:

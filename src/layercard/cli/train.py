@@ -12,39 +12,16 @@ from layercard.cli.app import TrustOpt, app, console, emit_json, guard, load_cli
 from layercard.errors import LayercardError
 
 
-def _load_plan(path: Path) -> Any:
-    try:
-        from layercard.plan import Plan
-    except ImportError:  # plan stage not installed: the JSON dict carries the same fields
-        from layercard.artifacts import read_json
-
-        return read_json(path, kind="plan")
-    return Plan.load(path)
-
-
 def _val_task(task: str, train_split: str, val_task: str | None, val_split: str | None, seed: int):
     """The validation task: as given; else, for preset/synthetic tasks, their validation or test split."""
-    from layercard.tasks import load_task
+    from layercard.tasks import held_out, load_task
 
     if val_task is not None or val_split is not None:
         return load_task(val_task or task, split=val_split, seed=seed)
-    if task.endswith(".jsonl") or Path(task).exists():
-        return None  # a file has no other split to hold out
-    # The spec without its split: hf:NAME[:CONFIG] takes the split separately; others end in :SPLIT.
-    if task.startswith("hf:"):
-        base = task
-    else:
-        base = ":".join(task.split(":")[: 2 if task.startswith("synthetic:") else 1])
-    for candidate in ("validation", "test"):
-        if candidate == train_split:
-            continue
-        try:
-            return load_task(base, split=candidate, seed=seed)
-        except LayercardError:
-            continue
-    return None
+    return held_out(task, exclude=train_split, seed=seed)
 
 
+# Longer than most functions: one typer option per parameter; the body itself is short.
 @app.command("train")
 @guard
 def train_cmd(
@@ -102,8 +79,9 @@ def train_cmd(
     json_out: Annotated[bool, typer.Option("--json", help="Print train_metrics as JSON.")] = False,
 ) -> None:
     """Train the adapters a plan places; write adapter/, train_metrics.json and checkpoints/ under --out."""
+    from layercard.plan import Plan, check_model_matches
     from layercard.tasks import load_task
-    from layercard.train import PlanSpec, TrainConfig, train
+    from layercard.train import TrainConfig, train
 
     # Everything checkable without the model first, so a typo costs no load time.
     cfg = TrainConfig(
@@ -123,14 +101,14 @@ def train_cmd(
         bottleneck=bottleneck,
         load_in_4bit=load_in_4bit,
     )
-    p = _load_plan(plan)
-    spec = PlanSpec.from_any(p)
-    model_spec = model or spec.model_id
+    p = Plan.load(plan)
+    model_spec = model or p.card.get("model_id")
     if not model_spec:
         raise LayercardError(f"{plan}: the plan names no model; pass --model")
     train_t = load_task(task, split=split, seed=seed)
     val_t = _val_task(task, train_t.split, val_task, val_split, seed) if eval_examples else None
     loaded = load_cli_model(model_spec, dtype, "auto", trust_remote_code)  # Accelerate places it
+    check_model_matches(p, loaded, where=str(plan))
     metrics = train(
         loaded, p, train_t, val_t, cfg, out, resume=resume, progress=progress_flag(json_out), kind=kind
     )

@@ -54,19 +54,12 @@ def _check_adapter(adapter: Path) -> None:
 
 def _validation_task(spec: str, split: str | None, seed: int) -> Any:
     """The task to score on: ``split`` when given; else a file as it is; else validation, then test."""
-    from layercard.tasks import load_task
+    from layercard.tasks import held_out, is_file_spec, load_task, names_split
 
-    if split is not None or spec.endswith(".jsonl") or Path(spec).exists() or spec.startswith("hf:"):
+    if split is not None or is_file_spec(spec) or spec.startswith("hf:") or names_split(spec):
         return load_task(spec, split=split or ("validation" if spec.startswith("hf:") else None), seed=seed)
-    parts = spec.split(":")
-    if len(parts) > (2 if spec.startswith("synthetic:") else 1):  # the spec names its split already
-        return load_task(spec, seed=seed)
-    for candidate in ("validation", "test"):
-        try:
-            return load_task(spec, split=candidate, seed=seed)
-        except LayercardError:
-            continue
-    return load_task(spec, seed=seed)  # the loader's own error (or its default split)
+    task = held_out(spec, seed=seed)
+    return task if task is not None else load_task(spec, seed=seed)  # the loader's own error, or default
 
 
 def _parse_window(window: str | None) -> tuple[int, int] | None:
@@ -212,13 +205,15 @@ def _print_trim(res: dict[str, Any]) -> None:
     for col in ("K", "layers", "modules", *names, "loss", "s/example"):
         tbl.add_column(col, justify="right")
     for r in res["sweep"]:
+        # a sweep selecting by loss generates nothing: its rows have no text metrics and no latency
+        text = r.get("metrics", {})
         tbl.add_row(
             str(r["k"]),
             str(r["n_adapted_layers"]),
             str(r["adapted_modules"]),
-            *(f"{r['metrics'][m]:.4f}" for m in names),
+            *(f"{text[m]:.4f}" if m in text else "-" for m in names),
             "-" if r["loss"] is None else f"{r['loss']:.4f}",
-            f"{r['s_per_example']:.3f}",
+            f"{r['s_per_example']:.3f}" if "s_per_example" in r else "-",
             style="bold" if r["k"] == res["chosen_k"] else None,
         )
     Console(stderr=True).print(tbl)

@@ -1,0 +1,193 @@
+"""Inference primitives shared by the trimming and evaluation stages: greedy generation and target loss.
+
+:func:`generate` produces greedy completions for a task's prompts (exactly the prompts training used,
+:func:`layercard.tasks.encode_prompt`) and stops at the chat template's turn-end token, which is what the
+targets were trained to end with. :func:`eval_loss` is the teacher-forced cross-entropy per target token,
+the quantity training measures. Both run the model in eval mode without autograd and leave the caller's
+mode as it was.
+
+Timing (``s_per_example``, ``tokens_per_s``) is wall time of the batched ``generate`` calls only, with
+adapters unmerged: this is the inference latency the trimming stage compares before and after
+(docs/design.md §8). ``s_per_example`` is amortised over a batch (wall time / examples at ``batch_size``),
+not the latency of a single request; compare it only between runs with the same batch size and machine.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from layercard.errors import LayercardError
+from layercard.progress import track
+from layercard.tasks import Example, Task, batches, encode_prompt, encode_task, loss_sum, turn_end_token_id
+
+__all__ = ["device_of", "eval_loss", "eval_mode", "generate", "pad_id"]
+
+
+def device_of(model: nn.Module) -> torch.device:
+    """The device of the model's (first) parameters, where its inputs go."""
+    return next(model.parameters()).device
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Eval mode (no dropout: greedy outputs must be deterministic) and no autograd for the block,
+    restoring the caller's mode."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(was_training)
+
+
+def pad_id(tokenizer: Any) -> int:
+    """Pad id of right-padded teacher-forced batches (padding is masked out, so 0 serves when unset)."""
+    return int(tokenizer.pad_token_id) if tokenizer.pad_token_id is not None else 0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Generation
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _left_pad(rows: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded ``input_ids`` and ``attention_mask``: every row's last prompt token lines up at the end,
+    where generation continues. Done here rather than by flipping ``tokenizer.padding_side``, so the
+    shared tokenizer (right-padded for training) is never mutated and no pad token is required."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), int(pad), dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for k, r in enumerate(rows):
+        ids[k, width - len(r) :] = torch.tensor(list(r), dtype=torch.long)
+        mask[k, width - len(r) :] = 1
+    return ids, mask
+
+
+def _stop_ids(tokenizer: Any) -> list[int]:
+    """Turn-end token first (what targets end with), then the tokenizer's eos if different."""
+    ids = [turn_end_token_id(tokenizer)]
+    eos = getattr(tokenizer, "eos_token_id", None)
+    if eos is not None and int(eos) not in ids:
+        ids.append(int(eos))
+    return ids
+
+
+def _generation_pad_id(tokenizer: Any, stop_ids: Sequence[int]) -> int:
+    pad = getattr(tokenizer, "pad_token_id", None)
+    return int(pad) if pad is not None else int(stop_ids[-1])
+
+
+def _generation_config(max_new_tokens: int, stop_ids: Sequence[int], pad: int) -> Any:
+    from transformers import GenerationConfig
+
+    # Greedy. The sampling knobs are set to their neutral values explicitly: left as None, generate()
+    # fills them from the checkpoint's generation_config.json (e.g. temperature=0.2), and some
+    # transformers versions then warn that do_sample=False ignores them.
+    return GenerationConfig(
+        do_sample=False,
+        num_beams=1,
+        max_new_tokens=max_new_tokens,
+        eos_token_id=list(stop_ids),
+        pad_token_id=pad,
+        temperature=1.0,
+        top_p=1.0,
+        top_k=50,
+        repetition_penalty=1.0,
+    )
+
+
+def generate(
+    model: nn.Module,
+    tokenizer: Any,
+    task: Task,
+    examples: Sequence[Example],
+    *,
+    batch_size: int,
+    max_new_tokens: int,
+    progress: bool | None = None,
+) -> tuple[list[str], dict[str, float]]:
+    """Greedy completions for ``examples`` (in their order) and the timing of the generate calls.
+
+    Prompts are batched longest-first to cut padding, left-padded, and decoded up to the first stop
+    token (turn-end or eos), special tokens skipped, outer whitespace stripped. Timing:
+    ``gen_s`` (wall time in ``generate``), ``new_tokens`` (generated tokens up to and including the stop
+    token), ``s_per_example`` and ``tokens_per_s``.
+    """
+    if batch_size < 1:
+        raise LayercardError(f"batch_size: must be >= 1, got {batch_size}")
+    if max_new_tokens < 1:
+        raise LayercardError(f"max_new_tokens: must be >= 1, got {max_new_tokens}")
+    if not examples:
+        raise LayercardError(f"task {task.name!r}: no examples to generate for")
+    stops = _stop_ids(tokenizer)
+    stop_set = set(stops)
+    pad = _generation_pad_id(tokenizer, stops)
+    gen_cfg = _generation_config(max_new_tokens, stops, pad)
+    prompts = [encode_prompt(tokenizer, task.format, ex.input) for ex in examples]
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))  # stable: ties keep source order
+    groups = [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
+    texts: list[str] = [""] * len(prompts)
+    new_tokens = 0
+    gen_s = 0.0
+    device = device_of(model)
+    with eval_mode(model):
+        for group in track(groups, "generate", total=len(groups), enabled=progress):
+            input_ids, attention = _left_pad([prompts[i] for i in group], pad)
+            input_ids, attention = input_ids.to(device), attention.to(device)
+            t0 = time.perf_counter()
+            out = model.generate(input_ids=input_ids, attention_mask=attention, generation_config=gen_cfg)
+            gen_s += time.perf_counter() - t0
+            width = input_ids.shape[1]
+            for row, i in enumerate(group):
+                ids = out[row, width:].tolist()
+                cut = next((k for k, t in enumerate(ids) if t in stop_set), None)
+                # finished rows are padded with pad_id after their stop token: count only real tokens
+                new_tokens += len(ids) if cut is None else cut + 1
+                kept = ids if cut is None else ids[:cut]
+                texts[i] = tokenizer.decode(kept, skip_special_tokens=True).strip()
+    timing = {
+        "gen_s": gen_s,
+        "new_tokens": new_tokens,
+        "s_per_example": gen_s / len(prompts),
+        "tokens_per_s": new_tokens / gen_s if gen_s > 0 else 0.0,  # JSON has no NaN
+    }
+    return texts, timing
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Loss
+# ---------------------------------------------------------------------------------------------------------
+
+
+def eval_loss(
+    model: nn.Module,
+    tokenizer: Any,
+    task: Task,
+    examples: Sequence[Example],
+    *,
+    batch_size: int,
+    max_length: int | None,
+) -> float:
+    """Mean cross-entropy per target token (teacher forced, prompt masked), as training measures it."""
+    if not examples:
+        raise LayercardError(f"task {task.name!r}: no examples to score")
+    sub = Task(task.name, task.source, task.split, task.format, tuple(examples))
+    encoded = encode_task(tokenizer, sub, max_length=max_length)
+    device = device_of(model)
+    total, count = 0.0, 0
+    with eval_mode(model):
+        for batch in batches(encoded, batch_size, pad_id(tokenizer), sort_by_length=True):
+            logits = model(
+                input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)
+            ).logits
+            loss, n = loss_sum(logits, batch["labels"].to(device))
+            total += float(loss)
+            count += n
+    return total / count

@@ -1,0 +1,172 @@
+"""make_plan: a Layer Card and a :class:`PlanConfig` to a :class:`Plan`.
+
+Each policy picks a layer set S; the plan then records the predicted set gain (§4), the costs (§5), the
+rank of every adapted module and a ready PEFT ``LoraConfig`` whose keys are full module paths.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any
+
+from layercard.card.artifact import SCORES, Card, UnitRow
+from layercard.config import PlanConfig
+from layercard.errors import LayercardError
+from layercard.plan.artifact import Plan, PlannedUnit
+from layercard.plan.policies import select
+from layercard.plan.predict import gain_warnings, kind_warnings, predicted, provenance, unit_rank
+from layercard.plan.ranks import auto_ranks, captured_at, lora_config
+from layercard.plan.space import ADAPTERS_PER_LAYER, AUTO_REFERENCE_RANK, Space, build_space, fits, fmt
+
+
+@dataclasses.dataclass(frozen=True)
+class _Placement:
+    """The adapted units of a layer set with their configs, parameter count and captured gain."""
+
+    units: list[PlannedUnit]
+    lora_config: dict[str, Any] | None
+    adapter_config: dict[str, Any] | None
+    params: int
+    captured: float | None
+
+
+def make_plan(card: Card, cfg: PlanConfig, *, card_path: str | None = None) -> Plan:
+    """Choose layers (and ranks) for ``cfg.policy`` under the budget; see the module docstring."""
+    t0 = time.perf_counter()
+    roles, score = _roles_and_score(card, cfg)
+    space, notes = build_space(card, roles, score, kind=cfg.kind, unit_rank=unit_rank(cfg.rank))
+    warn: list[str] = []
+    if card.coupling is None and cfg.policy == "card":
+        warn.append(
+            "policy card: the card has no coupling matrix, so set gains assume independent layers "
+            "(run `layercard card --coupling`)"
+        )
+    warn += notes
+    layers, sel_notes = select(space, cfg, _goal(space, cfg, score))
+    warn += sel_notes + kind_warnings(cfg.kind)
+    placement = _place(space, cfg, layers)
+    pred = predicted(space, layers, score, placement.params, placement.captured)
+    if cfg.budget is not None:
+        pred["budget"] = str(cfg.budget)
+        used = placement.params if cfg.budget.kind == "params" else space.cost(layers, cfg.budget.kind)
+        pred["budget_used"] = used
+    if cfg.target is not None:
+        pred["target"] = cfg.target
+    warn += gain_warnings(pred, score)
+    # Every policy but `all` must respect its budget; a violation here is a planner bug, never silenced.
+    if cfg.budget is not None and cfg.policy != "all":
+        used = pred["budget_used"]
+        if not fits(float(used), cfg.budget.value):
+            raise LayercardError(f"plan: policy {cfg.policy} exceeded budget {cfg.budget} ({fmt(used)})")
+    config = {
+        "policy": cfg.policy,
+        "budget": str(cfg.budget) if cfg.budget is not None else None,
+        "target": cfg.target,
+        "roles": list(roles),
+        "rank": cfg.rank,
+        "alpha": cfg.alpha,
+        "dropout": cfg.dropout,
+        "score": score,
+        "seed": cfg.seed,
+        "kind": cfg.kind,
+        "bands": cfg.bands,
+    }
+    card_info = {
+        "path": card_path,
+        "model_id": card.model["id"],
+        "model_hash": card.model["hash"],
+        "task": card.task["name"],
+        "data_hash": card.task["data_hash"],
+        "roles": list(card.roles),
+        "n_layers": card.n_layers,
+    }
+    return Plan(
+        provenance=provenance(card, config, t0),
+        card=card_info,
+        config=config,
+        kind=cfg.kind,
+        units=placement.units,
+        layers=sorted(int(x) for x in layers),
+        predicted=pred,
+        lora_config=placement.lora_config,
+        adapter_config=placement.adapter_config,
+        warnings=warn,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Steps
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _roles_and_score(card: Card, cfg: PlanConfig) -> tuple[tuple[str, ...], str]:
+    """The roles and score to plan on; refuses a step-time budget the card cannot cost."""
+    from layercard.models import parse_roles
+
+    roles = parse_roles(cfg.roles) if cfg.roles is not None else tuple(card.roles)
+    score = cfg.score or card.default_score
+    if score not in SCORES:
+        raise LayercardError(f"card default_score {score!r} unknown; valid: {', '.join(SCORES)}")
+    if (cfg.budget is not None and cfg.budget.kind == "step_time") and card.cost is None:
+        raise LayercardError(
+            "budget step_time: the card has no cost model; run `layercard card` with --calibrate "
+            "to time short LoRA runs"
+        )
+    return roles, score
+
+
+def _goal(space: Space, cfg: PlanConfig, score: str) -> float | None:
+    """The predicted gain a target fraction asks for (None without a target)."""
+    if cfg.target is None:
+        return None
+    all_gain = space.gain(space.layers)
+    if all_gain <= 0:
+        raise LayercardError(
+            f"target {cfg.target}: every layer's predicted gain under score {score!r} is ≤ 0; "
+            "choose another --score"
+        )
+    return cfg.target * all_gain
+
+
+def _place(space: Space, cfg: PlanConfig, layers: list[int]) -> _Placement:
+    """Ranks and planned units of the chosen layers, with the PEFT LoraConfig or the adapter config."""
+    if cfg.kind == "lora":
+        chosen: list[UnitRow] = [u for layer in layers for u in space.units[layer]]
+        if cfg.rank == "auto":
+            if cfg.budget is not None and cfg.budget.kind == "params":
+                pb = cfg.budget.value
+            else:  # no parameter budget: spend what uniform rank 8 would on the chosen modules
+                pb = float(sum(AUTO_REFERENCE_RANK * (u.d_in + u.d_out) for u in chosen))
+            ranks = auto_ranks(chosen, pb)
+        else:
+            ranks = {u.key: int(cfg.rank) for u in chosen}
+        planned = [PlannedUnit(u.key, u.layer, u.role, u.name, ranks[u.key]) for u in chosen]
+        return _Placement(
+            units=planned,
+            lora_config=lora_config(planned, cfg.alpha, cfg.dropout),
+            adapter_config=None,
+            params=sum(p.rank * (u.d_in + u.d_out) for p, u in zip(planned, chosen, strict=True)),
+            captured=float(sum(captured_at(u, ranks[u.key]) for u in chosen)),
+        )
+    planned = [
+        PlannedUnit(f"{layer}.{cfg.kind}", layer, cfg.kind, _layer_path(space.units[layer][0]), int(cfg.rank))
+        for layer in layers
+    ]
+    adapter = {
+        "kind": cfg.kind,
+        "bottleneck": int(cfg.rank),
+        "layers": list(layers),
+        "adapters_per_layer": ADAPTERS_PER_LAYER,
+        "d_model": int(space.card.model.get("d_model") or 0),
+    }
+    return _Placement(planned, None, adapter, int(space.cost(layers, "params")), None)
+
+
+def _layer_path(unit: UnitRow) -> str:
+    """``model.layers.3`` from ``model.layers.3.self_attn.q_proj``."""
+    marker = f".{unit.layer}."
+    i = unit.name.find(marker)
+    if i < 0:
+        raise LayercardError(f"unit {unit.key}: cannot find layer {unit.layer} in module path {unit.name!r}")
+    return unit.name[: i + len(marker) - 1]

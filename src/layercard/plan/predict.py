@@ -1,0 +1,98 @@
+"""What a plan predicts for a layer set: gain (§4), costs (§5), and the warnings and provenance it carries.
+
+Shared by make_plan and :meth:`Plan.restricted`, so a restricted plan's numbers are computed exactly as a
+planned one's.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from layercard.artifacts import Provenance
+from layercard.card.artifact import Card
+from layercard.plan.space import AUTO_REFERENCE_RANK, Space
+
+
+def unit_rank(rank: int | str) -> int:
+    """The rank a layer set is costed at: the planned rank, or the uniform reference under ``auto``."""
+    return AUTO_REFERENCE_RANK if rank == "auto" else int(rank)
+
+
+def predicted(
+    space: Space, layers: Sequence[int], score: str, params: int, captured: float | None
+) -> dict[str, Any]:
+    """The predicted gain and costs of adapting ``layers`` (and the batch the step times refer to)."""
+    card = space.card
+    gain = space.gain(layers)
+    all_gain = space.gain(space.layers)
+    out: dict[str, Any] = {
+        "score": score,
+        "score_basis": card.default_score_basis
+        if score == card.default_score
+        else "not the card's default score; no measured correlation recorded",
+        "gain": gain,
+        "all_layer_gain": all_gain,
+        "fraction": gain / all_gain if all_gain > 0 else None,
+        "additive_gain": space.additive_gain(layers),
+        "redundancy": space.redundancy(layers),
+        "coupling": _coupling_note(card),
+        "step_time_s": space.step_time(layers),
+        "all_layer_step_time_s": space.step_time(space.layers),
+        "params": int(params),
+        "all_layer_params": int(space.cost(space.layers, "params")),
+        "modules": space.modules(layers),
+        "n_layers": len(layers),
+        "captured": captured,
+    }
+    if card.cost is not None:  # the batch the step times refer to, so train can compare like with like
+        out["calibration_batch_size"] = card.cost.get("batch_size")
+        out["calibration_batch_tokens"] = card.cost.get("batch_tokens")
+    return out
+
+
+def kind_warnings(kind: str) -> list[str]:
+    """The caveat of planning bottleneck adapters from LoRA measurements."""
+    if kind == "lora":
+        return []
+    return [
+        f"kind {kind}: predicted gain and step time come from LoRA measurements (a proxy); "
+        "params are an estimate for two bottleneck adapters per layer"
+    ]
+
+
+def gain_warnings(pred: dict[str, Any], score: str) -> list[str]:
+    """Warnings on predicted gains the quality model cannot vouch for."""
+    warn = []
+    if pred["gain"] > pred["additive_gain"] * (1 + 1e-6) + 1e-300:
+        # Set gain above the sum of single-layer gains means C_SS is near-singular with gains that do not fit
+        # it (cosines near 1, unequal gains): the §4 model is outside its range, so say so.
+        warn.append(
+            "predicted set gain exceeds the additive gain: the coupling matrix is near-singular for these "
+            "layers; treat the set gain with caution"
+        )
+    if pred["all_layer_gain"] <= 0:
+        warn.append(f"every layer's predicted gain under score {score!r} is ≤ 0; the fraction is undefined")
+    return warn
+
+
+def provenance(card: Card, config: dict[str, Any], t0: float) -> dict[str, Any]:
+    """The provenance block of a plan made from ``card`` with ``config``, started at ``t0``."""
+    return Provenance.make(
+        stage="plan",
+        model_id=card.model["id"],
+        model_hash=card.model["hash"],
+        task=card.task["name"],
+        data_hash=card.task["data_hash"],
+        config=config,
+        seed=config["seed"],
+        wall_time_s=time.perf_counter() - t0,
+    ).to_dict()
+
+
+def _coupling_note(card: Card) -> str:
+    if card.coupling is None:
+        return "absent (independent units assumed)"
+    c = card.coupling
+    return f"layer-level, {c.get('direction', '?')} directions, {c.get('examples', '?')} examples"

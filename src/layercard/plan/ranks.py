@@ -1,0 +1,102 @@
+"""LoRA ranks: allocation from captured@r (``rank='auto'``) and the JSON form of the PEFT LoraConfig (§6)."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+from layercard.card.artifact import UnitRow
+from layercard.errors import LayercardError
+from layercard.plan.space import REL_TOL
+
+
+class RankedModule(Protocol):
+    """A module path with its LoRA rank (a :class:`layercard.plan.PlannedUnit`)."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def rank(self) -> int: ...
+
+
+def captured_at(unit: UnitRow, rank: int) -> float:
+    """captured@r, or at the largest measured rank ≤ r (a lower bound) when r was not measured."""
+    table = {int(k): float(v) for k, v in unit.captured.items()}
+    if not table:
+        return 0.0
+    below = [k for k in table if k <= rank]
+    return table[max(below)] if below else 0.0
+
+
+def auto_ranks(units: Sequence[UnitRow], param_budget: float) -> dict[str, int]:
+    """Allocate per-unit ranks from captured@r: start at the smallest rank, then repeatedly double the
+    unit with the largest captured gain per added parameter while the doubling fits the budget."""
+    ranks: dict[str, int] = {}
+    measured: dict[str, list[int]] = {}
+    for u in units:
+        ks = sorted(int(k) for k in u.captured)
+        if not ks:
+            raise LayercardError(f"rank auto: unit {u.key} has no captured@r values in the card")
+        measured[u.key] = ks
+        ranks[u.key] = ks[0]
+    used = sum(ranks[u.key] * (u.d_in + u.d_out) for u in units)
+    if used > param_budget * (1 + REL_TOL):
+        raise LayercardError(
+            f"rank auto: {len(units)} modules at rank {min(ranks.values())} need {used} params, "
+            f"over the budget {param_budget:.0f}"
+        )
+    while True:
+        best: tuple[float, int, str] | None = None
+        for i, u in enumerate(units):
+            r = ranks[u.key]
+            nxt = 2 * r
+            # Ranks beyond min(d_in, d_out) or beyond the measured ranks capture nothing new.
+            if nxt > min(u.d_in, u.d_out, measured[u.key][-1]):
+                continue
+            added = r * (u.d_in + u.d_out)
+            if used + added > param_budget * (1 + REL_TOL):
+                continue
+            dc = captured_at(u, nxt) - captured_at(u, r)
+            if dc <= 0:
+                continue
+            key = (dc / added, -i, u.key)
+            if best is None or key[:2] > best[:2]:
+                best = key
+        if best is None:
+            return ranks
+        u = next(x for x in units if x.key == best[2])
+        used += ranks[u.key] * (u.d_in + u.d_out)
+        ranks[u.key] *= 2
+
+
+def lora_config(units: Sequence[RankedModule], alpha: float | None, dropout: float) -> dict[str, Any]:
+    """JSON form of the PEFT LoraConfig: explicit full-path targets; patterns only where a rank differs.
+
+    PEFT matches a ``rank_pattern`` key with ``re.match(rf"(.*\\.)?({key})$", name)``: a full module path
+    can only hit that module (the optional prefix must end at a dot, and the key is anchored at the
+    end), so layer 1's key cannot hit layer 11. check_plan verifies this on the real model.
+    """
+    counts = Counter(u.rank for u in units)
+    r = max(counts, key=lambda k: (counts[k], k))  # the commonest rank needs no pattern entry
+    rank_pattern = {u.name: u.rank for u in units if u.rank != r}
+    if alpha is None:  # alpha = 2·rank per module keeps the scale alpha/r = 2 that the card assumed
+        lora_alpha: float = 2 * r
+        alpha_pattern = {u.name: 2 * u.rank for u in units if u.rank != r}
+    else:
+        lora_alpha, alpha_pattern = alpha, {}
+    return {
+        "r": int(r),
+        "lora_alpha": _num(lora_alpha),
+        "lora_dropout": float(dropout),
+        "target_modules": [u.name for u in units],
+        "rank_pattern": rank_pattern,
+        "alpha_pattern": {k: _num(v) for k, v in alpha_pattern.items()},
+        "bias": "none",
+        "task_type": "CAUSAL_LM",
+    }
+
+
+def _num(x: float) -> int | float:
+    return int(x) if float(x) == int(x) else float(x)

@@ -1,0 +1,168 @@
+"""The planning space: candidate layers, their gains, the layer coupling and the costs (docs/design.md §4–§6).
+
+A *layer* is the planning unit: choosing layer ℓ adapts every unit of the chosen roles in ℓ.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from layercard.card import stats
+from layercard.card.artifact import Card, UnitRow
+from layercard.errors import LayercardError
+
+# Rank used to cost layer selection when ranks are allocated afterwards ("auto"): the uniform reference.
+AUTO_REFERENCE_RANK = 8
+# Bottleneck adapters per decoder layer for houlsby/parallel (one per sublayer: attention and MLP).
+ADAPTERS_PER_LAYER = 2
+REL_TOL = 1e-9  # budgets are compared with a relative tolerance so float step times do not flicker
+
+
+@dataclasses.dataclass(frozen=True)
+class Space:
+    """What the policies see: candidate layers, their gains, the layer coupling and the cost functions."""
+
+    card: Card
+    roles: tuple[str, ...]
+    layers: tuple[int, ...]  # candidate layers (those with units of the roles), ascending
+    units: dict[int, tuple[UnitRow, ...]]
+    gains: np.ndarray  # per layer index 0..L-1, as scored (may be negative)
+    coupling: np.ndarray  # L × L cosines; identity where the card has none
+    cost_model: Any  # layercard.cost.CostModel | None
+    kind: str
+    unit_rank: int  # LoRA rank used to cost a selection, or the bottleneck width
+
+    def gain(self, layers: Sequence[int], *, coupled: bool = True) -> float:
+        """Predicted set gain of ``layers`` (§4); ``coupled=False`` treats the layers as independent."""
+        s = list(layers)
+        if not s:
+            return 0.0
+        c = self.coupling[np.ix_(s, s)] if coupled else np.eye(len(s))
+        return stats.set_gain(self.gains[s], c)
+
+    def additive_gain(self, layers: Sequence[int]) -> float:
+        """Sum of the positive single-layer gains."""
+        return float(np.clip(self.gains[list(layers)], 0.0, None).sum()) if layers else 0.0
+
+    def redundancy(self, layers: Sequence[int]) -> float:
+        """ρ(S) of the layers' coupling."""
+        s = list(layers)
+        return stats.redundancy(self.coupling[np.ix_(s, s)]) if s else 0.0
+
+    def layer_params(self, layer: int) -> int:
+        """Trainable parameters of adapting one layer at ``unit_rank``."""
+        if self.kind == "lora":
+            return sum(self.unit_rank * (u.d_in + u.d_out) for u in self.units[layer])
+        d = int(self.card.model.get("d_model") or self.units[layer][0].d_in)
+        # Down d→b and up b→d projections with biases, per adapter (an estimate until train builds them).
+        return ADAPTERS_PER_LAYER * (2 * d * self.unit_rank + self.unit_rank + d)
+
+    def modules(self, layers: Sequence[int]) -> int:
+        """Adapted modules (LoRA) or adapters (houlsby/parallel) of a layer set."""
+        if self.kind == "lora":
+            return sum(len(self.units[layer]) for layer in layers)
+        return ADAPTERS_PER_LAYER * len(layers)
+
+    def step_time(self, layers: Sequence[int]) -> float | None:
+        """Predicted seconds per step (§5), or None without a cost model."""
+        if self.cost_model is None:
+            return None
+        return float(self.cost_model.step_time(list(layers), self.modules(layers)))
+
+    def cost(self, layers: Sequence[int], kind: str) -> float:
+        """Cost of a layer set in a budget kind's unit (step time is non-additive: it depends on min S)."""
+        if kind == "layers":
+            return float(len(layers))
+        if kind == "modules":
+            return float(self.modules(layers))
+        if kind == "params":
+            return float(sum(self.layer_params(layer) for layer in layers))
+        t = self.step_time(layers)
+        if t is None:  # guarded in make_plan; kept so a misuse never silently costs 0
+            raise LayercardError("budget step_time: the card has no cost model")
+        return t
+
+
+def fits(cost: float, cap: float | None) -> bool:
+    """Whether ``cost`` is within ``cap`` (None: no cap), with the budget tolerance."""
+    return cap is None or cost <= cap * (1 + REL_TOL) + 1e-12
+
+
+def fmt(x: float) -> str:
+    return f"{x:.4g}"
+
+
+def build_space(
+    card: Card, roles: tuple[str, ...], score: str, *, kind: str, unit_rank: int
+) -> tuple[Space, list[str]]:
+    """The space of ``roles`` in ``card`` scored by ``score``, and notes on approximations it makes."""
+    by_layer = _units_by_layer(card, roles)
+    coupling, notes = _coupling(card, roles, by_layer)
+    cost_model = None
+    if card.cost is not None:
+        from layercard.cost import CostModel
+
+        cost_model = CostModel.from_dict(card.cost)
+    space = Space(
+        card=card,
+        roles=roles,
+        layers=tuple(sorted(by_layer)),
+        units={k: tuple(v) for k, v in by_layer.items()},
+        gains=np.asarray(card.layer_scores(score, roles=roles), dtype=np.float64),
+        coupling=coupling,
+        cost_model=cost_model,
+        kind=kind,
+        unit_rank=unit_rank,
+    )
+    return space, notes
+
+
+def _units_by_layer(card: Card, roles: tuple[str, ...]) -> dict[int, list[UnitRow]]:
+    from layercard.models import FUSED_ROLES
+
+    have = set(card.roles)
+    covered = {c for u in card.units for c in FUSED_ROLES.get(u.role, (u.role,))} | have
+    missing = [r for r in roles if r not in covered]
+    if missing:
+        raise LayercardError(
+            f"roles: the card measured {','.join(card.roles)}; it has no units for {','.join(missing)} "
+            "(run `layercard card --roles ...` with those roles)"
+        )
+    by_layer: dict[int, list[UnitRow]] = {}
+    for u in card.selected_units(roles):
+        by_layer.setdefault(u.layer, []).append(u)
+    if not by_layer:
+        raise LayercardError(f"roles {','.join(roles)}: the card has no units for them")
+    return by_layer
+
+
+def _coupling(
+    card: Card, roles: tuple[str, ...], by_layer: dict[int, list[UnitRow]]
+) -> tuple[np.ndarray, list[str]]:
+    """The L × L layer coupling (identity where the card measured none) and notes on its use."""
+    notes: list[str] = []
+    coupling = np.eye(card.n_layers)
+    if card.coupling is None:
+        return coupling, notes
+    if card.coupling.get("level", "layer") != "layer":
+        raise LayercardError(f"card coupling level {card.coupling.get('level')!r}: the planner reads 'layer'")
+    idx = [int(x) for x in card.coupling["layers"]]
+    mat = np.asarray(card.coupling["matrix"], dtype=np.float64)
+    if mat.shape != (len(idx), len(idx)):
+        raise LayercardError(f"card coupling: matrix shape {mat.shape} does not match {len(idx)} layers")
+    coupling[np.ix_(idx, idx)] = mat
+    absent = sorted(set(by_layer) - set(idx))
+    if absent:
+        notes.append(
+            f"coupling: layers {absent} are not in the card's coupling matrix; treated as independent"
+        )
+    if tuple(roles) != tuple(card.roles):
+        notes.append(
+            f"coupling was measured for roles {','.join(card.roles)}; used as an approximation for "
+            f"roles {','.join(roles)}"
+        )
+    return coupling, notes

@@ -1,0 +1,57 @@
+"""The training data stream and the learning-rate schedule: both pure functions of the seed and config.
+
+Epoch ``e`` is a permutation drawn from ``seed + e`` and a step consumes the next ``grad_accum``
+micro-batches of the cycled stream, so a checkpoint needs only the number of micro-batches consumed.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+
+from layercard.tasks import Encoded, collate
+from layercard.train.config import TrainConfig
+
+
+class Stream:
+    """Micro-batch ``k`` of the cycled, per-epoch-shuffled stream; a pure function of the seed."""
+
+    def __init__(self, encoded: Sequence[Encoded], batch_size: int, pad_id: int, seed: int) -> None:
+        self.encoded = encoded
+        self.batch_size = batch_size
+        self.pad_id = pad_id
+        self.seed = seed
+        self.per_epoch = math.ceil(len(encoded) / batch_size)
+        self._perm: tuple[int, list[int]] | None = None
+
+    def _order(self, epoch: int) -> list[int]:
+        if self._perm is None or self._perm[0] != epoch:
+            g = torch.Generator().manual_seed(self.seed + epoch)
+            self._perm = (epoch, torch.randperm(len(self.encoded), generator=g).tolist())
+        return self._perm[1]
+
+    def batch(self, k: int) -> dict[str, torch.Tensor]:
+        """The ``k``-th micro-batch of the stream (epochs follow each other)."""
+        epoch, i = divmod(k, self.per_epoch)
+        idx = self._order(epoch)[i * self.batch_size : (i + 1) * self.batch_size]
+        return collate([self.encoded[j] for j in idx], self.pad_id)
+
+
+def lr_lambda(cfg: TrainConfig, total: int) -> Callable[[int], float]:
+    """Multiplier of the base lr at (0-based) step ``s``: linear warm-up, then constant/linear/cosine to 0."""
+    warm = cfg.warmup_steps
+
+    def f(s: int) -> float:
+        if s < warm:
+            return (s + 1) / (warm + 1)  # never 0: a warm-up step with lr 0 would be a wasted step
+        if cfg.scheduler == "constant":
+            return 1.0
+        span = max(1, total - warm)
+        progress = min(1.0, (s - warm) / span)
+        if cfg.scheduler == "linear":
+            return 1.0 - progress
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return f

@@ -1,0 +1,449 @@
+"""The training loop: a plan's adapters trained under Accelerate, checkpointed and measured.
+
+See docs/design.md §7.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from layercard.artifacts import Provenance, sha256_json
+from layercard.errors import LayercardError
+from layercard.models import LoadedModel
+from layercard.plan import Plan, check_model_matches
+from layercard.progress import track
+from layercard.tasks import Encoded, Task, encode_task
+from layercard.tasks.loss import loss_sum, target_count
+from layercard.train.checkpoints import RESUME_FIELDS, latest_checkpoint, load_checkpoint, save_checkpoint
+from layercard.train.config import _MIXED_PRECISION, VALID_KINDS, TrainConfig
+from layercard.train.data import Stream, lr_lambda
+from layercard.train.metrics import METRICS_FILE, TrainMetrics, eval_loss, median_time, peak_memory
+from layercard.train.model import ADAPTER_DIR, Adapted, check_4bit, load_4bit, write_adapter
+
+StepCallback = Callable[[int, float, nn.Module], None]
+_DEFAULT_BOTTLENECK = 16
+
+
+@dataclasses.dataclass(frozen=True)
+class _Data:
+    """The training subset and the validation subset, encoded once."""
+
+    task: Task
+    val: Task | None
+    encoded: list[Encoded]
+    val_encoded: list[Encoded]
+    pad_id: int
+
+
+@dataclasses.dataclass
+class _State:
+    """A run's progress: what a checkpoint's state.json holds besides the settings fingerprint."""
+
+    step: int = 0
+    consumed: int = 0  # micro-batches this process has taken from the stream
+    loss_curve: list[list[float]] = dataclasses.field(default_factory=list)
+    val_curve: list[list[float]] = dataclasses.field(default_factory=list)
+    # [step, seconds, tokens, first-of-session]
+    step_times: list[list[Any]] = dataclasses.field(default_factory=list)
+    tokens_seen: int = 0
+    target_seen: int = 0
+    prior_wall: float = 0.0  # wall time of the sessions before a resume
+    resumed_from: int | None = None
+
+    @classmethod
+    def from_checkpoint(cls, st: dict[str, Any]) -> _State:
+        step = int(st["step"])
+        return cls(
+            step=step,
+            consumed=int(st["micro_batches"]),
+            loss_curve=st["loss_curve"],
+            val_curve=st["val_curve"],
+            step_times=st["step_times"],
+            tokens_seen=int(st["tokens_seen"]),
+            target_seen=int(st["target_tokens_seen"]),
+            prior_wall=float(st.get("wall_time_s", 0.0)),
+            resumed_from=step,
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class _Run:
+    """The fixed inputs of one training session."""
+
+    loaded: LoadedModel
+    plan: Plan
+    cfg: TrainConfig
+    kind: str
+    layers: list[int]
+    bottleneck: int
+    out_dir: Path
+    data: _Data
+    accelerator: Any
+    stream: Stream
+    total_steps: int
+    fingerprint: dict[str, Any]
+    t_start: float
+
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+    @property
+    def world(self) -> int:
+        return self.accelerator.num_processes
+
+    def wall(self, state: _State) -> float:
+        return state.prior_wall + time.perf_counter() - self.t_start
+
+    def checkpoint_state(self, state: _State) -> dict[str, Any]:
+        return {
+            "step": state.step,
+            "micro_batches": state.consumed,
+            "epoch": state.consumed * self.world / self.stream.per_epoch,
+            "loss_curve": state.loss_curve,
+            "val_curve": state.val_curve,
+            "step_times": state.step_times,
+            "tokens_seen": state.tokens_seen,
+            "target_tokens_seen": state.target_seen,
+            "wall_time_s": self.wall(state),
+            "fingerprint": self.fingerprint,
+        }
+
+
+def train(
+    loaded: LoadedModel,
+    plan: Plan,
+    train_task: Task,
+    val_task: Task | None,
+    cfg: TrainConfig,
+    out_dir: str | Path,
+    *,
+    resume: bool = False,
+    progress: bool | None = None,
+    kind: str | None = None,
+    callback: StepCallback | None = None,
+) -> dict[str, Any]:
+    """Train the adapters ``plan`` places; write ``adapter/`` and ``train_metrics.json``; return the metrics
+    (the :class:`TrainMetrics` dict).
+
+    ``kind`` overrides the plan's adapter kind (houlsby/parallel use ``plan.layers``). ``callback(step,
+    loss, model)`` runs after every optimizer step (and its checkpoint) with the adapted model; an
+    exception it raises stops the run like a crash would (checkpoints stay, nothing else is written).
+    ``loaded.model`` is restored afterwards (LoRA unloaded, adapters removed, grad flags reset).
+    """
+    t_start = time.perf_counter()
+    kind, layers, bottleneck = _check_inputs(loaded, plan, cfg, kind)
+    out_dir = Path(out_dir)
+    existing = latest_checkpoint(out_dir)
+    if existing is not None and not resume:
+        raise LayercardError(
+            f"{out_dir}: holds checkpoints of an earlier run ({existing.name}); "
+            "pass --resume to continue it, or use a new --out"
+        )
+    data = _prepare_data(loaded, train_task, val_task, cfg)
+
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=_MIXED_PRECISION[cfg.dtype])
+    stream = Stream(data.encoded, cfg.batch_size, data.pad_id, cfg.seed)
+    world = accelerator.num_processes
+    total_steps = cfg.steps or max(1, math.ceil(cfg.epochs * stream.per_epoch / (cfg.grad_accum * world)))
+    fingerprint = _fingerprint(loaded, plan, cfg, kind, layers, bottleneck, data.task, world, total_steps)
+    run = _Run(
+        loaded, plan, cfg, kind, layers, bottleneck, out_dir, data, accelerator, stream, total_steps,
+        fingerprint, t_start,
+    )  # fmt: skip
+
+    # Model: the caller's base, adapted in place and restored in `finally`.
+    set_seed(cfg.seed)  # LoRA A / adapter init and dropout draw from here
+    base = load_4bit(loaded, accelerator.local_process_index) if cfg.load_in_4bit else loaded.model
+    adapted = Adapted(base, owned=base is not loaded.model)
+    try:
+        model = adapted.adapt(plan, kind, layers, bottleneck, cfg.seed)
+        if not cfg.load_in_4bit:
+            # Before the optimizer exists, so its state lands on the params' device.
+            model.to(accelerator.device)
+        model.train()
+        trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        if not trainable:
+            raise LayercardError("plan: no trainable parameters after adapting the model")
+        optimizer = torch.optim.AdamW(trainable.values(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
+        ckpt = latest_checkpoint(out_dir) if resume else None
+        state = _State()
+        if ckpt is not None:
+            saved = load_checkpoint(ckpt, trainable, optimizer, scheduler, fingerprint)
+            state = _State.from_checkpoint(saved)
+        # The scheduler is stepped by hand: Accelerate's wrapper would step it once per process.
+        adapted.prepared, optimizer = accelerator.prepare(model, optimizer)
+        if accelerator.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(accelerator.device)
+        _loop(run, state, adapted.prepared, optimizer, scheduler, trainable, progress, callback)
+        return _finish(run, state, adapted, trainable).to_dict()
+    finally:
+        adapted.restore(accelerator)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Steps
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _check_inputs(
+    loaded: LoadedModel, plan: Plan, cfg: TrainConfig, kind: str | None
+) -> tuple[str, list[int], int]:
+    """(adapter kind, layers, bottleneck width); refuses what would fail later, before any work."""
+    if not isinstance(plan, Plan):
+        raise LayercardError(
+            f"train: plan must be a layercard.plan.Plan, not {type(plan).__name__}; "
+            "read plan.json with Plan.load"
+        )
+    kind = kind or plan.kind
+    if kind not in VALID_KINDS:
+        raise LayercardError(f"kind {kind!r}: unknown adapter kind; valid: {', '.join(VALID_KINDS)}")
+    check_model_matches(plan, loaded)
+    if cfg.load_in_4bit:
+        check_4bit()
+    if kind == "lora":
+        plan.peft_config()  # fail before any work when a non-LoRA plan has no LoraConfig
+    layers = list(plan.layers)
+    if not layers:
+        raise LayercardError("plan: no layers to adapt")
+    bottleneck = cfg.bottleneck or int((plan.adapter_config or {}).get("bottleneck") or _DEFAULT_BOTTLENECK)
+    return kind, layers, bottleneck
+
+
+def _prepare_data(loaded: LoadedModel, train_task: Task, val_task: Task | None, cfg: TrainConfig) -> _Data:
+    """A seeded subset, encoded once; the validation subset likewise."""
+    task = train_task.subset(cfg.train_examples, seed=cfg.seed) if cfg.train_examples else train_task
+    tok = loaded.tokenizer
+    pad_id = next((int(t) for t in (tok.pad_token_id, tok.eos_token_id) if t is not None), 0)
+    encoded = encode_task(tok, task, max_length=cfg.max_length)
+    if not encoded:
+        raise LayercardError(f"task {task.name!r}: no training examples")
+    val = (
+        val_task.subset(cfg.eval_examples, seed=cfg.seed)
+        if val_task is not None and cfg.eval_examples
+        else None
+    )
+    val_encoded = encode_task(tok, val, max_length=cfg.max_length) if val is not None and len(val) else []
+    return _Data(task, val, encoded, val_encoded, pad_id)
+
+
+def _fingerprint(
+    loaded: LoadedModel,
+    plan: Plan,
+    cfg: TrainConfig,
+    kind: str,
+    layers: list[int],
+    bottleneck: int,
+    task: Task,
+    world: int,
+    total_steps: int,
+) -> dict[str, Any]:
+    """The settings a resumed run must share with the checkpoint it continues."""
+    planned = {u.name: u.rank for u in plan.units} if kind == "lora" else {}
+    return {
+        "model_hash": loaded.model_hash,
+        "kind": kind,
+        "targets": [[n, r] for n, r in sorted(planned.items())] if kind == "lora" else layers,
+        "lora_config": sha256_json(plan.lora_config) if kind == "lora" else None,
+        "data_hash": task.data_hash,
+        "world_size": world,
+        "bottleneck": bottleneck if kind != "lora" else None,
+        # the step budget shapes a decaying schedule, so it may change on resume only when constant
+        "schedule_steps": total_steps if cfg.scheduler != "constant" else None,
+        **{k: getattr(cfg, k) for k in RESUME_FIELDS if hasattr(cfg, k) and k != "bottleneck"},
+    }
+
+
+def _loop(
+    run: _Run,
+    state: _State,
+    prepared: nn.Module,
+    optimizer: Any,
+    scheduler: Any,
+    trainable: dict[str, nn.Parameter],
+    progress: bool | None,
+    callback: StepCallback | None,
+) -> None:
+    """Optimizer steps from ``state.step`` to the end: log, validate, checkpoint, call back."""
+    cfg, acc = run.cfg, run.accelerator
+    first = True
+    steps = range(state.step, run.total_steps)
+    for _ in track(steps, f"train {run.kind}", total=len(steps), enabled=progress):
+        loss_value = _step(run, state, prepared, optimizer, scheduler, first)
+        first = False
+        step = state.step
+        if step % cfg.log_every == 0 or step == run.total_steps:
+            state.loss_curve.append([step, loss_value])
+        if run.data.val_encoded and cfg.eval_every and step % cfg.eval_every == 0:
+            state.val_curve.append([step, _val_loss(run, prepared)])
+        if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
+            acc.wait_for_everyone()
+            if acc.is_main_process:
+                ckpt_state = run.checkpoint_state(state)
+                save_checkpoint(run.out_dir, step, trainable, optimizer, scheduler, ckpt_state)
+        if callback is not None:
+            callback(step, loss_value, acc.unwrap_model(prepared))
+    if run.data.val_encoded and (not state.val_curve or state.val_curve[-1][0] != state.step):
+        state.val_curve.append([state.step, _val_loss(run, prepared)])
+
+
+def _step(
+    run: _Run, state: _State, prepared: nn.Module, optimizer: Any, scheduler: Any, first: bool
+) -> float:
+    """One optimizer step over ``grad_accum`` micro-batches; returns its loss (mean over processes)."""
+    cfg, acc, device, world = run.cfg, run.accelerator, run.device, run.world
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    rank = acc.process_index
+    micro = [run.stream.batch((state.consumed + j) * world + rank) for j in range(cfg.grad_accum)]
+    n_target = sum(target_count(b["labels"]) for b in micro)
+    step_loss = torch.zeros((), device=device)
+    n_tokens = 0
+    for j, b in enumerate(micro):
+        b = {k: v.to(device) for k, v in b.items()}
+        n_tokens += int(b["attention_mask"].sum())
+        # Gradients sync across processes only on the step's last micro-batch.
+        sync = acc.no_sync(prepared) if j < len(micro) - 1 else contextlib.nullcontext()
+        with sync:
+            with acc.autocast():  # the forward only: autocast is not for backward
+                out = prepared(input_ids=b["input_ids"], attention_mask=b["attention_mask"], use_cache=False)
+                ls, _ = loss_sum(out.logits, b["labels"])
+            loss = ls / max(n_target, 1)
+            acc.backward(loss)
+        step_loss += loss.detach()
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    loss_value = float(acc.reduce(step_loss, reduction="mean"))
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    state.step += 1
+    state.consumed += cfg.grad_accum
+    state.step_times.append([state.step, time.perf_counter() - t0, n_tokens * world, first])
+    state.tokens_seen += n_tokens * world
+    state.target_seen += n_target * world
+    return loss_value
+
+
+def _val_loss(run: _Run, prepared: nn.Module) -> float:
+    return eval_loss(prepared, run.data.val_encoded, run.cfg.batch_size, run.data.pad_id, run.accelerator)
+
+
+def _finish(run: _Run, state: _State, adapted: Adapted, trainable: dict[str, nn.Parameter]) -> TrainMetrics:
+    """Measure, then (main process) write ``adapter/`` and ``train_metrics.json``."""
+    acc = run.accelerator
+    peak, peak_kind = peak_memory(run.device)
+    acc.wait_for_everyone()
+    inner = acc.unwrap_model(adapted.prepared)
+    metrics = _metrics(run, state, adapted.base, inner, trainable, peak, peak_kind)
+    if acc.is_main_process:
+        write_adapter(run.out_dir / ADAPTER_DIR, run.kind, inner, adapted.aset, run.loaded.model_hash)
+        metrics.save(run.out_dir / METRICS_FILE)
+    acc.wait_for_everyone()
+    return metrics
+
+
+# Longer than most functions: one keyword per TrainMetrics field, in the artifact's order.
+def _metrics(
+    run: _Run,
+    state: _State,
+    base: nn.Module,
+    inner: nn.Module,
+    trainable: dict[str, nn.Parameter],
+    peak: float,
+    peak_kind: str,
+) -> TrainMetrics:
+    """The run's :class:`TrainMetrics`, with the cost measurements next to the plan's predictions."""
+    cfg, kind, plan, loaded, step = run.cfg, run.kind, run.plan, run.loaded, state.step
+    s_per_step, tokens_per_s = median_time(state.step_times)
+    predicted = plan.predicted.get("step_time_s")
+    calib_size, calib_tokens = _calibration(plan)
+    tokens_per_step = state.tokens_seen / step if step else None
+    wall = run.wall(state)
+    prov = Provenance.make(
+        stage="train",
+        model_id=loaded.model_id,
+        model_hash=loaded.model_hash,
+        task=run.data.task.name,
+        data_hash=run.data.task.data_hash,
+        config={
+            **cfg.to_dict(),
+            "kind": kind,
+            "bottleneck": run.bottleneck,
+            "plan": sha256_json(run.fingerprint),
+        },
+        seed=cfg.seed,
+        wall_time_s=wall,
+    )
+    return TrainMetrics(
+        provenance=prov.to_dict(),
+        adapter_kind=kind,
+        adapter_dir=str(run.out_dir / ADAPTER_DIR),
+        model={
+            "id": loaded.model_id,
+            "hash": loaded.model_hash,
+            "weights_dtype": str(next(base.parameters()).dtype).removeprefix("torch."),
+            "load_in_4bit": cfg.load_in_4bit,
+        },
+        task=run.data.task.describe(),
+        val_task=run.data.val.describe() if run.data.val is not None else None,
+        config=cfg.to_dict(),
+        plan={
+            "layers": run.layers,
+            "modules": len({u.name for u in plan.units}) if kind == "lora" else 2 * len(run.layers),
+            "units": [u.key for u in plan.units],
+            "bottleneck": run.bottleneck if kind != "lora" else None,
+            "policy": plan.config.get("policy"),
+        },
+        trainable_params=int(sum(p.numel() for p in trainable.values())),
+        total_params=int(sum(p.numel() for p in inner.parameters())),
+        steps=step,
+        epochs=state.consumed * run.world / run.stream.per_epoch,
+        tokens_seen=state.tokens_seen,
+        target_tokens_seen=state.target_seen,
+        s_per_step=s_per_step,
+        tokens_per_s=tokens_per_s,
+        peak_memory_mib=round(peak, 1),
+        peak_memory_kind=peak_kind,
+        device=str(run.device),
+        world_size=run.world,
+        loss_curve=state.loss_curve,
+        val_curve=state.val_curve,
+        first_train_loss=state.loss_curve[0][1] if state.loss_curve else None,
+        final_train_loss=state.loss_curve[-1][1] if state.loss_curve else None,
+        final_val_loss=state.val_curve[-1][1] if state.val_curve else None,
+        predicted_step_time_s=predicted,
+        predicted_batch_size=calib_size,
+        predicted_batch_tokens=calib_tokens,
+        batch_size=cfg.batch_size * cfg.grad_accum,
+        batch_tokens_per_step=tokens_per_step,
+        step_time_ratio=(s_per_step / predicted) if predicted and s_per_step else None,
+        # The cost model was calibrated on the card's batch; CPU step time grows about linearly with
+        # tokens, so the prediction is also given rescaled to this run's tokens per step.
+        predicted_step_time_scaled_s=(
+            predicted * tokens_per_step / calib_tokens if predicted and calib_tokens and step else None
+        ),
+        resumed_from=state.resumed_from,
+        wall_time_s=round(wall, 3),
+    )
+
+
+def _calibration(plan: Plan) -> tuple[int | None, int | None]:
+    """(batch size, tokens per batch) the card's cost model was timed at, as make_plan recorded them."""
+    size = plan.predicted.get("calibration_batch_size")
+    tokens = plan.predicted.get("calibration_batch_tokens")
+    return (int(size) if size else None), (int(tokens) if tokens else None)

@@ -1,0 +1,99 @@
+"""The model under training: the caller's base (or a 4-bit copy) with the plan's adapters, and its undoing."""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from layercard.artifacts import atomic_path
+from layercard.errors import LayercardError
+from layercard.models import LoadedModel
+from layercard.plan import Plan, check_lora_model
+
+ADAPTER_DIR = "adapter"
+
+
+def check_4bit() -> None:
+    """Refuse QLoRA without a CUDA GPU and bitsandbytes."""
+    if not torch.cuda.is_available() or importlib.util.find_spec("bitsandbytes") is None:
+        raise LayercardError("--load-in-4bit needs a CUDA GPU and bitsandbytes; none found")
+
+
+def load_4bit(loaded: LoadedModel, device_index: int) -> nn.Module:
+    """A fresh NF4 copy of the base (QLoRA); the caller's full-precision model is left alone."""
+    from peft import prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    bnb = BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16
+    )
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            loaded.source, quantization_config=bnb, device_map={"": device_index}, local_files_only=True
+        )
+    except Exception as e:
+        raise LayercardError(f"{loaded.source}: cannot load in 4 bit ({type(e).__name__}: {e})") from e
+    # No gradient checkpointing: step times stay comparable with the cost model, which assumed none.
+    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+
+
+class Adapted:
+    """A base model adapted in place; :meth:`restore` undoes it unless the base is a private copy."""
+
+    def __init__(self, base: nn.Module, *, owned: bool) -> None:
+        self.base = base
+        self.owned = owned  # a 4-bit copy made for this run: nothing to restore
+        self.flags = [(p, p.requires_grad) for p in base.parameters()]
+        self.was_training = base.training
+        self.home = next(base.parameters()).device
+        self.peft_model: Any = None
+        self.aset: Any = None
+        self.prepared: Any = None  # the model as Accelerate wrapped it
+
+    def adapt(self, plan: Plan, kind: str, layers: Sequence[int], bottleneck: int, seed: int) -> nn.Module:
+        """Add the plan's adapters: LoRA through PEFT (checked against the plan), else bottlenecks."""
+        if kind == "lora":
+            from peft import get_peft_model
+
+            self.peft_model = get_peft_model(self.base, plan.peft_config())
+            check_lora_model(plan, self.peft_model)
+            return self.peft_model
+        from layercard.adapters import add_adapters
+
+        for p in self.base.parameters():
+            p.requires_grad_(False)
+        self.aset = add_adapters(self.base, kind, list(layers), bottleneck, seed=seed)
+        return self.base
+
+    def restore(self, accelerator: Any) -> None:
+        """Remove the adapters and Accelerate's wrapper; reset grad flags, mode and device."""
+        if self.prepared is not None:
+            # Drops Accelerate's mixed-precision forward wrapper from the caller's model.
+            accelerator.unwrap_model(self.prepared, keep_fp32_wrapper=False)
+        if self.peft_model is not None and not self.owned:
+            self.peft_model.unload()
+        if self.aset is not None:
+            self.aset.remove()
+        if not self.owned:
+            for p, r in self.flags:
+                p.requires_grad_(r)
+            self.base.train(self.was_training)
+            if next(self.base.parameters()).device != self.home:
+                self.base.to(self.home)
+        accelerator.free_memory()
+
+
+def write_adapter(path: Path, kind: str, model: nn.Module, aset: Any, model_hash: str) -> None:
+    """The adapter folder, atomically: vanilla PEFT for LoRA, layercard's format for bottlenecks."""
+    with atomic_path(path) as tmp:
+        if kind == "lora":
+            model.save_pretrained(str(tmp), safe_serialization=True)
+        else:
+            from layercard.adapters import save_adapters
+
+            save_adapters(aset, tmp, base_model_hash=model_hash)

@@ -1,0 +1,114 @@
+"""The trace and trim figures (docs/design.md §8): the one place the lens curves and the sweep are drawn.
+
+:func:`plot_trace` and :func:`plot_sweep` write trace.png and trim.png; :func:`draw_trace` and
+:func:`draw_sweep` draw the same panels onto a caller's axes (a report's figure, for instance).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+from layercard.artifacts import atomic_path
+from layercard.trim.sweep import row_value
+
+__all__ = ["draw_sweep", "draw_trace", "plot_sweep", "plot_trace"]
+
+
+class Curves(Protocol):
+    """What the trace figures read of a :class:`layercard.trim.lens.Trace` (which imports this module to
+    draw itself, so it is not imported here)."""
+
+    curve_on: Sequence[float]
+    curve_off: Sequence[float]
+    candidates: dict[str, int]
+    n_examples: int
+    n_target_tokens: int
+    task: dict[str, Any]
+    provenance: dict[str, Any] | None
+
+    @property
+    def n_layers(self) -> int: ...
+
+
+def _plt():
+    # matplotlib is imported on first use: importing layercard.trim must not pull it in
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save_png(fig: Any, path: Path) -> Path:
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png")
+    _plt().close(fig)
+    return path
+
+
+def draw_trace(ax: Any, tr: Curves, *, chosen_k: int | None = None) -> None:
+    """Both lens curves of ``tr`` on ``ax``, the boundary candidates of the 'on' curve marked, and
+    ``chosen_k`` too when given. No title, legend or grid: the caller's figure sets those."""
+    from matplotlib.ticker import MaxNLocator
+
+    layers = list(range(tr.n_layers))
+    ax.plot(layers, tr.curve_on, marker="o", ms=3, label="adapter on")
+    ax.plot(layers, tr.curve_off, marker="o", ms=3, ls="--", color="grey", label="adapter off")
+    styles = {"sharpest_rise": ("tab:red", "sharpest rise"), "half_final": ("tab:green", "half of final")}
+    for key, layer in tr.candidates.items():
+        color, label = styles.get(key, ("tab:purple", key))
+        ax.axvline(layer, color=color, ls=":", lw=1.5, label=f"{label}: layer {layer}")
+    if chosen_k is not None:
+        ax.axvline(chosen_k, color="black", lw=1, alpha=0.6, label=f"chosen K = {chosen_k}")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("layer (output of)")
+    ax.set_ylabel("P(gold next token), logit lens")
+
+
+def draw_sweep(ax: Any, result: dict[str, Any]) -> None:
+    """The selection metric of a trim result (trim.json) against K on ``ax``, the loss on a twin axis
+    when the metric is another one, the chosen K marked. No title, legend or grid: the caller sets those."""
+    from matplotlib.ticker import MaxNLocator
+
+    rows = result["sweep"]
+    ks = [r["k"] for r in rows]
+    metric = result["metric"]
+    vals = [row_value(r, metric) for r in rows]
+    ax.plot(ks, [v if v is not None else float("nan") for v in vals], marker="o", label=metric)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("boundary K (adapters kept in layers ≤ K)")
+    ax.set_ylabel(metric)
+    if metric != "loss" and any(r.get("loss") is not None for r in rows):
+        ax2 = ax.twinx()
+        loss = [r["loss"] if r.get("loss") is not None else float("nan") for r in rows]
+        ax2.plot(ks, loss, marker="s", ms=3, ls="--", color="grey", label="loss")
+        ax2.set_ylabel("loss")
+    ax.axvline(result["chosen_k"], color="tab:red", ls=":", label=f"chosen K={result['chosen_k']}")
+
+
+def plot_trace(tr: Curves, path: str | Path) -> Path:
+    """trace.png: both lens curves with the boundary candidates of the 'on' curve marked."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    draw_trace(ax, tr)
+    title = f"{(tr.provenance or {}).get('model_id', '')} · {tr.task.get('name', '')}".strip(" ·")
+    ax.set_title(
+        f"logit lens · {title}\n{tr.n_examples} examples, {tr.n_target_tokens} target tokens", fontsize=9
+    )
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    return _save_png(fig, Path(path))
+
+
+def plot_sweep(result: dict[str, Any], path: str | Path) -> Path:
+    """trim.png: the selection metric and loss against the boundary K, the chosen K marked."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    draw_sweep(ax, result)
+    ax.legend(fontsize=8, loc="lower right")
+    ax.grid(alpha=0.3)
+    ax.set_title(f"trim sweep · {result['task'].get('name', '')}", fontsize=9)
+    return _save_png(fig, Path(path))
