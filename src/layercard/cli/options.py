@@ -52,10 +52,11 @@ def _parameter(f: dataclasses.Field, default: Any) -> inspect.Parameter:
     if spec.kind == "bool":
         name = f"{name}/--no-{name[2:]}"
     option = typer.Option(name, help=_help(spec))
+    required = default is dataclasses.MISSING
     return inspect.Parameter(
         f.name,
         inspect.Parameter.KEYWORD_ONLY,
-        default=_cli_default(default),
+        default=inspect.Parameter.empty if required else _cli_default(default),
         annotation=Annotated[annotation, option],
     )
 

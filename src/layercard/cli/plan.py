@@ -9,49 +9,16 @@ import typer
 from rich.table import Table
 
 from layercard.cli.app import TrustOpt, app, console, emit_json, guard, load_cli_model
-from layercard.errors import LayercardError
+from layercard.cli.options import config_options
+from layercard.config import PlanConfig
 
 
-def _rank_arg(text: str) -> int | str:
-    t = text.strip().lower()
-    if t == "auto":
-        return "auto"
-    try:
-        return int(t)
-    except ValueError:
-        raise LayercardError(f"--rank {text!r}: a positive integer or 'auto'") from None
-
-
-# Longer than most functions: one typer option per parameter; the body itself is short.
 @app.command("plan")
 @guard
+@config_options(PlanConfig)
 def plan_cmd(
     card: Annotated[Path, typer.Option("--card", "-c", help="card.json from `layercard card`.")],
-    policy: Annotated[
-        str,
-        typer.Option(
-            help="card | card-additive | card-stratified | all | top | bottom | middle | uniform | random | "
-            "gradnorm."
-        ),
-    ],
     out: Annotated[Path, typer.Option("--out", "-o", help="Where to write plan.json.")] = Path("plan.json"),
-    budget: Annotated[
-        str | None, typer.Option(help="layers=8 | params=N (k/M suffix ok) | step_time=S | modules=N.")
-    ] = None,
-    target: Annotated[
-        float | None,
-        typer.Option(help="Cheapest placement reaching this fraction (0,1] of the all-layer predicted gain."),
-    ] = None,
-    roles: Annotated[str | None, typer.Option(help="Roles to adapt (default: the card's roles).")] = None,
-    rank: Annotated[
-        str, typer.Option(help="LoRA rank (or bottleneck width), or 'auto' from captured@r.")
-    ] = "8",
-    alpha: Annotated[float | None, typer.Option(help="LoRA alpha (default 2·rank per module).")] = None,
-    dropout: Annotated[float, typer.Option(help="LoRA dropout.")] = 0.0,
-    score: Annotated[str | None, typer.Option(help="Card score used as gain (default: the card's).")] = None,
-    seed: Annotated[int, typer.Option(help="Seed of the random policy.")] = 0,
-    kind: Annotated[str, typer.Option(help="Adapter kind: lora | houlsby | parallel.")] = "lora",
-    bands: Annotated[int | None, typer.Option(help="card-stratified: number of depth bands.")] = None,
     check_model: Annotated[
         str | None,
         typer.Option(help="Load this model and check the plan applies with PEFT exactly as planned."),
@@ -60,24 +27,13 @@ def plan_cmd(
     device: Annotated[str, typer.Option(help="Device for --check-model.")] = "cpu",
     trust_remote_code: TrustOpt = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout.")] = False,
+    cfg: PlanConfig | None = None,
 ) -> None:
     """Place adapters from a Layer Card under a budget: plan.json with a ready PEFT LoraConfig."""
     from layercard.card import Card
-    from layercard.plan import Budget, PlanConfig, check_model_matches, check_plan, make_plan
+    from layercard.plan import check_model_matches, check_plan, make_plan
 
-    cfg = PlanConfig(
-        policy=policy,
-        budget=Budget.parse(budget) if budget is not None else None,
-        target=target,
-        roles=roles,
-        rank=_rank_arg(rank),
-        alpha=alpha,
-        dropout=dropout,
-        score=score,
-        seed=seed,
-        kind=kind,
-        bands=bands,
-    )
+    assert cfg is not None  # built by config_options
     c = Card.load(card)
     plan = make_plan(c, cfg, card_path=str(card))
     check: dict[str, Any] | None = None
