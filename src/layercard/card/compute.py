@@ -100,6 +100,8 @@ def _layer_chunks(layers: Sequence[int], n_groups: int) -> list[list[int]]:
     return [list(c) for c in np.array_split(np.asarray(layers), n_groups)]
 
 
+# One function on purpose: the probe passes, statistics, coupling and calibration run and are timed in
+# this order, and each phase's wall time lands in card.timings; split, the order would be harder to read.
 def compute_card(loaded: Any, task: Any, cfg: CardConfig, *, progress: bool | None = None) -> Card:
     """Measure the frozen model on the task and return the Layer Card (docs/design.md §3–§5)."""
     from layercard import models

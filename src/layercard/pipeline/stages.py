@@ -147,17 +147,12 @@ class Runner:
     def loaded(self) -> Any:
         """The model, loaded on first use (a run whose stages are all skipped never loads it)."""
         if self._loaded is None:
-            from layercard.models import load_model
+            from layercard.models import load_model, resolve_device
 
-            device = self.cfg.device
-            if device == "auto":
-                import torch
-
-                device = "cuda" if torch.cuda.is_available() else "cpu"
             self._loaded = load_model(
                 self.cfg.model,
                 dtype=self.cfg.dtype,
-                device=device,
+                device=str(resolve_device(self.cfg.device)),
                 trust_remote_code=self.cfg.trust_remote_code,
             )
             self._model_hash = self._loaded.model_hash
