@@ -43,7 +43,7 @@ def _plain(loaded, bl, n_tgt, trainable: str) -> float:
     """A plain forward+backward over the same micro-batches."""
 
     from layercard import models
-    from layercard.card.probe import loss_sum
+    from layercard.tasks import loss_sum
 
     model = loaded.model
     model.eval()

@@ -5,18 +5,19 @@
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from pathlib import Path
 
 
 def _load(p: Path) -> dict | None:
-    return json.loads(p.read_text()) if p.exists() else None
+    from layercard.artifacts import read_json
+
+    return read_json(p) if p.exists() else None
 
 
 def main(run: Path, out: Path) -> None:
-    from layercard.artifacts import machine_info, package_versions
+    from layercard.artifacts import machine_info, package_versions, write_json
 
     rows = {}
     base = _load(run / "eval_base" / "eval.json")
@@ -73,7 +74,7 @@ def main(run: Path, out: Path) -> None:
         "date": time.strftime("%Y-%m-%d"),
     }
     out.parent.mkdir(parents=True, exist_ok=True)
-    Path(str(out) + ".json").write_text(json.dumps(res, indent=1) + "\n")
+    write_json(Path(str(out) + ".json"), res)
     lines = [
         "# Plan → train → eval on smollm2 / e2e_nlg",
         "",

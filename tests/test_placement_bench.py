@@ -1,25 +1,28 @@
-"""The placement benchmark's pure parts: its profiles, its job grid and the ledger's text scrubbing."""
+"""The placement benchmark's pure parts: its profiles, its job grid and the ledger's records."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "placement.py"
+_BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("placement_bench", _PATH)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses resolve their module by name
-    spec.loader.exec_module(mod)
-    yield mod
-    sys.modules.pop(spec.name, None)
+    sys.path.insert(0, str(_BENCHMARKS))  # the benchmark's package sits beside its entry script
+    try:
+        import placement
+
+        yield placement
+    finally:
+        sys.path.remove(str(_BENCHMARKS))
+        for name in [m for m in sys.modules if m == "placement" or m.startswith("placement.")]:
+            sys.modules.pop(name)
 
 
 def test_grid_has_the_issue_counts(bench):
@@ -74,4 +77,50 @@ def test_ledger_scrub_drops_dataset_texts_only(bench, tmp_path):
     assert scrubbed["eval"]["test_loss"] == 1.0
     assert (ledger / "new.json").read_text() == before_new  # nothing to remove: left untouched
     assert bench.scrub_ledger(tmp_path) == 0
-    assert bench._without_texts({"eval": {"test_loss": 2.0}}) == {"eval": {"test_loss": 2.0}}
+    assert bench.without_texts({"eval": {"test_loss": 2.0}}) == {"eval": {"test_loss": 2.0}}
+
+
+def test_ledger_keeps_runs_trims_and_the_machines_of_older_reports(bench, tmp_path):
+    from placement.ledger import Ledger
+
+    results = tmp_path / "results"
+    results.mkdir()
+    machines = [{"machine": {"cpu_count": 2}, "versions": {"torch": "x"}}]
+    (results / "placement.json").write_text(json.dumps({"created": "then", "measured_on": machines}))
+    led = Ledger(tmp_path / "root", results)
+    # results measured before placement_measured_on.json existed: the report made then names the machine
+    assert led.measured_on() == machines
+
+    key = "ab" * 32
+    assert led.run(key) is None
+    led.store_run(key, _run([{"id": "x-1", "prediction": "p"}]))
+    assert (results / "placement_runs" / f"{key}.json").is_file()
+    assert led.run(key)["eval"]["test_loss"] == 1.0
+
+    assert led.trim("sst2", key) is None
+    led.store_trim("sst2", key, {"chosen_k": 27}, "trim phase")
+    assert led.trim("sst2", key) == {"chosen_k": 27}
+    assert led.trim("sst2", key[:16] + "cd" * 24) is None  # same file name, another run: not its trim
+
+
+def test_report_keeps_its_stamp_only_while_nothing_else_changed(bench):
+    from placement.report import keep_created
+
+    previous = {"kind": "placement_benchmark", "created": "then", "rows": [{"test_loss": 1.0}]}
+    same = {"kind": "placement_benchmark", "created": "now", "rows": ({"test_loss": 1.0},)}
+    assert keep_created(same, previous)["created"] == "then"
+    changed = {**same, "rows": [{"test_loss": 0.5}]}
+    assert keep_created(changed, previous)["created"] == "now"
+    assert keep_created(same, None)["created"] == "now"
+
+
+def test_entry_script_keeps_its_command_line():
+    out = subprocess.run(
+        [sys.executable, str(_BENCHMARKS / "placement.py"), "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    for phase in ("cards", "single", "select", "confirm", "policies", "trim", "report", "all"):
+        assert phase in out
+    assert "--dry-run-tiny" in out and "--profile" in out and "Every train+eval run is cached" in out

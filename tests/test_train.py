@@ -405,4 +405,8 @@ def test_cli_train(tmp_path: Path, monkeypatch):
     res = runner.invoke(app, [*args, "--model", "nowhere-model"])
     assert res.exit_code == 2 and "nowhere-model" in res.output
     res = runner.invoke(app, [*args, "--epochs", "1"])
-    assert res.exit_code == 2 and "give exactly one of steps and epochs" in res.output and len(res.output.strip().splitlines()) == 1
+    assert (
+        res.exit_code == 2
+        and "give exactly one of steps and epochs" in res.output
+        and len(res.output.strip().splitlines()) == 1
+    )
