@@ -81,14 +81,18 @@ def config_options(
         own = [p for p in inspect.signature(fn, eval_str=True).parameters.values() if p.name != param]
         names = {p.name for p in own}
         derived = [f for f in fields if f.name not in names]
+        shared = [f.name for f in fields if f.name in names]  # the command's own option feeds the config too
         params = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own]
         params += [_parameter(f, defaults.get(f.name, f.default)) for f in derived]
 
         @functools.wraps(fn)
         def wrapper(**kwargs: Any) -> Any:
-            values = {f.name: kwargs.pop(f.name) for f in derived}
+            values = {f.name: kwargs.pop(f.name) for f in derived} | {n: kwargs[n] for n in shared}
+            # Only what the user changed goes through the schema's own defaulting (e.g. --epochs alone
+            # replaces the default step count), exactly as a YAML section that omits a key.
+            given = {k: v for k, v in values.items() if v != _cli_default(_field_default(schema, k))}
             try:
-                cfg = schema(**values)
+                cfg = schema(**schema.prepare(given))
             except ConfigError as e:
                 field = e.where.rpartition(".")[2]
                 raise ConfigError(option_name(field), e.problem) from None
@@ -99,3 +103,8 @@ def config_options(
         return wrapper  # type: ignore[return-value]
 
     return decorate
+
+
+def _field_default(schema: type[Schema], name: str) -> Any:
+    f = next(f for f in dataclasses.fields(schema) if f.name == name)
+    return None if f.default is dataclasses.MISSING else f.default

@@ -9,6 +9,8 @@ import typer
 from rich.table import Table
 
 from layercard.cli.app import TrustOpt, app, console, emit_json, guard, load_cli_model, progress_flag
+from layercard.cli.options import config_options
+from layercard.config import TrainConfig
 from layercard.errors import LayercardError
 
 
@@ -21,9 +23,9 @@ def _val_task(task: str, train_split: str, val_task: str | None, val_split: str 
     return held_out(task, exclude=train_split, seed=seed)
 
 
-# Longer than most functions: one typer option per parameter; the body itself is short.
 @app.command("train")
 @guard
+@config_options(TrainConfig, exclude=("dtype",))  # --dtype here is the loaded weights' dtype
 def train_cmd(
     plan: Annotated[Path, typer.Option("--plan", "-p", help="plan.json from `layercard plan`.")],
     task: Annotated[
@@ -43,32 +45,10 @@ def train_cmd(
     model: Annotated[
         str | None, typer.Option("--model", "-m", help="Base model (default: the plan's card model).")
     ] = None,
-    steps: Annotated[int | None, typer.Option(help="Optimizer steps (default 100 unless --epochs).")] = None,
-    epochs: Annotated[
-        float | None, typer.Option(help="Train for this many epochs instead of --steps.")
-    ] = None,
-    batch_size: Annotated[int, typer.Option(help="Micro-batch size.")] = 8,
-    grad_accum: Annotated[int, typer.Option(help="Micro-batches per optimizer step.")] = 1,
-    lr: Annotated[float, typer.Option(help="AdamW learning rate.")] = 1e-3,
-    scheduler: Annotated[str, typer.Option(help="constant | linear | cosine.")] = "constant",
-    warmup_steps: Annotated[int, typer.Option(help="Linear warm-up steps.")] = 0,
-    max_length: Annotated[int, typer.Option(help="Max prompt+target tokens per example.")] = 128,
-    train_examples: Annotated[
-        int | None, typer.Option(help="Train on a seeded subset of N examples.")
-    ] = None,
-    eval_examples: Annotated[int, typer.Option(help="Validation examples (0: none).")] = 64,
-    eval_every: Annotated[int, typer.Option(help="Validate every N steps (0: only at the end).")] = 25,
-    checkpoint_every: Annotated[int, typer.Option(help="Checkpoint every N steps (0: never).")] = 50,
     seed: int = 0,
     kind: Annotated[
         str | None, typer.Option(help="lora | houlsby | parallel (default: the plan's kind).")
     ] = None,
-    bottleneck: Annotated[
-        int | None, typer.Option(help="Bottleneck width for houlsby/parallel (default: the plan's, else 16).")
-    ] = None,
-    load_in_4bit: Annotated[
-        bool, typer.Option("--load-in-4bit", help="QLoRA: NF4 base through bitsandbytes (CUDA only).")
-    ] = False,
     resume: Annotated[
         bool, typer.Option("--resume", help="Continue from the latest checkpoint in --out.")
     ] = False,
@@ -77,36 +57,20 @@ def train_cmd(
     ] = "float32",
     trust_remote_code: TrustOpt = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print train_metrics as JSON.")] = False,
+    cfg: TrainConfig | None = None,
 ) -> None:
     """Train the adapters a plan places; write adapter/, train_metrics.json and checkpoints/ under --out."""
     from layercard.plan import Plan, check_model_matches
     from layercard.tasks import load_task
-    from layercard.train import TrainConfig, train
+    from layercard.train import train
 
-    # Everything checkable without the model first, so a typo costs no load time.
-    cfg = TrainConfig(
-        steps=steps if steps is not None or epochs is not None else 100,
-        epochs=epochs,
-        batch_size=batch_size,
-        grad_accum=grad_accum,
-        lr=lr,
-        scheduler=scheduler,
-        warmup_steps=warmup_steps,
-        max_length=max_length,
-        train_examples=train_examples,
-        eval_examples=eval_examples,
-        eval_every=eval_every,
-        checkpoint_every=checkpoint_every,
-        seed=seed,
-        bottleneck=bottleneck,
-        load_in_4bit=load_in_4bit,
-    )
+    assert cfg is not None  # built by config_options before anything loads, so a typo costs no time
     p = Plan.load(plan)
     model_spec = model or p.card.get("model_id")
     if not model_spec:
         raise LayercardError(f"{plan}: the plan names no model; pass --model")
     train_t = load_task(task, split=split, seed=seed)
-    val_t = _val_task(task, train_t.split, val_task, val_split, seed) if eval_examples else None
+    val_t = _val_task(task, train_t.split, val_task, val_split, seed) if cfg.eval_examples else None
     loaded = load_cli_model(model_spec, dtype, "auto", trust_remote_code)  # Accelerate places it
     check_model_matches(p, loaded, where=str(plan))
     metrics = train(
