@@ -526,5 +526,5 @@ def test_cli_bad_inputs(tiny_folder, lora_dir, tmp_path):
         assert len(r.output.strip().splitlines()) == 1
     r = CliRunner().invoke(app, ["trim", "--model", str(tiny_folder), "--adapter", str(lora_dir),
                                  "--task", "synthetic:facts", "--window", "3-5"])  # fmt: skip
-    assert r.exit_code != 0 and "--window '3-5'" in r.output
+    assert r.exit_code != 0 and "--window: must be two layer indices" in r.output and "'3-5'" in r.output
     assert not (tmp_path / "o").exists()

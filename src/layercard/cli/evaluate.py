@@ -20,11 +20,14 @@ from layercard.cli.app import (
     load_cli_model,
     progress_flag,
 )
+from layercard.cli.options import config_options
+from layercard.config import EvalConfig
 from layercard.errors import LayercardError
 
 
 @app.command("eval")
 @guard
+@config_options(EvalConfig)
 def eval_cmd(
     model: Annotated[
         str, typer.Option("--model", "-m", help="Built-in name (smollm2), local folder, .gguf file.")
@@ -42,42 +45,18 @@ def eval_cmd(
         Path | None, typer.Option("--adapter", "-a", help="PEFT or layercard adapter folder to evaluate.")
     ] = None,
     split: Annotated[str | None, typer.Option(help="Split for preset/synthetic tasks.")] = None,
-    examples: Annotated[
-        int | None, typer.Option(help="Evaluate a seeded subset of N examples (default: all).")
-    ] = None,
-    batch_size: Annotated[int, typer.Option(help="Generation and loss batch size.")] = 16,
-    max_new_tokens: Annotated[
-        int | None, typer.Option(help="Generation limit (default: the task format's).")
-    ] = None,
-    metrics: Annotated[
-        str | None, typer.Option(help="Comma list of metrics (default: the task format's; first = primary).")
-    ] = None,
-    loss: Annotated[bool, typer.Option("--loss/--no-loss", help="Also compute the target loss.")] = True,
-    max_length: Annotated[
-        int | None, typer.Option(help="Cap on prompt+target tokens for the loss (default: format limits).")
-    ] = None,
     seed: Annotated[int, typer.Option(help="Seed of the example subset and of synthetic tasks.")] = 0,
     dtype: DtypeOpt = "float32",
     device: DeviceOpt = "auto",
     trust_remote_code: TrustOpt = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+    cfg: EvalConfig | None = None,
 ) -> None:
     """Generate greedily on a task, score it with the task metrics and write eval.json + predictions.jsonl."""
-    from layercard.evaluate import EvalConfig, evaluate
+    from layercard.evaluate import evaluate
     from layercard.tasks import load_task
 
-    # Everything that can be checked without the model is checked first, so a typo costs no load time
-    # and writes nothing.
-    metric_names = None if metrics is None else tuple(m.strip() for m in metrics.split(",") if m.strip())
-    cfg = EvalConfig(
-        examples=examples,
-        batch_size=batch_size,
-        max_new_tokens=max_new_tokens,
-        metrics=metric_names,
-        loss=loss,
-        max_length=max_length,
-        seed=seed,
-    )
+    assert cfg is not None  # built by config_options before anything loads: a typo costs no time
     if adapter is not None and not adapter.is_dir():
         raise LayercardError(f"--adapter {adapter}: no such folder")
     t = load_task(task, split=split, seed=seed)

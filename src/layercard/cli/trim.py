@@ -20,6 +20,8 @@ from layercard.cli.app import (
     load_cli_model,
     progress_flag,
 )
+from layercard.cli.options import config_options
+from layercard.config import TraceConfig, TrimConfig
 from layercard.errors import LayercardError
 
 ModelOpt = Annotated[
@@ -62,40 +64,27 @@ def _validation_task(spec: str, split: str | None, seed: int) -> Any:
     return task if task is not None else load_task(spec, seed=seed)  # the loader's own error, or default
 
 
-def _parse_window(window: str | None) -> tuple[int, int] | None:
-    if window is None:
-        return None
-    a, sep, b = window.partition(":")
-    try:
-        if not sep:
-            raise ValueError
-        return int(a), int(b)
-    except ValueError:
-        raise LayercardError(f"--window {window!r}: expected A:B, two layer indices (e.g. 8:20)") from None
-
-
 # ---------------------------------------------------------------------------------------------
 @app.command("trace")
 @guard
+@config_options(TraceConfig)
 def trace_cmd(
     model: ModelOpt,
     adapter: AdapterOpt,
     task: TaskOpt,
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for trace.json and trace.png.")],
     split: SplitOpt = None,
-    examples: Annotated[int | None, typer.Option(help="Seeded subset of N validation examples.")] = 64,
-    batch_size: Annotated[int, typer.Option(help="Forward batch size.")] = 8,
-    max_length: Annotated[int | None, typer.Option(help="Max prompt+target tokens per example.")] = 256,
     seed: Annotated[int, typer.Option(help="Seed of the example subset and of synthetic tasks.")] = 0,
     dtype: DtypeOpt = "float32",
     device: DeviceOpt = "auto",
     trust_remote_code: TrustOpt = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print the trace as JSON.")] = False,
+    cfg: TraceConfig | None = None,
 ) -> None:
     """Logit lens per layer (P of the gold target tokens), adapter on and off; boundary candidates."""
-    from layercard.trim import TraceConfig, run_trace
+    from layercard.trim import run_trace
 
-    cfg = TraceConfig(examples=examples, batch_size=batch_size, max_length=max_length, seed=seed)
+    assert cfg is not None  # built by config_options
     _check_adapter(adapter)
     t = _validation_task(task, split, seed)
     loaded = load_cli_model(model, dtype, device, trust_remote_code)
@@ -122,6 +111,7 @@ def trace_cmd(
 # ---------------------------------------------------------------------------------------------
 @app.command("trim")
 @guard
+@config_options(TrimConfig)
 def trim_cmd(
     model: ModelOpt,
     adapter: AdapterOpt,
@@ -133,28 +123,6 @@ def trim_cmd(
         ),
     ] = None,
     split: SplitOpt = None,
-    examples: Annotated[int | None, typer.Option(help="Seeded subset of N validation examples.")] = 64,
-    window: Annotated[
-        str | None, typer.Option(help="Sweep boundaries K in A:B (inclusive) instead of around the trace.")
-    ] = None,
-    all_layers: Annotated[
-        bool, typer.Option("--all-layers", help="Sweep every layer as the boundary.")
-    ] = False,
-    radius: Annotated[int, typer.Option(help="Layers swept either side of each trace candidate.")] = 3,
-    metric: Annotated[
-        str | None, typer.Option(help="Selection metric (default: the task's primary; 'loss' = lowest loss).")
-    ] = None,
-    tie_tolerance: Annotated[
-        float, typer.Option(help="Scores within this of the best tie; ties go to fewer adapted layers.")
-    ] = 1e-9,
-    latency_repeats: Annotated[
-        int, typer.Option(help="Timed generation passes before and after trimming (minimum reported).")
-    ] = 3,
-    batch_size: Annotated[int, typer.Option(help="Generation and loss batch size.")] = 8,
-    max_new_tokens: Annotated[
-        int | None, typer.Option(help="Generation limit (default: the format's).")
-    ] = None,
-    max_length: Annotated[int | None, typer.Option(help="Max prompt+target tokens for lens and loss.")] = 256,
     export_merged: Annotated[
         Path | None,
         typer.Option("--export-merged", help="Also save the base with the trimmed LoRA merged here."),
@@ -164,23 +132,12 @@ def trim_cmd(
     device: DeviceOpt = "auto",
     trust_remote_code: TrustOpt = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print trim.json as JSON.")] = False,
+    cfg: TrimConfig | None = None,
 ) -> None:
     """Sweep the boundary layer K, pick the best, export adapter-trimmed/ (and optionally a merged model)."""
-    from layercard.trim import TrimConfig, trim
+    from layercard.trim import trim
 
-    cfg = TrimConfig(
-        examples=examples,
-        batch_size=batch_size,
-        max_new_tokens=max_new_tokens,
-        max_length=max_length,
-        metric=metric,
-        window=_parse_window(window),
-        all_layers=all_layers,
-        radius=radius,
-        tie_tolerance=tie_tolerance,
-        latency_repeats=latency_repeats,
-        seed=seed,
-    )
+    assert cfg is not None  # built by config_options
     _check_adapter(adapter)
     t = _validation_task(task, split, seed)
     loaded = load_cli_model(model, dtype, device, trust_remote_code)
