@@ -23,7 +23,7 @@ from layercard.adapters import attached
 from layercard.artifacts import SCHEMA_VERSION, Provenance, atomic_path, hash_folder, write_json
 from layercard.config import TraceConfig, TrimConfig
 from layercard.errors import LayercardError
-from layercard.tasks import METRICS, Task, batches, encode_task
+from layercard.tasks import METRICS, Task, batches, encode_task, higher_is_better
 from layercard.trim.export import _adapter_kind, _write_trimmed, export_merged
 from layercard.trim.figures import plot_sweep
 from layercard.trim.lens import TRACE_FILE, Trace, trace
@@ -222,7 +222,7 @@ def _job(
     sub = _subset(task, cfg.examples, cfg.seed)
     tok = loaded.tokenizer
     metric = cfg.metric or sub.format.metrics[0]
-    higher = metric != "loss"  # every task metric is higher-is-better; the loss is not
+    higher = higher_is_better(metric)  # each metric declares its direction; the loss is lower-is-better
     names = list(dict.fromkeys([*([metric] if metric != "loss" else []), *sub.format.metrics]))
     names += [m for m in ("token_f1", "rouge_l") if m not in names]  # F1/ROUGE-L beside the task metric
     max_new = cfg.max_new_tokens or sub.format.max_new_tokens
