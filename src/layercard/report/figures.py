@@ -111,53 +111,20 @@ def fig_trace(trace: Trace | None, trim: dict[str, Any], path: Path) -> bytes:
 
 
 def _trace_panel(ax: Any, trace: Trace, chosen: int) -> None:
-    """Both lens curves, the boundary candidates of the 'on' curve and the chosen K."""
-    layers = list(range(len(trace.curve_on)))
-    ax.plot(layers, trace.curve_on, marker="o", ms=3, label="adapter on")
-    ax.plot(layers, trace.curve_off, marker="o", ms=3, ls="--", color="grey", label="adapter off")
-    styles = {"sharpest_rise": "tab:red", "half_final": "tab:green"}
-    for key, layer in trace.candidates.items():
-        ax.axvline(
-            layer,
-            color=styles.get(key, "tab:purple"),
-            ls=":",
-            lw=1.5,
-            label=f"{key.replace('_', ' ')}: layer {layer}",
-        )
-    ax.axvline(chosen, color="black", lw=1, alpha=0.6, label=f"chosen K = {chosen}")
-    ax.set_xlabel("layer (output of)")
-    ax.set_ylabel("P(gold next token), logit lens")
+    """Both lens curves, the boundary candidates of the 'on' curve and the chosen K (drawn by trim)."""
+    from layercard.trim import draw_trace
+
+    draw_trace(ax, trace, chosen_k=chosen)
     ax.set_title(f"boundary trace · {trace.n_examples} examples", fontsize=9)
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
 
 
 def _sweep_panel(ax: Any, trim: dict[str, Any]) -> None:
-    """The selection metric (and the loss, grey) against K, the chosen K marked."""
-    chosen = trim["chosen_k"]
-    rows = trim["sweep"]
-    metric = trim["metric"]
-    ks = [r["k"] for r in rows]
+    """The selection metric (and the loss, grey) against K, the chosen K marked (drawn by trim)."""
+    from layercard.trim import draw_sweep
 
-    def value(r: dict[str, Any]) -> float:
-        v = r.get("loss") if metric == "loss" else r.get("metrics", {}).get(metric)
-        return float("nan") if v is None else float(v)
-
-    ax.plot(ks, [value(r) for r in rows], marker="o", label=metric)
-    ax.set_xlabel("boundary K (adapters kept in layers ≤ K)")
-    ax.set_ylabel(metric)
-    if metric != "loss" and any(r.get("loss") is not None for r in rows):
-        ax2 = ax.twinx()
-        ax2.plot(
-            ks,
-            [r["loss"] if r.get("loss") is not None else float("nan") for r in rows],
-            marker="s",
-            ms=3,
-            ls="--",
-            color="grey",
-        )
-        ax2.set_ylabel("loss (grey)")
-    ax.axvline(chosen, color="tab:red", ls=":", label=f"chosen K = {chosen}")
+    draw_sweep(ax, trim)
     ax.legend(fontsize=8, loc="lower right")
     ax.grid(alpha=0.3)
     ax.set_title("trim sweep", fontsize=9)
