@@ -245,14 +245,14 @@ def tiny_settings() -> Settings:
     )
 
 
-# The reasons below are quoted in the committed reports (RESULTS/placement.md), which the report subcommand
-# must regenerate byte for byte: their wording, "DESIGN §3a" included, changes only with fresh results.
+# The reasons below are quoted in the committed reports (RESULTS/placement.md): a change of wording here
+# is a change of those reports, to be regenerated (`placement.py report`) and committed with it.
 def why(s: Settings) -> list[str]:
     """The reasons for the shared settings, in words (the per-task ones are in ``TaskSetting.why``)."""
     lora = f"LoRA r={s.rank}, α={s.alpha:g} on {s.roles} (the card's roles), AdamW lr {s.lr:g} constant, "
     if s.profile == "gpu":
         head = [
-            lora + "no warm-up: the pilot's lr (DESIGN §3a, batch 8); batches are 8 (e2e_nlg, sst2) and 4 "
+            lora + "no warm-up: the pilot's lr (at batch 8); batches are 8 (e2e_nlg, sst2) and 4 "
             "(gsm8k, samsum), twice the CPU profile's.",
             f"{s.steps} steps for every run (policies and single layers alike), 3.3× the CPU profile's, with "
             "4-8× its test examples and a 4× larger card. The default score is the one the CPU profile "
@@ -262,7 +262,7 @@ def why(s: Settings) -> list[str]:
         ]
     else:
         head = [
-            lora + "no warm-up: the pilot (DESIGN §3a) used lr 1e-3 at batch 8 for 60 steps; the lr is "
+            lora + "no warm-up: the pilot placement runs used lr 1e-3 at batch 8 for 60 steps; the lr is "
             "doubled because these runs are shorter and their batches smaller.",
             f"{s.steps} steps for every run (policies and single layers alike): what fits the grid (about "
             "110 runs) into about three hours on 2 cores (see the estimate). Short runs favour scores built "
