@@ -60,7 +60,7 @@ def tiny_card(tiny_llama) -> Card:
         source="memory",
     )
     task = load_task("synthetic:facts", split="train")
-    cfg = CardConfig(examples=8, max_length=48, batch_size=4, coupling=True)
+    cfg = CardConfig(roles="q,v", examples=8, max_length=48, batch_size=4, coupling=True)
     card = compute_card(loaded, task, cfg, progress=False)
     # The random tiny model's first-step rates are negative (its quadratic term dominates); plan on gradnorm.
     return dataclasses.replace(card, cost=COST, default_score="gradnorm")
@@ -453,7 +453,7 @@ def test_plan_json_roundtrip(tiny_card, tmp_path):
 def test_malformed_plan_file(tmp_path):
     p = tmp_path / "plan.json"
     p.write_text(json.dumps({"kind": "plan", "schema_version": 1, "units": [{"key": 1}]}))
-    with pytest.raises(LayercardError, match="plan.json: malformed plan") as e:
+    with pytest.raises(LayercardError, match="plan.json: provenance: missing") as e:
         Plan.load(p)
     assert "\n" not in str(e.value)
     p.write_text(json.dumps({"kind": "card", "schema_version": 1}))

@@ -1,0 +1,267 @@
+"""Quality data for the planner: measured loss drops of placements across matrices × layers × rank.
+
+For each task (default e2e_nlg and sst2, the tasks used to choose the quality model's form) it measures an
+all-linear Layer Card, the base model's test loss, and then trains every placement of a fixed grid on smollm2
+with the same steps, lr, batch, tokens and seed, recording the test-loss drop and its fraction of the
+reference's drop (every linear unit of every layer at rank 8). One JSON per run under RESULTS/runs/, so the
+script resumes where it stopped; the summary is rebuilt from them by ``summary``.
+
+    .venv/bin/python benchmarks/quality.py run [--tasks e2e_nlg,sst2] [--only NAME,...]
+    .venv/bin/python benchmarks/quality.py summary
+
+Settings (the CPU placement benchmark's, so the two agree): 36 steps, batch 4, AdamW lr 2e-3 constant,
+LoRA alpha = 2·rank, seed 0, training on a seeded subset of 1000 examples, test loss on 64 (e2e_nlg) or
+96 (sst2) held-out examples. The card: 32 examples, all linear roles, no coupling, no calibration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results" / "quality"
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskSetting:
+    name: str
+    train_split: str
+    test_split: str
+    max_length: int
+    test_examples: int
+
+
+TASKS = {
+    "e2e_nlg": TaskSetting("e2e_nlg", "validation", "test", 128, 64),
+    "sst2": TaskSetting("sst2", "train", "validation", 96, 96),
+}
+STEPS, BATCH, LR, SEED, TRAIN_EXAMPLES = 36, 4, 2e-3, 0, 1000
+
+
+@dataclasses.dataclass(frozen=True)
+class Placement:
+    """One grid point: which matrices, which layers (a policy and budget of the planner) and which rank."""
+
+    name: str
+    roles: str
+    policy: str
+    budget: str | None
+    rank: int
+
+
+# The reference first: every other run is reported as a fraction of its drop.
+GRID = (
+    Placement("ref", "all-linear", "all", None, 8),
+    Placement("qv-all-r8", "q,v", "all", None, 8),
+    Placement("qv-all-r2", "q,v", "all", None, 2),
+    Placement("attn-all-r4", "attention", "all", None, 4),
+    Placement("mlp-all-r2", "mlp", "all", None, 2),
+    Placement("mlp-all-r8", "mlp", "all", None, 8),
+    Placement("lin-all-r2", "all-linear", "all", None, 2),
+    Placement("lin-last8-r8", "all-linear", "top", "layers=8", 8),
+    Placement("lin-uni8-r8", "all-linear", "uniform", "layers=8", 8),
+    Placement("qv-uni8-r8", "q,v", "uniform", "layers=8", 8),
+    Placement("mlp-last4-r8", "mlp", "top", "layers=4", 8),
+    Placement("lin-uni4-r4", "all-linear", "uniform", "layers=4", 4),
+    Placement("qv-last8-r8", "q,v", "top", "layers=8", 8),
+    Placement("mlp-uni8-r2", "mlp", "uniform", "layers=8", 2),
+    Placement("lin-strat8-r8", "all-linear", "card-stratified", "layers=8", 8),
+    Placement("lin-mid1-r8", "all-linear", "middle", "layers=1", 8),
+)
+
+
+def _card(loaded: Any, task: Any, setting: TaskSetting) -> Any:
+    from layercard import CardConfig, measure_card
+    from layercard.card import Card, write_card_folder
+
+    folder = RESULTS / "cards" / setting.name
+    if (folder / "card.json").is_file():
+        card = Card.load(folder / "card.json")
+        if card.model["hash"] == loaded.model_hash and card.task["data_hash"] == task.data_hash:
+            return card
+    cfg = CardConfig(roles="all-linear", examples=32, max_length=setting.max_length, calibrate=False)
+    card = measure_card(loaded, task, cfg)
+    write_card_folder(card, folder)
+    return card
+
+
+def _test_loss(loaded: Any, test: Any, setting: TaskSetting, adapter: Path | None) -> float:
+    import contextlib
+
+    from layercard.adapters import attached
+    from layercard.inference import eval_loss
+
+    ctx = attached(loaded.model, adapter) if adapter is not None else contextlib.nullcontext(loaded.model)
+    with ctx as net:
+        return eval_loss(
+            net, loaded.tokenizer, test, test.examples, batch_size=16, max_length=setting.max_length
+        )
+
+
+def _base(loaded: Any, test: Any, setting: TaskSetting) -> float:
+    from layercard.artifacts import read_json, write_json
+
+    path = RESULTS / "runs" / f"{setting.name}-base.json"
+    if path.is_file():
+        return float(read_json(path)["test_loss"])
+    loss = _test_loss(loaded, test, setting, None)
+    write_json(path, {"task": setting.name, "name": "base", "test_loss": loss, "test_data": test.data_hash})
+    return loss
+
+
+def _run(loaded: Any, card: Any, train_task: Any, test: Any, setting: TaskSetting, p: Placement) -> None:
+    from layercard import PlanConfig, make_plan
+    from layercard.artifacts import machine_info, write_json
+    from layercard.config import TrainConfig
+    from layercard.train import train
+
+    path = RESULTS / "runs" / f"{setting.name}-{p.name}.json"
+    if path.is_file():
+        return
+    plan = make_plan(card, PlanConfig(policy=p.policy, budget=p.budget, roles=p.roles, rank=p.rank))
+    cfg = TrainConfig(
+        steps=STEPS, batch_size=BATCH, lr=LR, max_length=setting.max_length, train_examples=TRAIN_EXAMPLES,
+        eval_examples=0, checkpoint_every=0, seed=SEED,
+    )  # fmt: skip
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="quality-") as tmp:
+        metrics = train(loaded, plan, train_task, None, cfg, tmp, progress=False)
+        loss = _test_loss(loaded, test, setting, Path(tmp) / "adapter")
+    write_json(
+        path,
+        {
+            "task": setting.name,
+            "name": p.name,
+            "placement": dataclasses.asdict(p),
+            "layers": plan.layers,
+            "units": [[u.layer, u.role, u.rank] for u in plan.units],
+            "params": plan.predicted["params"],
+            "modules": plan.predicted["modules"],
+            "predicted": {k: plan.predicted.get(k) for k in ("score", "gain", "fraction", "captured")},
+            "test_loss": loss,
+            "s_per_step": metrics["s_per_step"],
+            "peak_memory_mib": metrics["peak_memory_mib"],
+            "final_train_loss": metrics["final_train_loss"],
+            "wall_s": round(time.perf_counter() - t0, 1),
+            "load_1min": os.getloadavg()[0],
+            "threads": __import__("torch").get_num_threads(),
+            "machine": machine_info(),
+        },
+    )
+    print(f"{setting.name} {p.name}: test loss {loss:.4f}, {metrics['s_per_step']:.2f} s/step", flush=True)
+
+
+def run(tasks: list[str], only: set[str] | None) -> None:
+    from layercard import load_model, load_task
+
+    loaded = load_model("smollm2")
+    for name in tasks:
+        s = TASKS[name]
+        train_task = load_task(f"{name}:{s.train_split}")
+        test = load_task(f"{name}:{s.test_split}").subset(s.test_examples, seed=SEED)
+        card = _card(loaded, train_task.subset(TRAIN_EXAMPLES, seed=SEED), s)
+        base = _base(loaded, test, s)
+        print(f"{name}: base test loss {base:.4f}", flush=True)
+        for p in GRID:
+            if only is None or p.name in only:
+                _run(loaded, card, train_task, test, s, p)
+
+
+def rows() -> list[dict[str, Any]]:
+    """Every finished run with its drop and its fraction of the reference's drop (same task)."""
+    from layercard.artifacts import read_json
+
+    out = []
+    for name in TASKS:
+        base_path = RESULTS / "runs" / f"{name}-base.json"
+        ref_path = RESULTS / "runs" / f"{name}-ref.json"
+        if not (base_path.is_file() and ref_path.is_file()):
+            continue
+        base = read_json(base_path)["test_loss"]
+        ref_drop = base - read_json(ref_path)["test_loss"]
+        for p in GRID:
+            path = RESULTS / "runs" / f"{name}-{p.name}.json"
+            if path.is_file():
+                r = read_json(path)
+                r["drop"] = base - r["test_loss"]
+                r["fraction"] = r["drop"] / ref_drop
+                out.append(r)
+    return out
+
+
+def summary() -> None:
+    for r in rows():
+        print(
+            f"{r['task']:8s} {r['name']:14s} params {r['params']:>9,} modules {r['modules']:>4} "
+            f"loss {r['test_loss']:.4f} fraction {r['fraction']:.3f} s/step {r['s_per_step']:.2f}"
+        )
+
+
+def _features(task: str, r: dict[str, Any]) -> Any:
+    from layercard.card import Card
+    from layercard.plan.quality import features
+
+    card = Card.load(RESULTS / "cards" / task / "card.json")
+    by_pos = {(u.layer, u.role): u.key for u in card.units}
+    return features(card, {by_pos[(layer, role)]: rank for layer, role, rank in r["units"]})
+
+
+def fit() -> dict[str, Any]:
+    """Each form fitted on one task and scored on the other (and the planner's old set-gain fraction)."""
+    from layercard.artifacts import write_json
+    from layercard.plan.quality import FORMS, fit, mean_abs_error
+
+    data: dict[str, tuple[list[Any], list[float], list[float]]] = {}
+    for r in rows():
+        if r["name"] == "ref":
+            continue  # its fraction is 1 by definition
+        xs, ys, old = data.setdefault(r["task"], ([], [], []))
+        xs.append(_features(r["task"], r))
+        ys.append(r["fraction"])
+        old.append(r["predicted"]["fraction"])
+    out: dict[str, Any] = {"tasks": {t: len(v[1]) for t, v in data.items()}, "forms": {}}
+    tasks = sorted(data)
+    out["old_set_gain_fraction_mae"] = {
+        t: float(
+            sum(abs((o or 0.0) - y) for o, y in zip(data[t][2], data[t][1], strict=True)) / len(data[t][1])
+        )
+        for t in tasks
+    }
+    for name, form in FORMS.items():
+        res: dict[str, Any] = {"description": form.description}
+        for fit_task in tasks:
+            params, err = fit(form, data[fit_task][0], data[fit_task][1])
+            held = {t: mean_abs_error(form, params, data[t][0], data[t][1]) for t in tasks if t != fit_task}
+            res[f"fit_on_{fit_task}"] = {"params": list(params), "fit_mae": err, "held_out_mae": held}
+        out["forms"][name] = res
+    write_json(RESULTS / "fit.json", out)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("what", choices=("run", "summary", "fit"))
+    ap.add_argument("--tasks", default="e2e_nlg,sst2")
+    ap.add_argument("--only", default=None, help="comma-separated grid names")
+    a = ap.parse_args()
+    if a.what == "run":
+        print(f"python {platform.python_version()}, {sys.platform}", flush=True)
+        run(a.tasks.split(","), set(a.only.split(",")) if a.only else None)
+    if a.what == "fit":
+        import json
+
+        print(json.dumps(fit(), indent=1))
+        return
+    summary()
+
+
+if __name__ == "__main__":
+    main()

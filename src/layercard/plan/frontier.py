@@ -1,0 +1,205 @@
+"""The search over matrices × layers × rank (docs/design.md §6): candidates, costs, the Pareto frontier.
+
+Every candidate is a uniform-rank LoRA placement: a matrix set (q,v | attention | mlp | all-linear), a
+layer set (all layers; the last n; n layers spread evenly over depth) and a rank. Each gets its predicted
+quality (:mod:`layercard.plan.quality`) and its costs: trainable parameters, adapted modules and, when the
+card carries a calibrated cost model, seconds per training step. Budgets may be absolute or relative to
+the reference placement (every linear unit of every layer at rank 8): ``params=0.25x``.
+
+The practitioners' fixed rules are candidates too, each fitted to a budget the way its users fit it:
+``peft-default`` (q,v on every layer) and ``all-linear`` lower the rank, ``last-n`` lowers n.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from layercard.card.artifact import Card, UnitRow
+from layercard.errors import LayercardError
+from layercard.plan import quality as Q
+
+MATRICES: dict[str, tuple[str, ...]] = {
+    "q,v": ("q", "v"),
+    "attention": ("q", "k", "v", "o"),
+    "mlp": ("gate", "up", "down"),
+    "all-linear": ("q", "k", "v", "o", "gate", "up", "down"),
+}
+RANKS = (1, 2, 4, 8, 16, 32)
+COST_KINDS = ("params", "modules", "step_time")
+
+
+@dataclasses.dataclass(frozen=True)
+class Candidate:
+    """One placement of the search: its description, units with ranks, predicted quality and costs."""
+
+    matrices: str
+    layers: tuple[int, ...]
+    layer_rule: str  # "all", "last-n", "spread-n"
+    rank: int
+    quality: float
+    costs: dict[str, float]
+    units: tuple[tuple[str, int], ...]  # (unit key, rank)
+
+    @property
+    def label(self) -> str:
+        return f"{self.matrices} · {self.layer_rule} · r={self.rank}"
+
+
+@dataclasses.dataclass(frozen=True)
+class RelBudget:
+    """A cap on one cost, absolute or as a multiple of the reference's (``relative=True``)."""
+
+    kind: str
+    value: float
+    relative: bool = False
+
+    @classmethod
+    def parse(cls, text: str) -> RelBudget:
+        kind, sep, raw = text.partition("=")
+        kind, raw = kind.strip().lower().replace("-", "_"), raw.strip().lower()
+        if not sep or kind not in COST_KINDS:
+            raise LayercardError(
+                f"budget {text!r}: expected KIND=VALUE with KIND one of {', '.join(COST_KINDS)}"
+            )
+        relative = raw.endswith("x")
+        try:
+            value = float(raw[:-1] if relative else raw)
+        except ValueError:
+            raise LayercardError(
+                f"budget {text!r}: {raw!r} is not a number (or a multiple like 0.25x)"
+            ) from None
+        if not math.isfinite(value) or value <= 0:
+            raise LayercardError(f"budget {text!r}: must be a positive number")
+        return cls(kind, value, relative)
+
+    def cap(self, reference: dict[str, float]) -> float:
+        return self.value * reference[self.kind] if self.relative else self.value
+
+    def __str__(self) -> str:
+        return f"{self.kind}={self.value:g}{'x' if self.relative else ''}"
+
+
+def layer_sets(n_layers: int) -> list[tuple[str, tuple[int, ...]]]:
+    """All layers, the last n and n spread evenly over depth, for n in 1, 2, 4, 8, 16 below n_layers."""
+    out: list[tuple[str, tuple[int, ...]]] = [("all", tuple(range(n_layers)))]
+    for n in (1, 2, 4, 8, 16):
+        if n >= n_layers:
+            break
+        out.append((f"last-{n}", tuple(range(n_layers - n, n_layers))))
+        if n > 1:  # one layer "spread" is just the middle layer
+            step = n_layers / n
+            out.append((f"spread-{n}", tuple(sorted({int(step * i + step / 2) for i in range(n)}))))
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Search:
+    """The priced candidates of one card, with the reference's costs for relative budgets."""
+
+    card: Card
+    candidates: tuple[Candidate, ...]
+    reference: dict[str, float]
+
+    def fitting(self, budgets: Sequence[RelBudget]) -> list[Candidate]:
+        caps = [(b.kind, b.cap(self.reference)) for b in budgets]
+        for kind, _ in caps:
+            if kind not in self.reference:
+                raise LayercardError(f"budget {kind}: the card has no cost model (run card with --calibrate)")
+        return [c for c in self.candidates if all(c.costs[k] <= cap * (1 + 1e-9) for k, cap in caps)]
+
+    def recommend(self, budgets: Sequence[RelBudget]) -> Candidate:
+        """The highest predicted quality within every budget; ties go to fewer parameters."""
+        ok = self.fitting(budgets)
+        if not ok:
+            raise LayercardError(f"budgets {', '.join(map(str, budgets))}: no placement fits")
+        return max(ok, key=lambda c: (round(c.quality, 6), -c.costs["params"]))
+
+    def frontier(self, kind: str) -> list[Candidate]:
+        """Candidates no other beats on both predicted quality and the cost ``kind`` (cheapest first)."""
+        if kind not in self.reference:
+            raise LayercardError(f"frontier: cost {kind!r} is not known for this card")
+        best: list[Candidate] = []
+        for c in sorted(self.candidates, key=lambda c: (c.costs[kind], -c.quality)):
+            if not best or c.quality > best[-1].quality + 1e-12:
+                best.append(c)
+        return best
+
+    def default_rule(self, rule: str, budgets: Sequence[RelBudget]) -> Candidate | None:
+        """A practitioners' rule fitted to the budgets as its users would fit it, or None if nothing fits."""
+        ok = {(c.matrices, c.layer_rule, c.rank): c for c in self.fitting(budgets)}
+        if rule in ("peft-default", "all-linear"):
+            matrices = "q,v" if rule == "peft-default" else "all-linear"
+            for r in sorted(RANKS, reverse=True):  # the highest rank that fits
+                if (matrices, "all", r) in ok:
+                    return ok[(matrices, "all", r)]
+            return None
+        if rule == "last-n":
+            for n in sorted(range(1, self.card.n_layers + 1), reverse=True):  # the most layers that fit, r=8
+                key = ("all-linear", "all" if n == self.card.n_layers else f"last-{n}", 8)
+                if key in ok:
+                    return ok[key]
+            return None
+        raise LayercardError(f"unknown rule {rule!r}; valid: peft-default, all-linear, last-n")
+
+
+def search(
+    card: Card,
+    *,
+    predict: Callable[[Q.Features], float],
+    step_time: Callable[[Sequence[UnitRow], Sequence[int]], float] | None = None,
+    ranks: Sequence[int] = RANKS,
+) -> Search:
+    """Price every candidate of the card: quality from ``predict``, step time from ``step_time`` if given."""
+    roles_have = {u.role for u in card.units}
+    by_layer: dict[int, list[UnitRow]] = {}
+    for u in card.units:
+        by_layer.setdefault(u.layer, []).append(u)
+    out: list[Candidate] = []
+    reference: dict[str, float] | None = None
+    for mname, roles in MATRICES.items():
+        if not set(roles) <= roles_have:
+            continue
+        for rule, layers in layer_sets(card.n_layers):
+            units = [u for layer in layers for u in by_layer.get(layer, ()) if u.role in roles]
+            if not units:
+                continue
+            for r in ranks:
+                ranks_map = {u.key: r for u in units}
+                f = Q.features(card, ranks_map)
+                costs = {
+                    "params": float(sum(r * (u.d_in + u.d_out) for u in units)),
+                    "modules": float(len(units)),
+                }
+                if step_time is not None:
+                    costs["step_time"] = float(step_time(units, [r] * len(units)))
+                c = Candidate(mname, tuple(layers), rule, r, predict(f), costs, tuple(ranks_map.items()))
+                out.append(c)
+                if mname == "all-linear" and rule == "all" and r == Q.REFERENCE_RANK:
+                    reference = dict(costs)
+    if reference is None:
+        # A card without every linear role: its own units at rank 8 are the reference.
+        units = list(card.units)
+        reference = {
+            "params": float(sum(Q.REFERENCE_RANK * (u.d_in + u.d_out) for u in units)),
+            "modules": float(len(units)),
+        }
+        if step_time is not None:
+            reference["step_time"] = float(step_time(units, [Q.REFERENCE_RANK] * len(units)))
+    if not out:
+        raise LayercardError("search: the card has no units of any matrix set (q,v, attention, mlp)")
+    return Search(card, tuple(out), reference)
+
+
+def summary_row(c: Candidate, reference: dict[str, float]) -> dict[str, Any]:
+    """A JSON row of a candidate: what, predicted quality, costs absolute and relative to the reference."""
+    return {
+        "matrices": c.matrices,
+        "layers": c.layer_rule,
+        "rank": c.rank,
+        "quality": round(c.quality, 4),
+        **{k: v for k, v in c.costs.items()},
+        **{f"{k}_x": round(v / reference[k], 4) for k, v in c.costs.items() if reference.get(k)},
+    }

@@ -1,0 +1,142 @@
+"""Predicted quality of a placement (docs/design.md §4): its loss drop after the planned steps, as a fraction
+of the reference's (every unit the card measured, every layer, rank 8).
+
+A placement is a set of units, each with a rank. Its *capacity* x ∈ [0, 1] is the share of the reference's
+card-weighted, rank-aware capacity it holds:
+
+    x(P) = Σ_{u∈P} w_u·s_u(r_u) / Σ_{u∈R} w_u·s_u(8)
+
+with w_u a unit's card weight (squared gradient-norm-times-energy score by default) and s_u(r) the share of
+the unit's whitened gradient energy the best rank-r update captures (captured@r / resnorm²). Quality is a
+concave map of capacity, q = φ(x) with φ(0) = 0 and φ(1) = 1; the candidate forms and their fitted
+parameters are in :data:`FORMS`, the measured choice in :data:`DEFAULT_FORM`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Mapping, Sequence
+
+import numpy as np
+
+from layercard.card.artifact import Card, UnitRow
+from layercard.errors import LayercardError
+
+REFERENCE_RANK = 8
+DEPTH_BANDS = 6  # coverage counts how many of this many equal depth bands hold an adapted unit
+
+
+def rank_share(unit: UnitRow, rank: int) -> float:
+    """captured@r / resnorm² of ``unit``: what a rank-r update can reach of its best full-rank correction.
+
+    The card stores captured@r at r = 1, 2, 4, …, 64; a rank between two stored ones takes the lower
+    (captured@r grows with r, so this never overstates), a larger one the largest.
+    """
+    total = unit.resnorm**2
+    if total <= 0 or not unit.captured:
+        return 0.0
+    stored = sorted((int(k), float(v)) for k, v in unit.captured.items())
+    below = [v for k, v in stored if k <= rank]
+    value = below[-1] if below else stored[0][1] * rank / stored[0][0]
+    return float(min(max(value / total, 0.0), 1.0))
+
+
+def unit_weight(card: Card, unit: UnitRow, score: str) -> float:
+    """A unit's weight in the capacity sum: squared for the gradient-norm scores (they add as energies)."""
+    v = card.unit_score(unit, score)
+    return v * v if score in ("gradnorm", "gradnorm_energy") else max(v, 0.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class Features:
+    """What the quality forms read from a placement: capacity, parameter share and depth coverage."""
+
+    capacity: float
+    params: float
+    coverage: float
+
+
+def features(card: Card, ranks: Mapping[str, int], *, score: str = "gradnorm_energy") -> Features:
+    """Features of the placement ``ranks`` (unit key → rank) against the card's reference."""
+    by_key = {u.key: u for u in card.units}
+    missing = [k for k in ranks if k not in by_key]
+    if missing:
+        raise LayercardError(f"quality: unit {missing[0]!r} is not in the card")
+    ref_cap = sum(unit_weight(card, u, score) * rank_share(u, REFERENCE_RANK) for u in card.units)
+    ref_params = sum(REFERENCE_RANK * (u.d_in + u.d_out) for u in card.units)
+    cap = sum(unit_weight(card, by_key[k], score) * rank_share(by_key[k], r) for k, r in ranks.items())
+    params = sum(r * (by_key[k].d_in + by_key[k].d_out) for k, r in ranks.items())
+    band = max(1, math.ceil(card.n_layers / DEPTH_BANDS))
+    bands = {by_key[k].layer // band for k in ranks}
+    return Features(
+        capacity=cap / ref_cap if ref_cap > 0 else 0.0,
+        params=params / ref_params if ref_params > 0 else 0.0,
+        coverage=len(bands) / math.ceil(card.n_layers / band),
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class Form:
+    """One candidate quality model: q = fn(features, params), with its parameters fitted on measured runs."""
+
+    name: str
+    description: str
+    fn: Callable[[Features, Sequence[float]], float]
+    grid: tuple[tuple[float, ...], ...]  # candidate values of each parameter, searched exhaustively
+
+
+def _power(x: float, g: float) -> float:
+    return float(min(max(x, 0.0), 1.0) ** g) if x > 0 else 0.0
+
+
+FORMS: dict[str, Form] = {
+    f.name: f
+    for f in (
+        Form(
+            "params",
+            "parameter share to a power: q = (params/params_ref)^γ (no card)",
+            lambda f, p: _power(f.params, p[0]),
+            (tuple(np.round(np.arange(0.05, 1.001, 0.01), 3)),),
+        ),
+        Form(
+            "capacity",
+            "card capacity to a power: q = x^γ",
+            lambda f, p: _power(f.capacity, p[0]),
+            (tuple(np.round(np.arange(0.05, 1.001, 0.01), 3)),),
+        ),
+        Form(
+            "capacity_coverage",
+            "card capacity to a power, times depth coverage to a power: q = x^γ·c^β",
+            lambda f, p: _power(f.capacity, p[0]) * _power(f.coverage, p[1]),
+            (
+                tuple(np.round(np.arange(0.05, 1.001, 0.01), 3)),
+                tuple(np.round(np.arange(0.0, 1.001, 0.05), 3)),
+            ),
+        ),
+    )
+}
+
+
+def fit(form: Form, xs: Sequence[Features], ys: Sequence[float]) -> tuple[tuple[float, ...], float]:
+    """The parameters on ``form``'s grid with the least mean absolute error on (xs, ys), and that error."""
+    if not xs:
+        raise LayercardError("quality fit: no measured placements")
+    best: tuple[tuple[float, ...], float] | None = None
+    for params in _product(form.grid):
+        err = mean_abs_error(form, params, xs, ys)
+        if best is None or err < best[1] - 1e-12:
+            best = (params, err)
+    assert best is not None
+    return best
+
+
+def mean_abs_error(form: Form, params: Sequence[float], xs: Sequence[Features], ys: Sequence[float]) -> float:
+    return float(np.mean([abs(form.fn(x, params) - y) for x, y in zip(xs, ys, strict=True)]))
+
+
+def _product(grid: Sequence[Sequence[float]]) -> list[tuple[float, ...]]:
+    out: list[tuple[float, ...]] = [()]
+    for values in grid:
+        out = [(*p, float(v)) for p in out for v in values]
+    return out
