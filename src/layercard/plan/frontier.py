@@ -104,10 +104,10 @@ class Search:
     reference: dict[str, float]
 
     def fitting(self, budgets: Sequence[RelBudget]) -> list[Candidate]:
+        for b in budgets:
+            if b.kind not in self.reference:
+                raise LayercardError(f"budget {b}: the card has no cost model (run card with --calibrate)")
         caps = [(b.kind, b.cap(self.reference)) for b in budgets]
-        for kind, _ in caps:
-            if kind not in self.reference:
-                raise LayercardError(f"budget {kind}: the card has no cost model (run card with --calibrate)")
         return [c for c in self.candidates if all(c.costs[k] <= cap * (1 + 1e-9) for k, cap in caps)]
 
     def recommend(self, budgets: Sequence[RelBudget]) -> Candidate:

@@ -1,0 +1,187 @@
+"""The quality model's features and fitting, and the placement search, on cases whose answer is known."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from layercard.card import Card, GroupRow, UnitRow
+from layercard.errors import LayercardError
+from layercard.plan import frontier as F
+from layercard.plan import quality as Q
+
+ROLES = ("q", "k", "v", "o", "gate", "up", "down")
+
+
+def _card(n_layers: int = 8, *, weight=lambda layer, role: 1.0, d: int = 16, d_ff: int = 32) -> Card:
+    """A hand-made card: every linear role in every layer; captured@r = 1 − 2^-r of resnorm² (= 1)."""
+    units, groups = [], []
+    for layer in range(n_layers):
+        for g in ("attn_in", "o_in", "mlp_in", "down_in"):
+            groups.append(
+                GroupRow(
+                    key=f"{layer}.{g}",
+                    layer=layer,
+                    input_group=g,
+                    d_in=d_ff if g == "down_in" else d,
+                    n=10,
+                    sketched=None,
+                    eigenvalues=[1.0],
+                    energy=1.0,
+                    kappa=1.0,
+                    effective_rank=1.0,
+                    noise_amplification=1.0,
+                )  # fmt: skip
+            )
+        for role in ROLES:
+            d_in = d_ff if role == "down" else d
+            d_out = d_ff if role in ("gate", "up") else d
+            group = {"o": "o_in", "gate": "mlp_in", "up": "mlp_in", "down": "down_in"}.get(role, "attn_in")
+            units.append(
+                UnitRow(
+                    key=f"{layer}.{role}",
+                    layer=layer,
+                    role=role,
+                    name=f"model.layers.{layer}.{role}",
+                    d_in=d_in,
+                    d_out=d_out,
+                    group=f"{layer}.{group}",
+                    grad_norm=float(weight(layer, role)),
+                    resnorm=1.0,
+                    captured={str(r): 1 - 2.0**-r for r in (1, 2, 4, 8, 16, 32, 64)},
+                    rate=0.1,
+                    rate_linear=0.1,
+                    rate_quadratic=0.0,
+                    lora_params=8 * (d_in + d_out),
+                    grad_eig_energy=[1.0],
+                )  # fmt: skip
+            )
+    return Card(
+        provenance={}, config={"delta": 1e-3}, model={"id": "hand", "hash": "h", "n_layers": n_layers},
+        task={"name": "t", "data_hash": "d"}, roles=list(ROLES), n_positions=10, n_target_tokens=10,
+        loss=1.0, units=units, groups=groups, default_score="gradnorm_energy",
+    )  # fmt: skip
+
+
+def test_rank_share_is_monotone_bounded_and_never_overstates():
+    u = _card().units[0]
+    shares = [Q.rank_share(u, r) for r in (1, 2, 3, 4, 8, 64, 128)]
+    assert shares == sorted(shares) and all(0 <= s <= 1 for s in shares)
+    assert Q.rank_share(u, 3) == Q.rank_share(u, 2)  # between stored ranks: the lower one
+    assert Q.rank_share(u, 2) == pytest.approx(0.75)
+
+
+def test_features_of_the_reference_and_of_parts():
+    card = _card()
+    ref = {u.key: 8 for u in card.units}
+    f = Q.features(card, ref)
+    assert (f.capacity, f.params, f.coverage) == (pytest.approx(1.0), pytest.approx(1.0), 1.0)
+    half = {u.key: 8 for u in card.units if u.layer < 4}
+    h = Q.features(card, half)
+    assert (
+        h.capacity == pytest.approx(0.5)
+        and h.params == pytest.approx(0.5)
+        and h.coverage == pytest.approx(0.5)
+    )
+    low = Q.features(card, {u.key: 2 for u in card.units})
+    assert low.params == pytest.approx(0.25)
+    assert low.capacity == pytest.approx(0.75 / (1 - 2.0**-8))  # rank 2 captures 3/4, rank 8 nearly all
+    with pytest.raises(LayercardError, match="not in the card"):
+        Q.features(card, {"99.q": 8})
+
+
+def test_weights_follow_the_card():
+    """Units the card weighs more hold more capacity than as many parameters elsewhere."""
+    card = _card(weight=lambda layer, role: 3.0 if role in ("gate", "up", "down") else 1.0)
+    mlp = Q.features(card, {u.key: 8 for u in card.units if u.role in ("gate", "up", "down")})
+    attn = Q.features(card, {u.key: 8 for u in card.units if u.role in ("q", "k", "v", "o")})
+    assert mlp.capacity > 0.8 and attn.capacity < 0.2
+
+
+def test_fit_recovers_a_known_exponent():
+    form = Q.FORMS["capacity"]
+    xs = [Q.Features(capacity=x, params=x, coverage=1.0) for x in np.linspace(0.02, 1.0, 15)]
+    ys = [x.capacity**0.3 for x in xs]
+    params, err = Q.fit(form, xs, ys)
+    assert params == (pytest.approx(0.3),) and err < 1e-9
+    worse = Q.mean_abs_error(form, (0.6,), xs, ys)
+    assert worse > 0.05
+
+
+def _search(card=None):
+    card = card or _card()
+    form = Q.FORMS["capacity"]
+    return F.search(card, predict=lambda f: form.fn(f, (0.3,)))
+
+
+def test_frontier_is_non_dominated_and_sorted():
+    s = _search()
+    for kind in ("params", "modules"):
+        front = s.frontier(kind)
+        costs = [c.costs[kind] for c in front]
+        assert costs == sorted(costs)
+        assert [c.quality for c in front] == sorted(c.quality for c in front)
+        for c in s.candidates:  # nothing beats a frontier point on both axes
+            for p in front:
+                assert not (c.costs[kind] <= p.costs[kind] and c.quality > p.quality + 1e-12)
+
+
+def test_relative_budgets_and_the_recommendation():
+    s = _search()
+    assert s.reference["params"] == pytest.approx(sum(8 * (u.d_in + u.d_out) for u in s.card.units))
+    budget = F.RelBudget.parse("params=0.25x")
+    assert (budget.kind, budget.value, budget.relative) == ("params", 0.25, True)
+    rec = s.recommend([budget])
+    assert rec.costs["params"] <= 0.25 * s.reference["params"]
+    best_quality = max(c.quality for c in s.fitting([budget]))
+    assert rec.quality == pytest.approx(best_quality)
+    for text in ("params", "params=-1", "params=lots", "memory=1"):
+        with pytest.raises(LayercardError):
+            F.RelBudget.parse(text)
+    with pytest.raises(LayercardError, match="no placement fits"):
+        s.recommend([F.RelBudget("params", 1.0)])
+    with pytest.raises(LayercardError, match="cost model"):
+        s.recommend([F.RelBudget("step_time", 0.5, True)])
+
+
+def test_practitioner_rules_fit_the_budget_their_way():
+    s = _search()
+    budget = [F.RelBudget("params", 0.25, True)]
+    peft = s.default_rule("peft-default", budget)
+    assert (peft.matrices, peft.layer_rule) == ("q,v", "all")
+    assert peft.costs["params"] <= 0.25 * s.reference["params"]
+    higher = [r for r in F.RANKS if r > peft.rank]
+    assert all(
+        ("q,v", "all", r) not in {(c.matrices, c.layer_rule, c.rank) for c in s.fitting(budget)}
+        for r in higher
+    )
+    lin = s.default_rule("all-linear", budget)
+    assert (lin.matrices, lin.layer_rule, lin.rank) == ("all-linear", "all", 2)
+    last = s.default_rule("last-n", budget)
+    assert last.layer_rule == "last-2" and last.rank == 8
+    with pytest.raises(LayercardError, match="unknown rule"):
+        s.default_rule("everything", budget)
+
+
+def test_step_time_enters_as_a_cost_when_given():
+    card = _card()
+    calls = []
+
+    def step_time(units, ranks):
+        calls.append(len(units))
+        return 1.0 + 0.1 * (card.n_layers - min(u.layer for u in units)) + 0.001 * sum(ranks)
+
+    s = F.search(card, predict=lambda f: f.capacity, step_time=step_time)
+    assert "step_time" in s.reference and calls
+    last = next(c for c in s.candidates if c.layer_rule == "last-1" and c.rank == 8 and c.matrices == "q,v")
+    full = next(c for c in s.candidates if c.layer_rule == "all" and c.rank == 8 and c.matrices == "q,v")
+    assert last.costs["step_time"] < full.costs["step_time"]
+
+
+def test_a_card_without_the_mlp_searches_what_it_has():
+    card = _card()
+    attn_only = dataclasses.replace(card, units=[u for u in card.units if u.role in ("q", "k", "v", "o")])
+    s = F.search(attn_only, predict=lambda f: f.capacity)
+    assert {c.matrices for c in s.candidates} == {"q,v", "attention"}
