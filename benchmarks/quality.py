@@ -159,8 +159,13 @@ def _run(loaded: Any, card: Any, train_task: Any, test: Any, setting: TaskSettin
     print(f"{setting.name} {p.name}: test loss {loss:.4f}, {metrics['s_per_step']:.2f} s/step", flush=True)
 
 
-def run(tasks: list[str], only: set[str] | None) -> None:
+def run(tasks: list[str], only: set[str] | None, threads: int) -> None:
+    import torch
+
     from layercard import load_model, load_task
+
+    # On a shared machine more threads than idle cores spin-wait; a fixed count keeps s/step comparable.
+    torch.set_num_threads(threads)
 
     loaded = load_model("smollm2")
     for name in tasks:
@@ -251,10 +256,11 @@ def main() -> None:
     ap.add_argument("what", choices=("run", "summary", "fit"))
     ap.add_argument("--tasks", default="e2e_nlg,sst2")
     ap.add_argument("--only", default=None, help="comma-separated grid names")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     a = ap.parse_args()
     if a.what == "run":
         print(f"python {platform.python_version()}, {sys.platform}", flush=True)
-        run(a.tasks.split(","), set(a.only.split(",")) if a.only else None)
+        run(a.tasks.split(","), set(a.only.split(",")) if a.only else None, a.threads)
     if a.what == "fit":
         import json
 

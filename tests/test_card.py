@@ -111,8 +111,13 @@ def test_coupling_and_cost(facts):
     assert c.shape == (4, 4)
     np.testing.assert_allclose(np.diag(c), 1.0)
     np.testing.assert_allclose(c, c.T, atol=1e-12)
-    assert card.cost["n_layers"] == 4 and len(card.cost["measured"]) == 4
+    assert card.cost["n_layers"] == 4 and len(card.cost["measured"]) == 5
     assert all(m["s_per_step"] > 0 for m in card.cost["measured"])
+    # one all-layer placement at a higher rank identifies the rank term (params differ at equal modules)
+    all_layers = [m for m in card.cost["measured"] if len(m["layers"]) == 4]
+    assert sorted(m["rank"] for m in all_layers) == [8, 32]
+    assert all_layers[0]["modules"] == all_layers[1]["modules"]
+    assert all(v >= 0 for k, v in card.cost.items() if k.endswith("_s"))
 
 
 def test_no_target_tokens_and_nonfinite_loss():

@@ -1,9 +1,11 @@
 """Non-additive cost model (docs/design.md §5), calibrated from short measured runs.
 
 With a frozen base, backward only has to reach the lowest adapted layer, so a LoRA training step
-costs t(S) ≈ a + b·(L − min S) + c·modules(S): a forward plus head, a per-layer backward, and a
-per-adapted-module overhead. The three non-negative coefficients are fitted from timed steps of real PEFT LoRA
-placements on the user's machine; train reports the measured step time next to this prediction.
+costs t(S) ≈ a + b·(L − min S) + c·modules(S) + e·params(S): a forward plus head, a per-layer backward,
+a per-adapted-module overhead and the adapters' own compute and optimizer work, which grows with
+rank × (d_in + d_out). The non-negative coefficients are fitted from timed steps of real PEFT LoRA
+placements on the user's machine (one of them at a higher rank, so the rank term is identified); train
+reports the measured step time next to this prediction.
 """
 
 from __future__ import annotations
@@ -30,25 +32,37 @@ class CostModel:
     batch_tokens: int
     measured: list[dict[str, Any]]
     device: str
+    per_mparam_s: float = 0.0  # per million adapter parameters (cards made before the rank term: 0)
 
-    def step_time(self, layers: Sequence[int], modules: int) -> float:
-        """Predicted seconds per training step for adapters on ``layers`` with ``modules`` modules."""
+    def step_time(self, layers: Sequence[int], modules: int, params: int = 0) -> float:
+        """Predicted seconds per step: ``modules`` adapters with ``params`` parameters on ``layers``."""
         if not layers:
             return 0.0
         depth = self.n_layers - min(layers)
-        return self.intercept_s + self.per_layer_backward_s * depth + self.per_module_s * modules
+        return (
+            self.intercept_s
+            + self.per_layer_backward_s * depth
+            + self.per_module_s * modules
+            + self.per_mparam_s * params / 1e6
+        )
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
-        d["formula"] = "t = intercept_s + per_layer_backward_s·(L − min S) + per_module_s·modules"
+        d["formula"] = (
+            "t = intercept_s + per_layer_backward_s·(L − min S) + per_module_s·modules"
+            " + per_mparam_s·params/1e6"
+        )
         return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> CostModel:
-        return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls)})
+        fields = [f for f in dataclasses.fields(cls)]
+        return cls(**{f.name: d[f.name] for f in fields if f.name in d or f.default is dataclasses.MISSING})
 
 
-def _time_steps(model, targets: list[str], batch: dict[str, torch.Tensor], steps: int) -> float:
+def _time_steps(
+    model, targets: list[str], batch: dict[str, torch.Tensor], steps: int, rank: int = 8
+) -> float:
     from peft import LoraConfig, get_peft_model
 
     from layercard.tasks.loss import loss_sum
@@ -56,7 +70,7 @@ def _time_steps(model, targets: list[str], batch: dict[str, torch.Tensor], steps
     device = next(model.parameters()).device
     requires = [p.requires_grad for p in model.parameters()]
     peft_model = get_peft_model(
-        model, LoraConfig(r=8, lora_alpha=16, target_modules=targets, lora_dropout=0.0)
+        model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets, lora_dropout=0.0)
     )
     try:
         params = [p for p in peft_model.parameters() if p.requires_grad]
@@ -89,26 +103,37 @@ def _time_steps(model, targets: list[str], batch: dict[str, torch.Tensor], steps
 def calibrate(
     model, tokenizer, batch: dict[str, torch.Tensor], roles: Sequence[str], *, steps: int = 2, progress=None
 ) -> CostModel:
-    """Time LoRA steps for the top layer alone, the bottom layer alone and all layers; fit a, b, c."""
+    """Time LoRA steps (top layer alone, bottom layer alone, middle layer, all layers at rank 8, all layers at
+    rank 32) and fit the cost model's coefficients."""
     from layercard import models
 
     n_layers = models.num_layers(model)
-    configs: list[list[int]] = [[n_layers - 1], [0], list(range(n_layers))]
+    everything = list(range(n_layers))
+    configs: list[tuple[list[int], int]] = [([n_layers - 1], 8), ([0], 8), (everything, 8), (everything, 32)]
     if n_layers > 2:
-        configs.insert(2, [n_layers // 2])
+        configs.insert(2, ([n_layers // 2], 8))
     rows = []
     was_training = model.training
     model.train()
     try:
-        for layers in track(configs, "cost calibration", total=len(configs), enabled=progress):
+        for layers, rank in track(configs, "cost calibration", total=len(configs), enabled=progress):
             specs = models.units(model, roles, layers=layers)
             if not specs:
                 raise LayercardError(f"cost calibration: no units for roles {list(roles)} in layers {layers}")
-            t = _time_steps(model, [s.name for s in specs], batch, steps)
-            rows.append({"layers": layers, "modules": len(specs), "s_per_step": round(t, 4)})
+            t = _time_steps(model, [s.name for s in specs], batch, steps, rank)
+            params = sum(rank * (s.d_in + s.d_out) for s in specs)
+            rows.append(
+                {
+                    "layers": layers,
+                    "modules": len(specs),
+                    "rank": rank,
+                    "params": params,
+                    "s_per_step": round(t, 4),
+                }
+            )
     finally:
         model.train(was_training)
-    x = np.array([[1.0, n_layers - min(r["layers"]), r["modules"]] for r in rows])
+    x = np.array([[1.0, n_layers - min(r["layers"]), r["modules"], r["params"] / 1e6] for r in rows])
     y = np.array([r["s_per_step"] for r in rows])
     # Non-negative least squares: each term is a time, and timing noise must not make one negative.
     from scipy.optimize import nnls
@@ -119,6 +144,7 @@ def calibrate(
         intercept_s=float(coef[0]),
         per_layer_backward_s=float(coef[1]),
         per_module_s=float(coef[2]),
+        per_mparam_s=float(coef[3]),
         n_layers=n_layers,
         batch_size=int(batch["input_ids"].shape[0]),
         batch_tokens=int(batch["attention_mask"].sum()),

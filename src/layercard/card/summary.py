@@ -55,8 +55,8 @@ def card_markdown(card: Card) -> str:
             f"{c['per_layer_backward_s']:.4f} s, per-module {c['per_module_s']:.4f} s "
             f"(batch {c['batch_size']} sequences, {c['batch_tokens']} tokens, {c['device']}).",
             "",
-            "| adapted layers | modules | measured s/step | predicted s/step |",
-            "|---|---:|---:|---:|",
+            "| adapted layers | modules | rank | measured s/step | predicted s/step |",
+            "|---|---:|---:|---:|---:|",
         ]
         from layercard.cost import CostModel
 
@@ -64,8 +64,9 @@ def card_markdown(card: Card) -> str:
         for m in c["measured"]:
             ls = m["layers"]
             desc = f"{ls[0]}–{ls[-1]}" if len(ls) > 1 else str(ls[0])
+            predicted = cm.step_time(ls, m["modules"], m.get("params", 0))
             lines.append(
-                f"| {desc} | {m['modules']} | {m['s_per_step']:.3f} | {cm.step_time(ls, m['modules']):.3f} |"
+                f"| {desc} | {m['modules']} | {m.get('rank', 8)} | {m['s_per_step']:.3f} | {predicted:.3f} |"
             )
     if card.coupling:
         c = np.asarray(card.coupling["matrix"])

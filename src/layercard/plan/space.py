@@ -71,7 +71,8 @@ class Space:
         """Predicted seconds per step (§5), or None without a cost model."""
         if self.cost_model is None:
             return None
-        return float(self.cost_model.step_time(list(layers), self.modules(layers)))
+        params = int(sum(self.layer_params(layer) for layer in layers)) if self.kind == "lora" else 0
+        return float(self.cost_model.step_time(list(layers), self.modules(layers), params))
 
     def cost(self, layers: Sequence[int], kind: str) -> float:
         """Cost of a layer set in a budget kind's unit (step time is non-additive: it depends on min S)."""
@@ -94,6 +95,20 @@ def fits(cost: float, cap: float | None) -> bool:
 
 def fmt(x: float) -> str:
     return f"{x:.4g}"
+
+
+def amount(x: float, kind: str) -> str:
+    """A cost with its unit, as messages show it: ``0.44 s``, ``12288 params``, ``3 layers``."""
+    if kind == "step_time":
+        return f"{x:.3g} s"
+    return f"{int(x)} {kind}" if float(x).is_integer() else f"{x:.4g} {kind}"
+
+
+def budget_text(budget: Any) -> str:
+    """A budget as messages show it, its unit included (``step_time=0.44 s``); "no budget" for None."""
+    if budget is None:
+        return "no budget"
+    return f"budget {budget}" + (" s" if budget.kind == "step_time" else "")
 
 
 def build_space(
