@@ -496,3 +496,144 @@ def test_smol_synthetic_encoding_and_short_targets(smol_tok, kind):
 def test_smol_real_encoding(smol_tok, spec, monkeypatch):
     monkeypatch.setenv("LAYERCARD_DATA", str(SHARED_DATA))
     _check_smol_encoding(smol_tok, load_task(spec, limit=12, seed=1))
+
+
+# ---------------------------------------------------------------- conversations and plain text
+
+CHAT_FMT = dataclasses.replace(PRESETS["chat"], max_input_tokens=256, max_target_tokens=64)
+TWO_TURNS = Example(
+    "c1",
+    "Capital of France?",
+    "Paris.",
+    messages=(
+        ("system", "Be brief."),
+        ("user", "Hi"),
+        ("assistant", "Hello."),
+        ("user", "Capital of France?"),
+        ("assistant", "Paris."),
+    ),
+)
+
+
+def _pieces(tok, pieces: list[tuple[str, bool]]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Expected (input_ids, labels): each piece tokenized on its own, loss pieces labelled."""
+    ids: list[int] = []
+    labels: list[int] = []
+    for text, loss in pieces:
+        part = tok(text, add_special_tokens=False)["input_ids"]
+        ids += part
+        labels += part if loss else [IGNORE_INDEX] * len(part)
+    return tuple(ids), tuple(labels)
+
+
+def test_chat_loss_covers_every_assistant_turn_and_nothing_else(tok):
+    enc = encode_example(tok, CHAT_FMT, TWO_TURNS)
+    ids, labels = _pieces(
+        tok,
+        [
+            ("Be brief.\n<|user|>Hi\n<|assistant|>", False),
+            ("Hello.<eos>", True),
+            ("\n<|user|>Capital of France?\n<|assistant|>", False),
+            ("Paris.<eos>", True),
+        ],
+    )
+    assert (enc.input_ids, enc.labels) == (ids, labels)
+    assert enc.prompt_len == len(tok("Be brief.\n<|user|>Hi\n<|assistant|>")["input_ids"])
+    # the sequence is the template's own rendering of the conversation, minus its final newline
+    full = tok.apply_chat_template([{"role": r, "content": c} for r, c in TWO_TURNS.messages], tokenize=False)
+    assert tok.decode(enc.input_ids) + "\n" == full.lower()
+    # generation continues the conversation before the final reply
+    prompt = encode_prompt(tok, CHAT_FMT, TWO_TURNS)
+    assert tok.decode(prompt).endswith("capital of france?\n<|assistant|>")
+    assert list(enc.input_ids[: len(prompt)]) == prompt
+
+
+def test_a_one_turn_chat_encodes_as_the_same_input_target_example(tok):
+    single = Example("s", "Hello World", "Fine, thanks")
+    chat = Example(
+        "s", "Hello World", "Fine, thanks", messages=(("user", "Hello World"), ("assistant", "Fine, thanks"))
+    )
+    assert encode_example(tok, FMT, chat) == encode_example(tok, FMT, single)
+    plain = tiny_tokenizer(with_chat_template=False)
+    assert encode_example(plain, FMT, chat) == encode_example(plain, FMT, single)
+
+
+def test_chat_template_wraps_user_turns_and_system_fills_in(tok):
+    fmt = dataclasses.replace(CHAT_FMT, instruction="q: {input}", system="Default system.")
+    convo = Example(
+        "x", "b", "2", messages=(("user", "a"), ("assistant", "1"), ("user", "b"), ("assistant", "2"))
+    )
+    text = tok.decode(encode_example(tok, fmt, convo).input_ids)
+    assert text == "default system.\n<|user|>q: a\n<|assistant|>1<eos>\n<|user|>q: b\n<|assistant|>2<eos>"
+    own = tok.decode(encode_example(tok, fmt, TWO_TURNS).input_ids)  # the conversation's system turn wins
+    assert own.startswith("be brief.\n<|user|>q: hi\n") and "default" not in own
+
+
+def test_chat_without_a_chat_template_repeats_the_plain_layout(tok):
+    fmt = dataclasses.replace(CHAT_FMT, chat_template=False)
+    enc = encode_example(tok, fmt, TWO_TURNS)
+    ids, labels = _pieces(
+        tok,
+        [
+            ("Be brief.\n\nHi\n", False),
+            ("Hello.<eos>", True),
+            ("Capital of France?\n", False),
+            ("Paris.<eos>", True),
+        ],
+    )
+    assert (enc.input_ids, enc.labels) == (ids, labels)
+    assert build_prompt(tok, dataclasses.replace(FMT, chat_template=False), "abc") == "say: abc\n"
+
+
+def test_long_conversations_lose_their_oldest_tokens(tok):
+    enc = encode_task(tok, Task("t", "mem", "train", CHAT_FMT, (TWO_TURNS,)), max_length=20)[0]
+    assert len(enc) == 20 and tok.decode(enc.input_ids).endswith("\n<|assistant|>paris.<eos>")
+    assert enc.labels[0] == IGNORE_INDEX  # nothing predicts the first token
+    assert [t for t in enc.labels if t != IGNORE_INDEX] == tok("paris.<eos>")["input_ids"]
+    capped = encode_example(tok, dataclasses.replace(CHAT_FMT, max_input_tokens=10), TWO_TURNS)
+    assert capped.prompt_len == 10 and tok.decode(capped.target_ids) == "paris.<eos>"
+
+
+def test_a_template_that_rewrites_earlier_turns_is_refused(tok):
+    odd = tiny_tokenizer()
+    odd.chat_template = (
+        "{% for m in messages %}{% if loop.last %}[last]{% endif %}{{ m['content'] }}<eos>{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+    )
+    convo = Example(
+        "x", "b", "2", messages=(("user", "a"), ("assistant", "1"), ("user", "b"), ("assistant", "2"))
+    )
+    with pytest.raises(LayercardError, match="renders earlier turns differently"):
+        encode_example(odd, CHAT_FMT, convo)
+
+
+def test_a_template_refusing_system_turns_gets_the_system_in_the_first_user_turn():
+    strict = tiny_tokenizer()
+    strict.chat_template = (
+        "{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('no system') }}{% endif %}"
+        "{% if m['role'] == 'user' %}<|user|>{{ m['content'] }}\n{% else %}<|assistant|>{{ m['content'] }}"
+        "<eos>\n{% endif %}{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
+    )
+    text = strict.decode(encode_example(strict, CHAT_FMT, TWO_TURNS).input_ids)
+    assert text.startswith("<|user|>be brief.\n\nhi\n<|assistant|>hello.<eos>")
+
+
+def test_plain_text_is_all_target_after_a_start_token(tok):
+    fmt = PRESETS["text"]
+    enc = encode_example(tok, fmt, Example("t", "", "Once upon a time"))
+    assert enc.input_ids[0] == tok.eos_token_id  # no BOS in this tokenizer: EOS starts the document
+    assert tok.decode(enc.input_ids[1:]) == "once upon a time<eos>" and enc.prompt_len == 1
+    assert enc.labels == (IGNORE_INDEX, *enc.input_ids[1:])
+    assert encode_prompt(tok, fmt, "") == [tok.eos_token_id]
+    capped = encode_task(tok, Task("t", "m", "train", fmt, (Example("t", "", "abcdef"),)), max_length=4)[0]
+    assert tok.decode(capped.input_ids[1:]) == "abc"
+
+
+@pytest.mark.smollm2
+def test_smollm2_chat_labels_are_the_assistant_turns(smollm2):
+    tok = smollm2.tokenizer
+    enc = encode_example(tok, CHAT_FMT, TWO_TURNS)
+    loss = [t for t, lab in zip(enc.input_ids, enc.labels, strict=True) if lab != IGNORE_INDEX]
+    assert tok.decode(loss) == "Hello.<|im_end|>Paris.<|im_end|>"
+    full = tok.apply_chat_template([{"role": r, "content": c} for r, c in TWO_TURNS.messages], tokenize=False)
+    assert list(enc.input_ids) == tok(full, add_special_tokens=False)["input_ids"][: len(enc)]

@@ -28,7 +28,7 @@ class CardConfig(Schema):
     SECTION = "card"
 
     roles: str = setting(
-        "q,v", kind="roles", help="roles to measure: q,v | attention | mlp | all-linear | any comma list"
+        "all-linear", kind="roles", help="roles to measure: all-linear | q,v | attention | mlp | any comma list"
     )
     examples: int = setting(64, kind="int", minimum=1, help="probe examples from the task")
     max_length: int = setting(128, kind="int", minimum=8, help="max tokens per probe example")

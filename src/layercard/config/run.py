@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Mapping
 from typing import Any
 
 from layercard.config.card import CardConfig
 from layercard.config.evaluate import EvalConfig
 from layercard.config.plan import PlanConfig
-from layercard.config.schema import Schema, setting, spec_of, to_jsonable
+from layercard.config.schema import ConfigError, Schema, setting, spec_of, to_jsonable
 from layercard.config.train import DTYPES, TrainConfig
 from layercard.config.trim import TrimConfig
 
@@ -44,24 +45,91 @@ class RunSettings(Schema):
     )
 
 
+def parse_fields(items: Any, where: str) -> dict[str, str]:
+    """A field map from ``NAME=COLUMN`` items (a list, or one comma-separated string) or a mapping."""
+    if isinstance(items, Mapping):
+        pairs = [(str(k), v) for k, v in items.items()]
+    else:
+        texts = items.split(",") if isinstance(items, str) else items
+        if not isinstance(texts, (list, tuple)):
+            raise ConfigError(where, f"must be NAME=COLUMN items or a mapping, got {items!r}")
+        pairs = []
+        for text in texts:
+            name, sep, column = str(text).partition("=")
+            if not sep:
+                raise ConfigError(where, f"{str(text)!r} is not NAME=COLUMN (e.g. input=question)")
+            pairs.append((name.strip(), column.strip()))
+    out: dict[str, str] = {}
+    for name, column in pairs:
+        if not name or not isinstance(column, str) or not column:
+            raise ConfigError(where, f"{name}={column!r}: give a field name and a column name")
+        if name in out:
+            raise ConfigError(where, f"field {name!r} is mapped twice")
+        out[name] = column
+    return out
+
+
 @dataclasses.dataclass(frozen=True)
 class TaskSpec(Schema):
-    """Where training and evaluation data come from.
+    """Where training and evaluation data come from, how their fields are read and how they are prompted.
 
     ``eval`` defaults to ``train``; ``eval_split`` then defaults to the task's validation split, else
-    its test split (never the training split).
+    its test split (never the training split). ``fields``, ``prompt``, ``system`` and
+    ``chat_template`` apply to both; :meth:`load_kwargs` gives them as ``load_task`` keywords.
     """
 
     SECTION = "task"
 
     train: str = setting(
-        kind="str", help="JSONL path, PRESET:SPLIT (e2e_nlg:train), synthetic:facts|format, hf:NAME[:CONFIG]"
+        kind="str",
+        help="data file (JSONL, JSON, CSV, Parquet) or saved dataset folder, PRESET:SPLIT (e2e_nlg:train), "
+        "synthetic:facts|format, hf:NAME[:CONFIG]",
     )
-    train_split: str | None = setting(None, kind="str", help="split of a preset/synthetic task; null: train")
+    train_split: str | None = setting(
+        None, kind="str", help="split of a preset/synthetic task or saved dataset; null: train"
+    )
     eval: str | None = setting(None, kind="str", help="null: the training task ...")
     eval_split: str | None = setting(
         None, kind="str", help="... on its validation split, else its test split"
     )
+    fields: str | None = setting(
+        None,
+        kind="str",
+        help="where fields are read: {input: question, target: answer}; null: own names",
+    )
+    prompt: str | None = setting(
+        None, kind="str", help="prompt template with {input}, or @FILE; null: the preset's"
+    )
+    system: str | None = setting(None, kind="str", help="system prompt, or @FILE; null: none")
+    chat_template: bool | None = setting(
+        None, kind="bool", help="render prompts with the model's chat template; null: on (off for plain text)"
+    )
+
+    @classmethod
+    def prepare(cls, values: dict[str, Any]) -> dict[str, Any]:
+        """A YAML mapping or list of ``fields`` becomes its ``NAME=COLUMN,...`` text."""
+        raw = values.get("fields")
+        if raw is not None and not isinstance(raw, str):
+            values = {**values, "fields": _fields_text(parse_fields(raw, f"{cls.SECTION}.fields"))}
+        return values
+
+    def validate(self) -> None:
+        if self.fields is not None:
+            parse_fields(self.fields, f"{self.SECTION}.fields")
+
+    def load_kwargs(self) -> dict[str, Any]:
+        """The ``load_task`` keywords of these settings (field map and prompt); unset ones are left out."""
+        kw: dict[str, Any] = {}
+        if self.fields is not None:
+            kw["field_map"] = parse_fields(self.fields, f"{self.SECTION}.fields")
+        for name in ("prompt", "system", "chat_template"):
+            if getattr(self, name) is not None:
+                kw[name] = getattr(self, name)
+        return kw
+
+
+def _fields_text(fmap: dict[str, str]) -> str:
+    return ",".join(f"{k}={v}" for k, v in fmap.items())
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""Tasks: data sources, prompt formats, token encoding and metrics.
+"""Tasks: data sources and schemas, prompt formats and settings, token encoding and metrics.
 
 >>> task = load_task("synthetic:facts", split="train", seed=0)
 >>> task.format.metrics[0]
@@ -25,10 +25,12 @@ from layercard.tasks.encode import (
     encode_example,
     encode_prompt,
     encode_task,
+    end_token_id,
     turn_end_token,
     turn_end_token_id,
 )
-from layercard.tasks.example import Example
+from layercard.tasks.example import ROLES, Example
+from layercard.tasks.formats import DATA_SUFFIXES, dataset_splits, is_saved_dataset, read_records
 from layercard.tasks.loss import IGNORE_INDEX, loss_sum, target_count, target_mask
 from layercard.tasks.metrics import (
     LOSS,
@@ -48,19 +50,26 @@ from layercard.tasks.metrics import (
     token_f1,
 )
 from layercard.tasks.presets import DATASET_PRESETS, PRESETS, TaskFormat, detect_preset, get_preset
+from layercard.tasks.prompt import apply_prompt, read_setting
+from layercard.tasks.schemas import FIELDS, SCHEMAS
 from layercard.tasks.synthetic import make_facts, make_format, make_synthetic
 
 __all__ = [
     "DATASET_PRESETS",
+    "DATA_SUFFIXES",
+    "FIELDS",
     "IGNORE_INDEX",
     "LOSS",
     "METRICS",
     "PRESETS",
+    "ROLES",
+    "SCHEMAS",
     "Encoded",
     "Example",
     "Metric",
     "Task",
     "TaskFormat",
+    "apply_prompt",
     "batches",
     "bleu",
     "build_prompt",
@@ -68,10 +77,12 @@ __all__ = [
     "compute_metrics",
     "count_target_tokens",
     "data_roots",
+    "dataset_splits",
     "detect_preset",
     "encode_example",
     "encode_prompt",
     "encode_task",
+    "end_token_id",
     "exact_match",
     "examples_from_records",
     "expand_references",
@@ -80,6 +91,7 @@ __all__ = [
     "held_out",
     "higher_is_better",
     "is_file_spec",
+    "is_saved_dataset",
     "gsm8k_accuracy",
     "label_accuracy",
     "load_task",
@@ -91,6 +103,8 @@ __all__ = [
     "names_split",
     "normalize_text",
     "read_jsonl",
+    "read_records",
+    "read_setting",
     "rouge_l",
     "strict_match",
     "target_count",

@@ -1,20 +1,25 @@
-"""Task data: examples, tasks, and :func:`load_task` over JSONL files, presets, synthetic and HF data.
+"""Task data: examples, tasks, and :func:`load_task` over data files, presets, synthetic and HF data.
 
 A task spec is one of
 
-- a path to a JSONL file (``input``/``target``/optional ``references`` per line; other keys go to
-  ``Example.meta``). Its format comes from ``preset=``, else from the parent folder's name
+- a data file: JSONL, JSON, CSV/TSV or Parquet (``layercard.tasks.formats``), or a folder written by
+  ``datasets``' ``save_to_disk`` (its split chosen by ``split=``). Records follow one of the schemas
+  of ``layercard.tasks.schemas`` (``input``/``target``, Alpaca, chat ``messages``, plain ``text``),
+  detected from the first record; ``field_map`` names other columns. The prompt format comes from
+  ``preset=``, else from the schema (``chat``, ``text``), else from the parent folder's name
   (``e2e_nlg``, ``gsm8k``, ``samsum``, ``sst2``), else the generic ``jsonl`` format;
 - ``PRESET[:SPLIT]`` for the shipped datasets, found as ``ROOT/PRESET/SPLIT.jsonl`` under the data
   root: ``$LAYERCARD_DATA`` when set, else ``./data``, else ``../shared/data``;
 - ``synthetic:facts`` / ``synthetic:format`` (or ``facts`` / ``format``), generated offline from ``seed``;
-- ``hf:NAME[:CONFIG]`` with a ``field_map``, through ``datasets.load_dataset`` (needs the network or
-  a warm HF cache).
+- ``hf:NAME[:CONFIG]`` through ``datasets.load_dataset`` (needs the network or a warm HF cache).
+
+Prompt settings (``prompt=``, ``system=``, ``chat_template=``; ``layercard.tasks.prompt``) then
+replace the format's wording, whatever the source.
 """
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -22,7 +27,10 @@ from typing import Any
 
 from layercard.errors import LayercardError
 from layercard.tasks.example import Example
+from layercard.tasks.formats import DATA_SUFFIXES, dataset_splits, is_saved_dataset, read_records
 from layercard.tasks.presets import DATASET_PRESETS, PRESETS, TaskFormat, detect_preset, get_preset
+from layercard.tasks.prompt import apply_prompt
+from layercard.tasks.schemas import check_field_map, detect_schema, record_to_example
 from layercard.tasks.synthetic import make_synthetic
 from layercard.tasks.task import Task
 
@@ -37,54 +45,33 @@ __all__ = [
 ]
 
 SYNTHETIC_TASKS = ("facts", "format")
-_RESERVED = ("id", "input", "target", "references")
 
 
-# ---------------------------------------------------------------- JSONL and record mapping
+# ---------------------------------------------------------------- records to examples
 
 
-def _record_to_example(rec: Any, where: str, default_id: str, field_map: Mapping[str, str] | None) -> Example:
-    """Validate one record and turn it into an Example; errors start with ``where`` (FILE:LINE)."""
-    if not isinstance(rec, Mapping):
-        raise LayercardError(f"{where}: expected a JSON object, got {type(rec).__name__}")
-    fmap = dict(field_map or {})
-    unknown = set(fmap) - set(_RESERVED)
-    if unknown:
-        raise LayercardError(f"field_map: unknown key {sorted(unknown)[0]!r}; valid: {', '.join(_RESERVED)}")
-    src = {k: fmap.get(k, k) for k in _RESERVED}
-
-    values: dict[str, Any] = {}
-    for key in ("input", "target"):
-        name = src[key]
-        value = rec.get(name)
-        if value is None:
-            raise LayercardError(f"{where}: field {name!r} missing")
-        if not isinstance(value, str):
-            raise LayercardError(f"{where}: field {name!r} must be a string, got {type(value).__name__}")
-        if not value.strip():
-            # an empty target trains on nothing but the end token; an empty input has no prompt
-            raise LayercardError(f"{where}: field {name!r} missing (empty string)")
-        values[key] = value
-
-    refs = rec.get(src["references"])
-    if refs is None:
-        refs = [values["target"]]
-    if (
-        isinstance(refs, str)
-        or not isinstance(refs, Sequence)
-        or not refs
-        or not all(isinstance(r, str) and r for r in refs)
-    ):
-        raise LayercardError(f"{where}: field {src['references']!r} must be a non-empty list of strings")
-
-    ex_id = rec.get(src["id"], default_id)
-    if not isinstance(ex_id, (str, int)) or isinstance(ex_id, bool):
-        raise LayercardError(f"{where}: field {src['id']!r} must be a string, got {type(ex_id).__name__}")
-    used = {src[k] for k in _RESERVED}
-    meta = {k: v for k, v in rec.items() if k not in used}
-    return Example(
-        id=str(ex_id), input=values["input"], target=values["target"], references=tuple(refs), meta=meta
-    )
+def _examples(
+    rows: Sequence[tuple[str, int, Any]],
+    *,
+    source: str,
+    stem: str,
+    field_map: Mapping[str, str] | None,
+    cells: bool = False,
+) -> tuple[str, tuple[Example, ...]]:
+    """(schema, examples) of ``rows``: the schema detected from the first row, every row checked."""
+    fmap = check_field_map(field_map)
+    if not rows:
+        raise LayercardError(f"{source}: no examples")
+    schema = detect_schema(rows[0][2], fmap, rows[0][0])
+    out: list[Example] = []
+    seen: set[str] = set()
+    for where, number, rec in rows:
+        ex = record_to_example(rec, schema, fmap, where, f"{stem}-{number:05d}", cells=cells)
+        if ex.id in seen:
+            raise LayercardError(f"{where}: duplicate id {ex.id!r}")
+        seen.add(ex.id)
+        out.append(ex)
+    return schema, tuple(out)
 
 
 def examples_from_records(
@@ -95,53 +82,22 @@ def examples_from_records(
 ) -> tuple[Example, ...]:
     """Map records (dicts, or rows of a ``datasets.Dataset``) to examples.
 
-    ``field_map`` names the source column for ``input``, ``target`` and optionally ``references`` and
-    ``id``; unmapped keys keep their own names. Other columns go to ``meta``. Errors name
-    ``SOURCE:ROW`` (1-based).
+    The schema is detected from the first record (``layercard.tasks.schemas``); ``field_map`` names
+    the source column of a field (``{"input": "question"}``). Other columns go to ``meta``. Errors
+    name ``SOURCE:ROW`` (1-based).
     """
-    out: list[Example] = []
-    seen: set[str] = set()
-    for i, rec in enumerate(records, start=1):
-        ex = _record_to_example(rec, f"{source}:{i}", f"{Path(source).stem}-{i:05d}", field_map)
-        if ex.id in seen:
-            raise LayercardError(f"{source}:{i}: duplicate id {ex.id!r}")
-        seen.add(ex.id)
-        out.append(ex)
-    if not out:
-        raise LayercardError(f"{source}: no examples")
-    return tuple(out)
+    rows = [(f"{source}:{i}", i, rec) for i, rec in enumerate(records, start=1)]
+    return _examples(rows, source=source, stem=Path(source).stem, field_map=field_map)[1]
 
 
 def read_jsonl(
     path: str | os.PathLike[str], *, field_map: Mapping[str, str] | None = None
 ) -> tuple[Example, ...]:
-    """Read and validate a JSONL file of examples (blank lines allowed); errors name FILE:LINE."""
+    """Read and validate a data file's examples (JSONL, or any format of ``read_records``); errors name
+    FILE:LINE."""
     p = Path(path)
-    if not p.is_file():
-        raise LayercardError(f"{p}: no such file")
-    examples: list[Example] = []
-    seen: set[str] = set()
-    try:
-        text = p.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise LayercardError(f"{p}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    # split on "\n" only: str.splitlines() also breaks at U+2028, which GSM8K has inside strings
-    for lineno, line in enumerate(text.split("\n"), start=1):
-        if not line.strip():
-            continue
-        where = f"{p}:{lineno}"
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise LayercardError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
-        ex = _record_to_example(rec, where, f"{p.stem}-{lineno:05d}", field_map)
-        if ex.id in seen:
-            raise LayercardError(f"{where}: duplicate id {ex.id!r}")
-        seen.add(ex.id)
-        examples.append(ex)
-    if not examples:
-        raise LayercardError(f"{p}: no examples")
-    return tuple(examples)
+    records = read_records(p)
+    return _examples(records.rows, source=str(p), stem=p.stem, field_map=field_map, cells=records.cells)[1]
 
 
 def expand_references(examples: Sequence[Example]) -> tuple[Example, ...]:
@@ -157,6 +113,31 @@ def expand_references(examples: Sequence[Example]) -> tuple[Example, ...]:
         for k, ref in enumerate(ex.references):
             out.append(Example(f"{ex.id}#{k}", ex.input, ref, ex.references, ex.meta))
     return tuple(out)
+
+
+def _schema_format(schema: str, preset: TaskFormat | None, detected: TaskFormat) -> TaskFormat:
+    """The prompt format of data of ``schema``: the given preset, else the schema's own, else ``detected``."""
+    if schema == "text":  # plain text has no prompt, whatever preset was asked for
+        base = preset or PRESETS["text"]
+        return base if base.completion else dataclasses.replace(base, completion=True, chat_template=False)
+    if preset is not None:
+        return preset
+    return PRESETS["chat"] if schema == "chat" else detected
+
+
+def _load_path(
+    p: Path, *, split: str | None, field_map: Mapping[str, str] | None, preset: TaskFormat | None
+) -> Task:
+    """A task from a data file or a saved dataset folder."""
+    records = read_records(p, split=split)
+    source = f"{p}[{records.split}]" if records.split else str(p)
+    stem = p.stem if p.is_file() else p.name
+    schema, examples = _examples(
+        records.rows, source=source, stem=stem, field_map=field_map, cells=records.cells
+    )
+    fmt = _schema_format(schema, preset, detect_preset(p) if p.is_file() else PRESETS["jsonl"])
+    name = fmt.name if fmt.name in DATASET_PRESETS or fmt.name in SYNTHETIC_TASKS else stem
+    return Task(name, str(p.resolve()), records.split or split or stem, fmt, examples)
 
 
 # ---------------------------------------------------------------- spec resolution
@@ -197,6 +178,15 @@ def _resolve_dataset(name: str, split: str | None) -> Path:
     raise LayercardError(f"task {name}:{split}: data file not found; looked in {looked} (set LAYERCARD_DATA)")
 
 
+def _is_path(spec: str) -> bool:
+    """Whether ``spec`` names a data file or folder rather than a preset, synthetic or hub task."""
+    p = Path(spec)
+    if p.suffix.lower() in DATA_SUFFIXES or p.is_file() or is_saved_dataset(p):
+        return True
+    name = spec.partition(":")[0]
+    return p.is_dir() and name not in (*DATASET_PRESETS, *SYNTHETIC_TASKS)
+
+
 def load_task(
     spec: str,
     *,
@@ -206,24 +196,25 @@ def load_task(
     preset: str | None = None,
     field_map: Mapping[str, str] | None = None,
     expand_references: bool = False,
+    prompt: str | None = None,
+    system: str | None = None,
+    chat_template: bool | None = None,
 ) -> Task:
     """Load a task from a spec (see the module docstring).
 
     ``limit`` keeps a seeded subset (:meth:`Task.subset` with ``seed``) *before* references are
     expanded, so the number of distinct inputs is what ``limit`` says. ``preset`` overrides the
-    detected prompt format. ``seed`` also generates the synthetic tasks.
+    detected prompt format. ``seed`` also generates the synthetic tasks. ``prompt`` (a template with
+    ``{input}``, or ``@FILE``), ``system`` (text or ``@FILE``) and ``chat_template`` (``None``: the
+    format's) set the prompt (``layercard.tasks.prompt``).
     """
     fmt = get_preset(preset) if preset is not None else None
     spec = str(spec)
 
-    if spec.endswith(".jsonl") or Path(spec).is_file():
-        path = Path(spec)
-        examples = read_jsonl(path, field_map=field_map)
-        fmt = fmt or detect_preset(path)
-        name = fmt.name if fmt.name != "jsonl" else path.stem
-        task = Task(name, str(path.resolve()), split or path.stem, fmt, examples)
-    elif spec.startswith("hf:"):
+    if spec.startswith("hf:"):
         task = _load_hf(spec, split=split or "train", field_map=field_map, fmt=fmt)
+    elif _is_path(spec):
+        task = _load_path(Path(spec), split=split, field_map=field_map, preset=fmt)
     else:
         synthetic = spec.startswith("synthetic:")
         name, split_ = _split_spec(spec.removeprefix("synthetic:"), split)
@@ -242,10 +233,14 @@ def load_task(
             task = Task(name, str(path.resolve()), path.stem, fmt or PRESETS[name], examples)
         else:
             raise LayercardError(
-                f"unknown task {spec!r}: expected a .jsonl path, one of {', '.join(DATASET_PRESETS)} "
-                f"(as NAME:SPLIT), synthetic:{'|'.join(SYNTHETIC_TASKS)}, or hf:NAME[:CONFIG]"
+                f"unknown task {spec!r}: expected a data file ({', '.join(DATA_SUFFIXES)}) or saved "
+                f"dataset folder, one of {', '.join(DATASET_PRESETS)} (as NAME:SPLIT), "
+                f"synthetic:{'|'.join(SYNTHETIC_TASKS)}, or hf:NAME[:CONFIG]"
             )
 
+    fmt_prompted = apply_prompt(task.format, prompt=prompt, system=system, chat_template=chat_template)
+    if fmt_prompted is not task.format:
+        task = task.with_format(fmt_prompted)
     if limit is not None:
         task = task.subset(limit, seed=seed)
     if expand_references:
@@ -271,40 +266,51 @@ def _load_hf(spec: str, *, split: str, field_map: Mapping[str, str] | None, fmt:
         raise LayercardError(
             f"task {spec!r}: datasets.load_dataset failed (needs the network or a cached copy): {msg}"
         ) from None
-    examples = examples_from_records(ds, source=f"{spec}[{split}]", field_map=field_map)
-    fmt = fmt or PRESETS["jsonl"]
-    return Task(name, spec, split, fmt, examples)
+    source = f"{spec}[{split}]"
+    rows = [(f"{source}:{i}", i, rec) for i, rec in enumerate(ds, start=1)]
+    schema, examples = _examples(rows, source=source, stem=Path(source).stem, field_map=field_map)
+    return Task(name, spec, split, _schema_format(schema, fmt, PRESETS["jsonl"]), examples)
 
 
 def is_file_spec(spec: str) -> bool:
-    """A task read from one file: it has no other split to hold out."""
-    return spec.endswith(".jsonl") or Path(spec).exists()
+    """A task read from one file (or one saved Dataset folder): it has no other split to hold out.
+
+    A saved ``DatasetDict`` folder is not: its validation or test split is held out like a preset's.
+    """
+    if spec.startswith("hf:"):
+        return False
+    p = Path(spec)
+    if is_saved_dataset(p):
+        return dataset_splits(p) is None
+    return p.suffix.lower() in DATA_SUFFIXES or p.exists()
 
 
 def names_split(spec: str) -> bool:
     """Whether ``spec`` carries its own split (``NAME:SPLIT``, ``synthetic:NAME:SPLIT``; never ``hf:``)."""
-    if spec.startswith("hf:") or is_file_spec(spec):
+    if spec.startswith("hf:") or is_file_spec(spec) or is_saved_dataset(spec):
         return False
     return len(spec.split(":")) > (2 if spec.startswith("synthetic:") else 1)
 
 
-def held_out(spec: str, *, exclude: str | None = None, seed: int = 0) -> Task | None:
+def held_out(spec: str, *, exclude: str | None = None, seed: int = 0, **load_kwargs: Any) -> Task | None:
     """The validation split of the task ``spec`` names, else its test split; never the split ``exclude``.
 
     A split written in ``spec`` is dropped first (``e2e_nlg:train`` → ``e2e_nlg``). ``None`` for a file
-    (it has no other split) and for a task with neither split.
+    (it has no other split) and for a task with neither split. ``load_kwargs`` go to :func:`load_task`
+    (the field map and prompt settings of the training task).
     """
     if is_file_spec(spec):
         return None
-    if spec.startswith("hf:"):
+    if spec.startswith("hf:") or is_saved_dataset(spec):
         base = spec
     else:
         base = ":".join(spec.split(":")[: 2 if spec.startswith("synthetic:") else 1])
+    splits = dataset_splits(spec) if is_saved_dataset(spec) else None
     for candidate in ("validation", "test"):
-        if candidate == exclude:
+        if candidate == exclude or (splits is not None and candidate not in splits):
             continue
         try:
-            return load_task(base, split=candidate, seed=seed)
+            return load_task(base, split=candidate, seed=seed, **load_kwargs)
         except LayercardError:
             continue
     return None

@@ -1,9 +1,10 @@
 """Token encoding of task examples: loss on target tokens only, exactly as training sees them.
 
 An encoded example is ``prompt ids + target ids``. The prompt is the rendered chat template (user turn
-plus the generation prompt) or, for a tokenizer without one, ``"{instruction}\\n"``; it is tokenized
-with ``add_special_tokens=False`` because the template already writes its special tokens. The target
-is the target text followed by the turn-end token. Labels are ``-100`` on every prompt token.
+plus the generation prompt) or, with the chat template off or a tokenizer without one,
+``"{instruction}\\n"``; it is tokenized with ``add_special_tokens=False`` because the template already
+writes its special tokens. The target is the target text followed by the turn-end token (the eos token
+without a chat template). Labels are ``-100`` on every prompt token.
 
 Prompt and target are tokenized *separately*, the way generation sees them (the model continues the
 prompt ids); for SmolLM2 this equals tokenizing the whole chat text (checked in the tests).
@@ -11,6 +12,11 @@ prompt ids); for SmolLM2 this equals tokenizing the whole chat text (checked in 
 Truncation keeps what matters for the loss and for generation: an over-long prompt loses tokens from
 the start of the example's *input* (the system prompt, the instruction's start and the generation prompt
 stay); a target is cut from the right.
+
+Two more layouts: a chat example (``Example.messages``) is the whole conversation, each segment
+tokenized separately (``layercard.tasks.chat``), with loss on every assistant reply and its turn-end
+token and on nothing else; an over-long conversation loses its oldest tokens. Plain text (a
+``completion`` format) is the BOS token (else EOS) followed by the text and EOS, all of it target.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from typing import Any
 import torch
 
 from layercard.errors import LayercardError
+from layercard.tasks.chat import chat_segments, has_chat_template, render_chat, uses_chat_template
 from layercard.tasks.example import Example
 from layercard.tasks.loss import IGNORE_INDEX
 from layercard.tasks.presets import TaskFormat
@@ -37,6 +44,7 @@ __all__ = [
     "encode_example",
     "encode_prompt",
     "encode_task",
+    "end_token_id",
     "turn_end_token",
     "turn_end_token_id",
 ]
@@ -46,7 +54,8 @@ _MARK = "LAYERCARDTURNMARK"
 
 @dataclass(frozen=True)
 class Encoded:
-    """One training sequence. ``labels[i] == -100`` for the ``prompt_len`` prompt tokens."""
+    """One training sequence. ``labels[i] == -100`` for the ``prompt_len`` prompt tokens (and, in a
+    conversation, for the text between assistant replies)."""
 
     input_ids: tuple[int, ...]
     labels: tuple[int, ...]
@@ -77,32 +86,21 @@ class Encoded:
 # ---------------------------------------------------------------- prompts
 
 
-def _has_chat_template(tokenizer: Any) -> bool:
-    return bool(getattr(tokenizer, "chat_template", None))
-
-
-def _render_chat(tokenizer: Any, messages: list[dict[str, str]], *, generation_prompt: bool) -> str:
-    out = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
-    if not isinstance(out, str):  # some versions return a list for batched input
-        raise LayercardError(f"chat template returned {type(out).__name__}, expected a string")
-    return out
-
-
 def build_prompt(tokenizer: Any, fmt: TaskFormat, text: str) -> str:
     """The prompt text the model continues: chat template with generation prompt, or ``instruction\\n``."""
     user = fmt.render_instruction(text)
-    if not _has_chat_template(tokenizer):
+    if not uses_chat_template(tokenizer, fmt):
         return (f"{fmt.system}\n\n" if fmt.system else "") + user + "\n"
     messages = [{"role": "user", "content": user}]
     if fmt.system:
         try:
-            return _render_chat(
+            return render_chat(
                 tokenizer, [{"role": "system", "content": fmt.system}, *messages], generation_prompt=True
             )
         except Exception:  # e.g. Gemma's template refuses a system turn: fold it into the user turn
             messages = [{"role": "user", "content": f"{fmt.system}\n\n{user}"}]
     try:
-        return _render_chat(tokenizer, messages, generation_prompt=True)
+        return render_chat(tokenizer, messages, generation_prompt=True)
     except Exception as e:
         raise LayercardError(f"chat template failed on task {fmt.name!r}: {e}") from None
 
@@ -114,9 +112,9 @@ def turn_end_token(tokenizer: Any) -> str:
     SmolLM2/Qwen, ``<|eot_id|>`` for Llama 3, ``<end_of_turn>`` for Gemma), falling back to
     ``tokenizer.eos_token``.
     """
-    if _has_chat_template(tokenizer):
+    if has_chat_template(tokenizer):
         try:
-            rendered = _render_chat(
+            rendered = render_chat(
                 tokenizer,
                 [{"role": "user", "content": "hi"}, {"role": "assistant", "content": _MARK}],
                 generation_prompt=False,
@@ -191,13 +189,70 @@ def _truncate_prompt(
     return ids[len(ids) - budget :] if budget > 0 else []
 
 
-def encode_prompt(tokenizer: Any, fmt: TaskFormat, text: str, *, max_tokens: int | None = None) -> list[int]:
-    """Prompt token ids as training and generation use them (truncated to ``max_input_tokens``)."""
+def end_token_id(tokenizer: Any, fmt: TaskFormat) -> int:
+    """Id of the token every target ends with: the turn-end token, or EOS with the chat template off."""
+    if fmt.chat_template:
+        return turn_end_token_id(tokenizer)
+    eos = getattr(tokenizer, "eos_token_id", None)
+    if eos is None:
+        raise LayercardError("tokenizer has no eos_token: targets without a chat template end with it")
+    return int(eos)
+
+
+def _start_id(tokenizer: Any) -> int:
+    """The token plain text follows, so that its first token is predicted too: BOS, else EOS (the
+    document separator of tokenizers without BOS)."""
+    for name in ("bos_token_id", "eos_token_id"):
+        tid = getattr(tokenizer, name, None)
+        if tid is not None:
+            return int(tid)
+    raise LayercardError("tokenizer has neither a bos_token nor an eos_token to start plain text with")
+
+
+def _ids(tokenizer: Any, text: str) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"]) if text else []
+
+
+def _conversation_ids(
+    tokenizer: Any, fmt: TaskFormat, ex: Example, end_id: int
+) -> tuple[list[int], list[int], list[int]]:
+    """(context ids, their labels, final reply ids + end id): earlier replies carry their labels."""
+    end_token = tokenizer.convert_ids_to_tokens(end_id)
+    segments = chat_segments(tokenizer, fmt, ex, end_token)
+    ids = [] if uses_chat_template(tokenizer, fmt) else _plain_bos(tokenizer)
+    labels = [IGNORE_INDEX] * len(ids)
+    for text, is_reply in segments[:-1]:
+        part = _ids(tokenizer, text)
+        if is_reply:
+            part = (part + [end_id])[: fmt.max_target_tokens]
+            labels += part
+        else:
+            labels += [IGNORE_INDEX] * len(part)
+        ids += part
+    target = (_ids(tokenizer, segments[-1][0]) + [end_id])[: fmt.max_target_tokens]
+    return ids, labels, target
+
+
+def encode_prompt(
+    tokenizer: Any, fmt: TaskFormat, text: str | Example, *, max_tokens: int | None = None
+) -> list[int]:
+    """Prompt token ids as training and generation use them (truncated to ``max_input_tokens``).
+
+    ``text`` is an example's input, or the example itself: a chat example's prompt is its whole
+    conversation up to the final assistant reply (its oldest tokens cut first).
+    """
     budget = min(fmt.max_input_tokens, max_tokens) if max_tokens is not None else fmt.max_input_tokens
     if budget < 1:
         raise LayercardError(f"prompt budget must be >= 1 token, got {budget}")
+    if fmt.completion:
+        return [_start_id(tokenizer)]
+    if isinstance(text, Example):
+        if text.messages is not None:
+            context = _conversation_ids(tokenizer, fmt, text, end_token_id(tokenizer, fmt))[0]
+            return context[-budget:]
+        text = text.input
     prompt = build_prompt(tokenizer, fmt, text)
-    prefix = [] if _has_chat_template(tokenizer) else _plain_bos(tokenizer)
+    prefix = [] if uses_chat_template(tokenizer, fmt) else _plain_bos(tokenizer)
     ids, offsets = _tokenize_with_offsets(tokenizer, prompt)
     body = _truncate_prompt(ids, offsets, _input_span(prompt, fmt, text), budget - len(prefix))
     return prefix + body
@@ -208,17 +263,55 @@ def _target_ids(tokenizer: Any, fmt: TaskFormat, ex: Example, end_id: int) -> li
     return ids[: fmt.max_target_tokens]
 
 
+def _prompt_budget(prompt_len: int, target_len: int, max_length: int) -> int:
+    """Tokens the prompt keeps when prompt + target exceed ``max_length``: cut the prompt first, but
+    never below half the budget (a prompt of a few tokens teaches nothing); at least one target token."""
+    budget = max(max_length - target_len, min(prompt_len, max_length // 2))
+    return min(budget, max_length - 1)
+
+
+def _encode_conversation(
+    tokenizer: Any, fmt: TaskFormat, ex: Example, end_id: int, max_length: int | None
+) -> Encoded:
+    """Every assistant reply is a target; the context before the final one is cut from the left."""
+    ids, labels, target = _conversation_ids(tokenizer, fmt, ex, end_id)
+    keep = fmt.max_input_tokens
+    if max_length is not None and min(len(ids), keep) + len(target) > max_length:
+        keep = min(keep, _prompt_budget(min(len(ids), keep), len(target), max_length))
+        target = target[: max_length - min(len(ids), keep)]
+    ids, labels = ids[-keep:], labels[-keep:]
+    labels[0] = IGNORE_INDEX  # nothing predicts the first token
+    labels += target
+    return Encoded(
+        input_ids=tuple(ids + target),
+        labels=tuple(labels),
+        prompt_len=next(k for k, t in enumerate(labels) if t != IGNORE_INDEX),
+    )
+
+
+def _encode_text(
+    tokenizer: Any, fmt: TaskFormat, ex: Example, end_id: int, max_length: int | None
+) -> Encoded:
+    """Plain text: the start token, then the whole text and the end token as target."""
+    body = _target_ids(tokenizer, fmt, ex, end_id)
+    if max_length is not None:
+        body = body[: max_length - 1]
+    return Encoded(input_ids=(_start_id(tokenizer), *body), labels=(IGNORE_INDEX, *body), prompt_len=1)
+
+
 def _encode(tokenizer: Any, fmt: TaskFormat, ex: Example, end_id: int, max_length: int | None) -> Encoded:
+    if ex.messages is not None:
+        return _encode_conversation(tokenizer, fmt, ex, end_id, max_length)
+    if fmt.completion:
+        return _encode_text(tokenizer, fmt, ex, end_id, max_length)
     target = _target_ids(tokenizer, fmt, ex, end_id)
     if not target:
         raise LayercardError(f"example {ex.id!r}: target {ex.target!r} encodes to no tokens")
     prompt = encode_prompt(tokenizer, fmt, ex.input)
     if max_length is not None and len(prompt) + len(target) > max_length:
-        # Cut the prompt first, but never below half the budget (a prompt of a few tokens teaches
-        # nothing); then the target from the right. At least one target token always stays.
-        prompt_budget = max(max_length - len(target), min(len(prompt), max_length // 2))
-        prompt_budget = min(prompt_budget, max_length - 1)
-        prompt = encode_prompt(tokenizer, fmt, ex.input, max_tokens=prompt_budget)
+        prompt = encode_prompt(
+            tokenizer, fmt, ex.input, max_tokens=_prompt_budget(len(prompt), len(target), max_length)
+        )
         target = target[: max_length - len(prompt)]
     if not target:
         raise LayercardError(f"example {ex.id!r}: no target token left after truncation")
@@ -230,15 +323,15 @@ def _encode(tokenizer: Any, fmt: TaskFormat, ex: Example, end_id: int, max_lengt
 
 
 def encode_example(tokenizer: Any, fmt: TaskFormat, ex: Example) -> Encoded:
-    """Encode one example: prompt (labels -100) + target + turn-end token."""
-    return _encode(tokenizer, fmt, ex, turn_end_token_id(tokenizer), None)
+    """Encode one example: prompt (labels -100) + target + turn-end token (see the module docstring)."""
+    return _encode(tokenizer, fmt, ex, end_token_id(tokenizer, fmt), None)
 
 
 def encode_task(tokenizer: Any, task: Task, *, max_length: int | None = None) -> list[Encoded]:
     """Encode every example of ``task``; ``max_length`` (≥ 2) caps prompt + target tokens."""
     if max_length is not None and max_length < 2:
         raise LayercardError(f"max_length: must be >= 2 (one prompt and one target token), got {max_length}")
-    end_id = turn_end_token_id(tokenizer)
+    end_id = end_token_id(tokenizer, task.format)
     return [_encode(tokenizer, task.format, ex, end_id, max_length) for ex in task.examples]
 
 

@@ -1,6 +1,9 @@
 """One task example: an input, its target, and every acceptable reference.
 
 The lowest module of the tasks package: data, metrics and encoding all speak of examples.
+A chat example also carries its whole conversation (``messages``): training puts loss on every
+assistant turn, while ``input``/``target`` (the last user turn and the final assistant turn) serve
+generation and scoring like any other example.
 """
 
 from __future__ import annotations
@@ -11,12 +14,18 @@ from typing import Any
 
 from layercard.errors import LayercardError
 
-__all__ = ["Example"]
+__all__ = ["ROLES", "Example"]
+
+ROLES = ("system", "user", "assistant")
 
 
 @dataclass(frozen=True)
 class Example:
-    """One input/target pair; ``references`` holds every acceptable output (``target`` among them)."""
+    """One input/target pair; ``references`` holds every acceptable output (``target`` among them).
+
+    ``messages``: for chat data, the conversation as ``(role, content)`` pairs ending with the
+    assistant turn ``target``; ``None`` for everything else.
+    """
 
     id: str
     input: str
@@ -24,6 +33,7 @@ class Example:
     references: tuple[str, ...] = ()
     # left out of the hash (a dict is unhashable) but not of equality, so examples can go in sets
     meta: Mapping[str, Any] = field(default_factory=dict, hash=False)
+    messages: tuple[tuple[str, str], ...] | None = None
 
     def __post_init__(self) -> None:
         for name in ("id", "input", "target"):
@@ -33,12 +43,23 @@ class Example:
         if not all(isinstance(r, str) for r in refs):
             raise LayercardError(f"Example {self.id!r}: references must be strings")
         object.__setattr__(self, "references", refs)
+        if self.messages is not None:
+            turns = tuple((str(r), str(c)) for r, c in self.messages)
+            if not turns or turns[-1][0] != "assistant" or any(r not in ROLES for r, _ in turns):
+                raise LayercardError(
+                    f"Example {self.id!r}: messages must be (role, content) pairs with roles in "
+                    f"{', '.join(ROLES)}, ending with an assistant turn"
+                )
+            object.__setattr__(self, "messages", turns)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        d: dict[str, Any] = {
             "id": self.id,
             "input": self.input,
             "target": self.target,
             "references": list(self.references),
             "meta": dict(self.meta),
         }
+        if self.messages is not None:  # only then: the data hash of every other example stays as it was
+            d["messages"] = [{"role": r, "content": c} for r, c in self.messages]
+        return d

@@ -34,7 +34,9 @@ class TaskFormat:
     ``instruction`` is the user message, with ``{input}`` where the example's input goes.
     ``metrics[0]`` is the task's primary metric. ``max_input_tokens`` bounds the rendered prompt
     (cut from the left of the input), ``max_target_tokens`` the target (cut from the right),
-    ``max_new_tokens`` generation at evaluation.
+    ``max_new_tokens`` generation at evaluation. ``chat_template``: render the prompt with the
+    tokenizer's chat template (off, or a tokenizer without one: ``"{system}\n\n{instruction}\n"``).
+    ``completion``: plain-text data, no prompt at all; the loss covers the whole text (the target).
     """
 
     name: str
@@ -44,6 +46,8 @@ class TaskFormat:
     max_target_tokens: int
     max_new_tokens: int
     system: str | None = None
+    chat_template: bool = True
+    completion: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
@@ -65,6 +69,12 @@ class TaskFormat:
                 raise LayercardError(f"TaskFormat.{field}: must be a positive integer, got {value!r}")
         if self.system is not None and not isinstance(self.system, str):
             raise LayercardError(f"TaskFormat.system: must be a string or None, got {self.system!r}")
+        for field in ("chat_template", "completion"):
+            if not isinstance(getattr(self, field), bool):
+                value = getattr(self, field)
+                raise LayercardError(f"TaskFormat.{field}: must be true or false, got {value!r}")
+        if self.completion and self.chat_template:
+            raise LayercardError(f"TaskFormat {self.name!r}: plain-text completion uses no chat template")
 
     @property
     def primary_metric(self) -> str:
@@ -74,8 +84,12 @@ class TaskFormat:
         """The user message for one input (``str.replace``, so braces in the input are safe)."""
         return self.instruction.replace("{input}", text)
 
+    def prompt(self) -> dict[str, object]:
+        """The settings that decide the prompt text: template, system prompt, chat template on/off."""
+        return {"template": self.instruction, "system": self.system, "chat_template": self.chat_template}
+
     def to_dict(self) -> dict[str, object]:
-        return {
+        d: dict[str, object] = {
             "name": self.name,
             "instruction": self.instruction,
             "metrics": list(self.metrics),
@@ -84,6 +98,13 @@ class TaskFormat:
             "max_new_tokens": self.max_new_tokens,
             "system": self.system,
         }
+        # Written only when not at their defaults, so a format recorded before they existed (and the
+        # identities hashed from it) reads back the same.
+        if not self.chat_template:
+            d["chat_template"] = False
+        if self.completion:
+            d["completion"] = True
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, object]) -> TaskFormat:
@@ -96,6 +117,8 @@ class TaskFormat:
                 max_target_tokens=d["max_target_tokens"],  # type: ignore[arg-type]
                 max_new_tokens=d["max_new_tokens"],  # type: ignore[arg-type]
                 system=d.get("system"),  # type: ignore[arg-type]
+                chat_template=d.get("chat_template", True),  # type: ignore[arg-type]
+                completion=d.get("completion", False),  # type: ignore[arg-type]
             )
         except KeyError as e:
             raise LayercardError(f"TaskFormat: field {e.args[0]!r} missing") from None
@@ -162,12 +185,34 @@ PRESETS: dict[str, TaskFormat] = {
             max_new_tokens=24,
         ),
         TaskFormat(
+            # the generic format of any file with input/target or Alpaca fields
             name="jsonl",
             instruction="{input}",
             metrics=("exact_match", "token_f1", "rouge_l"),
             max_input_tokens=512,
             max_target_tokens=256,
             max_new_tokens=128,
+        ),
+        TaskFormat(
+            # chat data: the input bound is on the conversation before the final assistant turn
+            name="chat",
+            instruction="{input}",
+            metrics=("token_f1", "rouge_l", "exact_match"),
+            max_input_tokens=1024,
+            max_target_tokens=256,
+            max_new_tokens=128,
+        ),
+        TaskFormat(
+            # plain text: no prompt; generation from the first token is scored only for completeness,
+            # the teacher-forced loss is the measure
+            name="text",
+            instruction="{input}",
+            metrics=("token_f1", "rouge_l"),
+            max_input_tokens=8,
+            max_target_tokens=1024,
+            max_new_tokens=128,
+            chat_template=False,
+            completion=True,
         ),
     )
 }

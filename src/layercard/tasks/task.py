@@ -10,7 +10,7 @@ from typing import Any
 from layercard.artifacts import sha256_json
 from layercard.errors import LayercardError
 from layercard.tasks.example import Example
-from layercard.tasks.presets import TaskFormat
+from layercard.tasks.presets import PRESETS, TaskFormat
 
 __all__ = ["Task"]
 
@@ -31,10 +31,24 @@ class Task:
     def __len__(self) -> int:
         return len(self.examples)
 
+    @property
+    def custom_prompt(self) -> bool:
+        """Whether the prompt differs from its preset's (own template, system prompt or chat switch)."""
+        preset = PRESETS.get(self.format.name)
+        return preset is None or preset.prompt() != self.format.prompt()
+
     @cached_property
     def data_hash(self) -> str:
-        """sha256 of the examples' content (ids, texts, references, meta; order matters), key-order free."""
-        return sha256_json([ex.to_dict() for ex in self.examples])
+        """sha256 of what the model is shown: the examples (ids, texts, references, meta, messages; order
+        matters) and, when it is not its preset's, the prompt. Key-order free.
+
+        A preset's own prompt is left out, so a task loaded without prompt settings keeps the hash it
+        had before prompts could be set, and cards and run folders made then stay valid.
+        """
+        examples = [ex.to_dict() for ex in self.examples]
+        if not self.custom_prompt:
+            return sha256_json(examples)
+        return sha256_json({"examples": examples, "prompt": self.format.prompt()})
 
     def subset(self, n: int | None, *, seed: int = 0, offset: int = 0) -> Task:
         """Examples ``offset .. offset+n`` of a seeded shuffle, returned in source order.
@@ -72,4 +86,5 @@ class Task:
             "n_examples": len(self.examples),
             "data_hash": self.data_hash,
             "format": self.format.to_dict(),
+            "prompt": {**self.format.prompt(), "custom": self.custom_prompt},
         }

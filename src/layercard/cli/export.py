@@ -1,0 +1,51 @@
+"""The export command: a plan in the form PEFT, TRL, axolotl or LLaMA-Factory reads."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from layercard.cli.app import app, console, emit_json, guard
+
+
+@app.command("export")
+@guard
+def export_cmd(
+    plan: Annotated[Path, typer.Argument(help="plan.json from `layercard plan` (a LoRA plan).")],
+    to: Annotated[str, typer.Option("--to", help="peft | trl | axolotl | llamafactory.")],
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            "--out", "-o", help="File to write (default: stdout); for peft also FILE.py, the Python snippet."
+        ),
+    ] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print what was written as JSON.")] = False,
+) -> None:
+    """Write a plan for another training tool; say what it cannot express and how that was approximated."""
+    from layercard.artifacts import check_out_file, write_text
+    from layercard.export import export_plan
+
+    if out is not None:
+        check_out_file(out, example=f"{to}.yaml")
+    result = export_plan(plan, to)
+    written: list[str] = []
+    if out is not None:
+        written.append(str(write_text(out, result.text)))
+        if result.snippet is not None:
+            written.append(str(write_text(out.with_suffix(".py"), result.snippet)))
+    if json_out:
+        summary = {"target": result.target, "exact": result.exact, "notes": list(result.notes)}
+        emit_json({**summary, "files": written})
+        return
+    if out is None:
+        typer.echo(result.text, nl=False)
+    for note in result.notes:
+        console.print(f"[yellow]note:[/] {note}", highlight=False, soft_wrap=True)
+    if result.exact:
+        console.print(f"{result.target}: exact (every planned module at its planned rank)", highlight=False)
+    if written:
+        console.print(f"wrote {', '.join(written)}", highlight=False)
+    elif result.snippet is not None:
+        console.print("the Python snippet is written beside the JSON with --out FILE", highlight=False)

@@ -1,0 +1,198 @@
+"""Data files: the records of a JSONL, JSON, CSV/TSV or Parquet file, or of a saved Hugging Face dataset.
+
+Each reader returns the records with the place each came from, so every later error names it:
+``FILE:LINE`` for text files (the line a record starts on) and ``SOURCE:ROW`` (1-based) for Parquet
+files and saved datasets. Text files are UTF-8, with or without a byte-order mark. A ``.json`` file
+holds an array of records, or JSON lines. A saved dataset is a folder written by
+``datasets.Dataset.save_to_disk`` (or a ``DatasetDict``'s, whose split is chosen by name).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from layercard.errors import LayercardError
+
+__all__ = [
+    "DATA_SUFFIXES",
+    "Records",
+    "dataset_splits",
+    "is_saved_dataset",
+    "read_records",
+]
+
+DATA_SUFFIXES = (".jsonl", ".ndjson", ".json", ".csv", ".tsv", ".parquet")
+_DICT_FILE = "dataset_dict.json"  # written by DatasetDict.save_to_disk
+_STATE_FILE = "state.json"  # written by Dataset.save_to_disk
+
+
+@dataclass(frozen=True)
+class Records:
+    """The records of one source as ``(where, number, record)``: ``number`` is the line (JSONL, CSV) or
+    the record's position (JSON arrays, tables), and names examples without an id. ``cells``: values
+    are table text (CSV)."""
+
+    rows: list[tuple[str, int, Any]]
+    cells: bool = False
+    split: str | None = None  # the split read from a saved DatasetDict
+
+
+def _read_text(p: Path) -> str:
+    if not p.is_file():
+        raise LayercardError(f"{p}: no such file")
+    try:
+        return p.read_text(encoding="utf-8-sig")  # utf-8-sig: a leading byte-order mark is dropped
+    except UnicodeDecodeError as e:
+        raise LayercardError(f"{p}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+
+def _jsonl(p: Path, text: str) -> list[tuple[str, int, Any]]:
+    rows = []
+    # split on "\n" only: str.splitlines() also breaks at U+2028, which GSM8K has inside strings
+    for lineno, line in enumerate(text.split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append((f"{p}:{lineno}", lineno, json.loads(line)))
+        except json.JSONDecodeError as e:
+            raise LayercardError(f"{p}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
+    return rows
+
+
+def _json(p: Path, text: str) -> list[tuple[str, int, Any]]:
+    """A JSON array of records, each named by the line it starts on; JSON lines are read as such."""
+    stripped = text.lstrip()
+    if not stripped.startswith("["):
+        try:
+            json.loads(text)
+        except json.JSONDecodeError as e:
+            if e.msg == "Extra data":  # several top-level values: JSON lines in a .json file
+                return _jsonl(p, text)
+            raise LayercardError(f"{p}:{e.lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
+        raise LayercardError(f"{p}: expected a JSON array of records (or one record per line)")
+    try:
+        json.loads(text)
+    except json.JSONDecodeError as e:
+        raise LayercardError(f"{p}:{e.lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
+    # The text is valid: walk the array's items to learn the line each starts on. Items are numbered
+    # by position (a one-line array has them all on line 1); the record number is added to the place
+    # when an item shares its line with the one before.
+    decoder = json.JSONDecoder()
+    rows: list[tuple[str, int, Any]] = []
+    pos, line, counted, last = text.index("[") + 1, 1, 0, 0
+    while True:
+        while text[pos] in " \t\r\n,":
+            pos += 1
+        if text[pos] == "]":
+            return rows
+        item, end = decoder.raw_decode(text, pos)
+        line += text.count("\n", counted, pos)  # counted once: linear in the file's size
+        counted = pos
+        number = len(rows) + 1
+        rows.append((f"{p}:{line}" + (f" (record {number})" if line == last else ""), number, item))
+        pos, last = end, line
+
+
+def _csv(p: Path, text: str, delimiter: str) -> list[tuple[str, int, Any]]:
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
+    try:
+        header = next(reader)
+    except StopIteration:
+        return []
+    except csv.Error as e:
+        raise LayercardError(f"{p}:1: not valid CSV ({e})") from None
+    dup = next((h for h in header if header.count(h) > 1), None)
+    if dup is not None:
+        raise LayercardError(f"{p}:1: column {dup!r} appears twice in the header")
+    rows = []
+    start = reader.line_num + 1
+    try:
+        for cells in reader:
+            line, start = start, reader.line_num + 1
+            where = f"{p}:{line}"
+            if not any(c.strip() for c in cells):
+                continue  # blank lines are allowed, as in JSONL
+            if len(cells) != len(header):
+                raise LayercardError(f"{where}: {len(cells)} cells, the header has {len(header)}")
+            rows.append((where, line, dict(zip(header, cells, strict=True))))
+    except csv.Error as e:
+        raise LayercardError(f"{p}:{reader.line_num}: not valid CSV ({e})") from None
+    return rows
+
+
+def _parquet(p: Path) -> list[tuple[str, int, Any]]:
+    if not p.is_file():
+        raise LayercardError(f"{p}: no such file")
+    try:
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(p)
+    except Exception as e:  # a corrupt or foreign file: one line
+        raise LayercardError(f"{p}: not a readable Parquet file ({str(e).splitlines()[0]})") from None
+    return [(f"{p}:{i}", i, row) for i, row in enumerate(table.to_pylist(), start=1)]
+
+
+def is_saved_dataset(path: str | Path) -> bool:
+    """Whether ``path`` is a folder written by ``save_to_disk`` (a Dataset or a DatasetDict)."""
+    p = Path(path)
+    return p.is_dir() and ((p / _DICT_FILE).is_file() or (p / _STATE_FILE).is_file())
+
+
+def dataset_splits(path: str | Path) -> list[str] | None:
+    """The split names of a saved DatasetDict folder; ``None`` for a single saved Dataset."""
+    p = Path(path) / _DICT_FILE
+    if not p.is_file():
+        return None
+    try:
+        splits = json.loads(p.read_text(encoding="utf-8"))["splits"]
+    except (ValueError, KeyError, TypeError):
+        raise LayercardError(f"{p}: not a dataset_dict.json (no list of splits)") from None
+    return [str(s) for s in splits]
+
+
+def _saved_dataset(p: Path, split: str | None) -> Records:
+    splits = dataset_splits(p)
+    chosen = None
+    if splits is not None:
+        if split is None:
+            if "train" not in splits and len(splits) != 1:
+                raise LayercardError(f"{p}: saved splits {', '.join(splits)}; choose one (split=NAME)")
+            chosen = "train" if "train" in splits else splits[0]
+        elif split not in splits:
+            raise LayercardError(f"{p}: no split {split!r}; saved splits: {', '.join(splits)}")
+        else:
+            chosen = split
+    try:
+        import datasets
+
+        ds = datasets.load_from_disk(str(p))
+        if chosen is not None:
+            ds = ds[chosen]
+    except Exception as e:  # a folder from another version, a missing shard: one line
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise LayercardError(f"{p}: datasets.load_from_disk failed: {msg}") from None
+    source = f"{p}[{chosen}]" if chosen else str(p)
+    return Records([(f"{source}:{i}", i, row) for i, row in enumerate(ds, start=1)], split=chosen)
+
+
+def read_records(path: str | Path, *, split: str | None = None) -> Records:
+    """Every record of a data file or saved dataset folder (``split``: which split of a DatasetDict)."""
+    p = Path(path)
+    if p.is_dir():
+        if not is_saved_dataset(p):
+            raise LayercardError(f"{p}: a folder, but not a saved dataset (no {_DICT_FILE} or {_STATE_FILE})")
+        return _saved_dataset(p, split)
+    suffix = p.suffix.lower()
+    if suffix == ".parquet":
+        return Records(_parquet(p))
+    text = _read_text(p)
+    if suffix == ".json":
+        return Records(_json(p, text))
+    if suffix in (".csv", ".tsv"):
+        return Records(_csv(p, text, "\t" if suffix == ".tsv" else ","), cells=True)
+    return Records(_jsonl(p, text))  # .jsonl, .ndjson and any other name: one JSON record per line

@@ -1,0 +1,205 @@
+"""Record schemas: how one row of a data file becomes an :class:`Example`.
+
+Four schemas, detected from the fields of the first record (after the field map):
+
+============  =====================================  ===================================================
+schema        fields (optional in brackets)          example
+============  =====================================  ===================================================
+chat          messages: [{role, content}, ...]       loss on every assistant turn; input = last user
+                                                     turn, target = final assistant turn
+alpaca        instruction, output, [input]           input = instruction, blank line, input
+input_target  input, target, [references]            as is
+text          text                                   plain-text completion: the loss covers the text
+============  =====================================  ===================================================
+
+When several fit, the first in this order wins. Every schema reads an optional ``id``; other fields go
+to ``Example.meta``. A field map names the column of a field: ``{"input": "question"}`` reads ``input``
+from ``question`` (``role``/``content`` rename the keys inside chat messages). Fields the map names
+also choose the schema: mapping ``target`` says the data is ``input_target`` even before its first row
+is read. Errors start with ``where`` (``FILE:LINE``, or ``SOURCE:ROW`` for tables).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from layercard.errors import LayercardError
+from layercard.tasks.example import ROLES, Example
+
+__all__ = ["FIELDS", "SCHEMAS", "check_field_map", "detect_schema", "record_to_example"]
+
+SCHEMAS = ("chat", "alpaca", "input_target", "text")
+FIELDS = ("id", "input", "target", "references", "instruction", "output", "messages", "text")
+FIELDS += ("role", "content")  # the keys inside chat messages
+_REQUIRED = {
+    "chat": ("messages",),
+    "alpaca": ("instruction", "output"),
+    "input_target": ("input", "target"),
+    "text": ("text",),
+}
+# Fields that belong to one schema alone: naming one in the field map chooses that schema.
+_DISTINCT = {
+    "chat": ("messages", "role", "content"),
+    "alpaca": ("instruction", "output"),
+    "input_target": ("target",),
+    "text": ("text",),
+}
+_DESCRIBE = "messages (chat), instruction + output (Alpaca), input + target, or text"
+
+
+def check_field_map(field_map: Mapping[str, str] | None) -> dict[str, str]:
+    """The field map as a dict, its keys checked against :data:`FIELDS`."""
+    fmap = dict(field_map or {})
+    for key, column in fmap.items():
+        if key not in FIELDS:
+            raise LayercardError(f"field_map: unknown key {key!r}; valid: {', '.join(FIELDS)}")
+        if not isinstance(column, str) or not column:
+            raise LayercardError(f"field_map: {key!r} must name a column, got {column!r}")
+    return fmap
+
+
+def _col(fmap: Mapping[str, str], name: str) -> str:
+    return fmap.get(name, name)
+
+
+def _present(rec: Mapping[str, Any], column: str) -> bool:
+    # present even when empty: the row's own check then says "field 'target' missing (empty string)"
+    return rec.get(column) is not None
+
+
+def detect_schema(rec: Any, fmap: Mapping[str, str], where: str) -> str:
+    """The schema of a record: the one the field map names, else the first whose fields it has."""
+    named = [s for s in SCHEMAS if any(f in fmap for f in _DISTINCT[s])]
+    if len(named) == 1:
+        return named[0]
+    if len(named) > 1:
+        raise LayercardError(
+            f"field_map: names fields of several schemas ({', '.join(named)}); map the fields of one"
+        )
+    if not isinstance(rec, Mapping):
+        raise LayercardError(f"{where}: expected a JSON object, got {type(rec).__name__}")
+    for schema in SCHEMAS:
+        if all(_present(rec, _col(fmap, f)) for f in _REQUIRED[schema]):
+            return schema
+    found = ", ".join(map(str, rec)) or "none"
+    raise LayercardError(
+        f"{where}: no known schema fits the fields found ({found}); expected {_DESCRIBE}; "
+        "name the columns with a field map (--field input=COLUMN)"
+    )
+
+
+def _text(rec: Mapping[str, Any], column: str, where: str, *, required: bool = True) -> str:
+    value = rec.get(column)
+    if value is None:
+        if required:
+            raise LayercardError(f"{where}: field {column!r} missing")
+        return ""
+    if not isinstance(value, str):
+        raise LayercardError(f"{where}: field {column!r} must be a string, got {type(value).__name__}")
+    if required and not value.strip():
+        # an empty target trains on nothing but the end token; an empty input has no prompt
+        raise LayercardError(f"{where}: field {column!r} missing (empty string)")
+    return value
+
+
+def _references(rec: Mapping[str, Any], column: str, target: str, where: str, cells: bool) -> tuple[str, ...]:
+    refs = rec.get(column)
+    if refs is None or (cells and refs == ""):
+        return (target,)
+    if cells and isinstance(refs, str):  # a table cell: a JSON list, else one reference
+        refs = _json_cell(refs) if refs.lstrip().startswith("[") else [refs]
+    if (
+        isinstance(refs, str)
+        or not isinstance(refs, Sequence)
+        or not refs
+        or not all(isinstance(r, str) and r for r in refs)
+    ):
+        raise LayercardError(f"{where}: field {column!r} must be a non-empty list of strings")
+    return tuple(refs)
+
+
+def _json_cell(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def _messages(rec: Mapping[str, Any], fmap: Mapping[str, str], where: str, cells: bool) -> tuple:
+    """The conversation as (role, content) pairs, checked: optional system turn first, then a user turn,
+    ending with an assistant turn."""
+    column = _col(fmap, "messages")
+    raw = rec.get(column)
+    if raw is None:
+        raise LayercardError(f"{where}: field {column!r} missing")
+    if cells and isinstance(raw, str):
+        raw = _json_cell(raw)
+    if isinstance(raw, (str, bytes)) or not isinstance(raw, Sequence) or not raw:
+        raise LayercardError(f"{where}: field {column!r} must be a non-empty list of {{role, content}} items")
+    role_key, content_key = _col(fmap, "role"), _col(fmap, "content")
+    turns = []
+    for k, m in enumerate(raw):
+        at = f"{where}: field {column!r}[{k}]"
+        if not isinstance(m, Mapping):
+            raise LayercardError(f"{at}: expected an object with {role_key!r} and {content_key!r}")
+        role, content = m.get(role_key), m.get(content_key)
+        if role not in ROLES:
+            raise LayercardError(f"{at}.{role_key}: {role!r} is not one of {', '.join(ROLES)}")
+        if not isinstance(content, str) or not content.strip():
+            raise LayercardError(f"{at}.{content_key}: must be a non-empty string, got {content!r}")
+        if role == "system" and k > 0:
+            raise LayercardError(f"{at}: a system turn may only come first")
+        turns.append((role, content))
+    rest = turns[1:] if turns[0][0] == "system" else turns
+    if not rest or rest[0][0] != "user":
+        raise LayercardError(f"{where}: field {column!r}: the conversation must start with a user turn")
+    if turns[-1][0] != "assistant":
+        raise LayercardError(f"{where}: field {column!r}: the last turn must be the assistant's (the target)")
+    return tuple(turns)
+
+
+def _example_id(rec: Mapping[str, Any], column: str, default: str, where: str) -> str:
+    ex_id = rec.get(column)
+    if ex_id is None or ex_id == "":
+        return default
+    if not isinstance(ex_id, (str, int)) or isinstance(ex_id, bool):
+        raise LayercardError(f"{where}: field {column!r} must be a string, got {type(ex_id).__name__}")
+    return str(ex_id)
+
+
+def record_to_example(
+    rec: Any, schema: str, fmap: Mapping[str, str], where: str, default_id: str, *, cells: bool = False
+) -> Example:
+    """One record of ``schema`` as an Example; ``cells``: values are table cells (CSV: text, '' = empty)."""
+    if not isinstance(rec, Mapping):
+        raise LayercardError(f"{where}: expected a JSON object, got {type(rec).__name__}")
+    used = {_col(fmap, "id")}
+    messages = None
+    if schema == "chat":
+        messages = _messages(rec, fmap, where, cells)
+        users = [c for r, c in messages if r == "user"]
+        inp, target = users[-1], messages[-1][1]
+        refs: tuple[str, ...] = (target,)
+        used.add(_col(fmap, "messages"))
+    elif schema == "text":
+        inp, target = "", _text(rec, _col(fmap, "text"), where)
+        refs = (target,)
+        used.add(_col(fmap, "text"))
+    else:
+        if schema == "alpaca":
+            instruction = _text(rec, _col(fmap, "instruction"), where)
+            extra = _text(rec, _col(fmap, "input"), where, required=False)
+            inp = f"{instruction}\n\n{extra}" if extra.strip() else instruction
+            target = _text(rec, _col(fmap, "output"), where)
+            used |= {_col(fmap, f) for f in ("instruction", "input", "output")}
+        else:
+            inp = _text(rec, _col(fmap, "input"), where)
+            target = _text(rec, _col(fmap, "target"), where)
+            used |= {_col(fmap, f) for f in ("input", "target")}
+        refs = _references(rec, _col(fmap, "references"), target, where, cells)
+        used.add(_col(fmap, "references"))
+    ex_id = _example_id(rec, _col(fmap, "id"), default_id, where)
+    meta = {k: v for k, v in rec.items() if k not in used}
+    return Example(id=ex_id, input=inp, target=target, references=refs, meta=meta, messages=messages)

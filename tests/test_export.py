@@ -1,0 +1,212 @@
+"""Plans exported for PEFT, TRL, axolotl and LLaMA-Factory (layercard.export, `layercard export`).
+
+Each tool's file is read back the way that tool reads it (its keys turned into a PEFT LoraConfig as
+the tool does) and applied to a tiny model: the adapted modules must be exactly the planned ones.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import yaml
+from peft import LoraConfig, get_peft_model
+from tiny import tiny_model
+from typer.testing import CliRunner
+
+from layercard import models
+from layercard.cli import app
+from layercard.errors import LayercardError
+from layercard.export import TARGETS, export_plan
+from layercard.plan import Plan, PlannedUnit
+from layercard.plan.ranks import lora_config
+
+N_LAYERS = 4
+AXOLOTL_KEYS = {
+    "adapter", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "peft_layers_to_transform",
+    "peft_layers_pattern",
+}  # fmt: skip
+LLAMAFACTORY_KEYS = {"finetuning_type", "lora_target", "lora_rank", "lora_alpha", "lora_dropout"}
+
+
+def make_plan(cells: dict[int, str], ranks: dict[str, int] | None = None, kind: str = "lora") -> Plan:
+    """A plan adapting ``cells`` (layer → roles) of the tiny Llama, ranks 4 unless ``ranks`` says."""
+    model = tiny_model("llama", layers=N_LAYERS)
+    units = [
+        PlannedUnit(u.key, u.layer, u.role, u.name, (ranks or {}).get(u.name, 4))
+        for layer, roles in sorted(cells.items())
+        for u in models.units(model, roles, layers=[layer])
+    ]
+    return Plan(
+        provenance={},
+        card={"model_id": "tiny", "model_hash": "0" * 64, "task": "facts", "n_layers": N_LAYERS},
+        config={"policy": "test"},
+        kind=kind,
+        units=units,
+        layers=sorted(cells),
+        predicted={"params": 1000, "step_time_s": 0.01},
+        lora_config=lora_config(units, None, 0.0) if kind == "lora" else None,
+        adapter_config=None if kind == "lora" else {"kind": kind, "bottleneck": 4, "layers": sorted(cells)},
+    )
+
+
+def adapted(config: LoraConfig) -> dict[str, int]:
+    """Module path → LoRA rank of every module ``config`` adapts on a fresh tiny Llama."""
+    peft_model = get_peft_model(tiny_model("llama", layers=N_LAYERS), config)
+    return {
+        name.removeprefix("base_model.model."): module.lora_A["default"].out_features
+        for name, module in peft_model.named_modules()
+        if hasattr(module, "lora_A") and "default" in module.lora_A
+    }
+
+
+def planned(plan: Plan) -> dict[str, int]:
+    return {u.name: u.rank for u in plan.units}
+
+
+@pytest.fixture()
+def auto_plan(tmp_path) -> tuple[Plan, Path]:
+    """Non-contiguous layers 1 and 3, q and v, with two modules at their own rank (as rank=auto gives)."""
+    ranks = {"model.layers.1.self_attn.q_proj": 8, "model.layers.3.self_attn.v_proj": 2}
+    plan = make_plan({1: "q,v", 3: "q,v"}, ranks)
+    return plan, plan.save(tmp_path / "plan.json")
+
+
+def test_peft_json_and_snippet_build_exactly_the_planned_modules(auto_plan, tmp_path):
+    plan, path = auto_plan
+    res = CliRunner().invoke(app, ["export", str(path), "--to", "peft", "--out", str(tmp_path / "lora.json")])
+    assert res.exit_code == 0, res.output
+    config = json.loads((tmp_path / "lora.json").read_text())
+    assert config["peft_type"] == "LORA" and config["rank_pattern"]
+    assert adapted(LoraConfig(**config)) == planned(plan)
+    namespace = {"model": tiny_model("llama", layers=N_LAYERS)}
+    exec(compile((tmp_path / "lora.py").read_text(), "lora.py", "exec"), namespace)
+    got = {
+        n.removeprefix("base_model.model."): m.lora_A["default"].out_features
+        for n, m in namespace["model"].named_modules()
+        if hasattr(m, "lora_A") and "default" in m.lora_A
+    }
+    assert got == planned(plan)
+    assert export_plan(plan, "peft").exact
+
+
+def test_trl_fragment_runs_with_the_plans_lora_config_and_callback(auto_plan, monkeypatch):
+    plan, path = auto_plan
+    calls: dict = {}
+
+    class SFTConfig:
+        def __init__(self, **kw):
+            calls["config"] = kw
+
+    class SFTTrainer:
+        def __init__(self, **kw):
+            calls["trainer"] = kw
+
+        def train(self):
+            calls["trained"] = True
+
+    trl = types.ModuleType("trl")
+    trl.SFTConfig, trl.SFTTrainer = SFTConfig, SFTTrainer
+    monkeypatch.setitem(sys.modules, "trl", trl)
+    text = export_plan(path, "trl").text
+    exec(compile(text, "train_trl.py", "exec"), {"model": "MODEL", "train_dataset": "DATA"})
+    kw = calls["trainer"]
+    assert (kw["model"], kw["train_dataset"], calls["trained"]) == ("MODEL", "DATA", True)
+    assert adapted(kw["peft_config"]) == planned(plan)
+    (callback,) = kw["callbacks"]
+    assert type(callback).__name__ == "LayercardCallback" and callback.plan.layers == [1, 3]
+    assert calls["config"]["output_dir"] == str(callback.out_dir)
+
+
+def axolotl_lora(cfg: dict) -> LoraConfig:
+    """The LoraConfig axolotl builds from its config keys."""
+    return LoraConfig(
+        r=cfg["lora_r"],
+        lora_alpha=cfg["lora_alpha"],
+        lora_dropout=cfg["lora_dropout"],
+        target_modules=cfg["lora_target_modules"],
+        layers_to_transform=cfg.get("peft_layers_to_transform"),
+        layers_pattern=cfg.get("peft_layers_pattern"),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+
+
+def llamafactory_lora(cfg: dict) -> LoraConfig:
+    """The LoraConfig LLaMA-Factory builds from its config keys (lora_target split at commas)."""
+    return LoraConfig(
+        r=cfg["lora_rank"],
+        lora_alpha=cfg["lora_alpha"],
+        lora_dropout=cfg["lora_dropout"],
+        target_modules=[t.strip() for t in cfg["lora_target"].split(",")],
+        task_type="CAUSAL_LM",
+    )
+
+
+def test_axolotl_yaml_places_layers_exactly_and_says_ranks_are_approximated(auto_plan):
+    plan, path = auto_plan
+    res = export_plan(path, "axolotl")
+    cfg = yaml.safe_load(res.text)
+    assert set(cfg) <= AXOLOTL_KEYS and cfg["adapter"] == "lora"
+    assert cfg["peft_layers_to_transform"] == [1, 3]
+    assert cfg["lora_target_modules"] == ["self_attn.q_proj", "self_attn.v_proj"]
+    got = adapted(axolotl_lora(cfg))
+    assert set(got) == set(planned(plan)) and set(got.values()) == {4}  # one rank: the commonest
+    (note,) = res.notes
+    assert "axolotl takes one rank for every module (lora_r)" in note and "1 at rank 2, 1 at rank 8" in note
+    assert "# note: axolotl takes one rank" in res.text and not res.exact
+
+
+def test_axolotl_lists_full_paths_when_layers_adapt_different_modules():
+    plan = make_plan({0: "q,v", 2: "q"})
+    res = export_plan(plan, "axolotl")
+    cfg = yaml.safe_load(res.text)
+    assert "peft_layers_to_transform" not in cfg and cfg["lora_target_modules"] == list(planned(plan))
+    assert adapted(axolotl_lora(cfg)) == planned(plan)
+    assert "lists every planned module by full path" in res.notes[0]
+    every = yaml.safe_load(export_plan(make_plan(dict.fromkeys(range(N_LAYERS), "q")), "axolotl").text)
+    assert every["lora_target_modules"] == ["self_attn.q_proj"] and "peft_layers_to_transform" not in every
+
+
+def test_llamafactory_yaml_names_the_planned_modules(auto_plan):
+    plan, path = auto_plan
+    res = export_plan(path, "llamafactory")
+    cfg = yaml.safe_load(res.text)
+    assert set(cfg) == LLAMAFACTORY_KEYS and cfg["finetuning_type"] == "lora"
+    got = adapted(llamafactory_lora(cfg))
+    assert set(got) == set(planned(plan)) and set(got.values()) == {cfg["lora_rank"]} == {4}
+    assert "LLaMA-Factory takes one rank for every module (lora_rank)" in res.notes[0]
+    # every layer with the same modules: the short names say it
+    every = make_plan(dict.fromkeys(range(N_LAYERS), "q,v"))
+    cfg = yaml.safe_load(export_plan(every, "llamafactory").text)
+    assert cfg["lora_target"] == "self_attn.q_proj,self_attn.v_proj"
+    assert adapted(llamafactory_lora(cfg)) == planned(every)
+    assert export_plan(every, "llamafactory").exact
+
+
+def test_uniform_rank_plans_export_exactly_everywhere():
+    plan = make_plan({1: "q,v", 2: "q,v"})
+    for target in TARGETS:
+        assert export_plan(plan, target).exact, target
+
+
+def test_export_errors_and_command_output(auto_plan, tmp_path):
+    plan, path = auto_plan
+    with pytest.raises(LayercardError, match="--to 'keras': not a target; valid: peft, trl, axolotl"):
+        export_plan(plan, "keras")
+    bottleneck = make_plan({1: "q"}, kind="houlsby")
+    with pytest.raises(LayercardError, match="adapter kind 'houlsby' is not LoRA"):
+        export_plan(bottleneck, "peft")
+    runner = CliRunner()
+    res = runner.invoke(app, ["export", str(path), "--to", "axolotl"])
+    assert res.exit_code == 0 and yaml.safe_load(res.stdout)["lora_r"] == 4
+    assert "note: axolotl takes one rank" in res.stderr
+    out = tmp_path / "axolotl.yaml"
+    res = runner.invoke(app, ["export", str(path), "--to", "axolotl", "--out", str(out), "--json"])
+    summary = json.loads(res.stdout)
+    assert summary["files"] == [str(out)] and summary["exact"] is False and out.is_file()
+    bad = runner.invoke(app, ["export", str(tmp_path / "nope.json"), "--to", "peft"])
+    assert bad.exit_code != 0 and "no such file" in bad.stderr

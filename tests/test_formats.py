@@ -1,0 +1,361 @@
+"""Data files and schemas, field maps, prompt settings and the task's identity (layercard.tasks)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from layercard.config.run import TaskSpec
+from layercard.config.schema import ConfigError
+from layercard.errors import LayercardError
+from layercard.tasks import PRESETS, held_out, is_file_spec, load_task, names_split, read_records
+
+ALPACA = [
+    {"instruction": "Name the colour of the sky.", "input": "", "output": "Blue."},
+    {"instruction": "Add the numbers.", "input": "2 and 3", "output": "5", "source": "math"},
+]
+CHAT = [
+    {
+        "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello."},
+            {"role": "user", "content": "Capital of France?"},
+            {"role": "assistant", "content": "Paris."},
+        ]
+    },
+    {"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]},
+]
+QA = [{"question": "q1", "answer": "a1"}, {"question": "q2", "answer": "a2"}]
+
+
+def write_jsonl(path: Path, rows: list, *, bom: bool = False) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = "".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows)
+    path.write_text(("\ufeff" if bom else "") + text, encoding="utf-8")
+    return path
+
+
+def write_csv(path: Path, rows: list[dict], *, bom: bool = False) -> Path:
+    with open(path, "w", newline="", encoding="utf-8-sig" if bom else "utf-8") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    return path
+
+
+# ---------------------------------------------------------------- formats
+
+
+@pytest.mark.parametrize("bom", [False, True])
+def test_the_same_rows_read_alike_from_jsonl_json_csv_and_parquet(tmp_path, bom):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    rows = [{"input": "x1", "target": "y1"}, {"input": 'x, "2"\nnext', "target": "y2"}]
+    files = [write_jsonl(tmp_path / "d.jsonl", rows, bom=bom), write_csv(tmp_path / "d.csv", rows, bom=bom)]
+    (tmp_path / "d.json").write_text(("\ufeff" if bom else "") + json.dumps(rows, indent=2), encoding="utf-8")
+    files.append(tmp_path / "d.json")
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "d.parquet")
+    files.append(tmp_path / "d.parquet")
+    tasks = [load_task(str(f)) for f in files]
+    assert all(
+        [(e.input, e.target) for e in t.examples] == [(r["input"], r["target"]) for r in rows] for t in tasks
+    )
+    assert all(t.format.name == "jsonl" and t.name == "d" for t in tasks)
+
+
+def test_json_records_are_named_by_the_line_they_start_on(tmp_path):
+    p = tmp_path / "d.json"
+    p.write_text('[\n  {"input": "a", "target": "b"},\n  {"input": "c"}\n]\n')
+    with pytest.raises(LayercardError, match=re.escape(f"{p}:3: field 'target' missing")):
+        load_task(str(p))
+    p.write_text('[{"input": "a", "target": "b"}, {"input": "c"}]')  # one line: the record says which
+    with pytest.raises(LayercardError, match=re.escape(f"{p}:1 (record 2): field 'target' missing")):
+        load_task(str(p))
+    p.write_text('[{"input": "a", "target": "b"}, {"input": "c", "target": "d"}]')
+    assert [e.id for e in load_task(str(p)).examples] == ["d-00001", "d-00002"]
+    p.write_text('{"input": "a", "target": "b"}\n{"input": "c", "target": "d"}\n')  # JSON lines in .json
+    assert [e.target for e in load_task(str(p)).examples] == ["b", "d"]
+    p.write_text('[{"input": "a", "target": "b"},]')
+    with pytest.raises(LayercardError, match=re.escape(f"{p}:1: not valid JSON")):
+        load_task(str(p))
+    p.write_text('{"data": []}')
+    with pytest.raises(LayercardError, match="expected a JSON array of records"):
+        load_task(str(p))
+
+
+def test_csv_rows_errors_name_the_starting_line(tmp_path):
+    p = tmp_path / "d.csv"
+    p.write_text('input,target\n"multi\nline",ok\nx,\n')
+    with pytest.raises(LayercardError, match=re.escape(f"{p}:4: field 'target' missing (empty string)")):
+        load_task(str(p))
+    p.write_text("input,target\na,b,c\n")
+    with pytest.raises(LayercardError, match=re.escape(f"{p}:2: 3 cells, the header has 2")):
+        load_task(str(p))
+    p.write_text("input,input\na,b\n")
+    with pytest.raises(LayercardError, match="column 'input' appears twice"):
+        load_task(str(p))
+
+
+def test_csv_references_cell_takes_a_json_list_or_one_string(tmp_path):
+    p = write_csv(
+        tmp_path / "r.csv",
+        [
+            {"input": "a", "target": "b", "references": '["b", "bee"]'},
+            {"input": "c", "target": "d", "references": "dee"},
+            {"input": "e", "target": "f", "references": ""},
+        ],
+    )
+    assert [e.references for e in load_task(str(p)).examples] == [("b", "bee"), ("dee",), ("f",)]
+
+
+def test_not_utf8_and_missing_files_are_one_line_errors(tmp_path):
+    bad = tmp_path / "latin.csv"
+    bad.write_bytes("input,target\ncaf\xe9,x\n".encode("latin-1"))
+    with pytest.raises(LayercardError, match=re.escape(f"{bad}: not UTF-8 text")):
+        load_task(str(bad))
+    with pytest.raises(LayercardError, match="no such file"):
+        load_task(str(tmp_path / "absent.parquet"))
+    folder = tmp_path / "plain_folder"
+    folder.mkdir()
+    with pytest.raises(LayercardError, match="a folder, but not a saved dataset"):
+        load_task(str(folder))
+
+
+def test_saved_dataset_folders_and_their_splits(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    one = tmp_path / "one"
+    datasets.Dataset.from_list(QA).save_to_disk(str(one))
+    t = load_task(str(one), field_map={"input": "question", "target": "answer"})
+    assert [e.input for e in t.examples] == ["q1", "q2"] and t.name == "one" and is_file_spec(str(one))
+    both = tmp_path / "both"
+    datasets.DatasetDict(
+        {"train": datasets.Dataset.from_list(ALPACA), "validation": datasets.Dataset.from_list(ALPACA[:1])}
+    ).save_to_disk(str(both))
+    assert len(load_task(str(both))) == 2 and load_task(str(both)).split == "train"
+    val = load_task(str(both), split="validation")
+    assert (len(val), val.split, val.source.endswith("both")) == (1, "validation", True)
+    with pytest.raises(LayercardError, match=re.escape("no split 'test'; saved splits: train, validation")):
+        load_task(str(both), split="test")
+    # a DatasetDict has splits to hold out, like a preset; a single file or Dataset has none
+    assert not is_file_spec(str(both)) and not names_split(str(both))
+    held = held_out(str(both), exclude="train")
+    assert held is not None and held.split == "validation" and len(held) == 1
+    assert held_out(str(one)) is None
+    bad = tmp_path / "bad"
+    datasets.DatasetDict(
+        {"a": datasets.Dataset.from_list(QA), "b": datasets.Dataset.from_list(QA)}
+    ).save_to_disk(str(bad))
+    with pytest.raises(LayercardError, match=re.escape("saved splits a, b; choose one (split=NAME)")):
+        load_task(str(bad))
+
+
+def test_read_records_numbers_rows_of_tables(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pylist(QA), tmp_path / "qa.parquet")
+    recs = read_records(tmp_path / "qa.parquet")
+    assert [(w, n) for w, n, _ in recs.rows] == [(f"{tmp_path / 'qa.parquet'}:{i}", i) for i in (1, 2)]
+    with pytest.raises(LayercardError, match=re.escape(f"{tmp_path / 'qa.parquet'}:1: no known schema")):
+        load_task(str(tmp_path / "qa.parquet"))
+
+
+# ---------------------------------------------------------------- schemas
+
+
+def test_alpaca_instruction_and_input_make_the_input(tmp_path):
+    t = load_task(str(write_jsonl(tmp_path / "alpaca.jsonl", ALPACA)))
+    a, b = t.examples
+    assert (a.input, a.target) == ("Name the colour of the sky.", "Blue.")
+    assert (b.input, b.target, dict(b.meta)) == ("Add the numbers.\n\n2 and 3", "5", {"source": "math"})
+    assert t.format.name == "jsonl"
+    with pytest.raises(LayercardError, match=re.escape(":2: field 'output' missing")):
+        load_task(str(write_jsonl(tmp_path / "bad.jsonl", [ALPACA[0], {"instruction": "x"}])))
+
+
+def test_chat_messages_keep_the_conversation(tmp_path):
+    t = load_task(str(write_jsonl(tmp_path / "chat.jsonl", CHAT)))
+    a, b = t.examples
+    assert t.format.name == "chat" and t.name == "chat"
+    assert (a.input, a.target) == ("Capital of France?", "Paris.")
+    assert a.messages[0] == ("system", "Be brief.") and len(a.messages) == 5
+    assert b.messages == (("user", "2+2?"), ("assistant", "4"))
+    assert a.to_dict()["messages"][1] == {"role": "user", "content": "Hi"}
+
+
+@pytest.mark.parametrize(
+    ("messages", "message"),
+    [
+        ([], "must be a non-empty list"),
+        ([{"role": "user", "content": "hi"}], "the last turn must be the assistant's"),
+        ([{"role": "assistant", "content": "hi"}], "must start with a user turn"),
+        ([{"role": "human", "content": "hi"}], "field 'messages'[0].role: 'human' is not one of system"),
+        ([{"role": "user", "content": ""}], "field 'messages'[0].content: must be a non-empty string"),
+        (
+            [{"role": "user", "content": "a"}, {"role": "system", "content": "b"}],
+            "[1]: a system turn may only come first",
+        ),
+    ],
+)
+def test_bad_conversations_name_file_line_and_turn(tmp_path, messages, message):
+    p = write_jsonl(tmp_path / "c.jsonl", [CHAT[1], {"messages": messages}])
+    with pytest.raises(LayercardError, match=re.escape(f"{p}:2: ") + ".*" + re.escape(message)):
+        load_task(str(p))
+
+
+def test_plain_text_is_a_completion_task(tmp_path):
+    t = load_task(str(write_jsonl(tmp_path / "notes.jsonl", [{"text": "Once upon a time."}])))
+    ex = t.examples[0]
+    assert (ex.input, ex.target) == ("", "Once upon a time.")
+    assert t.format.completion and not t.format.chat_template and t.format.name == "text"
+    with pytest.raises(LayercardError, match="prompt: plain-text data has no prompt"):
+        load_task(str(tmp_path / "notes.jsonl"), prompt="Q: {input}")
+    with pytest.raises(LayercardError, match="chat_template: plain-text data has no prompt"):
+        load_task(str(tmp_path / "notes.jsonl"), chat_template=True)
+
+
+def test_field_map_renames_columns_and_chooses_the_schema(tmp_path):
+    p = write_jsonl(tmp_path / "qa.jsonl", QA)
+    t = load_task(str(p), field_map={"input": "question", "target": "answer"})
+    assert [(e.input, e.target) for e in t.examples] == [("q1", "a1"), ("q2", "a2")]
+    sharegpt = [{"conversations": [{"from": "user", "value": "hi"}, {"from": "assistant", "value": "yo"}]}]
+    chat = load_task(
+        str(write_jsonl(tmp_path / "sg.jsonl", sharegpt)),
+        field_map={"messages": "conversations", "role": "from", "content": "value"},
+    )
+    assert chat.examples[0].messages == (("user", "hi"), ("assistant", "yo"))
+    # mapping `target` says input/target even when the first row lacks the column
+    with pytest.raises(LayercardError, match=re.escape(":1: field 'answer' missing")):
+        load_task(str(write_jsonl(tmp_path / "b.jsonl", [{"input": "q"}])), field_map={"target": "answer"})
+    with pytest.raises(LayercardError, match="field_map: unknown key 'label'; valid: id, input"):
+        load_task(str(p), field_map={"label": "x"})
+    with pytest.raises(LayercardError, match="names fields of several schemas"):
+        load_task(str(p), field_map={"target": "answer", "text": "question"})
+
+
+def test_no_schema_fits_lists_the_fields_found(tmp_path):
+    p = write_jsonl(tmp_path / "x.jsonl", [{"question": "q", "answer": "a"}])
+    with pytest.raises(LayercardError) as e:
+        load_task(str(p))
+    msg = str(e.value)
+    assert msg.startswith(f"{p}:1: no known schema fits the fields found (question, answer)")
+    assert "instruction + output (Alpaca)" in msg and "--field input=COLUMN" in msg and "\n" not in msg
+
+
+# ---------------------------------------------------------------- prompt settings and identity
+
+
+def test_prompt_settings_replace_the_wording(tmp_path):
+    p = write_jsonl(tmp_path / "qa.jsonl", [{"input": "x", "target": "y"}])
+    t = load_task(str(p), prompt="  Summarize:\n{input}\n", system="Be terse.", chat_template=False)
+    assert t.format.prompt() == {
+        "template": "Summarize:\n{input}",
+        "system": "Be terse.",
+        "chat_template": False,
+    }
+    (tmp_path / "tmpl.txt").write_text("From a file: {input}\n")
+    assert load_task(str(p), prompt=f"@{tmp_path / 'tmpl.txt'}").format.instruction == "From a file: {input}"
+    with pytest.raises(LayercardError, match=re.escape("prompt: 'Summarize' has no {input} placeholder")):
+        load_task(str(p), prompt="Summarize")
+    with pytest.raises(LayercardError, match="prompt: '@nope.txt': no such file"):
+        load_task(str(p), prompt="@nope.txt")
+    with pytest.raises(LayercardError, match="system: is empty"):
+        load_task(str(p), system="  ")
+
+
+def test_a_prompt_of_its_own_changes_the_data_hash_and_is_described(tmp_path):
+    p = write_jsonl(tmp_path / "qa.jsonl", [{"input": "x", "target": "y"}])
+    plain = load_task(str(p))
+    same = load_task(str(p), prompt="{input}", chat_template=True)  # the preset's own prompt, spelled out
+    hashes = {
+        plain.data_hash,
+        load_task(str(p), prompt="Q: {input}").data_hash,
+        load_task(str(p), system="Be terse.").data_hash,
+        load_task(str(p), chat_template=False).data_hash,
+    }
+    assert same.data_hash == plain.data_hash and len(hashes) == 4
+    d = load_task(str(p), prompt="Q: {input}").describe()
+    assert d["prompt"] == {"template": "Q: {input}", "system": None, "chat_template": True, "custom": True}
+    assert d["format"]["instruction"] == "Q: {input}" and plain.describe()["prompt"]["custom"] is False
+
+
+def test_presets_and_synthetic_keep_their_data_hash():
+    """A task without prompt settings hashes as before prompts existed (cards made then stay valid)."""
+    from layercard.artifacts import sha256_json
+
+    t = load_task("synthetic:facts")
+    assert t.data_hash == sha256_json([e.to_dict() for e in t.examples])
+    assert "chat_template" not in t.format.to_dict() and "messages" not in t.examples[0].to_dict()
+    assert PRESETS["text"].to_dict()["completion"] is True
+
+
+# ---------------------------------------------------------------- run config and command line
+
+
+def test_task_spec_carries_fields_and_prompt_settings():
+    spec = TaskSpec.from_mapping(
+        {
+            "train": "qa.csv",
+            "fields": {"input": "question", "target": "answer"},
+            "prompt": "Q: {input}",
+            "system": "Be terse.",
+            "chat_template": False,
+        }
+    )
+    assert spec.fields == "input=question,target=answer"
+    assert spec.load_kwargs() == {
+        "field_map": {"input": "question", "target": "answer"},
+        "prompt": "Q: {input}",
+        "system": "Be terse.",
+        "chat_template": False,
+    }
+    assert TaskSpec.build("task", train="synthetic:facts").load_kwargs() == {}
+    assert TaskSpec.from_mapping({"train": "x", "fields": ["input=q"]}).fields == "input=q"
+    with pytest.raises(ConfigError, match=re.escape("task.fields: 'input' is not NAME=COLUMN")):
+        TaskSpec.from_mapping({"train": "x", "fields": "input"})
+    with pytest.raises(ConfigError, match="task.chat_template: must be true or false"):
+        TaskSpec.from_mapping({"train": "x", "chat_template": "yes"})
+
+
+def test_task_options_become_load_task_keywords(tmp_path):
+    import typer
+    from typer.testing import CliRunner
+
+    from layercard.cli.app import guard
+    from layercard.cli.task_options import task_options
+
+    app = typer.Typer()
+    seen: list[dict] = []
+
+    @app.command()
+    @guard
+    @task_options
+    def cmd(task: str = "x", task_kw: dict | None = None) -> None:
+        seen.append(task_kw or {})
+
+    @app.command()
+    def other() -> None:  # a second command keeps typer's subcommand form
+        pass
+
+    runner = CliRunner()
+    args = ["--prompt", r"Summarize:\n{input}", "--system", "@s.txt", "--no-chat-template"]
+    args += ["--field", "input=question", "--field", "target=answer"]
+    assert runner.invoke(app, ["cmd", *args]).exit_code == 0
+    assert runner.invoke(app, ["cmd"]).exit_code == 0
+    assert seen == [
+        {
+            "field_map": {"input": "question", "target": "answer"},
+            "prompt": "Summarize:\n{input}",  # \n from the shell is a newline
+            "system": "@s.txt",  # a file is read by load_task, as it is
+            "chat_template": False,
+        },
+        {},
+    ]
+    bad = runner.invoke(app, ["cmd", "--field", "input"])
+    assert bad.exit_code != 0 and "--field: 'input' is not NAME=COLUMN" in bad.output

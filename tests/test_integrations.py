@@ -1,0 +1,177 @@
+"""layercard beside one's own data and trainer: each data format through card → plan → train on a tiny
+model, and a plain ``transformers.Trainer`` measured by :class:`LayercardCallback`."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from peft import get_peft_model
+from tiny import tiny_model
+from tiny_tok import tiny_tokenizer
+
+from layercard import models
+from layercard.card import compute_card
+from layercard.config import CardConfig, EvalConfig, PlanConfig, TrainConfig
+from layercard.evaluate import evaluate
+from layercard.integrations import LayercardCallback
+from layercard.models import LoadedModel
+from layercard.plan import make_plan
+from layercard.report import build_report
+from layercard.tasks import collate, count_target_tokens, encode_task, load_task
+from layercard.train import TrainMetrics, train
+
+# Eight Alpaca rows of one length each (the tiny tokenizer is character-level): every batch has the same
+# number of tokens, so the token counts below are exact.
+ALPACA = [{"instruction": f"name number {i}", "input": "", "output": f"it is {i}"} for i in range(8)]
+
+
+def loaded_tiny(seed: int = 0) -> LoadedModel:
+    model = tiny_model("llama", seed=seed)
+    return LoadedModel(model, tiny_tokenizer(), "tiny", models.weights_hash(model), "memory")
+
+
+def write_format(kind: str, folder: Path) -> str:
+    """A small data set in ``kind``'s format; returns the task spec."""
+    if kind == "chat":
+        rows = [
+            {
+                "messages": [
+                    {"role": "user", "content": f"hi {i}"},
+                    {"role": "assistant", "content": f"hello {i}"},
+                    {"role": "user", "content": "and then?"},
+                    {"role": "assistant", "content": f"then {i + 1}"},
+                ]
+            }
+            for i in range(8)
+        ]
+        path = folder / "chat.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return str(path)
+    if kind == "alpaca":
+        path = folder / "alpaca.json"
+        path.write_text(json.dumps(ALPACA))
+        return str(path)
+    if kind == "csv":
+        path = folder / "qa.csv"
+        with open(path, "w", newline="", encoding="utf-8-sig") as fh:  # with a byte-order mark
+            w = csv.writer(fh)
+            w.writerow(["question", "answer"])
+            w.writerows([[f"what is {i} + 1?", str(i + 1)] for i in range(8)])
+        return str(path)
+    datasets = pytest.importorskip("datasets")
+    path = folder / "saved"
+    datasets.DatasetDict(
+        {"train": datasets.Dataset.from_list(ALPACA), "validation": datasets.Dataset.from_list(ALPACA[:2])}
+    ).save_to_disk(str(path))
+    return str(path)
+
+
+@pytest.mark.parametrize("kind", ["chat", "alpaca", "csv", "saved_dataset"])
+def test_each_format_runs_card_plan_train(kind, tmp_path):
+    spec = write_format(kind, tmp_path)
+    fields = {"input": "question", "target": "answer"} if kind == "csv" else None
+    task = load_task(spec, field_map=fields, prompt="Task: {input}")
+    loaded = loaded_tiny()
+    cfg = CardConfig(examples=8, max_length=64, batch_size=4, roles="q,v", calibrate=False)
+    card = compute_card(loaded, task, cfg, progress=False)
+    assert card.task["data_hash"] == task.data_hash and math.isfinite(card.loss)
+    plan = make_plan(card, PlanConfig(policy="top", budget="layers=2", rank=4))
+    train_cfg = TrainConfig(steps=2, batch_size=4, max_length=64, eval_examples=0, checkpoint_every=0)
+    metrics = train(loaded, plan, task, None, train_cfg, tmp_path / "run", progress=False)
+    assert (tmp_path / "run" / "adapter" / "adapter_config.json").is_file()
+    assert metrics["steps"] == 2 and all(math.isfinite(loss) for _, loss in metrics["loss_curve"])
+    assert metrics["task"]["prompt"]["template"] == "Task: {input}"
+    if kind == "chat":  # both assistant turns of every conversation carry loss
+        enc = encode_task(loaded.tokenizer, task, max_length=64)[0]
+        assert loaded.tokenizer.decode([t for t in enc.labels if t != -100]) == "hello 0<eos>then 1<eos>"
+
+
+@pytest.fixture(scope="module")
+def trainer_run(tmp_path_factory):
+    """Card and plan from layercard, training by a plain Trainer with the callback, in a run folder."""
+    from transformers import Trainer, TrainingArguments
+
+    root = tmp_path_factory.mktemp("own")
+    spec = write_format("alpaca", root)
+    task = load_task(spec)
+    loaded = loaded_tiny()
+    cfg = CardConfig(examples=8, max_length=64, batch_size=4, roles="q,v", calibrate=True, calibrate_steps=1)
+    card = compute_card(loaded, task, cfg, progress=False)
+    plan = make_plan(card, PlanConfig(policy="top", budget="layers=2", rank=4))
+    run = root / "run"
+    card.save(run / "card" / "card.json")
+    plan.save(run / "plan" / "mine" / "plan.json")
+    encoded = encode_task(loaded.tokenizer, task, max_length=64)
+    args = TrainingArguments(
+        str(root / "trainer"), max_steps=3, per_device_train_batch_size=4, logging_steps=1,
+        learning_rate=1e-2, report_to=[], save_strategy="no", use_cpu=True, seed=0,
+    )  # fmt: skip
+    callback = LayercardCallback(run / "plan" / "mine" / "plan.json", run / "train" / "mine", task=task)
+    trainer = Trainer(
+        model=get_peft_model(loaded.model, plan.peft_config()),
+        args=args,
+        train_dataset=encoded,
+        data_collator=lambda rows: collate(rows, loaded.tokenizer.pad_token_id),
+        callbacks=[callback],
+    )
+    trainer.train()
+    # layercard's evaluation of the trained model completes the run folder the report reads
+    ev = EvalConfig(examples=4, batch_size=4, max_new_tokens=4)
+    evaluate(loaded, task, ev, model=trainer.model, progress=False).save(run / "eval" / "mine")
+    return {"run": run, "plan": plan, "trainer": trainer, "encoded": encoded, "task": task}
+
+
+def test_callback_writes_train_metrics_layercard_reads(trainer_run):
+    m = TrainMetrics.load(trainer_run["run"] / "train" / "mine")
+    plan, encoded = trainer_run["plan"], trainer_run["encoded"]
+    logged = [[h["step"], h["loss"]] for h in trainer_run["trainer"].state.log_history if "loss" in h]
+    assert m.steps == 3 and len(m.loss_curve) == 3
+    assert [s for s, _ in m.loss_curve] == [1, 2, 3]
+    assert [loss for _, loss in m.loss_curve] == pytest.approx([loss for _, loss in logged], rel=1e-3)
+    assert m.first_train_loss == m.loss_curve[0][1] and m.final_train_loss == m.loss_curve[-1][1]
+    # every example has the same length: 3 steps × 4 examples of it
+    assert {len(e) for e in encoded} == {len(encoded[0])}
+    assert m.tokens_seen == 3 * 4 * len(encoded[0]) and m.batch_tokens_per_step == 4 * len(encoded[0])
+    assert m.target_tokens_seen == 3 * 4 * count_target_tokens(encoded[:1])
+    assert m.s_per_step is not None and m.s_per_step > 0 and m.tokens_per_s > 0
+    assert m.predicted_step_time_s == plan.predicted["step_time_s"] > 0
+    assert m.step_time_ratio == pytest.approx(m.s_per_step / m.predicted_step_time_s)
+    assert m.predicted_step_time_scaled_s == pytest.approx(
+        m.predicted_step_time_s * m.batch_tokens_per_step / plan.predicted["calibration_batch_tokens"]
+    )
+    assert m.peak_memory_kind == "process_peak_rss" and m.peak_memory_mib > 0 and m.device == "cpu"
+    assert m.plan["layers"] == plan.layers and m.plan["units"] == [u.key for u in plan.units]
+    assert m.trainable_params == plan.predicted["params"]
+    assert m.task["data_hash"] == trainer_run["task"].data_hash == m.provenance["data_hash"]
+    assert m.config["lr"] == 1e-2 and m.batch_size == 4 and m.resumed_from is None
+
+
+def test_the_report_shows_the_trainer_run_against_the_plan(trainer_run):
+    paths = build_report(trainer_run["run"])
+    md = Path(paths["markdown"]).read_text()
+    row = next(line for line in md.splitlines() if line.startswith("| mine | 3 |"))
+    m = TrainMetrics.load(trainer_run["run"] / "train" / "mine")
+    assert f"{m.s_per_step:.3f}" in row
+
+
+def test_callback_refuses_a_file_as_its_folder(trainer_run, tmp_path):
+    from layercard.errors import LayercardError
+
+    (tmp_path / "f").write_text("")
+    with pytest.raises(LayercardError, match="exists and is a file"):
+        LayercardCallback(trainer_run["plan"], tmp_path / "f")
+
+
+def test_only_training_forwards_are_counted(trainer_run):
+    callback = LayercardCallback(trainer_run["plan"], "unused")
+    model = torch.nn.Linear(2, 2)
+    model.eval()
+    callback._count(model, (), {"attention_mask": torch.ones(2, 3), "labels": torch.ones(2, 3)})
+    model.train()
+    callback._count(model, (), {"attention_mask": torch.ones(2, 3), "labels": torch.ones(2, 3)})
+    assert (callback._step_tokens, callback.targets) == (6, 4)
