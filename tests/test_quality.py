@@ -185,3 +185,27 @@ def test_a_card_without_the_mlp_searches_what_it_has():
     attn_only = dataclasses.replace(card, units=[u for u in card.units if u.role in ("q", "k", "v", "o")])
     s = F.search(attn_only, predict=lambda f: f.capacity)
     assert {c.matrices for c in s.candidates} == {"q,v", "attention"}
+
+
+def test_recommend_builds_a_checked_plan_and_a_comparison():
+    from layercard.plan.recommend import recommend
+
+    card = _card()
+    model = Q.QualityModel("capacity", (0.3,), expected_error=0.04, basis="test")
+    plan = recommend(card, [F.RelBudget("params", 0.25, True)], model=model)
+    assert plan.predicted["params"] <= 0.25 * plan.predicted["all_layer_params"]
+    assert plan.lora_config["target_modules"] == [u.name for u in plan.units]
+    assert {u.rank for u in plan.units} == {plan.config["rank"]}
+    assert set(plan.predicted["defaults"]) == {"peft-default", "all-linear", "last-n"}
+    front = plan.predicted["frontier"]["params"]
+    assert [r["params"] for r in front] == sorted(r["params"] for r in front)
+    text = plan.predicted["recommendation"]
+    assert "predicted" in text and "±4 points" in text
+    same = _roundtrip(plan)
+    assert same.units == plan.units
+
+
+def _roundtrip(plan):
+    from layercard.plan import Plan
+
+    return Plan.from_dict(plan.to_dict())

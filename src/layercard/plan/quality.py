@@ -140,3 +140,34 @@ def _product(grid: Sequence[Sequence[float]]) -> list[tuple[float, ...]]:
     for values in grid:
         out = [(*p, float(v)) for p in out for v in values]
     return out
+
+
+@dataclasses.dataclass(frozen=True)
+class QualityModel:
+    """A fitted form: what a plan uses to predict quality, with the error measured on a held-out task."""
+
+    form: str
+    params: tuple[float, ...]
+    expected_error: float  # mean absolute error of the fraction on the task not used to fit
+    basis: str
+    score: str = "gradnorm_energy"
+
+    def predict(self, f: Features) -> float:
+        return FORMS[self.form].fn(f, self.params)
+
+    def describe(self) -> dict[str, object]:
+        return {"form": self.form, "params": list(self.params), "score": self.score, "basis": self.basis}
+
+
+# Filled in from benchmarks/results/quality/fit.json: the form with the least held-out error.
+DEFAULT_MODEL = QualityModel(
+    form="capacity",
+    params=(0.3,),
+    expected_error=float("nan"),
+    basis="provisional: not yet fitted on measured runs",
+)
+
+
+def default_model() -> QualityModel:
+    """The quality model plans use unless told otherwise."""
+    return DEFAULT_MODEL
