@@ -102,18 +102,19 @@ def test_weights_follow_the_card():
 
 def test_fit_recovers_a_known_exponent():
     form = Q.FORMS["capacity"]
-    xs = [Q.Features(capacity=x, params=x, coverage=1.0) for x in np.linspace(0.02, 1.0, 15)]
-    ys = [x.capacity**0.3 for x in xs]
+    grid = np.linspace(0.02, 1.0, 15)
+    xs = [Q.Features(capacity=x, params=x, coverage=1.0, capacities=(1.0, 0.5 + 0.5 * x, x, x)) for x in grid]
+    ys = [x**0.3 for x in grid]
     params, err = Q.fit(form, xs, ys)
-    assert params == (pytest.approx(0.3),) and err < 1e-9
-    worse = Q.mean_abs_error(form, (0.6,), xs, ys)
+    assert params[1] == pytest.approx(0.3) and params[0] in (1.0, 2.0) and err < 1e-9
+    worse = Q.mean_abs_error(form, (1.0, 0.6), xs, ys)
     assert worse > 0.05
 
 
 def _search(card=None):
     card = card or _card()
     form = Q.FORMS["capacity"]
-    return F.search(card, predict=lambda f: form.fn(f, (0.3,)))
+    return F.search(card, predict=lambda f: form.fn(f, (2.0, 0.3)))
 
 
 def test_frontier_is_non_dominated_and_sorted():
@@ -191,7 +192,7 @@ def test_recommend_builds_a_checked_plan_and_a_comparison():
     from layercard.plan.recommend import recommend
 
     card = _card()
-    model = Q.QualityModel("capacity", (0.3,), expected_error=0.04, basis="test")
+    model = Q.QualityModel("capacity", (2.0, 0.3), expected_error=0.04, basis="test")
     plan = recommend(card, [F.RelBudget("params", 0.25, True)], model=model)
     assert plan.predicted["params"] <= 0.25 * plan.predicted["all_layer_params"]
     assert plan.lora_config["target_modules"] == [u.name for u in plan.units]

@@ -42,19 +42,28 @@ def rank_share(unit: UnitRow, rank: int) -> float:
     return float(min(max(value / total, 0.0), 1.0))
 
 
-def unit_weight(card: Card, unit: UnitRow, score: str) -> float:
-    """A unit's weight in the capacity sum: squared for the gradient-norm scores (they add as energies)."""
-    v = card.unit_score(unit, score)
-    return v * v if score in ("gradnorm", "gradnorm_energy") else max(v, 0.0)
+# Exponents p of the unit weight w_u = score_u^p the forms may choose from: p = 0 weighs every unit alike,
+# p = 2 weighs the gradient-norm scores as energies.
+WEIGHT_POWERS = (0.0, 0.5, 1.0, 2.0)
+
+
+def unit_weight(card: Card, unit: UnitRow, score: str, power: float = 2.0) -> float:
+    """A unit's weight in the capacity sum: its score to the power ``power`` (negative scores count 0)."""
+    v = max(card.unit_score(unit, score), 0.0)
+    return 1.0 if power == 0 else v**power
 
 
 @dataclasses.dataclass(frozen=True)
 class Features:
     """What the quality forms read from a placement: capacity, parameter share and depth coverage."""
 
-    capacity: float
+    capacity: float  # at weight power 2
     params: float
     coverage: float
+    capacities: tuple[float, ...] = ()  # at each of WEIGHT_POWERS
+
+    def capacity_at(self, power: float) -> float:
+        return self.capacities[WEIGHT_POWERS.index(power)] if self.capacities else self.capacity
 
 
 def features(card: Card, ranks: Mapping[str, int], *, score: str = "gradnorm_energy") -> Features:
@@ -63,16 +72,22 @@ def features(card: Card, ranks: Mapping[str, int], *, score: str = "gradnorm_ene
     missing = [k for k in ranks if k not in by_key]
     if missing:
         raise LayercardError(f"quality: unit {missing[0]!r} is not in the card")
-    ref_cap = sum(unit_weight(card, u, score) * rank_share(u, REFERENCE_RANK) for u in card.units)
+    caps = []
+    for power in WEIGHT_POWERS:
+        ref = sum(unit_weight(card, u, score, power) * rank_share(u, REFERENCE_RANK) for u in card.units)
+        got = sum(
+            unit_weight(card, by_key[k], score, power) * rank_share(by_key[k], r) for k, r in ranks.items()
+        )
+        caps.append(got / ref if ref > 0 else 0.0)
     ref_params = sum(REFERENCE_RANK * (u.d_in + u.d_out) for u in card.units)
-    cap = sum(unit_weight(card, by_key[k], score) * rank_share(by_key[k], r) for k, r in ranks.items())
     params = sum(r * (by_key[k].d_in + by_key[k].d_out) for k, r in ranks.items())
     band = max(1, math.ceil(card.n_layers / DEPTH_BANDS))
     bands = {by_key[k].layer // band for k in ranks}
     return Features(
-        capacity=cap / ref_cap if ref_cap > 0 else 0.0,
+        capacity=caps[WEIGHT_POWERS.index(2.0)],
         params=params / ref_params if ref_params > 0 else 0.0,
         coverage=len(bands) / math.ceil(card.n_layers / band),
+        capacities=tuple(caps),
     )
 
 
@@ -90,6 +105,9 @@ def _power(x: float, g: float) -> float:
     return float(min(max(x, 0.0), 1.0) ** g) if x > 0 else 0.0
 
 
+_GAMMA = tuple(float(x) for x in np.round(np.arange(0.01, 1.001, 0.01), 3))
+_BETA = tuple(float(x) for x in np.round(np.arange(0.0, 1.001, 0.05), 3))
+
 FORMS: dict[str, Form] = {
     f.name: f
     for f in (
@@ -97,22 +115,25 @@ FORMS: dict[str, Form] = {
             "params",
             "parameter share to a power: q = (params/params_ref)^γ (no card)",
             lambda f, p: _power(f.params, p[0]),
-            (tuple(np.round(np.arange(0.05, 1.001, 0.01), 3)),),
+            (_GAMMA,),
+        ),
+        Form(
+            "params_coverage",
+            "parameter share to a power, times depth coverage to a power: q = (params share)^γ·c^β",
+            lambda f, p: _power(f.params, p[0]) * _power(f.coverage, p[1]),
+            (_GAMMA, _BETA),
         ),
         Form(
             "capacity",
-            "card capacity to a power: q = x^γ",
-            lambda f, p: _power(f.capacity, p[0]),
-            (tuple(np.round(np.arange(0.05, 1.001, 0.01), 3)),),
+            "card capacity (unit weights score^p, p chosen from 0, 0.5, 1, 2) to a power: q = x_p^γ",
+            lambda f, p: _power(f.capacity_at(p[0]), p[1]),
+            (WEIGHT_POWERS, _GAMMA),
         ),
         Form(
             "capacity_coverage",
-            "card capacity to a power, times depth coverage to a power: q = x^γ·c^β",
-            lambda f, p: _power(f.capacity, p[0]) * _power(f.coverage, p[1]),
-            (
-                tuple(np.round(np.arange(0.05, 1.001, 0.01), 3)),
-                tuple(np.round(np.arange(0.0, 1.001, 0.05), 3)),
-            ),
+            "card capacity to a power, times depth coverage to a power: q = x_p^γ·c^β",
+            lambda f, p: _power(f.capacity_at(p[0]), p[1]) * _power(f.coverage, p[2]),
+            (WEIGHT_POWERS, _GAMMA, _BETA),
         ),
     )
 }
@@ -162,7 +183,7 @@ class QualityModel:
 # Filled in from benchmarks/results/quality/fit.json: the form with the least held-out error.
 DEFAULT_MODEL = QualityModel(
     form="capacity",
-    params=(0.3,),
+    params=(2.0, 0.3),
     expected_error=float("nan"),
     basis="provisional: not yet fitted on measured runs",
 )
