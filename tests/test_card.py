@@ -265,7 +265,10 @@ def test_smollm2_card_whole_path(smollm2, tmp_path):
 
     task = load_task(str(shared_data("e2e_nlg/validation.jsonl")))
     card = compute_card(
-        smollm2, task, CardConfig(roles="q,v", examples=4, max_length=96, batch_size=4, calibrate=False), progress=False
+        smollm2,
+        task,
+        CardConfig(roles="q,v", examples=4, max_length=96, batch_size=4, calibrate=False),
+        progress=False,
     )
     assert card.n_layers == 30 and len(card.units) == 60
     assert {u.role for u in card.units} == {"q", "v"}

@@ -1,7 +1,10 @@
-"""Versioned JSON artifacts: provenance, content hashes and atomic writes.
+"""Versioned JSON artifacts: provenance, content hashes, atomic writes and one writer per folder.
 
 Every artifact a stage writes goes through :func:`write_json` (temp file + rename), so a failed
-stage never leaves a half-written file behind, and carries a :class:`Provenance` block.
+stage never leaves a half-written file behind, and carries a :class:`Provenance` block. JSON has no
+NaN or Infinity, so :func:`write_json` refuses them. A write's temporary sibling is named after its
+owner process (``.NAME.HOST-PID.XXXX.tmp``): the next write of ``NAME`` removes those whose owner is
+gone. :func:`writer_lock` keeps a second process out of a folder another live process is writing.
 """
 
 from __future__ import annotations
@@ -10,11 +13,16 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import platform
+import re
 import shutil
+import socket
+import sys
 import tempfile
 import time
+import uuid
 from collections.abc import Iterator
 from importlib import metadata
 from pathlib import Path
@@ -143,36 +151,198 @@ def machine_info() -> dict[str, Any]:
     return info
 
 
+# ---------------------------------------------------------------------------------------------------------
+# Owners of temporary files and locks
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _host_tag() -> str:
+    """This machine's name as it appears in temporary names: no dots or dashes, at most 32 characters."""
+    return re.sub(r"[^A-Za-z0-9_]", "_", socket.gethostname())[:32] or "host"
+
+
+def _pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists on this machine (one of another user counts as alive)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True
+    return True
+
+
+def _boot_id() -> str | None:
+    """This boot's id where the system has one (Linux): a lock from before a reboot is stale."""
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip() or None
+    except OSError:
+        return None
+
+
+_TEMP_RE = re.compile(r"^\.(?P<name>.+)\.(?P<host>[A-Za-z0-9_]+)-(?P<pid>\d+)\.[A-Za-z0-9_]+\.tmp$")
+
+
+def remove_stale_temps(folder: str | os.PathLike[str], name: str | None = None) -> list[Path]:
+    """Remove ``folder``'s temporary siblings (of ``name``, or of any name) whose owner process is gone.
+
+    Names of the form ``.NAME.HOST-PID.XXXX.tmp`` are removed when written on this machine by a process
+    that is gone; a live owner's temporaries (this process's included) are left alone. Those of an older
+    layercard, which named no owner, are removed once an hour old. Returns what was removed.
+    """
+    folder = Path(folder)
+    try:
+        entries = list(folder.iterdir())
+    except OSError:
+        return []
+    host, removed = _host_tag(), []
+    for p in entries:
+        m = _TEMP_RE.match(p.name)
+        if m is None:
+            if not _legacy_stale(p, name):
+                continue
+        elif (name is not None and m["name"] != name) or m["host"] != host:
+            continue
+        elif int(m["pid"]) == os.getpid() or _pid_alive(int(m["pid"])):
+            continue
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                p.unlink()
+        removed.append(p)
+    return removed
+
+
+_LEGACY_RE = re.compile(r"^\.(?P<name>.+)\.[a-z0-9_]{8}\.tmp$")
+_LEGACY_AGE_S = 3600.0
+
+
+def _legacy_stale(p: Path, name: str | None) -> bool:
+    """A temporary of an older layercard, which named no owner (``.NAME.XXXXXXXX.tmp``): stale once an
+    hour old, far longer than any single write takes."""
+    m = _LEGACY_RE.match(p.name)
+    if m is None or (name is not None and m["name"] != name):
+        return False
+    try:
+        return time.time() - p.lstat().st_mtime > _LEGACY_AGE_S
+    except OSError:
+        return False
+
+
+def _temp_prefix(name: str) -> str:
+    return f".{name}.{_host_tag()}-{os.getpid()}."
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Atomic writes
+# ---------------------------------------------------------------------------------------------------------
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary sibling path; rename it onto ``path`` only if the block succeeds.
 
-    Works for files and folders. On failure the temporary is removed and ``path`` is untouched.
+    Works for files and folders. On failure the temporary is removed and ``path`` is untouched. Stale
+    temporaries of the same name left by a killed process are removed first.
     """
     final = Path(path)
+    _check_parents(final, str(final))
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    remove_stale_temps(final.parent, final.name)
+    tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(final.name), suffix=".tmp", dir=final.parent))
     target = tmp / final.name
     try:
         yield target
-        if final.is_dir() and target.is_dir():
-            old = final.with_name(f".{final.name}.old")
-            if old.exists():
-                shutil.rmtree(old)
-            final.rename(old)
-            target.rename(final)
-            shutil.rmtree(old)
-        else:
-            os.replace(target, final)
+        _commit(target, final, tmp)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _commit(target: Path, final: Path, tmp: Path) -> None:
+    """Move the finished ``target`` onto ``final``."""
+    if target.is_dir() != final.is_dir() and final.exists():
+        what = "a folder" if final.is_dir() else "a file"
+        raise LayercardError(f"{final}: exists and is {what}; cannot replace it with a {_kind(target)}")
+    if target.is_dir() and final.is_dir():
+        # The old folder goes inside this write's own temporary folder: a unique name, removed with it.
+        old = tmp / f"{final.name}.old"
+        final.rename(old)
+        target.rename(final)
+    else:
+        os.replace(target, final)
+
+
+def _kind(p: Path) -> str:
+    return "folder" if p.is_dir() else "file"
+
+
+def _check_parents(p: Path, shown: str) -> None:
+    """Refuse a path below a file: the nearest existing ancestor must be a folder."""
+    for parent in p.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise LayercardError(f"{shown}: {parent} is a file, not a folder")
+            return
+
+
+def check_out_folder(path: str | os.PathLike[str], what: str = "--out") -> Path:
+    """Refuse, before any work, an output folder that cannot be one (an existing file, a file above it)."""
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise LayercardError(f"{what} {p}: exists and is a file, not a folder")
+    _check_parents(p, f"{what} {p}")
+    return p
+
+
+def check_out_file(path: str | os.PathLike[str], what: str = "--out", *, example: str = "") -> Path:
+    """Refuse, before any work, an output file path that is a folder (or lies below a file)."""
+    p = Path(path)
+    if p.is_dir():
+        hint = f"; give a file path such as {p / example}" if example else "; give a file path"
+        raise LayercardError(f"{what} {p}: is a folder{hint}")
+    _check_parents(p, f"{what} {p}")
+    return p
+
+
 def write_json(path: str | os.PathLike[str], obj: Any) -> Path:
-    """Write JSON atomically (temp file + rename)."""
+    """Write JSON atomically (temp file + rename); NaN and Infinity, which JSON lacks, are refused."""
+    try:
+        text = json.dumps(obj, indent=1, default=_json_default, allow_nan=False)
+    except ValueError as e:
+        if "out of range float" not in str(e).lower():
+            raise
+        where = _non_finite_path(obj)
+        raise LayercardError(
+            f"{path}: refusing to write a non-finite number{f' at {where}' if where else ''} "
+            "(JSON has no NaN or Infinity); nothing was written"
+        ) from None
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=1, default=_json_default) + "\n")
+        tmp.write_text(text + "\n")
     return Path(path)
+
+
+def _non_finite_path(obj: Any, where: str = "") -> str | None:
+    """The field path (``units[3].grad_norm``) of the first NaN or infinity in ``obj``, if found."""
+    if isinstance(obj, float):
+        return (where or "(top level)") if not math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        items: Any = ((f"{where}.{k}" if where else str(k), v) for k, v in obj.items())
+    elif isinstance(obj, (list, tuple)):
+        items = ((f"{where}[{i}]", v) for i, v in enumerate(obj))
+    else:
+        try:
+            converted = _json_default(obj)
+        except TypeError:
+            return None
+        return _non_finite_path(converted, where) if converted is not obj else None
+    for w, v in items:
+        found = _non_finite_path(v, w)
+        if found:
+            return found
+    return None
 
 
 def write_text(path: str | os.PathLike[str], text: str) -> Path:
@@ -184,10 +354,15 @@ def write_text(path: str | os.PathLike[str], text: str) -> Path:
 def read_json(path: str | os.PathLike[str], *, kind: str | None = None) -> dict[str, Any]:
     """Read an artifact, checking its kind and schema version; errors name the file."""
     p = Path(path)
+    if p.is_dir():
+        raise LayercardError(f"{p}: is a folder, not a JSON file")
     if not p.is_file():
         raise LayercardError(f"{p}: no such file")
     try:
-        obj = json.loads(p.read_text())
+        # utf-8-sig: a byte-order mark some editors add is not an error
+        obj = json.loads(p.read_bytes().decode("utf-8-sig"))
+    except UnicodeDecodeError as e:
+        raise LayercardError(f"{p}: not UTF-8 text (byte {e.start})") from None
     except json.JSONDecodeError as e:
         raise LayercardError(f"{p}: not valid JSON ({e.msg} at line {e.lineno})") from None
     if kind is not None:
@@ -215,3 +390,148 @@ def _json_default(o: Any) -> Any:
     except ImportError:
         pass
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# One writer per folder
+# ---------------------------------------------------------------------------------------------------------
+
+
+def lock_path(target: str | os.PathLike[str]) -> Path:
+    """The lock file of ``target``: the hidden sibling ``.NAME.lock`` (the folder itself stays clean)."""
+    t = Path(os.path.abspath(target))
+    return t.parent / f".{t.name}.lock"
+
+
+def _owner_record() -> dict[str, Any]:
+    return {
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "host_tag": _host_tag(),
+        "boot_id": _boot_id(),
+        "command": " ".join(Path(a).name if i == 0 else a for i, a in enumerate(sys.argv))[:200],
+        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def _owner_state(text: str) -> tuple[str, dict[str, Any]]:
+    """("live" | "stale" | "elsewhere", the owner record) of a lock file's text."""
+    try:
+        rec = json.loads(text)
+        pid = int(rec["pid"])
+    except (ValueError, KeyError, TypeError):
+        return "stale", {}  # not a record layercard writes whole: no owner to wait for
+    if rec.get("host_tag") != _host_tag():
+        return "elsewhere", rec
+    boot = _boot_id()
+    if boot is not None and rec.get("boot_id") not in (None, boot):
+        return "stale", rec  # written before this machine last booted
+    live = pid == os.getpid() or _pid_alive(pid)
+    return ("live" if live else "stale"), rec
+
+
+def _describe(rec: dict[str, Any]) -> str:
+    parts = [f"pid {rec.get('pid')} on {rec.get('host')}"]
+    if rec.get("command"):
+        parts.append(f"`{rec['command']}`")
+    if rec.get("started"):
+        parts.append(f"since {rec['started']}")
+    return ", ".join(parts)
+
+
+def _create_lock(lock: Path, text: str) -> bool:
+    """Create ``lock`` holding ``text`` in one step; False when it already exists."""
+    tmp = lock.parent / f"{_temp_prefix(lock.name[1:])}{uuid.uuid4().hex[:8]}.tmp"
+    try:
+        tmp.write_text(text)
+    except OSError as e:
+        why = e.strerror or type(e).__name__
+        raise LayercardError(f"{lock}: cannot write the lock file ({why})") from None
+    try:
+        os.link(tmp, lock)  # a lock file never exists without its owner record
+        return True
+    except FileExistsError:
+        return False
+    except OSError:  # no hard links on this filesystem: an exclusive create, then the record
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+        return True
+    finally:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+
+
+def _take_over(lock: Path, seen: str) -> None:
+    """Remove a stale lock, unless another process replaced it since it was read."""
+    trash = lock.parent / f"{_temp_prefix(lock.name[1:])}{uuid.uuid4().hex[:8]}.tmp"
+    try:
+        os.rename(lock, trash)
+    except FileNotFoundError:
+        return
+    with contextlib.suppress(OSError):
+        if trash.read_text() != seen:  # a new owner got in between: give its lock back
+            os.link(trash, lock)
+    with contextlib.suppress(OSError):
+        trash.unlink()
+
+
+def _held(target: Any, what: str, state: str, rec: dict[str, Any], lock: Path) -> Exception:
+    where = "" if state == "live" else f" (another machine: if it is gone, delete {lock})"
+    return LayercardError(
+        f"{Path(target)}: another layercard process is writing this {what} "
+        f"({_describe(rec)}){where}; wait for it to finish or choose another output"
+    )
+
+
+def check_unlocked(target: str | os.PathLike[str], *, what: str = "folder") -> None:
+    """Fail at once, writing nothing, when a live process holds ``target``'s lock (see :func:`writer_lock`).
+
+    For a command that takes the lock only after slow preparation (loading a model): a stale lock is left
+    for :func:`writer_lock` to take over.
+    """
+    lock = lock_path(target)
+    try:
+        seen = lock.read_text()
+    except OSError:
+        return
+    state, rec = _owner_state(seen)
+    if state != "stale":
+        raise _held(target, what, state, rec, lock)
+
+
+@contextlib.contextmanager
+def writer_lock(
+    target: str | os.PathLike[str], *, what: str = "folder", wait: float | None = 0.0
+) -> Iterator[Path]:
+    """Hold ``target``'s lock (:func:`lock_path`) for the block: one writing process per folder.
+
+    A lock left by a process that is gone (this machine) is taken over. One held by a live process
+    fails at once naming it, or with ``wait`` (seconds; None: no limit) is waited for. A lock written on
+    another machine cannot be checked: it counts as held. Yields the lock file's path.
+    """
+    lock = lock_path(target)
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    mine = json.dumps(_owner_record())
+    deadline = None if wait is None else time.monotonic() + wait
+    while not _create_lock(lock, mine):
+        try:
+            seen = lock.read_text()
+        except FileNotFoundError:
+            continue  # released between our attempt and the read
+        state, rec = _owner_state(seen)
+        if state == "stale":
+            _take_over(lock, seen)
+            continue
+        if deadline is not None and time.monotonic() >= deadline:
+            raise _held(target, what, state, rec, lock)
+        time.sleep(0.1)
+    try:
+        yield lock
+    finally:
+        with contextlib.suppress(OSError):
+            if lock.read_text() == mine:  # still ours: nobody judged us stale and took it
+                lock.unlink()

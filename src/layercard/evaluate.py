@@ -87,9 +87,15 @@ def _prediction_rows(
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _finite_or_none(x: float | None) -> float | None:
-    # JSON has no NaN/Infinity; a loss of NaN (e.g. a diverged adapter) is recorded as null
-    return None if x is None or not math.isfinite(x) else float(x)
+def _check_loss(loss: float, task: Task, adapter: Path | None) -> None:
+    """A NaN or infinite loss stops the evaluation: such a model has no score worth recording."""
+    if not math.isfinite(loss):
+        shown = "NaN" if math.isnan(loss) else "infinite"
+        which = f"the model with adapter {adapter}" if adapter is not None else "the model"
+        raise LayercardError(
+            f"eval: the loss on {task.name} ({task.split}) is {shown}: {which} gives non-finite outputs; "
+            "no eval.json was written"
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -205,6 +211,7 @@ def evaluate(
             t0 = time.perf_counter()
             loss = eval_loss(net, tok, sub, examples, batch_size=run.batch_size, max_length=run.max_length)
             timing["loss_s"] = time.perf_counter() - t0
+            _check_loss(loss, sub, adapter_dir)
 
     assert run.metrics is not None  # resolved() filled it
     metrics = {name: METRICS[name](texts, examples) for name in run.metrics}
@@ -227,7 +234,7 @@ def evaluate(
     task_info = {**sub.describe(), "examples_in_split": len(task)}
     return EvalResult(
         metrics=metrics,
-        loss=_finite_or_none(loss),
+        loss=None if loss is None else float(loss),
         n=len(examples),
         timing=timing,
         predictions=_prediction_rows(examples, texts, run.metrics),

@@ -12,10 +12,12 @@ import numpy as np
 
 from layercard.artifacts import SCHEMA_VERSION, read_json, write_json
 from layercard.card import stats
+from layercard.card.validate import check_card
 from layercard.config.card import SCORES
 from layercard.errors import LayercardError
 
 KIND = "card"
+CARD_FILE = "card.json"
 
 # Chosen by the placement benchmark (benchmarks/results/placement.md): the best mean Spearman with
 # measured single-layer gains on the selection tasks, then reported unchanged on the confirmation tasks.
@@ -191,11 +193,17 @@ class Card:
         return {"kind": KIND, "schema_version": SCHEMA_VERSION, "scores": SCORES, **d}
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Card:
+    def from_dict(cls, d: dict[str, Any], *, source: str = "card") -> Card:
+        """A card from its card.json form, checked field by field (errors start with ``source``)."""
+        if not isinstance(d, dict):
+            raise LayercardError(f"{source}: must be a mapping of fields, got {type(d).__name__}")
+        check_card(d, source, list(SCORES))
         fields = {f.name for f in dataclasses.fields(cls)}
         kw = {k: v for k, v in d.items() if k in fields}
-        kw["units"] = [UnitRow(**u) for u in d["units"]]
-        kw["groups"] = [GroupRow(**g) for g in d["groups"]]
+        kw["units"] = [UnitRow(**_row(UnitRow, u, f"{source}: units[{i}]")) for i, u in enumerate(d["units"])]
+        kw["groups"] = [
+            GroupRow(**_row(GroupRow, g, f"{source}: groups[{i}]")) for i, g in enumerate(d["groups"])
+        ]
         return cls(**kw)
 
     def save(self, path: str | Path) -> Path:
@@ -203,11 +211,24 @@ class Card:
 
     @classmethod
     def load(cls, path: str | Path) -> Card:
-        d = read_json(path, kind=KIND)
+        """Read a card.json (or the folder holding one), checking every field; errors name file and field."""
+        p = Path(path)
+        if p.is_dir() and (p / CARD_FILE).is_file():
+            p = p / CARD_FILE  # `--card card/`: the folder `layercard card` wrote
+        d = read_json(p, kind=KIND)
         try:
-            return cls.from_dict(d)
+            return cls.from_dict(d, source=str(p))
         except (KeyError, TypeError) as e:
-            raise LayercardError(f"{path}: malformed card ({e})") from None
+            raise LayercardError(f"{p}: malformed card ({type(e).__name__}: {e})".splitlines()[0]) from None
+
+
+def _row(row: type, d: dict[str, Any], where: str) -> dict[str, Any]:
+    """``d`` once every key is checked to be a field of ``row`` (a dataclass)."""
+    names = {f.name for f in dataclasses.fields(row)}
+    extra = next((k for k in d if k not in names), None)
+    if extra is not None:
+        raise LayercardError(f"{where}.{extra}: unknown field")
+    return d
 
 
 def _covers(role: str) -> tuple[str, ...]:

@@ -76,6 +76,17 @@ DeviceOpt = Annotated[str, typer.Option(help="auto | cpu | cuda.")]
 TrustOpt = Annotated[bool, typer.Option(help="Allow the model's own code from its folder (off by default).")]
 
 
+def note(text: str) -> None:
+    """One line on stderr about something the user may not expect (not an error)."""
+    console.print(f"[yellow]note:[/] {text}", highlight=False, soft_wrap=True)
+
+
+def note_examples(option: str, asked: int | None, used: int) -> None:
+    """Say so when ``option`` asked for more examples than the task has (all of them were used)."""
+    if asked is not None and used < asked:
+        note(f"{option} {asked}: the task has {used} examples; all {used} were used")
+
+
 def emit_json(obj: Any) -> None:
     sys.stdout.write(json.dumps(obj, indent=1, default=str) + "\n")
 

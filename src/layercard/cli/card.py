@@ -17,6 +17,7 @@ from layercard.cli.app import (
     console,
     emit_json,
     guard,
+    note_examples,
     progress_flag,
 )
 from layercard.cli.options import config_options
@@ -81,14 +82,19 @@ def card_cmd(
 ) -> None:
     """Measure the frozen model on a task: the Layer Card (card.json, card.md, PNG figures)."""
     from layercard.api import measure_card
+    from layercard.artifacts import check_out_folder, remove_stale_temps, writer_lock
     from layercard.card import write_card_folder
     from layercard.card.summary import top_layers
 
-    card = measure_card(
-        model, task, cfg, split=split, dtype=dtype, device=device,
-        trust_remote_code=trust_remote_code, progress=progress_flag(json_out),
-    )  # fmt: skip
-    written = write_card_folder(card, out)
+    check_out_folder(out)  # before the probe pass, not after it
+    with writer_lock(out, what="card folder"):
+        remove_stale_temps(out)  # what a killed earlier card command left half-written
+        card = measure_card(
+            model, task, cfg, split=split, dtype=dtype, device=device,
+            trust_remote_code=trust_remote_code, progress=progress_flag(json_out),
+        )  # fmt: skip
+        written = write_card_folder(card, out)
+    note_examples("--examples", cfg.examples, int(card.task["n_examples"]))
     summary = {
         "card": str(out / "card.json"),
         "markdown": str(out / "card.md"),
@@ -154,6 +160,10 @@ def compare_cmd(
     from layercard.card.stats import spearman
     from layercard.card.summary import top_layers
 
+    if out is not None:
+        from layercard.artifacts import check_out_file
+
+        check_out_file(out, example="compare.png")
     ca, cb = Card.load(a), Card.load(b)
     if ca.model["hash"] != cb.model["hash"]:
         raise LayercardError(

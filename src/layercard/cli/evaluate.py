@@ -18,6 +18,7 @@ from layercard.cli.app import (
     emit_json,
     guard,
     load_cli_model,
+    note_examples,
     progress_flag,
 )
 from layercard.cli.options import config_options
@@ -53,16 +54,21 @@ def eval_cmd(
     cfg: EvalConfig | None = None,
 ) -> None:
     """Generate greedily on a task, score it with the task metrics and write eval.json + predictions.jsonl."""
+    from layercard.artifacts import check_out_folder, writer_lock
     from layercard.evaluate import evaluate
     from layercard.tasks import load_task
 
     assert cfg is not None  # built by config_options before anything loads: a typo costs no time
     if adapter is not None and not adapter.is_dir():
-        raise LayercardError(f"--adapter {adapter}: no such folder")
-    t = load_task(task, split=split, seed=seed)
-    loaded = load_cli_model(model, dtype, device, trust_remote_code)
-    result = evaluate(loaded, t, cfg, adapter=adapter, progress=progress_flag(json_out))
-    path = result.save(out)
+        what = "is a file, not an adapter folder" if adapter.exists() else "no such folder"
+        raise LayercardError(f"--adapter {adapter}: {what}")
+    check_out_folder(out)
+    with writer_lock(out, what="eval folder"):
+        t = load_task(task, split=split, seed=seed)
+        loaded = load_cli_model(model, dtype, device, trust_remote_code)
+        result = evaluate(loaded, t, cfg, adapter=adapter, progress=progress_flag(json_out))
+        path = result.save(out)
+    note_examples("--examples", cfg.examples, result.n)
     if json_out:
         d = result.to_dict(include_predictions=False)
         emit_json({**d, "eval": str(path), "predictions": str(out / d["predictions_file"])})

@@ -30,10 +30,12 @@ def plan_cmd(
     cfg: PlanConfig | None = None,
 ) -> None:
     """Place adapters from a Layer Card under a budget: plan.json with a ready PEFT LoraConfig."""
+    from layercard.artifacts import check_out_file
     from layercard.card import Card
     from layercard.plan import check_model_matches, check_plan, make_plan
 
     assert cfg is not None  # built by config_options
+    check_out_file(out, example="plan.json")  # before any work
     c = Card.load(card)
     plan = make_plan(c, cfg, card_path=str(card))
     check: dict[str, Any] | None = None
@@ -65,6 +67,8 @@ def plan_cmd(
 
 
 def _print_plan(plan) -> None:
+    from layercard.plan.space import budget_label
+
     p = plan.predicted
     cfg = plan.config
     roles = ",".join(cfg["roles"])
@@ -72,9 +76,8 @@ def _print_plan(plan) -> None:
     t = Table(title=title, show_header=False)
     t.add_column("", style="bold")
     t.add_column("")
-    t.add_row(
-        "budget", str(cfg["budget"]) + (f", target {cfg['target']}" if cfg["target"] is not None else "")
-    )
+    budget = budget_label(str(cfg["budget"]))
+    t.add_row("budget", budget + (f", target {cfg['target']}" if cfg["target"] is not None else ""))
     t.add_row("layers", f"{len(plan.layers)}: {plan.layers}")
     t.add_row("adapter", plan.kind)
     t.add_row("units", str(len(plan.units)))

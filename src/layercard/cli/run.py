@@ -162,8 +162,11 @@ def report_cmd(
     json_out: JsonOpt = False,
 ) -> None:
     """Build report.html (self-contained, figures inline) and report.md from a run folder's artifacts."""
+    from layercard.artifacts import check_out_file
     from layercard.report import build_report
 
+    if out is not None:
+        check_out_file(out, example="report.html")
     paths = build_report(run_dir, out)
     if json_out:
         emit_json(paths)

@@ -8,7 +8,17 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from layercard.cli.app import TrustOpt, app, console, emit_json, guard, load_cli_model, progress_flag
+from layercard.cli.app import (
+    TrustOpt,
+    app,
+    console,
+    emit_json,
+    guard,
+    load_cli_model,
+    note,
+    note_examples,
+    progress_flag,
+)
 from layercard.cli.options import config_options
 from layercard.config import TrainConfig
 from layercard.errors import LayercardError
@@ -60,22 +70,32 @@ def train_cmd(
     cfg: TrainConfig | None = None,
 ) -> None:
     """Train the adapters a plan places; write adapter/, train_metrics.json and checkpoints/ under --out."""
+    from layercard.artifacts import check_out_folder, check_unlocked
     from layercard.plan import Plan, check_model_matches
-    from layercard.tasks import load_task
-    from layercard.train import train
+    from layercard.tasks import is_file_spec, load_task
+    from layercard.train import is_launch_main, train
 
     assert cfg is not None  # built by config_options before anything loads, so a typo costs no time
+    check_out_folder(out)
+    if is_launch_main():  # at once; train() takes the lock once the model is loaded
+        check_unlocked(out, what="training folder")
     p = Plan.load(plan)
     model_spec = model or p.card.get("model_id")
     if not model_spec:
         raise LayercardError(f"{plan}: the plan names no model; pass --model")
     train_t = load_task(task, split=split, seed=seed)
     val_t = _val_task(task, train_t.split, val_task, val_split, seed) if cfg.eval_examples else None
+    if cfg.eval_examples and val_t is None:
+        what = "is one file, with no other split" if is_file_spec(task) else "has no validation or test split"
+        note(f"--task {task} {what}: validation is off (give --val-task to validate)")
     loaded = load_cli_model(model_spec, dtype, "auto", trust_remote_code)  # Accelerate places it
     check_model_matches(p, loaded, where=str(plan))
     metrics = train(
         loaded, p, train_t, val_t, cfg, out, resume=resume, progress=progress_flag(json_out), kind=kind
     )
+    note_examples("--train-examples", cfg.train_examples, int(metrics["task"]["n_examples"]))
+    if metrics.get("val_task"):
+        note_examples("--eval-examples", cfg.eval_examples, int(metrics["val_task"]["n_examples"]))
     if json_out:
         emit_json(metrics)
         return

@@ -9,6 +9,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from layercard.artifacts import check_out_folder, writer_lock
 from layercard.cli.app import (
     DeviceOpt,
     DtypeOpt,
@@ -18,6 +19,7 @@ from layercard.cli.app import (
     emit_json,
     guard,
     load_cli_model,
+    note_examples,
     progress_flag,
 )
 from layercard.cli.options import config_options
@@ -47,7 +49,8 @@ def _check_adapter(adapter: Path) -> None:
     from layercard.adapters import CONFIG_FILE, PEFT_CONFIG_FILE
 
     if not adapter.is_dir():
-        raise LayercardError(f"--adapter {adapter}: no such folder")
+        what = "is a file, not an adapter folder" if adapter.exists() else "no such folder"
+        raise LayercardError(f"--adapter {adapter}: {what}")
     if not (adapter / PEFT_CONFIG_FILE).is_file() and not (adapter / CONFIG_FILE).is_file():
         raise LayercardError(
             f"--adapter {adapter}: not an adapter folder (no {PEFT_CONFIG_FILE} or {CONFIG_FILE})"
@@ -86,10 +89,13 @@ def trace_cmd(
 
     assert cfg is not None  # built by config_options
     _check_adapter(adapter)
-    t = _validation_task(task, split, seed)
-    loaded = load_cli_model(model, dtype, device, trust_remote_code)
-    tr = run_trace(loaded, adapter, t, cfg, progress=progress_flag(json_out))
-    path, png = tr.save(out)
+    check_out_folder(out)
+    with writer_lock(out, what="trace folder"):
+        t = _validation_task(task, split, seed)
+        loaded = load_cli_model(model, dtype, device, trust_remote_code)
+        tr = run_trace(loaded, adapter, t, cfg, progress=progress_flag(json_out))
+        path, png = tr.save(out)
+    note_examples("--examples", cfg.examples, tr.n_examples)
     if json_out:
         emit_json({**tr.to_dict(), "trace": str(path), "figure": str(png)})
         return
@@ -139,14 +145,18 @@ def trim_cmd(
 
     assert cfg is not None  # built by config_options
     _check_adapter(adapter)
-    t = _validation_task(task, split, seed)
-    loaded = load_cli_model(model, dtype, device, trust_remote_code)
-    out_dir = out if out is not None else adapter.resolve().parent
-    # The command ends after the merge, so the loaded base can take the merge itself (no second copy).
-    res = trim(
-        loaded, adapter, t, cfg, out_dir, export_merged_dir=export_merged, merge_in_place=True,
-        progress=progress_flag(json_out),
-    )  # fmt: skip
+    out_dir = check_out_folder(out if out is not None else adapter.resolve().parent)
+    if export_merged is not None:
+        check_out_folder(export_merged, "--export-merged")
+    with writer_lock(out_dir, what="trim folder"):
+        t = _validation_task(task, split, seed)
+        loaded = load_cli_model(model, dtype, device, trust_remote_code)
+        # The command ends after the merge, so the loaded base can take the merge itself (no second copy).
+        res = trim(
+            loaded, adapter, t, cfg, out_dir, export_merged_dir=export_merged, merge_in_place=True,
+            progress=progress_flag(json_out),
+        )  # fmt: skip
+    note_examples("--examples", cfg.examples, int(res["task"]["n_examples"]))
     if json_out:
         emit_json({**res, "trim": str(out_dir / "trim.json")})
         return

@@ -11,6 +11,14 @@ BUDGET_KINDS: tuple[str, ...] = ("layers", "params", "step_time", "modules")
 _SUFFIX = {"k": 1e3, "m": 1e6, "g": 1e9}
 
 
+def _shown(kind: str, v: object) -> str:
+    """A budget value in a message: whole numbers without a decimal point, seconds with their unit."""
+    whole = (
+        isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and float(v).is_integer()
+    )
+    return (str(int(v)) if whole else repr(v)) + (" s" if kind == "step_time" else "")  # type: ignore[arg-type]
+
+
 @dataclasses.dataclass(frozen=True)
 class Budget:
     """A cap on one cost of a placement: ``layers``, ``params``, ``step_time`` (seconds) or ``modules``."""
@@ -25,9 +33,11 @@ class Budget:
             )
         v = self.value
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
-            raise LayercardError(f"budget {self.kind}={v!r}: must be a positive finite number")
+            raise LayercardError(
+                f"budget {self.kind}={_shown(self.kind, v)}: must be a positive finite number"
+            )
         if self.kind in ("layers", "modules") and float(v) != int(v):
-            raise LayercardError(f"budget {self.kind}={v!r}: must be a whole number")
+            raise LayercardError(f"budget {self.kind}={_shown(self.kind, v)}: must be a whole number")
         object.__setattr__(self, "value", float(v))
 
     @classmethod

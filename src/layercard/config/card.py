@@ -28,7 +28,9 @@ class CardConfig(Schema):
     SECTION = "card"
 
     roles: str = setting(
-        "all-linear", kind="roles", help="roles to measure: all-linear | q,v | attention | mlp | any comma list"
+        "all-linear",
+        kind="roles",
+        help="roles to measure: all-linear | q,v | attention | mlp | any comma list",
     )
     examples: int = setting(64, kind="int", minimum=1, help="probe examples from the task")
     max_length: int = setting(128, kind="int", minimum=8, help="max tokens per probe example")

@@ -215,6 +215,8 @@ def reference_yaml() -> str:
         "# Every key of a `layercard run` config at its default, generated from the stage settings",
         "# (layercard.config); a test keeps them equal. Unknown keys are errors; 1e-3 is a number.",
         "# Override any key from the command line: `layercard run this.yaml --set train.steps=10`.",
+        "# Relative paths (model folder, task files) are read from this file's folder; --set paths",
+        "# from the current folder. A key given twice is an error.",
         "",
         *_lines("", RunSettings, ""),
     ]

@@ -2,7 +2,9 @@
 
 GGUF files (built-ins included) are converted once to a safetensors folder under :func:`cache_dir`,
 keyed by the file's sha256; file hashes are memoised in the cache's ``hash_index.json`` by path, size and
-mtime, so a large file is read once (docs/design.md §10).
+mtime, so a large file is read once (docs/design.md §10). A conversion holds the folder's lock file
+(``.NAME.lock``, owner pid and host): a second process waits for it, and a lock whose owner is gone is
+taken over.
 """
 
 from __future__ import annotations
@@ -15,13 +17,13 @@ import json
 import os
 import re
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from layercard.artifacts import atomic_path, hash_file, write_json
+from layercard.artifacts import atomic_path, hash_file, write_json, writer_lock
 from layercard.errors import LayercardError
 
 BUILTIN_MODELS: dict[str, dict[str, str]] = {
@@ -75,23 +77,6 @@ def builtin_path(name: str) -> Path:
     return _gguf_cache(_builtin_gguf(name))
 
 
-@contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    """Exclusive lock so two processes do not convert the same GGUF at once (no-op where fcntl is absent)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - Windows
-        yield
-        return
-    with open(path, "a+") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
 def _stat_key(paths: Sequence[Path]) -> list[list[Any]]:
     return [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in paths]
 
@@ -118,16 +103,23 @@ def _memo_hash(paths: Sequence[Path], *, with_names: bool) -> str:
     index: dict[str, Any] = {}
     with contextlib.suppress(OSError, ValueError):
         index = json.loads(index_path.read_text())
-    entry = index.get(key)
+    entry = index.get(key) if isinstance(index, dict) else None
     if isinstance(entry, dict) and entry.get("stat") == stamp:
         return str(entry["sha256"])
     digest = _sha256_files(paths, with_names=with_names)
     with contextlib.suppress(OSError, ValueError):  # re-read so a concurrent writer's entries survive
         index = json.loads(index_path.read_text())
+    # entries of deleted files (a temporary GGUF, a removed model) are dead weight
+    index = {k: v for k, v in index.items() if _files_exist(k)} if isinstance(index, dict) else {}
     index[key] = {"stat": stamp, "sha256": digest}
     with contextlib.suppress(OSError):  # a read-only cache only costs a recomputation next time
         write_json(index_path, index)
     return digest
+
+
+def _files_exist(key: str) -> bool:
+    """Whether every file an index key names still exists."""
+    return all(Path(p).exists() for p in key.rpartition("|names=")[0].split("|"))
 
 
 def weights_folder_hash(folder: Path) -> str:
@@ -145,7 +137,8 @@ def _gguf_cache(gguf: Path) -> Path:
     folder = _gguf_folder(gguf, digest)
     if (folder / _SOURCE_FILE).is_file():
         return folder
-    with _file_lock(folder.with_name(f".{folder.name}.lock")):
+    # One converter per GGUF; a lock left by a killed conversion is taken over, and removed on release.
+    with writer_lock(folder, what="model cache folder", wait=None):
         if (folder / _SOURCE_FILE).is_file():  # another process converted it while we waited
             return folder
         _convert_gguf(gguf, folder, digest)

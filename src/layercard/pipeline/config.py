@@ -17,7 +17,7 @@ from layercard.config import CardConfig, EvalConfig, PlanConfig, TrainConfig, Tr
 from layercard.config.run import EvalStage, PlacementName, RunSettings, TaskSpec, TrimStage
 from layercard.config.schema import ConfigError, Schema, unknown_key
 from layercard.errors import LayercardError
-from layercard.pipeline.overrides import apply_overrides
+from layercard.pipeline.overrides import apply_overrides, parse_yaml
 
 __all__ = [
     "PlacementSpec",
@@ -200,24 +200,53 @@ def _parse(raw: Any, source: str) -> RunConfig:
 
 
 def load_config(path: str | Path, overrides: Sequence[str] = ()) -> RunConfig:
-    """Read, override and validate a YAML run config. Nothing is written."""
-    import yaml
+    """Read, override and validate a YAML run config. Nothing is written.
 
+    Relative file paths in the file (the model, the task files) are read from the config's folder;
+    values given with ``--set`` are read from the current folder, as any command-line path.
+    """
     p = Path(path)
+    if p.is_dir():
+        raise LayercardError(f"{p}: is a folder, not a config file")
     if not p.is_file():
         raise LayercardError(f"{p}: no such config file")
     try:
-        raw = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark is not None else ""
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise LayercardError(f"{p}: not valid YAML{where} ({problem})") from None
+        text = p.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise LayercardError(f"{p}: not UTF-8 text (byte {e.start})") from None
+    raw = parse_yaml(text, str(p))
     if raw is None:
         raise LayercardError(f"{p}: empty config")
     if not isinstance(raw, dict):
         raise LayercardError(f"{p}: the config must be a mapping of keys to values")
-    return parse_config(apply_overrides(raw, overrides), source=str(p))
+    return parse_config(apply_overrides(_resolve_paths(raw, p.parent), overrides), source=str(p))
+
+
+def _resolve_paths(raw: dict[str, Any], folder: Path) -> dict[str, Any]:
+    """``raw`` with its relative model and task paths made absolute from the config's ``folder``."""
+    from layercard.models import BUILTIN_MODELS
+    from layercard.tasks import is_file_spec
+
+    base = folder.resolve()
+
+    def local(value: Any, is_path: bool) -> Any:
+        if not isinstance(value, str) or not value or Path(value).expanduser().is_absolute():
+            return value
+        return str(base / value) if is_path or (base / value).exists() else value
+
+    out = dict(raw)
+    model = out.get("model")
+    if isinstance(model, str) and model not in BUILTIN_MODELS:
+        out["model"] = local(model, model.startswith(("./", "../")) or model.lower().endswith(".gguf"))
+    task = out.get("task")
+    if isinstance(task, str):
+        out["task"] = local(task, is_file_spec(task))
+    elif isinstance(task, Mapping):
+        out["task"] = {
+            k: local(v, is_file_spec(v)) if k in ("train", "eval") and isinstance(v, str) else v
+            for k, v in task.items()
+        }
+    return out
 
 
 def demo_config_path() -> Path:

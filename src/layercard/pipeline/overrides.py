@@ -1,13 +1,58 @@
-"""``--set KEY=VALUE`` overrides on a parsed YAML config, before it is validated (docs/design.md §1)."""
+"""YAML text to values (a key given twice is an error), and ``--set KEY=VALUE`` overrides on a parsed
+config, before it is validated (docs/design.md §1)."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import yaml
+
 from layercard.errors import LayercardError
 
-__all__ = ["apply_overrides"]
+__all__ = ["apply_overrides", "parse_yaml"]
+
+
+class _DuplicateKey(Exception):
+    def __init__(self, key: Any, first: int, second: int) -> None:
+        super().__init__(key)
+        self.key, self.first, self.second = key, first, second
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a key given twice in one mapping is an error, not "last wins"."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor` merges; it names no key
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                first = seen.get(key)
+            except TypeError:  # an unhashable key: PyYAML's own error follows
+                continue
+            line = key_node.start_mark.line + 1
+            if first is not None:
+                raise _DuplicateKey(key, first, line)
+            seen[key] = line
+        return super().construct_mapping(node, deep)
+
+
+def parse_yaml(text: str, source: str) -> Any:
+    """The value of YAML ``text``; errors (a duplicate key names both lines) start with ``source``."""
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
+    except _DuplicateKey as e:
+        raise LayercardError(
+            f"{source}: line {e.second}: duplicate key {e.key!r} (first at line {e.first}); "
+            "each key may appear once per section"
+        ) from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise LayercardError(f"{source}: not valid YAML{where} ({problem})") from None
 
 
 def _set_path(raw: dict[str, Any], dotted: str, value: Any, text: str) -> None:
@@ -51,18 +96,11 @@ def apply_overrides(raw: dict[str, Any], sets: Sequence[str]) -> dict[str, Any]:
     """``KEY=VALUE`` overrides on a parsed config (a deep copy); values are typed by YAML parsing."""
     import copy
 
-    import yaml
-
     out = copy.deepcopy(raw) if raw is not None else {}
     for text in sets:
         key, sep, value = text.partition("=")
         if not sep or not key.strip():
             raise LayercardError(f"--set {text!r}: expected KEY=VALUE, e.g. train.steps=10")
-        try:
-            parsed = yaml.safe_load(value) if value.strip() else None
-        except yaml.YAMLError as e:
-            raise LayercardError(
-                f"--set {text!r}: the value is not valid YAML ({e})".splitlines()[0]
-            ) from None
+        parsed = parse_yaml(value, f"--set {text!r}: the value") if value.strip() else None
         _set_path(out, key.strip(), parsed, text)
     return out

@@ -6,7 +6,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from layercard.artifacts import SCHEMA_VERSION, write_json
+from layercard.artifacts import (
+    SCHEMA_VERSION,
+    check_out_folder,
+    check_unlocked,
+    remove_stale_temps,
+    write_json,
+    writer_lock,
+)
 from layercard.errors import LayercardError
 from layercard.pipeline.config import RunConfig
 from layercard.pipeline.stages import Runner, StageCallback
@@ -57,33 +64,37 @@ def run_pipeline(
     t0 = time.perf_counter()
     import torch
 
-    runner = _open_run(cfg, Path(run_dir), progress=progress, on_stage=on_stage)
-    threads_before = torch.get_num_threads()
-    threads = choose_threads(cfg.threads)
-    torch.set_num_threads(threads)
-    try:
-        _run_stages(runner)
-    finally:
-        torch.set_num_threads(threads_before)
-    summary = _summary(runner, threads, t0)
-    write_json(runner.out.summary_json, summary)
+    root = Path(run_dir)
+    runner = _open_run(cfg, root, progress=progress, on_stage=on_stage)
+    # One process per run folder: a second one would interleave its stages with ours.
+    with writer_lock(root, what="run folder"):
+        remove_stale_temps(root)  # half-written files of a killed earlier run
+        root.mkdir(parents=True, exist_ok=True)
+        # No paths or times in run.json: its hash is one of the report's inputs.
+        write_json(
+            runner.out.run_json, {"kind": RUN_KIND, "schema_version": SCHEMA_VERSION, "config": cfg.to_dict()}
+        )
+        threads_before = torch.get_num_threads()
+        threads = choose_threads(cfg.threads)
+        torch.set_num_threads(threads)
+        try:
+            _run_stages(runner)
+        finally:
+            torch.set_num_threads(threads_before)
+        summary = _summary(runner, threads, t0)
+        write_json(runner.out.summary_json, summary)
     return summary
 
 
 def _open_run(cfg: RunConfig, root: Path, *, progress: bool | None, on_stage: StageCallback | None) -> Runner:
     """The runner of ``cfg`` in ``root``, after every check that can fail without writing anything."""
+    check_out_folder(root, "run folder")
+    check_unlocked(root, what="run folder")
     runner = Runner(cfg, root, progress=progress, on_stage=on_stage)  # loads the tasks: may raise
     try:
         _ = runner.model_hash  # an unknown model fails here, before the run folder exists
     except LayercardError as e:
         raise LayercardError(f"{cfg.source}: model: {e}", exit_code=e.exit_code) from None
-    if root.exists() and not root.is_dir():
-        raise LayercardError(f"{root}: exists and is not a folder")
-    root.mkdir(parents=True, exist_ok=True)
-    # No paths or times in run.json: its hash is one of the report's inputs.
-    write_json(
-        runner.out.run_json, {"kind": RUN_KIND, "schema_version": SCHEMA_VERSION, "config": cfg.to_dict()}
-    )
     return runner
 
 

@@ -86,6 +86,13 @@ def _write_record(path: Path, **fields: Any) -> None:
     write_json(path, {"kind": STAGE_KIND, "schema_version": SCHEMA_VERSION, **fields})
 
 
+def _examples_note(key: str, asked: int | None, have: int) -> list[tuple[str, str]]:
+    """A row saying the config asked for more examples than the task has, and how many were used."""
+    if asked is None or asked <= have:
+        return []
+    return [("note", f"{key}={asked}: the task has {have} examples; all {have} were used")]
+
+
 def _layers_text(layers: Sequence[int]) -> str:
     return (
         f"{len(layers)}: {list(layers)}" if len(layers) <= 12 else f"{len(layers)}: {layers[0]}–{layers[-1]}"
@@ -258,6 +265,7 @@ class Runner:
                 ("coupling", "measured" if card.coupling else "not measured"),
                 ("cost model", "calibrated" if card.cost else "not calibrated"),
             ]
+            rows += _examples_note("card.examples", self.cfg.card.examples, len(self.train_task))
             return rows + [("time", ", ".join(f"{k} {v:.1f}s" for k, v in card.timings.items()))]
 
         inputs = {"model": self.model_hash, "data": self.train_task.data_hash}
@@ -279,6 +287,8 @@ class Runner:
             make_plan(card, p.plan, card_path=str(out.card_json.resolve())).save(path)
 
         def summarize() -> list[tuple[str, str]]:
+            from layercard.plan.space import budget_label
+
             plan = Plan.load(path)
             pr = plan.predicted
             frac = pr.get("fraction")
@@ -286,7 +296,7 @@ class Runner:
                 (
                     "policy",
                     f"{plan.config['policy']}"
-                    + (f" ({plan.config['budget']})" if plan.config["budget"] else ""),
+                    + (f" ({budget_label(plan.config['budget'])})" if plan.config["budget"] else ""),
                 ),
                 ("layers", _layers_text(plan.layers)),
                 ("adapted modules", str(pr.get("modules"))),
@@ -342,6 +352,10 @@ class Runner:
             ]
             if m.resumed_from is not None:
                 rows.append(("resumed from step", str(m.resumed_from)))
+            asked = self.cfg.train.train_examples
+            rows += _examples_note("train.train_examples", asked, len(self.train_task))
+            if val is not None:
+                rows += _examples_note("train.eval_examples", self.cfg.train.eval_examples, len(val))
             return rows
 
         inputs = {
@@ -442,6 +456,7 @@ class Runner:
                 ("loss", _fmt(r.loss)),
                 ("examples", str(r.n)),
                 ("s/example", _fmt(r.timing.get("s_per_example"), ".3f")),
+                *_examples_note("eval.examples", self.cfg.eval.examples, len(self.eval_task)),
             ]
 
         inputs = {

@@ -13,6 +13,7 @@ from layercard.errors import LayercardError
 from layercard.plan.predict import gain_warnings, kind_warnings, predicted, provenance, unit_rank
 from layercard.plan.ranks import captured_at, lora_config
 from layercard.plan.space import build_space
+from layercard.plan.validate import check_plan_dict
 
 if TYPE_CHECKING:
     from peft import LoraConfig
@@ -56,8 +57,11 @@ class Plan:
         return {"kind": KIND, "schema_version": SCHEMA_VERSION, **d}
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Plan:
-        """A plan from its plan.json form (raises KeyError/TypeError/ValueError when malformed)."""
+    def from_dict(cls, d: dict[str, Any], *, source: str = "plan") -> Plan:
+        """A plan from its plan.json form, checked field by field (errors start with ``source``)."""
+        if not isinstance(d, dict):
+            raise LayercardError(f"{source}: must be a mapping of fields, got {type(d).__name__}")
+        check_plan_dict(d, source)
         kw = {f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d and f.name != "kind"}
         kw["kind"] = d["adapter_kind"]
         kw["units"] = [PlannedUnit(**u) for u in d["units"]]
@@ -70,10 +74,10 @@ class Plan:
 
     @classmethod
     def load(cls, path: str | Path) -> Plan:
-        """Read a plan.json, checking its kind and schema version; errors name the file."""
+        """Read a plan.json, checking its kind, schema version and every field; errors name the file."""
         d = read_json(path, kind=KIND)
         try:
-            return cls.from_dict(d)
+            return cls.from_dict(d, source=str(path))
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise LayercardError(
                 f"{path}: malformed plan ({type(e).__name__}: {e})".splitlines()[0]

@@ -17,7 +17,15 @@ from layercard.plan.artifact import Plan, PlannedUnit
 from layercard.plan.policies import select
 from layercard.plan.predict import gain_warnings, kind_warnings, predicted, provenance, unit_rank
 from layercard.plan.ranks import auto_ranks, captured_at, lora_config
-from layercard.plan.space import ADAPTERS_PER_LAYER, AUTO_REFERENCE_RANK, Space, build_space, fits, fmt
+from layercard.plan.space import (
+    ADAPTERS_PER_LAYER,
+    AUTO_REFERENCE_RANK,
+    Space,
+    amount,
+    budget_text,
+    build_space,
+    fits,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,7 +66,10 @@ def make_plan(card: Card, cfg: PlanConfig, *, card_path: str | None = None) -> P
     if cfg.budget is not None and cfg.policy != "all":
         used = pred["budget_used"]
         if not fits(float(used), cfg.budget.value):
-            raise LayercardError(f"plan: policy {cfg.policy} exceeded budget {cfg.budget} ({fmt(used)})")
+            raise LayercardError(
+                f"plan: policy {cfg.policy} exceeded the {budget_text(cfg.budget)} "
+                f"({amount(float(used), cfg.budget.kind)})"
+            )
     config = {
         "policy": cfg.policy,
         "budget": str(cfg.budget) if cfg.budget is not None else None,

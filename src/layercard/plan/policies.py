@@ -14,7 +14,7 @@ import numpy as np
 
 from layercard.config import Budget, PlanConfig
 from layercard.errors import LayercardError
-from layercard.plan.space import REL_TOL, Space, fits, fmt
+from layercard.plan.space import REL_TOL, Space, amount, budget_text, fits
 
 _ORDERED = ("top", "bottom", "random", "gradnorm")
 
@@ -25,7 +25,7 @@ def select(space: Space, cfg: PlanConfig, goal: float | None) -> tuple[list[int]
     if cfg.policy == "all":
         notes: list[str] = []
         if budget is not None:
-            notes.append(f"policy all ignores the budget {budget} (recorded only)")
+            notes.append(f"policy all ignores the {budget_text(budget)} (recorded only)")
         if cfg.target is not None:
             notes.append(f"policy all ignores the target {cfg.target} (recorded only)")
         return list(space.layers), notes
@@ -39,7 +39,7 @@ def select(space: Space, cfg: PlanConfig, goal: float | None) -> tuple[list[int]
         chosen = _walk(space, _order(cfg.policy, space, cfg.seed), cost_kind=cost_kind, cap=cap, goal=goal)
         if goal is not None and space.gain(chosen) < goal * (1 - REL_TOL):
             raise LayercardError(
-                f"target {cfg.target}: no {cfg.policy} placement within budget {budget} reaches it"
+                f"target {cfg.target}: no {cfg.policy} placement {_within(budget)} reaches it"
             )
         return chosen, []
     return _select_family(space, cfg, goal, cost_kind, cap), []
@@ -66,7 +66,7 @@ def _select_card(
         raise LayercardError(
             f"target {cfg.target}: policy {cfg.policy} reaches only "
             f"{space.gain(chosen) / max(goal / cfg.target, 1e-300):.3f} of the all-layer gain "
-            f"within budget {budget}"
+            f"{_within(budget)}"
         )
     return chosen, notes
 
@@ -85,9 +85,9 @@ def _select_family(
             )
         chosen = fam(cfg.bands)
         if budget is not None and not fits(space.cost(chosen, cost_kind), cap):
+            cost = amount(space.cost(chosen, cost_kind), cost_kind)
             raise LayercardError(
-                f"bands={cfg.bands}: the {cfg.bands} layers cost {fmt(space.cost(chosen, cost_kind))} "
-                f"{cost_kind}, over the budget {budget}"
+                f"bands={cfg.bands}: the {cfg.bands} layers cost {cost}, over the {budget_text(budget)}"
             )
         return chosen
     if goal is not None:
@@ -95,9 +95,7 @@ def _select_family(
             s = fam(k)
             if space.gain(s) >= goal * (1 - REL_TOL) and fits(space.cost(s, cost_kind), cap):
                 return s
-        raise LayercardError(
-            f"target {cfg.target}: no {cfg.policy} placement within budget {budget} reaches it"
-        )
+        raise LayercardError(f"target {cfg.target}: no {cfg.policy} placement {_within(budget)} reaches it")
     assert budget is not None and cap is not None
     if budget.kind == "layers":
         return fam(int(cap))
@@ -107,8 +105,8 @@ def _select_family(
             return s
     first = fam(1)
     raise LayercardError(
-        f"budget {budget}: policy {cfg.policy}'s smallest placement {first} already costs "
-        f"{fmt(space.cost(first, cost_kind))} {cost_kind}"
+        f"{budget_text(budget)}: policy {cfg.policy}'s smallest placement {first} already costs "
+        f"{amount(space.cost(first, cost_kind), cost_kind)}"
     )
 
 
@@ -209,14 +207,18 @@ def _check_budget_possible(space: Space, budget: Budget) -> None:
     n = len(space.layers)
     if budget.kind == "layers" and budget.value > n:
         raise LayercardError(
-            f"budget {budget}: the card has only {n} layers with roles {','.join(space.roles)}"
+            f"{budget_text(budget)}: the card has only {n} layers with roles {','.join(space.roles)}"
         )
     cheapest = min(space.cost([layer], budget.kind) for layer in space.layers)
     if not fits(cheapest, budget.value):
         raise LayercardError(
-            f"budget {budget}: fits no layer; the cheapest single layer of roles {','.join(space.roles)} "
-            f"costs {fmt(cheapest)} {budget.kind}"
+            f"{budget_text(budget)}: fits no layer; the cheapest single layer of roles "
+            f"{','.join(space.roles)} costs {amount(cheapest, budget.kind)}"
         )
+
+
+def _within(budget: Budget | None) -> str:
+    return f"within {budget_text(budget)}" if budget is not None else "with no budget"
 
 
 def _score_name(space: Space, cfg: PlanConfig) -> str:

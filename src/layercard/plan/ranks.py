@@ -45,7 +45,7 @@ def auto_ranks(units: Sequence[UnitRow], param_budget: float) -> dict[str, int]:
     if used > param_budget * (1 + REL_TOL):
         raise LayercardError(
             f"rank auto: {len(units)} modules at rank {min(ranks.values())} need {used} params, "
-            f"over the budget {param_budget:.0f}"
+            f"over the budget of {param_budget:.0f} params"
         )
     while True:
         best: tuple[float, int, str] | None = None

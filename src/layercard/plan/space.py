@@ -105,10 +105,13 @@ def amount(x: float, kind: str) -> str:
 
 
 def budget_text(budget: Any) -> str:
-    """A budget as messages show it, its unit included (``step_time=0.44 s``); "no budget" for None."""
-    if budget is None:
-        return "no budget"
-    return f"budget {budget}" + (" s" if budget.kind == "step_time" else "")
+    """A budget as messages show it, its unit included (``budget step_time=0.44 s``); "no budget" for None."""
+    return "no budget" if budget is None else f"budget {budget_label(str(budget))}"
+
+
+def budget_label(text: str) -> str:
+    """A budget as plan.json records it (``step_time=0.44``), with its unit for display (``... s``)."""
+    return text + (" s" if text.startswith("step_time=") else "")
 
 
 def build_space(

@@ -26,7 +26,7 @@ Modules: ``config`` (TrainConfig), ``data`` (stream and lr schedule), ``checkpoi
 
 from layercard.train.checkpoints import CHECKPOINT_DIR, latest_checkpoint
 from layercard.train.config import SCHEDULERS, VALID_KINDS, TrainConfig
-from layercard.train.loop import StepCallback, train
+from layercard.train.loop import StepCallback, is_launch_main, train
 from layercard.train.metrics import KIND, METRICS_FILE, TrainMetrics
 from layercard.train.model import ADAPTER_DIR
 
@@ -38,6 +38,7 @@ __all__ = [
     "SCHEDULERS",
     "VALID_KINDS",
     "StepCallback",
+    "is_launch_main",
     "TrainConfig",
     "TrainMetrics",
     "latest_checkpoint",

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -16,14 +17,20 @@ from typing import Any
 import torch
 from torch import nn
 
-from layercard.artifacts import Provenance, sha256_json
+from layercard.artifacts import Provenance, check_out_folder, remove_stale_temps, sha256_json, writer_lock
 from layercard.errors import LayercardError
 from layercard.models import LoadedModel
 from layercard.plan import Plan, check_model_matches
 from layercard.progress import track
 from layercard.tasks import Encoded, Task, encode_task
 from layercard.tasks.loss import loss_sum, target_count
-from layercard.train.checkpoints import RESUME_FIELDS, latest_checkpoint, load_checkpoint, save_checkpoint
+from layercard.train.checkpoints import (
+    CHECKPOINT_DIR,
+    RESUME_FIELDS,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
 from layercard.train.config import _MIXED_PRECISION, VALID_KINDS, TrainConfig
 from layercard.train.data import Stream, lr_lambda
 from layercard.train.metrics import METRICS_FILE, TrainMetrics, eval_loss, median_time, peak_memory
@@ -142,13 +149,39 @@ def train(
     """
     t_start = time.perf_counter()
     kind, layers, bottleneck = _check_inputs(loaded, plan, cfg, kind)
-    out_dir = Path(out_dir)
-    existing = latest_checkpoint(out_dir)
-    if existing is not None and not resume:
-        raise LayercardError(
-            f"{out_dir}: holds checkpoints of an earlier run ({existing.name}); "
-            "pass --resume to continue it, or use a new --out"
-        )
+    out_dir = check_out_folder(out_dir)
+    main = is_launch_main()
+    with writer_lock(out_dir, what="training folder") if main else contextlib.nullcontext():
+        if main:  # what a killed earlier run of this folder left half-written (its owner process is gone)
+            remove_stale_temps(out_dir)
+            remove_stale_temps(out_dir / CHECKPOINT_DIR)
+        existing = latest_checkpoint(out_dir)
+        if existing is not None and not resume:
+            raise LayercardError(
+                f"{out_dir}: holds checkpoints of an earlier run ({existing.name}); "
+                "pass --resume to continue it, or use a new --out"
+            )
+        args = (loaded, plan, train_task, val_task, cfg, out_dir, kind, layers, bottleneck, t_start)
+        return _train(*args, resume=resume, progress=progress, callback=callback)
+
+
+# The session itself, under the folder's lock: data, model, optimizer, loop, artifacts.
+def _train(
+    loaded: LoadedModel,
+    plan: Plan,
+    train_task: Task,
+    val_task: Task | None,
+    cfg: TrainConfig,
+    out_dir: Path,
+    kind: str,
+    layers: list[int],
+    bottleneck: int,
+    t_start: float,
+    *,
+    resume: bool,
+    progress: bool | None,
+    callback: StepCallback | None,
+) -> dict[str, Any]:
     data = _prepare_data(loaded, train_task, val_task, cfg)
 
     from accelerate import Accelerator
@@ -194,6 +227,15 @@ def train(
         adapted.restore(accelerator)
 
 
+def is_launch_main() -> bool:
+    """Whether this is the first process of a distributed launch (or no launch at all).
+
+    The processes ``accelerate launch`` starts share one training folder: its first process alone holds
+    the folder's lock and clears what a killed run left.
+    """
+    return int(os.environ.get("RANK", "0") or 0) == 0
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Steps
 # ---------------------------------------------------------------------------------------------------------
@@ -219,6 +261,12 @@ def _check_inputs(
     layers = list(plan.layers)
     if not layers:
         raise LayercardError("plan: no layers to adapt")
+    from layercard.models import num_layers
+
+    n = num_layers(loaded.model)
+    outside = [x for x in layers if not 0 <= x < n]
+    if outside:
+        raise LayercardError(f"plan: layers {outside} do not exist; the model has layers 0..{n - 1}")
     bottleneck = cfg.bottleneck or int((plan.adapter_config or {}).get("bottleneck") or _DEFAULT_BOTTLENECK)
     return kind, layers, bottleneck
 
@@ -288,7 +336,7 @@ def _loop(
         if step % cfg.log_every == 0 or step == run.total_steps:
             state.loss_curve.append([step, loss_value])
         if run.data.val_encoded and cfg.eval_every and step % cfg.eval_every == 0:
-            state.val_curve.append([step, _val_loss(run, prepared)])
+            state.val_curve.append([step, _val_loss(run, prepared, step)])
         if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
             acc.wait_for_everyone()
             if acc.is_main_process:
@@ -297,7 +345,7 @@ def _loop(
         if callback is not None:
             callback(step, loss_value, acc.unwrap_model(prepared))
     if run.data.val_encoded and (not state.val_curve or state.val_curve[-1][0] != state.step):
-        state.val_curve.append([state.step, _val_loss(run, prepared)])
+        state.val_curve.append([state.step, _val_loss(run, prepared, state.step)])
 
 
 def _step(
@@ -325,10 +373,17 @@ def _step(
             loss = ls / max(n_target, 1)
             acc.backward(loss)
         step_loss += loss.detach()
+    loss_value = float(acc.reduce(step_loss, reduction="mean"))
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    # Checked before the update is applied: a non-finite step must not reach the weights or a checkpoint.
+    _check_finite(run, state.step + 1, "training loss", loss_value)
+    if acc.scaler is None:  # under fp16 loss scaling, overflowing gradients are the scaler's to skip
+        _check_finite(run, state.step + 1, "gradient norm of the trainable parameters", _grad_norm(params))
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    loss_value = float(acc.reduce(step_loss, reduction="mean"))
+    if not all(bool(torch.isfinite(p).all()) for p in params):
+        _check_finite(run, state.step + 1, "update of the trainable parameters", math.inf)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     state.step += 1
@@ -339,8 +394,33 @@ def _step(
     return loss_value
 
 
-def _val_loss(run: _Run, prepared: nn.Module) -> float:
-    return eval_loss(prepared, run.data.val_encoded, run.cfg.batch_size, run.data.pad_id, run.accelerator)
+def _val_loss(run: _Run, prepared: nn.Module, step: int) -> float:
+    loss = eval_loss(prepared, run.data.val_encoded, run.cfg.batch_size, run.data.pad_id, run.accelerator)
+    _check_finite(run, step, "validation loss", loss)
+    return loss
+
+
+def _grad_norm(params: list[nn.Parameter]) -> float:
+    """The L2 norm of the parameters' gradients (inf or NaN when any gradient is)."""
+    norms = [p.grad.detach().float().norm() for p in params if p.grad is not None]
+    return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
+
+
+def _check_finite(run: _Run, step: int, what: str, value: float) -> None:
+    """Stop the run at ``step`` when ``value`` is NaN or infinite: nothing diverged may be saved."""
+    if math.isfinite(value):
+        return
+    shown = "NaN" if math.isnan(value) else "infinite"
+    kept = latest_checkpoint(run.out_dir)
+    left = (
+        f"; the checkpoints of earlier, finite steps stay in {kept.parent} (latest {kept.name})"
+        if kept is not None
+        else ""
+    )
+    raise LayercardError(
+        f"train: step {step} of {run.total_steps}: the {what} is {shown}; training diverged "
+        f"(lr={run.cfg.lr:g}; try a lower learning rate). No adapter or {METRICS_FILE} was written{left}"
+    )
 
 
 def _finish(run: _Run, state: _State, adapted: Adapted, trainable: dict[str, nn.Parameter]) -> TrainMetrics:

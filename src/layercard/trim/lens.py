@@ -138,6 +138,17 @@ def _curve(
     return [float(v) / count for v in total], own_total / count, count
 
 
+def _check_curve(curve: Sequence[float], adapter: str) -> None:
+    """A lens curve must be finite: NaN means the model's outputs are, and no boundary can be read."""
+    bad = next((i for i, v in enumerate(curve) if not math.isfinite(v)), None)
+    if bad is not None:
+        shown = "NaN" if math.isnan(curve[bad]) else "infinite"
+        raise LayercardError(
+            f"trace: the lens probability with the adapter {adapter} is {shown} at layer {bad}: the "
+            "model gives non-finite outputs on these examples; no trace was written"
+        )
+
+
 def boundary_candidates(curve: Sequence[float]) -> dict[str, int]:
     """Boundary candidates of a lens curve ``P(0..L-1)``.
 
@@ -233,8 +244,10 @@ def trace(
     encoded = encode_task(tokenizer, sub, max_length=max_length)
     pad = pad_id(tokenizer)
     on, own, n_tok = _curve(model_with_adapter, encoded, pad, batch_size, "lens (adapter on)", progress)
+    _check_curve(on, "on")
     with adapters_off(model_with_adapter):
         off, _, _ = _curve(model_with_adapter, encoded, pad, batch_size, "lens (adapter off)", progress)
+    _check_curve(off, "off")
     return Trace(
         curve_on=tuple(on),
         curve_off=tuple(off),

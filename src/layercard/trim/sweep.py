@@ -126,9 +126,15 @@ def choose_boundary(
     return int(min(tied, key=lambda r: (n_layers(r), r["k"]))["k"])
 
 
-def _finite(value: float | None) -> float | None:
-    # JSON has no NaN: a diverged loss is recorded as null
-    return value if value is None or math.isfinite(value) else None
+def _checked_loss(value: float, k: int) -> float:
+    """``value``, the loss of boundary ``k``; a NaN or infinite loss stops the trim stage."""
+    if not math.isfinite(value):
+        shown = "NaN" if math.isnan(value) else "infinite"
+        raise LayercardError(
+            f"trim: the loss with adapters kept in layers <= {k} is {shown}: the adapted model gives "
+            "non-finite outputs on the trim examples; no trim.json or trimmed adapter was written"
+        )
+    return float(value)
 
 
 def task_scorer(
@@ -148,7 +154,7 @@ def task_scorer(
     """
     names = list(dict.fromkeys(metrics))
 
-    def score(model: nn.Module, _k: int) -> dict[str, Any]:
+    def score(model: nn.Module, k: int) -> dict[str, Any]:
         texts, timing = inference.generate(
             model, tokenizer, task, examples, batch_size=batch_size, max_new_tokens=max_new_tokens,
             progress=False,  # the sweep's own bar is live; rich cannot nest a second one
@@ -159,9 +165,10 @@ def task_scorer(
             value = inference.eval_loss(
                 model, tokenizer, task, examples, batch_size=batch_size, max_length=max_length
             )
+            value = _checked_loss(value, k)
         return {
             "metrics": values,
-            "loss": _finite(value),
+            "loss": value,
             "s_per_example": timing["s_per_example"],
             "tokens_per_s": timing["tokens_per_s"],
             "predictions": texts,
@@ -183,10 +190,10 @@ def loss_scorer(
     What a sweep selecting by ``loss`` needs: its rows have a ``loss`` and no text metrics or timings.
     """
 
-    def score(model: nn.Module, _k: int) -> dict[str, Any]:
+    def score(model: nn.Module, k: int) -> dict[str, Any]:
         value = inference.eval_loss(
             model, tokenizer, task, examples, batch_size=batch_size, max_length=max_length
         )
-        return {"loss": _finite(value)}
+        return {"loss": _checked_loss(value, k)}
 
     return score

@@ -1,0 +1,216 @@
+"""Field-by-field checks of an artifact read from disk, and those of card.json (docs/design.md §1).
+
+A hand-edited or damaged artifact must fail where it is read, with one line naming the file and the field
+(``card.json: units[3].grad_norm: must be a finite number >= 0, got NaN``), never deep inside a later
+stage. :class:`Fields` holds the checks every artifact shares; :func:`check_card` applies them to a card.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NoReturn
+
+from layercard.errors import LayercardError
+
+_MISSING = object()
+
+
+def show(value: Any) -> str:
+    """A value as an error message shows it: NaN and Infinity as JSON spells them, text quoted."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+    if isinstance(value, str):
+        return f"{value[:40]!r} (text)"
+    if isinstance(value, bool) or value is None:
+        return {True: "true", False: "false", None: "null"}[value]
+    if isinstance(value, Mapping):
+        return "a mapping"
+    if isinstance(value, (list, tuple)):
+        if len(value) > 8 or not all(_is_number(v) or isinstance(v, str) for v in value):
+            return f"a list of {len(value)}"
+        return "[" + ", ".join(show(v) if not isinstance(v, str) else repr(v) for v in value) + "]"
+    return repr(value)[:40]
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
+class Fields:
+    """Checks of one artifact's fields; the first failure raises ``SOURCE: FIELD: PROBLEM, got VALUE``."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+
+    def fail(self, where: str, problem: str, value: Any = _MISSING) -> NoReturn:
+        got = "" if value is _MISSING else f", got {show(value)}"
+        raise LayercardError(f"{self.source}: {where}: {problem}{got}")
+
+    def get(self, d: Mapping[str, Any], key: str, where: str = "") -> Any:
+        """``d[key]``; a missing key fails naming it."""
+        path = f"{where}.{key}" if where else key
+        if key not in d:
+            self.fail(path, "missing")
+        return d[key]
+
+    def mapping(self, value: Any, where: str) -> Mapping[str, Any]:
+        if not isinstance(value, Mapping):
+            self.fail(where, "must be a mapping", value)
+        return value
+
+    def items(self, value: Any, where: str) -> Sequence[Any]:
+        if not isinstance(value, list):
+            self.fail(where, "must be a list", value)
+        return value
+
+    def text(self, value: Any, where: str) -> str:
+        if not isinstance(value, str):
+            self.fail(where, "must be text", value)
+        return value
+
+    def integer(self, value: Any, where: str, *, minimum: int | None = None, below: int | None = None) -> int:
+        """An integer (not a float, text or bool) in ``[minimum, below)``."""
+        ok = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+        if ok and minimum is not None and value < minimum:
+            ok = False
+        if ok and below is not None and value >= below:
+            ok = False
+        if not ok:
+            if below is not None:
+                self.fail(where, f"must be an integer in {minimum or 0}..{below - 1}", value)
+            self.fail(where, "must be an integer" + (f" >= {minimum}" if minimum is not None else ""), value)
+        return int(value)
+
+    def number(self, value: Any, where: str, *, minimum: float | None = None, above: bool = False) -> float:
+        """A finite number (``minimum`` inclusive, or exclusive with ``above``)."""
+        ok = _is_number(value) and math.isfinite(value)
+        if ok and minimum is not None:
+            ok = value > minimum if above else value >= minimum
+        if not ok:
+            bound = "" if minimum is None else f" {'>' if above else '>='} {minimum:g}"
+            self.fail(where, f"must be a finite number{bound}", value)
+        return float(value)
+
+    def numbers(self, value: Any, where: str, *, minimum: float | None = None) -> list[float]:
+        """A list of finite numbers, each ``>= minimum``."""
+        for i, v in enumerate(self.items(value, where)):
+            if not (_is_number(v) and math.isfinite(v) and (minimum is None or v >= minimum)):
+                self.number(v, f"{where}[{i}]", minimum=minimum)
+        return value
+
+    def optional(self, value: Any, where: str, check: Callable[[Any, str], Any]) -> Any:
+        """``value`` when null, else ``check(value, where)``."""
+        return None if value is None else check(value, where)
+
+    def finite_everywhere(self, value: Any, where: str) -> None:
+        """No NaN or infinity anywhere in ``value`` (nested mappings and lists)."""
+        if isinstance(value, float):
+            if not math.isfinite(value):
+                self.fail(where, "must be a finite number", value)
+        elif isinstance(value, Mapping):
+            for k, v in value.items():
+                self.finite_everywhere(v, f"{where}.{k}" if where else str(k))
+        elif isinstance(value, list):
+            for i, v in enumerate(value):
+                self.finite_everywhere(v, f"{where}[{i}]")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# card.json
+# ---------------------------------------------------------------------------------------------------------
+
+_UNIT_NONNEG = ("grad_norm", "resnorm")
+_UNIT_SIGNED = ("rate", "rate_linear", "rate_quadratic")
+_GROUP_NONNEG = ("energy", "kappa", "effective_rank", "noise_amplification")
+
+
+def check_card(d: Mapping[str, Any], source: str, scores: Sequence[str]) -> None:
+    """Check a card.json dict field by field: types, finite numbers, signs, layers within the model."""
+    f = Fields(source)
+    model = f.mapping(f.get(d, "model"), "model")
+    f.text(f.get(model, "id", "model"), "model.id")
+    f.text(f.get(model, "hash", "model"), "model.hash")
+    n_layers = f.integer(f.get(model, "n_layers", "model"), "model.n_layers", minimum=1)
+    task = f.mapping(f.get(d, "task"), "task")
+    f.text(f.get(task, "name", "task"), "task.name")
+    config = f.mapping(f.get(d, "config"), "config")
+    f.number(f.get(config, "delta", "config"), "config.delta", minimum=0, above=True)
+    for i, role in enumerate(f.items(f.get(d, "roles"), "roles")):
+        f.text(role, f"roles[{i}]")
+    for key in ("n_positions", "n_target_tokens"):
+        f.integer(f.get(d, key), key, minimum=0)
+    f.number(f.get(d, "loss"), "loss", minimum=0)
+    groups = _check_groups(f, f.items(f.get(d, "groups"), "groups"), n_layers)
+    _check_units(f, f.items(f.get(d, "units"), "units"), n_layers, groups)
+    if d.get("coupling") is not None:
+        _check_coupling(f, f.mapping(d["coupling"], "coupling"), n_layers)
+    if d.get("cost") is not None:
+        f.mapping(d["cost"], "cost")
+    timings = f.mapping(d.get("timings", {}), "timings")
+    for k, v in timings.items():
+        f.number(v, f"timings.{k}", minimum=0)
+    if "default_score" in d and d["default_score"] not in scores:
+        f.fail("default_score", f"must be one of {', '.join(scores)}", d["default_score"])
+    f.finite_everywhere(d, "")  # whatever the checks above do not name (cost, provenance)
+
+
+def _check_groups(f: Fields, rows: Sequence[Any], n_layers: int) -> dict[str, int]:
+    """Each group row's fields; returns the number of eigenvalues of each group key."""
+    sizes: dict[str, int] = {}
+    for i, raw in enumerate(rows):
+        w = f"groups[{i}]"
+        g = f.mapping(raw, w)
+        key = f.text(f.get(g, "key", w), f"{w}.key")
+        if key in sizes:
+            f.fail(f"{w}.key", "is used twice", key)
+        f.integer(f.get(g, "layer", w), f"{w}.layer", minimum=0, below=n_layers)
+        f.text(f.get(g, "input_group", w), f"{w}.input_group")
+        f.integer(f.get(g, "d_in", w), f"{w}.d_in", minimum=1)
+        f.integer(f.get(g, "n", w), f"{w}.n", minimum=0)
+        f.optional(f.get(g, "sketched", w), f"{w}.sketched", lambda v, at: f.integer(v, at, minimum=1))
+        sizes[key] = len(f.numbers(f.get(g, "eigenvalues", w), f"{w}.eigenvalues", minimum=0))
+        for k in _GROUP_NONNEG:
+            f.number(f.get(g, k, w), f"{w}.{k}", minimum=0)
+    return sizes
+
+
+def _check_units(f: Fields, rows: Sequence[Any], n_layers: int, groups: dict[str, int]) -> None:
+    for i, raw in enumerate(rows):
+        w = f"units[{i}]"
+        u = f.mapping(raw, w)
+        for k in ("key", "role", "name"):
+            f.text(f.get(u, k, w), f"{w}.{k}")
+        f.integer(f.get(u, "layer", w), f"{w}.layer", minimum=0, below=n_layers)
+        for k in ("d_in", "d_out"):
+            f.integer(f.get(u, k, w), f"{w}.{k}", minimum=1)
+        group = f.text(f.get(u, "group", w), f"{w}.group")
+        if group not in groups:
+            f.fail(f"{w}.group", "names no group of the card", group)
+        for k in _UNIT_NONNEG:
+            f.number(f.get(u, k, w), f"{w}.{k}", minimum=0)
+        for k in _UNIT_SIGNED:
+            f.number(f.get(u, k, w), f"{w}.{k}")
+        f.integer(f.get(u, "lora_params", w), f"{w}.lora_params", minimum=0)
+        captured = f.mapping(f.get(u, "captured", w), f"{w}.captured")
+        for k, v in captured.items():
+            f.number(v, f"{w}.captured.{k}", minimum=0)
+        energy = f.numbers(f.get(u, "grad_eig_energy", w), f"{w}.grad_eig_energy", minimum=0)
+        if len(energy) != groups[group]:
+            f.fail(
+                f"{w}.grad_eig_energy",
+                f"has {len(energy)} values, its group {group} has {groups[group]} eigenvalues",
+            )
+
+
+def _check_coupling(f: Fields, c: Mapping[str, Any], n_layers: int) -> None:
+    layers = f.items(f.get(c, "layers", "coupling"), "coupling.layers")
+    for i, x in enumerate(layers):
+        f.integer(x, f"coupling.layers[{i}]", minimum=0, below=n_layers)
+    matrix = f.items(f.get(c, "matrix", "coupling"), "coupling.matrix")
+    if len(matrix) != len(layers):
+        f.fail("coupling.matrix", f"must have one row per layer ({len(layers)})", matrix)
+    for i, row in enumerate(matrix):
+        if len(f.numbers(row, f"coupling.matrix[{i}]")) != len(layers):
+            f.fail(f"coupling.matrix[{i}]", f"must have {len(layers)} values", row)

@@ -1,0 +1,94 @@
+"""Field-by-field checks of plan.json as it is read (docs/design.md §1, §6).
+
+Besides types and finite numbers, a plan must agree with itself: ``layers`` are exactly the layers of its
+``units`` (training adapts the units, so an edited ``layers`` would record other layers than it trains),
+a LoRA plan's ``lora_config`` targets exactly its units' modules, and a bottleneck plan's
+``adapter_config.layers`` are its ``layers``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from layercard.card.validate import Fields
+from layercard.config import ADAPTER_KINDS
+
+_UNIT_FIELDS = ("key", "layer", "role", "name", "rank")
+
+
+def check_plan_dict(d: Mapping[str, Any], source: str) -> None:
+    """Check a plan.json dict; the first problem raises a one-line error naming ``source`` and the field."""
+    f = Fields(source)
+    for key in ("provenance", "card", "config", "predicted"):
+        f.mapping(f.get(d, key), key)
+    kind = f.get(d, "adapter_kind")
+    if kind not in ADAPTER_KINDS:
+        f.fail("adapter_kind", f"must be one of {', '.join(ADAPTER_KINDS)}", kind)
+    card = d["card"]
+    n_layers = None
+    if card.get("n_layers") is not None:
+        n_layers = f.integer(card["n_layers"], "card.n_layers", minimum=1)
+    units = _check_units(f, f.items(f.get(d, "units"), "units"), n_layers)
+    layers = f.items(f.get(d, "layers"), "layers")
+    for i, x in enumerate(layers):
+        f.integer(x, f"layers[{i}]", minimum=0, below=n_layers)
+    if len(set(layers)) != len(layers):
+        f.fail("layers", "lists a layer twice", layers)
+    planned = sorted({u["layer"] for u in units})
+    if sorted(layers) != planned:
+        f.fail("layers", f"must be the layers of the plan's units {planned}", layers)
+    lora = f.get(d, "lora_config")
+    if lora is not None:
+        _check_lora(f, f.mapping(lora, "lora_config"), units)
+    adapter = d.get("adapter_config")
+    if adapter is not None:
+        f.mapping(adapter, "adapter_config")
+        if kind != "lora" and "layers" in adapter and sorted(adapter["layers"] or []) != sorted(layers):
+            f.fail("adapter_config.layers", f"must be the plan's layers {sorted(layers)}", adapter["layers"])
+    for i, w in enumerate(f.items(d.get("warnings", []), "warnings")):
+        f.text(w, f"warnings[{i}]")
+    f.finite_everywhere(d, "")
+
+
+def _check_units(f: Fields, rows: Sequence[Any], n_layers: int | None) -> list[Mapping[str, Any]]:
+    out = []
+    names: set[str] = set()
+    for i, raw in enumerate(rows):
+        w = f"units[{i}]"
+        u = f.mapping(raw, w)
+        extra = next((k for k in u if k not in _UNIT_FIELDS), None)
+        if extra is not None:
+            f.fail(f"{w}.{extra}", "unknown field")
+        for k in ("key", "role", "name"):
+            f.text(f.get(u, k, w), f"{w}.{k}")
+        f.integer(f.get(u, "layer", w), f"{w}.layer", minimum=0, below=n_layers)
+        f.integer(f.get(u, "rank", w), f"{w}.rank", minimum=1)
+        if u["name"] in names:
+            f.fail(f"{w}.name", "is planned twice", u["name"])
+        names.add(u["name"])
+        out.append(u)
+    return out
+
+
+def _check_lora(f: Fields, lora: Mapping[str, Any], units: Sequence[Mapping[str, Any]]) -> None:
+    targets = lora.get("target_modules")
+    if isinstance(targets, list):
+        for i, t in enumerate(targets):
+            f.text(t, f"lora_config.target_modules[{i}]")
+        want = sorted(u["name"] for u in units)
+        if sorted(targets) != want:
+            f.fail(
+                "lora_config.target_modules",
+                f"must be the modules of the plan's units ({len(want)} modules)",
+                targets,
+            )
+    for key in ("r", "lora_alpha"):
+        if key in lora:
+            f.number(lora[key], f"lora_config.{key}", minimum=0, above=True)
+    if "lora_dropout" in lora:
+        f.number(lora["lora_dropout"], "lora_config.lora_dropout", minimum=0)
+    for attr in ("rank_pattern", "alpha_pattern"):
+        pattern = f.mapping(lora.get(attr) or {}, f"lora_config.{attr}")
+        for k, v in pattern.items():
+            f.number(v, f"lora_config.{attr}.{k}", minimum=0, above=True)

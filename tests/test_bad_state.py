@@ -1,0 +1,325 @@
+"""Bad state a one-line table row cannot hold: diverged training, leftovers of killed writes and locks,
+one writer per folder, what a command says it used, and where a config's paths are read from.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from bad_world import (
+    CARD,
+    EVAL,
+    FACTS,
+    ONE_STEP,
+    TRAIN,
+    World,
+    cli,
+    dead_pid,
+    lock_record,
+    make_world,
+    one_error_line,
+    run_config,
+    temp_name,
+)
+
+from layercard import artifacts
+from layercard.errors import LayercardError
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> Iterator[World]:
+    w = make_world(tmp_path_factory.mktemp("bad"))
+    yield w
+    w.live.kill()
+    w.live.wait()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# point 1: diverged training
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_diverged_training_keeps_finite_checkpoints_and_says_so(world: World, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    line = one_error_line(cli(f"train -p {world.plan} -t {FACTS} -o {out} {TRAIN} --steps 3 --lr 1e30 "
+                              "--checkpoint-every 1"))  # fmt: skip
+    assert line.startswith("error: train: step 2 of 3: ")
+    assert line.endswith(
+        f"; the checkpoints of earlier, finite steps stay in {out / 'checkpoints'} (latest step-1)"
+    )
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-1"]
+    from safetensors.torch import load_file
+
+    weights = load_file(str(out / "checkpoints" / "step-1" / "trainable.safetensors"))
+    assert all(bool(torch.isfinite(t).all()) for t in weights.values())
+    assert not (out / "adapter").exists() and not (out / "train_metrics.json").exists()
+
+
+def test_nan_loss_stops_before_the_first_update(world: World, tmp_path: Path) -> None:
+    """A NaN loss (here forced by a hook on the head) stops step 1 before the optimizer touches a weight."""
+    from layercard.models import load_model
+    from layercard.plan import Plan
+    from layercard.tasks import load_task
+    from layercard.train import TrainConfig, train
+
+    loaded = load_model(str(world.model))
+    hook = loaded.model.lm_head.register_forward_hook(lambda m, i, o: o * float("nan"))
+    before = {n: p.detach().clone() for n, p in loaded.model.named_parameters()}
+    cfg = TrainConfig(steps=2, batch_size=4, max_length=64, train_examples=8, eval_examples=0)
+    with pytest.raises(
+        LayercardError, match=r"^train: step 1 of 2: the training loss is NaN; training diverged"
+    ):
+        train(loaded, Plan.load(world.plan), load_task(FACTS, split="train"), None, cfg, tmp_path / "o")
+    hook.remove()
+    assert all(torch.equal(p, before[n]) for n, p in loaded.model.named_parameters())  # restored, untouched
+    assert not (tmp_path / "o" / "adapter").exists() and not (tmp_path / "o" / "train_metrics.json").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# point 2: no artifact holds NaN or Infinity; artifacts are read as editors save them
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_write_json_refuses_non_finite_numbers(tmp_path: Path) -> None:
+    import numpy as np
+
+    path = tmp_path / "a.json"
+    with pytest.raises(LayercardError) as e:
+        artifacts.write_json(path, {"units": [{"grad_norm": 1.0}, {"grad_norm": math.nan}]})
+    assert str(e.value).startswith(f"{path}: refusing to write a non-finite number at units[1].grad_norm")
+    with pytest.raises(LayercardError, match=r"at curve\[0\]\[1\]"):
+        artifacts.write_json(path, {"curve": [[1, np.float64(np.inf)]]})
+    assert not path.exists() and not list(tmp_path.iterdir())
+
+
+def test_artifacts_with_a_byte_order_mark_are_read(world: World, tmp_path: Path) -> None:
+    card = tmp_path / "card.json"
+    card.write_bytes(b"\xef\xbb\xbf" + world.card.read_bytes())  # as some editors save it
+    r = cli(f"plan --policy all -c {card} -o {tmp_path / 'p.json'}")
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "p.json").read_text())["kind"] == "plan"
+
+
+def test_a_card_folder_reads_as_its_card(world: World, tmp_path: Path) -> None:
+    r = cli(f"plan --policy all -c {world.card.parent} -o {tmp_path / 'p.json'}")
+    assert r.exit_code == 0, r.output
+
+
+# ---------------------------------------------------------------------------------------------------------
+# point 5: leftovers of killed writes
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_the_next_write_removes_stale_temps_of_its_name(tmp_path: Path) -> None:
+    dead = tmp_path / temp_name("card.json", dead_pid())
+    dead.mkdir()
+    (dead / "card.json").write_text("{half")
+    mine = tmp_path / temp_name("card.json", os.getpid())  # a live owner (this process)
+    mine.mkdir()
+    other = tmp_path / temp_name("plan.json", dead_pid())  # another name: left to its own next write
+    other.mkdir()
+    legacy = tmp_path / ".card.json.k3j9x_2a.tmp"  # an older layercard's, an hour old
+    legacy.mkdir()
+    os.utime(legacy, (time.time() - 7200, time.time() - 7200))
+    artifacts.write_json(tmp_path / "card.json", {"ok": 1})
+    assert not dead.exists() and not legacy.exists()
+    assert mine.exists() and other.exists()
+    assert json.loads((tmp_path / "card.json").read_text()) == {"ok": 1}
+
+
+def test_card_command_clears_what_a_killed_card_left(world: World, tmp_path: Path) -> None:
+    out = tmp_path / "card"
+    out.mkdir()
+    stale = [out / temp_name("card_heatmap.png", dead_pid()), out / temp_name("card.md", dead_pid())]
+    for p in stale:
+        p.mkdir()
+        (p / "half").write_text("half")
+    artifacts.lock_path(out).write_text(lock_record(dead_pid()))  # the killed command's lock
+    r = cli(f"card -m {world.model} -t {FACTS} -o {out} {CARD} --examples 4 --no-calibrate")
+    assert r.exit_code == 0, r.output
+    assert not [p for p in stale if p.exists()] and not artifacts.lock_path(out).exists()
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]
+
+
+def test_a_stale_checkpoint_temp_is_no_checkpoint_and_goes(world: World, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    stale = out / "checkpoints" / temp_name("step-1", dead_pid())
+    (stale / "step-1").mkdir(parents=True)
+    (stale / "step-1" / "state.json").write_text("{}")
+    r = cli(f"train -p {world.plan} -t {FACTS} -o {out} {TRAIN} {ONE_STEP}")
+    assert r.exit_code == 0, r.output  # not "holds checkpoints of an earlier run"
+    assert not stale.exists() and (out / "adapter").is_dir()
+    assert json.loads((out / "train_metrics.json").read_text())["resumed_from"] is None
+
+
+def test_model_cache_takes_over_a_stale_lock_and_drops_dead_index_entries(tmp_path, monkeypatch) -> None:
+    from layercard.models import loading as ML
+
+    monkeypatch.setenv("LAYERCARD_CACHE", str(tmp_path / "cache"))
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF-one")
+    gone = tmp_path / "gone.gguf"
+    gone.write_bytes(b"GGUF-gone")
+    ML._memo_hash([gone], with_names=False)
+    gone.unlink()
+    folder = ML._gguf_folder(gguf.resolve(), artifacts.hash_file(gguf))
+    lock = artifacts.lock_path(folder)
+    lock.parent.mkdir(parents=True)
+    lock.write_text(lock_record(dead_pid()))  # a conversion that was killed
+    half = folder.parent / temp_name(folder.name, dead_pid())
+    half.mkdir()
+
+    def fake_convert(src: Path, dst: Path, digest: str) -> None:
+        with artifacts.atomic_path(dst) as tmp:
+            tmp.mkdir()
+            (tmp / "layercard_source.json").write_text(json.dumps({"gguf": str(src), "gguf_sha256": digest}))
+
+    monkeypatch.setattr(ML, "_convert_gguf", fake_convert)
+    assert ML._gguf_cache(gguf) == folder
+    assert (folder / "layercard_source.json").is_file() and not lock.exists() and not half.exists()
+    index = json.loads((tmp_path / "cache" / "hash_index.json").read_text())
+    assert not [k for k in index if "gone.gguf" in k] and [k for k in index if "m.gguf" in k]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# point 6: one writer per folder
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_writer_lock_takes_over_stale_locks_and_waits_for_live_ones(world: World, tmp_path: Path) -> None:
+    target = tmp_path / "out"
+    lock = artifacts.lock_path(target)
+    lock.write_text(lock_record(dead_pid()))
+    with artifacts.writer_lock(target) as held_lock:
+        assert json.loads(held_lock.read_text())["pid"] == os.getpid()
+    assert not lock.exists()
+    if (
+        artifacts._boot_id() is not None
+    ):  # a lock from before this machine's last boot is stale, whatever its pid
+        lock.write_text(lock_record(world.live.pid, boot_id="an-earlier-boot"))
+        with artifacts.writer_lock(target):
+            pass
+    lock.write_text(lock_record(world.live.pid, host="elsewhere", host_tag="elsewhere"))
+    with pytest.raises(LayercardError, match=r"pid \d+ on elsewhere.*another machine: if it is gone, delete"):
+        with artifacts.writer_lock(target):
+            pass
+    lock.unlink()
+    waited: list[float] = []
+    with artifacts.writer_lock(target):
+        t = threading.Thread(target=_second_writer, args=(target, waited))
+        t.start()
+        time.sleep(0.3)
+    t.join()
+    assert waited and waited[0] >= 0.2  # the second writer waited for the first to finish
+
+
+def _second_writer(target: Path, waited: list[float]) -> None:
+    t0 = time.monotonic()
+    with artifacts.writer_lock(target, wait=10):
+        waited.append(time.monotonic() - t0)
+
+
+def test_folder_replacement_uses_its_own_old_name(tmp_path: Path) -> None:
+    """Replacing a folder moves the old one aside under a name of its own write, never a fixed one."""
+    final = tmp_path / "adapter"
+    for version in ("one", "two"):
+        with artifacts.atomic_path(final) as tmp:
+            tmp.mkdir()
+            (tmp / "w").write_text(version)
+        if version == "one":  # the fixed name an older layercard moved the old folder to (and deleted)
+            (tmp_path / ".adapter.old").mkdir()
+            (tmp_path / ".adapter.old" / "keep").write_text("theirs")
+    assert (final / "w").read_text() == "two"
+    assert (tmp_path / ".adapter.old" / "keep").read_text() == "theirs"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".adapter.old", "adapter"]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# point 7: what was used, and where a config's paths are read from
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_more_examples_than_the_data_says_how_many_were_used(world: World, tmp_path: Path) -> None:
+    note = "note: --examples 1000: the task has 4 examples; all 4 were used"
+    r = cli(f"eval -m {world.model} -t {world.data} -o {tmp_path / 'e'} {EVAL} --examples 1000")
+    assert r.exit_code == 0 and note in r.output, r.output
+    r = cli(
+        f"card -m {world.model} -t {world.data} -o {tmp_path / 'c'} {CARD} --examples 1000 --no-calibrate"
+    )
+    assert r.exit_code == 0 and note in r.output, r.output
+
+
+def test_train_on_a_file_says_validation_is_off(world: World, tmp_path: Path) -> None:
+    r = cli(f"train -p {world.plan} -t {world.data} -o {tmp_path / 'run'} {TRAIN} {ONE_STEP}")
+    assert r.exit_code == 0, r.output
+    assert f"note: --task {world.data} is one file, with no other split: validation is off" in r.output
+    assert json.loads((tmp_path / "run" / "train_metrics.json").read_text())["val_task"] is None
+
+
+def test_relative_paths_in_a_config_are_read_from_its_folder(
+    world: World, tmp_path: Path, monkeypatch
+) -> None:
+    import shutil
+
+    from layercard.pipeline import load_config
+
+    folder = tmp_path / "project"
+    folder.mkdir()
+    shutil.copy(world.data, folder / "train.jsonl")
+    shutil.copy(world.data, folder / "eval.jsonl")
+    raw = run_config(world, task={"train": "train.jsonl", "eval": "eval.jsonl"})
+    raw["model"] = os.path.relpath(world.model, folder)  # ../../bad0/tiny, from the config's folder
+    (folder / "c.yaml").write_text(yaml.safe_dump(raw))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    cfg = load_config(Path("..") / "project" / "c.yaml")
+    assert cfg.task.train == str((folder / "train.jsonl").resolve())
+    assert cfg.task.eval == str((folder / "eval.jsonl").resolve())
+    assert Path(cfg.model).resolve() == world.model.resolve()
+    # a value given with --set is a command-line path: read from the current folder
+    cfg = load_config(Path("..") / "project" / "c.yaml", ["task.train=other.jsonl"])
+    assert cfg.task.train == "other.jsonl"
+
+
+def test_only_the_first_launched_process_holds_the_training_lock(world: World, tmp_path, monkeypatch) -> None:
+    """Under `accelerate launch` every process trains into one folder: only rank 0 takes its lock."""
+    out = tmp_path / "run"
+    planted = lock_record(world.live.pid)
+    artifacts.lock_path(out).write_text(planted)  # as rank 0 would hold it
+    monkeypatch.setenv("RANK", "1")
+    r = cli(f"train -p {world.plan} -t {FACTS} -o {out} {TRAIN} {ONE_STEP}")
+    assert r.exit_code == 0, r.output
+    assert artifacts.lock_path(out).read_text() == planted
+
+
+def test_a_run_says_when_a_stage_used_fewer_examples_than_asked(world: World, tmp_path: Path) -> None:
+    from layercard.pipeline import load_config, run_pipeline
+
+    raw = run_config(world)
+    raw["card"]["examples"] = 100_000
+    raw["train"]["steps"] = 1
+    raw["eval"]["examples"] = 100_000
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(raw))
+    notes: dict[str, str] = {}
+
+    def on_stage(event: str, name: str, result) -> None:
+        for key, value in result.rows if result is not None else ():
+            if key == "note":
+                notes[name] = value
+
+    cfg = load_config(tmp_path / "c.yaml")
+    summary = run_pipeline(cfg, tmp_path / "run", progress=False, on_stage=on_stage)
+    n_train = summary["stages"][0]["summary"]["probe"].split()[0]
+    assert notes["card"] == f"card.examples=100000: the task has {n_train} examples; all {n_train} were used"
+    assert notes["eval:all"].startswith("eval.examples=100000: the task has ")
+    assert "train:all" not in notes  # train_examples is unset: all examples, as asked
