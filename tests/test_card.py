@@ -283,3 +283,21 @@ def test_cli_models_lists_builtin():
     assert r.exit_code == 0, r.output
     names = [m["name"] for m in json.loads(r.stdout)["models"]]
     assert "smollm2" in names
+
+
+def test_cli_card_records_the_prompt_it_measured_with(tiny_folder, tmp_path):
+    """A card made with another prompt is another card: its task identity and plan both say so."""
+    from layercard.plan import PlanConfig, make_plan
+
+    plain, prompted = tmp_path / "plain", tmp_path / "prompted"
+    r = CliRunner().invoke(app, _card_args(tiny_folder, "synthetic:facts", plain))
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(
+        app, [*_card_args(tiny_folder, "synthetic:facts", prompted), "--prompt", "Answer briefly: {input}"]
+    )
+    assert r.exit_code == 0, r.output
+    a, b = Card.load(plain / "card.json"), Card.load(prompted / "card.json")
+    assert a.task["data_hash"] != b.task["data_hash"]
+    assert b.task["prompt"] is not None and "Answer briefly" in str(b.task["prompt"])
+    plan = make_plan(b, PlanConfig(policy="all"))
+    assert plan.card["prompt"] == b.task["prompt"]

@@ -13,6 +13,8 @@ The command line is a thin layer over these functions; so are the run pipeline a
 
 from __future__ import annotations
 
+from typing import Any
+
 from layercard.card import Card, compute_card
 from layercard.config import CardConfig
 from layercard.evaluate import EvalResult
@@ -53,15 +55,17 @@ def measure_card(
     device: str = "auto",
     trust_remote_code: bool = False,
     progress: bool | None = None,
+    **load_kwargs: Any,
 ) -> Card:
     """The Layer Card of ``model`` on ``task`` (a loaded model or a model spec; a Task or a task spec).
 
-    Specs are resolved as the command line resolves them (``load_model``, ``load_task`` with the
-    card's seed); nothing is written (``layercard.card.write_card_folder`` writes card.json and figures).
+    Specs are resolved as the command line resolves them (``load_model``, ``load_task`` with the card's
+    seed and ``load_kwargs``: field mapping, prompt settings). Nothing is written
+    (``layercard.card.write_card_folder`` writes card.json and the figures).
     """
     cfg = cfg or CardConfig()
     if not isinstance(task, Task):
-        task = load_task(task, split=split, seed=cfg.seed)
+        task = load_task(task, split=split, seed=cfg.seed, **load_kwargs)
     if not isinstance(model, LoadedModel):
         model = load_model(
             model, dtype=dtype, device=str(resolve_device(device)), trust_remote_code=trust_remote_code

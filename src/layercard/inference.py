@@ -130,7 +130,7 @@ def generate(
     stop_set = set(stops)
     pad = _generation_pad_id(tokenizer, stops)
     gen_cfg = _generation_config(max_new_tokens, stops, pad)
-    prompts = [encode_prompt(tokenizer, task.format, ex.input) for ex in examples]
+    prompts = [encode_prompt(tokenizer, task.format, ex) for ex in examples]  # a chat example: all turns
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))  # stable: ties keep source order
     groups = [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
     texts: list[str] = [""] * len(prompts)

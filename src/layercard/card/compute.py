@@ -204,6 +204,7 @@ def compute_card(loaded: Any, task: Any, cfg: CardConfig, *, progress: bool | No
             "split": task.split,
             "n_examples": len(probe_task.examples),
             "data_hash": probe_task.data_hash,
+            "prompt": probe_task.describe()["prompt"],
         },
         roles=list(roles),
         n_positions=n_positions,

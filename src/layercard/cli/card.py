@@ -21,6 +21,7 @@ from layercard.cli.app import (
     progress_flag,
 )
 from layercard.cli.options import config_options
+from layercard.cli.task_options import task_options
 from layercard.config import CardConfig
 from layercard.errors import LayercardError
 
@@ -67,6 +68,7 @@ TaskOpt = Annotated[
 @app.command("card")
 @guard
 @config_options(CardConfig)
+@task_options
 def card_cmd(
     model: ModelOpt = "smollm2",
     task: TaskOpt = "synthetic:facts",
@@ -79,6 +81,7 @@ def card_cmd(
     trust_remote_code: TrustOpt = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout.")] = False,
     cfg: CardConfig = CardConfig(),
+    task_kw: dict | None = None,
 ) -> None:
     """Measure the frozen model on a task: the Layer Card (card.json, card.md, PNG figures)."""
     from layercard.api import measure_card
@@ -91,7 +94,7 @@ def card_cmd(
         remove_stale_temps(out)  # what a killed earlier card command left half-written
         card = measure_card(
             model, task, cfg, split=split, dtype=dtype, device=device,
-            trust_remote_code=trust_remote_code, progress=progress_flag(json_out),
+            trust_remote_code=trust_remote_code, progress=progress_flag(json_out), **(task_kw or {}),
         )  # fmt: skip
         written = write_card_folder(card, out)
     note_examples("--examples", cfg.examples, int(card.task["n_examples"]))

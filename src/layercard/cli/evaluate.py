@@ -22,6 +22,7 @@ from layercard.cli.app import (
     progress_flag,
 )
 from layercard.cli.options import config_options
+from layercard.cli.task_options import task_options
 from layercard.config import EvalConfig
 from layercard.errors import LayercardError
 
@@ -29,6 +30,7 @@ from layercard.errors import LayercardError
 @app.command("eval")
 @guard
 @config_options(EvalConfig)
+@task_options
 def eval_cmd(
     model: Annotated[
         str, typer.Option("--model", "-m", help="Built-in name (smollm2), local folder, .gguf file.")
@@ -52,6 +54,7 @@ def eval_cmd(
     trust_remote_code: TrustOpt = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
     cfg: EvalConfig | None = None,
+    task_kw: dict | None = None,
 ) -> None:
     """Generate greedily on a task, score it with the task metrics and write eval.json + predictions.jsonl."""
     from layercard.artifacts import check_out_folder, writer_lock
@@ -64,7 +67,7 @@ def eval_cmd(
         raise LayercardError(f"--adapter {adapter}: {what}")
     check_out_folder(out)
     with writer_lock(out, what="eval folder"):
-        t = load_task(task, split=split, seed=seed)
+        t = load_task(task, split=split, seed=seed, **(task_kw or {}))
         loaded = load_cli_model(model, dtype, device, trust_remote_code)
         result = evaluate(loaded, t, cfg, adapter=adapter, progress=progress_flag(json_out))
         path = result.save(out)

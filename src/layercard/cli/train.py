@@ -20,22 +20,24 @@ from layercard.cli.app import (
     progress_flag,
 )
 from layercard.cli.options import config_options
+from layercard.cli.task_options import task_options
 from layercard.config import TrainConfig
 from layercard.errors import LayercardError
 
 
-def _val_task(task: str, train_split: str, val_task: str | None, val_split: str | None, seed: int):
+def _val_task(task: str, train_split: str, val_task: str | None, val_split: str | None, seed: int, kw: dict):
     """The validation task: as given; else, for preset/synthetic tasks, their validation or test split."""
     from layercard.tasks import held_out, load_task
 
     if val_task is not None or val_split is not None:
-        return load_task(val_task or task, split=val_split, seed=seed)
-    return held_out(task, exclude=train_split, seed=seed)
+        return load_task(val_task or task, split=val_split, seed=seed, **kw)
+    return held_out(task, exclude=train_split, seed=seed, **kw)
 
 
 @app.command("train")
 @guard
 @config_options(TrainConfig, exclude=("dtype",))  # --dtype here is the loaded weights' dtype
+@task_options
 def train_cmd(
     plan: Annotated[Path, typer.Option("--plan", "-p", help="plan.json from `layercard plan`.")],
     task: Annotated[
@@ -68,6 +70,7 @@ def train_cmd(
     trust_remote_code: TrustOpt = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print train_metrics as JSON.")] = False,
     cfg: TrainConfig | None = None,
+    task_kw: dict | None = None,
 ) -> None:
     """Train the adapters a plan places; write adapter/, train_metrics.json and checkpoints/ under --out."""
     from layercard.artifacts import check_out_folder, check_unlocked
@@ -83,8 +86,9 @@ def train_cmd(
     model_spec = model or p.card.get("model_id")
     if not model_spec:
         raise LayercardError(f"{plan}: the plan names no model; pass --model")
-    train_t = load_task(task, split=split, seed=seed)
-    val_t = _val_task(task, train_t.split, val_task, val_split, seed) if cfg.eval_examples else None
+    kw = task_kw or {}
+    train_t = load_task(task, split=split, seed=seed, **kw)
+    val_t = _val_task(task, train_t.split, val_task, val_split, seed, kw) if cfg.eval_examples else None
     if cfg.eval_examples and val_t is None:
         what = "is one file, with no other split" if is_file_spec(task) else "has no validation or test split"
         note(f"--task {task} {what}: validation is off (give --val-task to validate)")

@@ -23,6 +23,7 @@ from layercard.cli.app import (
     progress_flag,
 )
 from layercard.cli.options import config_options
+from layercard.cli.task_options import task_options
 from layercard.config import TraceConfig, TrimConfig
 from layercard.errors import LayercardError
 
@@ -57,20 +58,25 @@ def _check_adapter(adapter: Path) -> None:
         )
 
 
-def _validation_task(spec: str, split: str | None, seed: int) -> Any:
+def _validation_task(spec: str, split: str | None, seed: int, kw: dict | None = None) -> Any:
     """The task to score on: ``split`` when given; else a file as it is; else validation, then test."""
     from layercard.tasks import held_out, is_file_spec, load_task, names_split
 
+    kw = kw or {}
     if split is not None or is_file_spec(spec) or spec.startswith("hf:") or names_split(spec):
-        return load_task(spec, split=split or ("validation" if spec.startswith("hf:") else None), seed=seed)
-    task = held_out(spec, seed=seed)
-    return task if task is not None else load_task(spec, seed=seed)  # the loader's own error, or default
+        default = "validation" if spec.startswith("hf:") else None
+        return load_task(spec, split=split or default, seed=seed, **kw)
+    task = held_out(spec, seed=seed, **kw)
+    return (
+        task if task is not None else load_task(spec, seed=seed, **kw)
+    )  # the loader's own error, or default
 
 
 # ---------------------------------------------------------------------------------------------
 @app.command("trace")
 @guard
 @config_options(TraceConfig)
+@task_options
 def trace_cmd(
     model: ModelOpt,
     adapter: AdapterOpt,
@@ -83,6 +89,7 @@ def trace_cmd(
     trust_remote_code: TrustOpt = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print the trace as JSON.")] = False,
     cfg: TraceConfig | None = None,
+    task_kw: dict | None = None,
 ) -> None:
     """Logit lens per layer (P of the gold target tokens), adapter on and off; boundary candidates."""
     from layercard.trim import run_trace
@@ -91,7 +98,7 @@ def trace_cmd(
     _check_adapter(adapter)
     check_out_folder(out)
     with writer_lock(out, what="trace folder"):
-        t = _validation_task(task, split, seed)
+        t = _validation_task(task, split, seed, task_kw)
         loaded = load_cli_model(model, dtype, device, trust_remote_code)
         tr = run_trace(loaded, adapter, t, cfg, progress=progress_flag(json_out))
         path, png = tr.save(out)
@@ -118,6 +125,7 @@ def trace_cmd(
 @app.command("trim")
 @guard
 @config_options(TrimConfig)
+@task_options
 def trim_cmd(
     model: ModelOpt,
     adapter: AdapterOpt,
@@ -139,6 +147,7 @@ def trim_cmd(
     trust_remote_code: TrustOpt = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print trim.json as JSON.")] = False,
     cfg: TrimConfig | None = None,
+    task_kw: dict | None = None,
 ) -> None:
     """Sweep the boundary layer K, pick the best, export adapter-trimmed/ (and optionally a merged model)."""
     from layercard.trim import trim
@@ -149,7 +158,7 @@ def trim_cmd(
     if export_merged is not None:
         check_out_folder(export_merged, "--export-merged")
     with writer_lock(out_dir, what="trim folder"):
-        t = _validation_task(task, split, seed)
+        t = _validation_task(task, split, seed, task_kw)
         loaded = load_cli_model(model, dtype, device, trust_remote_code)
         # The command ends after the merge, so the loaded base can take the merge itself (no second copy).
         res = trim(

@@ -121,15 +121,16 @@ class Runner:
 
         t = self.cfg.task
         src = self.cfg.source
+        kw = t.load_kwargs()  # field mapping and prompt settings, the same for every split
         try:
-            train_task = load_task(t.train, split=t.train_split, seed=self.cfg.seed)
+            train_task = load_task(t.train, split=t.train_split, seed=self.cfg.seed, **kw)
         except LayercardError as e:
             raise LayercardError(f"{src}: task.train: {e}") from None
         try:
             if t.eval is None and t.eval_split is None:
-                eval_task = _held_out(t.train, train_task.split, self.cfg.seed)
+                eval_task = _held_out(t.train, train_task.split, self.cfg.seed, kw)
             else:
-                eval_task = load_task(t.eval or t.train, split=t.eval_split, seed=self.cfg.seed)
+                eval_task = load_task(t.eval or t.train, split=t.eval_split, seed=self.cfg.seed, **kw)
         except LayercardError as e:
             raise LayercardError(f"{src}: task.eval: {e}") from None
         if len(train_task) == 0 or len(eval_task) == 0:
@@ -497,13 +498,13 @@ class Runner:
         )
 
 
-def _held_out(spec: str, train_split: str, seed: int) -> Any:
+def _held_out(spec: str, train_split: str, seed: int, kw: dict[str, Any]) -> Any:
     """The validation split of a preset/synthetic/HF task, else its test split; never the train split."""
     from layercard.tasks import held_out, is_file_spec
 
     if is_file_spec(spec):
         raise LayercardError(f"{spec}: a file has no held-out split; give task.eval (and task.eval_split)")
-    task = held_out(spec, exclude=train_split, seed=seed)
+    task = held_out(spec, exclude=train_split, seed=seed, **kw)
     if task is None:
         raise LayercardError(f"{spec}: found no validation or test split; give task.eval_split")
     return task

@@ -15,7 +15,14 @@ from layercard.config import PlanConfig
 from layercard.errors import LayercardError
 from layercard.plan.artifact import Plan, PlannedUnit
 from layercard.plan.policies import select
-from layercard.plan.predict import gain_warnings, kind_warnings, predicted, provenance, unit_rank
+from layercard.plan.predict import (
+    card_summary,
+    gain_warnings,
+    kind_warnings,
+    predicted,
+    provenance,
+    unit_rank,
+)
 from layercard.plan.ranks import auto_ranks, captured_at, lora_config
 from layercard.plan.space import (
     ADAPTERS_PER_LAYER,
@@ -83,18 +90,9 @@ def make_plan(card: Card, cfg: PlanConfig, *, card_path: str | None = None) -> P
         "kind": cfg.kind,
         "bands": cfg.bands,
     }
-    card_info = {
-        "path": card_path,
-        "model_id": card.model["id"],
-        "model_hash": card.model["hash"],
-        "task": card.task["name"],
-        "data_hash": card.task["data_hash"],
-        "roles": list(card.roles),
-        "n_layers": card.n_layers,
-    }
     return Plan(
         provenance=provenance(card, config, t0),
-        card=card_info,
+        card=card_summary(card, card_path),
         config=config,
         kind=cfg.kind,
         units=placement.units,

@@ -96,3 +96,17 @@ def _coupling_note(card: Card) -> str:
         return "absent (independent units assumed)"
     c = card.coupling
     return f"layer-level, {c.get('direction', '?')} directions, {c.get('examples', '?')} examples"
+
+
+def card_summary(card: Card, card_path: str | None) -> dict[str, Any]:
+    """What a plan records of the card it was made from (the model check and the prompt come from here)."""
+    return {
+        "path": card_path,
+        "model_id": card.model["id"],
+        "model_hash": card.model["hash"],
+        "task": card.task["name"],
+        "data_hash": card.task["data_hash"],
+        "prompt": card.task.get("prompt"),
+        "roles": list(card.roles),
+        "n_layers": card.n_layers,
+    }

@@ -13,7 +13,7 @@ from layercard.errors import LayercardError
 from layercard.plan import frontier as F
 from layercard.plan import quality as Q
 from layercard.plan.artifact import Plan, PlannedUnit
-from layercard.plan.predict import provenance
+from layercard.plan.predict import card_summary, provenance
 from layercard.plan.ranks import lora_config
 
 RULES = ("peft-default", "all-linear", "last-n")
@@ -126,18 +126,9 @@ def recommend(
         "kind": "lora",
         "bands": None,
     }
-    card_info = {
-        "path": card_path,
-        "model_id": card.model["id"],
-        "model_hash": card.model["hash"],
-        "task": card.task["name"],
-        "data_hash": card.task["data_hash"],
-        "roles": list(card.roles),
-        "n_layers": card.n_layers,
-    }
     return Plan(
         provenance=provenance(card, config, t0),
-        card=card_info,
+        card=card_summary(card, card_path),
         config=config,
         kind="lora",
         units=planned,

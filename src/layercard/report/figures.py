@@ -198,12 +198,13 @@ def fig_quality_cost(rows: list[dict[str, Any]], primary: str | None, path: Path
     uniq = dict(zip(labels, handles, strict=False))
     fig.suptitle("quality against cost (hollow square: trimmed adapter)", fontsize=10)
     fig.tight_layout()
-    fig.legend(
-        uniq.values(),
-        uniq.keys(),
-        loc="upper center",
-        bbox_to_anchor=(0.5, 0.0),
-        ncol=min(6, len(uniq)),
-        fontsize=9,
-    )
+    if uniq:  # a run folder with training metrics but no evaluation has nothing to label
+        fig.legend(
+            uniq.values(),
+            uniq.keys(),
+            loc="upper center",
+            bbox_to_anchor=(0.5, 0.0),
+            ncol=min(6, len(uniq)),
+            fontsize=9,
+        )
     return _save(fig, path)
