@@ -238,7 +238,7 @@ def test_config_errors_name_the_key(tmp_path):
     msg = _error(apply_overrides(base, ["train.stpes=3"]))
     assert msg.startswith("config.yaml: train.stpes: unknown key (did you mean steps?)")
     msg = _error(apply_overrides(base, ["placements.all.policy=everything"]))
-    assert msg.startswith("config.yaml: placements[all].policy: must be one of card, ")
+    assert msg.startswith("config.yaml: placements[all].policy: must be one of recommend, ")
     assert "got 'everything'" in msg
     assert _error({**base, "colour": 1}).startswith("config.yaml: colour: unknown key")
     assert _error(apply_overrides(base, ["card.coupling=maybe"])) == (

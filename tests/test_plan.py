@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 
 from layercard.card import Card, CardConfig, GroupRow, UnitRow, compute_card
 from layercard.cli import app
+from layercard.config import SEARCH_POLICIES
 from layercard.cost import CostModel
 from layercard.errors import LayercardError
 from layercard.models import LoadedModel, weights_hash
@@ -174,7 +175,7 @@ def test_unknown_policy_lists_valid():
 # ---------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("policy", [p for p in POLICIES if p != "all"])
+@pytest.mark.parametrize("policy", [p for p in POLICIES if p != "all" and p not in SEARCH_POLICIES])
 @pytest.mark.parametrize("kind", ["layers", "params", "modules", "step_time"])
 def test_every_policy_respects_every_budget(tiny_card, policy, kind):
     budget = next(b for b in _budgets(tiny_card) if b.kind == kind)
@@ -189,6 +190,35 @@ def test_every_policy_respects_every_budget(tiny_card, policy, kind):
     assert plan.lora_config["target_modules"] == [u.name for u in plan.units]
     if kind == "layers":
         assert len(plan.layers) == 3  # every layer has positive gradnorm gain, so all fill the budget
+
+
+@pytest.mark.parametrize(
+    "policy, kind", [("recommend", "params"), ("recommend", "modules"), ("recommend", "step_time"),
+                     ("peft-default", "params")],
+)  # fmt: skip
+def test_search_policies_respect_every_budget(tiny_card, tiny_llama, policy, kind):
+    """On a real (q,v) card: absolute budgets, the calibrated step time among them, are met."""
+    budget = next(b for b in _budgets(tiny_card) if b.kind == kind)
+    plan = make_plan(tiny_card, PlanConfig(policy, budget=budget))
+    assert plan.units and _cost(plan, tiny_card, kind) <= budget.value * (1 + 1e-9)
+    assert plan.predicted["params"] == _cost(plan, tiny_card, "params")
+    assert plan.predicted["step_time_s"] == pytest.approx(_cost(plan, tiny_card, "step_time"))
+    assert plan.lora_config["target_modules"] == [u.name for u in plan.units]
+    assert check_plan(plan, tiny_llama)["ok"]  # PEFT adapts exactly the planned modules at their ranks
+
+
+@pytest.mark.parametrize("kind", ["modules", "step_time"])
+def test_a_rule_that_cannot_fit_by_its_own_means_says_so(tiny_card, kind):
+    """q,v on every layer can lower its rank, not its module count or its depth."""
+    budget = next(b for b in _budgets(tiny_card) if b.kind == kind)
+    with pytest.raises(LayercardError, match="policy peft-default: nothing it can place fits"):
+        make_plan(tiny_card, PlanConfig("peft-default", budget=budget))
+
+
+@pytest.mark.parametrize("policy", ["all-linear", "last-n"])
+def test_rules_that_need_every_linear_role_say_so(tiny_card, policy):
+    with pytest.raises(LayercardError, match="--roles all-linear"):
+        make_plan(tiny_card, PlanConfig(policy, budget="params=0.5x"))
 
 
 def test_non_additive_step_time_budget(tiny_card):

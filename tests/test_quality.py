@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from layercard.card import Card, GroupRow, UnitRow
+from layercard.config import Budget
 from layercard.errors import LayercardError
 from layercard.plan import frontier as F
 from layercard.plan import quality as Q
@@ -132,24 +133,24 @@ def test_frontier_is_non_dominated_and_sorted():
 def test_relative_budgets_and_the_recommendation():
     s = _search()
     assert s.reference["params"] == pytest.approx(sum(8 * (u.d_in + u.d_out) for u in s.card.units))
-    budget = F.RelBudget.parse("params=0.25x")
+    budget = Budget.parse("params=0.25x")
     assert (budget.kind, budget.value, budget.relative) == ("params", 0.25, True)
     rec = s.recommend([budget])
     assert rec.costs["params"] <= 0.25 * s.reference["params"]
     best_quality = max(c.quality for c in s.fitting([budget]))
     assert rec.quality == pytest.approx(best_quality)
-    for text in ("params", "params=-1", "params=lots", "memory=1"):
+    for text in ("params", "params=-1", "params=lots", "memory=1", "params=x"):
         with pytest.raises(LayercardError):
-            F.RelBudget.parse(text)
+            Budget.parse(text)
     with pytest.raises(LayercardError, match="no placement fits"):
-        s.recommend([F.RelBudget("params", 1.0)])
+        s.recommend([Budget("params", 1.0)])
     with pytest.raises(LayercardError, match="cost model"):
-        s.recommend([F.RelBudget("step_time", 0.5, True)])
+        s.recommend([Budget("step_time", 0.5, True)])
 
 
 def test_practitioner_rules_fit_the_budget_their_way():
     s = _search()
-    budget = [F.RelBudget("params", 0.25, True)]
+    budget = [Budget("params", 0.25, True)]
     peft = s.default_rule("peft-default", budget)
     assert (peft.matrices, peft.layer_rule) == ("q,v", "all")
     assert peft.costs["params"] <= 0.25 * s.reference["params"]
@@ -188,25 +189,53 @@ def test_a_card_without_the_mlp_searches_what_it_has():
     assert {c.matrices for c in s.candidates} == {"q,v", "attention"}
 
 
-def test_recommend_builds_a_checked_plan_and_a_comparison():
-    from layercard.plan.recommend import recommend
+def test_search_policies_build_plans_and_a_comparison():
+    from layercard.config import PlanConfig
+    from layercard.plan import Plan, make_plan
+    from layercard.plan import recommend as R
 
     card = _card()
-    model = Q.QualityModel("capacity", (2.0, 0.3), expected_error=0.04, basis="test")
-    plan = recommend(card, [F.RelBudget("params", 0.25, True)], model=model)
+    fitted = Q.QualityModel("capacity", (2.0, 0.3), expected_error=0.04, basis="test")
+    orig = Q.DEFAULT_MODEL
+    Q.DEFAULT_MODEL = fitted  # the plan's numbers must come from the model it names
+    try:
+        plan = make_plan(card, PlanConfig(policy="recommend", budget="params=0.25x"))
+        peft = make_plan(card, PlanConfig(policy="peft-default", budget="params=0.25x"))
+        plain = make_plan(card, PlanConfig(policy="peft-default"))
+    finally:
+        Q.DEFAULT_MODEL = orig
     assert plan.predicted["params"] <= 0.25 * plan.predicted["all_layer_params"]
     assert plan.lora_config["target_modules"] == [u.name for u in plan.units]
     assert {u.rank for u in plan.units} == {plan.config["rank"]}
     assert set(plan.predicted["defaults"]) == {"peft-default", "all-linear", "last-n"}
     front = plan.predicted["frontier"]["params"]
     assert [r["params"] for r in front] == sorted(r["params"] for r in front)
+    assert plan.predicted["quality"]["fraction"] >= peft.predicted["quality"]["fraction"]
     text = plan.predicted["recommendation"]
     assert "predicted" in text and "±4 points" in text
-    same = _roundtrip(plan)
-    assert same.units == plan.units
+    assert plan.predicted["defaults"]["peft-default"]["rank"] == peft.config["rank"]
+    assert {u.role for u in peft.units} == {"q", "v"} and len(peft.layers) == card.n_layers
+    assert plain.config["rank"] == 8 and plain.config["budget"] is None
+    again = Plan.from_dict(plan.to_dict())
+    assert again.units == plan.units and again.config["budget"] == "params=0.25x"
+    assert R.RULES == ("peft-default", "all-linear", "last-n")
 
 
-def _roundtrip(plan):
-    from layercard.plan import Plan
+def test_search_policy_settings_are_checked():
+    from layercard.config import PlanConfig
 
-    return Plan.from_dict(plan.to_dict())
+    with pytest.raises(LayercardError, match="plan.budget: policy recommend needs a budget"):
+        PlanConfig(policy="recommend")
+    with pytest.raises(LayercardError, match="not layers"):
+        PlanConfig(policy="recommend", budget="layers=8")
+    with pytest.raises(LayercardError, match="takes one absolute budget"):
+        PlanConfig(policy="top", budget="params=0.25x")
+    with pytest.raises(LayercardError, match="takes one absolute budget"):
+        PlanConfig(policy="top", budget="layers=4,params=1000")
+    with pytest.raises(LayercardError, match="chooses the matrices"):
+        PlanConfig(policy="recommend", budget="params=0.25x", roles="q,v")
+    with pytest.raises(LayercardError, match="given twice"):
+        PlanConfig(policy="recommend", budget="params=0.25x,params=0.5x")
+    assert str(PlanConfig(policy="recommend", budget="params=0.25x, step_time=0.6x").budget) == (
+        "params=0.25x,step_time=0.6x"
+    )

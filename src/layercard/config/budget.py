@@ -21,10 +21,14 @@ def _shown(kind: str, v: object) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class Budget:
-    """A cap on one cost of a placement: ``layers``, ``params``, ``step_time`` (seconds) or ``modules``."""
+    """A cap on one cost of a placement: ``layers``, ``params``, ``step_time`` (seconds) or ``modules``.
+
+    ``relative`` budgets are multiples of the reference placement's cost (``params=0.25x``).
+    """
 
     kind: str
     value: float
+    relative: bool = False
 
     def __post_init__(self) -> None:
         if self.kind not in BUDGET_KINDS:
@@ -36,13 +40,13 @@ class Budget:
             raise LayercardError(
                 f"budget {self.kind}={_shown(self.kind, v)}: must be a positive finite number"
             )
-        if self.kind in ("layers", "modules") and float(v) != int(v):
+        if self.kind in ("layers", "modules") and not self.relative and float(v) != int(v):
             raise LayercardError(f"budget {self.kind}={_shown(self.kind, v)}: must be a whole number")
         object.__setattr__(self, "value", float(v))
 
     @classmethod
     def parse(cls, text: str) -> Budget:
-        """``'layers=8'``, ``'params=2.5M'``, ``'step_time=1.5'``, ``'modules=16'``."""
+        """``'layers=8'``, ``'params=2.5M'``, ``'step_time=1.5'``, ``'modules=16'``, ``'params=0.25x'``."""
         kind, sep, raw = str(text).partition("=")
         kind, raw = kind.strip().lower().replace("-", "_"), raw.strip().lower()
         if not sep or not kind or not raw:
@@ -53,15 +57,84 @@ class Budget:
             raise LayercardError(
                 f"budget {text!r}: unknown kind {kind!r}; valid kinds: {', '.join(BUDGET_KINDS)}"
             )
+        relative = raw.endswith("x") and raw[:-1].strip() != ""  # "0.25x"; a bare "x" is not a number
+        raw = raw[:-1] if relative else raw
         mult = 1.0
-        if kind == "params" and raw[-1] in _SUFFIX:
+        if kind == "params" and not relative and raw and raw[-1] in _SUFFIX:
             raw, mult = raw[:-1], _SUFFIX[raw[-1]]
         try:
             value = float(raw) * mult
         except ValueError:
             raise LayercardError(f"budget {text!r}: value {raw!r} is not a number") from None
-        return cls(kind, value)
+        return cls(kind, value, relative)
+
+    def cap(self, reference: dict[str, float]) -> float:
+        """The cap in the cost's own unit: a relative budget times the reference's cost."""
+        if not self.relative:
+            return self.value
+        if self.kind not in reference:
+            raise LayercardError(f"budget {self}: the reference has no {self.kind} cost")
+        return self.value * reference[self.kind]
 
     def __str__(self) -> str:
+        if self.relative:
+            return f"{self.kind}={self.value:g}x"
         v = int(self.value) if self.value == int(self.value) else self.value
         return f"{self.kind}={v}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Budgets:
+    """One or several budgets, all of which a placement must meet (``params=0.25x,step_time=0.6x``).
+
+    With one budget it reads like that budget (``.kind``, ``.value``, ``.relative``), which is what the
+    layer policies take.
+    """
+
+    items: tuple[Budget, ...]
+
+    def __post_init__(self) -> None:
+        if not self.items:
+            raise LayercardError("budget: give at least one KIND=VALUE")
+        kinds = [b.kind for b in self.items]
+        dup = next((k for k in kinds if kinds.count(k) > 1), None)
+        if dup is not None:
+            raise LayercardError(f"budget {self}: {dup} is given twice")
+
+    @classmethod
+    def parse(cls, text: str) -> Budgets:
+        return cls(tuple(Budget.parse(part) for part in str(text).split(",") if part.strip()))
+
+    @classmethod
+    def of(cls, value: Budget | Budgets | str) -> Budgets:
+        if isinstance(value, Budgets):
+            return value
+        if isinstance(value, Budget):
+            return cls((value,))
+        return cls.parse(value)
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        return iter(self.items)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def _single(self) -> Budget:
+        if len(self.items) != 1:
+            raise LayercardError(f"budget {self}: this policy takes one budget")
+        return self.items[0]
+
+    @property
+    def kind(self) -> str:
+        return self._single().kind
+
+    @property
+    def value(self) -> float:
+        return self._single().value
+
+    @property
+    def relative(self) -> bool:
+        return self._single().relative
+
+    def __str__(self) -> str:
+        return ",".join(str(b) for b in self.items)

@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import dataclasses
 
-from layercard.config.budget import Budget
+from layercard.config.budget import Budgets
 from layercard.config.card import SCORES
 from layercard.config.schema import Schema, setting
 
+# Policies that search matrices × layers × rank (the recommendation and the practitioners' fixed rules,
+# each fitted to the budgets); they take several budgets, absolute or relative to the reference.
+SEARCH_POLICIES: tuple[str, ...] = ("recommend", "peft-default", "all-linear", "last-n")
+SEARCH_BUDGET_KINDS: tuple[str, ...] = ("params", "modules", "step_time")
 POLICIES: tuple[str, ...] = (
+    *SEARCH_POLICIES,
     "card",
     "card-additive",
     "card-stratified",
@@ -35,10 +40,11 @@ class PlanConfig(Schema):
     SECTION = "plan"
 
     policy: str = setting(kind="choice", choices=POLICIES, help="how layers are chosen")
-    budget: Budget | None = setting(
+    budget: Budgets | None = setting(
         None,
         kind="budget",
-        help="layers=N | params=N (k/M suffix) | step_time=SECONDS | modules=N; null for policy all",
+        help="layers=N | params=N (k/M suffix) | step_time=SECONDS | modules=N; relative: params=0.25x; "
+        "several (search policies): params=0.25x,step_time=0.6x; null for policy all",
     )
     target: float | None = setting(
         None, kind="fraction", help="or: cheapest placement reaching this fraction of the all-layer gain"
@@ -59,6 +65,15 @@ class PlanConfig(Schema):
     )
 
     def validate(self) -> None:
+        if self.policy in SEARCH_POLICIES:
+            self._validate_search()
+            return
+        if self.budget is not None and (len(self.budget) > 1 or any(b.relative for b in self.budget)):
+            raise self.fail(
+                "budget",
+                f"policy {self.policy} takes one absolute budget; several or relative budgets are for the "
+                f"search policies ({', '.join(SEARCH_POLICIES)})",
+            )
         if self.kind != "lora" and self.rank == "auto":
             raise self.fail(
                 "rank",
@@ -73,3 +88,21 @@ class PlanConfig(Schema):
             raise self.fail(
                 "budget", f"policy {self.policy} needs a budget (e.g. layers=8) or a target fraction"
             )
+
+    def _validate_search(self) -> None:
+        for b in self.budget or ():
+            if b.kind not in SEARCH_BUDGET_KINDS:
+                raise self.fail(
+                    "budget",
+                    f"policy {self.policy} searches under {', '.join(SEARCH_BUDGET_KINDS)} budgets, "
+                    f"not {b.kind}",
+                )
+        if self.policy in ("recommend", "last-n") and self.budget is None:
+            raise self.fail("budget", f"policy {self.policy} needs a budget, e.g. params=0.25x")
+        if self.kind != "lora":
+            raise self.fail(
+                "kind", f"policy {self.policy} places LoRA; bottleneck adapters use layer policies"
+            )
+        for name in ("target", "bands", "roles"):
+            if getattr(self, name) is not None:
+                raise self.fail(name, f"policy {self.policy} chooses the matrices and layers itself")

@@ -178,12 +178,10 @@ def _auto_or_int(where: str, spec: Spec, v: Any) -> int | str:
 
 
 def _budget(where: str, spec: Spec, v: Any) -> Any:
-    from layercard.config.budget import Budget
+    from layercard.config.budget import Budgets
 
-    if isinstance(v, Budget):
-        return v
     try:
-        return Budget.parse(str(v))
+        return Budgets.of(v if not isinstance(v, (int, float)) else str(v))
     except LayercardError as e:
         raise ConfigError(where, str(e)) from None
 
@@ -349,7 +347,7 @@ def to_jsonable(v: Any) -> Any:
         return [to_jsonable(x) for x in v]
     if v is None or isinstance(v, (bool, int, float, str, list, dict)):
         return v
-    return str(v)  # Budget
+    return str(v)  # Budget, Budgets
 
 
 def unknown_key(prefix: str, key: str, valid: Sequence[str], value: Any) -> ConfigError:

@@ -4,7 +4,8 @@ Every candidate is a uniform-rank LoRA placement: a matrix set (q,v | attention 
 layer set (all layers; the last n; n layers spread evenly over depth) and a rank. Each gets its predicted
 quality (:mod:`layercard.plan.quality`) and its costs: trainable parameters, adapted modules and, when the
 card carries a calibrated cost model, seconds per training step. Budgets may be absolute or relative to
-the reference placement (every linear unit of every layer at rank 8): ``params=0.25x``.
+the reference placement (every linear unit of every layer at rank 8): ``params=0.25x``
+(:class:`layercard.config.Budget`).
 
 The practitioners' fixed rules are candidates too, each fitted to a budget the way its users fit it:
 ``peft-default`` (q,v on every layer) and ``all-linear`` lower the rank, ``last-n`` lowers n.
@@ -13,11 +14,11 @@ The practitioners' fixed rules are candidates too, each fitted to a budget the w
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from layercard.card.artifact import Card, UnitRow
+from layercard.config import Budget
 from layercard.errors import LayercardError
 from layercard.plan import quality as Q
 
@@ -28,7 +29,6 @@ MATRICES: dict[str, tuple[str, ...]] = {
     "all-linear": ("q", "k", "v", "o", "gate", "up", "down"),
 }
 RANKS = (1, 2, 4, 8, 16, 32)
-COST_KINDS = ("params", "modules", "step_time")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,40 +46,6 @@ class Candidate:
     @property
     def label(self) -> str:
         return f"{self.matrices} · {self.layer_rule} · r={self.rank}"
-
-
-@dataclasses.dataclass(frozen=True)
-class RelBudget:
-    """A cap on one cost, absolute or as a multiple of the reference's (``relative=True``)."""
-
-    kind: str
-    value: float
-    relative: bool = False
-
-    @classmethod
-    def parse(cls, text: str) -> RelBudget:
-        kind, sep, raw = text.partition("=")
-        kind, raw = kind.strip().lower().replace("-", "_"), raw.strip().lower()
-        if not sep or kind not in COST_KINDS:
-            raise LayercardError(
-                f"budget {text!r}: expected KIND=VALUE with KIND one of {', '.join(COST_KINDS)}"
-            )
-        relative = raw.endswith("x")
-        try:
-            value = float(raw[:-1] if relative else raw)
-        except ValueError:
-            raise LayercardError(
-                f"budget {text!r}: {raw!r} is not a number (or a multiple like 0.25x)"
-            ) from None
-        if not math.isfinite(value) or value <= 0:
-            raise LayercardError(f"budget {text!r}: must be a positive number")
-        return cls(kind, value, relative)
-
-    def cap(self, reference: dict[str, float]) -> float:
-        return self.value * reference[self.kind] if self.relative else self.value
-
-    def __str__(self) -> str:
-        return f"{self.kind}={self.value:g}{'x' if self.relative else ''}"
 
 
 def layer_sets(n_layers: int) -> list[tuple[str, tuple[int, ...]]]:
@@ -103,14 +69,14 @@ class Search:
     candidates: tuple[Candidate, ...]
     reference: dict[str, float]
 
-    def fitting(self, budgets: Sequence[RelBudget]) -> list[Candidate]:
+    def fitting(self, budgets: Sequence[Budget]) -> list[Candidate]:
         for b in budgets:
             if b.kind not in self.reference:
                 raise LayercardError(f"budget {b}: the card has no cost model (run card with --calibrate)")
         caps = [(b.kind, b.cap(self.reference)) for b in budgets]
         return [c for c in self.candidates if all(c.costs[k] <= cap * (1 + 1e-9) for k, cap in caps)]
 
-    def recommend(self, budgets: Sequence[RelBudget]) -> Candidate:
+    def recommend(self, budgets: Sequence[Budget]) -> Candidate:
         """The highest predicted quality within every budget; ties go to fewer parameters."""
         ok = self.fitting(budgets)
         if not ok:
@@ -127,7 +93,7 @@ class Search:
                 best.append(c)
         return best
 
-    def default_rule(self, rule: str, budgets: Sequence[RelBudget]) -> Candidate | None:
+    def default_rule(self, rule: str, budgets: Sequence[Budget]) -> Candidate | None:
         """A practitioners' rule fitted to the budgets as its users would fit it, or None if nothing fits."""
         ok = {(c.matrices, c.layer_rule, c.rank): c for c in self.fitting(budgets)}
         if rule in ("peft-default", "all-linear"):

@@ -11,7 +11,7 @@ import time
 from typing import Any
 
 from layercard.card.artifact import SCORES, Card, UnitRow
-from layercard.config import PlanConfig
+from layercard.config import SEARCH_POLICIES, PlanConfig
 from layercard.errors import LayercardError
 from layercard.plan.artifact import Plan, PlannedUnit
 from layercard.plan.policies import select
@@ -24,6 +24,7 @@ from layercard.plan.predict import (
     unit_rank,
 )
 from layercard.plan.ranks import auto_ranks, captured_at, lora_config
+from layercard.plan.recommend import search_plan
 from layercard.plan.space import (
     ADAPTERS_PER_LAYER,
     AUTO_REFERENCE_RANK,
@@ -48,6 +49,8 @@ class _Placement:
 
 def make_plan(card: Card, cfg: PlanConfig, *, card_path: str | None = None) -> Plan:
     """Choose layers (and ranks) for ``cfg.policy`` under the budget; see the module docstring."""
+    if cfg.policy in SEARCH_POLICIES:  # matrices × layers × rank, with the quality model
+        return search_plan(card, cfg, card_path=card_path)
     t0 = time.perf_counter()
     roles, score = _roles_and_score(card, cfg)
     space, notes = build_space(card, roles, score, kind=cfg.kind, unit_rank=unit_rank(cfg.rank))

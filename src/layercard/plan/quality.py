@@ -173,6 +173,10 @@ class QualityModel:
     basis: str
     score: str = "gradnorm_energy"
 
+    @property
+    def is_fitted(self) -> bool:
+        return not math.isnan(self.expected_error)
+
     def predict(self, f: Features) -> float:
         return FORMS[self.form].fn(f, self.params)
 

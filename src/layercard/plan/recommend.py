@@ -4,11 +4,13 @@ budgets, compared with the practitioners' fixed rules fitted to the same budgets
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Sequence
 from typing import Any
 
 from layercard.card.artifact import Card, UnitRow
+from layercard.config import Budget, PlanConfig
 from layercard.errors import LayercardError
 from layercard.plan import frontier as F
 from layercard.plan import quality as Q
@@ -40,89 +42,71 @@ def price(card: Card, model: Q.QualityModel | None = None) -> F.Search:
 
 
 def sentence(rec: F.Candidate, defaults: dict[str, F.Candidate | None], error: float) -> str:
-    """One sentence: what the recommendation is predicted to gain over the best fixed rule in budget."""
+    """One sentence: what the plan is predicted to gain over the best fixed rule within the same budgets."""
     fitted = {k: v for k, v in defaults.items() if v is not None}
+    err = "unknown" if math.isnan(error) else f"±{100 * error:.0f} points"
     if not fitted:
         return (
             f"{rec.label} is predicted to reach {100 * rec.quality:.0f}% of the reference's loss drop "
-            f"(±{100 * error:.0f} points); no practitioners' default fits these budgets."
+            f"(expected error {err}); no practitioners' default was fitted to a budget."
         )
     name, best = max(fitted.items(), key=lambda kv: kv[1].quality)
     diff = 100 * (rec.quality - best.quality)
-    if abs(diff) <= 100 * error:
+    if math.isnan(error) or abs(diff) <= 100 * error:
         verdict = "within the model's error of it, so the difference is not a prediction to rely on"
     else:
         verdict = f"{diff:+.0f} points"
     return (
         f"{rec.label}: predicted {100 * rec.quality:.0f}% of the reference's loss drop against "
         f"{100 * best.quality:.0f}% for {name} ({best.label}) at the same budgets: {verdict} "
-        f"(expected error ±{100 * error:.0f} points)."
+        f"(expected error {err})."
     )
 
 
-def recommend(
-    card: Card,
-    budgets: Sequence[F.RelBudget],
-    *,
-    alpha: float | None = None,
-    dropout: float = 0.0,
-    card_path: str | None = None,
-    model: Q.QualityModel | None = None,
+def _chosen(search: F.Search, policy: str, budgets: Sequence[Budget], rank: int) -> F.Candidate:
+    if policy == "recommend":
+        return search.recommend(budgets)
+    need = "q,v" if policy == "peft-default" else "all-linear"
+    if not any(c.matrices == need for c in search.candidates):
+        raise LayercardError(
+            f"policy {policy} adapts {','.join(F.MATRICES[need])}; the card measured only "
+            f"{','.join(search.card.roles)} (run `layercard card --roles {need}`)"
+        )
+    if not budgets:  # the rule as its users write it, unfitted: every layer at the given rank
+        return next(c for c in search.candidates if (c.matrices, c.layer_rule, c.rank) == (need, "all", rank))
+    chosen = search.default_rule(policy, budgets)
+    if chosen is None:
+        raise LayercardError(f"policy {policy}: nothing it can place fits {', '.join(map(str, budgets))}")
+    return chosen
+
+
+def search_plan(
+    card: Card, cfg: PlanConfig, *, card_path: str | None = None, model: Q.QualityModel | None = None
 ) -> Plan:
-    """The plan of the best predicted placement within ``budgets`` (all of them), with the frontier."""
+    """The plan of a search policy: the recommendation, or a fixed rule fitted to the budgets, with the
+    frontier, the fixed rules' fits and a one-sentence comparison."""
     t0 = time.perf_counter()
-    if not budgets:
-        raise LayercardError("policy recommend: give at least one budget, e.g. params=0.25x")
+    budgets = list(cfg.budget or ())
     model = model or Q.default_model()
     search = price(card, model)
-    rec = search.recommend(budgets)
-    defaults = {rule: search.default_rule(rule, budgets) for rule in RULES}
+    rank = int(cfg.rank) if cfg.rank != "auto" else Q.REFERENCE_RANK
+    chosen = _chosen(search, cfg.policy, budgets, rank)
+    defaults = {rule: search.default_rule(rule, budgets) if budgets else None for rule in RULES}
     by_key = {u.key: u for u in card.units}
     planned = [
-        PlannedUnit(key, by_key[key].layer, by_key[key].role, by_key[key].name, rank)
-        for key, rank in rec.units
+        PlannedUnit(key, by_key[key].layer, by_key[key].role, by_key[key].name, r) for key, r in chosen.units
     ]
-    reference = search.reference
-    frontier = {
-        kind: [F.summary_row(c, reference) for c in search.frontier(kind)]
-        for kind in sorted({b.kind for b in budgets} | {"params"})
-        if kind in reference
-    }
-    pred: dict[str, Any] = {
-        "quality": {
-            "fraction": rec.quality,
-            "expected_error": model.expected_error,
-            "model": model.describe(),
-        },
-        "recommendation": sentence(rec, defaults, model.expected_error),
-        "candidate": F.summary_row(rec, reference),
-        "defaults": {
-            k: (F.summary_row(v, reference) if v is not None else None) for k, v in defaults.items()
-        },
-        "frontier": frontier,
-        "reference": reference,
-        "budgets": [str(b) for b in budgets],
-        "params": int(rec.costs["params"]),
-        "all_layer_params": int(reference["params"]),
-        "modules": int(rec.costs["modules"]),
-        "n_layers": len(rec.layers),
-        "step_time_s": rec.costs.get("step_time"),
-        "all_layer_step_time_s": reference.get("step_time"),
-        "fraction": rec.quality,
-    }
-    if card.cost is not None:  # the batch the step times refer to, so train can compare like with like
-        pred["calibration_batch_size"] = card.cost.get("batch_size")
-        pred["calibration_batch_tokens"] = card.cost.get("batch_tokens")
+    pred = _predicted(card, search, chosen, defaults, budgets, model)
     config = {
-        "policy": "recommend",
-        "budget": ",".join(str(b) for b in budgets),
+        "policy": cfg.policy,
+        "budget": str(cfg.budget) if cfg.budget is not None else None,
         "target": None,
-        "roles": list(F.MATRICES[rec.matrices]),
-        "rank": rec.rank,
-        "alpha": alpha,
-        "dropout": dropout,
+        "roles": list(F.MATRICES[chosen.matrices]),
+        "rank": chosen.rank,
+        "alpha": cfg.alpha,
+        "dropout": cfg.dropout,
         "score": model.score,
-        "seed": 0,
+        "seed": cfg.seed,
         "kind": "lora",
         "bands": None,
     }
@@ -134,7 +118,50 @@ def recommend(
         units=planned,
         layers=sorted({u.layer for u in planned}),
         predicted=pred,
-        lora_config=lora_config(planned, alpha, dropout),
+        lora_config=lora_config(planned, cfg.alpha, cfg.dropout),
         adapter_config=None,
-        warnings=[],
+        warnings=[] if model.is_fitted else [f"quality model: {model.basis}"],
     )
+
+
+def _predicted(
+    card: Card,
+    search: F.Search,
+    chosen: F.Candidate,
+    defaults: dict[str, F.Candidate | None],
+    budgets: Sequence[Budget],
+    model: Q.QualityModel,
+) -> dict[str, Any]:
+    reference = search.reference
+    frontier = {
+        kind: [F.summary_row(c, reference) for c in search.frontier(kind)]
+        for kind in sorted({b.kind for b in budgets} | {"params"})
+        if kind in reference
+    }
+    pred: dict[str, Any] = {
+        "quality": {
+            "fraction": chosen.quality,
+            "expected_error": model.expected_error,
+            "model": model.describe(),
+        },
+        "recommendation": sentence(chosen, defaults, model.expected_error),
+        "candidate": F.summary_row(chosen, reference),
+        "defaults": {
+            k: (F.summary_row(v, reference) if v is not None else None) for k, v in defaults.items()
+        },
+        "frontier": frontier,
+        "reference": reference,
+        "budgets": [str(b) for b in budgets],
+        "params": int(chosen.costs["params"]),
+        "all_layer_params": int(reference["params"]),
+        "modules": int(chosen.costs["modules"]),
+        "n_layers": len(chosen.layers),
+        "step_time_s": chosen.costs.get("step_time"),
+        "all_layer_step_time_s": reference.get("step_time"),
+        "fraction": chosen.quality,
+        "score": model.score,
+    }
+    if card.cost is not None:  # the batch the step times refer to, so train can compare like with like
+        pred["calibration_batch_size"] = card.cost.get("batch_size")
+        pred["calibration_batch_tokens"] = card.cost.get("batch_tokens")
+    return pred
