@@ -669,3 +669,28 @@ def test_check_plan_on_smollm2(smollm2):
     assert check_plan(plan, smollm2.model)["ok"]
     with pytest.raises(LayercardError, match="plan is for model synthetic"):
         check_model_matches(plan, smollm2)
+
+
+def test_cli_search_plan_prints_the_frontier_and_draws_it(card_file, tmp_path):
+    out = tmp_path / "plan.json"
+    args = [
+        "plan",
+        "--card",
+        str(card_file),
+        "--policy",
+        "recommend",
+        "--budget",
+        "params=0.5x",
+        "--out",
+        str(out),
+    ]
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 0, r.output
+    assert "Frontier" in r.output and "◀ plan" in r.output and "predicted" in r.output
+    png = tmp_path / "plan_frontier.png"
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    plan = Plan.load(out)
+    assert plan.config["policy"] == "recommend" and plan.predicted["frontier"]["params"]
+    r = CliRunner().invoke(app, [*args[:-2], "--out", str(tmp_path / "p2.json"), "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["figure"].endswith("p2_frontier.png")

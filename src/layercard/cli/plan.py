@@ -10,7 +10,7 @@ from rich.table import Table
 
 from layercard.cli.app import TrustOpt, app, console, emit_json, guard, load_cli_model
 from layercard.cli.options import config_options
-from layercard.config import PlanConfig
+from layercard.config import SEARCH_POLICIES, PlanConfig
 
 
 @app.command("plan")
@@ -44,6 +44,11 @@ def plan_cmd(
         check_model_matches(plan, loaded, where=str(card))
         check = check_plan(plan, loaded.model)
     plan.save(out)  # only now: a failed plan or check leaves no plan.json behind
+    figure = None
+    if cfg.policy in SEARCH_POLICIES:
+        from layercard.plan.figures import plot_frontier
+
+        figure = plot_frontier(plan, out.with_name(out.stem + "_frontier.png"))
     if json_out:
         emit_json(
             {
@@ -57,13 +62,49 @@ def plan_cmd(
                 "adapter_config": plan.adapter_config,
                 "warnings": plan.warnings,
                 "check": check,
+                "figure": str(figure) if figure is not None else None,
             }
         )
         return
-    _print_plan(plan)
+    if cfg.policy in SEARCH_POLICIES:
+        _print_search_plan(plan)
+    else:
+        _print_plan(plan)
     if check is not None:
         console.print(f"check: PEFT adapted exactly the {len(check['matched'])} planned modules")
-    console.print(f"wrote {out}")
+    console.print(f"wrote {out}" + (f" and {figure}" if figure is not None else ""))
+
+
+def _print_search_plan(plan) -> None:
+    """The frontier per budgeted cost, the plan marked, the fixed rules, and the one-sentence comparison."""
+    p = plan.predicted
+    q = p["quality"]
+    for kind, rows in p["frontier"].items():
+        t = Table(
+            title=f"Frontier · predicted quality against {kind} · {plan.card['task']}"
+        )
+        for col in ("matrices", "layers", "rank", "predicted quality", kind, f"{kind} × ref", ""):
+            t.add_column(col, justify="right" if col not in ("matrices", "layers") else "left")
+        chosen = p["candidate"]
+        for r in rows:
+            mark = "◀ plan" if (r["matrices"], r["layers"], r["rank"]) == (
+                chosen["matrices"], chosen["layers"], chosen["rank"]) else ""  # fmt: skip
+            t.add_row(
+                r["matrices"], r["layers"], str(r["rank"]), f"{r['quality']:.3f}", f"{r[kind]:.4g}",
+                f"{r.get(kind + '_x', float('nan')):.3f}", mark, style="bold" if mark else None,
+            )  # fmt: skip
+        console.print(t)
+    err = q["expected_error"]
+    console.print(
+        f"plan ({plan.config['policy']}, budgets {', '.join(p['budgets']) or 'none'}): "
+        f"{chosen['matrices']} · {chosen['layers']} · r={chosen['rank']}, {p['params']:,} params, "
+        f"{p['modules']} modules, predicted quality {q['fraction']:.3f}"
+        + ("" if err is None else f" ± {err:.3f}")
+        + (f", predicted {p['step_time_s']:.3g} s/step" if p.get("step_time_s") else "")
+    )
+    console.print(p["recommendation"], highlight=False, soft_wrap=True)
+    for w in plan.warnings:
+        console.print(f"[yellow]warning:[/] {w}", highlight=False, soft_wrap=True)
 
 
 def _print_plan(plan) -> None:

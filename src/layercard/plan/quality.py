@@ -169,13 +169,13 @@ class QualityModel:
 
     form: str
     params: tuple[float, ...]
-    expected_error: float  # mean absolute error of the fraction on the task not used to fit
+    expected_error: float | None  # mean absolute error of the fraction on the task not used to fit
     basis: str
     score: str = "gradnorm_energy"
 
     @property
     def is_fitted(self) -> bool:
-        return not math.isnan(self.expected_error)
+        return self.expected_error is not None
 
     def predict(self, f: Features) -> float:
         return FORMS[self.form].fn(f, self.params)
@@ -188,7 +188,7 @@ class QualityModel:
 DEFAULT_MODEL = QualityModel(
     form="capacity",
     params=(2.0, 0.3),
-    expected_error=float("nan"),
+    expected_error=None,
     basis="provisional: not yet fitted on measured runs",
 )
 

@@ -4,7 +4,6 @@ budgets, compared with the practitioners' fixed rules fitted to the same budgets
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -41,10 +40,10 @@ def price(card: Card, model: Q.QualityModel | None = None) -> F.Search:
     return F.search(card, predict=model.predict, step_time=_step_time_fn(card))
 
 
-def sentence(rec: F.Candidate, defaults: dict[str, F.Candidate | None], error: float) -> str:
+def sentence(rec: F.Candidate, defaults: dict[str, F.Candidate | None], error: float | None) -> str:
     """One sentence: what the plan is predicted to gain over the best fixed rule within the same budgets."""
     fitted = {k: v for k, v in defaults.items() if v is not None}
-    err = "unknown" if math.isnan(error) else f"±{100 * error:.0f} points"
+    err = "unknown" if error is None else f"±{100 * error:.0f} points"
     if not fitted:
         return (
             f"{rec.label} is predicted to reach {100 * rec.quality:.0f}% of the reference's loss drop "
@@ -52,7 +51,7 @@ def sentence(rec: F.Candidate, defaults: dict[str, F.Candidate | None], error: f
         )
     name, best = max(fitted.items(), key=lambda kv: kv[1].quality)
     diff = 100 * (rec.quality - best.quality)
-    if math.isnan(error) or abs(diff) <= 100 * error:
+    if error is None or abs(diff) <= 100 * error:
         verdict = "within the model's error of it, so the difference is not a prediction to rely on"
     else:
         verdict = f"{diff:+.0f} points"

@@ -1,0 +1,59 @@
+"""The frontier figure of a search plan: predicted quality against each budgeted cost (docs/design.md §6)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from layercard.artifacts import atomic_path
+
+_LABELS = {"params": "trainable parameters", "modules": "adapted modules", "step_time": "s per training step"}
+
+
+def plot_frontier(plan: Any, path: str | Path) -> Path:
+    """One panel per cost the plan was budgeted on: the frontier, the chosen placement, the fixed rules."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pred = plan.predicted
+    kinds = list(pred["frontier"])
+    fig, axes = plt.subplots(1, len(kinds), figsize=(5.2 * len(kinds), 4.2), squeeze=False)
+    err = pred["quality"]["expected_error"]
+    for ax, kind in zip(axes[0], kinds, strict=True):
+        rows = pred["frontier"][kind]
+        xs, ys = [r[kind] for r in rows], [r["quality"] for r in rows]
+        ax.plot(xs, ys, marker="o", ms=4, color="tab:blue", label="frontier (predicted)")
+        if err is not None:  # the band of the model's expected error
+            ax.fill_between(xs, [y - err for y in ys], [y + err for y in ys], color="tab:blue", alpha=0.12)
+        for name, row in (pred.get("defaults") or {}).items():
+            if row is not None and kind in row:
+                ax.scatter([row[kind]], [row["quality"]], marker="s", s=36, label=name)
+        chosen = pred["candidate"]
+        ax.scatter(
+            [chosen[kind]], [chosen["quality"]], marker="*", s=160, color="black", zorder=5, label="plan"
+        )
+        for b in pred.get("budgets", []):
+            if b.startswith(f"{kind}="):
+                cap = _cap(b, pred["reference"])
+                ax.axvline(cap, color="tab:red", ls=":", label=f"budget {b}")
+        ax.set_xscale("log")
+        ax.set_xlabel(_LABELS.get(kind, kind))
+        ax.set_ylabel("predicted fraction of the reference's loss drop")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="lower right")
+    fig.suptitle(
+        f"{plan.card['model_id']} · {plan.card['task']} · policy {plan.config['policy']}", fontsize=9
+    )
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+    return Path(path)
+
+
+def _cap(text: str, reference: dict[str, float]) -> float:
+    from layercard.config import Budget
+
+    return Budget.parse(text).cap(reference)
