@@ -80,9 +80,7 @@ def _print_search_plan(plan) -> None:
     p = plan.predicted
     q = p["quality"]
     for kind, rows in p["frontier"].items():
-        t = Table(
-            title=f"Frontier · predicted quality against {kind} · {plan.card['task']}"
-        )
+        t = Table(title=f"Frontier · predicted quality against {kind} · {plan.card['task']}")
         for col in ("matrices", "layers", "rank", "predicted quality", kind, f"{kind} × ref", ""):
             t.add_column(col, justify="right" if col not in ("matrices", "layers") else "left")
         chosen = p["candidate"]
