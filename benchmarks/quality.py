@@ -220,35 +220,113 @@ def _features(task: str, r: dict[str, Any]) -> Any:
 
 
 def fit() -> dict[str, Any]:
-    """Each form fitted on one task and scored on the other (and the planner's old set-gain fraction)."""
-    from layercard.artifacts import write_json
+    """Each form fitted on one task and scored on the other; the planner's old set-gain fraction beside them.
+
+    Writes RESULTS/fit.json, RESULTS/quality.md and RESULTS/quality_predicted.png.
+    """
+    from layercard.artifacts import write_json, write_text
     from layercard.plan.quality import FORMS, fit, mean_abs_error
 
-    data: dict[str, tuple[list[Any], list[float], list[float]]] = {}
+    data: dict[str, list[tuple[dict[str, Any], Any]]] = {}
     for r in rows():
-        if r["name"] == "ref":
-            continue  # its fraction is 1 by definition
-        xs, ys, old = data.setdefault(r["task"], ([], [], []))
-        xs.append(_features(r["task"], r))
-        ys.append(r["fraction"])
-        old.append(r["predicted"]["fraction"])
-    out: dict[str, Any] = {"tasks": {t: len(v[1]) for t, v in data.items()}, "forms": {}}
+        if r["name"] != "ref":  # its fraction is 1 by definition
+            data.setdefault(r["task"], []).append((r, _features(r["task"], r)))
     tasks = sorted(data)
+    out: dict[str, Any] = {"tasks": {t: len(v) for t, v in data.items()}, "forms": {}, "runs": []}
     out["old_set_gain_fraction_mae"] = {
         t: float(
-            sum(abs((o or 0.0) - y) for o, y in zip(data[t][2], data[t][1], strict=True)) / len(data[t][1])
+            sum(abs((r["predicted"]["fraction"] or 0.0) - r["fraction"]) for r, _ in data[t]) / len(data[t])
         )
         for t in tasks
     }
     for name, form in FORMS.items():
         res: dict[str, Any] = {"description": form.description}
         for fit_task in tasks:
-            params, err = fit(form, data[fit_task][0], data[fit_task][1])
-            held = {t: mean_abs_error(form, params, data[t][0], data[t][1]) for t in tasks if t != fit_task}
+            xs, ys = [f for _, f in data[fit_task]], [r["fraction"] for r, _ in data[fit_task]]
+            params, err = fit(form, xs, ys)
+            held = {
+                t: mean_abs_error(form, params, [f for _, f in data[t]], [r["fraction"] for r, _ in data[t]])
+                for t in tasks
+                if t != fit_task
+            }
             res[f"fit_on_{fit_task}"] = {"params": list(params), "fit_mae": err, "held_out_mae": held}
         out["forms"][name] = res
+    for t in tasks:
+        for r, f in data[t]:
+            other = next((o for o in tasks if o != t), t)  # the prediction of the fit on the other task
+            pred = {
+                name: FORMS[name].fn(f, out["forms"][name][f"fit_on_{other}"]["params"]) for name in FORMS
+            }
+            out["runs"].append(
+                {"task": t, "name": r["name"], "measured": r["fraction"], "old": r["predicted"]["fraction"],
+                 "predicted_by_other_task_fit": pred, "params_share": f.params, "coverage": f.coverage}
+            )  # fmt: skip
     write_json(RESULTS / "fit.json", out)
+    write_text(RESULTS / "quality.md", _markdown(out))
+    _plot(out)
     return out
+
+
+def _markdown(out: dict[str, Any]) -> str:
+    tasks = sorted(out["tasks"])
+    lines = [
+        "# Quality model: predicted against measured fraction of the reference's loss drop",
+        "",
+        f"smollm2, {STEPS} steps of batch {BATCH}, lr {LR:g}, seed {SEED}; reference: every linear module of "
+        "every layer at rank 8. Runs: " + ", ".join(f"{t} {n}" for t, n in out["tasks"].items()) + ".",
+        "Each form is fitted on one task and scored on the other (held out). `old` is the planner's set-gain "
+        "fraction before the quality model.",
+        "",
+        "| form | " + " | ".join(f"fit on {t}: fit MAE / held-out MAE" for t in tasks) + " |",
+        "|---|" + "---:|" * len(tasks),
+    ]
+    for name, res in out["forms"].items():
+        cells = []
+        for t in tasks:
+            f = res[f"fit_on_{t}"]
+            held = next(iter(f["held_out_mae"].values()), float("nan"))
+            cells.append(
+                f"{f['fit_mae']:.3f} / {held:.3f} (params {', '.join(f'{x:g}' for x in f['params'])})"
+            )
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    old = ", ".join(f"{t} {v:.3f}" for t, v in out["old_set_gain_fraction_mae"].items())
+    lines += ["", f"Old set-gain fraction, mean absolute error: {old}.", "", "## Runs", ""]
+    forms = list(out["forms"])
+    lines += [
+        "| task | run | measured | old | " + " | ".join(forms) + " |",
+        "|---|---|---:|---:|" + "---:|" * len(forms),
+    ]
+    for r in out["runs"]:
+        preds = " | ".join(f"{r['predicted_by_other_task_fit'][f]:.3f}" for f in forms)
+        lines.append(f"| {r['task']} | {r['name']} | {r['measured']:.3f} | {r['old'] or 0:.3f} | {preds} |")
+    return "\n".join(lines) + "\n"
+
+
+def _plot(out: dict[str, Any]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    forms = list(out["forms"])
+    fig, axes = plt.subplots(1, len(forms) + 1, figsize=(4 * (len(forms) + 1), 4), sharey=True)
+    for ax, title in zip(axes, ["old set gain", *forms], strict=True):
+        for task, marker in zip(sorted(out["tasks"]), ("o", "s"), strict=False):
+            rs = [r for r in out["runs"] if r["task"] == task]
+            xs = [
+                (r["old"] or 0.0) if title == "old set gain" else r["predicted_by_other_task_fit"][title]
+                for r in rs
+            ]
+            ax.scatter(xs, [r["measured"] for r in rs], marker=marker, label=task)
+        ax.plot([0, 1.15], [0, 1.15], color="grey", lw=0.8)
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("predicted (fit on the other task)")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("measured fraction of the reference's drop")
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(RESULTS / "quality_predicted.png", dpi=100)
+    plt.close(fig)
 
 
 def main() -> None:
