@@ -45,3 +45,14 @@ def smollm2():
     from layercard.models import load_model
 
     return load_model("smollm2")
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A tiny model, card, plan, data and a live lock holder for the bad-input and bad-state tests."""
+    from bad_world import make_world
+
+    w = make_world(tmp_path_factory.mktemp("bad"))
+    yield w
+    w.live.kill()
+    w.live.wait()

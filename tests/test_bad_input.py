@@ -9,7 +9,7 @@ test_bad_state.py.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,21 +25,11 @@ from bad_world import (
     cli,
     edited,
     lock_record,
-    make_world,
     one_error_line,
     run_config,
 )
 
 from layercard import artifacts
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory) -> Iterator[World]:
-    w = make_world(tmp_path_factory.mktemp("bad"))
-    yield w
-    w.live.kill()
-    w.live.wait()
-
 
 # ---------------------------------------------------------------------------------------------------------
 # The table: (command line, the start of its one line, paths that must not exist afterwards)

@@ -9,7 +9,6 @@ import math
 import os
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -25,7 +24,6 @@ from bad_world import (
     cli,
     dead_pid,
     lock_record,
-    make_world,
     one_error_line,
     run_config,
     temp_name,
@@ -33,15 +31,6 @@ from bad_world import (
 
 from layercard import artifacts
 from layercard.errors import LayercardError
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory) -> Iterator[World]:
-    w = make_world(tmp_path_factory.mktemp("bad"))
-    yield w
-    w.live.kill()
-    w.live.wait()
-
 
 # ---------------------------------------------------------------------------------------------------------
 # point 1: diverged training
