@@ -250,7 +250,18 @@ def fit() -> dict[str, Any]:
                 if t != fit_task
             }
             res[f"fit_on_{fit_task}"] = {"params": list(params), "fit_mae": err, "held_out_mae": held}
+        cross = [v for t in tasks for v in res[f"fit_on_{t}"]["held_out_mae"].values()]
+        res["cross_task_mae"] = sum(cross) / len(cross) if cross else None
+        pooled_x = [f for t in tasks for _, f in data[t]]
+        pooled_y = [r["fraction"] for t in tasks for r, _ in data[t]]
+        params, err = fit(form, pooled_x, pooled_y)
+        res["pooled"] = {"params": list(params), "fit_mae": err}
         out["forms"][name] = res
+    scored = {n: r["cross_task_mae"] for n, r in out["forms"].items() if r["cross_task_mae"] is not None}
+    if scored:
+        best = min(scored, key=scored.get)
+        out["chosen"] = {"form": best, "params": out["forms"][best]["pooled"]["params"],
+                         "expected_error": scored[best]}  # fmt: skip
     for t in tasks:
         for r, f in data[t]:
             other = next((o for o in tasks if o != t), t)  # the prediction of the fit on the other task
@@ -290,7 +301,26 @@ def _markdown(out: dict[str, Any]) -> str:
             )
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     old = ", ".join(f"{t} {v:.3f}" for t, v in out["old_set_gain_fraction_mae"].items())
-    lines += ["", f"Old set-gain fraction, mean absolute error: {old}.", "", "## Runs", ""]
+    lines += ["", f"Old set-gain fraction, mean absolute error: {old}.", ""]
+    lines += [
+        "| form | cross-task MAE (mean of both directions) | pooled fit: params / MAE |",
+        "|---|---:|---:|",
+    ]
+    for name, res in out["forms"].items():
+        cross = res["cross_task_mae"]
+        pooled = res["pooled"]
+        lines.append(
+            f"| {name} | {'—' if cross is None else f'{cross:.3f}'} | "
+            f"{', '.join(f'{x:g}' for x in pooled['params'])} / {pooled['fit_mae']:.3f} |"
+        )
+    if "chosen" in out:
+        c = out["chosen"]
+        lines += [
+            "",
+            f"Chosen: **{c['form']}** (least cross-task error), parameters from the pooled fit "
+            f"{', '.join(f'{x:g}' for x in c['params'])}; expected error {c['expected_error']:.3f}.",
+        ]
+    lines += ["", "## Runs", ""]
     forms = list(out["forms"])
     lines += [
         "| task | run | measured | old | " + " | ".join(forms) + " |",

@@ -112,6 +112,12 @@ FORMS: dict[str, Form] = {
     f.name: f
     for f in (
         Form(
+            "constant",
+            "one fraction for every placement: the baseline every form must beat",
+            lambda f, p: p[0],
+            (tuple(float(x) for x in np.round(np.arange(0.5, 1.001, 0.005), 3)),),
+        ),
+        Form(
             "params",
             "parameter share to a power: q = (params/params_ref)^γ (no card)",
             lambda f, p: _power(f.params, p[0]),
