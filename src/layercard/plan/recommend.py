@@ -50,6 +50,17 @@ def sentence(rec: F.Candidate, defaults: dict[str, F.Candidate | None], error: f
             f"(expected error {err}); no practitioners' default was fitted to a budget."
         )
     name, best = max(fitted.items(), key=lambda kv: kv[1].quality)
+    same = [
+        k
+        for k, v in fitted.items()
+        if (v.matrices, v.layer_rule, v.rank) == (rec.matrices, rec.layer_rule, rec.rank)
+    ]
+    if same:
+        return (
+            f"{rec.label}: this is the {same[0]} rule fitted to these budgets; predicted "
+            f"{100 * rec.quality:.0f}% of the reference's loss drop (expected error {err}), the most of any "
+            "placement the search priced within them."
+        )
     diff = 100 * (rec.quality - best.quality)
     if error is None or abs(diff) <= 100 * error:
         verdict = "within the model's error of it, so the difference is not a prediction to rely on"
