@@ -166,6 +166,6 @@ def summary_row(c: Candidate, reference: dict[str, float]) -> dict[str, Any]:
         "layers": c.layer_rule,
         "rank": c.rank,
         "quality": round(c.quality, 4),
-        **{k: v for k, v in c.costs.items()},
+        **c.costs,
         **{f"{k}_x": round(v / reference[k], 4) for k, v in c.costs.items() if reference.get(k)},
     }
