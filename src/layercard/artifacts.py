@@ -23,7 +23,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -349,6 +349,29 @@ def write_text(path: str | os.PathLike[str], text: str) -> Path:
     with atomic_path(path) as tmp:
         tmp.write_text(text)
     return Path(path)
+
+
+def load_artifact(
+    path: str | os.PathLike[str],
+    *,
+    kind: str,
+    what: str,
+    build: Callable[[dict[str, Any], Path], Any],
+    file_name: str | None = None,
+) -> Any:
+    """Read a typed artifact: ``path`` or, for a folder holding ``file_name``, that file inside it.
+
+    ``build(d, file)`` turns the checked JSON into the artifact; a field it cannot take is one line naming
+    the file (``FILE: malformed plan (KeyError: 'units')``).
+    """
+    file = Path(path)
+    if file_name is not None and file.is_dir() and (file / file_name).is_file():
+        file = file / file_name  # the folder the stage wrote
+    d = read_json(file, kind=kind)
+    try:
+        return build(d, file)
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise LayercardError(f"{file}: malformed {what} ({type(e).__name__}: {e})".splitlines()[0]) from None
 
 
 def read_json(path: str | os.PathLike[str], *, kind: str | None = None) -> dict[str, Any]:

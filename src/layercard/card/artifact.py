@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from layercard.artifacts import SCHEMA_VERSION, read_json, write_json
+from layercard.artifacts import SCHEMA_VERSION, load_artifact, write_json
 from layercard.card import stats
 from layercard.card.validate import check_card
 from layercard.config.card import SCORES
@@ -212,14 +212,13 @@ class Card:
     @classmethod
     def load(cls, path: str | Path) -> Card:
         """Read a card.json (or the folder holding one), checking every field; errors name file and field."""
-        p = Path(path)
-        if p.is_dir() and (p / CARD_FILE).is_file():
-            p = p / CARD_FILE  # `--card card/`: the folder `layercard card` wrote
-        d = read_json(p, kind=KIND)
-        try:
-            return cls.from_dict(d, source=str(p))
-        except (KeyError, TypeError) as e:
-            raise LayercardError(f"{p}: malformed card ({type(e).__name__}: {e})".splitlines()[0]) from None
+        return load_artifact(
+            path,
+            kind=KIND,
+            what="card",
+            file_name=CARD_FILE,  # `--card card/`: the folder `layercard card` wrote
+            build=lambda d, file: cls.from_dict(d, source=str(file)),
+        )
 
 
 def _row(row: type, d: dict[str, Any], where: str) -> dict[str, Any]:

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from layercard.artifacts import SCHEMA_VERSION, read_json, write_json
+from layercard.artifacts import SCHEMA_VERSION, load_artifact, write_json
 from layercard.errors import LayercardError
 from layercard.plan.predict import gain_warnings, kind_warnings, predicted, provenance, unit_rank
 from layercard.plan.ranks import captured_at, lora_config
@@ -75,13 +75,9 @@ class Plan:
     @classmethod
     def load(cls, path: str | Path) -> Plan:
         """Read a plan.json, checking its kind, schema version and every field; errors name the file."""
-        d = read_json(path, kind=KIND)
-        try:
-            return cls.from_dict(d, source=str(path))
-        except (KeyError, TypeError, ValueError, AttributeError) as e:
-            raise LayercardError(
-                f"{path}: malformed plan ({type(e).__name__}: {e})".splitlines()[0]
-            ) from None
+        return load_artifact(
+            path, kind=KIND, what="plan", build=lambda d, file: cls.from_dict(d, source=str(file))
+        )
 
     def peft_config(self) -> LoraConfig:
         """The PEFT ``LoraConfig`` of the plan's ``lora_config``; a bad one is a one-line error."""

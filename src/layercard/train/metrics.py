@@ -13,8 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from layercard.artifacts import SCHEMA_VERSION, read_json, write_json
-from layercard.errors import LayercardError
+from layercard.artifacts import SCHEMA_VERSION, load_artifact, write_json
 from layercard.tasks import Encoded, batches
 from layercard.tasks.loss import loss_sum
 
@@ -81,13 +80,9 @@ class TrainMetrics:
     @classmethod
     def load(cls, path: str | Path) -> TrainMetrics:
         """Read a train_metrics.json (or a run folder holding one), checking kind and schema version."""
-        p = Path(path)
-        file = p / METRICS_FILE if p.is_dir() else p
-        d = read_json(file, kind=KIND)
-        try:
-            return cls.from_dict(d)
-        except (KeyError, TypeError) as e:
-            raise LayercardError(f"{file}: malformed train metrics ({type(e).__name__}: {e})") from None
+        return load_artifact(
+            path, kind=KIND, what="train metrics", file_name=METRICS_FILE, build=lambda d, _: cls.from_dict(d)
+        )
 
 
 def peak_memory(device: torch.device) -> tuple[float, str]:

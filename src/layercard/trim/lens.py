@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from layercard.artifacts import SCHEMA_VERSION, read_json, write_json
+from layercard.artifacts import SCHEMA_VERSION, load_artifact, write_json
 from layercard.errors import LayercardError
 from layercard.inference import device_of, eval_mode, pad_id
 from layercard.progress import track
@@ -213,13 +213,9 @@ class Trace:
 
     @classmethod
     def load(cls, path: str | Path) -> Trace:
-        p = Path(path)
-        file = p / TRACE_FILE if p.is_dir() else p
-        d = read_json(file, kind=TRACE_KIND)
-        try:
-            return cls.from_dict(d)
-        except (TypeError, KeyError) as e:
-            raise LayercardError(f"{file}: malformed trace artifact ({e})") from None
+        return load_artifact(
+            path, kind=TRACE_KIND, what="trace", file_name=TRACE_FILE, build=lambda d, _: cls.from_dict(d)
+        )
 
 
 def trace(
