@@ -123,6 +123,7 @@ def search(
     by_layer: dict[int, list[UnitRow]] = {}
     for u in card.units:
         by_layer.setdefault(u.layer, []).append(u)
+    basis = Q.Basis(card)  # the reference's sums, once for every candidate
     out: list[Candidate] = []
     reference: dict[str, float] | None = None
     for mname, roles in MATRICES.items():
@@ -134,7 +135,7 @@ def search(
                 continue
             for r in ranks:
                 ranks_map = {u.key: r for u in units}
-                f = Q.features(card, ranks_map)
+                f = basis.features(ranks_map)
                 costs = {
                     "params": float(sum(r * (u.d_in + u.d_out) for u in units)),
                     "modules": float(len(units)),

@@ -66,29 +66,46 @@ class Features:
         return self.capacities[WEIGHT_POWERS.index(power)] if self.capacities else self.capacity
 
 
+class Basis:
+    """What every placement of one card is measured against, computed once: the units' weights at each
+    power and the reference's capacity and parameters (the search prices hundreds of placements)."""
+
+    def __init__(self, card: Card, score: str = "gradnorm_energy") -> None:
+        self.card = card
+        self.units = {u.key: u for u in card.units}
+        self.weights = {
+            u.key: tuple(unit_weight(card, u, score, power) for power in WEIGHT_POWERS) for u in card.units
+        }
+        self.ref_caps = tuple(
+            sum(self.weights[u.key][i] * rank_share(u, REFERENCE_RANK) for u in card.units)
+            for i in range(len(WEIGHT_POWERS))
+        )
+        self.ref_params = sum(REFERENCE_RANK * (u.d_in + u.d_out) for u in card.units)
+        self.band = max(1, math.ceil(card.n_layers / DEPTH_BANDS))
+
+    def features(self, ranks: Mapping[str, int]) -> Features:
+        """Features of the placement ``ranks`` (unit key → rank) against the card's reference."""
+        missing = [k for k in ranks if k not in self.units]
+        if missing:
+            raise LayercardError(f"quality: unit {missing[0]!r} is not in the card")
+        shares = {k: rank_share(self.units[k], r) for k, r in ranks.items()}
+        caps = [
+            sum(self.weights[k][i] * shares[k] for k in ranks) / ref if ref > 0 else 0.0
+            for i, ref in enumerate(self.ref_caps)
+        ]
+        params = sum(r * (self.units[k].d_in + self.units[k].d_out) for k, r in ranks.items())
+        bands = {self.units[k].layer // self.band for k in ranks}
+        return Features(
+            capacity=caps[WEIGHT_POWERS.index(2.0)],
+            params=params / self.ref_params if self.ref_params > 0 else 0.0,
+            coverage=len(bands) / math.ceil(self.card.n_layers / self.band),
+            capacities=tuple(caps),
+        )
+
+
 def features(card: Card, ranks: Mapping[str, int], *, score: str = "gradnorm_energy") -> Features:
     """Features of the placement ``ranks`` (unit key → rank) against the card's reference."""
-    by_key = {u.key: u for u in card.units}
-    missing = [k for k in ranks if k not in by_key]
-    if missing:
-        raise LayercardError(f"quality: unit {missing[0]!r} is not in the card")
-    caps = []
-    for power in WEIGHT_POWERS:
-        ref = sum(unit_weight(card, u, score, power) * rank_share(u, REFERENCE_RANK) for u in card.units)
-        got = sum(
-            unit_weight(card, by_key[k], score, power) * rank_share(by_key[k], r) for k, r in ranks.items()
-        )
-        caps.append(got / ref if ref > 0 else 0.0)
-    ref_params = sum(REFERENCE_RANK * (u.d_in + u.d_out) for u in card.units)
-    params = sum(r * (by_key[k].d_in + by_key[k].d_out) for k, r in ranks.items())
-    band = max(1, math.ceil(card.n_layers / DEPTH_BANDS))
-    bands = {by_key[k].layer // band for k in ranks}
-    return Features(
-        capacity=caps[WEIGHT_POWERS.index(2.0)],
-        params=params / ref_params if ref_params > 0 else 0.0,
-        coverage=len(bands) / math.ceil(card.n_layers / band),
-        capacities=tuple(caps),
-    )
+    return Basis(card, score).features(ranks)
 
 
 @dataclasses.dataclass(frozen=True)
