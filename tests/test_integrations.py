@@ -145,6 +145,14 @@ def test_callback_writes_train_metrics_layercard_reads(trainer_run):
         m.predicted_step_time_s * m.batch_tokens_per_step / plan.predicted["calibration_batch_tokens"]
     )
     assert m.peak_memory_kind == "process_peak_rss" and m.peak_memory_mib > 0 and m.device == "cpu"
+    # the card measured memory, so the plan predicted it and the run compares
+    memory = plan.predicted["memory"]
+    assert memory["peak_mib"] >= memory["resident_mib"] > 0
+    assert m.predicted_peak_memory_mib == memory["peak_mib"]
+    if m.peak_memory_start_mib is not None:  # a per-run window (Linux /proc): what training added
+        assert m.peak_memory_mib >= m.peak_memory_start_mib
+        added = m.predicted_peak_memory_scaled_mib - memory["resident_mib"]
+        assert m.training_memory_ratio == pytest.approx((m.peak_memory_mib - m.peak_memory_start_mib) / added)
     assert m.plan["layers"] == plan.layers and m.plan["units"] == [u.key for u in plan.units]
     assert m.trainable_params == plan.predicted["params"]
     assert m.task["data_hash"] == trainer_run["task"].data_hash == m.provenance["data_hash"]

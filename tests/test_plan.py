@@ -32,6 +32,11 @@ COST = CostModel(
     batch_tokens=192,
     measured=[],
     device="cpu",
+    memory_resident_mib=100.0,
+    memory_base_mib=110.0,
+    memory_per_layer_mib=5.0,
+    memory_per_module_mib=2.0,
+    memory_per_mparam_mib=16.0,
 ).to_dict()
 
 
@@ -109,6 +114,8 @@ def _budgets(card: Card) -> list[Budget]:
         Budget("modules", 5),
         # Enough for the top half of the model, not for layer 0: bottom-first orders must skip layers.
         Budget("step_time", cm.step_time([N_LAYERS // 2], 2 * (N_LAYERS // 2))),
+        # Memory grows with depth as step time does: the same top half fits, layer 0 does not.
+        Budget("memory", cm.peak_memory([N_LAYERS // 2], 2 * (N_LAYERS // 2), 4 * per_layer)),  # type: ignore[arg-type]
     ]
 
 
@@ -118,9 +125,12 @@ def _cost(plan: Plan, card: Card, kind: str) -> float:
         return len(plan.layers)
     if kind == "modules":
         return len(plan.units)
+    dims = {u.name: u.d_in + u.d_out for u in card.units}
+    params = sum(p.rank * dims[p.name] for p in plan.units)
     if kind == "params":
-        dims = {u.name: u.d_in + u.d_out for u in card.units}
-        return sum(p.rank * dims[p.name] for p in plan.units)
+        return params
+    if kind == "memory":
+        return CostModel.from_dict(card.cost).peak_memory(plan.layers, len(plan.units), params)
     return CostModel.from_dict(card.cost).step_time(plan.layers, len(plan.units))
 
 
@@ -176,7 +186,7 @@ def test_unknown_policy_lists_valid():
 
 
 @pytest.mark.parametrize("policy", [p for p in POLICIES if p != "all" and p not in SEARCH_POLICIES])
-@pytest.mark.parametrize("kind", ["layers", "params", "modules", "step_time"])
+@pytest.mark.parametrize("kind", ["layers", "params", "modules", "step_time", "memory"])
 def test_every_policy_respects_every_budget(tiny_card, policy, kind):
     budget = next(b for b in _budgets(tiny_card) if b.kind == kind)
     plan = make_plan(tiny_card, PlanConfig(policy, budget=budget))
@@ -185,6 +195,7 @@ def test_every_policy_respects_every_budget(tiny_card, policy, kind):
     assert plan.predicted["params"] == _cost(plan, tiny_card, "params")
     assert plan.predicted["modules"] == len(plan.units)
     assert plan.predicted["step_time_s"] == pytest.approx(_cost(plan, tiny_card, "step_time"))
+    assert plan.predicted["memory"]["peak_mib"] == pytest.approx(_cost(plan, tiny_card, "memory"))
     assert plan.predicted["calibration_batch_size"] == 4
     assert 0 <= plan.predicted["fraction"] <= 1 + 1e-9
     assert plan.lora_config["target_modules"] == [u.name for u in plan.units]
@@ -194,7 +205,7 @@ def test_every_policy_respects_every_budget(tiny_card, policy, kind):
 
 @pytest.mark.parametrize(
     "policy, kind", [("recommend", "params"), ("recommend", "modules"), ("recommend", "step_time"),
-                     ("peft-default", "params")],
+                     ("recommend", "memory"), ("peft-default", "params")],
 )  # fmt: skip
 def test_search_policies_respect_every_budget(tiny_card, tiny_llama, policy, kind):
     """On a real (q,v) card: absolute budgets, the calibrated step time among them, are met."""
@@ -207,7 +218,7 @@ def test_search_policies_respect_every_budget(tiny_card, tiny_llama, policy, kin
     assert check_plan(plan, tiny_llama)["ok"]  # PEFT adapts exactly the planned modules at their ranks
 
 
-@pytest.mark.parametrize("kind", ["modules", "step_time"])
+@pytest.mark.parametrize("kind", ["modules", "step_time", "memory"])
 def test_a_rule_that_cannot_fit_by_its_own_means_says_so(tiny_card, kind):
     """q,v on every layer can lower its rank, not its module count or its depth."""
     budget = next(b for b in _budgets(tiny_card) if b.kind == kind)

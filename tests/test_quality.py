@@ -139,7 +139,7 @@ def test_relative_budgets_and_the_recommendation():
     assert rec.costs["params"] <= 0.25 * s.reference["params"]
     best_quality = max(c.quality for c in s.fitting([budget]))
     assert rec.quality == pytest.approx(best_quality)
-    for text in ("params", "params=-1", "params=lots", "memory=1", "params=x"):
+    for text in ("params", "params=-1", "params=lots", "latency=1", "params=x", "memory=lots"):
         with pytest.raises(LayercardError):
             Budget.parse(text)
     with pytest.raises(LayercardError, match="no placement fits"):
@@ -171,11 +171,11 @@ def test_step_time_enters_as_a_cost_when_given():
     card = _card()
     calls = []
 
-    def step_time(units, ranks):
+    def costs(units, ranks):
         calls.append(len(units))
-        return 1.0 + 0.1 * (card.n_layers - min(u.layer for u in units)) + 0.001 * sum(ranks)
+        return {"step_time": 1.0 + 0.1 * (card.n_layers - min(u.layer for u in units)) + 0.001 * sum(ranks)}
 
-    s = F.search(card, predict=lambda f: f.capacity, step_time=step_time)
+    s = F.search(card, predict=lambda f: f.capacity, costs=costs)
     assert "step_time" in s.reference and calls
     last = next(c for c in s.candidates if c.layer_rule == "last-1" and c.rank == 8 and c.matrices == "q,v")
     full = next(c for c in s.candidates if c.layer_rule == "all" and c.rank == 8 and c.matrices == "q,v")

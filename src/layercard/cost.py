@@ -3,16 +3,24 @@
 With a frozen base, backward only has to reach the lowest adapted layer, so a LoRA training step
 costs t(S) ≈ a + b·(L − min S) + c·modules(S) + e·params(S): a forward plus head, a per-layer backward,
 a per-adapted-module overhead and the adapters' own compute and optimizer work, which grows with
-rank × (d_in + d_out). The non-negative coefficients are fitted from timed steps of real PEFT LoRA
-placements on the user's machine (one of them at a higher rank, so the rank term is identified); train
-reports the measured step time next to this prediction.
+rank × (d_in + d_out). Peak training memory has the same shape: the loaded model, the activations kept
+for backward from the lowest adapted layer up, a per-module term and the adapters' weights, gradients and
+optimizer state per parameter. Unmerged inference adds a per-module cost to a forward pass. The
+non-negative coefficients are fitted from timed steps of real PEFT LoRA placements on the user's machine
+(one of them at a higher rank, so the rank terms are identified); train reports what it measured next to
+these predictions.
 """
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
+import re
+import resource
+import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -20,6 +28,54 @@ import torch
 
 from layercard.errors import LayercardError
 from layercard.progress import track
+
+_STATUS = Path("/proc/self/status")
+_CLEAR_REFS = Path("/proc/self/clear_refs")
+
+
+def reset_peak_memory(device: torch.device) -> float | None:
+    """Start a new peak-memory window and return the memory in use at its start (MiB); None where only
+    the process's lifetime peak can be read.
+
+    CUDA resets its allocator's counter. On Linux the freed heap is first handed back to the system
+    (otherwise it stays resident and hides the next window's peak) and the resident high-water mark is
+    set to the current resident size.
+    """
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return torch.cuda.memory_allocated(device) / 2**20
+    if not (_STATUS.exists() and _CLEAR_REFS.exists()):
+        return None
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass  # not glibc: the peak may then include freed but cached heap
+    try:
+        _CLEAR_REFS.write_text("5")
+    except OSError:
+        return None
+    return _status_mib("VmRSS")
+
+
+def _status_mib(field: str) -> float | None:
+    m = re.search(rf"^{field}:\s+(\d+)\s+kB", _STATUS.read_text(), re.MULTILINE) if _STATUS.exists() else None
+    return int(m.group(1)) / 2**10 if m else None
+
+
+def peak_memory(device: torch.device) -> tuple[float, str]:
+    """(peak MiB, what was measured) since the last :func:`reset_peak_memory` where it succeeded.
+
+    CUDA: the allocator's maximum allocated. Elsewhere the process's peak resident size (the whole process:
+    Python, libraries and the loaded model included), read from /proc on Linux, else the lifetime peak.
+    """
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20, "cuda_max_memory_allocated"
+    hwm = _status_mib("VmHWM")
+    if hwm is not None:
+        return hwm, "process_peak_rss"
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    # Linux reports KiB, macOS bytes.
+    return rss / (2**20 if sys.platform == "darwin" else 2**10), "process_peak_rss"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,6 +89,18 @@ class CostModel:
     measured: list[dict[str, Any]]
     device: str
     per_mparam_s: float = 0.0  # per million adapter parameters (cards made before the rank term: 0)
+    # Peak training memory, MiB (None on cards calibrated before memory was measured). memory_base_mib is
+    # the memory in use before the steps (``memory_resident_mib``: the loaded model and the process around
+    # it) plus the fitted constant part of what training adds.
+    memory_resident_mib: float | None = None
+    memory_base_mib: float | None = None
+    memory_per_layer_mib: float | None = None
+    memory_per_module_mib: float | None = None
+    memory_per_mparam_mib: float | None = None
+    memory_kind: str | None = None
+    # Unmerged inference: seconds of one no-grad forward over the calibration batch.
+    forward_base_s: float | None = None
+    forward_per_module_s: float | None = None
 
     def step_time(self, layers: Sequence[int], modules: int, params: int = 0) -> float:
         """Predicted seconds per step: ``modules`` adapters with ``params`` parameters on ``layers``."""
@@ -46,11 +114,52 @@ class CostModel:
             + self.per_mparam_s * params / 1e6
         )
 
+    @property
+    def has_memory(self) -> bool:
+        return self.memory_base_mib is not None
+
+    def peak_memory(self, layers: Sequence[int], modules: int, params: int = 0) -> float | None:
+        """Predicted peak training memory (MiB) at the calibration batch, or None if it was not measured."""
+        if not self.has_memory:
+            return None
+        depth = self.n_layers - min(layers) if layers else 0
+        return (
+            float(self.memory_base_mib)  # type: ignore[arg-type]
+            + float(self.memory_per_layer_mib or 0.0) * depth
+            + float(self.memory_per_module_mib or 0.0) * modules
+            + float(self.memory_per_mparam_mib or 0.0) * params / 1e6
+        )
+
+    def memory(self, layers: Sequence[int], modules: int, params: int = 0) -> dict[str, float] | None:
+        """Predicted peak training memory and its activation part (MiB, at the calibration batch), or None.
+
+        The activation part is what grows with tokens per step, so a run with another batch can rescale it.
+        """
+        peak = self.peak_memory(layers, modules, params)
+        if peak is None:
+            return None
+        depth = self.n_layers - min(layers) if layers else 0
+        return {
+            "peak_mib": peak,
+            "activations_mib": float(self.memory_per_layer_mib or 0.0) * depth,
+            "resident_mib": float(self.memory_resident_mib or 0.0),
+        }
+
+    def forward_time(self, modules: int) -> float | None:
+        """Predicted seconds of one unmerged no-grad forward over the calibration batch, or None."""
+        if self.forward_base_s is None:
+            return None
+        return float(self.forward_base_s) + float(self.forward_per_module_s or 0.0) * modules
+
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["formula"] = (
             "t = intercept_s + per_layer_backward_s·(L − min S) + per_module_s·modules"
             " + per_mparam_s·params/1e6"
+        )
+        d["memory_formula"] = (
+            "MiB = memory_base_mib + memory_per_layer_mib·(L − min S) + memory_per_module_mib·modules"
+            " + memory_per_mparam_mib·params/1e6"
         )
         return d
 
@@ -60,9 +169,41 @@ class CostModel:
         return cls(**{f.name: d[f.name] for f in fields if f.name in d or f.default is dataclasses.MISSING})
 
 
+@dataclasses.dataclass(frozen=True)
+class _Timed:
+    s_per_step: float
+    resident_mib: float | None  # in use when the steps began; None: no per-run peak on this system
+    peak_mib: float
+    forward_s: float
+
+
+def _forward_time(model, batch: dict[str, torch.Tensor], *, warm: bool) -> float:
+    """Seconds of one no-grad forward in eval mode (after one warm-up pass unless ``warm``)."""
+    device = next(model.parameters()).device
+    ids = batch["input_ids"].to(device)
+    mask = batch["attention_mask"].to(device)
+    was = model.training
+    model.eval()
+    times = []
+    try:
+        with torch.no_grad():
+            for i in range(1 if warm else 2):
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                t = time.perf_counter()
+                model(input_ids=ids, attention_mask=mask, use_cache=False)
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                if warm or i > 0:
+                    times.append(time.perf_counter() - t)
+    finally:
+        model.train(was)
+    return float(min(times))
+
+
 def _time_steps(
     model, targets: list[str], batch: dict[str, torch.Tensor], steps: int, rank: int = 8
-) -> float:
+) -> _Timed:
     from peft import LoraConfig, get_peft_model
 
     from layercard.tasks.loss import loss_sum
@@ -79,6 +220,7 @@ def _time_steps(
         mask = batch["attention_mask"].to(device)
         labels = batch["labels"].to(device)
         times = []
+        resident = reset_peak_memory(device)
         for i in range(steps + 1):
             if device.type == "cuda":
                 torch.cuda.synchronize()
@@ -86,14 +228,18 @@ def _time_steps(
             out = peft_model(input_ids=ids, attention_mask=mask, use_cache=False)
             loss, n = loss_sum(out.logits, labels)
             (loss / max(n, 1)).backward()
+            del out, loss
             opt.step()
             opt.zero_grad(set_to_none=True)
             if device.type == "cuda":
                 torch.cuda.synchronize()
             if i > 0:  # the first step pays one-off allocation costs
                 times.append(time.perf_counter() - t)
+        peak, _ = peak_memory(device)
+        del opt
+        forward = _forward_time(peft_model, batch, warm=True)  # the training steps warmed it
         # Interference from other work only ever adds time, so the fastest step is the best estimate.
-        return float(np.min(times))
+        return _Timed(float(np.min(times)), resident, float(peak), forward)
     finally:
         peft_model.unload()
         for p, r in zip(model.parameters(), requires, strict=True):
@@ -104,7 +250,9 @@ def calibrate(
     model, tokenizer, batch: dict[str, torch.Tensor], roles: Sequence[str], *, steps: int = 2, progress=None
 ) -> CostModel:
     """Time LoRA steps (top layer alone, bottom layer alone, middle layer, all layers at rank 8, all layers at
-    rank 32) and fit the cost model's coefficients."""
+    rank 32), measure each one's peak memory and unmerged forward time, and fit the cost model."""
+    from scipy.optimize import nnls
+
     from layercard import models
 
     n_layers = models.num_layers(model)
@@ -114,13 +262,15 @@ def calibrate(
         configs.insert(2, ([n_layers // 2], 8))
     rows = []
     was_training = model.training
+    device = next(model.parameters()).device
+    base_forward = _forward_time(model, batch, warm=False)
     model.train()
     try:
         for layers, rank in track(configs, "cost calibration", total=len(configs), enabled=progress):
             specs = models.units(model, roles, layers=layers)
             if not specs:
                 raise LayercardError(f"cost calibration: no units for roles {list(roles)} in layers {layers}")
-            t = _time_steps(model, [s.name for s in specs], batch, steps, rank)
+            timed = _time_steps(model, [s.name for s in specs], batch, steps, rank)
             params = sum(rank * (s.d_in + s.d_out) for s in specs)
             rows.append(
                 {
@@ -128,18 +278,33 @@ def calibrate(
                     "modules": len(specs),
                     "rank": rank,
                     "params": params,
-                    "s_per_step": round(t, 4),
+                    "s_per_step": round(timed.s_per_step, 4),
+                    "resident_mib": None if timed.resident_mib is None else round(timed.resident_mib, 1),
+                    "peak_memory_mib": round(timed.peak_mib, 1),
+                    "forward_s": round(timed.forward_s, 4),
                 }
             )
     finally:
         model.train(was_training)
     x = np.array([[1.0, n_layers - min(r["layers"]), r["modules"], r["params"] / 1e6] for r in rows])
-    y = np.array([r["s_per_step"] for r in rows])
-    # Non-negative least squares: each term is a time, and timing noise must not make one negative.
-    from scipy.optimize import nnls
-
-    coef, _ = nnls(x, y)
-    device = str(next(model.parameters()).device)
+    # Non-negative least squares: each term is a time or a size, and noise must not make one negative.
+    coef, _ = nnls(x, np.array([r["s_per_step"] for r in rows]))
+    memory: dict[str, Any] = {}
+    if all(r["resident_mib"] is not None for r in rows):  # a lifetime peak says nothing about one placement
+        # What each placement adds over the memory in use before its steps, so that the model transfers to
+        # a training process whose resident size differs from the card's.
+        mem, _ = nnls(x, np.array([r["peak_memory_mib"] - r["resident_mib"] for r in rows]))
+        resident = float(np.median([r["resident_mib"] for r in rows]))
+        memory = {
+            "memory_resident_mib": resident,
+            "memory_base_mib": resident + float(mem[0]),
+            "memory_per_layer_mib": float(mem[1]),
+            "memory_per_module_mib": float(mem[2]),
+            "memory_per_mparam_mib": float(mem[3]),
+            "memory_kind": peak_memory(device)[1],
+        }
+    fwd_rows = [(0, base_forward)] + [(r["modules"], r["forward_s"]) for r in rows]
+    fwd, _ = nnls(np.array([[1.0, m] for m, _ in fwd_rows]), np.array([t for _, t in fwd_rows]))
     return CostModel(
         intercept_s=float(coef[0]),
         per_layer_backward_s=float(coef[1]),
@@ -149,5 +314,8 @@ def calibrate(
         batch_size=int(batch["input_ids"].shape[0]),
         batch_tokens=int(batch["attention_mask"].sum()),
         measured=rows,
-        device=device,
+        device=str(device),
+        forward_base_s=float(fwd[0]),
+        forward_per_module_s=float(fwd[1]),
+        **memory,
     )

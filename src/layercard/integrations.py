@@ -33,11 +33,12 @@ import torch
 from transformers import TrainerCallback
 
 from layercard.artifacts import Provenance
+from layercard.cost import peak_memory, reset_peak_memory
 from layercard.errors import LayercardError
 from layercard.plan import Plan
 from layercard.tasks import IGNORE_INDEX, Task
 from layercard.train import METRICS_FILE, TrainMetrics
-from layercard.train.metrics import median_time, peak_memory
+from layercard.train.metrics import median_time, predictions
 
 __all__ = ["LayercardCallback"]
 
@@ -64,6 +65,7 @@ class LayercardCallback(TrainerCallback):
         self._start_step = 0
         self._hook: Any = None
         self._device = torch.device("cpu")
+        self._memory_start: float | None = None
 
     # ---- events ---------------------------------------------------------------------------------------
     def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
@@ -73,8 +75,7 @@ class LayercardCallback(TrainerCallback):
         if model is not None:
             self._device = next(model.parameters()).device
             self._hook = model.register_forward_pre_hook(self._count, with_kwargs=True)
-        if self._device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self._device)
+        self._memory_start = reset_peak_memory(self._device)
 
     def _count(self, module: Any, args: tuple, kwargs: dict) -> None:
         if not module.training:  # evaluation passes are not training tokens
@@ -130,9 +131,6 @@ class LayercardCallback(TrainerCallback):
         plan, card = self.plan, self.plan.card
         steps = int(state.global_step)
         s_per_step, tokens_per_s = median_time(self.step_times)
-        predicted = plan.predicted.get("step_time_s")
-        calib_size = plan.predicted.get("calibration_batch_size")
-        calib_tokens = plan.predicted.get("calibration_batch_tokens")
         done = steps - self._start_step
         tokens_per_step = self.tokens / done if done else None
         world = max(1, int(getattr(args, "world_size", 1) or 1))
@@ -187,21 +185,11 @@ class LayercardCallback(TrainerCallback):
             "first_train_loss": self.loss_curve[0][1] if self.loss_curve else None,
             "final_train_loss": self.loss_curve[-1][1] if self.loss_curve else None,
             "final_val_loss": self.val_curve[-1][1] if self.val_curve else None,
-            "predicted_step_time_s": predicted,
-            "predicted_batch_size": int(calib_size) if calib_size else None,
-            "predicted_batch_tokens": int(calib_tokens) if calib_tokens else None,
             "batch_size": batch,
             "batch_tokens_per_step": tokens_per_step,
-            "step_time_ratio": (s_per_step / predicted) if predicted and s_per_step else None,
-            # as layercard train does: the cost model was timed on the card's batch, so the prediction is
-            # also given at this run's tokens per step
-            "predicted_step_time_scaled_s": (
-                predicted * tokens_per_step / calib_tokens
-                if predicted and calib_tokens and tokens_per_step
-                else None
-            ),
             "resumed_from": self._start_step or None,
             "wall_time_s": round(wall, 3),
+            **predictions(plan.predicted, s_per_step, tokens_per_step, peak, self._memory_start),
         }
 
 

@@ -99,6 +99,7 @@ def _print_search_plan(plan) -> None:
         f"{p['modules']} modules, predicted quality {q['fraction']:.3f}"
         + ("" if err is None else f" ± {err:.3f}")
         + (f", predicted {p['step_time_s']:.3g} s/step" if p.get("step_time_s") else "")
+        + (f", peak {p['memory']['peak_mib']:,.0f} MiB" if p.get("memory") else "")
     )
     console.print(p["recommendation"], highlight=False, soft_wrap=True)
     for w in plan.warnings:

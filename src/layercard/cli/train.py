@@ -131,7 +131,19 @@ def _print_summary(m: dict[str, Any]) -> None:
     if scaled:
         tbl.add_row("predicted s/step at this run's tokens/step", _fmt(scaled, ".3f"))
     tbl.add_row("tokens/s", _fmt(m["tokens_per_s"], ",.0f"))
-    tbl.add_row(f"peak memory ({m['peak_memory_kind']})", f"{m['peak_memory_mib']:,.0f} MiB")
+    peak_pred = m.get("predicted_peak_memory_scaled_mib") or m.get("predicted_peak_memory_mib")
+    tbl.add_row(
+        f"peak memory ({m['peak_memory_kind']}) measured / predicted",
+        f"{m['peak_memory_mib']:,.0f} / {_fmt(peak_pred, ',.0f')} MiB"
+        + (f"  (×{m['peak_memory_ratio']:.2f})" if m.get("peak_memory_ratio") else ""),
+    )
+    if m.get("training_memory_ratio"):
+        start = m["peak_memory_start_mib"]
+        tbl.add_row(
+            "memory training added measured / predicted",
+            f"{m['peak_memory_mib'] - start:,.0f} / {m['predicted_training_memory_mib']:,.0f} MiB"
+            f"  (×{m['training_memory_ratio']:.2f})",
+        )
     tbl.add_row(
         "train loss first → last",
         f"{_fmt(m['first_train_loss'], '.4f')} → {_fmt(m['final_train_loss'], '.4f')}",

@@ -7,8 +7,10 @@ import math
 
 from layercard.errors import LayercardError
 
-BUDGET_KINDS: tuple[str, ...] = ("layers", "params", "step_time", "modules")
+BUDGET_KINDS: tuple[str, ...] = ("layers", "params", "step_time", "modules", "memory")
 _SUFFIX = {"k": 1e3, "m": 1e6, "g": 1e9}
+# Memory budgets are in MiB; a unit may be written after the number.
+_MEMORY_UNITS = {"gib": 1024.0, "gb": 1024.0, "g": 1024.0, "mib": 1.0, "mb": 1.0, "m": 1.0}
 
 
 def _shown(kind: str, v: object) -> str:
@@ -16,12 +18,14 @@ def _shown(kind: str, v: object) -> str:
     whole = (
         isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and float(v).is_integer()
     )
-    return (str(int(v)) if whole else repr(v)) + (" s" if kind == "step_time" else "")  # type: ignore[arg-type]
+    unit = {"step_time": " s", "memory": " MiB"}.get(kind, "")
+    return (str(int(v)) if whole else repr(v)) + unit  # type: ignore[arg-type]
 
 
 @dataclasses.dataclass(frozen=True)
 class Budget:
-    """A cap on one cost of a placement: ``layers``, ``params``, ``step_time`` (seconds) or ``modules``.
+    """A cap on one cost of a placement: ``layers``, ``params``, ``step_time`` (seconds), ``modules`` or
+    ``memory`` (peak training memory, MiB).
 
     ``relative`` budgets are multiples of the reference placement's cost (``params=0.25x``).
     """
@@ -46,7 +50,8 @@ class Budget:
 
     @classmethod
     def parse(cls, text: str) -> Budget:
-        """``'layers=8'``, ``'params=2.5M'``, ``'step_time=1.5'``, ``'modules=16'``, ``'params=0.25x'``."""
+        """``'layers=8'``, ``'params=2.5M'``, ``'step_time=1.5'``, ``'modules=16'``, ``'memory=6G'``,
+        ``'params=0.25x'``."""
         kind, sep, raw = str(text).partition("=")
         kind, raw = kind.strip().lower().replace("-", "_"), raw.strip().lower()
         if not sep or not kind or not raw:
@@ -62,6 +67,10 @@ class Budget:
         mult = 1.0
         if kind == "params" and not relative and raw and raw[-1] in _SUFFIX:
             raw, mult = raw[:-1], _SUFFIX[raw[-1]]
+        if kind == "memory" and not relative:
+            unit = next((u for u in _MEMORY_UNITS if raw.endswith(u) and raw[: -len(u)].strip()), None)
+            if unit is not None:
+                raw, mult = raw[: -len(unit)].strip(), _MEMORY_UNITS[unit]
         try:
             value = float(raw) * mult
         except ValueError:

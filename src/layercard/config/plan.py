@@ -11,7 +11,7 @@ from layercard.config.schema import Schema, setting
 # Policies that search matrices × layers × rank (the recommendation and the practitioners' fixed rules,
 # each fitted to the budgets); they take several budgets, absolute or relative to the reference.
 SEARCH_POLICIES: tuple[str, ...] = ("recommend", "peft-default", "all-linear", "last-n")
-SEARCH_BUDGET_KINDS: tuple[str, ...] = ("params", "modules", "step_time")
+SEARCH_BUDGET_KINDS: tuple[str, ...] = ("params", "modules", "step_time", "memory")
 POLICIES: tuple[str, ...] = (
     *SEARCH_POLICIES,
     "card",
@@ -43,7 +43,8 @@ class PlanConfig(Schema):
     budget: Budgets | None = setting(
         None,
         kind="budget",
-        help="layers=N | params=N (k/M suffix) | step_time=SECONDS | modules=N; relative: params=0.25x; "
+        help="layers=N | params=N (k/M suffix) | step_time=SECONDS | modules=N | memory=MIB (or 6G); "
+        "relative: params=0.25x; "
         "several (search policies): params=0.25x,step_time=0.6x; null for policy all",
     )
     target: float | None = setting(

@@ -3,7 +3,8 @@
 Every candidate is a uniform-rank LoRA placement: a matrix set (q,v | attention | mlp | all-linear), a
 layer set (all layers; the last n; n layers spread evenly over depth) and a rank. Each gets its predicted
 quality (:mod:`layercard.plan.quality`) and its costs: trainable parameters, adapted modules and, when the
-card carries a calibrated cost model, seconds per training step. Budgets may be absolute or relative to
+card carries a calibrated cost model, seconds per training step, peak training memory (MiB) and seconds of
+an unmerged forward pass. Budgets may be absolute or relative to
 the reference placement (every linear unit of every layer at rank 8): ``params=0.25x``
 (:class:`layercard.config.Budget`).
 
@@ -72,7 +73,9 @@ class Search:
     def fitting(self, budgets: Sequence[Budget]) -> list[Candidate]:
         for b in budgets:
             if b.kind not in self.reference:
-                raise LayercardError(f"budget {b}: the card has no cost model (run card with --calibrate)")
+                raise LayercardError(
+                    f"budget {b}: the card's cost model does not give {b.kind} (run card with --calibrate)"
+                )
         caps = [(b.kind, b.cap(self.reference)) for b in budgets]
         return [c for c in self.candidates if all(c.costs[k] <= cap * (1 + 1e-9) for k, cap in caps)]
 
@@ -115,10 +118,11 @@ def search(
     card: Card,
     *,
     predict: Callable[[Q.Features], float],
-    step_time: Callable[[Sequence[UnitRow], Sequence[int]], float] | None = None,
+    costs: Callable[[Sequence[UnitRow], Sequence[int]], dict[str, float]] | None = None,
     ranks: Sequence[int] = RANKS,
 ) -> Search:
-    """Price every candidate of the card: quality from ``predict``, step time from ``step_time`` if given."""
+    """Price every candidate of the card: quality from ``predict``; parameters and modules from the units;
+    the measured kinds (``step_time``, ``memory``, ``forward_s``) from ``costs`` where given."""
     roles_have = {u.role for u in card.units}
     by_layer: dict[int, list[UnitRow]] = {}
     for u in card.units:
@@ -136,16 +140,16 @@ def search(
             for r in ranks:
                 ranks_map = {u.key: r for u in units}
                 f = basis.features(ranks_map)
-                costs = {
+                priced = {
                     "params": float(sum(r * (u.d_in + u.d_out) for u in units)),
                     "modules": float(len(units)),
                 }
-                if step_time is not None:
-                    costs["step_time"] = float(step_time(units, [r] * len(units)))
-                c = Candidate(mname, tuple(layers), rule, r, predict(f), costs, tuple(ranks_map.items()))
+                if costs is not None:
+                    priced.update(costs(units, [r] * len(units)))
+                c = Candidate(mname, tuple(layers), rule, r, predict(f), priced, tuple(ranks_map.items()))
                 out.append(c)
                 if mname == "all-linear" and rule == "all" and r == Q.REFERENCE_RANK:
-                    reference = dict(costs)
+                    reference = dict(priced)
     if reference is None:
         # A card without every linear role: its own units at rank 8 are the reference.
         units = list(card.units)
@@ -153,8 +157,8 @@ def search(
             "params": float(sum(Q.REFERENCE_RANK * (u.d_in + u.d_out) for u in units)),
             "modules": float(len(units)),
         }
-        if step_time is not None:
-            reference["step_time"] = float(step_time(units, [Q.REFERENCE_RANK] * len(units)))
+        if costs is not None:
+            reference.update(costs(units, [Q.REFERENCE_RANK] * len(units)))
     if not out:
         raise LayercardError("search: the card has no units of any matrix set (q,v, attention, mlp)")
     return Search(card, tuple(out), reference)

@@ -120,10 +120,16 @@ def _roles_and_score(card: Card, cfg: PlanConfig) -> tuple[tuple[str, ...], str]
     score = cfg.score or card.default_score
     if score not in SCORES:
         raise LayercardError(f"card default_score {score!r} unknown; valid: {', '.join(SCORES)}")
-    if (cfg.budget is not None and cfg.budget.kind == "step_time") and card.cost is None:
+    kind = cfg.budget.kind if cfg.budget is not None else None
+    if kind in ("step_time", "memory") and card.cost is None:
         raise LayercardError(
-            "budget step_time: the card has no cost model; run `layercard card` with --calibrate "
+            f"budget {kind}: the card has no cost model; run `layercard card` with --calibrate "
             "to time short LoRA runs"
+        )
+    if kind == "memory" and card.cost.get("memory_base_mib") is None:  # type: ignore[union-attr]
+        raise LayercardError(
+            "budget memory: the card's cost model did not measure peak memory (an older card, or a system "
+            "without a per-run peak); run `layercard card --calibrate` again"
         )
     return roles, score
 

@@ -40,6 +40,7 @@ def predicted(
         "coupling": _coupling_note(card),
         "step_time_s": space.step_time(layers),
         "all_layer_step_time_s": space.step_time(space.layers),
+        "memory": space.memory(layers),
         "params": int(params),
         "all_layer_params": int(space.cost(space.layers, "params")),
         "modules": space.modules(layers),

@@ -20,24 +20,33 @@ from layercard.plan.ranks import lora_config
 RULES = ("peft-default", "all-linear", "last-n")
 
 
-def _step_time_fn(card: Card) -> Any:
+def _costs_fn(card: Card) -> Any:
+    """The measured cost kinds of a placement from the card's calibrated cost model (None without one)."""
     if card.cost is None:
         return None
     from layercard.cost import CostModel
 
     cm = CostModel.from_dict(card.cost)
 
-    def step_time(units: Sequence[UnitRow], ranks: Sequence[int]) -> float:
+    def costs(units: Sequence[UnitRow], ranks: Sequence[int]) -> dict[str, float]:
         params = sum(r * (u.d_in + u.d_out) for u, r in zip(units, ranks, strict=True))
-        return cm.step_time([u.layer for u in units], len(units), params)
+        layers = [u.layer for u in units]
+        out = {"step_time": cm.step_time(layers, len(units), params)}
+        memory = cm.peak_memory(layers, len(units), params)
+        if memory is not None:
+            out["memory"] = memory
+        forward = cm.forward_time(len(units))
+        if forward is not None:
+            out["forward_s"] = forward
+        return out
 
-    return step_time
+    return costs
 
 
 def price(card: Card, model: Q.QualityModel | None = None) -> F.Search:
     """Every candidate of the card, priced with the quality model and the card's cost model."""
     model = model or Q.default_model()
-    return F.search(card, predict=model.predict, step_time=_step_time_fn(card))
+    return F.search(card, predict=model.predict, costs=_costs_fn(card))
 
 
 def sentence(rec: F.Candidate, defaults: dict[str, F.Candidate | None], error: float | None) -> str:
@@ -174,4 +183,16 @@ def _predicted(
     if card.cost is not None:  # the batch the step times refer to, so train can compare like with like
         pred["calibration_batch_size"] = card.cost.get("batch_size")
         pred["calibration_batch_tokens"] = card.cost.get("batch_tokens")
+        pred["memory"] = _memory(card, chosen)
+        pred["forward_s"] = chosen.costs.get("forward_s")
     return pred
+
+
+def _memory(card: Card, chosen: F.Candidate) -> dict[str, float] | None:
+    """The chosen placement's predicted peak memory and its activation part (see CostModel.memory)."""
+    from layercard.cost import CostModel
+
+    by_key = {u.key: u for u in card.units}
+    units = [(by_key[key], r) for key, r in chosen.units]
+    params = sum(r * (u.d_in + u.d_out) for u, r in units)
+    return CostModel.from_dict(card.cost).memory([u.layer for u, _ in units], len(units), params)  # type: ignore[arg-type]

@@ -74,6 +74,13 @@ class Space:
         params = int(sum(self.layer_params(layer) for layer in layers)) if self.kind == "lora" else 0
         return float(self.cost_model.step_time(list(layers), self.modules(layers), params))
 
+    def memory(self, layers: Sequence[int]) -> dict[str, float] | None:
+        """Predicted peak training memory and its activation part (MiB, §5), or None if not measured."""
+        if self.cost_model is None:
+            return None
+        params = int(sum(self.layer_params(layer) for layer in layers)) if self.kind == "lora" else 0
+        return self.cost_model.memory(list(layers), self.modules(layers), params)
+
     def cost(self, layers: Sequence[int], kind: str) -> float:
         """Cost of a layer set in a budget kind's unit (step time is non-additive: it depends on min S)."""
         if kind == "layers":
@@ -82,6 +89,11 @@ class Space:
             return float(self.modules(layers))
         if kind == "params":
             return float(sum(self.layer_params(layer) for layer in layers))
+        if kind == "memory":
+            m = self.memory(layers)
+            if m is None:  # guarded in make_plan; kept so a misuse never silently costs 0
+                raise LayercardError("budget memory: the card's cost model did not measure memory")
+            return m["peak_mib"]
         t = self.step_time(layers)
         if t is None:  # guarded in make_plan; kept so a misuse never silently costs 0
             raise LayercardError("budget step_time: the card has no cost model")
@@ -101,6 +113,8 @@ def amount(x: float, kind: str) -> str:
     """A cost with its unit, as messages show it: ``0.44 s``, ``12288 params``, ``3 layers``."""
     if kind == "step_time":
         return f"{x:.3g} s"
+    if kind == "memory":
+        return f"{x:.0f} MiB"
     return f"{int(x)} {kind}" if float(x).is_integer() else f"{x:.4g} {kind}"
 
 
@@ -111,7 +125,9 @@ def budget_text(budget: Any) -> str:
 
 def budget_label(text: str) -> str:
     """A budget as plan.json records it (``step_time=0.44``), with its unit for display (``... s``)."""
-    return text + (" s" if text.startswith("step_time=") else "")
+    if text.startswith("memory=") and not text.endswith("x"):
+        return text + " MiB"
+    return text + (" s" if text.startswith("step_time=") and not text.endswith("x") else "")
 
 
 def build_space(

@@ -151,7 +151,8 @@ def train_table(metrics: dict[str, TrainMetrics]) -> Table:
         "s/step (measured)",
         "s/step (predicted)",
         "tokens/s",
-        "peak MiB",
+        "peak MiB (measured)",
+        "peak MiB (predicted)",
         "train loss first → last",
         "val loss",
     ]
@@ -163,6 +164,7 @@ def train_table(metrics: dict[str, TrainMetrics]) -> Table:
             fmt(predicted_s_per_step(m), ".3f"),
             fmt(m.tokens_per_s, ",.0f"),
             fmt(m.peak_memory_mib, ",.0f"),
+            fmt(m.predicted_peak_memory_scaled_mib or m.predicted_peak_memory_mib, ",.0f"),
             f"{fmt(m.first_train_loss)} → {fmt(m.final_train_loss)}",
             fmt(m.final_val_loss),
         ]

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from layercard.artifacts import Provenance, check_out_folder, remove_stale_temps, sha256_json, writer_lock
+from layercard.cost import peak_memory, reset_peak_memory
 from layercard.errors import LayercardError
 from layercard.models import LoadedModel
 from layercard.plan import Plan, check_model_matches
@@ -33,7 +34,7 @@ from layercard.train.checkpoints import (
 )
 from layercard.train.config import _MIXED_PRECISION, VALID_KINDS, TrainConfig
 from layercard.train.data import Stream, lr_lambda
-from layercard.train.metrics import METRICS_FILE, TrainMetrics, eval_loss, median_time, peak_memory
+from layercard.train.metrics import METRICS_FILE, TrainMetrics, eval_loss, median_time, predictions
 from layercard.train.model import ADAPTER_DIR, Adapted, check_4bit, load_4bit, write_adapter
 
 StepCallback = Callable[[int, float, nn.Module], None]
@@ -219,10 +220,9 @@ def _train(
             state = _State.from_checkpoint(saved)
         # The scheduler is stepped by hand: Accelerate's wrapper would step it once per process.
         adapted.prepared, optimizer = accelerator.prepare(model, optimizer)
-        if accelerator.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(accelerator.device)
+        start = reset_peak_memory(accelerator.device)
         _loop(run, state, adapted.prepared, optimizer, scheduler, trainable, progress, callback)
-        return _finish(run, state, adapted, trainable).to_dict()
+        return _finish(run, state, adapted, trainable, start).to_dict()
     finally:
         adapted.restore(accelerator)
 
@@ -423,13 +423,19 @@ def _check_finite(run: _Run, step: int, what: str, value: float) -> None:
     )
 
 
-def _finish(run: _Run, state: _State, adapted: Adapted, trainable: dict[str, nn.Parameter]) -> TrainMetrics:
+def _finish(
+    run: _Run,
+    state: _State,
+    adapted: Adapted,
+    trainable: dict[str, nn.Parameter],
+    memory_start: float | None,
+) -> TrainMetrics:
     """Measure, then (main process) write ``adapter/`` and ``train_metrics.json``."""
     acc = run.accelerator
     peak, peak_kind = peak_memory(run.device)
     acc.wait_for_everyone()
     inner = acc.unwrap_model(adapted.prepared)
-    metrics = _metrics(run, state, adapted.base, inner, trainable, peak, peak_kind)
+    metrics = _metrics(run, state, adapted.base, inner, trainable, peak, peak_kind, memory_start)
     if acc.is_main_process:
         write_adapter(run.out_dir / ADAPTER_DIR, run.kind, inner, adapted.aset, run.loaded.model_hash)
         metrics.save(run.out_dir / METRICS_FILE)
@@ -446,12 +452,11 @@ def _metrics(
     trainable: dict[str, nn.Parameter],
     peak: float,
     peak_kind: str,
+    memory_start: float | None,
 ) -> TrainMetrics:
     """The run's :class:`TrainMetrics`, with the cost measurements next to the plan's predictions."""
     cfg, kind, plan, loaded, step = run.cfg, run.kind, run.plan, run.loaded, state.step
     s_per_step, tokens_per_s = median_time(state.step_times)
-    predicted = plan.predicted.get("step_time_s")
-    calib_size, calib_tokens = _calibration(plan)
     tokens_per_step = state.tokens_seen / step if step else None
     wall = run.wall(state)
     prov = Provenance.make(
@@ -506,24 +511,9 @@ def _metrics(
         first_train_loss=state.loss_curve[0][1] if state.loss_curve else None,
         final_train_loss=state.loss_curve[-1][1] if state.loss_curve else None,
         final_val_loss=state.val_curve[-1][1] if state.val_curve else None,
-        predicted_step_time_s=predicted,
-        predicted_batch_size=calib_size,
-        predicted_batch_tokens=calib_tokens,
         batch_size=cfg.batch_size * cfg.grad_accum,
         batch_tokens_per_step=tokens_per_step,
-        step_time_ratio=(s_per_step / predicted) if predicted and s_per_step else None,
-        # The cost model was calibrated on the card's batch; CPU step time grows about linearly with
-        # tokens, so the prediction is also given rescaled to this run's tokens per step.
-        predicted_step_time_scaled_s=(
-            predicted * tokens_per_step / calib_tokens if predicted and calib_tokens and step else None
-        ),
         resumed_from=state.resumed_from,
         wall_time_s=round(wall, 3),
+        **predictions(plan.predicted, s_per_step, tokens_per_step, peak, memory_start),
     )
-
-
-def _calibration(plan: Plan) -> tuple[int | None, int | None]:
-    """(batch size, tokens per batch) the card's cost model was timed at, as make_plan recorded them."""
-    size = plan.predicted.get("calibration_batch_size")
-    tokens = plan.predicted.get("calibration_batch_tokens")
-    return (int(size) if size else None), (int(tokens) if tokens else None)

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-import resource
 import statistics
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -63,6 +61,14 @@ class TrainMetrics:
     predicted_step_time_scaled_s: float | None
     resumed_from: int | None
     wall_time_s: float
+    # Added with the memory model; files written before it lack them and read as None.
+    predicted_peak_memory_mib: float | None = None
+    predicted_peak_memory_scaled_mib: float | None = None
+    peak_memory_ratio: float | None = None
+    peak_memory_start_mib: float | None = None
+    predicted_training_memory_mib: float | None = None
+    training_memory_ratio: float | None = None
+    predicted_quality: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The train_metrics.json form (key order as written)."""
@@ -70,8 +76,14 @@ class TrainMetrics:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainMetrics:
-        """Metrics from their JSON form (raises KeyError when a field is missing)."""
-        return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls)})
+        """Metrics from their JSON form (raises KeyError when a required field is missing)."""
+        return cls(
+            **{
+                f.name: d[f.name]
+                for f in dataclasses.fields(cls)
+                if f.name in d or f.default is dataclasses.MISSING
+            }
+        )
 
     def save(self, path: str | Path) -> Path:
         """Write the metrics file (train_metrics.json) atomically."""
@@ -85,13 +97,52 @@ class TrainMetrics:
         )
 
 
-def peak_memory(device: torch.device) -> tuple[float, str]:
-    """(peak MiB, what was measured): CUDA's max allocated, else the process's peak RSS."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20, "cuda_max_memory_allocated"
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    # Linux reports KiB, macOS bytes. This is the whole process's peak, not this run's alone.
-    return rss / (2**20 if sys.platform == "darwin" else 2**10), "process_peak_rss"
+def predictions(
+    predicted: dict[str, Any],
+    s_per_step: float | None,
+    tokens_per_step: float | None,
+    peak_mib: float,
+    start_mib: float | None,
+) -> dict[str, Any]:
+    """The plan's predictions beside what the run measured, as :class:`TrainMetrics` fields.
+
+    The cost model was calibrated on the card's batch. CPU step time grows about linearly with tokens, and
+    so do the activations kept for backward, so both predictions are also given at this run's tokens per
+    step (``*_scaled``). ``step_time_ratio`` is measured over the prediction as planned;
+    ``peak_memory_ratio`` is measured over the scaled prediction where there is one. Memory is also compared
+    as what training adds over the memory in use when it began (``start_mib``), since a training process
+    may hold more or less around the model than the card's did.
+    """
+    peak_mib = round(peak_mib, 1)  # as recorded, so the ratios reproduce from the file
+    start_mib = None if start_mib is None else round(start_mib, 1)
+    step = predicted.get("step_time_s")
+    size = predicted.get("calibration_batch_size")
+    tokens = predicted.get("calibration_batch_tokens")
+    scale = tokens_per_step / tokens if tokens and tokens_per_step else None
+    step_scaled = step * scale if step and scale else None
+    memory = predicted.get("memory") or {}
+    peak = memory.get("peak_mib")
+    peak_scaled = (
+        peak + float(memory.get("activations_mib") or 0.0) * (scale - 1.0) if peak and scale else None
+    )
+    peak_ref = peak_scaled or peak
+    resident = memory.get("resident_mib")
+    added = peak_ref - resident if peak_ref and resident else None
+    quality = predicted.get("quality")
+    return {
+        "predicted_step_time_s": step,
+        "predicted_batch_size": int(size) if size else None,
+        "predicted_batch_tokens": int(tokens) if tokens else None,
+        "step_time_ratio": (s_per_step / step) if step and s_per_step else None,
+        "predicted_step_time_scaled_s": step_scaled,
+        "predicted_peak_memory_mib": peak,
+        "predicted_peak_memory_scaled_mib": peak_scaled,
+        "peak_memory_ratio": (peak_mib / peak_ref) if peak_ref else None,
+        "peak_memory_start_mib": start_mib,
+        "predicted_training_memory_mib": added,
+        "training_memory_ratio": (peak_mib - start_mib) / added if added and start_mib is not None else None,
+        "predicted_quality": quality.get("fraction") if isinstance(quality, dict) else None,
+    }
 
 
 def median_time(step_times: list[list[Any]]) -> tuple[float | None, float | None]:

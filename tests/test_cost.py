@@ -1,0 +1,68 @@
+"""The cost model's measurements: a per-run peak-memory window, calibration on a tiny model, and the
+memory terms' arithmetic."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from tiny import tiny_model
+
+from layercard.cost import CostModel, calibrate, peak_memory, reset_peak_memory
+
+CPU = torch.device("cpu")
+
+
+def test_peak_memory_window_sees_an_allocation_and_resets():
+    start = reset_peak_memory(CPU)
+    if start is None:
+        pytest.skip("this system has no per-run resident peak (/proc/self/clear_refs)")
+    big = torch.ones(64 * 2**20 // 4 * 4)  # 256 MiB, touched
+    peak, kind = peak_memory(CPU)
+    assert kind == "process_peak_rss"
+    assert peak >= start + 200
+    del big
+    again = reset_peak_memory(CPU)
+    assert again is not None and again < peak - 200  # the freed tensor went back to the system
+    assert peak_memory(CPU)[0] < peak - 200  # and the new window starts below the old peak
+
+
+def test_memory_terms():
+    cm = CostModel(
+        intercept_s=1.0, per_layer_backward_s=0.1, per_module_s=0.01, n_layers=10, batch_size=2,
+        batch_tokens=100, measured=[], device="cpu", memory_resident_mib=500.0, memory_base_mib=520.0,
+        memory_per_layer_mib=10.0, memory_per_module_mib=1.0, memory_per_mparam_mib=16.0,
+        forward_base_s=0.2, forward_per_module_s=0.001,
+    )  # fmt: skip
+    # layers 7..9: backward reaches 3 layers; 6 modules; 2M params
+    assert cm.peak_memory([7, 8, 9], 6, 2_000_000) == pytest.approx(520 + 30 + 6 + 32)
+    parts = cm.memory([9, 7], 6, 2_000_000)
+    assert parts == {"peak_mib": pytest.approx(588.0), "activations_mib": 30.0, "resident_mib": 500.0}
+    assert cm.forward_time(6) == pytest.approx(0.206)
+    old = CostModel.from_dict(
+        {k: v for k, v in cm.to_dict().items() if not k.startswith(("memory", "forward"))}
+    )
+    assert old.peak_memory([0], 1) is None and old.memory([0], 1) is None and old.forward_time(3) is None
+    assert CostModel.from_dict(cm.to_dict()) == cm
+
+
+def test_calibration_measures_memory_and_latency():
+    model = tiny_model("llama", seed=0)
+    torch.manual_seed(0)
+    ids = torch.randint(5, 90, (4, 48))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+    cm = calibrate(model, None, batch, ["q", "v"], steps=1)
+    assert len(cm.measured) == 5 and cm.batch_tokens == 4 * 48
+    for row in cm.measured:
+        assert row["s_per_step"] > 0 and row["forward_s"] > 0 and row["peak_memory_mib"] > 0
+    assert cm.forward_base_s is not None and cm.forward_base_s > 0 and cm.forward_per_module_s >= 0
+    if reset_peak_memory(CPU) is None:
+        assert cm.memory_base_mib is None  # a lifetime peak is not a per-placement measurement
+        return
+    assert all(row["peak_memory_mib"] >= row["resident_mib"] > 0 for row in cm.measured)
+    assert cm.memory_base_mib >= cm.memory_resident_mib > 0
+    for name in ("memory_per_layer_mib", "memory_per_module_mib", "memory_per_mparam_mib"):
+        assert math.isfinite(getattr(cm, name)) and getattr(cm, name) >= 0
+    # the model restores: no adapter left, nothing trainable added
+    assert not any("lora" in n for n, _ in model.named_parameters())
