@@ -141,8 +141,10 @@ def test_callback_writes_train_metrics_layercard_reads(trainer_run):
     assert m.s_per_step is not None and m.s_per_step > 0 and m.tokens_per_s > 0
     assert m.predicted_step_time_s == plan.predicted["step_time_s"] > 0
     assert m.step_time_ratio == pytest.approx(m.s_per_step / m.predicted_step_time_s)
+    # scaled by padded positions per step (no padding here: every example has the same length)
+    assert m.batch_positions_per_step == 4 * len(encoded[0]) == m.batch_tokens_per_step
     assert m.predicted_step_time_scaled_s == pytest.approx(
-        m.predicted_step_time_s * m.batch_tokens_per_step / plan.predicted["calibration_batch_tokens"]
+        m.predicted_step_time_s * m.batch_positions_per_step / plan.predicted["calibration_batch_positions"]
     )
     assert m.peak_memory_kind == "process_peak_rss" and m.peak_memory_mib > 0 and m.device == "cpu"
     # the card measured memory, so the plan predicted it and the run compares

@@ -221,10 +221,51 @@ def test_search_policies_build_plans_and_a_comparison():
     assert R.RULES == ("peft-default", "all-linear", "last-n")
 
 
+def test_target_gives_the_cheapest_placement_predicted_to_reach_it():
+    from layercard.config import PlanConfig
+    from layercard.plan import make_plan
+    from layercard.plan import recommend as R
+
+    card = _card()
+    model = Q.QualityModel("capacity", (2.0, 0.3), expected_error=0.04, basis="test")
+    s = R.price(card, model)
+    qualities = sorted({round(c.quality, 6) for c in s.candidates})
+    target = qualities[len(qualities) // 2]  # some placements reach it, some do not
+    orig = Q.DEFAULT_MODEL
+    Q.DEFAULT_MODEL = model
+    try:
+        plan = make_plan(card, PlanConfig(policy="recommend", target=target))
+        capped = make_plan(card, PlanConfig(policy="recommend", target=target, budget="modules=0.5x"))
+        with pytest.raises(LayercardError, match="no placement within modules=0.01x is predicted to reach"):
+            make_plan(card, PlanConfig(policy="recommend", target=0.999, budget="modules=0.01x"))
+    finally:
+        Q.DEFAULT_MODEL = orig
+    # brute force: the least params among every candidate that reaches the target
+    reach = [c for c in s.candidates if c.quality >= target]
+    assert plan.predicted["params"] == min(c.costs["params"] for c in reach)
+    assert plan.predicted["quality"]["fraction"] >= target
+    assert plan.config["target"] == target and plan.predicted["target"] == {
+        "fraction": target,
+        "cost": "params",
+    }
+    assert "cheapest placement predicted to reach" in plan.predicted["recommendation"]
+    # the budget's kind is what "cheapest" means, and the budget still caps
+    cap = 0.5 * s.reference["modules"]
+    ok = [c for c in reach if c.costs["modules"] <= cap]
+    assert capped.predicted["modules"] == min(c.costs["modules"] for c in ok) <= cap
+    # every fixed rule's entry is that rule's cheapest placement reaching the target
+    for rule, row in plan.predicted["defaults"].items():
+        fam = [c for c in s.family(rule) if c.quality >= target]
+        if not fam:
+            assert row is None
+        else:
+            assert row["params"] == min(c.costs["params"] for c in fam)
+
+
 def test_search_policy_settings_are_checked():
     from layercard.config import PlanConfig
 
-    with pytest.raises(LayercardError, match="plan.budget: policy recommend needs a budget"):
+    with pytest.raises(LayercardError, match="plan.budget: policy recommend needs a budget .* or a target"):
         PlanConfig(policy="recommend")
     with pytest.raises(LayercardError, match="not layers"):
         PlanConfig(policy="recommend", budget="layers=8")
@@ -234,6 +275,9 @@ def test_search_policy_settings_are_checked():
         PlanConfig(policy="top", budget="layers=4,params=1000")
     with pytest.raises(LayercardError, match="chooses the matrices"):
         PlanConfig(policy="recommend", budget="params=0.25x", roles="q,v")
+    with pytest.raises(LayercardError, match="plan.target: policy peft-default is a fixed rule"):
+        PlanConfig(policy="peft-default", target=0.9)
+    assert PlanConfig(policy="recommend", target=0.9).budget is None
     with pytest.raises(LayercardError, match="given twice"):
         PlanConfig(policy="recommend", budget="params=0.25x,params=0.5x")
     assert str(PlanConfig(policy="recommend", budget="params=0.25x, step_time=0.6x").budget) == (

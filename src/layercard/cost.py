@@ -33,6 +33,20 @@ _STATUS = Path("/proc/self/status")
 _CLEAR_REFS = Path("/proc/self/clear_refs")
 
 
+def memory_in_use(device: torch.device) -> float | None:
+    """The memory in use now (MiB): CUDA's allocated, or on Linux the resident size once the freed heap is
+    handed back to the system; None elsewhere."""
+    if device.type == "cuda":
+        return torch.cuda.memory_allocated(device) / 2**20
+    if not _STATUS.exists():
+        return None
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass  # not glibc: the resident size may then include freed but cached heap
+    return _status_mib("VmRSS")
+
+
 def reset_peak_memory(device: torch.device) -> float | None:
     """Start a new peak-memory window and return the memory in use at its start (MiB); None where only
     the process's lifetime peak can be read.
@@ -46,15 +60,12 @@ def reset_peak_memory(device: torch.device) -> float | None:
         return torch.cuda.memory_allocated(device) / 2**20
     if not (_STATUS.exists() and _CLEAR_REFS.exists()):
         return None
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass  # not glibc: the peak may then include freed but cached heap
+    start = memory_in_use(device)
     try:
         _CLEAR_REFS.write_text("5")
     except OSError:
         return None
-    return _status_mib("VmRSS")
+    return start
 
 
 def _status_mib(field: str) -> float | None:
@@ -101,6 +112,9 @@ class CostModel:
     # Unmerged inference: seconds of one no-grad forward over the calibration batch.
     forward_base_s: float | None = None
     forward_per_module_s: float | None = None
+    # Padded positions of the calibration batch (batch × length): compute and activations scale with
+    # these, not with the real tokens (None on cards made before it was recorded).
+    batch_positions: int | None = None
 
     def step_time(self, layers: Sequence[int], modules: int, params: int = 0) -> float:
         """Predicted seconds per step: ``modules`` adapters with ``params`` parameters on ``layers``."""
@@ -247,10 +261,22 @@ def _time_steps(
 
 
 def calibrate(
-    model, tokenizer, batch: dict[str, torch.Tensor], roles: Sequence[str], *, steps: int = 2, progress=None
+    model,
+    tokenizer,
+    batch: dict[str, torch.Tensor],
+    roles: Sequence[str],
+    *,
+    steps: int = 2,
+    progress=None,
+    resident_mib: float | None = None,
 ) -> CostModel:
     """Time LoRA steps (top layer alone, bottom layer alone, middle layer, all layers at rank 8, all layers at
-    rank 32), measure each one's peak memory and unmerged forward time, and fit the cost model."""
+    rank 32), measure each one's peak memory and unmerged forward time, and fit the cost model.
+
+    ``resident_mib``: the memory in use with the model loaded and nothing else of the caller's held (the
+    card measures it before its probe pass). A training process starts from about that, not from whatever
+    the caller holds while calibrating; without it the calibration runs' own starting memory is used.
+    """
     from scipy.optimize import nnls
 
     from layercard import models
@@ -294,7 +320,9 @@ def calibrate(
         # What each placement adds over the memory in use before its steps, so that the model transfers to
         # a training process whose resident size differs from the card's.
         mem, _ = nnls(x, np.array([r["peak_memory_mib"] - r["resident_mib"] for r in rows]))
-        resident = float(np.median([r["resident_mib"] for r in rows]))
+        resident = (
+            resident_mib if resident_mib is not None else float(np.median([r["resident_mib"] for r in rows]))
+        )
         memory = {
             "memory_resident_mib": resident,
             "memory_base_mib": resident + float(mem[0]),
@@ -313,6 +341,7 @@ def calibrate(
         n_layers=n_layers,
         batch_size=int(batch["input_ids"].shape[0]),
         batch_tokens=int(batch["attention_mask"].sum()),
+        batch_positions=int(batch["input_ids"].numel()),
         measured=rows,
         device=str(device),
         forward_base_s=float(fwd[0]),

@@ -57,8 +57,10 @@ class LayercardCallback(TrainerCallback):
         self.loss_curve: list[list[float]] = []
         self.val_curve: list[list[float]] = []
         self.tokens = 0
+        self.positions = 0
         self.targets = 0
         self._step_tokens = 0
+        self._step_positions = 0
         self._t_step = 0.0
         self._t0 = 0.0
         self._first = True
@@ -86,6 +88,8 @@ class LayercardCallback(TrainerCallback):
             self._step_tokens += int(mask.sum())
         elif ids is not None:
             self._step_tokens += int(ids.numel())
+        if ids is not None:
+            self._step_positions += int(ids.numel())
         if labels is not None:
             self.targets += int((labels[:, 1:] != IGNORE_INDEX).sum())
 
@@ -97,6 +101,7 @@ class LayercardCallback(TrainerCallback):
         self._sync()
         self._t_step = time.perf_counter()
         self._step_tokens = 0
+        self._step_positions = 0
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self._sync()
@@ -104,6 +109,7 @@ class LayercardCallback(TrainerCallback):
         world = max(1, int(getattr(args, "world_size", 1) or 1))
         self.step_times.append([int(state.global_step), seconds, self._step_tokens * world, self._first])
         self.tokens += self._step_tokens * world
+        self.positions += self._step_positions * world
         self._first = False
 
     def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kwargs: Any) -> None:
@@ -189,7 +195,14 @@ class LayercardCallback(TrainerCallback):
             "batch_tokens_per_step": tokens_per_step,
             "resumed_from": self._start_step or None,
             "wall_time_s": round(wall, 3),
-            **predictions(plan.predicted, s_per_step, tokens_per_step, peak, self._memory_start),
+            **predictions(
+                plan.predicted,
+                s_per_step,
+                tokens_per_step,
+                peak,
+                self._memory_start,
+                self.positions / done if done else None,
+            ),
         }
 
 

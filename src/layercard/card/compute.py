@@ -122,6 +122,11 @@ def compute_card(loaded: Any, task: Any, cfg: CardConfig, *, progress: bool | No
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
     batch_list = list(make_batches(encoded, cfg.batch_size, pad_id))
     device = next(model.parameters()).device
+    resident = None
+    if cfg.calibrate:  # before the probe holds anything: what a training process starts from
+        from layercard.cost import memory_in_use
+
+        resident = memory_in_use(device)
 
     torch.manual_seed(cfg.seed)
     unit_rows: list[UnitRow] = []
@@ -171,7 +176,13 @@ def compute_card(loaded: Any, task: Any, cfg: CardConfig, *, progress: bool | No
 
         t_k = time.perf_counter()
         cost = calibrate(
-            model, tok, batch_list[0], roles, steps=cfg.calibrate_steps, progress=progress
+            model,
+            tok,
+            batch_list[0],
+            roles,
+            steps=cfg.calibrate_steps,
+            progress=progress,
+            resident_mib=resident,
         ).to_dict()
         timings["calibrate_s"] = time.perf_counter() - t_k
 

@@ -94,7 +94,9 @@ def _print_search_plan(plan) -> None:
         console.print(t)
     err = q["expected_error"]
     console.print(
-        f"plan ({plan.config['policy']}, budgets {', '.join(p['budgets']) or 'none'}): "
+        f"plan ({plan.config['policy']}, budgets {', '.join(p['budgets']) or 'none'}"
+        + (f", target {plan.config['target']:g}" if plan.config.get("target") is not None else "")
+        + "): "
         f"{chosen['matrices']} · {chosen['layers']} · r={chosen['rank']}, {p['params']:,} params, "
         f"{p['modules']} modules, predicted quality {q['fraction']:.3f}"
         + ("" if err is None else f" ± {err:.3f}")

@@ -58,10 +58,12 @@ def _comparison(summary: dict[str, Any]) -> Table:
         caption="s/step: training; drop: base eval loss − model eval loss; s/ex: generation",
         caption_justify="left",
     )
-    for col in ("model", "layers", "modules", "s/step", "loss", "drop", primary, "s/ex"):
+    quality = any(r.get("predicted_quality") is not None for r in summary["rows"])
+    cols = ["model", "layers", "modules", "s/step", "loss", "drop", primary, "s/ex"]
+    for col in cols + (["quality m/p"] if quality else []):
         t.add_column(col, justify="left" if col == "model" else "right", no_wrap=True)
     for r in summary["rows"]:
-        t.add_row(
+        cells = [
             r["name"],
             str(len(r["layers"])),
             _fmt(r.get("modules")),
@@ -70,7 +72,14 @@ def _comparison(summary: dict[str, Any]) -> Table:
             _fmt(r.get("measured_gain"), ".3f"),
             _fmt(r.get("primary_value"), ".3f"),
             _fmt(r.get("s_per_example"), ".3f"),
-        )
+        ]
+        if quality:  # measured / predicted fraction of the reference's loss drop
+            cells.append(
+                f"{_fmt(r.get('measured_fraction'), '.2f')}/{_fmt(r.get('predicted_quality'), '.2f')}"
+            )
+        t.add_row(*cells)
+    if summary.get("recommendation"):
+        t.caption = (t.caption or "") + "; quality m/p: measured/predicted fraction of the reference's drop"
     return t
 
 
@@ -106,15 +115,24 @@ def _headline(summary: dict[str, Any]) -> dict[str, Any]:
 
 
 def _run(config: Path, sets: list[str], out: Path, json_out: bool) -> None:
-    from layercard.pipeline import load_config, run_pipeline
+    from layercard.pipeline import load_config
 
     cfg = load_config(config, sets)  # validated in full before anything is written
+    head = _run_cfg(cfg, out, json_out)
+    if json_out:
+        emit_json(head)
+
+
+def _run_cfg(cfg: Any, out: Path, json_out: bool) -> dict[str, Any]:
+    """Run one validated config into ``out``: stage tables and the comparison, or (``json_out``) quiet;
+    returns the headline."""
+    from layercard.pipeline import run_pipeline
+
     summary = run_pipeline(
         cfg, out, progress=progress_flag(json_out), on_stage=None if json_out else _on_stage
     )
     if json_out:
-        emit_json(_headline(summary))
-        return
+        return _headline(summary)
     console.print(_comparison(summary))
     skipped = len(summary["skipped"])
     console.print(
@@ -122,6 +140,7 @@ def _run(config: Path, sets: list[str], out: Path, json_out: bool) -> None:
         f"{summary['threads']} torch thread(s); run folder {out}"
     )
     console.print(f"[bold]report:[/] {summary['report']['html']}  (and {summary['report']['markdown']})")
+    return _headline(summary)
 
 
 @app.command("run")
@@ -138,18 +157,50 @@ def run_cmd(
     _run(config, list(set_ or []), out or Path("runs") / config.stem, json_out)
 
 
+DEMO_TASKS = ("facts", "format")
+
+
 @app.command("demo")
 @guard
 def demo_cmd(
-    out: Annotated[Path, typer.Option("--out", "-o", help="Run folder.")] = DEMO_DIR,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the demo's runs.")] = DEMO_DIR,
     set_: SetOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
-    """The main job on the embedded default: SmolLM2 + synthetic facts, card-guided vs all-layer LoRA
-    vs the trimmed adapter (the packaged demo.yaml; a few minutes on a laptop CPU)."""
-    from layercard.pipeline import demo_config_path
+    """The main job on the embedded default: SmolLM2 and two built-in tasks (facts: new knowledge; format:
+    a new output format). Per task: the card, the recommended placement under a parameter budget against
+    the practitioners' defaults fitted to the same budget and the reference, each trained and evaluated
+    (the packaged demo.yaml; about 10 minutes on 2 CPU cores)."""
+    import time
 
-    _run(demo_config_path(), list(set_ or []), out, json_out)
+    from layercard.pipeline import demo_config_path, load_config
+    from layercard.report.overview import write_overview
+
+    t0 = time.perf_counter()
+    sets = list(set_ or [])
+    # Validate both tasks' configs before either runs.
+    cfgs = {
+        task: load_config(
+            demo_config_path(), [f"task.train=synthetic:{task}", f"task.eval=synthetic:{task}", *sets]
+        )
+        for task in DEMO_TASKS
+    }
+    heads = {}
+    for task, cfg in cfgs.items():
+        if not json_out:
+            console.print(f"[bold]━━ demo task: {task} ━━[/]")
+        heads[task] = _run_cfg(cfg, out / task, json_out)
+    path = out / "demo.md"
+    tasks = write_overview({t: out / t for t in DEMO_TASKS}, path, time.perf_counter() - t0)
+    if json_out:
+        emit_json({"overview": str(path), "tasks": heads})
+        return
+    for task, t in tasks.items():
+        if t["recommendation"]:
+            ranking = ", ".join(f"{r} {100 * s:.0f}%" for r, s in t["matrices"][:3])
+            console.print(f"[bold]{task}[/]: card's top matrices {ranking}", highlight=False)
+            console.print(f"  {t['recommendation']}", highlight=False, soft_wrap=True)
+    console.print(f"[bold]overview:[/] {path}  ({time.perf_counter() - t0:.0f} s)")
 
 
 @app.command("report")

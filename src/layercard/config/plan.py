@@ -32,8 +32,9 @@ ADAPTER_KINDS: tuple[str, ...] = ("lora", "houlsby", "parallel")
 class PlanConfig(Schema):
     """What to plan and under which budget.
 
-    ``target`` asks for the cheapest placement (cost in the budget's kind, default params) whose predicted
-    gain reaches that fraction of the all-layer gain; a budget given with it also caps the cost. ``alpha``
+    ``target`` asks for the cheapest placement (cost in the first budget's kind, default params) predicted to
+    reach that fraction: of the reference's loss drop under policy recommend, of the all-layer gain under
+    the layer policies; budgets given with it also cap the costs. ``alpha``
     defaults to 2·rank per module (so alpha/r = 2 everywhere, also under ``rank='auto'``).
     """
 
@@ -48,7 +49,10 @@ class PlanConfig(Schema):
         "several (search policies): params=0.25x,step_time=0.6x; null for policy all",
     )
     target: float | None = setting(
-        None, kind="fraction", help="or: cheapest placement reaching this fraction of the all-layer gain"
+        None,
+        kind="fraction",
+        help="or: the cheapest placement predicted to reach this fraction (recommend: of the reference's "
+        "loss drop; layer policies: of the all-layer gain)",
     )
     roles: str | None = setting(None, kind="roles", help="roles to adapt; null: the card's roles")
     rank: int | str = setting(
@@ -98,12 +102,18 @@ class PlanConfig(Schema):
                     f"policy {self.policy} searches under {', '.join(SEARCH_BUDGET_KINDS)} budgets, "
                     f"not {b.kind}",
                 )
-        if self.policy in ("recommend", "last-n") and self.budget is None:
+        if self.target is not None and self.policy != "recommend":
+            raise self.fail(
+                "target", f"policy {self.policy} is a fixed rule; a target is for policy recommend"
+            )
+        if self.policy == "recommend" and self.budget is None and self.target is None:
+            raise self.fail("budget", "policy recommend needs a budget (e.g. params=0.25x) or a target")
+        if self.policy == "last-n" and self.budget is None:
             raise self.fail("budget", f"policy {self.policy} needs a budget, e.g. params=0.25x")
         if self.kind != "lora":
             raise self.fail(
                 "kind", f"policy {self.policy} places LoRA; bottleneck adapters use layer policies"
             )
-        for name in ("target", "bands", "roles"):
+        for name in ("bands", "roles"):
             if getattr(self, name) is not None:
                 raise self.fail(name, f"policy {self.policy} chooses the matrices and layers itself")

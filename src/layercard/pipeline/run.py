@@ -17,7 +17,7 @@ from layercard.artifacts import (
 from layercard.errors import LayercardError
 from layercard.pipeline.config import RunConfig
 from layercard.pipeline.stages import Runner, StageCallback
-from layercard.run_layout import BASE_EVAL, TRIMMED_EVAL
+from layercard.run_layout import BASE_EVAL, TRIMMED_EVAL, RunLayout
 
 __all__ = ["RUN_KIND", "SUMMARY_KIND", "choose_threads", "run_pipeline"]
 
@@ -140,8 +140,24 @@ def _summary(runner: Runner, threads: int, t0: float) -> dict[str, Any]:
         "ran": [r.stage for r in runner.results if r.status != "skipped"],
         "skipped": [r.stage for r in runner.results if r.status == "skipped"],
         "primary_metric": results["primary_metric"],
+        "reference": results["reference"],
+        "recommendation": _recommendation(out.root, [p.name for p in cfg.placements]),
         "rows": results["rows"],
         "report": {"html": str(out.report_html.resolve()), "markdown": str(out.report_md.resolve())},
         "threads": threads,
         "wall_time_s": round(time.perf_counter() - t0, 3),
     }
+
+
+def _recommendation(root: Path, names: list[str]) -> dict[str, Any] | None:
+    """The recommend placement and its one-sentence comparison, if the run has one."""
+    from layercard.plan import Plan
+
+    lay = RunLayout(root)
+    for name in names:
+        if not lay.plan_json(name).is_file():
+            continue
+        plan = Plan.load(lay.plan_json(name))
+        if plan.config.get("policy") == "recommend":
+            return {"placement": name, "sentence": plan.predicted["recommendation"]}
+    return None

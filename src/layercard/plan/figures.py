@@ -7,11 +7,20 @@ from typing import Any
 
 from layercard.artifacts import atomic_path
 
-_LABELS = {"params": "trainable parameters", "modules": "adapted modules", "step_time": "s per training step"}
+_LABELS = {
+    "params": "trainable parameters",
+    "modules": "adapted modules",
+    "step_time": "s per training step",
+    "memory": "peak training memory (MiB)",
+}
 
 
-def plot_frontier(plan: Any, path: str | Path) -> Path:
-    """One panel per cost the plan was budgeted on: the frontier, the chosen placement, the fixed rules."""
+def plot_frontier(plan: Any, path: str | Path, measured: dict[str, dict[str, float]] | None = None) -> Path:
+    """One panel per cost the plan was budgeted on: the frontier, the chosen placement, the fixed rules.
+
+    ``measured``: trained placements by name, each with its measured fraction of the reference's loss drop
+    (``fraction``), its predicted one (``predicted``) and its costs by kind; drawn as predicted → measured.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -34,6 +43,20 @@ def plot_frontier(plan: Any, path: str | Path) -> Path:
         ax.scatter(
             [chosen[kind]], [chosen["quality"]], marker="*", s=160, color="black", zorder=5, label="plan"
         )
+        for i, (name, m) in enumerate((measured or {}).items()):
+            if kind not in m:
+                continue
+            ax.annotate(
+                "", (m[kind], m["fraction"]), (m[kind], m["predicted"]),
+                arrowprops={"arrowstyle": "->", "color": "0.4", "lw": 0.8},
+            )  # fmt: skip
+            ax.scatter(
+                [m[kind]], [m["fraction"]], marker="D", s=30, color="tab:green", zorder=6,
+                label="measured (arrow from predicted)" if i == 0 else None,
+            )  # fmt: skip
+            ax.annotate(
+                name, (m[kind], m["fraction"]), fontsize=7, xytext=(4, -8), textcoords="offset points"
+            )
         for b in pred.get("budgets", []):
             if b.startswith(f"{kind}="):
                 cap = _cap(b, pred["reference"])

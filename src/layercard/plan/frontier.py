@@ -96,22 +96,50 @@ class Search:
                 best.append(c)
         return best
 
-    def default_rule(self, rule: str, budgets: Sequence[Budget]) -> Candidate | None:
-        """A practitioners' rule fitted to the budgets as its users would fit it, or None if nothing fits."""
-        ok = {(c.matrices, c.layer_rule, c.rank): c for c in self.fitting(budgets)}
+    def cheapest(self, target: float, kind: str, budgets: Sequence[Budget] = ()) -> Candidate:
+        """The lowest-``kind``-cost candidate within the budgets predicted to reach ``target`` (ties go to
+        the higher predicted quality)."""
+        if kind not in self.reference:
+            raise LayercardError(f"target: cost {kind!r} is not known for this card")
+        ok = [c for c in self.fitting(budgets) if c.quality >= target]
+        if not ok:
+            best = max((c.quality for c in self.fitting(budgets)), default=None)
+            within = f" within {', '.join(map(str, budgets))}" if budgets else ""
+            raise LayercardError(
+                f"target {target:g}: no placement{within} is predicted to reach it"
+                + ("" if best is None else f" (the best is predicted at {best:.3f})")
+            )
+        return min(ok, key=lambda c: (c.costs[kind], -c.quality))
+
+    def family(self, rule: str) -> list[Candidate]:
+        """The placements a practitioners' rule can produce, in the order its users step down:
+        ``peft-default`` and ``all-linear`` from the highest rank, ``last-n`` (rank 8) from the
+        most layers."""
+        by_key = {(c.matrices, c.layer_rule, c.rank): c for c in self.candidates}
         if rule in ("peft-default", "all-linear"):
             matrices = "q,v" if rule == "peft-default" else "all-linear"
-            for r in sorted(RANKS, reverse=True):  # the highest rank that fits
-                if (matrices, "all", r) in ok:
-                    return ok[(matrices, "all", r)]
-            return None
-        if rule == "last-n":
-            for n in sorted(range(1, self.card.n_layers + 1), reverse=True):  # the most layers that fit, r=8
-                key = ("all-linear", "all" if n == self.card.n_layers else f"last-{n}", 8)
-                if key in ok:
-                    return ok[key]
-            return None
-        raise LayercardError(f"unknown rule {rule!r}; valid: peft-default, all-linear, last-n")
+            keys = [(matrices, "all", r) for r in sorted(RANKS, reverse=True)]
+        elif rule == "last-n":
+            n_layers = self.card.n_layers
+            keys = [
+                ("all-linear", "all" if n == n_layers else f"last-{n}", 8) for n in range(n_layers, 0, -1)
+            ]
+        else:
+            raise LayercardError(f"unknown rule {rule!r}; valid: peft-default, all-linear, last-n")
+        return [by_key[k] for k in keys if k in by_key]
+
+    def default_rule(self, rule: str, budgets: Sequence[Budget]) -> Candidate | None:
+        """A practitioners' rule fitted to the budgets as its users would fit it, or None if nothing fits."""
+        ok = {id(c) for c in self.fitting(budgets)}
+        return next((c for c in self.family(rule) if id(c) in ok), None)
+
+    def default_rule_for(
+        self, rule: str, target: float, kind: str, budgets: Sequence[Budget] = ()
+    ) -> Candidate | None:
+        """The cheapest placement of a rule predicted to reach ``target`` within the budgets, or None."""
+        ok = {id(c) for c in self.fitting(budgets)}
+        reach = [c for c in self.family(rule) if id(c) in ok and c.quality >= target]
+        return min(reach, key=lambda c: (c.costs[kind], -c.quality), default=None)
 
 
 def search(

@@ -50,6 +50,7 @@ def predicted(
     if card.cost is not None:  # the batch the step times refer to, so train can compare like with like
         out["calibration_batch_size"] = card.cost.get("batch_size")
         out["calibration_batch_tokens"] = card.cost.get("batch_tokens")
+        out["calibration_batch_positions"] = card.cost.get("batch_positions")
     return out
 
 

@@ -16,6 +16,7 @@ from layercard.plan import quality as Q
 from layercard.plan.artifact import Plan, PlannedUnit
 from layercard.plan.predict import card_summary, provenance
 from layercard.plan.ranks import lora_config
+from layercard.plan.space import amount
 
 RULES = ("peft-default", "all-linear", "last-n")
 
@@ -82,8 +83,41 @@ def sentence(rec: F.Candidate, defaults: dict[str, F.Candidate | None], error: f
     )
 
 
-def _chosen(search: F.Search, policy: str, budgets: Sequence[Budget], rank: int) -> F.Candidate:
+def target_sentence(
+    rec: F.Candidate,
+    defaults: dict[str, F.Candidate | None],
+    target: float,
+    kind: str,
+    reference: dict[str, float],
+    error: float | None,
+) -> str:
+    """One sentence: the cheapest placement predicted to reach ``target``, against the cheapest fixed rule
+    predicted to reach it."""
+    err = "unknown" if error is None else f"±{100 * error:.0f} points"
+
+    def cost(c: F.Candidate) -> str:
+        return f"{amount(c.costs[kind], kind)} ({c.costs[kind] / reference[kind]:.2f}× the reference)"
+
+    head = (
+        f"{rec.label}: the cheapest placement predicted to reach {100 * target:.0f}% of the reference's loss "
+        f"drop (predicted {100 * rec.quality:.0f}%, expected error {err}) at {cost(rec)}"
+    )
+    fitted = {k: v for k, v in defaults.items() if v is not None}
+    if not fitted:
+        return head + "; no practitioners' default is predicted to reach it."
+    name, best = min(fitted.items(), key=lambda kv: (kv[1].costs[kind], -kv[1].quality))
+    if (best.matrices, best.layer_rule, best.rank) == (rec.matrices, rec.layer_rule, rec.rank):
+        return head + f"; this is also the cheapest {name} placement that reaches it."
+    return head + f"; the cheapest fixed rule that does is {name} ({best.label}) at {cost(best)}."
+
+
+def _chosen(
+    search: F.Search, cfg: PlanConfig, budgets: Sequence[Budget], rank: int, kind: str
+) -> F.Candidate:
+    policy = cfg.policy
     if policy == "recommend":
+        if cfg.target is not None:
+            return search.cheapest(cfg.target, kind, budgets)
         return search.recommend(budgets)
     need = "q,v" if policy == "peft-default" else "all-linear"
     if not any(c.matrices == need for c in search.candidates):
@@ -109,17 +143,28 @@ def search_plan(
     model = model or Q.default_model()
     search = price(card, model)
     rank = int(cfg.rank) if cfg.rank != "auto" else Q.REFERENCE_RANK
-    chosen = _chosen(search, cfg.policy, budgets, rank)
-    defaults = {rule: search.default_rule(rule, budgets) if budgets else None for rule in RULES}
+    kind = budgets[0].kind if budgets else "params"  # what "cheapest" means under a target
+    chosen = _chosen(search, cfg, budgets, rank, kind)
+    if cfg.target is not None:
+        defaults = {rule: search.default_rule_for(rule, cfg.target, kind, budgets) for rule in RULES}
+    else:
+        defaults = {rule: search.default_rule(rule, budgets) if budgets else None for rule in RULES}
     by_key = {u.key: u for u in card.units}
     planned = [
         PlannedUnit(key, by_key[key].layer, by_key[key].role, by_key[key].name, r) for key, r in chosen.units
     ]
     pred = _predicted(card, search, chosen, defaults, budgets, model)
+    if cfg.target is not None:
+        pred["target"] = {"fraction": cfg.target, "cost": kind}
+        pred["recommendation"] = target_sentence(
+            chosen, defaults, cfg.target, kind, search.reference, model.expected_error
+        )
+        if kind not in pred["frontier"]:
+            pred["frontier"][kind] = [F.summary_row(c, search.reference) for c in search.frontier(kind)]
     config = {
         "policy": cfg.policy,
         "budget": str(cfg.budget) if cfg.budget is not None else None,
-        "target": None,
+        "target": cfg.target,
         "roles": list(F.MATRICES[chosen.matrices]),
         "rank": chosen.rank,
         "alpha": cfg.alpha,
@@ -183,6 +228,7 @@ def _predicted(
     if card.cost is not None:  # the batch the step times refer to, so train can compare like with like
         pred["calibration_batch_size"] = card.cost.get("batch_size")
         pred["calibration_batch_tokens"] = card.cost.get("batch_tokens")
+        pred["calibration_batch_positions"] = card.cost.get("batch_positions")
         pred["memory"] = _memory(card, chosen)
         pred["forward_s"] = chosen.costs.get("forward_s")
     return pred

@@ -36,6 +36,7 @@ from layercard.report.tables import (
     fmt,
     headline_table,
     plans_table,
+    recommendation_table,
     spearman_or_none,
     stages_table,
     sweep_table,
@@ -183,6 +184,40 @@ def _load_run(root: Path) -> _Run:
 # ---------------------------------------------------------------------------------------------------------
 
 
+def _recommendation(doc: _Doc, run: _Run) -> None:
+    """The answer first: the recommendation in one sentence, its frontier with every trained search
+    placement's measured point, and the placements side by side."""
+    rec = next((n for n, p in run.plans.items() if p.config.get("policy") == "recommend"), None)
+    if rec is None:
+        return
+    from layercard.plan.figures import plot_frontier
+
+    plan = run.plans[rec]
+    doc.h2("Recommendation")
+    doc.p(f"{rec}: {plan.predicted['recommendation']}")
+    ref = run.results.get("reference")
+    doc.p(
+        "Quality is the fraction of the reference's loss drop (every linear module of every layer at rank "
+        "8): predicted by the quality model, measured as the placement's eval-loss drop over "
+        + (f"that of placement {ref}." if ref else "the reference's, which this run did not train.")
+    )
+    measured: dict[str, dict[str, float]] = {}
+    for r in run.rows:
+        p = run.plans.get(r["name"])
+        cand = p.predicted.get("candidate") if p is not None else None
+        if cand is not None and r.get("measured_fraction") is not None:
+            costs = {k: float(cand[k]) for k in plan.predicted["frontier"] if k in cand}
+            measured[r["name"]] = {**costs, "fraction": r["measured_fraction"], "predicted": cand["quality"]}
+    doc.figure(
+        "frontier.png",
+        "Predicted frontier of quality against each budgeted cost (band: the model's expected error); "
+        "squares: the practitioners' rules fitted to the same budgets; star: the recommendation; diamonds: "
+        "each trained placement's measured quality (arrow from its prediction)",
+        lambda p: plot_frontier(plan, p, measured),
+    )
+    doc.table(recommendation_table(run.plans, run.metrics, run.results))
+
+
 def _headline(doc: _Doc, run: _Run) -> None:
     doc.h2("Headline: quality against cost")
     doc.p(
@@ -193,8 +228,9 @@ def _headline(doc: _Doc, run: _Run) -> None:
     doc.table(headline_table(run.results))
     if any(r.get("peak_memory_kind") == "process_peak_rss" for r in run.rows):
         doc.p(
-            "Peak memory on CPU is the process's peak resident set: placements trained later in the same "
-            "process cannot show less than an earlier one, so compare it only across separate runs."
+            "Peak memory on CPU is the process's peak resident size while that placement trained (the "
+            "loaded model and the process around it included; on Linux the peak is reset before each "
+            "training, elsewhere it is the process's lifetime peak)."
         )
 
 
@@ -384,6 +420,7 @@ def _provenance(doc: _Doc, run: _Run) -> None:
 
 
 _SECTIONS: tuple[Callable[[_Doc, _Run], None], ...] = (
+    _recommendation,
     _headline,
     _card,
     _plans,

@@ -166,6 +166,8 @@ def _placement_row(rows: _Rows, lay: RunLayout, name: str) -> dict[str, Any]:
         "trainable_params": tm.trainable_params if tm else pr.get("params"),
         "predicted_gain": pr.get("gain"),
         "predicted_fraction": pr.get("fraction"),
+        # search plans: the quality model's fraction of the reference's loss drop
+        "predicted_quality": (pr.get("quality") or {}).get("fraction"),
         "predicted_s_per_step": pr.get("step_time_s"),
         "s_per_step": tm.s_per_step if tm else None,
         "peak_memory_mib": tm.peak_memory_mib if tm else None,
@@ -223,4 +225,37 @@ def collect_results(root: str | Path) -> dict[str, Any]:
         rows.rows.append(_trimmed_row(rows, lay, trim))
     for r in rows.rows:
         r.setdefault("measured_gain", None)
-    return {"primary_metric": rows.primary, "base_loss": rows.base_loss, "rows": rows.rows}
+    ref = reference_placement(lay, placement_names(root))
+    ref_gain = next((r["measured_gain"] for r in rows.rows if r["name"] == ref), None)
+    for r in rows.rows:
+        gain = r.get("measured_gain")
+        ok = r["kind"] != "base" and ref_gain is not None and ref_gain > 0 and gain is not None
+        r["measured_fraction"] = gain / ref_gain if ok else None
+    return {
+        "primary_metric": rows.primary,
+        "base_loss": rows.base_loss,
+        "reference": ref,
+        "rows": rows.rows,
+    }
+
+
+def reference_placement(lay: RunLayout, names: list[str]) -> str | None:
+    """The placement that is the quality model's reference (every linear role of every layer at the
+    reference rank), whose loss drop measured fractions are of; None if the run trained none."""
+    from layercard.plan import Plan
+    from layercard.plan.frontier import MATRICES
+    from layercard.plan.quality import REFERENCE_RANK
+
+    for name in names:
+        plan = load_optional(Plan.load, lay.plan_json(name))
+        if plan is None or not plan.units:
+            continue
+        n_layers = plan.card.get("n_layers")
+        if (
+            {u.role for u in plan.units} == set(MATRICES["all-linear"])
+            and plan.layers == list(range(int(n_layers or -1)))
+            and {u.rank for u in plan.units} == {REFERENCE_RANK}
+            and len(plan.units) == len(MATRICES["all-linear"]) * len(plan.layers)
+        ):
+            return name
+    return None

@@ -23,6 +23,7 @@ __all__ = [
     "fmt",
     "headline_table",
     "plans_table",
+    "recommendation_table",
     "spearman_or_none",
     "stages_table",
     "sweep_table",
@@ -138,6 +139,43 @@ def plans_table(plans: dict[str, Plan]) -> Table:
                 "—" if frac is None else f"{100 * frac:.1f}%",
                 fmt(pr.get("redundancy"), ".3f"),
                 fmt(pr.get("step_time_s"), ".3f"),
+            ]
+        )
+    return Table(header, rows)
+
+
+def recommendation_table(
+    plans: dict[str, Plan], metrics: dict[str, TrainMetrics], results: dict[str, Any]
+) -> Table:
+    """The search placements (the recommendation and the fixed rules) side by side: what each is, its
+    predicted and measured cost and quality, and what the evaluation measured."""
+    by_name = {r["name"]: r for r in results["rows"]}
+    primary = results.get("primary_metric") or "metric"
+    header = [
+        "placement", "policy", "matrices · layers · rank", "params (× ref)", "s/step measured / predicted",
+        "peak MiB measured / predicted", "quality measured / predicted", "eval loss", primary,
+    ]  # fmt: skip
+    rows = []
+    for name, plan in plans.items():
+        cand = plan.predicted.get("candidate")
+        if cand is None:
+            continue
+        m, r = metrics.get(name), by_name.get(name, {})
+        peak_pred = (m.predicted_peak_memory_scaled_mib or m.predicted_peak_memory_mib) if m else None
+        step, step_pred = (m.s_per_step, predicted_s_per_step(m)) if m else (None, None)
+        quality = plan.predicted["quality"]["fraction"]
+        ref = plan.predicted["reference"]["params"]
+        rows.append(
+            [
+                name,
+                str(plan.config["policy"]),
+                f"{cand['matrices']} · {cand['layers']} · r={cand['rank']}",
+                f"{int(cand['params']):,} ({cand['params'] / ref:.2f})",
+                f"{fmt(step, '.2f')} / {fmt(step_pred, '.2f')}",
+                f"{fmt(m.peak_memory_mib if m else None, ',.0f')} / {fmt(peak_pred, ',.0f')}",
+                f"{fmt(r.get('measured_fraction'), '.2f')} / {fmt(quality, '.2f')}",
+                fmt(r.get("eval_loss")),
+                fmt(r.get("primary_value"), ".3f"),
             ]
         )
     return Table(header, rows)

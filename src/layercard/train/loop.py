@@ -64,6 +64,7 @@ class _State:
     step_times: list[list[Any]] = dataclasses.field(default_factory=list)
     tokens_seen: int = 0
     target_seen: int = 0
+    positions_seen: int = 0  # padded positions (batch × length): what a step computes
     prior_wall: float = 0.0  # wall time of the sessions before a resume
     resumed_from: int | None = None
 
@@ -78,6 +79,8 @@ class _State:
             step_times=st["step_times"],
             tokens_seen=int(st["tokens_seen"]),
             target_seen=int(st["target_tokens_seen"]),
+            # checkpoints written before positions were counted: their real tokens stand in
+            positions_seen=int(st.get("positions_seen", st["tokens_seen"])),
             prior_wall=float(st.get("wall_time_s", 0.0)),
             resumed_from=step,
         )
@@ -122,6 +125,7 @@ class _Run:
             "step_times": state.step_times,
             "tokens_seen": state.tokens_seen,
             "target_tokens_seen": state.target_seen,
+            "positions_seen": state.positions_seen,
             "wall_time_s": self.wall(state),
             "fingerprint": self.fingerprint,
         }
@@ -360,10 +364,11 @@ def _step(
     micro = [run.stream.batch((state.consumed + j) * world + rank) for j in range(cfg.grad_accum)]
     n_target = sum(target_count(b["labels"]) for b in micro)
     step_loss = torch.zeros((), device=device)
-    n_tokens = 0
+    n_tokens = n_positions = 0
     for j, b in enumerate(micro):
         b = {k: v.to(device) for k, v in b.items()}
         n_tokens += int(b["attention_mask"].sum())
+        n_positions += int(b["input_ids"].numel())
         # Gradients sync across processes only on the step's last micro-batch.
         sync = acc.no_sync(prepared) if j < len(micro) - 1 else contextlib.nullcontext()
         with sync:
@@ -390,6 +395,7 @@ def _step(
     state.consumed += cfg.grad_accum
     state.step_times.append([state.step, time.perf_counter() - t0, n_tokens * world, first])
     state.tokens_seen += n_tokens * world
+    state.positions_seen += n_positions * world
     state.target_seen += n_target * world
     return loss_value
 
@@ -515,5 +521,12 @@ def _metrics(
         batch_tokens_per_step=tokens_per_step,
         resumed_from=state.resumed_from,
         wall_time_s=round(wall, 3),
-        **predictions(plan.predicted, s_per_step, tokens_per_step, peak, memory_start),
+        **predictions(
+            plan.predicted,
+            s_per_step,
+            tokens_per_step,
+            peak,
+            memory_start,
+            state.positions_seen / step if step else None,
+        ),
     )

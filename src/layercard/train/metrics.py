@@ -69,6 +69,7 @@ class TrainMetrics:
     predicted_training_memory_mib: float | None = None
     training_memory_ratio: float | None = None
     predicted_quality: float | None = None
+    batch_positions_per_step: float | None = None  # padded positions (batch × length) per step
 
     def to_dict(self) -> dict[str, Any]:
         """The train_metrics.json form (key order as written)."""
@@ -103,12 +104,14 @@ def predictions(
     tokens_per_step: float | None,
     peak_mib: float,
     start_mib: float | None,
+    positions_per_step: float | None = None,
 ) -> dict[str, Any]:
     """The plan's predictions beside what the run measured, as :class:`TrainMetrics` fields.
 
-    The cost model was calibrated on the card's batch. CPU step time grows about linearly with tokens, and
-    so do the activations kept for backward, so both predictions are also given at this run's tokens per
-    step (``*_scaled``). ``step_time_ratio`` is measured over the prediction as planned;
+    The cost model was calibrated on the card's batch. Step time grows about linearly with the positions a
+    step computes (padding included), and so do the activations kept for backward, so both predictions are
+    also given at this run's positions per step (``*_scaled``; at its real tokens where the card did not
+    record its batch's positions). ``step_time_ratio`` is measured over the prediction as planned;
     ``peak_memory_ratio`` is measured over the scaled prediction where there is one. Memory is also compared
     as what training adds over the memory in use when it began (``start_mib``), since a training process
     may hold more or less around the model than the card's did.
@@ -118,7 +121,11 @@ def predictions(
     step = predicted.get("step_time_s")
     size = predicted.get("calibration_batch_size")
     tokens = predicted.get("calibration_batch_tokens")
-    scale = tokens_per_step / tokens if tokens and tokens_per_step else None
+    positions = predicted.get("calibration_batch_positions")
+    if positions and positions_per_step:
+        scale: float | None = positions_per_step / positions
+    else:
+        scale = tokens_per_step / tokens if tokens and tokens_per_step else None
     step_scaled = step * scale if step and scale else None
     memory = predicted.get("memory") or {}
     peak = memory.get("peak_mib")
@@ -142,6 +149,7 @@ def predictions(
         "predicted_training_memory_mib": added,
         "training_memory_ratio": (peak_mib - start_mib) / added if added and start_mib is not None else None,
         "predicted_quality": quality.get("fraction") if isinstance(quality, dict) else None,
+        "batch_positions_per_step": positions_per_step,
     }
 
 

@@ -1,0 +1,282 @@
+"""Cost model check: predicted against measured step time and peak training memory on smollm2.
+
+Measures one calibrated Layer Card (every linear role) and then trains a fixed set of placements of
+different matrices, layers and ranks for a few steps each with `layercard train`'s own loop, in the same
+process, recording what train_metrics.json records: measured s/step and peak memory next to the plan's
+predictions rescaled to the run's positions per step. One JSON per placement under RESULTS/runs/, so the
+script resumes where it stopped; ``report`` rebuilds cost.json, cost.md and cost_predicted.png from them.
+
+    .venv/bin/python benchmarks/cost.py run [--threads 2]
+    .venv/bin/python benchmarks/cost.py report
+
+Settings: task e2e_nlg (validation split), card on 16 examples (batch 8, 128 tokens), training batch 8
+of up to 128 tokens, 6 steps per placement, lr 1e-4, seed 0. The machine should be otherwise idle: step
+time is shared CPU time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results" / "cost"
+TASK, STEPS, BATCH, MAX_LENGTH, SEED = "e2e_nlg:validation", 6, 8, 128, 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Placement:
+    name: str
+    roles: str
+    policy: str
+    budget: str | None
+    rank: int
+
+
+# Matrices, depth reached by backward and rank all vary; none of these is a calibration placement.
+GRID = (
+    Placement("qv-all-r8", "q,v", "all", None, 8),
+    Placement("attn-all-r4", "attention", "all", None, 4),
+    Placement("mlp-all-r2", "mlp", "all", None, 2),
+    Placement("lin-all-r16", "all-linear", "all", None, 16),
+    Placement("lin-last8-r8", "all-linear", "top", "layers=8", 8),
+    Placement("mlp-last4-r32", "mlp", "top", "layers=4", 32),
+    Placement("qv-uni8-r8", "q,v", "uniform", "layers=8", 8),
+    Placement("lin-mid1-r8", "all-linear", "middle", "layers=1", 8),
+    Placement("attn-last16-r16", "attention", "top", "layers=16", 16),
+    Placement("lin-last2-r64", "all-linear", "top", "layers=2", 64),
+)
+
+
+def _card(loaded: Any, task: Any) -> Any:
+    from layercard import CardConfig, measure_card
+    from layercard.card import Card, write_card_folder
+
+    folder = RESULTS / "card"
+    if (folder / "card.json").is_file():
+        card = Card.load(folder / "card.json")
+        if card.model["hash"] == loaded.model_hash and card.task["data_hash"] == task.data_hash:
+            return card
+    cfg = CardConfig(roles="all-linear", examples=16, batch_size=BATCH, max_length=MAX_LENGTH, calibrate=True)
+    card = measure_card(loaded, task, cfg)
+    write_card_folder(card, folder)
+    return card
+
+
+def _run(loaded: Any, card: Any, task: Any, p: Placement) -> None:
+    from layercard import PlanConfig, make_plan
+    from layercard.artifacts import machine_info, write_json
+    from layercard.config import TrainConfig
+    from layercard.train import train
+
+    path = RESULTS / "runs" / f"{p.name}.json"
+    if path.is_file():
+        return
+    plan = make_plan(card, PlanConfig(policy=p.policy, budget=p.budget, roles=p.roles, rank=p.rank))
+    cfg = TrainConfig(
+        steps=STEPS, batch_size=BATCH, lr=1e-4, max_length=MAX_LENGTH, eval_examples=0, checkpoint_every=0,
+        seed=SEED,
+    )  # fmt: skip
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="cost-") as tmp:
+        m = train(loaded, plan, task, None, cfg, tmp, progress=False)
+    keys = (
+        "s_per_step", "predicted_step_time_s", "predicted_step_time_scaled_s", "batch_tokens_per_step",
+        "batch_positions_per_step", "predicted_batch_tokens", "peak_memory_mib", "peak_memory_kind", "peak_memory_start_mib",
+        "predicted_peak_memory_mib", "predicted_peak_memory_scaled_mib", "predicted_training_memory_mib",
+        "training_memory_ratio", "trainable_params",
+    )  # fmt: skip
+    write_json(
+        path,
+        {
+            "name": p.name,
+            "placement": dataclasses.asdict(p),
+            "layers": plan.layers,
+            "modules": plan.predicted["modules"],
+            "params": plan.predicted["params"],
+            **{k: m[k] for k in keys},
+            "wall_s": round(time.perf_counter() - t0, 1),
+            "load_1min": os.getloadavg()[0],
+            "threads": __import__("torch").get_num_threads(),
+            "machine": machine_info(),
+        },
+    )
+    print(
+        f"{p.name}: {m['s_per_step']:.2f} s/step (predicted {m['predicted_step_time_scaled_s']:.2f}), "
+        f"peak {m['peak_memory_mib']:.0f} MiB (predicted {m['predicted_peak_memory_scaled_mib']:.0f})",
+        flush=True,
+    )
+
+
+def run(threads: int) -> None:
+    import torch
+
+    from layercard import load_model, load_task
+
+    torch.set_num_threads(threads)
+    loaded = load_model("smollm2")
+    task = load_task(TASK)
+    card = _card(loaded, task.subset(256, seed=SEED))
+    for p in GRID:
+        _run(loaded, card, task, p)
+
+
+def _rel(measured: float, predicted: float) -> float:
+    return (predicted - measured) / measured
+
+
+def report() -> dict[str, Any]:
+    """cost.json, cost.md and cost_predicted.png from the card and the finished runs."""
+    from layercard.artifacts import read_json, write_json, write_text
+    from layercard.card import Card
+
+    card = Card.load(RESULTS / "card" / "card.json")
+    runs = [
+        read_json(RESULTS / "runs" / f"{p.name}.json")
+        for p in GRID
+        if (RESULTS / "runs" / f"{p.name}.json").is_file()
+    ]
+    if not runs:
+        raise SystemExit(f"{RESULTS / 'runs'}: no finished runs; run `benchmarks/cost.py run` first")
+    rows = []
+    for r in runs:
+        added = r["peak_memory_mib"] - r["peak_memory_start_mib"]
+        rows.append(
+            {
+                "name": r["name"],
+                "modules": r["modules"],
+                "params": r["params"],
+                "lowest_layer": min(r["layers"]),
+                "s_per_step": r["s_per_step"],
+                "predicted_s_per_step": r["predicted_step_time_scaled_s"],
+                "step_time_error": _rel(r["s_per_step"], r["predicted_step_time_scaled_s"]),
+                "peak_memory_mib": r["peak_memory_mib"],
+                "predicted_peak_memory_mib": r["predicted_peak_memory_scaled_mib"],
+                "peak_memory_error": _rel(r["peak_memory_mib"], r["predicted_peak_memory_scaled_mib"]),
+                "training_memory_mib": added,
+                "predicted_training_memory_mib": r["predicted_training_memory_mib"],
+                "training_memory_error": _rel(added, r["predicted_training_memory_mib"]),
+            }
+        )
+
+    def mae(key: str) -> float:
+        return statistics.fmean(abs(x[key]) for x in rows)
+
+    def worst(key: str) -> float:
+        return max(abs(x[key]) for x in rows)
+
+    cost = card.cost or {}
+    out = {
+        "benchmark": "cost",
+        "model": card.model["id"],
+        "task": TASK,
+        "settings": {"steps": STEPS, "batch": BATCH, "max_length": MAX_LENGTH, "seed": SEED},
+        "machine": runs[0]["machine"],
+        "threads": runs[0]["threads"],
+        "card_calibration": {k: v for k, v in cost.items() if k != "formula" and k != "memory_formula"},
+        "card_timings": card.timings if hasattr(card, "timings") else None,
+        "runs": rows,
+        "mean_abs_error": {
+            k: mae(k) for k in ("step_time_error", "peak_memory_error", "training_memory_error")
+        },
+        "max_abs_error": {
+            k: worst(k) for k in ("step_time_error", "peak_memory_error", "training_memory_error")
+        },
+    }
+    write_json(RESULTS / "cost.json", out)
+    write_text(RESULTS / "cost.md", _markdown(out))
+    _plot(rows, RESULTS / "cost_predicted.png")
+    return out
+
+
+def _markdown(out: dict[str, Any]) -> str:
+    m = out["machine"]
+    lines = [
+        "# Cost model: predicted against measured step time and peak training memory",
+        "",
+        f"{out['model']} on {out['task']}, {out['settings']['steps']} training steps of batch "
+        f"{out['settings']['batch']} (up to {out['settings']['max_length']} tokens) per placement, "
+        f"{out['threads']} torch threads, {m.get('cpu_count')} CPUs ({m.get('platform')}). "
+        "Predictions come from the card's calibration (5 short LoRA runs), rescaled to each run's "
+        "positions (batch × padded length) per step. Memory is the "
+        "process's peak resident size during training; 'added' is that peak minus the resident size when "
+        "training began.",
+        "",
+        "| placement | modules | params | lowest layer | s/step | predicted | error | peak MiB | predicted | "
+        "error | added MiB | predicted | error |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in out["runs"]:
+        lines.append(
+            f"| {r['name']} | {r['modules']} | {r['params']:,} | {r['lowest_layer']} | "
+            f"{r['s_per_step']:.2f} | {r['predicted_s_per_step']:.2f} | {100 * r['step_time_error']:+.1f}% | "
+            f"{r['peak_memory_mib']:,.0f} | "
+            f"{r['predicted_peak_memory_mib']:,.0f} | {100 * r['peak_memory_error']:+.1f}% | "
+            f"{r['training_memory_mib']:,.0f} | {r['predicted_training_memory_mib']:,.0f} | "
+            f"{100 * r['training_memory_error']:+.1f}% |"
+        )
+    mae, worst = out["mean_abs_error"], out["max_abs_error"]
+    lines += [
+        "",
+        f"Mean absolute error: step time {100 * mae['step_time_error']:.1f}% (worst "
+        f"{100 * worst['step_time_error']:.1f}%), peak memory {100 * mae['peak_memory_error']:.1f}% (worst "
+        f"{100 * worst['peak_memory_error']:.1f}%), memory added by training "
+        f"{100 * mae['training_memory_error']:.1f}% (worst {100 * worst['training_memory_error']:.1f}%).",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _plot(rows: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.5))
+    for ax, (m, p, title) in zip(
+        axes,
+        [("s_per_step", "predicted_s_per_step", "seconds per step"),
+         ("training_memory_mib", "predicted_training_memory_mib", "memory added by training (MiB)")],
+        strict=True,
+    ):  # fmt: skip
+        xs, ys = [r[m] for r in rows], [r[p] for r in rows]
+        lo, hi = min(xs + ys) * 0.9, max(xs + ys) * 1.1
+        ax.plot([lo, hi], [lo, hi], color="grey", lw=1)
+        ax.fill_between([lo, hi], [lo * 0.9, hi * 0.9], [lo * 1.1, hi * 1.1], color="grey", alpha=0.15)
+        ax.scatter(xs, ys)
+        for r, x, y in zip(rows, xs, ys, strict=True):
+            ax.annotate(r["name"], (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.set_xlabel(f"measured {title}")
+        ax.set_ylabel(f"predicted {title}")
+        ax.set_title(f"{title} (band: ±10%)")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run", help="card + training runs (resumable), then the report")
+    r.add_argument("--threads", type=int, default=2)
+    sub.add_parser("report", help="rebuild cost.json, cost.md and the figure from the runs")
+    args = ap.parse_args(argv)
+    if args.cmd == "run":
+        run(args.threads)
+    report()
+    print(f"wrote {RESULTS / 'cost.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT / "src"))
+    raise SystemExit(main())
