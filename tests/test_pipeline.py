@@ -281,8 +281,14 @@ def test_config_values_typed_and_defaults_filled(tmp_path):
 
 def test_demo_config_is_packaged_and_valid():
     cfg = load_config(demo_config_path())
-    assert cfg.model == "smollm2" and [p.name for p in cfg.placements] == ["card-8", "all"]
-    assert cfg.trim.enabled and cfg.trim.placement == "all"
+    assert cfg.model == "smollm2" and [p.name for p in cfg.placements] == [
+        "recommend",
+        "peft-default",
+        "reference",
+    ]
+    budgets = [str(p.plan.budget) for p in cfg.placements]
+    assert budgets == ["params=0.25x", "params=0.25x", "None"]  # the rule fitted to the same budget
+    assert cfg.card.roles == "all-linear" and cfg.card.calibrate and not cfg.trim.enabled
 
 
 def test_reference_config_lists_every_key_with_its_default():
@@ -355,33 +361,41 @@ def test_cli_run_json_and_tables(tiny_run, tmp_path):
 
 
 def test_demo_command_runs_the_packaged_config(tmp_path):
-    """`demo` is `run` on the packaged demo.yaml; here shrunk onto the tiny model with --set."""
+    """`demo` runs the packaged demo.yaml once per built-in task; here shrunk onto the tiny model."""
     model = make_model_dir(tmp_path)
     sets = [
         f"model={model}",
-        "placements.card-8.score=gradnorm",
-        "placements.card-8.budget=layers=2",
         "card.examples=8",
         "card.max_length=64",
-        "card.coupling_examples=4",
         "train.steps=2",
         "train.max_length=64",
         "train.eval_examples=4",
         "train.checkpoint_every=0",
-        "trim.examples=4",
-        "trim.max_length=96",
         "eval.examples=4",
         "eval.max_new_tokens=4",
     ]
-    args = ["demo", "--out", str(tmp_path / "demo"), "--json"]
+    out = tmp_path / "demo"
+    args = ["demo", "--out", str(out), "--json"]
     for s in sets:
         args += ["--set", s]
     r = CliRunner().invoke(app, args)
     assert r.exit_code == 0, r.output
     d = json.loads(r.stdout)
-    assert [row["name"] for row in d["rows"]] == ["base", "card-8", "all", "all-trimmed"]
-    assert d["ran"][-1] == "report" and Path(d["report"]["html"]).is_file()
-    assert Path(d["summary"]).is_file()
+    assert set(d["tasks"]) == {"facts", "format"}
+    for task, head in d["tasks"].items():
+        rows = {row["name"]: row for row in head["rows"]}
+        assert list(rows) == ["base", "recommend", "peft-default", "reference"]
+        assert head["ran"][-1] == "report" and Path(head["report"]["html"]).is_file()
+        assert rows["reference"]["measured_fraction"] == pytest.approx(1.0)
+        summary = json.loads(Path(head["summary"]).read_text())
+        assert summary["reference"] == "reference" and summary["recommendation"]["placement"] == "recommend"
+        html = (out / task / "report.html").read_text()
+        # the report opens with the recommendation, before the headline table
+        assert html.index("Recommendation") < html.index("Headline")
+        assert summary["recommendation"]["sentence"].split(":")[0] in html
+    overview = (out / "demo.md").read_text()
+    assert overview == Path(d["overview"]).read_text()
+    assert overview.count("Recommendation:") == 2 and "## facts" in overview and "## format" in overview
 
 
 def test_switching_trim_off_reruns_only_the_report(tiny_run, tmp_path):

@@ -33,6 +33,19 @@ _STATUS = Path("/proc/self/status")
 _CLEAR_REFS = Path("/proc/self/clear_refs")
 
 
+def touch_weights(model: torch.nn.Module) -> None:
+    """Read every parameter once, so memory-mapped weights are resident before memory is measured.
+
+    A model loaded from safetensors may still be on disk page by page; the first forward pulls it in.
+    Measuring the memory in use before that would count the weights in what the run adds in one process
+    and in the starting memory in another.
+    """
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.device.type == "cpu" and p.numel():
+                p.detach().reshape(-1)[::1024].sum()  # one read per 4 KiB page of fp32 is enough
+
+
 def memory_in_use(device: torch.device) -> float | None:
     """The memory in use now (MiB): CUDA's allocated, or on Linux the resident size once the freed heap is
     handed back to the system; None elsewhere."""
@@ -273,6 +286,9 @@ def calibrate(
     """Time LoRA steps (top layer alone, bottom layer alone, middle layer, all layers at rank 8, all layers at
     rank 32), measure each one's peak memory and unmerged forward time, and fit the cost model.
 
+    ``steps`` rounds: each round times one step of every placement after a warm-up step; a placement's
+    time is its fastest round, its peak memory the highest.
+
     ``resident_mib``: the memory in use with the model loaded and nothing else of the caller's held (the
     card measures it before its probe pass). A training process starts from about that, not from whatever
     the caller holds while calibrating; without it the calibration runs' own starting memory is used.
@@ -286,32 +302,40 @@ def calibrate(
     configs: list[tuple[list[int], int]] = [([n_layers - 1], 8), ([0], 8), (everything, 8), (everything, 32)]
     if n_layers > 2:
         configs.insert(2, ([n_layers // 2], 8))
-    rows = []
     was_training = model.training
     device = next(model.parameters()).device
     base_forward = _forward_time(model, batch, warm=False)
     model.train()
+    timed: list[list[_Timed]] = [[] for _ in configs]
+    # Rounds over all placements rather than several steps of one: a burst of outside load then slows one
+    # placement in one round, not every step of it, and the fastest round is kept.
+    work = [(r, i) for r in range(steps) for i in range(len(configs))]
     try:
-        for layers, rank in track(configs, "cost calibration", total=len(configs), enabled=progress):
+        for _, i in track(work, "cost calibration", total=len(work), enabled=progress):
+            layers, rank = configs[i]
             specs = models.units(model, roles, layers=layers)
             if not specs:
                 raise LayercardError(f"cost calibration: no units for roles {list(roles)} in layers {layers}")
-            timed = _time_steps(model, [s.name for s in specs], batch, steps, rank)
-            params = sum(rank * (s.d_in + s.d_out) for s in specs)
-            rows.append(
-                {
-                    "layers": layers,
-                    "modules": len(specs),
-                    "rank": rank,
-                    "params": params,
-                    "s_per_step": round(timed.s_per_step, 4),
-                    "resident_mib": None if timed.resident_mib is None else round(timed.resident_mib, 1),
-                    "peak_memory_mib": round(timed.peak_mib, 1),
-                    "forward_s": round(timed.forward_s, 4),
-                }
-            )
+            timed[i].append(_time_steps(model, [s.name for s in specs], batch, 1, rank))
     finally:
         model.train(was_training)
+    rows = []
+    for (layers, rank), ts in zip(configs, timed, strict=True):
+        specs = models.units(model, roles, layers=layers)
+        residents = [t.resident_mib for t in ts]
+        rows.append(
+            {
+                "layers": layers,
+                "modules": len(specs),
+                "rank": rank,
+                "params": sum(rank * (s.d_in + s.d_out) for s in specs),
+                "s_per_step": round(min(t.s_per_step for t in ts), 4),
+                "rounds_s_per_step": [round(t.s_per_step, 4) for t in ts],
+                "resident_mib": None if None in residents else round(min(residents), 1),  # type: ignore[type-var]
+                "peak_memory_mib": round(max(t.peak_mib for t in ts), 1),
+                "forward_s": round(min(t.forward_s for t in ts), 4),
+            }
+        )
     x = np.array([[1.0, n_layers - min(r["layers"]), r["modules"], r["params"] / 1e6] for r in rows])
     # Non-negative least squares: each term is a time or a size, and noise must not make one negative.
     coef, _ = nnls(x, np.array([r["s_per_step"] for r in rows]))

@@ -33,7 +33,7 @@ import torch
 from transformers import TrainerCallback
 
 from layercard.artifacts import Provenance
-from layercard.cost import peak_memory, reset_peak_memory
+from layercard.cost import peak_memory, reset_peak_memory, touch_weights
 from layercard.errors import LayercardError
 from layercard.plan import Plan
 from layercard.tasks import IGNORE_INDEX, Task
@@ -77,6 +77,7 @@ class LayercardCallback(TrainerCallback):
         if model is not None:
             self._device = next(model.parameters()).device
             self._hook = model.register_forward_pre_hook(self._count, with_kwargs=True)
+            touch_weights(model)  # as layercard train does before its memory window
         self._memory_start = reset_peak_memory(self._device)
 
     def _count(self, module: Any, args: tuple, kwargs: dict) -> None:

@@ -124,8 +124,9 @@ def compute_card(loaded: Any, task: Any, cfg: CardConfig, *, progress: bool | No
     device = next(model.parameters()).device
     resident = None
     if cfg.calibrate:  # before the probe holds anything: what a training process starts from
-        from layercard.cost import memory_in_use
+        from layercard.cost import memory_in_use, touch_weights
 
+        touch_weights(model)
         resident = memory_in_use(device)
 
     torch.manual_seed(cfg.seed)

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from layercard.artifacts import Provenance, check_out_folder, remove_stale_temps, sha256_json, writer_lock
-from layercard.cost import peak_memory, reset_peak_memory
+from layercard.cost import peak_memory, reset_peak_memory, touch_weights
 from layercard.errors import LayercardError
 from layercard.models import LoadedModel
 from layercard.plan import Plan, check_model_matches
@@ -224,6 +224,7 @@ def _train(
             state = _State.from_checkpoint(saved)
         # The scheduler is stepped by hand: Accelerate's wrapper would step it once per process.
         adapted.prepared, optimizer = accelerator.prepare(model, optimizer)
+        touch_weights(model)  # resident before the window opens, as when the card measured it
         start = reset_peak_memory(accelerator.device)
         _loop(run, state, adapted.prepared, optimizer, scheduler, trainable, progress, callback)
         return _finish(run, state, adapted, trainable, start).to_dict()
