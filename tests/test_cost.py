@@ -9,7 +9,7 @@ import pytest
 import torch
 from tiny import tiny_model
 
-from layercard.cost import CostModel, calibrate, peak_memory, reset_peak_memory
+from layercard.cost import CostModel, _out_of_order, calibrate, peak_memory, reset_peak_memory
 
 CPU = torch.device("cpu")
 
@@ -66,3 +66,14 @@ def test_calibration_measures_memory_and_latency():
         assert math.isfinite(getattr(cm, name)) and getattr(cm, name) >= 0
     # the model restores: no adapter left, nothing trainable added
     assert not any("lora" in n for n, _ in model.named_parameters())
+
+
+def test_contradicting_calibration_times_are_found():
+    everything = list(range(30))
+    configs = [([29], 8), ([0], 8), ([15], 8), (everything, 8), (everything, 32)]
+    assert _out_of_order(configs, [2.2, 4.3, 3.2, 5.4, 6.3]) == []
+    assert _out_of_order(configs, [2.2, 4.3, 3.2, 5.4, 5.405]) == []  # within jitter
+    # rank 32 on every layer timed faster than rank 8 on every layer: one of the two was slowed
+    assert _out_of_order(configs, [2.2, 4.3, 3.2, 7.2, 6.1]) == [3, 4]
+    # the top layer alone slower than the bottom layer alone (and the middle): it was slowed
+    assert _out_of_order(configs, [4.5, 4.3, 3.2, 5.4, 6.3]) == [0, 1, 2]

@@ -60,7 +60,7 @@ class CardConfig(Schema):
         True, kind="bool", help="time short LoRA runs: the cost model behind predicted s/step"
     )
     calibrate_steps: int = setting(
-        2, kind="int", minimum=1, help="calibration rounds: one timed step of every placement per round"
+        2, kind="int", minimum=1, help="timed steps per calibration placement (after one warm-up step)"
     )
     horizon_steps: int = setting(100, kind="int", minimum=1, help="T of the saturating score")
 
