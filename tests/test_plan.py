@@ -705,3 +705,18 @@ def test_cli_search_plan_prints_the_frontier_and_draws_it(card_file, tmp_path):
     r = CliRunner().invoke(app, [*args[:-2], "--out", str(tmp_path / "p2.json"), "--json"])
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["figure"].endswith("p2_frontier.png")
+
+
+def test_cli_target_and_memory_budget(card_file, tmp_path):
+    out = tmp_path / "plan.json"
+    base = ["plan", "--card", str(card_file), "--policy", "recommend", "--out", str(out)]
+    r = CliRunner().invoke(app, [*base, "--target", "0.5", "--budget", "memory=1.2x"])
+    assert r.exit_code == 0, r.output
+    plan = Plan.load(out)
+    assert plan.config["target"] == 0.5 and plan.predicted["quality"]["fraction"] >= 0.5
+    assert "target 0.5" in r.output and "cheapest placement predicted to reach" in r.output
+    assert plan.predicted["memory"]["peak_mib"] <= 1.2 * plan.predicted["reference"]["memory"] * (1 + 1e-9)
+    assert "memory" in plan.predicted["frontier"]  # cheapest in the budget's kind
+    out.unlink()
+    r = CliRunner().invoke(app, [*base, "--target", "1.5"])
+    assert r.exit_code != 0 and "target" in r.output and not out.exists()

@@ -334,8 +334,9 @@ def calibrate(
         # A placement that backward reaches deeper, or that adds more, cannot be faster: where the timings
         # say otherwise, outside load slowed one of them, so both are timed again and keep their fastest.
         again = _out_of_order(configs, [min(t.s_per_step for t in ts) for ts in timed])
-        for i in track(again, "cost calibration (again)", total=len(again), enabled=progress and bool(again)):
-            measure(i)
+        if again:
+            for i in track(again, "cost calibration (again)", total=len(again), enabled=progress):
+                measure(i)
     finally:
         model.train(was_training)
     rows = []
