@@ -436,3 +436,22 @@ def test_report_does_not_import_the_pipeline():
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_auto_threads_take_the_idle_cores(monkeypatch):
+    import os
+
+    import torch
+
+    from layercard.pipeline import run as R
+
+    cores, default = os.cpu_count() or 1, torch.get_num_threads()
+    monkeypatch.setattr(R, "_busy_cores", lambda: float(cores))  # every core busy elsewhere
+    assert R.choose_threads("auto") == 1
+    monkeypatch.setattr(R, "_busy_cores", lambda: 0.0)
+    assert R.choose_threads("auto") == min(default, cores)
+    assert R.choose_threads(3) == 3
+    # without /proc/stat the 1-minute load average stands in
+    monkeypatch.setattr(R, "_busy_cores", lambda: None)
+    monkeypatch.setattr(os, "getloadavg", lambda: (float(cores), 0.0, 0.0))
+    assert R.choose_threads("auto") == 1

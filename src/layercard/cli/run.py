@@ -57,10 +57,11 @@ def _comparison(summary: dict[str, Any]) -> Table:
         pad_edge=False,
         caption="s/step: training; drop: base eval loss − model eval loss; s/ex: generation",
         caption_justify="left",
+        padding=(0, 1, 0, 0),
     )
     quality = any(r.get("predicted_quality") is not None for r in summary["rows"])
     cols = ["model", "layers", "modules", "s/step", "loss", "drop", primary, "s/ex"]
-    for col in cols + (["quality m/p"] if quality else []):
+    for col in cols + (["q m/p"] if quality else []):
         t.add_column(col, justify="left" if col == "model" else "right", no_wrap=True)
     for r in summary["rows"]:
         cells = [
@@ -79,7 +80,7 @@ def _comparison(summary: dict[str, Any]) -> Table:
             )
         t.add_row(*cells)
     if summary.get("recommendation"):
-        t.caption = (t.caption or "") + "; quality m/p: measured/predicted fraction of the reference's drop"
+        t.caption = (t.caption or "") + "; q m/p: measured/predicted fraction of the reference's drop"
     return t
 
 

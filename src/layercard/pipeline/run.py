@@ -30,8 +30,9 @@ def choose_threads(setting: int | str) -> int:
 
     On a shared CPU, OpenMP threads beyond the idle cores spin-wait on their busy siblings: measured on
     2 cores with one other busy process, a SmolLM2 forward+backward took 17-23 s on 2 threads and 6-8 s
-    on 1. ``auto`` therefore takes the cores minus the 1-minute load average at the start (at least 1,
-    at most torch's default).
+    on 1. ``auto`` therefore takes the cores minus those busy now (at least 1, at most torch's default).
+    Busy cores are sampled over half a second from /proc/stat; the 1-minute load average, the fallback
+    elsewhere, still counts work that just ended, such as this process's own previous run.
     """
     import os
 
@@ -40,12 +41,38 @@ def choose_threads(setting: int | str) -> int:
     default = torch.get_num_threads()
     if setting != "auto":
         return int(setting)
-    try:
-        busy = os.getloadavg()[0]
-    except (AttributeError, OSError):  # no load average on this platform: keep torch's default
-        return default
+    busy = _busy_cores()
+    if busy is None:
+        try:
+            busy = os.getloadavg()[0]
+        except (AttributeError, OSError):  # no load average on this platform: keep torch's default
+            return default
     idle = (os.cpu_count() or default) - round(busy)
     return max(1, min(default, idle))
+
+
+def _busy_cores(interval: float = 0.5) -> float | None:
+    """Cores busy over the next ``interval`` seconds (this process sleeps meanwhile), or None off Linux."""
+    import os
+
+    def sample() -> tuple[int, int] | None:
+        try:
+            with open("/proc/stat") as f:
+                fields = [int(x) for x in f.readline().split()[1:]]
+        except (OSError, ValueError):
+            return None
+        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+        return sum(fields[:8]), idle
+
+    first = sample()
+    if first is None:
+        return None
+    time.sleep(interval)
+    second = sample()
+    if second is None or second[0] <= first[0]:
+        return None
+    total, idle = second[0] - first[0], second[1] - first[1]
+    return (os.cpu_count() or 1) * (total - idle) / total
 
 
 def run_pipeline(

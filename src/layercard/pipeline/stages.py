@@ -302,10 +302,29 @@ class Runner:
                 ("layers", _layers_text(plan.layers)),
                 ("adapted modules", str(pr.get("modules"))),
                 ("trainable params", f"{pr.get('params', 0):,}"),
-                (f"predicted gain ({pr.get('score')})", _fmt(pr.get("gain"))),
-                ("of all-layer gain", "—" if frac is None else f"{100 * frac:.1f}%"),
-                ("predicted s/step", _fmt(pr.get("step_time_s"), ".3g")),
             ]
+            if "candidate" in pr:  # a search plan: the quality model's fraction, not a card-score gain
+                c, q = pr["candidate"], pr["quality"]
+                err = q.get("expected_error")
+                rows += [
+                    ("matrices · layers · rank", f"{c['matrices']} · {c['layers']} · r={c['rank']}"),
+                    (
+                        "predicted quality",
+                        f"{q['fraction']:.3f}"
+                        + ("" if err is None else f" ± {err:.3f}")
+                        + " of the reference",
+                    ),
+                ]
+            else:
+                rows += [
+                    (f"predicted gain ({pr.get('score')})", _fmt(pr.get("gain"))),
+                    ("of all-layer gain", "—" if frac is None else f"{100 * frac:.1f}%"),
+                ]
+            rows.append(("predicted s/step", _fmt(pr.get("step_time_s"), ".3g")))
+            if pr.get("memory"):
+                rows.append(("predicted peak memory", f"{pr['memory']['peak_mib']:,.0f} MiB"))
+            if pr.get("recommendation") and plan.config.get("policy") == "recommend":
+                rows.append(("recommendation", pr["recommendation"]))
             return rows + [("warning", w) for w in plan.warnings]
 
         config = {**p.to_dict(), "seed": p.plan.seed}
