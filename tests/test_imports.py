@@ -35,6 +35,7 @@ ORDER = [
     "pipeline",
     "api",
     "cli",
+    "__main__",  # `python -m layercard`: the command line, for launchers that start modules
 ]
 RANK = {name: i for i, name in enumerate(ORDER)}
 

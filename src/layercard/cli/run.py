@@ -102,6 +102,8 @@ def _headline(summary: dict[str, Any]) -> dict[str, Any]:
         "metrics",
         "s_per_example",
         "chosen_k",
+        "predicted_quality",
+        "measured_fraction",
     )
     return {
         "run_dir": summary["run_dir"],

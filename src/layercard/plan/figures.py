@@ -63,7 +63,7 @@ def plot_frontier(plan: Any, path: str | Path, measured: dict[str, dict[str, flo
                 ax.axvline(cap, color="tab:red", ls=":", label=f"budget {b}")
         ax.set_xscale("log")
         ax.set_xlabel(_LABELS.get(kind, kind))
-        ax.set_ylabel("predicted fraction of the reference's loss drop")
+        ax.set_ylabel("fraction of the reference's loss drop")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="lower right")
     fig.suptitle(
