@@ -26,18 +26,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from quality import Placement  # one grid-point type for both benchmarks (this folder is on sys.path)
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "cost"
 TASK, STEPS, BATCH, MAX_LENGTH, SEED = "e2e_nlg:validation", 6, 8, 128, 0
-
-
-@dataclasses.dataclass(frozen=True)
-class Placement:
-    name: str
-    roles: str
-    policy: str
-    budget: str | None
-    rank: int
 
 
 # Matrices, depth reached by backward and rank all vary; none of these is a calibration placement.
