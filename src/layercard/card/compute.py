@@ -14,7 +14,16 @@ import torch
 from layercard.artifacts import Provenance
 from layercard.card import stats
 from layercard.card.artifact import Card, GroupRow, UnitRow, _r, _rl
-from layercard.card.probe import UnitAccumulator, make_accumulators, run_probe
+from layercard.card.probe import (
+    UnitAccumulator,
+    all_reduce_sums,
+    is_sharded,
+    make_accumulators,
+    rank_world,
+    run_probe,
+    shard,
+    shared_cores,
+)
 from layercard.config import CardConfig
 from layercard.errors import LayercardError
 from layercard.progress import track
@@ -103,12 +112,29 @@ def _layer_chunks(layers: Sequence[int], n_groups: int) -> list[list[int]]:
 # One function on purpose: the probe passes, statistics, coupling and calibration run and are timed in
 # this order, and each phase's wall time lands in card.timings; split, the order would be harder to read.
 def compute_card(loaded: Any, task: Any, cfg: CardConfig, *, progress: bool | None = None) -> Card:
-    """Measure the frozen model on the task and return the Layer Card (docs/design.md §3–§5)."""
+    """Measure the frozen model on the task and return the Layer Card (docs/design.md §3–§5).
+
+    Inside a process group every process must call it: each takes its share of the probe batches and the
+    sums are added over the group (§12). The first process alone then runs coupling and calibration, so
+    only its card is complete; the others return theirs without coupling and cost.
+    """
     from layercard import models
     from layercard.tasks import batches as make_batches
     from layercard.tasks import count_target_tokens, encode_task
 
     t0 = time.perf_counter()
+    rank, world = rank_world()
+    config = dataclasses.asdict(cfg)  # what was asked, also on the processes that skip coupling and cost
+    if is_sharded(loaded.model) and (cfg.coupling or cfg.calibrate):
+        raise LayercardError(
+            f"the model's weights are sharded over {world} processes (FSDP); coupling and calibrate run on "
+            "the first process alone and need the whole model: set coupling=False, calibrate=False"
+        )
+    if rank != 0:
+        # Both read the whole card, which the first process holds once the sums are added; once is enough,
+        # and calibration must time steps in one process, as a training process runs them.
+        cfg = dataclasses.replace(cfg, coupling=False, calibrate=False)
+        progress = False
     model, tok = loaded.model, loaded.tokenizer
     roles = models.parse_roles(cfg.roles)
     specs = models.units(model, roles)
@@ -121,6 +147,8 @@ def compute_card(loaded: Any, task: Any, cfg: CardConfig, *, progress: bool | No
         raise LayercardError(f"task {task.name}: the probe set has no target tokens")
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
     batch_list = list(make_batches(encoded, cfg.batch_size, pad_id))
+    # Every process forms the same batches from the whole probe set, then takes its share of them.
+    local_batches = shard(batch_list, rank, world)
     device = next(model.parameters()).device
     resident = None
     if cfg.calibrate:  # before the probe holds anything: what a training process starts from
@@ -138,30 +166,36 @@ def compute_card(loaded: Any, task: Any, cfg: CardConfig, *, progress: bool | No
     timings: dict[str, float] = {}
     chunks = _layer_chunks([s.layer for s in specs], cfg.layer_groups)
     t_probe = time.perf_counter()
-    for ci, chunk in enumerate(chunks):
-        cspecs = [s for s in specs if s.layer in set(chunk)]
-        accs = make_accumulators(
-            cspecs,
-            lora_rank=cfg.lora_rank,
-            a_draws=cfg.a_draws,
-            seed=cfg.seed,
-            sketch=cfg.sketch,
-            device=device,
-        )
-        desc = "card pass" if len(chunks) == 1 else f"card pass {ci + 1}/{len(chunks)}"
-        loss = run_probe(
-            model,
-            batch_list,
-            accs,
-            n_target_tokens=n_tgt,
-            progress=lambda it, d=desc: track(it, d, total=len(batch_list), enabled=progress),
-        )
-        u, g, gr, sp = _finish_pass(accs, cfg, n_tgt)
-        unit_rows += u
-        group_rows += g
-        grads.update(gr)
-        spectra.update(sp)
-        del accs
+    # Processes side by side on one machine's cores each take their share of the threads; the first gets
+    # all of them back for coupling and calibration, which it runs alone.
+    with shared_cores(world, device):
+        for ci, chunk in enumerate(chunks):
+            cspecs = [s for s in specs if s.layer in set(chunk)]
+            accs = make_accumulators(
+                cspecs,
+                lora_rank=cfg.lora_rank,
+                a_draws=cfg.a_draws,
+                seed=cfg.seed,
+                sketch=cfg.sketch,
+                device=device,
+            )
+            desc = "card pass" if len(chunks) == 1 else f"card pass {ci + 1}/{len(chunks)}"
+            loss = run_probe(
+                model,
+                local_batches,
+                accs,
+                n_target_tokens=n_tgt,  # the whole probe set's count: the shares' losses add up to its mean
+                progress=lambda it, d=desc: track(it, d, total=len(local_batches), enabled=progress),
+            )
+            if world > 1:
+                loss = all_reduce_sums(accs, loss)
+            u, g, gr, sp = _finish_pass(accs, cfg, n_tgt)
+            unit_rows += u
+            group_rows += g
+            if cfg.coupling:  # only the coupling probe needs them; kept, they would defeat layer groups
+                grads.update(gr)
+                spectra.update(sp)
+            del accs, gr, sp
     timings["probe_s"] = time.perf_counter() - t_probe
     n_positions = group_rows[0].n if group_rows else 0
 
@@ -189,7 +223,6 @@ def compute_card(loaded: Any, task: Any, cfg: CardConfig, *, progress: bool | No
 
     timings["total_s"] = time.perf_counter() - t0
     layout = models.layout_for(model)
-    config = dataclasses.asdict(cfg)
     prov = Provenance.make(
         stage="card",
         model_id=loaded.model_id,

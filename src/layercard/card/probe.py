@@ -4,14 +4,20 @@ Only the activations need gradients: the base stays frozen and the embedding out
 require grad, so backward computes no weight gradient. Each unit's ∇W = Gᵀ X is formed in the
 hooks from the same X its forward saw, which is the work a weight gradient would cost anyway.
 Hooks exist only inside :func:`probe_hooks`.
+
+Every accumulator is a sum over probe positions, so processes that each take a share of the micro-batches
+and then add their sums (:func:`all_reduce_sums`) hold what one process taking all of them would
+(docs/design.md §12).
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -20,6 +26,8 @@ from torch import nn
 from layercard.errors import LayercardError
 from layercard.models import UnitSpec, get_module, input_embeddings
 from layercard.tasks.loss import loss_sum
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -196,3 +204,81 @@ def run_probe(
             p.requires_grad_(r)
         model.train(was_training)
     return total
+
+
+# ---------------------------------------------------------------------------------------------
+# Several processes (docs/design.md §12)
+
+
+def rank_world() -> tuple[int, int]:
+    """(rank, number of processes) of the default process group; (0, 1) without one."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+@contextlib.contextmanager
+def shared_cores(world: int, device: torch.device) -> Iterator[None]:
+    """For the block, give this process its share of the torch threads when ``world`` processes run on the
+    CPU side by side (``LOCAL_WORLD_SIZE`` of them on this machine): more would only oversubscribe cores."""
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "") or world)
+    if world <= 1 or local <= 1 or device.type != "cpu":
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(1, before // local))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """Whether the model's weights are split over processes (FSDP's per-parameter sharding)."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # a torch without distributed support has no sharded weights
+        return False
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def shard(batches: Sequence[T], rank: int, world: int) -> list[T]:
+    """This process's micro-batches: ``rank``, ``rank + world``, ... (a round-robin deal)."""
+    return list(batches[rank::world])
+
+
+def all_reduce_sums(accs: Sequence[UnitAccumulator], loss: float) -> float:
+    """Add every process's sums into every process's accumulators (in place); return the summed loss.
+
+    The tensors are reduced in place one by one rather than packed into one buffer: packing would hold a
+    second copy of all of them, and memory is what layer groups and sketches are there to bound.
+    """
+    import torch.distributed as dist
+
+    groups = list({id(a.group): a.group for a in accs}.values())  # first-seen order: equal on every rank
+    for g in groups:
+        dist.all_reduce(g.xtx)
+    for a in accs:
+        dist.all_reduce(a.grad)
+        dist.all_reduce(a.asa)
+    # `extra` keys may differ between processes (one that saw no batch has none): agree on their union.
+    mine = sorted({(i, k) for i, a in enumerate(accs) for k in a.extra})
+    seen: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(seen, mine)
+    extras = sorted({tuple(x) for keys in seen for x in keys})
+    device = accs[0].grad.device if accs else torch.device("cpu")
+    # Counts travel as float64: exact below 2**53 positions.
+    vec = torch.tensor(
+        [loss, *[float(g.n) for g in groups], *[accs[i].extra.get(k, 0.0) for i, k in extras]],
+        dtype=torch.float64,
+        device=device,
+    )
+    dist.all_reduce(vec)
+    vals = vec.tolist()
+    for g, n in zip(groups, vals[1 : 1 + len(groups)], strict=True):
+        g.n = round(n)
+    for (i, k), v in zip(extras, vals[1 + len(groups) :], strict=True):
+        accs[i].extra[k] = v
+    return vals[0]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Annotated
 
@@ -80,23 +81,54 @@ def card_cmd(
     device: DeviceOpt = "auto",
     trust_remote_code: TrustOpt = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout.")] = False,
+    processes: Annotated[
+        int,
+        typer.Option(
+            "--processes",
+            help="Local processes sharing the probe batches (CPU: gloo; CUDA: one GPU each). "
+            "Under torchrun or accelerate launch leave it at 1: the launched processes share them.",
+        ),
+    ] = 1,
     cfg: CardConfig = CardConfig(),
     task_kw: dict | None = None,
 ) -> None:
     """Measure the frozen model on a task: the Layer Card (card.json, card.md, PNG figures)."""
     from layercard.api import measure_card
     from layercard.artifacts import check_out_folder, remove_stale_temps, writer_lock
-    from layercard.card import write_card_folder
+    from layercard.card import distributed, write_card_folder
     from layercard.card.summary import top_layers
 
+    dev = distributed.check_processes(processes, device)  # before anything is written
     check_out_folder(out)  # before the probe pass, not after it
-    with writer_lock(out, what="card folder"):
-        remove_stale_temps(out)  # what a killed earlier card command left half-written
-        card = measure_card(
-            model, task, cfg, split=split, dtype=dtype, device=device,
-            trust_remote_code=trust_remote_code, progress=progress_flag(json_out), **(task_kw or {}),
-        )  # fmt: skip
-        written = write_card_folder(card, out)
+    if distributed.launched_world() > 1:
+        # Launched processes share the probe; the first alone holds the folder and writes the card.
+        with distributed.launch_group(dev) as my_dev:
+            first = distributed.launched_rank() == 0
+            with writer_lock(out, what="card folder") if first else contextlib.nullcontext():
+                if first:
+                    remove_stale_temps(out)
+                card = measure_card(
+                    model, task, cfg, split=split, dtype=dtype, device=str(my_dev),
+                    trust_remote_code=trust_remote_code, progress=progress_flag(json_out) if first else False,
+                    **(task_kw or {}),
+                )  # fmt: skip
+                if not first:
+                    return
+                written = write_card_folder(card, out)
+    else:
+        with writer_lock(out, what="card folder"):
+            remove_stale_temps(out)  # what a killed earlier card command left half-written
+            if processes > 1:
+                card = distributed.spawn_card(
+                    processes, model, task, cfg, split=split, dtype=dtype, device=device,
+                    trust_remote_code=trust_remote_code, progress=progress_flag(json_out), task_kw=task_kw,
+                )  # fmt: skip
+            else:
+                card = measure_card(
+                    model, task, cfg, split=split, dtype=dtype, device=device,
+                    trust_remote_code=trust_remote_code, progress=progress_flag(json_out), **(task_kw or {}),
+                )  # fmt: skip
+            written = write_card_folder(card, out)
     note_examples("--examples", cfg.examples, int(card.task["n_examples"]))
     summary = {
         "card": str(out / "card.json"),

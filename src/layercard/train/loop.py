@@ -364,6 +364,12 @@ def _step(
     rank = acc.process_index
     micro = [run.stream.batch((state.consumed + j) * world + rank) for j in range(cfg.grad_accum)]
     n_target = sum(target_count(b["labels"]) for b in micro)
+    # The step's loss is the mean over the target tokens of every process's micro-batches (§7): each process
+    # divides by the count over all of them, and scales by `world` because gradients are averaged over
+    # processes, not added. With one process both are what they were.
+    n_step = (
+        int(acc.reduce(torch.tensor(n_target, device=device), reduction="sum")) if world > 1 else n_target
+    )
     step_loss = torch.zeros((), device=device)
     n_tokens = n_positions = 0
     for j, b in enumerate(micro):
@@ -376,10 +382,10 @@ def _step(
             with acc.autocast():  # the forward only: autocast is not for backward
                 out = prepared(input_ids=b["input_ids"], attention_mask=b["attention_mask"], use_cache=False)
                 ls, _ = loss_sum(out.logits, b["labels"])
-            loss = ls / max(n_target, 1)
-            acc.backward(loss)
+            loss = ls / max(n_step, 1)
+            acc.backward(loss * world)
         step_loss += loss.detach()
-    loss_value = float(acc.reduce(step_loss, reduction="mean"))
+    loss_value = float(acc.reduce(step_loss, reduction="sum"))
     params = [p for group in optimizer.param_groups for p in group["params"]]
     # Checked before the update is applied: a non-finite step must not reach the weights or a checkpoint.
     _check_finite(run, state.step + 1, "training loss", loss_value)

@@ -1,0 +1,257 @@
+"""Several processes on the CPU (gloo): the card and training equal their one-process runs.
+
+Run as a script, this file is the worker the launched tests start: ``train OUT BATCH`` under ``accelerate
+launch``, ``fsdp-card OUT`` under ``torch.distributed.run``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from tiny import tiny_model
+from tiny_tok import tiny_tokenizer
+from typer.testing import CliRunner
+
+from layercard import models
+from layercard.cli import app
+from layercard.models import LoadedModel
+from layercard.plan import Plan
+from layercard.tasks import load_task
+from layercard.train import TrainConfig, train
+
+REPO = Path(__file__).resolve().parents[1]
+DDP_CPU = REPO / "src" / "layercard" / "configs" / "accelerate" / "ddp_cpu.yaml"
+CARD = "-t synthetic:facts --examples 8 --max-length 48 --no-calibrate --device cpu"
+TRAIN_STEPS = 4
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("dist") / "tiny"
+    tiny_model("llama").save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def _env() -> dict[str, str]:
+    """The environment of a launched command: one thread per process (2 cores), no progress bars."""
+    return {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "LAYERCARD_PROGRESS": "0",
+        "PYTHONPATH": str(REPO / "tests"),
+    }
+
+
+def _launch(args: list[str], timeout: float = 120, torchrun: bool = False) -> subprocess.CompletedProcess:
+    """``accelerate launch`` with the shipped two-process CPU config (or ``torch.distributed.run``)."""
+    launcher = ["torch.distributed.run", "--nproc_per_node", "2"] if torchrun else [
+        "accelerate.commands.launch", "--config_file", str(DDP_CPU)
+    ]  # fmt: skip
+    cmd = [sys.executable, "-m", *launcher, *args]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=timeout, cwd=REPO)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return r
+
+
+def _numbers_equal(a: Any, b: Any, path: str = "card", rel: float = 1e-6) -> None:
+    """Every number of ``a`` within ``rel`` of ``b``'s, everything else equal, field by field."""
+    if isinstance(a, dict):
+        assert set(a) == set(b), f"{path}: fields differ: {sorted(set(a) ^ set(b))}"
+        for k in a:
+            _numbers_equal(a[k], b[k], f"{path}.{k}", rel)
+    elif isinstance(a, list):
+        assert len(a) == len(b), f"{path}: {len(a)} != {len(b)} items"
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            _numbers_equal(x, y, f"{path}[{i}]", rel)
+    elif isinstance(a, float) or isinstance(b, float):
+        assert b == pytest.approx(a, rel=rel, abs=1e-300), f"{path}: {a} != {b}"
+    else:
+        assert a == b, f"{path}: {a!r} != {b!r}"
+
+
+def _card_numbers(path: Path) -> dict[str, Any]:
+    d = json.loads((path / "card.json").read_text())
+    d.pop("timings")
+    d.pop("provenance")  # wall time, creation time, machine
+    return d
+
+
+def _card(folder: Path, out: Path, extra: str) -> Path:
+    r = CliRunner().invoke(app, f"card -m {folder} -o {out} {CARD} {extra}".split())
+    assert r.exit_code == 0, r.output
+    return out
+
+
+def test_card_in_two_processes_equals_one(tiny_folder: Path, tmp_path: Path) -> None:
+    """--processes 2 (gloo): 4 batches dealt 2 and 2, two layer-group passes, coupling on the first."""
+    opts = "--batch-size 2 --layer-groups 2 --coupling"
+    one = _card(tiny_folder, tmp_path / "one", opts)
+    two = _card(tiny_folder, tmp_path / "two", f"{opts} --processes 2")
+    a, b = _card_numbers(one), _card_numbers(two)
+    assert a["n_positions"] > 0 and b["coupling"] is not None
+    _numbers_equal(a, b)
+    assert sorted(p.name for p in two.iterdir()) == sorted(p.name for p in one.iterdir())
+
+
+def test_card_under_accelerate_launch_equals_one(tiny_folder: Path, tmp_path: Path) -> None:
+    """`accelerate launch -m layercard card`: one batch, so the second process has none to take."""
+    opts = "--batch-size 8"
+    one = _card(tiny_folder, tmp_path / "one", opts)
+    out = tmp_path / "launched"
+    _launch(["-m", "layercard", "card", "-m", str(tiny_folder), "-o", str(out), *f"{CARD} {opts}".split()])
+    _numbers_equal(_card_numbers(one), _card_numbers(out))
+
+
+FSDP_CARD = dict(examples=8, max_length=48, batch_size=2, calibrate=False, coupling=False)
+
+
+def _fsdp_card(out: Path) -> None:
+    """The card of the tiny model with its weights sharded over the launched processes (FSDP)."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    from layercard.card import CardConfig, compute_card
+    from layercard.card.probe import is_sharded
+    from layercard.errors import LayercardError
+
+    dist.init_process_group("gloo")
+    try:
+        model = tiny_model("llama")
+        loaded = LoadedModel(model, tiny_tokenizer(), "tiny-llama", models.weights_hash(model), "tiny")
+        for layer in models.decoder_layers(model):
+            fully_shard(layer)
+        fully_shard(model)
+        task = load_task("synthetic:facts", split="train")
+        assert is_sharded(model)
+        with pytest.raises(LayercardError, match="sharded over 2 processes"):  # coupling needs it whole
+            compute_card(loaded, task, CardConfig(**{**FSDP_CARD, "coupling": True}))
+        card = compute_card(loaded, task, CardConfig(**FSDP_CARD), progress=False)
+        if dist.get_rank() == 0:
+            card.save(out / "card.json")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_card_of_an_fsdp_sharded_model_equals_one(tmp_path: Path) -> None:
+    """Sharded weights, whole activations and output gradients: the hooks' sums are those of one process."""
+    from layercard.card import CardConfig, compute_card
+
+    loaded = _loaded()
+    one = compute_card(loaded, load_task("synthetic:facts", split="train"), CardConfig(**FSDP_CARD))
+    one.save(tmp_path / "one" / "card.json")
+    _launch([__file__, "fsdp-card", str(tmp_path / "two")], torchrun=True)
+    _numbers_equal(_card_numbers(tmp_path / "one"), _card_numbers(tmp_path / "two"))
+
+
+@pytest.mark.parametrize(
+    ("model", "extra", "says"),
+    [
+        ("tiny", "--processes 0", "--processes 0: must be at least 1"),
+        ("tiny", "--processes -2", "--processes -2: must be at least 1"),
+        pytest.param(
+            "tiny",
+            "--processes 2 --device cuda",
+            "--processes 2: device 'cuda': CUDA is not available",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU"),
+        ),
+        # found by the workers: their error comes back as the command's one line
+        ("missing", "--processes 2 --device cpu", "no such local folder"),
+    ],
+)
+def test_bad_processes_say_so_in_one_line(
+    tiny_folder: Path, tmp_path: Path, model: str, extra: str, says: str
+) -> None:
+    out = tmp_path / "card"
+    folder = tiny_folder if model == "tiny" else tmp_path / "missing"
+    r = CliRunner().invoke(
+        app, f"card -m {folder} -o {out} -t synthetic:facts --no-calibrate {extra}".split()
+    )
+    lines = [ln for ln in r.output.splitlines() if ln.strip()]
+    assert r.exit_code == 2 and len(lines) == 1, r.output
+    assert lines[0].startswith("error: ") and says in lines[0], r.output
+    assert not out.exists()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Training
+
+
+def _loaded() -> LoadedModel:
+    model = tiny_model("llama")
+    return LoadedModel(model, tiny_tokenizer(), "tiny-llama", models.weights_hash(model), "tiny")
+
+
+def _plan(loaded: LoadedModel) -> Plan:
+    """LoRA rank 4 on q,v of every layer, no dropout: the run is a function of the seed and data."""
+    units = models.units(loaded.model, "q,v")
+    names = [u.name for u in units]
+    return Plan.from_dict(
+        {
+            "kind": "plan",
+            "schema_version": 1,
+            "provenance": {},
+            "card": {"model_id": loaded.model_id, "model_hash": loaded.model_hash, "task": "facts"},
+            "config": {"policy": "test"},
+            "adapter_kind": "lora",
+            "units": [
+                {"key": u.key, "layer": u.layer, "role": u.role, "name": u.name, "rank": 4} for u in units
+            ],
+            "layers": sorted({u.layer for u in units}),
+            "predicted": {"step_time_s": 0.05, "params": 0, "modules": len(units), "gain": 1.0},
+            "lora_config": {
+                "r": 4,
+                "lora_alpha": 8,
+                "lora_dropout": 0.0,
+                "target_modules": names,
+                "rank_pattern": dict.fromkeys(names, 4),
+                "alpha_pattern": {},
+                "bias": "none",
+                "task_type": "CAUSAL_LM",
+            },
+            "adapter_config": None,
+        }
+    )
+
+
+def _train(out: Path, batch_size: int) -> dict[str, Any]:
+    """A few steps on 16 examples (a whole number of global batches of 4, so epochs line up)."""
+    loaded = _loaded()
+    cfg = TrainConfig(
+        steps=TRAIN_STEPS,
+        batch_size=batch_size,
+        lr=1e-2,
+        max_length=64,
+        train_examples=16,
+        eval_examples=0,
+        checkpoint_every=0,
+    )
+    return train(loaded, _plan(loaded), load_task("synthetic:facts", split="train"), None, cfg, out)
+
+
+def test_training_in_two_processes_equals_one(tmp_path: Path) -> None:
+    """2 processes × batch 2 take the examples one process takes at batch 4: the same loss curve."""
+    one = _train(tmp_path / "one", 4)
+    _launch([__file__, "train", str(tmp_path / "two"), "2"])
+    two = json.loads((tmp_path / "two" / "train_metrics.json").read_text())
+    assert two["world_size"] == 2 and one["world_size"] == 1
+    a = [v for _, v in one["loss_curve"]]
+    b = [v for _, v in two["loss_curve"]]
+    assert len(a) == len(b) == TRAIN_STEPS
+    assert a[-1] < a[0]  # it learns: the curves compared are not flat
+    assert b == pytest.approx(a, rel=1e-4)
+
+
+if __name__ == "__main__":  # a launched worker
+    torch.set_num_threads(1)
+    if sys.argv[1] == "train":
+        _train(Path(sys.argv[2]), int(sys.argv[3]))
+    elif sys.argv[1] == "fsdp-card":
+        _fsdp_card(Path(sys.argv[2]))
