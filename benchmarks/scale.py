@@ -9,11 +9,10 @@ tokenizer over a generated task, 40 target tokens per sequence).
   step; one warm-up step, then the median of ``--steps`` timed steps.
 - ``card*``: the card's probe loop as ``compute_card`` runs it (every role, no coupling, no
   calibration): per layer group one pass that fills the float64 accumulators, then that group's
-  statistics, keeping each unit's gradient as ``compute_card`` does. Pass time and statistics time are
+  statistics, dropping the group's unit gradients after them as ``compute_card`` does without coupling
+  (the ``_keep`` variants keep them, as it does with coupling). Pass time and statistics time are
   measured apart. Without a sketch the statistics eigen-decompose one 8192×8192 covariance per layer
-  (about a minute each on 2 cores): they are not run there, and only the pass is timed. The
-  ``_nokeep`` variants drop each group's gradients after its statistics, as the loop could when
-  coupling is off: they show what that would save.
+  (about a minute each on 2 cores): they are not run there, and only the pass is timed.
 
 Every configuration runs in its own process, so peak memory (the process's peak resident size in the
 measured window, ``layercard.cost``) is that configuration's alone. Results are kept per configuration
@@ -73,16 +72,17 @@ SEQUENCES, SEQ_LEN, TARGET_CHARS, RANK = 4, 128, 40, 8
 CONFIGS: dict[str, dict[str, Any]] = {
     "train_step": {"kind": "train"},
     "card": {"kind": "card", "layer_groups": 1, "sketch": None},
-    "card_groups4": {"kind": "card", "layer_groups": 4, "sketch": None},
+    # As compute_card runs without coupling: each group's unit gradients are dropped after its statistics.
+    "card_groups4": {"kind": "card", "layer_groups": 4, "sketch": None, "keep_gradients": False},
     "card_sketch512": {"kind": "card", "layer_groups": 1, "sketch": 512},
-    "card_groups4_sketch512": {"kind": "card", "layer_groups": 4, "sketch": 512},
-    # What the loop would hold if it kept the units' gradients only when coupling reads them.
-    "card_groups4_nokeep": {"kind": "card", "layer_groups": 4, "sketch": None, "keep_gradients": False},
-    "card_groups4_sketch512_nokeep": {
+    "card_groups4_sketch512": {"kind": "card", "layer_groups": 4, "sketch": 512, "keep_gradients": False},
+    # As compute_card runs with coupling, which reads every unit's gradient: they are kept to the end.
+    "card_groups4_keep": {"kind": "card", "layer_groups": 4, "sketch": None, "keep_gradients": True},
+    "card_groups4_sketch512_keep": {
         "kind": "card",
         "layer_groups": 4,
         "sketch": 512,
-        "keep_gradients": False,
+        "keep_gradients": True,
     },
 }
 
@@ -474,8 +474,9 @@ def _markdown(s: dict[str, Any], train: dict[str, Any] | None) -> str:
     ]
     lines += [
         "",
-        "`_nokeep`: the same loop dropping each layer group's gradients after its statistics (the card "
-        "keeps every unit's gradient for coupling); not what `compute_card` does today.",
+        "`_keep`: the same loop keeping every unit's gradient to the end, as `compute_card` does when it "
+        "measures coupling (which reads them); without coupling it drops each group's gradients after its "
+        "statistics.",
         "",
         f"Pass times (s): {'; '.join(passes)}.",
         "",
@@ -488,10 +489,10 @@ def _markdown(s: dict[str, Any], train: dict[str, Any] | None) -> str:
         "",
         "Reading. A probe pass does what a frozen forward and backward do, plus one GᵀX product per unit "
         "(a full weight gradient's worth of matrix products that a LoRA step never forms) and its float64 "
-        "accumulation; each layer group is one more whole pass, so G groups cost about G passes. The card "
-        "keeps every unit's float64 gradient (twice the size of the float32 weights of the measured "
-        "modules) until it is done, for coupling; layer groups therefore bound the covariances but not the "
-        "gradients, which is what the `_nokeep` rows measure. Without a sketch the statistics "
+        "accumulation; each layer group is one more whole pass, so G groups cost about G passes. With "
+        "coupling the card keeps every unit's float64 gradient (twice the size of the float32 weights of "
+        "the measured modules) until it is done, so layer groups bound the covariances but not the "
+        "gradients (the `_keep` rows). Without a sketch the statistics "
         "eigen-decompose a d_in × d_in covariance per input (8192 for the MLP's down projection).",
         "",
         "This machine's 2 cores are shared: the same pass took from 23 to 37 s across runs, so ratios carry "
