@@ -233,7 +233,7 @@ def _card(model, tok, task, spec: dict[str, Any], device) -> dict[str, Any]:
             device=device,
         )
         t = time.perf_counter()
-        loss = run_probe(model, [batch], accs, n_target_tokens=n_target)
+        loss = run_probe(model, [batch], accs, n_target_tokens=n_target, start_layer=min(chunk))
         pass_s.append(time.perf_counter() - t)
         if with_stats:
             t = time.perf_counter()

@@ -66,6 +66,38 @@ def test_hook_gradients_equal_autograd(family: str):
     assert all(acc.group.n == n_unpadded for acc in accs)
 
 
+@pytest.mark.parametrize("family", ["llama", "gpt2", "phi3"])
+def test_a_pass_above_a_layer_stops_backward_there(family: str):
+    """Measuring layers ≥ 2 only: the same gradients as a full pass, and no backward below layer 2."""
+    model = tiny_model(family).double()
+    upper = [s for s in models.units(model, "all-linear") if s.layer >= 2]
+    batches = _batches(model.config.vocab_size)
+    n_tgt = _n_target(batches)
+
+    def measured(start: int) -> tuple[dict[str, torch.Tensor], list[int]]:
+        reached: list[int] = []
+        layers = models.decoder_layers(model)
+        hooks = [
+            layers[i].register_full_backward_hook(lambda *_a, i=i: reached.append(i))
+            for i in range(len(layers))
+        ]
+        try:
+            accs = make_accumulators(
+                upper, lora_rank=2, a_draws=1, seed=0, sketch=None, device=torch.device("cpu")
+            )
+            run_probe(model, batches, accs, n_target_tokens=n_tgt, start_layer=start)
+        finally:
+            for h in hooks:
+                h.remove()
+        return {a.spec.key: a.grad for a in accs}, sorted(set(reached))
+
+    full, reached_full = measured(0)
+    cut, reached_cut = measured(2)
+    assert 0 in reached_full and min(reached_cut) == 2  # backward ran below layer 2 only without the cut
+    for key, g in full.items():
+        torch.testing.assert_close(cut[key], g, rtol=1e-12, atol=1e-15)
+
+
 def test_covariance_matches_direct_inputs():
     model = tiny_model("llama").double()
     specs = models.units(model, "q,v", layers=[1])

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from layercard.errors import LayercardError
-from layercard.models import UnitSpec, get_module, input_embeddings
+from layercard.models import UnitSpec, decoder_layers, get_module, input_embeddings
 from layercard.tasks.loss import loss_sum
 
 T = TypeVar("T")
@@ -64,13 +64,27 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 @contextlib.contextmanager
-def probe_hooks(model: nn.Module, accs: Sequence[UnitAccumulator], state: _State) -> Iterator[None]:
-    """Attach the measuring hooks for ``accs``; always removed on exit."""
+def probe_hooks(
+    model: nn.Module, accs: Sequence[UnitAccumulator], state: _State, *, start_layer: int = 0
+) -> Iterator[None]:
+    """Attach the measuring hooks for ``accs``; always removed on exit.
+
+    Backward starts its graph at the input of decoder layer ``start_layer`` (the lowest layer measured):
+    the output gradients of the layers above do not depend on what lies below, so a layer group's pass
+    need not run backward, or keep activations, beneath its lowest layer.
+    """
     handles: list[torch.utils.hooks.RemovableHandle] = []
 
     def embed_hook(_mod: nn.Module, _inp: object, out: torch.Tensor) -> torch.Tensor:
         # The base is frozen; gradients must still flow back through every layer.
         return out.detach().requires_grad_(True)
+
+    def layer_hook(_mod: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        if args:
+            return (args[0].detach().requires_grad_(True), *args[1:]), kwargs
+        kwargs = dict(kwargs)
+        kwargs["hidden_states"] = kwargs["hidden_states"].detach().requires_grad_(True)
+        return args, kwargs
 
     def make_hook(acc: UnitAccumulator):
         spec = acc.spec
@@ -101,7 +115,11 @@ def probe_hooks(model: nn.Module, accs: Sequence[UnitAccumulator], state: _State
         return hook
 
     try:
-        handles.append(input_embeddings(model).register_forward_hook(embed_hook))
+        if start_layer > 0:
+            layer = decoder_layers(model)[start_layer]
+            handles.append(layer.register_forward_pre_hook(layer_hook, with_kwargs=True))
+        else:
+            handles.append(input_embeddings(model).register_forward_hook(embed_hook))
         for acc in accs:
             handles.append(get_module(model, acc.spec.name).register_forward_hook(make_hook(acc)))
         yield
@@ -166,6 +184,7 @@ def run_probe(
     *,
     n_target_tokens: int,
     progress=None,
+    start_layer: int = 0,
 ) -> float:
     """One forward+backward over ``batches`` with hooks; returns the mean target loss.
 
@@ -183,7 +202,7 @@ def run_probe(
     for p in model.parameters():
         p.requires_grad_(False)
     try:
-        with probe_hooks(model, accs, state):
+        with probe_hooks(model, accs, state, start_layer=start_layer):
             it = progress(batches) if progress is not None else batches
             for step, batch in enumerate(it):
                 state.step = step
