@@ -92,33 +92,14 @@ CONFIGS: dict[str, dict[str, Any]] = {
 
 
 def _tokenizer():
-    """A character-level tokenizer with a chat template (ids 0-74; the model's vocabulary is far larger)."""
-    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
+    """The placement benchmark's character-level chat tokenizer (ids 0-74; the model's vocabulary is far
+    larger). Loaded from its file: importing the placement package would pin a BLAS kernel here."""
+    import importlib.util
 
-    specials = ("<pad>", "<eos>", "<unk>", "<|user|>", "<|assistant|>")
-    chars = " \n" + string.ascii_lowercase + string.digits + string.punctuation
-    backend = Tokenizer(
-        models.WordLevel(vocab={t: i for i, t in enumerate(specials + tuple(chars))}, unk_token="<unk>")
-    )
-    backend.normalizer = normalizers.Lowercase()
-    backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
-    backend.decoder = decoders.Fuse()
-    tok = PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        pad_token="<pad>",
-        eos_token="<eos>",
-        unk_token="<unk>",
-        additional_special_tokens=["<|user|>", "<|assistant|>"],
-    )
-    tok.chat_template = (
-        "{% for message in messages %}"
-        "{% if message['role'] == 'user' %}{{ '<|user|>' + message['content'] + '\n' }}"
-        "{% else %}{{ '<|assistant|>' + message['content'] + '<eos>' + '\n' }}{% endif %}"
-        "{% endfor %}"
-        "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
-    )
-    return tok
+    spec = importlib.util.spec_from_file_location("_placement_tiny", HERE / "placement" / "tiny.py")
+    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    return module.char_tokenizer()
 
 
 def _task(folder: Path):

@@ -15,7 +15,8 @@ _TINY_CHAT = (
 )
 
 
-def _tokenizer():
+def char_tokenizer():
+    """A character-level chat tokenizer (no files, no network): ids 0-74."""
     from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -47,7 +48,7 @@ def build_tiny_model(folder: Path, n_layers: int) -> Path:
 
     from layercard.artifacts import atomic_path
 
-    tok = _tokenizer()
+    tok = char_tokenizer()
     cfg = LlamaConfig(
         vocab_size=96,
         hidden_size=32,
