@@ -77,6 +77,8 @@ def plan_cmd(
 
 def _print_search_plan(plan) -> None:
     """The frontier per budgeted cost, the plan marked, the fixed rules, and the one-sentence comparison."""
+    from layercard.plan.frontier import row_label
+
     p = plan.predicted
     q = p["quality"]
     for kind, rows in p["frontier"].items():
@@ -97,7 +99,7 @@ def _print_search_plan(plan) -> None:
         f"plan ({plan.config['policy']}, budgets {', '.join(p['budgets']) or 'none'}"
         + (f", target {plan.config['target']:g}" if plan.config.get("target") is not None else "")
         + "): "
-        f"{chosen['matrices']} · {chosen['layers']} · r={chosen['rank']}, {p['params']:,} params, "
+        f"{row_label(chosen)}, {p['params']:,} params, "
         f"{p['modules']} modules, predicted quality {q['fraction']:.3f}"
         + ("" if err is None else f" ± {err:.3f}")
         + (f", predicted {p['step_time_s']:.3g} s/step" if p.get("step_time_s") else "")

@@ -288,6 +288,7 @@ class Runner:
             make_plan(card, p.plan, card_path=str(out.card_json.resolve())).save(path)
 
         def summarize() -> list[tuple[str, str]]:
+            from layercard.plan.frontier import row_label
             from layercard.plan.space import budget_label
 
             plan = Plan.load(path)
@@ -307,7 +308,7 @@ class Runner:
                 c, q = pr["candidate"], pr["quality"]
                 err = q.get("expected_error")
                 rows += [
-                    ("matrices · layers · rank", f"{c['matrices']} · {c['layers']} · r={c['rank']}"),
+                    ("matrices · layers · rank", row_label(c)),
                     (
                         "predicted quality",
                         f"{q['fraction']:.3f}"

@@ -46,7 +46,12 @@ class Candidate:
 
     @property
     def label(self) -> str:
-        return f"{self.matrices} · {self.layer_rule} · r={self.rank}"
+        return row_label({"matrices": self.matrices, "layers": self.layer_rule, "rank": self.rank})
+
+
+def row_label(row: dict[str, Any]) -> str:
+    """A placement as messages show it (``all-linear · last-8 · r=8``), from a :func:`summary_row`."""
+    return f"{row['matrices']} · {row['layers']} · r={row['rank']}"
 
 
 def layer_sets(n_layers: int) -> list[tuple[str, tuple[int, ...]]]:

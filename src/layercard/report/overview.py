@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from layercard.artifacts import write_text
+from layercard.plan.frontier import row_label
 from layercard.report.results import collect_results, load_optional, placement_names, read_train_metrics
 from layercard.report.tables import fmt
 from layercard.run_layout import RunLayout
@@ -39,7 +40,7 @@ def task_rows(root: Path) -> dict[str, Any]:
         rows.append(
             {
                 "name": name,
-                "placement": f"{cand['matrices']} · {cand['layers']} · r={cand['rank']}" if cand else "—",
+                "placement": row_label(cand) if cand else "—",
                 "params": m.trainable_params if m else None,
                 "params_x": cand.get("params_x") if cand else None,
                 "s_per_step": m.s_per_step if m else None,

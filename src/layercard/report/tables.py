@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from layercard.plan.frontier import row_label
 from layercard.report.results import placement_names, predicted_s_per_step, stages_active
 from layercard.run_layout import BASE_EVAL, TRIMMED_EVAL, RunLayout
 
@@ -169,7 +170,7 @@ def recommendation_table(
             [
                 name,
                 str(plan.config["policy"]),
-                f"{cand['matrices']} · {cand['layers']} · r={cand['rank']}",
+                row_label(cand),
                 f"{int(cand['params']):,} ({cand['params'] / ref:.2f})",
                 f"{fmt(step, '.2f')} / {fmt(step_pred, '.2f')}",
                 f"{fmt(m.peak_memory_mib if m else None, ',.0f')} / {fmt(peak_pred, ',.0f')}",
