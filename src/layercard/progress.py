@@ -45,3 +45,13 @@ def track(
         for item in items:
             yield item
             prog.advance(tid)
+
+
+def say(text: str, *, enabled: bool | None = None) -> None:
+    """One line on stderr about a step that has no bar, under the same switch as :func:`track`."""
+    if enabled is None:
+        enabled = enabled_default()
+    if enabled:
+        from rich.console import Console
+
+        Console(stderr=True).print(text, highlight=False, soft_wrap=True)

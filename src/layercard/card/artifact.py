@@ -57,6 +57,8 @@ class UnitRow:
     rate_quadratic: float
     lora_params: int  # r·(d_in + d_out) at the card's LoRA rank
     grad_eig_energy: list[float]  # eⱼ = ‖∇W uⱼ‖² along Σ's eigenvectors (ascending λ)
+    # Marchenko–Pastur SNR of the frozen weight (stats.weight_snr); None in cards written before it existed.
+    weight_snr: float | None = None
 
 
 @dataclasses.dataclass(frozen=True)

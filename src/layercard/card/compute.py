@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -30,7 +30,10 @@ from layercard.progress import track
 
 
 def _finish_pass(
-    accs: Sequence[UnitAccumulator], cfg: CardConfig, n_target_tokens: int
+    accs: Sequence[UnitAccumulator],
+    cfg: CardConfig,
+    n_target_tokens: int,
+    weight_snrs: Mapping[str, float | None],
 ) -> tuple[list[UnitRow], list[GroupRow], dict[str, torch.Tensor], dict[str, stats.Spectrum]]:
     groups: dict[int, tuple[str, stats.Spectrum, Any]] = {}
     group_rows: list[GroupRow] = []
@@ -98,9 +101,34 @@ def _finish_pass(
                 rate_quadratic=_r(quad),
                 lora_params=r * (acc.spec.d_in + acc.spec.d_out),
                 grad_eig_energy=_rl(energy_j),
+                weight_snr=weight_snrs.get(acc.spec.key),
             )
         )
     return unit_rows, group_rows, grads, spectra
+
+
+def _weight_snrs(model: Any, specs: Sequence[Any], rank: int) -> dict[str, float | None]:
+    """Each unit's weight SNR (docs/design.md §3) from a float32 SVD on the CPU; None on other processes.
+
+    Sharded weights are gathered whole on every process (a collective each must join, in the same order);
+    only the first process, whose card is the one written, then pays for the SVDs.
+    """
+    from layercard.models import linear_weight
+
+    out: dict[str, float | None] = {}
+    for spec in specs:
+        w = linear_weight(model, spec.name).detach()
+        if hasattr(w, "full_tensor"):  # a DTensor: this process holds only its shard
+            w = w.full_tensor()
+        if rank != 0:
+            out[spec.key] = None
+            continue
+        w = w.to(device="cpu", dtype=torch.float32)
+        if not bool(torch.isfinite(w).all()):
+            raise LayercardError(f"unit {spec.key} ({spec.name}): the weight holds NaN or Infinity")
+        sv = torch.linalg.svdvals(w).numpy()
+        out[spec.key] = _r(stats.weight_snr(sv, (int(w.shape[0]), int(w.shape[1]))))
+    return out
 
 
 def _layer_chunks(layers: Sequence[int], n_groups: int) -> list[list[int]]:
@@ -115,8 +143,9 @@ def compute_card(loaded: Any, task: Any, cfg: CardConfig, *, progress: bool | No
     """Measure the frozen model on the task and return the Layer Card (docs/design.md §3–§5).
 
     Inside a process group every process must call it: each takes its share of the probe batches and the
-    sums are added over the group (§12). The first process alone then runs coupling and calibration, so
-    only its card is complete; the others return theirs without coupling and cost.
+    sums are added over the group (§12). The first process alone then runs coupling and calibration and
+    measures the weights' SNR, so only its card is complete; the others return theirs without coupling,
+    cost and weight_snr.
     """
     from layercard import models
     from layercard.tasks import batches as make_batches
@@ -157,13 +186,17 @@ def compute_card(loaded: Any, task: Any, cfg: CardConfig, *, progress: bool | No
         touch_weights(model)
         resident = memory_in_use(device)
 
+    timings: dict[str, float] = {}
+    t_snr = time.perf_counter()
+    weight_snrs = _weight_snrs(model, specs, rank)
+    timings["weight_snr_s"] = time.perf_counter() - t_snr
+
     torch.manual_seed(cfg.seed)
     unit_rows: list[UnitRow] = []
     group_rows: list[GroupRow] = []
     grads: dict[str, torch.Tensor] = {}
     spectra: dict[str, stats.Spectrum] = {}
     loss = float("nan")
-    timings: dict[str, float] = {}
     chunks = _layer_chunks([s.layer for s in specs], cfg.layer_groups)
     t_probe = time.perf_counter()
     # Processes side by side on one machine's cores each take their share of the threads; the first gets
@@ -190,7 +223,7 @@ def compute_card(loaded: Any, task: Any, cfg: CardConfig, *, progress: bool | No
             )
             if world > 1:
                 loss = all_reduce_sums(accs, loss)
-            u, g, gr, sp = _finish_pass(accs, cfg, n_tgt)
+            u, g, gr, sp = _finish_pass(accs, cfg, n_tgt, weight_snrs)
             unit_rows += u
             group_rows += g
             if cfg.coupling:  # only the coupling probe needs them; kept, they would defeat layer groups

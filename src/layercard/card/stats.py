@@ -90,6 +90,33 @@ def captured(sv_sq: np.ndarray, ranks: Sequence[int] = CAPTURE_RANKS) -> dict[in
     return out
 
 
+# IQR of a standard normal (2·0.6745): turns the spread of the singular values into a scale σ̂.
+_IQR_PER_SIGMA = 1.349
+
+
+def weight_snr(singular_values: np.ndarray, shape: tuple[int, int]) -> float:
+    """Signal-to-noise ratio of a weight matrix by the Marchenko–Pastur rule (docs/design.md §3).
+
+    σ̂ = IQR(s)/1.349 is a noise scale read off the bulk of the singular values s (quartiles with linear
+    interpolation), and ε = σ̂·(1 + √β) with β = min(m, n)/max(m, n) the aspect ratio of the m × n matrix
+    is the edge of that bulk: values above it are signal. SNR = Σ_{s>ε} s / Σ_{s≤ε} s / s_max. The noise
+    sum counts as 1 when nothing (or only zeros) falls below ε, and a zero matrix has SNR 0. Dividing by
+    s_max makes the value scale with 1/‖W‖₂: matrices are compared as the rule compares them, within a role.
+    """
+    s = np.sort(np.abs(np.asarray(singular_values, dtype=np.float64)))[::-1]
+    if s.size == 0 or s[0] <= 0:
+        return 0.0
+    m, n = (int(x) for x in shape)
+    beta = min(m, n) / max(m, n)
+    q75, q25 = np.quantile(s, [0.75, 0.25])
+    eps = (q75 - q25) / _IQR_PER_SIGMA * (1.0 + math.sqrt(beta))
+    signal = float(s[s > eps].sum())
+    noise = float(s[s <= eps].sum())
+    # The rule's own fallback for an empty noise sum; a zero sum would give no finite ratio to store.
+    noise = noise if noise > 0 else 1.0
+    return signal / noise / float(s[0])
+
+
 @dataclass(frozen=True)
 class InputStats:
     """Conditioning of one input covariance (docs/design.md §3, activation energy row)."""

@@ -196,6 +196,8 @@ def _check_units(f: Fields, rows: Sequence[Any], n_layers: int, groups: dict[str
         captured = f.mapping(f.get(u, "captured", w), f"{w}.captured")
         for k, v in captured.items():
             f.number(v, f"{w}.captured.{k}", minimum=0)
+        # Optional: cards written before weight_snr was measured lack it, and still load.
+        f.optional(u.get("weight_snr"), f"{w}.weight_snr", lambda v, at: f.number(v, at, minimum=0))
         energy = f.numbers(f.get(u, "grad_eig_energy", w), f"{w}.grad_eig_energy", minimum=0)
         if len(energy) != groups[group]:
             f.fail(

@@ -8,9 +8,10 @@ from layercard.config.budget import Budgets
 from layercard.config.card import SCORES
 from layercard.config.schema import Schema, setting
 
-# Policies that search matrices × layers × rank (the recommendation and the practitioners' fixed rules,
-# each fitted to the budgets); they take several budgets, absolute or relative to the reference.
-SEARCH_POLICIES: tuple[str, ...] = ("recommend", "peft-default", "all-linear", "last-n")
+# Policies priced and fitted by the search over matrices × layers × rank (the recommendation, the
+# practitioners' fixed rules and the weight-SNR selector `spectrum`, each fitted to the budgets); they take
+# several budgets, absolute or relative to the reference.
+SEARCH_POLICIES: tuple[str, ...] = ("recommend", "peft-default", "all-linear", "last-n", "spectrum")
 SEARCH_BUDGET_KINDS: tuple[str, ...] = ("params", "modules", "step_time", "memory")
 POLICIES: tuple[str, ...] = (
     *SEARCH_POLICIES,
@@ -108,7 +109,7 @@ class PlanConfig(Schema):
             )
         if self.policy == "recommend" and self.budget is None and self.target is None:
             raise self.fail("budget", "policy recommend needs a budget (e.g. params=0.25x) or a target")
-        if self.policy == "last-n" and self.budget is None:
+        if self.policy in ("last-n", "spectrum") and self.budget is None:
             raise self.fail("budget", f"policy {self.policy} needs a budget, e.g. params=0.25x")
         if self.kind != "lora":
             raise self.fail(
@@ -116,4 +117,9 @@ class PlanConfig(Schema):
             )
         for name in ("bands", "roles"):
             if getattr(self, name) is not None:
-                raise self.fail(name, f"policy {self.policy} chooses the matrices and layers itself")
+                what = (
+                    "adapts the card's roles and chooses the layers"
+                    if self.policy == "spectrum"
+                    else "chooses the matrices and layers"
+                )
+                raise self.fail(name, f"policy {self.policy} {what} itself")

@@ -9,6 +9,7 @@ from layercard.config.schema import Schema, setting
 
 SCHEDULERS = ("constant", "linear", "cosine")
 DTYPES = ("float32", "bfloat16", "float16")
+INITS = ("default", "eva")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -18,6 +19,8 @@ class TrainConfig(Schema):
     ``eval_every=0`` evaluates only at the end, ``checkpoint_every=0`` writes no checkpoints,
     ``eval_examples=0`` skips validation. ``bottleneck=None`` takes the plan's (else 16). ``dtype`` is the
     compute precision (Accelerate mixed precision for bfloat16/float16); the weights keep their dtype.
+    ``init=eva`` (LoRA only) sets each LoRA A from the SVD of its module's inputs on the first training
+    batches and moves rank between modules, keeping the planned total; ``eva_rho`` caps the growth.
     """
 
     SECTION = "train"
@@ -46,6 +49,17 @@ class TrainConfig(Schema):
     )
     load_in_4bit: bool = setting(False, kind="bool", help="4-bit base weights (QLoRA; CUDA + bitsandbytes)")
     dtype: str = setting("float32", kind="choice", choices=DTYPES, help="compute precision")
+    init: str = setting(
+        "default",
+        kind="choice",
+        choices=INITS,
+        help="LoRA init; eva: A from the SVD of module inputs, ranks moved between modules",
+    )
+    eva_rho: float = setting(
+        2.0,
+        kind="pos_float",
+        help="the most a module's rank may grow, as a multiple of its planned rank (init: eva; >= 1)",
+    )
 
     def validate(self) -> None:
         if (self.steps is None) == (self.epochs is None):
@@ -54,6 +68,8 @@ class TrainConfig(Schema):
                 f"give exactly one of steps and epochs (got steps={self.steps!r}, epochs={self.epochs!r}); "
                 "set steps to null to train by epochs",
             )
+        if self.eva_rho < 1:
+            raise self.fail("eva_rho", f"must be a number >= 1, got {self.eva_rho!r}")
 
     @classmethod
     def prepare(cls, values: dict[str, Any]) -> dict[str, Any]:

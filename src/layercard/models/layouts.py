@@ -463,6 +463,15 @@ def logits_from_hidden(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     return logits
 
 
+def linear_weight(model: nn.Module, name: str) -> torch.Tensor:
+    """The frozen weight of the linear module at ``name``, beneath any PEFT wrapper.
+
+    ``d_out × d_in`` for ``nn.Linear``, ``d_in × d_out`` for GPT-2's Conv1D (its own layout); statistics of
+    the matrix that do not depend on its orientation, such as its singular values, may use either.
+    """
+    return _unwrap_linear(get_module(model, name)).weight
+
+
 def _shape(mod: nn.Module) -> tuple[int, int, str]:
     base = _unwrap_linear(mod)
     if _is_conv1d(base):

@@ -55,33 +55,48 @@ def row_label(row: dict[str, Any]) -> str:
 
 
 def layer_sets(n_layers: int) -> list[tuple[str, tuple[int, ...]]]:
-    """All layers, the last n and n spread evenly over depth, for n in 1, 2, 4, 8, 16 below n_layers."""
+    """All layers; the last n for every n below n_layers (the ``last-n`` rule steps down one layer at a
+    time); n spread evenly over depth for n in 2, 4, 8, 16 below n_layers."""
     out: list[tuple[str, tuple[int, ...]]] = [("all", tuple(range(n_layers)))]
-    for n in (1, 2, 4, 8, 16):
+    out += [(f"last-{n}", tuple(range(n_layers - n, n_layers))) for n in range(1, n_layers)]
+    for n in (2, 4, 8, 16):  # one layer "spread" is just the middle layer
         if n >= n_layers:
             break
-        out.append((f"last-{n}", tuple(range(n_layers - n, n_layers))))
-        if n > 1:  # one layer "spread" is just the middle layer
-            step = n_layers / n
-            out.append((f"spread-{n}", tuple(sorted({int(step * i + step / 2) for i in range(n)}))))
+        step = n_layers / n
+        out.append((f"spread-{n}", tuple(sorted({int(step * i + step / 2) for i in range(n)}))))
     return out
+
+
+# Prices one placement: (matrices label, layer rule, layers, units, rank) → a Candidate.
+Pricer = Callable[[str, str, Sequence[int], Sequence[UnitRow], int], Candidate]
 
 
 @dataclasses.dataclass(frozen=True)
 class Search:
-    """The priced candidates of one card, with the reference's costs for relative budgets."""
+    """The priced candidates of one card, with the reference's costs for relative budgets.
+
+    ``price`` prices a placement outside the grid (another selector's) exactly as the grid was priced.
+    """
 
     card: Card
     candidates: tuple[Candidate, ...]
     reference: dict[str, float]
+    price: Pricer | None = dataclasses.field(default=None, compare=False, repr=False)
 
-    def fitting(self, budgets: Sequence[Budget]) -> list[Candidate]:
+    def _caps(self, budgets: Sequence[Budget]) -> list[tuple[str, float]]:
         for b in budgets:
             if b.kind not in self.reference:
                 raise LayercardError(
                     f"budget {b}: the card's cost model does not give {b.kind} (run card with --calibrate)"
                 )
-        caps = [(b.kind, b.cap(self.reference)) for b in budgets]
+        return [(b.kind, b.cap(self.reference)) for b in budgets]
+
+    def fits(self, c: Candidate, budgets: Sequence[Budget]) -> bool:
+        """Whether ``c`` (from the grid or not) meets every budget."""
+        return all(c.costs[k] <= cap * (1 + 1e-9) for k, cap in self._caps(budgets))
+
+    def fitting(self, budgets: Sequence[Budget]) -> list[Candidate]:
+        caps = self._caps(budgets)
         return [c for c in self.candidates if all(c.costs[k] <= cap * (1 + 1e-9) for k, cap in caps)]
 
     def recommend(self, budgets: Sequence[Budget]) -> Candidate:
@@ -161,6 +176,18 @@ def search(
     for u in card.units:
         by_layer.setdefault(u.layer, []).append(u)
     basis = Q.Basis(card)  # the reference's sums, once for every candidate
+
+    def price(matrices: str, rule: str, layers: Sequence[int], units: Sequence[UnitRow], r: int) -> Candidate:
+        ranks_map = {u.key: r for u in units}
+        priced = {
+            "params": float(sum(r * (u.d_in + u.d_out) for u in units)),
+            "modules": float(len(units)),
+        }
+        if costs is not None:
+            priced.update(costs(units, [r] * len(units)))
+        quality = predict(basis.features(ranks_map))
+        return Candidate(matrices, tuple(layers), rule, r, quality, priced, tuple(ranks_map.items()))
+
     out: list[Candidate] = []
     reference: dict[str, float] | None = None
     for mname, roles in MATRICES.items():
@@ -171,18 +198,10 @@ def search(
             if not units:
                 continue
             for r in ranks:
-                ranks_map = {u.key: r for u in units}
-                f = basis.features(ranks_map)
-                priced = {
-                    "params": float(sum(r * (u.d_in + u.d_out) for u in units)),
-                    "modules": float(len(units)),
-                }
-                if costs is not None:
-                    priced.update(costs(units, [r] * len(units)))
-                c = Candidate(mname, tuple(layers), rule, r, predict(f), priced, tuple(ranks_map.items()))
+                c = price(mname, rule, layers, units, r)
                 out.append(c)
                 if mname == "all-linear" and rule == "all" and r == Q.REFERENCE_RANK:
-                    reference = dict(priced)
+                    reference = dict(c.costs)
     if reference is None:
         # A card without every linear role: its own units at rank 8 are the reference.
         units = list(card.units)
@@ -194,7 +213,7 @@ def search(
             reference.update(costs(units, [Q.REFERENCE_RANK] * len(units)))
     if not out:
         raise LayercardError("search: the card has no units of any matrix set (q,v, attention, mlp)")
-    return Search(card, tuple(out), reference)
+    return Search(card, tuple(out), reference, price)
 
 
 def summary_row(c: Candidate, reference: dict[str, float]) -> dict[str, Any]:

@@ -119,6 +119,10 @@ def _chosen(
         if cfg.target is not None:
             return search.cheapest(cfg.target, kind, budgets)
         return search.recommend(budgets)
+    if policy == "spectrum":
+        from layercard.plan.spectrum import fit_spectrum
+
+        return fit_spectrum(search, budgets, rank)
     need = "q,v" if policy == "peft-default" else "all-linear"
     if not any(c.matrices == need for c in search.candidates):
         raise LayercardError(
@@ -165,7 +169,7 @@ def search_plan(
         "policy": cfg.policy,
         "budget": str(cfg.budget) if cfg.budget is not None else None,
         "target": cfg.target,
-        "roles": list(F.MATRICES[chosen.matrices]),
+        "roles": _roles(chosen, by_key),
         "rank": chosen.rank,
         "alpha": cfg.alpha,
         "dropout": cfg.dropout,
@@ -186,6 +190,13 @@ def search_plan(
         adapter_config=None,
         warnings=[] if model.is_fitted else [f"quality model: {model.basis}"],
     )
+
+
+def _roles(chosen: F.Candidate, by_key: dict[str, UnitRow]) -> list[str]:
+    """The roles a candidate adapts: its matrix set's, or (a placement off the grid) its units' in order."""
+    if chosen.matrices in F.MATRICES:
+        return list(F.MATRICES[chosen.matrices])
+    return list(dict.fromkeys(by_key[key].role for key, _ in chosen.units))
 
 
 def _predicted(

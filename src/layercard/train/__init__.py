@@ -21,11 +21,14 @@ Run folder::
 only checkpoints, which ``resume=True`` continues from.
 
 Modules: ``config`` (TrainConfig), ``data`` (stream and lr schedule), ``checkpoints``, ``model``
-(adapting and restoring the base), ``metrics`` (TrainMetrics and measurements), ``loop`` (train).
+(adapting and restoring the base), ``eva`` (EVA initialisation of LoRA), ``metrics`` (TrainMetrics and
+measurements), ``loop`` (train), ``importance`` (LoRA-drop: each layer's share of a trained adapter's
+output, and layer selection by it).
 """
 
 from layercard.train.checkpoints import CHECKPOINT_DIR, latest_checkpoint
 from layercard.train.config import SCHEDULERS, VALID_KINDS, TrainConfig
+from layercard.train.importance import layer_importance, layers_by_coverage, select_layers
 from layercard.train.loop import StepCallback, is_launch_main, train
 from layercard.train.metrics import KIND, METRICS_FILE, TrainMetrics
 from layercard.train.model import ADAPTER_DIR
@@ -42,5 +45,8 @@ __all__ = [
     "TrainConfig",
     "TrainMetrics",
     "latest_checkpoint",
+    "layer_importance",
+    "layers_by_coverage",
+    "select_layers",
     "train",
 ]

@@ -26,8 +26,10 @@ _KEEP_CHECKPOINTS = 2
 RESUME_FIELDS = (
     "model_hash", "kind", "targets", "lora_config", "data_hash", "seed", "batch_size", "grad_accum", "lr",
     "weight_decay", "warmup_steps", "scheduler", "max_length", "bottleneck", "dtype", "world_size",
-    "schedule_steps",
+    "schedule_steps", "init", "eva_rho",
 )  # fmt: skip
+# What a fingerprint written before a field existed meant by its absence.
+_ABSENT_MEANS = {"init": "default"}
 
 
 def _checkpoints(out_dir: Path) -> list[tuple[int, Path]]:
@@ -106,6 +108,30 @@ def save_checkpoint(
     return final
 
 
+def saved_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """The shape of every trainable tensor checkpoint ``path`` holds, read without loading the tensors."""
+    from safetensors import safe_open
+
+    with safe_open(str(path / "trainable.safetensors"), framework="pt") as f:
+        return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+
+
+def check_resumable(path: Path, fingerprint: dict[str, Any]) -> dict[str, Any]:
+    """The saved run state of checkpoint ``path``, or an error naming the first setting that changed."""
+    state = json.loads((path / "state.json").read_text())
+    saved = state.get("fingerprint", {})
+    was = {k: saved.get(k, _ABSENT_MEANS.get(k)) for k in RESUME_FIELDS}
+    changed = [k for k in RESUME_FIELDS if was[k] != fingerprint.get(k)]
+    if changed:
+        k = changed[0]
+        raise LayercardError(
+            f"{path}: cannot resume: {k} was {was[k]!r}, now {fingerprint.get(k)!r}"
+            + (f" (also differ: {', '.join(changed[1:])})" if changed[1:] else "")
+            + "; use the run's settings or a new --out"
+        )
+    return state
+
+
 def load_checkpoint(
     path: Path,
     trainable: dict[str, nn.Parameter],
@@ -119,16 +145,7 @@ def load_checkpoint(
     """
     from safetensors.torch import load_file
 
-    state = json.loads((path / "state.json").read_text())
-    saved = state.get("fingerprint", {})
-    changed = [k for k in RESUME_FIELDS if saved.get(k) != fingerprint.get(k)]
-    if changed:
-        k = changed[0]
-        raise LayercardError(
-            f"{path}: cannot resume: {k} was {saved.get(k)!r}, now {fingerprint.get(k)!r}"
-            + (f" (also differ: {', '.join(changed[1:])})" if changed[1:] else "")
-            + "; use the run's settings or a new --out"
-        )
+    state = check_resumable(path, fingerprint)
     tensors = load_file(str(path / "trainable.safetensors"))
     if set(tensors) != set(trainable):
         missing = sorted(set(trainable) - set(tensors))[:3]

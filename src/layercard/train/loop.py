@@ -22,18 +22,20 @@ from layercard.cost import peak_memory, reset_peak_memory, touch_weights
 from layercard.errors import LayercardError
 from layercard.models import LoadedModel
 from layercard.plan import Plan, check_model_matches
-from layercard.progress import track
+from layercard.progress import say, track
 from layercard.tasks import Encoded, Task, encode_task
 from layercard.tasks.loss import loss_sum, target_count
 from layercard.train.checkpoints import (
     CHECKPOINT_DIR,
     RESUME_FIELDS,
+    check_resumable,
     latest_checkpoint,
     load_checkpoint,
     save_checkpoint,
 )
 from layercard.train.config import _MIXED_PRECISION, VALID_KINDS, TrainConfig
 from layercard.train.data import Stream, lr_lambda
+from layercard.train.eva import eva_summary, init_eva
 from layercard.train.metrics import METRICS_FILE, TrainMetrics, eval_loss, median_time, predictions
 from layercard.train.model import ADAPTER_DIR, Adapted, check_4bit, load_4bit, write_adapter
 
@@ -67,6 +69,7 @@ class _State:
     positions_seen: int = 0  # padded positions (batch × length): what a step computes
     prior_wall: float = 0.0  # wall time of the sessions before a resume
     resumed_from: int | None = None
+    init_s: float | None = None  # seconds of a data-driven init (EVA), counted once across sessions
 
     @classmethod
     def from_checkpoint(cls, st: dict[str, Any]) -> _State:
@@ -83,6 +86,7 @@ class _State:
             positions_seen=int(st.get("positions_seen", st["tokens_seen"])),
             prior_wall=float(st.get("wall_time_s", 0.0)),
             resumed_from=step,
+            init_s=st.get("init_s"),
         )
 
 
@@ -127,6 +131,7 @@ class _Run:
             "target_tokens_seen": state.target_seen,
             "positions_seen": state.positions_seen,
             "wall_time_s": self.wall(state),
+            "init_s": state.init_s,
             "fingerprint": self.fingerprint,
         }
 
@@ -202,34 +207,58 @@ def _train(
         fingerprint, t_start,
     )  # fmt: skip
 
+    ckpt = latest_checkpoint(out_dir) if resume else None
+    if ckpt is not None:
+        check_resumable(ckpt, fingerprint)  # before any work, and before EVA trusts its ranks
+
     # Model: the caller's base, adapted in place and restored in `finally`.
     set_seed(cfg.seed)  # LoRA A / adapter init and dropout draw from here
     base = load_4bit(loaded, accelerator.local_process_index) if cfg.load_in_4bit else loaded.model
     adapted = Adapted(base, owned=base is not loaded.model)
     try:
-        model = adapted.adapt(plan, kind, layers, bottleneck, cfg.seed)
+        eva = cfg.init == "eva"
+        model = adapted.adapt(plan, kind, layers, bottleneck, cfg.seed, eva_rho=cfg.eva_rho if eva else None)
         if not cfg.load_in_4bit:
             # Before the optimizer exists, so its state lands on the params' device.
             model.to(accelerator.device)
+        eva_ranks, init_s = _init_eva(run, model, ckpt, progress) if eva else (None, None)
         model.train()
+        # After EVA: it changes the ranks, so the parameters the optimizer gets and the count recorded.
         trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
         if not trainable:
             raise LayercardError("plan: no trainable parameters after adapting the model")
         optimizer = torch.optim.AdamW(trainable.values(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
-        ckpt = latest_checkpoint(out_dir) if resume else None
         state = _State()
         if ckpt is not None:
             saved = load_checkpoint(ckpt, trainable, optimizer, scheduler, fingerprint)
             state = _State.from_checkpoint(saved)
+        if init_s is not None:
+            state.init_s = (state.init_s or 0.0) + init_s
         # The scheduler is stepped by hand: Accelerate's wrapper would step it once per process.
         adapted.prepared, optimizer = accelerator.prepare(model, optimizer)
         touch_weights(model)  # resident before the window opens, as when the card measured it
         start = reset_peak_memory(accelerator.device)
         _loop(run, state, adapted.prepared, optimizer, scheduler, trainable, progress, callback)
-        return _finish(run, state, adapted, trainable, start).to_dict()
+        return _finish(run, state, adapted, trainable, start, eva_ranks).to_dict()
     finally:
         adapted.restore(accelerator)
+
+
+def _init_eva(
+    run: _Run, model: nn.Module, ckpt: Path | None, progress: bool | None
+) -> tuple[dict[str, int], float]:
+    """EVA on the adapted model (or, resuming, the checkpoint's ranks): (rank of each planned module, s)."""
+    t0 = time.perf_counter()
+    planned = {u.name: u.rank for u in run.plan.units}
+    ranks = init_eva(model, planned, run.stream, run.cfg.eva_rho, run.accelerator, checkpoint=ckpt)
+    seconds = time.perf_counter() - t0
+    if ckpt is None:
+        say(
+            eva_summary(ranks, planned, seconds),
+            enabled=progress if run.accelerator.is_main_process else False,
+        )
+    return ranks, seconds
 
 
 def is_launch_main() -> bool:
@@ -263,6 +292,8 @@ def _check_inputs(
         check_4bit()
     if kind == "lora":
         plan.peft_config()  # fail before any work when a non-LoRA plan has no LoraConfig
+    elif cfg.init != "default":
+        raise cfg.fail("init", f"{cfg.init} initialises LoRA; {kind} adapters train from init: default")
     layers = list(plan.layers)
     if not layers:
         raise LayercardError("plan: no layers to adapt")
@@ -316,7 +347,12 @@ def _fingerprint(
         "bottleneck": bottleneck if kind != "lora" else None,
         # the step budget shapes a decaying schedule, so it may change on resume only when constant
         "schedule_steps": total_steps if cfg.scheduler != "constant" else None,
-        **{k: getattr(cfg, k) for k in RESUME_FIELDS if hasattr(cfg, k) and k != "bottleneck"},
+        "eva_rho": cfg.eva_rho if cfg.init == "eva" else None,
+        **{
+            k: getattr(cfg, k)
+            for k in RESUME_FIELDS
+            if hasattr(cfg, k) and k not in ("bottleneck", "eva_rho")
+        },
     }
 
 
@@ -442,13 +478,14 @@ def _finish(
     adapted: Adapted,
     trainable: dict[str, nn.Parameter],
     memory_start: float | None,
+    eva_ranks: dict[str, int] | None,
 ) -> TrainMetrics:
     """Measure, then (main process) write ``adapter/`` and ``train_metrics.json``."""
     acc = run.accelerator
     peak, peak_kind = peak_memory(run.device)
     acc.wait_for_everyone()
     inner = acc.unwrap_model(adapted.prepared)
-    metrics = _metrics(run, state, adapted.base, inner, trainable, peak, peak_kind, memory_start)
+    metrics = _metrics(run, state, adapted.base, inner, trainable, peak, peak_kind, memory_start, eva_ranks)
     if acc.is_main_process:
         write_adapter(run.out_dir / ADAPTER_DIR, run.kind, inner, adapted.aset, run.loaded.model_hash)
         metrics.save(run.out_dir / METRICS_FILE)
@@ -466,6 +503,7 @@ def _metrics(
     peak: float,
     peak_kind: str,
     memory_start: float | None,
+    eva_ranks: dict[str, int] | None,
 ) -> TrainMetrics:
     """The run's :class:`TrainMetrics`, with the cost measurements next to the plan's predictions."""
     cfg, kind, plan, loaded, step = run.cfg, run.kind, run.plan, run.loaded, state.step
@@ -528,6 +566,9 @@ def _metrics(
         batch_tokens_per_step=tokens_per_step,
         resumed_from=state.resumed_from,
         wall_time_s=round(wall, 3),
+        init=cfg.init,
+        init_s=round(state.init_s, 3) if state.init_s is not None else None,
+        eva_ranks=eva_ranks,
         **predictions(
             plan.predicted,
             s_per_step,

@@ -25,6 +25,7 @@ class TrainMetrics:
 
     Curves are ``[step, loss]`` pairs. ``s_per_step`` is the median over steps that are not a session's
     first; ``predicted_*`` come from the plan (the card's cost model and the batch it was timed at).
+    ``trainable_params`` counts the adapters as trained, after any rank redistribution by EVA.
     """
 
     provenance: dict[str, Any]
@@ -70,6 +71,11 @@ class TrainMetrics:
     training_memory_ratio: float | None = None
     predicted_quality: float | None = None
     batch_positions_per_step: float | None = None  # padded positions (batch × length) per step
+    # Added with init: eva; older files lack them and read as None. ``init_s`` is the seconds EVA took
+    # (None for the default init); ``eva_ranks`` the rank EVA gave each planned module (0: dropped).
+    init: str | None = None
+    init_s: float | None = None
+    eva_ranks: dict[str, int] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The train_metrics.json form (key order as written)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -55,12 +56,34 @@ class Adapted:
         self.aset: Any = None
         self.prepared: Any = None  # the model as Accelerate wrapped it
 
-    def adapt(self, plan: Plan, kind: str, layers: Sequence[int], bottleneck: int, seed: int) -> nn.Module:
-        """Add the plan's adapters: LoRA through PEFT (checked against the plan), else bottlenecks."""
+    def adapt(
+        self,
+        plan: Plan,
+        kind: str,
+        layers: Sequence[int],
+        bottleneck: int,
+        seed: int,
+        *,
+        eva_rho: float | None = None,
+    ) -> nn.Module:
+        """Add the plan's adapters: LoRA through PEFT (checked against the plan), else bottlenecks.
+
+        With ``eva_rho`` the LoRA modules are made ready for EVA (B zero; A set later by
+        :func:`layercard.train.eva.init_eva`).
+        """
         if kind == "lora":
             from peft import get_peft_model
 
-            self.peft_model = get_peft_model(self.base, plan.peft_config())
+            config = plan.peft_config()
+            if eva_rho is not None:
+                from layercard.train.eva import eva_lora_config
+
+                config = eva_lora_config(config, eva_rho)
+            with warnings.catch_warnings():
+                # PEFT suggests meta-device LoRA weights for EVA; ours are small next to the base, and
+                # the model must move to its device before EVA runs, which needs real ones.
+                warnings.filterwarnings("ignore", message=".*eva initialization used with low_cpu_mem_usage")
+                self.peft_model = get_peft_model(self.base, config)
             check_lora_model(plan, self.peft_model)
             return self.peft_model
         from layercard.adapters import add_adapters
