@@ -121,9 +121,10 @@ def _card(loaded: Any, task: Any, s: TaskSetting) -> Any:
     from layercard.card import Card, write_card_folder
 
     folder = RESULTS / "cards" / s.name
-    if (folder / "card.json").is_file():
+    source = folder / "source_data_hash.txt"  # the card's own data hash is its probe subset's
+    if (folder / "card.json").is_file() and source.is_file():
         card = Card.load(folder / "card.json")
-        if card.model["hash"] == loaded.model_hash and card.task["data_hash"] == task.data_hash:
+        if card.model["hash"] == loaded.model_hash and source.read_text().strip() == task.data_hash:
             return card
     cfg = CardConfig(
         roles="all-linear",
@@ -137,6 +138,7 @@ def _card(loaded: Any, task: Any, s: TaskSetting) -> Any:
     card = measure_card(loaded, task, cfg)
     write_card_folder(card, folder)
     (folder / "wall_s.txt").write_text(f"{time.perf_counter() - t0:.1f}\n")
+    source.write_text(task.data_hash + "\n")
     return card
 
 
@@ -281,7 +283,7 @@ def train_and_score(
         "label": label,
         "init": init,
         "kind": plan.kind,
-        "policy": plan.policy,
+        "policy": plan.config.get("policy"),
         "layers": plan.layers,
         "units": [[u.layer, u.role, u.rank] for u in plan.units],
         "params": metrics.get("trainable_params") or plan.predicted["params"],

@@ -113,6 +113,7 @@ def task_cells(task: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
             measured_cost=_cost(first, ref_runs[0]),
             predicted_step_time_s=m.get("predicted_step_time_scaled_s"),
             predicted_peak_memory_mib=m.get("predicted_peak_memory_scaled_mib"),
+            training_memory_ratio=m.get("training_memory_ratio"),
             placement=_label(first),
             wall_s=first["wall_s"],
             lora_drop=first.get("lora_drop"),
@@ -202,6 +203,9 @@ def summary() -> dict[str, Any]:
         for c in _unique(trained)
         if c["predicted_peak_memory_mib"] and c["measured_cost"]["peak_memory_mib"]
     ]
+    added_err = [
+        abs(c["training_memory_ratio"] - 1) for c in _unique(trained) if c.get("training_memory_ratio")
+    ]
     planning = []
     for task, f in facts.items():
         rec = [c for c in trained if c["task"] == task and c["candidate"] == "recommend"]
@@ -209,7 +213,7 @@ def summary() -> dict[str, Any]:
             planning.append(f["card_s"] / statistics.mean(c["wall_s"] for c in rec))
     beats = [v for v in all_verdicts if v["against"]]
     out = {
-        "device": "cpu: " + str(machine_info().get("cpu", "")),
+        "device": _device(),
         "steps": STEPS,
         "budgets": list(BUDGETS),
         "peer_budget": PEER_BUDGET,
@@ -240,6 +244,7 @@ def summary() -> dict[str, Any]:
         "quality_mae": {t: statistics.mean(v) for t, v in q_err.items()},
         "step_time_mape": statistics.mean(step_err) if step_err else None,
         "memory_mape": statistics.mean(mem_err) if mem_err else None,
+        "memory_added_mape": statistics.mean(added_err) if added_err else None,
         "recommendation_best_or_tied": _rate([v["best_or_tied"] for v in all_verdicts]),
         "recommendation_beats_defaults": _rate(
             [
@@ -259,6 +264,17 @@ def summary() -> dict[str, Any]:
     plots(all_cells, facts)
     print(f"{len(trained)} cells measured over {len(facts)} tasks; wrote {RESULTS / 'summary.json'}")
     return out
+
+
+def _device() -> str:
+    """The machine the runs were measured on, from the first run's record."""
+    for task in TASKS:
+        for path in sorted((RESULTS / "runs" / task).glob("*-s0.json")):
+            from layercard.artifacts import read_json
+
+            m = read_json(path)["machine"]
+            return f"cpu {m['processor']}, {m['cpu_count']} cores, {m['torch_threads']} torch threads"
+    return "unknown"
 
 
 def _unique(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -304,7 +320,8 @@ def markdown(out: dict[str, Any], cells: list[dict[str, Any]]) -> str:
         "loses to one beyond noise: "
         f"{_f(out['recommendation_loses_to_a_default'], '.0%')} (goal: none)",
         f"- step time mean abs error {_f(out['step_time_mape'], '.1%')}, peak memory "
-        f"{_f(out['memory_mape'], '.1%')} (goal 10%); planning cost (card) against the recommended run: "
+        f"{_f(out['memory_mape'], '.1%')}, memory added by training {_f(out['memory_added_mape'], '.1%')} "
+        f"(goal 10%); planning cost (card) against the recommended run: "
         f"{_f(out['planning_cost_fraction'], '.2f')}× (goal ≤ 0.10)",
         "",
     ]
