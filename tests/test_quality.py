@@ -148,6 +148,22 @@ def test_relative_budgets_and_the_recommendation():
         s.recommend([Budget("step_time", 0.5, True)])
 
 
+def test_the_recommendation_stays_within_the_ranks_the_model_was_fitted_on():
+    card = _card()
+    form = Q.FORMS["params"]
+    free = F.search(card, predict=lambda f: form.fn(f, (0.03,)))
+    capped = F.search(card, predict=lambda f: form.fn(f, (0.03,)), max_rank=8)
+    budget = [Budget("modules", 0.3, True)]  # few modules: only a higher rank adds parameters
+    assert free.recommend(budget).rank > 8  # more parameters always predict more quality
+    rec = capped.recommend(budget)
+    assert rec.rank <= 8
+    assert rec.quality == pytest.approx(max(c.quality for c in capped.fitting(budget) if c.rank <= 8))
+    assert all(c.rank <= 8 for c in capped.frontier("params"))
+    assert capped.cheapest(0.95, "params", budget).rank <= 8
+    assert capped.default_rule("peft-default", budget).rank > 8  # a fixed rule is not capped
+    assert Q.default_model().max_rank == Q.REFERENCE_RANK
+
+
 def test_practitioner_rules_fit_the_budget_their_way():
     s = _search()
     budget = [Budget("params", 0.25, True)]

@@ -82,6 +82,13 @@ class Search:
     candidates: tuple[Candidate, ...]
     reference: dict[str, float]
     price: Pricer | None = dataclasses.field(default=None, compare=False, repr=False)
+    # The highest rank the quality model has evidence for: the recommendation, a target and the frontier
+    # consider no candidate above it (the fixed rules still may, as their users would).
+    max_rank: int | None = None
+
+    def supported(self, c: Candidate) -> bool:
+        """Whether the quality model's prediction of ``c`` is within the ranks it was fitted on."""
+        return self.max_rank is None or c.rank <= self.max_rank
 
     def _caps(self, budgets: Sequence[Budget]) -> list[tuple[str, float]]:
         for b in budgets:
@@ -101,7 +108,7 @@ class Search:
 
     def recommend(self, budgets: Sequence[Budget]) -> Candidate:
         """The highest predicted quality within every budget; ties go to fewer parameters."""
-        ok = self.fitting(budgets)
+        ok = [c for c in self.fitting(budgets) if self.supported(c)]
         if not ok:
             raise LayercardError(f"budgets {', '.join(map(str, budgets))}: no placement fits")
         return max(ok, key=lambda c: (round(c.quality, 6), -c.costs["params"]))
@@ -111,7 +118,8 @@ class Search:
         if kind not in self.reference:
             raise LayercardError(f"frontier: cost {kind!r} is not known for this card")
         best: list[Candidate] = []
-        for c in sorted(self.candidates, key=lambda c: (c.costs[kind], -c.quality)):
+        supported = [c for c in self.candidates if self.supported(c)]
+        for c in sorted(supported, key=lambda c: (c.costs[kind], -c.quality)):
             if not best or c.quality > best[-1].quality + 1e-12:
                 best.append(c)
         return best
@@ -121,9 +129,10 @@ class Search:
         the higher predicted quality)."""
         if kind not in self.reference:
             raise LayercardError(f"target: cost {kind!r} is not known for this card")
-        ok = [c for c in self.fitting(budgets) if c.quality >= target]
+        allowed = [c for c in self.fitting(budgets) if self.supported(c)]
+        ok = [c for c in allowed if c.quality >= target]
         if not ok:
-            best = max((c.quality for c in self.fitting(budgets)), default=None)
+            best = max((c.quality for c in allowed), default=None)
             within = f" within {', '.join(map(str, budgets))}" if budgets else ""
             raise LayercardError(
                 f"target {target:g}: no placement{within} is predicted to reach it"
@@ -168,6 +177,7 @@ def search(
     predict: Callable[[Q.Features], float],
     costs: Callable[[Sequence[UnitRow], Sequence[int]], dict[str, float]] | None = None,
     ranks: Sequence[int] = RANKS,
+    max_rank: int | None = None,
 ) -> Search:
     """Price every candidate of the card: quality from ``predict``; parameters and modules from the units;
     the measured kinds (``step_time``, ``memory``, ``forward_s``) from ``costs`` where given."""
@@ -213,7 +223,7 @@ def search(
             reference.update(costs(units, [Q.REFERENCE_RANK] * len(units)))
     if not out:
         raise LayercardError("search: the card has no units of any matrix set (q,v, attention, mlp)")
-    return Search(card, tuple(out), reference, price)
+    return Search(card, tuple(out), reference, price, max_rank)
 
 
 def summary_row(c: Candidate, reference: dict[str, float]) -> dict[str, Any]:

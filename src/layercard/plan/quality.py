@@ -195,6 +195,7 @@ class QualityModel:
     expected_error: float | None  # mean absolute error of the fraction on the task not used to fit
     basis: str
     score: str = "gradnorm_energy"
+    max_rank: int | None = None  # the highest rank in the runs it was fitted on; None: no limit
 
     @property
     def is_fitted(self) -> bool:
@@ -204,16 +205,25 @@ class QualityModel:
         return FORMS[self.form].fn(f, self.params)
 
     def describe(self) -> dict[str, object]:
-        return {"form": self.form, "params": list(self.params), "score": self.score, "basis": self.basis}
+        return {
+            "form": self.form,
+            "params": list(self.params),
+            "score": self.score,
+            "basis": self.basis,
+            "max_rank": self.max_rank,
+        }
 
 
 # Frozen from benchmarks/results/quality/fit.json: the form with the least cross-task error (fitted on one of
 # e2e_nlg and sst2, scored on the other), its parameters refitted on both. It uses no card feature: on those
-# runs no card-based form transferred better across tasks than the parameter share.
+# runs no card-based form transferred better across tasks than the parameter share. Its runs used ranks 2,
+# 4 and 8; above 8 the share keeps growing while measured quality did not (benchmarks/placement_v2.py on
+# e2e_nlg and sst2: rank 32 on the last layers lost to rank 8 on more layers), so plans search no higher.
 DEFAULT_MODEL = QualityModel(
     form="params",
     params=(0.03,),
     expected_error=0.066,
+    max_rank=REFERENCE_RANK,
     basis=(
         "benchmarks/quality.py on smollm2, 15 placements each of e2e_nlg and sst2 (36 steps): cross-task "
         "mean absolute error 0.066 (a constant fraction: 0.073; "
