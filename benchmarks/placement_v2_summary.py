@@ -86,6 +86,15 @@ def task_cells(task: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         "reference_drop": ref_drop,
         "noise": _noise(runs),
     }
+    trim_path = RESULTS / "runs" / task / "trim.json"
+    if trim_path.is_file():
+        t = read_json(trim_path)
+        facts["trim"] = {
+            "chosen_k": t["k"],
+            "tolerance": t["tolerance"],
+            "test_loss": t["test_loss"],
+            "sweep_s": t["sweep_s"],
+        }
     card_wall = RESULTS / "cards" / task / "wall_s.txt"
     facts["card_s"] = float(card_wall.read_text()) if card_wall.is_file() else None
     out = []
@@ -118,7 +127,7 @@ def task_cells(task: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
             wall_s=first["wall_s"],
             lora_drop=first.get("lora_drop"),
         )
-        if budget != "reference":
+        if budget != "reference" and not budget.startswith("trim@"):
             kind, value = budget.split("=")
             ratio = cell["measured_cost"][KIND_RATIO[kind]]
             share = float(value.rstrip("x"))
@@ -144,7 +153,7 @@ def verdicts(cells: list[dict[str, Any]], noise: float) -> list[dict[str, Any]]:
     practitioners' default: beats (lower loss by more than noise), ties or loses (higher by more)."""
     by_budget: dict[str, dict[str, dict[str, Any]]] = defaultdict(dict)
     for c in cells:
-        if c["budget"] != "reference" and c["fits"] and "test_loss_mean" in c:
+        if c["budget"] in BUDGETS and c["fits"] and "test_loss_mean" in c:
             by_budget[c["budget"]][c["candidate"]] = c
     out = []
     for budget, group in by_budget.items():
@@ -356,7 +365,25 @@ def markdown(out: dict[str, Any], cells: list[dict[str, Any]]) -> str:
                     f"{mc['modules_ratio']:.3f} | {fit} |"
                 )
             lines.append("")
+    lines += ["## Trim: the reference's boundary sweep (test loss with adapters kept in layers ≤ K)", ""]
+    for task, f in out["tasks"].items():
+        t = f.get("trim")
+        if not t:
+            continue
+        sweep = ", ".join(f"K={k}: {v:.3f}" for k, v in t["test_loss"].items())
+        lines.append(
+            f"- {task}: chosen K = {t['chosen_k']} (tolerance {t['tolerance']} on a selection "
+            f"subset disjoint from the test subset); {sweep}"
+        )
+        for c in cells:
+            if c["task"] == task and c["budget"].startswith("trim@") and "test_loss_mean" in c:
+                k = c["budget"].removeprefix("trim@")
+                lines.append(
+                    f"  - trained on layers ≤ {k} from the start: {c['test_loss_mean']:.4f}; "
+                    f"the reference trimmed at {k}: {t['test_loss'][k]:.4f}"
+                )
     lines += [
+        "",
         "## Verdicts",
         "",
         "| task | budget | best measured | recommendation best or tied | "
