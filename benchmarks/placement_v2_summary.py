@@ -195,7 +195,7 @@ def summary() -> dict[str, Any]:
         all_verdicts += verdicts([c for c in all_cells if c["task"] == task], f["noise_used"])
     for c in all_cells:
         c["noise"] = facts[c["task"]]["noise_used"]
-    trained = [c for c in all_cells if "test_loss_mean" in c]
+    trained = [c for c in all_cells if "test_loss_mean" in c and c["budget"] in ("reference", *BUDGETS)]
     q_err: dict[str, list[float]] = defaultdict(list)
     seen = set()
     for c in trained:
