@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 import torch
-from tiny import tiny_model
+from tiny import fixed_logits, tiny_model
 from tiny_tok import tiny_tokenizer
 
 from layercard import models
@@ -78,16 +78,6 @@ def plan_dict(
     }
 
 
-def _logits(model: torch.nn.Module) -> torch.Tensor:
-    ids = torch.arange(5, 25).reshape(2, 10)
-    was = model.training
-    model.eval()
-    with torch.no_grad():
-        out = model(input_ids=ids).logits
-    model.train(was)
-    return out
-
-
 # ---------------------------------------------------------------------------------------------------------
 # One LoRA run, inspected by several tests
 # ---------------------------------------------------------------------------------------------------------
@@ -98,7 +88,7 @@ def lora_run(tmp_path_factory):
     from peft.tuners.lora import LoraLayer
 
     loaded = _loaded()
-    base_logits = _logits(loaded.model)
+    base_logits = fixed_logits(loaded.model)
     plan = make_plan(loaded, [1, 3])
     out = tmp_path_factory.mktemp("lora")
     seen: dict[str, Any] = {}
@@ -108,7 +98,7 @@ def lora_run(tmp_path_factory):
             seen["lora_modules"] = {
                 n for n, m in model.base_model.model.named_modules() if isinstance(m, LoraLayer)
             }
-        seen["logits"] = _logits(model)  # the last call leaves the trained model's logits
+        seen["logits"] = fixed_logits(model)  # the last call leaves the trained model's logits
 
     cfg = TrainConfig(steps=20, lr=1e-2, eval_every=10, **FAST)
     metrics = train(loaded, plan, TRAIN, VAL, cfg, out, callback=callback)
@@ -135,7 +125,7 @@ def test_only_planned_modules_have_lora(lora_run):
 
 def test_base_model_restored(lora_run):
     model = lora_run["loaded"].model
-    torch.testing.assert_close(_logits(model), lora_run["base"], rtol=0, atol=0)
+    torch.testing.assert_close(fixed_logits(model), lora_run["base"], rtol=0, atol=0)
     assert all(p.requires_grad for p in model.parameters())  # as the caller left them
     assert not model.training
     assert models.weights_hash(model) == lora_run["loaded"].model_hash
@@ -145,7 +135,7 @@ def test_saved_adapter_loads_in_vanilla_peft(lora_run):
     from peft import PeftModel
 
     peft_model = PeftModel.from_pretrained(_loaded().model, str(lora_run["out"] / "adapter"))
-    torch.testing.assert_close(_logits(peft_model), lora_run["seen"]["logits"], rtol=0, atol=0)
+    torch.testing.assert_close(fixed_logits(peft_model), lora_run["seen"]["logits"], rtol=0, atol=0)
     assert not torch.equal(lora_run["seen"]["logits"], lora_run["base"])
 
 

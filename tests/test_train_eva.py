@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 import torch
-from tiny import tiny_model
+from tiny import fixed_logits, tiny_model
 from tiny_tok import tiny_tokenizer
 
 from layercard import models
@@ -77,16 +77,6 @@ def _plan(
     )
 
 
-def _logits(model: torch.nn.Module) -> torch.Tensor:
-    ids = torch.arange(5, 25).reshape(2, 10)
-    was = model.training
-    model.eval()
-    with torch.no_grad():
-        out = model(input_ids=ids).logits
-    model.train(was)
-    return out
-
-
 def _lora(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
     """LoRA layers by their path in the base model."""
     from peft.tuners.lora import LoraLayer
@@ -104,7 +94,7 @@ def _params(model: torch.nn.Module, ranks: dict[str, int]) -> int:
 @pytest.fixture(scope="module")
 def eva_run(tmp_path_factory) -> dict[str, Any]:
     loaded = _loaded()
-    base_logits = _logits(loaded.model)
+    base_logits = fixed_logits(loaded.model)
     plan = _plan(loaded, [1, 2], low=2)
     out = tmp_path_factory.mktemp("eva")
     seen: dict[str, Any] = {}
@@ -112,7 +102,7 @@ def eva_run(tmp_path_factory) -> dict[str, Any]:
     def callback(step: int, loss: float, model: torch.nn.Module) -> None:
         if step == 1:  # B started at zero, so A had no gradient yet: it is still EVA's
             seen["A"] = {n: m.lora_A["default"].weight.detach().clone() for n, m in _lora(model).items()}
-        seen["logits"] = _logits(model)
+        seen["logits"] = fixed_logits(model)
 
     cfg = TrainConfig(steps=3, lr=1e-2, init="eva", eva_rho=2.0, **FAST)
     metrics = train(loaded, plan, TRAIN, VAL, cfg, out, callback=callback)
@@ -160,10 +150,10 @@ def test_eva_adapter_loads_with_layercard_loader(eva_run):
             n: r for n, r in ranks.items() if r
         }
         assert {m.scaling["default"] for m in lora.values()} == {2.0}  # the planned scale, at any rank
-        logits = _logits(model)
+        logits = fixed_logits(model)
     torch.testing.assert_close(logits, eva_run["seen"]["logits"], rtol=0, atol=0)
     assert not torch.equal(logits, eva_run["base"])
-    torch.testing.assert_close(_logits(base), eva_run["base"], rtol=0, atol=0)  # detached again
+    torch.testing.assert_close(fixed_logits(base), eva_run["base"], rtol=0, atol=0)  # detached again
 
 
 def test_eva_metrics_fields(eva_run, tmp_path: Path):
@@ -257,7 +247,7 @@ def test_eva_rho_beyond_a_module_input_width(tmp_path: Path):
     cfg = TrainConfig(steps=1, init="eva", eva_rho=9.0, **FAST)  # 36 components of a 32-wide input
     with pytest.raises(LayercardError, match=r"^train.eva_rho: 9 asks .* use at most 8$"):
         train(loaded, _plan(loaded, [1]), TRAIN, None, cfg, tmp_path / "o")
-    torch.testing.assert_close(_logits(loaded.model), _logits(_loaded().model), rtol=0, atol=0)
+    torch.testing.assert_close(fixed_logits(loaded.model), fixed_logits(_loaded().model), rtol=0, atol=0)
 
 
 @pytest.mark.filterwarnings("ignore:lora with eva initialization used with low_cpu_mem_usage")

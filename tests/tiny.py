@@ -170,3 +170,14 @@ def write_tiny_gguf(
     w.write_tensors_to_file()
     w.close()
     return Path(path)
+
+
+def fixed_logits(model: torch.nn.Module) -> torch.Tensor:
+    """The model's logits on a fixed 2 × 10 batch, in eval mode and without grad (its mode is restored)."""
+    ids = torch.arange(5, 25).reshape(2, 10)
+    was = model.training
+    model.eval()
+    with torch.no_grad():
+        out = model(input_ids=ids).logits
+    model.train(was)
+    return out
