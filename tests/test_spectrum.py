@@ -73,6 +73,7 @@ def card(llama) -> Card:
 
 def test_card_records_the_weight_snr_of_every_unit(card, llama):
     assert len(card.units) == 7 * N_LAYERS and "weight_snr_s" in card.timings
+    assert 0 < card.timings["stats_s"] <= card.timings["probe_s"] <= card.timings["total_s"]
     for u in card.units:
         assert u.weight_snr is not None and math.isfinite(u.weight_snr) and u.weight_snr > 0
     u = next(u for u in card.units if u.key == "3.down")

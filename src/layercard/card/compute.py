@@ -223,7 +223,9 @@ def compute_card(loaded: Any, task: Any, cfg: CardConfig, *, progress: bool | No
             )
             if world > 1:
                 loss = all_reduce_sums(accs, loss)
+            t_stats = time.perf_counter()
             u, g, gr, sp = _finish_pass(accs, cfg, n_tgt, weight_snrs)
+            timings["stats_s"] = timings.get("stats_s", 0.0) + time.perf_counter() - t_stats
             unit_rows += u
             group_rows += g
             if cfg.coupling:  # only the coupling probe needs them; kept, they would defeat layer groups
