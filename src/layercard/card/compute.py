@@ -72,9 +72,10 @@ def _finish_pass(
         grad = acc.grad.cpu().numpy()
         grads[acc.spec.key] = acc.grad.cpu()
         gcoord = grad @ sketch.cpu().numpy() if sketch is not None else grad
-        energy_j = stats.grad_eig_energy(gcoord, spec)
+        proj = stats.eig_projection(gcoord, spec)
+        energy_j = stats.grad_eig_energy(gcoord, spec, proj)
         rsq = stats.resnorm_sq_from_energy(energy_j, spec.eigenvalues, spec.n, cfg.delta)
-        m = stats.whitened_gradient(gcoord, spec, cfg.delta)
+        m = stats.whitened_gradient(gcoord, spec, cfg.delta, proj)
         cap = stats.captured(stats.singular_values_sq(m))
         r = cfg.lora_rank
         a = acc.a_stack.cpu().numpy()

@@ -51,12 +51,17 @@ def damping(eigenvalues: np.ndarray, delta: float) -> float:
     return max(lam, 1e-30)
 
 
-def grad_eig_energy(grad: np.ndarray, spec: Spectrum) -> np.ndarray:
-    """eⱼ = ‖∇W uⱼ‖²: the gradient's energy along each eigenvector of Σ.
+def eig_projection(grad: np.ndarray, spec: Spectrum) -> np.ndarray:
+    """∇W U: the gradient in Σ's eigenbasis, which both the energies and the whitened gradient start from."""
+    return np.asarray(grad, dtype=np.float64) @ spec.eigenvectors
+
+
+def grad_eig_energy(grad: np.ndarray, spec: Spectrum, proj: np.ndarray | None = None) -> np.ndarray:
+    """eⱼ = ‖∇W uⱼ‖²: the gradient's energy along each eigenvector of Σ (``proj``: ∇W U when known).
 
     Stored in the card so resnorm can be re-evaluated at any damping without a new pass.
     """
-    proj = np.asarray(grad, dtype=np.float64) @ spec.eigenvectors
+    proj = eig_projection(grad, spec) if proj is None else proj
     return np.einsum("ij,ij->j", proj, proj)
 
 
@@ -66,10 +71,12 @@ def resnorm_sq_from_energy(energy: np.ndarray, eigenvalues: np.ndarray, n: int, 
     return float(np.sum(np.asarray(energy) / (np.asarray(eigenvalues) + lam)) / n)
 
 
-def whitened_gradient(grad: np.ndarray, spec: Spectrum, delta: float) -> np.ndarray:
-    """M = ∇W Σλ^{-1/2} / √n, expressed in Σ's eigenbasis (same singular values)."""
+def whitened_gradient(
+    grad: np.ndarray, spec: Spectrum, delta: float, proj: np.ndarray | None = None
+) -> np.ndarray:
+    """M = ∇W Σλ^{-1/2} / √n in Σ's eigenbasis (same singular values); ``proj``: ∇W U when known."""
     lam = damping(spec.eigenvalues, delta)
-    proj = np.asarray(grad, dtype=np.float64) @ spec.eigenvectors
+    proj = eig_projection(grad, spec) if proj is None else proj
     return proj / np.sqrt(spec.eigenvalues + lam)[None, :] / math.sqrt(spec.n)
 
 
