@@ -132,8 +132,8 @@ def task_cells(task: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
             ratio = cell["measured_cost"][KIND_RATIO[kind]]
             share = float(value.rstrip("x"))
             cell["budget_ratio"] = ratio / share if ratio is not None else None
-            # The tolerance is two-sided: a candidate far under its budget did not get the cost it
-            # was compared at, and the row says so.
+            # The tolerance is two-sided: a candidate far under its budget did not get the cost it was
+            # compared at, and the row says so.
             cell["within_budget"] = ratio is not None and abs(ratio / share - 1.0) <= 0.10
         out.append(cell)
     return out, facts
