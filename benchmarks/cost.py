@@ -1,17 +1,18 @@
 """Cost model check: predicted against measured step time and peak training memory on smollm2.
 
-Measures one calibrated Layer Card (every linear role) and then trains a fixed set of placements of
-different matrices, layers and ranks for a few steps each with `layercard train`'s own loop, in the same
-process, recording what train_metrics.json records: measured s/step and peak memory next to the plan's
-predictions rescaled to the run's positions per step. One JSON per placement under RESULTS/runs/, so the
-script resumes where it stopped; ``report`` rebuilds cost.json, cost.md and cost_predicted.png from them.
+For each task, measures one calibrated Layer Card (every linear role) and then trains a fixed set of
+placements of different matrices, layers and ranks for a few steps each with `layercard train`'s own
+loop, in the same process, recording what train_metrics.json records: measured s/step and peak memory
+next to the plan's predictions rescaled to the run's positions per step. One JSON per placement under
+RESULTS/TASK/runs/, so the script resumes where it stopped; ``report`` rebuilds cost.json, cost.md and
+cost_predicted.png from them.
 
-    .venv/bin/python benchmarks/cost.py run [--threads 2]
+    .venv/bin/python benchmarks/cost.py run [--threads 2] [--tasks e2e_nlg,sst2]
     .venv/bin/python benchmarks/cost.py report
 
-Settings: task e2e_nlg (validation split), card on 16 examples (batch 8, 128 tokens), training batch 8
-of up to 128 tokens, 6 steps per placement, lr 1e-4, seed 0. The machine should be otherwise idle: step
-time is shared CPU time.
+Settings: tasks e2e_nlg and sst2 (validation splits), card on 16 examples (batch 8, 128 tokens) with
+the default calibration, training batch 8 of up to 128 tokens, 6 steps per placement, lr 1e-4, seed 0.
+The machine should be otherwise idle: step time is shared CPU time.
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ from quality import Placement  # one grid-point type for both benchmarks (this f
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "cost"
-TASK, STEPS, BATCH, MAX_LENGTH, SEED = "e2e_nlg:validation", 6, 8, 128, 0
+TASKS = {"e2e_nlg": "e2e_nlg:validation", "sst2": "sst2:validation"}
+STEPS, BATCH, MAX_LENGTH, SEED = 6, 8, 128, 0
 
 
 # Matrices, depth reached by backward and rank all vary; none of these is a calibration placement.
@@ -45,14 +47,15 @@ GRID = (
     Placement("lin-mid1-r8", "all-linear", "middle", "layers=1", 8),
     Placement("attn-last16-r16", "attention", "top", "layers=16", 16),
     Placement("lin-last2-r64", "all-linear", "top", "layers=2", 64),
+    Placement("mlp-first4-r8", "mlp", "bottom", "layers=4", 8),
+    Placement("attn-uni8-r4", "attention", "uniform", "layers=8", 4),
 )
 
 
-def _card(loaded: Any, task: Any) -> Any:
+def _card(loaded: Any, task: Any, folder: Path) -> Any:
     from layercard import CardConfig, measure_card
     from layercard.card import Card, write_card_folder
 
-    folder = RESULTS / "card"
     if (folder / "card.json").is_file():
         card = Card.load(folder / "card.json")
         if card.model["hash"] == loaded.model_hash and card.task["data_hash"] == task.data_hash:
@@ -63,13 +66,12 @@ def _card(loaded: Any, task: Any) -> Any:
     return card
 
 
-def _run(loaded: Any, card: Any, task: Any, p: Placement) -> None:
+def _run(loaded: Any, card: Any, task: Any, p: Placement, path: Path) -> None:
     from layercard import PlanConfig, make_plan
     from layercard.artifacts import machine_info, write_json
     from layercard.config import TrainConfig
     from layercard.train import train
 
-    path = RESULTS / "runs" / f"{p.name}.json"
     if path.is_file():
         return
     plan = make_plan(card, PlanConfig(policy=p.policy, budget=p.budget, roles=p.roles, rank=p.rank))
@@ -109,41 +111,42 @@ def _run(loaded: Any, card: Any, task: Any, p: Placement) -> None:
     )
 
 
-def run(threads: int) -> None:
+def run(threads: int, tasks: list[str]) -> None:
     import torch
 
     from layercard import load_model, load_task
 
     torch.set_num_threads(threads)
     loaded = load_model("smollm2")
-    task = load_task(TASK)
-    card = _card(loaded, task.subset(256, seed=SEED))
-    for p in GRID:
-        _run(loaded, card, task, p)
+    for name in tasks:
+        task = load_task(TASKS[name])
+        card = _card(loaded, task.subset(256, seed=SEED), RESULTS / name / "card")
+        for p in GRID:
+            _run(loaded, card, task, p, RESULTS / name / "runs" / f"{p.name}.json")
 
 
 def _rel(measured: float, predicted: float) -> float:
     return (predicted - measured) / measured
 
 
-def report() -> dict[str, Any]:
-    """cost.json, cost.md and cost_predicted.png from the card and the finished runs."""
-    from layercard.artifacts import read_json, write_json, write_text
+def _task_rows(name: str) -> tuple[Any, list[dict[str, Any]], list[dict[str, Any]]]:
+    """The task's card, its finished runs as written, and one row per run with its errors."""
+    from layercard.artifacts import read_json
     from layercard.card import Card
 
-    card = Card.load(RESULTS / "card" / "card.json")
+    folder = RESULTS / name
+    card = Card.load(folder / "card" / "card.json")
     runs = [
-        read_json(RESULTS / "runs" / f"{p.name}.json")
+        read_json(folder / "runs" / f"{p.name}.json")
         for p in GRID
-        if (RESULTS / "runs" / f"{p.name}.json").is_file()
+        if (folder / "runs" / f"{p.name}.json").is_file()
     ]
-    if not runs:
-        raise SystemExit(f"{RESULTS / 'runs'}: no finished runs; run `benchmarks/cost.py run` first")
     rows = []
     for r in runs:
         added = r["peak_memory_mib"] - r["peak_memory_start_mib"]
         rows.append(
             {
+                "task": name,
                 "name": r["name"],
                 "modules": r["modules"],
                 "params": r["params"],
@@ -159,35 +162,61 @@ def report() -> dict[str, Any]:
                 "training_memory_error": _rel(added, r["predicted_training_memory_mib"]),
             }
         )
+    return card, runs, rows
 
-    def mae(key: str) -> float:
-        return statistics.fmean(abs(x[key]) for x in rows)
 
-    def worst(key: str) -> float:
-        return max(abs(x[key]) for x in rows)
+_ERRORS = ("step_time_error", "peak_memory_error", "training_memory_error")
 
-    cost = card.cost or {}
+
+def _errors(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    return {
+        "mean_abs_error": {k: statistics.fmean(abs(x[k]) for x in rows) for k in _ERRORS},
+        "max_abs_error": {k: max(abs(x[k]) for x in rows) for k in _ERRORS},
+    }
+
+
+def report() -> dict[str, Any]:
+    """cost.json, cost.md and cost_predicted.png from each task's card and finished runs."""
+    from layercard.artifacts import write_json, write_text
+
+    tasks: dict[str, Any] = {}
+    all_rows: list[dict[str, Any]] = []
+    machine, threads = None, None
+    for name in TASKS:
+        if not (RESULTS / name / "card" / "card.json").is_file():
+            continue
+        card, runs, rows = _task_rows(name)
+        if not rows:
+            continue
+        machine, threads = runs[0]["machine"], runs[0]["threads"]
+        cost = card.cost or {}
+        tasks[name] = {
+            "task": TASKS[name],
+            "card_calibration": {k: v for k, v in cost.items() if k not in ("formula", "memory_formula")},
+            "card_timings": card.timings,
+            "runs": rows,
+            **_errors(rows),
+        }
+        all_rows += rows
+    if not all_rows:
+        raise SystemExit(f"{RESULTS}: no finished runs; run `benchmarks/cost.py run` first")
     out = {
         "benchmark": "cost",
-        "model": card.model["id"],
-        "task": TASK,
+        "model": "smollm2",
         "settings": {"steps": STEPS, "batch": BATCH, "max_length": MAX_LENGTH, "seed": SEED},
-        "machine": runs[0]["machine"],
-        "threads": runs[0]["threads"],
-        "card_calibration": {k: v for k, v in cost.items() if k != "formula" and k != "memory_formula"},
-        "card_timings": card.timings if hasattr(card, "timings") else None,
-        "runs": rows,
-        "mean_abs_error": {
-            k: mae(k) for k in ("step_time_error", "peak_memory_error", "training_memory_error")
-        },
-        "max_abs_error": {
-            k: worst(k) for k in ("step_time_error", "peak_memory_error", "training_memory_error")
-        },
+        "machine": machine,
+        "threads": threads,
+        "tasks": tasks,
+        **_errors(all_rows),
     }
     write_json(RESULTS / "cost.json", out)
     write_text(RESULTS / "cost.md", _markdown(out))
-    _plot(rows, RESULTS / "cost_predicted.png")
+    _plot(all_rows, RESULTS / "cost_predicted.png")
     return out
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}%"
 
 
 def _markdown(out: dict[str, Any]) -> str:
@@ -195,34 +224,52 @@ def _markdown(out: dict[str, Any]) -> str:
     lines = [
         "# Cost model: predicted against measured step time and peak training memory",
         "",
-        f"{out['model']} on {out['task']}, {out['settings']['steps']} training steps of batch "
+        f"{out['model']}, {out['settings']['steps']} training steps of batch "
         f"{out['settings']['batch']} (up to {out['settings']['max_length']} tokens) per placement, "
         f"{out['threads']} torch threads, {m.get('cpu_count')} CPUs ({m.get('platform')}). "
-        "Predictions come from the card's calibration (5 short LoRA runs), rescaled to each run's "
-        "positions (batch × padded length) per step. Memory is the "
-        "process's peak resident size during training; 'added' is that peak minus the resident size when "
-        "training began.",
+        "Each task has its own card (16 probe examples, default calibration: 5 short LoRA placements in "
+        "interleaved rounds); predictions are rescaled to each run's positions (batch × padded length) per "
+        "step. Memory is the process's peak resident size during training; 'added' is that peak minus the "
+        "resident size when training began.",
         "",
-        "| placement | modules | params | lowest layer | s/step | predicted | error | peak MiB | predicted | "
-        "error | added MiB | predicted | error |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for r in out["runs"]:
-        lines.append(
-            f"| {r['name']} | {r['modules']} | {r['params']:,} | {r['lowest_layer']} | "
-            f"{r['s_per_step']:.2f} | {r['predicted_s_per_step']:.2f} | {100 * r['step_time_error']:+.1f}% | "
-            f"{r['peak_memory_mib']:,.0f} | "
-            f"{r['predicted_peak_memory_mib']:,.0f} | {100 * r['peak_memory_error']:+.1f}% | "
-            f"{r['training_memory_mib']:,.0f} | {r['predicted_training_memory_mib']:,.0f} | "
-            f"{100 * r['training_memory_error']:+.1f}% |"
-        )
-    mae, worst = out["mean_abs_error"], out["max_abs_error"]
+    for t in out["tasks"].values():
+        timings = t["card_timings"] or {}
+        lines += [
+            f"## {t['task']}",
+            "",
+            f"Card: probe {timings.get('probe_s', float('nan')):.0f} s, calibration "
+            f"{timings.get('calibrate_s', float('nan')):.0f} s.",
+            "",
+            "| placement | modules | params | lowest layer | s/step | predicted | error | peak MiB | "
+            "predicted | error | added MiB | predicted | error |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for r in t["runs"]:
+            lines.append(
+                f"| {r['name']} | {r['modules']} | {r['params']:,} | {r['lowest_layer']} | "
+                f"{r['s_per_step']:.2f} | {r['predicted_s_per_step']:.2f} | "
+                f"{100 * r['step_time_error']:+.1f}% | "
+                f"{r['peak_memory_mib']:,.0f} | "
+                f"{r['predicted_peak_memory_mib']:,.0f} | {100 * r['peak_memory_error']:+.1f}% | "
+                f"{r['training_memory_mib']:,.0f} | {r['predicted_training_memory_mib']:,.0f} | "
+                f"{100 * r['training_memory_error']:+.1f}% |"
+            )
+        mae, worst = t["mean_abs_error"], t["max_abs_error"]
+        lines += [
+            "",
+            f"Mean absolute error over {len(t['runs'])} placements: step time {_pct(mae['step_time_error'])} "
+            f"(worst {_pct(worst['step_time_error'])}), peak memory {_pct(mae['peak_memory_error'])} (worst "
+            f"{_pct(worst['peak_memory_error'])}), memory added by training "
+            f"{_pct(mae['training_memory_error'])} (worst {_pct(worst['training_memory_error'])}).",
+            "",
+        ]
+    mae = out["mean_abs_error"]
+    n = sum(len(t["runs"]) for t in out["tasks"].values())
     lines += [
-        "",
-        f"Mean absolute error: step time {100 * mae['step_time_error']:.1f}% (worst "
-        f"{100 * worst['step_time_error']:.1f}%), peak memory {100 * mae['peak_memory_error']:.1f}% (worst "
-        f"{100 * worst['peak_memory_error']:.1f}%), memory added by training "
-        f"{100 * mae['training_memory_error']:.1f}% (worst {100 * worst['training_memory_error']:.1f}%).",
+        f"**All {n} runs:** step time {_pct(mae['step_time_error'])}, peak memory "
+        f"{_pct(mae['peak_memory_error'])}, memory added by training {_pct(mae['training_memory_error'])} "
+        "mean absolute error.",
         "",
     ]
     return "\n".join(lines)
@@ -245,12 +292,15 @@ def _plot(rows: list[dict[str, Any]], path: Path) -> None:
         lo, hi = min(xs + ys) * 0.9, max(xs + ys) * 1.1
         ax.plot([lo, hi], [lo, hi], color="grey", lw=1)
         ax.fill_between([lo, hi], [lo * 0.9, hi * 0.9], [lo * 1.1, hi * 1.1], color="grey", alpha=0.15)
-        ax.scatter(xs, ys)
+        for task, marker in zip(sorted({r["task"] for r in rows}), "os^v", strict=False):
+            sub = [r for r in rows if r["task"] == task]
+            ax.scatter([r[m] for r in sub], [r[p] for r in sub], marker=marker, label=task)
         for r, x, y in zip(rows, xs, ys, strict=True):
-            ax.annotate(r["name"], (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+            ax.annotate(r["name"], (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
         ax.set_xlabel(f"measured {title}")
         ax.set_ylabel(f"predicted {title}")
         ax.set_title(f"{title} (band: ±10%)")
+        ax.legend(fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -262,10 +312,15 @@ def main(argv: list[str] | None = None) -> int:
     sub = ap.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run", help="card + training runs (resumable), then the report")
     r.add_argument("--threads", type=int, default=2)
+    r.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated, from {', '.join(TASKS)}")
     sub.add_parser("report", help="rebuild cost.json, cost.md and the figure from the runs")
     args = ap.parse_args(argv)
     if args.cmd == "run":
-        run(args.threads)
+        tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+        unknown = [t for t in tasks if t not in TASKS]
+        if unknown:
+            ap.error(f"--tasks: unknown task {unknown[0]!r} (choose from {', '.join(TASKS)})")
+        run(args.threads, tasks)
     report()
     print(f"wrote {RESULTS / 'cost.md'}")
     return 0

@@ -4,6 +4,7 @@ memory terms' arithmetic."""
 from __future__ import annotations
 
 import math
+import statistics
 
 import pytest
 import torch
@@ -52,10 +53,15 @@ def test_calibration_measures_memory_and_latency():
     torch.manual_seed(0)
     ids = torch.randint(5, 90, (4, 48))
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
-    cm = calibrate(model, None, batch, ["q", "v"], steps=1)
+    cm = calibrate(model, None, batch, ["q", "v"], steps=2, rounds=2)
     assert len(cm.measured) == 5 and cm.batch_tokens == 4 * 48
     for row in cm.measured:
         assert row["s_per_step"] > 0 and row["forward_s"] > 0 and row["peak_memory_mib"] > 0
+        # two rounds of two timed steps each (a third round where the times contradicted each other);
+        # the placement's time is their median
+        steps = row["timings_s_per_step"]
+        assert len(steps) in (4, 6)
+        assert row["s_per_step"] == pytest.approx(statistics.median(steps), abs=2e-4)
     assert cm.forward_base_s is not None and cm.forward_base_s > 0 and cm.forward_per_module_s >= 0
     if reset_peak_memory(CPU) is None:
         assert cm.memory_base_mib is None  # a lifetime peak is not a per-placement measurement

@@ -196,9 +196,20 @@ class CostModel:
         return cls(**{f.name: d[f.name] for f in fields if f.name in d or f.default is dataclasses.MISSING})
 
 
+def grad_norm(params: Sequence[torch.nn.Parameter]) -> float:
+    """The L2 norm of the parameters' gradients (inf or NaN when any gradient is)."""
+    norms = [p.grad.detach().float().norm() for p in params if p.grad is not None]
+    return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
+
+
+def all_finite(params: Sequence[torch.nn.Parameter]) -> bool:
+    """Whether every value of every parameter is finite (one check per tensor, as training does)."""
+    return all(bool(torch.isfinite(p).all()) for p in params)
+
+
 @dataclasses.dataclass(frozen=True)
 class _Timed:
-    s_per_step: float
+    step_s: list[float]  # every timed step
     resident_mib: float | None  # in use when the steps began; None: no per-run peak on this system
     peak_mib: float
     forward_s: float
@@ -256,8 +267,11 @@ def _time_steps(
             loss, n = loss_sum(out.logits, labels)
             (loss / max(n, 1)).backward()
             del out, loss
+            # The checks a training step makes on its gradients and update cost per tensor: timed too.
+            grad_norm(params)
             opt.step()
             opt.zero_grad(set_to_none=True)
+            all_finite(params)
             if device.type == "cuda":
                 torch.cuda.synchronize()
             if i > 0:  # the first step pays one-off allocation costs
@@ -265,8 +279,7 @@ def _time_steps(
         peak, _ = peak_memory(device)
         del opt
         forward = _forward_time(peft_model, batch, warm=True)  # the training steps warmed it
-        # Interference from other work only ever adds time, so the fastest step is the best estimate.
-        return _Timed(float(np.min(times)), resident, float(peak), forward)
+        return _Timed(times, resident, float(peak), forward)
     finally:
         peft_model.unload()
         for p, r in zip(model.parameters(), requires, strict=True):
@@ -292,15 +305,19 @@ def calibrate(
     batch: dict[str, torch.Tensor],
     roles: Sequence[str],
     *,
-    steps: int = 2,
+    steps: int = 1,
+    rounds: int = 2,
     progress=None,
     resident_mib: float | None = None,
 ) -> CostModel:
     """Time LoRA steps (top layer alone, bottom layer alone, middle layer, all layers at rank 8, all layers at
     rank 32), measure each one's peak memory and unmerged forward time, and fit the cost model.
 
-    Each placement runs a warm-up step and ``steps`` timed steps; its time is the fastest. Placements whose
-    times contradict each other (a deeper or larger one faster) are timed once more.
+    The placements are timed in ``rounds`` interleaved rounds, each a warm-up step and ``steps`` timed steps
+    per placement; a placement's time is the median of its timed steps, as training reports the median of
+    its own. Interleaving spreads slow spells of the machine over every placement instead of letting one
+    absorb them. Placements whose times still contradict each other (a deeper or larger one faster) are
+    timed once more.
 
     ``resident_mib``: the memory in use with the model loaded and nothing else of the caller's held (the
     card measures it before its probe pass). A training process starts from about that, not from whatever
@@ -310,6 +327,8 @@ def calibrate(
 
     from layercard import models
 
+    if steps < 1 or rounds < 1:
+        raise LayercardError(f"cost calibration: steps and rounds must be ≥ 1, got {steps} and {rounds}")
     n_layers = models.num_layers(model)
     everything = list(range(n_layers))
     configs: list[tuple[list[int], int]] = [([n_layers - 1], 8), ([0], 8), (everything, 8), (everything, 32)]
@@ -328,12 +347,16 @@ def calibrate(
             raise LayercardError(f"cost calibration: no units for roles {list(roles)} in layers {layers}")
         timed[i].append(_time_steps(model, [s.name for s in specs], batch, steps, rank))
 
+    def step_time(ts: list[_Timed]) -> float:
+        return float(np.median([x for t in ts for x in t.step_s]))
+
+    order = [i for _ in range(rounds) for i in range(len(configs))]
     try:
-        for i in track(range(len(configs)), "cost calibration", total=len(configs), enabled=progress):
+        for i in track(order, "cost calibration", total=len(order), enabled=progress):
             measure(i)
         # A placement that backward reaches deeper, or that adds more, cannot be faster: where the timings
-        # say otherwise, outside load slowed one of them, so both are timed again and keep their fastest.
-        again = _out_of_order(configs, [min(t.s_per_step for t in ts) for ts in timed])
+        # say otherwise, outside load slowed one of them, so both are timed once more.
+        again = _out_of_order(configs, [step_time(ts) for ts in timed])
         if again:
             for i in track(again, "cost calibration (again)", total=len(again), enabled=progress):
                 measure(i)
@@ -349,8 +372,8 @@ def calibrate(
                 "modules": len(specs),
                 "rank": rank,
                 "params": sum(rank * (s.d_in + s.d_out) for s in specs),
-                "s_per_step": round(min(t.s_per_step for t in ts), 4),
-                "timings_s_per_step": [round(t.s_per_step, 4) for t in ts],
+                "s_per_step": round(step_time(ts), 4),
+                "timings_s_per_step": [round(x, 4) for t in ts for x in t.step_s],
                 "resident_mib": None if None in residents else round(min(residents), 1),  # type: ignore[type-var]
                 "peak_memory_mib": round(max(t.peak_mib for t in ts), 1),
                 "forward_s": round(min(t.forward_s for t in ts), 4),

@@ -253,6 +253,7 @@ def compute_card(loaded: Any, task: Any, cfg: CardConfig, *, progress: bool | No
             batch_list[0],
             roles,
             steps=cfg.calibrate_steps,
+            rounds=cfg.calibrate_rounds,
             progress=progress,
             resident_mib=resident,
         ).to_dict()

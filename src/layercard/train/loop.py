@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from layercard.artifacts import Provenance, check_out_folder, remove_stale_temps, sha256_json, writer_lock
-from layercard.cost import peak_memory, reset_peak_memory, touch_weights
+from layercard.cost import all_finite, grad_norm, peak_memory, reset_peak_memory, touch_weights
 from layercard.errors import LayercardError
 from layercard.models import LoadedModel
 from layercard.plan import Plan, check_model_matches
@@ -426,11 +426,11 @@ def _step(
     # Checked before the update is applied: a non-finite step must not reach the weights or a checkpoint.
     _check_finite(run, state.step + 1, "training loss", loss_value)
     if acc.scaler is None:  # under fp16 loss scaling, overflowing gradients are the scaler's to skip
-        _check_finite(run, state.step + 1, "gradient norm of the trainable parameters", _grad_norm(params))
+        _check_finite(run, state.step + 1, "gradient norm of the trainable parameters", grad_norm(params))
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    if not all(bool(torch.isfinite(p).all()) for p in params):
+    if not all_finite(params):
         _check_finite(run, state.step + 1, "update of the trainable parameters", math.inf)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -447,12 +447,6 @@ def _val_loss(run: _Run, prepared: nn.Module, step: int) -> float:
     loss = eval_loss(prepared, run.data.val_encoded, run.cfg.batch_size, run.data.pad_id, run.accelerator)
     _check_finite(run, step, "validation loss", loss)
     return loss
-
-
-def _grad_norm(params: list[nn.Parameter]) -> float:
-    """The L2 norm of the parameters' gradients (inf or NaN when any gradient is)."""
-    norms = [p.grad.detach().float().norm() for p in params if p.grad is not None]
-    return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
 
 
 def _check_finite(run: _Run, step: int, what: str, value: float) -> None:
