@@ -143,6 +143,7 @@ def test_callback_writes_train_metrics_layercard_reads(trainer_run):
     assert m.step_time_ratio == pytest.approx(m.s_per_step / m.predicted_step_time_s)
     # scaled by padded positions per step (no padding here: every example has the same length)
     assert m.batch_positions_per_step == 4 * len(encoded[0]) == m.batch_tokens_per_step
+    assert m.max_batch_positions == 4 * len(encoded[0])  # the largest micro-batch, for peak memory
     assert m.predicted_step_time_scaled_s == pytest.approx(
         m.predicted_step_time_s * m.batch_positions_per_step / plan.predicted["calibration_batch_positions"]
     )

@@ -138,3 +138,25 @@ def test_compute_metrics_errors_and_registry():
         "exact_match", "strict_match", "token_f1", "rouge_l", "bleu", "gsm8k_accuracy", "label_accuracy",
     }  # fmt: skip
     assert metric_scale("bleu") == 100.0 and all(m.scale == 1.0 for n, m in METRICS.items() if n != "bleu")
+
+
+def test_train_predictions_scale_time_by_mean_and_memory_by_largest_batch():
+    from layercard.train.metrics import predictions
+
+    predicted = {
+        "step_time_s": 2.0,
+        "calibration_batch_size": 4,
+        "calibration_batch_tokens": 400,
+        "calibration_batch_positions": 500,
+        "memory": {"peak_mib": 3000.0, "activations_mib": 1000.0, "resident_mib": 1000.0},
+    }
+    # steps average 400 positions, the largest micro-batch had 750
+    out = predictions(predicted, 1.8, 350.0, 3400.0, 1000.0, positions_per_step=400.0, max_positions=750)
+    assert out["predicted_step_time_scaled_s"] == pytest.approx(2.0 * 400 / 500)
+    assert out["predicted_peak_memory_scaled_mib"] == pytest.approx(3000 + 1000 * (750 / 500 - 1))
+    assert out["peak_memory_ratio"] == pytest.approx(3400 / 3500)
+    assert out["training_memory_ratio"] == pytest.approx(2400 / 2500)
+    assert out["max_batch_positions"] == 750
+    # without the largest batch (files written before it was recorded) memory follows the mean
+    old = predictions(predicted, 1.8, 350.0, 3400.0, 1000.0, positions_per_step=400.0)
+    assert old["predicted_peak_memory_scaled_mib"] == pytest.approx(3000 + 1000 * (400 / 500 - 1))

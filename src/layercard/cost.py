@@ -374,8 +374,15 @@ def calibrate(
                 "params": sum(rank * (s.d_in + s.d_out) for s in specs),
                 "s_per_step": round(step_time(ts), 4),
                 "timings_s_per_step": [round(x, 4) for t in ts for x in t.step_s],
-                "resident_mib": None if None in residents else round(min(residents), 1),  # type: ignore[type-var]
-                "peak_memory_mib": round(max(t.peak_mib for t in ts), 1),
+                # Memory by round, like time: the median of what each round's window added over its start.
+                "resident_mib": None if None in residents else round(float(np.median(residents)), 1),
+                "peak_memory_mib": round(
+                    float(np.median([t.peak_mib for t in ts]))
+                    if None in residents
+                    else float(np.median(residents) + np.median([t.peak_mib - t.resident_mib for t in ts])),
+                    1,
+                ),
+                "peak_memory_by_round_mib": [round(t.peak_mib, 1) for t in ts],
                 "forward_s": round(min(t.forward_s for t in ts), 4),
             }
         )

@@ -58,6 +58,7 @@ class LayercardCallback(TrainerCallback):
         self.val_curve: list[list[float]] = []
         self.tokens = 0
         self.positions = 0
+        self.max_positions = 0  # the largest micro-batch's padded positions (peak memory grows with it)
         self.targets = 0
         self._step_tokens = 0
         self._step_positions = 0
@@ -91,6 +92,7 @@ class LayercardCallback(TrainerCallback):
             self._step_tokens += int(ids.numel())
         if ids is not None:
             self._step_positions += int(ids.numel())
+            self.max_positions = max(self.max_positions, int(ids.numel()))
         if labels is not None:
             self.targets += int((labels[:, 1:] != IGNORE_INDEX).sum())
 
@@ -203,6 +205,7 @@ class LayercardCallback(TrainerCallback):
                 peak,
                 self._memory_start,
                 self.positions / done if done else None,
+                self.max_positions or None,
             ),
         }
 

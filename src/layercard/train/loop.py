@@ -67,6 +67,7 @@ class _State:
     tokens_seen: int = 0
     target_seen: int = 0
     positions_seen: int = 0  # padded positions (batch × length): what a step computes
+    max_positions: int = 0  # the largest micro-batch's padded positions: what peak memory grows with
     prior_wall: float = 0.0  # wall time of the sessions before a resume
     resumed_from: int | None = None
     init_s: float | None = None  # seconds of a data-driven init (EVA), counted once across sessions
@@ -84,6 +85,7 @@ class _State:
             target_seen=int(st["target_tokens_seen"]),
             # checkpoints written before positions were counted: their real tokens stand in
             positions_seen=int(st.get("positions_seen", st["tokens_seen"])),
+            max_positions=int(st.get("max_positions", 0)),
             prior_wall=float(st.get("wall_time_s", 0.0)),
             resumed_from=step,
             init_s=st.get("init_s"),
@@ -130,6 +132,7 @@ class _Run:
             "tokens_seen": state.tokens_seen,
             "target_tokens_seen": state.target_seen,
             "positions_seen": state.positions_seen,
+            "max_positions": state.max_positions,
             "wall_time_s": self.wall(state),
             "init_s": state.init_s,
             "fingerprint": self.fingerprint,
@@ -412,6 +415,7 @@ def _step(
         b = {k: v.to(device) for k, v in b.items()}
         n_tokens += int(b["attention_mask"].sum())
         n_positions += int(b["input_ids"].numel())
+        state.max_positions = max(state.max_positions, int(b["input_ids"].numel()))
         # Gradients sync across processes only on the step's last micro-batch.
         sync = acc.no_sync(prepared) if j < len(micro) - 1 else contextlib.nullcontext()
         with sync:
@@ -570,5 +574,6 @@ def _metrics(
             peak,
             memory_start,
             state.positions_seen / step if step else None,
+            state.max_positions or None,
         ),
     )

@@ -71,6 +71,7 @@ class TrainMetrics:
     training_memory_ratio: float | None = None
     predicted_quality: float | None = None
     batch_positions_per_step: float | None = None  # padded positions (batch × length) per step
+    max_batch_positions: int | None = None  # the largest micro-batch's padded positions
     # Added with init: eva; older files lack them and read as None. ``init_s`` is the seconds EVA took
     # (None for the default init); ``eva_ranks`` the rank EVA gave each planned module (0: dropped).
     init: str | None = None
@@ -111,14 +112,17 @@ def predictions(
     peak_mib: float,
     start_mib: float | None,
     positions_per_step: float | None = None,
+    max_positions: int | None = None,
 ) -> dict[str, Any]:
     """The plan's predictions beside what the run measured, as :class:`TrainMetrics` fields.
 
     The cost model was calibrated on the card's batch. Step time grows about linearly with the positions a
     step computes (padding included), and so do the activations kept for backward, so both predictions are
-    also given at this run's positions per step (``*_scaled``; at its real tokens where the card did not
-    record its batch's positions). ``step_time_ratio`` is measured over the prediction as planned;
-    ``peak_memory_ratio`` is measured over the scaled prediction where there is one. Memory is also compared
+    also given at this run's positions (``*_scaled``; at its real tokens where the card did not record its
+    batch's positions): step time at the mean positions per step, peak memory at the largest micro-batch
+    (``max_positions``), since the peak is that of the step whose activations were largest.
+    ``step_time_ratio`` is measured over the prediction as planned; ``peak_memory_ratio`` is measured
+    over the scaled prediction where there is one. Memory is also compared
     as what training adds over the memory in use when it began (``start_mib``), since a training process
     may hold more or less around the model than the card's did.
     """
@@ -133,10 +137,11 @@ def predictions(
     else:
         scale = tokens_per_step / tokens if tokens and tokens_per_step else None
     step_scaled = step * scale if step and scale else None
+    mem_scale = max_positions / positions if positions and max_positions else scale
     memory = predicted.get("memory") or {}
     peak = memory.get("peak_mib")
     peak_scaled = (
-        peak + float(memory.get("activations_mib") or 0.0) * (scale - 1.0) if peak and scale else None
+        peak + float(memory.get("activations_mib") or 0.0) * (mem_scale - 1.0) if peak and mem_scale else None
     )
     peak_ref = peak_scaled or peak
     resident = memory.get("resident_mib")
@@ -156,6 +161,7 @@ def predictions(
         "training_memory_ratio": (peak_mib - start_mib) / added if added and start_mib is not None else None,
         "predicted_quality": quality.get("fraction") if isinstance(quality, dict) else None,
         "batch_positions_per_step": positions_per_step,
+        "max_batch_positions": max_positions,
     }
 
 
