@@ -84,7 +84,8 @@ def _run(loaded: Any, card: Any, task: Any, p: Placement, path: Path) -> None:
         m = train(loaded, plan, task, None, cfg, tmp, progress=False)
     keys = (
         "s_per_step", "predicted_step_time_s", "predicted_step_time_scaled_s", "batch_tokens_per_step",
-        "batch_positions_per_step", "predicted_batch_tokens", "peak_memory_mib", "peak_memory_kind",
+        "batch_positions_per_step", "max_batch_positions", "predicted_batch_tokens", "peak_memory_mib",
+        "peak_memory_kind",
         "peak_memory_start_mib",
         "predicted_peak_memory_mib", "predicted_peak_memory_scaled_mib", "predicted_training_memory_mib",
         "training_memory_ratio", "trainable_params",

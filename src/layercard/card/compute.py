@@ -109,7 +109,7 @@ def _finish_pass(
 
 
 def _weight_snrs(model: Any, specs: Sequence[Any], rank: int) -> dict[str, float | None]:
-    """Each unit's weight SNR (docs/design.md §3) from a float32 SVD on the CPU; None on other processes.
+    """Each unit's weight SNR (docs/design.md §3) from its singular values (CPU); None on other processes.
 
     Sharded weights are gathered whole on every process (a collective each must join, in the same order);
     only the first process, whose card is the one written, then pays for the SVDs.
@@ -127,7 +127,11 @@ def _weight_snrs(model: Any, specs: Sequence[Any], rank: int) -> dict[str, float
         w = w.to(device="cpu", dtype=torch.float32)
         if not bool(torch.isfinite(w).all()):
             raise LayercardError(f"unit {spec.key} ({spec.name}): the weight holds NaN or Infinity")
-        sv = torch.linalg.svdvals(w).numpy()
+        # The singular values as square roots of the smaller Gram matrix's eigenvalues, in float64: the
+        # same values as an SVD to ~1e-6 of the largest, in about half the time on the wide MLP matrices.
+        w64 = w.double()
+        gram = w64 @ w64.T if w64.shape[0] <= w64.shape[1] else w64.T @ w64
+        sv = torch.linalg.eigvalsh(gram).clamp_min(0).sqrt().flip(0).numpy()
         out[spec.key] = _r(stats.weight_snr(sv, (int(w.shape[0]), int(w.shape[1]))))
     return out
 
