@@ -240,7 +240,7 @@ def _forward_time(model, batch: dict[str, torch.Tensor], *, warm: bool) -> float
 
 
 def _time_steps(
-    model, targets: list[str], batch: dict[str, torch.Tensor], steps: int, rank: int = 8
+    model, targets: list[str], batch: dict[str, torch.Tensor], steps: int, rank: int = 8, warm: bool = False
 ) -> _Timed:
     from peft import LoraConfig, get_peft_model
 
@@ -259,7 +259,8 @@ def _time_steps(
         labels = batch["labels"].to(device)
         times = []
         resident = reset_peak_memory(device)
-        for i in range(steps + 1):
+        skip = 0 if warm else 1  # the process's first steps at these shapes pay one-off costs
+        for i in range(steps + skip):
             if device.type == "cuda":
                 torch.cuda.synchronize()
             t = time.perf_counter()
@@ -274,7 +275,7 @@ def _time_steps(
             all_finite(params)
             if device.type == "cuda":
                 torch.cuda.synchronize()
-            if i > 0:  # the first step pays one-off allocation costs
+            if i >= skip:
                 times.append(time.perf_counter() - t)
         peak, _ = peak_memory(device)
         del opt
@@ -313,11 +314,11 @@ def calibrate(
     """Time LoRA steps (top layer alone, bottom layer alone, middle layer, all layers at rank 8, all layers at
     rank 32), measure each one's peak memory and unmerged forward time, and fit the cost model.
 
-    The placements are timed in ``rounds`` interleaved rounds, each a warm-up step and ``steps`` timed steps
-    per placement; a placement's time is the median of its timed steps, as training reports the median of
-    its own. Interleaving spreads slow spells of the machine over every placement instead of letting one
-    absorb them. Placements whose times still contradict each other (a deeper or larger one faster) are
-    timed once more.
+    The placements are timed in ``rounds`` interleaved rounds of ``steps`` timed steps per placement (the
+    first round after a warm-up step); a placement's time is the median of its timed steps, as training
+    reports the median of its own. Interleaving spreads slow spells of the machine over every placement
+    instead of letting one absorb them. Placements whose times still contradict each other (a deeper or
+    larger one faster) are timed once more.
 
     ``resident_mib``: the memory in use with the model loaded and nothing else of the caller's held (the
     card measures it before its probe pass). A training process starts from about that, not from whatever
@@ -345,7 +346,9 @@ def calibrate(
         specs = models.units(model, roles, layers=layers)
         if not specs:
             raise LayercardError(f"cost calibration: no units for roles {list(roles)} in layers {layers}")
-        timed[i].append(_time_steps(model, [s.name for s in specs], batch, steps, rank))
+        # Once a placement has run, its shapes are warm: later rounds time every step they take.
+        warm = bool(timed[i])
+        timed[i].append(_time_steps(model, [s.name for s in specs], batch, steps, rank, warm=warm))
 
     def step_time(ts: list[_Timed]) -> float:
         return float(np.median([x for t in ts for x in t.step_s]))

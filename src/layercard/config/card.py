@@ -60,7 +60,7 @@ class CardConfig(Schema):
         True, kind="bool", help="time short LoRA runs: the cost model behind predicted s/step"
     )
     calibrate_steps: int = setting(
-        1, kind="int", minimum=1, help="timed steps per placement and round (after a warm-up step)"
+        1, kind="int", minimum=1, help="timed steps per placement and round (the first round after a warm-up)"
     )
     calibrate_rounds: int = setting(
         2, kind="int", minimum=1, help="interleaved rounds over the calibration placements (median is kept)"
