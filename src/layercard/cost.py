@@ -369,6 +369,12 @@ def calibrate(
     for (layers, rank), ts in zip(configs, timed, strict=True):
         specs = models.units(model, roles, layers=layers)
         residents = [t.resident_mib for t in ts]
+        # Memory by round, like time: the median of what each round's window added over its start.
+        if None in residents:  # no per-run window: only the peaks themselves
+            row_resident, row_peak = None, float(np.median([t.peak_mib for t in ts]))
+        else:
+            row_resident = float(np.median(residents))
+            row_peak = row_resident + float(np.median([t.peak_mib - t.resident_mib for t in ts]))
         rows.append(
             {
                 "layers": layers,
@@ -377,14 +383,8 @@ def calibrate(
                 "params": sum(rank * (s.d_in + s.d_out) for s in specs),
                 "s_per_step": round(step_time(ts), 4),
                 "timings_s_per_step": [round(x, 4) for t in ts for x in t.step_s],
-                # Memory by round, like time: the median of what each round's window added over its start.
-                "resident_mib": None if None in residents else round(float(np.median(residents)), 1),
-                "peak_memory_mib": round(
-                    float(np.median([t.peak_mib for t in ts]))
-                    if None in residents
-                    else float(np.median(residents) + np.median([t.peak_mib - t.resident_mib for t in ts])),
-                    1,
-                ),
+                "resident_mib": None if row_resident is None else round(row_resident, 1),
+                "peak_memory_mib": round(row_peak, 1),
                 "peak_memory_by_round_mib": [round(t.peak_mib, 1) for t in ts],
                 "forward_s": round(min(t.forward_s for t in ts), 4),
             }
