@@ -38,7 +38,6 @@ class GroupAccumulator:
     xtx: torch.Tensor  # float64, (k, k) with k = d_in or the sketch size
     n: int = 0
     sketch: torch.Tensor | None = None  # (d_in, k) projection, None when exact
-    last_step: int = -1
 
 
 @dataclass
@@ -55,8 +54,17 @@ class UnitAccumulator:
 
 @dataclass
 class _State:
-    mask: torch.Tensor | None = None
+    keep: torch.Tensor | None = None  # flat indices of the unpadded positions; None when none is padded
     step: int = 0
+    inputs: dict[int, torch.Tensor] = field(default_factory=dict)  # this step's X per group accumulator
+
+    def begin(self, step: int, attention_mask: torch.Tensor | None) -> None:
+        """Start micro-batch ``step``: note which positions count and forget the last step's inputs."""
+        self.step = step
+        self.inputs = {}
+        self.keep = None
+        if attention_mask is not None and not bool(attention_mask.all()):
+            self.keep = attention_mask.reshape(-1).nonzero().squeeze(1)
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -90,25 +98,28 @@ def probe_hooks(
         spec = acc.spec
 
         def hook(_mod: nn.Module, inputs: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
-            x = inputs[0]
-            dt = _compute_dtype(x)
-            mask = state.mask
-            x2 = x.detach().reshape(-1, spec.d_in).to(dt)
-            if mask is not None:
-                x2 = x2 * mask.reshape(-1, 1).to(dt)
             g = acc.group
-            if g.last_step != state.step:
-                g.last_step = state.step
-                xs = x2 @ g.sketch.to(dt) if g.sketch is not None else x2
-                g.xtx += (xs.T @ xs).to(torch.float64)
-                g.n += int(mask.sum()) if mask is not None else x2.shape[0]
-            xa = x2 @ acc.a_stack.to(dt).T
-            acc.asa += (xa.T @ xa).to(torch.float64)
+            x2 = state.inputs.get(id(g))
+            if x2 is None:
+                # Once per distinct input and micro-batch: the units that share it (q, k, v; gate, up) reuse
+                # the same rows. Padded positions are dropped rather than zeroed, so no product spends time
+                # on them.
+                x = inputs[0].detach().reshape(-1, spec.d_in)
+                x2 = (x if state.keep is None else x.index_select(0, state.keep)).to(_compute_dtype(x))
+                state.inputs[id(g)] = x2
+                xs = x2 @ g.sketch.to(x2.dtype) if g.sketch is not None else x2
+                # add_ promotes into the float64 sum without a float64 copy of the product.
+                g.xtx.add_(xs.T @ xs)
+                g.n += x2.shape[0]
+            xa = x2 @ acc.a_stack.to(x2.dtype).T
+            acc.asa.add_(xa.T @ xa)
             if out.requires_grad:
+                keep = state.keep
 
                 def grad_hook(gout: torch.Tensor) -> None:
-                    g2 = gout.reshape(-1, spec.d_out).to(dt)
-                    acc.grad += (g2.T @ x2).to(torch.float64)
+                    g2 = gout.reshape(-1, spec.d_out)
+                    g2 = (g2 if keep is None else g2.index_select(0, keep)).to(x2.dtype)
+                    acc.grad.add_(g2.T @ x2)
 
                 out.register_hook(grad_hook)
 
@@ -205,11 +216,11 @@ def run_probe(
         with probe_hooks(model, accs, state, start_layer=start_layer):
             it = progress(batches) if progress is not None else batches
             for step, batch in enumerate(it):
-                state.step = step
-                state.mask = batch["attention_mask"].to(device)
+                mask = batch["attention_mask"].to(device)
+                state.begin(step, mask)
                 out = model(
                     input_ids=batch["input_ids"].to(device),
-                    attention_mask=state.mask,
+                    attention_mask=mask,
                     use_cache=False,
                 )
                 loss, _ = loss_sum(out.logits, batch["labels"].to(device))
