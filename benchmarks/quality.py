@@ -6,8 +6,13 @@ with the same steps, lr, batch, tokens and seed, recording the test-loss drop an
 reference's drop (every linear unit of every layer at rank 8). One JSON per run under RESULTS/runs/, so the
 script resumes where it stopped; the summary is rebuilt from them by ``summary``.
 
-    .venv/bin/python benchmarks/quality.py run [--tasks e2e_nlg,sst2] [--only NAME,...]
+    .venv/bin/python benchmarks/quality.py run [--tasks e2e_nlg,sst2] [--only NAME,...] [--seed N]
     .venv/bin/python benchmarks/quality.py summary
+    .venv/bin/python benchmarks/quality.py noise
+
+``--seed N`` (N > 0) repeats runs with another training seed (data order and LoRA initialisation; the test
+examples stay the same) under RESULTS/runs/seed{N}/; ``noise`` then reports how much the measured fraction
+itself moves between seeds, the floor under any predictor's error.
 
 Settings (the CPU placement benchmark's, so the two agree): 36 steps, batch 4, AdamW lr 2e-3 constant,
 LoRA alpha = 2·rank, seed 0, training on a seeded subset of 1000 examples, test loss on 64 (e2e_nlg) or
@@ -117,19 +122,26 @@ def _base(loaded: Any, test: Any, setting: TaskSetting) -> float:
     return loss
 
 
-def _run(loaded: Any, card: Any, train_task: Any, test: Any, setting: TaskSetting, p: Placement) -> None:
+def _run_path(task: str, name: str, seed: int = SEED) -> Path:
+    folder = RESULTS / "runs" if seed == SEED else RESULTS / "runs" / f"seed{seed}"
+    return folder / f"{task}-{name}.json"
+
+
+def _run(
+    loaded: Any, card: Any, train_task: Any, test: Any, setting: TaskSetting, p: Placement, seed: int = SEED
+) -> None:
     from layercard import PlanConfig, make_plan
     from layercard.artifacts import machine_info, write_json
     from layercard.config import TrainConfig
     from layercard.train import train
 
-    path = RESULTS / "runs" / f"{setting.name}-{p.name}.json"
+    path = _run_path(setting.name, p.name, seed)
     if path.is_file():
         return
     plan = make_plan(card, PlanConfig(policy=p.policy, budget=p.budget, roles=p.roles, rank=p.rank))
     cfg = TrainConfig(
         steps=STEPS, batch_size=BATCH, lr=LR, max_length=setting.max_length, train_examples=TRAIN_EXAMPLES,
-        eval_examples=0, checkpoint_every=0, seed=SEED,
+        eval_examples=0, checkpoint_every=0, seed=seed,
     )  # fmt: skip
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="quality-") as tmp:
@@ -140,6 +152,7 @@ def _run(loaded: Any, card: Any, train_task: Any, test: Any, setting: TaskSettin
         {
             "task": setting.name,
             "name": p.name,
+            "seed": seed,
             "placement": dataclasses.asdict(p),
             "layers": plan.layers,
             "units": [[u.layer, u.role, u.rank] for u in plan.units],
@@ -156,10 +169,13 @@ def _run(loaded: Any, card: Any, train_task: Any, test: Any, setting: TaskSettin
             "machine": machine_info(),
         },
     )
-    print(f"{setting.name} {p.name}: test loss {loss:.4f}, {metrics['s_per_step']:.2f} s/step", flush=True)
+    print(
+        f"{setting.name} {p.name} seed {seed}: test loss {loss:.4f}, {metrics['s_per_step']:.2f} s/step",
+        flush=True,
+    )
 
 
-def run(tasks: list[str], only: set[str] | None, threads: int) -> None:
+def run(tasks: list[str], only: set[str] | None, threads: int, seed: int = SEED) -> None:
     import torch
 
     from layercard import load_model, load_task
@@ -177,7 +193,7 @@ def run(tasks: list[str], only: set[str] | None, threads: int) -> None:
         print(f"{name}: base test loss {base:.4f}", flush=True)
         for p in GRID:
             if only is None or p.name in only:
-                _run(loaded, card, train_task, test, s, p)
+                _run(loaded, card, train_task, test, s, p, seed)
 
 
 def rows() -> list[dict[str, Any]]:
@@ -359,16 +375,97 @@ def _plot(out: dict[str, Any]) -> None:
     plt.close(fig)
 
 
+def noise() -> dict[str, Any]:
+    """How far the measured fraction moves when only the training seed changes.
+
+    For every placement run at two or more seeds: its fraction at each seed (against the same seed's
+    reference) and the mean absolute deviation of those fractions from their mean. Writes RESULTS/noise.json
+    and RESULTS/noise.md.
+    """
+    import statistics
+
+    from layercard.artifacts import read_json, write_json, write_text
+
+    seeds = sorted({SEED} | {int(d.name[4:]) for d in (RESULTS / "runs").glob("seed*") if d.is_dir()})
+    out: dict[str, Any] = {"seeds": seeds, "runs": [], "tasks": {}}
+    for task in TASKS:
+        base_path = RESULTS / "runs" / f"{task}-base.json"
+        if not base_path.is_file():
+            continue
+        base = read_json(base_path)["test_loss"]
+        ref_paths = {s: _run_path(task, "ref", s) for s in seeds}
+        ref = {s: base - read_json(p)["test_loss"] for s, p in ref_paths.items() if p.is_file()}
+        devs = []
+        for pl in GRID:
+            fr = {}
+            for s in seeds:
+                p = _run_path(task, pl.name, s)
+                if p.is_file() and s in ref:
+                    fr[s] = (base - read_json(p)["test_loss"]) / ref[s]
+            if len(fr) < 2:
+                continue
+            mean = statistics.fmean(fr.values())
+            mad = statistics.fmean(abs(v - mean) for v in fr.values())
+            row = {
+                "task": task,
+                "name": pl.name,
+                "fractions": {str(k): v for k, v in fr.items()},
+                "mean": mean,
+                "mean_abs_dev": mad,
+                "range": max(fr.values()) - min(fr.values()),
+            }
+            if pl.name == "ref":  # its fraction is 1 at every seed: report its drop instead
+                drops = list(ref.values())
+                row |= {"drops": {str(k): v for k, v in ref.items()},
+                        "drop_rel_range": (max(drops) - min(drops)) / statistics.fmean(drops)}  # fmt: skip
+            else:
+                devs.append(mad)
+            out["runs"].append(row)
+        if devs:
+            out["tasks"][task] = {"placements": len(devs), "mean_abs_dev": statistics.fmean(devs)}
+    write_json(RESULTS / "noise.json", out)
+    lines = [
+        "# Quality model: how much the measured fraction moves with the training seed",
+        "",
+        f"smollm2, {STEPS} steps of batch {BATCH}, lr {LR:g}; the same test examples; training seeds "
+        f"{', '.join(map(str, seeds))}. Each fraction is against the same seed's reference.",
+        "",
+        "| task | run | fraction per seed | mean | mean abs deviation | range |",
+        "|---|---|---|---:|---:|---:|",
+    ]
+    for r in out["runs"]:
+        per = ", ".join(f"{k}: {v:.3f}" for k, v in r["fractions"].items())
+        if r["name"] == "ref":
+            per = "drop " + ", ".join(f"{k}: {v:.4f}" for k, v in r["drops"].items())
+        lines.append(
+            f"| {r['task']} | {r['name']} | {per} | {r['mean']:.3f} | {r['mean_abs_dev']:.3f} | "
+            f"{r['range']:.3f} |"
+        )
+    lines += [""] + [
+        f"- {t}: mean absolute deviation of a placement's fraction from its mean over seeds, averaged over "
+        f"{v['placements']} placements: **{v['mean_abs_dev']:.3f}**."
+        for t, v in out["tasks"].items()
+    ]
+    write_text(RESULTS / "noise.md", "\n".join(lines) + "\n")
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("what", choices=("run", "summary", "fit"))
+    ap.add_argument("what", choices=("run", "summary", "fit", "noise"))
     ap.add_argument("--tasks", default="e2e_nlg,sst2")
     ap.add_argument("--only", default=None, help="comma-separated grid names")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    ap.add_argument("--seed", type=int, default=SEED, help=f"training seed (default {SEED})")
     a = ap.parse_args()
     if a.what == "run":
         print(f"python {platform.python_version()}, {sys.platform}", flush=True)
-        run(a.tasks.split(","), set(a.only.split(",")) if a.only else None, a.threads)
+        run(a.tasks.split(","), set(a.only.split(",")) if a.only else None, a.threads, a.seed)
+    if a.what == "noise":
+        import json
+
+        print(json.dumps(noise(), indent=1))
+        return
     if a.what == "fit":
         import json
 

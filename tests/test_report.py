@@ -191,3 +191,18 @@ def test_predicted_step_time_prefers_the_rescaled_prediction():
 
     assert predicted_s_per_step(metrics(2.0, 1.0)) == 2.0
     assert predicted_s_per_step(metrics(None, 1.0)) == 1.0
+
+
+def test_planning_share_against_the_run_it_guided(run_dir):
+    from layercard.report import planning_share
+
+    frac, steps = planning_share(60.0, 120.0, 1.5)
+    assert frac == pytest.approx(0.5)
+    assert steps == 400  # 60 s is a tenth of 400 steps of 1.5 s
+    assert planning_share(60.0, 120.0, None) == (0.5, None)
+    with pytest.raises(ValueError, match="planning share"):
+        planning_share(float("nan"), 120.0, 1.5)
+    with pytest.raises(ValueError, match="planning share"):
+        planning_share(60.0, 0.0, 1.5)
+    md = (run_dir / "report.md").read_text()
+    assert re.search(r"Planning cost: the card .* took \d+ s, \d+% of the \d+ s that training \S+ took", md)

@@ -210,6 +210,7 @@ def all_finite(params: Sequence[torch.nn.Parameter]) -> bool:
 @dataclasses.dataclass(frozen=True)
 class _Timed:
     step_s: list[float]  # every timed step
+    warmup_s: float  # the untimed first step after the wrap, kept to show what skipping it leaves out
     resident_mib: float | None  # in use when the steps began; None: no per-run peak on this system
     peak_mib: float
     forward_s: float
@@ -240,8 +241,13 @@ def _forward_time(model, batch: dict[str, torch.Tensor], *, warm: bool) -> float
 
 
 def _time_steps(
-    model, targets: list[str], batch: dict[str, torch.Tensor], steps: int, rank: int = 8, warm: bool = False
+    model, targets: list[str], batch: dict[str, torch.Tensor], steps: int, rank: int = 8
 ) -> _Timed:
+    """Wrap ``targets`` in fresh LoRA modules and time ``steps`` optimizer steps after one untimed step.
+
+    The first step after a wrap is about a tenth slower than the next ones, in every round and not only the
+    first (benchmarks/results/calibration_warmup.md); a training run's median never sees it.
+    """
     from peft import LoraConfig, get_peft_model
 
     from layercard.tasks.loss import loss_sum
@@ -259,8 +265,7 @@ def _time_steps(
         labels = batch["labels"].to(device)
         times = []
         resident = reset_peak_memory(device)
-        skip = 0 if warm else 1  # the process's first steps at these shapes pay one-off costs
-        for i in range(steps + skip):
+        for _ in range(steps + 1):
             if device.type == "cuda":
                 torch.cuda.synchronize()
             t = time.perf_counter()
@@ -275,12 +280,11 @@ def _time_steps(
             all_finite(params)
             if device.type == "cuda":
                 torch.cuda.synchronize()
-            if i >= skip:
-                times.append(time.perf_counter() - t)
+            times.append(time.perf_counter() - t)
         peak, _ = peak_memory(device)
         del opt
         forward = _forward_time(peft_model, batch, warm=True)  # the training steps warmed it
-        return _Timed(times, resident, float(peak), forward)
+        return _Timed(times[1:], times[0], resident, float(peak), forward)
     finally:
         peft_model.unload()
         for p, r in zip(model.parameters(), requires, strict=True):
@@ -306,16 +310,16 @@ def calibrate(
     batch: dict[str, torch.Tensor],
     roles: Sequence[str],
     *,
-    steps: int = 1,
-    rounds: int = 2,
+    steps: int = 2,
+    rounds: int = 1,
     progress=None,
     resident_mib: float | None = None,
 ) -> CostModel:
     """Time LoRA steps (top layer alone, bottom layer alone, middle layer, all layers at rank 8, all layers at
     rank 32), measure each one's peak memory and unmerged forward time, and fit the cost model.
 
-    The placements are timed in ``rounds`` interleaved rounds of ``steps`` timed steps per placement (the
-    first round after a warm-up step); a placement's time is the median of its timed steps, as training
+    The placements are timed in ``rounds`` interleaved rounds of ``steps`` timed steps per placement, each
+    round's after an untimed warm-up step; a placement's time is the median of its timed steps, as training
     reports the median of its own. Interleaving spreads slow spells of the machine over every placement
     instead of letting one absorb them. Placements whose times still contradict each other (a deeper or
     larger one faster) are timed once more.
@@ -346,9 +350,7 @@ def calibrate(
         specs = models.units(model, roles, layers=layers)
         if not specs:
             raise LayercardError(f"cost calibration: no units for roles {list(roles)} in layers {layers}")
-        # Once a placement has run, its shapes are warm: later rounds time every step they take.
-        warm = bool(timed[i])
-        timed[i].append(_time_steps(model, [s.name for s in specs], batch, steps, rank, warm=warm))
+        timed[i].append(_time_steps(model, [s.name for s in specs], batch, steps, rank))
 
     def step_time(ts: list[_Timed]) -> float:
         return float(np.median([x for t in ts for x in t.step_s]))

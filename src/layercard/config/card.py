@@ -60,10 +60,10 @@ class CardConfig(Schema):
         True, kind="bool", help="time short LoRA runs: the cost model behind predicted s/step"
     )
     calibrate_steps: int = setting(
-        1, kind="int", minimum=1, help="timed steps per placement and round (the first round after a warm-up)"
+        2, kind="int", minimum=1, help="timed steps per placement and round, after an untimed warm-up step"
     )
     calibrate_rounds: int = setting(
-        2, kind="int", minimum=1, help="interleaved rounds over the calibration placements (median is kept)"
+        1, kind="int", minimum=1, help="interleaved rounds over the calibration placements (median is kept)"
     )
     horizon_steps: int = setting(100, kind="int", minimum=1, help="T of the saturating score")
 

@@ -17,6 +17,7 @@ from layercard.report.build import build_report
 from layercard.report.results import (
     collect_results,
     placement_names,
+    planning_share,
     predicted_s_per_step,
     read_train_metrics,
     report_inputs,
@@ -33,10 +34,11 @@ __all__ = [
     "collect_results",
     "fmt",
     "placement_names",
+    "planning_share",
     "predicted_s_per_step",
     "read_train_metrics",
     "report_inputs",
 ]
 
 # Part of the report stage's fingerprint: bump when the report's content changes.
-REPORT_VERSION = 1
+REPORT_VERSION = 2

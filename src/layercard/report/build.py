@@ -25,6 +25,7 @@ from layercard.report.results import (
     collect_results,
     load_optional,
     placement_names,
+    planning_sentence,
     read_train_metrics,
     run_config,
     stages_active,
@@ -294,11 +295,21 @@ def _training(doc: _Doc, run: _Run) -> None:
         doc.p("No training metrics in this run.")
         return
     doc.table(train_table(run.metrics))
+    planning = _planning_cost(run)
+    if planning:
+        doc.p(planning)
     doc.figure(
         "training.png",
         "Training loss per step (solid) and validation loss (dashed)",
         lambda p: fig_training(run.metrics, p),
     )
+
+
+def _planning_cost(run: _Run) -> str | None:
+    if run.card is None:
+        return None
+    rec = next((n for n, p in run.plans.items() if p.config.get("policy") == "recommend"), None)
+    return planning_sentence(run.card, run.metrics, rec)
 
 
 def _trimming(doc: _Doc, run: _Run) -> None:

@@ -8,7 +8,13 @@ from typing import Any
 
 from layercard.artifacts import write_text
 from layercard.plan.frontier import row_label
-from layercard.report.results import collect_results, load_optional, placement_names, read_train_metrics
+from layercard.report.results import (
+    collect_results,
+    load_optional,
+    placement_names,
+    planning_sentence,
+    read_train_metrics,
+)
 from layercard.report.tables import fmt
 from layercard.run_layout import RunLayout
 
@@ -29,14 +35,17 @@ def task_rows(root: Path) -> dict[str, Any]:
     card = load_optional(Card.load, lay.card_json)
     results = collect_results(root)
     by_name = {r["name"]: r for r in results["rows"]}
-    rows, sentence = [], None
+    rows, sentence, rec = [], None, None
+    metrics = {}
     for name in placement_names(root):
         plan = load_optional(Plan.load, lay.plan_json(name))
         m = load_optional(read_train_metrics, lay.train_metrics(name))
+        if m is not None:
+            metrics[name] = m
         r = by_name.get(name, {})
         cand = plan.predicted.get("candidate") if plan else None
         if plan is not None and plan.config.get("policy") == "recommend":
-            sentence = plan.predicted["recommendation"]
+            sentence, rec = plan.predicted["recommendation"], name
         rows.append(
             {
                 "name": name,
@@ -55,6 +64,7 @@ def task_rows(root: Path) -> dict[str, Any]:
         "task": card.task["name"] if card else root.name,
         "matrices": matrix_ranking(card) if card else [],
         "recommendation": sentence,
+        "planning": planning_sentence(card, metrics, rec) if card else None,
         "primary_metric": results["primary_metric"],
         "base_loss": results["base_loss"],
         "reference": results["reference"],
@@ -91,6 +101,8 @@ def overview_markdown(tasks: dict[str, dict[str, Any]], wall_s: float | None = N
             f"of the reference's ({t['reference'] or 'not trained'}).",
             "",
         ]
+        if t.get("planning"):
+            out += [t["planning"], ""]
     if wall_s is not None:
         out += [f"Wall time: {wall_s:.0f} s.", ""]
     return "\n".join(out)

@@ -8,7 +8,7 @@ as JSON.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -22,6 +22,8 @@ __all__ = [
     "collect_results",
     "load_optional",
     "placement_names",
+    "planning_sentence",
+    "planning_share",
     "predicted_s_per_step",
     "read_train_metrics",
     "report_inputs",
@@ -52,6 +54,38 @@ def read_train_metrics(path: Path) -> TrainMetrics:
 def predicted_s_per_step(m: TrainMetrics) -> float | None:
     """The cost model's s/step for a training run: rescaled to its tokens per step when it could be."""
     return m.predicted_step_time_scaled_s or m.predicted_step_time_s
+
+
+def planning_share(
+    card_s: float, train_s: float, s_per_step: float | None, share: float = 0.10
+) -> tuple[float, int | None]:
+    """The card's wall time as a fraction of one training run's, and the fewest training steps (at that
+    run's s/step) for which the card would be at most ``share`` of the run; None without a step time."""
+    if not (math.isfinite(card_s) and math.isfinite(train_s)) or card_s < 0 or train_s <= 0:
+        raise ValueError(f"planning share: card {card_s} s, training {train_s} s")
+    steps = None
+    if s_per_step is not None and math.isfinite(s_per_step) and s_per_step > 0:
+        steps = math.ceil(card_s / (share * s_per_step))
+    return card_s / train_s, steps
+
+
+def planning_sentence(card: Any, metrics: Mapping[str, TrainMetrics], guided: str | None) -> str | None:
+    """One sentence: the card's wall time against the training it guided (``guided``'s when it trained,
+    else the first placement's), and the run length at which the card is a tenth of it."""
+    total = (card.timings or {}).get("total_s")
+    if total is None or not metrics:
+        return None
+    name = guided if guided in metrics else next(iter(metrics))
+    m = metrics[name]
+    frac, steps = planning_share(float(total), m.wall_time_s, m.s_per_step)
+    text = (
+        f"Planning cost: the card (probe pass, statistics and, when asked, cost calibration) took "
+        f"{total:.0f} s, {100 * frac:.0f}% of the {m.wall_time_s:.0f} s that training {name} took "
+        f"({m.steps} steps)."
+    )
+    if steps is not None:
+        text += f" At its {m.s_per_step:.2f} s/step the card is 10% of a run of {steps:,} steps or more."
+    return text
 
 
 def placement_names(root: Path) -> list[str]:
