@@ -61,6 +61,8 @@ def test_calibration_measures_memory_and_latency():
         # the placement's time is their median
         steps = row["timings_s_per_step"]
         assert len(steps) in (4, 6)
+        # every round's untimed warm-up step is kept beside its timed ones
+        assert len(row["warmup_s_by_round"]) == len(steps) // 2 and min(row["warmup_s_by_round"]) > 0
         assert row["s_per_step"] == pytest.approx(statistics.median(steps), abs=2e-4)
     assert cm.forward_base_s is not None and cm.forward_base_s > 0 and cm.forward_per_module_s >= 0
     if reset_peak_memory(CPU) is None:

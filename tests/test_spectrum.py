@@ -84,6 +84,18 @@ def test_card_records_the_weight_snr_of_every_unit(card, llama):
         assert u.weight_snr == pytest.approx(_snr(w), rel=1e-4), u.key
 
 
+def test_a_card_without_weight_snr_has_the_same_scores_and_refuses_spectrum(card, llama):
+    loaded = LoadedModel(llama, tiny_tokenizer(), "tiny", weights_hash(llama), "memory")
+    cfg = CardConfig(
+        roles="all-linear", examples=8, max_length=48, batch_size=4, calibrate=False, weight_snr=False
+    )
+    bare = compute_card(loaded, load_task("synthetic:facts", split="train"), cfg, progress=False)
+    assert all(u.weight_snr is None for u in bare.units)
+    assert [u.grad_norm for u in bare.units] == [u.grad_norm for u in card.units]
+    with pytest.raises(LayercardError, match="weight_snr off"):
+        make_plan(bare, PlanConfig("spectrum", budget="params=0.25x"))
+
+
 def test_card_round_trip_keeps_weight_snr_and_old_cards_load(card, tmp_path):
     path = card.save(tmp_path / "card.json")
     again = Card.load(path)

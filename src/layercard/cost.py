@@ -385,6 +385,7 @@ def calibrate(
                 "params": sum(rank * (s.d_in + s.d_out) for s in specs),
                 "s_per_step": round(step_time(ts), 4),
                 "timings_s_per_step": [round(x, 4) for t in ts for x in t.step_s],
+                "warmup_s_by_round": [round(t.warmup_s, 4) for t in ts],
                 "resident_mib": None if row_resident is None else round(row_resident, 1),
                 "peak_memory_mib": round(row_peak, 1),
                 "peak_memory_by_round_mib": [round(t.peak_mib, 1) for t in ts],

@@ -191,7 +191,7 @@ def compute_card(loaded: Any, task: Any, cfg: CardConfig, *, progress: bool | No
 
     timings: dict[str, float] = {}
     t_snr = time.perf_counter()
-    weight_snrs = _weight_snrs(model, specs, rank)
+    weight_snrs = _weight_snrs(model, specs, rank) if cfg.weight_snr else {}
     timings["weight_snr_s"] = time.perf_counter() - t_snr
 
     torch.manual_seed(cfg.seed)

@@ -65,6 +65,9 @@ class CardConfig(Schema):
     calibrate_rounds: int = setting(
         1, kind="int", minimum=1, help="interleaved rounds over the calibration placements (median is kept)"
     )
+    weight_snr: bool = setting(
+        True, kind="bool", help="measure each frozen weight's SNR (read only by the `spectrum` policy)"
+    )
     horizon_steps: int = setting(100, kind="int", minimum=1, help="T of the saturating score")
 
     def validate(self) -> None:
