@@ -228,10 +228,10 @@ def _markdown(out: dict[str, Any]) -> str:
         f"{out['model']}, {out['settings']['steps']} training steps of batch "
         f"{out['settings']['batch']} (up to {out['settings']['max_length']} tokens) per placement, "
         f"{out['threads']} torch threads, {m.get('cpu_count')} CPUs ({m.get('platform')}). "
-        "Each task has its own card (16 probe examples, default calibration: 5 short LoRA placements in "
-        "interleaved rounds); predictions are rescaled to each run's positions (batch × padded length) per "
-        "step. Memory is the process's peak resident size during training; 'added' is that peak minus the "
-        "resident size when training began.",
+        "Each task has its own card (16 probe examples, default calibration: 5 short LoRA placements, "
+        "each timed after an untimed warm-up step); predictions are rescaled to each run's positions "
+        "(batch × padded length) per step. Memory is the process's peak resident size during training; "
+        "'added' is that peak minus the resident size when training began.",
         "",
     ]
     for t in out["tasks"].values():
