@@ -56,11 +56,14 @@ def _card(loaded: Any, task: Any, folder: Path) -> Any:
     from layercard import CardConfig, measure_card
     from layercard.card import Card, write_card_folder
 
+    cfg = CardConfig(roles="all-linear", examples=16, batch_size=BATCH, max_length=MAX_LENGTH, calibrate=True)
     if (folder / "card.json").is_file():
         card = Card.load(folder / "card.json")
-        if card.model["hash"] == loaded.model_hash and card.task["data_hash"] == task.data_hash:
+        # The card's data hash is its probe subset's; its config is what it was measured with.
+        probe = task.subset(cfg.examples, seed=cfg.seed)
+        same = card.model["hash"] == loaded.model_hash and card.task["data_hash"] == probe.data_hash
+        if same and card.config == dataclasses.asdict(cfg):
             return card
-    cfg = CardConfig(roles="all-linear", examples=16, batch_size=BATCH, max_length=MAX_LENGTH, calibrate=True)
     card = measure_card(loaded, task, cfg)
     write_card_folder(card, folder)
     return card

@@ -88,11 +88,14 @@ def _card(loaded: Any, task: Any, setting: TaskSetting) -> Any:
     from layercard.card import Card, write_card_folder
 
     folder = RESULTS / "cards" / setting.name
+    cfg = CardConfig(roles="all-linear", examples=32, max_length=setting.max_length, calibrate=False)
     if (folder / "card.json").is_file():
         card = Card.load(folder / "card.json")
-        if card.model["hash"] == loaded.model_hash and card.task["data_hash"] == task.data_hash:
+        # The card's data hash is its probe subset's; its config is what it was measured with.
+        probe = task.subset(cfg.examples, seed=cfg.seed)
+        same = card.model["hash"] == loaded.model_hash and card.task["data_hash"] == probe.data_hash
+        if same and card.config == dataclasses.asdict(cfg):
             return card
-    cfg = CardConfig(roles="all-linear", examples=32, max_length=setting.max_length, calibrate=False)
     card = measure_card(loaded, task, cfg)
     write_card_folder(card, folder)
     return card
