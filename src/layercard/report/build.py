@@ -185,10 +185,15 @@ def _load_run(root: Path) -> _Run:
 # ---------------------------------------------------------------------------------------------------------
 
 
+def _recommended(run: _Run) -> str | None:
+    """The name of the run's placement planned by the `recommend` policy, if it has one."""
+    return next((n for n, p in run.plans.items() if p.config.get("policy") == "recommend"), None)
+
+
 def _recommendation(doc: _Doc, run: _Run) -> None:
     """The answer first: the recommendation in one sentence, its frontier with every trained search
     placement's measured point, and the placements side by side."""
-    rec = next((n for n, p in run.plans.items() if p.config.get("policy") == "recommend"), None)
+    rec = _recommended(run)
     if rec is None:
         return
     from layercard.plan.figures import plot_frontier
@@ -306,10 +311,7 @@ def _training(doc: _Doc, run: _Run) -> None:
 
 
 def _planning_cost(run: _Run) -> str | None:
-    if run.card is None:
-        return None
-    rec = next((n for n, p in run.plans.items() if p.config.get("policy") == "recommend"), None)
-    return planning_sentence(run.card, run.metrics, rec)
+    return planning_sentence(run.card, run.metrics, _recommended(run)) if run.card is not None else None
 
 
 def _trimming(doc: _Doc, run: _Run) -> None:
