@@ -27,7 +27,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from quality import Placement  # one grid-point type for both benchmarks (this folder is on sys.path)
+from quality import (  # one grid-point type and card cache for both benchmarks (this folder is on sys.path)
+    Placement,
+    cached_card,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "cost"
@@ -53,20 +56,10 @@ GRID = (
 
 
 def _card(loaded: Any, task: Any, folder: Path) -> Any:
-    from layercard import CardConfig, measure_card
-    from layercard.card import Card, write_card_folder
+    from layercard import CardConfig
 
     cfg = CardConfig(roles="all-linear", examples=16, batch_size=BATCH, max_length=MAX_LENGTH, calibrate=True)
-    if (folder / "card.json").is_file():
-        card = Card.load(folder / "card.json")
-        # The card's data hash is its probe subset's; its config is what it was measured with.
-        probe = task.subset(cfg.examples, seed=cfg.seed)
-        same = card.model["hash"] == loaded.model_hash and card.task["data_hash"] == probe.data_hash
-        if same and card.config == dataclasses.asdict(cfg):
-            return card
-    card = measure_card(loaded, task, cfg)
-    write_card_folder(card, folder)
-    return card
+    return cached_card(loaded, task, cfg, folder)
 
 
 def _run(loaded: Any, card: Any, task: Any, p: Placement, path: Path) -> None:

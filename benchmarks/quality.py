@@ -83,12 +83,12 @@ GRID = (
 )
 
 
-def _card(loaded: Any, task: Any, setting: TaskSetting) -> Any:
-    from layercard import CardConfig, measure_card
+def cached_card(loaded: Any, task: Any, cfg: Any, folder: Path) -> Any:
+    """The card of ``task`` under ``cfg`` from ``folder`` when one measured so is there, else measured and
+    written there (cost.py shares it)."""
+    from layercard import measure_card
     from layercard.card import Card, write_card_folder
 
-    folder = RESULTS / "cards" / setting.name
-    cfg = CardConfig(roles="all-linear", examples=32, max_length=setting.max_length, calibrate=False)
     if (folder / "card.json").is_file():
         card = Card.load(folder / "card.json")
         # The card's data hash is its probe subset's; its config is what it was measured with.
@@ -99,6 +99,13 @@ def _card(loaded: Any, task: Any, setting: TaskSetting) -> Any:
     card = measure_card(loaded, task, cfg)
     write_card_folder(card, folder)
     return card
+
+
+def _card(loaded: Any, task: Any, setting: TaskSetting) -> Any:
+    from layercard import CardConfig
+
+    cfg = CardConfig(roles="all-linear", examples=32, max_length=setting.max_length, calibrate=False)
+    return cached_card(loaded, task, cfg, RESULTS / "cards" / setting.name)
 
 
 def _test_loss(loaded: Any, test: Any, setting: TaskSetting, adapter: Path | None) -> float:

@@ -55,12 +55,10 @@ class UnitAccumulator:
 @dataclass
 class _State:
     keep: torch.Tensor | None = None  # flat indices of the unpadded positions; None when none is padded
-    step: int = 0
-    inputs: dict[int, torch.Tensor] = field(default_factory=dict)  # this step's X per group accumulator
+    inputs: dict[int, torch.Tensor] = field(default_factory=dict)  # this micro-batch's X per group
 
-    def begin(self, step: int, attention_mask: torch.Tensor | None) -> None:
-        """Start micro-batch ``step``: note which positions count and forget the last step's inputs."""
-        self.step = step
+    def begin(self, attention_mask: torch.Tensor | None) -> None:
+        """Start a micro-batch: note which positions count and forget the last micro-batch's inputs."""
         self.inputs = {}
         self.keep = None
         if attention_mask is not None and not bool(attention_mask.all()):
@@ -217,7 +215,7 @@ def run_probe(
             it = progress(batches) if progress is not None else batches
             for step, batch in enumerate(it):
                 mask = batch["attention_mask"].to(device)
-                state.begin(step, mask)
+                state.begin(mask)
                 out = model(
                     input_ids=batch["input_ids"].to(device),
                     attention_mask=mask,
