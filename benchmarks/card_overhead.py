@@ -222,8 +222,10 @@ def _write(state, out_json: Path) -> None:
     lines += [
         "",
         "Modes: `plain-all` = forward+backward with every weight trainable (a standard backward); "
-        "`plain-units` = only the card's units' weights trainable; `card` = the full card "
-        "(probe pass + eigen-decompositions + scores), no coupling, no calibration; `card+sketch` the same "
+        "`plain-units` = only the card's units' weights trainable; `card` = the full card at its default "
+        "settings (probe pass + eigen-decompositions + scores; the frozen weights' SNRs only when the "
+        "default measures them, see `card_timings.weight_snr_s`), no coupling, no calibration; "
+        "`card+sketch` the same "
         f"with inputs wider than {c.get('sketch')} projected to {c.get('sketch')} dimensions (`--sketch`); "
         "`card+calibrate` and `card+coupling` add those (measured once).",
         "",

@@ -10,7 +10,7 @@ from tiny import tiny_model
 from layercard import models
 from layercard.card import stats
 from layercard.card.coupling import layer_effects
-from layercard.card.probe import loss_sum, make_accumulators, run_probe
+from layercard.card.probe import compute_dtype, loss_sum, make_accumulators, run_probe
 
 
 def _batches(vocab: int, seed: int = 0, n_batches: int = 3, bsz: int = 3, length: int = 12):
@@ -39,7 +39,9 @@ def test_hook_gradients_equal_autograd(family: str):
     specs = models.units(model, "all-linear")
     batches = _batches(model.config.vocab_size)
     n_tgt = _n_target(batches)
-    accs = make_accumulators(specs, lora_rank=2, a_draws=1, seed=0, sketch=None, device=torch.device("cpu"))
+    accs = make_accumulators(
+        specs, lora_rank=2, a_draws=1, seed=0, sketch=None, device=torch.device("cpu"), dtype=torch.float64
+    )
     loss = run_probe(model, batches, accs, n_target_tokens=n_tgt)
     assert np.isfinite(loss)
     # Reference: autograd's weight gradients of the same mean loss.
@@ -83,7 +85,13 @@ def test_a_pass_above_a_layer_stops_backward_there(family: str):
         ]
         try:
             accs = make_accumulators(
-                upper, lora_rank=2, a_draws=1, seed=0, sketch=None, device=torch.device("cpu")
+                upper,
+                lora_rank=2,
+                a_draws=1,
+                seed=0,
+                sketch=None,
+                device=torch.device("cpu"),
+                dtype=torch.float64,
             )
             run_probe(model, batches, accs, n_target_tokens=n_tgt, start_layer=start)
         finally:
@@ -102,7 +110,9 @@ def test_covariance_matches_direct_inputs():
     model = tiny_model("llama").double()
     specs = models.units(model, "q,v", layers=[1])
     batches = _batches(model.config.vocab_size, n_batches=2)
-    accs = make_accumulators(specs, lora_rank=2, a_draws=1, seed=0, sketch=None, device=torch.device("cpu"))
+    accs = make_accumulators(
+        specs, lora_rank=2, a_draws=1, seed=0, sketch=None, device=torch.device("cpu"), dtype=torch.float64
+    )
     run_probe(model, batches, accs, n_target_tokens=_n_target(batches))
     seen: list[torch.Tensor] = []
     mod = models.get_module(model, specs[0].name)
@@ -114,6 +124,26 @@ def test_covariance_matches_direct_inputs():
     x = torch.cat([s[b["attention_mask"].bool()] for s, b in zip(seen, batches, strict=True)])
     torch.testing.assert_close(accs[0].group.xtx, x.T @ x)
     assert accs[0].group is accs[1].group  # q and v share their input
+
+
+def test_float32_sums_match_a_float64_pass():
+    """A float32 model's card sums in float32; they must agree with a float64 pass over the same weights."""
+    model = tiny_model("llama")
+    specs = models.units(model, "all-linear")
+    batches = _batches(model.config.vocab_size, n_batches=3)
+    n_tgt = _n_target(batches)
+    cpu = torch.device("cpu")
+    single = make_accumulators(specs, lora_rank=2, a_draws=2, seed=0, sketch=None, device=cpu)
+    assert compute_dtype(next(model.parameters()).dtype) == torch.float32
+    assert all(a.grad.dtype == torch.float32 for a in single)
+    run_probe(model, batches, single, n_target_tokens=n_tgt)
+    double = make_accumulators(
+        specs, lora_rank=2, a_draws=2, seed=0, sketch=None, device=cpu, dtype=torch.float64
+    )
+    run_probe(model.double(), batches, double, n_target_tokens=n_tgt)
+    for a, b in zip(single, double, strict=True):
+        for x, y in ((a.grad, b.grad), (a.group.xtx, b.group.xtx), (a.asa, b.asa)):
+            assert float((x.double() - y).norm() / y.norm()) < 1e-5, a.spec.key
 
 
 def test_identical_directions_have_coupling_one():

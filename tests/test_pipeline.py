@@ -279,6 +279,17 @@ def test_config_values_typed_and_defaults_filled(tmp_path):
     assert epochs.train.steps is None and epochs.train.epochs == 0.5
 
 
+def test_a_spectrum_placement_turns_the_weight_snr_on(tmp_path):
+    base = tiny_config(tmp_path)
+    assert not parse_config(base).card.weight_snr  # nothing reads it: not measured
+    spectrum = apply_overrides(base, ["placements.0.policy=spectrum", "placements.0.budget=params=0.25x"])
+    assert parse_config(spectrum).card.weight_snr
+    off = apply_overrides(spectrum, ["card.weight_snr=false"])
+    assert _error(off) == (
+        "config.yaml: card.weight_snr: is false, but placement 'card-2' uses policy spectrum, which reads it"
+    )
+
+
 def test_demo_config_is_packaged_and_valid():
     cfg = load_config(demo_config_path())
     assert cfg.model == "smollm2" and [p.name for p in cfg.placements] == [

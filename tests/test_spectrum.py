@@ -67,7 +67,9 @@ def llama():
 @pytest.fixture(scope="module")
 def card(llama) -> Card:
     loaded = LoadedModel(llama, tiny_tokenizer(), "tiny", weights_hash(llama), "memory")
-    cfg = CardConfig(roles="all-linear", examples=8, max_length=48, batch_size=4, calibrate=False)
+    cfg = CardConfig(
+        roles="all-linear", examples=8, max_length=48, batch_size=4, calibrate=False, weight_snr=True
+    )
     return compute_card(loaded, load_task("synthetic:facts", split="train"), cfg, progress=False)
 
 

@@ -17,6 +17,7 @@ from layercard.card.artifact import Card, GroupRow, UnitRow, _r, _rl
 from layercard.card.probe import (
     UnitAccumulator,
     all_reduce_sums,
+    compute_dtype,
     is_sharded,
     make_accumulators,
     rank_world,
@@ -46,7 +47,7 @@ def _finish_pass(
         if id(g) not in groups:
             if g.n == 0:
                 raise LayercardError("probe set has no unpadded positions")
-            spec = stats.spectrum(g.xtx.cpu().numpy(), g.n)
+            spec = stats.spectrum(g.xtx.double().cpu().numpy(), g.n)
             gkey = f"{acc.spec.layer}.{acc.spec.input_group}"
             st = stats.input_stats(spec.eigenvalues, cfg.delta)
             # A Gaussian sketch keeps tr(Σ) unbiased, so energy stays per original input dimension.
@@ -69,17 +70,17 @@ def _finish_pass(
             groups[id(g)] = (gkey, spec, g.sketch)
             spectra[gkey] = spec
         gkey, spec, sketch = groups[id(g)]
-        grad = acc.grad.cpu().numpy()
-        grads[acc.spec.key] = acc.grad.cpu()
-        gcoord = grad @ sketch.cpu().numpy() if sketch is not None else grad
+        grads[acc.spec.key] = acc.grad.double().cpu()
+        grad = grads[acc.spec.key].numpy()
+        gcoord = grad @ sketch.double().cpu().numpy() if sketch is not None else grad
         proj = stats.eig_projection(gcoord, spec)
         energy_j = stats.grad_eig_energy(gcoord, spec, proj)
         rsq = stats.resnorm_sq_from_energy(energy_j, spec.eigenvalues, spec.n, cfg.delta)
         m = stats.whitened_gradient(gcoord, spec, cfg.delta, proj)
         cap = stats.captured(stats.singular_values_sq(m))
         r = cfg.lora_rank
-        a = acc.a_stack.cpu().numpy()
-        asa = acc.asa.cpu().numpy() / g.n
+        a = acc.a_stack.double().cpu().numpy()
+        asa = acc.asa.double().cpu().numpy() / g.n
         draws = [a[i * r : (i + 1) * r] for i in range(cfg.a_draws)]
         asas = [asa[i * r : (i + 1) * r, i * r : (i + 1) * r] for i in range(cfg.a_draws)]
         rate, lin, quad = stats.first_step_rate(
@@ -214,6 +215,7 @@ def compute_card(loaded: Any, task: Any, cfg: CardConfig, *, progress: bool | No
                 seed=cfg.seed,
                 sketch=cfg.sketch,
                 device=device,
+                dtype=compute_dtype(next(model.parameters()).dtype),
             )
             desc = "card pass" if len(chunks) == 1 else f"card pass {ci + 1}/{len(chunks)}"
             loss = run_probe(

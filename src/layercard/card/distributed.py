@@ -1,4 +1,4 @@
-"""The card over several processes: probe batches sharded, float64 sums all-reduced (docs/design.md §12).
+"""The card over several processes: probe batches sharded, sums all-reduced (docs/design.md §12).
 
 Every statistic the probe pass accumulates is a sum over probe positions, so N processes that each take
 every N-th micro-batch and then add their sums hold exactly what one process holding all of them would.

@@ -1,4 +1,4 @@
-"""The card's measuring pass: hooks that stream X and G = ∂L/∂Y into float64 accumulators.
+"""The card's measuring pass: hooks that stream X and G = ∂L/∂Y into running sums.
 
 Only the activations need gradients: the base stays frozen and the embedding output is made to
 require grad, so backward computes no weight gradient. Each unit's ∇W = Gᵀ X is formed in the
@@ -35,7 +35,7 @@ class GroupAccumulator:
     """Σ-side statistics of one distinct input (layer, input_group)."""
 
     d_in: int
-    xtx: torch.Tensor  # float64, (k, k) with k = d_in or the sketch size
+    xtx: torch.Tensor  # (k, k) with k = d_in or the sketch size, in the compute dtype
     n: int = 0
     sketch: torch.Tensor | None = None  # (d_in, k) projection, None when exact
 
@@ -46,9 +46,9 @@ class UnitAccumulator:
 
     spec: UnitSpec
     group: GroupAccumulator
-    grad: torch.Tensor  # float64 (d_out, d_in), logical orientation
+    grad: torch.Tensor  # (d_out, d_in), logical orientation, in the compute dtype
     a_stack: torch.Tensor  # (draws*r, d_in) LoRA A draws, stacked
-    asa: torch.Tensor  # float64 (draws*r, draws*r): A X ᵀ X Aᵀ summed
+    asa: torch.Tensor  # (draws*r, draws*r): A X ᵀ X Aᵀ summed, in the compute dtype
     extra: dict[str, float] = field(default_factory=dict)
 
 
@@ -65,8 +65,9 @@ class _State:
             self.keep = attention_mask.reshape(-1).nonzero().squeeze(1)
 
 
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the hook products and their sums: float32, or float64 for a float64 model."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 @contextlib.contextmanager
@@ -103,21 +104,23 @@ def probe_hooks(
                 # the same rows. Padded positions are dropped rather than zeroed, so no product spends time
                 # on them.
                 x = inputs[0].detach().reshape(-1, spec.d_in)
-                x2 = (x if state.keep is None else x.index_select(0, state.keep)).to(_compute_dtype(x))
+                x2 = (x if state.keep is None else x.index_select(0, state.keep)).to(g.xtx.dtype)
                 state.inputs[id(g)] = x2
-                xs = x2 @ g.sketch.to(x2.dtype) if g.sketch is not None else x2
-                # add_ promotes into the float64 sum without a float64 copy of the product.
-                g.xtx.add_(xs.T @ xs)
+                xs = x2 @ g.sketch if g.sketch is not None else x2
+                # addmm_ adds the product into the sum inside the GEMM: no product tensor is written and
+                # read back. Each micro-batch's product already sums its rows in this dtype, so a wider
+                # running sum over a few micro-batches would buy nothing measurable.
+                g.xtx.addmm_(xs.T, xs)
                 g.n += x2.shape[0]
-            xa = x2 @ acc.a_stack.to(x2.dtype).T
-            acc.asa.add_(xa.T @ xa)
+            xa = x2 @ acc.a_stack.T
+            acc.asa.addmm_(xa.T, xa)
             if out.requires_grad:
                 keep = state.keep
 
                 def grad_hook(gout: torch.Tensor) -> None:
                     g2 = gout.reshape(-1, spec.d_out)
                     g2 = (g2 if keep is None else g2.index_select(0, keep)).to(x2.dtype)
-                    acc.grad.add_(g2.T @ x2)
+                    acc.grad.addmm_(g2.T, x2)
 
                 out.register_hook(grad_hook)
 
@@ -145,8 +148,12 @@ def make_accumulators(
     seed: int,
     sketch: int | None,
     device: torch.device,
+    dtype: torch.dtype = torch.float32,
 ) -> list[UnitAccumulator]:
-    """One accumulator per unit, sharing a group accumulator per distinct input."""
+    """One accumulator per unit, sharing a group accumulator per distinct input.
+
+    ``dtype`` is that of the sums and of the hook products (:func:`compute_dtype` of the model's dtype).
+    """
     groups: dict[tuple[int, str], GroupAccumulator] = {}
     accs: list[UnitAccumulator] = []
     for spec in specs:
@@ -160,10 +167,10 @@ def make_accumulators(
                 )
                 proj = (
                     torch.randn(spec.d_in, sketch, generator=gen, dtype=torch.float64) / math.sqrt(sketch)
-                ).to(device)
+                ).to(device=device, dtype=dtype)
                 k = sketch
             groups[gkey] = GroupAccumulator(
-                d_in=spec.d_in, xtx=torch.zeros(k, k, dtype=torch.float64, device=device), sketch=proj
+                d_in=spec.d_in, xtx=torch.zeros(k, k, dtype=dtype, device=device), sketch=proj
             )
         rng = np.random.default_rng(_stable_seed(seed, f"lora_a.{spec.key}"))
         bound = 1.0 / math.sqrt(spec.d_in)
@@ -172,9 +179,9 @@ def make_accumulators(
             UnitAccumulator(
                 spec=spec,
                 group=groups[gkey],
-                grad=torch.zeros(spec.d_out, spec.d_in, dtype=torch.float64, device=device),
-                a_stack=torch.from_numpy(a).to(device),
-                asa=torch.zeros(a.shape[0], a.shape[0], dtype=torch.float64, device=device),
+                grad=torch.zeros(spec.d_out, spec.d_in, dtype=dtype, device=device),
+                a_stack=torch.from_numpy(a).to(device=device, dtype=dtype),
+                asa=torch.zeros(a.shape[0], a.shape[0], dtype=dtype, device=device),
             )
         )
     return accs

@@ -66,7 +66,10 @@ class CardConfig(Schema):
         1, kind="int", minimum=1, help="interleaved rounds over the calibration placements (median is kept)"
     )
     weight_snr: bool = setting(
-        True, kind="bool", help="measure each frozen weight's SNR (read only by the `spectrum` policy)"
+        False,
+        kind="bool",
+        help="measure each frozen weight's SNR (read only by the `spectrum` policy; a run with a "
+        "`spectrum` placement turns it on)",
     )
     horizon_steps: int = setting(100, kind="int", minimum=1, help="T of the saturating score")
 

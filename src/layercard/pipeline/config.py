@@ -150,6 +150,19 @@ def _task(raw: Any) -> TaskSpec:
     return TaskSpec.from_mapping(raw)
 
 
+def _card_for(card: CardConfig, placements: tuple[PlacementSpec, ...], raw: Any) -> CardConfig:
+    """The card settings a run's placements need: a `spectrum` placement reads the weight SNRs, so they are
+    measured unless the config turns them off, which is then an error naming the placement."""
+    reader = next((p.name for p in placements if p.plan.policy == "spectrum"), None)
+    if reader is None or card.weight_snr:
+        return card
+    if isinstance(raw, Mapping) and "weight_snr" in raw:
+        raise ConfigError(
+            "card.weight_snr", f"is false, but placement {reader!r} uses policy spectrum, which reads it"
+        )
+    return dataclasses.replace(card, weight_snr=True)
+
+
 def parse_config(raw: Any, *, source: str = "config") -> RunConfig:
     """Validate a config mapping (parsed YAML) into a :class:`RunConfig`; errors start with ``source``."""
     try:
@@ -175,6 +188,7 @@ def _parse(raw: Any, source: str) -> RunConfig:
     task = _task(raw["task"])
     card = CardConfig.from_mapping(raw.get("card"), seed=seed)
     placements = tuple(_placement(i, p, seed) for i, p in enumerate(placements_raw))
+    card = _card_for(card, placements, raw.get("card"))
     train = TrainConfig.from_mapping(raw.get("train"), seed=seed)
     trim_raw = raw.get("trim", {})
     if trim_raw is False:  # `trim: false` switches the stage off
