@@ -218,7 +218,7 @@ def _card(model, tok, task, spec: dict[str, Any], device) -> dict[str, Any]:
         pass_s.append(time.perf_counter() - t)
         if with_stats:
             t = time.perf_counter()
-            _, _, grads, _ = _finish_pass(accs, cfg, n_target)
+            _, _, grads, _ = _finish_pass(accs, cfg, n_target, keep_grads=keep)
             stats_s += time.perf_counter() - t
             if keep:
                 kept.update(grads)

@@ -34,8 +34,15 @@ def _finish_pass(
     accs: Sequence[UnitAccumulator],
     cfg: CardConfig,
     n_target_tokens: int,
-    weight_snrs: Mapping[str, float | None],
+    weight_snrs: Mapping[str, float | None] | None = None,
+    *,
+    keep_grads: bool | None = None,
 ) -> tuple[list[UnitRow], list[GroupRow], dict[str, torch.Tensor], dict[str, stats.Spectrum]]:
+    """The card's rows from one pass's sums; each unit's float64 ∇W is returned only with ``keep_grads``
+    (default: when the coupling probe will read them)."""
+    keep_grads = cfg.coupling if keep_grads is None else keep_grads
+    weight_snrs = weight_snrs or {}
+    buffers: dict[tuple[int, ...], np.ndarray] = {}
     groups: dict[int, tuple[str, stats.Spectrum, Any]] = {}
     group_rows: list[GroupRow] = []
     unit_rows: list[UnitRow] = []
@@ -70,8 +77,15 @@ def _finish_pass(
             groups[id(g)] = (gkey, spec, g.sketch)
             spectra[gkey] = spec
         gkey, spec, sketch = groups[id(g)]
-        grads[acc.spec.key] = acc.grad.double().cpu()
-        grad = grads[acc.spec.key].numpy()
+        if keep_grads:
+            grads[acc.spec.key] = acc.grad.double().cpu()
+            grad = grads[acc.spec.key].numpy()
+        else:
+            # One float64 buffer per shape, reused: a fresh float64 copy of every gradient costs more in page
+            # faults than the statistics that read it.
+            shape = tuple(acc.grad.shape)
+            grad = buffers.setdefault(shape, np.empty(shape))
+            grad[...] = acc.grad.cpu().numpy()
         gcoord = grad @ sketch.double().cpu().numpy() if sketch is not None else grad
         proj = stats.eig_projection(gcoord, spec)
         energy_j = stats.grad_eig_energy(gcoord, spec, proj)

@@ -1,0 +1,105 @@
+"""Planning cost against a training run of practical length: the demo's card guiding a long run.
+
+Runs `layercard run` on the packaged demo config for one built-in task with only the recommended
+placement, trained for ``--steps`` steps (the demo trains 30), and writes the card's wall time against
+the training it guided, as the run's report states it. Resumable: the run folder keeps every finished
+stage, so a second call only writes the results.
+
+    .venv/bin/python benchmarks/planning_cost.py [--task facts] [--steps 400]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results" / "planning_cost"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--task", default="facts", choices=("facts", "format"))
+    ap.add_argument("--steps", type=int, default=400)
+    ap.add_argument("--run", default=None, help="run folder (default runs/planning_cost_<task>_<steps>)")
+    args = ap.parse_args()
+    run = Path(args.run or HERE.parent / "runs" / f"planning_cost_{args.task}_{args.steps}")
+    sets = [
+        f"task.train=synthetic:{args.task}",
+        f"task.eval=synthetic:{args.task}",
+        "placements=[{name: recommend, policy: recommend, budget: params=0.25x}]",
+        f"train.steps={args.steps}",
+        # A long run evaluates and checkpoints as often as the demo's 30-step runs do in all.
+        "train.eval_every=100",
+        "train.checkpoint_every=100",
+        "eval.base=false",
+    ]
+    from layercard.pipeline.config import demo_config_path
+
+    cmd = [sys.executable, "-m", "layercard", "run", str(demo_config_path()), "--out", str(run), "--json"]
+    for s in sets:
+        cmd += ["--set", s]
+    t0 = time.perf_counter()
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    wall = time.perf_counter() - t0
+
+    from layercard.artifacts import machine_info, package_versions
+    from layercard.card import Card
+    from layercard.report.results import planning_sentence, planning_share
+    from layercard.train.metrics import TrainMetrics
+
+    card = Card.load(run / "card" / "card.json")
+    metrics = TrainMetrics.load(run / "train" / "recommend" / "train_metrics.json")
+    share, steps_for_tenth = planning_share(card.timings["total_s"], metrics.wall_time_s, metrics.s_per_step)
+    res = {
+        "task": args.task,
+        "steps": metrics.steps,
+        "batch_size": metrics.batch_size,
+        "card_s": card.timings["total_s"],
+        "card_timings": card.timings,
+        "train_wall_s": metrics.wall_time_s,
+        "s_per_step": metrics.s_per_step,
+        "planning_share": share,
+        "steps_for_10pct": steps_for_tenth,
+        "placement": metrics.plan.get("summary") or metrics.plan.get("policy"),
+        "trainable_params": metrics.trainable_params,
+        "final_val_loss": metrics.final_val_loss,
+        "sentence": planning_sentence(card, {"recommend": metrics}, "recommend"),
+        "this_call_wall_s": wall,
+        "settings": sets,
+        "machine": machine_info(),
+        "versions": package_versions(),
+        "date": time.strftime("%Y-%m-%d"),
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    stem = RESULTS / f"{args.task}_{metrics.steps}"
+    stem.with_suffix(".json").write_text(json.dumps(res, indent=1) + "\n")
+    t = card.timings
+    lines = [
+        f"# Planning cost: the demo's card against a {metrics.steps}-step run ({args.task})",
+        "",
+        f"smollm2, built-in task `{args.task}`, the packaged demo config with only the recommended placement "
+        f"(params=0.25x), trained {metrics.steps} steps of batch {metrics.batch_size}. "
+        f"Machine: {res['machine'].get('processor')} · {res['machine'].get('cpu_count')} cores · "
+        f"{res['date']}.",
+        "",
+        "| | seconds |",
+        "|---|---:|",
+        f"| card (total) | {t['total_s']:.1f} |",
+        *(f"| · {k} | {v:.1f} |" for k, v in t.items() if k != "total_s"),
+        f"| training the recommendation | {metrics.wall_time_s:.1f} |",
+        "",
+        f"- **Card / training = {100 * share:.1f}%** at {metrics.s_per_step:.2f} s/step (median step).",
+        f"- The card is 10% of a run of {steps_for_tenth:,} steps or more at that step time.",
+        f"- The run's report says: {res['sentence']}",
+    ]
+    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
