@@ -19,6 +19,14 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "planning_cost"
+# card.json `timings`: probe_s includes stats_s.
+_PARTS = {
+    "probe_s": "probe pass with its statistics",
+    "stats_s": "of which statistics",
+    "calibrate_s": "cost calibration",
+    "weight_snr_s": "weight SNRs",
+    "coupling_s": "coupling",
+}
 
 
 def main() -> None:
@@ -90,7 +98,7 @@ def main() -> None:
         "| | seconds |",
         "|---|---:|",
         f"| card (total) | {t['total_s']:.1f} |",
-        *(f"| · {k} | {v:.1f} |" for k, v in t.items() if k != "total_s"),
+        *(f"| · {_PARTS[k]} | {t[k]:.1f} |" for k in _PARTS if t.get(k)),
         f"| training the recommendation | {metrics.wall_time_s:.1f} |",
         "",
         f"- **Card / training = {100 * share:.1f}%** at {metrics.s_per_step:.2f} s/step (median step).",
