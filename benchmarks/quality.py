@@ -9,6 +9,7 @@ script resumes where it stopped; the summary is rebuilt from them by ``summary``
     .venv/bin/python benchmarks/quality.py run [--tasks e2e_nlg,sst2] [--only NAME,...] [--seed N]
     .venv/bin/python benchmarks/quality.py summary
     .venv/bin/python benchmarks/quality.py noise
+    .venv/bin/python benchmarks/quality.py seedmean
 
 ``--seed N`` (N > 0) repeats runs with another training seed (data order and LoRA initialisation; the test
 examples stay the same) under RESULTS/runs/seed{N}/; ``noise`` then reports how much the measured fraction
@@ -104,7 +105,10 @@ def cached_card(loaded: Any, task: Any, cfg: Any, folder: Path) -> Any:
 def _card(loaded: Any, task: Any, setting: TaskSetting) -> Any:
     from layercard import CardConfig
 
-    cfg = CardConfig(roles="all-linear", examples=32, max_length=setting.max_length, calibrate=False)
+    # weight_snr as the committed cards were measured, so they are reused.
+    cfg = CardConfig(
+        roles="all-linear", examples=32, max_length=setting.max_length, calibrate=False, weight_snr=True
+    )
     return cached_card(loaded, task, cfg, RESULTS / "cards" / setting.name)
 
 
@@ -251,7 +255,7 @@ def fit() -> dict[str, Any]:
     Writes RESULTS/fit.json, RESULTS/quality.md and RESULTS/quality_predicted.png.
     """
     from layercard.artifacts import write_json, write_text
-    from layercard.plan.quality import FORMS, fit, mean_abs_error
+    from layercard.plan.quality import FORMS, fit
 
     data: dict[str, list[tuple[dict[str, Any], Any]]] = {}
     for r in rows():
@@ -265,22 +269,10 @@ def fit() -> dict[str, Any]:
         )
         for t in tasks
     }
-    for name, form in FORMS.items():
-        res: dict[str, Any] = {"description": form.description}
-        for fit_task in tasks:
-            xs, ys = [f for _, f in data[fit_task]], [r["fraction"] for r, _ in data[fit_task]]
-            params, err = fit(form, xs, ys)
-            held = {
-                t: mean_abs_error(form, params, [f for _, f in data[t]], [r["fraction"] for r, _ in data[t]])
-                for t in tasks
-                if t != fit_task
-            }
-            res[f"fit_on_{fit_task}"] = {"params": list(params), "fit_mae": err, "held_out_mae": held}
-        cross = [v for t in tasks for v in res[f"fit_on_{t}"]["held_out_mae"].values()]
-        res["cross_task_mae"] = sum(cross) / len(cross) if cross else None
+    for name, res in _cross_task(data).items():
         pooled_x = [f for t in tasks for _, f in data[t]]
         pooled_y = [r["fraction"] for t in tasks for r, _ in data[t]]
-        params, err = fit(form, pooled_x, pooled_y)
+        params, err = fit(FORMS[name], pooled_x, pooled_y)
         res["pooled"] = {"params": list(params), "fit_mae": err}
         out["forms"][name] = res
     scored = {n: r["cross_task_mae"] for n, r in out["forms"].items() if r["cross_task_mae"] is not None}
@@ -301,6 +293,29 @@ def fit() -> dict[str, Any]:
     write_json(RESULTS / "fit.json", out)
     write_text(RESULTS / "quality.md", _markdown(out))
     _plot(out)
+    return out
+
+
+def _cross_task(data: dict[str, list[tuple[dict[str, Any], Any]]]) -> dict[str, dict[str, Any]]:
+    """Per form: fitted on each task's (run, features) pairs, scored on every other task's (held out)."""
+    from layercard.plan.quality import FORMS, fit, mean_abs_error
+
+    tasks = sorted(data)
+    out: dict[str, dict[str, Any]] = {}
+    for name, form in FORMS.items():
+        res: dict[str, Any] = {"description": form.description}
+        for fit_task in tasks:
+            xs, ys = [f for _, f in data[fit_task]], [r["fraction"] for r, _ in data[fit_task]]
+            params, err = fit(form, xs, ys)
+            held = {
+                t: mean_abs_error(form, params, [f for _, f in data[t]], [r["fraction"] for r, _ in data[t]])
+                for t in tasks
+                if t != fit_task
+            }
+            res[f"fit_on_{fit_task}"] = {"params": list(params), "fit_mae": err, "held_out_mae": held}
+        cross = [v for t in tasks for v in res[f"fit_on_{t}"]["held_out_mae"].values()]
+        res["cross_task_mae"] = sum(cross) / len(cross) if cross else None
+        out[name] = res
     return out
 
 
@@ -460,9 +475,67 @@ def noise() -> dict[str, Any]:
     return out
 
 
+def seedmean() -> dict[str, Any]:
+    """The forms scored against seed-averaged fractions: where a placement ran at two or more training
+    seeds (``run --seed N``), its measured fraction is the mean over them, else its seed-0 run's.
+
+    The same cross-task protocol as ``fit``, on less noisy targets: how much of the held-out error is the
+    runs' own noise. Nothing is refitted for the planner. Writes RESULTS/seedmean.json and .md.
+    """
+    from layercard.artifacts import write_json, write_text
+
+    means = {(r["task"], r["name"]): r for r in noise()["runs"]}
+    data: dict[str, list[tuple[dict[str, Any], Any]]] = {}
+    single: dict[str, list[tuple[dict[str, Any], Any]]] = {}
+    for r in rows():
+        if r["name"] == "ref":
+            continue
+        m = means.get((r["task"], r["name"]))
+        avg = {**r, "fraction": m["mean"], "seeds": len(m["fractions"])} if m else {**r, "seeds": 1}
+        f = _features(r["task"], r)
+        data.setdefault(r["task"], []).append((avg, f))
+        single.setdefault(r["task"], []).append((r, f))
+    out: dict[str, Any] = {
+        "placements": {t: len(v) for t, v in data.items()},
+        "seed_averaged": {t: sum(r["seeds"] > 1 for r, _ in v) for t, v in data.items()},
+        "seed_averaged_forms": _cross_task(data),
+        "single_seed_forms": _cross_task(single),
+    }
+    write_json(RESULTS / "seedmean.json", out)
+    tasks = sorted(data)
+    lines = [
+        "# Quality model against seed-averaged measurements",
+        "",
+        f"smollm2, {STEPS} steps of batch {BATCH}, lr {LR:g}. "
+        "Placements per task (seed-averaged among them): "
+        + ", ".join(f"{t} {out['placements'][t]} ({out['seed_averaged'][t]})" for t in tasks)
+        + ". Each form is fitted on one task and scored on the other, once against the seed-0 runs "
+        "(as in quality.md) and once against the seed means.",
+        "",
+        "| form | "
+        + " | ".join(f"fit on {t}, held-out MAE: seed 0 / seed mean" for t in tasks)
+        + " | cross-task MAE: seed 0 / seed mean |",
+        "|---|" + "---:|" * (len(tasks) + 1),
+    ]
+    for name, res in out["seed_averaged_forms"].items():
+        one = out["single_seed_forms"][name]
+        cells = [
+            f"{next(iter(one[f'fit_on_{t}']['held_out_mae'].values())):.3f} / "
+            f"{next(iter(res[f'fit_on_{t}']['held_out_mae'].values())):.3f}"
+            for t in tasks
+        ]
+        lines.append(
+            f"| {name} | "
+            + " | ".join(cells)
+            + f" | {one['cross_task_mae']:.3f} / {res['cross_task_mae']:.3f} |"
+        )
+    write_text(RESULTS / "seedmean.md", "\n".join(lines) + "\n")
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("what", choices=("run", "summary", "fit", "noise"))
+    ap.add_argument("what", choices=("run", "summary", "fit", "noise", "seedmean"))
     ap.add_argument("--tasks", default="e2e_nlg,sst2")
     ap.add_argument("--only", default=None, help="comma-separated grid names")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
@@ -475,6 +548,11 @@ def main() -> None:
         import json
 
         print(json.dumps(noise(), indent=1))
+        return
+    if a.what == "seedmean":
+        import json
+
+        print(json.dumps(seedmean(), indent=1))
         return
     if a.what == "fit":
         import json
