@@ -480,7 +480,8 @@ def seedmean() -> dict[str, Any]:
     seeds (``run --seed N``), its measured fraction is the mean over them, else its seed-0 run's.
 
     The same cross-task protocol as ``fit``, on less noisy targets: how much of the held-out error is the
-    runs' own noise. Nothing is refitted for the planner. Writes RESULTS/seedmean.json and .md.
+    runs' own noise. Nothing is refitted for the planner. Writes RESULTS/seedmean.json and .md, and
+    refreshes noise.json and .md, whose seed means it reads.
     """
     from layercard.artifacts import write_json, write_text
 
