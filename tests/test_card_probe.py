@@ -122,8 +122,25 @@ def test_covariance_matches_direct_inputs():
             model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], use_cache=False)
     h.remove()
     x = torch.cat([s[b["attention_mask"].bool()] for s, b in zip(seen, batches, strict=True)])
-    torch.testing.assert_close(accs[0].group.xtx, x.T @ x)
+    torch.testing.assert_close(accs[0].group.gram(), x.T @ x)
     assert accs[0].group is accs[1].group  # q and v share their input
+
+
+@pytest.mark.parametrize("k", [5, 8, 9, 13, 24])
+def test_blocked_gram_equals_the_whole_product(k: int):
+    """Summing only the blocks on and above the diagonal, then mirroring them, gives XᵀX (block 4: widths
+    that are and are not multiples of it, and one at the 2-block threshold that takes the plain product)."""
+    from layercard.card.probe import add_gram, symmetric_gram
+
+    gen = torch.Generator().manual_seed(k)
+    acc = torch.zeros(k, k, dtype=torch.float64)
+    xs = [torch.randn(7, k, generator=gen, dtype=torch.float64) for _ in range(3)]
+    for x in xs:
+        add_gram(acc, x, block=4)
+    full = sum(x.T @ x for x in xs)
+    torch.testing.assert_close(symmetric_gram(acc), full)
+    if k > 8:  # the blocked path never wrote below the diagonal
+        assert float(acc.tril(-4).abs().max()) == 0.0
 
 
 def test_float32_sums_match_a_float64_pass():
@@ -142,7 +159,7 @@ def test_float32_sums_match_a_float64_pass():
     )
     run_probe(model.double(), batches, double, n_target_tokens=n_tgt)
     for a, b in zip(single, double, strict=True):
-        for x, y in ((a.grad, b.grad), (a.group.xtx, b.group.xtx), (a.asa, b.asa)):
+        for x, y in ((a.grad, b.grad), (a.group.gram(), b.group.gram()), (a.asa, b.asa)):
             assert float((x.double() - y).norm() / y.norm()) < 1e-5, a.spec.key
 
 

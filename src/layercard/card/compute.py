@@ -30,6 +30,10 @@ from layercard.errors import LayercardError
 from layercard.progress import track
 
 
+def _np_dtype(dtype: torch.dtype) -> type:
+    return np.float32 if dtype == torch.float32 else np.float64
+
+
 def _finish_pass(
     accs: Sequence[UnitAccumulator],
     cfg: CardConfig,
@@ -39,10 +43,12 @@ def _finish_pass(
     keep_grads: bool | None = None,
 ) -> tuple[list[UnitRow], list[GroupRow], dict[str, torch.Tensor], dict[str, stats.Spectrum]]:
     """The card's rows from one pass's sums; each unit's float64 ∇W is returned only with ``keep_grads``
-    (default: when the coupling probe will read them)."""
+    (default: when the coupling probe will read them).
+
+    The statistics run in the sums' own precision (docs/card.md, "Precision").
+    """
     keep_grads = cfg.coupling if keep_grads is None else keep_grads
     weight_snrs = weight_snrs or {}
-    buffers: dict[tuple[int, ...], np.ndarray] = {}
     groups: dict[int, tuple[str, stats.Spectrum, Any]] = {}
     group_rows: list[GroupRow] = []
     unit_rows: list[UnitRow] = []
@@ -54,7 +60,8 @@ def _finish_pass(
         if id(g) not in groups:
             if g.n == 0:
                 raise LayercardError("probe set has no unpadded positions")
-            spec = stats.spectrum(g.xtx.double().cpu().numpy(), g.n)
+            # The sum's upper triangle is whole, and it is all the decomposition reads.
+            spec = stats.spectrum(g.xtx.cpu().numpy(), g.n, vectors_dtype=_np_dtype(g.xtx.dtype))
             gkey = f"{acc.spec.layer}.{acc.spec.input_group}"
             st = stats.input_stats(spec.eigenvalues, cfg.delta)
             # A Gaussian sketch keeps tr(Σ) unbiased, so energy stays per original input dimension.
@@ -79,14 +86,8 @@ def _finish_pass(
         gkey, spec, sketch = groups[id(g)]
         if keep_grads:
             grads[acc.spec.key] = acc.grad.double().cpu()
-            grad = grads[acc.spec.key].numpy()
-        else:
-            # One float64 buffer per shape, reused: a fresh float64 copy of every gradient costs more in page
-            # faults than the statistics that read it.
-            shape = tuple(acc.grad.shape)
-            grad = buffers.setdefault(shape, np.empty(shape))
-            grad[...] = acc.grad.cpu().numpy()
-        gcoord = grad @ sketch.double().cpu().numpy() if sketch is not None else grad
+        grad = acc.grad.cpu().numpy()
+        gcoord = grad @ sketch.cpu().numpy() if sketch is not None else grad
         proj = stats.eig_projection(gcoord, spec)
         energy_j = stats.grad_eig_energy(gcoord, spec, proj)
         rsq = stats.resnorm_sq_from_energy(energy_j, spec.eigenvalues, spec.n, cfg.delta)
@@ -328,7 +329,7 @@ def unit_direction(
         if spec is None:
             raise LayercardError("capacity direction needs an exact (unsketched) covariance")
         lam = stats.damping(spec.eigenvalues, cfg.delta)
-        u = torch.from_numpy(spec.eigenvectors)
+        u = torch.from_numpy(spec.eigenvectors).double()
         inv = torch.from_numpy(1.0 / (spec.eigenvalues + lam))
         return -((g @ u) * inv[None, :]) @ u.T
     from layercard.card.probe import _stable_seed

