@@ -177,3 +177,43 @@ def test_identical_directions_have_coupling_one():
     c = stats.coupling_matrix(eff)
     assert c[0, 1] == pytest.approx(1.0, abs=1e-4)
     assert abs(c[0, 2]) < 0.99
+
+
+def test_float32_statistics_match_float64_statistics_of_the_same_sums():
+    """The per-unit statistics run in the sums' precision after a float64 eigen-decomposition; they must
+    agree with an all-float64 evaluation of the very same sums."""
+    import copy
+
+    from layercard.card.compute import _finish_pass
+    from layercard.config import CardConfig
+
+    model = tiny_model("llama")
+    specs = models.units(model, "all-linear")
+    batches = _batches(model.config.vocab_size, n_batches=3)
+    n_tgt = _n_target(batches)
+    accs = make_accumulators(specs, lora_rank=2, a_draws=2, seed=0, sketch=None, device=torch.device("cpu"))
+    run_probe(model, batches, accs, n_target_tokens=n_tgt)
+    widened, groups = [], {}
+    for a in accs:
+        if id(a.group) not in groups:
+            groups[id(a.group)] = copy.copy(a.group)
+            groups[id(a.group)].xtx = a.group.xtx.double()
+        b = copy.copy(a)
+        b.group, b.grad, b.asa, b.a_stack = (
+            groups[id(a.group)],
+            a.grad.double(),
+            a.asa.double(),
+            a.a_stack.double(),
+        )
+        widened.append(b)
+    cfg = CardConfig(roles="all-linear", lora_rank=2, a_draws=2, coupling=False, calibrate=False)
+    rows32, groups32, _, spectra32 = _finish_pass(accs, cfg, n_tgt)
+    rows64, groups64, _, _ = _finish_pass(widened, cfg, n_tgt)
+    assert next(iter(spectra32.values())).eigenvectors.dtype == np.float32
+    for u, v in zip(rows32, rows64, strict=True):
+        for f in ("grad_norm", "resnorm", "rate", "rate_linear"):
+            assert getattr(u, f) == pytest.approx(getattr(v, f), rel=1e-5), (u.key, f)
+        for k in v.captured:
+            assert u.captured[k] == pytest.approx(v.captured[k], rel=1e-5, abs=1e-12), (u.key, k)
+    for g, h in zip(groups32, groups64, strict=True):
+        assert g.eigenvalues == h.eigenvalues and g.kappa == h.kappa
