@@ -10,7 +10,7 @@ from tiny import tiny_model
 from layercard import models
 from layercard.card import stats
 from layercard.card.coupling import layer_effects
-from layercard.card.probe import compute_dtype, loss_sum, make_accumulators, run_probe
+from layercard.card.probe import compute_dtype, loss_sum, make_accumulators, run_probe, symmetric_gram
 
 
 def _batches(vocab: int, seed: int = 0, n_batches: int = 3, bsz: int = 3, length: int = 12):
@@ -122,7 +122,7 @@ def test_covariance_matches_direct_inputs():
             model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], use_cache=False)
     h.remove()
     x = torch.cat([s[b["attention_mask"].bool()] for s, b in zip(seen, batches, strict=True)])
-    torch.testing.assert_close(accs[0].group.gram(), x.T @ x)
+    torch.testing.assert_close(symmetric_gram(accs[0].group.xtx), x.T @ x)
     assert accs[0].group is accs[1].group  # q and v share their input
 
 
@@ -130,7 +130,7 @@ def test_covariance_matches_direct_inputs():
 def test_blocked_gram_equals_the_whole_product(k: int):
     """Summing only the blocks on and above the diagonal, then mirroring them, gives XᵀX (block 4: widths
     that are and are not multiples of it, and one at the 2-block threshold that takes the plain product)."""
-    from layercard.card.probe import add_gram, symmetric_gram
+    from layercard.card.probe import add_gram
 
     gen = torch.Generator().manual_seed(k)
     acc = torch.zeros(k, k, dtype=torch.float64)
@@ -159,7 +159,11 @@ def test_float32_sums_match_a_float64_pass():
     )
     run_probe(model.double(), batches, double, n_target_tokens=n_tgt)
     for a, b in zip(single, double, strict=True):
-        for x, y in ((a.grad, b.grad), (a.group.gram(), b.group.gram()), (a.asa, b.asa)):
+        for x, y in (
+            (a.grad, b.grad),
+            (symmetric_gram(a.group.xtx), symmetric_gram(b.group.xtx)),
+            (a.asa, b.asa),
+        ):
             assert float((x.double() - y).norm() / y.norm()) < 1e-5, a.spec.key
 
 

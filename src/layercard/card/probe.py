@@ -67,10 +67,6 @@ class GroupAccumulator:
     n: int = 0
     sketch: torch.Tensor | None = None  # (d_in, k) projection, None when exact
 
-    def gram(self) -> torch.Tensor:
-        """The whole (symmetric) XᵀX sum."""
-        return symmetric_gram(self.xtx)
-
 
 @dataclass
 class UnitAccumulator:
