@@ -10,10 +10,14 @@ script resumes where it stopped; the summary is rebuilt from them by ``summary``
     .venv/bin/python benchmarks/quality.py summary
     .venv/bin/python benchmarks/quality.py noise
     .venv/bin/python benchmarks/quality.py seedmean
+    .venv/bin/python benchmarks/quality.py curve --only ref
+    .venv/bin/python benchmarks/quality.py warp
 
 ``--seed N`` (N > 0) repeats runs with another training seed (data order and LoRA initialisation; the test
 examples stay the same) under RESULTS/runs/seed{N}/; ``noise`` then reports how much the measured fraction
-itself moves between seeds, the floor under any predictor's error.
+itself moves between seeds, the floor under any predictor's error. ``curve`` re-runs placements (seed 0) with
+the test loss measured after each of CURVE_STEPS (RESULTS/curves/); ``warp`` scores the form that reads a
+placement's fraction off the reference's curve.
 
 Settings (the CPU placement benchmark's, so the two agree): 36 steps, batch 4, AdamW lr 2e-3 constant,
 LoRA alpha = 2·rank, seed 0, training on a seeded subset of 1000 examples, test loss on 64 (e2e_nlg) or
@@ -189,7 +193,50 @@ def _run(
     )
 
 
-def run(tasks: list[str], only: set[str] | None, threads: int, seed: int = SEED) -> None:
+# Steps after which ``curve`` measures the test loss.
+CURVE_STEPS = (1, 2, 3, 4, 5, 6, 8, 10, 12, 14, 16, 20, 24, 28, 32, 36)
+
+
+def _curve(loaded: Any, card: Any, train_task: Any, test: Any, setting: TaskSetting, p: Placement) -> None:
+    """Like ``_run`` (same settings and seed), with the test loss measured after each of CURVE_STEPS."""
+    from layercard import PlanConfig, make_plan
+    from layercard.artifacts import write_json
+    from layercard.config import TrainConfig
+    from layercard.inference import eval_loss
+    from layercard.train import train
+
+    path = RESULTS / "curves" / f"{setting.name}-{p.name}.json"
+    if path.is_file():
+        return
+    plan = make_plan(card, PlanConfig(policy=p.policy, budget=p.budget, roles=p.roles, rank=p.rank))
+    cfg = TrainConfig(
+        steps=STEPS, batch_size=BATCH, lr=LR, max_length=setting.max_length, train_examples=TRAIN_EXAMPLES,
+        eval_examples=0, checkpoint_every=0, seed=SEED,
+    )  # fmt: skip
+    curve: list[list[float]] = []
+
+    def at_step(step: int, loss: float, model: Any) -> None:
+        if step in CURVE_STEPS:
+            test_loss = eval_loss(
+                model, loaded.tokenizer, test, test.examples, batch_size=16, max_length=setting.max_length
+            )
+            curve.append([step, test_loss])
+
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="quality-") as tmp:
+        metrics = train(loaded, plan, train_task, None, cfg, tmp, progress=False, callback=at_step)
+    write_json(
+        path,
+        {"task": setting.name, "name": p.name, "seed": SEED, "placement": dataclasses.asdict(p),
+         "test_curve": curve, "train_curve": metrics["loss_curve"],
+         "wall_s": round(time.perf_counter() - t0, 1)},
+    )  # fmt: skip
+    print(f"{setting.name} {p.name}: test loss curve {[round(v, 4) for _, v in curve]}", flush=True)
+
+
+def run(
+    tasks: list[str], only: set[str] | None, threads: int, seed: int = SEED, curves: bool = False
+) -> None:
     import torch
 
     from layercard import load_model, load_task
@@ -205,9 +252,13 @@ def run(tasks: list[str], only: set[str] | None, threads: int, seed: int = SEED)
         card = _card(loaded, train_task.subset(TRAIN_EXAMPLES, seed=SEED), s)
         base = _base(loaded, test, s)
         print(f"{name}: base test loss {base:.4f}", flush=True)
-        for p in GRID:
+        order = [p for name in (only or ()) for p in GRID if p.name == name] if curves and only else GRID
+        for p in order:
             if only is None or p.name in only:
-                _run(loaded, card, train_task, test, s, p, seed)
+                if curves:
+                    _curve(loaded, card, train_task, test, s, p)
+                else:
+                    _run(loaded, card, train_task, test, s, p, seed)
 
 
 def rows() -> list[dict[str, Any]]:
@@ -534,9 +585,125 @@ def seedmean() -> dict[str, Any]:
     return out
 
 
+# Probe lengths (steps of the reference's measured curve a fit may see) that ``warp`` scores.
+PROBE_STEPS = (4, 6, 8, 12, 16, 24, 36)
+
+
+def warp() -> dict[str, Any]:
+    """The `warp` form scored like the card-only forms: γ fitted on one task, scored on the other, each task
+    read through its own reference curve (``curve --only ref``) fitted on its first k steps, for every k in
+    PROBE_STEPS; against the seed-0 runs and against seed means. Writes RESULTS/warp.json, .md and a plot.
+    """
+    from layercard.artifacts import read_json, write_json, write_text
+    from layercard.plan.quality import WARP, fit_progress_curve, fit_warp, mean_abs_error
+
+    curves = {t: RESULTS / "curves" / f"{t}-ref.json" for t in TASKS}
+    tasks = sorted(t for t, p in curves.items() if p.is_file())
+    if len(tasks) < 2:
+        raise SystemExit("warp: needs the reference curves of two tasks (quality.py curve --only ref)")
+    base = {t: float(read_json(RESULTS / "runs" / f"{t}-base.json")["test_loss"]) for t in tasks}
+    points = {t: [(float(a), float(b)) for a, b in read_json(curves[t])["test_curve"]] for t in tasks}
+    means = {(r["task"], r["name"]): r["mean"] for r in noise()["runs"]}
+    data = {t: [(r, _features(t, r)) for r in rows() if r["task"] == t and r["name"] != "ref"] for t in tasks}
+    targets = {
+        "seed 0": {t: [r["fraction"] for r, _ in data[t]] for t in tasks},
+        "seed mean": {t: [means.get((t, r["name"]), r["fraction"]) for r, _ in data[t]] for t in tasks},
+    }
+    out: dict[str, Any] = {"steps": STEPS, "probe_steps": {}, "curves": points, "base": base}
+    for k in PROBE_STEPS:
+        fitted = {t: fit_progress_curve([p for p in points[t] if p[0] <= k], base[t], STEPS) for t in tasks}
+        res: dict[str, Any] = {
+            "probe_share_of_run": k / STEPS,
+            "curve": {t: dataclasses.asdict(c) for t, c in fitted.items()},
+        }
+        for label, ys in targets.items():
+            per: dict[str, Any] = {}
+            for ft in tasks:
+                c = fitted[ft]
+                g, err = fit_warp([c], [[f for _, f in data[ft]]], [ys[ft]])
+                held = {
+                    o: mean_abs_error(
+                        WARP, (g, STEPS / fitted[o].tau, fitted[o].kappa), [f for _, f in data[o]], ys[o]
+                    )
+                    for o in tasks
+                    if o != ft
+                }
+                per[f"fit_on_{ft}"] = {"gamma": g, "fit_mae": err, "held_out_mae": held}
+            per["cross_task_mae"] = float(
+                sum(v for ft in tasks for v in per[f"fit_on_{ft}"]["held_out_mae"].values()) / len(tasks)
+            )
+            res[label] = per
+        out["probe_steps"][str(k)] = res
+    write_json(RESULTS / "warp.json", out)
+    write_text(RESULTS / "warp.md", _warp_markdown(out, tasks))
+    _warp_plot(out, tasks)
+    return out
+
+
+def _warp_markdown(out: dict[str, Any], tasks: list[str]) -> str:
+    lines = [
+        "# Quality model read off the reference's measured loss curve (`warp`)",
+        "",
+        f"smollm2, {STEPS} steps of batch {BATCH}, lr {LR:g}. The reference's held-out loss was measured "
+        f"after steps {', '.join(str(int(p[0])) for p in out['curves'][tasks[0]])} "
+        "(`quality.py curve --only ref`, seed 0). A placement's predicted fraction is the reference's "
+        "smoothed curve L(t) = L∞ + (L₀ − L∞)·exp(−(t/τ)^κ) read at α·T, α = (parameter share)^γ: "
+        "q = (L₀ − L(αT)) / (L₀ − L(T)). τ and κ are fitted to the curve's first k steps; γ is fitted on "
+        "one task's placements and scored on the other's.",
+        "",
+        "| k (steps of the reference seen) | k / run | "
+        + " | ".join(f"{t}: τ, κ" for t in tasks)
+        + " | cross-task MAE, seed 0 | cross-task MAE, seed mean | γ (fit on "
+        + " / ".join(tasks)
+        + ", seed mean) |",
+        "|---:|---:|" + "---|" * len(tasks) + "---:|---:|---|",
+    ]
+    for k, res in out["probe_steps"].items():
+        cells = [f"{res['curve'][t]['tau']:.1f}, {res['curve'][t]['kappa']:.2f}" for t in tasks]
+        gam = " / ".join(f"{res['seed mean'][f'fit_on_{t}']['gamma']:g}" for t in tasks)
+        lines.append(
+            f"| {k} | {res['probe_share_of_run']:.0%} | "
+            + " | ".join(cells)
+            + f" | {res['seed 0']['cross_task_mae']:.3f} | {res['seed mean']['cross_task_mae']:.3f} | {gam} |"
+        )
+    lines += [
+        "",
+        "Card-only forms on the same placements (quality.md, seedmean.md): `params` 0.066 against seed 0, "
+        "0.081 against seed means; no card-only form came under 0.080 against seed means.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _warp_plot(out: dict[str, Any], tasks: list[str]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from layercard.plan.quality import ProgressCurve
+
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 3.6))
+    ts = np.linspace(0, STEPS, 200)
+    for ax, t in zip(axes, tasks, strict=True):
+        pts = np.array([[0.0, out["base"][t]], *out["curves"][t]])
+        ax.plot(pts[:, 0], pts[:, 1], "o", color="black", ms=3, label="measured")
+        for k, style in ((str(STEPS), "-"), ("12", "--"), ("8", ":")):
+            c = ProgressCurve(**out["probe_steps"][k]["curve"][t])
+            ax.plot(ts, [c.loss(x) for x in ts], style, label=f"fit on steps ≤ {k}")
+        ax.set_title(f"{t}: reference held-out loss")
+        ax.set_xlabel("step")
+        ax.set_ylabel("test loss")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(RESULTS / "warp_curves.png", dpi=120)
+    plt.close(fig)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("what", choices=("run", "summary", "fit", "noise", "seedmean"))
+    ap.add_argument("what", choices=("run", "curve", "summary", "fit", "noise", "seedmean", "warp"))
     ap.add_argument("--tasks", default="e2e_nlg,sst2")
     ap.add_argument("--only", default=None, help="comma-separated grid names")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
@@ -545,6 +712,10 @@ def main() -> None:
     if a.what == "run":
         print(f"python {platform.python_version()}, {sys.platform}", flush=True)
         run(a.tasks.split(","), set(a.only.split(",")) if a.only else None, a.threads, a.seed)
+    if a.what == "curve":
+        only = a.only.split(",") if a.only else [p.name for p in GRID]
+        run(a.tasks.split(","), only, a.threads, curves=True)  # type: ignore[arg-type]
+        return
     if a.what == "noise":
         import json
 
@@ -554,6 +725,13 @@ def main() -> None:
         import json
 
         print(json.dumps(seedmean(), indent=1))
+        return
+    if a.what == "warp":
+        import json
+
+        res = warp()
+        print(json.dumps({k: {m: v[m]["cross_task_mae"] for m in ("seed 0", "seed mean")}
+                          for k, v in res["probe_steps"].items()}, indent=1))  # fmt: skip
         return
     if a.what == "fit":
         import json

@@ -299,3 +299,51 @@ def test_search_policy_settings_are_checked():
     assert str(PlanConfig(policy="recommend", budget="params=0.25x, step_time=0.6x").budget) == (
         "params=0.25x,step_time=0.6x"
     )
+
+
+def test_progress_curve_fit_recovers_a_known_curve_and_reads_it_as_a_fraction():
+    true = Q.ProgressCurve(loss0=2.0, loss_inf=1.2, tau=6.0, kappa=0.7, steps=36)
+    pts = [(t, true.loss(t)) for t in (1, 2, 4, 6, 8, 12, 16, 24, 36)]
+    got = Q.fit_progress_curve(pts, 2.0, 36)
+    assert got.tau == pytest.approx(6.0, rel=1e-3)
+    assert got.kappa == pytest.approx(0.7, rel=1e-3)
+    assert got.loss_inf == pytest.approx(1.2, rel=1e-3)
+    # The fraction is the drop at α·T over the drop at T; L0 and L∞ cancel.
+    for a in (0.1, 0.5, 1.0):
+        want = (2.0 - true.loss(a * 36)) / (2.0 - true.loss(36))
+        assert got.progress(a) == pytest.approx(want, rel=1e-3)
+    assert got.progress(1.0) == pytest.approx(1.0)
+    assert got.progress(0.0) == 0.0
+    values = [got.progress(a) for a in np.linspace(0, 1, 11)]
+    assert values == sorted(values)
+
+
+def test_a_saturated_curve_gives_every_placement_nearly_the_whole_drop():
+    # τ far below the run: the reference's loss stopped falling long before T
+    fast = Q.warp_fraction(0.2, 36 / 1.0, 1.0)
+    slow = Q.warp_fraction(0.2, 36 / 100.0, 1.0)
+    assert fast > 0.99
+    assert slow == pytest.approx((1 - np.exp(-0.2 * 0.36)) / (1 - np.exp(-0.36)))
+    assert slow < 0.25
+
+
+def test_fit_warp_finds_the_exponent_that_made_the_fractions():
+    curve = Q.ProgressCurve(loss0=2.0, loss_inf=1.0, tau=8.0, kappa=0.6, steps=36)
+    xs = [Q.Features(capacity=0.0, params=s, coverage=1.0) for s in (0.02, 0.05, 0.1, 0.3, 0.6)]
+    ys = [curve.progress(x.params**0.3) for x in xs]
+    gamma, err = Q.fit_warp([curve], [xs], [ys])
+    assert gamma == pytest.approx(0.3)
+    assert err < 1e-9
+
+
+@pytest.mark.parametrize(
+    "points, match",
+    [
+        ([(1, 1.5), (2, 1.4)], "3 or more"),
+        ([(1, 1.5), (2, float("nan")), (3, 1.3)], "not finite"),
+        ([(1, 2.5), (2, 2.4), (3, 2.3)], "below the base loss"),
+    ],
+)
+def test_progress_curve_refuses_curves_it_cannot_fit(points, match):
+    with pytest.raises(LayercardError, match=match):
+        Q.fit_progress_curve(points, 2.0, 36)

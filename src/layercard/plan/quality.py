@@ -162,6 +162,97 @@ FORMS: dict[str, Form] = {
 }
 
 
+@dataclasses.dataclass(frozen=True)
+class ProgressCurve:
+    """A measured held-out loss curve of the reference, smoothed: L(t) = L∞ + (L₀ − L∞)·exp(−(t/τ)^κ).
+
+    ``steps`` is the run's length T. Only the shape (T/τ, κ) enters a fraction: L₀ and L∞ cancel.
+    """
+
+    loss0: float
+    loss_inf: float
+    tau: float
+    kappa: float
+    steps: int
+
+    def loss(self, t: float) -> float:
+        decay = math.exp(-((max(t, 0.0) / self.tau) ** self.kappa))
+        return self.loss_inf + (self.loss0 - self.loss_inf) * decay
+
+    def progress(self, alpha: float) -> float:
+        """The loss drop after α·T steps as a fraction of the drop after T: the reference's curve read at an
+        earlier step."""
+        return warp_fraction(alpha, self.steps / self.tau, self.kappa)
+
+
+def warp_fraction(alpha: float, t_over_tau: float, kappa: float) -> float:
+    """(1 − e^{−(α·T/τ)^κ}) / (1 − e^{−(T/τ)^κ}) for α clipped to [0, 1]."""
+    a = min(max(alpha, 0.0), 1.0)
+    whole = -math.expm1(-(t_over_tau**kappa))
+    return float(-math.expm1(-((a * t_over_tau) ** kappa)) / whole) if whole > 0 else 0.0
+
+
+def fit_progress_curve(points: Sequence[tuple[float, float]], loss0: float, steps: int) -> ProgressCurve:
+    """Least-squares fit of :class:`ProgressCurve` to (step, held-out loss) points, L(0) fixed at ``loss0``
+    (the base model's loss on the same examples)."""
+    from scipy.optimize import curve_fit
+
+    pts = [(float(t), float(v)) for t, v in points if t > 0]
+    if len(pts) < 3:
+        raise LayercardError(f"progress curve: need 3 or more measured steps after step 0, got {len(pts)}")
+    if not all(math.isfinite(v) for _, v in pts) or not math.isfinite(loss0):
+        raise LayercardError("progress curve: a measured loss is not finite")
+    t, y = np.array([p[0] for p in pts]), np.array([p[1] for p in pts])
+    if float(np.min(y)) >= loss0:
+        raise LayercardError(f"progress curve: no measured loss is below the base loss {loss0:.4g}")
+
+    def f(s: np.ndarray, linf: float, tau: float, kappa: float) -> np.ndarray:
+        return linf + (loss0 - linf) * np.exp(-((s / tau) ** kappa))
+
+    lo = min(0.0, float(np.min(y)))
+    p0 = (max(float(np.min(y)) * 0.9, lo), max(float(np.median(t)), 0.5), 0.8)
+    (linf, tau, kappa), _ = curve_fit(
+        f, t, y, p0=p0, bounds=((lo, 0.05, 0.1), (loss0, 1e6, 3.0)), maxfev=20000
+    )
+    return ProgressCurve(
+        loss0=float(loss0), loss_inf=float(linf), tau=float(tau), kappa=float(kappa), steps=steps
+    )
+
+
+# A candidate form that reads a measured curve of the reference besides the placement: params (γ, T/τ, κ),
+# of which only γ is fitted to placements; T/τ and κ come from :func:`fit_progress_curve`. Plans do not
+# offer it: benchmarks/results/quality/warp.md measured it, and a curve much shorter than the run did not
+# carry it.
+WARP = Form(
+    "warp",
+    "the reference's own smoothed loss curve read at α·T with α = (params share)^γ: q = P(α) (needs the "
+    "reference's measured curve)",
+    lambda f, p: warp_fraction(_power(f.params, p[0]), p[1], p[2]),
+    (_GAMMA,),
+)
+
+
+def fit_warp(
+    curves: Sequence[ProgressCurve], xs: Sequence[Sequence[Features]], ys: Sequence[Sequence[float]]
+) -> tuple[float, float]:
+    """γ of :data:`WARP` with the least mean absolute error over every placement of every task (each task
+    read through its own reference curve), and that error."""
+    best: tuple[float, float] | None = None
+    for g in _GAMMA:
+        errs = [
+            abs(WARP.fn(x, (g, c.steps / c.tau, c.kappa)) - y)
+            for c, xt, yt in zip(curves, xs, ys, strict=True)
+            for x, y in zip(xt, yt, strict=True)
+        ]
+        if not errs:
+            raise LayercardError("quality fit: no measured placements")
+        err = float(np.mean(errs))
+        if best is None or err < best[1] - 1e-12:
+            best = (g, err)
+    assert best is not None
+    return best
+
+
 def fit(form: Form, xs: Sequence[Features], ys: Sequence[float]) -> tuple[tuple[float, ...], float]:
     """The parameters on ``form``'s grid with the least mean absolute error on (xs, ys), and that error."""
     if not xs:
