@@ -145,22 +145,29 @@ def _run_path(task: str, name: str, seed: int = SEED) -> Path:
     return folder / f"{task}-{name}.json"
 
 
-def _run(
-    loaded: Any, card: Any, train_task: Any, test: Any, setting: TaskSetting, p: Placement, seed: int = SEED
-) -> None:
+def _plan_and_settings(card: Any, setting: TaskSetting, p: Placement, seed: int) -> tuple[Any, Any]:
+    """The plan of grid point ``p`` and the training settings every quality run shares."""
     from layercard import PlanConfig, make_plan
-    from layercard.artifacts import machine_info, write_json
     from layercard.config import TrainConfig
-    from layercard.train import train
 
-    path = _run_path(setting.name, p.name, seed)
-    if path.is_file():
-        return
     plan = make_plan(card, PlanConfig(policy=p.policy, budget=p.budget, roles=p.roles, rank=p.rank))
     cfg = TrainConfig(
         steps=STEPS, batch_size=BATCH, lr=LR, max_length=setting.max_length, train_examples=TRAIN_EXAMPLES,
         eval_examples=0, checkpoint_every=0, seed=seed,
     )  # fmt: skip
+    return plan, cfg
+
+
+def _run(
+    loaded: Any, card: Any, train_task: Any, test: Any, setting: TaskSetting, p: Placement, seed: int = SEED
+) -> None:
+    from layercard.artifacts import machine_info, write_json
+    from layercard.train import train
+
+    path = _run_path(setting.name, p.name, seed)
+    if path.is_file():
+        return
+    plan, cfg = _plan_and_settings(card, setting, p, seed)
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="quality-") as tmp:
         metrics = train(loaded, plan, train_task, None, cfg, tmp, progress=False)
@@ -199,20 +206,14 @@ CURVE_STEPS = (1, 2, 3, 4, 5, 6, 8, 10, 12, 14, 16, 20, 24, 28, 32, 36)
 
 def _curve(loaded: Any, card: Any, train_task: Any, test: Any, setting: TaskSetting, p: Placement) -> None:
     """Like ``_run`` (same settings and seed), with the test loss measured after each of CURVE_STEPS."""
-    from layercard import PlanConfig, make_plan
     from layercard.artifacts import write_json
-    from layercard.config import TrainConfig
     from layercard.inference import eval_loss
     from layercard.train import train
 
     path = RESULTS / "curves" / f"{setting.name}-{p.name}.json"
     if path.is_file():
         return
-    plan = make_plan(card, PlanConfig(policy=p.policy, budget=p.budget, roles=p.roles, rank=p.rank))
-    cfg = TrainConfig(
-        steps=STEPS, batch_size=BATCH, lr=LR, max_length=setting.max_length, train_examples=TRAIN_EXAMPLES,
-        eval_examples=0, checkpoint_every=0, seed=SEED,
-    )  # fmt: skip
+    plan, cfg = _plan_and_settings(card, setting, p, SEED)
     curve: list[list[float]] = []
 
     def at_step(step: int, loss: float, model: Any) -> None:
@@ -659,7 +660,7 @@ def _warp_markdown(out: dict[str, Any], tasks: list[str]) -> str:
         "|---:|---:|" + "---|" * len(tasks) + "---:|---:|---|",
     ]
     for k, res in out["probe_steps"].items():
-        cells = [f"{res['curve'][t]['tau']:.1f}, {res['curve'][t]['kappa']:.2f}" for t in tasks]
+        cells = [f"{res['curve'][t]['tau']:.3g}, {res['curve'][t]['kappa']:.2f}" for t in tasks]
         gam = " / ".join(f"{res['seed mean'][f'fit_on_{t}']['gamma']:g}" for t in tasks)
         lines.append(
             f"| {k} | {res['probe_share_of_run']:.0%} | "
