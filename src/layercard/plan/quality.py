@@ -211,9 +211,12 @@ def fit_progress_curve(points: Sequence[tuple[float, float]], loss0: float, step
 
     lo = min(0.0, float(np.min(y)))
     p0 = (max(float(np.min(y)) * 0.9, lo), max(float(np.median(t)), 0.5), 0.8)
-    (linf, tau, kappa), _ = curve_fit(
-        f, t, y, p0=p0, bounds=((lo, 0.05, 0.1), (loss0, 1e6, 3.0)), maxfev=20000
-    )
+    try:
+        (linf, tau, kappa), _ = curve_fit(
+            f, t, y, p0=p0, bounds=((lo, 0.05, 0.1), (loss0, 1e6, 3.0)), maxfev=20000
+        )
+    except RuntimeError as e:  # scipy's way of saying the least-squares search did not converge
+        raise LayercardError(f"progress curve: the fit did not converge ({e})") from None
     return ProgressCurve(
         loss0=float(loss0), loss_inf=float(linf), tau=float(tau), kappa=float(kappa), steps=steps
     )
