@@ -41,12 +41,11 @@ def one(mode: str, threads: int) -> dict[str, Any]:
     import tempfile
 
     import torch
-    from cost import BATCH, GRID, MAX_LENGTH, SEED, STEPS, TASKS
+    from cost import GRID, TASKS, plan_and_settings
     from cost import RESULTS as COST
 
-    from layercard import PlanConfig, load_model, load_task, make_plan
+    from layercard import load_model, load_task
     from layercard.card import Card
-    from layercard.config import TrainConfig
     from layercard.train import train
 
     torch.set_num_threads(threads)
@@ -63,11 +62,7 @@ def one(mode: str, threads: int) -> dict[str, Any]:
     out = {}
     for name in PLACEMENTS:
         p = next(x for x in GRID if x.name == name)
-        plan = make_plan(card, PlanConfig(policy=p.policy, budget=p.budget, roles=p.roles, rank=p.rank))
-        cfg = TrainConfig(
-            steps=STEPS, batch_size=BATCH, lr=1e-4, max_length=MAX_LENGTH, eval_examples=0,
-            checkpoint_every=0, seed=SEED,
-        )  # fmt: skip
+        plan, cfg = plan_and_settings(card, p)
         with tempfile.TemporaryDirectory(prefix="allocator-") as tmp:
             m = train(loaded, plan, task, None, cfg, tmp, progress=False, callback=callback)
         keys = ("s_per_step", "peak_memory_mib", "predicted_peak_memory_scaled_mib", "peak_memory_start_mib")

@@ -62,19 +62,26 @@ def _card(loaded: Any, task: Any, folder: Path) -> Any:
     return cached_card(loaded, task, cfg, folder)
 
 
-def _run(loaded: Any, card: Any, task: Any, p: Placement, path: Path) -> None:
+def plan_and_settings(card: Any, p: Placement) -> tuple[Any, Any]:
+    """The plan of grid point ``p`` and the training settings every cost run shares (allocator.py too)."""
     from layercard import PlanConfig, make_plan
-    from layercard.artifacts import machine_info, write_json
     from layercard.config import TrainConfig
-    from layercard.train import train
 
-    if path.is_file():
-        return
     plan = make_plan(card, PlanConfig(policy=p.policy, budget=p.budget, roles=p.roles, rank=p.rank))
     cfg = TrainConfig(
         steps=STEPS, batch_size=BATCH, lr=1e-4, max_length=MAX_LENGTH, eval_examples=0, checkpoint_every=0,
         seed=SEED,
     )  # fmt: skip
+    return plan, cfg
+
+
+def _run(loaded: Any, card: Any, task: Any, p: Placement, path: Path) -> None:
+    from layercard.artifacts import machine_info, write_json
+    from layercard.train import train
+
+    if path.is_file():
+        return
+    plan, cfg = plan_and_settings(card, p)
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="cost-") as tmp:
         m = train(loaded, plan, task, None, cfg, tmp, progress=False)
