@@ -253,8 +253,7 @@ def run(
         card = _card(loaded, train_task.subset(TRAIN_EXAMPLES, seed=SEED), s)
         base = _base(loaded, test, s)
         print(f"{name}: base test loss {base:.4f}", flush=True)
-        order = [p for name in (only or ()) for p in GRID if p.name == name] if curves and only else GRID
-        for p in order:
+        for p in GRID:
             if only is None or p.name in only:
                 if curves:
                     _curve(loaded, card, train_task, test, s, p)
@@ -620,12 +619,9 @@ def warp() -> dict[str, Any]:
         for label, ys in targets.items():
             per: dict[str, Any] = {}
             for ft in tasks:
-                c = fitted[ft]
-                g, err = fit_warp([c], [[f for _, f in data[ft]]], [ys[ft]])
+                g, err = fit_warp([fitted[ft]], [[f for _, f in data[ft]]], [ys[ft]])
                 held = {
-                    o: mean_abs_error(
-                        WARP, (g, STEPS / fitted[o].tau, fitted[o].kappa), [f for _, f in data[o]], ys[o]
-                    )
+                    o: mean_abs_error(WARP, fitted[o].warp_params(g), [f for _, f in data[o]], ys[o])
                     for o in tasks
                     if o != ft
                 }
@@ -714,8 +710,7 @@ def main() -> None:
         print(f"python {platform.python_version()}, {sys.platform}", flush=True)
         run(a.tasks.split(","), set(a.only.split(",")) if a.only else None, a.threads, a.seed)
     if a.what == "curve":
-        only = a.only.split(",") if a.only else [p.name for p in GRID]
-        run(a.tasks.split(","), only, a.threads, curves=True)  # type: ignore[arg-type]
+        run(a.tasks.split(","), set(a.only.split(",")) if a.only else None, a.threads, curves=True)
         return
     if a.what == "noise":
         import json

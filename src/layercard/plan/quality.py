@@ -184,6 +184,10 @@ class ProgressCurve:
         earlier step."""
         return warp_fraction(alpha, self.steps / self.tau, self.kappa)
 
+    def warp_params(self, gamma: float) -> tuple[float, float, float]:
+        """The parameters of :data:`WARP` that read this curve with exponent γ."""
+        return (gamma, self.steps / self.tau, self.kappa)
+
 
 def warp_fraction(alpha: float, t_over_tau: float, kappa: float) -> float:
     """(1 − e^{−(α·T/τ)^κ}) / (1 − e^{−(T/τ)^κ}) for α clipped to [0, 1]."""
@@ -243,7 +247,7 @@ def fit_warp(
     best: tuple[float, float] | None = None
     for g in _GAMMA:
         errs = [
-            abs(WARP.fn(x, (g, c.steps / c.tau, c.kappa)) - y)
+            abs(WARP.fn(x, c.warp_params(g)) - y)
             for c, xt, yt in zip(curves, xs, ys, strict=True)
             for x, y in zip(xt, yt, strict=True)
         ]
