@@ -10,7 +10,8 @@ from tiny import tiny_model
 from layercard import models
 from layercard.card import stats
 from layercard.card.coupling import layer_effects
-from layercard.card.probe import compute_dtype, loss_sum, make_accumulators, run_probe, symmetric_gram
+from layercard.card.probe import compute_dtype, make_accumulators, run_probe, symmetric_gram
+from layercard.tasks.loss import loss_sum
 
 
 def _batches(vocab: int, seed: int = 0, n_batches: int = 3, bsz: int = 3, length: int = 12):

@@ -250,7 +250,7 @@ def _time_steps(
     """
     from peft import LoraConfig, get_peft_model
 
-    from layercard.tasks.loss import loss_sum
+    from layercard.tasks.loss import forward_loss
 
     device = next(model.parameters()).device
     requires = [p.requires_grad for p in model.parameters()]
@@ -269,10 +269,9 @@ def _time_steps(
             if device.type == "cuda":
                 torch.cuda.synchronize()
             t = time.perf_counter()
-            out = peft_model(input_ids=ids, attention_mask=mask, use_cache=False)
-            loss, n = loss_sum(out.logits, labels)
+            loss, n = forward_loss(peft_model, ids, mask, labels)
             (loss / max(n, 1)).backward()
-            del out, loss
+            del loss
             # The checks a training step makes on its gradients and update cost per tensor: timed too.
             grad_norm(params)
             opt.step()

@@ -24,7 +24,15 @@ from torch import nn
 
 from layercard.errors import LayercardError
 from layercard.progress import track
-from layercard.tasks import Example, Task, batches, encode_prompt, encode_task, loss_sum, turn_end_token_id
+from layercard.tasks import (
+    Example,
+    Task,
+    batches,
+    encode_prompt,
+    encode_task,
+    forward_loss,
+    turn_end_token_id,
+)
 
 __all__ = ["device_of", "eval_loss", "eval_mode", "generate", "pad_id"]
 
@@ -184,10 +192,12 @@ def eval_loss(
     total, count = 0.0, 0
     with eval_mode(model):
         for batch in batches(encoded, batch_size, pad_id(tokenizer), sort_by_length=True):
-            logits = model(
-                input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)
-            ).logits
-            loss, n = loss_sum(logits, batch["labels"].to(device))
+            loss, n = forward_loss(
+                model,
+                batch["input_ids"].to(device),
+                batch["attention_mask"].to(device),
+                batch["labels"].to(device),
+            )
             total += float(loss)
             count += n
     return total / count

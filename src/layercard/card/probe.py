@@ -25,7 +25,7 @@ from torch import nn
 
 from layercard.errors import LayercardError
 from layercard.models import UnitSpec, decoder_layers, get_module, input_embeddings
-from layercard.tasks.loss import loss_sum
+from layercard.tasks.loss import forward_loss
 
 T = TypeVar("T")
 
@@ -251,12 +251,7 @@ def run_probe(
             for step, batch in enumerate(it):
                 mask = batch["attention_mask"].to(device)
                 state.begin(mask)
-                out = model(
-                    input_ids=batch["input_ids"].to(device),
-                    attention_mask=mask,
-                    use_cache=False,
-                )
-                loss, _ = loss_sum(out.logits, batch["labels"].to(device))
+                loss, _ = forward_loss(model, batch["input_ids"].to(device), mask, batch["labels"].to(device))
                 loss = loss / n_target_tokens
                 if not torch.isfinite(loss):
                     raise LayercardError(f"non-finite loss on probe micro-batch {step} (loss={loss.item()})")

@@ -6,6 +6,9 @@ training, evaluation and trimming all measure this same quantity.
 
 from __future__ import annotations
 
+import inspect
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -26,6 +29,61 @@ def loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, 
         reduction="sum",
     )
     return loss, n_tok
+
+
+def logits_mask(labels: torch.Tensor) -> torch.Tensor:
+    """(batch, length) bool: the positions whose logits :func:`loss_sum` reads (next token a target)."""
+    keep = torch.zeros_like(labels, dtype=torch.bool)
+    keep[:, :-1] = target_mask(labels)
+    return keep
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    # Wrappers (PEFT, distributed data parallel) hold the causal LM whose forward takes the keyword.
+    for _ in range(8):
+        if callable(getattr(model, "get_base_model", None)):
+            model = model.get_base_model()
+        elif isinstance(getattr(model, "module", None), nn.Module):
+            model = model.module
+        else:
+            break
+    return model
+
+
+def keeps_target_logits(model: nn.Module) -> bool:
+    """Whether ``model``'s forward can compute the LM head at a mask of positions (transformers'
+    ``logits_to_keep``, read through its shared slicing helper, which takes a boolean mask)."""
+    forward = inspect.unwrap(type(_unwrap(model)).forward)
+    code = getattr(forward, "__code__", None)
+    return code is not None and "slice_logits_to_keep" in code.co_names
+
+
+def forward_loss(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    labels: torch.Tensor,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, int]:
+    """``model``'s summed target cross-entropy on one batch and the target count, as :func:`loss_sum`.
+
+    Where the model supports it (:func:`keeps_target_logits`), the LM head runs only at the positions the
+    loss reads: with the prompt masked, most positions predict nothing the loss counts, and a head over a
+    large vocabulary is a sizeable part of a small model's step and memory (docs/design.md §5). The sum is
+    the same either way; other models compute every position's logits.
+    """
+    kwargs.setdefault("use_cache", False)
+    if not keeps_target_logits(model):
+        out = model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        return loss_sum(out.logits, labels)
+    keep = logits_mask(labels)
+    out = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep, **kwargs)
+    logits = out.logits
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()
+    targets = labels[:, 1:][target_mask(labels)]
+    loss = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets, reduction="sum")
+    return loss, int(targets.numel())
 
 
 def target_mask(labels: torch.Tensor) -> torch.Tensor:

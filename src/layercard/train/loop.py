@@ -24,7 +24,7 @@ from layercard.models import LoadedModel
 from layercard.plan import Plan, check_model_matches
 from layercard.progress import say, track
 from layercard.tasks import Encoded, Task, encode_task
-from layercard.tasks.loss import loss_sum, target_count
+from layercard.tasks.loss import forward_loss, target_count
 from layercard.train.checkpoints import (
     CHECKPOINT_DIR,
     RESUME_FIELDS,
@@ -420,8 +420,7 @@ def _step(
         sync = acc.no_sync(prepared) if j < len(micro) - 1 else contextlib.nullcontext()
         with sync:
             with acc.autocast():  # the forward only: autocast is not for backward
-                out = prepared(input_ids=b["input_ids"], attention_mask=b["attention_mask"], use_cache=False)
-                ls, _ = loss_sum(out.logits, b["labels"])
+                ls, _ = forward_loss(prepared, b["input_ids"], b["attention_mask"], b["labels"])
             loss = ls / max(n_step, 1)
             acc.backward(loss * world)
         step_loss += loss.detach()

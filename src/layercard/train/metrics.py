@@ -13,7 +13,7 @@ from torch import nn
 
 from layercard.artifacts import SCHEMA_VERSION, load_artifact, write_json
 from layercard.tasks import Encoded, batches
-from layercard.tasks.loss import loss_sum
+from layercard.tasks.loss import forward_loss
 
 KIND = "train_metrics"
 METRICS_FILE = "train_metrics.json"
@@ -188,8 +188,7 @@ def eval_loss(
             for b in batches(encoded, batch_size, pad_id):
                 b = {k: v.to(accelerator.device) for k, v in b.items()}
                 with accelerator.autocast():
-                    out = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], use_cache=False)
-                ls, n = loss_sum(out.logits, b["labels"])
+                    ls, n = forward_loss(model, b["input_ids"], b["attention_mask"], b["labels"])
                 total += float(ls)
                 count += n
     finally:
