@@ -10,6 +10,7 @@ JSON, so an interrupted run resumes where it stopped.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import resource
@@ -40,10 +41,10 @@ def _setup(args):
 
 
 def _plain(loaded, bl, n_tgt, trainable: str) -> float:
-    """A plain forward+backward over the same micro-batches."""
+    """A plain forward+backward over the same micro-batches, the loss computed as training computes it."""
 
     from layercard import models
-    from layercard.tasks import loss_sum
+    from layercard.tasks import forward_loss
 
     model = loaded.model
     model.eval()
@@ -54,8 +55,7 @@ def _plain(loaded, bl, n_tgt, trainable: str) -> float:
             models.get_module(model, s.name).weight.requires_grad_(True)
     t = time.perf_counter()
     for b in bl:
-        out = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], use_cache=False)
-        loss, _ = loss_sum(out.logits, b["labels"])
+        loss, _ = forward_loss(model, b["input_ids"], b["attention_mask"], b["labels"])
         (loss / n_tgt).backward()
     dt = time.perf_counter() - t
     model.zero_grad(set_to_none=True)
@@ -96,8 +96,11 @@ def child(args) -> dict:
             batch_size=args.batch_size,
             calibrate=args.mode == "card+calibrate",
             coupling=args.mode == "card+coupling",
-            sketch=args.sketch if args.mode == "card+sketch" else None,
         )
+        if args.mode == "card+sketch":
+            cfg = dataclasses.replace(cfg, sketch=args.sketch)
+        elif args.mode == "card-exact":
+            cfg = dataclasses.replace(cfg, sketch=None)
         from layercard.tasks import load_task
 
         t = time.perf_counter()
@@ -175,7 +178,7 @@ def _write(state, out_json: Path) -> None:
         rss = [v["peak_rss_mib"] for k, v in state["runs"].items() if k.split("#")[0] == mode]
         summ[mode] = {"median_s": med, "min_s": min(vals), "runs_s": vals, "peak_rss_mib": max(rss)}
     ratios = {}
-    for card_mode in ("card", "card+sketch"):
+    for card_mode in ("card", "card-exact", "card+sketch"):
         if card_mode not in summ:
             continue
         cs = summ[card_mode]
@@ -222,10 +225,12 @@ def _write(state, out_json: Path) -> None:
     lines += [
         "",
         "Modes: `plain-all` = forward+backward with every weight trainable (a standard backward); "
-        "`plain-units` = only the card's units' weights trainable; `card` = the full card at its default "
-        "settings (probe pass + eigen-decompositions + scores; the frozen weights' SNRs only when the "
+        "`plain-units` = only the card's units' weights trainable; both compute the loss as training does "
+        "(the LM head at the target positions only). `card` = the full card at its default "
+        "settings (probe pass + eigen-decompositions + scores; inputs wider than the hidden size projected "
+        "to it, `sketch: auto`; the frozen weights' SNRs only when the "
         "default measures them, see `card_timings.weight_snr_s`), no coupling, no calibration; "
-        "`card+sketch` the same "
+        "`card-exact` the same with every covariance exact (`sketch: off`); `card+sketch` the same "
         f"with inputs wider than {c.get('sketch')} projected to {c.get('sketch')} dimensions (`--sketch`); "
         "`card+calibrate` and `card+coupling` add those (measured once).",
         "",

@@ -133,6 +133,7 @@ def _card(loaded: Any, task: Any, s: TaskSetting) -> Any:
         batch_size=s.batch_size,
         calibrate=True,
         coupling=False,
+        sketch=None,  # exact, as the committed cards were measured
     )
     t0 = time.perf_counter()
     card = measure_card(loaded, task, cfg)

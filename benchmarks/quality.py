@@ -109,9 +109,14 @@ def cached_card(loaded: Any, task: Any, cfg: Any, folder: Path) -> Any:
 def _card(loaded: Any, task: Any, setting: TaskSetting) -> Any:
     from layercard import CardConfig
 
-    # weight_snr as the committed cards were measured, so they are reused.
+    # weight_snr and exact covariances as the committed cards were measured, so they are reused.
     cfg = CardConfig(
-        roles="all-linear", examples=32, max_length=setting.max_length, calibrate=False, weight_snr=True
+        roles="all-linear",
+        examples=32,
+        max_length=setting.max_length,
+        calibrate=False,
+        weight_snr=True,
+        sketch=None,
     )
     return cached_card(loaded, task, cfg, RESULTS / "cards" / setting.name)
 

@@ -89,7 +89,7 @@ def test_layer_group_passes_equal_one_pass(facts):
 def test_sketch_keeps_ranking_and_is_a_lower_bound(facts):
     loaded = _loaded(layers=12, hidden=64)
     cfg = dict(examples=16, max_length=64, batch_size=8, delta=1e-6, roles="all-linear", calibrate=False)
-    exact = compute_card(loaded, facts, CardConfig(**cfg), progress=False)
+    exact = compute_card(loaded, facts, CardConfig(**cfg, sketch=None), progress=False)
     sk = compute_card(loaded, facts, CardConfig(**cfg, sketch=48), progress=False)
     assert all(g.sketched == 48 for g in sk.groups if g.d_in > 48)
     a = [u.resnorm for u in exact.units]
@@ -97,6 +97,48 @@ def test_sketch_keeps_ranking_and_is_a_lower_bound(facts):
     assert stats.spearman(a, b) >= 0.95
     # The sketch sees a subspace of the inputs, so it cannot explain more of the gradient.
     assert all(y <= x * (1 + 1e-3) for x, y in zip(a, b, strict=True))
+
+
+def test_default_sketch_projects_only_inputs_wider_than_the_hidden_size(facts):
+    loaded = _loaded()  # hidden 32, MLP 64 wide
+    auto = compute_card(loaded, facts, CardConfig(**FAST, roles="all-linear"), progress=False)
+    assert auto.config["sketch"] == "auto"
+    assert {g.input_group: g.sketched for g in auto.groups if g.layer == 0} == {
+        "attn_in": None,
+        "attn_out": None,
+        "mlp_in": None,
+        "mlp_mid": 32,
+    }
+    exact = compute_card(loaded, facts, CardConfig(**FAST, roles="all-linear", sketch="off"), progress=False)
+    assert all(g.sketched is None for g in exact.groups)
+    # Only the sketched units change, and their resnorm can only fall.
+    for a, e in zip(auto.units, exact.units, strict=True):
+        if a.role == "down":
+            assert a.resnorm <= e.resnorm * (1 + 1e-3)
+        else:
+            assert a.resnorm == pytest.approx(e.resnorm, rel=1e-6)
+            assert a.grad_norm == pytest.approx(e.grad_norm, rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"), [("auto", "auto"), ("off", None), (None, None), ("48", 48), (16, 16)]
+)
+def test_sketch_setting_values(value, expected):
+    assert CardConfig(sketch=value).sketch == expected
+
+
+@pytest.mark.parametrize("value", [0, "-3", "wide", 2.5])
+def test_sketch_setting_refuses_other_values(value):
+    with pytest.raises(LayercardError, match=r"card\.sketch: must be a positive integer, 'auto' or 'off'"):
+        CardConfig(sketch=value)
+
+
+def test_capacity_coupling_reads_exact_covariances():
+    cfg = CardConfig(coupling=True, coupling_direction="capacity")
+    assert cfg.sketch == "auto" and cfg.sketch_size(576) is None
+    assert CardConfig().sketch_size(576) == 576
+    with pytest.raises(LayercardError, match="coupling_direction"):
+        CardConfig(coupling=True, coupling_direction="capacity", sketch=64)
 
 
 def test_coupling_and_cost(facts):

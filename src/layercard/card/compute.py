@@ -217,6 +217,7 @@ def compute_card(loaded: Any, task: Any, cfg: CardConfig, *, progress: bool | No
     spectra: dict[str, stats.Spectrum] = {}
     loss = float("nan")
     chunks = _layer_chunks([s.layer for s in specs], cfg.layer_groups)
+    sketch = cfg.sketch_size(models.hidden_size(model))
     t_probe = time.perf_counter()
     # Processes side by side on one machine's cores each take their share of the threads; the first gets
     # all of them back for coupling and calibration, which it runs alone.
@@ -228,7 +229,7 @@ def compute_card(loaded: Any, task: Any, cfg: CardConfig, *, progress: bool | No
                 lora_rank=cfg.lora_rank,
                 a_draws=cfg.a_draws,
                 seed=cfg.seed,
-                sketch=cfg.sketch,
+                sketch=sketch,
                 device=device,
                 dtype=compute_dtype(next(model.parameters()).dtype),
             )

@@ -43,8 +43,12 @@ class CardConfig(Schema):
     lr: float = setting(1e-3, kind="pos_float", help="learning rate assumed by the first-step rate")
     a_draws: int = setting(4, kind="int", minimum=1, help="LoRA A draws averaged by the first-step rate")
     seed: int = setting(0, kind="int", minimum=0, yaml=False, help="seed of the probe subset and draws")
-    sketch: int | None = setting(
-        None, kind="int", minimum=1, help="project inputs to K dims to bound memory (resnorm: a lower bound)"
+    sketch: int | str | None = setting(
+        "auto",
+        kind="sketch",
+        optional=True,
+        help="project inputs wider than K to K dims (their resnorm, captured: lower bounds); "
+        "auto: K = hidden size; off: exact",
     )
     layer_groups: int = setting(
         1, kind="int", minimum=1, help="split the layers into G probe passes to bound memory"
@@ -74,5 +78,17 @@ class CardConfig(Schema):
     horizon_steps: int = setting(100, kind="int", minimum=1, help="T of the saturating score")
 
     def validate(self) -> None:
-        if self.sketch is not None and self.coupling and self.coupling_direction == "capacity":
-            raise self.fail("coupling_direction", "'capacity' needs an exact covariance (sketch=null)")
+        exact_needed = self.coupling and self.coupling_direction == "capacity"
+        if exact_needed and self.sketch not in (None, "auto"):
+            raise self.fail("coupling_direction", "'capacity' needs an exact covariance (sketch: off)")
+
+    def sketch_size(self, hidden_size: int) -> int | None:
+        """The sketch size K this config asks of a model of ``hidden_size``, or None for exact covariances.
+
+        ``auto`` projects only inputs wider than the residual stream (the MLP down-projection's), whose
+        eigen-decompositions dominate the card's statistics; the coupling probe's ``capacity`` direction
+        reads exact covariances, so with it ``auto`` is exact.
+        """
+        if self.sketch == "auto":
+            return None if self.coupling and self.coupling_direction == "capacity" else hidden_size
+        return self.sketch  # type: ignore[return-value]

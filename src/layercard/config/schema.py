@@ -177,6 +177,15 @@ def _auto_or_int(where: str, spec: Spec, v: Any) -> int | str:
     return x
 
 
+def _sketch(where: str, spec: Spec, v: Any) -> int | str | None:
+    if isinstance(v, str) and v.strip().lower() in ("off", "none", "null"):
+        return None  # the command line's way to ask for the exact covariance
+    try:
+        return _auto_or_int(where, spec, v)
+    except ConfigError:
+        raise ConfigError(where, f"must be a positive integer, 'auto' or 'off', got {v!r}") from None
+
+
 def _budget(where: str, spec: Spec, v: Any) -> Any:
     from layercard.config.budget import Budgets
 
@@ -236,6 +245,7 @@ _CHECKERS: dict[str, Callable[[str, Spec, Any], Any]] = {
     "roles": _roles,
     "rank": _auto_or_int,
     "threads": _auto_or_int,
+    "sketch": _sketch,
     "budget": _budget,
     "metrics": _metrics,
     "selection_metric": _selection_metric,

@@ -424,6 +424,11 @@ def num_layers(model: nn.Module) -> int:
     return len(decoder_layers(model))
 
 
+def hidden_size(model: nn.Module) -> int:
+    """The width of the residual stream (the LM head's input)."""
+    return int(lm_head(model).weight.shape[1])
+
+
 def final_norm(model: nn.Module) -> nn.Module | None:
     """The norm applied after the last decoder layer, or None when the architecture has none."""
     path = layout_for(model).final_norm_path
