@@ -7,8 +7,8 @@ next to the plan's predictions rescaled to the run's positions per step. One JSO
 RESULTS/TASK/runs/, so the script resumes where it stopped; ``report`` rebuilds cost.json, cost.md and
 cost_predicted.png from them.
 
-    .venv/bin/python benchmarks/cost.py run [--threads 2] [--tasks e2e_nlg,sst2]
-    .venv/bin/python benchmarks/cost.py report
+    .venv/bin/python benchmarks/cost.py run [--threads 2] [--tasks e2e_nlg,sst2] [--out FOLDER]
+    .venv/bin/python benchmarks/cost.py report [--out FOLDER]
 
 Settings: tasks e2e_nlg and sst2 (validation splits), card on 16 examples (batch 8, 128 tokens) with
 the default calibration, training batch 8 of up to 128 tokens, 6 steps per placement, lr 1e-4, seed 0.
@@ -312,13 +312,17 @@ def _plot(rows: list[dict[str, Any]], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    global RESULTS
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run", help="card + training runs (resumable), then the report")
     r.add_argument("--threads", type=int, default=2)
     r.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated, from {', '.join(TASKS)}")
-    sub.add_parser("report", help="rebuild cost.json, cost.md and the figure from the runs")
+    rep = sub.add_parser("report", help="rebuild cost.json, cost.md and the figure from the runs")
+    for p in (r, rep):
+        p.add_argument("--out", type=Path, default=RESULTS, help="results folder (a repeat run: another one)")
     args = ap.parse_args(argv)
+    RESULTS = args.out.resolve()
     if args.cmd == "run":
         tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
         unknown = [t for t in tasks if t not in TASKS]
