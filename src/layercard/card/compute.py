@@ -299,7 +299,7 @@ def compute_card(loaded: Any, task: Any, cfg: CardConfig, *, progress: bool | No
             "hash": loaded.model_hash,
             "family": layout.family,
             "n_layers": models.num_layers(model),
-            "d_model": int(getattr(model.config, "hidden_size", 0) or getattr(model.config, "n_embd", 0)),
+            "d_model": models.hidden_size(model),
         },
         task={
             "name": task.name,

@@ -77,18 +77,21 @@ class CardConfig(Schema):
     )
     horizon_steps: int = setting(100, kind="int", minimum=1, help="T of the saturating score")
 
+    @property
+    def needs_exact_covariance(self) -> bool:
+        """The coupling probe's ``capacity`` direction whitens with the exact covariances."""
+        return self.coupling and self.coupling_direction == "capacity"
+
     def validate(self) -> None:
-        exact_needed = self.coupling and self.coupling_direction == "capacity"
-        if exact_needed and self.sketch not in (None, "auto"):
+        if self.needs_exact_covariance and self.sketch not in (None, "auto"):
             raise self.fail("coupling_direction", "'capacity' needs an exact covariance (sketch: off)")
 
     def sketch_size(self, hidden_size: int) -> int | None:
         """The sketch size K this config asks of a model of ``hidden_size``, or None for exact covariances.
 
         ``auto`` projects only inputs wider than the residual stream (the MLP down-projection's), whose
-        eigen-decompositions dominate the card's statistics; the coupling probe's ``capacity`` direction
-        reads exact covariances, so with it ``auto`` is exact.
+        eigen-decompositions dominate the card's statistics; with :attr:`needs_exact_covariance` it is exact.
         """
         if self.sketch == "auto":
-            return None if self.coupling and self.coupling_direction == "capacity" else hidden_size
+            return None if self.needs_exact_covariance else hidden_size
         return self.sketch  # type: ignore[return-value]

@@ -426,7 +426,9 @@ def num_layers(model: nn.Module) -> int:
 
 def hidden_size(model: nn.Module) -> int:
     """The width of the residual stream (the LM head's input)."""
-    return int(lm_head(model).weight.shape[1])
+    # The config's value holds under sharding too, where a weight may be a flattened shard.
+    size = getattr(getattr(base_model(model), "config", None), "hidden_size", None)
+    return int(size) if size else int(lm_head(model).in_features)
 
 
 def final_norm(model: nn.Module) -> nn.Module | None:
