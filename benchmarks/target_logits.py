@@ -62,9 +62,9 @@ def _setup(case: str, threads: int):
 
 def _step(model, bl, mode: str) -> float:
     """Forward and backward over the micro-batches, one way; seconds."""
-    from layercard.tasks import forward_loss, loss_sum
+    from layercard.tasks import forward_loss, loss_sum, target_count
 
-    n = sum(int((b["labels"][:, 1:] != -100).sum()) for b in bl)
+    n = sum(target_count(b["labels"]) for b in bl)
     t = time.perf_counter()
     for b in bl:
         if mode == "every_position":
@@ -81,6 +81,8 @@ def _step(model, bl, mode: str) -> float:
 
 def time_case(case: str, rounds: int, threads: int) -> dict[str, Any]:
     """Both ways alternated on the same micro-batches in one process, after a warm-up of each."""
+    from layercard.tasks import target_count
+
     model, bl = _setup(case, threads)
     for mode in MODES:
         _step(model, bl[:1], mode)
@@ -90,7 +92,7 @@ def time_case(case: str, rounds: int, threads: int) -> dict[str, Any]:
             times[mode].append(_step(model, bl, mode) / len(bl))
     return {
         "positions_per_micro_batch": statistics.mean(int(b["input_ids"].numel()) for b in bl),
-        "targets_per_micro_batch": statistics.mean(int((b["labels"][:, 1:] != -100).sum()) for b in bl),
+        "targets_per_micro_batch": statistics.mean(target_count(b["labels"]) for b in bl),
         "s_per_micro_batch": {m: [round(x, 4) for x in v] for m, v in times.items()},
         "ratio_by_round": [
             round(a / b, 4) for a, b in zip(times["target_positions"], times["every_position"], strict=True)

@@ -17,9 +17,7 @@ IGNORE_INDEX = -100
 
 def loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
     """Summed next-token cross-entropy over target tokens (labels ≠ IGNORE_INDEX) and their count."""
-    shift_logits = logits[:, :-1, :]
-    if shift_logits.dtype in (torch.float16, torch.bfloat16):
-        shift_logits = shift_logits.float()
+    shift_logits = _float32(logits[:, :-1, :])
     shift_labels = labels[:, 1:]
     n_tok = target_count(labels)
     loss = nn.functional.cross_entropy(
@@ -29,6 +27,11 @@ def loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, 
         reduction="sum",
     )
     return loss, n_tok
+
+
+def _float32(logits: torch.Tensor) -> torch.Tensor:
+    # Half-precision logits lose the small probabilities the cross-entropy sums over.
+    return logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
 
 
 def logits_mask(labels: torch.Tensor) -> torch.Tensor:
@@ -78,10 +81,8 @@ def forward_loss(
         return loss_sum(out.logits, labels)
     keep = logits_mask(labels)
     out = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep, **kwargs)
-    logits = out.logits
-    if logits.dtype in (torch.float16, torch.bfloat16):
-        logits = logits.float()
-    targets = labels[:, 1:][target_mask(labels)]
+    logits = _float32(out.logits)
+    targets = labels[:, 1:][keep[:, :-1]]  # the next token of every kept position, in the same order
     loss = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets, reduction="sum")
     return loss, int(targets.numel())
 
