@@ -12,6 +12,7 @@ script resumes where it stopped; the summary is rebuilt from them by ``summary``
     .venv/bin/python benchmarks/quality.py seedmean
     .venv/bin/python benchmarks/quality.py curve --only ref
     .venv/bin/python benchmarks/quality.py warp
+    .venv/bin/python benchmarks/quality.py saturation
 
 ``--seed N`` (N > 0) repeats runs with another training seed (data order and LoRA initialisation; the test
 examples stay the same) under RESULTS/runs/seed{N}/; ``noise`` then reports how much the measured fraction
@@ -703,9 +704,156 @@ def _warp_plot(out: dict[str, Any], tasks: list[str]) -> None:
     plt.close(fig)
 
 
+# τ_card variants ``saturation`` scores beside the library's (plan.quality.time_constant): what the reference
+# can reach over its first step's decrease, with other numerators, and no card at all. (The first step's
+# rate with its quadratic term sums to a negative number on both cards: it cannot be the denominator.)
+def _tau_variants(card: Any) -> dict[str, float]:
+    from layercard.plan.quality import time_constant
+
+    lin = sum(u.rate_linear for u in card.units) * LR / float(card.config["lr"])
+    return {
+        "reach at rank 8 / first-step rate (chosen)": float(time_constant(card, LR)),
+        "full-rank reach / first-step rate": 0.5 * card.n_target_tokens
+        * sum(u.resnorm**2 for u in card.units) / lin,
+        "probe loss / first-step rate": card.loss / lin,
+        "no card (the fitting task's τ as is)": 1.0,
+    }  # fmt: skip
+
+
+def saturation() -> dict[str, Any]:
+    """The `saturation` form (plan.quality.SATURATION) scored like every other form: c and κ from the fitting
+    task's measured reference curve (``curve --only ref``), γ from its placements, scored on the other task,
+    against the seed-0 runs and against seed means; τ_card variants beside the chosen one; then the pooled fit
+    on both tasks that plans use. Writes RESULTS/saturation.json and .md.
+    """
+    from layercard.artifacts import read_json, write_json, write_text
+    from layercard.card import Card
+    from layercard.plan.quality import SATURATION, fit_progress_curve, fit_saturation, mean_abs_error
+
+    curves_at = {t: RESULTS / "curves" / f"{t}-ref.json" for t in TASKS}
+    tasks = sorted(t for t, p in curves_at.items() if p.is_file())
+    if len(tasks) < 2:
+        raise SystemExit("saturation: needs the reference curves of two tasks (quality.py curve --only ref)")
+    base = {t: float(read_json(RESULTS / "runs" / f"{t}-base.json")["test_loss"]) for t in tasks}
+    curve = {
+        t: fit_progress_curve([(float(a), float(b)) for a, b in read_json(curves_at[t])["test_curve"]],
+                              base[t], STEPS)
+        for t in tasks
+    }  # fmt: skip
+    cards = {t: Card.load(RESULTS / "cards" / t / "card.json") for t in tasks}
+    taus = {t: _tau_variants(cards[t]) for t in tasks}
+    means = {(r["task"], r["name"]): r["mean"] for r in noise()["runs"]}
+    data = {t: [(r, _features(t, r)) for r in rows() if r["task"] == t and r["name"] != "ref"] for t in tasks}
+    targets = {
+        "seed 0": {t: [r["fraction"] for r, _ in data[t]] for t in tasks},
+        "seed mean": {t: [means.get((t, r["name"]), r["fraction"]) for r, _ in data[t]] for t in tasks},
+    }
+    out: dict[str, Any] = {
+        "steps": STEPS, "lr": LR,
+        "curves": {t: dataclasses.asdict(c) for t, c in curve.items()},
+        "tau_card": taus, "variants": {},
+    }  # fmt: skip
+    preds: dict[str, dict[str, list[float]]] = {}
+    for variant in taus[tasks[0]]:
+
+        def xs(t: str, v: str = variant) -> list[Any]:
+            return [dataclasses.replace(f, steps_over_tau=STEPS / taus[t][v]) for _, f in data[t]]
+
+        res: dict[str, Any] = {}
+        for label, ys in targets.items():
+            per: dict[str, Any] = {}
+            for ft in tasks:
+                params, err = fit_saturation([curve[ft]], [taus[ft][variant]], [xs(ft)], [ys[ft]])
+                held = {o: mean_abs_error(SATURATION, params, xs(o), ys[o]) for o in tasks if o != ft}
+                per[f"fit_on_{ft}"] = {"params": list(params), "fit_mae": err, "held_out_mae": held}
+                if label == "seed mean" and variant == next(iter(taus[tasks[0]])):
+                    for o in held:
+                        preds[o] = {"by_other_task_fit": [SATURATION.fn(x, params) for x in xs(o)]}
+            per["cross_task_mae"] = float(
+                sum(v for ft in tasks for v in per[f"fit_on_{ft}"]["held_out_mae"].values()) / len(tasks)
+            )
+            res[label] = per
+        out["variants"][variant] = res
+    chosen = next(iter(taus[tasks[0]]))
+    pooled: dict[str, Any] = {}
+    for label, ys in targets.items():
+        xs_all = [[dataclasses.replace(f, steps_over_tau=STEPS / taus[t][chosen]) for _, f in data[t]]
+                  for t in tasks]  # fmt: skip
+        params, err = fit_saturation([curve[t] for t in tasks], [taus[t][chosen] for t in tasks], xs_all,
+                                     [ys[t] for t in tasks])  # fmt: skip
+        pooled[label] = {"params": list(params), "fit_mae": err}
+    out["pooled"] = pooled
+    out["runs"] = [
+        {"task": t, "name": r["name"], "seed_0": r["fraction"], "seed_mean": means.get((t, r["name"])),
+         "params_share": f.params, "predicted_by_other_task_fit": preds[t]["by_other_task_fit"][i]}
+        for t in tasks for i, (r, f) in enumerate(data[t])
+    ]  # fmt: skip
+    write_json(RESULTS / "saturation.json", out)
+    write_text(RESULTS / "saturation.md", _saturation_markdown(out, tasks))
+    return out
+
+
+def _saturation_markdown(out: dict[str, Any], tasks: list[str]) -> str:
+    measured = {t: out["curves"][t]["tau"] for t in tasks}
+    lines = [
+        "# Quality model with the reference's saturation estimated from the card (`saturation`)",
+        "",
+        f"smollm2, {out['steps']} steps of batch {BATCH}, lr {out['lr']:g}; the placements of quality.md. "
+        "A placement's fraction is the reference's loss curve L(t) = L∞ + (L₀ − L∞)·exp(−(t/τ)^κ) read at "
+        "α·T, α = (parameter share)^γ, with τ = c·τ_card from the card. Fitted on one task: c (its measured "
+        "τ over its τ_card) and κ from its measured reference curve, γ from its placements; scored on the "
+        "other task, which contributes only its card.",
+        "",
+        "Measured reference τ (full curve): "
+        + ", ".join(f"{t} {measured[t]:.2f} steps (κ {out['curves'][t]['kappa']:.2f})" for t in tasks)
+        + f"; ratio {measured[tasks[0]] / measured[tasks[1]]:.2f}.",
+        "",
+        f"| τ_card | {tasks[0]} / {tasks[1]} ratio | cross-task MAE, seed 0 (fit on "
+        + " / ".join(tasks)
+        + ") | cross-task MAE, seed mean (fit on "
+        + " / ".join(tasks)
+        + ") |",
+        "|---|---:|---|---|",
+    ]
+    for v, res in out["variants"].items():
+        ratio = out["tau_card"][tasks[0]][v] / out["tau_card"][tasks[1]][v]
+        cells = []
+        for label in ("seed 0", "seed mean"):
+            per = res[label]
+            held = [next(iter(per[f"fit_on_{t}"]["held_out_mae"].values())) for t in tasks]
+            cells.append(f"**{per['cross_task_mae']:.3f}** (" + " / ".join(f"{h:.3f}" for h in held) + ")")
+        lines.append(f"| {v} | {ratio:.2f} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "Held-out MAE per direction: the error on the other task when fitted on the one named.",
+        "",
+        "Pooled fit on both tasks (what plans use): "
+        + "; ".join(
+            f"{label}: γ {p['params'][0]:g}, c {p['params'][1]:.4g}, κ {p['params'][2]:.3f}, "
+            f"fit MAE {p['fit_mae']:.3f}"
+            for label, p in out["pooled"].items()
+        )
+        + ".",
+        "",
+        "| task | run | params share | measured, seed 0 | measured, seed mean | predicted (fit on the other "
+        "task, seed means) |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for r in out["runs"]:
+        sm = "—" if r["seed_mean"] is None else f"{r['seed_mean']:.3f}"
+        lines.append(
+            f"| {r['task']} | {r['name']} | {r['params_share']:.3f} | {r['seed_0']:.3f} | {sm} | "
+            f"{r['predicted_by_other_task_fit']:.3f} |"
+        )
+    lines.append("")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("what", choices=("run", "curve", "summary", "fit", "noise", "seedmean", "warp"))
+    ap.add_argument(
+        "what", choices=("run", "curve", "summary", "fit", "noise", "seedmean", "warp", "saturation")
+    )
     ap.add_argument("--tasks", default="e2e_nlg,sst2")
     ap.add_argument("--only", default=None, help="comma-separated grid names")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
@@ -733,6 +881,14 @@ def main() -> None:
         res = warp()
         print(json.dumps({k: {m: v[m]["cross_task_mae"] for m in ("seed 0", "seed mean")}
                           for k, v in res["probe_steps"].items()}, indent=1))  # fmt: skip
+        return
+    if a.what == "saturation":
+        import json
+
+        res = saturation()
+        labels = ("seed 0", "seed mean")
+        maes = {k: {m: v[m]["cross_task_mae"] for m in labels} for k, v in res["variants"].items()}
+        print(json.dumps(maes | {"pooled": res["pooled"]}, indent=1))
         return
     if a.what == "fit":
         import json

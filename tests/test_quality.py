@@ -347,3 +347,59 @@ def test_fit_warp_finds_the_exponent_that_made_the_fractions():
 def test_progress_curve_refuses_curves_it_cannot_fit(points, match):
     with pytest.raises(LayercardError, match=match):
         Q.fit_progress_curve(points, 2.0, 36)
+
+
+def _with_lr(card: Card, lr: float | None) -> Card:
+    return dataclasses.replace(card, config={**card.config, "lr": lr})
+
+
+def test_time_constant_is_the_rank_8_reach_over_the_first_step_rate():
+    card = _with_lr(_card(), 1e-3)
+    n = len(card.units)
+    reach = 0.5 * card.n_target_tokens * n * (1 - 2.0**-8)  # captured@8 of resnorm² = 1 in every unit
+    assert Q.time_constant(card, 1e-3) == pytest.approx(reach / (n * 0.1))
+    # The first step's decrease is linear in the learning rate: twice the lr, half the steps.
+    assert Q.time_constant(card, 2e-3) == pytest.approx(Q.time_constant(card, 1e-3) / 2)
+    assert Q.time_constant(_with_lr(_card(), None), 1e-3) is None  # no card lr to rescale from
+    assert Q.time_constant(dataclasses.replace(card, n_target_tokens=0), 1e-3) is None
+    still = [dataclasses.replace(u, rate_linear=0.0) for u in card.units]
+    assert Q.time_constant(dataclasses.replace(card, units=still), 1e-3) is None
+
+
+def test_the_saturation_form_reads_the_planned_run_off_the_card():
+    card = _with_lr(_card(), 1e-3)
+    tau = Q.time_constant(card, 2e-3)
+    half = {u.key: 8 for u in card.units if u.layer % 2 == 0}
+    f = Q.features(card, half, steps=36, lr=2e-3)
+    assert f.steps_over_tau == pytest.approx(36 / tau)
+    assert Q.features(card, half).steps_over_tau is None  # no planned run
+    gamma, c, kappa = 0.3, 0.5, 0.8
+    want = Q.warp_fraction(f.params**gamma, f.steps_over_tau / c, kappa)
+    assert Q.SATURATION.fn(f, (gamma, c, kappa)) == pytest.approx(want)
+    # More steps against the same τ: the reference nearer its plateau, the half placement nearer to it.
+    longer = Q.features(card, half, steps=360, lr=2e-3)
+    assert Q.SATURATION.fn(longer, (gamma, c, kappa)) > Q.SATURATION.fn(f, (gamma, c, kappa))
+    with pytest.raises(LayercardError, match="planned steps"):
+        Q.SATURATION.fn(Q.features(card, half), (gamma, c, kappa))
+
+
+def test_fit_saturation_takes_tau_and_kappa_from_the_curves_and_finds_gamma():
+    curves = [
+        Q.ProgressCurve(loss0=2.0, loss_inf=1.0, tau=8.0, kappa=0.6, steps=36),
+        Q.ProgressCurve(loss0=1.0, loss_inf=0.2, tau=2.0, kappa=1.0, steps=36),
+    ]
+    taus_card = [20.0, 8.0]  # measured τ / τ_card: 0.4 and 0.25, geometric mean 0.316
+    c = float(np.sqrt(0.4 * 0.25))
+    kappa = 0.8
+    xs, ys = [], []
+    for tc in taus_card:
+        fs = [Q.Features(capacity=0.0, params=s, coverage=1.0, steps_over_tau=36 / tc) for s in (0.02, 0.5)]
+        xs.append(fs)
+        ys.append([Q.warp_fraction(f.params**0.4, f.steps_over_tau / c, kappa) for f in fs])
+    (gamma, c_fit, kappa_fit), err = Q.fit_saturation(curves, taus_card, xs, ys)
+    assert c_fit == pytest.approx(c) and kappa_fit == pytest.approx(kappa)
+    assert gamma == pytest.approx(0.4) and err < 1e-9
+    with pytest.raises(LayercardError, match="not positive"):
+        Q.fit_saturation(curves, [20.0, 0.0], xs, ys)
+    with pytest.raises(LayercardError, match="one card time constant"):
+        Q.fit_saturation(curves, [20.0], xs, ys)

@@ -7,9 +7,15 @@ card-weighted, rank-aware capacity it holds:
     x(P) = Σ_{u∈P} w_u·s_u(r_u) / Σ_{u∈R} w_u·s_u(8)
 
 with w_u a unit's card weight (squared gradient-norm-times-energy score by default) and s_u(r) the share of
-the unit's whitened gradient energy the best rank-r update captures (captured@r / resnorm²). Quality is a
-concave map of capacity, q = φ(x) with φ(0) = 0 and φ(1) = 1; the candidate forms and their fitted
-parameters are in :data:`FORMS`, the measured choice in :data:`DEFAULT_FORM`.
+the unit's whitened gradient energy the best rank-r update captures (captured@r / resnorm²). The card-only
+forms map a placement's capacity or parameter share to q with φ(0) = 0 and φ(1) = 1 (:data:`FORMS`).
+The measured choice is :data:`DEFAULT_MODEL`.
+
+Two candidate forms also read how far the reference's own training saturates within the run's T steps: a
+placement's fraction is the reference's loss curve read at the earlier step α·T, α = (parameter share)^γ,
+so a task that saturates early loses little to a small placement. :data:`WARP` reads the reference's
+measured curve; :data:`SATURATION` estimates its time constant from the card (:func:`time_constant`).
+Neither is offered to plans; docs/design.md §4 gives their measured errors.
 """
 
 from __future__ import annotations
@@ -53,14 +59,28 @@ def unit_weight(card: Card, unit: UnitRow, score: str, power: float = 2.0) -> fl
     return 1.0 if power == 0 else v**power
 
 
+def time_constant(card: Card, lr: float) -> float | None:
+    """τ_card in optimizer steps at learning rate ``lr``: the loss decrease the reference's rank-8 updates
+    can reach (½·N_t·Σ captured@8, the local quadratic model's optimum within rank 8) over the first-order
+    decrease of its first step (Σ rate_linear, measured at the card's lr and linear in it). None when either
+    is not a positive finite number (a card with no target tokens, say)."""
+    reach = 0.5 * card.n_target_tokens * sum(rank_share(u, REFERENCE_RANK) * u.resnorm**2 for u in card.units)
+    card_lr = float(card.config.get("lr") or 0.0)
+    rate = sum(u.rate_linear for u in card.units) * (lr / card_lr if card_lr > 0 else 0.0)
+    tau = reach / rate if rate > 0 else math.nan
+    return float(tau) if math.isfinite(tau) and tau > 0 and reach > 0 else None
+
+
 @dataclasses.dataclass(frozen=True)
 class Features:
-    """What the quality forms read from a placement: capacity, parameter share and depth coverage."""
+    """What the quality forms read from a placement: capacity, parameter share and depth coverage; and, for
+    the run it is planned for, the planned steps over the card's time constant (None when not known)."""
 
     capacity: float  # at weight power 2
     params: float
     coverage: float
     capacities: tuple[float, ...] = ()  # at each of WEIGHT_POWERS
+    steps_over_tau: float | None = None  # T / τ_card
 
     def capacity_at(self, power: float) -> float:
         return self.capacities[WEIGHT_POWERS.index(power)] if self.capacities else self.capacity
@@ -70,8 +90,12 @@ class Basis:
     """What every placement of one card is measured against, computed once: the units' weights at each
     power and the reference's capacity and parameters (the search prices hundreds of placements)."""
 
-    def __init__(self, card: Card, score: str = "gradnorm_energy") -> None:
+    def __init__(
+        self, card: Card, score: str = "gradnorm_energy", *, steps: int | None = None, lr: float | None = None
+    ) -> None:
         self.card = card
+        tau = time_constant(card, lr) if steps is not None and lr is not None else None
+        self.steps_over_tau = steps / tau if steps is not None and tau is not None else None
         self.units = {u.key: u for u in card.units}
         self.weights = {
             u.key: tuple(unit_weight(card, u, score, power) for power in WEIGHT_POWERS) for u in card.units
@@ -100,12 +124,21 @@ class Basis:
             params=params / self.ref_params if self.ref_params > 0 else 0.0,
             coverage=len(bands) / math.ceil(self.card.n_layers / self.band),
             capacities=tuple(caps),
+            steps_over_tau=self.steps_over_tau,
         )
 
 
-def features(card: Card, ranks: Mapping[str, int], *, score: str = "gradnorm_energy") -> Features:
-    """Features of the placement ``ranks`` (unit key → rank) against the card's reference."""
-    return Basis(card, score).features(ranks)
+def features(
+    card: Card,
+    ranks: Mapping[str, int],
+    *,
+    score: str = "gradnorm_energy",
+    steps: int | None = None,
+    lr: float | None = None,
+) -> Features:
+    """Features of the placement ``ranks`` (unit key → rank) against the card's reference, for a run of
+    ``steps`` optimizer steps at learning rate ``lr`` when given."""
+    return Basis(card, score, steps=steps, lr=lr).features(ranks)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -244,11 +277,67 @@ def fit_warp(
 ) -> tuple[float, float]:
     """γ of :data:`WARP` with the least mean absolute error over every placement of every task (each task
     read through its own reference curve), and that error."""
+    return _best_gamma(WARP, lambda g, i: curves[i].warp_params(g), xs, ys)
+
+
+def _saturation(f: Features, p: Sequence[float]) -> float:
+    if f.steps_over_tau is None:
+        raise LayercardError(
+            "quality model saturation: the planned steps, the learning rate or the card's time constant "
+            "is not known"
+        )
+    return warp_fraction(_power(f.params, p[0]), f.steps_over_tau / p[1], p[2])
+
+
+# WARP with the reference's curve estimated from the card instead of measured. Params (γ, c, κ): τ = c·τ_card
+# and the curve's shape κ come from the measured reference curves of the tasks it is fitted on
+# (:func:`fit_saturation`), γ from their placements; a new task needs only its card. Plans do not offer it:
+# it beat `params` across e2e_nlg and sst2 (benchmarks/results/quality/saturation.md) but lost to it on four
+# tasks fitted on neither, where τ_card ran 3–5× too slow for the two that saturate fastest (confirm.md).
+SATURATION = Form(
+    "saturation",
+    "the reference's loss curve with its time constant estimated from the card (τ = c·τ_card), read at α·T "
+    "with α = (params share)^γ: q = P(α; T/τ, κ)",
+    _saturation,
+    (_GAMMA,),
+)
+
+
+def fit_saturation(
+    curves: Sequence[ProgressCurve],
+    taus_card: Sequence[float],
+    xs: Sequence[Sequence[Features]],
+    ys: Sequence[Sequence[float]],
+) -> tuple[tuple[float, float, float], float]:
+    """(γ, c, κ) of :data:`SATURATION` and its mean absolute error on the fitting runs.
+
+    c is the geometric mean over the tasks of their measured τ over τ_card (both in steps at the runs' lr), κ
+    the mean of their measured κ; γ then has the least mean absolute error over every placement of every
+    task. ``xs`` must carry the runs' T/τ_card (:class:`Basis` with their steps and lr).
+    """
+    if not curves or len(curves) != len(taus_card):
+        raise LayercardError("quality fit: one card time constant per measured reference curve")
+    if any(not (t > 0 and math.isfinite(t)) for t in taus_card):
+        raise LayercardError(f"quality fit: a card time constant is not positive: {list(taus_card)}")
+    c = float(np.exp(np.mean([math.log(cv.tau / t) for cv, t in zip(curves, taus_card, strict=True)])))
+    kappa = float(np.mean([cv.kappa for cv in curves]))
+    g, err = _best_gamma(SATURATION, lambda g, _i: (g, c, kappa), xs, ys)
+    return (g, c, kappa), err
+
+
+def _best_gamma(
+    form: Form,
+    params_of: Callable[[float, int], Sequence[float]],
+    xs: Sequence[Sequence[Features]],
+    ys: Sequence[Sequence[float]],
+) -> tuple[float, float]:
+    """The γ on the grid whose parameters (``params_of(γ, task index)``) give ``form`` the least mean absolute
+    error over every placement of every task, and that error."""
     best: tuple[float, float] | None = None
     for g in _GAMMA:
         errs = [
-            abs(WARP.fn(x, c.warp_params(g)) - y)
-            for c, xt, yt in zip(curves, xs, ys, strict=True)
+            abs(form.fn(x, params_of(g, i)) - y)
+            for i, (xt, yt) in enumerate(zip(xs, ys, strict=True))
             for x, y in zip(xt, yt, strict=True)
         ]
         if not errs:
@@ -258,6 +347,10 @@ def fit_warp(
             best = (g, err)
     assert best is not None
     return best
+
+
+# Every form a QualityModel may name.
+ALL_FORMS: dict[str, Form] = {**FORMS, WARP.name: WARP, SATURATION.name: SATURATION}
 
 
 def fit(form: Form, xs: Sequence[Features], ys: Sequence[float]) -> tuple[tuple[float, ...], float]:
@@ -300,7 +393,7 @@ class QualityModel:
         return self.expected_error is not None
 
     def predict(self, f: Features) -> float:
-        return FORMS[self.form].fn(f, self.params)
+        return ALL_FORMS[self.form].fn(f, self.params)
 
     def describe(self) -> dict[str, object]:
         return {
@@ -314,9 +407,11 @@ class QualityModel:
 
 # Frozen from benchmarks/results/quality/fit.json: the form with the least cross-task error (fitted on one of
 # e2e_nlg and sst2, scored on the other), its parameters refitted on both. It uses no card feature: on those
-# runs no card-based form transferred better across tasks than the parameter share. Its runs used ranks 2,
-# 4 and 8; above 8 the share keeps growing while measured quality did not (benchmarks/placement_v2.py on
-# e2e_nlg and sst2: rank 32 on the last layers lost to rank 8 on more layers), so plans search no higher.
+# runs no card-based form transferred better across tasks than the parameter share, and the one that did on
+# them (`saturation`) lost to it on four tasks fitted on neither (benchmarks/results/quality/confirm.md).
+# Its runs used ranks 2, 4 and 8; above 8 the share keeps growing while measured quality did not
+# (benchmarks/placement_v2.py on e2e_nlg and sst2: rank 32 on the last layers lost to rank 8 on more
+# layers), so plans search no higher.
 DEFAULT_MODEL = QualityModel(
     form="params",
     params=(0.03,),
