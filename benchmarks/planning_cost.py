@@ -41,7 +41,7 @@ def main() -> None:
         f"task.eval=synthetic:{args.task}",
         "placements=[{name: recommend, policy: recommend, budget: params=0.25x}]",
         f"train.steps={args.steps}",
-        # A long run evaluates and checkpoints as often as the demo's 30-step runs do in all.
+        # A long run validates and checkpoints every 100 steps, as one a practitioner keeps would.
         "train.eval_every=100",
         "train.checkpoint_every=100",
         "eval.base=false",

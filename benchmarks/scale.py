@@ -74,6 +74,8 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "card": {"kind": "card", "layer_groups": 1, "sketch": None},
     # As compute_card runs without coupling: each group's unit gradients are dropped after its statistics.
     "card_groups4": {"kind": "card", "layer_groups": 4, "sketch": None, "keep_gradients": False},
+    # The default card: `sketch: auto` projects every input onto the hidden size, 2048 here.
+    "card_sketch2048": {"kind": "card", "layer_groups": 1, "sketch": 2048},
     "card_sketch512": {"kind": "card", "layer_groups": 1, "sketch": 512},
     "card_groups4_sketch512": {"kind": "card", "layer_groups": 4, "sketch": 512, "keep_gradients": False},
     # As compute_card runs with coupling, which reads every unit's gradient: they are kept to the end.
@@ -145,7 +147,7 @@ def _train(model, batch: dict[str, Any], n_target: int, steps: int, device) -> d
     from peft import LoraConfig, get_peft_model
 
     from layercard.cost import peak_memory, reset_peak_memory
-    from layercard.tasks.loss import loss_sum
+    from layercard.tasks.loss import forward_loss
 
     start = reset_peak_memory(device)
     lora = LoraConfig(r=RANK, lora_alpha=2 * RANK, lora_dropout=0.0, target_modules=ROLES, bias="none")
@@ -156,10 +158,8 @@ def _train(model, batch: dict[str, Any], n_target: int, steps: int, device) -> d
     times = []
     for _ in range(1 + steps):
         t = time.perf_counter()
-        out = peft_model(
-            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
-        )
-        loss, _ = loss_sum(out.logits, batch["labels"])
+        # As training runs it: the LM head only at the positions whose next token is a target.
+        loss, _ = forward_loss(peft_model, batch["input_ids"], batch["attention_mask"], batch["labels"])
         (loss / n_target).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
