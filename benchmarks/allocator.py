@@ -91,9 +91,33 @@ def run(rounds: int, threads: int) -> None:
     report()
 
 
-def report() -> None:
+def _table(rounds: list[dict[str, Any]]) -> list[str]:
     import statistics
 
+    lines = [
+        "| placement | setting | peak MiB per round | predicted MiB | error per round | s/step per round "
+        "| s/step ÷ default's, same round |",
+        "|---|---|---|---:|---|---|---|",
+    ]
+    for name in PLACEMENTS:
+        for mode in MODES:
+            rs = [r[mode][name] for r in rounds]
+            preds = sorted({round(r["predicted_peak_memory_scaled_mib"]) for r in rs})
+            ratio = [r[mode][name]["s_per_step"] / r["default"][name]["s_per_step"] for r in rounds]
+            peaks = ", ".join(f"{r['peak_memory_mib']:,.0f}" for r in rs)
+            errors = ", ".join(
+                f"{r['peak_memory_mib'] / r['predicted_peak_memory_scaled_mib'] - 1:+.1%}" for r in rs
+            )
+            steps = ", ".join(f"{r['s_per_step']:.2f}" for r in rs)
+            ratios = ", ".join(f"{x:.2f}" for x in ratio)
+            lines.append(
+                f"| {name} | {mode} | {peaks} | {', '.join(f'{p:,}' for p in preds)} | {errors} | {steps} | "
+                f"{ratios} (median {statistics.median(ratio):.2f}) |"
+            )
+    return lines
+
+
+def report() -> None:
     from layercard.artifacts import read_json, write_text
 
     data = read_json(OUT)
@@ -103,25 +127,17 @@ def report() -> None:
         f"smollm2, sst2 (benchmarks/cost.py's settings: 6 steps of batch 8, up to 128 tokens), "
         f"{data['threads']} torch threads, every run in a fresh process, the settings in turn within each "
         f"round ({len(data['rounds'])} rounds). Predicted: the cost benchmark's calibrated card, rescaled "
-        "to the run's largest micro-batch.",
+        "to the run's largest micro-batch; each round's error is against its own prediction.",
         "",
-        "| placement | setting | peak MiB per round | predicted MiB | error per round | s/step per round "
-        "| s/step ÷ default's, same round |",
-        "|---|---|---|---:|---|---|---|",
+        *_table(data["rounds"]),
     ]
-    for name in PLACEMENTS:
-        for mode in MODES:
-            rs = [r[mode][name] for r in data["rounds"]]
-            pred = rs[0]["predicted_peak_memory_scaled_mib"]
-            ratio = [r[mode][name]["s_per_step"] / r["default"][name]["s_per_step"] for r in data["rounds"]]
-            peaks = ", ".join(f"{r['peak_memory_mib']:,.0f}" for r in rs)
-            errors = ", ".join(f"{(r['peak_memory_mib'] - pred) / pred:+.1%}" for r in rs)
-            steps = ", ".join(f"{r['s_per_step']:.2f}" for r in rs)
-            ratios = ", ".join(f"{x:.2f}" for x in ratio)
-            lines.append(
-                f"| {name} | {mode} | {peaks} | {pred:,.0f} | {errors} | {steps} | "
-                f"{ratios} (median {statistics.median(ratio):.2f}) |"
-            )
+    if data.get("rounds_before_head_change"):
+        lines += [
+            "",
+            "Earlier rounds, before the LM head ran at the target positions only (the card of that time):",
+            "",
+            *_table(data["rounds_before_head_change"]),
+        ]
     lines.append("")
     write_text(RESULTS / "allocator.md", "\n".join(lines))
     print("\n".join(lines))
