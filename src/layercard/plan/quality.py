@@ -293,7 +293,8 @@ def _saturation(f: Features, p: Sequence[float]) -> float:
 # and the curve's shape κ come from the measured reference curves of the tasks it is fitted on
 # (:func:`fit_saturation`), γ from their placements; a new task needs only its card. Plans do not offer it:
 # it beat `params` across e2e_nlg and sst2 (benchmarks/results/quality/saturation.md) but lost to it on four
-# tasks fitted on neither, where τ_card ran 3–5× too slow for the two that saturate fastest (confirm.md).
+# tasks fitted on neither, where τ_card put the two that saturate fastest at the slowest time constants
+# (confirm.md).
 SATURATION = Form(
     "saturation",
     "the reference's loss curve with its time constant estimated from the card (τ = c·τ_card), read at α·T "
@@ -407,8 +408,8 @@ class QualityModel:
 
 # Frozen from benchmarks/results/quality/fit.json: the form with the least cross-task error (fitted on one of
 # e2e_nlg and sst2, scored on the other), its parameters refitted on both. It uses no card feature: on those
-# runs no card-based form transferred better across tasks than the parameter share, and the one that did on
-# them (`saturation`) lost to it on four tasks fitted on neither (benchmarks/results/quality/confirm.md).
+# runs no card-only form transferred better across tasks than the parameter share, and `saturation`, which
+# did there, lost to it on four tasks fitted on neither (benchmarks/results/quality/confirm.md).
 # Its runs used ranks 2, 4 and 8; above 8 the share keeps growing while measured quality did not
 # (benchmarks/placement_v2.py on e2e_nlg and sst2: rank 32 on the last layers lost to rank 8 on more
 # layers), so plans search no higher.
