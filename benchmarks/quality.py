@@ -595,18 +595,27 @@ def seedmean() -> dict[str, Any]:
 PROBE_STEPS = (4, 6, 8, 12, 16, 24, 36)
 
 
-def warp() -> dict[str, Any]:
-    """The `warp` form scored like the card-only forms: γ fitted on one task, scored on the other, each task
-    read through its own reference curve (``curve --only ref``) fitted on its first k steps, for every k in
-    PROBE_STEPS; against the seed-0 runs and against seed means. Writes RESULTS/warp.json, .md and a plot.
-    """
-    from layercard.artifacts import read_json, write_json, write_text
-    from layercard.plan.quality import WARP, fit_progress_curve, fit_warp, mean_abs_error
+@dataclasses.dataclass(frozen=True)
+class _CurveData:
+    """What the curve-reading forms are scored on: the tasks with a measured reference curve, each task's
+    base loss and curve points, its placements with their features, the seed means where there are repeats,
+    and the fractions against seed 0 and against seed means (seed 0 where a placement has no repeats)."""
+
+    tasks: list[str]
+    base: dict[str, float]
+    points: dict[str, list[tuple[float, float]]]
+    data: dict[str, list[tuple[dict[str, Any], Any]]]
+    means: dict[tuple[str, str], float]
+    targets: dict[str, dict[str, list[float]]]
+
+
+def _curve_data(what: str) -> _CurveData:
+    from layercard.artifacts import read_json
 
     curves = {t: RESULTS / "curves" / f"{t}-ref.json" for t in TASKS}
     tasks = sorted(t for t, p in curves.items() if p.is_file())
     if len(tasks) < 2:
-        raise SystemExit("warp: needs the reference curves of two tasks (quality.py curve --only ref)")
+        raise SystemExit(f"{what}: needs the reference curves of two tasks (quality.py curve --only ref)")
     base = {t: float(read_json(RESULTS / "runs" / f"{t}-base.json")["test_loss"]) for t in tasks}
     points = {t: [(float(a), float(b)) for a, b in read_json(curves[t])["test_curve"]] for t in tasks}
     means = {(r["task"], r["name"]): r["mean"] for r in noise()["runs"]}
@@ -615,6 +624,19 @@ def warp() -> dict[str, Any]:
         "seed 0": {t: [r["fraction"] for r, _ in data[t]] for t in tasks},
         "seed mean": {t: [means.get((t, r["name"]), r["fraction"]) for r, _ in data[t]] for t in tasks},
     }
+    return _CurveData(tasks, base, points, data, means, targets)
+
+
+def warp() -> dict[str, Any]:
+    """The `warp` form scored like the card-only forms: γ fitted on one task, scored on the other, each task
+    read through its own reference curve (``curve --only ref``) fitted on its first k steps, for every k in
+    PROBE_STEPS; against the seed-0 runs and against seed means. Writes RESULTS/warp.json, .md and a plot.
+    """
+    from layercard.artifacts import write_json, write_text
+    from layercard.plan.quality import WARP, fit_progress_curve, fit_warp, mean_abs_error
+
+    d = _curve_data("warp")
+    tasks, base, points, data, targets = d.tasks, d.base, d.points, d.data, d.targets
     out: dict[str, Any] = {"steps": STEPS, "probe_steps": {}, "curves": points, "base": base}
     for k in PROBE_STEPS:
         fitted = {t: fit_progress_curve([p for p in points[t] if p[0] <= k], base[t], STEPS) for t in tasks}
@@ -726,28 +748,14 @@ def saturation() -> dict[str, Any]:
     against the seed-0 runs and against seed means; τ_card variants beside the chosen one; then the pooled fit
     on both tasks that plans use. Writes RESULTS/saturation.json and .md.
     """
-    from layercard.artifacts import read_json, write_json, write_text
+    from layercard.artifacts import write_json, write_text
     from layercard.card import Card
     from layercard.plan.quality import SATURATION, fit_progress_curve, fit_saturation, mean_abs_error
 
-    curves_at = {t: RESULTS / "curves" / f"{t}-ref.json" for t in TASKS}
-    tasks = sorted(t for t, p in curves_at.items() if p.is_file())
-    if len(tasks) < 2:
-        raise SystemExit("saturation: needs the reference curves of two tasks (quality.py curve --only ref)")
-    base = {t: float(read_json(RESULTS / "runs" / f"{t}-base.json")["test_loss"]) for t in tasks}
-    curve = {
-        t: fit_progress_curve([(float(a), float(b)) for a, b in read_json(curves_at[t])["test_curve"]],
-                              base[t], STEPS)
-        for t in tasks
-    }  # fmt: skip
-    cards = {t: Card.load(RESULTS / "cards" / t / "card.json") for t in tasks}
-    taus = {t: _tau_variants(cards[t]) for t in tasks}
-    means = {(r["task"], r["name"]): r["mean"] for r in noise()["runs"]}
-    data = {t: [(r, _features(t, r)) for r in rows() if r["task"] == t and r["name"] != "ref"] for t in tasks}
-    targets = {
-        "seed 0": {t: [r["fraction"] for r, _ in data[t]] for t in tasks},
-        "seed mean": {t: [means.get((t, r["name"]), r["fraction"]) for r, _ in data[t]] for t in tasks},
-    }
+    d = _curve_data("saturation")
+    tasks, base, points, data, means, targets = d.tasks, d.base, d.points, d.data, d.means, d.targets
+    curve = {t: fit_progress_curve(points[t], base[t], STEPS) for t in tasks}
+    taus = {t: _tau_variants(Card.load(RESULTS / "cards" / t / "card.json")) for t in tasks}
     out: dict[str, Any] = {
         "steps": STEPS, "lr": LR,
         "curves": {t: dataclasses.asdict(c) for t, c in curve.items()},
