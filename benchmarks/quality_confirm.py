@@ -14,12 +14,11 @@ on other placements. No model is loaded.
 from __future__ import annotations
 
 import statistics
-from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-SOURCE = ROOT / "benchmarks" / "results" / "placement_v2"
+SOURCE = ROOT / "benchmarks" / "results" / "placement_v2"  # placement_v2's RESULTS
 OUT = ROOT / "benchmarks" / "results" / "quality"
 FITTED_ON = ("e2e_nlg", "sst2")
 CANDIDATE = "saturation"
@@ -27,24 +26,22 @@ CANDIDATE = "saturation"
 
 def placements(task: str) -> list[dict[str, Any]]:
     """Each distinct LoRA placement of ``task`` (default initialisation): units, seeds and mean test loss."""
-    from layercard.artifacts import read_json
+    from placement_v2_summary import _runs
 
-    runs: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    for path in sorted((SOURCE / "runs" / task).glob("*-s*.json")):
-        r = read_json(path)
-        if r.get("kind") == "lora" and r.get("init", "default") == "default":
-            runs[r["signature"]].append(r)
-    return [
-        {
-            "signature": sig,
-            "label": rs[0]["label"],
-            "units": rs[0]["units"],
-            "seeds": sorted(int(r["seed"]) for r in rs),
-            "test_loss": statistics.mean(float(r["test_loss"]) for r in rs),
-            "steps": int(rs[0].get("steps", 36)),
-        }
-        for sig, rs in runs.items()
-    ]
+    out = []
+    for sig, by_seed in _runs(task).items():
+        rs = [by_seed[k] for k in sorted(by_seed)]
+        if rs[0].get("kind") == "lora" and rs[0].get("init", "default") == "default":
+            out.append(
+                {
+                    "signature": sig,
+                    "label": rs[0]["label"],
+                    "units": rs[0]["units"],
+                    "seeds": sorted(by_seed),
+                    "test_loss": statistics.mean(float(r["test_loss"]) for r in rs),
+                }
+            )
+    return out
 
 
 def score() -> dict[str, Any]:
