@@ -4,7 +4,7 @@ Measures two all-linear cards of smollm2 on the same probe set, one exact and on
 (only inputs wider than K are projected; on smollm2 with K = 576 that is the MLP down projection's
 1536-wide input), and compares every unit's scores: Spearman correlation over all units and over the
 projected units alone, and the projected units' median ratio sketched/exact. Writes
-results/sketch_agreement.{json,md}.
+results/sketch_agreement.{json,md} (another K: results/sketch_agreement_K.{json,md}).
 
     .venv/bin/python benchmarks/sketch_agreement.py [--sketch 576] [--examples 64]
 """
@@ -20,6 +20,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 TASK = ROOT.parent / "shared" / "data" / "e2e_nlg" / "validation.jsonl"
+DEFAULT_K = 576  # smollm2's hidden size: what the default `sketch: auto` resolves to
 
 
 def _scores(card) -> dict[str, dict[str, float]]:
@@ -89,10 +90,15 @@ def run(sketch: int, examples: int, threads: int) -> dict:
     }
 
 
+def stem(sketch: int) -> Path:
+    """Where the results of ``--sketch K`` go: the default K's under the plain name, others beside it."""
+    return RESULTS / ("sketch_agreement" if sketch == DEFAULT_K else f"sketch_agreement_{sketch}")
+
+
 def write(out: dict) -> None:
     from layercard.artifacts import write_json, write_text
 
-    write_json(RESULTS / "sketch_agreement.json", out)
+    write_json(stem(out["sketch"]).with_suffix(".json"), out)
     t = out["timings"]
     lines = [
         "# Sketch agreement",
@@ -123,19 +129,19 @@ def write(out: dict) -> None:
             f"{'—' if ratio is None else f'{ratio:.3f}'} |"
         )
     lines.append("")
-    write_text(RESULTS / "sketch_agreement.md", "\n".join(lines))
+    write_text(stem(out["sketch"]).with_suffix(".md"), "\n".join(lines))
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--sketch", type=int, default=576)
+    ap.add_argument("--sketch", type=int, default=DEFAULT_K)
     ap.add_argument("--examples", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     if args.sketch < 1 or args.examples < 1:
         ap.error("--sketch and --examples must be ≥ 1")
     write(run(args.sketch, args.examples, args.threads))
-    print(f"wrote {RESULTS / 'sketch_agreement.md'}")
+    print(f"wrote {stem(args.sketch).with_suffix('.md')}")
     return 0
 
 
