@@ -761,34 +761,35 @@ def saturation() -> dict[str, Any]:
         "curves": {t: dataclasses.asdict(c) for t, c in curve.items()},
         "tau_card": taus, "variants": {},
     }  # fmt: skip
+    chosen = next(iter(taus[tasks[0]]))
+
+    def xs(t: str, v: str) -> list[Any]:
+        """Task ``t``'s placement features with T/τ_card from τ_card variant ``v``."""
+        return [dataclasses.replace(f, steps_over_tau=STEPS / taus[t][v]) for _, f in data[t]]
+
     preds: dict[str, dict[str, list[float]]] = {}
     for variant in taus[tasks[0]]:
-
-        def xs(t: str, v: str = variant) -> list[Any]:
-            return [dataclasses.replace(f, steps_over_tau=STEPS / taus[t][v]) for _, f in data[t]]
-
         res: dict[str, Any] = {}
         for label, ys in targets.items():
             per: dict[str, Any] = {}
             for ft in tasks:
-                params, err = fit_saturation([curve[ft]], [taus[ft][variant]], [xs(ft)], [ys[ft]])
-                held = {o: mean_abs_error(SATURATION, params, xs(o), ys[o]) for o in tasks if o != ft}
+                params, err = fit_saturation([curve[ft]], [taus[ft][variant]], [xs(ft, variant)], [ys[ft]])
+                held = {
+                    o: mean_abs_error(SATURATION, params, xs(o, variant), ys[o]) for o in tasks if o != ft
+                }
                 per[f"fit_on_{ft}"] = {"params": list(params), "fit_mae": err, "held_out_mae": held}
-                if label == "seed mean" and variant == next(iter(taus[tasks[0]])):
+                if label == "seed mean" and variant == chosen:
                     for o in held:
-                        preds[o] = {"by_other_task_fit": [SATURATION.fn(x, params) for x in xs(o)]}
+                        preds[o] = {"by_other_task_fit": [SATURATION.fn(x, params) for x in xs(o, chosen)]}
             per["cross_task_mae"] = float(
                 sum(v for ft in tasks for v in per[f"fit_on_{ft}"]["held_out_mae"].values()) / len(tasks)
             )
             res[label] = per
         out["variants"][variant] = res
-    chosen = next(iter(taus[tasks[0]]))
     pooled: dict[str, Any] = {}
     for label, ys in targets.items():
-        xs_all = [[dataclasses.replace(f, steps_over_tau=STEPS / taus[t][chosen]) for _, f in data[t]]
-                  for t in tasks]  # fmt: skip
-        params, err = fit_saturation([curve[t] for t in tasks], [taus[t][chosen] for t in tasks], xs_all,
-                                     [ys[t] for t in tasks])  # fmt: skip
+        params, err = fit_saturation([curve[t] for t in tasks], [taus[t][chosen] for t in tasks],
+                                     [xs(t, chosen) for t in tasks], [ys[t] for t in tasks])  # fmt: skip
         pooled[label] = {"params": list(params), "fit_mae": err}
     out["pooled"] = pooled
     out["runs"] = [

@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-SOURCE = ROOT / "benchmarks" / "results" / "placement_v2"  # placement_v2's RESULTS
 OUT = ROOT / "benchmarks" / "results" / "quality"
 FITTED_ON = ("e2e_nlg", "sst2")
 CANDIDATE = "saturation"
@@ -51,7 +50,7 @@ def score() -> dict[str, Any]:
     from layercard.card import Card
     from layercard.plan.quality import ALL_FORMS, default_model, features
 
-    summary = read_json(SOURCE / "summary.json")
+    summary = read_json(P.RESULTS / "summary.json")
     model = default_model()
     cand = tuple(read_json(OUT / "saturation.json")["pooled"]["seed mean"]["params"])
     out: dict[str, Any] = {
@@ -62,7 +61,7 @@ def score() -> dict[str, Any]:
         "tasks": {},
     }
     for task, facts in summary["tasks"].items():
-        card = Card.load(SOURCE / "cards" / task / "card.json")
+        card = Card.load(P.RESULTS / "cards" / task / "card.json")
         by_pos = {(u.layer, u.role): u.key for u in card.units}
         base, ref = float(facts["base_loss"]), float(facts["reference_loss"])
         rows = []
