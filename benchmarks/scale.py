@@ -74,7 +74,7 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "card": {"kind": "card", "layer_groups": 1, "sketch": None},
     # As compute_card runs without coupling: each group's unit gradients are dropped after its statistics.
     "card_groups4": {"kind": "card", "layer_groups": 4, "sketch": None, "keep_gradients": False},
-    # The default card: `sketch: auto` projects every input onto the hidden size, 2048 here.
+    # The default card: `sketch: auto` projects inputs wider than the hidden size (2048 here) onto it.
     "card_sketch2048": {"kind": "card", "layer_groups": 1, "sketch": 2048},
     "card_sketch512": {"kind": "card", "layer_groups": 1, "sketch": 512},
     "card_groups4_sketch512": {"kind": "card", "layer_groups": 4, "sketch": 512, "keep_gradients": False},
