@@ -20,6 +20,8 @@ import sys
 import time
 from pathlib import Path
 
+from layercard.config.card import AUTO_EXACT_WIDTH, AUTO_SKETCH_MAX
+
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 DEFAULT_TASK = str(HERE.parent.parent / "shared" / "data" / "e2e_nlg" / "validation.jsonl")
@@ -125,7 +127,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--modes", default="plain-all,plain-units,card")
     ap.add_argument("--extra-modes", default="card+calibrate,card+coupling", help="measured once each")
-    ap.add_argument("--sketch", type=int, default=576, help="the sketch size of the card+sketch mode")
+    ap.add_argument("--sketch", type=int, default=AUTO_SKETCH_MAX, help="the card+sketch mode's K")
     ap.add_argument("--out", default=str(RESULTS / "card_overhead"))
     ap.add_argument("--mode", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -227,8 +229,9 @@ def _write(state, out_json: Path) -> None:
         "Modes: `plain-all` = forward+backward with every weight trainable (a standard backward); "
         "`plain-units` = only the card's units' weights trainable; both compute the loss as training does "
         "(the LM head at the target positions only). `card` = the full card at its default "
-        "settings (probe pass + eigen-decompositions + scores; inputs wider than the hidden size projected "
-        "to it, `sketch: auto`; the frozen weights' SNRs only when the "
+        "settings (probe pass + eigen-decompositions + scores; `sketch: auto`, which on a model up to "
+        f"{AUTO_EXACT_WIDTH} wide projects the inputs wider than the hidden size to it, and on a wider one "
+        f"every input to {AUTO_SKETCH_MAX}; the frozen weights' SNRs only when the "
         "default measures them, see `card_timings.weight_snr_s`), no coupling, no calibration; "
         "`card-exact` the same with every covariance exact (`sketch: off`); `card+sketch` the same "
         f"with inputs wider than {c.get('sketch')} projected to {c.get('sketch')} dimensions (`--sketch`); "

@@ -74,8 +74,9 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "card": {"kind": "card", "layer_groups": 1, "sketch": None},
     # As compute_card runs without coupling: each group's unit gradients are dropped after its statistics.
     "card_groups4": {"kind": "card", "layer_groups": 4, "sketch": None, "keep_gradients": False},
-    # The default card: `sketch: auto` projects inputs wider than the hidden size (2048 here) onto it.
+    # Every input projected to the hidden size (2048 here).
     "card_sketch2048": {"kind": "card", "layer_groups": 1, "sketch": 2048},
+    # The default card: `sketch: auto` caps K at 512 (AUTO_SKETCH_MAX).
     "card_sketch512": {"kind": "card", "layer_groups": 1, "sketch": 512},
     "card_groups4_sketch512": {"kind": "card", "layer_groups": 4, "sketch": 512, "keep_gradients": False},
     # As compute_card runs with coupling, which reads every unit's gradient: they are kept to the end.

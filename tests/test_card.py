@@ -137,6 +137,10 @@ def test_capacity_coupling_reads_exact_covariances():
     cfg = CardConfig(coupling=True, coupling_direction="capacity")
     assert cfg.sketch == "auto" and cfg.sketch_size(576) is None
     assert CardConfig().sketch_size(576) == 576
+    assert CardConfig().sketch_size(1024) == 1024
+    assert CardConfig().sketch_size(1025) == 512
+    assert CardConfig().sketch_size(2048) == 512
+    assert CardConfig(sketch=1024).sketch_size(2048) == 1024
     with pytest.raises(LayercardError, match="coupling_direction"):
         CardConfig(coupling=True, coupling_direction="capacity", sketch=64)
 

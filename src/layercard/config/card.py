@@ -7,6 +7,14 @@ import dataclasses
 from layercard.config.schema import Schema, setting
 
 COUPLING_DIRECTIONS = ("first_step", "capacity")
+# `sketch: auto` on a model wider than AUTO_EXACT_WIDTH projects every input to AUTO_SKETCH_MAX. The
+# statistics eigen-decompose one K × K covariance per input, a cost cubic in K that the probe pass does not
+# share: on a 2048-wide model a 2048 sketch took 10.6× a training step and a 512 sketch 3.3×. On smollm2
+# (576 wide) a 512 sketch saved no statistics time and its projections made the pass slower (card 1.39×
+# against 1.20× a plain forward+backward), so narrower models keep K = hidden size. The threshold lies
+# between those two measured widths (docs/card.md, "Sketch").
+AUTO_EXACT_WIDTH = 1024
+AUTO_SKETCH_MAX = 512
 # Predicted-gain scores kept side by side (docs/design.md §3). Each is per unit; per-layer values
 # aggregate the units of the chosen roles (sums, or a root-sum-square for the gradient norms).
 SCORES: dict[str, str] = {
@@ -48,7 +56,7 @@ class CardConfig(Schema):
         kind="sketch",
         optional=True,
         help="project inputs wider than K to K dims (their resnorm, captured: lower bounds); "
-        "auto: K = hidden size; off: exact",
+        f"auto: K = hidden size, or {AUTO_SKETCH_MAX} above {AUTO_EXACT_WIDTH}; off: exact",
     )
     layer_groups: int = setting(
         1, kind="int", minimum=1, help="split the layers into G probe passes to bound memory"
@@ -89,9 +97,12 @@ class CardConfig(Schema):
     def sketch_size(self, hidden_size: int) -> int | None:
         """The sketch size K this config asks of a model of ``hidden_size``, or None for exact covariances.
 
-        ``auto`` projects only inputs wider than the residual stream (the MLP down-projection's), whose
-        eigen-decompositions dominate the card's statistics; with :attr:`needs_exact_covariance` it is exact.
+        ``auto`` is the residual stream's width up to :data:`AUTO_EXACT_WIDTH`, so that only the inputs
+        wider than it (the MLP down-projection's) are projected, and :data:`AUTO_SKETCH_MAX` on a wider
+        model, where every input is projected; with :attr:`needs_exact_covariance` it is exact.
         """
         if self.sketch == "auto":
-            return None if self.needs_exact_covariance else hidden_size
+            if self.needs_exact_covariance:
+                return None
+            return hidden_size if hidden_size <= AUTO_EXACT_WIDTH else AUTO_SKETCH_MAX
         return self.sketch  # type: ignore[return-value]
