@@ -120,6 +120,17 @@ def test_default_sketch_projects_only_inputs_wider_than_the_hidden_size(facts):
             assert a.grad_norm == pytest.approx(e.grad_norm, rel=1e-6)
 
 
+def test_default_sketch_projects_every_input_of_a_wide_model_to_the_cap(facts):
+    loaded = _loaded(hidden=1040, layers=1, intermediate_size=1100)  # wider than AUTO_EXACT_WIDTH
+    card = compute_card(loaded, facts, CardConfig(**FAST, roles="all-linear"), progress=False)
+    assert {g.input_group: g.sketched for g in card.groups} == {
+        "attn_in": 512,
+        "attn_out": 512,
+        "mlp_in": 512,
+        "mlp_mid": 512,
+    }
+
+
 @pytest.mark.parametrize(
     ("value", "expected"), [("auto", "auto"), ("off", None), (None, None), ("48", 48), (16, 16)]
 )
