@@ -142,8 +142,10 @@ def test_relative_budgets_and_the_recommendation():
     for text in ("params", "params=-1", "params=lots", "latency=1", "params=x", "memory=lots"):
         with pytest.raises(LayercardError):
             Budget.parse(text)
-    with pytest.raises(LayercardError, match="no placement fits"):
+    least = min(c.costs["params"] for c in s.candidates)
+    with pytest.raises(LayercardError, match="no placement fits") as e:
         s.recommend([Budget("params", 1.0)])
+    assert f"params={least:.4g} ({least / s.reference['params']:.3g}x)" in str(e.value)
     with pytest.raises(LayercardError, match="cost model"):
         s.recommend([Budget("step_time", 0.5, True)])
 

@@ -110,8 +110,23 @@ class Search:
         """The highest predicted quality within every budget; ties go to fewer parameters."""
         ok = [c for c in self.fitting(budgets) if self.supported(c)]
         if not ok:
-            raise LayercardError(f"budgets {', '.join(map(str, budgets))}: no placement fits")
+            raise LayercardError(
+                f"budgets {', '.join(map(str, budgets))}: no placement fits; the least the search priced: "
+                + self._lowest(budgets)
+            )
         return max(ok, key=lambda c: (round(c.quality, 6), -c.costs["params"]))
+
+    def _lowest(self, budgets: Sequence[Budget]) -> str:
+        """Each budgeted cost's lowest value over the candidates, absolute and relative to the reference, so
+        that a budget no placement fits says how far it is from one that does."""
+        supported = [c for c in self.candidates if self.supported(c)]
+        parts = []
+        for kind in dict.fromkeys(b.kind for b in budgets):
+            low = min(c.costs[kind] for c in supported)
+            ref = self.reference[kind]
+            rel = f" ({low / ref:.3g}x)" if ref > 0 else ""
+            parts.append(f"{kind}={low:.4g}{rel}")
+        return ", ".join(parts)
 
     def frontier(self, kind: str) -> list[Candidate]:
         """Candidates no other beats on both predicted quality and the cost ``kind`` (cheapest first)."""
