@@ -318,10 +318,13 @@ def calibrate(
     rank 32), measure each one's peak memory and unmerged forward time, and fit the cost model.
 
     The placements are timed in ``rounds`` interleaved rounds of ``steps`` timed steps per placement, each
-    round's after an untimed warm-up step; a placement's time is the median of its timed steps, as training
-    reports the median of its own. Interleaving spreads slow spells of the machine over every placement
-    instead of letting one absorb them. Placements whose times still contradict each other (a deeper or
-    larger one faster) are timed once more.
+    round's after an untimed warm-up step; a placement's time is the fastest of its timed steps. Other load
+    on the machine can only slow a step, and a few timed steps cannot outvote one slowed step the way the
+    median over a training run's many steps does: with the median of two, calibrations over-predicted the
+    steps of the runs they priced by 6.7% on average over eight task-runs of benchmarks/cost.py, with the
+    fastest by 2.7% (benchmarks/results/cost/refit.md). Interleaving spreads slow spells of the machine over
+    every placement instead of letting one absorb them. Placements whose times still contradict each other
+    (a deeper or larger one faster) are timed once more.
 
     ``resident_mib``: the memory in use with the model loaded and nothing else of the caller's held (the
     card measures it before its probe pass). A training process starts from about that, not from whatever
@@ -352,7 +355,7 @@ def calibrate(
         timed[i].append(_time_steps(model, [s.name for s in specs], batch, steps, rank))
 
     def step_time(ts: list[_Timed]) -> float:
-        return float(np.median([x for t in ts for x in t.step_s]))
+        return float(min(x for t in ts for x in t.step_s))
 
     order = [i for _ in range(rounds) for i in range(len(configs))]
     try:

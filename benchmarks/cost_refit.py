@@ -1,0 +1,153 @@
+"""Cost model variants refitted on the committed `benchmarks/cost.py` runs: no model is loaded.
+
+Each task-run folder holds its card (with the calibration's every timed step) and the step time its 12
+placements measured. Two variants of the step-time model are refitted on the card's own calibration rows,
+with the same non-negative least squares, and re-price the run's placements (rescaled to each run's
+positions as the run recorded):
+
+- the statistic of a calibration placement's timed steps: their median, their fastest, or the last;
+- the module term: the adapted modules' count, or their width Σ (d_in + d_out). The calibration's
+  placements all adapt every linear role, so on them the two are proportional; they differ only on
+  placements of narrower or wider modules.
+
+    .venv/bin/python benchmarks/cost_refit.py [FOLDER ...]   # default: every run folder under results/cost
+
+Writes results/cost/refit.{json,md}. ``--label`` marks the folders a variant was chosen on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from cost import GRID  # this folder is on sys.path
+from scipy.optimize import nnls
+
+from layercard.models.roles import parse_roles
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results" / "cost"
+ROLES = {p.name: p.roles for p in GRID}
+STATISTICS = {"median": statistics.median, "fastest": min, "last": lambda xs: xs[-1]}
+TERMS = ("count", "width")
+
+
+def _width(card: dict[str, Any], roles: Any, layers: list[int]) -> float:
+    wanted, at = set(parse_roles(roles)), set(layers)
+    return float(
+        sum(u["d_in"] + u["d_out"] for u in card["units"] if u["role"] in wanted and u["layer"] in at)
+    )
+
+
+def task_run(folder: Path) -> dict[str, Any]:
+    """Every variant's fit on one task-run's calibration and its signed errors on the run's placements."""
+    card = json.loads((folder / "card" / "card.json").read_text())
+    n_layers, rows = card["model"]["n_layers"], card["cost"]["measured"]
+    runs = [json.loads(p.read_text()) for p in sorted((folder / "runs").glob("*.json"))]
+
+    def x(layers: list[int], modules: int, params: int, roles: Any, term: str) -> list[float]:
+        size = modules if term == "count" else _width(card, roles, layers) / 1e3
+        return [1.0, n_layers - min(layers), size, params / 1e6]
+
+    # The statistic this card's calibration used: its recorded predictions must come back from that fit.
+    fastest = all(abs(r["s_per_step"] - min(r["timings_s_per_step"])) < 1e-3 for r in rows)
+    shipped = ("fastest" if fastest else "median", "count")
+    errors: dict[str, list[float]] = {}
+    for stat, f in STATISTICS.items():
+        y = np.array([f(r["timings_s_per_step"]) for r in rows], dtype=float)
+        for term in TERMS:
+            a = np.array([x(r["layers"], r["modules"], r["params"], card["roles"], term) for r in rows])
+            coef, _ = nnls(a, y)
+            errs = []
+            for run in runs:
+                pred = float(coef @ x(run["layers"], run["modules"], run["params"], ROLES[run["name"]], term))
+                if (stat, term) == shipped and abs(pred / run["predicted_step_time_s"] - 1) > 1e-3:
+                    raise SystemExit(
+                        f"{folder}: the refit does not reproduce {run['name']}'s recorded prediction"
+                    )
+                scale = run["predicted_step_time_scaled_s"] / run["predicted_step_time_s"]
+                errs.append(pred * scale / run["s_per_step"] - 1)
+            errors[f"{stat}/{term}"] = errs
+    return {
+        "folder": str(folder.relative_to(RESULTS)),
+        "shipped": "/".join(shipped),
+        "placements": [r["name"] for r in runs],
+        "errors": errors,
+    }
+
+
+def _mae(errs: list[float]) -> float:
+    return 100 * statistics.fmean(abs(e) for e in errs)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("folders", nargs="*", type=Path)
+    ap.add_argument("--chosen-on", default="", help="comma list of folders (relative to results/cost)")
+    args = ap.parse_args()
+    # In the order the runs were made: the first at the top of results/cost, then its named repeats.
+    order = ("cost", "repeat", "third", "fourth", "fifth")
+    found = {p.parent.parent for p in RESULTS.glob("**/card/card.json")}
+    folders = args.folders or sorted(
+        found, key=lambda f: (order.index(f.parent.name) if f.parent.name in order else len(order), str(f))
+    )
+    runs = [task_run(f.resolve()) for f in folders]
+    chosen_on = {s for s in args.chosen_on.split(",") if s}
+    from layercard.artifacts import write_json, write_text
+
+    write_json(
+        RESULTS / "refit.json",
+        {
+            "benchmark": "cost_refit",
+            "date": time.strftime("%Y-%m-%d"),
+            "chosen_on": sorted(chosen_on),
+            "runs": runs,
+        },
+    )
+    variants = list(runs[0]["errors"])
+    lines = [
+        "# Cost model variants refitted on the committed cost runs",
+        "",
+        "Each task-run's own calibration refitted per variant (statistic of a placement's timed steps / "
+        "module term) and scored on that run's 12 placements. Cells: mean absolute error of the step time, "
+        "then the mean signed error (positive: over-predicted). Each run's own predictions came from the "
+        "variant named beside it. Task-runs marked * are those the statistic in use (`fastest`) was chosen "
+        "on, after seeing all of them; the others were measured after it was fixed.",
+        "",
+        "| task-run | " + " | ".join(variants) + " |",
+        "|---|" + "---:|" * len(variants),
+    ]
+    for r in runs:
+        mark = " *" if r["folder"] in chosen_on else ""
+        cells = [
+            f"{_mae(r['errors'][v]):.1f}% ({100 * statistics.fmean(r['errors'][v]):+.1f}%)" for v in variants
+        ]
+        lines.append(f"| {r['folder']}{mark} ({r['shipped']}) | " + " | ".join(cells) + " |")
+    for name, group in (
+        ("all", runs),
+        ("chosen on", [r for r in runs if r["folder"] in chosen_on]),
+        ("not chosen on", [r for r in runs if r["folder"] not in chosen_on]),
+    ):
+        if not group or (name != "all" and not chosen_on):
+            continue
+        cells = []
+        for v in variants:
+            within = sum(_mae(r["errors"][v]) <= 10 for r in group)
+            bias = 100 * statistics.fmean(e for r in group for e in r["errors"][v])
+            cells.append(
+                f"{statistics.fmean(_mae(r['errors'][v]) for r in group):.1f}% ({bias:+.1f}%), "
+                f"≤10% in {within}/{len(group)}"
+            )
+        lines.append(f"| **mean, {name} ({len(group)})** | " + " | ".join(cells) + " |")
+    lines.append("")
+    write_text(RESULTS / "refit.md", "\n".join(lines))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
