@@ -10,9 +10,9 @@ positions as the run recorded):
   placements all adapt every linear role, so on them the two are proportional; they differ only on
   placements of narrower or wider modules.
 
-    .venv/bin/python benchmarks/cost_refit.py [FOLDER ...]   # default: every run folder under results/cost
+    .venv/bin/python benchmarks/cost_refit.py [FOLDER ...] [--chosen-on A,B]   # default: every run under results/cost
 
-Writes results/cost/refit.{json,md}. ``--label`` marks the folders a variant was chosen on.
+Writes results/cost/refit.{json,md}. ``--chosen-on`` names the folders the statistic in use was chosen on.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ import numpy as np
 from cost import GRID  # this folder is on sys.path
 from scipy.optimize import nnls
 
+from layercard.artifacts import write_json, write_text
 from layercard.models.roles import parse_roles
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -98,8 +99,6 @@ def main() -> None:
     )
     runs = [task_run(f.resolve()) for f in folders]
     chosen_on = {s for s in args.chosen_on.split(",") if s}
-    from layercard.artifacts import write_json, write_text
-
     write_json(
         RESULTS / "refit.json",
         {
