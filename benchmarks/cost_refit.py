@@ -10,9 +10,10 @@ positions as the run recorded):
   placements all adapt every linear role, so on them the two are proportional; they differ only on
   placements of narrower or wider modules.
 
-    .venv/bin/python benchmarks/cost_refit.py [FOLDER ...] [--chosen-on A,B]   # default: every run under results/cost
+    .venv/bin/python benchmarks/cost_refit.py [FOLDER ...] [--chosen-on A,B]  # default: all of results/cost
 
-Writes results/cost/refit.{json,md}. ``--chosen-on`` names the folders the statistic in use was chosen on.
+Writes results/cost/refit.{json,md}. ``--chosen-on`` names the folders the statistic in use was chosen
+on.
 """
 
 from __future__ import annotations
