@@ -2,11 +2,12 @@
 
 benchmarks/placement_v2.py trained LoRA placements of six tasks on smollm2 (36 steps, lr 2e-3, each task's
 own card); its run files keep every placement's units and test loss. This script predicts each distinct
-placement's fraction of the reference's loss drop with the default quality model and with the candidate
-`saturation` form (its parameters from the pooled fit in results/quality/saturation.json), from the card
-placement_v2 measured for that task, and scores both against the measured fraction (mean over the
-placement's seeds). gsm8k, samsum, facts and format were used to fit neither; e2e_nlg and sst2 fitted both,
-on other placements. No model is loaded.
+placement's fraction of the reference's loss drop with the default quality model and with the other frozen
+forms in OTHERS (`params`, the default before it; `saturation`, its parameters from the pooled fit in
+results/quality/saturation.json), from the card placement_v2 measured for that task, and scores each
+against the measured fraction (mean over the placement's seeds) by its mean absolute error and its decision
+regret (budgets in parameter share). gsm8k, samsum, facts and format were used to fit none of them; e2e_nlg
+and sst2 fitted all, on other placements. No model is loaded.
 
     .venv/bin/python benchmarks/quality_confirm.py        # writes results/quality/confirm.{json,md}
 """
@@ -20,7 +21,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "benchmarks" / "results" / "quality"
 FITTED_ON = ("e2e_nlg", "sst2")
-CANDIDATE = "saturation"
+# Frozen forms scored beside the default: the default before it, and the curve-reading candidate.
+OTHERS = {"params": (0.03,), "saturation": None}  # None: the pooled seed-mean fit in saturation.json
 
 
 def placements(task: str) -> list[dict[str, Any]]:
@@ -48,14 +50,15 @@ def score() -> dict[str, Any]:
 
     from layercard.artifacts import read_json, write_json, write_text
     from layercard.card import Card
-    from layercard.plan.quality import ALL_FORMS, default_model, features
+    from layercard.plan.quality import ALL_FORMS, decision_regret, default_model, features
 
     summary = read_json(P.RESULTS / "summary.json")
     model = default_model()
-    cand = tuple(read_json(OUT / "saturation.json")["pooled"]["seed mean"]["params"])
+    sat = tuple(read_json(OUT / "saturation.json")["pooled"]["seed mean"]["params"])
+    others = {k: (v if v is not None else sat) for k, v in OTHERS.items()}
     out: dict[str, Any] = {
         "model": model.describe(),
-        "candidate": {"form": CANDIDATE, "params": list(cand)},
+        "others": {k: list(v) for k, v in others.items()},
         "steps": P.STEPS,
         "lr": P.LR,
         "tasks": {},
@@ -75,63 +78,87 @@ def score() -> dict[str, Any]:
                     "params_share": f.params,
                     "measured": (base - p["test_loss"]) / (base - ref),
                     "predicted": model.predict(f),
-                    "candidate": ALL_FORMS[CANDIDATE].fn(f, cand),
+                    "others": {k: ALL_FORMS[k].fn(f, v) for k, v in others.items()},
                     "steps_over_tau": f.steps_over_tau,
                 }
             )
         rows = [r for r in rows if abs(r["measured"] - 1.0) > 1e-12 or r["params_share"] < 0.999]
+        measured, shares = [r["measured"] for r in rows], [r["params_share"] for r in rows]
+
+        def scores(preds: list[float], measured=measured, shares=shares) -> dict[str, float]:
+            mae = statistics.mean(abs(p - m) for p, m in zip(preds, measured, strict=True))
+            return {"mae": mae, "regret": decision_regret(preds, measured, shares)[0]}
+
         out["tasks"][task] = {
             "fitted_on": task in FITTED_ON,
             "placements": len(rows),
             "steps_over_tau": rows[0]["steps_over_tau"] if rows else None,
-            "tau_steps": (P.STEPS / rows[0]["steps_over_tau"] * cand[1]) if rows else None,
-            "mae": statistics.mean(abs(r["predicted"] - r["measured"]) for r in rows),
-            "mae_candidate": statistics.mean(abs(r["candidate"] - r["measured"]) for r in rows),
+            "tau_steps": (P.STEPS / rows[0]["steps_over_tau"] * sat[1]) if rows else None,
+            "default": scores([r["predicted"] for r in rows]),
+            "others": {k: scores([r["others"][k] for r in rows]) for k in others},
             "runs": rows,
         }
     unseen = [t for t, v in out["tasks"].items() if not v["fitted_on"]]
-    out["unseen_mae"] = statistics.mean(out["tasks"][t]["mae"] for t in unseen)
-    out["unseen_mae_candidate"] = statistics.mean(out["tasks"][t]["mae_candidate"] for t in unseen)
+    out["unseen"] = {
+        name: {
+            stat: statistics.mean(
+                (v["default"] if name == "default" else v["others"][name])[stat]
+                for t, v in out["tasks"].items()
+                if t in unseen
+            )
+            for stat in ("mae", "regret")
+        }
+        for name in ("default", *others)
+    }
     write_json(OUT / "confirm.json", out)
     write_text(OUT / "confirm.md", _markdown(out))
     return out
 
 
 def _markdown(out: dict[str, Any]) -> str:
-    m, c = out["model"], out["candidate"]
+    m, others = out["model"], list(out["others"])
+    names = ["default", *others]
     lines = [
         "# Quality model on placements it was not fitted on",
         "",
-        f"The default model (`{m['form']}`, params {', '.join(f'{v:g}' for v in m['params'])}) and the "
-        f"candidate `{c['form']}` (γ, c, κ = {', '.join(f'{v:.4g}' for v in c['params'])}), frozen, "
-        "predicting every "
-        f"distinct LoRA placement benchmarks/placement_v2.py trained on smollm2 ({out['steps']} steps, lr "
-        f"{out['lr']:g}), from that benchmark's card of each task. Measured: the placement's fraction of the "
-        "reference's loss drop, mean over its seeds. gsm8k, samsum, facts and format fitted neither form. "
-        f"T/τ: the run's steps over the reference's time constant `{c['form']}` estimates from the card.",
+        f"The default model (`{m['form']}`, params {', '.join(f'{v:g}' for v in m['params'])}) and, frozen "
+        "beside it, "
+        + ", ".join(f"`{k}` ({', '.join(f'{v:.4g}' for v in p)})" for k, p in out["others"].items())
+        + ", predicting every distinct LoRA placement benchmarks/placement_v2.py trained on smollm2 "
+        f"({out['steps']} steps, lr {out['lr']:g}), from that benchmark's card of each task. Measured: the "
+        "placement's fraction of the reference's loss drop, mean over its seeds. gsm8k, samsum, facts and "
+        "format fitted none of them. Each cell: mean absolute error / decision regret (every placement's "
+        "parameter share taken as a budget; the measured fraction lost by picking the placement the form "
+        "predicts best within it instead of the best measured one). T/τ: the run's steps over the "
+        "reference's time constant `saturation` estimates from the card.",
         "",
-        f"| task | used to fit | placements | T/τ (τ in steps) | MAE, default | MAE, {c['form']} |",
-        "|---|---|---:|---|---:|---:|",
+        "| task | used to fit | placements | T/τ (τ in steps) | " + " | ".join(names) + " |",
+        "|---|---|---:|---|" + "---:|" * len(names),
     ]
     for t, v in out["tasks"].items():
+        cells = [v["default"]] + [v["others"][k] for k in others]
         lines.append(
             f"| {t} | {'yes (other placements)' if v['fitted_on'] else 'no'} | {v['placements']} | "
-            f"{out['steps'] / v['tau_steps']:.2f} ({v['tau_steps']:.1f}) | **{v['mae']:.3f}** | "
-            f"{v['mae_candidate']:.3f} |"
+            f"{out['steps'] / v['tau_steps']:.2f} ({v['tau_steps']:.1f}) | "
+            + " | ".join(f"{c['mae']:.3f} / {c['regret']:.3f}" for c in cells)
+            + " |"
         )
+    u = out["unseen"]
     lines += [
+        "| **mean, the four tasks used to fit none** | | | | "
+        + " | ".join(f"**{u[n]['mae']:.3f} / {u[n]['regret']:.3f}**" for n in names)
+        + " |",
         "",
-        f"Mean over the four tasks used to fit neither: default **{out['unseen_mae']:.3f}**, {c['form']} "
-        f"{out['unseen_mae_candidate']:.3f}.",
-        "",
-        f"| task | placement | seeds | params share | measured | default | {c['form']} |",
-        "|---|---|---:|---:|---:|---:|---:|",
+        "| task | placement | seeds | params share | measured | " + " | ".join(names) + " |",
+        "|---|---|---:|---:|---:|" + "---:|" * len(names),
     ]
     for t, v in out["tasks"].items():
         for r in v["runs"]:
+            preds = [r["predicted"]] + [r["others"][k] for k in others]
             lines.append(
                 f"| {t} | {r['label']} | {len(r['seeds'])} | {r['params_share']:.3f} | {r['measured']:.3f} | "
-                f"{r['predicted']:.3f} | {r['candidate']:.3f} |"
+                + " | ".join(f"{p:.3f}" for p in preds)
+                + " |"
             )
     lines.append("")
     return "\n".join(lines)
@@ -141,5 +168,4 @@ if __name__ == "__main__":
     import json
 
     res = score()
-    per = {t: {k: v[k] for k in ("placements", "mae", "mae_candidate")} for t, v in res["tasks"].items()}
-    print(json.dumps(per | {"unseen": [res["unseen_mae"], res["unseen_mae_candidate"]]}, indent=1))
+    print(json.dumps(res["unseen"], indent=1))

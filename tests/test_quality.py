@@ -112,6 +112,23 @@ def test_fit_recovers_a_known_exponent():
     assert worse > 0.05
 
 
+def test_decision_regret_of_known_orders():
+    costs = [1.0, 2.0, 3.0]
+    measured = [0.5, 0.9, 0.7]
+    # Ordered as measured, or off by a constant: nothing lost at any budget.
+    assert Q.decision_regret(measured, measured, costs) == (0.0, [0.0, 0.0, 0.0])
+    assert Q.decision_regret([m - 0.3 for m in measured], measured, costs)[0] == 0.0
+    # "More is better" picks the dearest that fits: at the budget 3 it takes 0.7 where 0.9 fits.
+    mean, each = Q.decision_regret(costs, measured, costs)
+    assert each == pytest.approx([0.0, 0.0, 0.2]) and mean == pytest.approx(0.2 / 3)
+    # A tie goes to the cheaper placement, as the planner breaks it.
+    assert Q.decision_regret([1.0, 1.0, 1.0], [0.5, 0.9, 0.9], costs)[1] == pytest.approx([0.0, 0.4, 0.4])
+    with pytest.raises(LayercardError, match="finite"):
+        Q.decision_regret([float("nan"), 1.0, 1.0], measured, costs)
+    with pytest.raises(LayercardError, match="equal"):
+        Q.decision_regret([1.0], measured, costs)
+
+
 def _search(card=None):
     card = card or _card()
     form = Q.FORMS["capacity"]
