@@ -417,8 +417,9 @@ def _markdown(out: dict[str, Any]) -> str:
         c = out["chosen"]
         lines += [
             "",
-            f"Chosen: **{c['form']}** (least cross-task error), parameters from the pooled fit "
-            f"{', '.join(f'{x:g}' for x in c['params'])}; expected error {c['expected_error']:.3f}.",
+            f"Least cross-task error: **{c['form']}**, parameters from the pooled fit "
+            f"{', '.join(f'{x:g}' for x in c['params'])}; error {c['expected_error']:.3f}. The default is "
+            "chosen from these forms by the placements they pick as well: decision.md (`decide`).",
         ]
     lines += ["", "## Runs", ""]
     forms = list(out["forms"])
@@ -939,6 +940,8 @@ def decide() -> dict[str, Any]:
             "form": chosen,
             "params": forms[chosen]["seed mean"]["pooled"]["params"],
             "expected_error": forms[chosen]["seed 0"]["cross_task_mae"],
+            # Plans consider no placement smaller than the runs it was fitted on (QualityModel).
+            "min_params_share": min(f.params for t in tasks for _, f in labelled["seed 0"][t]),
         },
     }
     write_json(RESULTS / "decision.json", out)
@@ -981,7 +984,8 @@ def _decision_markdown(out: dict[str, Any]) -> str:
     c = out["chosen"]
     lines += [
         "",
-        f"Rule (set on these two tasks, before any other task was scored with it): {out['rule']}. Eligible: {', '.join(out['eligible'])}.",
+        f"Rule (set on these two tasks, before any other task was scored with it): {out['rule']}. "
+        f"Eligible: {', '.join(out['eligible'])}.",
         f"Chosen: **{c['form']}**, parameters pooled on both tasks' seed means "
         f"({', '.join(f'{x:g}' for x in c['params'])}); expected error {c['expected_error']:.3f} "
         "(its cross-task MAE against seed 0).",

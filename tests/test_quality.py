@@ -183,6 +183,37 @@ def test_the_recommendation_stays_within_the_ranks_the_model_was_fitted_on():
     assert Q.default_model().max_rank == Q.REFERENCE_RANK
 
 
+def test_no_prediction_below_the_smallest_share_the_model_was_fitted_on_is_relied_on():
+    card = _card()
+    form = Q.FORMS["params"]
+    free = F.search(card, predict=lambda f: form.fn(f, (0.03,)))
+    floor = F.search(card, predict=lambda f: form.fn(f, (0.03,)), min_params_share=0.1)
+    ref = floor.reference["params"]
+    small = [c for c in free.candidates if c.costs["params"] < 0.1 * ref]
+    assert small and all(not floor.supported(c) for c in small)
+    # A target the smallest placements are predicted to reach: without the floor one of them is taken.
+    target = max(c.quality for c in small)
+    assert free.cheapest(target, "params").costs["params"] < 0.1 * ref
+    assert floor.cheapest(target, "params").costs["params"] >= 0.1 * ref
+    assert all(c.costs["params"] >= 0.1 * ref for c in floor.frontier("params"))
+    rule = floor.default_rule_for("peft-default", target, "params")
+    assert rule is None or rule.costs["params"] >= 0.1 * ref
+    with pytest.raises(LayercardError, match=r"below 0.1x the reference's parameters fit but are not"):
+        floor.recommend([Budget("params", 0.05, True)])
+
+
+def test_default_model_is_the_committed_decision():
+    import json
+    from pathlib import Path
+
+    decision = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "quality" / "decision.json"
+    chosen = json.loads(decision.read_text())["chosen"]
+    model = Q.default_model()
+    assert model.form == chosen["form"] and list(model.params) == chosen["params"]
+    assert model.expected_error == pytest.approx(chosen["expected_error"], abs=5e-4)
+    assert chosen["min_params_share"] - 1e-3 < model.min_params_share <= chosen["min_params_share"]
+
+
 def test_practitioner_rules_fit_the_budget_their_way():
     s = _search()
     budget = [Budget("params", 0.25, True)]

@@ -85,10 +85,18 @@ class Search:
     # The highest rank the quality model has evidence for: the recommendation, a target and the frontier
     # consider no candidate above it (the fixed rules still may, as their users would).
     max_rank: int | None = None
+    # The smallest parameter share it has evidence for: no prediction below it is relied on, a fixed rule's
+    # included (a target would otherwise be "reached" by an extrapolation).
+    min_params_share: float | None = None
+
+    def in_evidence(self, c: Candidate) -> bool:
+        """Whether ``c`` holds at least the smallest parameter share the quality model was fitted on."""
+        floor = self.min_params_share
+        return floor is None or c.costs["params"] >= floor * self.reference["params"] * (1 - 1e-9)
 
     def supported(self, c: Candidate) -> bool:
-        """Whether the quality model's prediction of ``c`` is within the ranks it was fitted on."""
-        return self.max_rank is None or c.rank <= self.max_rank
+        """Whether the quality model's prediction of ``c`` is within the ranks and sizes it was fitted on."""
+        return (self.max_rank is None or c.rank <= self.max_rank) and self.in_evidence(c)
 
     def _caps(self, budgets: Sequence[Budget]) -> list[tuple[str, float]]:
         for b in budgets:
@@ -108,13 +116,24 @@ class Search:
 
     def recommend(self, budgets: Sequence[Budget]) -> Candidate:
         """The highest predicted quality within every budget; ties go to fewer parameters."""
-        ok = [c for c in self.fitting(budgets) if self.supported(c)]
+        fitting = self.fitting(budgets)
+        ok = [c for c in fitting if self.supported(c)]
         if not ok:
             raise LayercardError(
                 f"budgets {', '.join(map(str, budgets))}: no placement fits; the least the search priced: "
                 + self._lowest(budgets)
+                + self._floor_note(fitting)
             )
         return max(ok, key=lambda c: (round(c.quality, 6), -c.costs["params"]))
+
+    def _floor_note(self, fitting: Sequence[Candidate]) -> str:
+        """Why placements that fit were left out, when the quality model's size floor is the reason."""
+        if any(not self.in_evidence(c) for c in fitting):
+            return (
+                f" (placements below {self.min_params_share:g}x the reference's parameters fit but are not "
+                "considered: the quality model was fitted on none that small)"
+            )
+        return ""
 
     def _lowest(self, budgets: Sequence[Budget]) -> str:
         """Each budgeted cost's lowest value over the candidates, absolute and relative to the reference, so
@@ -144,7 +163,8 @@ class Search:
         the higher predicted quality)."""
         if kind not in self.reference:
             raise LayercardError(f"target: cost {kind!r} is not known for this card")
-        allowed = [c for c in self.fitting(budgets) if self.supported(c)]
+        fitting = self.fitting(budgets)
+        allowed = [c for c in fitting if self.supported(c)]
         ok = [c for c in allowed if c.quality >= target]
         if not ok:
             best = max((c.quality for c in allowed), default=None)
@@ -152,6 +172,7 @@ class Search:
             raise LayercardError(
                 f"target {target:g}: no placement{within} is predicted to reach it"
                 + ("" if best is None else f" (the best is predicted at {best:.3f})")
+                + (self._floor_note(fitting) if not allowed else "")
             )
         return min(ok, key=lambda c: (c.costs[kind], -c.quality))
 
@@ -182,7 +203,7 @@ class Search:
     ) -> Candidate | None:
         """The cheapest placement of a rule predicted to reach ``target`` within the budgets, or None."""
         ok = {id(c) for c in self.fitting(budgets)}
-        reach = [c for c in self.family(rule) if id(c) in ok and c.quality >= target]
+        reach = [c for c in self.family(rule) if id(c) in ok and c.quality >= target and self.in_evidence(c)]
         return min(reach, key=lambda c: (c.costs[kind], -c.quality), default=None)
 
 
@@ -193,6 +214,7 @@ def search(
     costs: Callable[[Sequence[UnitRow], Sequence[int]], dict[str, float]] | None = None,
     ranks: Sequence[int] = RANKS,
     max_rank: int | None = None,
+    min_params_share: float | None = None,
 ) -> Search:
     """Price every candidate of the card: quality from ``predict``; parameters and modules from the units;
     the measured kinds (``step_time``, ``memory``, ``forward_s``) from ``costs`` where given."""
@@ -238,7 +260,7 @@ def search(
             reference.update(costs(units, [Q.REFERENCE_RANK] * len(units)))
     if not out:
         raise LayercardError("search: the card has no units of any matrix set (q,v, attention, mlp)")
-    return Search(card, tuple(out), reference, price, max_rank)
+    return Search(card, tuple(out), reference, price, max_rank, min_params_share)
 
 
 def summary_row(c: Candidate, reference: dict[str, float]) -> dict[str, Any]:

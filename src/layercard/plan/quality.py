@@ -411,6 +411,9 @@ class QualityModel:
     basis: str
     score: str = "gradnorm_energy"
     max_rank: int | None = None  # the highest rank in the runs it was fitted on; None: no limit
+    # The smallest parameter share in the runs it was fitted on; None: no limit. Below it a form's level
+    # is an extrapolation, and a flat one (γ near 0) extrapolates far too high.
+    min_params_share: float | None = None
 
     @property
     def is_fitted(self) -> bool:
@@ -426,6 +429,7 @@ class QualityModel:
             "score": self.score,
             "basis": self.basis,
             "max_rank": self.max_rank,
+            "min_params_share": self.min_params_share,
         }
 
 
@@ -439,12 +443,16 @@ class QualityModel:
 # γ = 0.01 is the grid's lowest, so capacity orders placements of equal coverage but moves the level little.
 # Its runs used ranks 2, 4 and 8; above 8 predicted capacity keeps growing while measured quality did not
 # (benchmarks/placement_v2.py on e2e_nlg and sst2: rank 32 on the last layers lost to rank 8 on more
-# layers), so plans search no higher.
+# layers), so plans search no higher. The smallest placement in those runs held 1/30 of the reference's
+# parameters (every linear module of one layer at rank 8); plans consider none smaller: with γ = 0.01 the
+# form puts the MLP of 4 spread layers at rank 1 (0.01 of the reference) at 0.97, where the measured MLP of
+# 8 spread layers at rank 2 (0.04) reached 0.91 on e2e_nlg.
 DEFAULT_MODEL = QualityModel(
     form="capacity_coverage",
     params=(2.0, 0.01, 0.05),
     expected_error=0.070,
     max_rank=REFERENCE_RANK,
+    min_params_share=0.0333,
     basis=(
         "benchmarks/quality.py on smollm2, 15 placements each of e2e_nlg and sst2 (36 steps): cross-task "
         "mean absolute error 0.070 (parameter share alone: 0.066; a constant: 0.073; the old set-gain "

@@ -47,7 +47,13 @@ def _costs_fn(card: Card) -> Any:
 def price(card: Card, model: Q.QualityModel | None = None) -> F.Search:
     """Every candidate of the card, priced with the quality model and the card's cost model."""
     model = model or Q.default_model()
-    return F.search(card, predict=model.predict, costs=_costs_fn(card), max_rank=model.max_rank)
+    return F.search(
+        card,
+        predict=model.predict,
+        costs=_costs_fn(card),
+        max_rank=model.max_rank,
+        min_params_share=model.min_params_share,
+    )
 
 
 def sentence(rec: F.Candidate, defaults: dict[str, F.Candidate | None], error: float | None) -> str:
