@@ -214,8 +214,8 @@ def predicted_quality(card: Any, plan: Any) -> float | None:
 # ----------------------------------------------------------------------------------------------- runs
 
 
-def _run_path(task: str, sig: str, seed: int) -> Path:
-    return RESULTS / "runs" / task / f"{sig}-s{seed}.json"
+def _run_path(task: str, sig: str, seed: int, runs: Path | None = None) -> Path:
+    return (runs or RESULTS / "runs") / task / f"{sig}-s{seed}.json"
 
 
 def _test_loss(loaded: Any, test: Any, s: TaskSetting, adapter: Path | None) -> float:
@@ -254,15 +254,17 @@ def train_and_score(
     label: str,
     extra: dict | None = None,
     keep: Path | None = None,
+    runs: Path | None = None,
 ) -> dict[str, Any]:
     """Train ``plan`` with ``seed`` (unless its run is on disk) and return the run record; ``keep``: copy
-    the trained adapter there (the trim part sweeps the reference's)."""
+    the trained adapter there (the trim part sweeps the reference's); ``runs``: another folder of runs
+    than this benchmark's own."""
     from layercard.artifacts import machine_info, read_json, write_json
     from layercard.train import train
 
     s: TaskSetting = ctx["setting"]
     sig = signature(plan, init)
-    path = _run_path(s.name, sig, seed)
+    path = _run_path(s.name, sig, seed, runs)
     if path.is_file() and (keep is None or keep.is_dir()):
         return read_json(path)
     cfg_extra = {"init": init} if init != "default" else {}

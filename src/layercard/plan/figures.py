@@ -28,7 +28,7 @@ def plot_frontier(plan: Any, path: str | Path, measured: dict[str, dict[str, flo
 
     pred = plan.predicted
     kinds = list(pred["frontier"])
-    fig, axes = plt.subplots(1, len(kinds), figsize=(5.2 * len(kinds), 4.2), squeeze=False)
+    fig, axes = plt.subplots(1, len(kinds), figsize=(7.0 * len(kinds), 4.2), squeeze=False)
     err = pred["quality"]["expected_error"]
     for ax, kind in zip(axes[0], kinds, strict=True):
         rows = pred["frontier"][kind]
@@ -65,13 +65,14 @@ def plot_frontier(plan: Any, path: str | Path, measured: dict[str, dict[str, flo
         ax.set_xlabel(_LABELS.get(kind, kind))
         ax.set_ylabel("fraction of the reference's loss drop")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="lower right")
+        # Beside the panel, not on it: the trained placements' points sit anywhere under the frontier.
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
     fig.suptitle(
         f"{plan.card['model_id']} · {plan.card['task']} · policy {plan.config['policy']}", fontsize=9
     )
     fig.tight_layout()
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
+        fig.savefig(tmp, dpi=110, format="png", bbox_inches="tight")
     plt.close(fig)
     return Path(path)
 

@@ -1,0 +1,201 @@
+"""The recommendation against the practitioners' rules under a tight parameter budget, measured.
+
+At params=0.25x the default quality model recommends the all-linear rule fitted to the budget, so that
+budget cannot show it doing better than the rules. At params=0.1x it departs from every rule. This script
+trains, per task, the recommendation and each rule fitted to that budget (and the pick of the previous
+default quality model, the parameter share), with placement benchmark v2's settings, cards, base and
+reference runs (smollm2, 36 steps, lr 2e-3; benchmarks/placement_v2.py), and reports their test losses
+and fractions of the reference's drop. The default tasks are the four the quality model was fitted on
+none of; nothing here is fitted.
+
+    .venv/bin/python benchmarks/tight_budget.py run [--tasks gsm8k,samsum,facts,format] [--seeds 0]
+    .venv/bin/python benchmarks/tight_budget.py summary
+
+Runs go to results/placement_v2/tight/runs/<task>/ (one JSON each: the script resumes); the summary to
+results/placement_v2/tight/tight.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import placement_v2 as P  # this folder is on sys.path
+
+BUDGET = "params=0.1x"
+CANDIDATES = ("recommend", "previous-default", "peft-default", "all-linear", "last-n")
+UNSEEN = ("gsm8k", "samsum", "facts", "format")
+OUT = P.RESULTS / "tight"
+
+
+def _plan(card: Any, candidate: str) -> tuple[Any, str | None]:
+    if candidate != "previous-default":
+        return P.plan_for(card, candidate, BUDGET)
+    from layercard import PlanConfig
+    from layercard.plan.quality import QualityModel
+    from layercard.plan.recommend import search_plan
+
+    previous = QualityModel("params", (0.03,), expected_error=0.066, basis="the default before", max_rank=8)
+    cfg = PlanConfig(policy="recommend", budget=BUDGET)
+    return search_plan(card, cfg, model=previous), None
+
+
+def _reference_loss(task: str) -> float:
+    from layercard.artifacts import read_json
+
+    sig = read_json(P.RESULTS / "cells" / f"{task}.json")["reference|reference"]["signature"]
+    return float(read_json(P._run_path(task, sig, 0))["test_loss"])
+
+
+def run(tasks: list[str], seeds: tuple[int, ...], threads: int) -> None:
+    import torch
+
+    from layercard import load_model, load_task
+    from layercard.artifacts import read_json, write_json
+
+    torch.set_num_threads(threads)
+    loaded = load_model("smollm2")
+    for name in tasks:
+        s = P.TASKS[name]
+        train_task = load_task(s.train).subset(P.TRAIN_EXAMPLES, seed=0)
+        test = load_task(s.test).subset(s.test_examples, seed=0)
+        card = P._card(loaded, train_task, s)  # the committed card: measured once, reused
+        ctx = {"loaded": loaded, "setting": s, "train": train_task, "test": test, "card": card}
+        P._base(ctx)
+        ledger_path = OUT / "cells" / f"{name}.json"
+        ledger = read_json(ledger_path) if ledger_path.is_file() else {}
+        for c in CANDIDATES:
+            plan, why = _plan(card, c)
+            ledger[c] = {"signature": None if plan is None else P.signature(plan), "why": why}
+            write_json(ledger_path, ledger)
+            if plan is None:
+                print(f"{name} {c}: does not fit ({why})", flush=True)
+                continue
+            for seed in seeds:
+                P.train_and_score(ctx, plan, seed, label=f"{BUDGET} {c}", runs=OUT / "runs")
+
+
+def summary() -> dict[str, Any]:
+    from layercard.artifacts import read_json, write_json, write_text
+    from layercard.plan.frontier import row_label
+
+    out: dict[str, Any] = {"budget": BUDGET, "steps": P.STEPS, "lr": P.LR, "date": time.strftime("%Y-%m-%d"),
+                           "tasks": {}}  # fmt: skip
+    for ledger_path in sorted((OUT / "cells").glob("*.json")):
+        task = ledger_path.stem
+        base = float(read_json(P.RESULTS / "runs" / task / "base.json")["test_loss"])
+        ref = _reference_loss(task)
+        rows = []
+        for c, cell in read_json(ledger_path).items():
+            if cell["signature"] is None:
+                rows.append({"candidate": c, "fits": False, "why": cell["why"]})
+                continue
+            runs = [read_json(p) for p in sorted((OUT / "runs" / task).glob(f"{cell['signature']}-s*.json"))]
+            if not runs:
+                continue
+            loss = statistics.mean(r["test_loss"] for r in runs)
+            r0 = runs[0]
+            plan_row = {"matrices": _matrices(r0), "layers": _layers(r0), "rank": _rank(r0)}
+            rows.append(
+                {
+                    "candidate": c,
+                    "fits": True,
+                    "signature": cell["signature"],
+                    "placement": row_label(plan_row),
+                    "params": r0["params"],
+                    "seeds": [r["seed"] for r in runs],
+                    "test_loss": loss,
+                    "fraction": (base - loss) / (base - ref),
+                    "predicted": r0["predicted_quality"],
+                    "s_per_step": statistics.mean(r["metrics"]["s_per_step"] for r in runs),
+                }
+            )
+        out["tasks"][task] = {"base_loss": base, "reference_loss": ref, "rows": rows}
+    write_json(OUT / "tight.json", out)
+    write_text(OUT / "tight.md", _markdown(out))
+    return out
+
+
+def _matrices(r: dict[str, Any]) -> str:
+    from layercard.plan.frontier import MATRICES
+
+    roles = {u[1] for u in r["units"]}
+    return next((k for k, v in MATRICES.items() if set(v) == roles), ",".join(sorted(roles)))
+
+
+def _layers(r: dict[str, Any]) -> str:
+    layers = sorted({u[0] for u in r["units"]})
+    if len(layers) == 30:
+        return "all"
+    if layers == list(range(30 - len(layers), 30)):
+        return f"last-{len(layers)}"
+    return f"{len(layers)} layers {layers[0]}–{layers[-1]}"
+
+
+def _rank(r: dict[str, Any]) -> int:
+    return max(u[2] for u in r["units"])
+
+
+def _markdown(out: dict[str, Any]) -> str:
+    lines = [
+        f"# The recommendation against the rules at {out['budget']}",
+        "",
+        f"smollm2, {out['steps']} steps, lr {out['lr']:g}, placement benchmark v2's settings, cards, base "
+        "and reference runs. `previous-default`: what the parameter-share quality model (the default before "
+        "`capacity_coverage`) recommends at this budget. Fraction: the test-loss drop from the base model "
+        "as a fraction of the reference's (every linear module of every layer at rank 8). Candidates that "
+        "land on the same placement share one run. None of these tasks was used to fit the quality model.",
+        "",
+        "| task | candidate | placement | params | seeds | test loss | fraction | predicted | s/step |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    wins = []
+    for task, t in out["tasks"].items():
+        fitted = [r for r in t["rows"] if r["fits"]]
+        best = min((r["test_loss"] for r in fitted), default=None)
+        for r in t["rows"]:
+            if not r["fits"]:
+                lines.append(f"| {task} | {r['candidate']} | does not fit | | | | | | |")
+                continue
+            mark = "**" if r["test_loss"] == best else ""
+            lines.append(
+                f"| {task} | {r['candidate']} | {r['placement']} | {r['params']:,} | {len(r['seeds'])} | "
+                f"{mark}{r['test_loss']:.4f}{mark} | {r['fraction']:.3f} | {r['predicted']:.3f} | "
+                f"{r['s_per_step']:.2f} |"
+            )
+        rec = next((r for r in fitted if r["candidate"] == "recommend"), None)
+        rules = [r for r in fitted if r["candidate"] in P.RULES]
+        if rec is not None and rules:
+            best_rule = min(rules, key=lambda r: r["test_loss"])
+            wins.append((task, rec["test_loss"] - best_rule["test_loss"], best_rule["candidate"]))
+    lines += [
+        "",
+        "Recommendation minus the best rule fitted to the same budget, test loss (negative: better):",
+        "",
+    ]
+    lines += [f"- {task}: {d:+.4f} (against {rule})" for task, d, rule in wins]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("what", choices=("run", "summary"))
+    ap.add_argument("--tasks", default=",".join(UNSEEN))
+    ap.add_argument("--seeds", default="0", help="comma-separated training seeds")
+    ap.add_argument("--threads", type=int, default=2)
+    a = ap.parse_args()
+    if a.what == "run":
+        tasks = a.tasks.split(",")
+        bad = [t for t in tasks if t not in P.TASKS]
+        if bad:
+            raise SystemExit(f"--tasks: unknown task {bad[0]!r}; valid: {', '.join(P.TASKS)}")
+        run(tasks, tuple(int(x) for x in a.seeds.split(",")), a.threads)
+    res = summary()
+    print(Path(OUT / "tight.md").read_text() if res["tasks"] else "no runs yet")
+
+
+if __name__ == "__main__":
+    main()
