@@ -108,9 +108,11 @@ def summary() -> dict[str, Any]:
                     "params": r0["params"],
                     "seeds": [r["seed"] for r in runs],
                     "test_loss": loss,
+                    "test_loss_range": max(r["test_loss"] for r in runs) - min(r["test_loss"] for r in runs),
                     "fraction": (base - loss) / (base - ref),
                     "predicted": r0["predicted_quality"],
                     "s_per_step": statistics.mean(r["metrics"]["s_per_step"] for r in runs),
+                    "peak_memory_mib": statistics.mean(r["metrics"]["peak_memory_mib"] for r in runs),
                 }
             )
         out["tasks"][task] = {"base_loss": base, "reference_loss": ref, "rows": rows}
@@ -149,8 +151,9 @@ def _markdown(out: dict[str, Any]) -> str:
         "as a fraction of the reference's (every linear module of every layer at rank 8). Candidates that "
         "land on the same placement share one run. None of these tasks was used to fit the quality model.",
         "",
-        "| task | candidate | placement | params | seeds | test loss | fraction | predicted | s/step |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|",
+        "| task | candidate | placement | params | seeds | test loss (range over seeds) | fraction "
+        "| predicted | s/step | peak MiB |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     wins = []
     for task, t in out["tasks"].items():
@@ -158,25 +161,28 @@ def _markdown(out: dict[str, Any]) -> str:
         best = min((r["test_loss"] for r in fitted), default=None)
         for r in t["rows"]:
             if not r["fits"]:
-                lines.append(f"| {task} | {r['candidate']} | does not fit | | | | | | |")
+                lines.append(f"| {task} | {r['candidate']} | does not fit | | | | | | | |")
                 continue
             mark = "**" if r["test_loss"] == best else ""
             lines.append(
                 f"| {task} | {r['candidate']} | {r['placement']} | {r['params']:,} | {len(r['seeds'])} | "
-                f"{mark}{r['test_loss']:.4f}{mark} | {r['fraction']:.3f} | {r['predicted']:.3f} | "
-                f"{r['s_per_step']:.2f} |"
+                f"{mark}{r['test_loss']:.4f}{mark} ({r['test_loss_range']:.4f}) | {r['fraction']:.3f} | "
+                f"{r['predicted']:.3f} | "
+                f"{r['s_per_step']:.2f} | {r['peak_memory_mib']:,.0f} |"
             )
         rec = next((r for r in fitted if r["candidate"] == "recommend"), None)
         rules = [r for r in fitted if r["candidate"] in P.RULES]
         if rec is not None and rules:
             best_rule = min(rules, key=lambda r: r["test_loss"])
-            wins.append((task, rec["test_loss"] - best_rule["test_loss"], best_rule["candidate"]))
+            noise = max(rec["test_loss_range"], best_rule["test_loss_range"])
+            wins.append((task, rec["test_loss"] - best_rule["test_loss"], best_rule["candidate"], noise))
     lines += [
         "",
-        "Recommendation minus the best rule fitted to the same budget, test loss (negative: better):",
+        "Recommendation minus the best rule fitted to the same budget, mean test loss (negative: better), "
+        "beside the larger of the two placements' ranges over seeds:",
         "",
     ]
-    lines += [f"- {task}: {d:+.4f} (against {rule})" for task, d, rule in wins]
+    lines += [f"- {task}: {d:+.4f} (against {rule}; range {n:.4f})" for task, d, rule, n in wins]
     return "\n".join(lines) + "\n"
 
 
