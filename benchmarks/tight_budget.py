@@ -1,14 +1,14 @@
-"""The recommendation against the practitioners' rules under a tight parameter budget, measured.
+"""The recommendation against the practitioners' rules where it departs from them, measured.
 
 At params=0.25x the default quality model recommends the all-linear rule fitted to the budget, so that
-budget cannot show it doing better than the rules. At params=0.1x it departs from every rule. This script
-trains, per task, the recommendation and each rule fitted to that budget (and the pick of the previous
-default quality model, the parameter share), with placement benchmark v2's settings, cards, base and
-reference runs (smollm2, 36 steps, lr 2e-3; benchmarks/placement_v2.py), and reports their test losses
-and fractions of the reference's drop. The default tasks are the four the quality model was fitted on
-none of; nothing here is fitted.
+budget cannot show it doing better than the rules. At params=0.1x, and under step_time=0.7x, it departs
+from every rule. This script trains, per task and budget, the recommendation and each rule fitted to the
+budget (and the pick of the previous default quality model, the parameter share), with placement
+benchmark v2's settings, cards, base and reference runs (smollm2, 36 steps, lr 2e-3;
+benchmarks/placement_v2.py), and reports their test losses and fractions of the reference's drop. The
+default tasks are the four the quality model was fitted on none of; nothing here is fitted.
 
-    .venv/bin/python benchmarks/tight_budget.py run [--tasks gsm8k,samsum,facts,format] [--seeds 0]
+    .venv/bin/python benchmarks/tight_budget.py run [--budget params=0.1x] [--tasks ...] [--seeds 0]
     .venv/bin/python benchmarks/tight_budget.py summary
 
 Runs go to results/placement_v2/tight/runs/<task>/ (one JSON each: the script resumes); the summary to
@@ -25,21 +25,21 @@ from typing import Any
 
 import placement_v2 as P  # this folder is on sys.path
 
-BUDGET = "params=0.1x"
+BUDGETS = ("params=0.1x", "step_time=0.7x")
 CANDIDATES = ("recommend", "previous-default", "peft-default", "all-linear", "last-n")
 UNSEEN = ("gsm8k", "samsum", "facts", "format")
 OUT = P.RESULTS / "tight"
 
 
-def _plan(card: Any, candidate: str) -> tuple[Any, str | None]:
+def _plan(card: Any, candidate: str, budget: str) -> tuple[Any, str | None]:
     if candidate != "previous-default":
-        return P.plan_for(card, candidate, BUDGET)
+        return P.plan_for(card, candidate, budget)
     from layercard import PlanConfig
     from layercard.plan.quality import QualityModel
     from layercard.plan.recommend import search_plan
 
     previous = QualityModel("params", (0.03,), expected_error=0.066, basis="the default before", max_rank=8)
-    cfg = PlanConfig(policy="recommend", budget=BUDGET)
+    cfg = PlanConfig(policy="recommend", budget=budget)
     return search_plan(card, cfg, model=previous), None
 
 
@@ -50,11 +50,20 @@ def _reference_loss(task: str) -> float:
     return float(read_json(P._run_path(task, sig, 0))["test_loss"])
 
 
-def run(tasks: list[str], seeds: tuple[int, ...], threads: int) -> None:
+def _ledger(task: str) -> dict[str, dict[str, Any]]:
+    """The (budget|candidate) → run ledger of one task; a key without a budget is params=0.1x's."""
+    from layercard.artifacts import read_json
+
+    path = OUT / "cells" / f"{task}.json"
+    cells = read_json(path) if path.is_file() else {}
+    return {(k if "|" in k else f"{BUDGETS[0]}|{k}"): v for k, v in cells.items()}
+
+
+def run(budget: str, tasks: list[str], seeds: tuple[int, ...], threads: int) -> None:
     import torch
 
     from layercard import load_model, load_task
-    from layercard.artifacts import read_json, write_json
+    from layercard.artifacts import write_json
 
     torch.set_num_threads(threads)
     loaded = load_model("smollm2")
@@ -65,31 +74,34 @@ def run(tasks: list[str], seeds: tuple[int, ...], threads: int) -> None:
         card = P._card(loaded, train_task, s)  # the committed card: measured once, reused
         ctx = {"loaded": loaded, "setting": s, "train": train_task, "test": test, "card": card}
         P._base(ctx)
-        ledger_path = OUT / "cells" / f"{name}.json"
-        ledger = read_json(ledger_path) if ledger_path.is_file() else {}
+        ledger = _ledger(name)
         for c in CANDIDATES:
-            plan, why = _plan(card, c)
-            ledger[c] = {"signature": None if plan is None else P.signature(plan), "why": why}
-            write_json(ledger_path, ledger)
+            plan, why = _plan(card, c, budget)
+            ledger[f"{budget}|{c}"] = {"signature": None if plan is None else P.signature(plan), "why": why}
+            write_json(OUT / "cells" / f"{name}.json", ledger)
             if plan is None:
                 print(f"{name} {c}: does not fit ({why})", flush=True)
                 continue
             for seed in seeds:
-                P.train_and_score(ctx, plan, seed, label=f"{BUDGET} {c}", runs=OUT / "runs")
+                P.train_and_score(ctx, plan, seed, label=f"{budget} {c}", runs=OUT / "runs")
 
 
 def summary() -> dict[str, Any]:
     from layercard.artifacts import read_json, write_json, write_text
     from layercard.plan.frontier import row_label
 
-    out: dict[str, Any] = {"budget": BUDGET, "steps": P.STEPS, "lr": P.LR, "date": time.strftime("%Y-%m-%d"),
-                           "tasks": {}}  # fmt: skip
+    out: dict[str, Any] = {"steps": P.STEPS, "lr": P.LR, "date": time.strftime("%Y-%m-%d"), "budgets": {}}
     for ledger_path in sorted((OUT / "cells").glob("*.json")):
         task = ledger_path.stem
         base = float(read_json(P.RESULTS / "runs" / task / "base.json")["test_loss"])
         ref = _reference_loss(task)
-        rows = []
-        for c, cell in read_json(ledger_path).items():
+        for key, cell in _ledger(task).items():
+            budget, c = key.split("|")
+            rows = (
+                out["budgets"]
+                .setdefault(budget, {})
+                .setdefault(task, {"base_loss": base, "reference_loss": ref, "rows": []})["rows"]
+            )
             if cell["signature"] is None:
                 rows.append({"candidate": c, "fits": False, "why": cell["why"]})
                 continue
@@ -115,7 +127,6 @@ def summary() -> dict[str, Any]:
                     "peak_memory_mib": statistics.mean(r["metrics"]["peak_memory_mib"] for r in runs),
                 }
             )
-        out["tasks"][task] = {"base_loss": base, "reference_loss": ref, "rows": rows}
     write_json(OUT / "tight.json", out)
     write_text(OUT / "tight.md", _markdown(out))
     return out
@@ -143,52 +154,57 @@ def _rank(r: dict[str, Any]) -> int:
 
 def _markdown(out: dict[str, Any]) -> str:
     lines = [
-        f"# The recommendation against the rules at {out['budget']}",
+        "# The recommendation against the rules where it departs from them",
         "",
         f"smollm2, {out['steps']} steps, lr {out['lr']:g}, placement benchmark v2's settings, cards, base "
         "and reference runs. `previous-default`: what the parameter-share quality model (the default before "
-        "`capacity_coverage`) recommends at this budget. Fraction: the test-loss drop from the base model "
+        "`capacity_coverage`) recommends at the budget. Fraction: the test-loss drop from the base model "
         "as a fraction of the reference's (every linear module of every layer at rank 8). Candidates that "
         "land on the same placement share one run. None of these tasks was used to fit the quality model.",
-        "",
-        "| task | candidate | placement | params | seeds | test loss (range over seeds) | fraction "
-        "| predicted | s/step | peak MiB |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    wins = []
-    for task, t in out["tasks"].items():
-        fitted = [r for r in t["rows"] if r["fits"]]
-        best = min((r["test_loss"] for r in fitted), default=None)
-        for r in t["rows"]:
-            if not r["fits"]:
-                lines.append(f"| {task} | {r['candidate']} | does not fit | | | | | | | |")
-                continue
-            mark = "**" if r["test_loss"] == best else ""
-            lines.append(
-                f"| {task} | {r['candidate']} | {r['placement']} | {r['params']:,} | {len(r['seeds'])} | "
-                f"{mark}{r['test_loss']:.4f}{mark} ({r['test_loss_range']:.4f}) | {r['fraction']:.3f} | "
-                f"{r['predicted']:.3f} | "
-                f"{r['s_per_step']:.2f} | {r['peak_memory_mib']:,.0f} |"
-            )
-        rec = next((r for r in fitted if r["candidate"] == "recommend"), None)
-        rules = [r for r in fitted if r["candidate"] in P.RULES]
-        if rec is not None and rules:
-            best_rule = min(rules, key=lambda r: r["test_loss"])
-            noise = max(rec["test_loss_range"], best_rule["test_loss_range"])
-            wins.append((task, rec["test_loss"] - best_rule["test_loss"], best_rule["candidate"], noise))
-    lines += [
-        "",
-        "Recommendation minus the best rule fitted to the same budget, mean test loss (negative: better), "
-        "beside the larger of the two placements' ranges over seeds:",
-        "",
-    ]
-    lines += [f"- {task}: {d:+.4f} (against {rule}; range {n:.4f})" for task, d, rule, n in wins]
+    for budget, tasks in out["budgets"].items():
+        lines += [
+            "",
+            f"## {budget}",
+            "",
+            "| task | candidate | placement | params | seeds | test loss (range over seeds) | fraction "
+            "| predicted | s/step | peak MiB |",
+            "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        wins = []
+        for task, t in tasks.items():
+            fitted = [r for r in t["rows"] if r["fits"]]
+            best = min((r["test_loss"] for r in fitted), default=None)
+            for r in t["rows"]:
+                if not r["fits"]:
+                    lines.append(f"| {task} | {r['candidate']} | does not fit | | | | | | | |")
+                    continue
+                mark = "**" if r["test_loss"] == best else ""
+                lines.append(
+                    f"| {task} | {r['candidate']} | {r['placement']} | {r['params']:,} | {len(r['seeds'])} | "
+                    f"{mark}{r['test_loss']:.4f}{mark} ({r['test_loss_range']:.4f}) | {r['fraction']:.3f} | "
+                    f"{r['predicted']:.3f} | {r['s_per_step']:.2f} | {r['peak_memory_mib']:,.0f} |"
+                )
+            rec = next((r for r in fitted if r["candidate"] == "recommend"), None)
+            rules = [r for r in fitted if r["candidate"] in P.RULES]
+            if rec is not None and rules:
+                best_rule = min(rules, key=lambda r: r["test_loss"])
+                noise = max(rec["test_loss_range"], best_rule["test_loss_range"])
+                wins.append((task, rec["test_loss"] - best_rule["test_loss"], best_rule["candidate"], noise))
+        lines += [
+            "",
+            "Recommendation minus the best rule fitted to the same budget, mean test loss (negative: "
+            "better), beside the larger of the two placements' ranges over seeds:",
+            "",
+        ]
+        lines += [f"- {task}: {d:+.4f} (against {rule}; range {n:.4f})" for task, d, rule, n in wins]
     return "\n".join(lines) + "\n"
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("what", choices=("run", "summary"))
+    ap.add_argument("--budget", default=BUDGETS[0], choices=BUDGETS)
     ap.add_argument("--tasks", default=",".join(UNSEEN))
     ap.add_argument("--seeds", default="0", help="comma-separated training seeds")
     ap.add_argument("--threads", type=int, default=2)
@@ -198,9 +214,9 @@ def main() -> None:
         bad = [t for t in tasks if t not in P.TASKS]
         if bad:
             raise SystemExit(f"--tasks: unknown task {bad[0]!r}; valid: {', '.join(P.TASKS)}")
-        run(tasks, tuple(int(x) for x in a.seeds.split(",")), a.threads)
+        run(a.budget, tasks, tuple(int(x) for x in a.seeds.split(",")), a.threads)
     res = summary()
-    print(Path(OUT / "tight.md").read_text() if res["tasks"] else "no runs yet")
+    print(Path(OUT / "tight.md").read_text() if res["budgets"] else "no runs yet")
 
 
 if __name__ == "__main__":
