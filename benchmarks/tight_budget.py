@@ -198,6 +198,18 @@ def _markdown(out: dict[str, Any]) -> str:
             "",
         ]
         lines += [f"- {task}: {d:+.4f} (against {rule}; range {n:.4f})" for task, d, rule, n in wins]
+        # Each distinct placement once per task: a rule that lands on another's placement shares its run.
+        errs = [
+            abs(r["predicted"] - r["fraction"])
+            for t in tasks.values()
+            for r in {r["signature"]: r for r in t["rows"] if r["fits"]}.values()
+        ]
+        if errs:
+            lines += [
+                "",
+                f"The default quality model's mean absolute error over these {len(errs)} distinct placements "
+                f"(seed means): {statistics.mean(errs):.3f}.",
+            ]
     return "\n".join(lines) + "\n"
 
 
