@@ -51,12 +51,11 @@ def _reference_loss(task: str) -> float:
 
 
 def _ledger(task: str) -> dict[str, dict[str, Any]]:
-    """The (budget|candidate) → run ledger of one task; a key without a budget is params=0.1x's."""
+    """The ``budget|candidate`` → run ledger of one task (a placement that cannot fit keeps its reason)."""
     from layercard.artifacts import read_json
 
     path = OUT / "cells" / f"{task}.json"
-    cells = read_json(path) if path.is_file() else {}
-    return {(k if "|" in k else f"{BUDGETS[0]}|{k}"): v for k, v in cells.items()}
+    return read_json(path) if path.is_file() else {}
 
 
 def run(budget: str, tasks: list[str], seeds: tuple[int, ...], threads: int) -> None:
