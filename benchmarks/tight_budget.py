@@ -43,11 +43,13 @@ def _plan(card: Any, candidate: str, budget: str) -> tuple[Any, str | None]:
     return search_plan(card, cfg, model=previous), None
 
 
-def _reference_loss(task: str) -> float:
+def _reference(task: str) -> tuple[float, int]:
+    """The reference run's test loss and its layer count (it adapts every layer)."""
     from layercard.artifacts import read_json
 
     sig = read_json(P.RESULTS / "cells" / f"{task}.json")["reference|reference"]["signature"]
-    return float(read_json(P._run_path(task, sig, 0))["test_loss"])
+    run = read_json(P._run_path(task, sig, 0))
+    return float(run["test_loss"]), len(run["layers"])
 
 
 def _ledger(task: str) -> dict[str, dict[str, Any]]:
@@ -93,7 +95,7 @@ def summary() -> dict[str, Any]:
     for ledger_path in sorted((OUT / "cells").glob("*.json")):
         task = ledger_path.stem
         base = float(read_json(P.RESULTS / "runs" / task / "base.json")["test_loss"])
-        ref = _reference_loss(task)
+        ref, n_layers = _reference(task)
         for key, cell in _ledger(task).items():
             budget, c = key.split("|")
             rows = (
@@ -109,7 +111,7 @@ def summary() -> dict[str, Any]:
                 continue
             loss = statistics.mean(r["test_loss"] for r in runs)
             r0 = runs[0]
-            plan_row = {"matrices": _matrices(r0), "layers": _layers(r0), "rank": _rank(r0)}
+            plan_row = {"matrices": _matrices(r0), "layers": _layers(r0, n_layers), "rank": _rank(r0)}
             rows.append(
                 {
                     "candidate": c,
@@ -138,11 +140,11 @@ def _matrices(r: dict[str, Any]) -> str:
     return next((k for k, v in MATRICES.items() if set(v) == roles), ",".join(sorted(roles)))
 
 
-def _layers(r: dict[str, Any]) -> str:
+def _layers(r: dict[str, Any], n_layers: int) -> str:
     layers = sorted({u[0] for u in r["units"]})
-    if len(layers) == 30:
+    if len(layers) == n_layers:
         return "all"
-    if layers == list(range(30 - len(layers), 30)):
+    if layers == list(range(n_layers - len(layers), n_layers)):
         return f"last-{len(layers)}"
     return f"{len(layers)} layers {layers[0]}–{layers[-1]}"
 
