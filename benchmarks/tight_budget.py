@@ -25,7 +25,7 @@ from typing import Any
 
 import placement_v2 as P  # this folder is on sys.path
 
-BUDGETS = ("params=0.1x", "step_time=0.7x")
+BUDGETS = ("params=0.1x", "step_time=0.7x", "params=0.15x", "params=0.05x")
 CANDIDATES = ("recommend", "previous-default", "peft-default", "all-linear", "last-n")
 UNSEEN = ("gsm8k", "samsum", "facts", "format")
 OUT = P.RESULTS / "tight"
@@ -60,7 +60,13 @@ def _ledger(task: str) -> dict[str, dict[str, Any]]:
     return read_json(path) if path.is_file() else {}
 
 
-def run(budget: str, tasks: list[str], seeds: tuple[int, ...], threads: int) -> None:
+def run(
+    budget: str,
+    tasks: list[str],
+    seeds: tuple[int, ...],
+    threads: int,
+    candidates: tuple[str, ...] = CANDIDATES,
+) -> None:
     import torch
 
     from layercard import load_model, load_task
@@ -76,7 +82,7 @@ def run(budget: str, tasks: list[str], seeds: tuple[int, ...], threads: int) -> 
         ctx = {"loaded": loaded, "setting": s, "train": train_task, "test": test, "card": card}
         P._base(ctx)
         ledger = _ledger(name)
-        for c in CANDIDATES:
+        for c in candidates:
             plan, why = _plan(card, c, budget)
             ledger[f"{budget}|{c}"] = {"signature": None if plan is None else P.signature(plan), "why": why}
             write_json(OUT / "cells" / f"{name}.json", ledger)
@@ -221,13 +227,22 @@ def main() -> None:
     ap.add_argument("--tasks", default=",".join(UNSEEN))
     ap.add_argument("--seeds", default="0", help="comma-separated training seeds")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument(
+        "--candidates", default=",".join(CANDIDATES), help="comma-separated, of: " + ", ".join(CANDIDATES)
+    )
     a = ap.parse_args()
     if a.what == "run":
         tasks = a.tasks.split(",")
         bad = [t for t in tasks if t not in P.TASKS]
         if bad:
             raise SystemExit(f"--tasks: unknown task {bad[0]!r}; valid: {', '.join(P.TASKS)}")
-        run(a.budget, tasks, tuple(int(x) for x in a.seeds.split(",")), a.threads)
+        cands = tuple(a.candidates.split(","))
+        unknown = [c for c in cands if c not in CANDIDATES]
+        if unknown:
+            raise SystemExit(
+                f"--candidates: unknown candidate {unknown[0]!r}; valid: {', '.join(CANDIDATES)}"
+            )
+        run(a.budget, tasks, tuple(int(x) for x in a.seeds.split(",")), a.threads, cands)
     res = summary()
     print(Path(OUT / "tight.md").read_text() if res["budgets"] else "no runs yet")
 
