@@ -129,14 +129,37 @@ def summary() -> dict[str, Any]:
                     "test_loss": loss,
                     "test_loss_range": max(r["test_loss"] for r in runs) - min(r["test_loss"] for r in runs),
                     "fraction": (base - loss) / (base - ref),
+                    "fraction_by_seed": [(base - r["test_loss"]) / (base - ref) for r in runs],
                     "predicted": r0["predicted_quality"],
                     "s_per_step": statistics.mean(r["metrics"]["s_per_step"] for r in runs),
                     "peak_memory_mib": statistics.mean(r["metrics"]["peak_memory_mib"] for r in runs),
                 }
             )
+    out["seed_noise"] = _seed_noise(out)
     write_json(OUT / "tight.json", out)
     write_text(OUT / "tight.md", _markdown(out))
     return out
+
+
+def _seed_noise(out: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """Per task, over its distinct placements trained at three or more seeds: how far one run's fraction
+    lies from the mean of the same placement's runs at the other seeds (what a quality model scored
+    against single runs misses by even when it predicts that mean exactly)."""
+    by_task: dict[str, dict[str, list[float]]] = {}
+    for tasks in out["budgets"].values():
+        for task, t in tasks.items():
+            for r in t["rows"]:
+                if r["fits"] and len(r["fraction_by_seed"]) >= 3:
+                    by_task.setdefault(task, {})[r["signature"]] = r["fraction_by_seed"]
+    res = {}
+    for task, placements in sorted(by_task.items()):
+        gaps = [
+            abs(v - statistics.mean(fr[:i] + fr[i + 1 :]))
+            for fr in placements.values()
+            for i, v in enumerate(fr)
+        ]
+        res[task] = {"placements": len(placements), "one_run_vs_other_seeds_mean": statistics.mean(gaps)}
+    return res
 
 
 def _matrices(r: dict[str, Any]) -> str:
@@ -217,6 +240,19 @@ def _markdown(out: dict[str, Any]) -> str:
                 f"The default quality model's mean absolute error over these {len(errs)} distinct placements "
                 f"(seed means): {statistics.mean(errs):.3f}.",
             ]
+    if out.get("seed_noise"):
+        lines += [
+            "",
+            "## Seed noise",
+            "",
+            "One run's fraction against the mean of the same placement's runs at the other seeds, over each "
+            "task's distinct placements trained at 3 seeds: "
+            + "; ".join(
+                f"{t} {v['one_run_vs_other_seeds_mean']:.3f} ({v['placements']} placements)"
+                for t, v in out["seed_noise"].items()
+            )
+            + ".",
+        ]
     return "\n".join(lines) + "\n"
 
 
