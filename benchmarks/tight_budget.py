@@ -138,7 +138,58 @@ def summary() -> dict[str, Any]:
     out["seed_noise"] = _seed_noise(out)
     write_json(OUT / "tight.json", out)
     write_text(OUT / "tight.md", _markdown(out))
+    _plot(out)
     return out
+
+
+def _plot(out: dict[str, Any]) -> None:
+    """tight.png: per task, each candidate's mean test loss (bars: range over seeds) against its trainable
+    parameters, under every parameter budget; the recommendation's points joined across budgets. The
+    previous default's picks are left to the table (at params=0.1x they are the last-n rule's)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    budgets = [b for b in out["budgets"] if b.startswith("params=")]
+    tasks = sorted({t for b in budgets for t in out["budgets"][b]})
+    if not tasks:
+        return
+    cols = min(2, len(tasks))
+    rows = -(-len(tasks) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 3.6 * rows + 0.6), squeeze=False)
+    colours = {"recommend": "C3", "peft-default": "C0", "all-linear": "C2", "last-n": "C1"}
+    labelled: set[str] = set()
+    for ax, task in zip(axes.flat, tasks, strict=False):
+        seen: set[tuple[str, str]] = set()  # a placement shared by two budgets is drawn once
+        rec = []
+        for b in budgets:
+            for r in out["budgets"][b].get(task, {}).get("rows", []):
+                c = r["candidate"]
+                if c not in colours or not r["fits"] or (c, r["signature"]) in seen:
+                    continue
+                seen.add((c, r["signature"]))
+                ax.errorbar(
+                    r["params"] / 1e3, r["test_loss"], yerr=r["test_loss_range"] / 2, fmt="o",
+                    color=colours[c], ms=7 if c == "recommend" else 5, capsize=2,
+                    label=None if c in labelled else c, zorder=3 if c == "recommend" else 2,
+                )  # fmt: skip
+                labelled.add(c)
+                if c == "recommend":
+                    rec.append((r["params"] / 1e3, r["test_loss"]))
+        if rec:
+            ax.plot(*zip(*sorted(rec), strict=True), color=colours["recommend"], lw=1)
+        ax.set_title(task, fontsize=10)
+        ax.set_xlabel("trainable parameters (thousands)")
+        ax.set_ylabel("test loss, mean over seeds")
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(tasks) :]:
+        ax.axis("off")
+    fig.legend(loc="upper center", ncol=len(colours), fontsize=9, frameon=False)
+    fig.text(0.5, 0.005, f"budgets: {', '.join(budgets)}; bars: range over seeds", ha="center", fontsize=8)
+    fig.tight_layout(rect=(0, 0.03, 1, 0.95))
+    fig.savefig(OUT / "tight.png", dpi=100)
+    plt.close(fig)
 
 
 def _seed_noise(out: dict[str, Any]) -> dict[str, dict[str, float]]:
