@@ -1,18 +1,20 @@
 """The recommendation against the practitioners' rules where it departs from them, measured.
 
 At params=0.25x the default quality model recommends the all-linear rule fitted to the budget, so that
-budget cannot show it doing better than the rules. At params=0.1x, and under step_time=0.7x, it departs
-from every rule. This script trains, per task and budget, the recommendation and each rule fitted to the
-budget (and the pick of the previous default quality model, the parameter share), with placement
-benchmark v2's settings, cards, base and reference runs (smollm2, 36 steps, lr 2e-3;
-benchmarks/placement_v2.py), and reports their test losses and fractions of the reference's drop. The
-default tasks are the four the quality model was fitted on none of; nothing here is fitted.
+budget cannot show it doing better than the rules. At params=0.05x, 0.1x and 0.15x, and under
+step_time=0.7x, it departs from every rule. This script trains, per task and budget, the recommendation
+and each rule fitted to the budget (and, unless ``--candidates`` leaves it out, the pick of the previous
+default quality model, the parameter share), with placement benchmark v2's settings, cards, base and
+reference runs (smollm2, 36 steps, lr 2e-3; benchmarks/placement_v2.py), and reports their test losses,
+fractions of the reference's drop and measured costs. The default tasks are the four the quality model
+was fitted on none of; nothing here is fitted.
 
     .venv/bin/python benchmarks/tight_budget.py run [--budget params=0.1x] [--tasks ...] [--seeds 0]
+        [--candidates recommend,peft-default,all-linear,last-n]
     .venv/bin/python benchmarks/tight_budget.py summary
 
 Runs go to results/placement_v2/tight/runs/<task>/ (one JSON each: the script resumes); the summary to
-results/placement_v2/tight/tight.{json,md}.
+results/placement_v2/tight/tight.{json,md,png}.
 """
 
 from __future__ import annotations
@@ -135,6 +137,13 @@ def summary() -> dict[str, Any]:
                     "peak_memory_mib": statistics.mean(r["metrics"]["peak_memory_mib"] for r in runs),
                 }
             )
+    # Parameter budgets from the tightest up, then the others.
+    out["budgets"] = dict(
+        sorted(
+            out["budgets"].items(),
+            key=lambda kv: (kv[0].split("=")[0] != "params", float(kv[0].split("=")[1].rstrip("x"))),
+        )
+    )
     out["seed_noise"] = _seed_noise(out)
     write_json(OUT / "tight.json", out)
     write_text(OUT / "tight.md", _markdown(out))
@@ -233,6 +242,61 @@ def _rank(r: dict[str, Any]) -> int:
     return max(u[2] for u in r["units"])
 
 
+def _against_best_rule(fitted: list[dict[str, Any]]) -> tuple[float, str, float, float, float] | None:
+    """The recommendation's mean test loss minus the best rule's at the same budget, that rule, the larger
+    of the two placements' ranges over seeds, and the recommendation's measured s/step and peak memory as
+    ratios to the rule's; None when either is missing."""
+    rec = next((r for r in fitted if r["candidate"] == "recommend"), None)
+    rules = [r for r in fitted if r["candidate"] in P.RULES]
+    if rec is None or not rules:
+        return None
+    best = min(rules, key=lambda r: r["test_loss"])
+    noise = max(rec["test_loss_range"], best["test_loss_range"])
+    return (
+        rec["test_loss"] - best["test_loss"],
+        best["candidate"],
+        noise,
+        rec["s_per_step"] / best["s_per_step"],
+        rec["peak_memory_mib"] / best["peak_memory_mib"],
+    )
+
+
+def _overview(out: dict[str, Any]) -> list[str]:
+    """One row per budget, one column per task: the recommendation against the best rule."""
+    tasks = sorted({t for b in out["budgets"].values() for t in b})
+    lines = [
+        "Recommendation minus the best rule fitted to the same budget, mean test loss (negative: the "
+        "recommendation is better; **bold**: the difference exceeds the larger of the two placements' "
+        "ranges over seeds):",
+        "",
+        "| budget | " + " | ".join(tasks) + " |",
+        "|---|" + "---:|" * len(tasks),
+    ]
+    costs = [
+        "",
+        "The recommendation's measured s/step and peak memory against the same rule's (seed means):",
+        "",
+        "| budget | " + " | ".join(tasks) + " |",
+        "|---|" + "---:|" * len(tasks),
+    ]
+    for budget, by_task in out["budgets"].items():
+        cells, cost_cells = [], []
+        for task in tasks:
+            t = by_task.get(task)
+            a = _against_best_rule([r for r in t["rows"] if r["fits"]]) if t else None
+            if a is None:
+                cells.append("")
+                cost_cells.append("")
+                continue
+            d, rule, noise, time_ratio, memory_ratio = a
+            text = f"{d:+.3f} ({rule})"
+            cells.append(f"**{text}**" if abs(d) > noise else text)
+            cost_cells.append(f"{100 * (time_ratio - 1):+.0f}% / {100 * (memory_ratio - 1):+.0f}%")
+        lines.append(f"| {budget} | " + " | ".join(cells) + " |")
+        costs.append(f"| {budget} | " + " | ".join(cost_cells) + " |")
+    return lines + costs
+
+
 def _markdown(out: dict[str, Any]) -> str:
     lines = [
         "# The recommendation against the rules where it departs from them",
@@ -242,6 +306,10 @@ def _markdown(out: dict[str, Any]) -> str:
         "`capacity_coverage`) recommends at the budget. Fraction: the test-loss drop from the base model "
         "as a fraction of the reference's (every linear module of every layer at rank 8). Candidates that "
         "land on the same placement share one run. None of these tasks was used to fit the quality model.",
+        "",
+        *_overview(out),
+        "",
+        "![test loss against trainable parameters](tight.png)",
     ]
     for budget, tasks in out["budgets"].items():
         lines += [
@@ -266,12 +334,9 @@ def _markdown(out: dict[str, Any]) -> str:
                     f"{mark}{r['test_loss']:.4f}{mark} ({r['test_loss_range']:.4f}) | {r['fraction']:.3f} | "
                     f"{r['predicted']:.3f} | {r['s_per_step']:.2f} | {r['peak_memory_mib']:,.0f} |"
                 )
-            rec = next((r for r in fitted if r["candidate"] == "recommend"), None)
-            rules = [r for r in fitted if r["candidate"] in P.RULES]
-            if rec is not None and rules:
-                best_rule = min(rules, key=lambda r: r["test_loss"])
-                noise = max(rec["test_loss_range"], best_rule["test_loss_range"])
-                wins.append((task, rec["test_loss"] - best_rule["test_loss"], best_rule["candidate"], noise))
+            against = _against_best_rule(fitted)
+            if against is not None:
+                wins.append((task, *against[:3]))
         lines += [
             "",
             "Recommendation minus the best rule fitted to the same budget, mean test loss (negative: "
