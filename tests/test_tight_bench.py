@@ -1,0 +1,70 @@
+"""The tight-budget benchmark's pure parts: the comparison against the best rule and the seed noise."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+_BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.fixture(scope="module")
+def tight():
+    sys.path.insert(0, str(_BENCHMARKS))  # the script imports placement_v2 from its own folder
+    try:
+        import tight_budget
+
+        yield tight_budget
+    finally:
+        sys.path.remove(str(_BENCHMARKS))
+        for name in ("tight_budget", "placement_v2"):
+            sys.modules.pop(name, None)
+
+
+def _row(candidate: str, loss: float, spread: float, s: float, mib: float, fractions=(), sig=None) -> dict:
+    return {
+        "candidate": candidate,
+        "fits": True,
+        "signature": sig or candidate,
+        "test_loss": loss,
+        "test_loss_range": spread,
+        "s_per_step": s,
+        "peak_memory_mib": mib,
+        "fraction_by_seed": list(fractions),
+    }
+
+
+def test_against_best_rule_takes_the_lowest_loss_rule_and_the_larger_range(tight):
+    rows = [
+        _row("recommend", 1.0, 0.02, 1.2, 1100.0),
+        _row("previous-default", 0.5, 0.0, 1.0, 1000.0),  # not a rule: never the one compared with
+        _row("peft-default", 1.1, 0.05, 1.0, 1000.0),
+        _row("last-n", 1.3, 0.01, 0.5, 800.0),
+    ]
+    d, rule, noise, time_ratio, memory_ratio = tight._against_best_rule(rows)
+    assert rule == "peft-default"
+    assert d == pytest.approx(-0.1)
+    assert noise == pytest.approx(0.05)
+    assert time_ratio == pytest.approx(1.2)
+    assert memory_ratio == pytest.approx(1.1)
+    assert tight._against_best_rule(rows[:2]) is None  # no rule fits
+    assert tight._against_best_rule(rows[2:]) is None  # no recommendation
+
+
+def test_seed_noise_is_each_run_against_the_mean_of_the_others(tight):
+    shared = _row("recommend", 1.0, 0.0, 1.0, 1.0, fractions=(0.9, 1.0, 1.1), sig="a")
+    out = {
+        "budgets": {
+            "params=0.1x": {"t": {"rows": [shared, _row("last-n", 1, 0, 1, 1, fractions=(0.5, 0.5, 0.8))]}},
+            # The same placement under another budget counts once; a placement at one seed not at all.
+            "params=0.2x": {"t": {"rows": [shared, _row("peft-default", 1, 0, 1, 1, fractions=(0.7,))]}},
+        }
+    }
+    noise = tight._seed_noise(out)
+    # a: |0.9 − 1.05|, |1.0 − 1.0|, |1.1 − 0.95| → 0.15, 0, 0.15; last-n: 0.15, 0.15, 0.3
+    assert noise["t"]["placements"] == 2
+    assert noise["t"]["one_run_vs_other_seeds_mean"] == pytest.approx(
+        (0.15 + 0 + 0.15 + 0.15 + 0.15 + 0.3) / 6
+    )
