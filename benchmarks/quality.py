@@ -479,6 +479,14 @@ def _plot(out: dict[str, Any]) -> None:
     plt.close(fig)
 
 
+def seed_gaps(fractions: list[float]) -> list[float]:
+    """Each seed's fraction against the mean of the same placement's other seeds: what even a predictor
+    that had seen those runs would miss by, scored against one run."""
+    import statistics
+
+    return [abs(v - statistics.fmean(fractions[:i] + fractions[i + 1 :])) for i, v in enumerate(fractions)]
+
+
 def noise() -> dict[str, Any]:
     """How far the measured fraction moves when only the training seed changes.
 
@@ -525,10 +533,7 @@ def noise() -> dict[str, Any]:
                         "drop_rel_range": (max(drops) - min(drops)) / statistics.fmean(drops)}  # fmt: skip
             else:
                 devs.append(mad)
-                # Each seed's run against the mean of the others: what even a predictor that had seen
-                # those runs would miss by, scored against one run.
-                vals = list(fr.values())
-                loo.extend(abs(v - statistics.fmean(vals[:i] + vals[i + 1 :])) for i, v in enumerate(vals))
+                loo.extend(seed_gaps(list(fr.values())))
             out["runs"].append(row)
         if devs:
             out["tasks"][task] = {

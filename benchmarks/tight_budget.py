@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import placement_v2 as P  # this folder is on sys.path
+from quality import seed_gaps
 
 BUDGETS = ("params=0.1x", "step_time=0.7x", "params=0.15x", "params=0.05x")
 CANDIDATES = ("recommend", "previous-default", "peft-default", "all-linear", "last-n")
@@ -213,11 +214,7 @@ def _seed_noise(out: dict[str, Any]) -> dict[str, dict[str, float]]:
                     by_task.setdefault(task, {})[r["signature"]] = r["fraction_by_seed"]
     res = {}
     for task, placements in sorted(by_task.items()):
-        gaps = [
-            abs(v - statistics.mean(fr[:i] + fr[i + 1 :]))
-            for fr in placements.values()
-            for i, v in enumerate(fr)
-        ]
+        gaps = [g for fr in placements.values() for g in seed_gaps(fr)]
         res[task] = {"placements": len(placements), "one_run_vs_other_seeds_mean": statistics.mean(gaps)}
     return res
 
@@ -289,7 +286,7 @@ def _overview(out: dict[str, Any]) -> list[str]:
                 cost_cells.append("")
                 continue
             d, rule, noise, time_ratio, memory_ratio = a
-            text = f"{d:+.3f} ({rule})"
+            text = f"{d:+.3f} ({rule}; range {noise:.3f})"
             cells.append(f"**{text}**" if abs(d) > noise else text)
             cost_cells.append(f"{100 * (time_ratio - 1):+.0f}% / {100 * (memory_ratio - 1):+.0f}%")
         lines.append(f"| {budget} | " + " | ".join(cells) + " |")
@@ -320,7 +317,6 @@ def _markdown(out: dict[str, Any]) -> str:
             "| predicted | s/step | peak MiB |",
             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
         ]
-        wins = []
         for task, t in tasks.items():
             fitted = [r for r in t["rows"] if r["fits"]]
             best = min((r["test_loss"] for r in fitted), default=None)
@@ -334,16 +330,6 @@ def _markdown(out: dict[str, Any]) -> str:
                     f"{mark}{r['test_loss']:.4f}{mark} ({r['test_loss_range']:.4f}) | {r['fraction']:.3f} | "
                     f"{r['predicted']:.3f} | {r['s_per_step']:.2f} | {r['peak_memory_mib']:,.0f} |"
                 )
-            against = _against_best_rule(fitted)
-            if against is not None:
-                wins.append((task, *against[:3]))
-        lines += [
-            "",
-            "Recommendation minus the best rule fitted to the same budget, mean test loss (negative: "
-            "better), beside the larger of the two placements' ranges over seeds:",
-            "",
-        ]
-        lines += [f"- {task}: {d:+.4f} (against {rule}; range {n:.4f})" for task, d, rule, n in wins]
         # Each distinct placement once per task: a rule that lands on another's placement shares its run.
         errs = [
             abs(r["predicted"] - r["fraction"])
