@@ -19,7 +19,7 @@ def tight():
         yield tight_budget
     finally:
         sys.path.remove(str(_BENCHMARKS))
-        for name in ("tight_budget", "placement_v2"):
+        for name in ("tight_budget", "placement_v2", "quality"):
             sys.modules.pop(name, None)
 
 
