@@ -7,7 +7,9 @@ positions as the run recorded):
 
 - the statistic of a calibration placement's timed steps: their median, their fastest, or the last; and
   the fastest of the first round's alone (`fastest-round1`), what the calibration would have given without
-  timing again the placements whose times contradicted each other;
+  timing again the placements whose times contradicted each other; and the fastest, fitted without one of
+  the five calibration placements (`fastest-no-middle`: the middle layer alone; `fastest-no-r32`: every
+  layer at rank 32), what a shorter calibration would have given;
 - the module term: the adapted modules' count, or their width Σ (d_in + d_out). The calibration's
   placements all adapt every linear role, so on them the two are proportional; they differ only on
   placements of narrower or wider modules.
@@ -37,7 +39,14 @@ from layercard.models.roles import parse_roles
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "cost"
 ROLES = {p.name: p.roles for p in GRID}
-STATISTICS = {"median": statistics.median, "fastest": min, "last": lambda xs: xs[-1], "fastest-round1": min}
+STATISTICS = {
+    "median": statistics.median,
+    "fastest": min,
+    "last": lambda xs: xs[-1],
+    "fastest-round1": min,
+    "fastest-no-middle": min,
+    "fastest-no-r32": min,
+}
 TERMS = ("count", "width")
 
 
@@ -69,10 +78,20 @@ def task_run(folder: Path) -> dict[str, Any]:
             return xs[: len(xs) // len(row["warmup_s_by_round"])]
         return xs
 
+    def kept(stat: str) -> list[dict[str, Any]]:
+        """The calibration rows a variant fits on: without the middle layer alone, or without every layer
+        at rank 32, the two ``-no-`` variants ask what a shorter calibration would have given."""
+        if stat.endswith("-no-middle"):
+            return [r for r in rows if not (len(r["layers"]) == 1 and 0 < r["layers"][0] < n_layers - 1)]
+        if stat.endswith("-no-r32"):
+            return [r for r in rows if r["rank"] != 32]
+        return rows
+
     for stat, f in STATISTICS.items():
-        y = np.array([f(timings(r, stat)) for r in rows], dtype=float)
+        fit_rows = kept(stat)
+        y = np.array([f(timings(r, stat)) for r in fit_rows], dtype=float)
         for term in TERMS:
-            a = np.array([x(r["layers"], r["modules"], r["params"], card["roles"], term) for r in rows])
+            a = np.array([x(r["layers"], r["modules"], r["params"], card["roles"], term) for r in fit_rows])
             coef, _ = nnls(a, y)
             errs = []
             for run in runs:
