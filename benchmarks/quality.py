@@ -397,6 +397,11 @@ def _cross_task(
     return out
 
 
+def _only(by_task: dict[str, float]) -> float:
+    """The one held-out value of a fit on one of two tasks."""
+    return next(iter(by_task.values()))
+
+
 def _markdown(out: dict[str, Any]) -> str:
     tasks = sorted(out["tasks"])
     lines = [
@@ -621,8 +626,8 @@ def seedmean() -> dict[str, Any]:
     for name, res in out["seed_averaged_forms"].items():
         one = out["single_seed_forms"][name]
         cells = [
-            f"{next(iter(one[f'fit_on_{t}']['held_out_mae'].values())):.3f} / "
-            f"{next(iter(res[f'fit_on_{t}']['held_out_mae'].values())):.3f}"
+            f"{_only(one[f'fit_on_{t}']['held_out_mae']):.3f} / "
+            f"{_only(res[f'fit_on_{t}']['held_out_mae']):.3f}"
             for t in tasks
         ]
         lines.append(
@@ -872,7 +877,7 @@ def _saturation_markdown(out: dict[str, Any], tasks: list[str]) -> str:
         cells = []
         for label in ("seed 0", "seed mean"):
             per = res[label]
-            held = [next(iter(per[f"fit_on_{t}"]["held_out_mae"].values())) for t in tasks]
+            held = [_only(per[f"fit_on_{t}"]["held_out_mae"]) for t in tasks]
             cells.append(f"**{per['cross_task_mae']:.3f}** (" + " / ".join(f"{h:.3f}" for h in held) + ")")
         lines.append(f"| {v} | {ratio:.2f} | " + " | ".join(cells) + " |")
     lines += [
@@ -902,9 +907,9 @@ def _saturation_markdown(out: dict[str, Any], tasks: list[str]) -> str:
 
 
 # How the default form is chosen (``decide``), set on e2e_nlg and sst2 before any other task was scored with
-# it: among the forms whose
-# cross-task error against the seed-0 runs is within DECIDE_MAE_SLACK of the least, the one whose picks lose
-# the least measured quality on the task it was not fitted on, against seed means (the less noisy labels).
+# it: among the forms whose cross-task error against the seed-0 runs is within DECIDE_MAE_SLACK of the least,
+# the one whose picks lose the least measured quality on the task it was not fitted on, against seed means
+# (the less noisy labels).
 DECIDE_MAE_SLACK = 0.01
 
 
@@ -966,11 +971,6 @@ def decide() -> dict[str, Any]:
     write_json(RESULTS / "decision.json", out)
     write_text(RESULTS / "decision.md", _decision_markdown(out))
     return out
-
-
-def _only(by_task: dict[str, float]) -> float:
-    """The one held-out value of a fit on one of two tasks."""
-    return next(iter(by_task.values()))
 
 
 def _decision_markdown(out: dict[str, Any]) -> str:
