@@ -295,10 +295,11 @@ def test_demo_config_is_packaged_and_valid():
     assert cfg.model == "smollm2" and [p.name for p in cfg.placements] == [
         "recommend",
         "peft-default",
+        "all-linear",
         "reference",
     ]
     budgets = [str(p.plan.budget) for p in cfg.placements]
-    assert budgets == ["params=0.25x", "params=0.25x", "None"]  # the rule fitted to the same budget
+    assert budgets == ["params=0.2x"] * 3 + ["None"]  # both rules fitted to the recommendation's budget
     assert cfg.card.roles == "all-linear" and cfg.card.calibrate and not cfg.trim.enabled
 
 
@@ -395,7 +396,7 @@ def test_demo_command_runs_the_packaged_config(tmp_path):
     assert set(d["tasks"]) == {"facts", "format"}
     for task, head in d["tasks"].items():
         rows = {row["name"]: row for row in head["rows"]}
-        assert list(rows) == ["base", "recommend", "peft-default", "reference"]
+        assert list(rows) == ["base", "recommend", "peft-default", "all-linear", "reference"]
         assert head["ran"][-1] == "report" and Path(head["report"]["html"]).is_file()
         assert rows["reference"]["measured_fraction"] == pytest.approx(1.0)
         summary = json.loads(Path(head["summary"]).read_text())
