@@ -5,12 +5,12 @@ Per task: a calibrated all-linear Layer Card, the base model's test loss, the re
 module of every layer at rank 8), and for every budget (relative to the reference) every candidate fitted
 to it the way its users fit it. A candidate that cannot fit a budget is recorded as such (no run).
 Candidates that come out as the same placement share one run. One JSON per run under
-RESULTS/runs/<task>/, so the script resumes where it stopped and runs in parts; ``summary`` rebuilds
-summary.json, placement_v2.md and the figures from them.
+RESULTS/runs/<task>/, so the script resumes where it stopped and runs in parts; placement_v2_summary.py
+rebuilds summary.json, placement_v2.md and the figures from them.
 
     .venv/bin/python benchmarks/placement_v2.py run --tasks e2e_nlg,sst2 [--part main|seeds|peers|trim]
     .venv/bin/python benchmarks/placement_v2.py plan --tasks e2e_nlg   # what would run, nothing trained
-    .venv/bin/python benchmarks/placement_v2.py summary
+    .venv/bin/python benchmarks/placement_v2_summary.py
 
 The quality model every plan uses is layercard's default (``layercard.plan.quality.DEFAULT_MODEL``), fitted
 on e2e_nlg and sst2 (benchmarks/quality.py) and frozen before this benchmark ran on any other task.
@@ -520,17 +520,13 @@ def plan_only(loaded: Any, s: TaskSetting) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("what", choices=("run", "plan", "summary"))
+    # The summary is its own script (placement_v2_summary.py), which reads this one's constants.
+    ap.add_argument("what", choices=("run", "plan"))
     ap.add_argument("--tasks", default=",".join(FIT_TASKS), help=f"comma-separated of {', '.join(TASKS)}")
     ap.add_argument("--part", default="main", help="comma-separated of main, seeds, peers, trim")
     ap.add_argument("--only", default=None, help="comma-separated candidates")
     ap.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     a = ap.parse_args()
-    if a.what == "summary":
-        from placement_v2_summary import summary
-
-        summary()
-        return
     import torch
 
     from layercard import load_model

@@ -9,4 +9,4 @@ $py --tasks e2e_nlg,sst2 --part main
 $py --tasks e2e_nlg,sst2 --part trim,peers
 $py --tasks e2e_nlg,sst2 --part seeds
 $py --tasks facts,format,gsm8k,samsum --part main,trim,peers
-.venv/bin/python benchmarks/placement_v2.py summary
+.venv/bin/python benchmarks/placement_v2_summary.py
