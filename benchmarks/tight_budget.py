@@ -2,12 +2,12 @@
 
 At params=0.25x the default quality model recommends the all-linear rule fitted to the budget, so that
 budget cannot show it doing better than the rules. At params=0.05x, 0.1x, 0.15x and 0.2x (the demo's
-budget), and under step_time=0.7x, it departs from every rule. This script trains, per task and budget, the recommendation
-and each rule fitted to the budget (and, unless ``--candidates`` leaves it out, the pick of the previous
-default quality model, the parameter share), with placement benchmark v2's settings, cards, base and
-reference runs (smollm2, 36 steps, lr 2e-3; benchmarks/placement_v2.py), and reports their test losses,
-fractions of the reference's drop and measured costs. The default tasks are the four the quality model
-was fitted on none of; nothing here is fitted.
+budget), and under step_time=0.7x, it departs from every rule. This script trains, per task and budget, the
+recommendation and each rule fitted to the budget (and, unless ``--candidates`` leaves it out, the pick of
+the previous default quality model, the parameter share), with placement benchmark v2's settings, cards,
+base and reference runs (smollm2, 36 steps, lr 2e-3; benchmarks/placement_v2.py), and reports their test
+losses, fractions of the reference's drop and measured costs. The default tasks are the four the quality
+model was fitted on none of; nothing here is fitted.
 
     .venv/bin/python benchmarks/tight_budget.py run [--budget params=0.1x] [--tasks ...] [--seeds 0]
         [--candidates recommend,peft-default,all-linear,last-n]

@@ -110,12 +110,12 @@ def fmt(x: float) -> str:
 
 
 def amount(x: float, kind: str) -> str:
-    """A cost with its unit, as messages show it: ``0.44 s``, ``12288 params``, ``3 layers``."""
+    """A cost with its unit, as messages show it: ``0.44 s``, ``12,288 params``, ``3 layers``."""
     if kind == "step_time":
         return f"{x:.3g} s"
     if kind == "memory":
-        return f"{x:.0f} MiB"
-    return f"{int(x)} {kind}" if float(x).is_integer() else f"{x:.4g} {kind}"
+        return f"{x:,.0f} MiB"
+    return f"{int(x):,} {kind}" if float(x).is_integer() else f"{x:.4g} {kind}"
 
 
 def budget_text(budget: Any) -> str:
