@@ -720,3 +720,12 @@ def test_cli_target_and_memory_budget(card_file, tmp_path):
     out.unlink()
     r = CliRunner().invoke(app, [*base, "--target", "1.5"])
     assert r.exit_code != 0 and "target" in r.output and not out.exists()
+
+
+def test_amount_writes_costs_as_messages_show_them():
+    from layercard.plan.space import amount
+
+    assert amount(12288, "params") == "12,288 params"
+    assert amount(1536.4, "memory") == "1,536 MiB"
+    assert amount(0.4412, "step_time") == "0.441 s"
+    assert amount(3, "layers") == "3 layers"
