@@ -729,3 +729,11 @@ def test_amount_writes_costs_as_messages_show_them():
     assert amount(1536.4, "memory") == "1,536 MiB"
     assert amount(0.4412, "step_time") == "0.441 s"
     assert amount(3, "layers") == "3 layers"
+
+
+def test_frontier_table_cells_are_whole_numbers_not_scientific():
+    from layercard.cli.plan import _cost_cell
+
+    assert _cost_cell(81408.0, "params") == "81,408"
+    assert _cost_cell(1648.3, "memory") == "1,648"
+    assert _cost_cell(1.2346, "step_time") == "1.23"
