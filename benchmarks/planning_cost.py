@@ -5,7 +5,7 @@ placement, trained for ``--steps`` steps (the demo trains 30), and writes the ca
 the training it guided, as the run's report states it. Resumable: the run folder keeps every finished
 stage, so a second call only writes the results.
 
-    .venv/bin/python benchmarks/planning_cost.py [--task facts] [--steps 400]
+    .venv/bin/python benchmarks/planning_cost.py [--task facts] [--steps 400] [--budget params=0.2x]
 """
 
 from __future__ import annotations
@@ -33,13 +33,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--task", default="facts", choices=("facts", "format"))
     ap.add_argument("--steps", type=int, default=400)
-    ap.add_argument("--run", default=None, help="run folder (default runs/planning_cost_<task>_<steps>)")
+    ap.add_argument("--budget", default="params=0.2x", help="the recommendation's budget (the demo's)")
+    ap.add_argument("--run", default=None, help="run folder (default: one under runs/)")
     args = ap.parse_args()
-    run = Path(args.run or HERE.parent / "runs" / f"planning_cost_{args.task}_{args.steps}")
+    tag = args.budget.replace("=", "").replace(",", "_")
+    run = Path(args.run or HERE.parent / "runs" / f"planning_cost_{args.task}_{args.steps}_{tag}")
     sets = [
         f"task.train=synthetic:{args.task}",
         f"task.eval=synthetic:{args.task}",
-        "placements=[{name: recommend, policy: recommend, budget: params=0.25x}]",
+        f"placements=[{{name: recommend, policy: recommend, budget: '{args.budget}'}}]",
         f"train.steps={args.steps}",
         # A long run validates and checkpoints every 100 steps, as one a practitioner keeps would.
         "train.eval_every=100",
@@ -65,6 +67,7 @@ def main() -> None:
     share, steps_for_tenth = planning_share(card.timings["total_s"], metrics.wall_time_s, metrics.s_per_step)
     res = {
         "task": args.task,
+        "budget": args.budget,
         "steps": metrics.steps,
         "batch_size": metrics.batch_size,
         "card_s": card.timings["total_s"],
@@ -85,14 +88,14 @@ def main() -> None:
         "date": time.strftime("%Y-%m-%d"),
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
-    stem = RESULTS / f"{args.task}_{metrics.steps}"
-    stem.with_suffix(".json").write_text(json.dumps(res, indent=1) + "\n")
+    stem = RESULTS / f"{args.task}_{metrics.steps}_{tag}"
+    Path(f"{stem}.json").write_text(json.dumps(res, indent=1) + "\n")
     t = card.timings
     lines = [
         f"# Planning cost: the demo's card against a {metrics.steps}-step run ({args.task})",
         "",
         f"smollm2, built-in task `{args.task}`, the packaged demo config with only the recommended placement "
-        f"(params=0.25x), trained {metrics.steps} steps of batch {metrics.batch_size}. "
+        f"({args.budget}), trained {metrics.steps} steps of batch {metrics.batch_size}. "
         f"Machine: {res['machine'].get('processor')} · {res['machine'].get('cpu_count')} cores · "
         f"{res['date']}.",
         "",
@@ -106,7 +109,7 @@ def main() -> None:
         f"- The card is 10% of a run of {steps_for_tenth:,} steps or more at that step time.",
         f"- The run's report says: {res['sentence']}",
     ]
-    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    Path(f"{stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
