@@ -1,7 +1,7 @@
 """Planning cost against a training run of practical length: the demo's card guiding a long run.
 
 Runs `layercard run` on the packaged demo config for one built-in task with only the recommended
-placement, trained for ``--steps`` steps (the demo trains 30), and writes the card's wall time against
+placement, trained for ``--steps`` steps (the demo trains 24), and writes the card's wall time against
 the training it guided, as the run's report states it. Resumable: the run folder keeps every finished
 stage, so a second call only writes the results.
 

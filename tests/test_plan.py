@@ -732,8 +732,8 @@ def test_amount_writes_costs_as_messages_show_them():
 
 
 def test_frontier_table_cells_are_whole_numbers_not_scientific():
-    from layercard.cli.plan import _cost_cell
+    from layercard.plan.space import amount
 
-    assert _cost_cell(81408.0, "params") == "81,408"
-    assert _cost_cell(1648.3, "memory") == "1,648"
-    assert _cost_cell(1.2346, "step_time") == "1.23"
+    assert amount(81408.0, "params", unit=False) == "81,408"
+    assert amount(1648.3, "memory", unit=False) == "1,648"
+    assert amount(1.2346, "step_time", unit=False) == "1.23"

@@ -75,14 +75,10 @@ def plan_cmd(
     console.print(f"wrote {out}" + (f" and {figure}" if figure is not None else ""))
 
 
-def _cost_cell(x: float, kind: str) -> str:
-    """One frontier cost as the table shows it: seconds to three figures, counts and MiB whole."""
-    return f"{x:.3g}" if kind == "step_time" else f"{x:,.0f}"
-
-
 def _print_search_plan(plan) -> None:
     """The frontier per budgeted cost, the plan marked, the fixed rules, and the one-sentence comparison."""
     from layercard.plan.frontier import row_label
+    from layercard.plan.space import amount
 
     p = plan.predicted
     q = p["quality"]
@@ -95,8 +91,9 @@ def _print_search_plan(plan) -> None:
             mark = "◀ plan" if (r["matrices"], r["layers"], r["rank"]) == (
                 chosen["matrices"], chosen["layers"], chosen["rank"]) else ""  # fmt: skip
             t.add_row(
-                r["matrices"], r["layers"], str(r["rank"]), f"{r['quality']:.3f}", _cost_cell(r[kind], kind),
-                f"{r.get(kind + '_x', float('nan')):.3f}", mark, style="bold" if mark else None,
+                r["matrices"], r["layers"], str(r["rank"]), f"{r['quality']:.3f}",
+                amount(r[kind], kind, unit=False), f"{r.get(kind + '_x', float('nan')):.3f}", mark,
+                style="bold" if mark else None,
             )  # fmt: skip
         console.print(t)
     err = q["expected_error"]

@@ -109,13 +109,16 @@ def fmt(x: float) -> str:
     return f"{x:.4g}"
 
 
-def amount(x: float, kind: str) -> str:
-    """A cost with its unit, as messages show it: ``0.44 s``, ``12,288 params``, ``3 layers``."""
+def amount(x: float, kind: str, *, unit: bool = True) -> str:
+    """A cost as messages show it: ``0.44 s``, ``12,288 params``, ``3 layers``; without ``unit`` (a table
+    whose header names it) the number alone."""
     if kind == "step_time":
-        return f"{x:.3g} s"
-    if kind == "memory":
-        return f"{x:,.0f} MiB"
-    return f"{int(x):,} {kind}" if float(x).is_integer() else f"{x:.4g} {kind}"
+        text, name = f"{x:.3g}", "s"
+    elif kind == "memory":
+        text, name = f"{x:,.0f}", "MiB"
+    else:
+        text, name = (f"{int(x):,}" if float(x).is_integer() else f"{x:.4g}"), kind
+    return f"{text} {name}" if unit else text
 
 
 def budget_text(budget: Any) -> str:
