@@ -261,21 +261,15 @@ def _against_best_rule(fitted: list[dict[str, Any]]) -> tuple[float, str, float,
 def _overview(out: dict[str, Any]) -> list[str]:
     """One row per budget, one column per task: the recommendation against the best rule."""
     tasks = sorted({t for b in out["budgets"].values() for t in b})
+    head = ["", "| budget | " + " | ".join(tasks) + " |", "|---|" + "---:|" * len(tasks)]
     lines = [
         "Recommendation minus the best rule fitted to the same budget, mean test loss (negative: the "
         "recommendation is better; **bold**: the difference exceeds the larger of the two placements' "
         "ranges over seeds):",
-        "",
-        "| budget | " + " | ".join(tasks) + " |",
-        "|---|" + "---:|" * len(tasks),
+        *head,
     ]
-    costs = [
-        "",
-        "The recommendation's measured s/step and peak memory against the same rule's (seed means):",
-        "",
-        "| budget | " + " | ".join(tasks) + " |",
-        "|---|" + "---:|" * len(tasks),
-    ]
+    costs = ["", "The recommendation's measured s/step and peak memory against the same rule's (seed means):"]
+    costs += head
     for budget, by_task in out["budgets"].items():
         cells, cost_cells = [], []
         for task in tasks:
