@@ -4,7 +4,8 @@ benchmarks/placement_v2.py trained LoRA placements of six tasks on smollm2 (36 s
 own card); its run files keep every placement's units and test loss. This script predicts each distinct
 placement's fraction of the reference's loss drop with the default quality model and with the other frozen
 forms in OTHERS (`params`, the default before it; `saturation`, its parameters from the pooled fit in
-results/quality/saturation.json), from the card placement_v2 measured for that task, and scores each
+results/quality/saturation.json) and NOISE_FORM (`noise`, from noisecurve.json and noise_scale.json),
+from the card placement_v2 measured for that task, and scores each
 against the measured fraction (mean over the placement's seeds) by its mean absolute error and its decision
 regret (budgets in parameter share). gsm8k, samsum, facts and format were used to fit none of them; e2e_nlg
 and sst2 fitted all, on other placements. No model is loaded.
@@ -14,6 +15,7 @@ and sst2 fitted all, on other placements. No model is loaded.
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 from pathlib import Path
 from typing import Any
@@ -21,8 +23,11 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "benchmarks" / "results" / "quality"
 FITTED_ON = ("e2e_nlg", "sst2")
-# Frozen forms scored beside the default: the default before it, and the curve-reading candidate.
+# Frozen forms scored beside the default: the default before it, and the curve-reading candidates.
 OTHERS = {"params": (0.03,), "saturation": None}  # None: the pooled seed-mean fit in saturation.json
+# The noise-scale candidate the rule in quality.py ``noisecurve`` chose, its pooled seed-mean fit frozen in
+# noisecurve.json; its τ comes from each task's gradient noise scale (noise_scale.json) at its batch size.
+NOISE_FORM = "capacity × coverage"
 
 
 def placements(task: str) -> list[dict[str, Any]]:
@@ -45,6 +50,21 @@ def placements(task: str) -> list[dict[str, Any]]:
     return out
 
 
+def _noise_form() -> tuple[Any, tuple[float, ...], dict[str, float]]:
+    """The noise-scale form (quality.py ``_noise_forms``), its frozen parameters and each task's slowdown
+    1 + B_noise/B at placement_v2's batch size."""
+    import placement_v2 as P
+    import quality as Q
+
+    from layercard.artifacts import read_json
+
+    fn = Q._noise_forms()[NOISE_FORM][0]
+    params = tuple(read_json(OUT / "noisecurve.json")["forms"][NOISE_FORM]["seed mean"]["pooled"]["params"])
+    rows = [r for r in read_json(OUT / "noise_scale.json")["rows"] if r["benchmark"] == "placement_v2"]
+    slowdown = {r["task"]: 1.0 + float(r["b_noise"]) / P.TASKS[r["task"]].batch_size for r in rows}
+    return fn, params, slowdown
+
+
 def score() -> dict[str, Any]:
     import placement_v2 as P
 
@@ -56,9 +76,11 @@ def score() -> dict[str, Any]:
     model = default_model()
     sat = tuple(read_json(OUT / "saturation.json")["pooled"]["seed mean"]["params"])
     others = {k: (v if v is not None else sat) for k, v in OTHERS.items()}
+    noise_fn, noise_params, slowdown = _noise_form()
+    others_all = {**others, "noise": noise_params}
     out: dict[str, Any] = {
         "model": model.describe(),
-        "others": {k: list(v) for k, v in others.items()},
+        "others": {k: list(v) for k, v in others_all.items()},
         "steps": P.STEPS,
         "lr": P.LR,
         "tasks": {},
@@ -71,6 +93,7 @@ def score() -> dict[str, Any]:
         for p in placements(task):
             ranks = {by_pos[(layer, role)]: int(r) for layer, role, r in p["units"]}
             f = features(card, ranks, score=model.score, steps=P.STEPS, lr=P.LR)
+            noisy = noise_fn(dataclasses.replace(f, steps_over_tau=P.STEPS / slowdown[task]), noise_params)
             rows.append(
                 {
                     "label": p["label"],
@@ -78,7 +101,7 @@ def score() -> dict[str, Any]:
                     "params_share": f.params,
                     "measured": (base - p["test_loss"]) / (base - ref),
                     "predicted": model.predict(f),
-                    "others": {k: ALL_FORMS[k].fn(f, v) for k, v in others.items()},
+                    "others": {k: ALL_FORMS[k].fn(f, v) for k, v in others.items()} | {"noise": noisy},
                     "steps_over_tau": f.steps_over_tau,
                 }
             )
@@ -95,7 +118,7 @@ def score() -> dict[str, Any]:
             "steps_over_tau": rows[0]["steps_over_tau"] if rows else None,
             "tau_steps": (P.STEPS / rows[0]["steps_over_tau"] * sat[1]) if rows else None,
             "default": scores([r["predicted"] for r in rows]),
-            "others": {k: scores([r["others"][k] for r in rows]) for k in others},
+            "others": {k: scores([r["others"][k] for r in rows]) for k in others_all},
             "runs": rows,
         }
     unseen = [t for t, v in out["tasks"].items() if not v["fitted_on"]]
@@ -108,7 +131,7 @@ def score() -> dict[str, Any]:
             )
             for stat in ("mae", "regret")
         }
-        for name in ("default", *others)
+        for name in ("default", *others_all)
     }
     write_json(OUT / "confirm.json", out)
     write_text(OUT / "confirm.md", _markdown(out))
@@ -130,7 +153,9 @@ def _markdown(out: dict[str, Any]) -> str:
         "format fitted none of them. Each cell: mean absolute error / decision regret (every placement's "
         "parameter share taken as a budget; the measured fraction lost by picking the placement the form "
         "predicts best within it instead of the best measured one). T/τ: the run's steps over the "
-        "reference's time constant `saturation` estimates from the card.",
+        "reference's time constant `saturation` estimates from the card. `noise`: the default's capacity and "
+        "coverage read off a curve whose time constant comes from the task's gradient noise scale instead "
+        "(noisecurve.md; params γ, β, c, κ).",
         "",
         "| task | used to fit | placements | T/τ (τ in steps) | " + " | ".join(names) + " |",
         "|---|---|---:|---|" + "---:|" * len(names),
