@@ -50,30 +50,40 @@ def _sources() -> list[tuple[str, str, Path, Any, int]]:
 
 
 def noise_scale(loaded: Any, card: Any, task: Any) -> dict[str, float]:
-    """B_noise and its parts over the card's probe examples (module docstring)."""
-    import torch
-
+    """B_noise and its parts over ``card``'s probe examples of ``task`` (module docstring)."""
     from layercard import models
-    from layercard.tasks import batches, encode_task
-    from layercard.tasks.loss import forward_loss
+    from layercard.tasks import encode_task
 
     cfg = card.config
     probe = task.subset(int(cfg["examples"]), seed=int(cfg["seed"]))
     if probe.data_hash != card.task["data_hash"]:
         raise SystemExit(f"{card.task['name']}: the probe subset does not match the card's")
-    model, tok = loaded.model, loaded.tokenizer
-    encoded = encode_task(tok, probe, max_length=int(cfg["max_length"]))
-    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    specs = models.units(model, "all-linear")
-    mods = dict(model.named_modules())
-    weights = [mods[s.name].weight for s in specs]
+    encoded = encode_task(loaded.tokenizer, probe, max_length=int(cfg["max_length"]))
+    pad = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else 0
+    mods = dict(loaded.model.named_modules())
+    weights = [mods[s.name].weight for s in models.units(loaded.model, "all-linear")]
+    return example_noise(loaded.model, weights, encoded, pad)
+
+
+def example_noise(model: Any, weights: list[Any], encoded: list[Any], pad_id: int) -> dict[str, float]:
+    """The module docstring's estimates for the gradients of ``weights``, one example of ``encoded`` at a
+    time, in two passes; the model's parameters are left as they were."""
+    import torch
+
+    from layercard.tasks import batches
+    from layercard.tasks.loss import forward_loss
+
+    singles = list(batches(encoded, 1, pad_id))
+    counts = [int((b["labels"] != -100).sum()) for b in singles]
+    if len(singles) < 2 or min(counts) < 1:
+        raise SystemExit("noise scale: needs two or more examples, each with a target token")
+    requires = [p.requires_grad for p in model.parameters()]
+    was_training = model.training
     for p in model.parameters():
         p.requires_grad_(False)
     for w in weights:
         w.requires_grad_(True)
     model.eval()
-    singles = [b for b in batches(encoded, 1, pad)]
-    counts = [int((b["labels"] != -100).sum()) for b in singles]
 
     def grads(batch: dict[str, Any]) -> list[Any]:
         for w in weights:
@@ -82,25 +92,26 @@ def noise_scale(loaded: Any, card: Any, task: Any) -> dict[str, float]:
         loss.backward()
         return [w.grad.detach().clone() for w in weights]
 
-    total = [torch.zeros_like(w) for w in weights]
-    sq_h = []
-    for b in singles:
-        h = grads(b)
-        sq_h.append(float(sum((g.double() ** 2).sum() for g in h)))
-        for t, g in zip(total, h, strict=True):
-            t.add_(g)
-    n_sum = sum(counts)
-    mean_g = [t / n_sum for t in total]
-    g_sq = float(sum((g.double() ** 2).sum() for g in mean_g))
-    res_sq = []
-    for b, n in zip(singles, counts, strict=True):
-        h = grads(b)
-        dot = float(sum((a.double() * g.double()).sum() for a, g in zip(h, mean_g, strict=True)))
-        hh = float(sum((a.double() ** 2).sum() for a in h))
-        res_sq.append(hh - 2 * n * dot + n * n * g_sq)
-    for w in weights:
-        w.grad = None
-        w.requires_grad_(False)
+    try:
+        total = [torch.zeros_like(w) for w in weights]
+        for b in singles:
+            for t, g in zip(total, grads(b), strict=True):
+                t.add_(g)
+        n_sum = sum(counts)
+        mean_g = [t / n_sum for t in total]
+        g_sq = float(sum((g.double() ** 2).sum() for g in mean_g))
+        res_sq = []
+        for b, n in zip(singles, counts, strict=True):
+            h = grads(b)
+            dot = float(sum((a.double() * g.double()).sum() for a, g in zip(h, mean_g, strict=True)))
+            hh = float(sum((a.double() ** 2).sum() for a in h))
+            res_sq.append(hh - 2 * n * dot + n * n * g_sq)
+    finally:
+        for w in weights:
+            w.grad = None
+        for p, r in zip(model.parameters(), requires, strict=True):
+            p.requires_grad_(r)
+        model.train(was_training)
     big_n = len(singles)
     n_bar = n_sum / big_n
     v = sum(res_sq) / (big_n - 1)
