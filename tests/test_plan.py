@@ -707,6 +707,18 @@ def test_cli_search_plan_prints_the_frontier_and_draws_it(card_file, tmp_path):
     assert json.loads(r.stdout)["figure"].endswith("p2_frontier.png")
 
 
+def test_cli_plan_recommends_when_no_policy_is_named(card_file, tmp_path):
+    out = tmp_path / "plan.json"
+    base = ["plan", "--card", str(card_file), "--out", str(out)]
+    r = CliRunner().invoke(app, [*base, "--budget", "params=0.5x", "--json"])
+    assert r.exit_code == 0, r.output
+    assert Plan.load(out).config["policy"] == "recommend"
+    out.unlink()
+    r = CliRunner().invoke(app, base)  # the recommendation needs a budget or a target
+    assert r.exit_code != 0 and "policy recommend needs a budget" in r.output, r.output
+    assert len(r.output.strip().splitlines()) == 1 and not out.exists()
+
+
 def test_cli_target_and_memory_budget(card_file, tmp_path):
     out = tmp_path / "plan.json"
     base = ["plan", "--card", str(card_file), "--policy", "recommend", "--out", str(out)]

@@ -3,7 +3,7 @@
 >>> from layercard import CardConfig, PlanConfig, load_model, load_task, make_plan, measure_card
 >>> loaded = load_model("smollm2")                                    # doctest: +SKIP
 >>> card = measure_card(loaded, "e2e_nlg:validation", CardConfig(examples=32))  # doctest: +SKIP
->>> plan = make_plan(card, PlanConfig(policy="uniform", budget="layers=8"))     # doctest: +SKIP
+>>> plan = make_plan(card, PlanConfig(budget="params=0.25x"))  # the recommendation  # doctest: +SKIP
 >>> lora_config = plan.peft_config()  # a peft.LoraConfig for any training loop  # doctest: +SKIP
 
 ``train_adapter``, ``trim_adapter`` and ``evaluate_model`` are the stage functions ``layercard.train.train``,

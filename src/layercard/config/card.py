@@ -75,7 +75,11 @@ class CardConfig(Schema):
         2, kind="int", minimum=1, help="timed steps per placement and round, after an untimed warm-up step"
     )
     calibrate_rounds: int = setting(
-        1, kind="int", minimum=1, help="interleaved rounds over the calibration placements (median is kept)"
+        1,
+        kind="int",
+        minimum=1,
+        help="interleaved rounds over the calibration placements (time: the fastest step of all rounds; "
+        "memory: the median over rounds)",
     )
     weight_snr: bool = setting(
         False,

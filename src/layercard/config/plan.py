@@ -41,7 +41,9 @@ class PlanConfig(Schema):
 
     SECTION = "plan"
 
-    policy: str = setting(kind="choice", choices=POLICIES, help="how layers are chosen")
+    policy: str = setting(
+        "recommend", kind="choice", choices=POLICIES, help="how matrices, layers and ranks are chosen"
+    )
     budget: Budgets | None = setting(
         None,
         kind="budget",
