@@ -707,6 +707,19 @@ def test_cli_search_plan_prints_the_frontier_and_draws_it(card_file, tmp_path):
     assert json.loads(r.stdout)["figure"].endswith("p2_frontier.png")
 
 
+def test_frontier_table_keeps_the_cheapest_of_equal_looking_rows_and_the_plan():
+    from layercard.cli.plan import shown_frontier
+
+    def row(q, layers, rank=2):
+        return {"matrices": "mlp", "layers": layers, "rank": rank, "quality": q}
+
+    rows = [row(0.9001, "last-2"), row(0.9003, "last-3"), row(0.95, "last-4"), row(0.9502, "last-5"),
+            row(0.9504, "last-6"), row(0.96, "all")]  # fmt: skip
+    shown = shown_frontier(rows, row(0.9504, "last-6"))
+    assert [r["layers"] for r in shown] == ["last-2", "last-4", "last-6", "all"]
+    assert shown_frontier(rows, row(0.9, "elsewhere")) == [rows[0], rows[2], rows[5]]
+
+
 def test_cli_plan_recommends_when_no_policy_is_named(card_file, tmp_path):
     out = tmp_path / "plan.json"
     base = ["plan", "--card", str(card_file), "--out", str(out)]

@@ -75,6 +75,28 @@ def plan_cmd(
     console.print(f"wrote {out}" + (f" and {figure}" if figure is not None else ""))
 
 
+def _same(row: dict, chosen: dict) -> bool:
+    return (row["matrices"], row["layers"], row["rank"]) == (
+        chosen["matrices"],
+        chosen["layers"],
+        chosen["rank"],
+    )
+
+
+def shown_frontier(rows: list[dict], chosen: dict) -> list[dict]:
+    """The frontier rows worth a line: of the rows whose predicted quality reads the same to three decimals,
+    the cheapest (the frontier lists them cheapest first), and the plan's own row wherever it is. The
+    differences between the others lie far inside the quality model's error."""
+    seen: set[str] = set()
+    out = []
+    for r in rows:
+        label = f"{r['quality']:.3f}"
+        if label not in seen or _same(r, chosen):
+            out.append(r)
+        seen.add(label)
+    return out
+
+
 def _print_search_plan(plan) -> None:
     """The frontier per budgeted cost, the plan marked, the fixed rules, and the one-sentence comparison."""
     from layercard.plan.frontier import row_label
@@ -87,14 +109,19 @@ def _print_search_plan(plan) -> None:
         for col in ("matrices", "layers", "rank", "predicted quality", kind, f"{kind} × ref", ""):
             t.add_column(col, justify="right" if col not in ("matrices", "layers") else "left")
         chosen = p["candidate"]
-        for r in rows:
-            mark = "◀ plan" if (r["matrices"], r["layers"], r["rank"]) == (
-                chosen["matrices"], chosen["layers"], chosen["rank"]) else ""  # fmt: skip
+        shown = shown_frontier(rows, chosen)
+        for r in shown:
+            mark = "◀ plan" if _same(r, chosen) else ""
             t.add_row(
                 r["matrices"], r["layers"], str(r["rank"]), f"{r['quality']:.3f}",
                 amount(r[kind], kind, unit=False), f"{r.get(kind + '_x', float('nan')):.3f}", mark,
                 style="bold" if mark else None,
             )  # fmt: skip
+        if len(shown) < len(rows):
+            t.caption = (
+                f"{len(rows) - len(shown)} more frontier placements cost more for the same predicted quality "
+                "to three decimals; plan.json and the figure keep them"
+            )
         console.print(t)
     err = q["expected_error"]
     console.print(
