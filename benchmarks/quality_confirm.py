@@ -4,7 +4,8 @@ benchmarks/placement_v2.py trained LoRA placements of six tasks on smollm2 (36 s
 own card); its run files keep every placement's units and test loss. This script predicts each distinct
 placement's fraction of the reference's loss drop with the default quality model and with the other frozen
 forms in OTHERS (`params`, the default before it; `saturation`, its parameters from the pooled fit in
-results/quality/saturation.json) and NOISE_FORM (`noise`, from noisecurve.json and noise_scale.json),
+results/quality/saturation.json) and NOISE_FORMS (`noise`, the one chosen, and `noise-share`, from
+noisecurve.json and noise_scale.json),
 from the card placement_v2 measured for that task, and scores each
 against the measured fraction (mean over the placement's seeds) by its mean absolute error and its decision
 regret (budgets in parameter share). gsm8k, samsum, facts and format were used to fit none of them; e2e_nlg
@@ -27,7 +28,8 @@ FITTED_ON = ("e2e_nlg", "sst2")
 OTHERS = {"params": (0.03,), "saturation": None}  # None: the pooled seed-mean fit in saturation.json
 # The noise-scale candidate the rule in quality.py ``noisecurve`` chose, its pooled seed-mean fit frozen in
 # noisecurve.json; its τ comes from each task's gradient noise scale (noise_scale.json) at its batch size.
-NOISE_FORM = "capacity × coverage"
+# The reading by parameter share, which the rule did not choose, is scored beside it.
+NOISE_FORMS = {"noise": "capacity × coverage", "noise-share": "share"}
 
 
 def placements(task: str) -> list[dict[str, Any]]:
@@ -50,19 +52,22 @@ def placements(task: str) -> list[dict[str, Any]]:
     return out
 
 
-def _noise_form() -> tuple[Any, tuple[float, ...], dict[str, float]]:
-    """The noise-scale form (quality.py ``_noise_forms``), its frozen parameters and each task's slowdown
-    1 + B_noise/B at placement_v2's batch size."""
+def _noise_forms() -> tuple[dict[str, tuple[Any, tuple[float, ...]]], dict[str, float]]:
+    """The noise-scale forms (quality.py ``_noise_forms``) with their frozen parameters, by column name, and
+    each task's slowdown 1 + B_noise/B at placement_v2's batch size."""
     import placement_v2 as P
     import quality as Q
 
     from layercard.artifacts import read_json
 
-    fn = Q._noise_forms()[NOISE_FORM][0]
-    params = tuple(read_json(OUT / "noisecurve.json")["forms"][NOISE_FORM]["seed mean"]["pooled"]["params"])
+    fitted = read_json(OUT / "noisecurve.json")["forms"]
+    forms = {
+        col: (Q._noise_forms()[name][0], tuple(fitted[name]["seed mean"]["pooled"]["params"]))
+        for col, name in NOISE_FORMS.items()
+    }
     rows = [r for r in read_json(OUT / "noise_scale.json")["rows"] if r["benchmark"] == "placement_v2"]
     slowdown = {r["task"]: 1.0 + float(r["b_noise"]) / P.TASKS[r["task"]].batch_size for r in rows}
-    return fn, params, slowdown
+    return forms, slowdown
 
 
 def score() -> dict[str, Any]:
@@ -76,8 +81,8 @@ def score() -> dict[str, Any]:
     model = default_model()
     sat = tuple(read_json(OUT / "saturation.json")["pooled"]["seed mean"]["params"])
     others = {k: (v if v is not None else sat) for k, v in OTHERS.items()}
-    noise_fn, noise_params, slowdown = _noise_form()
-    others_all = {**others, "noise": noise_params}
+    noise_forms, slowdown = _noise_forms()
+    others_all = {**others, **{col: p for col, (_, p) in noise_forms.items()}}
     out: dict[str, Any] = {
         "model": model.describe(),
         "others": {k: list(v) for k, v in others_all.items()},
@@ -93,7 +98,8 @@ def score() -> dict[str, Any]:
         for p in placements(task):
             ranks = {by_pos[(layer, role)]: int(r) for layer, role, r in p["units"]}
             f = features(card, ranks, score=model.score, steps=P.STEPS, lr=P.LR)
-            noisy = noise_fn(dataclasses.replace(f, steps_over_tau=P.STEPS / slowdown[task]), noise_params)
+            f_noise = dataclasses.replace(f, steps_over_tau=P.STEPS / slowdown[task])
+            noisy = {col: fn(f_noise, p) for col, (fn, p) in noise_forms.items()}
             rows.append(
                 {
                     "label": p["label"],
@@ -101,7 +107,7 @@ def score() -> dict[str, Any]:
                     "params_share": f.params,
                     "measured": (base - p["test_loss"]) / (base - ref),
                     "predicted": model.predict(f),
-                    "others": {k: ALL_FORMS[k].fn(f, v) for k, v in others.items()} | {"noise": noisy},
+                    "others": {k: ALL_FORMS[k].fn(f, v) for k, v in others.items()} | noisy,
                     "steps_over_tau": f.steps_over_tau,
                 }
             )
@@ -155,7 +161,8 @@ def _markdown(out: dict[str, Any]) -> str:
         "predicts best within it instead of the best measured one). T/τ: the run's steps over the "
         "reference's time constant `saturation` estimates from the card. `noise`: the default's capacity and "
         "coverage read off a curve whose time constant comes from the task's gradient noise scale instead "
-        "(noisecurve.md; params γ, β, c, κ).",
+        "(noisecurve.md; params γ, β, c, κ); `noise-share`: the same curve read at the parameter share "
+        "(γ, c, κ), which the rule did not choose.",
         "",
         "| task | used to fit | placements | T/τ (τ in steps) | " + " | ".join(names) + " |",
         "|---|---|---:|---|" + "---:|" * len(names),
