@@ -333,8 +333,8 @@ def test_search_policy_settings_are_checked():
 
     with pytest.raises(LayercardError, match="plan.budget: policy recommend needs a budget .* or a target"):
         PlanConfig(policy="recommend")
-    with pytest.raises(LayercardError, match="not layers"):
-        PlanConfig(policy="recommend", budget="layers=8")
+    with pytest.raises(LayercardError, match="not layers; layers=N is for a layer policy such as uniform"):
+        PlanConfig(budget="layers=8")  # the default policy is the recommendation
     with pytest.raises(LayercardError, match="takes one absolute budget"):
         PlanConfig(policy="top", budget="params=0.25x")
     with pytest.raises(LayercardError, match="takes one absolute budget"):

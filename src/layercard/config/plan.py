@@ -103,7 +103,8 @@ class PlanConfig(Schema):
                 raise self.fail(
                     "budget",
                     f"policy {self.policy} searches under {', '.join(SEARCH_BUDGET_KINDS)} budgets, "
-                    f"not {b.kind}",
+                    f"not {b.kind}"
+                    + ("; layers=N is for a layer policy such as uniform" if b.kind == "layers" else ""),
                 )
         if self.target is not None and self.policy != "recommend":
             raise self.fail(
