@@ -932,15 +932,16 @@ def _alpha_capcov(f: Any, gamma: float, beta: float) -> float:
     return _power(f.capacity_at(2.0), gamma) * _power(f.coverage, beta)
 
 
-def _noise_forms() -> dict[str, Any]:
+def _noise_forms() -> dict[str, tuple[Any, tuple[tuple[float, ...], ...]]]:
+    """Each noise-scale form's q = fn(features, (α exponents…, c, κ)) and the grids of its α exponents."""
     from layercard.plan.quality import _BETA, _GAMMA, _power, warp_fraction
 
     return {
         "share": (lambda f, p: warp_fraction(_power(f.params, p[0]), f.steps_over_tau / p[-2], p[-1]),
-                  [(g,) for g in _GAMMA]),
+                  (_GAMMA,)),
         "capacity × coverage": (
             lambda f, p: warp_fraction(_alpha_capcov(f, p[0], p[1]), f.steps_over_tau / p[-2], p[-1]),
-            [(g, b) for g in _GAMMA for b in _BETA]),
+            (_GAMMA, _BETA)),
     }  # fmt: skip
 
 
@@ -952,7 +953,7 @@ def noisecurve() -> dict[str, Any]:
     import numpy as np
 
     from layercard.artifacts import write_json, write_text
-    from layercard.plan.quality import decision_regret, fit_progress_curve
+    from layercard.plan.quality import Form, decision_regret, fit, fit_progress_curve, mean_abs_error
 
     d = _curve_data("noisecurve")
     tasks, base, points, data, targets = d.tasks, d.base, d.points, d.data, d.targets
@@ -965,24 +966,21 @@ def noisecurve() -> dict[str, Any]:
         slow[t] = 1.0 + b / BATCH
     xs = {t: [dataclasses.replace(f, steps_over_tau=STEPS / slow[t]) for _, f in data[t]] for t in tasks}
 
-    def best(fn: Any, grid: list[tuple[float, ...]], c: float, kappa: float, on: list[str], ys: Any):
-        errs = [(float(np.mean([abs(fn(x, (*g, c, kappa)) - y) for t in on
-                                for x, y in zip(xs[t], ys[t], strict=True)])), g) for g in grid]  # fmt: skip
-        err, g = min(errs, key=lambda e: e[0])
-        return (*g, c, kappa), err
-
-    def mae(fn: Any, params: tuple[float, ...], t: str, ys: Any) -> float:
-        return float(np.mean([abs(fn(x, params) - y) for x, y in zip(xs[t], ys[t], strict=True)]))
+    def best(fn: Any, grids: Any, c: float, kappa: float, on: list[str], ys: Any):
+        """The α exponents with the least error on the tasks ``on``, c and κ held at the values given."""
+        form = Form("noise", "", fn, (*grids, (c,), (kappa,)))
+        return fit(form, [x for t in on for x in xs[t]], [y for t in on for y in ys[t]])
 
     out: dict[str, Any] = {"steps": STEPS, "batch": BATCH, "slowdown": slow, "forms": {}}
-    for name, (fn, grid) in _noise_forms().items():
+    for name, (fn, grids) in _noise_forms().items():
         res: dict[str, Any] = {}
+        scored = Form(name, "", fn, ())
         for label, ys in targets.items():
             per: dict[str, Any] = {}
             for ft in tasks:
                 c = curve[ft].tau / slow[ft]
-                params, err = best(fn, grid, c, curve[ft].kappa, [ft], ys)
-                held = {o: mae(fn, params, o, ys) for o in tasks if o != ft}
+                params, err = best(fn, grids, c, curve[ft].kappa, [ft], ys)
+                held = {o: mean_abs_error(scored, params, xs[o], ys[o]) for o in tasks if o != ft}
                 # regret against seed means whichever labels fitted it, as ``decide`` scores it
                 regret = {
                     o: decision_regret([fn(x, params) for x in xs[o]], targets["seed mean"][o],
@@ -997,7 +995,7 @@ def noisecurve() -> dict[str, Any]:
                 )
             c = float(np.exp(np.mean([np.log(curve[t].tau / slow[t]) for t in tasks])))
             kappa = float(np.mean([curve[t].kappa for t in tasks]))
-            params, err = best(fn, grid, c, kappa, tasks, ys)
+            params, err = best(fn, grids, c, kappa, tasks, ys)
             per["pooled"] = {"params": list(params), "fit_mae": err}
             res[label] = per
         out["forms"][name] = res
