@@ -349,6 +349,16 @@ def test_zero_budget_prints_as_given(world: World, tmp_path: Path) -> None:
     assert "budget layers=0:" in one_error_line(r) and not (tmp_path / "p.json").exists()
 
 
+def test_error_text_in_square_brackets_reaches_the_user(world: World, tmp_path: Path) -> None:
+    """The CLI prints with markup; a message naming placements[mine] must not lose it as a style tag."""
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"model: {world.model}\ntask: synthetic:facts\nplacements:\n  - name: mine\n    rank: 2\n")
+    line = one_error_line(cli(["run", str(cfg), "--out", str(tmp_path / "out")]))
+    need = "policy recommend needs a budget (e.g. params=0.25x) or a target"
+    assert line == f"error: {cfg}: placements[mine].budget: {need}"
+    assert not (tmp_path / "out").exists()
+
+
 def test_run_stops_at_the_diverged_stage(world: World, tmp_path: Path) -> None:
     """`layercard run` stops at the train stage, non-zero, with nothing of that stage or after it written."""
     out = tmp_path / "run"

@@ -12,6 +12,7 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from layercard.errors import LayercardError
 
@@ -38,7 +39,7 @@ def guard(fn: F) -> F:
         except LayercardError as e:
             if _STATE["debug"]:
                 traceback.print_exc()
-            console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+            console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
             raise typer.Exit(e.exit_code) from None
         except KeyboardInterrupt:
             console.print("[bold red]interrupted[/]")
@@ -51,7 +52,7 @@ def guard(fn: F) -> F:
             else:
                 msg = str(e).splitlines()[0] if str(e) else ""
                 console.print(
-                    f"[bold red]internal error:[/] {type(e).__name__}: {msg} "
+                    f"[bold red]internal error:[/] {type(e).__name__}: {escape(msg)} "
                     "(run with --debug for the traceback)",
                     highlight=False,
                     soft_wrap=True,
@@ -78,7 +79,7 @@ TrustOpt = Annotated[bool, typer.Option(help="Allow the model's own code from it
 
 def note(text: str) -> None:
     """One line on stderr about something the user may not expect (not an error)."""
-    console.print(f"[yellow]note:[/] {text}", highlight=False, soft_wrap=True)
+    console.print(f"[yellow]note:[/] {escape(text)}", highlight=False, soft_wrap=True)
 
 
 def note_examples(option: str, asked: int | None, used: int) -> None:

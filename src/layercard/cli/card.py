@@ -146,7 +146,7 @@ def card_cmd(
         emit_json(summary)
         return
     _print_card_summary(card)
-    console.print(f"wrote {out / 'card.json'}, {out / 'card.md'} and {len(written)} figures")
+    console.print(f"wrote {out / 'card.json'}, {out / 'card.md'} and {len(written)} figures", markup=False)
 
 
 def _print_card_summary(card) -> None:
@@ -227,4 +227,4 @@ def compare_cmd(
         f"{cb.task['name']} top-5 {res['b'][f'top5_{score}']})"
     )
     if out is not None:
-        console.print(f"wrote {out}")
+        console.print(f"wrote {out}", markup=False)

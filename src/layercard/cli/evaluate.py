@@ -77,7 +77,7 @@ def eval_cmd(
         emit_json({**d, "eval": str(path), "predictions": str(out / d["predictions_file"])})
         return
     _print_result(result)
-    console.print(f"wrote {path} and {out / 'predictions.jsonl'}")
+    console.print(f"wrote {path} and {out / 'predictions.jsonl'}", markup=False)
 
 
 def _print_result(result) -> None:

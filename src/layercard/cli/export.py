@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 
 from layercard.cli.app import app, console, emit_json, guard
 
@@ -42,10 +43,10 @@ def export_cmd(
     if out is None:
         typer.echo(result.text, nl=False)
     for note in result.notes:
-        console.print(f"[yellow]note:[/] {note}", highlight=False, soft_wrap=True)
+        console.print(f"[yellow]note:[/] {escape(note)}", highlight=False, soft_wrap=True)
     if result.exact:
         console.print(f"{result.target}: exact (every planned module at its planned rank)", highlight=False)
     if written:
-        console.print(f"wrote {', '.join(written)}", highlight=False)
+        console.print(f"wrote {', '.join(written)}", highlight=False, markup=False)
     elif result.snippet is not None:
         console.print("the Python snippet is written beside the JSON with --out FILE", highlight=False)

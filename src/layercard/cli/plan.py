@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from layercard.cli.app import TrustOpt, app, console, emit_json, guard, load_cli_model
@@ -71,8 +72,10 @@ def plan_cmd(
     else:
         _print_plan(plan)
     if check is not None:
-        console.print(f"check: PEFT adapted exactly the {len(check['matched'])} planned modules")
-    console.print(f"wrote {out}" + (f" and {figure}" if figure is not None else ""))
+        console.print(
+            f"check: PEFT adapted exactly the {len(check['matched'])} planned modules", markup=False
+        )
+    console.print(f"wrote {out}" + (f" and {figure}" if figure is not None else ""), markup=False)
 
 
 def _same(row: dict, chosen: dict) -> bool:
@@ -134,9 +137,9 @@ def _print_search_plan(plan) -> None:
         + (f", predicted {p['step_time_s']:.3g} s/step" if p.get("step_time_s") else "")
         + (f", peak {p['memory']['peak_mib']:,.0f} MiB" if p.get("memory") else "")
     )
-    console.print(p["recommendation"], highlight=False, soft_wrap=True)
+    console.print(p["recommendation"], highlight=False, soft_wrap=True, markup=False)
     for w in plan.warnings:
-        console.print(f"[yellow]warning:[/] {w}", highlight=False, soft_wrap=True)
+        console.print(f"[yellow]warning:[/] {escape(w)}", highlight=False, soft_wrap=True)
 
 
 def _print_plan(plan) -> None:
@@ -169,9 +172,9 @@ def _print_plan(plan) -> None:
         else f"{st:.3g} (all layers {p['all_layer_step_time_s']:.3g})",
     )
     console.print(t)
-    console.print(f"[dim]score basis: {p['score_basis']}[/]", highlight=False, soft_wrap=True)
+    console.print(f"[dim]score basis: {escape(p['score_basis'])}[/]", highlight=False, soft_wrap=True)
     for w in plan.warnings:
-        console.print(f"[yellow]warning:[/] {w}", highlight=False, soft_wrap=True)
+        console.print(f"[yellow]warning:[/] {escape(w)}", highlight=False, soft_wrap=True)
 
 
 def _ranks_text(plan) -> str:

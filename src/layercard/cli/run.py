@@ -202,7 +202,7 @@ def demo_cmd(
         if t["recommendation"]:
             ranking = ", ".join(f"{r} {100 * s:.0f}%" for r, s in t["matrices"][:3])
             console.print(f"[bold]{task}[/]: card's top matrices {ranking}", highlight=False)
-            console.print(f"  {t['recommendation']}", highlight=False, soft_wrap=True)
+            console.print(f"  {t['recommendation']}", highlight=False, soft_wrap=True, markup=False)
     console.print(f"[bold]overview:[/] {path}  ({time.perf_counter() - t0:.0f} s)")
 
 
@@ -225,4 +225,6 @@ def report_cmd(
     if json_out:
         emit_json(paths)
         return
-    console.print(f"wrote {paths['html']}, {paths['markdown']} and {len(paths['figures'])} figures")
+    console.print(
+        f"wrote {paths['html']}, {paths['markdown']} and {len(paths['figures'])} figures", markup=False
+    )

@@ -104,7 +104,7 @@ def train_cmd(
         emit_json(metrics)
         return
     _print_summary(metrics)
-    console.print(f"wrote {out / 'adapter'} and {out / 'train_metrics.json'}")
+    console.print(f"wrote {out / 'adapter'} and {out / 'train_metrics.json'}", markup=False)
 
 
 def _fmt(x: Any, spec: str) -> str:

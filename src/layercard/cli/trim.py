@@ -118,7 +118,7 @@ def trace_cmd(
     Console(stderr=True).print(tbl)
     cands = ", ".join(f"{k} = layer {v}" for k, v in tr.candidates.items())
     console.print(f"boundary candidates: {cands}")
-    console.print(f"wrote {path} and {png}")
+    console.print(f"wrote {path} and {png}", markup=False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -170,9 +170,9 @@ def trim_cmd(
         emit_json({**res, "trim": str(out_dir / "trim.json")})
         return
     _print_trim(res)
-    console.print(f"wrote {out_dir / 'trim.json'} and {res['export']['path']}")
+    console.print(f"wrote {out_dir / 'trim.json'} and {res['export']['path']}", markup=False)
     if res["merged"]:
-        console.print(f"wrote merged model {res['merged']['path']}")
+        console.print(f"wrote merged model {res['merged']['path']}", markup=False)
 
 
 def _print_trim(res: dict[str, Any]) -> None:
