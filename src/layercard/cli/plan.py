@@ -72,29 +72,21 @@ def plan_cmd(
     else:
         _print_plan(plan)
     if check is not None:
-        console.print(
-            f"check: PEFT adapted exactly the {len(check['matched'])} planned modules", markup=False
-        )
+        console.print(f"check: PEFT adapted exactly the {len(check['matched'])} planned modules")
     console.print(f"wrote {out}" + (f" and {figure}" if figure is not None else ""), markup=False)
-
-
-def _same(row: dict, chosen: dict) -> bool:
-    return (row["matrices"], row["layers"], row["rank"]) == (
-        chosen["matrices"],
-        chosen["layers"],
-        chosen["rank"],
-    )
 
 
 def shown_frontier(rows: list[dict], chosen: dict) -> list[dict]:
     """The frontier rows worth a line: of the rows whose predicted quality reads the same to three decimals,
     the cheapest (the frontier lists them cheapest first), and the plan's own row wherever it is. The
     differences between the others lie far inside the quality model's error."""
+    from layercard.plan.frontier import row_label
+
     seen: set[str] = set()
     out = []
     for r in rows:
         label = f"{r['quality']:.3f}"
-        if label not in seen or _same(r, chosen):
+        if label not in seen or row_label(r) == row_label(chosen):
             out.append(r)
         seen.add(label)
     return out
@@ -114,7 +106,7 @@ def _print_search_plan(plan) -> None:
         chosen = p["candidate"]
         shown = shown_frontier(rows, chosen)
         for r in shown:
-            mark = "◀ plan" if _same(r, chosen) else ""
+            mark = "◀ plan" if row_label(r) == row_label(chosen) else ""
             t.add_row(
                 r["matrices"], r["layers"], str(r["rank"]), f"{r['quality']:.3f}",
                 amount(r[kind], kind, unit=False), f"{r.get(kind + '_x', float('nan')):.3f}", mark,
