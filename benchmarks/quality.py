@@ -14,6 +14,7 @@ script resumes where it stopped; the summary is rebuilt from them by ``summary``
     .venv/bin/python benchmarks/quality.py warp
     .venv/bin/python benchmarks/quality.py saturation
     .venv/bin/python benchmarks/quality.py decide
+    .venv/bin/python benchmarks/quality.py band
 
 ``--seed N`` (N > 0) repeats runs with another training seed (data order and LoRA initialisation; the test
 examples stay the same) under RESULTS/runs/seed{N}/; ``noise`` then reports how much the measured fraction
@@ -1168,6 +1169,145 @@ def _decision_markdown(out: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+# The expected-error forms `band` compares, each a function of a placement's uncovered depth share
+# u = 1 − coverage: one error for every placement (what plans printed before), a line in u, and two levels
+# split at half the depth covered. The rule: the least cross-task error; ties within BAND_TIE to the one
+# listed first (the line needs no threshold).
+BAND_FORMS = ("line", "step", "constant")
+BAND_TIE = 0.001
+
+
+def _band_fit(form: str, us: list[float], errs: list[float]) -> tuple[float, float]:
+    import statistics
+
+    from layercard.plan.quality import fit_error_band
+
+    if form == "constant":
+        return statistics.mean(errs), 0.0
+    if form == "line":
+        return fit_error_band(us, errs)
+    low = [e for u, e in zip(us, errs, strict=True) if u <= 0.5]
+    high = [e for u, e in zip(us, errs, strict=True) if u > 0.5]
+    return statistics.mean(low), statistics.mean(high or low)
+
+
+def _band_error(form: str, params: tuple[float, float], u: float) -> float:
+    a, b = params
+    if form == "step":
+        return a if u <= 0.5 else b
+    return a + b * u
+
+
+def band() -> dict[str, Any]:
+    """The default form's expected error as a function of the depth a placement covers.
+
+    The chosen form (decision.json) is fitted on one task's seed-0 runs and its absolute errors on the other
+    task are kept; each BAND_FORMS form is fitted to one task's held-out errors and scored (mean absolute
+    difference) on the other's. The rule picks one; its parameters pooled on both tasks' errors are what
+    plans use (QualityModel.error_band). Writes RESULTS/band.json and .md; nothing else is refitted.
+    """
+    import statistics
+
+    from layercard.artifacts import read_json, write_json, write_text
+    from layercard.plan.quality import FORMS, fit
+
+    chosen = read_json(RESULTS / "decision.json")["chosen"]
+    form = FORMS[chosen["form"]]
+    data = _labelled()["seed 0"]
+    tasks = sorted(data)
+    held: dict[str, list[dict[str, Any]]] = {}
+    for fit_task in tasks:
+        params, _ = fit(form, [f for _, f in data[fit_task]], [r["fraction"] for r, _ in data[fit_task]])
+        for t in (o for o in tasks if o != fit_task):
+            held[t] = [
+                {"name": r["name"], "coverage": f.coverage, "uncovered": 1.0 - f.coverage,
+                 "measured": r["fraction"], "predicted": form.fn(f, params),
+                 "error": abs(form.fn(f, params) - r["fraction"]), "fit_on": fit_task}
+                for r, f in data[t]
+            ]  # fmt: skip
+    forms: dict[str, Any] = {}
+    for name in BAND_FORMS:
+        res: dict[str, Any] = {}
+        for fit_task in tasks:
+            us, es = [x["uncovered"] for x in held[fit_task]], [x["error"] for x in held[fit_task]]
+            p = _band_fit(name, us, es)
+            scored = {
+                t: statistics.mean(abs(_band_error(name, p, x["uncovered"]) - x["error"]) for x in held[t])
+                for t in tasks
+                if t != fit_task
+            }
+            res[f"fit_on_{fit_task}"] = {"params": list(p), "held_out": scored}
+        res["cross_task"] = statistics.mean(v for t in tasks for v in res[f"fit_on_{t}"]["held_out"].values())
+        pooled = [x for t in tasks for x in held[t]]
+        res["pooled"] = list(_band_fit(name, [x["uncovered"] for x in pooled], [x["error"] for x in pooled]))
+        forms[name] = res
+    least = min(r["cross_task"] for r in forms.values())
+    pick = next(n for n in BAND_FORMS if forms[n]["cross_task"] <= least + BAND_TIE)
+    out = {
+        "model": {"form": chosen["form"], "expected_error": chosen["expected_error"]},
+        "rule": f"least cross-task error; ties within {BAND_TIE} to the first of {', '.join(BAND_FORMS)}",
+        "forms": forms,
+        "chosen": {"form": pick, "params": forms[pick]["pooled"]},
+        "held_out": held,
+    }
+    write_json(RESULTS / "band.json", out)
+    write_text(RESULTS / "band.md", _band_markdown(out, tasks))
+    return out
+
+
+def _band_markdown(out: dict[str, Any], tasks: list[str]) -> str:
+    import statistics
+
+    rows = [x for t in tasks for x in out["held_out"][t]]
+    groups = sorted({round(x["coverage"], 3) for x in rows})
+    lines = [
+        "# The quality model's expected error by the depth a placement covers",
+        "",
+        f"smollm2, {STEPS} steps of batch {BATCH}, lr {LR:g}, seed-0 runs of quality.md. The default form "
+        f"(`{out['model']['form']}`) is fitted on one task and its absolute error kept on each placement of "
+        "the other; those errors are what an expected error has to describe. Coverage: the share of six "
+        "equal depth bands that hold an adapted unit; u = 1 − coverage.",
+        "",
+        "| coverage | placements | mean absolute error on the task not used to fit |",
+        "|---:|---:|---:|",
+    ]
+    for g in groups:
+        es = [x["error"] for x in rows if round(x["coverage"], 3) == g]
+        lines.append(f"| {g:.2f} | {len(es)} | {statistics.mean(es):.3f} |")
+    lines += [
+        "",
+        "Each expected-error form is fitted to one task's errors and scored on the other's (mean absolute "
+        "difference between the form's expected error and the error measured):",
+        "",
+        "| form | "
+        + " | ".join(f"fitted to {t}'s errors: parameters / score on the other's" for t in tasks)
+        + " | cross-task | pooled parameters |",
+        "|---|" + "---|" * len(tasks) + "---:|---|",
+    ]
+    desc = {"constant": "constant a", "line": "a + b·u", "step": "a if u ≤ 0.5, else b"}
+    for name, res in out["forms"].items():
+        cells = [
+            f"{', '.join(f'{v:.3f}' for v in res[f'fit_on_{t}']['params'])} / "
+            f"{_only(res[f'fit_on_{t}']['held_out']):.3f}"
+            for t in tasks
+        ]
+        lines.append(
+            f"| {name} ({desc[name]}) | "
+            + " | ".join(cells)
+            + f" | {res['cross_task']:.3f} | "
+            + ", ".join(f"{v:.3f}" for v in res["pooled"])
+            + " |"
+        )
+    c = out["chosen"]
+    lines += [
+        "",
+        f"Rule: {out['rule']}. Chosen: **{c['form']}**, pooled parameters "
+        + ", ".join(f"{v:.3f}" for v in c["params"])
+        + ": plans print that expected error for each placement.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
 COMMANDS = (
     "run",
     "curve",
@@ -1179,6 +1319,7 @@ COMMANDS = (
     "saturation",
     "noisecurve",
     "decide",
+    "band",
 )
 
 
@@ -1229,6 +1370,10 @@ def main() -> None:
 
         res = noisecurve()
         print(json.dumps(res, indent=1))
+        return
+    if a.what == "band":
+        res = band()
+        print(res["rule"], "->", res["chosen"])
         return
     if a.what == "decide":
         res = decide()

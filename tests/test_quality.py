@@ -453,3 +453,77 @@ def test_fit_saturation_takes_tau_and_kappa_from_the_curves_and_finds_gamma():
         Q.fit_saturation(curves, [20.0, 0.0], xs, ys)
     with pytest.raises(LayercardError, match="one card time constant"):
         Q.fit_saturation(curves, [20.0], xs, ys)
+
+
+def test_error_band_recovers_a_line_and_never_shrinks_with_depth_left_out():
+    us = [0.0, 0.0, 0.5, 0.5, 5 / 6, 5 / 6]
+    a, b = Q.fit_error_band(us, [0.04 + 0.12 * u for u in us])
+    assert a == pytest.approx(0.04) and b == pytest.approx(0.12)
+    # errors that fall as depth is left out: no slope, the mean error for every placement
+    a, b = Q.fit_error_band(us, [0.2 - 0.2 * u for u in us])
+    assert b == 0.0 and a == pytest.approx(sum(0.2 - 0.2 * u for u in us) / len(us))
+    # a line that would start below 0 goes through the origin instead
+    a, b = Q.fit_error_band([0.2, 0.8], [0.0, 0.3])
+    assert a == 0.0 and b > 0
+    for bad in (([0.1], [0.1]), ([0.1, 0.2], [0.1]), ([0.1, float("nan")], [0.1, 0.2]), ([0, 1], [0.1, -1])):
+        with pytest.raises(LayercardError, match="error band"):
+            Q.fit_error_band(*bad)
+
+
+def test_model_error_grows_as_coverage_drops_and_falls_back_to_one_error():
+    banded = Q.QualityModel("capacity", (2.0, 0.3), expected_error=0.07, basis="t", error_band=(0.04, 0.12))
+    full, sixth = (Q.Features(capacity=0.5, params=0.1, coverage=c) for c in (1.0, 1 / 6))
+    assert banded.error(full) == pytest.approx(0.04)
+    assert banded.error(sixth) == pytest.approx(0.04 + 0.12 * 5 / 6)
+    flat = dataclasses.replace(banded, error_band=None)
+    assert flat.error(full) == flat.error(sixth) == 0.07
+    assert banded.describe()["error_band"] == [0.04, 0.12] and flat.describe()["error_band"] is None
+
+
+def test_default_error_band_is_the_committed_choice():
+    import json
+    from pathlib import Path
+
+    band = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "quality" / "band.json"
+    chosen = json.loads(band.read_text())["chosen"]
+    assert chosen["form"] == "line"
+    assert Q.default_model().error_band == pytest.approx(tuple(chosen["params"]), abs=5e-4)
+
+
+def test_plans_carry_each_placements_own_expected_error():
+    from layercard.config import PlanConfig
+    from layercard.plan import make_plan
+    from layercard.plan import recommend as R
+
+    card = _card()
+    model = Q.QualityModel("capacity", (2.0, 0.3), expected_error=0.07, basis="t", error_band=(0.04, 0.12))
+    s = R.price(card, model)
+    by_cov = {}
+    for c in s.candidates:
+        f = Q.Basis(card).features(dict(c.units))
+        assert c.error == pytest.approx(0.04 + 0.12 * (1 - f.coverage))
+        by_cov.setdefault(round(f.coverage, 3), c)
+    assert len(by_cov) > 1  # the grid holds placements of different coverage, so errors differ
+    orig = Q.DEFAULT_MODEL
+    Q.DEFAULT_MODEL = model
+    try:
+        plan = make_plan(card, PlanConfig(policy="recommend", budget="params=0.25x"))
+    finally:
+        Q.DEFAULT_MODEL = orig
+    q, row = plan.predicted["quality"], plan.predicted["candidate"]
+    assert q["expected_error"] == pytest.approx(row["error"], abs=1e-4) and q["model_error"] == 0.07
+    assert all("error" in r for rows in plan.predicted["frontier"].values() for r in rows)
+    assert f"±{100 * row['error']:.0f} points" in plan.predicted["recommendation"]
+
+
+def test_a_difference_counts_only_beyond_the_larger_expected_error():
+    from layercard.plan import recommend as R
+
+    def cand(matrices, quality, error):
+        return F.Candidate(matrices, (0,), "all", 2, quality, {"params": 1.0}, (("u", 2),), error)
+
+    rec = cand("mlp", 0.95, 0.04)
+    narrow, wide = cand("q,v", 0.88, 0.04), cand("q,v", 0.88, 0.15)
+    assert "+7 points" in R.sentence(rec, {"peft-default": narrow})
+    text = R.sentence(rec, {"peft-default": wide})
+    assert "within the model's error" in text and "±15 points for peft-default" in text

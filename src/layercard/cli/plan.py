@@ -108,7 +108,8 @@ def _print_search_plan(plan) -> None:
         for r in shown:
             mark = "◀ plan" if row_label(r) == row_label(chosen) else ""
             t.add_row(
-                r["matrices"], r["layers"], str(r["rank"]), f"{r['quality']:.3f}",
+                r["matrices"], r["layers"], str(r["rank"]),
+                f"{r['quality']:.3f}" + (f" ± {r['error']:.3f}" if r.get("error") is not None else ""),
                 amount(r[kind], kind, unit=False), f"{r.get(kind + '_x', float('nan')):.3f}", mark,
                 style="bold" if mark else None,
             )  # fmt: skip

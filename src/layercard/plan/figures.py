@@ -29,13 +29,16 @@ def plot_frontier(plan: Any, path: str | Path, measured: dict[str, dict[str, flo
     pred = plan.predicted
     kinds = list(pred["frontier"])
     fig, axes = plt.subplots(1, len(kinds), figsize=(7.0 * len(kinds), 4.2), squeeze=False)
-    err = pred["quality"]["expected_error"]
+    err = pred["quality"].get("model_error", pred["quality"]["expected_error"])
     for ax, kind in zip(axes[0], kinds, strict=True):
         rows = pred["frontier"][kind]
         xs, ys = [r[kind] for r in rows], [r["quality"] for r in rows]
         ax.plot(xs, ys, marker="o", ms=4, color="tab:blue", label="frontier (predicted)")
-        if err is not None:  # the band of the model's expected error
-            ax.fill_between(xs, [y - err for y in ys], [y + err for y in ys], color="tab:blue", alpha=0.12)
+        errs = [r.get("error", err) for r in rows]  # each placement's expected error, else the model's
+        if all(e is not None for e in errs):
+            lo = [y - e for y, e in zip(ys, errs, strict=True)]
+            hi = [y + e for y, e in zip(ys, errs, strict=True)]
+            ax.fill_between(xs, lo, hi, color="tab:blue", alpha=0.12)
         for name, row in (pred.get("defaults") or {}).items():
             if row is not None and kind in row:
                 ax.scatter([row[kind]], [row["quality"]], marker="s", s=36, label=name)

@@ -43,6 +43,7 @@ class Candidate:
     quality: float
     costs: dict[str, float]
     units: tuple[tuple[str, int], ...]  # (unit key, rank)
+    error: float | None = None  # the quality model's expected absolute error of ``quality``
 
     @property
     def label(self) -> str:
@@ -211,13 +212,15 @@ def search(
     card: Card,
     *,
     predict: Callable[[Q.Features], float],
+    error: Callable[[Q.Features], float | None] | None = None,
     costs: Callable[[Sequence[UnitRow], Sequence[int]], dict[str, float]] | None = None,
     ranks: Sequence[int] = RANKS,
     max_rank: int | None = None,
     min_params_share: float | None = None,
 ) -> Search:
-    """Price every candidate of the card: quality from ``predict``; parameters and modules from the units;
-    the measured kinds (``step_time``, ``memory``, ``forward_s``) from ``costs`` where given."""
+    """Price every candidate of the card: quality from ``predict`` (its expected error from ``error`` where
+    given); parameters and modules from the units; the measured kinds (``step_time``, ``memory``,
+    ``forward_s``) from ``costs`` where given."""
     roles_have = {u.role for u in card.units}
     by_layer: dict[int, list[UnitRow]] = {}
     for u in card.units:
@@ -232,8 +235,9 @@ def search(
         }
         if costs is not None:
             priced.update(costs(units, [r] * len(units)))
-        quality = predict(basis.features(ranks_map))
-        return Candidate(matrices, tuple(layers), rule, r, quality, priced, tuple(ranks_map.items()))
+        f = basis.features(ranks_map)
+        err = error(f) if error is not None else None
+        return Candidate(matrices, tuple(layers), rule, r, predict(f), priced, tuple(ranks_map.items()), err)
 
     out: list[Candidate] = []
     reference: dict[str, float] | None = None
@@ -270,6 +274,7 @@ def summary_row(c: Candidate, reference: dict[str, float]) -> dict[str, Any]:
         "layers": c.layer_rule,
         "rank": c.rank,
         "quality": round(c.quality, 4),
+        **({} if c.error is None else {"error": round(c.error, 4)}),
         **c.costs,
         **{f"{k}_x": round(v / reference[k], 4) for k, v in c.costs.items() if reference.get(k)},
     }

@@ -50,16 +50,24 @@ def price(card: Card, model: Q.QualityModel | None = None) -> F.Search:
     return F.search(
         card,
         predict=model.predict,
+        error=model.error,
         costs=_costs_fn(card),
         max_rank=model.max_rank,
         min_params_share=model.min_params_share,
     )
 
 
-def sentence(rec: F.Candidate, defaults: dict[str, F.Candidate | None], error: float | None) -> str:
-    """One sentence: what the plan is predicted to gain over the best fixed rule within the same budgets."""
+def _error_text(error: float | None) -> str:
+    return "unknown" if error is None else f"±{100 * error:.0f} points"
+
+
+def sentence(rec: F.Candidate, defaults: dict[str, F.Candidate | None]) -> str:
+    """One sentence: what the plan is predicted to gain over the best fixed rule within the same budgets.
+
+    A difference is called one only where it exceeds the larger of the two predictions' expected errors.
+    """
     fitted = {k: v for k, v in defaults.items() if v is not None}
-    err = "unknown" if error is None else f"±{100 * error:.0f} points"
+    err = _error_text(rec.error)
     if not fitted:
         return (
             f"{rec.label} is predicted to reach {100 * rec.quality:.0f}% of the reference's loss drop "
@@ -78,14 +86,15 @@ def sentence(rec: F.Candidate, defaults: dict[str, F.Candidate | None], error: f
             "placement the search priced within them."
         )
     diff = 100 * (rec.quality - best.quality)
-    if error is None or abs(diff) <= 100 * error:
+    errors = [e for e in (rec.error, best.error) if e is not None]
+    if len(errors) < 2 or abs(diff) <= 100 * max(errors):
         verdict = "within the model's error of it, so the difference is not a prediction to rely on"
     else:
         verdict = f"{diff:+.0f} points"
     return (
         f"{rec.label}: predicted {100 * rec.quality:.0f}% of the reference's loss drop against "
         f"{100 * best.quality:.0f}% for {name} ({best.label}) at the same budgets: {verdict} "
-        f"(expected error {err})."
+        f"(expected error {err}; {_error_text(best.error)} for {name})."
     )
 
 
@@ -95,11 +104,10 @@ def target_sentence(
     target: float,
     kind: str,
     reference: dict[str, float],
-    error: float | None,
 ) -> str:
     """One sentence: the cheapest placement predicted to reach ``target``, against the cheapest fixed rule
     predicted to reach it."""
-    err = "unknown" if error is None else f"±{100 * error:.0f} points"
+    err = _error_text(rec.error)
 
     def cost(c: F.Candidate) -> str:
         return f"{amount(c.costs[kind], kind)} ({c.costs[kind] / reference[kind]:.2f}× the reference)"
@@ -166,9 +174,7 @@ def search_plan(
     pred = _predicted(card, search, chosen, defaults, budgets, model)
     if cfg.target is not None:
         pred["target"] = {"fraction": cfg.target, "cost": kind}
-        pred["recommendation"] = target_sentence(
-            chosen, defaults, cfg.target, kind, search.reference, model.expected_error
-        )
+        pred["recommendation"] = target_sentence(chosen, defaults, cfg.target, kind, search.reference)
         if kind not in pred["frontier"]:
             pred["frontier"][kind] = [F.summary_row(c, search.reference) for c in search.frontier(kind)]
     config = {
@@ -222,10 +228,12 @@ def _predicted(
     pred: dict[str, Any] = {
         "quality": {
             "fraction": chosen.quality,
-            "expected_error": model.expected_error,
+            # this placement's, from the model's error band where it has one
+            "expected_error": chosen.error,
+            "model_error": model.expected_error,
             "model": model.describe(),
         },
-        "recommendation": sentence(chosen, defaults, model.expected_error),
+        "recommendation": sentence(chosen, defaults),
         "candidate": F.summary_row(chosen, reference),
         "defaults": {
             k: (F.summary_row(v, reference) if v is not None else None) for k, v in defaults.items()

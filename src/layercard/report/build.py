@@ -216,7 +216,7 @@ def _recommendation(doc: _Doc, run: _Run) -> None:
             measured[r["name"]] = {**costs, "fraction": r["measured_fraction"], "predicted": cand["quality"]}
     doc.figure(
         "frontier.png",
-        "Predicted frontier of quality against each budgeted cost (band: the model's expected error); "
+        "Predicted frontier of quality against each budgeted cost (band: each placement's expected error); "
         "squares: the practitioners' rules fitted to the same budgets; star: the recommendation; diamonds: "
         "each trained placement's measured quality (arrow from its prediction)",
         lambda p: plot_frontier(plan, p, measured),
