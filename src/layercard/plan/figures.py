@@ -41,7 +41,9 @@ def plot_frontier(plan: Any, path: str | Path, measured: dict[str, dict[str, flo
             ax.fill_between(xs, lo, hi, color="tab:blue", alpha=0.12)
         for name, row in (pred.get("defaults") or {}).items():
             if row is not None and kind in row:
-                ax.scatter([row[kind]], [row["quality"]], marker="s", s=36, label=name)
+                # a fixed rule's own expected error: one that leaves depth out is less certain
+                yerr = None if row.get("error") is None else [row["error"]]
+                ax.errorbar([row[kind]], [row["quality"]], yerr=yerr, fmt="s", ms=6, capsize=3, label=name)
         chosen = pred["candidate"]
         ax.scatter(
             [chosen[kind]], [chosen["quality"]], marker="*", s=160, color="black", zorder=5, label="plan"
