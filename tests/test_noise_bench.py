@@ -2,27 +2,16 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
+from benchscripts import benchmark_script
 from tiny import tiny_model
-
-_BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
 @pytest.fixture(scope="module")
 def bench():
-    sys.path.insert(0, str(_BENCHMARKS))
-    try:
-        import noise_scale
-
-        yield noise_scale
-    finally:
-        sys.path.remove(str(_BENCHMARKS))
-        for name in ("noise_scale", "placement_v2", "quality"):
-            sys.modules.pop(name, None)
+    with benchmark_script("noise_scale") as module:
+        yield module
 
 
 def _examples(lengths, vocab=96, seed=0):

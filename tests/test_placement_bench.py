@@ -5,24 +5,15 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
-
-_BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+from benchscripts import BENCHMARKS, benchmark_script
 
 
 @pytest.fixture(scope="module")
 def bench():
-    sys.path.insert(0, str(_BENCHMARKS))  # the benchmark's package sits beside its entry script
-    try:
-        import placement
-
-        yield placement
-    finally:
-        sys.path.remove(str(_BENCHMARKS))
-        for name in [m for m in sys.modules if m == "placement" or m.startswith("placement.")]:
-            sys.modules.pop(name)
+    with benchmark_script("placement") as module:  # its package sits beside the entry script
+        yield module
 
 
 def test_grid_has_the_issue_counts(bench):
@@ -116,7 +107,7 @@ def test_report_keeps_its_stamp_only_while_nothing_else_changed(bench):
 
 def test_entry_script_keeps_its_command_line():
     out = subprocess.run(
-        [sys.executable, str(_BENCHMARKS / "placement.py"), "--help"],
+        [sys.executable, str(BENCHMARKS / "placement.py"), "--help"],
         capture_output=True,
         text=True,
         check=True,

@@ -2,25 +2,14 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
-
-_BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+from benchscripts import benchmark_script
 
 
 @pytest.fixture(scope="module")
 def tight():
-    sys.path.insert(0, str(_BENCHMARKS))  # the script imports placement_v2 from its own folder
-    try:
-        import tight_budget
-
-        yield tight_budget
-    finally:
-        sys.path.remove(str(_BENCHMARKS))
-        for name in ("tight_budget", "placement_v2", "quality"):
-            sys.modules.pop(name, None)
+    with benchmark_script("tight_budget") as module:
+        yield module
 
 
 def _row(candidate: str, loss: float, spread: float, s: float, mib: float, fractions=(), sig=None) -> dict:

@@ -1,0 +1,37 @@
+"""The quality-confirmation benchmark's pure part: the expected error set against the measured one."""
+
+from __future__ import annotations
+
+import pytest
+from benchscripts import benchmark_script
+
+
+@pytest.fixture(scope="module")
+def confirm():
+    with benchmark_script("quality_confirm") as module:
+        yield module
+
+
+def _row(coverage: float, measured: float, predicted: float, expected: float) -> dict:
+    return {"coverage": coverage, "measured": measured, "predicted": predicted, "expected_error": expected}
+
+
+def test_band_check_groups_by_coverage_and_scores_the_band_against_one_error(confirm):
+    rows = [
+        _row(1 / 6, 0.70, 0.90, 0.15),  # off by 0.20: outside its band
+        _row(1 / 3, 0.85, 0.90, 0.13),  # off by 0.05: inside
+        _row(2 / 3, 0.95, 0.96, 0.08),
+        _row(1.0, 0.99, 0.99, 0.04),
+        _row(1.0, 1.05, 0.99, 0.04),  # off by 0.06: outside
+    ]
+    out = confirm.band_check(rows, one_error=0.07)
+    low, mid, full = (out[name] for name, _, _ in confirm.BAND_GROUPS)
+    assert (low["placements"], mid["placements"], full["placements"]) == (2, 1, 2)
+    assert low["measured"] == pytest.approx(0.125) and low["expected"] == pytest.approx(0.14)
+    assert low["within"] == pytest.approx(0.5) and full["within"] == pytest.approx(0.5)
+    assert mid["within"] == 1.0
+    errs, expected = [0.20, 0.05, 0.01, 0.0, 0.06], [0.15, 0.13, 0.08, 0.04, 0.04]
+    gaps = [abs(e - x) for e, x in zip(errs, expected, strict=True)]
+    assert out["all"]["gap"] == pytest.approx(sum(gaps) / 5)
+    assert out["all"]["gap_one"] == pytest.approx(sum(abs(e - 0.07) for e in errs) / 5)
+    assert confirm.band_check([], one_error=0.07)["all"] == {"placements": 0}
