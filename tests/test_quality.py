@@ -527,3 +527,5 @@ def test_a_difference_counts_only_beyond_the_larger_expected_error():
     assert "+7 points" in R.sentence(rec, {"peft-default": narrow})
     text = R.sentence(rec, {"peft-default": wide})
     assert "within the model's error" in text and "±15 points for peft-default" in text
+    assert R.beyond_error(rec, narrow) and not R.beyond_error(rec, wide)
+    assert not R.beyond_error(rec, cand("q,v", 0.50, None))  # an unknown error calls nothing

@@ -61,6 +61,14 @@ def _error_text(error: float | None) -> str:
     return "unknown" if error is None else f"±{100 * error:.0f} points"
 
 
+def beyond_error(rec: F.Candidate, other: F.Candidate) -> bool:
+    """Whether ``rec``'s predicted quality differs from ``other``'s by more than the larger of the two
+    placements' expected errors (never, where either error is unknown)."""
+    if rec.error is None or other.error is None:
+        return False
+    return abs(rec.quality - other.quality) > max(rec.error, other.error)
+
+
 def sentence(rec: F.Candidate, defaults: dict[str, F.Candidate | None]) -> str:
     """One sentence: what the plan is predicted to gain over the best fixed rule within the same budgets.
 
@@ -86,8 +94,7 @@ def sentence(rec: F.Candidate, defaults: dict[str, F.Candidate | None]) -> str:
             "placement the search priced within them."
         )
     diff = 100 * (rec.quality - best.quality)
-    errors = [e for e in (rec.error, best.error) if e is not None]
-    if len(errors) < 2 or abs(diff) <= 100 * max(errors):
+    if not beyond_error(rec, best):
         verdict = "within the model's error of it, so the difference is not a prediction to rely on"
     else:
         verdict = f"{diff:+.0f} points"
