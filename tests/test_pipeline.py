@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -405,6 +406,9 @@ def test_demo_command_runs_the_packaged_config(tmp_path):
         # the report opens with the recommendation, before the headline table
         assert html.index("Recommendation") < html.index("Headline")
         assert summary["recommendation"]["sentence"].split(":")[0] in html
+        # each search placement's quality, measured / predicted ± its expected error
+        report = (out / task / "report.md").read_text()
+        assert len(re.findall(r"\| (\d\.\d\d|—) / \d\.\d\d ± 0\.\d\d \|", report)) == 4
     overview = (out / "demo.md").read_text()
     assert overview == Path(d["overview"]).read_text()
     assert overview.count("Recommendation:") == 2 and "## facts" in overview and "## format" in overview

@@ -164,7 +164,7 @@ def recommendation_table(
         m, r = metrics.get(name), by_name.get(name, {})
         peak_pred = (m.predicted_peak_memory_scaled_mib or m.predicted_peak_memory_mib) if m else None
         step, step_pred = (m.s_per_step, predicted_s_per_step(m)) if m else (None, None)
-        quality = plan.predicted["quality"]["fraction"]
+        quality, err = plan.predicted["quality"]["fraction"], plan.predicted["quality"].get("expected_error")
         ref = plan.predicted["reference"]["params"]
         rows.append(
             [
@@ -174,7 +174,8 @@ def recommendation_table(
                 f"{int(cand['params']):,} ({cand['params'] / ref:.2f})",
                 f"{fmt(step, '.2f')} / {fmt(step_pred, '.2f')}",
                 f"{fmt(m.peak_memory_mib if m else None, ',.0f')} / {fmt(peak_pred, ',.0f')}",
-                f"{fmt(r.get('measured_fraction'), '.2f')} / {fmt(quality, '.2f')}",
+                f"{fmt(r.get('measured_fraction'), '.2f')} / {fmt(quality, '.2f')}"
+                + ("" if err is None else f" ± {err:.2f}"),
                 fmt(r.get("eval_loss")),
                 fmt(r.get("primary_value"), ".3f"),
             ]
