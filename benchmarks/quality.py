@@ -15,6 +15,7 @@ script resumes where it stopped; the summary is rebuilt from them by ``summary``
     .venv/bin/python benchmarks/quality.py saturation
     .venv/bin/python benchmarks/quality.py decide
     .venv/bin/python benchmarks/quality.py band
+    .venv/bin/python benchmarks/quality.py run --steps 108 --only NAME,... && ... longer --steps 108
 
 ``--seed N`` (N > 0) repeats runs with another training seed (data order and LoRA initialisation; the test
 examples stay the same) under RESULTS/runs/seed{N}/; ``noise`` then reports how much the measured fraction
@@ -149,34 +150,45 @@ def _base(loaded: Any, test: Any, setting: TaskSetting) -> float:
     return loss
 
 
-def _run_path(task: str, name: str, seed: int = SEED) -> Path:
+def _run_path(task: str, name: str, seed: int = SEED, steps: int = STEPS) -> Path:
     folder = RESULTS / "runs" if seed == SEED else RESULTS / "runs" / f"seed{seed}"
+    if steps != STEPS:
+        folder = folder / f"steps{steps}"
     return folder / f"{task}-{name}.json"
 
 
-def _plan_and_settings(card: Any, setting: TaskSetting, p: Placement, seed: int) -> tuple[Any, Any]:
+def _plan_and_settings(
+    card: Any, setting: TaskSetting, p: Placement, seed: int, steps: int = STEPS
+) -> tuple[Any, Any]:
     """The plan of grid point ``p`` and the training settings every quality run shares."""
     from layercard import PlanConfig, make_plan
     from layercard.config import TrainConfig
 
     plan = make_plan(card, PlanConfig(policy=p.policy, budget=p.budget, roles=p.roles, rank=p.rank))
     cfg = TrainConfig(
-        steps=STEPS, batch_size=BATCH, lr=LR, max_length=setting.max_length, train_examples=TRAIN_EXAMPLES,
+        steps=steps, batch_size=BATCH, lr=LR, max_length=setting.max_length, train_examples=TRAIN_EXAMPLES,
         eval_examples=0, checkpoint_every=0, seed=seed,
     )  # fmt: skip
     return plan, cfg
 
 
 def _run(
-    loaded: Any, card: Any, train_task: Any, test: Any, setting: TaskSetting, p: Placement, seed: int = SEED
+    loaded: Any,
+    card: Any,
+    train_task: Any,
+    test: Any,
+    setting: TaskSetting,
+    p: Placement,
+    seed: int = SEED,
+    steps: int = STEPS,
 ) -> None:
     from layercard.artifacts import machine_info, write_json
     from layercard.train import train
 
-    path = _run_path(setting.name, p.name, seed)
+    path = _run_path(setting.name, p.name, seed, steps)
     if path.is_file():
         return
-    plan, cfg = _plan_and_settings(card, setting, p, seed)
+    plan, cfg = _plan_and_settings(card, setting, p, seed, steps)
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="quality-") as tmp:
         metrics = train(loaded, plan, train_task, None, cfg, tmp, progress=False)
@@ -187,6 +199,7 @@ def _run(
             "task": setting.name,
             "name": p.name,
             "seed": seed,
+            "steps": steps,
             "placement": dataclasses.asdict(p),
             "layers": plan.layers,
             "units": [[u.layer, u.role, u.rank] for u in plan.units],
@@ -245,7 +258,12 @@ def _curve(loaded: Any, card: Any, train_task: Any, test: Any, setting: TaskSett
 
 
 def run(
-    tasks: list[str], only: set[str] | None, threads: int, seed: int = SEED, curves: bool = False
+    tasks: list[str],
+    only: set[str] | None,
+    threads: int,
+    seed: int = SEED,
+    curves: bool = False,
+    steps: int = STEPS,
 ) -> None:
     import torch
 
@@ -267,7 +285,7 @@ def run(
                 if curves:
                     _curve(loaded, card, train_task, test, s, p)
                 else:
-                    _run(loaded, card, train_task, test, s, p, seed)
+                    _run(loaded, card, train_task, test, s, p, seed, steps)
 
 
 def rows() -> list[dict[str, Any]]:
@@ -1308,6 +1326,87 @@ def _band_markdown(out: dict[str, Any], tasks: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def longer(steps: int) -> dict[str, Any]:
+    """The default model at another run length: each placement re-run for ``steps`` steps (``run --steps``)
+    against its own 36-step run and the default's prediction and expected error, which do not depend on the
+    steps. Writes RESULTS/steps{steps}.json and .md."""
+    import statistics
+
+    from layercard.artifacts import read_json, write_json, write_text
+    from layercard.plan.quality import default_model
+
+    model = default_model()
+    out: dict[str, Any] = {"steps": steps, "base_steps": STEPS, "model": model.describe(), "tasks": {}}
+    for name in TASKS:
+        ref_path = _run_path(name, "ref", SEED, steps)
+        if not ref_path.is_file():
+            continue
+        base = read_json(RESULTS / "runs" / f"{name}-base.json")["test_loss"]
+        ref_long, ref_short = read_json(ref_path), read_json(_run_path(name, "ref"))
+        runs = []
+        for p in GRID[1:]:
+            path = _run_path(name, p.name, SEED, steps)
+            if not path.is_file():
+                continue
+            r, short = read_json(path), read_json(_run_path(name, p.name))
+            f = _features(name, r)
+            runs.append(
+                {"name": p.name, "coverage": f.coverage, "params_share": f.params,
+                 "fraction": (base - r["test_loss"]) / (base - ref_long["test_loss"]),
+                 "fraction_base_steps": (base - short["test_loss"]) / (base - ref_short["test_loss"]),
+                 "test_loss": r["test_loss"], "test_loss_base_steps": short["test_loss"],
+                 "predicted": model.predict(f), "expected_error": model.error(f)}
+            )  # fmt: skip
+        for r in runs:
+            r["error"] = abs(r["fraction"] - r["predicted"])
+            r["error_base_steps"] = abs(r["fraction_base_steps"] - r["predicted"])
+        out["tasks"][name] = {
+            "base_loss": base,
+            "reference_loss": ref_long["test_loss"],
+            "reference_loss_base_steps": ref_short["test_loss"],
+            "runs": runs,
+            "mae": statistics.mean(r["error"] for r in runs) if runs else None,
+            "mae_base_steps": statistics.mean(r["error_base_steps"] for r in runs) if runs else None,
+        }
+    write_json(RESULTS / f"steps{steps}.json", out)
+    write_text(RESULTS / f"steps{steps}.md", _longer_markdown(out))
+    return out
+
+
+def _longer_markdown(out: dict[str, Any]) -> str:
+    n, n0 = out["steps"], out["base_steps"]
+    lines = [
+        f"# The quality model at {n} steps instead of {n0}",
+        "",
+        f"smollm2, batch {BATCH}, lr {LR:g} constant, seed {SEED}, the same test examples; each placement "
+        f"and the reference re-run for {n} steps (`benchmarks/quality.py run --steps {n}`). The default "
+        "model's prediction and expected error do not depend on the run's length.",
+        "",
+    ]
+    for task, v in out["tasks"].items():
+        lines += [
+            f"## {task}",
+            "",
+            f"Base test loss {v['base_loss']:.4f}; the reference's "
+            f"{v['reference_loss_base_steps']:.4f} after {n0} steps, {v['reference_loss']:.4f} after {n}. "
+            "Mean absolute error of the default: "
+            f"{v['mae_base_steps']:.3f} at {n0} steps, **{v['mae']:.3f}** at {n} (these placements only).",
+            "",
+            f"| placement | coverage | params share | measured at {n0} | measured at {n} | "
+            f"predicted ± expected error | error at {n0} | error at {n} |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for r in v["runs"]:
+            lines.append(
+                f"| {r['name']} | {r['coverage']:.2f} | {r['params_share']:.3f} | "
+                f"{r['fraction_base_steps']:.3f} | {r['fraction']:.3f} | "
+                f"{r['predicted']:.3f} ± {r['expected_error']:.3f} | "
+                f"{r['error_base_steps']:.3f} | {r['error']:.3f} |"
+            )
+        lines.append("")
+    return "\n".join(lines)
+
+
 COMMANDS = (
     "run",
     "curve",
@@ -1320,6 +1419,7 @@ COMMANDS = (
     "noisecurve",
     "decide",
     "band",
+    "longer",
 )
 
 
@@ -1333,10 +1433,11 @@ def main() -> None:
     ap.add_argument("--only", default=None, help="comma-separated grid names")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     ap.add_argument("--seed", type=int, default=SEED, help=f"training seed (default {SEED})")
+    ap.add_argument("--steps", type=int, default=STEPS, help=f"training steps (default {STEPS})")
     a = ap.parse_args()
     if a.what == "run":
         print(f"python {platform.python_version()}, {sys.platform}", flush=True)
-        run(a.tasks.split(","), set(a.only.split(",")) if a.only else None, a.threads, a.seed)
+        run(a.tasks.split(","), set(a.only.split(",")) if a.only else None, a.threads, a.seed, steps=a.steps)
     if a.what == "curve":
         run(a.tasks.split(","), set(a.only.split(",")) if a.only else None, a.threads, curves=True)
         return
@@ -1370,6 +1471,10 @@ def main() -> None:
 
         res = noisecurve()
         print(json.dumps(res, indent=1))
+        return
+    if a.what == "longer":
+        res = longer(a.steps)
+        print({t: (v["mae_base_steps"], v["mae"]) for t, v in res["tasks"].items()})
         return
     if a.what == "band":
         res = band()
