@@ -130,10 +130,12 @@ def gain_calls(model: Any) -> list[dict[str, Any]]:
     from layercard.plan.recommend import beyond_error
 
     tight = read_json(P.RESULTS / "tight" / "tight.json")
+    tasks_seen = {task for cells in tight["budgets"].values() for task in cells}
+    cards = {task: Card.load(P.RESULTS / "cards" / task / "card.json") for task in tasks_seen}
     out = []
     for budget, tasks in tight["budgets"].items():
         for task, cell in tasks.items():
-            card = Card.load(P.RESULTS / "cards" / task / "card.json")
+            card = cards[task]
             by_pos = {(u.layer, u.role): u.key for u in card.units}
             priced = {}
             for row in cell["rows"]:
