@@ -15,6 +15,7 @@ script resumes where it stopped; the summary is rebuilt from them by ``summary``
     .venv/bin/python benchmarks/quality.py saturation
     .venv/bin/python benchmarks/quality.py decide
     .venv/bin/python benchmarks/quality.py band
+    .venv/bin/python benchmarks/quality.py noisecoverage
     .venv/bin/python benchmarks/quality.py run --steps 108 --only NAME,... && ... longer --steps 108
 
 ``--seed N`` (N > 0) repeats runs with another training seed (data order and LoRA initialisation; the test
@@ -39,7 +40,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "quality"
@@ -1066,6 +1067,148 @@ def _noisecurve_markdown(out: dict[str, Any], tasks: list[str], curve: dict[str,
     return "\n".join(lines)
 
 
+# The coverage penalty scaled by the task's gradient noise per batch example: the default's depth-coverage
+# exponent β becomes β·B_noise/B, so a task whose batches carry more noise (noise_scale.md) loses more for
+# each depth band a placement leaves out. B_noise/B adds no parameter; the forms are fitted as the card-only
+# ones are, with a wider grid for β because B_noise/B is below 1 on both choosing tasks.
+NOISE_COVERAGE_BETA = tuple(round(0.05 * i, 3) for i in range(61))
+
+
+class _WithNoise(NamedTuple):
+    """A placement's features with its task's B_noise/B: what the noise-coverage forms read."""
+
+    f: Any
+    noise: float
+
+
+def _noise_coverage_forms() -> dict[str, tuple[Any, tuple[tuple[float, ...], ...]]]:
+    """Each noise-coverage form's q = fn(x, params) on a :class:`_WithNoise` and its parameter grids."""
+    from layercard.plan.quality import _GAMMA, WEIGHT_POWERS, _power
+
+    def cov(x: Any, beta: float) -> float:
+        return _power(x.f.coverage, beta * x.noise)
+
+    return {
+        "capacity × coverage^(β·B_noise/B)": (
+            lambda x, p: _power(x.f.capacity_at(p[0]), p[1]) * cov(x, p[2]),
+            (WEIGHT_POWERS, _GAMMA, NOISE_COVERAGE_BETA)),
+        "share × coverage^(β·B_noise/B)": (
+            lambda x, p: _power(x.f.params, p[0]) * cov(x, p[1]), (_GAMMA, NOISE_COVERAGE_BETA)),
+        "coverage^(β·B_noise/B)": (lambda x, p: cov(x, p[0]), (NOISE_COVERAGE_BETA,)),
+    }  # fmt: skip
+
+
+def noisecoverage() -> dict[str, Any]:
+    """The noise-coverage forms fitted on one task and scored on the other (error against seed 0 and seed
+    means, regret against seed means, as ``decide`` scores the card-only forms), then ``decide``'s rule over
+    them and the card-only forms of decision.json together; each form's pooled seed-mean fit is what
+    quality_confirm.py scores. Writes RESULTS/noisecoverage.json and .md."""
+    import numpy as np
+
+    from layercard.artifacts import read_json, write_json, write_text
+    from layercard.plan.quality import Form, decision_regret, fit, mean_abs_error
+
+    labelled = _labelled()
+    tasks = sorted(labelled["seed 0"])
+    noise = {}
+    for t in tasks:
+        b = _noise_scale(t)
+        if b is None:
+            raise SystemExit("noisecoverage: run benchmarks/noise_scale.py first")
+        noise[t] = b / BATCH
+    xs = {t: [_WithNoise(f, noise[t]) for _, f in labelled["seed 0"][t]] for t in tasks}
+    ys = {lab: {t: [r["fraction"] for r, _ in data[t]] for t in tasks} for lab, data in labelled.items()}
+    shares = {t: [x.f.params for x in xs[t]] for t in tasks}
+    forms: dict[str, Any] = {}
+    for name, (fn, grid) in _noise_coverage_forms().items():
+        form = Form(name, name, fn, grid)
+        res: dict[str, Any] = {}
+        for label in ys:
+            per: dict[str, Any] = {}
+            for ft in tasks:
+                params, err = fit(form, xs[ft], ys[label][ft])
+                others = [o for o in tasks if o != ft]
+                per[f"fit_on_{ft}"] = {
+                    "params": list(params), "fit_mae": err,
+                    "held_out_mae": {o: mean_abs_error(form, params, xs[o], ys[label][o]) for o in others},
+                    "held_out_regret": {o: decision_regret([fn(x, params) for x in xs[o]], ys["seed mean"][o],
+                                                           shares[o])[0] for o in others},
+                }  # fmt: skip
+            for stat in ("mae", "regret"):
+                per[f"cross_task_{stat}"] = float(
+                    np.mean([v for ft in tasks for v in per[f"fit_on_{ft}"][f"held_out_{stat}"].values()])
+                )
+            pooled_x = [x for t in tasks for x in xs[t]]
+            params, err = fit(form, pooled_x, [y for t in tasks for y in ys[label][t]])
+            per["pooled"] = {"params": list(params), "fit_mae": err}
+            res[label] = per
+        forms[name] = res
+    # decide's rule over these forms and the card-only ones it chose among
+    card_only = read_json(RESULTS / "decision.json")["forms"]
+    mae = {n: r["seed 0"]["cross_task_mae"] for n, r in [*card_only.items(), *forms.items()]}
+    regret = {n: r["seed mean"]["cross_task_regret"] for n, r in [*card_only.items(), *forms.items()]}
+    eligible = [n for n in mae if mae[n] <= min(mae.values()) + DECIDE_MAE_SLACK]
+    chosen = min(eligible, key=lambda n: regret[n])
+    out = {
+        "steps": STEPS,
+        "batch": BATCH,
+        "noise_per_example_of_batch": noise,
+        "forms": forms,
+        "rule": {"mae_seed0": mae, "regret_seed_mean": regret, "eligible": eligible, "chosen": chosen},
+    }
+    write_json(RESULTS / "noisecoverage.json", out)
+    write_text(RESULTS / "noisecoverage.md", _noisecoverage_markdown(out, tasks))
+    return out
+
+
+def _noisecoverage_markdown(out: dict[str, Any], tasks: list[str]) -> str:
+    rule = out["rule"]
+    lines = [
+        "# Quality model with a coverage penalty that grows with the task's gradient noise",
+        "",
+        f"smollm2, {out['steps']} steps of batch {out['batch']}, lr {LR:g}; the placements of quality.md. "
+        "The default's depth-coverage exponent β becomes β·B_noise/B, B_noise the task's gradient noise "
+        "scale over the card's probe examples (noise_scale.md) and B the training batch: "
+        + ", ".join(f"{t} {v:.3f}" for t, v in out["noise_per_example_of_batch"].items())
+        + ". Each form is fitted on one task and scored on the other, as decision.md scores the card-only "
+        "forms.",
+        "",
+        "| form | cross-task MAE: seed 0 / seed mean | cross-task regret (seed mean) | "
+        + " | ".join(f"fit on {t} (seed 0): parameters / held-out MAE" for t in tasks)
+        + " | pooled fit, seed mean |",
+        "|---|---:|---:|" + "---|" * len(tasks) + "---|",
+    ]
+    for name, res in out["forms"].items():
+        s0, sm = res["seed 0"], res["seed mean"]
+        cells = [
+            ", ".join(f"{v:g}" for v in s0[f"fit_on_{t}"]["params"])
+            + f" / {_only(s0[f'fit_on_{t}']['held_out_mae']):.3f}"
+            for t in tasks
+        ]
+        lines.append(
+            f"| {name} | {s0['cross_task_mae']:.3f} / {sm['cross_task_mae']:.3f} | "
+            f"{sm['cross_task_regret']:.3f} | "
+            + " | ".join(cells)
+            + " | "
+            + ", ".join(f"{v:g}" for v in sm["pooled"]["params"])
+            + " |"
+        )
+    lines += [
+        "",
+        "decision.md's rule over these forms and the card-only ones together (least cross-task regret "
+        f"against seed means among the forms within {DECIDE_MAE_SLACK} of the least cross-task MAE against "
+        "seed 0): eligible "
+        + ", ".join(
+            f"`{n}` ({rule['mae_seed0'][n]:.3f} / {rule['regret_seed_mean'][n]:.3f})"
+            for n in rule["eligible"]
+        )
+        + f"; chosen **`{rule['chosen']}`**. Frozen at their pooled seed-mean fits, the forms are scored "
+        "once on the four tasks fitted on none in confirm.md (columns `noise-cov…`).",
+        "",
+    ]
+    return "\n".join(lines)
+
+
 # How the default form is chosen (``decide``), set on e2e_nlg and sst2 before any other task was scored with
 # it: among the forms whose cross-task error against the seed-0 runs is within DECIDE_MAE_SLACK of the least,
 # the one whose picks lose the least measured quality on the task it was not fitted on, against seed means
@@ -1420,6 +1563,7 @@ COMMANDS = (
     "decide",
     "band",
     "longer",
+    "noisecoverage",
 )
 
 
@@ -1471,6 +1615,10 @@ def main() -> None:
 
         res = noisecurve()
         print(json.dumps(res, indent=1))
+        return
+    if a.what == "noisecoverage":
+        res = noisecoverage()
+        print(res["rule"]["eligible"], "->", res["rule"]["chosen"])
         return
     if a.what == "longer":
         res = longer(a.steps)

@@ -4,8 +4,8 @@ benchmarks/placement_v2.py trained LoRA placements of six tasks on smollm2 (36 s
 own card); its run files keep every placement's units and test loss. This script predicts each distinct
 placement's fraction of the reference's loss drop with the default quality model and with the other frozen
 forms in OTHERS (`params`, the default before it; `saturation`, its parameters from the pooled fit in
-results/quality/saturation.json) and NOISE_FORMS (`noise`, the one chosen, and `noise-share`, from
-noisecurve.json and noise_scale.json),
+results/quality/saturation.json), NOISE_FORMS (`noise`, the one chosen, and `noise-share`, from
+noisecurve.json and noise_scale.json) and NOISE_COVERAGE_FORMS (from noisecoverage.json),
 from the card placement_v2 measured for that task, and scores each
 against the measured fraction (mean over the placement's seeds) by its mean absolute error and its decision
 regret (budgets in parameter share). gsm8k, samsum, facts and format were used to fit none of them; e2e_nlg
@@ -34,6 +34,13 @@ OTHERS = {"params": (0.03,), "saturation": None}  # None: the pooled seed-mean f
 # noisecurve.json; its τ comes from each task's gradient noise scale (noise_scale.json) at its batch size.
 # The reading by parameter share, which the rule did not choose, is scored beside it.
 NOISE_FORMS = {"noise": "capacity × coverage", "noise-share": "share"}
+# quality.py noisecoverage's forms, each at its pooled seed-mean fit (noisecoverage.json); `noise-cov` is the
+# one its rule chose.
+NOISE_COVERAGE_FORMS = {
+    "noise-cov": "capacity × coverage^(β·B_noise/B)",
+    "noise-cov-share": "share × coverage^(β·B_noise/B)",
+    "noise-cov-only": "coverage^(β·B_noise/B)",
+}
 
 
 def placements(task: str) -> list[dict[str, Any]]:
@@ -194,8 +201,23 @@ def _noise_forms() -> tuple[dict[str, tuple[Any, tuple[float, ...]]], dict[str, 
     return forms, slowdown
 
 
+def _noise_coverage_forms() -> dict[str, tuple[Any, tuple[float, ...]]]:
+    """The noise-coverage forms (quality.py ``_noise_coverage_forms``) with their frozen parameters, by
+    column name."""
+    import quality as Q
+
+    from layercard.artifacts import read_json
+
+    fitted = read_json(OUT / "noisecoverage.json")["forms"]
+    return {
+        col: (Q._noise_coverage_forms()[name][0], tuple(fitted[name]["seed mean"]["pooled"]["params"]))
+        for col, name in NOISE_COVERAGE_FORMS.items()
+    }
+
+
 def score() -> dict[str, Any]:
     import placement_v2 as P
+    import quality as Q
 
     from layercard.artifacts import read_json, write_json, write_text
     from layercard.card import Card
@@ -206,7 +228,8 @@ def score() -> dict[str, Any]:
     sat = tuple(read_json(OUT / "saturation.json")["pooled"]["seed mean"]["params"])
     others = {k: (v if v is not None else sat) for k, v in OTHERS.items()}
     noise_forms, slowdown = _noise_forms()
-    others_all = {**others, **{col: p for col, (_, p) in noise_forms.items()}}
+    cov_forms = _noise_coverage_forms()
+    others_all = {**others, **{col: p for col, (_, p) in [*noise_forms.items(), *cov_forms.items()]}}
     out: dict[str, Any] = {
         "model": model.describe(),
         "model_error": model.expected_error,
@@ -237,6 +260,8 @@ def score() -> dict[str, Any]:
                 continue
             f_noise = dataclasses.replace(f, steps_over_tau=P.STEPS / slowdown[task])
             noisy = {col: fn(f_noise, p) for col, (fn, p) in noise_forms.items()}
+            with_noise = Q._WithNoise(f, slowdown[task] - 1.0)
+            noisy |= {col: fn(with_noise, p) for col, (fn, p) in cov_forms.items()}
             rows.append(
                 {
                     "label": p["label"],
@@ -309,7 +334,9 @@ def _markdown(out: dict[str, Any]) -> str:
         "reference's time constant `saturation` estimates from the card. `noise`: the default's capacity and "
         "coverage read off a curve whose time constant comes from the task's gradient noise scale instead "
         "(noisecurve.md; params γ, β, c, κ); `noise-share`: the same curve read at the parameter share "
-        "(γ, c, κ), which the rule did not choose.",
+        "(γ, c, κ), which the rule did not choose. `noise-cov`: the default's coverage exponent times the "
+        "task's B_noise/B (noisecoverage.md; params p, γ, β), the form that rule chose there; "
+        "`noise-cov-share` (γ, β) and `noise-cov-only` (β), the two it did not.",
         "",
         "| task | used to fit | placements | T/τ (τ in steps) | " + " | ".join(names) + " |",
         "|---|---|---:|---|" + "---:|" * len(names),

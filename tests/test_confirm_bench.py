@@ -35,3 +35,24 @@ def test_band_check_groups_by_coverage_and_scores_the_band_against_one_error(con
     assert out["all"]["gap"] == pytest.approx(sum(gaps) / 5)
     assert out["all"]["gap_one"] == pytest.approx(sum(abs(e - 0.07) for e in errs) / 5)
     assert confirm.band_check([], one_error=0.07)["all"] == {"placements": 0}
+
+
+def test_noise_coverage_forms_penalise_left_out_depth_more_on_noisier_tasks(confirm):
+    import importlib
+
+    from layercard.plan.quality import FORMS, Features
+
+    quality = importlib.import_module("quality")  # beside quality_confirm, on the fixture's path
+    forms, with_noise = quality._noise_coverage_forms(), quality._WithNoise
+    f = Features(params=0.25, capacity=0.4, coverage=1 / 3, capacities=(0.3, 0.35, 0.4, 0.5))
+    full = Features(params=0.25, capacity=0.4, coverage=1.0, capacities=(0.3, 0.35, 0.4, 0.5))
+    cap_cov, share_cov, cov_only = (forms[n][0] for n in confirm.NOISE_COVERAGE_FORMS.values())
+    # β·B_noise/B = β·1: the default's capacity × coverage form with the same exponent
+    card_only = FORMS["capacity_coverage"].fn(f, (2.0, 0.1, 0.3))
+    assert cap_cov(with_noise(f, 1.0), (2.0, 0.1, 0.3)) == pytest.approx(card_only)
+    for fn, p in ((cap_cov, (2.0, 0.1, 0.3)), (share_cov, (0.1, 0.3)), (cov_only, (0.3,))):
+        quiet, noisy = fn(with_noise(f, 0.2), p), fn(with_noise(f, 5.0), p)
+        assert noisy < quiet < 1.0
+        # a placement over every depth band pays no coverage penalty, however noisy the task
+        assert fn(with_noise(full, 5.0), p) == pytest.approx(fn(with_noise(full, 0.2), p))
+    assert cov_only(with_noise(f, 2.0), (0.5,)) == pytest.approx((1 / 3) ** 1.0)
