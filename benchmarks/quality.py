@@ -15,6 +15,8 @@ script resumes where it stopped; the summary is rebuilt from them by ``summary``
     .venv/bin/python benchmarks/quality.py saturation
     .venv/bin/python benchmarks/quality.py decide
     .venv/bin/python benchmarks/quality.py band
+    .venv/bin/python benchmarks/quality.py run --scheduler linear --seed N --only NAME,...
+    .venv/bin/python benchmarks/quality.py noise --scheduler linear
     .venv/bin/python benchmarks/quality.py noisecoverage
     .venv/bin/python benchmarks/quality.py run --steps 108 --only NAME,... && ... longer --steps 108
 
@@ -24,6 +26,9 @@ itself moves between seeds, the floor under any predictor's error. ``curve`` re-
 the test loss measured after each of CURVE_STEPS (RESULTS/curves/); ``warp`` scores the form that reads a
 placement's fraction off the reference's curve. ``decide`` scores every form by what a planner loses when it
 picks by the form (decision regret) as well as by its error, and applies the rule that sets the default.
+``run --scheduler linear`` (or cosine) trains with that learning-rate schedule instead of the constant
+one, under RESULTS/runs/<schedule>/; ``noise --scheduler`` reports those runs' spread over seeds
+(noise_<schedule>.md).
 
 Settings (the CPU placement benchmark's, so the two agree): 36 steps, batch 4, AdamW lr 2e-3 constant,
 LoRA alpha = 2·rank, seed 0, training on a seeded subset of 1000 examples, test loss on 64 (e2e_nlg) or
@@ -60,6 +65,7 @@ TASKS = {
     "sst2": TaskSetting("sst2", "train", "validation", 96, 96),
 }
 STEPS, BATCH, LR, SEED, TRAIN_EXAMPLES = 36, 4, 2e-3, 0, 1000
+SCHEDULER = "constant"  # the learning-rate schedule of every run but ``run --scheduler``'s
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,15 +157,16 @@ def _base(loaded: Any, test: Any, setting: TaskSetting) -> float:
     return loss
 
 
-def _run_path(task: str, name: str, seed: int = SEED, steps: int = STEPS) -> Path:
-    folder = RESULTS / "runs" if seed == SEED else RESULTS / "runs" / f"seed{seed}"
+def _run_path(task: str, name: str, seed: int = SEED, steps: int = STEPS, scheduler: str = SCHEDULER) -> Path:
+    folder = RESULTS / "runs" if scheduler == SCHEDULER else RESULTS / "runs" / scheduler
+    folder = folder if seed == SEED else folder / f"seed{seed}"
     if steps != STEPS:
         folder = folder / f"steps{steps}"
     return folder / f"{task}-{name}.json"
 
 
 def _plan_and_settings(
-    card: Any, setting: TaskSetting, p: Placement, seed: int, steps: int = STEPS
+    card: Any, setting: TaskSetting, p: Placement, seed: int, steps: int = STEPS, scheduler: str = SCHEDULER
 ) -> tuple[Any, Any]:
     """The plan of grid point ``p`` and the training settings every quality run shares."""
     from layercard import PlanConfig, make_plan
@@ -168,7 +175,7 @@ def _plan_and_settings(
     plan = make_plan(card, PlanConfig(policy=p.policy, budget=p.budget, roles=p.roles, rank=p.rank))
     cfg = TrainConfig(
         steps=steps, batch_size=BATCH, lr=LR, max_length=setting.max_length, train_examples=TRAIN_EXAMPLES,
-        eval_examples=0, checkpoint_every=0, seed=seed,
+        eval_examples=0, checkpoint_every=0, seed=seed, scheduler=scheduler,
     )  # fmt: skip
     return plan, cfg
 
@@ -182,14 +189,15 @@ def _run(
     p: Placement,
     seed: int = SEED,
     steps: int = STEPS,
+    scheduler: str = SCHEDULER,
 ) -> None:
     from layercard.artifacts import machine_info, write_json
     from layercard.train import train
 
-    path = _run_path(setting.name, p.name, seed, steps)
+    path = _run_path(setting.name, p.name, seed, steps, scheduler)
     if path.is_file():
         return
-    plan, cfg = _plan_and_settings(card, setting, p, seed, steps)
+    plan, cfg = _plan_and_settings(card, setting, p, seed, steps, scheduler)
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="quality-") as tmp:
         metrics = train(loaded, plan, train_task, None, cfg, tmp, progress=False)
@@ -201,6 +209,7 @@ def _run(
             "name": p.name,
             "seed": seed,
             "steps": steps,
+            "scheduler": scheduler,
             "placement": dataclasses.asdict(p),
             "layers": plan.layers,
             "units": [[u.layer, u.role, u.rank] for u in plan.units],
@@ -218,7 +227,8 @@ def _run(
         },
     )
     print(
-        f"{setting.name} {p.name} seed {seed}: test loss {loss:.4f}, {metrics['s_per_step']:.2f} s/step",
+        f"{setting.name} {p.name} seed {seed} ({scheduler}): test loss {loss:.4f}, "
+        f"{metrics['s_per_step']:.2f} s/step",
         flush=True,
     )
 
@@ -265,6 +275,7 @@ def run(
     seed: int = SEED,
     curves: bool = False,
     steps: int = STEPS,
+    scheduler: str = SCHEDULER,
 ) -> None:
     import torch
 
@@ -286,7 +297,7 @@ def run(
                 if curves:
                     _curve(loaded, card, train_task, test, s, p)
                 else:
-                    _run(loaded, card, train_task, test, s, p, seed, steps)
+                    _run(loaded, card, train_task, test, s, p, seed, steps, scheduler)
 
 
 def rows() -> list[dict[str, Any]]:
@@ -512,32 +523,34 @@ def seed_gaps(fractions: list[float]) -> list[float]:
     return [abs(v - statistics.fmean(fractions[:i] + fractions[i + 1 :])) for i, v in enumerate(fractions)]
 
 
-def noise() -> dict[str, Any]:
+def noise(scheduler: str = SCHEDULER) -> dict[str, Any]:
     """How far the measured fraction moves when only the training seed changes.
 
     For every placement run at two or more seeds: its fraction at each seed (against the same seed's
     reference) and the mean absolute deviation of those fractions from their mean. Writes RESULTS/noise.json
-    and RESULTS/noise.md.
+    and RESULTS/noise.md; for the runs of another learning-rate schedule (``run --scheduler``),
+    RESULTS/noise_<schedule>.json and .md.
     """
     import statistics
 
     from layercard.artifacts import read_json, write_json, write_text
 
-    seeds = sorted({SEED} | {int(d.name[4:]) for d in (RESULTS / "runs").glob("seed*") if d.is_dir()})
-    out: dict[str, Any] = {"seeds": seeds, "runs": [], "tasks": {}}
+    folder = RESULTS / "runs" if scheduler == SCHEDULER else RESULTS / "runs" / scheduler
+    seeds = sorted({SEED} | {int(d.name[4:]) for d in folder.glob("seed*") if d.is_dir()})
+    out: dict[str, Any] = {"scheduler": scheduler, "seeds": seeds, "runs": [], "tasks": {}}
     for task in TASKS:
         base_path = RESULTS / "runs" / f"{task}-base.json"
         if not base_path.is_file():
             continue
         base = read_json(base_path)["test_loss"]
-        ref_paths = {s: _run_path(task, "ref", s) for s in seeds}
+        ref_paths = {s: _run_path(task, "ref", s, scheduler=scheduler) for s in seeds}
         ref = {s: base - read_json(p)["test_loss"] for s, p in ref_paths.items() if p.is_file()}
         devs: list[float] = []
         loo: list[float] = []
         for pl in GRID:
             fr = {}
             for s in seeds:
-                p = _run_path(task, pl.name, s)
+                p = _run_path(task, pl.name, s, scheduler=scheduler)
                 if p.is_file() and s in ref:
                     fr[s] = (base - read_json(p)["test_loss"]) / ref[s]
             if len(fr) < 2:
@@ -554,7 +567,7 @@ def noise() -> dict[str, Any]:
             }
             if pl.name == "ref":  # its fraction is 1 at every seed: report its drop instead
                 drops = list(ref.values())
-                row |= {"drops": {str(k): v for k, v in ref.items()},
+                row |= {"drops": {str(k): v for k, v in ref.items()}, "base_loss": base,
                         "drop_rel_range": (max(drops) - min(drops)) / statistics.fmean(drops)}  # fmt: skip
             else:
                 devs.append(mad)
@@ -566,11 +579,13 @@ def noise() -> dict[str, Any]:
                 "mean_abs_dev": statistics.fmean(devs),
                 "one_run_vs_other_seeds_mean": statistics.fmean(loo),
             }
-    write_json(RESULTS / "noise.json", out)
+    stem = "noise" if scheduler == SCHEDULER else f"noise_{scheduler}"
+    write_json(RESULTS / f"{stem}.json", out)
     lines = [
         "# Quality model: how much the measured fraction moves with the training seed",
         "",
-        f"smollm2, {STEPS} steps of batch {BATCH}, lr {LR:g}; the same test examples; training seeds "
+        f"smollm2, {STEPS} steps of batch {BATCH}, lr {LR:g} ({scheduler} schedule); the same test examples; "
+        "training seeds "
         f"{', '.join(map(str, seeds))}. Each fraction is against the same seed's reference.",
         "",
         "| task | run | fraction per seed | mean | mean abs deviation | range |",
@@ -596,7 +611,7 @@ def noise() -> dict[str, Any]:
         "exactly."
         for t, v in out["tasks"].items()
     ]
-    write_text(RESULTS / "noise.md", "\n".join(lines) + "\n")
+    write_text(RESULTS / f"{stem}.md", "\n".join(lines) + "\n")
     return out
 
 
@@ -1578,17 +1593,22 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     ap.add_argument("--seed", type=int, default=SEED, help=f"training seed (default {SEED})")
     ap.add_argument("--steps", type=int, default=STEPS, help=f"training steps (default {STEPS})")
+    ap.add_argument(
+        "--scheduler", default=SCHEDULER, choices=("constant", "linear", "cosine"),
+        help=f"learning-rate schedule of `run` (default {SCHEDULER}; others under RESULTS/runs/<schedule>/)",
+    )  # fmt: skip
     a = ap.parse_args()
     if a.what == "run":
         print(f"python {platform.python_version()}, {sys.platform}", flush=True)
-        run(a.tasks.split(","), set(a.only.split(",")) if a.only else None, a.threads, a.seed, steps=a.steps)
+        only = set(a.only.split(",")) if a.only else None
+        run(a.tasks.split(","), only, a.threads, a.seed, steps=a.steps, scheduler=a.scheduler)
     if a.what == "curve":
         run(a.tasks.split(","), set(a.only.split(",")) if a.only else None, a.threads, curves=True)
         return
     if a.what == "noise":
         import json
 
-        print(json.dumps(noise(), indent=1))
+        print(json.dumps(noise(a.scheduler), indent=1))
         return
     if a.what == "seedmean":
         import json
