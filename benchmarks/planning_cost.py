@@ -6,6 +6,7 @@ the training it guided, as the run's report states it. Resumable: the run folder
 stage, so a second call only writes the results.
 
     .venv/bin/python benchmarks/planning_cost.py [--task facts] [--steps 400] [--budget params=0.2x]
+    .venv/bin/python benchmarks/planning_cost.py --budget params=0.25x --label r2   # a repeat
 """
 
 from __future__ import annotations
@@ -35,8 +36,11 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=400)
     ap.add_argument("--budget", default="params=0.2x", help="the recommendation's budget (the demo's)")
     ap.add_argument("--run", default=None, help="run folder (default: one under runs/)")
+    ap.add_argument(
+        "--label", default="", help="a repeat's name: its run folder and result files end with _LABEL"
+    )
     args = ap.parse_args()
-    tag = args.budget.replace("=", "").replace(",", "_")
+    tag = args.budget.replace("=", "").replace(",", "_") + (f"_{args.label}" if args.label else "")
     run = Path(args.run or HERE.parent / "runs" / f"planning_cost_{args.task}_{args.steps}_{tag}")
     sets = [
         f"task.train=synthetic:{args.task}",
