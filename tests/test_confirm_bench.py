@@ -56,3 +56,22 @@ def test_noise_coverage_forms_penalise_left_out_depth_more_on_noisier_tasks(conf
         # a placement over every depth band pays no coverage penalty, however noisy the task
         assert fn(with_noise(full, 5.0), p) == pytest.approx(fn(with_noise(full, 0.2), p))
     assert cov_only(with_noise(f, 2.0), (0.5,)) == pytest.approx((1 / 3) ** 1.0)
+
+
+def test_pair_check_scores_each_predicted_difference_against_the_larger_expected_error(confirm):
+    rows = [
+        _row(1.0, 0.95, 0.99, 0.04),
+        _row(1.0, 0.90, 0.98, 0.04),  # against the first: predicted +0.01, measured +0.05: off by 0.04
+        _row(1 / 3, 0.80, 0.90, 0.13),
+    ]
+    out = confirm.pair_check(rows)
+    same, near, far = (out[name] for name, _, _ in confirm.PAIR_GROUPS)
+    assert (same["pairs"], near["pairs"], far["pairs"], out["all"]["pairs"]) == (1, 0, 2, 3)
+    assert same["error"] == pytest.approx(0.04) and same["threshold"] == pytest.approx(0.04)
+    assert same["within"] == 1.0  # an error at the threshold is within it
+    # first vs third: predicted 0.09, measured 0.15 -> 0.06; second vs third: 0.08 vs 0.10 -> 0.02
+    assert far["error"] == pytest.approx(0.04) and far["threshold"] == pytest.approx(0.13)
+    assert near == {"pairs": 0}
+    pooled = confirm._pooled([out, confirm.pair_check(rows[:2])])
+    assert pooled["the same"]["pairs"] == 2 and pooled["all"]["pairs"] == 4
+    assert pooled["all"]["error"] == pytest.approx((0.04 + 0.06 + 0.02 + 0.04) / 4)
