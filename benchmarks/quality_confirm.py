@@ -11,7 +11,9 @@ against the measured fraction (mean over the placement's seeds) by its mean abso
 regret (budgets in parameter share). gsm8k, samsum, facts and format were used to fit none of them; e2e_nlg
 and sst2 fitted all, on other placements. On those four tasks it also sets the default's expected error per
 placement (its error band) against its measured error, over placement_v2's placements and those
-benchmarks/tight_budget.py trained with the same settings and cards, and checks the plan's sentence where
+benchmarks/tight_budget.py trained with the same settings and cards, sets every predicted difference between
+two of a task's placements against the larger of their expected errors (and so on e2e_nlg's and sst2's
+held-out predictions of band.json), and checks the plan's sentence where
 tight_budget.py trained the recommendation beside the fixed rules: whether a gain it would call over the
 rule predicted best was measured. No model is loaded.
 
