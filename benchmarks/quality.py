@@ -387,15 +387,16 @@ def fit() -> dict[str, Any]:
 
 
 def _cross_task(
-    data: dict[str, list[tuple[dict[str, Any], Any]]], *, regret: bool = False
+    data: dict[str, list[tuple[dict[str, Any], Any]]], *, regret: bool = False, forms: Any = None
 ) -> dict[str, dict[str, Any]]:
-    """Per form: fitted on each task's (run, features) pairs, scored on every other task's (held out); with
-    ``regret``, by its decision regret there too (budgets in parameter share)."""
+    """Per form (``forms``, default the card-only FORMS): fitted on each task's (run, features) pairs, scored
+    on every other task's (held out); with ``regret``, by its decision regret there too (budgets in
+    parameter share)."""
     from layercard.plan.quality import FORMS, decision_regret, fit, mean_abs_error
 
     tasks = sorted(data)
     out: dict[str, dict[str, Any]] = {}
-    for name, form in FORMS.items():
+    for name, form in (FORMS if forms is None else forms).items():
         res: dict[str, Any] = {"description": form.description}
         for fit_task in tasks:
             xs, ys = [f for _, f in data[fit_task]], [r["fraction"] for r, _ in data[fit_task]]
@@ -567,7 +568,7 @@ def noise(scheduler: str = SCHEDULER) -> dict[str, Any]:
             }
             if pl.name == "ref":  # its fraction is 1 at every seed: report its drop instead
                 drops = list(ref.values())
-                row |= {"drops": {str(k): v for k, v in ref.items()}, "base_loss": base,
+                row |= {"drops": {str(k): v for k, v in ref.items()},
                         "drop_rel_range": (max(drops) - min(drops)) / statistics.fmean(drops)}  # fmt: skip
             else:
                 devs.append(mad)
@@ -1095,6 +1096,11 @@ class _WithNoise(NamedTuple):
     f: Any
     noise: float
 
+    @property
+    def params(self) -> float:
+        """The placement's parameter share: the budget ``decision_regret`` is scored over."""
+        return self.f.params
+
 
 def _noise_coverage_forms() -> dict[str, tuple[Any, tuple[tuple[float, ...], ...]]]:
     """Each noise-coverage form's q = fn(x, params) on a :class:`_WithNoise` and its parameter grids."""
@@ -1118,10 +1124,8 @@ def noisecoverage() -> dict[str, Any]:
     means, regret against seed means, as ``decide`` scores the card-only forms), then ``decide``'s rule over
     them and the card-only forms of decision.json together; each form's pooled seed-mean fit is what
     quality_confirm.py scores. Writes RESULTS/noisecoverage.json and .md."""
-    import numpy as np
-
     from layercard.artifacts import read_json, write_json, write_text
-    from layercard.plan.quality import Form, decision_regret, fit, mean_abs_error
+    from layercard.plan.quality import Form, fit
 
     labelled = _labelled()
     tasks = sorted(labelled["seed 0"])
@@ -1131,32 +1135,19 @@ def noisecoverage() -> dict[str, Any]:
         if b is None:
             raise SystemExit("noisecoverage: run benchmarks/noise_scale.py first")
         noise[t] = b / BATCH
-    xs = {t: [_WithNoise(f, noise[t]) for _, f in labelled["seed 0"][t]] for t in tasks}
-    ys = {lab: {t: [r["fraction"] for r, _ in data[t]] for t in tasks} for lab, data in labelled.items()}
-    shares = {t: [x.f.params for x in xs[t]] for t in tasks}
+    data = {
+        label: {t: [(r, _WithNoise(f, noise[t])) for r, f in pairs] for t, pairs in by_task.items()}
+        for label, by_task in labelled.items()
+    }
+    candidates = {name: Form(name, name, fn, grid) for name, (fn, grid) in _noise_coverage_forms().items()}
+    scored = {label: _cross_task(d, regret=True, forms=candidates) for label, d in data.items()}
     forms: dict[str, Any] = {}
-    for name, (fn, grid) in _noise_coverage_forms().items():
-        form = Form(name, name, fn, grid)
+    for name, form in candidates.items():
         res: dict[str, Any] = {}
-        for label in ys:
-            per: dict[str, Any] = {}
-            for ft in tasks:
-                params, err = fit(form, xs[ft], ys[label][ft])
-                others = [o for o in tasks if o != ft]
-                per[f"fit_on_{ft}"] = {
-                    "params": list(params), "fit_mae": err,
-                    "held_out_mae": {o: mean_abs_error(form, params, xs[o], ys[label][o]) for o in others},
-                    "held_out_regret": {o: decision_regret([fn(x, params) for x in xs[o]], ys["seed mean"][o],
-                                                           shares[o])[0] for o in others},
-                }  # fmt: skip
-            for stat in ("mae", "regret"):
-                per[f"cross_task_{stat}"] = float(
-                    np.mean([v for ft in tasks for v in per[f"fit_on_{ft}"][f"held_out_{stat}"].values()])
-                )
-            pooled_x = [x for t in tasks for x in xs[t]]
-            params, err = fit(form, pooled_x, [y for t in tasks for y in ys[label][t]])
-            per["pooled"] = {"params": list(params), "fit_mae": err}
-            res[label] = per
+        for label, d in data.items():
+            xs = [x for t in tasks for _, x in d[t]]
+            params, err = fit(form, xs, [r["fraction"] for t in tasks for r, _ in d[t]])
+            res[label] = scored[label][name] | {"pooled": {"params": list(params), "fit_mae": err}}
         forms[name] = res
     # decide's rule over these forms and the card-only ones it chose among
     card_only = read_json(RESULTS / "decision.json")["forms"]
