@@ -157,8 +157,11 @@ def _base(loaded: Any, test: Any, setting: TaskSetting) -> float:
     return loss
 
 
-def _run_path(task: str, name: str, seed: int = SEED, steps: int = STEPS, scheduler: str = SCHEDULER) -> Path:
+def _run_path(
+    task: str, name: str, seed: int = SEED, steps: int = STEPS, scheduler: str = SCHEDULER, wide: bool = False
+) -> Path:
     folder = RESULTS / "runs" if scheduler == SCHEDULER else RESULTS / "runs" / scheduler
+    folder = folder / "wide" if wide else folder
     folder = folder if seed == SEED else folder / f"seed{seed}"
     if steps != STEPS:
         folder = folder / f"steps{steps}"
@@ -190,18 +193,23 @@ def _run(
     seed: int = SEED,
     steps: int = STEPS,
     scheduler: str = SCHEDULER,
+    wide: Any = None,
 ) -> None:
     from layercard.artifacts import machine_info, write_json
     from layercard.train import train
 
-    path = _run_path(setting.name, p.name, seed, steps, scheduler)
+    path = _run_path(setting.name, p.name, seed, steps, scheduler, wide=wide is not None)
     if path.is_file():
         return
     plan, cfg = _plan_and_settings(card, setting, p, seed, steps, scheduler)
     t0 = time.perf_counter()
+    extra = {}
     with tempfile.TemporaryDirectory(prefix="quality-") as tmp:
         metrics = train(loaded, plan, train_task, None, cfg, tmp, progress=False)
         loss = _test_loss(loaded, test, setting, Path(tmp) / "adapter")
+        if wide is not None:
+            extra = {"test_loss_wide": _test_loss(loaded, wide, setting, Path(tmp) / "adapter"),
+                     "wide_examples": len(wide.examples)}  # fmt: skip
     write_json(
         path,
         {
@@ -217,6 +225,7 @@ def _run(
             "modules": plan.predicted["modules"],
             "predicted": {k: plan.predicted.get(k) for k in ("score", "gain", "fraction", "captured")},
             "test_loss": loss,
+            **extra,
             "s_per_step": metrics["s_per_step"],
             "peak_memory_mib": metrics["peak_memory_mib"],
             "final_train_loss": metrics["final_train_loss"],
@@ -276,6 +285,7 @@ def run(
     curves: bool = False,
     steps: int = STEPS,
     scheduler: str = SCHEDULER,
+    wide: bool = False,
 ) -> None:
     import torch
 
@@ -292,12 +302,26 @@ def run(
         card = _card(loaded, train_task.subset(TRAIN_EXAMPLES, seed=SEED), s)
         base = _base(loaded, test, s)
         print(f"{name}: base test loss {base:.4f}", flush=True)
+        whole = _wide_base(loaded, name, s) if wide else None
         for p in GRID:
             if only is None or p.name in only:
                 if curves:
                     _curve(loaded, card, train_task, test, s, p)
                 else:
-                    _run(loaded, card, train_task, test, s, p, seed, steps, scheduler)
+                    _run(loaded, card, train_task, test, s, p, seed, steps, scheduler, whole)
+
+
+def _wide_base(loaded: Any, name: str, s: TaskSetting) -> Any:
+    """The task's whole test split, with the base model's loss on it written once under RESULTS/runs/wide/."""
+    from layercard import load_task
+    from layercard.artifacts import write_json
+
+    whole = load_task(f"{name}:{s.test_split}")
+    path = RESULTS / "runs" / "wide" / f"{name}-base.json"
+    if not path.is_file():
+        loss = _test_loss(loaded, whole, s, None)
+        write_json(path, {"task": name, "name": "base", "test_loss": loss, "examples": len(whole.examples)})
+    return whole
 
 
 def rows() -> list[dict[str, Any]]:
@@ -614,6 +638,157 @@ def noise(scheduler: str = SCHEDULER) -> dict[str, Any]:
     ]
     write_text(RESULTS / f"{stem}.md", "\n".join(lines) + "\n")
     return out
+
+
+def wide() -> dict[str, Any]:
+    """Whether a run's fraction moves between seeds because of the trained model or because of the few test
+    examples it is measured on: the runs of ``run --wide`` (RESULTS/runs/wide/) were each measured on the
+    task's usual test subset and on its whole test split, with the same adapter. Per placement and test set,
+    its fraction at each seed (against the same seed's reference on the same set), the mean absolute
+    deviation from their mean, and the gap of one run to the mean of its other seeds. Writes
+    RESULTS/wide.json and .md."""
+    import statistics
+
+    from layercard.artifacts import read_json, write_json, write_text
+
+    folder = RESULTS / "runs" / "wide"
+    seeds = sorted({SEED} | {int(d.name[4:]) for d in folder.glob("seed*") if d.is_dir()})
+    sets = {"usual": ("test_loss", RESULTS / "runs"), "whole": ("test_loss_wide", folder)}
+    out: dict[str, Any] = {"seeds": seeds, "tasks": {}}
+    for task in TASKS:
+        runs = {
+            (pl.name, sd): read_json(_run_path(task, pl.name, sd, wide=True))
+            for pl in GRID
+            for sd in seeds
+            if _run_path(task, pl.name, sd, wide=True).is_file()
+        }
+        if not runs:
+            continue
+        res: dict[str, Any] = {}
+        for label, (key, base_folder) in sets.items():
+            base = float(read_json(base_folder / f"{task}-base.json")["test_loss"])
+            ref = {sd: base - r[key] for (n, sd), r in runs.items() if n == "ref"}
+            rows = []
+            for pl in GRID:
+                fr = {
+                    sd: (base - r[key]) / ref[sd] for (n, sd), r in runs.items() if n == pl.name and sd in ref
+                }
+                if len(fr) < 2:
+                    continue
+                mean = statistics.fmean(fr.values())
+                row = {"name": pl.name, "fractions": {str(k): v for k, v in fr.items()}, "mean": mean,
+                       "mean_abs_dev": statistics.fmean(abs(v - mean) for v in fr.values()),
+                       "gaps": seed_gaps(list(fr.values()))}  # fmt: skip
+                if pl.name == "ref":
+                    row["drops"] = {str(k): v for k, v in ref.items()}
+                rows.append(row)
+            placed = [r for r in rows if r["name"] != "ref"]
+            res[label] = {
+                "base_loss": base,
+                "examples": next(iter(runs.values())).get("wide_examples") if label == "whole" else None,
+                "rows": rows,
+                "mean_abs_dev": statistics.fmean(r["mean_abs_dev"] for r in placed) if placed else None,
+                "one_run_gap": statistics.fmean(g for r in placed for g in r["gaps"]) if placed else None,
+            }
+        out["tasks"][task] = res
+    out["cross_task"] = _wide_cross_task(seeds)
+    write_json(RESULTS / "wide.json", out)
+    lines = [
+        "# Quality runs measured on the usual test subset and on the whole test split",
+        "",
+        f"smollm2, {STEPS} steps of batch {BATCH}, lr {LR:g} constant; training seeds "
+        f"{', '.join(map(str, seeds))}; each adapter measured on both sets, each fraction against the same "
+        "seed's reference on the same set.",
+        "",
+        "| task | test set | run | fraction per seed (reference: its drop) | mean | mean abs deviation |",
+        "|---|---|---|---|---:|---:|",
+    ]
+    for task, res in out["tasks"].items():
+        for label, v in res.items():
+            n = v["examples"] if v["examples"] else TASKS[task].test_examples
+            for r in v["rows"]:
+                vals = r["drops"] if r["name"] == "ref" else r["fractions"]
+                per = ", ".join(f"{k}: {x:.3f}" for k, x in vals.items())
+                lines.append(
+                    f"| {task} | {label} ({n}) | {r['name']} | {per} | {r['mean']:.3f} | "
+                    f"{r['mean_abs_dev']:.3f} |"
+                )
+    lines.append("")
+    for task, res in out["tasks"].items():
+        for label, v in res.items():
+            if v["one_run_gap"] is not None:
+                lines.append(
+                    f"- {task}, {label} test set: mean absolute deviation over seeds "
+                    f"{v['mean_abs_dev']:.3f}; "
+                    f"one run against the mean of its other seeds **{v['one_run_gap']:.3f}**."
+                )
+    ct = out["cross_task"]
+    if ct:
+        lines += [
+            "",
+            f"Every form fitted on one task and scored on the other (seed-0 runs, as decision.md), with "
+            f"{', '.join(ct['whole_tasks'])} measured on the usual test subset and on the whole test split "
+            f"({ct['placements']} placements each; the other task as in quality.md). Cells: cross-task mean "
+            "absolute error / cross-task regret.",
+            "",
+            "| form | usual test subset | whole test split |",
+            "|---|---:|---:|",
+        ]
+        for name, v in ct["forms"].items():
+            u, w = v["usual"], v["whole"]
+            lines.append(
+                f"| {name} | {u['cross_task_mae']:.3f} / {u['cross_task_regret']:.3f} | "
+                f"{w['cross_task_mae']:.3f} / {w['cross_task_regret']:.3f} |"
+            )
+        d = ct["default"]
+        lines += [
+            "",
+            "The frozen default (fitted on both tasks' usual subsets) against the whole split: mean "
+            f"absolute error {d['whole']:.3f}, against {d['usual']:.3f} on the usual subset, same "
+            "placements.",
+        ]
+    write_text(RESULTS / "wide.md", "\n".join(lines) + "\n")
+    return out
+
+
+def _wide_cross_task(seeds: list[int]) -> dict[str, Any] | None:
+    """The card-only forms' cross-task scores with each task's seed-0 runs measured on its whole test split
+    where ``run --wide`` measured every placement of GRID, against the same with the usual subset; and the
+    frozen default's error on those placements both ways. None until some task's seed-0 wide runs are all
+    there."""
+    import statistics
+
+    from layercard.artifacts import read_json
+    from layercard.plan.quality import default_model
+
+    usual = _labelled()["seed 0"]
+    whole = dict(usual)
+    done = []
+    for task in TASKS:
+        paths = {pl.name: _run_path(task, pl.name, SEED, wide=True) for pl in GRID}
+        if not all(p.is_file() for p in paths.values()):
+            continue
+        base = float(read_json(RESULTS / "runs" / "wide" / f"{task}-base.json")["test_loss"])
+        runs = {n: read_json(p) for n, p in paths.items()}
+        ref = base - runs["ref"]["test_loss_wide"]
+        whole[task] = [
+            ({**r, "fraction": (base - runs[r["name"]]["test_loss_wide"]) / ref}, f) for r, f in usual[task]
+        ]
+        done.append(task)
+    if not done:
+        return None
+    scored = {"usual": _cross_task(usual, regret=True), "whole": _cross_task(whole, regret=True)}
+    model = default_model()
+
+    def err(data: dict[str, Any]) -> float:
+        return statistics.fmean(abs(model.predict(f) - r["fraction"]) for t in done for r, f in data[t])
+
+    return {
+        "whole_tasks": done,
+        "placements": len(usual[done[0]]),
+        "forms": {n: {k: scored[k][n] for k in scored} for n in scored["usual"]},
+        "default": {"usual": err(usual), "whole": err(whole)},
+    }
 
 
 def seedmean() -> dict[str, Any]:
@@ -1570,6 +1745,7 @@ COMMANDS = (
     "band",
     "longer",
     "noisecoverage",
+    "wide",
 )
 
 
@@ -1588,11 +1764,19 @@ def main() -> None:
         "--scheduler", default=SCHEDULER, choices=("constant", "linear", "cosine"),
         help=f"learning-rate schedule of `run` (default {SCHEDULER}; others under RESULTS/runs/<schedule>/)",
     )  # fmt: skip
+    ap.add_argument(
+        "--wide", action="store_true",
+        help="`run`: also measure each run on the task's whole test split (under RESULTS/runs/wide/)",
+    )  # fmt: skip
     a = ap.parse_args()
+    if a.what == "wide":
+        res = wide()
+        print({t: {k: v["one_run_gap"] for k, v in r.items()} for t, r in res["tasks"].items()})
+        return
     if a.what == "run":
         print(f"python {platform.python_version()}, {sys.platform}", flush=True)
         only = set(a.only.split(",")) if a.only else None
-        run(a.tasks.split(","), only, a.threads, a.seed, steps=a.steps, scheduler=a.scheduler)
+        run(a.tasks.split(","), only, a.threads, a.seed, steps=a.steps, scheduler=a.scheduler, wide=a.wide)
     if a.what == "curve":
         run(a.tasks.split(","), set(a.only.split(",")) if a.only else None, a.threads, curves=True)
         return
