@@ -548,6 +548,51 @@ def seed_gaps(fractions: list[float]) -> list[float]:
     return [abs(v - statistics.fmean(fractions[:i] + fractions[i + 1 :])) for i, v in enumerate(fractions)]
 
 
+def _seed_spread(
+    task: str, base: float, losses: dict[tuple[str, int], float]
+) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+    """Per GRID placement run at two or more seeds (``losses``: test loss by name and seed), its fraction at
+    each seed against the same seed's reference, their mean, mean absolute deviation and range (for the
+    reference, its drop per seed instead); and over the placements, the mean deviation and the mean gap of
+    one run to its other seeds' mean (None without two placements' seeds)."""
+    import statistics
+
+    ref = {sd: base - v for (n, sd), v in losses.items() if n == "ref"}
+    rows: list[dict[str, Any]] = []
+    devs: list[float] = []
+    loo: list[float] = []
+    for pl in GRID:
+        fr = {sd: (base - v) / ref[sd] for (n, sd), v in sorted(losses.items()) if n == pl.name and sd in ref}
+        if len(fr) < 2:
+            continue
+        mean = statistics.fmean(fr.values())
+        mad = statistics.fmean(abs(v - mean) for v in fr.values())
+        row = {
+            "task": task,
+            "name": pl.name,
+            "fractions": {str(k): v for k, v in fr.items()},
+            "mean": mean,
+            "mean_abs_dev": mad,
+            "range": max(fr.values()) - min(fr.values()),
+        }
+        if pl.name == "ref":  # its fraction is 1 at every seed: report its drop instead
+            drops = list(ref.values())
+            row |= {"drops": {str(k): v for k, v in sorted(ref.items())},
+                    "drop_rel_range": (max(drops) - min(drops)) / statistics.fmean(drops)}  # fmt: skip
+        else:
+            devs.append(mad)
+            loo.extend(seed_gaps(list(fr.values())))
+        rows.append(row)
+    if not devs:
+        return rows, None
+    spread = {
+        "placements": len(devs),
+        "mean_abs_dev": statistics.fmean(devs),
+        "one_run_vs_other_seeds_mean": statistics.fmean(loo),
+    }
+    return rows, spread
+
+
 def noise(scheduler: str = SCHEDULER) -> dict[str, Any]:
     """How far the measured fraction moves when only the training seed changes.
 
@@ -556,7 +601,6 @@ def noise(scheduler: str = SCHEDULER) -> dict[str, Any]:
     and RESULTS/noise.md; for the runs of another learning-rate schedule (``run --scheduler``),
     RESULTS/noise_<schedule>.json and .md.
     """
-    import statistics
 
     from layercard.artifacts import read_json, write_json, write_text
 
@@ -568,42 +612,16 @@ def noise(scheduler: str = SCHEDULER) -> dict[str, Any]:
         if not base_path.is_file():
             continue
         base = read_json(base_path)["test_loss"]
-        ref_paths = {s: _run_path(task, "ref", s, scheduler=scheduler) for s in seeds}
-        ref = {s: base - read_json(p)["test_loss"] for s, p in ref_paths.items() if p.is_file()}
-        devs: list[float] = []
-        loo: list[float] = []
-        for pl in GRID:
-            fr = {}
-            for s in seeds:
-                p = _run_path(task, pl.name, s, scheduler=scheduler)
-                if p.is_file() and s in ref:
-                    fr[s] = (base - read_json(p)["test_loss"]) / ref[s]
-            if len(fr) < 2:
-                continue
-            mean = statistics.fmean(fr.values())
-            mad = statistics.fmean(abs(v - mean) for v in fr.values())
-            row = {
-                "task": task,
-                "name": pl.name,
-                "fractions": {str(k): v for k, v in fr.items()},
-                "mean": mean,
-                "mean_abs_dev": mad,
-                "range": max(fr.values()) - min(fr.values()),
-            }
-            if pl.name == "ref":  # its fraction is 1 at every seed: report its drop instead
-                drops = list(ref.values())
-                row |= {"drops": {str(k): v for k, v in ref.items()},
-                        "drop_rel_range": (max(drops) - min(drops)) / statistics.fmean(drops)}  # fmt: skip
-            else:
-                devs.append(mad)
-                loo.extend(seed_gaps(list(fr.values())))
-            out["runs"].append(row)
-        if devs:
-            out["tasks"][task] = {
-                "placements": len(devs),
-                "mean_abs_dev": statistics.fmean(devs),
-                "one_run_vs_other_seeds_mean": statistics.fmean(loo),
-            }
+        losses = {
+            (pl.name, sd): read_json(p)["test_loss"]
+            for pl in GRID
+            for sd in seeds
+            if (p := _run_path(task, pl.name, sd, scheduler=scheduler)).is_file()
+        }
+        rows, spread = _seed_spread(task, base, losses)
+        out["runs"].extend(rows)
+        if spread:
+            out["tasks"][task] = spread
     stem = "noise" if scheduler == SCHEDULER else f"noise_{scheduler}"
     write_json(RESULTS / f"{stem}.json", out)
     lines = [
@@ -647,7 +665,6 @@ def wide() -> dict[str, Any]:
     its fraction at each seed (against the same seed's reference on the same set), the mean absolute
     deviation from their mean, and the gap of one run to the mean of its other seeds. Writes
     RESULTS/wide.json and .md."""
-    import statistics
 
     from layercard.artifacts import read_json, write_json, write_text
 
@@ -657,38 +674,22 @@ def wide() -> dict[str, Any]:
     out: dict[str, Any] = {"seeds": seeds, "tasks": {}}
     for task in TASKS:
         runs = {
-            (pl.name, sd): read_json(_run_path(task, pl.name, sd, wide=True))
+            (pl.name, sd): read_json(p)
             for pl in GRID
             for sd in seeds
-            if _run_path(task, pl.name, sd, wide=True).is_file()
+            if (p := _run_path(task, pl.name, sd, wide=True)).is_file()
         }
         if not runs:
             continue
         res: dict[str, Any] = {}
         for label, (key, base_folder) in sets.items():
             base = float(read_json(base_folder / f"{task}-base.json")["test_loss"])
-            ref = {sd: base - r[key] for (n, sd), r in runs.items() if n == "ref"}
-            rows = []
-            for pl in GRID:
-                fr = {
-                    sd: (base - r[key]) / ref[sd] for (n, sd), r in runs.items() if n == pl.name and sd in ref
-                }
-                if len(fr) < 2:
-                    continue
-                mean = statistics.fmean(fr.values())
-                row = {"name": pl.name, "fractions": {str(k): v for k, v in fr.items()}, "mean": mean,
-                       "mean_abs_dev": statistics.fmean(abs(v - mean) for v in fr.values()),
-                       "gaps": seed_gaps(list(fr.values()))}  # fmt: skip
-                if pl.name == "ref":
-                    row["drops"] = {str(k): v for k, v in ref.items()}
-                rows.append(row)
-            placed = [r for r in rows if r["name"] != "ref"]
+            rows, spread = _seed_spread(task, base, {k: r[key] for k, r in runs.items()})
             res[label] = {
                 "base_loss": base,
                 "examples": next(iter(runs.values())).get("wide_examples") if label == "whole" else None,
                 "rows": rows,
-                "mean_abs_dev": statistics.fmean(r["mean_abs_dev"] for r in placed) if placed else None,
-                "one_run_gap": statistics.fmean(g for r in placed for g in r["gaps"]) if placed else None,
+                **(spread or {}),
             }
         out["tasks"][task] = res
     out["cross_task"] = _wide_cross_task(seeds)
@@ -716,11 +717,11 @@ def wide() -> dict[str, Any]:
     lines.append("")
     for task, res in out["tasks"].items():
         for label, v in res.items():
-            if v["one_run_gap"] is not None:
+            if "placements" in v:
                 lines.append(
                     f"- {task}, {label} test set: mean absolute deviation over seeds "
                     f"{v['mean_abs_dev']:.3f}; "
-                    f"one run against the mean of its other seeds **{v['one_run_gap']:.3f}**."
+                    f"one run against the mean of its other seeds **{v['one_run_vs_other_seeds_mean']:.3f}**."
                 )
     ct = out["cross_task"]
     if ct:
@@ -1771,7 +1772,12 @@ def main() -> None:
     a = ap.parse_args()
     if a.what == "wide":
         res = wide()
-        print({t: {k: v["one_run_gap"] for k, v in r.items()} for t, r in res["tasks"].items()})
+        print(
+            {
+                t: {k: v.get("one_run_vs_other_seeds_mean") for k, v in r.items()}
+                for t, r in res["tasks"].items()
+            }
+        )
         return
     if a.what == "run":
         print(f"python {platform.python_version()}, {sys.platform}", flush=True)
