@@ -241,6 +241,20 @@ def gain_calls(model: Any) -> list[dict[str, Any]]:
     return out
 
 
+def _frozen(
+    results: str, forms: dict[str, Any], columns: dict[str, str]
+) -> dict[str, tuple[Any, tuple[float, ...]]]:
+    """Each of quality.py's ``forms`` named in ``columns`` (column -> form name) with its pooled seed-mean
+    parameters from RESULTS file ``results``, by column name."""
+    from layercard.artifacts import read_json
+
+    fitted = read_json(OUT / results)["forms"]
+    return {
+        col: (forms[name][0], tuple(fitted[name]["seed mean"]["pooled"]["params"]))
+        for col, name in columns.items()
+    }
+
+
 def _noise_forms() -> tuple[dict[str, tuple[Any, tuple[float, ...]]], dict[str, float]]:
     """The noise-scale forms (quality.py ``_noise_forms``) with their frozen parameters, by column name, and
     each task's slowdown 1 + B_noise/B at placement_v2's batch size."""
@@ -249,11 +263,7 @@ def _noise_forms() -> tuple[dict[str, tuple[Any, tuple[float, ...]]], dict[str, 
 
     from layercard.artifacts import read_json
 
-    fitted = read_json(OUT / "noisecurve.json")["forms"]
-    forms = {
-        col: (Q._noise_forms()[name][0], tuple(fitted[name]["seed mean"]["pooled"]["params"]))
-        for col, name in NOISE_FORMS.items()
-    }
+    forms = _frozen("noisecurve.json", Q._noise_forms(), NOISE_FORMS)
     rows = [r for r in read_json(OUT / "noise_scale.json")["rows"] if r["benchmark"] == "placement_v2"]
     slowdown = {r["task"]: 1.0 + float(r["b_noise"]) / P.TASKS[r["task"]].batch_size for r in rows}
     return forms, slowdown
@@ -264,13 +274,7 @@ def _noise_coverage_forms() -> dict[str, tuple[Any, tuple[float, ...]]]:
     column name."""
     import quality as Q
 
-    from layercard.artifacts import read_json
-
-    fitted = read_json(OUT / "noisecoverage.json")["forms"]
-    return {
-        col: (Q._noise_coverage_forms()[name][0], tuple(fitted[name]["seed mean"]["pooled"]["params"]))
-        for col, name in NOISE_COVERAGE_FORMS.items()
-    }
+    return _frozen("noisecoverage.json", Q._noise_coverage_forms(), NOISE_COVERAGE_FORMS)
 
 
 def score() -> dict[str, Any]:
