@@ -75,3 +75,15 @@ def test_pair_check_scores_each_predicted_difference_against_the_larger_expected
     pooled = confirm._pooled([out, confirm.pair_check(rows[:2])])
     assert pooled["the same"]["pairs"] == 2 and pooled["all"]["pairs"] == 4
     assert pooled["all"]["error"] == pytest.approx((0.04 + 0.06 + 0.02 + 0.04) / 4)
+
+
+def test_seed_fractions_read_each_run_against_its_own_seeds_reference(confirm):
+    import importlib
+
+    quality = importlib.import_module("quality")
+    losses = {("ref", 0): 1.0, ("ref", 1): 1.5, ("a", 0): 1.5, ("a", 1): 1.75, ("a", 2): 1.2, ("b", 1): 2.0}
+    want = {"a": {0: 0.75, 1: 1.25 / 1.5}, "b": {1: 1 / 1.5}}
+    got = quality.seed_fractions(3.0, losses)
+    # base 3: the reference drops 2.0 at seed 0 and 1.5 at seed 1; seed 2 has no reference, so no fraction
+    assert got == {k: {sd: pytest.approx(v) for sd, v in by.items()} for k, by in want.items()}
+    assert "ref" not in got
