@@ -5,8 +5,9 @@ own card); its run files keep every placement's units and test loss. This script
 placement's fraction of the reference's loss drop with the default quality model and with the other frozen
 forms in OTHERS (`params`, the default before it; `saturation`, its parameters from the pooled fit in
 results/quality/saturation.json), NOISE_FORMS (`noise`, the one chosen, and `noise-share`, from
-noisecurve.json and noise_scale.json) and NOISE_COVERAGE_FORMS (from noisecoverage.json),
-from the card placement_v2 measured for that task, and scores each
+noisecurve.json and noise_scale.json), NOISE_COVERAGE_FORMS (from noisecoverage.json) and WIDE_COLUMN
+(the form quality.py ``wide`` chose on larger test sets, from wide.json), from the card placement_v2
+measured for that task, and scores each
 against the measured fraction (mean over the placement's seeds) by its mean absolute error and its decision
 regret (budgets in parameter share). gsm8k, samsum, facts and format were used to fit none of them; e2e_nlg
 and sst2 fitted all, on other placements. On those four tasks it also sets the default's expected error per
@@ -43,6 +44,8 @@ NOISE_COVERAGE_FORMS = {
     "noise-cov-share": "share × coverage^(β·B_noise/B)",
     "noise-cov-only": "coverage^(β·B_noise/B)",
 }
+# The column of the form quality.py ``wide`` chose on the choosing tasks' larger test sets (wide.json).
+WIDE_COLUMN = "wide"
 
 
 def placements(task: str) -> list[dict[str, Any]]:
@@ -277,6 +280,17 @@ def _noise_coverage_forms() -> dict[str, tuple[Any, tuple[float, ...]]]:
     return _frozen("noisecoverage.json", Q._noise_coverage_forms(), NOISE_COVERAGE_FORMS)
 
 
+def _wide_forms() -> dict[str, tuple[Any, tuple[float, ...]]]:
+    """The form and parameters quality.py ``wide`` chose by decision.md's rule on the choosing tasks' larger
+    test sets (wide.json), by column name; none before that choice is written."""
+    from layercard.artifacts import read_json
+    from layercard.plan.quality import ALL_FORMS
+
+    path = OUT / "wide.json"
+    dec = ((read_json(path) if path.is_file() else {}).get("cross_task") or {}).get("decision")
+    return {WIDE_COLUMN: (ALL_FORMS[dec["chosen"]].fn, tuple(dec["params"]))} if dec else {}
+
+
 def score() -> dict[str, Any]:
     import placement_v2 as P
     import quality as Q
@@ -291,7 +305,9 @@ def score() -> dict[str, Any]:
     others = {k: (v if v is not None else sat) for k, v in OTHERS.items()}
     noise_forms, slowdown = _noise_forms()
     cov_forms = _noise_coverage_forms()
-    others_all = {**others, **{col: p for col, (_, p) in [*noise_forms.items(), *cov_forms.items()]}}
+    wide_forms = _wide_forms()
+    frozen = [*noise_forms.items(), *cov_forms.items(), *wide_forms.items()]
+    others_all = {**others, **{col: p for col, (_, p) in frozen}}
     out: dict[str, Any] = {
         "model": model.describe(),
         "model_error": model.expected_error,
@@ -324,6 +340,7 @@ def score() -> dict[str, Any]:
             noisy = {col: fn(f_noise, p) for col, (fn, p) in noise_forms.items()}
             with_noise = Q._WithNoise(f, slowdown[task] - 1.0)
             noisy |= {col: fn(with_noise, p) for col, (fn, p) in cov_forms.items()}
+            noisy |= {col: fn(f, p) for col, (fn, p) in wide_forms.items()}
             rows.append(
                 {
                     "label": p["label"],
@@ -402,7 +419,13 @@ def _markdown(out: dict[str, Any]) -> str:
         "(noisecurve.md; params γ, β, c, κ); `noise-share`: the same curve read at the parameter share "
         "(γ, c, κ), which the rule did not choose. `noise-cov`: the default's coverage exponent times the "
         "task's B_noise/B (noisecoverage.md; params p, γ, β), the form that rule chose there; "
-        "`noise-cov-share` (γ, β) and `noise-cov-only` (β), the two it did not.",
+        "`noise-cov-share` (γ, β) and `noise-cov-only` (β), the two it did not."
+        + (
+            f" `{WIDE_COLUMN}`: the card-only form and parameters decision.md's rule chose with e2e_nlg and "
+            "sst2 measured on larger test sets, against seed means (wide.md)."
+            if WIDE_COLUMN in out["others"]
+            else ""
+        ),
         "",
         "| task | used to fit | placements | T/τ (τ in steps) | " + " | ".join(names) + " |",
         "|---|---|---:|---|" + "---:|" * len(names),
