@@ -666,16 +666,17 @@ def noise(scheduler: str = SCHEDULER) -> dict[str, Any]:
 def wide() -> dict[str, Any]:
     """Whether a run's fraction moves between seeds because of the trained model or because of the few test
     examples it is measured on: the runs of ``run --wide`` (RESULTS/runs/wide/) were each measured on the
-    task's usual test subset and on its whole test split, with the same adapter. Per placement and test set,
-    its fraction at each seed (against the same seed's reference on the same set), the mean absolute
-    deviation from their mean, and the gap of one run to the mean of its other seeds. Writes
-    RESULTS/wide.json and .md."""
+    task's usual test subset and on a larger test set (TaskSetting.wide_examples), with the same adapter.
+    Per placement and test set, its fraction at each seed (against the same seed's reference on the same
+    set), the mean absolute deviation from their mean, and the gap of one run to the mean of its other
+    seeds; and the forms' cross-task scores on both sets (``_wide_cross_task``). Writes RESULTS/wide.json
+    and .md."""
 
     from layercard.artifacts import read_json, write_json, write_text
 
     folder = RESULTS / "runs" / "wide"
     seeds = sorted({SEED} | {int(d.name[4:]) for d in folder.glob("seed*") if d.is_dir()})
-    sets = {"usual": ("test_loss", RESULTS / "runs"), "whole": ("test_loss_wide", folder)}
+    sets = {"usual": ("test_loss", RESULTS / "runs"), "larger": ("test_loss_wide", folder)}
     out: dict[str, Any] = {"seeds": seeds, "tasks": {}}
     for task in TASKS:
         runs = {
@@ -692,7 +693,7 @@ def wide() -> dict[str, Any]:
             rows, spread = _seed_spread(task, base, {k: r[key] for k, r in runs.items()})
             res[label] = {
                 "base_loss": base,
-                "examples": next(iter(runs.values())).get("wide_examples") if label == "whole" else None,
+                "examples": next(iter(runs.values())).get("wide_examples") if label == "larger" else None,
                 "rows": rows,
                 **(spread or {}),
             }
@@ -700,7 +701,7 @@ def wide() -> dict[str, Any]:
     out["cross_task"] = _wide_cross_task(seeds)
     write_json(RESULTS / "wide.json", out)
     lines = [
-        "# Quality runs measured on the usual test subset and on the whole test split",
+        "# Quality runs measured on the usual test subset and on a larger test set",
         "",
         f"smollm2, {STEPS} steps of batch {BATCH}, lr {LR:g} constant; training seeds "
         f"{', '.join(map(str, seeds))}; each adapter measured on both sets, each fraction against the same "
@@ -734,7 +735,7 @@ def wide() -> dict[str, Any]:
         lines += [
             "",
             f"Every form fitted on one task and scored on the other (as decision.md), with "
-            f"{', '.join(ct['whole_tasks'])} labelled four ways: on the usual test subset or on the larger "
+            f"{', '.join(ct['wide_tasks'])} labelled four ways: on the usual test subset or on the larger "
             f"test set, by the seed-0 run or by the mean over the seeds measured there ({ct['placements']} "
             "placements each; a task without wide runs keeps its usual labels). Cells: cross-task mean "
             "absolute error / cross-task regret.",
@@ -833,7 +834,7 @@ def _wide_cross_task(seeds: list[int]) -> dict[str, Any] | None:
     params, _ = fit(FORMS[chosen], [f for t in tasks for _, f in data[t]],
                     [r["fraction"] for t in tasks for r, _ in data[t]])  # fmt: skip
     return {
-        "whole_tasks": done,
+        "wide_tasks": done,
         "placements": len(labels["usual seed 0"][done[0]]),
         "seeds_per_placement": {
             t: {r["name"]: r["seeds"] for r, _ in labels["wide seed mean"][t]} for t in done
@@ -1828,7 +1829,7 @@ def main() -> None:
     )  # fmt: skip
     ap.add_argument(
         "--wide", action="store_true",
-        help="`run`: also measure each run on the task's whole test split (under RESULTS/runs/wide/)",
+        help="`run`: also measure each run on the task's larger test set (under RESULTS/runs/wide/)",
     )  # fmt: skip
     a = ap.parse_args()
     if a.what == "wide":
