@@ -746,6 +746,13 @@ def wide() -> dict[str, Any]:
         for name, v in ct["forms"].items():
             cells = [f"{v[k]['cross_task_mae']:.3f} / {v[k]['cross_task_regret']:.3f}" for k in keys]
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        lines += ["", "Each placement's measured fraction under the four labels:", "",
+                  "| task | run | " + " | ".join(keys) + " | seeds on the larger set |",
+                  "|---|---|" + "---:|" * (len(keys) + 1)]  # fmt: skip
+        for task, by_label in ct["labels"].items():
+            for name in by_label[keys[0]]:
+                vals = " | ".join(f"{by_label[k][name]:.3f}" for k in keys)
+                lines.append(f"| {task} | {name} | {vals} | {ct['seeds_per_placement'][task][name]} |")
         d, dec = ct["default"], ct["decision"]
         lines += [
             "",
@@ -787,7 +794,7 @@ def _wide_labels(seeds: list[int]) -> tuple[list[str], dict[str, _Labels]]:
 
     usual = _labelled()
     labels = {"usual seed 0": usual["seed 0"], "usual seed mean": usual["seed mean"]}
-    labels |= {"wide seed 0": dict(usual["seed 0"]), "wide seed mean": dict(usual["seed mean"])}
+    labels |= {"larger seed 0": dict(usual["seed 0"]), "larger seed mean": dict(usual["seed mean"])}
     done = []
     for task in TASKS:
         if not all(_run_path(task, pl.name, SEED, wide=True).is_file() for pl in GRID):
@@ -806,7 +813,7 @@ def _wide_labels(seeds: list[int]) -> tuple[list[str], dict[str, _Labels]]:
             by_seed = fr[r["name"]]
             at0.append(({**r, "fraction": by_seed[SEED]}, f))
             means.append(({**r, "fraction": statistics.fmean(by_seed.values()), "seeds": len(by_seed)}, f))
-        labels["wide seed 0"][task], labels["wide seed mean"][task] = at0, means
+        labels["larger seed 0"][task], labels["larger seed mean"][task] = at0, means
         done.append(task)
     return done, labels
 
@@ -827,17 +834,20 @@ def _wide_cross_task(seeds: list[int]) -> dict[str, Any] | None:
     tasks = sorted(labels["usual seed 0"])
     scored = {k: _cross_task(v, regret=True) for k, v in labels.items()}
     model = default_model()
-    mae = {n: scored["wide seed 0"][n]["cross_task_mae"] for n in FORMS}
+    mae = {n: scored["larger seed 0"][n]["cross_task_mae"] for n in FORMS}
     eligible = [n for n in FORMS if mae[n] <= min(mae.values()) + DECIDE_MAE_SLACK]
-    chosen = min(eligible, key=lambda n: scored["wide seed mean"][n]["cross_task_regret"])
-    data = labels["wide seed mean"]
+    chosen = min(eligible, key=lambda n: scored["larger seed mean"][n]["cross_task_regret"])
+    data = labels["larger seed mean"]
     params, _ = fit(FORMS[chosen], [f for t in tasks for _, f in data[t]],
                     [r["fraction"] for t in tasks for r, _ in data[t]])  # fmt: skip
     return {
         "wide_tasks": done,
         "placements": len(labels["usual seed 0"][done[0]]),
         "seeds_per_placement": {
-            t: {r["name"]: r["seeds"] for r, _ in labels["wide seed mean"][t]} for t in done
+            t: {r["name"]: r["seeds"] for r, _ in labels["larger seed mean"][t]} for t in done
+        },
+        "labels": {
+            t: {k: {r["name"]: r["fraction"] for r, _ in v[t]} for k, v in labels.items()} for t in done
         },
         "forms": {n: {k: scored[k][n] for k in scored} for n in FORMS},
         "default": {
