@@ -566,8 +566,9 @@ def _seed_spread(
     rows: list[dict[str, Any]] = []
     devs: list[float] = []
     loo: list[float] = []
+    by_name = seed_fractions(base, losses)
     for pl in GRID:
-        fr = {sd: (base - v) / ref[sd] for (n, sd), v in sorted(losses.items()) if n == pl.name and sd in ref}
+        fr = {sd: 1.0 for sd in ref} if pl.name == "ref" else by_name.get(pl.name, {})
         if len(fr) < 2:
             continue
         mean = statistics.fmean(fr.values())
