@@ -835,9 +835,10 @@ def _wide_cross_task(seeds: list[int]) -> dict[str, Any] | None:
     tasks = sorted(labels["usual seed 0"])
     scored = {k: _cross_task(v, regret=True) for k, v in labels.items()}
     model = default_model()
-    mae = {n: scored["larger seed 0"][n]["cross_task_mae"] for n in FORMS}
-    eligible = [n for n in FORMS if mae[n] <= min(mae.values()) + DECIDE_MAE_SLACK]
-    chosen = min(eligible, key=lambda n: scored["larger seed mean"][n]["cross_task_regret"])
+    eligible, chosen = decide_rule(
+        {n: scored["larger seed 0"][n]["cross_task_mae"] for n in FORMS},
+        {n: scored["larger seed mean"][n]["cross_task_regret"] for n in FORMS},
+    )
     data = labels["larger seed mean"]
     params, _ = fit(FORMS[chosen], [f for t in tasks for _, f in data[t]],
                     [r["fraction"] for t in tasks for r, _ in data[t]])  # fmt: skip
@@ -1402,8 +1403,7 @@ def noisecoverage() -> dict[str, Any]:
     card_only = read_json(RESULTS / "decision.json")["forms"]
     mae = {n: r["seed 0"]["cross_task_mae"] for n, r in [*card_only.items(), *forms.items()]}
     regret = {n: r["seed mean"]["cross_task_regret"] for n, r in [*card_only.items(), *forms.items()]}
-    eligible = [n for n in mae if mae[n] <= min(mae.values()) + DECIDE_MAE_SLACK]
-    chosen = min(eligible, key=lambda n: regret[n])
+    eligible, chosen = decide_rule(mae, regret)
     out = {
         "steps": STEPS,
         "batch": BATCH,
@@ -1471,6 +1471,14 @@ def _noisecoverage_markdown(out: dict[str, Any], tasks: list[str]) -> str:
 DECIDE_MAE_SLACK = 0.01
 
 
+def decide_rule(mae: dict[str, float], regret: dict[str, float]) -> tuple[list[str], str]:
+    """``decide``'s rule over forms scored by cross-task error against seed 0 (``mae``) and cross-task
+    regret against seed means (``regret``): the forms within DECIDE_MAE_SLACK of the least error, and the
+    one of them with the least regret (the first listed on a tie)."""
+    eligible = [n for n in mae if mae[n] <= min(mae.values()) + DECIDE_MAE_SLACK]
+    return eligible, min(eligible, key=lambda n: regret[n])
+
+
 def _labelled() -> dict[str, dict[str, list[tuple[dict[str, Any], Any]]]]:
     """Each task's placements with their features, labelled by the seed-0 run and by the seed mean (the
     seed-0 run where a placement was not repeated)."""
@@ -1509,9 +1517,10 @@ def decide() -> dict[str, Any]:
             per = {k: v for k, v in scored[label][name].items() if k != "description"}
             res[label] = {**per, "pooled": {"params": list(params), "fit_mae": err}}
         forms[name] = res
-    least = min(r["seed 0"]["cross_task_mae"] for r in forms.values())
-    eligible = [n for n, r in forms.items() if r["seed 0"]["cross_task_mae"] <= least + DECIDE_MAE_SLACK]
-    chosen = min(eligible, key=lambda n: forms[n]["seed mean"]["cross_task_regret"])
+    eligible, chosen = decide_rule(
+        {n: r["seed 0"]["cross_task_mae"] for n, r in forms.items()},
+        {n: r["seed mean"]["cross_task_regret"] for n, r in forms.items()},
+    )
     out = {
         "rule": f"least cross-task regret against seed means among the forms within {DECIDE_MAE_SLACK} of "
         "the least cross-task MAE against seed 0",

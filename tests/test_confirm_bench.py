@@ -87,3 +87,14 @@ def test_seed_fractions_read_each_run_against_its_own_seeds_reference(confirm):
     # base 3: the reference drops 2.0 at seed 0 and 1.5 at seed 1; seed 2 has no reference, so no fraction
     assert got == {k: {sd: pytest.approx(v) for sd, v in by.items()} for k, by in want.items()}
     assert "ref" not in got
+
+
+def test_decide_rule_takes_the_least_regret_among_forms_near_the_least_error(confirm):
+    import importlib
+
+    quality = importlib.import_module("quality")
+    slack = quality.DECIDE_MAE_SLACK
+    mae = {"a": 0.060, "b": 0.060 + slack / 2, "c": 0.060 + 2 * slack}
+    eligible, chosen = quality.decide_rule(mae, {"a": 0.04, "b": 0.02, "c": 0.001})
+    assert eligible == ["a", "b"] and chosen == "b"  # c has the least regret but is too far off in error
+    assert quality.decide_rule(mae, {"a": 0.02, "b": 0.02, "c": 0.0})[1] == "a"  # a tie goes to the first
