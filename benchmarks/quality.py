@@ -670,8 +670,10 @@ def wide() -> dict[str, Any]:
     task's usual test subset and on a larger test set (TaskSetting.wide_examples), with the same adapter.
     Per placement and test set, its fraction at each seed (against the same seed's reference on the same
     set), the mean absolute deviation from their mean, and the gap of one run to the mean of its other
-    seeds; and the forms' cross-task scores on both sets (``_wide_cross_task``). Writes RESULTS/wide.json
+    seeds, against its own seed's reference and against the mean of the reference's drops; and the forms'
+    cross-task scores on both sets, with both references (``_wide_cross_task``). Writes RESULTS/wide.json
     and .md."""
+    import statistics
 
     from layercard.artifacts import read_json, write_json, write_text
 
@@ -691,15 +693,21 @@ def wide() -> dict[str, Any]:
         res: dict[str, Any] = {}
         for label, (key, base_folder) in sets.items():
             base = float(read_json(base_folder / f"{task}-base.json")["test_loss"])
-            rows, spread = _seed_spread(task, base, {k: r[key] for k, r in runs.items()})
+            losses = {k: r[key] for k, r in runs.items()}
+            rows, spread = _seed_spread(task, base, losses)
+            gaps = [g for fr in seed_fractions(base, losses, "mean").values() if len(fr) > 1
+                    for g in seed_gaps(list(fr.values()))]  # fmt: skip
+            gap_key = "one_run_vs_other_seeds_mean_against_mean_reference"
             res[label] = {
                 "base_loss": base,
                 "examples": next(iter(runs.values())).get("wide_examples") if label == "larger" else None,
                 "rows": rows,
                 **(spread or {}),
+                **({gap_key: statistics.fmean(gaps)} if gaps else {}),
             }
         out["tasks"][task] = res
     out["cross_task"] = _wide_cross_task(seeds)
+    out["cross_task_mean_reference"] = _wide_cross_task(seeds, "mean")
     write_json(RESULTS / "wide.json", out)
     lines = [
         "# Quality runs measured on the usual test subset and on a larger test set",
@@ -728,108 +736,136 @@ def wide() -> dict[str, Any]:
                 lines.append(
                     f"- {task}, {label} test set: mean absolute deviation over seeds "
                     f"{v['mean_abs_dev']:.3f}; "
-                    f"one run against the mean of its other seeds **{v['one_run_vs_other_seeds_mean']:.3f}**."
+                    "one run against the mean of its other seeds "
+                    f"**{v['one_run_vs_other_seeds_mean']:.3f}**; "
+                    "the same with every fraction against the mean of the reference's drops over its seeds "
+                    f"**{v['one_run_vs_other_seeds_mean_against_mean_reference']:.3f}**."
                 )
-    ct = out["cross_task"]
-    if ct:
-        keys = list(next(iter(ct["forms"].values())))
-        lines += [
-            "",
-            f"Every form fitted on one task and scored on the other (as decision.md), with "
-            f"{', '.join(ct['wide_tasks'])} labelled four ways: on the usual test subset or on the larger "
-            f"test set, by the seed-0 run or by the mean over the seeds measured there ({ct['placements']} "
-            "placements each; a task without wide runs keeps its usual labels). Cells: cross-task mean "
-            "absolute error / cross-task regret.",
-            "",
-            "| form | " + " | ".join(keys) + " |",
-            "|---|" + "---:|" * len(keys),
-        ]
-        for name, v in ct["forms"].items():
-            cells = [f"{v[k]['cross_task_mae']:.3f} / {v[k]['cross_task_regret']:.3f}" for k in keys]
-            lines.append(f"| {name} | " + " | ".join(cells) + " |")
-        lines += ["", "Each placement's measured fraction under the four labels:", "",
-                  "| task | run | " + " | ".join(keys) + " | seeds on the larger set |",
-                  "|---|---|" + "---:|" * (len(keys) + 1)]  # fmt: skip
-        for task, by_label in ct["labels"].items():
-            for name in by_label[keys[0]]:
-                vals = " | ".join(f"{by_label[k][name]:.3f}" for k in keys)
-                lines.append(f"| {task} | {name} | {vals} | {ct['seeds_per_placement'][task][name]} |")
-        d, dec = ct["default"], ct["decision"]
-        lines += [
-            "",
-            "The frozen default (fitted on both tasks' usual subsets) against each label set: "
-            + ", ".join(f"{k} {d[k]:.3f}" for k in keys)
-            + ".",
-            "",
-            f"decision.md's rule on the larger test set's labels: eligible {', '.join(dec['eligible'])}; "
-            f"chosen **{dec['chosen']}**, parameters pooled on its seed means "
-            f"({', '.join(f'{x:g}' for x in dec['params'])}); its cross-task error "
-            + ", ".join(f"{k} {dec['cross_task_mae'][k]:.3f}" for k in keys)
-            + ".",
-        ]
+    for key, reference in (("cross_task", "own"), ("cross_task_mean_reference", "mean")):
+        if out[key]:
+            lines += _wide_cross_task_markdown(out[key], reference)
     write_text(RESULTS / "wide.md", "\n".join(lines) + "\n")
     return out
 
 
-def seed_fractions(base: float, losses: dict[tuple[str, int], float]) -> dict[str, dict[int, float]]:
-    """Each run's fraction of its own seed's reference drop, by placement name and seed (``losses``: test
-    loss by name and seed; a seed without its reference gives no fraction)."""
+def _wide_cross_task_markdown(ct: dict[str, Any], reference: str) -> list[str]:
+    """wide.md's section on the forms' cross-task scores under one way of labelling (``reference``)."""
+    against = (
+        "each fraction against the same seed's reference"
+        if reference == "own"
+        else "each fraction against the mean of the reference's drops over its seeds on the same set"
+    )
+    lines: list[str] = ["", f"## Labels {against}"]
+    keys = list(next(iter(ct["forms"].values())))
+    lines += [
+        "",
+        f"Every form fitted on one task and scored on the other (as decision.md), with "
+        f"{', '.join(ct['wide_tasks'])} labelled four ways: on the usual test subset or on the larger "
+        f"test set, by the seed-0 run or by the mean over the seeds measured there ({ct['placements']} "
+        "placements each; a task without wide runs keeps its usual labels). Cells: cross-task mean "
+        "absolute error / cross-task regret.",
+        "",
+        "| form | " + " | ".join(keys) + " |",
+        "|---|" + "---:|" * len(keys),
+    ]
+    for name, v in ct["forms"].items():
+        cells = [f"{v[k]['cross_task_mae']:.3f} / {v[k]['cross_task_regret']:.3f}" for k in keys]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += ["", "Each placement's measured fraction under the four labels:", "",
+              "| task | run | " + " | ".join(keys) + " | seeds on the larger set |",
+              "|---|---|" + "---:|" * (len(keys) + 1)]  # fmt: skip
+    for task, by_label in ct["labels"].items():
+        for name in by_label[keys[0]]:
+            vals = " | ".join(f"{by_label[k][name]:.3f}" for k in keys)
+            lines.append(f"| {task} | {name} | {vals} | {ct['seeds_per_placement'][task][name]} |")
+    d, dec = ct["default"], ct["decision"]
+    lines += [
+        "",
+        "The frozen default (fitted on both tasks' usual subsets) against each label set: "
+        + ", ".join(f"{k} {d[k]:.3f}" for k in keys)
+        + ".",
+        "",
+        f"decision.md's rule on the larger test set's labels: eligible {', '.join(dec['eligible'])}; "
+        f"chosen **{dec['chosen']}**, parameters pooled on its seed means "
+        f"({', '.join(f'{x:g}' for x in dec['params'])}); its cross-task error "
+        + ", ".join(f"{k} {dec['cross_task_mae'][k]:.3f}" for k in keys)
+        + ".",
+    ]
+    return lines
+
+
+def seed_fractions(
+    base: float, losses: dict[tuple[str, int], float], reference: str = "own"
+) -> dict[str, dict[int, float]]:
+    """Each run's fraction of the reference's drop, by placement name and seed (``losses``: test loss by
+    name and seed). ``reference="own"``: against its own seed's reference (a seed without one gives no
+    fraction); ``"mean"``: against the mean of the reference's drops over every seed it ran at."""
+    refs = {sd: base - v for (name, sd), v in losses.items() if name == "ref"}
+    if reference not in ("own", "mean"):
+        raise ValueError(f"reference: expected 'own' or 'mean', got {reference!r}")
+    mean_ref = sum(refs.values()) / len(refs) if refs else None
     out: dict[str, dict[int, float]] = {}
     for (name, sd), loss in sorted(losses.items()):
-        if name != "ref" and ("ref", sd) in losses:
-            out.setdefault(name, {})[sd] = (base - loss) / (base - losses[("ref", sd)])
+        if name == "ref" or not refs or (reference == "own" and sd not in refs):
+            continue
+        out.setdefault(name, {})[sd] = (base - loss) / (refs[sd] if reference == "own" else mean_ref)
     return out
 
 
 _Labels = dict[str, list[tuple[dict[str, Any], Any]]]  # per task: (run, features) pairs
 
 
-def _wide_labels(seeds: list[int]) -> tuple[list[str], dict[str, _Labels]]:
+def _wide_labels(seeds: list[int], reference: str = "own") -> tuple[list[str], dict[str, _Labels]]:
     """The tasks whose seed-0 runs ``run --wide`` measured for every GRID placement, and four label sets
-    over the same placements: the usual test subset at seed 0 and as seed means (as ``decide``), and the
-    larger test set at seed 0 and as the mean over every seed measured there (each fraction against the
-    same seed's reference on the same set). A task without wide runs keeps its usual labels in all four."""
+    over the same placements: the usual test subset and the larger test set, each by the seed-0 run and by
+    the mean over every seed measured there; each fraction against the reference on the same set, at the
+    same seed or as the mean of its drops over the seeds (``reference``, as ``seed_fractions``). A task
+    without wide runs keeps its usual labels on both sets."""
     import statistics
 
     from layercard.artifacts import read_json
 
-    usual = _labelled()
-    labels = {"usual seed 0": usual["seed 0"], "usual seed mean": usual["seed mean"]}
-    labels |= {"larger seed 0": dict(usual["seed 0"]), "larger seed mean": dict(usual["seed mean"])}
+    usual_seeds = sorted({SEED} | {int(d.name[4:]) for d in (RESULTS / "runs").glob("seed*") if d.is_dir()})
+    labels: dict[str, _Labels] = {}
     done = []
-    for task in TASKS:
-        if not all(_run_path(task, pl.name, SEED, wide=True).is_file() for pl in GRID):
-            continue
-        base = float(read_json(RESULTS / "runs" / "wide" / f"{task}-base.json")["test_loss"])
-        loss = {
-            (pl.name, sd): float(read_json(p)["test_loss_wide"])
-            for pl in GRID
-            for sd in seeds
-            if (p := _run_path(task, pl.name, sd, wide=True)).is_file()
-        }
-
-        fr = seed_fractions(base, loss)
-        at0, means = [], []
-        for r, f in usual["seed 0"][task]:
-            by_seed = fr[r["name"]]
-            at0.append(({**r, "fraction": by_seed[SEED]}, f))
-            means.append(({**r, "fraction": statistics.fmean(by_seed.values()), "seeds": len(by_seed)}, f))
-        labels["larger seed 0"][task], labels["larger seed mean"][task] = at0, means
-        done.append(task)
+    for task, pairs in _labelled()["seed 0"].items():
+        wide = all(_run_path(task, pl.name, SEED, wide=True).is_file() for pl in GRID)
+        done += [task] if wide else []
+        for label, (is_wide, key, ss) in {
+            "usual": (False, "test_loss", usual_seeds),
+            "larger": (wide, "test_loss_wide" if wide else "test_loss", seeds if wide else usual_seeds),
+        }.items():
+            folder = RESULTS / "runs" / ("wide" if is_wide else "")
+            base = float(read_json(folder / f"{task}-base.json")["test_loss"])
+            loss = {
+                (pl.name, sd): float(read_json(p)[key])
+                for pl in GRID
+                for sd in ss
+                if (p := _run_path(task, pl.name, sd, wide=is_wide)).is_file()
+            }
+            fr = seed_fractions(base, loss, reference)
+            at0, means = [], []
+            for r, f in pairs:
+                by_seed = fr[r["name"]]
+                at0.append(({**r, "fraction": by_seed[SEED]}, f))
+                mean = statistics.fmean(by_seed.values())
+                means.append(({**r, "fraction": mean, "seeds": len(by_seed)}, f))
+            labels.setdefault(f"{label} seed 0", {})[task] = at0
+            labels.setdefault(f"{label} seed mean", {})[task] = means
     return done, labels
 
 
-def _wide_cross_task(seeds: list[int]) -> dict[str, Any] | None:
+def _wide_cross_task(seeds: list[int], reference: str = "own") -> dict[str, Any] | None:
     """The card-only forms' cross-task scores (error and regret) on each label set of ``_wide_labels``; the
     frozen default's error on each; and ``decide``'s rule applied to the larger test set's labels (eligible
     by the error against seed 0, chosen by the regret against seed means, parameters pooled on both tasks'
-    seed means), with the chosen form's cross-task error there. None until some task's seed-0 wide runs are
-    all there."""
+    seed means), with the chosen form's cross-task error there; fractions against the reference as
+    ``reference`` (``seed_fractions``). None until some task's seed-0 wide runs are all there."""
     import statistics
 
     from layercard.plan.quality import FORMS, default_model, fit
 
-    done, labels = _wide_labels(seeds)
+    done, labels = _wide_labels(seeds, reference)
     if not done:
         return None
     tasks = sorted(labels["usual seed 0"])

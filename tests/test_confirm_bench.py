@@ -87,6 +87,12 @@ def test_seed_fractions_read_each_run_against_its_own_seeds_reference(confirm):
     # base 3: the reference drops 2.0 at seed 0 and 1.5 at seed 1; seed 2 has no reference, so no fraction
     assert got == {k: {sd: pytest.approx(v) for sd, v in by.items()} for k, by in want.items()}
     assert "ref" not in got
+    # against the mean of the reference's drops, (2.0 + 1.5) / 2, every seed gets a fraction
+    mean = quality.seed_fractions(3.0, losses, "mean")
+    want = {0: 1.5 / 1.75, 1: 1.25 / 1.75, 2: 1.8 / 1.75}
+    assert mean["a"] == {sd: pytest.approx(v) for sd, v in want.items()}
+    with pytest.raises(ValueError, match="reference"):
+        quality.seed_fractions(3.0, losses, "median")
 
 
 def test_decide_rule_takes_the_least_regret_among_forms_near_the_least_error(confirm):
