@@ -18,6 +18,7 @@ One JSON per run under results/quality/runs/sampling/, so ``run`` resumes where 
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import tempfile
 import time
@@ -26,6 +27,8 @@ from typing import Any
 
 import numpy as np
 import quality as Q
+
+from layercard.evaluate import fraction_standard_error
 
 OUT = Q.RESULTS / "runs" / "sampling"
 # The reference and three placements over one, three and six depth bands.
@@ -149,6 +152,14 @@ def report() -> dict[str, Any]:
             ),
             "placements": {},
         }
+        se_usual = {
+            n: fraction_standard_error(
+                [float(base[j]) for j in usual],
+                [float(ref[j]) for j in usual],
+                [recs[n]["sums"][j] for j in usual],
+            )
+            for n in names
+        }
         full = {
             n: float(subset_fractions(base, ref, np.asarray(recs[n]["sums"]), tokens, whole)[0])
             for n in names
@@ -177,13 +188,20 @@ def report() -> dict[str, Any]:
                 "own_sd": float((errs - shared).std()),
                 "share_above_full": float((errs > 0).mean()),
             }
+            fpc = math.sqrt((len(tokens) - size) / (len(tokens) - 1))  # drawn without replacement
             for i, n in enumerate(names):
-                res["placements"].setdefault(n, {"whole": full[n], "usual_subset": on_usual[n]})[
-                    str(size)
-                ] = {
+                x = recs[n]["sums"]
+                formula = [
+                    fraction_standard_error(base[pk].tolist(), ref[pk].tolist(), [x[j] for j in pk])
+                    for pk in picks
+                ]
+                keep = {"whole": full[n], "usual_subset": on_usual[n], "usual_subset_se": se_usual[n]}
+                res["placements"].setdefault(n, keep)[str(size)] = {
                     "mean": float(full[n] + errs[i].mean()),
                     "sd": float(errs[i].std()),
                     "mean_abs_error": float(np.abs(errs[i]).mean()),
+                    # what fraction_standard_error gives on one subset, scaled to drawing without replacement
+                    "formula_se": float(np.mean(formula)) * fpc,
                 }
         res["usual_minus_whole"] = statistics.fmean(on_usual[n] - full[n] for n in names)
         out["tasks"][task] = res
@@ -202,7 +220,9 @@ def _markdown(out: dict[str, Any]) -> str:
         "set. `shared`: the part of a subset's error every placement had on that draw (the mean over "
         "placements); `own`: the rest. Subsets are drawn without replacement from the larger set, so where "
         "that set is itself a sample of the split (e2e_nlg) the spread at n examples is understated by a "
-        "factor of about √((N − n)/(N − 1)) against the whole split.",
+        "factor of about √((N − n)/(N − 1)) against the whole split. `sampling error`: what "
+        "`layercard.evaluate.fraction_standard_error` (the error a report prints beside a measured fraction) "
+        "gives on one subset, averaged over the draws and scaled by that factor: it should match the sd.",
         "",
     ]
     for task, res in out["tasks"].items():
@@ -223,14 +243,19 @@ def _markdown(out: dict[str, Any]) -> str:
         sizes = list(res.get("sizes", {}))
         lines += [
             "",
-            "| placement | whole set | usual subset | "
-            + " | ".join(f"mean ± sd at {n}" for n in sizes)
+            "| placement | whole set | usual subset ± its sampling error | "
+            + " | ".join(f"mean ± sd at {n} (sampling error)" for n in sizes)
             + " |",
             "|---|---:|---:|" + "---:|" * len(sizes),
         ]
         for name, v in res["placements"].items():
-            cells = " | ".join(f"{v[n]['mean']:.3f} ± {v[n]['sd']:.3f}" for n in sizes)
-            lines.append(f"| {name} | {v['whole']:.3f} | {v['usual_subset']:.3f} | {cells} |")
+            cells = " | ".join(
+                f"{v[n]['mean']:.3f} ± {v[n]['sd']:.3f} ({v[n]['formula_se']:.3f})" for n in sizes
+            )
+            lines.append(
+                f"| {name} | {v['whole']:.3f} | {v['usual_subset']:.3f} ± {v['usual_subset_se']:.3f} | "
+                f"{cells} |"
+            )
         lines += [
             "",
             f"The usual subset's fractions minus the whole set's, mean: {res['usual_minus_whole']:+.3f}.",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from conftest import shared_data
@@ -13,8 +14,8 @@ from typer.testing import CliRunner
 
 from layercard.cli import app
 from layercard.errors import LayercardError
-from layercard.evaluate import EvalConfig, EvalResult, evaluate
-from layercard.inference import eval_loss, generate
+from layercard.evaluate import EvalConfig, EvalResult, evaluate, fraction_standard_error
+from layercard.inference import eval_example_losses, eval_loss, generate
 from layercard.models import LoadedModel
 from layercard.tasks import (
     Example,
@@ -128,6 +129,46 @@ def test_eval_loss_matches_hand_computation():
     assert many[0] == pytest.approx(many[1], rel=1e-9)
 
 
+def test_example_losses_keep_the_examples_order_and_total_the_loss():
+    tok, model = tiny_tokenizer(), _model()
+    sums, counts = eval_example_losses(model, tok, TASK, TASK.examples, batch_size=3, max_length=None)
+    # one at a time, in order: the same per-example values the sorted, padded batches gave
+    alone = [
+        eval_example_losses(model, tok, TASK, [ex], batch_size=1, max_length=None) for ex in TASK.examples
+    ]
+    assert counts == [c[0] for _, c in alone]
+    lengths = [len(encode_example(tok, FMT, ex)) for ex in TASK.examples]
+    assert lengths != sorted(lengths, reverse=True)  # the batches' longest-first order is not the task's
+    assert sums == pytest.approx([s[0] for s, _ in alone], rel=1e-9)
+    whole = eval_loss(model, tok, TASK, TASK.examples, batch_size=3, max_length=None)
+    assert sum(sums) / sum(counts) == pytest.approx(whole, rel=1e-10)
+
+
+def test_fraction_standard_error_on_a_known_case_and_against_resampling():
+    # d = b - x = (1, 2, 3), e = b - r = (2, 2, 2): f = 6 / 6 = 1, residuals (-1, 0, 1)
+    base, ref, run = [5.0, 5.0, 5.0], [3.0, 3.0, 3.0], [4.0, 3.0, 2.0]
+    assert fraction_standard_error(base, ref, run) == pytest.approx((3 / 2 * 2) ** 0.5 / 6)
+    assert fraction_standard_error(base, ref, base) == 0.0  # no drop at all: f = 0 on every example
+    assert fraction_standard_error(base, base, run) is None  # no reference drop
+    assert fraction_standard_error(base[:1], ref[:1], run[:1]) is None
+    assert fraction_standard_error(base, ref, run[:2]) is None
+    # examples drawn at random: the error it gives on one draw against the spread of f over many draws
+    rng = np.random.default_rng(0)
+
+    def draw(n):
+        b = rng.gamma(2.0, 1.0, n) * 10
+        e = b * rng.uniform(0.2, 0.6, n)  # the reference's drop, per example
+        d = e * rng.normal(0.8, 0.3, n)  # a placement's: 0.8 of it on average, noisily
+        return b, b - e, b - d
+
+    fs, ses = [], []
+    for _ in range(2000):
+        b, r, x = draw(64)
+        fs.append((b - x).sum() / (b - r).sum())
+        ses.append(fraction_standard_error(list(b), list(r), list(x)))
+    assert np.mean(ses) == pytest.approx(np.std(fs), rel=0.1)
+
+
 # ---------------------------------------------------------------- evaluate, config, artifact
 
 
@@ -165,9 +206,23 @@ def test_evaluate_defaults_and_round_trip(tmp_path):
     assert EvalResult.load(tmp_path / "ev") == res
     assert EvalResult.load(path) == res
     assert EvalResult.from_dict(res.to_dict()) == res
+    # the loss per example: its sums over its token counts are the loss
+    assert len(res.example_loss_sums) == len(res.example_tokens) == res.n
+    assert sum(res.example_loss_sums) / sum(res.example_tokens) == pytest.approx(res.loss, rel=1e-12)
+    # an eval.json from before the per-example losses still loads; a malformed one names its file
+    old = {k: v for k, v in d.items() if k not in ("example_loss_sums", "example_tokens")}
+    path.write_text(json.dumps(old))
+    assert EvalResult.load(path).example_loss_sums is None
+    path.write_text(json.dumps({**d, "example_tokens": d["example_tokens"][:-1]}))
+    with pytest.raises(LayercardError, match=r"eval\.json: malformed eval artifact .*token counts for n=4"):
+        EvalResult.load(path)
+    path.write_text(json.dumps({**d, "example_loss_sums": [float("nan")] * 4}))
+    with pytest.raises(LayercardError, match="finite"):
+        EvalResult.load(path)
 
     only = evaluate(loaded, TASK, EvalConfig(examples=2, metrics=("exact_match",), loss=False))
     assert list(only.metrics) == ["exact_match"] and only.loss is None and "loss_s" not in only.timing
+    assert only.example_loss_sums is None and only.example_tokens is None
 
 
 @pytest.fixture()

@@ -5,7 +5,14 @@ import torch
 from peft import LoraConfig, get_peft_model
 from tiny import FAMILIES, tiny_model
 
-from layercard.tasks.loss import IGNORE_INDEX, forward_loss, keeps_target_logits, logits_mask, loss_sum
+from layercard.tasks.loss import (
+    IGNORE_INDEX,
+    forward_loss,
+    forward_row_losses,
+    keeps_target_logits,
+    logits_mask,
+    loss_sum,
+)
 
 
 def _batch(vocab: int, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -97,3 +104,36 @@ def test_a_batch_without_targets_is_zero_not_nan():
     labels = torch.full_like(b["labels"], IGNORE_INDEX)
     loss, n = forward_loss(model, b["input_ids"], b["attention_mask"], labels)
     assert n == 0 and loss.item() == 0.0
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_row_losses_split_the_batch_loss_by_example(family):
+    model = tiny_model(family, seed=3).double()
+    b = _batch(model.config.vocab_size, seed=4)
+    with torch.no_grad():
+        total, n = forward_loss(model, b["input_ids"], b["attention_mask"], b["labels"])
+        sums, counts = forward_row_losses(model, b["input_ids"], b["attention_mask"], b["labels"])
+        # each row alone, without the others' padding: the same sum
+        alone = [
+            forward_loss(
+                model, b["input_ids"][i : i + 1], b["attention_mask"][i : i + 1], b["labels"][i : i + 1]
+            )
+            for i in range(3)
+        ]
+    assert counts.tolist() == [9, 3, 5] and int(counts.sum()) == n  # targets: positions prompt .. length - 1
+    assert sums.sum().item() == pytest.approx(total.item(), rel=1e-12)
+    for i, (loss, k) in enumerate(alone):
+        assert k == counts[i] and sums[i].item() == pytest.approx(loss.item(), rel=1e-9)
+
+
+def test_row_losses_without_kept_logits_match(monkeypatch):
+    import layercard.tasks.loss as L
+
+    model = tiny_model("llama", seed=5).double()
+    b = _batch(model.config.vocab_size, seed=6)
+    with torch.no_grad():
+        kept = forward_row_losses(model, b["input_ids"], b["attention_mask"], b["labels"])
+        monkeypatch.setattr(L, "keeps_target_logits", lambda m: False)  # every position's logits
+        full = L.forward_row_losses(model, b["input_ids"], b["attention_mask"], b["labels"])
+    torch.testing.assert_close(full[0], kept[0], rtol=1e-10, atol=1e-12)
+    assert full[1].tolist() == kept[1].tolist()

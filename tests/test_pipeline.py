@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 
 from layercard.cli import app
 from layercard.errors import LayercardError
+from layercard.evaluate import EvalResult, fraction_standard_error
 from layercard.pipeline import (
     STAGE_FILE,
     apply_overrides,
@@ -24,6 +25,7 @@ from layercard.pipeline import (
     parse_config,
     run_pipeline,
 )
+from layercard.run_layout import RunLayout
 
 STAGES = [
     "card",
@@ -400,6 +402,14 @@ def test_demo_command_runs_the_packaged_config(tmp_path):
         assert list(rows) == ["base", "recommend", "peft-default", "all-linear", "reference"]
         assert head["ran"][-1] == "report" and Path(head["report"]["html"]).is_file()
         assert rows["reference"]["measured_fraction"] == pytest.approx(1.0)
+        # each measured fraction carries its sampling error over the evaluated examples
+        evals = {n: EvalResult.load(RunLayout(out / task).eval_json(n)) for n in rows}
+        sums = {n: ev.example_loss_sums for n, ev in evals.items()}
+        assert rows["reference"]["measured_fraction_se"] is None  # 1 by definition
+        for n in ("recommend", "peft-default", "all-linear"):
+            if rows[n]["measured_fraction"] is not None:
+                want = fraction_standard_error(sums["base"], sums["reference"], sums[n])
+                assert rows[n]["measured_fraction_se"] == pytest.approx(want) and want > 0
         summary = json.loads(Path(head["summary"]).read_text())
         assert summary["reference"] == "reference" and summary["recommendation"]["placement"] == "recommend"
         html = (out / task / "report.html").read_text()
@@ -408,7 +418,8 @@ def test_demo_command_runs_the_packaged_config(tmp_path):
         assert summary["recommendation"]["sentence"].split(":")[0] in html
         # each search placement's quality, measured / predicted ± its expected error
         report = (out / task / "report.md").read_text()
-        assert len(re.findall(r"\| (\d\.\d\d|—) / \d\.\d\d ± 0\.\d\d \|", report)) == 4
+        measured = r"-?\d\.\d\d(?: ± \d\.\d\d)?|—"
+        assert len(re.findall(rf"\| (?:{measured}) / \d\.\d\d ± 0\.\d\d \|", report)) == 4
     overview = (out / "demo.md").read_text()
     assert overview == Path(d["overview"]).read_text()
     assert overview.count("Recommendation:") == 2 and "## facts" in overview and "## format" in overview

@@ -30,11 +30,20 @@ from layercard.adapters import attached
 from layercard.artifacts import SCHEMA_VERSION, Provenance, hash_folder, read_json, write_json, write_text
 from layercard.config import EvalConfig
 from layercard.errors import LayercardError
-from layercard.inference import eval_loss, generate
+from layercard.inference import eval_example_losses, eval_loss, generate
 from layercard.tasks import METRICS, Example, Task, exact_match, strict_match, token_f1
 
 # generate and eval_loss live in layercard.inference; they stay importable from here for older callers.
-__all__ = ["KIND", "PREDICTIONS_FILE", "EvalConfig", "EvalResult", "eval_loss", "evaluate", "generate"]
+__all__ = [
+    "KIND",
+    "PREDICTIONS_FILE",
+    "EvalConfig",
+    "EvalResult",
+    "eval_loss",
+    "evaluate",
+    "fraction_standard_error",
+    "generate",
+]
 
 KIND = "eval"
 EVAL_FILE = "eval.json"
@@ -111,6 +120,22 @@ class EvalResult:
     config: dict[str, Any]
     task: dict[str, Any]
     adapter: str | None
+    # Each example's summed target loss and target-token count (when the loss was computed): what a
+    # difference of two evaluations' losses, and a fraction of one, get their sampling error from.
+    example_loss_sums: list[float] | None = None
+    example_tokens: list[int] | None = None
+
+    def __post_init__(self) -> None:
+        sums, tokens = self.example_loss_sums, self.example_tokens
+        if (sums is None) != (tokens is None):
+            raise LayercardError("eval: example_loss_sums and example_tokens come together")
+        if sums is not None and tokens is not None:
+            if not (len(sums) == len(tokens) == self.n):
+                raise LayercardError(
+                    f"eval: {len(sums)} example losses and {len(tokens)} token counts for n={self.n} examples"
+                )
+            if not all(math.isfinite(v) and v >= 0 for v in sums) or any(int(t) < 0 for t in tokens):
+                raise LayercardError("eval: example losses must be finite and >= 0, token counts >= 0")
 
     @property
     def primary_metric(self) -> str:
@@ -157,8 +182,29 @@ class EvalResult:
                 raise LayercardError(f"{preds_path}: not valid JSON lines ({e.msg})") from None
         try:
             return cls.from_dict(d, predictions=preds)
-        except TypeError as e:
+        except (TypeError, LayercardError) as e:
             raise LayercardError(f"{file}: malformed eval artifact ({e})") from None
+
+
+def fraction_standard_error(
+    base_sums: Sequence[float], ref_sums: Sequence[float], run_sums: Sequence[float]
+) -> float | None:
+    """The sampling standard error of a run's fraction of the reference's loss drop, f = Σ(b − x) / Σ(b − r)
+    over the same examples (each example's summed target loss: base b, reference r, run x), treating the
+    examples as drawn at random from the task: √(n/(n−1)·Σ(dᵢ − f·eᵢ)²) / |Σeᵢ| with dᵢ = bᵢ − xᵢ and
+    eᵢ = bᵢ − rᵢ, the first-order error of a ratio of two sums. None under two examples, when the lengths
+    differ or the reference's drop is not positive."""
+    n = len(base_sums)
+    if n < 2 or len(ref_sums) != n or len(run_sums) != n:
+        return None
+    d = [b - x for b, x in zip(base_sums, run_sums, strict=True)]
+    e = [b - r for b, r in zip(base_sums, ref_sums, strict=True)]
+    total = math.fsum(e)
+    if not (math.isfinite(total) and total > 0):
+        return None
+    f = math.fsum(d) / total
+    se = math.sqrt(n / (n - 1) * math.fsum((di - f * ei) ** 2 for di, ei in zip(d, e, strict=True))) / total
+    return se if math.isfinite(se) else None
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -207,9 +253,14 @@ def evaluate(
             progress=progress,
         )
         loss: float | None = None
+        sums: list[float] | None = None
+        tokens: list[int] | None = None
         if run.loss:
             t0 = time.perf_counter()
-            loss = eval_loss(net, tok, sub, examples, batch_size=run.batch_size, max_length=run.max_length)
+            sums, tokens = eval_example_losses(
+                net, tok, sub, examples, batch_size=run.batch_size, max_length=run.max_length
+            )
+            loss = math.fsum(sums) / sum(tokens)
             timing["loss_s"] = time.perf_counter() - t0
             _check_loss(loss, sub, adapter_dir)
 
@@ -242,4 +293,6 @@ def evaluate(
         config=config,
         task=task_info,
         adapter=str(adapter_dir) if adapter_dir is not None else None,
+        example_loss_sums=sums,
+        example_tokens=tokens,
     )

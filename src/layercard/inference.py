@@ -31,10 +31,11 @@ from layercard.tasks import (
     encode_prompt,
     encode_task,
     forward_loss,
+    forward_row_losses,
     turn_end_token_id,
 )
 
-__all__ = ["device_of", "eval_loss", "eval_mode", "generate", "pad_id"]
+__all__ = ["device_of", "eval_example_losses", "eval_loss", "eval_mode", "generate", "pad_id"]
 
 
 def device_of(model: nn.Module) -> torch.device:
@@ -201,3 +202,37 @@ def eval_loss(
             total += float(loss)
             count += n
     return total / count
+
+
+def eval_example_losses(
+    model: nn.Module,
+    tokenizer: Any,
+    task: Task,
+    examples: Sequence[Example],
+    *,
+    batch_size: int,
+    max_length: int | None,
+) -> tuple[list[float], list[int]]:
+    """Each example's summed target cross-entropy and its target-token count, in ``examples``' order:
+    :func:`eval_loss` is their sums' total over their counts' total. Kept per example so that a loss
+    difference between two evaluations on the same examples has a sampling error."""
+    if not examples:
+        raise LayercardError(f"task {task.name!r}: no examples to score")
+    sub = Task(task.name, task.source, task.split, task.format, tuple(examples))
+    encoded = encode_task(tokenizer, sub, max_length=max_length)
+    order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))  # longest first: less padding
+    sums, counts = [0.0] * len(encoded), [0] * len(encoded)
+    device = device_of(model)
+    done = 0
+    with eval_mode(model):
+        for batch in batches([encoded[i] for i in order], batch_size, pad_id(tokenizer)):
+            row_sums, row_counts = forward_row_losses(
+                model,
+                batch["input_ids"].to(device),
+                batch["attention_mask"].to(device),
+                batch["labels"].to(device),
+            )
+            for k, (v, n) in enumerate(zip(row_sums.tolist(), row_counts.tolist(), strict=True)):
+                sums[order[done + k]], counts[order[done + k]] = float(v), int(n)
+            done += len(row_counts)
+    return sums, counts

@@ -104,6 +104,7 @@ def _headline(summary: dict[str, Any]) -> dict[str, Any]:
         "chosen_k",
         "predicted_quality",
         "measured_fraction",
+        "measured_fraction_se",
     )
     return {
         "run_dir": summary["run_dir"],

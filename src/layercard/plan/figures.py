@@ -55,9 +55,10 @@ def plot_frontier(plan: Any, path: str | Path, measured: dict[str, dict[str, flo
                 "", (m[kind], m["fraction"]), (m[kind], m["predicted"]),
                 arrowprops={"arrowstyle": "->", "color": "0.4", "lw": 0.8},
             )  # fmt: skip
-            ax.scatter(
-                [m[kind]], [m["fraction"]], marker="D", s=30, color="tab:green", zorder=6,
-                label="measured (arrow from predicted)" if i == 0 else None,
+            ax.errorbar(
+                [m[kind]], [m["fraction"]], yerr=None if m.get("se") is None else [m["se"]], fmt="D", ms=5,
+                color="tab:green", capsize=2, zorder=6, label="measured ± its sampling error (arrow from "
+                "predicted)" if i == 0 else None,
             )  # fmt: skip
             ax.annotate(
                 name, (m[kind], m["fraction"]), fontsize=7, xytext=(4, -8), textcoords="offset points"

@@ -213,12 +213,13 @@ def _recommendation(doc: _Doc, run: _Run) -> None:
         cand = p.predicted.get("candidate") if p is not None else None
         if cand is not None and r.get("measured_fraction") is not None:
             costs = {k: float(cand[k]) for k in plan.predicted["frontier"] if k in cand}
-            measured[r["name"]] = {**costs, "fraction": r["measured_fraction"], "predicted": cand["quality"]}
+            measured[r["name"]] = {**costs, "fraction": r["measured_fraction"], "predicted": cand["quality"],
+                                   "se": r.get("measured_fraction_se")}  # fmt: skip
     doc.figure(
         "frontier.png",
         "Predicted frontier of quality against each budgeted cost (band: each placement's expected error); "
         "squares: the practitioners' rules fitted to the same budgets; star: the recommendation; diamonds: "
-        "each trained placement's measured quality (arrow from its prediction)",
+        "each trained placement's measured quality with its sampling error (arrow from its prediction)",
         lambda p: plot_frontier(plan, p, measured),
     )
     doc.table(recommendation_table(run.plans, run.metrics, run.results))

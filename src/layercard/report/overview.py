@@ -15,7 +15,7 @@ from layercard.report.results import (
     planning_sentence,
     read_train_metrics,
 )
-from layercard.report.tables import fmt
+from layercard.report.tables import fmt, with_error
 from layercard.run_layout import RunLayout
 
 
@@ -56,6 +56,7 @@ def task_rows(root: Path) -> dict[str, Any]:
                 "peak_memory_mib": m.peak_memory_mib if m else None,
                 "predicted_quality": (plan.predicted.get("quality") or {}).get("fraction") if plan else None,
                 "measured_fraction": r.get("measured_fraction"),
+                "measured_fraction_se": r.get("measured_fraction_se"),
                 "eval_loss": r.get("eval_loss"),
                 "primary_value": r.get("primary_value"),
             }
@@ -92,13 +93,15 @@ def overview_markdown(tasks: dict[str, dict[str, Any]], wall_s: float | None = N
             out.append(
                 f"| {r['name']} | {r['placement']} | {fmt(r['params'], ',')} | {fmt(r['params_x'], '.2f')} | "
                 f"{fmt(r['s_per_step'], '.2f')} | {fmt(r['peak_memory_mib'], ',.0f')} | "
-                f"{fmt(r['measured_fraction'], '.2f')} | {fmt(r['predicted_quality'], '.2f')} | "
+                f"{with_error(r['measured_fraction'], r.get('measured_fraction_se'))} | "
+                f"{fmt(r['predicted_quality'], '.2f')} | "
                 f"{fmt(r['eval_loss'], '.3f')} | {fmt(r['primary_value'], '.3f')} |"
             )
         out += [
             "",
             f"Quality: the eval-loss drop from the base model ({fmt(t['base_loss'], '.3f')}) as a fraction "
-            f"of the reference's ({t['reference'] or 'not trained'}).",
+            f"of the reference's ({t['reference'] or 'not trained'}); ± its sampling error over the "
+            "evaluated examples, one standard error.",
             "",
         ]
         if t.get("planning"):

@@ -167,6 +167,23 @@ class _Rows:
         self.base_loss = base_ev.loss if base_ev is not None else None
         self.primary = _primary(base_ev)[0]
         self.rows: list[dict[str, Any]] = []
+        # per compared model: its examples' summed losses and the hash of the examples they are of
+        self.example_losses: dict[str, tuple[list[float], Any]] = {}
+
+    def keep_examples(self, name: str, ev: Any) -> None:
+        if ev is not None and ev.example_loss_sums is not None:
+            self.example_losses[name] = (ev.example_loss_sums, (ev.provenance or {}).get("data_hash"))
+
+    def fraction_se(self, name: str, reference: str | None) -> float | None:
+        """The sampling error of ``name``'s measured fraction, where the base, the reference and it were
+        evaluated per example on the same examples."""
+        from layercard.evaluate import fraction_standard_error
+
+        got = [self.example_losses.get(n) for n in (BASE_EVAL, reference, name)]
+        if name == reference or any(g is None for g in got) or len({g[1] for g in got if g}) != 1:
+            return None
+        base, ref, run = (g[0] for g in got if g)
+        return fraction_standard_error(base, ref, run)
 
     def eval_fields(self, ev: Any) -> dict[str, Any]:
         if ev is None:
@@ -190,6 +207,7 @@ def _placement_row(rows: _Rows, lay: RunLayout, name: str) -> dict[str, Any]:
     plan = load_optional(Plan.load, lay.plan_json(name))
     tm = load_optional(read_train_metrics, lay.train_metrics(name))
     ev = load_optional(EvalResult.load, lay.eval_json(name))
+    rows.keep_examples(name, ev)
     pr = plan.predicted if plan else {}
     return {
         "name": name,
@@ -220,6 +238,7 @@ def _trimmed_row(rows: _Rows, lay: RunLayout, trim: dict[str, Any]) -> dict[str,
     parent = next((r for r in rows.rows if r["name"] == target), {})
     after = trim["after"]
     ev = load_optional(EvalResult.load, lay.eval_json(TRIMMED_EVAL))
+    rows.keep_examples(f"{target}-trimmed", ev)
     return {
         "name": f"{target}-trimmed",
         "kind": "trimmed",
@@ -240,7 +259,9 @@ def collect_results(root: str | Path) -> dict[str, Any]:
     """One row per compared model (base, each placement, the trimmed adapter) from the artifacts.
 
     ``measured_gain`` is the base eval loss minus the row's eval loss (the loss drop the adapter bought);
-    ``predicted_gain`` is the plan's set gain in the card score's units (a ranking, not a loss).
+    ``predicted_gain`` is the plan's set gain in the card score's units (a ranking, not a loss);
+    ``measured_fraction`` is ``measured_gain`` over the reference placement's, and ``measured_fraction_se``
+    its sampling error over the evaluated examples (:func:`layercard.evaluate.fraction_standard_error`).
     """
     from layercard.evaluate import EvalResult
 
@@ -249,6 +270,7 @@ def collect_results(root: str | Path) -> dict[str, Any]:
     trim_on, base_on = stages_active(root)
     base_ev = load_optional(EvalResult.load, lay.eval_json(BASE_EVAL)) if base_on else None
     rows = _Rows(base_ev)
+    rows.keep_examples(BASE_EVAL, base_ev)
     if base_ev is not None:
         base = {"name": BASE_EVAL, "kind": "base", "layers": [], "modules": 0, "trainable_params": 0}
         rows.rows.append({**base, **rows.eval_fields(base_ev), "measured_gain": 0.0})
@@ -265,6 +287,7 @@ def collect_results(root: str | Path) -> dict[str, Any]:
         gain = r.get("measured_gain")
         ok = r["kind"] != "base" and ref_gain is not None and ref_gain > 0 and gain is not None
         r["measured_fraction"] = gain / ref_gain if ok else None
+        r["measured_fraction_se"] = rows.fraction_se(r["name"], ref) if ok else None
     return {
         "primary_metric": rows.primary,
         "base_loss": rows.base_loss,

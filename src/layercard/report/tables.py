@@ -29,6 +29,7 @@ __all__ = [
     "stages_table",
     "sweep_table",
     "train_table",
+    "with_error",
 ]
 
 
@@ -41,6 +42,11 @@ def fmt(x: Any, spec: str = ".4g") -> str:
     if isinstance(x, int) and not isinstance(x, bool) and spec == ",":
         return f"{x:,}"
     return format(x, spec)
+
+
+def with_error(x: Any, err: Any, spec: str = ".2f") -> str:
+    """``x ± err`` (both with ``spec``), or ``x`` alone without an error; an em dash without ``x``."""
+    return fmt(x, spec) if x is None or err is None else f"{fmt(x, spec)} ± {fmt(err, spec)}"
 
 
 def _layers(layers: Sequence[int]) -> str:
@@ -174,8 +180,8 @@ def recommendation_table(
                 f"{int(cand['params']):,} ({cand['params'] / ref:.2f})",
                 f"{fmt(step, '.2f')} / {fmt(step_pred, '.2f')}",
                 f"{fmt(m.peak_memory_mib if m else None, ',.0f')} / {fmt(peak_pred, ',.0f')}",
-                f"{fmt(r.get('measured_fraction'), '.2f')} / {fmt(quality, '.2f')}"
-                + ("" if err is None else f" ± {err:.2f}"),
+                f"{with_error(r.get('measured_fraction'), r.get('measured_fraction_se'))} / "
+                f"{with_error(quality, err)}",
                 fmt(r.get("eval_loss")),
                 fmt(r.get("primary_value"), ".3f"),
             ]

@@ -31,7 +31,14 @@ from layercard.tasks.encode import (
 )
 from layercard.tasks.example import ROLES, Example
 from layercard.tasks.formats import DATA_SUFFIXES, dataset_splits, is_saved_dataset, read_records
-from layercard.tasks.loss import IGNORE_INDEX, forward_loss, loss_sum, target_count, target_mask
+from layercard.tasks.loss import (
+    IGNORE_INDEX,
+    forward_loss,
+    forward_row_losses,
+    loss_sum,
+    target_count,
+    target_mask,
+)
 from layercard.tasks.metrics import (
     LOSS,
     METRICS,
@@ -96,6 +103,7 @@ __all__ = [
     "label_accuracy",
     "load_task",
     "forward_loss",
+    "forward_row_losses",
     "loss_sum",
     "make_facts",
     "make_format",

@@ -87,6 +87,31 @@ def forward_loss(
     return loss, int(targets.numel())
 
 
+def forward_row_losses(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    labels: torch.Tensor,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's summed target cross-entropy (float32, shape (batch,)) and its target count, the same
+    quantity as :func:`forward_loss` split by example; for measurements, not for gradients."""
+    kwargs.setdefault("use_cache", False)
+    mask = target_mask(labels)
+    counts = mask.sum(dim=1)
+    if keeps_target_logits(model):
+        keep = logits_mask(labels)
+        out = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep, **kwargs)
+        logits = _float32(out.logits).reshape(-1, out.logits.shape[-1])
+    else:
+        out = model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        logits = _float32(out.logits)[:, :-1][mask]
+    rows = mask.nonzero(as_tuple=True)[0]  # row of each kept position, in the kept order
+    per_token = nn.functional.cross_entropy(logits, labels[:, 1:][mask], reduction="none")
+    sums = torch.zeros(labels.shape[0], dtype=per_token.dtype, device=per_token.device)
+    return sums.index_add_(0, rows, per_token), counts
+
+
 def target_mask(labels: torch.Tensor) -> torch.Tensor:
     """Positions ``t`` (of ``0..T-2``) whose next token is a target: the shift :func:`loss_sum` uses."""
     return labels[:, 1:] != IGNORE_INDEX
