@@ -57,7 +57,7 @@ def plot_frontier(plan: Any, path: str | Path, measured: dict[str, dict[str, flo
             )  # fmt: skip
             ax.errorbar(
                 [m[kind]], [m["fraction"]], yerr=None if m.get("se") is None else [m["se"]], fmt="D", ms=5,
-                color="tab:green", capsize=2, zorder=6, label="measured ± its sampling error (arrow from "
+                color="tab:purple", capsize=2, zorder=6, label="measured ± its sampling error (arrow from "
                 "predicted)" if i == 0 else None,
             )  # fmt: skip
             ax.annotate(
