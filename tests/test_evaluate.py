@@ -14,7 +14,13 @@ from typer.testing import CliRunner
 
 from layercard.cli import app
 from layercard.errors import LayercardError
-from layercard.evaluate import EvalConfig, EvalResult, evaluate, fraction_standard_error
+from layercard.evaluate import (
+    EvalConfig,
+    EvalResult,
+    difference_standard_error,
+    evaluate,
+    fraction_standard_error,
+)
 from layercard.inference import eval_example_losses, eval_loss, generate
 from layercard.models import LoadedModel
 from layercard.tasks import (
@@ -167,6 +173,25 @@ def test_fraction_standard_error_on_a_known_case_and_against_resampling():
         fs.append((b - x).sum() / (b - r).sum())
         ses.append(fraction_standard_error(list(b), list(r), list(x)))
     assert np.mean(ses) == pytest.approx(np.std(fs), rel=0.1)
+
+
+def test_difference_standard_error_pairs_the_examples():
+    rng = np.random.default_rng(1)
+    diffs, ses, unpaired = [], [], []
+    for _ in range(2000):
+        b = rng.gamma(2.0, 1.0, 48) * 10
+        e = b * rng.uniform(0.2, 0.6, 48)
+        shared = rng.normal(0.9, 0.3, 48)  # how hard each example is for both placements
+        xa, xb = b - e * (shared + 0.05), b - e * (shared + rng.normal(0.0, 0.05, 48))
+        r = b - e
+        fa, fb = (b - xa).sum() / e.sum(), (b - xb).sum() / e.sum()
+        diffs.append(fa - fb)
+        ses.append(difference_standard_error(list(b), list(r), list(xa), list(xb)))
+        unpaired.append(np.hypot(fraction_standard_error(b, r, xa), fraction_standard_error(b, r, xb)))
+    # it matches the spread of the difference over draws, which is far under the unpaired errors' sum
+    assert np.mean(ses) == pytest.approx(np.std(diffs), rel=0.1)
+    assert np.mean(ses) < 0.3 * np.mean(unpaired)
+    assert difference_standard_error([1.0, 2.0], [0.5, 1.0], [0.8, 1.5], [0.9]) is None
 
 
 # ---------------------------------------------------------------- evaluate, config, artifact

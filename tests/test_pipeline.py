@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from layercard.cli import app
 from layercard.errors import LayercardError
-from layercard.evaluate import EvalResult, fraction_standard_error
+from layercard.evaluate import EvalResult, difference_standard_error, fraction_standard_error
 from layercard.pipeline import (
     STAGE_FILE,
     apply_overrides,
@@ -410,6 +410,18 @@ def test_demo_command_runs_the_packaged_config(tmp_path):
             if rows[n]["measured_fraction"] is not None:
                 want = fraction_standard_error(sums["base"], sums["reference"], sums[n])
                 assert rows[n]["measured_fraction_se"] == pytest.approx(want) and want > 0
+        # the recommendation against each rule: the difference of fractions and its paired error
+        rec_f = rows["recommend"]["measured_fraction"]
+        for n in ("peft-default", "all-linear"):
+            lead, se = rows[n]["measured_lead_of_recommend"], rows[n]["measured_lead_se"]
+            if rec_f is None or rows[n]["measured_fraction"] is None:
+                assert lead is None
+                continue
+            assert lead == pytest.approx(rec_f - rows[n]["measured_fraction"])
+            want = difference_standard_error(sums["base"], sums["reference"], sums["recommend"], sums[n])
+            assert se == pytest.approx(want)
+        assert rows["recommend"]["measured_lead_of_recommend"] is None
+        assert rows["reference"]["measured_lead_of_recommend"] is None
         summary = json.loads(Path(head["summary"]).read_text())
         assert summary["reference"] == "reference" and summary["recommendation"]["placement"] == "recommend"
         html = (out / task / "report.html").read_text()

@@ -206,3 +206,20 @@ def test_planning_share_against_the_run_it_guided(run_dir):
         planning_share(60.0, 0.0, 1.5)
     md = (run_dir / "report.md").read_text()
     assert re.search(r"Planning cost: the card .* took \d+ s, \d+% of the \d+ s that training \S+ took", md)
+
+
+def test_measured_leads_sentence_states_each_difference_with_its_error():
+    from layercard.report.results import measured_leads_sentence
+
+    rows = [
+        {"name": "base", "policy": None},
+        {"name": "rec", "policy": "recommend", "eval_examples": 32},
+        {"name": "qv", "measured_lead_of_recommend": 0.138, "measured_lead_se": 0.021},
+        {"name": "lin", "measured_lead_of_recommend": -0.0123, "measured_lead_se": None},
+        {"name": "ref", "policy": "all-linear", "measured_lead_of_recommend": None},
+    ]
+    text = measured_leads_sentence(rows)
+    assert text.startswith("Measured on the 32 evaluated examples, one training run each: rec's fraction")
+    assert "0.138 ± 0.021 above qv's and 0.012 below lin's (± the paired" in text
+    assert measured_leads_sentence(rows[:2]) is None  # nothing measured against it
+    assert measured_leads_sentence([r for r in rows if r["name"] != "rec"]) is None  # no recommendation

@@ -41,7 +41,9 @@ __all__ = [
     "EvalResult",
     "eval_loss",
     "evaluate",
+    "difference_standard_error",
     "fraction_standard_error",
+    "ratio_standard_error",
     "generate",
 ]
 
@@ -186,25 +188,46 @@ class EvalResult:
             raise LayercardError(f"{file}: malformed eval artifact ({e})") from None
 
 
+def ratio_standard_error(num: Sequence[float], den: Sequence[float]) -> float | None:
+    """The sampling standard error of R = Σnumᵢ / Σdenᵢ over the same examples, treating them as drawn at
+    random from the task: √(n/(n−1)·Σ(numᵢ − R·denᵢ)²) / Σdenᵢ, the first-order error of a ratio of two
+    sums. None under two examples, when the lengths differ or Σden is not positive."""
+    n = len(num)
+    if n < 2 or len(den) != n:
+        return None
+    total = math.fsum(den)
+    if not (math.isfinite(total) and total > 0):
+        return None
+    r = math.fsum(num) / total
+    se = math.sqrt(n / (n - 1) * math.fsum((a - r * b) ** 2 for a, b in zip(num, den, strict=True))) / total
+    return se if math.isfinite(se) else None
+
+
 def fraction_standard_error(
     base_sums: Sequence[float], ref_sums: Sequence[float], run_sums: Sequence[float]
 ) -> float | None:
-    """The sampling standard error of a run's fraction of the reference's loss drop, f = Σ(b − x) / Σ(b − r)
-    over the same examples (each example's summed target loss: base b, reference r, run x), treating the
-    examples as drawn at random from the task: √(n/(n−1)·Σ(dᵢ − f·eᵢ)²) / |Σeᵢ| with dᵢ = bᵢ − xᵢ and
-    eᵢ = bᵢ − rᵢ, the first-order error of a ratio of two sums. None under two examples, when the lengths
-    differ or the reference's drop is not positive."""
-    n = len(base_sums)
-    if n < 2 or len(ref_sums) != n or len(run_sums) != n:
+    """The sampling error of a run's fraction of the reference's loss drop, f = Σ(b − x) / Σ(b − r) over the
+    same examples (each example's summed target loss: base b, reference r, run x); see
+    :func:`ratio_standard_error`. None where it is."""
+    if not (len(base_sums) == len(ref_sums) == len(run_sums)):
         return None
-    d = [b - x for b, x in zip(base_sums, run_sums, strict=True)]
-    e = [b - r for b, r in zip(base_sums, ref_sums, strict=True)]
-    total = math.fsum(e)
-    if not (math.isfinite(total) and total > 0):
+    return ratio_standard_error(
+        [b - x for b, x in zip(base_sums, run_sums, strict=True)],
+        [b - r for b, r in zip(base_sums, ref_sums, strict=True)],
+    )
+
+
+def difference_standard_error(
+    base_sums: Sequence[float], ref_sums: Sequence[float], a_sums: Sequence[float], b_sums: Sequence[float]
+) -> float | None:
+    """The sampling error of the difference of two runs' fractions, f_a − f_b = Σ(x_b − x_a) / Σ(b − r),
+    paired over the same examples: an example both find hard moves both fractions and cancels here."""
+    if not (len(base_sums) == len(ref_sums) == len(a_sums) == len(b_sums)):
         return None
-    f = math.fsum(d) / total
-    se = math.sqrt(n / (n - 1) * math.fsum((di - f * ei) ** 2 for di, ei in zip(d, e, strict=True))) / total
-    return se if math.isfinite(se) else None
+    return ratio_standard_error(
+        [xb - xa for xa, xb in zip(a_sums, b_sums, strict=True)],
+        [b - r for b, r in zip(base_sums, ref_sums, strict=True)],
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -105,6 +105,8 @@ def _headline(summary: dict[str, Any]) -> dict[str, Any]:
         "predicted_quality",
         "measured_fraction",
         "measured_fraction_se",
+        "measured_lead_of_recommend",
+        "measured_lead_se",
     )
     return {
         "run_dir": summary["run_dir"],

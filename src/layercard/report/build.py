@@ -24,6 +24,7 @@ from layercard.report.figures import (
 from layercard.report.results import (
     collect_results,
     load_optional,
+    measured_leads_sentence,
     placement_names,
     planning_sentence,
     read_train_metrics,
@@ -223,6 +224,9 @@ def _recommendation(doc: _Doc, run: _Run) -> None:
         lambda p: plot_frontier(plan, p, measured),
     )
     doc.table(recommendation_table(run.plans, run.metrics, run.results))
+    leads = measured_leads_sentence(run.rows)
+    if leads:
+        doc.p(leads)
 
 
 def _headline(doc: _Doc, run: _Run) -> None:

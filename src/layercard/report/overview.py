@@ -11,6 +11,7 @@ from layercard.plan.frontier import row_label
 from layercard.report.results import (
     collect_results,
     load_optional,
+    measured_leads_sentence,
     placement_names,
     planning_sentence,
     read_train_metrics,
@@ -66,6 +67,7 @@ def task_rows(root: Path) -> dict[str, Any]:
         "matrices": matrix_ranking(card) if card else [],
         "recommendation": sentence,
         "planning": planning_sentence(card, metrics, rec) if card else None,
+        "measured_leads": measured_leads_sentence(results["rows"]),
         "primary_metric": results["primary_metric"],
         "base_loss": results["base_loss"],
         "reference": results["reference"],
@@ -104,6 +106,8 @@ def overview_markdown(tasks: dict[str, dict[str, Any]], wall_s: float | None = N
             "evaluated examples, one standard error.",
             "",
         ]
+        if t.get("measured_leads"):
+            out += [t["measured_leads"], ""]
         if t.get("planning"):
             out += [t["planning"], ""]
     if wall_s is not None:

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 __all__ = [
     "collect_results",
     "load_optional",
+    "measured_leads_sentence",
     "placement_names",
     "planning_sentence",
     "planning_share",
@@ -174,20 +175,31 @@ class _Rows:
         if ev is not None and ev.example_loss_sums is not None:
             self.example_losses[name] = (ev.example_loss_sums, (ev.provenance or {}).get("data_hash"))
 
+    def _same_examples(self, names: list[str | None]) -> list[list[float]] | None:
+        got = [self.example_losses.get(n) if n is not None else None for n in names]
+        if any(g is None for g in got) or len({g[1] for g in got if g}) != 1:
+            return None
+        return [g[0] for g in got if g]
+
     def fraction_se(self, name: str, reference: str | None) -> float | None:
         """The sampling error of ``name``'s measured fraction, where the base, the reference and it were
         evaluated per example on the same examples."""
         from layercard.evaluate import fraction_standard_error
 
-        got = [self.example_losses.get(n) for n in (BASE_EVAL, reference, name)]
-        if name == reference or any(g is None for g in got) or len({g[1] for g in got if g}) != 1:
-            return None
-        base, ref, run = (g[0] for g in got if g)
-        return fraction_standard_error(base, ref, run)
+        got = self._same_examples([BASE_EVAL, reference, name])
+        return None if name == reference or got is None else fraction_standard_error(*got)
+
+    def difference_se(self, a: str, b: str, reference: str | None) -> float | None:
+        """The paired sampling error of ``a``'s measured fraction minus ``b``'s (same examples)."""
+        from layercard.evaluate import difference_standard_error
+
+        got = self._same_examples([BASE_EVAL, reference, a, b])
+        return None if got is None else difference_standard_error(*got)
 
     def eval_fields(self, ev: Any) -> dict[str, Any]:
         if ev is None:
-            return {"eval_loss": None, "metrics": {}, "primary_value": None, "s_per_example": None}
+            return {"eval_loss": None, "metrics": {}, "primary_value": None, "s_per_example": None,
+                    "eval_examples": None}  # fmt: skip
         name, value = _primary(ev)
         self.primary = self.primary or name
         loss, base = ev.loss, self.base_loss
@@ -197,6 +209,7 @@ class _Rows:
             "metrics": ev.metrics,
             "primary_value": ev.metrics.get(self.primary) if self.primary else value,
             "s_per_example": ev.timing.get("s_per_example"),
+            "eval_examples": ev.n,
         }
 
 
@@ -261,7 +274,9 @@ def collect_results(root: str | Path) -> dict[str, Any]:
     ``measured_gain`` is the base eval loss minus the row's eval loss (the loss drop the adapter bought);
     ``predicted_gain`` is the plan's set gain in the card score's units (a ranking, not a loss);
     ``measured_fraction`` is ``measured_gain`` over the reference placement's, and ``measured_fraction_se``
-    its sampling error over the evaluated examples (:func:`layercard.evaluate.fraction_standard_error`).
+    its sampling error over the evaluated examples (:func:`layercard.evaluate.fraction_standard_error`);
+    ``measured_lead_of_recommend`` the recommended placement's measured fraction minus the row's, with
+    ``measured_lead_se`` its paired sampling error.
     """
     from layercard.evaluate import EvalResult
 
@@ -288,12 +303,51 @@ def collect_results(root: str | Path) -> dict[str, Any]:
         ok = r["kind"] != "base" and ref_gain is not None and ref_gain > 0 and gain is not None
         r["measured_fraction"] = gain / ref_gain if ok else None
         r["measured_fraction_se"] = rows.fraction_se(r["name"], ref) if ok else None
+    _leads(rows, ref)
     return {
         "primary_metric": rows.primary,
         "base_loss": rows.base_loss,
         "reference": ref,
         "rows": rows.rows,
     }
+
+
+def _leads(rows: _Rows, ref: str | None) -> None:
+    """Each other placement's row gets the recommended placement's measured fraction minus its own, with
+    the paired sampling error of that difference (``measured_lead_of_recommend``, ``measured_lead_se``)."""
+    rec = next((r for r in rows.rows if r.get("policy") == "recommend"), None)
+    for r in rows.rows:
+        r["measured_lead_of_recommend"] = r["measured_lead_se"] = None
+        if rec is None or r is rec or r["kind"] != "placement" or r["name"] == ref:
+            continue
+        if rec.get("measured_fraction") is None or r.get("measured_fraction") is None:
+            continue
+        r["measured_lead_of_recommend"] = rec["measured_fraction"] - r["measured_fraction"]
+        r["measured_lead_se"] = rows.difference_se(rec["name"], r["name"], ref)
+
+
+def measured_leads_sentence(rows: list[dict[str, Any]]) -> str | None:
+    """One sentence: the recommended placement's measured fraction against every other trained
+    placement's, each difference with its paired sampling error; None where none was measured."""
+    rec = next((r for r in rows if r.get("policy") == "recommend"), None)
+    parts = []
+    for r in rows:
+        lead, se = r.get("measured_lead_of_recommend"), r.get("measured_lead_se")
+        if lead is None or rec is None:
+            continue
+        where = "above" if lead >= 0 else "below"
+        err = "" if se is None else f" ± {se:.3f}"
+        parts.append(f"{abs(lead):.3f}{err} {where} {r['name']}'s")
+    if not parts or rec is None:
+        return None
+    n = rec.get("eval_examples")
+    listed = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+    examples = f"the {n} evaluated examples" if n else "the evaluated examples"
+    return (
+        f"Measured on {examples}, one training run each: {rec['name']}'s "
+        f"fraction of the reference's drop was {listed} (± the paired sampling error over those examples, "
+        "one standard error; it does not cover the training seed)."
+    )
 
 
 def reference_placement(lay: RunLayout, names: list[str]) -> str | None:
