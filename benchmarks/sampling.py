@@ -7,9 +7,14 @@ one subset. This script retrains the reference and a few placements of quality.p
 same settings, so the same adapters), records every example's summed loss and target-token count on the
 task's larger test set (as ``quality.py run --wide``) for them and for the base model, and then draws many
 random subsets of the sizes the benchmarks use: each subset's fraction against the fraction on the whole
-larger set, and how much of a subset's error every placement shares.
+larger set, and how much of a subset's error every placement shares. ``run-v2`` does the same for the four
+tasks the quality model was fitted on neither, as placement_v2.py trains them (its cards and settings,
+seed 0): the reference and two of its rules at params=0.25x, on 256 examples of each test split, in which
+the benchmark's own 48-64 are nested. Nothing is fitted to these runs; they say how far a label measured
+on the benchmark's own subset sits from one measured on more examples.
 
     .venv/bin/python benchmarks/sampling.py run [--tasks e2e_nlg,sst2] [--threads 2]
+    .venv/bin/python benchmarks/sampling.py run-v2 [--tasks gsm8k,samsum,facts,format]
     .venv/bin/python benchmarks/sampling.py report      # writes results/quality/sampling.{json,md}
 
 One JSON per run under results/quality/runs/sampling/, so ``run`` resumes where it stopped.
@@ -36,6 +41,14 @@ NAMES = ("ref", "qv-all-r8", "lin-last8-r8", "lin-mid1-r8")
 # Subset sizes: the unseen tasks' 48-64 test examples and the choosing tasks' usual 64 and 96.
 SIZES = (48, 64, 96)
 DRAWS = 2000
+# The tasks the quality model was fitted on neither, as placement_v2.py trains them (its card, settings and
+# seed 0): the reference and two of its rules at params=0.25x, one over every layer and one over the last
+# few; the larger test set is LARGER examples of the same split (the benchmark's own 48-64 nested in it).
+OUT_V2 = Q.RESULTS / "runs" / "sampling_v2"
+V2_TASKS = ("gsm8k", "samsum", "facts", "format")
+V2_NAMES = {"ref": ("reference", None), "peft-default": ("peft-default", "params=0.25x"),
+            "last-n": ("last-n", "params=0.25x")}  # fmt: skip
+LARGER = 256
 
 
 def _per_example(loaded: Any, test: Any, setting: Any, adapter: Path | None) -> tuple[list[float], list[int]]:
@@ -113,6 +126,45 @@ def run(tasks: list[str], threads: int) -> None:
             )  # fmt: skip
 
 
+def run_v2(tasks: list[str], threads: int) -> None:
+    import placement_v2 as P
+    import torch
+
+    from layercard import load_model, load_task
+    from layercard.train import train
+
+    torch.set_num_threads(threads)
+    loaded = load_model("smollm2")
+    for name in tasks:
+        s = P.TASKS[name]
+        train_task = load_task(s.train).subset(P.TRAIN_EXAMPLES, seed=0)
+        card = P._card(loaded, train_task, s)
+        split = load_task(s.test)
+        larger = split.subset(min(LARGER, len(split)), seed=0)
+        usual = set(split.subset(s.test_examples, seed=0).examples)
+        path = OUT_V2 / f"{name}-base.json"
+        if not path.is_file():
+            sums, tokens = _per_example(loaded, larger, s, None)
+            in_usual = [ex in usual for ex in larger.examples]
+            _write(path, {"task": name, "name": "base", "sums": sums, "tokens": tokens, "in_usual": in_usual})
+        for short, (candidate, budget) in V2_NAMES.items():
+            path = OUT_V2 / f"{name}-{short}.json"
+            if path.is_file():
+                continue
+            plan, why = P.plan_for(card, candidate, budget)
+            if plan is None:
+                raise SystemExit(f"{name} {candidate} {budget}: does not fit ({why})")
+            t0 = time.perf_counter()
+            with tempfile.TemporaryDirectory(prefix="sampling-") as tmp:
+                train(loaded, plan, train_task, None, P._train_cfg(s, 0), tmp, progress=False)
+                sums, tokens = _per_example(loaded, larger, s, Path(tmp) / "adapter")
+            _write(
+                path,
+                {"task": name, "name": short, "seed": 0, "signature": P.signature(plan), "sums": sums,
+                 "tokens": tokens, "wall_s": round(time.perf_counter() - t0, 1)},
+            )  # fmt: skip
+
+
 def subset_fractions(
     base: np.ndarray, ref: np.ndarray, run: np.ndarray, tokens: np.ndarray, picks: np.ndarray
 ) -> np.ndarray:
@@ -123,87 +175,100 @@ def subset_fractions(
     return (b - x) / (b - r)
 
 
+def _analyse(recs: dict[str, dict[str, Any]], names: list[str], seed: int) -> dict[str, Any]:
+    """One task's spread of fractions over random subsets (``recs``: per-example records of the base, the
+    reference and ``names``, on one larger test set whose base record marks the benchmark's own subset)."""
+    tokens = np.asarray(recs["base"]["tokens"], dtype=float)
+    base, ref = (np.asarray(recs[k]["sums"]) for k in ("base", "ref"))
+    usual = np.flatnonzero(recs["base"]["in_usual"])
+    whole = np.arange(len(tokens))[None, :]
+    res: dict[str, Any] = {"examples": len(tokens), "usual_examples": len(usual), "placements": {}}
+    runs = {n: np.asarray(recs[n]["sums"]) for n in names}
+    se_usual = {n: fraction_standard_error(base[usual].tolist(), ref[usual].tolist(), runs[n][usual].tolist())
+                for n in names}  # fmt: skip
+    full = {n: float(subset_fractions(base, ref, runs[n], tokens, whole)[0]) for n in names}
+    on_usual = {n: float(subset_fractions(base, ref, runs[n], tokens, usual[None, :])[0]) for n in names}
+    rng = np.random.default_rng(seed)
+    for size in SIZES:
+        if size >= len(tokens):
+            continue
+        picks = np.stack([rng.choice(len(tokens), size, replace=False) for _ in range(DRAWS)])
+        errs = np.stack([subset_fractions(base, ref, runs[n], tokens, picks) - full[n] for n in names])
+        shared = errs.mean(axis=0)  # what every placement's fraction moved by together on a draw
+        res.setdefault("sizes", {})[str(size)] = {
+            "mean_error": float(errs.mean()),
+            "mean_abs_error": float(np.abs(errs).mean()),
+            "sd": float(errs.std()),
+            "shared_sd": float(shared.std()),
+            "own_sd": float((errs - shared).std()),
+            "share_above_full": float((errs > 0).mean()),
+        }
+        fpc = math.sqrt((len(tokens) - size) / (len(tokens) - 1))  # drawn without replacement
+        for i, n in enumerate(names):
+            formula = [
+                fraction_standard_error(base[pk].tolist(), ref[pk].tolist(), runs[n][pk].tolist())
+                for pk in picks
+            ]
+            keep = {"whole": full[n], "usual_subset": on_usual[n], "usual_subset_se": se_usual[n]}
+            res["placements"].setdefault(n, keep)[str(size)] = {
+                "mean": float(full[n] + errs[i].mean()),
+                "sd": float(errs[i].std()),
+                "mean_abs_error": float(np.abs(errs[i]).mean()),
+                # what fraction_standard_error gives on one subset, scaled to drawing without replacement
+                "formula_se": float(np.mean(formula)) * fpc,
+            }
+    res["usual_minus_whole"] = statistics.fmean(on_usual[n] - full[n] for n in names)
+    return res
+
+
+def _records(folder: Path, task: str, names: tuple[str, ...]) -> dict[str, dict[str, Any]] | None:
+    from layercard.artifacts import read_json
+
+    recs = {
+        n: read_json(folder / f"{task}-{n}.json")
+        for n in ("base", *names)
+        if (folder / f"{task}-{n}.json").is_file()
+    }
+    return recs if {"base", "ref"} <= set(recs) and len(recs) >= 3 else None
+
+
 def report() -> dict[str, Any]:
+    import placement_v2 as P
+
     from layercard.artifacts import read_json, write_json, write_text
 
     out: dict[str, Any] = {"draws": DRAWS, "sizes": list(SIZES), "tasks": {}}
     for task in Q.TASKS:
-        recs = {
-            n: read_json(OUT / f"{task}-{n}.json")
-            for n in ("base", *NAMES)
-            if (OUT / f"{task}-{n}.json").is_file()
-        }
-        if not {"base", "ref"} <= set(recs) or len(recs) < 3:
+        if (recs := _records(OUT, task, NAMES)) is None:
             continue
-        tokens = np.asarray(recs["base"]["tokens"], dtype=float)
-        base, ref = (np.asarray(recs[k]["sums"]) for k in ("base", "ref"))
         names = [n for n in NAMES if n in recs and n != "ref"]
-        usual = np.flatnonzero(recs["base"]["in_usual"])
+        res = _analyse(recs, names, Q.SEED)
+        # the retrained adapters against the committed ``run --wide`` losses: the same runs?
         committed = {n: Q._run_path(task, n, Q.SEED, wide=True) for n in ("ref", *names)}
-        whole = np.arange(len(tokens))[None, :]
-        res: dict[str, Any] = {
-            "examples": len(tokens),
-            "usual_examples": len(usual),
-            # the retrained adapters against the committed ``run --wide`` losses: the same runs?
-            "max_loss_gap_to_committed": max(
-                abs(recs[n]["test_loss_wide"] - read_json(p)["test_loss_wide"])
-                for n, p in committed.items()
-                if p.is_file()
-            ),
-            "placements": {},
-        }
-        se_usual = {
-            n: fraction_standard_error(
-                [float(base[j]) for j in usual],
-                [float(ref[j]) for j in usual],
-                [recs[n]["sums"][j] for j in usual],
-            )
-            for n in names
-        }
-        full = {
-            n: float(subset_fractions(base, ref, np.asarray(recs[n]["sums"]), tokens, whole)[0])
-            for n in names
-        }
-        on_usual = {
-            n: float(subset_fractions(base, ref, np.asarray(recs[n]["sums"]), tokens, usual[None, :])[0])
-            for n in names
-        }
-        rng = np.random.default_rng(Q.SEED)
-        for size in SIZES:
-            if size >= len(tokens):
-                continue
-            picks = np.stack([rng.choice(len(tokens), size, replace=False) for _ in range(DRAWS)])
-            errs = np.stack(
-                [
-                    subset_fractions(base, ref, np.asarray(recs[n]["sums"]), tokens, picks) - full[n]
-                    for n in names
-                ]
-            )
-            shared = errs.mean(axis=0)  # what every placement's fraction moved by together on a draw
-            res.setdefault("sizes", {})[str(size)] = {
-                "mean_error": float(errs.mean()),
-                "mean_abs_error": float(np.abs(errs).mean()),
-                "sd": float(errs.std()),
-                "shared_sd": float(shared.std()),
-                "own_sd": float((errs - shared).std()),
-                "share_above_full": float((errs > 0).mean()),
-            }
-            fpc = math.sqrt((len(tokens) - size) / (len(tokens) - 1))  # drawn without replacement
-            for i, n in enumerate(names):
-                x = recs[n]["sums"]
-                formula = [
-                    fraction_standard_error(base[pk].tolist(), ref[pk].tolist(), [x[j] for j in pk])
-                    for pk in picks
-                ]
-                keep = {"whole": full[n], "usual_subset": on_usual[n], "usual_subset_se": se_usual[n]}
-                res["placements"].setdefault(n, keep)[str(size)] = {
-                    "mean": float(full[n] + errs[i].mean()),
-                    "sd": float(errs[i].std()),
-                    "mean_abs_error": float(np.abs(errs[i]).mean()),
-                    # what fraction_standard_error gives on one subset, scaled to drawing without replacement
-                    "formula_se": float(np.mean(formula)) * fpc,
-                }
-        res["usual_minus_whole"] = statistics.fmean(on_usual[n] - full[n] for n in names)
+        res["max_loss_gap_to_committed"] = max(
+            abs(recs[n]["test_loss_wide"] - read_json(p)["test_loss_wide"])
+            for n, p in committed.items()
+            if p.is_file()
+        )
+        res["source"] = "quality.py (fitted on)"
+        out["tasks"][task] = res
+    for task in V2_TASKS:
+        if (recs := _records(OUT_V2, task, tuple(V2_NAMES))) is None:
+            continue
+        names = [n for n in V2_NAMES if n in recs and n != "ref"]
+        res = _analyse(recs, names, Q.SEED)
+        # against placement_v2's committed seed-0 runs, on its own subset of the larger set
+        usual = np.flatnonzero(recs["base"]["in_usual"])
+        tokens = np.asarray(recs["base"]["tokens"], dtype=float)
+        gaps = []
+        for n in ("ref", *names):
+            sig = recs[n]["signature"]
+            path = P._run_path(task, sig, 0)
+            if path.is_file():
+                mine = float(np.asarray(recs[n]["sums"])[usual].sum() / tokens[usual].sum())
+                gaps.append(abs(mine - float(read_json(path)["test_loss"])))
+        res["max_loss_gap_to_committed"] = max(gaps) if gaps else None
+        res["source"] = "placement_v2.py (fitted on neither)"
         out["tasks"][task] = res
     write_json(Q.RESULTS / "sampling.json", out)
     write_text(Q.RESULTS / "sampling.md", _markdown(out))
@@ -229,8 +294,13 @@ def _markdown(out: dict[str, Any]) -> str:
         lines += [
             f"## {task}: {res['examples']} examples (the usual subset: {res['usual_examples']} of them)",
             "",
-            f"Retrained adapters against the committed `run --wide` losses: largest gap "
-            f"{res['max_loss_gap_to_committed']:.1e} nats.",
+            f"Source: {res['source']}. Retrained adapters against the committed runs' losses (quality.py: "
+            "on the larger set; placement_v2.py: on its own subset): largest gap "
+            + (
+                f"{res['max_loss_gap_to_committed']:.1e} nats."
+                if res["max_loss_gap_to_committed"] is not None
+                else "—."
+            ),
             "",
             "| subset size | mean error | mean abs error | sd | shared sd | own sd | share above whole |",
             "|---:|---:|---:|---:|---:|---:|---:|",
@@ -266,12 +336,14 @@ def _markdown(out: dict[str, Any]) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("what", choices=("run", "report"))
+    ap.add_argument("what", choices=("run", "run-v2", "report"))
     ap.add_argument("--tasks", default="e2e_nlg,sst2")
     ap.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     a = ap.parse_args()
     if a.what == "run":
         run(a.tasks.split(","), a.threads)
+    if a.what == "run-v2":
+        run_v2(a.tasks.split(",") if a.tasks != "e2e_nlg,sst2" else list(V2_TASKS), a.threads)
     res = report()
     print({t: v.get("sizes") for t, v in res["tasks"].items()})
 
