@@ -52,31 +52,18 @@ LARGER = 256
 
 
 def _per_example(loaded: Any, test: Any, setting: Any, adapter: Path | None) -> tuple[list[float], list[int]]:
-    """Every example's summed target cross-entropy and its target-token count, in the task's order."""
+    """Every example's summed target loss and target-token count in the task's order, as layercard's eval
+    keeps them."""
     import contextlib
 
-    import torch
-
     from layercard.adapters import attached
-    from layercard.inference import device_of, eval_mode, pad_id
-    from layercard.tasks import batches, encode_task, forward_loss
+    from layercard.inference import eval_example_losses
 
-    encoded = encode_task(loaded.tokenizer, test, max_length=setting.max_length)
     ctx = attached(loaded.model, adapter) if adapter is not None else contextlib.nullcontext(loaded.model)
-    sums: list[float] = []
-    counts: list[int] = []
-    with ctx as net, eval_mode(net), torch.no_grad():
-        device = device_of(net)
-        for batch in batches(encoded, 1, pad_id(loaded.tokenizer)):
-            loss, n = forward_loss(
-                net,
-                batch["input_ids"].to(device),
-                batch["attention_mask"].to(device),
-                batch["labels"].to(device),
-            )
-            sums.append(float(loss))
-            counts.append(int(n))
-    return sums, counts
+    with ctx as net:
+        return eval_example_losses(
+            net, loaded.tokenizer, test, test.examples, batch_size=16, max_length=setting.max_length
+        )
 
 
 def _write(path: Path, rec: dict[str, Any]) -> None:

@@ -15,6 +15,7 @@ not the latency of a single request; compare it only between runs with the same 
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -30,7 +31,6 @@ from layercard.tasks import (
     batches,
     encode_prompt,
     encode_task,
-    forward_loss,
     forward_row_losses,
     turn_end_token_id,
 )
@@ -185,23 +185,10 @@ def eval_loss(
     max_length: int | None,
 ) -> float:
     """Mean cross-entropy per target token (teacher forced, prompt masked), as training measures it."""
-    if not examples:
-        raise LayercardError(f"task {task.name!r}: no examples to score")
-    sub = Task(task.name, task.source, task.split, task.format, tuple(examples))
-    encoded = encode_task(tokenizer, sub, max_length=max_length)
-    device = device_of(model)
-    total, count = 0.0, 0
-    with eval_mode(model):
-        for batch in batches(encoded, batch_size, pad_id(tokenizer), sort_by_length=True):
-            loss, n = forward_loss(
-                model,
-                batch["input_ids"].to(device),
-                batch["attention_mask"].to(device),
-                batch["labels"].to(device),
-            )
-            total += float(loss)
-            count += n
-    return total / count
+    sums, counts = eval_example_losses(
+        model, tokenizer, task, examples, batch_size=batch_size, max_length=max_length
+    )
+    return math.fsum(sums) / sum(counts)
 
 
 def eval_example_losses(
