@@ -39,12 +39,12 @@ __all__ = [
     "PREDICTIONS_FILE",
     "EvalConfig",
     "EvalResult",
+    "difference_standard_error",
     "eval_loss",
     "evaluate",
-    "difference_standard_error",
     "fraction_standard_error",
-    "ratio_standard_error",
     "generate",
+    "ratio_standard_error",
 ]
 
 KIND = "eval"
@@ -208,7 +208,7 @@ def fraction_standard_error(
 ) -> float | None:
     """The sampling error of a run's fraction of the reference's loss drop, f = Σ(b − x) / Σ(b − r) over the
     same examples (each example's summed target loss: base b, reference r, run x); see
-    :func:`ratio_standard_error`. None where it is."""
+    :func:`ratio_standard_error`, None where that is or the three lengths differ."""
     if not (len(base_sums) == len(ref_sums) == len(run_sums)):
         return None
     return ratio_standard_error(
