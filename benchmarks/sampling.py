@@ -266,13 +266,14 @@ def _markdown(out: dict[str, Any]) -> str:
     lines = [
         "# A fraction of the reference's drop measured on a sample of test examples",
         "",
-        f"smollm2, quality.py's settings at seed 0 ({Q.STEPS} steps, batch {Q.BATCH}, lr {Q.LR:g}); each "
-        "adapter's loss on every example of the task's larger test set, and its fraction on "
-        f"{out['draws']} random subsets of each size drawn from that set, against its fraction on the whole "
-        "set. `shared`: the part of a subset's error every placement had on that draw (the mean over "
-        "placements); `own`: the rest. Subsets are drawn without replacement from the larger set, so where "
-        "that set is itself a sample of the split (e2e_nlg) the spread at n examples is understated by a "
-        "factor of about √((N − n)/(N − 1)) against the whole split. `sampling error`: what "
+        f"smollm2, seed 0, {Q.STEPS} steps at lr {Q.LR:g}: quality.py's settings for e2e_nlg and sst2, "
+        "placement_v2.py's (its cards and batch sizes) for the others; each adapter's loss on every "
+        f"example of the task's larger test set, and its fraction on {out['draws']} random subsets of each "
+        "size drawn from that set, against its fraction on the whole set. `shared`: the part of a subset's "
+        "error every placement had on that draw (the mean over placements); `own`: the rest. Subsets are "
+        "drawn without replacement from the larger set, so where that set is itself a sample of the split "
+        "(every task but sst2) the spread at n examples is understated by a factor of about "
+        "√((N − n)/(N − 1)) against the whole split. `sampling error`: what "
         "`layercard.evaluate.fraction_standard_error` (the error a report prints beside a measured fraction) "
         "gives on one subset, averaged over the draws and scaled by that factor: it should match the sd.",
         "",
