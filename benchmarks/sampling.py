@@ -76,11 +76,31 @@ def _write(path: Path, rec: dict[str, Any]) -> None:
     print(f"{path.stem}: larger-set loss {loss:.6f}", flush=True)
 
 
+def _base_record(loaded: Any, path: Path, task: str, larger: Any, usual: set[Any], s: Any) -> None:
+    """The base model's per-example losses on ``larger``, marking the benchmark's own subset (``usual``)."""
+    if not path.is_file():
+        sums, tokens = _per_example(loaded, larger, s, None)
+        in_usual = [ex in usual for ex in larger.examples]
+        _write(path, {"task": task, "name": "base", "sums": sums, "tokens": tokens, "in_usual": in_usual})
+
+
+def _run_record(
+    loaded: Any, path: Path, plan: Any, train_task: Any, cfg: Any, larger: Any, s: Any, rec: dict[str, Any]
+) -> None:
+    """``plan`` trained with ``cfg`` and its per-example losses on ``larger``, written with ``rec``."""
+    from layercard.train import train
+
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="sampling-") as tmp:
+        train(loaded, plan, train_task, None, cfg, tmp, progress=False)
+        sums, tokens = _per_example(loaded, larger, s, Path(tmp) / "adapter")
+    _write(path, {**rec, "sums": sums, "tokens": tokens, "wall_s": round(time.perf_counter() - t0, 1)})
+
+
 def run(tasks: list[str], threads: int) -> None:
     import torch
 
     from layercard import load_model, load_task
-    from layercard.train import train
 
     torch.set_num_threads(threads)
     loaded = load_model("smollm2")
@@ -89,28 +109,14 @@ def run(tasks: list[str], threads: int) -> None:
         train_task = load_task(f"{name}:{s.train_split}")
         card = Q._card(loaded, train_task.subset(Q.TRAIN_EXAMPLES, seed=Q.SEED), s)
         whole = Q._wide_base(loaded, name, s)
-        usual = {
-            ex for ex in load_task(f"{name}:{s.test_split}").subset(s.test_examples, seed=Q.SEED).examples
-        }
-        in_usual = [ex in usual for ex in whole.examples]
-        path = OUT / f"{name}-base.json"
-        if not path.is_file():
-            sums, tokens = _per_example(loaded, whole, s, None)
-            _write(path, {"task": name, "name": "base", "sums": sums, "tokens": tokens, "in_usual": in_usual})
+        usual = set(load_task(f"{name}:{s.test_split}").subset(s.test_examples, seed=Q.SEED).examples)
+        _base_record(loaded, OUT / f"{name}-base.json", name, whole, usual, s)
         for p in Q.GRID:
             path = OUT / f"{name}-{p.name}.json"
-            if p.name not in NAMES or path.is_file():
-                continue
-            plan, cfg = Q._plan_and_settings(card, s, p, Q.SEED)
-            t0 = time.perf_counter()
-            with tempfile.TemporaryDirectory(prefix="sampling-") as tmp:
-                train(loaded, plan, train_task, None, cfg, tmp, progress=False)
-                sums, tokens = _per_example(loaded, whole, s, Path(tmp) / "adapter")
-            _write(
-                path,
-                {"task": name, "name": p.name, "seed": Q.SEED, "sums": sums, "tokens": tokens,
-                 "wall_s": round(time.perf_counter() - t0, 1)},
-            )  # fmt: skip
+            if p.name in NAMES and not path.is_file():
+                plan, cfg = Q._plan_and_settings(card, s, p, Q.SEED)
+                rec = {"task": name, "name": p.name, "seed": Q.SEED}
+                _run_record(loaded, path, plan, train_task, cfg, whole, s, rec)
 
 
 def run_v2(tasks: list[str], threads: int) -> None:
@@ -118,7 +124,6 @@ def run_v2(tasks: list[str], threads: int) -> None:
     import torch
 
     from layercard import load_model, load_task
-    from layercard.train import train
 
     torch.set_num_threads(threads)
     loaded = load_model("smollm2")
@@ -129,11 +134,7 @@ def run_v2(tasks: list[str], threads: int) -> None:
         split = load_task(s.test)
         larger = split.subset(min(LARGER, len(split)), seed=0)
         usual = set(split.subset(s.test_examples, seed=0).examples)
-        path = OUT_V2 / f"{name}-base.json"
-        if not path.is_file():
-            sums, tokens = _per_example(loaded, larger, s, None)
-            in_usual = [ex in usual for ex in larger.examples]
-            _write(path, {"task": name, "name": "base", "sums": sums, "tokens": tokens, "in_usual": in_usual})
+        _base_record(loaded, OUT_V2 / f"{name}-base.json", name, larger, usual, s)
         for short, (candidate, budget) in V2_NAMES.items():
             path = OUT_V2 / f"{name}-{short}.json"
             if path.is_file():
@@ -141,15 +142,8 @@ def run_v2(tasks: list[str], threads: int) -> None:
             plan, why = P.plan_for(card, candidate, budget)
             if plan is None:
                 raise SystemExit(f"{name} {candidate} {budget}: does not fit ({why})")
-            t0 = time.perf_counter()
-            with tempfile.TemporaryDirectory(prefix="sampling-") as tmp:
-                train(loaded, plan, train_task, None, P._train_cfg(s, 0), tmp, progress=False)
-                sums, tokens = _per_example(loaded, larger, s, Path(tmp) / "adapter")
-            _write(
-                path,
-                {"task": name, "name": short, "seed": 0, "signature": P.signature(plan), "sums": sums,
-                 "tokens": tokens, "wall_s": round(time.perf_counter() - t0, 1)},
-            )  # fmt: skip
+            rec = {"task": name, "name": short, "seed": 0, "signature": P.signature(plan)}
+            _run_record(loaded, path, plan, train_task, P._train_cfg(s, 0), larger, s, rec)
 
 
 def subset_fractions(
