@@ -61,6 +61,28 @@ def keeps_target_logits(model: nn.Module) -> bool:
     return code is not None and "slice_logits_to_keep" in code.co_names
 
 
+def _target_logits(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    labels: torch.Tensor,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The logits (float32, one row per target token, in row-major order), their targets and the
+    (batch, length − 1) mask of the positions they were read at."""
+    kwargs.setdefault("use_cache", False)
+    mask = target_mask(labels)
+    if keeps_target_logits(model):
+        out = model(
+            input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=logits_mask(labels), **kwargs
+        )
+        logits = _float32(out.logits).reshape(-1, out.logits.shape[-1])
+    else:
+        out = model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        logits = _float32(out.logits)[:, :-1][mask]
+    return logits, labels[:, 1:][mask], mask
+
+
 def forward_loss(
     model: nn.Module,
     input_ids: torch.Tensor,
@@ -75,15 +97,8 @@ def forward_loss(
     large vocabulary is a sizeable part of a small model's step and memory (docs/design.md §5). The sum is
     the same either way; other models compute every position's logits.
     """
-    kwargs.setdefault("use_cache", False)
-    if not keeps_target_logits(model):
-        out = model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
-        return loss_sum(out.logits, labels)
-    keep = logits_mask(labels)
-    out = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep, **kwargs)
-    logits = _float32(out.logits)
-    targets = labels[:, 1:][keep[:, :-1]]  # the next token of every kept position, in the same order
-    loss = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets, reduction="sum")
+    logits, targets, _ = _target_logits(model, input_ids, attention_mask, labels, **kwargs)
+    loss = nn.functional.cross_entropy(logits, targets, reduction="sum")
     return loss, int(targets.numel())
 
 
@@ -96,20 +111,11 @@ def forward_row_losses(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Each row's summed target cross-entropy (float32, shape (batch,)) and its target count, the same
     quantity as :func:`forward_loss` split by example; for measurements, not for gradients."""
-    kwargs.setdefault("use_cache", False)
-    mask = target_mask(labels)
-    counts = mask.sum(dim=1)
-    if keeps_target_logits(model):
-        keep = logits_mask(labels)
-        out = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep, **kwargs)
-        logits = _float32(out.logits).reshape(-1, out.logits.shape[-1])
-    else:
-        out = model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
-        logits = _float32(out.logits)[:, :-1][mask]
-    rows = mask.nonzero(as_tuple=True)[0]  # row of each kept position, in the kept order
-    per_token = nn.functional.cross_entropy(logits, labels[:, 1:][mask], reduction="none")
+    logits, targets, mask = _target_logits(model, input_ids, attention_mask, labels, **kwargs)
+    per_token = nn.functional.cross_entropy(logits, targets, reduction="none")
     sums = torch.zeros(labels.shape[0], dtype=per_token.dtype, device=per_token.device)
-    return sums.index_add_(0, rows, per_token), counts
+    rows = mask.nonzero(as_tuple=True)[0]  # row of each target, in the logits' order
+    return sums.index_add_(0, rows, per_token), mask.sum(dim=1)
 
 
 def target_mask(labels: torch.Tensor) -> torch.Tensor:
