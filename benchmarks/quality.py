@@ -159,6 +159,11 @@ def _base(loaded: Any, test: Any, setting: TaskSetting) -> float:
     return loss
 
 
+def run_seeds(folder: Path) -> list[int]:
+    """The training seeds with runs in ``folder``: SEED's at its top level, others' in its seed{N}/."""
+    return sorted({SEED} | {int(d.name[4:]) for d in folder.glob("seed*") if d.is_dir()})
+
+
 def _run_path(
     task: str, name: str, seed: int = SEED, steps: int = STEPS, scheduler: str = SCHEDULER, wide: bool = False
 ) -> Path:
@@ -611,7 +616,7 @@ def noise(scheduler: str = SCHEDULER) -> dict[str, Any]:
     from layercard.artifacts import read_json, write_json, write_text
 
     folder = RESULTS / "runs" if scheduler == SCHEDULER else RESULTS / "runs" / scheduler
-    seeds = sorted({SEED} | {int(d.name[4:]) for d in folder.glob("seed*") if d.is_dir()})
+    seeds = run_seeds(folder)
     out: dict[str, Any] = {"scheduler": scheduler, "seeds": seeds, "runs": [], "tasks": {}}
     for task in TASKS:
         base_path = RESULTS / "runs" / f"{task}-base.json"
@@ -678,7 +683,7 @@ def wide() -> dict[str, Any]:
     from layercard.artifacts import read_json, write_json, write_text
 
     folder = RESULTS / "runs" / "wide"
-    seeds = sorted({SEED} | {int(d.name[4:]) for d in folder.glob("seed*") if d.is_dir()})
+    seeds = run_seeds(folder)
     sets = {"usual": ("test_loss", RESULTS / "runs"), "larger": ("test_loss_wide", folder)}
     out: dict[str, Any] = {"seeds": seeds, "tasks": {}}
     for task in TASKS:
@@ -825,7 +830,7 @@ def _wide_labels(seeds: list[int], reference: str = "own") -> tuple[list[str], d
 
     from layercard.artifacts import read_json
 
-    usual_seeds = sorted({SEED} | {int(d.name[4:]) for d in (RESULTS / "runs").glob("seed*") if d.is_dir()})
+    usual_seeds = run_seeds(RESULTS / "runs")
     labels: dict[str, _Labels] = {}
     done = []
     for task, pairs in _labelled()["seed 0"].items():
