@@ -3,9 +3,10 @@ probe on, so the quality model can read how alike the layers' effects are on eac
 
 For every card of results/quality/cards (e2e_nlg, sst2) and results/placement_v2/cards (six tasks) it
 re-measures the card with its own settings and ``coupling=True`` (cost calibration off: the coupling does
-not read it), checks that every unit's statistics equal the committed card's, and writes the coupled card
-under results/quality/coupled_cards/<benchmark>/<task>/ with its timings. A card already there is kept, so
-the script resumes where it stopped.
+not read it), checks that every unit's statistics equal the committed card's, and writes the coupling
+matrix with the card's timings (coupling.json) and its figure under
+results/quality/coupled_cards/<benchmark>/<task>/; the rest of the card is the committed one. A task
+already there is kept, so the script resumes where it stopped.
 
     LAYERCARD_DATA=../shared/data .venv/bin/python benchmarks/coupled_cards.py [--tasks e2e_nlg,sst2]
 """
@@ -48,13 +49,31 @@ def _largest_difference(a: Any, b: Any) -> float:
     return worst
 
 
+def coupling_record(bench: str, card: Any, wall: float, diff: float) -> dict[str, Any]:
+    """What coupling.json keeps of a card measured with coupling: the matrix, what it was measured on, its
+    timings and how far its unit statistics lie from the committed card's."""
+    return {
+        "benchmark": bench,
+        "task": card.task["name"],
+        "data_hash": card.task["data_hash"],
+        "model_hash": card.model["hash"],
+        "config": card.config,
+        "coupling": card.coupling,
+        "wall_s": wall,
+        "timings": card.timings,
+        "largest_relative_difference_from_committed": diff,
+        "threads": THREADS,
+    }
+
+
 def measure(tasks: set[str] | None) -> None:
     import torch
     from noise_scale import _sources
 
     from layercard import load_model, measure_card
     from layercard.artifacts import write_json
-    from layercard.card import Card, write_card_folder
+    from layercard.card import Card
+    from layercard.card import figures as card_figures
 
     torch.set_num_threads(THREADS)
     loaded = load_model("smollm2")
@@ -62,7 +81,7 @@ def measure(tasks: set[str] | None) -> None:
         if tasks is not None and name not in tasks:
             continue
         dest = OUT / bench / name
-        if (dest / "card.json").is_file():
+        if (dest / "coupling.json").is_file():
             print(f"{bench} {name}: on disk", flush=True)
             continue
         committed = Card.load(folder / "card.json")
@@ -72,12 +91,9 @@ def measure(tasks: set[str] | None) -> None:
         if card.task["data_hash"] != committed.task["data_hash"]:
             raise SystemExit(f"{bench} {name}: the probe subset does not match the committed card's")
         diff = _largest_difference(committed, card)
-        write_card_folder(card, dest)
-        write_json(
-            dest / "meta.json",
-            {"benchmark": bench, "task": name, "wall_s": wall, "timings": card.timings,
-             "largest_relative_difference_from_committed": diff, "threads": THREADS},
-        )  # fmt: skip
+        dest.mkdir(parents=True, exist_ok=True)
+        card_figures.coupling(card, dest / "card_coupling.png")
+        write_json(dest / "coupling.json", coupling_record(bench, card, wall, diff))
         print(f"{bench} {name}: {wall:.0f} s, coupling {card.timings.get('coupling_s', 0):.1f} s, "
               f"largest difference {diff:.2e}", flush=True)  # fmt: skip
 

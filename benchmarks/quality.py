@@ -18,6 +18,7 @@ script resumes where it stopped; the summary is rebuilt from them by ``summary``
     .venv/bin/python benchmarks/quality.py run --scheduler linear --seed N --only NAME,...
     .venv/bin/python benchmarks/quality.py noise --scheduler linear
     .venv/bin/python benchmarks/quality.py noisecoverage
+    .venv/bin/python benchmarks/quality.py couplingcoverage    # after coupled_cards.py
     .venv/bin/python benchmarks/quality.py run --steps 108 --only NAME,... && ... longer --steps 108
 
 ``--seed N`` (N > 0) repeats runs with another training seed (data order and LoRA initialisation; the test
@@ -1505,6 +1506,214 @@ def _noisecoverage_markdown(out: dict[str, Any], tasks: list[str]) -> str:
     return "\n".join(lines)
 
 
+COUPLED_CARDS = RESULTS / "coupled_cards" / "quality"  # coupled_cards.py: the cards' layer coupling
+
+
+def coupling_coverage(coupling: Any, layers: Any, weights: Any = None) -> float:
+    """How much of every layer's effect the adapted ``layers`` reach: the mean over layers l of
+    max over s in ``layers`` of |C_ls| (``coupling``: the L × L cosines), each layer weighted by
+    ``weights`` (default alike). 0 for no layer; 1 when every layer is adapted."""
+    import numpy as np
+
+    c = np.abs(np.asarray(coupling, dtype=np.float64))
+    s = sorted(set(int(x) for x in layers))
+    if not s:
+        return 0.0
+    w = np.ones(len(c)) if weights is None else np.asarray(weights, dtype=np.float64)
+    if w.shape != (len(c),) or (w < 0).any() or w.sum() <= 0:
+        raise ValueError("coupling_coverage: weights must be one non-negative number per layer, not all 0")
+    return float(np.minimum(c[:, s].max(axis=1), 1.0) @ w / w.sum())
+
+
+class _WithCoupling(NamedTuple):
+    """A placement's features with its coupling coverage, unweighted (k) and capacity-weighted (kw)."""
+
+    f: Any
+    k: float
+    kw: float
+
+    @property
+    def params(self) -> float:
+        """The placement's parameter share: the budget ``decision_regret`` is scored over."""
+        return self.f.params
+
+
+def _coupling_coverage_forms() -> dict[str, tuple[Any, tuple[tuple[float, ...], ...]]]:
+    """Each coupling-coverage form's q = fn(x, params) on a :class:`_WithCoupling` and its parameter grids."""
+    from layercard.plan.quality import _GAMMA, WEIGHT_POWERS, _power
+
+    b = NOISE_COVERAGE_BETA
+    return {
+        "capacity × k^β": (lambda x, p: _power(x.f.capacity_at(p[0]), p[1]) * _power(x.k, p[2]),
+                           (WEIGHT_POWERS, _GAMMA, b)),
+        "capacity × k_w^β": (lambda x, p: _power(x.f.capacity_at(p[0]), p[1]) * _power(x.kw, p[2]),
+                             (WEIGHT_POWERS, _GAMMA, b)),
+        "share × k^β": (lambda x, p: _power(x.f.params, p[0]) * _power(x.k, p[1]), (_GAMMA, b)),
+        "share × k_w^β": (lambda x, p: _power(x.f.params, p[0]) * _power(x.kw, p[1]), (_GAMMA, b)),
+        "k^β": (lambda x, p: _power(x.k, p[0]), (b,)),
+        "k_w^β": (lambda x, p: _power(x.kw, p[0]), (b,)),
+    }  # fmt: skip
+
+
+def layer_weights(card: Any) -> list[float]:
+    """Each layer's share of the reference's capacity at the default's unit weights (score², rank 8)."""
+    from layercard.plan.quality import REFERENCE_RANK, WEIGHT_POWERS, Basis, rank_share
+
+    basis, i = Basis(card), WEIGHT_POWERS.index(2.0)
+    out = [0.0] * card.n_layers
+    for u in card.units:
+        out[u.layer] += basis.weights[u.key][i] * rank_share(u, REFERENCE_RANK)
+    return out
+
+
+def read_coupling(path: Path, card: Any) -> dict[str, Any]:
+    """The layer coupling coupled_cards.py measured for ``card`` (its coupling.json at ``path``), checked to
+    cover every layer and to come from the same model and probe examples as the card."""
+    from layercard.artifacts import read_json
+
+    if not path.is_file():
+        raise SystemExit(f"{path} is missing; run benchmarks/coupled_cards.py first")
+    rec = read_json(path)
+    if (rec["model_hash"], rec["data_hash"]) != (card.model["hash"], card.task["data_hash"]):
+        raise SystemExit(f"{path}: measured on another model or other probe examples than its card")
+    if [int(x) for x in rec["coupling"]["layers"]] != list(range(card.n_layers)):
+        raise SystemExit(f"{path}: the coupling does not cover every layer")
+    return rec["coupling"]
+
+
+def coupled(card: Any, coupling: dict[str, Any], units: Any, f: Any) -> _WithCoupling:
+    """``f`` of the placement ``units`` ((layer, role, rank) rows) with its coupling coverages: ``coupling``
+    (read_coupling) over ``card``'s layers, weighted by ``card``'s capacity for k_w."""
+    import numpy as np
+
+    mat = np.asarray(coupling["matrix"], dtype=np.float64)
+    layers = [int(layer) for layer, _role, _rank in units]
+    weighted = coupling_coverage(mat, layers, layer_weights(card))
+    return _WithCoupling(f, coupling_coverage(mat, layers), weighted)
+
+
+def couplingcoverage() -> dict[str, Any]:
+    """The coupling-coverage forms fitted on one task and scored on the other (error against seed 0 and
+    seed means, regret against seed means, as ``decide`` scores the card-only forms), ``decide``'s rule
+    over them and the card-only forms of decision.json together, and, not used to choose, every form's
+    scores on the larger test sets' labels against the reference's mean drop (wide.md's second section).
+    Each form's pooled seed-mean fit is what quality_confirm.py scores. Writes RESULTS/couplingcoverage.json
+    and .md."""
+    from layercard.artifacts import read_json, write_json, write_text
+    from layercard.card import Card
+    from layercard.plan.quality import FORMS, Form, fit
+
+    cards = {t: Card.load(RESULTS / "cards" / t / "card.json") for t in TASKS}
+    records = {t: read_json(COUPLED_CARDS / t / "coupling.json") for t in TASKS}
+    coupling = {t: read_coupling(COUPLED_CARDS / t / "coupling.json", cards[t]) for t in TASKS}
+
+    def wrap(by_task: _Labels) -> _Labels:
+        return {
+            t: [(r, coupled(cards[t], coupling[t], r["units"], f)) for r, f in pairs]
+            for t, pairs in by_task.items()
+        }
+
+    labelled = {label: wrap(d) for label, d in _labelled().items()}
+    _, wide_labels = _wide_labels(run_seeds(RESULTS / "runs" / "wide"), "mean")
+    larger = {k: wrap(v) for k, v in wide_labels.items() if k.startswith("larger")}
+    tasks = sorted(labelled["seed 0"])
+    candidates = {n: Form(n, n, fn, grid) for n, (fn, grid) in _coupling_coverage_forms().items()}
+    card_only = {n: Form(n, n, (lambda fn: lambda x, p: fn(x.f, p))(f.fn), f.grid) for n, f in FORMS.items()}
+    every = {**card_only, **candidates}
+    scored = {label: _cross_task(d, regret=True, forms=every) for label, d in {**labelled, **larger}.items()}
+    forms: dict[str, Any] = {}
+    for name, form in every.items():
+        res: dict[str, Any] = {}
+        for label, d in labelled.items():
+            xs = [x for t in tasks for _, x in d[t]]
+            params, err = fit(form, xs, [r["fraction"] for t in tasks for r, _ in d[t]])
+            res[label] = scored[label][name] | {"pooled": {"params": list(params), "fit_mae": err}}
+        for label in larger:
+            res[label] = scored[label][name]
+        forms[name] = res
+    mae = {n: r["seed 0"]["cross_task_mae"] for n, r in forms.items()}
+    regret = {n: r["seed mean"]["cross_task_regret"] for n, r in forms.items()}
+    eligible, chosen = decide_rule(mae, regret)
+    decision = read_json(RESULTS / "decision.json")["forms"]
+    same = all(abs(decision[n]["seed 0"]["cross_task_mae"] - mae[n]) < 1e-12 for n in FORMS)
+    out = {
+        "steps": STEPS,
+        "batch": BATCH,
+        "card_only_agree_with_decision_json": same,
+        "coverage": {
+            t: {r["name"]: {"k": x.k, "k_w": x.kw, "bands": x.f.coverage} for r, x in labelled["seed 0"][t]}
+            for t in tasks
+        },
+        "coupling_s": {t: r["timings"].get("coupling_s") for t, r in records.items()},
+        "card_s": {t: r["timings"].get("total_s") for t, r in records.items()},
+        "forms": forms,
+        "rule": {"mae_seed0": mae, "regret_seed_mean": regret, "eligible": eligible, "chosen": chosen},
+    }
+    write_json(RESULTS / "couplingcoverage.json", out)
+    write_text(RESULTS / "couplingcoverage.md", _couplingcoverage_markdown(out, tasks, list(larger)))
+    return out
+
+
+def _couplingcoverage_markdown(out: dict[str, Any], tasks: list[str], larger: list[str]) -> str:
+    rule = out["rule"]
+    lines = [
+        "# Quality model with a coverage penalty read from the layer coupling",
+        "",
+        f"smollm2, {STEPS} steps of batch {BATCH}, lr {LR:g}; the placements of quality.md. The coupling "
+        "coverage k of a placement is the mean over layers of the largest |coupling| between that layer and "
+        "an adapted one (the card's layer coupling: cosines of the layers' first-step effects on the final "
+        "hidden state); k_w weighs each layer by its share of the reference's capacity. It replaces the "
+        "default's count of depth bands. Card time with coupling / of it the coupling probe: "
+        + ", ".join(f"{t} {out['card_s'][t]:.0f} s / {out['coupling_s'][t]:.0f} s" for t in tasks)
+        + ".",
+        "",
+        "| form | cross-task MAE: seed 0 / seed mean | regret (seed mean) | "
+        + " | ".join(f"larger sets, mean reference: {lb.removeprefix('larger ')}" for lb in larger)
+        + " | "
+        + " | ".join(f"fit on {t} (seed 0): parameters / held-out MAE" for t in tasks)
+        + " | pooled fit, seed mean |",
+        "|---|---:|---:|" + "---:|" * len(larger) + "---|" * len(tasks) + "---|",
+    ]
+    for name, res in out["forms"].items():
+        s0, sm = res["seed 0"], res["seed mean"]
+        cells = [
+            ", ".join(f"{v:g}" for v in s0[f"fit_on_{t}"]["params"])
+            + f" / {_only(s0[f'fit_on_{t}']['held_out_mae']):.3f}"
+            for t in tasks
+        ]
+        wide_cells = [
+            f"{res[lb]['cross_task_mae']:.3f} / {res[lb]['cross_task_regret']:.3f}" for lb in larger
+        ]
+        lines.append(
+            f"| {name} | {s0['cross_task_mae']:.3f} / {sm['cross_task_mae']:.3f} | "
+            f"{sm['cross_task_regret']:.3f} | " + " | ".join(wide_cells) + " | " + " | ".join(cells)
+            + " | " + ", ".join(f"{v:g}" for v in sm["pooled"]["params"]) + " |"
+        )  # fmt: skip
+    lines += [
+        "",
+        "Larger-set cells: cross-task MAE / regret on the larger test sets, fractions against the mean of "
+        "the reference's drops over its seeds (wide.md, second section); reported, not used to choose.",
+        "",
+        "decision.md's rule over these forms and the card-only ones together (least cross-task regret "
+        f"against seed means among the forms within {DECIDE_MAE_SLACK} of the least cross-task MAE against "
+        "seed 0): eligible "
+        + ", ".join(
+            f"`{n}` ({rule['mae_seed0'][n]:.3f} / {rule['regret_seed_mean'][n]:.3f})"
+            for n in rule["eligible"]
+        )
+        + f"; chosen **`{rule['chosen']}`**.",
+        "",
+        "Each placement's coverages (k, k_w, share of depth bands):",
+        "",
+        "| task | run | k | k_w | bands |",
+        "|---|---|---:|---:|---:|",
+    ]
+    for t, by_name in out["coverage"].items():
+        for name, v in by_name.items():
+            lines.append(f"| {t} | {name} | {v['k']:.3f} | {v['k_w']:.3f} | {v['bands']:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
 # How the default form is chosen (``decide``), set on e2e_nlg and sst2 before any other task was scored with
 # it: among the forms whose cross-task error against the seed-0 runs is within DECIDE_MAE_SLACK of the least,
 # the one whose picks lose the least measured quality on the task it was not fitted on, against seed means
@@ -1870,6 +2079,7 @@ COMMANDS = (
     "longer",
     "noisecoverage",
     "wide",
+    "couplingcoverage",
 )
 
 
@@ -1942,6 +2152,10 @@ def main() -> None:
         return
     if a.what == "noisecoverage":
         res = noisecoverage()
+        print(res["rule"]["eligible"], "->", res["rule"]["chosen"])
+        return
+    if a.what == "couplingcoverage":
+        res = couplingcoverage()
         print(res["rule"]["eligible"], "->", res["rule"]["chosen"])
         return
     if a.what == "longer":

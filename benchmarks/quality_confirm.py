@@ -44,6 +44,17 @@ NOISE_COVERAGE_FORMS = {
     "noise-cov-share": "share × coverage^(β·B_noise/B)",
     "noise-cov-only": "coverage^(β·B_noise/B)",
 }
+# quality.py couplingcoverage's forms, each at its pooled seed-mean fit (couplingcoverage.json), read from the
+# placement_v2 cards re-measured with the layer coupling (coupled_cards.py); `kw-share` is the one its rule
+# chose.
+COUPLING_FORMS = {
+    "k-cap": "capacity × k^β",
+    "kw-cap": "capacity × k_w^β",
+    "k-share": "share × k^β",
+    "kw-share": "share × k_w^β",
+    "k-only": "k^β",
+    "kw-only": "k_w^β",
+}
 # The column of the form quality.py ``wide`` chose on the choosing tasks' larger test sets (wide.json).
 WIDE_COLUMN = "wide"
 
@@ -291,6 +302,22 @@ def _wide_forms() -> dict[str, tuple[Any, tuple[float, ...]]]:
     return {WIDE_COLUMN: (ALL_FORMS[dec["chosen"]].fn, tuple(dec["params"]))} if dec else {}
 
 
+def _coupling_forms() -> tuple[dict[str, tuple[Any, tuple[float, ...]]], dict[str, Any]]:
+    """The coupling-coverage forms with their frozen parameters, by column name, and the layer coupling of
+    each task's placement_v2 card; both empty until couplingcoverage.json and every coupling are written."""
+    import placement_v2 as P
+    import quality as Q
+
+    from layercard.card import Card
+
+    paths = {t: OUT / "coupled_cards" / "placement_v2" / t / "coupling.json" for t in P.TASKS}
+    if not (OUT / "couplingcoverage.json").is_file() or not all(p.is_file() for p in paths.values()):
+        return {}, {}
+    forms = _frozen("couplingcoverage.json", Q._coupling_coverage_forms(), COUPLING_FORMS)
+    cards = {t: Card.load(P.RESULTS / "cards" / t / "card.json") for t in P.TASKS}
+    return forms, {t: Q.read_coupling(p, cards[t]) for t, p in paths.items()}
+
+
 def score() -> dict[str, Any]:
     import placement_v2 as P
     import quality as Q
@@ -306,7 +333,8 @@ def score() -> dict[str, Any]:
     noise_forms, slowdown = _noise_forms()
     cov_forms = _noise_coverage_forms()
     wide_forms = _wide_forms()
-    frozen = [*noise_forms.items(), *cov_forms.items(), *wide_forms.items()]
+    coupling_forms, couplings = _coupling_forms()
+    frozen = [*noise_forms.items(), *cov_forms.items(), *wide_forms.items(), *coupling_forms.items()]
     others_all = {**others, **{col: p for col, (_, p) in frozen}}
     out: dict[str, Any] = {
         "model": model.describe(),
@@ -341,6 +369,9 @@ def score() -> dict[str, Any]:
             with_noise = Q._WithNoise(f, slowdown[task] - 1.0)
             noisy |= {col: fn(with_noise, p) for col, (fn, p) in cov_forms.items()}
             noisy |= {col: fn(f, p) for col, (fn, p) in wide_forms.items()}
+            if coupling_forms:
+                with_k = Q.coupled(card, couplings[task], p["units"], f)
+                noisy |= {col: fn(with_k, q) for col, (fn, q) in coupling_forms.items()}
             rows.append(
                 {
                     "label": p["label"],
@@ -424,6 +455,14 @@ def _markdown(out: dict[str, Any]) -> str:
             f" `{WIDE_COLUMN}`: the card-only form and parameters decision.md's rule chose with e2e_nlg and "
             "sst2 measured on larger test sets, against seed means (wide.md)."
             if WIDE_COLUMN in out["others"]
+            else ""
+        )
+        + (
+            " `k-cap`, `kw-cap`, `k-share`, `kw-share`, `k-only`, `kw-only`: the capacity, the parameter "
+            "share or nothing, times the coupling coverage k (or k_w, weighted by capacity) to a power "
+            "(couplingcoverage.md), read from the same cards re-measured with the layer coupling; `kw-share` "
+            "is the form that rule chose."
+            if "kw-share" in out["others"]
             else ""
         ),
         "",

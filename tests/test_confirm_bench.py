@@ -58,6 +58,40 @@ def test_noise_coverage_forms_penalise_left_out_depth_more_on_noisier_tasks(conf
     assert cov_only(with_noise(f, 2.0), (0.5,)) == pytest.approx((1 / 3) ** 1.0)
 
 
+def test_coupling_coverage_is_how_much_of_every_layers_effect_the_adapted_layers_reach(confirm):
+    import importlib
+
+    import numpy as np
+
+    quality = importlib.import_module("quality")
+    cov = quality.coupling_coverage
+    c = np.array([[1.0, 0.8, 0.1], [0.8, 1.0, -0.3], [0.1, -0.3, 1.0]])
+    assert cov(c, [0, 1, 2]) == pytest.approx(1.0)
+    assert cov(c, []) == 0.0
+    # layer 0 alone reaches layer 1 at 0.8 and layer 2 at 0.1; a cosine's sign does not matter
+    assert cov(c, [0]) == pytest.approx((1.0 + 0.8 + 0.1) / 3)
+    assert cov(c, [1]) == pytest.approx((0.8 + 1.0 + 0.3) / 3)
+    # weights: only the layers that carry capacity count
+    assert cov(c, [0], [0.0, 1.0, 1.0]) == pytest.approx((0.8 + 0.1) / 2)
+    assert cov(c, [0, 2]) > cov(c, [0, 1])  # layer 2 acts unlike the other two: covering it counts more
+    with pytest.raises(ValueError, match="weights"):
+        cov(c, [0], [1.0, -1.0, 1.0])
+    # more alike layers: the same placement reaches more of the effect and so is penalised less
+    alike = np.full((3, 3), 0.9) + 0.1 * np.eye(3)
+    forms = quality._coupling_coverage_forms()
+    from layercard.plan.quality import Features
+
+    f = Features(params=0.3, capacity=0.4, coverage=1 / 3, capacities=(0.3, 0.35, 0.4, 0.5))
+    low, high = (
+        quality._WithCoupling(f, cov(c, [0]), cov(c, [0])),
+        quality._WithCoupling(f, cov(alike, [0]), 0.0),
+    )
+    fn = forms["share × k^β"][0]
+    assert fn(low, (0.1, 0.5)) < fn(high, (0.1, 0.5)) < 1.0
+    assert fn(high, (0.1, 0.5)) == pytest.approx(0.3**0.1 * (cov(alike, [0]) ** 0.5))
+    assert forms["k_w^β"][0](high, (0.5,)) == 0.0  # k_w = 0 reaches nothing
+
+
 def test_pair_check_scores_each_predicted_difference_against_the_larger_expected_error(confirm):
     rows = [
         _row(1.0, 0.95, 0.99, 0.04),
