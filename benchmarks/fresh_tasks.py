@@ -1,0 +1,322 @@
+"""The quality forms, frozen, on two tasks none of them has seen: every placement of quality.py's grid trained
+on each, its measured fraction set against every form's prediction.
+
+The tasks are built at run time from the project's data folder (nothing is copied), with field mappings that
+make them tasks of their own:
+
+- ``e2e_parse``: e2e_nlg turned round. The input is a restaurant description, the target its meaning
+  representation (``name[...], eatType[...], ...``): structured extraction, about 25 target tokens.
+  Trained on e2e_nlg's validation split, tested on its test split.
+- ``gsm8k_answer``: a gsm8k question answered with its final number alone, no working: one to four target
+  tokens. Trained on gsm8k's train split, tested on its test split.
+
+Settings are quality.py's (36 steps of batch 4, AdamW lr 2e-3 constant, LoRA alpha = 2·rank, seed 0, 1000
+training examples; the card: 32 examples, all linear roles, exact covariances), with the layer coupling
+measured in the same card, and 128 test examples per task. One JSON per run under
+results/quality/fresh/runs/, so the script resumes where it stopped.
+
+    LAYERCARD_DATA=../shared/data .venv/bin/python benchmarks/fresh_tasks.py run [--tasks ...] [--only ...]
+    .venv/bin/python benchmarks/fresh_tasks.py score     # results/quality/fresh/fresh.{json,md}
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+OUT = ROOT / "benchmarks" / "results" / "quality" / "fresh"
+TEST_EXAMPLES = 128
+THREADS = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class Fresh:
+    name: str
+    dataset: str  # folder of the project's data
+    train_split: str
+    test_split: str
+    field_map: tuple[tuple[str, str], ...]  # task field <- data column
+    prompt: str
+    max_length: int
+
+
+TASKS = {
+    t.name: t
+    for t in (
+        Fresh("e2e_parse", "e2e_nlg", "validation", "test", (("input", "target"), ("target", "input")),
+              "Write the meaning representation of this restaurant description.\n{input}", 128),
+        Fresh("gsm8k_answer", "gsm8k", "train", "test", (("target", "final_answer"),),
+              "{input}\nAnswer with the number only.", 192),
+    )
+}  # fmt: skip
+
+
+def load(t: Fresh, split: str) -> Any:
+    """One split of a fresh task, read from the first data root that has its dataset."""
+    from layercard import load_task
+    from layercard.tasks.data import data_roots
+
+    paths = [r / t.dataset / f"{split}.jsonl" for r in data_roots()]
+    path = next((p for p in paths if p.is_file()), None)
+    if path is None:
+        raise SystemExit(f"{t.name}: {t.dataset}/{split}.jsonl not found under {', '.join(map(str, paths))}")
+    return load_task(str(path), preset="jsonl", field_map=dict(t.field_map), prompt=t.prompt)
+
+
+def _setting(t: Fresh) -> Any:
+    import quality as Q
+
+    return Q.TaskSetting(t.name, t.train_split, t.test_split, t.max_length, TEST_EXAMPLES)
+
+
+def _card(loaded: Any, train: Any, t: Fresh) -> Any:
+    import quality as Q
+
+    from layercard import CardConfig
+
+    cfg = CardConfig(roles="all-linear", examples=32, max_length=t.max_length, calibrate=False,
+                     weight_snr=True, sketch=None, coupling=True)  # fmt: skip
+    return Q.cached_card(loaded, train, cfg, OUT / "cards" / t.name)
+
+
+def run(tasks: list[str], only: set[str] | None) -> None:
+    import quality as Q
+    import torch
+
+    from layercard import load_model
+    from layercard.artifacts import machine_info, read_json, write_json
+    from layercard.train import train
+
+    torch.set_num_threads(THREADS)
+    loaded = load_model("smollm2")
+    for name in tasks:
+        t = TASKS[name]
+        s = _setting(t)
+        train_task = load(t, t.train_split).subset(Q.TRAIN_EXAMPLES, seed=Q.SEED)
+        test = load(t, t.test_split).subset(TEST_EXAMPLES, seed=Q.SEED)
+        card = _card(loaded, train_task, t)
+        base_path = OUT / "runs" / f"{name}-base.json"
+        if not base_path.is_file():
+            losses = _example_losses(loaded, test, t, None)
+            write_json(base_path, {"task": name, "name": "base", **losses, "test_data": test.data_hash})
+        print(f"{name}: base test loss {read_json(base_path)['test_loss']:.4f}", flush=True)
+        for p in Q.GRID:
+            path = OUT / "runs" / f"{name}-{p.name}.json"
+            if (only is not None and p.name not in only) or path.is_file():
+                continue
+            plan, cfg = Q._plan_and_settings(card, s, p, Q.SEED)
+            t0 = time.perf_counter()
+            with tempfile.TemporaryDirectory(prefix="fresh-") as tmp:
+                metrics = train(loaded, plan, train_task, None, cfg, tmp, progress=False)
+                losses = _example_losses(loaded, test, t, Path(tmp) / "adapter")
+            write_json(
+                path,
+                {"task": name, "name": p.name, "seed": Q.SEED, "steps": Q.STEPS,
+                 "placement": dataclasses.asdict(p), "layers": plan.layers,
+                 "units": [[u.layer, u.role, u.rank] for u in plan.units],
+                 "params": plan.predicted["params"], **losses, "s_per_step": metrics["s_per_step"],
+                 "wall_s": round(time.perf_counter() - t0, 1), "load_1min": os.getloadavg()[0],
+                 "threads": torch.get_num_threads(), "machine": machine_info()},
+            )  # fmt: skip
+            took = time.perf_counter() - t0
+            print(f"{name} {p.name}: test loss {losses['test_loss']:.4f}, "
+                  f"{metrics['s_per_step']:.2f} s/step, {took:.0f} s", flush=True)  # fmt: skip
+
+
+def _example_losses(loaded: Any, test: Any, t: Fresh, adapter: Path | None) -> dict[str, Any]:
+    """The test loss (nats per target token) and each example's summed loss and target tokens."""
+    import contextlib
+
+    from layercard.adapters import attached
+    from layercard.inference import eval_example_losses
+
+    ctx = attached(loaded.model, adapter) if adapter is not None else contextlib.nullcontext(loaded.model)
+    with ctx as net:
+        sums, tokens = eval_example_losses(
+            net, loaded.tokenizer, test, test.examples, batch_size=16, max_length=t.max_length
+        )
+    return {
+        "test_loss": sum(sums) / sum(tokens),
+        "example_loss_sums": list(sums),
+        "example_tokens": list(tokens),
+    }
+
+
+def frozen_forms() -> dict[str, tuple[Any, tuple[float, ...], str]]:
+    """Every form scored on the fresh tasks, by column: (q = fn(x, params), params, what x is: "f" for the
+    card features, "k" for them with the coupling coverages); parameters as committed before these tasks
+    were trained (decision.json, wide.json, couplingcoverage.json)."""
+    import quality as Q
+    import quality_confirm as C
+
+    from layercard.artifacts import read_json
+    from layercard.plan.quality import ALL_FORMS, default_model
+
+    model = default_model()
+    out: dict[str, tuple[Any, tuple[float, ...], str]] = {
+        "default": (ALL_FORMS[model.form].fn, tuple(model.params), "f"),
+        "params": (ALL_FORMS["params"].fn, C.OTHERS["params"], "f"),
+    }
+    decision = read_json(Q.RESULTS / "decision.json")["forms"]
+    out["constant"] = (
+        ALL_FORMS["constant"].fn,
+        tuple(decision["constant"]["seed mean"]["pooled"]["params"]),
+        "f",
+    )
+    out |= {col: (fn, params, "f") for col, (fn, params) in C._wide_forms().items()}
+    coupled = C._frozen("couplingcoverage.json", Q._coupling_coverage_forms(), C.COUPLING_FORMS)
+    out |= {col: (fn, params, "k") for col, (fn, params) in coupled.items()}
+    return out
+
+
+def score() -> dict[str, Any]:
+    """Every frozen form's mean absolute error and decision regret on each fresh task's placements, with the
+    measured fractions and their sampling errors. Writes OUT/fresh.json and .md."""
+    import quality as Q
+
+    from layercard.artifacts import read_json, write_json, write_text
+    from layercard.card import Card
+    from layercard.evaluate import fraction_standard_error
+    from layercard.plan.quality import decision_regret, default_model, features
+
+    forms = frozen_forms()
+    model = default_model()
+    out: dict[str, Any] = {"forms": {k: list(v[1]) for k, v in forms.items()}, "tasks": {}}
+    for name in TASKS:
+        base_path, ref_path = OUT / "runs" / f"{name}-base.json", OUT / "runs" / f"{name}-ref.json"
+        if not (base_path.is_file() and ref_path.is_file()):
+            continue
+        card = Card.load(OUT / "cards" / name / "card.json")
+        by_pos = {(u.layer, u.role): u.key for u in card.units}
+        base, ref = read_json(base_path), read_json(ref_path)
+        rows = []
+        for p in Q.GRID[1:]:
+            path = OUT / "runs" / f"{name}-{p.name}.json"
+            if not path.is_file():
+                continue
+            r = read_json(path)
+            f = features(card, {by_pos[(la, ro)]: rk for la, ro, rk in r["units"]}, score=model.score)
+            k = Q.coupled(card, card.coupling, r["units"], f)
+            measured = (base["test_loss"] - r["test_loss"]) / (base["test_loss"] - ref["test_loss"])
+            se = fraction_standard_error(
+                base["example_loss_sums"], ref["example_loss_sums"], r["example_loss_sums"]
+            )
+            rows.append(
+                {"name": p.name, "params_share": f.params, "bands": f.coverage, "k": k.k, "k_w": k.kw,
+                 "measured": measured, "measured_se": se, "expected_error": model.error(f),
+                 "predicted": {c: fn(f if x == "f" else k, prm) for c, (fn, prm, x) in forms.items()}}
+            )  # fmt: skip
+        measured, shares = [r["measured"] for r in rows], [r["params_share"] for r in rows]
+        per_form = {
+            c: {
+                "mae": statistics.fmean(abs(r["predicted"][c] - r["measured"]) for r in rows),
+                "regret": decision_regret([r["predicted"][c] for r in rows], measured, shares)[0],
+            }
+            for c in forms
+        }
+        low = [r for r in rows if r["bands"] < 0.5]
+        out["tasks"][name] = {
+            "placements": len(rows),
+            "reference_drop": base["test_loss"] - ref["test_loss"],
+            "target_tokens_per_example": statistics.fmean(base["example_tokens"]),
+            "mean_coupling": _mean_coupling(card),
+            "coupling_s": card.timings.get("coupling_s"),
+            "forms": per_form,
+            # predicted minus measured: how much more leaving depth out cost than the default expected
+            "default_shortfall_under_half_depth": statistics.fmean(
+                r["predicted"]["default"] - r["measured"] for r in low
+            ) if low else None,
+            "runs": rows,
+        }  # fmt: skip
+    if out["tasks"]:
+        out["mean"] = {
+            c: {
+                s: statistics.fmean(v["forms"][c][s] for v in out["tasks"].values())
+                for s in ("mae", "regret")
+            }
+            for c in forms
+        }
+    write_json(OUT / "fresh.json", out)
+    write_text(OUT / "fresh.md", _markdown(out))
+    return out
+
+
+def _mean_coupling(card: Any) -> float:
+    """The mean |cosine| between two different layers' effects: how alike the layers act on this task."""
+    import numpy as np
+
+    c = np.abs(np.asarray(card.coupling["matrix"], dtype=np.float64))
+    return float(c[~np.eye(len(c), dtype=bool)].mean())
+
+
+def _markdown(out: dict[str, Any]) -> str:
+    import quality as Q
+
+    names = list(out["forms"])
+    lines = [
+        "# Quality forms on two tasks none of them has seen",
+        "",
+        f"smollm2, quality.py's settings ({Q.STEPS} steps of batch {Q.BATCH}, lr {Q.LR:g}), its grid of "
+        f"placements, {TEST_EXAMPLES} test examples per task; every form frozen at the parameters committed "
+        "before these tasks were trained: "
+        + ", ".join(f"`{k}` ({', '.join(f'{x:g}' for x in v)})" for k, v in out["forms"].items())
+        + ". Cells: mean absolute error of the fraction / decision regret (as confirm.md).",
+        "",
+        "| task | placements | target tokens per example | mean layer coupling | default's shortfall under "
+        "half the depth | " + " | ".join(names) + " |",
+        "|---|---:|---:|---:|---:|" + "---:|" * len(names),
+    ]
+    for t, v in out["tasks"].items():
+        cells = [f"{v['forms'][c]['mae']:.3f} / {v['forms'][c]['regret']:.3f}" for c in names]
+        lines.append(f"| {t} | {v['placements']} | {v['target_tokens_per_example']:.1f} | "
+                     f"{v['mean_coupling']:.3f} | {v['default_shortfall_under_half_depth']:+.3f} | "
+                     + " | ".join(cells) + " |")  # fmt: skip
+    if "mean" in out:
+        m = out["mean"]
+        lines.append("| **mean** | | | | | " + " | ".join(
+            f"**{m[c]['mae']:.3f} / {m[c]['regret']:.3f}**" for c in names) + " |")  # fmt: skip
+    lines += [
+        "",
+        "| task | placement | params share | depth bands | k | k_w | measured ± sampling error | "
+        "expected error | " + " | ".join(names) + " |",
+        "|---|---|---:|---:|---:|---:|---:|---:|" + "---:|" * len(names),
+    ]
+    for t, v in out["tasks"].items():
+        for r in v["runs"]:
+            lines.append(
+                f"| {t} | {r['name']} | {r['params_share']:.3f} | {r['bands']:.2f} | {r['k']:.3f} | "
+                f"{r['k_w']:.3f} | {r['measured']:.3f} ± {r['measured_se']:.3f} | "
+                f"{r['expected_error']:.3f} | "
+                + " | ".join(f"{r['predicted'][c]:.3f}" for c in names) + " |"
+            )  # fmt: skip
+    lines.append("")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("what", choices=("run", "score"))
+    ap.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated of {', '.join(TASKS)}")
+    ap.add_argument("--only", default=None, help="comma-separated grid names")
+    a = ap.parse_args()
+    if a.what == "run":
+        for name in a.tasks.split(","):
+            if name not in TASKS:
+                raise SystemExit(f"--tasks: unknown task {name!r}; valid: {', '.join(TASKS)}")
+        run(a.tasks.split(","), set(a.only.split(",")) if a.only else None)
+    else:
+        res = score()
+        print({c: v for c, v in res.get("mean", {}).items()})
+
+
+if __name__ == "__main__":
+    main()
