@@ -46,7 +46,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "quality"
@@ -1375,6 +1375,33 @@ def _noisecurve_markdown(out: dict[str, Any], tasks: list[str], curve: dict[str,
     return "\n".join(lines)
 
 
+def _with_pooled_fits(
+    forms: dict[str, Any], data: dict[str, _Labels], scored: dict[str, dict[str, Any]]
+) -> dict[str, dict[str, Any]]:
+    """Per form and label set of ``data``: its cross-task scores (``scored``, from ``_cross_task``) with its
+    fit pooled on every task of that label set."""
+    from layercard.plan.quality import fit
+
+    out: dict[str, dict[str, Any]] = {}
+    for name, form in forms.items():
+        out[name] = {}
+        for label, d in data.items():
+            tasks = sorted(d)
+            xs = [x for t in tasks for _, x in d[t]]
+            params, err = fit(form, xs, [r["fraction"] for t in tasks for r, _ in d[t]])
+            out[name][label] = scored[label][name] | {"pooled": {"params": list(params), "fit_mae": err}}
+    return out
+
+
+def _rule_over(forms: dict[str, Any]) -> dict[str, Any]:
+    """``decide``'s rule over ``forms`` (each with "seed 0" and "seed mean" scores): every form's error and
+    regret, the eligible ones and the one chosen."""
+    mae = {n: r["seed 0"]["cross_task_mae"] for n, r in forms.items()}
+    regret = {n: r["seed mean"]["cross_task_regret"] for n, r in forms.items()}
+    eligible, chosen = decide_rule(mae, regret)
+    return {"mae_seed0": mae, "regret_seed_mean": regret, "eligible": eligible, "chosen": chosen}
+
+
 # The coverage penalty scaled by the task's gradient noise per batch example: the default's depth-coverage
 # exponent β becomes β·B_noise/B, so a task whose batches carry more noise (noise_scale.md) loses more for
 # each depth band a placement leaves out. B_noise/B adds no parameter; the forms are fitted as the card-only
@@ -1382,16 +1409,23 @@ def _noisecurve_markdown(out: dict[str, Any], tasks: list[str], curve: dict[str,
 NOISE_COVERAGE_BETA = tuple(round(0.05 * i, 3) for i in range(61))
 
 
-class _WithNoise(NamedTuple):
-    """A placement's features with its task's B_noise/B: what the noise-coverage forms read."""
+@dataclasses.dataclass(frozen=True)
+class _Wrapped:
+    """A placement's features with what a task-level form reads beside them."""
 
     f: Any
-    noise: float
 
     @property
     def params(self) -> float:
         """The placement's parameter share: the budget ``decision_regret`` is scored over."""
         return self.f.params
+
+
+@dataclasses.dataclass(frozen=True)
+class _WithNoise(_Wrapped):
+    """With its task's B_noise/B: what the noise-coverage forms read."""
+
+    noise: float
 
 
 def _noise_coverage_forms() -> dict[str, tuple[Any, tuple[tuple[float, ...], ...]]]:
@@ -1417,7 +1451,7 @@ def noisecoverage() -> dict[str, Any]:
     them and the card-only forms of decision.json together; each form's pooled seed-mean fit is what
     quality_confirm.py scores. Writes RESULTS/noisecoverage.json and .md."""
     from layercard.artifacts import read_json, write_json, write_text
-    from layercard.plan.quality import Form, fit
+    from layercard.plan.quality import Form
 
     labelled = _labelled()
     tasks = sorted(labelled["seed 0"])
@@ -1433,25 +1467,15 @@ def noisecoverage() -> dict[str, Any]:
     }
     candidates = {name: Form(name, name, fn, grid) for name, (fn, grid) in _noise_coverage_forms().items()}
     scored = {label: _cross_task(d, regret=True, forms=candidates) for label, d in data.items()}
-    forms: dict[str, Any] = {}
-    for name, form in candidates.items():
-        res: dict[str, Any] = {}
-        for label, d in data.items():
-            xs = [x for t in tasks for _, x in d[t]]
-            params, err = fit(form, xs, [r["fraction"] for t in tasks for r, _ in d[t]])
-            res[label] = scored[label][name] | {"pooled": {"params": list(params), "fit_mae": err}}
-        forms[name] = res
+    forms = _with_pooled_fits(candidates, data, scored)
     # decide's rule over these forms and the card-only ones it chose among
     card_only = read_json(RESULTS / "decision.json")["forms"]
-    mae = {n: r["seed 0"]["cross_task_mae"] for n, r in [*card_only.items(), *forms.items()]}
-    regret = {n: r["seed mean"]["cross_task_regret"] for n, r in [*card_only.items(), *forms.items()]}
-    eligible, chosen = decide_rule(mae, regret)
     out = {
         "steps": STEPS,
         "batch": BATCH,
         "noise_per_example_of_batch": noise,
         "forms": forms,
-        "rule": {"mae_seed0": mae, "regret_seed_mean": regret, "eligible": eligible, "chosen": chosen},
+        "rule": _rule_over({**card_only, **forms}),
     }
     write_json(RESULTS / "noisecoverage.json", out)
     write_text(RESULTS / "noisecoverage.md", _noisecoverage_markdown(out, tasks))
@@ -1525,17 +1549,12 @@ def coupling_coverage(coupling: Any, layers: Any, weights: Any = None) -> float:
     return float(np.minimum(c[:, s].max(axis=1), 1.0) @ w / w.sum())
 
 
-class _WithCoupling(NamedTuple):
-    """A placement's features with its coupling coverage, unweighted (k) and capacity-weighted (kw)."""
+@dataclasses.dataclass(frozen=True)
+class _WithCoupling(_Wrapped):
+    """With its coupling coverage, unweighted (k) and capacity-weighted (kw)."""
 
-    f: Any
     k: float
     kw: float
-
-    @property
-    def params(self) -> float:
-        """The placement's parameter share: the budget ``decision_regret`` is scored over."""
-        return self.f.params
 
 
 def _coupling_coverage_forms() -> dict[str, tuple[Any, tuple[tuple[float, ...], ...]]]:
@@ -1601,7 +1620,7 @@ def couplingcoverage() -> dict[str, Any]:
     and .md."""
     from layercard.artifacts import read_json, write_json, write_text
     from layercard.card import Card
-    from layercard.plan.quality import FORMS, Form, fit
+    from layercard.plan.quality import FORMS, Form
 
     cards = {t: Card.load(RESULTS / "cards" / t / "card.json") for t in TASKS}
     records = {t: read_json(COUPLED_CARDS / t / "coupling.json") for t in TASKS}
@@ -1621,21 +1640,12 @@ def couplingcoverage() -> dict[str, Any]:
     card_only = {n: Form(n, n, (lambda fn: lambda x, p: fn(x.f, p))(f.fn), f.grid) for n, f in FORMS.items()}
     every = {**card_only, **candidates}
     scored = {label: _cross_task(d, regret=True, forms=every) for label, d in {**labelled, **larger}.items()}
-    forms: dict[str, Any] = {}
-    for name, form in every.items():
-        res: dict[str, Any] = {}
-        for label, d in labelled.items():
-            xs = [x for t in tasks for _, x in d[t]]
-            params, err = fit(form, xs, [r["fraction"] for t in tasks for r, _ in d[t]])
-            res[label] = scored[label][name] | {"pooled": {"params": list(params), "fit_mae": err}}
-        for label in larger:
-            res[label] = scored[label][name]
-        forms[name] = res
-    mae = {n: r["seed 0"]["cross_task_mae"] for n, r in forms.items()}
-    regret = {n: r["seed mean"]["cross_task_regret"] for n, r in forms.items()}
-    eligible, chosen = decide_rule(mae, regret)
+    forms = _with_pooled_fits(every, labelled, scored)
+    for name in every:
+        forms[name] |= {label: scored[label][name] for label in larger}
+    rule = _rule_over(forms)
     decision = read_json(RESULTS / "decision.json")["forms"]
-    same = all(abs(decision[n]["seed 0"]["cross_task_mae"] - mae[n]) < 1e-12 for n in FORMS)
+    same = all(abs(decision[n]["seed 0"]["cross_task_mae"] - rule["mae_seed0"][n]) < 1e-12 for n in FORMS)
     out = {
         "steps": STEPS,
         "batch": BATCH,
@@ -1647,7 +1657,7 @@ def couplingcoverage() -> dict[str, Any]:
         "coupling_s": {t: r["timings"].get("coupling_s") for t, r in records.items()},
         "card_s": {t: r["timings"].get("total_s") for t, r in records.items()},
         "forms": forms,
-        "rule": {"mae_seed0": mae, "regret_seed_mean": regret, "eligible": eligible, "chosen": chosen},
+        "rule": rule,
     }
     write_json(RESULTS / "couplingcoverage.json", out)
     write_text(RESULTS / "couplingcoverage.md", _couplingcoverage_markdown(out, tasks, list(larger)))
