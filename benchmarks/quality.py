@@ -1393,6 +1393,20 @@ def _with_pooled_fits(
     return out
 
 
+def _rule_sentence(rule: dict[str, Any]) -> str:
+    """What ``_rule_over`` found, in one sentence for the markdown reports."""
+    return (
+        "decision.md's rule over these forms and the card-only ones together (least cross-task regret "
+        f"against seed means among the forms within {DECIDE_MAE_SLACK} of the least cross-task MAE against "
+        "seed 0): eligible "
+        + ", ".join(
+            f"`{n}` ({rule['mae_seed0'][n]:.3f} / {rule['regret_seed_mean'][n]:.3f})"
+            for n in rule["eligible"]
+        )
+        + f"; chosen **`{rule['chosen']}`**."
+    )
+
+
 def _rule_over(forms: dict[str, Any]) -> dict[str, Any]:
     """``decide``'s rule over ``forms`` (each with "seed 0" and "seed mean" scores): every form's error and
     regret, the eligible ones and the one chosen."""
@@ -1516,14 +1530,7 @@ def _noisecoverage_markdown(out: dict[str, Any], tasks: list[str]) -> str:
         )
     lines += [
         "",
-        "decision.md's rule over these forms and the card-only ones together (least cross-task regret "
-        f"against seed means among the forms within {DECIDE_MAE_SLACK} of the least cross-task MAE against "
-        "seed 0): eligible "
-        + ", ".join(
-            f"`{n}` ({rule['mae_seed0'][n]:.3f} / {rule['regret_seed_mean'][n]:.3f})"
-            for n in rule["eligible"]
-        )
-        + f"; chosen **`{rule['chosen']}`**. Frozen at their pooled seed-mean fits, the forms are scored "
+        _rule_sentence(rule) + " Frozen at their pooled seed-mean fits, the forms are scored "
         "once on the four tasks fitted on none in confirm.md (columns `noise-cov…`).",
         "",
     ]
@@ -1704,14 +1711,7 @@ def _couplingcoverage_markdown(out: dict[str, Any], tasks: list[str], larger: li
         "Larger-set cells: cross-task MAE / regret on the larger test sets, fractions against the mean of "
         "the reference's drops over its seeds (wide.md, second section); reported, not used to choose.",
         "",
-        "decision.md's rule over these forms and the card-only ones together (least cross-task regret "
-        f"against seed means among the forms within {DECIDE_MAE_SLACK} of the least cross-task MAE against "
-        "seed 0): eligible "
-        + ", ".join(
-            f"`{n}` ({rule['mae_seed0'][n]:.3f} / {rule['regret_seed_mean'][n]:.3f})"
-            for n in rule["eligible"]
-        )
-        + f"; chosen **`{rule['chosen']}`**.",
+        _rule_sentence(rule),
         "",
         "Each placement's coverages (k, k_w, share of depth bands):",
         "",
