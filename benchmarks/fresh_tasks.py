@@ -1,5 +1,5 @@
-"""The quality forms, frozen, on two tasks none of them has seen: every placement of quality.py's grid trained
-on each, its measured fraction set against every form's prediction.
+"""The quality forms, frozen, on three tasks none of them has seen: every placement of quality.py's grid
+trained on each, its measured fraction set against every form's prediction.
 
 The tasks are built at run time from the project's data folder (nothing is copied), with field mappings that
 make them tasks of their own:
@@ -9,6 +9,9 @@ make them tasks of their own:
   Trained on e2e_nlg's validation split, tested on its test split.
 - ``gsm8k_answer``: a gsm8k question answered with its final number alone, no working: one to four target
   tokens. Trained on gsm8k's train split, tested on its test split.
+- ``samsum_expand``: samsum turned round. The input is a one- or two-sentence summary, the target the chat
+  conversation it summarises: long, free generation (cut at 192 tokens with its prompt). Trained on
+  samsum's validation split, tested on its test split.
 
 Settings are quality.py's (36 steps of batch 4, AdamW lr 2e-3 constant, LoRA alpha = 2·rank, seed 0, 1000
 training examples; the card: 32 examples, all linear roles, exact covariances), with the layer coupling
@@ -56,6 +59,8 @@ TASKS = {
               "Write the meaning representation of this restaurant description.\n{input}", 128),
         Fresh("gsm8k_answer", "gsm8k", "train", "test", (("target", "final_answer"),),
               "{input}\nAnswer with the number only.", 192),
+        Fresh("samsum_expand", "samsum", "validation", "test", (("input", "target"), ("target", "input")),
+              "Write a chat conversation that this summary describes.\n{input}", 192),
     )
 }  # fmt: skip
 
@@ -263,7 +268,7 @@ def _markdown(out: dict[str, Any]) -> str:
 
     names = list(out["forms"])
     lines = [
-        "# Quality forms on two tasks none of them has seen",
+        "# Quality forms on three tasks none of them has seen",
         "",
         f"smollm2, quality.py's settings ({Q.STEPS} steps of batch {Q.BATCH}, lr {Q.LR:g}), its grid of "
         f"placements, {TEST_EXAMPLES} test examples per task; every form frozen at the parameters committed "
