@@ -287,6 +287,25 @@ def test_search_policies_build_plans_and_a_comparison():
     assert R.RULES == ("peft-default", "all-linear", "last-n")
 
 
+def test_plans_caution_where_targets_are_long():
+    from layercard.config import PlanConfig
+    from layercard.plan import make_plan
+
+    short = _card()  # 10 target tokens over the examples below
+    short = dataclasses.replace(short, task={**short.task, "n_examples": 1})
+    long = dataclasses.replace(
+        short, n_target_tokens=int(Q.LONG_TARGETS) * 4 + 4, task={**short.task, "n_examples": 4}
+    )
+    assert Q.target_length_warning(short) is None
+    assert Q.target_length_warning(_card()) is None  # a card that does not say how many examples it read
+    text = Q.target_length_warning(long)
+    assert text is not None and "65 target tokens per example" in text
+    plan = make_plan(long, PlanConfig(policy="recommend", budget="params=0.25x"))
+    assert text in plan.warnings
+    plain = make_plan(short, PlanConfig(policy="recommend", budget="params=0.25x"))
+    assert not any("target tokens" in w for w in plain.warnings)
+
+
 def test_target_gives_the_cheapest_placement_predicted_to_reach_it():
     from layercard.config import PlanConfig
     from layercard.plan import make_plan

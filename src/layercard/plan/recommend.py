@@ -207,7 +207,8 @@ def search_plan(
         predicted=pred,
         lora_config=lora_config(planned, cfg.alpha, cfg.dropout),
         adapter_config=None,
-        warnings=[] if model.is_fitted else [f"quality model: {model.basis}"],
+        warnings=([] if model.is_fitted else [f"quality model: {model.basis}"])
+        + [w for w in (Q.target_length_warning(card),) if w],
     )
 
 
