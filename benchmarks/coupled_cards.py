@@ -42,7 +42,7 @@ def _largest_difference(a: Any, b: Any) -> float:
     worst = 0.0
     for u in a.units:
         v = rows_b[u.key]
-        pairs = [(getattr(u, s), getattr(v, s)) for s in STATS if hasattr(u, s)]
+        pairs = [(getattr(u, s), getattr(v, s)) for s in STATS]
         pairs += [(float(x), float(v.captured[k])) for k, x in u.captured.items()]
         for x, y in pairs:
             worst = max(worst, abs(x - y) / max(abs(x), abs(y), 1e-12))
