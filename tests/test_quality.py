@@ -290,6 +290,7 @@ def test_search_policies_build_plans_and_a_comparison():
 def test_plans_caution_where_targets_are_long():
     from layercard.config import PlanConfig
     from layercard.plan import make_plan
+    from layercard.plan.recommend import search_plan
 
     short = _card()  # 10 target tokens over the examples below
     short = dataclasses.replace(short, task={**short.task, "n_examples": 1})
@@ -304,6 +305,10 @@ def test_plans_caution_where_targets_are_long():
     assert text in plan.warnings
     plain = make_plan(short, PlanConfig(policy="recommend", budget="params=0.25x"))
     assert not any("target tokens" in w for w in plain.warnings)
+    # the caution's figures belong to the default model; a plan made with another says nothing of them
+    other = Q.QualityModel("params", (0.5,), expected_error=0.05, basis="test")
+    cfg = PlanConfig(policy="recommend", budget="params=0.25x")
+    assert not any("target tokens" in w for w in search_plan(long, cfg, model=other).warnings)
 
 
 def test_target_gives_the_cheapest_placement_predicted_to_reach_it():

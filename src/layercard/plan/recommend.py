@@ -184,6 +184,10 @@ def search_plan(
         pred["recommendation"] = target_sentence(chosen, defaults, cfg.target, kind, search.reference)
         if kind not in pred["frontier"]:
             pred["frontier"][kind] = [F.summary_row(c, search.reference) for c in search.frontier(kind)]
+    warnings = [] if model.is_fitted else [f"quality model: {model.basis}"]
+    # the caution's figures were measured with the default model
+    long_targets = Q.target_length_warning(card) if model == Q.default_model() else None
+    warnings += [long_targets] if long_targets else []
     config = {
         "policy": cfg.policy,
         "budget": str(cfg.budget) if cfg.budget is not None else None,
@@ -207,8 +211,7 @@ def search_plan(
         predicted=pred,
         lora_config=lora_config(planned, cfg.alpha, cfg.dropout),
         adapter_config=None,
-        warnings=([] if model.is_fitted else [f"quality model: {model.basis}"])
-        + [w for w in (Q.target_length_warning(card),) if w],
+        warnings=warnings,
     )
 
 
