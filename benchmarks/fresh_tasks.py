@@ -19,6 +19,7 @@ measured in the same card, and 128 test examples per task. One JSON per run unde
 results/quality/fresh/runs/, so the script resumes where it stopped.
 
     LAYERCARD_DATA=../shared/data .venv/bin/python benchmarks/fresh_tasks.py run [--tasks ...] [--only ...]
+        [--seed N]                                       # another training seed, under runs/seed{N}/
     .venv/bin/python benchmarks/fresh_tasks.py score     # results/quality/fresh/fresh.{json,md}
 """
 
@@ -93,7 +94,13 @@ def _card(loaded: Any, train: Any, t: Fresh) -> Any:
     return Q.cached_card(loaded, train, cfg, OUT / "cards" / t.name)
 
 
-def run(tasks: list[str], only: set[str] | None) -> None:
+def _run_path(task: str, name: str, seed: int) -> Path:
+    """A run's record: seed 0's under OUT/runs/, another training seed's under OUT/runs/seed{N}/."""
+    folder = OUT / "runs" if seed == 0 else OUT / "runs" / f"seed{seed}"
+    return folder / f"{task}-{name}.json"
+
+
+def run(tasks: list[str], only: set[str] | None, seed: int = 0) -> None:
     import quality as Q
     import torch
 
@@ -115,17 +122,17 @@ def run(tasks: list[str], only: set[str] | None) -> None:
             write_json(base_path, {"task": name, "name": "base", **losses, "test_data": test.data_hash})
         print(f"{name}: base test loss {read_json(base_path)['test_loss']:.4f}", flush=True)
         for p in Q.GRID:
-            path = OUT / "runs" / f"{name}-{p.name}.json"
+            path = _run_path(name, p.name, seed)
             if (only is not None and p.name not in only) or path.is_file():
                 continue
-            plan, cfg = Q._plan_and_settings(card, s, p, Q.SEED)
+            plan, cfg = Q._plan_and_settings(card, s, p, seed)
             t0 = time.perf_counter()
             with tempfile.TemporaryDirectory(prefix="fresh-") as tmp:
                 metrics = train(loaded, plan, train_task, None, cfg, tmp, progress=False)
                 losses = _example_losses(loaded, test, t, Path(tmp) / "adapter")
             write_json(
                 path,
-                {"task": name, "name": p.name, "seed": Q.SEED, "steps": Q.STEPS,
+                {"task": name, "name": p.name, "seed": seed, "steps": Q.STEPS,
                  "placement": dataclasses.asdict(p), "layers": plan.layers,
                  "units": [[u.layer, u.role, u.rank] for u in plan.units],
                  "params": plan.predicted["params"], **losses, "s_per_step": metrics["s_per_step"],
@@ -133,7 +140,7 @@ def run(tasks: list[str], only: set[str] | None) -> None:
                  "threads": torch.get_num_threads(), "machine": machine_info()},
             )  # fmt: skip
             took = time.perf_counter() - t0
-            print(f"{name} {p.name}: test loss {losses['test_loss']:.4f}, "
+            print(f"{name} {p.name} seed {seed}: test loss {losses['test_loss']:.4f}, "
                   f"{metrics['s_per_step']:.2f} s/step, {took:.0f} s", flush=True)  # fmt: skip
 
 
@@ -223,6 +230,7 @@ def score() -> dict[str, Any]:
             for c in forms
         }
         low = [r for r in rows if r["bands"] < 0.5]
+        repeats = _repeats(name, base["test_loss"])
         out["tasks"][name] = {
             "placements": len(rows),
             "reference_drop": base["test_loss"] - ref["test_loss"],
@@ -235,6 +243,7 @@ def score() -> dict[str, Any]:
                 r["predicted"]["default"] - r["measured"] for r in low
             ) if low else None,
             "runs": rows,
+            "repeats": repeats,
         }  # fmt: skip
     if out["tasks"]:
         out["mean"] = {
@@ -247,6 +256,32 @@ def score() -> dict[str, Any]:
     write_json(OUT / "fresh.json", out)
     write_text(OUT / "fresh.md", _markdown(out))
     return out
+
+
+def _repeats(task: str, base: float) -> dict[str, Any] | None:
+    """The placements also trained at other seeds (``run --seed N``): each one's fraction per seed, against
+    its own seed's reference and against the mean of the reference's drops; None when there are none."""
+    import quality as Q
+
+    from layercard.artifacts import read_json
+
+    seeds = sorted(int(d.name[4:]) for d in (OUT / "runs").glob("seed*") if d.is_dir())
+    losses = {
+        (p.name, sd): float(read_json(path)["test_loss"])
+        for sd in [0, *seeds]
+        for p in Q.GRID
+        if (path := _run_path(task, p.name, sd)).is_file()
+    }
+    repeated = {n for n, sd in losses if sd != 0}
+    if not seeds or "ref" not in repeated:
+        return None
+    losses = {k: v for k, v in losses.items() if k[0] in repeated}
+    refs = {sd: base - v for (n, sd), v in losses.items() if n == "ref"}
+    return {
+        "reference_drop": refs,
+        "own": Q.seed_fractions(base, losses, "own"),
+        "mean": Q.seed_fractions(base, losses, "mean"),
+    }
 
 
 def _mean_coupling(card: Any) -> float:
@@ -297,6 +332,21 @@ def _markdown(out: dict[str, Any]) -> str:
                 f"{r['expected_error']:.3f} | "
                 + " | ".join(f"{r['predicted'][c]:.3f}" for c in names) + " |"
             )  # fmt: skip
+    for t, v in out["tasks"].items():
+        rep = v.get("repeats")
+        if not rep:
+            continue
+        drops = ", ".join(f"seed {sd}: {x:.3f}" for sd, x in rep["reference_drop"].items())
+        lines += ["", f"**{t}, repeated at other training seeds.** The reference's drop: {drops} nats.", "",
+                  "| placement | fraction per seed, against its seed's reference | against the mean "
+                  "reference |",
+                  "|---|---|---|"]  # fmt: skip
+        for name, own in rep["own"].items():
+            mean = rep["mean"][name]
+            lines.append(
+                f"| {name} | " + ", ".join(f"{sd}: {x:.3f}" for sd, x in own.items()) + " | "
+                + ", ".join(f"{sd}: {x:.3f}" for sd, x in mean.items()) + " |"
+            )  # fmt: skip
     lines.append("")
     return "\n".join(lines)
 
@@ -306,12 +356,15 @@ def main() -> None:
     ap.add_argument("what", choices=("run", "score"))
     ap.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated of {', '.join(TASKS)}")
     ap.add_argument("--only", default=None, help="comma-separated grid names")
+    ap.add_argument(
+        "--seed", type=int, default=0, help="training seed of `run` (default 0; others under runs/seed{N}/)"
+    )
     a = ap.parse_args()
     if a.what == "run":
         for name in a.tasks.split(","):
             if name not in TASKS:
                 raise SystemExit(f"--tasks: unknown task {name!r}; valid: {', '.join(TASKS)}")
-        run(a.tasks.split(","), set(a.only.split(",")) if a.only else None)
+        run(a.tasks.split(","), set(a.only.split(",")) if a.only else None, a.seed)
     else:
         res = score()
         print({c: v for c, v in res.get("mean", {}).items()})
