@@ -35,3 +35,27 @@ def test_a_missing_dataset_names_where_it_looked(fresh, monkeypatch, tmp_path):
     monkeypatch.setenv("LAYERCARD_DATA", str(tmp_path))
     with pytest.raises(SystemExit, match="e2e_nlg/test.jsonl not found"):
         fresh.load(fresh.TASKS["e2e_parse"], "test")
+
+
+def test_repeats_read_each_seed_against_its_own_and_the_mean_reference(fresh, monkeypatch, tmp_path):
+    import json
+
+    monkeypatch.setattr(fresh, "OUT", tmp_path)
+    losses = {
+        ("ref", 0): 1.0,
+        ("ref", 1): 1.2,
+        ("qv-all-r8", 0): 1.5,
+        ("qv-all-r8", 1): 1.5,
+        ("lin-all-r2", 0): 1.1,
+    }
+    for (name, seed), loss in losses.items():
+        path = fresh._run_path("t", name, seed)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"test_loss": loss}))
+    rep = fresh._repeats("t", base=2.0)
+    assert rep["reference_drop"] == {0: pytest.approx(1.0), 1: pytest.approx(0.8)}
+    assert set(rep["own"]) == {"qv-all-r8"}  # only the placements repeated at another seed
+    assert rep["own"]["qv-all-r8"] == {0: pytest.approx(0.5), 1: pytest.approx(0.625)}
+    assert rep["mean"]["qv-all-r8"] == {0: pytest.approx(0.5 / 0.9), 1: pytest.approx(0.5 / 0.9)}
+    (tmp_path / "runs" / "seed1" / "t-ref.json").unlink()
+    assert fresh._repeats("t", base=2.0) is None  # no reference at the other seed: nothing to read against
