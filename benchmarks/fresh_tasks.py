@@ -203,6 +203,7 @@ def score() -> dict[str, Any]:
             continue
         card = Card.load(OUT / "cards" / name / "card.json")
         by_pos = {(u.layer, u.role): u.key for u in card.units}
+        basis = Q.coupling_basis(card, card.coupling)
         base, ref = read_json(base_path), read_json(ref_path)
         rows = []
         for p in Q.GRID[1:]:
@@ -211,7 +212,7 @@ def score() -> dict[str, Any]:
                 continue
             r = read_json(path)
             f = features(card, {by_pos[(la, ro)]: rk for la, ro, rk in r["units"]}, score=model.score)
-            k = Q.coupled(card, card.coupling, r["units"], f)
+            k = Q.coupled(basis, r["units"], f)
             measured = (base["test_loss"] - r["test_loss"]) / (base["test_loss"] - ref["test_loss"])
             se = fraction_standard_error(
                 base["example_loss_sums"], ref["example_loss_sums"], r["example_loss_sums"]

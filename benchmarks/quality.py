@@ -46,7 +46,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "quality"
@@ -1593,8 +1593,8 @@ def layer_weights(card: Any) -> list[float]:
 
 
 def read_coupling(path: Path, card: Any) -> dict[str, Any]:
-    """The layer coupling coupled_cards.py measured for ``card`` (its coupling.json at ``path``), checked to
-    cover every layer and to come from the same model and probe examples as the card."""
+    """coupled_cards.py's record for ``card`` (its coupling.json at ``path``: the coupling, the timings),
+    checked to cover every layer and to come from the same model and probe examples as the card."""
     from layercard.artifacts import read_json
 
     if not path.is_file():
@@ -1604,18 +1604,30 @@ def read_coupling(path: Path, card: Any) -> dict[str, Any]:
         raise SystemExit(f"{path}: measured on another model or other probe examples than its card")
     if [int(x) for x in rec["coupling"]["layers"]] != list(range(card.n_layers)):
         raise SystemExit(f"{path}: the coupling does not cover every layer")
-    return rec["coupling"]
+    return rec
 
 
-def coupled(card: Any, coupling: dict[str, Any], units: Any, f: Any) -> _WithCoupling:
-    """``f`` of the placement ``units`` ((layer, role, rank) rows) with its coupling coverages: ``coupling``
-    (read_coupling) over ``card``'s layers, weighted by ``card``'s capacity for k_w."""
+class CouplingBasis(NamedTuple):
+    """What a card's coupling coverages read, computed once per card: the |cosine| matrix over every layer
+    and each layer's capacity weight (``layer_weights``)."""
+
+    matrix: Any
+    weights: list[float]
+
+
+def coupling_basis(card: Any, coupling: dict[str, Any]) -> CouplingBasis:
+    """``coupling`` (a card's coupling block) over ``card``'s layers, with ``card``'s layer weights."""
     import numpy as np
 
-    mat = np.asarray(coupling["matrix"], dtype=np.float64)
+    return CouplingBasis(np.asarray(coupling["matrix"], dtype=np.float64), layer_weights(card))
+
+
+def coupled(basis: CouplingBasis, units: Any, f: Any) -> _WithCoupling:
+    """``f`` of the placement ``units`` ((layer, role, rank) rows) with its coupling coverages on ``basis``,
+    unweighted and weighted by the layers' capacity (k_w)."""
     layers = [int(layer) for layer, _role, _rank in units]
-    weighted = coupling_coverage(mat, layers, layer_weights(card))
-    return _WithCoupling(f, coupling_coverage(mat, layers), weighted)
+    weighted = coupling_coverage(basis.matrix, layers, basis.weights)
+    return _WithCoupling(f, coupling_coverage(basis.matrix, layers), weighted)
 
 
 def couplingcoverage() -> dict[str, Any]:
@@ -1630,14 +1642,11 @@ def couplingcoverage() -> dict[str, Any]:
     from layercard.plan.quality import FORMS, Form
 
     cards = {t: Card.load(RESULTS / "cards" / t / "card.json") for t in TASKS}
-    records = {t: read_json(COUPLED_CARDS / t / "coupling.json") for t in TASKS}
-    coupling = {t: read_coupling(COUPLED_CARDS / t / "coupling.json", cards[t]) for t in TASKS}
+    records = {t: read_coupling(COUPLED_CARDS / t / "coupling.json", cards[t]) for t in TASKS}
+    bases = {t: coupling_basis(cards[t], records[t]["coupling"]) for t in TASKS}
 
     def wrap(by_task: _Labels) -> _Labels:
-        return {
-            t: [(r, coupled(cards[t], coupling[t], r["units"], f)) for r, f in pairs]
-            for t, pairs in by_task.items()
-        }
+        return {t: [(r, coupled(bases[t], r["units"], f)) for r, f in pairs] for t, pairs in by_task.items()}
 
     labelled = {label: wrap(d) for label, d in _labelled().items()}
     _, wide_labels = _wide_labels(run_seeds(RESULTS / "runs" / "wide"), "mean")

@@ -302,20 +302,17 @@ def _wide_forms() -> dict[str, tuple[Any, tuple[float, ...]]]:
     return {WIDE_COLUMN: (ALL_FORMS[dec["chosen"]].fn, tuple(dec["params"]))} if dec else {}
 
 
-def _coupling_forms() -> tuple[dict[str, tuple[Any, tuple[float, ...]]], dict[str, Any]]:
-    """The coupling-coverage forms with their frozen parameters, by column name, and the layer coupling of
-    each task's placement_v2 card; both empty until couplingcoverage.json and every coupling are written."""
+def _coupling_forms() -> tuple[dict[str, tuple[Any, tuple[float, ...]]], dict[str, Path]]:
+    """The coupling-coverage forms with their frozen parameters, by column name, and where each task's
+    placement_v2 card has its layer coupling; both empty until couplingcoverage.json and every coupling are
+    written."""
     import placement_v2 as P
     import quality as Q
-
-    from layercard.card import Card
 
     paths = {t: OUT / "coupled_cards" / "placement_v2" / t / "coupling.json" for t in P.TASKS}
     if not (OUT / "couplingcoverage.json").is_file() or not all(p.is_file() for p in paths.values()):
         return {}, {}
-    forms = _frozen("couplingcoverage.json", Q._coupling_coverage_forms(), COUPLING_FORMS)
-    cards = {t: Card.load(P.RESULTS / "cards" / t / "card.json") for t in P.TASKS}
-    return forms, {t: Q.read_coupling(p, cards[t]) for t, p in paths.items()}
+    return _frozen("couplingcoverage.json", Q._coupling_coverage_forms(), COUPLING_FORMS), paths
 
 
 def score() -> dict[str, Any]:
@@ -333,7 +330,7 @@ def score() -> dict[str, Any]:
     noise_forms, slowdown = _noise_forms()
     cov_forms = _noise_coverage_forms()
     wide_forms = _wide_forms()
-    coupling_forms, couplings = _coupling_forms()
+    coupling_forms, coupling_paths = _coupling_forms()
     frozen = [*noise_forms.items(), *cov_forms.items(), *wide_forms.items(), *coupling_forms.items()]
     others_all = {**others, **{col: p for col, (_, p) in frozen}}
     out: dict[str, Any] = {
@@ -347,6 +344,8 @@ def score() -> dict[str, Any]:
     for task, facts in summary["tasks"].items():
         card = Card.load(P.RESULTS / "cards" / task / "card.json")
         by_pos = {(u.layer, u.role): u.key for u in card.units}
+        if coupling_paths:
+            basis = Q.coupling_basis(card, Q.read_coupling(coupling_paths[task], card)["coupling"])
         base, ref = float(facts["base_loss"]), float(facts["reference_loss"])
         rows, band_rows = [], []
         v2 = placements(task)
@@ -370,7 +369,7 @@ def score() -> dict[str, Any]:
             noisy |= {col: fn(with_noise, p) for col, (fn, p) in cov_forms.items()}
             noisy |= {col: fn(f, p) for col, (fn, p) in wide_forms.items()}
             if coupling_forms:
-                with_k = Q.coupled(card, couplings[task], p["units"], f)
+                with_k = Q.coupled(basis, p["units"], f)
                 noisy |= {col: fn(with_k, q) for col, (fn, q) in coupling_forms.items()}
             rows.append(
                 {
