@@ -1,4 +1,4 @@
-"""The quality forms, frozen, on three tasks none of them has seen: every placement of quality.py's grid
+"""The quality forms, frozen, on tasks none of them has seen: every placement of quality.py's grid
 trained on each, its measured fraction set against every form's prediction.
 
 The tasks are built at run time from the project's data folder (nothing is copied), with field mappings that
@@ -12,6 +12,14 @@ make them tasks of their own:
 - ``samsum_expand``: samsum turned round. The input is a one- or two-sentence summary, the target the chat
   conversation it summarises: long, free generation (cut at 192 tokens with its prompt). Trained on
   samsum's validation split, tested on its test split.
+- ``gsm8k_pose``: a gsm8k final answer turned into the word problem it answers: free generation of about
+  62 target tokens from a prompt that carries only a number. Trained on gsm8k's train split, tested on its
+  test split.
+- ``sst2_write``: an sst2 label turned into a line of a review with that sentiment: short free generation
+  (about 13 target tokens in the train split's phrases, 24 in the validation split's sentences). Trained on
+  sst2's train split, tested on its validation split.
+
+The first three were defined together; the last two later, before any of their runs.
 
 Settings are quality.py's (36 steps of batch 4, AdamW lr 2e-3 constant, LoRA alpha = 2·rank, seed 0, 1000
 training examples; the card: 32 examples, all linear roles, exact covariances), with the layer coupling
@@ -62,6 +70,10 @@ TASKS = {
               "{input}\nAnswer with the number only.", 192),
         Fresh("samsum_expand", "samsum", "validation", "test", (("input", "target"), ("target", "input")),
               "Write a chat conversation that this summary describes.\n{input}", 192),
+        Fresh("gsm8k_pose", "gsm8k", "train", "test", (("input", "final_answer"), ("target", "input")),
+              "Write a math word problem whose answer is {input}.", 160),
+        Fresh("sst2_write", "sst2", "train", "validation", (("input", "target"), ("target", "input")),
+              "Write a {input} line from a movie review.", 96),
     )
 }  # fmt: skip
 
@@ -159,8 +171,9 @@ def _example_losses(loaded: Any, test: Any, t: Fresh, adapter: Path | None) -> d
 
 def frozen_forms() -> dict[str, tuple[Any, tuple[float, ...], str]]:
     """Every form scored on the fresh tasks, by column: (q = fn(x, params), params, what x is: "f" for the
-    card features, "k" for them with the coupling coverages); parameters as committed before these tasks
-    were trained (decision.json, wide.json, couplingcoverage.json)."""
+    card features, "k" for them with the coupling coverages, "t" with the task's target statistics);
+    parameters as committed before the tasks they are scored on were trained (decision.json, wide.json,
+    couplingcoverage.json; targetcoverage.json before gsm8k_pose and sst2_write)."""
     import quality as Q
     import quality_confirm as C
 
@@ -181,13 +194,15 @@ def frozen_forms() -> dict[str, tuple[Any, tuple[float, ...], str]]:
     out |= {col: (fn, params, "f") for col, (fn, params) in C._wide_forms().items()}
     coupled = C._frozen("couplingcoverage.json", Q._coupling_coverage_forms(), C.COUPLING_FORMS)
     out |= {col: (fn, params, "k") for col, (fn, params) in coupled.items()}
-    return out
+    target, _ = C.target_forms()
+    return out | {col: (fn, params, "t") for col, (fn, params) in target.items()}
 
 
 def score() -> dict[str, Any]:
     """Every frozen form's mean absolute error and decision regret on each fresh task's placements, with the
     measured fractions and their sampling errors. Writes OUT/fresh.json and .md."""
     import quality as Q
+    import quality_confirm as C
 
     from layercard.artifacts import read_json, write_json, write_text
     from layercard.card import Card
@@ -195,6 +210,7 @@ def score() -> dict[str, Any]:
     from layercard.plan.quality import decision_regret, default_model, features
 
     forms = frozen_forms()
+    _, target_scales = C.target_forms()
     model = default_model()
     out: dict[str, Any] = {"forms": {k: list(v[1]) for k, v in forms.items()}, "tasks": {}}
     for name in TASKS:
@@ -212,16 +228,21 @@ def score() -> dict[str, Any]:
                 continue
             r = read_json(path)
             f = features(card, {by_pos[(la, ro)]: rk for la, ro, rk in r["units"]}, score=model.score)
-            k = Q.coupled(basis, r["units"], f)
+            x = {"f": f, "k": Q.coupled(basis, r["units"], f)}
+            if target_scales:
+                x["t"] = Q._WithScale(f, target_scales[name])
             measured = (base["test_loss"] - r["test_loss"]) / (base["test_loss"] - ref["test_loss"])
             se = fraction_standard_error(
                 base["example_loss_sums"], ref["example_loss_sums"], r["example_loss_sums"]
             )
             rows.append(
-                {"name": p.name, "params_share": f.params, "bands": f.coverage, "k": k.k, "k_w": k.kw,
+                {"name": p.name, "params_share": f.params, "bands": f.coverage, "k": x["k"].k,
+                 "k_w": x["k"].kw,
                  "measured": measured, "measured_se": se, "expected_error": model.error(f),
-                 "predicted": {c: fn(f if x == "f" else k, prm) for c, (fn, prm, x) in forms.items()}}
+                 "predicted": {c: fn(x[kind], prm) for c, (fn, prm, kind) in forms.items()}}
             )  # fmt: skip
+        if not rows:
+            continue
         measured, shares = [r["measured"] for r in rows], [r["params_share"] for r in rows]
         per_form = {
             c: {
@@ -298,7 +319,7 @@ def _markdown(out: dict[str, Any]) -> str:
 
     names = list(out["forms"])
     lines = [
-        "# Quality forms on three tasks none of them has seen",
+        "# Quality forms on tasks none of them has seen",
         "",
         f"smollm2, quality.py's settings ({Q.STEPS} steps of batch {Q.BATCH}, lr {Q.LR:g}), its grid of "
         f"placements, {TEST_EXAMPLES} test examples per task; every form frozen at the parameters committed "

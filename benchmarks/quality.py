@@ -19,6 +19,7 @@ script resumes where it stopped; the summary is rebuilt from them by ``summary``
     .venv/bin/python benchmarks/quality.py noise --scheduler linear
     .venv/bin/python benchmarks/quality.py noisecoverage
     .venv/bin/python benchmarks/quality.py couplingcoverage    # after coupled_cards.py
+    .venv/bin/python benchmarks/quality.py targetcoverage      # after target_stats.py
     .venv/bin/python benchmarks/quality.py run --steps 108 --only NAME,... && ... longer --steps 108
 
 ``--seed N`` (N > 0) repeats runs with another training seed (data order and LoRA initialisation; the test
@@ -1436,75 +1437,141 @@ class _Wrapped:
 
 
 @dataclasses.dataclass(frozen=True)
-class _WithNoise(_Wrapped):
-    """With its task's B_noise/B: what the noise-coverage forms read."""
+class _WithScale(_Wrapped):
+    """With task-level numbers by name (B_noise/B, the target statistics): what the scaled-coverage forms
+    read."""
 
-    noise: float
+    scale: dict[str, float]
 
 
-def _noise_coverage_forms() -> dict[str, tuple[Any, tuple[tuple[float, ...], ...]]]:
-    """Each noise-coverage form's q = fn(x, params) on a :class:`_WithNoise` and its parameter grids."""
+def _scaled_coverage_forms(key: str) -> dict[str, tuple[Any, tuple[tuple[float, ...], ...]]]:
+    """Each form whose depth-coverage exponent β is scaled by the task's ``key`` (a :class:`_WithScale`
+    entry): q = fn(x, params) and its parameter grids."""
     from layercard.plan.quality import _GAMMA, WEIGHT_POWERS, _power
 
     def cov(x: Any, beta: float) -> float:
-        return _power(x.f.coverage, beta * x.noise)
+        return _power(x.f.coverage, beta * x.scale[key])
 
     return {
-        "capacity × coverage^(β·B_noise/B)": (
+        f"capacity × coverage^(β·{key})": (
             lambda x, p: _power(x.f.capacity_at(p[0]), p[1]) * cov(x, p[2]),
             (WEIGHT_POWERS, _GAMMA, NOISE_COVERAGE_BETA)),
-        "share × coverage^(β·B_noise/B)": (
+        f"share × coverage^(β·{key})": (
             lambda x, p: _power(x.f.params, p[0]) * cov(x, p[1]), (_GAMMA, NOISE_COVERAGE_BETA)),
-        "coverage^(β·B_noise/B)": (lambda x, p: cov(x, p[0]), (NOISE_COVERAGE_BETA,)),
+        f"coverage^(β·{key})": (lambda x, p: cov(x, p[0]), (NOISE_COVERAGE_BETA,)),
     }  # fmt: skip
 
 
-def noisecoverage() -> dict[str, Any]:
-    """The noise-coverage forms fitted on one task and scored on the other (error against seed 0 and seed
-    means, regret against seed means, as ``decide`` scores the card-only forms), then ``decide``'s rule over
-    them and the card-only forms of decision.json together; each form's pooled seed-mean fit is what
-    quality_confirm.py scores. Writes RESULTS/noisecoverage.json and .md."""
-    from layercard.artifacts import read_json, write_json, write_text
+NOISE_KEY = "B_noise/B"
+
+
+def _noise_coverage_forms() -> dict[str, tuple[Any, tuple[tuple[float, ...], ...]]]:
+    """Each noise-coverage form's q = fn(x, params) on a :class:`_WithScale` and its parameter grids."""
+    return _scaled_coverage_forms(NOISE_KEY)
+
+
+def _scaled_coverage(scales: dict[str, dict[str, float]]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The scaled-coverage forms of every key of ``scales`` (task -> key -> value) fitted on one task and
+    scored on the other (error against seed 0 and seed means, regret against seed means, as ``decide``
+    scores the card-only forms), with each form's pooled seed-mean fit, and ``decide``'s rule over them and
+    the card-only forms of decision.json together."""
+    from layercard.artifacts import read_json
     from layercard.plan.quality import Form
 
     labelled = _labelled()
-    tasks = sorted(labelled["seed 0"])
+    keys = list(next(iter(scales.values())))
+    data = {
+        label: {t: [(r, _WithScale(f, scales[t])) for r, f in pairs] for t, pairs in by_task.items()}
+        for label, by_task in labelled.items()
+    }
+    candidates = {
+        name: Form(name, name, fn, grid)
+        for k in keys
+        for name, (fn, grid) in _scaled_coverage_forms(k).items()
+    }
+    scored = {label: _cross_task(d, regret=True, forms=candidates) for label, d in data.items()}
+    forms = _with_pooled_fits(candidates, data, scored)
+    card_only = read_json(RESULTS / "decision.json")["forms"]
+    return forms, _rule_over({**card_only, **forms})
+
+
+def noisecoverage() -> dict[str, Any]:
+    """The noise-coverage forms (``_scaled_coverage`` by B_noise/B); each form's pooled seed-mean fit is
+    what quality_confirm.py scores. Writes RESULTS/noisecoverage.json and .md."""
+    from layercard.artifacts import write_json, write_text
+
+    tasks = sorted(TASKS)
     noise = {}
     for t in tasks:
         b = _noise_scale(t)
         if b is None:
             raise SystemExit("noisecoverage: run benchmarks/noise_scale.py first")
         noise[t] = b / BATCH
-    data = {
-        label: {t: [(r, _WithNoise(f, noise[t])) for r, f in pairs] for t, pairs in by_task.items()}
-        for label, by_task in labelled.items()
-    }
-    candidates = {name: Form(name, name, fn, grid) for name, (fn, grid) in _noise_coverage_forms().items()}
-    scored = {label: _cross_task(d, regret=True, forms=candidates) for label, d in data.items()}
-    forms = _with_pooled_fits(candidates, data, scored)
-    # decide's rule over these forms and the card-only ones it chose among
-    card_only = read_json(RESULTS / "decision.json")["forms"]
-    out = {
-        "steps": STEPS,
-        "batch": BATCH,
-        "noise_per_example_of_batch": noise,
-        "forms": forms,
-        "rule": _rule_over({**card_only, **forms}),
-    }
+    forms, rule = _scaled_coverage({t: {NOISE_KEY: noise[t]} for t in tasks})
+    out = {"steps": STEPS, "batch": BATCH, "noise_per_example_of_batch": noise, "forms": forms, "rule": rule}
     write_json(RESULTS / "noisecoverage.json", out)
-    write_text(RESULTS / "noisecoverage.md", _noisecoverage_markdown(out, tasks))
+    write_text(
+        RESULTS / "noisecoverage.md",
+        _scaled_coverage_markdown(
+            out,
+            tasks,
+            "# Quality model with a coverage penalty that grows with the task's gradient noise",
+            "The default's depth-coverage exponent β becomes β·B_noise/B, B_noise the task's gradient noise "
+            "scale over the card's probe examples (noise_scale.md) and B the training batch: "
+            + ", ".join(f"{t} {v:.3f}" for t, v in noise.items()),
+            "(columns `noise-cov…`)",
+        ),
+    )
     return out
 
 
-def _noisecoverage_markdown(out: dict[str, Any], tasks: list[str]) -> str:
+TARGET_STATS = RESULTS / "target_stats.json"  # target_stats.py: each task's target entropy and length
+TARGET_KEYS = {"H": lambda s: s["entropy"], "T/100": lambda s: s["tokens_per_example"] / 100.0}
+
+
+def target_scales(stats: dict[str, Any]) -> dict[str, float]:
+    """One task's target statistics (a row of target_stats.json) by the key the target-coverage forms read."""
+    return {k: float(read(stats)) for k, read in TARGET_KEYS.items()}
+
+
+def targetcoverage() -> dict[str, Any]:
+    """The target-coverage forms (``_scaled_coverage`` by the target entropy H and by T/100, T the target
+    tokens per example; target_stats.json); each form's pooled seed-mean fit is what quality_confirm.py and
+    fresh_tasks.py score. Writes RESULTS/targetcoverage.json and .md."""
+    from layercard.artifacts import read_json, write_json, write_text
+
+    if not TARGET_STATS.is_file():
+        raise SystemExit("targetcoverage: run benchmarks/target_stats.py first")
+    stats = read_json(TARGET_STATS)["tasks"]
+    tasks = sorted(TASKS)
+    scales = {t: target_scales(stats[t]) for t in tasks}
+    forms, rule = _scaled_coverage(scales)
+    out = {"steps": STEPS, "batch": BATCH, "scales": scales, "forms": forms, "rule": rule}
+    write_json(RESULTS / "targetcoverage.json", out)
+    write_text(
+        RESULTS / "targetcoverage.md",
+        _scaled_coverage_markdown(
+            out,
+            tasks,
+            "# Quality model with a coverage penalty scaled by the task's target statistics",
+            "The default's depth-coverage exponent β becomes β·H, H the entropy of the task's training "
+            "targets in nats, or β·T/100, T its target tokens per example (target_stats.md): "
+            + ", ".join(f"{t} H {v['H']:.3f}, T/100 {v['T/100']:.3f}" for t, v in scales.items()),
+            "(columns `target-…`)",
+        ),
+    )
+    return out
+
+
+def _scaled_coverage_markdown(
+    out: dict[str, Any], tasks: list[str], title: str, what: str, columns: str
+) -> str:
     rule = out["rule"]
     lines = [
-        "# Quality model with a coverage penalty that grows with the task's gradient noise",
+        title,
         "",
         f"smollm2, {out['steps']} steps of batch {out['batch']}, lr {LR:g}; the placements of quality.md. "
-        "The default's depth-coverage exponent β becomes β·B_noise/B, B_noise the task's gradient noise "
-        "scale over the card's probe examples (noise_scale.md) and B the training batch: "
-        + ", ".join(f"{t} {v:.3f}" for t, v in out["noise_per_example_of_batch"].items())
+        + what
         + ". Each form is fitted on one task and scored on the other, as decision.md scores the card-only "
         "forms.",
         "",
@@ -1531,7 +1598,7 @@ def _noisecoverage_markdown(out: dict[str, Any], tasks: list[str]) -> str:
     lines += [
         "",
         _rule_sentence(rule) + " Frozen at their pooled seed-mean fits, the forms are scored "
-        "once on the four tasks fitted on none in confirm.md (columns `noise-cov…`).",
+        f"once on the four tasks fitted on none in confirm.md {columns}.",
         "",
     ]
     return "\n".join(lines)
@@ -2099,6 +2166,7 @@ COMMANDS = (
     "noisecoverage",
     "wide",
     "couplingcoverage",
+    "targetcoverage",
 )
 
 
@@ -2169,12 +2237,9 @@ def main() -> None:
         res = noisecurve()
         print(json.dumps(res, indent=1))
         return
-    if a.what == "noisecoverage":
-        res = noisecoverage()
-        print(res["rule"]["eligible"], "->", res["rule"]["chosen"])
-        return
-    if a.what == "couplingcoverage":
-        res = couplingcoverage()
+    if a.what in ("noisecoverage", "couplingcoverage", "targetcoverage"):
+        res = {"noisecoverage": noisecoverage, "couplingcoverage": couplingcoverage,
+               "targetcoverage": targetcoverage}[a.what]()  # fmt: skip
         print(res["rule"]["eligible"], "->", res["rule"]["chosen"])
         return
     if a.what == "longer":

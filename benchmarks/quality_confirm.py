@@ -55,6 +55,17 @@ COUPLING_FORMS = {
     "k-only": "k^β",
     "kw-only": "k_w^β",
 }
+# quality.py targetcoverage's forms, each at its pooled seed-mean fit (targetcoverage.json), with each task's
+# target entropy H and target tokens per example T (target_stats.json); `target-T-cap` is the one its rule
+# chose.
+TARGET_FORMS = {
+    "target-H-cap": "capacity × coverage^(β·H)",
+    "target-H-share": "share × coverage^(β·H)",
+    "target-H-only": "coverage^(β·H)",
+    "target-T-cap": "capacity × coverage^(β·T/100)",
+    "target-T-share": "share × coverage^(β·T/100)",
+    "target-T-only": "coverage^(β·T/100)",
+}
 # The column of the form quality.py ``wide`` chose on the choosing tasks' larger test sets (wide.json).
 WIDE_COLUMN = "wide"
 
@@ -315,6 +326,24 @@ def _coupling_forms() -> tuple[dict[str, tuple[Any, tuple[float, ...]]], dict[st
     return _frozen("couplingcoverage.json", Q._coupling_coverage_forms(), COUPLING_FORMS), paths
 
 
+def target_forms() -> tuple[dict[str, tuple[Any, tuple[float, ...]]], dict[str, dict[str, float]]]:
+    """The target-coverage forms with their frozen parameters, by column name, and every task's target
+    statistics by the key those forms read; both empty until targetcoverage.json is written."""
+    import quality as Q
+
+    from layercard.artifacts import read_json
+
+    if not (OUT / "targetcoverage.json").is_file():
+        return {}, {}
+    forms: dict[str, Any] = {}
+    for key in Q.TARGET_KEYS:
+        forms |= Q._scaled_coverage_forms(key)
+    stats = read_json(Q.TARGET_STATS)["tasks"]
+    return _frozen("targetcoverage.json", forms, TARGET_FORMS), {
+        t: Q.target_scales(s) for t, s in stats.items()
+    }
+
+
 def score() -> dict[str, Any]:
     import placement_v2 as P
     import quality as Q
@@ -331,7 +360,11 @@ def score() -> dict[str, Any]:
     cov_forms = _noise_coverage_forms()
     wide_forms = _wide_forms()
     coupling_forms, coupling_paths = _coupling_forms()
-    frozen = [*noise_forms.items(), *cov_forms.items(), *wide_forms.items(), *coupling_forms.items()]
+    target_cols, target_scales = target_forms()
+    frozen = [
+        *noise_forms.items(), *cov_forms.items(), *wide_forms.items(), *coupling_forms.items(),
+        *target_cols.items(),
+    ]  # fmt: skip
     others_all = {**others, **{col: p for col, (_, p) in frozen}}
     out: dict[str, Any] = {
         "model": model.describe(),
@@ -365,12 +398,15 @@ def score() -> dict[str, Any]:
                 continue
             f_noise = dataclasses.replace(f, steps_over_tau=P.STEPS / slowdown[task])
             noisy = {col: fn(f_noise, p) for col, (fn, p) in noise_forms.items()}
-            with_noise = Q._WithNoise(f, slowdown[task] - 1.0)
+            with_noise = Q._WithScale(f, {Q.NOISE_KEY: slowdown[task] - 1.0})
             noisy |= {col: fn(with_noise, p) for col, (fn, p) in cov_forms.items()}
             noisy |= {col: fn(f, p) for col, (fn, p) in wide_forms.items()}
             if coupling_forms:
                 with_k = Q.coupled(basis, p["units"], f)
                 noisy |= {col: fn(with_k, q) for col, (fn, q) in coupling_forms.items()}
+            if target_cols:
+                with_t = Q._WithScale(f, target_scales[task])
+                noisy |= {col: fn(with_t, q) for col, (fn, q) in target_cols.items()}
             rows.append(
                 {
                     "label": p["label"],
@@ -462,6 +498,13 @@ def _markdown(out: dict[str, Any]) -> str:
             "(couplingcoverage.md), read from the same cards re-measured with the layer coupling; `kw-share` "
             "is the form that rule chose."
             if "kw-share" in out["others"]
+            else ""
+        )
+        + (
+            " `target-…`: the default's coverage exponent times the task's target entropy H or its target "
+            "tokens per example T/100 (targetcoverage.md), with the capacity (`-cap`), the parameter share "
+            "(`-share`) or nothing (`-only`); `target-T-cap` is the form that rule chose."
+            if "target-T-cap" in out["others"]
             else ""
         ),
         "",

@@ -43,7 +43,11 @@ def test_noise_coverage_forms_penalise_left_out_depth_more_on_noisier_tasks(conf
     from layercard.plan.quality import FORMS, Features
 
     quality = importlib.import_module("quality")  # beside quality_confirm, on the fixture's path
-    forms, with_noise = quality._noise_coverage_forms(), quality._WithNoise
+    forms = quality._noise_coverage_forms()
+
+    def with_noise(f, b):
+        return quality._WithScale(f, {quality.NOISE_KEY: b})
+
     f = Features(params=0.25, capacity=0.4, coverage=1 / 3, capacities=(0.3, 0.35, 0.4, 0.5))
     full = Features(params=0.25, capacity=0.4, coverage=1.0, capacities=(0.3, 0.35, 0.4, 0.5))
     cap_cov, share_cov, cov_only = (forms[n][0] for n in confirm.NOISE_COVERAGE_FORMS.values())

@@ -31,6 +31,21 @@ def test_gsm8k_answer_targets_the_final_number_alone(fresh, monkeypatch):
     assert "####" not in task.examples[0].input
 
 
+def test_gsm8k_pose_writes_the_question_from_its_number_alone(fresh, monkeypatch):
+    monkeypatch.setenv("LAYERCARD_DATA", str(shared_data("gsm8k/test.jsonl").parents[1]))
+    task = fresh.load(fresh.TASKS["gsm8k_pose"], "test")
+    ex = task.examples[0]
+    assert ex.input.replace(",", "").lstrip("-").replace(".", "", 1).isdigit()
+    assert ex.target.rstrip().endswith("?") and "####" not in ex.target
+
+
+def test_sst2_write_writes_a_line_from_its_label(fresh, monkeypatch):
+    monkeypatch.setenv("LAYERCARD_DATA", str(shared_data("sst2/validation.jsonl").parents[1]))
+    task = fresh.load(fresh.TASKS["sst2_write"], "validation")
+    assert {e.input for e in task.examples} == {"positive", "negative"}
+    assert all(len(e.target.split()) > 1 for e in task.examples[:50])
+
+
 def test_a_missing_dataset_names_where_it_looked(fresh, monkeypatch, tmp_path):
     monkeypatch.setenv("LAYERCARD_DATA", str(tmp_path))
     with pytest.raises(SystemExit, match="e2e_nlg/test.jsonl not found"):
