@@ -19,7 +19,16 @@ make them tasks of their own:
   (about 13 target tokens in the train split's phrases, 24 in the validation split's sentences). Trained on
   sst2's train split, tested on its validation split.
 
-The first three were defined together; the last two later, before any of their runs.
+- ``gsm8k_reverse``: a gsm8k worked solution turned back into the word problem it solves: the targets of
+  ``gsm8k_pose`` with the whole solution as input instead of the number alone.
+- ``sst2_echo``: an sst2 phrase repeated word for word: the targets of ``sst2_write``, each one in its
+  own prompt, so nothing is to be composed.
+- ``e2e_echo``: an e2e_nlg meaning representation repeated exactly: the targets of ``e2e_parse``, each
+  one in its own prompt.
+
+The first three were defined together; the next two later, and the last three later still, each group
+before any of its runs. The last three share their targets (and so their target statistics) with an
+earlier task each and differ from it only in what the input gives away.
 
 Settings are quality.py's (36 steps of batch 4, AdamW lr 2e-3 constant, LoRA alpha = 2·rank, seed 0, 1000
 training examples; the card: 32 examples, all linear roles, exact covariances), with the layer coupling
@@ -74,6 +83,12 @@ TASKS = {
               "Write a math word problem whose answer is {input}.", 160),
         Fresh("sst2_write", "sst2", "train", "validation", (("input", "target"), ("target", "input")),
               "Write a {input} line from a movie review.", 96),
+        Fresh("gsm8k_reverse", "gsm8k", "train", "test", (("input", "target"), ("target", "input")),
+              "Write the math word problem that this worked solution solves.\n{input}", 224),
+        Fresh("sst2_echo", "sst2", "train", "validation", (("input", "input"), ("target", "input")),
+              "Repeat this line from a movie review word for word.\n{input}", 96),
+        Fresh("e2e_echo", "e2e_nlg", "validation", "test", (("input", "input"), ("target", "input")),
+              "Repeat this restaurant record exactly.\n{input}", 128),
     )
 }  # fmt: skip
 
