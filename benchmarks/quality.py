@@ -1498,8 +1498,6 @@ def _scaled_coverage(scales: dict[str, dict[str, float]]) -> tuple[dict[str, Any
 def noisecoverage() -> dict[str, Any]:
     """The noise-coverage forms (``_scaled_coverage`` by B_noise/B); each form's pooled seed-mean fit is
     what quality_confirm.py scores. Writes RESULTS/noisecoverage.json and .md."""
-    from layercard.artifacts import write_json, write_text
-
     tasks = sorted(TASKS)
     noise = {}
     for t in tasks:
@@ -1509,18 +1507,15 @@ def noisecoverage() -> dict[str, Any]:
         noise[t] = b / BATCH
     forms, rule = _scaled_coverage({t: {NOISE_KEY: noise[t]} for t in tasks})
     out = {"steps": STEPS, "batch": BATCH, "noise_per_example_of_batch": noise, "forms": forms, "rule": rule}
-    write_json(RESULTS / "noisecoverage.json", out)
-    write_text(
-        RESULTS / "noisecoverage.md",
-        _scaled_coverage_markdown(
-            out,
-            tasks,
-            "# Quality model with a coverage penalty that grows with the task's gradient noise",
-            "The default's depth-coverage exponent β becomes β·B_noise/B, B_noise the task's gradient noise "
-            "scale over the card's probe examples (noise_scale.md) and B the training batch: "
-            + ", ".join(f"{t} {v:.3f}" for t, v in noise.items()),
-            "(columns `noise-cov…`)",
-        ),
+    _write_scaled_coverage(
+        "noisecoverage",
+        out,
+        tasks,
+        "# Quality model with a coverage penalty that grows with the task's gradient noise",
+        "The default's depth-coverage exponent β becomes β·B_noise/B, B_noise the task's gradient noise "
+        "scale over the card's probe examples (noise_scale.md) and B the training batch: "
+        + ", ".join(f"{t} {v:.3f}" for t, v in noise.items()),
+        "(columns `noise-cov…`)",
     )
     return out
 
@@ -1538,7 +1533,7 @@ def targetcoverage() -> dict[str, Any]:
     """The target-coverage forms (``_scaled_coverage`` by the target entropy H and by T/100, T the target
     tokens per example; target_stats.json); each form's pooled seed-mean fit is what quality_confirm.py and
     fresh_tasks.py score. Writes RESULTS/targetcoverage.json and .md."""
-    from layercard.artifacts import read_json, write_json, write_text
+    from layercard.artifacts import read_json
 
     if not TARGET_STATS.is_file():
         raise SystemExit("targetcoverage: run benchmarks/target_stats.py first")
@@ -1547,20 +1542,27 @@ def targetcoverage() -> dict[str, Any]:
     scales = {t: target_scales(stats[t]) for t in tasks}
     forms, rule = _scaled_coverage(scales)
     out = {"steps": STEPS, "batch": BATCH, "scales": scales, "forms": forms, "rule": rule}
-    write_json(RESULTS / "targetcoverage.json", out)
-    write_text(
-        RESULTS / "targetcoverage.md",
-        _scaled_coverage_markdown(
-            out,
-            tasks,
-            "# Quality model with a coverage penalty scaled by the task's target statistics",
-            "The default's depth-coverage exponent β becomes β·H, H the entropy of the task's training "
-            "targets in nats, or β·T/100, T its target tokens per example (target_stats.md): "
-            + ", ".join(f"{t} H {v['H']:.3f}, T/100 {v['T/100']:.3f}" for t, v in scales.items()),
-            "(columns `target-…`)",
-        ),
+    _write_scaled_coverage(
+        "targetcoverage",
+        out,
+        tasks,
+        "# Quality model with a coverage penalty scaled by the task's target statistics",
+        "The default's depth-coverage exponent β becomes β·H, H the entropy of the task's training "
+        "targets in nats, or β·T/100, T its target tokens per example (target_stats.md): "
+        + ", ".join(f"{t} H {v['H']:.3f}, T/100 {v['T/100']:.3f}" for t, v in scales.items()),
+        "(columns `target-…`)",
     )
     return out
+
+
+def _write_scaled_coverage(
+    name: str, out: dict[str, Any], tasks: list[str], title: str, what: str, columns: str
+) -> None:
+    """RESULTS/{name}.json and the markdown beside it."""
+    from layercard.artifacts import write_json, write_text
+
+    write_json(RESULTS / f"{name}.json", out)
+    write_text(RESULTS / f"{name}.md", _scaled_coverage_markdown(out, tasks, title, what, columns))
 
 
 def _scaled_coverage_markdown(

@@ -5,9 +5,10 @@ own card); its run files keep every placement's units and test loss. This script
 placement's fraction of the reference's loss drop with the default quality model and with the other frozen
 forms in OTHERS (`params`, the default before it; `saturation`, its parameters from the pooled fit in
 results/quality/saturation.json), NOISE_FORMS (`noise`, the one chosen, and `noise-share`, from
-noisecurve.json and noise_scale.json), NOISE_COVERAGE_FORMS (from noisecoverage.json) and WIDE_COLUMN
-(the form quality.py ``wide`` chose on larger test sets, from wide.json), from the card placement_v2
-measured for that task, and scores each
+noisecurve.json and noise_scale.json), NOISE_COVERAGE_FORMS (from noisecoverage.json), WIDE_COLUMN
+(the form quality.py ``wide`` chose on larger test sets, from wide.json), the coupling-coverage forms (from
+couplingcoverage.json and the re-measured cards) and the target-statistics forms (``target-…``, from
+targetcoverage.json and target_stats.json), from the card placement_v2 measured for that task, and scores each
 against the measured fraction (mean over the placement's seeds) by its mean absolute error and its decision
 regret (budgets in parameter share). gsm8k, samsum, facts and format were used to fit none of them; e2e_nlg
 and sst2 fitted all, on other placements. On those four tasks it also sets the default's expected error per
