@@ -7,7 +7,10 @@ max_length with smollm2's tokenizer, and over the tokens that carry loss it reco
 
 - ``entropy``: the plug-in entropy, in nats, of the token ids of the first ``SAMPLE`` of them in subset order
   (a fixed sample, so that tasks with long targets are not credited with more types for having more tokens);
-- ``tokens_per_example``: their mean number per example.
+- ``tokens_per_example``: their mean number per example;
+- ``card_entropy``: the same entropy as a card reads it from the task it is given (``layercard.tasks.
+  target_entropy``: the first ``SAMPLE`` target tokens in a seeded shuffle of the examples, not in source
+  order), which is what a plan's warning reads.
 
 quality.py ``targetcoverage`` scales the depth-coverage penalty by them; quality_confirm.py and fresh_tasks.py
 score the resulting forms frozen.
@@ -18,9 +21,7 @@ score the resulting forms frozen.
 
 from __future__ import annotations
 
-import math
 import sys
-from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -32,16 +33,9 @@ SAMPLE = 2048
 TRAIN_EXAMPLES, SEED = 1000, 0
 
 
-def plug_in_entropy(ids: Sequence[int]) -> float:
-    """Shannon entropy, in nats, of the empirical distribution of ``ids``."""
-    if not ids:
-        raise ValueError("plug_in_entropy: no tokens")
-    n = len(ids)
-    return -sum(c / n * math.log(c / n) for c in Counter(ids).values())
-
-
 def target_statistics(encoded: Sequence[Any], sample: int = SAMPLE) -> dict[str, float]:
     """The entropy of the first ``sample`` loss-carrying tokens and their mean number per example."""
+    from layercard.tasks import plug_in_entropy
     from layercard.tasks.loss import IGNORE_INDEX
 
     per_example = [[t for t in e.labels if t != IGNORE_INDEX] for e in encoded]
@@ -76,11 +70,15 @@ def _tasks() -> dict[str, tuple[Any, int]]:
 def main() -> None:
     from layercard import load_model
     from layercard.artifacts import write_json, write_text
+    from layercard.tasks import target_entropy
     from layercard.tasks.encode import encode_task
 
     tokenizer = load_model("smollm2").tokenizer
     stats = {
-        name: target_statistics(encode_task(tokenizer, task, max_length=max_length))
+        name: {
+            **target_statistics(encode_task(tokenizer, task, max_length=max_length)),
+            "card_entropy": target_entropy(tokenizer, task, max_length, seed=SEED)[0],
+        }
         for name, (task, max_length) in _tasks().items()
     }
     write_json(OUT, {"sample": SAMPLE, "train_examples": TRAIN_EXAMPLES, "tasks": stats})
@@ -93,15 +91,17 @@ def _markdown(stats: dict[str, dict[str, float]]) -> str:
         "# Target statistics of the benchmark tasks",
         "",
         f"smollm2's tokenizer, each task's seeded subset of up to {TRAIN_EXAMPLES} training examples at its "
-        f"max_length; the tokens that carry loss. Entropy: plug-in, nats, over the first {SAMPLE} of them.",
+        f"max_length; the tokens that carry loss. Entropy: plug-in, nats, over the first {SAMPLE} of them; "
+        "as a card reads it: the same over the first of them in a seeded shuffle of the examples.",
         "",
-        "| task | examples | target tokens per example | entropy (nats) | tokens in the entropy |",
-        "|---|---:|---:|---:|---:|",
+        "| task | examples | target tokens per example | entropy (nats) | tokens in the entropy | "
+        "entropy as a card reads it |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
     for name, s in stats.items():
         lines.append(
             f"| {name} | {s['examples']} | {s['tokens_per_example']:.1f} | {s['entropy']:.3f} | "
-            f"{s['entropy_tokens']} |"
+            f"{s['entropy_tokens']} | {s['card_entropy']:.3f} |"
         )
     return "\n".join([*lines, ""])
 

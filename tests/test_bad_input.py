@@ -90,6 +90,8 @@ card_case(
     setter("cost", "intercept_s")(math.nan),
     "cost.intercept_s: must be a finite number, got NaN",
 )
+card_case("card-negative-target-entropy", setter("task", "target_entropy")(-0.5),
+          "task.target_entropy: must be a finite number >= 0, got -0.5")  # fmt: skip
 card_case(
     "card-unknown-group",
     setter("units", 0, "group")("7.attn_in"),

@@ -14,10 +14,11 @@ from typer.testing import CliRunner
 
 from layercard.card import Card, CardConfig, compute_card, stats
 from layercard.card.probe import make_accumulators, run_probe
+from layercard.card.summary import card_markdown
 from layercard.cli import app
 from layercard.errors import LayercardError
 from layercard.models import LoadedModel, units, weights_hash
-from layercard.tasks import load_task
+from layercard.tasks import load_task, target_entropy
 
 FAST = dict(examples=8, max_length=48, batch_size=4, calibrate=False)  # timings differ run to run
 
@@ -69,6 +70,11 @@ def test_card_contents_and_roundtrip(facts, tmp_path):
         assert u.lora_params == 8 * (u.d_in + u.d_out)
     # Stronger damping can only lower resnorm.
     assert all(card.resnorm_sq(u, 10.0) < card.resnorm_sq(u) for u in card.units)
+    # the task's target entropy, read from the whole task in the card's seeded order
+    h, n = target_entropy(loaded.tokenizer, facts, FAST["max_length"], seed=0)
+    assert (card.task["target_entropy"], card.task["target_entropy_tokens"]) == (round(h, 4), n)
+    assert n > card.n_target_tokens  # more than the probe set's few examples hold
+    assert f"target entropy {h:.3f} nats per token" in card_markdown(card)
     path = card.save(tmp_path / "card.json")
     again = Card.load(path)
     assert again.to_dict() == card.to_dict()

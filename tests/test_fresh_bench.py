@@ -46,6 +46,25 @@ def test_sst2_write_writes_a_line_from_its_label(fresh, monkeypatch):
     assert all(len(e.target.split()) > 1 for e in task.examples[:50])
 
 
+def test_gsm8k_reverse_reads_the_solution_and_writes_the_question(fresh, monkeypatch):
+    monkeypatch.setenv("LAYERCARD_DATA", str(shared_data("gsm8k/test.jsonl").parents[1]))
+    task = fresh.load(fresh.TASKS["gsm8k_reverse"], "test")
+    ex = task.examples[0]
+    assert "####" in ex.input and "<<" in ex.input  # the worked solution, calculator notes and all
+    assert ex.target.rstrip().endswith("?") and "####" not in ex.target
+
+
+@pytest.mark.parametrize(("name", "split", "like"), [("sst2_echo", "validation", "sst2_write"),
+                                                      ("e2e_echo", "test", "e2e_parse")])  # fmt: skip
+def test_echo_tasks_repeat_their_input_and_share_earlier_targets(fresh, monkeypatch, name, split, like):
+    t = fresh.TASKS[name]
+    monkeypatch.setenv("LAYERCARD_DATA", str(shared_data(f"{t.dataset}/{split}.jsonl").parents[1]))
+    task, earlier = fresh.load(t, split), fresh.load(fresh.TASKS[like], split)
+    assert all(e.input == e.target for e in task.examples)
+    assert sorted(e.target for e in task.examples) == sorted(e.target for e in earlier.examples)
+    assert "Repeat" in task.format.instruction
+
+
 def test_a_missing_dataset_names_where_it_looked(fresh, monkeypatch, tmp_path):
     monkeypatch.setenv("LAYERCARD_DATA", str(tmp_path))
     with pytest.raises(SystemExit, match="e2e_nlg/test.jsonl not found"):

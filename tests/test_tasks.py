@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import re
 import subprocess
@@ -31,7 +32,9 @@ from layercard.tasks import (
     encode_task,
     examples_from_records,
     load_task,
+    plug_in_entropy,
     read_jsonl,
+    target_entropy,
     turn_end_token,
 )
 
@@ -382,6 +385,38 @@ def test_encode_task_max_length(tok):
     assert encode_task(tok, task, max_length=2)[0].target_len == 1
     with pytest.raises(LayercardError, match="max_length: must be >= 2"):
         encode_task(tok, task, max_length=1)
+
+
+def test_plug_in_entropy_is_zero_for_one_token_and_log_k_for_k_equal_ones():
+    assert plug_in_entropy([7, 7, 7]) == pytest.approx(0.0)
+    assert plug_in_entropy([1, 2, 3, 4] * 5) == pytest.approx(math.log(4))
+    assert plug_in_entropy([1, 1, 1, 2]) == pytest.approx(-(0.75 * math.log(0.75) + 0.25 * math.log(0.25)))
+    with pytest.raises(LayercardError, match="no tokens"):
+        plug_in_entropy([])
+
+
+def test_target_entropy_reads_loss_carrying_tokens_up_to_the_sample(tok):
+    same = Task("t", "mem", "train", FMT, tuple(Example(str(i), f"prompt {i}", "aa") for i in range(50)))
+    varied = Task("t", "mem", "train", FMT, tuple(Example(str(i), "q", f"w{i:02d}") for i in range(50)))
+    # "aa" + the turn-end token, for every example: two types, 2:1; the prompts never count
+    h, n = target_entropy(tok, same, 64)
+    assert n == 150
+    assert h == pytest.approx(-(2 / 3 * math.log(2 / 3) + 1 / 3 * math.log(1 / 3)))
+    hv, nv = target_entropy(tok, varied, 64)
+    assert nv == 200 and hv > h + 1.0
+    # a fixed sample: fewer tokens read, in a seeded order that the seed moves
+    assert target_entropy(tok, varied, 64, sample=40)[1] == 40
+
+    def part(seed):
+        return target_entropy(tok, varied, 64, sample=40, seed=seed)
+
+    assert part(1) == part(1) and part(1) != part(2)
+    # every token read: the order no longer matters
+    assert target_entropy(tok, varied, 64, seed=1)[0] == pytest.approx(hv)
+    with pytest.raises(LayercardError, match="sample must be >= 1"):
+        target_entropy(tok, varied, 64, sample=0)
+    with pytest.raises(LayercardError, match="no target tokens"):
+        target_entropy(tok, dataclasses.replace(varied, examples=()), 64)
 
 
 def test_encoded_validation():

@@ -168,7 +168,7 @@ def compute_card(loaded: Any, task: Any, cfg: CardConfig, *, progress: bool | No
     """
     from layercard import models
     from layercard.tasks import batches as make_batches
-    from layercard.tasks import count_target_tokens, encode_task
+    from layercard.tasks import count_target_tokens, encode_task, target_entropy
 
     t0 = time.perf_counter()
     rank, world = rank_world()
@@ -193,6 +193,10 @@ def compute_card(loaded: Any, task: Any, cfg: CardConfig, *, progress: bool | No
     n_tgt = count_target_tokens(encoded)
     if n_tgt == 0:
         raise LayercardError(f"task {task.name}: the probe set has no target tokens")
+    # From the whole task, not the probe set: a few dozen examples would hold too few target tokens.
+    t_h = time.perf_counter()
+    h_nats, h_tokens = target_entropy(tok, task, cfg.max_length, seed=cfg.seed)
+    target_entropy_s = time.perf_counter() - t_h
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
     batch_list = list(make_batches(encoded, cfg.batch_size, pad_id))
     # Every process forms the same batches from the whole probe set, then takes its share of them.
@@ -205,7 +209,7 @@ def compute_card(loaded: Any, task: Any, cfg: CardConfig, *, progress: bool | No
         touch_weights(model)
         resident = memory_in_use(device)
 
-    timings: dict[str, float] = {}
+    timings: dict[str, float] = {"target_entropy_s": target_entropy_s}
     t_snr = time.perf_counter()
     weight_snrs = _weight_snrs(model, specs, rank) if cfg.weight_snr else {}
     timings["weight_snr_s"] = time.perf_counter() - t_snr
@@ -308,6 +312,8 @@ def compute_card(loaded: Any, task: Any, cfg: CardConfig, *, progress: bool | No
             "n_examples": len(probe_task.examples),
             "data_hash": probe_task.data_hash,
             "prompt": probe_task.describe()["prompt"],
+            "target_entropy": round(h_nats, 4),
+            "target_entropy_tokens": h_tokens,
         },
         roles=list(roles),
         n_positions=n_positions,

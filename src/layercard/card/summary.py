@@ -16,6 +16,14 @@ def top_layers(card: Card, key: str = "resnorm", k: int = 5) -> list[int]:
     return [int(i) for i in np.argsort(-vals, kind="stable")[:k]]
 
 
+def _entropy_line(card: Card) -> list[str]:
+    h = card.task.get("target_entropy")
+    if h is None:
+        return []
+    n = card.task["target_entropy_tokens"]
+    return [f"- target entropy {h:.3f} nats per token, over {n} target tokens of the task"]
+
+
 def card_markdown(card: Card) -> str:
     rows = card.layer_table()
     lines = [
@@ -24,6 +32,7 @@ def card_markdown(card: Card) -> str:
         f"- model hash `{card.model['hash'][:16]}`, {card.n_layers} layers, family {card.model['family']}",
         f"- task `{card.task['source']}` split {card.task['split']}, {card.task['n_examples']} examples, "
         f"{card.n_positions} positions, {card.n_target_tokens} target tokens, probe loss {card.loss:.4f}",
+        *_entropy_line(card),
         f"- roles {', '.join(card.roles)}; damping δ = {card.delta:g}; LoRA r={card.config['lora_rank']}, "
         f"α={card.config['lora_alpha']}, lr={card.config['lr']:g} for the first-step rate",
         f"- planner's default score: **{card.default_score}** ({card.default_score_basis})",

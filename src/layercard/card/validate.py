@@ -135,6 +135,9 @@ def check_card(d: Mapping[str, Any], source: str, scores: Sequence[str]) -> None
     n_layers = f.integer(f.get(model, "n_layers", "model"), "model.n_layers", minimum=1)
     task = f.mapping(f.get(d, "task"), "task")
     f.text(f.get(task, "name", "task"), "task.name")
+    if task.get("target_entropy") is not None:  # cards written before it was measured have none
+        f.number(task["target_entropy"], "task.target_entropy", minimum=0)
+        f.integer(f.get(task, "target_entropy_tokens", "task"), "task.target_entropy_tokens", minimum=1)
     config = f.mapping(f.get(d, "config"), "config")
     f.number(f.get(config, "delta", "config"), "config.delta", minimum=0, above=True)
     for i, role in enumerate(f.items(f.get(d, "roles"), "roles")):

@@ -21,8 +21,11 @@ token and on nothing else; an over-long conversation loses its oldest tokens. Pl
 
 from __future__ import annotations
 
+import math
+import random
+from collections import Counter
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -45,11 +48,16 @@ __all__ = [
     "encode_prompt",
     "encode_task",
     "end_token_id",
+    "plug_in_entropy",
+    "target_entropy",
     "turn_end_token",
     "turn_end_token_id",
 ]
 
 _MARK = "LAYERCARDTURNMARK"
+# Target tokens a task's target entropy is read from: a fixed count, so that a task with long targets is
+# not credited with more token types for having more tokens (docs/design.md §4).
+TARGET_ENTROPY_SAMPLE = 2048
 
 
 @dataclass(frozen=True)
@@ -373,3 +381,34 @@ def batches(
 def count_target_tokens(encoded: Sequence[Encoded]) -> int:
     """Number of tokens that carry loss (labels != -100)."""
     return sum(sum(1 for t in e.labels if t != IGNORE_INDEX) for e in encoded)
+
+
+def plug_in_entropy(ids: Sequence[int]) -> float:
+    """Shannon entropy, in nats, of the empirical distribution of ``ids``."""
+    if not ids:
+        raise LayercardError("plug_in_entropy: no tokens")
+    n = len(ids)
+    return -sum(c / n * math.log(c / n) for c in Counter(ids).values())
+
+
+def target_entropy(
+    tokenizer: Any, task: Task, max_length: int, *, sample: int = TARGET_ENTROPY_SAMPLE, seed: int = 0
+) -> tuple[float, int]:
+    """The plug-in entropy (nats) of the first ``sample`` loss-carrying token ids of the task's examples,
+    read in a seeded shuffle and encoded as training encodes them, and how many tokens it was read from
+    (fewer than ``sample`` when the task has fewer). Only the examples it needs are encoded."""
+    if sample < 1:
+        raise LayercardError(f"target_entropy: sample must be >= 1, got {sample}")
+    order = list(range(len(task.examples)))
+    random.Random(seed).shuffle(order)
+    ids: list[int] = []
+    for start in range(0, len(order), 64):
+        if len(ids) >= sample:
+            break
+        part = replace(task, examples=tuple(task.examples[i] for i in order[start : start + 64]))
+        for e in encode_task(tokenizer, part, max_length=max_length):
+            ids += [t for t in e.labels if t != IGNORE_INDEX]
+    if not ids:
+        raise LayercardError(f"task {task.name}: no target tokens to read the target entropy from")
+    ids = ids[:sample]
+    return plug_in_entropy(ids), len(ids)
