@@ -287,28 +287,29 @@ def test_search_policies_build_plans_and_a_comparison():
     assert R.RULES == ("peft-default", "all-linear", "last-n")
 
 
-def test_plans_caution_where_targets_are_long():
+def test_plans_caution_where_targets_are_varied():
     from layercard.config import PlanConfig
     from layercard.plan import make_plan
     from layercard.plan.recommend import search_plan
 
-    short = _card()  # 10 target tokens over the examples below
-    short = dataclasses.replace(short, task={**short.task, "n_examples": 1})
-    long = dataclasses.replace(
-        short, n_target_tokens=int(Q.LONG_TARGETS) * 4 + 4, task={**short.task, "n_examples": 4}
-    )
-    assert Q.target_length_warning(short) is None
-    assert Q.target_length_warning(_card()) is None  # a card that does not say how many examples it read
-    text = Q.target_length_warning(long)
-    assert text is not None and "65 target tokens per example" in text
-    plan = make_plan(long, PlanConfig(policy="recommend", budget="params=0.25x"))
-    assert text in plan.warnings
-    plain = make_plan(short, PlanConfig(policy="recommend", budget="params=0.25x"))
-    assert not any("target tokens" in w for w in plain.warnings)
+    def with_entropy(h):
+        card = _card()
+        return dataclasses.replace(
+            card, task={**card.task, "target_entropy": h, "target_entropy_tokens": 2048}
+        )
+
+    low, high = with_entropy(Q.HIGH_TARGET_ENTROPY - 0.01), with_entropy(5.25)
+    assert Q.target_entropy_warning(low) is None
+    assert Q.target_entropy_warning(_card()) is None  # a card that did not measure it
+    assert Q.target_entropy_warning(with_entropy(Q.HIGH_TARGET_ENTROPY)) is not None  # at the threshold
+    text = Q.target_entropy_warning(high)
+    assert text is not None and "an entropy of 5.25 nats per token" in text
+    cfg = PlanConfig(policy="recommend", budget="params=0.25x")
+    assert text in make_plan(high, cfg).warnings
+    assert not any("entropy" in w for w in make_plan(low, cfg).warnings)
     # the caution's figures belong to the default model; a plan made with another says nothing of them
     other = Q.QualityModel("params", (0.5,), expected_error=0.05, basis="test")
-    cfg = PlanConfig(policy="recommend", budget="params=0.25x")
-    assert not any("target tokens" in w for w in search_plan(long, cfg, model=other).warnings)
+    assert not any("entropy" in w for w in search_plan(high, cfg, model=other).warnings)
 
 
 def test_target_gives_the_cheapest_placement_predicted_to_reach_it():

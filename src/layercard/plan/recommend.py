@@ -186,8 +186,8 @@ def search_plan(
             pred["frontier"][kind] = [F.summary_row(c, search.reference) for c in search.frontier(kind)]
     warnings = [] if model.is_fitted else [f"quality model: {model.basis}"]
     # the caution's figures were measured with the default model
-    long_targets = Q.target_length_warning(card) if model == Q.default_model() else None
-    warnings += [long_targets] if long_targets else []
+    varied = Q.target_entropy_warning(card) if model == Q.default_model() else None
+    warnings += [varied] if varied else []
     config = {
         "policy": cfg.policy,
         "budget": str(cfg.budget) if cfg.budget is not None else None,
