@@ -15,12 +15,22 @@ max_length with smollm2's tokenizer, and over the tokens that carry loss it reco
 quality.py ``targetcoverage`` scales the depth-coverage penalty by them; quality_confirm.py and fresh_tasks.py
 score the resulting forms frozen.
 
+``shortfall`` sets each task's entropy beside what the plan's target-entropy warning rests on: the default
+quality model's shortfall (predicted minus measured fraction of the reference's drop, mean over the
+placements that cover under half the depth) from the committed runs, with no model loaded: quality.py's
+seed-0 grid (e2e_nlg, sst2), quality_confirm.py's placements (gsm8k, samsum, facts, format; the
+tight-budget runs' seeds included) and fresh_tasks.py's seed-0 grid. It marks which tasks set the
+threshold and which were built after it to test it.
+
     LAYERCARD_DATA=../shared/data .venv/bin/python benchmarks/target_stats.py
         # writes results/quality/target_stats.{json,md}
+    .venv/bin/python benchmarks/target_stats.py shortfall
+        # writes results/quality/entropy_shortfall.{json,md,png}
 """
 
 from __future__ import annotations
 
+import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -29,8 +39,11 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 OUT = ROOT / "benchmarks" / "results" / "quality" / "target_stats.json"  # and .md beside it
+SHORTFALL = OUT.with_name("entropy_shortfall.json")  # and .md, .png beside it
 SAMPLE = 2048
 TRAIN_EXAMPLES, SEED = 1000, 0
+# the tasks built after the warning's threshold was set on the others, each to test it
+TESTED_AFTER = ("gsm8k_reverse", "sst2_echo", "e2e_echo")
 
 
 def target_statistics(encoded: Sequence[Any], sample: int = SAMPLE) -> dict[str, float]:
@@ -106,5 +119,145 @@ def _markdown(stats: dict[str, dict[str, float]]) -> str:
     return "\n".join([*lines, ""])
 
 
+def shortfall_of(runs: Sequence[tuple[float, float, float]]) -> tuple[float | None, int]:
+    """The mean of predicted minus measured over the (coverage, predicted, measured) runs that cover under
+    half the depth, and how many they are; None where there are none."""
+    low = [p - m for c, p, m in runs if c < 0.5]
+    if any(not math.isfinite(x) for x in low):
+        raise ValueError("a non-finite predicted or measured fraction")
+    return (sum(low) / len(low) if low else None), len(low)
+
+
+def _shortfall_runs() -> dict[str, tuple[str, list[tuple[float, float, float]]]]:
+    """Every task's committed runs as (coverage, the default's prediction, measured fraction), by task."""
+    import quality as Q
+
+    from layercard.artifacts import read_json
+    from layercard.plan.quality import default_model
+
+    model = default_model()
+    out: dict[str, tuple[str, list[tuple[float, float, float]]]] = {}
+    for r in Q.rows():
+        if r["name"] == "ref" or r.get("seed", 0) != 0:
+            continue
+        f = Q._features(r["task"], r)
+        out.setdefault(r["task"], ("quality.py, seed 0", []))[1].append(
+            (f.coverage, model.predict(f), r["fraction"])
+        )
+    confirm = read_json(Q.RESULTS / "confirm.json")
+    for name, v in confirm["tasks"].items():
+        if v.get("band_runs"):
+            out[name] = (
+                "quality_confirm.py",
+                [(r["coverage"], r["predicted"], r["measured"]) for r in v["band_runs"]],
+            )
+    fresh = read_json(Q.RESULTS / "fresh" / "fresh.json")
+    for name, v in fresh["tasks"].items():
+        out[name] = (
+            "fresh_tasks.py, seed 0",
+            [(r["bands"], r["predicted"]["default"], r["measured"]) for r in v["runs"]],
+        )
+    return out
+
+
+def shortfall() -> dict[str, Any]:
+    """Each task's target entropy beside the default's shortfall under half the depth; writes SHORTFALL."""
+    from layercard.artifacts import read_json, write_json, write_text
+    from layercard.plan.quality import HIGH_TARGET_ENTROPY
+
+    stats = read_json(OUT)["tasks"]
+    rows = {}
+    for name, (source, runs) in _shortfall_runs().items():
+        value, n = shortfall_of(runs)
+        if value is None or name not in stats:
+            continue
+        rows[name] = {
+            "entropy": stats[name]["entropy"],
+            "card_entropy": stats[name]["card_entropy"],
+            "tokens_per_example": stats[name]["tokens_per_example"],
+            "shortfall": value,
+            "placements_under_half_depth": n,
+            "source": source,
+            "role": "tested" if name in TESTED_AFTER else "set",
+        }
+    out = {
+        "threshold": HIGH_TARGET_ENTROPY,
+        "tasks": dict(sorted(rows.items(), key=lambda kv: kv[1]["entropy"])),
+    }
+    write_json(SHORTFALL, out)
+    write_text(SHORTFALL.with_suffix(".md"), _shortfall_markdown(out))
+    _shortfall_plot(out)
+    return out
+
+
+def _shortfall_markdown(out: dict[str, Any]) -> str:
+    h0 = out["threshold"]
+    lines = [
+        "# Target entropy and the default's shortfall where placements leave depth out",
+        "",
+        "Shortfall: the default quality model's predicted minus measured fraction of the reference's drop, "
+        "mean over each task's placements that cover under half the depth (36 steps, lr 2e-3, smollm2). "
+        f"Plans warn at a target entropy of {h0} nats or more, as a card reads it. `set`: the threshold was "
+        "placed between these tasks; `tested`: built after it, each predicted to fall on its side.",
+        "",
+        "| task | entropy (nats) | as a card reads it | target tokens per example | shortfall | placements | "
+        "source | role | warned |",
+        "|---|---:|---:|---:|---:|---:|---|---|---|",
+    ]
+    for name, r in out["tasks"].items():
+        lines.append(
+            f"| {name} | {r['entropy']:.3f} | {r['card_entropy']:.3f} | {r['tokens_per_example']:.1f} | "
+            f"{r['shortfall']:+.3f} | {r['placements_under_half_depth']} | {r['source']} | {r['role']} | "
+            f"{'yes' if r['card_entropy'] >= h0 else 'no'} |"
+        )
+    lines.append("")
+    for side, pick in (
+        ("warned", lambda r: r["card_entropy"] >= h0),
+        ("not warned", lambda r: r["card_entropy"] < h0),
+    ):
+        vals = [r["shortfall"] for r in out["tasks"].values() if pick(r)]
+        if vals:
+            lines.append(f"- {side}: {len(vals)} tasks, shortfall {min(vals):+.3f} to {max(vals):+.3f}")
+    return "\n".join([*lines, ""])
+
+
+def _shortfall_plot(out: dict[str, Any]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for role, marker in (("set", "o"), ("tested", "^")):
+        rs = {n: r for n, r in out["tasks"].items() if r["role"] == role}
+        label = {"set": "set the threshold", "tested": "built after it"}[role]
+        xs, ys = [r["card_entropy"] for r in rs.values()], [r["shortfall"] for r in rs.values()]
+        ax.scatter(xs, ys, marker=marker, label=label)
+        for n, r in rs.items():
+            ax.annotate(
+                n,
+                (r["card_entropy"], r["shortfall"]),
+                fontsize=7,
+                textcoords="offset points",
+                xytext=(4, -10) if role == "tested" else (4, 3),
+            )
+    ax.axvline(out["threshold"], color="grey", ls="--", lw=0.8, label="plans warn from here")
+    ax.axhline(0.0, color="grey", lw=0.5)
+    ax.set_xlabel("target entropy as a card reads it (nats per token)")
+    ax.set_ylabel("default's shortfall under half the depth")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(SHORTFALL.with_suffix(".png"), dpi=100)
+    plt.close(fig)
+
+
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:] == ["shortfall"]:
+        print(_shortfall_markdown(shortfall()))
+    elif sys.argv[1:]:
+        sys.exit(
+            f"target_stats.py: unknown command {' '.join(sys.argv[1:])!r}; use no command or `shortfall`"
+        )
+    else:
+        main()

@@ -44,3 +44,31 @@ def test_target_coverage_forms_penalise_left_out_depth_more_on_longer_targets():
                 at = [fn(quality._WithScale(x, s), p) for x in (f, full) for s in (short, long)]
                 assert at[1] < at[0] <= 1.0
                 assert at[2] == pytest.approx(at[3])  # over every depth band: no penalty, whatever the task
+
+
+def test_shortfall_reads_only_placements_under_half_the_depth(stats):
+    runs = [(1.0, 0.9, 0.5), (1 / 3, 0.9, 0.7), (1 / 6, 0.8, 0.9), (0.5, 1.0, 0.0)]
+    value, n = stats.shortfall_of(runs)
+    assert n == 2 and value == pytest.approx((0.2 - 0.1) / 2)  # half the depth is not under half
+    assert stats.shortfall_of([(1.0, 0.9, 0.5)]) == (None, 0)
+    with pytest.raises(ValueError, match="non-finite"):
+        stats.shortfall_of([(0.2, float("nan"), 0.5)])
+
+
+def test_the_entropy_warning_states_the_committed_shortfalls(stats):
+    """The plan's warning quotes the committed table; a re-run that moves it must move the warning too."""
+    from layercard.artifacts import read_json
+    from layercard.plan import quality as Q
+
+    table = read_json(stats.SHORTFALL)
+    assert table["threshold"] == Q.HIGH_TARGET_ENTROPY
+    rows = table["tasks"].values()
+    warned = [r["shortfall"] for r in rows if r["card_entropy"] >= Q.HIGH_TARGET_ENTROPY]
+    quiet = [r["shortfall"] for r in rows if r["card_entropy"] < Q.HIGH_TARGET_ENTROPY]
+    assert len(warned) >= 3 and len(quiet) >= 3
+    assert (round(min(warned), 2), round(max(warned), 2)) == Q.HIGH_ENTROPY_SHORTFALL
+    assert round(max(abs(x) for x in quiet), 2) == Q.LOW_ENTROPY_SHORTFALL
+    tested = {n: r for n, r in table["tasks"].items() if r["role"] == "tested"}
+    assert set(tested) == set(stats.TESTED_AFTER)
+    for r in rows:  # the data-only reading and the card's agree on the side
+        assert (r["entropy"] >= Q.HIGH_TARGET_ENTROPY) == (r["card_entropy"] >= Q.HIGH_TARGET_ENTROPY)

@@ -495,12 +495,15 @@ DEFAULT_MODEL = QualityModel(
 
 # Target entropy (nats per target token, the card's task.target_entropy) at or above which plans caution
 # that placements leaving depth out may fall far below their predicted fraction. Over the benchmark tasks
-# (benchmarks/results/quality/target_stats.md, fresh/fresh.md, confirm.md) the default's mean shortfall on
-# placements under half the depth was +0.10 to +0.51 on each of the 8 with H >= 4.25 and -0.10 to +0.02 on
-# each of the 6 with H <= 3.86; the threshold was set between them on eleven tasks and then held on three
-# built after it (e2e_echo, +0.006, only as a mean of placement errors from -0.33 to +0.32). Target length
-# does not separate them (sst2_write: 17 target tokens per probe example, +0.27).
+# (benchmarks/results/quality/entropy_shortfall.md) the default's mean shortfall on placements under half
+# the depth was +0.10 to +0.51 on each of the 8 at 4.37 nats or more and -0.10 to +0.02 on each of the 6 at
+# 3.85 or less; the threshold was set between them on eleven tasks and then held on three built after it
+# (e2e_echo, +0.006, only as a mean of placement errors from -0.33 to +0.32). Target length does not
+# separate them (sst2_write: 17 target tokens per probe example, +0.27).
 HIGH_TARGET_ENTROPY = 4.05
+# the warning's figures: the least and the most of the eight shortfalls, the largest of the six either way
+HIGH_ENTROPY_SHORTFALL = (0.10, 0.51)
+LOW_ENTROPY_SHORTFALL = 0.10
 
 
 def target_entropy_warning(card: Card) -> str | None:
@@ -509,10 +512,12 @@ def target_entropy_warning(card: Card) -> str | None:
     h = card.task.get("target_entropy")
     if h is None or h < HIGH_TARGET_ENTROPY:
         return None
+    lo, hi = HIGH_ENTROPY_SHORTFALL
     return (
         f"quality model: this task's targets have an entropy of {h:.2f} nats per token; on the benchmark "
-        f"tasks at {HIGH_TARGET_ENTROPY} or more, placements under half the depth measured 0.10 to 0.51 "
-        "below their predicted fraction on average (on the tasks below it, within 0.10 either way): prefer "
+        f"tasks at {HIGH_TARGET_ENTROPY} or more, placements under half the depth measured {lo:.2f} to "
+        f"{hi:.2f} below their predicted fraction on average (on the tasks below it, within "
+        f"{LOW_ENTROPY_SHORTFALL:.2f} either way): prefer "
         "placements over all the depth, and trust the order of placements more than their fractions"
     )
 
