@@ -128,7 +128,10 @@ def shortfall_of(runs: Sequence[tuple[float, float, float]]) -> tuple[float | No
     return (sum(low) / len(low) if low else None), len(low)
 
 
-def _shortfall_runs() -> dict[str, tuple[str, list[tuple[float, float, float]]]]:
+Runs = list[tuple[float, float, float]]
+
+
+def _shortfall_runs() -> dict[str, tuple[str, Runs]]:
     """Every task's committed runs as (coverage, the default's prediction, measured fraction), by task."""
     import quality as Q
 
@@ -136,7 +139,7 @@ def _shortfall_runs() -> dict[str, tuple[str, list[tuple[float, float, float]]]]
     from layercard.plan.quality import default_model
 
     model = default_model()
-    out: dict[str, tuple[str, list[tuple[float, float, float]]]] = {}
+    out: dict[str, tuple[str, Runs]] = {}
     for r in Q.rows():
         if r["name"] == "ref" or r.get("seed", 0) != 0:
             continue
@@ -160,6 +163,46 @@ def _shortfall_runs() -> dict[str, tuple[str, list[tuple[float, float, float]]]]
     return out
 
 
+def _other_seeds() -> dict[str, dict[str, Runs]]:
+    """quality.py's and fresh_tasks.py's placements repeated at other training seeds, each fraction against
+    its own seed's reference, with the seed-0 placement's coverage and prediction; by task, then seed."""
+    import quality as Q
+
+    from layercard.artifacts import read_json
+    from layercard.plan.quality import default_model
+
+    model = default_model()
+    out: dict[str, dict[str, Runs]] = {}
+    for name in Q.TASKS:
+        base_path = Q.RESULTS / "runs" / f"{name}-base.json"
+        if not base_path.is_file():
+            continue
+        losses = {
+            (p.name, sd): read_json(path)["test_loss"]
+            for sd in Q.run_seeds(Q.RESULTS / "runs")
+            for p in Q.GRID
+            if (path := Q._run_path(name, p.name, sd)).is_file()
+        }
+        own = Q.seed_fractions(read_json(base_path)["test_loss"], losses, "own")
+        for p_name, by_seed in own.items():
+            f = Q._features(name, read_json(Q._run_path(name, p_name)))
+            for sd, frac in by_seed.items():
+                if sd != Q.SEED:
+                    out.setdefault(name, {}).setdefault(str(sd), []).append(
+                        (f.coverage, model.predict(f), frac)
+                    )
+    for name, v in read_json(Q.RESULTS / "fresh" / "fresh.json")["tasks"].items():
+        own = (v.get("repeats") or {}).get("own", {})
+        seeds = sorted({sd for fr in own.values() for sd in fr if sd != "0"}, key=int)
+        for sd in seeds:
+            out.setdefault(name, {})[sd] = [
+                (r["bands"], r["predicted"]["default"], own[r["name"]][sd])
+                for r in v["runs"]
+                if sd in own.get(r["name"], {})
+            ]
+    return out
+
+
 def shortfall() -> dict[str, Any]:
     """Each task's target entropy beside the default's shortfall under half the depth; writes SHORTFALL."""
     from layercard.artifacts import read_json, write_json, write_text
@@ -167,16 +210,20 @@ def shortfall() -> dict[str, Any]:
 
     stats = read_json(OUT)["tasks"]
     rows = {}
+    repeats = _other_seeds()
     for name, (source, runs) in _shortfall_runs().items():
         value, n = shortfall_of(runs)
         if value is None or name not in stats:
             continue
+        # another seed counts only where every placement under half the depth was repeated at it
+        other = {sd: shortfall_of(rs) for sd, rs in repeats.get(name, {}).items()}
         rows[name] = {
             "entropy": stats[name]["entropy"],
             "card_entropy": stats[name]["card_entropy"],
             "tokens_per_example": stats[name]["tokens_per_example"],
             "shortfall": value,
             "placements_under_half_depth": n,
+            "other_seeds": {sd: v for sd, (v, m) in other.items() if m == n},
             "source": source,
             "role": "tested" if name in TESTED_AFTER else "set",
         }
@@ -196,19 +243,21 @@ def _shortfall_markdown(out: dict[str, Any]) -> str:
         "# Target entropy and the default's shortfall where placements leave depth out",
         "",
         "Shortfall: the default quality model's predicted minus measured fraction of the reference's drop, "
-        "mean over each task's placements that cover under half the depth (36 steps, lr 2e-3, smollm2). "
+        "mean over each task's placements that cover under half the depth (36 steps, lr 2e-3, smollm2); "
+        "at other seeds: the same placements and reference re-trained at another seed, where all were. "
         f"Plans warn at a target entropy of {h0} nats or more, as a card reads it. `set`: the threshold was "
         "placed between these tasks; `tested`: built after it, each predicted to fall on its side.",
         "",
-        "| task | entropy (nats) | as a card reads it | target tokens per example | shortfall | placements | "
-        "source | role | warned |",
-        "|---|---:|---:|---:|---:|---:|---|---|---|",
+        "| task | entropy (nats) | as a card reads it | target tokens per example | shortfall | "
+        "at other seeds | placements | source | role | warned |",
+        "|---|---:|---:|---:|---:|---|---:|---|---|---|",
     ]
     for name, r in out["tasks"].items():
+        seeds = ", ".join(f"{sd}: {v:+.3f}" for sd, v in r["other_seeds"].items())
         lines.append(
             f"| {name} | {r['entropy']:.3f} | {r['card_entropy']:.3f} | {r['tokens_per_example']:.1f} | "
-            f"{r['shortfall']:+.3f} | {r['placements_under_half_depth']} | {r['source']} | {r['role']} | "
-            f"{'yes' if r['card_entropy'] >= h0 else 'no'} |"
+            f"{r['shortfall']:+.3f} | {seeds} | {r['placements_under_half_depth']} | {r['source']} | "
+            f"{r['role']} | {'yes' if r['card_entropy'] >= h0 else 'no'} |"
         )
     lines.append("")
     for side, pick in (

@@ -70,5 +70,7 @@ def test_the_entropy_warning_states_the_committed_shortfalls(stats):
     assert round(max(abs(x) for x in quiet), 2) == Q.LOW_ENTROPY_SHORTFALL
     tested = {n: r for n, r in table["tasks"].items() if r["role"] == "tested"}
     assert set(tested) == set(stats.TESTED_AFTER)
-    for r in rows:  # the data-only reading and the card's agree on the side
+    for r in rows:  # the data-only reading and the card's agree on the side, and so do other seeds
         assert (r["entropy"] >= Q.HIGH_TARGET_ENTROPY) == (r["card_entropy"] >= Q.HIGH_TARGET_ENTROPY)
+        warned = r["card_entropy"] >= Q.HIGH_TARGET_ENTROPY
+        assert all((v >= 0.05) == warned for v in r["other_seeds"].values())
