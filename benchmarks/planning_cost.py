@@ -25,6 +25,7 @@ _PARTS = {
     "probe_s": "probe pass with its statistics",
     "stats_s": "of which statistics",
     "calibrate_s": "cost calibration",
+    "target_entropy_s": "target entropy",
     "weight_snr_s": "weight SNRs",
     "coupling_s": "coupling",
 }
