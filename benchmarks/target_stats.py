@@ -36,11 +36,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from layercard.tasks.encode import TARGET_ENTROPY_SAMPLE as SAMPLE
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 OUT = ROOT / "benchmarks" / "results" / "quality" / "target_stats.json"  # and .md beside it
 SHORTFALL = OUT.with_name("entropy_shortfall.json")  # and .md, .png beside it
-SAMPLE = 2048
 TRAIN_EXAMPLES, SEED = 1000, 0
 # the tasks built after the warning's threshold was set on the others, each to test it
 TESTED_AFTER = ("gsm8k_reverse", "sst2_echo", "e2e_echo")
@@ -131,48 +132,17 @@ def shortfall_of(runs: Sequence[tuple[float, float, float]]) -> tuple[float | No
 Runs = list[tuple[float, float, float]]
 
 
-def _shortfall_runs() -> dict[str, tuple[str, Runs]]:
-    """Every task's committed runs as (coverage, the default's prediction, measured fraction), by task."""
+def _shortfall_runs() -> dict[str, tuple[str, Runs, dict[str, Runs]]]:
+    """Every task's committed runs as (coverage, the default's prediction, measured fraction): its source,
+    its seed-0 runs and, by seed, its runs repeated at other training seeds (each fraction against its own
+    seed's reference, with the seed-0 placement's coverage and prediction)."""
     import quality as Q
 
     from layercard.artifacts import read_json
     from layercard.plan.quality import default_model
 
     model = default_model()
-    out: dict[str, tuple[str, Runs]] = {}
-    for r in Q.rows():
-        if r["name"] == "ref" or r.get("seed", 0) != 0:
-            continue
-        f = Q._features(r["task"], r)
-        out.setdefault(r["task"], ("quality.py, seed 0", []))[1].append(
-            (f.coverage, model.predict(f), r["fraction"])
-        )
-    confirm = read_json(Q.RESULTS / "confirm.json")
-    for name, v in confirm["tasks"].items():
-        if v.get("band_runs"):
-            out[name] = (
-                "quality_confirm.py",
-                [(r["coverage"], r["predicted"], r["measured"]) for r in v["band_runs"]],
-            )
-    fresh = read_json(Q.RESULTS / "fresh" / "fresh.json")
-    for name, v in fresh["tasks"].items():
-        out[name] = (
-            "fresh_tasks.py, seed 0",
-            [(r["bands"], r["predicted"]["default"], r["measured"]) for r in v["runs"]],
-        )
-    return out
-
-
-def _other_seeds() -> dict[str, dict[str, Runs]]:
-    """quality.py's and fresh_tasks.py's placements repeated at other training seeds, each fraction against
-    its own seed's reference, with the seed-0 placement's coverage and prediction; by task, then seed."""
-    import quality as Q
-
-    from layercard.artifacts import read_json
-    from layercard.plan.quality import default_model
-
-    model = default_model()
-    out: dict[str, dict[str, Runs]] = {}
+    out: dict[str, tuple[str, Runs, dict[str, Runs]]] = {}
     for name in Q.TASKS:
         base_path = Q.RESULTS / "runs" / f"{name}-base.json"
         if not base_path.is_file():
@@ -183,23 +153,31 @@ def _other_seeds() -> dict[str, dict[str, Runs]]:
             for p in Q.GRID
             if (path := Q._run_path(name, p.name, sd)).is_file()
         }
+        runs: Runs = []
+        other: dict[str, Runs] = {}
         own = Q.seed_fractions(read_json(base_path)["test_loss"], losses, "own")
-        for p_name, by_seed in own.items():
+        for p_name, by_seed in ((p.name, own[p.name]) for p in Q.GRID if Q.SEED in own.get(p.name, {})):
             f = Q._features(name, read_json(Q._run_path(name, p_name)))
+            at = (f.coverage, model.predict(f))
+            runs.append((*at, by_seed[Q.SEED]))
             for sd, frac in by_seed.items():
                 if sd != Q.SEED:
-                    out.setdefault(name, {}).setdefault(str(sd), []).append(
-                        (f.coverage, model.predict(f), frac)
-                    )
+                    other.setdefault(str(sd), []).append((*at, frac))
+        out[name] = ("quality.py, seed 0", runs, other)
+    confirm = read_json(Q.RESULTS / "confirm.json")
+    for name, v in confirm["tasks"].items():
+        if v.get("band_runs"):
+            runs = [(r["coverage"], r["predicted"], r["measured"]) for r in v["band_runs"]]
+            out[name] = ("quality_confirm.py", runs, {})
     for name, v in read_json(Q.RESULTS / "fresh" / "fresh.json")["tasks"].items():
         own = (v.get("repeats") or {}).get("own", {})
         seeds = sorted({sd for fr in own.values() for sd in fr if sd != "0"}, key=int)
-        for sd in seeds:
-            out.setdefault(name, {})[sd] = [
-                (r["bands"], r["predicted"]["default"], own[r["name"]][sd])
-                for r in v["runs"]
-                if sd in own.get(r["name"], {})
-            ]
+        at = {r["name"]: (r["bands"], r["predicted"]["default"]) for r in v["runs"]}
+        out[name] = (
+            "fresh_tasks.py, seed 0",
+            [(*at[r["name"]], r["measured"]) for r in v["runs"]],
+            {sd: [(*at[n], own[n][sd]) for n in at if sd in own.get(n, {})] for sd in seeds},
+        )
     return out
 
 
@@ -210,13 +188,12 @@ def shortfall() -> dict[str, Any]:
 
     stats = read_json(OUT)["tasks"]
     rows = {}
-    repeats = _other_seeds()
-    for name, (source, runs) in _shortfall_runs().items():
+    for name, (source, runs, repeats) in _shortfall_runs().items():
         value, n = shortfall_of(runs)
         if value is None or name not in stats:
             continue
         # another seed counts only where every placement under half the depth was repeated at it
-        other = {sd: shortfall_of(rs) for sd, rs in repeats.get(name, {}).items()}
+        other = {sd: shortfall_of(rs) for sd, rs in repeats.items()}
         rows[name] = {
             "entropy": stats[name]["entropy"],
             "card_entropy": stats[name]["card_entropy"],
