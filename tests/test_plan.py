@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 
 import numpy as np
 import pytest
@@ -705,6 +706,17 @@ def test_cli_search_plan_prints_the_frontier_and_draws_it(card_file, tmp_path):
     r = CliRunner().invoke(app, [*args[:-2], "--out", str(tmp_path / "p2.json"), "--json"])
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["figure"].endswith("p2_frontier.png")
+
+
+def test_frontier_rows_fit_an_80_column_terminal_whole(card_file, tmp_path):
+    """Each frontier row stays on one line, none of its cells cut, on the narrowest usual terminal."""
+    args = ["plan", "--card", str(card_file), "--budget", "params=0.5x", "--out", str(tmp_path / "p.json")]
+    r = CliRunner().invoke(app, args, env={"COLUMNS": "80"})
+    assert r.exit_code == 0, r.output
+    rows = [line for line in r.output.splitlines() if line.startswith("│")]
+    assert rows and all(len(line) <= 80 and "…" not in line for line in rows), r.output
+    assert all(re.search(r"│ \d\.\d{3} ± \d\.\d{3} │", line) for line in rows), r.output
+    assert any(line.rstrip().endswith("◀ plan │") for line in rows), r.output
 
 
 def test_frontier_table_keeps_the_cheapest_of_equal_looking_rows_and_the_plan():

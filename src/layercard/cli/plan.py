@@ -101,8 +101,9 @@ def _print_search_plan(plan) -> None:
     q = p["quality"]
     for kind, rows in p["frontier"].items():
         t = Table(title=f"Frontier · predicted quality against {kind} · {plan.card['task']}")
-        for col in ("matrices", "layers", "rank", "predicted quality", kind, f"{kind} × ref", ""):
-            t.add_column(col, justify="right" if col not in ("matrices", "layers") else "left")
+        # short headers and unwrapped values keep a row on one line of an 80-column terminal
+        for col in ("matrices", "layers", "rank", "quality", kind, "× ref", ""):
+            t.add_column(col, justify="right" if col not in ("matrices", "layers") else "left", no_wrap=True)
         chosen = p["candidate"]
         shown = shown_frontier(rows, chosen)
         for r in shown:
