@@ -300,7 +300,8 @@ def test_plans_caution_where_targets_are_varied():
 
     low, high = with_entropy(Q.HIGH_TARGET_ENTROPY - 0.01), with_entropy(5.25)
     assert Q.target_entropy_warning(low) is None
-    assert Q.target_entropy_warning(_card()) is None  # a card that did not measure it
+    unmeasured = Q.target_entropy_warning(_card())  # a card written before cards measured it
+    assert unmeasured is not None and "does not record its task's target entropy" in unmeasured
     assert Q.target_entropy_warning(with_entropy(Q.HIGH_TARGET_ENTROPY)) is not None  # at the threshold
     text = Q.target_entropy_warning(high)
     assert text is not None and "an entropy of 5.25 nats per token" in text

@@ -507,10 +507,17 @@ LOW_ENTROPY_SHORTFALL = 0.10
 
 
 def target_entropy_warning(card: Card) -> str | None:
-    """A caution for plans when the card's task has varied targets (HIGH_TARGET_ENTROPY); None otherwise,
-    and for cards that did not measure it."""
+    """A caution for plans when the card's task has varied targets (HIGH_TARGET_ENTROPY), or when the card
+    did not measure them (cards written before it did); None otherwise."""
     h = card.task.get("target_entropy")
-    if h is None or h < HIGH_TARGET_ENTROPY:
+    if h is None:
+        return (
+            "quality model: this card does not record its task's target entropy (it was written before cards "
+            f"measured it), so the plan cannot tell whether the task is one where placements under half the "
+            f"depth measured {HIGH_ENTROPY_SHORTFALL[0]:.2f} to {HIGH_ENTROPY_SHORTFALL[1]:.2f} below their "
+            "predicted fraction; re-run `layercard card` to have it checked"
+        )
+    if h < HIGH_TARGET_ENTROPY:
         return None
     lo, hi = HIGH_ENTROPY_SHORTFALL
     return (
