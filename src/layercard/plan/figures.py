@@ -68,6 +68,8 @@ def plot_frontier(plan: Any, path: str | Path, measured: dict[str, dict[str, flo
                 cap = _cap(b, pred["reference"])
                 ax.axvline(cap, color="tab:red", ls=":", label=f"budget {b}")
         ax.set_xscale("log")
+        # room at both ends for the names written beside the cheapest and the dearest measured points
+        ax.margins(x=0.12)
         ax.set_xlabel(_LABELS.get(kind, kind))
         ax.set_ylabel("fraction of the reference's loss drop")
         ax.grid(alpha=0.3)
