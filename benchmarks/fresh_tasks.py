@@ -38,6 +38,15 @@ results/quality/fresh/runs/, so the script resumes where it stopped.
     LAYERCARD_DATA=../shared/data .venv/bin/python benchmarks/fresh_tasks.py run [--tasks ...] [--only ...]
         [--seed N]                                       # another training seed, under runs/seed{N}/
     .venv/bin/python benchmarks/fresh_tasks.py score     # results/quality/fresh/fresh.{json,md}
+    .venv/bin/python benchmarks/fresh_tasks.py rules     # results/quality/fresh/rules.{json,md}
+
+``rules`` sets the practitioners' rules that are in the grid beside what the frozen default would pick
+from the grid at each rule's parameter share (the placement it predicts best among those no larger; ties
+to the fewer parameters), from the committed runs with no model loaded: q,v on every layer at rank 8
+(`peft-default`) and at rank 2 (that rule fitted to about 0.05x by lowering the rank), every linear module
+of every layer at rank 2 (`all-linear` at 0.25x) and every linear module of the last 8 layers at rank 8
+(`last-n` at about 0.27x). Each difference comes with its sampling error paired over the same test
+examples, and, where both placements were re-trained at other seeds, with those seeds' differences.
 """
 
 from __future__ import annotations
@@ -388,9 +397,124 @@ def _markdown(out: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+# The practitioners' rules in quality.py's grid, each at its own parameter share.
+RULES = (
+    ("peft-default", "qv-all-r8"),
+    ("peft-default at rank 2", "qv-all-r2"),
+    ("all-linear", "lin-all-r2"),
+    ("last-n", "lin-last8-r8"),
+)
+
+
+def pick_within(rows: list[dict[str, Any]], share: float) -> dict[str, Any]:
+    """The row the default predicts best among those whose parameter share is at most ``share`` (ties to the
+    fewer parameters, as the planner breaks them)."""
+    within = [r for r in rows if r["params_share"] <= share * (1 + 1e-9)]
+    if not within:
+        raise ValueError(f"no placement within a parameter share of {share:g}")
+    return max(within, key=lambda r: (r["predicted"]["default"], -r["params_share"]))
+
+
+def rules() -> dict[str, Any]:
+    """The default's pick against each rule at the rule's parameter share, per fresh task, from fresh.json
+    and the runs' per-example losses. Writes OUT/rules.json and .md."""
+    from layercard.artifacts import read_json, write_json, write_text
+    from layercard.evaluate import difference_standard_error
+
+    fresh = read_json(OUT / "fresh.json")
+    out: dict[str, Any] = {"rules": dict(RULES), "tasks": {}}
+    for task, v in fresh["tasks"].items():
+        rows = {r["name"]: r for r in v["runs"]}
+        own = (v.get("repeats") or {}).get("own", {})
+        sums = {n: read_json(OUT / "runs" / f"{task}-{n}.json")["example_loss_sums"] for n in ("base", "ref")}
+        cells = {}
+        for rule, name in RULES:
+            if name not in rows:
+                continue
+            rule_row = rows[name]
+            pick = pick_within(list(rows.values()), rule_row["params_share"])
+            a, b = (
+                read_json(OUT / "runs" / f"{task}-{n}.json")["example_loss_sums"]
+                for n in (pick["name"], name)
+            )
+            seeds = sorted(set(own.get(pick["name"], {})) & set(own.get(name, {})) - {"0"}, key=int)
+            cells[rule] = {
+                "rule": name, "pick": pick["name"], "pick_share": pick["params_share"],
+                "rule_share": rule_row["params_share"], "pick_measured": pick["measured"],
+                "rule_measured": rule_row["measured"], "difference": pick["measured"] - rule_row["measured"],
+                "difference_se": difference_standard_error(sums["base"], sums["ref"], b, a),
+                "other_seeds": {sd: own[pick["name"]][sd] - own[name][sd] for sd in seeds},
+            }  # fmt: skip
+        out["tasks"][task] = cells
+    out["summary"] = {
+        rule: _tally([t[rule] for t in out["tasks"].values() if rule in t]) for rule, _ in RULES
+    }
+    write_json(OUT / "rules.json", out)
+    write_text(OUT / "rules.md", _rules_markdown(out))
+    return out
+
+
+def _tally(cells: list[dict[str, Any]]) -> dict[str, int]:
+    """How many tasks the pick was ahead or behind by more than twice its paired sampling error, or within
+    it, or the rule's placement itself."""
+    out = {"same": 0, "ahead": 0, "behind": 0, "within": 0}
+    for c in cells:
+        if c["pick"] == c["rule"]:
+            out["same"] += 1
+        elif c["difference_se"] is not None and abs(c["difference"]) > 2 * c["difference_se"]:
+            out["ahead" if c["difference"] > 0 else "behind"] += 1
+        else:
+            out["within"] += 1
+    return out
+
+
+def _rules_markdown(out: dict[str, Any]) -> str:
+    import quality as Q
+
+    lines = [
+        "# The default's pick against the practitioners' rules on the fresh tasks",
+        "",
+        f"smollm2, quality.py's settings ({Q.STEPS} steps of batch {Q.BATCH}, lr {Q.LR:g}), seed 0, "
+        f"{TEST_EXAMPLES} test examples per task (fresh.md). For each rule in the grid, the placement the "
+        "frozen default predicts best among the grid's placements no larger than the rule's parameter share "
+        "(ties to the fewer parameters) against the rule's own placement. Cells: the pick, then its measured "
+        "fraction of the reference's drop minus the rule's ± the sampling error of that difference, paired "
+        "over the same test examples; after `seeds`, the same difference at other training seeds where both "
+        "were re-trained. The grid holds 15 placements, so a pick here is what the default would choose from "
+        "them, not the planner's search over every placement.",
+        "",
+        "| task | " + " | ".join(f"{r} (`{n}`)" for r, n in RULES) + " |",
+        "|---|" + "---|" * len(RULES),
+    ]
+    for task, cells in out["tasks"].items():
+        row = []
+        for rule, _ in RULES:
+            c = cells.get(rule)
+            if c is None:
+                row.append("")
+            elif c["pick"] == c["rule"]:
+                row.append("the same placement")
+            else:
+                se = "" if c["difference_se"] is None else f" ± {c['difference_se']:.3f}"
+                seeds = ", ".join(f"{sd}: {d:+.3f}" for sd, d in c["other_seeds"].items())
+                row.append(
+                    f"`{c['pick']}` {c['difference']:+.3f}{se}" + (f"; seeds {seeds}" if seeds else "")
+                )
+        lines.append(f"| {task} | " + " | ".join(row) + " |")
+    lines += ["", "Over the tasks, beyond twice the paired sampling error (seed 0):", ""]
+    for rule, name in RULES:
+        t = out["summary"][rule]
+        lines.append(
+            f"- {rule} (`{name}`): the pick ahead on {t['ahead']}, behind on {t['behind']}, within on "
+            f"{t['within']}, the rule's own placement on {t['same']}"
+        )
+    lines.append("")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("what", choices=("run", "score"))
+    ap.add_argument("what", choices=("run", "score", "rules"))
     ap.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated of {', '.join(TASKS)}")
     ap.add_argument("--only", default=None, help="comma-separated grid names")
     ap.add_argument(
@@ -402,6 +526,8 @@ def main() -> None:
             if name not in TASKS:
                 raise SystemExit(f"--tasks: unknown task {name!r}; valid: {', '.join(TASKS)}")
         run(a.tasks.split(","), set(a.only.split(",")) if a.only else None, a.seed)
+    elif a.what == "rules":
+        print(rules()["summary"])
     else:
         res = score()
         print({c: v for c, v in res.get("mean", {}).items()})

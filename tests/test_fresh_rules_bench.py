@@ -1,0 +1,56 @@
+"""The fresh tasks' comparison of the default's pick with the practitioners' rules (benchmarks/fresh_tasks.py
+``rules``): which placement it takes at a rule's size, and how the tasks are tallied."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from benchscripts import benchmark_script
+
+COMMITTED = (
+    Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "quality" / "fresh" / "rules.json"
+)
+
+
+@pytest.fixture(scope="module")
+def fresh():
+    with benchmark_script("fresh_tasks") as module:
+        yield module
+
+
+def _row(name, share, predicted):
+    return {"name": name, "params_share": share, "predicted": {"default": predicted}}
+
+
+def test_the_pick_is_the_best_predicted_within_the_rules_size_ties_to_the_smaller(fresh):
+    rows = [
+        _row("big", 0.30, 0.99),
+        _row("rule", 0.19, 0.90),
+        _row("mlp", 0.16, 0.95),
+        _row("tie", 0.05, 0.95),
+    ]
+    assert fresh.pick_within(rows, 0.19)["name"] == "tie"  # 0.95 twice: the fewer parameters
+    assert fresh.pick_within(rows, 0.30)["name"] == "big"
+    assert fresh.pick_within(rows, 0.05)["name"] == "tie"
+    with pytest.raises(ValueError, match="no placement within"):
+        fresh.pick_within(rows, 0.01)
+
+
+def test_a_difference_counts_only_beyond_twice_its_paired_error(fresh):
+    def cell(pick, diff, se):
+        return {"pick": pick, "rule": "r", "difference": diff, "difference_se": se}
+
+    cells = [cell("r", 0.0, 0.01), cell("a", 0.05, 0.02), cell("b", -0.05, 0.02), cell("c", 0.03, 0.02),
+             cell("d", 0.05, None)]  # fmt: skip
+    assert fresh._tally(cells) == {"same": 1, "ahead": 1, "behind": 1, "within": 2}
+
+
+def test_the_committed_comparison_tallies_every_task_once_per_rule():
+    out = json.loads(COMMITTED.read_text())
+    for rule, name in out["rules"].items():
+        cells = [t[rule] for t in out["tasks"].values() if rule in t]
+        assert sum(out["summary"][rule].values()) == len(cells) > 0
+        assert all(c["rule"] == name and c["pick_share"] <= c["rule_share"] * (1 + 1e-9) for c in cells)
+        assert all(abs(c["difference"] - (c["pick_measured"] - c["rule_measured"])) < 1e-12 for c in cells)
