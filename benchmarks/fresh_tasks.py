@@ -439,7 +439,7 @@ def rules() -> dict[str, Any]:
             )
             seeds = sorted(set(own.get(pick["name"], {})) & set(own.get(name, {})) - {"0"}, key=int)
             cells[rule] = {
-                "rule": name, "pick": pick["name"], "pick_share": pick["params_share"],
+                "task": task, "rule": name, "pick": pick["name"], "pick_share": pick["params_share"],
                 "rule_share": rule_row["params_share"], "pick_measured": pick["measured"],
                 "rule_measured": rule_row["measured"], "difference": pick["measured"] - rule_row["measured"],
                 "difference_se": difference_standard_error(sums["base"], sums["ref"], b, a),
@@ -448,6 +448,9 @@ def rules() -> dict[str, Any]:
         out["tasks"][task] = cells
     out["summary"] = {
         rule: _tally([t[rule] for t in out["tasks"].values() if rule in t]) for rule, _ in RULES
+    }
+    out["summary_over_seeds"] = {
+        rule: _tally_seeds([t[rule] for t in out["tasks"].values() if rule in t]) for rule, _ in RULES
     }
     write_json(OUT / "rules.json", out)
     write_text(OUT / "rules.md", _rules_markdown(out))
@@ -465,6 +468,19 @@ def _tally(cells: list[dict[str, Any]]) -> dict[str, int]:
             out["ahead" if c["difference"] > 0 else "behind"] += 1
         else:
             out["within"] += 1
+    return out
+
+
+def _tally_seeds(cells: list[dict[str, Any]]) -> dict[str, Any]:
+    """Over the cells re-trained at other seeds: the tasks where the pick was ahead at every seed, behind at
+    every seed, or on different sides, and the mean difference over the seeds on each."""
+    out: dict[str, Any] = {"ahead": [], "behind": [], "mixed": []}
+    for c in cells:
+        if c["pick"] == c["rule"] or not c["other_seeds"]:
+            continue
+        diffs = [c["difference"], *c["other_seeds"].values()]
+        side = "ahead" if min(diffs) > 0 else "behind" if max(diffs) < 0 else "mixed"
+        out[side].append({"task": c["task"], "seeds": len(diffs), "mean_difference": statistics.fmean(diffs)})
     return out
 
 
@@ -507,6 +523,21 @@ def _rules_markdown(out: dict[str, Any]) -> str:
         lines.append(
             f"- {rule} (`{name}`): the pick ahead on {t['ahead']}, behind on {t['behind']}, within on "
             f"{t['within']}, the rule's own placement on {t['same']}"
+        )
+    lines += ["", "Where both placements were also trained at other seeds, the difference at every seed:", ""]
+    for rule, name in RULES:
+        t = out["summary_over_seeds"][rule]
+        if not any(t.values()):
+            continue
+        parts = [
+            f"{side} on {len(t[side])} ("
+            + ", ".join(f"{x['task']} {x['mean_difference']:+.3f} over {x['seeds']}" for x in t[side])
+            + ")"
+            for side in ("ahead", "behind", "mixed")
+            if t[side]
+        ]
+        lines.append(
+            f"- {rule} (`{name}`), the pick at every seed: " + "; ".join(parts) + " (mean difference)"
         )
     lines.append("")
     return "\n".join(lines)

@@ -47,6 +47,19 @@ def test_a_difference_counts_only_beyond_twice_its_paired_error(fresh):
     assert fresh._tally(cells) == {"same": 1, "ahead": 1, "behind": 1, "within": 2}
 
 
+def test_over_seeds_a_side_counts_only_where_every_seed_agrees(fresh):
+    def cell(task, seed0, others):
+        return {"task": task, "pick": "p", "rule": "r", "difference": seed0, "other_seeds": others}
+
+    same = {**cell("e", 0.0, {"1": 0.1}), "pick": "r"}  # the rule's own placement: no side
+    cells = [cell("a", 0.1, {"1": 0.05, "2": 0.02}), cell("b", -0.1, {"1": -0.2}),
+             cell("c", 0.1, {"1": -0.01}), cell("d", 0.3, {}), same]  # fmt: skip
+    out = fresh._tally_seeds(cells)
+    assert [x["task"] for x in out["ahead"]] == ["a"] and out["ahead"][0]["seeds"] == 3
+    assert out["ahead"][0]["mean_difference"] == pytest.approx((0.1 + 0.05 + 0.02) / 3)
+    assert [x["task"] for x in out["behind"]] == ["b"] and [x["task"] for x in out["mixed"]] == ["c"]
+
+
 def test_the_committed_comparison_tallies_every_task_once_per_rule():
     out = json.loads(COMMITTED.read_text())
     for rule, name in out["rules"].items():
