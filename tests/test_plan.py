@@ -719,6 +719,16 @@ def test_frontier_rows_fit_an_80_column_terminal_whole(card_file, tmp_path):
     assert any(line.rstrip().endswith("◀ plan │") for line in rows), r.output
 
 
+def test_names_near_the_right_end_of_a_log_axis_are_placed_left_of_their_point():
+    from layercard.plan.figures import _log_position
+
+    xs = [1e5, 1e6, 1e7]
+    assert _log_position(1e5, xs) == 0.0 and _log_position(1e7, xs) == 1.0
+    assert _log_position(1e6, xs) == pytest.approx(0.5)
+    assert _log_position(5.0, [5.0, 5.0]) == 0.5  # one value: no side to prefer
+    assert _log_position(1.0, [0.0, 10.0]) == 0.5  # a non-positive cost has no log position
+
+
 def test_frontier_table_keeps_the_cheapest_of_equal_looking_rows_and_the_plan():
     from layercard.cli.plan import shown_frontier
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -60,16 +61,19 @@ def plot_frontier(plan: Any, path: str | Path, measured: dict[str, dict[str, flo
                 color="tab:purple", capsize=2, zorder=6, label="measured ± its sampling error (arrow from "
                 "predicted)" if i == 0 else None,
             )  # fmt: skip
-            ax.annotate(
-                name, (m[kind], m["fraction"]), fontsize=7, xytext=(4, -8), textcoords="offset points"
+            # a name near the axis' right end is written to the left of its point, inside the panel
+            right = (
+                _log_position(m[kind], xs + [v[kind] for v in (measured or {}).values() if kind in v]) > 0.8
             )
+            ax.annotate(
+                name, (m[kind], m["fraction"]), fontsize=7, xytext=(-4 if right else 4, -8),
+                textcoords="offset points", ha="right" if right else "left",
+            )  # fmt: skip
         for b in pred.get("budgets", []):
             if b.startswith(f"{kind}="):
                 cap = _cap(b, pred["reference"])
                 ax.axvline(cap, color="tab:red", ls=":", label=f"budget {b}")
         ax.set_xscale("log")
-        # room at both ends for the names written beside the cheapest and the dearest measured points
-        ax.margins(x=0.12)
         ax.set_xlabel(_LABELS.get(kind, kind))
         ax.set_ylabel("fraction of the reference's loss drop")
         ax.grid(alpha=0.3)
@@ -83,6 +87,15 @@ def plot_frontier(plan: Any, path: str | Path, measured: dict[str, dict[str, flo
         fig.savefig(tmp, dpi=110, format="png", bbox_inches="tight")
     plt.close(fig)
     return Path(path)
+
+
+def _log_position(x: float, xs: list[float]) -> float:
+    """Where ``x`` lies between the least and the largest of ``xs`` on a log axis, 0 to 1 (0.5 when they are
+    all one value or not all positive)."""
+    lo, hi = min(xs), max(xs)
+    if not (lo > 0 and hi > lo and x > 0):
+        return 0.5
+    return (math.log(x) - math.log(lo)) / (math.log(hi) - math.log(lo))
 
 
 def _cap(text: str, reference: dict[str, float]) -> float:
