@@ -417,44 +417,82 @@ def pick_within(rows: list[dict[str, Any]], share: float) -> dict[str, Any]:
 
 def rules() -> dict[str, Any]:
     """The default's pick against each rule at the rule's parameter share, per fresh task, from fresh.json
-    and the runs' per-example losses. Writes OUT/rules.json and .md."""
+    and the runs' per-example losses; beside it what the planner's full search recommends at that share,
+    and, where the grid holds that placement, the same comparison for it. Writes OUT/rules.json and .md."""
     from layercard.artifacts import read_json, write_json, write_text
-    from layercard.evaluate import difference_standard_error
+    from layercard.card import Card
 
     fresh = read_json(OUT / "fresh.json")
     out: dict[str, Any] = {"rules": dict(RULES), "tasks": {}}
     for task, v in fresh["tasks"].items():
+        card = Card.load(OUT / "cards" / task / "card.json")
         rows = {r["name"]: r for r in v["runs"]}
         own = (v.get("repeats") or {}).get("own", {})
-        sums = {n: read_json(OUT / "runs" / f"{task}-{n}.json")["example_loss_sums"] for n in ("base", "ref")}
         cells = {}
         for rule, name in RULES:
             if name not in rows:
                 continue
-            rule_row = rows[name]
-            pick = pick_within(list(rows.values()), rule_row["params_share"])
-            a, b = (
-                read_json(OUT / "runs" / f"{task}-{n}.json")["example_loss_sums"]
-                for n in (pick["name"], name)
-            )
-            seeds = sorted(set(own.get(pick["name"], {})) & set(own.get(name, {})) - {"0"}, key=int)
+            share = rows[name]["params_share"]
+            planner = planner_pick(card, share)
+            if planner["grid"] is not None and planner["grid"] in rows:
+                planner["comparison"] = _compare(task, rows, own, planner["grid"], name)
             cells[rule] = {
-                "task": task, "rule": name, "pick": pick["name"], "pick_share": pick["params_share"],
-                "rule_share": rule_row["params_share"], "pick_measured": pick["measured"],
-                "rule_measured": rule_row["measured"], "difference": pick["measured"] - rule_row["measured"],
-                "difference_se": difference_standard_error(sums["base"], sums["ref"], b, a),
-                "other_seeds": {sd: own[pick["name"]][sd] - own[name][sd] for sd in seeds},
+                "task": task, "rule": name, "rule_share": share, "rule_measured": rows[name]["measured"],
+                **_compare(task, rows, own, pick_within(list(rows.values()), share)["name"], name),
+                "planner": planner,
             }  # fmt: skip
         out["tasks"][task] = cells
-    out["summary"] = {
-        rule: _tally([t[rule] for t in out["tasks"].values() if rule in t]) for rule, _ in RULES
-    }
-    out["summary_over_seeds"] = {
-        rule: _tally_seeds([t[rule] for t in out["tasks"].values() if rule in t]) for rule, _ in RULES
-    }
+    for key, tally in (("summary", _tally), ("summary_over_seeds", _tally_seeds)):
+        out[key] = {rule: tally([t[rule] for t in out["tasks"].values() if rule in t]) for rule, _ in RULES}
+    out["planner_summary"] = {
+        rule: _tally(
+            [{**c["planner"]["comparison"], "rule": c["rule"]} for t in out["tasks"].values()
+             if (c := t.get(rule)) and "comparison" in c["planner"]]
+        )
+        for rule, _ in RULES
+    }  # fmt: skip
     write_json(OUT / "rules.json", out)
     write_text(OUT / "rules.md", _rules_markdown(out))
     return out
+
+
+def _compare(
+    task: str, rows: dict[str, dict[str, Any]], own: dict[str, dict[str, float]], pick: str, rule: str
+) -> dict[str, Any]:
+    """``pick``'s measured fraction minus ``rule``'s on ``task``: at seed 0 with its sampling error paired
+    over the test examples, and at the other seeds where both were re-trained (``own``: fraction by seed)."""
+    from layercard.artifacts import read_json
+    from layercard.evaluate import difference_standard_error
+
+    def sums(name: str) -> list[float]:
+        return read_json(OUT / "runs" / f"{task}-{name}.json")["example_loss_sums"]
+
+    seeds = sorted(set(own.get(pick, {})) & set(own.get(rule, {})) - {"0"}, key=int)
+    return {
+        "pick": pick, "pick_share": rows[pick]["params_share"], "pick_measured": rows[pick]["measured"],
+        "difference": rows[pick]["measured"] - rows[rule]["measured"],
+        "difference_se": difference_standard_error(sums("base"), sums("ref"), sums(rule), sums(pick)),
+        "other_seeds": {sd: own[pick][sd] - own[rule][sd] for sd in seeds},
+    }  # fmt: skip
+
+
+def planner_pick(card: Any, share: float) -> dict[str, Any]:
+    """What ``layercard plan --budget params=<share>x`` recommends from the task's card (the full search, not
+    the grid), and the grid placement that is the same placement, if one is."""
+    import quality as Q
+
+    from layercard.config import PlanConfig
+    from layercard.plan import make_plan
+    from layercard.plan.frontier import row_label
+
+    c = make_plan(card, PlanConfig(policy="recommend", budget=f"params={share:.6f}x")).predicted["candidate"]
+    layers = {"all": "all", "top": "last-{n}"}
+    same = [
+        p.name for p in Q.GRID[1:]
+        if p.policy in layers and p.rank == c["rank"] and p.roles == c["matrices"]
+        and layers[p.policy].format(n=(p.budget or "=").split("=")[1]) == c["layers"]
+    ]  # fmt: skip
+    return {"placement": row_label(c), "params_share": c["params_x"], "grid": same[0] if same else None}
 
 
 def _tally(cells: list[dict[str, Any]]) -> dict[str, int]:
@@ -524,6 +562,39 @@ def _rules_markdown(out: dict[str, Any]) -> str:
             f"- {rule} (`{name}`): the pick ahead on {t['ahead']}, behind on {t['behind']}, within on "
             f"{t['within']}, the rule's own placement on {t['same']}"
         )
+    lines += [
+        "",
+        "What `layercard plan --budget params=<the rule's share>x` recommends from each task's card (the "
+        "planner's whole search, not the grid), and, where the grid holds that placement, its measured "
+        "difference from the rule (as above):",
+        "",
+        "| task | " + " | ".join(r for r, _ in RULES) + " |",
+        "|---|" + "---|" * len(RULES),
+    ]
+    for task, cells in out["tasks"].items():
+        row = []
+        for rule, _ in RULES:
+            c = cells.get(rule)
+            if c is None:
+                row.append("")
+                continue
+            pl = c["planner"]
+            text = f"{pl['placement']} ({pl['params_share']:.3f})"
+            if (cmp := pl.get("comparison")) is not None:
+                se = "" if cmp["difference_se"] is None else f" ± {cmp['difference_se']:.3f}"
+                text += ": the rule itself" if cmp["pick"] == c["rule"] else f": {cmp['difference']:+.3f}{se}"
+            else:
+                text += ", not in the grid"
+            row.append(text)
+        lines.append(f"| {task} | " + " | ".join(row) + " |")
+    lines += ["", "The planner's recommendation where the grid holds it, beyond twice the paired error:", ""]
+    for rule, name in RULES:
+        t = out["planner_summary"][rule]
+        if sum(t.values()):
+            lines.append(
+                f"- {rule} (`{name}`): ahead on {t['ahead']}, behind on {t['behind']}, within on "
+                f"{t['within']}, the rule's own placement on {t['same']}"
+            )
     lines += ["", "Where both placements were also trained at other seeds, the difference at every seed:", ""]
     for rule, name in RULES:
         t = out["summary_over_seeds"][rule]

@@ -67,3 +67,13 @@ def test_the_committed_comparison_tallies_every_task_once_per_rule():
         assert sum(out["summary"][rule].values()) == len(cells) > 0
         assert all(c["rule"] == name and c["pick_share"] <= c["rule_share"] * (1 + 1e-9) for c in cells)
         assert all(abs(c["difference"] - (c["pick_measured"] - c["rule_measured"])) < 1e-12 for c in cells)
+        for c in cells:  # the planner's own pick, named as the grid names it where the grid holds it
+            planner = c["planner"]
+            assert planner["params_share"] <= c["rule_share"] * (1 + 1e-6)
+            if planner["grid"] is not None:
+                short = {"q,v": "qv", "attention": "attn", "mlp": "mlp", "all-linear": "lin"}
+                matrices, layers, rank = planner["placement"].split(" · ")
+                grid = planner["grid"]
+                assert grid.startswith(short[matrices] + "-") and grid.endswith("-r" + rank.split("=")[1])
+                assert ("-all-" in grid) == (layers == "all")
+                assert planner["comparison"]["pick"] == planner["grid"]
