@@ -38,6 +38,8 @@ results/quality/fresh/runs/, so the script resumes where it stopped.
     LAYERCARD_DATA=../shared/data .venv/bin/python benchmarks/fresh_tasks.py run [--tasks ...] [--only ...]
         [--seed N]                                       # another training seed, under runs/seed{N}/
     .venv/bin/python benchmarks/fresh_tasks.py score     # results/quality/fresh/fresh.{json,md}
+    LAYERCARD_DATA=../shared/data .venv/bin/python benchmarks/fresh_tasks.py run \
+        --recommend-at peft-default,peft-default-r2,all-linear,last-n   # layercard plan's own picks
     .venv/bin/python benchmarks/fresh_tasks.py rules     # results/quality/fresh/rules.{json,md}
 
 ``rules`` sets the practitioners' rules that are in the grid beside what the frozen default would pick
@@ -47,6 +49,9 @@ to the fewer parameters), from the committed runs with no model loaded: q,v on e
 of every layer at rank 2 (`all-linear` at 0.25x) and every linear module of the last 8 layers at rank 8
 (`last-n` at about 0.27x). Each difference comes with its sampling error paired over the same test
 examples, and, where both placements were re-trained at other seeds, with those seeds' differences.
+Beside each it asks ``make_plan`` what it recommends at that share from the task's card (the planner's
+whole search); where that placement is not in the grid, ``run --recommend-at RULES`` trains it once per
+task (``rec-<matrices>-<layers>-r<rank>``) and ``rules`` compares it with the rule the same way.
 """
 
 from __future__ import annotations
@@ -136,7 +141,18 @@ def _run_path(task: str, name: str, seed: int) -> Path:
     return folder / f"{task}-{name}.json"
 
 
-def run(tasks: list[str], only: set[str] | None, seed: int = 0) -> None:
+def recommend_name(label: str) -> str:
+    """The run name of a placement the planner recommended, from its label (``mlp · last-26 · r=2`` is
+    ``rec-mlp-last-26-r2``): one run per placement, whichever rules' sizes it was recommended at."""
+    matrices, layers, rank = label.split(" · ")
+    return f"rec-{matrices.replace(',', '')}-{layers}-r{rank.split('=')[1]}"
+
+
+def run(
+    tasks: list[str], only: set[str] | None, seed: int = 0, recommend_at: list[str] | None = None
+) -> None:
+    """Train the grid's placements (``only``: some of them) on each task; with ``recommend_at`` (rule names
+    of RULES), instead what ``layercard plan`` recommends at each of those rules' parameter shares."""
     import quality as Q
     import torch
 
@@ -157,27 +173,61 @@ def run(tasks: list[str], only: set[str] | None, seed: int = 0) -> None:
             losses = _example_losses(loaded, test, t, None)
             write_json(base_path, {"task": name, "name": "base", **losses, "test_data": test.data_hash})
         print(f"{name}: base test loss {read_json(base_path)['test_loss']:.4f}", flush=True)
-        for p in Q.GRID:
-            path = _run_path(name, p.name, seed)
-            if (only is not None and p.name not in only) or path.is_file():
+        for run_name, plan, cfg, placement in _planned(card, s, name, seed, only, recommend_at):
+            path = _run_path(name, run_name, seed)
+            if path.is_file():
                 continue
-            plan, cfg = Q._plan_and_settings(card, s, p, seed)
             t0 = time.perf_counter()
             with tempfile.TemporaryDirectory(prefix="fresh-") as tmp:
                 metrics = train(loaded, plan, train_task, None, cfg, tmp, progress=False)
                 losses = _example_losses(loaded, test, t, Path(tmp) / "adapter")
             write_json(
                 path,
-                {"task": name, "name": p.name, "seed": seed, "steps": Q.STEPS,
-                 "placement": dataclasses.asdict(p), "layers": plan.layers,
+                {"task": name, "name": run_name, "seed": seed, "steps": Q.STEPS,
+                 "placement": placement, "layers": plan.layers,
                  "units": [[u.layer, u.role, u.rank] for u in plan.units],
                  "params": plan.predicted["params"], **losses, "s_per_step": metrics["s_per_step"],
                  "wall_s": round(time.perf_counter() - t0, 1), "load_1min": os.getloadavg()[0],
                  "threads": torch.get_num_threads(), "machine": machine_info()},
             )  # fmt: skip
             took = time.perf_counter() - t0
-            print(f"{name} {p.name} seed {seed}: test loss {losses['test_loss']:.4f}, "
+            print(f"{name} {run_name} seed {seed}: test loss {losses['test_loss']:.4f}, "
                   f"{metrics['s_per_step']:.2f} s/step, {took:.0f} s", flush=True)  # fmt: skip
+
+
+def _planned(
+    card: Any, setting: Any, task: str, seed: int, only: set[str] | None, recommend_at: list[str] | None
+) -> list[tuple[str, Any, Any, dict[str, Any]]]:
+    """(run name, plan, training settings, what the placement is) for each run ``run`` is asked for; the
+    rules' parameter shares are read from fresh.json, as ``rules`` reads them."""
+    import quality as Q
+
+    from layercard.artifacts import read_json
+    from layercard.config import PlanConfig
+    from layercard.plan import make_plan
+    from layercard.plan.frontier import row_label
+
+    if not recommend_at:
+        return [
+            (p.name, *Q._plan_and_settings(card, setting, p, seed), dataclasses.asdict(p))
+            for p in Q.GRID
+            if only is None or p.name in only
+        ]
+    shares = {r["name"]: r["params_share"] for r in read_json(OUT / "fresh.json")["tasks"][task]["runs"]}
+    cfg = Q.train_settings(setting.max_length, seed)
+    out = []
+    for rule in recommend_at:
+        share = shares[dict(RULES)[rule]]
+        if planner_pick(card, share)["grid"] is not None:
+            continue  # the grid's own run of that placement stands for it
+        budget = f"params={share:.6f}x"
+        plan = make_plan(card, PlanConfig(policy="recommend", budget=budget))
+        label = row_label(plan.predicted["candidate"])
+        if recommend_name(label) not in {o[0] for o in out}:
+            out.append(
+                (recommend_name(label), plan, cfg, {"recommend": budget, "rule": rule, "label": label})
+            )
+    return out
 
 
 def _example_losses(loaded: Any, test: Any, t: Fresh, adapter: Path | None) -> dict[str, Any]:
@@ -400,7 +450,7 @@ def _markdown(out: dict[str, Any]) -> str:
 # The practitioners' rules in quality.py's grid, each at its own parameter share.
 RULES = (
     ("peft-default", "qv-all-r8"),
-    ("peft-default at rank 2", "qv-all-r2"),
+    ("peft-default-r2", "qv-all-r2"),
     ("all-linear", "lin-all-r2"),
     ("last-n", "lin-last8-r8"),
 )
@@ -434,11 +484,12 @@ def rules() -> dict[str, Any]:
                 continue
             share = rows[name]["params_share"]
             planner = planner_pick(card, share)
-            if planner["grid"] is not None and planner["grid"] in rows:
-                planner["comparison"] = _compare(task, rows, own, planner["grid"], name)
+            trained = planner["grid"] or _trained_recommendation(task, planner, rows)
+            if trained is not None and trained in rows:
+                planner["comparison"] = _compare(task, rows, own, trained, name)
             cells[rule] = {
                 "task": task, "rule": name, "rule_share": share, "rule_measured": rows[name]["measured"],
-                **_compare(task, rows, own, pick_within(list(rows.values()), share)["name"], name),
+                **_compare(task, rows, own, pick_within(v["runs"], share)["name"], name),
                 "planner": planner,
             }  # fmt: skip
         out["tasks"][task] = cells
@@ -454,6 +505,23 @@ def rules() -> dict[str, Any]:
     write_json(OUT / "rules.json", out)
     write_text(OUT / "rules.md", _rules_markdown(out))
     return out
+
+
+def _trained_recommendation(
+    task: str, planner: dict[str, Any], rows: dict[str, dict[str, Any]]
+) -> str | None:
+    """The run name of the planner's recommendation (:func:`planner_pick`) where ``run --recommend-at``
+    trained it (added to ``rows`` with its measured fraction); None where it was not."""
+    from layercard.artifacts import read_json
+
+    name, params_share = recommend_name(planner["placement"]), planner["params_share"]
+    path = OUT / "runs" / f"{task}-{name}.json"
+    if not path.is_file():
+        return None
+    base, ref = (read_json(OUT / "runs" / f"{task}-{n}.json")["test_loss"] for n in ("base", "ref"))
+    loss = read_json(path)["test_loss"]
+    rows[name] = {"name": name, "params_share": params_share, "measured": (base - loss) / (base - ref)}
+    return name
 
 
 def _compare(
@@ -565,8 +633,9 @@ def _rules_markdown(out: dict[str, Any]) -> str:
     lines += [
         "",
         "What `layercard plan --budget params=<the rule's share>x` recommends from each task's card (the "
-        "planner's whole search, not the grid), and, where the grid holds that placement, its measured "
-        "difference from the rule (as above):",
+        "planner's whole search, not the grid), with its parameter share, and its measured difference from "
+        "the rule (as above), from the grid's run of it or from a run of it trained for this (`run "
+        "--recommend-at`; seed 0):",
         "",
         "| task | " + " | ".join(r for r, _ in RULES) + " |",
         "|---|" + "---|" * len(RULES),
@@ -582,12 +651,17 @@ def _rules_markdown(out: dict[str, Any]) -> str:
             text = f"{pl['placement']} ({pl['params_share']:.3f})"
             if (cmp := pl.get("comparison")) is not None:
                 se = "" if cmp["difference_se"] is None else f" ± {cmp['difference_se']:.3f}"
-                text += ": the rule itself" if cmp["pick"] == c["rule"] else f": {cmp['difference']:+.3f}{se}"
+                where = "grid" if pl["grid"] else "trained for this"
+                text += (
+                    ": the rule itself"
+                    if cmp["pick"] == c["rule"]
+                    else f", {where}: {cmp['difference']:+.3f}{se}"
+                )
             else:
-                text += ", not in the grid"
+                text += ", not in the grid and not trained"
             row.append(text)
         lines.append(f"| {task} | " + " | ".join(row) + " |")
-    lines += ["", "The planner's recommendation where the grid holds it, beyond twice the paired error:", ""]
+    lines += ["", "The planner's recommendation, where measured, beyond twice the paired error:", ""]
     for rule, name in RULES:
         t = out["planner_summary"][rule]
         if sum(t.values()):
@@ -622,12 +696,20 @@ def main() -> None:
     ap.add_argument(
         "--seed", type=int, default=0, help="training seed of `run` (default 0; others under runs/seed{N}/)"
     )
+    ap.add_argument(
+        "--recommend-at", default=None,
+        help=f"`run`: train what layercard plan recommends at these rules' sizes ({', '.join(dict(RULES))})",
+    )  # fmt: skip
     a = ap.parse_args()
     if a.what == "run":
         for name in a.tasks.split(","):
             if name not in TASKS:
                 raise SystemExit(f"--tasks: unknown task {name!r}; valid: {', '.join(TASKS)}")
-        run(a.tasks.split(","), set(a.only.split(",")) if a.only else None, a.seed)
+        rec = a.recommend_at.split(",") if a.recommend_at else None
+        for rule in rec or []:
+            if rule not in dict(RULES):
+                raise SystemExit(f"--recommend-at: unknown rule {rule!r}; valid: {', '.join(dict(RULES))}")
+        run(a.tasks.split(","), set(a.only.split(",")) if a.only else None, a.seed, rec)
     elif a.what == "rules":
         print(rules()["summary"])
     else:

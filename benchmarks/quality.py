@@ -182,14 +182,19 @@ def _plan_and_settings(
 ) -> tuple[Any, Any]:
     """The plan of grid point ``p`` and the training settings every quality run shares."""
     from layercard import PlanConfig, make_plan
-    from layercard.config import TrainConfig
 
     plan = make_plan(card, PlanConfig(policy=p.policy, budget=p.budget, roles=p.roles, rank=p.rank))
-    cfg = TrainConfig(
-        steps=steps, batch_size=BATCH, lr=LR, max_length=setting.max_length, train_examples=TRAIN_EXAMPLES,
+    return plan, train_settings(setting.max_length, seed, steps, scheduler)
+
+
+def train_settings(max_length: int, seed: int, steps: int = STEPS, scheduler: str = SCHEDULER) -> Any:
+    """The training settings every quality run shares."""
+    from layercard.config import TrainConfig
+
+    return TrainConfig(
+        steps=steps, batch_size=BATCH, lr=LR, max_length=max_length, train_examples=TRAIN_EXAMPLES,
         eval_examples=0, checkpoint_every=0, seed=seed, scheduler=scheduler,
     )  # fmt: skip
-    return plan, cfg
 
 
 def _run(

@@ -38,6 +38,12 @@ def test_the_pick_is_the_best_predicted_within_the_rules_size_ties_to_the_smalle
         fresh.pick_within(rows, 0.01)
 
 
+def test_a_recommended_placement_is_named_by_what_it_is_not_by_the_size_asked(fresh):
+    assert fresh.recommend_name("mlp · last-26 · r=2") == "rec-mlp-last-26-r2"
+    assert fresh.recommend_name("q,v · spread-4 · r=4") == "rec-qv-spread-4-r4"
+    assert fresh.recommend_name("all-linear · all · r=8") == "rec-all-linear-all-r8"
+
+
 def test_a_difference_counts_only_beyond_twice_its_paired_error(fresh):
     def cell(pick, diff, se):
         return {"pick": pick, "rule": "r", "difference": diff, "difference_se": se}
