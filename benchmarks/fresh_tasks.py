@@ -362,11 +362,15 @@ def _repeats(task: str, base: float) -> dict[str, Any] | None:
     from layercard.artifacts import read_json
 
     seeds = sorted(int(d.name[4:]) for d in (OUT / "runs").glob("seed*") if d.is_dir())
+    # the grid's placements and the planner's recommendations trained for ``rules`` (run --recommend-at)
+    names = [p.name for p in Q.GRID] + sorted(
+        f.stem[len(task) + 1 :] for f in (OUT / "runs").glob(f"{task}-rec-*.json")
+    )
     losses = {
-        (p.name, sd): float(read_json(path)["test_loss"])
+        (name, sd): float(read_json(path)["test_loss"])
         for sd in [0, *seeds]
-        for p in Q.GRID
-        if (path := _run_path(task, p.name, sd)).is_file()
+        for name in names
+        if (path := _run_path(task, name, sd)).is_file()
     }
     repeated = {n for n, sd in losses if sd != 0}
     if not seeds or "ref" not in repeated:
@@ -495,13 +499,14 @@ def rules() -> dict[str, Any]:
         out["tasks"][task] = cells
     for key, tally in (("summary", _tally), ("summary_over_seeds", _tally_seeds)):
         out[key] = {rule: tally([t[rule] for t in out["tasks"].values() if rule in t]) for rule, _ in RULES}
-    out["planner_summary"] = {
-        rule: _tally(
-            [{**c["planner"]["comparison"], "rule": c["rule"]} for t in out["tasks"].values()
-             if (c := t.get(rule)) and "comparison" in c["planner"]]
-        )
-        for rule, _ in RULES
-    }  # fmt: skip
+    for key, tally in (("planner_summary", _tally), ("planner_over_seeds", _tally_seeds)):
+        out[key] = {
+            rule: tally(
+                [{**c["planner"]["comparison"], "rule": c["rule"], "task": c["task"]}
+                 for t in out["tasks"].values() if (c := t.get(rule)) and "comparison" in c["planner"]]
+            )
+            for rule, _ in RULES
+        }  # fmt: skip
     write_json(OUT / "rules.json", out)
     write_text(OUT / "rules.md", _rules_markdown(out))
     return out
@@ -652,10 +657,11 @@ def _rules_markdown(out: dict[str, Any]) -> str:
             if (cmp := pl.get("comparison")) is not None:
                 se = "" if cmp["difference_se"] is None else f" ± {cmp['difference_se']:.3f}"
                 where = "grid" if pl["grid"] else "trained for this"
+                seeds = ", ".join(f"{sd}: {d:+.3f}" for sd, d in cmp["other_seeds"].items())
                 text += (
                     ": the rule itself"
                     if cmp["pick"] == c["rule"]
-                    else f", {where}: {cmp['difference']:+.3f}{se}"
+                    else f", {where}: {cmp['difference']:+.3f}{se}" + (f"; seeds {seeds}" if seeds else "")
                 )
             else:
                 text += ", not in the grid and not trained"
@@ -670,8 +676,18 @@ def _rules_markdown(out: dict[str, Any]) -> str:
                 f"{t['within']}, the rule's own placement on {t['same']}"
             )
     lines += ["", "Where both placements were also trained at other seeds, the difference at every seed:", ""]
+    for key, who in (("summary_over_seeds", "the grid's pick"), ("planner_over_seeds", "the planner's pick")):
+        lines += _seed_lines(out[key], who)
+    lines.append("")
+    return "\n".join(lines)
+
+
+def _seed_lines(summary: dict[str, Any], who: str) -> list[str]:
+    """One line per rule with seed repeats: the tasks where ``who`` was ahead or behind at every seed, or on
+    both sides, with the mean difference over the seeds."""
+    lines = []
     for rule, name in RULES:
-        t = out["summary_over_seeds"][rule]
+        t = summary[rule]
         if not any(t.values()):
             continue
         parts = [
@@ -681,11 +697,8 @@ def _rules_markdown(out: dict[str, Any]) -> str:
             for side in ("ahead", "behind", "mixed")
             if t[side]
         ]
-        lines.append(
-            f"- {rule} (`{name}`), the pick at every seed: " + "; ".join(parts) + " (mean difference)"
-        )
-    lines.append("")
-    return "\n".join(lines)
+        lines.append(f"- {rule} (`{name}`), {who} at every seed: " + "; ".join(parts) + " (mean difference)")
+    return lines
 
 
 def main() -> None:
