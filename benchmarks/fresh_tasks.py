@@ -610,76 +610,72 @@ def _rules_markdown(out: dict[str, Any]) -> str:
         "were re-trained. The grid holds 15 placements, so a pick here is what the default would choose from "
         "them, not the planner's search over every placement.",
         "",
-        "| task | " + " | ".join(f"{r} (`{n}`)" for r, n in RULES) + " |",
-        "|---|" + "---|" * len(RULES),
-    ]
-    for task, cells in out["tasks"].items():
-        row = []
-        for rule, _ in RULES:
-            c = cells.get(rule)
-            if c is None:
-                row.append("")
-            elif c["pick"] == c["rule"]:
-                row.append("the same placement")
-            else:
-                se = "" if c["difference_se"] is None else f" ± {c['difference_se']:.3f}"
-                seeds = ", ".join(f"{sd}: {d:+.3f}" for sd, d in c["other_seeds"].items())
-                row.append(
-                    f"`{c['pick']}` {c['difference']:+.3f}{se}" + (f"; seeds {seeds}" if seeds else "")
-                )
-        lines.append(f"| {task} | " + " | ".join(row) + " |")
-    lines += ["", "Over the tasks, beyond twice the paired sampling error (seed 0):", ""]
-    for rule, name in RULES:
-        t = out["summary"][rule]
-        lines.append(
-            f"- {rule} (`{name}`): the pick ahead on {t['ahead']}, behind on {t['behind']}, within on "
-            f"{t['within']}, the rule's own placement on {t['same']}"
-        )
-    lines += [
+        *_task_table(
+            out,
+            [f"{r} (`{n}`)" for r, n in RULES],
+            lambda c: (
+                "the same placement" if c["pick"] == c["rule"] else f"`{c['pick']}` {_difference_text(c)}"
+            ),
+        ),
+        "",
+        "Over the tasks, beyond twice the paired sampling error (seed 0):",
+        "",
+        *_tally_lines(out["summary"], "the pick "),
         "",
         "What `layercard plan --budget params=<the rule's share>x` recommends from each task's card (the "
         "planner's whole search, not the grid), with its parameter share, and its measured difference from "
         "the rule (as above), from the grid's run of it or from a run of it trained for this (`run "
         "--recommend-at`; seed 0):",
         "",
-        "| task | " + " | ".join(r for r, _ in RULES) + " |",
-        "|---|" + "---|" * len(RULES),
+        *_task_table(out, [r for r, _ in RULES], _planner_cell),
+        "",
+        "The planner's recommendation, where measured, beyond twice the paired error:",
+        "",
+        *_tally_lines(out["planner_summary"], ""),
+        "",
+        "Where both placements were also trained at other seeds, the difference at every seed:",
+        "",
     ]
-    for task, cells in out["tasks"].items():
-        row = []
-        for rule, _ in RULES:
-            c = cells.get(rule)
-            if c is None:
-                row.append("")
-                continue
-            pl = c["planner"]
-            text = f"{pl['placement']} ({pl['params_share']:.3f})"
-            if (cmp := pl.get("comparison")) is not None:
-                se = "" if cmp["difference_se"] is None else f" ± {cmp['difference_se']:.3f}"
-                where = "grid" if pl["grid"] else "trained for this"
-                seeds = ", ".join(f"{sd}: {d:+.3f}" for sd, d in cmp["other_seeds"].items())
-                text += (
-                    ": the rule itself"
-                    if cmp["pick"] == c["rule"]
-                    else f", {where}: {cmp['difference']:+.3f}{se}" + (f"; seeds {seeds}" if seeds else "")
-                )
-            else:
-                text += ", not in the grid and not trained"
-            row.append(text)
-        lines.append(f"| {task} | " + " | ".join(row) + " |")
-    lines += ["", "The planner's recommendation, where measured, beyond twice the paired error:", ""]
-    for rule, name in RULES:
-        t = out["planner_summary"][rule]
-        if sum(t.values()):
-            lines.append(
-                f"- {rule} (`{name}`): ahead on {t['ahead']}, behind on {t['behind']}, within on "
-                f"{t['within']}, the rule's own placement on {t['same']}"
-            )
-    lines += ["", "Where both placements were also trained at other seeds, the difference at every seed:", ""]
     for key, who in (("summary_over_seeds", "the grid's pick"), ("planner_over_seeds", "the planner's pick")):
         lines += _seed_lines(out[key], who)
     lines.append("")
     return "\n".join(lines)
+
+
+def _task_table(out: dict[str, Any], headers: list[str], cell: Any) -> list[str]:
+    """A markdown table of tasks × rules; ``cell`` writes each comparison there is (empty where none)."""
+    lines = ["| task | " + " | ".join(headers) + " |", "|---|" + "---|" * len(headers)]
+    for task, cells in out["tasks"].items():
+        row = [cell(c) if (c := cells.get(rule)) is not None else "" for rule, _ in RULES]
+        lines.append(f"| {task} | " + " | ".join(row) + " |")
+    return lines
+
+
+def _planner_cell(c: dict[str, Any]) -> str:
+    """The planner's recommendation at a rule's size, its share, and how it measured against the rule."""
+    pl = c["planner"]
+    text = f"{pl['placement']} ({pl['params_share']:.3f})"
+    if (cmp := pl.get("comparison")) is None:
+        return text + ", not in the grid and not trained"
+    where = "grid" if pl["grid"] else "trained for this"
+    return text + (": the rule itself" if cmp["pick"] == c["rule"] else f", {where}: {_difference_text(cmp)}")
+
+
+def _tally_lines(summary: dict[str, dict[str, int]], who: str) -> list[str]:
+    """One line per rule with any comparison: on how many tasks ahead, behind, within, or the rule itself."""
+    return [
+        f"- {rule} (`{name}`): {who}ahead on {t['ahead']}, behind on {t['behind']}, within on {t['within']}, "
+        f"the rule's own placement on {t['same']}"
+        for rule, name in RULES
+        if sum((t := summary[rule]).values())
+    ]
+
+
+def _difference_text(c: dict[str, Any]) -> str:
+    """A comparison as a cell: the seed-0 difference ± its paired error, then the other seeds' differences."""
+    se = "" if c["difference_se"] is None else f" ± {c['difference_se']:.3f}"
+    seeds = ", ".join(f"{sd}: {d:+.3f}" for sd, d in c["other_seeds"].items())
+    return f"{c['difference']:+.3f}{se}" + (f"; seeds {seeds}" if seeds else "")
 
 
 def _seed_lines(summary: dict[str, Any], who: str) -> list[str]:
