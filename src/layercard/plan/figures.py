@@ -49,6 +49,8 @@ def plot_frontier(plan: Any, path: str | Path, measured: dict[str, dict[str, flo
         ax.scatter(
             [chosen[kind]], [chosen["quality"]], marker="*", s=160, color="black", zorder=5, label="plan"
         )
+        # every point the panel's cost axis spans, to tell where a measured point's name has room
+        span = xs + [m[kind] for m in (measured or {}).values() if kind in m]
         for i, (name, m) in enumerate((measured or {}).items()):
             if kind not in m:
                 continue
@@ -62,9 +64,7 @@ def plot_frontier(plan: Any, path: str | Path, measured: dict[str, dict[str, flo
                 "predicted)" if i == 0 else None,
             )  # fmt: skip
             # a name near the axis' right end is written to the left of its point, inside the panel
-            right = (
-                _log_position(m[kind], xs + [v[kind] for v in (measured or {}).values() if kind in v]) > 0.8
-            )
+            right = _log_position(m[kind], span) > 0.8
             ax.annotate(
                 name, (m[kind], m["fraction"]), fontsize=7, xytext=(-4 if right else 4, -8),
                 textcoords="offset points", ha="right" if right else "left",

@@ -510,16 +510,16 @@ def target_entropy_warning(card: Card) -> str | None:
     """A caution for plans when the card's task has varied targets (HIGH_TARGET_ENTROPY), or when the card
     did not measure them (cards written before it did); None otherwise."""
     h = card.task.get("target_entropy")
+    lo, hi = HIGH_ENTROPY_SHORTFALL
     if h is None:
         return (
             "quality model: this card does not record its task's target entropy (it was written before cards "
-            f"measured it), so the plan cannot tell whether the task is one where placements under half the "
-            f"depth measured {HIGH_ENTROPY_SHORTFALL[0]:.2f} to {HIGH_ENTROPY_SHORTFALL[1]:.2f} below their "
-            "predicted fraction; re-run `layercard card` to have it checked"
+            "measured it), so the plan cannot tell whether the task is one where placements under half the "
+            f"depth measured {lo:.2f} to {hi:.2f} below their predicted fraction; re-run `layercard card` to "
+            "have it checked"
         )
     if h < HIGH_TARGET_ENTROPY:
         return None
-    lo, hi = HIGH_ENTROPY_SHORTFALL
     return (
         f"quality model: this task's targets have an entropy of {h:.2f} nats per token; on the benchmark "
         f"tasks at {HIGH_TARGET_ENTROPY} or more, placements under half the depth measured {lo:.2f} to "
