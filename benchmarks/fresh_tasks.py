@@ -203,9 +203,6 @@ def _planned(
     import quality as Q
 
     from layercard.artifacts import read_json
-    from layercard.config import PlanConfig
-    from layercard.plan import make_plan
-    from layercard.plan.frontier import row_label
 
     if not recommend_at:
         return [
@@ -218,15 +215,13 @@ def _planned(
     out = []
     for rule in recommend_at:
         share = shares[dict(RULES)[rule]]
-        if planner_pick(card, share)["grid"] is not None:
+        plan, pick = _recommend(card, share)
+        if pick["grid"] is not None:
             continue  # the grid's own run of that placement stands for it
-        budget = f"params={share:.6f}x"
-        plan = make_plan(card, PlanConfig(policy="recommend", budget=budget))
-        label = row_label(plan.predicted["candidate"])
+        label = pick["placement"]
         if recommend_name(label) not in {o[0] for o in out}:
-            out.append(
-                (recommend_name(label), plan, cfg, {"recommend": budget, "rule": rule, "label": label})
-            )
+            placement = {"recommend": f"params={share:.6f}x", "rule": rule, "label": label}
+            out.append((recommend_name(label), plan, cfg, placement))
     return out
 
 
@@ -552,20 +547,26 @@ def _compare(
 def planner_pick(card: Any, share: float) -> dict[str, Any]:
     """What ``layercard plan --budget params=<share>x`` recommends from the task's card (the full search, not
     the grid), and the grid placement that is the same placement, if one is."""
+    return _recommend(card, share)[1]
+
+
+def _recommend(card: Any, share: float) -> tuple[Any, dict[str, Any]]:
+    """The planner's plan at ``share`` and :func:`planner_pick`'s account of it."""
     import quality as Q
 
     from layercard.config import PlanConfig
     from layercard.plan import make_plan
     from layercard.plan.frontier import row_label
 
-    c = make_plan(card, PlanConfig(policy="recommend", budget=f"params={share:.6f}x")).predicted["candidate"]
+    plan = make_plan(card, PlanConfig(policy="recommend", budget=f"params={share:.6f}x"))
+    c = plan.predicted["candidate"]
     layers = {"all": "all", "top": "last-{n}"}
     same = [
         p.name for p in Q.GRID[1:]
         if p.policy in layers and p.rank == c["rank"] and p.roles == c["matrices"]
         and layers[p.policy].format(n=(p.budget or "=").split("=")[1]) == c["layers"]
     ]  # fmt: skip
-    return {"placement": row_label(c), "params_share": c["params_x"], "grid": same[0] if same else None}
+    return plan, {"placement": row_label(c), "params_share": c["params_x"], "grid": same[0] if same else None}
 
 
 def _tally(cells: list[dict[str, Any]]) -> dict[str, int]:
