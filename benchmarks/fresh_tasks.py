@@ -58,6 +58,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import os
 import statistics
 import sys
@@ -507,19 +508,23 @@ def rules() -> dict[str, Any]:
     return out
 
 
+@functools.cache
+def _run_record(task: str, name: str) -> dict[str, Any]:
+    """A seed-0 run's record (OUT/runs/<task>-<name>.json), read once however many comparisons use it."""
+    from layercard.artifacts import read_json
+
+    return read_json(OUT / "runs" / f"{task}-{name}.json")
+
+
 def _trained_recommendation(
     task: str, planner: dict[str, Any], rows: dict[str, dict[str, Any]]
 ) -> str | None:
     """The run name of the planner's recommendation (:func:`planner_pick`) where ``run --recommend-at``
     trained it (added to ``rows`` with its measured fraction); None where it was not."""
-    from layercard.artifacts import read_json
-
     name, params_share = recommend_name(planner["placement"]), planner["params_share"]
-    path = OUT / "runs" / f"{task}-{name}.json"
-    if not path.is_file():
+    if not (OUT / "runs" / f"{task}-{name}.json").is_file():
         return None
-    base, ref = (read_json(OUT / "runs" / f"{task}-{n}.json")["test_loss"] for n in ("base", "ref"))
-    loss = read_json(path)["test_loss"]
+    base, ref, loss = (_run_record(task, n)["test_loss"] for n in ("base", "ref", name))
     rows[name] = {"name": name, "params_share": params_share, "measured": (base - loss) / (base - ref)}
     return name
 
@@ -529,11 +534,10 @@ def _compare(
 ) -> dict[str, Any]:
     """``pick``'s measured fraction minus ``rule``'s on ``task``: at seed 0 with its sampling error paired
     over the test examples, and at the other seeds where both were re-trained (``own``: fraction by seed)."""
-    from layercard.artifacts import read_json
     from layercard.evaluate import difference_standard_error
 
     def sums(name: str) -> list[float]:
-        return read_json(OUT / "runs" / f"{task}-{name}.json")["example_loss_sums"]
+        return _run_record(task, name)["example_loss_sums"]
 
     seeds = sorted(set(own.get(pick, {})) & set(own.get(rule, {})) - {"0"}, key=int)
     return {
