@@ -313,6 +313,49 @@ def test_plans_caution_where_targets_are_varied():
     assert not any("entropy" in w for w in search_plan(high, cfg, model=other).warnings)
 
 
+def test_varied_targets_plan_names_the_placements_over_all_the_depth():
+    from layercard.config import PlanConfig
+    from layercard.plan import make_plan
+    from layercard.plan import recommend as R
+
+    card = _card(12)
+    high = dataclasses.replace(card, task={**card.task, "target_entropy": 5.0, "target_entropy_tokens": 2048})
+    assert Q.depth_coverage([0, 11], 12) == pytest.approx(2 / 6)
+    assert Q.depth_coverage(range(12), 12) == 1.0 and Q.depth_coverage([1], 3) == pytest.approx(1 / 3)
+
+    # modules=3: nothing over all six bands fits (it needs a unit in each); the note says what would
+    plan = make_plan(high, PlanConfig(policy="recommend", budget="modules=3"))
+    note = [w for w in plan.warnings if "leaves depth bands out" in w]
+    assert len(note) == 1 and "none over all the depth fits modules=3" in note[0]
+    search = R.price(high)
+    full = [c for c in search.candidates if search.supported(c) and R.covers_depth(search, c)]
+    cheapest = min(full, key=lambda c: (c.costs["modules"], c.costs["params"]))
+    assert (
+        cheapest.costs["modules"] > 3
+        and f"{cheapest.label}, needs modules={cheapest.costs['modules']:.4g}" in note[0]
+    )
+
+    # a plan over all the depth gets no note; neither does a card whose targets are not varied
+    wide = make_plan(high, PlanConfig(policy="recommend", budget="params=0.25x"))
+    assert Q.depth_coverage(wide.layers, 12) == 1.0
+    assert not any("leaves depth bands out" in w for w in wide.warnings)
+    quiet = dataclasses.replace(
+        card, task={**card.task, "target_entropy": 1.0, "target_entropy_tokens": 2048}
+    )
+    assert not any(
+        "leaves depth bands out" in w for w in make_plan(quiet, PlanConfig(budget="modules=3")).warnings
+    )
+
+    # a shallow plan where placements over all the depth do fit: the best-predicted of them is named
+    budgets = [Budget.parse("params=0.25x")]
+    shallow = next(c for c in search.fitting(budgets) if not R.covers_depth(search, c))
+    text = R.depth_advice(search, shallow, budgets)
+    fitting = [c for c in full if search.fits(c, budgets)]
+    best = max(fitting, key=lambda c: (round(c.quality, 6), -c.costs["params"]))
+    assert text is not None and f"within the budgets is {best.label} (predicted {best.quality:.3f}" in text
+    assert R.depth_advice(search, best, budgets) is None
+
+
 def test_target_gives_the_cheapest_placement_predicted_to_reach_it():
     from layercard.config import PlanConfig
     from layercard.plan import make_plan

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -86,6 +86,12 @@ class Features:
         return self.capacities[WEIGHT_POWERS.index(power)] if self.capacities else self.capacity
 
 
+def depth_coverage(layers: Iterable[int], n_layers: int) -> float:
+    """The share of DEPTH_BANDS equal depth bands that hold at least one of ``layers``."""
+    band = max(1, math.ceil(n_layers / DEPTH_BANDS))
+    return len({layer // band for layer in layers}) / math.ceil(n_layers / band)
+
+
 class Basis:
     """What every placement of one card is measured against, computed once: the units' weights at each
     power and the reference's capacity and parameters (the search prices hundreds of placements)."""
@@ -105,7 +111,6 @@ class Basis:
             for i in range(len(WEIGHT_POWERS))
         )
         self.ref_params = sum(REFERENCE_RANK * (u.d_in + u.d_out) for u in card.units)
-        self.band = max(1, math.ceil(card.n_layers / DEPTH_BANDS))
 
     def features(self, ranks: Mapping[str, int]) -> Features:
         """Features of the placement ``ranks`` (unit key → rank) against the card's reference."""
@@ -118,11 +123,10 @@ class Basis:
             for i, ref in enumerate(self.ref_caps)
         ]
         params = sum(r * (self.units[k].d_in + self.units[k].d_out) for k, r in ranks.items())
-        bands = {self.units[k].layer // self.band for k in ranks}
         return Features(
             capacity=caps[WEIGHT_POWERS.index(2.0)],
             params=params / self.ref_params if self.ref_params > 0 else 0.0,
-            coverage=len(bands) / math.ceil(self.card.n_layers / self.band),
+            coverage=depth_coverage((self.units[k].layer for k in ranks), self.card.n_layers),
             capacities=tuple(caps),
             steps_over_tau=self.steps_over_tau,
         )

@@ -132,6 +132,38 @@ def target_sentence(
     return head + f"; the cheapest fixed rule that does is {name} ({best.label}) at {cost(best)}."
 
 
+def covers_depth(search: F.Search, c: F.Candidate) -> bool:
+    """Whether ``c`` adapts a unit in every depth band (coverage 1, as the quality model counts it)."""
+    return Q.depth_coverage(c.layers, search.card.n_layers) >= 1.0
+
+
+def depth_advice(search: F.Search, chosen: F.Candidate, budgets: Sequence[Budget]) -> str | None:
+    """Where the caution on varied targets advises placements over all the depth and the plan is not one:
+    the best-predicted one within the budgets, or, where none fits, the cheapest in the first budget's kind
+    and what it costs. None where the plan covers the depth."""
+    if covers_depth(search, chosen):
+        return None
+    label = f"plan: {chosen.label} leaves depth bands out"
+    full = [c for c in search.candidates if search.supported(c) and covers_depth(search, c)]
+    fitting = [c for c in full if search.fits(c, budgets)]
+    if fitting:
+        best = max(fitting, key=lambda c: (round(c.quality, 6), -c.costs["params"]))
+        return (
+            f"{label}; the best-predicted placement over all the depth within the budgets is {best.label} "
+            f"(predicted {best.quality:.3f}, expected error {_error_text(best.error)})"
+        )
+    if not full:
+        return None
+    kind = budgets[0].kind
+    cheapest = min(full, key=lambda c: (c.costs[kind], c.costs["params"]))
+    ref = search.reference.get(kind)
+    rel = f" ({cheapest.costs[kind] / ref:.3g}x the reference)" if ref else ""
+    return (
+        f"{label} because none over all the depth fits {', '.join(map(str, budgets))}: the cheapest that "
+        f"covers it, {cheapest.label}, needs {kind}={cheapest.costs[kind]:.4g}{rel}"
+    )
+
+
 def _chosen(
     search: F.Search, cfg: PlanConfig, budgets: Sequence[Budget], rank: int, kind: str
 ) -> F.Candidate:
@@ -188,6 +220,10 @@ def search_plan(
     # the caution's figures were measured with the default model
     varied = Q.target_entropy_warning(card) if model == Q.default_model() else None
     warnings += [varied] if varied else []
+    high = (card.task.get("target_entropy") or 0.0) >= Q.HIGH_TARGET_ENTROPY
+    if varied and high and cfg.policy == "recommend" and cfg.target is None and budgets:
+        advice = depth_advice(search, chosen, budgets)
+        warnings += [advice] if advice else []
     config = {
         "policy": cfg.policy,
         "budget": str(cfg.budget) if cfg.budget is not None else None,
