@@ -150,10 +150,15 @@ def recommend_name(label: str) -> str:
 
 
 def run(
-    tasks: list[str], only: set[str] | None, seed: int = 0, recommend_at: list[str] | None = None
+    tasks: list[str],
+    only: set[str] | None,
+    seed: int = 0,
+    recommend_at: list[str] | None = None,
+    advise_at: list[str] | None = None,
 ) -> None:
     """Train the grid's placements (``only``: some of them) on each task; with ``recommend_at`` (rule names
-    of RULES), instead what ``layercard plan`` recommends at each of those rules' parameter shares."""
+    of RULES), instead what ``layercard plan`` recommends at each of those rules' parameter shares; with
+    ``advise_at``, the placement over all the depth its varied-targets note names there (:func:`advised`)."""
     import quality as Q
     import torch
 
@@ -174,7 +179,12 @@ def run(
             losses = _example_losses(loaded, test, t, None)
             write_json(base_path, {"task": name, "name": "base", **losses, "test_data": test.data_hash})
         print(f"{name}: base test loss {read_json(base_path)['test_loss']:.4f}", flush=True)
-        for run_name, plan, cfg, placement in _planned(card, s, name, seed, only, recommend_at):
+        planned = (
+            _advised_runs(card, s, name, seed, advise_at)
+            if advise_at
+            else _planned(card, s, name, seed, only, recommend_at)
+        )
+        for run_name, plan, cfg, placement in planned:
             path = _run_path(name, run_name, seed)
             if path.is_file():
                 continue
@@ -223,6 +233,64 @@ def _planned(
         if recommend_name(label) not in {o[0] for o in out}:
             placement = {"recommend": f"params={share:.6f}x", "rule": rule, "label": label}
             out.append((recommend_name(label), plan, cfg, placement))
+    return out
+
+
+def advised_name(label: str) -> str:
+    """The run name of a placement the plan's depth note named (``adv-mlp-spread-16-r1``)."""
+    return "adv-" + recommend_name(label).removeprefix("rec-")
+
+
+def advised(card: Any, share: float) -> tuple[Any, dict[str, Any]] | None:
+    """What a plan at ``share`` names beside a recommendation that leaves a depth band out, where the card's
+    task has varied targets (``recommend.depth_advice``): the best-predicted placement over all the depth
+    within the budget, as a plan of its own and an account of it; None where the recommendation covers the
+    depth or nothing over it fits."""
+    from layercard.config import Budget
+    from layercard.plan import recommend as R
+    from layercard.plan.artifact import PlannedUnit
+    from layercard.plan.frontier import summary_row
+    from layercard.plan.ranks import lora_config
+
+    plan, pick = _recommend(card, share)
+    search = R.price(card)
+    budgets = [Budget.parse(f"params={share:.6f}x")]
+    chosen = next(c for c in search.candidates if c.label == pick["placement"])
+    best = None if R.covers_depth(search, chosen) else R.best_over_depth(search, budgets)
+    if best is None:
+        return None
+    by_key = {u.key: u for u in card.units}
+    units = [PlannedUnit(k, by_key[k].layer, by_key[k].role, by_key[k].name, r) for k, r in best.units]
+    row = summary_row(best, search.reference)
+    plan = dataclasses.replace(
+        plan, units=units, layers=sorted({u.layer for u in units}),
+        lora_config=lora_config(units, plan.config["alpha"], plan.config["dropout"]),
+        predicted={**plan.predicted, "candidate": row, "params": int(best.costs["params"])},
+    )  # fmt: skip
+    account = {"placement": best.label, "params_share": row["params_x"], "predicted": best.quality,
+               "expected_error": best.error, "recommendation": pick["placement"]}  # fmt: skip
+    return plan, account
+
+
+def _advised_runs(
+    card: Any, setting: Any, task: str, seed: int, advise_at: list[str]
+) -> list[tuple[str, Any, Any, dict[str, Any]]]:
+    """(run name, plan, training settings, what it is) of :func:`advised` at each rule's share."""
+    import quality as Q
+
+    from layercard.artifacts import read_json
+
+    shares = {r["name"]: r["params_share"] for r in read_json(OUT / "fresh.json")["tasks"][task]["runs"]}
+    cfg = Q.train_settings(setting.max_length, seed)
+    out = []
+    for rule in advise_at:
+        share = shares[dict(RULES)[rule]]
+        got = advised(card, share)
+        if got is None or advised_name(got[1]["placement"]) in {o[0] for o in out}:
+            continue
+        plan, account = got
+        out.append((advised_name(account["placement"]), plan, cfg, {"advise": f"params={share:.6f}x",
+                    "rule": rule, "label": account["placement"]}))  # fmt: skip
     return out
 
 
@@ -714,16 +782,22 @@ def main() -> None:
         "--recommend-at", default=None,
         help=f"`run`: train what layercard plan recommends at these rules' sizes ({', '.join(dict(RULES))})",
     )  # fmt: skip
+    ap.add_argument(
+        "--advise-at", default=None,
+        help="`run`: train the placement over all the depth a plan's note names at these rules' sizes",
+    )  # fmt: skip
     a = ap.parse_args()
     if a.what == "run":
         for name in a.tasks.split(","):
             if name not in TASKS:
                 raise SystemExit(f"--tasks: unknown task {name!r}; valid: {', '.join(TASKS)}")
         rec = a.recommend_at.split(",") if a.recommend_at else None
-        for rule in rec or []:
-            if rule not in dict(RULES):
-                raise SystemExit(f"--recommend-at: unknown rule {rule!r}; valid: {', '.join(dict(RULES))}")
-        run(a.tasks.split(","), set(a.only.split(",")) if a.only else None, a.seed, rec)
+        adv = a.advise_at.split(",") if a.advise_at else None
+        for flag, rules_ in (("--recommend-at", rec), ("--advise-at", adv)):
+            for rule in rules_ or []:
+                if rule not in dict(RULES):
+                    raise SystemExit(f"{flag}: unknown rule {rule!r}; valid: {', '.join(dict(RULES))}")
+        run(a.tasks.split(","), set(a.only.split(",")) if a.only else None, a.seed, rec, adv)
     elif a.what == "rules":
         print(rules()["summary"])
     else:

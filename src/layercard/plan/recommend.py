@@ -137,6 +137,13 @@ def covers_depth(search: F.Search, c: F.Candidate) -> bool:
     return Q.depth_coverage(c.layers, search.card.n_layers) >= 1.0
 
 
+def best_over_depth(search: F.Search, budgets: Sequence[Budget]) -> F.Candidate | None:
+    """The best-predicted placement over all the depth within ``budgets`` (ties to fewer parameters, as the
+    recommendation breaks them); None where none fits."""
+    fitting = [c for c in search.fitting(budgets) if search.supported(c) and covers_depth(search, c)]
+    return max(fitting, key=lambda c: (round(c.quality, 6), -c.costs["params"]), default=None)
+
+
 def depth_advice(search: F.Search, chosen: F.Candidate, budgets: Sequence[Budget]) -> str | None:
     """Where the caution on varied targets advises placements over all the depth and the plan is not one:
     the best-predicted one within the budgets, or, where none fits, the cheapest in the first budget's kind
@@ -144,14 +151,13 @@ def depth_advice(search: F.Search, chosen: F.Candidate, budgets: Sequence[Budget
     if covers_depth(search, chosen):
         return None
     label = f"plan: {chosen.label} leaves depth bands out"
-    full = [c for c in search.candidates if search.supported(c) and covers_depth(search, c)]
-    fitting = [c for c in full if search.fits(c, budgets)]
-    if fitting:
-        best = max(fitting, key=lambda c: (round(c.quality, 6), -c.costs["params"]))
+    best = best_over_depth(search, budgets)
+    if best is not None:
         return (
             f"{label}; the best-predicted placement over all the depth within the budgets is {best.label} "
             f"(predicted {best.quality:.3f}, expected error {_error_text(best.error)})"
         )
+    full = [c for c in search.candidates if search.supported(c) and covers_depth(search, c)]
     if not full:
         return None
     kind = budgets[0].kind
