@@ -426,9 +426,12 @@ def _repeats(task: str, base: float) -> dict[str, Any] | None:
     from layercard.artifacts import read_json
 
     seeds = sorted(int(d.name[4:]) for d in (OUT / "runs").glob("seed*") if d.is_dir())
-    # the grid's placements and the planner's recommendations trained for ``rules`` (run --recommend-at)
+    # the grid's placements, and the planner's recommendations and depth notes' placements trained for
+    # ``rules`` (run --recommend-at, --advise-at)
     names = [p.name for p in Q.GRID] + sorted(
-        f.stem[len(task) + 1 :] for f in (OUT / "runs").glob(f"{task}-rec-*.json")
+        f.stem[len(task) + 1 :]
+        for pattern in (f"{task}-rec-*.json", f"{task}-adv-*.json")
+        for f in (OUT / "runs").glob(pattern)
     )
     losses = {
         (name, sd): float(read_json(path)["test_loss"])
@@ -541,7 +544,8 @@ def rules() -> dict[str, Any]:
     from layercard.card import Card
 
     fresh = read_json(OUT / "fresh.json")
-    out: dict[str, Any] = {"rules": dict(RULES), "tasks": {}}
+    warned = warned_tasks()
+    out: dict[str, Any] = {"rules": dict(RULES), "tasks": {}, "warned": sorted(warned)}
     for task, v in fresh["tasks"].items():
         card = Card.load(OUT / "cards" / task / "card.json")
         rows = {r["name"]: r for r in v["runs"]}
@@ -560,6 +564,8 @@ def rules() -> dict[str, Any]:
                 **_compare(task, rows, own, pick_within(v["runs"], share)["name"], name),
                 "planner": planner,
             }  # fmt: skip
+            if task in warned and (advice := _advice_cell(task, card, share, rows, own, name, trained)):
+                cells[rule]["advice"] = advice
         out["tasks"][task] = cells
     for key, tally in (("summary", _tally), ("summary_over_seeds", _tally_seeds)):
         out[key] = {rule: tally([t[rule] for t in out["tasks"].values() if rule in t]) for rule, _ in RULES}
@@ -571,9 +577,55 @@ def rules() -> dict[str, Any]:
             )
             for rule, _ in RULES
         }  # fmt: skip
+    # the depth note's placement against the rule and against the recommendation, at seed 0 and over seeds
+    out["advice_summary"] = {
+        f"{against}{suffix}": {
+            rule: tally(
+                [{**c["advice"][against], "rule": c["rule"], "task": c["task"]}
+                 for t in out["tasks"].values() if (c := t.get(rule)) and against in c.get("advice", {})]
+            )
+            for rule, _ in RULES
+        }
+        for against in ("rule", "recommendation")
+        for suffix, tally in (("", _tally), ("_seeds", _tally_seeds))
+    }  # fmt: skip
     write_json(OUT / "rules.json", out)
     write_text(OUT / "rules.md", _rules_markdown(out))
     return out
+
+
+def warned_tasks() -> set[str]:
+    """The fresh tasks a plan warns on for varied targets: target entropy, as a card reads it, at or above
+    the threshold (entropy_shortfall.json; the fresh tasks' committed cards predate the card's reading)."""
+    from layercard.artifacts import read_json
+    from layercard.plan.quality import HIGH_TARGET_ENTROPY
+
+    table = read_json(OUT.parent / "entropy_shortfall.json")["tasks"]
+    return {t for t, r in table.items() if t in TASKS and r["card_entropy"] >= HIGH_TARGET_ENTROPY}
+
+
+def _advice_cell(
+    task: str,
+    card: Any,
+    share: float,
+    rows: dict[str, dict[str, Any]],
+    own: dict[str, dict[str, float]],
+    rule: str,
+    recommendation: str | None,
+) -> dict[str, Any] | None:
+    """The placement over all the depth a plan names at ``share`` (:func:`advised`), and, where it was
+    trained, its measured difference from the rule and from the recommendation."""
+    got = advised(card, share)
+    if got is None:
+        return None
+    account = got[1]
+    cell: dict[str, Any] = {"placement": account["placement"], "params_share": account["params_share"]}
+    name = _trained(task, advised_name(account["placement"]), account["params_share"], rows)
+    if name is not None:
+        cell["rule"] = _compare(task, rows, own, name, rule)
+        if recommendation is not None:
+            cell["recommendation"] = _compare(task, rows, own, name, recommendation)
+    return cell
 
 
 @functools.cache
@@ -589,7 +641,11 @@ def _trained_recommendation(
 ) -> str | None:
     """The run name of the planner's recommendation (:func:`planner_pick`) where ``run --recommend-at``
     trained it (added to ``rows`` with its measured fraction); None where it was not."""
-    name, params_share = recommend_name(planner["placement"]), planner["params_share"]
+    return _trained(task, recommend_name(planner["placement"]), planner["params_share"], rows)
+
+
+def _trained(task: str, name: str, params_share: float, rows: dict[str, dict[str, Any]]) -> str | None:
+    """``name`` where its seed-0 run exists, added to ``rows`` with its measured fraction; else None."""
     if not (OUT / "runs" / f"{task}-{name}.json").is_file():
         return None
     base, ref, loss = (_run_record(task, n)["test_loss"] for n in ("base", "ref", name))
@@ -711,8 +767,53 @@ def _rules_markdown(out: dict[str, Any]) -> str:
     ]
     for key, who in (("summary_over_seeds", "the grid's pick"), ("planner_over_seeds", "the planner's pick")):
         lines += _seed_lines(out[key], who)
-    lines.append("")
+    lines += ["", *_advice_markdown(out)]
     return "\n".join(lines)
+
+
+def _advice_markdown(out: dict[str, Any]) -> list[str]:
+    """The depth note's placements: where a plan names one, and how it measured."""
+    rows = [
+        (task, rule, c["advice"]) for task, cells in out["tasks"].items()
+        for rule, _ in RULES if (c := cells.get(rule)) and "advice" in c
+    ]  # fmt: skip
+    if not rows:
+        return []
+
+    def diff(a: dict[str, Any], key: str) -> str:
+        return _difference_text(a[key]) if key in a else "not trained"
+
+    lines = [
+        "## The placement over all the depth a plan names beside its recommendation",
+        "",
+        f"On the tasks a plan warns on for varied targets ({', '.join(out['warned'])}: target entropy at or "
+        "above the threshold as a card reads it, entropy_shortfall.md), where the recommendation at a rule's "
+        "size leaves a depth band out, the plan names the best-predicted placement over all the depth within "
+        "the same budget (`run --advise-at`). Its measured fraction minus the rule's and minus the "
+        "recommendation's, as above:",
+        "",
+        "| task | rule | named placement (share) | against the rule | against the recommendation |",
+        "|---|---|---|---|---|",
+        *(
+            f"| {task} | {rule} | {a['placement']} ({a['params_share']:.3f}) | {diff(a, 'rule')} | "
+            f"{diff(a, 'recommendation')} |"
+            for task, rule, a in rows
+        ),
+        "",
+        "Beyond twice the paired error (seed 0):",
+        "",
+        *_tally_lines(out["advice_summary"]["rule"], "against the rule: "),
+        *_tally_lines(out["advice_summary"]["recommendation"], "against the recommendation: "),
+        "",
+        "At every seed where all were re-trained:",
+        "",
+        *_seed_lines(out["advice_summary"]["rule_seeds"], "the named placement against the rule"),
+        *_seed_lines(
+            out["advice_summary"]["recommendation_seeds"], "the named placement against the recommendation"
+        ),
+        "",
+    ]
+    return lines
 
 
 def _task_table(out: dict[str, Any], headers: list[str], cell: Any) -> list[str]:

@@ -83,3 +83,40 @@ def test_the_committed_comparison_tallies_every_task_once_per_rule():
                 assert grid.startswith(short[matrices] + "-") and grid.endswith("-r" + rank.split("=")[1])
                 assert ("-all-" in grid) == (layers == "all")
                 assert planner["comparison"]["pick"] == planner["grid"]
+
+
+CARDS = COMMITTED.parent / "cards"
+
+
+def test_the_depth_notes_placement_covers_the_depth_within_the_size_and_trains_as_named(fresh):
+    from layercard.card import Card
+    from layercard.plan.quality import depth_coverage
+
+    assert fresh.advised_name("mlp · spread-16 · r=1") == "adv-mlp-spread-16-r1"
+    card = Card.load(CARDS / "gsm8k_pose" / "card.json")
+    plan, account = fresh.advised(card, 0.05)  # the recommendation there leaves depth bands out
+    assert account["placement"] != account["recommendation"]
+    assert depth_coverage(plan.layers, card.n_layers) == 1.0
+    assert account["params_share"] <= 0.05 and plan.predicted["params"] == sum(
+        u.rank * (by.d_in + by.d_out) for u in plan.units for by in card.units if by.key == u.key
+    )
+    # what trains is the named placement: its PEFT config adapts exactly those modules at that rank
+    matrices, layers, rank = account["placement"].split(" · ")
+    config = plan.peft_config()
+    assert config.r == int(rank.split("=")[1]) and len(config.target_modules) == len(plan.units)
+    assert {u.role for u in plan.units} == {"gate", "up", "down"} and layers == "spread-16"
+    assert fresh.advised(card, 0.25) is None  # the recommendation there covers the depth
+
+
+def test_the_committed_advice_is_reported_on_warned_tasks_only():
+    out = json.loads(COMMITTED.read_text())
+    for task, cells in out["tasks"].items():
+        for c in cells.values():
+            if "advice" not in c:
+                continue
+            assert task in out["warned"]
+            a = c["advice"]
+            assert a["params_share"] <= c["rule_share"] * (1 + 1e-6)
+            for against in ("rule", "recommendation"):
+                if against in a:
+                    assert a[against]["pick"].startswith("adv-")
