@@ -784,3 +784,33 @@ def test_frontier_table_cells_are_whole_numbers_not_scientific():
     assert amount(81408.0, "params", unit=False) == "81,408"
     assert amount(1648.3, "memory", unit=False) == "1,648"
     assert amount(1.2346, "step_time", unit=False) == "1.23"
+
+
+def test_frontier_rows_beyond_a_budget_are_marked_and_the_plan_is_always_shown(card_file, tmp_path):
+    from layercard.plan.frontier import over_budget
+
+    reference = {"params": 1000.0, "modules": 10.0}
+    assert over_budget({"params": 300.0, "modules": 4.0}, ["params=0.25x", "modules=5"], reference) == [
+        "params=0.25x"
+    ]
+    assert over_budget({"params": 250.0, "modules": 5.0}, ["params=0.25x", "modules=5"], reference) == []
+    out = tmp_path / "p.json"
+    args = ["plan", "--card", str(card_file), "--budget", "params=0.5x,modules=0.25x", "--out", str(out)]
+    r = CliRunner().invoke(app, args, env={"COLUMNS": "120"})
+    assert r.exit_code == 0, r.output
+    p = Plan.load(out).predicted
+    rows = [line for line in r.output.splitlines() if line.startswith("│")]
+    # each printed row is marked "over" exactly where plan.json's frontier row exceeds a budget
+    beyond = {
+        (row["matrices"], row["layers"], str(row["rank"])): bool(
+            over_budget(row, p["budgets"], p["reference"])
+        )
+        for rows_of_kind in p["frontier"].values()
+        for row in rows_of_kind
+    }
+    for line in rows:
+        cells = [c.strip() for c in line.strip("│").split("│")]
+        if cells[-1] != "◀ plan":
+            assert (cells[-1] == "over") == beyond[tuple(cells[:3])], line
+    assert any(line.rstrip().endswith("over │") for line in rows), r.output
+    assert sum(line.rstrip().endswith("◀ plan │") for line in rows) == len(p["frontier"]), r.output

@@ -94,7 +94,7 @@ def shown_frontier(rows: list[dict], chosen: dict) -> list[dict]:
 
 def _print_search_plan(plan) -> None:
     """The frontier per budgeted cost, the plan marked, the fixed rules, and the one-sentence comparison."""
-    from layercard.plan.frontier import row_label
+    from layercard.plan.frontier import over_budget, row_label
     from layercard.plan.space import amount
 
     p = plan.predicted
@@ -106,19 +106,28 @@ def _print_search_plan(plan) -> None:
             t.add_column(col, justify="right" if col not in ("matrices", "layers") else "left", no_wrap=True)
         chosen = p["candidate"]
         shown = shown_frontier(rows, chosen)
-        for r in shown:
-            mark = "◀ plan" if row_label(r) == row_label(chosen) else ""
+        on_frontier = any(row_label(r) == row_label(chosen) for r in shown)
+        # under several budgets the plan may lie off one cost's frontier: its row is shown all the same
+        for r in shown if on_frontier else [*shown, chosen]:
+            over = over_budget(r, p["budgets"], p["reference"])
+            mark = "◀ plan" if row_label(r) == row_label(chosen) else "over" if over else ""
             t.add_row(
                 r["matrices"], r["layers"], str(r["rank"]),
                 f"{r['quality']:.3f}" + (f" ± {r['error']:.3f}" if r.get("error") is not None else ""),
                 amount(r[kind], kind, unit=False), f"{r.get(kind + '_x', float('nan')):.3f}", mark,
-                style="bold" if mark else None,
+                style="bold" if mark == "◀ plan" else "dim" if over else None,
             )  # fmt: skip
+        notes = []
         if len(shown) < len(rows):
-            t.caption = (
+            notes.append(
                 f"{len(rows) - len(shown)} more frontier placements cost more for the same predicted quality "
                 "to three decimals; plan.json and the figure keep them"
             )
+        if any(over_budget(r, p["budgets"], p["reference"]) for r in shown):
+            notes.append("over: beyond a budget (" + ", ".join(p["budgets"]) + ")")
+        if not on_frontier:
+            notes.append(f"the plan is not on the {kind} frontier alone: it meets every budget together")
+        t.caption = "; ".join(notes) or None
         console.print(t)
     err = q["expected_error"]
     console.print(

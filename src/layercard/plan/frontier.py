@@ -267,6 +267,16 @@ def search(
     return Search(card, tuple(out), reference, price, max_rank, min_params_share)
 
 
+def over_budget(row: dict[str, Any], budgets: Sequence[str], reference: dict[str, float]) -> list[str]:
+    """The budgets (as plan.json writes them) that a :func:`summary_row` exceeds."""
+    out = []
+    for text in budgets:
+        b = Budget.parse(text)
+        if b.kind in row and row[b.kind] > b.cap(reference) * (1 + 1e-9):
+            out.append(text)
+    return out
+
+
 def summary_row(c: Candidate, reference: dict[str, float]) -> dict[str, Any]:
     """A JSON row of a candidate: what, predicted quality, costs absolute and relative to the reference."""
     return {
