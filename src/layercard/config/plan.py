@@ -27,6 +27,9 @@ POLICIES: tuple[str, ...] = (
     "gradnorm",
 )
 ADAPTER_KINDS: tuple[str, ...] = ("lora", "houlsby", "parallel")
+# Which placements the recommendation may take (docs/design.md §6): only those over all the depth, any, or
+# the first where the card's targets are varied.
+DEPTH_CHOICES: tuple[str, ...] = ("auto", "any", "all")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,6 +74,13 @@ class PlanConfig(Schema):
     bands: int | None = setting(
         None, kind="int", minimum=1, help="card-stratified: number of depth bands (instead of a budget)"
     )
+    depth: str = setting(
+        "auto",
+        kind="choice",
+        choices=DEPTH_CHOICES,
+        help="recommend: take only placements with a unit in every sixth of the depth (all), any placement "
+        "(any), or all where the card's targets are varied and one fits the budgets (auto)",
+    )
 
     def validate(self) -> None:
         if self.policy in SEARCH_POLICIES:
@@ -87,6 +97,10 @@ class PlanConfig(Schema):
                 "rank",
                 f"'auto' allocates LoRA ranks; kind={self.kind!r} needs an integer bottleneck rank",
             )
+        if self.depth != "auto":
+            raise self.fail(
+                "depth", f"chooses among the search's placements: policy recommend, not {self.policy}"
+            )
         if self.bands is not None:
             if self.policy != "card-stratified":
                 raise self.fail("bands", f"used only by policy card-stratified, not {self.policy}")
@@ -98,6 +112,10 @@ class PlanConfig(Schema):
             )
 
     def _validate_search(self) -> None:
+        if self.depth != "auto" and self.policy != "recommend":
+            raise self.fail(
+                "depth", f"chooses among the search's placements: policy recommend, not {self.policy}"
+            )
         for b in self.budget or ():
             if b.kind not in SEARCH_BUDGET_KINDS:
                 raise self.fail(

@@ -159,12 +159,18 @@ class Search:
                 best.append(c)
         return best
 
-    def cheapest(self, target: float, kind: str, budgets: Sequence[Budget] = ()) -> Candidate:
-        """The lowest-``kind``-cost candidate within the budgets predicted to reach ``target`` (ties go to
-        the higher predicted quality)."""
+    def cheapest(
+        self,
+        target: float,
+        kind: str,
+        budgets: Sequence[Budget] = (),
+        where: Callable[[Candidate], bool] | None = None,
+    ) -> Candidate:
+        """The lowest-``kind``-cost candidate within the budgets (among those ``where`` keeps) predicted to
+        reach ``target`` (ties go to the higher predicted quality)."""
         if kind not in self.reference:
             raise LayercardError(f"target: cost {kind!r} is not known for this card")
-        fitting = self.fitting(budgets)
+        fitting = [c for c in self.fitting(budgets) if where is None or where(c)]
         allowed = [c for c in fitting if self.supported(c)]
         ok = [c for c in allowed if c.quality >= target]
         if not ok:

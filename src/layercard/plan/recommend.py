@@ -155,8 +155,15 @@ def depth_advice(search: F.Search, chosen: F.Candidate, budgets: Sequence[Budget
     if best is not None:
         return (
             f"{label}; the best-predicted placement over all the depth within the budgets is {best.label} "
-            f"(predicted {best.quality:.3f}, expected error {_error_text(best.error)})"
+            f"(predicted {best.quality:.3f}, expected error {_error_text(best.error)}; `--depth all` takes "
+            "it)"
         )
+    return f"{label} because {tail}" if (tail := _none_over_depth(search, budgets)) else None
+
+
+def _none_over_depth(search: F.Search, budgets: Sequence[Budget]) -> str | None:
+    """That no placement over all the depth fits the budgets, and the cheapest one in the first budget's kind
+    with its cost; None where the search has none over all the depth."""
     full = [c for c in search.candidates if search.supported(c) and covers_depth(search, c)]
     if not full:
         return None
@@ -165,18 +172,43 @@ def depth_advice(search: F.Search, chosen: F.Candidate, budgets: Sequence[Budget
     ref = search.reference.get(kind)
     rel = f" ({cheapest.costs[kind] / ref:.3g}x the reference)" if ref else ""
     return (
-        f"{label} because none over all the depth fits {', '.join(map(str, budgets))}: the cheapest that "
-        f"covers it, {cheapest.label}, needs {kind}={cheapest.costs[kind]:.4g}{rel}"
+        f"none over all the depth fits {', '.join(map(str, budgets))}: the cheapest that covers it, "
+        f"{cheapest.label}, needs {kind}={cheapest.costs[kind]:.4g}{rel}"
     )
 
 
+def over_depth_only(card: Card, cfg: PlanConfig, model: Q.QualityModel) -> bool:
+    """Whether the recommendation is taken among placements over all the depth: asked for (``depth: all``),
+    or, by default, under a budget where the card's targets are varied enough for the plan's caution (the
+    caution's figures were measured with the default model)."""
+    if cfg.policy != "recommend" or cfg.depth == "any":
+        return False
+    if cfg.depth == "all":
+        return True
+    h = card.task.get("target_entropy")
+    varied = h is not None and h >= Q.HIGH_TARGET_ENTROPY and model == Q.default_model()
+    return varied and cfg.target is None and bool(cfg.budget)
+
+
 def _chosen(
-    search: F.Search, cfg: PlanConfig, budgets: Sequence[Budget], rank: int, kind: str
+    search: F.Search, cfg: PlanConfig, budgets: Sequence[Budget], rank: int, kind: str, over_depth: bool
 ) -> F.Candidate:
     policy = cfg.policy
     if policy == "recommend":
+        where = (lambda c: covers_depth(search, c)) if over_depth else None
         if cfg.target is not None:
-            return search.cheapest(cfg.target, kind, budgets)
+            try:
+                return search.cheapest(cfg.target, kind, budgets, where=where)
+            except LayercardError as e:
+                raise LayercardError(
+                    f"{e} (depth all: among placements over all the depth)" if where else str(e)
+                ) from None
+        best = best_over_depth(search, budgets) if over_depth else None
+        if best is not None:
+            return best
+        if over_depth and cfg.depth == "all":
+            tail = _none_over_depth(search, budgets) or "the search has no placement over all the depth"
+            raise LayercardError(f"depth all: {tail}")
         return search.recommend(budgets)
     if policy == "spectrum":
         from layercard.plan.spectrum import fit_spectrum
@@ -207,7 +239,8 @@ def search_plan(
     search = price(card, model)
     rank = int(cfg.rank) if cfg.rank != "auto" else Q.REFERENCE_RANK
     kind = budgets[0].kind if budgets else "params"  # what "cheapest" means under a target
-    chosen = _chosen(search, cfg, budgets, rank, kind)
+    over_depth = over_depth_only(card, cfg, model)
+    chosen = _chosen(search, cfg, budgets, rank, kind, over_depth)
     if cfg.target is not None:
         defaults = {rule: search.default_rule_for(rule, cfg.target, kind, budgets) for rule in RULES}
     else:
@@ -226,10 +259,7 @@ def search_plan(
     # the caution's figures were measured with the default model
     varied = Q.target_entropy_warning(card) if model == Q.default_model() else None
     warnings += [varied] if varied else []
-    high = (card.task.get("target_entropy") or 0.0) >= Q.HIGH_TARGET_ENTROPY
-    if varied and high and cfg.policy == "recommend" and cfg.target is None and budgets:
-        advice = depth_advice(search, chosen, budgets)
-        warnings += [advice] if advice else []
+    warnings += _depth_notes(card, cfg, search, chosen, budgets, model, over_depth)
     config = {
         "policy": cfg.policy,
         "budget": str(cfg.budget) if cfg.budget is not None else None,
@@ -242,6 +272,7 @@ def search_plan(
         "seed": cfg.seed,
         "kind": "lora",
         "bands": None,
+        "depth": cfg.depth,
     }
     return Plan(
         provenance=provenance(card, config, t0),
@@ -255,6 +286,35 @@ def search_plan(
         adapter_config=None,
         warnings=warnings,
     )
+
+
+def _depth_notes(
+    card: Card,
+    cfg: PlanConfig,
+    search: F.Search,
+    chosen: F.Candidate,
+    budgets: Sequence[Budget],
+    model: Q.QualityModel,
+    over_depth: bool,
+) -> list[str]:
+    """What a plan says of depth where the card's targets are varied: which placement the restriction to
+    all the depth chose over which, that nothing over it fits, or (``depth: any``) what it would take."""
+    h = card.task.get("target_entropy")
+    varied = h is not None and h >= Q.HIGH_TARGET_ENTROPY and model == Q.default_model()
+    if not (varied and cfg.policy == "recommend" and cfg.target is None and budgets) or cfg.depth == "all":
+        return []
+    if cfg.depth == "any":
+        return [note] if (note := depth_advice(search, chosen, budgets)) else []
+    unrestricted = search.recommend(budgets)
+    if covers_depth(search, chosen) and over_depth and unrestricted is not chosen:
+        return [
+            "plan: on a task with varied targets the recommendation is the best-predicted placement over "
+            f"all the depth, {chosen.label} (predicted {chosen.quality:.3f}), not {unrestricted.label} "
+            f"(predicted {unrestricted.quality:.3f}), which leaves depth bands out; `--depth any` takes it"
+        ]
+    if not covers_depth(search, chosen) and (tail := _none_over_depth(search, budgets)):
+        return [f"plan: {chosen.label} leaves depth bands out because {tail}"]
+    return []
 
 
 def _roles(chosen: F.Candidate, by_key: dict[str, UnitRow]) -> list[str]:
