@@ -30,6 +30,8 @@ from quality import seed_gaps
 
 BUDGETS = ("params=0.1x", "step_time=0.7x", "params=0.15x", "params=0.05x", "params=0.2x")
 CANDIDATES = ("recommend", "previous-default", "peft-default", "all-linear", "last-n")
+# trained only when asked for: the recommendation taken among placements over all the depth (plan.depth=all)
+EXTRA_CANDIDATES = ("depth-all",)
 UNSEEN = ("gsm8k", "samsum", "facts", "format")
 OUT = P.RESULTS / "tight"
 
@@ -368,7 +370,9 @@ def main() -> None:
     ap.add_argument("--seeds", default="0", help="comma-separated training seeds")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument(
-        "--candidates", default=",".join(CANDIDATES), help="comma-separated, of: " + ", ".join(CANDIDATES)
+        "--candidates",
+        default=",".join(CANDIDATES),
+        help="comma-separated, of: " + ", ".join((*CANDIDATES, *EXTRA_CANDIDATES)),
     )
     a = ap.parse_args()
     if a.what == "run":
@@ -377,10 +381,11 @@ def main() -> None:
         if bad:
             raise SystemExit(f"--tasks: unknown task {bad[0]!r}; valid: {', '.join(P.TASKS)}")
         cands = tuple(a.candidates.split(","))
-        unknown = [c for c in cands if c not in CANDIDATES]
+        unknown = [c for c in cands if c not in (*CANDIDATES, *EXTRA_CANDIDATES)]
         if unknown:
             raise SystemExit(
-                f"--candidates: unknown candidate {unknown[0]!r}; valid: {', '.join(CANDIDATES)}"
+                f"--candidates: unknown candidate {unknown[0]!r}; valid: "
+                + ", ".join((*CANDIDATES, *EXTRA_CANDIDATES))
             )
         run(a.budget, tasks, tuple(int(x) for x in a.seeds.split(",")), a.threads, cands)
     res = summary()
