@@ -356,6 +356,54 @@ def test_varied_targets_plan_names_the_placements_over_all_the_depth():
     assert R.depth_advice(search, best, budgets) is None
 
 
+def test_depth_setting_takes_the_recommendation_among_placements_over_all_the_depth(monkeypatch):
+    from layercard.config import PlanConfig
+    from layercard.plan import make_plan
+    from layercard.plan import recommend as R
+
+    # a model blind to depth and a card whose last layers carry the weight: left free, it picks them
+    blind = Q.QualityModel("capacity", (2.0, 1.0), expected_error=0.05, basis="test", error_band=(0.04, 0.13))
+    monkeypatch.setattr(Q, "DEFAULT_MODEL", blind)
+    card = _card(12, weight=lambda layer, role: 10.0 if layer >= 9 else 0.1)
+
+    def entropy(h):
+        return dataclasses.replace(
+            card, task={**card.task, "target_entropy": h, "target_entropy_tokens": 2048}
+        )
+
+    varied, quiet = entropy(5.0), entropy(1.0)
+
+    def plan(c, **kw):
+        return make_plan(c, PlanConfig(policy="recommend", budget="params=0.25x", **kw))
+
+    free, auto, forced = plan(varied, depth="any"), plan(varied), plan(varied, depth="all")
+    assert Q.depth_coverage(free.layers, 12) < 1.0
+    assert Q.depth_coverage(auto.layers, 12) == 1.0 and auto.units == forced.units
+    search = R.price(varied)
+    best = R.best_over_depth(search, [Budget.parse("params=0.25x")])
+    assert auto.predicted["candidate"]["layers"] == best.layer_rule and auto.config["depth"] == "auto"
+    chose = [w for w in auto.warnings if "best-predicted placement over all the depth" in w]
+    free_label = F.row_label(free.predicted["candidate"])
+    assert len(chose) == 1 and f"not {free_label}" in chose[0] and "--depth any" in chose[0]
+    assert any("`--depth all` takes it" in w for w in free.warnings)
+    # targets that are not varied: auto leaves the pick free, all still restricts it
+    assert plan(quiet).units == plan(quiet, depth="any").units
+    assert Q.depth_coverage(plan(quiet, depth="all").layers, 12) == 1.0
+    assert not any("depth" in w for w in plan(quiet).warnings)
+    # under a target, all restricts the cheapest placement that reaches it
+    reach = make_plan(quiet, PlanConfig(policy="recommend", target=0.5, depth="all"))
+    assert Q.depth_coverage(reach.layers, 12) == 1.0
+    # nothing over all the depth fits: all fails naming what would; auto falls back and says so
+    with pytest.raises(LayercardError, match="depth all: none over all the depth fits modules=3"):
+        make_plan(varied, PlanConfig(policy="recommend", budget="modules=3", depth="all"))
+    fallback = make_plan(varied, PlanConfig(policy="recommend", budget="modules=3"))
+    assert any("none over all the depth fits modules=3" in w for w in fallback.warnings)
+    with pytest.raises(LayercardError, match="depth"):
+        PlanConfig(policy="peft-default", budget="params=0.25x", depth="all")
+    with pytest.raises(LayercardError, match="depth"):
+        PlanConfig(policy="uniform", budget="layers=4", depth="any")
+
+
 def test_target_gives_the_cheapest_placement_predicted_to_reach_it():
     from layercard.config import PlanConfig
     from layercard.plan import make_plan
