@@ -223,6 +223,7 @@ def _planned(
         ]
     shares = {r["name"]: r["params_share"] for r in read_json(OUT / "fresh.json")["tasks"][task]["runs"]}
     cfg = Q.train_settings(setting.max_length, seed)
+    card = with_target_entropy(card, task)
     out = []
     for rule in recommend_at:
         share = shares[dict(RULES)[rule]]
@@ -230,6 +231,8 @@ def _planned(
         if pick["grid"] is not None:
             continue  # the grid's own run of that placement stands for it
         label = pick["placement"]
+        if _run_path(task, advised_name(label), seed).is_file():
+            continue  # trained as the depth note's placement (run --advise-at): that run stands for it
         if recommend_name(label) not in {o[0] for o in out}:
             placement = {"recommend": f"params={share:.6f}x", "rule": rule, "label": label}
             out.append((recommend_name(label), plan, cfg, placement))
@@ -242,33 +245,26 @@ def advised_name(label: str) -> str:
 
 
 def advised(card: Any, share: float) -> tuple[Any, dict[str, Any]] | None:
-    """What a plan at ``share`` names beside a recommendation that leaves a depth band out, where the card's
-    task has varied targets (``recommend.depth_advice``): the best-predicted placement over all the depth
-    within the budget, as a plan of its own and an account of it; None where the recommendation covers the
-    depth or nothing over it fits."""
-    from layercard.config import Budget
-    from layercard.plan import recommend as R
-    from layercard.plan.artifact import PlannedUnit
-    from layercard.plan.frontier import summary_row
-    from layercard.plan.ranks import lora_config
+    """Where the recommendation at ``share`` taken among every placement (``depth: any``) leaves a depth
+    band out, the one taken among placements over all the depth (``depth: all``): its plan and an account
+    of both; None where the first covers the depth or nothing over it fits."""
+    from layercard.config import PlanConfig
+    from layercard.errors import LayercardError
+    from layercard.plan import make_plan
+    from layercard.plan.frontier import row_label
+    from layercard.plan.quality import depth_coverage
 
-    plan, pick = _recommend(card, share)
-    search = R.price(card)
-    budgets = [Budget.parse(f"params={share:.6f}x")]
-    chosen = next(c for c in search.candidates if c.label == pick["placement"])
-    best = None if R.covers_depth(search, chosen) else R.best_over_depth(search, budgets)
-    if best is None:
+    _, free = _recommend(card, share, depth="any")
+    if depth_coverage(free["layers"], card.n_layers) >= 1.0:
         return None
-    by_key = {u.key: u for u in card.units}
-    units = [PlannedUnit(k, by_key[k].layer, by_key[k].role, by_key[k].name, r) for k, r in best.units]
-    row = summary_row(best, search.reference)
-    plan = dataclasses.replace(
-        plan, units=units, layers=sorted({u.layer for u in units}),
-        lora_config=lora_config(units, plan.config["alpha"], plan.config["dropout"]),
-        predicted={**plan.predicted, "candidate": row, "params": int(best.costs["params"])},
-    )  # fmt: skip
-    account = {"placement": best.label, "params_share": row["params_x"], "predicted": best.quality,
-               "expected_error": best.error, "recommendation": pick["placement"]}  # fmt: skip
+    try:
+        plan = make_plan(card, PlanConfig(policy="recommend", budget=f"params={share:.6f}x", depth="all"))
+    except LayercardError:
+        return None
+    c = plan.predicted["candidate"]
+    account = {"placement": row_label(c), "params_share": c["params_x"], "predicted": c["quality"],
+               "expected_error": c.get("error"), "recommendation": free["placement"],
+               "recommendation_share": free["params_share"], "recommendation_grid": free["grid"]}  # fmt: skip
     return plan, account
 
 
@@ -547,7 +543,7 @@ def rules() -> dict[str, Any]:
     warned = warned_tasks()
     out: dict[str, Any] = {"rules": dict(RULES), "tasks": {}, "warned": sorted(warned)}
     for task, v in fresh["tasks"].items():
-        card = Card.load(OUT / "cards" / task / "card.json")
+        card = with_target_entropy(Card.load(OUT / "cards" / task / "card.json"), task)
         rows = {r["name"]: r for r in v["runs"]}
         own = (v.get("repeats") or {}).get("own", {})
         cells = {}
@@ -564,7 +560,7 @@ def rules() -> dict[str, Any]:
                 **_compare(task, rows, own, pick_within(v["runs"], share)["name"], name),
                 "planner": planner,
             }  # fmt: skip
-            if task in warned and (advice := _advice_cell(task, card, share, rows, own, name, trained)):
+            if task in warned and (advice := _advice_cell(task, card, share, rows, own, name)):
                 cells[rule]["advice"] = advice
         out["tasks"][task] = cells
     for key, tally in (("summary", _tally), ("summary_over_seeds", _tally_seeds)):
@@ -586,12 +582,24 @@ def rules() -> dict[str, Any]:
             )
             for rule, _ in RULES
         }
-        for against in ("rule", "recommendation")
+        for against in ("rule", "against_recommendation")
         for suffix, tally in (("", _tally), ("_seeds", _tally_seeds))
     }  # fmt: skip
     write_json(OUT / "rules.json", out)
     write_text(OUT / "rules.md", _rules_markdown(out))
     return out
+
+
+def with_target_entropy(card: Any, task: str) -> Any:
+    """The card with its task's target entropy as a card reads it (entropy_shortfall.json) where it records
+    none: the committed cards predate that reading, and the plan's ``depth: auto`` needs it to plan as it
+    would from a card made today."""
+    from layercard.artifacts import read_json
+
+    if card.task.get("target_entropy") is not None:
+        return card
+    h = read_json(OUT.parent / "entropy_shortfall.json")["tasks"][task]["card_entropy"]
+    return dataclasses.replace(card, task={**card.task, "target_entropy": h})
 
 
 def warned_tasks() -> set[str]:
@@ -611,20 +619,24 @@ def _advice_cell(
     rows: dict[str, dict[str, Any]],
     own: dict[str, dict[str, float]],
     rule: str,
-    recommendation: str | None,
 ) -> dict[str, Any] | None:
-    """The placement over all the depth a plan names at ``share`` (:func:`advised`), and, where it was
-    trained, its measured difference from the rule and from the recommendation."""
+    """The placement over all the depth at ``share`` where the recommendation among every placement leaves a
+    depth band out (:func:`advised`), and, where trained, its measured difference from the rule and from
+    that recommendation."""
     got = advised(card, share)
     if got is None:
         return None
-    account = got[1]
-    cell: dict[str, Any] = {"placement": account["placement"], "params_share": account["params_share"]}
-    name = _trained(task, advised_name(account["placement"]), account["params_share"], rows)
+    a = got[1]
+    cell: dict[str, Any] = {"placement": a["placement"], "params_share": a["params_share"],
+                            "recommendation": a["recommendation"]}  # fmt: skip
+    name = _trained(task, advised_name(a["placement"]), a["params_share"], rows)
+    free = a["recommendation_grid"] or _trained(
+        task, recommend_name(a["recommendation"]), a["recommendation_share"], rows
+    )
     if name is not None:
         cell["rule"] = _compare(task, rows, own, name, rule)
-        if recommendation is not None:
-            cell["recommendation"] = _compare(task, rows, own, name, recommendation)
+        if free is not None:
+            cell["against_recommendation"] = _compare(task, rows, own, name, free)
     return cell
 
 
@@ -641,7 +653,11 @@ def _trained_recommendation(
 ) -> str | None:
     """The run name of the planner's recommendation (:func:`planner_pick`) where ``run --recommend-at``
     trained it (added to ``rows`` with its measured fraction); None where it was not."""
-    return _trained(task, recommend_name(planner["placement"]), planner["params_share"], rows)
+    # a placement trained as the depth note's (run --advise-at) stands for the same placement recommended
+    label, share = planner["placement"], planner["params_share"]
+    return _trained(task, recommend_name(label), share, rows) or _trained(
+        task, advised_name(label), share, rows
+    )
 
 
 def _trained(task: str, name: str, params_share: float, rows: dict[str, dict[str, Any]]) -> str | None:
@@ -678,15 +694,15 @@ def planner_pick(card: Any, share: float) -> dict[str, Any]:
     return _recommend(card, share)[1]
 
 
-def _recommend(card: Any, share: float) -> tuple[Any, dict[str, Any]]:
-    """The planner's plan at ``share`` and :func:`planner_pick`'s account of it."""
+def _recommend(card: Any, share: float, depth: str = "auto") -> tuple[Any, dict[str, Any]]:
+    """The planner's plan at ``share`` and :func:`planner_pick`'s account of it (with its layers)."""
     import quality as Q
 
     from layercard.config import PlanConfig
     from layercard.plan import make_plan
     from layercard.plan.frontier import row_label
 
-    plan = make_plan(card, PlanConfig(policy="recommend", budget=f"params={share:.6f}x"))
+    plan = make_plan(card, PlanConfig(policy="recommend", budget=f"params={share:.6f}x", depth=depth))
     c = plan.predicted["candidate"]
     layers = {"all": "all", "top": "last-{n}"}
     same = [
@@ -694,7 +710,8 @@ def _recommend(card: Any, share: float) -> tuple[Any, dict[str, Any]]:
         if p.policy in layers and p.rank == c["rank"] and p.roles == c["matrices"]
         and layers[p.policy].format(n=(p.budget or "=").split("=")[1]) == c["layers"]
     ]  # fmt: skip
-    return plan, {"placement": row_label(c), "params_share": c["params_x"], "grid": same[0] if same else None}
+    return plan, {"placement": row_label(c), "params_share": c["params_x"], "grid": same[0] if same else None,
+                  "layers": plan.layers}  # fmt: skip
 
 
 def _tally(cells: list[dict[str, Any]]) -> dict[str, int]:
@@ -796,20 +813,21 @@ def _advice_markdown(out: dict[str, Any]) -> list[str]:
         "|---|---|---|---|---|",
         *(
             f"| {task} | {rule} | {a['placement']} ({a['params_share']:.3f}) | {diff(a, 'rule')} | "
-            f"{diff(a, 'recommendation')} |"
+            f"{diff(a, 'against_recommendation')} |"
             for task, rule, a in rows
         ),
         "",
         "Beyond twice the paired error (seed 0):",
         "",
         *_tally_lines(out["advice_summary"]["rule"], "against the rule: "),
-        *_tally_lines(out["advice_summary"]["recommendation"], "against the recommendation: "),
+        *_tally_lines(out["advice_summary"]["against_recommendation"], "against the recommendation: "),
         "",
         "At every seed where all were re-trained:",
         "",
         *_seed_lines(out["advice_summary"]["rule_seeds"], "the named placement against the rule"),
         *_seed_lines(
-            out["advice_summary"]["recommendation_seeds"], "the named placement against the recommendation"
+            out["advice_summary"]["against_recommendation_seeds"],
+            "the named placement against the recommendation",
         ),
         "",
     ]
