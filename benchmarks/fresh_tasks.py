@@ -769,9 +769,10 @@ def _rules_markdown(out: dict[str, Any]) -> str:
         *_tally_lines(out["summary"], "the pick "),
         "",
         "What `layercard plan --budget params=<the rule's share>x` recommends from each task's card (the "
-        "planner's whole search, not the grid), with its parameter share, and its measured difference from "
-        "the rule (as above), from the grid's run of it or from a run of it trained for this (`run "
-        "--recommend-at`; seed 0):",
+        "planner's whole search, not the grid, with `depth: auto`; each card is given its task's target "
+        "entropy as a card made today reads it, entropy_shortfall.md), with its parameter share, and its "
+        "measured difference from the rule (as above), from the grid's run of it or from a run of it trained "
+        "for this (`run --recommend-at` or `--advise-at`; seed 0):",
         "",
         *_task_table(out, [r for r, _ in RULES], _planner_cell),
         "",
@@ -801,15 +802,18 @@ def _advice_markdown(out: dict[str, Any]) -> list[str]:
         return _difference_text(a[key]) if key in a else "not trained"
 
     lines = [
-        "## The placement over all the depth a plan names beside its recommendation",
+        "## The recommendation over all the depth against the one over any placement",
         "",
         f"On the tasks a plan warns on for varied targets ({', '.join(out['warned'])}: target entropy at or "
         "above the threshold as a card reads it, entropy_shortfall.md), where the recommendation at a rule's "
-        "size leaves a depth band out, the plan names the best-predicted placement over all the depth within "
-        "the same budget (`run --advise-at`). Its measured fraction minus the rule's and minus the "
-        "recommendation's, as above:",
+        "size taken among every placement (`depth: any`, what plans took before `depth` existed) leaves a "
+        "depth band out: the one taken among placements over all the depth (`depth: all`, which the default "
+        "`auto` takes on these tasks), trained by `run --advise-at`. Its measured fraction minus the rule's "
+        "and minus that of the recommendation among every placement, as above. The five tasks' seed-0 runs "
+        "of it were what the default was set on, against a prediction stated before they ran; they are not "
+        "a test of the default:",
         "",
-        "| task | rule | named placement (share) | against the rule | against the recommendation |",
+        "| task | rule | over all the depth (share) | against the rule | against the one over any |",
         "|---|---|---|---|---|",
         *(
             f"| {task} | {rule} | {a['placement']} ({a['params_share']:.3f}) | {diff(a, 'rule')} | "
@@ -820,14 +824,18 @@ def _advice_markdown(out: dict[str, Any]) -> list[str]:
         "Beyond twice the paired error (seed 0):",
         "",
         *_tally_lines(out["advice_summary"]["rule"], "against the rule: "),
-        *_tally_lines(out["advice_summary"]["against_recommendation"], "against the recommendation: "),
+        *_tally_lines(
+            out["advice_summary"]["against_recommendation"], "against the one over any placement: "
+        ),
         "",
         "At every seed where all were re-trained:",
         "",
-        *_seed_lines(out["advice_summary"]["rule_seeds"], "the named placement against the rule"),
+        *_seed_lines(
+            out["advice_summary"]["rule_seeds"], "the placement over all the depth against the rule"
+        ),
         *_seed_lines(
             out["advice_summary"]["against_recommendation_seeds"],
-            "the named placement against the recommendation",
+            "the placement over all the depth against the one over any placement",
         ),
         "",
     ]

@@ -117,6 +117,6 @@ def test_the_committed_advice_is_reported_on_warned_tasks_only():
             assert task in out["warned"]
             a = c["advice"]
             assert a["params_share"] <= c["rule_share"] * (1 + 1e-6)
-            for against in ("rule", "recommendation"):
+            for against in ("rule", "against_recommendation"):
                 if against in a:
                     assert a[against]["pick"].startswith("adv-")
