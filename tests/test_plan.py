@@ -814,3 +814,22 @@ def test_frontier_rows_beyond_a_budget_are_marked_and_the_plan_is_always_shown(c
             assert (cells[-1] == "over") == beyond[tuple(cells[:3])], line
     assert any(line.rstrip().endswith("over │") for line in rows), r.output
     assert sum(line.rstrip().endswith("◀ plan │") for line in rows) == len(p["frontier"]), r.output
+
+
+def test_each_costs_frontier_keeps_to_the_budgets_on_the_other_costs(card_file):
+    from layercard.card import Card
+    from layercard.plan.frontier import over_budget
+    from layercard.plan.recommend import price
+
+    card = Card.load(card_file)
+    both = make_plan(card, PlanConfig(policy="recommend", budget="params=0.5x,modules=0.25x")).predicted
+    for kind, rows in both["frontier"].items():
+        others = [b for b in both["budgets"] if not b.startswith(f"{kind}=")]
+        assert rows and not any(over_budget(r, others, both["reference"]) for r in rows), kind
+        assert any(r["matrices"] == both["candidate"]["matrices"] and r[kind] == both["candidate"][kind]
+                   for r in rows), kind  # fmt: skip
+    # one budget: the frontier of its own cost is the unconstrained one; a budget narrows another cost's
+    alone = make_plan(card, PlanConfig(policy="recommend", budget="modules=0.25x")).predicted
+    search = price(card)
+    assert len(alone["frontier"]["modules"]) == len(search.frontier("modules"))
+    assert len(alone["frontier"]["params"]) < len(search.frontier("params"))

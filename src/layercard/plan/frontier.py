@@ -148,12 +148,14 @@ class Search:
             parts.append(f"{kind}={low:.4g}{rel}")
         return ", ".join(parts)
 
-    def frontier(self, kind: str) -> list[Candidate]:
-        """Candidates no other beats on both predicted quality and the cost ``kind`` (cheapest first)."""
+    def frontier(self, kind: str, within: Sequence[Budget] = ()) -> list[Candidate]:
+        """Candidates no other beats on both predicted quality and the cost ``kind`` (cheapest first), among
+        those that meet the budgets ``within`` (a plan's budgets on its other costs)."""
         if kind not in self.reference:
             raise LayercardError(f"frontier: cost {kind!r} is not known for this card")
         best: list[Candidate] = []
-        supported = [c for c in self.candidates if self.supported(c)]
+        pool = self.fitting(within) if within else self.candidates
+        supported = [c for c in pool if self.supported(c)]
         for c in sorted(supported, key=lambda c: (c.costs[kind], -c.quality)):
             if not best or c.quality > best[-1].quality + 1e-12:
                 best.append(c)

@@ -254,7 +254,10 @@ def search_plan(
         pred["target"] = {"fraction": cfg.target, "cost": kind}
         pred["recommendation"] = target_sentence(chosen, defaults, cfg.target, kind, search.reference)
         if kind not in pred["frontier"]:
-            pred["frontier"][kind] = [F.summary_row(c, search.reference) for c in search.frontier(kind)]
+            others = [b for b in budgets if b.kind != kind]
+            pred["frontier"][kind] = [
+                F.summary_row(c, search.reference) for c in search.frontier(kind, within=others)
+            ]
     warnings = [] if model.is_fitted else [f"quality model: {model.basis}"]
     # the caution's figures were measured with the default model
     varied = Q.target_entropy_warning(card) if model == Q.default_model() else None
@@ -334,7 +337,11 @@ def _predicted(
 ) -> dict[str, Any]:
     reference = search.reference
     frontier = {
-        kind: [F.summary_row(c, reference) for c in search.frontier(kind)]
+        # each cost's frontier among the placements that meet the budgets on the other costs
+        kind: [
+            F.summary_row(c, reference)
+            for c in search.frontier(kind, within=[b for b in budgets if b.kind != kind])
+        ]
         for kind in sorted({b.kind for b in budgets} | {"params"})
         if kind in reference
     }
