@@ -126,7 +126,10 @@ def _print_search_plan(plan) -> None:
         if any(over_budget(r, p["budgets"], p["reference"]) for r in shown):
             notes.append("over: beyond a budget (" + ", ".join(p["budgets"]) + ")")
         if not on_frontier:
-            notes.append(f"the plan is not on the {kind} frontier alone: it meets every budget together")
+            notes.append(
+                f"the plan is off this frontier: a placement as cheap in {kind} is predicted as high, or the "
+                "plan keeps to a restriction its warnings give"
+            )
         t.caption = "; ".join(notes) or None
         console.print(t)
     err = q["expected_error"]

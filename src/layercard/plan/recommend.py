@@ -185,9 +185,14 @@ def over_depth_only(card: Card, cfg: PlanConfig, model: Q.QualityModel) -> bool:
         return False
     if cfg.depth == "all":
         return True
+    return _varied(card, model) and cfg.target is None and bool(cfg.budget)
+
+
+def _varied(card: Card, model: Q.QualityModel) -> bool:
+    """Whether the card's targets are varied enough for the plan's caution on depth (HIGH_TARGET_ENTROPY;
+    its figures were measured with the default model)."""
     h = card.task.get("target_entropy")
-    varied = h is not None and h >= Q.HIGH_TARGET_ENTROPY and model == Q.default_model()
-    return varied and cfg.target is None and bool(cfg.budget)
+    return h is not None and h >= Q.HIGH_TARGET_ENTROPY and model == Q.default_model()
 
 
 def _chosen(
@@ -302,9 +307,8 @@ def _depth_notes(
 ) -> list[str]:
     """What a plan says of depth where the card's targets are varied: which placement the restriction to
     all the depth chose over which, that nothing over it fits, or (``depth: any``) what it would take."""
-    h = card.task.get("target_entropy")
-    varied = h is not None and h >= Q.HIGH_TARGET_ENTROPY and model == Q.default_model()
-    if not (varied and cfg.policy == "recommend" and cfg.target is None and budgets) or cfg.depth == "all":
+    asked = cfg.policy == "recommend" and cfg.target is None and budgets and cfg.depth != "all"
+    if not (asked and _varied(card, model)):
         return []
     if cfg.depth == "any":
         return [note] if (note := depth_advice(search, chosen, budgets)) else []
