@@ -328,6 +328,19 @@ def _depth_all_lines(tasks: dict[str, Any]) -> list[str]:
     ]
 
 
+def _fitted_note(out: dict[str, Any]) -> str:
+    """Which of the tasks here the quality model was fitted on (none of UNSEEN), and where they were run."""
+    others = sorted({t for b in out["budgets"].values() for t in b} - set(UNSEEN))
+    if not others:
+        return "None of these tasks was used to fit the quality model."
+    where = {t: sorted(b for b, tasks in out["budgets"].items() if t in tasks) for t in others}
+    return (
+        f"None of {', '.join(UNSEEN)} was used to fit the quality model; "
+        + "; ".join(f"{t}, which was, ran only at {', '.join(bs)}" for t, bs in where.items())
+        + " (to check `plan.depth`, which no task here set)."
+    )
+
+
 def _markdown(out: dict[str, Any]) -> str:
     lines = [
         "# The recommendation against the rules where it departs from them",
@@ -336,7 +349,7 @@ def _markdown(out: dict[str, Any]) -> str:
         "and reference runs. `previous-default`: what the parameter-share quality model (the default before "
         "`capacity_coverage`) recommends at the budget. Fraction: the test-loss drop from the base model "
         "as a fraction of the reference's (every linear module of every layer at rank 8). Candidates that "
-        "land on the same placement share one run. None of these tasks was used to fit the quality model.",
+        "land on the same placement share one run. " + _fitted_note(out),
         "",
         *_overview(out),
         "",
