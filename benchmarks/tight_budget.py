@@ -28,7 +28,7 @@ from typing import Any
 import placement_v2 as P  # this folder is on sys.path
 from quality import seed_gaps
 
-BUDGETS = ("params=0.1x", "step_time=0.7x", "params=0.15x", "params=0.05x", "params=0.2x")
+BUDGETS = ("params=0.1x", "step_time=0.7x", "params=0.15x", "params=0.05x", "params=0.2x", "params=0.04x")
 CANDIDATES = ("recommend", "previous-default", "peft-default", "all-linear", "last-n")
 # trained only when asked for: the recommendation taken among placements over all the depth (plan.depth=all)
 EXTRA_CANDIDATES = ("depth-all",)
