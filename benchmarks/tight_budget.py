@@ -323,8 +323,8 @@ def _depth_all_lines(tasks: dict[str, Any]) -> list[str]:
         "",
         "`depth-all`: the recommendation taken among placements over all the depth (`plan.depth: all`; "
         "the default `depth: auto` takes it where a card reads the task's targets as varied, as a card made "
-        "today does on gsm8k and samsum; these committed cards predate that reading). Its mean test loss "
-        "minus the others' (negative: lower): " + "; ".join(cells) + ".",
+        "today does on every task it ran on here; these committed cards predate that reading). Its mean "
+        "test loss minus the others' (negative: lower): " + "; ".join(cells) + ".",
     ]
 
 
