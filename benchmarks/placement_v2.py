@@ -180,6 +180,8 @@ def plan_for(card: Any, candidate: str, budget: str | None) -> tuple[Any, str | 
             return _reference(card), None
         if candidate in ("recommend", *RULES):
             return make_plan(card, PlanConfig(policy=candidate, budget=budget)), None
+        if candidate == "depth-all":  # the recommendation taken among placements over all the depth only
+            return make_plan(card, PlanConfig(policy="recommend", budget=budget, depth="all")), None
         if candidate in ("uniform", "card-stratified"):
             cfg = PlanConfig(policy=candidate, budget=_absolute(card, budget), roles="all-linear", rank=8)
             return make_plan(card, cfg), None

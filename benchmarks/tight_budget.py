@@ -37,14 +37,6 @@ OUT = P.RESULTS / "tight"
 
 
 def _plan(card: Any, candidate: str, budget: str) -> tuple[Any, str | None]:
-    if candidate == "depth-all":  # the recommendation taken among placements over all the depth only
-        from layercard import PlanConfig, make_plan
-        from layercard.errors import LayercardError
-
-        try:
-            return make_plan(card, PlanConfig(policy="recommend", budget=budget, depth="all")), None
-        except LayercardError as e:
-            return None, str(e)
     if candidate != "previous-default":
         return P.plan_for(card, candidate, budget)
     from layercard import PlanConfig

@@ -108,8 +108,10 @@ def _print_search_plan(plan) -> None:
         shown = shown_frontier(rows, chosen)
         on_frontier = any(row_label(r) == row_label(chosen) for r in shown)
         # under several budgets the plan may lie off one cost's frontier: its row is shown all the same
+        any_over = False
         for r in shown if on_frontier else [*shown, chosen]:
-            over = over_budget(r, p["budgets"], p["reference"])
+            over = bool(over_budget(r, p["budgets"], p["reference"]))
+            any_over |= over
             mark = "◀ plan" if row_label(r) == row_label(chosen) else "over" if over else ""
             t.add_row(
                 r["matrices"], r["layers"], str(r["rank"]),
@@ -123,7 +125,7 @@ def _print_search_plan(plan) -> None:
                 f"{len(rows) - len(shown)} more frontier placements cost more for the same predicted quality "
                 "to three decimals; plan.json and the figure keep them"
             )
-        if any(over_budget(r, p["budgets"], p["reference"]) for r in shown):
+        if any_over:
             notes.append("over: beyond a budget (" + ", ".join(p["budgets"]) + ")")
         if not on_frontier:
             notes.append(

@@ -117,15 +117,21 @@ class Search:
 
     def recommend(self, budgets: Sequence[Budget]) -> Candidate:
         """The highest predicted quality within every budget; ties go to fewer parameters."""
-        fitting = self.fitting(budgets)
-        ok = [c for c in fitting if self.supported(c)]
-        if not ok:
+        best = self.best(budgets)
+        if best is None:
             raise LayercardError(
                 f"budgets {', '.join(map(str, budgets))}: no placement fits; the least the search priced: "
                 + self._lowest(budgets)
-                + self._floor_note(fitting)
+                + self._floor_note(self.fitting(budgets))
             )
-        return max(ok, key=lambda c: (round(c.quality, 6), -c.costs["params"]))
+        return best
+
+    def best(
+        self, budgets: Sequence[Budget], where: Callable[[Candidate], bool] | None = None
+    ) -> Candidate | None:
+        """:meth:`recommend`'s pick among the candidates ``where`` keeps; None where none fits."""
+        ok = [c for c in self.fitting(budgets) if self.supported(c) and (where is None or where(c))]
+        return max(ok, key=lambda c: (round(c.quality, 6), -c.costs["params"]), default=None)
 
     def _floor_note(self, fitting: Sequence[Candidate]) -> str:
         """Why placements that fit were left out, when the quality model's size floor is the reason."""

@@ -140,8 +140,7 @@ def covers_depth(search: F.Search, c: F.Candidate) -> bool:
 def best_over_depth(search: F.Search, budgets: Sequence[Budget]) -> F.Candidate | None:
     """The best-predicted placement over all the depth within ``budgets`` (ties to fewer parameters, as the
     recommendation breaks them); None where none fits."""
-    fitting = [c for c in search.fitting(budgets) if search.supported(c) and covers_depth(search, c)]
-    return max(fitting, key=lambda c: (round(c.quality, 6), -c.costs["params"]), default=None)
+    return search.best(budgets, where=lambda c: covers_depth(search, c))
 
 
 def depth_advice(search: F.Search, chosen: F.Candidate, budgets: Sequence[Budget]) -> str | None:
