@@ -8,11 +8,14 @@ RESULTS/TASK/runs/, so the script resumes where it stopped; ``report`` rebuilds 
 cost_predicted.png from them.
 
     .venv/bin/python benchmarks/cost.py run [--threads 2] [--tasks e2e_nlg,sst2] [--out FOLDER]
+        [--model smollm2] [--device cpu] [--dtype float32] [--steps 6] [--batch 8]
     .venv/bin/python benchmarks/cost.py report [--out FOLDER]
 
 Settings: tasks e2e_nlg and sst2 (validation splits), card on 16 examples (batch 8, 128 tokens) with
 the default calibration, training batch 8 of up to 128 tokens, 6 steps per placement, lr 1e-4, seed 0.
-The machine should be otherwise idle: step time is shared CPU time.
+The machine should be otherwise idle: step time is shared CPU time. On a GPU the card and the runs use
+the device and dtype given; ``--model`` can be a folder from ``random_weights.py`` (smollm2's shapes,
+random weights: valid for time and memory, not for quality).
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "cost"
 TASKS = {"e2e_nlg": "e2e_nlg:validation", "sst2": "sst2:validation"}
 STEPS, BATCH, MAX_LENGTH, SEED = 6, 8, 128, 0
+RANDOM_MARK = "random_weights.json"  # written by random_weights.py beside the weights it makes
 
 
 # Matrices, depth reached by backward and rank all vary; none of these is a calibration placement.
@@ -55,33 +59,45 @@ GRID = (
 )
 
 
-def _card(loaded: Any, task: Any, folder: Path) -> Any:
+@dataclasses.dataclass(frozen=True)
+class Setup:
+    """What a cost run is measured on and with; recorded in every run's JSON."""
+
+    model: str = "smollm2"
+    device: str = "cpu"
+    dtype: str = "float32"
+    steps: int = STEPS
+    batch: int = BATCH
+    random_weights: bool = False  # the model folder came from random_weights.py
+
+
+def _card(loaded: Any, task: Any, folder: Path, batch: int = BATCH) -> Any:
     from layercard import CardConfig
 
-    cfg = CardConfig(roles="all-linear", examples=16, batch_size=BATCH, max_length=MAX_LENGTH, calibrate=True)
+    cfg = CardConfig(roles="all-linear", examples=16, batch_size=batch, max_length=MAX_LENGTH, calibrate=True)
     return cached_card(loaded, task, cfg, folder)
 
 
-def plan_and_settings(card: Any, p: Placement) -> tuple[Any, Any]:
+def plan_and_settings(card: Any, p: Placement, setup: Setup = Setup()) -> tuple[Any, Any]:
     """The plan of grid point ``p`` and the training settings every cost run shares (allocator.py too)."""
     from layercard import PlanConfig, make_plan
     from layercard.config import TrainConfig
 
     plan = make_plan(card, PlanConfig(policy=p.policy, budget=p.budget, roles=p.roles, rank=p.rank))
     cfg = TrainConfig(
-        steps=STEPS, batch_size=BATCH, lr=1e-4, max_length=MAX_LENGTH, eval_examples=0, checkpoint_every=0,
-        seed=SEED,
+        steps=setup.steps, batch_size=setup.batch, lr=1e-4, max_length=MAX_LENGTH, eval_examples=0,
+        checkpoint_every=0, seed=SEED,
     )  # fmt: skip
     return plan, cfg
 
 
-def _run(loaded: Any, card: Any, task: Any, p: Placement, path: Path) -> None:
+def _run(loaded: Any, card: Any, task: Any, p: Placement, path: Path, setup: Setup = Setup()) -> None:
     from layercard.artifacts import machine_info, write_json
     from layercard.train import train
 
     if path.is_file():
         return
-    plan, cfg = plan_and_settings(card, p)
+    plan, cfg = plan_and_settings(card, p, setup)
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="cost-") as tmp:
         m = train(loaded, plan, task, None, cfg, tmp, progress=False)
@@ -105,6 +121,7 @@ def _run(loaded: Any, card: Any, task: Any, p: Placement, path: Path) -> None:
             "wall_s": round(time.perf_counter() - t0, 1),
             "load_1min": os.getloadavg()[0],
             "threads": __import__("torch").get_num_threads(),
+            "setup": dataclasses.asdict(setup),
             "machine": machine_info(),
         },
     )
@@ -115,18 +132,18 @@ def _run(loaded: Any, card: Any, task: Any, p: Placement, path: Path) -> None:
     )
 
 
-def run(threads: int, tasks: list[str]) -> None:
+def run(threads: int, tasks: list[str], setup: Setup = Setup()) -> None:
     import torch
 
     from layercard import load_model, load_task
 
     torch.set_num_threads(threads)
-    loaded = load_model("smollm2")
+    loaded = load_model(setup.model, device=setup.device, dtype=setup.dtype)
     for name in tasks:
         task = load_task(TASKS[name])
-        card = _card(loaded, task.subset(256, seed=SEED), RESULTS / name / "card")
+        card = _card(loaded, task.subset(256, seed=SEED), RESULTS / name / "card", setup.batch)
         for p in GRID:
-            _run(loaded, card, task, p, RESULTS / name / "runs" / f"{p.name}.json")
+            _run(loaded, card, task, p, RESULTS / name / "runs" / f"{p.name}.json", setup)
 
 
 def _rel(measured: float, predicted: float) -> float:
@@ -193,6 +210,8 @@ def report() -> dict[str, Any]:
         if not rows:
             continue
         machine, threads = runs[0]["machine"], runs[0]["threads"]
+        setup = runs[0].get("setup", dataclasses.asdict(Setup()))  # runs before Setup: its defaults
+        memory_kind = runs[0]["peak_memory_kind"]
         cost = card.cost or {}
         tasks[name] = {
             "task": TASKS[name],
@@ -206,8 +225,16 @@ def report() -> dict[str, Any]:
         raise SystemExit(f"{RESULTS}: no finished runs; run `benchmarks/cost.py run` first")
     out = {
         "benchmark": "cost",
-        "model": "smollm2",
-        "settings": {"steps": STEPS, "batch": BATCH, "max_length": MAX_LENGTH, "seed": SEED},
+        "model": f"{Setup.model} shapes, random weights" if setup.get("random_weights") else setup["model"],
+        "settings": {
+            "steps": setup["steps"],
+            "batch": setup["batch"],
+            "max_length": MAX_LENGTH,
+            "seed": SEED,
+            "device": setup["device"],
+            "dtype": setup["dtype"],
+        },  # fmt: skip
+        "peak_memory_kind": memory_kind,
         "machine": machine,
         "threads": threads,
         "tasks": tasks,
@@ -224,19 +251,35 @@ def _pct(x: float) -> str:
 
 
 def _markdown(out: dict[str, Any]) -> str:
-    m = out["machine"]
+    m, st = out["machine"], out["settings"]
+    on_gpu = st.get("device", "cpu").startswith("cuda")
+    where = (
+        f"one {m.get('cuda_device')}, {st['dtype']}"
+        if on_gpu
+        else f"{out['threads']} torch threads, {m.get('cpu_count')} CPUs ({m.get('platform')})"
+    )
+    memory = (
+        "Memory is the CUDA allocator's peak during training (tensors only, not the allocator's cache)"
+        if on_gpu
+        else "Memory is the process's peak resident size during training"
+    )
     lines = [
         "# Cost model: predicted against measured step time and peak training memory",
         "",
-        f"{out['model']}, {out['settings']['steps']} training steps of batch "
-        f"{out['settings']['batch']} (up to {out['settings']['max_length']} tokens) per placement, "
-        f"{out['threads']} torch threads, {m.get('cpu_count')} CPUs ({m.get('platform')}). "
-        "Each task has its own card (16 probe examples, default calibration: 5 short LoRA placements, "
-        "each timed after an untimed warm-up step); predictions are rescaled to each run's positions "
-        "(batch × padded length) per step. Memory is the process's peak resident size during training; "
-        "'added' is that peak minus the resident size when training began.",
+        f"{out['model']}, {st['steps']} training steps of batch {st['batch']} (up to {st['max_length']} "
+        f"tokens) per placement, {where}. "
+        f"Each task has its own card (16 probe examples, batch {st['batch']}, default calibration: 5 short "
+        "LoRA placements, each timed after an untimed warm-up step); predictions are rescaled to each "
+        f"run's positions (batch × padded length) per step. {memory}; "
+        "'added' is that peak minus the memory in use when training began.",
         "",
     ]
+    if out["model"].endswith("random weights"):
+        lines[2:2] = [
+            "The weights are random (the model has smollm2's configuration and tokenizer): the figures are "
+            "valid for time and memory, and say nothing about quality.",
+            "",
+        ]
     for t in out["tasks"].values():
         timings = t["card_timings"] or {}
         lines += [
@@ -318,6 +361,11 @@ def main(argv: list[str] | None = None) -> int:
     r = sub.add_parser("run", help="card + training runs (resumable), then the report")
     r.add_argument("--threads", type=int, default=2)
     r.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated, from {', '.join(TASKS)}")
+    r.add_argument("--model", default=Setup.model, help="built-in name or model folder")
+    r.add_argument("--device", default=Setup.device)
+    r.add_argument("--dtype", default=Setup.dtype)
+    r.add_argument("--steps", type=int, default=Setup.steps, help="training steps per placement")
+    r.add_argument("--batch", type=int, default=Setup.batch, help="card and training batch size")
     rep = sub.add_parser("report", help="rebuild cost.json, cost.md and the figure from the runs")
     for p in (r, rep):
         p.add_argument("--out", type=Path, default=RESULTS, help="results folder (a repeat run: another one)")
@@ -328,7 +376,11 @@ def main(argv: list[str] | None = None) -> int:
         unknown = [t for t in tasks if t not in TASKS]
         if unknown:
             ap.error(f"--tasks: unknown task {unknown[0]!r} (choose from {', '.join(TASKS)})")
-        run(args.threads, tasks)
+        setup = Setup(
+            args.model, args.device, args.dtype, args.steps, args.batch,
+            random_weights=(Path(args.model) / RANDOM_MARK).is_file(),
+        )  # fmt: skip
+        run(args.threads, tasks, setup)
     report()
     print(f"wrote {RESULTS / 'cost.md'}")
     return 0
