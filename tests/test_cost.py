@@ -9,7 +9,14 @@ import pytest
 import torch
 from tiny import tiny_model
 
-from layercard.cost import CostModel, _out_of_order, calibrate, peak_memory, reset_peak_memory
+from layercard.cost import (
+    CostModel,
+    _out_of_order,
+    calibrate,
+    peak_memory,
+    position_share,
+    reset_peak_memory,
+)
 
 CPU = torch.device("cpu")
 
@@ -45,6 +52,19 @@ def test_memory_terms():
     )
     assert old.peak_memory([0], 1) is None and old.memory([0], 1) is None and old.forward_time(3) is None
     assert CostModel.from_dict(cm.to_dict()) == cm
+    # a measured share of added memory that grows with positions replaces the depth term
+    shared = CostModel.from_dict(cm.to_dict() | {"memory_position_share": 0.25})
+    assert shared.memory([9, 7], 6, 2_000_000)["activations_mib"] == pytest.approx(0.25 * (588 - 500))
+
+
+def test_position_share_is_the_part_a_line_through_two_batches_puts_on_the_positions():
+    assert position_share(2.0, 1.0, 1000, 500) == pytest.approx(1.0)  # proportional
+    assert position_share(2.0, 2.0, 1000, 500) == pytest.approx(0.0)  # flat: none grows
+    # 0.5 s fixed + 1.5 s per 1000 positions: at 1000 positions 1.5 of the 2.0 s grows with them
+    assert position_share(2.0, 0.5 + 0.75, 1000, 500) == pytest.approx(0.75)
+    assert position_share(2.0, 2.4, 1000, 500) == 0.0  # noise: the half batch was slower
+    assert position_share(2.0, 0.5, 1000, 500) == 1.0  # noise: more than proportional
+    assert position_share(0.0, 0.0, 1000, 500) == 1.0 and position_share(2.0, 1.0, 500, 500) == 1.0
 
 
 def test_calibration_measures_memory_and_latency():
@@ -64,6 +84,15 @@ def test_calibration_measures_memory_and_latency():
         assert len(row["warmup_s_by_round"]) == len(steps) // 2 and min(row["warmup_s_by_round"]) > 0
         assert row["s_per_step"] == pytest.approx(min(steps), abs=2e-4)
     assert cm.forward_base_s is not None and cm.forward_base_s > 0 and cm.forward_per_module_s >= 0
+    # the all-layer placement timed again on half the batch: how much of a step grows with positions
+    scaling = cm.batch_scaling
+    assert scaling["positions"] == 4 * 48 and scaling["half_positions"] == 2 * 48
+    assert len(scaling["half_timings_s_per_step"]) == 2 and scaling["half_s_per_step"] > 0
+    assert scaling["s_per_step"] == cm.measured[3]["s_per_step"]  # the full batch's all-layer rank-8 row
+    assert cm.step_position_share == pytest.approx(
+        position_share(scaling["s_per_step"], scaling["half_s_per_step"], 4 * 48, 2 * 48)
+    )
+    assert 0.0 <= cm.step_position_share <= 1.0
     if reset_peak_memory(CPU) is None:
         assert cm.memory_base_mib is None  # a lifetime peak is not a per-placement measurement
         return
@@ -71,6 +100,9 @@ def test_calibration_measures_memory_and_latency():
     assert cm.memory_base_mib >= cm.memory_resident_mib > 0
     for name in ("memory_per_layer_mib", "memory_per_module_mib", "memory_per_mparam_mib"):
         assert math.isfinite(getattr(cm, name)) and getattr(cm, name) >= 0
+    assert cm.memory_position_share == pytest.approx(
+        position_share(scaling["added_mib"], scaling["half_added_mib"], 4 * 48, 2 * 48)
+    )
     # the model restores: no adapter left, nothing trainable added
     assert not any("lora" in n for n, _ in model.named_parameters())
 

@@ -160,3 +160,8 @@ def test_train_predictions_scale_time_by_mean_and_memory_by_largest_batch():
     # without the largest batch (files written before it was recorded) memory follows the mean
     old = predictions(predicted, 1.8, 350.0, 3400.0, 1000.0, positions_per_step=400.0)
     assert old["predicted_peak_memory_scaled_mib"] == pytest.approx(3000 + 1000 * (400 / 500 - 1))
+    # a card that measured how much of a step grows with positions: only that part is rescaled
+    affine = predictions(
+        predicted | {"step_time_position_share": 0.25}, 1.8, 350.0, 3400.0, 1000.0, positions_per_step=1000.0
+    )
+    assert affine["predicted_step_time_scaled_s"] == pytest.approx(2.0 * (0.75 + 0.25 * 1000 / 500))

@@ -128,6 +128,13 @@ class CostModel:
     # Padded positions of the calibration batch (batch × length): compute and activations scale with
     # these, not with the real tokens (None on cards made before it was recorded).
     batch_positions: int | None = None
+    # How much of a step grows with the positions it computes, from the all-layer placement timed again on
+    # half the calibration batch: the share of its step time, and of the memory training adds, that a line
+    # through the two batches puts on the positions (0: none, 1: all). None on cards made before it was
+    # measured: step time is then taken as proportional to positions and the activations as the depth term.
+    step_position_share: float | None = None
+    memory_position_share: float | None = None
+    batch_scaling: dict[str, Any] | None = None  # the two measurements the shares come from
 
     def step_time(self, layers: Sequence[int], modules: int, params: int = 0) -> float:
         """Predicted seconds per step: ``modules`` adapters with ``params`` parameters on ``layers``."""
@@ -160,17 +167,19 @@ class CostModel:
     def memory(self, layers: Sequence[int], modules: int, params: int = 0) -> dict[str, float] | None:
         """Predicted peak training memory and its activation part (MiB, at the calibration batch), or None.
 
-        The activation part is what grows with tokens per step, so a run with another batch can rescale it.
+        The activation part is what grows with positions per step, so a run with another batch can rescale
+        it: the measured share of what training adds where the card measured one, else the depth term.
         """
         peak = self.peak_memory(layers, modules, params)
         if peak is None:
             return None
         depth = self.n_layers - min(layers) if layers else 0
-        return {
-            "peak_mib": peak,
-            "activations_mib": float(self.memory_per_layer_mib or 0.0) * depth,
-            "resident_mib": float(self.memory_resident_mib or 0.0),
-        }
+        resident = float(self.memory_resident_mib or 0.0)
+        if self.memory_position_share is not None:
+            activations = self.memory_position_share * max(peak - resident, 0.0)
+        else:
+            activations = float(self.memory_per_layer_mib or 0.0) * depth
+        return {"peak_mib": peak, "activations_mib": activations, "resident_mib": resident}
 
     def forward_time(self, modules: int) -> float | None:
         """Predicted seconds of one unmerged no-grad forward over the calibration batch, or None."""
@@ -357,10 +366,23 @@ def calibrate(
     def step_time(ts: list[_Timed]) -> float:
         return float(min(x for t in ts for x in t.step_s))
 
-    order = [i for _ in range(rounds) for i in range(len(configs))]
+    full = configs.index((everything, 8))
+    rows_in_batch = int(batch["input_ids"].shape[0])
+    # The all-layer placement once more on half the batch, so that a run at another batch is priced by
+    # a line through two batches rather than in proportion: on a GPU much of a small step does not grow
+    # with the batch (benchmarks/results/cost/gpu-nvidia-h200).
+    order: list[int | None] = [i for _ in range(rounds) for i in range(len(configs))]
+    if rows_in_batch >= 2:
+        order.append(None)
+    half: _Timed | None = None
     try:
         for i in track(order, "cost calibration", total=len(order), enabled=progress):
-            measure(i)
+            if i is None:
+                specs = models.units(model, roles, layers=everything)
+                part = {k: v[: rows_in_batch // 2] for k, v in batch.items()}
+                half = _time_steps(model, [s.name for s in specs], part, steps, 8)
+            else:
+                measure(i)
         # A placement that backward reaches deeper, or that adds more, cannot be faster: where the timings
         # say otherwise, outside load slowed one of them, so both are timed once more.
         again = _out_of_order(configs, [step_time(ts) for ts in timed])
@@ -413,6 +435,16 @@ def calibrate(
             "memory_per_mparam_mib": float(mem[3]),
             "memory_kind": peak_memory(device)[1],
         }
+    scaling = (
+        _batch_scaling(
+            rows[full],
+            half,
+            int(batch["input_ids"].numel()),
+            rows_in_batch // 2 * batch["input_ids"].shape[1],
+        )
+        if half is not None
+        else {}
+    )
     fwd_rows = [(0, base_forward)] + [(r["modules"], r["forward_s"]) for r in rows]
     fwd, _ = nnls(np.array([[1.0, m] for m, _ in fwd_rows]), np.array([t for _, t in fwd_rows]))
     return CostModel(
@@ -429,4 +461,39 @@ def calibrate(
         forward_base_s=float(fwd[0]),
         forward_per_module_s=float(fwd[1]),
         **memory,
+        **scaling,
     )
+
+
+def _batch_scaling(row: dict[str, Any], half: _Timed, positions: int, half_positions: int) -> dict[str, Any]:
+    """The shares of step time and of added memory that grow with positions, from one placement measured on
+    the full calibration batch (``row``) and on half of it (``half``); each clipped to [0, 1]."""
+    # as recorded (rounded like the rows), so that the shares reproduce from the card
+    t_full, t_half = float(row["s_per_step"]), round(float(min(half.step_s)), 4)
+    measured = {
+        "positions": positions,
+        "half_positions": half_positions,
+        "s_per_step": t_full,
+        "half_s_per_step": t_half,
+        "half_timings_s_per_step": [round(x, 4) for x in half.step_s],
+    }
+    out: dict[str, Any] = {
+        "step_position_share": position_share(t_full, t_half, positions, half_positions),
+        "batch_scaling": measured,
+    }
+    if row["resident_mib"] is not None and half.resident_mib is not None:
+        added = round(row["peak_memory_mib"] - row["resident_mib"], 1)
+        half_added = round(half.peak_mib - half.resident_mib, 1)
+        measured |= {"added_mib": added, "half_added_mib": half_added}
+        out["memory_position_share"] = position_share(added, half_added, positions, half_positions)
+    return out
+
+
+def position_share(full: float, part: float, positions: int, part_positions: int) -> float:
+    """The share of ``full`` (a cost at ``positions``) that a line through it and ``part`` (the cost at
+    ``part_positions`` < ``positions``) puts on the positions, clipped to [0, 1]: 1 where the cost is
+    proportional to positions, 0 where it does not grow with them."""
+    if full <= 0 or positions <= part_positions:
+        return 1.0
+    slope = (full - part) / (positions - part_positions)
+    return float(min(max(slope * positions / full, 0.0), 1.0))

@@ -47,11 +47,20 @@ def predicted(
         "n_layers": len(layers),
         "captured": captured,
     }
-    if card.cost is not None:  # the batch the step times refer to, so train can compare like with like
-        out["calibration_batch_size"] = card.cost.get("batch_size")
-        out["calibration_batch_tokens"] = card.cost.get("batch_tokens")
-        out["calibration_batch_positions"] = card.cost.get("batch_positions")
+    if card.cost is not None:
+        out |= calibration_batch(card.cost)
     return out
+
+
+def calibration_batch(cost: dict[str, Any]) -> dict[str, Any]:
+    """The batch a card's step times and memory refer to, and how much of each grows with positions, so
+    that train can compare like with like at its own batch (see ``train.metrics.predictions``)."""
+    return {
+        "calibration_batch_size": cost.get("batch_size"),
+        "calibration_batch_tokens": cost.get("batch_tokens"),
+        "calibration_batch_positions": cost.get("batch_positions"),
+        "step_time_position_share": cost.get("step_position_share"),
+    }
 
 
 def kind_warnings(kind: str) -> list[str]:

@@ -14,7 +14,7 @@ from layercard.errors import LayercardError
 from layercard.plan import frontier as F
 from layercard.plan import quality as Q
 from layercard.plan.artifact import Plan, PlannedUnit
-from layercard.plan.predict import card_summary, provenance
+from layercard.plan.predict import calibration_batch, card_summary, provenance
 from layercard.plan.ranks import lora_config
 from layercard.plan.space import amount
 
@@ -373,10 +373,8 @@ def _predicted(
         "fraction": chosen.quality,
         "score": model.score,
     }
-    if card.cost is not None:  # the batch the step times refer to, so train can compare like with like
-        pred["calibration_batch_size"] = card.cost.get("batch_size")
-        pred["calibration_batch_tokens"] = card.cost.get("batch_tokens")
-        pred["calibration_batch_positions"] = card.cost.get("batch_positions")
+    if card.cost is not None:
+        pred |= calibration_batch(card.cost)
         pred["memory"] = _memory(card, chosen)
         pred["forward_s"] = chosen.costs.get("forward_s")
     return pred

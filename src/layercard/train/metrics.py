@@ -116,11 +116,13 @@ def predictions(
 ) -> dict[str, Any]:
     """The plan's predictions beside what the run measured, as :class:`TrainMetrics` fields.
 
-    The cost model was calibrated on the card's batch. Step time grows about linearly with the positions a
-    step computes (padding included), and so do the activations kept for backward, so both predictions are
-    also given at this run's positions (``*_scaled``; at its real tokens where the card did not record its
-    batch's positions): step time at the mean positions per step, peak memory at the largest micro-batch
-    (``max_positions``), since the peak is that of the step whose activations were largest.
+    The cost model was calibrated on the card's batch. Part of a step's time grows with the positions it
+    computes (padding included), and so do the activations kept for backward, so both predictions are also
+    given at this run's positions (``*_scaled``; at its real tokens where the card did not record its
+    batch's positions): step time at the mean positions per step, its growing part by the card's
+    ``step_time_position_share`` (all of it on cards that did not measure one), and peak memory at the
+    largest micro-batch (``max_positions``), since the peak is that of the step whose activations were
+    largest.
     ``step_time_ratio`` is measured over the prediction as planned; ``peak_memory_ratio`` is measured
     over the scaled prediction where there is one. Memory is also compared
     as what training adds over the memory in use when it began (``start_mib``), since a training process
@@ -136,7 +138,10 @@ def predictions(
         scale: float | None = positions_per_step / positions
     else:
         scale = tokens_per_step / tokens if tokens and tokens_per_step else None
-    step_scaled = step * scale if step and scale else None
+    # The card's measured share of a step that grows with positions; proportional where it measured none.
+    share = predicted.get("step_time_position_share")
+    share = 1.0 if share is None else float(share)
+    step_scaled = step * (1.0 - share + share * scale) if step and scale else None
     mem_scale = max_positions / positions if positions and max_positions else scale
     memory = predicted.get("memory") or {}
     peak = memory.get("peak_mib")
