@@ -27,6 +27,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -132,7 +133,7 @@ def _run(loaded: Any, card: Any, task: Any, p: Placement, path: Path, setup: Set
     )
 
 
-def run(threads: int, tasks: list[str], setup: Setup = Setup()) -> None:
+def run(threads: int, tasks: list[str], setup: Setup = Setup(), only: Sequence[str] = ()) -> None:
     import torch
 
     from layercard import load_model, load_task
@@ -143,7 +144,8 @@ def run(threads: int, tasks: list[str], setup: Setup = Setup()) -> None:
         task = load_task(TASKS[name])
         card = _card(loaded, task.subset(256, seed=SEED), RESULTS / name / "card", setup.batch)
         for p in GRID:
-            _run(loaded, card, task, p, RESULTS / name / "runs" / f"{p.name}.json", setup)
+            if not only or p.name in only:
+                _run(loaded, card, task, p, RESULTS / name / "runs" / f"{p.name}.json", setup)
 
 
 def _rel(measured: float, predicted: float) -> float:
@@ -167,6 +169,7 @@ def _task_rows(name: str) -> tuple[Any, list[dict[str, Any]], list[dict[str, Any
         added = r["peak_memory_mib"] - r["peak_memory_start_mib"]
         rows.append(
             {
+                **_proportional(card.cost or {}, r),
                 "task": name,
                 "name": r["name"],
                 "modules": r["modules"],
@@ -186,14 +189,55 @@ def _task_rows(name: str) -> tuple[Any, list[dict[str, Any]], list[dict[str, Any
     return card, runs, rows
 
 
+def _proportional(cost: dict[str, Any], r: dict[str, Any]) -> dict[str, Any]:
+    """Where the card measured how much of a step grows with positions: the errors that the earlier rule
+    (step time proportional to positions, only the depth term as activations) would have given this run."""
+    if cost.get("step_position_share") is None or not cost.get("batch_positions"):
+        return {}
+    positions = cost["batch_positions"]
+    step = r["predicted_step_time_s"] * r["batch_positions_per_step"] / positions
+    depth = cost["n_layers"] - min(r["layers"])
+    activations = float(cost.get("memory_per_layer_mib") or 0.0) * depth
+    peak = r["predicted_peak_memory_mib"] + activations * (r["max_batch_positions"] / positions - 1.0)
+    return {
+        "proportional_step_time_error": _rel(r["s_per_step"], step),
+        "proportional_peak_memory_error": _rel(r["peak_memory_mib"], peak),
+    }
+
+
 _ERRORS = ("step_time_error", "peak_memory_error", "training_memory_error")
+_PROPORTIONAL = ("proportional_step_time_error", "proportional_peak_memory_error")
 
 
 def _errors(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    keys = _ERRORS + (_PROPORTIONAL if all(_PROPORTIONAL[0] in x for x in rows) else ())
     return {
-        "mean_abs_error": {k: statistics.fmean(abs(x[k]) for x in rows) for k in _ERRORS},
-        "max_abs_error": {k: max(abs(x[k]) for x in rows) for k in _ERRORS},
+        "mean_abs_error": {k: statistics.fmean(abs(x[k]) for x in rows) for k in keys},
+        "max_abs_error": {k: max(abs(x[k]) for x in rows) for k in keys},
     }
+
+
+def _shares(cal: dict[str, Any]) -> str:
+    b = cal.get("batch_scaling")
+    if not b:
+        return ""
+    return (
+        f" Calibrated on {cal['batch_size']} sequences: the all-layer rank-8 step took "
+        f"{b['s_per_step']:.3g} s on their {b['positions']:,} padded positions and "
+        f"{b['half_s_per_step']:.3g} s on half of them: {_pct(cal['step_position_share'])} of a step grows "
+        f"with positions, and {_pct(cal['memory_position_share'])} of the memory training adds."
+    )
+
+
+def _proportional_line(mae: dict[str, float]) -> list[str]:
+    if _PROPORTIONAL[0] not in mae:
+        return []
+    return [
+        "Priced by the rule of cards that did not time half a batch (step time proportional to positions, "
+        f"only the depth term growing with them): step time {_pct(mae[_PROPORTIONAL[0]])}, peak memory "
+        f"{_pct(mae[_PROPORTIONAL[1]])}.",
+        "",
+    ]
 
 
 def report() -> dict[str, Any]:
@@ -286,7 +330,7 @@ def _markdown(out: dict[str, Any]) -> str:
             f"## {t['task']}",
             "",
             f"Card: probe {timings.get('probe_s', float('nan')):.0f} s, calibration "
-            f"{timings.get('calibrate_s', float('nan')):.0f} s.",
+            f"{timings.get('calibrate_s', float('nan')):.0f} s.{_shares(t['card_calibration'])}",
             "",
             "| placement | modules | params | lowest layer | s/step | predicted | error | peak MiB | "
             "predicted | error | added MiB | predicted | error |",
@@ -310,6 +354,7 @@ def _markdown(out: dict[str, Any]) -> str:
             f"{_pct(worst['peak_memory_error'])}), memory added by training "
             f"{_pct(mae['training_memory_error'])} (worst {_pct(worst['training_memory_error'])}).",
             "",
+            *_proportional_line(mae),
         ]
     mae = out["mean_abs_error"]
     n = sum(len(t["runs"]) for t in out["tasks"].values())
@@ -318,6 +363,7 @@ def _markdown(out: dict[str, Any]) -> str:
         f"{_pct(mae['peak_memory_error'])}, memory added by training {_pct(mae['training_memory_error'])} "
         "mean absolute error.",
         "",
+        *_proportional_line(mae),
     ]
     return "\n".join(lines)
 
@@ -366,6 +412,7 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--dtype", default=Setup.dtype)
     r.add_argument("--steps", type=int, default=Setup.steps, help="training steps per placement")
     r.add_argument("--batch", type=int, default=Setup.batch, help="card and training batch size")
+    r.add_argument("--only", default="", help="comma-separated grid placements to train (default: all)")
     rep = sub.add_parser("report", help="rebuild cost.json, cost.md and the figure from the runs")
     for p in (r, rep):
         p.add_argument("--out", type=Path, default=RESULTS, help="results folder (a repeat run: another one)")
@@ -380,7 +427,13 @@ def main(argv: list[str] | None = None) -> int:
             args.model, args.device, args.dtype, args.steps, args.batch,
             random_weights=(Path(args.model) / RANDOM_MARK).is_file(),
         )  # fmt: skip
-        run(args.threads, tasks, setup)
+        only = [n.strip() for n in args.only.split(",") if n.strip()]
+        unknown = [n for n in only if n not in {p.name for p in GRID}]
+        if unknown:
+            ap.error(
+                f"--only: unknown placement {unknown[0]!r} (choose from {', '.join(p.name for p in GRID)})"
+            )
+        run(args.threads, tasks, setup, only)
     report()
     print(f"wrote {RESULTS / 'cost.md'}")
     return 0

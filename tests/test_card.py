@@ -181,6 +181,13 @@ def test_coupling_and_cost(facts):
     assert sorted(m["rank"] for m in all_layers) == [8, 32]
     assert all_layers[0]["modules"] == all_layers[1]["modules"]
     assert all(v >= 0 for k, v in card.cost.items() if k.endswith("_s"))
+    # the card's markdown states the share of a step that grows with positions, as the card recorded it
+    share = card.cost["step_position_share"]
+    assert (
+        0.0 <= share <= 1.0
+        and card.cost["batch_scaling"]["half_positions"] * 2 == card.cost["batch_positions"]
+    )
+    assert f"so {100 * share:.0f}% of a step grows with the positions it computes" in card_markdown(card)
 
 
 def test_no_target_tokens_and_nonfinite_loss():

@@ -476,6 +476,7 @@ def _batch_scaling(row: dict[str, Any], half: _Timed, positions: int, half_posit
         "s_per_step": t_full,
         "half_s_per_step": t_half,
         "half_timings_s_per_step": [round(x, 4) for x in half.step_s],
+        "half_warmup_s": round(half.warmup_s, 4),
     }
     out: dict[str, Any] = {
         "step_position_share": position_share(t_full, t_half, positions, half_positions),

@@ -77,6 +77,17 @@ def card_markdown(card: Card) -> str:
             lines.append(
                 f"| {desc} | {m['modules']} | {m.get('rank', 8)} | {m['s_per_step']:.3f} | {predicted:.3f} |"
             )
+        b = c.get("batch_scaling")
+        if b:
+            memory = c.get("memory_position_share")
+            lines += [
+                "",
+                f"Every layer at rank 8 on half the batch ({b['half_positions']} of {b['positions']} padded "
+                f"positions): {b['half_s_per_step']:.3f} s/step, so {100 * c['step_position_share']:.0f}% of "
+                "a step grows with the positions it computes"
+                + (f", and {100 * memory:.0f}% of the memory training adds" if memory is not None else "")
+                + ". A run at another batch is priced by that share.",
+            ]
     if card.coupling:
         c = np.asarray(card.coupling["matrix"])
         off = c[~np.eye(c.shape[0], dtype=bool)]
