@@ -3,6 +3,7 @@ memory terms' arithmetic."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -17,6 +18,7 @@ from layercard.cost import (
     position_share,
     reset_peak_memory,
 )
+from layercard.errors import LayercardError
 
 CPU = torch.device("cpu")
 
@@ -55,6 +57,45 @@ def test_memory_terms():
     # a measured share of added memory that grows with positions replaces the depth term
     shared = CostModel.from_dict(cm.to_dict() | {"memory_position_share": 0.25})
     assert shared.memory([9, 7], 6, 2_000_000)["activations_mib"] == pytest.approx(0.25 * (588 - 500))
+
+
+def test_a_cost_model_at_another_batch_rescales_only_the_measured_shares():
+    from layercard.train.metrics import predictions
+
+    cm = CostModel(
+        intercept_s=1.0, per_layer_backward_s=0.1, per_module_s=0.01, n_layers=10, batch_size=4,
+        batch_tokens=300, measured=[], device="cpu", per_mparam_s=0.2, memory_resident_mib=500.0,
+        memory_base_mib=520.0, memory_per_layer_mib=10.0, memory_per_module_mib=1.0,
+        memory_per_mparam_mib=16.0, batch_positions=400, step_position_share=0.25, memory_position_share=0.5,
+    )  # fmt: skip
+    layers, modules, params = [7, 8, 9], 6, 2_000_000
+    t, mem = cm.step_time(layers, modules, params), cm.memory(layers, modules, params)
+    big = cm.at_batch(8)  # twice the rows
+    assert cm.at_batch(4) is cm
+    assert (big.batch_size, big.batch_tokens, big.batch_positions) == (8, 600, 800)
+    # a quarter of the step grows with the batch: 0.75 + 0.25·2; half the added memory: 0.5 + 0.5·2
+    assert big.step_time(layers, modules, params) == pytest.approx(t * 1.25)
+    assert big.peak_memory(layers, modules, params) == pytest.approx(500 + (mem["peak_mib"] - 500) * 1.5)
+    # the shares are restated at the new batch: a run's own rescaling from it gives what it would from the
+    # card's batch (a run of 600 positions per step and 700 in its largest micro-batch)
+    for model in (cm, big):
+        planned = {
+            "step_time_s": model.step_time(layers, modules, params),
+            "calibration_batch_positions": model.batch_positions,
+            "step_time_position_share": model.step_position_share,
+            "memory": model.memory(layers, modules, params),
+        }
+        out = predictions(planned, 1.0, 600.0, 900.0, 500.0, positions_per_step=600.0, max_positions=700)
+        assert out["predicted_step_time_scaled_s"] == pytest.approx(t * (0.75 + 0.25 * 600 / 400))
+        assert out["predicted_peak_memory_scaled_mib"] == pytest.approx(
+            500 + (mem["peak_mib"] - 500) * (0.5 + 0.5 * 700 / 400)
+        )
+    # a card without the shares keeps the earlier rule: time in proportion, the depth term as activations
+    old = dataclasses.replace(cm, step_position_share=None, memory_position_share=None).at_batch(8)
+    assert old.step_time(layers, modules, params) == pytest.approx(2 * t)
+    assert old.peak_memory(layers, modules, params) == pytest.approx(mem["peak_mib"] + 10.0 * 3)
+    with pytest.raises(LayercardError, match="batch_size 0"):
+        cm.at_batch(0)
 
 
 def test_position_share_is_the_part_a_line_through_two_batches_puts_on_the_positions():

@@ -163,6 +163,9 @@ def test_run_writes_every_artifact(tiny_run):
     assert rows["all-trimmed"]["modules"] <= rows["all"]["modules"]
     saved = json.loads((run_dir / "summary.json").read_text())
     assert saved["rows"] == json.loads(json.dumps(summary["rows"]))
+    # plans are priced at the batch the placements train at (train.batch_size), and say so
+    plan = json.loads((run_dir / "plan" / "card-2" / "plan.json").read_text())
+    assert plan["config"]["batch_size"] == 4
 
 
 def test_second_run_skips_every_stage(tiny_run, tmp_path):

@@ -336,6 +336,29 @@ def test_card_greedy_uses_gain_per_step_time():
     assert plan.predicted["step_time_s"] == pytest.approx(2.8)
 
 
+def test_plan_prices_step_time_and_memory_at_the_training_batch():
+    shares = CostModel.from_dict(COST | {"step_position_share": 0.5, "memory_position_share": 1.0})
+    card = synthetic_card([1.0] * N_LAYERS, cost=shares.to_dict())
+    at4 = make_plan(card, PlanConfig("card", budget="step_time=6.0"))
+    at8 = make_plan(card, PlanConfig("card", budget="step_time=6.0", batch_size=8))
+    assert at4.config["batch_size"] is None and at8.config["batch_size"] == 8
+    assert (
+        make_plan(card, PlanConfig("top", budget="layers=3", batch_size=4)).predicted
+        == make_plan(card, PlanConfig("top", budget="layers=3")).predicted
+    )  # the card's own batch changes nothing
+    # at twice the batch a step costs 1.5 times as much, so fewer layers fit the same seconds
+    assert len(at8.layers) < len(at4.layers)
+    assert at8.predicted["step_time_s"] <= 6.0 + 1e-9
+    same = make_plan(card, PlanConfig("top", budget=f"layers={len(at8.layers)}"))
+    assert at8.predicted["step_time_s"] == pytest.approx(1.5 * same.predicted["step_time_s"])
+    assert at8.predicted["calibration_batch_positions"] is None  # the fixed COST recorded no positions
+    # memory: all of what training adds grows with the batch (share 1), the resident model does not
+    mem4, mem8 = same.predicted["memory"], at8.predicted["memory"]
+    assert mem8["peak_mib"] - 100.0 == pytest.approx(2 * (mem4["peak_mib"] - 100.0))
+    with pytest.raises(LayercardError, match="batch_size"):
+        PlanConfig("top", budget="layers=2", batch_size=0)
+
+
 @pytest.mark.parametrize("policy", ["card", "card-additive", "uniform", "top", "gradnorm"])
 def test_target_reaches_fraction_cheaper_than_all(tiny_card, policy):
     full = make_plan(tiny_card, PlanConfig("all"))

@@ -181,6 +181,46 @@ class CostModel:
             activations = float(self.memory_per_layer_mib or 0.0) * depth
         return {"peak_mib": peak, "activations_mib": activations, "resident_mib": resident}
 
+    def at_batch(self, rows: int) -> CostModel:
+        """This model priced at ``rows`` sequences per micro-batch instead of its calibration batch's (the
+        sequences as long as the calibration's): only the measured shares of a step's time and of the memory
+        training adds grow with the batch; cards without those shares take the earlier rule (time in
+        proportion, the depth term as the activations). The shares are restated at the new batch, so that a
+        run's own rescaling from it (``train.metrics.predictions``) gives what it would from the card's.
+        Inference times stay at the calibration batch."""
+        if rows < 1:
+            raise LayercardError(f"batch_size {rows}: must be ≥ 1")
+        k = rows / self.batch_size
+        if k == 1.0:
+            return self
+        s = 1.0 if self.step_position_share is None else float(self.step_position_share)
+        f = 1.0 - s + s * k
+        changes: dict[str, Any] = {
+            "intercept_s": self.intercept_s * f,
+            "per_layer_backward_s": self.per_layer_backward_s * f,
+            "per_module_s": self.per_module_s * f,
+            "per_mparam_s": self.per_mparam_s * f,
+            "batch_size": rows,
+            "batch_tokens": round(self.batch_tokens * k),
+            "batch_positions": None if self.batch_positions is None else round(self.batch_positions * k),
+        }
+        if self.step_position_share is not None:
+            changes["step_position_share"] = s * k / f
+        if self.has_memory and self.memory_position_share is not None:
+            m = float(self.memory_position_share)
+            g = 1.0 - m + m * k
+            resident = float(self.memory_resident_mib or 0.0)
+            changes |= {
+                "memory_base_mib": resident + (float(self.memory_base_mib) - resident) * g,  # type: ignore[arg-type]
+                "memory_per_layer_mib": float(self.memory_per_layer_mib or 0.0) * g,
+                "memory_per_module_mib": float(self.memory_per_module_mib or 0.0) * g,
+                "memory_per_mparam_mib": float(self.memory_per_mparam_mib or 0.0) * g,
+                "memory_position_share": m * k / g,
+            }
+        elif self.has_memory:
+            changes["memory_per_layer_mib"] = float(self.memory_per_layer_mib or 0.0) * k
+        return dataclasses.replace(self, **changes)
+
     def forward_time(self, modules: int) -> float | None:
         """Predicted seconds of one unmerged no-grad forward over the calibration batch, or None."""
         if self.forward_base_s is None:

@@ -81,6 +81,13 @@ class PlanConfig(Schema):
         help="recommend: take only placements with a unit in every sixth of the depth (all), any placement "
         "(any), or all where the card's targets are varied and one fits the budgets (auto)",
     )
+    batch_size: int | None = setting(
+        None,
+        kind="int",
+        minimum=1,
+        help="training micro-batch that step time and memory are priced at; null: the card's calibration "
+        "batch (layercard run: train.batch_size)",
+    )
 
     def validate(self) -> None:
         if self.policy in SEARCH_POLICIES:

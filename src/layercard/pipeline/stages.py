@@ -279,13 +279,16 @@ class Runner:
 
         out = self.out
         path = out.plan_json(p.name)
+        # priced at the batch the placement will train at, unless the plan names one
+        batch = p.plan.batch_size if p.plan.batch_size is not None else self.cfg.train.batch_size
+        plan_cfg = dataclasses.replace(p.plan, batch_size=batch)
 
         def fn(_resume: bool) -> None:
             from layercard.card import Card
             from layercard.plan import make_plan
 
             card = Card.load(out.card_json)
-            make_plan(card, p.plan, card_path=str(out.card_json.resolve())).save(path)
+            make_plan(card, plan_cfg, card_path=str(out.card_json.resolve())).save(path)
 
         def summarize() -> list[tuple[str, str]]:
             from layercard.plan.frontier import row_label
@@ -328,7 +331,7 @@ class Runner:
                 rows.append(("recommendation", pr["recommendation"]))
             return rows + [("warning", w) for w in plan.warnings]
 
-        config = {**p.to_dict(), "seed": p.plan.seed}
+        config = {**p.to_dict(), "seed": p.plan.seed, "batch_size": plan_cfg.batch_size}
         inputs = {"card": _content_hash(out.card_json)}
         self.stage(f"plan:{p.name}", "plan", out.plan_dir(p.name), config, inputs, [path], fn, summarize)
 

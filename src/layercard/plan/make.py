@@ -47,8 +47,19 @@ class _Placement:
     captured: float | None
 
 
+def at_batch(card: Card, rows: int | None) -> Card:
+    """``card`` with its cost model priced at ``rows`` sequences per micro-batch (None, or a card without a
+    cost model: unchanged); see ``CostModel.at_batch``."""
+    if rows is None or card.cost is None:
+        return card
+    from layercard.cost import CostModel
+
+    return dataclasses.replace(card, cost=CostModel.from_dict(card.cost).at_batch(rows).to_dict())
+
+
 def make_plan(card: Card, cfg: PlanConfig, *, card_path: str | None = None) -> Plan:
     """Choose layers (and ranks) for ``cfg.policy`` under the budget; see the module docstring."""
+    card = at_batch(card, cfg.batch_size)
     if cfg.policy in SEARCH_POLICIES:  # matrices × layers × rank, with the quality model
         return search_plan(card, cfg, card_path=card_path)
     t0 = time.perf_counter()
@@ -92,6 +103,7 @@ def make_plan(card: Card, cfg: PlanConfig, *, card_path: str | None = None) -> P
         "seed": cfg.seed,
         "kind": cfg.kind,
         "bands": cfg.bands,
+        "batch_size": cfg.batch_size,
     }
     return Plan(
         provenance=provenance(card, config, t0),

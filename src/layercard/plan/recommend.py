@@ -280,6 +280,7 @@ def search_plan(
         "kind": "lora",
         "bands": None,
         "depth": cfg.depth,
+        "batch_size": cfg.batch_size,
     }
     return Plan(
         provenance=provenance(card, config, t0),
