@@ -396,12 +396,15 @@ def calibrate(
     model.train()
     timed: list[list[_Timed]] = [[] for _ in configs]
 
-    def measure(i: int) -> None:
+    def timed_on(i: int, rows: dict[str, torch.Tensor]) -> _Timed:
         layers, rank = configs[i]
         specs = models.units(model, roles, layers=layers)
         if not specs:
             raise LayercardError(f"cost calibration: no units for roles {list(roles)} in layers {layers}")
-        timed[i].append(_time_steps(model, [s.name for s in specs], batch, steps, rank))
+        return _time_steps(model, [s.name for s in specs], rows, steps, rank)
+
+    def measure(i: int) -> None:
+        timed[i].append(timed_on(i, batch))
 
     def step_time(ts: list[_Timed]) -> float:
         return float(min(x for t in ts for x in t.step_s))
@@ -418,9 +421,7 @@ def calibrate(
     try:
         for i in track(order, "cost calibration", total=len(order), enabled=progress):
             if i is None:
-                specs = models.units(model, roles, layers=everything)
-                part = {k: v[: rows_in_batch // 2] for k, v in batch.items()}
-                half = _time_steps(model, [s.name for s in specs], part, steps, 8)
+                half = timed_on(full, {k: v[: rows_in_batch // 2] for k, v in batch.items()})
             else:
                 measure(i)
         # A placement that backward reaches deeper, or that adds more, cannot be faster: where the timings
