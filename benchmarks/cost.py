@@ -191,17 +191,26 @@ def _task_rows(name: str) -> tuple[Any, list[dict[str, Any]], list[dict[str, Any
 
 def _proportional(cost: dict[str, Any], r: dict[str, Any]) -> dict[str, Any]:
     """Where the card measured how much of a step grows with positions: the errors that the earlier rule
-    (step time proportional to positions, only the depth term as activations) would have given this run."""
+    (step time proportional to positions, only the depth term as activations) would have given this run,
+    from the card's cost model without its shares and training's own rescaling."""
+    from layercard.cost import CostModel
+    from layercard.train.metrics import predictions
+
     if cost.get("step_position_share") is None or not cost.get("batch_positions"):
         return {}
-    positions = cost["batch_positions"]
-    step = r["predicted_step_time_s"] * r["batch_positions_per_step"] / positions
-    depth = cost["n_layers"] - min(r["layers"])
-    activations = float(cost.get("memory_per_layer_mib") or 0.0) * depth
-    peak = r["predicted_peak_memory_mib"] + activations * (r["max_batch_positions"] / positions - 1.0)
+    earlier = CostModel.from_dict(cost | {"step_position_share": None, "memory_position_share": None})
+    planned = {
+        "step_time_s": r["predicted_step_time_s"],
+        "calibration_batch_positions": cost["batch_positions"],
+        "memory": earlier.memory(r["layers"], r["modules"], r["params"]),
+    }
+    out = predictions(
+        planned, r["s_per_step"], None, r["peak_memory_mib"], r["peak_memory_start_mib"],
+        r["batch_positions_per_step"], r["max_batch_positions"],
+    )  # fmt: skip
     return {
-        "proportional_step_time_error": _rel(r["s_per_step"], step),
-        "proportional_peak_memory_error": _rel(r["peak_memory_mib"], peak),
+        "proportional_step_time_error": _rel(r["s_per_step"], out["predicted_step_time_scaled_s"]),
+        "proportional_peak_memory_error": _rel(r["peak_memory_mib"], out["predicted_peak_memory_scaled_mib"]),
     }
 
 

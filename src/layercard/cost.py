@@ -418,10 +418,11 @@ def calibrate(
     if rows_in_batch >= 2:
         order.append(None)
     half: _Timed | None = None
+    half_batch = {k: v[: rows_in_batch // 2] for k, v in batch.items()}
     try:
         for i in track(order, "cost calibration", total=len(order), enabled=progress):
             if i is None:
-                half = timed_on(full, {k: v[: rows_in_batch // 2] for k, v in batch.items()})
+                half = timed_on(full, half_batch)
             else:
                 measure(i)
         # A placement that backward reaches deeper, or that adds more, cannot be faster: where the timings
@@ -476,16 +477,8 @@ def calibrate(
             "memory_per_mparam_mib": float(mem[3]),
             "memory_kind": peak_memory(device)[1],
         }
-    scaling = (
-        _batch_scaling(
-            rows[full],
-            half,
-            int(batch["input_ids"].numel()),
-            rows_in_batch // 2 * batch["input_ids"].shape[1],
-        )
-        if half is not None
-        else {}
-    )
+    positions = (int(batch["input_ids"].numel()), int(half_batch["input_ids"].numel()))
+    scaling = _batch_scaling(rows[full], half, *positions) if half is not None else {}
     fwd_rows = [(0, base_forward)] + [(r["modules"], r["forward_s"]) for r in rows]
     fwd, _ = nnls(np.array([[1.0, m] for m, _ in fwd_rows]), np.array([t for _, t in fwd_rows]))
     return CostModel(
