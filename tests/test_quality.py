@@ -376,6 +376,12 @@ def test_depth_setting_takes_the_recommendation_among_placements_over_all_the_de
     def plan(c, **kw):
         return make_plan(c, PlanConfig(policy="recommend", budget="params=0.25x", **kw))
 
+    def plan_free_target(c):
+        return make_plan(c, PlanConfig(policy="recommend", target=0.5, depth="any")).units
+
+    def reach_units(c):
+        return make_plan(c, PlanConfig(policy="recommend", target=0.5, depth="all")).units
+
     free, auto, forced = plan(varied, depth="any"), plan(varied), plan(varied, depth="all")
     assert Q.depth_coverage(free.layers, 12) < 1.0
     assert Q.depth_coverage(auto.layers, 12) == 1.0 and auto.units == forced.units
@@ -393,6 +399,29 @@ def test_depth_setting_takes_the_recommendation_among_placements_over_all_the_de
     # under a target, all restricts the cheapest placement that reaches it
     reach = make_plan(quiet, PlanConfig(policy="recommend", target=0.5, depth="all"))
     assert Q.depth_coverage(reach.layers, 12) == 1.0
+    assert make_plan(quiet, PlanConfig(policy="recommend", target=0.5)).units == plan_free_target(quiet)
+    # where the targets are varied, auto restricts it too, and names the cheaper pick it passed over
+    aimed = make_plan(varied, PlanConfig(policy="recommend", target=0.5))
+    free_aim = make_plan(varied, PlanConfig(policy="recommend", target=0.5, depth="any"))
+    assert Q.depth_coverage(aimed.layers, 12) == 1.0 and Q.depth_coverage(free_aim.layers, 12) < 1.0
+    assert aimed.units == reach_units(varied) and aimed.predicted["params"] > free_aim.predicted["params"]
+    passed = [
+        w for w in aimed.warnings if "cheapest placement over all the depth predicted to reach 0.5" in w
+    ]
+    assert len(passed) == 1 and F.row_label(free_aim.predicted["candidate"]) in passed[0]
+    assert "--depth any" in passed[0]
+    advice = [w for w in free_aim.warnings if "leaves depth bands out" in w]
+    assert len(advice) == 1 and F.row_label(aimed.predicted["candidate"]) in advice[0]
+    assert "`--depth all` takes it" in advice[0]
+    # nothing over all the depth fits the budget: all fails, auto takes the cheapest of any and says why
+    with pytest.raises(LayercardError, match="depth all: among placements over all the depth"):
+        make_plan(varied, PlanConfig(policy="recommend", target=0.1, budget="modules=3", depth="all"))
+    boxed = make_plan(varied, PlanConfig(policy="recommend", target=0.1, budget="modules=3"))
+    assert Q.depth_coverage(boxed.layers, 12) < 1.0
+    assert any(
+        "no placement over all the depth within modules=3 is predicted to reach 0.1" in w
+        for w in boxed.warnings
+    )
     # nothing over all the depth fits: all fails naming what would; auto falls back and says so
     with pytest.raises(LayercardError, match="depth all: none over all the depth fits modules=3"):
         make_plan(varied, PlanConfig(policy="recommend", budget="modules=3", depth="all"))

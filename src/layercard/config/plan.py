@@ -79,7 +79,8 @@ class PlanConfig(Schema):
         kind="choice",
         choices=DEPTH_CHOICES,
         help="recommend: take only placements with a unit in every sixth of the depth (all), any placement "
-        "(any), or all where the card's targets are varied and one fits the budgets (auto)",
+        "(any), or all where the card's targets are varied and one fits the budgets or reaches the target "
+        "(auto)",
     )
     batch_size: int | None = setting(
         None,

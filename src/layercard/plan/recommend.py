@@ -178,13 +178,13 @@ def _none_over_depth(search: F.Search, budgets: Sequence[Budget]) -> str | None:
 
 def over_depth_only(card: Card, cfg: PlanConfig, model: Q.QualityModel) -> bool:
     """Whether the recommendation is taken among placements over all the depth: asked for (``depth: all``),
-    or, by default, under a budget where the card's targets are varied enough for the plan's caution (the
-    caution's figures were measured with the default model)."""
+    or, by default, under a budget or a target where the card's targets are varied enough for the plan's
+    caution (the caution's figures were measured with the default model)."""
     if cfg.policy != "recommend" or cfg.depth == "any":
         return False
     if cfg.depth == "all":
         return True
-    return _varied(card, model) and cfg.target is None and bool(cfg.budget)
+    return _varied(card, model) and (cfg.target is not None or bool(cfg.budget))
 
 
 def _varied(card: Card, model: Q.QualityModel) -> bool:
@@ -204,9 +204,12 @@ def _chosen(
             try:
                 return search.cheapest(cfg.target, kind, budgets, where=where)
             except LayercardError as e:
-                raise LayercardError(
-                    f"{e} (depth all: among placements over all the depth)" if where else str(e)
-                ) from None
+                if where is None or cfg.depth == "all":
+                    raise LayercardError(
+                        f"{e} (depth all: among placements over all the depth)" if where else str(e)
+                    ) from None
+            # depth auto: none over all the depth is predicted to reach the target; any placement may
+            return search.cheapest(cfg.target, kind, budgets)
         best = best_over_depth(search, budgets) if over_depth else None
         if best is not None:
             return best
@@ -266,7 +269,7 @@ def search_plan(
     # the caution's figures were measured with the default model
     varied = Q.target_entropy_warning(card) if model == Q.default_model() else None
     warnings += [varied] if varied else []
-    warnings += _depth_notes(card, cfg, search, chosen, budgets, model, over_depth)
+    warnings += _depth_notes(card, cfg, search, chosen, budgets, model, over_depth, kind)
     config = {
         "policy": cfg.policy,
         "budget": str(cfg.budget) if cfg.budget is not None else None,
@@ -304,12 +307,15 @@ def _depth_notes(
     budgets: Sequence[Budget],
     model: Q.QualityModel,
     over_depth: bool,
+    kind: str,
 ) -> list[str]:
     """What a plan says of depth where the card's targets are varied: which placement the restriction to
     all the depth chose over which, that nothing over it fits, or (``depth: any``) what it would take."""
-    asked = cfg.policy == "recommend" and cfg.target is None and budgets and cfg.depth != "all"
+    asked = cfg.policy == "recommend" and (cfg.target is not None or budgets) and cfg.depth != "all"
     if not (asked and _varied(card, model)):
         return []
+    if cfg.target is not None:
+        return _target_depth_notes(search, cfg.target, kind, chosen, budgets)
     if cfg.depth == "any":
         return [note] if (note := depth_advice(search, chosen, budgets)) else []
     unrestricted = search.recommend(budgets)
@@ -322,6 +328,44 @@ def _depth_notes(
     if not covers_depth(search, chosen) and (tail := _none_over_depth(search, budgets)):
         return [f"plan: {chosen.label} leaves depth bands out because {tail}"]
     return []
+
+
+def _target_depth_notes(
+    search: F.Search, target: float, kind: str, chosen: F.Candidate, budgets: Sequence[Budget]
+) -> list[str]:
+    """:func:`_depth_notes` under a target: the cheapest placement over all the depth predicted to reach it
+    against the cheapest of any, whichever the plan took."""
+
+    def cost(c: F.Candidate) -> str:
+        return amount(c.costs[kind], kind)
+
+    free = search.cheapest(target, kind, budgets)
+    try:
+        full = search.cheapest(target, kind, budgets, where=lambda c: covers_depth(search, c))
+    except LayercardError:
+        full = None
+    if full is None:
+        if covers_depth(search, chosen):
+            return []
+        within = f" within {', '.join(map(str, budgets))}" if budgets else ""
+        return [
+            f"plan: {chosen.label} leaves depth bands out because no placement over all the depth{within} "
+            f"is predicted to reach {target:g}"
+        ]
+    if full is free:
+        return []
+    if chosen is full:
+        return [
+            "plan: on a task with varied targets the plan is the cheapest placement over all the depth "
+            f"predicted to reach {target:g}, {full.label} ({cost(full)}, predicted {full.quality:.3f}), not "
+            f"{free.label} ({cost(free)}, predicted {free.quality:.3f}), which leaves depth bands out; "
+            "`--depth any` takes it"
+        ]
+    return [
+        f"plan: {chosen.label} leaves depth bands out; the cheapest placement over all the depth predicted "
+        f"to reach {target:g} is {full.label} ({cost(full)}, predicted {full.quality:.3f}; `--depth all` "
+        "takes it)"
+    ]
 
 
 def _roles(chosen: F.Candidate, by_key: dict[str, UnitRow]) -> list[str]:
