@@ -88,6 +88,7 @@ def run(tasks: list[str], targets: tuple[float, ...], seeds: tuple[int, ...], th
                     "params_x": c["params_x"],
                     "predicted": c["quality"],
                     "expected_error": c.get("error"),
+                    "cleared": plan.predicted["target"]["cleared"],
                     "depth_notes": [w for w in plan.warnings if w.startswith("plan: ")],
                 }
                 plans.setdefault(sig, (plan, f"target {target:g} depth {depth}"))
@@ -175,7 +176,42 @@ def tally(out: dict[str, Any]) -> dict[str, Any]:
             "reached": sum(r["fraction"] >= r["target"] for r in rows),
             "mean_shortfall": statistics.fmean(max(0.0, r["target"] - r["fraction"]) for r in rows),
             "mae_vs_predicted": statistics.fmean(abs(r["predicted"] - r["fraction"]) for r in rows),
+            # the plan's own statement: predicted above F by more than the expected error, or not
+            **{
+                f"{side}_reached": [
+                    sum(r["fraction"] >= r["target"] for r in part),
+                    len(part),
+                ]
+                for side, flag in (("cleared", True), ("within_error", False))
+                for part in [[r for r in rows if r.get("cleared") is flag]]
+            },
         }
+    res["changed"] = changed(out)
+    return res
+
+
+def changed(out: dict[str, Any]) -> list[dict[str, Any]]:
+    """The (task, target) cells where ``auto`` took another placement than ``any``, both measured: the
+    measured fractions (seed means), their difference and the parameter ratio."""
+    res = []
+    for task, t in out["tasks"].items():
+        by_key = {(r["target"], r["depth"]): r for r in t["rows"]}
+        for (f, depth), auto in by_key.items():
+            free = by_key.get((f, "any"))
+            if depth != "auto" or free is None or auto["signature"] == free["signature"]:
+                continue
+            if auto["fraction"] is None or free["fraction"] is None:
+                continue
+            res.append(
+                {
+                    "task": task,
+                    "target": f,
+                    "any": free["fraction"],
+                    "auto": auto["fraction"],
+                    "difference": auto["fraction"] - free["fraction"],
+                    "params_ratio": auto["params"] / free["params"],
+                }
+            )
     return res
 
 
@@ -213,14 +249,28 @@ def _markdown(out: dict[str, Any]) -> str:
             )
     lines += [
         "",
-        "| depth | cells | mean reached F | mean shortfall below F | mean abs. error vs predicted |",
+        "| depth | cells | reached F (seed mean) | of them: F cleared by the expected error / within it | "
+        "mean shortfall below F | mean abs. error vs predicted |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
-    lines += ["|---|---:|---:|---:|---:|"]
-    for depth, v in out["tally"].items():
-        lines.append(
-            f"| {depth} | {v['cells']} | {v['reached']} | {v['mean_shortfall']:.3f} | "
-            f"{v['mae_vs_predicted']:.3f} |"
-        )
+    for depth in DEPTHS:
+        if (v := out["tally"].get(depth)) is not None:
+            lines.append(
+                f"| {depth} | {v['cells']} | {v['reached']} | "
+                + " / ".join(f"{a} of {n}" for a, n in (v["cleared_reached"], v["within_error_reached"]))
+                + f" | {v['mean_shortfall']:.3f} | {v['mae_vs_predicted']:.3f} |"
+            )
+    if moved := out["tally"].get("changed"):
+        lines += [
+            "",
+            "Where `auto` took another placement than `any` (measured fraction, seed means): "
+            + "; ".join(
+                f"{c['task']} at {c['target']:g}: {c['any']:.3f} → {c['auto']:.3f} ({c['difference']:+.3f}, "
+                f"{c['params_ratio']:.2f}× the parameters)"
+                for c in moved
+            )
+            + f". Mean difference {statistics.fmean(c['difference'] for c in moved):+.3f}.",
+        ]
     lines += ["", "![measured against predicted fraction per target](target.png)"]
     return "\n".join(lines) + "\n"
 

@@ -675,3 +675,27 @@ def test_a_difference_counts_only_beyond_the_larger_expected_error():
     assert "within the model's error" in text and "±15 points for peft-default" in text
     assert R.beyond_error(rec, narrow) and not R.beyond_error(rec, wide)
     assert not R.beyond_error(rec, cand("q,v", 0.50, None))  # an unknown error calls nothing
+
+
+def test_a_target_within_the_picks_expected_error_is_said_not_to_be_assured():
+    from layercard.config import PlanConfig
+    from layercard.plan import make_plan
+
+    card = _card(12)
+
+    def aim(f):
+        plan = make_plan(card, PlanConfig(policy="recommend", target=f, depth="any"))
+        q = plan.predicted["quality"]
+        return plan, q["fraction"], q["expected_error"]
+
+    low, q_low, e_low = aim(0.1)
+    assert q_low - 0.1 > e_low and low.predicted["target"]["cleared"] is True
+    assert "not assured" not in low.predicted["recommendation"]
+    # a target just under the pick's prediction: reached as predicted, but within its expected error
+    near = q_low - e_low / 2
+    close, q_close, e_close = aim(near)
+    assert q_close >= near and q_close - near <= e_close
+    assert close.predicted["target"]["cleared"] is False
+    assert (
+        f"{100 * near:.0f}% lies within the prediction's expected error" in close.predicted["recommendation"]
+    )

@@ -18,15 +18,23 @@ def target():
         yield module
 
 
-def _row(depth, f, fraction, predicted):
-    return {"depth": depth, "target": f, "fraction": fraction, "predicted": predicted}
+def _row(depth, f, fraction, predicted, cleared=None):
+    return {
+        "depth": depth,
+        "target": f,
+        "fraction": fraction,
+        "predicted": predicted,
+        "signature": depth,
+        "params": 1,
+        "cleared": cleared,
+    }
 
 
 def test_tally_counts_reached_targets_shortfall_and_error(target):
     rows = [
-        _row("any", 0.9, 0.85, 0.97),  # short by 0.05, off by 0.12
-        _row("any", 0.8, 0.85, 0.97),  # reached
-        _row("auto", 0.9, 0.95, 0.95),  # reached exactly as predicted
+        _row("any", 0.9, 0.85, 0.97, cleared=False),  # short by 0.05, off by 0.12
+        _row("any", 0.8, 0.85, 0.97, cleared=True),  # reached
+        _row("auto", 0.9, 0.95, 0.95, cleared=False),  # reached exactly as predicted
         _row("auto", 0.98, None, 0.99),  # not run: left out
     ]
     res = target.tally({"tasks": {"t": {"rows": rows}}})
@@ -35,8 +43,11 @@ def test_tally_counts_reached_targets_shortfall_and_error(target):
         "reached": 1,
         "mean_shortfall": pytest.approx(0.025),
         "mae_vs_predicted": pytest.approx(0.12),
+        "cleared_reached": [1, 1],
+        "within_error_reached": [0, 1],
     }
     assert res["auto"]["cells"] == 1 and res["auto"]["reached"] == 1
+    assert res["auto"]["cleared_reached"] == [0, 0] and res["auto"]["within_error_reached"] == [1, 1]
     assert res["auto"]["mean_shortfall"] == 0.0
 
 
@@ -74,3 +85,20 @@ def test_committed_table_is_what_the_planner_picks_today(target):
                 assert depth_coverage(plan.layers, card.n_layers) == 1.0
             elif depth == "auto":
                 assert r["signature"] == by_key[(f, "any")]["signature"]
+
+
+def test_changed_lists_the_cells_where_auto_moved_the_pick(target):
+    def row(f, depth, sig, fraction, params):
+        return {"target": f, "depth": depth, "signature": sig, "fraction": fraction, "params": params}
+
+    rows = [
+        row(0.9, "any", "a", 0.85, 100),
+        row(0.9, "auto", "b", 0.90, 125),  # moved, both measured
+        row(0.8, "any", "a", 0.85, 100),
+        row(0.8, "auto", "a", 0.85, 100),  # the same placement
+        row(0.95, "any", "a", 0.85, 100),
+        row(0.95, "auto", "c", None, 150),  # moved, not measured
+    ]
+    moved = target.changed({"tasks": {"t": {"rows": rows}}})
+    assert len(moved) == 1 and moved[0]["task"] == "t" and moved[0]["target"] == 0.9
+    assert moved[0]["difference"] == pytest.approx(0.05) and moved[0]["params_ratio"] == pytest.approx(1.25)

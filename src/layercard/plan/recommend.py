@@ -105,6 +105,12 @@ def sentence(rec: F.Candidate, defaults: dict[str, F.Candidate | None]) -> str:
     )
 
 
+def clears_target(rec: F.Candidate, target: float) -> bool:
+    """Whether ``rec`` is predicted to reach ``target`` by more than its expected error (never, where the
+    error is unknown): how a gain is called one, applied to a target."""
+    return rec.error is not None and rec.quality - target > rec.error
+
+
 def target_sentence(
     rec: F.Candidate,
     defaults: dict[str, F.Candidate | None],
@@ -123,6 +129,9 @@ def target_sentence(
         f"{rec.label}: the cheapest placement predicted to reach {100 * target:.0f}% of the reference's loss "
         f"drop (predicted {100 * rec.quality:.0f}%, expected error {err}) at {cost(rec)}"
     )
+    if not clears_target(rec, target):
+        pct = f"{100 * target:.0f}%"
+        head += f"; {pct} lies within the prediction's expected error, so reaching it is not assured"
     fitted = {k: v for k, v in defaults.items() if v is not None}
     if not fitted:
         return head + "; no practitioners' default is predicted to reach it."
@@ -258,7 +267,8 @@ def search_plan(
     ]
     pred = _predicted(card, search, chosen, defaults, budgets, model)
     if cfg.target is not None:
-        pred["target"] = {"fraction": cfg.target, "cost": kind}
+        # cleared: predicted above the target by more than the placement's expected error
+        pred["target"] = {"fraction": cfg.target, "cost": kind, "cleared": clears_target(chosen, cfg.target)}
         pred["recommendation"] = target_sentence(chosen, defaults, cfg.target, kind, search.reference)
         if kind not in pred["frontier"]:
             others = [b for b in budgets if b.kind != kind]
