@@ -456,9 +456,11 @@ def test_target_gives_the_cheapest_placement_predicted_to_reach_it():
     reach = [c for c in s.candidates if c.quality >= target]
     assert plan.predicted["params"] == min(c.costs["params"] for c in reach)
     assert plan.predicted["quality"]["fraction"] >= target
+    q = plan.predicted["quality"]
     assert plan.config["target"] == target and plan.predicted["target"] == {
         "fraction": target,
         "cost": "params",
+        "cleared": q["fraction"] - target > q["expected_error"],
     }
     assert "cheapest placement predicted to reach" in plan.predicted["recommendation"]
     # the budget's kind is what "cheapest" means, and the budget still caps
