@@ -777,11 +777,23 @@ def test_cli_plan_recommends_when_no_policy_is_named(card_file, tmp_path):
     assert len(r.output.strip().splitlines()) == 1 and not out.exists()
 
 
-def test_cli_target_and_memory_budget(card_file, tmp_path):
+def test_cli_target_and_memory_budget(card_file, tmp_path, monkeypatch):
+    import matplotlib.axes
+
+    lines = []  # the figure's horizontal lines: the target's, and no other
+    draw = matplotlib.axes.Axes.axhline
+
+    def axhline(self, y=0, *args, **kwargs):
+        lines.append((y, kwargs.get("label")))
+        return draw(self, y, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "axhline", axhline)
     out = tmp_path / "plan.json"
     base = ["plan", "--card", str(card_file), "--policy", "recommend", "--out", str(out)]
     r = CliRunner().invoke(app, [*base, "--target", "0.5", "--budget", "memory=1.2x"])
     assert r.exit_code == 0, r.output
+    # one panel per budgeted cost (memory, and params always), each with the target drawn across it
+    assert lines and set(lines) == {(0.5, "target 0.5")} and (tmp_path / "plan_frontier.png").is_file()
     plan = Plan.load(out)
     assert plan.config["target"] == 0.5 and plan.predicted["quality"]["fraction"] >= 0.5
     assert "target 0.5" in r.output and "cheapest placement predicted to reach" in r.output

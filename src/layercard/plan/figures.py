@@ -69,6 +69,10 @@ def plot_frontier(plan: Any, path: str | Path, measured: dict[str, dict[str, flo
                 name, (m[kind], m["fraction"]), fontsize=7, xytext=(-4 if right else 4, -8),
                 textcoords="offset points", ha="right" if right else "left",
             )  # fmt: skip
+        if (target := pred.get("target")) is not None:
+            ax.axhline(
+                target["fraction"], color="tab:green", ls="--", lw=1, label=f"target {target['fraction']:g}"
+            )
         for b in pred.get("budgets", []):
             if b.startswith(f"{kind}="):
                 cap = _cap(b, pred["reference"])
