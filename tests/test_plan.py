@@ -788,6 +788,15 @@ def test_cli_target_and_memory_budget(card_file, tmp_path, monkeypatch):
         return draw(self, y, *args, **kwargs)
 
     monkeypatch.setattr(matplotlib.axes.Axes, "axhline", axhline)
+    bars = []  # error bars without a marker: the plan's own expected error
+    bar = matplotlib.axes.Axes.errorbar
+
+    def errorbar(self, x, y, *args, **kwargs):
+        if kwargs.get("fmt") == "none":
+            bars.append((y[0], kwargs.get("yerr")[0]))
+        return bar(self, x, y, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "errorbar", errorbar)
     out = tmp_path / "plan.json"
     base = ["plan", "--card", str(card_file), "--policy", "recommend", "--out", str(out)]
     r = CliRunner().invoke(app, [*base, "--target", "0.5", "--budget", "memory=1.2x"])
@@ -796,6 +805,8 @@ def test_cli_target_and_memory_budget(card_file, tmp_path, monkeypatch):
     assert lines and set(lines) == {(0.5, "target 0.5")} and (tmp_path / "plan_frontier.png").is_file()
     plan = Plan.load(out)
     assert plan.config["target"] == 0.5 and plan.predicted["quality"]["fraction"] >= 0.5
+    chosen = plan.predicted["candidate"]
+    assert len(bars) == 2 and set(bars) == {(chosen["quality"], chosen["error"])}
     assert "target 0.5" in r.output and "cheapest placement predicted to reach" in r.output
     assert plan.predicted["memory"]["peak_mib"] <= 1.2 * plan.predicted["reference"]["memory"] * (1 + 1e-9)
     assert "memory" in plan.predicted["frontier"]  # cheapest in the budget's kind

@@ -46,6 +46,11 @@ def plot_frontier(plan: Any, path: str | Path, measured: dict[str, dict[str, flo
                 yerr = None if row.get("error") is None else [row["error"]]
                 ax.errorbar([row[kind]], [row["quality"]], yerr=yerr, fmt="s", ms=6, capsize=3, label=name)
         chosen = pred["candidate"]
+        if chosen.get("error") is not None:  # the plan's own expected error, as the rules show theirs
+            ax.errorbar(
+                [chosen[kind]], [chosen["quality"]], yerr=[chosen["error"]], fmt="none", ecolor="black",
+                capsize=3, zorder=4,
+            )  # fmt: skip
         ax.scatter(
             [chosen[kind]], [chosen["quality"]], marker="*", s=160, color="black", zorder=5, label="plan"
         )
