@@ -130,9 +130,9 @@ def summary() -> dict[str, Any]:
                     "seeds": [r["seed"] for r in runs],
                     "fraction_by_seed": fr,
                     "fraction": statistics.fmean(fr) if fr else None,
-                    "s_per_step": statistics.fmean(r["metrics"]["s_per_step"] for r in runs)
-                    if runs
-                    else None,
+                    "s_per_step": (
+                        statistics.fmean(r["metrics"]["s_per_step"] for r in runs) if runs else None
+                    ),
                     "peak_memory_mib": (
                         statistics.fmean(r["metrics"]["peak_memory_mib"] for r in runs) if runs else None
                     ),
