@@ -354,9 +354,7 @@ def _target_depth_notes(
         full = search.cheapest(target, kind, budgets, where=lambda c: covers_depth(search, c))
     except LayercardError:
         full = None
-    if full is None:
-        if covers_depth(search, chosen):
-            return []
+    if full is None:  # then the plan, the cheapest of any placement, leaves depth out too
         within = f" within {', '.join(map(str, budgets))}" if budgets else ""
         return [
             f"plan: {chosen.label} leaves depth bands out because no placement over all the depth{within} "
