@@ -218,8 +218,8 @@ def _planned(
     if not recommend_at:
         return [
             (p.name, *Q._plan_and_settings(card, setting, p, seed), dataclasses.asdict(p))
-            for p in Q.GRID
-            if only is None or p.name in only
+            for p in (*Q.GRID, *mid_depth())
+            if (only is None and p in Q.GRID) or (only is not None and p.name in only)
         ]
     shares = {r["name"]: r["params_share"] for r in read_json(OUT / "fresh.json")["tasks"][task]["runs"]}
     cfg = Q.train_settings(setting.max_length, seed)
@@ -237,6 +237,21 @@ def _planned(
             placement = {"recommend": f"params={share:.6f}x", "rule": rule, "label": label}
             out.append((recommend_name(label), plan, cfg, placement))
     return out
+
+
+def mid_depth() -> tuple[Any, ...]:
+    """Placements the grid lacks, trained only when ``--only`` names them: every linear module at rank 4 of
+    the last 15 layers (half the depth bands), of the last 20 (four of six), and of 15 layers spread over
+    the depth (all six, the same size as the last 15). The grid's placements cover one, two, four or six
+    bands, so it cannot tell a depth penalty that falls at half the depth from one that grows with the
+    bands left out."""
+    import quality as Q
+
+    return (
+        Q.Placement("lin-last15-r4", "all-linear", "top", "layers=15", 4),
+        Q.Placement("lin-last20-r4", "all-linear", "top", "layers=20", 4),
+        Q.Placement("lin-uni15-r4", "all-linear", "uniform", "layers=15", 4),
+    )
 
 
 def advised_name(label: str) -> str:
@@ -901,7 +916,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("what", choices=("run", "score", "rules"))
     ap.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated of {', '.join(TASKS)}")
-    ap.add_argument("--only", default=None, help="comma-separated grid names")
+    ap.add_argument(
+        "--only", default=None, help="comma-separated grid names, or of the mid-depth placements (mid_depth)"
+    )
     ap.add_argument(
         "--seed", type=int, default=0, help="training seed of `run` (default 0; others under runs/seed{N}/)"
     )
