@@ -254,6 +254,170 @@ def mid_depth() -> tuple[Any, ...]:
     )
 
 
+# The mid-depth question's series, each at a quarter to a third of the reference's parameters: the grid's
+# last 8 layers (two of six depth bands), then mid_depth()'s last 15 (three) and last 20 (four), and its 15
+# spread layers (all six), against which each gap is taken.
+MID_SERIES = ("lin-last8-r8", "lin-last15-r4", "lin-last20-r4", "lin-uni15-r4")
+MID_READING = (
+    0.07,
+    0.13,
+)  # the last 15's mean gap on the warned tasks: under / over, as stated before the runs
+
+
+def middepth() -> dict[str, Any]:
+    """:func:`middepth_result`, written to OUT/middepth.json and .md."""
+    from layercard.artifacts import write_json, write_text
+
+    out = middepth_result()
+    write_json(OUT / "middepth.json", out)
+    write_text(OUT / "middepth.md", _middepth_markdown(out))
+    return out
+
+
+def middepth_result() -> dict[str, Any]:
+    """The mid-depth runs (``run --only`` of :func:`mid_depth`'s names) scored: each task's fractions of the
+    MID_SERIES placements, each one's gap behind the 15 spread layers, and the frozen default's and the
+    pooled side form's (pooled_quality.py's choice, at its fit on ten tasks) predictions and errors."""
+    import pooled_quality as PQ
+
+    from layercard.artifacts import read_json
+    from layercard.card import Card
+    from layercard.plan.quality import HIGH_TARGET_ENTROPY, default_model, features
+
+    model, h = default_model(), PQ._entropy()
+    pooled = read_json(PQ.OUT / "pooled.json")
+    side_name = pooled["rule"]["chosen"]
+    side_form = next(f for f in PQ.FORMS if f.name == side_name)
+    side_params = pooled["forms"][side_name]["pooled"]["params"]
+    out: dict[str, Any] = {
+        "series": list(MID_SERIES),
+        "side_form": side_name,
+        "side_params": side_params,
+        "tasks": {},
+    }
+    for name in TASKS:
+        paths = {n: OUT / "runs" / f"{name}-{n}.json" for n in ("base", "ref", *MID_SERIES)}
+        if not all(p.is_file() for p in paths.values()):
+            continue
+        card = Card.load(OUT / "cards" / name / "card.json")
+        by_pos = {(u.layer, u.role): u.key for u in card.units}
+        base, ref = (read_json(paths[n])["test_loss"] for n in ("base", "ref"))
+        warned = h[name] >= HIGH_TARGET_ENTROPY
+        runs = {}
+        for n in MID_SERIES:
+            r = read_json(paths[n])
+            f = features(card, {by_pos[(la, ro)]: rk for la, ro, rk in r["units"]}, score=model.score)
+            row = PQ.rows_of([{"task": name, "name": n, "f": f, "fraction": 0.0, "side": warned}])
+            runs[n] = {
+                "params_share": f.params,
+                "bands": f.coverage,
+                "measured": (base - r["test_loss"]) / (base - ref),
+                "default": model.predict(f),
+                "side": float(PQ.predict(side_form, side_params, row)[0]),
+            }
+        spread = runs[MID_SERIES[-1]]
+        for r in runs.values():
+            r["gap"] = {k: spread[k] - r[k] for k in ("measured", "default", "side")}
+        out["tasks"][name] = {"warned": warned, "runs": runs}
+    groups = {
+        "warned": [t for t, v in out["tasks"].items() if v["warned"]],
+        "below": [t for t, v in out["tasks"].items() if not v["warned"]],
+    }
+    out["mean_gap"] = {
+        g: {
+            n: {
+                k: statistics.fmean(out["tasks"][t]["runs"][n]["gap"][k] for t in ts)
+                for k in ("measured", "default", "side")
+            }
+            for n in MID_SERIES[:-1]
+        }
+        for g, ts in groups.items()
+        if ts
+    }
+    out["mae"] = (
+        {
+            k: statistics.fmean(
+                abs(r[k] - r["measured"])
+                for v in out["tasks"].values()
+                for n, r in v["runs"].items()
+                if n != MID_SERIES[0]
+            )
+            for k in ("default", "side")
+        }
+        if out["tasks"]
+        else {}
+    )
+    if "warned" in out["mean_gap"]:
+        gap = out["mean_gap"]["warned"]["lin-last15-r4"]["measured"]
+        lo, hi = MID_READING
+        out["reading"] = "under" if gap < lo else "over" if gap > hi else "between"
+    return out
+
+
+def _middepth_markdown(out: dict[str, Any]) -> str:
+    import quality as Q
+
+    series = out["series"]
+    lines = [
+        "# How far depth costs: placements over two, three, four and six of the six depth bands",
+        "",
+        f"smollm2, quality.py's settings ({Q.STEPS} steps of batch {Q.BATCH}, lr {Q.LR:g}), seed 0, "
+        f"{TEST_EXAMPLES} test examples per task. Every linear module of the last 8 layers at rank 8 (the "
+        "grid's), of the last 15 and the last 20 at rank 4, and of 15 layers spread over the depth at rank "
+        "4: 0.25–0.33 of the reference's parameters. Each cell: the measured fraction of the reference's "
+        "drop, its gap behind the 15 spread layers, and the gaps the frozen default and the pooled side form "
+        f"(`{out['side_form']}` at its fit on ten tasks, pooled.md) predicted.",
+        "",
+        "| task | warned | " + " | ".join(f"`{n}`: measured (gap; default, side)" for n in series) + " |",
+        "|---|---|" + "---:|" * len(series),
+    ]
+    for t, v in out["tasks"].items():
+        cells = []
+        for n in series:
+            r = v["runs"][n]
+            g = r["gap"]
+            cells.append(
+                f"{r['measured']:.3f}"
+                + (
+                    ""
+                    if n == series[-1]
+                    else f" ({g['measured']:+.3f}; {g['default']:+.3f}, {g['side']:+.3f})"
+                )
+            )
+        lines.append(f"| {t} | {'yes' if v['warned'] else 'no'} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "| tasks | " + " | ".join(f"mean gap of `{n}`: measured (default, side)" for n in series[:-1]) + " |",
+        "|---|" + "---:|" * (len(series) - 1),
+    ]
+    for g, by in out["mean_gap"].items():
+        lines.append(
+            f"| {g} | "
+            + " | ".join(
+                f"{by[n]['measured']:+.3f} ({by[n]['default']:+.3f}, {by[n]['side']:+.3f})"
+                for n in series[:-1]
+            )
+            + " |"
+        )
+    if out.get("mae"):
+        lines += [
+            "",
+            "Mean absolute error of the fraction over the mid-depth runs (the last 15, the last 20 and "
+            f"the 15 spread layers of every task): default {out['mae']['default']:.3f}, "
+            f"`{out['side_form']}` {out['mae']['side']:.3f}.",
+        ]
+    if "reading" in out:
+        lo, hi = MID_READING
+        lines += [
+            "",
+            f"Stated before the runs: a mean gap of the last 15 on the warned tasks under {lo} says the "
+            f"power of the coverage overstates what half the depth costs, over {hi} that it holds. "
+            f"Measured: **{out['reading']}** "
+            f"({out['mean_gap']['warned']['lin-last15-r4']['measured']:+.3f}).",
+        ]
+    return "\n".join(lines) + "\n"
+
+
 def advised_name(label: str) -> str:
     """The run name of a placement the plan's depth note named (``adv-mlp-spread-16-r1``)."""
     return "adv-" + recommend_name(label).removeprefix("rec-")
@@ -914,7 +1078,7 @@ def _seed_lines(summary: dict[str, Any], who: str) -> list[str]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("what", choices=("run", "score", "rules"))
+    ap.add_argument("what", choices=("run", "score", "rules", "middepth"))
     ap.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated of {', '.join(TASKS)}")
     ap.add_argument(
         "--only", default=None, help="comma-separated grid names, or of the mid-depth placements (mid_depth)"
@@ -944,6 +1108,8 @@ def main() -> None:
         run(a.tasks.split(","), set(a.only.split(",")) if a.only else None, a.seed, rec, adv)
     elif a.what == "rules":
         print(rules()["summary"])
+    elif a.what == "middepth":
+        print(_middepth_markdown(middepth()))
     else:
         res = score()
         print({c: v for c, v in res.get("mean", {}).items()})

@@ -93,3 +93,44 @@ def test_repeats_read_each_seed_against_its_own_and_the_mean_reference(fresh, mo
     assert rep["mean"]["qv-all-r8"] == {0: pytest.approx(0.5 / 0.9), 1: pytest.approx(0.5 / 0.9)}
     (tmp_path / "runs" / "seed1" / "t-ref.json").unlink()
     assert fresh._repeats("t", base=2.0) is None  # no reference at the other seed: nothing to read against
+
+
+def test_mid_depth_placements_fill_the_grids_gap_in_depth_bands_only_when_named(fresh):
+    from layercard.card import Card
+    from layercard.plan.quality import features
+
+    card = Card.load(fresh.OUT / "cards" / "sst2_write" / "card.json")
+    setting = fresh._setting(fresh.TASKS["sst2_write"])
+    mid = {p.name for p in fresh.mid_depth()}
+    by_pos = {(u.layer, u.role): u.key for u in card.units}
+    got = {}
+    for name, plan, _, _ in fresh._planned(card, setting, "sst2_write", 0, mid, None):
+        f = features(card, {by_pos[(u.layer, u.role)]: u.rank for u in plan.units})
+        got[name] = (round(f.coverage, 3), round(f.params, 3), min(plan.layers))
+    # three, four and six of the six bands; the last 15 and the spread 15 the same size
+    assert got == {
+        "lin-last15-r4": (0.5, 0.25, 15),
+        "lin-last20-r4": (0.667, 0.333, 10),
+        "lin-uni15-r4": (1.0, 0.25, 1),
+    }
+    # a plain run trains the grid alone; the mid-depth placements only when --only names them
+    plain = [name for name, *_ in fresh._planned(card, setting, "sst2_write", 0, None, None)]
+    assert not mid & set(plain) and len(plain) == 16
+
+
+def test_committed_mid_depth_result_is_what_the_committed_runs_give(fresh):
+    import json
+
+    path = fresh.OUT / "middepth.json"
+    if not path.is_file():
+        pytest.skip("middepth.json is not committed")
+    committed = json.loads(path.read_text())
+    got = fresh.middepth_result()
+    assert set(got["tasks"]) == set(committed["tasks"])
+    for t, v in got["tasks"].items():
+        spread = v["runs"][fresh.MID_SERIES[-1]]["measured"]
+        for name, r in v["runs"].items():
+            assert r["measured"] == pytest.approx(committed["tasks"][t]["runs"][name]["measured"])
+            assert r["gap"]["measured"] == pytest.approx(spread - r["measured"])
+    assert got["reading"] == committed["reading"]
+    assert got["reading"] in ("under", "between", "over")
