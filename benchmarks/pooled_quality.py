@@ -125,8 +125,8 @@ def fit(form: PooledForm, rows: Rows) -> tuple[dict[str, Any], float]:
             per_gamma = e[0].min(axis=1) + e[1].min(axis=1)
             gi = int(np.argmin(per_gamma))
             total = float(per_gamma[gi])
-            params |= {"gamma": float(gammas[gi]),
-                       "beta": [float(betas[int(np.argmin(e[s][gi]))]) for s in (0, 1)]}  # fmt: skip
+            beta = [float(betas[int(np.argmin(e[s][gi]))]) for s in (0, 1)]
+            params |= {"gamma": float(gammas[gi]), "beta": beta}
         else:
             idx = [np.unravel_index(np.argmin(e[s]), e[s].shape) for s in (0, 1)]
             total = float(sum(e[s][idx[s]] for s in (0, 1)))
@@ -258,8 +258,8 @@ def confirm_records() -> list[dict[str, Any]]:
             f = features(card, {by_pos[(la, ro)]: int(r) for la, ro, r in p["units"]}, score=score)
             fraction = (base - p["test_loss"]) / (base - ref)
             if abs(fraction - 1.0) > 1e-12 or f.params < 0.999:
-                out.append({"task": task, "name": p["label"], "fraction": fraction, "f": f,
-                            "side": h[task] >= HIGH_TARGET_ENTROPY})  # fmt: skip
+                side = h[task] >= HIGH_TARGET_ENTROPY
+                out.append({"task": task, "name": p["label"], "fraction": fraction, "f": f, "side": side})
     return out
 
 
@@ -268,10 +268,15 @@ def _default_scores(rows: Rows) -> dict[str, dict[str, float]]:
     from layercard.plan.quality import default_model
 
     m = default_model()
+    if m.form != "capacity_coverage":
+        raise SystemExit(f"pooled_quality.py reads the default as x_p^γ·c^β; it is now {m.form!r}")
     dflt = PooledForm("default", "", "capacity", False, False)
     params = {"p": m.params[0], "gamma": m.params[1], "beta": m.params[2]}
-    return {str(t): scores(predict(dflt, params, rows.where(rows.task == t)), rows.where(rows.task == t))
-            for t in sorted(set(rows.task))}  # fmt: skip
+    out = {}
+    for t in sorted(set(rows.task)):
+        test = rows.where(rows.task == t)
+        out[str(t)] = scores(predict(dflt, params, test), test)
+    return out
 
 
 def score() -> dict[str, Any]:
@@ -285,7 +290,7 @@ def score() -> dict[str, Any]:
         "pool": {
             t: {"placements": int((rows.task == t).sum()), "high_entropy": bool(rows.side[rows.task == t][0])}
             for t in tasks
-        },  # fmt: skip
+        },
         "confirm_tasks": list(CONFIRM),
         "forms": {},
         "default": {"held_out": _default_scores(rows), "confirm": _default_scores(conf)},
