@@ -136,8 +136,15 @@ def _card(loaded: Any, train: Any, t: Fresh) -> Any:
     return Q.cached_card(loaded, train, cfg, OUT / "cards" / t.name)
 
 
-def _run_path(task: str, name: str, seed: int) -> Path:
-    """A run's record: seed 0's under OUT/runs/, another training seed's under OUT/runs/seed{N}/."""
+def _run_path(task: str, name: str, seed: int, batch: int | None = None) -> Path:
+    """A run's record: seed 0's under OUT/runs/, another training seed's under OUT/runs/seed{N}/; a run at
+    another batch size than quality.py's (``run --batch``) under OUT/runs/batch{B}/ (seed 0 only)."""
+    import quality as Q
+
+    if batch is not None and batch != Q.BATCH:
+        if seed != 0:
+            raise SystemExit("--batch: only at seed 0")
+        return OUT / "runs" / f"batch{batch}" / f"{task}-{name}.json"
     folder = OUT / "runs" if seed == 0 else OUT / "runs" / f"seed{seed}"
     return folder / f"{task}-{name}.json"
 
@@ -155,6 +162,7 @@ def run(
     seed: int = 0,
     recommend_at: list[str] | None = None,
     advise_at: list[str] | None = None,
+    batch: int | None = None,
 ) -> None:
     """Train the grid's placements (``only``: some of them) on each task; with ``recommend_at`` (rule names
     of RULES), instead what ``layercard plan`` recommends at each of those rules' parameter shares; with
@@ -185,16 +193,18 @@ def run(
             else _planned(card, s, name, seed, only, recommend_at)
         )
         for run_name, plan, cfg, placement in planned:
-            path = _run_path(name, run_name, seed)
+            path = _run_path(name, run_name, seed, batch)
             if path.is_file():
                 continue
+            if batch is not None:
+                cfg = dataclasses.replace(cfg, batch_size=batch)
             t0 = time.perf_counter()
             with tempfile.TemporaryDirectory(prefix="fresh-") as tmp:
                 metrics = train(loaded, plan, train_task, None, cfg, tmp, progress=False)
                 losses = _example_losses(loaded, test, t, Path(tmp) / "adapter")
             write_json(
                 path,
-                {"task": name, "name": run_name, "seed": seed, "steps": Q.STEPS,
+                {"task": name, "name": run_name, "seed": seed, "steps": Q.STEPS, "batch": cfg.batch_size,
                  "placement": placement, "layers": plan.layers,
                  "units": [[u.layer, u.role, u.rank] for u in plan.units],
                  "params": plan.predicted["params"], **losses, "s_per_step": metrics["s_per_step"],
@@ -1093,6 +1103,10 @@ def main() -> None:
         "--advise-at", default=None,
         help="`run`: train the placement over all the depth a plan's note names at these rules' sizes",
     )  # fmt: skip
+    ap.add_argument(
+        "--batch", type=int, default=None,
+        help="`run`: train at this batch size instead of quality.py's (seed 0; under runs/batch{B}/)",
+    )  # fmt: skip
     a = ap.parse_args()
     if a.what == "run":
         for name in a.tasks.split(","):
@@ -1104,7 +1118,7 @@ def main() -> None:
             for rule in rules_ or []:
                 if rule not in dict(RULES):
                     raise SystemExit(f"{flag}: unknown rule {rule!r}; valid: {', '.join(dict(RULES))}")
-        run(a.tasks.split(","), set(a.only.split(",")) if a.only else None, a.seed, rec, adv)
+        run(a.tasks.split(","), set(a.only.split(",")) if a.only else None, a.seed, rec, adv, a.batch)
     elif a.what == "rules":
         print(rules()["summary"])
     elif a.what == "middepth":
