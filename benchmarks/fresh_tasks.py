@@ -427,6 +427,71 @@ def _middepth_markdown(out: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+BATCH_PLACEMENTS = ("qv-all-r8", "mlp-all-r2", "lin-last8-r8", "lin-uni8-r8")  # run --batch's, beside ref
+BATCH_LEVEL_MOVE = 0.05  # the change in a task's mean fraction the predictions stated before the runs name
+
+
+def batch_result(batch: int = 2, entropy: dict[str, float] | None = None) -> dict[str, Any]:
+    """The runs at ``batch`` (``run --batch``) beside the same placements at quality.py's batch: each
+    placement's fraction of its own batch's reference at both, and each task's mean change. ``entropy``:
+    each task's target entropy as a card reads it (default entropy_shortfall.json's)."""
+    import pooled_quality as PQ
+    import quality as Q
+
+    from layercard.artifacts import read_json
+    from layercard.plan.quality import HIGH_TARGET_ENTROPY
+
+    h = entropy if entropy is not None else PQ._entropy()
+    out: dict[str, Any] = {"batch": batch, "usual_batch": Q.BATCH, "tasks": {}}
+    for name in TASKS:
+        names = ("base", "ref", *BATCH_PLACEMENTS)
+        at = {b: {n: _run_path(name, n, 0, b) for n in names} for b in (Q.BATCH, batch)}
+        at[batch]["base"] = at[Q.BATCH]["base"]  # no adapter: the batch does not enter
+        if not all(p.is_file() for paths in at.values() for p in paths.values()):
+            continue
+        loss = {b: {n: float(read_json(p)["test_loss"]) for n, p in paths.items()} for b, paths in at.items()}
+        fractions = {
+            b: {n: (v["base"] - v[n]) / (v["base"] - v["ref"]) for n in BATCH_PLACEMENTS}
+            for b, v in loss.items()
+        }
+        mean = {b: statistics.fmean(f.values()) for b, f in fractions.items()}
+        out["tasks"][name] = {
+            "warned": h[name] >= HIGH_TARGET_ENTROPY,
+            "reference_drop": {b: v["base"] - v["ref"] for b, v in loss.items()},
+            "fractions": fractions,
+            "mean": mean,
+            "change": mean[batch] - mean[Q.BATCH],
+        }
+    return out
+
+
+def _batch_markdown(out: dict[str, Any]) -> str:
+    import quality as Q
+
+    b, b0 = out["batch"], out["usual_batch"]
+    lines = [
+        f"# The batch size and the level of the fractions: batch {b} against batch {b0}",
+        "",
+        f"smollm2, quality.py's settings ({Q.STEPS} steps, lr {Q.LR:g}, seed 0, {TEST_EXAMPLES} test "
+        f"examples) at batch {b} and at its usual batch {b0}; each fraction against the reference trained at "
+        f"the same batch. Cells: fraction at batch {b0} → {b}.",
+        "",
+        "| task | warned | reference's drop (nats) | "
+        + " | ".join(f"`{n}`" for n in BATCH_PLACEMENTS)
+        + " | mean | change |",
+        "|---|---|---:|" + "---:|" * (len(BATCH_PLACEMENTS) + 2),
+    ]
+    for t, v in out["tasks"].items():
+        f, d = v["fractions"], v["reference_drop"]
+        cells = [f"{f[b0][n]:.3f} → {f[b][n]:.3f}" for n in BATCH_PLACEMENTS]
+        lines.append(
+            f"| {t} | {'yes' if v['warned'] else 'no'} | {d[b0]:.3f} → {d[b]:.3f} | "
+            + " | ".join(cells)
+            + f" | {v['mean'][b0]:.3f} → {v['mean'][b]:.3f} | {v['change']:+.3f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def advised_name(label: str) -> str:
     """The run name of a placement the plan's depth note named (``adv-mlp-spread-16-r1``)."""
     return "adv-" + recommend_name(label).removeprefix("rec-")
@@ -1087,7 +1152,7 @@ def _seed_lines(summary: dict[str, Any], who: str) -> list[str]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("what", choices=("run", "score", "rules", "middepth"))
+    ap.add_argument("what", choices=("run", "score", "rules", "middepth", "batch"))
     ap.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated of {', '.join(TASKS)}")
     ap.add_argument(
         "--only", default=None, help="comma-separated grid names, or of the mid-depth placements (mid_depth)"
@@ -1123,6 +1188,13 @@ def main() -> None:
         print(rules()["summary"])
     elif a.what == "middepth":
         print(_middepth_markdown(middepth()))
+    elif a.what == "batch":
+        from layercard.artifacts import write_json, write_text
+
+        res = batch_result(a.batch or 2)
+        write_json(OUT / "batch.json", res)
+        write_text(OUT / "batch.md", _batch_markdown(res))
+        print(_batch_markdown(res))
     else:
         res = score()
         print({c: v for c, v in res.get("mean", {}).items()})

@@ -134,3 +134,28 @@ def test_committed_mid_depth_result_is_what_the_committed_runs_give(fresh):
             assert r["gap"]["measured"] == pytest.approx(spread - r["measured"])
     assert got["reading"] == committed["reading"]
     assert got["reading"] in ("under", "between", "over")
+
+
+def test_batch_result_sets_each_fraction_against_its_own_batchs_reference(fresh, tmp_path, monkeypatch):
+    import json
+
+    monkeypatch.setattr(fresh, "OUT", tmp_path)
+    (tmp_path / "runs" / "batch2").mkdir(parents=True)
+
+    def put(folder, name, loss):
+        (folder / f"gsm8k_pose-{name}.json").write_text(json.dumps({"test_loss": loss}))
+
+    put(tmp_path / "runs", "base", 3.0)
+    put(tmp_path / "runs", "ref", 2.0)  # drop 1.0 at batch 4
+    put(tmp_path / "runs" / "batch2", "ref", 2.5)  # drop 0.5 at batch 2
+    for name in fresh.BATCH_PLACEMENTS:
+        put(tmp_path / "runs", name, 2.2)  # 0.8 of its batch's reference
+        put(tmp_path / "runs" / "batch2", name, 2.6)  # 0.8 of its batch's reference too
+    put(tmp_path / "runs" / "batch2", "lin-last8-r8", 2.4)  # 1.2: passes the batch-2 reference
+    out = fresh.batch_result(2, entropy={"gsm8k_pose": 5.4, "gsm8k_answer": 2.1})
+    assert set(out["tasks"]) == {"gsm8k_pose"}  # the task without runs at batch 2 is left out
+    v = out["tasks"]["gsm8k_pose"]
+    assert v["warned"] and v["reference_drop"] == {4: pytest.approx(1.0), 2: pytest.approx(0.5)}
+    assert v["fractions"][4]["qv-all-r8"] == pytest.approx(0.8)
+    assert v["fractions"][2]["lin-last8-r8"] == pytest.approx(1.2)
+    assert v["change"] == pytest.approx(0.1)  # (0.8 · 3 + 1.2) / 4 − 0.8
