@@ -159,3 +159,17 @@ def test_batch_result_sets_each_fraction_against_its_own_batchs_reference(fresh,
     assert v["fractions"][4]["qv-all-r8"] == pytest.approx(0.8)
     assert v["fractions"][2]["lin-last8-r8"] == pytest.approx(1.2)
     assert v["change"] == pytest.approx(0.1)  # (0.8 · 3 + 1.2) / 4 − 0.8
+
+
+def test_committed_batch_result_is_what_the_committed_runs_give(fresh):
+    import json
+
+    path = fresh.OUT / "batch.json"
+    if not path.is_file():
+        pytest.skip("batch.json is not committed")
+    committed = json.loads(path.read_text())
+    got = fresh.batch_result(committed["batch"])
+    assert set(got["tasks"]) == set(committed["tasks"])
+    for t, v in got["tasks"].items():
+        assert v["change"] == pytest.approx(committed["tasks"][t]["change"])
+        assert v["warned"] == committed["tasks"][t]["warned"]
