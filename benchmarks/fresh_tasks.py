@@ -1177,6 +1177,8 @@ def main() -> None:
         for name in a.tasks.split(","):
             if name not in TASKS:
                 raise SystemExit(f"--tasks: unknown task {name!r}; valid: {', '.join(TASKS)}")
+        if a.batch is not None and (a.batch < 1 or a.seed != 0):
+            raise SystemExit(f"--batch {a.batch}: a batch of 1 or more, at seed 0 only (--seed {a.seed})")
         rec = a.recommend_at.split(",") if a.recommend_at else None
         adv = a.advise_at.split(",") if a.advise_at else None
         for flag, rules_ in (("--recommend-at", rec), ("--advise-at", adv)):
