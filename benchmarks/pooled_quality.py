@@ -20,9 +20,10 @@ per side of the threshold):
 - ``share-side-beta``: (parameter share)^γ·c^β_s.
 
 The plan (forms, rule, adoption condition, two predictions) was committed before any form was scored.
-Rule: among the forms within RULE_MAE_SLACK of the least mean held-out error, the least mean held-out
-regret. Adoption needs all of ADOPTION. The threshold was set on eleven tasks that include the four
-confirmation tasks, so their check tests the fitted levels, not the side a task falls on.
+Rule: quality.py's ``decide_rule`` over the forms' mean held-out error and regret (among the forms within
+its slack of the least error, the least regret). Adoption needs all of ADOPTION. The threshold was set on
+eleven tasks that include the four confirmation tasks, so their check tests the fitted levels, not the side
+a task falls on.
 """
 
 from __future__ import annotations
@@ -41,7 +42,6 @@ OUT = ROOT / "benchmarks" / "results" / "quality"
 
 CONFIRM = ("gsm8k", "samsum", "facts", "format")  # fitted on none of the forms
 BETA = tuple(round(0.05 * i, 3) for i in range(61))  # 0 … 3: the warned tasks lose far more than c^1
-RULE_MAE_SLACK = 0.01
 # All three, stated with the plan: the default's confirmation error and regret (the regret with the rule's
 # slack) and its cross-task error on the two choosing tasks.
 ADOPTION = {"confirm_mae": 0.053, "confirm_regret": 0.018, "choosing_mae": 0.070}
@@ -174,13 +174,6 @@ def held_out(form: PooledForm, rows: Rows) -> dict[str, dict[str, Any]]:
     return out
 
 
-def choose(mae: dict[str, float], regret: dict[str, float]) -> tuple[list[str], str]:
-    """The rule: the forms within RULE_MAE_SLACK of the least error, and the one of them with the least
-    regret (the first listed on a tie)."""
-    eligible = [n for n in mae if mae[n] <= min(mae.values()) + RULE_MAE_SLACK]
-    return eligible, min(eligible, key=lambda n: regret[n])
-
-
 def adopted(confirm: dict[str, float], choosing_mae: float) -> dict[str, bool]:
     """Each condition of ADOPTION for the chosen form's scores."""
     return {
@@ -280,6 +273,8 @@ def _default_scores(rows: Rows) -> dict[str, dict[str, float]]:
 
 
 def score() -> dict[str, Any]:
+    import quality as Q
+
     from layercard.artifacts import write_json, write_text
 
     records, means = pool_records()
@@ -318,7 +313,7 @@ def score() -> dict[str, Any]:
             "confirm_mean": {s: statistics.fmean(v[s] for v in per_task.values()) for s in ("mae", "regret")},
         }
     forms = out["forms"]
-    eligible, chosen = choose(
+    eligible, chosen = Q.decide_rule(
         {n: v["held_out_mean"]["mae"] for n, v in forms.items()},
         {n: v["held_out_mean"]["regret"] for n, v in forms.items()},
     )
@@ -343,6 +338,8 @@ def _params_text(p: dict[str, Any]) -> str:
 
 
 def markdown(out: dict[str, Any]) -> str:
+    import quality as Q
+
     forms, rule, dflt = out["forms"], out["rule"], out["default"]
     tasks = list(out["pool"])
     low = [t for t, v in out["pool"].items() if not v["high_entropy"]]
@@ -406,8 +403,9 @@ def markdown(out: dict[str, Any]) -> str:
     conds = rule["conditions"]
     lines += [
         "",
-        f"Rule (stated before scoring): among the forms within {RULE_MAE_SLACK} of the least mean held-out "
-        f"error, the least mean held-out regret. Eligible: {', '.join(f'`{n}`' for n in rule['eligible'])}; "
+        f"Rule (stated before scoring): among the forms within {Q.DECIDE_MAE_SLACK} of the least mean "
+        "held-out error, the least mean held-out regret. Eligible: "
+        f"{', '.join(f'`{n}`' for n in rule['eligible'])}; "
         f"chosen **`{rule['chosen']}`**. Adoption, all three: confirmation error ≤ "
         f"{ADOPTION['confirm_mae']} ({'met' if conds['confirm_mae'] else 'not met'}), confirmation regret ≤ "
         f"{ADOPTION['confirm_regret']} ({'met' if conds['confirm_regret'] else 'not met'}), e2e_nlg and sst2 "
