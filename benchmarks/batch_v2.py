@@ -72,11 +72,21 @@ def run(tasks: list[str]) -> None:
 
 
 def summary() -> dict[str, Any]:
+    """:func:`result`, written to OUT/batch4.json and .md."""
+    from layercard.artifacts import write_json, write_text
+
+    out = result()
+    write_json(_out() / "batch4.json", out)
+    write_text(_out() / "batch4.md", _markdown(out))
+    return out
+
+
+def result() -> dict[str, Any]:
     """Each placement's fraction of its own batch's reference at the task's batch and at BATCH, each task's
-    mean change. Writes OUT/batch4.json and .md."""
+    mean change (tasks whose runs are not all on disk are left out)."""
     import placement_v2 as P
 
-    from layercard.artifacts import read_json, write_json, write_text
+    from layercard.artifacts import read_json
     from layercard.card import Card
 
     out: dict[str, Any] = {"batch": BATCH, "budget": BUDGET, "tasks": {}}
@@ -103,8 +113,6 @@ def summary() -> dict[str, Any]:
             "mean": mean,
             "change": mean[BATCH] - mean[b0],
         }
-    write_json(_out() / "batch4.json", out)
-    write_text(_out() / "batch4.md", _markdown(out))
     return out
 
 
