@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import statistics
 import sys
 from pathlib import Path
 from typing import Any
@@ -84,6 +83,7 @@ def summary() -> dict[str, Any]:
 def result() -> dict[str, Any]:
     """Each placement's fraction of its own batch's reference at the task's batch and at BATCH, each task's
     mean change (tasks whose runs are not all on disk are left out)."""
+    import fresh_tasks as F
     import placement_v2 as P
 
     from layercard.artifacts import read_json
@@ -101,17 +101,10 @@ def result() -> dict[str, Any]:
         if not all(p.is_file() for by in paths.values() for p in by.values()):
             continue
         loss = {b: {c: float(read_json(p)["test_loss"]) for c, p in by.items()} for b, by in paths.items()}
-        fractions = {
-            b: {c: (base - v[c]) / (base - v["reference"]) for c in CANDIDATES} for b, v in loss.items()
-        }
-        mean = {b: statistics.fmean(f.values()) for b, f in fractions.items()}
         b0 = P.TASKS[name].batch_size
         out["tasks"][name] = {
             "usual_batch": b0,
-            "reference_drop": {b: base - v["reference"] for b, v in loss.items()},
-            "fractions": fractions,
-            "mean": mean,
-            "change": mean[BATCH] - mean[b0],
+            **F.level_at_batches(base, loss, "reference", CANDIDATES, b0, BATCH),
         }
     return out
 

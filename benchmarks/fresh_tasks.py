@@ -64,6 +64,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -428,7 +429,6 @@ def _middepth_markdown(out: dict[str, Any]) -> str:
 
 
 BATCH_PLACEMENTS = ("qv-all-r8", "mlp-all-r2", "lin-last8-r8", "lin-uni8-r8")  # run --batch's, beside ref
-BATCH_LEVEL_MOVE = 0.05  # the change in a task's mean fraction the predictions stated before the runs name
 
 
 def batch_result(batch: int = 2, entropy: dict[str, float] | None = None) -> dict[str, Any]:
@@ -450,19 +450,28 @@ def batch_result(batch: int = 2, entropy: dict[str, float] | None = None) -> dic
         if not all(p.is_file() for paths in at.values() for p in paths.values()):
             continue
         loss = {b: {n: float(read_json(p)["test_loss"]) for n, p in paths.items()} for b, paths in at.items()}
-        fractions = {
-            b: {n: (v["base"] - v[n]) / (v["base"] - v["ref"]) for n in BATCH_PLACEMENTS}
-            for b, v in loss.items()
-        }
-        mean = {b: statistics.fmean(f.values()) for b, f in fractions.items()}
+        base = loss[Q.BATCH]["base"]
         out["tasks"][name] = {
             "warned": h[name] >= HIGH_TARGET_ENTROPY,
-            "reference_drop": {b: v["base"] - v["ref"] for b, v in loss.items()},
-            "fractions": fractions,
-            "mean": mean,
-            "change": mean[batch] - mean[Q.BATCH],
+            **level_at_batches(base, loss, "ref", BATCH_PLACEMENTS, Q.BATCH, batch),
         }
     return out
+
+
+def level_at_batches(
+    base: float, loss: dict[int, dict[str, float]], ref: str, names: Sequence[str], usual: int, other: int
+) -> dict[str, Any]:
+    """Each placement's fraction of the reference's drop at the same batch, from test losses by batch and
+    run name (``ref`` the reference's name, ``base`` the untrained model's loss), the mean over ``names`` at
+    each batch, and its change from the ``usual`` batch to the ``other``."""
+    fractions = {b: {n: (base - v[n]) / (base - v[ref]) for n in names} for b, v in loss.items()}
+    mean = {b: statistics.fmean(f.values()) for b, f in fractions.items()}
+    return {
+        "reference_drop": {b: base - v[ref] for b, v in loss.items()},
+        "fractions": fractions,
+        "mean": mean,
+        "change": mean[other] - mean[usual],
+    }
 
 
 def _batch_markdown(out: dict[str, Any]) -> str:
