@@ -110,6 +110,7 @@ def result() -> dict[str, Any]:
 
 
 def _markdown(out: dict[str, Any]) -> str:
+    import fresh_tasks as F
     import placement_v2 as P
 
     b = out["batch"]
@@ -127,12 +128,7 @@ def _markdown(out: dict[str, Any]) -> str:
     ]
     for t, v in out["tasks"].items():
         b0 = v["usual_batch"]
-        f, d = v["fractions"], v["reference_drop"]
-        lines.append(
-            f"| {t} (batch {b0}) | {d[b0]:.3f} → {d[b]:.3f} | "
-            + " | ".join(f"{f[b0][c]:.3f} → {f[b][c]:.3f}" for c in CANDIDATES)
-            + f" | {v['mean'][b0]:.3f} → {v['mean'][b]:.3f} | {v['change']:+.3f} |"
-        )
+        lines.append(f"| {t} (batch {b0}) | " + F.level_cells(v, CANDIDATES, b0, b))
     return "\n".join(lines) + "\n"
 
 

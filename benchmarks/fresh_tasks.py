@@ -491,14 +491,19 @@ def _batch_markdown(out: dict[str, Any]) -> str:
         "|---|---|---:|" + "---:|" * (len(BATCH_PLACEMENTS) + 2),
     ]
     for t, v in out["tasks"].items():
-        f, d = v["fractions"], v["reference_drop"]
-        cells = [f"{f[b0][n]:.3f} → {f[b][n]:.3f}" for n in BATCH_PLACEMENTS]
-        lines.append(
-            f"| {t} | {'yes' if v['warned'] else 'no'} | {d[b0]:.3f} → {d[b]:.3f} | "
-            + " | ".join(cells)
-            + f" | {v['mean'][b0]:.3f} → {v['mean'][b]:.3f} | {v['change']:+.3f} |"
-        )
+        lines.append(f"| {t} | {'yes' if v['warned'] else 'no'} | " + level_cells(v, BATCH_PLACEMENTS, b0, b))
     return "\n".join(lines) + "\n"
+
+
+def level_cells(v: dict[str, Any], names: Sequence[str], usual: int, other: int) -> str:
+    """A markdown row's cells from the reference's drop on, for one task's :func:`level_at_batches`: each
+    value at the ``usual`` batch → at the ``other``, then the change."""
+    f, d, m = v["fractions"], v["reference_drop"], v["mean"]
+    return (
+        f"{d[usual]:.3f} → {d[other]:.3f} | "
+        + " | ".join(f"{f[usual][n]:.3f} → {f[other][n]:.3f}" for n in names)
+        + f" | {m[usual]:.3f} → {m[other]:.3f} | {v['change']:+.3f} |"
+    )
 
 
 def advised_name(label: str) -> str:
