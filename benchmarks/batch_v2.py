@@ -9,7 +9,14 @@ layers, the last-n rule, the card-stratified set), trained with placement_v2's s
 seed 0, each fraction against the reference at the same batch, set beside the same placements' seed-0 runs
 at batch 2. The plan and its predictions were committed before any run.
 
-    LAYERCARD_DATA=../shared/data .venv/bin/python benchmarks/batch_v2.py run     # resumable
+``run --all`` then trains every other LoRA placement that placement benchmark v2 trained for the two tasks
+(as the confirmation check lists them: 14 of gsm8k's, 12 of samsum's), each rebuilt from its recorded units
+and ranks (alpha 2·rank, as planned) and checked to land on the batch-2 run's signature. ``rescore`` scores
+the pooled quality fit (pooled_quality.py), frozen, and the default on the four confirmation tasks with
+gsm8k's and samsum's fractions at batch 4 (facts and format were trained at batch 4 already). That plan,
+its adoption condition and predictions were committed before any of those runs.
+
+    LAYERCARD_DATA=../shared/data .venv/bin/python benchmarks/batch_v2.py run [--all]   # resumable
     .venv/bin/python benchmarks/batch_v2.py summary    # results/placement_v2/batch4/batch4.{json,md}
 """
 
@@ -50,8 +57,53 @@ def _plans(card: Any) -> dict[str, Any]:
     return out
 
 
-def run(tasks: list[str]) -> None:
-    """Train the reference and the candidates at BATCH, seed 0 (runs already on disk are kept)."""
+def rebuilt(card: Any, units: list[list[Any]], label: str) -> Any:
+    """The reference plan cut down to ``units`` ([layer, role, rank] as a run records them), each at its
+    rank with alpha 2·rank; costs are not predicted for it (only its parameter count and modules)."""
+    import placement_v2 as P
+
+    from layercard.plan.ranks import lora_config
+
+    ref = P._reference(card)
+    by_pos = {(u.layer, u.role): u for u in ref.units}
+    missing = [(la, ro) for la, ro, _ in units if (la, ro) not in by_pos]
+    if missing:
+        raise SystemExit(f"{label}: units {missing[:3]} are not in the reference plan")
+    chosen = [dataclasses.replace(by_pos[(la, ro)], rank=int(r)) for la, ro, r in units]
+    shape = {u.key: u.d_in + u.d_out for u in card.units}
+    return dataclasses.replace(
+        ref,
+        config={**ref.config, "policy": "rebuilt", "budget": None, "target": None, "bands": None},
+        units=chosen,
+        layers=sorted({u.layer for u in chosen}),
+        predicted={"params": sum(u.rank * shape[u.key] for u in chosen), "modules": len(chosen)},
+        lora_config=lora_config(chosen, ref.config["alpha"], ref.config["dropout"]),
+        warnings=[],
+    )
+
+
+def confirm_plans(task: str, card: Any) -> dict[str, Any]:
+    """Every LoRA placement of ``task`` that the confirmation check scores (the reference left out), rebuilt
+    from its batch-2 run, by label; a rebuilt plan off its run's signature stops the script."""
+    import placement_v2 as P
+    import quality_confirm as C
+
+    ref_sig = P.signature(P._reference(card))
+    out = {}
+    for p in C.placements(task):
+        if p["signature"] == ref_sig:
+            continue
+        plan = rebuilt(card, p["units"], p["label"])
+        if P.signature(plan) != p["signature"]:
+            raise SystemExit(f"{task} {p['label']}: rebuilt plan's signature {P.signature(plan)} is not "
+                             f"its run's {p['signature']}")  # fmt: skip
+        out[p["label"]] = plan
+    return out
+
+
+def run(tasks: list[str], every: bool = False) -> None:
+    """Train the reference and the candidates at BATCH, seed 0 (runs already on disk are kept); ``every``:
+    also every other placement the confirmation check scores."""
     import placement_v2 as P
     import torch
 
@@ -66,8 +118,12 @@ def run(tasks: list[str]) -> None:
         card = P._card(loaded, train_task, s)  # the committed card, measured at the task's own batch
         ctx = {"loaded": loaded, "setting": dataclasses.replace(s, batch_size=BATCH), "train": train_task,
                "test": test, "card": card}  # fmt: skip
-        for c, plan in _plans(card).items():
-            P.train_and_score(ctx, plan, 0, label=f"{BUDGET} {c} at batch {BATCH}", runs=_out() / "runs")
+        plans = {f"{BUDGET} {c}": plan for c, plan in _plans(card).items()}
+        if every:
+            have = {P.signature(v) for v in plans.values()}
+            plans.update({k: v for k, v in confirm_plans(name, card).items() if P.signature(v) not in have})
+        for label, plan in plans.items():
+            P.train_and_score(ctx, plan, 0, label=f"{label} at batch {BATCH}", runs=_out() / "runs")
 
 
 def summary() -> dict[str, Any]:
@@ -136,12 +192,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("what", choices=("run", "summary"))
     ap.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated of {', '.join(TASKS)}")
+    ap.add_argument("--all", action="store_true", help="run: every placement the confirmation check scores")
     a = ap.parse_args()
     if a.what == "run":
         for t in a.tasks.split(","):
             if t not in TASKS:
                 raise SystemExit(f"--tasks: unknown task {t!r}; valid: {', '.join(TASKS)}")
-        run(a.tasks.split(","))
+        run(a.tasks.split(","), every=a.all)
     print(_markdown(summary()))
 
 
