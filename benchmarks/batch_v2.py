@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import statistics
 import sys
 from pathlib import Path
 from typing import Any
@@ -165,6 +166,148 @@ def result() -> dict[str, Any]:
     return out
 
 
+def batch4_placements(task: str) -> tuple[list[dict[str, Any]], float] | None:
+    """``task``'s confirmation placements ({label, units, test_loss}) at BATCH with its reference's test
+    loss there; None until every one has its run."""
+    import placement_v2 as P
+    import quality_confirm as C
+
+    from layercard.artifacts import read_json
+    from layercard.card import Card
+
+    card = Card.load(P.RESULTS / "cards" / task / "card.json")
+    ref_sig = P.signature(P._reference(card))
+    ref_path = P._run_path(task, ref_sig, 0, _out() / "runs")
+    out = []
+    for p in C.placements(task):
+        path = P._run_path(task, p["signature"], 0, _out() / "runs")
+        if not path.is_file() or not ref_path.is_file():
+            return None
+        out.append(
+            {"label": p["label"], "units": p["units"], "test_loss": float(read_json(path)["test_loss"])}
+        )
+    return out, float(read_json(ref_path)["test_loss"])
+
+
+def rescore() -> dict[str, Any]:
+    """The pooled forms, frozen at their committed fit on ten tasks, and the default on the confirmation
+    tasks with gsm8k's and samsum's fractions at BATCH; beside them the same at the task's own batch."""
+    import placement_v2 as P
+    import pooled_quality as Q
+
+    from layercard.artifacts import read_json, write_json, write_text
+
+    pooled = read_json(Q.OUT / "pooled.json")
+    at_b0 = Q.confirm_records()
+    at_b4 = [r for r in at_b0 if r["task"] not in TASKS]
+    for task in TASKS:
+        got = batch4_placements(task)
+        if got is None:
+            raise SystemExit(
+                f"rescore: {task} has placements without a run at batch {BATCH}; run --all first"
+            )
+        base = float(read_json(P.RESULTS / "runs" / task / "base.json")["test_loss"])
+        at_b4 += Q.placement_records(task, got[0], base, got[1])
+    out: dict[str, Any] = {"batch": BATCH, "chosen": pooled["rule"]["chosen"], "forms": {}, "tasks": {}}
+    for t in TASKS:
+        f0 = {r["name"]: r["fraction"] for r in at_b0 if r["task"] == t}
+        f4 = {r["name"]: r["fraction"] for r in at_b4 if r["task"] == t}
+        if set(f0) != set(f4):
+            raise SystemExit(f"rescore: {t}'s placements differ between batches: {sorted(set(f0) ^ set(f4))}")
+        m0, m4 = statistics.fmean(f0.values()), statistics.fmean(f4.values())
+        out["tasks"][t] = {
+            "placements": len(f0),
+            "usual_batch": P.TASKS[t].batch_size,
+            "fractions": {n: [f0[n], f4[n]] for n in sorted(f0)},
+            "mean": [m0, m4],
+            "change": m4 - m0,
+        }
+    rows = {"usual": Q.rows_of(at_b0), "batch": Q.rows_of(at_b4)}
+    models = {f.name: (f, pooled["forms"][f.name]["pooled"]["params"]) for f in Q.FORMS}
+    for name, (form, params) in models.items():
+        out["forms"][name] = {w: _per_task(Q, Q.predict(form, params, r), r) for w, r in rows.items()}
+    out["default"] = {w: _with_mean(Q._default_scores(r)) for w, r in rows.items()}
+    chosen = out["forms"][out["chosen"]]["batch"]["mean"]
+    conds = Q.adopted(chosen, pooled["forms"][out["chosen"]]["choosing_seed0"])
+    conds["below_default"] = chosen["mae"] < out["default"]["batch"]["mean"]["mae"]
+    out["conditions"], out["adopted"] = conds, all(conds.values())
+    write_json(_out() / "rescore.json", out)
+    write_text(_out() / "rescore.md", _rescore_markdown(out))
+    return out
+
+
+def _per_task(Q: Any, pred: Any, rows: Any) -> dict[str, Any]:
+    by = {}
+    for t in sorted(set(rows.task)):
+        m = rows.task == t
+        by[str(t)] = Q.scores(pred[m], rows.where(m))
+    return _with_mean(by)
+
+
+def _with_mean(by: dict[str, dict[str, float]]) -> dict[str, Any]:
+    mean = {s: statistics.fmean(v[s] for v in by.values()) for s in ("mae", "regret")}
+    return {"tasks": by, "mean": mean}
+
+
+def _rescore_markdown(out: dict[str, Any]) -> str:
+    import pooled_quality as Q
+
+    b = out["batch"]
+    tasks = list(out["default"]["batch"]["tasks"])
+
+    def cells(v: dict[str, Any]) -> str:
+        per = " | ".join(
+            f"{v['usual']['tasks'][t]['mae']:.3f} → {v['batch']['tasks'][t]['mae']:.3f}"
+            if t in TASKS
+            else f"{v['batch']['tasks'][t]['mae']:.3f}"
+            for t in tasks
+        )
+        u, n = v["usual"]["mean"], v["batch"]["mean"]
+        return f"{per} | {u['mae']:.3f} / {u['regret']:.3f} → **{n['mae']:.3f}** / {n['regret']:.3f} |"
+
+    lines = [
+        f"# The confirmation check with gsm8k and samsum at batch {b}",
+        "",
+        f"Every LoRA placement the confirmation check scores on gsm8k and samsum, re-trained at batch {b} "
+        "(placement benchmark v2's settings and cards, seed 0) and taken against the reference at the same "
+        f"batch; facts and format as before (trained at batch {b} already). The forms are frozen at their "
+        "fit on ten tasks (pooled.json); nothing here was fitted. Cells: error at the task's own batch → at "
+        f"batch {b}.",
+        "",
+        "## The level",
+        "",
+        "| task | placements | mean fraction | change |",
+        "|---|---:|---:|---:|",
+    ]
+    for t, v in out["tasks"].items():
+        lines.append(
+            f"| {t} (batch {v['usual_batch']} → {b}) | {v['placements']} | "
+            f"{v['mean'][0]:.3f} → {v['mean'][1]:.3f} | {v['change']:+.3f} |"
+        )
+    lines += [
+        "",
+        "## Error of the fraction",
+        "",
+        "| model | " + " | ".join(tasks) + " | mean error / regret |",
+        "|---|" + "---:|" * (len(tasks) + 1),
+        "| frozen default | " + cells(out["default"]),
+    ]
+    for name, v in out["forms"].items():
+        mark = " (chosen)" if name == out["chosen"] else ""
+        lines.append(f"| `{name}`{mark} | " + cells(v))
+    c = out["conditions"]
+    yes = lambda k: "met" if c[k] else "not met"  # noqa: E731
+    lines += [
+        "",
+        f"Adoption of `{out['chosen']}`, all four: confirmation error ≤ {Q.ADOPTION['confirm_mae']} "
+        f"({yes('confirm_mae')}), regret ≤ {Q.ADOPTION['confirm_regret']} ({yes('confirm_regret')}), e2e_nlg "
+        f"and sst2 held out ≤ {Q.ADOPTION['choosing_mae']} ({yes('choosing_mae')}), error below the "
+        f"default's on the same runs ({yes('below_default')}): "
+        f"**{'adopted' if out['adopted'] else 'not adopted'}**.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
 def _markdown(out: dict[str, Any]) -> str:
     import fresh_tasks as F
     import placement_v2 as P
@@ -190,7 +333,7 @@ def _markdown(out: dict[str, Any]) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("what", choices=("run", "summary"))
+    ap.add_argument("what", choices=("run", "summary", "rescore"))
     ap.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated of {', '.join(TASKS)}")
     ap.add_argument("--all", action="store_true", help="run: every placement the confirmation check scores")
     a = ap.parse_args()
@@ -199,6 +342,9 @@ def main() -> None:
             if t not in TASKS:
                 raise SystemExit(f"--tasks: unknown task {t!r}; valid: {', '.join(TASKS)}")
         run(a.tasks.split(","), every=a.all)
+    if a.what == "rescore":
+        print(_rescore_markdown(rescore()))
+        return
     print(_markdown(summary()))
 
 

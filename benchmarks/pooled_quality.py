@@ -237,22 +237,40 @@ def confirm_records() -> list[dict[str, Any]]:
     import quality_confirm as C
 
     from layercard.artifacts import read_json
+
+    summary = read_json(P.RESULTS / "summary.json")["tasks"]
+    return [
+        r
+        for task in CONFIRM
+        for r in placement_records(
+            task,
+            C.placements(task),
+            float(summary[task]["base_loss"]),
+            float(summary[task]["reference_loss"]),
+        )
+    ]
+
+
+def placement_records(
+    task: str, placements: list[dict[str, Any]], base: float, ref: float
+) -> list[dict[str, Any]]:
+    """Records (features from placement_v2's card of ``task``, fraction of the drop from ``base`` to ``ref``)
+    of ``placements`` ({label, units, test_loss}), leaving out any that is the reference."""
+    import placement_v2 as P
+
     from layercard.card import Card
     from layercard.plan.quality import HIGH_TARGET_ENTROPY, default_model, features
 
-    h, score = _entropy(), default_model().score
-    summary = read_json(P.RESULTS / "summary.json")["tasks"]
+    score = default_model().score
+    side = _entropy()[task] >= HIGH_TARGET_ENTROPY
+    card = Card.load(P.RESULTS / "cards" / task / "card.json")
+    by_pos = {(u.layer, u.role): u.key for u in card.units}
     out = []
-    for task in CONFIRM:
-        card = Card.load(P.RESULTS / "cards" / task / "card.json")
-        by_pos = {(u.layer, u.role): u.key for u in card.units}
-        base, ref = float(summary[task]["base_loss"]), float(summary[task]["reference_loss"])
-        for p in C.placements(task):
-            f = features(card, {by_pos[(la, ro)]: int(r) for la, ro, r in p["units"]}, score=score)
-            fraction = (base - p["test_loss"]) / (base - ref)
-            if abs(fraction - 1.0) > 1e-12 or f.params < 0.999:
-                side = h[task] >= HIGH_TARGET_ENTROPY
-                out.append({"task": task, "name": p["label"], "fraction": fraction, "f": f, "side": side})
+    for p in placements:
+        f = features(card, {by_pos[(la, ro)]: int(r) for la, ro, r in p["units"]}, score=score)
+        fraction = (base - p["test_loss"]) / (base - ref)
+        if abs(fraction - 1.0) > 1e-12 or f.params < 0.999:
+            out.append({"task": task, "name": p["label"], "fraction": fraction, "f": f, "side": side})
     return out
 
 
