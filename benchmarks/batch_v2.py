@@ -290,7 +290,7 @@ def _rescore_markdown(out: dict[str, Any]) -> str:
         "",
         "| model | " + " | ".join(tasks) + " | mean error / regret |",
         "|---|" + "---:|" * (len(tasks) + 1),
-        "| frozen default | " + cells(out["default"]),
+        "| two-task model (the default before) | " + cells(out["default"]),
     ]
     for name, v in out["forms"].items():
         mark = " (chosen)" if name == out["chosen"] else ""

@@ -292,9 +292,9 @@ def middepth_result() -> dict[str, Any]:
 
     from layercard.artifacts import read_json
     from layercard.card import Card
-    from layercard.plan.quality import HIGH_TARGET_ENTROPY, default_model, features
+    from layercard.plan.quality import HIGH_TARGET_ENTROPY, TWO_TASK_MODEL, features
 
-    model, h = default_model(), PQ._entropy()
+    model, h = TWO_TASK_MODEL, PQ._entropy()
     pooled = read_json(PQ.OUT / "pooled.json")
     side_name = pooled["rule"]["chosen"]
     side_form = next(f for f in PQ.FORMS if f.name == side_name)
@@ -515,9 +515,10 @@ def advised(card: Any, share: float) -> tuple[Any, dict[str, Any]] | None:
     """Where the recommendation at ``share`` taken among every placement (``depth: any``) leaves a depth
     band out, the one taken among placements over all the depth (``depth: all``): its plan and an account
     of both; None where the first covers the depth or nothing over it fits."""
+    import placement_v2 as P
+
     from layercard.config import PlanConfig
     from layercard.errors import LayercardError
-    from layercard.plan import make_plan
     from layercard.plan.frontier import row_label
     from layercard.plan.quality import depth_coverage
 
@@ -525,7 +526,7 @@ def advised(card: Any, share: float) -> tuple[Any, dict[str, Any]] | None:
     if depth_coverage(free["layers"], card.n_layers) >= 1.0:
         return None
     try:
-        plan = make_plan(card, PlanConfig(policy="recommend", budget=f"params={share:.6f}x", depth="all"))
+        plan = P.planned(card, PlanConfig(policy="recommend", budget=f"params={share:.6f}x", depth="all"))
     except LayercardError:
         return None
     c = plan.predicted["candidate"]
@@ -579,9 +580,9 @@ def frozen_forms() -> dict[str, tuple[Any, tuple[float, ...], str]]:
     import quality_confirm as C
 
     from layercard.artifacts import read_json
-    from layercard.plan.quality import ALL_FORMS, default_model
+    from layercard.plan.quality import ALL_FORMS, TWO_TASK_MODEL
 
-    model = default_model()
+    model = TWO_TASK_MODEL
     out: dict[str, tuple[Any, tuple[float, ...], str]] = {
         "default": (ALL_FORMS[model.form].fn, tuple(model.params), "f"),
         "params": (ALL_FORMS["params"].fn, C.OTHERS["params"], "f"),
@@ -608,11 +609,11 @@ def score() -> dict[str, Any]:
     from layercard.artifacts import read_json, write_json, write_text
     from layercard.card import Card
     from layercard.evaluate import fraction_standard_error
-    from layercard.plan.quality import decision_regret, default_model, features
+    from layercard.plan.quality import TWO_TASK_MODEL, decision_regret, features
 
     forms = frozen_forms()
     _, target_scales = C.target_forms()
-    model = default_model()
+    model = TWO_TASK_MODEL
     out: dict[str, Any] = {"forms": {k: list(v[1]) for k, v in forms.items()}, "tasks": {}}
     for name in TASKS:
         base_path, ref_path = OUT / "runs" / f"{name}-base.json", OUT / "runs" / f"{name}-ref.json"
@@ -963,13 +964,13 @@ def planner_pick(card: Any, share: float) -> dict[str, Any]:
 
 def _recommend(card: Any, share: float, depth: str = "auto") -> tuple[Any, dict[str, Any]]:
     """The planner's plan at ``share`` and :func:`planner_pick`'s account of it (with its layers)."""
+    import placement_v2 as P
     import quality as Q
 
     from layercard.config import PlanConfig
-    from layercard.plan import make_plan
     from layercard.plan.frontier import row_label
 
-    plan = make_plan(card, PlanConfig(policy="recommend", budget=f"params={share:.6f}x", depth=depth))
+    plan = P.planned(card, PlanConfig(policy="recommend", budget=f"params={share:.6f}x", depth=depth))
     c = plan.predicted["candidate"]
     layers = {"all": "all", "top": "last-{n}"}
     same = [

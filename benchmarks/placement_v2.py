@@ -12,8 +12,10 @@ rebuilds summary.json, placement_v2.md and the figures from them.
     .venv/bin/python benchmarks/placement_v2.py plan --tasks e2e_nlg   # what would run, nothing trained
     .venv/bin/python benchmarks/placement_v2_summary.py
 
-The quality model every plan uses is layercard's default (``layercard.plan.quality.DEFAULT_MODEL``), fitted
-on e2e_nlg and sst2 (benchmarks/quality.py) and frozen before this benchmark ran on any other task.
+The quality model every plan here uses is the one that was layercard's default when these runs were trained
+(``layercard.plan.quality.TWO_TASK_MODEL``), fitted on e2e_nlg and sst2 (benchmarks/quality.py) and frozen
+before this benchmark ran on any other task; :func:`planned` keeps it, so a re-run lands on the same
+placements.
 """
 
 from __future__ import annotations
@@ -170,28 +172,41 @@ def _bottleneck(card: Any, kind: str, budget: str) -> Any:
     return None
 
 
+def planned(card: Any, cfg: Any) -> Any:
+    """``make_plan`` as this benchmark's committed runs were planned: searches read the two-task quality model
+    (``TWO_TASK_MODEL``, the default when they were trained), so a re-run lands on the same placements."""
+    from layercard.config import SEARCH_POLICIES
+    from layercard.plan.make import at_batch, make_plan
+    from layercard.plan.quality import TWO_TASK_MODEL
+    from layercard.plan.recommend import search_plan
+
+    if cfg.policy in SEARCH_POLICIES:
+        return search_plan(at_batch(card, cfg.batch_size), cfg, model=TWO_TASK_MODEL)
+    return make_plan(card, cfg)
+
+
 def plan_for(card: Any, candidate: str, budget: str | None) -> tuple[Any, str | None]:
     """(plan, None) or (None, why it cannot fit) for one candidate under one budget."""
-    from layercard import PlanConfig, make_plan
+    from layercard import PlanConfig
     from layercard.errors import LayercardError
 
     try:
         if candidate == "reference":
             return _reference(card), None
         if candidate in ("recommend", *RULES):
-            return make_plan(card, PlanConfig(policy=candidate, budget=budget)), None
+            return planned(card, PlanConfig(policy=candidate, budget=budget)), None
         if candidate == "depth-all":  # the recommendation taken among placements over all the depth only
-            return make_plan(card, PlanConfig(policy="recommend", budget=budget, depth="all")), None
+            return planned(card, PlanConfig(policy="recommend", budget=budget, depth="all")), None
         if candidate in ("uniform", "card-stratified"):
             cfg = PlanConfig(policy=candidate, budget=_absolute(card, budget), roles="all-linear", rank=8)
-            return make_plan(card, cfg), None
+            return planned(card, cfg), None
         if candidate in ("houlsby", "parallel"):
             plan = _bottleneck(card, candidate, budget)
             return (plan, None) if plan is not None else (None, "no width fits")
         if candidate == "eva":  # the all-linear rule's placement; EVA redistributes its ranks in training
-            return make_plan(card, PlanConfig(policy="all-linear", budget=budget)), None
+            return planned(card, PlanConfig(policy="all-linear", budget=budget)), None
         if candidate == "spectrum":
-            return make_plan(card, PlanConfig(policy="spectrum", budget=budget)), None
+            return planned(card, PlanConfig(policy="spectrum", budget=budget)), None
     except LayercardError as e:
         return None, str(e)
     raise SystemExit(f"unknown candidate {candidate!r}")
@@ -205,11 +220,11 @@ def signature(plan: Any, init: str = "default") -> str:
 
 def predicted_quality(card: Any, plan: Any) -> float | None:
     """The default quality model's fraction for a LoRA plan (bottleneck adapters: none)."""
-    from layercard.plan.quality import default_model, features
+    from layercard.plan.quality import TWO_TASK_MODEL, features
 
     if plan.kind != "lora":
         return None
-    model = default_model()
+    model = TWO_TASK_MODEL
     return float(model.predict(features(card, {u.key: u.rank for u in plan.units}, score=model.score)))
 
 

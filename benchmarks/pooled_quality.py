@@ -199,7 +199,7 @@ def pool_records() -> tuple[list[dict[str, Any]], dict[str, list[dict[str, Any]]
 
     from layercard.artifacts import read_json
     from layercard.card import Card
-    from layercard.plan.quality import HIGH_TARGET_ENTROPY, default_model, features
+    from layercard.plan.quality import HIGH_TARGET_ENTROPY, TWO_TASK_MODEL, features
 
     h = _entropy()
     side = {t: h[t] >= HIGH_TARGET_ENTROPY for t in h}
@@ -216,7 +216,7 @@ def pool_records() -> tuple[list[dict[str, Any]], dict[str, list[dict[str, Any]]
         ]
         for t, pairs in labelled["seed mean"].items()
     }
-    score = default_model().score
+    score = TWO_TASK_MODEL.score
     for name in F.TASKS:
         card = Card.load(F.OUT / "cards" / name / "card.json")
         by_pos = {(u.layer, u.role): u.key for u in card.units}
@@ -259,9 +259,9 @@ def placement_records(
     import placement_v2 as P
 
     from layercard.card import Card
-    from layercard.plan.quality import HIGH_TARGET_ENTROPY, default_model, features
+    from layercard.plan.quality import HIGH_TARGET_ENTROPY, TWO_TASK_MODEL, features
 
-    score = default_model().score
+    score = TWO_TASK_MODEL.score
     side = _entropy()[task] >= HIGH_TARGET_ENTROPY
     card = Card.load(P.RESULTS / "cards" / task / "card.json")
     by_pos = {(u.layer, u.role): u.key for u in card.units}
@@ -276,9 +276,9 @@ def placement_records(
 
 def _default_scores(rows: Rows) -> dict[str, dict[str, float]]:
     """The frozen default's error and regret per task of ``rows``."""
-    from layercard.plan.quality import default_model
+    from layercard.plan.quality import TWO_TASK_MODEL
 
-    m = default_model()
+    m = TWO_TASK_MODEL
     if m.form != "capacity_coverage":
         raise SystemExit(f"pooled_quality.py reads the default as x_p^γ·c^β; it is now {m.form!r}")
     dflt = PooledForm("default", "", "capacity", False, False)

@@ -875,14 +875,14 @@ def _wide_cross_task(seeds: list[int], reference: str = "own") -> dict[str, Any]
     ``reference`` (``seed_fractions``). None until some task's seed-0 wide runs are all there."""
     import statistics
 
-    from layercard.plan.quality import FORMS, default_model, fit
+    from layercard.plan.quality import FORMS, TWO_TASK_MODEL, fit
 
     done, labels = _wide_labels(seeds, reference)
     if not done:
         return None
     tasks = sorted(labels["usual seed 0"])
     scored = {k: _cross_task(v, regret=True) for k, v in labels.items()}
-    model = default_model()
+    model = TWO_TASK_MODEL
     eligible, chosen = decide_rule(
         {n: scored["larger seed 0"][n]["cross_task_mae"] for n in FORMS},
         {n: scored["larger seed mean"][n]["cross_task_regret"] for n in FORMS},
@@ -2083,9 +2083,9 @@ def longer(steps: int) -> dict[str, Any]:
     import statistics
 
     from layercard.artifacts import read_json, write_json, write_text
-    from layercard.plan.quality import default_model
+    from layercard.plan.quality import TWO_TASK_MODEL
 
-    model = default_model()
+    model = TWO_TASK_MODEL
     out: dict[str, Any] = {"steps": steps, "base_steps": STEPS, "model": model.describe(), "tasks": {}}
     for name in TASKS:
         ref_path = _run_path(name, "ref", SEED, steps)

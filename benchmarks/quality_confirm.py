@@ -351,10 +351,10 @@ def score() -> dict[str, Any]:
 
     from layercard.artifacts import read_json, write_json, write_text
     from layercard.card import Card
-    from layercard.plan.quality import ALL_FORMS, decision_regret, default_model, features
+    from layercard.plan.quality import ALL_FORMS, TWO_TASK_MODEL, decision_regret, features
 
     summary = read_json(P.RESULTS / "summary.json")
-    model = default_model()
+    model = TWO_TASK_MODEL
     sat = tuple(read_json(OUT / "saturation.json")["pooled"]["seed mean"]["params"])
     others = {k: (v if v is not None else sat) for k, v in OTHERS.items()}
     noise_forms, slowdown = _noise_forms()

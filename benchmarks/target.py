@@ -37,9 +37,9 @@ RUN_FOLDERS = (P.RESULTS / "runs", P.RESULTS / "tight" / "runs", OUT / "runs")
 
 def plan_at(card: Any, target: float, depth: str) -> Any:
     """The plan `layercard plan --target` makes from ``card`` under ``depth``."""
-    from layercard import PlanConfig, make_plan
+    from layercard import PlanConfig
 
-    return make_plan(card, PlanConfig(policy="recommend", target=target, depth=depth))
+    return P.planned(card, PlanConfig(policy="recommend", target=target, depth=depth))
 
 
 def _runs(task: str, sig: str) -> list[dict[str, Any]]:

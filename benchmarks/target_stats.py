@@ -139,9 +139,9 @@ def _shortfall_runs() -> dict[str, tuple[str, Runs, dict[str, Runs]]]:
     import quality as Q
 
     from layercard.artifacts import read_json
-    from layercard.plan.quality import default_model
+    from layercard.plan.quality import TWO_TASK_MODEL
 
-    model = default_model()
+    model = TWO_TASK_MODEL
     out: dict[str, tuple[str, Runs, dict[str, Runs]]] = {}
     for name in Q.TASKS:
         base_path = Q.RESULTS / "runs" / f"{name}-base.json"

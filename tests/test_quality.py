@@ -202,16 +202,60 @@ def test_no_prediction_below_the_smallest_share_the_model_was_fitted_on_is_relie
         floor.recommend([Budget("params", 0.05, True)])
 
 
-def test_default_model_is_the_committed_decision():
+def test_two_task_model_is_the_committed_decision():
     import json
     from pathlib import Path
 
     decision = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "quality" / "decision.json"
     chosen = json.loads(decision.read_text())["chosen"]
-    model = Q.default_model()
+    model = Q.TWO_TASK_MODEL
     assert model.form == chosen["form"] and list(model.params) == chosen["params"]
     assert model.expected_error == pytest.approx(chosen["expected_error"], abs=5e-4)
     assert chosen["min_params_share"] - 1e-3 < model.min_params_share <= chosen["min_params_share"]
+
+
+def test_default_model_is_the_committed_ten_task_fit_adopted_on_the_confirmation_runs():
+    """The default is the pooled fit pooled_quality.py chose, adopted by batch_v2.py rescore, with the error
+    band and expected error side_model.py measured."""
+    import json
+    from pathlib import Path
+
+    results = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+    pooled = json.loads((results / "quality" / "pooled.json").read_text())
+    side = json.loads((results / "quality" / "side_model.json").read_text())
+    rescore = json.loads((results / "placement_v2" / "batch4" / "rescore.json").read_text())
+    model = Q.default_model()
+    assert model is Q.TEN_TASK_MODEL and model.form == "side_capacity_coverage"
+    chosen = pooled["rule"]["chosen"]
+    assert rescore["chosen"] == side["form"] == chosen and rescore["adopted"]
+    p = pooled["forms"][chosen]["pooled"]["params"]
+    assert model.params == (p["p"], *p["gamma"], *p["beta"])
+    assert model.expected_error == pytest.approx(side["held_out_mae"], abs=5e-4)
+    assert side["band_check"]["chosen"] == "line"
+    assert model.error_band == pytest.approx(tuple(side["band"]), abs=5e-4)
+    assert model.min_params_share == Q.TWO_TASK_MODEL.min_params_share  # the same grid of placements
+
+
+def test_side_form_reads_each_side_and_an_unmeasured_card_as_the_lower():
+    form = Q.ALL_FORMS["side_capacity_coverage"]
+    params = (2.0, 0.1, 0.5, 0.2, 1.0)
+    base = Q.Features(capacity=0.5, params=0.3, coverage=0.5, capacities=(0.9, 0.8, 0.7, 0.5))
+    low = 0.5**0.1 * 0.5**0.2
+    high = 0.5**0.5 * 0.5**1.0
+    assert form.fn(dataclasses.replace(base, varied_targets=False), params) == pytest.approx(low)
+    assert form.fn(dataclasses.replace(base, varied_targets=True), params) == pytest.approx(high)
+    assert form.fn(base, params) == pytest.approx(low)  # None: the card did not measure its targets
+    p1 = (1.0, *params[1:])  # the capacity at weight power 1
+    assert form.fn(base, p1) == pytest.approx(0.7**0.1 * 0.5**0.2)
+
+
+def test_features_carry_the_cards_side_of_the_entropy_threshold():
+    card = _card()
+    keys = {card.units[0].key: 8}
+    assert Q.Basis(card).features(keys).varied_targets is None
+    for h, side in ((Q.HIGH_TARGET_ENTROPY, True), (Q.HIGH_TARGET_ENTROPY - 0.01, False)):
+        c = dataclasses.replace(card, task={**card.task, "target_entropy": h})
+        assert Q.features(c, keys).varied_targets is side
 
 
 def test_practitioner_rules_fit_the_budget_their_way():
@@ -628,14 +672,14 @@ def test_model_error_grows_as_coverage_drops_and_falls_back_to_one_error():
     assert banded.describe()["error_band"] == [0.04, 0.12] and flat.describe()["error_band"] is None
 
 
-def test_default_error_band_is_the_committed_choice():
+def test_two_task_error_band_is_the_committed_choice():
     import json
     from pathlib import Path
 
     band = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "quality" / "band.json"
     chosen = json.loads(band.read_text())["chosen"]
     assert chosen["form"] == "line"
-    assert Q.default_model().error_band == pytest.approx(tuple(chosen["params"]), abs=5e-4)
+    assert Q.TWO_TASK_MODEL.error_band == pytest.approx(tuple(chosen["params"]), abs=5e-4)
 
 
 def test_plans_carry_each_placements_own_expected_error():

@@ -187,8 +187,7 @@ def _none_over_depth(search: F.Search, budgets: Sequence[Budget]) -> str | None:
 
 def over_depth_only(card: Card, cfg: PlanConfig, model: Q.QualityModel) -> bool:
     """Whether the recommendation is taken among placements over all the depth: asked for (``depth: all``),
-    or, by default, under a budget or a target where the card's targets are varied enough for the plan's
-    caution (the caution's figures were measured with the default model)."""
+    or, by default, under a budget or a target where the card's targets are varied (:func:`_varied`)."""
     if cfg.policy != "recommend" or cfg.depth == "any":
         return False
     if cfg.depth == "all":
@@ -197,10 +196,14 @@ def over_depth_only(card: Card, cfg: PlanConfig, model: Q.QualityModel) -> bool:
 
 
 def _varied(card: Card, model: Q.QualityModel) -> bool:
-    """Whether the card's targets are varied enough for the plan's caution on depth (HIGH_TARGET_ENTROPY;
-    its figures were measured with the default model)."""
+    """Whether the card's targets are varied enough for the depth rule (HIGH_TARGET_ENTROPY), for the models
+    it was measured with: the two-task model's recommendations, kept for the default fitted after them."""
     h = card.task.get("target_entropy")
-    return h is not None and h >= Q.HIGH_TARGET_ENTROPY and model == Q.default_model()
+    return (
+        h is not None
+        and h >= Q.HIGH_TARGET_ENTROPY
+        and (model == Q.default_model() or model in Q.BUILT_IN_MODELS)
+    )
 
 
 def _chosen(
