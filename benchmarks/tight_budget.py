@@ -30,13 +30,16 @@ from quality import seed_gaps
 
 BUDGETS = ("params=0.1x", "step_time=0.7x", "params=0.15x", "params=0.05x", "params=0.2x", "params=0.04x")
 CANDIDATES = ("recommend", "previous-default", "peft-default", "all-linear", "last-n")
-# trained only when asked for: the recommendation taken among placements over all the depth (plan.depth=all)
-EXTRA_CANDIDATES = ("depth-all",)
+# trained only when asked for: the recommendation taken among placements over all the depth (plan.depth=all);
+# the ten-task default's recommendation
+EXTRA_CANDIDATES = ("depth-all", "ten-task")
 UNSEEN = ("gsm8k", "samsum", "facts", "format")
 OUT = P.RESULTS / "tight"
 
 
 def _plan(card: Any, candidate: str, budget: str) -> tuple[Any, str | None]:
+    if candidate == "ten-task":
+        return _ten_task(card, budget), None
     if candidate != "previous-default":
         return P.plan_for(card, candidate, budget)
     from layercard import PlanConfig
@@ -46,6 +49,21 @@ def _plan(card: Any, candidate: str, budget: str) -> tuple[Any, str | None]:
     previous = QualityModel("params", (0.03,), expected_error=0.066, basis="the default before", max_rank=8)
     cfg = PlanConfig(policy="recommend", budget=budget)
     return search_plan(card, cfg, model=previous), None
+
+
+def _ten_task(card: Any, budget: str) -> Any:
+    """The ten-task default's recommendation (``TEN_TASK_MODEL``, adopted after these runs' cards were
+    made), from the committed card given its task's target entropy as a card made today reads it."""
+    from fresh_tasks import with_target_entropy
+
+    from layercard import PlanConfig
+    from layercard.plan.make import at_batch
+    from layercard.plan.quality import TEN_TASK_MODEL
+    from layercard.plan.recommend import search_plan
+
+    card = with_target_entropy(card, card.task["name"])
+    cfg = PlanConfig(policy="recommend", budget=budget)
+    return search_plan(at_batch(card, cfg.batch_size), cfg, model=TEN_TASK_MODEL)
 
 
 def _reference(task: str) -> tuple[float, int]:
