@@ -166,6 +166,7 @@ def summary() -> dict[str, Any]:
         )
     )
     out["seed_noise"] = _seed_noise(out)
+    out["ten_task"] = ten_task_check(out)
     write_json(OUT / "tight.json", out)
     write_text(OUT / "tight.md", _markdown(out))
     _plot(out)
@@ -351,6 +352,82 @@ def _fitted_note(out: dict[str, Any]) -> str:
     )
 
 
+def ten_task_check(out: dict[str, Any]) -> dict[str, Any] | None:
+    """The ten-task default's pick against the two-task model's (``recommend``) and the best rule, per cell
+    where both were trained, and the decision rule stated before its runs: it stays the default only if it
+    is behind the two-task pick beyond the larger range over seeds in no cell where the picks differ, and
+    its mean difference over those cells is 0 or below. None before any ten-task run."""
+    cells = []
+    for budget, tasks in out["budgets"].items():
+        for task, t in tasks.items():
+            rows = {r["candidate"]: r for r in t["rows"] if r["fits"]}
+            if "ten-task" not in rows or "recommend" not in rows:
+                continue
+            new, old = rows["ten-task"], rows["recommend"]
+            cell = {"budget": budget, "task": task, "placement": new["placement"], "seeds": new["seeds"]}
+            cell["same"] = new["signature"] == old["signature"]
+            cell["against_two_task"] = new["test_loss"] - old["test_loss"]
+            cell["range"] = max(new["test_loss_range"], old["test_loss_range"])
+            rules = [r for c, r in rows.items() if c in P.RULES]
+            if rules:
+                best = min(rules, key=lambda r: r["test_loss"])
+                cell["best_rule"] = best["candidate"]
+                cell["against_best_rule"] = new["test_loss"] - best["test_loss"]
+                cell["rule_range"] = max(new["test_loss_range"], best["test_loss_range"])
+            cells.append(cell)
+    if not cells:
+        return None
+    differ = [c for c in cells if not c["same"]]
+    behind = [c for c in differ if c["against_two_task"] > c["range"]]
+    mean = statistics.fmean(c["against_two_task"] for c in differ) if differ else 0.0
+    return {
+        "cells": cells,
+        "differ": len(differ),
+        "behind_beyond_range": [f"{c['task']} {c['budget']}" for c in behind],
+        "mean_against_two_task": mean,
+        "stays_default": not behind and mean <= 0.0,
+    }
+
+
+def _ten_task_lines(check: dict[str, Any] | None) -> list[str]:
+    if not check:
+        return []
+    lines = [
+        "",
+        "## The ten-task default's pick",
+        "",
+        "The recommendation of the quality model fitted on ten tasks (`ten-task`, the committed card given "
+        "its task's target entropy as a card made today reads it) against the two-task model's (`recommend`) "
+        "and the best rule at the same budget: mean test loss minus theirs (negative: lower; **bold**: "
+        "beyond the larger of the two ranges over seeds).",
+        "",
+        "| budget | task | ten-task pick | seeds | minus the two-task pick | minus the best rule |",
+        "|---|---|---|---:|---:|---:|",
+    ]
+
+    def cell(d: float, rng: float) -> str:
+        text = f"{d:+.4f} (range {rng:.4f})"
+        return f"**{text}**" if abs(d) > rng else text
+
+    for c in check["cells"]:
+        two = "the same placement" if c["same"] else cell(c["against_two_task"], c["range"])
+        rule = (
+            f"{cell(c['against_best_rule'], c['rule_range'])} ({c['best_rule']})" if "best_rule" in c else ""
+        )
+        seeds = len(c["seeds"])
+        lines.append(f"| {c['budget']} | {c['task']} | {c['placement']} | {seeds} | {two} | {rule} |")
+    behind = ", ".join(check["behind_beyond_range"]) or "none"
+    lines += [
+        "",
+        f"Where the picks differ ({check['differ']} cells): behind the two-task pick beyond the range in "
+        f"{behind}; mean difference {check['mean_against_two_task']:+.4f}. Decision rule (stated before the "
+        "runs): the ten-task model stays the default only if it is behind beyond the range nowhere and its "
+        "mean difference is 0 or below: "
+        f"**{'stays' if check['stays_default'] else 'reverts to the two-task model'}**.",
+    ]
+    return lines
+
+
 def _markdown(out: dict[str, Any]) -> str:
     lines = [
         "# The recommendation against the rules where it departs from them",
@@ -362,6 +439,7 @@ def _markdown(out: dict[str, Any]) -> str:
         "land on the same placement share one run. " + _fitted_note(out),
         "",
         *_overview(out),
+        *_ten_task_lines(out.get("ten_task")),
         "",
         "![test loss against trainable parameters](tight.png)",
     ]
@@ -396,8 +474,8 @@ def _markdown(out: dict[str, Any]) -> str:
         if errs:
             lines += [
                 "",
-                f"The default quality model's mean absolute error over these {len(errs)} distinct placements "
-                f"(seed means): {statistics.mean(errs):.3f}.",
+                f"The two-task quality model's mean absolute error over these {len(errs)} distinct "
+                f"placements (seed means): {statistics.mean(errs):.3f}.",
             ]
         lines += _depth_all_lines(tasks)
     if out.get("seed_noise"):

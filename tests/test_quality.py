@@ -214,9 +214,10 @@ def test_two_task_model_is_the_committed_decision():
     assert chosen["min_params_share"] - 1e-3 < model.min_params_share <= chosen["min_params_share"]
 
 
-def test_default_model_is_the_committed_ten_task_fit_adopted_on_the_confirmation_runs():
-    """The default is the pooled fit pooled_quality.py chose, adopted by batch_v2.py rescore, with the error
-    band and expected error side_model.py measured."""
+def test_ten_task_model_is_the_committed_pooled_fit_and_not_the_default():
+    """The ten-task model is the pooled fit pooled_quality.py chose and batch_v2.py rescore scored, with the
+    error band and expected error side_model.py measured; the default stayed the two-task model, as the rule
+    stated before the tight-budget runs of its picks decided."""
     import json
     from pathlib import Path
 
@@ -224,8 +225,9 @@ def test_default_model_is_the_committed_ten_task_fit_adopted_on_the_confirmation
     pooled = json.loads((results / "quality" / "pooled.json").read_text())
     side = json.loads((results / "quality" / "side_model.json").read_text())
     rescore = json.loads((results / "placement_v2" / "batch4" / "rescore.json").read_text())
-    model = Q.default_model()
-    assert model is Q.TEN_TASK_MODEL and model.form == "side_capacity_coverage"
+    tight = json.loads((results / "placement_v2" / "tight" / "tight.json").read_text())
+    model = Q.TEN_TASK_MODEL
+    assert model.form == "side_capacity_coverage"
     chosen = pooled["rule"]["chosen"]
     assert rescore["chosen"] == side["form"] == chosen and rescore["adopted"]
     p = pooled["forms"][chosen]["pooled"]["params"]
@@ -234,6 +236,8 @@ def test_default_model_is_the_committed_ten_task_fit_adopted_on_the_confirmation
     assert side["band_check"]["chosen"] == "line"
     assert model.error_band == pytest.approx(tuple(side["band"]), abs=5e-4)
     assert model.min_params_share == Q.TWO_TASK_MODEL.min_params_share  # the same grid of placements
+    assert not tight["ten_task"]["stays_default"]
+    assert Q.default_model() is Q.TWO_TASK_MODEL and set(Q.BUILT_IN_MODELS) == {model, Q.TWO_TASK_MODEL}
 
 
 def test_side_form_reads_each_side_and_an_unmeasured_card_as_the_lower():

@@ -44,18 +44,6 @@ def test_shortfall_reads_placements_under_half_the_depth_only(side):
         side.shortfalls(np.array([np.nan, 0.8, 0.9, 0.9]), rows)
 
 
-def test_the_caution_quotes_the_committed_shortfalls(side):
-    from layercard.plan import quality as Q
-
-    out = json.loads((side.OUT / "side_model.json").read_text())
-    rows = [*out["shortfall"]["held_out"].values(), *out["shortfall"]["confirm"].values()]
-    warned = [r["shortfall"] for r in rows if r["high"]]
-    quiet = [r["shortfall"] for r in rows if not r["high"]]
-    assert len(warned) >= 3 and len(quiet) >= 3
-    assert (round(min(warned), 2), round(max(warned), 2)) == Q.HIGH_ENTROPY_SHORTFALL
-    assert round(max(abs(x) for x in quiet), 2) == Q.LOW_ENTROPY_SHORTFALL
-
-
 def test_committed_results_are_what_the_committed_runs_give(side, tmp_path, monkeypatch):
     committed = json.loads((side.OUT / "side_model.json").read_text())
     committed_md = (side.OUT / "side_model.md").read_text()

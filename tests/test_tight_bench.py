@@ -57,3 +57,33 @@ def test_seed_noise_is_each_run_against_the_mean_of_the_others(tight):
     assert noise["t"]["one_run_vs_other_seeds_mean"] == pytest.approx(
         (0.15 + 0 + 0.15 + 0.15 + 0.15 + 0.3) / 6
     )
+
+
+def _placed(candidate: str, loss: float, spread: float, sig: str) -> dict:
+    return {**_row(candidate, loss, spread, 1.0, 1.0, sig=sig), "placement": sig, "seeds": [0, 1, 2]}
+
+
+def test_ten_task_check_applies_the_stated_decision_rule(tight):
+    def out(cells):
+        return {"budgets": {b: {t: {"rows": rows} for t, rows in by.items()} for b, by in cells.items()}}
+
+    same = [_placed("recommend", 1.0, 0.01, "a"), _placed("ten-task", 1.0, 0.01, "a")]
+    ahead = [
+        _placed("recommend", 1.0, 0.02, "a"),
+        _placed("ten-task", 0.9, 0.01, "b"),
+        _placed("last-n", 0.95, 0.0, "c"),
+    ]
+    behind = [_placed("recommend", 1.0, 0.02, "a"), _placed("ten-task", 1.05, 0.03, "b")]
+    close = [_placed("recommend", 1.0, 0.02, "a"), _placed("ten-task", 1.01, 0.03, "b")]
+    check = tight.ten_task_check(out({"params=0.1x": {"t": ahead, "u": same}}))
+    assert check["differ"] == 1 and check["stays_default"]
+    c = {x["task"]: x for x in check["cells"]}
+    assert c["u"]["same"] and c["t"]["against_two_task"] == pytest.approx(-0.1)
+    assert c["t"]["best_rule"] == "last-n" and c["t"]["against_best_rule"] == pytest.approx(-0.05)
+    # behind the two-task pick by more than the larger range anywhere: it reverts, whatever the mean
+    check = tight.ten_task_check(out({"params=0.1x": {"t": ahead, "u": behind}}))
+    assert check["behind_beyond_range"] == ["u params=0.1x"] and not check["stays_default"]
+    # within the range everywhere but behind on average: it reverts too
+    check = tight.ten_task_check(out({"params=0.1x": {"u": close}}))
+    assert check["behind_beyond_range"] == [] and not check["stays_default"]
+    assert tight.ten_task_check(out({"params=0.1x": {"u": same[:1]}})) is None  # no ten-task run yet
