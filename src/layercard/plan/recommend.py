@@ -196,8 +196,8 @@ def over_depth_only(card: Card, cfg: PlanConfig, model: Q.QualityModel) -> bool:
 
 
 def _varied(card: Card, model: Q.QualityModel) -> bool:
-    """Whether the card's targets are varied enough for the depth rule (HIGH_TARGET_ENTROPY), for the models
-    it was measured with: the two-task model's recommendations, kept for the default fitted after them."""
+    """Whether the card's targets are varied enough for the depth rule (HIGH_TARGET_ENTROPY), under the
+    default or a built-in model (the rule was measured on the two-task model's recommendations)."""
     h = card.task.get("target_entropy")
     return (
         h is not None
