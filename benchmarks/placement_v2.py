@@ -12,10 +12,10 @@ rebuilds summary.json, placement_v2.md and the figures from them.
     .venv/bin/python benchmarks/placement_v2.py plan --tasks e2e_nlg   # what would run, nothing trained
     .venv/bin/python benchmarks/placement_v2_summary.py
 
-The quality model every plan here uses is the one that was layercard's default when these runs were trained
+The quality model every plan here uses is layercard's default, the two-task model
 (``layercard.plan.quality.TWO_TASK_MODEL``), fitted on e2e_nlg and sst2 (benchmarks/quality.py) and frozen
-before this benchmark ran on any other task; :func:`planned` keeps it, so a re-run lands on the same
-placements.
+before this benchmark ran on any other task; :func:`planned` names it, so a re-run lands on the same
+placements whatever the default becomes.
 """
 
 from __future__ import annotations
