@@ -39,6 +39,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 OUT = ROOT / "benchmarks" / "results" / "quality"
+# fresh_tasks.py's cards and runs, and its summary (fresh.json) naming its tasks; read as files, so that
+# fresh_tasks.py, whose mid-depth table reads this script's forms, is not imported back
+FRESH = OUT / "fresh"
 
 CONFIRM = ("gsm8k", "samsum", "facts", "format")  # fitted on none of the forms
 BETA = tuple(round(0.05 * i, 3) for i in range(61))  # 0 … 3: the warned tasks lose far more than c^1
@@ -194,7 +197,6 @@ def _entropy() -> dict[str, float]:
 def pool_records() -> tuple[list[dict[str, Any]], dict[str, list[dict[str, Any]]]]:
     """Every grid placement of e2e_nlg, sst2 and the fresh tasks, seed-0 fractions, with features and side;
     and e2e_nlg's and sst2's placements labelled by their seed means."""
-    import fresh_tasks as F
     import quality as Q
 
     from layercard.artifacts import read_json
@@ -217,13 +219,13 @@ def pool_records() -> tuple[list[dict[str, Any]], dict[str, list[dict[str, Any]]
         for t, pairs in labelled["seed mean"].items()
     }
     score = TWO_TASK_MODEL.score
-    for name in F.TASKS:
-        card = Card.load(F.OUT / "cards" / name / "card.json")
+    for name in read_json(FRESH / "fresh.json")["tasks"]:
+        card = Card.load(FRESH / "cards" / name / "card.json")
         by_pos = {(u.layer, u.role): u.key for u in card.units}
-        base = read_json(F.OUT / "runs" / f"{name}-base.json")["test_loss"]
-        ref = read_json(F.OUT / "runs" / f"{name}-ref.json")["test_loss"]
+        base = read_json(FRESH / "runs" / f"{name}-base.json")["test_loss"]
+        ref = read_json(FRESH / "runs" / f"{name}-ref.json")["test_loss"]
         for p in Q.GRID[1:]:
-            r = read_json(F.OUT / "runs" / f"{name}-{p.name}.json")
+            r = read_json(FRESH / "runs" / f"{name}-{p.name}.json")
             f = features(card, {by_pos[(la, ro)]: rk for la, ro, rk in r["units"]}, score=score)
             fraction = (base - r["test_loss"]) / (base - ref)
             records.append({"task": name, "name": p.name, "fraction": fraction, "f": f, "side": side[name]})
