@@ -189,6 +189,27 @@ def batch4_placements(task: str) -> tuple[list[dict[str, Any]], float] | None:
     return out, float(read_json(ref_path)["test_loss"])
 
 
+def confirm_records_at_batch(usual: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """The confirmation tasks' records as pooled_quality.py's ``confirm_records`` gives them (``usual``, read
+    when not given), with gsm8k's and samsum's taken from their runs at BATCH instead."""
+    import placement_v2 as P
+    import pooled_quality as Q
+
+    from layercard.artifacts import read_json
+
+    usual = Q.confirm_records() if usual is None else usual
+    out = [r for r in usual if r["task"] not in TASKS]
+    for task in TASKS:
+        got = batch4_placements(task)
+        if got is None:
+            raise SystemExit(
+                f"{task} has placements without a run at batch {BATCH}; run batch_v2.py run --all first"
+            )
+        base = float(read_json(P.RESULTS / "runs" / task / "base.json")["test_loss"])
+        out += Q.placement_records(task, got[0], base, got[1])
+    return out
+
+
 def rescore() -> dict[str, Any]:
     """The pooled forms, frozen at their committed fit on ten tasks, and the default on the confirmation
     tasks with gsm8k's and samsum's fractions at BATCH; beside them the same at the task's own batch."""
@@ -199,15 +220,7 @@ def rescore() -> dict[str, Any]:
 
     pooled = read_json(Q.OUT / "pooled.json")
     at_b0 = Q.confirm_records()
-    at_b4 = [r for r in at_b0 if r["task"] not in TASKS]
-    for task in TASKS:
-        got = batch4_placements(task)
-        if got is None:
-            raise SystemExit(
-                f"rescore: {task} has placements without a run at batch {BATCH}; run --all first"
-            )
-        base = float(read_json(P.RESULTS / "runs" / task / "base.json")["test_loss"])
-        at_b4 += Q.placement_records(task, got[0], base, got[1])
+    at_b4 = confirm_records_at_batch(at_b0)
     out: dict[str, Any] = {"batch": BATCH, "chosen": pooled["rule"]["chosen"], "forms": {}, "tasks": {}}
     for t in TASKS:
         f0 = {r["name"]: r["fraction"] for r in at_b0 if r["task"] == t}

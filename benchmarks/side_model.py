@@ -84,21 +84,9 @@ def shortfalls(pred: np.ndarray, rows: Any) -> dict[str, dict[str, Any]]:
 def confirm_rows() -> Any:
     """The confirmation tasks' placements as rescore reads them (gsm8k and samsum at batch 4)."""
     import batch_v2 as B
-    import placement_v2 as P
     import pooled_quality as Q
 
-    from layercard.artifacts import read_json
-
-    records = [r for r in Q.confirm_records() if r["task"] not in B.TASKS]
-    for task in B.TASKS:
-        got = B.batch4_placements(task)
-        if got is None:
-            raise SystemExit(
-                f"side_model.py: {task} lacks runs at batch {B.BATCH}; run batch_v2.py run --all"
-            )
-        base = float(read_json(P.RESULTS / "runs" / task / "base.json")["test_loss"])
-        records += Q.placement_records(task, got[0], base, got[1])
-    return Q.rows_of(records)
+    return Q.rows_of(B.confirm_records_at_batch())
 
 
 def score() -> dict[str, Any]:
