@@ -172,16 +172,17 @@ def _bottleneck(card: Any, kind: str, budget: str) -> Any:
     return None
 
 
-def planned(card: Any, cfg: Any) -> Any:
-    """``make_plan`` as this benchmark's committed runs were planned: searches read the two-task quality model
-    (``TWO_TASK_MODEL``, the default when they were trained), so a re-run lands on the same placements."""
+def planned(card: Any, cfg: Any, model: Any = None) -> Any:
+    """``make_plan`` as this benchmark's committed runs were planned: searches read ``model``, by default the
+    two-task quality model (``TWO_TASK_MODEL``, the default when they were trained), so a re-run lands on
+    the same placements."""
     from layercard.config import SEARCH_POLICIES
     from layercard.plan.make import at_batch, make_plan
     from layercard.plan.quality import TWO_TASK_MODEL
     from layercard.plan.recommend import search_plan
 
     if cfg.policy in SEARCH_POLICIES:
-        return search_plan(at_batch(card, cfg.batch_size), cfg, model=TWO_TASK_MODEL)
+        return search_plan(at_batch(card, cfg.batch_size), cfg, model=model or TWO_TASK_MODEL)
     return make_plan(card, cfg)
 
 

@@ -57,13 +57,10 @@ def _ten_task(card: Any, budget: str) -> Any:
     from fresh_tasks import with_target_entropy
 
     from layercard import PlanConfig
-    from layercard.plan.make import at_batch
     from layercard.plan.quality import TEN_TASK_MODEL
-    from layercard.plan.recommend import search_plan
 
     card = with_target_entropy(card, card.task["name"])
-    cfg = PlanConfig(policy="recommend", budget=budget)
-    return search_plan(at_batch(card, cfg.batch_size), cfg, model=TEN_TASK_MODEL)
+    return P.planned(card, PlanConfig(policy="recommend", budget=budget), TEN_TASK_MODEL)
 
 
 def _reference(task: str) -> tuple[float, int]:

@@ -87,3 +87,25 @@ def test_ten_task_check_applies_the_stated_decision_rule(tight):
     check = tight.ten_task_check(out({"params=0.1x": {"u": close}}))
     assert check["behind_beyond_range"] == [] and not check["stays_default"]
     assert tight.ten_task_check(out({"params=0.1x": {"u": same[:1]}})) is None  # no ten-task run yet
+
+
+def test_committed_ten_task_cells_are_what_the_ten_task_model_picks_today(tight):
+    """Each committed ``ten-task`` ledger cell is the ten-task model's plan from the committed card, and at
+    least one differs from the two-task model's ``recommend`` (otherwise there was nothing to test)."""
+    import json
+
+    from layercard.card import Card
+
+    P = tight.P
+    differ = 0
+    for ledger_path in sorted((tight.OUT / "cells").glob("*.json")):
+        ledger = json.loads(ledger_path.read_text())
+        card = Card.load(P.RESULTS / "cards" / ledger_path.stem / "card.json")
+        for key, cell in ledger.items():
+            budget, candidate = key.split("|")
+            if candidate != "ten-task":
+                continue
+            plan, _ = tight._plan(card, "ten-task", budget)
+            assert P.signature(plan) == cell["signature"], key
+            differ += cell["signature"] != ledger[f"{budget}|recommend"]["signature"]
+    assert differ > 0
