@@ -238,7 +238,9 @@ def rescore() -> dict[str, Any]:
     rows = {"usual": Q.rows_of(at_b0), "batch": Q.rows_of(at_b4)}
     models = {f.name: (f, pooled["forms"][f.name]["pooled"]["params"]) for f in Q.FORMS}
     for name, (form, params) in models.items():
-        out["forms"][name] = {w: _per_task(Q, Q.predict(form, params, r), r) for w, r in rows.items()}
+        out["forms"][name] = {
+            w: _with_mean(Q.per_task_scores(Q.predict(form, params, r), r)) for w, r in rows.items()
+        }
     out["default"] = {w: _with_mean(Q._default_scores(r)) for w, r in rows.items()}
     chosen = out["forms"][out["chosen"]]["batch"]["mean"]
     conds = Q.adopted(chosen, pooled["forms"][out["chosen"]]["choosing_seed0"])
@@ -249,17 +251,10 @@ def rescore() -> dict[str, Any]:
     return out
 
 
-def _per_task(Q: Any, pred: Any, rows: Any) -> dict[str, Any]:
-    by = {}
-    for t in sorted(set(rows.task)):
-        m = rows.task == t
-        by[str(t)] = Q.scores(pred[m], rows.where(m))
-    return _with_mean(by)
-
-
 def _with_mean(by: dict[str, dict[str, float]]) -> dict[str, Any]:
-    mean = {s: statistics.fmean(v[s] for v in by.values()) for s in ("mae", "regret")}
-    return {"tasks": by, "mean": mean}
+    import pooled_quality as Q
+
+    return {"tasks": by, "mean": Q.task_mean(by)}
 
 
 def _rescore_markdown(out: dict[str, Any]) -> str:

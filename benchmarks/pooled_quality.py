@@ -167,6 +167,16 @@ def scores(pred: np.ndarray, rows: Rows) -> dict[str, float]:
     }
 
 
+def per_task_scores(pred: np.ndarray, rows: Rows) -> dict[str, dict[str, float]]:
+    """:func:`scores` of ``pred`` on each task of ``rows``."""
+    return {str(t): scores(pred[rows.task == t], rows.where(rows.task == t)) for t in sorted(set(rows.task))}
+
+
+def task_mean(by_task: dict[str, dict[str, Any]]) -> dict[str, float]:
+    """Mean error and regret over the tasks of ``by_task``."""
+    return {s: statistics.fmean(v[s] for v in by_task.values()) for s in ("mae", "regret")}
+
+
 def held_out(form: PooledForm, rows: Rows) -> dict[str, dict[str, Any]]:
     """Per task: the form fitted on every other task, scored on it."""
     out = {}
@@ -285,11 +295,7 @@ def _default_scores(rows: Rows) -> dict[str, dict[str, float]]:
         raise SystemExit(f"pooled_quality.py reads the default as x_p^γ·c^β; it is now {m.form!r}")
     dflt = PooledForm("default", "", "capacity", False, False)
     params = {"p": m.params[0], "gamma": m.params[1], "beta": m.params[2]}
-    out = {}
-    for t in sorted(set(rows.task)):
-        test = rows.where(rows.task == t)
-        out[str(t)] = scores(predict(dflt, params, test), test)
-    return out
+    return per_task_scores(predict(dflt, params, rows), rows)
 
 
 def score() -> dict[str, Any]:
@@ -325,12 +331,12 @@ def score() -> dict[str, Any]:
         out["forms"][form.name] = {
             "description": form.description,
             "held_out": ho,
-            "held_out_mean": {s: statistics.fmean(v[s] for v in ho.values()) for s in ("mae", "regret")},
+            "held_out_mean": task_mean(ho),
             "choosing_seed0": statistics.fmean(ho[t]["mae"] for t in ("e2e_nlg", "sst2")),
             "choosing_seed_mean": {t: v["mae"] for t, v in seed_mean.items()},
             "pooled": {"params": params, "fit_mae": fit_mae},
             "confirm": per_task,
-            "confirm_mean": {s: statistics.fmean(v[s] for v in per_task.values()) for s in ("mae", "regret")},
+            "confirm_mean": task_mean(per_task),
         }
     forms = out["forms"]
     eligible, chosen = Q.decide_rule(
@@ -383,7 +389,7 @@ def markdown(out: dict[str, Any]) -> str:
         cells = [f"{v['held_out'][t]['mae']:.3f} / {v['held_out'][t]['regret']:.3f}" for v in forms.values()]
         d = dflt["held_out"][t]
         lines.append(f"| {t} | " + " | ".join(cells) + f" | {d['mae']:.3f} / {d['regret']:.3f} |")
-    mean_d = {s: statistics.fmean(v[s] for v in dflt["held_out"].values()) for s in ("mae", "regret")}
+    mean_d = task_mean(dflt["held_out"])
     lines.append(
         "| **mean** | "
         + " | ".join(
@@ -415,8 +421,7 @@ def markdown(out: dict[str, Any]) -> str:
     dc = dflt["confirm"]
     lines.append(
         "| `default` (frozen) | — | — | — | — | "
-        f"{statistics.fmean(x['mae'] for x in dc.values()):.3f} / "
-        f"{statistics.fmean(x['regret'] for x in dc.values()):.3f} | "
+        f"{task_mean(dc)['mae']:.3f} / {task_mean(dc)['regret']:.3f} | "
         + " | ".join(f"{dc[t]['mae']:.3f} / {dc[t]['regret']:.3f}" for t in CONFIRM)
         + " |"
     )
