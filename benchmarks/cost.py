@@ -1,11 +1,11 @@
-"""Cost model check: predicted against measured step time and peak training memory on smollm2.
+"""Cost model check: predicted against measured step time, peak memory and unmerged forward on smollm2.
 
 For each task, measures one calibrated Layer Card (every linear role) and then trains a fixed set of
 placements of different matrices, layers and ranks for a few steps each with `layercard train`'s own
-loop, in the same process, recording what train_metrics.json records: measured s/step and peak memory
-next to the plan's predictions rescaled to the run's positions per step. One JSON per placement under
-RESULTS/TASK/runs/, so the script resumes where it stopped; ``report`` rebuilds cost.json, cost.md and
-cost_predicted.png from them.
+loop, in the same process, recording what train_metrics.json records: measured s/step, peak memory and
+one unmerged forward after training next to the plan's predictions rescaled to the run's positions. One
+JSON per placement under RESULTS/TASK/runs/, so the script resumes where it stopped; ``report`` rebuilds
+cost.json, cost.md and cost_predicted.png from them.
 
     .venv/bin/python benchmarks/cost.py run [--threads 2] [--tasks e2e_nlg,sst2] [--out FOLDER]
         [--model smollm2] [--device cpu] [--dtype float32] [--steps 6] [--batch 8]
@@ -108,7 +108,8 @@ def _run(loaded: Any, card: Any, task: Any, p: Placement, path: Path, setup: Set
         "peak_memory_kind",
         "peak_memory_start_mib",
         "predicted_peak_memory_mib", "predicted_peak_memory_scaled_mib", "predicted_training_memory_mib",
-        "training_memory_ratio", "trainable_params",
+        "training_memory_ratio", "trainable_params", "forward_s", "forward_positions", "predicted_forward_s",
+        "predicted_forward_scaled_s",
     )  # fmt: skip
     write_json(
         path,
@@ -128,7 +129,8 @@ def _run(loaded: Any, card: Any, task: Any, p: Placement, path: Path, setup: Set
     )
     print(
         f"{p.name}: {m['s_per_step']:.2f} s/step (predicted {m['predicted_step_time_scaled_s']:.2f}), "
-        f"peak {m['peak_memory_mib']:.0f} MiB (predicted {m['predicted_peak_memory_scaled_mib']:.0f})",
+        f"peak {m['peak_memory_mib']:.0f} MiB (predicted {m['predicted_peak_memory_scaled_mib']:.0f}), "
+        f"forward {m['forward_s']:.3f} s (predicted {m['predicted_forward_scaled_s']:.3f})",
         flush=True,
     )
 
@@ -184,9 +186,24 @@ def _task_rows(name: str) -> tuple[Any, list[dict[str, Any]], list[dict[str, Any
                 "training_memory_mib": added,
                 "predicted_training_memory_mib": r["predicted_training_memory_mib"],
                 "training_memory_error": _rel(added, r["predicted_training_memory_mib"]),
+                **_forward(r),
             }
         )
     return card, runs, rows
+
+
+def _forward(r: dict[str, Any]) -> dict[str, Any]:
+    """The unmerged forward's error where the run timed one: against the plan's forward rescaled to the
+    positions it was timed on, and against the forward as planned (the card's positions)."""
+    if r.get("forward_s") is None or not r.get("predicted_forward_scaled_s"):
+        return {}
+    return {
+        "forward_positions": r["forward_positions"],
+        "forward_s": r["forward_s"],
+        "predicted_forward_s": r["predicted_forward_scaled_s"],
+        "forward_error": _rel(r["forward_s"], r["predicted_forward_scaled_s"]),
+        "unscaled_forward_error": _rel(r["forward_s"], r["predicted_forward_s"]),
+    }
 
 
 def _proportional(cost: dict[str, Any], r: dict[str, Any]) -> dict[str, Any]:
@@ -216,10 +233,12 @@ def _proportional(cost: dict[str, Any], r: dict[str, Any]) -> dict[str, Any]:
 
 _ERRORS = ("step_time_error", "peak_memory_error", "training_memory_error")
 _PROPORTIONAL = ("proportional_step_time_error", "proportional_peak_memory_error")
+_FORWARD = ("forward_error", "unscaled_forward_error")
 
 
 def _errors(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
     keys = _ERRORS + (_PROPORTIONAL if all(_PROPORTIONAL[0] in x for x in rows) else ())
+    keys += _FORWARD if all(_FORWARD[0] in x for x in rows) else ()
     return {
         "mean_abs_error": {k: statistics.fmean(abs(x[k]) for x in rows) for k in keys},
         "max_abs_error": {k: max(abs(x[k]) for x in rows) for k in keys},
@@ -235,6 +254,12 @@ def _shares(cal: dict[str, Any]) -> str:
         f"{b['s_per_step']:.3g} s on their {b['positions']:,} padded positions and "
         f"{b['half_s_per_step']:.3g} s on half of them: {_pct(cal['step_position_share'])} of a step grows "
         f"with positions, and {_pct(cal['memory_position_share'])} of the memory training adds."
+        + (
+            f" The base model's unmerged forward took {b['forward_s']:.3g} s and "
+            f"{b['half_forward_s']:.3g} s: {_pct(cal['forward_position_share'])} of it grows with positions."
+            if cal.get("forward_position_share") is not None
+            else ""
+        )
     )
 
 
@@ -364,6 +389,7 @@ def _markdown(out: dict[str, Any]) -> str:
             f"{_pct(mae['training_memory_error'])} (worst {_pct(worst['training_memory_error'])}).",
             "",
             *_proportional_line(mae),
+            *_forward_table(t),
         ]
     mae = out["mean_abs_error"]
     n = sum(len(t["runs"]) for t in out["tasks"].values())
@@ -373,8 +399,47 @@ def _markdown(out: dict[str, Any]) -> str:
         "mean absolute error.",
         "",
         *_proportional_line(mae),
+        *(
+            [
+                f"Unmerged forward, all {n} runs: {_pct(mae['forward_error'])} mean absolute error (worst "
+                f"{_pct(out['max_abs_error']['forward_error'])}) at the positions it was timed on; "
+                f"{_pct(mae['unscaled_forward_error'])} taken at the card's positions, as plans priced it "
+                "before the forward had its own share.",
+                "",
+            ]
+            if "forward_error" in mae
+            else []
+        ),
     ]
     return "\n".join(lines)
+
+
+def _forward_table(t: dict[str, Any]) -> list[str]:
+    """Predicted against measured unmerged forward, where the runs timed one (each on its first
+    micro-batch, after training)."""
+    mae, worst = t["mean_abs_error"], t["max_abs_error"]
+    if "forward_error" not in mae:
+        return []
+    lines = [
+        "Unmerged forward (one no-grad pass over the run's first micro-batch, the fastest of three after a "
+        "warm-up), against the plan's prediction rescaled to its positions and as planned:",
+        "",
+        "| placement | modules | positions | forward s | predicted | error | as planned: error |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in t["runs"]:
+        lines.append(
+            f"| {r['name']} | {r['modules']} | {r['forward_positions']:,} | {r['forward_s']:.3f} | "
+            f"{r['predicted_forward_s']:.3f} | {100 * r['forward_error']:+.1f}% | "
+            f"{100 * r['unscaled_forward_error']:+.1f}% |"
+        )
+    return [
+        *lines,
+        "",
+        f"Mean absolute error {_pct(mae['forward_error'])} (worst {_pct(worst['forward_error'])}); "
+        f"as planned {_pct(mae['unscaled_forward_error'])}.",
+        "",
+    ]
 
 
 def _plot(rows: list[dict[str, Any]], path: Path) -> None:
@@ -383,13 +448,14 @@ def _plot(rows: list[dict[str, Any]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4.5))
-    for ax, (m, p, title) in zip(
-        axes,
-        [("s_per_step", "predicted_s_per_step", "seconds per step"),
-         ("training_memory_mib", "predicted_training_memory_mib", "memory added by training (MiB)")],
-        strict=True,
-    ):  # fmt: skip
+    panels = [
+        ("s_per_step", "predicted_s_per_step", "seconds per step"),
+        ("training_memory_mib", "predicted_training_memory_mib", "memory added by training (MiB)"),
+    ]
+    if all("forward_s" in r for r in rows):
+        panels.append(("forward_s", "predicted_forward_s", "unmerged forward (s)"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4.5))
+    for ax, (m, p, title) in zip(axes, panels, strict=True):
         xs, ys = [r[m] for r in rows], [r[p] for r in rows]
         lo, hi = min(xs + ys) * 0.9, max(xs + ys) * 1.1
         ax.plot([lo, hi], [lo, hi], color="grey", lw=1)

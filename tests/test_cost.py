@@ -98,6 +98,42 @@ def test_a_cost_model_at_another_batch_rescales_only_the_measured_shares():
         cm.at_batch(0)
 
 
+def test_forward_time_at_another_batch_grows_by_its_own_share():
+    from layercard.train.metrics import predictions
+
+    cm = CostModel(
+        intercept_s=1.0, per_layer_backward_s=0.1, per_module_s=0.01, n_layers=10, batch_size=4,
+        batch_tokens=300, measured=[], device="cpu", batch_positions=400, step_position_share=0.25,
+        forward_base_s=0.2, forward_per_module_s=0.001, forward_position_share=0.5,
+    )  # fmt: skip
+    big = cm.at_batch(8)
+    # half of the forward grows with the rows: 0.5 + 0.5·2, for the base and for every adapted module
+    assert big.forward_time(6) == pytest.approx(cm.forward_time(6) * 1.5)
+    assert big.forward_position_share == pytest.approx(2 / 3)
+    assert big.at_batch(4).forward_time(6) == pytest.approx(cm.forward_time(6))
+    # a run timed on 600 positions gets the same prediction from either model's restated share
+    for model in (cm, big):
+        planned = {
+            "forward_s": model.forward_time(6),
+            "calibration_batch_positions": model.batch_positions,
+            "forward_position_share": model.forward_position_share,
+        }
+        out = predictions(planned, None, None, 900.0, None, forward_s=0.3, forward_positions=600)
+        assert out["predicted_forward_scaled_s"] == pytest.approx(0.206 * (0.5 + 0.5 * 600 / 400))
+        assert out["forward_ratio"] == pytest.approx(0.3 / out["predicted_forward_scaled_s"])
+        assert (out["forward_s"], out["forward_positions"]) == (0.3, 600)
+    # a card without the share: in proportion to the rows
+    old = dataclasses.replace(cm, forward_position_share=None)
+    assert old.at_batch(8).forward_time(6) == pytest.approx(2 * cm.forward_time(6))
+    assert old.at_batch(8).forward_position_share is None
+    # no forward prediction: the measurement is kept, no ratio is made up
+    out = predictions({}, None, None, 900.0, None, forward_s=0.3, forward_positions=600)
+    assert out["forward_s"] == 0.3 and out["forward_ratio"] is None and out["predicted_forward_s"] is None
+    # a card without batch positions: the ratio is taken against the forward as planned
+    out = predictions({"forward_s": 0.25}, None, None, 900.0, None, forward_s=0.3, forward_positions=600)
+    assert out["predicted_forward_scaled_s"] is None and out["forward_ratio"] == pytest.approx(1.2)
+
+
 def test_position_share_is_the_part_a_line_through_two_batches_puts_on_the_positions():
     assert position_share(2.0, 1.0, 1000, 500) == pytest.approx(1.0)  # proportional
     assert position_share(2.0, 2.0, 1000, 500) == pytest.approx(0.0)  # flat: none grows
@@ -134,6 +170,12 @@ def test_calibration_measures_memory_and_latency():
         position_share(scaling["s_per_step"], scaling["half_s_per_step"], 4 * 48, 2 * 48)
     )
     assert 0.0 <= cm.step_position_share <= 1.0
+    # the base model's forward on both batches gives the forward's own share
+    assert scaling["forward_s"] > 0 and scaling["half_forward_s"] > 0
+    assert cm.forward_position_share == pytest.approx(
+        position_share(scaling["forward_s"], scaling["half_forward_s"], 4 * 48, 2 * 48)
+    )
+    assert 0.0 <= cm.forward_position_share <= 1.0
     if reset_peak_memory(CPU) is None:
         assert cm.memory_base_mib is None  # a lifetime peak is not a per-placement measurement
         return

@@ -337,7 +337,9 @@ def test_card_greedy_uses_gain_per_step_time():
 
 
 def test_plan_prices_step_time_and_memory_at_the_training_batch():
-    shares = CostModel.from_dict(COST | {"step_position_share": 0.5, "memory_position_share": 1.0})
+    shares = CostModel.from_dict(
+        COST | {"step_position_share": 0.5, "memory_position_share": 1.0, "forward_base_s": 0.2}
+    )
     card = synthetic_card([1.0] * N_LAYERS, cost=shares.to_dict())
     at4 = make_plan(card, PlanConfig("card", budget="step_time=6.0"))
     at8 = make_plan(card, PlanConfig("card", budget="step_time=6.0", batch_size=8))
@@ -352,6 +354,9 @@ def test_plan_prices_step_time_and_memory_at_the_training_batch():
     same = make_plan(card, PlanConfig("top", budget=f"layers={len(at8.layers)}"))
     assert at8.predicted["step_time_s"] == pytest.approx(1.5 * same.predicted["step_time_s"])
     assert at8.predicted["calibration_batch_positions"] is None  # the fixed COST recorded no positions
+    # the unmerged forward, with no measured share, in proportion to the rows
+    assert same.predicted["forward_s"] == pytest.approx(0.2)
+    assert at8.predicted["forward_s"] == pytest.approx(0.4)
     # memory: all of what training adds grows with the batch (share 1), the resident model does not
     mem4, mem8 = same.predicted["memory"], at8.predicted["memory"]
     assert mem8["peak_mib"] - 100.0 == pytest.approx(2 * (mem4["peak_mib"] - 100.0))

@@ -335,6 +335,28 @@ def test_search_policies_build_plans_and_a_comparison():
     assert R.RULES == ("peft-default", "all-linear", "last-n")
 
 
+def test_a_plan_prices_the_unmerged_forward_at_its_own_batch():
+    from layercard.config import PlanConfig
+    from layercard.cost import CostModel
+    from layercard.plan import make_plan
+
+    cost = CostModel(
+        intercept_s=1.0, per_layer_backward_s=0.1, per_module_s=0.01, n_layers=6, batch_size=4,
+        batch_tokens=300, measured=[], device="cpu", batch_positions=400, step_position_share=0.5,
+        forward_base_s=0.2, forward_per_module_s=0.001, forward_position_share=0.25,
+    )  # fmt: skip
+    card = dataclasses.replace(_card(), cost=cost.to_dict())
+    at4 = make_plan(card, PlanConfig(policy="peft-default"))
+    at8 = make_plan(card, PlanConfig(policy="peft-default", batch_size=8))
+    assert at4.units == at8.units
+    modules = len(at4.units)
+    assert at4.predicted["forward_s"] == pytest.approx(0.2 + 0.001 * modules)
+    # a quarter of the forward grows with the rows: 0.75 + 0.25·2 at twice the card's batch
+    assert at8.predicted["forward_s"] == pytest.approx(1.25 * at4.predicted["forward_s"])
+    assert at8.predicted["forward_position_share"] == pytest.approx(0.5 / 1.25)
+    assert at8.predicted["calibration_batch_positions"] == 800
+
+
 def test_plans_caution_where_targets_are_varied():
     from layercard.config import PlanConfig
     from layercard.plan import make_plan

@@ -63,7 +63,15 @@ def plan_dict(
             {"key": u.key, "layer": u.layer, "role": u.role, "name": u.name, "rank": rank} for u in units
         ],
         "layers": layers,
-        "predicted": {"step_time_s": 0.05, "params": 0, "modules": len(units), "gain": 1.0},
+        "predicted": {
+            "step_time_s": 0.05,
+            "params": 0,
+            "modules": len(units),
+            "gain": 1.0,
+            "forward_s": 0.01,
+            "forward_position_share": 0.5,
+            "calibration_batch_positions": 200,
+        },  # fmt: skip
         "lora_config": {
             "r": rank,
             "lora_alpha": 2 * rank,
@@ -156,6 +164,11 @@ def test_train_metrics(lora_run):
     assert m["predicted_step_time_s"] == 0.05
     assert m["step_time_ratio"] == pytest.approx(m["s_per_step"] / 0.05)
     assert m["plan"]["layers"] == [1, 3] and m["plan"]["modules"] == 4
+    # one unmerged forward, timed on the run's first micro-batch, against the plan's at those positions
+    assert m["forward_s"] > 0 and 0 < m["forward_positions"] <= m["max_batch_positions"]
+    assert m["predicted_forward_s"] == 0.01
+    assert m["predicted_forward_scaled_s"] == pytest.approx(0.01 * (0.5 + 0.5 * m["forward_positions"] / 200))
+    assert m["forward_ratio"] == pytest.approx(m["forward_s"] / m["predicted_forward_scaled_s"])
     assert m["final_val_loss"] == m["val_curve"][-1][1]
     assert m["first_train_loss"] == m["loss_curve"][0][1] and m["resumed_from"] is None
     assert m["wall_time_s"] > 0

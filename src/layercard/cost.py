@@ -135,6 +135,10 @@ class CostModel:
     step_position_share: float | None = None
     memory_position_share: float | None = None
     batch_scaling: dict[str, Any] | None = None  # the two measurements the shares come from
+    # The same share for the unmerged forward, from the base model's forward on the calibration batch and
+    # on half of it. None on cards made before it was measured: forward time is then taken as proportional
+    # to positions.
+    forward_position_share: float | None = None
 
     def step_time(self, layers: Sequence[int], modules: int, params: int = 0) -> float:
         """Predicted seconds per step: ``modules`` adapters with ``params`` parameters on ``layers``."""
@@ -187,7 +191,7 @@ class CostModel:
         training adds grow with the batch; cards without those shares take the earlier rule (time in
         proportion, the depth term as the activations). The shares are restated at the new batch, so that a
         run's own rescaling from it (``train.metrics.predictions``) gives what it would from the card's.
-        Inference times stay at the calibration batch."""
+        The unmerged forward time grows by its own measured share (in proportion on cards without one)."""
         if rows < 1:
             raise LayercardError(f"batch_size {rows}: must be ≥ 1")
         k = rows / self.batch_size
@@ -206,6 +210,15 @@ class CostModel:
         }
         if self.step_position_share is not None:
             changes["step_position_share"] = s * k / f
+        if self.forward_base_s is not None:
+            v = 1.0 if self.forward_position_share is None else float(self.forward_position_share)
+            h = 1.0 - v + v * k
+            changes |= {
+                "forward_base_s": float(self.forward_base_s) * h,
+                "forward_per_module_s": float(self.forward_per_module_s or 0.0) * h,
+            }
+            if self.forward_position_share is not None:
+                changes["forward_position_share"] = v * k / h
         if self.has_memory and self.memory_position_share is not None:
             m = float(self.memory_position_share)
             g = 1.0 - m + m * k
@@ -222,7 +235,7 @@ class CostModel:
         return dataclasses.replace(self, **changes)
 
     def forward_time(self, modules: int) -> float | None:
-        """Predicted seconds of one unmerged no-grad forward over the calibration batch, or None."""
+        """Predicted seconds of one unmerged no-grad forward over this model's batch, or None."""
         if self.forward_base_s is None:
             return None
         return float(self.forward_base_s) + float(self.forward_per_module_s or 0.0) * modules
@@ -265,8 +278,9 @@ class _Timed:
     forward_s: float
 
 
-def _forward_time(model, batch: dict[str, torch.Tensor], *, warm: bool) -> float:
-    """Seconds of one no-grad forward in eval mode (after one warm-up pass unless ``warm``)."""
+def forward_seconds(model, batch: dict[str, torch.Tensor], *, warm: bool, repeats: int = 1) -> float:
+    """Seconds of one no-grad forward in eval mode: the fastest of ``repeats`` timed passes, after one
+    untimed warm-up pass unless ``warm``."""
     device = next(model.parameters()).device
     ids = batch["input_ids"].to(device)
     mask = batch["attention_mask"].to(device)
@@ -275,7 +289,7 @@ def _forward_time(model, batch: dict[str, torch.Tensor], *, warm: bool) -> float
     times = []
     try:
         with torch.no_grad():
-            for i in range(1 if warm else 2):
+            for i in range(repeats if warm else repeats + 1):
                 if device.type == "cuda":
                     torch.cuda.synchronize()
                 t = time.perf_counter()
@@ -331,7 +345,7 @@ def _time_steps(
             times.append(time.perf_counter() - t)
         peak, _ = peak_memory(device)
         del opt
-        forward = _forward_time(peft_model, batch, warm=True)  # the training steps warmed it
+        forward = forward_seconds(peft_model, batch, warm=True)  # the training steps warmed it
         return _Timed(times[1:], times[0], resident, float(peak), forward)
     finally:
         peft_model.unload()
@@ -392,7 +406,11 @@ def calibrate(
         configs.insert(2, ([n_layers // 2], 8))
     was_training = model.training
     device = next(model.parameters()).device
-    base_forward = _forward_time(model, batch, warm=False)
+    rows_in_batch = int(batch["input_ids"].shape[0])
+    half_batch = {k: v[: rows_in_batch // 2] for k, v in batch.items()}
+    # The fastest of two passes each: the share below is read off their difference.
+    base_forward = forward_seconds(model, batch, warm=False, repeats=2)
+    half_forward = forward_seconds(model, half_batch, warm=False, repeats=2) if rows_in_batch >= 2 else None
     model.train()
     timed: list[list[_Timed]] = [[] for _ in configs]
 
@@ -410,7 +428,6 @@ def calibrate(
         return float(min(x for t in ts for x in t.step_s))
 
     full = configs.index((everything, 8))
-    rows_in_batch = int(batch["input_ids"].shape[0])
     # The all-layer placement once more on half the batch, so that a run at another batch is priced by
     # a line through two batches rather than in proportion: on a GPU much of a small step does not grow
     # with the batch (benchmarks/results/cost/gpu-nvidia-h200).
@@ -418,7 +435,6 @@ def calibrate(
     if rows_in_batch >= 2:
         order.append(None)
     half: _Timed | None = None
-    half_batch = {k: v[: rows_in_batch // 2] for k, v in batch.items()}
     try:
         for i in track(order, "cost calibration", total=len(order), enabled=progress):
             if i is None:
@@ -479,6 +495,12 @@ def calibrate(
         }
     positions = (int(batch["input_ids"].numel()), int(half_batch["input_ids"].numel()))
     scaling = _batch_scaling(rows[full], half, *positions) if half is not None else {}
+    if half_forward is not None:
+        base_row = {"forward_s": round(base_forward, 4), "half_forward_s": round(half_forward, 4)}
+        scaling["batch_scaling"] = scaling.get("batch_scaling", {}) | base_row
+        scaling["forward_position_share"] = position_share(
+            base_row["forward_s"], base_row["half_forward_s"], *positions
+        )
     fwd_rows = [(0, base_forward)] + [(r["modules"], r["forward_s"]) for r in rows]
     fwd, _ = nnls(np.array([[1.0, m] for m, _ in fwd_rows]), np.array([t for _, t in fwd_rows]))
     return CostModel(

@@ -144,6 +144,13 @@ def _print_summary(m: dict[str, Any]) -> None:
             f"{m['peak_memory_mib'] - start:,.0f} / {m['predicted_training_memory_mib']:,.0f} MiB"
             f"  (×{m['training_memory_ratio']:.2f})",
         )
+    if m.get("forward_s") is not None:
+        fwd_pred = m.get("predicted_forward_scaled_s") or m.get("predicted_forward_s")
+        tbl.add_row(
+            "unmerged forward s measured / predicted",
+            f"{m['forward_s']:.3f} / {_fmt(fwd_pred, '.3f')}"
+            + (f"  (×{m['forward_ratio']:.2f})" if m.get("forward_ratio") else ""),
+        )
     tbl.add_row(
         "train loss first → last",
         f"{_fmt(m['first_train_loss'], '.4f')} → {_fmt(m['final_train_loss'], '.4f')}",

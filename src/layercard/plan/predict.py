@@ -41,6 +41,7 @@ def predicted(
         "step_time_s": space.step_time(layers),
         "all_layer_step_time_s": space.step_time(space.layers),
         "memory": space.memory(layers),
+        "forward_s": space.forward_time(layers),
         "params": int(params),
         "all_layer_params": int(space.cost(space.layers, "params")),
         "modules": space.modules(layers),
@@ -53,13 +54,14 @@ def predicted(
 
 
 def calibration_batch(cost: dict[str, Any]) -> dict[str, Any]:
-    """The batch a card's step times and memory refer to, and how much of each grows with positions, so
+    """The batch a card's times and memory refer to, and how much of each grows with positions, so
     that train can compare like with like at its own batch (see ``train.metrics.predictions``)."""
     return {
         "calibration_batch_size": cost.get("batch_size"),
         "calibration_batch_tokens": cost.get("batch_tokens"),
         "calibration_batch_positions": cost.get("batch_positions"),
         "step_time_position_share": cost.get("step_position_share"),
+        "forward_position_share": cost.get("forward_position_share"),
     }
 
 

@@ -74,6 +74,12 @@ class Space:
         params = int(sum(self.layer_params(layer) for layer in layers)) if self.kind == "lora" else 0
         return float(self.cost_model.step_time(list(layers), self.modules(layers), params))
 
+    def forward_time(self, layers: Sequence[int]) -> float | None:
+        """Predicted seconds of one unmerged no-grad forward (§5), or None where the card did not time it."""
+        if self.cost_model is None:
+            return None
+        return self.cost_model.forward_time(self.modules(layers))
+
     def memory(self, layers: Sequence[int]) -> dict[str, float] | None:
         """Predicted peak training memory and its activation part (MiB, §5), or None if not measured."""
         if self.cost_model is None:

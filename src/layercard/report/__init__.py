@@ -18,6 +18,7 @@ from layercard.report.results import (
     collect_results,
     placement_names,
     planning_share,
+    predicted_forward_s,
     predicted_s_per_step,
     read_train_metrics,
     report_inputs,
@@ -35,10 +36,11 @@ __all__ = [
     "fmt",
     "placement_names",
     "planning_share",
+    "predicted_forward_s",
     "predicted_s_per_step",
     "read_train_metrics",
     "report_inputs",
 ]
 
 # Part of the report stage's fingerprint: bump when the report's content changes.
-REPORT_VERSION = 2
+REPORT_VERSION = 3

@@ -25,6 +25,7 @@ __all__ = [
     "placement_names",
     "planning_sentence",
     "planning_share",
+    "predicted_forward_s",
     "predicted_s_per_step",
     "read_train_metrics",
     "report_inputs",
@@ -55,6 +56,11 @@ def read_train_metrics(path: Path) -> TrainMetrics:
 def predicted_s_per_step(m: TrainMetrics) -> float | None:
     """The cost model's s/step for a training run: rescaled to its tokens per step when it could be."""
     return m.predicted_step_time_scaled_s or m.predicted_step_time_s
+
+
+def predicted_forward_s(m: TrainMetrics) -> float | None:
+    """The plan's unmerged forward time at the positions the run timed it on, else as planned."""
+    return m.predicted_forward_scaled_s or m.predicted_forward_s
 
 
 def planning_share(

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from layercard.plan.frontier import row_label
-from layercard.report.results import placement_names, predicted_s_per_step, stages_active
+from layercard.report.results import placement_names, predicted_forward_s, predicted_s_per_step, stages_active
 from layercard.run_layout import BASE_EVAL, TRIMMED_EVAL, RunLayout
 
 if TYPE_CHECKING:
@@ -199,6 +199,7 @@ def train_table(metrics: dict[str, TrainMetrics]) -> Table:
         "tokens/s",
         "peak MiB (measured)",
         "peak MiB (predicted)",
+        "unmerged forward s (measured / predicted)",
         "train loss first → last",
         "val loss",
     ]
@@ -211,6 +212,7 @@ def train_table(metrics: dict[str, TrainMetrics]) -> Table:
             fmt(m.tokens_per_s, ",.0f"),
             fmt(m.peak_memory_mib, ",.0f"),
             fmt(m.predicted_peak_memory_scaled_mib or m.predicted_peak_memory_mib, ",.0f"),
+            f"{fmt(m.forward_s, '.3f')} / {fmt(predicted_forward_s(m), '.3f')}",
             f"{fmt(m.first_train_loss)} → {fmt(m.final_train_loss)}",
             fmt(m.final_val_loss),
         ]

@@ -18,7 +18,14 @@ import torch
 from torch import nn
 
 from layercard.artifacts import Provenance, check_out_folder, remove_stale_temps, sha256_json, writer_lock
-from layercard.cost import all_finite, grad_norm, peak_memory, reset_peak_memory, touch_weights
+from layercard.cost import (
+    all_finite,
+    forward_seconds,
+    grad_norm,
+    peak_memory,
+    reset_peak_memory,
+    touch_weights,
+)
 from layercard.errors import LayercardError
 from layercard.models import LoadedModel
 from layercard.plan import Plan, check_model_matches
@@ -479,10 +486,19 @@ def _finish(
 ) -> TrainMetrics:
     """Measure, then (main process) write ``adapter/`` and ``train_metrics.json``."""
     acc = run.accelerator
-    peak, peak_kind = peak_memory(run.device)
+    peak, peak_kind = peak_memory(run.device)  # training's peak, before the forward below
+    # Unmerged inference, timed as the card's calibration times it: every process on its own first
+    # micro-batch, so that a sharded model's forward has all of them.
+    first = run.stream.batch(acc.process_index)
+    forward = (
+        round(forward_seconds(adapted.prepared, first, warm=False, repeats=3), 4),
+        first["input_ids"].numel(),
+    )
     acc.wait_for_everyone()
     inner = acc.unwrap_model(adapted.prepared)
-    metrics = _metrics(run, state, adapted.base, inner, trainable, peak, peak_kind, memory_start, eva_ranks)
+    metrics = _metrics(
+        run, state, adapted.base, inner, trainable, peak, peak_kind, memory_start, eva_ranks, forward
+    )
     if acc.is_main_process:
         write_adapter(run.out_dir / ADAPTER_DIR, run.kind, inner, adapted.aset, run.loaded.model_hash)
         metrics.save(run.out_dir / METRICS_FILE)
@@ -501,8 +517,10 @@ def _metrics(
     peak_kind: str,
     memory_start: float | None,
     eva_ranks: dict[str, int] | None,
+    forward: tuple[float, int],
 ) -> TrainMetrics:
-    """The run's :class:`TrainMetrics`, with the cost measurements next to the plan's predictions."""
+    """The run's :class:`TrainMetrics`, with the cost measurements next to the plan's predictions;
+    ``forward``: seconds of one unmerged forward and the padded positions it computed."""
     cfg, kind, plan, loaded, step = run.cfg, run.kind, run.plan, run.loaded, state.step
     s_per_step, tokens_per_s = median_time(state.step_times)
     tokens_per_step = state.tokens_seen / step if step else None
@@ -574,5 +592,6 @@ def _metrics(
             memory_start,
             state.positions_seen / step if step else None,
             state.max_positions or None,
+            *forward,
         ),
     )

@@ -77,6 +77,15 @@ class TrainMetrics:
     init: str | None = None
     init_s: float | None = None
     eva_ranks: dict[str, int] | None = None
+    # Unmerged inference; older files lack them and read as None. ``forward_s`` is the fastest of three
+    # no-grad forwards of the trained model, adapters unmerged, over the run's first micro-batch
+    # (``forward_positions`` padded positions); ``forward_ratio`` is it over the plan's prediction at those
+    # positions (``predicted_forward_scaled_s``) where the card recorded its batch's positions.
+    forward_s: float | None = None
+    forward_positions: int | None = None
+    predicted_forward_s: float | None = None
+    predicted_forward_scaled_s: float | None = None
+    forward_ratio: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The train_metrics.json form (key order as written)."""
@@ -113,6 +122,8 @@ def predictions(
     start_mib: float | None,
     positions_per_step: float | None = None,
     max_positions: int | None = None,
+    forward_s: float | None = None,
+    forward_positions: int | None = None,
 ) -> dict[str, Any]:
     """The plan's predictions beside what the run measured, as :class:`TrainMetrics` fields.
 
@@ -122,7 +133,8 @@ def predictions(
     batch's positions): step time at the mean positions per step, its growing part by the card's
     ``step_time_position_share`` (all of it on cards that did not measure one), and peak memory at the
     largest micro-batch (``max_positions``), since the peak is that of the step whose activations were
-    largest.
+    largest. The unmerged forward time is given at the positions it was timed on (``forward_positions``),
+    its growing part by the card's ``forward_position_share`` (all of it where the card measured none).
     ``step_time_ratio`` is measured over the prediction as planned; ``peak_memory_ratio`` is measured
     over the scaled prediction where there is one. Memory is also compared
     as what training adds over the memory in use when it began (``start_mib``), since a training process
@@ -152,6 +164,14 @@ def predictions(
     resident = memory.get("resident_mib")
     added = peak_ref - resident if peak_ref and resident else None
     quality = predicted.get("quality")
+    forward = predicted.get("forward_s")
+    forward_share = predicted.get("forward_position_share")
+    forward_share = 1.0 if forward_share is None else float(forward_share)
+    forward_scale = forward_positions / positions if positions and forward_positions else None
+    forward_scaled = (
+        forward * (1.0 - forward_share + forward_share * forward_scale) if forward and forward_scale else None
+    )
+    forward_ref = forward_scaled or forward
     return {
         "predicted_step_time_s": step,
         "predicted_batch_size": int(size) if size else None,
@@ -167,6 +187,11 @@ def predictions(
         "predicted_quality": quality.get("fraction") if isinstance(quality, dict) else None,
         "batch_positions_per_step": positions_per_step,
         "max_batch_positions": max_positions,
+        "forward_s": forward_s,
+        "forward_positions": forward_positions,
+        "predicted_forward_s": forward,
+        "predicted_forward_scaled_s": forward_scaled,
+        "forward_ratio": forward_s / forward_ref if forward_ref and forward_s else None,
     }
 
 
