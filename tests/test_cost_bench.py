@@ -1,0 +1,59 @@
+"""The cost benchmark's memory-share split and forward rows: constructed cases, and the committed
+split table reproduced from the committed runs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from benchscripts import benchmark_script
+
+from layercard.cost import CostModel
+
+
+@pytest.fixture(scope="module")
+def split():
+    with benchmark_script("memory_share_split") as module:
+        yield module
+
+
+def _cm(share: float) -> CostModel:
+    return CostModel(
+        intercept_s=1.0, per_layer_backward_s=0.1, per_module_s=0.01, n_layers=10, batch_size=4,
+        batch_tokens=300, measured=[], device="cpu", memory_resident_mib=500.0, memory_base_mib=600.0,
+        memory_per_layer_mib=10.0, memory_per_module_mib=1.0, memory_per_mparam_mib=0.0, batch_positions=400,
+        memory_position_share=share, batch_scaling={"added_mib": 300.0},
+    )  # fmt: skip
+
+
+def test_split_grows_the_depth_term_and_the_all_layer_remainder(split):
+    cm = _cm(0.5)
+    run = {"layers": [7, 8, 9], "modules": 6, "params": 0, "max_batch_positions": 800}
+    shared, by_depth = split.priced(cm, run)
+    added = 100 + 10 * 3 + 6  # base, depth, modules over the resident memory
+    assert shared == pytest.approx(500 + added * (0.5 + 0.5 * 2))
+    # grows: the depth term (30) and the all-layer remainder 0.5·300 − 10·10 = 50
+    assert by_depth == pytest.approx(500 + added + 80 * 1)
+    # the growing part never exceeds what the placement adds
+    tiny = split.priced(_cm(1.0), {"layers": [9], "modules": 1, "params": 0, "max_batch_positions": 800})
+    assert tiny[1] == pytest.approx(500 + 2 * (100 + 10 + 1))
+
+
+def test_committed_split_table_is_what_the_committed_runs_give(split, tmp_path, monkeypatch):
+    committed = json.loads((split.COST / "memory_share_split.json").read_text())
+    monkeypatch.setattr(split, "COST", tmp_path / "cost")
+    # the runs are read from the committed folders: point the script's folders at them
+    for folder in split.FOLDERS:
+        (tmp_path / "cost" / folder).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "cost" / folder).symlink_to(split.ROOT / "benchmarks" / "results" / "cost" / folder)
+    split.main()
+    again = json.loads((tmp_path / "cost" / "memory_share_split.json").read_text())
+    assert again == committed
+    # the one-share column is the cost model's own pricing, as cost.py reported it
+    rows = {(r["folder"], r["task"]): r for r in again["rows"]}
+    report = json.loads(
+        (split.ROOT / "benchmarks" / "results" / "cost" / "cpu-batch32-forward" / "cost.json").read_text()
+    )
+    assert rows[("cpu-batch32-forward", "sst2")]["shared_mae"] == pytest.approx(
+        report["tasks"]["sst2"]["mean_abs_error"]["peak_memory_error"], abs=1e-3
+    )
