@@ -16,9 +16,7 @@ warm-up on the whole batch, none on the half), rounds before, now, now, before.
 
 from __future__ import annotations
 
-import argparse
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -70,19 +68,12 @@ def one(mode: str, threads: int, path: Path) -> None:
     print(mode, {k: c.get(k) for k in KEYS}, flush=True)
 
 
-def run(threads: int) -> None:
-    RUNS.mkdir(parents=True, exist_ok=True)
-    for i, mode in enumerate(ROUNDS):
-        path = RUNS / f"round{i}_{mode}.json"
-        if not path.is_file():
-            cmd = [sys.executable, __file__, "one", mode, "--threads", str(threads), "--path", str(path)]
-            subprocess.run(cmd, check=True)
-
-
 def report() -> dict[str, Any]:
+    from rounds import round_path
+
     from layercard.artifacts import read_json, write_json, write_text
 
-    rounds = [read_json(RUNS / f"round{i}_{m}.json") for i, m in enumerate(ROUNDS)]
+    rounds = [read_json(round_path(RUNS, i, m)) for i, m in enumerate(ROUNDS)]
     out = {"benchmark": "calibration_share", "rounds": rounds}
     write_json(OUT / "calibration_share.json", out)
     lines = [
@@ -113,28 +104,20 @@ def report() -> dict[str, Any]:
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    r = sub.add_parser("run", help="the four cards (resumable), then the report")
-    r.add_argument("--threads", type=int, default=2)
-    o = sub.add_parser("one", help="one card in this process (run calls it)")
-    o.add_argument("mode", choices=("before", "now"))
-    o.add_argument("--threads", type=int, default=2)
-    o.add_argument("--path", type=Path, required=True)
-    sub.add_parser("report", help="calibration_share.json and .md from the rounds")
-    args = ap.parse_args(argv)
-    if args.cmd == "one":
-        one(args.mode, args.threads, args.path)
-        return 0
-    if args.cmd == "run":
-        run(args.threads)
-    report()
-    print(f"wrote {OUT / 'calibration_share.md'}")
-    return 0
-
-
 if __name__ == "__main__":
     sys.path.insert(0, str(ROOT / "src"))
     sys.path.insert(0, str(ROOT / "benchmarks"))
-    raise SystemExit(main())
+    import rounds
+
+    raise SystemExit(
+        rounds.main(
+            None,
+            doc=__doc__,
+            script=__file__,
+            rounds=ROUNDS,
+            runs=RUNS,
+            one=one,
+            report=report,
+            written=OUT / "calibration_share.md",
+        )  # fmt: skip
+    )
