@@ -23,6 +23,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "benchmarks" / "results" / "cost" / "cpu-batch32-forward-repeat"
+WRITTEN = OUT / "calibration_share.md"  # the report that run and report write
 RUNS = OUT / "calibration_share"
 ROUNDS = ("before", "now", "now", "before")
 KEYS = ("memory_position_share", "step_position_share", "forward_position_share")
@@ -100,24 +101,13 @@ def report() -> dict[str, Any]:
         for m in ("before", "now")
     }
     lines += ["", f"Mean memory share: before {100 * means['before']:.1f}%, now {100 * means['now']:.1f}%."]
-    write_text(OUT / "calibration_share.md", "\n".join(lines) + "\n")
+    write_text(WRITTEN, "\n".join(lines) + "\n")
     return out
 
 
 if __name__ == "__main__":
     sys.path.insert(0, str(ROOT / "src"))
     sys.path.insert(0, str(ROOT / "benchmarks"))
-    import rounds
+    from rounds import main
 
-    raise SystemExit(
-        rounds.main(
-            None,
-            doc=__doc__,
-            script=__file__,
-            rounds=ROUNDS,
-            runs=RUNS,
-            one=one,
-            report=report,
-            written=OUT / "calibration_share.md",
-        )  # fmt: skip
-    )
+    raise SystemExit(main(sys.modules[__name__]))

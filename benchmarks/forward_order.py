@@ -23,6 +23,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "benchmarks" / "results" / "cost" / "seventh"
+WRITTEN = OUT / "forward_order.md"  # the report that run and report write
 RUNS = OUT / "forward_order"
 ORDER = ("lin-all-r16", "lin-last8-r8", "mlp-last4-r32")
 ROUNDS = ("on", "off", "off", "on")
@@ -109,24 +110,13 @@ def report() -> dict[str, Any]:
             f"{', '.join(f'{x:,.0f}' for x in r['added_mib']['off'])} | {r['mean_on_minus_off_mib']:+,.0f} | "
             f"{r['spread_mib']['on']:,.0f} / {r['spread_mib']['off']:,.0f} |"
         )
-    write_text(OUT / "forward_order.md", "\n".join(lines) + "\n")
+    write_text(WRITTEN, "\n".join(lines) + "\n")
     return out
 
 
 if __name__ == "__main__":
     sys.path.insert(0, str(ROOT / "src"))
     sys.path.insert(0, str(ROOT / "benchmarks"))
-    import rounds
+    from rounds import main
 
-    raise SystemExit(
-        rounds.main(
-            None,
-            doc=__doc__,
-            script=__file__,
-            rounds=ROUNDS,
-            runs=RUNS,
-            one=one,
-            report=report,
-            written=OUT / "forward_order.md",
-        )  # fmt: skip
-    )
+    raise SystemExit(main(sys.modules[__name__]))
