@@ -8,7 +8,8 @@ cpu-batch32-forward and its repeat) where the earlier card of the same settings 
 cpu-batch32). This measures the card of that setting (cost.py's: 16 probe examples, batch 16, up to 128
 tokens, every linear role, sst2) in one fresh process per round, with the calibration as it is (``now``)
 or with its base-model forward as before the half-batch forward was added (``before``: one pass after a
-warm-up on the whole batch, none on the half), rounds before, now, now, before.
+warm-up on the whole batch, none on the half), rounds before, now, now, before, now, before, before, now
+(from the fifth round on, each calibration placement's added memory is kept too).
 
     .venv/bin/python benchmarks/calibration_share.py run [--threads 2]
     .venv/bin/python benchmarks/calibration_share.py report
@@ -25,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "benchmarks" / "results" / "cost" / "cpu-batch32-forward-repeat"
 WRITTEN = OUT / "calibration_share.md"  # the report that run and report write
 RUNS = OUT / "calibration_share"
-ROUNDS = ("before", "now", "now", "before")
+ROUNDS = ("before", "now", "now", "before", "now", "before", "before", "now")
 KEYS = ("memory_position_share", "step_position_share", "forward_position_share")
 
 
@@ -62,6 +63,15 @@ def one(mode: str, threads: int, path: Path) -> None:
             "threads": threads,
             **{k: c.get(k) for k in KEYS},
             "batch_scaling": c.get("batch_scaling"),
+            # what each calibration placement added over its window's start (rounds 5-8 on)
+            "added_by_placement_mib": [
+                {
+                    "layers": [r["layers"][0], r["layers"][-1]],
+                    "rank": r["rank"],
+                    "added_mib": round(r["peak_memory_mib"] - r["resident_mib"], 1),
+                }
+                for r in c.get("measured", [])
+            ],
             "calibrate_s": card.timings.get("calibrate_s"),
             "machine": machine_info(),
         },
@@ -86,15 +96,18 @@ def report() -> dict[str, Any]:
         "each); `before`: one pass on the whole batch after a warm-up, none on the half. The all-layer "
         "rank-8 placement's added memory (MiB) on the whole batch and on half of it gives the memory share.",
         "",
-        "| round | calibration | added MiB, whole / half | memory share | step share | calibration s |",
-        "|---:|---|---:|---:|---:|---:|",
+        "| round | calibration | added MiB, whole / half | memory share | step share | calibration s | "
+        "added MiB by placement: top, bottom, middle layer, all r8, all r32 |",
+        "|---:|---|---:|---:|---:|---:|---|",
     ]
     for i, r in enumerate(rounds):
         b = r["batch_scaling"] or {}
         lines.append(
             f"| {i + 1} | {r['mode']} | {b.get('added_mib', float('nan')):,.0f} / "
             f"{b.get('half_added_mib', float('nan')):,.0f} | {100 * r['memory_position_share']:.1f}% | "
-            f"{100 * r['step_position_share']:.1f}% | {r['calibrate_s']:.0f} |"
+            f"{100 * r['step_position_share']:.1f}% | {r['calibrate_s']:.0f} | "
+            + (", ".join(f"{x['added_mib']:,.0f}" for x in r.get("added_by_placement_mib", [])) or "not kept")
+            + " |"
         )
     means = {
         m: statistics.fmean(r["memory_position_share"] for r in rounds if r["mode"] == m)
