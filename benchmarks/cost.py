@@ -70,12 +70,16 @@ class Setup:
     steps: int = STEPS
     batch: int = BATCH
     random_weights: bool = False  # the model folder came from random_weights.py
+    calibrate_rounds: int = 1  # the card's calibration rounds (memory: the median over them)
 
 
-def _card(loaded: Any, task: Any, folder: Path, batch: int = BATCH) -> Any:
+def _card(loaded: Any, task: Any, folder: Path, batch: int = BATCH, rounds: int = 1) -> Any:
     from layercard import CardConfig
 
-    cfg = CardConfig(roles="all-linear", examples=16, batch_size=batch, max_length=MAX_LENGTH, calibrate=True)
+    cfg = CardConfig(
+        roles="all-linear", examples=16, batch_size=batch, max_length=MAX_LENGTH, calibrate=True,
+        calibrate_rounds=rounds,
+    )  # fmt: skip
     return cached_card(loaded, task, cfg, folder)
 
 
@@ -144,7 +148,9 @@ def run(threads: int, tasks: list[str], setup: Setup = Setup(), only: Sequence[s
     loaded = load_model(setup.model, device=setup.device, dtype=setup.dtype)
     for name in tasks:
         task = load_task(TASKS[name])
-        card = _card(loaded, task.subset(256, seed=SEED), RESULTS / name / "card", setup.batch)
+        card = _card(
+            loaded, task.subset(256, seed=SEED), RESULTS / name / "card", setup.batch, setup.calibrate_rounds
+        )
         for p in GRID:
             if not only or p.name in only:
                 _run(loaded, card, task, p, RESULTS / name / "runs" / f"{p.name}.json", setup)
@@ -311,6 +317,11 @@ def report() -> dict[str, Any]:
             "seed": SEED,
             "device": setup["device"],
             "dtype": setup["dtype"],
+            **(
+                {"calibrate_rounds": setup["calibrate_rounds"]}
+                if setup.get("calibrate_rounds", 1) > 1
+                else {}
+            ),
         },  # fmt: skip
         "peak_memory_kind": memory_kind,
         "machine": machine,
@@ -346,9 +357,14 @@ def _markdown(out: dict[str, Any]) -> str:
         "",
         f"{out['model']}, {st['steps']} training steps of batch {st['batch']} (up to {st['max_length']} "
         f"tokens) per placement, {where}. "
-        f"Each task has its own card (16 probe examples, batch {st['batch']}, default calibration: 5 short "
-        "LoRA placements, each timed after an untimed warm-up step); predictions are rescaled to each "
-        f"run's positions (batch × padded length) per step. {memory}; "
+        f"Each task has its own card (16 probe examples, batch {st['batch']}, "
+        + (
+            f"calibration in {st['calibrate_rounds']} rounds"
+            if st.get("calibrate_rounds", 1) > 1
+            else "default calibration"
+        )
+        + ": 5 short LoRA placements, each timed after an untimed warm-up step); predictions are rescaled to "
+        f"each run's positions (batch × padded length) per step. {memory}; "
         "'added' is that peak minus the memory in use when training began.",
         "",
     ]
@@ -487,6 +503,7 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--dtype", default=Setup.dtype)
     r.add_argument("--steps", type=int, default=Setup.steps, help="training steps per placement")
     r.add_argument("--batch", type=int, default=Setup.batch, help="card and training batch size")
+    r.add_argument("--calibrate-rounds", type=int, default=1, help="the card's calibration rounds")
     r.add_argument("--only", default="", help="comma-separated grid placements to train (default: all)")
     rep = sub.add_parser("report", help="rebuild cost.json, cost.md and the figure from the runs")
     for p in (r, rep):
@@ -500,7 +517,7 @@ def main(argv: list[str] | None = None) -> int:
             ap.error(f"--tasks: unknown task {unknown[0]!r} (choose from {', '.join(TASKS)})")
         setup = Setup(
             args.model, args.device, args.dtype, args.steps, args.batch,
-            random_weights=(Path(args.model) / RANDOM_MARK).is_file(),
+            random_weights=(Path(args.model) / RANDOM_MARK).is_file(), calibrate_rounds=args.calibrate_rounds,
         )  # fmt: skip
         only = [n.strip() for n in args.only.split(",") if n.strip()]
         unknown = [n for n in only if n not in {p.name for p in GRID}]
