@@ -29,15 +29,20 @@ FOLDERS = (
 
 def priced(cm: Any, run: dict[str, Any]) -> tuple[float, float]:
     """(one share for all, split by depth): the run's predicted peak MiB at its largest micro-batch."""
+    from layercard.train.metrics import predictions
+
     k = run["max_batch_positions"] / cm.batch_positions
     depth = cm.n_layers - min(run["layers"])
+    memory = cm.memory(run["layers"], run["modules"], run["params"])
+    # the model's own pricing, as a training run rescales it to its largest micro-batch
+    planned = {"calibration_batch_positions": cm.batch_positions, "memory": memory}
+    shared = predictions(planned, None, None, 0.0, None, max_positions=run["max_batch_positions"])
     resident = float(cm.memory_resident_mib)
-    added = cm.peak_memory(run["layers"], run["modules"], run["params"]) - resident
+    added = memory["peak_mib"] - resident
     m = float(cm.memory_position_share)
-    shared = resident + added * (1.0 - m + m * k)
     beyond = max(m * cm.batch_scaling["added_mib"] - cm.memory_per_layer_mib * cm.n_layers, 0.0)
     growing = min(cm.memory_per_layer_mib * depth + beyond, added)
-    return shared, resident + added + growing * (k - 1.0)
+    return shared["predicted_peak_memory_scaled_mib"], resident + added + growing * (k - 1.0)
 
 
 def main() -> int:
