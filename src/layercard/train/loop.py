@@ -487,8 +487,9 @@ def _finish(
     """Measure, then (main process) write ``adapter/`` and ``train_metrics.json``."""
     acc = run.accelerator
     peak, peak_kind = peak_memory(run.device)  # training's peak, before the forward below
-    # Unmerged inference, timed as the card's calibration times it: every process on its own first
-    # micro-batch, so that a sharded model's forward has all of them.
+    # Unmerged inference: a no-grad forward over every position, as the card's calibration times one (it
+    # keeps a single pass, this the fastest of three). Every process times its own first micro-batch, so
+    # that a sharded model's forward has all of them.
     first = run.stream.batch(acc.process_index)
     forward = (
         round(forward_seconds(adapted.prepared, first, warm=False, repeats=3), 4),
