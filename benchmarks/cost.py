@@ -2,13 +2,14 @@
 
 For each task, measures one calibrated Layer Card (every linear role) and then trains a fixed set of
 placements of different matrices, layers and ranks for a few steps each with `layercard train`'s own
-loop, in the same process, recording what train_metrics.json records: measured s/step, peak memory and
-one unmerged forward after training next to the plan's predictions rescaled to the run's positions. One
-JSON per placement under RESULTS/TASK/runs/, so the script resumes where it stopped; ``report`` rebuilds
+loop, in the same process (``--fresh``: each in a process of its own that loads the card), recording
+what train_metrics.json records: measured s/step, peak memory and one unmerged forward after training
+next to the plan's predictions rescaled to the run's positions. One JSON per placement under
+RESULTS/TASK/runs/, so the script resumes where it stopped; ``report`` rebuilds
 cost.json, cost.md and cost_predicted.png from them.
 
     .venv/bin/python benchmarks/cost.py run [--threads 2] [--tasks e2e_nlg,sst2] [--out FOLDER]
-        [--model smollm2] [--device cpu] [--dtype float32] [--steps 6] [--batch 8]
+        [--model smollm2] [--device cpu] [--dtype float32] [--steps 6] [--batch 8] [--fresh]
     .venv/bin/python benchmarks/cost.py report [--out FOLDER]
 
 Settings: tasks e2e_nlg and sst2 (validation splits), card on 16 examples (batch 8, 128 tokens) with
@@ -24,6 +25,7 @@ import argparse
 import dataclasses
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -139,7 +141,12 @@ def _run(loaded: Any, card: Any, task: Any, p: Placement, path: Path, setup: Set
     )
 
 
-def run(threads: int, tasks: list[str], setup: Setup = Setup(), only: Sequence[str] = ()) -> None:
+def run(
+    threads: int, tasks: list[str], setup: Setup = Setup(), only: Sequence[str] = (), fresh: bool = False
+) -> None:
+    """Each task's card, then its placements trained in this process after it, or with ``fresh`` each in
+    a process of its own that loads the card (a CPU's resident peak moves with what the process did before;
+    the card's calibration leaves its heap wide)."""
     import torch
 
     from layercard import load_model, load_task
@@ -152,8 +159,19 @@ def run(threads: int, tasks: list[str], setup: Setup = Setup(), only: Sequence[s
             loaded, task.subset(256, seed=SEED), RESULTS / name / "card", setup.batch, setup.calibrate_rounds
         )
         for p in GRID:
-            if not only or p.name in only:
-                _run(loaded, card, task, p, RESULTS / name / "runs" / f"{p.name}.json", setup)
+            path = RESULTS / name / "runs" / f"{p.name}.json"
+            if (only and p.name not in only) or path.is_file():
+                continue
+            if not fresh:
+                _run(loaded, card, task, p, path, setup)
+                continue
+            cmd = [
+                sys.executable, __file__, "run", "--threads", str(threads), "--tasks", name,
+                "--model", setup.model, "--device", setup.device, "--dtype", setup.dtype,
+                "--steps", str(setup.steps), "--batch", str(setup.batch),
+                "--calibrate-rounds", str(setup.calibrate_rounds), "--only", p.name, "--out", str(RESULTS),
+            ]  # fmt: skip
+            subprocess.run(cmd, check=True)
 
 
 def _rel(measured: float, predicted: float) -> float:
@@ -178,6 +196,7 @@ def _task_rows(name: str) -> tuple[Any, list[dict[str, Any]], list[dict[str, Any
         rows.append(
             {
                 **_proportional(card.cost or {}, r),
+                **_other_rule(card.cost or {}, r),
                 "task": name,
                 "name": r["name"],
                 "modules": r["modules"],
@@ -237,7 +256,66 @@ def _proportional(cost: dict[str, Any], r: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+# A card's calibration rows kept a second memory figure beside the one its model was fitted to: cards
+# calibrated with the first step's memory kept each window's whole peak, and the cards after them the other
+# way round. (row key by round, the key's row median, batch_scaling's full and half batch, label)
+_OTHER_MEMORY = {
+    "window_peak_by_round_mib": (
+        "window_peak_memory_mib", "window_added_mib", "half_window_added_mib", "each window's whole peak",
+    ),
+    "first_step_peak_by_round_mib": (
+        "first_step_peak_memory_mib", "first_step_added_mib", "half_first_step_added_mib",
+        "the first step's peak plus the optimizer state it made",
+    ),
+}  # fmt: skip
+
+
+def _other_memory(cost: dict[str, Any]) -> tuple[str, ...] | None:
+    rows = cost.get("measured") or []
+    for by_round, rest in _OTHER_MEMORY.items():
+        if rows and all(by_round in x and x["resident_mib"] is not None for x in rows):
+            return (by_round, *rest)
+    return None
+
+
+def _other_rule(cost: dict[str, Any], r: dict[str, Any]) -> dict[str, Any]:
+    """Where the card kept a second memory figure per calibration placement (``_OTHER_MEMORY``): the
+    peak-memory error this run would have had from the card's memory terms refitted to that figure. The
+    share of memory that grows with positions is the figure's own where the card kept it for the half
+    batch too, else the card's."""
+    import numpy as np
+
+    from layercard.cost import CostModel, fit_memory, position_share
+    from layercard.train.metrics import predictions
+
+    other = _other_memory(cost)
+    if other is None:
+        return {}
+    by_round, key, full, half, _ = other
+    rows = [x | {"other": x.get(key, float(np.median(x[by_round])))} for x in cost["measured"]]
+    terms = fit_memory(rows, cost["n_layers"], cost["memory_resident_mib"], key="other")
+    b = cost.get("batch_scaling") or {}
+    share = cost.get("memory_position_share")
+    if half in b:
+        share = position_share(b[full], b[half], b["positions"], b["half_positions"])
+    model = CostModel.from_dict(cost | terms | {"memory_position_share": share})
+    planned = {
+        "step_time_s": r["predicted_step_time_s"],
+        "calibration_batch_positions": cost.get("batch_positions"),
+        "memory": model.memory(r["layers"], r["modules"], r["params"]),
+    }
+    out = predictions(
+        planned, r["s_per_step"], None, r["peak_memory_mib"], r["peak_memory_start_mib"],
+        r["batch_positions_per_step"], r["max_batch_positions"],
+    )  # fmt: skip
+    return {
+        "other_predicted_peak_memory_mib": out["predicted_peak_memory_scaled_mib"],
+        "other_peak_memory_error": _rel(r["peak_memory_mib"], out["predicted_peak_memory_scaled_mib"]),
+    }
+
+
 _ERRORS = ("step_time_error", "peak_memory_error", "training_memory_error")
+_OTHER = ("other_peak_memory_error",)
 _PROPORTIONAL = ("proportional_step_time_error", "proportional_peak_memory_error")
 _FORWARD = ("forward_error", "unscaled_forward_error")
 
@@ -245,6 +323,7 @@ _FORWARD = ("forward_error", "unscaled_forward_error")
 def _errors(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
     keys = _ERRORS + (_PROPORTIONAL if all(_PROPORTIONAL[0] in x for x in rows) else ())
     keys += _FORWARD if all(_FORWARD[0] in x for x in rows) else ()
+    keys += _OTHER if all(_OTHER[0] in x for x in rows) else ()
     return {
         "mean_abs_error": {k: statistics.fmean(abs(x[k]) for x in rows) for k in keys},
         "max_abs_error": {k: max(abs(x[k]) for x in rows) for k in keys},
@@ -267,6 +346,17 @@ def _shares(cal: dict[str, Any]) -> str:
             else ""
         )
     )
+
+
+def _other_line(mae: dict[str, float], cost: dict[str, Any]) -> list[str]:
+    other = _other_memory(cost)
+    if _OTHER[0] not in mae or other is None:
+        return []
+    return [
+        f"Priced with the memory terms refitted to {other[-1]} (kept beside the card's own figure; same "
+        f"runs): peak memory {_pct(mae[_OTHER[0]])}.",
+        "",
+    ]
 
 
 def _proportional_line(mae: dict[str, float]) -> list[str]:
@@ -404,6 +494,7 @@ def _markdown(out: dict[str, Any]) -> str:
             f"{_pct(worst['peak_memory_error'])}), memory added by training "
             f"{_pct(mae['training_memory_error'])} (worst {_pct(worst['training_memory_error'])}).",
             "",
+            *_other_line(mae, t["card_calibration"]),
             *_proportional_line(mae),
             *_forward_table(t),
         ]
@@ -414,6 +505,7 @@ def _markdown(out: dict[str, Any]) -> str:
         f"{_pct(mae['peak_memory_error'])}, memory added by training {_pct(mae['training_memory_error'])} "
         "mean absolute error.",
         "",
+        *_other_line(mae, next(iter(out["tasks"].values()))["card_calibration"]),
         *_proportional_line(mae),
         *(
             [
@@ -505,6 +597,9 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--batch", type=int, default=Setup.batch, help="card and training batch size")
     r.add_argument("--calibrate-rounds", type=int, default=1, help="the card's calibration rounds")
     r.add_argument("--only", default="", help="comma-separated grid placements to train (default: all)")
+    r.add_argument(
+        "--fresh", action="store_true", help="each placement trained in a process of its own, the card loaded"
+    )
     rep = sub.add_parser("report", help="rebuild cost.json, cost.md and the figure from the runs")
     for p in (r, rep):
         p.add_argument("--out", type=Path, default=RESULTS, help="results folder (a repeat run: another one)")
@@ -525,7 +620,7 @@ def main(argv: list[str] | None = None) -> int:
             ap.error(
                 f"--only: unknown placement {unknown[0]!r} (choose from {', '.join(p.name for p in GRID)})"
             )
-        run(args.threads, tasks, setup, only)
+        run(args.threads, tasks, setup, only, args.fresh)
     report()
     print(f"wrote {RESULTS / 'cost.md'}")
     return 0

@@ -13,7 +13,9 @@ from tiny import tiny_model
 from layercard.cost import (
     CostModel,
     _out_of_order,
+    _tensor_mib,
     calibrate,
+    fit_memory,
     peak_memory,
     position_share,
     reset_peak_memory,
@@ -35,6 +37,40 @@ def test_peak_memory_window_sees_an_allocation_and_resets():
     again = reset_peak_memory(CPU)
     assert again is not None and again < peak - 200  # the freed tensor went back to the system
     assert peak_memory(CPU)[0] < peak - 200  # and the new window starts below the old peak
+
+
+def test_optimizer_state_is_counted_tensor_by_tensor():
+    a, b = torch.nn.Parameter(torch.randn(300, 7)), torch.nn.Parameter(torch.randn(11, dtype=torch.float64))
+    opt = torch.optim.AdamW([a, b], lr=1e-3)
+    assert _tensor_mib(opt.state) == 0  # AdamW makes its state on the first step
+    (a.sum() + b.sum()).backward()
+    opt.step()
+    # two moments of each parameter's size and dtype, plus one step counter each
+    step = opt.state[a]["step"]
+    expected = 2 * (300 * 7 * 4 + 11 * 8) + 2 * step.numel() * step.element_size()
+    assert _tensor_mib(opt.state) == pytest.approx(expected / 2**20)
+
+
+def test_memory_fit_recovers_known_terms_over_each_row_start():
+    everything = list(range(10))
+    placements = [
+        ([9], 1, 0.1e6),
+        ([0], 1, 0.1e6),
+        ([5], 1, 0.1e6),
+        (everything, 10, 1e6),
+        (everything, 10, 4e6),
+    ]
+    rows = []
+    for i, (layers, modules, params) in enumerate(placements):
+        start = 900.0 + i  # each window starts a little higher: the terms are what a placement adds
+        added = 40 + 12 * (10 - min(layers)) + 3 * modules + 8 * params / 1e6
+        rows.append({"layers": layers, "modules": modules, "params": params, "resident_mib": start,
+                     "peak_memory_mib": start + added, "window": start + 2 * added})  # fmt: skip
+    terms = fit_memory(rows, 10, 850.0)
+    assert terms["memory_resident_mib"] == 850.0 and terms["memory_base_mib"] == pytest.approx(890.0)
+    assert [terms[f"memory_per_{k}_mib"] for k in ("layer", "module", "mparam")] == pytest.approx([12, 3, 8])
+    doubled = fit_memory(rows, 10, None, key="window")  # another column; the rows' median start
+    assert doubled["memory_resident_mib"] == 902.0 and doubled["memory_per_layer_mib"] == pytest.approx(24)
 
 
 def test_memory_terms():
@@ -180,6 +216,11 @@ def test_calibration_measures_memory_and_latency():
         assert cm.memory_base_mib is None  # a lifetime peak is not a per-placement measurement
         return
     assert all(row["peak_memory_mib"] >= row["resident_mib"] > 0 for row in cm.measured)
+    # beside each round's window peak, the first step's peak plus the optimizer state, never above it
+    for row in cm.measured:
+        windows, first = row["peak_memory_by_round_mib"], row["first_step_peak_by_round_mib"]
+        assert len(first) == len(windows) == len(row["warmup_s_by_round"])
+        assert all(row["resident_mib"] <= f <= w for f, w in zip(first, windows, strict=True))
     assert cm.memory_base_mib >= cm.memory_resident_mib > 0
     for name in ("memory_per_layer_mib", "memory_per_module_mib", "memory_per_mparam_mib"):
         assert math.isfinite(getattr(cm, name)) and getattr(cm, name) >= 0

@@ -3,6 +3,7 @@ split table reproduced from the committed runs."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -57,3 +58,42 @@ def test_committed_split_table_is_what_the_committed_runs_give(split, tmp_path, 
     assert rows[("cpu-batch32-forward", "sst2")]["shared_mae"] == pytest.approx(
         report["tasks"]["sst2"]["mean_abs_error"]["peak_memory_error"], abs=1e-3
     )
+
+
+def _card_cost(factor: float, key: str = "first_step_peak_by_round_mib") -> dict:
+    """A card's cost model fitted to constructed rows whose second memory figure (``key``) adds ``factor``
+    times what the fitted figure adds."""
+    from layercard.cost import fit_memory
+
+    rows = []
+    everything = list(range(10))
+    for layers, modules, params in [([9], 1, 1e5), ([0], 1, 1e5), ([5], 1, 1e5), (everything, 10, 1e6),
+                                    (everything, 10, 4e6)]:  # fmt: skip
+        added = 40 + 12 * (10 - min(layers)) + 3 * modules + 8 * params / 1e6
+        rows.append({"layers": layers, "modules": modules, "params": params, "resident_mib": 900.0,
+                     "peak_memory_mib": 900 + added, key: [900 + factor * added]})  # fmt: skip
+    terms = fit_memory(rows, 10, 900.0)
+    cm = CostModel(
+        intercept_s=1.0, per_layer_backward_s=0.1, per_module_s=0.01, n_layers=10, batch_size=4,
+        batch_tokens=300, measured=rows, device="cpu", batch_positions=400, memory_kind="process_peak_rss",
+        **terms,
+    )  # fmt: skip
+    return dataclasses.asdict(cm)
+
+
+@pytest.mark.parametrize("key", ["first_step_peak_by_round_mib", "window_peak_by_round_mib"])
+def test_the_other_memory_figure_prices_runs_from_its_own_refit(key):
+    with benchmark_script("cost") as cost:
+        run = {"layers": [7, 8, 9], "modules": 3, "params": 2e5, "predicted_step_time_s": 1.4,
+               "s_per_step": 1.5, "peak_memory_mib": 1100.0, "peak_memory_start_mib": 900.0,
+               "batch_positions_per_step": 400, "max_batch_positions": 400}  # fmt: skip
+        added = 40 + 12 * 3 + 3 * 3 + 8 * 0.2
+        same = cost._other_rule(_card_cost(1.0, key), run)
+        assert same["other_predicted_peak_memory_mib"] == pytest.approx(900 + added)
+        halved = cost._other_rule(_card_cost(0.5, key), run)
+        assert halved["other_predicted_peak_memory_mib"] == pytest.approx(900 + added / 2)
+        assert halved["other_peak_memory_error"] == pytest.approx((900 + added / 2 - 1100) / 1100)
+        # cards that kept one figure only: no such pricing
+        old = _card_cost(1.0, key)
+        old["measured"] = [{k: v for k, v in r.items() if k != key} for r in old["measured"]]
+        assert cost._other_rule(old, run) == {}

@@ -274,8 +274,9 @@ class _Timed:
     step_s: list[float]  # every timed step
     warmup_s: float  # the untimed first step after the wrap, kept to show what skipping it leaves out
     resident_mib: float | None  # in use when the steps began; None: no per-run peak on this system
-    peak_mib: float
+    peak_mib: float  # the peak over every step of the window
     forward_s: float
+    first_step_mib: float  # the first step's peak plus the optimizer state it made, if below peak_mib
 
 
 def forward_seconds(model, batch: dict[str, torch.Tensor], *, warm: bool, repeats: int = 1) -> float:
@@ -310,6 +311,12 @@ def _time_steps(
 
     The first step after a wrap is about a tenth slower than the next ones, in every round and not only the
     first (benchmarks/results/calibration_warmup.md); a training run's median never sees it.
+
+    Memory: the peak over the window, and beside it the peak by the end of the first step plus the
+    optimizer state that step made (where lower). On a CPU the resident peak climbs over later steps, most
+    after an earlier, larger placement has left the heap wide, while the first step's holds still; a
+    training run climbs over its own steps too, in a process of its own as well, and the window's peak
+    priced runs better (benchmarks/results/cost/memory_window.md, design §5).
     """
     from peft import LoraConfig, get_peft_model
 
@@ -343,14 +350,23 @@ def _time_steps(
             if device.type == "cuda":
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - t)
+            if len(times) == 1:
+                first_peak = peak_memory(device)[0] + _tensor_mib(opt.state)
         peak, _ = peak_memory(device)
         del opt
-        forward = forward_seconds(peft_model, batch, warm=True)  # the training steps warmed it
-        return _Timed(times[1:], times[0], resident, float(peak), forward)
+        # The fastest of two: a single pass right after the steps at times took 1.5-2.7x as long.
+        forward = forward_seconds(peft_model, batch, warm=True, repeats=2)
+        return _Timed(times[1:], times[0], resident, float(peak), forward, float(min(peak, first_peak)))
     finally:
         peft_model.unload()
         for p, r in zip(model.parameters(), requires, strict=True):
             p.requires_grad_(r)
+
+
+def _tensor_mib(state: Any) -> float:
+    """MiB held by the tensors of an optimizer's state."""
+    tensors = [t for st in state.values() for t in st.values() if torch.is_tensor(t)]
+    return sum(t.numel() * t.element_size() for t in tensors) / 2**20
 
 
 def _out_of_order(configs: Sequence[tuple[list[int], int]], times: Sequence[float]) -> list[int]:
@@ -456,9 +472,11 @@ def calibrate(
         # Memory by round, like time: the median of what each round's window added over its start.
         if None in residents:  # no per-run window: only the peaks themselves
             row_resident, row_peak = None, float(np.median([t.peak_mib for t in ts]))
+            row_first = float(np.median([t.first_step_mib for t in ts]))
         else:
             row_resident = float(np.median(residents))
             row_peak = row_resident + float(np.median([t.peak_mib - t.resident_mib for t in ts]))
+            row_first = row_resident + float(np.median([t.first_step_mib - t.resident_mib for t in ts]))
         rows.append(
             {
                 "layers": layers,
@@ -471,6 +489,8 @@ def calibrate(
                 "resident_mib": None if row_resident is None else round(row_resident, 1),
                 "peak_memory_mib": round(row_peak, 1),
                 "peak_memory_by_round_mib": [round(t.peak_mib, 1) for t in ts],
+                "first_step_peak_memory_mib": round(row_first, 1),
+                "first_step_peak_by_round_mib": [round(t.first_step_mib, 1) for t in ts],
                 "forward_s": round(min(t.forward_s for t in ts), 4),
             }
         )
@@ -479,20 +499,7 @@ def calibrate(
     coef, _ = nnls(x, np.array([r["s_per_step"] for r in rows]))
     memory: dict[str, Any] = {}
     if all(r["resident_mib"] is not None for r in rows):  # a lifetime peak says nothing about one placement
-        # What each placement adds over the memory in use before its steps, so that the model transfers to
-        # a training process whose resident size differs from the card's.
-        mem, _ = nnls(x, np.array([r["peak_memory_mib"] - r["resident_mib"] for r in rows]))
-        resident = (
-            resident_mib if resident_mib is not None else float(np.median([r["resident_mib"] for r in rows]))
-        )
-        memory = {
-            "memory_resident_mib": resident,
-            "memory_base_mib": resident + float(mem[0]),
-            "memory_per_layer_mib": float(mem[1]),
-            "memory_per_module_mib": float(mem[2]),
-            "memory_per_mparam_mib": float(mem[3]),
-            "memory_kind": peak_memory(device)[1],
-        }
+        memory = fit_memory(rows, n_layers, resident_mib) | {"memory_kind": peak_memory(device)[1]}
     positions = (int(batch["input_ids"].numel()), int(half_batch["input_ids"].numel()))
     scaling = _batch_scaling(rows[full], half, *positions) if half is not None else {}
     if half_forward is not None:
@@ -521,6 +528,28 @@ def calibrate(
     )
 
 
+def fit_memory(
+    rows: Sequence[dict[str, Any]], n_layers: int, resident_mib: float | None, key: str = "peak_memory_mib"
+) -> dict[str, float]:
+    """The memory terms of a cost model from calibration rows: each row's ``key`` less the memory in use
+    when its steps began, fitted as what a placement adds over that (so that the model transfers to a
+    training process whose resident size differs from the card's), on top of ``resident_mib`` (else the
+    rows' median start)."""
+    from scipy.optimize import nnls
+
+    x = np.array([[1.0, n_layers - min(r["layers"]), r["modules"], r["params"] / 1e6] for r in rows])
+    # Non-negative: each term is a size, and noise must not make one negative.
+    mem, _ = nnls(x, np.array([r[key] - r["resident_mib"] for r in rows]))
+    resident = float(np.median([r["resident_mib"] for r in rows])) if resident_mib is None else resident_mib
+    return {
+        "memory_resident_mib": resident,
+        "memory_base_mib": resident + float(mem[0]),
+        "memory_per_layer_mib": float(mem[1]),
+        "memory_per_module_mib": float(mem[2]),
+        "memory_per_mparam_mib": float(mem[3]),
+    }
+
+
 def _batch_scaling(row: dict[str, Any], half: _Timed, positions: int, half_positions: int) -> dict[str, Any]:
     """The shares of step time and of added memory that grow with positions, from one placement measured on
     the full calibration batch (``row``) and on half of it (``half``); each clipped to [0, 1]."""
@@ -542,6 +571,11 @@ def _batch_scaling(row: dict[str, Any], half: _Timed, positions: int, half_posit
         added = round(row["peak_memory_mib"] - row["resident_mib"], 1)
         half_added = round(half.peak_mib - half.resident_mib, 1)
         measured |= {"added_mib": added, "half_added_mib": half_added}
+        if "first_step_peak_memory_mib" in row:  # the first step's memory too (see _time_steps)
+            measured |= {
+                "first_step_added_mib": round(row["first_step_peak_memory_mib"] - row["resident_mib"], 1),
+                "half_first_step_added_mib": round(half.first_step_mib - half.resident_mib, 1),
+            }
         out["memory_position_share"] = position_share(added, half_added, positions, half_positions)
     return out
 

@@ -488,8 +488,8 @@ def _finish(
     acc = run.accelerator
     peak, peak_kind = peak_memory(run.device)  # training's peak, before the forward below
     # Unmerged inference: a no-grad forward over every position, as the card's calibration times one (it
-    # keeps a single pass, this the fastest of three). Every process times its own first micro-batch, so
-    # that a sharded model's forward has all of them.
+    # keeps the fastest of two passes, this the fastest of three). Every process times its own first
+    # micro-batch, so that a sharded model's forward has all of them.
     first = run.stream.batch(acc.process_index)
     forward = (
         round(forward_seconds(adapted.prepared, first, warm=False, repeats=3), 4),
