@@ -231,25 +231,32 @@ def _forward(r: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _priced(model: Any, cost: dict[str, Any], r: dict[str, Any]) -> dict[str, Any]:
+    """Training's own predictions for run ``r`` (its plan's step time, ``model``'s memory), rescaled to
+    the run's positions as train_metrics.json records them."""
+    from layercard.train.metrics import predictions
+
+    planned = {
+        "step_time_s": r["predicted_step_time_s"],
+        "calibration_batch_positions": cost.get("batch_positions"),
+        "memory": model.memory(r["layers"], r["modules"], r["params"]),
+    }
+    return predictions(
+        planned, r["s_per_step"], None, r["peak_memory_mib"], r["peak_memory_start_mib"],
+        r["batch_positions_per_step"], r["max_batch_positions"],
+    )  # fmt: skip
+
+
 def _proportional(cost: dict[str, Any], r: dict[str, Any]) -> dict[str, Any]:
     """Where the card measured how much of a step grows with positions: the errors that the earlier rule
     (step time proportional to positions, only the depth term as activations) would have given this run,
     from the card's cost model without its shares and training's own rescaling."""
     from layercard.cost import CostModel
-    from layercard.train.metrics import predictions
 
     if cost.get("step_position_share") is None or not cost.get("batch_positions"):
         return {}
     earlier = CostModel.from_dict(cost | {"step_position_share": None, "memory_position_share": None})
-    planned = {
-        "step_time_s": r["predicted_step_time_s"],
-        "calibration_batch_positions": cost["batch_positions"],
-        "memory": earlier.memory(r["layers"], r["modules"], r["params"]),
-    }
-    out = predictions(
-        planned, r["s_per_step"], None, r["peak_memory_mib"], r["peak_memory_start_mib"],
-        r["batch_positions_per_step"], r["max_batch_positions"],
-    )  # fmt: skip
+    out = _priced(earlier, cost, r)
     return {
         "proportional_step_time_error": _rel(r["s_per_step"], out["predicted_step_time_scaled_s"]),
         "proportional_peak_memory_error": _rel(r["peak_memory_mib"], out["predicted_peak_memory_scaled_mib"]),
@@ -286,7 +293,6 @@ def _other_rule(cost: dict[str, Any], r: dict[str, Any]) -> dict[str, Any]:
     import numpy as np
 
     from layercard.cost import CostModel, fit_memory, position_share
-    from layercard.train.metrics import predictions
 
     other = _other_memory(cost)
     if other is None:
@@ -298,16 +304,7 @@ def _other_rule(cost: dict[str, Any], r: dict[str, Any]) -> dict[str, Any]:
     share = cost.get("memory_position_share")
     if half in b:
         share = position_share(b[full], b[half], b["positions"], b["half_positions"])
-    model = CostModel.from_dict(cost | terms | {"memory_position_share": share})
-    planned = {
-        "step_time_s": r["predicted_step_time_s"],
-        "calibration_batch_positions": cost.get("batch_positions"),
-        "memory": model.memory(r["layers"], r["modules"], r["params"]),
-    }
-    out = predictions(
-        planned, r["s_per_step"], None, r["peak_memory_mib"], r["peak_memory_start_mib"],
-        r["batch_positions_per_step"], r["max_batch_positions"],
-    )  # fmt: skip
+    out = _priced(CostModel.from_dict(cost | terms | {"memory_position_share": share}), cost, r)
     return {
         "other_predicted_peak_memory_mib": out["predicted_peak_memory_scaled_mib"],
         "other_peak_memory_error": _rel(r["peak_memory_mib"], out["predicted_peak_memory_scaled_mib"]),
