@@ -363,6 +363,15 @@ def _time_steps(
             p.requires_grad_(r)
 
 
+def _memory_by_round(ts: Sequence[_Timed], peaks: Sequence[float]) -> float:
+    """A placement's memory over its rounds, like its time: the median start plus the median of what each
+    round's peak added over its own start; where no per-run window exists, the median of the peaks."""
+    if any(t.resident_mib is None for t in ts):
+        return float(np.median(peaks))
+    added = [p - t.resident_mib for p, t in zip(peaks, ts, strict=True)]
+    return float(np.median([t.resident_mib for t in ts])) + float(np.median(added))
+
+
 def _tensor_mib(state: Any) -> float:
     """MiB held by the tensors of an optimizer's state."""
     tensors = [t for st in state.values() for t in st.values() if torch.is_tensor(t)]
@@ -469,14 +478,9 @@ def calibrate(
     for (layers, rank), ts in zip(configs, timed, strict=True):
         specs = models.units(model, roles, layers=layers)
         residents = [t.resident_mib for t in ts]
-        # Memory by round, like time: the median of what each round's window added over its start.
-        if None in residents:  # no per-run window: only the peaks themselves
-            row_resident, row_peak = None, float(np.median([t.peak_mib for t in ts]))
-            row_first = float(np.median([t.first_step_mib for t in ts]))
-        else:
-            row_resident = float(np.median(residents))
-            row_peak = row_resident + float(np.median([t.peak_mib - t.resident_mib for t in ts]))
-            row_first = row_resident + float(np.median([t.first_step_mib - t.resident_mib for t in ts]))
+        row_resident = None if None in residents else float(np.median(residents))
+        row_peak = _memory_by_round(ts, [t.peak_mib for t in ts])
+        row_first = _memory_by_round(ts, [t.first_step_mib for t in ts])
         rows.append(
             {
                 "layers": layers,
@@ -571,11 +575,10 @@ def _batch_scaling(row: dict[str, Any], half: _Timed, positions: int, half_posit
         added = round(row["peak_memory_mib"] - row["resident_mib"], 1)
         half_added = round(half.peak_mib - half.resident_mib, 1)
         measured |= {"added_mib": added, "half_added_mib": half_added}
-        if "first_step_peak_memory_mib" in row:  # the first step's memory too (see _time_steps)
-            measured |= {
-                "first_step_added_mib": round(row["first_step_peak_memory_mib"] - row["resident_mib"], 1),
-                "half_first_step_added_mib": round(half.first_step_mib - half.resident_mib, 1),
-            }
+        measured |= {  # the first step's memory too (see _time_steps)
+            "first_step_added_mib": round(row["first_step_peak_memory_mib"] - row["resident_mib"], 1),
+            "half_first_step_added_mib": round(half.first_step_mib - half.resident_mib, 1),
+        }
         out["memory_position_share"] = position_share(added, half_added, positions, half_positions)
     return out
 
