@@ -187,8 +187,14 @@ def test_calibration_measures_memory_and_latency():
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
     cm = calibrate(model, None, batch, ["q", "v"], steps=2, rounds=2)
     assert len(cm.measured) == 5 and cm.batch_tokens == 4 * 48
+    n_layers = cm.n_layers
     for row in cm.measured:
-        assert row["s_per_step"] > 0 and row["forward_s"] > 0 and row["peak_memory_mib"] > 0
+        assert row["s_per_step"] > 0 and row["peak_memory_mib"] > 0
+        # the forward is timed on the all-layer placements only: a single layer's adds next to nothing
+        if len(row["layers"]) == n_layers:
+            assert row["forward_s"] > 0
+        else:
+            assert row["forward_s"] is None
         # two rounds of two timed steps each (a third round where the times contradicted each other);
         # the placement's time is the fastest of them
         steps = row["timings_s_per_step"]
@@ -197,6 +203,13 @@ def test_calibration_measures_memory_and_latency():
         assert len(row["warmup_s_by_round"]) == len(steps) // 2 and min(row["warmup_s_by_round"]) > 0
         assert row["s_per_step"] == pytest.approx(min(steps), abs=2e-4)
     assert cm.forward_base_s is not None and cm.forward_base_s > 0 and cm.forward_per_module_s >= 0
+    # two module counts, so the least-squares line runs through the base model's forward at none and the
+    # all-layer placements' mean at theirs (up to the rows' rounding), unless a term would go negative
+    alls = [r for r in cm.measured if r["forward_s"]]
+    base, mean_all = cm.batch_scaling["forward_s"], sum(r["forward_s"] for r in alls) / len(alls)
+    if mean_all >= base:
+        assert cm.forward_time(0) == pytest.approx(base, abs=2e-4)
+        assert cm.forward_time(alls[0]["modules"]) == pytest.approx(mean_all, abs=2e-4)
     # the all-layer placement timed again on half the batch: how much of a step grows with positions
     scaling = cm.batch_scaling
     assert scaling["positions"] == 4 * 48 and scaling["half_positions"] == 2 * 48

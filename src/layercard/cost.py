@@ -275,7 +275,7 @@ class _Timed:
     warmup_s: float  # the untimed first step after the wrap, kept to show what skipping it leaves out
     resident_mib: float | None  # in use when the steps began; None: no per-run peak on this system
     peak_mib: float  # the peak over every step of the window
-    forward_s: float
+    forward_s: float | None  # None where the placement's forward was not timed
     first_step_mib: float  # the first step's peak plus the optimizer state it made, if below peak_mib
 
 
@@ -305,9 +305,16 @@ def forward_seconds(model, batch: dict[str, torch.Tensor], *, warm: bool, repeat
 
 
 def _time_steps(
-    model, targets: list[str], batch: dict[str, torch.Tensor], steps: int, rank: int = 8
+    model,
+    targets: list[str],
+    batch: dict[str, torch.Tensor],
+    steps: int,
+    rank: int = 8,
+    *,
+    forward: bool = True,
 ) -> _Timed:
-    """Wrap ``targets`` in fresh LoRA modules and time ``steps`` optimizer steps after one untimed step.
+    """Wrap ``targets`` in fresh LoRA modules and time ``steps`` optimizer steps after one untimed step,
+    then (with ``forward``) one unmerged no-grad forward.
 
     The first step after a wrap is about a tenth slower than the next ones, in every round and not only the
     first (benchmarks/results/calibration_warmup.md); a training run's median never sees it.
@@ -355,8 +362,8 @@ def _time_steps(
         peak, _ = peak_memory(device)
         del opt
         # The fastest of two: a single pass right after the steps at times took 1.5-2.7x as long.
-        forward = forward_seconds(peft_model, batch, warm=True, repeats=2)
-        return _Timed(times[1:], times[0], resident, float(peak), forward, float(min(peak, first_peak)))
+        fwd = forward_seconds(peft_model, batch, warm=True, repeats=2) if forward else None
+        return _Timed(times[1:], times[0], resident, float(peak), fwd, float(min(peak, first_peak)))
     finally:
         peft_model.unload()
         for p, r in zip(model.parameters(), requires, strict=True):
@@ -403,7 +410,8 @@ def calibrate(
     resident_mib: float | None = None,
 ) -> CostModel:
     """Time LoRA steps (top layer alone, bottom layer alone, middle layer, all layers at rank 8, all layers at
-    rank 32), measure each one's peak memory and unmerged forward time, and fit the cost model.
+    rank 32), measure each one's peak memory and, for the two all-layer placements, the unmerged forward
+    time, and fit the cost model.
 
     The placements are timed in ``rounds`` interleaved rounds of ``steps`` timed steps per placement, each
     round's after an untimed warm-up step; a placement's time is the fastest of its timed steps. Other load
@@ -439,15 +447,18 @@ def calibrate(
     model.train()
     timed: list[list[_Timed]] = [[] for _ in configs]
 
-    def timed_on(i: int, rows: dict[str, torch.Tensor]) -> _Timed:
+    def timed_on(i: int, rows: dict[str, torch.Tensor], forward: bool) -> _Timed:
         layers, rank = configs[i]
         specs = models.units(model, roles, layers=layers)
         if not specs:
             raise LayercardError(f"cost calibration: no units for roles {list(roles)} in layers {layers}")
-        return _time_steps(model, [s.name for s in specs], rows, steps, rank)
+        return _time_steps(model, [s.name for s in specs], rows, steps, rank, forward=forward)
 
     def measure(i: int) -> None:
-        timed[i].append(timed_on(i, batch))
+        # The forward's line is read off the all-layer placements: a single layer's few modules add next
+        # to nothing to the base model's forward, and timing them cost a tenth of the calibration for no
+        # better prediction (benchmarks/results/cost/calibration_subset.md).
+        timed[i].append(timed_on(i, batch, forward=len(configs[i][0]) == n_layers))
 
     def step_time(ts: list[_Timed]) -> float:
         return float(min(x for t in ts for x in t.step_s))
@@ -463,7 +474,7 @@ def calibrate(
     try:
         for i in track(order, "cost calibration", total=len(order), enabled=progress):
             if i is None:
-                half = timed_on(full, half_batch)
+                half = timed_on(full, half_batch, forward=False)  # its forward: the base model's
             else:
                 measure(i)
         # A placement that backward reaches deeper, or that adds more, cannot be faster: where the timings
@@ -495,7 +506,7 @@ def calibrate(
                 "peak_memory_by_round_mib": [round(t.peak_mib, 1) for t in ts],
                 "first_step_peak_memory_mib": round(row_first, 1),
                 "first_step_peak_by_round_mib": [round(t.first_step_mib, 1) for t in ts],
-                "forward_s": round(min(t.forward_s for t in ts), 4),
+                "forward_s": None if ts[0].forward_s is None else round(min(t.forward_s for t in ts), 4),
             }
         )
     x = np.array([[1.0, n_layers - min(r["layers"]), r["modules"], r["params"] / 1e6] for r in rows])
@@ -512,7 +523,7 @@ def calibrate(
         scaling["forward_position_share"] = position_share(
             base_row["forward_s"], base_row["half_forward_s"], *positions
         )
-    fwd_rows = [(0, base_forward)] + [(r["modules"], r["forward_s"]) for r in rows]
+    fwd_rows = [(0, base_forward)] + [(r["modules"], r["forward_s"]) for r in rows if r["forward_s"]]
     fwd, _ = nnls(np.array([[1.0, m] for m, _ in fwd_rows]), np.array([t for _, t in fwd_rows]))
     return CostModel(
         intercept_s=float(coef[0]),

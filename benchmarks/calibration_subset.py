@@ -1,0 +1,204 @@
+"""Which calibration placements a card needs: the committed cost runs re-priced from fewer of them.
+
+No model is loaded. Each task-run folder of `benchmarks/cost.py` holds its card (the calibration's five
+placements with their step time, memory and unmerged forward) and what its 12 placements measured. Each
+variant below refits the card's cost model from a subset of those measurements, with the same fits the
+calibration uses, and prices the runs again exactly as training priced them (rescaled to each run's
+positions):
+
+- ``as calibrated``: all five placements (must reproduce every run's recorded prediction);
+- ``no middle``: without the middle layer alone, for step time, memory and forward;
+- ``forward: all-layer``: the forward's line through the base model and the two all-layer placements
+  only (the single-layer placements' forwards add one module group each, next to no time);
+- ``forward: all-layer r8``: through the base model and every layer at rank 8 only;
+- ``shorter``: no middle layer and the forward through the all-layer placements only.
+
+What each variant would save is estimated from the card's own recorded times: a placement's warm-up and
+timed steps, and two forward passes at its fastest.
+
+    .venv/bin/python benchmarks/calibration_subset.py [FOLDER ...]   # default: every folder of results/cost
+
+Writes results/cost/calibration_subset.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from cost import GRID  # this folder is on sys.path
+from scipy.optimize import nnls
+
+from layercard.artifacts import read_json, write_json, write_text
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results" / "cost"
+VARIANTS = ("as calibrated", "no middle", "forward: all-layer", "forward: all-layer r8", "shorter")
+MEASURES = ("step", "memory", "forward")
+
+
+def _kind(row: dict[str, Any], n_layers: int) -> str:
+    layers = row["layers"]
+    if len(layers) == n_layers:
+        return f"all-r{row['rank']}"
+    return {n_layers - 1: "top", 0: "bottom"}.get(layers[0], "middle")
+
+
+def _rows(rows: list[dict[str, Any]], n_layers: int, drop: set[str]) -> list[dict[str, Any]]:
+    return [r for r in rows if _kind(r, n_layers) not in drop]
+
+
+def _model(cost: dict[str, Any], variant: str) -> tuple[Any, float]:
+    """The card's cost model refitted for ``variant``, and the calibration seconds the variant leaves out."""
+    from layercard.cost import CostModel, fit_memory
+
+    rows, n_layers = cost["measured"], cost["n_layers"]
+    no_middle = variant in ("no middle", "shorter")
+    fwd_drop = {"top", "bottom", "middle"} if variant in ("forward: all-layer", "shorter") else set()
+    if variant == "forward: all-layer r8":
+        fwd_drop = {"top", "bottom", "middle", "all-r32"}
+    step_rows = _rows(rows, n_layers, {"middle"} if no_middle else set())
+    x = np.array([[1.0, n_layers - min(r["layers"]), r["modules"], r["params"] / 1e6] for r in step_rows])
+    coef, _ = nnls(x, np.array([r["s_per_step"] for r in step_rows]))
+    changes: dict[str, Any] = {
+        "intercept_s": float(coef[0]),
+        "per_layer_backward_s": float(coef[1]),
+        "per_module_s": float(coef[2]),
+        "per_mparam_s": float(coef[3]),
+    }
+    if cost.get("memory_base_mib") is not None:
+        memory = fit_memory(step_rows, n_layers, cost.get("memory_resident_mib"))
+        changes |= {k: v for k, v in memory.items() if k != "memory_resident_mib"}
+    base = (cost.get("batch_scaling") or {}).get("forward_s")
+    if base is not None:
+        kept = [r for r in _rows(rows, n_layers, fwd_drop) if r["forward_s"]]  # later cards time fewer
+        fwd_rows = [(0, base)] + [(r["modules"], r["forward_s"]) for r in kept]
+        fwd, _ = nnls(np.array([[1.0, m] for m, _ in fwd_rows]), np.array([t for _, t in fwd_rows]))
+        changes |= {"forward_base_s": float(fwd[0]), "forward_per_module_s": float(fwd[1])}
+    saved = 0.0
+    for r in rows:
+        kind = _kind(r, n_layers)
+        if no_middle and kind == "middle":
+            forward = 2 * (r["forward_s"] or 0.0) * len(r["warmup_s_by_round"])
+            saved += sum(r["warmup_s_by_round"]) + sum(r["timings_s_per_step"]) + forward
+        elif kind in fwd_drop and r["forward_s"]:
+            saved += 2 * r["forward_s"] * len(r["warmup_s_by_round"])
+    return CostModel.from_dict(cost | changes), saved
+
+
+def _priced(model: Any, cost: dict[str, Any], run: dict[str, Any]) -> dict[str, float | None]:
+    """Run ``run`` priced by ``model`` as training priced it, as relative errors (positive: over)."""
+    from layercard.plan.predict import calibration_batch
+    from layercard.train.metrics import predictions
+
+    layers, modules, params = run["layers"], run["modules"], run["params"]
+    planned = calibration_batch(cost) | {
+        "step_time_s": model.step_time(layers, modules, params),
+        "memory": model.memory(layers, modules, params),
+        "forward_s": model.forward_time(modules),
+    }
+    p = predictions(
+        planned, run["s_per_step"], None, run["peak_memory_mib"], run["peak_memory_start_mib"],
+        run["batch_positions_per_step"], run["max_batch_positions"], run.get("forward_s"),
+        run.get("forward_positions"),
+    )  # fmt: skip
+
+    def err(pred: float | None, measured: float | None) -> float | None:
+        return None if not pred or not measured else pred / measured - 1
+
+    return {
+        "step": err(p["predicted_step_time_scaled_s"], run["s_per_step"]),
+        "memory": err(
+            p["predicted_peak_memory_scaled_mib"] or p["predicted_peak_memory_mib"], run["peak_memory_mib"]
+        ),
+        "forward": err(p["predicted_forward_scaled_s"], run.get("forward_s")),
+    }
+
+
+def task_run(folder: Path) -> dict[str, Any]:
+    """Every variant's errors on one task-run's placements, and the seconds it leaves out."""
+    card = read_json(folder / "card" / "card.json")
+    cost = card["cost"]
+    paths = [folder / "runs" / f"{p.name}.json" for p in GRID]
+    runs = [read_json(path) for path in paths if path.is_file()]
+    out: dict[str, Any] = {"folder": str(folder.relative_to(RESULTS)), "device": cost["device"]}
+    out["variants"] = {}
+    for variant in VARIANTS:
+        model, saved = _model(cost, variant)
+        errors = {m: [] for m in MEASURES}
+        for run in runs:
+            e = _priced(model, cost, run)
+            for m in MEASURES:
+                if e[m] is not None:
+                    errors[m].append(e[m])
+        if variant == "as calibrated":  # the refit must give back what training recorded
+            for run, step in zip(runs, errors["step"], strict=True):
+                recorded = run["predicted_step_time_scaled_s"] / run["s_per_step"] - 1
+                if abs(step - recorded) > 2e-3:
+                    raise SystemExit(f"{folder}: the refit does not reproduce {run['name']}'s step time")
+        out["variants"][variant] = {"saved_s": round(saved, 2), "errors": errors}
+    out["calibrate_s"] = round(card.get("timings", {}).get("calibrate_s", float("nan")), 1)
+    return out
+
+
+def _mae(errs: list[float]) -> float | None:
+    return 100 * statistics.fmean(abs(e) for e in errs) if errs else None
+
+
+def _cell(errs: list[float]) -> str:
+    m = _mae(errs)
+    return "–" if m is None else f"{m:.1f}%"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("folders", nargs="*", type=Path)
+    args = ap.parse_args()
+    found = sorted({p.parent.parent for p in RESULTS.glob("**/card/card.json")})
+    folders = [f.resolve() for f in args.folders] or found
+    results = [task_run(f) for f in folders]
+    write_json(
+        RESULTS / "calibration_subset.json",
+        {"benchmark": "calibration_subset", "date": time.strftime("%Y-%m-%d"), "runs": results},
+    )
+    lines = [
+        "# Which calibration placements a card needs",
+        "",
+        "Every committed cost task-run's card refitted from a subset of its five calibration placements and "
+        "its placements priced again as training priced them. Cells: mean absolute error of step time / peak "
+        "memory / unmerged forward over the task-run's placements (– where not recorded), then the "
+        "calibration seconds the variant leaves out of that card's calibration (its warm-up, timed steps and "
+        "two forward passes at their fastest), against the calibration's recorded total.",
+        "",
+        "| task-run | device | calibration s | " + " | ".join(VARIANTS) + " |",
+        "|---|---|---:|" + "---|" * len(VARIANTS),
+    ]
+    for r in results:
+        cells = []
+        for v in VARIANTS:
+            e = r["variants"][v]
+            errs = " / ".join(_cell(e["errors"][m]) for m in MEASURES)
+            cells.append(errs + (f", −{e['saved_s']:.1f} s" if e["saved_s"] else ""))
+        lines.append(f"| {r['folder']} | {r['device']} | {r['calibrate_s']} | " + " | ".join(cells) + " |")
+    for device in sorted({r["device"] for r in results}):
+        group = [r for r in results if r["device"] == device]
+        cells = []
+        for v in VARIANTS:
+            parts = []
+            for m in MEASURES:
+                maes = [x for x in (_mae(r["variants"][v]["errors"][m]) for r in group) if x is not None]
+                within = sum(x <= 10 for x in maes)
+                parts.append(f"{statistics.fmean(maes):.1f}% ({within}/{len(maes)} ≤10%)" if maes else "–")
+            cells.append(" / ".join(parts))
+        lines.append(f"| **mean, {device} ({len(group)})** | | | " + " | ".join(cells) + " |")
+    lines.append("")
+    write_text(RESULTS / "calibration_subset.md", "\n".join(lines))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
