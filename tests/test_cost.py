@@ -180,6 +180,40 @@ def test_position_share_is_the_part_a_line_through_two_batches_puts_on_the_posit
     assert position_share(0.0, 0.0, 1000, 500) == 1.0 and position_share(2.0, 1.0, 500, 500) == 1.0
 
 
+def test_calibration_times_again_only_the_slower_placement_and_keeps_its_forward(monkeypatch):
+    import layercard.cost as cost
+    from layercard import models
+
+    model = tiny_model("llama", seed=0)
+    n_layers = models.num_layers(model)
+    calls: list[tuple[bool, int, bool]] = []  # (every layer, rank, forward timed)
+
+    def fake(model, targets, batch, steps, rank=8, *, forward=True):
+        every = len({t.split(".layers.")[1].split(".")[0] for t in targets}) == n_layers
+        calls.append((every, rank, forward))
+        # every layer at rank 8 is slowed in its first run only: 3.0 s, then 1.9 s; rank 32 takes 2.0 s
+        first = sum(c[:2] == (True, 8) for c in calls) == 1
+        t = 1.0 if not every else 2.0 if rank == 32 else 3.0 if first else 1.9
+        fwd = 0.5 + 0.01 * len(targets) if forward else None
+        return cost._Timed([t, t], t, 100.0, 200.0 + 10 * len(targets), fwd, 150.0)
+
+    monkeypatch.setattr(cost, "_time_steps", fake)
+    ids = torch.randint(5, 90, (4, 16))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+    cm = calibrate(model, None, batch, ["q", "v"], steps=2)
+    every = [r for r in cm.measured if len(r["layers"]) == n_layers]
+    single = [r for r in cm.measured if len(r["layers"]) == 1]
+    assert [r["rank"] for r in every] == [8, 32] and len(single) == 3
+    # only the rank-8 all-layer placement was timed again (after the half batch's run), without a forward
+    assert [len(r["warmup_s_by_round"]) for r in cm.measured] == [1, 1, 1, 2, 1]
+    assert calls[-1] == (True, 8, False)
+    assert every[0]["s_per_step"] == pytest.approx(1.9) and every[1]["s_per_step"] == pytest.approx(2.0)
+    # the all-layer placements' forwards from their first run; the single layers and the half batch none
+    assert every[0]["forward_s"] == every[1]["forward_s"] == pytest.approx(0.5 + 0.01 * 2 * n_layers)
+    assert all(r["forward_s"] is None for r in single)
+    assert [c for c in calls if c[2]] == [(True, 8, True), (True, 32, True)]
+
+
 def test_calibration_measures_memory_and_latency():
     model = tiny_model("llama", seed=0)
     torch.manual_seed(0)
@@ -249,7 +283,10 @@ def test_contradicting_calibration_times_are_found():
     configs = [([29], 8), ([0], 8), ([15], 8), (everything, 8), (everything, 32)]
     assert _out_of_order(configs, [2.2, 4.3, 3.2, 5.4, 6.3]) == []
     assert _out_of_order(configs, [2.2, 4.3, 3.2, 5.4, 5.405]) == []  # within jitter
-    # rank 32 on every layer timed faster than rank 8 on every layer: one of the two was slowed
-    assert _out_of_order(configs, [2.2, 4.3, 3.2, 7.2, 6.1]) == [3, 4]
+    # rank 32 on every layer timed faster than rank 8 on every layer: load only slows a step, so the
+    # cheaper rank-8 placement is the one timed again
+    assert _out_of_order(configs, [2.2, 4.3, 3.2, 7.2, 6.1]) == [3]
     # the top layer alone slower than the bottom layer alone (and the middle): it was slowed
-    assert _out_of_order(configs, [4.5, 4.3, 3.2, 5.4, 6.3]) == [0, 1, 2]
+    assert _out_of_order(configs, [4.5, 4.3, 3.2, 5.4, 6.3]) == [0]
+    # the bottom layer slower than both all-layer placements: only it
+    assert _out_of_order(configs, [2.2, 6.5, 3.2, 5.4, 6.3]) == [1]

@@ -386,15 +386,15 @@ def _tensor_mib(state: Any) -> float:
 
 
 def _out_of_order(configs: Sequence[tuple[list[int], int]], times: Sequence[float]) -> list[int]:
-    """Indices of placements whose times break the order their costs must follow: a placement whose
-    backward reaches at least as deep, on at least as many layers at at least the rank of another, is not
-    faster."""
+    """Indices of placements timed slower than one that costs at least as much: a placement whose backward
+    reaches at least as deep, on at least as many layers at at least the rank of another, is not faster.
+    Load can only slow a step, so of the two it is the slower, cheaper one whose time is suspect."""
     bad: set[int] = set()
     for i, (li, ri) in enumerate(configs):
         for j, (lj, rj) in enumerate(configs):
             covers = i != j and min(li) <= min(lj) and len(li) >= len(lj) and ri >= rj
             if covers and times[i] < times[j] * 0.98:  # 2%: timing jitter is not a contradiction
-                bad |= {i, j}
+                bad.add(j)
     return sorted(bad)
 
 
@@ -419,8 +419,9 @@ def calibrate(
     median over a training run's many steps does: with the median of two, calibrations over-predicted the
     steps of the runs they priced by 6.7% on average over eight task-runs of benchmarks/cost.py, with the
     fastest by 2.7% (benchmarks/results/cost/refit.md). Interleaving spreads slow spells of the machine over
-    every placement instead of letting one absorb them. Placements whose times still contradict each other
-    (a deeper or larger one faster) are timed once more.
+    every placement instead of letting one absorb them. A placement timed slower than one that costs at
+    least as much (reaches as deep, on as many layers, at as high a rank) is timed once more: load can only
+    slow a step, so the cheaper, slower one is the suspect.
 
     ``resident_mib``: the memory in use with the model loaded and nothing else of the caller's held (the
     card measures it before its probe pass). A training process starts from about that, not from whatever
@@ -457,8 +458,10 @@ def calibrate(
     def measure(i: int) -> None:
         # The forward's line is read off the all-layer placements: a single layer's few modules add next
         # to nothing to the base model's forward, and timing them cost a tenth of the calibration for no
-        # better prediction (benchmarks/results/cost/calibration_subset.md).
-        timed[i].append(timed_on(i, batch, forward=len(configs[i][0]) == n_layers))
+        # better prediction (benchmarks/results/cost/calibration_subset.md). A placement timed again
+        # for its steps keeps the forward it has.
+        first = not timed[i]
+        timed[i].append(timed_on(i, batch, forward=first and len(configs[i][0]) == n_layers))
 
     def step_time(ts: list[_Timed]) -> float:
         return float(min(x for t in ts for x in t.step_s))
@@ -506,7 +509,7 @@ def calibrate(
                 "peak_memory_by_round_mib": [round(t.peak_mib, 1) for t in ts],
                 "first_step_peak_memory_mib": round(row_first, 1),
                 "first_step_peak_by_round_mib": [round(t.first_step_mib, 1) for t in ts],
-                "forward_s": None if ts[0].forward_s is None else round(min(t.forward_s for t in ts), 4),
+                "forward_s": None if ts[0].forward_s is None else round(ts[0].forward_s, 4),
             }
         )
     x = np.array([[1.0, n_layers - min(r["layers"]), r["modules"], r["params"] / 1e6] for r in rows])
