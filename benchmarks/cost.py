@@ -211,10 +211,20 @@ def _task_rows(name: str) -> tuple[Any, list[dict[str, Any]], list[dict[str, Any
                 "training_memory_mib": added,
                 "predicted_training_memory_mib": r["predicted_training_memory_mib"],
                 "training_memory_error": _rel(added, r["predicted_training_memory_mib"]),
+                **_at_start(r),
                 **_forward(r),
             }
         )
     return card, runs, rows
+
+
+def _at_start(r: dict[str, Any]) -> dict[str, Any]:
+    """The peak restated from the memory in use when the run began, as training records it since
+    (train.metrics.predictions): that start plus the memory training was predicted to add."""
+    if r.get("peak_memory_start_mib") is None or not r.get("predicted_training_memory_mib"):
+        return {}
+    at_start = r["peak_memory_start_mib"] + r["predicted_training_memory_mib"]
+    return {"peak_memory_at_start_error": _rel(r["peak_memory_mib"], at_start)}
 
 
 def _forward(r: dict[str, Any]) -> dict[str, Any]:
@@ -315,12 +325,14 @@ _ERRORS = ("step_time_error", "peak_memory_error", "training_memory_error")
 _OTHER = ("other_peak_memory_error",)
 _PROPORTIONAL = ("proportional_step_time_error", "proportional_peak_memory_error")
 _FORWARD = ("forward_error", "unscaled_forward_error")
+_AT_START = ("peak_memory_at_start_error",)
 
 
 def _errors(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
     keys = _ERRORS + (_PROPORTIONAL if all(_PROPORTIONAL[0] in x for x in rows) else ())
     keys += _FORWARD if all(_FORWARD[0] in x for x in rows) else ()
     keys += _OTHER if all(_OTHER[0] in x for x in rows) else ()
+    keys += _AT_START if all(_AT_START[0] in x for x in rows) else ()
     return {
         "mean_abs_error": {k: statistics.fmean(abs(x[k]) for x in rows) for k in keys},
         "max_abs_error": {k: max(abs(x[k]) for x in rows) for k in keys},
@@ -491,6 +503,7 @@ def _markdown(out: dict[str, Any]) -> str:
             f"{_pct(worst['peak_memory_error'])}), memory added by training "
             f"{_pct(mae['training_memory_error'])} (worst {_pct(worst['training_memory_error'])}).",
             "",
+            *_at_start_line(mae, worst),
             *_other_line(mae, t["card_calibration"]),
             *_proportional_line(mae),
             *_forward_table(t),
@@ -502,6 +515,7 @@ def _markdown(out: dict[str, Any]) -> str:
         f"{_pct(mae['peak_memory_error'])}, memory added by training {_pct(mae['training_memory_error'])} "
         "mean absolute error.",
         "",
+        *_at_start_line(mae, out["max_abs_error"]),
         *_other_line(mae, next(iter(out["tasks"].values()))["card_calibration"]),
         *_proportional_line(mae),
         *(
@@ -517,6 +531,17 @@ def _markdown(out: dict[str, Any]) -> str:
         ),
     ]
     return "\n".join(lines)
+
+
+def _at_start_line(mae: dict[str, float], worst: dict[str, float]) -> list[str]:
+    if "peak_memory_at_start_error" not in mae:
+        return []
+    return [
+        "Peak memory restated from each run's start (the memory in use when it began plus the memory "
+        f"training was predicted to add): {_pct(mae['peak_memory_at_start_error'])} (worst "
+        f"{_pct(worst['peak_memory_at_start_error'])}).",
+        "",
+    ]
 
 
 def _forward_table(t: dict[str, Any]) -> list[str]:

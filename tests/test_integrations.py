@@ -156,6 +156,7 @@ def test_callback_writes_train_metrics_layercard_reads(trainer_run):
         assert m.peak_memory_mib >= m.peak_memory_start_mib
         added = m.predicted_peak_memory_scaled_mib - memory["resident_mib"]
         assert m.training_memory_ratio == pytest.approx((m.peak_memory_mib - m.peak_memory_start_mib) / added)
+        assert m.predicted_peak_memory_at_start_mib == pytest.approx(m.peak_memory_start_mib + added)
     assert m.plan["layers"] == plan.layers and m.plan["units"] == [u.key for u in plan.units]
     assert m.trainable_params == plan.predicted["params"]
     assert m.task["data_hash"] == trainer_run["task"].data_hash == m.provenance["data_hash"]

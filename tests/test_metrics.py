@@ -156,6 +156,16 @@ def test_train_predictions_scale_time_by_mean_and_memory_by_largest_batch():
     assert out["predicted_peak_memory_scaled_mib"] == pytest.approx(3000 + 1000 * (750 / 500 - 1))
     assert out["peak_memory_ratio"] == pytest.approx(3400 / 3500)
     assert out["training_memory_ratio"] == pytest.approx(2400 / 2500)
+    # the peak restated from where this run began (1,000 MiB, here the card's own resident size): the same
+    assert out["predicted_peak_memory_at_start_mib"] == pytest.approx(3500)
+    # a run that began 100 MiB above the card's resident size: the restated peak moves with it
+    later = predictions(predicted, 1.8, 350.0, 3400.0, 1100.0, positions_per_step=400.0, max_positions=750)
+    assert later["predicted_peak_memory_at_start_mib"] == pytest.approx(1100 + 2500)
+    assert later["peak_memory_at_start_ratio"] == pytest.approx(3400 / 3600)
+    assert later["peak_memory_ratio"] == out["peak_memory_ratio"]  # the plan's own figure is unchanged
+    # no start (no per-run window on this system): nothing to restate
+    none = predictions(predicted, 1.8, 350.0, 3400.0, None, positions_per_step=400.0, max_positions=750)
+    assert none["predicted_peak_memory_at_start_mib"] is None and none["peak_memory_at_start_ratio"] is None
     assert out["max_batch_positions"] == 750
     # without the largest batch (files written before it was recorded) memory follows the mean
     old = predictions(predicted, 1.8, 350.0, 3400.0, 1000.0, positions_per_step=400.0)

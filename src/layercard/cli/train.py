@@ -144,6 +144,12 @@ def _print_summary(m: dict[str, Any]) -> None:
             f"{m['peak_memory_mib'] - start:,.0f} / {m['predicted_training_memory_mib']:,.0f} MiB"
             f"  (×{m['training_memory_ratio']:.2f})",
         )
+    if m.get("peak_memory_at_start_ratio"):
+        tbl.add_row(
+            "peak memory measured / predicted from this run's start",
+            f"{m['peak_memory_mib']:,.0f} / {m['predicted_peak_memory_at_start_mib']:,.0f} MiB"
+            f"  (×{m['peak_memory_at_start_ratio']:.2f})",
+        )
     if m.get("forward_s") is not None:
         fwd_pred = m.get("predicted_forward_scaled_s") or m.get("predicted_forward_s")
         tbl.add_row(

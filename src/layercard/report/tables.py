@@ -198,7 +198,7 @@ def train_table(metrics: dict[str, TrainMetrics]) -> Table:
         "s/step (predicted)",
         "tokens/s",
         "peak MiB (measured)",
-        "peak MiB (predicted)",
+        "peak MiB (predicted: the plan's / from the run's start)",
         "unmerged forward s (measured / predicted)",
         "train loss first → last",
         "val loss",
@@ -211,7 +211,8 @@ def train_table(metrics: dict[str, TrainMetrics]) -> Table:
             fmt(predicted_s_per_step(m), ".3f"),
             fmt(m.tokens_per_s, ",.0f"),
             fmt(m.peak_memory_mib, ",.0f"),
-            fmt(m.predicted_peak_memory_scaled_mib or m.predicted_peak_memory_mib, ",.0f"),
+            f"{fmt(m.predicted_peak_memory_scaled_mib or m.predicted_peak_memory_mib, ',.0f')} / "
+            f"{fmt(m.predicted_peak_memory_at_start_mib, ',.0f')}",
             f"{fmt(m.forward_s, '.3f')} / {fmt(predicted_forward_s(m), '.3f')}",
             f"{fmt(m.first_train_loss)} → {fmt(m.final_train_loss)}",
             fmt(m.final_val_loss),

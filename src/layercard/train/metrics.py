@@ -86,6 +86,10 @@ class TrainMetrics:
     predicted_forward_s: float | None = None
     predicted_forward_scaled_s: float | None = None
     forward_ratio: float | None = None
+    # The peak restated from the memory in use when this run began: that plus the memory the plan
+    # predicted training adds (``predicted_training_memory_mib``). Older files lack them and read as None.
+    predicted_peak_memory_at_start_mib: float | None = None
+    peak_memory_at_start_ratio: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The train_metrics.json form (key order as written)."""
@@ -138,7 +142,10 @@ def predictions(
     ``step_time_ratio`` is measured over the prediction as planned; ``peak_memory_ratio`` is measured
     over the scaled prediction where there is one. Memory is also compared
     as what training adds over the memory in use when it began (``start_mib``), since a training process
-    may hold more or less around the model than the card's did.
+    may hold more or less around the model than the card's did, and the peak is restated from that start
+    (``predicted_peak_memory_at_start_mib``: the start plus the predicted addition): a run in the card's
+    own process starts about 100 MiB above the card's resident size on a CPU, one in a fresh process
+    about 20 MiB above it (benchmarks/results/cost/, design §5).
     """
     peak_mib = round(peak_mib, 1)  # as recorded, so the ratios reproduce from the file
     start_mib = None if start_mib is None else round(start_mib, 1)
@@ -163,6 +170,7 @@ def predictions(
     peak_ref = peak_scaled or peak
     resident = memory.get("resident_mib")
     added = peak_ref - resident if peak_ref and resident else None
+    at_start = start_mib + added if added is not None and start_mib is not None else None
     quality = predicted.get("quality")
     forward = predicted.get("forward_s")
     forward_share = predicted.get("forward_position_share")
@@ -184,6 +192,8 @@ def predictions(
         "peak_memory_start_mib": start_mib,
         "predicted_training_memory_mib": added,
         "training_memory_ratio": (peak_mib - start_mib) / added if added and start_mib is not None else None,
+        "predicted_peak_memory_at_start_mib": at_start,
+        "peak_memory_at_start_ratio": peak_mib / at_start if at_start and at_start > 0 else None,
         "predicted_quality": quality.get("fraction") if isinstance(quality, dict) else None,
         "batch_positions_per_step": positions_per_step,
         "max_batch_positions": max_positions,
