@@ -205,7 +205,9 @@ def main() -> None:
         "its placements priced again as training priced them. Cells: mean absolute error of step time / peak "
         "memory / unmerged forward over the task-run's placements (– where not recorded), then the "
         "calibration seconds the variant leaves out of that card's calibration (its warm-up, timed steps and "
-        "two forward passes at their fastest), against the calibration's recorded total.",
+        "two forward passes at their fastest), against the calibration's recorded total. Cards from "
+        "`ninth` on time the forward on the all-layer placements only, so for them the forward columns "
+        "agree with `as calibrated`; the means over the CPU task-runs include them.",
         "",
         "| task-run | device | calibration s | " + " | ".join(VARIANTS) + " |",
         "|---|---|---:|" + "---|" * len(VARIANTS),
