@@ -424,8 +424,10 @@ def calibrate(
     slow a step, so the cheaper, slower one is the suspect.
 
     ``resident_mib``: the memory in use with the model loaded and nothing else of the caller's held (the
-    card measures it before its probe pass). A training process starts from about that, not from whatever
-    the caller holds while calibrating; without it the calibration runs' own starting memory is used.
+    card measures it before its probe pass). A training process of its own starts from about that (about
+    20 MiB above it on a CPU), not from whatever the caller holds while calibrating; a run in the card's
+    own process starts higher, which training states beside the plan (its peak restated from its start).
+    Without it the calibration runs' own starting memory is used.
     """
     from scipy.optimize import nnls
 
