@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from cost import GRID  # this folder is on sys.path
+from cost import GRID, priced  # this folder is on sys.path
 from scipy.optimize import nnls
 
 from layercard.artifacts import read_json, write_json, write_text
@@ -123,22 +123,9 @@ def _model(cost: dict[str, Any], variant: str, rounds: int = 1) -> tuple[Any, fl
     return CostModel.from_dict(cost | changes), saved
 
 
-def _priced(model: Any, cost: dict[str, Any], run: dict[str, Any]) -> dict[str, float | None]:
+def _errors(model: Any, run: dict[str, Any]) -> dict[str, float | None]:
     """Run ``run`` priced by ``model`` as training priced it, as relative errors (positive: over)."""
-    from layercard.plan.predict import calibration_batch
-    from layercard.train.metrics import predictions
-
-    layers, modules, params = run["layers"], run["modules"], run["params"]
-    planned = calibration_batch(cost) | {
-        "step_time_s": model.step_time(layers, modules, params),
-        "memory": model.memory(layers, modules, params),
-        "forward_s": model.forward_time(modules),
-    }
-    p = predictions(
-        planned, run["s_per_step"], None, run["peak_memory_mib"], run["peak_memory_start_mib"],
-        run["batch_positions_per_step"], run["max_batch_positions"], run.get("forward_s"),
-        run.get("forward_positions"),
-    )  # fmt: skip
+    p = priced(model, run)
 
     def err(pred: float | None, measured: float | None) -> float | None:
         return None if not pred or not measured else pred / measured - 1
@@ -164,7 +151,7 @@ def task_run(folder: Path) -> dict[str, Any]:
         model, saved = _model(cost, variant, int(card["config"].get("calibrate_rounds", 1)))
         errors = {m: [] for m in MEASURES}
         for run in runs:
-            e = _priced(model, cost, run)
+            e = _errors(model, run)
             for m in MEASURES:
                 if e[m] is not None:
                     errors[m].append(e[m])

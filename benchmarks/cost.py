@@ -241,19 +241,22 @@ def _forward(r: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _priced(model: Any, cost: dict[str, Any], r: dict[str, Any]) -> dict[str, Any]:
-    """Training's own predictions for run ``r`` (its plan's step time, ``model``'s memory), rescaled to
-    the run's positions as train_metrics.json records them."""
+def priced(model: Any, r: dict[str, Any]) -> dict[str, Any]:
+    """Training's own predictions for run ``r`` from ``model`` (its step time, memory and forward, with the
+    shares it carries), rescaled to the run's positions as train_metrics.json records them."""
+    from layercard.plan.predict import calibration_batch
     from layercard.train.metrics import predictions
 
-    planned = {
-        "step_time_s": r["predicted_step_time_s"],
-        "calibration_batch_positions": cost.get("batch_positions"),
-        "memory": model.memory(r["layers"], r["modules"], r["params"]),
+    layers, modules, params = r["layers"], r["modules"], r["params"]
+    planned = calibration_batch(model.to_dict()) | {
+        "step_time_s": model.step_time(layers, modules, params),
+        "memory": model.memory(layers, modules, params),
+        "forward_s": model.forward_time(modules),
     }
     return predictions(
         planned, r["s_per_step"], None, r["peak_memory_mib"], r["peak_memory_start_mib"],
-        r["batch_positions_per_step"], r["max_batch_positions"],
+        r["batch_positions_per_step"], r["max_batch_positions"], r.get("forward_s"),
+        r.get("forward_positions"),
     )  # fmt: skip
 
 
@@ -266,7 +269,7 @@ def _proportional(cost: dict[str, Any], r: dict[str, Any]) -> dict[str, Any]:
     if cost.get("step_position_share") is None or not cost.get("batch_positions"):
         return {}
     earlier = CostModel.from_dict(cost | {"step_position_share": None, "memory_position_share": None})
-    out = _priced(earlier, cost, r)
+    out = priced(earlier, r)
     return {
         "proportional_step_time_error": _rel(r["s_per_step"], out["predicted_step_time_scaled_s"]),
         "proportional_peak_memory_error": _rel(r["peak_memory_mib"], out["predicted_peak_memory_scaled_mib"]),
@@ -314,7 +317,7 @@ def _other_rule(cost: dict[str, Any], r: dict[str, Any]) -> dict[str, Any]:
     share = cost.get("memory_position_share")
     if half in b:
         share = position_share(b[full], b[half], b["positions"], b["half_positions"])
-    out = _priced(CostModel.from_dict(cost | terms | {"memory_position_share": share}), cost, r)
+    out = priced(CostModel.from_dict(cost | terms | {"memory_position_share": share}), r)
     return {
         "other_predicted_peak_memory_mib": out["predicted_peak_memory_scaled_mib"],
         "other_peak_memory_error": _rel(r["peak_memory_mib"], out["predicted_peak_memory_scaled_mib"]),
