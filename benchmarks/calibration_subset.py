@@ -33,9 +33,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from cost import GRID, priced  # this folder is on sys.path
-from scipy.optimize import nnls
 
 from layercard.artifacts import read_json, write_json, write_text
 
@@ -85,7 +83,7 @@ def _slower_only(rows: list[dict[str, Any]], rounds: int) -> tuple[list[dict[str
 
 def _model(cost: dict[str, Any], variant: str, rounds: int = 1) -> tuple[Any, float]:
     """The card's cost model refitted for ``variant``, and the calibration seconds the variant leaves out."""
-    from layercard.cost import CostModel, fit_memory
+    from layercard.cost import CostModel, fit_forward, fit_memory, fit_step_time
 
     rows, n_layers = cost["measured"], cost["n_layers"]
     saved = 0.0
@@ -96,23 +94,13 @@ def _model(cost: dict[str, Any], variant: str, rounds: int = 1) -> tuple[Any, fl
     if variant == "forward: all-layer r8":
         fwd_drop = {"top", "bottom", "middle", "all-r32"}
     step_rows = _rows(rows, n_layers, {"middle"} if no_middle else set())
-    x = np.array([[1.0, n_layers - min(r["layers"]), r["modules"], r["params"] / 1e6] for r in step_rows])
-    coef, _ = nnls(x, np.array([r["s_per_step"] for r in step_rows]))
-    changes: dict[str, Any] = {
-        "intercept_s": float(coef[0]),
-        "per_layer_backward_s": float(coef[1]),
-        "per_module_s": float(coef[2]),
-        "per_mparam_s": float(coef[3]),
-    }
+    changes: dict[str, Any] = fit_step_time(step_rows, n_layers)
     if cost.get("memory_base_mib") is not None:
         memory = fit_memory(step_rows, n_layers, cost.get("memory_resident_mib"))
         changes |= {k: v for k, v in memory.items() if k != "memory_resident_mib"}
     base = (cost.get("batch_scaling") or {}).get("forward_s")
     if base is not None:
-        kept = [r for r in _rows(rows, n_layers, fwd_drop) if r["forward_s"]]  # later cards time fewer
-        fwd_rows = [(0, base)] + [(r["modules"], r["forward_s"]) for r in kept]
-        fwd, _ = nnls(np.array([[1.0, m] for m, _ in fwd_rows]), np.array([t for _, t in fwd_rows]))
-        changes |= {"forward_base_s": float(fwd[0]), "forward_per_module_s": float(fwd[1])}
+        changes |= fit_forward(base, _rows(rows, n_layers, fwd_drop))
     for r in rows:
         kind = _kind(r, n_layers)
         if no_middle and kind == "middle":

@@ -15,7 +15,9 @@ from layercard.cost import (
     _out_of_order,
     _tensor_mib,
     calibrate,
+    fit_forward,
     fit_memory,
+    fit_step_time,
     peak_memory,
     position_share,
     reset_peak_memory,
@@ -71,6 +73,30 @@ def test_memory_fit_recovers_known_terms_over_each_row_start():
     assert [terms[f"memory_per_{k}_mib"] for k in ("layer", "module", "mparam")] == pytest.approx([12, 3, 8])
     doubled = fit_memory(rows, 10, None, key="window")  # another column; the rows' median start
     assert doubled["memory_resident_mib"] == 902.0 and doubled["memory_per_layer_mib"] == pytest.approx(24)
+
+
+def test_step_time_and_forward_fits_recover_known_terms():
+    everything = list(range(10))
+    single = [([9], 1, 0.1e6), ([0], 1, 0.1e6), ([5], 1, 0.1e6)]
+    placements = single + [(everything, 10, 1e6), (everything, 10, 4e6)]
+    rows = [
+        {
+            "layers": layers, "modules": modules, "params": params,
+            "s_per_step": 0.5 + 0.1 * (10 - min(layers)) + 0.02 * modules + 0.3 * params / 1e6,
+            # the forward timed on the all-layer placements only, as the calibration does
+            "forward_s": 0.4 + 0.005 * modules if len(layers) == 10 else None,
+        }
+        for layers, modules, params in placements
+    ]  # fmt: skip
+    step = fit_step_time(rows, 10)
+    assert [step[k] for k in ("intercept_s", "per_layer_backward_s", "per_module_s", "per_mparam_s")] == (
+        pytest.approx([0.5, 0.1, 0.02, 0.3])
+    )
+    fwd = fit_forward(0.4, rows)
+    assert fwd == pytest.approx({"forward_base_s": 0.4, "forward_per_module_s": 0.005})
+    # a slow single-layer row, were it timed, would pull the line: the rows without a forward do not
+    slowed = [r | {"forward_s": r["forward_s"] or 0.9} for r in rows]
+    assert fit_forward(0.4, slowed)["forward_base_s"] > 0.45
 
 
 def test_memory_terms():

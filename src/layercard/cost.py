@@ -429,8 +429,6 @@ def calibrate(
     own process starts higher, which training states beside the plan (its peak restated from its start).
     Without it the calibration runs' own starting memory is used.
     """
-    from scipy.optimize import nnls
-
     from layercard import models
 
     if steps < 1 or rounds < 1:
@@ -514,9 +512,6 @@ def calibrate(
                 "forward_s": None if ts[0].forward_s is None else round(ts[0].forward_s, 4),
             }
         )
-    x = np.array([[1.0, n_layers - min(r["layers"]), r["modules"], r["params"] / 1e6] for r in rows])
-    # Non-negative least squares: each term is a time or a size, and noise must not make one negative.
-    coef, _ = nnls(x, np.array([r["s_per_step"] for r in rows]))
     memory: dict[str, Any] = {}
     if all(r["resident_mib"] is not None for r in rows):  # a lifetime peak says nothing about one placement
         memory = fit_memory(rows, n_layers, resident_mib) | {"memory_kind": peak_memory(device)[1]}
@@ -528,24 +523,50 @@ def calibrate(
         scaling["forward_position_share"] = position_share(
             base_row["forward_s"], base_row["half_forward_s"], *positions
         )
-    fwd_rows = [(0, base_forward)] + [(r["modules"], r["forward_s"]) for r in rows if r["forward_s"]]
-    fwd, _ = nnls(np.array([[1.0, m] for m, _ in fwd_rows]), np.array([t for _, t in fwd_rows]))
     return CostModel(
-        intercept_s=float(coef[0]),
-        per_layer_backward_s=float(coef[1]),
-        per_module_s=float(coef[2]),
-        per_mparam_s=float(coef[3]),
+        **fit_step_time(rows, n_layers),
         n_layers=n_layers,
         batch_size=int(batch["input_ids"].shape[0]),
         batch_tokens=int(batch["attention_mask"].sum()),
         batch_positions=int(batch["input_ids"].numel()),
         measured=rows,
         device=str(device),
-        forward_base_s=float(fwd[0]),
-        forward_per_module_s=float(fwd[1]),
+        **fit_forward(base_forward, rows),
         **memory,
         **scaling,
     )
+
+
+def _terms(rows: Sequence[dict[str, Any]], n_layers: int, y: Sequence[float]) -> np.ndarray:
+    """The four terms (constant, layers backward reaches, modules, million parameters) fitted to ``y``
+    over calibration rows by non-negative least squares: each term is a time or a size, and noise must not
+    make one negative."""
+    from scipy.optimize import nnls
+
+    x = np.array([[1.0, n_layers - min(r["layers"]), r["modules"], r["params"] / 1e6] for r in rows])
+    coef, _ = nnls(x, np.asarray(y, dtype=float))
+    return coef
+
+
+def fit_step_time(rows: Sequence[dict[str, Any]], n_layers: int) -> dict[str, float]:
+    """The step-time terms of a cost model from calibration rows (their ``s_per_step``)."""
+    coef = _terms(rows, n_layers, [r["s_per_step"] for r in rows])
+    return {
+        "intercept_s": float(coef[0]),
+        "per_layer_backward_s": float(coef[1]),
+        "per_module_s": float(coef[2]),
+        "per_mparam_s": float(coef[3]),
+    }
+
+
+def fit_forward(base_forward_s: float, rows: Sequence[dict[str, Any]]) -> dict[str, float]:
+    """The unmerged forward's line in the number of adapted modules, through the base model's forward and
+    the rows that timed one (non-negative least squares)."""
+    from scipy.optimize import nnls
+
+    points = [(0, base_forward_s)] + [(r["modules"], r["forward_s"]) for r in rows if r.get("forward_s")]
+    fwd, _ = nnls(np.array([[1.0, m] for m, _ in points]), np.array([t for _, t in points]))
+    return {"forward_base_s": float(fwd[0]), "forward_per_module_s": float(fwd[1])}
 
 
 def fit_memory(
@@ -555,11 +576,7 @@ def fit_memory(
     when its steps began, fitted as what a placement adds over that (so that the model transfers to a
     training process whose resident size differs from the card's), on top of ``resident_mib`` (else the
     rows' median start)."""
-    from scipy.optimize import nnls
-
-    x = np.array([[1.0, n_layers - min(r["layers"]), r["modules"], r["params"] / 1e6] for r in rows])
-    # Non-negative: each term is a size, and noise must not make one negative.
-    mem, _ = nnls(x, np.array([r[key] - r["resident_mib"] for r in rows]))
+    mem = _terms(rows, n_layers, [r[key] - r["resident_mib"] for r in rows])
     resident = float(np.median([r["resident_mib"] for r in rows])) if resident_mib is None else resident_mib
     return {
         "memory_resident_mib": resident,
