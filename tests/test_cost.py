@@ -240,6 +240,23 @@ def test_calibration_times_again_only_the_slower_placement_and_keeps_its_forward
     assert [c for c in calls if c[2]] == [(True, 8, True), (True, 32, True)]
 
 
+def test_calibration_starts_the_plan_from_what_the_card_leaves():
+    model = tiny_model("llama", seed=0)
+    ids = torch.randint(5, 90, (4, 16))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+    if reset_peak_memory(CPU) is None:
+        pytest.skip("this system has no per-run resident peak (/proc/self/clear_refs)")
+    # a resident size far below what this process holds: the plan starts from what it holds after
+    cm = calibrate(model, None, batch, ["q", "v"], steps=1, resident_mib=1.0)
+    assert cm.memory_resident_before_mib == 1.0 and cm.memory_resident_mib > 100.0
+    # what a placement adds is fitted as before, on top of that start
+    terms = fit_memory(cm.measured, cm.n_layers, cm.memory_resident_mib)
+    assert cm.memory_base_mib == pytest.approx(terms["memory_base_mib"])
+    assert cm.memory_base_mib - cm.memory_resident_mib == pytest.approx(
+        fit_memory(cm.measured, cm.n_layers, 1.0)["memory_base_mib"] - 1.0
+    )
+
+
 def test_calibration_measures_memory_and_latency():
     model = tiny_model("llama", seed=0)
     torch.manual_seed(0)

@@ -122,6 +122,9 @@ class CostModel:
     memory_per_module_mib: float | None = None
     memory_per_mparam_mib: float | None = None
     memory_kind: str | None = None
+    # The memory in use before the card's probe pass, where memory_resident_mib is the larger of it and
+    # what the card's process held once its calibration was done (None on cards made before it was kept).
+    memory_resident_before_mib: float | None = None
     # Unmerged inference: seconds of one no-grad forward over the calibration batch.
     forward_base_s: float | None = None
     forward_per_module_s: float | None = None
@@ -514,7 +517,14 @@ def calibrate(
         )
     memory: dict[str, Any] = {}
     if all(r["resident_mib"] is not None for r in rows):  # a lifetime peak says nothing about one placement
-        memory = fit_memory(rows, n_layers, resident_mib) | {"memory_kind": peak_memory(device)[1]}
+        # A run in this process begins from what the card leaves behind (modules it imported, the heap its
+        # passes widened), on a CPU about 60 MiB above what it found; a process of its own begins about
+        # 20 MiB above that. The larger is the plan's start (design §5, "Where a run begins").
+        after = memory_in_use(device)
+        start = resident_mib if resident_mib is None or after is None else max(resident_mib, after)
+        memory = fit_memory(rows, n_layers, start) | {"memory_kind": peak_memory(device)[1]}
+        if resident_mib is not None:
+            memory["memory_resident_before_mib"] = resident_mib
     positions = (int(batch["input_ids"].numel()), int(half_batch["input_ids"].numel()))
     scaling = _batch_scaling(rows[full], half, *positions) if half is not None else {}
     if half_forward is not None:
