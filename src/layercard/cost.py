@@ -427,10 +427,12 @@ def calibrate(
     slow a step, so the cheaper, slower one is the suspect.
 
     ``resident_mib``: the memory in use with the model loaded and nothing else of the caller's held (the
-    card measures it before its probe pass). A training process of its own starts from about that (about
-    20 MiB above it on a CPU), not from whatever the caller holds while calibrating; a run in the card's
-    own process starts higher, which training states beside the plan (its peak restated from its start).
-    Without it the calibration runs' own starting memory is used.
+    card measures it before its probe pass). A training process of its own starts about there (on a CPU
+    about 20 MiB above it), not from whatever the caller holds while calibrating; a run in the card's own
+    process starts from what the card leaves, higher on a CPU. The plan's memory starts from the larger of
+    the two (the first is kept as ``memory_resident_before_mib``), and training states its peak restated
+    from where it actually began beside the plan's. Without it the calibration runs' own starting memory
+    is used.
     """
     from layercard import models
 
