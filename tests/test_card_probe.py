@@ -222,3 +222,25 @@ def test_float32_statistics_match_float64_statistics_of_the_same_sums():
             assert u.captured[k] == pytest.approx(v.captured[k], rel=1e-5, abs=1e-12), (u.key, k)
     for g, h in zip(groups32, groups64, strict=True):
         assert g.eigenvalues == h.eigenvalues and g.kappa == h.kappa
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_each_input_has_its_own_seeded_sketch(dtype: torch.dtype):
+    import math
+
+    from layercard.card.probe import _stable_seed
+
+    model = tiny_model("llama", seed=0)
+    specs = models.units(model, models.parse_roles("all-linear"))
+    k = min(s.d_in for s in specs) - 1  # every input is projected
+    accs = make_accumulators(
+        specs, lora_rank=2, a_draws=1, seed=3, sketch=k, device=torch.device("cpu"), dtype=dtype
+    )
+    groups = list({id(a.group): a for a in accs}.values())
+    assert len(groups) > 2
+    # one projection per input, none sharing memory with another (the draws pass through one buffer)
+    assert len({a.group.sketch.data_ptr() for a in groups}) == len(groups)
+    for a in groups:
+        gen = torch.Generator().manual_seed(_stable_seed(3, f"sketch.{a.spec.layer}.{a.spec.input_group}"))
+        want = torch.randn(a.spec.d_in, k, generator=gen, dtype=torch.float64) / math.sqrt(k)
+        assert a.group.sketch.dtype == dtype and torch.equal(a.group.sketch, want.to(dtype))

@@ -413,7 +413,7 @@ def calibrate(
     resident_mib: float | None = None,
 ) -> CostModel:
     """Time LoRA steps (top layer alone, bottom layer alone, middle layer, all layers at rank 8, all layers at
-    rank 32), measure each one's peak memory and, for the two all-layer placements, the unmerged forward
+    rank 32), measure each one's peak memory and, for the rank-8 all-layer placement, the unmerged forward
     time, and fit the cost model.
 
     The placements are timed in ``rounds`` interleaved rounds of ``steps`` timed steps per placement, each
@@ -447,9 +447,11 @@ def calibrate(
     device = next(model.parameters()).device
     rows_in_batch = int(batch["input_ids"].shape[0])
     half_batch = {k: v[: rows_in_batch // 2] for k, v in batch.items()}
-    # The fastest of two passes each: the share below is read off their difference.
-    base_forward = forward_seconds(model, batch, warm=False, repeats=2)
-    half_forward = forward_seconds(model, half_batch, warm=False, repeats=2) if rows_in_batch >= 2 else None
+    # The fastest of two passes each: the share below is read off their difference. No untimed pass
+    # first: the card's probe has just run the model, and the fastest of the first two passes came within
+    # 2.4% of the fastest of two after an untimed one (benchmarks/results/cost/forward_warmup.md).
+    base_forward = forward_seconds(model, batch, warm=True, repeats=2)
+    half_forward = forward_seconds(model, half_batch, warm=True, repeats=2) if rows_in_batch >= 2 else None
     model.train()
     timed: list[list[_Timed]] = [[] for _ in configs]
 
@@ -460,18 +462,20 @@ def calibrate(
             raise LayercardError(f"cost calibration: no units for roles {list(roles)} in layers {layers}")
         return _time_steps(model, [s.name for s in specs], rows, steps, rank, forward=forward)
 
+    full = configs.index((everything, 8))
+
     def measure(i: int) -> None:
-        # The forward's line is read off the all-layer placements: a single layer's few modules add next
-        # to nothing to the base model's forward, and timing them cost a tenth of the calibration for no
-        # better prediction (benchmarks/results/cost/calibration_subset.md). A placement timed again
-        # for its steps keeps the forward it has.
-        first = not timed[i]
-        timed[i].append(timed_on(i, batch, forward=first and len(configs[i][0]) == n_layers))
+        # The forward's line is read off the base model and the rank-8 all-layer placement: a single
+        # layer's few modules add next to nothing to the base model's forward, and the rank-32 placement
+        # adapts the same modules, so that the line gains nothing from it that the rank-8 one does not give;
+        # timing them cost a tenth of the calibration for no better prediction
+        # (benchmarks/results/cost/calibration_subset.md). A placement timed again for its steps keeps the
+        # forward it has.
+        timed[i].append(timed_on(i, batch, forward=not timed[i] and i == full))
 
     def step_time(ts: list[_Timed]) -> float:
         return float(min(x for t in ts for x in t.step_s))
 
-    full = configs.index((everything, 8))
     # The all-layer placement once more on half the batch, so that a run at another batch is priced by
     # a line through two batches rather than in proportion: on a GPU much of a small step does not grow
     # with the batch (benchmarks/results/cost/gpu-nvidia-h200).

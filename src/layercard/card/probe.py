@@ -184,6 +184,9 @@ def make_accumulators(
     """
     groups: dict[tuple[int, str], GroupAccumulator] = {}
     accs: list[UnitAccumulator] = []
+    # The float64 draws of every projection land in one reused buffer: a fresh one per input costs its
+    # memory's first touch each time, and the draws are the same.
+    draws: dict[tuple[int, int], torch.Tensor] = {}
     for spec in specs:
         gkey = (spec.layer, spec.input_group)
         if gkey not in groups:
@@ -193,9 +196,10 @@ def make_accumulators(
                 gen = torch.Generator().manual_seed(
                     _stable_seed(seed, f"sketch.{spec.layer}.{spec.input_group}")
                 )
-                proj = (
-                    torch.randn(spec.d_in, sketch, generator=gen, dtype=torch.float64) / math.sqrt(sketch)
-                ).to(device=device, dtype=dtype)
+                shape = (spec.d_in, sketch)
+                buf = draws.setdefault(shape, torch.empty(shape, dtype=torch.float64))
+                torch.randn(spec.d_in, sketch, generator=gen, dtype=torch.float64, out=buf)
+                proj = buf.div_(math.sqrt(sketch)).to(device=device, dtype=dtype, copy=True)
                 k = sketch
             groups[gkey] = GroupAccumulator(
                 d_in=spec.d_in, xtx=torch.zeros(k, k, dtype=dtype, device=device), sketch=proj
