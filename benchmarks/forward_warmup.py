@@ -7,9 +7,11 @@ runs right after the card's probe pass and statistics. This script repeats that 
 reports what the fastest of the first two passes gives against the fastest of the two after an untimed one.
 
     .venv/bin/python benchmarks/forward_warmup.py [--processes 5] [--threads 2]
+    .venv/bin/python benchmarks/forward_warmup.py --task sst2:validation --batch 8 --max-length 128
 
-Settings: smollm2, the packaged demo's card (all linear roles, 16 examples of the built-in facts task, up to
-96 tokens, batch 4). Writes results/cost/forward_warmup.{json,md}.
+Settings: smollm2, the card of all linear roles on 16 examples; by default the packaged demo's (the
+built-in facts task, up to 96 tokens, batch 4), with the options those of benchmarks/cost.py. Writes
+results/cost/forward_warmup.{json,md}, with any other setting forward_warmup_TASK_bBATCH.{json,md}.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ RESULTS = ROOT / "benchmarks" / "results" / "cost"
 PASSES = 4
 
 
-def child(threads: int) -> dict:
+def child(threads: int, task_spec: str, batch_size: int, max_length: int) -> dict:
     import torch
 
     from layercard.api import measure_card
@@ -38,9 +40,14 @@ def child(threads: int) -> dict:
     from layercard.tasks import batches, encode_task, load_task
 
     torch.set_num_threads(threads)
-    cfg = CardConfig(roles="all-linear", examples=16, max_length=96, batch_size=4, calibrate=False)
+    cfg = CardConfig(
+        roles="all-linear", examples=16, max_length=max_length, batch_size=batch_size, calibrate=False
+    )
     loaded = load_model("smollm2")
-    task = load_task("synthetic:facts", split="train", seed=cfg.seed)
+    if task_spec.startswith("synthetic:"):
+        task = load_task(task_spec, split="train", seed=cfg.seed)
+    else:
+        task = load_task(task_spec, seed=cfg.seed)
     card = measure_card(loaded, task, cfg, progress=False)
     # the calibration's batch: the card's first probe batch
     enc = encode_task(loaded.tokenizer, task.subset(cfg.examples, seed=cfg.seed), max_length=cfg.max_length)
@@ -66,19 +73,25 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--processes", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--task", default="synthetic:facts", help="task spec (presets need LAYERCARD_DATA)")
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--max-length", type=int, default=96)
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    if args.processes < 1 or args.threads < 1:
-        ap.error("--processes and --threads must be ≥ 1")
+    if args.processes < 1 or args.threads < 1 or args.batch < 2 or args.max_length < 8:
+        ap.error("--processes and --threads must be ≥ 1, --batch ≥ 2 and --max-length ≥ 8")
     if args.child:
-        print(json.dumps(child(args.threads)))
+        print(json.dumps(child(args.threads, args.task, args.batch, args.max_length)))
         return 0
+    default = (args.task, args.batch, args.max_length) == ("synthetic:facts", 4, 96)
+    name = "forward_warmup" if default else f"forward_warmup_{args.task.split(':')[-2]}_b{args.batch}"
     from layercard.artifacts import machine_info, write_json, write_text
 
     load_before = os.getloadavg()[0]
     runs = []
     for i in range(args.processes):
-        cmd = [sys.executable, __file__, "--child", "--threads", str(args.threads)]
+        cmd = [sys.executable, __file__, "--child", "--threads", str(args.threads), "--task", args.task]
+        cmd += ["--batch", str(args.batch), "--max-length", str(args.max_length)]
         done = subprocess.run(cmd, check=True, capture_output=True, text=True)
         run = json.loads(done.stdout.strip().splitlines()[-1])
         run |= {"full": summarize(run["full_s"]), "half": summarize(run["half_s"])}
@@ -90,6 +103,9 @@ def main() -> int:
     out = {
         "benchmark": "forward_warmup",
         "threads": args.threads,
+        "task": args.task,
+        "batch": args.batch,
+        "max_length": args.max_length,
         "passes": PASSES,
         "runs": runs,
         "load_1min_before": load_before,
@@ -101,25 +117,26 @@ def main() -> int:
         ratios = [r[kind]["first_two_over_after_one"] for r in runs]
         out[f"{kind}_mean_first_two_over_after_one"] = statistics.mean(ratios)
         out[f"{kind}_max_first_two_over_after_one"] = max(ratios)
-    write_json(RESULTS / "forward_warmup.json", out)
+    write_json(RESULTS / f"{name}.json", out)
     lines = [
         "# The base model's forward right after the probe: is an untimed pass needed first?",
         "",
-        f"smollm2, the demo's card on facts (all linear roles, 16 examples, batch 4, ≤ 96 tokens) without "
-        f"calibration, then {PASSES} timed no-grad forward passes on the calibration batch and {PASSES} on "
-        f"half of it; {args.processes} fresh processes, {args.threads} torch threads, {out['date']}; 1-min "
-        f"load average {load_before:.1f} before, {out['load_1min_after']:.1f} after.",
+        f"smollm2, a card on `{args.task}` (all linear roles, 16 examples, batch {args.batch}, "
+        f"≤ {args.max_length} tokens) without calibration, then {PASSES} timed no-grad forward passes on the "
+        f"calibration batch and {PASSES} on half of it; {args.processes} fresh processes, {args.threads} "
+        f"torch threads, {out['date']}; 1-min load average {load_before:.1f} before, "
+        f"{out['load_1min_after']:.1f} after.",
         "",
         "| process | batch | passes (s) | first / median of the rest | fastest of passes 1-2 | "
         "fastest of 2-3 | ratio |",
         "|---:|---|---|---:|---:|---:|---:|",
     ]
     for i, r in enumerate(runs):
-        for kind, name in (("full", "4 rows"), ("half", "2 rows")):
+        for kind, rows in (("full", args.batch), ("half", args.batch // 2)):
             s = r[kind]
             times = ", ".join(f"{x:.3f}" for x in r[f"{kind}_s"])
             lines.append(
-                f"| {i + 1} | {name} | {times} | {s['first_over_rest']:.3f} | {s['first_two_s']:.3f} | "
+                f"| {i + 1} | {rows} rows | {times} | {s['first_over_rest']:.3f} | {s['first_two_s']:.3f} | "
                 f"{s['after_one_s']:.3f} | {s['first_two_over_after_one']:.3f} |"
             )
     lines += [
@@ -131,8 +148,8 @@ def main() -> int:
         f"{out['half_max_first_two_over_after_one']:.3f}).",
         "",
     ]
-    write_text(RESULTS / "forward_warmup.md", "\n".join(lines))
-    print(f"wrote {RESULTS / 'forward_warmup.md'}")
+    write_text(RESULTS / f"{name}.md", "\n".join(lines))
+    print(f"wrote {RESULTS / f'{name}.md'}")
     return 0
 
 
