@@ -15,7 +15,11 @@ positions):
 - ``again: the slower only``: where placements were timed again because a costlier one had been timed
   faster, only the slower, cheaper one of each such pair timed again (load only slows a step); the other
   keeps its first round's steps (its memory stays the median over both rounds: the rows do not keep each
-  round's starting memory).
+  round's starting memory);
+- ``one timed step``: each round's first timed step alone (and the half batch's), for step time and the
+  share of it that grows with positions. Memory stays as recorded: the rows keep the peak over the whole
+  window, which a shorter window might not reach, so that column does not tell what the variant would do;
+- ``no top``: without the top layer alone, for step time and memory.
 
 What each variant would save is estimated from the card's own recorded times: a placement's warm-up and
 timed steps, and two forward passes at its fastest.
@@ -41,7 +45,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "cost"
 VARIANTS = (
     "as calibrated", "no middle", "forward: all-layer", "forward: all-layer r8", "shorter",
-    "again: the slower only",
+    "again: the slower only", "one timed step", "no top",
 )  # fmt: skip
 MEASURES = ("step", "memory", "forward")
 
@@ -87,14 +91,17 @@ def _model(cost: dict[str, Any], variant: str, rounds: int = 1) -> tuple[Any, fl
 
     rows, n_layers = cost["measured"], cost["n_layers"]
     saved = 0.0
+    changes: dict[str, Any] = {}
     if variant == "again: the slower only":
         rows, saved = _slower_only(rows, rounds)
+    if variant == "one timed step":
+        rows, saved, changes = _one_step(cost)
     no_middle = variant in ("no middle", "shorter")
     fwd_drop = {"top", "bottom", "middle"} if variant in ("forward: all-layer", "shorter") else set()
     if variant == "forward: all-layer r8":
         fwd_drop = {"top", "bottom", "middle", "all-r32"}
-    step_rows = _rows(rows, n_layers, {"middle"} if no_middle else set())
-    changes: dict[str, Any] = fit_step_time(step_rows, n_layers)
+    step_rows = _rows(rows, n_layers, {"middle"} if no_middle else {"top"} if variant == "no top" else set())
+    changes |= fit_step_time(step_rows, n_layers)
     if cost.get("memory_base_mib") is not None:
         memory = fit_memory(step_rows, n_layers, cost.get("memory_resident_mib"))
         changes |= {k: v for k, v in memory.items() if k != "memory_resident_mib"}
@@ -103,12 +110,34 @@ def _model(cost: dict[str, Any], variant: str, rounds: int = 1) -> tuple[Any, fl
         changes |= fit_forward(base, _rows(rows, n_layers, fwd_drop))
     for r in rows:
         kind = _kind(r, n_layers)
-        if no_middle and kind == "middle":
+        if (no_middle and kind == "middle") or (variant == "no top" and kind == "top"):
             forward = 2 * (r["forward_s"] or 0.0) * len(r["warmup_s_by_round"])
             saved += sum(r["warmup_s_by_round"]) + sum(r["timings_s_per_step"]) + forward
         elif kind in fwd_drop and r["forward_s"]:
             saved += 2 * r["forward_s"] * len(r["warmup_s_by_round"])
     return CostModel.from_dict(cost | changes), saved
+
+
+def _one_step(cost: dict[str, Any]) -> tuple[list[dict[str, Any]], float, dict[str, Any]]:
+    """The rows with each round's first timed step alone, the seconds that leaves out, and the step share
+    that grows with positions from the first timed steps of the full and the half batch."""
+    from layercard.cost import position_share
+
+    rows, saved = [], 0.0
+    for r in cost["measured"]:
+        per_round = len(r["timings_s_per_step"]) // len(r["warmup_s_by_round"])
+        firsts = r["timings_s_per_step"][::per_round]
+        saved += sum(r["timings_s_per_step"]) - sum(firsts)
+        rows.append(r | {"s_per_step": min(firsts)})
+    changes: dict[str, Any] = {}
+    scaling = cost.get("batch_scaling") or {}
+    half = scaling.get("half_timings_s_per_step")
+    if half and cost.get("step_position_share") is not None:
+        full = next(r for r in rows if len(r["layers"]) == cost["n_layers"] and r["rank"] == 8)
+        saved += sum(half[1:])
+        share = position_share(full["s_per_step"], half[0], scaling["positions"], scaling["half_positions"])
+        changes["step_position_share"] = share
+    return rows, saved, changes
 
 
 def _errors(model: Any, run: dict[str, Any]) -> dict[str, float | None]:
@@ -181,8 +210,10 @@ def main() -> None:
         "memory / unmerged forward over the task-run's placements (– where not recorded), then the "
         "calibration seconds the variant leaves out of that card's calibration (its warm-up, timed steps and "
         "two forward passes at their fastest), against the calibration's recorded total. Cards from "
-        "`ninth` on time the forward on the all-layer placements only, so for them the forward columns "
-        "agree with `as calibrated`; the means over the CPU task-runs include them.",
+        "`ninth` on time the forward on the all-layer placements only, and from `twelfth` on the rank-8 "
+        "one only, so for them those forward columns agree with `as calibrated`; the means over the CPU "
+        "task-runs include them. `one timed step` keeps the memory as recorded (the peak over the longer "
+        "window), so its memory column does not say what a shorter window would give.",
         "",
         "| task-run | device | calibration s | " + " | ".join(VARIANTS) + " |",
         "|---|---|---:|" + "---|" * len(VARIANTS),
