@@ -244,3 +244,31 @@ def test_each_input_has_its_own_seeded_sketch(dtype: torch.dtype):
         gen = torch.Generator().manual_seed(_stable_seed(3, f"sketch.{a.spec.layer}.{a.spec.input_group}"))
         want = torch.randn(a.spec.d_in, k, generator=gen, dtype=torch.float64) / math.sqrt(k)
         assert a.group.sketch.dtype == dtype and torch.equal(a.group.sketch, want.to(dtype))
+
+
+def test_statistics_on_several_threads_match_one_thread():
+    """The statistics run per input and per unit on a pool of threads; the rows come back in the pass's
+    order and with the values one thread gives."""
+    from layercard.card.compute import _finish_pass
+    from layercard.config import CardConfig
+
+    model = tiny_model("llama")
+    specs = models.units(model, "all-linear")
+    batches = _batches(model.config.vocab_size, n_batches=2)
+    n_tgt = _n_target(batches)
+    accs = make_accumulators(specs, lora_rank=2, a_draws=2, seed=0, sketch=None, device=torch.device("cpu"))
+    run_probe(model, batches, accs, n_target_tokens=n_tgt)
+    cfg = CardConfig(roles="all-linear", lora_rank=2, a_draws=2, coupling=False, calibrate=False)
+    one = _finish_pass(accs, cfg, n_tgt, workers=1)
+    three = _finish_pass(accs, cfg, n_tgt, workers=3, keep_grads=True)
+    assert [u.key for u in three[0]] == [s.key for s in specs] == [u.key for u in one[0]]
+    assert [g.key for g in three[1]] == [g.key for g in one[1]] and len(three[1]) < len(three[0])
+    for u, v in zip(one[0], three[0], strict=True):
+        assert u.group == v.group
+        for f in ("grad_norm", "resnorm", "rate", "rate_quadratic"):
+            assert getattr(u, f) == pytest.approx(getattr(v, f), rel=1e-6), (u.key, f)
+        assert u.captured == pytest.approx(v.captured, rel=1e-6)
+    for g, h in zip(one[1], three[1], strict=True):
+        assert g.eigenvalues == pytest.approx(h.eigenvalues, rel=1e-9, abs=1e-12)
+    # the gradients the coupling probe reads, one per unit
+    assert set(three[2]) == {s.key for s in specs} and not one[2]

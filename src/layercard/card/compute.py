@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import time
@@ -41,31 +42,80 @@ def _finish_pass(
     weight_snrs: Mapping[str, float | None] | None = None,
     *,
     keep_grads: bool | None = None,
+    workers: int | None = None,
 ) -> tuple[list[UnitRow], list[GroupRow], dict[str, torch.Tensor], dict[str, stats.Spectrum]]:
     """The card's rows from one pass's sums; each unit's float64 ∇W is returned only with ``keep_grads``
     (default: when the coupling probe will read them).
 
-    The statistics run in the sums' own precision (docs/card.md, "Precision").
+    The statistics run in the sums' own precision (docs/card.md, "Precision"). The inputs' and then the
+    units' decompositions run side by side on ``workers`` threads (default: as many as torch uses), each
+    with one BLAS thread: at these sizes LAPACK makes poor use of a second thread within one decomposition
+    (docs/card.md, "Statistics threads"). With one worker BLAS keeps its own threads.
     """
+    from concurrent.futures import ThreadPoolExecutor
+
+    from threadpoolctl import threadpool_limits
+
     keep_grads = cfg.coupling if keep_grads is None else keep_grads
     weight_snrs = weight_snrs or {}
-    groups: dict[int, tuple[str, stats.Spectrum, Any]] = {}
+    scale = cfg.lora_alpha / cfg.lora_rank
+    inputs = list({id(a.group): a for a in accs}.values())  # the first unit of each input, in pass order
+    for acc in inputs:
+        if acc.group.n == 0:
+            raise LayercardError("probe set has no unpadded positions")
+
+    def input_stats(acc: UnitAccumulator) -> tuple[stats.Spectrum, Any, np.ndarray | None]:
+        g = acc.group
+        # The sum's upper triangle is whole, and it is all the decomposition reads.
+        spec = stats.spectrum(g.xtx.cpu().numpy(), g.n, vectors_dtype=_np_dtype(g.xtx.dtype))
+        return (
+            spec,
+            stats.input_stats(spec.eigenvalues, cfg.delta),
+            (None if g.sketch is None else g.sketch.cpu().numpy()),
+        )
+
+    workers = max(1, torch.get_num_threads()) if workers is None else workers
+    one_each = threadpool_limits(limits=1, user_api="blas") if workers > 1 else contextlib.nullcontext()
+    with one_each, ThreadPoolExecutor(workers) as pool:
+        by_input = dict(zip((id(a.group) for a in inputs), pool.map(input_stats, inputs), strict=True))
+
+        def unit_stats(acc: UnitAccumulator) -> dict[str, Any]:
+            g = acc.group
+            spec, _, sketch = by_input[id(g)]
+            grad = acc.grad.cpu().numpy()
+            gcoord = grad @ sketch if sketch is not None else grad
+            proj = stats.eig_projection(gcoord, spec)
+            energy_j = stats.grad_eig_energy(gcoord, spec, proj)
+            rsq = stats.resnorm_sq_from_energy(energy_j, spec.eigenvalues, spec.n, cfg.delta)
+            m = stats.whitened_gradient(gcoord, spec, cfg.delta, proj)
+            r = cfg.lora_rank
+            a = acc.a_stack.double().cpu().numpy()
+            asa = acc.asa.double().cpu().numpy() / g.n
+            draws = [a[i * r : (i + 1) * r] for i in range(cfg.a_draws)]
+            asas = [asa[i * r : (i + 1) * r, i * r : (i + 1) * r] for i in range(cfg.a_draws)]
+            rate, lin, quad = stats.first_step_rate(
+                grad, draws, asas, lr=cfg.lr, scale=scale, curvature=g.n / n_target_tokens
+            )
+            return {
+                "grad_norm": float(np.linalg.norm(grad)),
+                "rsq": rsq,
+                "captured": stats.captured(stats.singular_values_sq(m)),
+                "rate": (rate, lin, quad),
+                "energy": energy_j,
+            }
+
+        per_unit = list(pool.map(unit_stats, accs))
+
     group_rows: list[GroupRow] = []
     unit_rows: list[UnitRow] = []
     grads: dict[str, torch.Tensor] = {}
     spectra: dict[str, stats.Spectrum] = {}
-    scale = cfg.lora_alpha / cfg.lora_rank
-    for acc in accs:
+    keys: dict[int, str] = {}
+    for acc, u in zip(accs, per_unit, strict=True):
         g = acc.group
-        if id(g) not in groups:
-            if g.n == 0:
-                raise LayercardError("probe set has no unpadded positions")
-            # The sum's upper triangle is whole, and it is all the decomposition reads.
-            spec = stats.spectrum(g.xtx.cpu().numpy(), g.n, vectors_dtype=_np_dtype(g.xtx.dtype))
-            gkey = f"{acc.spec.layer}.{acc.spec.input_group}"
-            st = stats.input_stats(spec.eigenvalues, cfg.delta)
-            # A Gaussian sketch keeps tr(Σ) unbiased, so energy stays per original input dimension.
-            energy = spec.trace / g.d_in
+        if id(g) not in keys:
+            spec, st, _ = by_input[id(g)]
+            gkey = keys[id(g)] = f"{acc.spec.layer}.{acc.spec.input_group}"
             group_rows.append(
                 GroupRow(
                     key=gkey,
@@ -75,32 +125,17 @@ def _finish_pass(
                     n=g.n,
                     sketched=None if g.sketch is None else int(g.sketch.shape[1]),
                     eigenvalues=_rl(spec.eigenvalues),
-                    energy=_r(energy),
+                    # A Gaussian sketch keeps tr(Σ) unbiased, so energy stays per original input dimension.
+                    energy=_r(spec.trace / g.d_in),
                     kappa=_r(st.kappa),
                     effective_rank=_r(st.effective_rank),
                     noise_amplification=_r(st.noise_amplification),
                 )
             )
-            groups[id(g)] = (gkey, spec, g.sketch)
             spectra[gkey] = spec
-        gkey, spec, sketch = groups[id(g)]
         if keep_grads:
             grads[acc.spec.key] = acc.grad.double().cpu()
-        grad = acc.grad.cpu().numpy()
-        gcoord = grad @ sketch.cpu().numpy() if sketch is not None else grad
-        proj = stats.eig_projection(gcoord, spec)
-        energy_j = stats.grad_eig_energy(gcoord, spec, proj)
-        rsq = stats.resnorm_sq_from_energy(energy_j, spec.eigenvalues, spec.n, cfg.delta)
-        m = stats.whitened_gradient(gcoord, spec, cfg.delta, proj)
-        cap = stats.captured(stats.singular_values_sq(m))
-        r = cfg.lora_rank
-        a = acc.a_stack.double().cpu().numpy()
-        asa = acc.asa.double().cpu().numpy() / g.n
-        draws = [a[i * r : (i + 1) * r] for i in range(cfg.a_draws)]
-        asas = [asa[i * r : (i + 1) * r, i * r : (i + 1) * r] for i in range(cfg.a_draws)]
-        rate, lin, quad = stats.first_step_rate(
-            grad, draws, asas, lr=cfg.lr, scale=scale, curvature=g.n / n_target_tokens
-        )
+        rate, lin, quad = u["rate"]
         unit_rows.append(
             UnitRow(
                 key=acc.spec.key,
@@ -109,15 +144,15 @@ def _finish_pass(
                 name=acc.spec.name,
                 d_in=acc.spec.d_in,
                 d_out=acc.spec.d_out,
-                group=gkey,
-                grad_norm=_r(float(np.linalg.norm(grad))),
-                resnorm=_r(math.sqrt(max(rsq, 0.0))),
-                captured={str(k): _r(v) for k, v in cap.items()},
+                group=keys[id(g)],
+                grad_norm=_r(u["grad_norm"]),
+                resnorm=_r(math.sqrt(max(u["rsq"], 0.0))),
+                captured={str(k): _r(v) for k, v in u["captured"].items()},
                 rate=_r(rate),
                 rate_linear=_r(lin),
                 rate_quadratic=_r(quad),
-                lora_params=r * (acc.spec.d_in + acc.spec.d_out),
-                grad_eig_energy=_rl(energy_j),
+                lora_params=cfg.lora_rank * (acc.spec.d_in + acc.spec.d_out),
+                grad_eig_energy=_rl(u["energy"]),
                 weight_snr=weight_snrs.get(acc.spec.key),
             )
         )
