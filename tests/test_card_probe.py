@@ -184,6 +184,17 @@ def test_identical_directions_have_coupling_one():
     assert abs(c[0, 2]) < 0.99
 
 
+def _probed_tiny(n_batches: int):
+    """A tiny model's units and their float32 sums after a probe pass (lora rank 2, two draws, exact)."""
+    model = tiny_model("llama")
+    specs = models.units(model, "all-linear")
+    batches = _batches(model.config.vocab_size, n_batches=n_batches)
+    n_tgt = _n_target(batches)
+    accs = make_accumulators(specs, lora_rank=2, a_draws=2, seed=0, sketch=None, device=torch.device("cpu"))
+    run_probe(model, batches, accs, n_target_tokens=n_tgt)
+    return specs, accs, n_tgt
+
+
 def test_float32_statistics_match_float64_statistics_of_the_same_sums():
     """The per-unit statistics run in the sums' precision after a float64 eigen-decomposition; they must
     agree with an all-float64 evaluation of the very same sums."""
@@ -192,12 +203,7 @@ def test_float32_statistics_match_float64_statistics_of_the_same_sums():
     from layercard.card.compute import _finish_pass
     from layercard.config import CardConfig
 
-    model = tiny_model("llama")
-    specs = models.units(model, "all-linear")
-    batches = _batches(model.config.vocab_size, n_batches=3)
-    n_tgt = _n_target(batches)
-    accs = make_accumulators(specs, lora_rank=2, a_draws=2, seed=0, sketch=None, device=torch.device("cpu"))
-    run_probe(model, batches, accs, n_target_tokens=n_tgt)
+    _, accs, n_tgt = _probed_tiny(n_batches=3)
     widened, groups = [], {}
     for a in accs:
         if id(a.group) not in groups:
@@ -252,12 +258,7 @@ def test_statistics_on_several_threads_match_one_thread():
     from layercard.card.compute import _finish_pass
     from layercard.config import CardConfig
 
-    model = tiny_model("llama")
-    specs = models.units(model, "all-linear")
-    batches = _batches(model.config.vocab_size, n_batches=2)
-    n_tgt = _n_target(batches)
-    accs = make_accumulators(specs, lora_rank=2, a_draws=2, seed=0, sketch=None, device=torch.device("cpu"))
-    run_probe(model, batches, accs, n_target_tokens=n_tgt)
+    specs, accs, n_tgt = _probed_tiny(n_batches=2)
     cfg = CardConfig(roles="all-linear", lora_rank=2, a_draws=2, coupling=False, calibrate=False)
     one = _finish_pass(accs, cfg, n_tgt, workers=1)
     three = _finish_pass(accs, cfg, n_tgt, workers=3, keep_grads=True)
