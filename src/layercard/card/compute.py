@@ -64,7 +64,7 @@ def _finish_pass(
         if acc.group.n == 0:
             raise LayercardError("probe set has no unpadded positions")
 
-    def input_stats(acc: UnitAccumulator) -> tuple[stats.Spectrum, Any, np.ndarray | None]:
+    def of_input(acc: UnitAccumulator) -> tuple[stats.Spectrum, Any, np.ndarray | None]:
         g = acc.group
         # The sum's upper triangle is whole, and it is all the decomposition reads.
         spec = stats.spectrum(g.xtx.cpu().numpy(), g.n, vectors_dtype=_np_dtype(g.xtx.dtype))
@@ -77,9 +77,9 @@ def _finish_pass(
     workers = max(1, torch.get_num_threads()) if workers is None else workers
     one_each = threadpool_limits(limits=1, user_api="blas") if workers > 1 else contextlib.nullcontext()
     with one_each, ThreadPoolExecutor(workers) as pool:
-        by_input = dict(zip((id(a.group) for a in inputs), pool.map(input_stats, inputs), strict=True))
+        by_input = dict(zip((id(a.group) for a in inputs), pool.map(of_input, inputs), strict=True))
 
-        def unit_stats(acc: UnitAccumulator) -> dict[str, Any]:
+        def of_unit(acc: UnitAccumulator) -> dict[str, Any]:
             g = acc.group
             spec, _, sketch = by_input[id(g)]
             grad = acc.grad.cpu().numpy()
@@ -104,7 +104,7 @@ def _finish_pass(
                 "energy": energy_j,
             }
 
-        per_unit = list(pool.map(unit_stats, accs))
+        per_unit = list(pool.map(of_unit, accs))
 
     group_rows: list[GroupRow] = []
     unit_rows: list[UnitRow] = []
