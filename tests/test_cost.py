@@ -224,9 +224,20 @@ def test_calibration_times_again_only_the_slower_placement_and_keeps_its_forward
         return cost._Timed([t, t], t, 100.0, 200.0 + 10 * len(targets), fwd, 150.0)
 
     monkeypatch.setattr(cost, "_time_steps", fake)
+    passes: list[tuple[int, bool, int]] = []  # (rows, warm, repeats) of the base model's forwards
+    timed_forward = cost.forward_seconds
+
+    def base_forward(model, batch, *, warm, repeats=1):
+        passes.append((int(batch["input_ids"].shape[0]), warm, repeats))
+        return timed_forward(model, batch, warm=warm, repeats=repeats)
+
+    monkeypatch.setattr(cost, "forward_seconds", base_forward)
     ids = torch.randint(5, 90, (4, 16))
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
     cm = calibrate(model, None, batch, ["q", "v"], steps=2)
+    # the base model's forward on the batch and on half of it, the fastest of two passes each, with no
+    # untimed pass first: the probe has just run the model
+    assert passes == [(4, True, 2), (2, True, 2)]
     every = [r for r in cm.measured if len(r["layers"]) == n_layers]
     single = [r for r in cm.measured if len(r["layers"]) == 1]
     assert [r["rank"] for r in every] == [8, 32] and len(single) == 3
