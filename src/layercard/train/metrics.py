@@ -144,8 +144,8 @@ def predictions(
     as what training adds over the memory in use when it began (``start_mib``), since a training process
     may hold more or less around the model than the card's did, and the peak is restated from that start
     (``predicted_peak_memory_at_start_mib``: the start plus the predicted addition): a run in the card's
-    own process starts about 100 MiB above the card's resident size on a CPU, one in a fresh process
-    about 20 MiB above it (benchmarks/results/cost/, design §5).
+    own process starts about 100 MiB above the resident size the card measured before its probe on a CPU,
+    one in a fresh process about 20 MiB above it (benchmarks/results/cost/, design §5).
     """
     peak_mib = round(peak_mib, 1)  # as recorded, so the ratios reproduce from the file
     start_mib = None if start_mib is None else round(start_mib, 1)
