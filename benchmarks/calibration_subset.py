@@ -57,6 +57,10 @@ def _kind(row: dict[str, Any], n_layers: int) -> str:
     return {n_layers - 1: "top", 0: "bottom"}.get(layers[0], "middle")
 
 
+def _steps_per_round(row: dict[str, Any]) -> int:
+    return len(row["timings_s_per_step"]) // len(row["warmup_s_by_round"])
+
+
 def _rows(rows: list[dict[str, Any]], n_layers: int, drop: set[str]) -> list[dict[str, Any]]:
     return [r for r in rows if _kind(r, n_layers) not in drop]
 
@@ -68,8 +72,7 @@ def _slower_only(rows: list[dict[str, Any]], rounds: int) -> tuple[list[dict[str
     from layercard.cost import _out_of_order
 
     def first_rounds(r: dict[str, Any]) -> list[float]:
-        per_round = len(r["timings_s_per_step"]) // len(r["warmup_s_by_round"])
-        return r["timings_s_per_step"][: per_round * rounds]
+        return r["timings_s_per_step"][: _steps_per_round(r) * rounds]
 
     configs = [(r["layers"], r["rank"]) for r in rows]
     suspects = set(_out_of_order(configs, [min(first_rounds(r)) for r in rows]))
@@ -125,15 +128,14 @@ def _one_step(cost: dict[str, Any]) -> tuple[list[dict[str, Any]], float, dict[s
 
     rows, saved = [], 0.0
     for r in cost["measured"]:
-        per_round = len(r["timings_s_per_step"]) // len(r["warmup_s_by_round"])
-        firsts = r["timings_s_per_step"][::per_round]
+        firsts = r["timings_s_per_step"][:: _steps_per_round(r)]
         saved += sum(r["timings_s_per_step"]) - sum(firsts)
         rows.append(r | {"s_per_step": min(firsts)})
     changes: dict[str, Any] = {}
     scaling = cost.get("batch_scaling") or {}
     half = scaling.get("half_timings_s_per_step")
     if half and cost.get("step_position_share") is not None:
-        full = next(r for r in rows if len(r["layers"]) == cost["n_layers"] and r["rank"] == 8)
+        full = next(r for r in rows if _kind(r, cost["n_layers"]) == "all-r8")
         saved += sum(half[1:])
         share = position_share(full["s_per_step"], half[0], scaling["positions"], scaling["half_positions"])
         changes["step_position_share"] = share
