@@ -124,6 +124,7 @@ def _run(loaded: Any, card: Any, task: Any, p: Placement, path: Path, setup: Set
             "placement": dataclasses.asdict(p),
             "layers": plan.layers,
             "modules": plan.predicted["modules"],
+            "input_width": plan.predicted.get("input_width"),
             "params": plan.predicted["params"],
             **{k: m[k] for k in keys},
             "wall_s": round(time.perf_counter() - t0, 1),
@@ -250,7 +251,7 @@ def priced(model: Any, r: dict[str, Any]) -> dict[str, Any]:
     layers, modules, params = r["layers"], r["modules"], r["params"]
     planned = calibration_batch(model.to_dict()) | {
         "step_time_s": model.step_time(layers, modules, params),
-        "memory": model.memory(layers, modules, params),
+        "memory": model.memory(layers, modules, params, r.get("input_width")),
         "forward_s": model.forward_time(modules),
     }
     return predictions(

@@ -33,7 +33,7 @@ def priced(cm: Any, run: dict[str, Any]) -> tuple[float, float]:
 
     k = run["max_batch_positions"] / cm.batch_positions
     depth = cm.n_layers - min(run["layers"])
-    memory = cm.memory(run["layers"], run["modules"], run["params"])
+    memory = cm.memory(run["layers"], run["modules"], run["params"], run.get("input_width"))
     # the model's own pricing, as a training run rescales it to its largest micro-batch
     planned = {"calibration_batch_positions": cm.batch_positions, "memory": memory}
     shared = predictions(planned, None, None, 0.0, None, max_positions=run["max_batch_positions"])

@@ -10,6 +10,7 @@ import pytest
 import torch
 from tiny import tiny_model
 
+from layercard import models
 from layercard.cost import (
     CostModel,
     _out_of_order,
@@ -73,6 +74,38 @@ def test_memory_fit_recovers_known_terms_over_each_row_start():
     assert [terms[f"memory_per_{k}_mib"] for k in ("layer", "module", "mparam")] == pytest.approx([12, 3, 8])
     doubled = fit_memory(rows, 10, None, key="window")  # another column; the rows' median start
     assert doubled["memory_resident_mib"] == 902.0 and doubled["memory_per_layer_mib"] == pytest.approx(24)
+
+
+def test_memory_module_term_counts_modules_by_input_width():
+    everything = list(range(10))
+    # every calibration placement adapts two roles per layer, 64 and 192 wide: a mean of 128 per module
+    rows = [
+        {"layers": layers, "modules": 2 * len(layers), "input_width": 256 * len(layers), "params": 0.1e6,
+         "resident_mib": 900.0, "peak_memory_mib": 900.0 + 40 + 12 * (10 - min(layers)) + 3 * 2 * len(layers)}
+        for layers in ([9], [0], [5], everything)
+    ]  # fmt: skip
+    terms = fit_memory(rows, 10, 900.0)
+    assert terms["memory_module_width"] == pytest.approx(128.0)
+    assert terms["memory_per_module_mib"] == pytest.approx(3.0)  # the fit itself is the count's
+    cm = CostModel(
+        intercept_s=1.0, per_layer_backward_s=0.1, per_module_s=0.01, n_layers=10, batch_size=2,
+        batch_tokens=100, measured=rows, device="cpu", **terms,
+    )  # fmt: skip
+    # the calibration's own placements are priced as the count prices them
+    for r in rows:
+        assert cm.peak_memory(r["layers"], r["modules"], 0, r["input_width"]) == pytest.approx(
+            cm.peak_memory(r["layers"], r["modules"], 0)
+        )
+    # four modules of the wide role keep more than four of the narrow one, at the same count
+    wide = cm.peak_memory([6, 7, 8, 9], 4, 0, 4 * 192)
+    narrow = cm.peak_memory([6, 7, 8, 9], 4, 0, 4 * 64)
+    assert wide - narrow == pytest.approx(3.0 * (4 * 192 - 4 * 64) / 128)
+    assert cm.memory([6, 7, 8, 9], 4, 0, 4 * 192)["peak_mib"] == pytest.approx(wide)
+    # a card calibrated before the width was recorded keeps the count, whatever width is passed
+    old = CostModel.from_dict({k: v for k, v in cm.to_dict().items() if k != "memory_module_width"})
+    assert old.peak_memory([6, 7, 8, 9], 4, 0, 4 * 192) == pytest.approx(old.peak_memory([6, 7, 8, 9], 4, 0))
+    assert "memory_module_width" not in fit_memory([{k: v for k, v in r.items() if k != "input_width"}
+                                                    for r in rows], 10, 900.0)  # fmt: skip
 
 
 def test_step_time_and_forward_fits_recover_known_terms():
@@ -325,6 +358,12 @@ def test_calibration_measures_memory_and_latency():
         assert len(first) == len(windows) == len(row["warmup_s_by_round"])
         assert all(row["resident_mib"] <= f <= w for f, w in zip(first, windows, strict=True))
     assert cm.memory_base_mib >= cm.memory_resident_mib > 0
+    # each row records its modules' input width, and the card their mean per module
+    d_in = {s.name: s.d_in for s in models.units(model, ["q", "v"])}
+    assert cm.memory_module_width == pytest.approx(
+        sum(r["input_width"] for r in cm.measured) / sum(r["modules"] for r in cm.measured)
+    )
+    assert all(0 < r["input_width"] <= r["modules"] * max(d_in.values()) for r in cm.measured)
     for name in ("memory_per_layer_mib", "memory_per_module_mib", "memory_per_mparam_mib"):
         assert math.isfinite(getattr(cm, name)) and getattr(cm, name) >= 0
     assert cm.memory_position_share == pytest.approx(

@@ -122,6 +122,12 @@ class CostModel:
     memory_per_module_mib: float | None = None
     memory_per_mparam_mib: float | None = None
     memory_kind: str | None = None
+    # The mean input width (d_in) of the calibration placements' adapted modules. Where it was recorded, the
+    # module term counts an adapted module as its d_in over this: what a module keeps for its backward
+    # grows with its input, and a placement of the MLP's down projections keeps more than one of as many
+    # q,v projections. On the calibration's placements, which adapt every role, that sum equals the count.
+    # None (cards calibrated before it): the module term is the count.
+    memory_module_width: float | None = None
     # The memory in use before the card's probe pass, where memory_resident_mib is the larger of it and
     # what the card's process held once its calibration was done (None on cards made before it was kept).
     memory_resident_before_mib: float | None = None
@@ -159,25 +165,38 @@ class CostModel:
     def has_memory(self) -> bool:
         return self.memory_base_mib is not None
 
-    def peak_memory(self, layers: Sequence[int], modules: int, params: int = 0) -> float | None:
-        """Predicted peak training memory (MiB) at the calibration batch, or None if it was not measured."""
+    def memory_modules(self, modules: int, input_width: float | None = None) -> float:
+        """The memory's module term: ``modules`` adapted modules whose inputs are ``input_width`` wide in
+        all (Σ d_in), counted in modules of the calibration's mean input width where the card recorded it,
+        else counted one by one."""
+        if input_width is None or not self.memory_module_width:
+            return float(modules)
+        return float(input_width) / float(self.memory_module_width)
+
+    def peak_memory(
+        self, layers: Sequence[int], modules: int, params: int = 0, input_width: float | None = None
+    ) -> float | None:
+        """Predicted peak training memory (MiB) at the calibration batch, or None if it was not measured.
+        ``input_width``: Σ d_in over the adapted modules (see :meth:`memory_modules`)."""
         if not self.has_memory:
             return None
         depth = self.n_layers - min(layers) if layers else 0
         return (
             float(self.memory_base_mib)  # type: ignore[arg-type]
             + float(self.memory_per_layer_mib or 0.0) * depth
-            + float(self.memory_per_module_mib or 0.0) * modules
+            + float(self.memory_per_module_mib or 0.0) * self.memory_modules(modules, input_width)
             + float(self.memory_per_mparam_mib or 0.0) * params / 1e6
         )
 
-    def memory(self, layers: Sequence[int], modules: int, params: int = 0) -> dict[str, float] | None:
+    def memory(
+        self, layers: Sequence[int], modules: int, params: int = 0, input_width: float | None = None
+    ) -> dict[str, float] | None:
         """Predicted peak training memory and its activation part (MiB, at the calibration batch), or None.
 
         The activation part is what grows with positions per step, so a run with another batch can rescale
         it: the measured share of what training adds where the card measured one, else the depth term.
         """
-        peak = self.peak_memory(layers, modules, params)
+        peak = self.peak_memory(layers, modules, params, input_width)
         if peak is None:
             return None
         depth = self.n_layers - min(layers) if layers else 0
@@ -251,7 +270,8 @@ class CostModel:
         )
         d["memory_formula"] = (
             "MiB = memory_base_mib + memory_per_layer_mib·(L − min S) + memory_per_module_mib·modules"
-            " + memory_per_mparam_mib·params/1e6"
+            " + memory_per_mparam_mib·params/1e6; modules = Σ d_in / memory_module_width where that is"
+            " recorded"
         )
         return d
 
@@ -508,6 +528,7 @@ def calibrate(
             {
                 "layers": layers,
                 "modules": len(specs),
+                "input_width": sum(s.d_in for s in specs),
                 "rank": rank,
                 "params": sum(rank * (s.d_in + s.d_out) for s in specs),
                 "s_per_step": round(step_time(ts), 4),
@@ -594,13 +615,19 @@ def fit_memory(
     rows' median start)."""
     mem = _terms(rows, n_layers, [r[key] - r["resident_mib"] for r in rows])
     resident = float(np.median([r["resident_mib"] for r in rows])) if resident_mib is None else resident_mib
-    return {
+    out = {
         "memory_resident_mib": resident,
         "memory_base_mib": resident + float(mem[0]),
         "memory_per_layer_mib": float(mem[1]),
         "memory_per_module_mib": float(mem[2]),
         "memory_per_mparam_mib": float(mem[3]),
     }
+    # The count is fitted; the width turns another placement's modules into calibration modules. Over the
+    # committed CPU and GPU cost runs this priced peak memory at 4.4% against 4.6% for the count, and took
+    # the count's bias between attention and MLP placements away (benchmarks/results/cost/memory_terms.md).
+    if rows and all(r.get("input_width") for r in rows):
+        out["memory_module_width"] = sum(r["input_width"] for r in rows) / sum(r["modules"] for r in rows)
+    return out
 
 
 def _batch_scaling(row: dict[str, Any], half: _Timed, positions: int, half_positions: int) -> dict[str, Any]:

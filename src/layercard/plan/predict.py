@@ -45,6 +45,7 @@ def predicted(
         "params": int(params),
         "all_layer_params": int(space.cost(space.layers, "params")),
         "modules": space.modules(layers),
+        "input_width": space.input_width(layers),
         "n_layers": len(layers),
         "captured": captured,
     }

@@ -33,7 +33,7 @@ def _costs_fn(card: Card) -> Any:
         params = sum(r * (u.d_in + u.d_out) for u, r in zip(units, ranks, strict=True))
         layers = [u.layer for u in units]
         out = {"step_time": cm.step_time(layers, len(units), params)}
-        memory = cm.peak_memory(layers, len(units), params)
+        memory = cm.peak_memory(layers, len(units), params, sum(u.d_in for u in units))
         if memory is not None:
             out["memory"] = memory
         forward = cm.forward_time(len(units))
@@ -423,6 +423,7 @@ def _predicted(
         "params": int(chosen.costs["params"]),
         "all_layer_params": int(reference["params"]),
         "modules": int(chosen.costs["modules"]),
+        "input_width": sum(u.d_in for u in card.units if u.key in dict(chosen.units)),
         "n_layers": len(chosen.layers),
         "step_time_s": chosen.costs.get("step_time"),
         "all_layer_step_time_s": reference.get("step_time"),
@@ -443,4 +444,5 @@ def _memory(card: Card, chosen: F.Candidate) -> dict[str, float] | None:
     by_key = {u.key: u for u in card.units}
     units = [(by_key[key], r) for key, r in chosen.units]
     params = sum(r * (u.d_in + u.d_out) for u, r in units)
-    return CostModel.from_dict(card.cost).memory([u.layer for u, _ in units], len(units), params)  # type: ignore[arg-type]
+    width = sum(u.d_in for u, _ in units)
+    return CostModel.from_dict(card.cost).memory([u.layer for u, _ in units], len(units), params, width)  # type: ignore[arg-type]

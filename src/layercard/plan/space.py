@@ -67,6 +67,12 @@ class Space:
             return sum(len(self.units[layer]) for layer in layers)
         return ADAPTERS_PER_LAYER * len(layers)
 
+    def input_width(self, layers: Sequence[int]) -> int | None:
+        """Σ d_in over the adapted modules of a layer set (LoRA; None for bottleneck adapters)."""
+        if self.kind != "lora":
+            return None
+        return sum(u.d_in for layer in layers for u in self.units[layer])
+
     def step_time(self, layers: Sequence[int]) -> float | None:
         """Predicted seconds per step (§5), or None without a cost model."""
         if self.cost_model is None:
@@ -85,7 +91,7 @@ class Space:
         if self.cost_model is None:
             return None
         params = int(sum(self.layer_params(layer) for layer in layers)) if self.kind == "lora" else 0
-        return self.cost_model.memory(list(layers), self.modules(layers), params)
+        return self.cost_model.memory(list(layers), self.modules(layers), params, self.input_width(layers))
 
     def cost(self, layers: Sequence[int], kind: str) -> float:
         """Cost of a layer set in a budget kind's unit (step time is non-additive: it depends on min S)."""
