@@ -31,11 +31,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from cost import GRID  # this folder is on sys.path
-from scipy.optimize import nnls
 
 from layercard.artifacts import write_json, write_text
+from layercard.cost import CostModel, fit_memory
 from layercard.models.roles import parse_roles
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -67,20 +66,24 @@ def task_run(folder: Path) -> dict[str, Any] | None:
         return None
     runs = [json.loads(p.read_text()) for p in sorted((folder / "runs").glob("*.json"))]
     resident = float(cost["memory_resident_mib"])
-    y = np.array([r["peak_memory_mib"] - r["resident_mib"] for r in rows], dtype=float)
+    # the term this card's own predictions were priced with: they must come back from its refit
+    shipped = "d_in" if cost.get("memory_module_width") else "count"
     peak_err: dict[str, list[float]] = {}
     added_err: dict[str, list[float | None]] = {}
     for term in TERMS:
-
-        def x(layers: list[int], params: int, roles: Any, term: str = term) -> list[float]:
-            return [1.0, n_layers - min(layers), module_term(card, roles, layers, term), params / 1e6]
-
-        coef, _ = nnls(np.array([x(r["layers"], r["params"], card["roles"]) for r in rows]), y)
+        # the card's own fit with each row's modules counted under ``term`` (on these rows the terms are
+        # proportional, so only the module coefficient's unit changes)
+        fit_rows = [r | {"modules": module_term(card, card["roles"], r["layers"], term)} for r in rows]
+        terms = {
+            k: v for k, v in fit_memory(fit_rows, n_layers, resident).items() if k != "memory_module_width"
+        }
+        model = CostModel.from_dict(cost | terms | {"memory_module_width": None})
         peaks, added = [], []
         for run in runs:
-            adds = float(coef @ x(run["layers"], run["params"], ROLES[run["name"]]))
+            m = module_term(card, ROLES[run["name"]], run["layers"], term)
+            adds = float(model.peak_memory(run["layers"], m, run["params"])) - resident  # type: ignore[arg-type]
             recorded = run["predicted_peak_memory_mib"] - resident
-            if term == "count" and abs(adds - recorded) > 0.5:
+            if term == shipped and abs(adds - recorded) > 0.5:
                 raise SystemExit(f"{folder}: the refit does not reproduce {run['name']}'s recorded memory")
             # the run's own rescaling to its largest micro-batch, applied to what training adds
             scale = (run["predicted_peak_memory_scaled_mib"] - resident) / recorded
