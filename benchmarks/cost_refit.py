@@ -111,6 +111,18 @@ def task_run(folder: Path) -> dict[str, Any]:
     }
 
 
+def summary_groups(runs: list[dict[str, Any]], chosen_on: set[str]) -> list[tuple[str, list[dict[str, Any]]]]:
+    """The groups a refit table sums up: every task-run and, where some were marked, those a variant was
+    chosen on and the rest (empty groups left out)."""
+    groups = [("all", runs)]
+    if chosen_on:
+        groups += [
+            ("chosen on", [r for r in runs if r["folder"] in chosen_on]),
+            ("not chosen on", [r for r in runs if r["folder"] not in chosen_on]),
+        ]
+    return [(name, group) for name, group in groups if group]
+
+
 def _mae(errs: list[float]) -> float:
     return 100 * statistics.fmean(abs(e) for e in errs)
 
@@ -156,13 +168,7 @@ def main() -> None:
             f"{_mae(r['errors'][v]):.1f}% ({100 * statistics.fmean(r['errors'][v]):+.1f}%)" for v in variants
         ]
         lines.append(f"| {r['folder']}{mark} ({r['shipped']}) | " + " | ".join(cells) + " |")
-    for name, group in (
-        ("all", runs),
-        ("chosen on", [r for r in runs if r["folder"] in chosen_on]),
-        ("not chosen on", [r for r in runs if r["folder"] not in chosen_on]),
-    ):
-        if not group or (name != "all" and not chosen_on):
-            continue
+    for name, group in summary_groups(runs, chosen_on):
         cells = []
         for v in variants:
             within = sum(_mae(r["errors"][v]) <= 10 for r in group)

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from cost import GRID  # this folder is on sys.path
+from cost_refit import summary_groups
 
 from layercard.artifacts import write_json, write_text
 from layercard.cost import CostModel, fit_memory
@@ -149,13 +150,7 @@ def main() -> None:
         for r in runs:
             mark = " *" if r["folder"] in chosen_on else ""
             lines.append(f"| {r['folder']}{mark} | " + " | ".join(_cell(r[what][t]) for t in TERMS) + " |")
-        for name, group in (
-            ("all", runs),
-            ("chosen on", [r for r in runs if r["folder"] in chosen_on]),
-            ("not chosen on", [r for r in runs if r["folder"] not in chosen_on]),
-        ):
-            if not group or (name != "all" and not chosen_on):
-                continue
+        for name, group in summary_groups(runs, chosen_on):
             cells = []
             for t in TERMS:
                 per_run = [_mae(r[what][t]) for r in group if _known(r[what][t])]
