@@ -34,6 +34,7 @@ from cost import GRID  # this folder is on sys.path
 from scipy.optimize import nnls
 
 from layercard.artifacts import write_json, write_text
+from layercard.cost import timings_by_round
 from layercard.models.roles import parse_roles
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -74,8 +75,8 @@ def task_run(folder: Path) -> dict[str, Any]:
 
     def timings(row: dict[str, Any], stat: str) -> list[float]:
         xs = row["timings_s_per_step"]
-        if stat.endswith("-round1"):  # each round timed the same number of steps
-            return xs[: len(xs) // len(row["warmup_s_by_round"])]
+        if stat.endswith("-round1"):
+            return timings_by_round(row)[0]
         return xs
 
     def kept(stat: str) -> list[dict[str, Any]]:

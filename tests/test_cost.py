@@ -246,15 +246,17 @@ def test_calibration_times_again_only_the_slower_placement_and_keeps_its_forward
     model = tiny_model("llama", seed=0)
     n_layers = models.num_layers(model)
     calls: list[tuple[bool, int, bool]] = []  # (every layer, rank, forward timed)
+    timed_steps: list[int] = []
 
     def fake(model, targets, batch, steps, rank=8, *, forward=True):
         every = len({t.split(".layers.")[1].split(".")[0] for t in targets}) == n_layers
         calls.append((every, rank, forward))
+        timed_steps.append(steps)
         # every layer at rank 8 is slowed in its first run only: 3.0 s, then 1.9 s; rank 32 takes 2.0 s
         first = sum(c[:2] == (True, 8) for c in calls) == 1
         t = 1.0 if not every else 2.0 if rank == 32 else 3.0 if first else 1.9
         fwd = 0.5 + 0.01 * len(targets) if forward else None
-        return cost._Timed([t, t], t, 100.0, 200.0 + 10 * len(targets), fwd, 150.0)
+        return cost._Timed([t] * steps, t, 100.0, 200.0 + 10 * len(targets), fwd, 150.0)
 
     monkeypatch.setattr(cost, "_time_steps", fake)
     passes: list[tuple[int, bool, int]] = []  # (rows, warm, repeats) of the base model's forwards
@@ -277,6 +279,11 @@ def test_calibration_times_again_only_the_slower_placement_and_keeps_its_forward
     # only the rank-8 all-layer placement was timed again (after the half batch's run), without a forward
     assert [len(r["warmup_s_by_round"]) for r in cm.measured] == [1, 1, 1, 2, 1]
     assert calls[-1] == (True, 8, False)
+    # with one timed step after its warm-up, where the first rounds timed two; the row says so
+    assert timed_steps[-1] == 1 and set(timed_steps[:-1]) == {2}
+    assert every[0]["timed_steps_by_round"] == [2, 1] and every[0]["timings_s_per_step"] == [3.0, 3.0, 1.9]
+    assert cost.timings_by_round(every[0]) == [[3.0, 3.0], [1.9]]
+    assert all(r["timed_steps_by_round"] == [2] for r in single + every[1:])
     assert every[0]["s_per_step"] == pytest.approx(1.9) and every[1]["s_per_step"] == pytest.approx(2.0)
     # the rank-8 all-layer placement's forward from its first run; rank 32, single layers and half batch none
     assert every[0]["forward_s"] == pytest.approx(0.5 + 0.01 * 2 * n_layers)
@@ -317,12 +324,15 @@ def test_calibration_measures_memory_and_latency():
             assert row["forward_s"] > 0
         else:
             assert row["forward_s"] is None
-        # two rounds of two timed steps each (a third round where the times contradicted each other);
-        # the placement's time is the fastest of them
+        # two rounds of two timed steps each (a third of one step where the times contradicted each
+        # other); the placement's time is the fastest of them
         steps = row["timings_s_per_step"]
-        assert len(steps) in (4, 6)
+        assert row["timed_steps_by_round"] in ([2, 2], [2, 2, 1]) and len(steps) == sum(
+            row["timed_steps_by_round"]
+        )
         # every round's untimed warm-up step is kept beside its timed ones
-        assert len(row["warmup_s_by_round"]) == len(steps) // 2 and min(row["warmup_s_by_round"]) > 0
+        assert len(row["warmup_s_by_round"]) == len(row["timed_steps_by_round"])
+        assert min(row["warmup_s_by_round"]) > 0
         assert row["s_per_step"] == pytest.approx(min(steps), abs=2e-4)
     assert cm.forward_base_s is not None and cm.forward_base_s > 0 and cm.forward_per_module_s >= 0
     # two module counts, so the least-squares line runs through the base model's forward at none and the

@@ -393,6 +393,20 @@ def _time_steps(
             p.requires_grad_(r)
 
 
+def timings_by_round(row: dict[str, Any]) -> list[list[float]]:
+    """A calibration row's timed steps, round by round. Rows recorded before ``timed_steps_by_round``
+    timed as many steps in every round."""
+    xs = list(row["timings_s_per_step"])
+    counts = row.get("timed_steps_by_round") or [len(xs) // len(row["warmup_s_by_round"])] * len(
+        row["warmup_s_by_round"]
+    )
+    out, at = [], 0
+    for n in counts:
+        out.append(xs[at : at + n])
+        at += n
+    return out
+
+
 def _memory_by_round(ts: Sequence[_Timed], peaks: Sequence[float]) -> float:
     """A placement's memory over its rounds, like its time: the median start plus the median of what each
     round's peak added over its own start; where no per-run window exists, the median of the peaks."""
@@ -475,23 +489,23 @@ def calibrate(
     model.train()
     timed: list[list[_Timed]] = [[] for _ in configs]
 
-    def timed_on(i: int, rows: dict[str, torch.Tensor], forward: bool) -> _Timed:
+    def timed_on(i: int, rows: dict[str, torch.Tensor], forward: bool, n_steps: int = steps) -> _Timed:
         layers, rank = configs[i]
         specs = models.units(model, roles, layers=layers)
         if not specs:
             raise LayercardError(f"cost calibration: no units for roles {list(roles)} in layers {layers}")
-        return _time_steps(model, [s.name for s in specs], rows, steps, rank, forward=forward)
+        return _time_steps(model, [s.name for s in specs], rows, n_steps, rank, forward=forward)
 
     full = configs.index((everything, 8))
 
-    def measure(i: int) -> None:
+    def measure(i: int, n_steps: int = steps) -> None:
         # The forward's line is read off the base model and the rank-8 all-layer placement: a single
         # layer's few modules add next to nothing to the base model's forward, and the rank-32 placement
         # adapts the same modules, so that the line gains nothing from it that the rank-8 one does not give;
         # timing them cost a tenth of the calibration for no better prediction
         # (benchmarks/results/cost/calibration_subset.md). A placement timed again for its steps keeps the
         # forward it has.
-        timed[i].append(timed_on(i, batch, forward=not timed[i] and i == full))
+        timed[i].append(timed_on(i, batch, forward=not timed[i] and i == full, n_steps=n_steps))
 
     def step_time(ts: list[_Timed]) -> float:
         return float(min(x for t in ts for x in t.step_s))
@@ -510,11 +524,14 @@ def calibrate(
             else:
                 measure(i)
         # A placement that backward reaches deeper, or that adds more, cannot be faster: where the timings
-        # say otherwise, outside load slowed one of them, so both are timed once more.
+        # say otherwise, outside load slowed one of them, and the slower, cheaper one is timed once more:
+        # a warm-up and one timed step. More timed steps there only give it more draws than the others
+        # for the fastest to pick from; refitted on the committed cost runs, one step priced them at least
+        # as well and saved a step of that placement (benchmarks/results/cost/calibration_subset.md).
         again = _out_of_order(configs, [step_time(ts) for ts in timed])
         if again:
             for i in track(again, "cost calibration (again)", total=len(again), enabled=progress):
-                measure(i)
+                measure(i, n_steps=1)
     finally:
         model.train(was_training)
     rows = []
@@ -533,6 +550,7 @@ def calibrate(
                 "params": sum(rank * (s.d_in + s.d_out) for s in specs),
                 "s_per_step": round(step_time(ts), 4),
                 "timings_s_per_step": [round(x, 4) for t in ts for x in t.step_s],
+                "timed_steps_by_round": [len(t.step_s) for t in ts],
                 "warmup_s_by_round": [round(t.warmup_s, 4) for t in ts],
                 "resident_mib": None if row_resident is None else round(row_resident, 1),
                 "peak_memory_mib": round(row_peak, 1),
