@@ -195,6 +195,8 @@ def test_every_policy_respects_every_budget(tiny_card, policy, kind):
     assert _cost(plan, tiny_card, kind) <= budget.value * (1 + 1e-9)
     assert plan.predicted["params"] == _cost(plan, tiny_card, "params")
     assert plan.predicted["modules"] == len(plan.units)
+    d_in = {u.key: u.d_in for u in tiny_card.units}
+    assert plan.predicted["input_width"] == sum(d_in[u.key] for u in plan.units)
     assert plan.predicted["step_time_s"] == pytest.approx(_cost(plan, tiny_card, "step_time"))
     assert plan.predicted["memory"]["peak_mib"] == pytest.approx(_cost(plan, tiny_card, "memory"))
     assert plan.predicted["calibration_batch_size"] == 4
@@ -214,6 +216,8 @@ def test_search_policies_respect_every_budget(tiny_card, tiny_llama, policy, kin
     plan = make_plan(tiny_card, PlanConfig(policy, budget=budget))
     assert plan.units and _cost(plan, tiny_card, kind) <= budget.value * (1 + 1e-9)
     assert plan.predicted["params"] == _cost(plan, tiny_card, "params")
+    d_in = {u.key: u.d_in for u in tiny_card.units}
+    assert plan.predicted["input_width"] == sum(d_in[u.key] for u in plan.units)
     assert plan.predicted["step_time_s"] == pytest.approx(_cost(plan, tiny_card, "step_time"))
     assert plan.lora_config["target_modules"] == [u.name for u in plan.units]
     assert check_plan(plan, tiny_llama)["ok"]  # PEFT adapts exactly the planned modules at their ranks

@@ -423,7 +423,7 @@ def _predicted(
         "params": int(chosen.costs["params"]),
         "all_layer_params": int(reference["params"]),
         "modules": int(chosen.costs["modules"]),
-        "input_width": sum(u.d_in for u in card.units if u.key in dict(chosen.units)),
+        "input_width": sum(u.d_in for u, _ in _chosen_units(card, chosen)),
         "n_layers": len(chosen.layers),
         "step_time_s": chosen.costs.get("step_time"),
         "all_layer_step_time_s": reference.get("step_time"),
@@ -437,12 +437,17 @@ def _predicted(
     return pred
 
 
+def _chosen_units(card: Card, chosen: F.Candidate) -> list[tuple[UnitRow, int]]:
+    """The card's unit rows of the chosen placement, each with its rank."""
+    by_key = {u.key: u for u in card.units}
+    return [(by_key[key], r) for key, r in chosen.units]
+
+
 def _memory(card: Card, chosen: F.Candidate) -> dict[str, float] | None:
     """The chosen placement's predicted peak memory and its activation part (see CostModel.memory)."""
     from layercard.cost import CostModel
 
-    by_key = {u.key: u for u in card.units}
-    units = [(by_key[key], r) for key, r in chosen.units]
+    units = _chosen_units(card, chosen)
     params = sum(r * (u.d_in + u.d_out) for u, r in units)
     width = sum(u.d_in for u, _ in units)
     return CostModel.from_dict(card.cost).memory([u.layer for u, _ in units], len(units), params, width)  # type: ignore[arg-type]
