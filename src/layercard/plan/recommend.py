@@ -395,6 +395,7 @@ def _predicted(
     model: Q.QualityModel,
 ) -> dict[str, Any]:
     reference = search.reference
+    units = _chosen_units(card, chosen)
     frontier = {
         # each cost's frontier among the placements that meet the budgets on the other costs
         kind: [
@@ -423,7 +424,7 @@ def _predicted(
         "params": int(chosen.costs["params"]),
         "all_layer_params": int(reference["params"]),
         "modules": int(chosen.costs["modules"]),
-        "input_width": sum(u.d_in for u, _ in _chosen_units(card, chosen)),
+        "input_width": sum(u.d_in for u, _ in units),
         "n_layers": len(chosen.layers),
         "step_time_s": chosen.costs.get("step_time"),
         "all_layer_step_time_s": reference.get("step_time"),
@@ -432,7 +433,7 @@ def _predicted(
     }
     if card.cost is not None:
         pred |= calibration_batch(card.cost)
-        pred["memory"] = _memory(card, chosen)
+        pred["memory"] = _memory(card, units)
         pred["forward_s"] = chosen.costs.get("forward_s")
     return pred
 
@@ -443,11 +444,11 @@ def _chosen_units(card: Card, chosen: F.Candidate) -> list[tuple[UnitRow, int]]:
     return [(by_key[key], r) for key, r in chosen.units]
 
 
-def _memory(card: Card, chosen: F.Candidate) -> dict[str, float] | None:
-    """The chosen placement's predicted peak memory and its activation part (see CostModel.memory)."""
+def _memory(card: Card, units: Sequence[tuple[UnitRow, int]]) -> dict[str, float] | None:
+    """A placement's predicted peak memory and its activation part (see CostModel.memory), from its unit
+    rows with their ranks."""
     from layercard.cost import CostModel
 
-    units = _chosen_units(card, chosen)
     params = sum(r * (u.d_in + u.d_out) for u, r in units)
     width = sum(u.d_in for u, _ in units)
     return CostModel.from_dict(card.cost).memory([u.layer for u, _ in units], len(units), params, width)  # type: ignore[arg-type]
