@@ -525,9 +525,8 @@ def calibrate(
                 measure(i)
         # A placement that backward reaches deeper, or that adds more, cannot be faster: where the timings
         # say otherwise, outside load slowed one of them, and the slower, cheaper one is timed once more:
-        # a warm-up and one timed step. More timed steps there only give it more draws than the others
-        # for the fastest to pick from; refitted on the committed cost runs, one step priced them at least
-        # as well and saved a step of that placement (benchmarks/results/cost/calibration_subset.md).
+        # a warm-up and one timed step. Refitted on the committed cost runs, one step priced them as well as
+        # two (a tie) and saves a step of that placement (benchmarks/results/cost/calibration_subset.md).
         again = _out_of_order(configs, [step_time(ts) for ts in timed])
         if again:
             for i in track(again, "cost calibration (again)", total=len(again), enabled=progress):
