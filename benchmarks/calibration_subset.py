@@ -28,6 +28,7 @@ positions):
 - ``fastest step``: every placement's fastest timed step, every round kept: today's rule on every card.
   Cards made before it recorded the mean of a placement's steps, so on them this column, not ``as
   calibrated``, is what the ``again`` variants change.
+- ``fastest step, no middle``: ``no middle`` read against ``fastest step``.
 
 What each variant would save is estimated from the card's own recorded times: a placement's warm-up and
 timed steps, and two forward passes at its fastest.
@@ -45,7 +46,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from cost import GRID, priced  # this folder is on sys.path
+from cost import GRID, priced, task_run_folders  # this folder is on sys.path
 
 from layercard.artifacts import read_json, write_json, write_text
 from layercard.cost import timings_by_round
@@ -55,6 +56,7 @@ RESULTS = ROOT / "benchmarks" / "results" / "cost"
 VARIANTS = (
     "as calibrated", "no middle", "forward: all-layer", "forward: all-layer r8", "shorter",
     "again: the slower only", "one timed step", "no top", "again: one timed step", "fastest step",
+    "fastest step, no middle",
 )  # fmt: skip
 MEASURES = ("step", "memory", "forward")
 
@@ -113,9 +115,9 @@ def _model(cost: dict[str, Any], variant: str, rounds: int = 1) -> tuple[Any, fl
         rows, saved, changes = _one_step(cost)
     if variant == "again: one timed step":
         rows, saved = _again_one_step(rows, rounds)
-    if variant == "fastest step":
+    if variant in ("fastest step", "fastest step, no middle"):
         rows = _fastest(rows)
-    no_middle = variant in ("no middle", "shorter")
+    no_middle = variant in ("no middle", "shorter", "fastest step, no middle")
     fwd_drop = {"top", "bottom", "middle"} if variant in ("forward: all-layer", "shorter") else set()
     if variant == "forward: all-layer r8":
         fwd_drop = {"top", "bottom", "middle", "all-r32"}
@@ -225,7 +227,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("folders", nargs="*", type=Path)
     args = ap.parse_args()
-    found = sorted({p.parent.parent for p in RESULTS.glob("**/card/card.json")})
+    found = task_run_folders(RESULTS)
     folders = [f.resolve() for f in args.folders] or found
     results = [task_run(f) for f in folders]
     write_json(

@@ -15,14 +15,16 @@ cost.json, cost.md and cost_predicted.png from them.
 Settings: tasks e2e_nlg and sst2 (validation splits), card on 16 examples (batch 8, 128 tokens) with
 the default calibration, training batch 8 of up to 128 tokens, 6 steps per placement, lr 1e-4, seed 0.
 The machine should be otherwise idle: step time is shared CPU time. On a GPU the card and the runs use
-the device and dtype given; ``--model`` can be a folder from ``random_weights.py`` (smollm2's shapes,
-random weights: valid for time and memory, not for quality).
+the device and dtype given; ``--model`` can be a folder from ``random_weights.py`` (smollm2's shapes, or
+another configuration's with ``--shapes``, random weights: valid for time and memory, not for quality).
+``--dropout P`` trains every placement with LoRA dropout P (the plan's ``dropout``; default 0).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import statistics
 import subprocess
@@ -73,14 +75,19 @@ class Setup:
     batch: int = BATCH
     random_weights: bool = False  # the model folder came from random_weights.py
     calibrate_rounds: int = 1  # the card's calibration rounds (memory: the median over them)
+    shapes: str | None = None  # the shapes file random_weights.py replaced smollm2's configuration with
+    dropout: float = 0.0  # LoRA dropout of every placement's plan
+    calibrate_dropout: float = 0.0  # LoRA dropout the card's calibration trains with
 
 
-def _card(loaded: Any, task: Any, folder: Path, batch: int = BATCH, rounds: int = 1) -> Any:
+def _card(
+    loaded: Any, task: Any, folder: Path, batch: int = BATCH, rounds: int = 1, dropout: float = 0.0
+) -> Any:
     from layercard import CardConfig
 
     cfg = CardConfig(
         roles="all-linear", examples=16, batch_size=batch, max_length=MAX_LENGTH, calibrate=True,
-        calibrate_rounds=rounds,
+        calibrate_rounds=rounds, calibrate_dropout=dropout,
     )  # fmt: skip
     return cached_card(loaded, task, cfg, folder)
 
@@ -90,7 +97,9 @@ def plan_and_settings(card: Any, p: Placement, setup: Setup = Setup()) -> tuple[
     from layercard import PlanConfig, make_plan
     from layercard.config import TrainConfig
 
-    plan = make_plan(card, PlanConfig(policy=p.policy, budget=p.budget, roles=p.roles, rank=p.rank))
+    plan = make_plan(
+        card, PlanConfig(policy=p.policy, budget=p.budget, roles=p.roles, rank=p.rank, dropout=setup.dropout)
+    )
     cfg = TrainConfig(
         steps=setup.steps, batch_size=setup.batch, lr=1e-4, max_length=MAX_LENGTH, eval_examples=0,
         checkpoint_every=0, seed=SEED,
@@ -157,7 +166,12 @@ def run(
     for name in tasks:
         task = load_task(TASKS[name])
         card = _card(
-            loaded, task.subset(256, seed=SEED), RESULTS / name / "card", setup.batch, setup.calibrate_rounds
+            loaded,
+            task.subset(256, seed=SEED),
+            RESULTS / name / "card",
+            setup.batch,
+            setup.calibrate_rounds,
+            setup.calibrate_dropout,
         )
         for p in GRID:
             path = RESULTS / name / "runs" / f"{p.name}.json"
@@ -171,12 +185,28 @@ def run(
                 "--model", setup.model, "--device", setup.device, "--dtype", setup.dtype,
                 "--steps", str(setup.steps), "--batch", str(setup.batch),
                 "--calibrate-rounds", str(setup.calibrate_rounds), "--only", p.name, "--out", str(RESULTS),
+                "--dropout", str(setup.dropout), "--calibrate-dropout", str(setup.calibrate_dropout),
             ]  # fmt: skip
             subprocess.run(cmd, check=True)
 
 
 def _rel(measured: float, predicted: float) -> float:
     return (predicted - measured) / measured
+
+
+def task_run_folders(results: Path) -> list[Path]:
+    """Every task-run folder under ``results`` (a card and its runs), sorted, without those whose runs
+    trained at another LoRA dropout than their card's calibration: such a folder measures what that
+    mismatch costs (``dropout0.05``), not how well a calibration prices the runs it was made for."""
+    out = []
+    for card_path in results.glob("**/card/card.json"):
+        folder = card_path.parent.parent
+        calibrated = (json.loads(card_path.read_text()).get("cost") or {}).get("dropout", 0.0)
+        runs = sorted((folder / "runs").glob("*.json"))
+        trained = json.loads(runs[0].read_text()).get("setup", {}).get("dropout", 0.0) if runs else calibrated
+        if abs(trained - calibrated) < 1e-9:
+            out.append(folder)
+    return sorted(out)
 
 
 def _task_rows(name: str) -> tuple[Any, list[dict[str, Any]], list[dict[str, Any]]]:
@@ -412,7 +442,7 @@ def report() -> dict[str, Any]:
         raise SystemExit(f"{RESULTS}: no finished runs; run `benchmarks/cost.py run` first")
     out = {
         "benchmark": "cost",
-        "model": f"{Setup.model} shapes, random weights" if setup.get("random_weights") else setup["model"],
+        "model": _model_name(setup),
         "settings": {
             "steps": setup["steps"],
             "batch": setup["batch"],
@@ -420,6 +450,11 @@ def report() -> dict[str, Any]:
             "seed": SEED,
             "device": setup["device"],
             "dtype": setup["dtype"],
+            **(
+                {"dropout": setup["dropout"], "calibrate_dropout": setup.get("calibrate_dropout", 0.0)}
+                if setup.get("dropout") or setup.get("calibrate_dropout")
+                else {}
+            ),
             **(
                 {"calibrate_rounds": setup["calibrate_rounds"]}
                 if setup.get("calibrate_rounds", 1) > 1
@@ -436,6 +471,14 @@ def report() -> dict[str, Any]:
     write_text(RESULTS / "cost.md", _markdown(out))
     _plot(all_rows, RESULTS / "cost_predicted.png")
     return out
+
+
+def _model_name(setup: dict[str, Any]) -> str:
+    """The model a run's setup names: a built-in name or folder, or whose shapes its random weights have."""
+    if not setup.get("random_weights"):
+        return setup["model"]
+    shapes = setup.get("shapes")
+    return f"{Path(shapes).stem if shapes else Setup.model} shapes, random weights"
 
 
 def _pct(x: float) -> str:
@@ -472,11 +515,17 @@ def _markdown(out: dict[str, Any]) -> str:
         "",
     ]
     if out["model"].endswith("random weights"):
+        shaped = out["model"].split(" shapes")[0]
         lines[2:2] = [
-            "The weights are random (the model has smollm2's configuration and tokenizer): the figures are "
-            "valid for time and memory, and say nothing about quality.",
+            f"The weights are random (the model has {shaped}'s layer shapes, and smollm2's vocabulary and "
+            "tokenizer): the figures are valid for time and memory, and say nothing about quality.",
             "",
         ]
+    if "dropout" in st:
+        lines[-2] += (
+            f" Every placement trains with LoRA dropout {st['dropout']:g}; the card's calibration trained "
+            f"with {st['calibrate_dropout']:g}."
+        )
     for t in out["tasks"].values():
         timings = t["card_timings"] or {}
         lines += [
@@ -622,6 +671,13 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--steps", type=int, default=Setup.steps, help="training steps per placement")
     r.add_argument("--batch", type=int, default=Setup.batch, help="card and training batch size")
     r.add_argument("--calibrate-rounds", type=int, default=1, help="the card's calibration rounds")
+    r.add_argument("--dropout", type=float, default=0.0, help="LoRA dropout of every placement (default 0)")
+    r.add_argument(
+        "--calibrate-dropout",
+        type=float,
+        default=None,
+        help="LoRA dropout of the card's calibration (default: --dropout)",
+    )
     r.add_argument("--only", default="", help="comma-separated grid placements to train (default: all)")
     r.add_argument(
         "--fresh", action="store_true", help="each placement trained in a process of its own, the card loaded"
@@ -636,9 +692,13 @@ def main(argv: list[str] | None = None) -> int:
         unknown = [t for t in tasks if t not in TASKS]
         if unknown:
             ap.error(f"--tasks: unknown task {unknown[0]!r} (choose from {', '.join(TASKS)})")
+        mark = Path(args.model) / RANDOM_MARK
         setup = Setup(
             args.model, args.device, args.dtype, args.steps, args.batch,
-            random_weights=(Path(args.model) / RANDOM_MARK).is_file(), calibrate_rounds=args.calibrate_rounds,
+            random_weights=mark.is_file(), calibrate_rounds=args.calibrate_rounds,
+            shapes=json.loads(mark.read_text()).get("shapes") if mark.is_file() else None,
+            dropout=args.dropout,
+            calibrate_dropout=args.dropout if args.calibrate_dropout is None else args.calibrate_dropout,
         )  # fmt: skip
         only = [n.strip() for n in args.only.split(",") if n.strip()]
         unknown = [n for n in only if n not in {p.name for p in GRID}]

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from cost import GRID  # this folder is on sys.path
+from cost import GRID, task_run_folders  # this folder is on sys.path
 from scipy.optimize import nnls
 
 from layercard.artifacts import write_json, write_text
@@ -135,7 +135,7 @@ def main() -> None:
     args = ap.parse_args()
     # In the order the runs were made: the first at the top of results/cost, then its named repeats.
     order = ("cost", "repeat", "third", "fourth", "fifth")
-    found = {p.parent.parent for p in RESULTS.glob("**/card/card.json")}
+    found = set(task_run_folders(RESULTS))
     folders = args.folders or sorted(
         found, key=lambda f: (order.index(f.parent.name) if f.parent.name in order else len(order), str(f))
     )

@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from cost import GRID  # this folder is on sys.path
+from cost import GRID, task_run_folders  # this folder is on sys.path
 from cost_refit import summary_groups
 
 from layercard.artifacts import write_json, write_text
@@ -118,9 +118,7 @@ def main() -> None:
     ap.add_argument("--chosen-on", default="", help="comma list of folders (relative to results/cost)")
     args = ap.parse_args()
     # "proportional" folders re-price runs kept elsewhere under an older batch rule
-    found = sorted(
-        {p.parent.parent for p in RESULTS.glob("**/card/card.json") if "proportional" not in p.parts}
-    )
+    found = [f for f in task_run_folders(RESULTS) if "proportional" not in f.parts]
     runs = [r for r in (task_run(f) for f in found) if r is not None]
     chosen_on = {s for s in args.chosen_on.split(",") if s}
     write_json(

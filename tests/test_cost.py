@@ -248,7 +248,7 @@ def test_calibration_times_again_only_the_slower_placement_and_keeps_its_forward
     calls: list[tuple[bool, int, bool]] = []  # (every layer, rank, forward timed)
     timed_steps: list[int] = []
 
-    def fake(model, targets, batch, steps, rank=8, *, forward=True):
+    def fake(model, targets, batch, steps, rank=8, *, forward=True, dropout=0.0):
         every = len({t.split(".layers.")[1].split(".")[0] for t in targets}) == n_layers
         calls.append((every, rank, forward))
         timed_steps.append(steps)
@@ -289,6 +289,31 @@ def test_calibration_times_again_only_the_slower_placement_and_keeps_its_forward
     assert every[0]["forward_s"] == pytest.approx(0.5 + 0.01 * 2 * n_layers)
     assert all(r["forward_s"] is None for r in single + every[1:])
     assert [c for c in calls if c[2]] == [(True, 8, True)]
+
+
+def test_calibration_trains_with_the_plans_dropout_and_records_it(monkeypatch):
+    import peft
+
+    model = tiny_model("llama", seed=0)
+    ids = torch.randint(5, 90, (4, 16))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+    seen: list[float] = []
+    wrap = peft.get_peft_model
+
+    def recording(model, config, *args, **kwargs):
+        seen.append(config.lora_dropout)
+        return wrap(model, config, *args, **kwargs)
+
+    monkeypatch.setattr(peft, "get_peft_model", recording)
+    cm = calibrate(model, None, batch, ["q", "v"], steps=1, dropout=0.1)
+    # every placement, the half batch's run included, trained with it; the model says so and keeps it
+    assert len(seen) >= 6 and set(seen) == {0.1}
+    assert cm.dropout == 0.1 and CostModel.from_dict(cm.to_dict()).dropout == 0.1
+    # cards calibrated before it was recorded trained without dropout
+    old = {k: v for k, v in cm.to_dict().items() if k != "dropout"}
+    assert CostModel.from_dict(old).dropout == 0.0
+    with pytest.raises(LayercardError, match="dropout must be in"):
+        calibrate(model, None, batch, ["q", "v"], steps=1, dropout=1.0)
 
 
 def test_calibration_starts_the_plan_from_what_the_card_leaves():

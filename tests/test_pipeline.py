@@ -296,6 +296,18 @@ def test_a_spectrum_placement_turns_the_weight_snr_on(tmp_path):
     )
 
 
+def test_the_card_calibrates_with_the_placements_dropout(tmp_path):
+    base = tiny_config(tmp_path)
+    assert parse_config(base).card.calibrate_dropout == 0.0
+    every = [f"placements.{i}.dropout=0.05" for i in range(len(base["placements"]))]
+    assert parse_config(apply_overrides(base, every)).card.calibrate_dropout == 0.05
+    # placements of different dropouts: the card keeps its own, and the plans of another say so
+    assert parse_config(apply_overrides(base, every[:1])).card.calibrate_dropout == 0.0
+    # the config's own value wins
+    own = apply_overrides(base, [*every, "card.calibrate_dropout=0.1"])
+    assert parse_config(own).card.calibrate_dropout == 0.1
+
+
 def test_demo_config_is_packaged_and_valid():
     cfg = load_config(demo_config_path())
     assert cfg.model == "smollm2" and [p.name for p in cfg.placements] == [

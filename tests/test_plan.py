@@ -888,3 +888,24 @@ def test_each_costs_frontier_keeps_to_the_budgets_on_the_other_costs(card_file):
     search = price(card)
     assert len(alone["frontier"]["modules"]) == len(search.frontier("modules"))
     assert len(alone["frontier"]["params"]) < len(search.frontier("params"))
+
+
+@pytest.mark.parametrize("policy", ["uniform", "recommend"])
+def test_a_plan_whose_dropout_the_card_did_not_calibrate_says_so(tiny_card, policy):
+    budget = "params=0.5x" if policy == "recommend" else "layers=4"
+    # the card calibrated without dropout; cards from before it was recorded read the same
+    assert tiny_card.cost["dropout"] == 0.0
+    old = dataclasses.replace(tiny_card, cost={k: v for k, v in tiny_card.cost.items() if k != "dropout"})
+    same = make_plan(old, PlanConfig(policy, budget=budget, dropout=0.0))
+    assert not any("calibrate-dropout" in w for w in same.warnings)
+    other = make_plan(old, PlanConfig(policy, budget=budget, dropout=0.05))
+    [warning] = [w for w in other.warnings if "calibrate-dropout" in w]
+    assert "trained with LoRA dropout 0, this plan's is 0.05" in warning
+    assert other.lora_config["lora_dropout"] == 0.05
+    # a card calibrated at the plan's dropout prices it without the caveat
+    calibrated = dataclasses.replace(tiny_card, cost={**tiny_card.cost, "dropout": 0.05})
+    matched = make_plan(calibrated, PlanConfig(policy, budget=budget, dropout=0.05))
+    assert not any("calibrate-dropout" in w for w in matched.warnings)
+    # a restricted plan keeps the caveat where it applies
+    kept = other.restricted(other.layers[:1], tiny_card)
+    assert any("calibrate-dropout" in w for w in kept.warnings)

@@ -148,6 +148,10 @@ class CostModel:
     # on half of it. None on cards made before it was measured: forward time is then taken as proportional
     # to positions.
     forward_position_share: float | None = None
+    # The LoRA dropout the calibration placements trained with. Dropout makes every adapted module keep a
+    # dropped copy of its input, and its random draws cost time, so costs hold for plans of this dropout
+    # (cards made before it was recorded: 0).
+    dropout: float = 0.0
 
     def step_time(self, layers: Sequence[int], modules: int, params: int = 0) -> float:
         """Predicted seconds per step: ``modules`` adapters with ``params`` parameters on ``layers``."""
@@ -335,9 +339,10 @@ def _time_steps(
     rank: int = 8,
     *,
     forward: bool = True,
+    dropout: float = 0.0,
 ) -> _Timed:
-    """Wrap ``targets`` in fresh LoRA modules and time ``steps`` optimizer steps after one untimed step,
-    then (with ``forward``) one unmerged no-grad forward.
+    """Wrap ``targets`` in fresh LoRA modules (LoRA dropout ``dropout``) and time ``steps`` optimizer steps
+    after one untimed step, then (with ``forward``) one unmerged no-grad forward.
 
     The first step after a wrap is about a tenth slower than the next ones, in every round and not only the
     first (benchmarks/results/calibration_warmup.md); a training run's median never sees it.
@@ -355,7 +360,7 @@ def _time_steps(
     device = next(model.parameters()).device
     requires = [p.requires_grad for p in model.parameters()]
     peft_model = get_peft_model(
-        model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets, lora_dropout=0.0)
+        model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets, lora_dropout=dropout)
     )
     try:
         params = [p for p in peft_model.parameters() if p.requires_grad]
@@ -445,6 +450,7 @@ def calibrate(
     rounds: int = 1,
     progress=None,
     resident_mib: float | None = None,
+    dropout: float = 0.0,
 ) -> CostModel:
     """Time LoRA steps (top layer alone, bottom layer alone, middle layer, all layers at rank 8, all layers at
     rank 32), measure each one's peak memory and, for the rank-8 all-layer placement, the unmerged forward
@@ -467,11 +473,15 @@ def calibrate(
     the two (the first is kept as ``memory_resident_before_mib``), and training states its peak restated
     from where it actually began beside the plan's. Without it the calibration runs' own starting memory
     is used.
+
+    ``dropout``: the LoRA dropout every placement trains with, as the plans it prices will (recorded).
     """
     from layercard import models
 
     if steps < 1 or rounds < 1:
         raise LayercardError(f"cost calibration: steps and rounds must be ≥ 1, got {steps} and {rounds}")
+    if not 0.0 <= dropout < 1.0:
+        raise LayercardError(f"cost calibration: dropout must be in [0, 1), got {dropout}")
     n_layers = models.num_layers(model)
     everything = list(range(n_layers))
     configs: list[tuple[list[int], int]] = [([n_layers - 1], 8), ([0], 8), (everything, 8), (everything, 32)]
@@ -494,7 +504,8 @@ def calibrate(
         specs = models.units(model, roles, layers=layers)
         if not specs:
             raise LayercardError(f"cost calibration: no units for roles {list(roles)} in layers {layers}")
-        return _time_steps(model, [s.name for s in specs], rows, n_steps, rank, forward=forward)
+        names = [s.name for s in specs]
+        return _time_steps(model, names, rows, n_steps, rank, forward=forward, dropout=dropout)
 
     full = configs.index((everything, 8))
 
@@ -585,6 +596,7 @@ def calibrate(
         batch_positions=int(batch["input_ids"].numel()),
         measured=rows,
         device=str(device),
+        dropout=float(dropout),
         **fit_forward(base_forward, rows),
         **memory,
         **scaling,

@@ -315,6 +315,7 @@ def compute_card(loaded: Any, task: Any, cfg: CardConfig, *, progress: bool | No
             rounds=cfg.calibrate_rounds,
             progress=progress,
             resident_mib=resident,
+            dropout=cfg.calibrate_dropout,
         ).to_dict()
         timings["calibrate_s"] = time.perf_counter() - t_k
 

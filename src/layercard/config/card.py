@@ -81,6 +81,12 @@ class CardConfig(Schema):
         help="interleaved rounds over the calibration placements (time: the fastest step of all rounds; "
         "memory: the median over rounds)",
     )
+    calibrate_dropout: float = setting(
+        0.0,
+        kind="unit",
+        help="LoRA dropout the calibration placements train with: the plans' dropout, whose costs it prices "
+        "(dropout keeps a copy of each adapted module's input and adds time)",
+    )
     weight_snr: bool = setting(
         False,
         kind="bool",

@@ -152,11 +152,17 @@ def _task(raw: Any) -> TaskSpec:
 
 def _card_for(card: CardConfig, placements: tuple[PlacementSpec, ...], raw: Any) -> CardConfig:
     """The card settings a run's placements need: a `spectrum` placement reads the weight SNRs, so they are
-    measured unless the config turns them off, which is then an error naming the placement."""
+    measured unless the config turns them off, which is then an error naming the placement; and where
+    every placement has the same LoRA dropout, the cost calibration trains with it unless the config sets
+    its own (a plan of another dropout says so)."""
+    given = raw if isinstance(raw, Mapping) else {}
+    dropouts = {p.plan.dropout for p in placements}
+    if len(dropouts) == 1 and "calibrate_dropout" not in given:
+        card = dataclasses.replace(card, calibrate_dropout=dropouts.pop())
     reader = next((p.name for p in placements if p.plan.policy == "spectrum"), None)
     if reader is None or card.weight_snr:
         return card
-    if isinstance(raw, Mapping) and "weight_snr" in raw:
+    if "weight_snr" in given:
         raise ConfigError(
             "card.weight_snr", f"is false, but placement {reader!r} uses policy spectrum, which reads it"
         )

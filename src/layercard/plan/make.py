@@ -17,6 +17,7 @@ from layercard.plan.artifact import Plan, PlannedUnit
 from layercard.plan.policies import select
 from layercard.plan.predict import (
     card_summary,
+    dropout_warnings,
     gain_warnings,
     kind_warnings,
     predicted,
@@ -73,7 +74,7 @@ def make_plan(card: Card, cfg: PlanConfig, *, card_path: str | None = None) -> P
         )
     warn += notes
     layers, sel_notes = select(space, cfg, _goal(space, cfg, score))
-    warn += sel_notes + kind_warnings(cfg.kind)
+    warn += sel_notes + kind_warnings(cfg.kind) + dropout_warnings(card, cfg.dropout)
     placement = _place(space, cfg, layers)
     pred = predicted(space, layers, score, placement.params, placement.captured)
     if cfg.budget is not None:

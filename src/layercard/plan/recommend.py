@@ -14,7 +14,7 @@ from layercard.errors import LayercardError
 from layercard.plan import frontier as F
 from layercard.plan import quality as Q
 from layercard.plan.artifact import Plan, PlannedUnit
-from layercard.plan.predict import calibration_batch, card_summary, provenance
+from layercard.plan.predict import calibration_batch, card_summary, dropout_warnings, provenance
 from layercard.plan.ranks import lora_config
 from layercard.plan.space import amount
 
@@ -283,6 +283,7 @@ def search_plan(
     varied = Q.target_entropy_warning(card) if model == Q.default_model() else None
     warnings += [varied] if varied else []
     warnings += _depth_notes(card, cfg, search, chosen, budgets, model, over_depth, kind)
+    warnings += dropout_warnings(card, cfg.dropout)
     config = {
         "policy": cfg.policy,
         "budget": str(cfg.budget) if cfg.budget is not None else None,
