@@ -10,14 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from layercard.artifacts import SCHEMA_VERSION, load_artifact, write_json
 from layercard.errors import LayercardError
-from layercard.plan.predict import (
-    dropout_warnings,
-    gain_warnings,
-    kind_warnings,
-    predicted,
-    provenance,
-    unit_rank,
-)
+from layercard.plan.predict import caveats, predicted, provenance, unit_rank
 from layercard.plan.ranks import captured_at, lora_config
 from layercard.plan.space import build_space
 from layercard.plan.validate import check_plan_dict
@@ -142,10 +135,7 @@ class Plan:
             predicted=pred,
             lora_config=lora,
             adapter_config=adapter,
-            warnings=notes
-            + kind_warnings(self.kind)
-            + gain_warnings(pred, score)
-            + dropout_warnings(card, float(cfg["dropout"])),
+            warnings=notes + caveats(card, self.kind, float(cfg["dropout"]), pred, score),
         )
 
     def _restriction(self, layers: Sequence[int], card: Card) -> list[int]:

@@ -15,15 +15,7 @@ from layercard.config import SEARCH_POLICIES, PlanConfig
 from layercard.errors import LayercardError
 from layercard.plan.artifact import Plan, PlannedUnit
 from layercard.plan.policies import select
-from layercard.plan.predict import (
-    card_summary,
-    dropout_warnings,
-    gain_warnings,
-    kind_warnings,
-    predicted,
-    provenance,
-    unit_rank,
-)
+from layercard.plan.predict import card_summary, caveats, predicted, provenance, unit_rank
 from layercard.plan.ranks import auto_ranks, captured_at, lora_config
 from layercard.plan.recommend import search_plan
 from layercard.plan.space import (
@@ -74,7 +66,7 @@ def make_plan(card: Card, cfg: PlanConfig, *, card_path: str | None = None) -> P
         )
     warn += notes
     layers, sel_notes = select(space, cfg, _goal(space, cfg, score))
-    warn += sel_notes + kind_warnings(cfg.kind) + dropout_warnings(card, cfg.dropout)
+    warn += sel_notes
     placement = _place(space, cfg, layers)
     pred = predicted(space, layers, score, placement.params, placement.captured)
     if cfg.budget is not None:
@@ -83,7 +75,7 @@ def make_plan(card: Card, cfg: PlanConfig, *, card_path: str | None = None) -> P
         pred["budget_used"] = used
     if cfg.target is not None:
         pred["target"] = cfg.target
-    warn += gain_warnings(pred, score)
+    warn += caveats(card, cfg.kind, cfg.dropout, pred, score)
     # Every policy but `all` must respect its budget; a violation here is a planner bug, never silenced.
     if cfg.budget is not None and cfg.policy != "all":
         used = pred["budget_used"]

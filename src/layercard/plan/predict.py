@@ -76,6 +76,12 @@ def kind_warnings(kind: str) -> list[str]:
     ]
 
 
+def caveats(card: Card, kind: str, dropout: float, pred: dict[str, Any], score: str) -> list[str]:
+    """What a layer-policy plan says of its own figures: the adapter kind's proxy, gains the quality model
+    cannot vouch for, and costs measured at another LoRA dropout."""
+    return kind_warnings(kind) + gain_warnings(pred, score) + dropout_warnings(card, dropout)
+
+
 def dropout_warnings(card: Card, dropout: float) -> list[str]:
     """The caveat of pricing a plan's LoRA dropout with a calibration that trained with another: dropout
     keeps a dropped copy of every adapted module's input and draws random numbers, so its costs are not
