@@ -279,8 +279,10 @@ def priced(model: Any, r: dict[str, Any]) -> dict[str, Any]:
     from layercard.train.metrics import predictions
 
     layers, modules, params = r["layers"], r["modules"], r["params"]
+    rank = (r.get("placement") or {}).get("rank")  # every grid placement has one rank
+    width = params / rank if isinstance(rank, int) and rank > 0 else None  # Σ (d_in + d_out)
     planned = calibration_batch(model.to_dict()) | {
-        "step_time_s": model.step_time(layers, modules, params),
+        "step_time_s": model.step_time(layers, modules, params, width),
         "memory": model.memory(layers, modules, params, r.get("input_width")),
         "forward_s": model.forward_time(modules),
     }

@@ -108,6 +108,21 @@ def test_memory_module_term_counts_modules_by_input_width():
                                                     for r in rows], 10, 900.0)  # fmt: skip
 
 
+def test_step_time_module_term_counts_modules_by_width():
+    cm = CostModel(
+        intercept_s=1.0, per_layer_backward_s=0.1, per_module_s=0.02, n_layers=10, batch_size=2,
+        batch_tokens=100, measured=[], device="cpu", per_mparam_s=0.5, step_module_width=200.0,
+    )  # fmt: skip
+    # at the mean width a module counts as one: the calibration's own placements are priced as by the count
+    assert cm.step_time([8, 9], 4, 1000, 4 * 200) == pytest.approx(cm.step_time([8, 9], 4, 1000))
+    # at the same count, wide modules take longer than narrow ones by the term times the width difference
+    wide, narrow = cm.step_time([8, 9], 4, 1000, 4 * 500), cm.step_time([8, 9], 4, 1000, 4 * 100)
+    assert wide - narrow == pytest.approx(0.02 * (4 * 500 - 4 * 100) / 200)
+    # a card calibrated before the width was recorded keeps the count, whatever width is passed
+    old = CostModel.from_dict({k: v for k, v in cm.to_dict().items() if k != "step_module_width"})
+    assert old.step_time([8, 9], 4, 1000, 4 * 500) == pytest.approx(old.step_time([8, 9], 4, 1000))
+
+
 def test_step_time_and_forward_fits_recover_known_terms():
     everything = list(range(10))
     single = [([9], 1, 0.1e6), ([0], 1, 0.1e6), ([5], 1, 0.1e6)]
@@ -340,6 +355,9 @@ def test_calibration_measures_memory_and_latency():
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
     cm = calibrate(model, None, batch, ["q", "v"], steps=2, rounds=2)
     assert len(cm.measured) == 5 and cm.batch_tokens == 4 * 48
+    # the mean width (d_in + d_out) of the calibration's modules: q and v of the tiny model
+    qv = [s for s in models.units(model, ["q", "v"], layers=[0])]
+    assert cm.step_module_width == pytest.approx(sum(s.d_in + s.d_out for s in qv) / len(qv))
     n_layers = cm.n_layers
     for row in cm.measured:
         assert row["s_per_step"] > 0 and row["peak_memory_mib"] > 0

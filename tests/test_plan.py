@@ -909,3 +909,28 @@ def test_a_plan_whose_dropout_the_card_did_not_calibrate_says_so(tiny_card, poli
     # a restricted plan keeps the caveat where it applies
     kept = other.restricted(other.layers[:1], tiny_card)
     assert any("calibrate-dropout" in w for w in kept.warnings)
+
+
+def test_plans_price_step_time_by_the_adapted_modules_width(tiny_card):
+    from layercard.plan.recommend import _costs_fn
+    from layercard.plan.space import build_space
+
+    # q (32 → 32) and v (32 → 16) of the tiny model: a mean width of 56 per module
+    card = dataclasses.replace(tiny_card, cost={**tiny_card.cost, "step_module_width": 56.0})
+    cm = CostModel.from_dict(card.cost)
+    space, _ = build_space(card, ("q", "v"), "gradnorm", kind="lora", unit_rank=4)
+    layers = [5, 6, 7]
+    units = [u for layer in layers for u in space.units[layer]]
+    width = sum(u.d_in + u.d_out for u in units)
+    params = sum(4 * (u.d_in + u.d_out) for u in units)
+    assert space.step_time(layers) == pytest.approx(cm.step_time(layers, len(units), params, width))
+    # the search prices a placement the same way; the narrower role alone is the cheaper one per module
+    costs = _costs_fn(card)
+    v_only = [u for u in units if u.role == "v"]
+    q_only = [u for u in units if u.role == "q"]
+    assert costs(v_only, [4] * 3)["step_time"] == pytest.approx(
+        cm.step_time(
+            layers, 3, sum(4 * (u.d_in + u.d_out) for u in v_only), sum(u.d_in + u.d_out for u in v_only)
+        )
+    )
+    assert costs(v_only, [4] * 3)["step_time"] < costs(q_only, [4] * 3)["step_time"]

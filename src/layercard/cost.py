@@ -152,16 +152,32 @@ class CostModel:
     # dropped copy of its input, and its random draws cost time, so costs hold for plans of this dropout
     # (cards made before it was recorded: 0).
     dropout: float = 0.0
+    # The mean width (d_in + d_out) of the calibration placements' adapted modules. Where it was recorded,
+    # step time's module term counts an adapted module as its width over this: a module's work grows with
+    # the rows and columns it reads and writes, and a q,v projection does less than a down projection. On
+    # the calibration's placements, which adapt every role, that sum equals the count. None (cards
+    # calibrated before it): the module term is the count.
+    step_module_width: float | None = None
 
-    def step_time(self, layers: Sequence[int], modules: int, params: int = 0) -> float:
-        """Predicted seconds per step: ``modules`` adapters with ``params`` parameters on ``layers``."""
+    def step_modules(self, modules: int, width: float | None = None) -> float:
+        """Step time's module term: ``modules`` adapted modules of ``width`` = Σ (d_in + d_out) in all,
+        counted in modules of the calibration's mean width where the card recorded it, else one by one."""
+        if width is None or not self.step_module_width:
+            return float(modules)
+        return float(width) / float(self.step_module_width)
+
+    def step_time(
+        self, layers: Sequence[int], modules: int, params: int = 0, width: float | None = None
+    ) -> float:
+        """Predicted seconds per step: ``modules`` adapters with ``params`` parameters on ``layers``;
+        ``width``: Σ (d_in + d_out) over the adapted modules (see :meth:`step_modules`)."""
         if not layers:
             return 0.0
         depth = self.n_layers - min(layers)
         return (
             self.intercept_s
             + self.per_layer_backward_s * depth
-            + self.per_module_s * modules
+            + self.per_module_s * self.step_modules(modules, width)
             + self.per_mparam_s * params / 1e6
         )
 
@@ -270,7 +286,8 @@ class CostModel:
         d = dataclasses.asdict(self)
         d["formula"] = (
             "t = intercept_s + per_layer_backward_s·(L − min S) + per_module_s·modules"
-            " + per_mparam_s·params/1e6"
+            " + per_mparam_s·params/1e6; modules = Σ (d_in + d_out) / step_module_width where that is"
+            " recorded"
         )
         d["memory_formula"] = (
             "MiB = memory_base_mib + memory_per_layer_mib·(L − min S) + memory_per_module_mib·modules"
@@ -597,6 +614,8 @@ def calibrate(
         measured=rows,
         device=str(device),
         dropout=float(dropout),
+        # every row adapts every role, so its modules' width is its parameters over its rank
+        step_module_width=sum(r["params"] / r["rank"] for r in rows) / sum(r["modules"] for r in rows),
         **fit_forward(base_forward, rows),
         **memory,
         **scaling,

@@ -32,7 +32,8 @@ def _costs_fn(card: Card) -> Any:
     def costs(units: Sequence[UnitRow], ranks: Sequence[int]) -> dict[str, float]:
         params = sum(r * (u.d_in + u.d_out) for u, r in zip(units, ranks, strict=True))
         layers = [u.layer for u in units]
-        out = {"step_time": cm.step_time(layers, len(units), params)}
+        width = sum(u.d_in + u.d_out for u in units)
+        out = {"step_time": cm.step_time(layers, len(units), params, width)}
         memory = cm.peak_memory(layers, len(units), params, sum(u.d_in for u in units))
         if memory is not None:
             out["memory"] = memory

@@ -73,12 +73,19 @@ class Space:
             return None
         return sum(u.d_in for layer in layers for u in self.units[layer])
 
+    def width(self, layers: Sequence[int]) -> int | None:
+        """Σ (d_in + d_out) over the adapted modules of a layer set (LoRA; None for bottleneck adapters)."""
+        if self.kind != "lora":
+            return None
+        return sum(u.d_in + u.d_out for layer in layers for u in self.units[layer])
+
     def step_time(self, layers: Sequence[int]) -> float | None:
         """Predicted seconds per step (§5), or None without a cost model."""
         if self.cost_model is None:
             return None
         params = int(sum(self.layer_params(layer) for layer in layers)) if self.kind == "lora" else 0
-        return float(self.cost_model.step_time(list(layers), self.modules(layers), params))
+        modules, width = self.modules(layers), self.width(layers)
+        return float(self.cost_model.step_time(list(layers), modules, params, width))
 
     def forward_time(self, layers: Sequence[int]) -> float | None:
         """Predicted seconds of one unmerged no-grad forward (§5), or None where the card did not time it."""
