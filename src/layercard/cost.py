@@ -102,6 +102,14 @@ def peak_memory(device: torch.device) -> tuple[float, str]:
     return rss / (2**20 if sys.platform == "darwin" else 2**10), "process_peak_rss"
 
 
+def _counted(modules: int, width: float | None, mean_width: float | None) -> float:
+    """``modules`` adapted modules of ``width`` in all, counted in modules of ``mean_width`` (the
+    calibration's) where both are known, else one by one."""
+    if width is None or not mean_width:
+        return float(modules)
+    return float(width) / float(mean_width)
+
+
 @dataclasses.dataclass(frozen=True)
 class CostModel:
     intercept_s: float
@@ -162,9 +170,7 @@ class CostModel:
     def step_modules(self, modules: int, width: float | None = None) -> float:
         """Step time's module term: ``modules`` adapted modules of ``width`` = Σ (d_in + d_out) in all,
         counted in modules of the calibration's mean width where the card recorded it, else one by one."""
-        if width is None or not self.step_module_width:
-            return float(modules)
-        return float(width) / float(self.step_module_width)
+        return _counted(modules, width, self.step_module_width)
 
     def step_time(
         self, layers: Sequence[int], modules: int, params: int = 0, width: float | None = None
@@ -189,9 +195,7 @@ class CostModel:
         """The memory's module term: ``modules`` adapted modules whose inputs are ``input_width`` wide in
         all (Σ d_in), counted in modules of the calibration's mean input width where the card recorded it,
         else counted one by one."""
-        if input_width is None or not self.memory_module_width:
-            return float(modules)
-        return float(input_width) / float(self.memory_module_width)
+        return _counted(modules, input_width, self.memory_module_width)
 
     def peak_memory(
         self, layers: Sequence[int], modules: int, params: int = 0, input_width: float | None = None
