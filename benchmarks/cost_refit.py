@@ -70,7 +70,10 @@ def task_run(folder: Path) -> dict[str, Any]:
 
     # The statistic this card's calibration used: its recorded predictions must come back from that fit.
     fastest = all(abs(r["s_per_step"] - min(r["timings_s_per_step"])) < 1e-3 for r in rows)
-    shipped = ("fastest" if fastest else "median", "count")
+    shipped = (
+        "fastest" if fastest else "median",
+        "width" if card["cost"].get("step_module_width") else "count",
+    )
     errors: dict[str, list[float]] = {}
 
     def timings(row: dict[str, Any], stat: str) -> list[float]:
