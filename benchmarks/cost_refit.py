@@ -14,10 +14,12 @@ positions as the run recorded):
   placements all adapt every linear role, so on them the two are proportional; they differ only on
   placements of narrower or wider modules.
 
-    .venv/bin/python benchmarks/cost_refit.py [FOLDER ...] [--chosen-on A,B]  # default: all of results/cost
+    .venv/bin/python benchmarks/cost_refit.py [FOLDER ...] [--chosen-on A,B] [--since F]  # default: CPU's
 
-Writes results/cost/refit.{json,md}. ``--chosen-on`` names the folders the statistic in use was chosen
-on.
+By default every task-run whose card was calibrated on a CPU. Writes results/cost/refit.{json,md}.
+``--chosen-on`` names the folders the statistic in use was chosen on; ``--since`` a folder after whose
+task-runs the rest are summed up apart (the module term's width was first refitted on the task-runs up to
+``fifth``).
 """
 
 from __future__ import annotations
@@ -115,16 +117,39 @@ def task_run(folder: Path) -> dict[str, Any]:
     }
 
 
-def summary_groups(runs: list[dict[str, Any]], chosen_on: set[str]) -> list[tuple[str, list[dict[str, Any]]]]:
-    """The groups a refit table sums up: every task-run and, where some were marked, those a variant was
-    chosen on and the rest (empty groups left out)."""
+def summary_groups(
+    runs: list[dict[str, Any]], chosen_on: set[str], since: str = ""
+) -> list[tuple[str, list[dict[str, Any]]]]:
+    """The groups a refit table sums up: every task-run; where some were marked, those a variant was
+    chosen on and the rest; with ``since`` (a folder whose task-runs are in ``runs``, which are in the
+    order they were made), the task-runs up to that folder's and those after (empty groups left out)."""
     groups = [("all", runs)]
     if chosen_on:
         groups += [
             ("chosen on", [r for r in runs if r["folder"] in chosen_on]),
             ("not chosen on", [r for r in runs if r["folder"] not in chosen_on]),
         ]
+    if since:
+        at = [i for i, r in enumerate(runs) if Path(r["folder"]).parent == Path(since)]
+        if not at:
+            raise SystemExit(f"--since {since}: no task-run of that folder among those refitted")
+        groups += [(f"up to {since}", runs[: at[-1] + 1]), (f"after {since}", runs[at[-1] + 1 :])]
     return [(name, group) for name, group in groups if group]
+
+
+def _card(folder: Path) -> dict[str, Any]:
+    return json.loads((folder / "card" / "card.json").read_text())
+
+
+def made(folder: Path) -> str:
+    """When a task-run's card was made (its provenance), which orders the task-runs as they were run."""
+    return _card(folder)["provenance"]["created"]
+
+
+def on_cpu(folder: Path) -> bool:
+    """Whether the task-run's card was calibrated on a CPU: the default refit's, since the statistic and
+    the module term were chosen there; a GPU's task-runs are refitted when named."""
+    return _card(folder)["cost"].get("device") == "cpu"
 
 
 def _mae(errs: list[float]) -> float:
@@ -135,13 +160,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("folders", nargs="*", type=Path)
     ap.add_argument("--chosen-on", default="", help="comma list of folders (relative to results/cost)")
-    args = ap.parse_args()
-    # In the order the runs were made: the first at the top of results/cost, then its named repeats.
-    order = ("cost", "repeat", "third", "fourth", "fifth")
-    found = set(task_run_folders(RESULTS))
-    folders = args.folders or sorted(
-        found, key=lambda f: (order.index(f.parent.name) if f.parent.name in order else len(order), str(f))
+    ap.add_argument(
+        "--since",
+        default="",
+        help="a results/cost folder: the task-runs up to its own and after, summed apart",
     )
+    args = ap.parse_args()
+    folders = sorted(args.folders or [f for f in task_run_folders(RESULTS) if on_cpu(f)], key=made)
     runs = [task_run(f.resolve()) for f in folders]
     chosen_on = {s for s in args.chosen_on.split(",") if s}
     write_json(
@@ -150,6 +175,7 @@ def main() -> None:
             "benchmark": "cost_refit",
             "date": time.strftime("%Y-%m-%d"),
             "chosen_on": sorted(chosen_on),
+            "since": args.since,
             "runs": runs,
         },
     )
@@ -161,7 +187,9 @@ def main() -> None:
         "module term) and scored on that run's 12 placements. Cells: mean absolute error of the step time, "
         "then the mean signed error (positive: over-predicted). Each run's own predictions came from the "
         "variant named beside it. Task-runs marked * are those the statistic in use (`fastest`) was chosen "
-        "on, after seeing all of them; the others were measured after it was fixed.",
+        "on, after seeing all of them; the others were measured after it was fixed. Rows are in the order "
+        "the task-runs were made (their cards' creation time)"
+        + ("; every task-run calibrated on a CPU." if not args.folders else "; the task-runs named."),
         "",
         "| task-run | " + " | ".join(variants) + " |",
         "|---|" + "---:|" * len(variants),
@@ -172,7 +200,7 @@ def main() -> None:
             f"{_mae(r['errors'][v]):.1f}% ({100 * statistics.fmean(r['errors'][v]):+.1f}%)" for v in variants
         ]
         lines.append(f"| {r['folder']}{mark} ({r['shipped']}) | " + " | ".join(cells) + " |")
-    for name, group in summary_groups(runs, chosen_on):
+    for name, group in summary_groups(runs, chosen_on, args.since):
         cells = []
         for v in variants:
             within = sum(_mae(r["errors"][v]) <= 10 for r in group)

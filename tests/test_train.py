@@ -159,6 +159,9 @@ def test_train_metrics(lora_run):
     assert m["total_params"] > m["trainable_params"]
     assert m["steps"] == 20 and m["epochs"] == pytest.approx(10.0)
     assert 0 < m["s_per_step"] < 5 and m["tokens_per_s"] > 0
+    spread = m["s_per_step_spread"]  # over the 19 steps after the session's first, as the median
+    assert spread["steps"] == 19
+    assert spread["fastest"] <= spread["p10"] <= m["s_per_step"] <= spread["p90"] <= spread["slowest"]
     assert m["tokens_seen"] >= m["target_tokens_seen"] > 0
     assert m["peak_memory_mib"] > 0 and m["peak_memory_kind"] == "process_peak_rss"
     assert m["predicted_step_time_s"] == 0.05
@@ -173,6 +176,17 @@ def test_train_metrics(lora_run):
     assert m["first_train_loss"] == m["loss_curve"][0][1] and m["resumed_from"] is None
     assert m["wall_time_s"] > 0
     assert not (lora_run["out"] / "checkpoints").exists()  # checkpoint_every=0
+
+
+def test_step_time_spread_leaves_out_the_first_step():
+    from layercard.train.metrics import median_time, step_time_spread
+
+    rows = [[1, 9.0, 10, True]] + [[i + 2, float(s), 10, False] for i, s in enumerate(range(1, 12))]
+    spread = step_time_spread(rows)
+    assert spread == {"fastest": 1.0, "p10": 2.0, "p90": 10.0, "slowest": 11.0, "steps": 11}
+    assert median_time(rows)[0] == 6.0
+    # a session of one step has only its first to go by; no step, no spread
+    assert step_time_spread([[1, 3.0, 10, True]])["slowest"] == 3.0 and step_time_spread([]) is None
 
 
 def test_train_metrics_artifact_roundtrip(lora_run, tmp_path: Path):

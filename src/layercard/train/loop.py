@@ -43,7 +43,14 @@ from layercard.train.checkpoints import (
 from layercard.train.config import _MIXED_PRECISION, VALID_KINDS, TrainConfig
 from layercard.train.data import Stream, lr_lambda
 from layercard.train.eva import eva_summary, init_eva
-from layercard.train.metrics import METRICS_FILE, TrainMetrics, eval_loss, median_time, predictions
+from layercard.train.metrics import (
+    METRICS_FILE,
+    TrainMetrics,
+    eval_loss,
+    median_time,
+    predictions,
+    step_time_spread,
+)
 from layercard.train.model import ADAPTER_DIR, Adapted, check_4bit, load_4bit, write_adapter
 
 StepCallback = Callable[[int, float, nn.Module], None]
@@ -568,6 +575,7 @@ def _metrics(
         tokens_seen=state.tokens_seen,
         target_tokens_seen=state.target_seen,
         s_per_step=s_per_step,
+        s_per_step_spread=step_time_spread(state.step_times),
         tokens_per_s=tokens_per_s,
         peak_memory_mib=round(peak, 1),
         peak_memory_kind=peak_kind,

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -90,6 +91,10 @@ class TrainMetrics:
     # predicted training adds (``predicted_training_memory_mib``). Older files lack them and read as None.
     predicted_peak_memory_at_start_mib: float | None = None
     peak_memory_at_start_ratio: float | None = None
+    # The spread of the steps ``s_per_step`` is the median of (fastest, 10th and 90th percentile, slowest
+    # seconds, and their count): a median alone cannot tell a steady run from one whose steps varied with
+    # their batch or the machine's other load. Older files lack it and read as None.
+    s_per_step_spread: dict[str, float] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The train_metrics.json form (key order as written)."""
@@ -205,15 +210,30 @@ def predictions(
     }
 
 
+def _timed_rows(step_times: list[list[Any]]) -> list[list[Any]]:
+    # A session's first step pays warm-up: left out wherever another step was timed.
+    return [r for r in step_times if not r[3]] or step_times
+
+
 def median_time(step_times: list[list[Any]]) -> tuple[float | None, float | None]:
     """(median s/step, tokens/s) over steps that are not a session's first (which pays warm-up)."""
-    rows = [r for r in step_times if not r[3]] or step_times
+    rows = _timed_rows(step_times)
     if not rows:
         return None, None
     secs = sum(r[1] for r in rows)
     return float(statistics.median(r[1] for r in rows)), (
         sum(r[2] for r in rows) / secs if secs > 0 else None
     )
+
+
+def step_time_spread(step_times: list[list[Any]]) -> dict[str, float] | None:
+    """The spread of the steps :func:`median_time` takes the median of: the fastest, the 10th and 90th
+    percentiles and the slowest seconds, and how many steps (None without steps)."""
+    secs = [float(r[1]) for r in _timed_rows(step_times)]
+    if not secs:
+        return None
+    p10, p90 = (float(q) for q in np.percentile(secs, [10, 90]))
+    return {"fastest": min(secs), "p10": p10, "p90": p90, "slowest": max(secs), "steps": len(secs)}
 
 
 def eval_loss(
