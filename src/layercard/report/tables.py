@@ -189,12 +189,20 @@ def recommendation_table(
     return Table(header, rows)
 
 
+def _with_spread(m: TrainMetrics) -> str:
+    # Runs written before the spread was recorded show the median alone.
+    spread = m.s_per_step_spread
+    if not spread:
+        return fmt(m.s_per_step, ".3f")
+    return f"{fmt(m.s_per_step, '.3f')} ({spread['p10']:.3f}–{spread['p90']:.3f})"
+
+
 def train_table(metrics: dict[str, TrainMetrics]) -> Table:
     """One row per placement from its train metrics."""
     header = [
         "placement",
         "steps",
-        "s/step (measured)",
+        "s/step (measured: median, its steps' 10th–90th percentile)",
         "s/step (predicted)",
         "tokens/s",
         "peak MiB (measured)",
@@ -207,7 +215,7 @@ def train_table(metrics: dict[str, TrainMetrics]) -> Table:
         [
             name,
             str(m.steps),
-            fmt(m.s_per_step, ".3f"),
+            _with_spread(m),
             fmt(predicted_s_per_step(m), ".3f"),
             fmt(m.tokens_per_s, ",.0f"),
             fmt(m.peak_memory_mib, ",.0f"),
