@@ -194,9 +194,7 @@ def test_predicted_step_time_prefers_the_rescaled_prediction():
 
 
 def test_training_table_gives_each_run_its_steps_spread(run_dir):
-    from types import SimpleNamespace
-
-    from layercard.report.tables import _with_spread
+    from layercard.report import measured_step_text
 
     md = (run_dir / "report.md").read_text()
     runs = sorted((run_dir / "train").glob("*/train_metrics.json"))
@@ -206,7 +204,7 @@ def test_training_table_gives_each_run_its_steps_spread(run_dir):
         spread = m["s_per_step_spread"]
         assert f"{m['s_per_step']:.3f} ({spread['p10']:.3f}–{spread['p90']:.3f})" in md
     # metrics written before the spread was recorded show the median alone
-    assert _with_spread(SimpleNamespace(s_per_step=0.5, s_per_step_spread=None)) == "0.500"
+    assert measured_step_text(0.5, None) == "0.500" and measured_step_text(None, None) == "—"
 
 
 def test_planning_share_against_the_run_it_guided(run_dir):

@@ -418,6 +418,9 @@ def test_cli_train(tmp_path: Path, monkeypatch):
     res = runner.invoke(app, [*args, "--resume", "--steps", "3"])  # the rich summary
     assert res.exit_code == 0, res.output
     assert "trainable params" in res.output and "resumed from step" in res.output
+    m = json.loads((tmp_path / "run" / "train_metrics.json").read_text())
+    spread = m["s_per_step_spread"]  # both sessions' steps after each one's first
+    assert spread["steps"] == 1 and f"({spread['p10']:.3f}–{spread['p90']:.3f})" in res.output
 
     res = runner.invoke(app, [*args, "--model", "nowhere-model"])
     assert res.exit_code == 2 and "nowhere-model" in res.output

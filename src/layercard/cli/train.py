@@ -112,6 +112,8 @@ def _fmt(x: Any, spec: str) -> str:
 
 
 def _print_summary(m: dict[str, Any]) -> None:
+    from layercard.report import measured_step_text
+
     plan = m["plan"]
     tbl = Table(
         title=f"train · {m['adapter_kind']} · layers {plan['layers']} · {m['steps']} steps",
@@ -124,8 +126,9 @@ def _print_summary(m: dict[str, Any]) -> None:
     pred = m.get("predicted_step_time_s")
     ratio = m.get("step_time_ratio")
     tbl.add_row(
-        "s/step measured / predicted",
-        f"{_fmt(m['s_per_step'], '.3f')} / {_fmt(pred, '.3f')}" + (f"  (×{ratio:.2f})" if ratio else ""),
+        "s/step measured (10th–90th percentile) / predicted",
+        f"{measured_step_text(m['s_per_step'], m.get('s_per_step_spread'))} / {_fmt(pred, '.3f')}"
+        + (f"  (×{ratio:.2f})" if ratio else ""),
     )
     scaled = m.get("predicted_step_time_scaled_s")
     if scaled:

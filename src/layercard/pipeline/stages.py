@@ -360,15 +360,16 @@ class Runner:
             )
 
         def summarize() -> list[tuple[str, str]]:
-            from layercard.report import predicted_s_per_step, read_train_metrics
+            from layercard.report import measured_step_text, predicted_s_per_step, read_train_metrics
 
             m = read_train_metrics(out.train_metrics(p.name))
             rows = [
                 ("steps", f"{m.steps} ({m.epochs:.2f} epochs)"),
                 ("trainable params", f"{m.trainable_params:,}"),
                 (
-                    "s/step measured / predicted (at these tokens/step)",
-                    f"{_fmt(m.s_per_step, '.3f')} / {_fmt(predicted_s_per_step(m), '.3f')}",
+                    "s/step measured (10th–90th percentile) / predicted at these tokens/step",
+                    f"{measured_step_text(m.s_per_step, m.s_per_step_spread)} / "
+                    f"{_fmt(predicted_s_per_step(m), '.3f')}",
                 ),
                 ("train loss first → last", f"{_fmt(m.first_train_loss)} → {_fmt(m.final_train_loss)}"),
                 ("final val loss", _fmt(m.final_val_loss)),

@@ -16,6 +16,7 @@ from __future__ import annotations
 from layercard.report.build import build_report
 from layercard.report.results import (
     collect_results,
+    measured_step_text,
     placement_names,
     planning_share,
     predicted_forward_s,
@@ -34,6 +35,7 @@ __all__ = [
     "build_report",
     "collect_results",
     "fmt",
+    "measured_step_text",
     "placement_names",
     "planning_share",
     "predicted_forward_s",
@@ -43,4 +45,4 @@ __all__ = [
 ]
 
 # Part of the report stage's fingerprint: bump when the report's content changes.
-REPORT_VERSION = 3
+REPORT_VERSION = 4

@@ -26,6 +26,7 @@ __all__ = [
     "planning_sentence",
     "planning_share",
     "predicted_forward_s",
+    "measured_step_text",
     "predicted_s_per_step",
     "read_train_metrics",
     "report_inputs",
@@ -56,6 +57,16 @@ def read_train_metrics(path: Path) -> TrainMetrics:
 def predicted_s_per_step(m: TrainMetrics) -> float | None:
     """The cost model's s/step for a training run: rescaled to its tokens per step when it could be."""
     return m.predicted_step_time_scaled_s or m.predicted_step_time_s
+
+
+def measured_step_text(s_per_step: float | None, spread: dict[str, float] | None) -> str:
+    """A run's median s/step with its steps' 10th–90th percentile, "0.740 (0.695–0.758)"; the median
+    alone for metrics written before the spread was recorded, "—" without a median."""
+    if s_per_step is None:
+        return "—"
+    if not spread:
+        return f"{s_per_step:.3f}"
+    return f"{s_per_step:.3f} ({spread['p10']:.3f}–{spread['p90']:.3f})"
 
 
 def predicted_forward_s(m: TrainMetrics) -> float | None:

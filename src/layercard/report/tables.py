@@ -11,7 +11,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from layercard.plan.frontier import row_label
-from layercard.report.results import placement_names, predicted_forward_s, predicted_s_per_step, stages_active
+from layercard.report.results import (
+    measured_step_text,
+    placement_names,
+    predicted_forward_s,
+    predicted_s_per_step,
+    stages_active,
+)
 from layercard.run_layout import BASE_EVAL, TRIMMED_EVAL, RunLayout
 
 if TYPE_CHECKING:
@@ -189,14 +195,6 @@ def recommendation_table(
     return Table(header, rows)
 
 
-def _with_spread(m: TrainMetrics) -> str:
-    # Runs written before the spread was recorded show the median alone.
-    spread = m.s_per_step_spread
-    if not spread:
-        return fmt(m.s_per_step, ".3f")
-    return f"{fmt(m.s_per_step, '.3f')} ({spread['p10']:.3f}–{spread['p90']:.3f})"
-
-
 def train_table(metrics: dict[str, TrainMetrics]) -> Table:
     """One row per placement from its train metrics."""
     header = [
@@ -215,7 +213,7 @@ def train_table(metrics: dict[str, TrainMetrics]) -> Table:
         [
             name,
             str(m.steps),
-            _with_spread(m),
+            measured_step_text(m.s_per_step, m.s_per_step_spread),
             fmt(predicted_s_per_step(m), ".3f"),
             fmt(m.tokens_per_s, ",.0f"),
             fmt(m.peak_memory_mib, ",.0f"),
