@@ -388,6 +388,14 @@ def test_cli_run_json_and_tables(tiny_run, tmp_path):
     assert r.exit_code == 0, r.output
     assert "eval:all · ran" in r.output and "card: skipped (inputs unchanged)" in r.output
     assert "comparison" in r.output and "report:" in r.output
+    r = CliRunner().invoke(app, ["run", str(cfg_path), "--out", str(copy), "--set", "train.lr=0.002"])
+    assert r.exit_code == 0, r.output
+    # the retrained placement's summary: its steps' spread, and its peak beside the plan's
+    m = json.loads((copy / "train" / "all" / "train_metrics.json").read_text())
+    spread = m["s_per_step_spread"]
+    assert f"{m['s_per_step']:.3f} ({spread['p10']:.3f}–{spread['p90']:.3f})" in r.output
+    peak = m["predicted_peak_memory_scaled_mib"] or m["predicted_peak_memory_mib"]
+    assert f"{m['peak_memory_mib']:,.0f} / {peak:,.0f} MiB" in r.output
 
 
 def test_demo_command_runs_the_packaged_config(tmp_path):

@@ -360,7 +360,12 @@ class Runner:
             )
 
         def summarize() -> list[tuple[str, str]]:
-            from layercard.report import measured_step_text, predicted_s_per_step, read_train_metrics
+            from layercard.report import (
+                measured_step_text,
+                predicted_peak_mib,
+                predicted_s_per_step,
+                read_train_metrics,
+            )
 
             m = read_train_metrics(out.train_metrics(p.name))
             rows = [
@@ -373,7 +378,10 @@ class Runner:
                 ),
                 ("train loss first → last", f"{_fmt(m.first_train_loss)} → {_fmt(m.final_train_loss)}"),
                 ("final val loss", _fmt(m.final_val_loss)),
-                (f"peak memory ({m.peak_memory_kind})", f"{m.peak_memory_mib:,.0f} MiB"),
+                (
+                    f"peak memory ({m.peak_memory_kind}) measured / predicted",
+                    f"{m.peak_memory_mib:,.0f} / {_fmt(predicted_peak_mib(m), ',.0f')} MiB",
+                ),
             ]
             if m.resumed_from is not None:
                 rows.append(("resumed from step", str(m.resumed_from)))

@@ -27,6 +27,7 @@ __all__ = [
     "planning_share",
     "predicted_forward_s",
     "measured_step_text",
+    "predicted_peak_mib",
     "predicted_s_per_step",
     "read_train_metrics",
     "report_inputs",
@@ -57,6 +58,11 @@ def read_train_metrics(path: Path) -> TrainMetrics:
 def predicted_s_per_step(m: TrainMetrics) -> float | None:
     """The cost model's s/step for a training run: rescaled to its tokens per step when it could be."""
     return m.predicted_step_time_scaled_s or m.predicted_step_time_s
+
+
+def predicted_peak_mib(m: TrainMetrics) -> float | None:
+    """The plan's peak memory for a training run: rescaled to its positions per step when it could be."""
+    return m.predicted_peak_memory_scaled_mib or m.predicted_peak_memory_mib
 
 
 def measured_step_text(s_per_step: float | None, spread: dict[str, float] | None) -> str:

@@ -15,6 +15,7 @@ from layercard.report.results import (
     measured_step_text,
     placement_names,
     predicted_forward_s,
+    predicted_peak_mib,
     predicted_s_per_step,
     stages_active,
 )
@@ -174,7 +175,7 @@ def recommendation_table(
         if cand is None:
             continue
         m, r = metrics.get(name), by_name.get(name, {})
-        peak_pred = (m.predicted_peak_memory_scaled_mib or m.predicted_peak_memory_mib) if m else None
+        peak_pred = predicted_peak_mib(m) if m else None
         step, step_pred = (m.s_per_step, predicted_s_per_step(m)) if m else (None, None)
         quality, err = plan.predicted["quality"]["fraction"], plan.predicted["quality"].get("expected_error")
         ref = plan.predicted["reference"]["params"]
@@ -217,8 +218,7 @@ def train_table(metrics: dict[str, TrainMetrics]) -> Table:
             fmt(predicted_s_per_step(m), ".3f"),
             fmt(m.tokens_per_s, ",.0f"),
             fmt(m.peak_memory_mib, ",.0f"),
-            f"{fmt(m.predicted_peak_memory_scaled_mib or m.predicted_peak_memory_mib, ',.0f')} / "
-            f"{fmt(m.predicted_peak_memory_at_start_mib, ',.0f')}",
+            f"{fmt(predicted_peak_mib(m), ',.0f')} / {fmt(m.predicted_peak_memory_at_start_mib, ',.0f')}",
             f"{fmt(m.forward_s, '.3f')} / {fmt(predicted_forward_s(m), '.3f')}",
             f"{fmt(m.first_train_loss)} → {fmt(m.final_train_loss)}",
             fmt(m.final_val_loss),
