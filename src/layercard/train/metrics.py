@@ -91,9 +91,9 @@ class TrainMetrics:
     # predicted training adds (``predicted_training_memory_mib``). Older files lack them and read as None.
     predicted_peak_memory_at_start_mib: float | None = None
     peak_memory_at_start_ratio: float | None = None
-    # The spread of the steps ``s_per_step`` is the median of (fastest, 10th and 90th percentile, slowest
-    # seconds, and their count): a median alone cannot tell a steady run from one whose steps varied with
-    # their batch or the machine's other load. Older files lack it and read as None.
+    # The steps ``s_per_step`` is the median of, spread out: the fastest, 10th and 90th percentile and
+    # slowest seconds, and how many. A median alone cannot tell a steady run from one whose steps moved with
+    # their batch or with other load on the machine. Older files lack it and read as None.
     s_per_step_spread: dict[str, float] | None = None
 
     def to_dict(self) -> dict[str, Any]:
