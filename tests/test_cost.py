@@ -21,6 +21,7 @@ from layercard.cost import (
     fit_step_time,
     peak_memory,
     position_share,
+    prices_by_first_step,
     reset_peak_memory,
 )
 from layercard.errors import LayercardError
@@ -167,6 +168,45 @@ def test_memory_terms():
     # a measured share of added memory that grows with positions replaces the depth term
     shared = CostModel.from_dict(cm.to_dict() | {"memory_position_share": 0.25})
     assert shared.memory([9, 7], 6, 2_000_000)["activations_mib"] == pytest.approx(0.25 * (588 - 500))
+
+
+def test_first_step_memory_terms_price_a_run_in_a_process_without_calibration(monkeypatch):
+    import layercard.cost as cost
+
+    first = {
+        "memory_base_mib": 510.0, "memory_per_layer_mib": 6.0, "memory_per_module_mib": 1.0,
+        "memory_per_mparam_mib": 8.0, "memory_position_share": 0.25,
+    }  # fmt: skip
+    cm = CostModel(
+        intercept_s=1.0, per_layer_backward_s=0.1, per_module_s=0.01, n_layers=10, batch_size=4,
+        batch_tokens=300, measured=[], device="cpu", memory_resident_mib=500.0, memory_base_mib=520.0,
+        memory_per_layer_mib=10.0, memory_per_module_mib=1.0, memory_per_mparam_mib=16.0,
+        batch_positions=400, memory_position_share=0.5, memory_first_step=first,
+    )  # fmt: skip
+    # layers 7..9: 3 layers deep, 6 modules, 2M params, by either figure
+    mem = cm.memory([7, 8, 9], 6, 2_000_000)
+    assert mem["peak_mib"] == pytest.approx(520 + 30 + 6 + 32)
+    assert mem["first_step"] == {
+        "peak_mib": pytest.approx(510 + 18 + 6 + 16),
+        "activations_mib": pytest.approx(0.25 * 50),
+        "resident_mib": 500.0,
+    }
+    assert CostModel.from_dict(cm.to_dict()) == cm
+    # at another batch each figure grows by its own share, as if priced on its own
+    big = cm.at_batch(8)
+    alone = cm.first_step_model().at_batch(8).memory([7, 8, 9], 6, 2_000_000)
+    assert big.memory([7, 8, 9], 6, 2_000_000)["first_step"] == pytest.approx(alone)
+    assert alone["peak_mib"] == pytest.approx(500 + 50 * 1.25)
+    # a card made before the figure was kept prices by its window alone
+    old = CostModel.from_dict({k: v for k, v in cm.to_dict().items() if k != "memory_first_step"})
+    assert "first_step" not in old.memory([7, 8, 9], 6, 2_000_000) and old.first_step_model() is None
+    # which figure a run takes: the first step's only for a process's resident peak in a process that ran
+    # no calibration
+    monkeypatch.setattr(cost, "_calibrated_here", False)
+    assert cost.prices_by_first_step("process_peak_rss")
+    assert not cost.prices_by_first_step("cuda_max_memory_allocated")
+    monkeypatch.setattr(cost, "_calibrated_here", True)
+    assert not cost.prices_by_first_step("process_peak_rss")
 
 
 def test_a_cost_model_at_another_batch_rescales_only_the_measured_shares():
@@ -346,6 +386,12 @@ def test_calibration_starts_the_plan_from_what_the_card_leaves():
     assert cm.memory_base_mib - cm.memory_resident_mib == pytest.approx(
         fit_memory(cm.measured, cm.n_layers, 1.0)["memory_base_mib"] - 1.0
     )
+    # the same terms refitted to each row's first step, from the same start, are kept beside them
+    first = fit_memory(cm.measured, cm.n_layers, cm.memory_resident_mib, key="first_step_peak_memory_mib")
+    assert cm.memory_first_step["memory_base_mib"] == pytest.approx(first["memory_base_mib"])
+    assert cm.memory_first_step["memory_per_layer_mib"] == pytest.approx(first["memory_per_layer_mib"])
+    # and a run in this process, which has now calibrated, keeps the window's
+    assert not prices_by_first_step("process_peak_rss")
 
 
 def test_calibration_measures_memory_and_latency():

@@ -140,6 +140,29 @@ def test_compute_metrics_errors_and_registry():
     assert metric_scale("bleu") == 100.0 and all(m.scale == 1.0 for n, m in METRICS.items() if n != "bleu")
 
 
+def test_train_predictions_take_the_first_step_figure_for_a_run_without_calibration():
+    from layercard.train.metrics import predictions
+
+    window = {"peak_mib": 3000.0, "activations_mib": 1000.0, "resident_mib": 1000.0}
+    first = {"peak_mib": 2600.0, "activations_mib": 800.0, "resident_mib": 1000.0}
+    predicted = {"calibration_batch_positions": 500, "memory": window | {"first_step": first}}
+    args = (predicted, 1.0, 500.0, 2700.0, 1000.0)
+    kept = predictions(*args, positions_per_step=500.0, max_positions=750)
+    assert kept["predicted_memory_figure"] == "window"
+    assert kept["predicted_peak_memory_scaled_mib"] == pytest.approx(3000 + 1000 * 0.5)
+    fresh = predictions(*args, positions_per_step=500.0, max_positions=750, first_step=True)
+    assert fresh["predicted_memory_figure"] == "first_step"
+    assert fresh["predicted_peak_memory_mib"] == 2600.0
+    assert fresh["predicted_peak_memory_scaled_mib"] == pytest.approx(2600 + 800 * 0.5)
+    assert fresh["predicted_training_memory_mib"] == pytest.approx(2000.0)
+    assert fresh["peak_memory_ratio"] == pytest.approx(2700 / 3000)
+    # a plan without the first step's figure (a card made before it was kept) keeps the window's
+    old = predictions({**predicted, "memory": window}, *args[1:], first_step=True)
+    assert old["predicted_memory_figure"] == "window" and old["predicted_peak_memory_mib"] == 3000.0
+    # no memory predicted: no figure
+    assert predictions({}, *args[1:], first_step=True)["predicted_memory_figure"] is None
+
+
 def test_train_predictions_scale_time_by_mean_and_memory_by_largest_batch():
     from layercard.train.metrics import predictions
 

@@ -189,6 +189,23 @@ def test_step_time_spread_leaves_out_the_first_step():
     assert step_time_spread([[1, 3.0, 10, True]])["slowest"] == 3.0 and step_time_spread([]) is None
 
 
+@pytest.mark.parametrize("calibrated_here", [False, True])
+def test_a_run_prices_its_peak_by_where_it_trains(tmp_path: Path, monkeypatch, calibrated_here: bool):
+    import layercard.cost as cost
+
+    window = {"peak_mib": 900.0, "activations_mib": 100.0, "resident_mib": 500.0}
+    first = {"peak_mib": 800.0, "activations_mib": 80.0, "resident_mib": 500.0}
+    d = plan_dict(_loaded(), [1, 3])
+    d["predicted"]["memory"] = window | {"first_step": first}
+    plan = Plan.from_dict(d)
+    monkeypatch.setattr(cost, "_calibrated_here", calibrated_here)
+    m = train(_loaded(), plan, TRAIN, None, TrainConfig(steps=2, **FAST), tmp_path / "run", progress=False)
+    # a process that ran no calibration takes the first step's figure; one that did, the window's
+    figure, peak = ("window", 900.0) if calibrated_here else ("first_step", 800.0)
+    assert m["predicted_memory_figure"] == figure and m["predicted_peak_memory_mib"] == peak
+    assert m["predicted_training_memory_mib"] == pytest.approx(m["predicted_peak_memory_scaled_mib"] - 500.0)
+
+
 def test_train_metrics_artifact_roundtrip(lora_run, tmp_path: Path):
     path = lora_run["out"] / "train_metrics.json"
     tm = TrainMetrics.load(path)

@@ -31,6 +31,16 @@ from layercard.progress import track
 
 _STATUS = Path("/proc/self/status")
 _CLEAR_REFS = Path("/proc/self/clear_refs")
+# Whether this process has run a cost calibration. On a CPU its steps widen the heap that a later training
+# run in the same process starts from and peaks in; a process of its own does not carry that.
+_calibrated_here = False
+
+
+def prices_by_first_step(memory_kind: str) -> bool:
+    """Whether a training run in this process is priced by the memory terms fitted to the calibration
+    placements' first steps (:attr:`CostModel.memory_first_step`) rather than their windows' peaks: where
+    the peak is the process's resident size and this process ran no calibration."""
+    return memory_kind == "process_peak_rss" and not _calibrated_here
 
 
 def touch_weights(model: torch.nn.Module) -> None:
@@ -166,6 +176,18 @@ class CostModel:
     # the calibration's placements, which adapt every role, that sum equals the count. None (cards
     # calibrated before it): the module term is the count.
     step_module_width: float | None = None
+    # The memory terms refitted to each calibration placement's first step (its peak plus the optimizer
+    # state it made) instead of its window's peak, with that figure's own position share: the keys of the
+    # memory terms above they replace. On a CPU a process that ran a calibration holds a heap that the
+    # window's later steps widen, and a process of its own does not: its runs peaked where this prices them
+    # (benchmarks/results/cost, design §5, "Where a run trains"). None on cards made before it was kept.
+    memory_first_step: dict[str, float | None] | None = None
+
+    def first_step_model(self) -> CostModel | None:
+        """This model with :attr:`memory_first_step`'s memory terms in place of its own, or None."""
+        if not self.memory_first_step:
+            return None
+        return dataclasses.replace(self, **self.memory_first_step, memory_first_step=None)
 
     def step_modules(self, modules: int, width: float | None = None) -> float:
         """Step time's module term: ``modules`` adapted modules of ``width`` = Σ (d_in + d_out) in all,
@@ -214,7 +236,7 @@ class CostModel:
 
     def memory(
         self, layers: Sequence[int], modules: int, params: int = 0, input_width: float | None = None
-    ) -> dict[str, float] | None:
+    ) -> dict[str, Any] | None:
         """Predicted peak training memory and its activation part (MiB, at the calibration batch), or None.
 
         The activation part is what grows with positions per step, so a run with another batch can rescale
@@ -229,7 +251,11 @@ class CostModel:
             activations = self.memory_position_share * max(peak - resident, 0.0)
         else:
             activations = float(self.memory_per_layer_mib or 0.0) * depth
-        return {"peak_mib": peak, "activations_mib": activations, "resident_mib": resident}
+        out: dict[str, Any] = {"peak_mib": peak, "activations_mib": activations, "resident_mib": resident}
+        first = self.first_step_model()
+        if first is not None:  # what a run in a process that ran no calibration is priced by
+            out["first_step"] = first.memory(layers, modules, params, input_width)
+        return out
 
     def at_batch(self, rows: int) -> CostModel:
         """This model priced at ``rows`` sequences per micro-batch instead of its calibration batch's (the
@@ -278,6 +304,10 @@ class CostModel:
             }
         elif self.has_memory:
             changes["memory_per_layer_mib"] = float(self.memory_per_layer_mib or 0.0) * k
+        first = self.first_step_model()
+        if first is not None:
+            moved = first.at_batch(rows)
+            changes["memory_first_step"] = {key: getattr(moved, key) for key in self.memory_first_step or {}}
         return dataclasses.replace(self, **changes)
 
     def forward_time(self, modules: int) -> float | None:
@@ -499,10 +529,12 @@ def calibrate(
     """
     from layercard import models
 
+    global _calibrated_here
     if steps < 1 or rounds < 1:
         raise LayercardError(f"cost calibration: steps and rounds must be ≥ 1, got {steps} and {rounds}")
     if not 0.0 <= dropout < 1.0:
         raise LayercardError(f"cost calibration: dropout must be in [0, 1), got {dropout}")
+    _calibrated_here = True
     n_layers = models.num_layers(model)
     everything = list(range(n_layers))
     configs: list[tuple[list[int], int]] = [([n_layers - 1], 8), ([0], 8), (everything, 8), (everything, 32)]
@@ -603,6 +635,8 @@ def calibrate(
             memory["memory_resident_before_mib"] = resident_mib
     positions = (int(batch["input_ids"].numel()), int(half_batch["input_ids"].numel()))
     scaling = _batch_scaling(rows[full], half, *positions) if half is not None else {}
+    if memory:
+        memory["memory_first_step"] = _first_step_terms(rows, n_layers, memory, scaling)
     if half_forward is not None:
         base_row = {"forward_s": round(base_forward, 4), "half_forward_s": round(half_forward, 4)}
         scaling["batch_scaling"] = scaling.get("batch_scaling", {}) | base_row
@@ -680,6 +714,22 @@ def fit_memory(
     if rows and all(r.get("input_width") for r in rows):
         out["memory_module_width"] = sum(r["input_width"] for r in rows) / sum(r["modules"] for r in rows)
     return out
+
+
+def _first_step_terms(
+    rows: Sequence[dict[str, Any]], n_layers: int, memory: dict[str, Any], scaling: dict[str, Any]
+) -> dict[str, float | None]:
+    """The memory terms refitted to each row's first-step figure from the same start, and that figure's
+    share growing with positions where the half batch measured it (else the window's share)."""
+    fit = fit_memory(rows, n_layers, memory["memory_resident_mib"], key="first_step_peak_memory_mib")
+    b = scaling.get("batch_scaling") or {}
+    share = scaling.get("memory_position_share")
+    if b.get("half_first_step_added_mib") is not None:
+        share = position_share(
+            b["first_step_added_mib"], b["half_first_step_added_mib"], b["positions"], b["half_positions"]
+        )
+    keys = ("memory_base_mib", "memory_per_layer_mib", "memory_per_module_mib", "memory_per_mparam_mib")
+    return {k: fit[k] for k in keys} | {"memory_position_share": share}
 
 
 def _batch_scaling(row: dict[str, Any], half: _Timed, positions: int, half_positions: int) -> dict[str, Any]:

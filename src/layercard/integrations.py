@@ -33,7 +33,7 @@ import torch
 from transformers import TrainerCallback
 
 from layercard.artifacts import Provenance
-from layercard.cost import peak_memory, reset_peak_memory, touch_weights
+from layercard.cost import peak_memory, prices_by_first_step, reset_peak_memory, touch_weights
 from layercard.errors import LayercardError
 from layercard.plan import Plan
 from layercard.tasks import IGNORE_INDEX, Task
@@ -206,6 +206,7 @@ class LayercardCallback(TrainerCallback):
                 self._memory_start,
                 self.positions / done if done else None,
                 self.max_positions or None,
+                first_step=prices_by_first_step(peak_kind),
             ),
         }
 

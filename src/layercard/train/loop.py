@@ -23,6 +23,7 @@ from layercard.cost import (
     forward_seconds,
     grad_norm,
     peak_memory,
+    prices_by_first_step,
     reset_peak_memory,
     touch_weights,
 )
@@ -602,5 +603,6 @@ def _metrics(
             state.positions_seen / step if step else None,
             state.max_positions or None,
             *forward,
+            first_step=prices_by_first_step(peak_kind),
         ),
     )

@@ -95,6 +95,10 @@ class TrainMetrics:
     # slowest seconds, and how many. A median alone cannot tell a steady run from one whose steps moved with
     # their batch or with other load on the machine. Older files lack it and read as None.
     s_per_step_spread: dict[str, float] | None = None
+    # Which of the plan's memory figures the predictions above are: "window" (the calibration placements'
+    # peaks over their steps, for a run in a process that ran a calibration) or "first_step" (their first
+    # steps', for one that ran none; design §5, "Where a run trains"). Older files read None.
+    predicted_memory_figure: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The train_metrics.json form (key order as written)."""
@@ -133,6 +137,7 @@ def predictions(
     max_positions: int | None = None,
     forward_s: float | None = None,
     forward_positions: int | None = None,
+    first_step: bool = False,
 ) -> dict[str, Any]:
     """The plan's predictions beside what the run measured, as :class:`TrainMetrics` fields.
 
@@ -150,7 +155,9 @@ def predictions(
     may hold more or less around the model than the card's did, and the peak is restated from that start
     (``predicted_peak_memory_at_start_mib``: the start plus the predicted addition): a run in the card's
     own process starts about 100 MiB above the resident size the card measured before its probe on a CPU,
-    one in a fresh process about 20 MiB above it (benchmarks/results/cost/, design §5).
+    one in a fresh process about 20 MiB above it (benchmarks/results/cost/, design §5). With
+    ``first_step`` (a run in a process that ran no calibration, :func:`layercard.cost.prices_by_first_step`)
+    memory is priced by the plan's first-step figure where it has one (``predicted_memory_figure``).
     """
     peak_mib = round(peak_mib, 1)  # as recorded, so the ratios reproduce from the file
     start_mib = None if start_mib is None else round(start_mib, 1)
@@ -168,6 +175,9 @@ def predictions(
     step_scaled = step * (1.0 - share + share * scale) if step and scale else None
     mem_scale = max_positions / positions if positions and max_positions else scale
     memory = predicted.get("memory") or {}
+    figure = "window" if memory else None
+    if first_step and memory.get("first_step"):
+        memory, figure = memory["first_step"], "first_step"
     peak = memory.get("peak_mib")
     peak_scaled = (
         peak + float(memory.get("activations_mib") or 0.0) * (mem_scale - 1.0) if peak and mem_scale else None
@@ -198,6 +208,7 @@ def predictions(
         "predicted_training_memory_mib": added,
         "training_memory_ratio": (peak_mib - start_mib) / added if added and start_mib is not None else None,
         "predicted_peak_memory_at_start_mib": at_start,
+        "predicted_memory_figure": figure,
         "peak_memory_at_start_ratio": peak_mib / at_start if at_start and at_start > 0 else None,
         "predicted_quality": quality.get("fraction") if isinstance(quality, dict) else None,
         "batch_positions_per_step": positions_per_step,
