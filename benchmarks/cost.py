@@ -125,7 +125,7 @@ def _run(loaded: Any, card: Any, task: Any, p: Placement, path: Path, setup: Set
         "predicted_peak_memory_mib", "predicted_peak_memory_scaled_mib", "predicted_training_memory_mib",
         "training_memory_ratio", "trainable_params", "forward_s", "forward_positions", "predicted_forward_s",
         "predicted_forward_scaled_s", "predicted_peak_memory_at_start_mib", "peak_memory_at_start_ratio",
-        "s_per_step_spread",
+        "s_per_step_spread", "predicted_memory_figure",
     )  # fmt: skip
     write_json(
         path,
