@@ -275,7 +275,8 @@ def _forward(r: dict[str, Any]) -> dict[str, Any]:
 
 def priced(model: Any, r: dict[str, Any]) -> dict[str, Any]:
     """Training's own predictions for run ``r`` from ``model`` (its step time, memory and forward, with the
-    shares it carries), rescaled to the run's positions as train_metrics.json records them."""
+    shares it carries), rescaled to the run's positions as train_metrics.json records them, memory by the
+    figure the run was priced by (``predicted_memory_figure``)."""
     from layercard.plan.predict import calibration_batch
     from layercard.train.metrics import predictions
 
@@ -290,7 +291,7 @@ def priced(model: Any, r: dict[str, Any]) -> dict[str, Any]:
     return predictions(
         planned, r["s_per_step"], None, r["peak_memory_mib"], r["peak_memory_start_mib"],
         r["batch_positions_per_step"], r["max_batch_positions"], r.get("forward_s"),
-        r.get("forward_positions"),
+        r.get("forward_positions"), first_step=r.get("predicted_memory_figure") == "first_step",
     )  # fmt: skip
 
 
@@ -351,7 +352,10 @@ def _other_rule(cost: dict[str, Any], r: dict[str, Any]) -> dict[str, Any]:
     share = cost.get("memory_position_share")
     if half in b:
         share = position_share(b[full], b[half], b["positions"], b["half_positions"])
-    out = priced(CostModel.from_dict(cost | terms | {"memory_position_share": share}), r)
+    # the refitted terms alone: a card's own first-step terms would otherwise price a run that took them
+    out = priced(
+        CostModel.from_dict(cost | terms | {"memory_position_share": share, "memory_first_step": None}), r
+    )
     return {
         "other_predicted_peak_memory_mib": out["predicted_peak_memory_scaled_mib"],
         "other_peak_memory_error": _rel(r["peak_memory_mib"], out["predicted_peak_memory_scaled_mib"]),
