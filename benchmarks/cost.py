@@ -337,11 +337,20 @@ def _other_rule(cost: dict[str, Any], r: dict[str, Any]) -> dict[str, Any]:
     """Where the card kept a second memory figure per calibration placement (``_OTHER_MEMORY``): the
     peak-memory error this run would have had from the card's memory terms refitted to that figure. The
     share of memory that grows with positions is the figure's own where the card kept it for the half
-    batch too, else the card's."""
+    batch too, else the card's. A run priced by the card's first-step terms is priced again by its window's
+    terms instead."""
     import numpy as np
 
     from layercard.cost import CostModel, fit_memory, position_share
 
+    if r.get("predicted_memory_figure") == "first_step":
+        # priced by the first step's terms: the other figure is the window's, the card's own terms
+        out = priced(CostModel.from_dict(cost), r | {"predicted_memory_figure": "window"})
+        return {
+            "other_figure": "window",
+            "other_predicted_peak_memory_mib": out["predicted_peak_memory_scaled_mib"],
+            "other_peak_memory_error": _rel(r["peak_memory_mib"], out["predicted_peak_memory_scaled_mib"]),
+        }
     other = _other_memory(cost)
     if other is None:
         return {}
@@ -357,6 +366,7 @@ def _other_rule(cost: dict[str, Any], r: dict[str, Any]) -> dict[str, Any]:
         CostModel.from_dict(cost | terms | {"memory_position_share": share, "memory_first_step": None}), r
     )
     return {
+        "other_figure": key,
         "other_predicted_peak_memory_mib": out["predicted_peak_memory_scaled_mib"],
         "other_peak_memory_error": _rel(r["peak_memory_mib"], out["predicted_peak_memory_scaled_mib"]),
     }
@@ -398,13 +408,25 @@ def _shares(cal: dict[str, Any]) -> str:
     )
 
 
-def _other_line(mae: dict[str, float], cost: dict[str, Any]) -> list[str]:
+def _other_line(mae: dict[str, float], cost: dict[str, Any], runs: Sequence[dict[str, Any]]) -> list[str]:
     other = _other_memory(cost)
     if _OTHER[0] not in mae or other is None:
         return []
+    if all(r.get("other_figure") == "window" for r in runs):
+        return [
+            "Priced by the card's memory terms fitted to each window's peak, as a run in the card's own "
+            f"process is (these runs took the first step's figure; same runs): peak memory "
+            f"{_pct(mae[_OTHER[0]])}.",
+            "",
+        ]
+    mixed = (
+        " or, for runs priced by those, each window's peak"
+        if any(r.get("other_figure") == "window" for r in runs)
+        else ""
+    )
     return [
-        f"Priced with the memory terms refitted to {other[-1]} (kept beside the card's own figure; same "
-        f"runs): peak memory {_pct(mae[_OTHER[0]])}.",
+        f"Priced with the memory terms refitted to {other[-1]}{mixed} (kept beside the card's own figure; "
+        f"same runs): peak memory {_pct(mae[_OTHER[0]])}.",
         "",
     ]
 
@@ -564,7 +586,7 @@ def _markdown(out: dict[str, Any]) -> str:
             f"{_pct(mae['training_memory_error'])} (worst {_pct(worst['training_memory_error'])}).",
             "",
             *_at_start_line(mae, worst),
-            *_other_line(mae, t["card_calibration"]),
+            *_other_line(mae, t["card_calibration"], t["runs"]),
             *_proportional_line(mae),
             *_forward_table(t),
         ]
@@ -576,7 +598,11 @@ def _markdown(out: dict[str, Any]) -> str:
         "mean absolute error.",
         "",
         *_at_start_line(mae, out["max_abs_error"]),
-        *_other_line(mae, next(iter(out["tasks"].values()))["card_calibration"]),
+        *_other_line(
+            mae,
+            next(iter(out["tasks"].values()))["card_calibration"],
+            [r for t in out["tasks"].values() for r in t["runs"]],
+        ),
         *_proportional_line(mae),
         *(
             [

@@ -97,3 +97,20 @@ def test_the_other_memory_figure_prices_runs_from_its_own_refit(key):
         old = _card_cost(1.0, key)
         old["measured"] = [{k: v for k, v in r.items() if k != key} for r in old["measured"]]
         assert cost._other_rule(old, run) == {}
+
+
+def test_a_run_priced_by_the_first_step_is_priced_again_by_the_window():
+    with benchmark_script("cost") as cost:
+        run = {"layers": [7, 8, 9], "modules": 3, "params": 2e5, "predicted_step_time_s": 1.4,
+               "s_per_step": 1.5, "peak_memory_mib": 1100.0, "peak_memory_start_mib": 900.0,
+               "batch_positions_per_step": 400, "max_batch_positions": 400}  # fmt: skip
+        added = 40 + 12 * 3 + 3 * 3 + 8 * 0.2
+        card = _card_cost(0.5)  # its first steps added half what its windows did
+        window = cost._other_rule(card, run | {"predicted_memory_figure": "first_step"})
+        assert window["other_figure"] == "window"
+        assert window["other_predicted_peak_memory_mib"] == pytest.approx(900 + added)
+        assert cost._other_rule(card, run)["other_figure"] == "first_step_peak_memory_mib"
+        rows = [run | window]
+        mae = {"other_peak_memory_error": abs(window["other_peak_memory_error"])}
+        line = cost._other_line(mae, card, rows)[0]
+        assert "each window's peak" in line and "took the first step's figure" in line
