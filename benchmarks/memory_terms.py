@@ -14,7 +14,9 @@ priced in more than one way:
 The calibration's placements all adapt every linear role, so on them the four are proportional and the
 fit is the same; they differ on placements of some roles only. Each task-run's calibration is refitted
 per term and scored on its run's 12 placements, against each run's peak (rescaled to its largest
-micro-batch as the run recorded) and against what training added over its own start.
+micro-batch as the run recorded) and against what training added over its own start. Task-runs priced
+by the first step's memory figure (runs in a process that ran no calibration, since that figure is in use)
+are left out: what is refitted here is the window's figure.
 
     .venv/bin/python benchmarks/memory_terms.py [--chosen-on A,B,...]
 
@@ -59,13 +61,15 @@ def module_term(card: dict[str, Any], roles: Any, layers: list[int], term: str) 
 
 def task_run(folder: Path) -> dict[str, Any] | None:
     """Every term's fit on one task-run's calibration and its signed errors on the run's placements; None
-    where the card measured no per-placement memory."""
+    where the card measured no per-placement memory or its runs were priced by the first step's figure."""
     card = json.loads((folder / "card" / "card.json").read_text())
     cost, n_layers = card["cost"], card["model"]["n_layers"]
     rows = cost["measured"]
     if cost.get("memory_base_mib") is None or any(r.get("resident_mib") is None for r in rows):
         return None
     runs = [json.loads(p.read_text()) for p in sorted((folder / "runs").glob("*.json"))]
+    if any(r.get("predicted_memory_figure") == "first_step" for r in runs):
+        return None  # priced by the first step's terms, not the window's refitted here
     resident = float(cost["memory_resident_mib"])
     # the term this card's own predictions were priced with: they must come back from its refit
     shipped = "d_in" if cost.get("memory_module_width") else "count"
@@ -135,7 +139,8 @@ def main() -> None:
         "",
         "Each task-run's own calibration refitted per module term and scored on that run's 12 placements "
         "(`benchmarks/memory_terms.py`). Cells: mean absolute error, then the mean signed error (positive: "
-        "priced high). Task-runs marked * are those the term was chosen on.",
+        "priced high). Task-runs marked * are those the term was chosen on. Task-runs whose runs were priced by "
+        "the first step's memory figure are left out.",
     ]
     for what, label in (("peak", "Peak memory"), ("added", "What training added over its own start")):
         lines += [
