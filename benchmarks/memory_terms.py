@@ -139,8 +139,8 @@ def main() -> None:
         "",
         "Each task-run's own calibration refitted per module term and scored on that run's 12 placements "
         "(`benchmarks/memory_terms.py`). Cells: mean absolute error, then the mean signed error (positive: "
-        "priced high). Task-runs marked * are those the term was chosen on. Task-runs whose runs were priced by "
-        "the first step's memory figure are left out.",
+        "priced high). Task-runs marked * are those the term was chosen on. Task-runs whose runs were priced "
+        "by the first step's memory figure are left out.",
     ]
     for what, label in (("peak", "Peak memory"), ("added", "What training added over its own start")):
         lines += [
