@@ -228,6 +228,7 @@ def _task_rows(name: str) -> tuple[Any, list[dict[str, Any]], list[dict[str, Any
         rows.append(
             {
                 **_proportional(card.cost or {}, r),
+                **_unclipped(card.cost or {}, r),
                 **_other_rule(card.cost or {}, r),
                 "task": name,
                 "name": r["name"],
@@ -311,6 +312,27 @@ def _proportional(cost: dict[str, Any], r: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _unclipped(cost: dict[str, Any], r: dict[str, Any]) -> dict[str, Any]:
+    """Where the card's line through its two batches put more than the whole step on the positions (a step
+    growing faster than them), which the card clips to all of it: the step-time error this run would have
+    had from that share unclipped."""
+    from layercard.cost import CostModel, position_share
+
+    b = cost.get("batch_scaling") or {}
+    if cost.get("step_position_share") is None or b.get("half_s_per_step") is None:
+        return {}
+    share = position_share(
+        b["s_per_step"], b["half_s_per_step"], b["positions"], b["half_positions"], clip=False
+    )
+    if share <= 1.0:
+        return {}
+    out = priced(CostModel.from_dict(cost | {"step_position_share": share}), r)
+    return {
+        "unclipped_step_share": share,
+        "unclipped_step_time_error": _rel(r["s_per_step"], out["predicted_step_time_scaled_s"]),
+    }
+
+
 # A card's calibration rows kept a second memory figure beside the one its model was fitted to: cards
 # calibrated with the first step's memory kept each window's whole peak, and the cards after them the other
 # way round. (row key by round, the key's row median, batch_scaling's full and half batch, label)
@@ -375,6 +397,7 @@ def _other_rule(cost: dict[str, Any], r: dict[str, Any]) -> dict[str, Any]:
 _ERRORS = ("step_time_error", "peak_memory_error", "training_memory_error")
 _OTHER = ("other_peak_memory_error",)
 _PROPORTIONAL = ("proportional_step_time_error", "proportional_peak_memory_error")
+_UNCLIPPED = ("unclipped_step_time_error",)
 _FORWARD = ("forward_error", "unscaled_forward_error")
 _AT_START = ("peak_memory_at_start_error",)
 
@@ -383,6 +406,7 @@ def _errors(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
     keys = _ERRORS + (_PROPORTIONAL if all(_PROPORTIONAL[0] in x for x in rows) else ())
     keys += _FORWARD if all(_FORWARD[0] in x for x in rows) else ()
     keys += _OTHER if all(_OTHER[0] in x for x in rows) else ()
+    keys += _UNCLIPPED if all(_UNCLIPPED[0] in x for x in rows) else ()
     keys += _AT_START if all(_AT_START[0] in x for x in rows) else ()
     return {
         "mean_abs_error": {k: statistics.fmean(abs(x[k]) for x in rows) for k in keys},
@@ -427,6 +451,17 @@ def _other_line(mae: dict[str, float], cost: dict[str, Any], runs: Sequence[dict
     return [
         f"Priced with the memory terms refitted to {other[-1]}{mixed} (kept beside the card's own figure; "
         f"same runs): peak memory {_pct(mae[_OTHER[0]])}.",
+        "",
+    ]
+
+
+def _unclipped_line(mae: dict[str, float], runs: Sequence[dict[str, Any]]) -> list[str]:
+    if _UNCLIPPED[0] not in mae:
+        return []
+    shares = sorted({round(100 * r["unclipped_step_share"], 1) for r in runs})
+    return [
+        f"The card's line through its two batches put {' and '.join(f'{s:g}%' for s in shares)} of the step "
+        f"on the positions, priced as 100%; left unclipped: step time {_pct(mae[_UNCLIPPED[0]])}.",
         "",
     ]
 
@@ -587,6 +622,7 @@ def _markdown(out: dict[str, Any]) -> str:
             "",
             *_at_start_line(mae, worst),
             *_other_line(mae, t["card_calibration"], t["runs"]),
+            *_unclipped_line(mae, t["runs"]),
             *_proportional_line(mae),
             *_forward_table(t),
         ]

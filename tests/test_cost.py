@@ -291,6 +291,7 @@ def test_position_share_is_the_part_a_line_through_two_batches_puts_on_the_posit
     assert position_share(2.0, 0.5 + 0.75, 1000, 500) == pytest.approx(0.75)
     assert position_share(2.0, 2.4, 1000, 500) == 0.0  # noise: the half batch was slower
     assert position_share(2.0, 0.5, 1000, 500) == 1.0  # noise: more than proportional
+    assert position_share(2.0, 0.8, 1000, 500, clip=False) == pytest.approx(1.2)  # as measured
     assert position_share(0.0, 0.0, 1000, 500) == 1.0 and position_share(2.0, 1.0, 500, 500) == 1.0
 
 

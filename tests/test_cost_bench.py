@@ -114,3 +114,24 @@ def test_a_run_priced_by_the_first_step_is_priced_again_by_the_window():
         mae = {"other_peak_memory_error": abs(window["other_peak_memory_error"])}
         line = cost._other_line(mae, card, rows)[0]
         assert "each window's peak" in line and "took the first step's figure" in line
+
+
+def test_a_step_growing_faster_than_its_positions_is_priced_again_unclipped():
+    with benchmark_script("cost") as cost:
+        run = {"layers": [7, 8, 9], "modules": 3, "params": 2e5, "s_per_step": 3.0,
+               "peak_memory_mib": 1100.0, "peak_memory_start_mib": 900.0,
+               "batch_positions_per_step": 800, "max_batch_positions": 800}  # fmt: skip
+        card = _card_cost(1.0)
+        step = 1.0 + 0.1 * 3 + 0.01 * 3  # the constructed card's step for this placement at 400 positions
+        # the half batch took 0.4 of the full one: a line through them puts 120% of the step on positions
+        scaling = {"positions": 400, "half_positions": 200, "s_per_step": 5.0, "half_s_per_step": 2.0}
+        card |= {"step_position_share": 1.0, "batch_scaling": scaling}
+        out = cost._unclipped(card, run)
+        assert out["unclipped_step_share"] == pytest.approx(1.2)
+        assert out["unclipped_step_time_error"] == pytest.approx(step * (1 - 1.2 + 1.2 * 2) / 3.0 - 1)
+        rows = [run | out]
+        line = cost._unclipped_line({"unclipped_step_time_error": 0.05}, rows)[0]
+        assert "120%" in line and "5.0%" in line
+        # a share within [0, 1] is priced as measured already: nothing to add
+        card["batch_scaling"]["half_s_per_step"] = 3.0
+        assert cost._unclipped(card, run) == {}

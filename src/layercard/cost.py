@@ -761,11 +761,11 @@ def _batch_scaling(row: dict[str, Any], half: _Timed, positions: int, half_posit
     return out
 
 
-def position_share(full: float, part: float, positions: int, part_positions: int) -> float:
+def position_share(full: float, part: float, positions: int, part_positions: int, clip: bool = True) -> float:
     """The share of ``full`` (a cost at ``positions``) that a line through it and ``part`` (the cost at
-    ``part_positions`` < ``positions``) puts on the positions, clipped to [0, 1]: 1 where the cost is
-    proportional to positions, 0 where it does not grow with them."""
+    ``part_positions`` < ``positions``) puts on the positions, clipped to [0, 1] unless ``clip`` is false:
+    1 where the cost is proportional to positions, 0 where it does not grow with them."""
     if full <= 0 or positions <= part_positions:
         return 1.0
-    slope = (full - part) / (positions - part_positions)
-    return float(min(max(slope * positions / full, 0.0), 1.0))
+    share = (full - part) / (positions - part_positions) * positions / full
+    return float(min(max(share, 0.0), 1.0)) if clip else float(share)
