@@ -452,11 +452,13 @@ def test_calibration_measures_memory_and_latency():
         assert cm.memory_base_mib is None  # a lifetime peak is not a per-placement measurement
         return
     assert all(row["peak_memory_mib"] >= row["resident_mib"] > 0 for row in cm.measured)
-    # beside each round's window peak, the first step's peak plus the optimizer state, never above it
+    # beside each round's window peak, the first step's peak plus the optimizer state, never above it; the
+    # row's start is the rounds' median start, which one round's peaks may lie below where the heap grew
     for row in cm.measured:
         windows, first = row["peak_memory_by_round_mib"], row["first_step_peak_by_round_mib"]
         assert len(first) == len(windows) == len(row["warmup_s_by_round"])
-        assert all(row["resident_mib"] <= f <= w for f, w in zip(first, windows, strict=True))
+        assert all(f <= w for f, w in zip(first, windows, strict=True))
+        assert row["resident_mib"] <= row["first_step_peak_memory_mib"] <= row["peak_memory_mib"]
     assert cm.memory_base_mib >= cm.memory_resident_mib > 0
     # each row records its modules' input width, and the card their mean per module
     d_in = {s.name: s.d_in for s in models.units(model, ["q", "v"])}
