@@ -207,6 +207,22 @@ def test_training_table_gives_each_run_its_steps_spread(run_dir):
     assert measured_step_text(0.5, None) == "0.500" and measured_step_text(None, None) == "—"
 
 
+def test_a_peak_priced_by_the_first_steps_figure_says_so(run_dir):
+    import dataclasses
+
+    from layercard.report import memory_figure_note, read_train_metrics
+    from layercard.report.tables import train_table
+
+    assert "first steps' figure" in memory_figure_note("first_step")
+    assert memory_figure_note("window") == memory_figure_note(None) == ""
+    path = sorted((run_dir / "train").glob("*/train_metrics.json"))[0]
+    m = read_train_metrics(path)
+    for figure in ("window", "first_step"):
+        row = train_table({"p": dataclasses.replace(m, predicted_memory_figure=figure)}).rows[0]
+        assert row[6].endswith(memory_figure_note(figure))
+        assert ("first steps'" in row[6]) == (figure == "first_step")
+
+
 def test_planning_share_against_the_run_it_guided(run_dir):
     from layercard.report import planning_share
 

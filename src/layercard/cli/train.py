@@ -112,7 +112,7 @@ def _fmt(x: Any, spec: str) -> str:
 
 
 def _print_summary(m: dict[str, Any]) -> None:
-    from layercard.report import measured_step_text
+    from layercard.report import measured_step_text, memory_figure_note
 
     plan = m["plan"]
     tbl = Table(
@@ -138,7 +138,8 @@ def _print_summary(m: dict[str, Any]) -> None:
     tbl.add_row(
         f"peak memory ({m['peak_memory_kind']}) measured / predicted",
         f"{m['peak_memory_mib']:,.0f} / {_fmt(peak_pred, ',.0f')} MiB"
-        + (f"  (×{m['peak_memory_ratio']:.2f})" if m.get("peak_memory_ratio") else ""),
+        + (f"  (×{m['peak_memory_ratio']:.2f})" if m.get("peak_memory_ratio") else "")
+        + memory_figure_note(m.get("predicted_memory_figure")),
     )
     if m.get("training_memory_ratio"):
         start = m["peak_memory_start_mib"]

@@ -362,6 +362,7 @@ class Runner:
         def summarize() -> list[tuple[str, str]]:
             from layercard.report import (
                 measured_step_text,
+                memory_figure_note,
                 predicted_peak_mib,
                 predicted_s_per_step,
                 read_train_metrics,
@@ -380,7 +381,8 @@ class Runner:
                 ("final val loss", _fmt(m.final_val_loss)),
                 (
                     f"peak memory ({m.peak_memory_kind}) measured / predicted",
-                    f"{m.peak_memory_mib:,.0f} / {_fmt(predicted_peak_mib(m), ',.0f')} MiB",
+                    f"{m.peak_memory_mib:,.0f} / {_fmt(predicted_peak_mib(m), ',.0f')} MiB"
+                    + memory_figure_note(m.predicted_memory_figure),
                 ),
             ]
             if m.resumed_from is not None:

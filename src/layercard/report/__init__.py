@@ -17,6 +17,7 @@ from layercard.report.build import build_report
 from layercard.report.results import (
     collect_results,
     measured_step_text,
+    memory_figure_note,
     placement_names,
     planning_share,
     predicted_forward_s,
@@ -37,6 +38,7 @@ __all__ = [
     "collect_results",
     "fmt",
     "measured_step_text",
+    "memory_figure_note",
     "placement_names",
     "planning_share",
     "predicted_forward_s",

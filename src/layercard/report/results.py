@@ -65,6 +65,12 @@ def predicted_peak_mib(m: TrainMetrics) -> float | None:
     return m.predicted_peak_memory_scaled_mib or m.predicted_peak_memory_mib
 
 
+def memory_figure_note(figure: str | None) -> str:
+    """What priced a run's peak, where it is not the figure a plan prints: a run in a process that ran no
+    calibration is priced by the calibration placements' first steps (design §5, "Where a run trains")."""
+    return " (the first steps' figure: no calibration in this process)" if figure == "first_step" else ""
+
+
 def measured_step_text(s_per_step: float | None, spread: dict[str, float] | None) -> str:
     """A run's median s/step with its steps' 10th–90th percentile, "0.740 (0.695–0.758)"; the median
     alone for metrics written before the spread was recorded, "—" without a median."""

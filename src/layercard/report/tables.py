@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 from layercard.plan.frontier import row_label
 from layercard.report.results import (
     measured_step_text,
+    memory_figure_note,
     placement_names,
     predicted_forward_s,
     predicted_peak_mib,
@@ -218,7 +219,8 @@ def train_table(metrics: dict[str, TrainMetrics]) -> Table:
             fmt(predicted_s_per_step(m), ".3f"),
             fmt(m.tokens_per_s, ",.0f"),
             fmt(m.peak_memory_mib, ",.0f"),
-            f"{fmt(predicted_peak_mib(m), ',.0f')} / {fmt(m.predicted_peak_memory_at_start_mib, ',.0f')}",
+            f"{fmt(predicted_peak_mib(m), ',.0f')} / {fmt(m.predicted_peak_memory_at_start_mib, ',.0f')}"
+            + memory_figure_note(m.predicted_memory_figure),
             f"{fmt(m.forward_s, '.3f')} / {fmt(predicted_forward_s(m), '.3f')}",
             f"{fmt(m.first_train_loss)} → {fmt(m.final_train_loss)}",
             fmt(m.final_val_loss),
