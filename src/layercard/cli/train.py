@@ -112,8 +112,15 @@ def _fmt(x: Any, spec: str) -> str:
 
 
 def _print_summary(m: dict[str, Any]) -> None:
-    from layercard.report import measured_step_text, memory_figure_note
+    from layercard.report import (
+        measured_step_text,
+        memory_figure_note,
+        predicted_forward_s,
+        predicted_peak_mib,
+    )
+    from layercard.train import TrainMetrics
 
+    tm = TrainMetrics.from_dict(m)
     plan = m["plan"]
     tbl = Table(
         title=f"train · {m['adapter_kind']} · layers {plan['layers']} · {m['steps']} steps",
@@ -134,7 +141,7 @@ def _print_summary(m: dict[str, Any]) -> None:
     if scaled:
         tbl.add_row("predicted s/step at this run's tokens/step", _fmt(scaled, ".3f"))
     tbl.add_row("tokens/s", _fmt(m["tokens_per_s"], ",.0f"))
-    peak_pred = m.get("predicted_peak_memory_scaled_mib") or m.get("predicted_peak_memory_mib")
+    peak_pred = predicted_peak_mib(tm)
     tbl.add_row(
         f"peak memory ({m['peak_memory_kind']}) measured / predicted",
         f"{m['peak_memory_mib']:,.0f} / {_fmt(peak_pred, ',.0f')} MiB"
@@ -155,7 +162,7 @@ def _print_summary(m: dict[str, Any]) -> None:
             f"  (×{m['peak_memory_at_start_ratio']:.2f})",
         )
     if m.get("forward_s") is not None:
-        fwd_pred = m.get("predicted_forward_scaled_s") or m.get("predicted_forward_s")
+        fwd_pred = predicted_forward_s(tm)
         tbl.add_row(
             "unmerged forward s measured / predicted",
             f"{m['forward_s']:.3f} / {_fmt(fwd_pred, '.3f')}"
