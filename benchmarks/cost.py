@@ -363,7 +363,7 @@ def _other_rule(cost: dict[str, Any], r: dict[str, Any]) -> dict[str, Any]:
     terms instead."""
     import numpy as np
 
-    from layercard.cost import CostModel, fit_memory, position_share
+    from layercard.cost import CostModel, refit_memory
 
     if r.get("predicted_memory_figure") == "first_step":
         # priced by the first step's terms: the other figure is the window's, the card's own terms
@@ -378,15 +378,9 @@ def _other_rule(cost: dict[str, Any], r: dict[str, Any]) -> dict[str, Any]:
         return {}
     by_round, key, full, half, _ = other
     rows = [x | {"other": x.get(key, float(np.median(x[by_round])))} for x in cost["measured"]]
-    terms = fit_memory(rows, cost["n_layers"], cost["memory_resident_mib"], key="other")
-    b = cost.get("batch_scaling") or {}
-    share = cost.get("memory_position_share")
-    if half in b:
-        share = position_share(b[full], b[half], b["positions"], b["half_positions"])
+    terms = refit_memory(rows, cost["n_layers"], cost["memory_resident_mib"], cost, "other", full, half)
     # the refitted terms alone: a card's own first-step terms would otherwise price a run that took them
-    out = priced(
-        CostModel.from_dict(cost | terms | {"memory_position_share": share, "memory_first_step": None}), r
-    )
+    out = priced(CostModel.from_dict(cost | terms | {"memory_first_step": None}), r)
     return {
         "other_figure": key,
         "other_predicted_peak_memory_mib": out["predicted_peak_memory_scaled_mib"],

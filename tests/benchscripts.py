@@ -39,7 +39,7 @@ def same_numbers(got: Any, want: Any, rel: float = 1e-9, at: str = "") -> None:
             same_numbers(got[k], want[k], rel, f"{at}/{k}")
     elif isinstance(want, list):
         assert isinstance(got, list) and len(got) == len(want), f"{at or '/'}: lengths differ"
-        for i, (g, w) in enumerate(zip(got, want)):
+        for i, (g, w) in enumerate(zip(got, want, strict=True)):
             same_numbers(g, w, rel, f"{at}[{i}]")
     elif isinstance(want, float) and not isinstance(got, bool) and isinstance(got, int | float):
         assert math.isclose(got, want, rel_tol=rel, abs_tol=rel), f"{at}: {got} against {want}"

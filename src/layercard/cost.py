@@ -716,20 +716,36 @@ def fit_memory(
     return out
 
 
+def refit_memory(
+    rows: Sequence[dict[str, Any]],
+    n_layers: int,
+    resident_mib: float | None,
+    scaling: dict[str, Any],
+    key: str,
+    added: str,
+    half_added: str,
+) -> dict[str, float | None]:
+    """The memory terms refitted to another figure of each row (``key``) from the same start, with that
+    figure's own share growing with positions where the half batch measured it (``batch_scaling``'s
+    ``added`` and ``half_added``), else the share in ``scaling``: the keys of a cost model's terms they
+    replace."""
+    fit = fit_memory(rows, n_layers, resident_mib, key=key)
+    b = scaling.get("batch_scaling") or {}
+    share = scaling.get("memory_position_share")
+    if b.get(half_added) is not None:
+        share = position_share(b[added], b[half_added], b["positions"], b["half_positions"])
+    keys = ("memory_base_mib", "memory_per_layer_mib", "memory_per_module_mib", "memory_per_mparam_mib")
+    return {k: fit[k] for k in keys} | {"memory_position_share": share}
+
+
 def _first_step_terms(
     rows: Sequence[dict[str, Any]], n_layers: int, memory: dict[str, Any], scaling: dict[str, Any]
 ) -> dict[str, float | None]:
-    """The memory terms refitted to each row's first-step figure from the same start, and that figure's
-    share growing with positions where the half batch measured it (else the window's share)."""
-    fit = fit_memory(rows, n_layers, memory["memory_resident_mib"], key="first_step_peak_memory_mib")
-    b = scaling.get("batch_scaling") or {}
-    share = scaling.get("memory_position_share")
-    if b.get("half_first_step_added_mib") is not None:
-        share = position_share(
-            b["first_step_added_mib"], b["half_first_step_added_mib"], b["positions"], b["half_positions"]
-        )
-    keys = ("memory_base_mib", "memory_per_layer_mib", "memory_per_module_mib", "memory_per_mparam_mib")
-    return {k: fit[k] for k in keys} | {"memory_position_share": share}
+    """The memory terms refitted to each row's first-step figure (see :func:`refit_memory`)."""
+    return refit_memory(
+        rows, n_layers, memory["memory_resident_mib"], scaling,
+        "first_step_peak_memory_mib", "first_step_added_mib", "half_first_step_added_mib",
+    )  # fmt: skip
 
 
 def _batch_scaling(row: dict[str, Any], half: _Timed, positions: int, half_positions: int) -> dict[str, Any]:
