@@ -25,6 +25,7 @@ task-runs the rest are summed up apart (the module term's width was first refitt
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import time
@@ -62,7 +63,7 @@ def _width(card: dict[str, Any], roles: Any, layers: list[int]) -> float:
 
 def task_run(folder: Path) -> dict[str, Any]:
     """Every variant's fit on one task-run's calibration and its signed errors on the run's placements."""
-    card = json.loads((folder / "card" / "card.json").read_text())
+    card = _card(folder)
     n_layers, rows = card["model"]["n_layers"], card["cost"]["measured"]
     runs = [json.loads(p.read_text()) for p in sorted((folder / "runs").glob("*.json"))]
 
@@ -138,6 +139,12 @@ def summary_groups(
 
 
 def _card(folder: Path) -> dict[str, Any]:
+    return _read_card(folder.resolve())
+
+
+@functools.cache
+def _read_card(folder: Path) -> dict[str, Any]:
+    """A task-run's card, read once: the order, the device filter and the refit each need it."""
     return json.loads((folder / "card" / "card.json").read_text())
 
 

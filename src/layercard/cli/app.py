@@ -75,6 +75,17 @@ def main(
 DtypeOpt = Annotated[str, typer.Option(help="float32 | bfloat16 | float16.")]
 DeviceOpt = Annotated[str, typer.Option(help="auto | cpu | cuda.")]
 TrustOpt = Annotated[bool, typer.Option(help="Allow the model's own code from its folder (off by default).")]
+ModelOpt = Annotated[
+    str, typer.Option("--model", "-m", help="Built-in name (smollm2), local folder, .gguf file.")
+]
+TaskOpt = Annotated[
+    str,
+    typer.Option(
+        "--task",
+        "-t",
+        help="JSONL path, preset:split (e2e_nlg:validation), or synthetic:facts / synthetic:format.",
+    ),
+]
 
 
 def note(text: str) -> None:

@@ -13,6 +13,8 @@ from rich.table import Table
 from layercard.cli.app import (
     DeviceOpt,
     DtypeOpt,
+    ModelOpt,
+    TaskOpt,
     TrustOpt,
     app,
     console,
@@ -53,17 +55,6 @@ def models_cmd(
 
 
 # ---------------------------------------------------------------------------------------------
-ModelOpt = Annotated[
-    str, typer.Option("--model", "-m", help="Built-in name (smollm2), local folder, .gguf file.")
-]
-TaskOpt = Annotated[
-    str,
-    typer.Option(
-        "--task",
-        "-t",
-        help="JSONL path, preset:split (e2e_nlg:validation), or synthetic:facts / synthetic:format.",
-    ),
-]
 
 
 @app.command("card")

@@ -12,6 +12,8 @@ from rich.table import Table
 from layercard.cli.app import (
     DeviceOpt,
     DtypeOpt,
+    ModelOpt,
+    TaskOpt,
     TrustOpt,
     app,
     console,
@@ -32,17 +34,8 @@ from layercard.errors import LayercardError
 @config_options(EvalConfig)
 @task_options
 def eval_cmd(
-    model: Annotated[
-        str, typer.Option("--model", "-m", help="Built-in name (smollm2), local folder, .gguf file.")
-    ],
-    task: Annotated[
-        str,
-        typer.Option(
-            "--task",
-            "-t",
-            help="JSONL path, preset:split (sst2:validation), or synthetic:facts / synthetic:format.",
-        ),
-    ],
+    model: ModelOpt,
+    task: TaskOpt,
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for eval.json and predictions.jsonl.")],
     adapter: Annotated[
         Path | None, typer.Option("--adapter", "-a", help="PEFT or layercard adapter folder to evaluate.")

@@ -9,6 +9,7 @@ import typer
 from rich.table import Table
 
 from layercard.cli.app import (
+    TaskOpt,
     TrustOpt,
     app,
     console,
@@ -40,10 +41,7 @@ def _val_task(task: str, train_split: str, val_task: str | None, val_split: str 
 @task_options
 def train_cmd(
     plan: Annotated[Path, typer.Option("--plan", "-p", help="plan.json from `layercard plan`.")],
-    task: Annotated[
-        str,
-        typer.Option("--task", "-t", help="JSONL path, preset:split, or synthetic:facts / synthetic:format."),
-    ],
+    task: TaskOpt,
     out: Annotated[
         Path, typer.Option("--out", "-o", help="Run folder: adapter/, train_metrics.json, checkpoints/.")
     ],

@@ -13,6 +13,8 @@ from layercard.artifacts import check_out_folder, writer_lock
 from layercard.cli.app import (
     DeviceOpt,
     DtypeOpt,
+    ModelOpt,
+    TaskOpt,
     TrustOpt,
     app,
     console,
@@ -27,19 +29,8 @@ from layercard.cli.task_options import task_options
 from layercard.config import TraceConfig, TrimConfig
 from layercard.errors import LayercardError
 
-ModelOpt = Annotated[
-    str, typer.Option("--model", "-m", help="Built-in name (smollm2), local folder, .gguf file.")
-]
 AdapterOpt = Annotated[
     Path, typer.Option("--adapter", "-a", help="Trained adapter folder (PEFT LoRA or layercard bottleneck).")
-]
-TaskOpt = Annotated[
-    str,
-    typer.Option(
-        "--task",
-        "-t",
-        help="JSONL path, preset:split (e2e_nlg:validation), or synthetic:facts / synthetic:format.",
-    ),
 ]
 SplitOpt = Annotated[
     str | None, typer.Option(help="Split (default: the task's validation split, else its test split).")
