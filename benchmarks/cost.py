@@ -125,7 +125,7 @@ def _run(loaded: Any, card: Any, task: Any, p: Placement, path: Path, setup: Set
         "predicted_peak_memory_mib", "predicted_peak_memory_scaled_mib", "predicted_training_memory_mib",
         "training_memory_ratio", "trainable_params", "forward_s", "forward_positions", "predicted_forward_s",
         "predicted_forward_scaled_s", "predicted_peak_memory_at_start_mib", "peak_memory_at_start_ratio",
-        "s_per_step_spread", "predicted_memory_figure",
+        "s_per_step_spread", "predicted_memory_figure", "s_per_step_data",
     )  # fmt: skip
     write_json(
         path,
@@ -246,6 +246,7 @@ def _task_rows(name: str) -> tuple[Any, list[dict[str, Any]], list[dict[str, Any
                 "training_memory_error": _rel(added, r["predicted_training_memory_mib"]),
                 **_at_start(r),
                 **_forward(r),
+                **_data(r),
             }
         )
     return card, runs, rows
@@ -258,6 +259,11 @@ def _at_start(r: dict[str, Any]) -> dict[str, Any]:
         return {}
     at_start = r["peak_memory_start_mib"] + r["predicted_training_memory_mib"]
     return {"peak_memory_at_start_error": _rel(r["peak_memory_mib"], at_start)}
+
+
+def _data(r: dict[str, Any]) -> dict[str, Any]:
+    """The share of the measured step its data took, where the run kept it."""
+    return {"data_share": r["s_per_step_data"] / r["s_per_step"]} if r.get("s_per_step_data") else {}
 
 
 def _forward(r: dict[str, Any]) -> dict[str, Any]:
@@ -615,6 +621,7 @@ def _markdown(out: dict[str, Any]) -> str:
             f"{_pct(mae['training_memory_error'])} (worst {_pct(worst['training_memory_error'])}).",
             "",
             *_at_start_line(mae, worst),
+            *_data_line(t["runs"]),
             *_other_line(mae, t["card_calibration"], t["runs"]),
             *_unclipped_line(mae, t["runs"]),
             *_proportional_line(mae),
@@ -647,6 +654,20 @@ def _markdown(out: dict[str, Any]) -> str:
         ),
     ]
     return "\n".join(lines)
+
+
+def _data_line(runs: Sequence[dict[str, Any]]) -> list[str]:
+    """Where every run kept it: how much of a measured step its data took, which the calibration's steps,
+    on one batch already on the device, do not time."""
+    shares = [r.get("data_share") for r in runs]
+    if not shares or None in shares:
+        return []
+    return [
+        f"Building each step's batch and copying it to the device took {_pct(min(shares))}–"
+        f"{_pct(max(shares))} of the measured step (median {_pct(statistics.median(shares))}), a part the "
+        "calibration's steps do not time.",
+        "",
+    ]
 
 
 def _at_start_line(mae: dict[str, float], worst: dict[str, float]) -> list[str]:

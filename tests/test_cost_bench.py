@@ -135,3 +135,14 @@ def test_a_step_growing_faster_than_its_positions_is_priced_again_unclipped():
         # a share within [0, 1] is priced as measured already: nothing to add
         card["batch_scaling"]["half_s_per_step"] = 3.0
         assert cost._unclipped(card, run) == {}
+
+
+def test_the_data_line_reads_each_runs_share_of_its_step():
+    with benchmark_script("cost") as cost:
+        runs = [{"s_per_step": 2.0, "s_per_step_data": d} for d in (0.02, 0.1, 0.04)]
+        rows = [cost._data(r) for r in runs]
+        assert [r["data_share"] for r in rows] == pytest.approx([0.01, 0.05, 0.02])
+        line = cost._data_line(rows)[0]
+        assert "1.0%–5.0%" in line and "median 2.0%" in line
+        # a run written before steps kept their data's seconds: no line rather than one over some runs
+        assert cost._data({"s_per_step": 2.0}) == {} and cost._data_line(rows + [{}]) == []

@@ -162,6 +162,7 @@ def test_train_metrics(lora_run):
     spread = m["s_per_step_spread"]  # over the 19 steps after the session's first, as the median
     assert spread["steps"] == 19
     assert spread["fastest"] <= spread["p10"] <= m["s_per_step"] <= spread["p90"] <= spread["slowest"]
+    assert 0 < m["s_per_step_data"] < m["s_per_step"]  # building and placing the batch is part of a step
     assert m["tokens_seen"] >= m["target_tokens_seen"] > 0
     assert m["peak_memory_mib"] > 0 and m["peak_memory_kind"] == "process_peak_rss"
     assert m["predicted_step_time_s"] == 0.05
@@ -187,6 +188,15 @@ def test_step_time_spread_leaves_out_the_first_step():
     assert median_time(rows)[0] == 6.0
     # a session of one step has only its first to go by; no step, no spread
     assert step_time_spread([[1, 3.0, 10, True]])["slowest"] == 3.0 and step_time_spread([]) is None
+
+
+def test_data_time_is_the_median_of_the_timed_steps_and_none_where_a_step_lacks_it():
+    from layercard.train.metrics import data_time
+
+    rows = [[1, 9.0, 10, True, 5.0]] + [[i + 2, 2.0, 10, False, d] for i, d in enumerate([0.1, 0.3, 0.2])]
+    assert data_time(rows) == pytest.approx(0.2)  # the first step's 5.0 left out, as from the median
+    # a session resumed from a checkpoint written before steps kept it: no figure rather than a partial one
+    assert data_time(rows + [[5, 2.0, 10, False]]) is None and data_time([]) is None
 
 
 @pytest.mark.parametrize("calibrated_here", [False, True])

@@ -47,6 +47,7 @@ from layercard.train.eva import eva_summary, init_eva
 from layercard.train.metrics import (
     METRICS_FILE,
     TrainMetrics,
+    data_time,
     eval_loss,
     median_time,
     predictions,
@@ -77,7 +78,8 @@ class _State:
     consumed: int = 0  # micro-batches this process has taken from the stream
     loss_curve: list[list[float]] = dataclasses.field(default_factory=list)
     val_curve: list[list[float]] = dataclasses.field(default_factory=list)
-    # [step, seconds, tokens, first-of-session]
+    # [step, seconds, tokens, first-of-session, seconds of those spent on the step's data]; checkpoints
+    # written before the last column have four
     step_times: list[list[Any]] = dataclasses.field(default_factory=list)
     tokens_seen: int = 0
     target_seen: int = 0
@@ -418,6 +420,12 @@ def _step(
     rank = acc.process_index
     micro = [run.stream.batch((state.consumed + j) * world + rank) for j in range(cfg.grad_accum)]
     n_target = sum(target_count(b["labels"]) for b in micro)
+    # Built and on the device before any compute, so that their seconds can be told from the step's:
+    # the calibration times steps on one batch already there.
+    micro = [{k: v.to(device) for k, v in b.items()} for b in micro]
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    data_s = time.perf_counter() - t0
     # The step's loss is the mean over the target tokens of every process's micro-batches (§7): each process
     # divides by the count over all of them, and scales by `world` because gradients are averaged over
     # processes, not added. With one process both are what they were.
@@ -427,7 +435,6 @@ def _step(
     step_loss = torch.zeros((), device=device)
     n_tokens = n_positions = 0
     for j, b in enumerate(micro):
-        b = {k: v.to(device) for k, v in b.items()}
         n_tokens += int(b["attention_mask"].sum())
         n_positions += int(b["input_ids"].numel())
         state.max_positions = max(state.max_positions, int(b["input_ids"].numel()))
@@ -454,7 +461,7 @@ def _step(
         torch.cuda.synchronize(device)
     state.step += 1
     state.consumed += cfg.grad_accum
-    state.step_times.append([state.step, time.perf_counter() - t0, n_tokens * world, first])
+    state.step_times.append([state.step, time.perf_counter() - t0, n_tokens * world, first, data_s])
     state.tokens_seen += n_tokens * world
     state.positions_seen += n_positions * world
     state.target_seen += n_target * world
@@ -577,6 +584,7 @@ def _metrics(
         target_tokens_seen=state.target_seen,
         s_per_step=s_per_step,
         s_per_step_spread=step_time_spread(state.step_times),
+        s_per_step_data=data_time(state.step_times),
         tokens_per_s=tokens_per_s,
         peak_memory_mib=round(peak, 1),
         peak_memory_kind=peak_kind,

@@ -95,6 +95,10 @@ class TrainMetrics:
     # slowest seconds, and how many. A median alone cannot tell a steady run from one whose steps moved with
     # their batch or with other load on the machine. Older files lack it and read as None.
     s_per_step_spread: dict[str, float] | None = None
+    # The median over the same steps of the seconds each spent building its micro-batches and copying them
+    # to the device, a part of ``s_per_step`` that the calibration's steps, on one batch already there, do
+    # not time. Older files, and runs resumed from checkpoints that did not keep it, read None.
+    s_per_step_data: float | None = None
     # Which of the plan's memory figures the predictions above are: "window" (the calibration placements'
     # peaks over their steps, for a run in a process that ran a calibration) or "first_step" (their first
     # steps', for one that ran none; design §5, "Where a run trains"). Older files read None.
@@ -245,6 +249,15 @@ def step_time_spread(step_times: list[list[Any]]) -> dict[str, float] | None:
         return None
     p10, p90 = (float(q) for q in np.percentile(secs, [10, 90]))
     return {"fastest": min(secs), "p10": p10, "p90": p90, "slowest": max(secs), "steps": len(secs)}
+
+
+def data_time(step_times: list[list[Any]]) -> float | None:
+    """The median seconds the steps :func:`median_time` takes spent on their data (None where any of
+    them did not record it)."""
+    rows = _timed_rows(step_times)
+    if not rows or any(len(r) < 5 for r in rows):
+        return None
+    return float(statistics.median(float(r[4]) for r in rows))
 
 
 def eval_loss(
