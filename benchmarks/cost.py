@@ -663,9 +663,9 @@ def _data_line(runs: Sequence[dict[str, Any]]) -> list[str]:
     if not shares or None in shares:
         return []
     return [
-        f"Building each step's batch and copying it to the device took {_pct(min(shares))}–"
-        f"{_pct(max(shares))} of the measured step (median {_pct(statistics.median(shares))}), a part the "
-        "calibration's steps do not time.",
+        f"Building each step's batch and copying it to the device took {100 * min(shares):.3f}%–"
+        f"{100 * max(shares):.3f}% of the measured step (median {100 * statistics.median(shares):.3f}%), "
+        "a part the calibration's steps do not time.",
         "",
     ]
 

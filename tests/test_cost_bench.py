@@ -143,6 +143,6 @@ def test_the_data_line_reads_each_runs_share_of_its_step():
         rows = [cost._data(r) for r in runs]
         assert [r["data_share"] for r in rows] == pytest.approx([0.01, 0.05, 0.02])
         line = cost._data_line(rows)[0]
-        assert "1.0%–5.0%" in line and "median 2.0%" in line
+        assert "1.000%–5.000%" in line and "median 2.000%" in line
         # a run written before steps kept their data's seconds: no line rather than one over some runs
         assert cost._data({"s_per_step": 2.0}) == {} and cost._data_line(rows + [{}]) == []
