@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from layercard.card import Card, CardConfig, GroupRow, UnitRow, compute_card
 from layercard.cli import app
 from layercard.config import SEARCH_POLICIES
-from layercard.cost import CostModel
+from layercard.cost import CostModel, peak_of
 from layercard.errors import LayercardError
 from layercard.models import LoadedModel, weights_hash
 from layercard.plan import POLICIES, Budget, Plan, PlanConfig, check_model_matches, check_plan, make_plan
@@ -934,3 +934,62 @@ def test_plans_price_step_time_by_the_adapted_modules_width(tiny_card):
         )
     )
     assert costs(v_only, [4] * 3)["step_time"] < costs(q_only, [4] * 3)["step_time"]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Which memory figure prices a plan
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _two_figures(card: Card) -> Card:
+    """``card`` whose cost model also kept first-step memory terms, lower than the window's in every term."""
+    first = {"memory_base_mib": 105.0, "memory_per_layer_mib": 3.0, "memory_per_module_mib": 1.0,
+             "memory_per_mparam_mib": 16.0, "memory_position_share": None}  # fmt: skip
+    return dataclasses.replace(
+        card, cost=COST | {"memory_kind": "process_peak_rss", "memory_first_step": first}
+    )
+
+
+@pytest.mark.parametrize("policy", ["top", "recommend"])
+def test_a_memory_budget_reads_the_figure_of_the_process_that_will_train(tiny_card, policy, monkeypatch):
+    import layercard.cost as cost_module
+
+    card = _two_figures(tiny_card)
+    cm = CostModel.from_dict(card.cost)
+    half = list(range(N_LAYERS // 2, N_LAYERS))
+    params = 8 * sum(u.d_in + u.d_out for u in card.units if u.layer in half)
+    width = sum(u.d_in for u in card.units if u.layer in half)
+    window = cm.peak_memory(half, 2 * len(half), params, width)
+    first = cm.first_step_model().peak_memory(half, 2 * len(half), params, width)
+    assert first < window
+    budget = Budget("memory", (first + window) / 2)  # the top half fits by the first steps' figure only
+    plans = {
+        f: make_plan(card, PlanConfig(policy, budget=budget, memory_figure=f))
+        for f in ("first_step", "window")
+    }
+    for figure, plan in plans.items():
+        assert plan.config["memory_figure"] == plan.predicted["memory_figure"] == figure
+        assert peak_of(plan.predicted["memory"], figure) <= budget.value * (1 + 1e-9)
+    # priced for a process of its own, the plan may go deeper or wider than priced for the card's process
+    assert plans["first_step"].predicted["params"] > plans["window"].predicted["params"]
+    assert peak_of(plans["first_step"].predicted["memory"], "window") > budget.value
+    # auto: the figure a training run in this process would take
+    monkeypatch.setattr(cost_module, "_calibrated_here", False)
+    assert make_plan(card, PlanConfig(policy, budget=budget)).config["memory_figure"] == "first_step"
+    monkeypatch.setattr(cost_module, "_calibrated_here", True)
+    assert make_plan(card, PlanConfig(policy, budget=budget)).config["memory_figure"] == "window"
+    # a card that kept one figure prices by it whatever is asked
+    assert (
+        make_plan(tiny_card, PlanConfig(policy, budget=budget, memory_figure="first_step")).config[
+            "memory_figure"
+        ]
+        == "window"
+    )
+
+
+def test_memory_figure_is_checked_and_peak_of_reads_each():
+    with pytest.raises(LayercardError, match="memory_figure"):
+        PlanConfig("recommend", budget="params=0.5x", memory_figure="resident")
+    memory = {"peak_mib": 10.0, "first_step": {"peak_mib": 8.0}}
+    assert peak_of(memory, "window") == 10.0 and peak_of(memory, "first_step") == 8.0
+    assert peak_of({"peak_mib": 10.0}, "first_step") == 10.0 and peak_of(None, "window") is None

@@ -43,6 +43,33 @@ def prices_by_first_step(memory_kind: str) -> bool:
     return memory_kind == "process_peak_rss" and not _calibrated_here
 
 
+def memory_figure(cost: dict[str, Any] | None, setting: str = "auto") -> str:
+    """The memory figure a plan prices peaks by: ``setting`` (``window`` or ``first_step``), or for ``auto``
+    the one a training run in this process would take (:func:`prices_by_first_step`). ``first_step`` needs
+    a card that kept those terms (:attr:`CostModel.memory_first_step`); without them every figure is the
+    window's."""
+    cost = cost or {}
+    if not cost.get("memory_first_step"):
+        return "window"
+    if setting == "auto":
+        kind = cost.get("memory_kind")
+        return "first_step" if kind and prices_by_first_step(kind) else "window"
+    return setting
+
+
+# Beside a plan's peak priced by the first steps' figure: it holds for a training process of its own.
+FIRST_STEP_NOTE = " (the first steps' figure, for training in a process that runs no calibration)"
+
+
+def peak_of(memory: dict[str, Any] | None, figure: str | None) -> float | None:
+    """The predicted peak (MiB) in a :meth:`CostModel.memory` dict by ``figure`` (None without one)."""
+    if not memory:
+        return None
+    if figure == "first_step" and memory.get("first_step"):
+        return memory["first_step"]["peak_mib"]
+    return memory.get("peak_mib")
+
+
 def touch_weights(model: torch.nn.Module) -> None:
     """Read every parameter once, so memory-mapped weights are resident before memory is measured.
 

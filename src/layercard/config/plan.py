@@ -30,6 +30,8 @@ ADAPTER_KINDS: tuple[str, ...] = ("lora", "houlsby", "parallel")
 # Which placements the recommendation may take (docs/design.md §6): only those over all the depth, any, or
 # the first where the card's targets are varied.
 DEPTH_CHOICES: tuple[str, ...] = ("auto", "any", "all")
+# Which of the card's peak-memory figures prices placements (docs/design.md §5, "Where a run trains").
+MEMORY_FIGURES: tuple[str, ...] = ("auto", "first_step", "window")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,6 +90,13 @@ class PlanConfig(Schema):
         minimum=1,
         help="training micro-batch that step time and memory are priced at; null: the card's calibration "
         "batch (layercard run: train.batch_size)",
+    )
+    memory_figure: str = setting(
+        "auto",
+        kind="choice",
+        choices=MEMORY_FIGURES,
+        help="peak memory priced for a run in a process that ran no calibration (first_step: a separate "
+        "layercard train) or in the one that computed the card (window); auto: this process's",
     )
 
     def validate(self) -> None:

@@ -281,7 +281,12 @@ class Runner:
         path = out.plan_json(p.name)
         # priced at the batch the placement will train at, unless the plan names one
         batch = p.plan.batch_size if p.plan.batch_size is not None else self.cfg.train.batch_size
-        plan_cfg = dataclasses.replace(p.plan, batch_size=batch)
+        # priced by the memory figure of the training this process will run (a card computed here: the
+        # window's), resolved before the plan's cache key so that a cached plan never carries the other
+        from layercard.cost import memory_figure
+
+        figure = memory_figure(read_json(out.card_json).get("cost"), p.plan.memory_figure)
+        plan_cfg = dataclasses.replace(p.plan, batch_size=batch, memory_figure=figure)
 
         def fn(_resume: bool) -> None:
             from layercard.card import Card
@@ -326,12 +331,18 @@ class Runner:
                 ]
             rows.append(("predicted s/step", _fmt(pr.get("step_time_s"), ".3g")))
             if pr.get("memory"):
-                rows.append(("predicted peak memory", f"{pr['memory']['peak_mib']:,.0f} MiB"))
+                from layercard.cost import FIRST_STEP_NOTE, peak_of
+
+                peak = peak_of(pr["memory"], pr.get("memory_figure"))
+                note = FIRST_STEP_NOTE if pr.get("memory_figure") == "first_step" else ""
+                rows.append(("predicted peak memory", f"{peak:,.0f} MiB{note}"))
             if pr.get("recommendation") and plan.config.get("policy") == "recommend":
                 rows.append(("recommendation", pr["recommendation"]))
             return rows + [("warning", w) for w in plan.warnings]
 
-        config = {**p.to_dict(), "seed": p.plan.seed, "batch_size": plan_cfg.batch_size}
+        config = {
+            **p.to_dict(), "seed": p.plan.seed, "batch_size": plan_cfg.batch_size, "memory_figure": figure
+        }  # fmt: skip
         inputs = {"card": _content_hash(out.card_json)}
         self.stage(f"plan:{p.name}", "plan", out.plan_dir(p.name), config, inputs, [path], fn, summarize)
 

@@ -55,9 +55,14 @@ def make_plan(card: Card, cfg: PlanConfig, *, card_path: str | None = None) -> P
     card = at_batch(card, cfg.batch_size)
     if cfg.policy in SEARCH_POLICIES:  # matrices × layers × rank, with the quality model
         return search_plan(card, cfg, card_path=card_path)
+    from layercard.cost import memory_figure
+
     t0 = time.perf_counter()
     roles, score = _roles_and_score(card, cfg)
-    space, notes = build_space(card, roles, score, kind=cfg.kind, unit_rank=unit_rank(cfg.rank))
+    figure = memory_figure(card.cost, cfg.memory_figure)
+    space, notes = build_space(
+        card, roles, score, kind=cfg.kind, unit_rank=unit_rank(cfg.rank), memory_figure=figure
+    )
     warn: list[str] = []
     if card.coupling is None and cfg.policy == "card":
         warn.append(
@@ -97,6 +102,7 @@ def make_plan(card: Card, cfg: PlanConfig, *, card_path: str | None = None) -> P
         "kind": cfg.kind,
         "bands": cfg.bands,
         "batch_size": cfg.batch_size,
+        "memory_figure": figure,
     }
     return Plan(
         provenance=provenance(card, config, t0),

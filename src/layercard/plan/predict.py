@@ -51,6 +51,8 @@ def predicted(
     }
     if card.cost is not None:
         out |= calibration_batch(card.cost)
+    if out["memory"]:
+        out["memory_figure"] = space.memory_figure
     return out
 
 

@@ -21,20 +21,22 @@ from layercard.plan.space import amount
 RULES = ("peft-default", "all-linear", "last-n")
 
 
-def _costs_fn(card: Card) -> Any:
-    """The measured cost kinds of a placement from the card's calibrated cost model (None without one)."""
+def _costs_fn(card: Card, figure: str = "window") -> Any:
+    """The measured cost kinds of a placement from the card's calibrated cost model (None without one),
+    its peak memory by ``figure`` (:func:`layercard.cost.memory_figure`)."""
     if card.cost is None:
         return None
     from layercard.cost import CostModel
 
     cm = CostModel.from_dict(card.cost)
+    by_figure = (cm.first_step_model() if figure == "first_step" else None) or cm
 
     def costs(units: Sequence[UnitRow], ranks: Sequence[int]) -> dict[str, float]:
         params = sum(r * (u.d_in + u.d_out) for u, r in zip(units, ranks, strict=True))
         layers = [u.layer for u in units]
         width = sum(u.d_in + u.d_out for u in units)
         out = {"step_time": cm.step_time(layers, len(units), params, width)}
-        memory = cm.peak_memory(layers, len(units), params, sum(u.d_in for u in units))
+        memory = by_figure.peak_memory(layers, len(units), params, sum(u.d_in for u in units))
         if memory is not None:
             out["memory"] = memory
         forward = cm.forward_time(len(units))
@@ -45,14 +47,15 @@ def _costs_fn(card: Card) -> Any:
     return costs
 
 
-def price(card: Card, model: Q.QualityModel | None = None) -> F.Search:
-    """Every candidate of the card, priced with the quality model and the card's cost model."""
+def price(card: Card, model: Q.QualityModel | None = None, figure: str = "window") -> F.Search:
+    """Every candidate of the card, priced with the quality model and the card's cost model (peak memory
+    by ``figure``)."""
     model = model or Q.default_model()
     return F.search(
         card,
         predict=model.predict,
         error=model.error,
-        costs=_costs_fn(card),
+        costs=_costs_fn(card, figure),
         max_rank=model.max_rank,
         min_params_share=model.min_params_share,
     )
@@ -253,10 +256,13 @@ def search_plan(
 ) -> Plan:
     """The plan of a search policy: the recommendation, or a fixed rule fitted to the budgets, with the
     frontier, the fixed rules' fits and a one-sentence comparison."""
+    from layercard.cost import memory_figure
+
     t0 = time.perf_counter()
     budgets = list(cfg.budget or ())
     model = model or Q.default_model()
-    search = price(card, model)
+    figure = memory_figure(card.cost, cfg.memory_figure)
+    search = price(card, model, figure)
     rank = int(cfg.rank) if cfg.rank != "auto" else Q.REFERENCE_RANK
     kind = budgets[0].kind if budgets else "params"  # what "cheapest" means under a target
     over_depth = over_depth_only(card, cfg, model)
@@ -270,6 +276,8 @@ def search_plan(
         PlannedUnit(key, by_key[key].layer, by_key[key].role, by_key[key].name, r) for key, r in chosen.units
     ]
     pred = _predicted(card, search, chosen, defaults, budgets, model)
+    if pred.get("memory"):
+        pred["memory_figure"] = figure
     if cfg.target is not None:
         # cleared: predicted above the target by more than the placement's expected error
         pred["target"] = {"fraction": cfg.target, "cost": kind, "cleared": clears_target(chosen, cfg.target)}
@@ -299,6 +307,7 @@ def search_plan(
         "bands": None,
         "depth": cfg.depth,
         "batch_size": cfg.batch_size,
+        "memory_figure": figure,
     }
     return Plan(
         provenance=provenance(card, config, t0),

@@ -35,6 +35,7 @@ class Space:
     cost_model: Any  # layercard.cost.CostModel | None
     kind: str
     unit_rank: int  # LoRA rank used to cost a selection, or the bottleneck width
+    memory_figure: str = "window"  # which peak a memory budget reads (layercard.cost.memory_figure)
 
     def gain(self, layers: Sequence[int], *, coupled: bool = True) -> float:
         """Predicted set gain of ``layers`` (§4); ``coupled=False`` treats the layers as independent."""
@@ -112,7 +113,9 @@ class Space:
             m = self.memory(layers)
             if m is None:  # guarded in make_plan; kept so a misuse never silently costs 0
                 raise LayercardError("budget memory: the card's cost model did not measure memory")
-            return m["peak_mib"]
+            from layercard.cost import peak_of
+
+            return float(peak_of(m, self.memory_figure))  # type: ignore[arg-type]
         t = self.step_time(layers)
         if t is None:  # guarded in make_plan; kept so a misuse never silently costs 0
             raise LayercardError("budget step_time: the card has no cost model")
@@ -153,9 +156,16 @@ def budget_label(text: str) -> str:
 
 
 def build_space(
-    card: Card, roles: tuple[str, ...], score: str, *, kind: str, unit_rank: int
+    card: Card,
+    roles: tuple[str, ...],
+    score: str,
+    *,
+    kind: str,
+    unit_rank: int,
+    memory_figure: str = "window",
 ) -> tuple[Space, list[str]]:
-    """The space of ``roles`` in ``card`` scored by ``score``, and notes on approximations it makes."""
+    """The space of ``roles`` in ``card`` scored by ``score``, and notes on approximations it makes; a memory
+    budget reads the peak by ``memory_figure``."""
     by_layer = _units_by_layer(card, roles)
     coupling, notes = _coupling(card, roles, by_layer)
     cost_model = None
@@ -173,6 +183,7 @@ def build_space(
         cost_model=cost_model,
         kind=kind,
         unit_rank=unit_rank,
+        memory_figure=memory_figure,
     )
     return space, notes
 
