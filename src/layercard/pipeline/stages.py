@@ -281,12 +281,9 @@ class Runner:
         path = out.plan_json(p.name)
         # priced at the batch the placement will train at, unless the plan names one
         batch = p.plan.batch_size if p.plan.batch_size is not None else self.cfg.train.batch_size
-        # priced by the memory figure of the training this process will run (a card computed here: the
-        # window's), resolved before the plan's cache key so that a cached plan never carries the other
-        from layercard.cost import memory_figure
-
-        figure = memory_figure(read_json(out.card_json).get("cost"), p.plan.memory_figure)
-        plan_cfg = dataclasses.replace(p.plan, batch_size=batch, memory_figure=figure)
+        # memory_figure auto is resolved when the plan is made, by this process; a cached plan keeps the
+        # figure it was made with, so that a run resumed in a new process does not plan and train again
+        plan_cfg = dataclasses.replace(p.plan, batch_size=batch)
 
         def fn(_resume: bool) -> None:
             from layercard.card import Card
@@ -340,9 +337,7 @@ class Runner:
                 rows.append(("recommendation", pr["recommendation"]))
             return rows + [("warning", w) for w in plan.warnings]
 
-        config = {
-            **p.to_dict(), "seed": p.plan.seed, "batch_size": plan_cfg.batch_size, "memory_figure": figure
-        }  # fmt: skip
+        config = {**p.to_dict(), "seed": p.plan.seed, "batch_size": plan_cfg.batch_size}
         inputs = {"card": _content_hash(out.card_json)}
         self.stage(f"plan:{p.name}", "plan", out.plan_dir(p.name), config, inputs, [path], fn, summarize)
 
