@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from layercard.card import Card, CardConfig, GroupRow, UnitRow, compute_card
 from layercard.cli import app
 from layercard.config import SEARCH_POLICIES
-from layercard.cost import CostModel, peak_of
+from layercard.cost import CostModel, peak_of, peak_text
 from layercard.errors import LayercardError
 from layercard.models import LoadedModel, weights_hash
 from layercard.plan import POLICIES, Budget, Plan, PlanConfig, check_model_matches, check_plan, make_plan
@@ -993,3 +993,5 @@ def test_memory_figure_is_checked_and_peak_of_reads_each():
     memory = {"peak_mib": 10.0, "first_step": {"peak_mib": 8.0}}
     assert peak_of(memory, "window") == 10.0 and peak_of(memory, "first_step") == 8.0
     assert peak_of({"peak_mib": 10.0}, "first_step") == 10.0 and peak_of(None, "window") is None
+    assert peak_text({"peak_mib": 1234.4}, "window") == "1,234 MiB"
+    assert peak_text(memory, "first_step").startswith("8 MiB (the first steps' figure")

@@ -57,10 +57,6 @@ def memory_figure(cost: dict[str, Any] | None, setting: str = "auto") -> str:
     return setting
 
 
-# Beside a plan's peak priced by the first steps' figure: it holds for a training process of its own.
-FIRST_STEP_NOTE = " (the first steps' figure, for training in a process that runs no calibration)"
-
-
 def peak_of(memory: dict[str, Any] | None, figure: str | None) -> float | None:
     """The predicted peak (MiB) in a :meth:`CostModel.memory` dict by ``figure`` (None without one)."""
     if not memory:
@@ -68,6 +64,13 @@ def peak_of(memory: dict[str, Any] | None, figure: str | None) -> float | None:
     if figure == "first_step" and memory.get("first_step"):
         return memory["first_step"]["peak_mib"]
     return memory.get("peak_mib")
+
+
+def peak_text(memory: dict[str, Any], figure: str | None) -> str:
+    """A plan's predicted peak as printed: MiB, and where it is the first steps' figure, that it holds for a
+    training process of its own."""
+    note = " (the first steps' figure, for training in a process that runs no calibration)"
+    return f"{peak_of(memory, figure):,.0f} MiB" + (note if figure == "first_step" else "")
 
 
 def touch_weights(model: torch.nn.Module) -> None:

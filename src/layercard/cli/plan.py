@@ -94,7 +94,7 @@ def shown_frontier(rows: list[dict], chosen: dict) -> list[dict]:
 
 def _print_search_plan(plan) -> None:
     """The frontier per budgeted cost, the plan marked, the fixed rules, and the one-sentence comparison."""
-    from layercard.cost import FIRST_STEP_NOTE, peak_of
+    from layercard.cost import peak_text
     from layercard.plan.frontier import over_budget, row_label
     from layercard.plan.space import amount
 
@@ -144,8 +144,7 @@ def _print_search_plan(plan) -> None:
         f"{p['modules']} modules, predicted quality {q['fraction']:.3f}"
         + ("" if err is None else f" ± {err:.3f}")
         + (f", predicted {p['step_time_s']:.3g} s/step" if p.get("step_time_s") else "")
-        + (f", peak {peak_of(p.get('memory'), p.get('memory_figure')):,.0f} MiB" if p.get("memory") else "")
-        + (FIRST_STEP_NOTE if p.get("memory") and p.get("memory_figure") == "first_step" else "")
+        + (f", peak {peak_text(p['memory'], p.get('memory_figure'))}" if p.get("memory") else "")
     )
     console.print(p["recommendation"], highlight=False, soft_wrap=True, markup=False)
     for w in plan.warnings:

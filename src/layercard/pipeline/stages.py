@@ -328,11 +328,9 @@ class Runner:
                 ]
             rows.append(("predicted s/step", _fmt(pr.get("step_time_s"), ".3g")))
             if pr.get("memory"):
-                from layercard.cost import FIRST_STEP_NOTE, peak_of
+                from layercard.cost import peak_text
 
-                peak = peak_of(pr["memory"], pr.get("memory_figure"))
-                note = FIRST_STEP_NOTE if pr.get("memory_figure") == "first_step" else ""
-                rows.append(("predicted peak memory", f"{peak:,.0f} MiB{note}"))
+                rows.append(("predicted peak memory", peak_text(pr["memory"], pr.get("memory_figure"))))
             if pr.get("recommendation") and plan.config.get("policy") == "recommend":
                 rows.append(("recommendation", pr["recommendation"]))
             return rows + [("warning", w) for w in plan.warnings]
