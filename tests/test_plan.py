@@ -995,3 +995,24 @@ def test_memory_figure_is_checked_and_peak_of_reads_each():
     assert peak_of({"peak_mib": 10.0}, "first_step") == 10.0 and peak_of(None, "window") is None
     assert peak_text({"peak_mib": 1234.4}, "window") == "1,234 MiB"
     assert peak_text(memory, "first_step").startswith("8 MiB (the first steps' figure")
+
+
+def test_the_frontier_figure_names_the_first_steps_memory_figure(tiny_card, tmp_path, monkeypatch):
+    import matplotlib.axes
+
+    from layercard.plan.figures import plot_frontier
+
+    labels: list[str] = []
+    set_xlabel = matplotlib.axes.Axes.set_xlabel
+    monkeypatch.setattr(
+        matplotlib.axes.Axes,
+        "set_xlabel",
+        lambda self, text, *a, **k: labels.append(text) or set_xlabel(self, text),
+    )
+    card = _two_figures(tiny_card)
+    for figure in ("first_step", "window"):
+        plan = make_plan(card, PlanConfig("recommend", budget="memory=0.8x", memory_figure=figure))
+        plot_frontier(plan, tmp_path / f"{figure}.png")
+    memory = [x for x in labels if x.startswith("peak training memory")]
+    assert memory == ["peak training memory (MiB), the first steps' figure: a training process of its own",
+                      "peak training memory (MiB)"]  # fmt: skip

@@ -83,7 +83,10 @@ def plot_frontier(plan: Any, path: str | Path, measured: dict[str, dict[str, flo
                 cap = _cap(b, pred["reference"])
                 ax.axvline(cap, color="tab:red", ls=":", label=f"budget {b}")
         ax.set_xscale("log")
-        ax.set_xlabel(_LABELS.get(kind, kind))
+        label = _LABELS.get(kind, kind)
+        if kind == "memory" and pred.get("memory_figure") == "first_step":
+            label += ", the first steps' figure: a training process of its own"
+        ax.set_xlabel(label)
         ax.set_ylabel("fraction of the reference's loss drop")
         ax.grid(alpha=0.3)
         # Beside the panel, not on it: the trained placements' points sit anywhere under the frontier.
