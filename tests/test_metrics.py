@@ -198,3 +198,33 @@ def test_train_predictions_scale_time_by_mean_and_memory_by_largest_batch():
         predicted | {"step_time_position_share": 0.25}, 1.8, 350.0, 3400.0, 1000.0, positions_per_step=1000.0
     )
     assert affine["predicted_step_time_scaled_s"] == pytest.approx(2.0 * (0.75 + 0.25 * 1000 / 500))
+
+
+def test_over_budget_names_each_budget_the_runs_batches_exceed():
+    from layercard.train.metrics import over_budget, priced_at
+
+    predicted = {
+        "step_time_s": 2.0,
+        "calibration_batch_positions": 500,
+        "step_time_position_share": 1.0,
+        "memory": {"peak_mib": 3000.0, "activations_mib": 1000.0, "resident_mib": 1000.0},
+        "reference": {"memory": 4000.0, "step_time": 3.0, "params": 1e6},
+    }
+    # the largest micro-batch 600 positions: peak 3,000 + 1,000 × 0.2; steps of 550 on average: 2.2 s
+    at = priced_at(predicted, 550.0, 600)
+    assert at["peak_scaled_mib"] == pytest.approx(3200) and at["step_time_scaled_s"] == pytest.approx(2.2)
+    [line] = over_budget("memory=3100", predicted, at)
+    assert "memory=3100" in line and "3,200 MiB" in line and "3,100 MiB" in line and "3,000 MiB" in line
+    assert "600 padded positions" in line and "500" in line
+    assert over_budget("memory=3300", predicted, at) == []  # fits at the largest micro-batch too
+    # relative budgets are resolved against the reference: 0.78x of 4,000 MiB is 3,120
+    assert len(over_budget("memory=0.78x", predicted, at)) == 1
+    assert over_budget("memory=0.81x", predicted, at) == []
+    lines = over_budget("params=0.1x,step_time=2.1,memory=3100", predicted, at)
+    assert [x.split(":")[0] for x in lines] == ["budget step_time=2.1", "budget memory=3100"]
+    assert "2.2 s" in lines[0] and "550 padded positions per step" in lines[0]
+    # no budget, or a relative one without a reference to resolve it: nothing to say
+    assert over_budget(None, predicted, at) == []
+    assert over_budget("memory=0.5x", {k: v for k, v in predicted.items() if k != "reference"}, at) == []
+    # shorter batches than the card's: under a budget the plan met, never over it
+    assert over_budget("memory=3000,step_time=2.0", predicted, priced_at(predicted, 400.0, 450)) == []

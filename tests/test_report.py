@@ -253,3 +253,15 @@ def test_measured_leads_sentence_states_each_difference_with_its_error():
     assert "0.138 ± 0.021 above qv's and 0.012 below lin's (± the paired" in text
     assert measured_leads_sentence(rows[:2]) is None  # nothing measured against it
     assert measured_leads_sentence([r for r in rows if r["name"] != "rec"]) is None  # no recommendation
+
+
+def test_a_budget_a_run_went_over_is_in_its_report(run_dir, tmp_path):
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    path = sorted((copy / "train").glob("*/train_metrics.json"))[0]
+    m = json.loads(path.read_text())
+    line = "budget memory=900: this run's largest micro-batch puts its predicted peak at 950 MiB"
+    path.write_text(json.dumps(m | {"budget_notes": [line]}))
+    md = Path(build_report(copy)["markdown"]).read_text()
+    assert f"{path.parent.name}: warning: {line}" in md
+    assert "warning: budget" not in (run_dir / "report.md").read_text()  # none where no budget was over

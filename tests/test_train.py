@@ -16,7 +16,7 @@ from layercard import models
 from layercard.errors import LayercardError
 from layercard.models import LoadedModel
 from layercard.plan import Plan
-from layercard.tasks import load_task
+from layercard.tasks import Encoded, load_task
 from layercard.train import TrainConfig, TrainMetrics, train
 
 TRAIN = load_task("synthetic:facts", split="train").subset(16)
@@ -214,6 +214,47 @@ def test_a_run_prices_its_peak_by_where_it_trains(tmp_path: Path, monkeypatch, c
     figure, peak = ("window", 900.0) if calibrated_here else ("first_step", 800.0)
     assert m["predicted_memory_figure"] == figure and m["predicted_peak_memory_mib"] == peak
     assert m["predicted_training_memory_mib"] == pytest.approx(m["predicted_peak_memory_scaled_mib"] - 500.0)
+
+
+def test_a_budget_the_runs_own_batches_exceed_is_said_before_training(tmp_path: Path, monkeypatch):
+    import layercard.cost as cost
+    from layercard.train.metrics import over_budget, priced_at
+
+    monkeypatch.setattr(cost, "_calibrated_here", True)  # the window's figure, whatever ran before
+    d = plan_dict(_loaded(), [1, 3])
+    # a card whose calibration batch was short: every micro-batch of this run is longer
+    d["predicted"] |= {
+        "calibration_batch_positions": 40,
+        "step_time_position_share": 1.0,
+        "memory": {"peak_mib": 900.0, "activations_mib": 100.0, "resident_mib": 500.0},
+    }
+    d["config"]["budget"] = "memory=901,step_time=0.051,params=10"
+    cfg = TrainConfig(steps=3, grad_accum=2, **FAST)
+    m = train(_loaded(), Plan.from_dict(d), TRAIN, None, cfg, tmp_path / "run", progress=False)
+    notes = m["budget_notes"]
+    assert [x.split(":")[0] for x in notes] == ["budget memory=901", "budget step_time=0.051"]
+    # said before the first step, from the data stream alone: the positions the run then counted
+    assert f"({m['max_batch_positions']:,} padded positions" in notes[0]
+    assert f"({m['batch_positions_per_step']:,.0f} padded positions per step" in notes[1]
+    at = priced_at(d["predicted"], m["batch_positions_per_step"], m["max_batch_positions"])
+    assert notes == over_budget(d["config"]["budget"], d["predicted"], at)
+    assert f"{m['predicted_peak_memory_scaled_mib']:,.0f} MiB" in notes[0]
+    d["config"]["budget"] = "memory=100000,step_time=100"
+    m = train(_loaded(), Plan.from_dict(d), TRAIN, None, cfg, tmp_path / "fits", progress=False)
+    assert m["budget_notes"] == []
+
+
+def test_stream_positions_are_those_of_the_batches_it_builds():
+    from layercard.train.data import Stream, run_positions
+
+    encoded = [Encoded(tuple(range(n)), tuple(range(n)), 0) for n in (3, 9, 4, 7, 5)]
+    stream = Stream(encoded, 2, 0, seed=1)
+    built = [stream.batch(k)["input_ids"].numel() for k in range(8)]  # three epochs of 3 micro-batches
+    assert [stream.positions(k) for k in range(8)] == built
+    # two steps of two micro-batches, two processes, this one the second: micro-batches 1, 3, 5, 7
+    per_step, largest = run_positions(stream, 2, 2, world=2, rank=1)
+    mine = [built[k] for k in (1, 3, 5, 7)]
+    assert per_step == pytest.approx(sum(mine) * 2 / 2) and largest == max(mine)
 
 
 def test_train_metrics_artifact_roundtrip(lora_run, tmp_path: Path):

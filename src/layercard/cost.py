@@ -126,20 +126,26 @@ def _status_mib(field: str) -> float | None:
     return int(m.group(1)) / 2**10 if m else None
 
 
+def peak_memory_kind(device: torch.device) -> str:
+    """What :func:`peak_memory` measures on ``device``."""
+    return "cuda_max_memory_allocated" if device.type == "cuda" else "process_peak_rss"
+
+
 def peak_memory(device: torch.device) -> tuple[float, str]:
     """(peak MiB, what was measured) since the last :func:`reset_peak_memory` where it succeeded.
 
     CUDA: the allocator's maximum allocated. Elsewhere the process's peak resident size (the whole process:
     Python, libraries and the loaded model included), read from /proc on Linux, else the lifetime peak.
     """
+    kind = peak_memory_kind(device)
     if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20, "cuda_max_memory_allocated"
+        return torch.cuda.max_memory_allocated(device) / 2**20, kind
     hwm = _status_mib("VmHWM")
     if hwm is not None:
-        return hwm, "process_peak_rss"
+        return hwm, kind
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     # Linux reports KiB, macOS bytes.
-    return rss / (2**20 if sys.platform == "darwin" else 2**10), "process_peak_rss"
+    return rss / (2**20 if sys.platform == "darwin" else 2**10), kind
 
 
 def _counted(modules: int, width: float | None, mean_width: float | None) -> float:

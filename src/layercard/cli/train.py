@@ -174,3 +174,5 @@ def _print_summary(m: dict[str, Any]) -> None:
     if m.get("resumed_from") is not None:
         tbl.add_row("resumed from step", str(m["resumed_from"]))
     console.print(tbl)
+    for line in m.get("budget_notes") or []:
+        console.print(f"warning: {line}", markup=False)

@@ -305,6 +305,9 @@ def _training(doc: _Doc, run: _Run) -> None:
         doc.p("No training metrics in this run.")
         return
     doc.table(train_table(run.metrics))
+    for name, m in run.metrics.items():
+        for line in m.budget_notes or []:
+            doc.p(f"{name}: warning: {line}")
     planning = _planning_cost(run)
     if planning:
         doc.p(planning)

@@ -32,11 +32,30 @@ class Stream:
             self._perm = (epoch, torch.randperm(len(self.encoded), generator=g).tolist())
         return self._perm[1]
 
+    def _indices(self, k: int) -> list[int]:
+        epoch, i = divmod(k, self.per_epoch)
+        return self._order(epoch)[i * self.batch_size : (i + 1) * self.batch_size]
+
     def batch(self, k: int) -> dict[str, torch.Tensor]:
         """The ``k``-th micro-batch of the stream (epochs follow each other)."""
-        epoch, i = divmod(k, self.per_epoch)
-        idx = self._order(epoch)[i * self.batch_size : (i + 1) * self.batch_size]
-        return collate([self.encoded[j] for j in idx], self.pad_id)
+        return collate([self.encoded[j] for j in self._indices(k)], self.pad_id)
+
+    def positions(self, k: int) -> int:
+        """The padded positions (rows × the longest row) of micro-batch ``k``, without building it."""
+        idx = self._indices(k)
+        return len(idx) * max(len(self.encoded[j]) for j in idx)
+
+
+def run_positions(stream: Stream, steps: int, grad_accum: int, world: int, rank: int) -> tuple[float, int]:
+    """(mean padded positions per step, the largest micro-batch's) over a run of ``steps`` optimizer steps,
+    counted as the run counts them: this process's micro-batches, times ``world``."""
+    total = largest = 0
+    for s in range(steps):
+        for j in range(grad_accum):
+            n = stream.positions((s * grad_accum + j) * world + rank)
+            total += n
+            largest = max(largest, n)
+    return total * world / steps, largest
 
 
 def lr_lambda(cfg: TrainConfig, total: int) -> Callable[[int], float]:

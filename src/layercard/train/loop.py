@@ -23,6 +23,7 @@ from layercard.cost import (
     forward_seconds,
     grad_norm,
     peak_memory,
+    peak_memory_kind,
     prices_by_first_step,
     reset_peak_memory,
     touch_weights,
@@ -42,7 +43,7 @@ from layercard.train.checkpoints import (
     save_checkpoint,
 )
 from layercard.train.config import _MIXED_PRECISION, VALID_KINDS, TrainConfig
-from layercard.train.data import Stream, lr_lambda
+from layercard.train.data import Stream, lr_lambda, run_positions
 from layercard.train.eva import eva_summary, init_eva
 from layercard.train.metrics import (
     METRICS_FILE,
@@ -50,7 +51,9 @@ from layercard.train.metrics import (
     data_time,
     eval_loss,
     median_time,
+    over_budget,
     predictions,
+    priced_at,
     step_time_spread,
 )
 from layercard.train.model import ADAPTER_DIR, Adapted, check_4bit, load_4bit, write_adapter
@@ -230,6 +233,9 @@ def _train(
     ckpt = latest_checkpoint(out_dir) if resume else None
     if ckpt is not None:
         check_resumable(ckpt, fingerprint)  # before any work, and before EVA trusts its ranks
+    notes = _budget_notes(run)
+    for line in notes:
+        say(f"warning: {line}", enabled=progress if accelerator.is_main_process else False)
 
     # Model: the caller's base, adapted in place and restored in `finally`.
     set_seed(cfg.seed)  # LoRA A / adapter init and dropout draw from here
@@ -263,6 +269,19 @@ def _train(
         return _finish(run, state, adapted, trainable, start, eva_ranks).to_dict()
     finally:
         adapted.restore(accelerator)
+
+
+def _budget_notes(run: _Run) -> list[str]:
+    """The plan's budgets that this run's batches put it over (:func:`over_budget`), before any step."""
+    budget = run.plan.config.get("budget")
+    if not budget:
+        return []
+    per_step, largest = run_positions(
+        run.stream, run.total_steps, run.cfg.grad_accum, run.world, run.accelerator.process_index
+    )
+    first = prices_by_first_step(peak_memory_kind(run.device))
+    at = priced_at(run.plan.predicted, per_step, largest, first_step=first)
+    return over_budget(budget, run.plan.predicted, at)
 
 
 def _init_eva(
@@ -602,6 +621,7 @@ def _metrics(
         init=cfg.init,
         init_s=round(state.init_s, 3) if state.init_s is not None else None,
         eva_ranks=eva_ranks,
+        budget_notes=_budget_notes(run),
         **predictions(
             plan.predicted,
             s_per_step,

@@ -103,6 +103,10 @@ class TrainMetrics:
     # peaks over their steps, for a run in a process that ran a calibration) or "first_step" (their first
     # steps', for one that ran none; design §5, "Where a run trains"). Older files read None.
     predicted_memory_figure: str | None = None
+    # The plan's memory and step-time budgets that this run's own batches put it over, one line each
+    # (:func:`over_budget`), said before its first step: a plan checks them at the card's calibration
+    # batch. Empty where they fit or the plan had none; older files read None.
+    budget_notes: list[str] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The train_metrics.json form (key order as written)."""
@@ -165,27 +169,13 @@ def predictions(
     """
     peak_mib = round(peak_mib, 1)  # as recorded, so the ratios reproduce from the file
     start_mib = None if start_mib is None else round(start_mib, 1)
-    step = predicted.get("step_time_s")
     size = predicted.get("calibration_batch_size")
     tokens = predicted.get("calibration_batch_tokens")
     positions = predicted.get("calibration_batch_positions")
-    if positions and positions_per_step:
-        scale: float | None = positions_per_step / positions
-    else:
-        scale = tokens_per_step / tokens if tokens and tokens_per_step else None
-    # The card's measured share of a step that grows with positions; proportional where it measured none.
-    share = predicted.get("step_time_position_share")
-    share = 1.0 if share is None else float(share)
-    step_scaled = step * (1.0 - share + share * scale) if step and scale else None
-    mem_scale = max_positions / positions if positions and max_positions else scale
-    memory = predicted.get("memory") or {}
-    figure = "window" if memory else None
-    if first_step and memory.get("first_step"):
-        memory, figure = memory["first_step"], "first_step"
-    peak = memory.get("peak_mib")
-    peak_scaled = (
-        peak + float(memory.get("activations_mib") or 0.0) * (mem_scale - 1.0) if peak and mem_scale else None
-    )
+    at = priced_at(predicted, positions_per_step, max_positions, tokens_per_step, first_step=first_step)
+    step, step_scaled = at["step_time_s"], at["step_time_scaled_s"]
+    peak, peak_scaled = at["peak_mib"], at["peak_scaled_mib"]
+    figure, memory = at["figure"], at["memory"]
     peak_ref = peak_scaled or peak
     resident = memory.get("resident_mib")
     added = peak_ref - resident if peak_ref and resident else None
@@ -223,6 +213,91 @@ def predictions(
         "predicted_forward_scaled_s": forward_scaled,
         "forward_ratio": forward_s / forward_ref if forward_ref and forward_s else None,
     }
+
+
+def priced_at(
+    predicted: dict[str, Any],
+    positions_per_step: float | None,
+    max_positions: int | None,
+    tokens_per_step: float | None = None,
+    *,
+    first_step: bool = False,
+) -> dict[str, Any]:
+    """The plan's step time and peak memory, as planned and restated at a run's batches (see
+    :func:`predictions`): ``step_time_s``, ``step_time_scaled_s`` (at ``positions_per_step``, or at
+    ``tokens_per_step`` where the card did not record its batch's positions), ``peak_mib`` and
+    ``peak_scaled_mib`` (at the largest micro-batch, ``max_positions``), ``figure`` (the memory figure
+    taken: ``first_step`` with ``first_step`` where the plan has it) and ``memory`` (that figure's dict)."""
+    step = predicted.get("step_time_s")
+    tokens = predicted.get("calibration_batch_tokens")
+    positions = predicted.get("calibration_batch_positions")
+    if positions and positions_per_step:
+        scale: float | None = positions_per_step / positions
+    else:
+        scale = tokens_per_step / tokens if tokens and tokens_per_step else None
+    # The card's measured share of a step that grows with positions; proportional where it measured none.
+    share = predicted.get("step_time_position_share")
+    share = 1.0 if share is None else float(share)
+    step_scaled = step * (1.0 - share + share * scale) if step and scale else None
+    mem_scale = max_positions / positions if positions and max_positions else scale
+    memory = predicted.get("memory") or {}
+    figure = "window" if memory else None
+    if first_step and memory.get("first_step"):
+        memory, figure = memory["first_step"], "first_step"
+    peak = memory.get("peak_mib")
+    peak_scaled = (
+        peak + float(memory.get("activations_mib") or 0.0) * (mem_scale - 1.0) if peak and mem_scale else None
+    )
+    return {
+        "step_time_s": step,
+        "step_time_scaled_s": step_scaled,
+        "peak_mib": peak,
+        "peak_scaled_mib": peak_scaled,
+        "figure": figure,
+        "memory": memory,
+        "positions_per_step": positions_per_step,
+        "max_positions": max_positions,
+    }
+
+
+def over_budget(budget: str | None, predicted: dict[str, Any], at: dict[str, Any]) -> list[str]:
+    """One line for each of the plan's ``memory`` and ``step_time`` budgets that a run's own batches put
+    its prediction over (``at``: :func:`priced_at` at those batches); none where they fit.
+
+    A plan checks its budgets at the card's calibration batch, but a run's peak is that of its largest
+    micro-batch and its step time follows its mean positions per step. A relative budget is resolved
+    against the plan's reference placement (left out where the plan did not price one)."""
+    from layercard.config.budget import Budgets
+
+    if not budget:
+        return []
+    reference = predicted.get("reference") or {}
+    card = predicted.get("calibration_batch_positions")
+    against = f", against the card's calibration batch's {card:,}" if card else ""
+    # planned, restated at the run's batches, the run's positions, and how the line names them
+    step = (at["step_time_s"], at["step_time_scaled_s"], at["positions_per_step"], "batches", "put")
+    checks = {
+        "memory": (at["peak_mib"], at["peak_scaled_mib"], at["max_positions"], "largest micro-batch", "puts"),
+        "step_time": step,
+    }
+    lines = []
+    for b in Budgets.parse(budget):
+        if b.kind not in checks or (b.relative and b.kind not in reference):
+            continue
+        planned, here, positions, batches, verb = checks[b.kind]
+        per = " per step" if b.kind == "step_time" else ""
+        cap = b.cap(reference)
+        if not here or here <= cap * (1 + 1e-9):
+            continue
+        unit = (lambda v: f"{v:,.0f} MiB") if b.kind == "memory" else (lambda v: f"{v:.3g} s")
+        count = f" ({positions:,.0f} padded positions{per}{against})" if positions else ""
+        cost = "peak" if b.kind == "memory" else "step time"
+        lines.append(
+            f"budget {b}: this run's {batches}{count} {verb} its predicted {cost} at {unit(here)}, over the "
+            f"budget's {unit(cap)}; the plan checked the budget at the card's calibration batch, where it "
+            f"priced {unit(planned)}"
+        )
+    return lines
 
 
 def _timed_rows(step_times: list[list[Any]]) -> list[list[Any]]:
