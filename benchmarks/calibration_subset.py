@@ -104,7 +104,7 @@ def _slower_only(rows: list[dict[str, Any]], rounds: int) -> tuple[list[dict[str
 
 def _model(cost: dict[str, Any], variant: str, rounds: int = 1) -> tuple[Any, float]:
     """The card's cost model refitted for ``variant``, and the calibration seconds the variant leaves out."""
-    from layercard.cost import CostModel, _first_step_terms, fit_forward, fit_memory, fit_step_time
+    from layercard.cost import CostModel, first_step_terms, fit_forward, fit_memory, fit_step_time
 
     rows, n_layers = cost["measured"], cost["n_layers"]
     saved = 0.0
@@ -127,7 +127,7 @@ def _model(cost: dict[str, Any], variant: str, rounds: int = 1) -> tuple[Any, fl
         memory = fit_memory(step_rows, n_layers, cost.get("memory_resident_mib"))
         changes |= {k: v for k, v in memory.items() if k != "memory_resident_mib"}
         if cost.get("memory_first_step"):  # the first step's terms from the same rows, as the card fits them
-            changes["memory_first_step"] = _first_step_terms(step_rows, n_layers, memory, cost)
+            changes["memory_first_step"] = first_step_terms(step_rows, n_layers, memory, cost)
     base = (cost.get("batch_scaling") or {}).get("forward_s")
     if base is not None:
         changes |= fit_forward(base, _rows(rows, n_layers, fwd_drop))

@@ -253,12 +253,14 @@ def _task_rows(name: str) -> tuple[Any, list[dict[str, Any]], list[dict[str, Any
 
 
 def _at_start(r: dict[str, Any]) -> dict[str, Any]:
-    """The peak restated from the memory in use when the run began, as training records it since
-    (train.metrics.predictions): that start plus the memory training was predicted to add."""
-    if r.get("peak_memory_start_mib") is None or not r.get("predicted_training_memory_mib"):
-        return {}
-    at_start = r["peak_memory_start_mib"] + r["predicted_training_memory_mib"]
-    return {"peak_memory_at_start_error": _rel(r["peak_memory_mib"], at_start)}
+    """The peak restated from the memory in use when the run began: as training recorded it, or for runs
+    recorded before it did, that start plus the memory training was predicted to add (the same sum,
+    train.metrics.predictions)."""
+    at_start = r.get("predicted_peak_memory_at_start_mib")
+    start, added = r.get("peak_memory_start_mib"), r.get("predicted_training_memory_mib")
+    if at_start is None and start is not None and added:
+        at_start = start + added
+    return {"peak_memory_at_start_error": _rel(r["peak_memory_mib"], at_start)} if at_start else {}
 
 
 def _data(r: dict[str, Any]) -> dict[str, Any]:

@@ -672,7 +672,7 @@ def calibrate(
     positions = (int(batch["input_ids"].numel()), int(half_batch["input_ids"].numel()))
     scaling = _batch_scaling(rows[full], half, *positions) if half is not None else {}
     if memory:
-        memory["memory_first_step"] = _first_step_terms(rows, n_layers, memory, scaling)
+        memory["memory_first_step"] = first_step_terms(rows, n_layers, memory, scaling)
     if half_forward is not None:
         base_row = {"forward_s": round(base_forward, 4), "half_forward_s": round(half_forward, 4)}
         scaling["batch_scaling"] = scaling.get("batch_scaling", {}) | base_row
@@ -774,7 +774,7 @@ def refit_memory(
     return {k: fit[k] for k in keys} | {"memory_position_share": share}
 
 
-def _first_step_terms(
+def first_step_terms(
     rows: Sequence[dict[str, Any]], n_layers: int, memory: dict[str, Any], scaling: dict[str, Any]
 ) -> dict[str, float | None]:
     """The memory terms refitted to each row's first-step figure (see :func:`refit_memory`)."""
