@@ -751,14 +751,47 @@ def test_frontier_rows_fit_an_80_column_terminal_whole(card_file, tmp_path):
     assert any(line.rstrip().endswith("◀ plan │") for line in rows), r.output
 
 
-def test_names_near_the_right_end_of_a_log_axis_are_placed_left_of_their_point():
-    from layercard.plan.figures import _log_position
+def test_names_near_the_right_end_of_an_axis_are_placed_left_of_their_point():
+    from layercard.plan.figures import _position
 
     xs = [1e5, 1e6, 1e7]
-    assert _log_position(1e5, xs) == 0.0 and _log_position(1e7, xs) == 1.0
-    assert _log_position(1e6, xs) == pytest.approx(0.5)
-    assert _log_position(5.0, [5.0, 5.0]) == 0.5  # one value: no side to prefer
-    assert _log_position(1.0, [0.0, 10.0]) == 0.5  # a non-positive cost has no log position
+    assert _position(1e5, xs, True) == 0.0 and _position(1e7, xs, True) == 1.0
+    assert _position(1e6, xs, True) == pytest.approx(0.5)
+    assert _position(1e6, xs, False) == pytest.approx((1e6 - 1e5) / (1e7 - 1e5))  # near the left, linear
+    assert _position(5.0, [5.0, 5.0], True) == 0.5  # one value: no side to prefer
+    assert _position(1.0, [0.0, 10.0], True) == 0.5  # a non-positive cost has no log position
+    assert _position(1.0, [0.0, 10.0], False) == pytest.approx(0.1)
+
+
+def test_an_axis_is_log_only_where_its_costs_span_a_decade(card_file, tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from layercard.plan import Plan
+    from layercard.plan.figures import _wide, plot_frontier
+
+    assert _wide([1e5, 2e6]) and not _wide([1080.0, 1620.0]) and not _wide([]) and not _wide([0.0, 50.0])
+    out = tmp_path / "p.json"
+    args = ["plan", "--card", str(card_file), "--budget", "params=0.5x,memory=2x", "--out", str(out)]
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 0, r.output
+    plan = Plan.load(out)
+    seen: dict[str, str] = {}
+    real = plt.Figure.savefig
+
+    def keep_scales(fig, *a, **k):  # the axes' scales as drawn, before the figure is closed
+        seen.update({ax.get_xlabel(): ax.get_xscale() for ax in fig.axes if ax.get_xlabel()})
+        return real(fig, *a, **k)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(plt.Figure, "savefig", keep_scales)
+        plot_frontier(plan, tmp_path / "f.png")
+    for kind, rows in plan.predicted["frontier"].items():
+        label = next(k for k in seen if k.startswith(("trainable", "peak")[kind == "memory"]))
+        assert seen[label] == ("log" if _wide([row[kind] for row in rows]) else "linear"), (kind, seen)
+    assert sorted(seen.values()) == ["linear", "log"]  # parameters span decades, memory does not
 
 
 def test_frontier_table_keeps_the_cheapest_of_equal_looking_rows_and_the_plan():

@@ -54,8 +54,9 @@ def plot_frontier(plan: Any, path: str | Path, measured: dict[str, dict[str, flo
         ax.scatter(
             [chosen[kind]], [chosen["quality"]], marker="*", s=160, color="black", zorder=5, label="plan"
         )
-        # every point the panel's cost axis spans, to tell where a measured point's name has room
+        # every point the panel's cost axis spans: its scale, and where a measured point's name has room
         span = xs + [m[kind] for m in (measured or {}).values() if kind in m]
+        log = _wide(span)
         for i, (name, m) in enumerate((measured or {}).items()):
             if kind not in m:
                 continue
@@ -69,7 +70,7 @@ def plot_frontier(plan: Any, path: str | Path, measured: dict[str, dict[str, flo
                 "predicted)" if i == 0 else None,
             )  # fmt: skip
             # a name near the axis' right end is written to the left of its point, inside the panel
-            right = _log_position(m[kind], span) > 0.8
+            right = _position(m[kind], span, log) > 0.8
             ax.annotate(
                 name, (m[kind], m["fraction"]), fontsize=7, xytext=(-4 if right else 4, -8),
                 textcoords="offset points", ha="right" if right else "left",
@@ -82,7 +83,13 @@ def plot_frontier(plan: Any, path: str | Path, measured: dict[str, dict[str, flo
             if b.startswith(f"{kind}="):
                 cap = _cap(b, pred["reference"])
                 ax.axvline(cap, color="tab:red", ls=":", label=f"budget {b}")
-        ax.set_xscale("log")
+        # a log axis where the costs span a decade or more (parameters, mostly); over a narrower range its
+        # ticks would read 1.1×10³, so the axis is linear with whole numbers
+        ax.set_xscale("log" if log else "linear")
+        if not log and kind != "step_time":
+            from matplotlib.ticker import StrMethodFormatter
+
+            ax.xaxis.set_major_formatter(StrMethodFormatter("{x:,.0f}"))
         label = _LABELS.get(kind, kind)
         if kind == "memory" and pred.get("memory_figure") == "first_step":
             label += ", the first steps' figure: a training process of its own"
@@ -101,13 +108,20 @@ def plot_frontier(plan: Any, path: str | Path, measured: dict[str, dict[str, flo
     return Path(path)
 
 
-def _log_position(x: float, xs: list[float]) -> float:
-    """Where ``x`` lies between the least and the largest of ``xs`` on a log axis, 0 to 1 (0.5 when they are
-    all one value or not all positive)."""
+def _wide(xs: list[float]) -> bool:
+    """Whether costs ``xs`` span a decade or more (all positive), so that a log axis reads them best."""
+    return bool(xs) and min(xs) > 0 and max(xs) >= 10 * min(xs)
+
+
+def _position(x: float, xs: list[float], log: bool) -> float:
+    """Where ``x`` lies between the least and the largest of ``xs`` on the axis (log or linear), 0 to 1
+    (0.5 when they are all one value, or on a log axis not all positive)."""
     lo, hi = min(xs), max(xs)
-    if not (lo > 0 and hi > lo and x > 0):
+    if not hi > lo or (log and not (lo > 0 and x > 0)):
         return 0.5
-    return (math.log(x) - math.log(lo)) / (math.log(hi) - math.log(lo))
+    if log:
+        return (math.log(x) - math.log(lo)) / (math.log(hi) - math.log(lo))
+    return (x - lo) / (hi - lo)
 
 
 def _cap(text: str, reference: dict[str, float]) -> float:
