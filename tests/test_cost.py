@@ -248,6 +248,64 @@ def test_a_cost_model_at_another_batch_rescales_only_the_measured_shares():
         cm.at_batch(0)
 
 
+def test_a_cost_model_at_a_runs_positions_prices_steps_and_peaks_apart():
+    from layercard.plan.predict import calibration_batch
+    from layercard.train.metrics import over_budget, predictions, priced_at
+
+    cm = CostModel(
+        intercept_s=1.0, per_layer_backward_s=0.1, per_module_s=0.01, n_layers=10, batch_size=4,
+        batch_tokens=300, measured=[], device="cpu", per_mparam_s=0.2, memory_resident_mib=500.0,
+        memory_base_mib=520.0, memory_per_layer_mib=10.0, memory_per_module_mib=1.0,
+        memory_per_mparam_mib=16.0, batch_positions=400, step_position_share=0.25, memory_position_share=0.5,
+    )  # fmt: skip
+    layers, modules, params = [7, 8, 9], 6, 2_000_000
+    t, peak = cm.step_time(layers, modules, params), cm.peak_memory(layers, modules, params)
+    assert cm.at_positions(None, None) is cm
+    same = cm.at_positions(400.0, 400.0)
+    assert same.step_time(layers, modules, params) == pytest.approx(t) and same.memory_positions is None
+    # steps at the mean of a run (600 positions), the peak at its largest micro-batch (800)
+    run = cm.at_positions(600.0, 800.0)
+    assert run.step_time(layers, modules, params) == pytest.approx(t * (0.75 + 0.25 * 1.5))
+    assert run.peak_memory(layers, modules, params) == pytest.approx(500 + (peak - 500) * 1.5)
+    assert (run.batch_positions, run.memory_positions) == (600, 800.0)
+    # each is what the batch rule gives at those positions
+    assert run.step_time(layers, modules, params) == pytest.approx(
+        cm.at_batch(6).step_time(layers, modules, params)
+    )
+    assert run.peak_memory(layers, modules, params) == pytest.approx(
+        cm.at_batch(8).peak_memory(layers, modules, params)
+    )
+    # one of the two alone moves only its own cost
+    assert cm.at_positions(None, 800.0).step_time(layers, modules, params) == pytest.approx(t)
+    assert cm.at_positions(600.0, None).peak_memory(layers, modules, params) == pytest.approx(peak)
+    assert cm.at_positions(600.0, None).memory_positions == 400.0
+    # moved twice: the peak is priced from where it stands, not from the step's positions
+    twice = run.at_positions(300.0, 400.0)
+    assert twice.peak_memory(layers, modules, params) == pytest.approx(peak)
+    assert twice.step_time(layers, modules, params) == pytest.approx(
+        cm.at_batch(3).step_time(layers, modules, params)
+    )
+    assert CostModel.from_dict(run.to_dict()) == run
+    # a run that trains at those positions compares like with like, and no budget the plan met is over
+    planned = {
+        "step_time_s": run.step_time(layers, modules, params),
+        "memory": run.memory(layers, modules, params),
+        **calibration_batch(run.to_dict()),
+    }
+    at = priced_at(planned, 600.0, 800)
+    assert at["step_time_scaled_s"] == pytest.approx(planned["step_time_s"])
+    assert at["peak_scaled_mib"] == pytest.approx(planned["memory"]["peak_mib"])
+    cap = planned["memory"]["peak_mib"]
+    assert over_budget(f"memory={cap + 1e-6}", planned, at) == []
+    out = predictions(planned, 1.0, 500.0, 900.0, 500.0, positions_per_step=600.0, max_positions=800)
+    assert out["predicted_peak_memory_scaled_mib"] == pytest.approx(planned["memory"]["peak_mib"])
+    for bad in (0.0, float("nan"), -5.0):
+        with pytest.raises(LayercardError, match="must be a positive finite number"):
+            cm.at_positions(bad, None)
+    with pytest.raises(LayercardError, match="did not record its calibration batch's positions"):
+        dataclasses.replace(cm, batch_positions=None).at_positions(600.0, 800.0)
+
+
 def test_forward_time_at_another_batch_grows_by_its_own_share():
     from layercard.train.metrics import predictions
 

@@ -193,13 +193,25 @@ def test_changed_train_steps_reruns_downstream_only(tiny_run, tmp_path):
     copy = tmp_path / "run"
     shutil.copytree(run_dir, copy)
     before = _records(copy)
+    # the plans are priced at the batches training will draw, so more steps plan again
     summary = run_pipeline(load_config(cfg_path, ["train.steps=4"]), copy, progress=False)
-    assert set(summary["skipped"]) == {"card", "plan:card-2", "plan:all", "eval:base"}
+    assert set(summary["skipped"]) == {"card", "eval:base"}
     assert set(summary["ran"]) == set(STAGES) - set(summary["skipped"])
     after = _records(copy)
-    for stage in ("card", "plan:all", "eval:base"):
+    for stage in ("card", "eval:base"):
         assert after[stage]["mtime"] == before[stage]["mtime"]
-    assert json.loads((copy / "train/all/train_metrics.json").read_text())["steps"] == 4
+    m = json.loads((copy / "train/all/train_metrics.json").read_text())
+    assert m["steps"] == 4
+    # what the plan was priced at is what the run then computed
+    plan = json.loads((copy / "plan/all/plan.json").read_text())
+    assert plan["config"]["step_positions"] == pytest.approx(m["batch_positions_per_step"])
+    assert plan["config"]["peak_positions"] == m["max_batch_positions"]
+    assert m["predicted_peak_memory_scaled_mib"] == pytest.approx(m["predicted_peak_memory_mib"])
+    assert m["budget_notes"] == []
+    # a change that leaves the batches as they were (the learning rate) trains again but keeps the plans
+    summary = run_pipeline(load_config(cfg_path, ["train.steps=4", "train.lr=0.02"]), copy, progress=False)
+    assert {"card", "plan:card-2", "plan:all", "eval:base"} <= set(summary["skipped"])
+    assert "train:all" in summary["ran"]
 
 
 def test_stopped_training_resumes(tiny_run, tmp_path, monkeypatch):

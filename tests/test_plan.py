@@ -1049,3 +1049,31 @@ def test_the_frontier_figure_names_the_first_steps_memory_figure(tiny_card, tmp_
     memory = [x for x in labels if x.startswith("peak training memory")]
     assert memory == ["peak training memory (MiB), the first steps' figure: a training process of its own",
                       "peak training memory (MiB)"]  # fmt: skip
+
+
+def test_a_memory_budget_priced_at_a_runs_largest_micro_batch_takes_less(tiny_card, tmp_path):
+    from layercard.cost import peak_of
+
+    # a calibration batch of 192 positions, half of whose added memory grows with them
+    cost = COST | {"batch_positions": 192, "memory_position_share": 0.5, "step_position_share": 0.5}
+    card_file = dataclasses.replace(tiny_card, cost=cost).save(tmp_path / "card.json")
+
+    def plan(*extra: str) -> Plan:
+        out = tmp_path / f"p{len(list(tmp_path.iterdir()))}.json"
+        args = ["plan", "--card", str(card_file), "--memory-figure", "window", *extra, "--out", str(out)]
+        r = CliRunner().invoke(app, args)
+        assert r.exit_code == 0, r.output
+        return Plan.load(out)
+
+    ref = plan("--budget", "params=1x")  # the reference itself, priced at the card's batch
+    cap = peak_of(ref.predicted["memory"], "window")
+    at_card = plan("--budget", f"memory={cap:.3f}")
+    assert at_card.predicted["params"] == ref.predicted["params"]
+    longer = 1.5 * cost["batch_positions"]
+    at_run = plan("--budget", f"memory={cap:.3f}", "--peak-positions", str(longer))
+    assert at_run.config["peak_positions"] == longer
+    assert at_run.predicted["calibration_memory_positions"] == pytest.approx(longer)
+    assert at_run.predicted["params"] < ref.predicted["params"]  # the reference no longer fits
+    assert peak_of(at_run.predicted["memory"], "window") <= cap
+    # step time is priced at the card's batch still
+    assert at_run.predicted["calibration_batch_positions"] == cost["batch_positions"]

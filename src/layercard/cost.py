@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
+import math
 import re
 import resource
 import sys
@@ -191,6 +192,9 @@ class CostModel:
     # Padded positions of the calibration batch (batch × length): compute and activations scale with
     # these, not with the real tokens (None on cards made before it was recorded).
     batch_positions: int | None = None
+    # The padded positions of the micro-batch peak memory is priced at, where :meth:`at_positions` moved it
+    # apart from the step's (a run's largest micro-batch against its mean step); None: batch_positions.
+    memory_positions: float | None = None
     # How much of a step grows with the positions it computes, from the all-layer placement timed again on
     # half the calibration batch: the share of its step time, and of the memory training adds, that a line
     # through the two batches puts on the positions (0: none, 1: all). None on cards made before it was
@@ -305,6 +309,33 @@ class CostModel:
         k = rows / self.batch_size
         if k == 1.0:
             return self
+        return dataclasses.replace(self._scaled(k, k), batch_size=rows)
+
+    def at_positions(self, step: float | None, peak: float | None) -> CostModel:
+        """This model priced at other padded positions: step time and the unmerged forward at ``step``
+        positions per step (all of a step's micro-batches), peak memory at a largest micro-batch of
+        ``peak`` positions; None keeps the model's own. A run's positions follow its data, so a plan for it
+        is priced at them (``layercard run``: its training stream's)."""
+        if step is None and peak is None:
+            return self
+        if self.batch_positions is None:
+            raise LayercardError(
+                "positions: this card's cost model did not record its calibration batch's positions; "
+                "make the card again to price other positions"
+            )
+        for name, v in (("step_positions", step), ("peak_positions", peak)):
+            if v is not None and not (math.isfinite(v) and v > 0):
+                raise LayercardError(f"{name} {v}: must be a positive finite number")
+        own = float(self.memory_positions or self.batch_positions)
+        k_step = 1.0 if step is None else step / self.batch_positions
+        return self._scaled(k_step, 1.0 if peak is None else peak / own)
+
+    def _scaled(self, k: float, k_mem: float) -> CostModel:
+        """Step time and the forward priced at ``k`` times the positions they are at, peak memory at
+        ``k_mem`` times its own (see :meth:`at_batch`)."""
+        bp = self.batch_positions
+        own = None if bp is None else float(self.memory_positions or bp)
+        memory_positions = None if own is None or own * k_mem == bp * k else own * k_mem
         s = 1.0 if self.step_position_share is None else float(self.step_position_share)
         f = 1.0 - s + s * k
         changes: dict[str, Any] = {
@@ -312,9 +343,9 @@ class CostModel:
             "per_layer_backward_s": self.per_layer_backward_s * f,
             "per_module_s": self.per_module_s * f,
             "per_mparam_s": self.per_mparam_s * f,
-            "batch_size": rows,
             "batch_tokens": round(self.batch_tokens * k),
-            "batch_positions": None if self.batch_positions is None else round(self.batch_positions * k),
+            "batch_positions": None if bp is None else round(bp * k),
+            "memory_positions": memory_positions,
         }
         if self.step_position_share is not None:
             changes["step_position_share"] = s * k / f
@@ -329,20 +360,20 @@ class CostModel:
                 changes["forward_position_share"] = v * k / h
         if self.has_memory and self.memory_position_share is not None:
             m = float(self.memory_position_share)
-            g = 1.0 - m + m * k
+            g = 1.0 - m + m * k_mem
             resident = float(self.memory_resident_mib or 0.0)
             changes |= {
                 "memory_base_mib": resident + (float(self.memory_base_mib) - resident) * g,  # type: ignore[arg-type]
                 "memory_per_layer_mib": float(self.memory_per_layer_mib or 0.0) * g,
                 "memory_per_module_mib": float(self.memory_per_module_mib or 0.0) * g,
                 "memory_per_mparam_mib": float(self.memory_per_mparam_mib or 0.0) * g,
-                "memory_position_share": m * k / g,
+                "memory_position_share": m * k_mem / g,
             }
         elif self.has_memory:
-            changes["memory_per_layer_mib"] = float(self.memory_per_layer_mib or 0.0) * k
+            changes["memory_per_layer_mib"] = float(self.memory_per_layer_mib or 0.0) * k_mem
         first = self.first_step_model()
         if first is not None:
-            moved = first.at_batch(rows)
+            moved = first._scaled(k, k_mem)
             changes["memory_first_step"] = {key: getattr(moved, key) for key in self.memory_first_step or {}}
         return dataclasses.replace(self, **changes)
 

@@ -91,6 +91,18 @@ class PlanConfig(Schema):
         help="training micro-batch that step time and memory are priced at; null: the card's calibration "
         "batch (layercard run: train.batch_size)",
     )
+    step_positions: float | None = setting(
+        None,
+        kind="pos_float",
+        help="padded positions (rows × tokens) an optimizer step computes, that step time is priced at; "
+        "null: the card's calibration batch at batch_size rows (layercard run: its training data's mean)",
+    )
+    peak_positions: float | None = setting(
+        None,
+        kind="pos_float",
+        help="padded positions of the largest micro-batch, that peak memory is priced at; null: the card's "
+        "calibration batch at batch_size rows (layercard run: its training data's largest)",
+    )
     memory_figure: str = setting(
         "auto",
         kind="choice",

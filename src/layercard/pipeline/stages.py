@@ -284,13 +284,22 @@ class Runner:
         # memory_figure auto is resolved when the plan is made, by this process; a cached plan keeps the
         # figure it was made with, so that a run resumed in a new process does not plan and train again
         plan_cfg = dataclasses.replace(p.plan, batch_size=batch)
+        # ... and at the positions its training will compute, from its data order, unless the plan names
+        # them: a run's largest micro-batch sets its peak (design §6, "a budget holds")
+        at_run = p.plan.step_positions is None and p.plan.peak_positions is None
 
         def fn(_resume: bool) -> None:
             from layercard.card import Card
             from layercard.plan import make_plan
 
             card = Card.load(out.card_json)
-            make_plan(card, plan_cfg, card_path=str(out.card_json.resolve())).save(path)
+            made = plan_cfg
+            if at_run and (card.cost or {}).get("batch_positions"):
+                from layercard.train import planned_positions
+
+                step, peak = planned_positions(self.loaded, self.train_task, self.cfg.train)
+                made = dataclasses.replace(plan_cfg, step_positions=step, peak_positions=float(peak))
+            make_plan(card, made, card_path=str(out.card_json.resolve())).save(path)
 
         def summarize() -> list[tuple[str, str]]:
             from layercard.plan.frontier import row_label
@@ -326,6 +335,14 @@ class Runner:
                     (f"predicted gain ({pr.get('score')})", _fmt(pr.get("gain"))),
                     ("of all-layer gain", "—" if frac is None else f"{100 * frac:.1f}%"),
                 ]
+            if plan.config.get("step_positions"):
+                rows.append(
+                    (
+                        "priced at",
+                        f"{plan.config['step_positions']:,.0f} padded positions per step, "
+                        f"{plan.config['peak_positions']:,.0f} in the largest micro-batch (this run's)",
+                    )
+                )
             rows.append(("predicted s/step", _fmt(pr.get("step_time_s"), ".3g")))
             if pr.get("memory"):
                 from layercard.cost import peak_text
@@ -337,6 +354,11 @@ class Runner:
 
         config = {**p.to_dict(), "seed": p.plan.seed, "batch_size": plan_cfg.batch_size}
         inputs = {"card": _content_hash(out.card_json)}
+        if at_run:  # what the training's positions follow
+            t = self.cfg.train
+            keys = ("batch_size", "grad_accum", "steps", "epochs", "max_length", "train_examples", "seed")
+            config["train_positions"] = {k: getattr(t, k) for k in keys}
+            inputs["train_data"] = self.train_task.data_hash
         self.stage(f"plan:{p.name}", "plan", out.plan_dir(p.name), config, inputs, [path], fn, summarize)
 
     # ---- train --------------------------------------------------------------------------------------

@@ -50,9 +50,19 @@ def at_batch(card: Card, rows: int | None) -> Card:
     return dataclasses.replace(card, cost=CostModel.from_dict(card.cost).at_batch(rows).to_dict())
 
 
+def at_positions(card: Card, step: float | None, peak: float | None) -> Card:
+    """``card`` with its cost model priced at ``step`` padded positions per step and a largest micro-batch
+    of ``peak`` (None: its own; a card without a cost model: unchanged); see ``CostModel.at_positions``."""
+    if (step is None and peak is None) or card.cost is None:
+        return card
+    from layercard.cost import CostModel
+
+    return dataclasses.replace(card, cost=CostModel.from_dict(card.cost).at_positions(step, peak).to_dict())
+
+
 def make_plan(card: Card, cfg: PlanConfig, *, card_path: str | None = None) -> Plan:
     """Choose layers (and ranks) for ``cfg.policy`` under the budget; see the module docstring."""
-    card = at_batch(card, cfg.batch_size)
+    card = at_positions(at_batch(card, cfg.batch_size), cfg.step_positions, cfg.peak_positions)
     if cfg.policy in SEARCH_POLICIES:  # matrices × layers × rank, with the quality model
         return search_plan(card, cfg, card_path=card_path)
     from layercard.cost import memory_figure
@@ -102,6 +112,8 @@ def make_plan(card: Card, cfg: PlanConfig, *, card_path: str | None = None) -> P
         "kind": cfg.kind,
         "bands": cfg.bands,
         "batch_size": cfg.batch_size,
+        "step_positions": cfg.step_positions,
+        "peak_positions": cfg.peak_positions,
         "memory_figure": figure,
     }
     return Plan(

@@ -57,12 +57,15 @@ def predicted(
 
 
 def calibration_batch(cost: dict[str, Any]) -> dict[str, Any]:
-    """The batch a card's times and memory refer to, and how much of each grows with positions, so
-    that train can compare like with like at its own batch (see ``train.metrics.predictions``)."""
+    """The batch a card's times and memory refer to (as the plan priced them), and how much of each grows
+    with positions, so that train can compare like with like at its own batch (see
+    ``train.metrics.predictions``)."""
     return {
         "calibration_batch_size": cost.get("batch_size"),
         "calibration_batch_tokens": cost.get("batch_tokens"),
         "calibration_batch_positions": cost.get("batch_positions"),
+        # where peak memory is priced at other positions than a step (a run's largest micro-batch)
+        "calibration_memory_positions": cost.get("memory_positions"),
         "step_time_position_share": cost.get("step_position_share"),
         "forward_position_share": cost.get("forward_position_share"),
     }

@@ -307,6 +307,8 @@ def search_plan(
         "bands": None,
         "depth": cfg.depth,
         "batch_size": cfg.batch_size,
+        "step_positions": cfg.step_positions,
+        "peak_positions": cfg.peak_positions,
         "memory_figure": figure,
     }
     return Plan(

@@ -29,7 +29,7 @@ output, and layer selection by it).
 from layercard.train.checkpoints import CHECKPOINT_DIR, latest_checkpoint
 from layercard.train.config import SCHEDULERS, VALID_KINDS, TrainConfig
 from layercard.train.importance import layer_importance, layers_by_coverage, select_layers
-from layercard.train.loop import StepCallback, is_launch_main, train
+from layercard.train.loop import StepCallback, is_launch_main, planned_positions, train
 from layercard.train.metrics import KIND, METRICS_FILE, TrainMetrics
 from layercard.train.model import ADAPTER_DIR
 
@@ -46,6 +46,7 @@ __all__ = [
     "TrainMetrics",
     "latest_checkpoint",
     "layer_importance",
+    "planned_positions",
     "layers_by_coverage",
     "select_layers",
     "train",

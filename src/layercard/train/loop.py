@@ -223,7 +223,7 @@ def _train(
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=_MIXED_PRECISION[cfg.dtype])
     stream = Stream(data.encoded, cfg.batch_size, data.pad_id, cfg.seed)
     world = accelerator.num_processes
-    total_steps = cfg.steps or max(1, math.ceil(cfg.epochs * stream.per_epoch / (cfg.grad_accum * world)))
+    total_steps = _total_steps(cfg, stream, world)
     fingerprint = _fingerprint(loaded, plan, cfg, kind, layers, bottleneck, data.task, world, total_steps)
     run = _Run(
         loaded, plan, cfg, kind, layers, bottleneck, out_dir, data, accelerator, stream, total_steps,
@@ -344,6 +344,18 @@ def _check_inputs(
         raise LayercardError(f"plan: layers {outside} do not exist; the model has layers 0..{n - 1}")
     bottleneck = cfg.bottleneck or int((plan.adapter_config or {}).get("bottleneck") or _DEFAULT_BOTTLENECK)
     return kind, layers, bottleneck
+
+
+def _total_steps(cfg: TrainConfig, stream: Stream, world: int) -> int:
+    return cfg.steps or max(1, math.ceil(cfg.epochs * stream.per_epoch / (cfg.grad_accum * world)))
+
+
+def planned_positions(loaded: LoadedModel, train_task: Task, cfg: TrainConfig) -> tuple[float, int]:
+    """(mean padded positions per step, the largest micro-batch's) of the run ``cfg`` would train on
+    ``train_task`` in one process, from its data order alone: what a plan for it is priced at."""
+    data = _prepare_data(loaded, train_task, None, cfg)
+    stream = Stream(data.encoded, cfg.batch_size, data.pad_id, cfg.seed)
+    return run_positions(stream, _total_steps(cfg, stream, 1), cfg.grad_accum, 1, 0)
 
 
 def _prepare_data(loaded: LoadedModel, train_task: Task, val_task: Task | None, cfg: TrainConfig) -> _Data:

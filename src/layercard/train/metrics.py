@@ -239,7 +239,9 @@ def priced_at(
     share = predicted.get("step_time_position_share")
     share = 1.0 if share is None else float(share)
     step_scaled = step * (1.0 - share + share * scale) if step and scale else None
-    mem_scale = max_positions / positions if positions and max_positions else scale
+    # peak memory may be priced at other positions than a step: a run's largest micro-batch
+    mem_positions = predicted.get("calibration_memory_positions") or positions
+    mem_scale = max_positions / mem_positions if mem_positions and max_positions else scale
     memory = predicted.get("memory") or {}
     figure = "window" if memory else None
     if first_step and memory.get("first_step"):
@@ -264,38 +266,42 @@ def over_budget(budget: str | None, predicted: dict[str, Any], at: dict[str, Any
     """One line for each of the plan's ``memory`` and ``step_time`` budgets that a run's own batches put
     its prediction over (``at``: :func:`priced_at` at those batches); none where they fit.
 
-    A plan checks its budgets at the card's calibration batch, but a run's peak is that of its largest
-    micro-batch and its step time follows its mean positions per step. A relative budget is resolved
+    A plan checks its budgets at the positions it was priced at (the card's calibration batch, unless it
+    was given a run's), but a run's peak is that of its largest micro-batch and its step time follows its
+    mean positions per step. A relative budget is resolved
     against the plan's reference placement (left out where the plan did not price one)."""
     from layercard.config.budget import Budgets
 
     if not budget:
         return []
     reference = predicted.get("reference") or {}
-    card = predicted.get("calibration_batch_positions")
-    against = f", against the card's calibration batch's {card:,}" if card else ""
-    # planned, restated at the run's batches, the run's positions, and how the line names them
-    step = (at["step_time_s"], at["step_time_scaled_s"], at["positions_per_step"], "batches", "put")
+    step_at = predicted.get("calibration_batch_positions")
+    peak_at = predicted.get("calibration_memory_positions") or step_at
+    # planned, restated at the run's batches, the run's positions, the plan's, and how the line names them
+    step = (at["step_time_s"], at["step_time_scaled_s"], at["positions_per_step"], step_at, "batches", "put")
     checks = {
-        "memory": (at["peak_mib"], at["peak_scaled_mib"], at["max_positions"], "largest micro-batch", "puts"),
+        "memory": (
+            at["peak_mib"], at["peak_scaled_mib"], at["max_positions"], peak_at, "largest micro-batch", "puts"
+        ),
         "step_time": step,
-    }
+    }  # fmt: skip
     lines = []
     for b in Budgets.parse(budget):
         if b.kind not in checks or (b.relative and b.kind not in reference):
             continue
-        planned, here, positions, batches, verb = checks[b.kind]
+        planned, here, positions, plan_positions, batches, verb = checks[b.kind]
         per = " per step" if b.kind == "step_time" else ""
         cap = b.cap(reference)
         if not here or here <= cap * (1 + 1e-9):
             continue
         unit = (lambda v: f"{v:,.0f} MiB") if b.kind == "memory" else (lambda v: f"{v:.3g} s")
+        against = f", against the plan's {plan_positions:,.0f}" if plan_positions else ""
         count = f" ({positions:,.0f} padded positions{per}{against})" if positions else ""
         cost = "peak" if b.kind == "memory" else "step time"
         lines.append(
             f"budget {b}: this run's {batches}{count} {verb} its predicted {cost} at {unit(here)}, over the "
-            f"budget's {unit(cap)}; the plan checked the budget at the card's calibration batch, where it "
-            f"priced {unit(planned)}"
+            f"budget's {unit(cap)}; the plan checked the budget at its own positions, where it priced "
+            f"{unit(planned)}"
         )
     return lines
 
