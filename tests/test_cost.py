@@ -209,15 +209,19 @@ def test_first_step_memory_terms_price_a_run_in_a_process_without_calibration(mo
     assert not cost.prices_by_first_step("process_peak_rss")
 
 
+# A model whose steps and added memory grow with positions by measured shares (a quarter and a half).
+SHARED = CostModel(
+    intercept_s=1.0, per_layer_backward_s=0.1, per_module_s=0.01, n_layers=10, batch_size=4,
+    batch_tokens=300, measured=[], device="cpu", per_mparam_s=0.2, memory_resident_mib=500.0,
+    memory_base_mib=520.0, memory_per_layer_mib=10.0, memory_per_module_mib=1.0,
+    memory_per_mparam_mib=16.0, batch_positions=400, step_position_share=0.25, memory_position_share=0.5,
+)  # fmt: skip
+
+
 def test_a_cost_model_at_another_batch_rescales_only_the_measured_shares():
     from layercard.train.metrics import predictions
 
-    cm = CostModel(
-        intercept_s=1.0, per_layer_backward_s=0.1, per_module_s=0.01, n_layers=10, batch_size=4,
-        batch_tokens=300, measured=[], device="cpu", per_mparam_s=0.2, memory_resident_mib=500.0,
-        memory_base_mib=520.0, memory_per_layer_mib=10.0, memory_per_module_mib=1.0,
-        memory_per_mparam_mib=16.0, batch_positions=400, step_position_share=0.25, memory_position_share=0.5,
-    )  # fmt: skip
+    cm = SHARED
     layers, modules, params = [7, 8, 9], 6, 2_000_000
     t, mem = cm.step_time(layers, modules, params), cm.memory(layers, modules, params)
     big = cm.at_batch(8)  # twice the rows
@@ -252,12 +256,7 @@ def test_a_cost_model_at_a_runs_positions_prices_steps_and_peaks_apart():
     from layercard.plan.predict import calibration_batch
     from layercard.train.metrics import over_budget, predictions, priced_at
 
-    cm = CostModel(
-        intercept_s=1.0, per_layer_backward_s=0.1, per_module_s=0.01, n_layers=10, batch_size=4,
-        batch_tokens=300, measured=[], device="cpu", per_mparam_s=0.2, memory_resident_mib=500.0,
-        memory_base_mib=520.0, memory_per_layer_mib=10.0, memory_per_module_mib=1.0,
-        memory_per_mparam_mib=16.0, batch_positions=400, step_position_share=0.25, memory_position_share=0.5,
-    )  # fmt: skip
+    cm = SHARED
     layers, modules, params = [7, 8, 9], 6, 2_000_000
     t, peak = cm.step_time(layers, modules, params), cm.peak_memory(layers, modules, params)
     assert cm.at_positions(None, None) is cm
