@@ -1077,3 +1077,10 @@ def test_a_memory_budget_priced_at_a_runs_largest_micro_batch_takes_less(tiny_ca
     assert peak_of(at_run.predicted["memory"], "window") <= cap
     # step time is priced at the card's batch still
     assert at_run.predicted["calibration_batch_positions"] == cost["batch_positions"]
+    from layercard.plan.predict import positions_text
+
+    assert positions_text(at_run.config) == "288 in the largest micro-batch"
+    assert positions_text(at_card.config) == ""
+    assert positions_text({"step_positions": 252.7, "peak_positions": 264.0}) == (
+        "253 padded positions per step and 264 in the largest micro-batch"
+    )

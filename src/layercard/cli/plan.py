@@ -96,6 +96,7 @@ def _print_search_plan(plan) -> None:
     """The frontier per budgeted cost, the plan marked, the fixed rules, and the one-sentence comparison."""
     from layercard.cost import peak_text
     from layercard.plan.frontier import over_budget, row_label
+    from layercard.plan.predict import positions_text
     from layercard.plan.space import amount
 
     p = plan.predicted
@@ -145,6 +146,7 @@ def _print_search_plan(plan) -> None:
         + ("" if err is None else f" ± {err:.3f}")
         + (f", predicted {p['step_time_s']:.3g} s/step" if p.get("step_time_s") else "")
         + (f", peak {peak_text(p['memory'], p.get('memory_figure'))}" if p.get("memory") else "")
+        + (f"; priced at {where}" if (where := positions_text(plan.config)) else "")
     )
     console.print(p["recommendation"], highlight=False, soft_wrap=True, markup=False)
     for w in plan.warnings:

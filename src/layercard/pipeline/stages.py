@@ -303,6 +303,7 @@ class Runner:
 
         def summarize() -> list[tuple[str, str]]:
             from layercard.plan.frontier import row_label
+            from layercard.plan.predict import positions_text
             from layercard.plan.space import budget_label
 
             plan = Plan.load(path)
@@ -335,14 +336,8 @@ class Runner:
                     (f"predicted gain ({pr.get('score')})", _fmt(pr.get("gain"))),
                     ("of all-layer gain", "—" if frac is None else f"{100 * frac:.1f}%"),
                 ]
-            if plan.config.get("step_positions"):
-                rows.append(
-                    (
-                        "priced at",
-                        f"{plan.config['step_positions']:,.0f} padded positions per step, "
-                        f"{plan.config['peak_positions']:,.0f} in the largest micro-batch (this run's)",
-                    )
-                )
+            if where := positions_text(plan.config):
+                rows.append(("priced at", f"{where} (this run's)"))
             rows.append(("predicted s/step", _fmt(pr.get("step_time_s"), ".3g")))
             if pr.get("memory"):
                 from layercard.cost import peak_text

@@ -71,6 +71,15 @@ def calibration_batch(cost: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def positions_text(config: dict[str, Any]) -> str:
+    """The positions a plan's costs were priced at where it was given a run's (``step_positions``,
+    ``peak_positions``), else an empty string."""
+    step, peak = config.get("step_positions"), config.get("peak_positions")
+    parts = [f"{step:,.0f} padded positions per step"] if step else []
+    parts += [f"{peak:,.0f} in the largest micro-batch"] if peak else []
+    return " and ".join(parts)
+
+
 def kind_warnings(kind: str) -> list[str]:
     """The caveat of planning bottleneck adapters from LoRA measurements."""
     if kind == "lora":
