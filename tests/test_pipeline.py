@@ -188,13 +188,19 @@ def test_second_run_skips_every_stage(tiny_run, tmp_path, monkeypatch):
     assert {k: v["mtime"] for k, v in after.items()} == {k: v["mtime"] for k, v in before.items()}
 
 
-def test_changed_train_steps_reruns_downstream_only(tiny_run, tmp_path):
+def test_changed_train_steps_reruns_downstream_only(tiny_run, tmp_path, monkeypatch):
+    import layercard.train
+
     cfg_path, run_dir, _ = tiny_run
     copy = tmp_path / "run"
     shutil.copytree(run_dir, copy)
     before = _records(copy)
+    calls: list[int] = []
+    real = layercard.train.planned_positions
+    monkeypatch.setattr(layercard.train, "planned_positions", lambda *a: calls.append(1) or real(*a))
     # the plans are priced at the batches training will draw, so more steps plan again
     summary = run_pipeline(load_config(cfg_path, ["train.steps=4"]), copy, progress=False)
+    assert len(calls) == 1  # read once for both placements: they train on the same stream
     assert set(summary["skipped"]) == {"card", "eval:base"}
     assert set(summary["ran"]) == set(STAGES) - set(summary["skipped"])
     after = _records(copy)

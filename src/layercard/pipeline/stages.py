@@ -112,6 +112,7 @@ class Runner:
         self.results: list[StageResult] = []
         self._loaded: Any = None
         self._model_hash: str | None = None
+        self._run_positions: tuple[float, int] | None = None
         self.train_task, self.eval_task = self._tasks()
         self.trim_task, self.trim_note = self._trim_task()
 
@@ -165,6 +166,16 @@ class Runner:
             )
             self._model_hash = self._loaded.model_hash
         return self._loaded
+
+    @property
+    def run_positions(self) -> tuple[float, int]:
+        """(mean padded positions per step, the largest micro-batch's) of this run's training, read once
+        from its data order: every placement trains on the same stream."""
+        if self._run_positions is None:
+            from layercard.train import planned_positions
+
+            self._run_positions = planned_positions(self.loaded, self.train_task, self.cfg.train)
+        return self._run_positions
 
     @property
     def model_hash(self) -> str:
@@ -295,9 +306,7 @@ class Runner:
             card = Card.load(out.card_json)
             made = plan_cfg
             if at_run and (card.cost or {}).get("batch_positions"):
-                from layercard.train import planned_positions
-
-                step, peak = planned_positions(self.loaded, self.train_task, self.cfg.train)
+                step, peak = self.run_positions
                 made = dataclasses.replace(plan_cfg, step_positions=step, peak_positions=float(peak))
             make_plan(card, made, card_path=str(out.card_json.resolve())).save(path)
 
