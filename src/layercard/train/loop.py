@@ -129,6 +129,8 @@ class _Run:
     total_steps: int
     fingerprint: dict[str, Any]
     t_start: float
+    # the plan's budgets this run's own batches put over (:func:`_budget_notes`), said before its first step
+    budget_notes: tuple[str, ...] = ()
 
     @property
     def device(self) -> torch.device:
@@ -233,8 +235,8 @@ def _train(
     ckpt = latest_checkpoint(out_dir) if resume else None
     if ckpt is not None:
         check_resumable(ckpt, fingerprint)  # before any work, and before EVA trusts its ranks
-    notes = _budget_notes(run)
-    for line in notes:
+    run = dataclasses.replace(run, budget_notes=tuple(_budget_notes(run)))
+    for line in run.budget_notes:
         say(f"warning: {line}", enabled=progress if accelerator.is_main_process else False)
 
     # Model: the caller's base, adapted in place and restored in `finally`.
@@ -633,7 +635,7 @@ def _metrics(
         init=cfg.init,
         init_s=round(state.init_s, 3) if state.init_s is not None else None,
         eva_ranks=eva_ranks,
-        budget_notes=_budget_notes(run),
+        budget_notes=list(run.budget_notes),
         **predictions(
             plan.predicted,
             s_per_step,
