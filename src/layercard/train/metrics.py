@@ -271,6 +271,7 @@ def over_budget(budget: str | None, predicted: dict[str, Any], at: dict[str, Any
     mean positions per step. A relative budget is resolved
     against the plan's reference placement (left out where the plan did not price one)."""
     from layercard.config.budget import Budgets
+    from layercard.plan.space import fits
 
     if not budget:
         return []
@@ -292,7 +293,7 @@ def over_budget(budget: str | None, predicted: dict[str, Any], at: dict[str, Any
         planned, here, positions, plan_positions, batches, verb = checks[b.kind]
         per = " per step" if b.kind == "step_time" else ""
         cap = b.cap(reference)
-        if not here or here <= cap * (1 + 1e-9):
+        if not here or fits(here, cap):
             continue
         unit = (lambda v: f"{v:,.0f} MiB") if b.kind == "memory" else (lambda v: f"{v:.3g} s")
         against = f", against the plan's {plan_positions:,.0f}" if plan_positions else ""
