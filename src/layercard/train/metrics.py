@@ -104,8 +104,9 @@ class TrainMetrics:
     # steps', for one that ran none; design §5, "Where a run trains"). Older files read None.
     predicted_memory_figure: str | None = None
     # The plan's memory and step-time budgets that this run's own batches put it over, one line each
-    # (:func:`over_budget`), said before its first step: a plan checks them at the card's calibration
-    # batch. Empty where they fit or the plan had none; older files read None.
+    # (:func:`over_budget`), said before its first step: a plan checks them at the positions it was priced
+    # at, the card's calibration batch unless it was given a run's. Empty where they fit or the plan had
+    # none; older files read None.
     budget_notes: list[str] | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -277,32 +278,35 @@ def over_budget(budget: str | None, predicted: dict[str, Any], at: dict[str, Any
         return []
     reference = predicted.get("reference") or {}
     step_at = predicted.get("calibration_batch_positions")
-    peak_at = predicted.get("calibration_memory_positions") or step_at
-    # planned, restated at the run's batches, the run's positions, the plan's, and how the line names them
-    step = (at["step_time_s"], at["step_time_scaled_s"], at["positions_per_step"], step_at, "batches", "put")
+    # per cost: as planned, restated at the run's batches, the run's positions and the plan's, and its words
     checks = {
-        "memory": (
-            at["peak_mib"], at["peak_scaled_mib"], at["max_positions"], peak_at, "largest micro-batch", "puts"
-        ),
-        "step_time": step,
+        "memory": {
+            "planned": at["peak_mib"], "here": at["peak_scaled_mib"], "positions": at["max_positions"],
+            "plan_positions": predicted.get("calibration_memory_positions") or step_at,
+            "batches": "largest micro-batch", "per": "", "verb": "puts", "cost": "peak",
+            "unit": "{:,.0f} MiB",
+        },
+        "step_time": {
+            "planned": at["step_time_s"], "here": at["step_time_scaled_s"],
+            "positions": at["positions_per_step"], "plan_positions": step_at,
+            "batches": "batches", "per": " per step", "verb": "put", "cost": "step time", "unit": "{:.3g} s",
+        },
     }  # fmt: skip
     lines = []
     for b in Budgets.parse(budget):
-        if b.kind not in checks or (b.relative and b.kind not in reference):
+        c = checks.get(b.kind)
+        if c is None or (b.relative and b.kind not in reference):
             continue
-        planned, here, positions, plan_positions, batches, verb = checks[b.kind]
-        per = " per step" if b.kind == "step_time" else ""
         cap = b.cap(reference)
-        if not here or fits(here, cap):
+        if not c["here"] or fits(c["here"], cap):
             continue
-        unit = (lambda v: f"{v:,.0f} MiB") if b.kind == "memory" else (lambda v: f"{v:.3g} s")
-        against = f", against the plan's {plan_positions:,.0f}" if plan_positions else ""
-        count = f" ({positions:,.0f} padded positions{per}{against})" if positions else ""
-        cost = "peak" if b.kind == "memory" else "step time"
+        unit = c["unit"].format
+        against = f", against the plan's {c['plan_positions']:,.0f}" if c["plan_positions"] else ""
+        count = f" ({c['positions']:,.0f} padded positions{c['per']}{against})" if c["positions"] else ""
         lines.append(
-            f"budget {b}: this run's {batches}{count} {verb} its predicted {cost} at {unit(here)}, over the "
-            f"budget's {unit(cap)}; the plan checked the budget at its own positions, where it priced "
-            f"{unit(planned)}"
+            f"budget {b}: this run's {c['batches']}{count} {c['verb']} its predicted {c['cost']} at "
+            f"{unit(c['here'])}, over the budget's {unit(cap)}; the plan checked the budget at its own "
+            f"positions, where it priced {unit(c['planned'])}"
         )
     return lines
 
