@@ -198,9 +198,18 @@ def test_changed_train_steps_reruns_downstream_only(tiny_run, tmp_path, monkeypa
     calls: list[int] = []
     real = layercard.train.planned_positions
     monkeypatch.setattr(layercard.train, "planned_positions", lambda *a: calls.append(1) or real(*a))
+    encoded: list[str] = []
+    real_encode = layercard.train.loop.encode_task
+    monkeypatch.setattr(
+        layercard.train.loop,
+        "encode_task",
+        lambda tok, task, **kw: encoded.append(task.split) or real_encode(tok, task, **kw),
+    )
     # the plans are priced at the batches training will draw, so more steps plan again
     summary = run_pipeline(load_config(cfg_path, ["train.steps=4"]), copy, progress=False)
     assert len(calls) == 1  # read once for both placements: they train on the same stream
+    # and encoded once for the positions and both placements' training (the train split, then the val's)
+    assert len(encoded) == 2 and encoded[0] != encoded[1], encoded
     assert set(summary["skipped"]) == {"card", "eval:base"}
     assert set(summary["ran"]) == set(STAGES) - set(summary["skipped"])
     after = _records(copy)

@@ -244,6 +244,33 @@ def test_a_budget_the_runs_own_batches_exceed_is_said_before_training(tmp_path: 
     assert m["budget_notes"] == []
 
 
+def test_data_prepared_once_trains_as_the_run_would_encode_it(tmp_path: Path):
+    from layercard.train import planned_positions, prepare_data
+
+    loaded = _loaded()
+    plan = Plan.from_dict(plan_dict(loaded, [1, 3]))
+    cfg = TrainConfig(steps=3, grad_accum=2, **FAST)
+    data = prepare_data(loaded, TRAIN, VAL, cfg)
+    given = train(loaded, plan, TRAIN, VAL, cfg, tmp_path / "given", progress=False, data=data)
+    own = train(loaded, plan, TRAIN, VAL, cfg, tmp_path / "own", progress=False)
+    assert given["loss_curve"] == own["loss_curve"] and given["val_curve"] == own["val_curve"]
+    assert given["provenance"]["data_hash"] == own["provenance"]["data_hash"]
+    assert given["task"] == own["task"] and given["val_task"] == own["val_task"]
+    assert planned_positions(data, cfg) == (given["batch_positions_per_step"], given["max_batch_positions"])
+    # examples encoded for another run are refused before any work
+    others = [
+        (loaded, VAL, VAL, cfg),
+        (loaded, TRAIN, None, cfg),
+        (loaded, TRAIN, VAL, dataclasses.replace(cfg, max_length=32)),
+        (loaded, TRAIN, VAL, dataclasses.replace(cfg, seed=1)),
+        (_loaded(), TRAIN, VAL, cfg),
+    ]
+    for i, (model, task, val, other) in enumerate(others):
+        with pytest.raises(LayercardError, match="^data: prepared for other tasks"):
+            train(model, plan, task, val, other, tmp_path / f"other{i}", progress=False, data=data)
+        assert not (tmp_path / f"other{i}" / "train_metrics.json").exists()
+
+
 def test_stream_positions_are_those_of_the_batches_it_builds():
     from layercard.train.data import Stream, run_positions
 

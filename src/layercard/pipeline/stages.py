@@ -113,6 +113,7 @@ class Runner:
         self._loaded: Any = None
         self._model_hash: str | None = None
         self._run_positions: tuple[float, int] | None = None
+        self._train_data: Any = None
         self.train_task, self.eval_task = self._tasks()
         self.trim_task, self.trim_note = self._trim_task()
 
@@ -168,13 +169,27 @@ class Runner:
         return self._loaded
 
     @property
+    def train_val(self) -> Any:
+        """The validation task training measures (None when the train config asks for none)."""
+        return self.eval_task if self.cfg.train.eval_examples else None
+
+    @property
+    def train_data(self) -> Any:
+        """The training and validation examples, encoded once for every placement of the run."""
+        if self._train_data is None:
+            from layercard.train import prepare_data
+
+            self._train_data = prepare_data(self.loaded, self.train_task, self.train_val, self.cfg.train)
+        return self._train_data
+
+    @property
     def run_positions(self) -> tuple[float, int]:
         """(mean padded positions per step, the largest micro-batch's) of this run's training, read once
         from its data order: every placement trains on the same stream."""
         if self._run_positions is None:
             from layercard.train import planned_positions
 
-            self._run_positions = planned_positions(self.loaded, self.train_task, self.cfg.train)
+            self._run_positions = planned_positions(self.train_data, self.cfg.train)
         return self._run_positions
 
     @property
@@ -370,7 +385,7 @@ class Runner:
         """Train the adapters of placement ``p``'s plan (resuming from a checkpoint when it can)."""
         out = self.out
         folder = out.train_dir(p.name)
-        val = self.eval_task if self.cfg.train.eval_examples else None
+        val = self.train_val
 
         def fn(resume: bool) -> None:
             from layercard.plan import Plan
@@ -387,6 +402,7 @@ class Runner:
                 folder,
                 resume=resume,
                 progress=self.progress,
+                data=self.train_data,
             )
 
         def summarize() -> list[tuple[str, str]]:

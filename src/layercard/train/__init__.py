@@ -29,7 +29,14 @@ output, and layer selection by it).
 from layercard.train.checkpoints import CHECKPOINT_DIR, latest_checkpoint
 from layercard.train.config import SCHEDULERS, VALID_KINDS, TrainConfig
 from layercard.train.importance import layer_importance, layers_by_coverage, select_layers
-from layercard.train.loop import StepCallback, is_launch_main, planned_positions, train
+from layercard.train.loop import (
+    StepCallback,
+    TrainData,
+    is_launch_main,
+    planned_positions,
+    prepare_data,
+    train,
+)
 from layercard.train.metrics import KIND, METRICS_FILE, TrainMetrics
 from layercard.train.model import ADAPTER_DIR
 
@@ -43,10 +50,12 @@ __all__ = [
     "StepCallback",
     "is_launch_main",
     "TrainConfig",
+    "TrainData",
     "TrainMetrics",
     "latest_checkpoint",
     "layer_importance",
     "planned_positions",
+    "prepare_data",
     "layers_by_coverage",
     "select_layers",
     "train",

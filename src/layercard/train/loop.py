@@ -63,14 +63,20 @@ _DEFAULT_BOTTLENECK = 16
 
 
 @dataclasses.dataclass(frozen=True)
-class _Data:
-    """The training subset and the validation subset, encoded once."""
+class TrainData:
+    """The training subset and the validation subset, encoded once (:func:`prepare_data`).
+
+    Every run of the same tasks, tokenizer and data settings trains on the same encoded examples, so
+    one preparation serves them all (``layercard run``: the plan's positions and every placement)."""
 
     task: Task
     val: Task | None
     encoded: list[Encoded]
     val_encoded: list[Encoded]
     pad_id: int
+    # what the encoding follows: the tokenizer and the settings that pick and cut the examples
+    tokenizer: Any = dataclasses.field(repr=False, compare=False)
+    key: tuple[Any, ...] = ()
 
 
 @dataclasses.dataclass
@@ -123,7 +129,7 @@ class _Run:
     layers: list[int]
     bottleneck: int
     out_dir: Path
-    data: _Data
+    data: TrainData
     accelerator: Any
     stream: Stream
     total_steps: int
@@ -173,6 +179,7 @@ def train(
     progress: bool | None = None,
     kind: str | None = None,
     callback: StepCallback | None = None,
+    data: TrainData | None = None,
 ) -> dict[str, Any]:
     """Train the adapters ``plan`` places; write ``adapter/`` and ``train_metrics.json``; return the metrics
     (the :class:`TrainMetrics` dict).
@@ -181,9 +188,18 @@ def train(
     loss, model)`` runs after every optimizer step (and its checkpoint) with the adapted model; an
     exception it raises stops the run like a crash would (checkpoints stay, nothing else is written).
     ``loaded.model`` is restored afterwards (LoRA unloaded, adapters removed, grad flags reset).
+    ``data``: these tasks already encoded by :func:`prepare_data` for ``loaded`` and ``cfg`` (else they
+    are encoded here).
     """
     t_start = time.perf_counter()
     kind, layers, bottleneck = _check_inputs(loaded, plan, cfg, kind)
+    if data is not None and (
+        data.tokenizer is not loaded.tokenizer or data.key != _data_key(train_task, val_task, cfg)
+    ):
+        raise LayercardError(
+            "data: prepared for other tasks, tokenizer or data settings than this run's; "
+            "prepare it with the same model, tasks and train config"
+        )
     out_dir = check_out_folder(out_dir)
     main = is_launch_main()
     with writer_lock(out_dir, what="training folder") if main else contextlib.nullcontext():
@@ -196,7 +212,9 @@ def train(
                 f"{out_dir}: holds checkpoints of an earlier run ({existing.name}); "
                 "pass --resume to continue it, or use a new --out"
             )
-        args = (loaded, plan, train_task, val_task, cfg, out_dir, kind, layers, bottleneck, t_start)
+        if data is None:
+            data = prepare_data(loaded, train_task, val_task, cfg)
+        args = (loaded, plan, data, cfg, out_dir, kind, layers, bottleneck, t_start)
         return _train(*args, resume=resume, progress=progress, callback=callback)
 
 
@@ -204,8 +222,7 @@ def train(
 def _train(
     loaded: LoadedModel,
     plan: Plan,
-    train_task: Task,
-    val_task: Task | None,
+    data: TrainData,
     cfg: TrainConfig,
     out_dir: Path,
     kind: str,
@@ -217,8 +234,6 @@ def _train(
     progress: bool | None,
     callback: StepCallback | None,
 ) -> dict[str, Any]:
-    data = _prepare_data(loaded, train_task, val_task, cfg)
-
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
@@ -352,16 +367,22 @@ def _total_steps(cfg: TrainConfig, stream: Stream, world: int) -> int:
     return cfg.steps or max(1, math.ceil(cfg.epochs * stream.per_epoch / (cfg.grad_accum * world)))
 
 
-def planned_positions(loaded: LoadedModel, train_task: Task, cfg: TrainConfig) -> tuple[float, int]:
+def planned_positions(data: TrainData, cfg: TrainConfig) -> tuple[float, int]:
     """(mean padded positions per step, the largest micro-batch's) of the run ``cfg`` would train on
-    ``train_task`` in one process, from its data order alone: what a plan for it is priced at."""
-    data = _prepare_data(loaded, train_task, None, cfg)
+    ``data`` (:func:`prepare_data`) in one process, from its data order alone: what a plan for it is
+    priced at."""
     stream = Stream(data.encoded, cfg.batch_size, data.pad_id, cfg.seed)
     return run_positions(stream, _total_steps(cfg, stream, 1), cfg.grad_accum, 1, 0)
 
 
-def _prepare_data(loaded: LoadedModel, train_task: Task, val_task: Task | None, cfg: TrainConfig) -> _Data:
-    """A seeded subset, encoded once; the validation subset likewise."""
+def _data_key(train_task: Task, val_task: Task | None, cfg: TrainConfig) -> tuple[Any, ...]:
+    val = None if val_task is None or not cfg.eval_examples else val_task.data_hash
+    return (train_task.data_hash, val, cfg.train_examples, cfg.eval_examples, cfg.max_length, cfg.seed)
+
+
+def prepare_data(loaded: LoadedModel, train_task: Task, val_task: Task | None, cfg: TrainConfig) -> TrainData:
+    """A seeded subset of ``train_task``, encoded once; the validation subset likewise. Pass it to
+    :func:`train` (``data=``) and :func:`planned_positions` to encode the examples once for many runs."""
     task = train_task.subset(cfg.train_examples, seed=cfg.seed) if cfg.train_examples else train_task
     tok = loaded.tokenizer
     pad_id = next((int(t) for t in (tok.pad_token_id, tok.eos_token_id) if t is not None), 0)
@@ -374,7 +395,7 @@ def _prepare_data(loaded: LoadedModel, train_task: Task, val_task: Task | None, 
         else None
     )
     val_encoded = encode_task(tok, val, max_length=cfg.max_length) if val is not None and len(val) else []
-    return _Data(task, val, encoded, val_encoded, pad_id)
+    return TrainData(task, val, encoded, val_encoded, pad_id, tok, _data_key(train_task, val_task, cfg))
 
 
 def _fingerprint(
