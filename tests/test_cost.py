@@ -298,6 +298,10 @@ def test_a_cost_model_at_a_runs_positions_prices_steps_and_peaks_apart():
     assert over_budget(f"memory={cap + 1e-6}", planned, at) == []
     out = predictions(planned, 1.0, 500.0, 900.0, 500.0, positions_per_step=600.0, max_positions=800)
     assert out["predicted_peak_memory_scaled_mib"] == pytest.approx(planned["memory"]["peak_mib"])
+    # a run's mean positions per step are not whole: kept as they are, so its rescaling moves nothing
+    odd = cm.at_positions(600.4, None)
+    step_at = {"step_time_s": odd.step_time(layers, modules, params), **calibration_batch(odd.to_dict())}
+    assert priced_at(step_at, 600.4, None)["step_time_scaled_s"] == step_at["step_time_s"]
     for bad in (0.0, float("nan"), -5.0):
         with pytest.raises(LayercardError, match="must be a positive finite number"):
             cm.at_positions(bad, None)

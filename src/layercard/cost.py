@@ -191,7 +191,7 @@ class CostModel:
     forward_per_module_s: float | None = None
     # Padded positions of the calibration batch (batch × length): compute and activations scale with
     # these, not with the real tokens (None on cards made before it was recorded).
-    batch_positions: int | None = None
+    batch_positions: float | None = None
     # The padded positions of the micro-batch peak memory is priced at, where :meth:`at_positions` moved it
     # apart from the step's (a run's largest micro-batch against its mean step); None: batch_positions.
     memory_positions: float | None = None
@@ -344,7 +344,8 @@ class CostModel:
             "per_module_s": self.per_module_s * f,
             "per_mparam_s": self.per_mparam_s * f,
             "batch_tokens": round(self.batch_tokens * k),
-            "batch_positions": None if bp is None else round(bp * k),
+            # unrounded: a run's mean positions per step, which its own rescaling then divides by
+            "batch_positions": None if bp is None else bp * k,
             "memory_positions": memory_positions,
         }
         if self.step_position_share is not None:
