@@ -29,6 +29,67 @@ _PARTS = {
     "weight_snr_s": "weight SNRs",
     "coupling_s": "coupling",
 }
+# What the run recorded of its plan's prices against what it measured (train_metrics.json), so the
+# results carry the cost model's figures for the run and not only the planning share.
+PRICED = (
+    "predicted_step_time_s",
+    "predicted_step_time_scaled_s",
+    "step_time_ratio",
+    "s_per_step_spread",
+    "batch_positions_per_step",
+    "max_batch_positions",
+    "peak_memory_kind",
+    "peak_memory_mib",
+    "predicted_peak_memory_mib",
+    "predicted_peak_memory_scaled_mib",
+    "predicted_memory_figure",
+    "peak_memory_ratio",
+    "peak_memory_start_mib",
+    "predicted_peak_memory_at_start_mib",
+    "peak_memory_at_start_ratio",
+    "forward_s",
+    "predicted_forward_s",
+    "forward_ratio",
+)
+
+
+def priced(metrics_path: Path) -> dict:
+    """The run's predicted and measured step time, peak memory and forward, as training recorded them."""
+    m = json.loads(metrics_path.read_text())
+    return {k: m.get(k) for k in PRICED}
+
+
+def priced_lines(p: dict, s_per_step: float) -> list[str]:
+    """The markdown lines stating the plan's prices against the run."""
+    out = []
+    step = p.get("predicted_step_time_scaled_s") or p.get("predicted_step_time_s")
+    if step:
+        at = p.get("batch_positions_per_step")
+        out.append(
+            f"- Step time measured {s_per_step:.3f} s against {step:.3f} s priced"
+            + (f" at the run's {at:,.1f} padded positions per step" if at else "")
+            + f" (×{s_per_step / step:.3f}; the plan's own price {p['predicted_step_time_s']:.3f} s)."
+        )
+    peak = p.get("predicted_peak_memory_scaled_mib") or p.get("predicted_peak_memory_mib")
+    if peak and p.get("peak_memory_mib"):
+        start = (
+            f"; restated from the run's start {p['predicted_peak_memory_at_start_mib']:,.0f} MiB"
+            f" (×{p['peak_memory_at_start_ratio']:.3f})"
+            if p.get("peak_memory_at_start_ratio")
+            else ""
+        )
+        out.append(
+            f"- Peak memory ({p.get('peak_memory_kind')}) measured {p['peak_memory_mib']:,.0f} MiB against "
+            f"{peak:,.0f} MiB priced (×{p['peak_memory_mib'] / peak:.3f}; the "
+            f"{p.get('predicted_memory_figure')} figure at the largest micro-batch, "
+            f"{p.get('max_batch_positions')} positions){start}."
+        )
+    if p.get("forward_s") and p.get("predicted_forward_s"):
+        out.append(
+            f"- Unmerged forward measured {p['forward_s']:.3f} s against {p['predicted_forward_s']:.3f} s "
+            "priced."
+        )
+    return out
 
 
 def main() -> None:
@@ -85,6 +146,7 @@ def main() -> None:
         "modules": metrics.plan["modules"],
         "trainable_params": metrics.trainable_params,
         "final_val_loss": metrics.final_val_loss,
+        "priced": priced(run / "train" / "recommend" / "train_metrics.json"),
         "sentence": planning_sentence(card, {"recommend": metrics}, "recommend"),
         "this_call_wall_s": wall,
         "settings": sets,
@@ -113,6 +175,7 @@ def main() -> None:
         f"- **Card / training = {100 * share:.1f}%** at {metrics.s_per_step:.2f} s/step (median step).",
         f"- The card is 10% of a run of {steps_for_tenth:,} steps or more at that step time.",
         f"- The run's report says: {res['sentence']}",
+        *priced_lines(res["priced"], metrics.s_per_step),
     ]
     Path(f"{stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
