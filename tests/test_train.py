@@ -271,6 +271,45 @@ def test_data_prepared_once_trains_as_the_run_would_encode_it(tmp_path: Path):
         assert not (tmp_path / f"other{i}" / "train_metrics.json").exists()
 
 
+@pytest.mark.parametrize("calibrated_here", [True, False])
+def test_a_dry_run_says_what_the_run_then_does(tmp_path: Path, monkeypatch, calibrated_here: bool):
+    import layercard.cost as cost
+    from layercard.train import estimate
+
+    monkeypatch.setattr(cost, "_calibrated_here", calibrated_here)
+    loaded = _loaded()
+    d = plan_dict(loaded, [1, 3])
+    first = {"peak_mib": 700.0, "activations_mib": 50.0, "resident_mib": 500.0}
+    d["predicted"] |= {
+        "calibration_batch_positions": 40,
+        "step_time_position_share": 0.5,
+        "memory": {"peak_mib": 900.0, "activations_mib": 100.0, "resident_mib": 500.0, "first_step": first},
+    }
+    d["config"]["budget"] = "memory=1100,step_time=0.051"
+    plan = Plan.from_dict(d)
+    cfg = TrainConfig(steps=3, grad_accum=2, **FAST)
+    est = estimate(loaded, plan, TRAIN, VAL, cfg)
+    assert not list(tmp_path.iterdir())  # nothing written
+    m = train(loaded, plan, TRAIN, VAL, cfg, tmp_path / "run", progress=False)
+    assert (est["steps"], est["epochs"]) == (m["steps"], pytest.approx(m["epochs"]))
+    assert (est["positions_per_step"], est["max_positions"]) == (
+        m["batch_positions_per_step"],
+        m["max_batch_positions"],
+    )
+    assert est["step_time_at_run_s"] == pytest.approx(m["predicted_step_time_scaled_s"])
+    assert est["steps_s"] == pytest.approx(3 * m["predicted_step_time_scaled_s"])
+    assert est["peak_memory_at_run_mib"] == pytest.approx(m["predicted_peak_memory_scaled_mib"])
+    assert (
+        est["memory_figure"]
+        == m["predicted_memory_figure"]
+        == ("window" if calibrated_here else "first_step")
+    )
+    assert est["budget_notes"] == m["budget_notes"]
+    assert [x.split(":")[0] for x in est["budget_notes"]] == ["budget memory=1100", "budget step_time=0.051"][
+        int(calibrated_here is False) :
+    ]
+
+
 def test_stream_positions_are_those_of_the_batches_it_builds():
     from layercard.train.data import Stream, run_positions
 
@@ -516,6 +555,19 @@ def test_cli_train(tmp_path: Path, monkeypatch):
     m = json.loads((tmp_path / "run" / "train_metrics.json").read_text())
     spread = m["s_per_step_spread"]  # both sessions' steps after each one's first
     assert spread["steps"] == 1 and f"({spread['p10']:.3f}–{spread['p90']:.3f})" in res.output
+
+    # a dry run trains and writes nothing, and needs no run folder
+    dry = [a for a in args if a not in ("--out", str(tmp_path / "run"))]
+    res = runner.invoke(app, [*dry, "--steps", "5", "--dry-run", "--json"])
+    assert res.exit_code == 0, res.output
+    est = json.loads(res.stdout)
+    assert est["steps"] == 5 and est["kind"] == "houlsby" and est["train_examples"] == 4
+    assert est["max_positions"] >= est["positions_per_step"]  # one micro-batch per step: the mean
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "plan.json", "run", "tiny"]
+    res = runner.invoke(app, [*dry, "--dry-run"])
+    assert res.exit_code == 0 and "--step-positions" in res.output, res.output
+    res = runner.invoke(app, dry)
+    assert res.exit_code == 2 and "--out: required" in res.output
 
     res = runner.invoke(app, [*args, "--model", "nowhere-model"])
     assert res.exit_code == 2 and "nowhere-model" in res.output

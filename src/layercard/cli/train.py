@@ -43,8 +43,11 @@ def train_cmd(
     plan: Annotated[Path, typer.Option("--plan", "-p", help="plan.json from `layercard plan`.")],
     task: TaskOpt,
     out: Annotated[
-        Path, typer.Option("--out", "-o", help="Run folder: adapter/, train_metrics.json, checkpoints/.")
-    ],
+        Path | None,
+        typer.Option(
+            "--out", "-o", help="Run folder: adapter/, train_metrics.json, checkpoints/ (required to train)."
+        ),
+    ] = None,
     split: Annotated[
         str | None, typer.Option(help="Training split for preset/synthetic tasks (default: train).")
     ] = None,
@@ -67,6 +70,14 @@ def train_cmd(
     ] = "float32",
     trust_remote_code: TrustOpt = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print train_metrics as JSON.")] = False,
+    dry_run: Annotated[
+        bool,
+        typer.Option(
+            "--dry-run",
+            help="Train nothing, write nothing: print the run's steps, the padded positions its batches "
+            "compute, the plan's step time and peak memory priced there, and the budgets they put over.",
+        ),
+    ] = False,
     cfg: TrainConfig | None = None,
     task_kw: dict | None = None,
 ) -> None:
@@ -77,9 +88,12 @@ def train_cmd(
     from layercard.train import is_launch_main, train
 
     assert cfg is not None  # built by config_options before anything loads, so a typo costs no time
-    check_out_folder(out)
-    if is_launch_main():  # at once; train() takes the lock once the model is loaded
-        check_unlocked(out, what="training folder")
+    if out is None and not dry_run:
+        raise LayercardError("--out: required (the run folder), except with --dry-run")
+    if out is not None and not dry_run:
+        check_out_folder(out)
+        if is_launch_main():  # at once; train() takes the lock once the model is loaded
+            check_unlocked(out, what="training folder")
     p = Plan.load(plan)
     model_spec = model or p.card.get("model_id")
     if not model_spec:
@@ -92,6 +106,16 @@ def train_cmd(
         note(f"--task {task} {what}: validation is off (give --val-task to validate)")
     loaded = load_cli_model(model_spec, dtype, "auto", trust_remote_code)  # Accelerate places it
     check_model_matches(p, loaded, where=str(plan))
+    if dry_run:
+        from layercard.train import estimate
+
+        est = estimate(loaded, p, train_t, val_t, cfg, kind=kind)
+        if json_out:
+            emit_json(est)
+        else:
+            _print_estimate(est, plan)
+        return
+    assert out is not None
     metrics = train(
         loaded, p, train_t, val_t, cfg, out, resume=resume, progress=progress_flag(json_out), kind=kind
     )
@@ -107,6 +131,45 @@ def train_cmd(
 
 def _fmt(x: Any, spec: str) -> str:
     return "—" if x is None else format(x, spec)
+
+
+def _print_estimate(e: dict[str, Any], plan: Path) -> None:
+    """The dry run's table, its budget warnings and how to plan at these positions."""
+    tbl = Table(title=f"train --dry-run · {e['kind']} · {e['steps']} steps (one process)", show_header=False)
+    tbl.add_column("what")
+    tbl.add_column("value", justify="right")
+    tbl.add_row("steps (epochs)", f"{e['steps']:,} ({e['epochs']:.2f})")
+    tbl.add_row("training / validation examples", f"{e['train_examples']:,} / {e['val_examples']:,}")
+    tbl.add_row(
+        "padded positions per step (plan's)",
+        f"{e['positions_per_step']:,.1f} ({_fmt(e['plan_positions_per_step'], ',.0f')})",
+    )
+    tbl.add_row(
+        "largest micro-batch's positions (plan's)",
+        f"{e['max_positions']:,} ({_fmt(e['plan_peak_positions'], ',.0f')})",
+    )
+    tbl.add_row(
+        "predicted s/step at these positions (plan's)",
+        f"{_fmt(e['step_time_at_run_s'], '.3f')} ({_fmt(e['step_time_s'], '.3f')})",
+    )
+    tbl.add_row("predicted time of the optimizer steps", _fmt(e["steps_s"], ",.0f") + " s")
+    tbl.add_row(
+        f"predicted peak memory ({e['peak_memory_kind']}; plan's)",
+        f"{_fmt(e['peak_memory_at_run_mib'], ',.0f')} ({_fmt(e['peak_memory_mib'], ',.0f')}) MiB",
+    )
+    console.print(tbl)
+    console.print(
+        "The step time leaves out validation, checkpoints and loading; figures are the cost model's, "
+        "calibrated by the card.",
+        markup=False,
+    )
+    for line in e["budget_notes"]:
+        console.print(f"warning: {line}", markup=False)
+    console.print(
+        f"to plan at these positions: layercard plan ... --step-positions {e['positions_per_step']:.1f} "
+        f"--peak-positions {e['max_positions']} (this plan: {plan})",
+        markup=False,
+    )
 
 
 def _print_summary(m: dict[str, Any]) -> None:

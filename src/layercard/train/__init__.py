@@ -32,6 +32,7 @@ from layercard.train.importance import layer_importance, layers_by_coverage, sel
 from layercard.train.loop import (
     StepCallback,
     TrainData,
+    estimate,
     is_launch_main,
     planned_positions,
     prepare_data,
@@ -48,6 +49,7 @@ __all__ = [
     "SCHEDULERS",
     "VALID_KINDS",
     "StepCallback",
+    "estimate",
     "is_launch_main",
     "TrainConfig",
     "TrainData",

@@ -375,6 +375,52 @@ def planned_positions(data: TrainData, cfg: TrainConfig) -> tuple[float, int]:
     return run_positions(stream, _total_steps(cfg, stream, 1), cfg.grad_accum, 1, 0)
 
 
+def estimate(
+    loaded: LoadedModel,
+    plan: Plan,
+    train_task: Task,
+    val_task: Task | None,
+    cfg: TrainConfig,
+    *,
+    kind: str | None = None,
+    data: TrainData | None = None,
+) -> dict[str, Any]:
+    """What :func:`train` would do with these arguments in one process, without training or writing
+    anything: its steps and epochs, the padded positions its micro-batches compute (from the data order
+    alone), the plan's step time and peak memory priced there as training prices them, the predicted time
+    of its optimizer steps, and the plan's budgets that those positions put over."""
+    kind, _, _ = _check_inputs(loaded, plan, cfg, kind)
+    if data is None:
+        data = prepare_data(loaded, train_task, val_task, cfg)
+    stream = Stream(data.encoded, cfg.batch_size, data.pad_id, cfg.seed)
+    steps = _total_steps(cfg, stream, 1)
+    per_step, largest = run_positions(stream, steps, cfg.grad_accum, 1, 0)
+    memory_kind = peak_memory_kind(next(loaded.model.parameters()).device)
+    at = priced_at(plan.predicted, per_step, largest, first_step=prices_by_first_step(memory_kind))
+    step_s = at["step_time_scaled_s"] or at["step_time_s"]
+    predicted = plan.predicted or {}
+    return {
+        "kind": kind,
+        "steps": steps,
+        "epochs": steps * cfg.grad_accum / stream.per_epoch,
+        "train_examples": len(data.encoded),
+        "val_examples": len(data.val_encoded),
+        "positions_per_step": per_step,
+        "max_positions": largest,
+        "plan_positions_per_step": predicted.get("calibration_batch_positions"),
+        "plan_peak_positions": predicted.get("calibration_memory_positions")
+        or predicted.get("calibration_batch_positions"),
+        "step_time_s": at["step_time_s"],
+        "step_time_at_run_s": at["step_time_scaled_s"],
+        "steps_s": steps * step_s if step_s else None,
+        "peak_memory_kind": memory_kind,
+        "memory_figure": at["figure"],
+        "peak_memory_mib": at["peak_mib"],
+        "peak_memory_at_run_mib": at["peak_scaled_mib"],
+        "budget_notes": over_budget(plan.config.get("budget"), predicted, at),
+    }
+
+
 def _data_key(train_task: Task, val_task: Task | None, cfg: TrainConfig) -> tuple[Any, ...]:
     val = None if val_task is None or not cfg.eval_examples else val_task.data_hash
     return (train_task.data_hash, val, cfg.train_examples, cfg.eval_examples, cfg.max_length, cfg.seed)
