@@ -15,7 +15,8 @@ __version__ = "0.1.0"
 
 _API = (
     "Card", "EvalResult", "LoadedModel", "Plan", "Task", "check_plan", "evaluate_model", "load_config",
-    "load_model", "load_task", "make_plan", "measure_card", "run_pipeline", "train_adapter", "trim_adapter",
+    "load_model", "load_task", "make_plan", "measure_card", "run_pipeline", "estimate_training",
+    "train_adapter", "trim_adapter",
 )  # fmt: skip
 __all__ = [
     "CardConfig",

@@ -23,6 +23,7 @@ from layercard.models import LoadedModel, load_model, resolve_device
 from layercard.pipeline import load_config, run_pipeline
 from layercard.plan import Plan, check_plan, make_plan
 from layercard.tasks import Task, load_task
+from layercard.train import estimate as estimate_training
 from layercard.train import train as train_adapter
 from layercard.trim import trim as trim_adapter
 
@@ -40,6 +41,7 @@ __all__ = [
     "make_plan",
     "measure_card",
     "run_pipeline",
+    "estimate_training",
     "train_adapter",
     "trim_adapter",
 ]
