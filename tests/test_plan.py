@@ -1058,11 +1058,14 @@ def test_a_memory_budget_priced_at_a_runs_largest_micro_batch_takes_less(tiny_ca
     cost = COST | {"batch_positions": 192, "memory_position_share": 0.5, "step_position_share": 0.5}
     card_file = dataclasses.replace(tiny_card, cost=cost).save(tmp_path / "card.json")
 
+    said: list[str] = []
+
     def plan(*extra: str) -> Plan:
         out = tmp_path / f"p{len(list(tmp_path.iterdir()))}.json"
         args = ["plan", "--card", str(card_file), "--memory-figure", "window", *extra, "--out", str(out)]
         r = CliRunner().invoke(app, args)
         assert r.exit_code == 0, r.output
+        said.append(r.output)
         return Plan.load(out)
 
     ref = plan("--budget", "params=1x")  # the reference itself, priced at the card's batch
@@ -1081,6 +1084,9 @@ def test_a_memory_budget_priced_at_a_runs_largest_micro_batch_takes_less(tiny_ca
 
     assert positions_text(at_run.config) == "288 in the largest micro-batch"
     assert positions_text(at_card.config) == ""
+    # a memory budget checked at the card's batch says so, and how to read a run's positions
+    hint = "not at the run's own batches; `layercard train --dry-run`"
+    assert [hint in " ".join(o.split()) for o in said] == [False, True, False]
     assert positions_text({"step_positions": 252.7, "peak_positions": 264.0}) == (
         "253 padded positions per step and 264 in the largest micro-batch"
     )

@@ -151,6 +151,16 @@ def _print_search_plan(plan) -> None:
     console.print(p["recommendation"], highlight=False, soft_wrap=True, markup=False)
     for w in plan.warnings:
         console.print(f"[yellow]warning:[/] {escape(w)}", highlight=False, soft_wrap=True)
+    timed = [b for b in p["budgets"] if b.split("=")[0] in ("memory", "step_time")]
+    if timed and not where and p.get("calibration_batch_positions"):
+        console.print(
+            f"{', '.join(timed)}: checked at {p['calibration_batch_positions']:,.0f} padded positions per "
+            "micro-batch, not at the run's own batches; `layercard train --dry-run` prints a run's, to plan "
+            "at with --step-positions and --peak-positions",
+            highlight=False,
+            soft_wrap=True,
+            markup=False,
+        )
 
 
 def _print_plan(plan) -> None:
