@@ -188,6 +188,39 @@ def test_second_run_skips_every_stage(tiny_run, tmp_path, monkeypatch):
     assert {k: v["mtime"] for k, v in after.items()} == {k: v["mtime"] for k, v in before.items()}
 
 
+def test_until_plan_trains_nothing_and_the_next_call_goes_on(tmp_path):
+    cfg_path = write_config(tmp_path, tiny_config(make_model_dir(tmp_path)))
+    out = tmp_path / "run"
+    r = CliRunner().invoke(app, ["run", str(cfg_path), "--out", str(out), "--until", "nope"])
+    assert r.exit_code == 2 and "until 'nope': not a stage" in r.output and not out.exists()
+    rows: dict[str, dict[str, str]] = {}
+
+    def on_stage(event: str, name: str, result: Any) -> None:
+        if event == "end":
+            rows[name] = dict(result.rows)
+
+    summary = run_pipeline(load_config(cfg_path), out, progress=False, on_stage=on_stage, until="plan")
+    assert summary["ran"] == ["card", "plan:card-2", "plan:all"] and list(rows) == summary["ran"]
+    assert summary["until"] == "plan" and summary["report"] is None and summary["train_steps"] == 3
+    lay = RunLayout(out)
+    assert not lay.train_dir("all").exists() and not lay.report_html.exists()
+    for name in ("card-2", "all"):
+        plan = json.loads(lay.plan_json(name).read_text())
+        assert plan["config"]["step_positions"]  # priced at the run's own batches
+        said = rows[f"plan:{name}"]["predicted time of the 3 optimizer steps"]
+        assert float(said.removesuffix(" s")) == pytest.approx(3 * plan["predicted"]["step_time_s"], rel=0.01)
+    # the next call keeps the card and the plans and goes on
+    done = run_pipeline(load_config(cfg_path), out, progress=False)
+    assert set(done["skipped"]) == {"card", "plan:card-2", "plan:all"}
+    assert set(done["ran"]) == set(STAGES) - set(done["skipped"])
+    assert done["report"] is not None and lay.report_html.is_file()
+    # the command line: the plans' table and how to go on
+    r = CliRunner().invoke(app, ["run", str(cfg_path), "--out", str(tmp_path / "cli"), "--until", "plan"])
+    assert r.exit_code == 0, r.output
+    assert "plans · 3 optimizer steps each" in r.output and "stopped after plan" in r.output
+    assert re.search(r"^ *all +4 +8 +1,792 ", r.output, re.M), r.output
+
+
 def test_changed_train_steps_reruns_downstream_only(tiny_run, tmp_path, monkeypatch):
     import layercard.train
 

@@ -22,6 +22,14 @@ SetOpt = Annotated[
     ),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout (no tables, no bars).")]
+UntilOpt = Annotated[
+    str,
+    typer.Option(
+        "--until",
+        help="Stop after this stage (card | plan | train | trim | eval | report); plan: the card and every "
+        "plan, priced at the run's own batches, with nothing trained. Run again to go on.",
+    ),
+]
 DEMO_DIR = Path("layercard-demo")
 
 
@@ -84,6 +92,38 @@ def _comparison(summary: dict[str, Any]) -> Table:
     return t
 
 
+def _plans(summary: dict[str, Any]) -> Table:
+    """What a run stopped before training would cost: each placement's plan and its predictions."""
+    from layercard.report import seconds_text
+
+    steps = summary["train_steps"]
+    t = Table(
+        title=f"plans · {steps:,} optimizer steps each",
+        title_justify="left",
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
+        caption="predicted by the card's cost and quality models; quality: fraction of the reference's drop",
+        caption_justify="left",
+        padding=(0, 1, 0, 0),
+    )
+    for col in ("placement", "layers", "modules", "params", "s/step", "steps", "quality"):
+        t.add_column(col, justify="left" if col == "placement" else "right", no_wrap=True)
+    for r in summary["rows"]:
+        if r["kind"] != "placement":
+            continue
+        step = r.get("predicted_s_per_step")
+        t.add_row(
+            r["name"],
+            str(len(r["layers"])),
+            _fmt(r.get("modules")),
+            _fmt(r.get("trainable_params"), ",d"),
+            _fmt(step, ".3f"),
+            seconds_text(None if step is None else step * steps),
+            _fmt(r.get("predicted_quality"), ".3f"),
+        )
+    return t
+
+
 def _headline(summary: dict[str, Any]) -> dict[str, Any]:
     """What a script wants from a run: paths, stage statuses and the headline numbers."""
     keep = (
@@ -116,36 +156,44 @@ def _headline(summary: dict[str, Any]) -> dict[str, Any]:
         "skipped": summary["skipped"],
         "primary_metric": summary["primary_metric"],
         "rows": [{k: r[k] for k in keep if k in r} for r in summary["rows"]],
+        "until": summary["until"],
         "wall_time_s": summary["wall_time_s"],
     }
 
 
-def _run(config: Path, sets: list[str], out: Path, json_out: bool) -> None:
+def _run(config: Path, sets: list[str], out: Path, json_out: bool, until: str = "report") -> None:
     from layercard.pipeline import load_config
 
     cfg = load_config(config, sets)  # validated in full before anything is written
-    head = _run_cfg(cfg, out, json_out)
+    head = _run_cfg(cfg, out, json_out, until)
     if json_out:
         emit_json(head)
 
 
-def _run_cfg(cfg: Any, out: Path, json_out: bool) -> dict[str, Any]:
+def _run_cfg(cfg: Any, out: Path, json_out: bool, until: str = "report") -> dict[str, Any]:
     """Run one validated config into ``out``: stage tables and the comparison, or (``json_out``) quiet;
     returns the headline."""
     from layercard.pipeline import run_pipeline
 
     summary = run_pipeline(
-        cfg, out, progress=progress_flag(json_out), on_stage=None if json_out else _on_stage
+        cfg, out, progress=progress_flag(json_out), on_stage=None if json_out else _on_stage, until=until
     )
     if json_out:
         return _headline(summary)
-    console.print(_comparison(summary))
+    console.print(_plans(summary) if until in ("card", "plan") else _comparison(summary))
     skipped = len(summary["skipped"])
     console.print(
         f"{len(summary['ran'])} stages ran, {skipped} skipped, {summary['wall_time_s']:.0f} s on "
         f"{summary['threads']} torch thread(s); run folder {out}"
     )
-    console.print(f"[bold]report:[/] {summary['report']['html']}  (and {summary['report']['markdown']})")
+    if summary["report"] is None:
+        console.print(
+            f"stopped after {until}: run the same command without --until to go on (finished stages are "
+            "skipped)",
+            markup=False,
+        )
+    else:
+        console.print(f"[bold]report:[/] {summary['report']['html']}  (and {summary['report']['markdown']})")
     return _headline(summary)
 
 
@@ -158,9 +206,10 @@ def run_cmd(
         Path | None, typer.Option("--out", "-o", help="Run folder (default: runs/<config name>).")
     ] = None,
     json_out: JsonOpt = False,
+    until: UntilOpt = "report",
 ) -> None:
     """card → plan → train → trim → eval → report in one run folder; unchanged stages are skipped."""
-    _run(config, list(set_ or []), out or Path("runs") / config.stem, json_out)
+    _run(config, list(set_ or []), out or Path("runs") / config.stem, json_out, until)
 
 
 DEMO_TASKS = ("facts", "format")

@@ -19,10 +19,12 @@ from layercard.pipeline.config import RunConfig
 from layercard.pipeline.stages import Runner, StageCallback
 from layercard.run_layout import BASE_EVAL, TRIMMED_EVAL, RunLayout
 
-__all__ = ["RUN_KIND", "SUMMARY_KIND", "choose_threads", "run_pipeline"]
+__all__ = ["RUN_KIND", "STAGE_ORDER", "SUMMARY_KIND", "choose_threads", "run_pipeline"]
 
 RUN_KIND = "run_config"
 SUMMARY_KIND = "run_summary"
+# The stages in the order they run; ``until`` stops after one of them.
+STAGE_ORDER = ("card", "plan", "train", "trim", "eval", "report")
 
 
 def choose_threads(setting: int | str) -> int:
@@ -81,9 +83,12 @@ def run_pipeline(
     *,
     progress: bool | None = None,
     on_stage: StageCallback | None = None,
+    until: str = "report",
 ) -> dict[str, Any]:
     """Run every stage of ``cfg`` in ``run_dir``, skipping those whose inputs are unchanged.
 
+    ``until`` stops after that stage (one of :data:`STAGE_ORDER`): ``plan`` measures the card and makes
+    every plan, priced at the run's own batches, and trains nothing; a later call goes on from there.
     ``on_stage(event, name, result)`` is called with ``("start", name, None)`` before a stage runs and
     ``("end", name, result)`` after it ran or was skipped. Returns the run summary (also written to
     ``summary.json``): each stage's status and the headline numbers of every placement.
@@ -91,6 +96,8 @@ def run_pipeline(
     t0 = time.perf_counter()
     import torch
 
+    if until not in STAGE_ORDER:
+        raise LayercardError(f"until {until!r}: not a stage; valid: {', '.join(STAGE_ORDER)}")
     root = Path(run_dir)
     runner = _open_run(cfg, root, progress=progress, on_stage=on_stage)
     # One process per run folder: a second one would interleave its stages with ours.
@@ -105,10 +112,10 @@ def run_pipeline(
         threads = choose_threads(cfg.threads)
         torch.set_num_threads(threads)
         try:
-            _run_stages(runner)
+            _run_stages(runner, STAGE_ORDER.index(until))
         finally:
             torch.set_num_threads(threads_before)
-        summary = _summary(runner, threads, t0)
+        summary = _summary(runner, threads, t0, until)
         write_json(runner.out.summary_json, summary)
     return summary
 
@@ -125,28 +132,39 @@ def _open_run(cfg: RunConfig, root: Path, *, progress: bool | None, on_stage: St
     return runner
 
 
-def _run_stages(runner: Runner) -> None:
-    """card → plan → train → trim → eval → report, each skipped when its inputs are unchanged."""
+def _run_stages(runner: Runner, last: int) -> None:
+    """card → plan → train → trim → eval → report, each skipped when its inputs are unchanged, up to
+    ``STAGE_ORDER[last]``."""
     cfg = runner.cfg
     runner.card()
+    if last < 1:
+        return
     for p in cfg.placements:
         runner.plan(p)
+    if last < 2:
+        return
     for p in cfg.placements:
         runner.train(p)
+    if last < 3:
+        return
     target = None
     if cfg.trim.enabled:
         target = runner.trim_target()
         runner.trim(target)
+    if last < 4:
+        return
     if cfg.eval_base:
         runner.evaluate(BASE_EVAL, None)
     for p in cfg.placements:
         runner.evaluate(p.name, runner.out.adapter_dir(p.name))
     if target is not None:
         runner.evaluate(TRIMMED_EVAL, runner.out.trimmed_adapter)
+    if last < 5:
+        return
     runner.report()
 
 
-def _summary(runner: Runner, threads: int, t0: float) -> dict[str, Any]:
+def _summary(runner: Runner, threads: int, t0: float, until: str) -> dict[str, Any]:
     """What this invocation did (each stage's status) with the headline numbers of every model."""
     from layercard.report import collect_results
 
@@ -170,7 +188,14 @@ def _summary(runner: Runner, threads: int, t0: float) -> dict[str, Any]:
         "reference": results["reference"],
         "recommendation": _recommendation(out.root, [p.name for p in cfg.placements]),
         "rows": results["rows"],
-        "report": {"html": str(out.report_html.resolve()), "markdown": str(out.report_md.resolve())},
+        # a run stopped early built no report this time (one from an earlier call may be out of date)
+        "report": (
+            {"html": str(out.report_html.resolve()), "markdown": str(out.report_md.resolve())}
+            if until == "report"
+            else None
+        ),
+        "until": until,
+        "train_steps": runner.train_steps,
         "threads": threads,
         "wall_time_s": round(time.perf_counter() - t0, 3),
     }

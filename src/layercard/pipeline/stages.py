@@ -183,6 +183,15 @@ class Runner:
         return self._train_data
 
     @property
+    def train_steps(self) -> int:
+        """The optimizer steps each placement trains, from the config and the training examples alone."""
+        from layercard.train import planned_steps
+
+        t = self.cfg.train
+        n = len(self.train_task) if not t.train_examples else min(t.train_examples, len(self.train_task))
+        return planned_steps(t, n)
+
+    @property
     def run_positions(self) -> tuple[float, int]:
         """(mean padded positions per step, the largest micro-batch's) of this run's training, read once
         from its data order: every placement trains on the same stream."""
@@ -329,6 +338,7 @@ class Runner:
             from layercard.plan.frontier import row_label
             from layercard.plan.predict import positions_text
             from layercard.plan.space import budget_label
+            from layercard.report import seconds_text
 
             plan = Plan.load(path)
             pr = plan.predicted
@@ -363,6 +373,14 @@ class Runner:
             if where := positions_text(plan.config):
                 rows.append(("priced at", f"{where} (this run's)"))
             rows.append(("predicted s/step", _fmt(pr.get("step_time_s"), ".3g")))
+            if where and pr.get("step_time_s"):
+                steps = self.train_steps
+                rows.append(
+                    (
+                        f"predicted time of the {steps:,} optimizer steps",
+                        seconds_text(steps * pr["step_time_s"]),
+                    )
+                )
             if pr.get("memory"):
                 from layercard.cost import peak_text
 

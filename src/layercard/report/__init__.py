@@ -26,7 +26,7 @@ from layercard.report.results import (
     read_train_metrics,
     report_inputs,
 )
-from layercard.report.tables import fmt
+from layercard.report.tables import fmt, seconds_text
 from layercard.run_layout import FIGURES_DIR, HTML_FILE, MD_FILE
 
 __all__ = [
@@ -37,6 +37,7 @@ __all__ = [
     "build_report",
     "collect_results",
     "fmt",
+    "seconds_text",
     "measured_step_text",
     "memory_figure_note",
     "placement_names",

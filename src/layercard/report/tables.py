@@ -52,6 +52,16 @@ def fmt(x: Any, spec: str = ".4g") -> str:
     return format(x, spec)
 
 
+def seconds_text(x: float | None) -> str:
+    """A duration in seconds: whole seconds from 100 s, tenths from 10 s, three significant digits below;
+    "—" if missing."""
+    if x is None:
+        return "—"
+    if abs(x) >= 100:
+        return f"{x:,.0f} s"
+    return f"{x:.1f} s" if abs(x) >= 10 else f"{x:.3g} s"
+
+
 def with_error(x: Any, err: Any, spec: str = ".2f") -> str:
     """``x ± err`` (both with ``spec``), or ``x`` alone without an error; an em dash without ``x``."""
     return fmt(x, spec) if x is None or err is None else f"{fmt(x, spec)} ± {fmt(err, spec)}"

@@ -35,6 +35,7 @@ from layercard.train.loop import (
     estimate,
     is_launch_main,
     planned_positions,
+    planned_steps,
     prepare_data,
     train,
 )
@@ -57,6 +58,7 @@ __all__ = [
     "latest_checkpoint",
     "layer_importance",
     "planned_positions",
+    "planned_steps",
     "prepare_data",
     "layers_by_coverage",
     "select_layers",

@@ -240,7 +240,7 @@ def _train(
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=_MIXED_PRECISION[cfg.dtype])
     stream = Stream(data.encoded, cfg.batch_size, data.pad_id, cfg.seed)
     world = accelerator.num_processes
-    total_steps = _total_steps(cfg, stream, world)
+    total_steps = planned_steps(cfg, len(stream.encoded), world)
     fingerprint = _fingerprint(loaded, plan, cfg, kind, layers, bottleneck, data.task, world, total_steps)
     run = _Run(
         loaded, plan, cfg, kind, layers, bottleneck, out_dir, data, accelerator, stream, total_steps,
@@ -363,8 +363,13 @@ def _check_inputs(
     return kind, layers, bottleneck
 
 
-def _total_steps(cfg: TrainConfig, stream: Stream, world: int) -> int:
-    return cfg.steps or max(1, math.ceil(cfg.epochs * stream.per_epoch / (cfg.grad_accum * world)))
+def planned_steps(cfg: TrainConfig, n_examples: int, world: int = 1) -> int:
+    """The optimizer steps a run of ``cfg`` takes over ``n_examples`` training examples (after
+    ``train_examples`` picked them) in ``world`` processes: ``steps``, or ``epochs`` passes."""
+    if cfg.steps:
+        return cfg.steps
+    per_epoch = math.ceil(n_examples / cfg.batch_size)
+    return max(1, math.ceil(cfg.epochs * per_epoch / (cfg.grad_accum * world)))
 
 
 def planned_positions(data: TrainData, cfg: TrainConfig) -> tuple[float, int]:
@@ -372,7 +377,7 @@ def planned_positions(data: TrainData, cfg: TrainConfig) -> tuple[float, int]:
     ``data`` (:func:`prepare_data`) in one process, from its data order alone: what a plan for it is
     priced at."""
     stream = Stream(data.encoded, cfg.batch_size, data.pad_id, cfg.seed)
-    return run_positions(stream, _total_steps(cfg, stream, 1), cfg.grad_accum, 1, 0)
+    return run_positions(stream, planned_steps(cfg, len(stream.encoded)), cfg.grad_accum, 1, 0)
 
 
 def estimate(
@@ -393,7 +398,7 @@ def estimate(
     if data is None:
         data = prepare_data(loaded, train_task, val_task, cfg)
     stream = Stream(data.encoded, cfg.batch_size, data.pad_id, cfg.seed)
-    steps = _total_steps(cfg, stream, 1)
+    steps = planned_steps(cfg, len(stream.encoded))
     per_step, largest = run_positions(stream, steps, cfg.grad_accum, 1, 0)
     memory_kind = peak_memory_kind(next(loaded.model.parameters()).device)
     at = priced_at(plan.predicted, per_step, largest, first_step=prices_by_first_step(memory_kind))
