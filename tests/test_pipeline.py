@@ -189,6 +189,8 @@ def test_second_run_skips_every_stage(tiny_run, tmp_path, monkeypatch):
 
 
 def test_until_plan_trains_nothing_and_the_next_call_goes_on(tmp_path):
+    from layercard.cost import peak_of
+
     cfg_path = write_config(tmp_path, tiny_config(make_model_dir(tmp_path)))
     out = tmp_path / "run"
     r = CliRunner().invoke(app, ["run", str(cfg_path), "--out", str(out), "--until", "nope"])
@@ -218,7 +220,9 @@ def test_until_plan_trains_nothing_and_the_next_call_goes_on(tmp_path):
     r = CliRunner().invoke(app, ["run", str(cfg_path), "--out", str(tmp_path / "cli"), "--until", "plan"])
     assert r.exit_code == 0, r.output
     assert "plans · 3 optimizer steps each" in r.output and "stopped after plan" in r.output
-    assert re.search(r"^ *all +4 +8 +1,792 ", r.output, re.M), r.output
+    plan = json.loads(RunLayout(tmp_path / "cli").plan_json("all").read_text())["predicted"]
+    peak = f"{peak_of(plan['memory'], plan.get('memory_figure')):,.0f}"
+    assert re.search(rf"^ *all +4 +8 +1,792 +\S+ +\S+ s +{peak} ", r.output, re.M), r.output
 
 
 def test_changed_train_steps_reruns_downstream_only(tiny_run, tmp_path, monkeypatch):

@@ -106,7 +106,7 @@ def _plans(summary: dict[str, Any]) -> Table:
         caption_justify="left",
         padding=(0, 1, 0, 0),
     )
-    for col in ("placement", "layers", "modules", "params", "s/step", "steps", "quality"):
+    for col in ("placement", "layers", "modules", "params", "s/step", "steps", "peak MiB", "quality"):
         t.add_column(col, justify="left" if col == "placement" else "right", no_wrap=True)
     for r in summary["rows"]:
         if r["kind"] != "placement":
@@ -119,6 +119,7 @@ def _plans(summary: dict[str, Any]) -> Table:
             _fmt(r.get("trainable_params"), ",d"),
             _fmt(step, ".3f"),
             seconds_text(None if step is None else step * steps),
+            _fmt(r.get("predicted_peak_memory_mib"), ",.0f"),
             _fmt(r.get("predicted_quality"), ".3f"),
         )
     return t

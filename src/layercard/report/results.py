@@ -243,6 +243,7 @@ class _Rows:
 
 
 def _placement_row(rows: _Rows, lay: RunLayout, name: str) -> dict[str, Any]:
+    from layercard.cost import peak_of
     from layercard.evaluate import EvalResult
     from layercard.plan import Plan
 
@@ -263,6 +264,8 @@ def _placement_row(rows: _Rows, lay: RunLayout, name: str) -> dict[str, Any]:
         # search plans: the quality model's fraction of the reference's loss drop
         "predicted_quality": (pr.get("quality") or {}).get("fraction"),
         "predicted_s_per_step": pr.get("step_time_s"),
+        # by the memory figure the plan priced its peak by
+        "predicted_peak_memory_mib": peak_of(pr.get("memory"), pr.get("memory_figure")),
         "s_per_step": tm.s_per_step if tm else None,
         "peak_memory_mib": tm.peak_memory_mib if tm else None,
         "peak_memory_kind": tm.peak_memory_kind if tm else None,
