@@ -548,3 +548,17 @@ def test_contradicting_calibration_times_are_found():
     assert _out_of_order(configs, [4.5, 4.3, 3.2, 5.4, 6.3]) == [0]
     # the bottom layer slower than both all-layer placements: only it
     assert _out_of_order(configs, [2.2, 6.5, 3.2, 5.4, 6.3]) == [1]
+
+
+def test_the_figure_a_later_process_trains_by():
+    from layercard.cost import figure_elsewhere, memory_figure
+
+    first = {"memory_base_mib": 500.0}
+    assert figure_elsewhere({"memory_kind": "process_peak_rss", "memory_first_step": first}) == "first_step"
+    # the allocator's own peak (CUDA), or a card without first-step terms: the window's figure
+    assert (
+        figure_elsewhere({"memory_kind": "cuda_max_memory_allocated", "memory_first_step": first}) == "window"
+    )
+    assert figure_elsewhere({"memory_kind": "process_peak_rss"}) == "window"
+    assert figure_elsewhere(None) == "window"
+    assert memory_figure({"memory_kind": "process_peak_rss"}, figure_elsewhere(None)) == "window"

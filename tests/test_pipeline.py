@@ -123,6 +123,8 @@ def _records(run_dir: Path) -> dict[str, dict[str, Any]]:
 def test_run_writes_every_artifact(tiny_run):
     _, run_dir, summary = tiny_run
     assert summary["ran"] == STAGES and summary["skipped"] == []
+    # trained in the process that calibrated the card: its plans take that process's memory figure
+    assert json.loads((run_dir / "plan/all/plan.json").read_text())["predicted"]["memory_figure"] == "window"
     expected = [
         "run.json",
         "summary.json",
@@ -209,6 +211,8 @@ def test_until_plan_trains_nothing_and_the_next_call_goes_on(tmp_path):
     for name in ("card-2", "all"):
         plan = json.loads(lay.plan_json(name).read_text())
         assert plan["config"]["step_positions"]  # priced at the run's own batches
+        # by the memory figure of the later process that will train it, not this one's (which calibrated)
+        assert plan["predicted"]["memory_figure"] == "first_step"
         said = rows[f"plan:{name}"]["predicted time of the 3 optimizer steps"]
         assert float(said.removesuffix(" s")) == pytest.approx(3 * plan["predicted"]["step_time_s"], rel=0.01)
     # the next call keeps the card and the plans and goes on

@@ -99,7 +99,9 @@ def run_pipeline(
     if until not in STAGE_ORDER:
         raise LayercardError(f"until {until!r}: not a stage; valid: {', '.join(STAGE_ORDER)}")
     root = Path(run_dir)
-    runner = _open_run(cfg, root, progress=progress, on_stage=on_stage)
+    runner = _open_run(
+        cfg, root, progress=progress, on_stage=on_stage, trains_here=until not in ("card", "plan")
+    )
     # One process per run folder: a second one would interleave its stages with ours.
     with writer_lock(root, what="run folder"):
         remove_stale_temps(root)  # half-written files of a killed earlier run
@@ -120,11 +122,14 @@ def run_pipeline(
     return summary
 
 
-def _open_run(cfg: RunConfig, root: Path, *, progress: bool | None, on_stage: StageCallback | None) -> Runner:
+def _open_run(
+    cfg: RunConfig, root: Path, *, progress: bool | None, on_stage: StageCallback | None, trains_here: bool
+) -> Runner:
     """The runner of ``cfg`` in ``root``, after every check that can fail without writing anything."""
     check_out_folder(root, "run folder")
     check_unlocked(root, what="run folder")
-    runner = Runner(cfg, root, progress=progress, on_stage=on_stage)  # loads the tasks: may raise
+    # loads the tasks: may raise
+    runner = Runner(cfg, root, progress=progress, on_stage=on_stage, trains_here=trains_here)
     try:
         _ = runner.model_hash  # an unknown model fails here, before the run folder exists
     except LayercardError as e:

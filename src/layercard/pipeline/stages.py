@@ -103,9 +103,17 @@ class Runner:
     """Runs the stages of one config in one folder over one lazily loaded model."""
 
     def __init__(
-        self, cfg: RunConfig, root: Path, *, progress: bool | None, on_stage: StageCallback | None
+        self,
+        cfg: RunConfig,
+        root: Path,
+        *,
+        progress: bool | None,
+        on_stage: StageCallback | None,
+        trains_here: bool = True,
     ) -> None:
         self.cfg = cfg
+        # False where this call stops before training: a later process trains the plans made here
+        self.trains_here = trains_here
         self.out = RunLayout(root)
         self.progress = progress
         self.on_stage = on_stage
@@ -316,8 +324,9 @@ class Runner:
         path = out.plan_json(p.name)
         # priced at the batch the placement will train at, unless the plan names one
         batch = p.plan.batch_size if p.plan.batch_size is not None else self.cfg.train.batch_size
-        # memory_figure auto is resolved when the plan is made, by this process; a cached plan keeps the
-        # figure it was made with, so that a run resumed in a new process does not plan and train again
+        # memory_figure auto is resolved when the plan is made, for the process that will train it (this
+        # one, or a later one when this call stops before training); a cached plan keeps the figure it was
+        # made with, so that a run resumed in a new process does not plan and train again
         plan_cfg = dataclasses.replace(p.plan, batch_size=batch)
         # ... and at the positions its training will compute, from its data order, unless the plan names
         # them: a run's largest micro-batch sets its peak (design §6, "a budget holds")
@@ -329,9 +338,14 @@ class Runner:
 
             card = Card.load(out.card_json)
             made = plan_cfg
+            if made.memory_figure == "auto" and not self.trains_here:
+                from layercard.cost import figure_elsewhere
+
+                # auto means the figure of the process that trains, and that is a later one
+                made = dataclasses.replace(made, memory_figure=figure_elsewhere(card.cost))
             if at_run and (card.cost or {}).get("batch_positions"):
                 step, peak = self.run_positions
-                made = dataclasses.replace(plan_cfg, step_positions=step, peak_positions=float(peak))
+                made = dataclasses.replace(made, step_positions=step, peak_positions=float(peak))
             make_plan(card, made, card_path=str(out.card_json.resolve())).save(path)
 
         def summarize() -> list[tuple[str, str]]:
