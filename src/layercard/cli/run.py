@@ -55,17 +55,24 @@ def _fmt(x: Any, spec: str = ".4g") -> str:
     return "—" if x is None else format(x, spec)
 
 
-def _comparison(summary: dict[str, Any]) -> Table:
-    primary = summary.get("primary_metric") or "metric"
-    # Compact, so the table fits an 80-column terminal (or a log) without cutting the numbers.
-    t = Table(
-        title="comparison on the eval split",
+def _compact(title: str, caption: str) -> Table:
+    """A table compact enough for an 80-column terminal (or a log) without cutting the numbers."""
+    return Table(
+        title=title,
         title_justify="left",
         box=box.SIMPLE_HEAD,
         pad_edge=False,
-        caption="s/step: training; drop: base eval loss − model eval loss; s/ex: generation",
+        caption=caption,
         caption_justify="left",
         padding=(0, 1, 0, 0),
+    )
+
+
+def _comparison(summary: dict[str, Any]) -> Table:
+    primary = summary.get("primary_metric") or "metric"
+    t = _compact(
+        "comparison on the eval split",
+        "s/step: training; drop: base eval loss − model eval loss; s/ex: generation",
     )
     quality = any(r.get("predicted_quality") is not None for r in summary["rows"])
     cols = ["model", "layers", "modules", "s/step", "loss", "drop", primary, "s/ex"]
@@ -97,14 +104,9 @@ def _plans(summary: dict[str, Any]) -> Table:
     from layercard.report import seconds_text
 
     steps = summary["train_steps"]
-    t = Table(
-        title=f"plans · {steps:,} optimizer steps each",
-        title_justify="left",
-        box=box.SIMPLE_HEAD,
-        pad_edge=False,
-        caption="predicted by the card's cost and quality models; quality: fraction of the reference's drop",
-        caption_justify="left",
-        padding=(0, 1, 0, 0),
+    t = _compact(
+        f"plans · {steps:,} optimizer steps each",
+        "predicted by the card's cost and quality models; quality: fraction of the reference's drop",
     )
     for col in ("placement", "layers", "modules", "params", "s/step", "steps", "peak MiB", "quality"):
         t.add_column(col, justify="left" if col == "placement" else "right", no_wrap=True)
