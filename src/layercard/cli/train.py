@@ -88,9 +88,9 @@ def train_cmd(
     from layercard.train import is_launch_main, train
 
     assert cfg is not None  # built by config_options before anything loads, so a typo costs no time
-    if out is None and not dry_run:
-        raise LayercardError("--out: required (the run folder), except with --dry-run")
-    if out is not None and not dry_run:
+    if not dry_run:
+        if out is None:
+            raise LayercardError("--out: required (the run folder), except with --dry-run")
         check_out_folder(out)
         if is_launch_main():  # at once; train() takes the lock once the model is loaded
             check_unlocked(out, what="training folder")
@@ -135,6 +135,8 @@ def _fmt(x: Any, spec: str) -> str:
 
 def _print_estimate(e: dict[str, Any], plan: Path) -> None:
     """The dry run's table, its budget warnings and how to plan at these positions."""
+    from layercard.report import seconds_text
+
     tbl = Table(title=f"train --dry-run · {e['kind']} · {e['steps']} steps (one process)", show_header=False)
     tbl.add_column("what")
     tbl.add_column("value", justify="right")
@@ -152,7 +154,7 @@ def _print_estimate(e: dict[str, Any], plan: Path) -> None:
         "predicted s/step at these positions (plan's)",
         f"{_fmt(e['step_time_at_run_s'], '.3f')} ({_fmt(e['step_time_s'], '.3f')})",
     )
-    tbl.add_row("predicted time of the optimizer steps", _fmt(e["steps_s"], ",.0f") + " s")
+    tbl.add_row("predicted time of the optimizer steps", seconds_text(e["steps_s"]))
     tbl.add_row(
         f"predicted peak memory ({e['peak_memory_kind']}; plan's)",
         f"{_fmt(e['peak_memory_at_run_mib'], ',.0f')} ({_fmt(e['peak_memory_mib'], ',.0f')}) MiB",

@@ -401,9 +401,9 @@ def estimate(
     steps = planned_steps(cfg, len(stream.encoded))
     per_step, largest = run_positions(stream, steps, cfg.grad_accum, 1, 0)
     memory_kind = peak_memory_kind(next(loaded.model.parameters()).device)
-    at = priced_at(plan.predicted, per_step, largest, first_step=prices_by_first_step(memory_kind))
-    step_s = at["step_time_scaled_s"] or at["step_time_s"]
     predicted = plan.predicted or {}
+    at = priced_at(predicted, per_step, largest, first_step=prices_by_first_step(memory_kind))
+    step_s = at["step_time_scaled_s"] or at["step_time_s"]
     return {
         "kind": kind,
         "steps": steps,
