@@ -40,7 +40,7 @@ def example(name: str, lang: str) -> str:
 
 def command_lines(text: str) -> list[list[str]]:
     lines = text.replace("\\\n", " ").splitlines()
-    return [shlex.split(line)[1:] for line in lines if line.startswith("layercard ")]
+    return [shlex.split(line, comments=True)[1:] for line in lines if line.startswith("layercard ")]
 
 
 def run(args: list[str]) -> None:
@@ -61,10 +61,13 @@ def test_alpaca_cli_example(tiny_folder, tmp_path, monkeypatch):
     rows = [{"instruction": "name the number", "input": str(i), "output": f"it is {i}"} for i in range(8)]
     Path("alpaca.json").write_text(json.dumps(rows))
     commands = command_lines(example("alpaca-cli", "bash"))
-    assert [c[0] for c in commands] == ["card", "plan", "train"]
+    assert [c[0] for c in commands] == ["card", "plan", "train", "train"]
+    assert "--dry-run" in commands[2]
     for args in commands:
         args = [str(tiny_folder) if a == "smollm2" else a for a in args]
         run(args + SMALLER.get(args[0], []))
+        if "--dry-run" in args:
+            assert not Path("runs/mine/train").exists()  # the dry run writes nothing
     plan = Plan.load("runs/mine/plan.json")
     metrics = TrainMetrics.load("runs/mine/train")
     assert len(plan.layers) == 8 and metrics.steps == 2 and metrics.task["name"] == "alpaca"
