@@ -61,9 +61,9 @@ def memory_figure(cost: dict[str, Any] | None, setting: str = "auto") -> str:
 def figure_elsewhere(cost: dict[str, Any] | None) -> str:
     """The memory figure a training run in another process (one that runs no calibration) takes: what
     ``auto`` resolves to there, for a plan made in this process to be trained later by another."""
-    cost = cost or {}
-    kind = cost.get("memory_kind")
-    return "first_step" if cost.get("memory_first_step") and kind == "process_peak_rss" else "window"
+    # auto's rule where the training process ran no calibration; memory_figure checks the card's terms
+    rss = (cost or {}).get("memory_kind") == "process_peak_rss"
+    return memory_figure(cost, "first_step" if rss else "window")
 
 
 def peak_of(memory: dict[str, Any] | None, figure: str | None) -> float | None:

@@ -372,12 +372,18 @@ def planned_steps(cfg: TrainConfig, n_examples: int, world: int = 1) -> int:
     return max(1, math.ceil(cfg.epochs * per_epoch / (cfg.grad_accum * world)))
 
 
+def _one_process(data: TrainData, cfg: TrainConfig) -> tuple[Stream, int]:
+    """The stream and step count of the run ``cfg`` would train on ``data`` in one process."""
+    stream = Stream(data.encoded, cfg.batch_size, data.pad_id, cfg.seed)
+    return stream, planned_steps(cfg, len(stream.encoded))
+
+
 def planned_positions(data: TrainData, cfg: TrainConfig) -> tuple[float, int]:
     """(mean padded positions per step, the largest micro-batch's) of the run ``cfg`` would train on
     ``data`` (:func:`prepare_data`) in one process, from its data order alone: what a plan for it is
     priced at."""
-    stream = Stream(data.encoded, cfg.batch_size, data.pad_id, cfg.seed)
-    return run_positions(stream, planned_steps(cfg, len(stream.encoded)), cfg.grad_accum, 1, 0)
+    stream, steps = _one_process(data, cfg)
+    return run_positions(stream, steps, cfg.grad_accum, 1, 0)
 
 
 def estimate(
@@ -397,8 +403,7 @@ def estimate(
     kind, _, _ = _check_inputs(loaded, plan, cfg, kind)
     if data is None:
         data = prepare_data(loaded, train_task, val_task, cfg)
-    stream = Stream(data.encoded, cfg.batch_size, data.pad_id, cfg.seed)
-    steps = planned_steps(cfg, len(stream.encoded))
+    stream, steps = _one_process(data, cfg)
     per_step, largest = run_positions(stream, steps, cfg.grad_accum, 1, 0)
     memory_kind = peak_memory_kind(next(loaded.model.parameters()).device)
     predicted = plan.predicted or {}
