@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 import sys
 import traceback
@@ -59,7 +60,17 @@ def guard(fn: F) -> F:
                 )
             raise typer.Exit(1) from None
 
+    # The help screen keeps a docstring's line breaks; a paragraph should wrap to the terminal instead.
+    wrapper.__doc__ = _reflow(fn.__doc__)
     return wrapper  # type: ignore[return-value]
+
+
+def _reflow(doc: str | None) -> str | None:
+    """``doc`` with each paragraph's lines joined into one."""
+    if not doc:
+        return doc
+    paragraphs = inspect.cleandoc(doc).split("\n\n")
+    return "\n\n".join(" ".join(line.strip() for line in par.splitlines()) for par in paragraphs)
 
 
 @app.callback()

@@ -225,10 +225,11 @@ def demo_cmd(
     set_: SetOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
-    """The main job on the embedded default: SmolLM2 and two built-in tasks (facts: new knowledge; format:
-    a new output format). Per task: the card, the recommended placement under a parameter budget against
-    the practitioners' defaults fitted to the same budget and the reference, each trained and evaluated
-    (the packaged demo.yaml; about 10 minutes on 2 CPU cores)."""
+    """The main job on the embedded default: SmolLM2 on two built-in tasks, facts and format.
+
+    Per task (facts: new knowledge; format: a new output format): the card, the recommended placement
+    under a parameter budget against the practitioners' defaults fitted to the same budget and the
+    reference, each trained and evaluated (the packaged demo.yaml; 5 to 10 minutes on 2 CPU cores)."""
     import time
 
     from layercard.pipeline import demo_config_path, load_config
