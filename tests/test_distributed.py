@@ -24,7 +24,9 @@ from layercard.cli import app
 from layercard.models import LoadedModel
 from layercard.plan import Plan
 from layercard.tasks import load_task
-from layercard.train import TrainConfig, train
+from layercard.train import TrainConfig, estimate, prepare_data, train
+from layercard.train.data import Stream, run_positions
+from layercard.train.metrics import priced_at
 
 REPO = Path(__file__).resolve().parents[1]
 DDP_CPU = REPO / "src" / "layercard" / "configs" / "accelerate" / "ddp_cpu.yaml"
@@ -216,7 +218,14 @@ def _plan(loaded: LoadedModel) -> Plan:
                 {"key": u.key, "layer": u.layer, "role": u.role, "name": u.name, "rank": 4} for u in units
             ],
             "layers": sorted({u.layer for u in units}),
-            "predicted": {"step_time_s": 0.05, "params": 0, "modules": len(units), "gain": 1.0},
+            "predicted": {
+                "step_time_s": 0.05,
+                "params": 0,
+                "modules": len(units),
+                "gain": 1.0,
+                "calibration_batch_positions": 100,
+                "step_time_position_share": 0.5,
+            },
             "lora_config": {
                 "r": 4,
                 "lora_alpha": 8,
@@ -232,10 +241,9 @@ def _plan(loaded: LoadedModel) -> Plan:
     )
 
 
-def _train(out: Path, batch_size: int) -> dict[str, Any]:
+def _cfg(batch_size: int) -> TrainConfig:
     """A few steps on 16 examples (a whole number of global batches of 4, so epochs line up)."""
-    loaded = _loaded()
-    cfg = TrainConfig(
+    return TrainConfig(
         steps=TRAIN_STEPS,
         batch_size=batch_size,
         lr=1e-2,
@@ -244,7 +252,12 @@ def _train(out: Path, batch_size: int) -> dict[str, Any]:
         eval_examples=0,
         checkpoint_every=0,
     )
-    return train(loaded, _plan(loaded), load_task("synthetic:facts", split="train"), None, cfg, out)
+
+
+def _train(out: Path, batch_size: int) -> dict[str, Any]:
+    loaded = _loaded()
+    task = load_task("synthetic:facts", split="train")
+    return train(loaded, _plan(loaded), task, None, _cfg(batch_size), out)
 
 
 def test_training_in_two_processes_equals_one(tmp_path: Path) -> None:
@@ -258,6 +271,20 @@ def test_training_in_two_processes_equals_one(tmp_path: Path) -> None:
     assert len(a) == len(b) == TRAIN_STEPS
     assert a[-1] < a[0]  # it learns: the curves compared are not flat
     assert b == pytest.approx(a, rel=1e-4)
+
+    # each process computes its own micro-batches, and is priced at them: the first process's here
+    loaded, task, cfg = _loaded(), load_task("synthetic:facts", split="train"), _cfg(2)
+    data = prepare_data(loaded, task, None, cfg)
+    stream = Stream(data.encoded, cfg.batch_size, data.pad_id, cfg.seed)
+    mine, largest = run_positions(stream, TRAIN_STEPS, cfg.grad_accum, 2, 0)
+    assert (two["batch_positions_per_step"], two["max_batch_positions"]) == (pytest.approx(mine), largest)
+    priced = priced_at(_plan(loaded).predicted, mine, largest)["step_time_scaled_s"]
+    assert two["predicted_step_time_scaled_s"] == pytest.approx(priced)
+    # the dry run for two processes: the same steps and epochs, the busiest process's positions
+    est = estimate(loaded, _plan(loaded), task, None, cfg, data=data, processes=2)
+    assert (est["processes"], est["steps"], est["epochs"]) == (2, two["steps"], pytest.approx(two["epochs"]))
+    busiest = max(run_positions(stream, TRAIN_STEPS, cfg.grad_accum, 2, r)[0] for r in (0, 1))
+    assert est["positions_per_step"] == pytest.approx(busiest) and busiest >= mine
 
 
 if __name__ == "__main__":  # a launched worker

@@ -298,6 +298,7 @@ def test_a_dry_run_says_what_the_run_then_does(tmp_path: Path, monkeypatch, cali
     )
     assert est["step_time_at_run_s"] == pytest.approx(m["predicted_step_time_scaled_s"])
     assert est["steps_s"] == pytest.approx(3 * m["predicted_step_time_scaled_s"])
+    assert est["processes"] == 1
     assert est["peak_memory_at_run_mib"] == pytest.approx(m["predicted_peak_memory_scaled_mib"])
     assert (
         est["memory_figure"]
@@ -311,7 +312,7 @@ def test_a_dry_run_says_what_the_run_then_does(tmp_path: Path, monkeypatch, cali
 
 
 def test_stream_positions_are_those_of_the_batches_it_builds():
-    from layercard.train.data import Stream, run_positions
+    from layercard.train.data import Stream, launch_positions, run_positions
 
     encoded = [Encoded(tuple(range(n)), tuple(range(n)), 0) for n in (3, 9, 4, 7, 5)]
     stream = Stream(encoded, 2, 0, seed=1)
@@ -320,7 +321,11 @@ def test_stream_positions_are_those_of_the_batches_it_builds():
     # two steps of two micro-batches, two processes, this one the second: micro-batches 1, 3, 5, 7
     per_step, largest = run_positions(stream, 2, 2, world=2, rank=1)
     mine = [built[k] for k in (1, 3, 5, 7)]
-    assert per_step == pytest.approx(sum(mine) * 2 / 2) and largest == max(mine)
+    assert per_step == pytest.approx(sum(mine) / 2) and largest == max(mine)
+    # the launch is priced at its busiest process and at the largest micro-batch of any
+    first = [built[k] for k in (0, 2, 4, 6)]
+    assert sum(first) != sum(mine)  # the two processes differ, so the maximum is a choice
+    assert launch_positions(stream, 2, 2, world=2) == (max(sum(first), sum(mine)) / 2, max(built))
 
 
 def test_train_metrics_artifact_roundtrip(lora_run, tmp_path: Path):
@@ -566,6 +571,13 @@ def test_cli_train(tmp_path: Path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "plan.json", "run", "tiny"]
     res = runner.invoke(app, [*dry, "--dry-run"])
     assert res.exit_code == 0 and "--step-positions" in res.output, res.output
+    assert "(one process)" in res.output and "exchange of gradients" not in res.output
+    res = runner.invoke(app, [*dry, "--steps", "5", "--dry-run", "--processes", "2"])
+    said = " ".join(res.output.split())  # as read, whatever the terminal's width
+    assert res.exit_code == 0 and "(2 processes)" in said and "the busiest process's" in said, said
+    assert "exchange of gradients" in said
+    res = runner.invoke(app, [*args, "--processes", "2"])
+    assert res.exit_code == 2 and "--processes: only with --dry-run" in res.output
     res = runner.invoke(app, dry)
     assert res.exit_code == 2 and "--out: required" in res.output
 

@@ -78,6 +78,15 @@ def train_cmd(
             "compute, the plan's step time and peak memory priced there, and the budgets they put over.",
         ),
     ] = False,
+    processes: Annotated[
+        int | None,
+        typer.Option(
+            "--processes",
+            min=1,
+            help="With --dry-run: price the run as launched in N processes, one per device (default: the "
+            "launch's WORLD_SIZE, else 1). Train in N processes with accelerate launch.",
+        ),
+    ] = None,
     cfg: TrainConfig | None = None,
     task_kw: dict | None = None,
 ) -> None:
@@ -85,9 +94,14 @@ def train_cmd(
     from layercard.artifacts import check_out_folder, check_unlocked
     from layercard.plan import Plan, check_model_matches
     from layercard.tasks import is_file_spec, load_task
-    from layercard.train import is_launch_main, train
+    from layercard.train import is_launch_main, launch_world, train
 
     assert cfg is not None  # built by config_options before anything loads, so a typo costs no time
+    if processes is not None and not dry_run:
+        raise LayercardError(
+            "--processes: only with --dry-run; to train in N processes, use accelerate launch "
+            "--num_processes N -m layercard train ..."
+        )
     if not dry_run:
         if out is None:
             raise LayercardError("--out: required (the run folder), except with --dry-run")
@@ -109,7 +123,9 @@ def train_cmd(
     if dry_run:
         from layercard.train import estimate
 
-        est = estimate(loaded, p, train_t, val_t, cfg, kind=kind)
+        est = estimate(loaded, p, train_t, val_t, cfg, kind=kind, processes=processes or launch_world())
+        if not is_launch_main():  # launched: one process says it for all
+            return
         if json_out:
             emit_json(est)
         else:
@@ -137,17 +153,19 @@ def _print_estimate(e: dict[str, Any], plan: Path) -> None:
     """The dry run's table, its budget warnings and how to plan at these positions."""
     from layercard.report import seconds_text
 
-    tbl = Table(title=f"train --dry-run · {e['kind']} · {e['steps']} steps (one process)", show_header=False)
+    n = e["processes"]
+    where, busiest = ("one process", "") if n == 1 else (f"{n} processes", ", the busiest process's")
+    tbl = Table(title=f"train --dry-run · {e['kind']} · {e['steps']} steps ({where})", show_header=False)
     tbl.add_column("what")
     tbl.add_column("value", justify="right")
     tbl.add_row("steps (epochs)", f"{e['steps']:,} ({e['epochs']:.2f})")
     tbl.add_row("training / validation examples", f"{e['train_examples']:,} / {e['val_examples']:,}")
     tbl.add_row(
-        "padded positions per step (plan's)",
+        f"padded positions per step{busiest} (plan's)",
         f"{e['positions_per_step']:,.1f} ({_fmt(e['plan_positions_per_step'], ',.0f')})",
     )
     tbl.add_row(
-        "largest micro-batch's positions (plan's)",
+        f"largest micro-batch's positions{' of any process' if n > 1 else ''} (plan's)",
         f"{e['max_positions']:,} ({_fmt(e['plan_peak_positions'], ',.0f')})",
     )
     tbl.add_row(
@@ -160,9 +178,9 @@ def _print_estimate(e: dict[str, Any], plan: Path) -> None:
         f"{_fmt(e['peak_memory_at_run_mib'], ',.0f')} ({_fmt(e['peak_memory_mib'], ',.0f')}) MiB",
     )
     console.print(tbl)
+    leaves_out = "validation, checkpoints and loading" + (", and the exchange of gradients" if n > 1 else "")
     console.print(
-        "The step time leaves out validation, checkpoints and loading; figures are the cost model's, "
-        "calibrated by the card.",
+        f"The step time leaves out {leaves_out}; figures are the cost model's, calibrated by the card.",
         markup=False,
     )
     for line in e["budget_notes"]:

@@ -47,15 +47,24 @@ class Stream:
 
 
 def run_positions(stream: Stream, steps: int, grad_accum: int, world: int, rank: int) -> tuple[float, int]:
-    """(mean padded positions per step, the largest micro-batch's) over a run of ``steps`` optimizer steps,
-    counted as the run counts them: this process's micro-batches, times ``world``."""
+    """(mean padded positions per step, the largest micro-batch's) that process ``rank`` of ``world``
+    computes over a run of ``steps`` optimizer steps: what its step time and peak memory are priced at,
+    since each process computes its own micro-batches."""
     total = largest = 0
     for s in range(steps):
         for j in range(grad_accum):
             n = stream.positions((s * grad_accum + j) * world + rank)
             total += n
             largest = max(largest, n)
-    return total * world / steps, largest
+    return total / steps, largest
+
+
+def launch_positions(stream: Stream, steps: int, grad_accum: int, world: int) -> tuple[float, int]:
+    """:func:`run_positions` of the process that computes the most per step and of the one with the
+    largest micro-batch, among ``world``: the processes wait for each other at every step, and any one
+    of them can run out of memory."""
+    per_rank = [run_positions(stream, steps, grad_accum, world, r) for r in range(world)]
+    return max(p for p, _ in per_rank), max(n for _, n in per_rank)
 
 
 def lr_lambda(cfg: TrainConfig, total: int) -> Callable[[int], float]:

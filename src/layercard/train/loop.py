@@ -43,7 +43,7 @@ from layercard.train.checkpoints import (
     save_checkpoint,
 )
 from layercard.train.config import _MIXED_PRECISION, VALID_KINDS, TrainConfig
-from layercard.train.data import Stream, lr_lambda, run_positions
+from layercard.train.data import Stream, launch_positions, lr_lambda, run_positions
 from layercard.train.eva import eva_summary, init_eva
 from layercard.train.metrics import (
     METRICS_FILE,
@@ -317,6 +317,11 @@ def _init_eva(
     return ranks, seconds
 
 
+def launch_world() -> int:
+    """The number of processes of the distributed launch this process belongs to (1 outside one)."""
+    return max(1, int(os.environ.get("WORLD_SIZE", "1") or 1))
+
+
 def is_launch_main() -> bool:
     """Whether this is the first process of a distributed launch (or no launch at all).
 
@@ -372,18 +377,18 @@ def planned_steps(cfg: TrainConfig, n_examples: int, world: int = 1) -> int:
     return max(1, math.ceil(cfg.epochs * per_epoch / (cfg.grad_accum * world)))
 
 
-def _one_process(data: TrainData, cfg: TrainConfig) -> tuple[Stream, int]:
-    """The stream and step count of the run ``cfg`` would train on ``data`` in one process."""
+def _stream(data: TrainData, cfg: TrainConfig, world: int = 1) -> tuple[Stream, int]:
+    """The stream and step count of the run ``cfg`` would train on ``data`` in ``world`` processes."""
     stream = Stream(data.encoded, cfg.batch_size, data.pad_id, cfg.seed)
-    return stream, planned_steps(cfg, len(stream.encoded))
+    return stream, planned_steps(cfg, len(stream.encoded), world)
 
 
-def planned_positions(data: TrainData, cfg: TrainConfig) -> tuple[float, int]:
+def planned_positions(data: TrainData, cfg: TrainConfig, world: int = 1) -> tuple[float, int]:
     """(mean padded positions per step, the largest micro-batch's) of the run ``cfg`` would train on
-    ``data`` (:func:`prepare_data`) in one process, from its data order alone: what a plan for it is
-    priced at."""
-    stream, steps = _one_process(data, cfg)
-    return run_positions(stream, steps, cfg.grad_accum, 1, 0)
+    ``data`` (:func:`prepare_data`) in ``world`` processes, from its data order alone: what a plan for it
+    is priced at (with several processes, the busiest one's: :func:`launch_positions`)."""
+    stream, steps = _stream(data, cfg, world)
+    return launch_positions(stream, steps, cfg.grad_accum, world)
 
 
 def estimate(
@@ -395,16 +400,22 @@ def estimate(
     *,
     kind: str | None = None,
     data: TrainData | None = None,
+    processes: int = 1,
 ) -> dict[str, Any]:
-    """What :func:`train` would do with these arguments in one process, without training or writing
-    anything: its steps and epochs, the padded positions its micro-batches compute (from the data order
-    alone), the plan's step time and peak memory priced there as training prices them, the predicted time
-    of its optimizer steps, and the plan's budgets that those positions put over."""
+    """What :func:`train` would do with these arguments in ``processes`` processes (one per device, as
+    ``accelerate launch`` starts them), without training or writing anything: its steps and epochs, the
+    padded positions its micro-batches compute (from the data order alone; with several processes, those
+    of the busiest one per step and the largest micro-batch of any), the plan's step time and peak memory
+    priced there as training prices them, the predicted time of its optimizer steps, and the plan's
+    budgets that those positions put over. A step's price leaves out the processes' exchange of
+    gradients."""
     kind, _, _ = _check_inputs(loaded, plan, cfg, kind)
+    if processes < 1:
+        raise LayercardError(f"processes: {processes} is not a number of processes (1 or more)")
     if data is None:
         data = prepare_data(loaded, train_task, val_task, cfg)
-    stream, steps = _one_process(data, cfg)
-    per_step, largest = run_positions(stream, steps, cfg.grad_accum, 1, 0)
+    stream, steps = _stream(data, cfg, processes)
+    per_step, largest = launch_positions(stream, steps, cfg.grad_accum, processes)
     memory_kind = peak_memory_kind(next(loaded.model.parameters()).device)
     predicted = plan.predicted or {}
     at = priced_at(predicted, per_step, largest, first_step=prices_by_first_step(memory_kind))
@@ -412,7 +423,8 @@ def estimate(
     return {
         "kind": kind,
         "steps": steps,
-        "epochs": steps * cfg.grad_accum / stream.per_epoch,
+        "processes": processes,
+        "epochs": steps * cfg.grad_accum * processes / stream.per_epoch,
         "train_examples": len(data.encoded),
         "val_examples": len(data.val_encoded),
         "positions_per_step": per_step,
@@ -716,10 +728,11 @@ def _metrics(
         **predictions(
             plan.predicted,
             s_per_step,
-            tokens_per_step,
+            # priced per process: each computes its own micro-batches (the counts are all processes')
+            tokens_per_step / run.world if tokens_per_step else None,
             peak,
             memory_start,
-            state.positions_seen / step if step else None,
+            state.positions_seen / (step * run.world) if step else None,
             state.max_positions or None,
             *forward,
             first_step=prices_by_first_step(peak_kind),
