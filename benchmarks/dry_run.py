@@ -3,18 +3,26 @@
 Plans from a card on its own (`layercard plan`, priced at the card's calibration batch), asks
 `layercard train --dry-run` what a run of that plan would compute and cost, and trains that run in a
 process of its own. With ``--replan`` it then plans again at the positions the dry run printed
-(`--step-positions`, `--peak-positions`), and dry-runs and trains that plan too.
+(`--step-positions`, `--peak-positions`), and dry-runs and trains that plan too. With ``--processes N``
+the dry run is asked for N processes and the run is trained under ``accelerate launch`` with the
+package's ``ddp_cpu.yaml`` (N data-parallel CPU processes, each at ``--threads`` torch threads, 1 by
+default there); ``--threads`` also sets the threads of every other command.
 
     .venv/bin/python benchmarks/dry_run.py --card runs/planning_cost_facts_400_params0.2x_r28/card/card.json
     LAYERCARD_DATA=../shared/data .venv/bin/python benchmarks/dry_run.py \\
         --card runs/sst2b/out/card/card.json --name sst2 --task sst2:train --val-task sst2:validation \\
         --budget memory=2650 --batch-size 8 --max-length 128 --lr 1e-3 --steps 30 --replan
+    OMP_NUM_THREADS=1 .venv/bin/layercard card --model smollm2 --task synthetic:facts --examples 16 \
+        --batch-size 4 --out runs/facts_1thread/card
+    .venv/bin/python benchmarks/dry_run.py --card runs/facts_1thread/card/card.json --name facts_2proc \
+        --processes 2 --steps 30
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -24,9 +32,22 @@ HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "dry_run"
 
 
-def _layercard(*args: str) -> subprocess.CompletedProcess:
+ENV: dict[str, str] = {}  # --threads: OMP_NUM_THREADS for every command
+
+
+def _layercard(*args: str, processes: int = 1) -> subprocess.CompletedProcess:
+    launch: list[str] = []
+    if processes > 1:
+        from importlib.resources import files
+
+        ddp = files("layercard") / "configs" / "accelerate" / "ddp_cpu.yaml"
+        launch = ["accelerate.commands.launch", "--config_file", str(ddp), "--num_processes", str(processes)]
     return subprocess.run(
-        [sys.executable, "-m", "layercard", *args], check=True, capture_output=True, text=True
+        [sys.executable, "-m", *launch, "layercard", *args],
+        check=True,
+        capture_output=True,
+        text=True,
+        env=os.environ | ENV,
     )
 
 
@@ -50,17 +71,20 @@ def _case(args: argparse.Namespace, out: Path, label: str, plan_extra: list[str]
     if args.val_task:
         train += ["--val-task", args.val_task]
     t0 = time.perf_counter()
-    est = json.loads(_layercard("train", *train, "--dry-run", "--json").stdout)
+    est = json.loads(
+        _layercard("train", *train, "--dry-run", "--processes", str(args.processes), "--json").stdout
+    )
     dry_s = time.perf_counter() - t0
     run = out / f"{label}_train"
     if (run / "train_metrics.json").exists():
         m = json.loads((run / "train_metrics.json").read_text())
     else:
-        m = json.loads(_layercard("train", *train, "--out", str(run), "--json").stdout)
+        _layercard("train", *train, "--out", str(run), "--json", processes=args.processes)
+        m = json.loads((run / "train_metrics.json").read_text())
     keep = (
         "batch_positions_per_step", "max_batch_positions", "s_per_step", "s_per_step_spread",
         "peak_memory_mib", "peak_memory_kind", "predicted_memory_figure", "wall_time_s", "budget_notes",
-        "trainable_params",
+        "trainable_params", "world_size", "predicted_step_time_scaled_s",
     )  # fmt: skip
     return {
         "plan_args": plan_extra,
@@ -101,7 +125,11 @@ def main() -> None:
     ap.add_argument("--lr", default="2e-3")
     ap.add_argument("--replan", action="store_true", help="plan again at the dry run's positions")
     ap.add_argument("--out", default=None, help="work folder (default: runs/dry_run_NAME)")
+    ap.add_argument("--processes", type=int, default=1, help="train under accelerate launch in N processes")
+    ap.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS for every command")
     args = ap.parse_args()
+    if args.threads:
+        ENV["OMP_NUM_THREADS"] = str(args.threads)
     out = Path(args.out or HERE.parent / "runs" / f"dry_run_{args.name}")
     out.mkdir(parents=True, exist_ok=True)
 
@@ -124,6 +152,8 @@ def main() -> None:
         "budget": args.budget,
         "steps": args.steps,
         "batch_size": args.batch_size,
+        "processes": args.processes,
+        "threads": args.threads or (1 if args.processes > 1 else None),
         "cases": cases,
         "machine": machine_info(),
         "versions": package_versions(),
@@ -136,7 +166,14 @@ def main() -> None:
         "# `layercard train --dry-run` against the run it describes",
         "",
         f"smollm2, `{args.task}`, `--budget {args.budget}` planned on its own from `{args.card}`, "
-        f"{args.steps} steps of batch {args.batch_size}, each command in a process of its own. Machine: "
+        f"{args.steps} steps of batch {args.batch_size}"
+        + (
+            f" per process in {args.processes} data-parallel processes (`accelerate launch`, ddp_cpu.yaml)"
+            if args.processes > 1
+            else ""
+        )
+        + (f", {res['threads']} torch thread(s) per process" if res["threads"] else "")
+        + ", each command in a process of its own. Machine: "
         f"{res['machine'].get('processor')} · {res['machine'].get('cpu_count')} cores · {res['date']}.",
     ]
     for name, c in cases.items():

@@ -38,7 +38,7 @@ def track(
         MofNCompleteColumn(),
         TimeElapsedColumn(),
         TimeRemainingColumn(),
-        console=Console(stderr=True),
+        console=Console(stderr=True, emoji=False),
         transient=False,
     ) as prog:
         tid = prog.add_task(description, total=total)
@@ -54,4 +54,4 @@ def say(text: str, *, enabled: bool | None = None) -> None:
     if enabled:
         from rich.console import Console
 
-        Console(stderr=True).print(text, highlight=False, soft_wrap=True)
+        Console(stderr=True, emoji=False).print(text, highlight=False, soft_wrap=True)

@@ -24,7 +24,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-console = Console(stderr=True)
+console = Console(stderr=True, emoji=False)
 _STATE = {"debug": False}
 
 F = TypeVar("F", bound=Callable[..., Any])

@@ -51,7 +51,7 @@ def models_cmd(
         t.add_column(k)
     for r in rows:
         t.add_row(*[str(r.get(k, "")) for k in order])
-    Console().print(t)
+    Console(emoji=False).print(t)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -159,7 +159,7 @@ def _print_card_summary(card) -> None:
             f"{r['rate']:.4g}",
             style=style,
         )
-    Console(stderr=True).print(tbl)
+    Console(stderr=True, emoji=False).print(tbl)
     console.print(
         f"probe: {card.task['n_examples']} examples, {card.n_positions} positions, loss {card.loss:.4f}; "
         f"timings " + ", ".join(f"{k}={v:.1f}s" for k, v in card.timings.items())

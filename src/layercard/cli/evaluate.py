@@ -90,4 +90,4 @@ def _print_result(result) -> None:
     tbl.add_row("n", str(result.n))
     tbl.add_row("s/example", f"{result.timing['s_per_example']:.3f}")
     tbl.add_row("tokens/s", f"{result.timing['tokens_per_s']:.1f}")
-    Console(stderr=True).print(tbl)
+    Console(stderr=True, emoji=False).print(tbl)

@@ -1,4 +1,4 @@
-"""Every command's help screen: it opens, and its paragraphs wrap to the terminal."""
+"""What the commands print: help screens that open and wrap, and messages printed as written."""
 
 from __future__ import annotations
 
@@ -26,3 +26,14 @@ def test_help_opens_and_paragraphs_are_reflowed(name: str) -> None:
     result = CliRunner().invoke(app, [name, "--help"])
     assert result.exit_code == 0, result.output
     assert "Usage:" in result.output
+
+
+def test_an_error_naming_a_split_prints_it_as_written(tmp_path, monkeypatch) -> None:
+    """``sst2:train`` holds ``:train:``, which a console reading emoji codes would print as a picture."""
+    monkeypatch.setenv("LAYERCARD_DATA", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    args = ["card", "-t", "sst2:train", "--examples", "4", "-o", str(tmp_path / "c")]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2
+    assert "task sst2:train: data file not found" in " ".join(result.output.split())
+    assert not (tmp_path / "c").exists()
