@@ -41,7 +41,14 @@ def _layercard(*args: str, processes: int = 1) -> subprocess.CompletedProcess:
         from importlib.resources import files
 
         ddp = files("layercard") / "configs" / "accelerate" / "ddp_cpu.yaml"
-        launch = ["accelerate.commands.launch", "--config_file", str(ddp), "--num_processes", str(processes)]
+        launch = [
+            "accelerate.commands.launch",
+            "--config_file",
+            str(ddp),
+            "--num_processes",
+            str(processes),
+            "-m",
+        ]
     return subprocess.run(
         [sys.executable, "-m", *launch, "layercard", *args],
         check=True,

@@ -8,6 +8,7 @@ test_bad_state.py.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -146,6 +147,22 @@ def _(w: World, tmp: Path) -> Row:
 def _(w: World, tmp: Path) -> Row:
     msg = f"error: --out {tmp}: is a folder; give a file path such as {tmp / 'plan.json'}"
     return f"plan --policy all -c {w.card} -o {tmp}", msg, [tmp / "plan.json"]
+
+
+@case("plan-out-names-no-json-file")
+def _(w: World, tmp: Path) -> Row:
+    out = tmp / "newdir"  # meant as a folder, not yet made: it would have become a file of that name
+    msg = f"error: --out {out}: give a file path ending in .json, such as {out / 'plan.json'}"
+    return f"plan --policy all -c {w.card} -o {out}", msg, [out]
+
+
+@case("train-out-holds-a-finished-run")
+def _(w: World, tmp: Path) -> Row:
+    out = tmp / "run"
+    out.mkdir()
+    (out / "train_metrics.json").write_text("{}")
+    msg = f"error: --out {out}: holds a finished run (train_metrics.json) and no checkpoint to resume"
+    return f"train -p {w.plan} -t {FACTS} -o {out} {TRAIN} {ONE_STEP}", msg, [out / "adapter"]
 
 
 @case("plan-out-below-a-file")
@@ -374,3 +391,5 @@ def test_run_stops_at_the_diverged_stage(world: World, tmp_path: Path) -> None:
     assert not (out / "train" / "all" / "train_metrics.json").exists()
     assert not (out / "eval").exists() and not (out / "report.html").exists()
     assert not artifacts.lock_path(out).exists()  # the run's lock is released on failure
+    record = json.loads((out / "train" / "all" / "stage.json").read_text())  # says it failed, and why
+    assert record["status"] == "failed" and record["error"].startswith("train: step 2 of 3: the ")

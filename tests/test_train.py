@@ -576,6 +576,11 @@ def test_cli_train(tmp_path: Path, monkeypatch):
     said = " ".join(res.output.split())  # as read, whatever the terminal's width
     assert res.exit_code == 0 and "(2 processes)" in said and "the busiest process's" in said, said
     assert "exchange of gradients" in said
+    res = runner.invoke(app, [*dry, "--steps", "null", "--epochs", "1", "--dry-run", "--json"])  # as in YAML
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["epochs"] == pytest.approx(1.0)
+    res = runner.invoke(app, [*dry, "--steps", "many", "--dry-run"])
+    assert res.exit_code == 2 and "'many' is not an integer or null" in res.output
     res = runner.invoke(app, [*args, "--processes", "2"])
     assert res.exit_code == 2 and "--processes: only with --dry-run" in res.output
     res = runner.invoke(app, dry)

@@ -297,12 +297,18 @@ def check_out_folder(path: str | os.PathLike[str], what: str = "--out") -> Path:
     return p
 
 
-def check_out_file(path: str | os.PathLike[str], what: str = "--out", *, example: str = "") -> Path:
-    """Refuse, before any work, an output file path that is a folder (or lies below a file)."""
+def check_out_file(
+    path: str | os.PathLike[str], what: str = "--out", *, example: str = "", suffix: str = ""
+) -> Path:
+    """Refuse, before any work, an output file path that is a folder (or lies below a file), or, with
+    ``suffix``, one whose name does not end in it (a folder meant, not yet made, would become a file)."""
     p = Path(path)
     if p.is_dir():
         hint = f"; give a file path such as {p / example}" if example else "; give a file path"
         raise LayercardError(f"{what} {p}: is a folder{hint}")
+    if suffix and p.suffix.lower() != suffix:
+        hint = f", such as {p / example}" if example else ""
+        raise LayercardError(f"{what} {p}: give a file path ending in {suffix}{hint}")
     _check_parents(p, f"{what} {p}")
     return p
 

@@ -140,6 +140,17 @@ def peak_memory_kind(device: torch.device) -> str:
     return "cuda_max_memory_allocated" if device.type == "cuda" else "process_peak_rss"
 
 
+KIND_TEXT = {
+    "process_peak_rss": "process's resident peak",
+    "cuda_max_memory_allocated": "CUDA allocator's peak",
+}
+
+
+def memory_kind_text(kind: str | None) -> str:
+    """What a peak of ``kind`` (:func:`peak_memory_kind`) measures, in words."""
+    return KIND_TEXT.get(kind or "", kind or "unknown")
+
+
 def peak_memory(device: torch.device) -> tuple[float, str]:
     """(peak MiB, what was measured) since the last :func:`reset_peak_memory` where it succeeded.
 

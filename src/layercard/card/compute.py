@@ -28,7 +28,7 @@ from layercard.card.probe import (
 )
 from layercard.config import CardConfig
 from layercard.errors import LayercardError
-from layercard.progress import track
+from layercard.progress import say, track
 
 
 def _np_dtype(dtype: torch.dtype) -> type:
@@ -203,7 +203,7 @@ def compute_card(loaded: Any, task: Any, cfg: CardConfig, *, progress: bool | No
     """
     from layercard import models
     from layercard.tasks import batches as make_batches
-    from layercard.tasks import count_target_tokens, encode_task, target_entropy
+    from layercard.tasks import count_target_tokens, cut_note, encode_task, target_entropy
 
     t0 = time.perf_counter()
     rank, world = rank_world()
@@ -225,6 +225,9 @@ def compute_card(loaded: Any, task: Any, cfg: CardConfig, *, progress: bool | No
     if len(probe_task.examples) == 0:
         raise LayercardError(f"task {task.name}: no examples to probe")
     encoded = encode_task(tok, probe_task, max_length=cfg.max_length)
+    cut = cut_note(encoded, cfg.max_length, "probe")
+    if cut:
+        say(cut.replace("--max-length", "the card's --max-length"), enabled=progress)
     n_tgt = count_target_tokens(encoded)
     if n_tgt == 0:
         raise LayercardError(f"task {task.name}: the probe set has no target tokens")

@@ -189,7 +189,7 @@ def compare_cmd(
     if out is not None:
         from layercard.artifacts import check_out_file
 
-        check_out_file(out, example="compare.png")
+        check_out_file(out, example="compare.png", suffix=".png")
     ca, cb = Card.load(a), Card.load(b)
     if ca.model["hash"] != cb.model["hash"]:
         raise LayercardError(

@@ -51,7 +51,9 @@ def _parameter(f: dataclasses.Field, default: Any) -> inspect.Parameter:
     name = option_name(f.name)
     if spec.kind == "bool":
         name = f"{name}/--no-{name[2:]}"
-    option = typer.Option(name, help=_help(spec))
+    # an optional setting takes `null` as in YAML (`--steps null` with --epochs, `--examples null`: all)
+    parser = functools.partial(_optional, base) if spec.optional and base is not bool else None
+    option = typer.Option(name, help=_help(spec), parser=parser)
     required = default is dataclasses.MISSING
     return inspect.Parameter(
         f.name,
@@ -59,6 +61,22 @@ def _parameter(f: dataclasses.Field, default: Any) -> inspect.Parameter:
         default=inspect.Parameter.empty if required else _cli_default(default),
         annotation=Annotated[annotation, option],
     )
+
+
+NULLS = ("null", "none")
+
+
+def _optional(base: type, text: Any) -> Any:
+    """``text`` as ``base``, or None where it says null (a default arrives already converted)."""
+    if not isinstance(text, str):
+        return text
+    if text.strip().lower() in NULLS:
+        return None
+    try:
+        return base(text)
+    except ValueError:
+        kind = "an integer" if base is int else "a number"
+        raise typer.BadParameter(f"{text!r} is not {kind} or null") from None
 
 
 def config_options(

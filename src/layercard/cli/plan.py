@@ -36,7 +36,7 @@ def plan_cmd(
     from layercard.plan import check_model_matches, check_plan, make_plan
 
     assert cfg is not None  # built by config_options
-    check_out_file(out, example="plan.json")  # before any work
+    check_out_file(out, example="plan.json", suffix=".json")  # before any work
     c = Card.load(card)
     plan = make_plan(c, cfg, card_path=str(card))
     check: dict[str, Any] | None = None

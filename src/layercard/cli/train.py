@@ -94,7 +94,7 @@ def train_cmd(
     from layercard.artifacts import check_out_folder, check_unlocked
     from layercard.plan import Plan, check_model_matches
     from layercard.tasks import is_file_spec, load_task
-    from layercard.train import is_launch_main, launch_world, train
+    from layercard.train import METRICS_FILE, is_launch_main, latest_checkpoint, launch_world, train
 
     assert cfg is not None  # built by config_options before anything loads, so a typo costs no time
     if processes is not None and not dry_run:
@@ -108,6 +108,11 @@ def train_cmd(
         check_out_folder(out)
         if is_launch_main():  # at once; train() takes the lock once the model is loaded
             check_unlocked(out, what="training folder")
+        if (out / METRICS_FILE).is_file() and latest_checkpoint(out) is None:
+            raise LayercardError(
+                f"--out {out}: holds a finished run ({METRICS_FILE}) and no checkpoint to resume; "
+                "use a new --out, or remove the folder to train it again"
+            )
     p = Plan.load(plan)
     model_spec = model or p.card.get("model_id")
     if not model_spec:
@@ -151,6 +156,7 @@ def _fmt(x: Any, spec: str) -> str:
 
 def _print_estimate(e: dict[str, Any], plan: Path) -> None:
     """The dry run's table, its budget warnings and how to plan at these positions."""
+    from layercard.cost import memory_kind_text
     from layercard.report import seconds_text
 
     n = e["processes"]
@@ -174,15 +180,29 @@ def _print_estimate(e: dict[str, Any], plan: Path) -> None:
     )
     tbl.add_row("predicted time of the optimizer steps", seconds_text(e["steps_s"]))
     tbl.add_row(
-        f"predicted peak memory ({e['peak_memory_kind']}; plan's)",
+        f"predicted peak memory ({memory_kind_text(e['peak_memory_kind'])}; plan's)",
         f"{_fmt(e['peak_memory_at_run_mib'], ',.0f')} ({_fmt(e['peak_memory_mib'], ',.0f')}) MiB",
     )
     console.print(tbl)
-    leaves_out = "validation, checkpoints and loading" + (", and the exchange of gradients" if n > 1 else "")
-    console.print(
-        f"The step time leaves out {leaves_out}; figures are the cost model's, calibrated by the card.",
-        markup=False,
-    )
+    if e["step_time_s"] is None and e["peak_memory_mib"] is None:
+        console.print(
+            "The plan holds no step time or peak memory to price: its card was measured without the cost "
+            "calibration (--no-calibrate).",
+            markup=False,
+        )
+    else:
+        leaves_out = "validation, checkpoints and loading"
+        leaves_out += ", and the exchange of gradients" if n > 1 else ""
+        console.print(
+            f"The step time leaves out {leaves_out}; figures are the cost model's, calibrated by the card.",
+            markup=False,
+        )
+    if e["train_examples_cut"]:
+        console.print(
+            f"note: {e['train_examples_cut']} of {e['train_examples']} training examples are longer than "
+            f"--max-length {e['max_length']} and will be cut to it (the prompt first)",
+            markup=False,
+        )
     for line in e["budget_notes"]:
         console.print(f"warning: {line}", markup=False)
     console.print(
@@ -193,6 +213,7 @@ def _print_estimate(e: dict[str, Any], plan: Path) -> None:
 
 
 def _print_summary(m: dict[str, Any]) -> None:
+    from layercard.cost import memory_kind_text
     from layercard.report import (
         measured_step_text,
         memory_figure_note,
@@ -224,7 +245,7 @@ def _print_summary(m: dict[str, Any]) -> None:
     tbl.add_row("tokens/s", _fmt(m["tokens_per_s"], ",.0f"))
     peak_pred = predicted_peak_mib(tm)
     tbl.add_row(
-        f"peak memory ({m['peak_memory_kind']}) measured / predicted",
+        f"peak memory ({memory_kind_text(m['peak_memory_kind'])}) measured / predicted",
         f"{m['peak_memory_mib']:,.0f} / {_fmt(peak_pred, ',.0f')} MiB"
         + (f"  (×{m['peak_memory_ratio']:.2f})" if m.get("peak_memory_ratio") else "")
         + memory_figure_note(m.get("predicted_memory_figure")),

@@ -4,8 +4,8 @@ Each stage folder holds ``stage.json`` with the stage's fingerprint, the sha256 
 of its input artifacts (model weights, task data, card.json, plan.json, adapter files...). A stage whose
 recorded fingerprint matches and whose outputs exist is skipped; one whose fingerprint changed is
 recomputed (and everything downstream of it, since its outputs' hashes change). A stage that was stopped
-part-way has a record marked ``running``; training then continues from its last checkpoint when nothing
-it depends on changed.
+part-way has a record marked ``running``, one that stopped on an error ``failed`` with the error; training
+then continues from its last checkpoint when nothing it depends on changed.
 """
 
 from __future__ import annotations
@@ -253,7 +253,8 @@ class Runner:
             result = StageResult(name, "skipped", 0.0, str(folder), fp, summarize())
             self._emit("end", name, result)
             return result
-        resume = old is not None and old.get("fingerprint") == fp and old.get("status") == "running"
+        unfinished = old is not None and old.get("status") in ("running", "failed")
+        resume = unfinished and old.get("fingerprint") == fp
         if owns_folder and folder.exists() and not resume:
             shutil.rmtree(folder)  # outputs of other settings: nothing in them may leak into this run
         folder.mkdir(parents=True, exist_ok=True)
@@ -263,7 +264,8 @@ class Runner:
         _write_record(record, status="running", **base)
         try:
             fn(resume)
-        except LayercardError as e:  # say which stage failed; the record stays "running" for a resume
+        except LayercardError as e:  # say which stage failed, here and in its record
+            _write_record(record, status="failed", error=str(e), **base)
             raise LayercardError(f"stage {name}: {e}", exit_code=e.exit_code) from e
         seconds = time.perf_counter() - t0
         rel = [str(p.relative_to(self.out.root)) for p in outputs]

@@ -68,6 +68,7 @@ class Encoded:
     input_ids: tuple[int, ...]
     labels: tuple[int, ...]
     prompt_len: int
+    cut: bool = False  # whether max_length cut it (its prompt first, then its target)
 
     def __post_init__(self) -> None:
         if len(self.input_ids) != len(self.labels):
@@ -284,7 +285,8 @@ def _encode_conversation(
     """Every assistant reply is a target; the context before the final one is cut from the left."""
     ids, labels, target = _conversation_ids(tokenizer, fmt, ex, end_id)
     keep = fmt.max_input_tokens
-    if max_length is not None and min(len(ids), keep) + len(target) > max_length:
+    cut = max_length is not None and min(len(ids), keep) + len(target) > max_length
+    if max_length is not None and cut:
         keep = min(keep, _prompt_budget(min(len(ids), keep), len(target), max_length))
         target = target[: max_length - min(len(ids), keep)]
     ids, labels = ids[-keep:], labels[-keep:]
@@ -294,6 +296,7 @@ def _encode_conversation(
         input_ids=tuple(ids + target),
         labels=tuple(labels),
         prompt_len=next(k for k, t in enumerate(labels) if t != IGNORE_INDEX),
+        cut=cut,
     )
 
 
@@ -302,9 +305,12 @@ def _encode_text(
 ) -> Encoded:
     """Plain text: the start token, then the whole text and the end token as target."""
     body = _target_ids(tokenizer, fmt, ex, end_id)
+    cut = max_length is not None and len(body) > max_length - 1
     if max_length is not None:
         body = body[: max_length - 1]
-    return Encoded(input_ids=(_start_id(tokenizer), *body), labels=(IGNORE_INDEX, *body), prompt_len=1)
+    return Encoded(
+        input_ids=(_start_id(tokenizer), *body), labels=(IGNORE_INDEX, *body), prompt_len=1, cut=cut
+    )
 
 
 def _encode(tokenizer: Any, fmt: TaskFormat, ex: Example, end_id: int, max_length: int | None) -> Encoded:
@@ -316,7 +322,8 @@ def _encode(tokenizer: Any, fmt: TaskFormat, ex: Example, end_id: int, max_lengt
     if not target:
         raise LayercardError(f"example {ex.id!r}: target {ex.target!r} encodes to no tokens")
     prompt = encode_prompt(tokenizer, fmt, ex.input)
-    if max_length is not None and len(prompt) + len(target) > max_length:
+    cut = max_length is not None and len(prompt) + len(target) > max_length
+    if max_length is not None and cut:
         prompt = encode_prompt(
             tokenizer, fmt, ex.input, max_tokens=_prompt_budget(len(prompt), len(target), max_length)
         )
@@ -327,6 +334,7 @@ def _encode(tokenizer: Any, fmt: TaskFormat, ex: Example, end_id: int, max_lengt
         input_ids=tuple(prompt + target),
         labels=(IGNORE_INDEX,) * len(prompt) + tuple(target),
         prompt_len=len(prompt),
+        cut=cut,
     )
 
 
@@ -341,6 +349,17 @@ def encode_task(tokenizer: Any, task: Task, *, max_length: int | None = None) ->
         raise LayercardError(f"max_length: must be >= 2 (one prompt and one target token), got {max_length}")
     end_id = end_token_id(tokenizer, task.format)
     return [_encode(tokenizer, task.format, ex, end_id, max_length) for ex in task.examples]
+
+
+def cut_note(encoded: Sequence[Encoded], max_length: int | None, what: str) -> str | None:
+    """A line saying how many of ``what``'s encoded examples ``max_length`` cut, or None where none."""
+    n = sum(e.cut for e in encoded)
+    if not n or max_length is None:
+        return None
+    return (
+        f"note: {n} of {len(encoded)} {what} examples are longer than max_length {max_length} tokens and "
+        "were cut to it (the prompt first; raise --max-length to keep them whole)"
+    )
 
 
 # ---------------------------------------------------------------- batching

@@ -32,7 +32,7 @@ from layercard.errors import LayercardError
 from layercard.models import LoadedModel
 from layercard.plan import Plan, check_model_matches
 from layercard.progress import say, track
-from layercard.tasks import Encoded, Task, encode_task
+from layercard.tasks import Encoded, Task, cut_note, encode_task
 from layercard.tasks.loss import forward_loss, target_count
 from layercard.train.checkpoints import (
     CHECKPOINT_DIR,
@@ -212,8 +212,13 @@ def train(
                 f"{out_dir}: holds checkpoints of an earlier run ({existing.name}); "
                 "pass --resume to continue it, or use a new --out"
             )
+        if existing is None and resume and main:
+            say(f"note: --resume: no checkpoint in {out_dir}; training from the start", enabled=progress)
         if data is None:
             data = prepare_data(loaded, train_task, val_task, cfg)
+        cut = cut_note(data.encoded, cfg.max_length, "training")
+        if cut and main:
+            say(cut, enabled=progress)
         args = (loaded, plan, data, cfg, out_dir, kind, layers, bottleneck, t_start)
         return _train(*args, resume=resume, progress=progress, callback=callback)
 
@@ -426,6 +431,8 @@ def estimate(
         "processes": processes,
         "epochs": steps * cfg.grad_accum * processes / stream.per_epoch,
         "train_examples": len(data.encoded),
+        "train_examples_cut": sum(e.cut for e in data.encoded),
+        "max_length": cfg.max_length,
         "val_examples": len(data.val_encoded),
         "positions_per_step": per_step,
         "max_positions": largest,
