@@ -165,6 +165,13 @@ def _(w: World, tmp: Path) -> Row:
     return f"train -p {w.plan} -t {FACTS} -o {out} {TRAIN} {ONE_STEP}", msg, [out / "adapter"]
 
 
+@case("train-val-task-missing")
+def _(w: World, tmp: Path) -> Row:
+    out, missing = tmp / "run", tmp / "nofile.jsonl"
+    cmd = f"train -p {w.plan} -t {FACTS} --val-task {missing} -o {out} {TRAIN} {ONE_STEP}"
+    return cmd, f"error: --val-task: {missing}", [out]
+
+
 @case("plan-out-below-a-file")
 def _(w: World, tmp: Path) -> Row:
     f = a_file(tmp)

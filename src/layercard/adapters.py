@@ -295,7 +295,7 @@ def _read_config(folder: Path) -> dict[str, Any]:
     except FileNotFoundError:
         raise LayercardError(f"{folder}: no {CONFIG_FILE}; not a layercard adapter folder") from None
     except json.JSONDecodeError as e:
-        raise LayercardError(f"{p}: not valid JSON ({e.msg} at line {e.lineno})") from None
+        raise LayercardError(f"{p}: not valid JSON ({e.msg}: line {e.lineno}, column {e.colno})") from None
     if cfg.get("schema_version") != SCHEMA_VERSION:
         raise LayercardError(
             f"{p}: schema_version={cfg.get('schema_version')!r}, this layercard reads {SCHEMA_VERSION}"

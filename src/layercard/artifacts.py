@@ -393,7 +393,7 @@ def read_json(path: str | os.PathLike[str], *, kind: str | None = None) -> dict[
     except UnicodeDecodeError as e:
         raise LayercardError(f"{p}: not UTF-8 text (byte {e.start})") from None
     except json.JSONDecodeError as e:
-        raise LayercardError(f"{p}: not valid JSON ({e.msg} at line {e.lineno})") from None
+        raise LayercardError(f"{p}: not valid JSON ({e.msg}: line {e.lineno}, column {e.colno})") from None
     if kind is not None:
         if not isinstance(obj, dict) or obj.get("kind") != kind:
             got = obj.get("kind") if isinstance(obj, dict) else type(obj).__name__

@@ -174,11 +174,11 @@ def _print_card_summary(card) -> None:
 @app.command("compare")
 @guard
 def compare_cmd(
-    a: Annotated[Path, typer.Argument(help="First card.json.")],
-    b: Annotated[Path, typer.Argument(help="Second card.json (same model).")],
+    a: Annotated[Path, typer.Argument(metavar="A", help="First card.json.")],
+    b: Annotated[Path, typer.Argument(metavar="B", help="Second card.json (same model).")],
     out: Annotated[Path | None, typer.Option("--out", "-o", help="PNG path for the plot.")] = None,
     score: Annotated[str, typer.Option(help="Per-layer column to correlate.")] = "resnorm",
-    json_out: Annotated[bool, typer.Option("--json")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the comparison as JSON.")] = False,
 ) -> None:
     """Spearman correlation of per-layer resnorm between two cards of the same model."""
     from layercard.card import Card

@@ -14,7 +14,9 @@ from layercard.cli.app import app, console, emit_json, guard
 @app.command("export")
 @guard
 def export_cmd(
-    plan: Annotated[Path, typer.Argument(help="plan.json from `layercard plan` (a LoRA plan).")],
+    plan: Annotated[
+        Path, typer.Argument(metavar="PLAN", help="plan.json from `layercard plan` (a LoRA plan).")
+    ],
     to: Annotated[str, typer.Option("--to", help="peft | trl | axolotl | llamafactory.")],
     out: Annotated[
         Path | None,

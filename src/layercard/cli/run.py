@@ -186,7 +186,7 @@ def _run_cfg(cfg: Any, out: Path, json_out: bool, until: str = "report") -> dict
     console.print(_plans(summary) if until in ("card", "plan") else _comparison(summary))
     skipped = len(summary["skipped"])
     console.print(
-        f"{len(summary['ran'])} stages ran, {skipped} skipped, {summary['wall_time_s']:.0f} s on "
+        f"{_count(len(summary['ran']), 'stage')} ran, {skipped} skipped, {summary['wall_time_s']:.0f} s on "
         f"{summary['threads']} torch thread(s); run folder {out}"
     )
     if summary["report"] is None:
@@ -203,7 +203,14 @@ def _run_cfg(cfg: Any, out: Path, json_out: bool, until: str = "report") -> dict
 @app.command("run")
 @guard
 def run_cmd(
-    config: Annotated[Path, typer.Argument(help="YAML run config (see `layercard demo` for an example).")],
+    config: Annotated[
+        Path,
+        typer.Argument(
+            metavar="CONFIG",
+            help="YAML run config (every key with its default: configs/reference.yaml in the package; "
+            "the demo's: configs/demo.yaml).",
+        ),
+    ],
     set_: SetOpt = None,
     out: Annotated[
         Path | None, typer.Option("--out", "-o", help="Run folder (default: runs/<config name>).")
@@ -213,6 +220,10 @@ def run_cmd(
 ) -> None:
     """card → plan → train → trim → eval → report in one run folder; unchanged stages are skipped."""
     _run(config, list(set_ or []), out or Path("runs") / config.stem, json_out, until)
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
 
 
 DEMO_TASKS = ("facts", "format")
@@ -265,7 +276,9 @@ def demo_cmd(
 @app.command("report")
 @guard
 def report_cmd(
-    run_dir: Annotated[Path, typer.Argument(help="Run folder written by `layercard run` or `demo`.")],
+    run_dir: Annotated[
+        Path, typer.Argument(metavar="RUN_DIR", help="Run folder written by `layercard run` or `demo`.")
+    ],
     out: Annotated[
         Path | None, typer.Option("--out", "-o", help="HTML path (default RUN_DIR/report.html).")
     ] = None,

@@ -31,7 +31,11 @@ def _val_task(task: str, train_split: str, val_task: str | None, val_split: str 
     from layercard.tasks import held_out, load_task
 
     if val_task is not None or val_split is not None:
-        return load_task(val_task or task, split=val_split, seed=seed, **kw)
+        try:
+            return load_task(val_task or task, split=val_split, seed=seed, **kw)
+        except LayercardError as e:  # two tasks are named on the line: say which one this is
+            option = "--val-task" if val_task is not None else "--val-split"
+            raise LayercardError(f"{option}: {e}", exit_code=e.exit_code) from e
     return held_out(task, exclude=train_split, seed=seed, **kw)
 
 
@@ -58,7 +62,12 @@ def train_cmd(
     model: Annotated[
         str | None, typer.Option("--model", "-m", help="Base model (default: the plan's card model).")
     ] = None,
-    seed: int = 0,
+    seed: Annotated[
+        int,
+        typer.Option(
+            help="Seed of the adapter's initialisation, dropout and data order, and of the tasks' subsets."
+        ),
+    ] = 0,
     kind: Annotated[
         str | None, typer.Option(help="lora | houlsby | parallel (default: the plan's kind).")
     ] = None,
@@ -66,7 +75,7 @@ def train_cmd(
         bool, typer.Option("--resume", help="Continue from the latest checkpoint in --out.")
     ] = False,
     dtype: Annotated[
-        str, typer.Option(help="Weights dtype of the loaded base: float32 | bfloat16.")
+        str, typer.Option(help="Weights dtype of the loaded base: float32 | bfloat16 | float16.")
     ] = "float32",
     trust_remote_code: TrustOpt = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print train_metrics as JSON.")] = False,

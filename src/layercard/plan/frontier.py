@@ -151,7 +151,8 @@ class Search:
             low = min(c.costs[kind] for c in supported)
             ref = self.reference[kind]
             rel = f" ({low / ref:.3g}x)" if ref > 0 else ""
-            parts.append(f"{kind}={low:.4g}{rel}")
+            value = f"{low:,.0f}" if kind in ("params", "modules", "layers") or low >= 1000 else f"{low:.4g}"
+            parts.append(f"{kind}={value}{rel}")
         return ", ".join(parts)
 
     def frontier(self, kind: str, within: Sequence[Budget] = ()) -> list[Candidate]:

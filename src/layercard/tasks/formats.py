@@ -60,7 +60,7 @@ def _jsonl(p: Path, text: str) -> list[tuple[str, int, Any]]:
         try:
             rows.append((f"{p}:{lineno}", lineno, json.loads(line)))
         except json.JSONDecodeError as e:
-            raise LayercardError(f"{p}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
+            raise LayercardError(f"{p}:{lineno}: not valid JSON ({e.msg}: column {e.colno})") from None
     return rows
 
 
@@ -73,12 +73,12 @@ def _json(p: Path, text: str) -> list[tuple[str, int, Any]]:
         except json.JSONDecodeError as e:
             if e.msg == "Extra data":  # several top-level values: JSON lines in a .json file
                 return _jsonl(p, text)
-            raise LayercardError(f"{p}:{e.lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
+            raise LayercardError(f"{p}:{e.lineno}: not valid JSON ({e.msg}: column {e.colno})") from None
         raise LayercardError(f"{p}: expected a JSON array of records (or one record per line)")
     try:
         json.loads(text)
     except json.JSONDecodeError as e:
-        raise LayercardError(f"{p}:{e.lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
+        raise LayercardError(f"{p}:{e.lineno}: not valid JSON ({e.msg}: column {e.colno})") from None
     # The text is valid: walk the array's items to learn the line each starts on. Items are numbered
     # by position (a one-line array has them all on line 1); the record number is added to the place
     # when an item shares its line with the one before.

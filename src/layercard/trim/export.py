@@ -69,7 +69,8 @@ def _write_trimmed_peft(src: Path, dst: Path, keep_upto: int, layers_path: str) 
     try:
         cfg = json.loads((src / _PEFT_CONFIG).read_text())
     except json.JSONDecodeError as e:
-        raise LayercardError(f"{src / _PEFT_CONFIG}: not valid JSON ({e.msg} at line {e.lineno})") from None
+        where = f"line {e.lineno}, column {e.colno}"
+        raise LayercardError(f"{src / _PEFT_CONFIG}: not valid JSON ({e.msg}: {where})") from None
     if cfg.get("peft_type") != "LORA":
         raise LayercardError(
             f"{src}: peft_type={cfg.get('peft_type')!r}; trimming exports LoRA adapters only"
