@@ -202,9 +202,14 @@ def test_training_table_gives_each_run_its_steps_spread(run_dir):
     for path in runs:
         m = json.loads(path.read_text())
         spread = m["s_per_step_spread"]
-        assert f"{m['s_per_step']:.3f} ({spread['p10']:.3f}–{spread['p90']:.3f})" in md
+        if spread["steps"] > 1:
+            assert f"{m['s_per_step']:.3f} ({spread['p10']:.3f}–{spread['p90']:.3f})" in md
+        else:
+            assert f"{m['s_per_step']:.3f}, one step" in md
     # metrics written before the spread was recorded show the median alone
     assert measured_step_text(0.5, None) == "0.500" and measured_step_text(None, None) == "—"
+    one = {"fastest": 0.5, "p10": 0.5, "p90": 0.5, "slowest": 0.5, "steps": 1}  # no spread to give
+    assert measured_step_text(0.5, one) == "0.500, one step"
 
 
 def test_a_peak_priced_by_the_first_steps_figure_says_so(run_dir):

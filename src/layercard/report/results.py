@@ -73,11 +73,14 @@ def memory_figure_note(figure: str | None) -> str:
 
 def measured_step_text(s_per_step: float | None, spread: dict[str, float] | None) -> str:
     """A run's median s/step with its steps' 10th–90th percentile, "0.740 (0.695–0.758)"; the median
-    alone for metrics written before the spread was recorded, "—" without a median."""
+    alone for metrics written before the spread was recorded, and where it is one timed step ("0.740,
+    one step"), "—" without a median."""
     if s_per_step is None:
         return "—"
     if not spread:
         return f"{s_per_step:.3f}"
+    if spread.get("steps", 2) < 2:
+        return f"{s_per_step:.3f}, one step"
     return f"{s_per_step:.3f} ({spread['p10']:.3f}–{spread['p90']:.3f})"
 
 
