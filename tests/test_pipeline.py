@@ -227,6 +227,13 @@ def test_until_plan_trains_nothing_and_the_next_call_goes_on(tmp_path):
     plan = json.loads(RunLayout(tmp_path / "cli").plan_json("all").read_text())["predicted"]
     peak = f"{peak_of(plan['memory'], plan.get('memory_figure')):,.0f}"
     assert re.search(rf"^ *all +4 +8 +1,792 +\S+ +\S+ s +{peak} ", r.output, re.M), r.output
+    assert "no costs" not in r.output
+    # a card without the cost calibration: the table says why it has no costs
+    args = ["run", str(cfg_path), "--out", str(tmp_path / "bare"), "--until", "plan"]
+    args += ["--set", "card.calibrate=false"]
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 0, r.output
+    assert "no costs: the card was measured without the cost calibration" in " ".join(r.output.split())
 
 
 def test_changed_train_steps_reruns_downstream_only(tiny_run, tmp_path, monkeypatch):

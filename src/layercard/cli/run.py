@@ -104,15 +104,15 @@ def _plans(summary: dict[str, Any]) -> Table:
     from layercard.report import seconds_text
 
     steps = summary["train_steps"]
-    t = _compact(
-        f"plans · {steps:,} optimizer steps each",
-        "predicted by the card's cost and quality models; quality: fraction of the reference's drop",
-    )
-    for col in ("placement", "layers", "modules", "params", "s/step", "steps", "peak MiB", "quality"):
+    rows = [r for r in summary["rows"] if r["kind"] == "placement"]
+    priced = any(r.get("predicted_s_per_step") is not None for r in rows)
+    caption = "predicted by the card's cost and quality models; quality: fraction of the reference's drop"
+    if not priced:
+        caption += "; no costs: the card was measured without the cost calibration"
+    t = _compact(f"plans · {steps:,} optimizer steps each", caption)
+    for col in ("placement", "layers", "modules", "params", "s/step", "time of steps", "peak MiB", "quality"):
         t.add_column(col, justify="left" if col == "placement" else "right", no_wrap=True)
-    for r in summary["rows"]:
-        if r["kind"] != "placement":
-            continue
+    for r in rows:
         step = r.get("predicted_s_per_step")
         t.add_row(
             r["name"],
