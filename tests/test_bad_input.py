@@ -212,6 +212,16 @@ def _(w: World, tmp: Path) -> Row:
     return f"report {tmp} -o {tmp}", msg, [tmp / "report.md"]
 
 
+@case("yaml-device-not-a-device")
+def _(w: World, tmp: Path) -> Row:
+    cfg = a_config(w, tmp, yaml.safe_dump({**run_config(w), "device": "gpu"}, sort_keys=False))
+    return (
+        f"run {cfg} -o {tmp / 'run'}",
+        f"error: {cfg}: device: must be auto, cpu, cuda, cuda:N or mps",
+        [tmp / "run"],
+    )
+
+
 # point 4: a YAML key given twice (the last one used to win silently)
 @case("yaml-duplicate-key")
 def _(w: World, tmp: Path) -> Row:

@@ -6,6 +6,7 @@ the tool does) and applied to a tiny model: the adapted modules must be exactly 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import types
@@ -27,7 +28,7 @@ from layercard.plan.ranks import lora_config
 N_LAYERS = 4
 AXOLOTL_KEYS = {
     "adapter", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "peft_layers_to_transform",
-    "peft_layers_pattern",
+    "peft_layers_pattern", "lora_rank_pattern", "lora_alpha_pattern",
 }  # fmt: skip
 LLAMAFACTORY_KEYS = {"finetuning_type", "lora_target", "lora_rank", "lora_alpha", "lora_dropout"}
 
@@ -130,6 +131,8 @@ def axolotl_lora(cfg: dict) -> LoraConfig:
         target_modules=cfg["lora_target_modules"],
         layers_to_transform=cfg.get("peft_layers_to_transform"),
         layers_pattern=cfg.get("peft_layers_pattern"),
+        rank_pattern=cfg.get("lora_rank_pattern") or {},
+        alpha_pattern=cfg.get("lora_alpha_pattern") or {},
         bias="none",
         task_type="CAUSAL_LM",
     )
@@ -146,18 +149,27 @@ def llamafactory_lora(cfg: dict) -> LoraConfig:
     )
 
 
-def test_axolotl_yaml_places_layers_exactly_and_says_ranks_are_approximated(auto_plan):
+def test_axolotl_yaml_places_layers_and_ranks_exactly(auto_plan):
     plan, path = auto_plan
     res = export_plan(path, "axolotl")
     cfg = yaml.safe_load(res.text)
     assert set(cfg) <= AXOLOTL_KEYS and cfg["adapter"] == "lora"
     assert cfg["peft_layers_to_transform"] == [1, 3]
     assert cfg["lora_target_modules"] == ["self_attn.q_proj", "self_attn.v_proj"]
-    got = adapted(axolotl_lora(cfg))
-    assert set(got) == set(planned(plan)) and set(got.values()) == {4}  # one rank: the commonest
-    (note,) = res.notes
-    assert "axolotl takes one rank for every module (lora_r)" in note and "1 at rank 2, 1 at rank 8" in note
-    assert "# note: axolotl takes one rank" in res.text and not res.exact
+    assert adapted(axolotl_lora(cfg)) == planned(plan)  # every module at its own rank
+    assert all(isinstance(v, int) for v in cfg["lora_alpha_pattern"].values())
+    assert res.exact and not res.notes and "lora_rank_pattern and lora_alpha_pattern" in res.text
+
+
+def test_a_fractional_alpha_is_rounded_for_the_yaml_tools_and_said():
+    plan = make_plan({1: "q,v"})
+    plan = dataclasses.replace(plan, lora_config={**plan.lora_config, "lora_alpha": 12.5})
+    for target, key in (("axolotl", "lora_alpha"), ("llamafactory", "lora_alpha")):
+        res = export_plan(plan, target)
+        cfg = yaml.safe_load(res.text)
+        assert cfg[key] == 12 and isinstance(cfg[key], int), target
+        assert not res.exact and "the plan's 12.5 is written as 12" in res.notes[0], target
+    assert json.loads(export_plan(plan, "peft").text)["lora_alpha"] == 12.5  # PEFT takes it as it is
 
 
 def test_axolotl_lists_full_paths_when_layers_adapt_different_modules():
@@ -201,12 +213,17 @@ def test_export_errors_and_command_output(auto_plan, tmp_path):
     with pytest.raises(LayercardError, match="adapter kind 'houlsby' is not LoRA"):
         export_plan(bottleneck, "peft")
     runner = CliRunner()
-    res = runner.invoke(app, ["export", str(path), "--to", "axolotl"])
-    assert res.exit_code == 0 and yaml.safe_load(res.stdout)["lora_r"] == 4
-    assert "note: axolotl takes one rank" in res.stderr
-    out = tmp_path / "axolotl.yaml"
-    res = runner.invoke(app, ["export", str(path), "--to", "axolotl", "--out", str(out), "--json"])
+    res = runner.invoke(app, ["export", str(path), "--to", "llamafactory"])
+    assert res.exit_code == 0 and yaml.safe_load(res.stdout)["lora_rank"] == 4
+    assert "note: LLaMA-Factory takes one rank" in res.stderr
+    out = tmp_path / "llamafactory.yaml"
+    res = runner.invoke(app, ["export", str(path), "--to", "llamafactory", "--out", str(out), "--json"])
     summary = json.loads(res.stdout)
     assert summary["files"] == [str(out)] and summary["exact"] is False and out.is_file()
+    # the peft export's snippet goes beside its JSON as FILE.py, so FILE.py cannot be the JSON's path
+    snippet = tmp_path / "peft.py"
+    res = runner.invoke(app, ["export", str(path), "--to", "peft", "--out", str(snippet)])
+    assert res.exit_code == 2 and "give a .json path" in " ".join(res.output.split())
+    assert not snippet.exists()
     bad = runner.invoke(app, ["export", str(tmp_path / "nope.json"), "--to", "peft"])
     assert bad.exit_code != 0 and "no such file" in bad.stderr

@@ -406,9 +406,21 @@ def test_reference_config_lists_every_key_with_its_default():
     ref = load_config(demo_config_path().with_name("reference.yaml")).to_dict()
     minimal = {"task": "synthetic:facts", "placements": [{"name": "all", "policy": "all"}]}
     assert ref == parse_config(minimal).to_dict()
-    raw = yaml.safe_load(demo_config_path().with_name("reference.yaml").read_text())
+    text = demo_config_path().with_name("reference.yaml").read_text()
+    raw = yaml.safe_load(text)
+    # keys a run sets for itself when left out are there, commented out
+    left_out = set(re.findall(r"^  # (\w+): ", text, re.M))
+    assert left_out == {"calibrate_dropout", "weight_snr", "steps"}
     for section in ("card", "train", "trim", "eval"):
-        assert set(raw[section]) == set(ref[section]), section  # no key missing from the reference
+        listed = set(raw[section]) | (left_out & set(ref[section]))
+        assert listed == set(ref[section]), section  # no key missing from the reference
+    # so that --set of the key they go with does not conflict with a pinned value
+    spectrum = ["placements.all.policy=spectrum", "placements.all.budget=params=0.25x"]
+    assert load_config(demo_config_path().with_name("reference.yaml"), spectrum).card.weight_snr
+    dropout = load_config(demo_config_path().with_name("reference.yaml"), ["placements.all.dropout=0.1"])
+    assert dropout.card.calibrate_dropout == 0.1
+    epochs = load_config(demo_config_path().with_name("reference.yaml"), ["train.epochs=2"]).train
+    assert (epochs.steps, epochs.epochs) == (None, 2)
 
 
 def test_reference_config_is_the_rendered_schema():

@@ -10,14 +10,16 @@ peft          the plan's ``LoraConfig`` as adapter_config-style JSON, and a Pyth
 trl           a script fragment: that ``LoraConfig`` passed to TRL's ``SFTTrainer`` as
               ``peft_config``, with layercard's Trainer callback (exact)
 axolotl       a YAML block: ``adapter``, ``lora_r``, ``lora_alpha``, ``lora_dropout``,
-              ``lora_target_modules`` and ``peft_layers_to_transform``
+              ``lora_target_modules`` and ``peft_layers_to_transform``; per-module ranks as
+              ``lora_rank_pattern`` and ``lora_alpha_pattern`` (exact)
 llamafactory  a YAML block: ``finetuning_type``, ``lora_target``, ``lora_rank``, ``lora_alpha``,
               ``lora_dropout``
 ============  =================================================================================
 
 What a tool cannot express is said in :attr:`Export.notes` and in the text itself (a YAML comment):
-axolotl and LLaMA-Factory take one rank for every module, so per-module ranks (``rank: auto``)
-become the plan's commonest rank. Layers are always exact: axolotl's ``peft_layers_to_transform``
+LLaMA-Factory takes one rank for every module, so per-module ranks (``rank: auto``) become the plan's
+commonest rank there; both YAML tools take whole-number alphas, so a fractional one is rounded and said.
+Layers are always exact: axolotl's ``peft_layers_to_transform``
 takes any list of layers with the same modules in each (otherwise the modules are listed by full
 path), and LLaMA-Factory, which has no layer setting for LoRA, gets the planned modules by full path
 (PEFT matches a full path only to itself).
@@ -118,7 +120,8 @@ def _rank_note(lora: dict[str, Any], target: str, key: str) -> list[str]:
     return [
         f"{target} takes one rank for every module ({key}); the plan gives modules their own ranks "
         f"({others}, the rest at {lora['r']}): all train at rank {lora['r']} here, the plan's commonest, "
-        "so the trainable parameter count differs from the plan's. PEFT or TRL export keeps every rank."
+        "so the trainable parameter count differs from the plan's. The PEFT, TRL and axolotl exports keep "
+        "every rank."
     ]
 
 
@@ -192,13 +195,25 @@ def _trl(plan: Plan, lora: dict[str, Any], source: str) -> Export:
     return Export("trl", "train_trl.py", text)
 
 
+def _whole_alpha(lora: dict[str, Any], target: str, key: str) -> tuple[int, list[str]]:
+    """The plan's alpha as the whole number ``target`` declares it, and a note where it was rounded."""
+    alpha = lora["lora_alpha"]
+    whole = max(1, round(alpha))
+    if whole == alpha:
+        return int(whole), []
+    return whole, [
+        f"{target} takes a whole-number {key}: the plan's {alpha:g} is written as {whole}, which scales "
+        f"the adapter's update by {whole / lora['r']:g} instead of {alpha / lora['r']:g}"
+    ]
+
+
 def _axolotl(plan: Plan, lora: dict[str, Any], source: str) -> Export:
     lay = _layout(plan)
-    notes = _rank_note(lora, "axolotl", "lora_r")
+    alpha, notes = _whole_alpha(lora, "axolotl", "lora_alpha")
     body: dict[str, Any] = {
         "adapter": "lora",
         "lora_r": lora["r"],
-        "lora_alpha": lora["lora_alpha"],
+        "lora_alpha": alpha,
         "lora_dropout": lora["lora_dropout"],
     }
     if lay.product:
@@ -214,20 +229,31 @@ def _axolotl(plan: Plan, lora: dict[str, Any], source: str) -> Export:
             "the chosen layers adapt different modules, which lora_target_modules with "
             "peft_layers_to_transform cannot say: lora_target_modules lists every planned module by full path"
         )
-    text = _yaml(_header(plan, source, "axolotl"), notes, body)
+    header = _header(plan, source, "axolotl")
+    if lora.get("rank_pattern"):  # handed to PEFT's rank_pattern / alpha_pattern as they are
+        body["lora_rank_pattern"] = dict(lora["rank_pattern"])
+        alphas = {k: max(1, round(v)) for k, v in (lora.get("alpha_pattern") or {}).items()}
+        if any(alphas[k] != v for k, v in (lora.get("alpha_pattern") or {}).items()):
+            notes.append("lora_alpha_pattern holds whole numbers in axolotl: the plan's were rounded")
+        if alphas:
+            body["lora_alpha_pattern"] = alphas
+        header.append("per-module ranks: lora_rank_pattern and lora_alpha_pattern (axolotl 0.18 and later)")
+    text = _yaml(header, notes, body)
     return Export("axolotl", "axolotl.yaml", text, tuple(notes))
 
 
 def _llamafactory(plan: Plan, lora: dict[str, Any], source: str) -> Export:
     lay = _layout(plan)
     notes = _rank_note(lora, "LLaMA-Factory", "lora_rank")
+    alpha, rounded = _whole_alpha(lora, "LLaMA-Factory", "lora_alpha")
+    notes += rounded
     by_path = not (lay.product and lay.all_layers)
     modules = list(lora["target_modules"]) if by_path else lay.suffixes
     body = {
         "finetuning_type": "lora",
         "lora_target": ",".join(modules),
         "lora_rank": lora["r"],
-        "lora_alpha": lora["lora_alpha"],
+        "lora_alpha": alpha,
         "lora_dropout": lora["lora_dropout"],
     }
     header = _header(plan, source, "LLaMA-Factory")

@@ -9,6 +9,7 @@ import typer
 from rich.markup import escape
 
 from layercard.cli.app import app, console, emit_json, guard
+from layercard.errors import LayercardError
 
 
 @app.command("export")
@@ -32,6 +33,11 @@ def export_cmd(
 
     if out is not None:
         check_out_file(out, example=f"{to}.yaml")
+        if to == "peft" and out.suffix.lower() == ".py":  # the snippet goes beside the JSON, as FILE.py
+            raise LayercardError(
+                f"--out {out}: the peft export writes JSON there and the snippet beside it "
+                f"as {out.with_suffix('.py').name}; give a .json path such as {out.with_suffix('.json')}"
+            )
     result = export_plan(plan, to)
     written: list[str] = []
     if out is not None:

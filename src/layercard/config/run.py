@@ -38,11 +38,16 @@ class RunSettings(Schema):
         0, kind="int", minimum=0, help="one seed for probe subsets, planning, LoRA init, data order, eval"
     )
     dtype: str = setting("float32", kind="choice", choices=DTYPES, help="weights dtype of the loaded model")
-    device: str = setting("auto", kind="str", help="auto | cpu | cuda | cuda:N")
+    device: str = setting("auto", kind="str", help="auto | cpu | cuda | cuda:N | mps")
     trust_remote_code: bool = setting(False, kind="bool", help="allow the model folder's own code")
     threads: int | str = setting(
         "auto", kind="threads", help="torch threads; auto: the cores other processes leave idle (at least 1)"
     )
+
+    def validate(self) -> None:
+        # checked with the rest of the config, not when the model loads after the work before it
+        if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device):
+            raise self.fail("device", f"must be auto, cpu, cuda, cuda:N or mps, got {self.device!r}")
 
 
 def parse_fields(items: Any, where: str) -> dict[str, str]:
@@ -195,6 +200,15 @@ def _yaml_value(v: Any) -> str:
     return text.removesuffix("\n...").removesuffix("...").strip()
 
 
+# Keys a run sets for itself when they are left out: written commented out, since a value in the file would
+# pin them (and --set of the key they go with would then conflict).
+_DERIVED = {
+    ("card", "calibrate_dropout"): "left out, it is the placements' dropout where they share one",
+    ("card", "weight_snr"): "left out here so that such a run can turn it on",
+    ("train", "steps"): "left out, 100 unless epochs is given",
+}
+
+
 def _lines(section: str, schema: type[Schema], indent: str, first_prefix: str | None = None) -> list[str]:
     out = []
     for f in schema.settings(yaml_only=True):
@@ -202,9 +216,17 @@ def _lines(section: str, schema: type[Schema], indent: str, first_prefix: str | 
         assert spec is not None
         value = _EXAMPLES.get((section, f.name), f.default)
         prefix = first_prefix if (first_prefix is not None and not out) else indent
-        text = f"{prefix}{f.name}: {_yaml_value(value)}"
+        derived = _DERIVED.get((section, f.name))
+        key = f"# {f.name}" if derived else f.name
+        text = f"{prefix}{key}: {_yaml_value(value)}"
         choices = spec.choice_list()
         note = spec.help + (f" ({' | '.join(choices)})" if choices and spec.kind == "choice" else "")
+        if derived:
+            note += f"; {derived}"
+        elif f.default is dataclasses.MISSING:
+            note += "; required (an example here)"
+        elif value != f.default:
+            note += f"; an example here, the default is {_yaml_value(f.default)}"
         out.append(f"{text.ljust(_COMMENT_COLUMN - 1)} # {note}")
     return out
 

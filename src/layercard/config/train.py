@@ -73,6 +73,6 @@ class TrainConfig(Schema):
 
     @classmethod
     def prepare(cls, values: dict[str, Any]) -> dict[str, Any]:
-        if "epochs" in values and "steps" not in values:
+        if values.get("epochs") is not None and "steps" not in values:
             values["steps"] = None  # epochs given alone replaces the default step count
         return values
