@@ -669,3 +669,20 @@ def test_smollm2_chat_labels_are_the_assistant_turns(smollm2):
     assert tok.decode(loss) == "Hello.<|im_end|>Paris.<|im_end|>"
     full = tok.apply_chat_template([{"role": r, "content": c} for r, c in TWO_TURNS.messages], tokenize=False)
     assert list(enc.input_ids) == tok(full, add_special_tokens=False)["input_ids"][: len(enc)]
+
+
+def test_a_file_no_preset_names_says_its_prompts_give_no_instruction(tmp_path):
+    rows = [{"input": "a charming journey", "target": "positive"}, {"input": "bleak", "target": "negative"}]
+    bare = load_task(str(write_jsonl(tmp_path / "mine" / "good.jsonl", rows)))
+    assert bare.schema == "input_target" and bare.bare_inputs
+    note = bare.prompt_note()
+    assert note is not None and "no instruction" in note and "--prompt" in note
+    assert bare.subset(1).bare_inputs  # kept through a subset
+    # a prompt of one's own, Alpaca records (the instruction is in the data) and chat are not bare
+    prompted = load_task(str(tmp_path / "mine" / "good.jsonl"), prompt="Sentiment:\n{input}")
+    assert prompted.prompt_note() is None
+    alpaca = [{"instruction": "Say the sentiment.", "input": "bleak", "output": "negative"}]
+    assert load_task(str(write_jsonl(tmp_path / "a.jsonl", alpaca))).prompt_note() is None
+    chat = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}]
+    assert load_task(str(write_jsonl(tmp_path / "c.jsonl", chat))).prompt_note() is None
+    assert load_task("synthetic:facts").prompt_note() is None

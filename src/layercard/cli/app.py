@@ -105,6 +105,13 @@ def note(text: str) -> None:
     console.print(f"[yellow]note:[/] {escape(text)}", highlight=False, soft_wrap=True)
 
 
+def note_task(task: Any) -> None:
+    """Say so when a task's prompts give no instruction (:meth:`layercard.tasks.Task.prompt_note`)."""
+    text = task.prompt_note()
+    if text:
+        note(text)
+
+
 def note_examples(option: str, asked: int | None, used: int) -> None:
     """Say so when ``option`` asked for more examples than the task has (all of them were used)."""
     if asked is not None and used < asked:

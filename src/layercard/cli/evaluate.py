@@ -21,6 +21,7 @@ from layercard.cli.app import (
     guard,
     load_cli_model,
     note_examples,
+    note_task,
     progress_flag,
 )
 from layercard.cli.options import config_options
@@ -61,6 +62,7 @@ def eval_cmd(
     check_out_folder(out)
     with writer_lock(out, what="eval folder"):
         t = load_task(task, split=split, seed=seed, **(task_kw or {}))
+        note_task(t)
         loaded = load_cli_model(model, dtype, device, trust_remote_code)
         result = evaluate(loaded, t, cfg, adapter=adapter, progress=progress_flag(json_out))
         path = result.save(out)

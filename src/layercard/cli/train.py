@@ -18,6 +18,7 @@ from layercard.cli.app import (
     load_cli_model,
     note,
     note_examples,
+    note_task,
     progress_flag,
 )
 from layercard.cli.options import config_options
@@ -128,6 +129,7 @@ def train_cmd(
         raise LayercardError(f"{plan}: the plan names no model; pass --model")
     kw = task_kw or {}
     train_t = load_task(task, split=split, seed=seed, **kw)
+    note_task(train_t)
     val_t = _val_task(task, train_t.split, val_task, val_split, seed, kw) if cfg.eval_examples else None
     if cfg.eval_examples and val_t is None:
         what = "is one file, with no other split" if is_file_spec(task) else "has no validation or test split"

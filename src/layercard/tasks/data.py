@@ -137,7 +137,7 @@ def _load_path(
     )
     fmt = _schema_format(schema, preset, detect_preset(p) if p.is_file() else PRESETS["jsonl"])
     name = fmt.name if fmt.name in DATASET_PRESETS or fmt.name in SYNTHETIC_TASKS else stem
-    return Task(name, str(p.resolve()), records.split or split or stem, fmt, examples)
+    return Task(name, str(p.resolve()), records.split or split or stem, fmt, examples, schema)
 
 
 # ---------------------------------------------------------------- spec resolution
@@ -244,7 +244,7 @@ def load_task(
     if limit is not None:
         task = task.subset(limit, seed=seed)
     if expand_references:
-        task = Task(task.name, task.source, task.split, task.format, _expand(task.examples))
+        task = dataclasses.replace(task, examples=_expand(task.examples))
     return task
 
 
@@ -269,7 +269,7 @@ def _load_hf(spec: str, *, split: str, field_map: Mapping[str, str] | None, fmt:
     source = f"{spec}[{split}]"
     rows = [(f"{source}:{i}", i, rec) for i, rec in enumerate(ds, start=1)]
     schema, examples = _examples(rows, source=source, stem=Path(source).stem, field_map=field_map)
-    return Task(name, spec, split, _schema_format(schema, fmt, PRESETS["jsonl"]), examples)
+    return Task(name, spec, split, _schema_format(schema, fmt, PRESETS["jsonl"]), examples, schema)
 
 
 def is_file_spec(spec: str) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from dataclasses import dataclass
 from functools import cached_property
@@ -24,6 +25,9 @@ class Task:
     split: str
     format: TaskFormat
     examples: tuple[Example, ...]
+    # the schema of the records it was read from (chat, alpaca, input_target, text); None for a preset or
+    # synthetic task, whose format holds its prompt
+    schema: str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "examples", tuple(self.examples))
@@ -65,17 +69,27 @@ class Task:
         random.Random(seed).shuffle(order)
         stop = None if n is None else offset + n
         picked = sorted(order[offset:stop])
-        return Task(
-            name=self.name,
-            source=self.source,
-            split=self.split,
-            format=self.format,
-            examples=tuple(self.examples[i] for i in picked),
-        )
+        return dataclasses.replace(self, examples=tuple(self.examples[i] for i in picked))
 
     def with_format(self, fmt: TaskFormat) -> Task:
         """The same examples under another prompt format."""
-        return Task(self.name, self.source, self.split, fmt, self.examples)
+        return dataclasses.replace(self, format=fmt)
+
+    @property
+    def bare_inputs(self) -> bool:
+        """Whether each prompt is an input/target record's input as it is, with no instruction: read from
+        a file that no preset's folder names, with no prompt given."""
+        return self.schema == "input_target" and self.format.name == "jsonl" and not self.custom_prompt
+
+    def prompt_note(self) -> str | None:
+        """A line for a task whose prompts give no instruction (:attr:`bare_inputs`), else None."""
+        if not self.bare_inputs:
+            return None
+        return (
+            f"task {self.name}: each prompt is the record's input as it is, with no instruction (no preset "
+            "names this file's folder); give --prompt 'Your instruction:\\n{input}' (task.prompt in a "
+            "run config) to say what the target is"
+        )
 
     def describe(self) -> dict[str, Any]:
         """What an artifact records about the task."""
