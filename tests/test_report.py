@@ -96,7 +96,7 @@ def test_report_with_missing_stages(run_dir, tmp_path):
     paths = build_report(copy)
     text = Path(paths["html"]).read_text()
     assert "Trimming was not run" in text
-    assert "Needs plans and the evaluations of the base model" in text
+    assert "Needs plans with a predicted set gain and the evaluations of the base model" in text
     assert "all-trimmed" not in text
     assert not (copy / "figures" / "trace.png").exists()  # a stale figure of the earlier report is gone
     with pytest.raises(LayercardError, match="no such run folder"):
@@ -270,3 +270,27 @@ def test_a_budget_a_run_went_over_is_in_its_report(run_dir, tmp_path):
     md = Path(build_report(copy)["markdown"]).read_text()
     assert f"{path.parent.name}: warning: {line}" in md
     assert "warning: budget" not in (run_dir / "report.md").read_text()  # none where no budget was over
+
+
+def test_placements_without_a_set_gain_say_why_the_gain_section_is_empty(run_dir, tmp_path):
+    """Search policies predict quality, not a set gain: the section says so, not that plans are missing."""
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    for path in (copy / "plan").glob("*/plan.json"):
+        plan = json.loads(path.read_text())
+        plan["predicted"].pop("gain", None)
+        path.write_text(json.dumps(plan))
+    text = Path(build_report(copy)["html"]).read_text()
+    assert "No placement here predicts a set gain" in text and "Needs plans" not in text
+
+
+def test_a_trim_whose_metric_tied_at_every_k_says_the_tie_rule_chose(run_dir, tmp_path):
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    path = copy / "trim" / "trim.json"
+    trim = json.loads(path.read_text())
+    said = "Every K scored the same"
+    assert said not in Path(build_report(copy)["html"]).read_text() or trim.get("metric_flat")
+    path.write_text(json.dumps({**trim, "metric_flat": True}))
+    md = Path(build_report(copy)["markdown"]).read_text()
+    assert f"{said} {trim['metric']}: it did not tell the boundaries apart" in md

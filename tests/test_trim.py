@@ -287,6 +287,10 @@ def test_sweep_picks_best_with_ties_to_fewer_layers():
     assert T.choose_boundary(rows, "loss", higher_is_better=False) == 2
     # a tolerance makes "within 0.45 of the best" a tie: the fewest layers among 1, 2, 3 win
     assert T.choose_boundary(rows, "exact_match", tolerance=0.45) == 1
+    # a metric that tells the boundaries apart, and one that does not (the tie rule alone chooses then)
+    assert not T.metric_is_flat(rows, "exact_match") and T.metric_is_flat(rows, "exact_match", tolerance=0.9)
+    flat = [{**r, "metrics": {"exact_match": 0.0}} for r in rows]
+    assert T.metric_is_flat(flat, "exact_match") and not T.metric_is_flat(flat[:1], "exact_match")
     # a NaN never wins, a lower-is-better read flips the choice
     rows[3]["metrics"]["exact_match"] = float("nan")
     rows[2]["metrics"]["exact_match"] = 0.2
@@ -498,7 +502,11 @@ def test_cli_trace_and_trim(tiny_folder, lora_dir, tmp_path, monkeypatch):
         app, ["trim", *common, "--max-new-tokens", "2", "--window", "1:2", "--out", str(run)]
     )
     assert r.exit_code == 0, r.output
-    assert json.loads((run / "trim.json").read_text())["ks"] == [1, 2, 3]
+    res = json.loads((run / "trim.json").read_text())
+    assert res["ks"] == [1, 2, 3]
+    flat = T.metric_is_flat(res["sweep"], res["metric"], tolerance=res["tie_tolerance"])
+    assert res["metric_flat"] is flat
+    assert ("every K scored the same exact_match" in " ".join(r.output.split())) is flat
 
 
 def test_cli_trim_by_loss_prints_rows_without_text_metrics(tiny_folder, lora_dir, tmp_path, monkeypatch):

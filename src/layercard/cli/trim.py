@@ -21,6 +21,7 @@ from layercard.cli.app import (
     emit_json,
     guard,
     load_cli_model,
+    note,
     note_examples,
     progress_flag,
 )
@@ -191,6 +192,10 @@ def _print_trim(res: dict[str, Any]) -> None:
         f"{_fmt(b, res['metric'])} → {_fmt(a, res['metric'])}, "
         f"latency {b['s_per_example']:.3f} → {a['s_per_example']:.3f} s/example (unmerged)"
     )
+    if res.get("metric_flat"):
+        from layercard.trim import flat_metric_text
+
+        note(flat_metric_text(res["metric"]))
 
 
 def _fmt(row: dict[str, Any], metric: str) -> str:

@@ -340,6 +340,11 @@ def _trimming(doc: _Doc, run: _Run) -> None:
         f"{b['adapted_modules']} → {a['adapted_modules']}, inference s/example "
         f"{fmt(b['s_per_example'], '.3f')} → {fmt(a['s_per_example'], '.3f')}."
     )
+    if trim.get("metric_flat"):
+        from layercard.trim import flat_metric_text
+
+        text = flat_metric_text(trim["metric"])
+        doc.p(text[0].upper() + text[1:] + ".")
     if a["n_adapted_layers"] == b["n_adapted_layers"]:
         doc.p(
             "No layer could be dropped: the best boundary keeps every adapted layer, so the trimmed "
@@ -373,7 +378,18 @@ def _predicted_vs_measured(doc: _Doc, run: _Run) -> None:
             "are in different units and do not rank against each other."
         )
     if not pts:
-        doc.p("Needs plans and the evaluations of the base model and the placements.")
+        placed = [r for r in rows if r["kind"] == "placement"]
+        if placed and all(r.get("predicted_gain") is None for r in placed):
+            doc.p(
+                "No placement here predicts a set gain: their policies predict quality instead, as a "
+                "fraction of the reference's loss drop, which the placements table sets against the measured "
+                "one."
+            )
+        else:
+            doc.p(
+                "Needs plans with a predicted set gain and the evaluations of the base model and the "
+                "placements."
+            )
         return
     rho = spearman_or_none([r["predicted_gain"] for r in pts], [r["measured_gain"] for r in pts])
     doc.p(

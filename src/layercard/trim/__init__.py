@@ -24,7 +24,15 @@ from layercard.trim.figures import draw_sweep, draw_trace, plot_sweep, plot_trac
 from layercard.trim.lens import TRACE_FILE, TRACE_PNG, Trace, boundary_candidates, lens_logits, trace
 from layercard.trim.mask import adapted_layers, adapted_modules, adapters_off, masked_layers
 from layercard.trim.run import MERGED_DIR, TRIM_FILE, TRIMMED_DIR, run_trace, trim
-from layercard.trim.sweep import candidate_ks, choose_boundary, loss_scorer, sweep, task_scorer
+from layercard.trim.sweep import (
+    candidate_ks,
+    choose_boundary,
+    flat_metric_text,
+    loss_scorer,
+    metric_is_flat,
+    sweep,
+    task_scorer,
+)
 
 __all__ = [
     "MERGED_DIR",
@@ -41,6 +49,8 @@ __all__ = [
     "boundary_candidates",
     "candidate_ks",
     "choose_boundary",
+    "flat_metric_text",
+    "metric_is_flat",
     "draw_sweep",
     "draw_trace",
     "export_merged",

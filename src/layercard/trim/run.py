@@ -28,7 +28,15 @@ from layercard.trim.export import _adapter_kind, _write_trimmed, export_merged
 from layercard.trim.figures import plot_sweep
 from layercard.trim.lens import TRACE_FILE, Trace, trace
 from layercard.trim.mask import adapted_layers, adapted_modules, masked_layers
-from layercard.trim.sweep import Scorer, candidate_ks, choose_boundary, loss_scorer, sweep, task_scorer
+from layercard.trim.sweep import (
+    Scorer,
+    candidate_ks,
+    choose_boundary,
+    loss_scorer,
+    metric_is_flat,
+    sweep,
+    task_scorer,
+)
 
 __all__ = ["MERGED_DIR", "TRIMMED_DIR", "TRIM_FILE", "run_trace", "trim"]
 
@@ -381,6 +389,8 @@ def _result(
         "ks": found.ks,
         "sweep": [{k: v for k, v in r.items() if k != "predictions"} for r in found.rows],
         "chosen_k": found.chosen,
+        # every K tied on the metric: the tie rule chose, not the metric
+        "metric_flat": metric_is_flat(found.rows, job.metric, tolerance=cfg.tie_tolerance),
         "before": found.before,
         "after": exported.after,
         # the exported adapter must measure what the masked sweep row measured

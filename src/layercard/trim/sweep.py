@@ -30,6 +30,8 @@ __all__ = [
     "Scorer",
     "candidate_ks",
     "choose_boundary",
+    "flat_metric_text",
+    "metric_is_flat",
     "loss_scorer",
     "row_value",
     "sweep",
@@ -124,6 +126,21 @@ def choose_boundary(
         return int(r.get("n_adapted_layers", len(r.get("adapted_layers", ()))))
 
     return int(min(tied, key=lambda r: (n_layers(r), r["k"]))["k"])
+
+
+def metric_is_flat(rows: Sequence[dict[str, Any]], metric: str, *, tolerance: float = 1e-9) -> bool:
+    """Whether every row with a value of ``metric`` ties with the best (more than one such row): the
+    metric did not tell the boundaries apart, so the tie rule alone chose (the fewest adapted layers)."""
+    values = [v for v in (row_value(r, metric) for r in rows) if v is not None]
+    return len(values) > 1 and max(values) - min(values) <= tolerance
+
+
+def flat_metric_text(metric: str) -> str:
+    """What a sweep whose ``metric`` tied at every K (:func:`metric_is_flat`) means for its choice."""
+    return (
+        f"every K scored the same {metric}: it did not tell the boundaries apart, so the tie rule kept the "
+        "fewest adapted layers (--metric loss scores each K by its held-out loss)"
+    )
 
 
 def _checked_loss(value: float, k: int) -> float:
