@@ -410,3 +410,42 @@ def test_run_stops_at_the_diverged_stage(world: World, tmp_path: Path) -> None:
     assert not artifacts.lock_path(out).exists()  # the run's lock is released on failure
     record = json.loads((out / "train" / "all" / "stage.json").read_text())  # says it failed, and why
     assert record["status"] == "failed" and record["error"].startswith("train: step 2 of 3: the ")
+
+
+def test_the_api_refuses_wrong_arguments_in_one_line(world: World, tmp_path: Path) -> None:
+    """The library's entry points name what they expected, as the command line does."""
+    import layercard
+    from layercard import (
+        CardConfig,
+        EvalConfig,
+        LayercardError,
+        PlanConfig,
+        check_plan,
+        evaluate_model,
+        load_model,
+        make_plan,
+    )
+    from layercard.pipeline import load_config
+
+    card = layercard.Card.load(world.card)
+    with pytest.raises(LayercardError, match="^make_plan: cfg must be a PlanConfig"):
+        make_plan(card, "params=0.2x")
+    with pytest.raises(LayercardError, match="^make_plan: card must be a Card or a card.json path, got int"):
+        make_plan(3, PlanConfig(policy="all"))
+    by_path = make_plan(str(world.card), PlanConfig(policy="all"))  # a card.json path is read
+    assert by_path.layers == make_plan(card, PlanConfig(policy="all")).layers
+    with pytest.raises(LayercardError, match="^measure_card: cfg must be a CardConfig"):
+        layercard.measure_card(world.model, "synthetic:facts", {"examples": 2})
+    with pytest.raises(LayercardError, match="^model: expected a name, folder or .gguf path, got int"):
+        load_model(123)
+    loaded = load_model(world.model)  # a Path, as load_task takes one
+    assert check_plan(layercard.Plan.load(world.plan), loaded)  # the loaded model, as elsewhere
+    with pytest.raises(LayercardError, match="^evaluate: cfg must be an EvalConfig"):
+        evaluate_model(loaded, "synthetic:facts", CardConfig())
+    result = evaluate_model(loaded, "synthetic:facts", EvalConfig(examples=2, max_new_tokens=2))  # a spec
+    assert result.n == 2
+    cfg_path = tmp_path / "run.yaml"
+    cfg_path.write_text(yaml.safe_dump({"model": str(world.model), "task": "synthetic:facts",
+                                        "placements": [{"name": "all", "policy": "all"}]}))  # fmt: skip
+    assert load_config(cfg_path, "train.steps=3").train.steps == 3  # one override, not its characters
+    assert {"make_plan", "measure_card", "Card", "Plan"} <= set(dir(layercard))

@@ -1,7 +1,14 @@
 """layercard: decide where parameter-efficient adapters go in an LLM, and prove the choice.
 
 The public API (``from layercard import measure_card, make_plan, train_adapter, ...``) is in
-:mod:`layercard.api`; its names load on first use, so ``import layercard`` stays light.
+:mod:`layercard.api`; its names load on first use, so ``import layercard`` stays light:
+
+- models and tasks: ``load_model``, ``load_task`` (``LoadedModel``, ``Task``);
+- the stages: ``measure_card`` → ``Card``; ``make_plan`` → ``Plan`` (``check_plan``);
+  ``estimate_training`` and ``train_adapter``; ``trim_adapter``; ``evaluate_model`` → ``EvalResult``;
+- the whole run: ``load_config``, ``run_pipeline``;
+- each stage's settings: ``CardConfig``, ``PlanConfig``, ``TrainConfig``, ``TrimConfig``, ``TraceConfig``,
+  ``EvalConfig``; every failure the user can mend raises ``LayercardError`` with one line.
 """
 
 from __future__ import annotations
@@ -29,6 +36,10 @@ __all__ = [
     "__version__",
     *_API,
 ]
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
 
 
 def __getattr__(name: str) -> Any:

@@ -31,7 +31,7 @@ from layercard.artifacts import SCHEMA_VERSION, Provenance, hash_folder, read_js
 from layercard.config import EvalConfig
 from layercard.errors import LayercardError
 from layercard.inference import eval_example_losses, eval_loss, generate
-from layercard.tasks import METRICS, Example, Task, exact_match, strict_match, token_f1
+from layercard.tasks import METRICS, Example, Task, exact_match, load_task, strict_match, token_f1
 
 # generate and eval_loss live in layercard.inference; they stay importable from here for older callers.
 __all__ = [
@@ -237,7 +237,7 @@ def difference_standard_error(
 
 def evaluate(
     loaded: Any,
-    task: Task,
+    task: Task | str | Path,
     cfg: EvalConfig,
     *,
     adapter: str | Path | None = None,
@@ -250,7 +250,12 @@ def evaluate(
     is left as it is; ``adapter`` is then only recorded (path and content hash). Without ``model``,
     ``adapter`` (a PEFT or layercard adapter folder) is attached to ``loaded.model`` for the evaluation
     and removed afterwards; with neither, the base is evaluated.
+    ``task`` may be a task spec, read as :func:`layercard.tasks.load_task` reads it (with ``cfg.seed``).
     """
+    if not isinstance(cfg, EvalConfig):
+        raise LayercardError(f"evaluate: cfg must be an EvalConfig, got {cfg!r}")
+    if isinstance(task, (str, Path)):
+        task = load_task(str(task), seed=cfg.seed)
     adapter_dir = Path(adapter) if adapter is not None else None
     if adapter_dir is not None and not adapter_dir.is_dir():
         raise LayercardError(f"adapter {adapter_dir}: no such folder")

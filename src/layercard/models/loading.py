@@ -251,7 +251,7 @@ def _first_line(e: BaseException) -> str:
 
 
 def load_model(
-    spec: str,
+    spec: str | os.PathLike[str],
     *,
     dtype: str = "float32",
     device: str = "cpu",
@@ -264,6 +264,10 @@ def load_model(
     :func:`cache_dir`; later loads read that folder. The model hash is the sha256 of the safetensors
     files, memoised by file size and mtime. ``device`` is read by :func:`resolve_device` (``"auto"`` too).
     """
+    if isinstance(spec, os.PathLike):
+        spec = os.fspath(spec)
+    if not isinstance(spec, str):
+        raise LayercardError(f"model: expected a name, folder or .gguf path, got {type(spec).__name__}")
     torch_dtype = _resolve_dtype(dtype)
     dev = resolve_device(device)
     path = Path(spec).expanduser()

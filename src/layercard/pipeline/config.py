@@ -225,6 +225,8 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> RunConfig:
     Relative file paths in the file (the model, the task files) are read from the config's folder;
     values given with ``--set`` are read from the current folder, as any command-line path.
     """
+    if isinstance(overrides, str):  # one KEY=VALUE, not its characters
+        overrides = [overrides]
     p = Path(path)
     if p.is_dir():
         raise LayercardError(f"{p}: is a folder, not a config file")

@@ -29,8 +29,10 @@ def check_plan(plan: Plan, model: Any) -> dict[str, Any]:
     """
     from torch import nn
 
-    from layercard.models import decoder_layers, get_module
+    from layercard.models import LoadedModel, decoder_layers, get_module
 
+    if isinstance(model, LoadedModel):  # what every other function of the API takes
+        model = model.model
     if hasattr(model, "peft_config"):
         raise LayercardError("plan check: the model already carries PEFT adapters; pass the base model")
     if plan.kind != "lora":

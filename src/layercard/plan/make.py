@@ -7,6 +7,7 @@ rank of every adapted module and a ready PEFT ``LoraConfig`` whose keys are full
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from typing import Any
 
@@ -60,8 +61,21 @@ def at_positions(card: Card, step: float | None, peak: float | None) -> Card:
     return dataclasses.replace(card, cost=CostModel.from_dict(card.cost).at_positions(step, peak).to_dict())
 
 
-def make_plan(card: Card, cfg: PlanConfig, *, card_path: str | None = None) -> Plan:
-    """Choose layers (and ranks) for ``cfg.policy`` under the budget; see the module docstring."""
+def make_plan(card: Card | str | os.PathLike[str], cfg: PlanConfig, *, card_path: str | None = None) -> Plan:
+    """Choose layers (and ranks) for ``cfg.policy`` under the budget; see the module docstring.
+
+    ``card``: a :class:`Card` or the path of a card.json; ``cfg``: the plan's settings, e.g.
+    ``PlanConfig(budget="params=0.2x")``; ``card_path``: what the plan records as its card's file.
+    """
+    if isinstance(card, (str, os.PathLike)):
+        card_path = card_path or str(card)
+        card = Card.load(card)
+    if not isinstance(card, Card):
+        raise LayercardError(f"make_plan: card must be a Card or a card.json path, got {type(card).__name__}")
+    if not isinstance(cfg, PlanConfig):
+        raise LayercardError(
+            f"make_plan: cfg must be a PlanConfig, such as PlanConfig(budget='params=0.2x'), got {cfg!r}"
+        )
     card = at_positions(at_batch(card, cfg.batch_size), cfg.step_positions, cfg.peak_positions)
     if cfg.policy in SEARCH_POLICIES:  # matrices × layers × rank, with the quality model
         return search_plan(card, cfg, card_path=card_path)
