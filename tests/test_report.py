@@ -260,6 +260,22 @@ def test_measured_leads_sentence_states_each_difference_with_its_error():
     assert measured_leads_sentence([r for r in rows if r["name"] != "rec"]) is None  # no recommendation
 
 
+def test_without_a_reference_the_eval_losses_are_set_side_by_side():
+    from layercard.report.results import eval_loss_sentence
+
+    rows = [
+        {"name": "base", "kind": "base", "eval_loss": 5.0},
+        {"name": "rec", "kind": "placement", "policy": "recommend", "eval_examples": 4, "eval_loss": 4.659},
+        {"name": "qv", "kind": "placement", "policy": "peft-default", "eval_loss": 4.245},
+    ]
+    text = eval_loss_sentence(rows)
+    assert "rec's eval loss was 4.6590 against qv's 4.2450 (lower is better; 4 evaluated examples" in text
+    assert text.endswith("qv measured lower than the recommendation.")
+    rows[2]["eval_loss"] = 4.9
+    assert eval_loss_sentence(rows).endswith("the recommendation measured lowest.")
+    assert eval_loss_sentence(rows[:2]) is None  # nothing to set it against
+
+
 def test_a_budget_a_run_went_over_is_in_its_report(run_dir, tmp_path):
     copy = tmp_path / "run"
     shutil.copytree(run_dir, copy)

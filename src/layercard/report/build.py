@@ -23,6 +23,7 @@ from layercard.report.figures import (
 )
 from layercard.report.results import (
     collect_results,
+    eval_loss_sentence,
     load_optional,
     measured_leads_sentence,
     placement_names,
@@ -219,12 +220,17 @@ def _recommendation(doc: _Doc, run: _Run) -> None:
     doc.figure(
         "frontier.png",
         "Predicted frontier of quality against each budgeted cost (band: each placement's expected error); "
-        "squares: the practitioners' rules fitted to the same budgets; star: the recommendation; diamonds: "
-        "each trained placement's measured quality with its sampling error (arrow from its prediction)",
+        "squares: the practitioners' rules fitted to the same budgets; star: the recommendation"
+        + (
+            "; diamonds: each trained placement's measured quality with its sampling error (arrow from its "
+            "prediction)"
+            if measured
+            else " (no measured points: the run trained no reference to scale them)"
+        ),
         lambda p: plot_frontier(plan, p, measured),
     )
     doc.table(recommendation_table(run.plans, run.metrics, run.results))
-    leads = measured_leads_sentence(run.rows)
+    leads = measured_leads_sentence(run.rows) or eval_loss_sentence(run.rows)
     if leads:
         doc.p(leads)
 

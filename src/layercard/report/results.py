@@ -22,6 +22,7 @@ __all__ = [
     "collect_results",
     "load_optional",
     "measured_leads_sentence",
+    "eval_loss_sentence",
     "measured_step_text",
     "placement_names",
     "planning_sentence",
@@ -382,6 +383,31 @@ def measured_leads_sentence(rows: list[dict[str, Any]]) -> str | None:
         f"Measured on {examples}, one training run each: {rec['name']}'s "
         f"fraction of the reference's drop was {listed} (± the paired sampling error over those examples, "
         "one standard error; it does not cover the training seed)."
+    )
+
+
+def eval_loss_sentence(rows: list[dict[str, Any]]) -> str | None:
+    """Where no reference scales the measured drops (:func:`measured_leads_sentence` has nothing), one
+    sentence setting the recommended placement's eval loss against every other trained placement's."""
+    rec = next((r for r in rows if r.get("policy") == "recommend" and r.get("eval_loss") is not None), None)
+    others = [
+        r for r in rows
+        if r["kind"] == "placement" and r is not rec and r.get("eval_loss") is not None
+    ]  # fmt: skip
+    if rec is None or not others:
+        return None
+    lower = [r["name"] for r in others if r["eval_loss"] < rec["eval_loss"]]
+    listed = ", ".join(f"{r['name']}'s {r['eval_loss']:.4f}" for r in others)
+    n = rec.get("eval_examples")
+    verdict = (
+        f"{' and '.join(lower)} measured lower than the recommendation"
+        if lower
+        else "the recommendation measured lowest"
+    )
+    return (
+        f"Measured without a reference to scale the drops: {rec['name']}'s eval loss was "
+        f"{rec['eval_loss']:.4f} against {listed} (lower is better; {n or 'the'} evaluated examples, one "
+        f"training run each): {verdict}."
     )
 
 
