@@ -312,3 +312,24 @@ def test_a_run_says_when_a_stage_used_fewer_examples_than_asked(world: World, tm
     assert notes["card"] == f"card.examples=100000: the task has {n_train} examples; all {n_train} were used"
     assert notes["eval:all"].startswith("eval.examples=100000: the task has ")
     assert "train:all" not in notes  # train_examples is unset: all examples, as asked
+
+
+def test_what_an_atomic_write_leaves_has_the_usual_modes(tmp_path: Path) -> None:
+    """A writer that makes its file owner-only (safetensors does) leaves an artifact as readable as a
+    plain write would: the mode the process's umask gives."""
+    import os
+
+    mask = os.umask(0o022)
+    try:
+        with artifacts.atomic_path(tmp_path / "adapter") as tmp:
+            tmp.mkdir()
+            (tmp / "weights").write_bytes(b"x")
+            (tmp / "weights").chmod(0o600)
+        assert (tmp_path / "adapter" / "weights").stat().st_mode & 0o777 == 0o644
+        assert (tmp_path / "adapter").stat().st_mode & 0o777 == 0o755
+        with artifacts.atomic_path(tmp_path / "one.json") as tmp:
+            tmp.write_text("{}")
+            tmp.chmod(0o600)
+        assert (tmp_path / "one.json").stat().st_mode & 0o777 == 0o644
+    finally:
+        os.umask(mask)

@@ -261,8 +261,26 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _usual_modes(target: Path) -> None:
+    """Give what was written the modes a plain write gives (some writers, safetensors among them, make
+    their files readable by their owner alone), so that an artifact is as readable as its folder."""
+    mask = _current_umask()
+    paths = [target, *target.rglob("*")] if target.is_dir() else [target]
+    for p in paths:
+        if not p.is_symlink():
+            p.chmod((0o777 if p.is_dir() else 0o666) & ~mask)
+
+
 def _commit(target: Path, final: Path, tmp: Path) -> None:
     """Move the finished ``target`` onto ``final``."""
+    if target.exists():
+        _usual_modes(target)
     if target.is_dir() != final.is_dir() and final.exists():
         what = "a folder" if final.is_dir() else "a file"
         raise LayercardError(f"{final}: exists and is {what}; cannot replace it with a {_kind(target)}")
