@@ -310,3 +310,19 @@ def test_a_trim_whose_metric_tied_at_every_k_says_the_tie_rule_chose(run_dir, tm
     path.write_text(json.dumps({**trim, "metric_flat": True}))
     md = Path(build_report(copy)["markdown"]).read_text()
     assert f"{said} {trim['metric']}: it did not tell the boundaries apart" in md
+
+
+def test_a_rebuilt_report_reads_as_the_first(run_dir, tmp_path):
+    """The report describes the stages before it: rebuilding it changes nothing but its build time."""
+    import re
+
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+
+    def text() -> str:
+        md = Path(build_report(copy)["markdown"]).read_text()
+        return re.sub(r"\d{4}-\d\d-\d\d[T ]\d\d:\d\d(:\d\d)?\S*", "<time>", md)
+
+    first = text()
+    assert "| report |" not in first
+    assert text() == first

@@ -274,7 +274,8 @@ def eval_table(results: dict[str, Any]) -> Table:
 
 
 def stages_table(root: Path) -> Table:
-    """Each stage's record (status, fingerprint, wall time), for the stages the run's config has."""
+    """Each stage's record (status, fingerprint, wall time), for the stages the run's config has before
+    the report."""
     lay = RunLayout(root)
     names = placement_names(root)
     trim_on, base_on = stages_active(root)
@@ -284,7 +285,8 @@ def stages_table(root: Path) -> Table:
         lay.eval_dir(n)
         for n in ([BASE_EVAL] if base_on else []) + names + ([TRIMMED_EVAL] if trim_on else [])
     ]
-    recs = [RunLayout.stage_record(d) for d in dirs] + [lay.report_record]
+    # the report's own record is left out: it is being written, and a rebuild would read it done
+    recs = [RunLayout.stage_record(d) for d in dirs]
     rows = []
     for p in recs:
         if not p.is_file():
