@@ -77,7 +77,9 @@ def _comparison(summary: dict[str, Any]) -> Table:
     quality = any(r.get("predicted_quality") is not None for r in summary["rows"])
     cols = ["model", "layers", "modules", "s/step", "loss", "drop", primary, "s/ex"]
     for col in cols + (["q m/p"] if quality else []):
-        t.add_column(col, justify="left" if col == "model" else "right", no_wrap=True)
+        # a long name folds onto a second line, so that no number is cut at 80 columns
+        t.add_column(col, justify="left" if col == "model" else "right", no_wrap=col != "model",
+                     overflow="fold" if col == "model" else "ellipsis")  # fmt: skip
     for r in summary["rows"]:
         cells = [
             r["name"],
