@@ -371,3 +371,11 @@ def test_cli_card_records_the_prompt_it_measured_with(tiny_folder, tmp_path):
     assert b.task["prompt"] is not None and "Answer briefly" in str(b.task["prompt"])
     plan = make_plan(b, PlanConfig(policy="all"))
     assert plan.card["prompt"] == b.task["prompt"]
+
+
+def test_a_cards_timings_read_in_words():
+    from layercard.card.summary import timings_text
+
+    text = timings_text({"stats_s": 9.1, "probe_s": 18.6, "calibrate_s": 28.2, "total_s": 47.0})
+    assert text == "47.0 s in all: probe pass 18.6 s (its statistics 9.1 s), cost calibration 28.2 s"
+    assert timings_text({"new_part_s": 1.0}) == "time: new part 1.0 s"

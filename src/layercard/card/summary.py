@@ -116,3 +116,26 @@ def write_card_folder(card: Card, out: str | Path) -> list[Path]:
     write_text(out / "card.md", card_markdown(card))
     card.save(out / "card.json")
     return figures
+
+
+_TIMING_NAMES = {
+    "probe_s": "probe pass",
+    "coupling_s": "coupling",
+    "calibrate_s": "cost calibration",
+    "target_entropy_s": "target entropy",
+    "weight_snr_s": "weight SNR",
+}
+
+
+def timings_text(timings: dict[str, float]) -> str:
+    """A card's timings in words: the total, then each part (the statistics are part of the probe pass)."""
+    rest = dict(timings)
+    total = rest.pop("total_s", None)
+    stats = rest.pop("stats_s", None)
+    parts = []
+    for key, value in rest.items():
+        name = _TIMING_NAMES.get(key, key.removesuffix("_s").replace("_", " "))
+        within = f" (its statistics {stats:.1f} s)" if key == "probe_s" and stats is not None else ""
+        parts.append(f"{name} {value:.1f} s{within}")
+    head = f"{total:.1f} s in all" if total is not None else "time"
+    return f"{head}: {', '.join(parts)}" if parts else head

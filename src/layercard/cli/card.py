@@ -141,7 +141,7 @@ def card_cmd(
 
 
 def _print_card_summary(card) -> None:
-    from layercard.card.summary import top_layers
+    from layercard.card.summary import timings_text, top_layers
 
     tbl = Table(title=f"Layer Card · {card.model['id']} · {card.task['name']} · roles {','.join(card.roles)}")
     for col in ("layer", "resnorm", "‖∇W‖", "energy", "κ", "rate"):
@@ -162,7 +162,7 @@ def _print_card_summary(card) -> None:
     Console(stderr=True, emoji=False).print(tbl)
     console.print(
         f"probe: {card.task['n_examples']} examples, {card.n_positions} positions, loss {card.loss:.4f}; "
-        f"timings " + ", ".join(f"{k}={v:.1f}s" for k, v in card.timings.items())
+        + timings_text(card.timings)
     )
     console.print(
         f"top-5 layers by resnorm: {top_layers(card, 'resnorm')}; by {card.default_score} "

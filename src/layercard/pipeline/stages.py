@@ -312,7 +312,9 @@ class Runner:
                 ("cost model", "calibrated" if card.cost else "not calibrated"),
             ]
             rows += _examples_note("card.examples", self.cfg.card.examples, len(self.train_task))
-            return rows + [("time", ", ".join(f"{k} {v:.1f}s" for k, v in card.timings.items()))]
+            from layercard.card.summary import timings_text
+
+            return rows + [("time", timings_text(card.timings))]
 
         inputs = {"model": self.model_hash, "data": self.train_task.data_hash}
         self.stage("card", "card", out.card_dir, config, inputs, [out.card_json], fn, summarize)
