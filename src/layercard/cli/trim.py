@@ -98,7 +98,11 @@ def trace_cmd(
     if json_out:
         emit_json({**tr.to_dict(), "trace": str(path), "figure": str(png)})
         return
-    tbl = Table(title=f"logit lens · {loaded.model_id} · {t.name} ({t.split}) · adapter {adapter}")
+    tbl = Table(
+        title=f"logit lens · {loaded.model_id} · {t.name} ({t.split}) · adapter {adapter}",
+        caption="P on / P off: the mean probability of the gold target tokens read at the layer, adapter "
+        "on / off; bold: a boundary candidate",
+    )
     for col in ("layer", "P on", "P off", "adapted"):
         tbl.add_column(col, justify="right")
     marks = {v: k for k, v in tr.candidates.items()}
@@ -108,7 +112,7 @@ def trace_cmd(
             style="bold" if i in marks else None,
         )  # fmt: skip
     Console(stderr=True, emoji=False).print(tbl)
-    cands = ", ".join(f"{k} = layer {v}" for k, v in tr.candidates.items())
+    cands = ", ".join(f"{k.replace('_', ' ')} at layer {v}" for k, v in tr.candidates.items())
     console.print(f"boundary candidates: {cands}")
     console.print(f"wrote {path} and {png}", markup=False)
 
@@ -169,7 +173,11 @@ def trim_cmd(
 
 def _print_trim(res: dict[str, Any]) -> None:
     names = res["metrics"]
-    tbl = Table(title=f"trim sweep · {res['task']['name']} · select by {res['metric']}")
+    tbl = Table(
+        title=f"trim sweep · {res['task']['name']} ({res['task']['split']}) · select by {res['metric']}",
+        caption="K: adapters kept in layers 0..K; s/example: one generation pass per K (noisy), where the "
+        f"line below gives the fastest of {len(res['before'].get('s_per_example_samples') or [1])} passes",
+    )
     for col in ("K", "layers", "modules", *names, "loss", "s/example"):
         tbl.add_column(col, justify="right")
     for r in res["sweep"]:

@@ -364,6 +364,11 @@ def _trimming(doc: _Doc, run: _Run) -> None:
         lambda p: fig_trace(run.trace, trim, p),
     )
     doc.table(sweep_table(trim))
+    repeats = len(trim["before"].get("s_per_example_samples") or [1])
+    doc.p(
+        "The sweep's s/example is one generation pass per K, which the machine's load moves; the "
+        f"latencies before and after trimming above are each the fastest of {repeats} passes."
+    )
 
 
 def _predicted_vs_measured(doc: _Doc, run: _Run) -> None:
