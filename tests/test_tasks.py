@@ -686,3 +686,8 @@ def test_a_file_no_preset_names_says_its_prompts_give_no_instruction(tmp_path):
     chat = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}]
     assert load_task(str(write_jsonl(tmp_path / "c.jsonl", chat))).prompt_note() is None
     assert load_task("synthetic:facts").prompt_note() is None
+
+
+def test_a_bad_limit_is_named_as_given():
+    with pytest.raises(LayercardError, match="^limit: must be a non-negative integer or None, got -1"):
+        load_task("synthetic:facts", limit=-1)

@@ -144,6 +144,7 @@ class EvalResult:
         return next(iter(self.metrics))
 
     def to_dict(self, *, include_predictions: bool = True) -> dict[str, Any]:
+        """Every field, as eval.json holds it without ``include_predictions`` (predictions.jsonl)."""
         d = dataclasses.asdict(self)
         if not include_predictions:
             d.pop("predictions")
@@ -153,6 +154,7 @@ class EvalResult:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], *, predictions: list[dict[str, Any]] | None = None) -> EvalResult:
+        """The result :meth:`to_dict` gave, with ``predictions`` (predictions.jsonl's rows) where given."""
         kw = {f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d}
         if predictions is not None:
             kw["predictions"] = predictions

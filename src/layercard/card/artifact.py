@@ -106,6 +106,7 @@ class Card:
         return float(self.config["delta"])
 
     def group_of(self, unit: UnitRow) -> GroupRow:
+        """The input group (the statistics of the input) that ``unit`` reads."""
         return self._groups_by_key()[unit.group]
 
     def _groups_by_key(self) -> dict[str, GroupRow]:
@@ -124,6 +125,8 @@ class Card:
     def unit_score(
         self, unit: UnitRow, score: str, *, delta: float | None = None, horizon: int | None = None
     ) -> float:
+        """``unit``'s predicted-gain score ``score`` (one of :data:`SCORES`), with resnorm read at damping
+        ``delta`` and the saturating score at ``horizon`` steps where given (else the card's own)."""
         g = self.group_of(unit)
         if score == "capacity":
             return 0.5 * self.n_target_tokens * self.resnorm_sq(unit, delta)
@@ -145,6 +148,7 @@ class Card:
         raise LayercardError(f"unknown score {score!r}; valid: {', '.join(SCORES)}")
 
     def selected_units(self, roles: Sequence[str] | None = None) -> list[UnitRow]:
+        """The card's units of ``roles`` (all of them for None), in the card's order."""
         if roles is None:
             return list(self.units)
         want = set(roles)
@@ -191,6 +195,7 @@ class Card:
 
     # ---- serialisation -----------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
+        """The card as card.json holds it: kind, schema version and every field."""
         d = dataclasses.asdict(self)
         return {"kind": KIND, "schema_version": SCHEMA_VERSION, "scores": SCORES, **d}
 
@@ -209,6 +214,8 @@ class Card:
         return cls(**kw)
 
     def save(self, path: str | Path) -> Path:
+        """Write card.json to ``path`` (atomically; :func:`layercard.card.write_card_folder` adds the
+        figures and card.md); returns the path."""
         return write_json(path, self.to_dict())
 
     @classmethod

@@ -208,6 +208,8 @@ def load_task(
     ``{input}``, or ``@FILE``), ``system`` (text or ``@FILE``) and ``chat_template`` (``None``: the
     format's) set the prompt (``layercard.tasks.prompt``).
     """
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
+        raise LayercardError(f"limit: must be a non-negative integer or None, got {limit!r}")
     fmt = get_preset(preset) if preset is not None else None
     spec = str(spec)
 
