@@ -442,6 +442,7 @@ class Runner:
             )
 
         def summarize() -> list[tuple[str, str]]:
+            from layercard.cost import memory_kind_text
             from layercard.report import (
                 measured_step_text,
                 memory_figure_note,
@@ -462,7 +463,7 @@ class Runner:
                 ("train loss first → last", f"{_fmt(m.first_train_loss)} → {_fmt(m.final_train_loss)}"),
                 ("final val loss", _fmt(m.final_val_loss)),
                 (
-                    f"peak memory ({m.peak_memory_kind}) measured / predicted",
+                    f"peak memory ({memory_kind_text(m.peak_memory_kind)}) measured / predicted",
                     f"{m.peak_memory_mib:,.0f} / {_fmt(predicted_peak_mib(m), ',.0f')} MiB"
                     + memory_figure_note(m.predicted_memory_figure),
                 ),
