@@ -576,6 +576,9 @@ def test_cli_train(tmp_path: Path, monkeypatch):
     said = " ".join(res.output.split())  # as read, whatever the terminal's width
     assert res.exit_code == 0 and "(2 processes)" in said and "the busiest process's" in said, said
     assert "exchange of gradients" in said
+    res = runner.invoke(app, [*dry, "--dry-run", "--max-length", "8"])  # every example cut: said
+    assert res.exit_code == 0, res.output
+    assert "of 4 training examples are longer than max_length 8 tokens" in " ".join(res.output.split())
     res = runner.invoke(app, [*dry, "--steps", "null", "--epochs", "1", "--dry-run", "--json"])  # as in YAML
     assert res.exit_code == 0, res.output
     assert json.loads(res.stdout)["epochs"] == pytest.approx(1.0)

@@ -169,6 +169,7 @@ def _print_estimate(e: dict[str, Any], plan: Path) -> None:
     """The dry run's table, its budget warnings and how to plan at these positions."""
     from layercard.cost import memory_kind_text
     from layercard.report import seconds_text
+    from layercard.tasks import cut_text
 
     n = e["processes"]
     where, busiest = ("one process", "") if n == 1 else (f"{n} processes", ", the busiest process's")
@@ -208,12 +209,9 @@ def _print_estimate(e: dict[str, Any], plan: Path) -> None:
             f"The step time leaves out {leaves_out}; figures are the cost model's, calibrated by the card.",
             markup=False,
         )
-    if e["train_examples_cut"]:
-        console.print(
-            f"note: {e['train_examples_cut']} of {e['train_examples']} training examples are longer than "
-            f"--max-length {e['max_length']} and will be cut to it (the prompt first)",
-            markup=False,
-        )
+    cut = cut_text(e["train_examples_cut"], e["train_examples"], e["max_length"], "training")
+    if cut:
+        console.print(cut, markup=False)
     for line in e["budget_notes"]:
         console.print(f"warning: {line}", markup=False)
     console.print(

@@ -353,11 +353,15 @@ def encode_task(tokenizer: Any, task: Task, *, max_length: int | None = None) ->
 
 def cut_note(encoded: Sequence[Encoded], max_length: int | None, what: str) -> str | None:
     """A line saying how many of ``what``'s encoded examples ``max_length`` cut, or None where none."""
-    n = sum(e.cut for e in encoded)
+    return cut_text(sum(e.cut for e in encoded), len(encoded), max_length, what)
+
+
+def cut_text(n: int, total: int, max_length: int | None, what: str) -> str | None:
+    """The line of :func:`cut_note` from the counts: ``n`` of ``total`` examples cut to ``max_length``."""
     if not n or max_length is None:
         return None
     return (
-        f"note: {n} of {len(encoded)} {what} examples are longer than max_length {max_length} tokens and "
+        f"note: {n} of {total} {what} examples are longer than max_length {max_length} tokens and "
         "were cut to it (the prompt first; raise --max-length to keep them whole)"
     )
 
