@@ -379,3 +379,18 @@ def test_a_cards_timings_read_in_words():
     text = timings_text({"stats_s": 9.1, "probe_s": 18.6, "calibrate_s": 28.2, "total_s": 47.0})
     assert text == "47.0 s in all: probe pass 18.6 s (its statistics 9.1 s), cost calibration 28.2 s"
     assert timings_text({"new_part_s": 1.0}) == "time: new part 1.0 s"
+
+
+def test_cli_card_says_when_its_prompts_give_no_instruction(tiny_folder, tmp_path):
+    """A file no preset names, of bare inputs: the card is measured, and the command says how it read them."""
+    rows = [{"input": f"sentence {i}", "target": "positive" if i % 2 else "negative"} for i in range(8)]
+    data = tmp_path / "mine" / "good.jsonl"
+    data.parent.mkdir()
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    r = CliRunner().invoke(app, _card_args(tiny_folder, str(data), tmp_path / "card"))
+    assert r.exit_code == 0, r.output
+    assert "each prompt is the record's input as it is, with no instruction" in " ".join(r.output.split())
+    r = CliRunner().invoke(
+        app, [*_card_args(tiny_folder, str(data), tmp_path / "c2"), "--prompt", "Say:\\n{input}"]
+    )
+    assert r.exit_code == 0 and "no instruction" not in r.output

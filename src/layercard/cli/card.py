@@ -21,6 +21,7 @@ from layercard.cli.app import (
     emit_json,
     guard,
     note_examples,
+    note_task,
     progress_flag,
 )
 from layercard.cli.options import config_options
@@ -115,9 +116,13 @@ def card_cmd(
                     trust_remote_code=trust_remote_code, progress=progress_flag(json_out), task_kw=task_kw,
                 )  # fmt: skip
             else:
+                from layercard.tasks import load_task
+
+                t = load_task(task, split=split, seed=cfg.seed, **(task_kw or {}))  # as measure_card reads it
+                note_task(t)
                 card = measure_card(
-                    model, task, cfg, split=split, dtype=dtype, device=device,
-                    trust_remote_code=trust_remote_code, progress=progress_flag(json_out), **(task_kw or {}),
+                    model, t, cfg, dtype=dtype, device=device, trust_remote_code=trust_remote_code,
+                    progress=progress_flag(json_out),
                 )  # fmt: skip
             written = write_card_folder(card, out)
     note_examples("--examples", cfg.examples, int(card.task["n_examples"]))
