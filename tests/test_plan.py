@@ -1090,3 +1090,11 @@ def test_a_memory_budget_priced_at_a_runs_largest_micro_batch_takes_less(tiny_ca
     assert positions_text({"step_positions": 252.7, "peak_positions": 264.0}) == (
         "253 padded positions per step and 264 in the largest micro-batch"
     )
+
+
+def test_a_budget_every_placement_fits_says_it_does_not_constrain(tiny_card):
+    loose = make_plan(tiny_card, PlanConfig("recommend", budget="params=1e9"))
+    (line,) = [w for w in loose.warnings if w.startswith("budget params=")]
+    assert "every placement the search considers fits under it" in line and "x the reference)" in line
+    tight = make_plan(tiny_card, PlanConfig("recommend", budget="params=0.5x"))
+    assert not any("every placement the search considers" in w for w in tight.warnings)

@@ -251,6 +251,24 @@ def _chosen(
     return chosen
 
 
+def _loose_budgets(search: F.Search, budgets: list[Budget]) -> list[str]:
+    """A line for each budget every candidate of the search fits under: it does not shape the choice."""
+    out = []
+    for b in budgets:
+        ref = search.reference.get(b.kind)
+        if not ref:
+            continue
+        costliest = max(c.costs[b.kind] for c in search.candidates)
+        if b.cap(search.reference) >= costliest:
+            value = f"{costliest:,.0f}" if costliest >= 1000 else f"{costliest:.4g}"
+            out.append(
+                f"budget {b}: every placement the search considers fits under it (the costliest, {value}, "
+                f"is {costliest / ref:.3g}x the reference), so it leaves the choice to predicted quality "
+                "alone"
+            )
+    return out
+
+
 def search_plan(
     card: Card, cfg: PlanConfig, *, card_path: str | None = None, model: Q.QualityModel | None = None
 ) -> Plan:
@@ -293,6 +311,7 @@ def search_plan(
     warnings += [varied] if varied else []
     warnings += _depth_notes(card, cfg, search, chosen, budgets, model, over_depth, kind)
     warnings += dropout_warnings(card, cfg.dropout)
+    warnings += _loose_budgets(search, budgets)
     config = {
         "policy": cfg.policy,
         "budget": str(cfg.budget) if cfg.budget is not None else None,
