@@ -326,3 +326,20 @@ def test_a_rebuilt_report_reads_as_the_first(run_dir, tmp_path):
     first = text()
     assert "| report |" not in first
     assert text() == first
+
+
+def test_the_tables_give_each_quantity_one_number_format(run_dir):
+    """Losses with four decimals and task metrics with three, in every table that shows them."""
+    lines = (run_dir / "report.md").read_text().splitlines()
+
+    def cells(header_start: str) -> dict[str, str]:
+        header = next(line for line in lines if line.startswith(header_start))
+        row = next(line for line in lines[lines.index(header) :] if line.startswith("| base |"))
+        cols = [c.strip() for c in header.strip("|").split("|")]
+        return dict(zip(cols, (c.strip() for c in row.strip("|").split("|")), strict=True))
+
+    headline, metrics = cells("| model | adapted layers"), cells("| model | exact_match")
+    for value in (headline["eval loss"], headline["loss drop"], metrics["loss"]):
+        assert re.fullmatch(r"\d+\.\d{4}", value), value
+    for value in (headline["exact_match"], metrics["exact_match"], metrics["token_f1"]):
+        assert re.fullmatch(r"\d+\.\d{3}", value), value

@@ -41,6 +41,10 @@ __all__ = [
 ]
 
 
+# one number format per quantity across the report's tables: losses (and their drops) and task metrics
+LOSS, METRIC = ".4f", ".3f"
+
+
 def fmt(x: Any, spec: str = ".4g") -> str:
     """``x`` formatted by ``spec``; "—" for a missing value, "nan" for any non-finite float."""
     if x is None:
@@ -122,9 +126,9 @@ def headline_table(results: dict[str, Any]) -> Table:
             fmt(r.get("trainable_params"), ","),
             fmt(r.get("s_per_step"), ".3f"),
             fmt(r.get("peak_memory_mib"), ",.0f"),
-            fmt(r.get("eval_loss")),
-            fmt(r.get("measured_gain")),
-            fmt(r.get("primary_value")),
+            fmt(r.get("eval_loss"), LOSS),
+            fmt(r.get("measured_gain"), LOSS),
+            fmt(r.get("primary_value"), METRIC),
             fmt(r.get("s_per_example"), ".3f"),
         ]
         for r in results["rows"]
@@ -200,8 +204,8 @@ def recommendation_table(
                 f"{fmt(m.peak_memory_mib if m else None, ',.0f')} / {fmt(peak_pred, ',.0f')}",
                 f"{with_error(r.get('measured_fraction'), r.get('measured_fraction_se'))} / "
                 f"{with_error(quality, err)}",
-                fmt(r.get("eval_loss")),
-                fmt(r.get("primary_value"), ".3f"),
+                fmt(r.get("eval_loss"), LOSS),
+                fmt(r.get("primary_value"), METRIC),
             ]
         )
     return Table(header, rows)
@@ -267,7 +271,7 @@ def eval_table(results: dict[str, Any]) -> Table:
     names = list(dict.fromkeys(m for r in results["rows"] for m in r.get("metrics", {})))
     header = ["model", *names, "loss"]
     rows = [
-        [r["name"], *[fmt(r["metrics"].get(m)) for m in names], fmt(r.get("eval_loss"))]
+        [r["name"], *[fmt(r["metrics"].get(m), METRIC) for m in names], fmt(r.get("eval_loss"), LOSS)]
         for r in results["rows"]
     ]
     return Table(header, rows)
