@@ -195,10 +195,15 @@ def _trl(plan: Plan, lora: dict[str, Any], source: str) -> Export:
     return Export("trl", "train_trl.py", text)
 
 
+def _whole(alpha: float) -> int:
+    """An alpha as a YAML tool declares it: the nearest whole number, at least 1."""
+    return max(1, round(alpha))
+
+
 def _whole_alpha(lora: dict[str, Any], target: str, key: str) -> tuple[int, list[str]]:
     """The plan's alpha as the whole number ``target`` declares it, and a note where it was rounded."""
     alpha = lora["lora_alpha"]
-    whole = max(1, round(alpha))
+    whole = _whole(alpha)
     if whole == alpha:
         return int(whole), []
     return whole, [
@@ -232,7 +237,7 @@ def _axolotl(plan: Plan, lora: dict[str, Any], source: str) -> Export:
     header = _header(plan, source, "axolotl")
     if lora.get("rank_pattern"):  # handed to PEFT's rank_pattern / alpha_pattern as they are
         body["lora_rank_pattern"] = dict(lora["rank_pattern"])
-        alphas = {k: max(1, round(v)) for k, v in (lora.get("alpha_pattern") or {}).items()}
+        alphas = {k: _whole(v) for k, v in (lora.get("alpha_pattern") or {}).items()}
         if any(alphas[k] != v for k, v in (lora.get("alpha_pattern") or {}).items()):
             notes.append("lora_alpha_pattern holds whole numbers in axolotl: the plan's were rounded")
         if alphas:

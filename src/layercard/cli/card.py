@@ -164,7 +164,7 @@ def _print_card_summary(card) -> None:
             f"{r['rate']:.4g}",
             style=style,
         )
-    Console(stderr=True, emoji=False).print(tbl)
+    console.print(tbl)
     console.print(
         f"probe: {card.task['n_examples']} examples, {card.n_positions} positions, loss {card.loss:.4f}; "
         + timings_text(card.timings)

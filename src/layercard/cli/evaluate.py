@@ -6,7 +6,6 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from layercard.cli.app import (
@@ -92,4 +91,4 @@ def _print_result(result) -> None:
     tbl.add_row("n", str(result.n))
     tbl.add_row("s/example", f"{result.timing['s_per_example']:.3f}")
     tbl.add_row("tokens/s", f"{result.timing['tokens_per_s']:.1f}")
-    Console(stderr=True, emoji=False).print(tbl)
+    console.print(tbl)

@@ -6,7 +6,6 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from layercard.artifacts import check_out_folder, writer_lock
@@ -111,7 +110,7 @@ def trace_cmd(
             str(i), f"{p_on:.4f}", f"{p_off:.4f}", "•" if i in tr.adapted_layers else "",
             style="bold" if i in marks else None,
         )  # fmt: skip
-    Console(stderr=True, emoji=False).print(tbl)
+    console.print(tbl)
     cands = ", ".join(f"{k.replace('_', ' ')} at layer {v}" for k, v in tr.candidates.items())
     console.print(f"boundary candidates: {cands}")
     console.print(f"wrote {path} and {png}", markup=False)
@@ -192,7 +191,7 @@ def _print_trim(res: dict[str, Any]) -> None:
             f"{r['s_per_example']:.3f}" if "s_per_example" in r else "-",
             style="bold" if r["k"] == res["chosen_k"] else None,
         )
-    Console(stderr=True, emoji=False).print(tbl)
+    console.print(tbl)
     b, a = res["before"], res["after"]
     console.print(
         f"chosen K = {res['chosen_k']}: adapted layers {b['n_adapted_layers']} → {a['n_adapted_layers']}, "
