@@ -170,6 +170,47 @@ def test_run_writes_every_artifact(tiny_run):
     assert plan["config"]["batch_size"] == 4
 
 
+def _snippet_model(readme: str):
+    """Run the README's Python block; the model it loads."""
+    code = re.search(r"```python\n(.*?)```", readme, re.S)
+    assert code is not None, readme
+    scope: dict[str, Any] = {}
+    exec(code.group(1), scope)
+    return scope["model"]
+
+
+def test_adapter_folders_say_what_they_hold_and_load_as_they_say(tiny_run):
+    import torch
+    from peft import PeftModel
+
+    _, run_dir, _ = tiny_run
+    metrics = json.loads((run_dir / "train/all/train_metrics.json").read_text())
+    trim = json.loads((run_dir / "trim/trim.json").read_text())
+    readme = (run_dir / "train/all/adapter/README.md").read_text()
+    assert readme.startswith("---\nlibrary_name: peft\n") and "- layercard\n" in readme
+    assert "More Information Needed" not in readme  # not PEFT's placeholder card
+    assert f"| steps | {metrics['steps']} of batch {metrics['batch_size']}," in readme
+    assert f"sha256 `{metrics['model']['hash']}`" in readme
+    assert f"{metrics['final_val_loss']:.4f}" in readme
+    trimmed = (run_dir / "trim/adapter-trimmed/README.md").read_text()
+    assert f"above decoder layer {trim['chosen_k']}" in trimmed and "- trimmed\n" in trimmed
+    assert (
+        f"| adapted modules | {trim['before']['adapted_modules']} | {trim['after']['adapted_modules']} |"
+        in (trimmed)
+    )
+    assert "## The adapter it was trimmed from" in trimmed and "### Training, as measured" in trimmed
+    model_dir = make_model_dir(run_dir.parent)
+    ids = torch.tensor([[1, 5, 9, 14, 3]])
+    for folder, text in (
+        (run_dir / "train/all/adapter", readme),
+        (run_dir / "trim/adapter-trimmed", trimmed),
+    ):
+        got = _snippet_model(text)
+        want = PeftModel.from_pretrained(tiny_model("llama").__class__.from_pretrained(model_dir), folder)
+        with torch.no_grad():
+            torch.testing.assert_close(got(ids).logits, want(ids).logits, rtol=0, atol=0)
+
+
 def test_second_run_skips_every_stage(tiny_run, tmp_path, monkeypatch):
     import layercard.cost
 

@@ -18,6 +18,7 @@ from layercard.models import LoadedModel
 from layercard.plan import Plan
 from layercard.tasks import Encoded, load_task
 from layercard.train import TrainConfig, TrainMetrics, train
+from layercard.train.readme import front_matter, is_layercard_readme, layer_spans
 
 TRAIN = load_task("synthetic:facts", split="train").subset(16)
 VAL = load_task("synthetic:facts", split="test").subset(8)
@@ -597,3 +598,20 @@ def test_cli_train(tmp_path: Path, monkeypatch):
         and "give exactly one of steps and epochs" in res.output
         and len(res.output.strip().splitlines()) == 1
     )
+
+
+def test_the_adapter_readme_names_the_placement_and_the_run(lora_run):
+    text = (lora_run["out"] / "adapter" / "README.md").read_text()
+    assert is_layercard_readme(text) and "More Information Needed" not in text
+    assert "4 LoRA modules: q, v of layers 1, 3 (2 layers), rank 4, lora_alpha 8" in text
+    m = lora_run["metrics"]
+    assert f"| trainable parameters | {m['trainable_params']:,} of {m['total_params']:,} |" in text
+    assert f"{m['final_val_loss']:.4f} on facts" in text and "base_model:" not in text
+
+
+def test_readme_helpers():
+    assert layer_spans([8, 7, 0, 1, 2, 5]) == "0–2, 5, 7–8" and layer_spans([]) == ""
+    assert "base_model: org/name" in front_matter("org/name", "/hub/models--org--name/snapshots/abc")
+    assert "base_model" not in front_matter("smollm2", "/cache/gguf/x")
+    assert "base_model" not in front_matter("org/name", "/home/me/org/name")  # a folder of that name
+    assert not is_layercard_readme("---\nlibrary_name: peft\ntags:\n- lora\n---\n# Model Card for Model ID")

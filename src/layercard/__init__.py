@@ -5,7 +5,8 @@ The public API (``from layercard import measure_card, make_plan, train_adapter, 
 
 - models and tasks: ``load_model``, ``load_task`` (``LoadedModel``, ``Task``);
 - the stages: ``measure_card`` → ``Card``; ``make_plan`` → ``Plan`` (``check_plan``);
-  ``estimate_training`` and ``train_adapter``; ``trim_adapter``; ``evaluate_model`` → ``EvalResult``;
+  ``estimate_training`` and ``train_adapter`` (``load_adapter`` attaches its result); ``trim_adapter``;
+  ``evaluate_model`` → ``EvalResult``;
 - the whole run: ``load_config``, ``run_pipeline``;
 - each stage's settings: ``CardConfig``, ``PlanConfig``, ``TrainConfig``, ``TrimConfig``, ``TraceConfig``,
   ``EvalConfig``; every failure the user can mend raises ``LayercardError`` with one line.
@@ -21,9 +22,9 @@ from layercard.errors import LayercardError
 __version__ = "0.1.0"
 
 _API = (
-    "Card", "EvalResult", "LoadedModel", "Plan", "Task", "check_plan", "evaluate_model", "load_config",
-    "load_model", "load_task", "make_plan", "measure_card", "run_pipeline", "estimate_training",
-    "train_adapter", "trim_adapter",
+    "Card", "EvalResult", "LoadedModel", "Plan", "Task", "check_plan", "evaluate_model", "load_adapter",
+    "load_config", "load_model", "load_task", "make_plan", "measure_card", "run_pipeline",
+    "estimate_training", "train_adapter", "trim_adapter",
 )  # fmt: skip
 __all__ = [
     "CardConfig",

@@ -6,6 +6,7 @@
 >>> plan = make_plan(card, PlanConfig(budget="params=0.25x"))  # the recommendation  # doctest: +SKIP
 >>> lora_config = plan.peft_config()  # a peft.LoraConfig for any training loop  # doctest: +SKIP
 
+``load_adapter`` attaches a trained adapter folder (PEFT's or layercard's) to a loaded base.
 ``train_adapter``, ``trim_adapter`` and ``evaluate_model`` are the stage functions ``layercard.train.train``,
 ``layercard.trim.trim`` and ``layercard.evaluate.evaluate`` under names that do not shadow their modules.
 The command line is a thin layer over these functions; so are the run pipeline and the benchmarks.
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from layercard.adapters import load_adapter
 from layercard.card import Card, compute_card
 from layercard.config import CardConfig
 from layercard.errors import LayercardError
@@ -36,6 +38,7 @@ __all__ = [
     "Task",
     "check_plan",
     "evaluate_model",
+    "load_adapter",
     "load_config",
     "load_model",
     "load_task",

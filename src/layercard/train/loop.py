@@ -29,7 +29,7 @@ from layercard.cost import (
     touch_weights,
 )
 from layercard.errors import LayercardError
-from layercard.models import LoadedModel
+from layercard.models import BUILTIN_MODELS, LoadedModel
 from layercard.plan import Plan, check_model_matches
 from layercard.progress import say, track
 from layercard.tasks import Encoded, Task, cut_note, encode_task
@@ -57,6 +57,7 @@ from layercard.train.metrics import (
     step_time_spread,
 )
 from layercard.train.model import ADAPTER_DIR, Adapted, check_4bit, load_4bit, write_adapter
+from layercard.train.readme import adapter_readme
 
 StepCallback = Callable[[int, float, nn.Module], None]
 _DEFAULT_BOTTLENECK = 16
@@ -645,7 +646,9 @@ def _finish(
         run, state, adapted.base, inner, trainable, peak, peak_kind, memory_start, eva_ranks, forward
     )
     if acc.is_main_process:
-        write_adapter(run.out_dir / ADAPTER_DIR, run.kind, inner, adapted.aset, run.loaded.model_hash)
+        builtin = BUILTIN_MODELS.get(run.loaded.model_id, {})
+        readme = adapter_readme(metrics, run.plan, run.loaded.source, builtin.get("description"))
+        write_adapter(run.out_dir / ADAPTER_DIR, run.kind, inner, adapted.aset, run.loaded.model_hash, readme)
         metrics.save(run.out_dir / METRICS_FILE)
     acc.wait_for_everyone()
     return metrics

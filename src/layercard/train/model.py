@@ -111,8 +111,11 @@ class Adapted:
         accelerator.free_memory()
 
 
-def write_adapter(path: Path, kind: str, model: nn.Module, aset: Any, model_hash: str) -> None:
-    """The adapter folder, atomically: vanilla PEFT for LoRA, layercard's format for bottlenecks."""
+def write_adapter(path: Path, kind: str, model: nn.Module, aset: Any, model_hash: str, readme: str) -> None:
+    """The adapter folder, atomically: vanilla PEFT for LoRA, layercard's format for bottlenecks, and
+    ``readme`` as its README.md (in place of PEFT's placeholder model card)."""
+    from layercard.train.readme import README_FILE
+
     with atomic_path(path) as tmp:
         if kind == "lora":
             model.save_pretrained(str(tmp), safe_serialization=True)
@@ -120,3 +123,4 @@ def write_adapter(path: Path, kind: str, model: nn.Module, aset: Any, model_hash
             from layercard.adapters import save_adapters
 
             save_adapters(aset, tmp, base_model_hash=model_hash)
+        (tmp / README_FILE).write_text(readme)

@@ -24,6 +24,7 @@ from layercard.artifacts import SCHEMA_VERSION, Provenance, atomic_path, hash_fo
 from layercard.config import TraceConfig, TrimConfig
 from layercard.errors import LayercardError
 from layercard.tasks import METRICS, Task, batches, encode_task, higher_is_better
+from layercard.train.readme import README_FILE, trimmed_readme
 from layercard.trim.export import _adapter_kind, _write_trimmed, export_merged
 from layercard.trim.figures import plot_sweep
 from layercard.trim.lens import TRACE_FILE, Trace, trace
@@ -345,8 +346,26 @@ def _export_checked(job: _Job, found: _Found) -> _Exported:
             after_row = job.score(trimmed_model, chosen)
             lat = _latency(after_row, job.cfg.latency_repeats, job.gen_timer(trimmed_model))
             after = _summary(trimmed_model, chosen, after_row, lat)
+        (tmp / README_FILE).write_text(_readme(job, found, after, trimmed_dir))
     export.update({"path": str(trimmed_dir), "max_abs_logit_diff_vs_masked": diff})
     return _Exported(export=export, logits=got, after_row=after_row, after=after)
+
+
+def _readme(job: _Job, found: _Found, after: dict[str, Any], trimmed_dir: Path) -> str:
+    parent = job.adapter / README_FILE
+    return trimmed_readme(
+        model_id=job.loaded.model_id,
+        base_source=job.loaded.source,
+        parent=str(job.adapter),
+        parent_readme=parent.read_text(errors="replace") if parent.is_file() else None,
+        keep_upto=found.chosen,
+        kept_layers=after["adapted_layers"],
+        metric=job.metric,
+        before=found.before,
+        after=after,
+        examples=f"{len(job.sub)} examples of {job.sub.name}",
+        adapter_dir=str(trimmed_dir),
+    )
 
 
 def _merge_checked(job: _Job, exported: _Exported, out_dir: str | Path, in_place: bool) -> dict[str, Any]:

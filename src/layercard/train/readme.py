@@ -1,0 +1,261 @@
+"""The adapter folder's README.md: what was trained, on what, and what the run measured.
+
+PEFT's ``save_pretrained`` leaves a model card of empty placeholders; a trained adapter's folder instead
+says what it holds and how to load it, from the run's own :class:`TrainMetrics` and plan. Pure text
+functions: the caller writes the file.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from collections.abc import Sequence
+from typing import Any
+
+from layercard.cost import memory_kind_text
+from layercard.plan.artifact import Plan
+from layercard.train.metrics import TrainMetrics
+
+README_FILE = "README.md"
+MARKER = "layercard"  # a tag in the front matter: the README is layercard's, not a placeholder
+
+_HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
+
+
+def layer_spans(layers: Sequence[int]) -> str:
+    """Layers as runs: ``0–3, 7, 9–29``."""
+    out: list[str] = []
+    ordered = sorted(set(layers))
+    start = prev = ordered[0] if ordered else None
+    for layer in [*ordered[1:], None]:
+        if layer is not None and prev is not None and layer == prev + 1:
+            prev = layer
+            continue
+        if start is not None:
+            out.append(f"{start}–{prev}" if prev != start else f"{start}")
+        start = prev = layer
+    return ", ".join(out)
+
+
+def front_matter(model_id: str, source: str, extra_tags: Sequence[str] = ()) -> str:
+    """YAML front matter; ``base_model`` only where the model was named by a hub id and read from its
+    snapshot (a local folder or a built-in name means nothing to a hub)."""
+    lines = ["---", "library_name: peft", "tags:", "- lora", f"- {MARKER}", *(f"- {t}" for t in extra_tags)]
+    if _HUB_ID.fullmatch(model_id) and model_id.replace("/", "--") in source:
+        lines.append(f"base_model: {model_id}")
+    return "\n".join([*lines, "---", ""])
+
+
+def _placement(plan: Plan) -> str:
+    """The placement in words: roles, layers, ranks."""
+    if plan.kind != "lora":
+        return f"{plan.kind} bottleneck adapters on layers {layer_spans(plan.layers)}"
+    roles = list(dict.fromkeys(u.role for u in plan.units))
+    layers = sorted({u.layer for u in plan.units})
+    ranks = Counter(u.rank for u in plan.units)
+    lora = plan.lora_config or {}
+    alpha = lora.get("lora_alpha")
+    if len(ranks) == 1:
+        rank_text = f"rank {next(iter(ranks))}"
+    else:
+        rank_text = "ranks " + ", ".join(f"{r} ({n} modules)" for r, n in sorted(ranks.items()))
+    alpha_text = ""
+    if alpha is not None:
+        alpha_text = f", lora_alpha {alpha}" + (
+            " with a per-module alpha_pattern" if lora.get("alpha_pattern") else ""
+        )
+    return (
+        f"{len(plan.units)} LoRA modules: {', '.join(roles)} of layers {layer_spans(layers)} "
+        f"({len(layers)} layers), {rank_text}{alpha_text}"
+    )
+
+
+def _num(x: float | None, fmt: str) -> str:
+    return "not measured" if x is None else format(x, fmt)
+
+
+def _predicted(measured: float | None, predicted: float | None, fmt: str, unit: str, what: str) -> str:
+    text = f"{_num(measured, fmt)}{unit}" + (f", {what}" if measured is not None else "")
+    if measured is not None and predicted is not None:
+        text += f" (the plan predicted {format(predicted, fmt)}{unit})"
+    return text
+
+
+def _task_text(task: dict[str, Any] | None) -> str:
+    if not task:
+        return "none"
+    split = task.get("split") or "all"
+    return f"{task['name']} ({task['source']}, {split} split, {task['n_examples']} examples)"
+
+
+def load_snippet(model_id: str, adapter_dir: str) -> str:
+    """Python that loads the base and attaches this adapter."""
+    return "\n".join(
+        [
+            "```python",
+            "import layercard",
+            "",
+            f"base = layercard.load_model({model_id!r})",
+            f"model = layercard.load_adapter(base.model, {adapter_dir!r})",
+            "```",
+        ]
+    )
+
+
+def adapter_readme(
+    metrics: TrainMetrics, plan: Plan, base_source: str, description: str | None = None
+) -> str:
+    """README.md for a trained adapter folder, from the run's metrics and its plan.
+
+    ``base_source``: the folder the base weights were read from; ``description``: a built-in model's
+    description, if any.
+    """
+    m = metrics
+    model_id, model_hash = str(m.model["id"]), str(m.model["hash"])
+    cfg = m.config
+    batch = f"{m.batch_size}" + (
+        f" ({cfg['batch_size']} × {cfg['grad_accum']} accumulated)" if cfg.get("grad_accum", 1) > 1 else ""
+    )
+    schedule = f"lr {cfg['lr']:g} ({cfg['scheduler']}"
+    schedule += f", {cfg['warmup_steps']} warm-up steps)" if cfg.get("warmup_steps") else ")"
+    rows = [
+        ("task", _task_text(m.task)),
+        ("steps", f"{m.steps} of batch {batch}, {m.epochs:.2f} epochs, {schedule}, seed {cfg['seed']}"),
+        ("trainable parameters", f"{m.trainable_params:,} of {m.total_params:,}"),
+        (
+            "train loss",
+            f"{_num(m.first_train_loss, '.4f')} at the first step, "
+            f"{_num(m.final_train_loss, '.4f')} at the last",
+        ),
+        (
+            "held-out loss",
+            f"{_num(m.final_val_loss, '.4f')} on {_task_text(m.val_task)}" if m.val_task else "not measured",
+        ),
+        (
+            "step time",
+            _predicted(m.s_per_step, m.predicted_step_time_scaled_s, ".3f", " s", f"median on {m.device}"),
+        ),
+        (
+            "peak memory",
+            _predicted(
+                m.peak_memory_mib,
+                m.predicted_peak_memory_scaled_mib,
+                ",.0f",
+                " MiB",
+                memory_kind_text(m.peak_memory_kind),
+            ),
+        ),
+    ]
+    if m.world_size > 1:
+        rows.append(("processes", f"{m.world_size} data-parallel"))
+    if plan.predicted.get("quality") is not None:
+        rows.append(
+            (
+                "predicted quality",
+                f"{plan.predicted['quality']:.2f} of the reference placement's loss drop (a prediction; "
+                "`layercard eval` measures it)",
+            )
+        )
+    base = f"`{model_id}`" + (f": {description}" if description else "")
+    lines = [
+        front_matter(model_id, base_source),
+        f"# LoRA adapter for {model_id}: {m.task['name']}"
+        if plan.kind == "lora"
+        else f"# Adapter for {model_id}: {m.task['name']}",
+        "",
+        f"Trained by layercard from the plan `{plan.config.get('policy')}`"
+        + (f" under the budget `{plan.config['budget']}`" if plan.config.get("budget") else "")
+        + f". The placement: {_placement(plan)}.",
+        "",
+        "## Base model",
+        "",
+        f"{base}; weights sha256 `{model_hash}`, read from `{base_source}`. The adapter fits these weights:"
+        " load the base the same way.",
+        "",
+        "## Training, as measured",
+        "",
+        "| | |",
+        "|---|---|",
+        *(f"| {k} | {v} |" for k, v in rows),
+        "",
+        "The run's full record is `train_metrics.json` beside this folder.",
+        "",
+        "## Use",
+        "",
+        load_snippet(model_id, m.adapter_dir),
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _layers_word(layers: Sequence[int]) -> str:
+    if not layers:
+        return "no layer"
+    return ("layer " if len(layers) == 1 else "layers ") + layer_spans(layers)
+
+
+def is_layercard_readme(text: str) -> bool:
+    """Whether a README's front matter carries layercard's tag (PEFT's placeholder card does not)."""
+    if not text.startswith("---\n"):
+        return False
+    return f"\n- {MARKER}\n" in text.split("\n---\n", 1)[0] + "\n"
+
+
+def _body(readme: str) -> str:
+    """A README's text without its front matter, its headings one level down."""
+    text = readme
+    if text.startswith("---\n"):
+        end = text.find("\n---\n", 4)
+        text = text[end + 5 :] if end >= 0 else text
+    text = text.split("\n## Use\n", 1)[0]  # the parent's own loading lines would load the parent
+    return "\n".join("#" + line if line.startswith("#") else line for line in text.strip().splitlines())
+
+
+def trimmed_readme(
+    *,
+    model_id: str,
+    base_source: str,
+    parent: str,
+    parent_readme: str | None,
+    keep_upto: int,
+    kept_layers: Sequence[int],
+    metric: str,
+    before: dict[str, Any],
+    after: dict[str, Any],
+    examples: str,
+    adapter_dir: str,
+) -> str:
+    """README.md for a trimmed adapter: what was dropped, what the trim measured, how to load it, and the
+    parent's own README (when layercard wrote it) below."""
+
+    def value(row: dict[str, Any]) -> str:
+        v = row["loss"] if metric == "loss" else row["metrics"].get(metric)
+        return "not measured" if v is None else f"{v:.4f}" if metric == "loss" else f"{v:.3f}"
+
+    lines = [
+        front_matter(model_id, base_source, ["trimmed"]),
+        f"# Trimmed adapter for {model_id}",
+        "",
+        f"The adapter `{parent}` without its modules above decoder layer {keep_upto} (the boundary layer "
+        f"layercard trim chose). It keeps the modules of {_layers_word(kept_layers)}, {len(kept_layers)} of "
+        f"the {before['n_adapted_layers']} layers the adapter adapts; above them the base model runs "
+        "unadapted.",
+        "",
+        f"| measured on {examples} | the adapter | trimmed |",
+        "|---|---:|---:|",
+        f"| {metric} | {value(before)} | {value(after)} |",
+        f"| adapted layers | {before['n_adapted_layers']} | {after['n_adapted_layers']} |",
+        f"| adapted modules | {before['adapted_modules']} | {after['adapted_modules']} |",
+        f"| s/example, fastest of the repeats | {before['s_per_example']:.4f} "
+        f"| {after['s_per_example']:.4f} |",
+        "",
+        "The trim's full record is `trim.json` beside this folder.",
+        "",
+        "## Use",
+        "",
+        load_snippet(model_id, adapter_dir),
+        "",
+    ]
+    if parent_readme and is_layercard_readme(parent_readme):
+        lines += [f"## The adapter it was trimmed from ({parent})", "", _body(parent_readme), ""]
+    return "\n".join(lines)
