@@ -343,3 +343,21 @@ def test_the_tables_give_each_quantity_one_number_format(run_dir):
         assert re.fullmatch(r"\d+\.\d{4}", value), value
     for value in (headline["exact_match"], metrics["exact_match"], metrics["token_f1"]):
         assert re.fullmatch(r"\d+\.\d{3}", value), value
+
+
+def test_a_placement_has_one_colour_in_every_figure(run_dir, tmp_path, monkeypatch):
+    import layercard.report.figures as figures
+
+    calls: list[list[str]] = []
+    real = figures._palette
+
+    def spy(names):
+        calls.append(list(names))
+        return real(names)
+
+    monkeypatch.setattr(figures, "_palette", spy)
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    build_report(copy)
+    # the training curves, the gain chart and the quality-cost chart each colour by the same names
+    assert len(calls) == 3 and calls[0] == calls[1] == calls[2] and "card-2" in calls[0]

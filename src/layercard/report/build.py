@@ -320,7 +320,7 @@ def _training(doc: _Doc, run: _Run) -> None:
     doc.figure(
         "training.png",
         "Training loss per step (solid) and validation loss (dashed)",
-        lambda p: fig_training(run.metrics, p),
+        lambda p: fig_training(run.metrics, p, [r["name"] for r in run.rows]),
     )
 
 

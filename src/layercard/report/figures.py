@@ -45,6 +45,8 @@ def _save(fig: Any, path: Path) -> bytes:
 
 
 def _palette(names: Sequence[str]) -> dict[str, Any]:
+    """One colour per model, by its place among the run's rows: every figure passes the same names, so a
+    placement has one colour throughout the report."""
     cmap = _plt().get_cmap("tab10")
     return {n: cmap(i % 10) for i, n in enumerate(names)}
 
@@ -69,10 +71,10 @@ def fig_placements(rows: list[dict[str, Any]], n_layers: int, path: Path) -> byt
     return _save(fig, path)
 
 
-def fig_training(curves: dict[str, TrainMetrics], path: Path) -> bytes:
-    """Training and validation loss curves of every placement."""
+def fig_training(curves: dict[str, TrainMetrics], path: Path, names: Sequence[str] = ()) -> bytes:
+    """Training and validation loss curves of every placement; ``names``: the run's rows, for colours."""
     plt = _plt()
-    colors = _palette(list(curves))
+    colors = _palette([*names, *(n for n in curves if n not in names)])
     fig, ax = plt.subplots(figsize=(7.5, 4))
     for name, m in curves.items():
         lc = m.loss_curve or []
