@@ -102,5 +102,8 @@ def main() -> int:
 
 
 if __name__ == "__main__":
+    from usage import no_options
+
+    no_options(__doc__)
     sys.path.insert(0, str(ROOT / "src"))
     raise SystemExit(main())

@@ -193,4 +193,7 @@ def _markdown(out: dict[str, Any]) -> str:
 
 
 if __name__ == "__main__":
+    from usage import no_options
+
+    no_options(__doc__)
     main()

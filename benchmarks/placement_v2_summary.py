@@ -483,4 +483,7 @@ if __name__ == "__main__":
     import sys
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from usage import no_options
+
+    no_options(__doc__)
     summary()

@@ -448,4 +448,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    from usage import no_options
+
+    no_options(__doc__)
     main()

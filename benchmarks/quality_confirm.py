@@ -654,5 +654,8 @@ def _band_markdown(out: dict[str, Any]) -> list[str]:
 if __name__ == "__main__":
     import json
 
+    from usage import no_options
+
+    no_options(__doc__)
     res = score()
     print(json.dumps(res["unseen"], indent=1))

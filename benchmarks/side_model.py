@@ -154,4 +154,7 @@ def markdown(out: dict[str, Any]) -> str:
 
 
 if __name__ == "__main__":
+    from usage import no_options
+
+    no_options(__doc__)
     print(markdown(score()))

@@ -93,7 +93,8 @@ def sentence(rec: F.Candidate, defaults: dict[str, F.Candidate | None]) -> str:
     ]
     if same:
         return (
-            f"{rec.label}: this is the {same[0]} rule fitted to these budgets; predicted "
+            f"{rec.label}: this is the {' and the '.join(same)} rule{'s' if len(same) > 1 else ''} fitted to "
+            "these budgets; predicted "
             f"{100 * rec.quality:.0f}% of the reference's loss drop (expected error {err}), the most of any "
             "placement the search priced within them."
         )
