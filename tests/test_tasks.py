@@ -389,6 +389,28 @@ def test_encode_task_max_length(tok):
         encode_task(tok, task, max_length=1)
 
 
+def test_cuts_by_the_formats_own_limits_are_counted_and_said(tok):
+    task = Task("t", "mem", "train", FMT, (Example("1", "x" * 40, "y" * 30), Example("2", "q", "ok")))
+    full = encode_task(tok, task)  # the first target is cut to max_target_tokens=16
+    assert [e.clipped for e in full] == [True, False] and not any(e.cut for e in full)
+    note = cut_note(full, 2048, "training", FMT)
+    assert note is not None and note.startswith(
+        "note: 1 of 2 training examples exceed the task format's limits"
+    )
+    assert (
+        f"{FMT.max_input_tokens} prompt and 16 target tokens" in note
+        and "max_length" not in note.split("\n")[0]
+    )
+    short_prompt = dataclasses.replace(FMT, max_input_tokens=20)
+    clipped = encode_task(tok, dataclasses.replace(task, format=short_prompt))
+    assert clipped[0].prompt_len == 20 and [e.clipped for e in clipped] == [True, False]
+    roomy = dataclasses.replace(FMT, max_target_tokens=64)
+    assert not any(e.clipped for e in encode_task(tok, dataclasses.replace(task, format=roomy)))
+    assert (
+        cut_note(encode_task(tok, dataclasses.replace(task, format=roomy)), 2048, "training", roomy) is None
+    )
+
+
 def test_plug_in_entropy_is_zero_for_one_token_and_log_k_for_k_equal_ones():
     assert plug_in_entropy([7, 7, 7]) == pytest.approx(0.0)
     assert plug_in_entropy([1, 2, 3, 4] * 5) == pytest.approx(math.log(4))

@@ -225,7 +225,7 @@ def compute_card(loaded: Any, task: Any, cfg: CardConfig, *, progress: bool | No
     if len(probe_task.examples) == 0:
         raise LayercardError(f"task {task.name}: no examples to probe")
     encoded = encode_task(tok, probe_task, max_length=cfg.max_length)
-    cut = cut_note(encoded, cfg.max_length, "probe")
+    cut = cut_note(encoded, cfg.max_length, "probe", probe_task.format)
     if cut:
         say(cut.replace("--max-length", "the card's --max-length"), enabled=progress)
     n_tgt = count_target_tokens(encoded)

@@ -209,7 +209,14 @@ def _print_estimate(e: dict[str, Any], plan: Path) -> None:
             f"The step time leaves out {leaves_out}; figures are the cost model's, calibrated by the card.",
             markup=False,
         )
-    cut = cut_text(e["train_examples_cut"], e["train_examples"], e["max_length"], "training")
+    cut = cut_text(
+        e["train_examples_cut"],
+        e["train_examples"],
+        e["max_length"],
+        "training",
+        e["train_examples_clipped"],
+        tuple(e["format_limits"]),
+    )
     if cut:
         console.print(cut, markup=False)
     for line in e["budget_notes"]:

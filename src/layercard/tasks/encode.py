@@ -69,6 +69,7 @@ class Encoded:
     labels: tuple[int, ...]
     prompt_len: int
     cut: bool = False  # whether max_length cut it (its prompt first, then its target)
+    clipped: bool = False  # whether the task format's own limits (max_input/target_tokens) cut it
 
     def __post_init__(self) -> None:
         if len(self.input_ids) != len(self.labels):
@@ -224,22 +225,26 @@ def _ids(tokenizer: Any, text: str) -> list[int]:
 
 def _conversation_ids(
     tokenizer: Any, fmt: TaskFormat, ex: Example, end_id: int
-) -> tuple[list[int], list[int], list[int]]:
-    """(context ids, their labels, final reply ids + end id): earlier replies carry their labels."""
+) -> tuple[list[int], list[int], list[int], bool]:
+    """(context ids, their labels, final reply ids + end id, whether ``max_target_tokens`` cut a reply):
+    earlier replies carry their labels."""
     end_token = tokenizer.convert_ids_to_tokens(end_id)
     segments = chat_segments(tokenizer, fmt, ex, end_token)
     ids = [] if uses_chat_template(tokenizer, fmt) else _plain_bos(tokenizer)
     labels = [IGNORE_INDEX] * len(ids)
+    clipped = False
     for text, is_reply in segments[:-1]:
         part = _ids(tokenizer, text)
         if is_reply:
+            clipped |= len(part) + 1 > fmt.max_target_tokens
             part = (part + [end_id])[: fmt.max_target_tokens]
             labels += part
         else:
             labels += [IGNORE_INDEX] * len(part)
         ids += part
-    target = (_ids(tokenizer, segments[-1][0]) + [end_id])[: fmt.max_target_tokens]
-    return ids, labels, target
+    reply = _ids(tokenizer, segments[-1][0]) + [end_id]
+    clipped |= len(reply) > fmt.max_target_tokens
+    return ids, labels, reply[: fmt.max_target_tokens], clipped
 
 
 def encode_prompt(
@@ -260,16 +265,22 @@ def encode_prompt(
             context = _conversation_ids(tokenizer, fmt, text, end_token_id(tokenizer, fmt))[0]
             return context[-budget:]
         text = text.input
+    return _prompt_ids(tokenizer, fmt, text, budget)[0]
+
+
+def _prompt_ids(tokenizer: Any, fmt: TaskFormat, text: str, budget: int) -> tuple[list[int], int]:
+    """The rendered prompt's ids cut to ``budget``, and its length before the cut."""
     prompt = build_prompt(tokenizer, fmt, text)
     prefix = [] if uses_chat_template(tokenizer, fmt) else _plain_bos(tokenizer)
     ids, offsets = _tokenize_with_offsets(tokenizer, prompt)
     body = _truncate_prompt(ids, offsets, _input_span(prompt, fmt, text), budget - len(prefix))
-    return prefix + body
+    return prefix + body, len(prefix) + len(ids)
 
 
-def _target_ids(tokenizer: Any, fmt: TaskFormat, ex: Example, end_id: int) -> list[int]:
+def _target_ids(tokenizer: Any, fmt: TaskFormat, ex: Example, end_id: int) -> tuple[list[int], bool]:
+    """The target's ids and end id, cut to ``max_target_tokens``, and whether that cut them."""
     ids = list(tokenizer(ex.target, add_special_tokens=False)["input_ids"]) + [end_id]
-    return ids[: fmt.max_target_tokens]
+    return ids[: fmt.max_target_tokens], len(ids) > fmt.max_target_tokens
 
 
 def _prompt_budget(prompt_len: int, target_len: int, max_length: int) -> int:
@@ -283,8 +294,9 @@ def _encode_conversation(
     tokenizer: Any, fmt: TaskFormat, ex: Example, end_id: int, max_length: int | None
 ) -> Encoded:
     """Every assistant reply is a target; the context before the final one is cut from the left."""
-    ids, labels, target = _conversation_ids(tokenizer, fmt, ex, end_id)
+    ids, labels, target, clipped = _conversation_ids(tokenizer, fmt, ex, end_id)
     keep = fmt.max_input_tokens
+    clipped |= len(ids) > keep
     cut = max_length is not None and min(len(ids), keep) + len(target) > max_length
     if max_length is not None and cut:
         keep = min(keep, _prompt_budget(min(len(ids), keep), len(target), max_length))
@@ -297,6 +309,7 @@ def _encode_conversation(
         labels=tuple(labels),
         prompt_len=next(k for k, t in enumerate(labels) if t != IGNORE_INDEX),
         cut=cut,
+        clipped=clipped,
     )
 
 
@@ -304,12 +317,16 @@ def _encode_text(
     tokenizer: Any, fmt: TaskFormat, ex: Example, end_id: int, max_length: int | None
 ) -> Encoded:
     """Plain text: the start token, then the whole text and the end token as target."""
-    body = _target_ids(tokenizer, fmt, ex, end_id)
+    body, clipped = _target_ids(tokenizer, fmt, ex, end_id)
     cut = max_length is not None and len(body) > max_length - 1
     if max_length is not None:
         body = body[: max_length - 1]
     return Encoded(
-        input_ids=(_start_id(tokenizer), *body), labels=(IGNORE_INDEX, *body), prompt_len=1, cut=cut
+        input_ids=(_start_id(tokenizer), *body),
+        labels=(IGNORE_INDEX, *body),
+        prompt_len=1,
+        cut=cut,
+        clipped=clipped,
     )
 
 
@@ -318,10 +335,13 @@ def _encode(tokenizer: Any, fmt: TaskFormat, ex: Example, end_id: int, max_lengt
         return _encode_conversation(tokenizer, fmt, ex, end_id, max_length)
     if fmt.completion:
         return _encode_text(tokenizer, fmt, ex, end_id, max_length)
-    target = _target_ids(tokenizer, fmt, ex, end_id)
+    target, clipped = _target_ids(tokenizer, fmt, ex, end_id)
     if not target:
         raise LayercardError(f"example {ex.id!r}: target {ex.target!r} encodes to no tokens")
-    prompt = encode_prompt(tokenizer, fmt, ex.input)
+    if fmt.max_input_tokens < 1:
+        raise LayercardError(f"prompt budget must be >= 1 token, got {fmt.max_input_tokens}")
+    prompt, whole = _prompt_ids(tokenizer, fmt, ex.input, fmt.max_input_tokens)
+    clipped |= whole > fmt.max_input_tokens
     cut = max_length is not None and len(prompt) + len(target) > max_length
     if max_length is not None and cut:
         prompt = encode_prompt(
@@ -335,6 +355,7 @@ def _encode(tokenizer: Any, fmt: TaskFormat, ex: Example, end_id: int, max_lengt
         labels=(IGNORE_INDEX,) * len(prompt) + tuple(target),
         prompt_len=len(prompt),
         cut=cut,
+        clipped=clipped,
     )
 
 
@@ -351,19 +372,39 @@ def encode_task(tokenizer: Any, task: Task, *, max_length: int | None = None) ->
     return [_encode(tokenizer, task.format, ex, end_id, max_length) for ex in task.examples]
 
 
-def cut_note(encoded: Sequence[Encoded], max_length: int | None, what: str) -> str | None:
-    """A line saying how many of ``what``'s encoded examples ``max_length`` cut, or None where none."""
-    return cut_text(sum(e.cut for e in encoded), len(encoded), max_length, what)
+def cut_note(
+    encoded: Sequence[Encoded], max_length: int | None, what: str, fmt: TaskFormat | None = None
+) -> str | None:
+    """Lines saying how many of ``what``'s encoded examples ``max_length`` cut and how many the task
+    format's own limits cut (given ``fmt``), or None where none."""
+    limits = (fmt.max_input_tokens, fmt.max_target_tokens) if fmt is not None else None
+    n_clipped = sum(e.clipped for e in encoded)
+    return cut_text(sum(e.cut for e in encoded), len(encoded), max_length, what, n_clipped, limits)
 
 
-def cut_text(n: int, total: int, max_length: int | None, what: str) -> str | None:
-    """The line of :func:`cut_note` from the counts: ``n`` of ``total`` examples cut to ``max_length``."""
-    if not n or max_length is None:
-        return None
-    return (
-        f"note: {n} of {total} {what} examples are longer than max_length {max_length} tokens and "
-        "were cut to it (the prompt first; raise --max-length to keep them whole)"
-    )
+def cut_text(
+    n: int,
+    total: int,
+    max_length: int | None,
+    what: str,
+    clipped: int = 0,
+    limits: tuple[int, int] | None = None,
+) -> str | None:
+    """The lines of :func:`cut_note` from the counts: ``n`` of ``total`` examples cut to ``max_length``,
+    ``clipped`` cut to the format's ``limits`` (prompt tokens, target tokens)."""
+    lines = []
+    if n and max_length is not None:
+        lines.append(
+            f"note: {n} of {total} {what} examples are longer than max_length {max_length} tokens and "
+            "were cut to it (the prompt first; raise --max-length to keep them whole)"
+        )
+    if clipped and limits is not None:
+        lines.append(
+            f"note: {clipped} of {total} {what} examples exceed the task format's limits of {limits[0]} "
+            f"prompt and {limits[1]} target tokens and were cut to them (a prompt from its input's start, "
+            "a target from its end, which then lacks its end token); --max-length does not lift these"
+        )
+    return "\n".join(lines) or None
 
 
 # ---------------------------------------------------------------- batching

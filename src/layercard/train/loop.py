@@ -217,7 +217,7 @@ def train(
             say(f"note: --resume: no checkpoint in {out_dir}; training from the start", enabled=progress)
         if data is None:
             data = prepare_data(loaded, train_task, val_task, cfg)
-        cut = cut_note(data.encoded, cfg.max_length, "training")
+        cut = cut_note(data.encoded, cfg.max_length, "training", data.task.format)
         if cut and main:
             say(cut, enabled=progress)
         args = (loaded, plan, data, cfg, out_dir, kind, layers, bottleneck, t_start)
@@ -433,6 +433,8 @@ def estimate(
         "epochs": steps * cfg.grad_accum * processes / stream.per_epoch,
         "train_examples": len(data.encoded),
         "train_examples_cut": sum(e.cut for e in data.encoded),
+        "train_examples_clipped": sum(e.clipped for e in data.encoded),
+        "format_limits": [data.task.format.max_input_tokens, data.task.format.max_target_tokens],
         "max_length": cfg.max_length,
         "val_examples": len(data.val_encoded),
         "positions_per_step": per_step,
