@@ -35,6 +35,21 @@ def test_exact_match_normalised_and_max_over_refs():
     assert exact_match("black cat", ["cat"]) == 0.0
 
 
+def test_an_answer_that_is_an_article_is_not_matched_by_nothing():
+    # multiple-choice letters: without its article rule the reference "A" would equal an empty answer
+    assert (
+        exact_match("", ["A"]) == 0.0 and exact_match("The", ["A"]) == 0.0 and exact_match("B", ["A"]) == 0.0
+    )
+    assert (
+        exact_match("A", ["A"]) == 1.0
+        and exact_match("(a).", ["A"]) == 1.0
+        and exact_match("a", ["B", "a"]) == 1.0
+    )
+    assert token_f1("", ["A"]) == 0.0 and token_f1("A", ["A"]) == 1.0
+    assert exact_match("the cat", ["A", "cat"]) == 1.0  # other references keep SQuAD's rule
+    assert exact_match("", [""]) == 1.0
+
+
 def test_strict_match_keeps_punctuation():
     assert strict_match(" [name=A | age=3] ", ["[name=A | age=3]"]) == 1.0
     assert strict_match("name=A, age=3", ["[name=A | age=3]"]) == 0.0

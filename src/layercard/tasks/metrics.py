@@ -44,18 +44,33 @@ _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCT = set(string.punctuation)
 
 
-def normalize_text(text: str) -> str:
-    """SQuAD normalisation: lowercase, drop punctuation and the articles a/an/the, collapse whitespace."""
+def normalize_text(text: str, *, articles: bool = True) -> str:
+    """SQuAD normalisation: lowercase, drop punctuation and (unless ``articles=False``) the articles
+    a/an/the, collapse whitespace."""
     text = text.lower()
     text = "".join(ch for ch in text if ch not in _PUNCT)
-    text = _ARTICLES.sub(" ", text)
+    if articles:
+        text = _ARTICLES.sub(" ", text)
     return " ".join(text.split())
+
+
+def _normalized_pairs(prediction: str, references: Sequence[str]) -> list[tuple[str, str]]:
+    """(prediction, reference) normalised alike, per reference. A reference that is nothing but articles
+    (the answer "A" of a multiple-choice item) keeps them on both sides: dropped, it would equal an empty
+    or wrong answer."""
+    pairs = []
+    for ref in references:
+        norm = normalize_text(ref)
+        if norm or not normalize_text(ref, articles=False):
+            pairs.append((normalize_text(prediction), norm))
+        else:
+            pairs.append((normalize_text(prediction, articles=False), normalize_text(ref, articles=False)))
+    return pairs
 
 
 def exact_match(prediction: str, references: Sequence[str]) -> float:
     """1.0 if the normalised prediction equals any normalised reference, else 0.0."""
-    pred = normalize_text(prediction)
-    return float(any(pred == normalize_text(r) for r in references))
+    return float(any(p == r for p, r in _normalized_pairs(prediction, references)))
 
 
 def strict_match(prediction: str, references: Sequence[str]) -> float:
@@ -83,8 +98,8 @@ def _f1_one(pred_tokens: list[str], ref_tokens: list[str]) -> float:
 
 def token_f1(prediction: str, references: Sequence[str]) -> float:
     """SQuAD token F1 over normalised whitespace tokens (bag of words), max over references."""
-    pred = normalize_text(prediction).split()
-    return max((_f1_one(pred, normalize_text(r).split()) for r in references), default=0.0)
+    pairs = _normalized_pairs(prediction, references)
+    return max((_f1_one(p.split(), r.split()) for p, r in pairs), default=0.0)
 
 
 _ROUGE_SCORER = None
