@@ -359,3 +359,16 @@ def test_task_options_become_load_task_keywords(tmp_path):
     ]
     bad = runner.invoke(app, ["cmd", "--field", "input"])
     assert bad.exit_code != 0 and "--field: 'input' is not NAME=COLUMN" in bad.output
+
+
+def test_a_held_out_split_that_exists_but_is_malformed_is_an_error_not_skipped(tmp_path, monkeypatch):
+    root = tmp_path / "data"
+    (root / "sst2").mkdir(parents=True)
+    row = {"id": "a", "input": "fine", "target": "positive"}
+    (root / "sst2" / "train.jsonl").write_text(json.dumps(row) + "\n")
+    (root / "sst2" / "validation.jsonl").write_text(json.dumps(row) + "\n" + '{"id": "b", "input": "x"}\n')
+    monkeypatch.setenv("LAYERCARD_DATA", str(root))
+    with pytest.raises(LayercardError, match="validation.jsonl:2"):
+        held_out("sst2:train", exclude="train")
+    (root / "sst2" / "validation.jsonl").unlink()  # absent, it is skipped: sst2 has no test split here
+    assert held_out("sst2:train", exclude="train") is None

@@ -9,3 +9,7 @@ class LayercardError(Exception):
     def __init__(self, message: str, *, exit_code: int = 2) -> None:
         super().__init__(message)
         self.exit_code = exit_code
+
+
+class MissingSplit(LayercardError):
+    """A task has no split of the name asked for (a held-out lookup then tries the next one)."""

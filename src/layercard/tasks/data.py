@@ -25,7 +25,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from layercard.errors import LayercardError
+from layercard.errors import LayercardError, MissingSplit
 from layercard.tasks.example import Example
 from layercard.tasks.formats import DATA_SUFFIXES, dataset_splits, is_saved_dataset, read_records
 from layercard.tasks.presets import DATASET_PRESETS, PRESETS, TaskFormat, detect_preset, get_preset
@@ -175,7 +175,7 @@ def _resolve_dataset(name: str, split: str | None) -> Path:
         if path.is_file():
             return path
     looked = ", ".join(str(p.resolve()) for p in tried)
-    raise LayercardError(f"task {name}:{split}: data file not found; looked in {looked} (set LAYERCARD_DATA)")
+    raise MissingSplit(f"task {name}:{split}: data file not found; looked in {looked} (set LAYERCARD_DATA)")
 
 
 def _is_path(spec: str) -> bool:
@@ -265,7 +265,7 @@ def _load_hf(spec: str, *, split: str, field_map: Mapping[str, str] | None, fmt:
         ds = datasets.load_dataset(name, config, split=split)
     except Exception as e:  # offline, unknown name, bad split: all are a user-facing one-liner
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise LayercardError(
+        raise MissingSplit(
             f"task {spec!r}: datasets.load_dataset failed (needs the network or a cached copy): {msg}"
         ) from None
     source = f"{spec}[{split}]"
@@ -313,6 +313,6 @@ def held_out(spec: str, *, exclude: str | None = None, seed: int = 0, **load_kwa
             continue
         try:
             return load_task(base, split=candidate, seed=seed, **load_kwargs)
-        except LayercardError:
+        except MissingSplit:  # absent: try the next; a split that exists but is malformed says so
             continue
     return None

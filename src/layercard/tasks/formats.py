@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from layercard.errors import LayercardError
+from layercard.errors import LayercardError, MissingSplit
 
 __all__ = [
     "DATA_SUFFIXES",
@@ -164,7 +164,7 @@ def _saved_dataset(p: Path, split: str | None) -> Records:
                 raise LayercardError(f"{p}: saved splits {', '.join(splits)}; choose one (split=NAME)")
             chosen = "train" if "train" in splits else splits[0]
         elif split not in splits:
-            raise LayercardError(f"{p}: no split {split!r}; saved splits: {', '.join(splits)}")
+            raise MissingSplit(f"{p}: no split {split!r}; saved splits: {', '.join(splits)}")
         else:
             chosen = split
     try:

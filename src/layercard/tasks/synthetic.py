@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import random
 
-from layercard.errors import LayercardError
+from layercard.errors import LayercardError, MissingSplit
 from layercard.tasks.example import Example
 from layercard.tasks.presets import PRESETS
 from layercard.tasks.task import Task
@@ -144,7 +144,7 @@ def _with_article(word: str) -> str:
 
 def _check_split(kind: str, split: str) -> None:
     if split not in SPLITS:
-        raise LayercardError(f"synthetic:{kind}: unknown split {split!r}; valid: {', '.join(SPLITS)}")
+        raise MissingSplit(f"synthetic:{kind}: unknown split {split!r}; valid: {', '.join(SPLITS)}")
 
 
 def make_facts(seed: int = 0, split: str = "train", *, n_entities: int = 50) -> Task:
