@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -230,6 +231,12 @@ def test_evaluate_defaults_and_round_trip(tmp_path):
     assert [json.loads(line)["id"] for line in lines] == [p["id"] for p in res.predictions]
     assert EvalResult.load(tmp_path / "ev") == res
     assert EvalResult.load(path) == res
+    # texts with line separators JSON keeps raw (U+2028, U+2029, U+0085) read back whole
+    odd = dataclasses.replace(
+        res, predictions=[{**p, "input": p["input"] + "\u2028 a\u2029b\x85c"} for p in res.predictions]
+    )
+    odd.save(tmp_path / "odd")
+    assert EvalResult.load(tmp_path / "odd") == odd
     assert EvalResult.from_dict(res.to_dict()) == res
     # the loss per example: its sums over its token counts are the loss
     assert len(res.example_loss_sums) == len(res.example_tokens) == res.n

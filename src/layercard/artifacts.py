@@ -371,7 +371,7 @@ def _non_finite_path(obj: Any, where: str = "") -> str | None:
 
 def write_text(path: str | os.PathLike[str], text: str) -> Path:
     with atomic_path(path) as tmp:
-        tmp.write_text(text)
+        tmp.write_text(text, encoding="utf-8")
     return Path(path)
 
 

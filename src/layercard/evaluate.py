@@ -181,7 +181,9 @@ class EvalResult:
         preds: list[dict[str, Any]] | None = None
         if "predictions" not in d and preds_path.is_file():
             try:
-                preds = [json.loads(line) for line in preds_path.read_text().splitlines() if line.strip()]
+                # split("\n"), not splitlines(): JSON keeps U+2028 and U+0085 raw inside its strings
+                text = preds_path.read_text(encoding="utf-8")
+                preds = [json.loads(line) for line in text.split("\n") if line.strip()]
             except json.JSONDecodeError as e:
                 raise LayercardError(f"{preds_path}: not valid JSON lines ({e.msg})") from None
         try:
