@@ -360,6 +360,19 @@ def test_prompt_truncated_from_the_left_of_the_input(tok):
     assert tok.decode(tiny_budget) == "789\n<|assistant|>"
 
 
+def test_a_template_that_trims_the_turn_still_cuts_the_input_not_its_head(tok):
+    from tiny_tok import CHAT_TEMPLATE
+
+    tok.chat_template = CHAT_TEMPLATE.replace(
+        "'<|user|>' + message['content']", "'<|user|>' + (message['content'] | trim)"
+    )
+    fmt = dataclasses.replace(FMT, max_input_tokens=30, instruction="{input}")
+    text = "abcdefghijklmnopqrstuvwxyz0123456789 "  # the trailing space the template trims away
+    assert build_prompt(tok, fmt, text).endswith("789\n<|assistant|>")
+    prompt = tok.decode(encode_prompt(tok, fmt, text))
+    assert prompt.startswith("<|user|>") and prompt.endswith("456789\n<|assistant|>") and "abc" not in prompt
+
+
 def test_target_truncated_from_the_right(tok):
     fmt = dataclasses.replace(FMT, max_target_tokens=4)
     enc = encode_example(tok, fmt, Example("1", "q", "abcdefgh"))

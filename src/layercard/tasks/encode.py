@@ -176,10 +176,14 @@ def _input_span(prompt: str, fmt: TaskFormat, text: str) -> tuple[int, int] | No
     """Character span of the example's input inside the rendered prompt, or None if not found."""
     user = fmt.render_instruction(text)
     pos = prompt.rfind(user)  # rfind: a default system prompt comes before the user turn
-    if pos < 0:
-        return None
-    start = pos + fmt.instruction.index("{input}")
-    return start, start + len(text)
+    if pos >= 0:
+        start = pos + fmt.instruction.index("{input}")
+        return start, start + len(text)
+    # Templates that trim a message's content (``| trim``) change the rendered turn; the input itself,
+    # trimmed alike, is still there.
+    core = text.strip()
+    pos = prompt.rfind(core) if core else -1
+    return (pos, pos + len(core)) if pos >= 0 else None
 
 
 def _truncate_prompt(
