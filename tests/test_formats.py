@@ -109,9 +109,11 @@ def test_csv_references_cell_takes_a_json_list_or_one_string(tmp_path):
             {"input": "a", "target": "b", "references": '["b", "bee"]'},
             {"input": "c", "target": "d", "references": "dee"},
             {"input": "e", "target": "f", "references": ""},
+            {"input": "g", "target": "h", "references": "[name=A | age=3]"},  # not JSON: one reference
         ],
     )
-    assert [e.references for e in load_task(str(p)).examples] == [("b", "bee"), ("dee",), ("f",)]
+    refs = [e.references for e in load_task(str(p)).examples]
+    assert refs == [("b", "bee"), ("dee",), ("f",), ("[name=A | age=3]",)]
 
 
 def test_not_utf8_and_missing_files_are_one_line_errors(tmp_path):

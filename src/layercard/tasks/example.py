@@ -21,7 +21,8 @@ ROLES = ("system", "user", "assistant")
 
 @dataclass(frozen=True)
 class Example:
-    """One input/target pair; ``references`` holds every acceptable output (``target`` among them).
+    """One input/target pair; ``references`` holds the outputs scored as correct (the ``target`` alone
+    when the data gives none; data that gives them need not list the target).
 
     ``messages``: for chat data, the conversation as ``(role, content)`` pairs ending with the
     assistant turn ``target``; ``None`` for everything else.

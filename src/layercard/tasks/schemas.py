@@ -109,7 +109,8 @@ def _references(rec: Mapping[str, Any], column: str, target: str, where: str, ce
     if refs is None or (cells and refs == ""):
         return (target,)
     if cells and isinstance(refs, str):  # a table cell: a JSON list, else one reference
-        refs = _json_cell(refs) if refs.lstrip().startswith("[") else [refs]
+        parsed = _json_cell(refs) if refs.lstrip().startswith("[") else refs
+        refs = [refs] if isinstance(parsed, str) else parsed  # "[name=A | age=3]" is not JSON: one
     if (
         isinstance(refs, str)
         or not isinstance(refs, Sequence)
