@@ -146,7 +146,9 @@ def test_budget_parse():
     assert Budget.parse(" step-time = 1.5 ") == Budget("step_time", 1.5)
     assert str(Budget.parse("modules=16")) == "modules=16"
     bad_cases = [("layers", "KIND=VALUE"), ("flops=3", "flops"), ("layers=x", "'x'"),
-                 ("layers=0", "positive"), ("layers=2.5", "whole"), ("params=-1", "positive")]  # fmt: skip
+                 ("layers=0", "positive"), ("layers=2.5", "whole"), ("params=-1", "positive"),
+                 ("params=0x", "params=0x: must be a positive"),
+                 ("step_time=0", "step_time=0 s: must")]  # fmt: skip
     for bad, expect in bad_cases:
         with pytest.raises(LayercardError, match=expect) as e:
             Budget.parse(bad)

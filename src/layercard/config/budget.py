@@ -13,12 +13,13 @@ _SUFFIX = {"k": 1e3, "m": 1e6, "g": 1e9}
 _MEMORY_UNITS = {"gib": 1024.0, "gb": 1024.0, "g": 1024.0, "mib": 1.0, "mb": 1.0, "m": 1.0}
 
 
-def _shown(kind: str, v: object) -> str:
-    """A budget value in a message: whole numbers without a decimal point, seconds with their unit."""
+def _shown(kind: str, v: object, relative: bool = False) -> str:
+    """A budget value in a message: whole numbers without a decimal point, seconds with their unit, a
+    multiple of the reference with its ``x``."""
     whole = (
         isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and float(v).is_integer()
     )
-    unit = {"step_time": " s", "memory": " MiB"}.get(kind, "")
+    unit = "x" if relative else {"step_time": " s", "memory": " MiB"}.get(kind, "")
     return (str(int(v)) if whole else repr(v)) + unit  # type: ignore[arg-type]
 
 
@@ -42,7 +43,7 @@ class Budget:
         v = self.value
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
             raise LayercardError(
-                f"budget {self.kind}={_shown(self.kind, v)}: must be a positive finite number"
+                f"budget {self.kind}={_shown(self.kind, v, self.relative)}: must be a positive finite number"
             )
         if self.kind in ("layers", "modules") and not self.relative and float(v) != int(v):
             raise LayercardError(f"budget {self.kind}={_shown(self.kind, v)}: must be a whole number")
