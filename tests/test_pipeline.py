@@ -558,6 +558,10 @@ def test_demo_command_runs_the_packaged_config(tmp_path):
         assert list(rows) == ["base", "recommend", "peft-default", "all-linear", "reference"]
         assert head["ran"][-1] == "report" and Path(head["report"]["html"]).is_file()
         assert rows["reference"]["measured_fraction"] == pytest.approx(1.0)
+        # the recommendation's adapter says what its plan predicted
+        readme = (out / task / "train" / "recommend" / "adapter" / "README.md").read_text()
+        predicted = json.loads((out / task / "train" / "recommend" / "train_metrics.json").read_text())
+        assert f"| predicted quality | {predicted['predicted_quality']:.2f} of the reference" in readme
         # each measured fraction carries its sampling error over the evaluated examples
         evals = {n: EvalResult.load(RunLayout(out / task).eval_json(n)) for n in rows}
         sums = {n: ev.example_loss_sums for n, ev in evals.items()}

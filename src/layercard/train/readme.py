@@ -148,11 +148,11 @@ def adapter_readme(
     ]
     if m.world_size > 1:
         rows.append(("processes", f"{m.world_size} data-parallel"))
-    if plan.predicted.get("quality") is not None:
+    if m.predicted_quality is not None:
         rows.append(
             (
                 "predicted quality",
-                f"{plan.predicted['quality']:.2f} of the reference placement's loss drop (a prediction; "
+                f"{m.predicted_quality:.2f} of the reference placement's loss drop (a prediction; "
                 "`layercard eval` measures it)",
             )
         )
