@@ -394,3 +394,25 @@ def test_cli_card_says_when_its_prompts_give_no_instruction(tiny_folder, tmp_pat
         app, [*_card_args(tiny_folder, str(data), tmp_path / "c2"), "--prompt", "Say:\\n{input}"]
     )
     assert r.exit_code == 0 and "no instruction" not in r.output
+
+
+@pytest.mark.parametrize("family", ["gpt2", "gpt_neox"])
+def test_a_role_set_takes_what_the_model_has_in_the_card_and_the_plan(facts, family):
+    from layercard.config import PlanConfig
+    from layercard.plan import make_plan
+
+    loaded = _loaded(family)
+    card = compute_card(loaded, facts, CardConfig(**FAST, roles="all-linear"), progress=False)
+    assert card.roles == ["q", "k", "v", "o", "up", "down"]  # no gate in these models
+    plan = make_plan(card, PlanConfig(policy="top", budget="layers=2", roles="mlp"))
+    assert {u.role for u in plan.units} == {"up", "down"}
+    with pytest.raises(LayercardError, match="has no module for role gate"):
+        compute_card(loaded, facts, CardConfig(**FAST, roles="q,gate"), progress=False)
+    with pytest.raises(LayercardError, match="no units for gate"):
+        make_plan(card, PlanConfig(policy="top", budget="layers=2", roles="gate,up"))
+    # the search's matrix sets too: q,v is the fused attention input, as PEFT's default for these models
+    assert {u.role for u in make_plan(card, PlanConfig(policy="peft-default", budget="params=1x")).units} == {
+        "qkv"
+    }
+    rec = make_plan(card, PlanConfig(policy="recommend", budget="params=0.3x"))
+    assert rec.units and {u.role for u in rec.units} <= {"qkv", "o", "up", "down"}

@@ -219,8 +219,11 @@ def compute_card(loaded: Any, task: Any, cfg: CardConfig, *, progress: bool | No
         cfg = dataclasses.replace(cfg, coupling=False, calibrate=False)
         progress = False
     model, tok = loaded.model, loaded.tokenizer
-    roles = models.parse_roles(cfg.roles)
-    specs = models.units(model, roles)
+    # The spec as written: a role set ('all-linear', 'mlp') takes what the model has; a role named one by
+    # one must exist. The card records the roles its units cover.
+    specs = models.units(model, cfg.roles)
+    covered = {r for s in specs for r in s.covers}
+    roles = tuple(r for r in models.parse_roles(cfg.roles) if r in covered)
     probe_task = task.subset(cfg.examples, seed=cfg.seed)
     if len(probe_task.examples) == 0:
         raise LayercardError(f"task {task.name}: no examples to probe")

@@ -38,7 +38,7 @@ from layercard.models.loading import (
     resolve_device,
     weights_folder_hash,
 )
-from layercard.models.roles import CANONICAL_ROLES, FUSED_ROLES, ROLE_SETS, parse_roles
+from layercard.models.roles import CANONICAL_ROLES, FUSED_ROLES, ROLE_SETS, explicit_roles, parse_roles
 
 # Old private names still used outside the package; callers are moving to the public names.
 _base = base_model
@@ -68,6 +68,7 @@ __all__ = [
     "load_model",
     "logits_from_hidden",
     "num_layers",
+    "explicit_roles",
     "parse_roles",
     "peft_target_names",
     "resolve_device",

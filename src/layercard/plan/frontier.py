@@ -236,7 +236,6 @@ def search(
     """Price every candidate of the card: quality from ``predict`` (its expected error from ``error`` where
     given); parameters and modules from the units; the measured kinds (``step_time``, ``memory``,
     ``forward_s``) from ``costs`` where given."""
-    roles_have = {u.role for u in card.units}
     by_layer: dict[int, list[UnitRow]] = {}
     for u in card.units:
         by_layer.setdefault(u.layer, []).append(u)
@@ -256,11 +255,16 @@ def search(
 
     out: list[Candidate] = []
     reference: dict[str, float] | None = None
+    seen: set[frozenset[str]] = set()
     for mname, roles in MATRICES.items():
-        if not set(roles) <= roles_have:
+        # A set takes the units the card has of it (a fused q,k,v module for q,v; up and down where a model
+        # has no gate); a set that adapts the same modules as an earlier one is left out.
+        picked = frozenset(u.role for u in card.selected_units(roles))
+        if not picked or picked in seen:
             continue
+        seen.add(picked)
         for rule, layers in layer_sets(card.n_layers):
-            units = [u for layer in layers for u in by_layer.get(layer, ()) if u.role in roles]
+            units = [u for layer in layers for u in by_layer.get(layer, ()) if u.role in picked]
             if not units:
                 continue
             for r in ranks:
