@@ -464,6 +464,51 @@ def test_load_model_errors(tmp_path: Path) -> None:
         M.builtin_path("gpt5")
 
 
+def test_a_model_folder_that_would_load_wrong_is_refused_in_one_line(tmp_path: Path) -> None:
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    good = tmp_path / "good"
+    _save_tiny(good)
+
+    def variant(name: str) -> Path:
+        shutil.copytree(good, tmp_path / name)
+        return tmp_path / name
+
+    holes = variant("holes")  # a tensor missing: transformers would make it up at random
+    weights = load_file(str(holes / "model.safetensors"))
+    del weights[next(k for k in weights if k.endswith("mlp.down_proj.weight"))]
+    save_file(weights, str(holes / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(LayercardError, match=r"the weights lack model\.layers\.\d\.mlp\.down_proj\.weight;"):
+        M.load_model(holes)
+    adapter = variant("adapter")  # transformers would attach it to the base
+    (adapter / "adapter_config.json").write_text("{}")
+    with pytest.raises(LayercardError, match="holds a PEFT adapter"):
+        M.load_model(adapter)
+    pickled = variant("pickled")
+    (pickled / "model.safetensors").rename(pickled / "pytorch_model.bin")
+    with pytest.raises(LayercardError, match="layercard reads safetensors only"):
+        M.load_model(pickled)
+    no_tok = variant("no-tok")
+    for f in no_tok.glob("tokenizer*"):
+        f.unlink()
+    with pytest.raises(LayercardError, match="cannot load tokenizer .*; none of tokenizer.json"):
+        M.load_model(no_tok)
+    small = tmp_path / "small-vocab"  # a tokenizer of more ids than the embedding has rows
+    tiny_model("llama", layers=2, vocab_size=32).save_pretrained(small)
+    tiny_tokenizer().save_pretrained(small)
+    with pytest.raises(LayercardError, match="embedding has 32 rows"):
+        M.load_model(small)
+    absent = [("mps", "not available")] if not torch.backends.mps.is_available() else []
+    absent += [("cuda:7", "CUDA")] if torch.cuda.device_count() < 8 else []
+    for device, why in [("meta", "holds no data"), *absent]:
+        with pytest.raises(LayercardError, match=why) as err:
+            M.load_model(good, device=device)
+        assert "\n" not in str(err.value)
+    assert M.load_model(good).model_hash  # the original still loads
+
+
 def test_load_gguf_converts_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The real GGUF path on a tiny file: convert to a safetensors cache once, then reload from it."""
     from transformers import AutoModelForCausalLM

@@ -193,8 +193,22 @@ def resolve_device(device: str) -> torch.device:
         dev = torch.device(device)
     except (RuntimeError, ValueError):
         raise LayercardError(f"device {device!r}: not a torch device (e.g. cpu, cuda, cuda:1, mps)") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise LayercardError(f"device {device!r}: CUDA is not available on this machine")
+    if dev.type == "meta":
+        raise LayercardError(f"device {device!r}: holds no data to compute on; use cpu, cuda or mps")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise LayercardError(f"device {device!r}: CUDA is not available on this machine")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise LayercardError(
+                f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)"
+            )
+    elif dev.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise LayercardError(f"device {device!r}: MPS is not available on this machine")
+    elif dev.type != "cpu":
+        backend = getattr(torch, dev.type, None)
+        if backend is None or not getattr(backend, "is_available", lambda: False)():
+            raise LayercardError(f"device {device!r}: not available on this machine")
     return dev
 
 
@@ -215,25 +229,64 @@ def _load_folder(
     folder: Path, *, dtype: torch.dtype, device: torch.device, trust_remote_code: bool
 ) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
     if not (folder / "config.json").is_file():
         raise LayercardError(f"{folder}: no config.json; not a Hugging Face model folder")
+    if (folder / "adapter_config.json").is_file():
+        # transformers would attach it, and every stage would measure the adapted model as the base
+        raise LayercardError(
+            f"{folder}: holds a PEFT adapter (adapter_config.json) beside the model; give the base model's "
+            "folder without it, and the adapter where a command takes one (--adapter)"
+        )
+    if not any(folder.glob("*.safetensors")) and any(folder.glob("*.bin")):
+        raise LayercardError(
+            f"{folder}: weights only as .bin (pickle) files; layercard reads safetensors only: save the "
+            "model again with save_pretrained(folder, safe_serialization=True)"
+        )
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # its load report would add a table to our one-line errors
     try:
-        model = AutoModelForCausalLM.from_pretrained(
+        model, info = AutoModelForCausalLM.from_pretrained(
             folder,
             dtype=dtype,
             trust_remote_code=trust_remote_code,
             use_safetensors=True,
             local_files_only=True,
+            output_loading_info=True,
         )
     except Exception as e:
-        raise LayercardError(f"{folder}: cannot load model ({type(e).__name__}: {_first_line(e)})") from e
+        hint = ""
+        if "trust_remote_code" in str(e) and not trust_remote_code:
+            hint = "; the model's own code runs only with --trust-remote-code"
+        raise LayercardError(
+            f"{folder}: cannot load model ({type(e).__name__}: {_first_line(e)}){hint}"
+        ) from e
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    missing = sorted(info.get("missing_keys") or ())
+    if missing:
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        raise LayercardError(
+            f"{folder}: the weights lack {missing[0]}{more}; transformers would fill them with random values"
+        )
     try:
         tok = AutoTokenizer.from_pretrained(
             folder, trust_remote_code=trust_remote_code, local_files_only=True
         )
     except Exception as e:
-        raise LayercardError(f"{folder}: cannot load tokenizer ({type(e).__name__}: {_first_line(e)})") from e
+        files = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+        hint = "" if any((folder / f).is_file() for f in files) else f"; none of {', '.join(files)} is there"
+        raise LayercardError(
+            f"{folder}: cannot load tokenizer ({type(e).__name__}: {_first_line(e)}){hint}"
+        ) from e
+    rows = model.get_input_embeddings().weight.shape[0]
+    top = max(tok.get_vocab().values(), default=-1)
+    if top >= rows:
+        raise LayercardError(
+            f"{folder}: the tokenizer has token ids up to {top}, but the model's embedding has {rows} rows; "
+            "they are not a pair"
+        )
     if tok.pad_token is None and tok.eos_token is not None:
         tok.pad_token = tok.eos_token
     tok.padding_side = "right"
