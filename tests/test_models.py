@@ -422,7 +422,7 @@ def _save_tiny(folder: Path, family: str = "llama", *, pad: bool = True) -> PreT
     return model
 
 
-def test_load_model_from_folder(tmp_path: Path) -> None:
+def test_load_model_from_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     folder = tmp_path / "tiny-llama"
     original = _save_tiny(folder, pad=False)
     loaded = M.load_model(str(folder))
@@ -439,6 +439,10 @@ def test_load_model_from_folder(tmp_path: Path) -> None:
     assert any(v["sha256"] == sha for v in index.values())
     again = M.load_model(str(folder), dtype="bfloat16")
     assert again.model_hash == sha and again.model.dtype == torch.bfloat16
+    # a relative path is recorded whole, so a card or plan read elsewhere finds the model
+    monkeypatch.chdir(tmp_path)
+    relative = M.load_model("tiny-llama")
+    assert relative.model_id == str(folder.resolve()) and relative.model_hash == sha
 
 
 def test_load_model_errors(tmp_path: Path) -> None:
