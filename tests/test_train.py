@@ -615,3 +615,16 @@ def test_readme_helpers():
     assert "base_model" not in front_matter("smollm2", "/cache/gguf/x")
     assert "base_model" not in front_matter("org/name", "/home/me/org/name")  # a folder of that name
     assert not is_layercard_readme("---\nlibrary_name: peft\ntags:\n- lora\n---\n# Model Card for Model ID")
+
+
+def test_an_adapter_is_refused_on_another_base(lora_run):
+    from layercard.config import EvalConfig
+    from layercard.evaluate import evaluate
+
+    adapter = lora_run["out"] / "adapter"
+    base = json.loads((adapter / "layercard_base.json").read_text())
+    assert base == {"model_id": "tiny-llama-0", "model_hash": lora_run["loaded"].model_hash}
+    other = _loaded(seed=1)  # the same architecture, other weights: PEFT itself would load it
+    with pytest.raises(LayercardError, match="adapter was trained on base model"):
+        evaluate(other, VAL, EvalConfig(examples=2), adapter=adapter)
+    assert evaluate(lora_run["loaded"], VAL, EvalConfig(examples=2), adapter=adapter).n == 2

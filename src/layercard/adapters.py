@@ -54,6 +54,8 @@ ACTIVATIONS = ("relu", "gelu")
 CONFIG_FILE = "layercard_adapter.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 PEFT_CONFIG_FILE = "adapter_config.json"
+# Beside a PEFT adapter layercard trained: the base it was trained on (PEFT's own config names a path).
+BASE_FILE = "layercard_base.json"
 ADAPTER_ATTR = "layercard_adapters"  # submodule name on the (PEFT-unwrapped) model while attached
 _SUBLAYERS = ("attn", "mlp")
 
@@ -393,14 +395,42 @@ def _adapter_modules(model: nn.Module) -> set[str]:
     }
 
 
+def write_base(folder: str | Path, model_id: str, model_hash: str) -> None:
+    """Record in an adapter folder the base model it was trained on (:data:`BASE_FILE`)."""
+    from layercard.artifacts import write_json
+
+    write_json(Path(folder) / BASE_FILE, {"model_id": model_id, "model_hash": model_hash})
+
+
+def check_base(folder: str | Path, model_hash: str) -> None:
+    """Refuse an adapter folder trained on another base: its :data:`BASE_FILE` (PEFT) or its config's
+    ``base_model_hash`` (layercard's format). A folder that records neither is not checked."""
+    p = Path(folder)
+    saved = None
+    for name, key in ((BASE_FILE, "model_hash"), (CONFIG_FILE, "base_model_hash")):
+        if (p / name).is_file():
+            try:
+                saved = json.loads((p / name).read_text()).get(key)
+            except (json.JSONDecodeError, AttributeError):
+                raise LayercardError(f"{p / name}: not a JSON object") from None
+            break
+    if saved is not None and saved != model_hash:
+        raise LayercardError(
+            f"{p}: adapter was trained on base model {str(saved)[:12]}, this model is {model_hash[:12]}"
+        )
+
+
 @contextlib.contextmanager
-def attached(base: nn.Module, adapter: str | Path) -> Iterator[nn.Module]:
+def attached(base: nn.Module, adapter: str | Path, *, model_hash: str | None = None) -> Iterator[nn.Module]:
     """The base with ``adapter`` attached for the block; detached again afterwards, even on error.
 
     Callers reuse ``loaded.model`` (e.g. evaluate several adapters or trim levels on one base), so the
     base must come back exactly as it was: adapter layers or hooks removed and ``requires_grad`` flags
-    restored (attaching freezes every base parameter).
+    restored (attaching freezes every base parameter). With ``model_hash``, an adapter recorded as trained
+    on another base is refused.
     """
+    if model_hash is not None:
+        check_base(adapter, model_hash)
     before = _adapter_modules(base)
     had = attached_adapters(base)
     grads = {n: p.requires_grad for n, p in base.named_parameters()}

@@ -272,7 +272,11 @@ def evaluate(
     tok = loaded.tokenizer
 
     attach = adapter_dir is not None and model is None
-    ctx = attached(loaded.model, adapter_dir) if attach else contextlib.nullcontext()
+    ctx = (
+        attached(loaded.model, adapter_dir, model_hash=loaded.model_hash)
+        if attach
+        else contextlib.nullcontext()
+    )
     with ctx as adapted:
         net = model if model is not None else (adapted if adapted is not None else loaded.model)
         texts, timing = generate(

@@ -650,7 +650,16 @@ def _finish(
     if acc.is_main_process:
         builtin = BUILTIN_MODELS.get(run.loaded.model_id, {})
         readme = adapter_readme(metrics, run.plan, run.loaded.source, builtin.get("description"))
-        write_adapter(run.out_dir / ADAPTER_DIR, run.kind, inner, adapted.aset, run.loaded.model_hash, readme)
+        loaded = run.loaded
+        write_adapter(
+            run.out_dir / ADAPTER_DIR,
+            run.kind,
+            inner,
+            adapted.aset,
+            loaded.model_id,
+            loaded.model_hash,
+            readme,
+        )
         metrics.save(run.out_dir / METRICS_FILE)
     acc.wait_for_everyone()
     return metrics

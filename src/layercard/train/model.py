@@ -111,14 +111,19 @@ class Adapted:
         accelerator.free_memory()
 
 
-def write_adapter(path: Path, kind: str, model: nn.Module, aset: Any, model_hash: str, readme: str) -> None:
+def write_adapter(
+    path: Path, kind: str, model: nn.Module, aset: Any, model_id: str, model_hash: str, readme: str
+) -> None:
     """The adapter folder, atomically: vanilla PEFT for LoRA, layercard's format for bottlenecks, and
     ``readme`` as its README.md (in place of PEFT's placeholder model card)."""
     from layercard.train.readme import README_FILE
 
     with atomic_path(path) as tmp:
         if kind == "lora":
+            from layercard.adapters import write_base
+
             model.save_pretrained(str(tmp), safe_serialization=True)
+            write_base(tmp, model_id, model_hash)  # PEFT's config names the base by a path only
         else:
             from layercard.adapters import save_adapters
 

@@ -97,7 +97,7 @@ def run_trace(
     adapter = Path(adapter_dir)
     _adapter_kind(adapter)
     sub = _subset(task, cfg.examples, cfg.seed)
-    with attached(loaded.model, adapter) as model:
+    with attached(loaded.model, adapter, model_hash=loaded.model_hash) as model:
         return _traced(model, loaded, adapter, hash_folder(adapter), task, sub, cfg, progress)
 
 
@@ -446,7 +446,7 @@ def trim(
     """
     t_start = time.perf_counter()
     job = _job(loaded, adapter_dir, task, cfg, out_dir, export_merged_dir, progress)
-    with attached(loaded.model, job.adapter) as model:
+    with attached(loaded.model, job.adapter, model_hash=loaded.model_hash) as model:
         found = _search(job, model)
     exported = _export_checked(job, found)
     merged_info = None
