@@ -371,6 +371,10 @@ def test_generic_fallback_leaves_out_ambiguous_experts() -> None:
     assert [u.role for u in M.units(model, "all-linear", layers=[0])] == ["q", "k", "v", "o"]
     with pytest.raises(LayercardError, match="no module for role gate"):
         M.units(model, "gate")
+    # what no role names is known, so that a card can say it is never adapted
+    unmapped = M.layout_for(model).unmapped
+    assert unmapped and all("expert" in p for p in unmapped)
+    assert M.layout_for(tiny_model("llama", layers=2)).unmapped == ()
 
 
 class _NoLayers(PreTrainedModel):

@@ -222,6 +222,14 @@ def compute_card(loaded: Any, task: Any, cfg: CardConfig, *, progress: bool | No
     # The spec as written: a role set ('all-linear', 'mlp') takes what the model has; a role named one by
     # one must exist. The card records the roles its units cover.
     specs = models.units(model, cfg.roles)
+    unmapped = models.layout_for(model).unmapped
+    if unmapped:
+        shown = ", ".join(unmapped[:3]) + (", ..." if len(unmapped) > 3 else "")
+        say(
+            f"note: layers found by name (no known layout for this model): {len(unmapped)} linear modules "
+            f"per layer have no role and are never adapted ({shown})",
+            enabled=progress,
+        )
     covered = {r for s in specs for r in s.covers}
     roles = tuple(r for r in models.parse_roles(cfg.roles) if r in covered)
     probe_task = task.subset(cfg.examples, seed=cfg.seed)

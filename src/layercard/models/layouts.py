@@ -65,6 +65,9 @@ class ArchLayout:
     final_norm_path: str | None
     lm_head_path: str
     roles: Mapping[str, RoleSpec]
+    # Modules of a decoder layer holding weight matrices that no role names (the generic layout only):
+    # never adapted, e.g. a mixture of experts' fused expert weights.
+    unmapped: tuple[str, ...] = ()
 
 
 _LLAMA_ROLES = {
@@ -338,6 +341,12 @@ def _generic_layout(root: nn.Module) -> ArchLayout | None:
     head = _generic_head(root, layers_path)
     if embed is None or head is None:
         return None
+    first = get_module(root, layers_path)[0]
+    named = [spec[0] for spec in roles.values()]
+    owners = [name.rpartition(".")[0] for name, p in first.named_parameters() if p.ndim >= 2]
+    unmapped = tuple(
+        dict.fromkeys(o for o in owners if not any(o == n or o.startswith(n + ".") for n in named))
+    )
     return ArchLayout(
         family="generic",
         embed_path=embed,
@@ -345,6 +354,7 @@ def _generic_layout(root: nn.Module) -> ArchLayout | None:
         final_norm_path=_generic_norm(root, layers_path),
         lm_head_path=head,
         roles=dict(sorted(roles.items(), key=lambda kv: role_order(kv[0]))),
+        unmapped=unmapped,
     )
 
 
