@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 from collections import Counter
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from layercard.cost import memory_kind_text
@@ -89,7 +90,9 @@ def _task_text(task: dict[str, Any] | None) -> str:
 
 
 def load_snippet(model_id: str, adapter_dir: str) -> str:
-    """Python that loads the base and attaches this adapter."""
+    """Python that loads the base and attaches this adapter (its folder by its whole path, so the lines
+    run from anywhere)."""
+    adapter_dir = str(Path(adapter_dir).resolve())
     return "\n".join(
         [
             "```python",
