@@ -280,12 +280,13 @@ def _load_folder(
         raise LayercardError(
             f"{folder}: cannot load tokenizer ({type(e).__name__}: {_first_line(e)}){hint}"
         ) from e
+    # The base vocabulary only: a converted tokenizer may list a special token past the embedding that
+    # no text produces.
     rows = model.get_input_embeddings().weight.shape[0]
-    top = max(tok.get_vocab().values(), default=-1)
-    if top >= rows:
+    if tok.vocab_size > rows:
         raise LayercardError(
-            f"{folder}: the tokenizer has token ids up to {top}, but the model's embedding has {rows} rows; "
-            "they are not a pair"
+            f"{folder}: the tokenizer's vocabulary has {tok.vocab_size} tokens, but the model's embedding "
+            f"has {rows} rows; they are not a pair"
         )
     if tok.pad_token is None and tok.eos_token is not None:
         tok.pad_token = tok.eos_token
