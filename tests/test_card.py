@@ -416,3 +416,5 @@ def test_a_role_set_takes_what_the_model_has_in_the_card_and_the_plan(facts, fam
     }
     rec = make_plan(card, PlanConfig(policy="recommend", budget="params=0.3x"))
     assert rec.units and {u.role for u in rec.units} <= {"qkv", "o", "up", "down"}
+    assert "gate" not in rec.config["roles"]  # the roles its units adapt, so the plan can be rebuilt
+    assert rec.restricted(rec.layers[-1:], card, policy="lora-drop").layers == rec.layers[-1:]

@@ -747,6 +747,20 @@ def test_a_difference_counts_only_beyond_the_larger_expected_error():
     assert "within the model's error" in text and "±15 points for peft-default" in text
     assert R.beyond_error(rec, narrow) and not R.beyond_error(rec, wide)
     assert not R.beyond_error(rec, cand("q,v", 0.50, None))  # an unknown error calls nothing
+    # a plan that is a fixed rule is set against the search's own pick, not called the best
+    rule = cand("q,v", 0.88, 0.04)
+    assert "the most of any placement" in R.sentence(rule, {"peft-default": rule}, rule)
+    text = R.sentence(rule, {"peft-default": rule}, dataclasses.replace(rec, units=(("w", 2),)))
+    assert "the most of any" not in text and "the search's pick within them, mlp · all · r=2" in text
+    assert "+7 points" in text
+
+
+def test_a_fixed_rule_without_a_budget_takes_a_rank_of_the_grid():
+    from layercard.config import PlanConfig
+    from layercard.plan import make_plan
+
+    with pytest.raises(LayercardError, match="rank 3: policy peft-default without a budget takes a rank of"):
+        make_plan(_card(4), PlanConfig(policy="peft-default", rank=3))
 
 
 def test_a_target_within_the_picks_expected_error_is_said_not_to_be_assured():

@@ -101,12 +101,12 @@ def _print_search_plan(plan) -> None:
 
     p = plan.predicted
     q = p["quality"]
+    chosen = p["candidate"]  # rounded as the tables show it, so that the summary line reads the same
     for kind, rows in p["frontier"].items():
         t = Table(title=f"Frontier · predicted quality against {kind} · {plan.card['task']}")
         # short headers and unwrapped values keep a row on one line of an 80-column terminal
         for col in ("matrices", "layers", "rank", "quality", kind, "× ref", ""):
             t.add_column(col, justify="right" if col not in ("matrices", "layers") else "left", no_wrap=True)
-        chosen = p["candidate"]
         shown = shown_frontier(rows, chosen)
         on_frontier = any(row_label(r) == row_label(chosen) for r in shown)
         # under several budgets the plan may lie off one cost's frontier: its row is shown all the same
@@ -129,20 +129,28 @@ def _print_search_plan(plan) -> None:
             )
         if any_over:
             notes.append("over: beyond a budget (" + ", ".join(p["budgets"]) + ")")
-        if not on_frontier:
+        dominated = any(
+            r[kind] <= chosen[kind]
+            and r["quality"] >= chosen["quality"]
+            and (r[kind] < chosen[kind] or r["quality"] > chosen["quality"])
+            for r in rows
+        )
+        if not on_frontier and dominated:
             notes.append(
                 f"the plan is off this frontier: a placement as cheap in {kind} is predicted as high, or the "
                 "plan keeps to a restriction its warnings give"
             )
+        elif not on_frontier:
+            notes.append("the plan is not one of the search's placements, which this frontier holds")
         t.caption = "; ".join(notes) or None
         console.print(t)
-    err = q["expected_error"]
+    err = chosen.get("error", q["expected_error"])
     console.print(
         f"plan ({plan.config['policy']}, budgets {', '.join(p['budgets']) or 'none'}"
         + (f", target {plan.config['target']:g}" if plan.config.get("target") is not None else "")
         + "): "
         f"{row_label(chosen)}, {p['params']:,} params, "
-        f"{p['modules']} modules, predicted quality {q['fraction']:.3f}"
+        f"{p['modules']} modules, predicted quality {chosen['quality']:.3f}"
         + ("" if err is None else f" ± {err:.3f}")
         + (f", predicted {p['step_time_s']:.3g} s/step" if p.get("step_time_s") else "")
         + (f", peak {peak_text(p['memory'], p.get('memory_figure'))}" if p.get("memory") else "")

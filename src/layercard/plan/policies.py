@@ -24,7 +24,9 @@ def select(space: Space, cfg: PlanConfig, goal: float | None) -> tuple[list[int]
     budget = cfg.budget
     if cfg.policy == "all":
         notes: list[str] = []
-        if budget is not None:
+        if budget is not None and cfg.rank == "auto" and budget.kind == "params":
+            notes.append(f"policy all adapts every layer; the {budget_text(budget)} bounds only --rank auto")
+        elif budget is not None:
             notes.append(f"policy all ignores the {budget_text(budget)} (recorded only)")
         if cfg.target is not None:
             notes.append(f"policy all ignores the target {cfg.target} (recorded only)")

@@ -73,10 +73,13 @@ def beyond_error(rec: F.Candidate, other: F.Candidate) -> bool:
     return abs(rec.quality - other.quality) > max(rec.error, other.error)
 
 
-def sentence(rec: F.Candidate, defaults: dict[str, F.Candidate | None]) -> str:
+def sentence(
+    rec: F.Candidate, defaults: dict[str, F.Candidate | None], pick: F.Candidate | None = None
+) -> str:
     """One sentence: what the plan is predicted to gain over the best fixed rule within the same budgets.
 
     A difference is called one only where it exceeds the larger of the two predictions' expected errors.
+    ``pick``: the search's own pick within the budgets, which a plan that is a fixed rule is set against.
     """
     fitted = {k: v for k, v in defaults.items() if v is not None}
     err = _error_text(rec.error)
@@ -92,11 +95,21 @@ def sentence(rec: F.Candidate, defaults: dict[str, F.Candidate | None]) -> str:
         if (v.matrices, v.layer_rule, v.rank) == (rec.matrices, rec.layer_rule, rec.rank)
     ]
     if same:
-        return (
+        head = (
             f"{rec.label}: this is the {' and the '.join(same)} rule{'s' if len(same) > 1 else ''} fitted to "
-            "these budgets; predicted "
-            f"{100 * rec.quality:.0f}% of the reference's loss drop (expected error {err}), the most of any "
-            "placement the search priced within them."
+            f"these budgets; predicted {100 * rec.quality:.0f}% of the reference's loss drop (expected error "
+            f"{err})"
+        )
+        if pick is None or pick.units == rec.units:
+            return head + ", the most of any placement the search priced within them."
+        gap = (
+            f"{100 * (pick.quality - rec.quality):+.0f} points"
+            if beyond_error(pick, rec)
+            else "within the model's error of it"
+        )
+        return (
+            f"{head}; the search's pick within them, {pick.label}, is predicted "
+            f"{100 * pick.quality:.0f}% ({gap}; expected error {_error_text(pick.error)})."
         )
     diff = 100 * (rec.quality - best.quality)
     if not beyond_error(rec, best):
@@ -245,7 +258,11 @@ def _chosen(
             f"{','.join(search.card.roles)} (run `layercard card --roles {need}`)"
         )
     if not budgets:  # the rule as its users write it, unfitted: every layer at the given rank
-        return next(c for c in search.candidates if (c.matrices, c.layer_rule, c.rank) == (need, "all", rank))
+        found = [c for c in search.candidates if (c.matrices, c.layer_rule, c.rank) == (need, "all", rank)]
+        if not found:
+            grid = ", ".join(map(str, F.RANKS))
+            raise LayercardError(f"rank {rank}: policy {policy} without a budget takes a rank of {grid}")
+        return found[0]
     chosen = search.default_rule(policy, budgets)
     if chosen is None:
         raise LayercardError(f"policy {policy}: nothing it can place fits {', '.join(map(str, budgets))}")
@@ -413,10 +430,11 @@ def _target_depth_notes(
 
 
 def _roles(chosen: F.Candidate, by_key: dict[str, UnitRow]) -> list[str]:
-    """The roles a candidate adapts: its matrix set's, or (a placement off the grid) its units' in order."""
-    if chosen.matrices in F.MATRICES:
-        return list(F.MATRICES[chosen.matrices])
-    return list(dict.fromkeys(by_key[key].role for key, _ in chosen.units))
+    """The roles a candidate's units adapt, in the canonical order (a model without a gate has none)."""
+    from layercard.models import CANONICAL_ROLES, FUSED_ROLES
+
+    have = {r for key, _ in chosen.units for r in FUSED_ROLES.get(by_key[key].role, (by_key[key].role,))}
+    return [r for r in CANONICAL_ROLES if r in have]
 
 
 def _predicted(
@@ -446,7 +464,7 @@ def _predicted(
             "model_error": model.expected_error,
             "model": model.describe(),
         },
-        "recommendation": sentence(chosen, defaults),
+        "recommendation": sentence(chosen, defaults, search.best(budgets) if budgets else None),
         "candidate": F.summary_row(chosen, reference),
         "defaults": {
             k: (F.summary_row(v, reference) if v is not None else None) for k, v in defaults.items()
