@@ -819,6 +819,10 @@ def test_cli_plan_recommends_when_no_policy_is_named(card_file, tmp_path):
     r = CliRunner().invoke(app, base)  # the recommendation needs a budget or a target
     assert r.exit_code != 0 and "policy recommend needs a budget" in r.output, r.output
     assert len(r.output.strip().splitlines()) == 1 and not out.exists()
+    (tmp_path / "plan_frontier.png").unlink()
+    (tmp_path / "plan_frontier.png").mkdir()  # the figure cannot be written: neither is the plan
+    r = CliRunner().invoke(app, [*base, "--budget", "params=0.5x"])
+    assert r.exit_code != 0 and not out.exists() and "the frontier figure" in r.output, r.output
 
 
 def test_cli_target_and_memory_budget(card_file, tmp_path, monkeypatch):

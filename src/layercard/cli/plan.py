@@ -37,6 +37,9 @@ def plan_cmd(
 
     assert cfg is not None  # built by config_options
     check_out_file(out, example="plan.json", suffix=".json")  # before any work
+    figure_path = out.with_name(out.stem + "_frontier.png")
+    if cfg.policy in SEARCH_POLICIES:
+        check_out_file(figure_path, "the frontier figure")
     c = Card.load(card)
     plan = make_plan(c, cfg, card_path=str(card))
     check: dict[str, Any] | None = None
@@ -44,12 +47,12 @@ def plan_cmd(
         loaded = load_cli_model(check_model, dtype, device, trust_remote_code)
         check_model_matches(plan, loaded, where=str(card))
         check = check_plan(plan, loaded.model)
-    plan.save(out)  # only now: a failed plan or check leaves no plan.json behind
     figure = None
     if cfg.policy in SEARCH_POLICIES:
         from layercard.plan.figures import plot_frontier
 
-        figure = plot_frontier(plan, out.with_name(out.stem + "_frontier.png"))
+        figure = plot_frontier(plan, figure_path)
+    plan.save(out)  # only now: a failed plan, check or figure leaves no plan.json behind
     if json_out:
         emit_json(
             {
@@ -71,8 +74,12 @@ def plan_cmd(
         _print_search_plan(plan)
     else:
         _print_plan(plan)
-    if check is not None:
+    if check is not None and plan.kind == "lora":
         console.print(f"check: PEFT adapted exactly the {len(check['matched'])} planned modules")
+    elif check is not None:
+        console.print(
+            f"check: the {plan.kind} adapters attach to exactly the {len(check['matched'])} planned layers"
+        )
     console.print(f"wrote {out}" + (f" and {figure}" if figure is not None else ""), markup=False)
 
 

@@ -15,6 +15,7 @@ The practitioners' fixed rules are candidates too, each fitted to a budget the w
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -187,7 +188,12 @@ class Search:
             within = f" within {', '.join(map(str, budgets))}" if budgets else ""
             raise LayercardError(
                 f"target {target:g}: no placement{within} is predicted to reach it"
-                + ("" if best is None else f" (the best is predicted at {best:.3f})")
+                # rounded down: a best just under the target must not print as reaching it
+                + (
+                    ""
+                    if best is None
+                    else f" (the best is predicted at {math.floor(best * 1000) / 1000:.3f})"
+                )
                 + (self._floor_note(fitting) if not allowed else "")
             )
         return min(ok, key=lambda c: (c.costs[kind], -c.quality))
