@@ -277,6 +277,30 @@ def test_until_plan_trains_nothing_and_the_next_call_goes_on(tmp_path):
     assert "no costs: the card was measured without the cost calibration" in " ".join(r.output.split())
 
 
+def test_results_of_replaced_inputs_are_left_out_until_made_again(tiny_run, tmp_path):
+    cfg_path, run_dir, summary = tiny_run
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    before = {r["name"]: r for r in summary["rows"]}
+    # the placement is planned again at another rank, and the run stops before training it
+    changed = load_config(cfg_path, ["placements.all.rank=2"])
+    stopped = run_pipeline(changed, copy, progress=False, until="plan")
+    rows = {r["name"]: r for r in stopped["rows"]}
+    plan = json.loads((copy / "plan/all/plan.json").read_text())
+    assert rows["all"]["trainable_params"] == plan["predicted"]["params"] < before["all"]["trainable_params"]
+    assert rows["all"]["s_per_step"] is None and rows["all"]["eval_loss"] is None
+    assert "all-trimmed" not in rows  # trimmed from the adapter the new plan replaces
+    assert set(stopped["left_out"]) == {"train:all", "eval:all", "trim", "eval:trimmed"}
+    assert rows["card-2"]["eval_loss"] == before["card-2"]["eval_loss"]  # untouched placements stay
+    r = CliRunner().invoke(app, ["report", str(copy)])
+    assert r.exit_code == 0, r.output
+    text = (copy / "report.md").read_text()
+    assert "Left out: the artifacts of train:all, eval:all, trim, eval:trimmed" in text
+    # the next call makes them again, and nothing is left out
+    done = run_pipeline(changed, copy, progress=False)
+    assert done["left_out"] == [] and {r["name"] for r in done["rows"]} >= {"all", "all-trimmed"}
+
+
 def test_changed_train_steps_reruns_downstream_only(tiny_run, tmp_path, monkeypatch):
     import layercard.train
 

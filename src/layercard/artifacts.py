@@ -72,6 +72,15 @@ def hash_file(path: str | os.PathLike[str]) -> str:
     return h.hexdigest()
 
 
+def content_hash(path: str | os.PathLike[str]) -> str:
+    """Hash of a JSON artifact without its provenance and timings (when it was made, how long it took), so
+    a stage rerun that reproduces the same content does not invalidate the stages downstream of it."""
+    obj = read_json(path)
+    if isinstance(obj, dict):
+        obj = {k: v for k, v in obj.items() if k not in ("provenance", "timings")}
+    return sha256_json(obj)
+
+
 def hash_folder(folder: str | os.PathLike[str]) -> str:
     """sha256 over a folder's relative file names and bytes: the one identity of an adapter folder."""
     folder = Path(folder)

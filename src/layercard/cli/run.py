@@ -101,12 +101,15 @@ def _comparison(summary: dict[str, Any]) -> Table:
     return t
 
 
-def _plans(summary: dict[str, Any]) -> Table:
-    """What a run stopped before training would cost: each placement's plan and its predictions."""
+def _plans(summary: dict[str, Any]) -> Table | None:
+    """What a run stopped before training would cost: each placement's plan and its predictions (None
+    before any plan was made)."""
     from layercard.report import seconds_text
 
     steps = summary["train_steps"]
-    rows = [r for r in summary["rows"] if r["kind"] == "placement"]
+    rows = [r for r in summary["rows"] if r["kind"] == "placement" and r.get("policy") is not None]
+    if not rows:
+        return None
     priced = any(r.get("predicted_s_per_step") is not None for r in rows)
     caption = "predicted by the card's cost and quality models; quality: fraction of the reference's drop"
     if not priced:
@@ -185,7 +188,17 @@ def _run_cfg(cfg: Any, out: Path, json_out: bool, until: str = "report") -> dict
     )
     if json_out:
         return _headline(summary)
-    console.print(_plans(summary) if until in ("card", "plan") else _comparison(summary))
+    table = _plans(summary) if until in ("card", "plan") else _comparison(summary)
+    if table is not None:
+        console.print(table)
+    if summary.get("left_out"):
+        console.print(
+            "left out of the tables: the artifacts of "
+            + ", ".join(summary["left_out"])
+            + ", which failed or "
+            "were made from inputs this run has since replaced",
+            markup=False,
+        )
     skipped = len(summary["skipped"])
     console.print(
         f"{_count(len(summary['ran']), 'stage')} ran, {skipped} skipped, {summary['wall_time_s']:.0f} s on "

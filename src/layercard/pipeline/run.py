@@ -193,6 +193,7 @@ def _summary(runner: Runner, threads: int, t0: float, until: str) -> dict[str, A
         "reference": results["reference"],
         "recommendation": _recommendation(out.root, [p.name for p in cfg.placements]),
         "rows": results["rows"],
+        "left_out": results["left_out"],
         # a run stopped early built no report this time (one from an earlier call may be out of date)
         "report": (
             {"html": str(out.report_html.resolve()), "markdown": str(out.report_md.resolve())}

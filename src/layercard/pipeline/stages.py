@@ -17,7 +17,15 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from layercard.artifacts import SCHEMA_VERSION, hash_file, hash_folder, read_json, sha256_json, write_json
+from layercard.artifacts import (
+    SCHEMA_VERSION,
+    content_hash,
+    hash_file,
+    hash_folder,
+    read_json,
+    sha256_json,
+    write_json,
+)
 from layercard.errors import LayercardError
 from layercard.pipeline.config import PlacementSpec, RunConfig
 from layercard.report import fmt as _fmt
@@ -28,15 +36,6 @@ __all__ = ["STAGE_KIND", "STAGE_VERSION", "Runner", "StageCallback", "StageResul
 STAGE_KIND = "stage"
 # Bumped when a stage's code changes what it writes, so old records stop matching.
 STAGE_VERSION = 1
-
-
-def _content_hash(path: Path) -> str:
-    """Hash of a JSON artifact without its provenance and timings (when it was made, how long it took), so
-    a stage rerun that reproduces the same content does not invalidate the stages downstream of it."""
-    obj = read_json(path)
-    if isinstance(obj, dict):
-        obj = {k: v for k, v in obj.items() if k not in ("provenance", "timings")}
-    return sha256_json(obj)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -408,7 +407,7 @@ class Runner:
             return rows + [("warning", w) for w in plan.warnings]
 
         config = {**p.to_dict(), "seed": p.plan.seed, "batch_size": plan_cfg.batch_size}
-        inputs = {"card": _content_hash(out.card_json)}
+        inputs = {"card": content_hash(out.card_json)}
         if at_run:  # what the training's positions follow
             t = self.cfg.train
             keys = ("batch_size", "grad_accum", "steps", "epochs", "max_length", "train_examples", "seed")
@@ -477,7 +476,7 @@ class Runner:
             return rows + [("warning", line) for line in m.budget_notes or []]
 
         inputs = {
-            "plan": _content_hash(out.plan_json(p.name)),
+            "plan": content_hash(out.plan_json(p.name)),
             "model": self.model_hash,
             "train_data": self.train_task.data_hash,
             "val_data": val.data_hash if val is not None else None,

@@ -163,11 +163,23 @@ def _load_run(root: Path) -> _Run:
 
     lay = RunLayout(root)
     names = placement_names(root)
-    plans = {n: x for n in names if (x := load_optional(Plan.load, lay.plan_json(n))) is not None}
-    metrics = {
-        n: x for n in names if (x := load_optional(read_train_metrics, lay.train_metrics(n))) is not None
+    results = collect_results(root)
+    # only what the results kept: a stale or failed stage's artifacts are left out of every section
+    gone = set(results["left_out"])
+    plans = {
+        n: x
+        for n in names
+        if f"plan:{n}" not in gone and (x := load_optional(Plan.load, lay.plan_json(n))) is not None
     }
-    trim = load_optional(read_json, lay.trim_json) if stages_active(root)[0] else None
+    metrics = {
+        n: x
+        for n in names
+        if f"train:{n}" not in gone
+        and f"plan:{n}" not in gone
+        and (x := load_optional(read_train_metrics, lay.train_metrics(n))) is not None
+    }
+    trimmed = any(r["kind"] == "trimmed" for r in results["rows"])
+    trim = load_optional(read_json, lay.trim_json) if stages_active(root)[0] and trimmed else None
     trace = load_optional(Trace.load, lay.trace_json) if trim is not None and trim.get("trace") else None
     return _Run(
         lay=lay,
@@ -178,7 +190,7 @@ def _load_run(root: Path) -> _Run:
         metrics=metrics,
         trim=trim,
         trace=trace,
-        results=collect_results(root),
+        results=results,
     )
 
 
@@ -237,11 +249,24 @@ def _recommendation(doc: _Doc, run: _Run) -> None:
 
 def _headline(doc: _Doc, run: _Run) -> None:
     doc.h2("Headline: quality against cost")
+    trimmed = any(r["kind"] == "trimmed" for r in run.rows)
     doc.p(
-        "One row per model: the base model, each trained placement, and the trimmed adapter (adapters "
-        "above the boundary K dropped). Loss drop = base eval loss − the model's eval loss. The trimmed "
-        "adapter was trained as its parent, so its training cost is the parent's."
+        "One row per model: the base model, each trained placement"
+        + (", and the trimmed adapter (adapters above the boundary K dropped)" if trimmed else "")
+        + ". Loss drop = base eval loss − the model's eval loss."
+        + (
+            " The trimmed adapter was trained as its parent, so its training cost is the parent's."
+            if trimmed
+            else ""
+        )
     )
+    if run.results.get("left_out"):
+        doc.p(
+            "Left out: the artifacts of "
+            + ", ".join(run.results["left_out"])
+            + ", whose stage failed or was "
+            "made from inputs the run has since replaced; the next `layercard run` makes them again."
+        )
     doc.table(headline_table(run.results))
     if any(r.get("peak_memory_kind") == "process_peak_rss" for r in run.rows):
         doc.p(

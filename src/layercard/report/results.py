@@ -12,7 +12,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from layercard.artifacts import read_json
+from layercard.artifacts import content_hash, hash_folder, read_json
 from layercard.run_layout import BASE_EVAL, TRIMMED_EVAL, RunLayout
 
 if TYPE_CHECKING:
@@ -201,6 +201,9 @@ class _Rows:
         self.base_loss = base_ev.loss if base_ev is not None else None
         self.primary = _primary(base_ev)[0]
         self.rows: list[dict[str, Any]] = []
+        # stages whose artifacts are left out: they failed, or were made from inputs the run has since
+        # replaced (a placement planned again under --until plan, say)
+        self.left_out: list[str] = []
         # per compared model: its examples' summed losses and the hash of the examples they are of
         self.example_losses: dict[str, tuple[list[float], Any]] = {}
 
@@ -246,14 +249,55 @@ class _Rows:
         }
 
 
+def fresh(record: Path, **inputs: Callable[[], str]) -> bool:
+    """Whether the stage whose record this is finished, from the inputs the run has now (each given as
+    the function that hashes it). A folder without a record counts as fresh."""
+    rec = _maybe(record)
+    if rec is None:
+        return True
+    if rec.get("status") != "done":
+        return False
+    had = rec.get("inputs") or {}
+    return all(key not in had or had[key] == now() for key, now in inputs.items())
+
+
+def _kept(rows: _Rows, stage: str, artifact: Path, ok: Callable[[], bool], *, upstream: bool = True) -> bool:
+    """Whether ``artifact`` is there, what it was made from is kept (``upstream``) and its stage is fresh;
+    one that is there but not kept is noted as left out."""
+    if not artifact.exists():
+        return False
+    if upstream and ok():
+        return True
+    rows.left_out.append(stage)
+    return False
+
+
 def _placement_row(rows: _Rows, lay: RunLayout, name: str) -> dict[str, Any]:
     from layercard.cost import peak_of
     from layercard.evaluate import EvalResult
     from layercard.plan import Plan
 
-    plan = load_optional(Plan.load, lay.plan_json(name))
-    tm = load_optional(read_train_metrics, lay.train_metrics(name))
-    ev = load_optional(EvalResult.load, lay.eval_json(name))
+    record = RunLayout.stage_record
+    plan_file, metrics_file, eval_file = lay.plan_json(name), lay.train_metrics(name), lay.eval_json(name)
+    adapter = lay.adapter_dir(name)
+    plan_ok = _kept(rows, f"plan:{name}", plan_file, lambda: fresh(record(plan_file.parent)))
+    train_ok = _kept(
+        rows,
+        f"train:{name}",
+        metrics_file,
+        lambda: adapter.is_dir() and fresh(record(metrics_file.parent), plan=lambda: content_hash(plan_file)),
+        upstream=plan_ok,
+    )
+    eval_ok = _kept(
+        rows,
+        f"eval:{name}",
+        eval_file,
+        lambda: fresh(record(eval_file.parent), adapter=lambda: hash_folder(adapter)),
+        upstream=train_ok,
+    )
+    plan = load_optional(Plan.load, plan_file) if plan_ok else None
+    tm = load_optional(read_train_metrics, metrics_file) if train_ok else None
+    ev = load_optional(EvalResult.load, eval_file) if eval_ok else None
     rows.keep_examples(name, ev)
     pr = plan.predicted if plan else {}
     return {
@@ -280,13 +324,33 @@ def _placement_row(rows: _Rows, lay: RunLayout, name: str) -> dict[str, Any]:
     }
 
 
-def _trimmed_row(rows: _Rows, lay: RunLayout, trim: dict[str, Any]) -> dict[str, Any]:
+def _trimmed_row(rows: _Rows, lay: RunLayout, trim: dict[str, Any]) -> dict[str, Any] | None:
     from layercard.evaluate import EvalResult
 
     target = trim_target(lay.root, trim)
     parent = next((r for r in rows.rows if r["name"] == target), {})
+    parent_adapter = lay.adapter_dir(target)
+    trim_ok = _kept(
+        rows,
+        "trim",
+        lay.trim_json,
+        lambda: fresh(RunLayout.stage_record(lay.trim_dir), adapter=lambda: hash_folder(parent_adapter)),
+        upstream=parent.get("s_per_step") is not None,  # its parent's training is the run's now
+    )
+    eval_file = lay.eval_json(TRIMMED_EVAL)
+    eval_ok = _kept(
+        rows,
+        f"eval:{TRIMMED_EVAL}",
+        eval_file,
+        lambda: fresh(
+            RunLayout.stage_record(eval_file.parent), adapter=lambda: hash_folder(lay.trimmed_adapter)
+        ),
+        upstream=trim_ok,
+    )
+    if not trim_ok:
+        return None
     after = trim["after"]
-    ev = load_optional(EvalResult.load, lay.eval_json(TRIMMED_EVAL))
+    ev = load_optional(EvalResult.load, eval_file) if eval_ok else None
     rows.keep_examples(f"{target}-trimmed", ev)
     return {
         "name": f"{target}-trimmed",
@@ -328,8 +392,9 @@ def collect_results(root: str | Path) -> dict[str, Any]:
     for name in placement_names(root):
         rows.rows.append(_placement_row(rows, lay, name))
     trim = _maybe(lay.trim_json) if trim_on else None
-    if trim is not None:
-        rows.rows.append(_trimmed_row(rows, lay, trim))
+    trimmed = _trimmed_row(rows, lay, trim) if trim is not None else None
+    if trimmed is not None:
+        rows.rows.append(trimmed)
     for r in rows.rows:
         r.setdefault("measured_gain", None)
     ref = reference_placement(lay, placement_names(root))
@@ -345,6 +410,7 @@ def collect_results(root: str | Path) -> dict[str, Any]:
         "base_loss": rows.base_loss,
         "reference": ref,
         "rows": rows.rows,
+        "left_out": rows.left_out,
     }
 
 
