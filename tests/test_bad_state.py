@@ -265,7 +265,8 @@ def test_relative_paths_in_a_config_are_read_from_its_folder(
     folder.mkdir()
     shutil.copy(world.data, folder / "train.jsonl")
     shutil.copy(world.data, folder / "eval.jsonl")
-    raw = run_config(world, task={"train": "train.jsonl", "eval": "eval.jsonl"})
+    (folder / "prompt.txt").write_text("Q: {input}")
+    raw = run_config(world, task={"train": "train.jsonl", "eval": "eval.jsonl", "prompt": "@prompt.txt"})
     raw["model"] = os.path.relpath(world.model, folder)  # ../../bad0/tiny, from the config's folder
     (folder / "c.yaml").write_text(yaml.safe_dump(raw))
     elsewhere = tmp_path / "elsewhere"
@@ -275,6 +276,7 @@ def test_relative_paths_in_a_config_are_read_from_its_folder(
     assert cfg.task.train == str((folder / "train.jsonl").resolve())
     assert cfg.task.eval == str((folder / "eval.jsonl").resolve())
     assert Path(cfg.model).resolve() == world.model.resolve()
+    assert cfg.task.prompt == "@" + str((folder / "prompt.txt").resolve())  # a prompt file too
     # a value given with --set is a command-line path: read from the current folder
     cfg = load_config(Path("..") / "project" / "c.yaml", ["task.train=other.jsonl"])
     assert cfg.task.train == "other.jsonl"

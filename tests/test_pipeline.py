@@ -420,6 +420,16 @@ def test_config_values_typed_and_defaults_filled(tmp_path):
     assert cfg.to_dict()["card"]["coupling"] is True
     over = load_config(write_config(tmp_path, tiny_config(tmp_path)), ["train.steps=10", "card.roles=[q, k]"])
     assert over.train.steps == 10 and over.card.roles == "q,k"
+    # a layer window A:B as written, in the file and with --set (YAML 1.1 would read 1:2 as 62)
+    windowed = tiny_config(tmp_path)
+    windowed["trim"]["window"] = "1:2"
+    text = yaml.safe_dump(windowed).replace("window: '1:2'", "window: 1:2")
+    assert "window: 1:2\n" in text
+    (tmp_path / "w.yaml").write_text(text)
+    assert load_config(tmp_path / "w.yaml").trim.config.window == (1, 2)
+    assert load_config(
+        write_config(tmp_path, tiny_config(tmp_path)), ["trim.window=2:3"]
+    ).trim.config.window == (2, 3)
     with pytest.raises(LayercardError, match="expected KEY=VALUE"):
         apply_overrides({}, ["train.steps"])
     with pytest.raises(LayercardError, match=r"placements\.x: no such list entry"):

@@ -9,7 +9,7 @@ and unknown keys are errors. Each section is checked by the stage's own settings
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -264,11 +264,22 @@ def _resolve_paths(raw: dict[str, Any], folder: Path) -> dict[str, Any]:
     if isinstance(task, str):
         out["task"] = local(task, is_file_spec(task))
     elif isinstance(task, Mapping):
-        out["task"] = {
-            k: local(v, is_file_spec(v)) if k in ("train", "eval") and isinstance(v, str) else v
-            for k, v in task.items()
-        }
+        out["task"] = {k: _task_path(k, v, local) for k, v in task.items()}
     return out
+
+
+def _task_path(key: str, value: Any, local: Callable[[Any, bool], Any]) -> Any:
+    """A task setting with its path read from the config's folder: the data files, and a prompt or system
+    text given as ``@FILE``."""
+    from layercard.tasks import is_file_spec
+
+    if not isinstance(value, str):
+        return value
+    if key in ("train", "eval"):
+        return local(value, is_file_spec(value))
+    if key in ("prompt", "system") and value.startswith("@") and len(value) > 1:
+        return "@" + local(value[1:], True)
+    return value
 
 
 def demo_config_path() -> Path:

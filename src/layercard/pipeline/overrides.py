@@ -3,6 +3,7 @@ config, before it is validated (docs/design.md §1)."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -19,8 +20,22 @@ class _DuplicateKey(Exception):
         self.key, self.first, self.second = key, first, second
 
 
+_SEXAGESIMAL = re.compile(r"[-+]?[0-9][0-9_]*(?::[0-5]?[0-9])+(?:\.[0-9_]*)?")
+
+
 class _UniqueKeyLoader(yaml.SafeLoader):
-    """PyYAML's safe loader, except that a key given twice in one mapping is an error, not "last wins"."""
+    """PyYAML's safe loader, except that a key given twice in one mapping is an error, not "last wins",
+    and that ``1:2`` is text (YAML 1.1 reads it as the base-60 number 62; layer windows are written so)."""
+
+    def resolve(self, kind: Any, value: Any, implicit: Any) -> Any:
+        if (
+            kind is yaml.ScalarNode
+            and implicit[0]
+            and isinstance(value, str)
+            and _SEXAGESIMAL.fullmatch(value)
+        ):
+            return "tag:yaml.org,2002:str"
+        return super().resolve(kind, value, implicit)
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         seen: dict[Any, int] = {}
