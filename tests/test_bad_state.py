@@ -211,6 +211,14 @@ def test_writer_lock_takes_over_stale_locks_and_waits_for_live_ones(world: World
     assert waited and waited[0] >= 0.2  # the second writer waited for the first to finish
 
 
+def test_one_folder_reached_by_a_link_has_one_lock(tmp_path: Path) -> None:
+    target = tmp_path / "run"
+    target.mkdir()
+    (tmp_path / "run_link").symlink_to(target)
+    assert artifacts.lock_path(tmp_path / "run_link") == artifacts.lock_path(target)
+    assert artifacts.lock_path(tmp_path / "not-yet") == tmp_path / ".not-yet.lock"
+
+
 def _second_writer(target: Path, waited: list[float]) -> None:
     t0 = time.monotonic()
     with artifacts.writer_lock(target, wait=10):

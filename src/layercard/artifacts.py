@@ -454,8 +454,9 @@ def _json_default(o: Any) -> Any:
 
 
 def lock_path(target: str | os.PathLike[str]) -> Path:
-    """The lock file of ``target``: the hidden sibling ``.NAME.lock`` (the folder itself stays clean)."""
-    t = Path(os.path.abspath(target))
+    """The lock file of ``target``: the hidden sibling ``.NAME.lock`` (the folder itself stays clean).
+    Links are followed, so that one folder reached by two paths has one lock."""
+    t = Path(os.path.realpath(target))
     return t.parent / f".{t.name}.lock"
 
 
