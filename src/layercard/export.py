@@ -119,7 +119,8 @@ def _rank_note(lora: dict[str, Any], target: str, key: str) -> list[str]:
     others = ", ".join(f"{n} at rank {r}" for r, n in sorted(ranks.items()))
     return [
         f"{target} takes one rank for every module ({key}); the plan gives modules their own ranks "
-        f"({others}, the rest at {lora['r']}): all train at rank {lora['r']} here, the plan's commonest, "
+        f"({others}, the rest at {lora['r']}): all train at rank {lora['r']} here, the plan's commonest (the "
+        "largest where counts tie), "
         "so the trainable parameter count differs from the plan's. The PEFT, TRL and axolotl exports keep "
         "every rank."
     ]

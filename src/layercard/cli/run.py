@@ -18,7 +18,7 @@ SetOpt = Annotated[
         "--set",
         "-s",
         help="Override a config key, e.g. --set train.steps=10 (value typed as YAML; repeatable; "
-        "placements by index or name: placements.all.rank=4).",
+        "placements by index or name: placements.0.rank=4, placements.reference.rank=4).",
     ),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout (no tables, no bars).")]
