@@ -285,7 +285,7 @@ def _placement_row(rows: _Rows, lay: RunLayout, name: str) -> dict[str, Any]:
         rows,
         f"train:{name}",
         metrics_file,
-        lambda: adapter.is_dir() and fresh(record(metrics_file.parent), plan=lambda: content_hash(plan_file)),
+        lambda: fresh(record(metrics_file.parent), plan=lambda: content_hash(plan_file)),
         upstream=plan_ok,
     )
     eval_ok = _kept(
