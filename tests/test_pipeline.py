@@ -301,6 +301,19 @@ def test_results_of_replaced_inputs_are_left_out_until_made_again(tiny_run, tmp_
     assert done["left_out"] == [] and {r["name"] for r in done["rows"]} >= {"all", "all-trimmed"}
 
 
+def test_results_trained_under_other_settings_are_left_out_until_made_again(tiny_run, tmp_path):
+    cfg_path, run_dir, summary = tiny_run
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    changed = load_config(cfg_path, ["train.lr=5e-3"])  # the plans stay; every training is another
+    stopped = run_pipeline(changed, copy, progress=False, until="plan")
+    assert stopped["ran"] == [] and {"card", "plan:card-2", "plan:all"} <= set(stopped["skipped"])
+    rows = {r["name"]: r for r in stopped["rows"]}
+    assert rows["all"]["s_per_step"] is None and rows["card-2"]["eval_loss"] is None
+    assert {"train:card-2", "train:all", "eval:card-2", "eval:all"} <= set(stopped["left_out"])
+    assert rows["base"]["eval_loss"] == summary["rows"][0]["eval_loss"]  # the base is not trained
+
+
 def test_changed_train_steps_reruns_downstream_only(tiny_run, tmp_path, monkeypatch):
     import layercard.train
 

@@ -249,15 +249,19 @@ class _Rows:
         }
 
 
-def fresh(record: Path, **inputs: Callable[[], str]) -> bool:
+def fresh(record: Path, settings: Mapping[str, Any] | None = None, **inputs: Callable[[], str]) -> bool:
     """Whether the stage whose record this is finished, from the inputs the run has now (each given as
-    the function that hashes it). A folder without a record counts as fresh."""
+    the function that hashes it) and with the ``settings`` the run's config gives it now (a setting the
+    config leaves to the run, null there, is not compared). A folder without a record counts as fresh."""
     rec = _maybe(record)
     if rec is None:
         return True
     if rec.get("status") != "done":
         return False
     had = rec.get("inputs") or {}
+    used = rec.get("config") or {}
+    if any(v is not None and k in used and used[k] != v for k, v in (settings or {}).items()):
+        return False
     return all(key not in had or had[key] == now() for key, now in inputs.items())
 
 
@@ -278,6 +282,7 @@ def _placement_row(rows: _Rows, lay: RunLayout, name: str) -> dict[str, Any]:
     from layercard.plan import Plan
 
     record = RunLayout.stage_record
+    cfg = run_config(lay.root) or {}
     plan_file, metrics_file, eval_file = lay.plan_json(name), lay.train_metrics(name), lay.eval_json(name)
     adapter = lay.adapter_dir(name)
     plan_ok = _kept(rows, f"plan:{name}", plan_file, lambda: fresh(record(plan_file.parent)))
@@ -285,14 +290,14 @@ def _placement_row(rows: _Rows, lay: RunLayout, name: str) -> dict[str, Any]:
         rows,
         f"train:{name}",
         metrics_file,
-        lambda: fresh(record(metrics_file.parent), plan=lambda: content_hash(plan_file)),
+        lambda: fresh(record(metrics_file.parent), cfg.get("train"), plan=lambda: content_hash(plan_file)),
         upstream=plan_ok,
     )
     eval_ok = _kept(
         rows,
         f"eval:{name}",
         eval_file,
-        lambda: fresh(record(eval_file.parent), adapter=lambda: hash_folder(adapter)),
+        lambda: fresh(record(eval_file.parent), cfg.get("eval"), adapter=lambda: hash_folder(adapter)),
         upstream=train_ok,
     )
     plan = load_optional(Plan.load, plan_file) if plan_ok else None
@@ -328,13 +333,16 @@ def _trimmed_row(rows: _Rows, lay: RunLayout, trim: dict[str, Any]) -> dict[str,
     from layercard.evaluate import EvalResult
 
     target = trim_target(lay.root, trim)
+    cfg = run_config(lay.root) or {}
     parent = next((r for r in rows.rows if r["name"] == target), {})
     parent_adapter = lay.adapter_dir(target)
     trim_ok = _kept(
         rows,
         "trim",
         lay.trim_json,
-        lambda: fresh(RunLayout.stage_record(lay.trim_dir), adapter=lambda: hash_folder(parent_adapter)),
+        lambda: fresh(
+            RunLayout.stage_record(lay.trim_dir), cfg.get("trim"), adapter=lambda: hash_folder(parent_adapter)
+        ),
         upstream=parent.get("s_per_step") is not None,  # its parent's training is the run's now
     )
     eval_file = lay.eval_json(TRIMMED_EVAL)
@@ -343,7 +351,9 @@ def _trimmed_row(rows: _Rows, lay: RunLayout, trim: dict[str, Any]) -> dict[str,
         f"eval:{TRIMMED_EVAL}",
         eval_file,
         lambda: fresh(
-            RunLayout.stage_record(eval_file.parent), adapter=lambda: hash_folder(lay.trimmed_adapter)
+            RunLayout.stage_record(eval_file.parent),
+            cfg.get("eval"),
+            adapter=lambda: hash_folder(lay.trimmed_adapter),
         ),
         upstream=trim_ok,
     )
