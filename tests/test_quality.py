@@ -785,3 +785,16 @@ def test_a_target_within_the_picks_expected_error_is_said_not_to_be_assured():
     assert (
         f"{100 * near:.0f}% lies within the prediction's expected error" in close.predicted["recommendation"]
     )
+
+
+def test_a_rank_the_search_does_not_use_is_said():
+    from layercard.config import PlanConfig
+    from layercard.plan import make_plan
+
+    card = _card(8)
+    said = make_plan(card, PlanConfig(policy="recommend", budget="params=0.25x", rank=4)).warnings
+    assert any(w.startswith("rank 4: not used; recommend chooses the rank") for w in said)
+    quiet = make_plan(card, PlanConfig(policy="recommend", budget="params=0.25x")).warnings
+    assert not any("not used" in w for w in quiet)  # the default rank is not an ask
+    unfitted = make_plan(card, PlanConfig(policy="peft-default", rank=4))  # no budget: the rank is used
+    assert unfitted.units[0].rank == 4 and not any("not used" in w for w in unfitted.warnings)

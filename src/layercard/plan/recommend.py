@@ -269,6 +269,18 @@ def _chosen(
     return chosen
 
 
+def _rank_unused(cfg: PlanConfig, budgets: list[Budget], chosen: F.Candidate) -> list[str]:
+    """A line where ``--rank`` was given but the policy chose the rank itself (the default is not said)."""
+    if cfg.rank == Q.REFERENCE_RANK or chosen.rank == cfg.rank or cfg.policy == "spectrum":
+        return []
+    if cfg.policy == "recommend" or budgets or cfg.target is not None:
+        return [
+            f"rank {cfg.rank}: not used; {cfg.policy} chooses the rank (here {chosen.rank}) with the "
+            "placement"
+        ]
+    return []
+
+
 def _loose_budgets(search: F.Search, budgets: list[Budget]) -> list[str]:
     """A line for each budget every candidate of the search fits under: it does not shape the choice."""
     out = []
@@ -330,6 +342,7 @@ def search_plan(
     warnings += _depth_notes(card, cfg, search, chosen, budgets, model, over_depth, kind)
     warnings += dropout_warnings(card, cfg.dropout)
     warnings += _loose_budgets(search, budgets)
+    warnings += _rank_unused(cfg, budgets, chosen)
     config = {
         "policy": cfg.policy,
         "budget": str(cfg.budget) if cfg.budget is not None else None,
