@@ -144,8 +144,8 @@ def _print_search_plan(plan) -> None:
         )
         if not on_frontier and dominated:
             notes.append(
-                f"the plan is off this frontier: a placement as cheap in {kind} is predicted as high, or the "
-                "plan keeps to a restriction its warnings give"
+                f"the plan is off this frontier: a placement as cheap in {kind} is predicted as high, and "
+                "the plan keeps to a restriction (its --depth, or one its warnings give)"
             )
         elif not on_frontier:
             notes.append("the plan is not one of the search's placements, which this frontier holds")
