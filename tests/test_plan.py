@@ -165,6 +165,8 @@ def test_budget_parse():
         (dict(policy="top", budget="layers=2", score="magic"), "score"),
         (dict(policy="top", target=1.5), "target"),
         (dict(policy="top", budget="layers=2", rank=0), "rank"),
+        (dict(budget="params=0.2x", peak_positions=0.001), "peak_positions"),
+        (dict(budget="params=0.2x", step_positions=0.5), "step_positions"),
         (dict(policy="top", budget="layers=2", dropout=1.0), "dropout"),
         (dict(policy="top", budget="layers=2", bands=2), "bands"),
         (dict(policy="top"), "budget"),

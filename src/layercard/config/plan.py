@@ -112,6 +112,10 @@ class PlanConfig(Schema):
     )
 
     def validate(self) -> None:
+        for name in ("step_positions", "peak_positions"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise self.fail(name, f"a step computes at least 1 padded position, got {value:g}")
         if self.policy in SEARCH_POLICIES:
             self._validate_search()
             return
