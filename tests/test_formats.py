@@ -374,3 +374,10 @@ def test_a_held_out_split_that_exists_but_is_malformed_is_an_error_not_skipped(t
         held_out("sst2:train", exclude="train")
     (root / "sst2" / "validation.jsonl").unlink()  # absent, it is skipped: sst2 has no test split here
     assert held_out("sst2:train", exclude="train") is None
+
+
+def test_a_single_file_is_named_by_its_stem_whatever_split_is_asked(tmp_path):
+    p = tmp_path / "mine.jsonl"
+    p.write_text(json.dumps({"input": "a", "target": "b"}) + "\n")
+    assert load_task(str(p)).split == "mine"
+    assert load_task(str(p), split="test").split == "mine"  # it holds no test split to name

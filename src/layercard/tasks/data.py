@@ -137,7 +137,8 @@ def _load_path(
     )
     fmt = _schema_format(schema, preset, detect_preset(p) if p.is_file() else PRESETS["jsonl"])
     name = fmt.name if fmt.name in DATASET_PRESETS or fmt.name in SYNTHETIC_TASKS else stem
-    return Task(name, str(p.resolve()), records.split or split or stem, fmt, examples, schema)
+    # a single file has no splits: a split asked of it is not what it holds, so it is named by its stem
+    return Task(name, str(p.resolve()), records.split or stem, fmt, examples, schema)
 
 
 # ---------------------------------------------------------------- spec resolution
