@@ -100,6 +100,10 @@ def test_extract_final_number():
     assert extract_final_number("steps 2 and 3\n#### 18\nQuestion: 99 more") == 18.0  # the #### line wins
     assert extract_final_number("#### 1,000,000") == 1_000_000.0
     assert extract_final_number("no numbers here") is None
+    # a range is not a negative number; commas that are not thousands groups separate numbers
+    assert extract_final_number("between 3-4") == 4.0 and extract_final_number("pages 3–4") == 4.0
+    assert extract_final_number("the list 1,2,3") == 3.0 and extract_final_number("half is .5") == 0.5
+    assert extract_final_number("#### −5") == -5.0  # the minus sign, not a hyphen
 
 
 def test_gsm8k_accuracy():

@@ -144,8 +144,10 @@ def bleu(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> flo
     return float(sacrebleu.corpus_bleu(list(predictions), streams).score)
 
 
-# A number: optional minus sign, digits with optional thousands commas, optional decimals.
-_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+# A number: a minus sign unless it joins two words ("3-4" is a range, not -4), digits in thousands groups
+# ("1,000"; "1,2,3" is three numbers) or plain, optional decimals; or decimals alone (".5").
+_NUMBER = re.compile(r"(?:(?<![\w.])-)?(?:(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|\.\d+)")
+_MINUS = str.maketrans({"\u2212": "-", "\u2013": "-"})  # the minus sign and the en dash as a minus
 
 
 def extract_final_number(text: str) -> float | None:
@@ -155,6 +157,7 @@ def extract_final_number(text: str) -> float | None:
     after its answer line is still scored on that line), else the last number in the text.
     Thousands commas are removed; a trailing full stop is not part of the number.
     """
+    text = text.translate(_MINUS)
     tail = text.rsplit("####", 1)[1] if "####" in text else None
     if tail is not None:
         found = _NUMBER.findall(tail)
