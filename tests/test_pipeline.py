@@ -418,6 +418,9 @@ def test_config_errors_name_the_key(tmp_path):
         apply_overrides(base, ["trim.placement=nope"])
     )
     assert "task: required key" in _error({k: v for k, v in base.items() if k != "task"})
+    assert _error({**base, "train": None}) == (
+        "config.yaml: train: is empty (null): leave the section out for its defaults, or give keys"
+    )
     assert "eval.metrics: unknown metric 'accuracy'" in _error(
         apply_overrides(base, ["eval.metrics=accuracy"])
     )

@@ -186,6 +186,9 @@ def _parse(raw: Any, source: str) -> RunConfig:
     for key in ("task", "placements"):
         if key not in raw:
             raise ConfigError(key, "required key is missing")
+    for key in ("card", "train", "trim", "eval"):
+        if key in raw and raw[key] is None:  # `train:` with nothing under it
+            raise ConfigError(key, "is empty (null): leave the section out for its defaults, or give keys")
     top = RunSettings.from_mapping({k: v for k, v in raw.items() if k not in _SECTIONS}, where="")
     seed = top.seed
     placements_raw = raw["placements"]
