@@ -220,6 +220,14 @@ def test_export_errors_and_command_output(auto_plan, tmp_path):
     res = runner.invoke(app, ["export", str(path), "--to", "llamafactory", "--out", str(out), "--json"])
     summary = json.loads(res.stdout)
     assert summary["files"] == [str(out)] and summary["exact"] is False and out.is_file()
+    assert "text" not in summary  # the file holds it
+    res = runner.invoke(app, ["export", str(path), "--to", "peft", "--json"])  # no file: the JSON holds it
+    summary = json.loads(res.stdout)
+    assert (
+        summary["files"] == []
+        and json.loads(summary["text"])["r"] == 4
+        and "LoraConfig" in summary["snippet"]
+    )
     # the peft export's snippet goes beside its JSON as FILE.py, so FILE.py cannot be the JSON's path
     snippet = tmp_path / "peft.py"
     res = runner.invoke(app, ["export", str(path), "--to", "peft", "--out", str(snippet)])

@@ -25,7 +25,10 @@ def export_cmd(
             "--out", "-o", help="File to write (default: stdout); for peft also FILE.py, the Python snippet."
         ),
     ] = None,
-    json_out: Annotated[bool, typer.Option("--json", help="Print what was written as JSON.")] = False,
+    json_out: Annotated[
+        bool,
+        typer.Option("--json", help="Print what was written as JSON (without --out, the export's text too)."),
+    ] = False,
 ) -> None:
     """Write a plan for another training tool; say what it cannot express and how that was approximated."""
     from layercard.artifacts import check_out_file, write_text
@@ -46,7 +49,9 @@ def export_cmd(
             written.append(str(write_text(out.with_suffix(".py"), result.snippet)))
     if json_out:
         summary = {"target": result.target, "exact": result.exact, "notes": list(result.notes)}
-        emit_json({**summary, "files": written})
+        # without --out the export itself is in the JSON, as nothing else holds it
+        text = {} if out is not None else {"text": result.text, "snippet": result.snippet}
+        emit_json({**summary, "files": written, **text})
         return
     if out is None:
         typer.echo(result.text, nl=False)
