@@ -319,11 +319,8 @@ def load_adapters(model: nn.Module, path: str | Path, *, model_hash: str | None 
 
     folder = Path(path)
     cfg = _read_config(folder)
-    saved_hash = cfg.get("base_model_hash")
-    if model_hash is not None and saved_hash is not None and saved_hash != model_hash:
-        raise LayercardError(
-            f"{folder}: adapter was trained on base model {saved_hash[:12]}, this model is {model_hash[:12]}"
-        )
+    if model_hash is not None:
+        _refuse_other_base(folder, cfg.get("base_model_hash"), model_hash)
     wfile = folder / WEIGHTS_FILE
     if not wfile.is_file():
         raise LayercardError(f"{folder}: no {WEIGHTS_FILE}")
@@ -414,9 +411,14 @@ def check_base(folder: str | Path, model_hash: str) -> None:
             except (json.JSONDecodeError, AttributeError):
                 raise LayercardError(f"{p / name}: not a JSON object") from None
             break
+    _refuse_other_base(p, saved, model_hash)
+
+
+def _refuse_other_base(folder: Path, saved: Any, model_hash: str) -> None:
+    """The error for an adapter whose recorded base hash ``saved`` (None: not recorded) is not this one."""
     if saved is not None and saved != model_hash:
         raise LayercardError(
-            f"{p}: adapter was trained on base model {str(saved)[:12]}, this model is {model_hash[:12]}"
+            f"{folder}: adapter was trained on base model {str(saved)[:12]}, this model is {model_hash[:12]}"
         )
 
 

@@ -147,6 +147,10 @@ class Card:
             return c * (1.0 - math.exp(-rho * t / c)) if c > 0 else 0.0
         raise LayercardError(f"unknown score {score!r}; valid: {', '.join(SCORES)}")
 
+    def covered_roles(self) -> set[str]:
+        """The canonical roles the card's units cover (a fused unit covers each role it fuses)."""
+        return {r for u in self.units for r in _covers(u.role)} | set(self.roles)
+
     def selected_units(self, roles: Sequence[str] | None = None) -> list[UnitRow]:
         """The card's units of ``roles`` (all of them for None), in the card's order."""
         if roles is None:

@@ -352,13 +352,13 @@ def load_model(
         folder = snap
     model, tok = _load_folder(folder, dtype=torch_dtype, device=dev, trust_remote_code=trust_remote_code)
     # A local path is recorded whole, so that a plan or card read from another folder finds the model.
-    model_id = spec if spec in BUILTIN_MODELS or not path.exists() else str(path.resolve())
+    local = spec not in BUILTIN_MODELS and path.exists()
     return LoadedModel(
         model=model,
         tokenizer=tok,
-        model_id=model_id,
+        model_id=str(path.resolve()) if local else spec,
         model_hash=weights_folder_hash(folder),
-        source=str(folder.resolve()) if path.exists() and spec not in BUILTIN_MODELS else str(folder),
+        source=str(folder.resolve()) if local else str(folder),
     )
 
 

@@ -151,14 +151,14 @@ def make_plan(card: Card | str | os.PathLike[str], cfg: PlanConfig, *, card_path
 
 def _roles_and_score(card: Card, cfg: PlanConfig) -> tuple[tuple[str, ...], str]:
     """The roles and score to plan on; refuses a step-time budget the card cannot cost."""
-    from layercard.models import FUSED_ROLES, explicit_roles, parse_roles
+    from layercard.models import explicit_roles, parse_roles
 
     if cfg.roles is None:
         roles = tuple(card.roles)
     else:
         # a role set takes the roles the card measured; a role named one by one must be there (checked
         # when the units are gathered)
-        covered = {c for u in card.units for c in FUSED_ROLES.get(u.role, (u.role,))} | set(card.roles)
+        covered = card.covered_roles()
         explicit = explicit_roles(cfg.roles)
         roles = tuple(r for r in parse_roles(cfg.roles) if r in covered or r in explicit)
     score = cfg.score or card.default_score

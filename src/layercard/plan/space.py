@@ -189,10 +189,7 @@ def build_space(
 
 
 def _units_by_layer(card: Card, roles: tuple[str, ...]) -> dict[int, list[UnitRow]]:
-    from layercard.models import FUSED_ROLES
-
-    have = set(card.roles)
-    covered = {c for u in card.units for c in FUSED_ROLES.get(u.role, (u.role,))} | have
+    covered = card.covered_roles()
     missing = [r for r in roles if r not in covered]
     if missing:
         raise LayercardError(

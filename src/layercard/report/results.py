@@ -265,40 +265,48 @@ def fresh(record: Path, settings: Mapping[str, Any] | None = None, **inputs: Cal
     return all(key not in had or had[key] == now() for key, now in inputs.items())
 
 
-def _kept(rows: _Rows, stage: str, artifact: Path, ok: Callable[[], bool], *, upstream: bool = True) -> bool:
-    """Whether ``artifact`` is there, what it was made from is kept (``upstream``) and its stage is fresh;
-    one that is there but not kept is noted as left out."""
+def _kept(
+    rows: _Rows,
+    stage: str,
+    artifact: Path,
+    settings: Mapping[str, Any] | None = None,
+    *,
+    upstream: bool = True,
+    **inputs: Callable[[], str],
+) -> bool:
+    """Whether ``artifact`` is there, what it was made from is kept (``upstream``) and the stage that owns
+    its folder is :func:`fresh`; one that is there but not kept is noted as left out."""
     if not artifact.exists():
         return False
-    if upstream and ok():
+    if upstream and fresh(RunLayout.stage_record(artifact.parent), settings, **inputs):
         return True
     rows.left_out.append(stage)
     return False
 
 
-def _placement_row(rows: _Rows, lay: RunLayout, name: str) -> dict[str, Any]:
+def _placement_row(rows: _Rows, lay: RunLayout, name: str, cfg: Mapping[str, Any]) -> dict[str, Any]:
     from layercard.cost import peak_of
     from layercard.evaluate import EvalResult
     from layercard.plan import Plan
 
-    record = RunLayout.stage_record
-    cfg = run_config(lay.root) or {}
     plan_file, metrics_file, eval_file = lay.plan_json(name), lay.train_metrics(name), lay.eval_json(name)
     adapter = lay.adapter_dir(name)
-    plan_ok = _kept(rows, f"plan:{name}", plan_file, lambda: fresh(record(plan_file.parent)))
+    plan_ok = _kept(rows, f"plan:{name}", plan_file)
     train_ok = _kept(
         rows,
         f"train:{name}",
         metrics_file,
-        lambda: fresh(record(metrics_file.parent), cfg.get("train"), plan=lambda: content_hash(plan_file)),
+        cfg.get("train"),
         upstream=plan_ok,
+        plan=lambda: content_hash(plan_file),
     )
     eval_ok = _kept(
         rows,
         f"eval:{name}",
         eval_file,
-        lambda: fresh(record(eval_file.parent), cfg.get("eval"), adapter=lambda: hash_folder(adapter)),
+        cfg.get("eval"),
         upstream=train_ok,
+        adapter=lambda: hash_folder(adapter),
     )
     plan = load_optional(Plan.load, plan_file) if plan_ok else None
     tm = load_optional(read_train_metrics, metrics_file) if train_ok else None
@@ -329,33 +337,30 @@ def _placement_row(rows: _Rows, lay: RunLayout, name: str) -> dict[str, Any]:
     }
 
 
-def _trimmed_row(rows: _Rows, lay: RunLayout, trim: dict[str, Any]) -> dict[str, Any] | None:
+def _trimmed_row(
+    rows: _Rows, lay: RunLayout, trim: dict[str, Any], cfg: Mapping[str, Any]
+) -> dict[str, Any] | None:
     from layercard.evaluate import EvalResult
 
     target = trim_target(lay.root, trim)
-    cfg = run_config(lay.root) or {}
     parent = next((r for r in rows.rows if r["name"] == target), {})
     parent_adapter = lay.adapter_dir(target)
     trim_ok = _kept(
         rows,
         "trim",
         lay.trim_json,
-        lambda: fresh(
-            RunLayout.stage_record(lay.trim_dir), cfg.get("trim"), adapter=lambda: hash_folder(parent_adapter)
-        ),
+        cfg.get("trim"),
         upstream=parent.get("s_per_step") is not None,  # its parent's training is the run's now
+        adapter=lambda: hash_folder(parent_adapter),
     )
     eval_file = lay.eval_json(TRIMMED_EVAL)
     eval_ok = _kept(
         rows,
         f"eval:{TRIMMED_EVAL}",
         eval_file,
-        lambda: fresh(
-            RunLayout.stage_record(eval_file.parent),
-            cfg.get("eval"),
-            adapter=lambda: hash_folder(lay.trimmed_adapter),
-        ),
+        cfg.get("eval"),
         upstream=trim_ok,
+        adapter=lambda: hash_folder(lay.trimmed_adapter),
     )
     if not trim_ok:
         return None
@@ -393,6 +398,7 @@ def collect_results(root: str | Path) -> dict[str, Any]:
     root = Path(root)
     lay = RunLayout(root)
     trim_on, base_on = stages_active(root)
+    cfg = run_config(root) or {}  # the settings each stage's artifacts must have been made under
     base_ev = load_optional(EvalResult.load, lay.eval_json(BASE_EVAL)) if base_on else None
     rows = _Rows(base_ev)
     rows.keep_examples(BASE_EVAL, base_ev)
@@ -400,9 +406,9 @@ def collect_results(root: str | Path) -> dict[str, Any]:
         base = {"name": BASE_EVAL, "kind": "base", "layers": [], "modules": 0, "trainable_params": 0}
         rows.rows.append({**base, **rows.eval_fields(base_ev), "measured_gain": 0.0})
     for name in placement_names(root):
-        rows.rows.append(_placement_row(rows, lay, name))
+        rows.rows.append(_placement_row(rows, lay, name, cfg))
     trim = _maybe(lay.trim_json) if trim_on else None
-    trimmed = _trimmed_row(rows, lay, trim) if trim is not None else None
+    trimmed = _trimmed_row(rows, lay, trim, cfg) if trim is not None else None
     if trimmed is not None:
         rows.rows.append(trimmed)
     for r in rows.rows:

@@ -342,8 +342,6 @@ def _encode(tokenizer: Any, fmt: TaskFormat, ex: Example, end_id: int, max_lengt
     target, clipped = _target_ids(tokenizer, fmt, ex, end_id)
     if not target:
         raise LayercardError(f"example {ex.id!r}: target {ex.target!r} encodes to no tokens")
-    if fmt.max_input_tokens < 1:
-        raise LayercardError(f"prompt budget must be >= 1 token, got {fmt.max_input_tokens}")
     prompt, whole = _prompt_ids(tokenizer, fmt, ex.input, fmt.max_input_tokens)
     clipped |= whole > fmt.max_input_tokens
     cut = max_length is not None and len(prompt) + len(target) > max_length

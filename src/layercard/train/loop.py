@@ -648,9 +648,9 @@ def _finish(
         run, state, adapted.base, inner, trainable, peak, peak_kind, memory_start, eva_ranks, forward
     )
     if acc.is_main_process:
-        builtin = BUILTIN_MODELS.get(run.loaded.model_id, {})
-        readme = adapter_readme(metrics, run.plan, run.loaded.source, builtin.get("description"))
         loaded = run.loaded
+        builtin = BUILTIN_MODELS.get(loaded.model_id, {})
+        readme = adapter_readme(metrics, run.plan, loaded.source, builtin.get("description"))
         write_adapter(
             run.out_dir / ADAPTER_DIR,
             run.kind,
