@@ -449,3 +449,12 @@ def test_the_api_refuses_wrong_arguments_in_one_line(world: World, tmp_path: Pat
                                         "placements": [{"name": "all", "policy": "all"}]}))  # fmt: skip
     assert load_config(cfg_path, "train.steps=3").train.steps == 3  # one override, not its characters
     assert {"make_plan", "measure_card", "Card", "Plan"} <= set(dir(layercard))
+
+
+def test_debug_is_taken_after_the_command(tmp_path: Path) -> None:
+    """``--debug`` after the command shows the traceback as before it does; without it, one line."""
+    missing = tmp_path / "no-model"
+    for args in (["--debug", "card", "-m", str(missing)], ["card", "-m", str(missing), "--debug"]):
+        r = cli(args)
+        assert r.exit_code != 0 and "Traceback" in r.output, args
+    assert "Traceback" not in cli(["card", "-m", str(missing)]).output

@@ -103,6 +103,8 @@ def test_extract_final_number():
     # a range is not a negative number; commas that are not thousands groups separate numbers
     assert extract_final_number("between 3-4") == 4.0 and extract_final_number("pages 3–4") == 4.0
     assert extract_final_number("the list 1,2,3") == 3.0 and extract_final_number("half is .5") == 0.5
+    assert extract_final_number("#### 1e3") == 1000.0 and extract_final_number("about 2.5e-2.") == 0.025
+    assert extract_final_number("12e4abc") == 4.0  # a letter after the exponent: not one number
     assert extract_final_number("#### −5") == -5.0  # the minus sign, not a hyphen
 
 

@@ -17,7 +17,19 @@ from rich.markup import escape
 
 from layercard.errors import LayercardError
 
+
+class _Group(typer.core.TyperGroup):
+    """The command group, taking ``--debug`` after the command too (``layercard card ... --debug``)."""
+
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        end = args.index("--") if "--" in args else len(args)
+        if "--debug" in args[1:end]:
+            args = ["--debug", *(a for a in args[:end] if a != "--debug"), *args[end:]]
+        return super().parse_args(ctx, args)
+
+
 app = typer.Typer(
+    cls=_Group,
     name="layercard",
     help="Decide where parameter-efficient adapters go in an LLM, and prove the choice with measurements.",
     no_args_is_help=True,

@@ -145,8 +145,11 @@ def bleu(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> flo
 
 
 # A number: a minus sign unless it joins two words ("3-4" is a range, not -4), digits in thousands groups
-# ("1,000"; "1,2,3" is three numbers) or plain, optional decimals; or decimals alone (".5").
-_NUMBER = re.compile(r"(?:(?<![\w.])-)?(?:(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|\.\d+)")
+# ("1,000"; "1,2,3" is three numbers) or plain, optional decimals; or decimals alone (".5"); an exponent
+# ("1e3") when no letter follows it.
+_NUMBER = re.compile(
+    r"(?:(?<![\w.])-)?(?:(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|\.\d+)(?:[eE][-+]?\d+(?![A-Za-z]))?"
+)
 _MINUS = str.maketrans({"\u2212": "-", "\u2013": "-"})  # the minus sign and the en dash as a minus
 
 
