@@ -342,13 +342,20 @@ def _(w: World, tmp: Path) -> Row:
 
 @case("eval-of-a-nan-model")
 def _(w: World, tmp: Path) -> Row:
-    msg = "error: eval: the loss on facts (train) is NaN: the model gives non-finite outputs; no eval.json"
+    msg = "error: eval: the loss on facts (test) is NaN: the model gives non-finite outputs; no eval.json"
     return f"eval -m {w.nan_model} -t {FACTS} -o {tmp / 'e'} {EVAL}", msg, [tmp / "e" / "eval.json"]
+
+
+@case("eval-without-loss-of-a-nan-adapter")
+def _(w: World, tmp: Path) -> Row:
+    msg = f"error: eval: the loss on facts (test) is NaN: the model with adapter {w.nan_adapter} gives"
+    cmd = f"eval -m {w.model} -a {w.nan_adapter} -t {FACTS} -o {tmp / 'e'} {EVAL} --no-loss"
+    return cmd, msg, [tmp / "e" / "eval.json", tmp / "e" / "predictions.jsonl"]
 
 
 @case("eval-of-a-nan-adapter")
 def _(w: World, tmp: Path) -> Row:
-    msg = f"error: eval: the loss on facts (train) is NaN: the model with adapter {w.nan_adapter} gives"
+    msg = f"error: eval: the loss on facts (test) is NaN: the model with adapter {w.nan_adapter} gives"
     return (
         f"eval -m {w.model} -a {w.nan_adapter} -t {FACTS} -o {tmp / 'e'} {EVAL}",
         msg,

@@ -337,13 +337,14 @@ def tiny_folder(tmp_path_factory):
 def test_cli_eval_writes_artifacts(tiny_folder, tmp_path, monkeypatch):
     monkeypatch.setenv("LAYERCARD_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "ev"
-    args = ["eval", "--model", str(tiny_folder), "--task", "synthetic:facts", "--split", "test",
+    args = ["eval", "--model", str(tiny_folder), "--task", "synthetic:facts",
             "--examples", "3", "--batch-size", "2", "--max-new-tokens", "3",
             "--metrics", "token_f1,exact_match", "--out", str(out), "--json"]  # fmt: skip
     r = CliRunner().invoke(app, args)
     assert r.exit_code == 0, r.output
     summary = json.loads(r.stdout)
     assert list(summary["metrics"]) == ["token_f1", "exact_match"] and summary["n"] == 3
+    assert summary["task"]["split"] == "test"  # a task's default split is its training one: never eval's
     res = EvalResult.load(out)
     assert res.n == 3 and len(res.predictions) == 3 and res.loss is not None
     assert len((out / "predictions.jsonl").read_text().splitlines()) == 3

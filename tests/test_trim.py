@@ -536,3 +536,80 @@ def test_cli_bad_inputs(tiny_folder, lora_dir, tmp_path):
                                  "--task", "synthetic:facts", "--window", "3-5"])  # fmt: skip
     assert r.exit_code != 0 and "--window: must be two layer indices" in r.output and "'3-5'" in r.output
     assert not (tmp_path / "o").exists()
+
+
+def test_export_merged_never_replaces_other_files(tiny_folder, lora_dir, tmp_path):
+    """--export-merged refuses, before any work, a folder that is the trim's own or holds other files;
+    a merged model it wrote before may be replaced."""
+    run = tmp_path / "run"
+    (run / "mine").mkdir(parents=True)
+    (run / "mine" / "keep.txt").write_text("x")
+    common = ["trim", "--model", str(tiny_folder), "--adapter", str(lora_dir), "--task", "synthetic:facts",
+              "--examples", "2", "--batch-size", "2", "--max-length", "64", "--max-new-tokens", "2",
+              "--window", "2:3", "--latency-repeats", "1", "--out", str(run)]  # fmt: skip
+    for target, says in (
+        (run, "which it holds"),
+        (lora_dir.parent, "which it holds"),
+        (run / "adapter-trimmed", "which it holds"),
+        (run / "mine", "holds files that are not a merged model"),
+    ):
+        r = CliRunner().invoke(app, [*common, "--export-merged", str(target)])
+        assert r.exit_code == 2 and says in r.output and len(r.output.strip().splitlines()) == 1, r.output
+    assert (run / "mine" / "keep.txt").read_text() == "x" and (lora_dir / "adapter_config.json").is_file()
+    assert not (run / "trim.json").exists()
+    merged = tmp_path / "merged"
+    for _ in range(2):  # the second call replaces the first's merged model
+        r = CliRunner().invoke(app, [*common, "--export-merged", str(merged)])
+        assert r.exit_code == 0, r.output
+    mark = json.loads((merged / "layercard_merged.json").read_text())
+    assert mark["adapter"] == str(run / "adapter-trimmed") and mark["max_abs_logit_diff_vs_trimmed"] < 1e-4
+
+
+def test_a_merge_that_changes_the_logits_writes_nothing(tmp_path, monkeypatch):
+    """A LoRA on lm_head tied to the embeddings merges into both: the merged model is refused."""
+    from peft import get_peft_model
+
+    monkeypatch.setenv("LAYERCARD_CACHE", str(tmp_path / "cache"))
+    model = get_peft_model(
+        tiny_model("llama", layers=LAYERS, tie_word_embeddings=True),
+        _lora_config(target_modules=["q_proj", "v_proj", "lm_head"]),
+    )
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.mul_(20.0)
+    model.save_pretrained(tmp_path / "adapter")
+    task = load_task("synthetic:facts", split="test")
+    cfg = T.TrimConfig(examples=2, batch_size=2, max_new_tokens=2, max_length=64, window=(2, 3))
+    base = _loaded(tiny_model("llama", layers=LAYERS, tie_word_embeddings=True))
+    merged = tmp_path / "merged"
+    with pytest.raises(LayercardError, match="the merged model does not give the trimmed adapter's logits"):
+        T.trim(base, tmp_path / "adapter", task, cfg, tmp_path / "run", export_merged_dir=merged)
+    assert not merged.exists() and not (tmp_path / "run" / "trim.json").exists()
+
+
+def test_an_adapter_trimming_cannot_export_is_refused_before_the_sweep(lora_dir, tmp_path, monkeypatch):
+    import shutil
+
+    from safetensors.torch import load_file
+
+    src = tmp_path / "bin-only"
+    shutil.copytree(lora_dir, src)
+    state = load_file(str(src / "adapter_model.safetensors"))
+    torch.save(state, src / "adapter_model.bin")
+    (src / "adapter_model.safetensors").unlink()
+    monkeypatch.setattr(trim_run, "sweep", lambda *a, **k: pytest.fail("the sweep ran"))
+    task = load_task("synthetic:facts", split="test")
+    cfg = T.TrimConfig(examples=2, batch_size=2, max_new_tokens=2, max_length=64, window=(1, 2))
+    with pytest.raises(LayercardError, match="no adapter_model.safetensors"):
+        T.trim(_loaded(tiny_model("llama", layers=LAYERS)), src, task, cfg, tmp_path / "run")
+
+
+def test_latency_text_says_when_the_two_generated_different_lengths():
+    same = T.latency_text({"s_per_example": 0.04, "new_tokens_per_example": 8.0},
+                          {"s_per_example": 0.03, "new_tokens_per_example": 8.0})  # fmt: skip
+    assert same == "0.040 → 0.030 s/example"
+    other = T.latency_text({"s_per_example": 0.005, "new_tokens_per_example": 1.0},
+                           {"s_per_example": 0.024, "new_tokens_per_example": 16.0})  # fmt: skip
+    assert other == "0.005 → 0.024 s/example (generating 1.0 → 16.0 tokens/example: not the same work)"
+    assert T.latency_text({"s_per_example": 0.04}, {"s_per_example": 0.03}) == "0.040 → 0.030 s/example"

@@ -299,6 +299,12 @@ def evaluate(
             loss = math.fsum(sums) / sum(tokens)
             timing["loss_s"] = time.perf_counter() - t0
             _check_loss(loss, sub, adapter_dir)
+        else:  # greedy decoding reads NaN logits as a token too: one batch's loss tells
+            few = examples[: run.batch_size]
+            probe, counts = eval_example_losses(
+                net, tok, sub, few, batch_size=run.batch_size, max_length=run.max_length
+            )
+            _check_loss(math.fsum(probe) / max(1, sum(counts)), sub, adapter_dir)
 
     assert run.metrics is not None  # resolved() filled it
     metrics = {name: METRICS[name](texts, examples) for name in run.metrics}

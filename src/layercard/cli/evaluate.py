@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.table import Table
@@ -19,6 +19,7 @@ from layercard.cli.app import (
     emit_json,
     guard,
     load_cli_model,
+    note,
     note_examples,
     note_task,
     progress_flag,
@@ -40,7 +41,10 @@ def eval_cmd(
     adapter: Annotated[
         Path | None, typer.Option("--adapter", "-a", help="PEFT or layercard adapter folder to evaluate.")
     ] = None,
-    split: Annotated[str | None, typer.Option(help="Split for preset/synthetic tasks.")] = None,
+    split: Annotated[
+        str | None,
+        typer.Option(help="Split for preset/synthetic tasks (default: test, else validation)."),
+    ] = None,
     seed: Annotated[int, typer.Option(help="Seed of the example subset and of synthetic tasks.")] = 0,
     dtype: DtypeOpt = "float32",
     device: DeviceOpt = "auto",
@@ -52,7 +56,6 @@ def eval_cmd(
     """Generate greedily on a task, score it with the task metrics and write eval.json + predictions.jsonl."""
     from layercard.artifacts import check_out_folder, writer_lock
     from layercard.evaluate import evaluate
-    from layercard.tasks import load_task
 
     assert cfg is not None  # built by config_options before anything loads: a typo costs no time
     if adapter is not None and not adapter.is_dir():
@@ -60,7 +63,7 @@ def eval_cmd(
         raise LayercardError(f"--adapter {adapter}: {what}")
     check_out_folder(out)
     with writer_lock(out, what="eval folder"):
-        t = load_task(task, split=split, seed=seed, **(task_kw or {}))
+        t = _eval_task(task, split, seed, task_kw or {})
         note_task(t)
         loaded = load_cli_model(model, dtype, device, trust_remote_code)
         result = evaluate(loaded, t, cfg, adapter=adapter, progress=progress_flag(json_out))
@@ -72,6 +75,19 @@ def eval_cmd(
         return
     _print_result(result)
     console.print(f"wrote {path} and {out / 'predictions.jsonl'}", markup=False)
+
+
+def _eval_task(spec: str, split: str | None, seed: int, kw: dict) -> Any:
+    """The task to score: ``split`` when given; else a file as it is; else test, then validation (a
+    task's default split is its training one, which an evaluation should not score unasked)."""
+    from layercard.tasks import held_out, is_file_spec, load_task, names_split
+
+    if split is None and not is_file_spec(spec) and not names_split(spec):
+        task = held_out(spec, seed=seed, order=("test", "validation"), **kw)
+        if task is not None:
+            return task
+        note(f"--task {spec} has no test or validation split: scoring its default split")
+    return load_task(spec, split=split, seed=seed, **kw)
 
 
 def _print_result(result) -> None:

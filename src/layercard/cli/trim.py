@@ -151,7 +151,10 @@ def trim_cmd(
     _check_adapter(adapter)
     out_dir = check_out_folder(out if out is not None else adapter.resolve().parent)
     if export_merged is not None:
+        from layercard.trim.run import check_merged_folder
+
         check_out_folder(export_merged, "--export-merged")
+        check_merged_folder(export_merged, adapter, out_dir)
     with writer_lock(out_dir, what="trim folder"):
         t = _validation_task(task, split, seed, task_kw)
         loaded = load_cli_model(model, dtype, device, trust_remote_code)
@@ -161,6 +164,16 @@ def trim_cmd(
             progress=progress_flag(json_out),
         )  # fmt: skip
     note_examples("--examples", cfg.examples, int(res["task"]["n_examples"]))
+    if res.get("after_matches_sweep") is False:
+        note(
+            f"the trimmed adapter did not measure what the sweep measured at K = {res['chosen_k']} (other "
+            "texts or loss); the 'after' figures are the trimmed adapter's own"
+        )
+    if t.split == "test":
+        note(
+            f"--task {task}: the boundary was chosen on the test split; an evaluation of the trimmed "
+            "adapter on these examples would flatter it (layercard run keeps the two apart)"
+        )
     if json_out:
         emit_json({**res, "trim": str(out_dir / "trim.json")})
         return
@@ -171,6 +184,8 @@ def trim_cmd(
 
 
 def _print_trim(res: dict[str, Any]) -> None:
+    from layercard.trim import latency_text
+
     names = res["metrics"]
     tbl = Table(
         title=f"trim sweep · {res['task']['name']} ({res['task']['split']}) · select by {res['metric']}",
@@ -197,7 +212,7 @@ def _print_trim(res: dict[str, Any]) -> None:
         f"chosen K = {res['chosen_k']}: adapted layers {b['n_adapted_layers']} → {a['n_adapted_layers']}, "
         f"modules {b['adapted_modules']} → {a['adapted_modules']}, {res['metric']} "
         f"{_fmt(b, res['metric'])} → {_fmt(a, res['metric'])}, "
-        f"latency {b['s_per_example']:.3f} → {a['s_per_example']:.3f} s/example (unmerged)"
+        f"latency {latency_text(b, a)} (unmerged)"
     )
     if res.get("metric_flat"):
         from layercard.trim import flat_metric_text

@@ -517,6 +517,8 @@ class Runner:
             )
 
         def summarize() -> list[tuple[str, str]]:
+            from layercard.trim import latency_text
+
             t = read_json(out.trim_json)
             b, a = t["before"], t["after"]
             metric = t["metric"]
@@ -533,11 +535,12 @@ class Runner:
                 (f"{metric} before → after", f"{_fmt(val(b))} → {_fmt(val(a))}"),
                 ("adapted layers before → after", f"{b['n_adapted_layers']} → {a['n_adapted_layers']}"),
                 ("adapted modules before → after", f"{b['adapted_modules']} → {a['adapted_modules']}"),
-                (
-                    "s/example before → after",
-                    f"{_fmt(b['s_per_example'], '.3f')} → {_fmt(a['s_per_example'], '.3f')}",
-                ),
-            ]
+                ("latency before → after", latency_text(b, a)),
+            ] + (
+                [("warning", "the trimmed adapter did not measure what the sweep measured at the chosen K")]
+                if t.get("after_matches_sweep") is False
+                else []
+            )
 
         config = {**spec.to_dict(), "placement": target, "seed": self.cfg.seed}
         inputs = {

@@ -36,7 +36,6 @@ from layercard.report.results import (
 from layercard.report.tables import (
     Table,
     eval_table,
-    fmt,
     headline_table,
     plans_table,
     recommendation_table,
@@ -354,6 +353,8 @@ def _planning_cost(run: _Run) -> str | None:
 
 
 def _trimming(doc: _Doc, run: _Run) -> None:
+    from layercard.trim import latency_text
+
     doc.h2("Boundary trace and trimming")
     trim = run.trim
     if trim is None:
@@ -368,8 +369,7 @@ def _trimming(doc: _Doc, run: _Run) -> None:
         f"Placement {target}: candidates {cands or '— (fixed window)'}; swept K = {trim['ks']} on "
         f"{trim['task']['n_examples']} {trim['task']['split']} examples by {trim['metric']}; chosen K = "
         f"{trim['chosen_k']}: adapted layers {b['n_adapted_layers']} → {a['n_adapted_layers']}, modules "
-        f"{b['adapted_modules']} → {a['adapted_modules']}, inference s/example "
-        f"{fmt(b['s_per_example'], '.3f')} → {fmt(a['s_per_example'], '.3f')}."
+        f"{b['adapted_modules']} → {a['adapted_modules']}, inference {latency_text(b, a)}."
     )
     if trim.get("metric_flat"):
         from layercard.trim import flat_metric_text

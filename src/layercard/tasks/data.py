@@ -295,8 +295,16 @@ def names_split(spec: str) -> bool:
     return len(spec.split(":")) > (2 if spec.startswith("synthetic:") else 1)
 
 
-def held_out(spec: str, *, exclude: str | None = None, seed: int = 0, **load_kwargs: Any) -> Task | None:
-    """The validation split of the task ``spec`` names, else its test split; never the split ``exclude``.
+def held_out(
+    spec: str,
+    *,
+    exclude: str | None = None,
+    seed: int = 0,
+    order: tuple[str, ...] = ("validation", "test"),
+    **load_kwargs: Any,
+) -> Task | None:
+    """The validation split of the task ``spec`` names, else its test split (the first of ``order`` it
+    has); never the split ``exclude``.
 
     A split written in ``spec`` is dropped first (``e2e_nlg:train`` → ``e2e_nlg``). ``None`` for a file
     (it has no other split) and for a task with neither split. ``load_kwargs`` go to :func:`load_task`
@@ -309,7 +317,7 @@ def held_out(spec: str, *, exclude: str | None = None, seed: int = 0, **load_kwa
     else:
         base = ":".join(spec.split(":")[: 2 if spec.startswith("synthetic:") else 1])
     splits = dataset_splits(spec) if is_saved_dataset(spec) else None
-    for candidate in ("validation", "test"):
+    for candidate in order:
         if candidate == exclude or (splits is not None and candidate not in splits):
             continue
         try:

@@ -251,6 +251,7 @@ def trimmed_readme(
         f"| adapted modules | {before['adapted_modules']} | {after['adapted_modules']} |",
         f"| s/example, fastest of the repeats | {before['s_per_example']:.4f} "
         f"| {after['s_per_example']:.4f} |",
+        *_tokens_row(before, after),
         "",
         "The trim's full record is `trim.json` beside this folder.",
         "",
@@ -262,3 +263,9 @@ def trimmed_readme(
     if parent_readme and is_layercard_readme(parent_readme):
         lines += [f"## The adapter it was trimmed from ({parent})", "", _body(parent_readme), ""]
     return "\n".join(lines)
+
+
+def _tokens_row(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
+    """The generated tokens per example behind the s/example row, where the trim's record has them."""
+    nb, na = before.get("new_tokens_per_example"), after.get("new_tokens_per_example")
+    return [] if nb is None or na is None else [f"| generated tokens/example | {nb:.1f} | {na:.1f} |"]

@@ -23,7 +23,7 @@ from layercard.trim.export import export_merged, export_trimmed
 from layercard.trim.figures import draw_sweep, draw_trace, plot_sweep, plot_trace
 from layercard.trim.lens import TRACE_FILE, TRACE_PNG, Trace, boundary_candidates, lens_logits, trace
 from layercard.trim.mask import adapted_layers, adapted_modules, adapters_off, masked_layers
-from layercard.trim.run import MERGED_DIR, TRIM_FILE, TRIMMED_DIR, run_trace, trim
+from layercard.trim.run import MERGED_DIR, TRIM_FILE, TRIMMED_DIR, latency_text, run_trace, trim
 from layercard.trim.sweep import (
     candidate_ks,
     choose_boundary,
@@ -50,6 +50,7 @@ __all__ = [
     "candidate_ks",
     "choose_boundary",
     "flat_metric_text",
+    "latency_text",
     "metric_is_flat",
     "draw_sweep",
     "draw_trace",

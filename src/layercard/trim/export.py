@@ -13,6 +13,7 @@ import copy
 import json
 import re
 import shutil
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +24,10 @@ from layercard.artifacts import atomic_path
 from layercard.errors import LayercardError
 from layercard.trim.mask import _is_int, _layer_of, _layers_path
 
-__all__ = ["export_merged", "export_trimmed"]
+__all__ = ["MERGED_MARK", "check_merged_target", "export_merged", "export_trimmed"]
 
+# Written into a merged model's folder: a later export may replace a folder holding it, and no other.
+MERGED_MARK = "layercard_merged.json"
 _PEFT_CONFIG = "adapter_config.json"
 _PEFT_WEIGHTS = "adapter_model.safetensors"
 
@@ -63,9 +66,9 @@ def _module_of_key(key: str) -> str:
     return head if sep else name.rsplit(".", 1)[0]
 
 
-def _write_trimmed_peft(src: Path, dst: Path, keep_upto: int, layers_path: str) -> dict[str, Any]:
-    from peft.utils.other import get_pattern_key
-
+def check_trimmable(src: Path) -> dict[str, Any]:
+    """The PEFT adapter config of ``src``, refused (before any work) where trimming cannot export it: not
+    LoRA, LoRA on raw parameters, or weights not in safetensors."""
     try:
         cfg = json.loads((src / _PEFT_CONFIG).read_text())
     except json.JSONDecodeError as e:
@@ -77,6 +80,15 @@ def _write_trimmed_peft(src: Path, dst: Path, keep_upto: int, layers_path: str) 
         )
     if cfg.get("target_parameters"):
         raise LayercardError(f"{src}: target_parameters (LoRA on raw parameters) cannot be trimmed")
+    if not (src / _PEFT_WEIGHTS).is_file():
+        raise LayercardError(f"{src}: no {_PEFT_WEIGHTS} (trimming reads safetensors weights only)")
+    return cfg
+
+
+def _write_trimmed_peft(src: Path, dst: Path, keep_upto: int, layers_path: str) -> dict[str, Any]:
+    from peft.utils.other import get_pattern_key
+
+    cfg = check_trimmable(src)
     tensors = _read_safetensors(src / _PEFT_WEIGHTS)
     kept: dict[str, torch.Tensor] = {}
     for key, t in tensors.items():
@@ -170,14 +182,42 @@ def export_trimmed(adapter_dir: str | Path, out_dir: str | Path, keep_upto: int,
     return Path(out_dir)
 
 
+def check_merged_target(
+    out_dir: str | Path, keep: Sequence[str | Path], what: str = "--export-merged"
+) -> None:
+    """Refuse, before any work, a merged model's folder whose replacement would lose files: a folder
+    that is, or holds, one of ``keep`` (the adapter, the trim's own folder), or one that holds anything
+    but a merged model written before (its :data:`MERGED_MARK`)."""
+    p = Path(out_dir)
+    if p.exists() and not p.is_dir():
+        raise LayercardError(f"{what} {p}: exists and is a file, not a folder")
+    real = p.resolve()
+    for k in keep:
+        kept = Path(k).resolve()
+        if kept == real or real in kept.parents:
+            raise LayercardError(f"{what} {p}: would replace {k}, which it holds; give a folder of its own")
+    if p.is_dir() and any(p.iterdir()) and not (p / MERGED_MARK).is_file():
+        raise LayercardError(
+            f"{what} {p}: holds files that are not a merged model written by layercard trim (no "
+            f"{MERGED_MARK}); give a new or empty folder"
+        )
+
+
 def export_merged(
-    loaded: Any, trimmed_dir: str | Path, out_dir: str | Path, *, in_place: bool = False
+    loaded: Any,
+    trimmed_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    in_place: bool = False,
+    check: Callable[[nn.Module], dict[str, Any]] | None = None,
 ) -> nn.Module:
     """Merge the (trimmed) LoRA adapter into the base and save it as safetensors plus the tokenizer.
 
     The folder loads with :func:`layercard.models.load_model`. ``in_place=False`` merges into a deep copy
     (twice the model's memory); ``in_place=True`` merges into ``loaded.model`` itself, which then *is* the
-    merged model (for a caller that is done with the base). Returns the merged model.
+    merged model (for a caller that is done with the base). ``check`` sees the merged model before
+    anything is written (it raises to write nothing); what it returns goes into the folder's
+    :data:`MERGED_MARK` beside the base and adapter. Returns the merged model.
     """
     from peft import PeftModel
 
@@ -186,10 +226,14 @@ def export_merged(
         raise LayercardError(
             f"{src}: bottleneck adapters (houlsby/parallel) are nonlinear and cannot be merged into weights"
         )
+    check_merged_target(out_dir, [src], what="merged model folder")
     base = loaded.model if in_place else copy.deepcopy(loaded.model)
     merged = PeftModel.from_pretrained(base, str(src)).merge_and_unload()
     merged.eval()
+    checked = check(merged) if check is not None else {}
+    mark = {"base": loaded.model_id, "base_hash": loaded.model_hash, "adapter": str(src), **checked}
     with atomic_path(out_dir) as tmp:
         merged.save_pretrained(str(tmp), safe_serialization=True)
         loaded.tokenizer.save_pretrained(str(tmp))
+        (tmp / MERGED_MARK).write_text(json.dumps(mark, indent=1) + "\n", encoding="utf-8")
     return merged

@@ -9,6 +9,7 @@ model; :func:`_export_checked` writes the trimmed adapter and proves it reproduc
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import time
 from collections.abc import Callable
@@ -25,7 +26,14 @@ from layercard.config import TraceConfig, TrimConfig
 from layercard.errors import LayercardError
 from layercard.tasks import METRICS, Task, batches, encode_task, higher_is_better
 from layercard.train.readme import README_FILE, trimmed_readme
-from layercard.trim.export import _adapter_kind, _write_trimmed, export_merged
+from layercard.trim.export import (
+    MERGED_MARK,
+    _adapter_kind,
+    _write_trimmed,
+    check_merged_target,
+    check_trimmable,
+    export_merged,
+)
 from layercard.trim.figures import plot_sweep
 from layercard.trim.lens import TRACE_FILE, Trace, trace
 from layercard.trim.mask import adapted_layers, adapted_modules, masked_layers
@@ -39,7 +47,15 @@ from layercard.trim.sweep import (
     task_scorer,
 )
 
-__all__ = ["MERGED_DIR", "TRIMMED_DIR", "TRIM_FILE", "run_trace", "trim"]
+__all__ = [
+    "MERGED_DIR",
+    "TRIMMED_DIR",
+    "TRIM_FILE",
+    "check_merged_folder",
+    "latency_text",
+    "run_trace",
+    "trim",
+]
 
 TRIM_KIND = "trim"
 TRIM_FILE = "trim.json"
@@ -51,6 +67,12 @@ MERGED_DIR = "merged"
 # ---------------------------------------------------------------------------------------------------------
 # Trace
 # ---------------------------------------------------------------------------------------------------------
+
+
+def check_merged_folder(merged_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path) -> None:
+    """Refuse, before any work, a ``--export-merged`` folder whose replacement would lose the adapter, the
+    trim's own outputs or anything else (:func:`~layercard.trim.export.check_merged_target`)."""
+    check_merged_target(merged_dir, [adapter_dir, out_dir, Path(out_dir) / TRIMMED_DIR])
 
 
 def _subset(task: Task, n: int | None, seed: int) -> Task:
@@ -155,7 +177,18 @@ def _summary(model: nn.Module, k: int, measured: dict[str, Any], latency: list[f
         # the minimum over repeats: other load on the machine only ever adds time
         "s_per_example": min(latency),
         "s_per_example_samples": latency,
+        "new_tokens_per_example": measured["new_tokens_per_example"],
     }
+
+
+def latency_text(before: dict[str, Any], after: dict[str, Any]) -> str:
+    """``0.041 → 0.030 s/example`` of a trim's before/after rows, with the tokens each generated per
+    example where those differ (a model that stops sooner is faster per example for that reason alone)."""
+    text = f"{before['s_per_example']:.3f} → {after['s_per_example']:.3f} s/example"
+    nb, na = before.get("new_tokens_per_example"), after.get("new_tokens_per_example")
+    if nb is not None and na is not None and not math.isclose(nb, na, rel_tol=0.01):
+        text += f" (generating {nb:.1f} → {na:.1f} tokens/example: not the same work)"
+    return text
 
 
 def _latency(measured: dict[str, Any], repeats: int, timer: Callable[[], float]) -> list[float]:
@@ -228,6 +261,10 @@ def _job(
         raise LayercardError(
             f"--export-merged: {adapter} holds bottleneck adapters (houlsby/parallel), which cannot be merged"
         )
+    if export_merged_dir is not None:
+        check_merged_folder(export_merged_dir, adapter, out_dir)
+    if kind == "peft":
+        check_trimmable(adapter)
     sub = _subset(task, cfg.examples, cfg.seed)
     tok = loaded.tokenizer
     metric = cfg.metric or sub.format.metrics[0]
@@ -369,10 +406,26 @@ def _readme(job: _Job, found: _Found, after: dict[str, Any], trimmed_dir: Path) 
 
 
 def _merge_checked(job: _Job, exported: _Exported, out_dir: str | Path, in_place: bool) -> dict[str, Any]:
-    """Merge the trimmed LoRA into the base (see :func:`export_merged`) and compare its logits."""
-    merged = export_merged(job.loaded, job.out / TRIMMED_DIR, out_dir, in_place=in_place)
-    diff = _max_diff(_logits(merged, job.probe), exported.logits, job.probe["attention_mask"])
-    return {"path": str(out_dir), "max_abs_logit_diff_vs_trimmed": diff}
+    """Merge the trimmed LoRA into the base (see :func:`export_merged`); nothing is written unless the
+    merged model gives the trimmed adapter's logits up to the rounding of the weights' dtype."""
+
+    def check(merged: nn.Module) -> dict[str, Any]:
+        diff = _max_diff(_logits(merged, job.probe), exported.logits, job.probe["attention_mask"])
+        scale = max(1.0, float(exported.logits.abs().max()))
+        # Merging rounds W + BA once in the weights' dtype: about 1e-6 of the logits' scale in float32.
+        exact = next(merged.parameters()).dtype == torch.float32
+        if not diff <= (1e-3 if exact else 5e-2) * scale:
+            raise LayercardError(
+                f"--export-merged: the merged model does not give the trimmed adapter's logits (max "
+                f"|Δlogit| = {diff:.3g}, the logits' scale {scale:.3g}); nothing was written. A LoRA on a "
+                "module whose weight is shared with another (lm_head tied to the embeddings) cannot be "
+                "merged into one of them alone"
+            )
+        return {"max_abs_logit_diff_vs_trimmed": diff}
+
+    export_merged(job.loaded, job.out / TRIMMED_DIR, out_dir, in_place=in_place, check=check)
+    mark = json.loads((Path(out_dir) / MERGED_MARK).read_text(encoding="utf-8"))
+    return {"path": str(out_dir), "max_abs_logit_diff_vs_trimmed": mark["max_abs_logit_diff_vs_trimmed"]}
 
 
 def _result(

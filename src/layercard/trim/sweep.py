@@ -188,6 +188,8 @@ def task_scorer(
             "loss": value,
             "s_per_example": timing["s_per_example"],
             "tokens_per_s": timing["tokens_per_s"],
+            # latency rows compare only at equal lengths: a model that stops sooner is faster per example
+            "new_tokens_per_example": timing["new_tokens"] / len(examples),
             "predictions": texts,
         }
 
