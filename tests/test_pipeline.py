@@ -314,6 +314,21 @@ def test_results_trained_under_other_settings_are_left_out_until_made_again(tiny
     assert rows["base"]["eval_loss"] == summary["rows"][0]["eval_loss"]  # the base is not trained
 
 
+def test_evaluations_of_another_eval_task_are_left_out(tiny_run, tmp_path):
+    """A run stopped before evaluating a changed eval task keeps no evaluation of the old one: not the
+    base's, not a placement's (their adapters are unchanged, their data is not)."""
+    cfg_path, run_dir, _ = tiny_run
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    changed = load_config(cfg_path, ["task.eval=synthetic:format", "train.eval_examples=0"])
+    stopped = run_pipeline(changed, copy, progress=False, until="plan")
+    assert {"eval:base", "eval:card-2", "eval:all"} <= set(stopped["left_out"])
+    assert all(r["eval_loss"] is None for r in stopped["rows"]), stopped["rows"]
+    r = CliRunner().invoke(app, ["report", str(copy)])
+    assert r.exit_code == 0, r.output
+    assert "examples of facts" not in (copy / "report.md").read_text()
+
+
 def test_changed_train_steps_reruns_downstream_only(tiny_run, tmp_path, monkeypatch):
     import layercard.train
 

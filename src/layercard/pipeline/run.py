@@ -108,7 +108,13 @@ def run_pipeline(
         root.mkdir(parents=True, exist_ok=True)
         # No paths or times in run.json: its hash is one of the report's inputs.
         write_json(
-            runner.out.run_json, {"kind": RUN_KIND, "schema_version": SCHEMA_VERSION, "config": cfg.to_dict()}
+            runner.out.run_json,
+            {
+                "kind": RUN_KIND,
+                "schema_version": SCHEMA_VERSION,
+                "config": cfg.to_dict(),
+                "inputs": runner.input_hashes(),
+            },
         )
         threads_before = torch.get_num_threads()
         threads = choose_threads(cfg.threads)

@@ -175,6 +175,18 @@ class Runner:
             self._model_hash = self._loaded.model_hash
         return self._loaded
 
+    def input_hashes(self) -> dict[str, str | None]:
+        """The hashes of the model and of each task the run reads now, keyed as the stage records key
+        them: run.json keeps them, so that a summary or report takes no artifact made from others."""
+        val = self.train_val
+        return {
+            "model": self.model_hash,
+            "train_data": self.train_task.data_hash,
+            "val_data": val.data_hash if val is not None else None,
+            "eval_data": self.eval_task.data_hash,
+            "trim_data": self.trim_task.data_hash,
+        }
+
     @property
     def train_val(self) -> Any:
         """The validation task training measures (None when the train config asks for none)."""

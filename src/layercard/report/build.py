@@ -183,7 +183,7 @@ def _load_run(root: Path) -> _Run:
     return _Run(
         lay=lay,
         run_cfg=run_config(root),
-        card=load_optional(Card.load, lay.card_json),
+        card=load_optional(Card.load, lay.card_json) if "card" not in gone else None,
         names=names,
         plans=plans,
         metrics=metrics,
@@ -465,8 +465,14 @@ def _evaluation(doc: _Doc, run: _Run) -> None:
         doc.p("No evaluations in this run.")
         return
     lay = run.lay
+    gone = set(run.results["left_out"])
     first = next(
-        (lay.eval_json(n) for n in (BASE_EVAL, *run.names, TRIMMED_EVAL) if lay.eval_json(n).is_file()), None
+        (
+            lay.eval_json(n)
+            for n in (BASE_EVAL, *run.names, TRIMMED_EVAL)
+            if lay.eval_json(n).is_file() and f"eval:{n}" not in gone
+        ),
+        None,
     )
     if first is not None:
         ev = EvalResult.load(first)

@@ -134,6 +134,12 @@ def placement_names(root: Path) -> list[str]:
     )
 
 
+def run_inputs(root: Path) -> dict[str, Any]:
+    """The hashes of the model and tasks the run read when it last ran (run.json), if it recorded them."""
+    run = _maybe(RunLayout(root).run_json)
+    return dict(run.get("inputs") or {}) if run is not None else {}
+
+
 def run_config(root: Path) -> dict[str, Any] | None:
     """The resolved config the run recorded in run.json, if any."""
     run = _maybe(RunLayout(root).run_json)
@@ -197,15 +203,21 @@ def _primary(ev: Any) -> tuple[str | None, float | None]:
 class _Rows:
     """The rows of :func:`collect_results`; the primary metric is the first evaluation's first metric."""
 
-    def __init__(self, base_ev: Any) -> None:
+    def __init__(self, base_ev: Any, now: Mapping[str, Any]) -> None:
         self.base_loss = base_ev.loss if base_ev is not None else None
         self.primary = _primary(base_ev)[0]
+        self.now = now  # the run's input hashes (run.json), which each stage record must name
         self.rows: list[dict[str, Any]] = []
         # stages whose artifacts are left out: they failed, or were made from inputs the run has since
         # replaced (a placement planned again under --until plan, say)
         self.left_out: list[str] = []
         # per compared model: its examples' summed losses and the hash of the examples they are of
         self.example_losses: dict[str, tuple[list[float], Any]] = {}
+
+    def inputs(self, **keys: str) -> dict[str, Callable[[], Any]]:
+        """The :func:`fresh` checks of a stage record's inputs ``keys`` (record key -> run.json key)
+        against the run's, for those the run recorded."""
+        return {k: (lambda v=self.now[n]: v) for k, n in keys.items() if n in self.now}
 
     def keep_examples(self, name: str, ev: Any) -> None:
         if ev is not None and ev.example_loss_sums is not None:
@@ -284,14 +296,23 @@ def _kept(
     return False
 
 
-def _placement_row(rows: _Rows, lay: RunLayout, name: str, cfg: Mapping[str, Any]) -> dict[str, Any]:
+def _placement_row(
+    rows: _Rows, lay: RunLayout, name: str, cfg: Mapping[str, Any], card_ok: bool
+) -> dict[str, Any]:
     from layercard.cost import peak_of
     from layercard.evaluate import EvalResult
     from layercard.plan import Plan
 
     plan_file, metrics_file, eval_file = lay.plan_json(name), lay.train_metrics(name), lay.eval_json(name)
     adapter = lay.adapter_dir(name)
-    plan_ok = _kept(rows, f"plan:{name}", plan_file)
+    plan_ok = _kept(
+        rows,
+        f"plan:{name}",
+        plan_file,
+        upstream=card_ok,
+        card=lambda: content_hash(lay.card_json),
+        **rows.inputs(train_data="train_data"),
+    )
     train_ok = _kept(
         rows,
         f"train:{name}",
@@ -299,6 +320,7 @@ def _placement_row(rows: _Rows, lay: RunLayout, name: str, cfg: Mapping[str, Any
         cfg.get("train"),
         upstream=plan_ok,
         plan=lambda: content_hash(plan_file),
+        **rows.inputs(model="model", train_data="train_data", val_data="val_data"),
     )
     eval_ok = _kept(
         rows,
@@ -307,6 +329,7 @@ def _placement_row(rows: _Rows, lay: RunLayout, name: str, cfg: Mapping[str, Any
         cfg.get("eval"),
         upstream=train_ok,
         adapter=lambda: hash_folder(adapter),
+        **rows.inputs(model="model", data="eval_data"),
     )
     plan = load_optional(Plan.load, plan_file) if plan_ok else None
     tm = load_optional(read_train_metrics, metrics_file) if train_ok else None
@@ -352,6 +375,7 @@ def _trimmed_row(
         cfg.get("trim"),
         upstream=parent.get("s_per_step") is not None,  # its parent's training is the run's now
         adapter=lambda: hash_folder(parent_adapter),
+        **rows.inputs(model="model", data="trim_data"),
     )
     eval_file = lay.eval_json(TRIMMED_EVAL)
     eval_ok = _kept(
@@ -361,6 +385,7 @@ def _trimmed_row(
         cfg.get("eval"),
         upstream=trim_ok,
         adapter=lambda: hash_folder(lay.trimmed_adapter),
+        **rows.inputs(model="model", data="eval_data"),
     )
     if not trim_ok:
         return None
@@ -399,14 +424,22 @@ def collect_results(root: str | Path) -> dict[str, Any]:
     lay = RunLayout(root)
     trim_on, base_on = stages_active(root)
     cfg = run_config(root) or {}  # the settings each stage's artifacts must have been made under
-    base_ev = load_optional(EvalResult.load, lay.eval_json(BASE_EVAL)) if base_on else None
-    rows = _Rows(base_ev)
+    now = run_inputs(root)
+    probe = _Rows(None, now)  # the base row's checks, before the rows exist
+    base_ok = base_on and _kept(
+        probe, f"eval:{BASE_EVAL}", lay.eval_json(BASE_EVAL), cfg.get("eval"),
+        **probe.inputs(model="model", data="eval_data"),
+    )  # fmt: skip
+    base_ev = load_optional(EvalResult.load, lay.eval_json(BASE_EVAL)) if base_ok else None
+    rows = _Rows(base_ev, now)
+    rows.left_out += probe.left_out
+    card_ok = _kept(rows, "card", lay.card_json, **rows.inputs(model="model", data="train_data"))
     rows.keep_examples(BASE_EVAL, base_ev)
     if base_ev is not None:
         base = {"name": BASE_EVAL, "kind": "base", "layers": [], "modules": 0, "trainable_params": 0}
         rows.rows.append({**base, **rows.eval_fields(base_ev), "measured_gain": 0.0})
     for name in placement_names(root):
-        rows.rows.append(_placement_row(rows, lay, name, cfg))
+        rows.rows.append(_placement_row(rows, lay, name, cfg, card_ok or not lay.card_json.exists()))
     trim = _maybe(lay.trim_json) if trim_on else None
     trimmed = _trimmed_row(rows, lay, trim, cfg) if trim is not None else None
     if trimmed is not None:
