@@ -357,6 +357,17 @@ def write_json(path: str | os.PathLike[str], obj: Any) -> Path:
     return Path(path)
 
 
+def _first_non_finite(obj: Any) -> float:
+    """The first NaN or infinity in a parsed JSON value (one :func:`_non_finite_path` found)."""
+    if isinstance(obj, float):
+        return obj
+    values = obj.values() if isinstance(obj, dict) else obj
+    for v in values:
+        if _non_finite_path(v) is not None:
+            return _first_non_finite(v)
+    raise ValueError("no non-finite number")
+
+
 def _non_finite_path(obj: Any, where: str = "") -> str | None:
     """The field path (``units[3].grad_norm``) of the first NaN or infinity in ``obj``, if found."""
     if isinstance(obj, float):
@@ -421,6 +432,13 @@ def read_json(path: str | os.PathLike[str], *, kind: str | None = None) -> dict[
         raise LayercardError(f"{p}: not UTF-8 text (byte {e.start})") from None
     except json.JSONDecodeError as e:
         raise LayercardError(f"{p}: not valid JSON ({e.msg}: line {e.lineno}, column {e.colno})") from None
+    # Python's json reads NaN and Infinity, which JSON lacks and no artifact is written with: an edited
+    # or foreign file's non-finite number must not become a result.
+    where = _non_finite_path(obj)
+    if where is not None:
+        bad = _first_non_finite(obj)
+        shown = "NaN" if math.isnan(bad) else ("Infinity" if bad > 0 else "-Infinity")
+        raise LayercardError(f"{p}: {where}: must be a finite number, got {shown}")
     if kind is not None:
         if not isinstance(obj, dict) or obj.get("kind") != kind:
             got = obj.get("kind") if isinstance(obj, dict) else type(obj).__name__

@@ -5,13 +5,12 @@ from __future__ import annotations
 import base64
 import dataclasses
 import html
-import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from layercard.artifacts import read_json, write_text
+from layercard.artifacts import atomic_path, read_json, write_text
 from layercard.errors import LayercardError
 from layercard.report.figures import (
     Figure,
@@ -530,23 +529,33 @@ def build_report(run_dir: str | Path, out: str | Path | None = None) -> dict[str
     if not lay.card_json.is_file() and not any(lay.plans_dir.glob(f"*/{PLAN_FILE}")):
         raise LayercardError(f"{root}: not a layercard run folder (no card/card.json or plan/*/plan.json)")
     html_path = Path(out) if out is not None else lay.report_html
+    if html_path.suffix.lower() != ".html":
+        raise LayercardError(f"--out {html_path}: give a path ending in .html (report.md goes beside it)")
     md_path = html_path.with_suffix(".md")
     fig_dir = html_path.parent / FIGURES_DIR
-    if fig_dir.is_dir():
-        shutil.rmtree(fig_dir)  # the report owns its figures: none may linger from an earlier report
-    fig_dir.mkdir(parents=True, exist_ok=True)
+    # The report replaces its figures folder whole (none may linger from an earlier report): only one
+    # that holds nothing but figures.
+    if fig_dir.exists() and (
+        not fig_dir.is_dir() or any(not f.is_file() or f.suffix != ".png" for f in fig_dir.iterdir())
+    ):
+        raise LayercardError(
+            f"{fig_dir}: holds other files than a report's figures; give --out in another folder"
+        )
 
     run = _load_run(root)
     model_id = run.card.model["id"] if run.card else (run.run_cfg or {}).get("model", "?")
     task_name = run.card.task["name"] if run.card else "?"
-    doc = _Doc(f"layercard run · {model_id} · {task_name}", fig_dir)
-    created = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-    doc.p(f"Run folder {root.resolve()}; report built {created} from the artifacts only.")
-    for section in _SECTIONS:
-        section(doc, run)
-
-    write_text(html_path, doc.html())
-    write_text(md_path, doc.markdown(FIGURES_DIR if fig_dir.parent == md_path.parent else str(fig_dir)))
+    # Nothing is replaced until every section is built: a failed report leaves the last one whole.
+    with atomic_path(fig_dir) as tmp:
+        tmp.mkdir(parents=True)
+        doc = _Doc(f"layercard run · {model_id} · {task_name}", tmp)
+        created = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+        doc.p(f"Run folder {root.resolve()}; report built {created} from the artifacts only.")
+        for section in _SECTIONS:
+            section(doc, run)
+        html, md = doc.html(), doc.markdown(FIGURES_DIR)
+    write_text(html_path, html)
+    write_text(md_path, md)
     return {
         "html": str(html_path),
         "markdown": str(md_path),

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from layercard.artifacts import content_hash, hash_folder, read_json
+from layercard.errors import LayercardError
 from layercard.run_layout import BASE_EVAL, TRIMMED_EVAL, RunLayout
 
 if TYPE_CHECKING:
@@ -122,10 +123,25 @@ def planning_sentence(card: Any, metrics: Mapping[str, TrainMetrics], guided: st
     return text
 
 
+def _run_json(root: Path) -> dict[str, Any] | None:
+    """run.json, checked for what the report reads of it: a config with named placements."""
+    path = RunLayout(root).run_json
+    run = _maybe(path)
+    if run is None:
+        return None
+    cfg = run.get("config") if isinstance(run, dict) else None
+    places = cfg.get("placements") if isinstance(cfg, dict) else None
+    if not isinstance(places, list) or not all(isinstance(p, dict) and "name" in p for p in places):
+        raise LayercardError(f"{path}: not a run record (config.placements: a list of named placements)")
+    if not isinstance(run.get("inputs", {}), dict):
+        raise LayercardError(f"{path}: inputs: not a mapping")
+    return run
+
+
 def placement_names(root: Path) -> list[str]:
     """Placements in config order (run.json), else every plan folder in name order."""
     lay = RunLayout(root)
-    run = _maybe(lay.run_json)
+    run = _run_json(root)
     if run is not None:
         return [p["name"] for p in run["config"]["placements"]]
     plans = lay.plans_dir
@@ -136,13 +152,13 @@ def placement_names(root: Path) -> list[str]:
 
 def run_inputs(root: Path) -> dict[str, Any]:
     """The hashes of the model and tasks the run read when it last ran (run.json), if it recorded them."""
-    run = _maybe(RunLayout(root).run_json)
+    run = _run_json(root)
     return dict(run.get("inputs") or {}) if run is not None else {}
 
 
 def run_config(root: Path) -> dict[str, Any] | None:
     """The resolved config the run recorded in run.json, if any."""
-    run = _maybe(RunLayout(root).run_json)
+    run = _run_json(root)
     return run["config"] if run is not None else None
 
 
