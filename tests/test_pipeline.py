@@ -329,6 +329,22 @@ def test_evaluations_of_another_eval_task_are_left_out(tiny_run, tmp_path):
     assert "examples of facts" not in (copy / "report.md").read_text()
 
 
+def test_a_failed_rerun_leaves_no_summary_of_the_earlier_call(tiny_run, tmp_path):
+    cfg_path, run_dir, _ = tiny_run
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    with pytest.raises(LayercardError, match="stage train:card-2"):
+        run_pipeline(load_config(cfg_path, ["train.lr=1e30"]), copy, progress=False)
+    summary = json.loads((copy / "summary.json").read_text())
+    rows = {r["name"]: r for r in summary["rows"]}
+    assert rows["card-2"]["s_per_step"] is None and rows["card-2"]["eval_loss"] is None
+    assert "train:card-2" in summary["failed"] and summary["report"] is None
+    r = CliRunner().invoke(app, ["report", str(copy)])
+    assert r.exit_code == 0, r.output
+    text = " ".join((copy / "report.md").read_text().split())
+    assert "Failed: train:card-2" in text and "trim.enabled: false" not in text
+
+
 def test_changed_train_steps_reruns_downstream_only(tiny_run, tmp_path, monkeypatch):
     import layercard.train
 

@@ -199,6 +199,8 @@ def _run_cfg(cfg: Any, out: Path, json_out: bool, until: str = "report") -> dict
             "were made from inputs this run has since replaced",
             markup=False,
         )
+    for stage, error in (summary.get("failed") or {}).items():
+        console.print(f"failed earlier: {stage} ({error})", markup=False)
     skipped = len(summary["skipped"])
     console.print(
         f"{_count(len(summary['ran']), 'stage')} ran, {skipped} skipped, {summary['wall_time_s']:.0f} s on "

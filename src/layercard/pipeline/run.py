@@ -121,6 +121,10 @@ def run_pipeline(
         torch.set_num_threads(threads)
         try:
             _run_stages(runner, STAGE_ORDER.index(until))
+        except LayercardError:
+            # the summary of an earlier call must not outlive the stage that failed now
+            write_json(runner.out.summary_json, _summary(runner, threads, t0, until, built=False))
+            raise
         finally:
             torch.set_num_threads(threads_before)
         summary = _summary(runner, threads, t0, until)
@@ -175,8 +179,9 @@ def _run_stages(runner: Runner, last: int) -> None:
     runner.report()
 
 
-def _summary(runner: Runner, threads: int, t0: float, until: str) -> dict[str, Any]:
-    """What this invocation did (each stage's status) with the headline numbers of every model."""
+def _summary(runner: Runner, threads: int, t0: float, until: str, built: bool = True) -> dict[str, Any]:
+    """What this invocation did (each stage's status) with the headline numbers of every model;
+    ``built=False`` for a call that stopped at a failed stage (it built no report)."""
     from layercard.report import collect_results
 
     cfg, out = runner.cfg, runner.out
@@ -200,10 +205,11 @@ def _summary(runner: Runner, threads: int, t0: float, until: str) -> dict[str, A
         "recommendation": _recommendation(out.root, [p.name for p in cfg.placements]),
         "rows": results["rows"],
         "left_out": results["left_out"],
+        "failed": results["failed"],
         # a run stopped early built no report this time (one from an earlier call may be out of date)
         "report": (
             {"html": str(out.report_html.resolve()), "markdown": str(out.report_md.resolve())}
-            if until == "report"
+            if until == "report" and built
             else None
         ),
         "until": until,

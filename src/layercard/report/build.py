@@ -265,6 +265,8 @@ def _headline(doc: _Doc, run: _Run) -> None:
             + ", whose stage failed or was "
             "made from inputs the run has since replaced; the next `layercard run` makes them again."
         )
+    for stage, error in (run.results.get("failed") or {}).items():
+        doc.p(f"Failed: {stage}, which left no artifact ({error or 'no error recorded'}).")
     doc.table(headline_table(run.results))
     if any(r.get("peak_memory_kind") == "process_peak_rss" for r in run.rows):
         doc.p(
@@ -357,7 +359,15 @@ def _trimming(doc: _Doc, run: _Run) -> None:
     doc.h2("Boundary trace and trimming")
     trim = run.trim
     if trim is None:
-        doc.p("Trimming was not run (trim.enabled: false).")
+        enabled = stages_active(run.root)[0]
+        gone = "trim" in run.results["left_out"] or "trim" in (run.results.get("failed") or {})
+        doc.p(
+            "Trimming was not run (trim.enabled: false)."
+            if not enabled
+            else "The trim's artifacts are not this run's (see above)."
+            if gone
+            else "Trimming has not run yet."
+        )
         return
     target = trim_target(run.root, trim)
     cands = ", ".join(

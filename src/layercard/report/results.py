@@ -227,6 +227,8 @@ class _Rows:
         # stages whose artifacts are left out: they failed, or were made from inputs the run has since
         # replaced (a placement planned again under --until plan, say)
         self.left_out: list[str] = []
+        # stages whose last attempt failed, leaving no artifact (each with its error)
+        self.failed: dict[str, str] = {}
         # per compared model: its examples' summed losses and the hash of the examples they are of
         self.example_losses: dict[str, tuple[list[float], Any]] = {}
 
@@ -305,6 +307,9 @@ def _kept(
     """Whether ``artifact`` is there, what it was made from is kept (``upstream``) and the stage that owns
     its folder is :func:`fresh`; one that is there but not kept is noted as left out."""
     if not artifact.exists():
+        rec = _maybe(RunLayout.stage_record(artifact.parent))
+        if rec is not None and rec.get("status") == "failed":
+            rows.failed[stage] = str(rec.get("error") or "")
         return False
     if upstream and fresh(RunLayout.stage_record(artifact.parent), settings, **inputs):
         return True
@@ -449,6 +454,7 @@ def collect_results(root: str | Path) -> dict[str, Any]:
     base_ev = load_optional(EvalResult.load, lay.eval_json(BASE_EVAL)) if base_ok else None
     rows = _Rows(base_ev, now)
     rows.left_out += probe.left_out
+    rows.failed |= probe.failed
     card_ok = _kept(rows, "card", lay.card_json, **rows.inputs(model="model", data="train_data"))
     rows.keep_examples(BASE_EVAL, base_ev)
     if base_ev is not None:
@@ -476,6 +482,7 @@ def collect_results(root: str | Path) -> dict[str, Any]:
         "reference": ref,
         "rows": rows.rows,
         "left_out": rows.left_out,
+        "failed": rows.failed,
     }
 
 
