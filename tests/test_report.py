@@ -95,7 +95,7 @@ def test_report_with_missing_stages(run_dir, tmp_path):
     shutil.rmtree(copy / "eval" / "base")
     paths = build_report(copy)
     text = Path(paths["html"]).read_text()
-    assert "Trimming was not run" in text
+    assert "Trimming has not run yet" in text  # enabled in run.json, its folder gone
     assert "Needs plans with a predicted set gain and the evaluations of the base model" in text
     assert "all-trimmed" not in text
     assert not (copy / "figures" / "trace.png").exists()  # a stale figure of the earlier report is gone
@@ -258,6 +258,10 @@ def test_measured_leads_sentence_states_each_difference_with_its_error():
     assert "0.138 ± 0.021 above qv's and 0.012 below lin's (± the paired" in text
     assert measured_leads_sentence(rows[:2]) is None  # nothing measured against it
     assert measured_leads_sentence([r for r in rows if r["name"] != "rec"]) is None  # no recommendation
+    rows[2] = {"name": "qv", "measured_lead_of_recommend": 0.0, "measured_lead_se": 0.0}  # a tie
+    assert "fraction of the reference's drop was equal to qv's and 0.012 below lin's" in (
+        measured_leads_sentence(rows) or ""
+    )
 
 
 def test_without_a_reference_the_eval_losses_are_set_side_by_side():
@@ -274,6 +278,16 @@ def test_without_a_reference_the_eval_losses_are_set_side_by_side():
     rows[2]["eval_loss"] = 4.9
     assert eval_loss_sentence(rows).endswith("the recommendation measured lowest.")
     assert eval_loss_sentence(rows[:2]) is None  # nothing to set it against
+    rows[2]["eval_loss"] = 4.659  # a tie is not a win
+    assert eval_loss_sentence(rows).endswith("the recommendation measured lowest, level with qv.")
+    # a reference that lowered nothing scales nothing: the sentence says so, not that there was none
+    rows.append({"name": "ref", "kind": "placement", "is_reference": True, "eval_loss": 5.01,
+                 "measured_gain": -0.01})  # fmt: skip
+    text = eval_loss_sentence(rows)
+    assert text.startswith(
+        "Measured without a drop to scale by (the reference, ref, changed the base's eval loss"
+    )
+    assert "+0.0100" in text
 
 
 def test_a_budget_a_run_went_over_is_in_its_report(run_dir, tmp_path):

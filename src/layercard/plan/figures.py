@@ -20,7 +20,8 @@ def plot_frontier(plan: Any, path: str | Path, measured: dict[str, dict[str, flo
     """One panel per cost the plan was budgeted on: the frontier, the chosen placement, the fixed rules.
 
     ``measured``: trained placements by name, each with its measured fraction of the reference's loss drop
-    (``fraction``), its predicted one (``predicted``) and its costs by kind; drawn as predicted → measured.
+    (``fraction``), its predicted one (``predicted``), its costs by kind and, where they differ, the
+    predicted costs (``<kind>_predicted``); drawn as predicted → measured.
     """
     import matplotlib
 
@@ -55,13 +56,13 @@ def plot_frontier(plan: Any, path: str | Path, measured: dict[str, dict[str, flo
             [chosen[kind]], [chosen["quality"]], marker="*", s=160, color="black", zorder=5, label="plan"
         )
         # every point the panel's cost axis spans: its scale, and where a measured point's name has room
-        span = xs + [m[kind] for m in (measured or {}).values() if kind in m]
+        span = xs + [m[k] for m in (measured or {}).values() for k in (kind, f"{kind}_predicted") if k in m]
         log = _wide(span)
         for i, (name, m) in enumerate((measured or {}).items()):
             if kind not in m:
                 continue
             ax.annotate(
-                "", (m[kind], m["fraction"]), (m[kind], m["predicted"]),
+                "", (m[kind], m["fraction"]), (m.get(f"{kind}_predicted", m[kind]), m["predicted"]),
                 arrowprops={"arrowstyle": "->", "color": "0.4", "lw": 0.8},
             )  # fmt: skip
             ax.errorbar(

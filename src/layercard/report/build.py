@@ -224,18 +224,23 @@ def _recommendation(doc: _Doc, run: _Run) -> None:
         p = run.plans.get(r["name"])
         cand = p.predicted.get("candidate") if p is not None else None
         if cand is not None and r.get("measured_fraction") is not None:
+            # each point at its measured cost where the run measured it, its prediction beside it
+            ran = {"params": r.get("trainable_params"), "step_time": r.get("s_per_step"),
+                   "memory": r.get("peak_memory_mib")}  # fmt: skip
             costs = {k: float(cand[k]) for k in plan.predicted["frontier"] if k in cand}
-            measured[r["name"]] = {**costs, "fraction": r["measured_fraction"], "predicted": cand["quality"],
+            at = {k: float(ran[k]) if ran.get(k) is not None else v for k, v in costs.items()}
+            measured[r["name"]] = {**at, **{f"{k}_predicted": v for k, v in costs.items()},
+                                   "fraction": r["measured_fraction"], "predicted": cand["quality"],
                                    "se": r.get("measured_fraction_se")}  # fmt: skip
     doc.figure(
         "frontier.png",
         "Predicted frontier of quality against each budgeted cost (band: each placement's expected error); "
         "squares: the practitioners' rules fitted to the same budgets; star: the recommendation"
         + (
-            "; diamonds: each trained placement's measured quality with its sampling error (arrow from its "
-            "prediction)"
+            "; diamonds: each trained placement's measured quality at its measured cost, with its sampling "
+            "error (arrow from its prediction)"
             if measured
-            else " (no measured points: the run trained no reference to scale them)"
+            else " (no measured points: " + _no_scale(run) + ")"
         ),
         lambda p: plot_frontier(plan, p, measured),
     )
@@ -243,6 +248,14 @@ def _recommendation(doc: _Doc, run: _Run) -> None:
     leads = measured_leads_sentence(run.rows) or eval_loss_sentence(run.rows)
     if leads:
         doc.p(leads)
+
+
+def _no_scale(run: _Run) -> str:
+    """Why no measured fraction exists: no reference trained, or one whose loss drop is not positive."""
+    ref = next((r for r in run.rows if r.get("is_reference")), None)
+    if ref is None or ref.get("measured_gain") is None:
+        return "the run trained no reference to scale them"
+    return f"the reference's loss drop, {ref['measured_gain']:.4f}, is not one to scale them by"
 
 
 def _headline(doc: _Doc, run: _Run) -> None:

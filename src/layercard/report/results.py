@@ -471,6 +471,7 @@ def collect_results(root: str | Path) -> dict[str, Any]:
     ref = reference_placement(lay, placement_names(root))
     ref_gain = next((r["measured_gain"] for r in rows.rows if r["name"] == ref), None)
     for r in rows.rows:
+        r["is_reference"] = r["name"] == ref
         gain = r.get("measured_gain")
         ok = r["kind"] != "base" and ref_gain is not None and ref_gain > 0 and gain is not None
         r["measured_fraction"] = gain / ref_gain if ok else None
@@ -509,8 +510,11 @@ def measured_leads_sentence(rows: list[dict[str, Any]]) -> str | None:
         lead, se = r.get("measured_lead_of_recommend"), r.get("measured_lead_se")
         if lead is None or rec is None:
             continue
-        where = "above" if lead >= 0 else "below"
         err = "" if se is None else f" ± {se:.3f}"
+        if lead == 0:  # the same loss on every example: a tie, not a lead (the same placement, often)
+            parts.append(f"equal to {r['name']}'s")
+            continue
+        where = "above" if lead > 0 else "below"
         parts.append(f"{abs(lead):.3f}{err} {where} {r['name']}'s")
     if not parts or rec is None:
         return None
@@ -535,15 +539,24 @@ def eval_loss_sentence(rows: list[dict[str, Any]]) -> str | None:
     if rec is None or not others:
         return None
     lower = [r["name"] for r in others if r["eval_loss"] < rec["eval_loss"]]
+    level = [r["name"] for r in others if r["eval_loss"] == rec["eval_loss"]]
     listed = ", ".join(f"{r['name']}'s {r['eval_loss']:.4f}" for r in others)
     n = rec.get("eval_examples")
-    verdict = (
-        f"{' and '.join(lower)} measured lower than the recommendation"
-        if lower
-        else "the recommendation measured lowest"
+    if lower:
+        verdict = f"{' and '.join(lower)} measured lower than the recommendation"
+    elif level:
+        verdict = f"the recommendation measured lowest, level with {' and '.join(level)}"
+    else:
+        verdict = "the recommendation measured lowest"
+    ref = next((r for r in rows if r.get("kind") == "placement" and r.get("is_reference")), None)
+    why = (
+        f"without a drop to scale by (the reference, {ref['name']}, changed the base's eval loss by "
+        f"{-ref['measured_gain']:+.4f})"
+        if ref is not None and ref.get("measured_gain") is not None
+        else "without a reference to scale the drops"
     )
     return (
-        f"Measured without a reference to scale the drops: {rec['name']}'s eval loss was "
+        f"Measured {why}: {rec['name']}'s eval loss was "
         f"{rec['eval_loss']:.4f} against {listed} (lower is better; {n or 'the'} evaluated examples, one "
         f"training run each): {verdict}."
     )
