@@ -598,6 +598,12 @@ def test_cli_run_json_and_tables(tiny_run, tmp_path):
     d = json.loads(r.stdout)
     assert d["ran"] == [] and Path(d["report"]["html"]).is_file()
     assert [row["name"] for row in d["rows"]] == ["base", "card-2", "all", "all-trimmed"]
+    # what --until plan is for, a run's costs before training, is in its JSON too
+    r = CliRunner().invoke(app, ["run", str(cfg_path), "--out", str(copy), "--until", "plan", "--json"])
+    assert r.exit_code == 0, r.output
+    d = json.loads(r.stdout)
+    row = next(x for x in d["rows"] if x["name"] == "all")
+    assert row["predicted_s_per_step"] > 0 and row["predicted_peak_memory_mib"] > 0 and d["train_steps"] == 3
     r = CliRunner().invoke(app, ["run", str(cfg_path), "--out", str(copy), "--set", "eval.batch_size=2"])
     assert r.exit_code == 0, r.output
     assert "eval:all · ran" in r.output and "card: skipped (inputs unchanged)" in r.output

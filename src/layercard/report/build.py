@@ -261,10 +261,17 @@ def _no_scale(run: _Run) -> str:
 def _headline(doc: _Doc, run: _Run) -> None:
     doc.h2("Headline: quality against cost")
     trimmed = any(r["kind"] == "trimmed" for r in run.rows)
+    base = any(r["kind"] == "base" for r in run.rows)
     doc.p(
-        "One row per model: the base model, each trained placement"
+        "One row per model: "
+        + ("the base model, " if base else "")
+        + "each trained placement"
         + (", and the trimmed adapter (adapters above the boundary K dropped)" if trimmed else "")
-        + ". Loss drop = base eval loss − the model's eval loss."
+        + (
+            ". Loss drop = base eval loss − the model's eval loss."
+            if base
+            else ". The base model was not evaluated, so no loss drop is measured."
+        )
         + (
             " The trimmed adapter was trained as its parent, so its training cost is the parent's."
             if trimmed

@@ -147,7 +147,7 @@ def plans_table(plans: dict[str, Plan]) -> Table:
         "params",
         "rank",
         "predicted gain",
-        "of all-layer gain",
+        "predicted share",
         "redundancy ρ",
         "predicted s/step",
     ]
@@ -155,6 +155,9 @@ def plans_table(plans: dict[str, Plan]) -> Table:
     for name, plan in plans.items():
         pr, cfg = plan.predicted, plan.config
         frac = pr.get("fraction")
+        # a search plan's fraction is the quality model's, of the reference's loss drop; a layer
+        # policy's is of the card's all-layer set gain
+        of = "of the reference's loss drop" if "candidate" in pr else "of the all-layer gain"
         rows.append(
             [
                 name,
@@ -164,8 +167,8 @@ def plans_table(plans: dict[str, Plan]) -> Table:
                 fmt(pr.get("modules")),
                 fmt(pr.get("params"), ","),
                 str(cfg.get("rank")),
-                f"{fmt(pr.get('gain'))} ({pr.get('score')})",
-                "—" if frac is None else f"{100 * frac:.1f}%",
+                "—" if pr.get("gain") is None else f"{fmt(pr.get('gain'))} ({pr.get('score')})",
+                "—" if frac is None else f"{100 * frac:.1f}% {of}",
                 fmt(pr.get("redundancy"), ".3f"),
                 fmt(pr.get("step_time_s"), ".3f"),
             ]
