@@ -151,9 +151,12 @@ def _print_search_plan(plan) -> None:
             notes.append("the plan is not one of the search's placements, which this frontier holds")
         t.caption = "; ".join(notes) or None
         console.print(t)
+    from layercard.plan.space import budget_label
+
     err = chosen.get("error", q["expected_error"])
+    budgets = budget_label(",".join(p["budgets"])) if p["budgets"] else "none"
     console.print(
-        f"plan ({plan.config['policy']}, budgets {', '.join(p['budgets']) or 'none'}"
+        f"plan ({plan.config['policy']}, budgets {budgets}"
         + (f", target {plan.config['target']:g}" if plan.config.get("target") is not None else "")
         + "): "
         f"{row_label(chosen)}, {p['params']:,} params, "

@@ -92,6 +92,12 @@ class Budget:
         v = int(self.value) if self.value == int(self.value) else self.value
         return f"{self.kind}={v}"
 
+    @property
+    def label(self) -> str:
+        """The budget as messages show it, with its unit (``step_time=0.44 s``, ``memory=6144 MiB``)."""
+        unit = "" if self.relative else {"step_time": " s", "memory": " MiB"}.get(self.kind, "")
+        return f"{self}{unit}"
+
 
 @dataclasses.dataclass(frozen=True)
 class Budgets:
@@ -148,3 +154,8 @@ class Budgets:
 
     def __str__(self) -> str:
         return ",".join(str(b) for b in self.items)
+
+    @property
+    def label(self) -> str:
+        """The budgets as messages show them, each with its unit."""
+        return ", ".join(b.label for b in self.items)

@@ -104,7 +104,8 @@ class Search:
         for b in budgets:
             if b.kind not in self.reference:
                 raise LayercardError(
-                    f"budget {b}: the card's cost model does not give {b.kind} (run card with --calibrate)"
+                    f"budget {b.label}: the card's cost model does not give {b.kind} "
+                    "(run card with --calibrate)"
                 )
         return [(b.kind, b.cap(self.reference)) for b in budgets]
 
@@ -121,7 +122,8 @@ class Search:
         best = self.best(budgets)
         if best is None:
             raise LayercardError(
-                f"budgets {', '.join(map(str, budgets))}: no placement fits; the least the search priced: "
+                f"budgets {', '.join(b.label for b in budgets)}: no placement fits; "
+                "the least the search priced: "
                 + self._lowest(budgets)
                 + self._floor_note(self.fitting(budgets))
             )
@@ -153,7 +155,8 @@ class Search:
             ref = self.reference[kind]
             rel = f" ({low / ref:.3g}x)" if ref > 0 else ""
             value = f"{low:,.0f}" if kind in ("params", "modules", "layers") or low >= 1000 else f"{low:.4g}"
-            parts.append(f"{kind}={value}{rel}")
+            unit = {"step_time": " s", "memory": " MiB"}.get(kind, "")
+            parts.append(f"{kind}={value}{unit}{rel}")
         return ", ".join(parts)
 
     def frontier(self, kind: str, within: Sequence[Budget] = ()) -> list[Candidate]:

@@ -291,8 +291,10 @@ def _loose_budgets(search: F.Search, budgets: list[Budget]) -> list[str]:
         costliest = max(c.costs[b.kind] for c in search.candidates)
         if b.cap(search.reference) >= costliest:
             value = f"{costliest:,.0f}" if costliest >= 1000 else f"{costliest:.4g}"
+            value += {"step_time": " s", "memory": " MiB"}.get(b.kind, "")
             out.append(
-                f"budget {b}: every placement the search considers fits under it (the costliest, {value}, "
+                f"budget {b.label}: every placement the search considers fits under it "
+                f"(the costliest, {value}, "
                 f"is {costliest / ref:.3g}x the reference), so it leaves the choice to predicted quality "
                 "alone"
             )

@@ -149,10 +149,13 @@ def budget_text(budget: Any) -> str:
 
 
 def budget_label(text: str) -> str:
-    """A budget as plan.json records it (``step_time=0.44``), with its unit for display (``... s``)."""
-    if text.startswith("memory=") and not text.endswith("x"):
-        return text + " MiB"
-    return text + (" s" if text.startswith("step_time=") and not text.endswith("x") else "")
+    """Budgets as plan.json records them (``step_time=0.44,memory=600``), each with its unit for display
+    (``step_time=0.44 s, memory=600 MiB``)."""
+    parts = []
+    for part in str(text).split(","):
+        unit = "" if part.endswith("x") else {"step_time": " s", "memory": " MiB"}.get(part.split("=")[0], "")
+        parts.append(part + unit)
+    return ", ".join(parts)
 
 
 def build_space(
