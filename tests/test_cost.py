@@ -345,6 +345,27 @@ def test_forward_time_at_another_batch_grows_by_its_own_share():
     assert out["predicted_forward_scaled_s"] is None and out["forward_ratio"] == pytest.approx(1.2)
 
 
+def test_each_micro_batch_of_a_step_pays_the_fixed_part_of_its_time():
+    """Gradient accumulation: m micro-batches of the calibration's size cost m calibration steps whatever
+    the position share, and a step's fixed part is paid per micro-batch, not once."""
+    layers, modules, params = [7, 8, 9], 6, 2_000_000
+    t = SHARED.step_time(layers, modules, params)  # share 0.25 of the time grows with positions
+    four = SHARED.at_positions(None, None, 4)
+    assert four.step_time(layers, modules, params) == pytest.approx(4 * t) and four.step_micro_batches == 4
+    assert four.peak_memory(layers, modules, params) == pytest.approx(
+        SHARED.peak_memory(layers, modules, params)
+    )
+    # 4 micro-batches over 600 positions in all: 4 fixed parts, the positions' part at 1.5x
+    run = SHARED.at_positions(600.0, 200.0, 4)
+    assert run.step_time(layers, modules, params) == pytest.approx(t * (4 * 0.75 + 0.25 * 1.5))
+    # one micro-batch of the same positions: the fixed part once
+    one = SHARED.at_positions(600.0, 200.0)
+    assert one.step_time(layers, modules, params) == pytest.approx(t * (0.75 + 0.25 * 1.5))
+    assert CostModel.from_dict(run.to_dict()) == run
+    with pytest.raises(LayercardError, match="micro_batches 0"):
+        SHARED.at_positions(None, None, 0)
+
+
 def test_position_share_is_the_part_a_line_through_two_batches_puts_on_the_positions():
     assert position_share(2.0, 1.0, 1000, 500) == pytest.approx(1.0)  # proportional
     assert position_share(2.0, 2.0, 1000, 500) == pytest.approx(0.0)  # flat: none grows

@@ -1112,3 +1112,11 @@ def test_a_budget_every_placement_fits_says_it_does_not_constrain(tiny_card):
     assert line.startswith("budget memory=1000000 MiB: every") and re.search(r"costliest, [\d,.]+ MiB,", line)
     with pytest.raises(LayercardError, match=r"^budgets step_time=1e-09 s: no placement fits; .* s \("):
         make_plan(tiny_card, PlanConfig("recommend", budget="step_time=1e-9"))
+
+
+def test_a_plan_of_several_micro_batches_a_step_prices_each(tiny_card):
+    one = make_plan(tiny_card, PlanConfig("all", rank=4))
+    four = make_plan(tiny_card, PlanConfig("all", rank=4, grad_accum=4))
+    assert four.predicted["step_time_s"] == pytest.approx(4 * one.predicted["step_time_s"])
+    assert four.config["grad_accum"] == 4 and four.predicted["step_micro_batches"] == 4
+    assert four.predicted["memory"]["peak_mib"] == pytest.approx(one.predicted["memory"]["peak_mib"])

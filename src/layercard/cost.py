@@ -221,6 +221,10 @@ class CostModel:
     step_position_share: float | None = None
     memory_position_share: float | None = None
     batch_scaling: dict[str, Any] | None = None  # the two measurements the shares come from
+    # Micro-batches a step's time is priced for (gradient accumulation): the part of a step that does not
+    # grow with positions (kernel launches, per-pass overheads) is paid once per micro-batch, so the step
+    # time is m·(1 − share) + share·k times the calibration's, not 1 − share + share·k.
+    step_micro_batches: int = 1
     # The same share for the unmerged forward, from the base model's forward on the calibration batch and
     # on half of it. None on cards made before it was measured: forward time is then taken as proportional
     # to positions.
@@ -330,13 +334,18 @@ class CostModel:
             return self
         return dataclasses.replace(self._scaled(k, k), batch_size=rows)
 
-    def at_positions(self, step: float | None, peak: float | None) -> CostModel:
+    def at_positions(self, step: float | None, peak: float | None, micro_batches: int = 1) -> CostModel:
         """This model priced at other padded positions: step time and the unmerged forward at ``step``
-        positions per step (all of a step's micro-batches), peak memory at a largest micro-batch of
-        ``peak`` positions; None keeps the model's own. A run's positions follow its data, so a plan for it
-        is priced at them (``layercard run``: its training stream's)."""
-        if step is None and peak is None:
+        positions per step (all of its ``micro_batches``), peak memory at a largest micro-batch of ``peak``
+        positions; None keeps the model's own (``step``: ``micro_batches`` calibration batches). A run's
+        positions follow its data, so a plan for it is priced at them (``layercard run``: its training
+        stream's)."""
+        if micro_batches < 1:
+            raise LayercardError(f"micro_batches {micro_batches}: must be ≥ 1")
+        if step is None and peak is None and micro_batches == 1:
             return self
+        if step is None and peak is None:  # m calibration batches a step: no positions needed
+            return self._scaled(float(micro_batches), 1.0, micro_batches)
         if self.batch_positions is None:
             raise LayercardError(
                 "positions: this card's cost model did not record its calibration batch's positions; "
@@ -346,18 +355,20 @@ class CostModel:
             if v is not None and not (math.isfinite(v) and v > 0):
                 raise LayercardError(f"{name} {v}: must be a positive finite number")
         own = float(self.memory_positions or self.batch_positions)
-        k_step = 1.0 if step is None else step / self.batch_positions
-        return self._scaled(k_step, 1.0 if peak is None else peak / own)
+        k_step = float(micro_batches) if step is None else step / self.batch_positions
+        return self._scaled(k_step, 1.0 if peak is None else peak / own, micro_batches)
 
-    def _scaled(self, k: float, k_mem: float) -> CostModel:
-        """Step time and the forward priced at ``k`` times the positions they are at, peak memory at
-        ``k_mem`` times its own (see :meth:`at_batch`)."""
+    def _scaled(self, k: float, k_mem: float, micro_batches: int = 1) -> CostModel:
+        """Step time and the forward priced at ``k`` times the positions they are at, in
+        ``micro_batches`` times the micro-batches, peak memory at ``k_mem`` times its own (see
+        :meth:`at_batch`)."""
         bp = self.batch_positions
         own = None if bp is None else float(self.memory_positions or bp)
         memory_positions = None if own is None or own * k_mem == bp * k else own * k_mem
         s = 1.0 if self.step_position_share is None else float(self.step_position_share)
-        f = 1.0 - s + s * k
+        f = micro_batches * (1.0 - s) + s * k
         changes: dict[str, Any] = {
+            "step_micro_batches": self.step_micro_batches * micro_batches,
             "intercept_s": self.intercept_s * f,
             "per_layer_backward_s": self.per_layer_backward_s * f,
             "per_module_s": self.per_module_s * f,
@@ -393,7 +404,7 @@ class CostModel:
             changes["memory_per_layer_mib"] = float(self.memory_per_layer_mib or 0.0) * k_mem
         first = self.first_step_model()
         if first is not None:
-            moved = first._scaled(k, k_mem)
+            moved = first._scaled(k, k_mem, micro_batches)
             changes["memory_first_step"] = {key: getattr(moved, key) for key in self.memory_first_step or {}}
         return dataclasses.replace(self, **changes)
 

@@ -91,6 +91,13 @@ class PlanConfig(Schema):
         help="training micro-batch that step time and memory are priced at; null: the card's calibration "
         "batch (layercard run: train.batch_size)",
     )
+    grad_accum: int | None = setting(
+        None,
+        kind="int",
+        minimum=1,
+        help="micro-batches per optimizer step that step time is priced at (each pays the step's fixed "
+        "part); null: 1 (layercard run: train.grad_accum)",
+    )
     step_positions: float | None = setting(
         None,
         kind="pos_float",

@@ -342,7 +342,8 @@ class Runner:
         # memory_figure auto is resolved when the plan is made, for the process that will train it (this
         # one, or a later one when this call stops before training); a cached plan keeps the figure it was
         # made with, so that a run resumed in a new process does not plan and train again
-        plan_cfg = dataclasses.replace(p.plan, batch_size=batch)
+        accum = p.plan.grad_accum if p.plan.grad_accum is not None else self.cfg.train.grad_accum
+        plan_cfg = dataclasses.replace(p.plan, batch_size=batch, grad_accum=accum)
         # ... and at the positions its training will compute, from its data order, unless the plan names
         # them: a run's largest micro-batch sets its peak (design §6, "a budget holds")
         at_run = p.plan.step_positions is None and p.plan.peak_positions is None

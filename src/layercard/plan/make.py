@@ -51,14 +51,16 @@ def at_batch(card: Card, rows: int | None) -> Card:
     return dataclasses.replace(card, cost=CostModel.from_dict(card.cost).at_batch(rows).to_dict())
 
 
-def at_positions(card: Card, step: float | None, peak: float | None) -> Card:
-    """``card`` with its cost model priced at ``step`` padded positions per step and a largest micro-batch
-    of ``peak`` (None: its own; a card without a cost model: unchanged); see ``CostModel.at_positions``."""
-    if (step is None and peak is None) or card.cost is None:
+def at_positions(card: Card, step: float | None, peak: float | None, micro_batches: int = 1) -> Card:
+    """``card`` with its cost model priced at ``step`` padded positions per step of ``micro_batches``
+    micro-batches and a largest micro-batch of ``peak`` (None: its own; a card without a cost model:
+    unchanged); see ``CostModel.at_positions``."""
+    if (step is None and peak is None and micro_batches == 1) or card.cost is None:
         return card
     from layercard.cost import CostModel
 
-    return dataclasses.replace(card, cost=CostModel.from_dict(card.cost).at_positions(step, peak).to_dict())
+    moved = CostModel.from_dict(card.cost).at_positions(step, peak, micro_batches)
+    return dataclasses.replace(card, cost=moved.to_dict())
 
 
 def make_plan(card: Card | str | os.PathLike[str], cfg: PlanConfig, *, card_path: str | None = None) -> Plan:
@@ -76,7 +78,9 @@ def make_plan(card: Card | str | os.PathLike[str], cfg: PlanConfig, *, card_path
         raise LayercardError(
             f"make_plan: cfg must be a PlanConfig, such as PlanConfig(budget='params=0.2x'), got {cfg!r}"
         )
-    card = at_positions(at_batch(card, cfg.batch_size), cfg.step_positions, cfg.peak_positions)
+    card = at_positions(
+        at_batch(card, cfg.batch_size), cfg.step_positions, cfg.peak_positions, cfg.grad_accum or 1
+    )
     if cfg.policy in SEARCH_POLICIES:  # matrices × layers × rank, with the quality model
         return search_plan(card, cfg, card_path=card_path)
     from layercard.cost import memory_figure
@@ -126,6 +130,7 @@ def make_plan(card: Card | str | os.PathLike[str], cfg: PlanConfig, *, card_path
         "kind": cfg.kind,
         "bands": cfg.bands,
         "batch_size": cfg.batch_size,
+        "grad_accum": cfg.grad_accum,
         "step_positions": cfg.step_positions,
         "peak_positions": cfg.peak_positions,
         "memory_figure": figure,

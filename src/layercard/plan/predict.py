@@ -67,6 +67,7 @@ def calibration_batch(cost: dict[str, Any]) -> dict[str, Any]:
         # where peak memory is priced at other positions than a step (a run's largest micro-batch)
         "calibration_memory_positions": cost.get("memory_positions"),
         "step_time_position_share": cost.get("step_position_share"),
+        "step_micro_batches": cost.get("step_micro_batches", 1),
         "forward_position_share": cost.get("forward_position_share"),
     }
 

@@ -359,6 +359,7 @@ def search_plan(
         "bands": None,
         "depth": cfg.depth,
         "batch_size": cfg.batch_size,
+        "grad_accum": cfg.grad_accum,
         "step_positions": cfg.step_positions,
         "peak_positions": cfg.peak_positions,
         "memory_figure": figure,
