@@ -6,7 +6,7 @@ import contextlib
 import dataclasses
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -191,16 +191,117 @@ def _layer_chunks(layers: Sequence[int], n_groups: int) -> list[list[int]]:
     return [list(c) for c in np.array_split(np.asarray(layers), n_groups)]
 
 
-# One function on purpose: the probe passes, statistics, coupling and calibration run and are timed in
-# this order, and each phase's wall time lands in card.timings; split, the order would be harder to read.
 def compute_card(loaded: Any, task: Any, cfg: CardConfig, *, progress: bool | None = None) -> Card:
     """Measure the frozen model on the task and return the Layer Card (docs/design.md §3–§5).
 
     Inside a process group every process must call it: each takes its share of the probe batches and the
     sums are added over the group (§12). The first process alone then runs coupling and calibration and
     measures the weights' SNR, so only its card is complete; the others return theirs without coupling,
-    cost and weight_snr.
+    cost and weight_snr. The global random generators are seeded with ``cfg.seed`` for the card's own
+    draws (the calibration's LoRA initialisations) and left as the caller had them.
     """
+    with _seeded_rng(cfg.seed, loaded.model):
+        return _compute_card(loaded, task, cfg, progress=progress)
+
+
+def _devices(model: Any) -> dict[str, set[int]]:
+    """The accelerators the model's parameters sit on, by kind."""
+    used: dict[str, set[int]] = {}
+    for p in model.parameters():
+        kind = p.device.type
+        if kind in ("cpu", "meta"):
+            continue
+        module = torch.get_device_module(kind)
+        index = p.device.index
+        if index is None:
+            index = module.current_device() if hasattr(module, "current_device") else 0
+        used.setdefault(kind, set()).add(index)
+    return used
+
+
+def _seed(seed: int, model: Any) -> None:
+    """Seed the CPU generator and that of each accelerator the model sits on (no other device's)."""
+    torch.random.default_generator.manual_seed(seed)
+    for kind, indices in _devices(model).items():
+        module = torch.get_device_module(kind)
+        for index in sorted(indices):
+            # manual_seed seeds the current device of its kind: make each one current in turn.
+            with module.device(index) if hasattr(module, "device") else contextlib.nullcontext():
+                module.manual_seed(seed)
+
+
+@contextlib.contextmanager
+def _seeded_rng(seed: int, model: Any) -> Iterator[None]:
+    """The CPU generator, and that of each accelerator the model sits on, seeded for the block; the
+    caller's states restored after it (other devices are left alone, untouched)."""
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(torch.random.fork_rng(devices=[]))  # the CPU generator alone
+        for kind, indices in _devices(model).items():
+            stack.enter_context(torch.random.fork_rng(devices=sorted(indices), device_type=kind))
+        _seed(seed, model)
+        yield
+
+
+def _context_length(model: Any) -> tuple[str, int] | None:
+    """The most positions the model reads, as its config names it (a learned position table has no row
+    past it), or None where the config gives none."""
+    config = getattr(model, "config", None)
+    for name in ("n_positions", "max_position_embeddings", "max_seq_len", "seq_length", "n_ctx"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return name, value
+    return None
+
+
+def _non_finite(value: Any, where: str = "") -> tuple[str, float] | None:
+    """The field path and value of the first NaN or infinity in ``value`` (nested mappings and lists)."""
+    if isinstance(value, float):
+        return None if math.isfinite(value) else (where, value)
+    if isinstance(value, Mapping):
+        items: Any = ((f"{where}.{k}" if where else str(k), v) for k, v in value.items())
+    elif isinstance(value, (list, tuple)):
+        items = ((f"{where}[{i}]", v) for i, v in enumerate(value))
+    else:
+        return None
+    for w, v in items:
+        found = _non_finite(v, w)
+        if found is not None:
+            return found
+    return None
+
+
+_RATE_FIELDS = ("rate", "rate_linear", "rate_quadratic")
+
+
+def _check_finite(
+    cfg: CardConfig, units: Sequence[UnitRow], groups: Sequence[GroupRow], rest: Mapping[str, Any]
+) -> None:
+    """Refuse NaN or infinity in what the card would hold, naming the statistic and its unit or input:
+    JSON has no such numbers, and every score read from them would be meaningless."""
+    from layercard.card.validate import show
+
+    for kind, rows in (("unit", units), ("input", groups)):
+        for row in rows:
+            found = _non_finite(dataclasses.asdict(row))
+            if found is None:
+                continue
+            field, value = found
+            hint = ""
+            if field in _RATE_FIELDS:
+                hint = (
+                    f" at lr {cfg.lr:g}, lora_alpha {cfg.lora_alpha:g}, lora_rank {cfg.lora_rank} "
+                    "(lower --lr or --lora-alpha)"
+                )
+            name = f" ({row.name})" if isinstance(row, UnitRow) else ""
+            raise LayercardError(f"{kind} {row.key}{name}: its {field} is not finite ({show(value)}){hint}")
+    found = _non_finite(dict(rest))
+    if found is not None:
+        raise LayercardError(f"card: {found[0]} is not finite ({show(found[1])})")
+
+
+# One function on purpose: the probe passes, statistics, coupling and calibration run and are timed in
+# this order, and each phase's wall time lands in card.timings; split, the order would be harder to read.
+def _compute_card(loaded: Any, task: Any, cfg: CardConfig, *, progress: bool | None = None) -> Card:
     from layercard import models
     from layercard.tasks import batches as make_batches
     from layercard.tasks import count_target_tokens, cut_note, encode_task, target_entropy
@@ -235,16 +336,29 @@ def compute_card(loaded: Any, task: Any, cfg: CardConfig, *, progress: bool | No
     probe_task = task.subset(cfg.examples, seed=cfg.seed)
     if len(probe_task.examples) == 0:
         raise LayercardError(f"task {task.name}: no examples to probe")
-    encoded = encode_task(tok, probe_task, max_length=cfg.max_length)
-    cut = cut_note(encoded, cfg.max_length, "probe", probe_task.format)
+    # Examples are cut to the model's context as to --max-length: past a learned position table a forward
+    # fails, and past any other the model reads positions it never saw.
+    context = _context_length(model)
+    length = cfg.max_length if context is None else min(cfg.max_length, context[1])
+    encoded = encode_task(tok, probe_task, max_length=length)
+    n_cut = sum(e.cut for e in encoded)
+    capped = length < cfg.max_length
+    notes: list[str] = []
+    if capped and n_cut and context is not None:
+        notes.append(
+            f"note: the model reads at most {context[1]} positions ({context[0]} in its config), so the "
+            f"card's --max-length {cfg.max_length} acts as {length}: {n_cut} of {len(encoded)} probe "
+            "examples are longer and were cut to it (the prompt first)"
+        )
+    cut = cut_note(encoded, None if capped else length, "probe", probe_task.format)
     if cut:
-        say(cut.replace("--max-length", "the card's --max-length"), enabled=progress)
+        notes.append(cut.replace("--max-length", "the card's --max-length"))
     n_tgt = count_target_tokens(encoded)
     if n_tgt == 0:
         raise LayercardError(f"task {task.name}: the probe set has no target tokens")
     # From the whole task, not the probe set: a few dozen examples would hold too few target tokens.
     t_h = time.perf_counter()
-    h_nats, h_tokens = target_entropy(tok, task, cfg.max_length, seed=cfg.seed)
+    h_nats, h_tokens = target_entropy(tok, task, length, seed=cfg.seed)
     target_entropy_s = time.perf_counter() - t_h
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
     batch_list = list(make_batches(encoded, cfg.batch_size, pad_id))
@@ -263,7 +377,7 @@ def compute_card(loaded: Any, task: Any, cfg: CardConfig, *, progress: bool | No
     weight_snrs = _weight_snrs(model, specs, rank) if cfg.weight_snr else {}
     timings["weight_snr_s"] = time.perf_counter() - t_snr
 
-    torch.manual_seed(cfg.seed)
+    _seed(cfg.seed, model)  # here, as cards before the seeding moved were made: the same draws
     unit_rows: list[UnitRow] = []
     group_rows: list[GroupRow] = []
     grads: dict[str, torch.Tensor] = {}
@@ -300,6 +414,7 @@ def compute_card(loaded: Any, task: Any, cfg: CardConfig, *, progress: bool | No
             t_stats = time.perf_counter()
             u, g, gr, sp = _finish_pass(accs, cfg, n_tgt, weight_snrs)
             timings["stats_s"] = timings.get("stats_s", 0.0) + time.perf_counter() - t_stats
+            _check_finite(cfg, u, g, {})  # before coupling and calibration spend their time
             unit_rows += u
             group_rows += g
             if cfg.coupling:  # only the coupling probe needs them; kept, they would defeat layer groups
@@ -333,6 +448,12 @@ def compute_card(loaded: Any, task: Any, cfg: CardConfig, *, progress: bool | No
         ).to_dict()
         timings["calibrate_s"] = time.perf_counter() - t_k
 
+    _check_finite(cfg, [], [], {"loss": loss, "coupling": coupling, "cost": cost})
+    # Said whether or not progress is shown (--json, LAYERCARD_PROGRESS=0): the card measured other
+    # sequences than the task's, which no progress switch should hide. Said once the card is whole, so
+    # that a failing card prints its error alone. The card records the counts too.
+    for text in notes:
+        say(text, enabled=rank == 0)
     timings["total_s"] = time.perf_counter() - t0
     layout = models.layout_for(model)
     prov = Provenance.make(
@@ -364,6 +485,9 @@ def compute_card(loaded: Any, task: Any, cfg: CardConfig, *, progress: bool | No
             "prompt": probe_task.describe()["prompt"],
             "target_entropy": round(h_nats, 4),
             "target_entropy_tokens": h_tokens,
+            "max_length": length,  # the --max-length asked for, or the model's context where shorter
+            "examples_cut": n_cut,  # longer than max_length, cut to it
+            "examples_clipped": sum(e.clipped for e in encoded),  # cut to the task format's own limits
         },
         roles=list(roles),
         n_positions=n_positions,

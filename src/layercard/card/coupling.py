@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from layercard.card.probe import eval_mode
 from layercard.models import get_module, lm_head
 from layercard.tasks.loss import target_mask
 
@@ -93,24 +94,27 @@ def layer_effects(
     """Effects e_ℓ (rows) of each layer's update direction on the final hidden state."""
     layers = sorted(directions)
     rows = []
-    # One shared unperturbed pass: a one-sided difference halves the forwards of a central one, and
-    # with ‖εΔ‖ = 0.1% of ‖W‖ its O(ε) error is far below what changes a cosine.
-    h0 = _final_hidden(model, batches)
-    it = progress(layers) if progress is not None else layers
-    for layer in it:
-        deltas = directions[layer]
-        wnorm = 0.0
-        dnorm = 0.0
-        for name, dw in deltas.items():
-            wnorm += float(get_module(model, name).weight.detach().double().norm() ** 2)
-            dnorm += float(dw.double().norm() ** 2)
-        if dnorm == 0.0:
-            rows.append(None)
-            continue
-        eps = rel_step * (wnorm**0.5) / (dnorm**0.5)
-        with perturb(model, deltas, eps):
-            hp = _final_hidden(model, batches)
-        rows.append(((hp - h0) / eps).cpu().numpy())
+    # Eval mode as the probe pass runs: with dropout on, each forward would draw its own mask and the
+    # differences below would measure the masks, not the directions.
+    with eval_mode(model):
+        # One shared unperturbed pass: a one-sided difference halves the forwards of a central one, and
+        # with ‖εΔ‖ = 0.1% of ‖W‖ its O(ε) error is far below what changes a cosine.
+        h0 = _final_hidden(model, batches)
+        it = progress(layers) if progress is not None else layers
+        for layer in it:
+            deltas = directions[layer]
+            wnorm = 0.0
+            dnorm = 0.0
+            for name, dw in deltas.items():
+                wnorm += float(get_module(model, name).weight.detach().double().norm() ** 2)
+                dnorm += float(dw.double().norm() ** 2)
+            if dnorm == 0.0:
+                rows.append(None)
+                continue
+            eps = rel_step * (wnorm**0.5) / (dnorm**0.5)
+            with perturb(model, deltas, eps):
+                hp = _final_hidden(model, batches)
+            rows.append(((hp - h0) / eps).cpu().numpy())
     width = next((r.shape[0] for r in rows if r is not None), 0)
     mat = np.stack([r if r is not None else np.zeros(width) for r in rows]) if rows else np.zeros((0, 0))
     return layers, mat

@@ -14,6 +14,7 @@ Three ways in:
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import tempfile
 from collections.abc import Iterator
@@ -128,7 +129,8 @@ def spawn_card(
     with tempfile.TemporaryDirectory(prefix="layercard-card-") as tmp:
         args = (processes, tmp, model, task, cfg, split, dtype, dev.type, trust_remote_code, progress)
         try:
-            mp.spawn(_worker, args=(*args, task_kw or {}, threads), nprocs=processes, join=True)
+            with _quiet_sibling_stops():
+                mp.spawn(_worker, args=(*args, task_kw or {}, threads), nprocs=processes, join=True)
         except Exception as e:  # a worker failed; its own message, when it left one, says why
             said = sorted(Path(tmp).glob(_ERROR_FILE.format(rank="*")))
             if said:
@@ -138,6 +140,25 @@ def spawn_card(
                 f"--processes {processes}: a card process failed: {lines[-1] if lines else type(e).__name__}"
             ) from None
         return Card.load(Path(tmp) / _CARD_FILE)
+
+
+class _SiblingStops(logging.Filter):
+    """Drops torch's warning that it stops the other workers once one has failed: the failure is reported
+    as one line, and stopping its siblings is the expected consequence, not news."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Terminating process")
+
+
+@contextlib.contextmanager
+def _quiet_sibling_stops() -> Iterator[None]:
+    log = logging.getLogger("torch.multiprocessing.spawn")
+    quiet = _SiblingStops()
+    log.addFilter(quiet)
+    try:
+        yield
+    finally:
+        log.removeFilter(quiet)
 
 
 def _worker(

@@ -9,6 +9,9 @@ import numpy as np
 from layercard.artifacts import atomic_path
 from layercard.card.artifact import Card
 
+# Every figure a card folder can hold: a rewrite removes those its new card has no data for.
+FIGURES = ("card_heatmap.png", "card_profiles.png", "card_coupling.png")
+
 
 def _plt():
     import matplotlib
@@ -88,31 +91,38 @@ def coupling(card: Card, path: Path) -> Path | None:
     return _save(fig, path)
 
 
-def compare_plot(a: Card, b: Card, path: Path, rho: float) -> Path:
+def compare_plot(a: Card, b: Card, path: Path, rho: float | None, score: str = "resnorm") -> Path:
+    """Per-layer ``score`` (a layer_table column) of two cards side by side, and one against the other,
+    titled with their Spearman ρ (None: undefined, a constant column)."""
     plt = _plt()
-    ra = [r["resnorm"] for r in a.layer_table()]
-    rb = [r["resnorm"] for r in b.layer_table()]
+    ra = [r[score] for r in a.layer_table()]
+    rb = [r[score] for r in b.layer_table()]
+    # A log axis only where every value is positive (rate can be negative, a score zero).
+    scale = "log" if all(v > 0 for v in ra + rb) else "linear"
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     axes[0].plot(ra, marker="o", ms=3, label=a.task["name"])
     axes[0].plot(rb, marker="s", ms=3, label=b.task["name"])
     axes[0].set_xlabel("layer")
-    axes[0].set_ylabel("resnorm")
-    axes[0].set_yscale("log")
+    axes[0].set_ylabel(score)
+    axes[0].set_yscale(scale)
     axes[0].legend(fontsize=8)
     axes[1].scatter(ra, rb, s=12)
     for i, (x, y) in enumerate(zip(ra, rb, strict=True)):
         axes[1].annotate(str(i), (x, y), fontsize=6)
-    axes[1].set_xscale("log")
-    axes[1].set_yscale("log")
-    axes[1].set_xlabel(f"resnorm · {a.task['name']}")
-    axes[1].set_ylabel(f"resnorm · {b.task['name']}")
-    axes[1].set_title(f"Spearman ρ = {rho:.3f}", fontsize=9)
+    axes[1].set_xscale(scale)
+    axes[1].set_yscale(scale)
+    axes[1].set_xlabel(f"{score} · {a.task['name']}")
+    axes[1].set_ylabel(f"{score} · {b.task['name']}")
+    shown = "undefined (a constant column)" if rho is None else f"{rho:.3f}"
+    axes[1].set_title(f"Spearman ρ of per-layer {score} = {shown}", fontsize=9)
     return _save(fig, path)
 
 
 def write_all(card: Card, out: Path) -> list[Path]:
-    paths = [heatmap(card, out / "card_heatmap.png"), profiles(card, out / "card_profiles.png")]
-    c = coupling(card, out / "card_coupling.png")
+    """The card's figures in folder ``out`` (of :data:`FIGURES`, those the card has data for)."""
+    heat, prof, coup = FIGURES
+    paths = [heatmap(card, out / heat), profiles(card, out / prof)]
+    c = coupling(card, out / coup)
     if c is not None:
         paths.append(c)
     return paths

@@ -225,6 +225,19 @@ def _stable_seed(seed: int, name: str) -> int:
     return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**32)
 
 
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """The model in eval mode for the block (no dropout: a measurement must not depend on a random mask),
+    then each module back in the mode it had, so a caller's mix of train and eval modules survives."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
 def run_probe(
     model: nn.Module,
     batches: Sequence[dict[str, torch.Tensor]],
@@ -244,13 +257,11 @@ def run_probe(
     device = next(model.parameters()).device
     state = _State()
     total = 0.0
-    was_training = model.training
-    model.eval()
     requires = [p.requires_grad for p in model.parameters()]
     for p in model.parameters():
         p.requires_grad_(False)
     try:
-        with probe_hooks(model, accs, state, start_layer=start_layer):
+        with eval_mode(model), probe_hooks(model, accs, state, start_layer=start_layer):
             it = progress(batches) if progress is not None else batches
             for step, batch in enumerate(it):
                 mask = batch["attention_mask"].to(device)
@@ -264,7 +275,6 @@ def run_probe(
     finally:
         for p, r in zip(model.parameters(), requires, strict=True):
             p.requires_grad_(r)
-        model.train(was_training)
     return total
 
 

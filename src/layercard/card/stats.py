@@ -193,11 +193,14 @@ def first_step_rate(
     """
     lin, quad = [], []
     g = np.asarray(grad)
+    step = lr * scale
     for a, asa in zip(a_draws, a_sigma_a, strict=True):
         gb = g @ np.asarray(a, dtype=g.dtype).T  # (d_out, r)
         s = np.sign(gb).astype(np.float64)
-        lin.append(lr * scale * float(np.abs(gb).sum(dtype=np.float64)))
-        quad.append(0.5 * curvature * (lr * scale) ** 2 * float(np.einsum("ij,jk,ik->", s, asa, s)))
+        lin.append(step * float(np.abs(gb).sum(dtype=np.float64)))
+        # step·step, not step**2: a float power past the float range raises, a product becomes infinity,
+        # which the card's finiteness check then names.
+        quad.append(0.5 * curvature * step * step * float(np.einsum("ij,jk,ik->", s, asa, s)))
     linear = float(np.mean(lin))
     quadratic = float(np.mean(quad))
     return linear - quadratic, linear, quadratic
@@ -242,12 +245,19 @@ def redundancy(coupling: np.ndarray) -> float:
     return float(np.linalg.norm(c - np.eye(c.shape[0]), 2))
 
 
-def spearman(a: Sequence[float], b: Sequence[float]) -> float:
-    """Spearman rank correlation with average ranks for ties."""
+def spearman(a: Sequence[float], b: Sequence[float]) -> float | None:
+    """Spearman rank correlation with average ranks for ties; None where it is undefined (fewer than two
+    values, or either sequence constant: its ranks have no spread to correlate)."""
     from scipy.stats import spearmanr
 
     if len(a) != len(b):
         raise ValueError("spearman: sequences differ in length")
-    if len(a) < 2:
-        return float("nan")
-    return float(spearmanr(a, b).statistic)
+    if len(a) < 2 or _constant(a) or _constant(b):
+        return None
+    rho = float(spearmanr(a, b).statistic)
+    return rho if math.isfinite(rho) else None
+
+
+def _constant(values: Sequence[float]) -> bool:
+    first = values[0]
+    return all(v == first for v in values)

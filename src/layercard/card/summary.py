@@ -103,19 +103,53 @@ def card_markdown(card: Card) -> str:
 
 
 def write_card_folder(card: Card, out: str | Path) -> list[Path]:
-    """``out/card.json``, ``card.md`` and the figures; card.json last, so its presence means complete.
+    """``out/card.json``, ``card.md`` and the figures, all or none of them; returns the figure paths.
 
-    Returns the figure paths.
+    Everything is built in a temporary folder inside ``out`` first, so a failure there (a figure, a
+    number JSON cannot hold) leaves ``out`` as it was. Then the old card.json goes, the figures and card.md
+    move in, a figure of an earlier card that this one lacks is removed, and card.json comes last: its
+    presence means a complete card, and a folder caught between the moves holds none.
     """
-    from layercard.artifacts import write_text
-    from layercard.card.figures import write_all
+    import contextlib
+    import os
+    import shutil
+    import tempfile
 
-    out = Path(out)
+    from layercard.artifacts import _temp_prefix, check_out_folder, write_text
+    from layercard.card.artifact import CARD_FILE
+    from layercard.card.compute import _non_finite
+    from layercard.card.figures import FIGURES, write_all
+    from layercard.errors import LayercardError
+
+    out = check_out_folder(out)
+    found = _non_finite(card.to_dict())
+    if found is not None:  # named at the path it was meant for, not the temporary one
+        raise LayercardError(
+            f"{out / CARD_FILE}: refusing to write a non-finite number at {found[0]} "
+            "(JSON has no NaN or Infinity); nothing was written"
+        )
     out.mkdir(parents=True, exist_ok=True)
-    figures = write_all(card, out)
-    write_text(out / "card.md", card_markdown(card))
-    card.save(out / "card.json")
-    return figures
+    # Named as every temporary is, so a later write removes it when a killed process left it.
+    tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix("card"), suffix=".tmp", dir=out))
+    try:
+        names = [p.name for p in write_all(card, tmp)]
+        write_text(tmp / "card.md", card_markdown(card))
+        card.save(tmp / CARD_FILE)
+        for name in (*names, "card.md", CARD_FILE):
+            if (out / name).is_dir() and not (out / name).is_symlink():
+                raise LayercardError(f"{out / name}: is a folder; the card cannot write its {name} there")
+        with contextlib.suppress(FileNotFoundError):
+            (out / CARD_FILE).unlink()
+        for name in (*names, "card.md"):
+            os.replace(tmp / name, out / name)
+        for name in FIGURES:
+            if name not in names:
+                with contextlib.suppress(FileNotFoundError):
+                    (out / name).unlink()
+        os.replace(tmp / CARD_FILE, out / CARD_FILE)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return [out / name for name in names]
 
 
 _TIMING_NAMES = {

@@ -133,13 +133,15 @@ def check_card(d: Mapping[str, Any], source: str, scores: Sequence[str]) -> None
     f.text(f.get(model, "id", "model"), "model.id")
     f.text(f.get(model, "hash", "model"), "model.hash")
     n_layers = f.integer(f.get(model, "n_layers", "model"), "model.n_layers", minimum=1)
-    task = f.mapping(f.get(d, "task"), "task")
-    f.text(f.get(task, "name", "task"), "task.name")
-    if task.get("target_entropy") is not None:  # cards written before it was measured have none
-        f.number(task["target_entropy"], "task.target_entropy", minimum=0)
-        f.integer(f.get(task, "target_entropy_tokens", "task"), "task.target_entropy_tokens", minimum=1)
+    _check_task(f, f.mapping(f.get(d, "task"), "task"))
     config = f.mapping(f.get(d, "config"), "config")
     f.number(f.get(config, "delta", "config"), "config.delta", minimum=0, above=True)
+    # What the card's summary and scores read back: the LoRA the rate assumed, the saturating horizon.
+    f.integer(f.get(config, "lora_rank", "config"), "config.lora_rank", minimum=1)
+    for key in ("lora_alpha", "lr"):
+        f.number(f.get(config, key, "config"), f"config.{key}", minimum=0, above=True)
+    if "horizon_steps" in config:  # cards written before the saturating score have none
+        f.integer(config["horizon_steps"], "config.horizon_steps", minimum=1)
     for i, role in enumerate(f.items(f.get(d, "roles"), "roles")):
         f.text(role, f"roles[{i}]")
     for key in ("n_positions", "n_target_tokens"):
@@ -159,6 +161,21 @@ def check_card(d: Mapping[str, Any], source: str, scores: Sequence[str]) -> None
     f.finite_everywhere(d, "")  # whatever the checks above do not name (cost, provenance)
 
 
+def _check_task(f: Fields, task: Mapping[str, Any]) -> None:
+    f.text(f.get(task, "name", "task"), "task.name")
+    for key in ("source", "data_hash"):
+        f.text(f.get(task, key, "task"), f"task.{key}")
+    f.optional(f.get(task, "split", "task"), "task.split", f.text)
+    n = f.integer(f.get(task, "n_examples", "task"), "task.n_examples", minimum=1)
+    if task.get("target_entropy") is not None:  # cards written before it was measured have none
+        f.number(task["target_entropy"], "task.target_entropy", minimum=0)
+        f.integer(f.get(task, "target_entropy_tokens", "task"), "task.target_entropy_tokens", minimum=1)
+    # Cards written before the probe recorded its cuts have none of these.
+    f.optional(task.get("max_length"), "task.max_length", lambda v, at: f.integer(v, at, minimum=2))
+    for key in ("examples_cut", "examples_clipped"):
+        f.optional(task.get(key), f"task.{key}", lambda v, at: f.integer(v, at, minimum=0, below=n + 1))
+
+
 def _check_groups(f: Fields, rows: Sequence[Any], n_layers: int) -> dict[str, int]:
     """Each group row's fields; returns the number of eigenvalues of each group key."""
     sizes: dict[str, int] = {}
@@ -171,7 +188,7 @@ def _check_groups(f: Fields, rows: Sequence[Any], n_layers: int) -> dict[str, in
         f.integer(f.get(g, "layer", w), f"{w}.layer", minimum=0, below=n_layers)
         f.text(f.get(g, "input_group", w), f"{w}.input_group")
         f.integer(f.get(g, "d_in", w), f"{w}.d_in", minimum=1)
-        f.integer(f.get(g, "n", w), f"{w}.n", minimum=0)
+        f.integer(f.get(g, "n", w), f"{w}.n", minimum=1)  # resnorm divides by it
         f.optional(f.get(g, "sketched", w), f"{w}.sketched", lambda v, at: f.integer(v, at, minimum=1))
         sizes[key] = len(f.numbers(f.get(g, "eigenvalues", w), f"{w}.eigenvalues", minimum=0))
         for k in _GROUP_NONNEG:
@@ -180,11 +197,17 @@ def _check_groups(f: Fields, rows: Sequence[Any], n_layers: int) -> dict[str, in
 
 
 def _check_units(f: Fields, rows: Sequence[Any], n_layers: int, groups: dict[str, int]) -> None:
+    # A unit listed twice would be counted twice by every per-layer score and budget.
+    seen: dict[str, set[str]] = {"key": set(), "name": set()}
     for i, raw in enumerate(rows):
         w = f"units[{i}]"
         u = f.mapping(raw, w)
         for k in ("key", "role", "name"):
             f.text(f.get(u, k, w), f"{w}.{k}")
+        for k, values in seen.items():
+            if u[k] in values:
+                f.fail(f"{w}.{k}", "is used twice", u[k])
+            values.add(u[k])
         f.integer(f.get(u, "layer", w), f"{w}.layer", minimum=0, below=n_layers)
         for k in ("d_in", "d_out"):
             f.integer(f.get(u, k, w), f"{w}.{k}", minimum=1)
@@ -198,6 +221,8 @@ def _check_units(f: Fields, rows: Sequence[Any], n_layers: int, groups: dict[str
         f.integer(f.get(u, "lora_params", w), f"{w}.lora_params", minimum=0)
         captured = f.mapping(f.get(u, "captured", w), f"{w}.captured")
         for k, v in captured.items():
+            if not (isinstance(k, str) and k.isascii() and k.isdigit() and int(k) >= 1):
+                f.fail(f"{w}.captured", "keys must be ranks (whole numbers >= 1)", k)
             f.number(v, f"{w}.captured.{k}", minimum=0)
         # Optional: cards written before weight_snr was measured lack it, and still load.
         f.optional(u.get("weight_snr"), f"{w}.weight_snr", lambda v, at: f.number(v, at, minimum=0))

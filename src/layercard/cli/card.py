@@ -185,7 +185,8 @@ def compare_cmd(
     score: Annotated[str, typer.Option(help="Per-layer column to correlate.")] = "resnorm",
     json_out: Annotated[bool, typer.Option("--json", help="Print the comparison as JSON.")] = False,
 ) -> None:
-    """Spearman correlation of per-layer resnorm between two cards of the same model."""
+    """Spearman correlation of a per-layer column (resnorm unless --score) between two cards of the same
+    model; undefined (null in --json) where a card's column is the same in every layer."""
     from layercard.card import Card
     from layercard.card.figures import compare_plot
     from layercard.card.stats import spearman
@@ -213,14 +214,20 @@ def compare_cmd(
         "spearman": rho,
     }
     if out is not None:
-        compare_plot(ca, cb, out, rho)
+        compare_plot(ca, cb, out, rho, score)
         res["plot"] = str(out)
     if json_out:
-        emit_json(res)
+        emit_json(res)  # an undefined ρ is null: JSON has no NaN
         return
+    if rho is None:
+        same = " and ".join(n for n, v in ((str(a), va), (str(b), vb)) if len(set(v)) == 1)
+        shown = f"undefined ({score} is the same in every layer of {same or 'a card'})"
+    else:
+        shown = f"{rho:.3f}"
     console.print(
-        f"Spearman ρ of per-layer {score}: {rho:.3f}  ({ca.task['name']} top-5 {res['a'][f'top5_{score}']}, "
-        f"{cb.task['name']} top-5 {res['b'][f'top5_{score}']})"
+        f"Spearman ρ of per-layer {score}: {shown}  ({ca.task['name']} top-5 {res['a'][f'top5_{score}']}, "
+        f"{cb.task['name']} top-5 {res['b'][f'top5_{score}']})",
+        markup=False,
     )
     if out is not None:
         console.print(f"wrote {out}", markup=False)

@@ -15,6 +15,9 @@ COUPLING_DIRECTIONS = ("first_step", "capacity")
 # between those two measured widths (docs/card.md, "Sketch").
 AUTO_EXACT_WIDTH = 1024
 AUTO_SKETCH_MAX = 512
+# Largest lr·lora_alpha/lora_rank the card accepts. The first-step rate's quadratic term squares it, and a
+# float64 square overflows past ~1.3e154; no learning rate or alpha a run could use comes near the bound.
+MAX_FIRST_STEP = 1e150
 # Predicted-gain scores kept side by side (docs/design.md §3). Each is per unit; per-layer values
 # aggregate the units of the chosen roles (sums, or a root-sum-square for the gradient norms).
 SCORES: dict[str, str] = {
@@ -103,6 +106,16 @@ class CardConfig(Schema):
     def validate(self) -> None:
         if self.needs_exact_covariance and self.sketch not in (None, "auto"):
             raise self.fail("coupling_direction", "'capacity' needs an exact covariance (sketch: off)")
+        step = self.lr * self.lora_alpha / self.lora_rank
+        if not step <= MAX_FIRST_STEP:
+            # Name the setting that is out of range (an lr above alpha is one).
+            field = "lr" if self.lr >= self.lora_alpha else "lora_alpha"
+            raise self.fail(
+                field,
+                f"lr·lora_alpha/lora_rank = {step:.3g} (lr {self.lr:g}, lora_alpha {self.lora_alpha:g}, "
+                f"lora_rank {self.lora_rank}) must be at most {MAX_FIRST_STEP:g}: the first-step rate "
+                "squares it",
+            )
 
     def sketch_size(self, hidden_size: int) -> int | None:
         """The sketch size K this config asks of a model of ``hidden_size``, or None for exact covariances.

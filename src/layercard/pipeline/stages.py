@@ -300,15 +300,10 @@ class Runner:
         config = dataclasses.asdict(self.cfg.card)
 
         def fn(_resume: bool) -> None:
-            from layercard.artifacts import write_text
-            from layercard.card import compute_card
-            from layercard.card.figures import write_all
-            from layercard.card.summary import card_markdown
+            from layercard.card import compute_card, write_card_folder
 
             card = compute_card(self.loaded, self.train_task, self.cfg.card, progress=self.progress)
-            write_all(card, out.card_dir)
-            write_text(out.card_dir / "card.md", card_markdown(card))
-            card.save(out.card_json)  # last: its presence means the stage finished
+            write_card_folder(card, out.card_dir)  # card.json last: its presence means the stage finished
 
         def summarize() -> list[tuple[str, str]]:
             from layercard.card.summary import top_layers
