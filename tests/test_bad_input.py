@@ -161,7 +161,7 @@ def _(w: World, tmp: Path) -> Row:
     out = tmp / "run"
     out.mkdir()
     (out / "train_metrics.json").write_text("{}")
-    msg = f"error: --out {out}: holds a finished run (train_metrics.json) and no checkpoint to resume"
+    msg = f"error: --out {out}: holds a finished run (train_metrics.json); use a new --out"
     return f"train -p {w.plan} -t {FACTS} -o {out} {TRAIN} {ONE_STEP}", msg, [out / "adapter"]
 
 

@@ -364,6 +364,15 @@ def test_each_micro_batch_of_a_step_pays_the_fixed_part_of_its_time():
     assert CostModel.from_dict(run.to_dict()) == run
     with pytest.raises(LayercardError, match="micro_batches 0"):
         SHARED.at_positions(None, None, 0)
+    # a run restates the plan at its own micro-batches: as planned at the plan's, one's price at one
+    from layercard.plan.predict import calibration_batch
+    from layercard.train.metrics import priced_at
+
+    planned = {"step_time_s": run.step_time(layers, modules, params), **calibration_batch(run.to_dict())}
+    same = priced_at(planned, 600.0, 200, micro_batches=4)
+    assert same["step_time_scaled_s"] == pytest.approx(planned["step_time_s"])
+    single = priced_at(planned, 600.0, 200, micro_batches=1)
+    assert single["step_time_scaled_s"] == pytest.approx(one.step_time(layers, modules, params))
 
 
 def test_position_share_is_the_part_a_line_through_two_batches_puts_on_the_positions():

@@ -242,7 +242,7 @@ def test_over_budget_names_each_budget_the_runs_batches_exceed():
     assert len(over_budget("memory=0.78x", predicted, at)) == 1
     assert over_budget("memory=0.81x", predicted, at) == []
     lines = over_budget("params=0.1x,step_time=2.1,memory=3100", predicted, at)
-    assert [x.split(":")[0] for x in lines] == ["budget step_time=2.1", "budget memory=3100"]
+    assert [x.split(":")[0] for x in lines] == ["budget step_time=2.1 s", "budget memory=3100 MiB"]
     assert "2.2 s" in lines[0] and "550 padded positions per step" in lines[0]
     # no budget, or a relative one without a reference to resolve it: nothing to say
     assert over_budget(None, predicted, at) == []

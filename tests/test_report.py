@@ -295,7 +295,7 @@ def test_a_budget_a_run_went_over_is_in_its_report(run_dir, tmp_path):
     shutil.copytree(run_dir, copy)
     path = sorted((copy / "train").glob("*/train_metrics.json"))[0]
     m = json.loads(path.read_text())
-    line = "budget memory=900: this run's largest micro-batch puts its predicted peak at 950 MiB"
+    line = "budget memory=900 MiB: this run's largest micro-batch puts its predicted peak at 950 MiB"
     path.write_text(json.dumps(m | {"budget_notes": [line]}))
     md = Path(build_report(copy)["markdown"]).read_text()
     assert f"{path.parent.name}: warning: {line}" in md

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -168,7 +169,9 @@ def test_train_metrics(lora_run):
     assert m["peak_memory_mib"] > 0 and m["peak_memory_kind"] == "process_peak_rss"
     assert m["predicted_step_time_s"] == 0.05
     assert m["step_time_ratio"] == pytest.approx(m["s_per_step"] / 0.05)
-    assert m["plan"]["layers"] == [1, 3] and m["plan"]["modules"] == 4
+    assert m["plan"]["layers"] == [1, 3] and m["plan"]["modules"] == 4 and m["plan"]["kind"] == "lora"
+    assert m["adapted"]["ranks"] == {u.name: 4 for u in lora_run["plan"].units}  # as trained: as planned
+    assert m["peak_memory_steps"] == [1, 20]
     # one unmerged forward, timed on the run's first micro-batch, against the plan's at those positions
     assert m["forward_s"] > 0 and 0 < m["forward_positions"] <= m["max_batch_positions"]
     assert m["predicted_forward_s"] == 0.01
@@ -233,7 +236,7 @@ def test_a_budget_the_runs_own_batches_exceed_is_said_before_training(tmp_path: 
     cfg = TrainConfig(steps=3, grad_accum=2, **FAST)
     m = train(_loaded(), Plan.from_dict(d), TRAIN, None, cfg, tmp_path / "run", progress=False)
     notes = m["budget_notes"]
-    assert [x.split(":")[0] for x in notes] == ["budget memory=901", "budget step_time=0.051"]
+    assert [x.split(":")[0] for x in notes] == ["budget memory=901 MiB", "budget step_time=0.051 s"]
     # said before the first step, from the data stream alone: the positions the run then counted
     assert f"({m['max_batch_positions']:,} padded positions" in notes[0]
     assert f"({m['batch_positions_per_step']:,.0f} padded positions per step" in notes[1]
@@ -307,9 +310,10 @@ def test_a_dry_run_says_what_the_run_then_does(tmp_path: Path, monkeypatch, cali
         == ("window" if calibrated_here else "first_step")
     )
     assert est["budget_notes"] == m["budget_notes"]
-    assert [x.split(":")[0] for x in est["budget_notes"]] == ["budget memory=1100", "budget step_time=0.051"][
-        int(calibrated_here is False) :
-    ]
+    assert [x.split(":")[0] for x in est["budget_notes"]] == [
+        "budget memory=1100 MiB",
+        "budget step_time=0.051 s",
+    ][int(calibrated_here is False) :]
 
 
 def test_stream_positions_are_those_of_the_batches_it_builds():
@@ -555,6 +559,16 @@ def test_cli_train(tmp_path: Path, monkeypatch):
     assert m["val_task"]["split"] == "test" and m["final_val_loss"] is not None  # held-out split by default
     assert (tmp_path / "run" / "adapter" / "layercard_adapter.json").is_file()
 
+    # a finished run is not trained over, --resume or not: its adapter and figures stay as they were
+    written = {p.name: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()}
+    res = runner.invoke(app, [*args, "--resume", "--steps", "3"])
+    assert res.exit_code == 2 and len(res.output.strip().splitlines()) == 1, res.output
+    assert "holds a finished run (train_metrics.json)" in res.output
+    assert {p.name: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()} == written
+
+    # killed after its last checkpoint, before it wrote the adapter: --resume continues it
+    shutil.rmtree(tmp_path / "run" / "adapter")
+    (tmp_path / "run" / "train_metrics.json").unlink()
     res = runner.invoke(app, [*args, "--resume", "--steps", "3"])  # the rich summary
     assert res.exit_code == 0, res.output
     assert "trainable params" in res.output and "resumed from step" in res.output
@@ -590,9 +604,10 @@ def test_cli_train(tmp_path: Path, monkeypatch):
     res = runner.invoke(app, dry)
     assert res.exit_code == 2 and "--out: required" in res.output
 
-    res = runner.invoke(app, [*args, "--model", "nowhere-model"])
+    fresh = [str(tmp_path / "new") if a == str(tmp_path / "run") else a for a in args]
+    res = runner.invoke(app, [*fresh, "--model", "nowhere-model"])
     assert res.exit_code == 2 and "nowhere-model" in res.output
-    res = runner.invoke(app, [*args, "--epochs", "1"])
+    res = runner.invoke(app, [*fresh, "--epochs", "1"])
     assert (
         res.exit_code == 2
         and "give exactly one of steps and epochs" in res.output

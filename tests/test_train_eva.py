@@ -276,3 +276,21 @@ def test_a_module_eva_drops_stays_dropped_when_loaded(tmp_path: Path):
     assert gone not in kept and len(kept) == len(components) - 1
     reloaded = load_adapter(tiny_model("llama"), tmp_path / "adapter")
     assert set(_lora(reloaded)) == kept
+
+
+def test_the_readme_and_metrics_say_the_ranks_eva_trained(eva_run):
+    from layercard.train.readme import _rank_text
+
+    m, plan = eva_run["metrics"], eva_run["plan"]
+    kept = {n: r for n, r in m["eva_ranks"].items() if r}
+    assert m["adapted"]["ranks"] == kept and m["adapted"]["modules"] == len(kept)
+    assert set(m["adapted"]["lora_alpha"]) == set(kept)
+    # the plan's placement stays as planned, labelled the plan's
+    assert m["plan"]["kind"] == "lora" and m["plan"]["modules"] == len(plan.units) == 6
+    text = (eva_run["out"] / "adapter" / "README.md").read_text()
+    trained = f"The placement: {len(kept)} LoRA modules: q, v, o of layers 1–2 (2 layers), "
+    assert trained + _rank_text(list(kept.values())) + ", lora_alpha 2 × rank; " in text
+    assert (
+        "EVA set these ranks from the plan's 6 LoRA modules: q, v, o of layers 1–2 (2 layers), ranks 2 (3 "
+        in text
+    )

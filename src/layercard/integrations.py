@@ -171,6 +171,7 @@ class LayercardCallback(TrainerCallback):
             "val_task": None,
             "config": config,
             "plan": {
+                "kind": plan.kind,
                 "layers": list(plan.layers),
                 "modules": len({u.name for u in plan.units}),
                 "units": [u.key for u in plan.units],
@@ -207,6 +208,7 @@ class LayercardCallback(TrainerCallback):
                 self.positions / done if done else None,
                 self.max_positions or None,
                 first_step=prices_by_first_step(peak_kind),
+                micro_batches=int(args.gradient_accumulation_steps),
             ),
         }
 

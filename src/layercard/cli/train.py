@@ -104,7 +104,7 @@ def train_cmd(
     from layercard.artifacts import check_out_folder, check_unlocked
     from layercard.plan import Plan, check_model_matches
     from layercard.tasks import is_file_spec, load_task
-    from layercard.train import METRICS_FILE, is_launch_main, latest_checkpoint, launch_world, train
+    from layercard.train import METRICS_FILE, check_plan_settings, is_launch_main, launch_world, train
 
     assert cfg is not None  # built by config_options before anything loads, so a typo costs no time
     if processes is not None and not dry_run:
@@ -118,12 +118,14 @@ def train_cmd(
         check_out_folder(out)
         if is_launch_main():  # at once; train() takes the lock once the model is loaded
             check_unlocked(out, what="training folder")
-        if (out / METRICS_FILE).is_file() and latest_checkpoint(out) is None:
+        if (out / METRICS_FILE).is_file():
+            # --resume too: it continues an interrupted run; a finished one's adapter and figures stay
             raise LayercardError(
-                f"--out {out}: holds a finished run ({METRICS_FILE}) and no checkpoint to resume; "
-                "use a new --out, or remove the folder to train it again"
+                f"--out {out}: holds a finished run ({METRICS_FILE}); use a new --out, or remove the "
+                "folder to train it again"
             )
     p = Plan.load(plan)
+    check_plan_settings(p, cfg, kind, where=str(plan))  # before the model loads
     model_spec = model or p.card.get("model_id")
     if not model_spec:
         raise LayercardError(f"{plan}: the plan names no model; pass --model")
@@ -240,8 +242,9 @@ def _print_summary(m: dict[str, Any]) -> None:
 
     tm = TrainMetrics.from_dict(m)
     plan = m["plan"]
+    layers = (m.get("adapted") or plan)["layers"]  # as trained (older files: as planned)
     tbl = Table(
-        title=f"train · {m['adapter_kind']} · layers {plan['layers']} · {m['steps']} steps",
+        title=f"train · {m['adapter_kind']} · layers {layers} · {m['steps']} steps",
         show_header=False,
     )
     tbl.add_column("what")

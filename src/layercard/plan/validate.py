@@ -44,6 +44,8 @@ def check_plan_dict(d: Mapping[str, Any], source: str) -> None:
     adapter = d.get("adapter_config")
     if adapter is not None:
         f.mapping(adapter, "adapter_config")
+        if adapter.get("bottleneck") is not None:
+            f.integer(adapter["bottleneck"], "adapter_config.bottleneck", minimum=1)
         if kind != "lora" and "layers" in adapter and sorted(adapter["layers"] or []) != sorted(layers):
             f.fail("adapter_config.layers", f"must be the plan's layers {sorted(layers)}", adapter["layers"])
     for i, w in enumerate(f.items(d.get("warnings", []), "warnings")):
@@ -88,6 +90,8 @@ def _check_lora(f: Fields, lora: Mapping[str, Any], units: Sequence[Mapping[str,
             f.number(lora[key], f"lora_config.{key}", minimum=0, above=True)
     if "lora_dropout" in lora:
         f.number(lora["lora_dropout"], "lora_config.lora_dropout", minimum=0)
+        if lora["lora_dropout"] >= 1:  # a dropout of every input leaves the LoRA nothing to learn from
+            f.fail("lora_config.lora_dropout", "must be a probability below 1", lora["lora_dropout"])
     for attr in ("rank_pattern", "alpha_pattern"):
         pattern = f.mapping(lora.get(attr) or {}, f"lora_config.{attr}")
         for k, v in pattern.items():

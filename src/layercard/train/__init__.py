@@ -32,6 +32,7 @@ from layercard.train.importance import layer_importance, layers_by_coverage, sel
 from layercard.train.loop import (
     StepCallback,
     TrainData,
+    check_plan_settings,
     estimate,
     is_launch_main,
     launch_world,
@@ -51,6 +52,7 @@ __all__ = [
     "SCHEDULERS",
     "VALID_KINDS",
     "StepCallback",
+    "check_plan_settings",
     "estimate",
     "is_launch_main",
     "launch_world",

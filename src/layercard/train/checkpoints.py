@@ -1,8 +1,9 @@
 """Checkpoints of a training run: trainable weights, optimizer and scheduler state, RNG states.
 
 ``out_dir/checkpoints/step-N/`` holds ``trainable.safetensors``, ``trainer_state.pt`` and ``state.json``
-(the run state and the settings fingerprint); the last two are kept. With the seeded data stream this
-is all a resumed run needs to reproduce the uninterrupted loss curve.
+(the run state, the settings fingerprint and the memory figures of the session that wrote it); the last
+two checkpoints are kept. With the seeded data stream this is all a resumed run needs to reproduce the
+uninterrupted loss curve.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch
 from torch import nn
 
 from layercard.artifacts import atomic_path
+from layercard.card.validate import Fields
 from layercard.errors import LayercardError
 
 CHECKPOINT_DIR = "checkpoints"
@@ -26,10 +28,15 @@ _KEEP_CHECKPOINTS = 2
 RESUME_FIELDS = (
     "model_hash", "kind", "targets", "lora_config", "data_hash", "seed", "batch_size", "grad_accum", "lr",
     "weight_decay", "warmup_steps", "scheduler", "max_length", "bottleneck", "dtype", "world_size",
-    "schedule_steps", "init", "eva_rho",
+    "schedule_steps", "init", "eva_rho", "load_in_4bit", "weights_dtype", "val_data",
 )  # fmt: skip
 # What a fingerprint written before a field existed meant by its absence.
 _ABSENT_MEANS = {"init": "default"}
+# Fields fingerprinted only later, whose absence says nothing of the run's value: compared where recorded.
+_RECORDED_LATER = ("load_in_4bit", "weights_dtype", "val_data")
+STATE_FILE = "state.json"
+WEIGHTS_FILE = "trainable.safetensors"
+TRAINER_FILE = "trainer_state.pt"
 
 
 def _checkpoints(out_dir: Path) -> list[tuple[int, Path]]:
@@ -38,12 +45,7 @@ def _checkpoints(out_dir: Path) -> list[tuple[int, Path]]:
         return []
     found = []
     for p in root.iterdir():
-        if (
-            p.is_dir()
-            and p.name.startswith("step-")
-            and p.name[5:].isdigit()
-            and (p / "state.json").is_file()
-        ):
+        if p.is_dir() and p.name.startswith("step-") and p.name[5:].isdigit() and (p / STATE_FILE).is_file():
             found.append((int(p.name[5:]), p))
     return sorted(found)
 
@@ -96,32 +98,96 @@ def save_checkpoint(
         tmp.mkdir()
         save_file(
             {k: p.detach().cpu().contiguous() for k, p in trainable.items()},
-            str(tmp / "trainable.safetensors"),
+            str(tmp / WEIGHTS_FILE),
         )
         torch.save(
             {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": _rng_state()},
-            tmp / "trainer_state.pt",
+            tmp / TRAINER_FILE,
         )
-        (tmp / "state.json").write_text(json.dumps({**state, "numpy_rng": _numpy_state()}) + "\n")
+        (tmp / STATE_FILE).write_text(json.dumps({**state, "numpy_rng": _numpy_state()}) + "\n")
     for _, old in _checkpoints(out_dir)[:-_KEEP_CHECKPOINTS]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _damaged(file: Path, why: BaseException | str) -> LayercardError:
+    """The one-line error of a checkpoint file that cannot be read as one."""
+    if isinstance(why, BaseException):
+        text = str(why).strip()
+        why = f"{type(why).__name__}: {text.splitlines()[0]}" if text else type(why).__name__
+    return LayercardError(
+        f"{file}: damaged checkpoint ({why}); remove {file.parent} to resume from an earlier checkpoint "
+        "(or from the start), or use a new --out"
+    )
 
 
 def saved_shapes(path: Path) -> dict[str, tuple[int, ...]]:
     """The shape of every trainable tensor checkpoint ``path`` holds, read without loading the tensors."""
     from safetensors import safe_open
 
-    with safe_open(str(path / "trainable.safetensors"), framework="pt") as f:
-        return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    file = path / WEIGHTS_FILE
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except Exception as e:  # safetensors raises its own error type, and OSError for a missing file
+        raise _damaged(file, e) from None
+
+
+def read_state(path: Path) -> dict[str, Any]:
+    """The run state checkpoint ``path`` saved, checked for every field a resumed run reads."""
+    file = path / STATE_FILE
+    try:
+        state = json.loads(file.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise _damaged(file, e) from None
+    f = Fields(f"{file}: damaged checkpoint")
+    f.mapping(state, "state")
+    step = f.integer(f.get(state, "step"), "step", minimum=1)
+    if path.name != f"step-{step}":
+        f.fail("step", f"must be the step its folder {path.name} names", step)
+    for key in ("micro_batches", "tokens_seen", "target_tokens_seen"):
+        f.integer(f.get(state, key), key, minimum=0)
+    for key in ("positions_seen", "max_positions"):  # absent where written before they were counted
+        f.optional(state.get(key), key, lambda v, w: f.integer(v, w, minimum=0))
+    for key in ("loss_curve", "val_curve"):
+        for i, row in enumerate(f.items(f.get(state, key), key)):
+            if not (isinstance(row, list) and len(row) == 2):
+                f.fail(f"{key}[{i}]", "must be a [step, loss] pair", row)
+            f.integer(row[0], f"{key}[{i}][0]", minimum=1)
+            f.number(row[1], f"{key}[{i}][1]")
+    for i, row in enumerate(f.items(f.get(state, "step_times"), "step_times")):
+        if not (isinstance(row, list) and len(row) >= 4):
+            f.fail(f"step_times[{i}]", "must be a [step, seconds, tokens, first, ...] row", row)
+    for key in ("wall_time_s", "init_s"):
+        f.optional(state.get(key), key, lambda v, w: f.number(v, w, minimum=0))
+    f.mapping(f.get(state, "fingerprint"), "fingerprint")
+    if state.get("memory") is not None:
+        _check_memory(f, state["memory"])
+    f.finite_everywhere(state, "")
+    return state
+
+
+def _check_memory(f: Fields, memory: Any) -> None:
+    """The memory figures of the session that wrote the checkpoint (see ``_State.memory`` in the loop)."""
+    f.mapping(memory, "memory")
+    f.number(f.get(memory, "peak_mib", "memory"), "memory.peak_mib", minimum=0)
+    f.text(f.get(memory, "kind", "memory"), "memory.kind")
+    f.optional(memory.get("start_mib"), "memory.start_mib", lambda v, w: f.number(v, w, minimum=0))
+    steps = f.items(f.get(memory, "steps", "memory"), "memory.steps")
+    if len(steps) != 2:
+        f.fail("memory.steps", "must be [first, last]", steps)
+    for i, x in enumerate(steps):
+        f.integer(x, f"memory.steps[{i}]", minimum=1)
 
 
 def check_resumable(path: Path, fingerprint: dict[str, Any]) -> dict[str, Any]:
     """The saved run state of checkpoint ``path``, or an error naming the first setting that changed."""
-    state = json.loads((path / "state.json").read_text())
-    saved = state.get("fingerprint", {})
+    state = read_state(path)
+    saved = state["fingerprint"]
     was = {k: saved.get(k, _ABSENT_MEANS.get(k)) for k in RESUME_FIELDS}
-    changed = [k for k in RESUME_FIELDS if was[k] != fingerprint.get(k)]
+    changed = [
+        k for k in RESUME_FIELDS if was[k] != fingerprint.get(k) and (k in saved or k not in _RECORDED_LATER)
+    ]
     if changed:
         k = changed[0]
         raise LayercardError(
@@ -141,20 +207,35 @@ def load_checkpoint(
 ) -> dict[str, Any]:
     """Restore weights, optimizer, scheduler and RNG states in place; return the saved run state.
 
-    Refuses a checkpoint whose settings fingerprint differs in any of :data:`RESUME_FIELDS`.
+    Refuses a checkpoint whose settings fingerprint differs in any of :data:`RESUME_FIELDS`, and names the
+    file of one that cannot be read.
     """
     from safetensors.torch import load_file
 
     state = check_resumable(path, fingerprint)
-    tensors = load_file(str(path / "trainable.safetensors"))
+    weights = path / WEIGHTS_FILE
+    try:
+        tensors = load_file(str(weights))
+    except Exception as e:  # safetensors raises its own error type, and OSError for a missing file
+        raise _damaged(weights, e) from None
     if set(tensors) != set(trainable):
         missing = sorted(set(trainable) - set(tensors))[:3]
         raise LayercardError(f"{path}: checkpoint weights do not match the model (missing e.g. {missing})")
+    wrong = next((k for k, p in trainable.items() if tuple(tensors[k].shape) != tuple(p.shape)), None)
+    if wrong is not None:
+        raise LayercardError(
+            f"{weights}: checkpoint weights do not match the model ({wrong}: shape "
+            f"{tuple(tensors[wrong].shape)}, the model's {tuple(trainable[wrong].shape)})"
+        )
     with torch.no_grad():
         for k, p in trainable.items():
             p.copy_(tensors[k].to(p.device, p.dtype))
-    extra = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=True)
-    optimizer.load_state_dict(extra["optimizer"])
-    scheduler.load_state_dict(extra["scheduler"])
-    _set_rng_state(extra["rng"], state.get("numpy_rng"))
+    extra_file = path / TRAINER_FILE
+    try:
+        extra = torch.load(extra_file, map_location="cpu", weights_only=True)
+        optimizer.load_state_dict(extra["optimizer"])
+        scheduler.load_state_dict(extra["scheduler"])
+        _set_rng_state(extra["rng"], state.get("numpy_rng"))
+    except Exception as e:  # pickle, torch and the states' own checks each raise their own types
+        raise _damaged(extra_file, e) from None
     return state

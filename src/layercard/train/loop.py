@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from layercard.artifacts import Provenance, check_out_folder, remove_stale_temps, sha256_json, writer_lock
+from layercard.card.validate import Fields
 from layercard.cost import (
     all_finite,
     forward_seconds,
@@ -98,6 +99,12 @@ class _State:
     prior_wall: float = 0.0  # wall time of the sessions before a resume
     resumed_from: int | None = None
     init_s: float | None = None  # seconds of a data-driven init (EVA), counted once across sessions
+    # The memory figures of the session that trained the steps so far, as measured at its last checkpoint
+    # ({peak_mib, kind, start_mib, steps: [first, last]}): what a session that trains no step records.
+    memory: dict[str, Any] | None = None
+    # This session's own, never saved: the step it started from and the memory in use when its window began.
+    session_from: int = 0
+    memory_start: float | None = None
 
     @classmethod
     def from_checkpoint(cls, st: dict[str, Any]) -> _State:
@@ -116,6 +123,8 @@ class _State:
             prior_wall=float(st.get("wall_time_s", 0.0)),
             resumed_from=step,
             init_s=st.get("init_s"),
+            memory=st.get("memory"),
+            session_from=step,
         )
 
 
@@ -165,7 +174,14 @@ class _Run:
             "wall_time_s": self.wall(state),
             "init_s": state.init_s,
             "fingerprint": self.fingerprint,
+            "memory": self.session_memory(state),
         }
+
+    def session_memory(self, state: _State) -> dict[str, Any]:
+        """This session's peak memory so far and the steps it trained (see :attr:`_State.memory`)."""
+        peak, kind = peak_memory(self.device)
+        steps = [state.session_from + 1, state.step]
+        return {"peak_mib": round(peak, 1), "kind": kind, "start_mib": state.memory_start, "steps": steps}
 
 
 def train(
@@ -185,6 +201,9 @@ def train(
     """Train the adapters ``plan`` places; write ``adapter/`` and ``train_metrics.json``; return the metrics
     (the :class:`TrainMetrics` dict).
 
+    ``resume`` continues from the latest checkpoint in ``out_dir``; one at the run's last step is finished
+    without training, with the figures the session that trained it measured. (The command line also
+    refuses a folder that holds a finished run.)
     ``kind`` overrides the plan's adapter kind (houlsby/parallel use ``plan.layers``). ``callback(step,
     loss, model)`` runs after every optimizer step (and its checkpoint) with the adapted model; an
     exception it raises stops the run like a crash would (checkpoints stay, nothing else is written).
@@ -243,11 +262,12 @@ def _train(
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
+    _free_mixed_precision(cfg)
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=_MIXED_PRECISION[cfg.dtype])
     stream = Stream(data.encoded, cfg.batch_size, data.pad_id, cfg.seed)
     world = accelerator.num_processes
     total_steps = planned_steps(cfg, len(stream.encoded), world)
-    fingerprint = _fingerprint(loaded, plan, cfg, kind, layers, bottleneck, data.task, world, total_steps)
+    fingerprint = _fingerprint(loaded, plan, cfg, kind, layers, bottleneck, data, world, total_steps)
     run = _Run(
         loaded, plan, cfg, kind, layers, bottleneck, out_dir, data, accelerator, stream, total_steps,
         fingerprint, t_start,
@@ -255,7 +275,8 @@ def _train(
 
     ckpt = latest_checkpoint(out_dir) if resume else None
     if ckpt is not None:
-        check_resumable(ckpt, fingerprint)  # before any work, and before EVA trusts its ranks
+        saved = check_resumable(ckpt, fingerprint)  # before any work, and before EVA trusts its ranks
+        _check_resume_step(run, ckpt, saved, progress)
     run = dataclasses.replace(run, budget_notes=tuple(_budget_notes(run)))
     for line in run.budget_notes:
         say(f"warning: {line}", enabled=progress if accelerator.is_main_process else False)
@@ -287,9 +308,9 @@ def _train(
         # The scheduler is stepped by hand: Accelerate's wrapper would step it once per process.
         adapted.prepared, optimizer = accelerator.prepare(model, optimizer)
         touch_weights(model)  # resident before the window opens, as when the card measured it
-        start = reset_peak_memory(accelerator.device)
+        state.memory_start = reset_peak_memory(accelerator.device)
         _loop(run, state, adapted.prepared, optimizer, scheduler, trainable, progress, callback)
-        return _finish(run, state, adapted, trainable, start, eva_ranks).to_dict()
+        return _finish(run, state, adapted, trainable, eva_ranks).to_dict()
     finally:
         adapted.restore(accelerator)
 
@@ -303,8 +324,54 @@ def _budget_notes(run: _Run) -> list[str]:
         run.stream, run.total_steps, run.cfg.grad_accum, run.world, run.accelerator.process_index
     )
     first = prices_by_first_step(peak_memory_kind(run.device))
-    at = priced_at(run.plan.predicted, per_step, largest, first_step=first)
+    at = priced_at(run.plan.predicted, per_step, largest, first_step=first, micro_batches=run.cfg.grad_accum)
     return over_budget(budget, run.plan.predicted, at)
+
+
+def _free_mixed_precision(cfg: TrainConfig) -> None:
+    """Let this run set Accelerate's mixed precision where an earlier run in this process set another.
+
+    Accelerate fixes a process's precision at its first ``Accelerator``; an earlier run's is done with, so
+    in a single process its state is dropped. A launched process's precision is the launch's to set.
+    """
+    from accelerate.state import AcceleratorState
+
+    wanted = _MIXED_PRECISION[cfg.dtype]
+    shared = AcceleratorState._shared_state
+    if not shared or shared.get("_mixed_precision", wanted) == wanted:
+        return
+    if launch_world() > 1 or not hasattr(AcceleratorState, "_reset_state"):
+        raise cfg.fail(
+            "dtype",
+            f"{cfg.dtype} cannot follow the {shared.get('_mixed_precision')} mixed precision this process "
+            "already trained in; train it in a new process",
+        )
+    AcceleratorState._reset_state()
+
+
+def _check_resume_step(run: _Run, ckpt: Path, saved: dict[str, Any], progress: bool | None) -> None:
+    """Refuse a checkpoint past the run's last step, and one at it that cannot say what its session
+    measured; say when the session will train no step."""
+    step = int(saved["step"])
+    if step > run.total_steps:
+        raise LayercardError(
+            f"{ckpt}: cannot resume: the checkpoint is at step {step}, past this run's {run.total_steps} "
+            f"steps; give {step} steps or more, or use a new --out"
+        )
+    if step < run.total_steps:
+        return
+    if saved.get("memory") is None:
+        raise LayercardError(
+            f"{ckpt}: the run's last step is checkpointed, but the checkpoint keeps no peak memory of the "
+            "session that trained it (it was written before checkpoints kept one), and this session would "
+            "train no step to measure one; train the run again in a new --out"
+        )
+    if run.accelerator.is_main_process:
+        say(
+            f"note: {ckpt.name} is the run's last step: writing its adapter and {METRICS_FILE} without "
+            "training, with the peak memory the session that trained it measured",
+            enabled=progress,
+        )
 
 
 def _init_eva(
@@ -357,6 +424,7 @@ def _check_inputs(
     check_model_matches(plan, loaded)
     if cfg.load_in_4bit:
         check_4bit()
+    bottleneck = check_plan_settings(plan, cfg, kind)
     if kind == "lora":
         plan.peft_config()  # fail before any work when a non-LoRA plan has no LoraConfig
     elif cfg.init != "default":
@@ -370,8 +438,24 @@ def _check_inputs(
     outside = [x for x in layers if not 0 <= x < n]
     if outside:
         raise LayercardError(f"plan: layers {outside} do not exist; the model has layers 0..{n - 1}")
-    bottleneck = cfg.bottleneck or int((plan.adapter_config or {}).get("bottleneck") or _DEFAULT_BOTTLENECK)
     return kind, layers, bottleneck
+
+
+def check_plan_settings(plan: Plan, cfg: TrainConfig, kind: str | None = None, where: str = "plan") -> int:
+    """The bottleneck width a run of ``kind`` (default: the plan's) trains at; refuses the plan's training
+    settings that training would fail on or misread (errors start with ``where``, the plan's file)."""
+    f = Fields(where)
+    kind = kind or plan.kind
+    width = (plan.adapter_config or {}).get("bottleneck")
+    if width is not None:
+        f.integer(width, "adapter_config.bottleneck", minimum=1)
+    if kind == "lora" and plan.lora_config and "lora_dropout" in plan.lora_config:
+        p = f.number(plan.lora_config["lora_dropout"], "lora_config.lora_dropout", minimum=0)
+        if p >= 1:  # a dropout of every input would leave the LoRA nothing to learn from
+            f.fail(
+                "lora_config.lora_dropout", "must be a probability below 1", plan.lora_config["lora_dropout"]
+            )
+    return cfg.bottleneck or int(width or _DEFAULT_BOTTLENECK)
 
 
 def planned_steps(cfg: TrainConfig, n_examples: int, world: int = 1) -> int:
@@ -424,7 +508,10 @@ def estimate(
     per_step, largest = launch_positions(stream, steps, cfg.grad_accum, processes)
     memory_kind = peak_memory_kind(next(loaded.model.parameters()).device)
     predicted = plan.predicted or {}
-    at = priced_at(predicted, per_step, largest, first_step=prices_by_first_step(memory_kind))
+    at = priced_at(
+        predicted, per_step, largest, first_step=prices_by_first_step(memory_kind),
+        micro_batches=cfg.grad_accum,
+    )  # fmt: skip
     step_s = at["step_time_scaled_s"] or at["step_time_s"]
     return {
         "kind": kind,
@@ -450,6 +537,50 @@ def estimate(
         "peak_memory_mib": at["peak_mib"],
         "peak_memory_at_run_mib": at["peak_scaled_mib"],
         "budget_notes": over_budget(plan.config.get("budget"), predicted, at),
+    }
+
+
+def _plan_section(plan: Plan) -> dict[str, Any]:
+    """The plan's placement as planned, whatever ``--kind`` or EVA made of it (see ``adapted``)."""
+    lora = plan.kind == "lora"
+    return {
+        "kind": plan.kind,
+        "layers": list(plan.layers),
+        "modules": len({u.name for u in plan.units}) if lora else 2 * len(plan.layers),
+        "units": [u.key for u in plan.units],
+        "bottleneck": None if lora else (plan.adapter_config or {}).get("bottleneck"),
+        "policy": plan.config.get("policy"),
+    }
+
+
+def _adapted_section(run: _Run, inner: nn.Module) -> dict[str, Any]:
+    """What was trained, read from the adapted model: a LoRA's modules with their rank and lora_alpha
+    (EVA moves ranks and drops modules), or the bottleneck adapters' layers and width."""
+    if run.kind != "lora":
+        return {
+            "kind": run.kind,
+            "layers": sorted(run.layers),
+            "modules": 2 * len(run.layers),  # one after (houlsby) or beside (parallel) each of two sublayers
+            "ranks": None,
+            "lora_alpha": None,
+            "bottleneck": run.bottleneck,
+        }
+    from peft.tuners.lora import LoraLayer
+
+    prefix = "base_model.model."
+    lora = {
+        n.removeprefix(prefix): m
+        for n, m in inner.named_modules()
+        if isinstance(m, LoraLayer) and "default" in m.lora_A
+    }
+    layer_of = {u.name: u.layer for u in run.plan.units}
+    return {
+        "kind": "lora",
+        "layers": sorted({layer_of[n] for n in lora if n in layer_of}),
+        "modules": len(lora),
+        "ranks": {n: int(m.lora_A["default"].out_features) for n, m in lora.items()},
+        "lora_alpha": {n: m.lora_alpha["default"] for n, m in lora.items()},
+        "bottleneck": None,
     }
 
 
@@ -483,18 +614,24 @@ def _fingerprint(
     kind: str,
     layers: list[int],
     bottleneck: int,
-    task: Task,
+    data: TrainData,
     world: int,
     total_steps: int,
 ) -> dict[str, Any]:
     """The settings a resumed run must share with the checkpoint it continues."""
     planned = {u.name: u.rank for u in plan.units} if kind == "lora" else {}
+    # Validated against another set, the curve would join two kinds of figure; the hash alone would not
+    # tell the user which setting moved, the count often does.
+    val = data.val
+    val_data = f"{len(data.val_encoded)} examples, sha256 {val.data_hash[:16]}" if val is not None else "none"
     return {
         "model_hash": loaded.model_hash,
+        "weights_dtype": str(next(loaded.model.parameters()).dtype).removeprefix("torch."),
+        "val_data": val_data,
         "kind": kind,
         "targets": [[n, r] for n, r in sorted(planned.items())] if kind == "lora" else layers,
         "lora_config": sha256_json(plan.lora_config) if kind == "lora" else None,
-        "data_hash": task.data_hash,
+        "data_hash": data.task.data_hash,
         "world_size": world,
         "bottleneck": bottleneck if kind != "lora" else None,
         # the step budget shapes a decaying schedule, so it may change on resume only when constant
@@ -526,7 +663,8 @@ def _loop(
         loss_value = _step(run, state, prepared, optimizer, scheduler, first)
         first = False
         step = state.step
-        if step % cfg.log_every == 0 or step == run.total_steps:
+        # The first and the last step are kept whatever log_every: the run's first and final losses.
+        if step == 1 or step % cfg.log_every == 0 or step == run.total_steps:
             state.loss_curve.append([step, loss_value])
         if run.data.val_encoded and cfg.eval_every and step % cfg.eval_every == 0:
             state.val_curve.append([step, _val_loss(run, prepared, step)])
@@ -584,7 +722,13 @@ def _step(
     _check_finite(run, state.step + 1, "training loss", loss_value)
     if acc.scaler is None:  # under fp16 loss scaling, overflowing gradients are the scaler's to skip
         _check_finite(run, state.step + 1, "gradient norm of the trainable parameters", grad_norm(params))
-    optimizer.step()
+    try:
+        optimizer.step()
+    except RuntimeError as e:
+        # An update too large for the parameters' dtype (a huge lr) fails in the optimizer itself.
+        if "overflow" not in str(e):
+            raise
+        _check_finite(run, state.step + 1, "update of the trainable parameters", math.inf)
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     if not all_finite(params):
@@ -628,12 +772,14 @@ def _finish(
     state: _State,
     adapted: Adapted,
     trainable: dict[str, nn.Parameter],
-    memory_start: float | None,
     eva_ranks: dict[str, int] | None,
 ) -> TrainMetrics:
     """Measure, then (main process) write ``adapter/`` and ``train_metrics.json``."""
     acc = run.accelerator
-    peak, peak_kind = peak_memory(run.device)  # training's peak, before the forward below
+    # Training's peak, before the forward below. A resumed run's peak is its last training session's: one
+    # that trained no step measured no training, so the figures stay those its checkpoint kept.
+    memory = run.session_memory(state) if state.step > state.session_from else state.memory
+    assert memory is not None  # _check_resume_step refuses a checkpoint at the last step without one
     # Unmerged inference: a no-grad forward over every position, as the card's calibration times one (it
     # keeps the fastest of two passes, this the fastest of three). Every process times its own first
     # micro-batch, so that a sharded model's forward has all of them.
@@ -644,9 +790,7 @@ def _finish(
     )
     acc.wait_for_everyone()
     inner = acc.unwrap_model(adapted.prepared)
-    metrics = _metrics(
-        run, state, adapted.base, inner, trainable, peak, peak_kind, memory_start, eva_ranks, forward
-    )
+    metrics = _metrics(run, state, adapted.base, inner, trainable, memory, eva_ranks, forward)
     if acc.is_main_process:
         loaded = run.loaded
         builtin = BUILTIN_MODELS.get(loaded.model_id, {})
@@ -672,15 +816,16 @@ def _metrics(
     base: nn.Module,
     inner: nn.Module,
     trainable: dict[str, nn.Parameter],
-    peak: float,
-    peak_kind: str,
-    memory_start: float | None,
+    memory: dict[str, Any],
     eva_ranks: dict[str, int] | None,
     forward: tuple[float, int],
 ) -> TrainMetrics:
     """The run's :class:`TrainMetrics`, with the cost measurements next to the plan's predictions;
-    ``forward``: seconds of one unmerged forward and the padded positions it computed."""
+    ``memory``: the peak's figures (:attr:`_State.memory`); ``forward``: seconds of one unmerged forward
+    and the padded positions it computed."""
     cfg, kind, plan, loaded, step = run.cfg, run.kind, run.plan, run.loaded, state.step
+    peak, peak_kind, memory_start = float(memory["peak_mib"]), str(memory["kind"]), memory.get("start_mib")
+    losses = state.loss_curve
     s_per_step, tokens_per_s = median_time(state.step_times)
     tokens_per_step = state.tokens_seen / step if step else None
     wall = run.wall(state)
@@ -712,13 +857,7 @@ def _metrics(
         task=run.data.task.describe(),
         val_task=run.data.val.describe() if run.data.val is not None else None,
         config=cfg.to_dict(),
-        plan={
-            "layers": run.layers,
-            "modules": len({u.name for u in plan.units}) if kind == "lora" else 2 * len(run.layers),
-            "units": [u.key for u in plan.units],
-            "bottleneck": run.bottleneck if kind != "lora" else None,
-            "policy": plan.config.get("policy"),
-        },
+        plan=_plan_section(plan),
         trainable_params=int(sum(p.numel() for p in trainable.values())),
         total_params=int(sum(p.numel() for p in inner.parameters())),
         steps=step,
@@ -735,8 +874,9 @@ def _metrics(
         world_size=run.world,
         loss_curve=state.loss_curve,
         val_curve=state.val_curve,
-        first_train_loss=state.loss_curve[0][1] if state.loss_curve else None,
-        final_train_loss=state.loss_curve[-1][1] if state.loss_curve else None,
+        # a curve resumed from a checkpoint that kept only every log_every-th step may lack either
+        first_train_loss=losses[0][1] if losses and losses[0][0] == 1 else None,
+        final_train_loss=losses[-1][1] if losses and losses[-1][0] == step else None,
         final_val_loss=state.val_curve[-1][1] if state.val_curve else None,
         batch_size=cfg.batch_size * cfg.grad_accum,
         batch_tokens_per_step=tokens_per_step,
@@ -746,6 +886,8 @@ def _metrics(
         init_s=round(state.init_s, 3) if state.init_s is not None else None,
         eva_ranks=eva_ranks,
         budget_notes=list(run.budget_notes),
+        adapted=_adapted_section(run, inner),
+        peak_memory_steps=list(memory["steps"]),
         **predictions(
             plan.predicted,
             s_per_step,
@@ -757,5 +899,6 @@ def _metrics(
             state.max_positions or None,
             *forward,
             first_step=prices_by_first_step(peak_kind),
+            micro_batches=run.cfg.grad_accum,
         ),
     )

@@ -108,6 +108,13 @@ class TrainMetrics:
     # at, the card's calibration batch unless it was given a run's. Empty where they fit or the plan had
     # none; older files read None.
     budget_notes: list[str] | None = None
+    # What was trained, read from the adapted model, where ``plan`` is the placement as planned: ``kind``,
+    # ``layers``, ``modules``, for LoRA each module's ``ranks`` and ``lora_alpha`` (EVA moves ranks and drops
+    # modules), for bottleneck adapters (``--kind``) their ``bottleneck`` width. Older files read None.
+    adapted: dict[str, Any] | None = None
+    # The optimizer steps [first, last] of the session whose peak ``peak_memory_mib`` is, with the memory
+    # at its start: a resumed run's peak is its last training session's. Older files read None.
+    peak_memory_steps: list[int] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The train_metrics.json form (key order as written)."""
@@ -147,6 +154,7 @@ def predictions(
     forward_s: float | None = None,
     forward_positions: int | None = None,
     first_step: bool = False,
+    micro_batches: int | None = None,
 ) -> dict[str, Any]:
     """The plan's predictions beside what the run measured, as :class:`TrainMetrics` fields.
 
@@ -173,7 +181,10 @@ def predictions(
     size = predicted.get("calibration_batch_size")
     tokens = predicted.get("calibration_batch_tokens")
     positions = predicted.get("calibration_batch_positions")
-    at = priced_at(predicted, positions_per_step, max_positions, tokens_per_step, first_step=first_step)
+    at = priced_at(
+        predicted, positions_per_step, max_positions, tokens_per_step, first_step=first_step,
+        micro_batches=micro_batches,
+    )  # fmt: skip
     step, step_scaled = at["step_time_s"], at["step_time_scaled_s"]
     peak, peak_scaled = at["peak_mib"], at["peak_scaled_mib"]
     figure, memory = at["figure"], at["memory"]
@@ -223,10 +234,12 @@ def priced_at(
     tokens_per_step: float | None = None,
     *,
     first_step: bool = False,
+    micro_batches: int | None = None,
 ) -> dict[str, Any]:
     """The plan's step time and peak memory, as planned and restated at a run's batches (see
-    :func:`predictions`): ``step_time_s``, ``step_time_scaled_s`` (at ``positions_per_step``, or at
-    ``tokens_per_step`` where the card did not record its batch's positions), ``peak_mib`` and
+    :func:`predictions`): ``step_time_s``, ``step_time_scaled_s`` (at ``positions_per_step`` in
+    ``micro_batches`` micro-batches a step, each paying the step's fixed part; or at ``tokens_per_step``
+    where the card did not record its batch's positions), ``peak_mib`` and
     ``peak_scaled_mib`` (at the largest micro-batch, ``max_positions``), ``figure`` (the memory figure
     taken: ``first_step`` with ``first_step`` where the plan has it) and ``memory`` (that figure's dict)."""
     step = predicted.get("step_time_s")
@@ -239,7 +252,10 @@ def priced_at(
     # The card's measured share of a step that grows with positions; proportional where it measured none.
     share = predicted.get("step_time_position_share")
     share = 1.0 if share is None else float(share)
-    step_scaled = step * (1.0 - share + share * scale) if step and scale else None
+    # the plan's fixed part is for its own micro-batches a step; the run pays it for each of its own
+    planned_micro = float(predicted.get("step_micro_batches") or 1)
+    micro = (micro_batches or planned_micro) / planned_micro
+    step_scaled = step * (micro * (1.0 - share) + share * scale) if step and scale else None
     # peak memory may be priced at other positions than a step: a run's largest micro-batch
     mem_positions = predicted.get("calibration_memory_positions") or positions
     mem_scale = max_positions / mem_positions if mem_positions and max_positions else scale
@@ -304,7 +320,7 @@ def over_budget(budget: str | None, predicted: dict[str, Any], at: dict[str, Any
         against = f", against the plan's {c['plan_positions']:,.0f}" if c["plan_positions"] else ""
         count = f" ({c['positions']:,.0f} padded positions{c['per']}{against})" if c["positions"] else ""
         lines.append(
-            f"budget {b}: this run's {c['batches']}{count} {c['verb']} its predicted {c['cost']} at "
+            f"budget {b.label}: this run's {c['batches']}{count} {c['verb']} its predicted {c['cost']} at "
             f"{unit(c['here'])}, over the budget's {unit(cap)}; the plan checked the budget at its own "
             f"positions, where it priced {unit(c['planned'])}"
         )

@@ -38,28 +38,30 @@ def layer_spans(layers: Sequence[int]) -> str:
     return ", ".join(out)
 
 
-def front_matter(model_id: str, source: str, extra_tags: Sequence[str] = ()) -> str:
+def front_matter(model_id: str, source: str, extra_tags: Sequence[str] = (), *, kind: str = "lora") -> str:
     """YAML front matter; ``base_model`` only where the model was named by a hub id and read from its
-    snapshot (a local folder or a built-in name means nothing to a hub)."""
-    lines = ["---", "library_name: peft", "tags:", "- lora", f"- {MARKER}", *(f"- {t}" for t in extra_tags)]
+    snapshot (a local folder or a built-in name means nothing to a hub). A bottleneck adapter (``kind``
+    houlsby or parallel) is layercard's own format, which PEFT cannot load: no peft library or lora tag."""
+    own = ["library_name: peft", "tags:", "- lora"] if kind == "lora" else ["tags:", f"- {kind}"]
+    lines = ["---", *own, f"- {MARKER}", *(f"- {t}" for t in extra_tags)]
     if _HUB_ID.fullmatch(model_id) and model_id.replace("/", "--") in source:
         lines.append(f"base_model: {model_id}")
     return "\n".join([*lines, "---", ""])
 
 
-def _placement(plan: Plan) -> str:
-    """The placement in words: roles, layers, ranks."""
-    if plan.kind != "lora":
-        return f"{plan.kind} bottleneck adapters on layers {layer_spans(plan.layers)}"
+def _rank_text(ranks: Sequence[int]) -> str:
+    counts = Counter(ranks)
+    if len(counts) == 1:
+        return f"rank {next(iter(counts))}"
+    return "ranks " + ", ".join(f"{r} ({n} modules)" for r, n in sorted(counts.items()))
+
+
+def _planned(plan: Plan) -> str:
+    """The plan's LoRA placement in words: roles, layers, ranks, lora_alpha."""
     roles = list(dict.fromkeys(u.role for u in plan.units))
     layers = sorted({u.layer for u in plan.units})
-    ranks = Counter(u.rank for u in plan.units)
     lora = plan.lora_config or {}
     alpha = lora.get("lora_alpha")
-    if len(ranks) == 1:
-        rank_text = f"rank {next(iter(ranks))}"
-    else:
-        rank_text = "ranks " + ", ".join(f"{r} ({n} modules)" for r, n in sorted(ranks.items()))
     alpha_text = ""
     if alpha is not None:
         alpha_text = f", lora_alpha {alpha}" + (
@@ -67,8 +69,52 @@ def _placement(plan: Plan) -> str:
         )
     return (
         f"{len(plan.units)} LoRA modules: {', '.join(roles)} of layers {layer_spans(layers)} "
-        f"({len(layers)} layers), {rank_text}{alpha_text}"
+        f"({len(layers)} layers), {_rank_text([u.rank for u in plan.units])}{alpha_text}"
     )
+
+
+def _trained_lora(adapted: dict[str, Any], plan: Plan) -> str:
+    """The LoRA modules as trained (``TrainMetrics.adapted``), in the words of :func:`_planned`."""
+    ranks, alphas = adapted["ranks"], adapted.get("lora_alpha") or {}
+    role = {u.name: u.role for u in plan.units}
+    roles = list(dict.fromkeys(role[n] for n in ranks if n in role))
+    layers = adapted["layers"]
+    scales = {alphas[n] / r for n, r in ranks.items() if n in alphas and r}
+    if len(set(alphas.values())) == 1:
+        alpha_text = f", lora_alpha {next(iter(alphas.values())):g}"
+    elif len(scales) == 1:
+        alpha_text = f", lora_alpha {next(iter(scales)):g} × rank"
+    else:
+        alpha_text = ", lora_alpha per module" if alphas else ""
+    return (
+        f"{len(ranks)} LoRA modules: {', '.join(roles)} of layers {layer_spans(layers)} "
+        f"({len(layers)} layers), {_rank_text(list(ranks.values()))}{alpha_text}"
+    )
+
+
+def _placement(plan: Plan, metrics: TrainMetrics | None = None) -> str:
+    """The placement as trained, in words: roles, layers, ranks (or bottleneck width), and what the plan
+    placed where the run trained something else (``--kind``, EVA's ranks)."""
+    adapted = metrics.adapted if metrics is not None else None
+    if adapted is None:  # metrics from before they recorded what was trained
+        if plan.kind != "lora":
+            return f"{plan.kind} bottleneck adapters on layers {layer_spans(plan.layers)}"
+        return _planned(plan)
+    kind = adapted["kind"]
+    if kind != "lora":
+        text = (
+            f"{kind} bottleneck adapters of width {adapted['bottleneck']} on layers "
+            f"{layer_spans(adapted['layers'])} ({len(adapted['layers'])} layers)"
+        )
+        return text + (f", on the layers the plan placed {plan.kind} on" if plan.kind != kind else "")
+    text = _trained_lora(adapted, plan)
+    eva = metrics.eva_ranks if metrics is not None else None
+    if eva:
+        dropped = sum(1 for r in eva.values() if not r)
+        text += f"; EVA set these ranks from the plan's {_planned(plan)}" + (
+            f" ({dropped} of its modules dropped at rank 0)" if dropped else ""
+        )
+    return text
 
 
 def _num(x: float | None, fmt: str) -> str:
@@ -160,15 +206,16 @@ def adapter_readme(
             )
         )
     base = f"`{model_id}`" + (f": {description}" if description else "")
+    kind = m.adapter_kind
     lines = [
-        front_matter(model_id, base_source),
+        front_matter(model_id, base_source, kind=kind),
         f"# LoRA adapter for {model_id}: {m.task['name']}"
-        if plan.kind == "lora"
-        else f"# Adapter for {model_id}: {m.task['name']}",
+        if kind == "lora"
+        else f"# {kind.capitalize()} bottleneck adapter for {model_id}: {m.task['name']}",
         "",
         f"Trained by layercard from the plan `{plan.config.get('policy')}`"
         + (f" under the budget `{plan.config['budget']}`" if plan.config.get("budget") else "")
-        + f". The placement: {_placement(plan)}.",
+        + f". The placement: {_placement(plan, m)}.",
         "",
         "## Base model",
         "",
@@ -227,16 +274,20 @@ def trimmed_readme(
     after: dict[str, Any],
     examples: str,
     adapter_dir: str,
+    kind: str | None = None,
 ) -> str:
     """README.md for a trimmed adapter: what was dropped, what the trim measured, how to load it, and the
-    parent's own README (when layercard wrote it) below."""
+    parent's own README (when layercard wrote it) below. ``kind``: the adapter's (lora, houlsby, parallel);
+    by default read from the parent folder (a bottleneck adapter's holds layercard's adapter config)."""
+    if kind is None:
+        kind = _folder_kind(Path(parent))
 
     def value(row: dict[str, Any]) -> str:
         v = row["loss"] if metric == "loss" else row["metrics"].get(metric)
         return "not measured" if v is None else f"{v:.4f}" if metric == "loss" else f"{v:.3f}"
 
     lines = [
-        front_matter(model_id, base_source, ["trimmed"]),
+        front_matter(model_id, base_source, ["trimmed"], kind=kind),
         f"# Trimmed adapter for {model_id}",
         "",
         f"The adapter `{parent}` without its modules above decoder layer {keep_upto} (the boundary layer "
@@ -263,6 +314,21 @@ def trimmed_readme(
     if parent_readme and is_layercard_readme(parent_readme):
         lines += [f"## The adapter it was trimmed from ({parent})", "", _body(parent_readme), ""]
     return "\n".join(lines)
+
+
+def _folder_kind(folder: Path) -> str:
+    """An adapter folder's kind: a bottleneck adapter's from its layercard config, else lora (PEFT's)."""
+    import json
+
+    from layercard.adapters import CONFIG_FILE
+
+    if not (folder / CONFIG_FILE).is_file():
+        return "lora"
+    try:
+        kind = json.loads((folder / CONFIG_FILE).read_text()).get("kind")
+    except (OSError, ValueError, AttributeError):
+        kind = None
+    return kind if isinstance(kind, str) and kind != "lora" else "bottleneck"
 
 
 def _tokens_row(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
