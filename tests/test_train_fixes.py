@@ -332,3 +332,12 @@ def test_runs_of_other_compute_precisions_follow_each_other_in_one_process(tmp_p
         cfg = TrainConfig(steps=1, dtype=dtype, **{**FAST, "eval_examples": 0})
         m = train(loaded, plan, TRAIN, None, cfg, tmp_path / str(i), progress=False)
         assert m["config"]["dtype"] == dtype and m["steps"] == 1
+
+
+def test_examples_longer_than_the_model_reads_are_refused(tmp_path: Path):
+    loaded = _loaded()
+    loaded.model.config.max_position_embeddings = 16  # a model that reads 16 positions at most
+    plan = make_plan(loaded, [1, 2])
+    with pytest.raises(LayercardError, match=r"^train.max_length 64: the model reads at most 16 positions"):
+        train(loaded, plan, TRAIN, None, TrainConfig(steps=1, **FAST), tmp_path / "run", progress=False)
+    assert not (tmp_path / "run" / "adapter").exists()

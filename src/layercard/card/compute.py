@@ -242,17 +242,6 @@ def _seeded_rng(seed: int, model: Any) -> Iterator[None]:
         yield
 
 
-def _context_length(model: Any) -> tuple[str, int] | None:
-    """The most positions the model reads, as its config names it (a learned position table has no row
-    past it), or None where the config gives none."""
-    config = getattr(model, "config", None)
-    for name in ("n_positions", "max_position_embeddings", "max_seq_len", "seq_length", "n_ctx"):
-        value = getattr(config, name, None)
-        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-            return name, value
-    return None
-
-
 def _non_finite(value: Any, where: str = "") -> tuple[str, float] | None:
     """The field path and value of the first NaN or infinity in ``value`` (nested mappings and lists)."""
     if isinstance(value, float):
@@ -338,7 +327,7 @@ def _compute_card(loaded: Any, task: Any, cfg: CardConfig, *, progress: bool | N
         raise LayercardError(f"task {task.name}: no examples to probe")
     # Examples are cut to the model's context as to --max-length: past a learned position table a forward
     # fails, and past any other the model reads positions it never saw.
-    context = _context_length(model)
+    context = models.context_length(model)
     length = cfg.max_length if context is None else min(cfg.max_length, context[1])
     encoded = encode_task(tok, probe_task, max_length=length)
     n_cut = sum(e.cut for e in encoded)

@@ -434,6 +434,17 @@ def num_layers(model: nn.Module) -> int:
     return len(decoder_layers(model))
 
 
+def context_length(model: nn.Module) -> tuple[str, int] | None:
+    """The most positions the model reads, with the config field that says so (a learned position table
+    has no row past it), or None where the config gives none."""
+    config = getattr(base_model(model), "config", None)
+    for name in ("n_positions", "max_position_embeddings", "max_seq_len", "seq_length", "n_ctx"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return name, value
+    return None
+
+
 def hidden_size(model: nn.Module) -> int:
     """The width of the residual stream (the LM head's input)."""
     # The config's value holds under sharding too, where a weight may be a flattened shard.

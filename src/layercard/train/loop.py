@@ -589,6 +589,20 @@ def _data_key(train_task: Task, val_task: Task | None, cfg: TrainConfig) -> tupl
     return (train_task.data_hash, val, cfg.train_examples, cfg.eval_examples, cfg.max_length, cfg.seed)
 
 
+def _check_context(model: nn.Module, encoded: list[Any], max_length: int) -> None:
+    """Refuse examples longer than the model reads: past a learned position table a forward fails, and
+    past any other the model reads positions it never saw."""
+    from layercard.models import context_length
+
+    context = context_length(model)
+    longest = max((len(e.input_ids) for e in encoded), default=0)
+    if context is not None and longest > context[1]:
+        raise LayercardError(
+            f"train.max_length {max_length}: the model reads at most {context[1]} positions ({context[0]} "
+            f"in its config) and an example is {longest} tokens long; give --max-length {context[1]} or less"
+        )
+
+
 def prepare_data(loaded: LoadedModel, train_task: Task, val_task: Task | None, cfg: TrainConfig) -> TrainData:
     """A seeded subset of ``train_task``, encoded once; the validation subset likewise. Pass it to
     :func:`train` (``data=``) and :func:`planned_positions` to encode the examples once for many runs."""
@@ -598,12 +612,14 @@ def prepare_data(loaded: LoadedModel, train_task: Task, val_task: Task | None, c
     encoded = encode_task(tok, task, max_length=cfg.max_length)
     if not encoded:
         raise LayercardError(f"task {task.name!r}: no training examples")
+    _check_context(loaded.model, encoded, cfg.max_length)
     val = (
         val_task.subset(cfg.eval_examples, seed=cfg.seed)
         if val_task is not None and cfg.eval_examples
         else None
     )
     val_encoded = encode_task(tok, val, max_length=cfg.max_length) if val is not None and len(val) else []
+    _check_context(loaded.model, val_encoded, cfg.max_length)
     return TrainData(task, val, encoded, val_encoded, pad_id, tok, _data_key(train_task, val_task, cfg))
 
 
