@@ -23,7 +23,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -347,9 +347,9 @@ def write_json(path: str | os.PathLike[str], obj: Any) -> Path:
     except ValueError as e:
         if "out of range float" not in str(e).lower():
             raise
-        where = _non_finite_path(obj)
+        found = non_finite(obj)
         raise LayercardError(
-            f"{path}: refusing to write a non-finite number{f' at {where}' if where else ''} "
+            f"{path}: refusing to write a non-finite number{f' at {found[0]}' if found else ''} "
             "(JSON has no NaN or Infinity); nothing was written"
         ) from None
     with atomic_path(path) as tmp:
@@ -357,22 +357,12 @@ def write_json(path: str | os.PathLike[str], obj: Any) -> Path:
     return Path(path)
 
 
-def _first_non_finite(obj: Any) -> float:
-    """The first NaN or infinity in a parsed JSON value (one :func:`_non_finite_path` found)."""
+def non_finite(obj: Any, where: str = "") -> tuple[str, float] | None:
+    """The field path (``units[3].grad_norm``) and value of the first NaN or infinity in ``obj`` (nested
+    mappings, lists, dataclasses, numpy values), or None."""
     if isinstance(obj, float):
-        return obj
-    values = obj.values() if isinstance(obj, dict) else obj
-    for v in values:
-        if _non_finite_path(v) is not None:
-            return _first_non_finite(v)
-    raise ValueError("no non-finite number")
-
-
-def _non_finite_path(obj: Any, where: str = "") -> str | None:
-    """The field path (``units[3].grad_norm``) of the first NaN or infinity in ``obj``, if found."""
-    if isinstance(obj, float):
-        return (where or "(top level)") if not math.isfinite(obj) else None
-    if isinstance(obj, dict):
+        return None if math.isfinite(obj) else (where or "(top level)", obj)
+    if isinstance(obj, Mapping):
         items: Any = ((f"{where}.{k}" if where else str(k), v) for k, v in obj.items())
     elif isinstance(obj, (list, tuple)):
         items = ((f"{where}[{i}]", v) for i, v in enumerate(obj))
@@ -381,12 +371,17 @@ def _non_finite_path(obj: Any, where: str = "") -> str | None:
             converted = _json_default(obj)
         except TypeError:
             return None
-        return _non_finite_path(converted, where) if converted is not obj else None
+        return non_finite(converted, where) if converted is not obj else None
     for w, v in items:
-        found = _non_finite_path(v, w)
-        if found:
+        found = non_finite(v, w)
+        if found is not None:
             return found
     return None
+
+
+def finite_text(value: float) -> str:
+    """A non-finite number as JSON-like text would write it (``NaN``, ``Infinity``, ``-Infinity``)."""
+    return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
 
 
 def write_text(path: str | os.PathLike[str], text: str) -> Path:
@@ -434,11 +429,9 @@ def read_json(path: str | os.PathLike[str], *, kind: str | None = None) -> dict[
         raise LayercardError(f"{p}: not valid JSON ({e.msg}: line {e.lineno}, column {e.colno})") from None
     # Python's json reads NaN and Infinity, which JSON lacks and no artifact is written with: an edited
     # or foreign file's non-finite number must not become a result.
-    where = _non_finite_path(obj)
-    if where is not None:
-        bad = _first_non_finite(obj)
-        shown = "NaN" if math.isnan(bad) else ("Infinity" if bad > 0 else "-Infinity")
-        raise LayercardError(f"{p}: {where}: must be a finite number, got {shown}")
+    found = non_finite(obj)
+    if found is not None:
+        raise LayercardError(f"{p}: {found[0]}: must be a finite number, got {finite_text(found[1])}")
     if kind is not None:
         if not isinstance(obj, dict) or obj.get("kind") != kind:
             got = obj.get("kind") if isinstance(obj, dict) else type(obj).__name__

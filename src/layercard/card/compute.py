@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from layercard.artifacts import Provenance
+from layercard.artifacts import Provenance, non_finite
 from layercard.card import stats
 from layercard.card.artifact import Card, GroupRow, UnitRow, _r, _rl
 from layercard.card.probe import (
@@ -242,23 +242,6 @@ def _seeded_rng(seed: int, model: Any) -> Iterator[None]:
         yield
 
 
-def _non_finite(value: Any, where: str = "") -> tuple[str, float] | None:
-    """The field path and value of the first NaN or infinity in ``value`` (nested mappings and lists)."""
-    if isinstance(value, float):
-        return None if math.isfinite(value) else (where, value)
-    if isinstance(value, Mapping):
-        items: Any = ((f"{where}.{k}" if where else str(k), v) for k, v in value.items())
-    elif isinstance(value, (list, tuple)):
-        items = ((f"{where}[{i}]", v) for i, v in enumerate(value))
-    else:
-        return None
-    for w, v in items:
-        found = _non_finite(v, w)
-        if found is not None:
-            return found
-    return None
-
-
 _RATE_FIELDS = ("rate", "rate_linear", "rate_quadratic")
 
 
@@ -271,7 +254,7 @@ def _check_finite(
 
     for kind, rows in (("unit", units), ("input", groups)):
         for row in rows:
-            found = _non_finite(dataclasses.asdict(row))
+            found = non_finite(dataclasses.asdict(row))
             if found is None:
                 continue
             field, value = found
@@ -283,7 +266,7 @@ def _check_finite(
                 )
             name = f" ({row.name})" if isinstance(row, UnitRow) else ""
             raise LayercardError(f"{kind} {row.key}{name}: its {field} is not finite ({show(value)}){hint}")
-    found = _non_finite(dict(rest))
+    found = non_finite(dict(rest))
     if found is not None:
         raise LayercardError(f"card: {found[0]} is not finite ({show(found[1])})")
 

@@ -115,14 +115,13 @@ def write_card_folder(card: Card, out: str | Path) -> list[Path]:
     import shutil
     import tempfile
 
-    from layercard.artifacts import _temp_prefix, check_out_folder, write_text
+    from layercard.artifacts import _temp_prefix, check_out_folder, non_finite, write_text
     from layercard.card.artifact import CARD_FILE
-    from layercard.card.compute import _non_finite
     from layercard.card.figures import FIGURES, write_all
     from layercard.errors import LayercardError
 
     out = check_out_folder(out)
-    found = _non_finite(card.to_dict())
+    found = non_finite(card.to_dict())
     if found is not None:  # named at the path it was meant for, not the temporary one
         raise LayercardError(
             f"{out / CARD_FILE}: refusing to write a non-finite number at {found[0]} "

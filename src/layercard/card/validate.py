@@ -12,6 +12,7 @@ import numbers
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NoReturn
 
+from layercard.artifacts import finite_text
 from layercard.errors import LayercardError
 
 _MISSING = object()
@@ -20,7 +21,7 @@ _MISSING = object()
 def show(value: Any) -> str:
     """A value as an error message shows it: NaN and Infinity as JSON spells them, text quoted."""
     if isinstance(value, float) and not math.isfinite(value):
-        return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+        return finite_text(value)
     if isinstance(value, str):
         return f"{value[:40]!r} (text)"
     if isinstance(value, bool) or value is None:
