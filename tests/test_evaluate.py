@@ -383,3 +383,20 @@ def test_smollm2_sst2_eval(smollm2):
     assert all(isinstance(p["prediction"], str) and p["prediction"] for p in res.predictions)
     assert 0.0 <= res.metrics["label_accuracy"] <= 1.0
     assert res.loss is not None and res.loss > 0
+
+
+def test_more_positions_than_the_model_reads_are_refused_in_one_line():
+    """A learned position table has no row past its end: generation and the loss refuse to go there."""
+    model = tiny_model("gpt2", n_positions=24)
+    task = load_task("synthetic:facts", split="test")
+    examples = task.examples[:2]
+    with pytest.raises(LayercardError, match=r"--max-new-tokens 40: the model reads at most 24 positions"):
+        generate(model, tiny_tokenizer(), task, examples, batch_size=2, max_new_tokens=40)
+    with pytest.raises(
+        LayercardError, match=r"^--max-length 64: the model reads at most 24 positions \(n_pos"
+    ):
+        eval_example_losses(model, tiny_tokenizer(), task, examples, batch_size=2, max_length=64)
+    # within the table: both run
+    assert (
+        len(eval_example_losses(model, tiny_tokenizer(), task, examples, batch_size=2, max_length=20)[0]) == 2
+    )

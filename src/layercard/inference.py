@@ -112,6 +112,15 @@ def _generation_config(max_new_tokens: int, stop_ids: Sequence[int], pad: int) -
     )
 
 
+def _check_context(model: nn.Module, positions: int, asked: str) -> None:
+    """Refuse more positions than the model reads: past a learned position table a forward fails, and
+    past any other the model reads positions it never saw."""
+    from layercard.models import past_context
+
+    if (over := past_context(model, positions)) is not None:
+        raise LayercardError(f"{asked}: {over}, and {positions} were asked")
+
+
 def generate(
     model: nn.Module,
     tokenizer: Any,
@@ -140,6 +149,10 @@ def generate(
     pad = _generation_pad_id(tokenizer, stops)
     gen_cfg = _generation_config(max_new_tokens, stops, pad)
     prompts = [encode_prompt(tokenizer, task.format, ex) for ex in examples]  # a chat example: all turns
+    longest = max(len(p) for p in prompts)
+    _check_context(
+        model, longest + max_new_tokens, f"a prompt of {longest} tokens and --max-new-tokens {max_new_tokens}"
+    )
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))  # stable: ties keep source order
     groups = [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
     texts: list[str] = [""] * len(prompts)
@@ -207,6 +220,7 @@ def eval_example_losses(
         raise LayercardError(f"task {task.name!r}: no examples to score")
     sub = Task(task.name, task.source, task.split, task.format, tuple(examples))
     encoded = encode_task(tokenizer, sub, max_length=max_length)
+    _check_context(model, max((len(e.input_ids) for e in encoded), default=0), f"--max-length {max_length}")
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))  # longest first: less padding
     sums, counts = [0.0] * len(encoded), [0] * len(encoded)
     device = device_of(model)

@@ -445,6 +445,15 @@ def context_length(model: nn.Module) -> tuple[str, int] | None:
     return None
 
 
+def past_context(model: nn.Module, longest: int) -> str | None:
+    """Where ``longest`` positions are more than the model reads: "the model reads at most N positions
+    (FIELD in its config)", to start a message with; else None (also where the config says nothing)."""
+    context = context_length(model)
+    if context is None or longest <= context[1]:
+        return None
+    return f"the model reads at most {context[1]} positions ({context[0]} in its config)"
+
+
 def hidden_size(model: nn.Module) -> int:
     """The width of the residual stream (the LM head's input)."""
     # The config's value holds under sharding too, where a weight may be a flattened shard.

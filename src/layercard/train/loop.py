@@ -592,14 +592,13 @@ def _data_key(train_task: Task, val_task: Task | None, cfg: TrainConfig) -> tupl
 def _check_context(model: nn.Module, encoded: list[Any], max_length: int) -> None:
     """Refuse examples longer than the model reads: past a learned position table a forward fails, and
     past any other the model reads positions it never saw."""
-    from layercard.models import context_length
+    from layercard.models import past_context
 
-    context = context_length(model)
     longest = max((len(e.input_ids) for e in encoded), default=0)
-    if context is not None and longest > context[1]:
+    if (over := past_context(model, longest)) is not None:
         raise LayercardError(
-            f"train.max_length {max_length}: the model reads at most {context[1]} positions ({context[0]} "
-            f"in its config) and an example is {longest} tokens long; give --max-length {context[1]} or less"
+            f"train.max_length {max_length}: {over} and an example is {longest} tokens long; give a "
+            "--max-length it reads"
         )
 
 
