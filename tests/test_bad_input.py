@@ -348,7 +348,7 @@ def _(w: World, tmp: Path) -> Row:
 
 @case("eval-without-loss-of-a-nan-adapter")
 def _(w: World, tmp: Path) -> Row:
-    msg = f"error: eval: the loss on facts (test) is NaN: the model with adapter {w.nan_adapter} gives"
+    msg = f"error: eval: the model with adapter {w.nan_adapter} gives non-finite logits on the prompts of"
     cmd = f"eval -m {w.model} -a {w.nan_adapter} -t {FACTS} -o {tmp / 'e'} {EVAL} --no-loss"
     return cmd, msg, [tmp / "e" / "eval.json", tmp / "e" / "predictions.jsonl"]
 

@@ -345,6 +345,40 @@ def test_a_failed_rerun_leaves_no_summary_of_the_earlier_call(tiny_run, tmp_path
     assert "Failed: train:card-2" in text and "trim.enabled: false" not in text
 
 
+def test_a_failed_card_leaves_a_summary_and_a_report_that_say_so(tiny_run, tmp_path, monkeypatch):
+    import layercard.card
+
+    cfg_path, run_dir, _ = tiny_run
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+
+    def fails(*a, **k):
+        raise LayercardError("the probe pass failed")
+
+    monkeypatch.setattr(layercard.card, "compute_card", fails)
+    with pytest.raises(LayercardError, match="^stage card: the probe pass failed"):
+        run_pipeline(load_config(cfg_path, ["card.examples=6"]), copy, progress=False)
+    summary = json.loads((copy / "summary.json").read_text())
+    assert summary["failed"] == {"card": "the probe pass failed"}
+    assert {"plan:card-2", "plan:all"} <= set(summary["left_out"]), summary["left_out"]
+    r = CliRunner().invoke(app, ["report", str(copy)])
+    assert r.exit_code == 0, r.output
+    assert "Failed: card, which left no artifact (the probe pass failed)" in (copy / "report.md").read_text()
+
+
+def test_a_plan_at_named_positions_is_made_again_for_other_micro_batches(tiny_run, tmp_path):
+    cfg_path, run_dir, _ = tiny_run
+    named = ["placements.all.step_positions=300", "placements.all.peak_positions=150"]
+    first = run_pipeline(load_config(cfg_path, named), tmp_path / "run", progress=False, until="plan")
+    assert "plan:all" in first["ran"]
+    again = run_pipeline(
+        load_config(cfg_path, [*named, "train.grad_accum=2"]), tmp_path / "run", progress=False, until="plan"
+    )
+    assert "plan:all" in again["ran"]
+    plan = json.loads((tmp_path / "run" / "plan" / "all" / "plan.json").read_text())
+    assert plan["config"]["grad_accum"] == 2 and plan["predicted"]["step_micro_batches"] == 2
+
+
 def test_changed_train_steps_reruns_downstream_only(tiny_run, tmp_path, monkeypatch):
     import layercard.train
 

@@ -99,6 +99,13 @@ def test_report_with_missing_stages(run_dir, tmp_path):
     assert "Needs plans with a predicted set gain and the evaluations of the base model" in text
     assert "all-trimmed" not in text
     assert not (copy / "figures" / "trace.png").exists()  # a stale figure of the earlier report is gone
+    # a figures folder beside --out that holds anything but a report's figures is not replaced
+    mine = tmp_path / "paper"
+    (mine / "figures").mkdir(parents=True)
+    (mine / "figures" / "fig1.png").write_bytes(b"x")
+    with pytest.raises(LayercardError, match="holds other files than a report's figures"):
+        build_report(copy, mine / "report.html")
+    assert (mine / "figures" / "fig1.png").read_bytes() == b"x" and not (mine / "report.html").exists()
     with pytest.raises(LayercardError, match="no such run folder"):
         build_report(tmp_path / "nope")
 

@@ -552,6 +552,7 @@ def test_export_merged_never_replaces_other_files(tiny_folder, lora_dir, tmp_pat
         (lora_dir.parent, "which it holds"),
         (run / "adapter-trimmed", "which it holds"),
         (run / "mine", "holds files that are not a merged model"),
+        (lora_dir / "merged", "is inside the adapter folder"),
     ):
         r = CliRunner().invoke(app, [*common, "--export-merged", str(target)])
         assert r.exit_code == 2 and says in r.output and len(r.output.strip().splitlines()) == 1, r.output

@@ -30,7 +30,7 @@ from layercard.adapters import attached
 from layercard.artifacts import SCHEMA_VERSION, Provenance, hash_folder, read_json, write_json, write_text
 from layercard.config import EvalConfig
 from layercard.errors import LayercardError
-from layercard.inference import eval_example_losses, eval_loss, generate
+from layercard.inference import eval_example_losses, eval_loss, generate, prompts_finite
 from layercard.tasks import METRICS, Example, Task, exact_match, load_task, strict_match, token_f1
 
 # generate and eval_loss live in layercard.inference; they stay importable from here for older callers.
@@ -299,12 +299,12 @@ def evaluate(
             loss = math.fsum(sums) / sum(tokens)
             timing["loss_s"] = time.perf_counter() - t0
             _check_loss(loss, sub, adapter_dir)
-        else:  # greedy decoding reads NaN logits as a token too: one batch's loss tells
-            few = examples[: run.batch_size]
-            probe, counts = eval_example_losses(
-                net, tok, sub, few, batch_size=run.batch_size, max_length=run.max_length
+        elif not prompts_finite(net, tok, sub, examples[: run.batch_size]):
+            which = f"the model with adapter {adapter_dir}" if adapter_dir is not None else "the model"
+            raise LayercardError(
+                f"eval: {which} gives non-finite logits on the prompts of {sub.name} ({sub.split}); "
+                "no eval.json was written"
             )
-            _check_loss(math.fsum(probe) / max(1, sum(counts)), sub, adapter_dir)
 
     assert run.metrics is not None  # resolved() filled it
     metrics = {name: METRICS[name](texts, examples) for name in run.metrics}

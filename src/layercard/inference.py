@@ -112,6 +112,17 @@ def _generation_config(max_new_tokens: int, stop_ids: Sequence[int], pad: int) -
     )
 
 
+def prompts_finite(model: nn.Module, tokenizer: Any, task: Task, examples: Sequence[Example]) -> bool:
+    """Whether the model's logits over the prompts of ``examples`` (one batch) are all finite: greedy
+    decoding reads NaN logits as a token too, so generation alone cannot tell a broken model."""
+    prompts = [encode_prompt(tokenizer, task.format, ex) for ex in examples]
+    input_ids, attention = _left_pad(prompts, pad_id(tokenizer))
+    device = device_of(model)
+    with eval_mode(model), torch.no_grad():
+        logits = model(input_ids=input_ids.to(device), attention_mask=attention.to(device)).logits
+    return bool(torch.isfinite(logits[attention.to(device).bool()]).all())
+
+
 def _check_context(model: nn.Module, positions: int, asked: str) -> None:
     """Refuse more positions than the model reads: past a learned position table a forward fails, and
     past any other the model reads positions it never saw."""

@@ -202,10 +202,11 @@ class LayercardCallback(TrainerCallback):
             **predictions(
                 plan.predicted,
                 s_per_step,
-                tokens_per_step,
+                # priced per process, as layercard's own loop prices it: each computes its own micro-batches
+                tokens_per_step / world if tokens_per_step else None,
                 peak,
                 self._memory_start,
-                self.positions / done if done else None,
+                self.positions / (done * world) if done else None,
                 self.max_positions or None,
                 first_step=prices_by_first_step(peak_kind),
                 micro_batches=int(args.gradient_accumulation_steps),

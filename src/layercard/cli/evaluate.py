@@ -43,7 +43,9 @@ def eval_cmd(
     ] = None,
     split: Annotated[
         str | None,
-        typer.Option(help="Split for preset/synthetic tasks (default: test, else validation)."),
+        typer.Option(
+            help="Split for preset/synthetic tasks (default: test, else validation; hf: validation)."
+        ),
     ] = None,
     seed: Annotated[int, typer.Option(help="Seed of the example subset and of synthetic tasks.")] = 0,
     dtype: DtypeOpt = "float32",
@@ -82,6 +84,9 @@ def _eval_task(spec: str, split: str | None, seed: int, kw: dict) -> Any:
     task's default split is its training one, which an evaluation should not score unasked)."""
     from layercard.tasks import held_out, is_file_spec, load_task, names_split
 
+    if split is None and spec.startswith("hf:"):
+        # a hub dataset's test labels may be hidden (GLUE's are -1): its validation split, as trim takes
+        return load_task(spec, split="validation", seed=seed, **kw)
     if split is None and not is_file_spec(spec) and not names_split(spec):
         task = held_out(spec, seed=seed, order=("test", "validation"), **kw)
         if task is not None:

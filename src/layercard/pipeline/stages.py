@@ -414,7 +414,12 @@ class Runner:
                 rows.append(("recommendation", pr["recommendation"]))
             return rows + [("warning", w) for w in plan.warnings]
 
-        config = {**p.to_dict(), "seed": p.plan.seed, "batch_size": plan_cfg.batch_size}
+        config = {
+            **p.to_dict(),
+            "seed": p.plan.seed,
+            "batch_size": plan_cfg.batch_size,
+            "grad_accum": plan_cfg.grad_accum,
+        }
         inputs = {"card": content_hash(out.card_json)}
         if at_run:  # what the training's positions follow
             t = self.cfg.train

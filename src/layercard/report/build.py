@@ -54,6 +54,15 @@ if TYPE_CHECKING:
 __all__ = ["build_report"]
 
 
+# Every figure a report draws: the names an existing figures folder may hold for a report to replace it.
+REPORT_FIGURES = frozenset(
+    {
+        "frontier.png", "card_heatmap.png", "card_profiles.png", "card_coupling.png", "placements.png",
+        "training.png", "trace.png", "gain.png", "quality_cost.png",
+    }
+)  # fmt: skip
+
+
 @dataclasses.dataclass
 class _Doc:
     """Sections accumulated once, rendered as HTML and as markdown."""
@@ -74,6 +83,7 @@ class _Doc:
 
     def figure(self, name: str, caption: str, make: Callable[[Path], bytes | Path | None]) -> None:
         """Add the figure ``name`` that ``make(path)`` writes (it returns the PNG bytes or path, or None)."""
+        assert name in REPORT_FIGURES, name  # the names a later report may replace
         got = make(self.fig_dir / name)
         if got is None:
             return
@@ -564,9 +574,10 @@ def build_report(run_dir: str | Path, out: str | Path | None = None) -> dict[str
     md_path = html_path.with_suffix(".md")
     fig_dir = html_path.parent / FIGURES_DIR
     # The report replaces its figures folder whole (none may linger from an earlier report): only one
-    # that holds nothing but figures.
+    # that holds nothing but a report's figures.
     if fig_dir.exists() and (
-        not fig_dir.is_dir() or any(not f.is_file() or f.suffix != ".png" for f in fig_dir.iterdir())
+        not fig_dir.is_dir()
+        or any(not f.is_file() or f.name not in REPORT_FIGURES for f in fig_dir.iterdir())
     ):
         raise LayercardError(
             f"{fig_dir}: holds other files than a report's figures; give --out in another folder"

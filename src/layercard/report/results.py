@@ -331,7 +331,7 @@ def _placement_row(
         f"plan:{name}",
         plan_file,
         upstream=card_ok,
-        card=lambda: content_hash(lay.card_json),
+        card=lambda: content_hash(lay.card_json) if lay.card_json.is_file() else None,
         **rows.inputs(train_data="train_data"),
     )
     train_ok = _kept(

@@ -183,11 +183,15 @@ def export_trimmed(adapter_dir: str | Path, out_dir: str | Path, keep_upto: int,
 
 
 def check_merged_target(
-    out_dir: str | Path, keep: Sequence[str | Path], what: str = "--export-merged"
+    out_dir: str | Path,
+    keep: Sequence[str | Path],
+    what: str = "--export-merged",
+    *,
+    outside: Sequence[str | Path] = (),
 ) -> None:
     """Refuse, before any work, a merged model's folder whose replacement would lose files: a folder
-    that is, or holds, one of ``keep`` (the adapter, the trim's own folder), or one that holds anything
-    but a merged model written before (its :data:`MERGED_MARK`)."""
+    that is, or holds, one of ``keep`` (the adapter, the trim's own folder), one inside one of
+    ``outside``, or one that holds anything but a merged model written before (its :data:`MERGED_MARK`)."""
     p = Path(out_dir)
     if p.exists() and not p.is_dir():
         raise LayercardError(f"{what} {p}: exists and is a file, not a folder")
@@ -196,10 +200,13 @@ def check_merged_target(
         kept = Path(k).resolve()
         if kept == real or real in kept.parents:
             raise LayercardError(f"{what} {p}: would replace {k}, which it holds; give a folder of its own")
+    for k in outside:
+        if Path(k).resolve() in real.parents:
+            raise LayercardError(f"{what} {p}: is inside the adapter folder {k}; give a folder of its own")
     if p.is_dir() and any(p.iterdir()) and not (p / MERGED_MARK).is_file():
         raise LayercardError(
-            f"{what} {p}: holds files that are not a merged model written by layercard trim (no "
-            f"{MERGED_MARK}); give a new or empty folder"
+            f"{what} {p}: holds files that are not a merged model this version of layercard trim wrote "
+            f"(no {MERGED_MARK}); remove it, or give a new or empty folder"
         )
 
 

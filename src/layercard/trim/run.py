@@ -71,8 +71,10 @@ MERGED_DIR = "merged"
 
 def check_merged_folder(merged_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path) -> None:
     """Refuse, before any work, a ``--export-merged`` folder whose replacement would lose the adapter, the
-    trim's own outputs or anything else (:func:`~layercard.trim.export.check_merged_target`)."""
-    check_merged_target(merged_dir, [adapter_dir, out_dir, Path(out_dir) / TRIMMED_DIR])
+    trim's own outputs or anything else, or that would sit inside an adapter (whose folder hash names it)
+    (:func:`~layercard.trim.export.check_merged_target`)."""
+    trimmed = Path(out_dir) / TRIMMED_DIR
+    check_merged_target(merged_dir, [adapter_dir, out_dir, trimmed], outside=[adapter_dir, trimmed])
 
 
 def _subset(task: Task, n: int | None, seed: int) -> Task:
@@ -412,9 +414,11 @@ def _merge_checked(job: _Job, exported: _Exported, out_dir: str | Path, in_place
     def check(merged: nn.Module) -> dict[str, Any]:
         diff = _max_diff(_logits(merged, job.probe), exported.logits, job.probe["attention_mask"])
         scale = max(1.0, float(exported.logits.abs().max()))
-        # Merging rounds W + BA once in the weights' dtype: about 1e-6 of the logits' scale in float32.
+        # Merging rounds W + BA once in the weights' dtype: about 1e-6 of the logits' scale in float32,
+        # up to 4% in bfloat16 (smollm2, every linear module merged); a merge that is wrong, not rounded
+        # (a LoRA on a tied lm_head), moves the logits by more than their scale.
         exact = next(merged.parameters()).dtype == torch.float32
-        if not diff <= (1e-3 if exact else 5e-2) * scale:
+        if not diff <= (1e-3 if exact else 0.2) * scale:
             raise LayercardError(
                 f"--export-merged: the merged model does not give the trimmed adapter's logits (max "
                 f"|Δlogit| = {diff:.3g}, the logits' scale {scale:.3g}); nothing was written. A LoRA on a "
