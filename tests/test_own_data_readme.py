@@ -104,3 +104,10 @@ def test_trainer_api_and_export_examples(tmp_path, monkeypatch):
     cfg = yaml.safe_load(Path(args[args.index("--out") + 1]).read_text())
     assert cfg["adapter"] == "lora" and cfg["peft_layers_to_transform"] == plan.layers
     assert len(plan.layers) == 8 and cfg["lora_r"] == 8
+    # the file the README shows has the modules this export wrote (the same names in the tiny Llama)
+    shown = re.search(r"the file reads:\n\n```yaml\n(.*?)```", README.read_text(), re.S)
+    assert shown, "README: the exported axolotl file is not shown"
+    said = yaml.safe_load(shown.group(1))
+    assert said["lora_target_modules"] == cfg["lora_target_modules"] and said["lora_r"] == cfg["lora_r"]
+    n = len(said["lora_target_modules"]) * len(said["peft_layers_to_transform"])
+    assert f"; {n} modules;" in shown.group(1)

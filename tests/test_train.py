@@ -614,6 +614,13 @@ def test_cli_train(tmp_path: Path, monkeypatch):
         and len(res.output.strip().splitlines()) == 1
     )
 
+    # a launched process other than the first prints nothing of the files the first one writes
+    import layercard.train
+
+    monkeypatch.setattr(layercard.train, "is_launch_main", lambda: False)
+    res = runner.invoke(app, fresh)
+    assert res.exit_code == 0 and "wrote" not in res.output and "trainable params" not in res.output
+
 
 def test_the_adapter_readme_names_the_placement_and_the_run(lora_run):
     text = (lora_run["out"] / "adapter" / "README.md").read_text()

@@ -153,6 +153,8 @@ def train_cmd(
     metrics = train(
         loaded, p, train_t, val_t, cfg, out, resume=resume, progress=progress_flag(json_out), kind=kind
     )
+    if not is_launch_main():  # launched: the first process wrote the files, and it says so for all
+        return
     note_examples("--train-examples", cfg.train_examples, int(metrics["task"]["n_examples"]))
     if metrics.get("val_task"):
         note_examples("--eval-examples", cfg.eval_examples, int(metrics["val_task"]["n_examples"]))
