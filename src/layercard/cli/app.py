@@ -97,7 +97,7 @@ def main(
 
 # Options that every model-loading command shares.
 DtypeOpt = Annotated[str, typer.Option(help="float32 | bfloat16 | float16.")]
-DeviceOpt = Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N | mps (auto: cuda when there is one).")]
+DeviceOpt = Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N | mps (auto: cuda if present).")]
 TrustOpt = Annotated[bool, typer.Option(help="Allow the model's own code from its folder (off by default).")]
 ModelOpt = Annotated[
     str, typer.Option("--model", "-m", help="Built-in name (smollm2), local folder, .gguf file.")
