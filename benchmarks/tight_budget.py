@@ -345,7 +345,8 @@ def _fitted_note(out: dict[str, Any]) -> str:
     return (
         f"None of {', '.join(UNSEEN)} was used to fit the quality model; "
         + "; ".join(f"{t}, which was, ran only at {', '.join(bs)}" for t, bs in where.items())
-        + " (to check `plan.depth`, which no task here set)."
+        + " (to check `plan.depth`, which no task here chose; gsm8k's, samsum's, facts' and format's"
+        + " target entropies were among the eleven that set the threshold it acts on)."
     )
 
 
