@@ -400,3 +400,17 @@ def test_more_positions_than_the_model_reads_are_refused_in_one_line():
     assert (
         len(eval_example_losses(model, tiny_tokenizer(), task, examples, batch_size=2, max_length=20)[0]) == 2
     )
+
+
+def test_eval_notes_a_synthetic_task_generated_otherwise_than_the_training_one(tmp_path):
+    from layercard.cli.app import other_generation
+
+    adapter = tmp_path / "run" / "adapter"
+    adapter.mkdir(parents=True)
+    trained = "synthetic:facts(seed=1,n_entities=50)"
+    (tmp_path / "run" / "train_metrics.json").write_text(json.dumps({"task": {"source": trained}}))
+    said = other_generation(adapter, "synthetic:facts(seed=0,n_entities=50)")
+    assert said is not None and "synthetic:facts(seed=1,n_entities=50)" in said and "--seed" in said
+    assert other_generation(adapter, trained) is None  # the same generation
+    assert other_generation(adapter, "synthetic:format(seed=0)") is None  # another task: not this note
+    assert other_generation(tmp_path / "elsewhere", "synthetic:facts(seed=0,n_entities=50)") is None

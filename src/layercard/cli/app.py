@@ -9,6 +9,7 @@ import sys
 import traceback
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
@@ -122,6 +123,31 @@ def note_task(task: Any) -> None:
     text = task.prompt_note()
     if text:
         note(text)
+
+
+def other_generation(adapter: Path, source: str) -> str | None:
+    """A note where ``adapter`` was trained on a synthetic task generated otherwise (another seed) than
+    the one to be scored: its test split then asks about entities the training never saw."""
+    import json
+
+    record = adapter.parent / "train_metrics.json"
+    try:
+        trained = str(json.loads(record.read_text())["task"]["source"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # no training record beside the adapter: nothing to compare
+    same_task = trained.split("(")[0] == source.split("(")[0]
+    if not (source.startswith("synthetic:") and same_task and trained != source):
+        return None
+    return (
+        f"the adapter was trained on {trained}, and this task is {source}: generated otherwise, it asks "
+        "about other entities (pass the training's --seed)"
+    )
+
+
+def note_generation(adapter: Path | None, source: str) -> None:
+    """Say so when ``adapter`` was trained on another generation of the synthetic task to be scored."""
+    if adapter is not None and (said := other_generation(adapter, source)):
+        note(said)
 
 
 def note_examples(option: str, asked: int | None, used: int) -> None:

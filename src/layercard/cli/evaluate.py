@@ -21,6 +21,7 @@ from layercard.cli.app import (
     load_cli_model,
     note,
     note_examples,
+    note_generation,
     note_task,
     progress_flag,
 )
@@ -67,6 +68,7 @@ def eval_cmd(
     with writer_lock(out, what="eval folder"):
         t = _eval_task(task, split, seed, task_kw or {})
         note_task(t)
+        note_generation(adapter, t.source)
         loaded = load_cli_model(model, dtype, device, trust_remote_code)
         result = evaluate(loaded, t, cfg, adapter=adapter, progress=progress_flag(json_out))
         path = result.save(out)

@@ -22,6 +22,7 @@ from layercard.cli.app import (
     load_cli_model,
     note,
     note_examples,
+    note_generation,
     progress_flag,
 )
 from layercard.cli.options import config_options
@@ -90,6 +91,7 @@ def trace_cmd(
     check_out_folder(out)
     with writer_lock(out, what="trace folder"):
         t = _validation_task(task, split, seed, task_kw)
+        note_generation(adapter, t.source)
         loaded = load_cli_model(model, dtype, device, trust_remote_code)
         tr = run_trace(loaded, adapter, t, cfg, progress=progress_flag(json_out))
         path, png = tr.save(out)
@@ -157,6 +159,7 @@ def trim_cmd(
         check_merged_folder(export_merged, adapter, out_dir)
     with writer_lock(out_dir, what="trim folder"):
         t = _validation_task(task, split, seed, task_kw)
+        note_generation(adapter, t.source)
         loaded = load_cli_model(model, dtype, device, trust_remote_code)
         # The command ends after the merge, so the loaded base can take the merge itself (no second copy).
         res = trim(
