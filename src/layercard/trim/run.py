@@ -9,7 +9,6 @@ model; :func:`_export_checked` writes the trimmed adapter and proves it reproduc
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import time
 from collections.abc import Callable
@@ -27,7 +26,6 @@ from layercard.errors import LayercardError
 from layercard.tasks import METRICS, Task, batches, encode_task, higher_is_better
 from layercard.train.readme import README_FILE, trimmed_readme
 from layercard.trim.export import (
-    MERGED_MARK,
     _adapter_kind,
     _write_trimmed,
     check_merged_target,
@@ -411,6 +409,8 @@ def _merge_checked(job: _Job, exported: _Exported, out_dir: str | Path, in_place
     """Merge the trimmed LoRA into the base (see :func:`export_merged`); nothing is written unless the
     merged model gives the trimmed adapter's logits up to the rounding of the weights' dtype."""
 
+    found: dict[str, Any] = {}  # what the check measured, for trim.json as for the folder's mark
+
     def check(merged: nn.Module) -> dict[str, Any]:
         diff = _max_diff(_logits(merged, job.probe), exported.logits, job.probe["attention_mask"])
         scale = max(1.0, float(exported.logits.abs().max()))
@@ -425,11 +425,11 @@ def _merge_checked(job: _Job, exported: _Exported, out_dir: str | Path, in_place
                 "module whose weight is shared with another (lm_head tied to the embeddings) cannot be "
                 "merged into one of them alone"
             )
-        return {"max_abs_logit_diff_vs_trimmed": diff}
+        found["max_abs_logit_diff_vs_trimmed"] = diff
+        return found
 
     export_merged(job.loaded, job.out / TRIMMED_DIR, out_dir, in_place=in_place, check=check)
-    mark = json.loads((Path(out_dir) / MERGED_MARK).read_text(encoding="utf-8"))
-    return {"path": str(out_dir), "max_abs_logit_diff_vs_trimmed": mark["max_abs_logit_diff_vs_trimmed"]}
+    return {"path": str(out_dir), **found}
 
 
 def _result(
