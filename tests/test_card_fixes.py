@@ -277,7 +277,7 @@ def _set(path: str, value):
         *head, last = path.split(".")
         for k in head:
             d = d[int(k)] if isinstance(d, list) else d[k]
-        d[last] = value
+        d[int(last) if isinstance(d, list) else last] = value
 
     return change
 
@@ -297,6 +297,10 @@ def _duplicate_unit(d):
         (_set("groups.0.n", 0), r"groups\[0\]\.n: must be an integer >= 1, got 0"),
         (_set("units.0.captured.x", 0.1), r"units\[0\]\.captured: keys must be ranks .*, got 'x'"),
         (_duplicate_unit, r"units\[28\]\.key: is used twice, got '0\.q'"),
+        (_set("units.0.layer", 1), r"units\[0\]\.layer: must be its group .*'s layer 0, got 1"),
+        (_set("units.0.role", "qq"), r"units\[0\]\.role: must be a role \(q, k, .*\), got 'qq'"),
+        (_set("roles.0", "attn"), r"roles\[0\]: must be a role .*, got 'attn'"),
+        (_set("units.0.grad_norm", 1e308), r"units\[0\]: its gradnorm score is not finite"),
     ],
 )
 def test_a_hand_edited_card_field_fails_where_it_is_read(coupled, tmp_path, change, expect):

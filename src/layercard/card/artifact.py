@@ -215,7 +215,20 @@ class Card:
         kw["groups"] = [
             GroupRow(**_row(GroupRow, g, f"{source}: groups[{i}]")) for i, g in enumerate(d["groups"])
         ]
-        return cls(**kw)
+        card = cls(**kw)
+        card._check_scores(source)
+        return card
+
+    def _check_scores(self, source: str) -> None:
+        """Every score of every unit finite, squares included: finite fields can still overflow one
+        (a grad_norm of 1e308), and a plan would then rank layers by infinity."""
+        for i, u in enumerate(self.units):
+            for s in SCORES:
+                v = self.unit_score(u, s)
+                if not math.isfinite(v) or not math.isfinite(v * v):
+                    raise LayercardError(
+                        f"{source}: units[{i}]: its {s} score is not finite (a field too large to score)"
+                    )
 
     def save(self, path: str | Path) -> Path:
         """Write card.json to ``path`` (atomically; :func:`layercard.card.write_card_folder` adds the

@@ -14,6 +14,7 @@ from typing import Any, NoReturn
 
 from layercard.artifacts import finite_text
 from layercard.errors import LayercardError
+from layercard.models.roles import CANONICAL_ROLES, FUSED_ROLES
 
 _MISSING = object()
 
@@ -144,7 +145,7 @@ def check_card(d: Mapping[str, Any], source: str, scores: Sequence[str]) -> None
     if "horizon_steps" in config:  # cards written before the saturating score have none
         f.integer(config["horizon_steps"], "config.horizon_steps", minimum=1)
     for i, role in enumerate(f.items(f.get(d, "roles"), "roles")):
-        f.text(role, f"roles[{i}]")
+        _role(f, role, f"roles[{i}]")
     for key in ("n_positions", "n_target_tokens"):
         f.integer(f.get(d, key), key, minimum=0)
     f.number(f.get(d, "loss"), "loss", minimum=0)
@@ -177,44 +178,58 @@ def _check_task(f: Fields, task: Mapping[str, Any]) -> None:
         f.optional(task.get(key), f"task.{key}", lambda v, at: f.integer(v, at, minimum=0, below=n + 1))
 
 
-def _check_groups(f: Fields, rows: Sequence[Any], n_layers: int) -> dict[str, int]:
-    """Each group row's fields; returns the number of eigenvalues of each group key."""
-    sizes: dict[str, int] = {}
+def _role(f: Fields, value: Any, where: str) -> str:
+    """A role the card can hold: canonical or fused; any other would select no unit of any plan."""
+    role = f.text(value, where)
+    if role not in CANONICAL_ROLES and role not in FUSED_ROLES:
+        f.fail(where, f"must be a role ({', '.join([*CANONICAL_ROLES, *FUSED_ROLES])})", role)
+    return role
+
+
+def _check_groups(f: Fields, rows: Sequence[Any], n_layers: int) -> dict[str, tuple[int, int]]:
+    """Each group row's fields; returns each group key's layer and number of eigenvalues."""
+    sizes: dict[str, tuple[int, int]] = {}
     for i, raw in enumerate(rows):
         w = f"groups[{i}]"
         g = f.mapping(raw, w)
         key = f.text(f.get(g, "key", w), f"{w}.key")
         if key in sizes:
             f.fail(f"{w}.key", "is used twice", key)
-        f.integer(f.get(g, "layer", w), f"{w}.layer", minimum=0, below=n_layers)
+        layer = f.integer(f.get(g, "layer", w), f"{w}.layer", minimum=0, below=n_layers)
         f.text(f.get(g, "input_group", w), f"{w}.input_group")
         f.integer(f.get(g, "d_in", w), f"{w}.d_in", minimum=1)
         f.integer(f.get(g, "n", w), f"{w}.n", minimum=1)  # resnorm divides by it
         f.optional(f.get(g, "sketched", w), f"{w}.sketched", lambda v, at: f.integer(v, at, minimum=1))
-        sizes[key] = len(f.numbers(f.get(g, "eigenvalues", w), f"{w}.eigenvalues", minimum=0))
+        sizes[key] = (layer, len(f.numbers(f.get(g, "eigenvalues", w), f"{w}.eigenvalues", minimum=0)))
         for k in _GROUP_NONNEG:
             f.number(f.get(g, k, w), f"{w}.{k}", minimum=0)
     return sizes
 
 
-def _check_units(f: Fields, rows: Sequence[Any], n_layers: int, groups: dict[str, int]) -> None:
+def _check_units(
+    f: Fields, rows: Sequence[Any], n_layers: int, groups: dict[str, tuple[int, int]]
+) -> None:
     # A unit listed twice would be counted twice by every per-layer score and budget.
     seen: dict[str, set[str]] = {"key": set(), "name": set()}
     for i, raw in enumerate(rows):
         w = f"units[{i}]"
         u = f.mapping(raw, w)
-        for k in ("key", "role", "name"):
+        for k in ("key", "name"):
             f.text(f.get(u, k, w), f"{w}.{k}")
+        _role(f, f.get(u, "role", w), f"{w}.role")
         for k, values in seen.items():
             if u[k] in values:
                 f.fail(f"{w}.{k}", "is used twice", u[k])
             values.add(u[k])
-        f.integer(f.get(u, "layer", w), f"{w}.layer", minimum=0, below=n_layers)
+        layer = f.integer(f.get(u, "layer", w), f"{w}.layer", minimum=0, below=n_layers)
         for k in ("d_in", "d_out"):
             f.integer(f.get(u, k, w), f"{w}.{k}", minimum=1)
         group = f.text(f.get(u, "group", w), f"{w}.group")
         if group not in groups:
             f.fail(f"{w}.group", "names no group of the card", group)
+        # A unit reads the input of its own layer; another layer's statistics would score it wrongly.
+        if groups[group][0] != layer:
+            f.fail(f"{w}.layer", f"must be its group {group}'s layer {groups[group][0]}", layer)
         for k in _UNIT_NONNEG:
             f.number(f.get(u, k, w), f"{w}.{k}", minimum=0)
         for k in _UNIT_SIGNED:
@@ -228,10 +243,10 @@ def _check_units(f: Fields, rows: Sequence[Any], n_layers: int, groups: dict[str
         # Optional: cards written before weight_snr was measured lack it, and still load.
         f.optional(u.get("weight_snr"), f"{w}.weight_snr", lambda v, at: f.number(v, at, minimum=0))
         energy = f.numbers(f.get(u, "grad_eig_energy", w), f"{w}.grad_eig_energy", minimum=0)
-        if len(energy) != groups[group]:
+        if len(energy) != groups[group][1]:
             f.fail(
                 f"{w}.grad_eig_energy",
-                f"has {len(energy)} values, its group {group} has {groups[group]} eigenvalues",
+                f"has {len(energy)} values, its group {group} has {groups[group][1]} eigenvalues",
             )
 
 
