@@ -206,9 +206,7 @@ def _check_groups(f: Fields, rows: Sequence[Any], n_layers: int) -> dict[str, tu
     return sizes
 
 
-def _check_units(
-    f: Fields, rows: Sequence[Any], n_layers: int, groups: dict[str, tuple[int, int]]
-) -> None:
+def _check_units(f: Fields, rows: Sequence[Any], n_layers: int, groups: dict[str, tuple[int, int]]) -> None:
     # A unit listed twice would be counted twice by every per-layer score and budget.
     seen: dict[str, set[str]] = {"key": set(), "name": set()}
     for i, raw in enumerate(rows):
