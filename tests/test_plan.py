@@ -167,6 +167,7 @@ def test_budget_parse():
         (dict(policy="top", budget="layers=2", rank=0), "rank"),
         (dict(budget="params=0.2x", peak_positions=0.001), "peak_positions"),
         (dict(budget="params=0.2x", step_positions=0.5), "step_positions"),
+        (dict(budget="params=0.2x", step_positions=1e300), "step_positions: at most 1e\\+12"),
         (dict(policy="top", budget="layers=2", dropout=1.0), "dropout"),
         (dict(policy="top", budget="layers=2", bands=2), "bands"),
         (dict(policy="top"), "budget"),

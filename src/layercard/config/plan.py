@@ -8,6 +8,9 @@ from layercard.config.budget import Budgets
 from layercard.config.card import SCORES
 from layercard.config.schema import Schema, setting
 
+# Beyond any run's step (a million rows of a million tokens); larger figures only overflow the costs.
+MAX_POSITIONS = 1e12
+
 # Policies priced and fitted by the search over matrices × layers × rank (the recommendation, the
 # practitioners' fixed rules and the weight-SNR selector `spectrum`, each fitted to the budgets); they take
 # several budgets, absolute or relative to the reference.
@@ -123,6 +126,8 @@ class PlanConfig(Schema):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise self.fail(name, f"a step computes at least 1 padded position, got {value:g}")
+            if value is not None and value > MAX_POSITIONS:
+                raise self.fail(name, f"at most {MAX_POSITIONS:.0e} padded positions a step, got {value:g}")
         if self.policy in SEARCH_POLICIES:
             self._validate_search()
             return
