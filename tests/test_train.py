@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import shutil
 from pathlib import Path
 from typing import Any
@@ -558,6 +559,15 @@ def test_cli_train(tmp_path: Path, monkeypatch):
     assert m["predicted_batch_size"] == 8 and m["predicted_batch_tokens"] == 1000 and m["batch_size"] == 2
     assert m["val_task"]["split"] == "test" and m["final_val_loss"] is not None  # held-out split by default
     assert (tmp_path / "run" / "adapter" / "layercard_adapter.json").is_file()
+    assert m["config"]["dtype"] == "float32"  # the compute precision; --precision sets it
+    elsewhere = [str(tmp_path / "bf16") if a == str(tmp_path / "run") else a for a in args]
+    res = runner.invoke(app, [*elsewhere, "--steps", "1", "--precision", "bfloat16"])
+    assert res.exit_code == 0, res.output
+    bf16 = json.loads((tmp_path / "bf16" / "train_metrics.json").read_text())
+    assert bf16["config"]["dtype"] == "bfloat16" and math.isfinite(bf16["final_train_loss"])
+    res = runner.invoke(app, [*elsewhere, "--precision", "fp8"])
+    assert res.exit_code == 2 and "--precision fp8: must be one of float32, bfloat16" in res.output
+    shutil.rmtree(tmp_path / "bf16")
 
     # a finished run is not trained over, --resume or not: its adapter and figures stay as they were
     written = {p.name: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()}

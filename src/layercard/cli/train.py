@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -24,6 +25,7 @@ from layercard.cli.app import (
 from layercard.cli.options import config_options
 from layercard.cli.task_options import task_options
 from layercard.config import TrainConfig
+from layercard.config.train import DTYPES
 from layercard.errors import LayercardError
 
 
@@ -78,6 +80,13 @@ def train_cmd(
     dtype: Annotated[
         str, typer.Option(help="Weights dtype of the loaded base: float32 | bfloat16 | float16.")
     ] = "float32",
+    precision: Annotated[
+        str,
+        typer.Option(
+            help="Compute precision (the config's train.dtype): float32 | bfloat16 | float16; the two "
+            "16-bit ones run under Accelerate's mixed precision, the weights keep --dtype."
+        ),
+    ] = "float32",
     trust_remote_code: TrustOpt = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print train_metrics as JSON.")] = False,
     dry_run: Annotated[
@@ -107,6 +116,9 @@ def train_cmd(
     from layercard.train import METRICS_FILE, check_plan_settings, is_launch_main, launch_world, train
 
     assert cfg is not None  # built by config_options before anything loads, so a typo costs no time
+    if precision not in DTYPES:
+        raise LayercardError(f"--precision {precision}: must be one of {', '.join(DTYPES)}")
+    cfg = dataclasses.replace(cfg, dtype=precision)
     if processes is not None and not dry_run:
         raise LayercardError(
             "--processes: only with --dry-run; to train in N processes, use accelerate launch "
