@@ -411,7 +411,7 @@ def test_loss_selected_sweep_never_generates_and_picks_the_same_k(lora_dir, tmp_
     def guarded(*a, **kw):
         if in_sweep:
             boom()
-        calls.append(1)
+        calls.append(len(a[3]))  # the examples generated for
         return real_generate(*a, **kw)
 
     def watched(*a, **kw):
@@ -432,8 +432,9 @@ def test_loss_selected_sweep_never_generates_and_picks_the_same_k(lora_dir, tmp_
     assert res["ks"] == ks and res["chosen_k"] == expected
     assert [r["loss"] for r in res["sweep"]] == pytest.approx([r["loss"] for r in full], rel=1e-12)
     assert all("metrics" not in r and "s_per_example" not in r for r in res["sweep"])
-    # before and after each: one scoring pass and latency_repeats - 1 timed passes
-    assert len(calls) == 2 * cfg.latency_repeats
+    # an untimed warm-up on one batch (else 'before' times the process's first generation), then before
+    # and after each: one scoring pass and latency_repeats - 1 timed passes over the 4 examples
+    assert calls == [cfg.batch_size] + [4] * (2 * cfg.latency_repeats)
     for row in (res["before"], res["after"]):
         assert set(row["metrics"]) == set(res["metrics"]) and len(row["s_per_example_samples"]) == 2
     # the unmasked model's text scores, as the generating sweep's last row had them

@@ -244,6 +244,15 @@ class _Job:
 
         return timed
 
+    def warm_up(self, net: nn.Module) -> None:
+        """One untimed generation over the first batch, so that the next timed pass is not the process's
+        first (which also pays for first-call set-up and would be set against a warm 'after')."""
+        first = self.sub.examples[: self.cfg.batch_size]
+        inference.generate(
+            net, self.loaded.tokenizer, self.sub, first, batch_size=self.cfg.batch_size,
+            max_new_tokens=self.max_new, progress=False,
+        )  # fmt: skip
+
 
 def _job(
     loaded: Any,
@@ -342,9 +351,13 @@ def _search(job: _Job, model: nn.Module) -> _Found:
     job.timings["sweep_s"] = time.perf_counter() - t0
     chosen = choose_boundary(rows, job.metric, job.higher, tolerance=cfg.tie_tolerance)
     # Before = nothing masked (K = the last adapted layer). A generating sweep has measured it already (its
-    # last row); a loss-only sweep has no texts, so it is measured here. Either way its extra latency
-    # passes run warm, after the sweep.
-    full = rows[-1] if job.sweep_score is job.score else job.score(model, ks[-1])
+    # last row); a loss-only sweep has no texts, so it is measured here, after a warm-up generation, since
+    # it is then the process's first. Either way its extra latency passes run warm, after the sweep.
+    if job.sweep_score is job.score:
+        full = rows[-1]
+    else:
+        job.warm_up(model)
+        full = job.score(model, ks[-1])
     before = _summary(model, ks[-1], full, _latency(full, cfg.latency_repeats, job.gen_timer(model)))
     with masked_layers(model, chosen):
         ref_logits = _logits(model, job.probe)
