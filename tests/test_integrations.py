@@ -187,3 +187,19 @@ def test_only_training_forwards_are_counted(trainer_run):
     model.train()
     callback._count(model, (), {"attention_mask": torch.ones(2, 3), "labels": torch.ones(2, 3)})
     assert (callback._step_tokens, callback.targets) == (6, 4)
+
+
+def test_the_callback_reads_the_trainers_device_not_the_models(trainer_run, monkeypatch):
+    # Under FSDP or DeepSpeed the Trainer places the model after on_train_begin: its parameters are still
+    # on the CPU then, while the run computes on args.device.
+    import types
+
+    import layercard.integrations as integrations
+
+    seen = []
+    monkeypatch.setattr(integrations, "reset_peak_memory", lambda device: seen.append(device) or 0.0)
+    callback = LayercardCallback(trainer_run["plan"], "unused")
+    state = types.SimpleNamespace(global_step=0)
+    callback.on_train_begin(types.SimpleNamespace(device="meta"), state, None, model=torch.nn.Linear(2, 2))
+    assert callback._device == torch.device("meta") and seen == [torch.device("meta")]
+    callback._hook.remove()

@@ -341,3 +341,41 @@ def test_examples_longer_than_the_model_reads_are_refused(tmp_path: Path):
     with pytest.raises(LayercardError, match=r"^train.max_length 64: the model reads at most 16 positions"):
         train(loaded, plan, TRAIN, None, TrainConfig(steps=1, **FAST), tmp_path / "run", progress=False)
     assert not (tmp_path / "run" / "adapter").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# A launch that shards the weights (FSDP, DeepSpeed)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_a_sharded_launch_writes_the_gathered_adapter_and_refuses_checkpoints(tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    import layercard.train.loop as loop
+
+    loaded = _loaded()
+    cfg = TrainConfig(steps=2, **FAST)
+    plain = tmp_path / "plain"
+    train(loaded, make_plan(loaded, [1, 2]), TRAIN, VAL, cfg, plain, progress=False)
+    # One process stands in for a sharded launch: the adapter must come from the gathered weights.
+    gathered = []
+    from accelerate import Accelerator
+
+    def get_state_dict(self, model, unwrap=True):
+        gathered.append(True)
+        return {k: v.clone() for k, v in self.unwrap_model(model).state_dict().items()}
+
+    monkeypatch.setattr(loop, "sharded", lambda _acc: True)
+    monkeypatch.setattr(Accelerator, "get_state_dict", get_state_dict)
+    with pytest.raises(LayercardError, match=r"checkpoint_every 2: under .*checkpoints are not written"):
+        train(loaded, make_plan(loaded, [1, 2]), TRAIN, VAL, TrainConfig(steps=2, **CKPT), tmp_path / "c")
+    with pytest.raises(LayercardError, match="--kind houlsby: under .*only LoRA adapters are saved"):
+        train(loaded, make_plan(loaded, [1, 2]), TRAIN, VAL, cfg, tmp_path / "h", kind="houlsby")
+    sharded = tmp_path / "sharded"
+    train(loaded, make_plan(loaded, [1, 2]), TRAIN, VAL, cfg, sharded, progress=False)
+    assert gathered == [True]
+    a = load_file(str(plain / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(sharded / "adapter" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and len(a) == 8
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not (tmp_path / "c").exists() and not (tmp_path / "h").exists()

@@ -75,8 +75,15 @@ class LayercardCallback(TrainerCallback):
         self._t0 = time.perf_counter()
         self._start_step = int(state.global_step)
         self._first = True
-        if model is not None:
+        # The Trainer's device, not the model's: under FSDP or DeepSpeed the model is still on the CPU
+        # here (it is placed when the Trainer prepares it, after this event), and its memory and step
+        # times would be read from the host.
+        device = getattr(args, "device", None)
+        if device is not None:
+            self._device = torch.device(device)
+        elif model is not None:
             self._device = next(model.parameters()).device
+        if model is not None:
             self._hook = model.register_forward_pre_hook(self._count, with_kwargs=True)
             touch_weights(model)  # as layercard train does before its memory window
         self._memory_start = reset_peak_memory(self._device)

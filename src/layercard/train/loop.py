@@ -266,6 +266,7 @@ def _train(
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=_MIXED_PRECISION[cfg.dtype])
     stream = Stream(data.encoded, cfg.batch_size, data.pad_id, cfg.seed)
     world = accelerator.num_processes
+    _check_sharded(accelerator, cfg, kind, resume)
     total_steps = planned_steps(cfg, len(stream.encoded), world)
     fingerprint = _fingerprint(loaded, plan, cfg, kind, layers, bottleneck, data, world, total_steps)
     run = _Run(
@@ -313,6 +314,32 @@ def _train(
         return _finish(run, state, adapted, trainable, eva_ranks).to_dict()
     finally:
         adapted.restore(accelerator)
+
+
+def sharded(accelerator: Any) -> bool:
+    """Whether the launch shards the weights over its processes (FSDP, DeepSpeed): each process then
+    holds a part of every parameter, and whole tensors exist only when gathered."""
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+
+
+def _check_sharded(accelerator: Any, cfg: TrainConfig, kind: str, resume: bool) -> None:
+    """Refuse what a sharded launch cannot save whole: checkpoints (their optimizer state is sharded
+    too) and bottleneck adapters (written from their own modules' weights); the LoRA adapter is
+    gathered (:func:`_finish`)."""
+    if not sharded(accelerator):
+        return
+    how = f"under {accelerator.distributed_type.value}"
+    if kind != "lora":
+        raise LayercardError(
+            f"--kind {kind}: {how}, only LoRA adapters are saved; train {kind} without sharding"
+        )
+    if cfg.checkpoint_every or resume:
+        raise LayercardError(
+            f"train.checkpoint_every {cfg.checkpoint_every}: {how}, checkpoints are not written, so a run "
+            "cannot be resumed; set it to 0 (--checkpoint-every 0) and leave out --resume"
+        )
 
 
 def _budget_notes(run: _Run) -> list[str]:
@@ -806,6 +833,9 @@ def _finish(
     acc.wait_for_everyone()
     inner = acc.unwrap_model(adapted.prepared)
     metrics = _metrics(run, state, adapted.base, inner, trainable, memory, eva_ranks, forward)
+    # Sharded, each process holds a part of every weight: gathered whole (every process takes part), the
+    # first one writes them.
+    whole = acc.get_state_dict(adapted.prepared) if sharded(acc) else None
     if acc.is_main_process:
         loaded = run.loaded
         builtin = BUILTIN_MODELS.get(loaded.model_id, {})
@@ -818,6 +848,7 @@ def _finish(
             loaded.model_id,
             loaded.model_hash,
             readme,
+            state_dict=whole,
         )
         metrics.save(run.out_dir / METRICS_FILE)
     acc.wait_for_everyone()

@@ -112,17 +112,26 @@ class Adapted:
 
 
 def write_adapter(
-    path: Path, kind: str, model: nn.Module, aset: Any, model_id: str, model_hash: str, readme: str
+    path: Path,
+    kind: str,
+    model: nn.Module,
+    aset: Any,
+    model_id: str,
+    model_hash: str,
+    readme: str,
+    *,
+    state_dict: dict[str, Any] | None = None,
 ) -> None:
     """The adapter folder, atomically: vanilla PEFT for LoRA, layercard's format for bottlenecks, and
-    ``readme`` as its README.md (in place of PEFT's placeholder model card)."""
+    ``readme`` as its README.md (in place of PEFT's placeholder model card). ``state_dict``: the whole
+    model's weights where ``model``'s own are sharded (LoRA only)."""
     from layercard.train.readme import README_FILE
 
     with atomic_path(path) as tmp:
         if kind == "lora":
             from layercard.adapters import write_base
 
-            model.save_pretrained(str(tmp), safe_serialization=True)
+            model.save_pretrained(str(tmp), safe_serialization=True, state_dict=state_dict)
             write_base(tmp, model_id, model_hash)  # PEFT's config names the base by a path only
         else:
             from layercard.adapters import save_adapters
