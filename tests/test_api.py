@@ -42,3 +42,17 @@ def test_readme_api_example_runs(smollm2, capsys, monkeypatch):
     assert len(layers) == 8 and all(0 <= x < 30 for x in layers)
     loss = float(printed.rsplit("loss", 1)[1])
     assert 0 < loss < 20
+
+
+def test_measure_card_refuses_a_device_for_a_loaded_model():
+    from tiny import tiny_model
+    from tiny_tok import tiny_tokenizer
+
+    from layercard import models
+    from layercard.api import measure_card
+    from layercard.errors import LayercardError
+
+    model = tiny_model("llama")
+    loaded = models.LoadedModel(model, tiny_tokenizer(), "tiny", models.weights_hash(model), "tiny")
+    with pytest.raises(LayercardError, match="device='cuda' applies to a model spec"):
+        measure_card(loaded, "synthetic:facts", device="cuda")

@@ -293,3 +293,16 @@ if __name__ == "__main__":  # a launched worker
         _train(Path(sys.argv[2]), int(sys.argv[3]))
     elif sys.argv[1] == "fsdp-card":
         _fsdp_card(Path(sys.argv[2]))
+
+
+def test_processes_on_a_gpu_other_than_the_first_are_refused(monkeypatch) -> None:
+    # Worker r takes cuda:r: a --device index would be dropped, so it is refused (no GPU needed to check).
+    from layercard.card import distributed
+    from layercard.errors import LayercardError
+
+    monkeypatch.setattr(models, "resolve_device", lambda spec: torch.device(spec))
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    assert distributed.check_processes(2, "cuda") == torch.device("cuda")
+    assert distributed.check_processes(2, "cuda:0") == torch.device("cuda", 0)
+    with pytest.raises(LayercardError, match=r"--device cuda:1: the processes take cuda:0 to cuda:1; choose"):
+        distributed.check_processes(2, "cuda:1")

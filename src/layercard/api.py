@@ -58,7 +58,7 @@ def measure_card(
     *,
     split: str | None = None,
     dtype: str = "float32",
-    device: str = "auto",
+    device: str | None = None,
     trust_remote_code: bool = False,
     progress: bool | None = None,
     **load_kwargs: Any,
@@ -66,7 +66,8 @@ def measure_card(
     """The Layer Card of ``model`` on ``task`` (a loaded model or a model spec; a Task or a task spec).
 
     Specs are resolved as the command line resolves them (``load_model``, ``load_task`` with the card's
-    seed and ``load_kwargs``: field mapping, prompt settings). Nothing is written
+    seed and ``load_kwargs``: field mapping, prompt settings); ``device`` (default: auto, a GPU where there
+    is one) places a model spec, and a loaded model is measured where it is. Nothing is written
     (``layercard.card.write_card_folder`` writes card.json and the figures).
     """
     cfg = cfg or CardConfig()
@@ -76,8 +77,13 @@ def measure_card(
         )
     if not isinstance(task, Task):
         task = load_task(task, split=split, seed=cfg.seed, **load_kwargs)
-    if not isinstance(model, LoadedModel):
-        model = load_model(
-            model, dtype=dtype, device=str(resolve_device(device)), trust_remote_code=trust_remote_code
+    if isinstance(model, LoadedModel) and device is not None:
+        # A loaded model stays where it is; a device here would be dropped without a word.
+        raise LayercardError(
+            f"measure_card: device={device!r} applies to a model spec; a loaded model is measured where it "
+            "is (load_model(..., device=...))"
         )
+    if not isinstance(model, LoadedModel):
+        where = str(resolve_device(device or "auto"))
+        model = load_model(model, dtype=dtype, device=where, trust_remote_code=trust_remote_code)
     return compute_card(model, task, cfg, progress=progress)

@@ -88,6 +88,12 @@ def check_processes(processes: int, device: str) -> torch.device:
         raise LayercardError(f"--processes {processes}: {e}") from None
     if dev.type not in ("cpu", "cuda"):
         raise LayercardError(f"--processes {processes} --device {device}: only cpu or cuda processes")
+    if dev.type == "cuda" and dev.index not in (None, 0):
+        # Worker r takes cuda:r; a start at another index would be dropped without a word.
+        raise LayercardError(
+            f"--processes {processes} --device {device}: the processes take cuda:0 to cuda:{processes - 1}; "
+            "choose the GPUs with CUDA_VISIBLE_DEVICES and pass --device cuda"
+        )
     if dev.type == "cuda" and processes > torch.cuda.device_count():
         raise LayercardError(
             f"--processes {processes} --device {device}: one GPU per process, and this machine has "
