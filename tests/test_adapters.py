@@ -203,3 +203,36 @@ def test_load_adapter_dispatches_peft_and_ours(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(LayercardError, match="adapter_config.json.*layercard_adapter.json"):
         load_adapter(tiny_model("llama"), tmp_path / "empty")
+
+
+def _opt(**kw) -> torch.nn.Module:
+    """A tiny OPT, whose decoder layers hold fc1 and fc2 directly (no MLP module)."""
+    from transformers import AutoModelForCausalLM, OPTConfig
+
+    cfg = OPTConfig(
+        vocab_size=96, hidden_size=32, ffn_dim=64, num_hidden_layers=4, num_attention_heads=4,
+        max_position_embeddings=128, bos_token_id=1, eos_token_id=2, pad_token_id=0, **kw,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").eval()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_layer_without_an_mlp_module_takes_no_bottleneck_adapter(kind: str):
+    """A hook on the whole decoder layer would run the adapter after the residual sum, not beside the MLP."""
+    model = _opt()
+    with pytest.raises(LayercardError) as e:
+        add_adapters(model, kind, [1, 3], bottleneck=4)
+    msg = str(e.value)
+    assert msg.startswith("layer 1: the MLP modules (model.decoder.layers.1.fc2) sit directly in the decoder")
+    assert "--kind lora" in msg and "\n" not in msg
+    assert attached_adapters(model) is None and not model._forward_hooks
+    assert all(not m._forward_hooks for m in model.modules())
+
+
+def test_a_model_that_projects_around_its_layers_takes_no_adapter():
+    """OPT-350m: 16-wide embeddings around a 32-wide residual stream (project_in / project_out)."""
+    model = _opt(word_embed_proj_dim=16, do_layer_norm_before=False)
+    with pytest.raises(LayercardError, match="lm_head.in_features is 16 but hidden_size is 32"):
+        add_adapters(model, "parallel", [0], bottleneck=4)
+    assert attached_adapters(model) is None

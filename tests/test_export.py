@@ -10,12 +10,14 @@ import dataclasses
 import json
 import sys
 import types
+import warnings
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from peft import LoraConfig, get_peft_model
-from tiny import tiny_model
+from tiny import tiny_config, tiny_model
 from typer.testing import CliRunner
 
 from layercard import models
@@ -28,7 +30,7 @@ from layercard.plan.ranks import lora_config
 N_LAYERS = 4
 AXOLOTL_KEYS = {
     "adapter", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "peft_layers_to_transform",
-    "peft_layers_pattern", "lora_rank_pattern", "lora_alpha_pattern",
+    "peft_layers_pattern", "lora_rank_pattern", "lora_alpha_pattern", "lora_fan_in_fan_out",
 }  # fmt: skip
 LLAMAFACTORY_KEYS = {"finetuning_type", "lora_target", "lora_rank", "lora_alpha", "lora_dropout"}
 
@@ -133,6 +135,7 @@ def axolotl_lora(cfg: dict) -> LoraConfig:
         layers_pattern=cfg.get("peft_layers_pattern"),
         rank_pattern=cfg.get("lora_rank_pattern") or {},
         alpha_pattern=cfg.get("lora_alpha_pattern") or {},
+        fan_in_fan_out=cfg.get("lora_fan_in_fan_out", False),
         bias="none",
         task_type="CAUSAL_LM",
     )
@@ -235,3 +238,135 @@ def test_export_errors_and_command_output(auto_plan, tmp_path):
     assert not snippet.exists()
     bad = runner.invoke(app, ["export", str(tmp_path / "nope.json"), "--to", "peft"])
     assert bad.exit_code != 0 and "no such file" in bad.stderr
+
+
+# --- plans of other models: a multimodal one, GPT-2's Conv1D modules ------------------------------------
+
+
+def tiny_multimodal() -> torch.nn.Module:
+    """A tiny Gemma 3 with a vision tower: its text layers are model.language_model.layers, and the
+    vision encoder's own layers.N hold self_attn.q_proj / v_proj too."""
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration, SiglipVisionConfig
+
+    vision = SiglipVisionConfig(
+        hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=28
+    )
+    cfg = Gemma3Config(
+        text_config=tiny_config("gemma3", layers=N_LAYERS).to_dict(),
+        vision_config=vision.to_dict(),
+        mm_tokens_per_image=4,
+        image_token_index=5,
+        boi_token_index=6,
+        eoi_token_index=7,
+    )
+    torch.manual_seed(0)
+    return Gemma3ForConditionalGeneration(cfg).eval()
+
+
+def plan_for(model: torch.nn.Module, layers: list[int], roles: str) -> Plan:
+    """A plan of ``roles`` in ``layers`` of ``model`` at rank 4, as make_plan records it."""
+    specs = models.units(model, roles, layers=layers)
+    units = [PlannedUnit(u.key, u.layer, u.role, u.name, 4) for u in specs]
+    return Plan(
+        provenance={},
+        card={
+            "model_id": "tiny",
+            "model_hash": "0" * 64,
+            "task": "facts",
+            "n_layers": models.num_layers(model),
+        },
+        config={"policy": "test"},
+        kind="lora",
+        units=units,
+        layers=sorted(layers),
+        predicted={"params": 1000, "step_time_s": 0.01},
+        lora_config=lora_config(units, None, 0.0, module_kinds=[u.module_kind for u in specs]),
+    )
+
+
+def adapted_in(model: torch.nn.Module, config: LoraConfig) -> set[str]:
+    """Module paths ``config`` adapts on ``model``, read back as PEFT names them."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a YAML tool's config may leave pattern keys unused
+        peft_model = get_peft_model(model, config)
+    return {n for n, m in peft_model.base_model.model.named_modules() if hasattr(m, "lora_A")}
+
+
+@pytest.mark.parametrize("layers", [[0, 2], list(range(N_LAYERS))])
+def test_yaml_exports_of_a_multimodal_plan_leave_the_vision_tower_alone(layers):
+    plan = plan_for(tiny_multimodal(), layers, "q,v")
+    want = set(planned(plan))
+    assert all(n.startswith("model.language_model.layers.") for n in want)
+    axolotl = export_plan(plan, "axolotl")
+    cfg = yaml.safe_load(axolotl.text)
+    assert set(cfg) <= AXOLOTL_KEYS
+    assert cfg["lora_target_modules"] == ["self_attn.q_proj", "self_attn.v_proj"]
+    assert (
+        cfg["peft_layers_pattern"] == ["language_model.layers"] and cfg["peft_layers_to_transform"] == layers
+    )
+    assert adapted_in(tiny_multimodal(), axolotl_lora(cfg)) == want and axolotl.exact
+    factory = export_plan(plan, "llamafactory")
+    cfg = yaml.safe_load(factory.text)
+    assert cfg["lora_target"] == ",".join(plan.lora_config["target_modules"])  # no layer setting: full paths
+    assert adapted_in(tiny_multimodal(), llamafactory_lora(cfg)) == want and factory.exact
+
+
+def test_short_forms_are_kept_for_a_top_level_stack():
+    every = make_plan(dict.fromkeys(range(N_LAYERS), "q"))
+    for target in ("axolotl", "llamafactory"):
+        cfg = yaml.safe_load(export_plan(every, target).text)
+        assert "peft_layers_pattern" not in cfg and "peft_layers_to_transform" not in cfg
+        assert cfg.get("lora_target_modules", cfg.get("lora_target")) in (
+            ["self_attn.q_proj"],
+            "self_attn.q_proj",
+        )
+
+
+def test_gpt2_plans_carry_fan_in_fan_out_for_conv1d_modules(tmp_path):
+    plan = plan_for(tiny_model("gpt2", layers=N_LAYERS), [1, 3], "qkv,o,up,down")
+    assert plan.lora_config["fan_in_fan_out"] is True and plan.peft_config().fan_in_fan_out
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = adapted_in(tiny_model("gpt2", layers=N_LAYERS), plan.peft_config())
+    assert got == set(planned(plan))
+    assert not [w for w in caught if "fan_in_fan_out" in str(w.message)]
+    assert json.loads(export_plan(plan, "peft").text)["fan_in_fan_out"] is True
+    assert "fan_in_fan_out=True" in export_plan(plan, "trl").text
+    cfg = yaml.safe_load(export_plan(plan, "axolotl").text)
+    assert cfg["lora_fan_in_fan_out"] is True
+    config = axolotl_lora(cfg)
+    assert config.fan_in_fan_out and adapted_in(tiny_model("gpt2", layers=N_LAYERS), config) == got
+    # nn.Linear modules keep PEFT's default
+    assert "fan_in_fan_out" not in make_plan({1: "q"}).lora_config
+
+
+def test_the_trl_fragment_reads_the_plan_by_its_absolute_path(auto_plan, tmp_path, monkeypatch):
+    plan, path = auto_plan
+    monkeypatch.chdir(tmp_path)
+    text = export_plan("plan.json", "trl").text
+    assert f"LayercardCallback({json.dumps(str(path.resolve()))}, " in text
+    assert "# layercard plan plan.json exported for TRL" in text  # the comment shows the path as given
+    unknown = export_plan(plan, "trl").text  # a Plan in memory: the fragment says the path must be set
+    assert "set the path of the plan's plan.json in LayercardCallback below" in unknown
+    assert "# layercard plan exported for TRL" in unknown
+
+
+def test_export_refuses_to_write_over_its_plan(auto_plan, tmp_path):
+    _, path = auto_plan
+    before = path.read_bytes()
+    runner = CliRunner()
+    for to in TARGETS:
+        res = runner.invoke(app, ["export", str(path), "--to", to, "--out", str(path)])
+        assert res.exit_code != 0 and "that is the plan file" in " ".join(res.output.split()), to
+        assert len(res.output.strip().splitlines()) <= 2
+    relative = runner.invoke(
+        app, ["export", str(path), "--to", "axolotl", "--out", str(tmp_path / "." / "plan.json")]
+    )
+    assert relative.exit_code != 0 and "which the export would overwrite" in " ".join(relative.output.split())
+    # the peft export's snippet, FILE.py beside FILE.json, must not land on a plan named FILE.py
+    py_plan = tmp_path / "lora.py"
+    py_plan.write_bytes(before)
+    res = runner.invoke(app, ["export", str(py_plan), "--to", "peft", "--out", str(tmp_path / "lora.json")])
+    assert res.exit_code != 0 and "the Python snippet goes to" in " ".join(res.output.split())
+    assert not (tmp_path / "lora.json").exists() and py_plan.read_bytes() == before
+    assert path.read_bytes() == before

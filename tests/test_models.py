@@ -399,6 +399,111 @@ def test_unknown_architecture_error_names_what_was_tried() -> None:
         M.get_module(tiny_model("llama", layers=1), "model.layers.7")
 
 
+# --- other families through the generic layout, and the ones refused ------------------------------------
+
+_TOKENS = {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}
+
+
+def _generic_config(family: str) -> PretrainedConfig:
+    """A tiny config of a family that has no table entry (the generic layout maps it)."""
+    from transformers import FalconConfig, Gemma2Config, GPTJConfig, OPTConfig, PhiConfig
+
+    small = {"vocab_size": 96, "num_hidden_layers": 2, "num_attention_heads": 4, **_TOKENS}
+    if family == "gemma2":
+        return Gemma2Config(
+            **small, hidden_size=32, intermediate_size=64, num_key_value_heads=2, head_dim=8,
+            max_position_embeddings=128, sliding_window=8, query_pre_attn_scalar=8,
+        )  # fmt: skip
+    if family == "phi":
+        return PhiConfig(**small, hidden_size=32, intermediate_size=64, max_position_embeddings=128)
+    if family == "falcon":
+        return FalconConfig(**small, hidden_size=32)
+    if family == "gptj":
+        return GPTJConfig(
+            vocab_size=96, n_embd=32, n_layer=2, n_head=4, rotary_dim=4, n_positions=128, **_TOKENS
+        )
+    if family in ("opt-125m", "opt-350m"):
+        # OPT-350m projects the 32-wide residual stream to 16-wide embeddings (project_in / project_out)
+        proj = {"word_embed_proj_dim": 16, "do_layer_norm_before": False} if family == "opt-350m" else {}
+        return OPTConfig(**small, hidden_size=32, ffn_dim=64, max_position_embeddings=128, **proj)
+    raise ValueError(family)
+
+
+def _from_config(cfg: PretrainedConfig) -> PreTrainedModel:
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").eval()
+
+
+@pytest.mark.parametrize(
+    ("family", "roles"),
+    [
+        ("gemma2", ("q", "k", "v", "o", "gate", "up", "down")),
+        ("phi", ("q", "k", "v", "o", "up", "down")),
+        ("falcon", ("qkv", "o", "up", "down")),
+        ("gptj", ("q", "k", "v", "o", "up", "down")),
+        ("opt-125m", ("q", "k", "v", "o", "up", "down")),
+    ],
+)
+def test_generic_layout_maps_other_families(family: str, roles: tuple[str, ...]) -> None:
+    """The families the README names as working through the generic layout: roles, the logit lens
+    (final norm, head and Gemma 2's soft-capping) and LoRA on every mapped module."""
+    from peft import LoraConfig, get_peft_model
+
+    model = _from_config(_generic_config(family))
+    layout = M.layout_for(model)
+    assert layout.family == "generic" and tuple(layout.roles) == roles and layout.unmapped == ()
+    outs: list[torch.Tensor] = []
+    h = M.decoder_layers(model)[-1].register_forward_hook(lambda m, a, o: outs.append(M.hidden_of(o)))
+    with torch.no_grad():
+        logits = model(torch.randint(3, 96, (1, 6))).logits
+        h.remove()
+        torch.testing.assert_close(M.logits_from_hidden(model, outs[0]), logits)
+    names = M.peft_target_names(M.units(model, "all-linear"))
+    peft_model = get_peft_model(model, LoraConfig(r=2, target_modules=names))
+    wrapped = [n for n, m in peft_model.base_model.model.named_modules() if hasattr(m, "lora_A")]
+    assert sorted(wrapped) == sorted(names)
+
+
+def _mamba() -> PreTrainedModel:
+    from transformers import MambaConfig
+
+    cfg = MambaConfig(vocab_size=96, hidden_size=32, num_hidden_layers=2, state_size=4, **_TOKENS)
+    return _from_config(cfg)
+
+
+def test_a_mamba_model_is_refused_up_front(tmp_path: Path) -> None:
+    """A Mamba mixer's out_proj is no attention output, and PEFT refuses LoRA on it: no role maps it."""
+    from typer.testing import CliRunner
+
+    from layercard.cli import app
+
+    model = _mamba()
+    with pytest.raises(
+        LayercardError, match=r"'mamba' \(MambaForCausalLM\): its layers are state-space"
+    ) as e:
+        M.layout_for(model)
+    assert "no attention or MLP modules to adapt" in str(e.value) and "\n" not in str(e.value)
+    folder, out = tmp_path / "mamba", tmp_path / "card"
+    model.save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    args = ["card", "--model", str(folder), "--task", "synthetic:facts", "--examples", "8", "-o", str(out)]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code != 0 and "state-space (Mamba) mixers" in res.output
+    assert len(res.output.strip().splitlines()) == 1 and not out.exists()
+
+
+def test_a_model_that_projects_around_its_layers_is_refused() -> None:
+    """OPT-350m's head reads a projection of the residual stream, which the logit lens would skip."""
+    model = _from_config(_generic_config("opt-350m"))
+    with pytest.raises(LayercardError) as e:
+        M.units(model, "q,v")
+    msg = str(e.value)
+    assert "'opt' (OPTForCausalLM): lm_head.in_features is 16 but hidden_size is 32" in msg
+    assert "\n" not in msg
+
+
 # --- hashing ----------------------------------------------------------------------------------------------
 
 
@@ -515,6 +620,20 @@ def test_a_model_folder_that_would_load_wrong_is_refused_in_one_line(tmp_path: P
             M.load_model(good, device=device)
         assert "\n" not in str(err.value)
     assert M.load_model(good).model_hash  # the original still loads
+
+
+def test_a_config_that_does_not_fit_its_weights_names_the_first_tensor(tmp_path: Path) -> None:
+    folder = tmp_path / "resized"
+    _save_tiny(folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["intermediate_size"] = 48  # the weights were saved at 64
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(LayercardError) as e:
+        M.load_model(folder)
+    msg = str(e.value)
+    assert msg.startswith(f"{folder}: config.json does not fit the weights: ")
+    assert "model.layers.0.mlp.down_proj.weight has shape (32, 64) in the weights but (32, 48)" in msg
+    assert "(and 5 more)" in msg and "\n" not in msg and "report" not in msg
 
 
 def test_load_gguf_converts_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -80,16 +80,26 @@ class Bottleneck(nn.Module):
 def sublayer_paths(model: nn.Module, layer: int) -> tuple[str, str]:
     """``(attention module path, MLP module path)`` of decoder layer ``layer``.
 
-    They are the parents of the layer's ``o`` and ``down`` units, so the layout stays in models.py.
+    They are the parents of the layer's ``o`` and ``down`` units, so the layout stays in models.py; a
+    layer whose attention or MLP modules have no module of their own (OPT's ``fc1``/``fc2``) is refused.
     """
     from layercard import models
 
+    layer_path = f"{models.layout_for(model).layers_path}.{layer}"
     out = []
-    for role in ("o", "down"):
+    for role, what in (("o", "attention"), ("down", "MLP")):
         specs = models.units(model, role, layers=[layer])
         if not specs or "." not in specs[0].name:
             raise LayercardError(f"layer {layer}: no {role!r} module to locate its sublayer from")
-        out.append(specs[0].name.rsplit(".", 1)[0])
+        parent = specs[0].name.rsplit(".", 1)[0]
+        if parent == layer_path:
+            # A hook on the whole decoder layer would run the adapter after the residual sum, not beside
+            # the sublayer (OPT keeps fc1 and fc2 directly in the layer).
+            raise LayercardError(
+                f"layer {layer}: the {what} modules ({specs[0].name}) sit directly in the decoder layer, "
+                f"with no {what} module to place a bottleneck adapter on; use --kind lora for this model"
+            )
+        out.append(parent)
     return out[0], out[1]
 
 
@@ -256,7 +266,7 @@ def add_adapters(
     if bad:
         raise LayercardError(f"layers: {bad} out of range; the model has layers 0..{n - 1}")
     layers = sorted({int(i) for i in layers})
-    d = int(models.input_embeddings(model).weight.shape[1])
+    d = models.hidden_size(model)  # the residual stream's width, which the sublayers read and write
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         aset = AdapterSet(kind, layers, d, bottleneck, activation)

@@ -8,10 +8,12 @@ target        what is written
 peft          the plan's ``LoraConfig`` as adapter_config-style JSON, and a Python snippet that
               builds it and calls ``get_peft_model`` (exact: per-module ranks as ``rank_pattern``)
 trl           a script fragment: that ``LoraConfig`` passed to TRL's ``SFTTrainer`` as
-              ``peft_config``, with layercard's Trainer callback (exact)
+              ``peft_config``, with layercard's Trainer callback reading the plan file by its
+              absolute path (exact)
 axolotl       a YAML block: ``adapter``, ``lora_r``, ``lora_alpha``, ``lora_dropout``,
-              ``lora_target_modules`` and ``peft_layers_to_transform``; per-module ranks as
-              ``lora_rank_pattern`` and ``lora_alpha_pattern`` (exact)
+              ``lora_target_modules``, and where needed ``peft_layers_to_transform`` and
+              ``peft_layers_pattern``; per-module ranks as ``lora_rank_pattern`` and
+              ``lora_alpha_pattern`` (exact); ``lora_fan_in_fan_out`` for Conv1D modules (GPT-2)
 llamafactory  a YAML block: ``finetuning_type``, ``lora_target``, ``lora_rank``, ``lora_alpha``,
               ``lora_dropout``
 ============  =================================================================================
@@ -19,16 +21,32 @@ llamafactory  a YAML block: ``finetuning_type``, ``lora_target``, ``lora_rank``,
 What a tool cannot express is said in :attr:`Export.notes` and in the text itself (a YAML comment):
 LLaMA-Factory takes one rank for every module, so per-module ranks (``rank: auto``) become the plan's
 commonest rank there; both YAML tools take whole-number alphas, so a fractional one is rounded and said.
-Layers are always exact: axolotl's ``peft_layers_to_transform``
-takes any list of layers with the same modules in each (otherwise the modules are listed by full
-path), and LLaMA-Factory, which has no layer setting for LoRA, gets the planned modules by full path
-(PEFT matches a full path only to itself).
+
+Layers are always exact. PEFT matches a short module name (``self_attn.q_proj``) in every layer list
+of the model, so the short form is written only where the plan's layers are the model's top-level
+stack (``model.layers``, ``transformer.h``). A stack nested deeper, such as a multimodal model's
+``model.language_model.layers`` beside its vision tower's ``layers``, is named in the layer pattern.
+The export reads the plan only, not the model: that no other layer list of a model whose layers are its
+top-level stack holds modules of the same names is assumed. axolotl gets:
+
+- every layer planned, same modules in each, top-level stack: the short names, no layer list;
+- some layers, same modules in each: the short names with ``peft_layers_to_transform``, and
+  ``peft_layers_pattern`` (the stack's path below its root module) for a nested stack, which then
+  always lists the layers (PEFT reads the pattern only with a layer list);
+- layers adapting different modules: every planned module by full path (and a note).
+
+LLaMA-Factory, which has no layer setting for LoRA, gets the short names where every layer of a
+top-level stack is planned with the same modules, and every planned module by full path otherwise
+(PEFT matches a full path only to itself). Each short form is checked against the module names it
+could reach in the plan's stack, under PEFT's layer-index rules; one that would select anything but
+the planned modules is replaced by full paths.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -66,27 +84,73 @@ class _Layout:
 
     layers: list[int]
     suffixes: list[str]  # the module path inside a layer: self_attn.q_proj
-    pattern: str  # the name of the layer container: layers
+    container: str  # the layer list's path: model.layers ("" when the units name several)
     product: bool  # every chosen layer adapts the same modules
     all_layers: bool  # every layer of the model is chosen
+    n_layers: int | None  # the model's layer count, as the plan's card recorded it
+
+    @property
+    def pattern(self) -> str | None:
+        """PEFT's ``layers_pattern`` for the layer list: its path below the root module
+        (``language_model.layers``), which PEFT finds after a dot; None for a list at the root."""
+        return self.container.partition(".")[2] or None
+
+    @property
+    def top_level(self) -> bool:
+        """Whether the layer list is the model's top-level stack under a name PEFT finds by itself, so the
+        short module names need no pattern."""
+        return self.pattern in _PEFT_LAYER_PATTERNS
 
 
 def _layout(plan: Plan) -> _Layout:
     cells: dict[tuple[int, str], None] = {}  # ordered: the plan's module order
-    patterns = set()
+    containers = set()
     for u in plan.units:
         parts = u.name.split(".")
         idx = next((i for i in range(1, len(parts)) if parts[i] == str(u.layer)), None)
         if idx is None:
             raise LayercardError(f"plan: module {u.name!r} does not name its layer {u.layer}")
-        patterns.add(".".join(parts[:idx]))
+        containers.add(".".join(parts[:idx]))
         cells[(u.layer, ".".join(parts[idx + 1 :]))] = None
     layers = sorted({layer for layer, _ in cells})
     suffixes = list(dict.fromkeys(s for _, s in cells))  # the plan's role order: q, k, v, o, ...
-    product = len(patterns) == 1 and set(cells) == {(x, s) for x in layers for s in suffixes}
-    container = next(iter(patterns)).rsplit(".", 1)[-1] if len(patterns) == 1 else ""
+    product = len(containers) == 1 and set(cells) == {(x, s) for x in layers for s in suffixes}
+    container = next(iter(containers)) if len(containers) == 1 else ""
     n_layers = plan.card.get("n_layers")
-    return _Layout(layers, suffixes, container, product, bool(n_layers) and len(layers) == n_layers)
+    n = int(n_layers) if n_layers else None
+    return _Layout(layers, suffixes, container, product, n is not None and len(layers) == n, n)
+
+
+def _layer_index(name: str, pattern: str | None) -> int | None:
+    """The layer index PEFT reads from a module name for ``layers_to_transform``, or None where PEFT
+    versions read different ones (older ones match greedily and need a dot before the pattern)."""
+    if pattern is None:
+        forms = [r".*\.[^.]*\.(\d+)\.", r".*?\.[^.]*\.(\d+)\."]
+    else:
+        forms = [rf".*\.{pattern}\.(\d+)\.", rf".*?\.{pattern}\.(\d+)\.", rf"(?:^|.*?\.){pattern}\.(\d+)\."]
+    found = {m.group(1) if m else None for m in (re.match(f, name) for f in forms)}
+    return int(next(iter(found))) if len(found) == 1 and None not in found else None
+
+
+def _selects(
+    lay: _Layout, targets: list[str], layers: list[int] | None, pattern: str | None, planned: set[str]
+) -> bool:
+    """Whether PEFT, given ``targets`` (names or suffixes) and the layer list and pattern, would adapt
+    exactly ``planned`` among the modules the plan's layer list holds under those names."""
+    n = lay.n_layers if lay.n_layers else max(lay.layers) + 1
+    reachable = planned | {f"{lay.container}.{i}.{s}" for i in range(n) for s in lay.suffixes}
+    chosen = set()
+    for name in reachable:
+        if not any(name == t or name.endswith("." + t) for t in targets):
+            continue
+        if layers is not None:
+            idx = _layer_index(name, pattern)
+            if idx is None:
+                return False
+            if idx not in layers:
+                continue
+        chosen.add(name)
+    return chosen == planned
 
 
 def _lora(plan: Plan) -> dict[str, Any]:
@@ -99,10 +163,12 @@ def _lora(plan: Plan) -> dict[str, Any]:
     return dict(plan.lora_config)
 
 
-def _header(plan: Plan, source: str, target: str) -> list[str]:
+def _header(plan: Plan, source: str | None, target: str) -> list[str]:
     pred = plan.predicted
     return [
-        f"layercard plan {source} exported for {target}",
+        f"layercard plan {source} exported for {target}"
+        if source
+        else f"layercard plan exported for {target}",
         f"model {plan.card.get('model_id')} ({plan.card.get('n_layers')} layers), "
         f"task {plan.card.get('task')}, policy {plan.config.get('policy')}",
         f"layers {plan.layers}; {len({u.name for u in plan.units})} modules; "
@@ -158,7 +224,7 @@ def _yaml(header: list[str], notes: list[str], body: dict[str, Any]) -> str:
     return _comment(lines) + "".join(f"{k}: {value(v)}\n" for k, v in body.items())
 
 
-def _peft(plan: Plan, lora: dict[str, Any], source: str) -> Export:
+def _peft(plan: Plan, lora: dict[str, Any], source: str | None, plan_file: str | None) -> Export:
     config = {"peft_type": "LORA", **lora}
     snippet = (
         _comment([*_header(plan, source, "PEFT"), "expects `model`: the plan's base model, loaded"])
@@ -170,16 +236,19 @@ def _peft(plan: Plan, lora: dict[str, Any], source: str) -> Export:
     return Export("peft", "adapter_config.json", text, (), snippet)
 
 
-def _trl(plan: Plan, lora: dict[str, Any], source: str) -> Export:
+def _trl(plan: Plan, lora: dict[str, Any], source: str | None, plan_file: str | None) -> Export:
     out_dir = "trl-output"
+    lines = [
+        *_header(plan, source, "TRL's SFTTrainer"),
+        "expects `model` (the plan's base model) and `train_dataset`; LayercardCallback records",
+        f"step time, memory and loss against the plan in {out_dir}/train_metrics.json",
+    ]
+    if plan_file is None:  # exported from a Plan in memory: no file to point the callback at
+        lines.append("set the path of the plan's plan.json in LayercardCallback below: this export was not")
+        lines.append("made from a plan file, so it does not know where the plan is saved")
+    callback = json.dumps(plan_file or "plan.json")
     text = (
-        _comment(
-            [
-                *_header(plan, source, "TRL's SFTTrainer"),
-                "expects `model` (the plan's base model) and `train_dataset`; LayercardCallback records",
-                f"step time, memory and loss against the plan in {out_dir}/train_metrics.json",
-            ]
-        )
+        _comment(lines)
         + "from peft import LoraConfig\n"
         + "from trl import SFTConfig, SFTTrainer\n\n"
         + "from layercard.integrations import LayercardCallback\n\n"
@@ -189,7 +258,7 @@ def _trl(plan: Plan, lora: dict[str, Any], source: str) -> Export:
         + f"    args=SFTConfig(output_dir={json.dumps(out_dir)}),\n"
         + "    train_dataset=train_dataset,\n"
         + "    peft_config=peft_config,\n"
-        + f"    callbacks=[LayercardCallback({json.dumps(source)}, {json.dumps(out_dir)})],\n"
+        + f"    callbacks=[LayercardCallback({callback}, {json.dumps(out_dir)})],\n"
         + ")\n"
         + "trainer.train()\n"
     )
@@ -213,7 +282,7 @@ def _whole_alpha(lora: dict[str, Any], target: str, key: str) -> tuple[int, list
     ]
 
 
-def _axolotl(plan: Plan, lora: dict[str, Any], source: str) -> Export:
+def _axolotl(plan: Plan, lora: dict[str, Any], source: str | None, plan_file: str | None) -> Export:
     lay = _layout(plan)
     alpha, notes = _whole_alpha(lora, "axolotl", "lora_alpha")
     body: dict[str, Any] = {
@@ -222,19 +291,32 @@ def _axolotl(plan: Plan, lora: dict[str, Any], source: str) -> Export:
         "lora_alpha": alpha,
         "lora_dropout": lora["lora_dropout"],
     }
-    if lay.product:
+    planned = {u.name for u in plan.units}
+    layers: list[int] | None = None
+    pattern = None if lay.top_level else lay.pattern
+    if pattern is not None or not lay.all_layers:
+        layers = lay.layers  # PEFT reads a layers pattern only beside a layer list
+    short = (
+        lay.product
+        and (lay.top_level or pattern is not None)
+        and _selects(lay, lay.suffixes, layers, pattern, planned)
+    )
+    if short:
         body["lora_target_modules"] = lay.suffixes
-        if not lay.all_layers:
-            body["peft_layers_to_transform"] = lay.layers
-            if lay.pattern not in _PEFT_LAYER_PATTERNS:
-                body["peft_layers_pattern"] = [lay.pattern]
-    else:
-        # chosen layers adapt different modules: only the full paths say which
+        if layers is not None:
+            body["peft_layers_to_transform"] = layers
+        if pattern is not None:
+            body["peft_layers_pattern"] = [pattern]
+    else:  # full paths name each planned module where the short names cannot
         body["lora_target_modules"] = list(lora["target_modules"])
-        notes.append(
-            "the chosen layers adapt different modules, which lora_target_modules with "
-            "peft_layers_to_transform cannot say: lora_target_modules lists every planned module by full path"
-        )
+        if not lay.product:
+            notes.append(
+                "the chosen layers adapt different modules, which lora_target_modules with "
+                "peft_layers_to_transform cannot say: lora_target_modules lists every planned module by "
+                "full path"
+            )
+    if lora.get("fan_in_fan_out"):  # Conv1D modules (GPT-2) store their weight as d_in × d_out
+        body["lora_fan_in_fan_out"] = True
     header = _header(plan, source, "axolotl")
     if lora.get("rank_pattern"):  # handed to PEFT's rank_pattern / alpha_pattern as they are
         body["lora_rank_pattern"] = dict(lora["rank_pattern"])
@@ -248,13 +330,16 @@ def _axolotl(plan: Plan, lora: dict[str, Any], source: str) -> Export:
     return Export("axolotl", "axolotl.yaml", text, tuple(notes))
 
 
-def _llamafactory(plan: Plan, lora: dict[str, Any], source: str) -> Export:
+def _llamafactory(plan: Plan, lora: dict[str, Any], source: str | None, plan_file: str | None) -> Export:
     lay = _layout(plan)
     notes = _rank_note(lora, "LLaMA-Factory", "lora_rank")
     alpha, rounded = _whole_alpha(lora, "LLaMA-Factory", "lora_alpha")
     notes += rounded
-    by_path = not (lay.product and lay.all_layers)
-    modules = list(lora["target_modules"]) if by_path else lay.suffixes
+    planned = {u.name for u in plan.units}
+    short = (
+        lay.product and lay.all_layers and lay.top_level and _selects(lay, lay.suffixes, None, None, planned)
+    )
+    modules = lay.suffixes if short else list(lora["target_modules"])
     body = {
         "finetuning_type": "lora",
         "lora_target": ",".join(modules),
@@ -263,8 +348,12 @@ def _llamafactory(plan: Plan, lora: dict[str, Any], source: str) -> Export:
         "lora_dropout": lora["lora_dropout"],
     }
     header = _header(plan, source, "LLaMA-Factory")
-    if by_path:  # not a shortcoming: full paths select exactly the planned modules
+    if not short:  # not a shortcoming: full paths select exactly the planned modules
         header.append("LoRA in LLaMA-Factory has no layer setting: lora_target names each planned module")
+    if lora.get("fan_in_fan_out"):
+        header.append(
+            "the planned modules are Conv1D (fan_in_fan_out): PEFT sets that for them itself, with a warning"
+        )
     return Export("llamafactory", "llamafactory.yaml", _yaml(header, notes, body), tuple(notes))
 
 
@@ -272,8 +361,11 @@ def export_plan(plan: Plan | str | Path, to: str) -> Export:
     """The plan (a :class:`Plan` or a plan.json path) exported for the tool ``to`` (see :data:`TARGETS`)."""
     if to not in TARGETS:
         raise LayercardError(f"--to {to!r}: not a target; valid: {', '.join(TARGETS)}")
-    source = str(plan) if not isinstance(plan, Plan) else "plan.json"
+    # the path as given names the plan in comments; code that reads the file gets it absolute, so the
+    # export works from any working directory
+    source = None if isinstance(plan, Plan) else str(plan)
+    plan_file = None if isinstance(plan, Plan) else str(Path(plan).resolve())
     p = plan if isinstance(plan, Plan) else Plan.load(plan)
     lora = _lora(p)
     build = {"peft": _peft, "trl": _trl, "axolotl": _axolotl, "llamafactory": _llamafactory}[to]
-    return build(p, lora, source)
+    return build(p, lora, source, plan_file)

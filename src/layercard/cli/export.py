@@ -41,6 +41,14 @@ def export_cmd(
                 f"--out {out}: the peft export writes JSON there and the snippet beside it "
                 f"as {out.with_suffix('.py').name}; give a .json path such as {out.with_suffix('.json')}"
             )
+        targets = [out, out.with_suffix(".py")] if to == "peft" else [out]
+        for target in targets:
+            if _same_file(target, plan):
+                whose = "" if target is out else f" (the Python snippet goes to {target})"
+                raise LayercardError(
+                    f"--out {out}{whose}: that is the plan file {plan}, which the export would overwrite; "
+                    "give another path"
+                )
     result = export_plan(plan, to)
     written: list[str] = []
     if out is not None:
@@ -63,3 +71,11 @@ def export_cmd(
         console.print(f"wrote {', '.join(written)}", highlight=False, markup=False)
     elif result.snippet is not None:
         console.print("the Python snippet is written beside the JSON with --out FILE", highlight=False)
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    """Whether two paths name one file (through links and relative parts too)."""
+    try:
+        return a.resolve() == b.resolve() or (a.exists() and b.exists() and a.samefile(b))
+    except OSError:
+        return False

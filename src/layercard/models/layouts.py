@@ -200,11 +200,44 @@ def layout_for(model: nn.Module) -> ArchLayout:
         tried += [*fam.layers, *fam.head]
     layout = _generic_layout(root)
     if layout is not None:
+        _check_widths(root, layout, mtype)
         return layout
+    if any(_is_ssm_mixer(m) for m in root.modules()):
+        raise LayercardError(
+            f"model_type {mtype!r} ({type(root).__name__}): its layers are state-space (Mamba) mixers, with "
+            "no attention or MLP modules to adapt; layercard places adapters on attention and MLP modules"
+        )
     tried.append("any nn.ModuleList of decoder layers holding q/k/v/o/gate/up/down nn.Linear or Conv1D")
     raise LayercardError(
         f"model_type {mtype!r} ({type(root).__name__}): no known layout; looked for {', '.join(tried)}"
     )
+
+
+def _check_widths(root: nn.Module, layout: ArchLayout, mtype: str | None) -> None:
+    """Refuse a model whose embedding or LM head is narrower or wider than its decoder layers.
+
+    Such a model (OPT-350m: ``word_embed_proj_dim`` with ``project_in``/``project_out``) projects between
+    the residual stream and the head, which the logit lens, the card's hooks and the adapters' width would
+    all miss.
+    """
+    config = getattr(root, "config", None)
+    text = config.get_text_config() if callable(getattr(config, "get_text_config", None)) else config
+    hidden = getattr(text, "hidden_size", None)
+    if not isinstance(hidden, int) or isinstance(hidden, bool):
+        return
+    head = _try_module(root, layout.lm_head_path)
+    embed = _try_module(root, layout.embed_path)
+    widths = [
+        (f"{layout.lm_head_path}.in_features", getattr(head, "in_features", None)),
+        (f"{layout.embed_path}.embedding_dim", getattr(embed, "embedding_dim", None)),
+    ]
+    for field, width in widths:
+        if isinstance(width, int) and width != hidden:
+            raise LayercardError(
+                f"model_type {mtype!r} ({type(root).__name__}): {field} is {width} but hidden_size is "
+                f"{hidden} (a projection sits between the decoder layers and the embedding or LM head); "
+                "layercard reads the residual stream through the LM head and cannot map this model"
+            )
 
 
 def _has_roles(root: nn.Module, layers_path: str, roles: Mapping[str, RoleSpec]) -> bool:
@@ -268,6 +301,12 @@ _ATTN_WORDS = ("attn", "attention")
 _MLP_WORDS = ("mlp", "ffn", "feed_forward", "feedforward", "ff")
 
 
+def _is_ssm_mixer(mod: nn.Module) -> bool:
+    """A state-space (Mamba) mixer: it holds the ``A_log`` state matrix. Its linear modules are no
+    attention or MLP, and PEFT refuses LoRA on a Mamba mixer's ``out_proj``."""
+    return isinstance(getattr(mod, "A_log", None), nn.Parameter)
+
+
 def _is_linear(mod: nn.Module) -> bool:
     base = _unwrap_linear(mod)
     return isinstance(base, nn.Linear) or _is_conv1d(base)
@@ -304,8 +343,11 @@ def _classify(relpath: str) -> str | None:
 
 def _generic_roles(layer: nn.Module) -> dict[str, RoleSpec]:
     found: dict[str, list[str]] = {}
+    mixers = [path for path, mod in layer.named_modules() if _is_ssm_mixer(mod)]
     for path, mod in layer.named_modules():
         if not path or "base_layer" in path.split(".") or not _is_linear(mod):
+            continue
+        if any(not m or path.startswith(m + ".") for m in mixers):
             continue
         role = _classify(path)
         if role is not None:

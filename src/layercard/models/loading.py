@@ -246,21 +246,25 @@ def _load_folder(
         )
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # its load report would add a table to our one-line errors
+    load: dict[str, Any] = {
+        "dtype": dtype,
+        "trust_remote_code": trust_remote_code,
+        "use_safetensors": True,
+        "local_files_only": True,
+        "output_loading_info": True,
+    }
     try:
-        model, info = AutoModelForCausalLM.from_pretrained(
-            folder,
-            dtype=dtype,
-            trust_remote_code=trust_remote_code,
-            use_safetensors=True,
-            local_files_only=True,
-            output_loading_info=True,
-        )
+        model, info = AutoModelForCausalLM.from_pretrained(folder, **load)
     except Exception as e:
         hint = ""
         if "trust_remote_code" in str(e) and not trust_remote_code:
             hint = "; the model's own code runs only with --trust-remote-code"
+        # transformers names the mismatched tensors only in the report the verbosity above hides
+        mismatch = _first_mismatch(folder, load) if "ignore_mismatched_sizes" in str(e) else None
         raise LayercardError(
-            f"{folder}: cannot load model ({type(e).__name__}: {_first_line(e)}){hint}"
+            f"{folder}: {mismatch}"
+            if mismatch
+            else f"{folder}: cannot load model ({type(e).__name__}: {_first_line(e)}){hint}"
         ) from e
     finally:
         hf_logging.set_verbosity(verbosity)
@@ -297,6 +301,30 @@ def _load_folder(
     model.to(device)
     model.eval()
     return model, tok
+
+
+def _first_mismatch(folder: Path, load: dict[str, Any]) -> str | None:
+    """What a load refused for tensor shapes says, read from a second load that lets them through: the
+    first mismatched tensor with its two shapes; None where that load says nothing."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        _, info = AutoModelForCausalLM.from_pretrained(folder, **load, ignore_mismatched_sizes=True)
+    except Exception:
+        return None
+    mismatched = sorted((str(k), tuple(a), tuple(b)) for k, a, b in info.get("mismatched_keys") or ())
+    if not mismatched:
+        return None
+    key, weights, wanted = mismatched[0]
+    more = f" (and {len(mismatched) - 1} more)" if len(mismatched) > 1 else ""
+
+    def shape(dims: tuple[int, ...]) -> str:
+        return "(" + ", ".join(str(int(n)) for n in dims) + ")"
+
+    return (
+        f"config.json does not fit the weights: {key} has shape {shape(weights)} in the weights but "
+        f"{shape(wanted)} in the model config.json describes{more}"
+    )
 
 
 def _first_line(e: BaseException) -> str:

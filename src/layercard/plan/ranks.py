@@ -71,12 +71,22 @@ def auto_ranks(units: Sequence[UnitRow], param_budget: float) -> dict[str, int]:
         ranks[u.key] *= 2
 
 
-def lora_config(units: Sequence[RankedModule], alpha: float | None, dropout: float) -> dict[str, Any]:
+def lora_config(
+    units: Sequence[RankedModule],
+    alpha: float | None,
+    dropout: float,
+    *,
+    module_kinds: Sequence[str | None] = (),
+) -> dict[str, Any]:
     """JSON form of the PEFT LoraConfig: explicit full-path targets; patterns only where a rank differs.
 
     PEFT matches a ``rank_pattern`` key with ``re.match(rf"(.*\\.)?({key})$", name)``: a full module path
     can only hit that module (the optional prefix must end at a dot, and the key is anchored at the
     end), so layer 1's key cannot hit layer 11. check_plan verifies this on the real model.
+
+    ``module_kinds`` (one per unit, as :attr:`layercard.models.UnitSpec.module_kind` says: ``"linear"``
+    or ``"conv1d"``) sets ``fan_in_fan_out`` where every planned module is a Conv1D (GPT-2), which stores
+    its weight as ``d_in × d_out``; PEFT would otherwise flip it per module with a warning.
     """
     counts = Counter(u.rank for u in units)
     r = max(counts, key=lambda k: (counts[k], k))  # the commonest rank needs no pattern entry
@@ -86,7 +96,9 @@ def lora_config(units: Sequence[RankedModule], alpha: float | None, dropout: flo
         alpha_pattern = {u.name: 2 * u.rank for u in units if u.rank != r}
     else:
         lora_alpha, alpha_pattern = alpha, {}
-    return {
+    if module_kinds and len(module_kinds) != len(units):
+        raise LayercardError(f"lora_config: {len(module_kinds)} module kinds for {len(units)} modules")
+    config: dict[str, Any] = {
         "r": int(r),
         "lora_alpha": _num(lora_alpha),
         "lora_dropout": float(dropout),
@@ -96,6 +108,9 @@ def lora_config(units: Sequence[RankedModule], alpha: float | None, dropout: flo
         "bias": "none",
         "task_type": "CAUSAL_LM",
     }
+    if module_kinds and all(k == "conv1d" for k in module_kinds):
+        config["fan_in_fan_out"] = True
+    return config
 
 
 def _num(x: float) -> int | float:
