@@ -344,7 +344,8 @@ def load_model(
 
     GGUF files (built-ins included) are converted once to a safetensors cache folder under
     :func:`cache_dir`; later loads read that folder. The model hash is the sha256 of the safetensors
-    files, memoised by file size and mtime. ``device`` is read by :func:`resolve_device` (``"auto"`` too).
+    files, memoised by file size and mtime. ``device`` is read by :func:`resolve_device`; the default keeps
+    the model on the CPU (``"auto"`` takes a GPU where there is one, as the commands' ``--device`` does).
     """
     if isinstance(spec, os.PathLike):
         spec = os.fspath(spec)
