@@ -337,3 +337,30 @@ def test_the_warning_that_siblings_are_stopped_is_dropped(caplog):
         "Unable to shutdown process 2 via SIGTERM , forcefully exiting via SIGKILL",
         "Terminating process 3 via signal SIGTERM",
     ]
+
+
+# ---- what a plan needs to know of each module ------------------------------------------------------------
+
+
+def test_a_gpt2_card_records_conv1d_modules_and_its_plans_set_fan_in_fan_out(facts, coupled):
+    from layercard.plan import PlanConfig, make_plan
+
+    card = compute_card(_loaded("gpt2"), facts, CardConfig(**FAST), progress=False)
+    assert {u.module_kind for u in card.units} == {"conv1d"}
+    card = Card.from_dict(json.loads(json.dumps(card.to_dict())))  # kept through card.json
+    plan = make_plan(card, PlanConfig(policy="uniform", budget="layers=2"))
+    assert plan.lora_config["fan_in_fan_out"] is True and plan.peft_config().fan_in_fan_out
+    assert {u.module_kind for u in coupled.units} == {"linear"}
+    assert (
+        "fan_in_fan_out"
+        not in make_plan(coupled, PlanConfig(policy="uniform", budget="layers=2")).lora_config
+    )
+    old = json.loads(json.dumps(coupled.to_dict()))  # a card written before the kind was kept still loads
+    for u in old["units"]:
+        u.pop("module_kind")
+    assert Card.from_dict(old).units[0].module_kind is None
+    old["units"][0]["module_kind"] = "conv"
+    with pytest.raises(
+        LayercardError, match=r"units\[0\]\.module_kind: must be linear or conv1d, got 'conv'"
+    ):
+        Card.from_dict(old)

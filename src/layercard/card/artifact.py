@@ -59,6 +59,8 @@ class UnitRow:
     grad_eig_energy: list[float]  # eⱼ = ‖∇W uⱼ‖² along Σ's eigenvectors (ascending λ)
     # Marchenko–Pastur SNR of the frozen weight (stats.weight_snr); None in cards written before it existed.
     weight_snr: float | None = None
+    # "linear" or "conv1d" (GPT-2 stores its weight transposed); None in cards written before it was kept.
+    module_kind: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)

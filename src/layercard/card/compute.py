@@ -154,6 +154,7 @@ def _finish_pass(
                 lora_params=cfg.lora_rank * (acc.spec.d_in + acc.spec.d_out),
                 grad_eig_energy=_rl(u["energy"]),
                 weight_snr=weight_snrs.get(acc.spec.key),
+                module_kind=acc.spec.module_kind,
             )
         )
     return unit_rows, group_rows, grads, spectra

@@ -186,6 +186,15 @@ def _role(f: Fields, value: Any, where: str) -> str:
     return role
 
 
+def _module_kind(f: Fields) -> Callable[[Any, str], str]:
+    def check(value: Any, where: str) -> str:
+        if value not in ("linear", "conv1d"):
+            f.fail(where, "must be linear or conv1d", value)
+        return value
+
+    return check
+
+
 def _check_groups(f: Fields, rows: Sequence[Any], n_layers: int) -> dict[str, tuple[int, int]]:
     """Each group row's fields; returns each group key's layer and number of eigenvalues."""
     sizes: dict[str, tuple[int, int]] = {}
@@ -240,6 +249,7 @@ def _check_units(f: Fields, rows: Sequence[Any], n_layers: int, groups: dict[str
             f.number(v, f"{w}.captured.{k}", minimum=0)
         # Optional: cards written before weight_snr was measured lack it, and still load.
         f.optional(u.get("weight_snr"), f"{w}.weight_snr", lambda v, at: f.number(v, at, minimum=0))
+        f.optional(u.get("module_kind"), f"{w}.module_kind", _module_kind(f))
         energy = f.numbers(f.get(u, "grad_eig_energy", w), f"{w}.grad_eig_energy", minimum=0)
         if len(energy) != groups[group][1]:
             f.fail(

@@ -211,7 +211,9 @@ def _place(space: Space, cfg: PlanConfig, layers: list[int]) -> _Placement:
         planned = [PlannedUnit(u.key, u.layer, u.role, u.name, ranks[u.key]) for u in chosen]
         return _Placement(
             units=planned,
-            lora_config=lora_config(planned, cfg.alpha, cfg.dropout),
+            lora_config=lora_config(
+                planned, cfg.alpha, cfg.dropout, module_kinds=[u.module_kind for u in chosen]
+            ),
             adapter_config=None,
             params=sum(p.rank * (u.d_in + u.d_out) for p, u in zip(planned, chosen, strict=True)),
             captured=float(sum(captured_at(u, ranks[u.key]) for u in chosen)),
