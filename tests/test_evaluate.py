@@ -257,6 +257,56 @@ def test_evaluate_defaults_and_round_trip(tmp_path):
     assert only.example_loss_sums is None and only.example_tokens is None
 
 
+def test_a_task_spec_is_scored_on_its_test_split_as_the_command_scores_it():
+    loaded = _loaded(_model(torch.float32))
+    res = evaluate(loaded, "synthetic:facts", EvalConfig(examples=2, max_new_tokens=2, loss=False))
+    assert res.task["split"] == "test"  # load_task's default is the training split: never scored unasked
+    named = evaluate(loaded, "synthetic:facts:train", EvalConfig(examples=2, max_new_tokens=2, loss=False))
+    assert named.task["split"] == "train"  # a split written in the spec is taken
+
+
+def test_bad_gold_answers_fail_before_anything_is_generated(monkeypatch):
+    import layercard.evaluate as ev
+
+    def no_generation(*args, **kwargs):
+        raise AssertionError("generation started before the gold answers were checked")
+
+    monkeypatch.setattr(ev, "generate", no_generation)
+    fmt = dataclasses.replace(FMT, metrics=("gsm8k_accuracy",))
+    examples = (Example("g1", "2+2", "#### 4", meta={"final_answer": "4"}), Example("g2", "1/0", "#### ?"))
+    bad = [dataclasses.replace(examples[1], meta={"final_answer": "nan"}), examples[1]]
+    errors = ("example 'g2': answer 'nan' is not a number", "example 'g2': no final_answer")
+    for second, said in zip(bad, errors, strict=True):
+        task = Task("math", "memory", "test", fmt, (examples[0], second))
+        with pytest.raises(LayercardError, match=said):
+            evaluate(_loaded(_model(torch.float32)), task, EvalConfig())
+
+
+def test_cut_prompts_and_loss_examples_are_counted_and_said(tmp_path):
+    loaded = _loaded(_model(torch.float32))
+    lengths = [len(encode_prompt(loaded.tokenizer, FMT, ex)) for ex in TASK.examples]  # none cut at 48
+    limit = sorted(lengths)[2]  # the prompts longer than the third shortest are cut
+    short = Task("tiny", "memory", "test", dataclasses.replace(FMT, max_input_tokens=limit), TASK.examples)
+    res = evaluate(loaded, short, EvalConfig(batch_size=3, max_length=limit))
+    cut = res.task["cut"]
+    assert cut["prompts"] == sum(n > limit for n in lengths) > 0
+    assert cut["loss_to_max_length"] > 0  # the prompts that fit leave no room for their targets
+    assert cut["loss_to_format_limits"] >= cut["prompts"]  # a cut prompt is cut for the loss too
+    note = res.cut_note()
+    said = f"note: {cut['prompts']} of 6 eval prompts are longer than the task format's limit of {limit} "
+    assert said in note
+    assert (
+        f"note: {cut['loss_to_max_length']} of 6 eval loss examples are longer than max_length {limit}"
+        in note
+    )
+    assert EvalResult.load(res.save(tmp_path / "ev")).cut_note() == note
+    whole = evaluate(loaded, TASK, EvalConfig(batch_size=3, loss=False))
+    assert whole.task["cut"] == {"prompts": 0, "loss_to_max_length": None, "loss_to_format_limits": None}
+    assert whole.cut_note() is None
+    old = dataclasses.replace(whole, task={k: v for k, v in whole.task.items() if k != "cut"})
+    assert old.cut_note() is None  # an eval.json from before the counts
+
+
 @pytest.fixture()
 def lora_dir(tmp_path):
     from peft import LoraConfig, get_peft_model
@@ -354,6 +404,35 @@ def test_cli_eval_writes_artifacts(tiny_folder, tmp_path, monkeypatch):
     r = CliRunner().invoke(app, [a for a in args if a != "--json"] + ["--no-loss"])
     assert r.exit_code == 0, r.output
     assert EvalResult.load(out).loss is None
+
+
+def test_cli_eval_says_what_it_cut_and_refuses_a_split_a_file_lacks(tiny_folder, tmp_path, monkeypatch):
+    monkeypatch.setenv("LAYERCARD_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "ev"
+    args = ["eval", "--model", str(tiny_folder), "--task", "synthetic:facts", "--examples", "3",
+            "--max-new-tokens", "2", "--max-length", "8", "--out", str(out)]  # fmt: skip
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 0, r.output
+    assert "of 3 eval loss examples are longer than max_length 8 tokens and were cut" in r.output
+    assert EvalResult.load(out).task["cut"]["loss_to_max_length"] > 0
+
+    train = tmp_path / "tr.jsonl"
+    train.write_text(json.dumps({"input": "a", "target": "b"}) + "\n")
+    out2 = tmp_path / "ev2"
+    r = CliRunner().invoke(app, [*args[:4], str(train), "--split", "test", "--out", str(out2)])
+    assert r.exit_code != 0 and "Traceback" not in r.output
+    assert f"{train}: one file, no split 'test'" in " ".join(r.output.split())
+    assert not (out2 / "eval.json").exists()
+
+
+def test_cli_task_and_split_help_name_every_form():
+    import typer
+
+    params = {p.name: p.help for p in typer.main.get_command(app).commands["eval"].params}
+    forms = ("JSONL", "JSON,", "CSV", "TSV", "Parquet", "save_to_disk", "PRESET[:SPLIT]", "synthetic:facts")
+    for form in (*forms, "hf:NAME[:CONFIG]"):
+        assert form in params["task"], form
+    assert "A single file has no splits" in params["split"]
 
 
 def test_cli_eval_unknown_metric(tiny_folder, tmp_path):

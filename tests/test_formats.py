@@ -11,7 +11,7 @@ import pytest
 
 from layercard.config.run import TaskSpec
 from layercard.config.schema import ConfigError
-from layercard.errors import LayercardError
+from layercard.errors import LayercardError, MissingSplit
 from layercard.tasks import PRESETS, held_out, is_file_spec, load_task, names_split, read_records
 
 ALPACA = [
@@ -376,8 +376,49 @@ def test_a_held_out_split_that_exists_but_is_malformed_is_an_error_not_skipped(t
     assert held_out("sst2:train", exclude="train") is None
 
 
-def test_a_single_file_is_named_by_its_stem_whatever_split_is_asked(tmp_path):
-    p = tmp_path / "mine.jsonl"
+def test_a_single_file_is_its_own_split_and_refuses_any_other(tmp_path):
+    p = tmp_path / "tr.jsonl"
     p.write_text(json.dumps({"input": "a", "target": "b"}) + "\n")
-    assert load_task(str(p)).split == "mine"
-    assert load_task(str(p), split="test").split == "mine"  # it holds no test split to name
+    assert load_task(str(p)).split == "tr" and load_task(str(p), split="tr").split == "tr"
+    # scoring (or validating on) the training rows as if they were a test split: refused, in one line
+    with pytest.raises(
+        MissingSplit, match=re.escape(f"{p}: one file, no split 'test' (its own: 'tr'); give")
+    ):
+        load_task(str(p), split="test")
+    csv_file = write_csv(tmp_path / "val.csv", [{"input": "a", "target": "b"}])
+    assert load_task(str(csv_file), split="val").split == "val"
+    with pytest.raises(MissingSplit, match="one file, no split 'train'"):
+        load_task(str(csv_file), split="train")
+    # a held-out lookup passes a file over (it has no other split) rather than failing
+    assert held_out(str(p), exclude="tr") is None and held_out(str(p), exclude="train") is None
+
+
+def test_a_single_saved_dataset_refuses_a_split_it_does_not_record(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    plain, split = tmp_path / "plain", tmp_path / "recorded"
+    datasets.Dataset.from_list(QA).save_to_disk(str(plain))
+    datasets.Dataset.from_list(QA, split="train").save_to_disk(str(split))
+    fields = {"field_map": {"input": "question", "target": "answer"}}
+    assert len(load_task(str(plain), split="plain", **fields)) == 2
+    assert len(load_task(str(split), split="train", **fields)) == 2  # the split it records
+    with pytest.raises(MissingSplit, match=re.escape(f"{plain}: one saved Dataset, no split 'test'")):
+        load_task(str(plain), split="test", **fields)
+    with pytest.raises(MissingSplit, match="no split 'validation'"):
+        load_task(str(split), split="validation", **fields)
+
+
+def test_tsv_quotes_are_text_and_csv_keeps_its_quoting(tmp_path):
+    tsv = tmp_path / "d.tsv"
+    tsv.write_text(
+        'input\ttarget\n"Great" movie, he said\tpositive\n"unclosed quote\tnegative\nok\tpositive\n'
+    )
+    rows = [(e.input, e.target) for e in load_task(str(tsv)).examples]
+    assert rows == [
+        ('"Great" movie, he said', "positive"),
+        ('"unclosed quote', "negative"),
+        ("ok", "positive"),
+    ]
+    assert [where for where, _, _ in read_records(tsv).rows] == [f"{tsv}:{n}" for n in (2, 3, 4)]
+    csv_file = tmp_path / "d.csv"
+    csv_file.write_text('input,target\n"Great, he said",positive\n')
+    assert load_task(str(csv_file)).examples[0].input == "Great, he said"

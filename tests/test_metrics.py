@@ -9,6 +9,7 @@ from layercard.tasks import (
     METRICS,
     Example,
     bleu,
+    check_gold,
     compute_metrics,
     exact_match,
     extract_final_number,
@@ -125,6 +126,44 @@ def test_label_accuracy():
     assert label_accuracy(["B"], ["b"], label_set=("a", "b")) == 1.0
     with pytest.raises(LayercardError, match="label index 2 outside"):
         label_accuracy(["x"], [2])
+
+
+@pytest.mark.parametrize("gold", ["nan", "inf", "-inf", "NaN", float("nan"), float("inf")])
+def test_a_gold_answer_that_is_not_a_finite_number_is_refused(gold):
+    # float() reads "nan" and "inf": accepted, every prediction would silently score 0
+    with pytest.raises(LayercardError, match=r"gsm8k_accuracy: answer .* is not a number"):
+        gsm8k_accuracy(["nan"], [gold])
+    ex = [Example("g1", "q", "steps\n#### 5", meta={"final_answer": gold})]
+    for run in (
+        lambda: compute_metrics(["gsm8k_accuracy"], ["#### 5"], ex),
+        lambda: check_gold(["gsm8k_accuracy"], ex),
+    ):
+        with pytest.raises(LayercardError, match=r"gsm8k_accuracy: example 'g1': answer .* is not a number"):
+            run()
+    with pytest.raises(LayercardError, match="example 'g2': no final_answer and no number in its target"):
+        check_gold(["exact_match", "gsm8k_accuracy"], [Example("g2", "q", "steps\n#### 1e999")])
+
+
+def test_check_gold_passes_good_gold_data_and_metrics_that_need_none():
+    good = [Example("1", "q", "steps\n#### 12", meta={"final_answer": "1,200"}), Example("2", "q", "#### 7")]
+    check_gold(["gsm8k_accuracy", "exact_match", "bleu", "label_accuracy"], good)
+    check_gold(["exact_match", "label_accuracy"], [Example("3", "q", "no number at all")])
+
+
+def test_label_accuracy_matches_labels_that_start_or_end_with_punctuation():
+    labels = ("(a)", "(b)", "(c)")
+    preds = ["The answer is (B).", "(A)", "(c) because", "b", "answer(a)", "(A)(B)"]
+    gold = ["(b)", "(a)", "(c)", "(b)", "(a)", "(a)"]
+    # 1-3: yes; 4: "b" is not the label "(b)"; 5: "(a)" glued to a word is not a label; 6: first is (a)
+    assert label_accuracy(preds, gold, label_set=labels) == pytest.approx(4 / 6)
+    # word labels keep their whole-word matching
+    assert label_accuracy(
+        ["positively", "a positive one", "negative!"], ["positive", "positive", "negative"]
+    ) == (pytest.approx(2 / 3))
+    # a label that begins a longer one does not take its place
+    assert label_accuracy(["not bad at all"], ["not bad"], label_set=("not", "not bad")) == 1.0
+    exs = [Example("1", "q", "(A)"), Example("2", "q", "(B)")]
+    assert compute_metrics(["label_accuracy"], ["(A) it is", "I pick (B)"], exs) == {"label_accuracy": 1.0}
 
 
 def test_compute_metrics_dispatch():

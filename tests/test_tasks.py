@@ -161,6 +161,50 @@ def test_hf_spec_fails_offline_with_one_line():
     assert "\n" not in line
 
 
+def test_hf_missing_split_is_passed_over_but_other_failures_are_errors(monkeypatch):
+    datasets = pytest.importorskip("datasets")
+    from layercard.errors import MissingSplit
+    from layercard.tasks import held_out
+
+    rows = [{"question": "q1", "answer": "a1"}]
+    fields = {"field_map": {"input": "question", "target": "answer"}}
+
+    def only_train(name, config=None, *, split):  # the library's own wording for an absent split
+        if split != "train":
+            raise ValueError(f"Unknown split \"{split}\". Should be one of ['train'].")
+        return rows
+
+    monkeypatch.setattr(datasets, "load_dataset", only_train)
+    assert len(load_task("hf:demo/qa", **fields)) == 1
+    with pytest.raises(MissingSplit, match=r"task 'hf:demo/qa': no split 'test' \(Unknown split"):
+        load_task("hf:demo/qa", split="test", **fields)
+    assert held_out("hf:demo/qa", exclude="train", **fields) is None  # neither held-out split: none
+
+    def bad_split(name, config=None, *, split):
+        raise ValueError(f"Bad split: {split}. Available splits: ['train']")
+
+    monkeypatch.setattr(datasets, "load_dataset", bad_split)
+    assert held_out("hf:demo/qa", exclude="train", **fields) is None
+
+    def not_found(name, config=None, *, split):
+        raise datasets.exceptions.DatasetNotFoundError(f"Dataset '{name}' doesn't exist on the Hub\nmore")
+
+    monkeypatch.setattr(datasets, "load_dataset", not_found)
+    with pytest.raises(
+        LayercardError, match=r"load_dataset failed .*: Dataset 'nobody/nonexistent' doesn't"
+    ) as e:
+        held_out("hf:nobody/nonexistent", exclude="train")
+    assert not isinstance(e.value, MissingSplit) and "\n" not in str(e.value)
+
+    def offline(name, config=None, *, split):
+        raise ConnectionError("Couldn't reach the Hub")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(LayercardError, match="needs the network or a cached copy.*Couldn't reach") as e:
+        held_out("hf:demo/qa", exclude="train")
+    assert not isinstance(e.value, MissingSplit)
+
+
 # ---------------------------------------------------------------- presets and spec resolution
 
 

@@ -31,7 +31,22 @@ from layercard.artifacts import SCHEMA_VERSION, Provenance, hash_folder, read_js
 from layercard.config import EvalConfig
 from layercard.errors import LayercardError
 from layercard.inference import eval_example_losses, eval_loss, generate, prompts_finite
-from layercard.tasks import METRICS, Example, Task, exact_match, load_task, strict_match, token_f1
+from layercard.tasks import (
+    METRICS,
+    Example,
+    Task,
+    check_gold,
+    cut_text,
+    encode_task,
+    exact_match,
+    held_out,
+    is_file_spec,
+    load_task,
+    names_split,
+    prompt_cut,
+    strict_match,
+    token_f1,
+)
 
 # generate and eval_loss live in layercard.inference; they stay importable from here for older callers.
 __all__ = [
@@ -45,6 +60,7 @@ __all__ = [
     "fraction_standard_error",
     "generate",
     "ratio_standard_error",
+    "resolve_eval_task",
 ]
 
 KIND = "eval"
@@ -111,7 +127,13 @@ def _check_loss(loss: float, task: Task, adapter: Path | None) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class EvalResult:
-    """One evaluation: corpus metrics, loss, timing, per-example predictions and where it came from."""
+    """One evaluation: corpus metrics, loss, timing, per-example predictions and where it came from.
+
+    ``task["cut"]`` counts the examples whose tokens were cut: ``prompts``, generation prompts cut to the
+    format's ``max_input_tokens``; ``loss_to_max_length`` and ``loss_to_format_limits``, loss examples cut
+    to ``max_length`` and to the format's prompt and target limits (None without the loss). An
+    eval.json from before these counts has no ``cut``.
+    """
 
     metrics: dict[str, float]
     loss: float | None
@@ -142,6 +164,33 @@ class EvalResult:
     @property
     def primary_metric(self) -> str:
         return next(iter(self.metrics))
+
+    def cut_note(self) -> str | None:
+        """Lines (each ``note: ...``) saying how many examples' tokens were cut (``task["cut"]``), or None
+        where none were or the result predates the counts."""
+        cut = self.task.get("cut")
+        fmt = self.task.get("format") or {}
+        if not cut:
+            return None
+        lines = []
+        if cut.get("prompts"):
+            lines.append(
+                f"note: {cut['prompts']} of {self.n} eval prompts are longer than the task format's limit of "
+                f"{fmt.get('max_input_tokens')} prompt tokens and were cut to it for generation, as training "
+                "cuts them (from the input's start first)"
+            )
+        limits = (fmt.get("max_input_tokens"), fmt.get("max_target_tokens"))
+        loss = cut_text(
+            cut.get("loss_to_max_length") or 0,
+            self.n,
+            self.config.get("max_length"),
+            "eval loss",
+            cut.get("loss_to_format_limits") or 0,
+            limits if None not in limits else None,
+        )
+        if loss:
+            lines.append(loss)
+        return "\n".join(lines) or None
 
     def to_dict(self, *, include_predictions: bool = True) -> dict[str, Any]:
         """Every field, as eval.json holds it without ``include_predictions`` (predictions.jsonl)."""
@@ -239,6 +288,44 @@ def difference_standard_error(
 # ---------------------------------------------------------------------------------------------------------
 
 
+def resolve_eval_task(
+    spec: str, *, split: str | None = None, seed: int = 0, **load_kwargs: Any
+) -> tuple[Task, str | None]:
+    """The task an evaluation of ``spec`` scores, and a line to show when it is not a held-out split.
+
+    ``split`` when given (a split in ``spec`` likewise); else a file as it is; else the test split, then
+    the validation split: a task's default split is its training one, which an evaluation should not
+    score unasked. An ``hf:`` task gets its validation split (a hub dataset's test labels may be hidden,
+    as GLUE's are -1). A task with neither split falls back to its default split, with the line saying
+    so. ``load_kwargs`` go to :func:`layercard.tasks.load_task`.
+    """
+    spec = str(spec)
+    if split is None and spec.startswith("hf:"):
+        return load_task(spec, split="validation", seed=seed, **load_kwargs), None
+    said = None
+    if split is None and not is_file_spec(spec) and not names_split(spec):
+        task = held_out(spec, seed=seed, order=("test", "validation"), **load_kwargs)
+        if task is not None:
+            return task, None
+        said = f"task {spec} has no test or validation split: scoring its default split"
+    return load_task(spec, split=split, seed=seed, **load_kwargs), said
+
+
+def _cut_counts(tok: Any, task: Task, max_length: int | None, loss: bool) -> dict[str, int | None]:
+    """``EvalResult.task["cut"]``: counted before generation, so the loss encoding's own errors (a
+    target of no tokens) come before it too."""
+    counts: dict[str, int | None] = {
+        "prompts": sum(prompt_cut(tok, task.format, ex) for ex in task.examples),
+        "loss_to_max_length": None,
+        "loss_to_format_limits": None,
+    }
+    if loss:
+        encoded = encode_task(tok, task, max_length=max_length)
+        counts["loss_to_max_length"] = sum(e.cut for e in encoded)
+        counts["loss_to_format_limits"] = sum(e.clipped for e in encoded)
+    return counts
+
+
 def evaluate(
     loaded: Any,
     task: Task | str | Path,
@@ -254,12 +341,14 @@ def evaluate(
     is left as it is; ``adapter`` is then only recorded (path and content hash). Without ``model``,
     ``adapter`` (a PEFT or layercard adapter folder) is attached to ``loaded.model`` for the evaluation
     and removed afterwards; with neither, the base is evaluated.
-    ``task`` may be a task spec, read as :func:`layercard.tasks.load_task` reads it (with ``cfg.seed``).
+    ``task`` may be a task spec, read as ``layercard eval`` reads it (:func:`resolve_eval_task`, with
+    ``cfg.seed``): its test split, else its validation split, never its training split unasked.
+    The gold data is checked for every metric before anything is generated.
     """
     if not isinstance(cfg, EvalConfig):
         raise LayercardError(f"evaluate: cfg must be an EvalConfig, got {cfg!r}")
     if isinstance(task, (str, Path)):
-        task = load_task(str(task), seed=cfg.seed)
+        task = resolve_eval_task(str(task), seed=cfg.seed)[0]
     adapter_dir = Path(adapter) if adapter is not None else None
     if adapter_dir is not None and not adapter_dir.is_dir():
         raise LayercardError(f"adapter {adapter_dir}: no such folder")
@@ -270,6 +359,9 @@ def evaluate(
     run = cfg.resolved(sub)
     examples = sub.examples
     tok = loaded.tokenizer
+    assert run.metrics is not None  # resolved() filled it
+    check_gold(run.metrics, examples)  # a bad gold answer fails now, not after hours of generation
+    cut = _cut_counts(tok, sub, run.max_length, run.loss)
 
     attach = adapter_dir is not None and model is None
     ctx = (
@@ -306,7 +398,6 @@ def evaluate(
                 "no eval.json was written"
             )
 
-    assert run.metrics is not None  # resolved() filled it
     metrics = {name: METRICS[name](texts, examples) for name in run.metrics}
     timing["total_s"] = time.perf_counter() - t_start
     config = run.to_dict()
@@ -324,7 +415,7 @@ def evaluate(
         seed=run.seed,
         wall_time_s=timing["total_s"],
     )
-    task_info = {**sub.describe(), "examples_in_split": len(task)}
+    task_info = {**sub.describe(), "examples_in_split": len(task), "cut": cut}
     return EvalResult(
         metrics=metrics,
         loss=None if loss is None else float(loss),

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 from rich.table import Table
@@ -12,7 +12,6 @@ from layercard.cli.app import (
     DeviceOpt,
     DtypeOpt,
     ModelOpt,
-    TaskOpt,
     TrustOpt,
     app,
     console,
@@ -26,7 +25,7 @@ from layercard.cli.app import (
     progress_flag,
 )
 from layercard.cli.options import config_options
-from layercard.cli.task_options import task_options
+from layercard.cli.task_options import SPLIT_HELP, TaskOpt, task_options
 from layercard.config import EvalConfig
 from layercard.errors import LayercardError
 
@@ -45,7 +44,8 @@ def eval_cmd(
     split: Annotated[
         str | None,
         typer.Option(
-            help="Split for preset/synthetic tasks (default: test, else validation; hf: validation)."
+            help="Split of a preset, synthetic, hf: or saved DatasetDict task (default: test, else "
+            f"validation; hf: validation). {SPLIT_HELP}"
         ),
     ] = None,
     seed: Annotated[int, typer.Option(help="Seed of the example subset and of synthetic tasks.")] = 0,
@@ -58,7 +58,7 @@ def eval_cmd(
 ) -> None:
     """Generate greedily on a task, score it with the task metrics and write eval.json + predictions.jsonl."""
     from layercard.artifacts import check_out_folder, writer_lock
-    from layercard.evaluate import evaluate
+    from layercard.evaluate import evaluate, resolve_eval_task
 
     assert cfg is not None  # built by config_options before anything loads: a typo costs no time
     if adapter is not None and not adapter.is_dir():
@@ -66,35 +66,24 @@ def eval_cmd(
         raise LayercardError(f"--adapter {adapter}: {what}")
     check_out_folder(out)
     with writer_lock(out, what="eval folder"):
-        t = _eval_task(task, split, seed, task_kw or {})
+        t, fallback = resolve_eval_task(task, split=split, seed=seed, **(task_kw or {}))
+        if fallback:
+            note(fallback)
         note_task(t)
         note_generation(adapter, t.source)
         loaded = load_cli_model(model, dtype, device, trust_remote_code)
         result = evaluate(loaded, t, cfg, adapter=adapter, progress=progress_flag(json_out))
         path = result.save(out)
     note_examples("--examples", cfg.examples, result.n)
+    cut = result.cut_note()
+    if cut:
+        console.print(cut, markup=False)
     if json_out:
         d = result.to_dict(include_predictions=False)
         emit_json({**d, "eval": str(path), "predictions": str(out / d["predictions_file"])})
         return
     _print_result(result)
     console.print(f"wrote {path} and {out / 'predictions.jsonl'}", markup=False)
-
-
-def _eval_task(spec: str, split: str | None, seed: int, kw: dict) -> Any:
-    """The task to score: ``split`` when given; else a file as it is; else test, then validation (a
-    task's default split is its training one, which an evaluation should not score unasked)."""
-    from layercard.tasks import held_out, is_file_spec, load_task, names_split
-
-    if split is None and spec.startswith("hf:"):
-        # a hub dataset's test labels may be hidden (GLUE's are -1): its validation split, as trim takes
-        return load_task(spec, split="validation", seed=seed, **kw)
-    if split is None and not is_file_spec(spec) and not names_split(spec):
-        task = held_out(spec, seed=seed, order=("test", "validation"), **kw)
-        if task is not None:
-            return task
-        note(f"--task {spec} has no test or validation split: scoring its default split")
-    return load_task(spec, split=split, seed=seed, **kw)
 
 
 def _print_result(result) -> None:

@@ -28,15 +28,28 @@ from layercard.config.run import parse_fields
 from layercard.config.schema import ConfigError
 
 __all__ = [
+    "SPLIT_HELP",
+    "TASK_HELP",
     "ChatTemplateOpt",
     "FieldOpt",
     "PromptOpt",
     "SystemOpt",
+    "TaskOpt",
     "task_kwargs",
     "task_options",
 ]
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+# Every form load_task reads (layercard.tasks.data), so that --help is where a user learns them.
+TASK_HELP = (
+    "Data file (JSONL, JSON, CSV, TSV or Parquet), folder saved by datasets' save_to_disk, "
+    "PRESET[:SPLIT] (e2e_nlg, gsm8k, samsum, sst2; e2e_nlg:validation), synthetic:facts / "
+    "synthetic:format, or hf:NAME[:CONFIG] (the Hugging Face hub)."
+)
+# The part of every --split help that a file's user needs: a file is one split, and another is refused.
+SPLIT_HELP = "A single file has no splits: give the other split's file instead."
+TaskOpt = Annotated[str, typer.Option("--task", "-t", help=TASK_HELP)]
 
 FieldOpt = Annotated[
     list[str] | None,

@@ -3,7 +3,8 @@
 A task spec is one of
 
 - a data file: JSONL, JSON, CSV/TSV or Parquet (``layercard.tasks.formats``), or a folder written by
-  ``datasets``' ``save_to_disk`` (its split chosen by ``split=``). Records follow one of the schemas
+  ``datasets``' ``save_to_disk`` (a DatasetDict's split chosen by ``split=``). A single file (or saved
+  Dataset) is one split, named by its stem: any other ``split=`` is refused. Records follow one of the schemas
   of ``layercard.tasks.schemas`` (``input``/``target``, Alpaca, chat ``messages``, plain ``text``),
   detected from the first record; ``field_map`` names other columns. The prompt format comes from
   ``preset=``, else from the schema (``chat``, ``text``), else from the parent folder's name
@@ -137,7 +138,7 @@ def _load_path(
     )
     fmt = _schema_format(schema, preset, detect_preset(p) if p.is_file() else PRESETS["jsonl"])
     name = fmt.name if fmt.name in DATASET_PRESETS or fmt.name in SYNTHETIC_TASKS else stem
-    # a single file has no splits: a split asked of it is not what it holds, so it is named by its stem
+    # a single file is one split, named by its stem (read_records refused any other split asked of it)
     return Task(name, str(p.resolve()), records.split or stem, fmt, examples, schema)
 
 
@@ -266,13 +267,22 @@ def _load_hf(spec: str, *, split: str, field_map: Mapping[str, str] | None, fmt:
         ds = datasets.load_dataset(name, config, split=split)
     except Exception as e:  # offline, unknown name, bad split: all are a user-facing one-liner
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise MissingSplit(
+        if _unknown_split(e):  # the dataset is there without this split: a held-out lookup tries the next
+            raise MissingSplit(f"task {spec!r}: no split {split!r} ({msg})") from None
+        raise LayercardError(
             f"task {spec!r}: datasets.load_dataset failed (needs the network or a cached copy): {msg}"
         ) from None
     source = f"{spec}[{split}]"
     rows = [(f"{source}:{i}", i, rec) for i, rec in enumerate(ds, start=1)]
     schema, examples = _examples(rows, source=source, stem=Path(source).stem, field_map=field_map)
     return Task(name, spec, split, _schema_format(schema, fmt, PRESETS["jsonl"]), examples, schema)
+
+
+def _unknown_split(e: Exception) -> bool:
+    """Whether ``datasets.load_dataset`` failed because the dataset has no such split: its builder says
+    ``Bad split: ...`` and its reader ``Unknown split "..."``, both as a ValueError. Any other failure
+    (offline, no such dataset, a broken script) is not a missing split and must not be passed over."""
+    return isinstance(e, ValueError) and str(e).startswith(("Bad split", "Unknown split"))
 
 
 def is_file_spec(spec: str) -> bool:

@@ -11,7 +11,8 @@ prompt ids); for SmolLM2 this equals tokenizing the whole chat text (checked in 
 
 Truncation keeps what matters for the loss and for generation: an over-long prompt loses tokens from
 the start of the example's *input* (the system prompt, the instruction's start and the generation prompt
-stay); a target is cut from the right.
+stay); where the input is too short to absorb the cut, the prompt keeps its end (the input's end and the
+generation prompt) and loses its start. A target is cut from the right.
 
 Two more layouts: a chat example (``Example.messages``) is the whole conversation, each segment
 tokenized separately (``layercard.tasks.chat``), with loss on every assistant reply and its turn-end
@@ -49,6 +50,7 @@ __all__ = [
     "encode_task",
     "end_token_id",
     "plug_in_entropy",
+    "prompt_cut",
     "target_entropy",
     "turn_end_token",
     "turn_end_token_id",
@@ -272,6 +274,17 @@ def encode_prompt(
     return _prompt_ids(tokenizer, fmt, text, budget)[0]
 
 
+def prompt_cut(tokenizer: Any, fmt: TaskFormat, ex: Example) -> bool:
+    """Whether the format's ``max_input_tokens`` cuts the prompt :func:`encode_prompt` gives ``ex`` (the
+    prompt generation continues): a model answering a cut prompt may lack what the answer needs."""
+    if fmt.completion:
+        return False
+    if ex.messages is not None:
+        context = _conversation_ids(tokenizer, fmt, ex, end_token_id(tokenizer, fmt))[0]
+        return len(context) > fmt.max_input_tokens
+    return _prompt_ids(tokenizer, fmt, ex.input, fmt.max_input_tokens)[1] > fmt.max_input_tokens
+
+
 def _prompt_ids(tokenizer: Any, fmt: TaskFormat, text: str, budget: int) -> tuple[list[int], int]:
     """The rendered prompt's ids cut to ``budget``, and its length before the cut."""
     prompt = build_prompt(tokenizer, fmt, text)
@@ -404,7 +417,8 @@ def cut_text(
         lines.append(
             f"note: {clipped} of {total} {what} examples exceed the task format's limits of {limits[0]} "
             f"prompt and {limits[1]} target tokens and were cut to them (a prompt from its input's start, "
-            "a target from its end, which then lacks its end token); --max-length does not lift these"
+            "or from its own start where the input is too short to absorb the cut; a target from its end, "
+            "which then lacks its end token); --max-length does not lift these"
         )
     return "\n".join(lines) or None
 

@@ -3,8 +3,10 @@
 Each reader returns the records with the place each came from, so every later error names it:
 ``FILE:LINE`` for text files (the line a record starts on) and ``SOURCE:ROW`` (1-based) for Parquet
 files and saved datasets. Text files are UTF-8, with or without a byte-order mark. A ``.json`` file
-holds an array of records, or JSON lines. A saved dataset is a folder written by
-``datasets.Dataset.save_to_disk`` (or a ``DatasetDict``'s, whose split is chosen by name).
+holds an array of records, or JSON lines. A ``.tsv`` file has no quoting (tabs separate cells, quotes
+are text); a ``.csv`` file has CSV's. A single file is one split, named by its stem. A saved dataset is
+a folder written by ``datasets.Dataset.save_to_disk`` (or a ``DatasetDict``'s, whose split is chosen by
+name).
 """
 
 from __future__ import annotations
@@ -99,7 +101,10 @@ def _json(p: Path, text: str) -> list[tuple[str, int, Any]]:
 
 
 def _csv(p: Path, text: str, delimiter: str) -> list[tuple[str, int, Any]]:
-    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
+    # TSV has no quoting: tabs separate and a quote is text ('"Great" movie'); read with CSV's quoting,
+    # its quotes would vanish and an unclosed one would swallow the lines after it
+    quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, quoting=quoting)
     try:
         header = next(reader)
     except StopIteration:
@@ -155,10 +160,33 @@ def dataset_splits(path: str | Path) -> list[str] | None:
     return [str(s) for s in splits]
 
 
+def _recorded_split(p: Path) -> str | None:
+    """The split a saved single Dataset records in its state file (``load_dataset(split=...)``), if any."""
+    try:
+        split = json.loads((p / _STATE_FILE).read_text(encoding="utf-8")).get("_split")
+    except (OSError, ValueError, AttributeError):
+        return None  # an unreadable state file is load_from_disk's to report
+    return split if isinstance(split, str) and split else None
+
+
+def _check_own_split(p: Path, split: str | None, own: tuple[str | None, ...]) -> None:
+    """Refuse a split a single file or Dataset does not hold: it holds one, named ``own``; reading it
+    anyway would score (or train on) other rows than the split asked for."""
+    if split is None or split in own:
+        return
+    what = "one file" if p.is_file() else "one saved Dataset"
+    raise MissingSplit(
+        f"{p}: {what}, no split {split!r} (its own: {own[0]!r}); give another file (--task, --val-task, "
+        "task.eval)"
+    )
+
+
 def _saved_dataset(p: Path, split: str | None) -> Records:
     splits = dataset_splits(p)
     chosen = None
-    if splits is not None:
+    if splits is None:
+        _check_own_split(p, split, (p.name, _recorded_split(p)))
+    else:
         if split is None:
             if "train" not in splits and len(splits) != 1:
                 raise LayercardError(f"{p}: saved splits {', '.join(splits)}; choose one (split=NAME)")
@@ -181,12 +209,18 @@ def _saved_dataset(p: Path, split: str | None) -> Records:
 
 
 def read_records(path: str | Path, *, split: str | None = None) -> Records:
-    """Every record of a data file or saved dataset folder (``split``: which split of a DatasetDict)."""
+    """Every record of a data file or saved dataset folder (``split``: which split of a DatasetDict).
+
+    A single file or saved Dataset is one split, named by its stem (or the split a Dataset records):
+    another ``split`` raises :class:`~layercard.errors.MissingSplit`.
+    """
     p = Path(path)
     if p.is_dir():
         if not is_saved_dataset(p):
             raise LayercardError(f"{p}: a folder, but not a saved dataset (no {_DICT_FILE} or {_STATE_FILE})")
         return _saved_dataset(p, split)
+    if p.is_file():  # a missing file is reported as such below
+        _check_own_split(p, split, (p.stem,))
     suffix = p.suffix.lower()
     if suffix == ".parquet":
         return Records(_parquet(p))

@@ -27,6 +27,7 @@ __all__ = [
     "METRICS",
     "Metric",
     "bleu",
+    "check_gold",
     "compute_metrics",
     "exact_match",
     "extract_final_number",
@@ -178,6 +179,13 @@ def _to_float(token: str) -> float | None:
         return None
 
 
+def _gold_value(ans: str | float | int) -> float | None:
+    """A gold answer as a finite number, else None: "nan" and "inf" parse as floats but no prediction
+    can equal them, so every example would silently score 0."""
+    gold = float(ans) if isinstance(ans, (int, float)) else _to_float(str(ans))
+    return gold if gold is not None and math.isfinite(gold) else None
+
+
 def gsm8k_accuracy(predictions: Sequence[str], answers: Sequence[str | float | int]) -> float:
     """Share of predictions whose final number (see :func:`extract_final_number`) equals the answer.
 
@@ -187,7 +195,7 @@ def gsm8k_accuracy(predictions: Sequence[str], answers: Sequence[str | float | i
     _check_parallel(predictions, answers, "gsm8k_accuracy")
     correct = 0
     for pred, ans in zip(predictions, answers, strict=True):
-        gold = _to_float(str(ans)) if not isinstance(ans, (int, float)) else float(ans)
+        gold = _gold_value(ans)
         if gold is None:
             raise LayercardError(f"gsm8k_accuracy: answer {ans!r} is not a number")
         got = extract_final_number(pred)
@@ -200,14 +208,18 @@ def label_accuracy(
     labels: Sequence[str | int],
     label_set: Sequence[str] = ("negative", "positive"),
 ) -> float:
-    """Share of predictions whose first label word (whole word, case-insensitive) is the gold label.
+    """Share of predictions whose first label (case-insensitive, not part of a longer word) is the gold
+    label.
 
-    ``labels`` are label words or integer indices into ``label_set``. A prediction with no label word
-    counts as wrong.
+    ``labels`` are label words (or punctuated labels such as ``(A)``) or integer indices into
+    ``label_set``. A prediction with no label counts as wrong.
     """
     _check_parallel(predictions, labels, "label_accuracy")
     words = [w.lower() for w in label_set]
-    pattern = re.compile(r"\b(" + "|".join(re.escape(w) for w in words) + r")\b")
+    # (?<!\w)/(?!\w), not \b: a label that starts or ends with punctuation ("(a)") has no word boundary
+    # there. Longest first, so a label that begins another ("not", "not bad") does not take its place.
+    alternatives = sorted(words, key=len, reverse=True)
+    pattern = re.compile(r"(?<!\w)(" + "|".join(re.escape(w) for w in alternatives) + r")(?!\w)")
     correct = 0
     for pred, gold in zip(predictions, labels, strict=True):
         if isinstance(gold, int) and not isinstance(gold, bool):
@@ -240,6 +252,8 @@ class Metric:
     scale: float
     description: str
     higher_is_better: bool = True
+    # raises on gold data the metric cannot score: run before generation, which may take hours
+    check_gold: Callable[[Sequence[Example]], None] | None = None
 
     def __call__(self, predictions: Sequence[str], examples: Sequence[Example]) -> float:
         _check_parallel(predictions, examples, self.name)
@@ -256,13 +270,22 @@ def _mean_per_example(fn: Callable[[str, Sequence[str]], float]):
 
 
 def _gold_number(ex: Example) -> str:
-    """``final_answer`` from the example's meta, else the number after ``####`` in its target."""
+    """``final_answer`` from the example's meta, else the number after ``####`` in its target; checked
+    to be a finite number, so a bad gold answer is named with its example."""
     if "final_answer" in ex.meta:
-        return str(ex.meta["final_answer"])
+        answer = str(ex.meta["final_answer"])
+        if _gold_value(answer) is None:
+            raise LayercardError(f"gsm8k_accuracy: example {ex.id!r}: answer {answer!r} is not a number")
+        return answer
     value = extract_final_number(ex.target)
-    if value is None:
+    if value is None or not math.isfinite(value):
         raise LayercardError(f"example {ex.id!r}: no final_answer and no number in its target")
     return repr(value)
+
+
+def _gsm8k_gold(examples: Sequence[Example]) -> None:
+    for ex in examples:
+        _gold_number(ex)
 
 
 def _label_accuracy_examples(predictions: Sequence[str], examples: Sequence[Example]) -> float:
@@ -295,6 +318,7 @@ METRICS: dict[str, Metric] = {
             lambda p, ex: gsm8k_accuracy(p, [_gold_number(e) for e in ex]),
             1.0,
             "final number equals final_answer",
+            check_gold=_gsm8k_gold,
         ),
         Metric(
             "label_accuracy",
@@ -314,6 +338,15 @@ def compute_metrics(
     if unknown:
         raise LayercardError(f"unknown metric {unknown[0]!r}; valid: {', '.join(METRICS)}")
     return {n: METRICS[n](predictions, examples) for n in names}
+
+
+def check_gold(names: Sequence[str], examples: Sequence[Example]) -> None:
+    """Raise on gold data a named metric cannot score (a GSM8K answer that is not a number), before any
+    prediction is generated; unknown names are left to :func:`compute_metrics`."""
+    for name in names:
+        metric = METRICS.get(name)
+        if metric is not None and metric.check_gold is not None:
+            metric.check_gold(examples)
 
 
 LOSS = "loss"  # the teacher-forced loss: selectable like a metric, lower is better
