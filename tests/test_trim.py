@@ -615,3 +615,16 @@ def test_latency_text_says_when_the_two_generated_different_lengths():
                            {"s_per_example": 0.024, "new_tokens_per_example": 16.0})  # fmt: skip
     assert other == "0.005 → 0.024 s/example (generating 1.0 → 16.0 tokens/example: not the same work)"
     assert T.latency_text({"s_per_example": 0.04}, {"s_per_example": 0.03}) == "0.040 → 0.030 s/example"
+
+
+def test_a_scorer_checks_the_gold_answers_before_any_boundary_is_generated():
+    from layercard.tasks import Example, Task, TaskFormat
+
+    fmt = TaskFormat("math", "q: {input}", ("gsm8k_accuracy",), 48, 8, 6)
+    examples = (Example("g1", "2+2", "#### 4", meta={"final_answer": "4"}), Example("g2", "1/0", "#### ?"))
+    task = Task("math", "memory", "test", fmt, examples)
+    with pytest.raises(LayercardError, match="example 'g2': no final_answer"):
+        T.task_scorer(
+            tiny_tokenizer(), task, examples, metrics=["gsm8k_accuracy"], batch_size=2, max_new_tokens=2,
+            max_length=64,
+        )  # fmt: skip

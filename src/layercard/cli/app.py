@@ -103,14 +103,6 @@ TrustOpt = Annotated[bool, typer.Option(help="Allow the model's own code from it
 ModelOpt = Annotated[
     str, typer.Option("--model", "-m", help="Built-in name (smollm2), local folder, .gguf file.")
 ]
-TaskOpt = Annotated[
-    str,
-    typer.Option(
-        "--task",
-        "-t",
-        help="JSONL path, preset:split (e2e_nlg:validation), or synthetic:facts / synthetic:format.",
-    ),
-]
 
 
 def note(text: str) -> None:

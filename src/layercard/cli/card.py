@@ -14,7 +14,6 @@ from layercard.cli.app import (
     DeviceOpt,
     DtypeOpt,
     ModelOpt,
-    TaskOpt,
     TrustOpt,
     app,
     console,
@@ -25,7 +24,7 @@ from layercard.cli.app import (
     progress_flag,
 )
 from layercard.cli.options import config_options
-from layercard.cli.task_options import task_options
+from layercard.cli.task_options import SPLIT_HELP, TaskOpt, task_options
 from layercard.config import CardConfig
 from layercard.errors import LayercardError
 
@@ -68,7 +67,7 @@ def card_cmd(
     out: Annotated[
         Path, typer.Option("--out", "-o", help="Folder for card.json, card.md and figures.")
     ] = Path("card"),
-    split: Annotated[str | None, typer.Option(help="Split for preset/synthetic tasks.")] = None,
+    split: Annotated[str | None, typer.Option(help=f"Split for preset/synthetic tasks. {SPLIT_HELP}")] = None,
     dtype: DtypeOpt = "float32",
     device: DeviceOpt = "auto",
     trust_remote_code: TrustOpt = False,

@@ -10,7 +10,6 @@ import typer
 from rich.table import Table
 
 from layercard.cli.app import (
-    TaskOpt,
     TrustOpt,
     app,
     console,
@@ -23,7 +22,7 @@ from layercard.cli.app import (
     progress_flag,
 )
 from layercard.cli.options import config_options
-from layercard.cli.task_options import task_options
+from layercard.cli.task_options import SPLIT_HELP, TaskOpt, task_options
 from layercard.config import TrainConfig
 from layercard.config.train import DTYPES
 from layercard.errors import LayercardError
@@ -56,12 +55,13 @@ def train_cmd(
         ),
     ] = None,
     split: Annotated[
-        str | None, typer.Option(help="Training split for preset/synthetic tasks (default: train).")
+        str | None,
+        typer.Option(help=f"Training split for preset/synthetic tasks (default: train). {SPLIT_HELP}"),
     ] = None,
     val_task: Annotated[
         str | None, typer.Option(help="Validation task (default: --task's validation or test split).")
     ] = None,
-    val_split: Annotated[str | None, typer.Option(help="Validation split.")] = None,
+    val_split: Annotated[str | None, typer.Option(help=f"Validation split. {SPLIT_HELP}")] = None,
     model: Annotated[
         str | None, typer.Option("--model", "-m", help="Base model (default: the plan's card model).")
     ] = None,

@@ -13,7 +13,6 @@ from layercard.cli.app import (
     DeviceOpt,
     DtypeOpt,
     ModelOpt,
-    TaskOpt,
     TrustOpt,
     app,
     console,
@@ -26,7 +25,7 @@ from layercard.cli.app import (
     progress_flag,
 )
 from layercard.cli.options import config_options
-from layercard.cli.task_options import task_options
+from layercard.cli.task_options import SPLIT_HELP, TaskOpt, task_options
 from layercard.config import TraceConfig, TrimConfig
 from layercard.errors import LayercardError
 
@@ -34,7 +33,8 @@ AdapterOpt = Annotated[
     Path, typer.Option("--adapter", "-a", help="Trained adapter folder (PEFT LoRA or layercard bottleneck).")
 ]
 SplitOpt = Annotated[
-    str | None, typer.Option(help="Split (default: the task's validation split, else its test split).")
+    str | None,
+    typer.Option(help=f"Split (default: the task's validation split, else its test split). {SPLIT_HELP}"),
 ]
 
 

@@ -590,6 +590,7 @@ class Runner:
                 ("examples", str(r.n)),
                 ("s/example", _fmt(r.timing.get("s_per_example"), ".3f")),
                 *_examples_note("eval.examples", self.cfg.eval.examples, len(self.eval_task)),
+                *[("note", line.removeprefix("note: ")) for line in (r.cut_note() or "").splitlines()],
             ]
 
         inputs = {

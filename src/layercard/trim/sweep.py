@@ -23,7 +23,7 @@ from torch import nn
 from layercard import inference
 from layercard.errors import LayercardError
 from layercard.progress import track
-from layercard.tasks import Example, Task, compute_metrics
+from layercard.tasks import Example, Task, check_gold, compute_metrics
 from layercard.trim.mask import adapted_modules, masked_layers
 
 __all__ = [
@@ -170,6 +170,7 @@ def task_scorer(
     Generation timing (``s_per_example``, ``tokens_per_s``) is that of the model as it is (unmerged).
     """
     names = list(dict.fromkeys(metrics))
+    check_gold(names, examples)  # before any K is generated for
 
     def score(model: nn.Module, k: int) -> dict[str, Any]:
         texts, timing = inference.generate(
