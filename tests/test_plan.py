@@ -1121,3 +1121,125 @@ def test_a_plan_of_several_micro_batches_a_step_prices_each(tiny_card):
     assert four.predicted["step_time_s"] == pytest.approx(4 * one.predicted["step_time_s"])
     assert four.config["grad_accum"] == 4 and four.predicted["step_micro_batches"] == 4
     assert four.predicted["memory"]["peak_mib"] == pytest.approx(one.predicted["memory"]["peak_mib"])
+
+
+@pytest.mark.parametrize(
+    "budget, said",
+    [
+        (
+            "memory=150",
+            "fits memory=150 MiB: the cheapest that covers it, q,v · all · r=1, needs memory=182 MiB (",
+        ),
+        (
+            "step_time=3",
+            "fits step_time=3 s: the cheapest that covers it, q,v · all · r=1, needs step_time=6.6 s (",
+        ),
+    ],
+)
+def test_depth_notes_give_budgets_and_costs_with_their_units(tiny_card, budget, said):
+    varied = dataclasses.replace(
+        tiny_card, task={**tiny_card.task, "target_entropy": 5.0, "target_entropy_tokens": 2048}
+    )
+    (note,) = [w for w in make_plan(varied, PlanConfig(budget=budget)).warnings if "leaves depth" in w]
+    assert said in note
+
+
+def test_budgets_refuse_digit_separators_and_take_a_list():
+    from layercard.config.budget import Budgets
+
+    for text in ("params=1_000k", "memory=6_144", "step_time=1_0"):
+        with pytest.raises(LayercardError, match="has an underscore") as e:
+            Budget.parse(text)
+        assert "\n" not in str(e.value)
+    # YAML writes a list where the command line writes commas
+    both = PlanConfig(budget=["params=0.25x", "step_time=0.6x"]).budget
+    assert both == Budgets.parse("params=0.25x,step_time=0.6x") and str(both) == "params=0.25x,step_time=0.6x"
+    with pytest.raises(LayercardError, match="budget: budget 3: each entry of a budget list must be") as e:
+        PlanConfig(budget=["params=0.25x", 3])
+    assert "\n" not in str(e.value)
+    from layercard.pipeline.config import parse_config
+
+    run = parse_config(
+        {
+            "task": "synthetic:facts",
+            "placements": [
+                {"name": "a", "policy": "recommend", "budget": ["params=0.25x", "step_time=0.6x"]}
+            ],
+        }
+    )
+    assert str(run.placements[0].plan.budget) == "params=0.25x,step_time=0.6x"
+
+
+def _edit(*path):
+    """A change that sets ``d[path[0]]...[path[-2]] = path[-1]`` of a plan.json dict."""
+
+    def change(d):
+        *keys, last, value = path
+        for k in keys:
+            d = d[k]
+        d[last] = value(d) if callable(value) else value
+
+    return change
+
+
+def _pattern(attr, value, key=None):
+    """A change that sets ``lora_config[attr][key]`` (default: the first module of its rank pattern)."""
+
+    def change(d):
+        lora = d["lora_config"]
+        lora[attr][key or next(iter(lora["rank_pattern"]))] = value
+
+    return change
+
+
+def _unit_rank(patterned):
+    """A change that doubles the rank of the first unit with (or without) a rank_pattern entry."""
+
+    def change(d):
+        pattern = d["lora_config"]["rank_pattern"]
+        next(u for u in d["units"] if (u["name"] in pattern) == patterned)["rank"] *= 2
+
+    return change
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (_edit("lora_config", "r", 2.5), "lora_config.r: must be an integer >= 1, got 2.5"),
+        (_pattern("rank_pattern", 2.5),
+         r"lora_config.rank_pattern\.model\..*: must be an integer >= 1, got 2\.5"),
+        (_pattern("rank_pattern", 0), r"lora_config.rank_pattern\..*: must be an integer >= 1, got 0"),
+        (_pattern("alpha_pattern", "x"),
+         r"lora_config.alpha_pattern\..*: must be a finite number > 0, got 'x'"),
+        (_pattern("rank_pattern", 4, "q_proj"),
+         "lora_config.rank_pattern: keys must be modules of the plan's units, got 'q_proj'"),
+        (_pattern("alpha_pattern", 4, "model.layers.99.x"),
+         "lora_config.alpha_pattern: keys must be modules of the plan's units"),
+        (_unit_rank(True), r"units\[\d+\].rank: must be lora_config's rank of .* \(its rank_pattern\), got"),
+        (_unit_rank(False), r"units\[\d+\].rank: must be lora_config's rank of .* \(its r\), got"),
+        (_edit("lora_config", "target_modules", "all-linear"), "lora_config.target_modules: must be a list"),
+        (_edit("lora_config", "target_modules", lambda lc: [1] * len(lc["target_modules"])),
+         r"lora_config.target_modules\[0\]: must be text"),
+        (lambda d: d.update(units=[], layers=[]), "units: must list at least one planned unit"),
+        (_edit("config", "alpha", "x"), "config.alpha: must be a finite number > 0, got 'x'"),
+        (_edit("config", "dropout", 2.0), "config.dropout: must be a probability below 1, got 2.0"),
+        (_edit("config", "rank", 0), "config.rank: must be an integer >= 1 or 'auto', got 0"),
+        (_edit("config", "roles", "q,v"), "config.roles: must be a list"),
+        (_edit("config", "score", "magic"), "config.score: must be one of"),
+        (_edit("config", "seed", -1), "config.seed: must be an integer >= 0, got -1"),
+    ],
+)  # fmt: skip
+def test_an_inconsistent_plan_json_is_refused_on_load_naming_the_field(tiny_card, tmp_path, change, message):
+    plan = make_plan(tiny_card, PlanConfig("card", budget="params=3000", rank="auto"))
+    d = plan.to_dict()
+    assert d["lora_config"]["rank_pattern"] and d["lora_config"]["alpha_pattern"]  # ranks differ
+    change(d)
+    path = tmp_path / "plan.json"
+    path.write_text(json.dumps(d))
+    with pytest.raises(LayercardError, match=f"^{re.escape(str(path))}: {message}") as e:
+        Plan.load(path)
+    assert "\n" not in str(e.value)
+    # the plan as written loads, and so does one whose settings were made by restricting it
+    assert Plan.load(plan.save(tmp_path / "ok.json")) == plan
+    again = plan.restricted(plan.layers[:1], tiny_card)
+    assert Plan.load(again.save(tmp_path / "restricted.json")) == again

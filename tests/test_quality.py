@@ -747,11 +747,11 @@ def test_a_difference_counts_only_beyond_the_larger_expected_error():
     assert "within the model's error" in text and "±15 points for peft-default" in text
     assert R.beyond_error(rec, narrow) and not R.beyond_error(rec, wide)
     assert not R.beyond_error(rec, cand("q,v", 0.50, None))  # an unknown error calls nothing
-    # a plan that is a fixed rule is set against the search's own pick, not called the best
+    # a plan that is a fixed rule is set against the recommendation within its budgets, not called the best
     rule = cand("q,v", 0.88, 0.04)
     assert "the most of any placement" in R.sentence(rule, {"peft-default": rule}, rule)
     text = R.sentence(rule, {"peft-default": rule}, dataclasses.replace(rec, units=(("w", 2),)))
-    assert "the most of any" not in text and "the search's pick within them, mlp · all · r=2" in text
+    assert "the most of any" not in text and "the recommendation within them, mlp · all · r=2" in text
     assert "+7 points" in text
 
 
@@ -798,3 +798,156 @@ def test_a_rank_the_search_does_not_use_is_said():
     assert not any("not used" in w for w in quiet)  # the default rank is not an ask
     unfitted = make_plan(card, PlanConfig(policy="peft-default", rank=4))  # no budget: the rank is used
     assert unfitted.units[0].rank == 4 and not any("not used" in w for w in unfitted.warnings)
+
+
+def _varied(card: Card) -> Card:
+    """``card`` with targets varied enough for the depth rule."""
+    return dataclasses.replace(card, task={**card.task, "target_entropy": 5.0, "target_entropy_tokens": 2048})
+
+
+def test_a_fixed_rule_off_the_frontier_is_said_to_be_that_rule_not_a_restriction():
+    from layercard.cli.app import console
+    from layercard.cli.plan import _print_search_plan
+    from layercard.config import PlanConfig
+    from layercard.plan import make_plan
+
+    card = _varied(_card(12))
+    for kw, rule in [
+        (dict(policy="peft-default", rank=4), "the peft-default rule at rank 4"),
+        (dict(policy="last-n", budget="params=0.1x"), "the last-n rule fitted to its budgets"),
+    ]:
+        with console.capture() as cap:
+            _print_search_plan(make_plan(card, PlanConfig(**kw)))
+        out = " ".join(cap.get().split())
+        assert f"the plan is off this frontier: it is {rule}, not the search's pick" in out, out
+        assert "keeps to a restriction" not in out
+
+
+def test_a_target_the_depth_rule_decided_is_said_to_be_over_all_the_depth(monkeypatch):
+    from layercard.config import PlanConfig
+    from layercard.plan import make_plan
+
+    blind = Q.QualityModel("capacity", (2.0, 1.0), expected_error=0.05, basis="test", error_band=(0.04, 0.13))
+    monkeypatch.setattr(Q, "DEFAULT_MODEL", blind)
+    card = _varied(_card(12, weight=lambda layer, role: 10.0 if layer >= 9 else 0.1))
+    aimed = make_plan(card, PlanConfig(policy="recommend", target=0.5))
+    free = make_plan(card, PlanConfig(policy="recommend", target=0.5, depth="any"))
+    assert free.predicted["params"] < aimed.predicted["params"]  # a cheaper one leaves depth out
+    assert (
+        "the cheapest placement over all the depth predicted to reach 50" in aimed.predicted["recommendation"]
+    )
+    assert "the cheapest placement predicted to reach 50" in free.predicted["recommendation"]
+
+
+def test_depth_bands_are_near_equal_at_any_layer_count():
+    from layercard.plan.policies import _bands
+
+    assert Q.depth_coverage(range(15), 16) == 1.0  # the sixth band is not layer 15 alone
+    assert Q.depth_coverage([0], 13) == pytest.approx(1 / 6)  # six bands, not five
+    for n in range(1, 70):
+        k = min(Q.DEPTH_BANDS, n)
+        sizes = [sum(Q.depth_band(x, n) == b for x in range(n)) for b in range(k)]
+        assert set(sizes) <= {n // k, -(-n // k)}, (n, sizes)
+        assert [[x for x in range(n) if Q.depth_band(x, n) == b] for b in range(k)] == [
+            list(b) for b in _bands(n, k)
+        ]
+    # 30 layers (smollm2): the five-layer bands the quality model was fitted with
+    assert all(Q.depth_band(x, 30) == x // 5 for x in range(30))
+
+
+def test_fixed_rules_outside_the_models_evidence_are_marked_and_no_gain_is_called_over_them():
+    from layercard.config import PlanConfig
+    from layercard.plan import make_plan
+    from layercard.plan import recommend as R
+
+    card = _card(8)
+    # q,v on every layer at rank 1 is 0.029x the reference: below the smallest placement fitted on
+    small = make_plan(card, PlanConfig(policy="recommend", budget="params=0.05x", depth="any"))
+    row = small.predicted["defaults"]["peft-default"]
+    assert row["rank"] == 1 and row["params_x"] < Q.DEFAULT_MODEL.min_params_share
+    assert row["outside_model_range"] is True and small.predicted["candidate"]["outside_model_range"] is False
+    text = small.predicted["recommendation"]
+    said = "for peft-default (q,v · all · r=1) at the same budgets: no gain is called over it, its prediction"
+    assert f"{said} lying {R.OUTSIDE}" in text
+    assert "is below the smallest placement it was fitted on" in text and "points (expected" not in text
+    # a rule outside the evidence is marked, and the rule inside it is the one compared
+    wide = make_plan(card, PlanConfig(policy="recommend", budget="params=4x", depth="any"))
+    rows = wide.predicted["defaults"]
+    assert rows["all-linear"]["rank"] == 32 and rows["all-linear"]["outside_model_range"] is True
+    assert rows["last-n"]["outside_model_range"] is False
+
+    def cand(matrices, quality, rank):
+        return F.Candidate(matrices, (0,), "all", rank, quality, {"params": 1.0}, ((matrices, rank),), 0.04)
+
+    rec, inside, beyond = cand("mlp", 0.95, 8), cand("all-linear", 0.85, 8), cand("q,v", 0.99, 32)
+    text = R.sentence(
+        rec, {"last-n": inside, "peft-default": beyond}, outside=lambda c: "why" if c is beyond else None
+    )
+    assert "against 85% for last-n (all-linear · all · r=8) at the same budgets: +10 points" in text
+    assert (
+        f"peft-default (q,v · all · r=32) is predicted 99%, a prediction {R.OUTSIDE} (why); no gain" in text
+    )
+    # a plan that is such a rule says so of itself
+    rule = make_plan(card, PlanConfig(policy="all-linear", budget="params=4x"))
+    assert (
+        f"a prediction {R.OUTSIDE} (rank 32 is above the highest it was fitted on, 8)"
+        in (rule.predicted["recommendation"])
+    )
+    assert "no difference is called" in rule.predicted["recommendation"]
+
+
+def test_a_card_without_every_linear_role_says_what_1x_is():
+    from layercard.config import PlanConfig
+    from layercard.plan import make_plan
+
+    card = _card()
+    attn = dataclasses.replace(card, units=[u for u in card.units if u.role in ("q", "k", "v", "o")])
+    attn = dataclasses.replace(attn, roles=["q", "k", "v", "o"])
+    plan = make_plan(attn, PlanConfig(policy="recommend", budget="params=0.25x"))
+    (note,) = [w for w in plan.warnings if w.startswith("reference:")]
+    ref = plan.predicted["reference"]["params"]
+    assert (
+        "only roles q,k,v,o, so 1x" in note and f"q,k,v,o on every layer at rank 8, {ref:,.0f} params" in note
+    )
+    assert ref == sum(8 * (u.d_in + u.d_out) for u in attn.units)
+    full = make_plan(card, PlanConfig(policy="recommend", budget="params=0.25x"))
+    assert not any(w.startswith("reference:") for w in full.warnings)
+
+
+def test_a_fixed_rule_is_set_against_the_pick_recommend_makes_under_the_depth_rule(monkeypatch):
+    from layercard.config import PlanConfig
+    from layercard.plan import make_plan
+
+    blind = Q.QualityModel("capacity", (2.0, 1.0), expected_error=0.05, basis="test", error_band=(0.04, 0.13))
+    monkeypatch.setattr(Q, "DEFAULT_MODEL", blind)
+    card = _varied(_card(12, weight=lambda layer, role: 10.0 if layer >= 9 else 0.1))
+    rec = make_plan(card, PlanConfig(policy="recommend", budget="params=0.25x"))
+    free = make_plan(card, PlanConfig(policy="recommend", budget="params=0.25x", depth="any"))
+    picked, passed = F.row_label(rec.predicted["candidate"]), F.row_label(free.predicted["candidate"])
+    assert picked != passed
+    rule = make_plan(card, PlanConfig(policy="last-n", budget="params=0.25x"))
+    text = rule.predicted["recommendation"]
+    # the search's pick left free is the rule itself here, which recommend would not take
+    assert F.row_label(rule.predicted["candidate"]) == passed and "the most of any" not in text
+    assert f"the recommendation within them over all the depth, {picked}, is predicted" in text
+
+
+def test_percents_take_a_decimal_where_whole_ones_would_read_the_same():
+    from layercard.plan import recommend as R
+
+    assert R._percents(0.999, 0.99998) == ["99.9%", "100.0%"]
+    assert R._percents(0.95, 0.96) == ["95%", "96%"] and R._percents(1.0, 0.99999) == ["100%", "100%"]
+    rec = F.Candidate("mlp", (0,), "all", 8, 0.99998, {"params": 10.0}, (("u", 8),), 0.04)
+    text = R.target_sentence(rec, {}, 0.999, "params", {"params": 20.0})
+    assert "predicted to reach 99.9% of the reference's loss drop (predicted 100.0%," in text
+    assert "; 99.9% lies within the prediction's expected error" in text
+
+
+def test_a_target_priced_in_a_cost_the_card_did_not_measure_says_how_to_measure_it():
+    from layercard.config import PlanConfig
+    from layercard.plan import make_plan
+
+    with pytest.raises(
+        LayercardError, match=r"^target 0.95: priced in step_time, .*\(run card with --calibrate\)$"
+    ):
+        make_plan(_card(), PlanConfig(policy="recommend", target=0.95, budget="step_time=1"))

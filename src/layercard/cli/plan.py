@@ -142,7 +142,18 @@ def _print_search_plan(plan) -> None:
             and (r[kind] < chosen[kind] or r["quality"] > chosen["quality"])
             for r in rows
         )
-        if not on_frontier and dominated:
+        if not on_frontier and plan.config["policy"] != "recommend":
+            # a fixed rule (or spectrum's selection) is that rule's placement, whatever the search would pick
+            notes.append(
+                f"the plan is off this frontier: it is {_rule_text(plan)}, not the search's pick"
+                + (f"; a placement as cheap in {kind} is predicted as high" if dominated else "")
+                + (
+                    "; its prediction lies outside the quality model's range"
+                    if chosen.get("outside_model_range")
+                    else ""
+                )
+            )
+        elif not on_frontier and dominated:
             notes.append(
                 f"the plan is off this frontier: a placement as cheap in {kind} is predicted as high, and "
                 "the plan keeps to a restriction (its --depth, or one its warnings give)"
@@ -172,13 +183,22 @@ def _print_search_plan(plan) -> None:
     timed = [b for b in p["budgets"] if b.split("=")[0] in ("memory", "step_time")]
     if timed and not where and p.get("calibration_batch_positions"):
         console.print(
-            f"{', '.join(timed)}: checked at {p['calibration_batch_positions']:,.0f} padded positions per "
-            "micro-batch, not at the run's own batches; `layercard train --dry-run` prints a run's, to plan "
-            "at with --step-positions and --peak-positions",
+            f"{budget_label(','.join(timed))}: checked at {p['calibration_batch_positions']:,.0f} padded "
+            "positions per micro-batch, not at the run's own batches; `layercard train --dry-run` prints a "
+            "run's, to plan at with --step-positions and --peak-positions",
             highlight=False,
             soft_wrap=True,
             markup=False,
         )
+
+
+def _rule_text(plan) -> str:
+    """What a search plan other than the recommendation is: its rule, fitted to its budgets if any."""
+    policy = plan.config["policy"]
+    what = "policy spectrum's selection" if policy == "spectrum" else f"the {policy} rule"
+    return what + (
+        " fitted to its budgets" if plan.predicted.get("budgets") else f" at rank {plan.config['rank']}"
+    )
 
 
 def _print_plan(plan) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Sequence
 
 from layercard.errors import LayercardError
 
@@ -62,6 +63,10 @@ class Budget:
         if kind not in BUDGET_KINDS:
             raise LayercardError(
                 f"budget {text!r}: unknown kind {kind!r}; valid kinds: {', '.join(BUDGET_KINDS)}"
+            )
+        if "_" in raw:  # float() would read Python's digit separators: 1_000k as a million
+            raise LayercardError(
+                f"budget {text!r}: value {raw!r} has an underscore; write the digits without separators"
             )
         relative = raw.endswith("x") and raw[:-1].strip() != ""  # "0.25x"; a bare "x" is not a number
         raw = raw[:-1] if relative else raw
@@ -122,11 +127,26 @@ class Budgets:
         return cls(tuple(Budget.parse(part) for part in str(text).split(",") if part.strip()))
 
     @classmethod
-    def of(cls, value: Budget | Budgets | str) -> Budgets:
+    def of(cls, value: Budget | Budgets | str | Sequence[Budget | str]) -> Budgets:
+        """Budgets from a Budget, text (``params=0.25x,step_time=0.6x``) or a list of either (as YAML
+        writes one)."""
         if isinstance(value, Budgets):
             return value
         if isinstance(value, Budget):
             return cls((value,))
+        if isinstance(value, (list, tuple)):
+            items: list[Budget] = []
+            for v in value:
+                if isinstance(v, Budget):
+                    items.append(v)
+                elif isinstance(v, str):
+                    items += cls.parse(v).items
+                else:
+                    raise LayercardError(
+                        f"budget {v!r}: each entry of a budget list must be KIND=VALUE text "
+                        "(e.g. params=0.25x)"
+                    )
+            return cls(tuple(items))
         return cls.parse(value)
 
     def __iter__(self):  # type: ignore[no-untyped-def]

@@ -5,8 +5,8 @@ layer set (all layers; the last n; n layers spread evenly over depth) and a rank
 quality (:mod:`layercard.plan.quality`) and its costs: trainable parameters, adapted modules and, when the
 card carries a calibrated cost model, seconds per training step, peak training memory (MiB) and seconds of
 an unmerged forward pass. Budgets may be absolute or relative to
-the reference placement (every linear unit of every layer at rank 8): ``params=0.25x``
-(:class:`layercard.config.Budget`).
+the reference placement (every linear unit of every layer at rank 8; on a card without every linear role,
+its own units at rank 8): ``params=0.25x`` (:class:`layercard.config.Budget`).
 
 The practitioners' fixed rules are candidates too, each fitted to a budget the way its users fit it:
 ``peft-default`` (q,v on every layer) and ``all-linear`` lower the rank, ``last-n`` lowers n.
@@ -31,6 +31,8 @@ MATRICES: dict[str, tuple[str, ...]] = {
     "all-linear": ("q", "k", "v", "o", "gate", "up", "down"),
 }
 RANKS = (1, 2, 4, 8, 16, 32)
+# what a cost the card's cost model does not give takes
+CALIBRATE_HINT = "run card with --calibrate"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,6 +92,9 @@ class Search:
     # The smallest parameter share it has evidence for: no prediction below it is relied on, a fixed rule's
     # included (a target would otherwise be "reached" by an extrapolation).
     min_params_share: float | None = None
+    # The card's roles where it lacks a linear role, so that the reference is those roles at rank 8 rather
+    # than every linear module; None where the reference is every linear module.
+    reference_roles: tuple[str, ...] | None = None
 
     def in_evidence(self, c: Candidate) -> bool:
         """Whether ``c`` holds at least the smallest parameter share the quality model was fitted on."""
@@ -100,12 +105,24 @@ class Search:
         """Whether the quality model's prediction of ``c`` is within the ranks and sizes it was fitted on."""
         return (self.max_rank is None or c.rank <= self.max_rank) and self.in_evidence(c)
 
+    def outside(self, c: Candidate) -> str | None:
+        """Why the quality model's prediction of ``c`` lies outside the ranks and sizes it was fitted on, or
+        None where it does not."""
+        if self.max_rank is not None and c.rank > self.max_rank:
+            return f"rank {c.rank} is above the highest it was fitted on, {self.max_rank}"
+        if not self.in_evidence(c):
+            share = c.costs["params"] / self.reference["params"]
+            return (
+                f"{share:.3g}x the reference's parameters is below the smallest placement it was fitted on, "
+                f"{self.min_params_share:g}x"
+            )
+        return None
+
     def _caps(self, budgets: Sequence[Budget]) -> list[tuple[str, float]]:
         for b in budgets:
             if b.kind not in self.reference:
                 raise LayercardError(
-                    f"budget {b.label}: the card's cost model does not give {b.kind} "
-                    "(run card with --calibrate)"
+                    f"budget {b.label}: the card's cost model does not give {b.kind} ({CALIBRATE_HINT})"
                 )
         return [(b.kind, b.cap(self.reference)) for b in budgets]
 
@@ -182,13 +199,17 @@ class Search:
         """The lowest-``kind``-cost candidate within the budgets (among those ``where`` keeps) predicted to
         reach ``target`` (ties go to the higher predicted quality)."""
         if kind not in self.reference:
-            raise LayercardError(f"target: cost {kind!r} is not known for this card")
+            # the first budget's kind prices a target, so this is the budget path's missing cost
+            raise LayercardError(
+                f"target {target:g}: priced in {kind}, which the card's cost model does not give "
+                f"({CALIBRATE_HINT})"
+            )
         fitting = [c for c in self.fitting(budgets) if where is None or where(c)]
         allowed = [c for c in fitting if self.supported(c)]
         ok = [c for c in allowed if c.quality >= target]
         if not ok:
             best = max((c.quality for c in allowed), default=None)
-            within = f" within {', '.join(map(str, budgets))}" if budgets else ""
+            within = f" within {', '.join(b.label for b in budgets)}" if budgets else ""
             raise LayercardError(
                 f"target {target:g}: no placement{within} is predicted to reach it"
                 # rounded down: a best just under the target must not print as reaching it
@@ -264,6 +285,7 @@ def search(
 
     out: list[Candidate] = []
     reference: dict[str, float] | None = None
+    reference_roles: tuple[str, ...] | None = None
     seen: set[frozenset[str]] = set()
     for mname, roles in MATRICES.items():
         # A set takes the units the card has of it (a fused q,k,v module for q,v; up and down where a model
@@ -284,6 +306,7 @@ def search(
     if reference is None:
         # A card without every linear role: its own units at rank 8 are the reference.
         units = list(card.units)
+        reference_roles = tuple(card.roles)
         reference = {
             "params": float(sum(Q.REFERENCE_RANK * (u.d_in + u.d_out) for u in units)),
             "modules": float(len(units)),
@@ -292,7 +315,7 @@ def search(
             reference.update(costs(units, [Q.REFERENCE_RANK] * len(units)))
     if not out:
         raise LayercardError("search: the card has no units of any matrix set (q,v, attention, mlp)")
-    return Search(card, tuple(out), reference, price, max_rank, min_params_share)
+    return Search(card, tuple(out), reference, price, max_rank, min_params_share, reference_roles)
 
 
 def over_budget(row: dict[str, Any], budgets: Sequence[str], reference: dict[str, float]) -> list[str]:

@@ -30,7 +30,7 @@ from layercard.card.artifact import Card, UnitRow
 from layercard.errors import LayercardError
 
 REFERENCE_RANK = 8
-DEPTH_BANDS = 6  # coverage counts how many of this many equal depth bands hold an adapted unit
+DEPTH_BANDS = 6  # coverage counts how many of this many near-equal depth bands hold an adapted unit
 
 
 def rank_share(unit: UnitRow, rank: int) -> float:
@@ -88,10 +88,17 @@ class Features:
         return self.capacities[WEIGHT_POWERS.index(power)] if self.capacities else self.capacity
 
 
+def depth_band(layer: int, n_layers: int) -> int:
+    """The depth band of ``layer``: of DEPTH_BANDS contiguous bands with edges ⌊i·n/K⌋ (one a layer below
+    K layers), so that every band holds ⌊n/K⌋ or ⌈n/K⌉ layers, as the layer policies' bands do."""
+    k = min(DEPTH_BANDS, n_layers)
+    # the last i with ⌊i·n/k⌋ <= layer
+    return ((layer + 1) * k - 1) // n_layers
+
+
 def depth_coverage(layers: Iterable[int], n_layers: int) -> float:
-    """The share of DEPTH_BANDS equal depth bands that hold at least one of ``layers``."""
-    band = max(1, math.ceil(n_layers / DEPTH_BANDS))
-    return len({layer // band for layer in layers}) / math.ceil(n_layers / band)
+    """The share of DEPTH_BANDS near-equal depth bands (:func:`depth_band`) that hold one of ``layers``."""
+    return len({depth_band(layer, n_layers) for layer in layers}) / min(DEPTH_BANDS, n_layers)
 
 
 class Basis:

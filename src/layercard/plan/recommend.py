@@ -4,8 +4,9 @@ budgets, compared with the practitioners' fixed rules fitted to the same budgets
 
 from __future__ import annotations
 
+import dataclasses
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from layercard.card.artifact import Card, UnitRow
@@ -65,6 +66,21 @@ def _error_text(error: float | None) -> str:
     return "unknown" if error is None else f"±{100 * error:.0f} points"
 
 
+def _percents(*fractions: float) -> list[str]:
+    """Fractions as whole percents, or all to one decimal where two that read the same whole differ at it."""
+    whole = [f"{100 * x:.0f}%" for x in fractions]
+    tenths = [f"{100 * x:.1f}%" for x in fractions]
+    return tenths if len(set(tenths)) > len(set(whole)) else whole
+
+
+# how a prediction outside the quality model's evidence is marked
+OUTSIDE = "outside the range the quality model was fitted on"
+
+
+def _inside(c: F.Candidate) -> str | None:
+    return None
+
+
 def beyond_error(rec: F.Candidate, other: F.Candidate) -> bool:
     """Whether ``rec``'s predicted quality differs from ``other``'s by more than the larger of the two
     placements' expected errors (never, where either error is unknown)."""
@@ -74,53 +90,79 @@ def beyond_error(rec: F.Candidate, other: F.Candidate) -> bool:
 
 
 def sentence(
-    rec: F.Candidate, defaults: dict[str, F.Candidate | None], pick: F.Candidate | None = None
+    rec: F.Candidate,
+    defaults: dict[str, F.Candidate | None],
+    pick: F.Candidate | None = None,
+    *,
+    over_depth: bool = False,
+    outside: Callable[[F.Candidate], str | None] = _inside,
 ) -> str:
     """One sentence: what the plan is predicted to gain over the best fixed rule within the same budgets.
 
-    A difference is called one only where it exceeds the larger of the two predictions' expected errors.
-    ``pick``: the search's own pick within the budgets, which a plan that is a fixed rule is set against.
+    A difference is called one only where it exceeds the larger of the two predictions' expected errors,
+    and never where either prediction is ``outside`` the quality model's evidence (its reason, else None);
+    the rules inside it are compared first. ``pick``: the recommendation within the budgets, which a plan
+    that is a fixed rule is set against; ``over_depth``: it was taken among placements over all the depth.
     """
     fitted = {k: v for k, v in defaults.items() if v is not None}
     err = _error_text(rec.error)
+    rec_out = outside(rec)
+    marked = f", a prediction {OUTSIDE} ({rec_out})" if rec_out else ""
     if not fitted:
         return (
             f"{rec.label} is predicted to reach {100 * rec.quality:.0f}% of the reference's loss drop "
-            f"(expected error {err}); no practitioners' default was fitted to a budget."
+            f"(expected error {err}){marked}; no practitioners' default was fitted to a budget."
         )
-    name, best = max(fitted.items(), key=lambda kv: kv[1].quality)
+    inside = {k: v for k, v in fitted.items() if outside(v) is None}
+    name, best = max((inside or fitted).items(), key=lambda kv: kv[1].quality)
     same = [
         k
         for k, v in fitted.items()
         if (v.matrices, v.layer_rule, v.rank) == (rec.matrices, rec.layer_rule, rec.rank)
     ]
+    scope = " over all the depth" if over_depth else ""
     if same:
+        other = pick is not None and pick.units != rec.units
+        rq, pq = _percents(rec.quality, pick.quality) if other else (f"{100 * rec.quality:.0f}%", "")
         head = (
             f"{rec.label}: this is the {' and the '.join(same)} rule{'s' if len(same) > 1 else ''} fitted to "
-            f"these budgets; predicted {100 * rec.quality:.0f}% of the reference's loss drop (expected error "
-            f"{err})"
+            f"these budgets; predicted {rq} of the reference's loss drop (expected error {err}){marked}"
         )
-        if pick is None or pick.units == rec.units:
-            return head + ", the most of any placement the search priced within them."
-        gap = (
-            f"{100 * (pick.quality - rec.quality):+.0f} points"
-            if beyond_error(pick, rec)
-            else "within the model's error of it"
-        )
+        if pick is None:
+            return head + ("; the search has no placement within them inside that range." if rec_out else ".")
+        if not other:
+            return head + f", the most of any placement{scope} the search priced within them."
+        if rec_out:
+            gap = "no difference is called"
+        elif beyond_error(pick, rec):
+            gap = f"{100 * (pick.quality - rec.quality):+.0f} points"
+        else:
+            gap = "within the model's error of it"
         return (
-            f"{head}; the search's pick within them, {pick.label}, is predicted "
-            f"{100 * pick.quality:.0f}% ({gap}; expected error {_error_text(pick.error)})."
+            f"{head}; the recommendation within them{scope}, {pick.label}, is predicted {pq} ({gap}; "
+            f"expected error {_error_text(pick.error)})."
         )
-    diff = 100 * (rec.quality - best.quality)
-    if not beyond_error(rec, best):
+    best_out = outside(best)
+    if best_out:
+        verdict = f"no gain is called over it, its prediction lying {OUTSIDE} ({best_out})"
+    elif rec_out:
+        verdict = f"no gain is called, the plan's prediction lying {OUTSIDE} ({rec_out})"
+    elif not beyond_error(rec, best):
         verdict = "within the model's error of it, so the difference is not a prediction to rely on"
     else:
-        verdict = f"{diff:+.0f} points"
-    return (
-        f"{rec.label}: predicted {100 * rec.quality:.0f}% of the reference's loss drop against "
-        f"{100 * best.quality:.0f}% for {name} ({best.label}) at the same budgets: {verdict} "
-        f"(expected error {err}; {_error_text(best.error)} for {name})."
+        verdict = f"{100 * (rec.quality - best.quality):+.0f} points"
+    rq, bq = _percents(rec.quality, best.quality)
+    text = (
+        f"{rec.label}: predicted {rq} of the reference's loss drop against {bq} for {name} ({best.label}) "
+        f"at the same budgets: {verdict} (expected error {err}; {_error_text(best.error)} for {name})."
     )
+    for k, v in fitted.items():
+        if k != name and (why := outside(v)):
+            text += (
+                f" {k} ({v.label}) is predicted {100 * v.quality:.0f}%, a prediction {OUTSIDE} ({why}); no "
+                "gain is called over it."
+            )
+    return text
 
 
 def clears_target(rec: F.Candidate, target: float) -> bool:
@@ -135,28 +177,36 @@ def target_sentence(
     target: float,
     kind: str,
     reference: dict[str, float],
+    *,
+    over_depth: bool = False,
+    outside: Callable[[F.Candidate], str | None] = _inside,
 ) -> str:
-    """One sentence: the cheapest placement predicted to reach ``target``, against the cheapest fixed rule
-    predicted to reach it."""
+    """One sentence: the cheapest placement predicted to reach ``target`` (``over_depth``: the cheapest over
+    all the depth, where the depth rule passed over a cheaper one), against the cheapest fixed rule predicted
+    to reach it (one inside the quality model's evidence first; one ``outside`` it is marked)."""
     err = _error_text(rec.error)
 
     def cost(c: F.Candidate) -> str:
         return f"{amount(c.costs[kind], kind)} ({c.costs[kind] / reference[kind]:.2f}× the reference)"
 
+    aim, got = _percents(target, rec.quality)
+    scope = " over all the depth" if over_depth else ""
     head = (
-        f"{rec.label}: the cheapest placement predicted to reach {100 * target:.0f}% of the reference's loss "
-        f"drop (predicted {100 * rec.quality:.0f}%, expected error {err}) at {cost(rec)}"
+        f"{rec.label}: the cheapest placement{scope} predicted to reach {aim} of the reference's loss "
+        f"drop (predicted {got}, expected error {err}) at {cost(rec)}"
     )
     if not clears_target(rec, target):
-        pct = f"{100 * target:.0f}%"
-        head += f"; {pct} lies within the prediction's expected error, so reaching it is not assured"
+        head += f"; {aim} lies within the prediction's expected error, so reaching it is not assured"
     fitted = {k: v for k, v in defaults.items() if v is not None}
     if not fitted:
         return head + "; no practitioners' default is predicted to reach it."
-    name, best = min(fitted.items(), key=lambda kv: (kv[1].costs[kind], -kv[1].quality))
+    inside = {k: v for k, v in fitted.items() if outside(v) is None}
+    name, best = min((inside or fitted).items(), key=lambda kv: (kv[1].costs[kind], -kv[1].quality))
+    why = outside(best)
+    marked = f", a prediction {OUTSIDE} ({why})" if why else ""
     if (best.matrices, best.layer_rule, best.rank) == (rec.matrices, rec.layer_rule, rec.rank):
         return head + f"; this is also the cheapest {name} placement that reaches it."
-    return head + f"; the cheapest fixed rule that does is {name} ({best.label}) at {cost(best)}."
+    return head + f"; the cheapest fixed rule that does is {name} ({best.label}) at {cost(best)}{marked}."
 
 
 def covers_depth(search: F.Search, c: F.Candidate) -> bool:
@@ -198,9 +248,23 @@ def _none_over_depth(search: F.Search, budgets: Sequence[Budget]) -> str | None:
     ref = search.reference.get(kind)
     rel = f" ({cheapest.costs[kind] / ref:.3g}x the reference)" if ref else ""
     return (
-        f"none over all the depth fits {', '.join(map(str, budgets))}: the cheapest that covers it, "
-        f"{cheapest.label}, needs {kind}={cheapest.costs[kind]:.4g}{rel}"
+        f"none over all the depth fits {_labels(budgets)}: the cheapest that covers it, "
+        f"{cheapest.label}, needs {_cost_label(kind, cheapest.costs[kind])}{rel}"
     )
+
+
+def _labels(budgets: Sequence[Budget]) -> str:
+    """Budgets as the plan's header shows them, each with its unit (``memory=1500 MiB``)."""
+    return ", ".join(b.label for b in budgets)
+
+
+def _cost_label(kind: str, value: float) -> str:
+    """A cost in a budget's label form: ``step_time=2.55 s``, ``memory=2553 MiB``, ``params=81408``."""
+    if kind == "step_time":
+        return f"{kind}={value:.3g} s"
+    if kind == "memory":
+        return f"{kind}={value:.0f} MiB"
+    return f"{kind}={value:.0f}" if float(value).is_integer() else f"{kind}={value:.4g}"
 
 
 def over_depth_only(card: Card, cfg: PlanConfig, model: Q.QualityModel) -> bool:
@@ -265,7 +329,7 @@ def _chosen(
         return found[0]
     chosen = search.default_rule(policy, budgets)
     if chosen is None:
-        raise LayercardError(f"policy {policy}: nothing it can place fits {', '.join(map(str, budgets))}")
+        raise LayercardError(f"policy {policy}: nothing it can place fits {_labels(budgets)}")
     return chosen
 
 
@@ -325,13 +389,19 @@ def search_plan(
     planned = [
         PlannedUnit(key, by_key[key].layer, by_key[key].role, by_key[key].name, r) for key, r in chosen.units
     ]
+    pick, restricted = _pick(card, cfg, search, chosen, budgets, model, over_depth)
     pred = _predicted(card, search, chosen, defaults, budgets, model)
+    pred["recommendation"] = sentence(chosen, defaults, pick, over_depth=restricted, outside=search.outside)
     if pred.get("memory"):
         pred["memory_figure"] = figure
     if cfg.target is not None:
         # cleared: predicted above the target by more than the placement's expected error
         pred["target"] = {"fraction": cfg.target, "cost": kind, "cleared": clears_target(chosen, cfg.target)}
-        pred["recommendation"] = target_sentence(chosen, defaults, cfg.target, kind, search.reference)
+        # the depth rule decided the pick where the cheapest of any placement leaves depth out
+        by_depth = over_depth and chosen is not search.cheapest(cfg.target, kind, budgets)
+        pred["recommendation"] = target_sentence(
+            chosen, defaults, cfg.target, kind, search.reference, over_depth=by_depth, outside=search.outside
+        )
         if kind not in pred["frontier"]:
             others = [b for b in budgets if b.kind != kind]
             pred["frontier"][kind] = [
@@ -341,6 +411,7 @@ def search_plan(
     # the caution's figures were measured with the default model
     varied = Q.target_entropy_warning(card) if model == Q.default_model() else None
     warnings += [varied] if varied else []
+    warnings += _reference_note(search)
     warnings += _depth_notes(card, cfg, search, chosen, budgets, model, over_depth, kind)
     warnings += dropout_warnings(card, cfg.dropout)
     warnings += _loose_budgets(search, budgets)
@@ -376,6 +447,41 @@ def search_plan(
         adapter_config=None,
         warnings=warnings,
     )
+
+
+def _pick(
+    card: Card,
+    cfg: PlanConfig,
+    search: F.Search,
+    chosen: F.Candidate,
+    budgets: Sequence[Budget],
+    model: Q.QualityModel,
+    over_depth: bool,
+) -> tuple[F.Candidate | None, bool]:
+    """The placement policy recommend takes within the budgets under the plan's depth setting (a
+    recommendation's own), and whether the depth rule passed over a better-predicted one to take it; None
+    without budgets or where no placement the quality model can vouch for fits them."""
+    if not budgets:
+        return None, False
+    if cfg.policy == "recommend":
+        pick: F.Candidate | None = chosen
+    else:
+        over_depth = over_depth_only(card, dataclasses.replace(cfg, policy="recommend"), model)
+        pick = (best_over_depth(search, budgets) if over_depth else None) or search.best(budgets)
+    return pick, over_depth and pick is not None and pick is not search.best(budgets)
+
+
+def _reference_note(search: F.Search) -> list[str]:
+    """What 1x is on a card without every linear role: the reference is then the card's own roles."""
+    if search.reference_roles is None:
+        return []
+    roles = ",".join(search.reference_roles)
+    return [
+        f"reference: the card measured only roles {roles}, so 1x (what relative budgets and predicted "
+        f"fractions are taken of) is {roles} on every layer at rank {Q.REFERENCE_RANK}, "
+        f"{search.reference['params']:,.0f} params, not every linear module; `layercard card --roles "
+        "all-linear` measures them all"
+    ]
 
 
 def _depth_notes(
@@ -424,7 +530,7 @@ def _target_depth_notes(
     except LayercardError:
         full = None
     if full is None:  # then the plan, the cheapest of any placement, leaves depth out too
-        within = f" within {', '.join(map(str, budgets))}" if budgets else ""
+        within = f" within {_labels(budgets)}" if budgets else ""
         return [
             f"plan: {chosen.label} leaves depth bands out because no placement over all the depth{within} "
             f"is predicted to reach {target:g}"
@@ -480,11 +586,9 @@ def _predicted(
             "model_error": model.expected_error,
             "model": model.describe(),
         },
-        "recommendation": sentence(chosen, defaults, search.best(budgets) if budgets else None),
-        "candidate": F.summary_row(chosen, reference),
-        "defaults": {
-            k: (F.summary_row(v, reference) if v is not None else None) for k, v in defaults.items()
-        },
+        "recommendation": None,  # the caller's sentence
+        "candidate": _row(search, chosen),
+        "defaults": {k: (_row(search, v) if v is not None else None) for k, v in defaults.items()},
         "frontier": frontier,
         "reference": reference,
         "budgets": [str(b) for b in budgets],
@@ -503,6 +607,11 @@ def _predicted(
         pred["memory"] = _memory(card, units)
         pred["forward_s"] = chosen.costs.get("forward_s")
     return pred
+
+
+def _row(search: F.Search, c: F.Candidate) -> dict[str, Any]:
+    """A candidate's summary row, with whether its prediction lies outside the quality model's evidence."""
+    return {**F.summary_row(c, search.reference), "outside_model_range": search.outside(c) is not None}
 
 
 def _chosen_units(card: Card, chosen: F.Candidate) -> list[tuple[UnitRow, int]]:

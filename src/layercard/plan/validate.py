@@ -2,8 +2,10 @@
 
 Besides types and finite numbers, a plan must agree with itself: ``layers`` are exactly the layers of its
 ``units`` (training adapts the units, so an edited ``layers`` would record other layers than it trains),
-a LoRA plan's ``lora_config`` targets exactly its units' modules, and a bottleneck plan's
-``adapter_config.layers`` are its ``layers``.
+a LoRA plan's ``lora_config`` targets exactly its units' modules at exactly their ranks (``r``, or the
+module's ``rank_pattern`` entry), and a bottleneck plan's ``adapter_config.layers`` are its ``layers``.
+The ``config`` fields a plan is rebuilt from (:meth:`Plan.restricted`) are checked as the plan stage's
+settings are.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from typing import Any
 
 from layercard.card.validate import Fields
 from layercard.config import ADAPTER_KINDS
+from layercard.config.card import SCORES
 
 _UNIT_FIELDS = ("key", "layer", "role", "name", "rank")
 
@@ -29,7 +32,10 @@ def check_plan_dict(d: Mapping[str, Any], source: str) -> None:
     n_layers = None
     if card.get("n_layers") is not None:
         n_layers = f.integer(card["n_layers"], "card.n_layers", minimum=1)
+    _check_config(f, d["config"])
     units = _check_units(f, f.items(f.get(d, "units"), "units"), n_layers)
+    if not units:  # a plan that adapts nothing trains nothing
+        f.fail("units", "must list at least one planned unit", d["units"])
     layers = f.items(f.get(d, "layers"), "layers")
     for i, x in enumerate(layers):
         f.integer(x, f"layers[{i}]", minimum=0, below=n_layers)
@@ -73,26 +79,70 @@ def _check_units(f: Fields, rows: Sequence[Any], n_layers: int | None) -> list[M
     return out
 
 
+def _check_config(f: Fields, config: Mapping[str, Any]) -> None:
+    """The settings a plan is rebuilt from, where it records them (a plan made by hand may not)."""
+    if "roles" in config:
+        roles = f.items(config["roles"], "config.roles")
+        if not roles:
+            f.fail("config.roles", "must name at least one role", roles)
+        for i, role in enumerate(roles):
+            f.text(role, f"config.roles[{i}]")
+    if "score" in config and f.text(config["score"], "config.score") not in SCORES:
+        f.fail("config.score", f"must be one of {', '.join(SCORES)}", config["score"])
+    if "rank" in config and config["rank"] != "auto":
+        if not (
+            isinstance(config["rank"], int) and not isinstance(config["rank"], bool) and config["rank"] >= 1
+        ):
+            f.fail("config.rank", "must be an integer >= 1 or 'auto'", config["rank"])
+    if config.get("alpha") is not None:
+        f.number(config["alpha"], "config.alpha", minimum=0, above=True)
+    if "dropout" in config:
+        _probability(f, config["dropout"], "config.dropout")
+    if "seed" in config:
+        f.integer(config["seed"], "config.seed", minimum=0)
+
+
+def _probability(f: Fields, value: Any, where: str) -> None:
+    f.number(value, where, minimum=0)
+    if value >= 1:  # a dropout of every input leaves the LoRA nothing to learn from
+        f.fail(where, "must be a probability below 1", value)
+
+
 def _check_lora(f: Fields, lora: Mapping[str, Any], units: Sequence[Mapping[str, Any]]) -> None:
-    targets = lora.get("target_modules")
-    if isinstance(targets, list):
-        for i, t in enumerate(targets):
-            f.text(t, f"lora_config.target_modules[{i}]")
-        want = sorted(u["name"] for u in units)
-        if sorted(targets) != want:
-            f.fail(
-                "lora_config.target_modules",
-                f"must be the modules of the plan's units ({len(want)} modules)",
-                targets,
-            )
-    for key in ("r", "lora_alpha"):
-        if key in lora:
-            f.number(lora[key], f"lora_config.{key}", minimum=0, above=True)
+    targets = f.items(f.get(lora, "target_modules", "lora_config"), "lora_config.target_modules")
+    for i, t in enumerate(targets):
+        f.text(t, f"lora_config.target_modules[{i}]")
+    want = sorted(u["name"] for u in units)
+    if sorted(targets) != want:
+        f.fail(
+            "lora_config.target_modules",
+            f"must be the modules of the plan's units ({len(want)} modules)",
+            targets,
+        )
+    r = f.integer(f.get(lora, "r", "lora_config"), "lora_config.r", minimum=1)
+    if "lora_alpha" in lora:
+        f.number(lora["lora_alpha"], "lora_config.lora_alpha", minimum=0, above=True)
     if "lora_dropout" in lora:
-        f.number(lora["lora_dropout"], "lora_config.lora_dropout", minimum=0)
-        if lora["lora_dropout"] >= 1:  # a dropout of every input leaves the LoRA nothing to learn from
-            f.fail("lora_config.lora_dropout", "must be a probability below 1", lora["lora_dropout"])
+        _probability(f, lora["lora_dropout"], "lora_config.lora_dropout")
+    planned = set(want)
+    patterns: dict[str, Mapping[str, Any]] = {}
     for attr in ("rank_pattern", "alpha_pattern"):
         pattern = f.mapping(lora.get(attr) or {}, f"lora_config.{attr}")
         for k, v in pattern.items():
-            f.number(v, f"lora_config.{attr}.{k}", minimum=0, above=True)
+            if k not in planned:  # PEFT would match the key against other modules, or none
+                f.fail(f"lora_config.{attr}", "keys must be modules of the plan's units", k)
+            if attr == "rank_pattern":
+                f.integer(v, f"lora_config.{attr}.{k}", minimum=1)
+            else:  # an alpha may be fractional, as lora_alpha may
+                f.number(v, f"lora_config.{attr}.{k}", minimum=0, above=True)
+        patterns[attr] = pattern
+    # training adapts each module at lora_config's rank, so a unit's recorded rank must be that rank
+    for i, u in enumerate(units):
+        rank = patterns["rank_pattern"].get(u["name"], r)
+        if u["rank"] != rank:
+            source = "rank_pattern" if u["name"] in patterns["rank_pattern"] else "r"
+            f.fail(
+                f"units[{i}].rank",
+                f"must be lora_config's rank of {u['name']}, {rank} (its {source})",
+                u["rank"],
+            )
