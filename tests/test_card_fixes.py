@@ -350,6 +350,8 @@ def test_a_gpt2_card_records_conv1d_modules_and_its_plans_set_fan_in_fan_out(fac
     card = Card.from_dict(json.loads(json.dumps(card.to_dict())))  # kept through card.json
     plan = make_plan(card, PlanConfig(policy="uniform", budget="layers=2"))
     assert plan.lora_config["fan_in_fan_out"] is True and plan.peft_config().fan_in_fan_out
+    assert plan.restricted(plan.layers[:1], card).lora_config["fan_in_fan_out"] is True
+    assert make_plan(card, PlanConfig(budget="params=0.25x")).lora_config["fan_in_fan_out"] is True
     assert {u.module_kind for u in coupled.units} == {"linear"}
     assert (
         "fan_in_fan_out"

@@ -117,7 +117,8 @@ class Plan:
                 raise LayercardError(
                     f"plan restricted: units {unknown[:3]} are not in the card for roles {','.join(roles)}"
                 )
-            lora = lora_config(units, cfg["alpha"], cfg["dropout"])
+            kinds = [rows[u.key].module_kind for u in units]
+            lora = lora_config(units, cfg["alpha"], cfg["dropout"], module_kinds=kinds)
             params = sum(u.rank * (rows[u.key].d_in + rows[u.key].d_out) for u in units)
             captured = float(sum(captured_at(rows[u.key], u.rank) for u in units))
         else:

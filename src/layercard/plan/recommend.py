@@ -443,7 +443,9 @@ def search_plan(
         units=planned,
         layers=sorted({u.layer for u in planned}),
         predicted=pred,
-        lora_config=lora_config(planned, cfg.alpha, cfg.dropout),
+        lora_config=lora_config(
+            planned, cfg.alpha, cfg.dropout, module_kinds=[by_key[u.key].module_kind for u in planned]
+        ),
         adapter_config=None,
         warnings=warnings,
     )

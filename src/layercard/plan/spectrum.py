@@ -78,4 +78,4 @@ def fit_spectrum(search: Search, budgets: Sequence[Budget], rank: int) -> Candid
     for c in spectrum_family(search, rank):
         if search.fits(c, budgets):
             return c
-    raise LayercardError(f"policy spectrum: nothing it can place fits {', '.join(map(str, budgets))}")
+    raise LayercardError(f"policy spectrum: nothing it can place fits {', '.join(b.label for b in budgets)}")
