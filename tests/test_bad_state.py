@@ -310,10 +310,13 @@ def test_a_run_says_when_a_stage_used_fewer_examples_than_asked(world: World, tm
     raw["eval"]["examples"] = 100_000
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(raw))
     notes: dict[str, str] = {}
+    cut: dict[str, list[str]] = {}
 
     def on_stage(event: str, name: str, result) -> None:
         for key, value in result.rows if result is not None else ():
-            if key == "note":
+            if key == "note" and " were cut to " in value:  # the evaluation's cut counts
+                cut.setdefault(name, []).append(value)
+            elif key == "note":
                 notes[name] = value
 
     cfg = load_config(tmp_path / "c.yaml")
@@ -321,6 +324,9 @@ def test_a_run_says_when_a_stage_used_fewer_examples_than_asked(world: World, tm
     n_train = summary["stages"][0]["summary"]["probe"].split()[0]
     assert notes["card"] == f"card.examples=100000: the task has {n_train} examples; all {n_train} were used"
     assert notes["eval:all"].startswith("eval.examples=100000: the task has ")
+    said = cut["eval:all"]  # the world's examples outgrow its tiny format: every one is cut, and said
+    assert said[0].startswith("400 of 400 eval prompts are longer than the task format's limit of 96")
+    assert said[-1].startswith("400 of 400 eval loss examples exceed the task format's limits")
     assert "train:all" not in notes  # train_examples is unset: all examples, as asked
 
 
