@@ -419,6 +419,14 @@ def test_tsv_quotes_are_text_and_csv_keeps_its_quoting(tmp_path):
         ("ok", "positive"),
     ]
     assert [where for where, _, _ in read_records(tsv).rows] == [f"{tsv}:{n}" for n in (2, 3, 4)]
+    # as Python's csv writes it: quoted cells holding quotes, tabs and newlines
+    written = tmp_path / "w.tsv"
+    with written.open("w", newline="") as f:
+        csv.writer(f, delimiter="\t").writerows(
+            [["input", "target"], ['He said "hi"', "positive"], ["line1\nline2", "negative"], ["a\tb", "x"]]
+        )
+    rows = [(e.input, e.target) for e in load_task(str(written)).examples]
+    assert rows == [('He said "hi"', "positive"), ("line1\nline2", "negative"), ("a\tb", "x")]
     csv_file = tmp_path / "d.csv"
     csv_file.write_text('input,target\n"Great, he said",positive\n')
     assert load_task(str(csv_file)).examples[0].input == "Great, he said"

@@ -1134,6 +1134,10 @@ def test_a_plan_of_several_micro_batches_a_step_prices_each(tiny_card):
             "step_time=3",
             "fits step_time=3 s: the cheapest that covers it, q,v · all · r=1, needs step_time=6.6 s (",
         ),
+        (  # the budget that rules them out, not the first listed
+            "params=1x,step_time=3",
+            "fits step_time=3 s: the cheapest that covers it, q,v · all · r=1, needs step_time=6.6 s (",
+        ),
     ],
 )
 def test_depth_notes_give_budgets_and_costs_with_their_units(tiny_card, budget, said):

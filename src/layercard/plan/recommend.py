@@ -238,17 +238,22 @@ def depth_advice(search: F.Search, chosen: F.Candidate, budgets: Sequence[Budget
 
 
 def _none_over_depth(search: F.Search, budgets: Sequence[Budget]) -> str | None:
-    """That no placement over all the depth fits the budgets, and the cheapest one in the first budget's kind
-    with its cost; None where the search has none over all the depth."""
+    """That no placement over all the depth fits the budgets: the budget that none fits on its own, with the
+    cheapest one in its kind and that cost, or that none fits them together; None where the search has
+    none over all the depth."""
     full = [c for c in search.candidates if search.supported(c) and covers_depth(search, c)]
     if not full:
         return None
-    kind = budgets[0].kind
+    # The budget that rules them out, not merely the first listed (which they may all meet).
+    blocking = [b for b in budgets if not any(search.fits(c, [b]) for c in full)]
+    if not blocking:
+        return f"placements over all the depth fit each of {_labels(budgets)} alone, but none fits them together"
+    kind = blocking[0].kind
     cheapest = min(full, key=lambda c: (c.costs[kind], c.costs["params"]))
     ref = search.reference.get(kind)
     rel = f" ({cheapest.costs[kind] / ref:.3g}x the reference)" if ref else ""
     return (
-        f"none over all the depth fits {_labels(budgets)}: the cheapest that covers it, "
+        f"none over all the depth fits {blocking[0].label}: the cheapest that covers it, "
         f"{cheapest.label}, needs {_cost_label(kind, cheapest.costs[kind])}{rel}"
     )
 
@@ -259,12 +264,12 @@ def _labels(budgets: Sequence[Budget]) -> str:
 
 
 def _cost_label(kind: str, value: float) -> str:
-    """A cost in a budget's label form: ``step_time=2.55 s``, ``memory=2553 MiB``, ``params=81408``."""
+    """A cost in a budget's label form: ``step_time=2.55 s``, ``memory=2553 MiB``, ``params=81,408``."""
     if kind == "step_time":
         return f"{kind}={value:.3g} s"
     if kind == "memory":
         return f"{kind}={value:.0f} MiB"
-    return f"{kind}={value:.0f}" if float(value).is_integer() else f"{kind}={value:.4g}"
+    return f"{kind}={value:,.0f}" if float(value).is_integer() else f"{kind}={value:.4g}"
 
 
 def over_depth_only(card: Card, cfg: PlanConfig, model: Q.QualityModel) -> bool:

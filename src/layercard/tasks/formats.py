@@ -3,10 +3,11 @@
 Each reader returns the records with the place each came from, so every later error names it:
 ``FILE:LINE`` for text files (the line a record starts on) and ``SOURCE:ROW`` (1-based) for Parquet
 files and saved datasets. Text files are UTF-8, with or without a byte-order mark. A ``.json`` file
-holds an array of records, or JSON lines. A ``.tsv`` file has no quoting (tabs separate cells, quotes
-are text); a ``.csv`` file has CSV's. A single file is one split, named by its stem. A saved dataset is
-a folder written by ``datasets.Dataset.save_to_disk`` (or a ``DatasetDict``'s, whose split is chosen by
-name).
+holds an array of records, or JSON lines. A ``.csv`` file has CSV's quoting; a ``.tsv`` file is read with
+it where the whole file is strictly quoted CSV with tabs (as Python's csv and pandas write it), else
+unquoted (tabs separate cells, quotes are text). A single file is one split, named by its stem. A saved
+dataset is a folder written by ``datasets.Dataset.save_to_disk`` (or a ``DatasetDict``'s, whose split is
+chosen by name).
 """
 
 from __future__ import annotations
@@ -101,10 +102,20 @@ def _json(p: Path, text: str) -> list[tuple[str, int, Any]]:
 
 
 def _csv(p: Path, text: str, delimiter: str) -> list[tuple[str, int, Any]]:
-    # TSV has no quoting: tabs separate and a quote is text ('"Great" movie'); read with CSV's quoting,
-    # its quotes would vanish and an unclosed one would swallow the lines after it
-    quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
-    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, quoting=quoting)
+    if delimiter != "\t":
+        return _cells(p, text, delimiter, csv.QUOTE_MINIMAL, strict=False)
+    # TSV comes both ways: quoted as Python's csv and pandas write it (a cell holding a tab, a newline or a
+    # quote is wrapped in quotes) and unquoted, its quotes text ('"Great" movie'). Read as quoted only
+    # where the whole file parses strictly so; otherwise CSV's quoting would drop those quotes and an
+    # unclosed one would swallow the lines after it.
+    try:
+        return _cells(p, text, delimiter, csv.QUOTE_MINIMAL, strict=True)
+    except LayercardError:
+        return _cells(p, text, delimiter, csv.QUOTE_NONE, strict=False)
+
+
+def _cells(p: Path, text: str, delimiter: str, quoting: int, *, strict: bool) -> list[tuple[str, int, Any]]:
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, quoting=quoting, strict=strict)
     try:
         header = next(reader)
     except StopIteration:
