@@ -348,7 +348,7 @@ def test_examples_longer_than_the_model_reads_are_refused(tmp_path: Path):
 # ---------------------------------------------------------------------------------------------------------
 
 
-def test_a_sharded_launch_writes_the_gathered_adapter_and_refuses_checkpoints(tmp_path, monkeypatch):
+def test_a_sharded_launch_writes_the_gathered_adapter_and_no_checkpoints(tmp_path, monkeypatch, capsys):
     from safetensors.torch import load_file
 
     import layercard.train.loop as loop
@@ -367,13 +367,24 @@ def test_a_sharded_launch_writes_the_gathered_adapter_and_refuses_checkpoints(tm
 
     monkeypatch.setattr(loop, "sharded", lambda _acc: True)
     monkeypatch.setattr(Accelerator, "get_state_dict", get_state_dict)
-    with pytest.raises(LayercardError, match=r"checkpoint_every 2: under .*checkpoints are not written"):
-        train(loaded, make_plan(loaded, [1, 2]), TRAIN, VAL, TrainConfig(steps=2, **CKPT), tmp_path / "c")
+    with pytest.raises(LayercardError, match=r"--resume: under .*no checkpoints are written"):
+        train(loaded, make_plan(loaded, [1, 2]), TRAIN, VAL, cfg, tmp_path / "c", resume=True)
+    m = train(
+        loaded,
+        make_plan(loaded, [1, 2]),
+        TRAIN,
+        VAL,
+        TrainConfig(steps=2, **CKPT),
+        tmp_path / "k",
+        progress=True,
+    )
+    assert m["config"]["checkpoint_every"] == 0 and not (tmp_path / "k" / "checkpoints").exists()
+    assert "checkpoints are not written" in capsys.readouterr().err
     with pytest.raises(LayercardError, match="--kind houlsby: under .*only LoRA adapters are saved"):
         train(loaded, make_plan(loaded, [1, 2]), TRAIN, VAL, cfg, tmp_path / "h", kind="houlsby")
     sharded = tmp_path / "sharded"
     train(loaded, make_plan(loaded, [1, 2]), TRAIN, VAL, cfg, sharded, progress=False)
-    assert gathered == [True]
+    assert gathered == [True, True]  # the run at checkpoint_every 2, and this one
     a = load_file(str(plain / "adapter" / "adapter_model.safetensors"))
     b = load_file(str(sharded / "adapter" / "adapter_model.safetensors"))
     assert a.keys() == b.keys() and len(a) == 8

@@ -266,7 +266,7 @@ def _train(
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=_MIXED_PRECISION[cfg.dtype])
     stream = Stream(data.encoded, cfg.batch_size, data.pad_id, cfg.seed)
     world = accelerator.num_processes
-    _check_sharded(accelerator, cfg, kind, resume)
+    cfg = _sharded_config(accelerator, cfg, kind, resume, progress)
     total_steps = planned_steps(cfg, len(stream.encoded), world)
     fingerprint = _fingerprint(loaded, plan, cfg, kind, layers, bottleneck, data, world, total_steps)
     run = _Run(
@@ -324,22 +324,29 @@ def sharded(accelerator: Any) -> bool:
     return accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
 
 
-def _check_sharded(accelerator: Any, cfg: TrainConfig, kind: str, resume: bool) -> None:
-    """Refuse what a sharded launch cannot save whole: checkpoints (their optimizer state is sharded
-    too) and bottleneck adapters (written from their own modules' weights); the LoRA adapter is
-    gathered (:func:`_finish`)."""
+def _sharded_config(
+    accelerator: Any, cfg: TrainConfig, kind: str, resume: bool, progress: bool | None
+) -> TrainConfig:
+    """``cfg`` as a sharded launch runs it: with no checkpoints (their optimizer state is sharded too, so
+    none is written, and a warning says so), refusing ``--resume`` and bottleneck adapters (written from
+    their own modules' weights); the LoRA adapter is gathered (:func:`_finish`)."""
     if not sharded(accelerator):
-        return
+        return cfg
     how = f"under {accelerator.distributed_type.value}"
     if kind != "lora":
         raise LayercardError(
             f"--kind {kind}: {how}, only LoRA adapters are saved; train {kind} without sharding"
         )
-    if cfg.checkpoint_every or resume:
-        raise LayercardError(
-            f"train.checkpoint_every {cfg.checkpoint_every}: {how}, checkpoints are not written, so a run "
-            "cannot be resumed; set it to 0 (--checkpoint-every 0) and leave out --resume"
+    if resume:
+        raise LayercardError(f"--resume: {how}, no checkpoints are written, so there is none to resume from")
+    if cfg.checkpoint_every:
+        say(
+            f"warning: train.checkpoint_every {cfg.checkpoint_every}: {how}, checkpoints are not written; "
+            "an interrupted run starts again",
+            enabled=progress if accelerator.is_main_process else False,
         )
+        cfg = dataclasses.replace(cfg, checkpoint_every=0)
+    return cfg
 
 
 def _budget_notes(run: _Run) -> list[str]:
