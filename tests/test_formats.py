@@ -382,7 +382,7 @@ def test_a_single_file_is_its_own_split_and_refuses_any_other(tmp_path):
     assert load_task(str(p)).split == "tr" and load_task(str(p), split="tr").split == "tr"
     # scoring (or validating on) the training rows as if they were a test split: refused, in one line
     with pytest.raises(
-        MissingSplit, match=re.escape(f"{p}: one file, no split 'test' (its own: 'tr'); give")
+        MissingSplit, match=re.escape(f"{p}: one file, no split 'test' (its own: 'tr'); leave the split")
     ):
         load_task(str(p), split="test")
     csv_file = write_csv(tmp_path / "val.csv", [{"input": "a", "target": "b"}])

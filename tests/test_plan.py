@@ -675,6 +675,16 @@ def test_cli_plan_errors_write_nothing(card_file, tmp_path, extra, expect):
     assert not out.exists()
 
 
+def test_cli_plan_refuses_to_write_over_its_card(card_file, tmp_path, monkeypatch):
+    copy = tmp_path / "card.json"
+    copy.write_bytes(card_file.read_bytes())
+    monkeypatch.chdir(tmp_path)
+    for card, out in (("card.json", "card.json"), (str(tmp_path), str(copy)), (str(copy), "./card.json")):
+        r = CliRunner().invoke(app, ["plan", "--card", card, "--budget", "params=0.25x", "--out", out])
+        assert r.exit_code == 2 and "which the plan would overwrite" in r.output, r.output
+    assert copy.read_bytes() == card_file.read_bytes()
+
+
 def test_cli_check_model(tiny_card, tiny_llama, tmp_path, monkeypatch):
     monkeypatch.setenv("LAYERCARD_CACHE", str(tmp_path / "cache"))
     folder = tmp_path / "model"

@@ -324,6 +324,14 @@ def check_out_folder(path: str | os.PathLike[str], what: str = "--out") -> Path:
     return p
 
 
+def same_file(a: Path, b: Path) -> bool:
+    """Whether two paths name one file (through links and relative parts too)."""
+    try:
+        return a.resolve() == b.resolve() or (a.exists() and b.exists() and a.samefile(b))
+    except OSError:
+        return False
+
+
 def check_out_file(
     path: str | os.PathLike[str], what: str = "--out", *, example: str = "", suffix: str = ""
 ) -> Path:

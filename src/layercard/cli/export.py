@@ -31,7 +31,7 @@ def export_cmd(
     ] = False,
 ) -> None:
     """Write a plan for another training tool; say what it cannot express and how that was approximated."""
-    from layercard.artifacts import check_out_file, write_text
+    from layercard.artifacts import check_out_file, same_file, write_text
     from layercard.export import export_plan
 
     if out is not None:
@@ -43,7 +43,7 @@ def export_cmd(
             )
         targets = [out, out.with_suffix(".py")] if to == "peft" else [out]
         for target in targets:
-            if _same_file(target, plan):
+            if same_file(target, plan):
                 whose = "" if target is out else f" (the Python snippet goes to {target})"
                 raise LayercardError(
                     f"--out {out}{whose}: that is the plan file {plan}, which the export would overwrite; "
@@ -71,11 +71,3 @@ def export_cmd(
         console.print(f"wrote {', '.join(written)}", highlight=False, markup=False)
     elif result.snippet is not None:
         console.print("the Python snippet is written beside the JSON with --out FILE", highlight=False)
-
-
-def _same_file(a: Path, b: Path) -> bool:
-    """Whether two paths name one file (through links and relative parts too)."""
-    try:
-        return a.resolve() == b.resolve() or (a.exists() and b.exists() and a.samefile(b))
-    except OSError:
-        return False

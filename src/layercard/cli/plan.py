@@ -12,6 +12,7 @@ from rich.table import Table
 from layercard.cli.app import TrustOpt, app, console, emit_json, guard, load_cli_model
 from layercard.cli.options import config_options
 from layercard.config import SEARCH_POLICIES, PlanConfig
+from layercard.errors import LayercardError
 
 
 @app.command("plan")
@@ -31,12 +32,16 @@ def plan_cmd(
     cfg: PlanConfig | None = None,
 ) -> None:
     """Place adapters from a Layer Card under a budget: plan.json with a ready PEFT LoraConfig."""
-    from layercard.artifacts import check_out_file
+    from layercard.artifacts import check_out_file, same_file
     from layercard.card import Card
+    from layercard.card.artifact import CARD_FILE
     from layercard.plan import check_model_matches, check_plan, make_plan
 
     assert cfg is not None  # built by config_options
     check_out_file(out, example="plan.json", suffix=".json")  # before any work
+    card_file = card / CARD_FILE if card.is_dir() else card
+    if same_file(out, card_file):
+        raise LayercardError(f"--out {out}: that is the card {card_file}, which the plan would overwrite")
     figure_path = out.with_name(out.stem + "_frontier.png")
     if cfg.policy in SEARCH_POLICIES:
         check_out_file(figure_path, "the frontier figure")

@@ -247,7 +247,8 @@ def _none_over_depth(search: F.Search, budgets: Sequence[Budget]) -> str | None:
     # The budget that rules them out, not merely the first listed (which they may all meet).
     blocking = [b for b in budgets if not any(search.fits(c, [b]) for c in full)]
     if not blocking:
-        return f"placements over all the depth fit each of {_labels(budgets)} alone, but none fits them together"
+        alone = _labels(budgets)
+        return f"placements over all the depth fit each of {alone} alone, but none fits them together"
     kind = blocking[0].kind
     cheapest = min(full, key=lambda c: (c.costs[kind], c.costs["params"]))
     ref = search.reference.get(kind)

@@ -187,8 +187,8 @@ def _check_own_split(p: Path, split: str | None, own: tuple[str | None, ...]) ->
         return
     what = "one file" if p.is_file() else "one saved Dataset"
     raise MissingSplit(
-        f"{p}: {what}, no split {split!r} (its own: {own[0]!r}); give another file (--task, --val-task, "
-        "task.eval)"
+        f"{p}: {what}, no split {split!r} (its own: {own[0]!r}); leave the split setting out to read it, "
+        "or name the other split's own file in its place"
     )
 
 
