@@ -451,6 +451,159 @@ def test_stopped_training_resumes(tiny_run, tmp_path, monkeypatch):
     assert metrics["resumed_from"] == 2 and metrics["steps"] == 5
 
 
+def test_a_failed_trim_is_in_the_summary(tiny_run, tmp_path, monkeypatch):
+    import layercard.trim
+
+    cfg_path, run_dir, _ = tiny_run
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+
+    def fails(*a, **k):
+        raise LayercardError("the sweep failed")
+
+    monkeypatch.setattr(layercard.trim, "trim", fails)
+    with pytest.raises(LayercardError, match="^stage trim: the sweep failed"):
+        run_pipeline(load_config(cfg_path, ["trim.radius=2"]), copy, progress=False)
+    summary = json.loads((copy / "summary.json").read_text())
+    assert summary["failed"] == {"trim": "the sweep failed"}
+    stages = {s["stage"]: s for s in summary["stages"]}
+    assert stages["trim"]["status"] == "failed" and "trim" not in summary["ran"]
+    assert stages["trim"]["summary"] == {"error": "the sweep failed"}
+    assert "all-trimmed" not in [r["name"] for r in summary["rows"]]
+
+
+def test_an_interrupted_call_leaves_no_summary_of_the_earlier_call(tiny_run, tmp_path, monkeypatch):
+    import layercard.evaluate
+
+    cfg_path, run_dir, _ = tiny_run
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    assert json.loads((copy / "summary.json").read_text())["report"] is not None
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(layercard.evaluate, "evaluate", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_pipeline(load_config(cfg_path, ["eval.batch_size=2"]), copy, progress=False)
+    summary = json.loads((copy / "summary.json").read_text())
+    assert summary["report"] is None and summary["stages"][-1]["stage"] == "eval:base"
+    assert summary["stages"][-1]["status"] == "stopped" and summary["ran"] == []
+    # the interrupted stage resumes next time, as any stopped stage
+    assert json.loads((copy / "eval/base/stage.json").read_text())["status"] == "running"
+
+
+def test_a_damaged_output_is_made_again(tiny_run, tmp_path):
+    cfg_path, run_dir, _ = tiny_run
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    rec = json.loads((copy / "train/all/stage.json").read_text())
+    assert set(rec["output_hashes"]) == {"train/all/adapter", "train/all/train_metrics.json"}
+    (copy / "train/all/adapter/adapter_model.safetensors").unlink()
+    # a record written before outputs were hashed: its outputs' existence is all that is checked
+    old = copy / "eval/base/stage.json"
+    old.write_text(json.dumps({k: v for k, v in json.loads(old.read_text()).items() if k != "output_hashes"}))
+    summary = run_pipeline(load_config(cfg_path), copy, progress=False)
+    assert "train:all" in summary["ran"] and "train:card-2" in summary["skipped"]
+    assert "eval:base" in summary["skipped"]
+    assert (copy / "train/all/adapter/adapter_model.safetensors").is_file()
+    # an edited result is no result of the run either
+    metrics = copy / "eval/card-2/eval.json"
+    metrics.write_text(metrics.read_text().replace('"loss"', '"loss" ', 1))
+    again = run_pipeline(load_config(cfg_path), copy, progress=False)
+    assert again["ran"][0] == "eval:card-2" and set(again["ran"]) <= {"eval:card-2", "report"}
+
+
+def test_a_folder_that_is_no_run_is_never_deleted(tiny_run, tmp_path):
+    cfg_path, run_dir, _ = tiny_run
+    # a project folder that holds folders of a run's names
+    proj = tmp_path / "proj"
+    for rel in ("card/notes.md", "train/all/mine.txt", "eval/all/keep.json"):
+        (proj / rel).parent.mkdir(parents=True)
+        (proj / rel).write_text("mine")
+    r = CliRunner().invoke(app, ["run", str(cfg_path), "--out", str(proj)])
+    assert r.exit_code == 2, r.output
+    assert f"run folder {proj}: not empty and holds no run.json of a layercard run" in " ".join(
+        r.output.split()
+    )
+    assert sorted(p.name for p in proj.rglob("*") if p.is_file()) == ["keep.json", "mine.txt", "notes.md"]
+    assert not (proj / "run.json").exists()
+    # nor a folder inside a run
+    with pytest.raises(LayercardError, match=re.escape(f"lies inside the run folder {run_dir.resolve()}")):
+        run_pipeline(load_config(cfg_path), run_dir / "train" / "again", progress=False)
+    assert not (run_dir / "train" / "again").exists()
+    # inside a run, a stage folder without its record holds someone else's files: refused, kept
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    (copy / "train/all/stage.json").unlink()
+    (copy / "train/all/mine.txt").write_text("mine")
+    with pytest.raises(
+        LayercardError, match=re.escape(f"{copy / 'train' / 'all'}: holds files but no stage")
+    ):
+        run_pipeline(load_config(cfg_path), copy, progress=False)
+    assert (copy / "train/all/mine.txt").read_text() == "mine"
+    assert (copy / "train/all/adapter/adapter_model.safetensors").is_file()
+    # an empty folder is a new run's
+    (tmp_path / "empty").mkdir()
+    done = run_pipeline(load_config(cfg_path), tmp_path / "empty", progress=False, until="card")
+    assert done["ran"] == ["card"]
+
+
+def test_dtype_device_and_tokenizer_are_inputs_of_every_stage_that_reads_text(tiny_run, tmp_path):
+    from layercard.models import resolve_device
+
+    cfg_path, run_dir, _ = tiny_run
+    device = resolve_device("auto").type  # the config's device: auto
+    for stage in ("card", "train/all", "trim", "eval/base", "eval/all"):
+        inputs = json.loads((run_dir / stage / "stage.json").read_text())["inputs"]
+        assert inputs["dtype"] == "float32" and inputs["device"] == device, stage
+        assert len(inputs["tokenizer"]) == 64, stage
+    assert json.loads((run_dir / "run.json").read_text())["inputs"]["device"] == device
+    # the same weights with another chat template: the card reads other prompts
+    model = tmp_path / "model"
+    shutil.copytree(make_model_dir(cfg_path.parent), model)
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    moved = load_config(cfg_path, [f"model={model}"])
+    assert run_pipeline(moved, copy, progress=False, until="card")["skipped"] == ["card"]
+    template = model / "chat_template.jinja"
+    template.write_text(template.read_text().replace("'<|user|>'", "'<|user|> '"))
+    assert run_pipeline(moved, copy, progress=False, until="card")["ran"] == ["card"]
+    # and another dtype
+    wider = load_config(cfg_path, [f"model={model}", "dtype=bfloat16"])
+    assert run_pipeline(wider, copy, progress=False, until="card")["ran"] == ["card"]
+    assert json.loads((copy / "card/stage.json").read_text())["inputs"]["dtype"] == "bfloat16"
+
+
+def test_an_eval_task_without_a_split_is_held_out(tmp_path):
+    from layercard.pipeline.stages import Runner
+
+    base = tiny_config(tmp_path)
+
+    def runner(task: Any) -> Runner:
+        return Runner(parse_config({**base, "task": task}, source="c.yaml"), tmp_path / "r", progress=False,
+                      on_stage=None)  # fmt: skip
+
+    r = runner({"train": "synthetic:facts", "eval": "synthetic:facts"})
+    assert (r.train_task.split, r.eval_task.split) == ("train", "test") and r.trim_task.split == "test"
+    r = runner({"train": "synthetic:facts:train", "eval": "synthetic:facts"})
+    assert r.eval_task.split == "test"
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"input": f"q{i}", "target": f"a{i}"}) + "\n" for i in range(8)))
+    msg = "the run would evaluate on its training examples"
+    for task in (
+        {"train": str(data), "eval": str(data)},
+        {"train": "synthetic:facts", "eval_split": "train"},
+        {"train": "synthetic:facts", "eval": "synthetic:facts:train"},
+    ):
+        with pytest.raises(LayercardError, match=msg) as e:
+            runner(task)
+        assert str(e.value).startswith("c.yaml: task.eval: ") and "\n" not in str(e.value)
+    cfg = write_config(tmp_path, {**base, "task": {"train": str(data), "eval": str(data)}})
+    r = CliRunner().invoke(app, ["run", str(cfg), "--out", str(tmp_path / "run")])
+    assert r.exit_code == 2 and msg in " ".join(r.output.split()) and not (tmp_path / "run").exists()
+
+
 # ---------------------------------------------------------------- config validation
 
 
@@ -492,6 +645,45 @@ def test_config_errors_name_the_key(tmp_path):
     # YAML flow mappings split `roles: q,v` at the comma; the error says how to write it
     flow = yaml.safe_load("{roles: q,v, examples: 8}")
     assert "write roles: 'q,v'" in _error({**base, "card": flow})
+
+
+def test_placement_names_that_would_collide_are_refused(tmp_path):
+    base = tiny_config(tmp_path)
+    assert "'all-trimmed' ends in -trimmed" in _error(
+        apply_overrides(base, ["placements.0.name=all-trimmed"])
+    )
+    assert "'card-2-Trimmed' ends in -trimmed" in _error(
+        apply_overrides(base, ["placements.0.name=card-2-Trimmed"])
+    )
+    assert "'Base' is reserved" in _error(apply_overrides(base, ["placements.0.name=Base"]))
+    assert _error(apply_overrides(base, ["placements.0.name=ALL"])) == (
+        "config.yaml: placements: names 'ALL' and 'all' differ only in case; names must be unique"
+    )
+
+
+def test_set_reads_text_settings_as_text(tmp_path):
+    base = tiny_config(tmp_path)
+
+    def task(*sets: str) -> Any:
+        return parse_config(apply_overrides(base, list(sets))).task
+
+    assert task("task.prompt={input}").prompt == "{input}"
+    assert task("task.system=You are: terse").system == "You are: terse"
+    assert task("task.prompt=#{input}").prompt == "#{input}"
+    assert task("task.prompt=@p.txt").prompt == "@p.txt"
+    assert task("task.prompt='Q: {input}'").prompt == "Q: {input}"
+    assert task("task.prompt={input}", "task.prompt=null").prompt is None
+    assert task("task.eval_split=2024").eval_split == "2024"
+    assert task("task.fields={input: q, target: a}").fields == "input=q,target=a"  # a mapping as ever
+    with pytest.raises(LayercardError, match="not valid YAML"):
+        apply_overrides(base, ["train.steps=[1"])  # other settings are typed by YAML as before
+    # the shorthand `task: NAME` takes the keys of the mapping it stands for
+    short = apply_overrides({**base, "task": "synthetic:facts"}, ["task.eval_split=test"])
+    assert short["task"] == {"train": "synthetic:facts", "eval_split": "test"}
+    # `trim: false` stays off when one of its keys is set
+    off = apply_overrides({**base, "trim": False}, ["trim.radius=2"])
+    assert parse_config(off).trim.enabled is False and parse_config(off).trim.config.radius == 2
+    assert parse_config(apply_overrides(off, ["trim.enabled=true"])).trim.enabled
 
 
 def test_config_values_typed_and_defaults_filled(tmp_path):
@@ -583,7 +775,14 @@ def test_reference_config_is_the_rendered_schema():
     """The file is generated from the stage settings, so its keys, defaults and help cannot drift."""
     from layercard.config.run import reference_yaml
 
-    assert demo_config_path().with_name("reference.yaml").read_text() == reference_yaml()
+    text = demo_config_path().with_name("reference.yaml").read_text()
+    assert text == reference_yaml()
+    # the help a stage command shares says here what the run does
+    trim = text.split("\ntrim:")[1].split("\neval:")[0]
+    examples = re.search(r"^  examples: .*$", trim, re.M).group(0)
+    assert "chosen on the examples evaluated" in examples and "held-out" not in examples
+    eval_split = re.search(r"^  eval_split: .*$", text, re.M).group(0)
+    assert "task.eval named without a split" in eval_split and "never the training data" in eval_split
 
 
 def test_every_setting_has_help_and_a_valid_default():

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 from conftest import REPO
-from test_pipeline import make_run
+from test_pipeline import make_model_dir, make_run, tiny_config, write_config
 from typer.testing import CliRunner
 
 from layercard.cli import app
@@ -382,3 +382,25 @@ def test_a_placement_has_one_colour_in_every_figure(run_dir, tmp_path, monkeypat
     build_report(copy)
     # the training curves, the gain chart and the quality-cost chart each colour by the same names
     assert len(calls) == 3 and calls[0] == calls[1] == calls[2] and "card-2" in calls[0]
+
+
+def test_the_reference_placement_has_the_default_alpha_dropout_and_kind(tmp_path):
+    """Measured fractions are of the quality model's reference: rank 8 on every linear module of every
+    layer, at the default alpha and dropout; another alpha or dropout there is no reference."""
+    from layercard.pipeline import load_config, run_pipeline
+    from layercard.report.results import reference_placement
+    from layercard.run_layout import RunLayout
+
+    cfg = tiny_config(make_model_dir(tmp_path))
+    cfg["card"] = {**cfg["card"], "roles": "all-linear", "calibrate": False, "coupling": False}
+    cfg["placements"] = [
+        {"name": "wide-alpha", "policy": "all-linear", "rank": 8, "alpha": 4},
+        {"name": "dropped", "policy": "all-linear", "rank": 8, "dropout": 0.3},
+        {"name": "rank-4", "policy": "all-linear", "rank": 4},
+        {"name": "reference", "policy": "all-linear", "rank": 8},
+    ]
+    out = tmp_path / "run"
+    summary = run_pipeline(load_config(write_config(tmp_path, cfg)), out, progress=False, until="plan")
+    names = [p["name"] for p in cfg["placements"]]
+    assert reference_placement(RunLayout(out), names) == summary["reference"] == "reference"
+    assert reference_placement(RunLayout(out), names[:3]) is None

@@ -23,6 +23,8 @@ from layercard.config.trim import TrimConfig
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 RESERVED_NAMES = ("base", "trimmed")  # the eval folders of the base model and the trimmed adapter
+# The trimmed adapter's row is named after its placement with this suffix, so no placement ends in it.
+TRIMMED_SUFFIX = "-trimmed"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,9 +80,10 @@ def parse_fields(items: Any, where: str) -> dict[str, str]:
 class TaskSpec(Schema):
     """Where training and evaluation data come from, how their fields are read and how they are prompted.
 
-    ``eval`` defaults to ``train``; ``eval_split`` then defaults to the task's validation split, else
-    its test split (never the training split). ``fields``, ``prompt``, ``system`` and
-    ``chat_template`` apply to both; :meth:`load_kwargs` gives them as ``load_task`` keywords.
+    ``eval`` defaults to ``train``. With ``eval_split`` null, an eval task that names no split of its
+    own is read on its validation split, else its test split (never the training split); a data file is
+    read whole. A run refuses eval data equal to its training data. ``fields``, ``prompt``, ``system``
+    and ``chat_template`` apply to both; :meth:`load_kwargs` gives them as ``load_task`` keywords.
     """
 
     SECTION = "task"
@@ -95,7 +98,10 @@ class TaskSpec(Schema):
     )
     eval: str | None = setting(None, kind="str", help="null: the training task ...")
     eval_split: str | None = setting(
-        None, kind="str", help="... on its validation split, else its test split"
+        None,
+        kind="str",
+        help="... on its validation split, else its test split (also for a task.eval named without a split; "
+        "a file is read whole); never the training data",
     )
     fields: str | None = setting(
         None,
@@ -143,15 +149,22 @@ class PlacementName(Schema):
 
     SECTION = "placement"
 
-    name: str = setting(kind="str", help="folder name: letters, digits, _ . - ; not base or trimmed")
+    name: str = setting(
+        kind="str", help="folder name: letters, digits, _ . - ; not base or trimmed, not ending in -trimmed"
+    )
 
     def validate(self) -> None:
         if not NAME_RE.match(self.name):
             raise self.fail(
                 "name", f"{self.name!r} must be 1-64 letters, digits, '_', '.' or '-' (it names a folder)"
             )
-        if self.name in RESERVED_NAMES:
+        if self.name.lower() in RESERVED_NAMES:  # a folder name, and folders may ignore case
             raise self.fail("name", f"{self.name!r} is reserved; choose another")
+        if self.name.lower().endswith(TRIMMED_SUFFIX):
+            raise self.fail(
+                "name",
+                f"{self.name!r} ends in {TRIMMED_SUFFIX}, which names trimmed adapters; choose another",
+            )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -191,6 +204,12 @@ _EXAMPLES = {
     ("placements", "policy"): "all",
 }
 _COMMENT_COLUMN = 26
+# Help that says more in a run config than the stage's own (which its command shares).
+_RUN_HELP = {
+    ("trim", "examples"): "examples scored at each K, from the eval split's examples that eval.examples "
+    "leaves out; where it leaves none (eval.examples null), the boundary is chosen on the examples "
+    "evaluated; null: all",
+}
 
 
 def _yaml_value(v: Any) -> str:
@@ -220,7 +239,9 @@ def _lines(section: str, schema: type[Schema], indent: str, first_prefix: str | 
         key = f"# {f.name}" if derived else f.name
         text = f"{prefix}{key}: {_yaml_value(value)}"
         choices = spec.choice_list()
-        note = spec.help + (f" ({' | '.join(choices)})" if choices and spec.kind == "choice" else "")
+        note = _RUN_HELP.get((section, f.name), spec.help) + (
+            f" ({' | '.join(choices)})" if choices and spec.kind == "choice" else ""
+        )
         if derived:
             note += f"; {derived}"
         elif f.default is dataclasses.MISSING:

@@ -83,9 +83,15 @@ class RunConfig:
         if not self.placements:
             raise LayercardError("placements: list at least one placement")
         names = [p.name for p in self.placements]
-        dup = next((n for n in names if names.count(n) > 1), None)
+        folded = [n.lower() for n in names]  # names are folders, and folders may ignore case
+        dup = next((n for n, f in zip(names, folded, strict=True) if folded.count(f) > 1), None)
         if dup is not None:
-            raise LayercardError(f"placements: name {dup!r} is used twice; names must be unique")
+            same = [n for n, f in zip(names, folded, strict=True) if f == dup.lower()]
+            if len(set(same)) == 1:
+                raise LayercardError(f"placements: name {dup!r} is used twice; names must be unique")
+            raise LayercardError(
+                f"placements: names {' and '.join(map(repr, same))} differ only in case; names must be unique"
+            )
         if self.trim.enabled and self.trim.placement is not None and self.trim.placement not in names:
             raise LayercardError(
                 f"trim.placement: {self.trim.placement!r} is not a placement; placements: {', '.join(names)}"

@@ -75,6 +75,8 @@ def _set_path(raw: dict[str, Any], dotted: str, value: Any, text: str) -> None:
     parts = dotted.split(".")
     if not all(parts):
         raise LayercardError(f"--set {text!r}: empty key segment in {dotted!r}")
+    if len(parts) > 1 and parts[0] == "task" and isinstance(raw.get("task"), str):
+        raw["task"] = {"train": raw["task"]}  # the shorthand `task: NAME` is the mapping {train: NAME}
     node: Any = raw
     for i, part in enumerate(parts):
         last = i == len(parts) - 1
@@ -102,13 +104,62 @@ def _set_path(raw: dict[str, Any], dotted: str, value: Any, text: str) -> None:
         if last:
             node[part] = value
         else:
-            if node.get(part) is None or node.get(part) is False:
+            if node.get(part) is None:
                 node[part] = {}
+            elif node.get(part) is False:  # `trim: false` stays off when one of its keys is set
+                node[part] = {"enabled": False}
             node = node[part]
 
 
+# Text settings whose YAML may also be a mapping or a list (`fields: {input: q}`): typed by YAML as given.
+_STRUCTURED = {("task", "fields")}
+_NULLS = ("null", "Null", "NULL", "~")
+
+
+def _text_setting(dotted: str) -> bool:
+    """Whether ``dotted`` names a setting whose value is text (a path, a prompt, a split, a name)."""
+    from layercard.config.run import SECTIONS, RunSettings
+    from layercard.config.schema import spec_of
+
+    parts = dotted.split(".")
+    if len(parts) == 1:
+        section, key, schemas = "", parts[0], [RunSettings]
+    else:
+        section, key = parts[0], parts[-1]
+        # a placement's key is placements.<index or name>.<key>
+        if len(parts) != (3 if section == "placements" else 2):
+            return False
+        schemas = [s for sec, run, stage, _ in SECTIONS if sec == section for s in (run, stage)]
+    if (section, key) in _STRUCTURED:
+        return False
+    for schema in schemas:
+        for f in schema.settings(yaml_only=True) if schema is not None else ():
+            spec = spec_of(f)
+            if f.name == key and spec is not None:
+                return spec.kind == "str"
+    return False
+
+
+def _value(key: str, value: str, text: str) -> Any:
+    """The value of ``--set KEY=VALUE``: typed by YAML, except that a text setting takes the text as
+    given where YAML reads something else (``{input}`` a mapping, ``a: b`` a mapping, ``#x`` a comment,
+    ``@file`` an error); the literal ``null`` is null there too."""
+    if not value.strip():
+        return None
+    if not _text_setting(key):
+        return parse_yaml(value, f"--set {text!r}: the value")
+    if value.strip() in _NULLS:
+        return None
+    try:
+        parsed = parse_yaml(value, f"--set {text!r}: the value")
+    except LayercardError:
+        return value
+    return parsed if isinstance(parsed, str) else value
+
+
 def apply_overrides(raw: dict[str, Any], sets: Sequence[str]) -> dict[str, Any]:
-    """``KEY=VALUE`` overrides on a parsed config (a deep copy); values are typed by YAML parsing."""
+    """``KEY=VALUE`` overrides on a parsed config (a deep copy); values are typed by YAML parsing, text
+    settings' values taken as given where YAML would read them as something else."""
     import copy
 
     out = copy.deepcopy(raw) if raw is not None else {}
@@ -116,6 +167,5 @@ def apply_overrides(raw: dict[str, Any], sets: Sequence[str]) -> dict[str, Any]:
         key, sep, value = text.partition("=")
         if not sep or not key.strip():
             raise LayercardError(f"--set {text!r}: expected KEY=VALUE, e.g. train.steps=10")
-        parsed = parse_yaml(value, f"--set {text!r}: the value") if value.strip() else None
-        _set_path(out, key.strip(), parsed, text)
+        _set_path(out, key.strip(), _value(key.strip(), value, text), text)
     return out

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -17,7 +19,7 @@ from layercard.artifacts import (
 from layercard.errors import LayercardError
 from layercard.pipeline.config import RunConfig
 from layercard.pipeline.stages import Runner, StageCallback
-from layercard.run_layout import BASE_EVAL, TRIMMED_EVAL, RunLayout
+from layercard.run_layout import BASE_EVAL, RUN_FILE, TRIMMED_EVAL, RunLayout
 
 __all__ = ["RUN_KIND", "STAGE_ORDER", "SUMMARY_KIND", "choose_threads", "run_pipeline"]
 
@@ -106,6 +108,8 @@ def run_pipeline(
     with writer_lock(root, what="run folder"):
         remove_stale_temps(root)  # half-written files of a killed earlier run
         root.mkdir(parents=True, exist_ok=True)
+        # the summary of an earlier call must not outlive this one, however this one ends
+        runner.out.summary_json.unlink(missing_ok=True)
         # No paths or times in run.json: its hash is one of the report's inputs.
         write_json(
             runner.out.run_json,
@@ -122,8 +126,13 @@ def run_pipeline(
         try:
             _run_stages(runner, STAGE_ORDER.index(until))
         except LayercardError:
-            # the summary of an earlier call must not outlive the stage that failed now
             write_json(runner.out.summary_json, _summary(runner, threads, t0, until, built=False))
+            raise
+        except BaseException:
+            # interrupted (Ctrl-C) or a bug: a partial summary where one can be made, and the cause
+            # propagates whatever happens to it
+            with contextlib.suppress(Exception):
+                write_json(runner.out.summary_json, _summary(runner, threads, t0, until, built=False))
             raise
         finally:
             torch.set_num_threads(threads_before)
@@ -137,14 +146,43 @@ def _open_run(
 ) -> Runner:
     """The runner of ``cfg`` in ``root``, after every check that can fail without writing anything."""
     check_out_folder(root, "run folder")
+    _check_run_folder(root)
     check_unlocked(root, what="run folder")
     # loads the tasks: may raise
     runner = Runner(cfg, root, progress=progress, on_stage=on_stage, trains_here=trains_here)
+    try:
+        _ = runner.device_type  # a device this machine lacks fails here, before anything is written
+    except LayercardError as e:
+        raise LayercardError(f"{cfg.source}: {e}", exit_code=e.exit_code) from None
     try:
         _ = runner.model_hash  # an unknown model fails here, before the run folder exists
     except LayercardError as e:
         raise LayercardError(f"{cfg.source}: model: {e}", exit_code=e.exit_code) from None
     return runner
+
+
+def _is_run(folder: Path) -> bool:
+    """Whether ``folder`` holds the run.json of a layercard run."""
+    try:
+        rec = json.loads((folder / RUN_FILE).read_text(encoding="utf-8-sig"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(rec, dict) and rec.get("kind") == RUN_KIND
+
+
+def _check_run_folder(root: Path) -> None:
+    """Refuse a run folder that is not empty and no run's (its files would be replaced by stage folders),
+    and one inside another run's folder."""
+    for parent in root.resolve().parents:
+        if _is_run(parent):
+            raise LayercardError(
+                f"run folder {root}: lies inside the run folder {parent}; give one outside it"
+            )
+    if root.is_dir() and any(root.iterdir()) and not _is_run(root):
+        raise LayercardError(
+            f"run folder {root}: not empty and holds no {RUN_FILE} of a layercard run; give a new or empty "
+            "folder (nothing was written)"
+        )
 
 
 def _run_stages(runner: Runner, last: int) -> None:
@@ -198,7 +236,7 @@ def _summary(runner: Runner, threads: int, t0: float, until: str, built: bool = 
             "eval_split": runner.eval_task.split,
         },
         "stages": [r.to_dict() for r in runner.results],
-        "ran": [r.stage for r in runner.results if r.status != "skipped"],
+        "ran": [r.stage for r in runner.results if r.status in ("ran", "resumed")],
         "skipped": [r.stage for r in runner.results if r.status == "skipped"],
         "primary_metric": results["primary_metric"],
         "reference": results["reference"],

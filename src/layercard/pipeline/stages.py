@@ -1,11 +1,14 @@
 """The stage runner: fingerprints, stage records, skipping and resuming, and each stage (docs/design.md §1).
 
 Each stage folder holds ``stage.json`` with the stage's fingerprint, the sha256 of the stage config and
-of its input artifacts (model weights, task data, card.json, plan.json, adapter files...). A stage whose
-recorded fingerprint matches and whose outputs exist is skipped; one whose fingerprint changed is
-recomputed (and everything downstream of it, since its outputs' hashes change). A stage that was stopped
-part-way has a record marked ``running``, one that stopped on an error ``failed`` with the error; training
-then continues from its last checkpoint when nothing it depends on changed.
+of its input artifacts (model weights, tokenizer files, task data, card.json, plan.json, adapter files...),
+with the dtype and device type the model is loaded at, and, once it finished, the hashes of its outputs. A
+stage whose recorded fingerprint matches and whose outputs are as recorded is skipped; one whose
+fingerprint changed, or whose outputs were changed or removed since, is recomputed (and everything
+downstream of it whose inputs then change). A stage that was stopped part-way has a record marked
+``running``, one that stopped on an error ``failed`` with the error; training then continues from its last
+checkpoint when nothing it depends on changed. A folder a stage would replace that holds no ``stage.json``
+is not the run's, and is never deleted.
 """
 
 from __future__ import annotations
@@ -31,11 +34,36 @@ from layercard.pipeline.config import PlacementSpec, RunConfig
 from layercard.report import fmt as _fmt
 from layercard.run_layout import RunLayout
 
-__all__ = ["STAGE_KIND", "STAGE_VERSION", "Runner", "StageCallback", "StageResult", "stage_fingerprint"]
+__all__ = [
+    "STAGE_KIND",
+    "STAGE_VERSION",
+    "TOKENIZER_FILES",
+    "Runner",
+    "StageCallback",
+    "StageResult",
+    "stage_fingerprint",
+    "tokenizer_hash",
+]
 
 STAGE_KIND = "stage"
 # Bumped when a stage's code changes what it writes, so old records stop matching.
 STAGE_VERSION = 1
+# The files of a model folder that decide how text becomes tokens and prompts (whichever exist); the
+# model hash covers the weights only.
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "vocab.txt",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -45,7 +73,8 @@ STAGE_VERSION = 1
 
 @dataclasses.dataclass
 class StageResult:
-    """What one stage did in this invocation: ``ran``, ``resumed`` or ``skipped`` (inputs unchanged)."""
+    """What one stage did in this invocation: ``ran``, ``resumed``, ``skipped`` (inputs unchanged),
+    ``failed`` (an error; ``rows`` holds it) or ``stopped`` (interrupted; it resumes next time)."""
 
     stage: str
     status: str
@@ -72,6 +101,45 @@ StageCallback = Callable[[str, str, "StageResult | None"], None]
 def stage_fingerprint(kind: str, config: Any, inputs: Mapping[str, Any]) -> str:
     """sha256 of the stage kind, its config and its input artifacts' hashes."""
     return sha256_json({"stage": kind, "version": STAGE_VERSION, "config": config, "inputs": dict(inputs)})
+
+
+def tokenizer_hash(folder: Path) -> str:
+    """sha256 over the names and bytes of the tokenizer and chat-template files in a model folder."""
+    import hashlib
+
+    files = [folder / n for n in TOKENIZER_FILES if (folder / n).is_file()]
+    extra = folder / "additional_chat_templates"
+    if extra.is_dir():
+        files += sorted(p for p in extra.iterdir() if p.is_file())
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f"{f.relative_to(folder)}\n{hash_file(f)}\n".encode())
+    return h.hexdigest()
+
+
+def _output_hash(path: Path) -> str | None:
+    if path.is_dir():
+        return hash_folder(path)
+    return hash_file(path) if path.is_file() else None
+
+
+def _outputs_intact(old: Mapping[str, Any], outputs: Sequence[Path], root: Path) -> bool:
+    """Whether a finished stage's outputs are there and, where its record has their hashes, unchanged."""
+    if not all(p.exists() for p in outputs):
+        return False
+    recorded = old.get("output_hashes")
+    if not isinstance(recorded, dict):  # a record of an older layercard: existence is all it says
+        return True
+    return all(recorded.get(str(p.relative_to(root))) == _output_hash(p) for p in outputs)
+
+
+def _check_stage_folder(folder: Path, record: Path) -> None:
+    """Refuse to delete a folder that holds files but no stage record: they are not this run's."""
+    if not record.is_file() and any(folder.iterdir()):
+        raise LayercardError(
+            f"{folder}: holds files but no {record.name}, so it is not a stage folder of this run; "
+            "nothing was deleted: move them away, or give another run folder"
+        )
 
 
 def _read_record(path: Path) -> dict[str, Any] | None:
@@ -119,6 +187,8 @@ class Runner:
         self.results: list[StageResult] = []
         self._loaded: Any = None
         self._model_hash: str | None = None
+        self._tokenizer_hash: str | None = None
+        self._device_type: str | None = None
         self._run_positions: tuple[float, int] | None = None
         self._train_data: Any = None
         self.train_task, self.eval_task = self._tasks()
@@ -126,7 +196,7 @@ class Runner:
 
     # ---- inputs ------------------------------------------------------------------------------------
     def _tasks(self) -> tuple[Any, Any]:
-        from layercard.tasks import load_task
+        from layercard.tasks import is_file_spec, load_task, names_split
 
         t = self.cfg.task
         src = self.cfg.source
@@ -135,16 +205,28 @@ class Runner:
             train_task = load_task(t.train, split=t.train_split, seed=self.cfg.seed, **kw)
         except LayercardError as e:
             raise LayercardError(f"{src}: task.train: {e}") from None
+        spec = t.eval or t.train
         try:
-            if t.eval is None and t.eval_split is None:
-                eval_task = _held_out(t.train, train_task.split, self.cfg.seed, kw)
+            if t.eval_split is None and not is_file_spec(spec) and not names_split(spec):
+                # no split named: the held-out one, never the split training reads
+                same = _dataset(spec) == _dataset(t.train)
+                eval_task = _held_out(spec, train_task.split if same else None, self.cfg.seed, kw)
+            elif t.eval is None and t.eval_split is None:
+                eval_task = _held_out(t.train, train_task.split, self.cfg.seed, kw)  # a file: says so
             else:
-                eval_task = load_task(t.eval or t.train, split=t.eval_split, seed=self.cfg.seed, **kw)
+                eval_task = load_task(spec, split=t.eval_split, seed=self.cfg.seed, **kw)
         except LayercardError as e:
             raise LayercardError(f"{src}: task.eval: {e}") from None
         if len(train_task) == 0 or len(eval_task) == 0:
             which = "train" if len(train_task) == 0 else "eval"
             raise LayercardError(f"{src}: task.{which}: no examples")
+        # the trim stage selects on eval examples too, so this also keeps training data out of trimming
+        if eval_task.data_hash == train_task.data_hash:
+            raise LayercardError(
+                f"{src}: task.eval: {spec} ({eval_task.split}) holds the same examples as task.train "
+                f"({train_task.split}): the run would evaluate on its training examples; give another "
+                "task.eval_split or task.eval"
+            )
         return train_task, eval_task
 
     def _trim_task(self) -> tuple[Any, str]:
@@ -176,11 +258,13 @@ class Runner:
         return self._loaded
 
     def input_hashes(self) -> dict[str, str | None]:
-        """The hashes of the model and of each task the run reads now, keyed as the stage records key
-        them: run.json keeps them, so that a summary or report takes no artifact made from others."""
+        """The hashes of the model, its tokenizer and each task the run reads now, with the dtype and
+        device type, keyed as the stage records key them: run.json keeps them, so that a summary or
+        report takes no artifact made from others."""
         val = self.train_val
         return {
             "model": self.model_hash,
+            **self.loading,
             "train_data": self.train_task.data_hash,
             "val_data": val.data_hash if val is not None else None,
             "eval_data": self.eval_task.data_hash,
@@ -220,25 +304,53 @@ class Runner:
             self._run_positions = planned_positions(self.train_data, self.cfg.train)
         return self._run_positions
 
+    def _model_folder(self) -> Path | None:
+        """The model's folder where it is known without loading the model (a built-in, a local folder)."""
+        from layercard import models
+
+        spec = self.cfg.model
+        path = Path(spec).expanduser()
+        if spec in models.BUILTIN_MODELS:
+            return models.builtin_path(spec)
+        return path if path.is_dir() else None
+
     @property
     def model_hash(self) -> str:
         """The weights' hash without loading the model where the weights are a local folder."""
         if self._model_hash is None:
             from layercard import models
 
-            spec = self.cfg.model
-            path = Path(spec).expanduser()
-            folder: Path | None = None
-            if spec in models.BUILTIN_MODELS:
-                folder = models.builtin_path(spec)
-            elif path.is_dir():
-                folder = path
+            folder = self._model_folder()
             if folder is not None and any(folder.glob("*.safetensors")):
                 # the same memoised hash load_model records (sha256 of the safetensors files)
                 self._model_hash = models._folder_hash(folder)
             else:
                 self._model_hash = self.loaded.model_hash
         return self._model_hash
+
+    @property
+    def tokenizer_hash(self) -> str:
+        """The hash of the tokenizer and chat-template files the model loads with (:func:`tokenizer_hash`):
+        they change the text every stage reads, and the model hash covers the weights only."""
+        if self._tokenizer_hash is None:
+            folder = self._model_folder() or Path(self.loaded.source)
+            self._tokenizer_hash = tokenizer_hash(folder)
+        return self._tokenizer_hash
+
+    @property
+    def device_type(self) -> str:
+        """The type of the device the model runs on (cpu, cuda, mps): ``device: auto`` resolved."""
+        if self._device_type is None:
+            from layercard.models import resolve_device
+
+            self._device_type = resolve_device(self.cfg.device).type
+        return self._device_type
+
+    @property
+    def loading(self) -> dict[str, str]:
+        """What every stage that runs the model reads besides its weights: the tokenizer's files, and the
+        dtype and device type it runs at (numbers, timings and memory all depend on them)."""
+        return {"tokenizer": self.tokenizer_hash, "dtype": self.cfg.dtype, "device": self.device_type}
 
     # ---- the stage mechanism ----------------------------------------------------------------------
     def stage(
@@ -255,18 +367,19 @@ class Runner:
         record: Path | None = None,
         owns_folder: bool = True,
     ) -> StageResult:
-        """Run ``fn(resume)`` unless the recorded fingerprint matches and every output exists."""
+        """Run ``fn(resume)`` unless the recorded fingerprint matches and every output is as recorded."""
         record = record or RunLayout.stage_record(folder)
         fp = stage_fingerprint(kind, config, inputs)
         old = _read_record(record)
         done = old is not None and old.get("fingerprint") == fp and old.get("status") == "done"
-        if done and all(p.exists() for p in outputs):
+        if done and _outputs_intact(old, outputs, self.out.root):
             result = StageResult(name, "skipped", 0.0, str(folder), fp, summarize())
             self._emit("end", name, result)
             return result
         unfinished = old is not None and old.get("status") in ("running", "failed")
         resume = unfinished and old.get("fingerprint") == fp
         if owns_folder and folder.exists() and not resume:
+            _check_stage_folder(folder, record)
             shutil.rmtree(folder)  # outputs of other settings: nothing in them may leak into this run
         folder.mkdir(parents=True, exist_ok=True)
         self._emit("start", name, None)
@@ -277,10 +390,19 @@ class Runner:
             fn(resume)
         except LayercardError as e:  # say which stage failed, here and in its record
             _write_record(record, status="failed", error=str(e), **base)
+            self.results.append(
+                StageResult(name, "failed", time.perf_counter() - t0, str(folder), fp, [("error", str(e))])
+            )
             raise LayercardError(f"stage {name}: {e}", exit_code=e.exit_code) from e
+        except BaseException:  # interrupted: the record stays `running`, so the next call resumes it
+            self.results.append(StageResult(name, "stopped", time.perf_counter() - t0, str(folder), fp))
+            raise
         seconds = time.perf_counter() - t0
         rel = [str(p.relative_to(self.out.root)) for p in outputs]
-        _write_record(record, status="done", outputs=rel, wall_time_s=round(seconds, 3), **base)
+        hashes = {r: _output_hash(p) for r, p in zip(rel, outputs, strict=True)}
+        _write_record(
+            record, status="done", outputs=rel, output_hashes=hashes, wall_time_s=round(seconds, 3), **base
+        )
         result = StageResult(name, "resumed" if resume else "ran", seconds, str(folder), fp, summarize())
         self._emit("end", name, result)
         return result
@@ -322,7 +444,7 @@ class Runner:
 
             return rows + [("time", timings_text(card.timings))]
 
-        inputs = {"model": self.model_hash, "data": self.train_task.data_hash}
+        inputs = {"model": self.model_hash, **self.loading, "data": self.train_task.data_hash}
         self.stage("card", "card", out.card_dir, config, inputs, [out.card_json], fn, summarize)
 
     # ---- plan ---------------------------------------------------------------------------------------
@@ -491,6 +613,7 @@ class Runner:
         inputs = {
             "plan": content_hash(out.plan_json(p.name)),
             "model": self.model_hash,
+            **self.loading,
             "train_data": self.train_task.data_hash,
             "val_data": val.data_hash if val is not None else None,
         }
@@ -559,6 +682,7 @@ class Runner:
         inputs = {
             "adapter": hash_folder(out.adapter_dir(target)),
             "model": self.model_hash,
+            **self.loading,
             "data": self.trim_task.data_hash,
         }
         outputs = [out.trim_json, out.trimmed_adapter]
@@ -595,6 +719,7 @@ class Runner:
 
         inputs = {
             "model": self.model_hash,
+            **self.loading,
             "data": self.eval_task.data_hash,
             "adapter": hash_folder(adapter) if adapter is not None else None,
         }
@@ -631,8 +756,17 @@ class Runner:
         )
 
 
-def _held_out(spec: str, train_split: str, seed: int, kw: dict[str, Any]) -> Any:
-    """The validation split of a preset/synthetic/HF task, else its test split; never the train split."""
+def _dataset(spec: str) -> str:
+    """The dataset a task spec names, without its split (``sst2:train`` → ``sst2``)."""
+    from layercard.tasks import is_file_spec
+
+    if spec.startswith("hf:") or is_file_spec(spec):
+        return spec
+    return ":".join(spec.split(":")[: 2 if spec.startswith("synthetic:") else 1])
+
+
+def _held_out(spec: str, train_split: str | None, seed: int, kw: dict[str, Any]) -> Any:
+    """The validation split of a preset/synthetic/HF task, else its test split; never ``train_split``."""
     from layercard.tasks import held_out, is_file_spec
 
     if is_file_spec(spec):

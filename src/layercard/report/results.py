@@ -237,6 +237,11 @@ class _Rows:
         against the run's, for those the run recorded."""
         return {k: (lambda v=self.now[n]: v) for k, n in keys.items() if n in self.now}
 
+    def model_inputs(self, **keys: str) -> dict[str, Callable[[], Any]]:
+        """:meth:`inputs` of a stage that runs the model: its weights, its tokenizer's files and the dtype
+        and device type it ran at, besides ``keys``."""
+        return self.inputs(model="model", tokenizer="tokenizer", dtype="dtype", device="device", **keys)
+
     def keep_examples(self, name: str, ev: Any) -> None:
         if ev is not None and ev.example_loss_sums is not None:
             self.example_losses[name] = (ev.example_loss_sums, (ev.provenance or {}).get("data_hash"))
@@ -341,7 +346,7 @@ def _placement_row(
         cfg.get("train"),
         upstream=plan_ok,
         plan=lambda: content_hash(plan_file),
-        **rows.inputs(model="model", train_data="train_data", val_data="val_data"),
+        **rows.model_inputs(train_data="train_data", val_data="val_data"),
     )
     eval_ok = _kept(
         rows,
@@ -350,7 +355,7 @@ def _placement_row(
         cfg.get("eval"),
         upstream=train_ok,
         adapter=lambda: hash_folder(adapter),
-        **rows.inputs(model="model", data="eval_data"),
+        **rows.model_inputs(data="eval_data"),
     )
     plan = load_optional(Plan.load, plan_file) if plan_ok else None
     tm = load_optional(read_train_metrics, metrics_file) if train_ok else None
@@ -396,7 +401,7 @@ def _trimmed_row(
         cfg.get("trim"),
         upstream=parent.get("s_per_step") is not None,  # its parent's training is the run's now
         adapter=lambda: hash_folder(parent_adapter),
-        **rows.inputs(model="model", data="trim_data"),
+        **rows.model_inputs(data="trim_data"),
     )
     eval_file = lay.eval_json(TRIMMED_EVAL)
     eval_ok = _kept(
@@ -406,7 +411,7 @@ def _trimmed_row(
         cfg.get("eval"),
         upstream=trim_ok,
         adapter=lambda: hash_folder(lay.trimmed_adapter),
-        **rows.inputs(model="model", data="eval_data"),
+        **rows.model_inputs(data="eval_data"),
     )
     if not trim_ok:
         return None
@@ -449,13 +454,13 @@ def collect_results(root: str | Path) -> dict[str, Any]:
     probe = _Rows(None, now)  # the base row's checks, before the rows exist
     base_ok = base_on and _kept(
         probe, f"eval:{BASE_EVAL}", lay.eval_json(BASE_EVAL), cfg.get("eval"),
-        **probe.inputs(model="model", data="eval_data"),
+        **probe.model_inputs(data="eval_data"),
     )  # fmt: skip
     base_ev = load_optional(EvalResult.load, lay.eval_json(BASE_EVAL)) if base_ok else None
     rows = _Rows(base_ev, now)
     rows.left_out += probe.left_out
     rows.failed |= probe.failed
-    card_ok = _kept(rows, "card", lay.card_json, **rows.inputs(model="model", data="train_data"))
+    card_ok = _kept(rows, "card", lay.card_json, **rows.model_inputs(data="train_data"))
     rows.keep_examples(BASE_EVAL, base_ev)
     if base_ev is not None:
         base = {"name": BASE_EVAL, "kind": "base", "layers": [], "modules": 0, "trainable_params": 0}
@@ -463,6 +468,8 @@ def collect_results(root: str | Path) -> dict[str, Any]:
     for name in placement_names(root):
         rows.rows.append(_placement_row(rows, lay, name, cfg, card_ok or not lay.card_json.exists()))
     trim = _maybe(lay.trim_json) if trim_on else None
+    if trim_on and trim is None:
+        _kept(rows, "trim", lay.trim_json)  # no trim.json: a failed trim's record says why
     trimmed = _trimmed_row(rows, lay, trim, cfg) if trim is not None else None
     if trimmed is not None:
         rows.rows.append(trimmed)
@@ -563,19 +570,28 @@ def eval_loss_sentence(rows: list[dict[str, Any]]) -> str | None:
 
 
 def reference_placement(lay: RunLayout, names: list[str]) -> str | None:
-    """The placement that is the quality model's reference (every linear role of every layer at the
-    reference rank), whose loss drop measured fractions are of; None if the run trained none."""
+    """The placement that is the quality model's reference (LoRA on every linear role of every layer at
+    the reference rank, with the default alpha and dropout), whose loss drop measured fractions are of;
+    None if the run trained none."""
+    import dataclasses
+
+    from layercard.config.plan import PlanConfig
     from layercard.plan import Plan
     from layercard.plan.frontier import MATRICES
     from layercard.plan.quality import REFERENCE_RANK
 
+    default = {f.name: f.default for f in dataclasses.fields(PlanConfig)}
     for name in names:
         plan = load_optional(Plan.load, lay.plan_json(name))
         if plan is None or not plan.units:
             continue
         n_layers = plan.card.get("n_layers")
+        alpha = plan.config.get("alpha")
         if (
-            {u.role for u in plan.units} == set(MATRICES["all-linear"])
+            plan.kind == default["kind"]
+            and alpha in (default["alpha"], 2.0 * REFERENCE_RANK)  # null: 2·rank, the same alpha
+            and plan.config.get("dropout", default["dropout"]) == default["dropout"]
+            and {u.role for u in plan.units} == set(MATRICES["all-linear"])
             and plan.layers == list(range(int(n_layers or -1)))
             and {u.rank for u in plan.units} == {REFERENCE_RANK}
             and len(plan.units) == len(MATRICES["all-linear"]) * len(plan.layers)
