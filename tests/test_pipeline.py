@@ -379,6 +379,14 @@ def test_a_plan_at_named_positions_is_made_again_for_other_micro_batches(tiny_ru
     assert plan["config"]["grad_accum"] == 2 and plan["predicted"]["step_micro_batches"] == 2
 
 
+def test_checkpoint_frequency_trains_nothing_again(tiny_run, tmp_path):
+    cfg_path, run_dir, _ = tiny_run
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    summary = run_pipeline(load_config(cfg_path, ["train.checkpoint_every=7"]), copy, progress=False)
+    assert summary["ran"] == ["report"] and summary["left_out"] == [], summary  # the report is redrawn
+
+
 def test_changed_train_steps_reruns_downstream_only(tiny_run, tmp_path, monkeypatch):
     import layercard.train
 

@@ -618,9 +618,10 @@ class Runner:
             "val_data": val.data_hash if val is not None else None,
         }
         outputs = [out.adapter_dir(p.name), out.train_metrics(p.name)]
-        self.stage(
-            f"train:{p.name}", "train", folder, self.cfg.train.to_dict(), inputs, outputs, fn, summarize
-        )
+        # How often checkpoints are written changes no weight or figure of a finished run: not a reason to
+        # train it again.
+        config = {k: v for k, v in self.cfg.train.to_dict().items() if k != "checkpoint_every"}
+        self.stage(f"train:{p.name}", "train", folder, config, inputs, outputs, fn, summarize)
 
     # ---- trim ---------------------------------------------------------------------------------------
     def trim_target(self) -> str:
