@@ -297,6 +297,89 @@ def test_without_a_reference_the_eval_losses_are_set_side_by_side():
     assert "+0.0100" in text
 
 
+def test_a_reference_that_lowered_the_loss_is_said_to_scale_the_drops():
+    """With the reference the only placement beside the recommendation there is no lead to state, but the
+    reference did lower the loss: the sentence gives the measured fraction, not that nothing scales it."""
+    from layercard.report.results import eval_loss_sentence, measured_leads_sentence
+
+    rows = [
+        {"name": "base", "kind": "base", "eval_loss": 4.5264, "measured_gain": 0.0},
+        {"name": "recommend", "kind": "placement", "policy": "recommend", "eval_examples": 4,
+         "eval_loss": 4.5132, "measured_gain": 0.0132, "measured_fraction": 0.388,
+         "measured_fraction_se": 0.021, "measured_lead_of_recommend": None},
+        {"name": "reference", "kind": "placement", "policy": "all-linear", "is_reference": True,
+         "eval_loss": 4.4924, "measured_gain": 0.034, "measured_fraction": 1.0, "measured_fraction_se": 0.0,
+         "measured_lead_of_recommend": None},
+    ]  # fmt: skip
+    assert measured_leads_sentence(rows) is None
+    text = eval_loss_sentence(rows)
+    assert "without a drop to scale by" not in text and "-0.0340" not in text
+    assert text.startswith(
+        "Measured: recommend's fraction of the reference's drop was 0.39 ± 0.02, with no rule to compare it "
+        "with; recommend's eval loss was 4.5132 against reference's 4.4924 (lower is better; 4 evaluated"
+    )
+    assert text.endswith("reference measured lower than the recommendation.")
+    # a rule measured beside them is set against the recommendation; the reference is the scale, not one
+    rows.append({"name": "qv", "kind": "placement", "policy": "peft-default", "eval_loss": 4.52,
+                 "measured_gain": 0.0064, "measured_fraction": 0.188})  # fmt: skip
+    assert eval_loss_sentence(rows).startswith(
+        "Measured: recommend's fraction of the reference's drop was 0.39 ± 0.02 against qv's 0.19; "
+    )
+    # and one that did not lower it still says so
+    rows[2] |= {"measured_gain": -0.002, "measured_fraction": None}
+    rows[1]["measured_fraction"] = None
+    assert eval_loss_sentence(rows).startswith(
+        "Measured without a drop to scale by (the reference, reference, changed the base's eval loss by "
+        "+0.0020): recommend's eval loss was 4.5132"
+    )
+
+
+def test_an_untrained_search_placement_shows_its_plans_predicted_cost():
+    """A run stopped after its plans (`--until plan`) has no training: the recommendation table gives the
+    plan's predicted step time and peak memory, not dashes."""
+    from types import SimpleNamespace
+
+    from layercard.report.tables import recommendation_table
+
+    cand = {"matrices": "q,v", "layers": "all", "rank": 8, "quality": 0.9998, "params": 3584.0,
+            "step_time": 0.0587, "memory": 430.46}  # fmt: skip
+    plan = SimpleNamespace(
+        config={"policy": "recommend"},
+        predicted={"candidate": cand, "quality": {"fraction": 0.9998, "expected_error": 0.041},
+                   "reference": {"params": 16384.0}},
+    )  # fmt: skip
+    table = recommendation_table({"recommend": plan}, {}, {"rows": []})
+    cells = dict(zip(table.header, table.rows[0], strict=True))
+    assert cells["s/step measured / predicted"] == "— / 0.06"
+    assert cells["peak MiB measured / predicted"] == "— / 430"
+
+
+def test_an_interrupted_stage_is_shown_stopped_unless_its_run_is_live(run_dir, tmp_path):
+    """A stage's record stays `running` when its run was interrupted: with no process holding the run's
+    lock the provenance table says it stopped; while a run holds the lock it is running."""
+    from layercard.artifacts import writer_lock
+    from layercard.report.tables import stages_table
+
+    stopped = "stopped (a rerun resumes it)"
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    path = sorted((copy / "train").glob("*/stage.json"))[0]
+    record = json.loads(path.read_text())
+    path.write_text(json.dumps(record | {"status": "running"}))
+
+    def status() -> str:
+        return next(r[1] for r in stages_table(copy).rows if r[0] == record["stage"])
+
+    assert status() == stopped
+    md = Path(build_report(copy)["markdown"]).read_text()
+    assert f"| {record['stage']} | {stopped} |" in md
+    with writer_lock(copy, what="run folder"):  # a live run (this process) holds the folder
+        assert status() == "running"
+    with writer_lock(path.parent, what="training folder"):  # or the stage's own folder
+        assert status() == "running"
+    assert status() == stopped  # released
+
+
 def test_a_budget_a_run_went_over_is_in_its_report(run_dir, tmp_path):
     copy = tmp_path / "run"
     shutil.copytree(run_dir, copy)

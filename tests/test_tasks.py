@@ -15,7 +15,7 @@ import pytest
 import torch
 from tiny_tok import tiny_tokenizer
 
-from layercard.errors import LayercardError
+from layercard.errors import LayercardError, MissingSplit
 from layercard.tasks import (
     IGNORE_INDEX,
     PRESETS,
@@ -157,13 +157,67 @@ def test_hf_spec_fails_offline_with_one_line():
     )
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     line = out.stdout.strip()
-    assert line.startswith("ERR task 'hf:layercard-no-such/dataset': datasets.load_dataset failed"), out
+    assert line.startswith(
+        "ERR task 'hf:layercard-no-such/dataset': dataset 'layercard-no-such/dataset' is not in the local "
+        "Hugging Face cache"
+    ), out
     assert "\n" not in line
+
+
+def test_hf_tasks_are_read_from_the_local_cache_only(monkeypatch, tmp_path):
+    """Whatever the environment says, load_dataset runs offline, and the switches are put back after."""
+    import socket
+
+    datasets = pytest.importorskip("datasets")
+    import huggingface_hub.constants
+
+    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    seen = []
+
+    def record(name, config=None, *, split):
+        seen.append(
+            (datasets.config.HF_HUB_OFFLINE, huggingface_hub.constants.HF_HUB_OFFLINE,
+             os.environ.get("HF_HUB_OFFLINE"), os.environ.get("HF_DATASETS_OFFLINE"))
+        )  # fmt: skip
+        if name == "nobody/uncached":  # the library's own words for a dataset it has not cached, offline
+            raise ConnectionError("Couldn't reach 'nobody/uncached' on the Hub (OfflineModeIsEnabled)")
+        return [{"input": "q", "target": "a"}]
+
+    real = datasets.load_dataset
+    monkeypatch.setattr(datasets, "load_dataset", record)
+    assert len(load_task("hf:demo/qa")) == 1
+    with pytest.raises(LayercardError) as e:
+        load_task("hf:nobody/uncached")
+    msg = str(e.value)
+    assert msg.startswith(
+        "task 'hf:nobody/uncached': dataset 'nobody/uncached' is not in the local Hugging Face cache"
+    )
+    assert "\n" not in msg
+    assert seen == [(True, True, "1", "1")] * 2
+    # scoped to the call: nothing else in the process is left offline
+    assert datasets.config.HF_HUB_OFFLINE is False and huggingface_hub.constants.HF_HUB_OFFLINE is False
+    assert "HF_HUB_OFFLINE" not in os.environ and "HF_DATASETS_OFFLINE" not in os.environ
+
+    # the library itself, with an empty cache, fails at once without opening a connection
+    connects = []
+
+    def no_network(self, address):
+        connects.append(address)
+        raise OSError("no network in this test")
+
+    monkeypatch.setattr(datasets, "load_dataset", real)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf")
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    with pytest.raises(LayercardError, match="'layercard-no-such/dataset' is not in the local Hugging Face"):
+        load_task("hf:layercard-no-such/dataset")
+    assert connects == []
 
 
 def test_hf_missing_split_is_passed_over_but_other_failures_are_errors(monkeypatch):
     datasets = pytest.importorskip("datasets")
-    from layercard.errors import MissingSplit
     from layercard.tasks import held_out
 
     rows = [{"question": "q1", "answer": "a1"}]
@@ -191,7 +245,7 @@ def test_hf_missing_split_is_passed_over_but_other_failures_are_errors(monkeypat
 
     monkeypatch.setattr(datasets, "load_dataset", not_found)
     with pytest.raises(
-        LayercardError, match=r"load_dataset failed .*: Dataset 'nobody/nonexistent' doesn't"
+        LayercardError, match=r"not in the local Hugging Face cache .*: Dataset 'nobody/nonexistent' doesn't"
     ) as e:
         held_out("hf:nobody/nonexistent", exclude="train")
     assert not isinstance(e.value, MissingSplit) and "\n" not in str(e.value)
@@ -200,9 +254,16 @@ def test_hf_missing_split_is_passed_over_but_other_failures_are_errors(monkeypat
         raise ConnectionError("Couldn't reach the Hub")
 
     monkeypatch.setattr(datasets, "load_dataset", offline)
-    with pytest.raises(LayercardError, match="needs the network or a cached copy.*Couldn't reach") as e:
+    with pytest.raises(LayercardError, match="not in the local Hugging Face cache.*Couldn't reach") as e:
         held_out("hf:demo/qa", exclude="train")
     assert not isinstance(e.value, MissingSplit)
+
+    def broken(name, config=None, *, split):
+        raise RuntimeError("Dataset scripts are no longer supported")
+
+    monkeypatch.setattr(datasets, "load_dataset", broken)
+    with pytest.raises(LayercardError, match="datasets.load_dataset failed: Dataset scripts are no longer"):
+        held_out("hf:demo/qa", exclude="train")
 
 
 # ---------------------------------------------------------------- presets and spec resolution
@@ -233,16 +294,44 @@ def test_preset_name_resolved_under_layercard_data(tmp_path, monkeypatch):
     assert load_task("e2e_nlg", split="validation").data_hash == t.data_hash
     assert load_task("sst2").split == "train"  # train is the default split when shipped
     assert len(load_task("e2e_nlg:validation", expand_references=True)) == 2
+    # the folder is there without the split: its splits are named, as a synthetic task's are
     with pytest.raises(
-        LayercardError, match=r"e2e_nlg:test: data file not found; looked in .*e2e_nlg/test\.jsonl"
+        MissingSplit, match=r"e2e_nlg:test: unknown split 'test'; valid: validation \(in .*e2e_nlg\)"
     ):
         load_task("e2e_nlg:test")
+    with pytest.raises(
+        MissingSplit,
+        match=r"gsm8k:test: data file not found; looked in .*gsm8k/test\.jsonl \(set LAYERCARD_DATA",
+    ):
+        load_task("gsm8k:test")
     with pytest.raises(LayercardError, match="no split given and no train split \\(available: validation\\)"):
         load_task("e2e_nlg")
     with pytest.raises(LayercardError, match="split 'validation' in the spec but split='test' given"):
         load_task("e2e_nlg:validation", split="test")
     with pytest.raises(LayercardError, match="unknown task 'nonsense'"):
         load_task("nonsense")
+
+
+@needs_data
+def test_a_preset_split_its_data_lacks_names_the_splits_it_has(monkeypatch):
+    """The shipped e2e_nlg and samsum have no train split, gsm8k no validation split: the error says which
+    splits there are, not that the data root is unset."""
+    monkeypatch.setenv("LAYERCARD_DATA", str(SHARED_DATA))
+    for spec, valid in [
+        ("e2e_nlg:train", "validation, test"),
+        ("samsum:train", "validation, test"),
+        ("gsm8k:validation", "train, test"),
+        ("sst2:test", "train, validation"),
+    ]:
+        with pytest.raises(MissingSplit) as e:
+            load_task(spec)
+        split = spec.split(":")[1]
+        assert str(e.value).startswith(f"task {spec}: unknown split {split!r}; valid: {valid} (in "), e.value
+        assert "LAYERCARD_DATA" not in str(e.value)
+    # held out like a synthetic task: the validation split where there is one, else the test split
+    from layercard.tasks import held_out
+
+    assert held_out("gsm8k:train", exclude="train").split == "test"
 
 
 def test_task_format_validation():

@@ -90,8 +90,8 @@ class TaskSpec(Schema):
 
     train: str = setting(
         kind="str",
-        help="data file (JSONL, JSON, CSV, Parquet) or saved dataset folder, PRESET:SPLIT (e2e_nlg:train), "
-        "synthetic:facts|format, hf:NAME[:CONFIG]",
+        help="data file (JSONL, JSON, CSV, TSV, Parquet) or saved dataset folder, PRESET:SPLIT "
+        "(gsm8k:train), synthetic:facts|format, hf:NAME[:CONFIG] (from the local Hugging Face cache)",
     )
     train_split: str | None = setting(
         None, kind="str", help="split of a preset/synthetic task or saved dataset; null: train"

@@ -261,11 +261,14 @@ def _recommendation(doc: _Doc, run: _Run) -> None:
 
 
 def _no_scale(run: _Run) -> str:
-    """Why no measured fraction exists: no reference trained, or one whose loss drop is not positive."""
+    """Why no trained search placement has a measured point: no reference drop measured, one that is not
+    positive, or (a reference drop to scale by) none of them evaluated."""
     ref = next((r for r in run.rows if r.get("is_reference")), None)
     if ref is None or ref.get("measured_gain") is None:
-        return "the run trained no reference to scale them"
-    return f"the reference's loss drop, {ref['measured_gain']:.4f}, is not one to scale them by"
+        return "the run measured no reference loss drop to scale them by"
+    if ref["measured_gain"] <= 0:
+        return f"the reference's loss drop, {ref['measured_gain']:.4f}, is not one to scale them by"
+    return "no placement the search priced was evaluated"
 
 
 def _headline(doc: _Doc, run: _Run) -> None:

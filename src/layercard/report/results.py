@@ -536,8 +536,9 @@ def measured_leads_sentence(rows: list[dict[str, Any]]) -> str | None:
 
 
 def eval_loss_sentence(rows: list[dict[str, Any]]) -> str | None:
-    """Where no reference scales the measured drops (:func:`measured_leads_sentence` has nothing), one
-    sentence setting the recommended placement's eval loss against every other trained placement's."""
+    """Where :func:`measured_leads_sentence` has nothing (no reference drop to scale by, or no rule measured
+    beside the recommendation), one sentence setting the recommended placement's eval loss against every
+    other trained placement's, after its measured fraction where the reference's drop gives one."""
     rec = next((r for r in rows if r.get("policy") == "recommend" and r.get("eval_loss") is not None), None)
     others = [
         r for r in rows
@@ -555,18 +556,37 @@ def eval_loss_sentence(rows: list[dict[str, Any]]) -> str | None:
         verdict = f"the recommendation measured lowest, level with {' and '.join(level)}"
     else:
         verdict = "the recommendation measured lowest"
+    losses = (
+        f"{rec['name']}'s eval loss was {rec['eval_loss']:.4f} against {listed} (lower is better; "
+        f"{n or 'the'} evaluated examples, one training run each): {verdict}."
+    )
     ref = next((r for r in rows if r.get("kind") == "placement" and r.get("is_reference")), None)
-    why = (
-        f"without a drop to scale by (the reference, {ref['name']}, changed the base's eval loss by "
-        f"{-ref['measured_gain']:+.4f})"
-        if ref is not None and ref.get("measured_gain") is not None
-        else "without a reference to scale the drops"
+    gain = None if ref is None else ref.get("measured_gain")
+    if ref is None or gain is None:
+        return f"Measured without a reference to scale the drops: {losses}"
+    if gain <= 0:
+        return (
+            f"Measured without a drop to scale by (the reference, {ref['name']}, changed the base's eval "
+            f"loss by {-gain:+.4f}): {losses}"
+        )
+    if rec.get("measured_fraction") is None:
+        return f"Measured: {losses}"
+    # the reference's drop scales the measured ones: only a rule to set the recommendation against is
+    # missing (the reference is the scale, not a rival)
+    rules = [r for r in others if not r.get("is_reference") and r.get("measured_fraction") is not None]
+    against = (
+        " against " + ", ".join(f"{r['name']}'s {_with_se(r)}" for r in rules)
+        if rules
+        else ", with no rule to compare it with"
     )
-    return (
-        f"Measured {why}: {rec['name']}'s eval loss was "
-        f"{rec['eval_loss']:.4f} against {listed} (lower is better; {n or 'the'} evaluated examples, one "
-        f"training run each): {verdict}."
-    )
+    fraction = f"{rec['name']}'s fraction of the reference's drop was {_with_se(rec)}{against}"
+    return f"Measured: {fraction}; {losses}"
+
+
+def _with_se(row: dict[str, Any]) -> str:
+    """A row's measured fraction with its sampling error, as the report's tables give it: "0.39 ± 0.02"."""
+    se = row.get("measured_fraction_se")
+    return f"{row['measured_fraction']:.2f}" + ("" if se is None else f" ± {se:.2f}")
 
 
 def reference_placement(lay: RunLayout, names: list[str]) -> str | None:

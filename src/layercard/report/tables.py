@@ -193,8 +193,10 @@ def recommendation_table(
         if cand is None:
             continue
         m, r = metrics.get(name), by_name.get(name, {})
-        peak_pred = predicted_peak_mib(m) if m else None
-        step, step_pred = (m.s_per_step, predicted_s_per_step(m)) if m else (None, None)
+        if m is not None:
+            step, step_pred, peak_pred = m.s_per_step, predicted_s_per_step(m), predicted_peak_mib(m)
+        else:  # not trained (a run stopped after its plans): the plan's own prices, as its frontier shows
+            step, step_pred, peak_pred = None, cand.get("step_time"), cand.get("memory")
         quality, err = plan.predicted["quality"]["fraction"], plan.predicted["quality"].get("expected_error")
         ref = plan.predicted["reference"]["params"]
         rows.append(
@@ -282,7 +284,7 @@ def eval_table(results: dict[str, Any]) -> Table:
 
 def stages_table(root: Path) -> Table:
     """Each stage's record (status, fingerprint, wall time), for the stages the run's config has before
-    the report."""
+    the report; one recorded running that no process holds is shown as :data:`STOPPED`."""
     lay = RunLayout(root)
     names = placement_names(root)
     trim_on, base_on = stages_active(root)
@@ -293,24 +295,48 @@ def stages_table(root: Path) -> Table:
         for n in ([BASE_EVAL] if base_on else []) + names + ([TRIMMED_EVAL] if trim_on else [])
     ]
     # the report's own record is left out: it is being written, and a rebuild would read it done
-    recs = [RunLayout.stage_record(d) for d in dirs]
     rows = []
-    for p in recs:
+    run_held: bool | None = None
+    for folder in dirs:
+        p = RunLayout.stage_record(folder)
         if not p.is_file():
             continue
         try:
             d = json.loads(p.read_text())
         except (OSError, json.JSONDecodeError):
             continue
+        status = str(d.get("status"))
+        if status == "running":
+            # an interrupted stage's record stays `running`: it runs only while its writer holds a lock
+            run_held = _lock_held(root) if run_held is None else run_held
+            if not run_held and not _lock_held(folder):
+                status = STOPPED
         rows.append(
             [
                 str(d.get("stage")),
-                str(d.get("status")),
+                status,
                 str(d.get("fingerprint", ""))[:12],
                 fmt(d.get("wall_time_s"), ".1f"),
             ]
         )
     return Table(["stage", "status", "fingerprint", "wall s"], rows)
+
+
+# A stage recorded `running` whose run holds no lock: interrupted, and resumed by the next run
+STOPPED = "stopped (a rerun resumes it)"
+
+
+def _lock_held(folder: Path) -> bool:
+    """Whether a layercard process may be writing ``folder``: a live one holds its lock, or one on another
+    machine does (which cannot be checked, so it counts as held)."""
+    from layercard.artifacts import check_unlocked
+    from layercard.errors import LayercardError
+
+    try:
+        check_unlocked(folder)
+    except LayercardError:
+        return True
+    return False
 
 
 def spearman_or_none(xs: Sequence[float], ys: Sequence[float]) -> float | None:

@@ -12,7 +12,8 @@ A task spec is one of
 - ``PRESET[:SPLIT]`` for the shipped datasets, found as ``ROOT/PRESET/SPLIT.jsonl`` under the data
   root: ``$LAYERCARD_DATA`` when set, else ``./data``, else ``../shared/data``;
 - ``synthetic:facts`` / ``synthetic:format`` (or ``facts`` / ``format``), generated offline from ``seed``;
-- ``hf:NAME[:CONFIG]`` through ``datasets.load_dataset`` (needs the network or a warm HF cache).
+- ``hf:NAME[:CONFIG]`` through ``datasets.load_dataset``, from the local Hugging Face cache only (as
+  models are: nothing is downloaded at run time).
 
 Prompt settings (``prompt=``, ``system=``, ``chat_template=``; ``layercard.tasks.prompt``) then
 replace the format's wording, whatever the source.
@@ -20,16 +21,24 @@ replace the format's wording, whatever the source.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from layercard.errors import LayercardError, MissingSplit
 from layercard.tasks.example import Example
 from layercard.tasks.formats import DATA_SUFFIXES, dataset_splits, is_saved_dataset, read_records
-from layercard.tasks.presets import DATASET_PRESETS, PRESETS, TaskFormat, detect_preset, get_preset
+from layercard.tasks.presets import (
+    DATASET_PRESETS,
+    PRESETS,
+    TaskFormat,
+    detect_preset,
+    get_preset,
+    shipped_splits,
+)
 from layercard.tasks.prompt import apply_prompt
 from layercard.tasks.schemas import check_field_map, detect_schema, record_to_example
 from layercard.tasks.synthetic import make_synthetic
@@ -169,13 +178,21 @@ def _resolve_dataset(name: str, split: str | None) -> Path:
         for root in roots:
             if (root / name / "train.jsonl").is_file():
                 return root / name / "train.jsonl"
-        available = sorted({f.stem for r in roots if (r / name).is_dir() for f in (r / name).glob("*.jsonl")})
+        available = list(
+            dict.fromkeys(s for r in roots if (r / name).is_dir() for s in shipped_splits(r / name))
+        )
         hint = f"available: {', '.join(available)}" if available else "no data found"
         raise LayercardError(f"task {name!r}: no split given and no train split ({hint}); use {name}:SPLIT")
     tried = [root / name / f"{split}.jsonl" for root in roots]
     for path in tried:
         if path.is_file():
             return path
+    # the data is there without this split: name the splits it has, as a synthetic task does
+    folder = next((p.parent for p in tried if p.parent.is_dir()), None)
+    if folder is not None:
+        have = shipped_splits(folder)
+        valid = f"valid: {', '.join(have)}" if have else "it holds no SPLIT.jsonl"
+        raise MissingSplit(f"task {name}:{split}: unknown split {split!r}; {valid} (in {folder.resolve()})")
     looked = ", ".join(str(p.resolve()) for p in tried)
     raise MissingSplit(f"task {name}:{split}: data file not found; looked in {looked} (set LAYERCARD_DATA)")
 
@@ -264,18 +281,66 @@ def _load_hf(spec: str, *, split: str, field_map: Mapping[str, str] | None, fmt:
     try:
         import datasets
 
-        ds = datasets.load_dataset(name, config, split=split)
-    except Exception as e:  # offline, unknown name, bad split: all are a user-facing one-liner
+        with _hf_offline():
+            ds = datasets.load_dataset(name, config, split=split)
+    except Exception as e:  # not cached, unknown name, bad split: all are a user-facing one-liner
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         if _unknown_split(e):  # the dataset is there without this split: a held-out lookup tries the next
             raise MissingSplit(f"task {spec!r}: no split {split!r} ({msg})") from None
-        raise LayercardError(
-            f"task {spec!r}: datasets.load_dataset failed (needs the network or a cached copy): {msg}"
-        ) from None
+        if _not_cached(e):
+            raise LayercardError(
+                f"task {spec!r}: dataset {name!r} is not in the local Hugging Face cache (hf: datasets are "
+                "read offline: load it once with datasets.load_dataset where the hub is reachable, or give a "
+                f"data file; datasets said: {msg})"
+            ) from None
+        raise LayercardError(f"task {spec!r}: datasets.load_dataset failed: {msg}") from None
     source = f"{spec}[{split}]"
     rows = [(f"{source}:{i}", i, rec) for i, rec in enumerate(ds, start=1)]
     schema, examples = _examples(rows, source=source, stem=Path(source).stem, field_map=field_map)
     return Task(name, spec, split, _schema_format(schema, fmt, PRESETS["jsonl"]), examples, schema)
+
+
+_OFFLINE_ENV = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+
+
+@contextlib.contextmanager
+def _hf_offline() -> Iterator[None]:
+    """Hugging Face's offline mode for the block, restored after it: the local cache only.
+
+    ``datasets`` and ``huggingface_hub`` read their offline switch once, at import, into module
+    constants (their ``DownloadConfig.local_files_only`` is not honoured by ``load_dataset``), so the
+    constants are set as well as the variables (the latter for any worker process the library starts).
+    """
+    import datasets.config
+    import huggingface_hub.constants
+
+    consts = [
+        (datasets.config, "HF_HUB_OFFLINE"),
+        (datasets.config, "HF_DATASETS_OFFLINE"),
+        (huggingface_hub.constants, "HF_HUB_OFFLINE"),
+    ]
+    saved_consts = [(mod, attr, getattr(mod, attr)) for mod, attr in consts if hasattr(mod, attr)]
+    saved_env = {k: os.environ.get(k) for k in _OFFLINE_ENV}
+    try:
+        for mod, attr, _ in saved_consts:
+            setattr(mod, attr, True)
+        os.environ.update(dict.fromkeys(_OFFLINE_ENV, "1"))
+        yield
+    finally:
+        for mod, attr, value in saved_consts:
+            setattr(mod, attr, value)
+        for k, v in saved_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _not_cached(e: Exception) -> bool:
+    """Whether ``datasets.load_dataset`` failed offline for want of a cached copy: it says it could not
+    reach the Hub (a ConnectionError), or found neither the dataset nor its files (its own errors for
+    these are FileNotFoundErrors)."""
+    return isinstance(e, (ConnectionError, FileNotFoundError))
 
 
 def _unknown_split(e: Exception) -> bool:
@@ -316,7 +381,7 @@ def held_out(
     """The validation split of the task ``spec`` names, else its test split (the first of ``order`` it
     has); never the split ``exclude``.
 
-    A split written in ``spec`` is dropped first (``e2e_nlg:train`` → ``e2e_nlg``). ``None`` for a file
+    A split written in ``spec`` is dropped first (``gsm8k:train`` → ``gsm8k``). ``None`` for a file
     (it has no other split) and for a task with neither split. ``load_kwargs`` go to :func:`load_task`
     (the field map and prompt settings of the training task).
     """

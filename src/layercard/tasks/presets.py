@@ -24,7 +24,7 @@ from pathlib import Path
 from layercard.errors import LayercardError
 from layercard.tasks.metrics import METRICS
 
-__all__ = ["DATASET_PRESETS", "PRESETS", "TaskFormat", "detect_preset", "get_preset"]
+__all__ = ["DATASET_PRESETS", "PRESETS", "TaskFormat", "detect_preset", "get_preset", "shipped_splits"]
 
 
 @dataclass(frozen=True)
@@ -219,6 +219,21 @@ PRESETS: dict[str, TaskFormat] = {
 
 # Presets whose data comes as DATA_ROOT/NAME/SPLIT.jsonl (the rest are synthetic or generic).
 DATASET_PRESETS: tuple[str, ...] = ("e2e_nlg", "gsm8k", "samsum", "sst2")
+
+
+# the usual order of splits, before any others (alphabetical)
+_SPLIT_ORDER = ("train", "validation", "test")
+
+
+def shipped_splits(folder: str | Path) -> list[str]:
+    """The splits a preset's data folder holds (its ``SPLIT.jsonl`` files): train, validation and test
+    first, in that order, then any others."""
+    try:
+        names = {f.stem for f in Path(folder).glob("*.jsonl") if f.is_file()}
+    except OSError:
+        return []
+    rank = {s: i for i, s in enumerate(_SPLIT_ORDER)}
+    return sorted(names, key=lambda s: (rank.get(s, len(rank)), s))
 
 
 def get_preset(name: str) -> TaskFormat:
