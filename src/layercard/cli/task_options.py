@@ -45,7 +45,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 TASK_HELP = (
     "Data file (JSONL, JSON, CSV, TSV or Parquet), folder saved by datasets' save_to_disk, "
     "PRESET[:SPLIT] (e2e_nlg, gsm8k, samsum, sst2; e2e_nlg:validation), synthetic:facts / "
-    "synthetic:format, or hf:NAME[:CONFIG] (the Hugging Face hub)."
+    "synthetic:format, or hf:NAME[:CONFIG] (from the local Hugging Face cache)."
 )
 # The part of every --split help that a file's user needs: a file is one split, and another is refused.
 SPLIT_HELP = "A single file has no splits: give the other split's file instead."
