@@ -212,6 +212,49 @@ def _(w: World, tmp: Path) -> Row:
     return f"report {tmp} -o {tmp}", msg, [tmp / "report.md"]
 
 
+@case("plan-out-x8-txt-is-no-json-file")
+def _(w: World, tmp: Path) -> Row:
+    out = tmp / "x8.txt"  # a file meant: the hint keeps it a file
+    msg = f"error: --out {out}: give a file path ending in .json, such as {tmp / 'x8.json'}"
+    return f"plan --policy all -c {w.card} -o {out}", msg, [out, tmp / "x8.json"]
+
+
+if Path("/proc/self").is_dir():  # a folder that takes no new files
+
+    @case("plan-out-cannot-be-written")
+    def _(w: World, tmp: Path) -> Row:
+        out = Path("/proc/layercard/plan.json")
+        return (
+            f"plan --policy all -c {w.card} -o {out}",
+            f"error: --out {out}: cannot create files in /proc",
+            [],
+        )
+
+    @case("report-out-cannot-be-written")
+    def _(w: World, tmp: Path) -> Row:
+        out = Path("/proc/report.html")
+        return f"report {tmp} -o {out}", f"error: --out {out}: cannot create files in /proc", []
+
+
+@case("eval-adapter-is-no-adapter-folder")
+def _(w: World, tmp: Path) -> Row:
+    empty = tmp / "t1"
+    empty.mkdir()
+    msg = f"error: --adapter {empty}: not an adapter folder"
+    return f"eval -m {w.model} -t {FACTS} -o {tmp / 'e'} -a {empty} {EVAL}", msg, [tmp / "e"]
+
+
+@case("usage-error-is-one-line")
+def _(w: World, tmp: Path) -> Row:
+    return "card --examples abc", "error: Invalid value for '--examples'", []
+
+
+@case("steps-at-its-default-with-epochs")
+def _(w: World, tmp: Path) -> Row:
+    msg = "error: --steps: give exactly one of steps and epochs"
+    return f"train -p {w.plan} -t {FACTS} --dry-run --steps 100 --epochs 1", msg, []
+
+
 @case("yaml-device-not-a-device")
 def _(w: World, tmp: Path) -> Row:
     cfg = a_config(w, tmp, yaml.safe_dump({**run_config(w), "device": "gpu"}, sort_keys=False))

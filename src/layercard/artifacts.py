@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import hashlib
 import json
 import math
@@ -259,15 +260,37 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """
     final = Path(path)
     _check_parents(final, str(final))
-    final.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temps(final.parent, final.name)
-    tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(final.name), suffix=".tmp", dir=final.parent))
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(final.parent, final.name)
+        tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(final.name), suffix=".tmp", dir=final.parent))
+    except OSError as e:
+        raise _not_written(final, e) from None
     target = tmp / final.name
     try:
         yield target
         _commit(target, final, tmp)
+    except OSError as e:
+        if not _write_failed(e, tmp, final):
+            raise
+        raise _not_written(final, e) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _write_failed(e: OSError, tmp: Path, final: Path) -> bool:
+    """Whether ``e`` is the write's own failure (a full disk, a read-only file system, no permission where
+    it writes), not one of reading an input inside the block, which keeps its own message."""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+        return True
+    if e.errno not in (errno.EACCES, errno.EPERM):
+        return False
+    names = [Path(n) for n in (e.filename, e.filename2) if isinstance(n, (str, os.PathLike))]
+    return any(n == final or tmp in n.parents or n == tmp for n in names)
+
+
+def _not_written(final: Path, e: OSError) -> LayercardError:
+    return LayercardError(f"{final}: cannot be written ({e.strerror or e}); nothing was written there")
 
 
 def _current_umask() -> int:
@@ -316,12 +339,29 @@ def _check_parents(p: Path, shown: str) -> None:
 
 
 def check_out_folder(path: str | os.PathLike[str], what: str = "--out") -> Path:
-    """Refuse, before any work, an output folder that cannot be one (an existing file, a file above it)."""
+    """Refuse, before any work, an output folder that cannot be one (an existing file, a file above it) or
+    cannot be made (its nearest existing folder takes no new entries)."""
     p = Path(path)
     if p.exists() and not p.is_dir():
         raise LayercardError(f"{what} {p}: exists and is a file, not a folder")
     _check_parents(p, f"{what} {p}")
+    _check_writable(p if p.is_dir() else _existing_parent(p), f"{what} {p}")
     return p
+
+
+def _existing_parent(p: Path) -> Path:
+    return next((a for a in p.parents if a.exists()), Path("."))
+
+
+def _check_writable(folder: Path, shown: str) -> None:
+    """Refuse, before any work, a path whose nearest existing folder takes no new entries (no permission,
+    a read-only or virtual file system): made and removed at once, a probe folder tells, where the mode
+    bits would not (root, mounts)."""
+    try:
+        probe = tempfile.mkdtemp(prefix=_temp_prefix("probe"), suffix=".tmp", dir=folder)
+    except OSError as e:
+        raise LayercardError(f"{shown}: cannot create files in {folder} ({e.strerror or e})") from None
+    os.rmdir(probe)
 
 
 def same_file(a: Path, b: Path) -> bool:
@@ -335,16 +375,20 @@ def same_file(a: Path, b: Path) -> bool:
 def check_out_file(
     path: str | os.PathLike[str], what: str = "--out", *, example: str = "", suffix: str = ""
 ) -> Path:
-    """Refuse, before any work, an output file path that is a folder (or lies below a file), or, with
-    ``suffix``, one whose name does not end in it (a folder meant, not yet made, would become a file)."""
+    """Refuse, before any work, an output file path that is a folder (or lies below a file, or where no
+    file can be made), or, with ``suffix``, one whose name does not end in it (a folder meant, not yet
+    made, would become a file)."""
     p = Path(path)
     if p.is_dir():
         hint = f"; give a file path such as {p / example}" if example else "; give a file path"
         raise LayercardError(f"{what} {p}: is a folder{hint}")
     if suffix and p.suffix.lower() != suffix:
-        hint = f", such as {p / example}" if example else ""
+        # a name with another suffix meant a file (x8.txt: x8.json); one without may have meant a folder
+        such = p.with_suffix(suffix) if p.suffix else p / example if example else None
+        hint = f", such as {such}" if such is not None else ""
         raise LayercardError(f"{what} {p}: give a file path ending in {suffix}{hint}")
     _check_parents(p, f"{what} {p}")
+    _check_writable(_existing_parent(p), f"{what} {p}")
     return p
 
 

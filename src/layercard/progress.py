@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Iterator
-from typing import TypeVar
+from typing import Any, TypeVar
 
 T = TypeVar("T")
+
+# The bars drawing now. An interrupted loop leaves its bar live until its generator is collected, which is
+# after the interruption is reported: :func:`stop_bars` ends them first.
+_LIVE: list[Any] = []
 
 
 def enabled_default() -> bool:
@@ -41,10 +45,22 @@ def track(
         console=Console(stderr=True, emoji=False),
         transient=False,
     ) as prog:
-        tid = prog.add_task(description, total=total)
-        for item in items:
-            yield item
-            prog.advance(tid)
+        _LIVE.append(prog)
+        try:
+            tid = prog.add_task(description, total=total)
+            for item in items:
+                yield item
+                prog.advance(tid)
+        finally:
+            if prog in _LIVE:  # else stop_bars took it
+                _LIVE.remove(prog)
+
+
+def stop_bars() -> None:
+    """Stop every live bar, each leaving its last state and a line break, so that what is printed next
+    starts a line of its own and stays put."""
+    while _LIVE:
+        _LIVE.pop().stop()
 
 
 def say(text: str, *, enabled: bool | None = None) -> None:

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import json
 import sys
 import traceback
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -18,15 +19,63 @@ from rich.markup import escape
 
 from layercard.errors import LayercardError
 
+try:  # newer typer carries its own copy of click
+    from typer import _click
+    from typer._click import exceptions as _click_exceptions
+    from typer._click import globals as _click_globals
+except ImportError:  # older typer runs on click itself
+    import click as _click
+    from click import exceptions as _click_exceptions
+    from click import globals as _click_globals
+
+
+# click before 8.2 shows the help of `layercard` alone without an exception (an empty tuple catches nothing)
+_NO_ARGS_HELP = getattr(_click_exceptions, "NoArgsIsHelpError", ())
+
+
+class _UsageLine(_click.ClickException):
+    """A usage error (an unknown option or command, a value of the wrong type) shown as one line."""
+
+    exit_code = 2
+
+    def __init__(self, error: Exception, command_path: str | None) -> None:
+        text = " ".join(error.format_message().split())  # click's message, its suggestion included
+        if command_path:
+            text += f" (see {command_path} --help)"
+        super().__init__(text)
+
+    def show(self, file: Any = None) -> None:
+        console.print(f"[bold red]error:[/] {escape(self.message)}", highlight=False, soft_wrap=True)
+
+
+@contextlib.contextmanager
+def _one_line_usage(ctx: Any) -> Iterator[None]:
+    try:
+        yield
+    except _NO_ARGS_HELP:
+        raise  # `layercard` alone: the help screen
+    except _click_exceptions.UsageError as e:
+        where = e.ctx if e.ctx is not None else ctx
+        raise _UsageLine(e, where.command_path if where is not None else None) from None
+
 
 class _Group(typer.core.TyperGroup):
-    """The command group, taking ``--debug`` after the command too (``layercard card ... --debug``)."""
+    """The command group, taking ``--debug`` after the command too (``layercard card ... --debug``), and
+    saying a usage error in one line, as every other error is said."""
 
     def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
         end = args.index("--") if "--" in args else len(args)
         if "--debug" in args[1:end]:
             args = ["--debug", *(a for a in args[:end] if a != "--debug"), *args[end:]]
         return super().parse_args(ctx, args)
+
+    def make_context(self, info_name: str | None, args: list[str], parent: Any = None, **extra: Any) -> Any:
+        with _one_line_usage(parent):  # the group's own options
+            return super().make_context(info_name, args, parent=parent, **extra)
+
+    def invoke(self, ctx: Any) -> Any:
+        with _one_line_usage(ctx):  # an unknown command; a command's options
+            return super().invoke(ctx)
 
 
 app = typer.Typer(
@@ -57,6 +106,9 @@ def guard(fn: F) -> F:
             console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
             raise typer.Exit(e.exit_code) from None
         except KeyboardInterrupt:
+            from layercard.progress import stop_bars
+
+            stop_bars()  # a live bar would print over the message, then draw itself again below it
             console.print("[bold red]interrupted[/]")
             raise typer.Exit(130) from None
         except (typer.Exit, typer.Abort):
@@ -87,9 +139,21 @@ def _reflow(doc: str | None) -> str | None:
     return "\n\n".join(" ".join(line.strip() for line in par.splitlines()) for par in paragraphs)
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from layercard import __version__
+
+        typer.echo(f"layercard {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
 def main(
     debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks.")] = False,
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_print_version, is_eager=True, help="Print the version and exit."),
+    ] = False,
 ) -> None:
     _STATE["debug"] = debug
     # PEFT still calls a transformers attribute deprecated in v5; the message says nothing to our users.
@@ -101,13 +165,54 @@ DtypeOpt = Annotated[str, typer.Option(help="float32 | bfloat16 | float16.")]
 DeviceOpt = Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N | mps (auto: cuda if present).")]
 TrustOpt = Annotated[bool, typer.Option(help="Allow the model's own code from its folder (off by default).")]
 ModelOpt = Annotated[
-    str, typer.Option("--model", "-m", help="Built-in name (smollm2), local folder, .gguf file.")
+    str,
+    typer.Option(
+        "--model",
+        "-m",
+        help="Built-in name (smollm2), local folder, .gguf file, or a hub id already in the local Hugging "
+        "Face cache.",
+    ),
 ]
 
 
 def note(text: str) -> None:
     """One line on stderr about something the user may not expect (not an error)."""
     console.print(f"[yellow]note:[/] {escape(text)}", highlight=False, soft_wrap=True)
+
+
+def given(name: str) -> bool:
+    """Whether the running command's option ``name`` (its parameter name) was given on the command line or
+    through the environment, even at its default value."""
+    ctx = _click_globals.get_current_context(silent=True)
+    if ctx is None:
+        return False
+    source = ctx.get_parameter_source(name)
+    return source is not None and source.name in ("COMMANDLINE", "ENVIRONMENT")
+
+
+def count(n: int, noun: str) -> str:
+    """``n`` and ``noun``, plural unless one (``1 pass``, ``3 passes``, ``2 modules``)."""
+    if n == 1:
+        return f"{n:,} {noun}"
+    return f"{n:,} {noun}" + ("es" if noun.endswith(("s", "x", "ch", "sh")) else "s")
+
+
+def check_adapter(adapter: Path) -> None:
+    """Refuse, before anything loads, an ``--adapter`` that is no adapter folder, naming the option."""
+    from layercard.adapters import CONFIG_FILE, PEFT_CONFIG_FILE
+
+    if not adapter.is_dir():
+        what = "is a file, not an adapter folder" if adapter.exists() else "no such folder"
+        raise LayercardError(f"--adapter {adapter}: {what}")
+    if not (adapter / PEFT_CONFIG_FILE).is_file() and not (adapter / CONFIG_FILE).is_file():
+        raise LayercardError(
+            f"--adapter {adapter}: not an adapter folder (no {PEFT_CONFIG_FILE} or {CONFIG_FILE})"
+        )
+
+
+def note_unused(option: str, why: str) -> None:
+    """Say that ``option``, given, has no effect (``why``: the reason, e.g. "without --check-model")."""
+    note(f"{option} has no effect {why}")
 
 
 def note_task(task: Any) -> None:
@@ -145,7 +250,7 @@ def note_generation(adapter: Path | None, source: str) -> None:
 def note_examples(option: str, asked: int | None, used: int) -> None:
     """Say so when ``option`` asked for more examples than the task has (all of them were used)."""
     if asked is not None and used < asked:
-        note(f"{option} {asked}: the task has {used} examples; all {used} were used")
+        note(f"{option} {asked}: the task has {count(used, 'example')}; all {used} were used")
 
 
 def emit_json(obj: Any) -> None:

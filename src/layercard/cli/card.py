@@ -17,6 +17,7 @@ from layercard.cli.app import (
     TrustOpt,
     app,
     console,
+    count,
     emit_json,
     guard,
     note_examples,
@@ -48,7 +49,8 @@ def models_cmd(
         k for k in keys if k not in ("name", "kind", "status", "description", "path")
     ]
     for k in order:
-        t.add_column(k)
+        # a path folds onto further lines in a narrow terminal or a pipe, never cut: it is there to be copied
+        t.add_column(k, overflow="fold" if k in ("path", "gguf") else "ellipsis")
     for r in rows:
         t.add_row(*[str(r.get(k, "")) for k in order])
     Console(emoji=False).print(t)
@@ -141,7 +143,9 @@ def card_cmd(
         emit_json(summary)
         return
     _print_card_summary(card)
-    console.print(f"wrote {out / 'card.json'}, {out / 'card.md'} and {len(written)} figures", markup=False)
+    console.print(
+        f"wrote {out / 'card.json'}, {out / 'card.md'} and {count(len(written), 'figure')}", markup=False
+    )
 
 
 def _print_card_summary(card) -> None:
@@ -165,8 +169,8 @@ def _print_card_summary(card) -> None:
         )
     console.print(tbl)
     console.print(
-        f"probe: {card.task['n_examples']} examples, {card.n_positions} positions, loss {card.loss:.4f}; "
-        + timings_text(card.timings)
+        f"probe: {count(card.task['n_examples'], 'example')}, {count(card.n_positions, 'position')}, "
+        f"loss {card.loss:.4f}; " + timings_text(card.timings)
     )
     console.print(
         f"top-5 layers by resnorm: {top_layers(card, 'resnorm')}; by {card.default_score} "

@@ -14,6 +14,7 @@ from layercard.cli.app import (
     ModelOpt,
     TrustOpt,
     app,
+    check_adapter,
     console,
     emit_json,
     guard,
@@ -27,7 +28,6 @@ from layercard.cli.app import (
 from layercard.cli.options import config_options
 from layercard.cli.task_options import SPLIT_HELP, TaskOpt, task_options
 from layercard.config import EvalConfig
-from layercard.errors import LayercardError
 
 
 @app.command("eval")
@@ -61,9 +61,8 @@ def eval_cmd(
     from layercard.evaluate import evaluate, resolve_eval_task
 
     assert cfg is not None  # built by config_options before anything loads: a typo costs no time
-    if adapter is not None and not adapter.is_dir():
-        what = "is a file, not an adapter folder" if adapter.exists() else "no such folder"
-        raise LayercardError(f"--adapter {adapter}: {what}")
+    if adapter is not None:
+        check_adapter(adapter)
     check_out_folder(out)
     with writer_lock(out, what="eval folder"):
         t, fallback = resolve_eval_task(task, split=split, seed=seed, **(task_kw or {}))

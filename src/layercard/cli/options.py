@@ -15,6 +15,7 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 
+from layercard.cli.app import given
 from layercard.config.schema import ConfigError, Schema, Spec, spec_of
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -106,11 +107,15 @@ def config_options(
         @functools.wraps(fn)
         def wrapper(**kwargs: Any) -> Any:
             values = {f.name: kwargs.pop(f.name) for f in derived} | {n: kwargs[n] for n in shared}
-            # Only what the user changed goes through the schema's own defaulting (e.g. --epochs alone
-            # replaces the default step count), exactly as a YAML section that omits a key.
-            given = {k: v for k, v in values.items() if v != _cli_default(_field_default(schema, k))}
+            # Only what the user gave goes through the schema's own defaulting (e.g. --epochs alone
+            # replaces the default step count), exactly as a YAML section that omits a key. An option given
+            # at its default value is given all the same (--steps 100 --epochs 1 is as contradictory as
+            # --steps 50 --epochs 1); a default of this command's own differs from the schema's.
+            explicit = {
+                k: v for k, v in values.items() if given(k) or v != _cli_default(_field_default(schema, k))
+            }
             try:
-                cfg = schema(**schema.prepare(given))
+                cfg = schema(**schema.prepare(explicit))
             except ConfigError as e:
                 field = e.where.rpartition(".")[2]
                 raise ConfigError(option_name(field), e.problem) from None

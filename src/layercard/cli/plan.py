@@ -9,7 +9,17 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from layercard.cli.app import TrustOpt, app, console, emit_json, guard, load_cli_model
+from layercard.cli.app import (
+    TrustOpt,
+    app,
+    console,
+    count,
+    emit_json,
+    given,
+    guard,
+    load_cli_model,
+    note_unused,
+)
 from layercard.cli.options import config_options
 from layercard.config import SEARCH_POLICIES, PlanConfig
 from layercard.errors import LayercardError
@@ -26,7 +36,12 @@ def plan_cmd(
         typer.Option(help="Load this model and check the plan applies with PEFT exactly as planned."),
     ] = None,
     dtype: Annotated[str, typer.Option(help="dtype for --check-model.")] = "float32",
-    device: Annotated[str, typer.Option(help="Device for --check-model.")] = "cpu",
+    device: Annotated[
+        str,
+        typer.Option(
+            help="Device for --check-model: auto | cpu | cuda | cuda:N | mps (auto: cuda if present)."
+        ),
+    ] = "auto",
     trust_remote_code: TrustOpt = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout.")] = False,
     cfg: PlanConfig | None = None,
@@ -42,6 +57,14 @@ def plan_cmd(
     card_file = card / CARD_FILE if card.is_dir() else card
     if same_file(out, card_file):
         raise LayercardError(f"--out {out}: that is the card {card_file}, which the plan would overwrite")
+    if check_model is None:  # only the check loads a model
+        for name, option in (
+            ("dtype", "--dtype"),
+            ("device", "--device"),
+            ("trust_remote_code", "--trust-remote-code"),
+        ):
+            if given(name):
+                note_unused(option, "without --check-model")
     figure_path = out.with_name(out.stem + "_frontier.png")
     if cfg.policy in SEARCH_POLICIES:
         check_out_file(figure_path, "the frontier figure")
@@ -64,7 +87,7 @@ def plan_cmd(
                 "plan": str(out),
                 "policy": cfg.policy,
                 "layers": plan.layers,
-                "units": len(plan.units),
+                "n_units": len(plan.units),
                 "ranks": {u.name: u.rank for u in plan.units},
                 "predicted": plan.predicted,
                 "lora_config": plan.lora_config,
@@ -80,11 +103,10 @@ def plan_cmd(
     else:
         _print_plan(plan)
     if check is not None and plan.kind == "lora":
-        console.print(f"check: PEFT adapted exactly the {len(check['matched'])} planned modules")
+        console.print(f"check: PEFT adapted exactly the {count(len(check['matched']), 'planned module')}")
     elif check is not None:
-        console.print(
-            f"check: the {plan.kind} adapters attach to exactly the {len(check['matched'])} planned layers"
-        )
+        layers = count(len(check["matched"]), "planned layer")
+        console.print(f"check: the {plan.kind} adapters attach to exactly the {layers}")
     console.print(f"wrote {out}" + (f" and {figure}" if figure is not None else ""), markup=False)
 
 
@@ -117,7 +139,7 @@ def _print_search_plan(plan) -> None:
     for kind, rows in p["frontier"].items():
         t = Table(title=f"Frontier · predicted quality against {kind} · {plan.card['task']}")
         # short headers and unwrapped values keep a row on one line of an 80-column terminal
-        for col in ("matrices", "layers", "rank", "quality", kind, "× ref", ""):
+        for col in ("matrices", "layers", "rank", "quality", _cost_header(kind), "× ref", ""):
             t.add_column(col, justify="right" if col not in ("matrices", "layers") else "left", no_wrap=True)
         shown = shown_frontier(rows, chosen)
         on_frontier = any(row_label(r) == row_label(chosen) for r in shown)
@@ -175,8 +197,8 @@ def _print_search_plan(plan) -> None:
         f"plan ({plan.config['policy']}, budgets {budgets}"
         + (f", target {plan.config['target']:g}" if plan.config.get("target") is not None else "")
         + "): "
-        f"{row_label(chosen)}, {p['params']:,} params, "
-        f"{p['modules']} modules, predicted quality {chosen['quality']:.3f}"
+        f"{row_label(chosen)}, {count(p['params'], 'param')}, "
+        f"{count(p['modules'], 'module')}, predicted quality {chosen['quality']:.3f}"
         + ("" if err is None else f" ± {err:.3f}")
         + (f", predicted {p['step_time_s']:.3g} s/step" if p.get("step_time_s") else "")
         + (f", peak {peak_text(p['memory'], p.get('memory_figure'))}" if p.get("memory") else "")
@@ -195,6 +217,12 @@ def _print_search_plan(plan) -> None:
             soft_wrap=True,
             markup=False,
         )
+
+
+def _cost_header(kind: str) -> str:
+    """A cost column's header, with the unit its cells leave out (they show the number alone); as short as
+    the budget's name, so that a row still fits an 80-column terminal."""
+    return {"step_time": "s/step", "memory": "peak MiB"}.get(kind, kind)
 
 
 def _rule_text(plan) -> str:
@@ -249,4 +277,4 @@ def _ranks_text(plan) -> str:
         return f"{ranks[0]} (uniform)"
     pat = (plan.lora_config or {}).get("rank_pattern") or {}
     r = (plan.lora_config or {}).get("r")
-    return f"r={r}, {len(pat)} modules differ (min {min(ranks)}, max {max(ranks)})"
+    return f"r={r}, {count(len(pat), 'module')} differ (min {min(ranks)}, max {max(ranks)})"

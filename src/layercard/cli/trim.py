@@ -15,7 +15,9 @@ from layercard.cli.app import (
     ModelOpt,
     TrustOpt,
     app,
+    check_adapter,
     console,
+    count,
     emit_json,
     guard,
     load_cli_model,
@@ -27,7 +29,6 @@ from layercard.cli.app import (
 from layercard.cli.options import config_options
 from layercard.cli.task_options import SPLIT_HELP, TaskOpt, task_options
 from layercard.config import TraceConfig, TrimConfig
-from layercard.errors import LayercardError
 
 AdapterOpt = Annotated[
     Path, typer.Option("--adapter", "-a", help="Trained adapter folder (PEFT LoRA or layercard bottleneck).")
@@ -36,18 +37,6 @@ SplitOpt = Annotated[
     str | None,
     typer.Option(help=f"Split (default: the task's validation split, else its test split). {SPLIT_HELP}"),
 ]
-
-
-def _check_adapter(adapter: Path) -> None:
-    from layercard.adapters import CONFIG_FILE, PEFT_CONFIG_FILE
-
-    if not adapter.is_dir():
-        what = "is a file, not an adapter folder" if adapter.exists() else "no such folder"
-        raise LayercardError(f"--adapter {adapter}: {what}")
-    if not (adapter / PEFT_CONFIG_FILE).is_file() and not (adapter / CONFIG_FILE).is_file():
-        raise LayercardError(
-            f"--adapter {adapter}: not an adapter folder (no {PEFT_CONFIG_FILE} or {CONFIG_FILE})"
-        )
 
 
 def _validation_task(spec: str, split: str | None, seed: int, kw: dict | None = None) -> Any:
@@ -87,7 +76,7 @@ def trace_cmd(
     from layercard.trim import run_trace
 
     assert cfg is not None  # built by config_options
-    _check_adapter(adapter)
+    check_adapter(adapter)
     check_out_folder(out)
     with writer_lock(out, what="trace folder"):
         t = _validation_task(task, split, seed, task_kw)
@@ -130,7 +119,9 @@ def trim_cmd(
     out: Annotated[
         Path | None,
         typer.Option(
-            "--out", "-o", help="Folder for trim.json and adapter-trimmed/ (default: the adapter's parent)."
+            "--out",
+            "-o",
+            help="Folder for trim.json, trim.png and adapter-trimmed/ (default: the adapter's parent).",
         ),
     ] = None,
     split: SplitOpt = None,
@@ -148,9 +139,10 @@ def trim_cmd(
 ) -> None:
     """Sweep the boundary layer K, pick the best, export adapter-trimmed/ (and optionally a merged model)."""
     from layercard.trim import trim
+    from layercard.trim.run import TRIM_PNG
 
     assert cfg is not None  # built by config_options
-    _check_adapter(adapter)
+    check_adapter(adapter)
     out_dir = check_out_folder(out if out is not None else adapter.resolve().parent)
     if export_merged is not None:
         from layercard.trim.run import check_merged_folder
@@ -181,7 +173,9 @@ def trim_cmd(
         emit_json({**res, "trim": str(out_dir / "trim.json")})
         return
     _print_trim(res)
-    console.print(f"wrote {out_dir / 'trim.json'} and {res['export']['path']}", markup=False)
+    console.print(
+        f"wrote {out_dir / 'trim.json'}, {out_dir / TRIM_PNG} and {res['export']['path']}", markup=False
+    )
     if res["merged"]:
         console.print(f"wrote merged model {res['merged']['path']}", markup=False)
 
@@ -190,10 +184,11 @@ def _print_trim(res: dict[str, Any]) -> None:
     from layercard.trim import latency_text
 
     names = res["metrics"]
+    passes = len(res["before"].get("s_per_example_samples") or [1])
     tbl = Table(
         title=f"trim sweep · {res['task']['name']} ({res['task']['split']}) · select by {res['metric']}",
         caption="K: adapters kept in layers 0..K; s/example: one generation pass per K (noisy), where the "
-        f"line below gives the fastest of {len(res['before'].get('s_per_example_samples') or [1])} passes",
+        f"line below gives the fastest of {count(passes, 'pass')}",
     )
     for col in ("K", "layers", "modules", *names, "loss", "s/example"):
         tbl.add_column(col, justify="right")

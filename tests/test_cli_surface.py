@@ -1,0 +1,229 @@
+"""The command line's own surface: usage errors, options given at their default, outputs that cannot be
+written, the version, interruption, and the wording of what the commands print."""
+
+from __future__ import annotations
+
+import errno
+import importlib
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import typer
+from bad_world import FACTS, World, cli, one_error_line
+
+from layercard import artifacts
+from layercard.cli.app import guard
+from layercard.errors import LayercardError
+
+ON_PROC = sys.platform.startswith("linux") and Path("/proc/self").is_dir()
+needs_proc = pytest.mark.skipif(not ON_PROC, reason="needs /proc, a folder that takes no new files")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Usage errors and --version
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "args, said",
+    [
+        (["card", "--examples", "abc"], "Invalid value for '--examples'"),
+        (["card", "--bogus"], "No such option: --bogus"),
+        (["frobnicate"], "No such command 'frobnicate'"),
+        (["plna"], "No such command 'plna'. Did you mean 'plan'?"),
+        (["--bogus"], "No such option: --bogus"),
+        (["plan"], "Missing option '--card'"),
+    ],
+)
+def test_a_usage_error_is_one_line(args: list[str], said: str) -> None:
+    line = one_error_line(cli(args))
+    assert said in line and "--help" in line, line
+
+
+def test_layercard_alone_still_shows_the_help() -> None:
+    r = cli([])
+    assert "Usage:" in r.output and "Commands" in r.output
+
+
+def test_version() -> None:
+    from layercard import __version__
+
+    r = cli(["--version"])
+    assert r.exit_code == 0 and r.output.strip() == f"layercard {__version__}"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# An option given at its default value is given
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("steps", ["100", "50"])  # 100 is the default
+def test_steps_with_epochs_fails_whatever_the_step_count(tmp_path: Path, steps: str) -> None:
+    args = f"train -p {tmp_path / 'plan.json'} -t {FACTS} --dry-run --steps {steps} --epochs 1"
+    line = one_error_line(cli(args))
+    assert line.startswith("error: --steps: give exactly one of steps and epochs"), line
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Output paths that cannot be written: refused before any work, in one line
+# ---------------------------------------------------------------------------------------------------------
+
+
+@needs_proc
+@pytest.mark.parametrize(
+    "line, out",
+    [
+        ("plan --policy all -c {tmp}/card.json -o {out}", "/proc/x/plan.json"),
+        ("export {tmp}/plan.json --to peft -o {out}", "/proc/x.json"),
+        ("compare {tmp}/a.json {tmp}/b.json -o {out}", "/proc/nope.png"),
+        ("report {tmp} -o {out}", "/proc/r.html"),
+        ("card -m {tmp}/model -o {out}", "/proc/card"),
+    ],
+)
+def test_an_out_that_cannot_be_written_is_refused_first(tmp_path: Path, line: str, out: str) -> None:
+    # the inputs do not exist: the output is checked before any of them is read
+    r = cli(line.format(tmp=tmp_path, out=out))
+    assert one_error_line(r).startswith(f"error: --out {out}: cannot create files in /proc"), r.output
+
+
+@needs_proc
+def test_a_write_that_fails_after_the_work_is_one_line(world: World, monkeypatch, tmp_path: Path) -> None:
+    monkeypatch.setattr(artifacts, "_check_writable", lambda folder, shown: None)  # let it through
+    r = cli(f"plan --policy all -c {world.card} -o /proc/x/plan.json")
+    assert one_error_line(r).startswith("error: /proc/x/plan.json: cannot be written"), r.output
+
+
+def test_a_full_disk_is_one_error_and_leaves_no_temporary(tmp_path: Path) -> None:
+    with pytest.raises(LayercardError, match="f.json: cannot be written .No space left"):
+        with artifacts.atomic_path(tmp_path / "f.json") as tmp:
+            raise OSError(errno.ENOSPC, "No space left on device", str(tmp))
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_failed_read_inside_a_write_keeps_its_own_error(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError):
+        with artifacts.atomic_path(tmp_path / "f.json"):
+            (tmp_path / "missing").read_text()
+
+
+def test_a_suffix_hint_keeps_a_file_a_file(world: World, tmp_path: Path) -> None:
+    out = tmp_path / "x8.txt"
+    line = one_error_line(cli(f"plan --policy all -c {world.card} -o {out}"))
+    assert line == f"error: --out {out}: give a file path ending in .json, such as {tmp_path / 'x8.json'}"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Interruption
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_an_interrupt_stops_the_bar_before_saying_so(monkeypatch) -> None:
+    """The bar of an interrupted loop stays live until its generator is collected; the message must not be
+    drawn over by it."""
+    from rich.progress import Progress
+
+    from layercard import progress
+
+    app_module = importlib.import_module("layercard.cli.app")  # the package's `app` is the Typer app
+    bars: list[Progress] = []
+    start = Progress.start
+    monkeypatch.setattr(Progress, "start", lambda self: (bars.append(self), start(self))[1])
+    live_when_said: list[bool] = []
+    said = lambda *a, **k: live_when_said.append(bars[0].live.is_started)  # noqa: E731
+    monkeypatch.setattr(app_module.console, "print", said)
+
+    @guard
+    def work() -> None:
+        it = progress.track(range(5), "work", enabled=True)  # held, as the card probe holds its loop
+        for i in it:
+            if i == 2:
+                raise KeyboardInterrupt
+
+    with pytest.raises(typer.Exit) as e:
+        work()
+    assert e.value.exit_code == 130 and live_when_said == [False]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# What the commands print
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_plan_json_counts_units_as_n_units(world: World, tmp_path: Path) -> None:
+    out = tmp_path / "p.json"
+    r = cli(f"plan --policy all -c {world.card} -o {out} --json")
+    assert r.exit_code == 0, r.output
+    summary = json.loads(r.stdout)
+    assert "units" not in summary
+    assert summary["n_units"] == len(json.loads(out.read_text())["units"]) > 0
+
+
+def test_frontier_costs_carry_their_units(world: World, tmp_path: Path) -> None:
+    r = cli(f"plan -c {world.card} --budget step_time=2x,memory=2x -o {tmp_path / 'p.json'}")
+    assert r.exit_code == 0, r.output
+    headers = [line for line in r.output.splitlines() if line.startswith("┃")]
+    assert any("s/step" in h for h in headers) and any("peak MiB" in h for h in headers), r.output
+
+
+def test_plan_says_model_options_need_check_model(world: World, tmp_path: Path) -> None:
+    r = cli(f"plan --policy all -c {world.card} -o {tmp_path / 'p.json'} --device cuda --json")
+    assert r.exit_code == 0, r.output
+    assert "note: --device has no effect without --check-model" in r.stderr
+    quiet = cli(f"plan --policy all -c {world.card} -o {tmp_path / 'q.json'} --json")
+    assert "note:" not in quiet.stderr
+
+
+def test_models_prints_whole_paths_in_a_narrow_pipe(monkeypatch) -> None:
+    import layercard.models
+
+    path = "/a/rather/long/cache/folder/of/models/SmolLM2-135M-Instruct.Q4_1-b179c9523d0e6a0f"
+    row = {"name": "m", "kind": "builtin", "description": "d", "path": path}
+    monkeypatch.setattr(layercard.models, "list_models", lambda: [row])
+    from typer.testing import CliRunner
+
+    from layercard.cli import app
+
+    r = CliRunner().invoke(app, ["models"], env={"COLUMNS": "60"})
+    assert r.exit_code == 0, r.output
+    header = next(line for line in r.output.splitlines() if line.startswith("┃"))
+    col = [c.strip() for c in header.split("┃")].index("path")
+    cells = [line.split("│")[col].strip() for line in r.output.splitlines() if line.startswith("│")]
+    assert "".join(cells) == path, r.output
+
+
+def test_help_names_what_is_taken_and_written() -> None:
+    assert "hub id" in " ".join(cli(["card", "--help"]).output.split())
+    assert "trim.png" in " ".join(cli(["trim", "--help"]).output.split())
+    plan_help = " ".join(cli(["plan", "--help"]).output.split())
+    assert "Device for --check-model" in plan_help and "[default: auto]" in plan_help
+
+
+def test_trim_says_it_wrote_its_figure(world: World, tmp_path: Path) -> None:
+    out = tmp_path / "t"
+    r = cli(
+        f"trim -m {world.model} -a {world.adapter} -t {FACTS} -o {out} --all-layers --metric loss "
+        "--examples 2 --batch-size 2 --device cpu"
+    )
+    assert r.exit_code == 0, r.output
+    assert f"{out / 'trim.png'}" in " ".join(r.output.split()) and (out / "trim.png").is_file()
+
+
+def test_eval_names_the_adapter_option(world: World, tmp_path: Path) -> None:
+    empty = tmp_path / "t1"
+    empty.mkdir()
+    r = cli(f"eval -m {world.model} -t {FACTS} -o {tmp_path / 'e'} -a {empty}")
+    assert one_error_line(r).startswith(f"error: --adapter {empty}: not an adapter folder")
+    assert not (tmp_path / "e").exists()
+
+
+def test_count_says_one_without_a_plural() -> None:
+    from layercard.cli.app import count
+
+    assert [count(1, "pass"), count(3, "pass"), count(1, "step"), count(1200, "step")] == [
+        "1 pass",
+        "3 passes",
+        "1 step",
+        "1,200 steps",
+    ]
