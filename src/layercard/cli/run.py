@@ -9,7 +9,7 @@ import typer
 from rich import box
 from rich.table import Table
 
-from layercard.cli.app import app, console, emit_json, guard, progress_flag
+from layercard.cli.app import app, console, count, emit_json, guard, progress_flag
 from layercard.run_layout import RunLayout
 
 SetOpt = Annotated[
@@ -114,7 +114,7 @@ def _plans(summary: dict[str, Any]) -> Table | None:
     caption = "predicted by the card's cost and quality models; quality: fraction of the reference's drop"
     if not priced:
         caption += "; no costs: the card was measured without the cost calibration"
-    t = _compact(f"plans · {steps:,} optimizer steps each", caption)
+    t = _compact(f"plans · {count(steps, 'optimizer step')} each", caption)
     for col in ("placement", "layers", "modules", "params", "s/step", "time of steps", "peak MiB", "quality"):
         t.add_column(col, justify="left" if col == "placement" else "right", no_wrap=True)
     for r in rows:
@@ -209,7 +209,7 @@ def _run_cfg(cfg: Any, out: Path, json_out: bool, until: str = "report") -> dict
         console.print(f"failed earlier: {stage} ({error})", markup=False)
     skipped = len(summary["skipped"])
     console.print(
-        f"{_count(len(summary['ran']), 'stage')} ran, {skipped} skipped, {summary['wall_time_s']:.0f} s on "
+        f"{count(len(summary['ran']), 'stage')} ran, {skipped} skipped, {summary['wall_time_s']:.0f} s on "
         f"{summary['threads']} torch thread(s); run folder {out}"
     )
     if summary["report"] is None:
@@ -243,10 +243,6 @@ def run_cmd(
 ) -> None:
     """card → plan → train → trim → eval → report in one run folder; unchanged stages are skipped."""
     _run(config, list(set_ or []), out or Path("runs") / config.stem, json_out, until)
-
-
-def _count(n: int, noun: str) -> str:
-    return f"{n} {noun}" + ("" if n == 1 else "s")
 
 
 DEMO_TASKS = ("facts", "format")

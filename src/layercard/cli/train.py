@@ -13,12 +13,15 @@ from layercard.cli.app import (
     TrustOpt,
     app,
     console,
+    count,
     emit_json,
+    given,
     guard,
     load_cli_model,
     note,
     note_examples,
     note_task,
+    note_unused,
     progress_flag,
 )
 from layercard.cli.options import config_options
@@ -119,6 +122,8 @@ def train_cmd(
     if precision not in DTYPES:
         raise LayercardError(f"--precision {precision}: must be one of {', '.join(DTYPES)}")
     cfg = dataclasses.replace(cfg, dtype=precision)
+    if resume and dry_run:
+        raise LayercardError("--resume: a dry run trains nothing to resume; drop --resume or --dry-run")
     if processes is not None and not dry_run:
         raise LayercardError(
             "--processes: only with --dry-run; to train in N processes, use accelerate launch "
@@ -138,6 +143,10 @@ def train_cmd(
             )
     p = Plan.load(plan)
     check_plan_settings(p, cfg, kind, where=str(plan))  # before the model loads
+    if (kind or p.kind) == "lora" and cfg.bottleneck is not None:
+        note_unused("--bottleneck", "on LoRA adapters (it is the width of houlsby and parallel ones)")
+    if cfg.init != "eva" and given("eva_rho"):
+        note_unused("--eva-rho", "without --init eva")
     model_spec = model or p.card.get("model_id")
     if not model_spec:
         raise LayercardError(f"{plan}: the plan names no model; pass --model")
@@ -189,7 +198,9 @@ def _print_estimate(e: dict[str, Any], plan: Path) -> None:
 
     n = e["processes"]
     where, busiest = ("one process", "") if n == 1 else (f"{n} processes", ", the busiest process's")
-    tbl = Table(title=f"train --dry-run · {e['kind']} · {e['steps']} steps ({where})", show_header=False)
+    tbl = Table(
+        title=f"train --dry-run · {e['kind']} · {count(e['steps'], 'step')} ({where})", show_header=False
+    )
     tbl.add_column("what")
     tbl.add_column("value", justify="right")
     tbl.add_row("steps (epochs)", f"{e['steps']:,} ({e['epochs']:.2f})")
@@ -258,7 +269,7 @@ def _print_summary(m: dict[str, Any]) -> None:
     plan = m["plan"]
     layers = (m.get("adapted") or plan)["layers"]  # as trained (older files: as planned)
     tbl = Table(
-        title=f"train · {m['adapter_kind']} · layers {layers} · {m['steps']} steps",
+        title=f"train · {m['adapter_kind']} · layers {layers} · {count(m['steps'], 'step')}",
         show_header=False,
     )
     tbl.add_column("what")

@@ -19,7 +19,7 @@ class EvalConfig(Schema):
     )
     batch_size: int = setting(16, kind="int", minimum=1, help="generation batch size")
     max_new_tokens: int | None = setting(
-        None, kind="int", minimum=1, help="generation length; null: the task format's"
+        None, kind="int", minimum=1, help="most new tokens generated per example; null: the task format's"
     )
     metrics: tuple[str, ...] | None = setting(
         None, kind="metrics", help="metric names, first = primary; null: the task format's"

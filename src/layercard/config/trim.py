@@ -42,7 +42,7 @@ class TrimConfig(Schema):
     )
     batch_size: int = setting(8, kind="int", minimum=1, help="batch size of the sweep")
     max_new_tokens: int | None = setting(
-        None, kind="int", minimum=1, help="generation length; null: the task format's"
+        None, kind="int", minimum=1, help="most new tokens generated per example; null: the task format's"
     )
     max_length: int | None = setting(
         256, optional=True, kind="int", minimum=2, help="cap on prompt + target tokens"
