@@ -17,7 +17,7 @@ import pytest
 import torch
 import yaml
 from peft import LoraConfig, get_peft_model
-from tiny import tiny_config, tiny_model
+from tiny import tiny_model, tiny_multimodal
 from typer.testing import CliRunner
 
 from layercard import models
@@ -243,26 +243,6 @@ def test_export_errors_and_command_output(auto_plan, tmp_path):
 # --- plans of other models: a multimodal one, GPT-2's Conv1D modules ------------------------------------
 
 
-def tiny_multimodal() -> torch.nn.Module:
-    """A tiny Gemma 3 with a vision tower: its text layers are model.language_model.layers, and the
-    vision encoder's own layers.N hold self_attn.q_proj / v_proj too."""
-    from transformers import Gemma3Config, Gemma3ForConditionalGeneration, SiglipVisionConfig
-
-    vision = SiglipVisionConfig(
-        hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=28
-    )
-    cfg = Gemma3Config(
-        text_config=tiny_config("gemma3", layers=N_LAYERS).to_dict(),
-        vision_config=vision.to_dict(),
-        mm_tokens_per_image=4,
-        image_token_index=5,
-        boi_token_index=6,
-        eoi_token_index=7,
-    )
-    torch.manual_seed(0)
-    return Gemma3ForConditionalGeneration(cfg).eval()
-
-
 def plan_for(model: torch.nn.Module, layers: list[int], roles: str) -> Plan:
     """A plan of ``roles`` in ``layers`` of ``model`` at rank 4, as make_plan records it."""
     specs = models.units(model, roles, layers=layers)
@@ -294,7 +274,7 @@ def adapted_in(model: torch.nn.Module, config: LoraConfig) -> set[str]:
 
 @pytest.mark.parametrize("layers", [[0, 2], list(range(N_LAYERS))])
 def test_yaml_exports_of_a_multimodal_plan_leave_the_vision_tower_alone(layers):
-    plan = plan_for(tiny_multimodal(), layers, "q,v")
+    plan = plan_for(tiny_multimodal(N_LAYERS), layers, "q,v")
     want = set(planned(plan))
     assert all(n.startswith("model.language_model.layers.") for n in want)
     axolotl = export_plan(plan, "axolotl")
@@ -304,11 +284,11 @@ def test_yaml_exports_of_a_multimodal_plan_leave_the_vision_tower_alone(layers):
     assert (
         cfg["peft_layers_pattern"] == ["language_model.layers"] and cfg["peft_layers_to_transform"] == layers
     )
-    assert adapted_in(tiny_multimodal(), axolotl_lora(cfg)) == want and axolotl.exact
+    assert adapted_in(tiny_multimodal(N_LAYERS), axolotl_lora(cfg)) == want and axolotl.exact
     factory = export_plan(plan, "llamafactory")
     cfg = yaml.safe_load(factory.text)
     assert cfg["lora_target"] == ",".join(plan.lora_config["target_modules"])  # no layer setting: full paths
-    assert adapted_in(tiny_multimodal(), llamafactory_lora(cfg)) == want and factory.exact
+    assert adapted_in(tiny_multimodal(N_LAYERS), llamafactory_lora(cfg)) == want and factory.exact
 
 
 def test_short_forms_are_kept_for_a_top_level_stack():

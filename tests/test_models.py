@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny import FAMILIES, tiny_config, tiny_model, tiny_tokenizer, write_tiny_gguf
+from tiny import FAMILIES, tiny_model, tiny_multimodal, tiny_tokenizer, write_tiny_gguf
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 
@@ -207,21 +207,7 @@ def test_logits_from_hidden_applies_softcapping() -> None:
 
 
 def test_gemma3_multimodal_uses_language_model() -> None:
-    from transformers import Gemma3Config, Gemma3ForConditionalGeneration, SiglipVisionConfig
-
-    vision = SiglipVisionConfig(
-        hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=28
-    )
-    cfg = Gemma3Config(
-        text_config=tiny_config("gemma3", layers=2).to_dict(),
-        vision_config=vision.to_dict(),
-        mm_tokens_per_image=4,
-        image_token_index=5,
-        boi_token_index=6,
-        eoi_token_index=7,
-    )
-    torch.manual_seed(0)
-    model = Gemma3ForConditionalGeneration(cfg).eval()
+    model = tiny_multimodal(layers=2, vision_layers=1)
     layout = M.layout_for(model)
     assert (layout.family, layout.layers_path) == ("gemma3", "model.language_model.layers")
     assert [u.name for u in M.units(model, "q", layers=[1])] == [

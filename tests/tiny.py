@@ -102,6 +102,30 @@ def tiny_model(
     return model.eval()
 
 
+def tiny_multimodal(layers: int = 4, vision_layers: int = 2) -> torch.nn.Module:
+    """A tiny Gemma 3 with a vision tower: its text layers are model.language_model.layers, and the
+    vision encoder's own layers.N hold self_attn.q_proj / v_proj too."""
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration, SiglipVisionConfig
+
+    vision = SiglipVisionConfig(
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=vision_layers,
+        num_attention_heads=2,
+        image_size=28,
+    )
+    cfg = Gemma3Config(
+        text_config=tiny_config("gemma3", layers=layers).to_dict(),
+        vision_config=vision.to_dict(),
+        mm_tokens_per_image=4,
+        image_token_index=5,
+        boi_token_index=6,
+        eoi_token_index=7,
+    )
+    torch.manual_seed(0)
+    return Gemma3ForConditionalGeneration(cfg).eval()
+
+
 def tiny_tokenizer(vocab_size: int = 96) -> PreTrainedTokenizerFast:
     """Whitespace word-level tokenizer: specials, letters a-z, then words w0, w1, ... up to ``vocab_size``."""
     from tokenizers import Tokenizer, models, pre_tokenizers
