@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -232,26 +232,22 @@ class _Job:
     progress: bool | None
     timings: dict[str, float] = dataclasses.field(default_factory=dict)
 
+    def _generate(self, net: nn.Module, examples: Sequence[Any]) -> dict[str, Any]:
+        """Generate for ``examples`` as the scorer does; the timing of the pass."""
+        _, timing = inference.generate(
+            net, self.loaded.tokenizer, self.sub, examples, batch_size=self.cfg.batch_size,
+            max_new_tokens=self.max_new, progress=False,
+        )  # fmt: skip
+        return timing
+
     def gen_timer(self, net: nn.Module) -> Callable[[], float]:
         """One more timed generation pass of ``net`` over the examples: its ``s_per_example``."""
-
-        def timed() -> float:
-            _, timing = inference.generate(
-                net, self.loaded.tokenizer, self.sub, self.sub.examples, batch_size=self.cfg.batch_size,
-                max_new_tokens=self.max_new, progress=False,
-            )  # fmt: skip
-            return float(timing["s_per_example"])
-
-        return timed
+        return lambda: float(self._generate(net, self.sub.examples)["s_per_example"])
 
     def warm_up(self, net: nn.Module) -> None:
         """One untimed generation over the first batch, so that the next timed pass is not the process's
         first (which also pays for first-call set-up and would be set against a warm 'after')."""
-        first = self.sub.examples[: self.cfg.batch_size]
-        inference.generate(
-            net, self.loaded.tokenizer, self.sub, first, batch_size=self.cfg.batch_size,
-            max_new_tokens=self.max_new, progress=False,
-        )  # fmt: skip
+        self._generate(net, self.sub.examples[: self.cfg.batch_size])
 
 
 def _job(
