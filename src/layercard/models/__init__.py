@@ -38,6 +38,7 @@ from layercard.models.loading import (
     list_models,
     load_model,
     resolve_device,
+    tokenizer_folder_hash,
     weights_folder_hash,
 )
 from layercard.models.roles import CANONICAL_ROLES, FUSED_ROLES, ROLE_SETS, explicit_roles, parse_roles
@@ -77,6 +78,7 @@ __all__ = [
     "peft_target_names",
     "resolve_device",
     "units",
+    "tokenizer_folder_hash",
     "weights_folder_hash",
     "weights_hash",
 ]

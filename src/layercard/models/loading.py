@@ -95,6 +95,33 @@ def _sha256_files(paths: Sequence[Path], *, with_names: bool) -> str:
     return h.hexdigest()
 
 
+# The files of a model folder that decide how text becomes tokens and prompts (whichever exist).
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "vocab.txt",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+)
+
+
+def tokenizer_folder_hash(folder: Path) -> str:
+    """sha256 over the names and bytes of a model folder's tokenizer and chat-template files: they decide
+    the text every stage reads, and the model hash (:func:`weights_folder_hash`) covers the weights only."""
+    files = [folder / n for n in TOKENIZER_FILES if (folder / n).is_file()]
+    extra = folder / "additional_chat_templates"
+    if extra.is_dir():
+        files += sorted(p for p in extra.iterdir() if p.is_file())
+    return _sha256_files(files, with_names=True)
+
+
 def _memo_hash(paths: Sequence[Path], *, with_names: bool) -> str:
     """sha256 of files, memoised in the cache's index keyed by path, size and mtime (so computed once)."""
     index_path = cache_dir() / "hash_index.json"

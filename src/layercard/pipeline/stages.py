@@ -37,33 +37,15 @@ from layercard.run_layout import RunLayout
 __all__ = [
     "STAGE_KIND",
     "STAGE_VERSION",
-    "TOKENIZER_FILES",
     "Runner",
     "StageCallback",
     "StageResult",
     "stage_fingerprint",
-    "tokenizer_hash",
 ]
 
 STAGE_KIND = "stage"
 # Bumped when a stage's code changes what it writes, so old records stop matching.
 STAGE_VERSION = 1
-# The files of a model folder that decide how text becomes tokens and prompts (whichever exist); the
-# model hash covers the weights only.
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "chat_template.jinja",
-    "chat_template.json",
-    "tokenizer.model",
-    "vocab.json",
-    "merges.txt",
-    "vocab.txt",
-    "spiece.model",
-    "sentencepiece.bpe.model",
-)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -101,20 +83,6 @@ StageCallback = Callable[[str, str, "StageResult | None"], None]
 def stage_fingerprint(kind: str, config: Any, inputs: Mapping[str, Any]) -> str:
     """sha256 of the stage kind, its config and its input artifacts' hashes."""
     return sha256_json({"stage": kind, "version": STAGE_VERSION, "config": config, "inputs": dict(inputs)})
-
-
-def tokenizer_hash(folder: Path) -> str:
-    """sha256 over the names and bytes of the tokenizer and chat-template files in a model folder."""
-    import hashlib
-
-    files = [folder / n for n in TOKENIZER_FILES if (folder / n).is_file()]
-    extra = folder / "additional_chat_templates"
-    if extra.is_dir():
-        files += sorted(p for p in extra.iterdir() if p.is_file())
-    h = hashlib.sha256()
-    for f in files:
-        h.update(f"{f.relative_to(folder)}\n{hash_file(f)}\n".encode())
-    return h.hexdigest()
 
 
 def _output_hash(path: Path) -> str | None:
@@ -330,11 +298,13 @@ class Runner:
 
     @property
     def tokenizer_hash(self) -> str:
-        """The hash of the tokenizer and chat-template files the model loads with (:func:`tokenizer_hash`):
-        they change the text every stage reads, and the model hash covers the weights only."""
+        """The hash of the tokenizer and chat-template files the model loads with
+        (:func:`layercard.models.tokenizer_folder_hash`): they change the text every stage reads."""
         if self._tokenizer_hash is None:
+            from layercard.models import tokenizer_folder_hash
+
             folder = self._model_folder() or Path(self.loaded.source)
-            self._tokenizer_hash = tokenizer_hash(folder)
+            self._tokenizer_hash = tokenizer_folder_hash(folder)
         return self._tokenizer_hash
 
     @property
