@@ -103,7 +103,7 @@ class Search:
 
     def supported(self, c: Candidate) -> bool:
         """Whether the quality model's prediction of ``c`` is within the ranks and sizes it was fitted on."""
-        return (self.max_rank is None or c.rank <= self.max_rank) and self.in_evidence(c)
+        return self.outside(c) is None
 
     def outside(self, c: Candidate) -> str | None:
         """Why the quality model's prediction of ``c`` lies outside the ranks and sizes it was fitted on, or

@@ -395,9 +395,12 @@ def search_plan(
     planned = [
         PlannedUnit(key, by_key[key].layer, by_key[key].role, by_key[key].name, r) for key, r in chosen.units
     ]
-    pick, restricted = _pick(card, cfg, search, chosen, budgets, model, over_depth)
     pred = _predicted(card, search, chosen, defaults, budgets, model)
-    pred["recommendation"] = sentence(chosen, defaults, pick, over_depth=restricted, outside=search.outside)
+    if cfg.target is None:
+        pick, restricted = _pick(card, cfg, search, chosen, budgets, model, over_depth)
+        pred["recommendation"] = sentence(
+            chosen, defaults, pick, over_depth=restricted, outside=search.outside
+        )
     if pred.get("memory"):
         pred["memory_figure"] = figure
     if cfg.target is not None:
@@ -471,12 +474,13 @@ def _pick(
     without budgets or where no placement the quality model can vouch for fits them."""
     if not budgets:
         return None, False
+    best = search.best(budgets)
     if cfg.policy == "recommend":
         pick: F.Candidate | None = chosen
     else:
         over_depth = over_depth_only(card, dataclasses.replace(cfg, policy="recommend"), model)
-        pick = (best_over_depth(search, budgets) if over_depth else None) or search.best(budgets)
-    return pick, over_depth and pick is not None and pick is not search.best(budgets)
+        pick = (best_over_depth(search, budgets) if over_depth else None) or best
+    return pick, over_depth and pick is not None and pick is not best
 
 
 def _reference_note(search: F.Search) -> list[str]:
