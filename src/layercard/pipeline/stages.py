@@ -175,12 +175,10 @@ class Runner:
             raise LayercardError(f"{src}: task.train: {e}") from None
         spec = t.eval or t.train
         try:
-            if t.eval_split is None and not is_file_spec(spec) and not names_split(spec):
-                # no split named: the held-out one, never the split training reads
+            if t.eval_split is None and (t.eval is None or not (is_file_spec(spec) or names_split(spec))):
+                # no split named: the held-out one, never the split training reads (a file: says so)
                 same = _dataset(spec) == _dataset(t.train)
                 eval_task = _held_out(spec, train_task.split if same else None, self.cfg.seed, kw)
-            elif t.eval is None and t.eval_split is None:
-                eval_task = _held_out(t.train, train_task.split, self.cfg.seed, kw)  # a file: says so
             else:
                 eval_task = load_task(spec, split=t.eval_split, seed=self.cfg.seed, **kw)
         except LayercardError as e:
