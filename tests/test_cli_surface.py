@@ -219,7 +219,7 @@ def test_eval_names_the_adapter_option(world: World, tmp_path: Path) -> None:
 
 
 def test_count_says_one_without_a_plural() -> None:
-    from layercard.cli.app import count
+    from layercard.progress import count
 
     assert [count(1, "pass"), count(3, "pass"), count(1, "step"), count(1200, "step")] == [
         "1 pass",

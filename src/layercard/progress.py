@@ -13,6 +13,18 @@ T = TypeVar("T")
 _LIVE: list[Any] = []
 
 
+def count(n: int, noun: str) -> str:
+    """``n`` and ``noun``, plural unless one (``1 pass``, ``3 passes``, ``2 modules``)."""
+    if n == 1:
+        return f"{n:,} {noun}"
+    return f"{n:,} {noun}" + ("es" if noun.endswith(("s", "x", "ch", "sh")) else "s")
+
+
+def fewer_examples(setting: str, asked: int, have: int) -> str:
+    """That ``setting`` asked for more examples than the task has, and that all were used."""
+    return f"{setting}{asked}: the task has {count(have, 'example')}; all {have} were used"
+
+
 def enabled_default() -> bool:
     return os.environ.get("LAYERCARD_PROGRESS", "1") != "0"
 

@@ -18,6 +18,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from layercard.errors import LayercardError
+from layercard.progress import fewer_examples
 
 try:  # newer typer carries its own copy of click
     from typer import _click
@@ -190,13 +191,6 @@ def given(name: str) -> bool:
     return source is not None and source.name in ("COMMANDLINE", "ENVIRONMENT")
 
 
-def count(n: int, noun: str) -> str:
-    """``n`` and ``noun``, plural unless one (``1 pass``, ``3 passes``, ``2 modules``)."""
-    if n == 1:
-        return f"{n:,} {noun}"
-    return f"{n:,} {noun}" + ("es" if noun.endswith(("s", "x", "ch", "sh")) else "s")
-
-
 def check_adapter(adapter: Path) -> None:
     """Refuse, before anything loads, an ``--adapter`` that is no adapter folder, naming the option."""
     from layercard.adapters import CONFIG_FILE, PEFT_CONFIG_FILE
@@ -250,7 +244,7 @@ def note_generation(adapter: Path | None, source: str) -> None:
 def note_examples(option: str, asked: int | None, used: int) -> None:
     """Say so when ``option`` asked for more examples than the task has (all of them were used)."""
     if asked is not None and used < asked:
-        note(f"{option} {asked}: the task has {count(used, 'example')}; all {used} were used")
+        note(fewer_examples(f"{option} ", asked, used))
 
 
 def emit_json(obj: Any) -> None:

@@ -17,7 +17,6 @@ from layercard.cli.app import (
     TrustOpt,
     app,
     console,
-    count,
     emit_json,
     guard,
     note_examples,
@@ -28,6 +27,7 @@ from layercard.cli.options import config_options
 from layercard.cli.task_options import SPLIT_HELP, TaskOpt, task_options
 from layercard.config import CardConfig
 from layercard.errors import LayercardError
+from layercard.progress import count
 
 
 # ---------------------------------------------------------------------------------------------

@@ -13,7 +13,6 @@ from layercard.cli.app import (
     TrustOpt,
     app,
     console,
-    count,
     emit_json,
     given,
     guard,
@@ -23,6 +22,7 @@ from layercard.cli.app import (
 from layercard.cli.options import config_options
 from layercard.config import SEARCH_POLICIES, PlanConfig
 from layercard.errors import LayercardError
+from layercard.progress import count
 
 
 @app.command("plan")

@@ -9,7 +9,8 @@ import typer
 from rich import box
 from rich.table import Table
 
-from layercard.cli.app import app, console, count, emit_json, guard, progress_flag
+from layercard.cli.app import app, console, emit_json, guard, progress_flag
+from layercard.progress import count
 from layercard.run_layout import RunLayout
 
 SetOpt = Annotated[

@@ -13,7 +13,6 @@ from layercard.cli.app import (
     TrustOpt,
     app,
     console,
-    count,
     emit_json,
     given,
     guard,
@@ -29,6 +28,7 @@ from layercard.cli.task_options import SPLIT_HELP, TaskOpt, task_options
 from layercard.config import TrainConfig
 from layercard.config.train import DTYPES
 from layercard.errors import LayercardError
+from layercard.progress import count
 
 
 def _val_task(task: str, train_split: str, val_task: str | None, val_split: str | None, seed: int, kw: dict):

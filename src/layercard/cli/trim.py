@@ -17,7 +17,6 @@ from layercard.cli.app import (
     app,
     check_adapter,
     console,
-    count,
     emit_json,
     guard,
     load_cli_model,
@@ -29,6 +28,7 @@ from layercard.cli.app import (
 from layercard.cli.options import config_options
 from layercard.cli.task_options import SPLIT_HELP, TaskOpt, task_options
 from layercard.config import TraceConfig, TrimConfig
+from layercard.progress import count
 
 AdapterOpt = Annotated[
     Path, typer.Option("--adapter", "-a", help="Trained adapter folder (PEFT LoRA or layercard bottleneck).")

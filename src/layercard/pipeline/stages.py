@@ -31,6 +31,7 @@ from layercard.artifacts import (
 )
 from layercard.errors import LayercardError
 from layercard.pipeline.config import PlacementSpec, RunConfig
+from layercard.progress import fewer_examples
 from layercard.report import fmt as _fmt
 from layercard.run_layout import RunLayout
 
@@ -125,7 +126,7 @@ def _examples_note(key: str, asked: int | None, have: int) -> list[tuple[str, st
     """A row saying the config asked for more examples than the task has, and how many were used."""
     if asked is None or asked <= have:
         return []
-    return [("note", f"{key}={asked}: the task has {have} examples; all {have} were used")]
+    return [("note", fewer_examples(f"{key}=", asked, have))]
 
 
 def _layers_text(layers: Sequence[int]) -> str:
