@@ -613,14 +613,25 @@ def check_unlocked(target: str | os.PathLike[str], *, what: str = "folder") -> N
     For a command that takes the lock only after slow preparation (loading a model): a stale lock is left
     for :func:`writer_lock` to take over.
     """
-    lock = lock_path(target)
+    held = _holder(target)
+    if held is not None:
+        raise _held(target, what, *held, lock_path(target))
+
+
+def lock_held(target: str | os.PathLike[str]) -> bool:
+    """Whether a process may be writing ``target``: a live one holds its lock, or one on another machine
+    does (which cannot be checked, so it counts as held)."""
+    return _holder(target) is not None
+
+
+def _holder(target: str | os.PathLike[str]) -> tuple[str, dict[str, Any]] | None:
+    """The state and owner record of ``target``'s lock where it is held (not stale), else None."""
     try:
-        seen = lock.read_text()
+        seen = lock_path(target).read_text()
     except OSError:
-        return
+        return None
     state, rec = _owner_state(seen)
-    if state != "stale":
-        raise _held(target, what, state, rec, lock)
+    return None if state == "stale" else (state, rec)
 
 
 @contextlib.contextmanager

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from layercard.artifacts import lock_held
 from layercard.plan.frontier import row_label
 from layercard.report.results import (
     measured_step_text,
@@ -308,8 +309,8 @@ def stages_table(root: Path) -> Table:
         status = str(d.get("status"))
         if status == "running":
             # an interrupted stage's record stays `running`: it runs only while its writer holds a lock
-            run_held = _lock_held(root) if run_held is None else run_held
-            if not run_held and not _lock_held(folder):
+            run_held = lock_held(root) if run_held is None else run_held
+            if not run_held and not lock_held(folder):
                 status = STOPPED
         rows.append(
             [
@@ -324,19 +325,6 @@ def stages_table(root: Path) -> Table:
 
 # A stage recorded `running` whose run holds no lock: interrupted, and resumed by the next run
 STOPPED = "stopped (a rerun resumes it)"
-
-
-def _lock_held(folder: Path) -> bool:
-    """Whether a layercard process may be writing ``folder``: a live one holds its lock, or one on another
-    machine does (which cannot be checked, so it counts as held)."""
-    from layercard.artifacts import check_unlocked
-    from layercard.errors import LayercardError
-
-    try:
-        check_unlocked(folder)
-    except LayercardError:
-        return True
-    return False
 
 
 def spearman_or_none(xs: Sequence[float], ys: Sequence[float]) -> float | None:
