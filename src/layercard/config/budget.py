@@ -14,13 +14,22 @@ _SUFFIX = {"k": 1e3, "m": 1e6, "g": 1e9}
 _MEMORY_UNITS = {"gib": 1024.0, "gb": 1024.0, "g": 1024.0, "mib": 1.0, "mb": 1.0, "m": 1.0}
 
 
+# What a cost's absolute value is counted in, as messages say it (the others are counts).
+COST_UNITS = {"step_time": "s", "memory": "MiB"}
+
+
+def unit_suffix(kind: str) -> str:
+    """`` s`` or `` MiB`` after an absolute cost of ``kind``; nothing after a count."""
+    return f" {COST_UNITS[kind]}" if kind in COST_UNITS else ""
+
+
 def _shown(kind: str, v: object, relative: bool = False) -> str:
     """A budget value in a message: whole numbers without a decimal point, seconds with their unit, a
     multiple of the reference with its ``x``."""
     whole = (
         isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and float(v).is_integer()
     )
-    unit = "x" if relative else {"step_time": " s", "memory": " MiB"}.get(kind, "")
+    unit = "x" if relative else unit_suffix(kind)
     return (str(int(v)) if whole else repr(v)) + unit  # type: ignore[arg-type]
 
 
@@ -100,7 +109,7 @@ class Budget:
     @property
     def label(self) -> str:
         """The budget as messages show it, with its unit (``step_time=0.44 s``, ``memory=6144 MiB``)."""
-        unit = "" if self.relative else {"step_time": " s", "memory": " MiB"}.get(self.kind, "")
+        unit = "" if self.relative else unit_suffix(self.kind)
         return f"{self}{unit}"
 
 

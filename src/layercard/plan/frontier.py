@@ -21,6 +21,7 @@ from typing import Any
 
 from layercard.card.artifact import Card, UnitRow
 from layercard.config import Budget
+from layercard.config.budget import unit_suffix
 from layercard.errors import LayercardError
 from layercard.plan import quality as Q
 
@@ -172,8 +173,7 @@ class Search:
             ref = self.reference[kind]
             rel = f" ({low / ref:.3g}x)" if ref > 0 else ""
             value = f"{low:,.0f}" if kind in ("params", "modules", "layers") or low >= 1000 else f"{low:.4g}"
-            unit = {"step_time": " s", "memory": " MiB"}.get(kind, "")
-            parts.append(f"{kind}={value}{unit}{rel}")
+            parts.append(f"{kind}={value}{unit_suffix(kind)}{rel}")
         return ", ".join(parts)
 
     def frontier(self, kind: str, within: Sequence[Budget] = ()) -> list[Candidate]:

@@ -11,6 +11,7 @@ from typing import Any
 
 from layercard.card.artifact import Card, UnitRow
 from layercard.config import Budget, PlanConfig
+from layercard.config.budget import unit_suffix
 from layercard.errors import LayercardError
 from layercard.plan import frontier as F
 from layercard.plan import quality as Q
@@ -265,12 +266,8 @@ def _labels(budgets: Sequence[Budget]) -> str:
 
 
 def _cost_label(kind: str, value: float) -> str:
-    """A cost in a budget's label form: ``step_time=2.55 s``, ``memory=2553 MiB``, ``params=81,408``."""
-    if kind == "step_time":
-        return f"{kind}={value:.3g} s"
-    if kind == "memory":
-        return f"{kind}={value:.0f} MiB"
-    return f"{kind}={value:,.0f}" if float(value).is_integer() else f"{kind}={value:.4g}"
+    """A cost in a budget's label form: ``step_time=2.55 s``, ``memory=2,553 MiB``, ``params=81,408``."""
+    return f"{kind}={amount(value, kind, unit=False)}{unit_suffix(kind)}"
 
 
 def over_depth_only(card: Card, cfg: PlanConfig, model: Q.QualityModel) -> bool:
@@ -361,7 +358,7 @@ def _loose_budgets(search: F.Search, budgets: list[Budget]) -> list[str]:
         costliest = max(c.costs[b.kind] for c in search.candidates)
         if b.cap(search.reference) >= costliest:
             value = f"{costliest:,.0f}" if costliest >= 1000 else f"{costliest:.4g}"
-            value += {"step_time": " s", "memory": " MiB"}.get(b.kind, "")
+            value += unit_suffix(b.kind)
             out.append(
                 f"budget {b.label}: every placement the search considers fits under it "
                 f"(the costliest, {value}, "

@@ -13,6 +13,7 @@ import numpy as np
 
 from layercard.card import stats
 from layercard.card.artifact import Card, UnitRow
+from layercard.config.budget import unit_suffix
 from layercard.errors import LayercardError
 
 # Rank used to cost layer selection when ranks are allocated afterwards ("auto"): the uniform reference.
@@ -153,7 +154,7 @@ def budget_label(text: str) -> str:
     (``step_time=0.44 s, memory=600 MiB``)."""
     parts = []
     for part in str(text).split(","):
-        unit = "" if part.endswith("x") else {"step_time": " s", "memory": " MiB"}.get(part.split("=")[0], "")
+        unit = "" if part.endswith("x") else unit_suffix(part.split("=")[0])
         parts.append(part + unit)
     return ", ".join(parts)
 
