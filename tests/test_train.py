@@ -566,7 +566,8 @@ def test_cli_train(tmp_path: Path, monkeypatch):
     bf16 = json.loads((tmp_path / "bf16" / "train_metrics.json").read_text())
     assert bf16["config"]["dtype"] == "bfloat16" and math.isfinite(bf16["final_train_loss"])
     res = runner.invoke(app, [*elsewhere, "--precision", "fp8"])
-    assert res.exit_code == 2 and "--precision fp8: must be one of float32, bfloat16" in res.output
+    said = "--precision: must be one of float32, bfloat16, float16; got 'fp8'"
+    assert res.exit_code == 2 and said in res.output
     shutil.rmtree(tmp_path / "bf16")
 
     # a finished run is not trained over, --resume or not: its adapter and figures stay as they were

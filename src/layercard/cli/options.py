@@ -44,12 +44,12 @@ def _cli_default(value: Any) -> Any:
     return str(value)
 
 
-def _parameter(f: dataclasses.Field, default: Any) -> inspect.Parameter:
+def _parameter(f: dataclasses.Field, default: Any, as_name: str) -> inspect.Parameter:
     spec = spec_of(f)
     assert spec is not None
     base = _TYPES.get(spec.kind, str)
     annotation: Any = base | None if spec.optional else base
-    name = option_name(f.name)
+    name = option_name(as_name)
     if spec.kind == "bool":
         name = f"{name}/--no-{name[2:]}"
     # an optional setting takes `null` as in YAML (`--steps null` with --epochs, `--examples null`: all)
@@ -57,7 +57,7 @@ def _parameter(f: dataclasses.Field, default: Any) -> inspect.Parameter:
     option = typer.Option(name, help=_help(spec), parser=parser)
     required = default is dataclasses.MISSING
     return inspect.Parameter(
-        f.name,
+        as_name,
         inspect.Parameter.KEYWORD_ONLY,
         default=inspect.Parameter.empty if required else _cli_default(default),
         annotation=Annotated[annotation, option],
@@ -86,39 +86,45 @@ def config_options(
     param: str = "cfg",
     exclude: Iterable[str] = (),
     defaults: dict[str, Any] | None = None,
+    rename: dict[str, str] | None = None,
 ) -> Callable[[F], F]:
     """Decorate a command so it takes every setting of ``schema`` as an option and receives ``param``.
 
     ``exclude`` leaves settings out (they keep their schema default); ``defaults`` changes a default for
-    this command only (shown in its help).
+    this command only (shown in its help); ``rename`` gives a setting another option name where the
+    command's own option takes its name (``{"dtype": "precision"}``: ``--precision``).
     """
     skip = set(exclude)
     defaults = defaults or {}
+    names_of = {f.name: (rename or {}).get(f.name, f.name) for f in schema.settings(cli_only=True)}
     fields = [f for f in schema.settings(cli_only=True) if f.name not in skip]
 
     def decorate(fn: F) -> F:
         own = [p for p in inspect.signature(fn, eval_str=True).parameters.values() if p.name != param]
         names = {p.name for p in own}
-        derived = [f for f in fields if f.name not in names]
-        shared = [f.name for f in fields if f.name in names]  # the command's own option feeds the config too
+        derived = [f for f in fields if names_of[f.name] not in names]
+        shared = [f.name for f in fields if names_of[f.name] in names]  # the command's own option feeds it
         params = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own]
-        params += [_parameter(f, defaults.get(f.name, f.default)) for f in derived]
+        params += [_parameter(f, defaults.get(f.name, f.default), names_of[f.name]) for f in derived]
 
         @functools.wraps(fn)
         def wrapper(**kwargs: Any) -> Any:
-            values = {f.name: kwargs.pop(f.name) for f in derived} | {n: kwargs[n] for n in shared}
+            values = {f.name: kwargs.pop(names_of[f.name]) for f in derived}
+            values |= {n: kwargs[names_of[n]] for n in shared}
             # Only what the user gave goes through the schema's own defaulting (e.g. --epochs alone
             # replaces the default step count), exactly as a YAML section that omits a key. An option given
             # at its default value is given all the same (--steps 100 --epochs 1 is as contradictory as
             # --steps 50 --epochs 1); a default of this command's own differs from the schema's.
             explicit = {
-                k: v for k, v in values.items() if given(k) or v != _cli_default(_field_default(schema, k))
+                k: v
+                for k, v in values.items()
+                if given(names_of[k]) or v != _cli_default(_field_default(schema, k))
             }
             try:
                 cfg = schema(**schema.prepare(explicit))
             except ConfigError as e:
                 field = e.where.rpartition(".")[2]
-                raise ConfigError(option_name(field), e.problem) from None
+                raise ConfigError(option_name(names_of.get(field, field)), e.problem) from None
             return fn(**kwargs, **{param: cfg})
 
         wrapper.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -26,7 +25,6 @@ from layercard.cli.app import (
 from layercard.cli.options import config_options
 from layercard.cli.task_options import SPLIT_HELP, TaskOpt, task_options
 from layercard.config import TrainConfig
-from layercard.config.train import DTYPES
 from layercard.errors import LayercardError
 from layercard.progress import count
 
@@ -46,7 +44,7 @@ def _val_task(task: str, train_split: str, val_task: str | None, val_split: str 
 
 @app.command("train")
 @guard
-@config_options(TrainConfig, exclude=("dtype",))  # --dtype here is the loaded weights' dtype
+@config_options(TrainConfig, rename={"dtype": "precision"})  # --dtype here is the loaded weights' dtype
 @task_options
 def train_cmd(
     plan: Annotated[Path, typer.Option("--plan", "-p", help="plan.json from `layercard plan`.")],
@@ -83,13 +81,6 @@ def train_cmd(
     dtype: Annotated[
         str, typer.Option(help="Weights dtype of the loaded base: float32 | bfloat16 | float16.")
     ] = "float32",
-    precision: Annotated[
-        str,
-        typer.Option(
-            help="Compute precision (the config's train.dtype): float32 | bfloat16 | float16; the two "
-            "16-bit ones run under Accelerate's mixed precision, the weights keep --dtype."
-        ),
-    ] = "float32",
     trust_remote_code: TrustOpt = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print train_metrics as JSON.")] = False,
     dry_run: Annotated[
@@ -119,9 +110,6 @@ def train_cmd(
     from layercard.train import METRICS_FILE, check_plan_settings, is_launch_main, launch_world, train
 
     assert cfg is not None  # built by config_options before anything loads, so a typo costs no time
-    if precision not in DTYPES:
-        raise LayercardError(f"--precision {precision}: must be one of {', '.join(DTYPES)}")
-    cfg = dataclasses.replace(cfg, dtype=precision)
     if resume and dry_run:
         raise LayercardError("--resume: a dry run trains nothing to resume; drop --resume or --dry-run")
     if processes is not None and not dry_run:

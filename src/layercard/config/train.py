@@ -50,7 +50,13 @@ class TrainConfig(Schema):
         None, kind="int", minimum=1, help="houlsby/parallel width; null: the plan's (else 16)"
     )
     load_in_4bit: bool = setting(False, kind="bool", help="4-bit base weights (QLoRA; CUDA + bitsandbytes)")
-    dtype: str = setting("float32", kind="choice", choices=DTYPES, help="compute precision")
+    dtype: str = setting(
+        "float32",
+        kind="choice",
+        choices=DTYPES,
+        help="compute precision; the 16-bit ones run under Accelerate's mixed precision, the weights keep "
+        "their own dtype",
+    )
     init: str = setting(
         "default",
         kind="choice",
