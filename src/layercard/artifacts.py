@@ -329,13 +329,14 @@ def _kind(p: Path) -> str:
     return "folder" if p.is_dir() else "file"
 
 
-def _check_parents(p: Path, shown: str) -> None:
-    """Refuse a path below a file: the nearest existing ancestor must be a folder."""
+def _check_parents(p: Path, shown: str) -> Path:
+    """Refuse a path below a file: the nearest existing ancestor must be a folder; it is returned."""
     for parent in p.parents:
         if parent.exists():
             if not parent.is_dir():
                 raise LayercardError(f"{shown}: {parent} is a file, not a folder")
-            return
+            return parent
+    return Path(".")
 
 
 def check_out_folder(path: str | os.PathLike[str], what: str = "--out") -> Path:
@@ -344,13 +345,9 @@ def check_out_folder(path: str | os.PathLike[str], what: str = "--out") -> Path:
     p = Path(path)
     if p.exists() and not p.is_dir():
         raise LayercardError(f"{what} {p}: exists and is a file, not a folder")
-    _check_parents(p, f"{what} {p}")
-    _check_writable(p if p.is_dir() else _existing_parent(p), f"{what} {p}")
+    nearest = _check_parents(p, f"{what} {p}")
+    _check_writable(p if p.is_dir() else nearest, f"{what} {p}")
     return p
-
-
-def _existing_parent(p: Path) -> Path:
-    return next((a for a in p.parents if a.exists()), Path("."))
 
 
 def _check_writable(folder: Path, shown: str) -> None:
@@ -387,8 +384,7 @@ def check_out_file(
         such = p.with_suffix(suffix) if p.suffix else p / example if example else None
         hint = f", such as {such}" if such is not None else ""
         raise LayercardError(f"{what} {p}: give a file path ending in {suffix}{hint}")
-    _check_parents(p, f"{what} {p}")
-    _check_writable(_existing_parent(p), f"{what} {p}")
+    _check_writable(_check_parents(p, f"{what} {p}"), f"{what} {p}")
     return p
 
 
