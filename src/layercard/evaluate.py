@@ -33,6 +33,7 @@ from layercard.errors import LayercardError
 from layercard.inference import eval_example_losses, eval_loss, generate, prompts_finite
 from layercard.tasks import (
     METRICS,
+    Encoded,
     Example,
     Task,
     check_gold,
@@ -311,19 +312,22 @@ def resolve_eval_task(
     return load_task(spec, split=split, seed=seed, **load_kwargs), said
 
 
-def _cut_counts(tok: Any, task: Task, max_length: int | None, loss: bool) -> dict[str, int | None]:
-    """``EvalResult.task["cut"]``: counted before generation, so the loss encoding's own errors (a
-    target of no tokens) come before it too."""
+def _cut_counts(
+    tok: Any, task: Task, max_length: int | None, loss: bool
+) -> tuple[dict[str, int | None], list[Encoded] | None]:
+    """``EvalResult.task["cut"]`` and, where the loss is computed, the examples encoded for it: encoded
+    before generation, so the loss encoding's own errors (a target of no tokens) come before it too."""
     counts: dict[str, int | None] = {
         "prompts": sum(prompt_cut(tok, task.format, ex) for ex in task.examples),
         "loss_to_max_length": None,
         "loss_to_format_limits": None,
     }
+    encoded = None
     if loss:
         encoded = encode_task(tok, task, max_length=max_length)
         counts["loss_to_max_length"] = sum(e.cut for e in encoded)
         counts["loss_to_format_limits"] = sum(e.clipped for e in encoded)
-    return counts
+    return counts, encoded
 
 
 def evaluate(
@@ -361,7 +365,7 @@ def evaluate(
     tok = loaded.tokenizer
     assert run.metrics is not None  # resolved() filled it
     check_gold(run.metrics, examples)  # a bad gold answer fails now, not after hours of generation
-    cut = _cut_counts(tok, sub, run.max_length, run.loss)
+    cut, encoded = _cut_counts(tok, sub, run.max_length, run.loss)
 
     attach = adapter_dir is not None and model is None
     ctx = (
@@ -386,7 +390,7 @@ def evaluate(
         if run.loss:
             t0 = time.perf_counter()
             sums, tokens = eval_example_losses(
-                net, tok, sub, examples, batch_size=run.batch_size, max_length=run.max_length
+                net, tok, sub, examples, batch_size=run.batch_size, max_length=run.max_length, encoded=encoded
             )
             loss = math.fsum(sums) / sum(tokens)
             timing["loss_s"] = time.perf_counter() - t0

@@ -26,6 +26,7 @@ from torch import nn
 from layercard.errors import LayercardError
 from layercard.progress import track
 from layercard.tasks import (
+    Encoded,
     Example,
     Task,
     batches,
@@ -223,14 +224,19 @@ def eval_example_losses(
     *,
     batch_size: int,
     max_length: int | None,
+    encoded: Sequence[Encoded] | None = None,
 ) -> tuple[list[float], list[int]]:
     """Each example's summed target cross-entropy and its target-token count, in ``examples``' order:
     :func:`eval_loss` is their sums' total over their counts' total. Kept per example so that a loss
-    difference between two evaluations on the same examples has a sampling error."""
+    difference between two evaluations on the same examples has a sampling error. ``encoded``: the
+    examples already encoded at ``max_length`` (else they are encoded here)."""
     if not examples:
         raise LayercardError(f"task {task.name!r}: no examples to score")
-    sub = Task(task.name, task.source, task.split, task.format, tuple(examples))
-    encoded = encode_task(tokenizer, sub, max_length=max_length)
+    if encoded is None:
+        sub = Task(task.name, task.source, task.split, task.format, tuple(examples))
+        encoded = encode_task(tokenizer, sub, max_length=max_length)
+    elif len(encoded) != len(examples):
+        raise LayercardError(f"eval: {len(encoded)} encoded examples for {len(examples)} examples")
     _check_context(model, max((len(e.input_ids) for e in encoded), default=0), f"--max-length {max_length}")
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))  # longest first: less padding
     sums, counts = [0.0] * len(encoded), [0] * len(encoded)
