@@ -165,7 +165,7 @@ class Runner:
 
     # ---- inputs ------------------------------------------------------------------------------------
     def _tasks(self) -> tuple[Any, Any]:
-        from layercard.tasks import is_file_spec, load_task, names_split
+        from layercard.tasks import dataset_spec, is_file_spec, load_task, names_split
 
         t = self.cfg.task
         src = self.cfg.source
@@ -178,7 +178,7 @@ class Runner:
         try:
             if t.eval_split is None and (t.eval is None or not (is_file_spec(spec) or names_split(spec))):
                 # no split named: the held-out one, never the split training reads (a file: says so)
-                same = _dataset(spec) == _dataset(t.train)
+                same = dataset_spec(spec) == dataset_spec(t.train)
                 eval_task = _held_out(spec, train_task.split if same else None, self.cfg.seed, kw)
             else:
                 eval_task = load_task(spec, split=t.eval_split, seed=self.cfg.seed, **kw)
@@ -724,15 +724,6 @@ class Runner:
             record=out.report_record,
             owns_folder=False,
         )
-
-
-def _dataset(spec: str) -> str:
-    """The dataset a task spec names, without its split (``sst2:train`` → ``sst2``)."""
-    from layercard.tasks import is_file_spec
-
-    if spec.startswith("hf:") or is_file_spec(spec):
-        return spec
-    return ":".join(spec.split(":")[: 2 if spec.startswith("synthetic:") else 1])
 
 
 def _held_out(spec: str, train_split: str | None, seed: int, kw: dict[str, Any]) -> Any:

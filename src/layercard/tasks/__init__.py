@@ -8,6 +8,7 @@
 from layercard.tasks.data import (
     Task,
     data_roots,
+    dataset_spec,
     examples_from_records,
     expand_references,
     held_out,
@@ -104,6 +105,7 @@ __all__ = [
     "expand_references",
     "extract_final_number",
     "get_preset",
+    "dataset_spec",
     "held_out",
     "higher_is_better",
     "is_file_spec",

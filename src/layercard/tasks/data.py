@@ -48,6 +48,7 @@ __all__ = [
     "Example",
     "Task",
     "data_roots",
+    "dataset_spec",
     "examples_from_records",
     "expand_references",
     "load_task",
@@ -370,6 +371,14 @@ def names_split(spec: str) -> bool:
     return len(spec.split(":")) > (2 if spec.startswith("synthetic:") else 1)
 
 
+def dataset_spec(spec: str) -> str:
+    """The dataset a task spec names, without its split (``sst2:train`` → ``sst2``); a file, a saved
+    dataset folder or an ``hf:`` spec names itself."""
+    if spec.startswith("hf:") or is_file_spec(spec) or is_saved_dataset(spec):
+        return spec
+    return ":".join(spec.split(":")[: 2 if spec.startswith("synthetic:") else 1])
+
+
 def held_out(
     spec: str,
     *,
@@ -387,10 +396,7 @@ def held_out(
     """
     if is_file_spec(spec):
         return None
-    if spec.startswith("hf:") or is_saved_dataset(spec):
-        base = spec
-    else:
-        base = ":".join(spec.split(":")[: 2 if spec.startswith("synthetic:") else 1])
+    base = dataset_spec(spec)
     splits = dataset_splits(spec) if is_saved_dataset(spec) else None
     for candidate in order:
         if candidate == exclude or (splits is not None and candidate not in splits):
