@@ -234,6 +234,13 @@ def test_compare_plots_the_score_it_correlates(two_cards, tmp_path, monkeypatch)
     assert left.get_ylabel() == "rate" and "rate" in scatter.get_title()
 
 
+@pytest.mark.parametrize("score", ["layer", "nope"])
+def test_compare_refuses_what_is_no_per_layer_score(two_cards, score):
+    _, _, pa, pb = two_cards
+    r = CliRunner().invoke(app, ["compare", str(pa), str(pb), "--score", score])
+    assert r.exit_code == 2 and f"--score {score!r}: not a per-layer column; valid: resnorm, " in r.output
+
+
 def test_compare_of_a_constant_column_is_undefined_and_valid_json(two_cards, tmp_path):
     _, _, pa, pb = two_cards
     with warnings.catch_warnings():

@@ -205,8 +205,9 @@ def compare_cmd(
             f"{b}: card is for model {cb.model['id']} ({cb.model['hash'][:12]}), {a} for "
             f"{ca.model['id']} ({ca.model['hash'][:12]}); compare cards of the same model"
         )
-    if score not in ca.layer_table()[0]:
-        raise LayercardError(f"--score {score!r}: not a per-layer column")
+    columns = [k for k in ca.layer_table()[0] if k != "layer"]  # the layer index correlates with itself
+    if score not in columns:
+        raise LayercardError(f"--score {score!r}: not a per-layer column; valid: {', '.join(columns)}")
     va = [r[score] for r in ca.layer_table()]
     vb = [r[score] for r in cb.layer_table()]
     rho = spearman(va, vb)
