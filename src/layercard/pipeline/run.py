@@ -125,11 +125,8 @@ def run_pipeline(
         torch.set_num_threads(threads)
         try:
             _run_stages(runner, STAGE_ORDER.index(until))
-        except LayercardError:
-            write_json(runner.out.summary_json, _summary(runner, threads, t0, until, built=False))
-            raise
         except BaseException:
-            # interrupted (Ctrl-C) or a bug: a partial summary where one can be made, and the cause
+            # a failed stage, Ctrl-C or a bug: a partial summary where one can be made, and the cause
             # propagates whatever happens to it
             with contextlib.suppress(Exception):
                 write_json(runner.out.summary_json, _summary(runner, threads, t0, until, built=False))
