@@ -175,6 +175,17 @@ def test_plan_says_model_options_need_check_model(world: World, tmp_path: Path) 
     assert "note:" not in quiet.stderr
 
 
+def test_results_go_to_stdout_and_notes_to_stderr(world: World, tmp_path: Path) -> None:
+    # `layercard plan ... > plan.txt` must keep the plan; a note is no result
+    r = cli(f"plan --policy all -c {world.card} -o {tmp_path / 'p.json'} --device cuda")
+    assert r.exit_code == 0, r.output
+    assert "wrote" in r.stdout and "note: --device has no effect" in r.stderr
+    assert "note:" not in r.stdout and "wrote" not in r.stderr
+    c = cli(["compare", str(world.card), str(world.card)])
+    assert c.exit_code == 0, c.output
+    assert "Spearman ρ of per-layer resnorm" in c.stdout and not c.stderr.strip()
+
+
 def test_models_prints_whole_paths_in_a_narrow_pipe(monkeypatch) -> None:
     import layercard.models
 

@@ -88,7 +88,10 @@ app = typer.Typer(
     add_completion=False,
     rich_markup_mode=None,
 )
+# Errors, notes, warnings and progress go to stderr; what a command found or wrote goes to stdout, so that
+# `layercard plan ... > plan.txt` keeps it (with --json, stdout carries the JSON alone).
 console = Console(stderr=True, emoji=False)
+result_console = Console(emoji=False)
 _STATE = {"debug": False}
 
 F = TypeVar("F", bound=Callable[..., Any])

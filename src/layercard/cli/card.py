@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from layercard.cli.app import (
@@ -16,12 +15,12 @@ from layercard.cli.app import (
     ModelOpt,
     TrustOpt,
     app,
-    console,
     emit_json,
     guard,
     note_examples,
     note_task,
     progress_flag,
+    result_console,
 )
 from layercard.cli.options import config_options
 from layercard.cli.task_options import SPLIT_HELP, TaskOpt, task_options
@@ -53,7 +52,7 @@ def models_cmd(
         t.add_column(k, overflow="fold" if k in ("path", "gguf") else "ellipsis")
     for r in rows:
         t.add_row(*[str(r.get(k, "")) for k in order])
-    Console(emoji=False).print(t)
+    result_console.print(t)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -143,7 +142,7 @@ def card_cmd(
         emit_json(summary)
         return
     _print_card_summary(card)
-    console.print(
+    result_console.print(
         f"wrote {out / 'card.json'}, {out / 'card.md'} and {count(len(written), 'figure')}", markup=False
     )
 
@@ -167,12 +166,12 @@ def _print_card_summary(card) -> None:
             f"{r['rate']:.4g}",
             style=style,
         )
-    console.print(tbl)
-    console.print(
+    result_console.print(tbl)
+    result_console.print(
         f"probe: {count(card.task['n_examples'], 'example')}, {count(card.n_positions, 'position')}, "
         f"loss {card.loss:.4f}; " + timings_text(card.timings)
     )
-    console.print(
+    result_console.print(
         f"top-5 layers by resnorm: {top_layers(card, 'resnorm')}; by {card.default_score} "
         f"(planner default, {card.default_score_basis.split(':')[0]}): {top_layers(card, card.default_score)}"
     )
@@ -228,10 +227,10 @@ def compare_cmd(
         shown = f"undefined ({score} is the same in every layer of {same or 'a card'})"
     else:
         shown = f"{rho:.3f}"
-    console.print(
+    result_console.print(
         f"Spearman ρ of per-layer {score}: {shown}  ({ca.task['name']} top-5 {res['a'][f'top5_{score}']}, "
         f"{cb.task['name']} top-5 {res['b'][f'top5_{score}']})",
         markup=False,
     )
     if out is not None:
-        console.print(f"wrote {out}", markup=False)
+        result_console.print(f"wrote {out}", markup=False)

@@ -24,6 +24,7 @@ from layercard.cli.app import (
     note_generation,
     note_task,
     progress_flag,
+    result_console,
 )
 from layercard.cli.options import config_options
 from layercard.cli.task_options import SPLIT_HELP, TaskOpt, task_options
@@ -82,7 +83,7 @@ def eval_cmd(
         emit_json({**d, "eval": str(path), "predictions": str(out / d["predictions_file"])})
         return
     _print_result(result)
-    console.print(f"wrote {path} and {out / 'predictions.jsonl'}", markup=False)
+    result_console.print(f"wrote {path} and {out / 'predictions.jsonl'}", markup=False)
 
 
 def _print_result(result) -> None:
@@ -102,4 +103,4 @@ def _print_result(result) -> None:
     tbl.add_row("n", str(result.n))
     tbl.add_row("s/example", f"{result.timing['s_per_example']:.3f}")
     tbl.add_row("tokens/s", f"{result.timing['tokens_per_s']:.1f}")
-    console.print(tbl)
+    result_console.print(tbl)

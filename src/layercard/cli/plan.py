@@ -18,6 +18,7 @@ from layercard.cli.app import (
     guard,
     load_cli_model,
     note_unused,
+    result_console,
 )
 from layercard.cli.options import config_options
 from layercard.config import SEARCH_POLICIES, PlanConfig
@@ -103,11 +104,13 @@ def plan_cmd(
     else:
         _print_plan(plan)
     if check is not None and plan.kind == "lora":
-        console.print(f"check: PEFT adapted exactly the {count(len(check['matched']), 'planned module')}")
+        result_console.print(
+            f"check: PEFT adapted exactly the {count(len(check['matched']), 'planned module')}"
+        )
     elif check is not None:
         layers = count(len(check["matched"]), "planned layer")
-        console.print(f"check: the {plan.kind} adapters attach to exactly the {layers}")
-    console.print(f"wrote {out}" + (f" and {figure}" if figure is not None else ""), markup=False)
+        result_console.print(f"check: the {plan.kind} adapters attach to exactly the {layers}")
+    result_console.print(f"wrote {out}" + (f" and {figure}" if figure is not None else ""), markup=False)
 
 
 def shown_frontier(rows: list[dict], chosen: dict) -> list[dict]:
@@ -188,12 +191,12 @@ def _print_search_plan(plan) -> None:
         elif not on_frontier:
             notes.append("the plan is not one of the search's placements, which this frontier holds")
         t.caption = "; ".join(notes) or None
-        console.print(t)
+        result_console.print(t)
     from layercard.plan.space import budget_label
 
     err = chosen.get("error", q["expected_error"])
     budgets = budget_label(",".join(p["budgets"])) if p["budgets"] else "none"
-    console.print(
+    result_console.print(
         f"plan ({plan.config['policy']}, budgets {budgets}"
         + (f", target {plan.config['target']:g}" if plan.config.get("target") is not None else "")
         + "): "
@@ -204,12 +207,12 @@ def _print_search_plan(plan) -> None:
         + (f", peak {peak_text(p['memory'], p.get('memory_figure'))}" if p.get("memory") else "")
         + (f"; priced at {where}" if (where := positions_text(plan.config)) else "")
     )
-    console.print(p["recommendation"], highlight=False, soft_wrap=True, markup=False)
+    result_console.print(p["recommendation"], highlight=False, soft_wrap=True, markup=False)
     for w in plan.warnings:
         console.print(f"[yellow]warning:[/] {escape(w)}", highlight=False, soft_wrap=True)
     timed = [b for b in p["budgets"] if b.split("=")[0] in ("memory", "step_time")]
     if timed and not where and p.get("calibration_batch_positions"):
-        console.print(
+        result_console.print(
             f"{budget_label(','.join(timed))}: checked at {p['calibration_batch_positions']:,.0f} padded "
             "positions per micro-batch, not at the run's own batches; `layercard train --dry-run` prints a "
             "run's, to plan at with --step-positions and --peak-positions",
@@ -263,8 +266,8 @@ def _print_plan(plan) -> None:
         if st is None
         else f"{st:.3g} (all layers {p['all_layer_step_time_s']:.3g})",
     )
-    console.print(t)
-    console.print(f"[dim]score basis: {escape(p['score_basis'])}[/]", highlight=False, soft_wrap=True)
+    result_console.print(t)
+    result_console.print(f"[dim]score basis: {escape(p['score_basis'])}[/]", highlight=False, soft_wrap=True)
     for w in plan.warnings:
         console.print(f"[yellow]warning:[/] {escape(w)}", highlight=False, soft_wrap=True)
 

@@ -9,7 +9,7 @@ import typer
 from rich import box
 from rich.table import Table
 
-from layercard.cli.app import app, console, emit_json, guard, progress_flag
+from layercard.cli.app import app, emit_json, guard, progress_flag, result_console
 from layercard.progress import count
 from layercard.run_layout import RunLayout
 
@@ -37,10 +37,10 @@ DEMO_DIR = Path("layercard-demo")
 def _on_stage(event: str, name: str, result: Any) -> None:
     """A short table at the end of every stage that ran; one line for a stage skipped as unchanged."""
     if event == "start":
-        console.print(f"[bold cyan]▶ {name}[/]", highlight=False)
+        result_console.print(f"[bold cyan]▶ {name}[/]", highlight=False)
         return
     if result.status == "skipped":
-        console.print(f"[dim]✓ {name}: skipped (inputs unchanged)[/]", highlight=False)
+        result_console.print(f"[dim]✓ {name}: skipped (inputs unchanged)[/]", highlight=False)
         return
     t = Table(
         title=f"{name} · {result.status} in {result.seconds:.1f} s", show_header=False, title_justify="left"
@@ -49,7 +49,7 @@ def _on_stage(event: str, name: str, result: Any) -> None:
     t.add_column("value")
     for k, v in result.rows:
         t.add_row(k, v)
-    console.print(t)
+    result_console.print(t)
 
 
 def _fmt(x: Any, spec: str = ".4g") -> str:
@@ -197,9 +197,9 @@ def _run_cfg(cfg: Any, out: Path, json_out: bool, until: str = "report") -> dict
         return _headline(summary)
     table = _plans(summary) if until in ("card", "plan") else _comparison(summary)
     if table is not None:
-        console.print(table)
+        result_console.print(table)
     if summary.get("left_out"):
-        console.print(
+        result_console.print(
             "left out of the tables: the artifacts of "
             + ", ".join(summary["left_out"])
             + ", which failed or "
@@ -207,20 +207,22 @@ def _run_cfg(cfg: Any, out: Path, json_out: bool, until: str = "report") -> dict
             markup=False,
         )
     for stage, error in (summary.get("failed") or {}).items():
-        console.print(f"failed earlier: {stage} ({error})", markup=False)
+        result_console.print(f"failed earlier: {stage} ({error})", markup=False)
     skipped = len(summary["skipped"])
-    console.print(
+    result_console.print(
         f"{count(len(summary['ran']), 'stage')} ran, {skipped} skipped, {summary['wall_time_s']:.0f} s on "
         f"{summary['threads']} torch thread(s); run folder {out}"
     )
     if summary["report"] is None:
-        console.print(
+        result_console.print(
             f"stopped after {until}: run the same command without --until to go on (finished stages are "
             "skipped)",
             markup=False,
         )
     else:
-        console.print(f"[bold]report:[/] {summary['report']['html']}  (and {summary['report']['markdown']})")
+        result_console.print(
+            f"[bold]report:[/] {summary['report']['html']}  (and {summary['report']['markdown']})"
+        )
     return _headline(summary)
 
 
@@ -278,7 +280,7 @@ def demo_cmd(
     heads = {}
     for task, cfg in cfgs.items():
         if not json_out:
-            console.print(f"[bold]━━ demo task: {task} ━━[/]")
+            result_console.print(f"[bold]━━ demo task: {task} ━━[/]")
         heads[task] = _run_cfg(cfg, out / task, json_out)
     path = out / "demo.md"
     tasks = write_overview({t: out / t for t in DEMO_TASKS}, path, time.perf_counter() - t0)
@@ -288,9 +290,9 @@ def demo_cmd(
     for task, t in tasks.items():
         if t["recommendation"]:
             ranking = ", ".join(f"{r} {100 * s:.0f}%" for r, s in t["matrices"][:3])
-            console.print(f"[bold]{task}[/]: card's top matrices {ranking}", highlight=False)
-            console.print(f"  {t['recommendation']}", highlight=False, soft_wrap=True, markup=False)
-    console.print(f"[bold]overview:[/] {path}  ({time.perf_counter() - t0:.0f} s)")
+            result_console.print(f"[bold]{task}[/]: card's top matrices {ranking}", highlight=False)
+            result_console.print(f"  {t['recommendation']}", highlight=False, soft_wrap=True, markup=False)
+    result_console.print(f"[bold]overview:[/] {path}  ({time.perf_counter() - t0:.0f} s)")
 
 
 @app.command("report")
@@ -314,6 +316,6 @@ def report_cmd(
     if json_out:
         emit_json(paths)
         return
-    console.print(
+    result_console.print(
         f"wrote {paths['html']}, {paths['markdown']} and {len(paths['figures'])} figures", markup=False
     )

@@ -21,6 +21,7 @@ from layercard.cli.app import (
     note_task,
     note_unused,
     progress_flag,
+    result_console,
 )
 from layercard.cli.options import config_options
 from layercard.cli.task_options import SPLIT_HELP, TaskOpt, task_options
@@ -171,7 +172,7 @@ def train_cmd(
         emit_json(metrics)
         return
     _print_summary(metrics)
-    console.print(f"wrote {out / 'adapter'} and {out / 'train_metrics.json'}", markup=False)
+    result_console.print(f"wrote {out / 'adapter'} and {out / 'train_metrics.json'}", markup=False)
 
 
 def _fmt(x: Any, spec: str) -> str:
@@ -210,9 +211,9 @@ def _print_estimate(e: dict[str, Any], plan: Path) -> None:
         f"predicted peak memory ({memory_kind_text(e['peak_memory_kind'])}; plan's)",
         f"{_fmt(e['peak_memory_at_run_mib'], ',.0f')} ({_fmt(e['peak_memory_mib'], ',.0f')}) MiB",
     )
-    console.print(tbl)
+    result_console.print(tbl)
     if e["step_time_s"] is None and e["peak_memory_mib"] is None:
-        console.print(
+        result_console.print(
             "The plan holds no step time or peak memory to price: its card was measured without the cost "
             "calibration (--no-calibrate).",
             markup=False,
@@ -220,7 +221,7 @@ def _print_estimate(e: dict[str, Any], plan: Path) -> None:
     else:
         leaves_out = "validation, checkpoints and loading"
         leaves_out += ", and the exchange of gradients" if n > 1 else ""
-        console.print(
+        result_console.print(
             f"The step time leaves out {leaves_out}; figures are the cost model's, calibrated by the card.",
             markup=False,
         )
@@ -236,7 +237,7 @@ def _print_estimate(e: dict[str, Any], plan: Path) -> None:
         console.print(cut, markup=False)
     for line in e["budget_notes"]:
         console.print(f"warning: {line}", markup=False)
-    console.print(
+    result_console.print(
         f"to plan at these positions: layercard plan ... --step-positions {e['positions_per_step']:.1f} "
         f"--peak-positions {e['max_positions']} (this plan: {plan})",
         markup=False,
@@ -309,6 +310,6 @@ def _print_summary(m: dict[str, Any]) -> None:
     tbl.add_row("final val loss", _fmt(m["final_val_loss"], ".4f"))
     if m.get("resumed_from") is not None:
         tbl.add_row("resumed from step", str(m["resumed_from"]))
-    console.print(tbl)
+    result_console.print(tbl)
     for line in m.get("budget_notes") or []:
         console.print(f"warning: {line}", markup=False)

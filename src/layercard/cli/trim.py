@@ -16,7 +16,6 @@ from layercard.cli.app import (
     TrustOpt,
     app,
     check_adapter,
-    console,
     emit_json,
     guard,
     load_cli_model,
@@ -24,6 +23,7 @@ from layercard.cli.app import (
     note_examples,
     note_generation,
     progress_flag,
+    result_console,
 )
 from layercard.cli.options import config_options
 from layercard.cli.task_options import SPLIT_HELP, TaskOpt, task_options
@@ -101,10 +101,10 @@ def trace_cmd(
             str(i), f"{p_on:.4f}", f"{p_off:.4f}", "•" if i in tr.adapted_layers else "",
             style="bold" if i in marks else None,
         )  # fmt: skip
-    console.print(tbl)
+    result_console.print(tbl)
     cands = ", ".join(f"{k.replace('_', ' ')} at layer {v}" for k, v in tr.candidates.items())
-    console.print(f"boundary candidates: {cands}")
-    console.print(f"wrote {path} and {png}", markup=False)
+    result_console.print(f"boundary candidates: {cands}")
+    result_console.print(f"wrote {path} and {png}", markup=False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -173,11 +173,11 @@ def trim_cmd(
         emit_json({**res, "trim": str(out_dir / "trim.json")})
         return
     _print_trim(res)
-    console.print(
+    result_console.print(
         f"wrote {out_dir / 'trim.json'}, {out_dir / TRIM_PNG} and {res['export']['path']}", markup=False
     )
     if res["merged"]:
-        console.print(f"wrote merged model {res['merged']['path']}", markup=False)
+        result_console.print(f"wrote merged model {res['merged']['path']}", markup=False)
 
 
 def _print_trim(res: dict[str, Any]) -> None:
@@ -204,9 +204,9 @@ def _print_trim(res: dict[str, Any]) -> None:
             f"{r['s_per_example']:.3f}" if "s_per_example" in r else "-",
             style="bold" if r["k"] == res["chosen_k"] else None,
         )
-    console.print(tbl)
+    result_console.print(tbl)
     b, a = res["before"], res["after"]
-    console.print(
+    result_console.print(
         f"chosen K = {res['chosen_k']}: adapted layers {b['n_adapted_layers']} → {a['n_adapted_layers']}, "
         f"modules {b['adapted_modules']} → {a['adapted_modules']}, {res['metric']} "
         f"{_fmt(b, res['metric'])} → {_fmt(a, res['metric'])}, "
