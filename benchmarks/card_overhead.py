@@ -2,7 +2,8 @@
 
 Each measurement runs in its own process (so peak RSS is that measurement's), three repetitions
 per mode, interleaved; the ratio is of medians. Results are cached per (mode, repetition) in the
-JSON, so an interrupted run resumes where it stopped.
+JSON, so an interrupted run resumes where it stopped; a JSON measured with other settings (threads
+included) is refused, not overwritten.
 
     .venv/bin/python benchmarks/card_overhead.py [--examples 64] [--max-length 128] [--reps 3]
 """
@@ -137,9 +138,13 @@ def main() -> None:
     out_json = Path(args.out + ".json")
     state = json.loads(out_json.read_text()) if out_json.exists() else {"runs": {}}
     keys = ("model", "task", "roles", "examples", "max_length", "batch_size", "sketch")
-    conf = {k: getattr(args, k) for k in keys}
-    if state.get("config") not in (None, conf):
-        state = {"runs": {}}
+    conf = {k: getattr(args, k) for k in keys} | {"threads": _threads(args.threads)}
+    differ = _differ(state.get("config"), conf, state["runs"])
+    if differ:
+        raise SystemExit(
+            f"{out_json} holds runs measured with other settings ({', '.join(differ)}): give the same "
+            "ones, or another --out"
+        )
     state["config"] = conf
     plan = [(m, r) for r in range(args.reps) for m in args.modes.split(",")]
     plan += [(m, 0) for m in args.extra_modes.split(",") if m]
@@ -147,11 +152,9 @@ def main() -> None:
         key = f"{mode}#{rep}"
         if key in state["runs"]:
             continue
-        cmd = (
-            [sys.executable, __file__, "--mode", mode]
-            + [f"--{k.replace('_', '-')}={v}" for k, v in conf.items()]
-            + [f"--threads={args.threads}"]
-        )
+        cmd = [sys.executable, __file__, "--mode", mode] + [
+            f"--{k.replace('_', '-')}={v}" for k, v in conf.items()
+        ]
         print(f"running {key} ...", flush=True)
         p = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "LAYERCARD_PROGRESS": "0"})
         if p.returncode != 0:
@@ -166,13 +169,38 @@ def main() -> None:
     _write(state, out_json)
 
 
+def _threads(requested: int) -> int:
+    """The torch threads a measurement runs with: ``--threads``, or torch's default where it is 0."""
+    if requested:
+        return requested
+    import torch
+
+    return torch.get_num_threads()
+
+
+def _differ(stored: dict | None, conf: dict, runs: dict) -> list[str]:
+    """The settings in which the runs ``stored`` describes differ from ``conf``: none when nothing is
+    stored or no run was measured."""
+    if stored is None or not runs:
+        return []
+    old = dict(stored)
+    if "threads" not in old:
+        # Written before the threads entered the settings: every run records the torch threads it ran
+        # with (2 in each committed file, on the 2-CPU machine), which stand for the setting.
+        seen = {r.get("threads") for r in runs.values()}
+        old["threads"] = seen.pop() if len(seen) == 1 else None
+    if "sketch" not in old and not any(k.startswith("card+sketch#") for k in runs):
+        old["sketch"] = conf["sketch"]  # written before --sketch, which changes only card+sketch's runs
+    return [k for k in conf if old.get(k) != conf[k]]
+
+
 def _median(state, mode):
     vals = [v["wall_s"] for k, v in state["runs"].items() if k.split("#")[0] == mode]
     return statistics.median(vals) if vals else float("nan"), vals
 
 
 def _write(state, out_json: Path) -> None:
-    from layercard.artifacts import machine_info, package_versions
+    from layercard.artifacts import machine_info, package_versions, write_json, write_text
 
     summ = {}
     for mode in sorted({k.split("#")[0] for k in state["runs"]}):
@@ -195,7 +223,7 @@ def _write(state, out_json: Path) -> None:
     state["versions"] = package_versions()
     state["date"] = time.strftime("%Y-%m-%d")
     out_json.parent.mkdir(parents=True, exist_ok=True)
-    out_json.write_text(json.dumps(state, indent=1) + "\n")
+    write_json(out_json, state)
     c = state["config"]
     any_run = next(iter(state["runs"].values()), {})
     lines = [
@@ -240,7 +268,7 @@ def _write(state, out_json: Path) -> None:
     ]
     for k, v in ratios.items():
         lines.append(f"- **{k} = {v:.3f}**")
-    out_json.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    write_text(out_json.with_suffix(".md"), "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

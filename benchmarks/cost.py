@@ -78,6 +78,25 @@ class Setup:
     shapes: str | None = None  # the shapes file random_weights.py replaced smollm2's configuration with
     dropout: float = 0.0  # LoRA dropout of every placement's plan
     calibrate_dropout: float = 0.0  # LoRA dropout the card's calibration trains with
+    fresh: bool = False  # each placement trained in a process of its own (run --fresh)
+    threads: int = 2  # torch threads
+
+
+def stored_setup(record: dict[str, Any], path: Path) -> dict[str, Any]:
+    """The settings of Setup a run's JSON at ``path`` records. Runs recorded before Setup existed were
+    measured at its defaults then (model to batch); a run recorded before a later field holds none of it and
+    is compared on those it holds, but for two: the torch threads, recorded beside the setup, and ``fresh``,
+    which every committed folder of runs trained in processes of their own names (twelfth-fresh, ...)."""
+    base = ("model", "device", "dtype", "steps", "batch")
+    setup = dict(record.get("setup") or {k: getattr(Setup, k) for k in base})
+    setup.setdefault("threads", record.get("threads", Setup.threads))
+    setup.setdefault("fresh", "fresh" in path.parent.parent.parent.name)
+    return setup
+
+
+def setup_differs(stored: dict[str, Any], other: dict[str, Any]) -> list[str]:
+    """The settings two setups both hold and differ in."""
+    return sorted(k for k in stored.keys() & other.keys() if stored[k] != other[k])
 
 
 def _card(
@@ -111,8 +130,6 @@ def _run(loaded: Any, card: Any, task: Any, p: Placement, path: Path, setup: Set
     from layercard.artifacts import machine_info, write_json
     from layercard.train import train
 
-    if path.is_file():
-        return
     plan, cfg = plan_and_settings(card, p, setup)
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="cost-") as tmp:
@@ -176,13 +193,23 @@ def run(
         )
         for p in GRID:
             path = RESULTS / name / "runs" / f"{p.name}.json"
-            if (only and p.name not in only) or path.is_file():
+            if only and p.name not in only:
                 continue
+            if path.is_file():
+                differ = setup_differs(
+                    stored_setup(json.loads(path.read_text()), path), dataclasses.asdict(setup)
+                )
+                if differ:
+                    raise SystemExit(
+                        f"{path} was measured with another setup ({', '.join(differ)}): give the same "
+                        "settings, or another --out"
+                    )
+                continue  # measured with this setup: kept
             if not fresh:
                 _run(loaded, card, task, p, path, setup)
                 continue
             cmd = [
-                sys.executable, __file__, "run", "--threads", str(threads), "--tasks", name,
+                sys.executable, __file__, "run", "--threads", str(threads), "--tasks", name, "--fresh-child",
                 "--model", setup.model, "--device", setup.device, "--dtype", setup.dtype,
                 "--steps", str(setup.steps), "--batch", str(setup.batch),
                 "--calibrate-rounds", str(setup.calibrate_rounds), "--only", p.name, "--out", str(RESULTS),
@@ -486,6 +513,7 @@ def report() -> dict[str, Any]:
     tasks: dict[str, Any] = {}
     all_rows: list[dict[str, Any]] = []
     machine, threads = None, None
+    setups: dict[str, dict[str, Any]] = {}
     for name in TASKS:
         if not (RESULTS / name / "card" / "card.json").is_file():
             continue
@@ -493,7 +521,10 @@ def report() -> dict[str, Any]:
         if not rows:
             continue
         machine, threads = runs[0]["machine"], runs[0]["threads"]
-        setup = runs[0].get("setup", dataclasses.asdict(Setup()))  # runs before Setup: its defaults
+        setups |= {
+            f"{name}/{r['name']}": stored_setup(r, RESULTS / name / "runs" / f"{r['name']}.json")
+            for r in runs
+        }
         memory_kind = runs[0]["peak_memory_kind"]
         cost = card.cost or {}
         tasks[name] = {
@@ -506,6 +537,7 @@ def report() -> dict[str, Any]:
         all_rows += rows
     if not all_rows:
         raise SystemExit(f"{RESULTS}: no finished runs; run `benchmarks/cost.py run` first")
+    setup = agreed_setup(setups, RESULTS)
     out = {
         "benchmark": "cost",
         "model": _model_name(setup),
@@ -537,6 +569,22 @@ def report() -> dict[str, Any]:
     write_text(RESULTS / "cost.md", _markdown(out))
     _plot(all_rows, RESULTS / "cost_predicted.png")
     return out
+
+
+def agreed_setup(setups: dict[str, dict[str, Any]], where: Path) -> dict[str, Any]:
+    """The setup of the first run (by name; Setup's defaults for what it does not record), when every run
+    agrees with it on the settings both record; otherwise the report ends, naming the settings and runs
+    that differ."""
+    first_name, first = next(iter(setups.items()))
+    odd = {n: setup_differs(first, s) for n, s in setups.items()}
+    odd = {n: keys for n, keys in odd.items() if keys}
+    if odd:
+        keys = sorted({k for ks in odd.values() for k in ks})
+        raise SystemExit(
+            f"{where}: runs measured with different setups ({', '.join(keys)}): {', '.join(sorted(odd))} "
+            f"against {first_name}"
+        )
+    return dataclasses.asdict(Setup()) | first
 
 
 def _model_name(setup: dict[str, Any]) -> str:
@@ -768,6 +816,7 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument(
         "--fresh", action="store_true", help="each placement trained in a process of its own, the card loaded"
     )
+    r.add_argument("--fresh-child", action="store_true", help=argparse.SUPPRESS)  # the process --fresh starts
     rep = sub.add_parser("report", help="rebuild cost.json, cost.md and the figure from the runs")
     for p in (r, rep):
         p.add_argument("--out", type=Path, default=RESULTS, help="results folder (a repeat run: another one)")
@@ -785,6 +834,7 @@ def main(argv: list[str] | None = None) -> int:
             shapes=json.loads(mark.read_text()).get("shapes") if mark.is_file() else None,
             dropout=args.dropout,
             calibrate_dropout=args.dropout if args.calibrate_dropout is None else args.calibrate_dropout,
+            fresh=args.fresh or args.fresh_child, threads=args.threads,
         )  # fmt: skip
         only = [n.strip() for n in args.only.split(",") if n.strip()]
         unknown = [n for n in only if n not in {p.name for p in GRID}]
@@ -792,7 +842,7 @@ def main(argv: list[str] | None = None) -> int:
             ap.error(
                 f"--only: unknown placement {unknown[0]!r} (choose from {', '.join(p.name for p in GRID)})"
             )
-        run(args.threads, tasks, setup, only, args.fresh)
+        run(args.threads, tasks, setup, only, args.fresh and not args.fresh_child)
     report()
     print(f"wrote {RESULTS / 'cost.md'}")
     return 0

@@ -83,11 +83,21 @@ def _case(args: argparse.Namespace, out: Path, label: str, plan_extra: list[str]
     )
     dry_s = time.perf_counter() - t0
     run = out / f"{label}_train"
+    request = _request(args, planned)
     if (run / "train_metrics.json").exists():
         m = json.loads((run / "train_metrics.json").read_text())
+        differ = _differ(run, m, request)
+        if differ:
+            raise SystemExit(
+                f"{run} was trained with other settings ({', '.join(differ)}): remove it, or give "
+                "another --out"
+            )
     else:
         _layercard("train", *train, "--out", str(run), "--json", processes=args.processes)
         m = json.loads((run / "train_metrics.json").read_text())
+        from layercard.artifacts import write_json
+
+        write_json(run / REQUEST, request)
     keep = (
         "batch_positions_per_step", "max_batch_positions", "s_per_step", "s_per_step_spread",
         "peak_memory_mib", "peak_memory_kind", "predicted_memory_figure", "wall_time_s", "budget_notes",
@@ -106,6 +116,45 @@ def _case(args: argparse.Namespace, out: Path, label: str, plan_extra: list[str]
         "dry_run": est,
         "measured": {k: m.get(k) for k in keep},
     }
+
+
+REQUEST = "dry_run_request.json"  # beside a run's train_metrics.json: what this script asked it to train
+
+
+def _request(args: argparse.Namespace, planned: dict) -> dict:
+    """What a run's measured figures depend on, beyond the code: its settings and the plan's units."""
+    return {
+        "task": args.task,
+        "val_task": args.val_task,
+        "steps": args.steps,
+        "batch_size": args.batch_size,
+        "max_length": args.max_length,
+        "lr": float(args.lr),
+        "processes": args.processes,
+        "threads": args.threads,
+        "units": [[u["key"], u["rank"]] for u in planned["units"]],
+    }
+
+
+def _differ(run: Path, metrics: dict, request: dict) -> list[str]:
+    """The settings in which the run trained in ``run`` differs from ``request``. A run trained before the
+    request was stored beside it is checked against what its train_metrics.json records (its threads and
+    the units' ranks are not recorded there)."""
+    path = run / REQUEST
+    if path.is_file():
+        stored = json.loads(path.read_text())
+        return [k for k in request if stored.get(k) != request[k]]
+    cfg, plan = metrics.get("config") or {}, metrics.get("plan") or {}
+    recorded = {
+        "steps": cfg.get("steps"),
+        "batch_size": cfg.get("batch_size"),
+        "max_length": cfg.get("max_length"),
+        "lr": cfg.get("lr"),
+        "processes": metrics.get("world_size"),
+        "units": plan.get("units"),
+    }
+    want = {**request, "units": [key for key, _ in request["units"]]}
+    return [k for k, v in recorded.items() if v != want[k]]
 
 
 def _rows(c: dict) -> list[tuple[str, float, float]]:
@@ -151,7 +200,7 @@ def main() -> None:
         ]
         cases["the dry run's positions"] = _case(args, out, "replan", at)
 
-    from layercard.artifacts import machine_info, package_versions
+    from layercard.artifacts import machine_info, package_versions, write_json, write_text
 
     res = {
         "card": args.card,
@@ -168,7 +217,7 @@ def main() -> None:
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
     stem = RESULTS / ("dry_run" if args.name == "facts" else f"dry_run_{args.name}")
-    Path(f"{stem}.json").write_text(json.dumps(res, indent=1) + "\n")
+    write_json(f"{stem}.json", res)
     lines = [
         "# `layercard train --dry-run` against the run it describes",
         "",
@@ -210,7 +259,7 @@ def main() -> None:
         "The run's wall time also holds its final validation, its unmerged forward timing and the adapter's "
         "writing, which the dry run's time of the optimizer steps leaves out.",
     ]
-    Path(f"{stem}.md").write_text("\n".join(lines) + "\n")
+    write_text(f"{stem}.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

@@ -130,8 +130,6 @@ def example_noise(model: Any, weights: list[Any], encoded: list[Any], pad_id: in
 def main() -> None:
     """Measure every card not yet in noise_scale.json (a probe set two benchmarks share is measured once),
     then write the JSON and markdown."""
-    import platform
-
     import torch
 
     from layercard import load_model
@@ -160,14 +158,26 @@ def main() -> None:
         rows.append(r)
         print(f"{bench:13s} {name:8s} B_noise {r['b_noise']:.3g} (uncorrected {r['b_noise_biased']:.3g})",
               flush=True)  # fmt: skip
-    out = {
+        # after every row, so a stopped run keeps what it measured; the rows stored before and not yet
+        # reached stay in the file after those
+        seen = {(q["benchmark"], q["task"]) for q in rows}
+        write_json(path, _out([*rows, *(q for k, q in done.items() if k not in seen)]))
+    out = _out(rows)
+    write_json(path, out)
+    write_text(OUT / "noise_scale.md", _markdown(out))
+
+
+def _out(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    import platform
+
+    import torch
+
+    return {
         "model": "smollm2",
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
         f"{THREADS} threads",
         "rows": rows,
     }
-    write_json(path, out)
-    write_text(OUT / "noise_scale.md", _markdown(out))
 
 
 def _markdown(out: dict[str, Any]) -> str:

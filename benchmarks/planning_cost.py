@@ -123,7 +123,7 @@ def main() -> None:
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
     wall = time.perf_counter() - t0
 
-    from layercard.artifacts import machine_info, package_versions
+    from layercard.artifacts import machine_info, package_versions, write_json, write_text
     from layercard.card import Card
     from layercard.report.results import planning_sentence, planning_share
     from layercard.train.metrics import TrainMetrics
@@ -156,7 +156,7 @@ def main() -> None:
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
     stem = RESULTS / f"{args.task}_{metrics.steps}_{tag}"
-    Path(f"{stem}.json").write_text(json.dumps(res, indent=1) + "\n")
+    write_json(f"{stem}.json", res)
     t = card.timings
     lines = [
         f"# Planning cost: the demo's card against a {metrics.steps}-step run ({args.task})",
@@ -177,7 +177,7 @@ def main() -> None:
         f"- The run's report says: {res['sentence']}",
         *priced_lines(res["priced"], metrics.s_per_step),
     ]
-    Path(f"{stem}.md").write_text("\n".join(lines) + "\n")
+    write_text(f"{stem}.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

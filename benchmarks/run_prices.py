@@ -143,9 +143,11 @@ def main() -> None:
     result["rows"] = rows(args.run_dir)
     if not result["rows"]:
         raise SystemExit(f"{args.run_dir}: no train/*/train_metrics.json")
+    from layercard.artifacts import write_json, write_text
+
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "run_prices.json").write_text(json.dumps(result, indent=1) + "\n")
-    (args.out / "run_prices.md").write_text(markdown(result))
+    write_json(args.out / "run_prices.json", result)
+    write_text(args.out / "run_prices.md", markdown(result))
     print(markdown(result))
 
 

@@ -267,6 +267,8 @@ def worker(name: str, threads: int, steps: int) -> dict[str, Any]:
         "config": name,
         **spec,
         **res,
+        "threads": threads,
+        "steps": steps,
         "tokens": int(batch["attention_mask"].sum()),
         "padded_tokens": int(batch["input_ids"].numel()),
         "target_tokens": n_target,
@@ -313,19 +315,40 @@ def _available_mib() -> float | None:
     return None
 
 
+def recorded_settings(rec: dict[str, Any]) -> dict[str, Any]:
+    """The torch threads and timed training steps a record was measured at (steps: training only).
+    Records written before they were stored were measured at this script's defaults then, 2 threads on
+    the 2-CPU machine, and hold one time per timed step."""
+    out = {"threads": rec.get("threads", 2)}
+    if rec.get("kind") == "train":
+        out["steps"] = rec.get("steps", len(rec.get("steps_s") or []))
+    return out
+
+
 def run(out: Path, threads: int, steps: int, names: list[str], force: bool) -> None:
+    from layercard.artifacts import write_json
+
     runs = out / "measured"
     runs.mkdir(parents=True, exist_ok=True)
     for name in names:
         path = runs / f"{name}.json"
         if path.exists() and not force:
+            rec = json.loads(path.read_text())
+            if "skipped" not in rec:
+                want = {"threads": threads, "steps": steps}
+                have = recorded_settings(rec)
+                differ = [f"{k} {v}" for k, v in have.items() if v != want[k]]
+                if differ:
+                    raise SystemExit(
+                        f"{path} was measured at {', '.join(differ)}: give those, or --force to measure again"
+                    )
             print(f"{name}: kept from {path}", flush=True)
             continue
         est, free = _estimate_mib(name), _available_mib()
         if free is not None and est > 0.9 * free:
             res = {"config": name, **CONFIGS[name], "skipped": "estimated peak exceeds free memory",
                    "estimated_peak_mib": round(est), "available_mib": round(free)}  # fmt: skip
-            path.write_text(json.dumps(res, indent=1) + "\n")
+            write_json(path, res)
             print(f"{name}: skipped (estimated {est / 1024:.1f} GiB, {free / 1024:.1f} GiB free)", flush=True)
             continue
         print(f"{name}: running (estimated peak {est / 1024:.1f} GiB) ...", flush=True)
@@ -338,7 +361,7 @@ def run(out: Path, threads: int, steps: int, names: list[str], force: bool) -> N
             raise SystemExit(f"{name} failed (exit {p.returncode})")
         res = json.loads(p.stdout.strip().splitlines()[-1])
         res["estimated_peak_mib"] = round(est)
-        path.write_text(json.dumps(res, indent=1) + "\n")
+        write_json(path, res)
         print(f"{name}: {res['time_s']:.1f} s, peak {res['peak_mib'] / 1024:.2f} GiB", flush=True)
     summarize(out)
 
@@ -405,8 +428,10 @@ def summarize(out: Path) -> dict[str, Any]:
         "rows": rows,
         "runs": recs,
     }
-    (out / "scale.json").write_text(json.dumps(summary, indent=1) + "\n")
-    (out / "scale.md").write_text(_markdown(summary, train))
+    from layercard.artifacts import write_json, write_text
+
+    write_json(out / "scale.json", summary)
+    write_text(out / "scale.md", _markdown(summary, train))
     _plot(rows, out / "scale.png")
     return summary
 

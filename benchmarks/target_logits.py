@@ -122,7 +122,13 @@ def _child(args: list[str]) -> dict[str, Any]:
 
 
 def run(rounds: int, threads: int) -> None:
+    from layercard.artifacts import write_json
+
     data: dict[str, Any] = json.loads(OUT.read_text()) if OUT.exists() else {"cases": {}}
+    for res in data["cases"].values():
+        # Cases stored before each kept its own settings were all measured at the file's rounds and threads.
+        res.setdefault("rounds", data.get("rounds"))
+        res.setdefault("threads", data.get("threads"))
     data.update(
         {
             "model": "smollm2",
@@ -134,21 +140,25 @@ def run(rounds: int, threads: int) -> None:
         }
     )
     for case in CASES:
-        if case in data["cases"]:  # resumable: a finished case is kept
-            continue
+        kept = data["cases"].get(case)
+        if kept is not None and (kept["rounds"], kept["threads"]) == (rounds, threads):
+            continue  # resumable: a case finished at these settings is kept; at others it is measured again
         print(f"{case}: timing", flush=True)
         res = _child(["_time", case, str(rounds), str(threads)])
+        res |= {"rounds": rounds, "threads": threads}
         res["memory"] = {}
         for mode in MODES:
             print(f"{case}: memory, {mode}", flush=True)
             res["memory"][mode] = _child(["_memory", case, mode, str(threads)])
         data["cases"][case] = res
         OUT.parent.mkdir(parents=True, exist_ok=True)
-        OUT.write_text(json.dumps(data, indent=1) + "\n")
+        write_json(OUT, data)
     report()
 
 
 def report() -> None:
+    from layercard.artifacts import write_text
+
     data = json.loads(OUT.read_text())
     lines = [
         "# The LM head at the loss's positions only",
@@ -178,7 +188,7 @@ def report() -> None:
         "Ratio: seconds with the head at the target positions over seconds with it at every position, "
         "pair by pair; the median is quoted.",
     ]
-    (RESULTS / "target_logits.md").write_text("\n".join(lines) + "\n")
+    write_text(RESULTS / "target_logits.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

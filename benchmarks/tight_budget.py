@@ -20,6 +20,7 @@ results/placement_v2/tight/tight.{json,md,png}.
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import time
 from pathlib import Path
@@ -118,6 +119,7 @@ def summary() -> dict[str, Any]:
     from layercard.plan.frontier import row_label
 
     out: dict[str, Any] = {"steps": P.STEPS, "lr": P.LR, "date": time.strftime("%Y-%m-%d"), "budgets": {}}
+    machines: dict[tuple[Any, ...], set[tuple[str, str, int]]] = {}
     for ledger_path in sorted((OUT / "cells").glob("*.json")):
         task = ledger_path.stem
         base = float(read_json(P.RESULTS / "runs" / task / "base.json")["test_loss"])
@@ -135,6 +137,8 @@ def summary() -> dict[str, Any]:
             runs = [read_json(p) for p in sorted((OUT / "runs" / task).glob(f"{cell['signature']}-s*.json"))]
             if not runs:
                 continue
+            for r in runs:
+                machines.setdefault(machine_key(r), set()).add((task, r["signature"], int(r["seed"])))
             loss = statistics.mean(r["test_loss"] for r in runs)
             r0 = runs[0]
             plan_row = {"matrices": _matrices(r0), "layers": _layers(r0, n_layers), "rank": _rank(r0)}
@@ -164,10 +168,43 @@ def summary() -> dict[str, Any]:
     )
     out["seed_noise"] = _seed_noise(out)
     out["ten_task"] = ten_task_check(out)
+    # the machines the runs themselves record, not the one summarizing them; each run once
+    out["measured_on"] = [
+        {"processor": k[0], "cpus": k[1], "torch_threads": k[2], "runs": len(n)}
+        for k, n in sorted(machines.items(), key=lambda kv: str(kv[0]))
+    ]
+    out = keep_date(out, read_json(OUT / "tight.json") if (OUT / "tight.json").is_file() else None)
     write_json(OUT / "tight.json", out)
     write_text(OUT / "tight.md", _markdown(out))
     _plot(out)
     return out
+
+
+def machine_key(run: dict[str, Any]) -> tuple[Any, ...]:
+    """The processor, CPU count and torch threads a run's JSON records (placement_v2.train_and_score)."""
+    m = run.get("machine") or {}
+    return (m.get("processor"), m.get("cpu_count"), run.get("threads", m.get("torch_threads")))
+
+
+def keep_date(out: dict[str, Any], previous: dict[str, Any] | None) -> dict[str, Any]:
+    """``out`` with the previous summary's date where it holds everything the previous one did unchanged
+    (it may add to it): a summary written again from the same runs keeps its date."""
+    if previous is None or "date" not in previous:
+        return out
+    now = json.loads(json.dumps(out))
+    if all(now.get(k) == v for k, v in previous.items() if k != "date"):
+        return {**out, "date": previous["date"]}
+    return out
+
+
+def _machines_text(out: dict[str, Any]) -> str:
+    """Where the runs were measured, from their own records."""
+    ms = out.get("measured_on") or []
+    if not ms:
+        return ""
+    parts = [f"{m['processor']} · {m['cpus']} CPUs · {m['torch_threads']} torch threads" for m in ms]
+    each = "" if len(ms) == 1 else " (" + ", ".join(f"{m['runs']}" for m in ms) + " runs)"
+    return f" Every run measured on {' / '.join(parts)}{each}, as the runs record."
 
 
 def _plot(out: dict[str, Any]) -> None:
@@ -434,7 +471,7 @@ def _markdown(out: dict[str, Any]) -> str:
         "and reference runs. `previous-default`: what the parameter-share quality model (the default before "
         "`capacity_coverage`) recommends at the budget. Fraction: the test-loss drop from the base model "
         "as a fraction of the reference's (every linear module of every layer at rank 8). Candidates that "
-        "land on the same placement share one run. " + _fitted_note(out),
+        "land on the same placement share one run." + _machines_text(out) + " " + _fitted_note(out),
         "",
         *_overview(out),
         *_ten_task_lines(out.get("ten_task")),

@@ -142,3 +142,17 @@ def test_decide_rule_takes_the_least_regret_among_forms_near_the_least_error(con
     eligible, chosen = quality.decide_rule(mae, {"a": 0.04, "b": 0.02, "c": 0.001})
     assert eligible == ["a", "b"] and chosen == "b"  # c has the least regret but is too far off in error
     assert quality.decide_rule(mae, {"a": 0.02, "b": 0.02, "c": 0.0})[1] == "a"  # a tie goes to the first
+
+
+def test_gain_calls_leave_out_the_tasks_the_model_was_fitted_on(confirm):
+    import importlib
+
+    from layercard.artifacts import read_json
+    from layercard.plan.quality import TWO_TASK_MODEL
+
+    placement_v2 = importlib.import_module("placement_v2")
+    tight = read_json(placement_v2.RESULTS / "tight" / "tight.json")
+    trained = {task for cells in tight["budgets"].values() for task in cells}
+    assert "e2e_nlg" in trained and "e2e_nlg" in confirm.FITTED_ON  # the committed runs hold a fitted task
+    called = {c["task"] for c in confirm.gain_calls(TWO_TASK_MODEL)}
+    assert called == trained - set(confirm.FITTED_ON)

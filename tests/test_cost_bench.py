@@ -146,3 +146,24 @@ def test_the_data_line_reads_each_runs_share_of_its_step():
         assert "1.000%–5.000%" in line and "median 2.000%" in line
         # a run written before steps kept their data's seconds: no line rather than one over some runs
         assert cost._data({"s_per_step": 2.0}) == {} and cost._data_line(rows + [{}]) == []
+
+
+def test_cost_runs_are_kept_only_at_their_own_setup_and_reported_only_when_they_agree(tmp_path):
+    with benchmark_script("cost") as cost:
+        fresh = tmp_path / "twelfth-fresh" / "sst2" / "runs" / "a.json"
+        plain = tmp_path / "twelfth" / "sst2" / "runs" / "a.json"
+        old = {"threads": 2, "setup": {"model": "smollm2", "steps": 6, "batch": 8}}
+        # recorded before Setup held them: threads beside the setup, fresh from the folder's name
+        assert cost.stored_setup(old, fresh)["fresh"] is True
+        assert cost.stored_setup(old, plain)["fresh"] is False
+        assert cost.stored_setup(old, plain)["threads"] == 2
+        asked = dataclasses.asdict(cost.Setup(threads=4))
+        assert cost.setup_differs(cost.stored_setup(old, plain), asked) == ["threads"]
+        assert cost.setup_differs(cost.stored_setup(old, plain), dataclasses.asdict(cost.Setup())) == []
+        setups = {
+            "sst2/a": cost.stored_setup(old, plain),
+            "sst2/b": {**cost.stored_setup(old, plain), "batch": 32},
+        }
+        with pytest.raises(SystemExit, match=r"\(batch\): sst2/b"):
+            cost.agreed_setup(setups, tmp_path)
+        assert cost.agreed_setup({"sst2/a": setups["sst2/a"]}, tmp_path)["dropout"] == 0.0

@@ -105,6 +105,31 @@ def test_report_keeps_its_stamp_only_while_nothing_else_changed(bench):
     assert keep_created(same, None)["created"] == "now"
 
 
+def test_card_and_run_keys_read_the_settings_the_committed_cards_and_runs_recorded(bench, tmp_path):
+    """The keys are hashes of the library's configs, which gained settings after the committed cards and
+    runs were made: at the values those were made with, the keys must read what the records hold, or
+    `report` finds none of them and the phases that train make them all again."""
+    import dataclasses
+
+    from placement.runner import Bench, card_key_config, run_key_train
+    from placement.settings import RESULTS
+
+    s = bench.real_settings()
+    b = Bench(s, tmp_path / "root", RESULTS, tasks=[t.name for t in s.tasks])
+    for ts in s.tasks:
+        recorded = json.loads((RESULTS / "placement_cards" / ts.name / "card.json").read_text())["config"]
+        assert card_key_config(dataclasses.asdict(b.card_config(ts))) == recorded
+    runs = sorted((RESULTS / "placement_runs").glob("*.json"))
+    trained = [r["config"] for r in map(json.loads, (p.read_text() for p in runs)) if "train" in r["config"]]
+    assert trained
+    for cfg in trained:
+        ts = s.task(cfg["task"])
+        assert run_key_train(b.train_config(ts, cfg["train"]["seed"]).to_dict()) == cfg["train"]
+    # another value of an added setting is another card or run
+    assert card_key_config({**recorded, "weight_snr": True})["weight_snr"] is True
+    assert run_key_train({**cfg["train"], "init": "eva"})["init"] == "eva"
+
+
 def test_entry_script_keeps_its_command_line():
     out = subprocess.run(
         [sys.executable, str(BENCHMARKS / "placement.py"), "--help"],

@@ -109,3 +109,16 @@ def test_committed_ten_task_cells_are_what_the_ten_task_model_picks_today(tight)
             assert P.signature(plan) == cell["signature"], key
             differ += cell["signature"] != ledger[f"{budget}|recommend"]["signature"]
     assert differ > 0
+
+
+def test_summary_states_the_runs_machine_and_keeps_its_date_while_it_only_adds(tight):
+    run = {"threads": 2, "machine": {"processor": "x86_64", "cpu_count": 2, "torch_threads": 2}}
+    assert tight.machine_key(run) == ("x86_64", 2, 2)
+    out = {
+        "date": "today",
+        "steps": 36,
+        "measured_on": [{"processor": "x86_64", "cpus": 2, "torch_threads": 2, "runs": 3}],
+    }
+    assert tight.keep_date(out, {"date": "then", "steps": 36})["date"] == "then"
+    assert tight.keep_date(out, {"date": "then", "steps": 12})["date"] == "today"
+    assert "2 CPUs · 2 torch threads" in tight._machines_text(out)
