@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -499,6 +500,29 @@ def test_the_api_refuses_wrong_arguments_in_one_line(world: World, tmp_path: Pat
                                         "placements": [{"name": "all", "policy": "all"}]}))  # fmt: skip
     assert load_config(cfg_path, "train.steps=3").train.steps == 3  # one override, not its characters
     assert {"make_plan", "measure_card", "Card", "Plan"} <= set(dir(layercard))
+    task = layercard.load_task("synthetic:facts", split="train")
+    plan, steps = layercard.Plan.load(world.plan), layercard.TrainConfig(steps=1, checkpoint_every=0)
+    train, trim, t = layercard.train_adapter, layercard.trim_adapter, tmp_path / "t"
+    for call, said in [
+        (
+            lambda: train(loaded, plan, task, None, {"steps": 1}, t),
+            "train: cfg must be a TrainConfig, got dict",
+        ),
+        (lambda: train(loaded, str(world.plan), task, None, steps, t), "train: plan must be a Plan, got str"),
+        (lambda: train(loaded, plan, "synthetic:facts", None, steps, t), "train: train_task must be a Task"),
+        (lambda: train(str(world.model), plan, task, None, steps, t), "train: loaded must be a LoadedModel"),
+        (
+            lambda: layercard.estimate_training(loaded, plan, task, "x", steps),
+            "train: val_task must be a Task or None",
+        ),
+        (lambda: trim(loaded, world.adapter, "synthetic:facts", layercard.TrimConfig(), t), "trim: task"),
+        (lambda: trim(loaded, world.adapter, task, None, t), "trim: cfg must be a TrimConfig, got NoneType"),
+        (lambda: check_plan(card, loaded), "check_plan: plan must be a Plan, got Card"),
+        (lambda: layercard.run_pipeline(str(cfg_path), t), "run_pipeline: cfg must be a RunConfig, got str"),
+    ]:  # each had been an AttributeError or TypeError from inside the stage
+        with pytest.raises(LayercardError, match="^" + re.escape(said)):
+            call()
+    assert not t.exists()
 
 
 def test_debug_is_taken_after_the_command(tmp_path: Path) -> None:

@@ -200,6 +200,10 @@ def test_chat_messages_keep_the_conversation(tmp_path):
         ([{"role": "human", "content": "hi"}], "field 'messages'[0].role: 'human' is not one of system"),
         ([{"role": "user", "content": ""}], "field 'messages'[0].content: must be a non-empty string"),
         (
+            [{"from": "user", "content": "hi"}],
+            "field 'messages'[0]: no key 'role' (the item's keys: from, content)",
+        ),
+        (
             [{"role": "user", "content": "a"}, {"role": "system", "content": "b"}],
             "[1]: a system turn may only come first",
         ),
@@ -248,6 +252,11 @@ def test_no_schema_fits_lists_the_fields_found(tmp_path):
     msg = str(e.value)
     assert msg.startswith(f"{p}:1: no known schema fits the fields found (question, answer)")
     assert "instruction + output (Alpaca)" in msg and "--field input=COLUMN" in msg and "\n" not in msg
+    with pytest.raises(LayercardError) as e:  # a map naming a column the data lacks says so
+        load_task(str(p), field_map={"input": "quest"})
+    assert (
+        str(e.value) == f"{p}:1: field map input=quest: no such column (the fields found: question, answer)"
+    )
 
 
 # ---------------------------------------------------------------- prompt settings and identity

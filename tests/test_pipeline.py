@@ -480,6 +480,28 @@ def test_a_failed_trim_is_in_the_summary(tiny_run, tmp_path, monkeypatch):
     assert "all-trimmed" not in [r["name"] for r in summary["rows"]]
 
 
+def test_a_stage_that_raises_a_bug_is_recorded_as_failed(tiny_run, tmp_path, monkeypatch):
+    import layercard.trim
+
+    cfg_path, run_dir, _ = tiny_run
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+
+    def bug(*a, **k):
+        raise RuntimeError("out of memory\nand more")
+
+    monkeypatch.setattr(layercard.trim, "trim", bug)
+    with pytest.raises(RuntimeError, match="out of memory"):  # the cause itself, for --debug
+        run_pipeline(load_config(cfg_path, ["trim.radius=2"]), copy, progress=False)
+    record = json.loads((copy / "trim/stage.json").read_text())
+    assert record["status"] == "failed" and record["error"] == "RuntimeError: out of memory"
+    summary = json.loads((copy / "summary.json").read_text())
+    assert summary["failed"] == {"trim": "RuntimeError: out of memory"}
+    monkeypatch.undo()  # mended, the next call makes the stage again
+    again = run_pipeline(load_config(cfg_path, ["trim.radius=2"]), copy, progress=False)
+    assert {s["stage"]: s["status"] for s in again["stages"]}["trim"] in ("ran", "resumed")
+
+
 def test_an_interrupted_call_leaves_no_summary_of_the_earlier_call(tiny_run, tmp_path, monkeypatch):
     import layercard.evaluate
 
@@ -823,7 +845,8 @@ def test_config_error_writes_nothing(tmp_path):
         app,
         ["run", str(cfg), "--set", "train.steps=2", "--set", f"model={tmp_path / 'none'}", "--out", str(out)],
     )
-    assert r.exit_code == 2 and f"{cfg}: model: model '{tmp_path / 'none'}': not a built-in" in r.output
+    said = f"--set 'model={tmp_path / 'none'}': model: model '{tmp_path / 'none'}': not a built-in"
+    assert r.exit_code == 2 and said in r.output
     assert not out.exists()
 
 

@@ -148,7 +148,9 @@ def test_budget_parse():
     bad_cases = [("layers", "KIND=VALUE"), ("flops=3", "flops"), ("layers=x", "'x'"),
                  ("layers=0", "positive"), ("layers=2.5", "whole"), ("params=-1", "positive"),
                  ("params=0x", "params=0x: must be a positive"),
-                 ("step_time=0", "step_time=0 s: must")]  # fmt: skip
+                 ("step_time=0", "step_time=0 s: must"),
+                 ("params=20%", "'20%' is not a number; 20% of the reference is written 0.2x$"),
+                 ("params=a%", "'a%' is not a number$")]  # fmt: skip
     for bad, expect in bad_cases:
         with pytest.raises(LayercardError, match=expect) as e:
             Budget.parse(bad)

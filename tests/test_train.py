@@ -465,7 +465,9 @@ def test_plan_for_another_model(tmp_path: Path):
 
 def test_plan_must_be_a_plan(tmp_path: Path):
     loaded = _loaded()
-    with pytest.raises(LayercardError, match="plan must be a layercard.plan.Plan, not dict"):
+    with pytest.raises(
+        LayercardError, match="train: plan must be a Plan, got dict; read plan.json with Plan.load"
+    ):
         train(loaded, plan_dict(loaded, [1]), TRAIN, VAL, TrainConfig(steps=1), tmp_path)
     assert not any(tmp_path.iterdir())
 

@@ -19,7 +19,7 @@ from typing import Any
 from layercard.adapters import load_adapter
 from layercard.card import Card, compute_card
 from layercard.config import CardConfig
-from layercard.errors import LayercardError
+from layercard.errors import LayercardError, expect
 from layercard.evaluate import EvalResult
 from layercard.evaluate import evaluate as evaluate_model
 from layercard.models import LoadedModel, load_model, resolve_device
@@ -71,10 +71,7 @@ def measure_card(
     (``layercard.card.write_card_folder`` writes card.json and the figures).
     """
     cfg = cfg or CardConfig()
-    if not isinstance(cfg, CardConfig):
-        raise LayercardError(
-            f"measure_card: cfg must be a CardConfig, such as CardConfig(examples=16), got {cfg!r}"
-        )
+    expect("measure_card", "cfg", cfg, CardConfig, "such as CardConfig(examples=16)")
     if not isinstance(task, Task):
         task = load_task(task, split=split, seed=cfg.seed, **load_kwargs)
     if isinstance(model, LoadedModel) and device is not None:

@@ -1,6 +1,10 @@
-"""The one exception type the CLI turns into a one-line error and a non-zero exit."""
+"""The exception the CLI turns into a one-line error, and how errors name arguments and settings."""
 
 from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from contextvars import ContextVar
 
 
 class LayercardError(Exception):
@@ -13,3 +17,45 @@ class LayercardError(Exception):
 
 class MissingSplit(LayercardError):
     """A task has no split of the name asked for (a held-out lookup then tries the next one)."""
+
+
+def expect(
+    where: str, name: str, value: object, kind: type | tuple[type, ...], hint: str = "", *, wanted: str = ""
+) -> None:
+    """Refuse an argument of a public function that is not of ``kind``, in one line naming the function,
+    the argument, what it takes (``wanted``, else the types) and what it got: an attribute error deep
+    inside the stage would name neither."""
+    if isinstance(value, kind):
+        return
+    if not wanted:
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        names = ["None" if k is type(None) else k.__name__ for k in kinds]
+        wanted = " or ".join(n if n == "None" else ("an " if n[0] in "AEIOU" else "a ") + n for n in names)
+    raise LayercardError(
+        f"{where}: {name} must be {wanted}, got {type(value).__name__}" + (f"; {hint}" if hint else "")
+    )
+
+
+# The section of a run config whose settings the work in progress reads, within `layercard run`.
+_RUN_SECTION: ContextVar[str | None] = ContextVar("layercard_run_section", default=None)
+
+
+def setting_name(key: str, flag: str | None = None) -> str:
+    """How a message names setting ``key`` (``max_length``) for the user to change: the command's flag
+    (``flag``, else ``--max-length``), or within :func:`run_section` the key of the run config
+    (``train.max_length``)."""
+    section = _RUN_SECTION.get()
+    if section is not None:
+        return f"{section}.{key}"
+    return flag if flag is not None else "--" + key.replace("_", "-")
+
+
+@contextlib.contextmanager
+def run_section(section: str) -> Iterator[None]:
+    """Within it, messages name settings as keys of the run config's ``section`` (:func:`setting_name`):
+    a run reads them from its YAML, where no flag was given."""
+    token = _RUN_SECTION.set(section)
+    try:
+        yield
+    finally:
+        _RUN_SECTION.reset(token)

@@ -29,7 +29,7 @@ from torch import nn
 from layercard.adapters import attached
 from layercard.artifacts import SCHEMA_VERSION, Provenance, hash_folder, read_json, write_json, write_text
 from layercard.config import EvalConfig
-from layercard.errors import LayercardError
+from layercard.errors import LayercardError, expect
 from layercard.inference import eval_example_losses, eval_loss, generate, prompts_finite
 from layercard.tasks import (
     METRICS,
@@ -349,8 +349,7 @@ def evaluate(
     ``cfg.seed``): its test split, else its validation split, never its training split unasked.
     The gold data is checked for every metric before anything is generated.
     """
-    if not isinstance(cfg, EvalConfig):
-        raise LayercardError(f"evaluate: cfg must be an EvalConfig, got {cfg!r}")
+    expect("evaluate", "cfg", cfg, EvalConfig, "such as EvalConfig(examples=64)")
     if isinstance(task, (str, Path)):
         task = resolve_eval_task(str(task), seed=cfg.seed)[0]
     adapter_dir = Path(adapter) if adapter is not None else None

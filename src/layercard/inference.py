@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from layercard.errors import LayercardError
+from layercard.errors import LayercardError, setting_name
 from layercard.progress import track
 from layercard.tasks import (
     Encoded,
@@ -163,7 +163,9 @@ def generate(
     prompts = [encode_prompt(tokenizer, task.format, ex) for ex in examples]  # a chat example: all turns
     longest = max(len(p) for p in prompts)
     _check_context(
-        model, longest + max_new_tokens, f"a prompt of {longest} tokens and --max-new-tokens {max_new_tokens}"
+        model,
+        longest + max_new_tokens,
+        f"a prompt of {longest} tokens and {setting_name('max_new_tokens')} {max_new_tokens}",
     )
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))  # stable: ties keep source order
     groups = [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
@@ -237,7 +239,8 @@ def eval_example_losses(
         encoded = encode_task(tokenizer, sub, max_length=max_length)
     elif len(encoded) != len(examples):
         raise LayercardError(f"eval: {len(encoded)} encoded examples for {len(examples)} examples")
-    _check_context(model, max((len(e.input_ids) for e in encoded), default=0), f"--max-length {max_length}")
+    longest = max((len(e.input_ids) for e in encoded), default=0)
+    _check_context(model, longest, f"{setting_name('max_length')} {max_length}")
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))  # longest first: less padding
     sums, counts = [0.0] * len(encoded), [0] * len(encoded)
     device = device_of(model)

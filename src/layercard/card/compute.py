@@ -252,6 +252,7 @@ def _check_finite(
     """Refuse NaN or infinity in what the card would hold, naming the statistic and its unit or input:
     JSON has no such numbers, and every score read from them would be meaningless."""
     from layercard.card.validate import show
+    from layercard.errors import setting_name
 
     for kind, rows in (("unit", units), ("input", groups)):
         for row in rows:
@@ -263,7 +264,7 @@ def _check_finite(
             if field in _RATE_FIELDS:
                 hint = (
                     f" at lr {cfg.lr:g}, lora_alpha {cfg.lora_alpha:g}, lora_rank {cfg.lora_rank} "
-                    "(lower --lr or --lora-alpha)"
+                    f"(lower {setting_name('lr')} or {setting_name('lora_alpha')})"
                 )
             name = f" ({row.name})" if isinstance(row, UnitRow) else ""
             raise LayercardError(f"{kind} {row.key}{name}: its {field} is not finite ({show(value)}){hint}")
@@ -276,6 +277,7 @@ def _check_finite(
 # this order, and each phase's wall time lands in card.timings; split, the order would be harder to read.
 def _compute_card(loaded: Any, task: Any, cfg: CardConfig, *, progress: bool | None = None) -> Card:
     from layercard import models
+    from layercard.errors import setting_name
     from layercard.tasks import batches as make_batches
     from layercard.tasks import count_target_tokens, cut_note, encode_task, target_entropy
 
@@ -317,15 +319,17 @@ def _compute_card(loaded: Any, task: Any, cfg: CardConfig, *, progress: bool | N
     n_cut = sum(e.cut for e in encoded)
     capped = length < cfg.max_length
     notes: list[str] = []
+    # `layercard card` shares --max-length's name with other commands: its own is said to be the card's
+    asked = setting_name("max_length", flag="the card's --max-length")
     if capped and n_cut and context is not None:
         notes.append(
-            f"note: the model reads at most {context[1]} positions ({context[0]} in its config), so the "
-            f"card's --max-length {cfg.max_length} acts as {length}: {n_cut} of {len(encoded)} probe "
+            f"note: the model reads at most {context[1]} positions ({context[0]} in its config), so "
+            f"{asked} {cfg.max_length} acts as {length}: {n_cut} of {len(encoded)} probe "
             "examples are longer and were cut to it (the prompt first)"
         )
-    cut = cut_note(encoded, None if capped else length, "probe", probe_task.format)
+    cut = cut_note(encoded, None if capped else length, "probe", probe_task.format, setting=asked)
     if cut:
-        notes.append(cut.replace("--max-length", "the card's --max-length"))
+        notes.append(cut)
     n_tgt = count_target_tokens(encoded)
     if n_tgt == 0:
         raise LayercardError(f"task {task.name}: the probe set has no target tokens")

@@ -176,7 +176,7 @@ def _headline(summary: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _run(config: Path, sets: list[str], out: Path, json_out: bool, until: str = "report") -> None:
+def _run(config: Path, sets: list[str], out: Path | None, json_out: bool, until: str = "report") -> None:
     from layercard.pipeline import load_config
 
     cfg = load_config(config, sets)  # validated in full before anything is written
@@ -185,9 +185,9 @@ def _run(config: Path, sets: list[str], out: Path, json_out: bool, until: str = 
         emit_json(head)
 
 
-def _run_cfg(cfg: Any, out: Path, json_out: bool, until: str = "report") -> dict[str, Any]:
-    """Run one validated config into ``out``: stage tables and the comparison, or (``json_out``) quiet;
-    returns the headline."""
+def _run_cfg(cfg: Any, out: Path | None, json_out: bool, until: str = "report") -> dict[str, Any]:
+    """Run one validated config into ``out`` (None: the config's default folder): stage tables and the
+    comparison, or (``json_out``) quiet; returns the headline."""
     from layercard.pipeline import run_pipeline
 
     summary = run_pipeline(
@@ -211,7 +211,7 @@ def _run_cfg(cfg: Any, out: Path, json_out: bool, until: str = "report") -> dict
     skipped = len(summary["skipped"])
     result_console.print(
         f"{count(len(summary['ran']), 'stage')} ran, {skipped} skipped, {summary['wall_time_s']:.0f} s on "
-        f"{summary['threads']} torch thread(s); run folder {out}"
+        f"{summary['threads']} torch thread(s); run folder {summary['run_dir']}"
     )
     if summary["report"] is None:
         result_console.print(
@@ -245,7 +245,7 @@ def run_cmd(
     until: UntilOpt = "report",
 ) -> None:
     """card → plan → train → trim → eval → report in one run folder; unchanged stages are skipped."""
-    _run(config, list(set_ or []), out or Path("runs") / config.stem, json_out, until)
+    _run(config, list(set_ or []), out, json_out, until)
 
 
 DEMO_TASKS = ("facts", "format")
@@ -285,7 +285,7 @@ def demo_cmd(
     path = out / "demo.md"
     tasks = write_overview({t: out / t for t in DEMO_TASKS}, path, time.perf_counter() - t0)
     if json_out:
-        emit_json({"overview": str(path), "tasks": heads})
+        emit_json({"overview": str(path.resolve()), "tasks": heads})
         return
     for task, t in tasks.items():
         if t["recommendation"]:

@@ -89,7 +89,9 @@ class Budget:
         try:
             value = float(raw) * mult
         except ValueError:
-            raise LayercardError(f"budget {text!r}: value {raw!r} is not a number") from None
+            share = _percent(raw)  # a share of the reference is written as a multiple of it
+            hint = "" if share is None else f"; {raw} of the reference is written {share:g}x"
+            raise LayercardError(f"budget {text!r}: value {raw!r} is not a number{hint}") from None
         return cls(kind, value, relative)
 
     def cap(self, reference: dict[str, float]) -> float:
@@ -188,3 +190,12 @@ class Budgets:
     def label(self) -> str:
         """The budgets as messages show them, each with its unit."""
         return ", ".join(b.label for b in self.items)
+
+
+
+def _percent(raw: str) -> float | None:
+    """``20%`` as the share it means (0.2); None where ``raw`` is no percentage."""
+    try:
+        return float(raw[:-1]) / 100 if raw.endswith("%") else None
+    except ValueError:
+        return None

@@ -12,7 +12,7 @@ COUPLING_DIRECTIONS = ("first_step", "capacity")
 # share: on a 2048-wide model a 2048 sketch took 10.6× a training step and a 512 sketch 3.3×. On smollm2
 # (576 wide) a 512 sketch saved no statistics time and its projections made the pass slower (card 1.39×
 # against 1.20× a plain forward+backward), so narrower models keep K = hidden size. The threshold lies
-# between those two measured widths (docs/card.md, "Sketch").
+# between those two measured widths (docs/card.md, "Memory").
 AUTO_EXACT_WIDTH = 1024
 AUTO_SKETCH_MAX = 512
 # Largest lr·lora_alpha/lora_rank the card accepts. The first-step rate's quadratic term squares it, and a
@@ -82,7 +82,7 @@ class CardConfig(Schema):
         kind="int",
         minimum=1,
         help="interleaved rounds over the calibration placements (time: the fastest step of all rounds; "
-        "memory: the median over rounds)",
+        "memory: the median start plus the median each round added)",
     )
     calibrate_dropout: float = setting(
         0.0,

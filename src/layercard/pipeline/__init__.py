@@ -5,7 +5,7 @@ anything runs: every error names the file and the key (``config.yaml: train.step
 integer, got -3``) and unknown keys are errors. :func:`run_pipeline` (:mod:`.run`) then runs the stages
 over one loaded model into the layout of :mod:`layercard.run_layout`::
 
-    RUN_DIR/run.json                      the resolved config (every default filled in)
+    RUN_DIR/run.json                      the resolved config (every default filled in) and its file
     RUN_DIR/card/                         card.json, card.md, card_*.png
     RUN_DIR/plan/<placement>/plan.json
     RUN_DIR/train/<placement>/            adapter/, train_metrics.json, checkpoints/
@@ -32,7 +32,7 @@ from layercard.pipeline.config import (
     load_config,
     parse_config,
 )
-from layercard.pipeline.run import choose_threads, run_pipeline
+from layercard.pipeline.run import choose_threads, default_run_dir, run_pipeline
 from layercard.pipeline.stages import StageResult
 from layercard.run_layout import RUN_FILE, STAGE_FILE, SUMMARY_FILE
 
@@ -47,6 +47,7 @@ __all__ = [
     "TrimSpec",
     "apply_overrides",
     "choose_threads",
+    "default_run_dir",
     "demo_config_path",
     "load_config",
     "parse_config",

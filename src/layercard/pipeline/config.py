@@ -17,7 +17,7 @@ from layercard.config import CardConfig, EvalConfig, PlanConfig, TrainConfig, Tr
 from layercard.config.run import EvalStage, PlacementName, RunSettings, TaskSpec, TrimStage
 from layercard.config.schema import ConfigError, Schema, unknown_key
 from layercard.errors import LayercardError
-from layercard.pipeline.overrides import apply_overrides, parse_yaml
+from layercard.pipeline.overrides import apply_overrides, override_of, parse_yaml
 
 __all__ = [
     "PlacementSpec",
@@ -78,24 +78,35 @@ class RunConfig:
     trust_remote_code: bool = False
     threads: int | str = "auto"
     source: str = "config"
+    # the config file, resolved (None for a config not read from a file), and the --set overrides on it
+    path: str | None = None
+    overrides: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.placements:
-            raise LayercardError("placements: list at least one placement")
+            raise ConfigError("placements", "list at least one placement")
         names = [p.name for p in self.placements]
         folded = [n.lower() for n in names]  # names are folders, and folders may ignore case
         dup = next((n for n, f in zip(names, folded, strict=True) if folded.count(f) > 1), None)
         if dup is not None:
             same = [n for n, f in zip(names, folded, strict=True) if f == dup.lower()]
             if len(set(same)) == 1:
-                raise LayercardError(f"placements: name {dup!r} is used twice; names must be unique")
-            raise LayercardError(
-                f"placements: names {' and '.join(map(repr, same))} differ only in case; names must be unique"
+                raise ConfigError("placements", f"name {dup!r} is used twice; names must be unique")
+            raise ConfigError(
+                "placements",
+                f"names {' and '.join(map(repr, same))} differ only in case; names must be unique",
             )
         if self.trim.enabled and self.trim.placement is not None and self.trim.placement not in names:
-            raise LayercardError(
-                f"trim.placement: {self.trim.placement!r} is not a placement; placements: {', '.join(names)}"
+            raise ConfigError(
+                "trim.placement",
+                f"{self.trim.placement!r} is not a placement; placements: {', '.join(names)}",
             )
+
+    def origin(self, *keys: str) -> str:
+        """Where the value of ``keys`` (dotted, as errors name them) came from, to start a message with:
+        the ``--set`` that gave the last of them, else the config file."""
+        names = [p.name for p in self.placements]
+        return override_of(keys, self.overrides, names) or self.source
 
     def placement(self, name: str) -> PlacementSpec:
         """The placement called ``name``."""
@@ -250,7 +261,26 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> RunConfig:
         raise LayercardError(f"{p}: empty config")
     if not isinstance(raw, dict):
         raise LayercardError(f"{p}: the config must be a mapping of keys to values")
-    return parse_config(apply_overrides(_resolve_paths(raw, p.parent), overrides), source=str(p))
+    sets = tuple(overrides)
+    merged = apply_overrides(_resolve_paths(raw, p.parent), sets)
+    try:
+        cfg = _parse(merged, str(p))
+    except LayercardError as e:
+        # a bad value given with --set is not in the file: the message names the --set that gave it
+        key = e.where if isinstance(e, ConfigError) else ""
+        given = override_of([key], sets, _names(merged)) if key else None
+        raise LayercardError(f"{given or p}: {e}") from None
+    return dataclasses.replace(cfg, path=str(p.resolve()), overrides=sets)
+
+
+def _names(raw: Mapping[str, Any]) -> list[str | None]:
+    """Each placement's name in a config mapping, None where it has none."""
+    entries = raw.get("placements")
+    if not isinstance(entries, list):
+        return []
+    return [
+        x.get("name") if isinstance(x, Mapping) and isinstance(x.get("name"), str) else None for x in entries
+    ]
 
 
 def _resolve_paths(raw: dict[str, Any], folder: Path) -> dict[str, Any]:

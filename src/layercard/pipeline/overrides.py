@@ -11,7 +11,7 @@ import yaml
 
 from layercard.errors import LayercardError
 
-__all__ = ["apply_overrides", "parse_yaml"]
+__all__ = ["apply_overrides", "override_of", "parse_yaml"]
 
 
 class _DuplicateKey(Exception):
@@ -169,3 +169,29 @@ def apply_overrides(raw: dict[str, Any], sets: Sequence[str]) -> dict[str, Any]:
             raise LayercardError(f"--set {text!r}: expected KEY=VALUE, e.g. train.steps=10")
         _set_path(out, key.strip(), _value(key.strip(), value, text), text)
     return out
+
+
+_PLACEMENT_KEY = re.compile(r"placements\[([^\]]*)\](?:\.(.*))?")
+
+
+def override_of(keys: Sequence[str], sets: Sequence[str], placements: Sequence[str | None]) -> str | None:
+    """``--set 'KEY=VALUE'`` of the last of ``sets`` that gave one of ``keys`` (``train.steps``, a
+    placement's ``placements[NAME].rank``) its value, by the key itself or a section holding it; None where
+    the config file gave them. ``placements``: each placement's name (None where it has none), so that a
+    placement given by index or by name is the same placement."""
+
+    def parts(dotted: str) -> tuple[str, ...]:
+        m = _PLACEMENT_KEY.fullmatch(dotted)
+        if m is not None:
+            return ("placements", m.group(1), *(m.group(2).split(".") if m.group(2) else ()))
+        out = dotted.split(".")
+        if len(out) > 1 and out[0] == "placements" and out[1].isdigit() and int(out[1]) < len(placements):
+            out[1] = placements[int(out[1])] or out[1]
+        return tuple(out)
+
+    wanted = [parts(k) for k in keys]
+    for text in reversed(sets):
+        given = parts(text.partition("=")[0].strip())
+        if any(want[: len(given)] == given for want in wanted):
+            return f"--set {text!r}"
+    return None

@@ -16,12 +16,12 @@ from layercard.artifacts import (
     write_json,
     writer_lock,
 )
-from layercard.errors import LayercardError
+from layercard.errors import LayercardError, expect
 from layercard.pipeline.config import RunConfig
 from layercard.pipeline.stages import Runner, StageCallback
 from layercard.run_layout import BASE_EVAL, RUN_FILE, TRIMMED_EVAL, RunLayout
 
-__all__ = ["RUN_KIND", "STAGE_ORDER", "SUMMARY_KIND", "choose_threads", "run_pipeline"]
+__all__ = ["RUN_KIND", "STAGE_ORDER", "SUMMARY_KIND", "choose_threads", "default_run_dir", "run_pipeline"]
 
 RUN_KIND = "run_config"
 SUMMARY_KIND = "run_summary"
@@ -79,15 +79,24 @@ def _busy_cores(interval: float = 0.5) -> float | None:
     return (os.cpu_count() or 1) * (total - idle) / total
 
 
+def default_run_dir(cfg: RunConfig) -> Path:
+    """``runs/<config file name>``: the run folder of a config given none."""
+    return Path("runs") / Path(cfg.source).stem
+
+
 def run_pipeline(
     cfg: RunConfig,
-    run_dir: str | Path,
+    run_dir: str | Path | None = None,
     *,
     progress: bool | None = None,
     on_stage: StageCallback | None = None,
     until: str = "report",
 ) -> dict[str, Any]:
     """Run every stage of ``cfg`` in ``run_dir``, skipping those whose inputs are unchanged.
+
+    ``run_dir`` None is :func:`default_run_dir`, which configs of one file name share: a run there of
+    another config file is refused. A run folder given is used whichever config ran in it before (the
+    stages whose inputs changed are made again).
 
     ``until`` stops after that stage (one of :data:`STAGE_ORDER`): ``plan`` measures the card and makes
     every plan, priced at the run's own batches, and trains nothing; a later call goes on from there.
@@ -98,11 +107,17 @@ def run_pipeline(
     t0 = time.perf_counter()
     import torch
 
+    expect("run_pipeline", "cfg", cfg, RunConfig, "read the YAML with layercard.load_config")
     if until not in STAGE_ORDER:
         raise LayercardError(f"until {until!r}: not a stage; valid: {', '.join(STAGE_ORDER)}")
-    root = Path(run_dir)
+    root = default_run_dir(cfg) if run_dir is None else Path(run_dir)
     runner = _open_run(
-        cfg, root, progress=progress, on_stage=on_stage, trains_here=until not in ("card", "plan")
+        cfg,
+        root,
+        progress=progress,
+        on_stage=on_stage,
+        trains_here=until not in ("card", "plan"),
+        shared=run_dir is None,
     )
     # One process per run folder: a second one would interleave its stages with ours.
     with writer_lock(root, what="run folder"):
@@ -110,12 +125,14 @@ def run_pipeline(
         root.mkdir(parents=True, exist_ok=True)
         # the summary of an earlier call must not outlive this one, however this one ends
         runner.out.summary_json.unlink(missing_ok=True)
-        # No paths or times in run.json: its hash is one of the report's inputs.
+        # No times and no path but the config file's in run.json: its hash is one of the report's inputs,
+        # and the config file's path changes only with the config (the default folder's owner).
         write_json(
             runner.out.run_json,
             {
                 "kind": RUN_KIND,
                 "schema_version": SCHEMA_VERSION,
+                "config_path": cfg.path,
                 "config": cfg.to_dict(),
                 "inputs": runner.input_hashes(),
             },
@@ -139,23 +156,65 @@ def run_pipeline(
 
 
 def _open_run(
-    cfg: RunConfig, root: Path, *, progress: bool | None, on_stage: StageCallback | None, trains_here: bool
+    cfg: RunConfig,
+    root: Path,
+    *,
+    progress: bool | None,
+    on_stage: StageCallback | None,
+    trains_here: bool,
+    shared: bool,
 ) -> Runner:
-    """The runner of ``cfg`` in ``root``, after every check that can fail without writing anything."""
+    """The runner of ``cfg`` in ``root``, after every check that can fail without writing anything;
+    ``shared``: ``root`` is the default folder, which may hold the run of another config of the name."""
     check_out_folder(root, "run folder")
     _check_run_folder(root)
+    if shared:
+        _check_same_config(root, cfg)
     check_unlocked(root, what="run folder")
     # loads the tasks: may raise
     runner = Runner(cfg, root, progress=progress, on_stage=on_stage, trains_here=trains_here)
     try:
         _ = runner.device_type  # a device this machine lacks fails here, before anything is written
     except LayercardError as e:
-        raise LayercardError(f"{cfg.source}: {e}", exit_code=e.exit_code) from None
+        raise LayercardError(f"{cfg.origin('device')}: {e}", exit_code=e.exit_code) from None
     try:
         _ = runner.model_hash  # an unknown model fails here, before the run folder exists
     except LayercardError as e:
-        raise LayercardError(f"{cfg.source}: model: {e}", exit_code=e.exit_code) from None
+        raise LayercardError(f"{cfg.origin('model')}: model: {e}", exit_code=e.exit_code) from None
+    _check_window(runner)
     return runner
+
+
+def _check_window(runner: Runner) -> None:
+    """Refuse a trim window past the model's last layer now, not after the card and the training."""
+    cfg = runner.cfg
+    window = cfg.trim.config.window if cfg.trim.enabled else None
+    if window is None:
+        return
+    try:
+        n = runner.n_layers
+    except LayercardError as e:
+        raise LayercardError(f"{cfg.origin('model')}: model: {e}", exit_code=e.exit_code) from None
+    if window[1] >= n:
+        raise LayercardError(
+            f"{cfg.origin('trim.window')}: trim.window: {window[0]}:{window[1]} lies past the model's "
+            f"layers 0..{n - 1}"
+        )
+
+
+def _check_same_config(root: Path, cfg: RunConfig) -> None:
+    """Refuse a folder holding the run of another config file: a/config.yaml and b/config.yaml share
+    the default folder, and the second would otherwise redo the first's stages or mix with them."""
+    try:
+        rec = json.loads((root / RUN_FILE).read_text(encoding="utf-8-sig"))
+    except (OSError, ValueError):
+        return
+    other = rec.get("config_path") if isinstance(rec, dict) else None
+    if isinstance(other, str) and cfg.path is not None and other != cfg.path:
+        raise LayercardError(
+            f"run folder {root}: holds the run of {other}, not of {cfg.path}; give this config a folder of "
+            "its own with --out (nothing was written)"
+        )
 
 
 def _is_run(folder: Path) -> bool:
@@ -224,8 +283,9 @@ def _summary(runner: Runner, threads: int, t0: float, until: str, built: bool = 
     return {
         "kind": SUMMARY_KIND,
         "schema_version": SCHEMA_VERSION,
-        "run_dir": str(out.root),
-        "config": cfg.source,
+        # every path absolute: a script may read them from another folder
+        "run_dir": str(out.root.resolve()),
+        "config": cfg.path or cfg.source,
         "model": cfg.model,
         "task": {
             "train": runner.train_task.describe()["name"],

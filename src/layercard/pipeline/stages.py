@@ -18,7 +18,7 @@ import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from layercard.artifacts import (
     SCHEMA_VERSION,
@@ -45,8 +45,11 @@ __all__ = [
 ]
 
 STAGE_KIND = "stage"
+# The stages whose settings are the keys of the run config's section of the same name.
+_SECTIONS = ("card", "train", "trim", "eval")
 # Bumped when a stage's code changes what it writes, so old records stop matching.
 STAGE_VERSION = 1
+T = TypeVar("T")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -122,6 +125,17 @@ def _write_record(path: Path, **fields: Any) -> None:
     write_json(path, {"kind": STAGE_KIND, "schema_version": SCHEMA_VERSION, **fields})
 
 
+def _in_section(section: str, call: Callable[..., T]) -> Callable[..., T]:
+    """``call`` with the settings its messages name given as keys of the run config's ``section``."""
+    from layercard.errors import run_section
+
+    def within(*args: Any) -> T:
+        with run_section(section):
+            return call(*args)
+
+    return within
+
+
 def _examples_note(key: str, asked: int | None, have: int) -> list[tuple[str, str]]:
     """A row saying the config asked for more examples than the task has, and how many were used."""
     if asked is None or asked <= have:
@@ -169,11 +183,13 @@ class Runner:
 
         t = self.cfg.task
         src = self.cfg.source
+        train_from = self.cfg.origin("task.train", "task.train_split")
+        eval_from = self.cfg.origin("task.eval", "task.eval_split", *(() if t.eval else ("task.train",)))
         kw = t.load_kwargs()  # field mapping and prompt settings, the same for every split
         try:
             train_task = load_task(t.train, split=t.train_split, seed=self.cfg.seed, **kw)
         except LayercardError as e:
-            raise LayercardError(f"{src}: task.train: {e}") from None
+            raise LayercardError(f"{train_from}: task.train: {e}") from None
         spec = t.eval or t.train
         try:
             if t.eval_split is None and (t.eval is None or not (is_file_spec(spec) or names_split(spec))):
@@ -183,10 +199,11 @@ class Runner:
             else:
                 eval_task = load_task(spec, split=t.eval_split, seed=self.cfg.seed, **kw)
         except LayercardError as e:
-            raise LayercardError(f"{src}: task.eval: {e}") from None
-        if len(train_task) == 0 or len(eval_task) == 0:
-            which = "train" if len(train_task) == 0 else "eval"
-            raise LayercardError(f"{src}: task.{which}: no examples")
+            raise LayercardError(f"{eval_from}: task.eval: {e}") from None
+        if len(train_task) == 0:
+            raise LayercardError(f"{train_from}: task.train: no examples")
+        if len(eval_task) == 0:
+            raise LayercardError(f"{eval_from}: task.eval: no examples")
         # the trim stage selects on eval examples too, so this also keeps training data out of trimming
         if eval_task.data_hash == train_task.data_hash:
             raise LayercardError(
@@ -247,9 +264,11 @@ class Runner:
     def train_data(self) -> Any:
         """The training and validation examples, encoded once for every placement of the run."""
         if self._train_data is None:
+            from layercard.errors import run_section
             from layercard.train import prepare_data
 
-            self._train_data = prepare_data(self.loaded, self.train_task, self.train_val, self.cfg.train)
+            with run_section("train"):  # read for the plans too, which price the training's positions
+                self._train_data = prepare_data(self.loaded, self.train_task, self.train_val, self.cfg.train)
         return self._train_data
 
     @property
@@ -307,6 +326,19 @@ class Runner:
         return self._tokenizer_hash
 
     @property
+    def n_layers(self) -> int:
+        """The model's decoder layers: from its config where the model is a local folder, without loading
+        the weights; else from the loaded model."""
+        from layercard.models import num_layers
+
+        folder = self._model_folder()
+        if self._loaded is None and folder is not None:
+            n = _config_layers(folder, self.cfg.trust_remote_code)
+            if n is not None:
+                return n
+        return num_layers(self.loaded.model)
+
+    @property
     def device_type(self) -> str:
         """The type of the device the model runs on (cpu, cuda, mps): ``device: auto`` resolved."""
         if self._device_type is None:
@@ -337,12 +369,15 @@ class Runner:
         owns_folder: bool = True,
     ) -> StageResult:
         """Run ``fn(resume)`` unless the recorded fingerprint matches and every output is as recorded."""
+        if kind in _SECTIONS:  # what the stage says names its settings as the config's keys, not as flags
+            fn, summarize = _in_section(kind, fn), _in_section(kind, summarize)
         record = record or RunLayout.stage_record(folder)
+        where = str(folder.resolve())  # the summary's paths are absolute, whatever the run folder given
         fp = stage_fingerprint(kind, config, inputs)
         old = _read_record(record)
         done = old is not None and old.get("fingerprint") == fp and old.get("status") == "done"
         if done and _outputs_intact(old, outputs, self.out.root):
-            result = StageResult(name, "skipped", 0.0, str(folder), fp, summarize())
+            result = StageResult(name, "skipped", 0.0, where, fp, summarize())
             self._emit("end", name, result)
             return result
         unfinished = old is not None and old.get("status") in ("running", "failed")
@@ -360,11 +395,18 @@ class Runner:
         except LayercardError as e:  # say which stage failed, here and in its record
             _write_record(record, status="failed", error=str(e), **base)
             self.results.append(
-                StageResult(name, "failed", time.perf_counter() - t0, str(folder), fp, [("error", str(e))])
+                StageResult(name, "failed", time.perf_counter() - t0, where, fp, [("error", str(e))])
             )
             raise LayercardError(f"stage {name}: {e}", exit_code=e.exit_code) from e
+        except Exception as e:  # a fault of the code or the machine (out of memory): failed, and why
+            error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}".rstrip(": ")
+            _write_record(record, status="failed", error=error, **base)
+            self.results.append(
+                StageResult(name, "failed", time.perf_counter() - t0, where, fp, [("error", error)])
+            )
+            raise
         except BaseException:  # interrupted: the record stays `running`, so the next call resumes it
-            self.results.append(StageResult(name, "stopped", time.perf_counter() - t0, str(folder), fp))
+            self.results.append(StageResult(name, "stopped", time.perf_counter() - t0, where, fp))
             raise
         seconds = time.perf_counter() - t0
         rel = [str(p.relative_to(self.out.root)) for p in outputs]
@@ -372,7 +414,7 @@ class Runner:
         _write_record(
             record, status="done", outputs=rel, output_hashes=hashes, wall_time_s=round(seconds, 3), **base
         )
-        result = StageResult(name, "resumed" if resume else "ran", seconds, str(folder), fp, summarize())
+        result = StageResult(name, "resumed" if resume else "ran", seconds, where, fp, summarize())
         self._emit("end", name, result)
         return result
 
@@ -724,6 +766,20 @@ class Runner:
             record=out.report_record,
             owns_folder=False,
         )
+
+
+def _config_layers(folder: Path, trust_remote_code: bool) -> int | None:
+    """The decoder layers a model folder's config gives, or None where it gives none it can be read for
+    (loading the model then says what is wrong)."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
+    except Exception:  # an unreadable or unknown config: the model's own loading reports it
+        return None
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    n = getattr(text, "num_hidden_layers", None)
+    return n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else None
 
 
 def _held_out(spec: str, train_split: str | None, seed: int, kw: dict[str, Any]) -> Any:

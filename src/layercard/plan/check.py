@@ -8,7 +8,7 @@ import warnings
 from collections.abc import Sequence
 from typing import Any
 
-from layercard.errors import LayercardError
+from layercard.errors import LayercardError, expect
 from layercard.plan.artifact import Plan
 
 
@@ -31,6 +31,8 @@ def check_plan(plan: Plan, model: Any) -> dict[str, Any]:
 
     from layercard.models import LoadedModel, decoder_layers, get_module
 
+    expect("check_plan", "plan", plan, Plan, "read plan.json with Plan.load")
+    expect("check_plan", "model", model, (LoadedModel, nn.Module), "load it with layercard.load_model")
     if isinstance(model, LoadedModel):  # what every other function of the API takes
         model = model.model
     if hasattr(model, "peft_config"):

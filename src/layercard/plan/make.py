@@ -13,7 +13,7 @@ from typing import Any
 
 from layercard.card.artifact import SCORES, Card, UnitRow
 from layercard.config import SEARCH_POLICIES, PlanConfig
-from layercard.errors import LayercardError
+from layercard.errors import LayercardError, expect
 from layercard.plan.artifact import Plan, PlannedUnit
 from layercard.plan.policies import select
 from layercard.plan.predict import card_summary, caveats, predicted, provenance, unit_rank
@@ -72,12 +72,8 @@ def make_plan(card: Card | str | os.PathLike[str], cfg: PlanConfig, *, card_path
     if isinstance(card, (str, os.PathLike)):
         card_path = card_path or str(card)
         card = Card.load(card)
-    if not isinstance(card, Card):
-        raise LayercardError(f"make_plan: card must be a Card or a card.json path, got {type(card).__name__}")
-    if not isinstance(cfg, PlanConfig):
-        raise LayercardError(
-            f"make_plan: cfg must be a PlanConfig, such as PlanConfig(budget='params=0.2x'), got {cfg!r}"
-        )
+    expect("make_plan", "card", card, Card, wanted="a Card or a card.json path")
+    expect("make_plan", "cfg", cfg, PlanConfig, "such as PlanConfig(budget='params=0.2x')")
     card = at_positions(
         at_batch(card, cfg.batch_size), cfg.step_positions, cfg.peak_positions, cfg.grad_accum or 1
     )

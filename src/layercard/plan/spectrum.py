@@ -23,7 +23,7 @@ def snr_ranking(card: Card) -> dict[str, list[UnitRow]]:
         raise LayercardError(
             f"policy spectrum: the card has no weight_snr for {len(missing)} of its {len(card.units)} units "
             f"(e.g. {missing[0]}: a card measured with weight_snr off, or before weight SNRs were recorded); "
-            "re-measure the card with `layercard card` and card.weight_snr on"
+            "re-measure the card with `layercard card --weight-snr` (card.weight_snr: true in a run config)"
         )
     by_role: dict[str, list[UnitRow]] = {}
     for u in card.units:

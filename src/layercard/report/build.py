@@ -414,9 +414,11 @@ def _trimming(doc: _Doc, run: _Run) -> None:
         f"{b['adapted_modules']} → {a['adapted_modules']}, inference {latency_text(b, a)}."
     )
     if trim.get("metric_flat"):
+        from layercard.errors import run_section
         from layercard.trim import flat_metric_text
 
-        text = flat_metric_text(trim["metric"])
+        with run_section("trim"):  # a report is of a run folder, whose config sets trim.metric
+            text = flat_metric_text(trim["metric"])
         doc.p(text[0].upper() + text[1:] + ".")
     if a["n_adapted_layers"] == b["n_adapted_layers"]:
         doc.p(

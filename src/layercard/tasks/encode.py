@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from layercard.errors import LayercardError
+from layercard.errors import LayercardError, setting_name
 from layercard.tasks.chat import chat_segments, has_chat_template, render_chat, uses_chat_template
 from layercard.tasks.example import Example
 from layercard.tasks.loss import IGNORE_INDEX
@@ -388,13 +388,21 @@ def encode_task(tokenizer: Any, task: Task, *, max_length: int | None = None) ->
 
 
 def cut_note(
-    encoded: Sequence[Encoded], max_length: int | None, what: str, fmt: TaskFormat | None = None
+    encoded: Sequence[Encoded],
+    max_length: int | None,
+    what: str,
+    fmt: TaskFormat | None = None,
+    *,
+    setting: str | None = None,
 ) -> str | None:
     """Lines saying how many of ``what``'s encoded examples ``max_length`` cut and how many the task
-    format's own limits cut (given ``fmt``), or None where none."""
+    format's own limits cut (given ``fmt``), or None where none; ``setting`` names the length setting
+    (default :func:`setting_name`)."""
     limits = (fmt.max_input_tokens, fmt.max_target_tokens) if fmt is not None else None
     n_clipped = sum(e.clipped for e in encoded)
-    return cut_text(sum(e.cut for e in encoded), len(encoded), max_length, what, n_clipped, limits)
+    return cut_text(
+        sum(e.cut for e in encoded), len(encoded), max_length, what, n_clipped, limits, setting=setting
+    )
 
 
 def cut_text(
@@ -404,21 +412,24 @@ def cut_text(
     what: str,
     clipped: int = 0,
     limits: tuple[int, int] | None = None,
+    *,
+    setting: str | None = None,
 ) -> str | None:
     """The lines of :func:`cut_note` from the counts: ``n`` of ``total`` examples cut to ``max_length``,
     ``clipped`` cut to the format's ``limits`` (prompt tokens, target tokens)."""
+    setting = setting or setting_name("max_length")
     lines = []
     if n and max_length is not None:
         lines.append(
             f"note: {n} of {total} {what} examples are longer than max_length {max_length} tokens and "
-            "were cut to it (the prompt first; raise --max-length to keep them whole)"
+            f"were cut to it (the prompt first; raise {setting} to keep them whole)"
         )
     if clipped and limits is not None:
         lines.append(
             f"note: {clipped} of {total} {what} examples exceed the task format's limits of {limits[0]} "
             f"prompt and {limits[1]} target tokens and were cut to them (a prompt from its input's start, "
             "or from its own start where the input is too short to absorb the cut; a target from its end, "
-            "which then lacks its end token); --max-length does not lift these"
+            f"which then lacks its end token); {setting} does not lift these"
         )
     return "\n".join(lines) or None
 

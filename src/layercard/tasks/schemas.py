@@ -84,9 +84,14 @@ def detect_schema(rec: Any, fmap: Mapping[str, str], where: str) -> str:
         if all(_present(rec, _col(fmap, f)) for f in _REQUIRED[schema]):
             return schema
     found = ", ".join(map(str, rec)) or "none"
+    absent = [f"{key}={column}" for key, column in fmap.items() if column not in rec]
+    if absent:  # the map itself is what does not fit: say so, not "use a field map"
+        raise LayercardError(
+            f"{where}: field map {', '.join(absent)}: no such column (the fields found: {found})"
+        )
     raise LayercardError(
         f"{where}: no known schema fits the fields found ({found}); expected {_DESCRIBE}; "
-        "name the columns with a field map (--field input=COLUMN)"
+        "name the columns with a field map (--field input=COLUMN; task.fields in a run config)"
     )
 
 
@@ -146,6 +151,9 @@ def _messages(rec: Mapping[str, Any], fmap: Mapping[str, str], where: str, cells
         if not isinstance(m, Mapping):
             raise LayercardError(f"{at}: expected an object with {role_key!r} and {content_key!r}")
         role, content = m.get(role_key), m.get(content_key)
+        for key in (role_key, content_key):
+            if key not in m:  # a mapped key the items lack: say which keys they have
+                raise LayercardError(f"{at}: no key {key!r} (the item's keys: {', '.join(map(str, m))})")
         if role not in ROLES:
             raise LayercardError(f"{at}.{role_key}: {role!r} is not one of {', '.join(ROLES)}")
         if not isinstance(content, str) or not content.strip():

@@ -29,7 +29,7 @@ from layercard.cost import (
     reset_peak_memory,
     touch_weights,
 )
-from layercard.errors import LayercardError
+from layercard.errors import LayercardError, expect, setting_name
 from layercard.models import BUILTIN_MODELS, LoadedModel
 from layercard.plan import Plan, check_model_matches
 from layercard.progress import say, track
@@ -212,7 +212,7 @@ def train(
     are encoded here).
     """
     t_start = time.perf_counter()
-    kind, layers, bottleneck = _check_inputs(loaded, plan, cfg, kind)
+    kind, layers, bottleneck = _check_inputs(loaded, plan, train_task, val_task, cfg, kind)
     if data is not None and (
         data.tokenizer is not loaded.tokenizer or data.key != _data_key(train_task, val_task, cfg)
     ):
@@ -444,14 +444,19 @@ def is_launch_main() -> bool:
 
 
 def _check_inputs(
-    loaded: LoadedModel, plan: Plan, cfg: TrainConfig, kind: str | None
+    loaded: LoadedModel,
+    plan: Plan,
+    train_task: Task,
+    val_task: Task | None,
+    cfg: TrainConfig,
+    kind: str | None,
 ) -> tuple[str, list[int], int]:
     """(adapter kind, layers, bottleneck width); refuses what would fail later, before any work."""
-    if not isinstance(plan, Plan):
-        raise LayercardError(
-            f"train: plan must be a layercard.plan.Plan, not {type(plan).__name__}; "
-            "read plan.json with Plan.load"
-        )
+    expect("train", "loaded", loaded, LoadedModel, "load it with layercard.load_model")
+    expect("train", "plan", plan, Plan, "read plan.json with Plan.load")
+    expect("train", "train_task", train_task, Task, "read it with layercard.load_task")
+    expect("train", "val_task", val_task, (Task, type(None)), "read it with layercard.load_task")
+    expect("train", "cfg", cfg, TrainConfig, "such as TrainConfig(steps=100)")
     kind = kind or plan.kind
     if kind not in VALID_KINDS:
         raise LayercardError(f"kind {kind!r}: unknown adapter kind; valid: {', '.join(VALID_KINDS)}")
@@ -533,7 +538,7 @@ def estimate(
     priced there as training prices them, the predicted time of its optimizer steps, and the plan's
     budgets that those positions put over. A step's price leaves out the processes' exchange of
     gradients."""
-    kind, _, _ = _check_inputs(loaded, plan, cfg, kind)
+    kind, _, _ = _check_inputs(loaded, plan, train_task, val_task, cfg, kind)
     if processes < 1:
         raise LayercardError(f"processes: {processes} is not a number of processes (1 or more)")
     if data is None:
@@ -632,7 +637,7 @@ def _check_context(model: nn.Module, encoded: list[Any], max_length: int) -> Non
     if (over := past_context(model, longest)) is not None:
         raise LayercardError(
             f"train.max_length {max_length}: {over} and an example is {longest} tokens long; give a "
-            "--max-length it reads"
+            f"{setting_name('max_length')} it reads"
         )
 
 

@@ -22,7 +22,7 @@ from layercard import inference
 from layercard.adapters import attached
 from layercard.artifacts import SCHEMA_VERSION, Provenance, atomic_path, hash_folder, write_json
 from layercard.config import TraceConfig, TrimConfig
-from layercard.errors import LayercardError
+from layercard.errors import LayercardError, expect
 from layercard.tasks import METRICS, Task, batches, encode_task, higher_is_better
 from layercard.train.readme import README_FILE, trimmed_readme
 from layercard.trim.export import (
@@ -260,6 +260,11 @@ def _job(
     progress: bool | None,
 ) -> _Job:
     """Check the inputs, pick the examples and metrics, and build the scorers."""
+    from layercard.models import LoadedModel
+
+    expect("trim", "loaded", loaded, LoadedModel, "load it with layercard.load_model")
+    expect("trim", "task", task, Task, "read it with layercard.load_task")
+    expect("trim", "cfg", cfg, TrimConfig, "such as TrimConfig(examples=32)")
     adapter = Path(adapter_dir)
     kind = _adapter_kind(adapter)
     if export_merged_dir is not None and kind != "peft":

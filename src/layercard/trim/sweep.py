@@ -21,7 +21,7 @@ from typing import Any
 from torch import nn
 
 from layercard import inference
-from layercard.errors import LayercardError
+from layercard.errors import LayercardError, setting_name
 from layercard.progress import track
 from layercard.tasks import Example, Task, check_gold, compute_metrics
 from layercard.trim.mask import adapted_modules, masked_layers
@@ -139,7 +139,7 @@ def flat_metric_text(metric: str) -> str:
     """What a sweep whose ``metric`` tied at every K (:func:`metric_is_flat`) means for its choice."""
     return (
         f"every K scored the same {metric}: it did not tell the boundaries apart, so the tie rule kept the "
-        "fewest adapted layers (--metric loss scores each K by its held-out loss)"
+        f"fewest adapted layers ({setting_name('metric')} loss scores each K by its held-out loss)"
     )
 
 
