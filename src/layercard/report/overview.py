@@ -72,6 +72,8 @@ def task_rows(root: Path) -> dict[str, Any]:
         "base_loss": results["base_loss"],
         "reference": results["reference"],
         "rows": rows,
+        # where the steps and peaks were measured: the trainings' machine
+        "machine": next((m.provenance.get("machine") for m in metrics.values()), None),
     }
 
 
@@ -112,7 +114,18 @@ def overview_markdown(tasks: dict[str, dict[str, Any]], wall_s: float | None = N
             out += [t["planning"], ""]
     if wall_s is not None:
         out += [f"Wall time: {wall_s:.0f} s.", ""]
+    machines = list(dict.fromkeys(machine_text(t["machine"]) for t in tasks.values() if t.get("machine")))
+    if machines:
+        out += [f"Measured on {' and '.join(machines)}.", ""]
     return "\n".join(out)
+
+
+def machine_text(machine: dict[str, Any]) -> str:
+    """A training's machine as the overview states it: processor, CPUs, torch threads and any GPU."""
+    text = f"{machine.get('processor', '?')} with {machine.get('cpu_count', '?')} CPUs"
+    if machine.get("torch_threads") is not None:
+        text += f", {machine['torch_threads']} torch threads"
+    return text + (f", {machine['cuda_device']}" if machine.get("cuda_device") else "")
 
 
 def write_overview(folders: dict[str, Path], path: Path, wall_s: float | None = None) -> dict[str, Any]:
