@@ -513,7 +513,7 @@ def test_the_api_refuses_wrong_arguments_in_one_line(world: World, tmp_path: Pat
         (lambda: train(str(world.model), plan, task, None, steps, t), "train: loaded must be a LoadedModel"),
         (
             lambda: layercard.estimate_training(loaded, plan, task, "x", steps),
-            "train: val_task must be a Task or None",
+            "estimate_training: val_task must be a Task or None",
         ),
         (lambda: trim(loaded, world.adapter, "synthetic:facts", layercard.TrimConfig(), t), "trim: task"),
         (lambda: trim(loaded, world.adapter, task, None, t), "trim: cfg must be a TrimConfig, got NoneType"),

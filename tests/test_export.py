@@ -224,6 +224,8 @@ def test_export_errors_and_command_output(auto_plan, tmp_path):
     summary = json.loads(res.stdout)
     assert summary["files"] == [str(out)] and summary["exact"] is False and out.is_file()
     assert "text" not in summary  # the file holds it
+    res = runner.invoke(app, ["export", str(path), "--to", "axolotl", "--out", str(tmp_path / "ax.yaml")])
+    assert f"wrote {tmp_path / 'ax.yaml'}" in res.stdout and "wrote" not in res.stderr  # `> log` keeps it
     res = runner.invoke(app, ["export", str(path), "--to", "peft", "--json"])  # no file: the JSON holds it
     summary = json.loads(res.stdout)
     assert (

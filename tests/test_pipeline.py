@@ -947,12 +947,12 @@ def test_demo_command_runs_the_packaged_config(tmp_path):
     assert overview == Path(d["overview"]).read_text()
     assert overview.count("Recommendation:") == 2 and "## facts" in overview and "## format" in overview
     from layercard.artifacts import machine_info
+    from layercard.progress import count
 
     threads = json.loads((out / "facts" / "summary.json").read_text())["threads"]
     here = machine_info()  # the steps and peaks above were measured on this machine, at the run's threads
-    assert (
-        f"Measured on {here['processor']} with {here['cpu_count']} CPUs, {threads} torch threads" in overview
-    )
+    on = f"Measured on {here['processor']} with {here['cpu_count']} CPUs, {count(threads, 'torch thread')}."
+    assert on in overview
 
 
 def test_switching_trim_off_reruns_only_the_report(tiny_run, tmp_path):

@@ -57,7 +57,7 @@ def test_run_messages_name_the_config_keys(tmp_path, capsys):
         run_pipeline(load_config(path), out, progress=False)
     msg = str(e.value)
     assert "train.max_length 128: the model reads at most 100 positions" in msg, msg
-    assert msg.endswith("give a train.max_length it reads") and "--max-length" not in msg, msg
+    assert msg.endswith("give a length it reads") and "--max-length" not in msg, msg
     err = capsys.readouterr().err
     assert "so card.max_length 128 acts as 100" in err and "--max-length" not in err, err
 
@@ -111,7 +111,16 @@ def test_set_errors_name_the_set_that_gave_the_value(tmp_path):
     assert str(e.value).startswith(f"--set 'model={tmp_path / 'none'}': model: ")
     with pytest.raises(LayercardError) as e:
         run_pipeline(load_config(path, ["task.train=nope"]), tmp_path / "run", progress=False)
-    assert str(e.value).startswith("--set 'task.train=nope': task.train: unknown task 'nope'")
+    # a task setting changed by --set is named with the file: a load can fail on either
+    assert str(e.value).startswith(f"{path} with --set 'task.train=nope': task.train: unknown task 'nope'")
+    fields = write_config(
+        tmp_path, {**tiny_config(tmp_path / "model"), "task": {"train": "synthetic:facts"}}, "f.yaml"
+    )
+    with pytest.raises(LayercardError) as e:
+        run_pipeline(load_config(fields, ["task.train_split=test"]), tmp_path / "run", progress=False)
+    assert str(e.value).startswith(f"{fields} with --set 'task.train_split=test': task.")
+    # a section the file lacks, given by --set: the file is named with it
+    assert error("trian.steps=3").startswith(f"{path} with --set 'trian.steps=3': trian")
     assert not (tmp_path / "run").exists()
 
 

@@ -806,7 +806,7 @@ def _varied(card: Card) -> Card:
 
 
 def test_a_fixed_rule_off_the_frontier_is_said_to_be_that_rule_not_a_restriction():
-    from layercard.cli.app import console
+    from layercard.cli.app import console, result_console
     from layercard.cli.plan import _print_search_plan
     from layercard.config import PlanConfig
     from layercard.plan import make_plan
@@ -816,9 +816,10 @@ def test_a_fixed_rule_off_the_frontier_is_said_to_be_that_rule_not_a_restriction
         (dict(policy="peft-default", rank=4), "the peft-default rule at rank 4"),
         (dict(policy="last-n", budget="params=0.1x"), "the last-n rule fitted to its budgets"),
     ]:
-        with console.capture() as cap:
+        with result_console.capture() as cap, console.capture() as notes:  # the table; its warnings
             _print_search_plan(make_plan(card, PlanConfig(**kw)))
         out = " ".join(cap.get().split())
+        assert "warning:" not in out and "warning:" in notes.get()
         assert f"the plan is off this frontier: it is {rule}, not the search's pick" in out, out
         assert "keeps to a restriction" not in out
 

@@ -338,7 +338,7 @@ def test_examples_longer_than_the_model_reads_are_refused(tmp_path: Path):
     loaded = _loaded()
     loaded.model.config.max_position_embeddings = 16  # a model that reads 16 positions at most
     plan = make_plan(loaded, [1, 2])
-    with pytest.raises(LayercardError, match=r"^train.max_length 64: the model reads at most 16 positions"):
+    with pytest.raises(LayercardError, match=r"^--max-length 64: the model reads at most 16 positions"):
         train(loaded, plan, TRAIN, None, TrainConfig(steps=1, **FAST), tmp_path / "run", progress=False)
     assert not (tmp_path / "run" / "adapter").exists()
 

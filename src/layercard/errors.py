@@ -19,6 +19,12 @@ class MissingSplit(LayercardError):
     """A task has no split of the name asked for (a held-out lookup then tries the next one)."""
 
 
+def first_line(e: BaseException) -> str:
+    """An unexpected exception in one line: its type and the first line of its message."""
+    text = str(e).splitlines()[0] if str(e) else ""
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
 def expect(
     where: str, name: str, value: object, kind: type | tuple[type, ...], hint: str = "", *, wanted: str = ""
 ) -> None:

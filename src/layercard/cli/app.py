@@ -17,7 +17,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from layercard.errors import LayercardError
+from layercard.errors import LayercardError, first_line
 from layercard.progress import fewer_examples
 
 try:  # newer typer carries its own copy of click
@@ -121,9 +121,8 @@ def guard(fn: F) -> F:
             if _STATE["debug"]:
                 traceback.print_exc()
             else:
-                msg = str(e).splitlines()[0] if str(e) else ""
                 console.print(
-                    f"[bold red]internal error:[/] {type(e).__name__}: {escape(msg)} "
+                    f"[bold red]internal error:[/] {escape(first_line(e))} "
                     "(run with --debug for the traceback)",
                     highlight=False,
                     soft_wrap=True,

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 from rich.markup import escape
 
-from layercard.cli.app import app, console, emit_json, guard
+from layercard.cli.app import app, console, emit_json, guard, result_console
 from layercard.errors import LayercardError
 
 
@@ -65,9 +65,11 @@ def export_cmd(
         typer.echo(result.text, nl=False)
     for note in result.notes:
         console.print(f"[yellow]note:[/] {escape(note)}", highlight=False, soft_wrap=True)
+    # without --out stdout holds the export alone, so that `> FILE` is the file; with it, what was written
+    said = result_console if out is not None else console
     if result.exact:
-        console.print(f"{result.target}: exact (every planned module at its planned rank)", highlight=False)
+        said.print(f"{result.target}: exact (every planned module at its planned rank)", highlight=False)
     if written:
-        console.print(f"wrote {', '.join(written)}", highlight=False, markup=False)
+        said.print(f"wrote {', '.join(written)}", highlight=False, markup=False)
     elif result.snippet is not None:
         console.print("the Python snippet is written beside the JSON with --out FILE", highlight=False)

@@ -192,7 +192,6 @@ class Budgets:
         return ", ".join(b.label for b in self.items)
 
 
-
 def _percent(raw: str) -> float | None:
     """``20%`` as the share it means (0.2); None where ``raw`` is no percentage."""
     try:

@@ -17,7 +17,7 @@ from layercard.config import CardConfig, EvalConfig, PlanConfig, TrainConfig, Tr
 from layercard.config.run import EvalStage, PlacementName, RunSettings, TaskSpec, TrimStage
 from layercard.config.schema import ConfigError, Schema, unknown_key
 from layercard.errors import LayercardError
-from layercard.pipeline.overrides import apply_overrides, override_of, parse_yaml
+from layercard.pipeline.overrides import apply_overrides, origin_text, parse_yaml
 
 __all__ = [
     "PlacementSpec",
@@ -103,10 +103,9 @@ class RunConfig:
             )
 
     def origin(self, *keys: str) -> str:
-        """Where the value of ``keys`` (dotted, as errors name them) came from, to start a message with:
-        the ``--set`` that gave the last of them, else the config file."""
-        names = [p.name for p in self.placements]
-        return override_of(keys, self.overrides, names) or self.source
+        """Where the value of ``keys`` (dotted, as errors name them) came from, to start a message with
+        (:func:`~layercard.pipeline.overrides.origin_text`)."""
+        return origin_text(keys, self.overrides, [p.name for p in self.placements], self.source)
 
     def placement(self, name: str) -> PlacementSpec:
         """The placement called ``name``."""
@@ -268,8 +267,8 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> RunConfig:
     except LayercardError as e:
         # a bad value given with --set is not in the file: the message names the --set that gave it
         key = e.where if isinstance(e, ConfigError) else ""
-        given = override_of([key], sets, _names(merged)) if key else None
-        raise LayercardError(f"{given or p}: {e}") from None
+        where = origin_text([key], sets, _names(merged), str(p)) if key else str(p)
+        raise LayercardError(f"{where}: {e}") from None
     return dataclasses.replace(cfg, path=str(p.resolve()), overrides=sets)
 
 

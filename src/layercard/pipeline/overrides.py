@@ -11,7 +11,7 @@ import yaml
 
 from layercard.errors import LayercardError
 
-__all__ = ["apply_overrides", "override_of", "parse_yaml"]
+__all__ = ["apply_overrides", "origin_text", "override_of", "parse_yaml"]
 
 
 class _DuplicateKey(Exception):
@@ -174,24 +174,43 @@ def apply_overrides(raw: dict[str, Any], sets: Sequence[str]) -> dict[str, Any]:
 _PLACEMENT_KEY = re.compile(r"placements\[([^\]]*)\](?:\.(.*))?")
 
 
+def _key_parts(dotted: str, placements: Sequence[str | None]) -> tuple[str, ...]:
+    """A dotted key as its parts, a placement given by index named as the placement given by name."""
+    m = _PLACEMENT_KEY.fullmatch(dotted)
+    if m is not None:
+        return ("placements", m.group(1), *(m.group(2).split(".") if m.group(2) else ()))
+    out = dotted.split(".")
+    if len(out) > 1 and out[0] == "placements" and out[1].isdigit() and int(out[1]) < len(placements):
+        out[1] = placements[int(out[1])] or out[1]
+    return tuple(out)
+
+
 def override_of(keys: Sequence[str], sets: Sequence[str], placements: Sequence[str | None]) -> str | None:
     """``--set 'KEY=VALUE'`` of the last of ``sets`` that gave one of ``keys`` (``train.steps``, a
     placement's ``placements[NAME].rank``) its value, by the key itself or a section holding it; None where
     the config file gave them. ``placements``: each placement's name (None where it has none), so that a
     placement given by index or by name is the same placement."""
-
-    def parts(dotted: str) -> tuple[str, ...]:
-        m = _PLACEMENT_KEY.fullmatch(dotted)
-        if m is not None:
-            return ("placements", m.group(1), *(m.group(2).split(".") if m.group(2) else ()))
-        out = dotted.split(".")
-        if len(out) > 1 and out[0] == "placements" and out[1].isdigit() and int(out[1]) < len(placements):
-            out[1] = placements[int(out[1])] or out[1]
-        return tuple(out)
-
-    wanted = [parts(k) for k in keys]
+    wanted = [_key_parts(k, placements) for k in keys]
     for text in reversed(sets):
-        given = parts(text.partition("=")[0].strip())
+        given = _key_parts(text.partition("=")[0].strip(), placements)
         if any(want[: len(given)] == given for want in wanted):
             return f"--set {text!r}"
     return None
+
+
+def origin_text(
+    keys: Sequence[str], sets: Sequence[str], placements: Sequence[str | None], source: str
+) -> str:
+    """Where the value of ``keys`` came from, to start a message with: the ``--set`` that gave one of them
+    whole (:func:`override_of`), else ``source`` (the config file), with each ``--set`` that changed a
+    setting inside them (``task.train_split`` within ``task``): which of the two is at fault is unknown."""
+    whole = override_of(keys, sets, placements)
+    if whole is not None:
+        return whole
+    wanted = [_key_parts(k, placements) for k in keys]
+    inside = [
+        f"--set {text!r}"
+        for text in sets
+        if any(_key_parts(text.partition("=")[0].strip(), placements)[: len(w)] == w for w in wanted)
+    ]
+    return source + (f" with {', '.join(inside)}" if inside else "")

@@ -125,8 +125,9 @@ def run_pipeline(
         root.mkdir(parents=True, exist_ok=True)
         # the summary of an earlier call must not outlive this one, however this one ends
         runner.out.summary_json.unlink(missing_ok=True)
-        # No times and no path but the config file's in run.json: its hash is one of the report's inputs,
-        # and the config file's path changes only with the config (the default folder's owner).
+        # No times and no path but the config file's in run.json: its hash is one of the report's inputs.
+        # The config file's path (the default folder's owner) moves it too, so a run of a config copied
+        # or moved elsewhere remakes its report once.
         write_json(
             runner.out.run_json,
             {

@@ -29,7 +29,7 @@ from layercard.artifacts import (
     sha256_json,
     write_json,
 )
-from layercard.errors import LayercardError
+from layercard.errors import LayercardError, first_line
 from layercard.pipeline.config import PlacementSpec, RunConfig
 from layercard.progress import fewer_examples
 from layercard.report import fmt as _fmt
@@ -182,9 +182,8 @@ class Runner:
         from layercard.tasks import dataset_spec, is_file_spec, load_task, names_split
 
         t = self.cfg.task
-        src = self.cfg.source
-        train_from = self.cfg.origin("task.train", "task.train_split")
-        eval_from = self.cfg.origin("task.eval", "task.eval_split", *(() if t.eval else ("task.train",)))
+        # any task setting can fail a load (a field map, a prompt, the split): the whole section is asked
+        train_from = eval_from = self.cfg.origin("task")
         kw = t.load_kwargs()  # field mapping and prompt settings, the same for every split
         try:
             train_task = load_task(t.train, split=t.train_split, seed=self.cfg.seed, **kw)
@@ -207,7 +206,7 @@ class Runner:
         # the trim stage selects on eval examples too, so this also keeps training data out of trimming
         if eval_task.data_hash == train_task.data_hash:
             raise LayercardError(
-                f"{src}: task.eval: {spec} ({eval_task.split}) holds the same examples as task.train "
+                f"{eval_from}: task.eval: {spec} ({eval_task.split}) holds the same examples as task.train "
                 f"({train_task.split}): the run would evaluate on its training examples; give another "
                 "task.eval_split or task.eval"
             )
@@ -399,7 +398,7 @@ class Runner:
             )
             raise LayercardError(f"stage {name}: {e}", exit_code=e.exit_code) from e
         except Exception as e:  # a fault of the code or the machine (out of memory): failed, and why
-            error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}".rstrip(": ")
+            error = first_line(e)
             _write_record(record, status="failed", error=error, **base)
             self.results.append(
                 StageResult(name, "failed", time.perf_counter() - t0, where, fp, [("error", error)])

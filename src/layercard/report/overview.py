@@ -8,6 +8,7 @@ from typing import Any
 
 from layercard.artifacts import write_text
 from layercard.plan.frontier import row_label
+from layercard.progress import count
 from layercard.report.results import (
     collect_results,
     load_optional,
@@ -124,7 +125,7 @@ def machine_text(machine: dict[str, Any]) -> str:
     """A training's machine as the overview states it: processor, CPUs, torch threads and any GPU."""
     text = f"{machine.get('processor', '?')} with {machine.get('cpu_count', '?')} CPUs"
     if machine.get("torch_threads") is not None:
-        text += f", {machine['torch_threads']} torch threads"
+        text += f", {count(machine['torch_threads'], 'torch thread')}"
     return text + (f", {machine['cuda_device']}" if machine.get("cuda_device") else "")
 
 

@@ -450,13 +450,15 @@ def _check_inputs(
     val_task: Task | None,
     cfg: TrainConfig,
     kind: str | None,
+    where: str = "train",
 ) -> tuple[str, list[int], int]:
-    """(adapter kind, layers, bottleneck width); refuses what would fail later, before any work."""
-    expect("train", "loaded", loaded, LoadedModel, "load it with layercard.load_model")
-    expect("train", "plan", plan, Plan, "read plan.json with Plan.load")
-    expect("train", "train_task", train_task, Task, "read it with layercard.load_task")
-    expect("train", "val_task", val_task, (Task, type(None)), "read it with layercard.load_task")
-    expect("train", "cfg", cfg, TrainConfig, "such as TrainConfig(steps=100)")
+    """(adapter kind, layers, bottleneck width); refuses what would fail later, before any work. ``where``:
+    the function the user called, as errors name it."""
+    expect(where, "loaded", loaded, LoadedModel, "load it with layercard.load_model")
+    expect(where, "plan", plan, Plan, "read plan.json with Plan.load")
+    expect(where, "train_task", train_task, Task, "read it with layercard.load_task")
+    expect(where, "val_task", val_task, (Task, type(None)), "read it with layercard.load_task")
+    expect(where, "cfg", cfg, TrainConfig, "such as TrainConfig(steps=100)")
     kind = kind or plan.kind
     if kind not in VALID_KINDS:
         raise LayercardError(f"kind {kind!r}: unknown adapter kind; valid: {', '.join(VALID_KINDS)}")
@@ -538,7 +540,7 @@ def estimate(
     priced there as training prices them, the predicted time of its optimizer steps, and the plan's
     budgets that those positions put over. A step's price leaves out the processes' exchange of
     gradients."""
-    kind, _, _ = _check_inputs(loaded, plan, train_task, val_task, cfg, kind)
+    kind, _, _ = _check_inputs(loaded, plan, train_task, val_task, cfg, kind, where="estimate_training")
     if processes < 1:
         raise LayercardError(f"processes: {processes} is not a number of processes (1 or more)")
     if data is None:
@@ -636,8 +638,8 @@ def _check_context(model: nn.Module, encoded: list[Any], max_length: int) -> Non
     longest = max((len(e.input_ids) for e in encoded), default=0)
     if (over := past_context(model, longest)) is not None:
         raise LayercardError(
-            f"train.max_length {max_length}: {over} and an example is {longest} tokens long; give a "
-            f"{setting_name('max_length')} it reads"
+            f"{setting_name('max_length')} {max_length}: {over} and an example is {longest} tokens long; "
+            "give a length it reads"
         )
 
 
