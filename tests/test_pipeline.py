@@ -211,12 +211,18 @@ def test_adapter_folders_say_what_they_hold_and_load_as_they_say(tiny_run):
             torch.testing.assert_close(got(ids).logits, want(ids).logits, rtol=0, atol=0)
 
 
-def test_second_run_skips_every_stage(tiny_run, tmp_path, monkeypatch):
-    import layercard.cost
-
+def copied(tiny_run, tmp_path) -> tuple[Path, Path]:
+    """The tiny run's config and a copy of its folder to change (the fixture's folder is shared)."""
     cfg_path, run_dir, _ = tiny_run
     copy = tmp_path / "run"
     shutil.copytree(run_dir, copy)
+    return cfg_path, copy
+
+
+def test_second_run_skips_every_stage(tiny_run, tmp_path, monkeypatch):
+    import layercard.cost
+
+    cfg_path, copy = copied(tiny_run, tmp_path)
     before = _records(copy)
     # as in a new process: no calibration here, so a plan made now would price the first steps' memory; the
     # cached plans keep the figure they were made with rather than retraining every placement
@@ -317,9 +323,7 @@ def test_results_trained_under_other_settings_are_left_out_until_made_again(tiny
 def test_evaluations_of_another_eval_task_are_left_out(tiny_run, tmp_path):
     """A run stopped before evaluating a changed eval task keeps no evaluation of the old one: not the
     base's, not a placement's (their adapters are unchanged, their data is not)."""
-    cfg_path, run_dir, _ = tiny_run
-    copy = tmp_path / "run"
-    shutil.copytree(run_dir, copy)
+    cfg_path, copy = copied(tiny_run, tmp_path)
     changed = load_config(cfg_path, ["task.eval=synthetic:format", "train.eval_examples=0"])
     stopped = run_pipeline(changed, copy, progress=False, until="plan")
     assert {"eval:base", "eval:card-2", "eval:all"} <= set(stopped["left_out"])
@@ -330,9 +334,7 @@ def test_evaluations_of_another_eval_task_are_left_out(tiny_run, tmp_path):
 
 
 def test_a_failed_rerun_leaves_no_summary_of_the_earlier_call(tiny_run, tmp_path):
-    cfg_path, run_dir, _ = tiny_run
-    copy = tmp_path / "run"
-    shutil.copytree(run_dir, copy)
+    cfg_path, copy = copied(tiny_run, tmp_path)
     with pytest.raises(LayercardError, match="stage train:card-2"):
         run_pipeline(load_config(cfg_path, ["train.lr=1e30"]), copy, progress=False)
     summary = json.loads((copy / "summary.json").read_text())
@@ -348,9 +350,7 @@ def test_a_failed_rerun_leaves_no_summary_of_the_earlier_call(tiny_run, tmp_path
 def test_a_failed_card_leaves_a_summary_and_a_report_that_say_so(tiny_run, tmp_path, monkeypatch):
     import layercard.card
 
-    cfg_path, run_dir, _ = tiny_run
-    copy = tmp_path / "run"
-    shutil.copytree(run_dir, copy)
+    cfg_path, copy = copied(tiny_run, tmp_path)
 
     def fails(*a, **k):
         raise LayercardError("the probe pass failed")
@@ -380,9 +380,7 @@ def test_a_plan_at_named_positions_is_made_again_for_other_micro_batches(tiny_ru
 
 
 def test_checkpoint_frequency_trains_nothing_again(tiny_run, tmp_path):
-    cfg_path, run_dir, _ = tiny_run
-    copy = tmp_path / "run"
-    shutil.copytree(run_dir, copy)
+    cfg_path, copy = copied(tiny_run, tmp_path)
     summary = run_pipeline(load_config(cfg_path, ["train.checkpoint_every=7"]), copy, progress=False)
     assert summary["ran"] == ["report"] and summary["left_out"] == [], summary  # the report is redrawn
 
@@ -390,9 +388,7 @@ def test_checkpoint_frequency_trains_nothing_again(tiny_run, tmp_path):
 def test_changed_train_steps_reruns_downstream_only(tiny_run, tmp_path, monkeypatch):
     import layercard.train
 
-    cfg_path, run_dir, _ = tiny_run
-    copy = tmp_path / "run"
-    shutil.copytree(run_dir, copy)
+    cfg_path, copy = copied(tiny_run, tmp_path)
     before = _records(copy)
     calls: list[int] = []
     real = layercard.train.planned_positions
@@ -432,9 +428,7 @@ def test_stopped_training_resumes(tiny_run, tmp_path, monkeypatch):
     """A run stopped inside training continues from its checkpoint; finished stages are not redone."""
     import layercard.train as train_mod
 
-    cfg_path, run_dir, _ = tiny_run
-    copy = tmp_path / "run"
-    shutil.copytree(run_dir, copy)
+    cfg_path, copy = copied(tiny_run, tmp_path)
     cfg = load_config(cfg_path, ["train.steps=5"])
     real = train_mod.train
 
@@ -462,9 +456,7 @@ def test_stopped_training_resumes(tiny_run, tmp_path, monkeypatch):
 def test_a_failed_trim_is_in_the_summary(tiny_run, tmp_path, monkeypatch):
     import layercard.trim
 
-    cfg_path, run_dir, _ = tiny_run
-    copy = tmp_path / "run"
-    shutil.copytree(run_dir, copy)
+    cfg_path, copy = copied(tiny_run, tmp_path)
 
     def fails(*a, **k):
         raise LayercardError("the sweep failed")
@@ -483,9 +475,7 @@ def test_a_failed_trim_is_in_the_summary(tiny_run, tmp_path, monkeypatch):
 def test_a_stage_that_raises_a_bug_is_recorded_as_failed(tiny_run, tmp_path, monkeypatch):
     import layercard.trim
 
-    cfg_path, run_dir, _ = tiny_run
-    copy = tmp_path / "run"
-    shutil.copytree(run_dir, copy)
+    cfg_path, copy = copied(tiny_run, tmp_path)
 
     def bug(*a, **k):
         raise RuntimeError("out of memory\nand more")
@@ -505,9 +495,7 @@ def test_a_stage_that_raises_a_bug_is_recorded_as_failed(tiny_run, tmp_path, mon
 def test_an_interrupted_call_leaves_no_summary_of_the_earlier_call(tiny_run, tmp_path, monkeypatch):
     import layercard.evaluate
 
-    cfg_path, run_dir, _ = tiny_run
-    copy = tmp_path / "run"
-    shutil.copytree(run_dir, copy)
+    cfg_path, copy = copied(tiny_run, tmp_path)
     assert json.loads((copy / "summary.json").read_text())["report"] is not None
 
     def interrupted(*a, **k):
@@ -524,9 +512,7 @@ def test_an_interrupted_call_leaves_no_summary_of_the_earlier_call(tiny_run, tmp
 
 
 def test_a_damaged_output_is_made_again(tiny_run, tmp_path):
-    cfg_path, run_dir, _ = tiny_run
-    copy = tmp_path / "run"
-    shutil.copytree(run_dir, copy)
+    cfg_path, copy = copied(tiny_run, tmp_path)
     rec = json.loads((copy / "train/all/stage.json").read_text())
     assert set(rec["output_hashes"]) == {"train/all/adapter", "train/all/train_metrics.json"}
     (copy / "train/all/adapter/adapter_model.safetensors").unlink()
@@ -854,9 +840,7 @@ def test_config_error_writes_nothing(tmp_path):
 
 
 def test_cli_run_json_and_tables(tiny_run, tmp_path):
-    cfg_path, run_dir, _ = tiny_run
-    copy = tmp_path / "run"
-    shutil.copytree(run_dir, copy)
+    cfg_path, copy = copied(tiny_run, tmp_path)
     r = CliRunner().invoke(app, ["run", str(cfg_path), "--out", str(copy), "--json"])
     assert r.exit_code == 0, r.output
     d = json.loads(r.stdout)
@@ -956,9 +940,7 @@ def test_demo_command_runs_the_packaged_config(tmp_path):
 
 
 def test_switching_trim_off_reruns_only_the_report(tiny_run, tmp_path):
-    cfg_path, run_dir, _ = tiny_run
-    copy = tmp_path / "run"
-    shutil.copytree(run_dir, copy)
+    cfg_path, copy = copied(tiny_run, tmp_path)
     summary = run_pipeline(load_config(cfg_path, ["trim=false"]), copy, progress=False)
     assert summary["ran"] == ["report"]
     assert [r["name"] for r in summary["rows"]] == ["base", "card-2", "all"]
