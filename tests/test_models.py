@@ -215,6 +215,15 @@ def test_gemma3_multimodal_uses_language_model() -> None:
     ]
 
 
+def test_config_num_layers_reads_the_decoder_layers_without_the_weights(tmp_path: Path) -> None:
+    for name, model in [("llama", tiny_model("llama")), ("mm", tiny_multimodal(layers=3, vision_layers=1))]:
+        model.config.save_pretrained(tmp_path / name)  # the config alone: no weights to read
+        assert M.config_num_layers(tmp_path / name) == M.num_layers(model), name
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "config.json").write_text("{not json")
+    assert M.config_num_layers(tmp_path / "bad") is None and M.config_num_layers(tmp_path / "none") is None
+
+
 # --- role parsing and unit selection ----------------------------------------------------------------------
 
 

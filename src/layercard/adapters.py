@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from layercard.artifacts import SCHEMA_VERSION, atomic_path
-from layercard.errors import LayercardError
+from layercard.errors import LayercardError, first_line
 
 __all__ = [
     "ACTIVATIONS",
@@ -377,10 +377,7 @@ def load_adapter(model: nn.Module, path: str | Path, *, is_trainable: bool = Fal
         try:
             return PeftModel.from_pretrained(model, str(folder), is_trainable=is_trainable)
         except Exception as e:
-            msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
-            raise LayercardError(
-                f"{folder}: PEFT cannot load this adapter ({type(e).__name__}: {msg})"
-            ) from e
+            raise LayercardError(f"{folder}: PEFT cannot load this adapter ({first_line(e)})") from e
     if (folder / CONFIG_FILE).is_file():
         for p in model.parameters():
             p.requires_grad_(False)

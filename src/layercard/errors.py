@@ -19,10 +19,17 @@ class MissingSplit(LayercardError):
     """A task has no split of the name asked for (a held-out lookup then tries the next one)."""
 
 
+def message_line(e: BaseException) -> str:
+    """The first line of an exception's message, or its type's name where it has none: a library's
+    error quoted inside one of ours, which must stay one line."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
 def first_line(e: BaseException) -> str:
-    """An unexpected exception in one line: its type and the first line of its message."""
-    text = str(e).splitlines()[0] if str(e) else ""
-    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+    """An exception in one line: its type and the first line of its message."""
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
 
 
 def expect(

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from layercard.artifacts import atomic_path, hash_file, write_json, writer_lock
-from layercard.errors import LayercardError
+from layercard.errors import LayercardError, first_line
 
 BUILTIN_MODELS: dict[str, dict[str, str]] = {
     "smollm2": {
@@ -185,9 +185,7 @@ def _convert_gguf(gguf: Path, folder: Path, digest: str) -> None:
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     except Exception as e:
-        raise LayercardError(
-            f"{gguf}: transformers cannot load this GGUF file ({type(e).__name__}: {_first_line(e)})"
-        ) from e
+        raise LayercardError(f"{gguf}: transformers cannot load this GGUF file ({first_line(e)})") from e
     # The GGUF quantizer makes save_pretrained refuse (and the Trainer too); the weights are already dense.
     model.hf_quantizer = None
     with contextlib.suppress(AttributeError):
@@ -289,9 +287,7 @@ def _load_folder(
         # transformers names the mismatched tensors only in the report the verbosity above hides
         mismatch = _first_mismatch(folder, load) if "ignore_mismatched_sizes" in str(e) else None
         raise LayercardError(
-            f"{folder}: {mismatch}"
-            if mismatch
-            else f"{folder}: cannot load model ({type(e).__name__}: {_first_line(e)}){hint}"
+            f"{folder}: {mismatch}" if mismatch else f"{folder}: cannot load model ({first_line(e)}){hint}"
         ) from e
     finally:
         hf_logging.set_verbosity(verbosity)
@@ -308,9 +304,7 @@ def _load_folder(
     except Exception as e:
         files = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
         hint = "" if any((folder / f).is_file() for f in files) else f"; none of {', '.join(files)} is there"
-        raise LayercardError(
-            f"{folder}: cannot load tokenizer ({type(e).__name__}: {_first_line(e)}){hint}"
-        ) from e
+        raise LayercardError(f"{folder}: cannot load tokenizer ({first_line(e)}){hint}") from e
     # The base vocabulary only: a converted tokenizer may list a special token past the embedding that
     # no text produces.
     rows = model.get_input_embeddings().weight.shape[0]
@@ -354,9 +348,19 @@ def _first_mismatch(folder: Path, load: dict[str, Any]) -> str | None:
     )
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else ""
+def config_num_layers(folder: Path, *, trust_remote_code: bool = False) -> int | None:
+    """The decoder layers a model folder's config gives (a multimodal model's text model's), read without
+    the weights; None where the config cannot be read or gives none (loading the model then says what is
+    wrong, or counts them)."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
+    except Exception:  # an unreadable or unknown config: the model's own loading reports it
+        return None
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    n = getattr(text, "num_hidden_layers", None)
+    return n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else None
 
 
 def load_model(

@@ -328,11 +328,11 @@ class Runner:
     def n_layers(self) -> int:
         """The model's decoder layers: from its config where the model is a local folder, without loading
         the weights; else from the loaded model."""
-        from layercard.models import num_layers
+        from layercard.models import config_num_layers, num_layers
 
         folder = self._model_folder()
         if self._loaded is None and folder is not None:
-            n = _config_layers(folder, self.cfg.trust_remote_code)
+            n = config_num_layers(folder, trust_remote_code=self.cfg.trust_remote_code)
             if n is not None:
                 return n
         return num_layers(self.loaded.model)
@@ -765,20 +765,6 @@ class Runner:
             record=out.report_record,
             owns_folder=False,
         )
-
-
-def _config_layers(folder: Path, trust_remote_code: bool) -> int | None:
-    """The decoder layers a model folder's config gives, or None where it gives none it can be read for
-    (loading the model then says what is wrong)."""
-    from transformers import AutoConfig
-
-    try:
-        config = AutoConfig.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
-    except Exception:  # an unreadable or unknown config: the model's own loading reports it
-        return None
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    n = getattr(text, "num_hidden_layers", None)
-    return n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else None
 
 
 def _held_out(spec: str, train_split: str | None, seed: int, kw: dict[str, Any]) -> Any:

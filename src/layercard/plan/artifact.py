@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from layercard.artifacts import SCHEMA_VERSION, load_artifact, write_json
-from layercard.errors import LayercardError
+from layercard.errors import LayercardError, message_line
 from layercard.plan.predict import caveats, predicted, provenance, unit_rank
 from layercard.plan.ranks import captured_at, lora_config
 from layercard.plan.space import build_space
@@ -91,8 +91,7 @@ class Plan:
         try:
             return LoraConfig(**self.lora_config)
         except (TypeError, ValueError) as e:
-            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise LayercardError(f"plan: lora_config is not a valid LoraConfig ({msg})") from None
+            raise LayercardError(f"plan: lora_config is not a valid LoraConfig ({message_line(e)})") from None
 
     def restricted(self, layers: Sequence[int], card: Card, *, policy: str = "restricted") -> Plan:
         """The same plan keeping only the units in ``layers`` (a subset of ``self.layers``).

@@ -8,7 +8,7 @@ import warnings
 from collections.abc import Sequence
 from typing import Any
 
-from layercard.errors import LayercardError, expect
+from layercard.errors import LayercardError, expect, message_line
 from layercard.plan.artifact import Plan
 
 
@@ -63,8 +63,9 @@ def check_plan(plan: Plan, model: Any) -> dict[str, Any]:
             try:
                 peft_model = get_peft_model(model, cfg)
             except (ValueError, TypeError, KeyError, RuntimeError) as e:
-                msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                raise LayercardError(f"plan check: PEFT refused the plan's LoraConfig ({msg})") from None
+                raise LayercardError(
+                    f"plan check: PEFT refused the plan's LoraConfig ({message_line(e)})"
+                ) from None
         return {"matched": check_lora_model(plan, peft_model), "ok": True}
     finally:
         if peft_model is not None:

@@ -28,7 +28,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from layercard.errors import LayercardError, MissingSplit
+from layercard.errors import LayercardError, MissingSplit, message_line
 from layercard.tasks.example import Example
 from layercard.tasks.formats import DATA_SUFFIXES, dataset_splits, is_saved_dataset, read_records
 from layercard.tasks.presets import (
@@ -285,7 +285,7 @@ def _load_hf(spec: str, *, split: str, field_map: Mapping[str, str] | None, fmt:
         with _hf_offline():
             ds = datasets.load_dataset(name, config, split=split)
     except Exception as e:  # not cached, unknown name, bad split: all are a user-facing one-liner
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        msg = message_line(e)
         if _unknown_split(e):  # the dataset is there without this split: a held-out lookup tries the next
             raise MissingSplit(f"task {spec!r}: no split {split!r} ({msg})") from None
         if _not_cached(e):

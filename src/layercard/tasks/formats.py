@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from layercard.errors import LayercardError, MissingSplit
+from layercard.errors import LayercardError, MissingSplit, message_line
 
 __all__ = [
     "DATA_SUFFIXES",
@@ -149,7 +149,7 @@ def _parquet(p: Path) -> list[tuple[str, int, Any]]:
 
         table = pq.read_table(p)
     except Exception as e:  # a corrupt or foreign file: one line
-        raise LayercardError(f"{p}: not a readable Parquet file ({str(e).splitlines()[0]})") from None
+        raise LayercardError(f"{p}: not a readable Parquet file ({message_line(e)})") from None
     return [(f"{p}:{i}", i, row) for i, row in enumerate(table.to_pylist(), start=1)]
 
 
@@ -213,7 +213,7 @@ def _saved_dataset(p: Path, split: str | None) -> Records:
         if chosen is not None:
             ds = ds[chosen]
     except Exception as e:  # a folder from another version, a missing shard: one line
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        msg = message_line(e)
         raise LayercardError(f"{p}: datasets.load_from_disk failed: {msg}") from None
     source = f"{p}[{chosen}]" if chosen else str(p)
     return Records([(f"{source}:{i}", i, row) for i, row in enumerate(ds, start=1)], split=chosen)
