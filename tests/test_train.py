@@ -663,3 +663,67 @@ def test_an_adapter_is_refused_on_another_base(lora_run):
     with pytest.raises(LayercardError, match="adapter was trained on base model"):
         evaluate(other, VAL, EvalConfig(examples=2), adapter=adapter)
     assert evaluate(lora_run["loaded"], VAL, EvalConfig(examples=2), adapter=adapter).n == 2
+
+
+def test_a_weight_blow_up_that_stays_finite_stops_the_run(tmp_path: Path):
+    # at lr 1e30 the adapters overflow a norm inside the model, which zeroes the hidden state: the loss is
+    # then ln(vocab) and every gradient exactly zero, all finite
+    with pytest.raises(LayercardError, match="gradient of the trainable parameters is exactly zero"):
+        train(
+            _loaded(),
+            make_plan(_loaded(), [1, 3]),
+            TRAIN,
+            VAL,
+            TrainConfig(steps=6, lr=1e30, **FAST),
+            tmp_path,
+        )
+    assert not (tmp_path / "adapter").exists() and not (tmp_path / "train_metrics.json").exists()
+
+
+def test_float16_is_refused_on_a_cpu(tmp_path: Path):
+    # Accelerate runs neither float16 autocast nor a loss scaler on a CPU: float32 would be recorded float16
+    with pytest.raises(LayercardError, match="^train.dtype: float16 trains on a GPU only"):
+        train(
+            _loaded(),
+            make_plan(_loaded(), [1]),
+            TRAIN,
+            VAL,
+            TrainConfig(steps=1, dtype="float16", **FAST),
+            tmp_path,
+        )
+    assert not any(tmp_path.iterdir())
+
+
+def test_a_metric_that_is_not_finite_leaves_no_adapter(tmp_path: Path):
+    loaded = _loaded()
+    d = plan_dict(loaded, [1])
+    d["predicted"]["step_time_s"] = 1e308  # restated at the run's positions, it overflows
+    cfg = TrainConfig(steps=2, **{**FAST, "eval_examples": 0, "max_length": 120})
+    with pytest.raises(LayercardError, match="is not finite .*no adapter or train_metrics.json was written"):
+        train(loaded, Plan.from_dict(d), TRAIN, None, cfg, tmp_path)
+    assert not (tmp_path / "adapter").exists() and not (tmp_path / "train_metrics.json").exists()
+
+
+def test_a_checkpoint_keeps_the_loss_scale(tmp_path: Path):
+    from layercard.train.checkpoints import load_checkpoint, save_checkpoint
+
+    weight = torch.nn.Parameter(torch.ones(2))
+    optimizer = torch.optim.AdamW([weight])
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**24)
+    scaler.scale(torch.ones(1))  # the scale is made on first use
+    scaler.update(new_scale=2.0**19)  # where float16 had backed off to when the checkpoint was written
+    run = {"init": "default"}  # the one setting a fingerprint compares where it is absent
+    counts = {"step": 4, "micro_batches": 4, "tokens_seen": 8, "target_tokens_seen": 4, "wall_time_s": 1.0}
+    state = {
+        **counts,
+        "loss_curve": [],
+        "val_curve": [],
+        "step_times": [],
+        "init_s": None,
+        "fingerprint": run,
+    }
+    path = save_checkpoint(tmp_path, 4, {"w": weight}, optimizer, scheduler, state, scaler)
+    fresh = torch.amp.GradScaler("cpu", init_scale=2.0**24)
+    load_checkpoint(path, {"w": weight}, optimizer, scheduler, run, fresh)
+    assert fresh.get_scale() == 2.0**19

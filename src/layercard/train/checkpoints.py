@@ -20,7 +20,7 @@ from torch import nn
 
 from layercard.artifacts import atomic_path
 from layercard.card.validate import Fields
-from layercard.errors import LayercardError
+from layercard.errors import LayercardError, first_line
 
 CHECKPOINT_DIR = "checkpoints"
 _KEEP_CHECKPOINTS = 2
@@ -89,8 +89,11 @@ def save_checkpoint(
     optimizer: Any,
     scheduler: Any,
     state: dict[str, Any],
+    scaler: Any = None,
 ) -> Path:
-    """Write ``step-N`` atomically, then drop all but the newest checkpoints."""
+    """Write ``step-N`` atomically, then drop all but the newest checkpoints. ``scaler``: float16's loss
+    scaler, whose scale a resumed run must start from (at the first scale it would skip the updates the
+    uninterrupted run made)."""
     from safetensors.torch import save_file
 
     final = out_dir / CHECKPOINT_DIR / f"step-{step}"
@@ -100,10 +103,11 @@ def save_checkpoint(
             {k: p.detach().cpu().contiguous() for k, p in trainable.items()},
             str(tmp / WEIGHTS_FILE),
         )
-        torch.save(
-            {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": _rng_state()},
-            tmp / TRAINER_FILE,
-        )
+        extra = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
+        extra["rng"] = _rng_state()
+        if scaler is not None:
+            extra["scaler"] = scaler.state_dict()
+        torch.save(extra, tmp / TRAINER_FILE)
         (tmp / STATE_FILE).write_text(json.dumps({**state, "numpy_rng": _numpy_state()}) + "\n")
     for _, old in _checkpoints(out_dir)[:-_KEEP_CHECKPOINTS]:
         shutil.rmtree(old, ignore_errors=True)
@@ -113,8 +117,7 @@ def save_checkpoint(
 def _damaged(file: Path, why: BaseException | str) -> LayercardError:
     """The one-line error of a checkpoint file that cannot be read as one."""
     if isinstance(why, BaseException):
-        text = str(why).strip()
-        why = f"{type(why).__name__}: {text.splitlines()[0]}" if text else type(why).__name__
+        why = first_line(why)
     return LayercardError(
         f"{file}: damaged checkpoint ({why}); remove {file.parent} to resume from an earlier checkpoint "
         "(or from the start), or use a new --out"
@@ -204,8 +207,10 @@ def load_checkpoint(
     optimizer: Any,
     scheduler: Any,
     fingerprint: dict[str, Any],
+    scaler: Any = None,
 ) -> dict[str, Any]:
-    """Restore weights, optimizer, scheduler and RNG states in place; return the saved run state.
+    """Restore weights, optimizer, scheduler, RNG and (``scaler``) loss-scaler states in place; return the
+    saved run state.
 
     Refuses a checkpoint whose settings fingerprint differs in any of :data:`RESUME_FIELDS`, and names the
     file of one that cannot be read.
@@ -235,6 +240,8 @@ def load_checkpoint(
         extra = torch.load(extra_file, map_location="cpu", weights_only=True)
         optimizer.load_state_dict(extra["optimizer"])
         scheduler.load_state_dict(extra["scheduler"])
+        if scaler is not None and "scaler" in extra:
+            scaler.load_state_dict(extra["scaler"])
         _set_rng_state(extra["rng"], state.get("numpy_rng"))
     except Exception as e:  # pickle, torch and the states' own checks each raise their own types
         raise _damaged(extra_file, e) from None

@@ -17,7 +17,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from layercard.artifacts import Provenance, check_out_folder, remove_stale_temps, sha256_json, writer_lock
+from layercard.artifacts import (
+    Provenance,
+    check_out_folder,
+    non_finite,
+    remove_stale_temps,
+    sha256_json,
+    writer_lock,
+)
 from layercard.card.validate import Fields
 from layercard.cost import (
     all_finite,
@@ -264,6 +271,10 @@ def _train(
 
     _free_mixed_precision(cfg)
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=_MIXED_PRECISION[cfg.dtype])
+    if cfg.dtype == "float16" and accelerator.device.type == "cpu":
+        # Accelerate turns neither float16 autocast nor its loss scaler on for a CPU: the run would train
+        # in float32 and record float16.
+        raise cfg.fail("dtype", "float16 trains on a GPU only; on a CPU use bfloat16 or float32")
     stream = Stream(data.encoded, cfg.batch_size, data.pad_id, cfg.seed)
     world = accelerator.num_processes
     cfg = _sharded_config(accelerator, cfg, kind, resume, progress)
@@ -302,7 +313,7 @@ def _train(
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
         state = _State()
         if ckpt is not None:
-            saved = load_checkpoint(ckpt, trainable, optimizer, scheduler, fingerprint)
+            saved = load_checkpoint(ckpt, trainable, optimizer, scheduler, fingerprint, accelerator.scaler)
             state = _State.from_checkpoint(saved)
         if init_s is not None:
             state.init_s = (state.init_s or 0.0) + init_s
@@ -728,7 +739,7 @@ def _loop(
             acc.wait_for_everyone()
             if acc.is_main_process:
                 ckpt_state = run.checkpoint_state(state)
-                save_checkpoint(run.out_dir, step, trainable, optimizer, scheduler, ckpt_state)
+                save_checkpoint(run.out_dir, step, trainable, optimizer, scheduler, ckpt_state, acc.scaler)
         if callback is not None:
             callback(step, loss_value, acc.unwrap_model(prepared))
     if run.data.val_encoded and (not state.val_curve or state.val_curve[-1][0] != state.step):
@@ -777,7 +788,13 @@ def _step(
     # Checked before the update is applied: a non-finite step must not reach the weights or a checkpoint.
     _check_finite(run, state.step + 1, "training loss", loss_value)
     if acc.scaler is None:  # under fp16 loss scaling, overflowing gradients are the scaler's to skip
-        _check_finite(run, state.step + 1, "gradient norm of the trainable parameters", grad_norm(params))
+        norm = grad_norm(params)
+        _check_finite(run, state.step + 1, "gradient norm of the trainable parameters", norm)
+        # Exactly no gradient with targets to fit: the weights grew so large that the model's output no
+        # longer depends on them (a norm overflowed inside a layer and zeroed the hidden state). A shard
+        # of a sharded model may hold only parameters whose gradient is still zero, so it is not asked.
+        if norm == 0.0 and n_target > 0 and not sharded(acc):
+            _diverged(run, state.step + 1, "gradient of the trainable parameters is exactly zero")
     try:
         optimizer.step()
     except RuntimeError as e:
@@ -808,9 +825,12 @@ def _val_loss(run: _Run, prepared: nn.Module, step: int) -> float:
 
 def _check_finite(run: _Run, step: int, what: str, value: float) -> None:
     """Stop the run at ``step`` when ``value`` is NaN or infinite: nothing diverged may be saved."""
-    if math.isfinite(value):
-        return
-    shown = "NaN" if math.isnan(value) else "infinite"
+    if not math.isfinite(value):
+        _diverged(run, step, f"{what} is {'NaN' if math.isnan(value) else 'infinite'}")
+
+
+def _diverged(run: _Run, step: int, what_is: str) -> None:
+    """Stop the run at ``step``, saying what diverged (``what_is``) and what was kept."""
     kept = latest_checkpoint(run.out_dir)
     left = (
         f"; the checkpoints of earlier, finite steps stay in {kept.parent} (latest {kept.name})"
@@ -818,7 +838,7 @@ def _check_finite(run: _Run, step: int, what: str, value: float) -> None:
         else ""
     )
     raise LayercardError(
-        f"train: step {step} of {run.total_steps}: the {what} is {shown}; training diverged "
+        f"train: step {step} of {run.total_steps}: the {what_is}; training diverged "
         f"(lr={run.cfg.lr:g}; try a lower learning rate). No adapter or {METRICS_FILE} was written{left}"
     )
 
@@ -847,6 +867,11 @@ def _finish(
     acc.wait_for_everyone()
     inner = acc.unwrap_model(adapted.prepared)
     metrics = _metrics(run, state, adapted.base, inner, trainable, memory, eva_ranks, forward)
+    if (found := non_finite(metrics.to_dict())) is not None:  # before the adapter: nothing is written
+        raise LayercardError(
+            f"{run.out_dir / METRICS_FILE}: the measured {found[0]} is not finite ({found[1]}); no "
+            f"adapter or {METRICS_FILE} was written"
+        )
     # Sharded, each process holds a part of every weight: gathered whole (every process takes part), the
     # first one writes them.
     whole = acc.get_state_dict(adapted.prepared) if sharded(acc) else None
