@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from layercard.artifacts import atomic_path, read_json, write_text
 from layercard.errors import LayercardError
+from layercard.progress import count
 from layercard.report.figures import (
     Figure,
     fig_gain,
@@ -219,6 +220,7 @@ def _recommendation(doc: _Doc, run: _Run) -> None:
     if rec is None:
         return
     from layercard.plan.figures import plot_frontier
+    from layercard.plan.quality import REFERENCE_RANK
 
     plan = run.plans[rec]
     doc.h2("Recommendation")
@@ -226,7 +228,7 @@ def _recommendation(doc: _Doc, run: _Run) -> None:
     ref = run.results.get("reference")
     doc.p(
         "Quality is the fraction of the reference's loss drop (every linear module of every layer at rank "
-        "8): predicted by the quality model, measured as the placement's eval-loss drop over "
+        f"{REFERENCE_RANK}): predicted by the quality model, measured as the placement's eval-loss drop over "
         + (f"that of placement {ref}." if ref else "the reference's, which this run did not train.")
     )
     measured: dict[str, dict[str, float]] = {}
@@ -301,6 +303,12 @@ def _headline(doc: _Doc, run: _Run) -> None:
     for stage, error in (run.results.get("failed") or {}).items():
         doc.p(f"Failed: {stage}, which left no artifact ({error or 'no error recorded'}).")
     doc.table(headline_table(run.results))
+    if any(r.get("s_per_example") is not None for r in run.rows):
+        doc.p(
+            "Infer s/example is the wall time of greedy generation per evaluated example: it grows with the "
+            "tokens a model generates, so a model that stops sooner is faster for that alone; set it "
+            "against the tokens each generated per example beside it."
+        )
     if any(r.get("peak_memory_kind") == "process_peak_rss" for r in run.rows):
         doc.p(
             "Peak memory on CPU is the process's peak resident size while that placement trained (the "
@@ -369,6 +377,11 @@ def _training(doc: _Doc, run: _Run) -> None:
         doc.p("No training metrics in this run.")
         return
     doc.table(train_table(run.metrics))
+    doc.p(
+        "Measured s/step is the median of the timed steps (a session's first step, which pays warm-up, "
+        "left out where another was timed); mean tokens/s is those steps' tokens over their summed seconds, "
+        "so it need not equal the tokens per step over the median s/step."
+    )
     for name, m in run.metrics.items():
         for line in m.budget_notes or []:
             doc.p(f"{name}: warning: {line}")
@@ -434,9 +447,15 @@ def _trimming(doc: _Doc, run: _Run) -> None:
     )
     doc.table(sweep_table(trim))
     repeats = len(trim["before"].get("s_per_example_samples") or [1])
+    timed = "one pass" if repeats == 1 else f"the fastest of {count(repeats, 'pass')}"
+    generated = any(r.get("s_per_example") is not None for r in trim["sweep"])
     doc.p(
-        "The sweep's s/example is one generation pass per K, which the machine's load moves; the "
-        f"latencies before and after trimming above are each the fastest of {repeats} passes."
+        (
+            "The sweep's s/example is one generation pass per K, which the machine's load moves; the "
+            if generated
+            else "The sweep scored each K by its loss alone, generating nothing; the "
+        )
+        + f"latencies before and after trimming above are each {timed}."
     )
 
 
@@ -460,10 +479,16 @@ def _predicted_vs_measured(doc: _Doc, run: _Run) -> None:
     if not pts:
         placed = [r for r in rows if r["kind"] == "placement"]
         if placed and all(r.get("predicted_gain") is None for r in placed):
+            # the Recommendation section, and its table, exist only where a placement was recommended
+            where = (
+                "which the Recommendation table sets against the measured one"
+                if _recommended(run) is not None
+                else "which the Plans table gives as the predicted share and the headline table measures "
+                "as the loss drop"
+            )
             doc.p(
                 "No placement here predicts a set gain: their policies predict quality instead, as a "
-                "fraction of the reference's loss drop, which the placements table sets against the measured "
-                "one."
+                f"fraction of the reference's loss drop, {where}."
             )
         else:
             doc.p(
@@ -530,16 +555,59 @@ def _evaluation(doc: _Doc, run: _Run) -> None:
 def _provenance(doc: _Doc, run: _Run) -> None:
     doc.h2("Provenance")
     card = run.card
+    parts = []
+    if card is not None:
+        parts.append(f"Model {card.model['id']} weights sha256 {card.model['hash'][:16]}…")
+        # the card probes a subset of the training split: its hash is of those examples, not the data
+        # the placements trained or were evaluated on
+        parts.append(_data_text("the card's probe subset", [card.task]))
+    parts += [
+        _data_text("training data", [m.task for m in run.metrics.values()]),
+        _data_text("evaluation data", _eval_tasks(run)),
+        _data_text("trim sweep data", [run.trim.get("task") or {}] if run.trim is not None else []),
+    ]
+    text = "; ".join(p for p in parts if p)
     if card is not None:
         v = card.provenance.get("versions", {})
         machine = card.provenance.get("machine", {})
-        doc.p(
-            f"Model {card.model['id']} weights sha256 {card.model['hash'][:16]}…; task data sha256 "
-            f"{card.task['data_hash'][:16]}…; seed {card.provenance.get('seed')}; "
+        text += (
+            f"; seed {card.provenance.get('seed')}; "
             + ", ".join(f"{k} {val}" for k, val in v.items())
-            + f"; machine {machine.get('processor', '?')} ({machine.get('cpu_count', '?')} CPUs)."
+            + f"; machine {machine.get('processor', '?')} ({machine.get('cpu_count', '?')} CPUs)"
         )
+    if text:
+        doc.p(text[0].upper() + text[1:] + ".")
     doc.table(stages_table(run.root))
+
+
+def _eval_tasks(run: _Run) -> list[dict[str, Any]]:
+    """The task records (eval.json) of the evaluations the results kept: those with a row that has them."""
+    from layercard.evaluate import EvalResult
+
+    folder = {"base": BASE_EVAL, "trimmed": TRIMMED_EVAL}
+    return [
+        EvalResult.load(run.lay.eval_json(folder.get(r["kind"], r["name"]))).task
+        for r in run.rows
+        if r.get("eval_examples") is not None
+    ]
+
+
+def _data_text(label: str, tasks: list[dict[str, Any]]) -> str | None:
+    """``label`` (its task, split and examples) and the short sha256 of each distinct data set ``tasks``
+    hold; None without one."""
+    seen: dict[str, dict[str, Any]] = {}
+    for t in tasks:
+        if t.get("data_hash"):
+            seen.setdefault(str(t["data_hash"]), t)
+    if not seen:
+        return None
+    texts = []
+    for h, t in seen.items():
+        n = t.get("n_examples")
+        what = [str(x) for x in (t.get("name"), t.get("split")) if x]
+        what += [count(int(n), "example")] if n is not None else []
+        texts.append(f"{label} ({', '.join(what)}) sha256 {h[:16]}…" if what else f"{label} sha256 {h[:16]}…")
+    return "; ".join(texts)
 
 
 _SECTIONS: tuple[Callable[[_Doc, _Run], None], ...] = (

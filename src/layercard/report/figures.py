@@ -55,11 +55,22 @@ def fig_placements(rows: list[dict[str, Any]], n_layers: int, path: Path) -> byt
     """Which layers each placement adapts (the trimmed adapter included)."""
     plt = _plt()
     shown = [r for r in rows if r["kind"] != "base"]
+    colors = _palette([r["name"] for r in rows])  # each placement in its colour of the other figures
     fig, ax = plt.subplots(figsize=(min(12, 2 + 0.3 * n_layers), 0.9 + 0.45 * len(shown)))
     for i, r in enumerate(shown):
         for layer in r["layers"]:
-            color = "tab:orange" if r["kind"] == "trimmed" else "tab:blue"
-            ax.add_patch(plt.Rectangle((layer - 0.45, i - 0.38), 0.9, 0.76, color=color))
+            # hollow, as in the quality-cost chart: the trimmed adapter is its parent's training, cut
+            hollow = r["kind"] == "trimmed"
+            ax.add_patch(
+                plt.Rectangle(
+                    (layer - 0.45, i - 0.38),
+                    0.9,
+                    0.76,
+                    facecolor="none" if hollow else colors[r["name"]],
+                    edgecolor=colors[r["name"]],
+                    linewidth=1.5 if hollow else 0.0,
+                )
+            )
     ax.set_xlim(-0.6, n_layers - 0.4)
     ax.set_ylim(-0.6, len(shown) - 0.4)
     ax.set_yticks(range(len(shown)), [r["name"] for r in shown])
@@ -67,7 +78,7 @@ def fig_placements(rows: list[dict[str, Any]], n_layers: int, path: Path) -> byt
     ax.set_xlabel("layer")
     ax.invert_yaxis()
     ax.grid(axis="x", alpha=0.3)
-    ax.set_title("adapted layers per placement (orange: trimmed)", fontsize=9)
+    ax.set_title("adapted layers per placement (hollow: the trimmed adapter)", fontsize=9)
     return _save(fig, path)
 
 

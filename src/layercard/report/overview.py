@@ -17,7 +17,7 @@ from layercard.report.results import (
     planning_sentence,
     read_train_metrics,
 )
-from layercard.report.tables import fmt, with_error
+from layercard.report.tables import LOSS, METRIC, STEP, fmt, with_error
 from layercard.run_layout import RunLayout
 
 
@@ -97,14 +97,14 @@ def overview_markdown(tasks: dict[str, dict[str, Any]], wall_s: float | None = N
         for r in t["rows"]:
             out.append(
                 f"| {r['name']} | {r['placement']} | {fmt(r['params'], ',')} | {fmt(r['params_x'], '.2f')} | "
-                f"{fmt(r['s_per_step'], '.2f')} | {fmt(r['peak_memory_mib'], ',.0f')} | "
+                f"{fmt(r['s_per_step'], STEP)} | {fmt(r['peak_memory_mib'], ',.0f')} | "
                 f"{with_error(r['measured_fraction'], r.get('measured_fraction_se'))} | "
                 f"{fmt(r['predicted_quality'], '.2f')} | "
-                f"{fmt(r['eval_loss'], '.3f')} | {fmt(r['primary_value'], '.3f')} |"
+                f"{fmt(r['eval_loss'], LOSS)} | {fmt(r['primary_value'], METRIC)} |"
             )
         out += [
             "",
-            f"Quality: the eval-loss drop from the base model ({fmt(t['base_loss'], '.3f')}) as a fraction "
+            f"Quality: the eval-loss drop from the base model ({fmt(t['base_loss'], LOSS)}) as a fraction "
             f"of the reference's ({t['reference'] or 'not trained'}); ± its sampling error over the "
             "evaluated examples, one standard error.",
             "",

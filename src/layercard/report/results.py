@@ -270,16 +270,19 @@ class _Rows:
     def eval_fields(self, ev: Any) -> dict[str, Any]:
         if ev is None:
             return {"eval_loss": None, "metrics": {}, "primary_value": None, "s_per_example": None,
-                    "eval_examples": None}  # fmt: skip
+                    "new_tokens_per_example": None, "eval_examples": None}  # fmt: skip
         name, value = _primary(ev)
         self.primary = self.primary or name
         loss, base = ev.loss, self.base_loss
+        new = ev.timing.get("new_tokens")
         return {
             "eval_loss": loss,
             "measured_gain": (base - loss) if base is not None and loss is not None else None,
             "metrics": ev.metrics,
             "primary_value": ev.metrics.get(self.primary) if self.primary else value,
             "s_per_example": ev.timing.get("s_per_example"),
+            # what the generation's s/example bought: a model that generates more tokens takes longer
+            "new_tokens_per_example": new / ev.n if new is not None and ev.n else None,
             "eval_examples": ev.n,
         }
 

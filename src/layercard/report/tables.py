@@ -42,8 +42,9 @@ __all__ = [
 ]
 
 
-# one number format per quantity across the report's tables: losses (and their drops) and task metrics
-LOSS, METRIC = ".4f", ".3f"
+# one number format per quantity across the report's tables: losses (and their drops), task metrics and
+# seconds per training step
+LOSS, METRIC, STEP = ".4f", ".3f", ".3f"
 
 
 def fmt(x: Any, spec: str = ".4g") -> str:
@@ -118,6 +119,7 @@ def headline_table(results: dict[str, Any]) -> Table:
         "loss drop",
         p,
         "infer s/example",
+        "generated tokens/example",
     ]
     rows = [
         [
@@ -125,12 +127,13 @@ def headline_table(results: dict[str, Any]) -> Table:
             _layers(r["layers"]),
             fmt(r.get("modules")),
             fmt(r.get("trainable_params"), ","),
-            fmt(r.get("s_per_step"), ".3f"),
+            fmt(r.get("s_per_step"), STEP),
             fmt(r.get("peak_memory_mib"), ",.0f"),
             fmt(r.get("eval_loss"), LOSS),
             fmt(r.get("measured_gain"), LOSS),
             fmt(r.get("primary_value"), METRIC),
             fmt(r.get("s_per_example"), ".3f"),
+            fmt(r.get("new_tokens_per_example"), ".1f"),
         ]
         for r in results["rows"]
     ]
@@ -171,7 +174,7 @@ def plans_table(plans: dict[str, Plan]) -> Table:
                 "—" if pr.get("gain") is None else f"{fmt(pr.get('gain'))} ({pr.get('score')})",
                 "—" if frac is None else f"{100 * frac:.1f}% {of}",
                 fmt(pr.get("redundancy"), ".3f"),
-                fmt(pr.get("step_time_s"), ".3f"),
+                fmt(pr.get("step_time_s"), STEP),
             ]
         )
     return Table(header, rows)
@@ -206,7 +209,7 @@ def recommendation_table(
                 str(plan.config["policy"]),
                 row_label(cand),
                 f"{int(cand['params']):,} ({cand['params'] / ref:.2f})",
-                f"{fmt(step, '.2f')} / {fmt(step_pred, '.2f')}",
+                f"{fmt(step, STEP)} / {fmt(step_pred, STEP)}",
                 f"{fmt(m.peak_memory_mib if m else None, ',.0f')} / {fmt(peak_pred, ',.0f')}",
                 f"{with_error(r.get('measured_fraction'), r.get('measured_fraction_se'))} / "
                 f"{with_error(quality, err)}",
@@ -224,7 +227,9 @@ def train_table(metrics: dict[str, TrainMetrics]) -> Table:
         "steps",
         "s/step (measured: median, its steps' 10th–90th percentile)",
         "s/step (predicted)",
-        "tokens/s",
+        # a mean rate: the timed steps' tokens over their summed seconds, so not tokens/step over the
+        # median s/step beside it (slow steps weigh more in it than in a median)
+        "mean tokens/s (timed steps' tokens / their summed s)",
         "peak MiB (measured)",
         "peak MiB (predicted: the plan's / from the run's start)",
         "unmerged forward s (measured / predicted)",
@@ -236,14 +241,14 @@ def train_table(metrics: dict[str, TrainMetrics]) -> Table:
             name,
             str(m.steps),
             measured_step_text(m.s_per_step, m.s_per_step_spread),
-            fmt(predicted_s_per_step(m), ".3f"),
+            fmt(predicted_s_per_step(m), STEP),
             fmt(m.tokens_per_s, ",.0f"),
             fmt(m.peak_memory_mib, ",.0f"),
             f"{fmt(predicted_peak_mib(m), ',.0f')} / {fmt(m.predicted_peak_memory_at_start_mib, ',.0f')}"
             + memory_figure_note(m.predicted_memory_figure),
             f"{fmt(m.forward_s, '.3f')} / {fmt(predicted_forward_s(m), '.3f')}",
-            f"{fmt(m.first_train_loss)} → {fmt(m.final_train_loss)}",
-            fmt(m.final_val_loss),
+            f"{fmt(m.first_train_loss, LOSS)} → {fmt(m.final_train_loss, LOSS)}",
+            fmt(m.final_val_loss, LOSS),
         ]
         for name, m in metrics.items()
     ]
@@ -251,13 +256,26 @@ def train_table(metrics: dict[str, TrainMetrics]) -> Table:
 
 
 def sweep_table(trim: dict[str, Any]) -> Table:
-    """One row per boundary K the trim stage swept (trim.json), the chosen one ticked."""
+    """One row per boundary K the trim stage swept (trim.json), the chosen one ticked: the selection
+    metric first, each column once (a sweep by loss shows its loss column once)."""
     metric = trim["metric"]
-    shown = list(dict.fromkeys([metric, *trim.get("metrics", [])]))[:4]
-    header = ["K", "adapted layers", "modules", *shown, "loss", "s/example"]
+    texts = [m for m in dict.fromkeys([metric, *trim.get("metrics", [])]) if m != "loss"]
+    # a sweep that scored by loss alone generated no texts: no column of dashes for their metrics
+    scored = {m for r in trim["sweep"] for m in r.get("metrics", {})}
+    shown = [m for m in dict.fromkeys([metric, *texts]) if m == "loss" or m == metric or m in scored][:4]
+    if "loss" not in shown:
+        shown.append("loss")
+    # where the sweep generated, its s/example and the tokens each K generated, which that time depends on
+    timed = any(r.get("s_per_example") is not None for r in trim["sweep"])
+    tokens = any(r.get("new_tokens_per_example") is not None for r in trim["sweep"])
+    extra = [*(["s/example"] if timed else []), *(["tokens/example"] if tokens else [])]
+    header = ["K", "adapted layers", "modules", *shown, *extra]
     rows = []
     for r in trim["sweep"]:
-        vals = [fmt(r["loss"] if m == "loss" else r.get("metrics", {}).get(m)) for m in shown]
+        vals = [
+            fmt(r.get("loss"), LOSS) if m == "loss" else fmt(r.get("metrics", {}).get(m), METRIC)
+            for m in shown
+        ]
         mark = " ✓" if r["k"] == trim["chosen_k"] else ""
         rows.append(
             [
@@ -265,8 +283,8 @@ def sweep_table(trim: dict[str, Any]) -> Table:
                 str(r["n_adapted_layers"]),
                 str(r["adapted_modules"]),
                 *vals,
-                fmt(r.get("loss")),
-                fmt(r.get("s_per_example"), ".3f"),
+                *([fmt(r.get("s_per_example"), ".3f")] if timed else []),
+                *([fmt(r.get("new_tokens_per_example"), ".1f")] if tokens else []),
             ]
         )
     return Table(header, rows)
