@@ -856,6 +856,12 @@ def test_cli_run_json_and_tables(tiny_run, tmp_path):
     assert r.exit_code == 0, r.output
     assert "eval:all · ran" in r.output and "card: skipped (inputs unchanged)" in r.output
     assert "comparison" in r.output and "report:" in r.output
+    # in an 80-column terminal the comparison keeps every number whole, at the report's formats
+    r = CliRunner().invoke(app, ["run", str(cfg_path), "--out", str(copy)], env={"COLUMNS": "80"})
+    table = r.stdout[r.stdout.index("comparison") : r.stdout.index("report:")]
+    assert "…" not in table and max(map(len, table.splitlines())) <= 80, table
+    base = json.loads((copy / "summary.json").read_text())["rows"][0]
+    assert f"{base['eval_loss']:.4f}" in table, table
     r = CliRunner().invoke(app, ["run", str(cfg_path), "--out", str(copy), "--set", "train.lr=0.002"])
     assert r.exit_code == 0, r.output
     # the retrained placement's summary: its steps' spread, and its peak beside the plan's

@@ -727,3 +727,10 @@ def test_a_checkpoint_keeps_the_loss_scale(tmp_path: Path):
     fresh = torch.amp.GradScaler("cpu", init_scale=2.0**24)
     load_checkpoint(path, {"w": weight}, optimizer, scheduler, run, fresh)
     assert fresh.get_scale() == 2.0**19
+
+
+def test_a_warm_up_as_long_as_the_run_is_said(tmp_path: Path, capsys):
+    cfg = TrainConfig(steps=2, warmup_steps=2, **FAST)
+    train(_loaded(), make_plan(_loaded(), [1]), TRAIN, None, cfg, tmp_path, progress=True)
+    said = " ".join(capsys.readouterr().err.split())
+    assert "warning: --warmup-steps 2 is not below the run's 2 steps: the learning rate never reaches" in said

@@ -70,6 +70,8 @@ def _compact(title: str, caption: str) -> Table:
 
 
 def _comparison(summary: dict[str, Any]) -> Table:
+    from layercard.report.tables import LOSS, METRIC, STEP
+
     primary = summary.get("primary_metric") or "metric"
     t = _compact(
         "comparison on the eval split",
@@ -86,10 +88,10 @@ def _comparison(summary: dict[str, Any]) -> Table:
             r["name"],
             str(len(r["layers"])),
             _fmt(r.get("modules")),
-            _fmt(r.get("s_per_step"), ".2f"),
-            _fmt(r.get("eval_loss"), ".3f"),
-            _fmt(r.get("measured_gain"), ".3f"),
-            _fmt(r.get("primary_value"), ".3f"),
+            _fmt(r.get("s_per_step"), STEP),  # the report's formats, so that the two read alike
+            _fmt(r.get("eval_loss"), LOSS),
+            _fmt(r.get("measured_gain"), LOSS),
+            _fmt(r.get("primary_value"), METRIC),
             _fmt(r.get("s_per_example"), ".3f"),
         ]
         if quality:  # measured / predicted fraction of the reference's loss drop

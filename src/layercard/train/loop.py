@@ -292,6 +292,12 @@ def _train(
     run = dataclasses.replace(run, budget_notes=tuple(_budget_notes(run)))
     for line in run.budget_notes:
         say(f"warning: {line}", enabled=progress if accelerator.is_main_process else False)
+    if cfg.warmup_steps >= total_steps:  # allowed (a probe of the warm-up itself), but seldom meant
+        say(
+            f"warning: {setting_name('warmup_steps')} {cfg.warmup_steps} is not below the run's "
+            f"{total_steps} steps: the learning rate never reaches its {cfg.lr:g}",
+            enabled=progress if accelerator.is_main_process else False,
+        )
 
     # Model: the caller's base, adapted in place and restored in `finally`.
     set_seed(cfg.seed)  # LoRA A / adapter init and dropout draw from here
