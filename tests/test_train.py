@@ -19,7 +19,7 @@ from layercard.errors import LayercardError
 from layercard.models import LoadedModel
 from layercard.plan import Plan
 from layercard.tasks import Encoded, load_task
-from layercard.train import TrainConfig, TrainMetrics, train
+from layercard.train import TrainConfig, TrainMetrics, estimate, train
 from layercard.train.readme import front_matter, is_layercard_readme, layer_spans
 
 TRAIN = load_task("synthetic:facts", split="train").subset(16)
@@ -682,16 +682,12 @@ def test_a_weight_blow_up_that_stays_finite_stops_the_run(tmp_path: Path):
 
 def test_float16_is_refused_on_a_cpu(tmp_path: Path):
     # Accelerate runs neither float16 autocast nor a loss scaler on a CPU: float32 would be recorded float16
-    with pytest.raises(LayercardError, match="^train.dtype: float16 trains on a GPU only"):
-        train(
-            _loaded(),
-            make_plan(_loaded(), [1]),
-            TRAIN,
-            VAL,
-            TrainConfig(steps=1, dtype="float16", **FAST),
-            tmp_path,
-        )
+    cfg = TrainConfig(steps=1, dtype="float16", **FAST)
+    with pytest.raises(LayercardError, match="^--precision: float16 trains on a GPU only"):
+        train(_loaded(), make_plan(_loaded(), [1]), TRAIN, VAL, cfg, tmp_path)
     assert not any(tmp_path.iterdir())
+    with pytest.raises(LayercardError, match="^--precision: float16"):  # the dry run says so too
+        estimate(_loaded(), make_plan(_loaded(), [1]), TRAIN, VAL, cfg)
 
 
 def test_a_metric_that_is_not_finite_leaves_no_adapter(tmp_path: Path):
@@ -734,3 +730,19 @@ def test_a_warm_up_as_long_as_the_run_is_said(tmp_path: Path, capsys):
     train(_loaded(), make_plan(_loaded(), [1]), TRAIN, None, cfg, tmp_path, progress=True)
     said = " ".join(capsys.readouterr().err.split())
     assert "warning: --warmup-steps 2 is not below the run's 2 steps: the learning rate never reaches" in said
+
+
+def test_a_gradient_too_small_for_its_norm_is_no_divergence(tmp_path: Path):
+    # squared in float32, a gradient under about 1e-22 has a norm of 0 though none of its elements is
+    loaded = _loaded()
+    with torch.no_grad():
+        loaded.model.lm_head.weight.mul_(1e-24)
+    m = train(
+        loaded,
+        make_plan(loaded, [1]),
+        TRAIN,
+        None,
+        TrainConfig(steps=2, **{**FAST, "eval_examples": 0}),
+        tmp_path,
+    )
+    assert m["steps"] == 2 and (tmp_path / "adapter").is_dir()

@@ -70,7 +70,7 @@ def _compact(title: str, caption: str) -> Table:
 
 
 def _comparison(summary: dict[str, Any]) -> Table:
-    from layercard.report.tables import LOSS, METRIC, STEP
+    from layercard.report.results import LOSS, METRIC, STEP
 
     primary = summary.get("primary_metric") or "metric"
     t = _compact(

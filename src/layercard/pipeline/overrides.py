@@ -9,7 +9,7 @@ from typing import Any
 
 import yaml
 
-from layercard.errors import LayercardError
+from layercard.errors import LayercardError, message_line
 
 __all__ = ["apply_overrides", "origin_text", "override_of", "parse_yaml"]
 
@@ -66,7 +66,7 @@ def parse_yaml(text: str, source: str) -> Any:
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        problem = getattr(e, "problem", None) or message_line(e)
         raise LayercardError(f"{source}: not valid YAML{where} ({problem})") from None
 
 

@@ -16,6 +16,10 @@ from layercard.artifacts import content_hash, hash_folder, read_json
 from layercard.errors import LayercardError
 from layercard.run_layout import BASE_EVAL, TRIMMED_EVAL, RunLayout
 
+# One number format per quantity wherever results are shown (the report's tables and sentences, the demo's
+# overview, `layercard run`'s comparison): losses and their drops, task metrics, seconds per training step.
+LOSS, METRIC, STEP = ".4f", ".3f", ".3f"
+
 if TYPE_CHECKING:
     from layercard.train import TrainMetrics
 
@@ -80,10 +84,10 @@ def measured_step_text(s_per_step: float | None, spread: dict[str, float] | None
     if s_per_step is None:
         return "—"
     if not spread:
-        return f"{s_per_step:.3f}"
+        return format(s_per_step, STEP)
     if spread.get("steps", 2) < 2:
-        return f"{s_per_step:.3f}, one step"
-    return f"{s_per_step:.3f} ({spread['p10']:.3f}–{spread['p90']:.3f})"
+        return f"{s_per_step:{STEP}}, one step"
+    return f"{s_per_step:{STEP}} ({spread['p10']:{STEP}}–{spread['p90']:{STEP}})"
 
 
 def predicted_forward_s(m: TrainMetrics) -> float | None:
@@ -119,7 +123,7 @@ def planning_sentence(card: Any, metrics: Mapping[str, TrainMetrics], guided: st
         f"({m.steps} steps)."
     )
     if steps is not None:
-        text += f" At its {m.s_per_step:.2f} s/step the card is 10% of a run of {steps:,} steps or more."
+        text += f" At its {m.s_per_step:{STEP}} s/step the card is 10% of a run of {steps:,} steps or more."
     return text
 
 

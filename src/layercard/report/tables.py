@@ -13,6 +13,9 @@ from typing import TYPE_CHECKING, Any
 from layercard.artifacts import lock_held
 from layercard.plan.frontier import row_label
 from layercard.report.results import (
+    LOSS,
+    METRIC,
+    STEP,
     measured_step_text,
     memory_figure_note,
     placement_names,
@@ -40,11 +43,6 @@ __all__ = [
     "train_table",
     "with_error",
 ]
-
-
-# one number format per quantity across the report's tables: losses (and their drops), task metrics and
-# seconds per training step
-LOSS, METRIC, STEP = ".4f", ".3f", ".3f"
 
 
 def fmt(x: Any, spec: str = ".4g") -> str:

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from layercard.config.schema import ConfigError
-from layercard.errors import LayercardError
+from layercard.errors import LayercardError, first_line
 from layercard.train.checkpoints import saved_shapes
 from layercard.train.data import Stream
 
@@ -76,7 +76,7 @@ def apply_eva(peft_model: nn.Module, components: Mapping[str, torch.Tensor]) -> 
     try:
         initialize_lora_eva_weights(peft_model, eva_state_dict=dict(components), show_progress_bar=False)
     except ValueError as e:
-        raise LayercardError(f"train.init: eva cannot set the LoRA weights ({_line(e)})") from e
+        raise LayercardError(f"train.init: eva cannot set the LoRA weights ({first_line(e)})") from e
     # PEFT shortens a long target list to name suffixes, which also match a module EVA dropped: loading
     # the adapter would put an untrained LoRA back on it. Full paths, as plans write them, match only
     # the modules that have one (in model order, so the saved config is the same on every run).
@@ -164,7 +164,7 @@ def _compute(peft_model: nn.Module, stream: Stream, rho: float) -> dict[str, tor
             f"over {len(batches)} micro-batches",
         ) from None
     except ValueError as e:
-        raise LayercardError(f"train.init: eva failed ({_line(e)})") from e
+        raise LayercardError(f"train.init: eva failed ({first_line(e)})") from e
     return {k: v.detach().float().cpu() for k, v in state.items()}
 
 
@@ -194,7 +194,10 @@ def _on_every_process(
         except Exception as e:  # the others wait on the broadcast: they must hear of it
             error = e
             payload = [
-                ("error", str(e) if isinstance(e, LayercardError) else f"train.init: eva failed ({_line(e)})")
+                (
+                    "error",
+                    str(e) if isinstance(e, LayercardError) else f"train.init: eva failed ({first_line(e)})",
+                )
             ]
     broadcast_object_list(payload, from_process=0)
     status, value = payload[0]
@@ -203,8 +206,3 @@ def _on_every_process(
     if status == "error":
         raise LayercardError(value)
     return value
-
-
-def _line(e: Exception) -> str:
-    text = str(e).strip()
-    return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__

@@ -271,10 +271,7 @@ def _train(
 
     _free_mixed_precision(cfg)
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=_MIXED_PRECISION[cfg.dtype])
-    if cfg.dtype == "float16" and accelerator.device.type == "cpu":
-        # Accelerate turns neither float16 autocast nor its loss scaler on for a CPU: the run would train
-        # in float32 and record float16.
-        raise cfg.fail("dtype", "float16 trains on a GPU only; on a CPU use bfloat16 or float32")
+    _check_float16(cfg, accelerator.device.type)
     stream = Stream(data.encoded, cfg.batch_size, data.pad_id, cfg.seed)
     world = accelerator.num_processes
     cfg = _sharded_config(accelerator, cfg, kind, resume, progress)
@@ -377,6 +374,14 @@ def _budget_notes(run: _Run) -> list[str]:
     first = prices_by_first_step(peak_memory_kind(run.device))
     at = priced_at(run.plan.predicted, per_step, largest, first_step=first, micro_batches=run.cfg.grad_accum)
     return over_budget(budget, run.plan.predicted, at)
+
+
+def _check_float16(cfg: TrainConfig, device_type: str) -> None:
+    """Refuse float16 compute on a CPU: Accelerate turns neither float16 autocast nor its loss scaler on
+    there, so the run would train in float32 and record float16."""
+    if cfg.dtype == "float16" and device_type == "cpu":
+        where = setting_name("dtype", flag="--precision")
+        raise LayercardError(f"{where}: float16 trains on a GPU only; on a CPU use bfloat16 or float32")
 
 
 def _free_mixed_precision(cfg: TrainConfig) -> None:
@@ -558,6 +563,11 @@ def estimate(
     budgets that those positions put over. A step's price leaves out the processes' exchange of
     gradients."""
     kind, _, _ = _check_inputs(loaded, plan, train_task, val_task, cfg, kind, where="estimate_training")
+    # the device the training's Accelerator would take: a GPU, else Apple's, else the CPU
+    mps = getattr(torch.backends, "mps", None)
+    _check_float16(
+        cfg, "cuda" if torch.cuda.is_available() else "mps" if mps and mps.is_available() else "cpu"
+    )
     if processes < 1:
         raise LayercardError(f"processes: {processes} is not a number of processes (1 or more)")
     if data is None:
@@ -796,10 +806,11 @@ def _step(
     if acc.scaler is None:  # under fp16 loss scaling, overflowing gradients are the scaler's to skip
         norm = grad_norm(params)
         _check_finite(run, state.step + 1, "gradient norm of the trainable parameters", norm)
-        # Exactly no gradient with targets to fit: the weights grew so large that the model's output no
-        # longer depends on them (a norm overflowed inside a layer and zeroed the hidden state). A shard
-        # of a sharded model may hold only parameters whose gradient is still zero, so it is not asked.
-        if norm == 0.0 and n_target > 0 and not sharded(acc):
+        # Exactly no gradient, after an update, with targets to fit: the weights grew so large that the
+        # model's output no longer depends on them (a norm overflowed inside a layer and zeroed the
+        # hidden state). Asked of every element, not of the norm, which squares a tiny gradient to 0. A
+        # shard of a sharded model may hold only parameters whose gradient is still zero: not asked.
+        if state.step > 0 and n_step > 0 and not sharded(acc) and not _any_gradient(params):
             _diverged(run, state.step + 1, "gradient of the trainable parameters is exactly zero")
     try:
         optimizer.step()
@@ -827,6 +838,11 @@ def _val_loss(run: _Run, prepared: nn.Module, step: int) -> float:
     loss = eval_loss(prepared, run.data.val_encoded, run.cfg.batch_size, run.data.pad_id, run.accelerator)
     _check_finite(run, step, "validation loss", loss)
     return loss
+
+
+def _any_gradient(params: list[nn.Parameter]) -> bool:
+    """Whether any element of any parameter's gradient is non-zero."""
+    return any(p.grad is not None and bool(p.grad.any()) for p in params)
 
 
 def _check_finite(run: _Run, step: int, what: str, value: float) -> None:
@@ -875,7 +891,7 @@ def _finish(
     metrics = _metrics(run, state, adapted.base, inner, trainable, memory, eva_ranks, forward)
     if (found := non_finite(metrics.to_dict())) is not None:  # before the adapter: nothing is written
         raise LayercardError(
-            f"{run.out_dir / METRICS_FILE}: the measured {found[0]} is not finite ({found[1]}); no "
+            f"{run.out_dir / METRICS_FILE}: {found[0]} is not finite ({found[1]}); no "
             f"adapter or {METRICS_FILE} was written"
         )
     # Sharded, each process holds a part of every weight: gathered whole (every process takes part), the

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from layercard.artifacts import atomic_path
-from layercard.errors import LayercardError
+from layercard.errors import LayercardError, first_line
 from layercard.models import LoadedModel
 from layercard.plan import Plan, check_lora_model
 
@@ -38,7 +38,7 @@ def load_4bit(loaded: LoadedModel, device_index: int) -> nn.Module:
             loaded.source, quantization_config=bnb, device_map={"": device_index}, local_files_only=True
         )
     except Exception as e:
-        raise LayercardError(f"{loaded.source}: cannot load in 4 bit ({type(e).__name__}: {e})") from e
+        raise LayercardError(f"{loaded.source}: cannot load in 4 bit ({first_line(e)})") from e
     # No gradient checkpointing: step times stay comparable with the cost model, which assumed none.
     return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
 
