@@ -347,18 +347,28 @@ def test_a_failed_rerun_leaves_no_summary_of_the_earlier_call(tiny_run, tmp_path
     assert "Failed: train:card-2" in text and "trim.enabled: false" not in text
 
 
-def test_a_failed_card_leaves_a_summary_and_a_report_that_say_so(tiny_run, tmp_path, monkeypatch):
-    import layercard.card
-
+def failing(tiny_run, tmp_path, monkeypatch, module, name: str, error: BaseException, override: str):
+    """A copy of the tiny run run again with ``override`` (which makes a stage run) and ``module.name``
+    raising ``error``: the config, the copy, what the call raised and the summary it left."""
     cfg_path, copy = copied(tiny_run, tmp_path)
 
     def fails(*a, **k):
-        raise LayercardError("the probe pass failed")
+        raise error
 
-    monkeypatch.setattr(layercard.card, "compute_card", fails)
-    with pytest.raises(LayercardError, match="^stage card: the probe pass failed"):
-        run_pipeline(load_config(cfg_path, ["card.examples=6"]), copy, progress=False)
-    summary = json.loads((copy / "summary.json").read_text())
+    monkeypatch.setattr(module, name, fails)
+    with pytest.raises(type(error)) as raised:
+        run_pipeline(load_config(cfg_path, [override]), copy, progress=False)
+    return cfg_path, copy, raised.value, json.loads((copy / "summary.json").read_text())
+
+
+def test_a_failed_card_leaves_a_summary_and_a_report_that_say_so(tiny_run, tmp_path, monkeypatch):
+    import layercard.card
+
+    error = LayercardError("the probe pass failed")
+    _, copy, raised, summary = failing(
+        tiny_run, tmp_path, monkeypatch, layercard.card, "compute_card", error, "card.examples=6"
+    )
+    assert str(raised) == "stage card: the probe pass failed"
     assert summary["failed"] == {"card": "the probe pass failed"}
     assert {"plan:card-2", "plan:all"} <= set(summary["left_out"]), summary["left_out"]
     r = CliRunner().invoke(app, ["report", str(copy)])
@@ -456,15 +466,11 @@ def test_stopped_training_resumes(tiny_run, tmp_path, monkeypatch):
 def test_a_failed_trim_is_in_the_summary(tiny_run, tmp_path, monkeypatch):
     import layercard.trim
 
-    cfg_path, copy = copied(tiny_run, tmp_path)
-
-    def fails(*a, **k):
-        raise LayercardError("the sweep failed")
-
-    monkeypatch.setattr(layercard.trim, "trim", fails)
-    with pytest.raises(LayercardError, match="^stage trim: the sweep failed"):
-        run_pipeline(load_config(cfg_path, ["trim.radius=2"]), copy, progress=False)
-    summary = json.loads((copy / "summary.json").read_text())
+    error = LayercardError("the sweep failed")
+    _, _, raised, summary = failing(
+        tiny_run, tmp_path, monkeypatch, layercard.trim, "trim", error, "trim.radius=2"
+    )
+    assert str(raised) == "stage trim: the sweep failed"
     assert summary["failed"] == {"trim": "the sweep failed"}
     stages = {s["stage"]: s for s in summary["stages"]}
     assert stages["trim"]["status"] == "failed" and "trim" not in summary["ran"]
@@ -475,17 +481,13 @@ def test_a_failed_trim_is_in_the_summary(tiny_run, tmp_path, monkeypatch):
 def test_a_stage_that_raises_a_bug_is_recorded_as_failed(tiny_run, tmp_path, monkeypatch):
     import layercard.trim
 
-    cfg_path, copy = copied(tiny_run, tmp_path)
-
-    def bug(*a, **k):
-        raise RuntimeError("out of memory\nand more")
-
-    monkeypatch.setattr(layercard.trim, "trim", bug)
-    with pytest.raises(RuntimeError, match="out of memory"):  # the cause itself, for --debug
-        run_pipeline(load_config(cfg_path, ["trim.radius=2"]), copy, progress=False)
+    bug = RuntimeError("out of memory\nand more")
+    cfg_path, copy, raised, summary = failing(
+        tiny_run, tmp_path, monkeypatch, layercard.trim, "trim", bug, "trim.radius=2"
+    )
+    assert raised is bug  # the cause itself, for --debug
     record = json.loads((copy / "trim/stage.json").read_text())
     assert record["status"] == "failed" and record["error"] == "RuntimeError: out of memory"
-    summary = json.loads((copy / "summary.json").read_text())
     assert summary["failed"] == {"trim": "RuntimeError: out of memory"}
     monkeypatch.undo()  # mended, the next call makes the stage again
     again = run_pipeline(load_config(cfg_path, ["trim.radius=2"]), copy, progress=False)
