@@ -236,3 +236,23 @@ def test_a_model_that_projects_around_its_layers_takes_no_adapter():
     with pytest.raises(LayercardError, match="lm_head.in_features is 16 but hidden_size is 32"):
         add_adapters(model, "parallel", [0], bottleneck=4)
     assert attached_adapters(model) is None
+
+
+def test_an_adapter_that_does_not_fit_leaves_the_base_as_it_was(tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    from layercard.adapters import attached
+
+    wide = get_peft_model(tiny_model("llama", hidden=64), LoraConfig(r=2, target_modules=["q_proj"]))
+    wide.save_pretrained(tmp_path / "wide")  # another width: PEFT wraps the layers, then fails on the weights
+    base = tiny_model("llama")
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        before = base(input_ids=ids).logits
+    with pytest.raises(LayercardError, match="PEFT cannot load this adapter"):
+        with attached(base, tmp_path / "wide"):
+            pass
+    assert type(base.model.layers[0].self_attn.q_proj) is torch.nn.Linear
+    with torch.no_grad():
+        assert torch.equal(base(input_ids=ids).logits, before)
+    assert all(p.requires_grad for p in base.parameters())

@@ -399,6 +399,19 @@ def _adapter_modules(model: nn.Module) -> set[str]:
     }
 
 
+def _unwrap(model: nn.Module, names: set[str]) -> None:
+    """Put back the base layer of every wrapper among ``names`` (an adapter's layers left in ``model``)."""
+    for name in sorted(names, key=len):  # outer wrappers first; their inner modules go with them
+        parent_name, _, child = name.rpartition(".")
+        try:
+            parent, module = model.get_submodule(parent_name), model.get_submodule(name)
+        except AttributeError:  # inside a wrapper already put back
+            continue
+        base_layer = getattr(module, "get_base_layer", None)
+        if callable(base_layer):
+            setattr(parent, child, base_layer())
+
+
 def write_base(folder: str | Path, model_id: str, model_hash: str) -> None:
     """Record in an adapter folder the base model it was trained on (:data:`BASE_FILE`)."""
     from layercard.artifacts import write_json
@@ -443,7 +456,15 @@ def attached(base: nn.Module, adapter: str | Path, *, model_hash: str | None = N
     before = _adapter_modules(base)
     had = attached_adapters(base)
     grads = {n: p.requires_grad for n, p in base.named_parameters()}
-    adapted = load_adapter(base, adapter, is_trainable=False)
+    try:
+        adapted = load_adapter(base, adapter, is_trainable=False)
+    except BaseException:
+        # PEFT wraps the base's layers before it finds the weights do not fit: unwrap what it left
+        _unwrap(base, _adapter_modules(base) - before)
+        for n, p in base.named_parameters():
+            if n in grads:
+                p.requires_grad_(grads[n])
+        raise
     try:
         yield adapted
     finally:
