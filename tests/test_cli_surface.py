@@ -221,6 +221,16 @@ def test_trim_says_it_wrote_its_figure(world: World, tmp_path: Path) -> None:
     assert f"{out / 'trim.png'}" in " ".join(r.output.split()) and (out / "trim.png").is_file()
 
 
+def test_trim_and_trace_refuse_an_out_inside_the_adapter(world: World, tmp_path: Path) -> None:
+    # their files would change the adapter they measure, and be copied into its trimmed export
+    for out in (world.adapter, world.adapter / "sub"):
+        r = cli(f"trim -m {world.model} -a {world.adapter} -t {FACTS} -o {out} --all-layers --device cpu")
+        assert one_error_line(r).startswith(f"error: --out {out}: is the adapter folder"), r.output
+        r = cli(f"trace -m {world.model} -a {world.adapter} -t {FACTS} -o {out} --device cpu")
+        assert one_error_line(r).startswith(f"error: --out {out}: is the adapter folder"), r.output
+    assert not (world.adapter / "sub").exists() and not (world.adapter / "trim.json").exists()
+
+
 def test_eval_names_the_adapter_option(world: World, tmp_path: Path) -> None:
     empty = tmp_path / "t1"
     empty.mkdir()

@@ -224,6 +224,11 @@ def test_config_num_layers_reads_the_decoder_layers_without_the_weights(tmp_path
     assert M.config_num_layers(tmp_path / "bad") is None and M.config_num_layers(tmp_path / "none") is None
 
 
+def test_tied_modules_are_those_sharing_one_weight() -> None:
+    assert M.tied_modules(tiny_model("llama", tie_word_embeddings=True)) == {"lm_head", "model.embed_tokens"}
+    assert M.tied_modules(tiny_model("llama", tie_word_embeddings=False)) == set()
+
+
 # --- role parsing and unit selection ----------------------------------------------------------------------
 
 

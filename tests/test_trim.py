@@ -584,10 +584,19 @@ def test_a_merge_that_changes_the_logits_writes_nothing(tmp_path, monkeypatch):
     task = load_task("synthetic:facts", split="test")
     cfg = T.TrimConfig(examples=2, batch_size=2, max_new_tokens=2, max_length=64, window=(2, 3))
     base = _loaded(tiny_model("llama", layers=LAYERS, tie_word_embeddings=True))
-    merged = tmp_path / "merged"
+    merged, run = tmp_path / "merged", tmp_path / "run"
+    # refused before any work: the adapter's modules name the tied one
+    with pytest.raises(LayercardError, match="adapts lm_head, whose weight another module shares"):
+        T.trim(base, tmp_path / "adapter", task, cfg, run, export_merged_dir=merged)
+    assert not merged.exists() and not run.exists()
+    # and the check of the merged logits, which catches it where the names do not tell
+    import layercard.trim.run as trim_run
+
+    T.trim(base, tmp_path / "adapter", task, cfg, run)  # a trim.json of its own, to be outdated
+    monkeypatch.setattr(trim_run, "check_mergeable", lambda *a: None)
     with pytest.raises(LayercardError, match="the merged model does not give the trimmed adapter's logits"):
-        T.trim(base, tmp_path / "adapter", task, cfg, tmp_path / "run", export_merged_dir=merged)
-    assert not merged.exists() and not (tmp_path / "run" / "trim.json").exists()
+        T.trim(base, tmp_path / "adapter", task, cfg, run, export_merged_dir=merged)
+    assert not merged.exists() and not (run / "trim.json").exists()  # none that would describe another export
 
 
 def test_an_adapter_trimming_cannot_export_is_refused_before_the_sweep(lora_dir, tmp_path, monkeypatch):

@@ -74,9 +74,11 @@ def trace_cmd(
 ) -> None:
     """Logit lens per layer (P of the gold target tokens), adapter on and off; boundary candidates."""
     from layercard.trim import run_trace
+    from layercard.trim.run import check_out_of_adapter
 
     assert cfg is not None  # built by config_options
     check_adapter(adapter)
+    check_out_of_adapter(out, adapter)
     check_out_folder(out)
     with writer_lock(out, what="trace folder"):
         t = _validation_task(task, split, seed, task_kw)
@@ -139,10 +141,11 @@ def trim_cmd(
 ) -> None:
     """Sweep the boundary layer K, pick the best, export adapter-trimmed/ (and optionally a merged model)."""
     from layercard.trim import trim
-    from layercard.trim.run import TRIM_PNG
+    from layercard.trim.run import TRIM_PNG, check_out_of_adapter
 
     assert cfg is not None  # built by config_options
     check_adapter(adapter)
+    check_out_of_adapter(out if out is not None else adapter.resolve().parent, adapter)
     out_dir = check_out_folder(out if out is not None else adapter.resolve().parent)
     if export_merged is not None:
         from layercard.trim.run import check_merged_folder

@@ -27,6 +27,7 @@ from layercard.models.layouts import (
     num_layers,
     past_context,
     peft_target_names,
+    tied_modules,
     units,
     weights_hash,
 )
@@ -80,6 +81,7 @@ __all__ = [
     "peft_target_names",
     "resolve_device",
     "units",
+    "tied_modules",
     "tokenizer_folder_hash",
     "weights_folder_hash",
     "weights_hash",

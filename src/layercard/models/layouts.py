@@ -509,6 +509,17 @@ def final_norm(model: nn.Module) -> nn.Module | None:
     return None if path is None else get_module(model, path)
 
 
+def tied_modules(model: nn.Module) -> set[str]:
+    """Names of the modules whose weight is one tensor with another module's (an lm_head tied to the
+    token embeddings): a change merged into one changes the other too."""
+    owners: dict[int, list[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        weight = getattr(module, "weight", None)
+        if isinstance(weight, nn.Parameter):
+            owners.setdefault(id(weight), []).append(name)
+    return {name for names in owners.values() if len(names) > 1 for name in names}
+
+
 def lm_head(model: nn.Module) -> nn.Module:
     """The output projection from the residual stream to vocabulary logits."""
     return get_module(model, layout_for(model).lm_head_path)

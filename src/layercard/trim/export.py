@@ -66,6 +66,26 @@ def _module_of_key(key: str) -> str:
     return head if sep else name.rsplit(".", 1)[0]
 
 
+def check_mergeable(src: Path, model: nn.Module) -> None:
+    """Refuse, before any work, merging an adapter of a module whose weight another module shares (a LoRA
+    on an lm_head tied to the embeddings): merged into the one weight, it would change both."""
+    from safetensors import safe_open
+
+    from layercard.models import tied_modules
+
+    tied = tied_modules(model)
+    if not tied:
+        return
+    with safe_open(str(src / _PEFT_WEIGHTS), framework="pt") as f:
+        adapted = {_module_of_key(k) for k in f.keys() if ".lora_" in k}
+    both = sorted(adapted & tied)
+    if both:
+        raise LayercardError(
+            f"--export-merged: {src} adapts {both[0]}, whose weight another module shares (tied "
+            "embeddings): merged, it would change both; trim without --export-merged"
+        )
+
+
 def check_trimmable(src: Path) -> dict[str, Any]:
     """The PEFT adapter config of ``src``, refused (before any work) where trimming cannot export it: not
     LoRA, LoRA on raw parameters, or weights not in safetensors."""

@@ -28,6 +28,7 @@ from layercard.train.readme import README_FILE, trimmed_readme
 from layercard.trim.export import (
     _adapter_kind,
     _write_trimmed,
+    check_mergeable,
     check_merged_target,
     check_trimmable,
     export_merged,
@@ -73,6 +74,17 @@ def check_merged_folder(merged_dir: str | Path, adapter_dir: str | Path, out_dir
     (:func:`~layercard.trim.export.check_merged_target`)."""
     trimmed = Path(out_dir) / TRIMMED_DIR
     check_merged_target(merged_dir, [adapter_dir, out_dir, trimmed], outside=[adapter_dir, trimmed])
+
+
+def check_out_of_adapter(out_dir: str | Path, adapter_dir: str | Path, what: str = "--out") -> None:
+    """Refuse an output folder that is, or lies inside, the adapter folder: the files written there would
+    change the adapter measured (its hash, so every trace is made again) and be copied into its export."""
+    real, adapter = Path(out_dir).resolve(), Path(adapter_dir).resolve()
+    if real == adapter or adapter in real.parents:
+        raise LayercardError(
+            f"{what} {out_dir}: is the adapter folder {adapter_dir} or inside it; give a folder of its own "
+            "(the default is the adapter's parent)"
+        )
 
 
 def _subset(task: Task, n: int | None, seed: int) -> Task:
@@ -266,6 +278,7 @@ def _job(
     expect("trim", "task", task, Task, "read it with layercard.load_task")
     expect("trim", "cfg", cfg, TrimConfig, "such as TrimConfig(examples=32)")
     adapter = Path(adapter_dir)
+    check_out_of_adapter(out_dir, adapter)
     kind = _adapter_kind(adapter)
     if export_merged_dir is not None and kind != "peft":
         raise LayercardError(
@@ -275,6 +288,8 @@ def _job(
         check_merged_folder(export_merged_dir, adapter, out_dir)
     if kind == "peft":
         check_trimmable(adapter)
+        if export_merged_dir is not None:
+            check_mergeable(adapter, loaded.model)
     sub = _subset(task, cfg.examples, cfg.seed)
     tok = loaded.tokenizer
     metric = cfg.metric or sub.format.metrics[0]
@@ -435,9 +450,8 @@ def _merge_checked(job: _Job, exported: _Exported, out_dir: str | Path, in_place
         if not diff <= (1e-3 if exact else 0.2) * scale:
             raise LayercardError(
                 f"--export-merged: the merged model does not give the trimmed adapter's logits (max "
-                f"|Δlogit| = {diff:.3g}, the logits' scale {scale:.3g}); nothing was written. A LoRA on a "
-                "module whose weight is shared with another (lm_head tied to the embeddings) cannot be "
-                "merged into one of them alone"
+                f"|Δlogit| = {diff:.3g}, the logits' scale {scale:.3g}); it was not written (the checked "
+                "adapter-trimmed/ was, trim.json not)"
             )
         found["max_abs_logit_diff_vs_trimmed"] = diff
         return found
@@ -519,6 +533,8 @@ def trim(
     job = _job(loaded, adapter_dir, task, cfg, out_dir, export_merged_dir, progress)
     with attached(loaded.model, job.adapter, model_hash=loaded.model_hash) as model:
         found = _search(job, model)
+    # an earlier trim.json would describe another adapter-trimmed/ should this call fail after the export
+    (job.out / TRIM_FILE).unlink(missing_ok=True)
     exported = _export_checked(job, found)
     merged_info = None
     if export_merged_dir is not None:
