@@ -306,7 +306,11 @@ def test_candidate_ks_window_and_canonical_boundaries():
     assert ks == [1, 4, 5, 9]  # 3 -> 1, 8 -> 5, 10 and 11 -> 9 (no trimming)
     assert T.candidate_ks(12, [1, 4, 5, 9], all_layers=True) == [1, 4, 5, 9]
     assert T.candidate_ks(12, [3, 4], window=(0, 3)) == [3, 4]  # 0..2 keep no adapter: dropped
-    with pytest.raises(LayercardError, match="window 2:12"):
+    with pytest.raises(LayercardError, match="^--window 2:12: the model has layers 0..11"):
+        T.candidate_ks(12, [3], window=(2, 12))
+    from layercard.errors import run_section
+
+    with run_section("trim"), pytest.raises(LayercardError, match="^trim.window 2:12"):  # in a run
         T.candidate_ks(12, [3], window=(2, 12))
 
 

@@ -291,8 +291,8 @@ def trimmed_readme(
         f"# Trimmed adapter for {model_id}",
         "",
         f"The adapter `{parent}` without its modules above decoder layer {keep_upto} (the boundary layer "
-        f"layercard trim chose). It keeps the modules of {_layers_word(kept_layers)}, {len(kept_layers)} of "
-        f"the {before['n_adapted_layers']} layers the adapter adapts; above them the base model runs "
+        f"layercard trim chose). It keeps the modules of {_layers_word(kept_layers)} ({len(kept_layers)} of "
+        f"the {before['n_adapted_layers']} layers the adapter adapts); above them the base model runs "
         "unadapted.",
         "",
         f"| measured on {examples} | the adapter | trimmed |",

@@ -60,7 +60,7 @@ def candidate_ks(
     if window is not None:
         a, b = window
         if b >= n_layers:
-            raise LayercardError(f"window {a}:{b}: the model has layers 0..{n_layers - 1}")
+            raise LayercardError(f"{setting_name('window')} {a}:{b}: the model has layers 0..{n_layers - 1}")
         raw = set(range(a, b + 1))
     elif all_layers:
         raw = set(range(n_layers))
