@@ -641,3 +641,24 @@ def test_a_scorer_checks_the_gold_answers_before_any_boundary_is_generated():
             tiny_tokenizer(), task, examples, metrics=["gsm8k_accuracy"], batch_size=2, max_new_tokens=2,
             max_length=64,
         )  # fmt: skip
+
+
+def test_a_generating_sweep_of_one_k_warms_up_before_it(lora_dir, tmp_path, monkeypatch):
+    # its one pass is also the 'before' row, which would otherwise time the process's first generation
+    from layercard import inference
+
+    calls, real = [], inference.generate
+
+    def counted(*a, **kw):
+        calls.append(len(a[3]))  # the examples generated for
+        return real(*a, **kw)
+
+    monkeypatch.setattr(inference, "generate", counted)
+    task = load_task("synthetic:facts", split="test")
+    last = LAYERS - 1
+    cfg = T.TrimConfig(
+        examples=4, batch_size=2, max_new_tokens=2, max_length=64, window=(last, last), latency_repeats=1
+    )
+    res = T.trim(_loaded(tiny_model("llama", layers=LAYERS)), lora_dir, task, cfg, tmp_path / "run")
+    assert res["ks"] == [last]
+    assert calls[:2] == [cfg.batch_size, 4]  # one untimed batch, then the sweep's pass over the 4 examples

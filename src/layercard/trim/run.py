@@ -362,6 +362,8 @@ def _search(job: _Job, model: nn.Module) -> _Found:
         n_layers, have, candidates=tr.candidates.values() if tr else (), radius=cfg.radius,
         window=cfg.window, all_layers=cfg.all_layers,
     )  # fmt: skip
+    if job.sweep_score is job.score and len(ks) == 1:
+        job.warm_up(model)  # the sweep's one pass is the 'before' one and would be the first generation
     t0 = time.perf_counter()
     rows = sweep(model, ks, job.sweep_score, progress=job.progress)
     job.timings["sweep_s"] = time.perf_counter() - t0
