@@ -312,6 +312,10 @@ def test_candidate_ks_window_and_canonical_boundaries():
 
     with run_section("trim"), pytest.raises(LayercardError, match="^trim.window 2:12"):  # in a run
         T.candidate_ks(12, [3], window=(2, 12))
+    with pytest.raises(
+        LayercardError, match="^--window 0:1: lies below every adapted layer .the lowest is 3."
+    ):
+        T.candidate_ks(12, [3, 4], window=(0, 1))  # it had swept "no trimming" alone, without a word
 
 
 def test_configs_validate_and_name_the_field():
@@ -484,6 +488,10 @@ def test_cli_trace_and_trim(tiny_folder, lora_dir, tmp_path, monkeypatch):
     res = json.loads((run / "trim.json").read_text())
     assert res["kind"] == "trim" and res["schema_version"] == 1 and res["provenance"]["stage"] == "trim"
     assert "trace_s" not in res["timings"]  # the trace written by `layercard trace` was reused
+    assert {"dtype": "float32", "device": "cpu"}.items() <= tr.provenance["config"].items()
+    r = CliRunner().invoke(app, ["trim", *common, "--radius", "1", "--out", str(run), "--dtype", "bfloat16"])
+    assert r.exit_code == 0, r.output  # another dtype: the float32 trace is no trace of it
+    assert "trace_s" in json.loads((run / "trim.json").read_text())["timings"]
     k = res["chosen_k"]
     assert k in res["ks"] and res["ks"][-1] == LAYERS - 1
     assert res["metrics"][:1] == ["exact_match"] and {"token_f1", "rouge_l"} <= set(res["metrics"])

@@ -116,7 +116,7 @@ def _traced(
         model_hash=loaded.model_hash,
         task=sub.name,
         data_hash=sub.data_hash,
-        config={**cfg.to_dict(), "adapter": str(adapter), "adapter_hash": adapter_hash},
+        config={**cfg.to_dict(), "adapter": str(adapter), "adapter_hash": adapter_hash, **_running(model)},
         seed=cfg.seed,
         wall_time_s=time.perf_counter() - t0,
     )
@@ -135,6 +135,12 @@ def run_trace(
         return _traced(model, loaded, adapter, hash_folder(adapter), task, sub, cfg, progress)
 
 
+def _running(model: nn.Module) -> dict[str, str]:
+    """The dtype and device type the model computes in: a trace made at others is no trace of this run."""
+    p = next(model.parameters())
+    return {"dtype": str(p.dtype).removeprefix("torch."), "device": p.device.type}
+
+
 def _reusable_trace(path: Path, loaded: Any, sub: Task, cfg: TraceConfig, adapter_hash: str) -> Trace | None:
     """A trace.json from an earlier run on the same model, adapter, examples and settings, if present."""
     if not path.is_file():
@@ -150,6 +156,7 @@ def _reusable_trace(path: Path, loaded: Any, sub: Task, cfg: TraceConfig, adapte
         and prov.get("data_hash") == sub.data_hash
         and conf.get("adapter_hash") == adapter_hash
         and all(conf.get(k) == v for k, v in cfg.to_dict().items())
+        and all(conf.get(k) == v for k, v in _running(loaded.model).items())
     )
     return tr if same else None
 

@@ -61,6 +61,11 @@ def candidate_ks(
         a, b = window
         if b >= n_layers:
             raise LayercardError(f"{setting_name('window')} {a}:{b}: the model has layers 0..{n_layers - 1}")
+        if b < min(adapted):  # every boundary in it would keep no adapter: only "no trimming" would be left
+            raise LayercardError(
+                f"{setting_name('window')} {a}:{b}: lies below every adapted layer (the lowest is "
+                f"{min(adapted)}), so no boundary in it keeps an adapter; give a window that reaches them"
+            )
         raw = set(range(a, b + 1))
     elif all_layers:
         raw = set(range(n_layers))
