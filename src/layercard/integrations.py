@@ -227,7 +227,9 @@ def _card_task(card: dict[str, Any]) -> dict[str, Any]:
 
 
 def _dtype(model: Any) -> str | None:
-    return None if model is None else str(next(model.parameters()).dtype).removeprefix("torch.")
+    from layercard.models import weights_dtype
+
+    return None if model is None else weights_dtype(model)
 
 
 def _trainer_config(args: Any) -> dict[str, Any]:

@@ -29,6 +29,7 @@ from layercard.models.layouts import (
     peft_target_names,
     tied_modules,
     units,
+    weights_dtype,
     weights_hash,
 )
 from layercard.models.loading import (
@@ -83,6 +84,7 @@ __all__ = [
     "units",
     "tied_modules",
     "tokenizer_folder_hash",
+    "weights_dtype",
     "weights_folder_hash",
     "weights_hash",
 ]

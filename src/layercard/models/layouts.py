@@ -509,6 +509,11 @@ def final_norm(model: nn.Module) -> nn.Module | None:
     return None if path is None else get_module(model, path)
 
 
+def weights_dtype(model: nn.Module) -> str:
+    """The dtype a model's weights are held in, by name (``float32``), as artifacts record it."""
+    return str(next(model.parameters()).dtype).removeprefix("torch.")
+
+
 def tied_modules(model: nn.Module) -> set[str]:
     """Names of the modules whose weight is one tensor with another module's (an lm_head tied to the
     token embeddings): a change merged into one changes the other too."""

@@ -37,7 +37,7 @@ from layercard.cost import (
     touch_weights,
 )
 from layercard.errors import LayercardError, expect, setting_name
-from layercard.models import BUILTIN_MODELS, LoadedModel
+from layercard.models import BUILTIN_MODELS, LoadedModel, weights_dtype
 from layercard.plan import Plan, check_model_matches
 from layercard.progress import say, track
 from layercard.tasks import Encoded, Task, cut_note, encode_task
@@ -709,7 +709,7 @@ def _fingerprint(
     val_data = f"{len(data.val_encoded)} examples, sha256 {val.data_hash[:16]}" if val is not None else "none"
     return {
         "model_hash": loaded.model_hash,
-        "weights_dtype": str(next(loaded.model.parameters()).dtype).removeprefix("torch."),
+        "weights_dtype": weights_dtype(loaded.model),
         "val_data": val_data,
         "kind": kind,
         "targets": [[n, r] for n, r in sorted(planned.items())] if kind == "lora" else layers,
@@ -958,7 +958,7 @@ def _metrics(
         model={
             "id": loaded.model_id,
             "hash": loaded.model_hash,
-            "weights_dtype": str(next(base.parameters()).dtype).removeprefix("torch."),
+            "weights_dtype": weights_dtype(base),
             "load_in_4bit": cfg.load_in_4bit,
         },
         task=run.data.task.describe(),

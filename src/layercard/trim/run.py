@@ -137,8 +137,9 @@ def run_trace(
 
 def _running(model: nn.Module) -> dict[str, str]:
     """The dtype and device type the model computes in: a trace made at others is no trace of this run."""
-    p = next(model.parameters())
-    return {"dtype": str(p.dtype).removeprefix("torch."), "device": p.device.type}
+    from layercard.models import weights_dtype
+
+    return {"dtype": weights_dtype(model), "device": next(model.parameters()).device.type}
 
 
 def _reusable_trace(path: Path, loaded: Any, sub: Task, cfg: TraceConfig, adapter_hash: str) -> Trace | None:
