@@ -29,7 +29,7 @@ from layercard.artifacts import (
     sha256_json,
     write_json,
 )
-from layercard.errors import LayercardError, first_line
+from layercard.errors import LayercardError, first_line, run_section
 from layercard.pipeline.config import PlacementSpec, RunConfig
 from layercard.progress import fewer_examples
 from layercard.report import fmt as _fmt
@@ -127,7 +127,6 @@ def _write_record(path: Path, **fields: Any) -> None:
 
 def _in_section(section: str, call: Callable[..., T]) -> Callable[..., T]:
     """``call`` with the settings its messages name given as keys of the run config's ``section``."""
-    from layercard.errors import run_section
 
     def within(*args: Any) -> T:
         with run_section(section):
@@ -263,7 +262,6 @@ class Runner:
     def train_data(self) -> Any:
         """The training and validation examples, encoded once for every placement of the run."""
         if self._train_data is None:
-            from layercard.errors import run_section
             from layercard.train import prepare_data
 
             with run_section("train"):  # read for the plans too, which price the training's positions
@@ -391,18 +389,15 @@ class Runner:
         _write_record(record, status="running", **base)
         try:
             fn(resume)
-        except LayercardError as e:  # say which stage failed, here and in its record
-            _write_record(record, status="failed", error=str(e), **base)
-            self.results.append(
-                StageResult(name, "failed", time.perf_counter() - t0, where, fp, [("error", str(e))])
-            )
-            raise LayercardError(f"stage {name}: {e}", exit_code=e.exit_code) from e
-        except Exception as e:  # a fault of the code or the machine (out of memory): failed, and why
-            error = first_line(e)
+        except Exception as e:  # failed, and why, here and in its record; a bug or out of memory too
+            known = isinstance(e, LayercardError)
+            error = str(e) if known else first_line(e)
             _write_record(record, status="failed", error=error, **base)
             self.results.append(
                 StageResult(name, "failed", time.perf_counter() - t0, where, fp, [("error", error)])
             )
+            if known:  # said in one line, naming the stage; anything else keeps its traceback for --debug
+                raise LayercardError(f"stage {name}: {e}", exit_code=e.exit_code) from e
             raise
         except BaseException:  # interrupted: the record stays `running`, so the next call resumes it
             self.results.append(StageResult(name, "stopped", time.perf_counter() - t0, where, fp))
