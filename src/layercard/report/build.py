@@ -581,15 +581,8 @@ def _provenance(doc: _Doc, run: _Run) -> None:
 
 
 def _eval_tasks(run: _Run) -> list[dict[str, Any]]:
-    """The task records (eval.json) of the evaluations the results kept: those with a row that has them."""
-    from layercard.evaluate import EvalResult
-
-    folder = {"base": BASE_EVAL, "trimmed": TRIMMED_EVAL}
-    return [
-        EvalResult.load(run.lay.eval_json(folder.get(r["kind"], r["name"]))).task
-        for r in run.rows
-        if r.get("eval_examples") is not None
-    ]
+    """The evaluated data of the evaluations the results kept, as their rows hold it."""
+    return [r["eval_data"] for r in run.rows if r.get("eval_data")]
 
 
 def _data_text(label: str, tasks: list[dict[str, Any]]) -> str | None:

@@ -274,7 +274,7 @@ class _Rows:
     def eval_fields(self, ev: Any) -> dict[str, Any]:
         if ev is None:
             return {"eval_loss": None, "metrics": {}, "primary_value": None, "s_per_example": None,
-                    "new_tokens_per_example": None, "eval_examples": None}  # fmt: skip
+                    "new_tokens_per_example": None, "eval_examples": None, "eval_data": None}  # fmt: skip
         name, value = _primary(ev)
         self.primary = self.primary or name
         loss, base = ev.loss, self.base_loss
@@ -288,6 +288,8 @@ class _Rows:
             # what the generation's s/example bought: a model that generates more tokens takes longer
             "new_tokens_per_example": new / ev.n if new is not None and ev.n else None,
             "eval_examples": ev.n,
+            # which data it was measured on, as the report's provenance names it
+            "eval_data": {k: ev.task.get(k) for k in ("name", "split", "n_examples", "data_hash")},
         }
 
 
