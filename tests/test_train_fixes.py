@@ -254,6 +254,8 @@ def test_a_bottleneck_adapter_on_a_lora_plan_is_described_as_trained(tmp_path: P
         adapter_dir=str(tmp_path / "trimmed"),
     )  # fmt: skip
     assert "library_name: peft" not in trimmed.split("\n---\n", 1)[0] and "- houlsby" in trimmed
+    # the trimmed figure was measured on the examples the boundary was chosen on, and says so
+    assert "The boundary was chosen on these same examples" in trimmed
 
 
 def test_a_lora_readme_and_metrics_say_what_was_trained():

@@ -243,6 +243,9 @@ def test_trimmed_lora_equals_masked_and_loads_cleanly(tmp_path, capture_load):
     with pytest.raises(LayercardError, match="keep_upto"):
         T.export_trimmed(src, tmp_path / "none", -1, model)
     assert not (tmp_path / "none").exists()
+    with pytest.raises(LayercardError, match=rf"keep_upto={LAYERS}: the model has layers 0\.\.{LAYERS - 1}"):
+        T.export_trimmed(src, tmp_path / "past", LAYERS, model)
+    assert not (tmp_path / "past").exists()
 
 
 def test_trimmed_bottleneck_equals_masked(tmp_path):
@@ -670,3 +673,21 @@ def test_a_generating_sweep_of_one_k_warms_up_before_it(lora_dir, tmp_path, monk
     res = T.trim(_loaded(tiny_model("llama", layers=LAYERS)), lora_dir, task, cfg, tmp_path / "run")
     assert res["ks"] == [last]
     assert calls[:2] == [cfg.batch_size, 4]  # one untimed batch, then the sweep's pass over the 4 examples
+
+
+def test_the_sweep_legend_names_the_loss_line_on_the_twin_axis():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [{"k": k, "loss": 2.0 - 0.1 * k, "metrics": {"exact_match": 0.1 * k}} for k in range(4)]
+    fig, ax = plt.subplots()
+    try:
+        handles = T.draw_sweep(ax, {"sweep": rows, "metric": "exact_match", "chosen_k": 2})
+        assert [h.get_label() for h in handles] == ["exact_match", "loss", "chosen K=2"]
+        # by loss there is no twin axis, and no second loss line
+        handles = T.draw_sweep(plt.subplots()[1], {"sweep": rows, "metric": "loss", "chosen_k": 1})
+        assert [h.get_label() for h in handles] == ["loss", "chosen K=1"]
+    finally:
+        plt.close("all")

@@ -137,8 +137,7 @@ def _sweep_panel(ax: Any, trim: dict[str, Any]) -> None:
     """The selection metric (and the loss, grey) against K, the chosen K marked (drawn by trim)."""
     from layercard.trim import draw_sweep
 
-    draw_sweep(ax, trim)
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(handles=draw_sweep(ax, trim), fontsize=8, loc="lower right")
     ax.grid(alpha=0.3)
     ax.set_title("trim sweep", fontsize=9)
 

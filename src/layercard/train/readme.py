@@ -304,7 +304,9 @@ def trimmed_readme(
         f"| {after['s_per_example']:.4f} |",
         *_tokens_row(before, after),
         "",
-        "The trim's full record is `trim.json` beside this folder.",
+        "The boundary was chosen on these same examples, so the trimmed figure is the one the choice saw; "
+        "`layercard eval --adapter` on this folder measures it on other examples. The trim's full record "
+        "is `trim.json` beside this folder.",
         "",
         "## Use",
         "",

@@ -195,6 +195,14 @@ def export_trimmed(adapter_dir: str | Path, out_dir: str | Path, keep_upto: int,
     """
     if not _is_int(keep_upto) or keep_upto < 0:
         raise LayercardError(f"keep_upto={keep_upto!r}: must be a layer index >= 0")
+    from layercard.models import num_layers
+
+    n = num_layers(model)
+    if keep_upto >= n:
+        # Past the last layer nothing is dropped: a "trimmed" copy would be the whole adapter.
+        raise LayercardError(
+            f"keep_upto={keep_upto}: the model has layers 0..{n - 1}; nothing would be dropped"
+        )
     src = Path(adapter_dir)
     _adapter_kind(src)
     with atomic_path(out_dir) as tmp:

@@ -68,25 +68,32 @@ def draw_trace(ax: Any, tr: Curves, *, chosen_k: int | None = None) -> None:
     ax.set_ylabel("P(gold next token), logit lens")
 
 
-def draw_sweep(ax: Any, result: dict[str, Any]) -> None:
+def draw_sweep(ax: Any, result: dict[str, Any]) -> list[Any]:
     """The selection metric of a trim result (trim.json) against K on ``ax``, the loss on a twin axis
-    when the metric is another one, the chosen K marked. No title, legend or grid: the caller sets those."""
+    when the metric is another one, the chosen K marked. No title, legend or grid: the caller sets those,
+    passing the returned lines (both axes') as the legend's handles."""
     from matplotlib.ticker import MaxNLocator
 
     rows = result["sweep"]
     ks = [r["k"] for r in rows]
     metric = result["metric"]
     vals = [row_value(r, metric) for r in rows]
-    ax.plot(ks, [v if v is not None else float("nan") for v in vals], marker="o", label=metric)
+    lines = ax.plot(ks, [v if v is not None else float("nan") for v in vals], marker="o", label=metric)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("boundary K (adapters kept in layers ≤ K)")
     ax.set_ylabel(metric)
     if metric != "loss" and any(r.get("loss") is not None for r in rows):
         ax2 = ax.twinx()
         loss = [r["loss"] if r.get("loss") is not None else float("nan") for r in rows]
-        ax2.plot(ks, loss, marker="s", ms=3, ls="--", color="grey", label="loss")
+        lines += ax2.plot(ks, loss, marker="s", ms=3, ls="--", color="grey", label="loss")
         ax2.set_ylabel("loss")
-    ax.axvline(result["chosen_k"], color="tab:red", ls=":", label=f"chosen K={result['chosen_k']}")
+        # ax's legend is drawn over the twin's lines, not under them
+        ax.set_zorder(ax2.get_zorder() + 1)
+        ax.patch.set_visible(False)
+    lines.append(
+        ax.axvline(result["chosen_k"], color="tab:red", ls=":", label=f"chosen K={result['chosen_k']}")
+    )
+    return lines
 
 
 def plot_trace(tr: Curves, path: str | Path) -> Path:
@@ -107,8 +114,7 @@ def plot_sweep(result: dict[str, Any], path: str | Path) -> Path:
     """trim.png: the selection metric and loss against the boundary K, the chosen K marked."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7, 4))
-    draw_sweep(ax, result)
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(handles=draw_sweep(ax, result), fontsize=8, loc="lower right")
     ax.grid(alpha=0.3)
     ax.set_title(f"trim sweep · {result['task'].get('name', '')}", fontsize=9)
     return _save_png(fig, Path(path))
