@@ -874,8 +874,19 @@ def test_cli_run_json_and_tables(tiny_run, tmp_path):
     assert f"{m['peak_memory_mib']:,.0f} / {peak:,.0f} MiB" in r.output
 
 
-def test_demo_command_runs_the_packaged_config(tmp_path):
+def test_demo_command_runs_the_packaged_config(tmp_path, monkeypatch):
     """`demo` runs the packaged demo.yaml once per built-in task; here shrunk onto the tiny model."""
+    import layercard.plan.figures as plan_figures
+    from layercard.report.figures import palette
+
+    drawn: list[tuple[dict, dict]] = []  # each frontier figure's measured points and colours
+    plot = plan_figures.plot_frontier
+    monkeypatch.setattr(
+        plan_figures,
+        "plot_frontier",
+        lambda plan, path, measured=None, colors=None: drawn.append((measured, colors))
+        or plot(plan, path, measured, colors),
+    )
     model = make_model_dir(tmp_path)
     sets = [
         f"model={model}",
@@ -901,6 +912,10 @@ def test_demo_command_runs_the_packaged_config(tmp_path):
         assert list(rows) == ["base", "recommend", "peft-default", "all-linear", "reference"]
         assert head["ran"][-1] == "report" and Path(head["report"]["html"]).is_file()
         assert rows["reference"]["measured_fraction"] == pytest.approx(1.0)
+        # the frontier figure draws no measured point for the reference, 1 by definition, and each
+        # placement in the colour the report's other figures give it
+        measured, colors = drawn.pop(0)
+        assert "reference" not in measured and colors == palette(list(rows))
         # the recommendation's adapter says what its plan predicted
         readme = (out / task / "train" / "recommend" / "adapter" / "README.md").read_text()
         predicted = json.loads((out / task / "train" / "recommend" / "train_metrics.json").read_text())

@@ -16,13 +16,21 @@ _LABELS = {
 }
 
 
-def plot_frontier(plan: Any, path: str | Path, measured: dict[str, dict[str, float]] | None = None) -> Path:
+def plot_frontier(
+    plan: Any,
+    path: str | Path,
+    measured: dict[str, dict[str, float]] | None = None,
+    colors: dict[str, Any] | None = None,
+) -> Path:
     """One panel per cost the plan was budgeted on: the frontier, the chosen placement, the fixed rules.
 
     ``measured``: trained placements by name, each with its measured fraction of the reference's loss drop
     (``fraction``), its predicted one (``predicted``), its costs by kind and, where they differ, the
-    predicted costs (``<kind>_predicted``); drawn as predicted → measured.
+    predicted costs (``<kind>_predicted``); drawn as predicted → measured. ``colors``: a colour per name,
+    for a measured point or a rule of that name, so that a placement keeps the colour of a caller's other
+    figures.
     """
+    colors = colors or {}
     import matplotlib
 
     matplotlib.use("Agg")
@@ -45,7 +53,10 @@ def plot_frontier(plan: Any, path: str | Path, measured: dict[str, dict[str, flo
             if row is not None and kind in row:
                 # a fixed rule's own expected error: one that leaves depth out is less certain
                 yerr = None if row.get("error") is None else [row["error"]]
-                ax.errorbar([row[kind]], [row["quality"]], yerr=yerr, fmt="s", ms=6, capsize=3, label=name)
+                ax.errorbar(
+                    [row[kind]], [row["quality"]], yerr=yerr, fmt="s", ms=6, capsize=3, label=name,
+                    color=colors.get(name),
+                )  # fmt: skip
         chosen = pred["candidate"]
         if chosen.get("error") is not None:  # the plan's own expected error, as the rules show theirs
             ax.errorbar(
@@ -67,8 +78,8 @@ def plot_frontier(plan: Any, path: str | Path, measured: dict[str, dict[str, flo
             )  # fmt: skip
             ax.errorbar(
                 [m[kind]], [m["fraction"]], yerr=None if m.get("se") is None else [m["se"]], fmt="D", ms=5,
-                color="tab:purple", capsize=2, zorder=6, label="measured ± its sampling error (arrow from "
-                "predicted)" if i == 0 else None,
+                color=colors.get(name, "tab:purple"), capsize=2, zorder=6,
+                label="measured ± its sampling error (arrow from predicted)" if i == 0 else None,
             )  # fmt: skip
             # a name near the axis' right end is written to the left of its point, inside the panel
             right = _position(m[kind], span, log) > 0.8

@@ -20,6 +20,7 @@ from layercard.report.figures import (
     fig_quality_cost,
     fig_trace,
     fig_training,
+    palette,
 )
 from layercard.report.results import (
     collect_results,
@@ -235,7 +236,8 @@ def _recommendation(doc: _Doc, run: _Run) -> None:
     for r in run.rows:
         p = run.plans.get(r["name"])
         cand = p.predicted.get("candidate") if p is not None else None
-        if cand is not None and r.get("measured_fraction") is not None:
+        # the reference's fraction is 1 by its definition, not a measurement of the quality model
+        if cand is not None and r.get("measured_fraction") is not None and not r.get("is_reference"):
             # each point at its measured cost where the run measured it, its prediction beside it
             ran = {"params": r.get("trainable_params"), "step_time": r.get("s_per_step"),
                    "memory": r.get("peak_memory_mib")}  # fmt: skip
@@ -250,11 +252,11 @@ def _recommendation(doc: _Doc, run: _Run) -> None:
         "squares: the practitioners' rules fitted to the same budgets; star: the recommendation"
         + (
             "; diamonds: each trained placement's measured quality at its measured cost, with its sampling "
-            "error (arrow from its prediction)"
+            "error (arrow from its prediction), the reference left out as its fraction is 1 by definition"
             if measured
             else " (no measured points: " + _no_scale(run) + ")"
         ),
-        lambda p: plot_frontier(plan, p, measured),
+        lambda p: plot_frontier(plan, p, measured, colors=palette([r["name"] for r in run.rows])),
     )
     doc.table(recommendation_table(run.plans, run.metrics, run.results))
     leads = measured_leads_sentence(run.rows) or eval_loss_sentence(run.rows)
@@ -270,7 +272,7 @@ def _no_scale(run: _Run) -> str:
         return "the run measured no reference loss drop to scale them by"
     if ref["measured_gain"] <= 0:
         return f"the reference's loss drop, {ref['measured_gain']:.4f}, is not one to scale them by"
-    return "no placement the search priced was evaluated"
+    return "no placement the search priced was evaluated but the reference, whose fraction is 1 by definition"
 
 
 def _headline(doc: _Doc, run: _Run) -> None:

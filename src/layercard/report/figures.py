@@ -13,7 +13,7 @@ if TYPE_CHECKING:
     from layercard.train import TrainMetrics
     from layercard.trim import Trace
 
-__all__ = ["Figure", "fig_gain", "fig_placements", "fig_quality_cost", "fig_trace", "fig_training"]
+__all__ = ["Figure", "fig_gain", "fig_placements", "fig_quality_cost", "fig_trace", "fig_training", "palette"]
 
 _DPI = 100
 
@@ -44,7 +44,7 @@ def _save(fig: Any, path: Path) -> bytes:
     return data
 
 
-def _palette(names: Sequence[str]) -> dict[str, Any]:
+def palette(names: Sequence[str]) -> dict[str, Any]:
     """One colour per model, by its place among the run's rows: every figure passes the same names, so a
     placement has one colour throughout the report."""
     cmap = _plt().get_cmap("tab10")
@@ -55,7 +55,7 @@ def fig_placements(rows: list[dict[str, Any]], n_layers: int, path: Path) -> byt
     """Which layers each placement adapts (the trimmed adapter included)."""
     plt = _plt()
     shown = [r for r in rows if r["kind"] != "base"]
-    colors = _palette([r["name"] for r in rows])  # each placement in its colour of the other figures
+    colors = palette([r["name"] for r in rows])  # each placement in its colour of the other figures
     fig, ax = plt.subplots(figsize=(min(12, 2 + 0.3 * n_layers), 0.9 + 0.45 * len(shown)))
     for i, r in enumerate(shown):
         for layer in r["layers"]:
@@ -85,7 +85,7 @@ def fig_placements(rows: list[dict[str, Any]], n_layers: int, path: Path) -> byt
 def fig_training(curves: dict[str, TrainMetrics], path: Path, names: Sequence[str] = ()) -> bytes:
     """Training and validation loss curves of every placement; ``names``: the run's rows, for colours."""
     plt = _plt()
-    colors = _palette([*names, *(n for n in curves if n not in names)])
+    colors = palette([*names, *(n for n in curves if n not in names)])
     fig, ax = plt.subplots(figsize=(7.5, 4))
     for name, m in curves.items():
         lc = m.loss_curve or []
@@ -146,7 +146,7 @@ def fig_gain(rows: list[dict[str, Any]], score: str, path: Path) -> bytes:
     """The plans' predicted set gain against the measured loss drop, one point per placement."""
     plt = _plt()
     pts = [r for r in rows if r["kind"] == "placement" and r.get("predicted_gain") is not None]
-    colors = _palette([r["name"] for r in rows])  # the same colour per model as in the cost chart
+    colors = palette([r["name"] for r in rows])  # the same colour per model as in the cost chart
     fig, ax = plt.subplots(figsize=(6, 4.5))
     for r in pts:
         y = r.get("measured_gain")
@@ -175,7 +175,7 @@ def fig_quality_cost(rows: list[dict[str, Any]], primary: str | None, path: Path
     """Primary metric (top) and eval loss (bottom) against each cost, one point per model."""
     plt = _plt()
     shown = [r for r in rows if r["kind"] != "base"]
-    colors = _palette([r["name"] for r in rows])
+    colors = palette([r["name"] for r in rows])
     base = next((r for r in rows if r["kind"] == "base"), None)
     qualities = [("primary_value", primary or "primary metric"), ("eval_loss", "eval loss (lower is better)")]
     fig, axes = plt.subplots(2, len(_COSTS), figsize=(4 * len(_COSTS), 7), squeeze=False)
