@@ -884,8 +884,9 @@ def test_demo_command_runs_the_packaged_config(tmp_path, monkeypatch):
     monkeypatch.setattr(
         plan_figures,
         "plot_frontier",
-        lambda plan, path, measured=None, colors=None: drawn.append((measured, colors))
-        or plot(plan, path, measured, colors),
+        lambda plan, path, measured=None, colors=None: (
+            drawn.append((measured, colors)) or plot(plan, path, measured, colors)
+        ),
     )
     model = make_model_dir(tmp_path)
     sets = [
