@@ -888,6 +888,15 @@ def test_demo_command_runs_the_packaged_config(tmp_path, monkeypatch):
             drawn.append((measured, colors)) or plot(plan, path, measured, colors)
         ),
     )
+    # a plan made inside the run names its settings as its placement's keys, not as flags
+    import layercard.plan as plan_pkg
+    from layercard.errors import setting_name
+
+    named: list[str] = []
+    make = plan_pkg.make_plan
+    monkeypatch.setattr(
+        plan_pkg, "make_plan", lambda *a, **k: named.append(setting_name("depth")) or make(*a, **k)
+    )
     model = make_model_dir(tmp_path)
     sets = [
         f"model={model}",
@@ -951,6 +960,8 @@ def test_demo_command_runs_the_packaged_config(tmp_path, monkeypatch):
         report = (out / task / "report.md").read_text()
         measured = r"-?\d\.\d\d(?: ± \d\.\d\d)?|—"
         assert len(re.findall(rf"\| (?:{measured}) / \d\.\d\d ± 0\.\d\d \|", report)) == 4
+    names = [f"placements[{n}].depth" for n in ("recommend", "peft-default", "all-linear", "reference")]
+    assert named == names * 2
     overview = (out / "demo.md").read_text()
     assert overview == Path(d["overview"]).read_text()
     assert overview.count("Recommendation:") == 2 and "## facts" in overview and "## format" in overview

@@ -240,7 +240,15 @@ def test_a_rule_that_cannot_fit_by_its_own_means_says_so(tiny_card, kind):
 
 @pytest.mark.parametrize("policy", ["all-linear", "last-n"])
 def test_rules_that_need_every_linear_role_say_so(tiny_card, policy):
-    with pytest.raises(LayercardError, match="--roles all-linear"):
+    with pytest.raises(LayercardError, match="`layercard card --roles all-linear`"):
+        make_plan(tiny_card, PlanConfig(policy, budget="params=0.5x"))
+    # in a run the card stage reads its roles from the run config, and the message names that key
+    from layercard.errors import run_section
+
+    with (
+        run_section(f"placements[{policy}]"),
+        pytest.raises(LayercardError, match="`card.roles: all-linear`"),
+    ):
         make_plan(tiny_card, PlanConfig(policy, budget="params=0.5x"))
 
 

@@ -462,6 +462,13 @@ def test_depth_setting_takes_the_recommendation_among_placements_over_all_the_de
     free_label = F.row_label(free.predicted["candidate"])
     assert len(chose) == 1 and f"not {free_label}" in chose[0] and "--depth any" in chose[0]
     assert any("`--depth all` takes it" in w for w in free.warnings)
+    # inside a run the same sentences name the placement's keys of the run config, not the flags
+    from layercard.errors import run_section
+
+    with run_section("placements[free]"):
+        in_run = plan(varied, depth="any")
+    assert any("`placements[free].depth: all` takes it" in w for w in in_run.warnings)
+    assert not any("--depth" in w for w in in_run.warnings)
     # targets that are not varied: auto leaves the pick free, all still restricts it
     assert plan(quiet).units == plan(quiet, depth="any").units
     assert Q.depth_coverage(plan(quiet, depth="all").layers, 12) == 1.0
@@ -949,6 +956,7 @@ def test_a_target_priced_in_a_cost_the_card_did_not_measure_says_how_to_measure_
     from layercard.plan import make_plan
 
     with pytest.raises(
-        LayercardError, match=r"^target 0.95: priced in step_time, .*\(run card with --calibrate\)$"
+        LayercardError,
+        match=r"^target 0.95: priced in step_time, .*\(measure the card with `layercard card --calibrate`\)$",
     ):
         make_plan(_card(), PlanConfig(policy="recommend", target=0.95, budget="step_time=1"))

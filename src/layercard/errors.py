@@ -63,6 +63,23 @@ def setting_name(key: str, flag: str | None = None) -> str:
     return flag if flag is not None else "--" + key.replace("_", "-")
 
 
+def setting_text(key: str, value: object, flag: str | None = None) -> str:
+    """How a message says to set ``key`` to ``value``: ```--depth all``` from a command, or within
+    :func:`run_section` the run config's key and value (```placements[recommend].depth: all```)."""
+    name = setting_name(key, flag)
+    return f"`{name}: {value}`" if _RUN_SECTION.get() is not None else f"`{name} {value}`"
+
+
+def card_setting_text(key: str, value: object = None) -> str:
+    """How a message says to measure the card again with setting ``key`` (to ``value``; a switch where
+    None): ```layercard card --roles q,v``` from a command, ```card.roles: q,v``` within a run, whose card
+    stage reads it from the run config."""
+    if _RUN_SECTION.get() is not None:
+        return f"`card.{key}: {'true' if value is None else value}`"
+    flag = "--" + key.replace("_", "-")
+    return f"`layercard card {flag}`" if value is None else f"`layercard card {flag} {value}`"
+
+
 @contextlib.contextmanager
 def run_section(section: str) -> Iterator[None]:
     """Within it, messages name settings as keys of the run config's ``section`` (:func:`setting_name`):

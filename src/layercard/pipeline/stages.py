@@ -553,6 +553,8 @@ class Runner:
             keys = ("batch_size", "grad_accum", "steps", "epochs", "max_length", "train_examples", "seed")
             config["train_positions"] = {k: getattr(t, k) for k in keys}
             inputs["train_data"] = self.train_task.data_hash
+        # a plan's messages and sentences name its settings as the keys of its entry in the run config
+        fn = _in_section(f"placements[{p.name}]", fn)
         self.stage(f"plan:{p.name}", "plan", out.plan_dir(p.name), config, inputs, [path], fn, summarize)
 
     # ---- train --------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from typing import Any
 from layercard.card.artifact import Card, UnitRow
 from layercard.config import Budget
 from layercard.config.budget import unit_suffix
-from layercard.errors import LayercardError
+from layercard.errors import LayercardError, card_setting_text
 from layercard.plan import quality as Q
 
 MATRICES: dict[str, tuple[str, ...]] = {
@@ -32,8 +32,6 @@ MATRICES: dict[str, tuple[str, ...]] = {
     "all-linear": ("q", "k", "v", "o", "gate", "up", "down"),
 }
 RANKS = (1, 2, 4, 8, 16, 32)
-# what a cost the card's cost model does not give takes
-CALIBRATE_HINT = "run card with --calibrate"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,7 +121,8 @@ class Search:
         for b in budgets:
             if b.kind not in self.reference:
                 raise LayercardError(
-                    f"budget {b.label}: the card's cost model does not give {b.kind} ({CALIBRATE_HINT})"
+                    f"budget {b.label}: the card's cost model does not give {b.kind} (measure the card with "
+                    f"{card_setting_text('calibrate')})"
                 )
         return [(b.kind, b.cap(self.reference)) for b in budgets]
 
@@ -202,7 +201,7 @@ class Search:
             # the first budget's kind prices a target, so this is the budget path's missing cost
             raise LayercardError(
                 f"target {target:g}: priced in {kind}, which the card's cost model does not give "
-                f"({CALIBRATE_HINT})"
+                f"(measure the card with {card_setting_text('calibrate')})"
             )
         fitting = [c for c in self.fitting(budgets) if where is None or where(c)]
         allowed = [c for c in fitting if self.supported(c)]

@@ -13,7 +13,7 @@ from typing import Any
 
 from layercard.card.artifact import SCORES, Card, UnitRow
 from layercard.config import SEARCH_POLICIES, PlanConfig
-from layercard.errors import LayercardError, expect
+from layercard.errors import LayercardError, card_setting_text, expect, setting_name
 from layercard.plan.artifact import Plan, PlannedUnit
 from layercard.plan.policies import select
 from layercard.plan.predict import card_summary, caveats, predicted, provenance, unit_rank
@@ -91,7 +91,7 @@ def make_plan(card: Card | str | os.PathLike[str], cfg: PlanConfig, *, card_path
     if card.coupling is None and cfg.policy == "card":
         warn.append(
             "policy card: the card has no coupling matrix, so set gains assume independent layers "
-            "(run `layercard card --coupling`)"
+            f"(measure the card with {card_setting_text('coupling')})"
         )
     warn += notes
     layers, sel_notes = select(space, cfg, _goal(space, cfg, score))
@@ -168,13 +168,13 @@ def _roles_and_score(card: Card, cfg: PlanConfig) -> tuple[tuple[str, ...], str]
     kind = cfg.budget.kind if cfg.budget is not None else None
     if kind in ("step_time", "memory") and card.cost is None:
         raise LayercardError(
-            f"budget {kind}: the card has no cost model; run `layercard card` with --calibrate "
-            "to time short LoRA runs"
+            f"budget {kind}: the card has no cost model; measure the card with "
+            f"{card_setting_text('calibrate')} to time short LoRA runs"
         )
     if kind == "memory" and card.cost.get("memory_base_mib") is None:  # type: ignore[union-attr]
         raise LayercardError(
             "budget memory: the card's cost model did not measure peak memory (an older card, or a system "
-            "without a per-run peak); run `layercard card --calibrate` again"
+            f"without a per-run peak); measure the card with {card_setting_text('calibrate')} again"
         )
     return roles, score
 
@@ -187,7 +187,7 @@ def _goal(space: Space, cfg: PlanConfig, score: str) -> float | None:
     if all_gain <= 0:
         raise LayercardError(
             f"target {cfg.target}: every layer's predicted gain under score {score!r} is ≤ 0; "
-            "choose another --score"
+            f"choose another {setting_name('score')}"
         )
     return cfg.target * all_gain
 

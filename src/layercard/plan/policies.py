@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from layercard.config import Budget, PlanConfig
-from layercard.errors import LayercardError
+from layercard.errors import LayercardError, setting_name, setting_text
 from layercard.plan.space import REL_TOL, Space, amount, budget_text, fits
 
 _ORDERED = ("top", "bottom", "random", "gradnorm")
@@ -25,7 +25,10 @@ def select(space: Space, cfg: PlanConfig, goal: float | None) -> tuple[list[int]
     if cfg.policy == "all":
         notes: list[str] = []
         if budget is not None and cfg.rank == "auto" and budget.kind == "params":
-            notes.append(f"policy all adapts every layer; the {budget_text(budget)} bounds only --rank auto")
+            notes.append(
+                f"policy all adapts every layer; the {budget_text(budget)} bounds only "
+                f"{setting_text('rank', 'auto')}"
+            )
         elif budget is not None:
             notes.append(f"policy all ignores the {budget_text(budget)} (recorded only)")
         if cfg.target is not None:
@@ -57,7 +60,7 @@ def _select_card(
     if not chosen:
         raise LayercardError(
             f"policy {cfg.policy}: no layer has a positive predicted gain under score "
-            f"{_score_name(space, cfg)!r}; choose another --score"
+            f"{_score_name(space, cfg)!r}; choose another {setting_name('score')}"
         )
     if goal is None and no_gain and budget is not None and budget.kind == "layers" and len(chosen) < cap:
         notes.append(

@@ -12,6 +12,7 @@ from typing import Any
 
 from layercard.artifacts import Provenance
 from layercard.card.artifact import Card
+from layercard.errors import card_setting_text
 from layercard.plan.space import AUTO_REFERENCE_RANK, Space
 
 
@@ -110,7 +111,7 @@ def dropout_warnings(card: Card, dropout: float) -> list[str]:
         f"costs: the card's cost calibration trained with LoRA dropout {calibrated:g}, this plan's is "
         f"{float(dropout):g}, so its step time and memory are priced at {calibrated:g} (at 0.05 against "
         "a calibration at 0, smollm2's steps measured 4–36% longer and its peaks up to 26% higher than "
-        f"priced); measure the card with --calibrate-dropout {float(dropout):g}"
+        f"priced); measure the card with {card_setting_text('calibrate_dropout', f'{float(dropout):g}')}"
     ]
 
 

@@ -12,7 +12,7 @@ from typing import Any
 from layercard.card.artifact import Card, UnitRow
 from layercard.config import Budget, PlanConfig
 from layercard.config.budget import unit_suffix
-from layercard.errors import LayercardError
+from layercard.errors import LayercardError, card_setting_text, setting_text
 from layercard.plan import frontier as F
 from layercard.plan import quality as Q
 from layercard.plan.artifact import Plan, PlannedUnit
@@ -232,8 +232,8 @@ def depth_advice(search: F.Search, chosen: F.Candidate, budgets: Sequence[Budget
     if best is not None:
         return (
             f"{label}; the best-predicted placement over all the depth within the budgets is {best.label} "
-            f"(predicted {best.quality:.3f}, expected error {_error_text(best.error)}; `--depth all` takes "
-            "it)"
+            f"(predicted {best.quality:.3f}, expected error {_error_text(best.error)}; "
+            f"{setting_text('depth', 'all')} takes it)"
         )
     return f"{label} because {tail}" if (tail := _none_over_depth(search, budgets)) else None
 
@@ -322,7 +322,7 @@ def _chosen(
     if not any(c.matrices == need for c in search.candidates):
         raise LayercardError(
             f"policy {policy} adapts {','.join(F.MATRICES[need])}; the card measured only "
-            f"{','.join(search.card.roles)} (run `layercard card --roles {need}`)"
+            f"{','.join(search.card.roles)} (measure the card with {card_setting_text('roles', need)})"
         )
     if not budgets:  # the rule as its users write it, unfitted: every layer at the given rank
         found = [c for c in search.candidates if (c.matrices, c.layer_rule, c.rank) == (need, "all", rank)]
@@ -488,8 +488,8 @@ def _reference_note(search: F.Search) -> list[str]:
     return [
         f"reference: the card measured only roles {roles}, so 1x (what relative budgets and predicted "
         f"fractions are taken of) is {roles} on every layer at rank {Q.REFERENCE_RANK}, "
-        f"{search.reference['params']:,.0f} params, not every linear module; `layercard card --roles "
-        "all-linear` measures them all"
+        f"{search.reference['params']:,.0f} params, not every linear module; "
+        f"{card_setting_text('roles', 'all-linear')} measures them all"
     ]
 
 
@@ -517,7 +517,8 @@ def _depth_notes(
         return [
             "plan: on a task with varied targets the recommendation is the best-predicted placement over "
             f"all the depth, {chosen.label} (predicted {chosen.quality:.3f}), not {unrestricted.label} "
-            f"(predicted {unrestricted.quality:.3f}), which leaves depth bands out; `--depth any` takes it"
+            f"(predicted {unrestricted.quality:.3f}), which leaves depth bands out; "
+            f"{setting_text('depth', 'any')} takes it"
         ]
     if not covers_depth(search, chosen) and (tail := _none_over_depth(search, budgets)):
         return [f"plan: {chosen.label} leaves depth bands out because {tail}"]
@@ -551,12 +552,12 @@ def _target_depth_notes(
             "plan: on a task with varied targets the plan is the cheapest placement over all the depth "
             f"predicted to reach {target:g}, {full.label} ({cost(full)}, predicted {full.quality:.3f}), not "
             f"{free.label} ({cost(free)}, predicted {free.quality:.3f}), which leaves depth bands out; "
-            "`--depth any` takes it"
+            f"{setting_text('depth', 'any')} takes it"
         ]
     return [
         f"plan: {chosen.label} leaves depth bands out; the cheapest placement over all the depth predicted "
-        f"to reach {target:g} is {full.label} ({cost(full)}, predicted {full.quality:.3f}; `--depth all` "
-        "takes it)"
+        f"to reach {target:g} is {full.label} ({cost(full)}, predicted {full.quality:.3f}; "
+        f"{setting_text('depth', 'all')} takes it)"
     ]
 
 

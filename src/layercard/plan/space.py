@@ -14,7 +14,7 @@ import numpy as np
 from layercard.card import stats
 from layercard.card.artifact import Card, UnitRow
 from layercard.config.budget import unit_suffix
-from layercard.errors import LayercardError
+from layercard.errors import LayercardError, card_setting_text
 
 # Rank used to cost layer selection when ranks are allocated afterwards ("auto"): the uniform reference.
 AUTO_REFERENCE_RANK = 8
@@ -198,7 +198,7 @@ def _units_by_layer(card: Card, roles: tuple[str, ...]) -> dict[int, list[UnitRo
     if missing:
         raise LayercardError(
             f"roles: the card measured {','.join(card.roles)}; it has no units for {','.join(missing)} "
-            "(run `layercard card --roles ...` with those roles)"
+            f"(measure the card with {card_setting_text('roles', ','.join([*card.roles, *missing]))})"
         )
     by_layer: dict[int, list[UnitRow]] = {}
     for u in card.selected_units(roles):
