@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from layercard.cli import app
 from layercard.errors import LayercardError, run_section, setting_name
-from layercard.pipeline import load_config, run_pipeline
+from layercard.pipeline import load_config, parse_config, run_pipeline
 
 
 def small_config(model_dir: Path) -> dict[str, Any]:
@@ -175,6 +175,12 @@ def test_the_default_folder_holds_the_run_of_one_config_file(tmp_path, monkeypat
     given = run_pipeline(load_config(b), run_dir, progress=False, until="card")
     assert given["skipped"] == ["card"]
     assert json.loads((run_dir / "run.json").read_text())["config_path"] == str(b.resolve())
+    # a config built in memory is named "config" too, and is no more the file's than another file is
+    with pytest.raises(LayercardError) as e:
+        run_pipeline(parse_config(cfg), progress=False, until="card")
+    assert str(e.value).startswith(
+        f"run folder runs/config: holds the run of {b.resolve()}, not of a config built in memory; "
+    )
 
 
 # ---------------------------------------------------------------- the JSON summary's paths

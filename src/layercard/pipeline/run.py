@@ -95,8 +95,9 @@ def run_pipeline(
     """Run every stage of ``cfg`` in ``run_dir``, skipping those whose inputs are unchanged.
 
     ``run_dir`` None is :func:`default_run_dir`, which configs of one file name share: a run there of
-    another config file is refused. A run folder given is used whichever config ran in it before (the
-    stages whose inputs changed are made again).
+    another config file, or of a config built in memory where a file's ran (or the other way), is
+    refused. A run folder given is used whichever config ran in it before (the stages whose inputs
+    changed are made again).
 
     ``until`` stops after that stage (one of :data:`STAGE_ORDER`): ``plan`` measures the card and makes
     every plan, priced at the run's own batches, and trains nothing; a later call goes on from there.
@@ -210,11 +211,17 @@ def _check_same_config(root: Path, cfg: RunConfig) -> None:
         rec = json.loads((root / RUN_FILE).read_text(encoding="utf-8-sig"))
     except (OSError, ValueError):
         return
-    other = rec.get("config_path") if isinstance(rec, dict) else None
-    if isinstance(other, str) and cfg.path is not None and other != cfg.path:
+    if not isinstance(rec, dict) or "config_path" not in rec:
+        return  # a run recorded before run.json named its config
+    other = rec["config_path"]
+    if other != cfg.path:
+
+        def said(path: object) -> str:
+            return str(path) if path is not None else "a config built in memory"
+
         raise LayercardError(
-            f"run folder {root}: holds the run of {other}, not of {cfg.path}; give this config a folder of "
-            "its own with --out (nothing was written)"
+            f"run folder {root}: holds the run of {said(other)}, not of {said(cfg.path)}; give this config "
+            "a folder of its own with --out (nothing was written)"
         )
 
 
