@@ -725,6 +725,22 @@ def test_a_checkpoint_keeps_the_loss_scale(tmp_path: Path):
     assert fresh.get_scale() == 2.0**19
 
 
+def test_an_update_the_loss_scaler_skipped_does_not_advance_the_schedule(tmp_path: Path, monkeypatch):
+    # float16's scaler runs on a GPU only; here the accelerator reports every update skipped, as the
+    # scaler does where the gradients overflowed
+    from accelerate import Accelerator
+
+    from layercard.train.checkpoints import TRAINER_FILE
+
+    cfg = TrainConfig(steps=2, warmup_steps=4, scheduler="linear", **{**FAST, "checkpoint_every": 2})
+    for skipped in (False, True):
+        monkeypatch.setattr(Accelerator, "optimizer_step_was_skipped", property(lambda self, s=skipped: s))
+        out = tmp_path / str(skipped)
+        train(_loaded(), make_plan(_loaded(), [1]), TRAIN, None, cfg, out)
+        saved = torch.load(out / "checkpoints" / "step-2" / TRAINER_FILE, weights_only=False)
+        assert saved["scheduler"]["last_epoch"] == (0 if skipped else 2)
+
+
 def test_a_warm_up_as_long_as_the_run_is_said(tmp_path: Path, capsys):
     cfg = TrainConfig(steps=2, warmup_steps=2, **FAST)
     train(_loaded(), make_plan(_loaded(), [1]), TRAIN, None, cfg, tmp_path, progress=True)

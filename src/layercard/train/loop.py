@@ -819,7 +819,9 @@ def _step(
         if "overflow" not in str(e):
             raise
         _check_finite(run, state.step + 1, "update of the trainable parameters", math.inf)
-    scheduler.step()
+    # An update float16's loss scaler skipped (overflowing gradients) does not advance the schedule.
+    if not acc.optimizer_step_was_skipped:
+        scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     if not all_finite(params):
         _check_finite(run, state.step + 1, "update of the trainable parameters", math.inf)
