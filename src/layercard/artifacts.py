@@ -325,6 +325,12 @@ def _commit(target: Path, final: Path, tmp: Path) -> None:
         os.replace(target, final)
 
 
+def is_within(path: str | os.PathLike[str], folder: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` is ``folder`` or lies inside it, both resolved (links and ``..`` followed)."""
+    real, top = Path(path).resolve(), Path(folder).resolve()
+    return real == top or top in real.parents
+
+
 def _kind(p: Path) -> str:
     return "folder" if p.is_dir() else "file"
 

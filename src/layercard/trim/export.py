@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from layercard.artifacts import atomic_path
+from layercard.artifacts import atomic_path, is_within
 from layercard.errors import LayercardError
 from layercard.trim.mask import _is_int, _layer_of, _layers_path
 
@@ -223,13 +223,11 @@ def check_merged_target(
     p = Path(out_dir)
     if p.exists() and not p.is_dir():
         raise LayercardError(f"{what} {p}: exists and is a file, not a folder")
-    real = p.resolve()
     for k in keep:
-        kept = Path(k).resolve()
-        if kept == real or real in kept.parents:
+        if is_within(k, p):
             raise LayercardError(f"{what} {p}: would replace {k}, which it holds; give a folder of its own")
     for k in outside:
-        if Path(k).resolve() in real.parents:
+        if is_within(p, k):  # the folder itself is one of keep, refused above
             raise LayercardError(f"{what} {p}: is inside the adapter folder {k}; give a folder of its own")
     if p.is_dir() and any(p.iterdir()) and not (p / MERGED_MARK).is_file():
         raise LayercardError(

@@ -20,7 +20,7 @@ from torch import nn
 
 from layercard import inference
 from layercard.adapters import attached
-from layercard.artifacts import SCHEMA_VERSION, Provenance, atomic_path, hash_folder, write_json
+from layercard.artifacts import SCHEMA_VERSION, Provenance, atomic_path, hash_folder, is_within, write_json
 from layercard.config import TraceConfig, TrimConfig
 from layercard.errors import LayercardError, expect
 from layercard.tasks import METRICS, Task, batches, encode_task, higher_is_better
@@ -79,8 +79,7 @@ def check_merged_folder(merged_dir: str | Path, adapter_dir: str | Path, out_dir
 def check_out_of_adapter(out_dir: str | Path, adapter_dir: str | Path, what: str = "--out") -> None:
     """Refuse an output folder that is, or lies inside, the adapter folder: the files written there would
     change the adapter measured (its hash, so every trace is made again) and be copied into its export."""
-    real, adapter = Path(out_dir).resolve(), Path(adapter_dir).resolve()
-    if real == adapter or adapter in real.parents:
+    if is_within(out_dir, adapter_dir):
         raise LayercardError(
             f"{what} {out_dir}: is the adapter folder {adapter_dir} or inside it; give a folder of its own "
             "(the default is the adapter's parent)"
