@@ -122,6 +122,8 @@ def test_trl_fragment_runs_with_the_plans_lora_config_and_callback(auto_plan, mo
     (callback,) = kw["callbacks"]
     assert type(callback).__name__ == "LayercardCallback" and callback.plan.layers == [1, 3]
     assert calls["config"]["output_dir"] == str(callback.out_dir)
+    # TRL's own defaults would checkpoint activations (not what the plan priced) and log every 10th loss
+    assert calls["config"]["gradient_checkpointing"] is False and calls["config"]["logging_steps"] == 1
 
 
 def axolotl_lora(cfg: dict) -> LoraConfig:
@@ -238,6 +240,17 @@ def test_export_errors_and_command_output(auto_plan, tmp_path):
     res = runner.invoke(app, ["export", str(path), "--to", "peft", "--out", str(snippet)])
     assert res.exit_code == 2 and "give a .json path" in " ".join(res.output.split())
     assert not snippet.exists()
+    # a file named for another format is refused: JSON in x.yaml, YAML in x.json, a script in x.yaml
+    for to, name, want in (
+        ("peft", "x.yaml", "x.json"),
+        ("axolotl", "x.json", "x.yaml"),
+        ("trl", "x.yml", "x.py"),
+    ):
+        res = runner.invoke(app, ["export", str(path), "--to", to, "--out", str(tmp_path / name)])
+        assert res.exit_code == 2 and f"give a path such as {tmp_path / want}" in " ".join(res.output.split())
+        assert not (tmp_path / name).exists()
+    res = runner.invoke(app, ["export", str(path), "--to", "axolotl", "--out", str(tmp_path / "ax.yml")])
+    assert res.exit_code == 0 and (tmp_path / "ax.yml").is_file()
     bad = runner.invoke(app, ["export", str(tmp_path / "nope.json"), "--to", "peft"])
     assert bad.exit_code != 0 and "no such file" in bad.stderr
 

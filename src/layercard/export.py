@@ -9,7 +9,8 @@ peft          the plan's ``LoraConfig`` as adapter_config-style JSON, and a Pyth
               builds it and calls ``get_peft_model`` (exact: per-module ranks as ``rank_pattern``)
 trl           a script fragment: that ``LoraConfig`` passed to TRL's ``SFTTrainer`` as
               ``peft_config``, with layercard's Trainer callback reading the plan file by its
-              absolute path (exact)
+              absolute path (exact), and an ``SFTConfig`` without gradient checkpointing (the
+              plan's prices assume none) that logs every step's loss
 axolotl       a YAML block: ``adapter``, ``lora_r``, ``lora_alpha``, ``lora_dropout``,
               ``lora_target_modules``, and where needed ``peft_layers_to_transform`` and
               ``peft_layers_pattern``; per-module ranks as ``lora_rank_pattern`` and
@@ -255,7 +256,10 @@ def _trl(plan: Plan, lora: dict[str, Any], source: str | None, plan_file: str | 
         + _lora_code(lora)
         + "trainer = SFTTrainer(\n"
         + "    model=model,\n"
-        + f"    args=SFTConfig(output_dir={json.dumps(out_dir)}),\n"
+        + "    # as the plan priced its steps: no gradient checkpointing; every step's loss logged for the\n"
+        + "    # callback's loss curve\n"
+        + f"    args=SFTConfig(output_dir={json.dumps(out_dir)}, gradient_checkpointing=False,\n"
+        + "                   logging_steps=1),\n"
         + "    train_dataset=train_dataset,\n"
         + "    peft_config=peft_config,\n"
         + f"    callbacks=[LayercardCallback({callback}, {json.dumps(out_dir)})],\n"

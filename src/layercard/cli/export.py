@@ -11,6 +11,16 @@ from rich.markup import escape
 from layercard.cli.app import app, console, emit_json, guard, result_console
 from layercard.errors import LayercardError
 
+# The file each target writes, and the names of the others: a name of another's is refused.
+_SUFFIXES = {
+    "peft": (".json",),
+    "trl": (".py",),
+    "axolotl": (".yaml", ".yml"),
+    "llamafactory": (".yaml", ".yml"),
+}
+_FORMATS = {"peft": "JSON", "trl": "a Python script", "axolotl": "YAML", "llamafactory": "YAML"}
+_KNOWN = {s for names in _SUFFIXES.values() for s in names}
+
 
 @app.command("export")
 @guard
@@ -35,7 +45,7 @@ def export_cmd(
     from layercard.export import export_plan
 
     if out is not None:
-        check_out_file(out, example=f"{to}.yaml")
+        check_out_file(out, example=f"{to}{_SUFFIXES.get(to, ('.yaml',))[0]}")
         if to == "peft" and out.suffix.lower() == ".py":  # the snippet goes beside the JSON, as FILE.py
             raise LayercardError(
                 f"--out {out}: the peft export writes JSON there and the snippet beside it "
@@ -49,6 +59,13 @@ def export_cmd(
                     f"--out {out}{whose}: that is the plan file {plan}, which the export would overwrite; "
                     "give another path"
                 )
+        own = _SUFFIXES.get(to, ())
+        if own and out.suffix.lower() in _KNOWN and out.suffix.lower() not in own:
+            # a file named for another format would be read as that format by whatever opens it
+            raise LayercardError(
+                f"--out {out}: the {to} export is {_FORMATS[to]}, not {out.suffix}; give a path such as "
+                f"{out.with_suffix(own[0])}"
+            )
     result = export_plan(plan, to)
     written: list[str] = []
     if out is not None:
