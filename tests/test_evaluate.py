@@ -493,3 +493,17 @@ def test_eval_notes_a_synthetic_task_generated_otherwise_than_the_training_one(t
     assert other_generation(adapter, trained) is None  # the same generation
     assert other_generation(adapter, "synthetic:format(seed=0)") is None  # another task: not this note
     assert other_generation(tmp_path / "elsewhere", "synthetic:facts(seed=0,n_entities=50)") is None
+
+
+def test_inference_and_the_forward_timing_restore_each_modules_mode():
+    from layercard.cost import forward_seconds
+
+    model = _model()
+    model.train()
+    model.model.layers[0].eval()  # a caller's mix of modes, which model.train(was) would overwrite
+    modes = {n: m.training for n, m in model.named_modules()}
+    ids = torch.randint(3, 90, (2, 8))
+    forward_seconds(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, warm=True)
+    assert {n: m.training for n, m in model.named_modules()} == modes
+    generate(model, tiny_tokenizer(), TASK, TASK.examples[:1], batch_size=1, max_new_tokens=2)
+    assert {n: m.training for n, m in model.named_modules()} == modes

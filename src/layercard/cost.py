@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from layercard.errors import LayercardError
+from layercard.inference import eval_mode, restore_modes, training_modes
 from layercard.progress import track
 
 _STATUS = Path("/proc/self/status")
@@ -461,22 +462,17 @@ def forward_seconds(model, batch: dict[str, torch.Tensor], *, warm: bool, repeat
     device = next(model.parameters()).device
     ids = batch["input_ids"].to(device)
     mask = batch["attention_mask"].to(device)
-    was = model.training
-    model.eval()
     times = []
-    try:
-        with torch.no_grad():
-            for i in range(repeats if warm else repeats + 1):
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                t = time.perf_counter()
-                model(input_ids=ids, attention_mask=mask, use_cache=False)
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                if warm or i > 0:
-                    times.append(time.perf_counter() - t)
-    finally:
-        model.train(was)
+    with eval_mode(model):
+        for i in range(repeats if warm else repeats + 1):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t = time.perf_counter()
+            model(input_ids=ids, attention_mask=mask, use_cache=False)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            if warm or i > 0:
+                times.append(time.perf_counter() - t)
     return float(min(times))
 
 
@@ -638,7 +634,7 @@ def calibrate(
     configs: list[tuple[list[int], int]] = [([n_layers - 1], 8), ([0], 8), (everything, 8), (everything, 32)]
     if n_layers > 2:
         configs.insert(2, ([n_layers // 2], 8))
-    was_training = model.training
+    modes = training_modes(model)
     device = next(model.parameters()).device
     rows_in_batch = int(batch["input_ids"].shape[0])
     half_batch = {k: v[: rows_in_batch // 2] for k, v in batch.items()}
@@ -694,7 +690,7 @@ def calibrate(
             for i in track(again, "cost calibration (again)", total=len(again), enabled=progress):
                 measure(i, n_steps=1)
     finally:
-        model.train(was_training)
+        restore_modes(modes)
     rows = []
     for (layers, rank), ts in zip(configs, timed, strict=True):
         specs = models.units(model, roles, layers=layers)

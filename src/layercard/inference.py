@@ -36,7 +36,16 @@ from layercard.tasks import (
     turn_end_token_id,
 )
 
-__all__ = ["device_of", "eval_example_losses", "eval_loss", "eval_mode", "generate", "pad_id"]
+__all__ = [
+    "device_of",
+    "eval_example_losses",
+    "eval_loss",
+    "eval_mode",
+    "generate",
+    "pad_id",
+    "restore_modes",
+    "training_modes",
+]
 
 
 def device_of(model: nn.Module) -> torch.device:
@@ -44,17 +53,29 @@ def device_of(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+def training_modes(model: nn.Module) -> list[tuple[nn.Module, bool]]:
+    """Each submodule's train/eval flag, for :func:`restore_modes`: a model may mix the two (a frozen
+    part kept in eval mode), which ``model.train(was)`` would overwrite."""
+    return [(m, m.training) for m in model.modules()]
+
+
+def restore_modes(modes: list[tuple[nn.Module, bool]]) -> None:
+    """Put back the flags :func:`training_modes` read, module by module."""
+    for module, training in modes:
+        module.training = training
+
+
 @contextlib.contextmanager
 def eval_mode(model: nn.Module) -> Iterator[None]:
     """Eval mode (no dropout: greedy outputs must be deterministic) and no autograd for the block,
-    restoring the caller's mode."""
-    was_training = model.training
+    restoring each submodule's mode as the caller had it."""
+    modes = training_modes(model)
     model.eval()
     try:
         with torch.no_grad():
             yield
     finally:
-        model.train(was_training)
+        restore_modes(modes)
 
 
 def pad_id(tokenizer: Any) -> int:

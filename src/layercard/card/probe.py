@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from layercard.errors import LayercardError
+from layercard.inference import restore_modes, training_modes
 from layercard.models import UnitSpec, decoder_layers, get_module, input_embeddings
 from layercard.tasks.loss import forward_loss
 
@@ -229,13 +230,12 @@ def _stable_seed(seed: int, name: str) -> int:
 def eval_mode(model: nn.Module) -> Iterator[None]:
     """The model in eval mode for the block (no dropout: a measurement must not depend on a random mask),
     then each module back in the mode it had, so a caller's mix of train and eval modules survives."""
-    modes = [(m, m.training) for m in model.modules()]
+    modes = training_modes(model)
     model.eval()
     try:
         yield
     finally:
-        for m, training in modes:
-            m.training = training
+        restore_modes(modes)
 
 
 def run_probe(

@@ -9,10 +9,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from torch import nn
 
 from layercard.artifacts import SCHEMA_VERSION, load_artifact, write_json
+from layercard.inference import eval_mode
 from layercard.tasks import Encoded, batches
 from layercard.tasks.loss import forward_loss
 
@@ -366,17 +366,12 @@ def eval_loss(
     model: nn.Module, encoded: Sequence[Encoded], batch_size: int, pad_id: int, accelerator: Any
 ) -> float:
     """Mean CE over the target tokens of ``encoded``, no grad, eval mode (dropout off)."""
-    was = model.training
-    model.eval()
     total, count = 0.0, 0
-    try:
-        with torch.no_grad():
-            for b in batches(encoded, batch_size, pad_id):
-                b = {k: v.to(accelerator.device) for k, v in b.items()}
-                with accelerator.autocast():
-                    ls, n = forward_loss(model, b["input_ids"], b["attention_mask"], b["labels"])
-                total += float(ls)
-                count += n
-    finally:
-        model.train(was)
+    with eval_mode(model):
+        for b in batches(encoded, batch_size, pad_id):
+            b = {k: v.to(accelerator.device) for k, v in b.items()}
+            with accelerator.autocast():
+                ls, n = forward_loss(model, b["input_ids"], b["attention_mask"], b["labels"])
+            total += float(ls)
+            count += n
     return total / max(count, 1)

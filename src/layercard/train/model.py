@@ -13,6 +13,7 @@ from torch import nn
 
 from layercard.artifacts import atomic_path
 from layercard.errors import LayercardError, first_line
+from layercard.inference import restore_modes, training_modes
 from layercard.models import LoadedModel
 from layercard.plan import Plan, check_lora_model
 
@@ -50,7 +51,7 @@ class Adapted:
         self.base = base
         self.owned = owned  # a 4-bit copy made for this run: nothing to restore
         self.flags = [(p, p.requires_grad) for p in base.parameters()]
-        self.was_training = base.training
+        self.modes = training_modes(base)
         self.home = next(base.parameters()).device
         self.peft_model: Any = None
         self.aset: Any = None
@@ -105,7 +106,7 @@ class Adapted:
         if not self.owned:
             for p, r in self.flags:
                 p.requires_grad_(r)
-            self.base.train(self.was_training)
+            restore_modes(self.modes)
             if next(self.base.parameters()).device != self.home:
                 self.base.to(self.home)
         accelerator.free_memory()
