@@ -308,10 +308,30 @@ def _duplicate_unit(d):
         (_set("units.0.role", "qq"), r"units\[0\]\.role: must be a role \(q, k, .*\), got 'qq'"),
         (_set("roles.0", "attn"), r"roles\[0\]: must be a role .*, got 'attn'"),
         (_set("units.0.grad_norm", 1e308), r"units\[0\]: its gradnorm score is not finite"),
+        # the cost model: a negative term would price a step below nothing, a zero batch divides by zero
+        (_set("cost.intercept_s", -5.0), r"cost\.intercept_s: must be a finite number >= 0, got -5\.0"),
+        (_set("cost.per_module_s", -1), r"cost\.per_module_s: must be a finite number >= 0, got -1"),
+        (_set("cost.batch_size", 0), r"cost\.batch_size: must be an integer >= 1, got 0"),
+        (_pop("cost.n_layers"), r"cost\.n_layers: missing"),
+        (_set("cost.n_layers", 7), r"cost\.n_layers: must be the card's 4 layers, got 7"),
+        (
+            _set("cost.step_position_share", -3),
+            r"cost\.step_position_share: must be a share in \[0, 1\], got -3",
+        ),
+        (_set("cost.memory_module_width", 0.0), r"cost\.memory_module_width: must be a finite number > 0"),
     ],
 )
 def test_a_hand_edited_card_field_fails_where_it_is_read(coupled, tmp_path, change, expect):
+    from layercard.cost import CostModel
+
     d = json.loads(json.dumps(coupled.to_dict()))
+    # a calibrated card's cost model, as the card records it
+    d["cost"] = CostModel(
+        intercept_s=1.0, per_layer_backward_s=0.5, per_module_s=0.1, n_layers=d["model"]["n_layers"],
+        batch_size=4, batch_tokens=192, measured=[], device="cpu", memory_base_mib=110.0,
+        step_position_share=0.5, memory_module_width=64.0,
+    ).to_dict()  # fmt: skip
+    Card.from_dict(json.loads(json.dumps(d)))  # as it was: valid
     change(d)
     path = tmp_path / "card.json"
     path.write_text(json.dumps(d))

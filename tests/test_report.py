@@ -453,13 +453,13 @@ def test_a_placement_has_one_colour_in_every_figure(run_dir, tmp_path, monkeypat
     import layercard.report.figures as figures
 
     calls: list[list[str]] = []
-    real = figures._palette
+    real = figures.palette
 
     def spy(names):
         calls.append(list(names))
         return real(names)
 
-    monkeypatch.setattr(figures, "_palette", spy)
+    monkeypatch.setattr(figures, "palette", spy)
     copy = tmp_path / "run"
     shutil.copytree(run_dir, copy)
     build_report(copy)

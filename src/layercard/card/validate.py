@@ -154,13 +154,54 @@ def check_card(d: Mapping[str, Any], source: str, scores: Sequence[str]) -> None
     if d.get("coupling") is not None:
         _check_coupling(f, f.mapping(d["coupling"], "coupling"), n_layers)
     if d.get("cost") is not None:
-        f.mapping(d["cost"], "cost")
+        _check_cost(f, f.mapping(d["cost"], "cost"), n_layers)
     timings = f.mapping(d.get("timings", {}), "timings")
     for k, v in timings.items():
         f.number(v, f"timings.{k}", minimum=0)
     if "default_score" in d and d["default_score"] not in scores:
         f.fail("default_score", f"must be one of {', '.join(scores)}", d["default_score"])
     f.finite_everywhere(d, "")  # whatever the checks above do not name (cost, provenance)
+
+
+# A cost model's terms are fitted non-negative (each is a time or a size); the rest are counts, widths and
+# shares. Keys a card made before the term was measured lacks are optional.
+_COST_TERMS = ("intercept_s", "per_layer_backward_s", "per_module_s")
+_COST_OPTIONAL_TERMS = (
+    "per_mparam_s", "memory_resident_mib", "memory_base_mib", "memory_per_layer_mib", "memory_per_module_mib",
+    "memory_per_mparam_mib", "memory_resident_before_mib", "forward_base_s", "forward_per_module_s",
+)  # fmt: skip
+_COST_WIDTHS = ("memory_module_width", "step_module_width", "batch_positions", "memory_positions")
+_COST_SHARES = ("step_position_share", "memory_position_share", "forward_position_share")
+
+
+def _check_cost(f: Fields, cost: Mapping[str, Any], n_layers: int) -> None:
+    """The card's cost model: what every price reads is present, and no term, width or share a price would
+    turn negative, infinite or a division by zero."""
+    for key in _COST_TERMS:
+        f.number(f.get(cost, key, "cost"), f"cost.{key}", minimum=0)
+    for key in _COST_OPTIONAL_TERMS:
+        f.optional(cost.get(key), f"cost.{key}", lambda v, w: f.number(v, w, minimum=0))
+    f.integer(f.get(cost, "n_layers", "cost"), "cost.n_layers", minimum=1)
+    if cost["n_layers"] != n_layers:
+        f.fail("cost.n_layers", f"must be the card's {n_layers} layers", cost["n_layers"])
+    f.integer(f.get(cost, "batch_size", "cost"), "cost.batch_size", minimum=1)
+    f.integer(f.get(cost, "batch_tokens", "cost"), "cost.batch_tokens", minimum=1)
+    f.items(f.get(cost, "measured", "cost"), "cost.measured")
+    f.text(f.get(cost, "device", "cost"), "cost.device")
+    for key in _COST_WIDTHS:
+        f.optional(cost.get(key), f"cost.{key}", lambda v, w: f.number(v, w, minimum=0, above=True))
+    for key in _COST_SHARES:
+        if cost.get(key) is not None and not (0 <= f.number(cost[key], f"cost.{key}") <= 1):
+            f.fail(f"cost.{key}", "must be a share in [0, 1]", cost[key])
+    if "step_micro_batches" in cost:
+        f.integer(cost["step_micro_batches"], "cost.step_micro_batches", minimum=1)
+    if "dropout" in cost and not (0 <= f.number(cost["dropout"], "cost.dropout") < 1):
+        f.fail("cost.dropout", "must be in [0, 1)", cost["dropout"])
+    first = cost.get("memory_first_step")
+    if first is not None:
+        for key, v in f.mapping(first, "cost.memory_first_step").items():
+            check = (lambda v, w: f.number(v, w, minimum=0)) if key != "memory_position_share" else f.number
+            f.optional(v, f"cost.memory_first_step.{key}", check)
 
 
 def _check_task(f: Fields, task: Mapping[str, Any]) -> None:
