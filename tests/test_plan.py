@@ -446,6 +446,15 @@ def test_rank_auto_respects_params_budget(tiny_card, tiny_llama):
         assert lc["alpha_pattern"][name] == 2 * r  # alpha/r stays 2
     assert all(ranks[n] == lc["r"] for n in ranks if n not in lc["rank_pattern"])
     assert check_plan(plan, tiny_llama)["ok"]
+    # its memory is priced at the parameters its ranks hold, not at rank 8 on every module
+    from layercard.cost import CostModel
+
+    pr = plan.predicted
+    uniform = 8 * sum(u.d_in + u.d_out for u in tiny_card.units if u.layer in plan.layers)
+    assert pr["params"] != uniform
+    cm = CostModel.from_dict(tiny_card.cost)
+    want = cm.memory(plan.layers, pr["modules"], pr["params"], pr["input_width"])["peak_mib"]
+    assert pr["memory"]["peak_mib"] == pytest.approx(want)
     # Without a parameter budget, auto spends what uniform rank 8 would on the chosen layers.
     plan2 = make_plan(tiny_card, PlanConfig("top", budget="layers=2", rank="auto"))
     assert plan2.predicted["params"] <= 2 * per_layer

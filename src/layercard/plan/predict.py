@@ -39,9 +39,10 @@ def predicted(
         "additive_gain": space.additive_gain(layers),
         "redundancy": space.redundancy(layers),
         "coupling": _coupling_note(card),
-        "step_time_s": space.step_time(layers),
+        # at the placement's own ranks (rank auto spreads a budget unevenly), not the uniform rank's
+        "step_time_s": space.step_time(layers, params),
         "all_layer_step_time_s": space.step_time(space.layers),
-        "memory": space.memory(layers),
+        "memory": space.memory(layers, params),
         "forward_s": space.forward_time(layers),
         "params": int(params),
         "all_layer_params": int(space.cost(space.layers, "params")),

@@ -81,11 +81,18 @@ class Space:
             return None
         return sum(u.d_in + u.d_out for layer in layers for u in self.units[layer])
 
-    def step_time(self, layers: Sequence[int]) -> float | None:
-        """Predicted seconds per step (§5), or None without a cost model."""
+    def _params(self, layers: Sequence[int], params: int | None) -> int:
+        """The adapter parameters a LoRA placement of ``layers`` prices: ``params`` where its ranks are
+        not the uniform rank (rank auto), else every module at it; 0 for other kinds."""
+        if self.kind != "lora":
+            return 0
+        return int(params) if params is not None else int(sum(self.layer_params(layer) for layer in layers))
+
+    def step_time(self, layers: Sequence[int], params: int | None = None) -> float | None:
+        """Predicted seconds per step (§5), or None without a cost model (``params``: see :meth:`_params`)."""
         if self.cost_model is None:
             return None
-        params = int(sum(self.layer_params(layer) for layer in layers)) if self.kind == "lora" else 0
+        params = self._params(layers, params)
         modules, width = self.modules(layers), self.width(layers)
         return float(self.cost_model.step_time(list(layers), modules, params, width))
 
@@ -95,11 +102,11 @@ class Space:
             return None
         return self.cost_model.forward_time(self.modules(layers))
 
-    def memory(self, layers: Sequence[int]) -> dict[str, float] | None:
+    def memory(self, layers: Sequence[int], params: int | None = None) -> dict[str, float] | None:
         """Predicted peak training memory and its activation part (MiB, §5), or None if not measured."""
         if self.cost_model is None:
             return None
-        params = int(sum(self.layer_params(layer) for layer in layers)) if self.kind == "lora" else 0
+        params = self._params(layers, params)
         return self.cost_model.memory(list(layers), self.modules(layers), params, self.input_width(layers))
 
     def cost(self, layers: Sequence[int], kind: str) -> float:
