@@ -1276,3 +1276,36 @@ def test_an_inconsistent_plan_json_is_refused_on_load_naming_the_field(tiny_card
     assert Plan.load(plan.save(tmp_path / "ok.json")) == plan
     again = plan.restricted(plan.layers[:1], tiny_card)
     assert Plan.load(again.save(tmp_path / "restricted.json")) == again
+
+
+def test_the_frontier_figures_cost_ticks_are_labelled_by_their_own_values(tiny_card, tmp_path, monkeypatch):
+    """A memory axis spanning a few MiB has ticks between whole numbers: each label reads its tick's value."""
+    import matplotlib.pyplot as plt
+
+    from layercard.plan.figures import plot_frontier
+
+    checked: list[str] = []
+    real = plt.Figure.savefig
+
+    def read_ticks(fig, *a, **k):
+        fig.canvas.draw()
+        for ax in fig.axes:
+            if not ax.get_xlabel().startswith("peak training memory") or ax.get_xscale() != "linear":
+                continue
+            for loc, label in zip(ax.get_xticks(), ax.get_xticklabels(), strict=True):
+                text = label.get_text().replace(",", "").replace("\u2212", "-")
+                lo, hi = ax.get_xlim()
+                if text and lo <= loc <= hi:
+                    shown = len(text.split(".")[1]) if "." in text else 0
+                    assert abs(float(text) - loc) <= 0.5 * 10**-shown + 1e-9, (loc, text)
+                    checked.append(text)
+        return real(fig, *a, **k)
+
+    monkeypatch.setattr(plt.Figure, "savefig", read_ticks)
+    # memory terms that span a few MiB over the placements
+    narrow = COST | {"memory_per_layer_mib": 0.3, "memory_per_module_mib": 0.05, "memory_per_mparam_mib": 1.0}
+    plan = make_plan(
+        dataclasses.replace(tiny_card, cost=narrow), PlanConfig("recommend", budget="memory=0.99x")
+    )
+    plot_frontier(plan, tmp_path / "f.png")
+    assert checked and len(set(checked)) == len(checked), checked  # no two ticks share a label

@@ -49,6 +49,8 @@ def plot_frontier(
             lo = [y - e for y, e in zip(ys, errs, strict=True)]
             hi = [y + e for y, e in zip(ys, errs, strict=True)]
             ax.fill_between(xs, lo, hi, color="tab:blue", alpha=0.12)
+            if len(xs) == 1:  # a band over one cost has no width: its error as a bar
+                ax.errorbar(xs, ys, yerr=errs, fmt="none", ecolor="tab:blue", alpha=0.5, capsize=4)
         for name, row in (pred.get("defaults") or {}).items():
             if row is not None and kind in row:
                 # a fixed rule's own expected error: one that leaves depth out is less certain
@@ -99,9 +101,16 @@ def plot_frontier(
         # ticks would read 1.1×10³, so the axis is linear with whole numbers
         ax.set_xscale("log" if log else "linear")
         if not log and kind != "step_time":
-            from matplotlib.ticker import StrMethodFormatter
+            from matplotlib.ticker import MaxNLocator, StrMethodFormatter
 
-            ax.xaxis.set_major_formatter(StrMethodFormatter("{x:,.0f}"))
+            # whole numbers on whole ticks; over a span of a few MiB the ticks fall between them, and a
+            # whole-number label would name a tick by its neighbour's value
+            width = max(span) - min(span) if span else 0.0
+            if width >= 5 or kind == "modules":
+                ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+                ax.xaxis.set_major_formatter(StrMethodFormatter("{x:,.0f}"))
+            else:
+                ax.xaxis.set_major_formatter(StrMethodFormatter("{x:,.1f}" if width >= 0.5 else "{x:,.2f}"))
         label = _LABELS.get(kind, kind)
         if kind == "memory" and pred.get("memory_figure") == "first_step":
             label += ", the first steps' figure: a training process of its own"
