@@ -1066,6 +1066,15 @@ def test_memory_figure_is_checked_and_peak_of_reads_each():
     assert peak_of({"peak_mib": 10.0}, "first_step") == 10.0 and peak_of(None, "window") is None
     assert peak_text({"peak_mib": 1234.4}, "window") == "1,234 MiB"
     assert peak_text(memory, "first_step").startswith("8 MiB (the first steps' figure")
+    # what the peak measures is said where the card recorded it
+    said = peak_text({"peak_mib": 1234.4, "kind": "process_peak_rss"}, "window")
+    assert said == "1,234 MiB (process's resident peak)"
+    assert peak_text({**memory, "kind": "cuda_max_memory_allocated"}, "first_step").startswith(
+        "8 MiB (CUDA allocator's peak; the first steps' figure"
+    )
+    assert CostModel.from_dict(COST | {"memory_kind": "process_peak_rss"}).memory([0], 2)["kind"] == (
+        "process_peak_rss"
+    )
 
 
 def test_the_frontier_figure_names_the_first_steps_memory_figure(tiny_card, tmp_path, monkeypatch):

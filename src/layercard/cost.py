@@ -77,10 +77,13 @@ def peak_of(memory: dict[str, Any] | None, figure: str | None) -> float | None:
 
 
 def peak_text(memory: dict[str, Any], figure: str | None) -> str:
-    """A plan's predicted peak as printed: MiB, and where it is the first steps' figure, that it holds for a
-    training process of its own."""
-    note = " (the first steps' figure, for training in a process that runs no calibration)"
-    return f"{peak_of(memory, figure):,.0f} MiB" + (note if figure == "first_step" else "")
+    """A plan's predicted peak as printed: MiB, what it measures (a process's resident peak counts the
+    whole process; CUDA's allocator leaves out its context and cache), and where it is the first steps'
+    figure, that it holds for a training process of its own."""
+    notes = [memory_kind_text(memory["kind"])] if memory.get("kind") else []
+    if figure == "first_step":
+        notes.append("the first steps' figure, for training in a process that runs no calibration")
+    return f"{peak_of(memory, figure):,.0f} MiB" + (f" ({'; '.join(notes)})" if notes else "")
 
 
 def touch_weights(model: torch.nn.Module) -> None:
@@ -316,6 +319,8 @@ class CostModel:
         else:
             activations = float(self.memory_per_layer_mib or 0.0) * depth
         out: dict[str, Any] = {"peak_mib": peak, "activations_mib": activations, "resident_mib": resident}
+        if self.memory_kind is not None:  # what the peak is: a process's resident size, or CUDA's allocated
+            out["kind"] = self.memory_kind
         first = self.first_step_model()
         if first is not None:  # what a run in a process that ran no calibration is priced by
             out["first_step"] = first.memory(layers, modules, params, input_width)
