@@ -10,13 +10,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from peft import get_peft_model
+from peft import LoraConfig, get_peft_model
 from tiny import tiny_model
 from tiny_tok import tiny_tokenizer
 
 from layercard import models
 from layercard.card import compute_card
 from layercard.config import CardConfig, EvalConfig, PlanConfig, TrainConfig
+from layercard.errors import LayercardError
 from layercard.evaluate import evaluate
 from layercard.integrations import LayercardCallback
 from layercard.models import LoadedModel
@@ -123,7 +124,10 @@ def trainer_run(tmp_path_factory):
     # layercard's evaluation of the trained model completes the run folder the report reads
     ev = EvalConfig(examples=4, batch_size=4, max_new_tokens=4)
     evaluate(loaded, task, ev, model=trainer.model, progress=False).save(run / "eval" / "mine")
-    return {"run": run, "plan": plan, "trainer": trainer, "encoded": encoded, "task": task}
+    return {
+        "run": run, "plan": plan, "trainer": trainer, "encoded": encoded, "task": task, "callback": callback,
+        "pad_id": loaded.tokenizer.pad_token_id,
+    }  # fmt: skip
 
 
 def test_callback_writes_train_metrics_layercard_reads(trainer_run):
@@ -172,8 +176,6 @@ def test_the_report_shows_the_trainer_run_against_the_plan(trainer_run):
 
 
 def test_callback_refuses_a_file_as_its_folder(trainer_run, tmp_path):
-    from layercard.errors import LayercardError
-
     (tmp_path / "f").write_text("")
     with pytest.raises(LayercardError, match="exists and is a file"):
         LayercardCallback(trainer_run["plan"], tmp_path / "f")
@@ -200,6 +202,235 @@ def test_the_callback_reads_the_trainers_device_not_the_models(trainer_run, monk
     monkeypatch.setattr(integrations, "reset_peak_memory", lambda device: seen.append(device) or 0.0)
     callback = LayercardCallback(trainer_run["plan"], "unused")
     state = types.SimpleNamespace(global_step=0)
-    callback.on_train_begin(types.SimpleNamespace(device="meta"), state, None, model=torch.nn.Linear(2, 2))
+    model = get_peft_model(tiny_model("llama"), trainer_run["plan"].peft_config())
+    callback.on_train_begin(types.SimpleNamespace(device="meta"), state, None, model=model)
     assert callback._device == torch.device("meta") and seen == [torch.device("meta")]
-    callback._hook.remove()
+    callback._remove_hooks()
+
+
+# ---- a Trainer run of one's own, measured: divergence, the model, resume, repeated runs -----------------
+
+
+def own_trainer(trainer_run, folder: Path, callbacks: list, **settings):
+    """A Trainer of a fresh tiny model with the plan's LoRA on the run's examples, 4 a step."""
+    from transformers import Trainer, TrainingArguments
+
+    args = dict(
+        output_dir=str(folder), max_steps=4, per_device_train_batch_size=4, logging_steps=1,
+        learning_rate=1e-2, report_to=[], save_strategy="no", use_cpu=True, seed=0, disable_tqdm=True,
+    )  # fmt: skip
+    pad = trainer_run["pad_id"]
+    return Trainer(
+        model=get_peft_model(tiny_model("llama", seed=0), trainer_run["plan"].peft_config()),
+        args=TrainingArguments(**{**args, **settings}),
+        train_dataset=trainer_run["encoded"],
+        data_collator=lambda rows: collate(rows, pad),
+        callbacks=callbacks,
+    )
+
+
+def poison_at(step: int):
+    """A callback that makes one LoRA weight NaN at the end of ``step``."""
+    from transformers import TrainerCallback
+
+    class Poison(TrainerCallback):
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            if state.global_step == step:
+                with torch.no_grad():
+                    next(p for n, p in model.named_parameters() if "lora_B" in n).fill_(float("nan"))
+
+    return Poison()
+
+
+def said_lines(monkeypatch) -> list[str]:
+    import layercard.integrations as integrations
+
+    lines: list[str] = []
+    monkeypatch.setattr(integrations, "say", lambda text, **kw: lines.append(text))
+    return lines
+
+
+@pytest.mark.parametrize("nan_filter", [True, False])
+def test_weights_turned_non_finite_stop_the_run_and_nothing_is_written(trainer_run, tmp_path, nan_filter):
+    # The weights go NaN at step 2 (the poison runs before the callback): with the Trainer's default
+    # logging_nan_inf_filter the later losses would be logged as stand-ins, never as NaN.
+    callback = LayercardCallback(trainer_run["plan"], tmp_path / "m")
+    trainer = own_trainer(
+        trainer_run, tmp_path / "t", [poison_at(2), callback], max_steps=6, save_strategy="steps",
+        save_steps=2, logging_nan_inf_filter=nan_filter,
+    )  # fmt: skip
+    with pytest.raises(LayercardError, match=r"step 2 of 6: the update of the trainable parameters is NaN"):
+        trainer.train()
+    assert trainer.state.global_step == 2
+    assert not (tmp_path / "m" / "train_metrics.json").exists()
+    assert not (tmp_path / "t" / "checkpoint-2").exists()  # no checkpoint holds the diverged weights
+    assert not callback._hooks
+
+
+@pytest.mark.parametrize("nan_filter", [True, False])
+def test_a_non_finite_loss_stops_the_run_at_its_step(trainer_run, tmp_path, nan_filter):
+    # The poison runs after the callback's check at step 2: step 3's loss is the first non-finite value.
+    callback = LayercardCallback(trainer_run["plan"], tmp_path / "m")
+    trainer = own_trainer(
+        trainer_run, tmp_path / "t", [callback, poison_at(2)], max_steps=6, logging_nan_inf_filter=nan_filter
+    )
+    with pytest.raises(LayercardError, match=r"step 3 of 6: the training loss is NaN or infinite; training"):
+        trainer.train()
+    assert trainer.state.global_step == 3 and not (tmp_path / "m" / "train_metrics.json").exists()
+
+
+def test_a_non_finite_logged_value_stops_the_run(trainer_run, tmp_path):
+    # a loss the model does not return (the Trainer's own compute_loss) is seen only in the logs
+    import types
+
+    from transformers import TrainerControl
+
+    callback = LayercardCallback(trainer_run["plan"], tmp_path / "m")
+    args, state = (
+        types.SimpleNamespace(learning_rate=1e-3),
+        types.SimpleNamespace(global_step=4, max_steps=10),
+    )
+    control = TrainerControl(should_save=True)
+    callback.on_log(args, state, control, logs={"eval_loss": float("inf")})
+    assert control.should_training_stop and not control.should_save
+    with pytest.raises(LayercardError, match=r"step 4 of 10: the validation loss \(eval_loss\) is inf"):
+        callback.on_train_end(args, state, control)
+    assert not (tmp_path / "m").exists()
+
+
+@pytest.mark.parametrize(
+    "build, message",
+    [
+        (lambda lc: tiny_model("llama"), "the model has no LoRA modules .* the plan places 4 modules"),
+        (
+            lambda lc: LoraConfig(**{**lc, "r": 8}),
+            r"\(4 adapted, 4 planned\): .* has LoRA rank 8, the plan says 4",
+        ),
+        (
+            lambda lc: LoraConfig(**{**lc, "target_modules": lc["target_modules"][1:]}),
+            r"\(3 adapted, 4 planned\): model\.layers\.\d\.self_attn\.q_proj \(rank 4\) is planned but not",
+        ),
+        (
+            lambda lc: get_peft_model(tiny_model("gpt2"), LoraConfig(r=4, target_modules=["c_attn"])),
+            r"transformer\.h\.0\.attn\.c_attn \(rank 4\) is adapted but not planned, and 3 more",
+        ),
+    ],
+    ids=["full-fine-tune", "other-rank", "fewer-modules", "other-model"],
+)
+def test_the_callback_refuses_a_model_that_is_not_the_plans(trainer_run, build, message):
+    import types
+
+    plan = trainer_run["plan"]
+    model = build(dict(plan.lora_config))
+    if isinstance(model, LoraConfig):
+        model = get_peft_model(tiny_model("llama"), model)
+    callback = LayercardCallback(plan, "unused")
+    with pytest.raises(LayercardError, match=message):
+        callback.on_train_begin(
+            types.SimpleNamespace(device="cpu"), types.SimpleNamespace(global_step=0), None, model
+        )
+    assert not callback._hooks
+
+
+def test_eva_may_move_the_plans_ranks(trainer_run):
+    # PEFT's EVA init redistributes the planned ranks: what it trains is still the plan's placement
+    import types
+
+    from peft import EvaConfig
+
+    plan = trainer_run["plan"]
+    lc = {**plan.lora_config, "init_lora_weights": "eva", "eva_config": EvaConfig()}
+    lc["rank_pattern"] = {plan.units[0].name: 2, plan.units[1].name: 6}
+    callback = LayercardCallback(plan, "unused")
+    model = get_peft_model(tiny_model("llama"), LoraConfig(**lc))
+    callback.on_train_begin(
+        types.SimpleNamespace(device="cpu"), types.SimpleNamespace(global_step=0), None, model
+    )
+    callback._remove_hooks()
+
+
+@pytest.mark.parametrize("trainer_counts", [True, False], ids=["trainer-counts-tokens", "hook-counts-tokens"])
+def test_a_resumed_run_records_the_whole_runs_curve(trainer_run, tmp_path, monkeypatch, trainer_counts):
+    said = said_lines(monkeypatch)
+    plan, per_step = trainer_run["plan"], 4 * len(trainer_run["encoded"][0])
+    counting = {"include_num_input_tokens_seen": "non_padding"} if trainer_counts else {}
+    first = LayercardCallback(plan, tmp_path / "first")
+    own_trainer(trainer_run, tmp_path / "t", [first], save_strategy="steps", save_steps=2, **counting).train()
+    whole = TrainMetrics.load(tmp_path / "first")
+    resumed = own_trainer(trainer_run, tmp_path / "t", [LayercardCallback(plan, tmp_path / "m")], **counting)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "t" / "checkpoint-2"))
+    m = TrainMetrics.load(tmp_path / "m")
+    assert m.steps == 4 and m.resumed_from == 2
+    assert [s for s, _ in m.loss_curve] == [1, 2, 3, 4] and m.loss_curve[:2] == whole.loss_curve[:2]
+    assert m.first_train_loss == whole.first_train_loss and m.final_train_loss == m.loss_curve[-1][1]
+    assert m.batch_tokens_per_step == per_step
+    if trainer_counts:  # the Trainer's count, which the checkpoint carried
+        assert m.tokens_seen == 4 * per_step == resumed.state.num_input_tokens_seen
+        assert any("resumed at step 2: target_tokens_seen counts only this session" in line for line in said)
+    else:  # the hook saw this session's steps only, and says so
+        assert m.tokens_seen == 2 * per_step
+        assert any(
+            "tokens_seen and target_tokens_seen count only this session's steps" in line for line in said
+        )
+
+
+def test_training_twice_records_the_second_run_alone(trainer_run, tmp_path):
+    callback = LayercardCallback(trainer_run["plan"], tmp_path / "m")
+    trainer = own_trainer(trainer_run, tmp_path / "t", [callback], max_steps=2)
+    trainer.train()
+    trainer.args.max_steps = 3
+    trainer.train()
+    m = TrainMetrics.load(tmp_path / "m")
+    assert m.steps == 3 and [s for s, _ in m.loss_curve] == [1, 2, 3] and len(callback.step_times) == 3
+    assert m.tokens_seen == 3 * 4 * len(trainer_run["encoded"][0])
+
+
+def test_a_run_that_raised_leaves_no_second_counter(trainer_run, tmp_path):
+    from transformers import TrainerCallback
+
+    class Boom(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            raise RuntimeError("boom")
+
+    callback, boom = LayercardCallback(trainer_run["plan"], tmp_path / "m"), Boom()
+    trainer = own_trainer(trainer_run, tmp_path / "t", [callback, boom], max_steps=2)
+    with pytest.raises(RuntimeError, match="boom"):
+        trainer.train()
+    trainer.callback_handler.remove_callback(boom)
+    trainer.train()
+    assert TrainMetrics.load(tmp_path / "m").tokens_seen == 2 * 4 * len(trainer_run["encoded"][0])
+    assert not trainer.model._forward_pre_hooks and not trainer.model._forward_hooks
+
+
+def test_loss_logged_every_other_step_and_warmup_as_a_share(trainer_run, tmp_path):
+    callback = LayercardCallback(trainer_run["plan"], tmp_path / "m")
+    trainer = own_trainer(trainer_run, tmp_path / "t", [callback], logging_steps=2, warmup_steps=0.5)
+    trainer.train()
+    m = TrainMetrics.load(tmp_path / "m")
+    assert [s for s, _ in m.loss_curve] == [2, 4]
+    assert m.first_train_loss is None  # step 2's entry is the mean over steps 1 and 2, not step 1's loss
+    assert m.final_train_loss == m.loss_curve[-1][1]
+    assert m.config["warmup_steps"] == 2 == trainer.args.get_warmup_steps(4)  # half of the 4 steps
+    assert m.config["gradient_checkpointing"] is False
+
+
+def test_a_run_that_logged_no_loss_says_so(trainer_run, tmp_path, monkeypatch):
+    said = said_lines(monkeypatch)
+    callback = LayercardCallback(trainer_run["plan"], tmp_path / "m")
+    own_trainer(trainer_run, tmp_path / "t", [callback], max_steps=2, logging_steps=500).train()
+    m = TrainMetrics.load(tmp_path / "m")
+    assert m.loss_curve == [] and m.first_train_loss is None and m.final_train_loss is None
+    assert any("logged no training loss in 2 steps (logging_steps 500)" in line for line in said)
+
+
+def test_batch_size_is_per_process_as_layercard_train_records_it(trainer_run):
+    trainer, callback = trainer_run["trainer"], trainer_run["callback"]
+
+    class TwoProcesses:  # the fixture's arguments, as a launch of two processes would see them
+        world_size = 2
+
+        def __getattr__(self, name):
+            return getattr(trainer.args, name)
+
+    m = callback.metrics(TwoProcesses(), trainer.state, trainer.model)
+    assert m.batch_size == 4 and m.world_size == 2
