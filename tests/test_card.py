@@ -187,7 +187,16 @@ def test_coupling_and_cost(facts):
         0.0 <= share <= 1.0
         and card.cost["batch_scaling"]["half_positions"] * 2 == card.cost["batch_positions"]
     )
-    assert f"so {100 * share:.0f}% of a step grows with the positions it computes" in card_markdown(card)
+    said = card_markdown(card)
+    assert f"so {100 * share:.0f}% of a step grows with the positions it computes" in said
+    # ... and every fitted term, the rank's and the memory's too
+    c = card.cost
+    assert f"per million adapter parameters {c['per_mparam_s']:.4f} s" in said
+    assert f"{c['batch_positions']:,.0f} padded positions" in said
+    assert (
+        f"per layer {c['memory_per_layer_mib']:.2f} MiB, per module {c['memory_per_module_mib']:.2f} MiB"
+        in said
+    )
 
 
 def test_no_target_tokens_and_nonfinite_loss():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -61,8 +62,17 @@ def card_markdown(card: Card) -> str:
             "## Cost model (measured on this machine)",
             "",
             f"`{c['formula']}` with intercept {c['intercept_s']:.3f} s, per-layer backward "
-            f"{c['per_layer_backward_s']:.4f} s, per-module {c['per_module_s']:.4f} s "
-            f"(batch {c['batch_size']} sequences, {c['batch_tokens']} tokens, {c['device']}).",
+            f"{c['per_layer_backward_s']:.4f} s, per-module {c['per_module_s']:.4f} s"
+            + (
+                f" (a module as wide as the calibration's mean, d_in + d_out = {c['step_module_width']:,.0f})"
+                if c.get("step_module_width")
+                else ""
+            )
+            + f", per million adapter parameters {c.get('per_mparam_s', 0.0):.4f} s "
+            f"(batch {c['batch_size']} sequences, {c['batch_tokens']} tokens"
+            + (f", {c['batch_positions']:,.0f} padded positions" if c.get("batch_positions") else "")
+            + f", {c['device']}).",
+            *_memory_terms(c),
             "",
             "| adapted layers | modules | rank | measured s/step | predicted s/step |",
             "|---|---:|---:|---:|---:|",
@@ -100,6 +110,26 @@ def card_markdown(card: Card) -> str:
             f"max {off.max():.3f}.",
         ]
     return "\n".join(lines) + "\n"
+
+
+def _memory_terms(c: dict[str, Any]) -> list[str]:
+    """The cost model's memory terms as card.md states them, where the card measured peak memory."""
+    if c.get("memory_base_mib") is None:
+        return []
+    from layercard.cost import memory_kind_text
+
+    def term(key: str) -> float:
+        return float(c.get(key) or 0.0)
+
+    return [
+        "",
+        (f"`{c['memory_formula']}` with" if c.get("memory_formula") else "Peak training memory:")
+        + f" base {term('memory_base_mib'):,.1f} MiB (of which "
+        f"{term('memory_resident_mib'):,.1f} MiB in use before the steps), per layer "
+        f"{term('memory_per_layer_mib'):.2f} MiB, per module {term('memory_per_module_mib'):.2f} MiB, per "
+        f"million adapter parameters {term('memory_per_mparam_mib'):.1f} MiB (the "
+        f"{memory_kind_text(c.get('memory_kind'))}).",
+    ]
 
 
 def write_card_folder(card: Card, out: str | Path) -> list[Path]:
