@@ -90,6 +90,39 @@ def test_write_json_refuses_non_finite_numbers(tmp_path: Path) -> None:
     assert not path.exists() and not list(tmp_path.iterdir())
 
 
+@pytest.mark.parametrize(
+    ("text", "said"),
+    [
+        ('{"kind": "plan", "schema_version": true}', "schema_version=True, this layercard reads 1"),
+        ('{"kind": "plan", "schema_version": 1.0}', "schema_version=1.0, this layercard reads 1"),
+        ('{"kind": "plan", "schema_version": 2}', "schema_version=2 (a newer layercard wrote it)"),
+        ('{"kind": "plan", "schema_version": 0}', "schema_version=0 (an older layercard wrote it)"),
+        ('{"kind": "plan"}', "schema_version: missing; this layercard reads 1"),
+        ('{"kind": "plan", "schema_version": 1, "kind": "card"}', "key 'kind' appears twice in one object"),
+        ('{"kind": "plan", "schema_version": 1, "n": ' + "9" * 5000 + "}", "not valid JSON (Exceeds the"),
+        ('{"kind": "eval", "schema_version": 1}', "expected an evaluation artifact, found kind='eval'"),
+    ],
+)
+def test_an_artifacts_kind_version_and_keys_are_read_strictly(tmp_path: Path, text: str, said: str) -> None:
+    from layercard.artifacts import read_json
+
+    path = tmp_path / "a.json"
+    path.write_text(text)
+    kind = "evaluation" if "evaluation" in said else "plan"
+    with pytest.raises(LayercardError) as e:
+        read_json(path, kind=kind)
+    assert str(e.value).startswith(f"{path}: ") and said in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_seed_past_the_generators_range_is_refused_in_one_line(tmp_path: Path) -> None:
+    from layercard.config import TrainConfig
+    from layercard.config.schema import ConfigError
+
+    with pytest.raises(ConfigError, match=r"seed: must be an integer in 0\.\.4294967295, got 4294967296"):
+        TrainConfig(seed=2**32)
+    assert TrainConfig(seed=2**32 - 1).seed == 2**32 - 1
+
+
 def test_artifacts_with_a_byte_order_mark_are_read(world: World, tmp_path: Path) -> None:
     card = tmp_path / "card.json"
     card.write_bytes(b"\xef\xbb\xbf" + world.card.read_bytes())  # as some editors save it

@@ -299,6 +299,8 @@ def _duplicate_unit(d):
         (_set("config.horizon_steps", "abc"), r"config\.horizon_steps: must be an integer >= 1, got 'abc'"),
         (_set("config.lr", "x"), r"config\.lr: must be a finite number > 0, got 'x'"),
         (_pop("config.lora_rank"), r"config\.lora_rank: missing"),
+        (_pop("provenance"), r"provenance: missing"),
+        (_set("provenance", "x"), r"provenance: must be a mapping, got 'x'"),
         (_pop("task.n_examples"), r"task\.n_examples: missing"),
         (_set("task.examples_cut", 99), r"task\.examples_cut: must be an integer in 0\.\.8, got 99"),
         (_set("groups.0.n", 0), r"groups\[0\]\.n: must be an integer >= 1, got 0"),
@@ -319,6 +321,8 @@ def _duplicate_unit(d):
             r"cost\.step_position_share: must be a share in \[0, 1\], got -3",
         ),
         (_set("cost.memory_module_width", 0.0), r"cost\.memory_module_width: must be a finite number > 0"),
+        # a misspelt field would be dropped and its default taken
+        (_set("default_scroe", "gradnorm"), r"default_scroe: unknown field \(did you mean default_score\?\)"),
     ],
 )
 def test_a_hand_edited_card_field_fails_where_it_is_read(coupled, tmp_path, change, expect):

@@ -29,7 +29,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from layercard.errors import LayercardError
+from layercard.errors import LayercardError, message_line
 
 SCHEMA_VERSION = 1
 _TRACKED_PACKAGES = ("layercard", "torch", "transformers", "peft", "accelerate", "numpy")
@@ -463,7 +463,7 @@ def load_artifact(
     d = read_json(file, kind=kind)
     try:
         return build(d, file)
-    except (KeyError, TypeError, ValueError, AttributeError) as e:
+    except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as e:
         raise LayercardError(f"{file}: malformed {what} ({type(e).__name__}: {e})".splitlines()[0]) from None
 
 
@@ -476,11 +476,13 @@ def read_json(path: str | os.PathLike[str], *, kind: str | None = None) -> dict[
         raise LayercardError(f"{p}: no such file")
     try:
         # utf-8-sig: a byte-order mark some editors add is not an error
-        obj = json.loads(p.read_bytes().decode("utf-8-sig"))
+        obj = json.loads(p.read_bytes().decode("utf-8-sig"), object_pairs_hook=_unique_keys)
     except UnicodeDecodeError as e:
         raise LayercardError(f"{p}: not UTF-8 text (byte {e.start})") from None
     except json.JSONDecodeError as e:
         raise LayercardError(f"{p}: not valid JSON ({e.msg}: line {e.lineno}, column {e.colno})") from None
+    except ValueError as e:  # a repeated key, or an integer past the digits Python converts
+        raise LayercardError(f"{p}: not valid JSON ({message_line(e).split(';')[0]})") from None
     # Python's json reads NaN and Infinity, which JSON lacks and no artifact is written with: an edited
     # or foreign file's non-finite number must not become a result.
     found = non_finite(obj)
@@ -489,11 +491,33 @@ def read_json(path: str | os.PathLike[str], *, kind: str | None = None) -> dict[
     if kind is not None:
         if not isinstance(obj, dict) or obj.get("kind") != kind:
             got = obj.get("kind") if isinstance(obj, dict) else type(obj).__name__
-            raise LayercardError(f"{p}: expected a {kind} artifact, found kind={got!r}")
-        ver = obj.get("schema_version")
-        if ver != SCHEMA_VERSION:
-            raise LayercardError(f"{p}: schema_version={ver!r}, this layercard reads {SCHEMA_VERSION}")
+            article = "an" if kind[:1] in "aeiou" else "a"
+            raise LayercardError(f"{p}: expected {article} {kind} artifact, found kind={got!r}")
+        if "schema_version" not in obj:
+            raise LayercardError(f"{p}: schema_version: missing; this layercard reads {SCHEMA_VERSION}")
+        ver = obj["schema_version"]
+        # type first: True == 1 and 1.0 == 1 would pass as version 1
+        if type(ver) is not int or ver != SCHEMA_VERSION:
+            when = (
+                " (a newer layercard wrote it)"
+                if type(ver) is int and ver > SCHEMA_VERSION
+                else " (an older layercard wrote it)"
+                if type(ver) is int
+                else ""
+            )
+            raise LayercardError(f"{p}: schema_version={ver!r}{when}, this layercard reads {SCHEMA_VERSION}")
     return obj
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object whose keys are unique: a key written twice (an edit) would keep its last value in
+    silence."""
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"key {key!r} appears twice in one object")
+        out[key] = value
+    return out
 
 
 def _json_default(o: Any) -> Any:

@@ -12,7 +12,7 @@ import numpy as np
 
 from layercard.artifacts import SCHEMA_VERSION, load_artifact, write_json
 from layercard.card import stats
-from layercard.card.validate import check_card
+from layercard.card.validate import Fields, check_card
 from layercard.config.card import SCORES
 from layercard.errors import LayercardError
 
@@ -212,6 +212,7 @@ class Card:
             raise LayercardError(f"{source}: must be a mapping of fields, got {type(d).__name__}")
         check_card(d, source, list(SCORES))
         fields = {f.name for f in dataclasses.fields(cls)}
+        Fields(source).known(d, fields | {"kind", "schema_version", "scores"})
         kw = {k: v for k, v in d.items() if k in fields}
         kw["units"] = [UnitRow(**_row(UnitRow, u, f"{source}: units[{i}]")) for i, u in enumerate(d["units"])]
         kw["groups"] = [

@@ -102,6 +102,17 @@ class Fields:
                 self.number(v, f"{where}[{i}]", minimum=minimum)
         return value
 
+    def known(self, d: Mapping[str, Any], names: set[str], where: str = "") -> None:
+        """Refuse a key of ``d`` that is none of ``names``, naming the closest: a misspelt field
+        (``default_scroe``) would otherwise be dropped and its default taken in silence."""
+        import difflib
+
+        extra = next((k for k in d if k not in names), None)
+        if extra is not None:
+            close = difflib.get_close_matches(str(extra), sorted(names), n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            self.fail(f"{where}.{extra}" if where else str(extra), f"unknown field{hint}")
+
     def optional(self, value: Any, where: str, check: Callable[[Any, str], Any]) -> Any:
         """``value`` when null, else ``check(value, where)``."""
         return None if value is None else check(value, where)
@@ -131,6 +142,7 @@ _GROUP_NONNEG = ("energy", "kappa", "effective_rank", "noise_amplification")
 def check_card(d: Mapping[str, Any], source: str, scores: Sequence[str]) -> None:
     """Check a card.json dict field by field: types, finite numbers, signs, layers within the model."""
     f = Fields(source)
+    f.mapping(f.get(d, "provenance"), "provenance")
     model = f.mapping(f.get(d, "model"), "model")
     f.text(f.get(model, "id", "model"), "model.id")
     f.text(f.get(model, "hash", "model"), "model.hash")

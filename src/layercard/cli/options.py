@@ -20,8 +20,8 @@ from layercard.config.schema import ConfigError, Schema, Spec, spec_of
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-_TYPES: dict[str, type] = {"int": int, "pos_float": float, "nonneg_float": float, "fraction": float}
-_TYPES |= {"unit": float, "bool": bool}
+_TYPES: dict[str, type] = {"int": int, "seed": int, "pos_float": float, "nonneg_float": float}
+_TYPES |= {"fraction": float, "unit": float, "bool": bool}
 
 
 def option_name(field: str) -> str:

@@ -28,7 +28,7 @@ class EvalConfig(Schema):
     max_length: int | None = setting(
         None, kind="int", minimum=2, help="cap on prompt + target tokens for the loss; null: format limits"
     )
-    seed: int = setting(0, kind="int", yaml=False, help="seed of the example subset")
+    seed: int = setting(0, kind="seed", yaml=False, help="seed of the example subset")
 
     def resolved(self, task: Any) -> EvalConfig:
         """This config with the task-format defaults filled in (what actually runs)."""

@@ -74,7 +74,7 @@ class PlanConfig(Schema):
     score: str | None = setting(
         None, kind="choice", choices=tuple(SCORES), help="card score used as the gain; null: the card default"
     )
-    seed: int = setting(0, kind="int", minimum=0, yaml=False, help="seed of the random policy")
+    seed: int = setting(0, kind="seed", yaml=False, help="seed of the random policy")
     kind: str = setting("lora", kind="choice", choices=ADAPTER_KINDS, help="adapter kind")
     bands: int | None = setting(
         None, kind="int", minimum=1, help="card-stratified: number of depth bands (instead of a budget)"

@@ -120,6 +120,17 @@ def _int(where: str, spec: Spec, v: Any) -> int:
     return x
 
 
+# Seeds reach numpy and torch generators, which take 0..2**32 - 1.
+SEED_MAX = 2**32 - 1
+
+
+def _seed(where: str, spec: Spec, v: Any) -> int:
+    x = _as_int(v)
+    if x is None or not 0 <= x <= SEED_MAX:
+        raise ConfigError(where, f"must be an integer in 0..{SEED_MAX}, got {v!r}")
+    return x
+
+
 _FLOAT_RANGES = {
     "pos_float": ("a positive number", lambda x: x > 0),
     "nonneg_float": ("a number >= 0", lambda x: x >= 0),
@@ -238,6 +249,7 @@ def _window(where: str, spec: Spec, v: Any) -> tuple[int, int]:
 
 _CHECKERS: dict[str, Callable[[str, Spec, Any], Any]] = {
     "int": _int,
+    "seed": _seed,
     **dict.fromkeys(_FLOAT_RANGES, _float),
     "bool": _bool,
     "str": _str,

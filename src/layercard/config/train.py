@@ -45,7 +45,7 @@ class TrainConfig(Schema):
     log_every: int = setting(
         1, kind="int", minimum=1, help="keep every N-th step in the loss curve (and the first and last)"
     )
-    seed: int = setting(0, kind="int", minimum=0, yaml=False, help="seed of init, dropout and data order")
+    seed: int = setting(0, kind="seed", yaml=False, help="seed of init, dropout and data order")
     bottleneck: int | None = setting(
         None, kind="int", minimum=1, help="houlsby/parallel width; null: the plan's (else 16)"
     )

@@ -24,7 +24,7 @@ class TraceConfig(Schema):
         minimum=2,
         help="cap on prompt + target tokens; null: the format's limits only",
     )
-    seed: int = setting(0, kind="int", yaml=False, help="seed of the example subset")
+    seed: int = setting(0, kind="seed", yaml=False, help="seed of the example subset")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,7 +63,7 @@ class TrimConfig(Schema):
     latency_repeats: int = setting(
         3, kind="int", minimum=1, help="generation passes timed before and after; the minimum is reported"
     )
-    seed: int = setting(0, kind="int", yaml=False, help="seed of the example subset")
+    seed: int = setting(0, kind="seed", yaml=False, help="seed of the example subset")
 
     def validate(self) -> None:
         if self.window is not None and self.all_layers:

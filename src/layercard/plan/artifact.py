@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from layercard.artifacts import SCHEMA_VERSION, load_artifact, write_json
+from layercard.card.validate import Fields
 from layercard.errors import LayercardError, message_line
 from layercard.plan.predict import caveats, predicted, provenance, unit_rank
 from layercard.plan.ranks import captured_at, lora_config
@@ -62,6 +63,8 @@ class Plan:
         if not isinstance(d, dict):
             raise LayercardError(f"{source}: must be a mapping of fields, got {type(d).__name__}")
         check_plan_dict(d, source)
+        names = {f.name for f in dataclasses.fields(cls)} - {"kind"}
+        Fields(source).known(d, names | {"kind", "schema_version", "adapter_kind"})
         kw = {f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d and f.name != "kind"}
         kw["kind"] = d["adapter_kind"]
         kw["units"] = [PlannedUnit(**u) for u in d["units"]]
