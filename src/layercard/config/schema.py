@@ -155,14 +155,21 @@ def _bool(where: str, spec: Spec, v: Any) -> bool:
 
 def _str(where: str, spec: Spec, v: Any) -> str:
     if not isinstance(v, str) or not v.strip():
-        raise ConfigError(where, f"must be a non-empty string, got {v!r}")
+        # YAML reads on, off, yes and no as booleans: the text the user wrote needs quotes
+        hint = (
+            f" (YAML reads an unquoted {'on or yes' if v else 'off or no'} as {v}: quote it)"
+            if isinstance(v, bool)
+            else ""
+        )
+        raise ConfigError(where, f"must be a non-empty string, got {v!r}{hint}")
     return v.strip()
 
 
 def _choice(where: str, spec: Spec, v: Any) -> str:
     valid = spec.choice_list()
     if not isinstance(v, str) or v not in valid:
-        raise ConfigError(where, f"must be one of {', '.join(valid)}; got {v!r}")
+        hint = f" (YAML reads an unquoted on, off, yes or no as {v}: quote it)" if isinstance(v, bool) else ""
+        raise ConfigError(where, f"must be one of {', '.join(valid)}; got {v!r}{hint}")
     return v
 
 
