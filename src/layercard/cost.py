@@ -96,7 +96,8 @@ def touch_weights(model: torch.nn.Module) -> None:
     with torch.no_grad():
         for p in model.parameters():
             if p.device.type == "cpu" and p.numel():
-                p.detach().reshape(-1)[::1024].sum()  # one read per 4 KiB page of fp32 is enough
+                # one read per 4 KiB page, whatever the element size
+                p.detach().reshape(-1)[:: max(1, 4096 // p.element_size())].sum()
 
 
 def memory_in_use(device: torch.device) -> float | None:
@@ -289,7 +290,8 @@ class CostModel:
     def peak_memory(
         self, layers: Sequence[int], modules: int, params: int = 0, input_width: float | None = None
     ) -> float | None:
-        """Predicted peak training memory (MiB) at the calibration batch, or None if it was not measured.
+        """Predicted peak training memory (MiB) at the batch this model prices (the calibration's, or the
+        one :meth:`at_batch` / :meth:`at_positions` moved it to), or None if it was not measured.
         ``input_width``: Σ d_in over the adapted modules (see :meth:`memory_modules`)."""
         if not self.has_memory:
             return None
@@ -492,7 +494,7 @@ def _time_steps(
     dropout: float = 0.0,
 ) -> _Timed:
     """Wrap ``targets`` in fresh LoRA modules (LoRA dropout ``dropout``) and time ``steps`` optimizer steps
-    after one untimed step, then (with ``forward``) one unmerged no-grad forward.
+    after one untimed step, then (with ``forward``) the unmerged no-grad forward, the fastest of two.
 
     The first step after a wrap is about a tenth slower than the next ones, in every round and not only the
     first (benchmarks/results/calibration_warmup.md); a training run's median never sees it.

@@ -10,7 +10,8 @@ from layercard.errors import LayercardError
 
 BUDGET_KINDS: tuple[str, ...] = ("layers", "params", "step_time", "modules", "memory")
 _SUFFIX = {"k": 1e3, "m": 1e6, "g": 1e9}
-# Memory budgets are in MiB; a unit may be written after the number.
+# Memory budgets are in MiB; a unit may be written after the number. GB and MB are read as GiB and MiB,
+# as memory sizes are usually meant (a "24 GB" GPU holds 24 GiB), and the help says so.
 _MEMORY_UNITS = {"gib": 1024.0, "gb": 1024.0, "g": 1024.0, "mib": 1.0, "mb": 1.0, "m": 1.0}
 
 

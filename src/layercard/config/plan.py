@@ -55,8 +55,8 @@ class PlanConfig(Schema):
     budget: Budgets | None = setting(
         None,
         kind="budget",
-        help="layers=N | params=N (k/M suffix) | step_time=SECONDS | modules=N | memory=MIB (or 6G); "
-        "relative: params=0.25x; "
+        help="layers=N | params=N (k/M suffix) | step_time=SECONDS | modules=N | memory=MIB "
+        "(or 6G: G and GB are GiB, M and MB MiB); relative: params=0.25x; "
         "several (search policies): params=0.25x,step_time=0.6x; null for policy all",
     )
     target: float | None = setting(

@@ -1,4 +1,5 @@
-"""The frontier figure of a search plan: predicted quality against each budgeted cost (docs/design.md §6)."""
+"""The frontier figure of a search plan: predicted quality against each budgeted cost and against parameters
+(docs/design.md §6)."""
 
 from __future__ import annotations
 
@@ -22,7 +23,8 @@ def plot_frontier(
     measured: dict[str, dict[str, float]] | None = None,
     colors: dict[str, Any] | None = None,
 ) -> Path:
-    """One panel per cost the plan was budgeted on: the frontier, the chosen placement, the fixed rules.
+    """One panel per cost the plan was budgeted on, and one for parameters always: the frontier, the chosen
+    placement, the fixed rules.
 
     ``measured``: trained placements by name, each with its measured fraction of the reference's loss drop
     (``fraction``), its predicted one (``predicted``), its costs by kind and, where they differ, the
