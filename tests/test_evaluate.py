@@ -246,7 +246,9 @@ def test_evaluate_defaults_and_round_trip(tmp_path):
     path.write_text(json.dumps(old))
     assert EvalResult.load(path).example_loss_sums is None
     path.write_text(json.dumps({**d, "example_tokens": d["example_tokens"][:-1]}))
-    with pytest.raises(LayercardError, match=r"eval\.json: malformed eval artifact .*token counts for n=4"):
+    with pytest.raises(
+        LayercardError, match=r"eval\.json: example_tokens: must hold one value per example \(n = 4\)"
+    ):
         EvalResult.load(path)
     path.write_text(json.dumps({**d, "example_loss_sums": [float("nan")] * 4}))
     with pytest.raises(LayercardError, match="finite"):

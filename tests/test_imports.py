@@ -21,8 +21,8 @@ ORDER = [
     "tasks",
     "config",
     "adapters",
+    "inference",  # generation, eval loss and the eval mode, which the cost model's timing uses too
     "cost",
-    "inference",
     "card",
     "plan",
     "export",

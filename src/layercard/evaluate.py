@@ -20,14 +20,23 @@ import dataclasses
 import json
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
 from layercard.adapters import attached
-from layercard.artifacts import SCHEMA_VERSION, Provenance, hash_folder, read_json, write_json, write_text
+from layercard.artifacts import (
+    SCHEMA_VERSION,
+    Provenance,
+    hash_folder,
+    non_finite,
+    read_json,
+    write_json,
+    write_text,
+)
+from layercard.card.validate import Fields
 from layercard.config import EvalConfig
 from layercard.errors import LayercardError, expect
 from layercard.inference import eval_example_losses, eval_loss, generate, prompts_finite
@@ -48,6 +57,7 @@ from layercard.tasks import (
     strict_match,
     token_f1,
 )
+from layercard.train.metrics import check_task_record
 
 # generate and eval_loss live in layercard.inference; they stay importable from here for older callers.
 __all__ = [
@@ -223,23 +233,108 @@ class EvalResult:
 
     @classmethod
     def load(cls, path: str | Path) -> EvalResult:
-        """Read an eval folder (or its eval.json) with the predictions.jsonl beside it, when present."""
+        """Read an eval folder (or its eval.json) with the predictions.jsonl beside it, when present; every
+        field is checked (:func:`check_eval`)."""
         p = Path(path)
-        file = p / EVAL_FILE if p.is_dir() else p
+        # a folder named eval.json in place of the file is refused as such, not looked into
+        file = p / EVAL_FILE if p.is_dir() and (p.name != EVAL_FILE or (p / EVAL_FILE).exists()) else p
         d = read_json(file, kind=KIND)
+        check_eval(d, str(file))
         preds_path = file.parent / str(d.get("predictions_file", PREDICTIONS_FILE))
         preds: list[dict[str, Any]] | None = None
-        if "predictions" not in d and preds_path.is_file():
-            try:
-                # split("\n"), not splitlines(): JSON keeps U+2028 and U+0085 raw inside its strings
-                text = preds_path.read_text(encoding="utf-8")
-                preds = [json.loads(line) for line in text.split("\n") if line.strip()]
-            except json.JSONDecodeError as e:
-                raise LayercardError(f"{preds_path}: not valid JSON lines ({e.msg})") from None
+        if "predictions" not in d and preds_path.exists():
+            preds = _read_predictions(preds_path, d["n"])
         try:
             return cls.from_dict(d, predictions=preds)
         except (TypeError, LayercardError) as e:
             raise LayercardError(f"{file}: malformed eval artifact ({e})") from None
+
+
+def check_metric_scores(f: Fields, value: Any, where: str) -> Mapping[str, float]:
+    """A mapping of metric names to scores: finite numbers, within ``[0, scale]`` for a metric layercard
+    scores (:data:`layercard.tasks.METRICS`; any other has no known range)."""
+    scores = f.mapping(value, where)
+    for name, x in scores.items():
+        at = f"{where}.{name}"
+        f.number(x, at)
+        metric = METRICS.get(str(name))
+        if metric is not None and not 0 <= x <= metric.scale:
+            f.fail(at, f"must be a score in [0, {metric.scale:g}]", x)
+    return scores
+
+
+def check_eval(d: Mapping[str, Any], source: str) -> None:
+    """Check an eval.json dict field by field: its scores and loss, its examples and what each records."""
+    f = Fields(source)
+    n = f.integer(f.get(d, "n"), "n", minimum=1)  # an evaluation of no examples is refused, not written
+    if not check_metric_scores(f, f.get(d, "metrics"), "metrics"):
+        f.fail("metrics", "must hold at least one metric (the first is the primary), got none")
+    loss = f.optional(f.get(d, "loss"), "loss", lambda v, w: f.number(v, w, minimum=0))
+    for key, x in f.mapping(f.get(d, "timing"), "timing").items():  # seconds, tokens and their rates
+        f.optional(x, f"timing.{key}", lambda v, w: f.number(v, w, minimum=0))
+    for key in ("provenance", "config"):
+        f.mapping(f.get(d, key), key)
+    task = check_task_record(f, f.get(d, "task"), "task")
+    if f.get(task, "n_examples", "task") != n:
+        f.fail("task.n_examples", f"must be the {n} examples evaluated (n)", task["n_examples"])
+    cut = f.optional(task.get("cut"), "task.cut", f.mapping) or {}
+    for key, x in cut.items():
+        f.optional(x, f"task.cut.{key}", lambda v, w: f.integer(v, w, minimum=0, below=n + 1))
+    f.optional(task.get("format"), "task.format", f.mapping)
+    f.optional(f.get(d, "adapter"), "adapter", f.text)
+    f.optional(d.get("predictions_file"), "predictions_file", f.text)
+    if "predictions" in d:
+        for i, row in enumerate(f.items(d["predictions"], "predictions")):
+            f.mapping(row, f"predictions[{i}]")
+    _check_example_losses(f, d, n, loss)
+
+
+def _check_example_losses(f: Fields, d: Mapping[str, Any], n: int, loss: float | None) -> None:
+    """Each example's summed loss and target tokens: both or neither, one per example, and the loss their
+    ratio (as :func:`evaluate` computes it)."""
+    sums, tokens = d.get("example_loss_sums"), d.get("example_tokens")
+    if sums is None and tokens is None:
+        return
+    if sums is None or tokens is None:
+        missing = "example_loss_sums" if sums is None else "example_tokens"
+        f.fail(missing, "missing; example_loss_sums and example_tokens come together")
+    f.numbers(sums, "example_loss_sums", minimum=0)
+    for i, t in enumerate(f.items(tokens, "example_tokens")):
+        f.integer(t, f"example_tokens[{i}]", minimum=1)  # a target of no tokens is refused when encoded
+    for key, values in (("example_loss_sums", sums), ("example_tokens", tokens)):
+        if len(values) != n:
+            f.fail(key, f"must hold one value per example (n = {n})", values)
+    ratio = math.fsum(sums) / sum(tokens)
+    if loss is None or not math.isclose(loss, ratio, rel_tol=1e-9, abs_tol=1e-12):
+        f.fail("loss", f"must be the examples' summed loss over their tokens ({ratio!r})", loss)
+
+
+def _read_predictions(path: Path, n: int) -> list[dict[str, Any]]:
+    """predictions.jsonl's rows: one JSON object per evaluated example."""
+    if path.is_dir():
+        raise LayercardError(f"{path}: is a folder, not a JSON lines file")
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise LayercardError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    f = Fields(str(path))
+    rows = []
+    # split("\n"), not splitlines(): JSON keeps U+2028 and U+0085 raw inside its strings
+    for i, line in enumerate(text.split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise LayercardError(f"{path}: line {i}: not valid JSON ({e.msg}, column {e.colno})") from None
+        f.mapping(row, f"line {i}")
+        found = non_finite(row)
+        if found is not None:
+            f.fail(f"line {i}: {found[0]}", "must be a finite number", found[1])
+        rows.append(row)
+    if rows and len(rows) != n:  # none: a result saved without its predictions
+        raise LayercardError(f"{path}: holds {len(rows)} predictions, the evaluation's n is {n}")
+    return rows
 
 
 def ratio_standard_error(num: Sequence[float], den: Sequence[float]) -> float | None:

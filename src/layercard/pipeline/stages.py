@@ -661,9 +661,10 @@ class Runner:
             )
 
         def summarize() -> list[tuple[str, str]]:
+            from layercard.report.results import read_trim
             from layercard.trim import latency_text
 
-            t = read_json(out.trim_json)
+            t = read_trim(out.trim_json)
             b, a = t["before"], t["after"]
             metric = t["metric"]
 

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from layercard.artifacts import atomic_path, read_json, write_text
+from layercard.artifacts import atomic_path, write_text
 from layercard.errors import LayercardError
 from layercard.progress import count
 from layercard.report.figures import (
@@ -30,6 +30,7 @@ from layercard.report.results import (
     placement_names,
     planning_sentence,
     read_train_metrics,
+    read_trim,
     run_config,
     stages_active,
     trim_target,
@@ -153,7 +154,7 @@ class _Run:
     names: list[str]
     plans: dict[str, Plan]
     metrics: dict[str, TrainMetrics]
-    trim: dict[str, Any] | None  # trim.json: a plain dict, trim has no typed loader for it
+    trim: dict[str, Any] | None  # trim.json: a plain dict, checked by read_trim (trim has no typed loader)
     trace: Trace | None
     results: dict[str, Any]
 
@@ -189,7 +190,7 @@ def _load_run(root: Path) -> _Run:
         and (x := load_optional(read_train_metrics, lay.train_metrics(n))) is not None
     }
     trimmed = any(r["kind"] == "trimmed" for r in results["rows"])
-    trim = load_optional(read_json, lay.trim_json) if stages_active(root)[0] and trimmed else None
+    trim = load_optional(read_trim, lay.trim_json) if stages_active(root)[0] and trimmed else None
     trace = load_optional(Trace.load, lay.trace_json) if trim is not None and trim.get("trace") else None
     return _Run(
         lay=lay,

@@ -1,8 +1,8 @@
 """Reading a run folder: the artifacts the report uses, and one row per compared model.
 
 Every stage artifact is read through its typed loader (``Card.load``, ``Plan.load``, ``EvalResult.load``,
-``Trace.load``); the run's own files (run.json, stage records) and trim.json, which have none, are read
-as JSON.
+``Trace.load``) and trim.json, which has none, through :func:`read_trim`; the run's own files (run.json,
+stage records) are read as JSON.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from layercard.run_layout import BASE_EVAL, TRIMMED_EVAL, RunLayout
 LOSS, METRIC, STEP = ".4f", ".3f", ".3f"
 
 if TYPE_CHECKING:
+    from layercard.card.validate import Fields
     from layercard.train import TrainMetrics
 
 __all__ = [
@@ -36,6 +37,7 @@ __all__ = [
     "predicted_peak_mib",
     "predicted_s_per_step",
     "read_train_metrics",
+    "read_trim",
     "report_inputs",
     "run_config",
     "stages_active",
@@ -46,8 +48,9 @@ T = TypeVar("T")
 
 
 def load_optional(load: Callable[[Path], T], path: Path) -> T | None:
-    """``load(path)`` when the file exists, else None: a stage that did not run leaves no artifact."""
-    return load(path) if path.is_file() else None
+    """``load(path)`` when the artifact exists, else None: a stage that did not run leaves no artifact. A
+    folder in its place is the loader's to refuse, not a stage that did not run."""
+    return load(path) if path.exists() else None
 
 
 def _maybe(path: Path) -> dict[str, Any] | None:
@@ -59,6 +62,82 @@ def read_train_metrics(path: Path) -> TrainMetrics:
     from layercard.train import TrainMetrics
 
     return TrainMetrics.load(path)
+
+
+def read_trim(path: Path) -> dict[str, Any]:
+    """A trim.json, checked (:func:`check_trim`): the one place the report and the pipeline read it."""
+    from layercard.trim.run import TRIM_KIND
+
+    d = read_json(path, kind=TRIM_KIND)
+    check_trim(d, str(path))
+    return d
+
+
+def check_trim(d: Mapping[str, Any], source: str) -> None:
+    """Check a trim.json dict for what is read of it: the boundaries swept and chosen (layers of the model),
+    the before, after and sweep rows, the data it was measured on."""
+    from layercard.card.validate import Fields
+    from layercard.train.metrics import check_task_record
+
+    f = Fields(source)
+    f.mapping(f.get(d, "provenance"), "provenance")
+    f.text(f.get(d, "adapter"), "adapter")
+    f.text(f.get(d, "metric"), "metric")
+    for i, name in enumerate(f.items(d.get("metrics", []), "metrics")):
+        f.text(name, f"metrics[{i}]")
+    n_layers = f.optional(d.get("n_layers"), "n_layers", lambda v, w: f.integer(v, w, minimum=1))
+
+    def layer(value: Any, where: str) -> int:
+        return f.integer(value, where, minimum=0, below=n_layers)
+
+    ks = f.items(f.get(d, "ks"), "ks")
+    for i, k in enumerate(ks):
+        layer(k, f"ks[{i}]")
+    chosen = layer(f.get(d, "chosen_k"), "chosen_k")
+    if chosen not in ks:
+        f.fail("chosen_k", f"must be one of the swept ks {ks}", chosen)
+    for name, k in (f.optional(d.get("candidates"), "candidates", f.mapping) or {}).items():
+        layer(k, f"candidates.{name}")
+    f.optional(d.get("trace"), "trace", f.text)
+    for key in ("higher_is_better", "metric_flat", "after_matches_sweep"):
+        if d.get(key) is not None and not isinstance(d[key], bool):
+            f.fail(key, "must be true or false", d[key])
+    check_task_record(f, f.get(d, "task"), "task")
+    for key in ("before", "after"):
+        _trim_row(f, f.get(d, key), key, layer, measured=True)
+    if d["after"]["k"] != chosen:
+        f.fail("after.k", f"must be the chosen K {chosen}", d["after"]["k"])
+    for i, row in enumerate(f.items(f.get(d, "sweep"), "sweep")):
+        _trim_row(f, row, f"sweep[{i}]", layer, measured=False)
+    for key, x in (f.optional(d.get("timings"), "timings", f.mapping) or {}).items():
+        f.number(x, f"timings.{key}", minimum=0)
+
+
+def _trim_row(f: Fields, value: Any, where: str, layer: Callable[[Any, str], int], *, measured: bool) -> None:
+    """A row of trim.json at one boundary K: the layers and modules kept, the scores and the latency (which
+    the before and after rows always have, a sweep's row where it generated)."""
+    from layercard.evaluate import check_metric_scores
+
+    def amount(v: Any, w: str) -> float:
+        return f.number(v, w, minimum=0)
+
+    row = f.mapping(value, where)
+    layer(f.get(row, "k", where), f"{where}.k")
+    for i, x in enumerate(f.items(f.get(row, "adapted_layers", where), f"{where}.adapted_layers")):
+        layer(x, f"{where}.adapted_layers[{i}]")
+    for key in ("n_adapted_layers", "adapted_modules"):
+        f.integer(f.get(row, key, where), f"{where}.{key}", minimum=0)
+    check_metric_scores(
+        f, f.get(row, "metrics", where) if measured else row.get("metrics", {}), f"{where}.metrics"
+    )
+    for key in ("loss", "new_tokens_per_example"):
+        f.optional(row.get(key), f"{where}.{key}", amount)
+    if measured:
+        amount(f.get(row, "s_per_example", where), f"{where}.s_per_example")
+    else:
+        f.optional(row.get("s_per_example"), f"{where}.s_per_example", amount)
+    f.optional(row.get("s_per_example_samples"), f"{where}.s_per_example_samples",
+               lambda v, w: f.numbers(v, w, minimum=0))  # fmt: skip
 
 
 def predicted_s_per_step(m: TrainMetrics) -> float | None:
@@ -476,7 +555,7 @@ def collect_results(root: str | Path) -> dict[str, Any]:
         rows.rows.append({**base, **rows.eval_fields(base_ev), "measured_gain": 0.0})
     for name in placement_names(root):
         rows.rows.append(_placement_row(rows, lay, name, cfg, card_ok or not lay.card_json.exists()))
-    trim = _maybe(lay.trim_json) if trim_on else None
+    trim = load_optional(read_trim, lay.trim_json) if trim_on else None
     if trim_on and trim is None:
         _kept(rows, "trim", lay.trim_json)  # no trim.json: a failed trim's record says why
     trimmed = _trimmed_row(rows, lay, trim, cfg) if trim is not None else None

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import statistics
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +12,7 @@ import numpy as np
 from torch import nn
 
 from layercard.artifacts import SCHEMA_VERSION, load_artifact, write_json
+from layercard.card.validate import Fields
 from layercard.inference import eval_mode
 from layercard.tasks import Encoded, batches
 from layercard.tasks.loss import forward_loss
@@ -122,10 +123,11 @@ class TrainMetrics:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainMetrics:
-        """Metrics from their JSON form (raises KeyError when a required field is missing)."""
+        """Metrics from their JSON form (raises KeyError when a required field is missing; those added
+        later, :data:`_ADDED_LATER`, read None)."""
         return cls(
             **{
-                f.name: d[f.name]
+                f.name: d.get(f.name) if f.name in _ADDED_LATER else d[f.name]
                 for f in dataclasses.fields(cls)
                 if f.name in d or f.default is dataclasses.MISSING
             }
@@ -137,10 +139,136 @@ class TrainMetrics:
 
     @classmethod
     def load(cls, path: str | Path) -> TrainMetrics:
-        """Read a train_metrics.json (or a run folder holding one), checking kind and schema version."""
-        return load_artifact(
-            path, kind=KIND, what="train metrics", file_name=METRICS_FILE, build=lambda d, _: cls.from_dict(d)
-        )
+        """Read a train_metrics.json (or a run folder holding one), checking kind, schema version and every
+        field (:func:`check_train_metrics`)."""
+
+        def build(d: dict[str, Any], file: Path) -> TrainMetrics:
+            check_train_metrics(d, str(file))
+            return cls.from_dict(d)
+
+        return load_artifact(path, kind=KIND, what="train metrics", file_name=METRICS_FILE, build=build)
+
+
+# Fields written after the first train_metrics.json files were, placed among the fields without a default:
+# files written before them lack them, and read None.
+_ADDED_LATER = ("predicted_step_time_scaled_s",)
+# Fields every file has (a nullable one holds null); any other, a file written before it was recorded lacks.
+_REQUIRED = frozenset(
+    f.name for f in dataclasses.fields(TrainMetrics) if f.default is dataclasses.MISSING
+) - set(_ADDED_LATER)
+# Counts; the seconds, MiB, rates and ratios of them measured or predicted (none can be negative); the
+# differences of memory figures and the quality model's fraction (either sign); the losses.
+_COUNTS = ("trainable_params", "total_params", "steps", "tokens_seen", "target_tokens_seen", "resumed_from",
+           "max_batch_positions", "forward_positions")  # fmt: skip
+_AMOUNTS = (
+    "epochs", "peak_memory_mib", "wall_time_s", "s_per_step", "tokens_per_s", "predicted_step_time_s",
+    "batch_tokens_per_step", "predicted_step_time_scaled_s", "predicted_peak_memory_mib",
+    "predicted_peak_memory_scaled_mib", "peak_memory_start_mib", "batch_positions_per_step", "init_s",
+    "forward_s", "predicted_forward_s", "predicted_forward_scaled_s", "s_per_step_data", "step_time_ratio",
+    "peak_memory_ratio", "forward_ratio",
+)  # fmt: skip
+_SIGNED = (
+    "predicted_training_memory_mib", "training_memory_ratio", "predicted_quality",
+    "predicted_peak_memory_at_start_mib", "peak_memory_at_start_ratio",
+)  # fmt: skip
+_LOSSES = ("first_train_loss", "final_train_loss", "final_val_loss")
+_NOT_NULL = frozenset({"trainable_params", "total_params", "steps", "tokens_seen", "target_tokens_seen",
+                       "epochs", "peak_memory_mib", "wall_time_s"})  # fmt: skip
+
+
+def check_train_metrics(d: Mapping[str, Any], source: str) -> None:
+    """Check a train_metrics.json dict field by field: types, counts, signs and the shapes of its curves and
+    records. A field added after the first files (see the dataclass) may be missing; the others may not."""
+    f = Fields(source)
+
+    def field(key: str) -> Any:  # a field every file has must be there; a later one may be missing
+        return f.get(d, key) if key in _REQUIRED else d.get(key)
+
+    for key in ("provenance", "model", "config"):
+        f.mapping(f.get(d, key), key)
+    check_task_record(f, f.get(d, "task"), "task")
+    f.optional(f.get(d, "val_task"), "val_task", lambda v, w: check_task_record(f, v, w))
+    for key in ("adapter_kind", "adapter_dir", "peak_memory_kind", "device"):
+        f.text(f.get(d, key), key)
+    for key in ("init", "predicted_memory_figure"):
+        f.optional(d.get(key), key, f.text)
+    for key in ("world_size", "batch_size"):
+        f.integer(f.get(d, key), key, minimum=1)
+    for key in ("predicted_batch_size", "predicted_batch_tokens"):
+        f.optional(f.get(d, key), key, lambda v, w: f.integer(v, w, minimum=1))
+    for keys, check in (
+        (_COUNTS, lambda v, w: f.integer(v, w, minimum=0)),
+        (_AMOUNTS, lambda v, w: f.number(v, w, minimum=0)),
+        (_SIGNED, f.number),
+        (_LOSSES, lambda v, w: f.number(v, w, minimum=0)),
+    ):
+        for key in keys:
+            if key in _NOT_NULL:
+                check(field(key), key)
+            else:
+                f.optional(field(key), key, check)
+    for key in ("loss_curve", "val_curve"):
+        _check_curve(f, f.get(d, key), key)
+    _check_placement(f, f.mapping(f.get(d, "plan"), "plan"), "plan")
+    f.optional(d.get("adapted"), "adapted", lambda v, w: _check_placement(f, f.mapping(v, w), w))
+    f.optional(d.get("eva_ranks"), "eva_ranks", lambda v, w: _ints_by_name(f, v, w))
+    f.optional(d.get("s_per_step_spread"), "s_per_step_spread", lambda v, w: _check_spread(f, v, w))
+    for i, line in enumerate(f.optional(d.get("budget_notes"), "budget_notes", f.items) or []):
+        f.text(line, f"budget_notes[{i}]")
+    f.optional(d.get("peak_memory_steps"), "peak_memory_steps", lambda v, w: _check_session(f, v, w))
+
+
+def check_task_record(f: Fields, value: Any, where: str) -> Mapping[str, Any]:
+    """What an artifact records of the data it read (:meth:`layercard.tasks.Task.describe`), as far as the
+    report shows it: the task's name and split, its examples and the hash of their data. Each may be null or
+    missing: a run of the Trainer callback not told its task records only the card's name and hash."""
+    task = f.mapping(value, where)
+    for key in ("name", "split", "data_hash"):
+        f.optional(task.get(key), f"{where}.{key}", f.text)
+    f.optional(task.get("n_examples"), f"{where}.n_examples", lambda v, w: f.integer(v, w, minimum=0))
+    return task
+
+
+def _check_curve(f: Fields, value: Any, where: str) -> None:
+    """A loss curve: ``[step, loss]`` pairs."""
+    for i, row in enumerate(f.items(value, where)):
+        if not (isinstance(row, list) and len(row) == 2):
+            f.fail(f"{where}[{i}]", "must be a [step, loss] pair", row)
+        f.integer(row[0], f"{where}[{i}][0]", minimum=0)
+        f.number(row[1], f"{where}[{i}][1]", minimum=0)
+
+
+def _check_placement(f: Fields, d: Mapping[str, Any], where: str) -> None:
+    """The placement as planned (``plan``) or as trained (``adapted``): its layers, modules and ranks."""
+    for i, x in enumerate(f.items(d.get("layers", []), f"{where}.layers")):
+        f.integer(x, f"{where}.layers[{i}]", minimum=0)
+    f.optional(d.get("modules"), f"{where}.modules", lambda v, w: f.integer(v, w, minimum=0))
+    f.optional(d.get("ranks"), f"{where}.ranks", lambda v, w: _ints_by_name(f, v, w))
+
+
+def _ints_by_name(f: Fields, value: Any, where: str) -> None:
+    """A mapping of module names to ranks (0: a module EVA dropped)."""
+    for name, x in f.mapping(value, where).items():
+        f.integer(x, f"{where}.{name}", minimum=0)
+
+
+def _check_spread(f: Fields, value: Any, where: str) -> None:
+    """The timed steps' spread: seconds and a count, with the percentiles the report shows."""
+    spread = f.mapping(value, where)
+    for key in ("p10", "p90"):
+        f.get(spread, key, where)
+    for key, x in spread.items():
+        f.number(x, f"{where}.{key}", minimum=0)
+
+
+def _check_session(f: Fields, value: Any, where: str) -> None:
+    """The [first, last] optimizer steps of the session whose peak the metrics give."""
+    steps = f.items(value, where)
+    if len(steps) != 2:
+        f.fail(where, "must be [first, last]", steps)
+    first, last = (f.integer(x, f"{where}[{i}]", minimum=1) for i, x in enumerate(steps))
+    if first > last:
+        f.fail(where, "must be [first, last] with first <= last", steps)
 
 
 def predictions(
