@@ -156,6 +156,12 @@ def test_the_next_write_removes_stale_temps_of_its_name(tmp_path: Path) -> None:
     assert not dead.exists() and not legacy.exists()
     assert mine.exists() and other.exists()
     assert json.loads((tmp_path / "card.json").read_text()) == {"ok": 1}
+    # a sweep of every name leaves a file of the older form alone: it may be the user's own
+    own = tmp_path / ".notes.ab12cd34.tmp"
+    own.write_text("mine")
+    os.utime(own, (time.time() - 7200, time.time() - 7200))
+    removed = artifacts.remove_stale_temps(tmp_path)
+    assert own.exists() and removed == [other]  # the dead owner's temp of another name goes
 
 
 def test_card_command_clears_what_a_killed_card_left(world: World, tmp_path: Path) -> None:

@@ -200,7 +200,8 @@ def remove_stale_temps(folder: str | os.PathLike[str], name: str | None = None) 
 
     Names of the form ``.NAME.HOST-PID.XXXX.tmp`` are removed when written on this machine by a process
     that is gone; a live owner's temporaries (this process's included) are left alone. Those of an older
-    layercard, which named no owner, are removed once an hour old. Returns what was removed.
+    layercard, which named no owner, are removed once an hour old by the next write of their name only.
+    Returns what was removed.
     """
     folder = Path(folder)
     try:
@@ -232,9 +233,10 @@ _LEGACY_AGE_S = 3600.0
 
 def _legacy_stale(p: Path, name: str | None) -> bool:
     """A temporary of an older layercard, which named no owner (``.NAME.XXXXXXXX.tmp``): stale once an
-    hour old, far longer than any single write takes."""
+    hour old, far longer than any single write takes. Only a write of ``NAME`` removes it: a sweep of
+    every name (``name`` None) could not tell it from a user's own file of that form."""
     m = _LEGACY_RE.match(p.name)
-    if m is None or (name is not None and m["name"] != name):
+    if m is None or name is None or m["name"] != name:
         return False
     try:
         return time.time() - p.lstat().st_mtime > _LEGACY_AGE_S
