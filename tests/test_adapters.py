@@ -256,3 +256,34 @@ def test_an_adapter_that_does_not_fit_leaves_the_base_as_it_was(tmp_path):
     with torch.no_grad():
         assert torch.equal(base(input_ids=ids).logits, before)
     assert all(p.requires_grad for p in base.parameters())
+
+
+def test_a_folder_of_another_architecture_or_a_damaged_config_is_refused_and_leaves_the_model(tmp_path):
+    model = tiny_model("llama")
+    aset = add_adapters(model, "houlsby", [1, 2], bottleneck=4)
+    save_adapters(aset, tmp_path / "ad")
+    aset.remove()
+    cfg = json.loads((tmp_path / "ad" / CONFIG_FILE).read_text())
+    assert cfg["model_type"] == "llama" and cfg["n_layers"] == 4 and cfg["d"] == 32
+
+    # the same width, another architecture: its weights would load, and mean nothing there
+    other = tiny_model("qwen2")
+    flags = [p.requires_grad for p in other.parameters()]
+    with pytest.raises(LayercardError, match=r"of a model of architecture llama; this model.s is qwen2"):
+        load_adapter(other, tmp_path / "ad")
+    assert [p.requires_grad for p in other.parameters()] == flags  # not frozen by a load that failed
+    assert attached_adapters(other) is None
+
+    def damaged(**change) -> str:
+        (tmp_path / "ad" / CONFIG_FILE).write_text(json.dumps({**cfg, **change}))
+        with pytest.raises(LayercardError) as e:
+            load_adapters(tiny_model("llama"), tmp_path / "ad")
+        assert "\n" not in str(e.value)
+        return str(e.value).split(": ", 1)[1]
+
+    assert damaged(layers=["a"]) == "layers[0]: must be an integer >= 0, got 'a' (text)"
+    assert damaged(layers="12") == "layers: must be a list, got '12' (text)"
+    assert damaged(layers=[1.5]).startswith("layers[0]: must be an integer >= 0")
+    assert damaged(bottleneck="x") == "bottleneck: must be an integer >= 1, got 'x' (text)"
+    assert damaged(schema_version=True).startswith("schema_version: this layercard reads 1")
+    assert damaged(d=64).endswith("adapters of a model of width 64; this model's is 32")

@@ -569,6 +569,18 @@ def test_bottleneck_kinds(tiny_card, tiny_llama):
     with pytest.raises(LayercardError, match="no LoraConfig"):
         plan.peft_config()
     assert check_plan(plan, tiny_llama)["ok"]
+    # a card that does not record the width takes it from what an o or down projection writes, not
+    # from the first unit's input (a down projection reads the MLP's wider one)
+    blind = dataclasses.replace(tiny_card, model={k: v for k, v in tiny_card.model.items() if k != "d_model"})
+    downs = [
+        dataclasses.replace(u, role="down", key=f"{u.layer}.down", d_in=86, d_out=32,
+                            name=u.name.replace("self_attn.q_proj", "mlp.down_proj"))
+        for u in blind.units if u.role == "q"
+    ]  # fmt: skip
+    down_first = dataclasses.replace(blind, roles=["down", *blind.roles], units=downs + list(blind.units))
+    for card in (blind, down_first):
+        same = make_plan(card, PlanConfig("top", budget="layers=2", kind="houlsby", rank=16))
+        assert same.adapter_config == want and same.predicted["params"] == plan.predicted["params"]
 
 
 def test_check_model_matches(tiny_card):

@@ -180,7 +180,8 @@ class AdapterSet(nn.Module):
         return hook
 
     def attach(self, model: nn.Module) -> AdapterSet:
-        """Register the hooks on ``model`` and make this set its submodule (idempotent per model)."""
+        """Register the hooks on ``model`` and make this set its submodule (once: a second attach, or a
+        model that holds adapters already, is refused)."""
         from layercard import models
 
         if self._owner:
@@ -252,7 +253,7 @@ def add_adapters(
     """Attach ``kind`` bottleneck adapters to decoder ``layers`` of ``model`` and return them.
 
     ``down`` is drawn from ``seed`` without touching the global RNG; ``up`` is zero. The adapters
-    sit on the device of each layer's attention module, in float32.
+    sit on the device of the first adapted layer's attention module, in float32.
     """
     from layercard import models
 
@@ -292,6 +293,8 @@ def save_adapters(adapter_set: AdapterSet, path: str | Path, *, base_model_hash:
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
     cfg = {**adapter_set.config(), "base_model_hash": base_model_hash, "schema_version": SCHEMA_VERSION}
+    if adapter_set._owner:  # the base it is attached to: what a load checks besides the width
+        cfg.update(_shape_of(adapter_set._owner[0]))
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in adapter_set.state_dict().items()}
     with atomic_path(folder / WEIGHTS_FILE) as tmp:
         save_file(tensors, str(tmp), metadata={"format": "pt", "kind": adapter_set.kind})
@@ -300,22 +303,55 @@ def save_adapters(adapter_set: AdapterSet, path: str | Path, *, base_model_hash:
     return folder
 
 
+def _shape_of(model: nn.Module) -> dict[str, Any]:
+    """The base model's architecture as an adapter folder records it: its type and number of layers."""
+    from layercard import models
+
+    return {"model_type": models.model_type(model), "n_layers": models.num_layers(model)}
+
+
 def _read_config(folder: Path) -> dict[str, Any]:
+    """``layercard_adapter.json``, every field it is read for checked (one line naming the field)."""
+    from layercard.artifacts import Fields, read_json
+
     p = folder / CONFIG_FILE
-    try:
-        cfg = json.loads(p.read_text())
-    except FileNotFoundError:
-        raise LayercardError(f"{folder}: no {CONFIG_FILE}; not a layercard adapter folder") from None
-    except json.JSONDecodeError as e:
-        raise LayercardError(f"{p}: not valid JSON ({e.msg}: line {e.lineno}, column {e.colno})") from None
-    if cfg.get("schema_version") != SCHEMA_VERSION:
-        raise LayercardError(
-            f"{p}: schema_version={cfg.get('schema_version')!r}, this layercard reads {SCHEMA_VERSION}"
-        )
-    for key in ("kind", "bottleneck", "layers"):
-        if key not in cfg:
-            raise LayercardError(f"{p}: field {key!r} missing")
+    if not p.exists():
+        raise LayercardError(f"{folder}: no {CONFIG_FILE}; not a layercard adapter folder")
+    cfg = read_json(p)
+    f = Fields(str(p))
+    f.mapping(cfg, "the file")
+    version = f.get(cfg, "schema_version")
+    if type(version) is not int or version != SCHEMA_VERSION:
+        f.fail("schema_version", f"this layercard reads {SCHEMA_VERSION}", version)
+    kind = f.text(f.get(cfg, "kind"), "kind")
+    if kind not in ADAPTER_KINDS:
+        f.fail("kind", f"must be one of {', '.join(ADAPTER_KINDS)}", kind)
+    f.integer(f.get(cfg, "bottleneck"), "bottleneck", minimum=1)
+    layers = f.items(f.get(cfg, "layers"), "layers")
+    if not layers:
+        f.fail("layers", "must list at least one layer", layers)
+    for i, layer in enumerate(layers):
+        f.integer(layer, f"layers[{i}]", minimum=0)
+    f.optional(cfg.get("activation"), "activation", f.text)
+    for key in ("d", "n_layers"):
+        f.optional(cfg.get(key), key, lambda v, w: f.integer(v, w, minimum=1))
+    for key in ("model_type", "base_model_hash"):
+        f.optional(cfg.get(key), key, f.text)
     return cfg
+
+
+def _refuse_other_shape(folder: Path, cfg: dict[str, Any], model: nn.Module) -> None:
+    """Refuse a base of another architecture, depth or width than the one the adapters were saved on
+    (where the folder records it): their weights would load into any model of the same width."""
+    from layercard import models
+
+    here = {**_shape_of(model), "d": models.hidden_size(model)}
+    for key, what in (("model_type", "architecture"), ("n_layers", "number of layers"), ("d", "width")):
+        saved = cfg.get(key)
+        if saved is not None and here[key] is not None and saved != here[key]:
+            raise LayercardError(
+                f"{folder / CONFIG_FILE}: adapters of a model of {what} {saved}; this model's is {here[key]}"
+            )
 
 
 def load_adapters(model: nn.Module, path: str | Path, *, model_hash: str | None = None) -> AdapterSet:
@@ -331,6 +367,7 @@ def load_adapters(model: nn.Module, path: str | Path, *, model_hash: str | None 
     cfg = _read_config(folder)
     if model_hash is not None:
         _refuse_other_base(folder, cfg.get("base_model_hash"), model_hash)
+    _refuse_other_shape(folder, cfg, model)
     wfile = folder / WEIGHTS_FILE
     if not wfile.is_file():
         raise LayercardError(f"{folder}: no {WEIGHTS_FILE}")
@@ -379,11 +416,10 @@ def load_adapter(model: nn.Module, path: str | Path, *, is_trainable: bool = Fal
         except Exception as e:
             raise LayercardError(f"{folder}: PEFT cannot load this adapter ({first_line(e)})") from e
     if (folder / CONFIG_FILE).is_file():
+        aset = load_adapters(model, folder)  # first: a folder it refuses leaves the model as it was
+        own = {id(p) for p in aset.parameters()}
         for p in model.parameters():
-            p.requires_grad_(False)
-        aset = load_adapters(model, folder)
-        for p in aset.parameters():
-            p.requires_grad_(is_trainable)
+            p.requires_grad_(is_trainable and id(p) in own)
         return model
     raise LayercardError(
         f"{folder}: not an adapter folder; looked for {PEFT_CONFIG_FILE} (PEFT) and {CONFIG_FILE} (layercard)"

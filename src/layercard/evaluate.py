@@ -29,6 +29,7 @@ from torch import nn
 from layercard.adapters import attached
 from layercard.artifacts import (
     SCHEMA_VERSION,
+    Fields,
     Provenance,
     hash_folder,
     non_finite,
@@ -36,7 +37,6 @@ from layercard.artifacts import (
     write_json,
     write_text,
 )
-from layercard.card.validate import Fields
 from layercard.config import EvalConfig
 from layercard.errors import LayercardError, expect
 from layercard.inference import eval_example_losses, eval_loss, generate, prompts_finite

@@ -10,9 +10,9 @@ from typing import Any
 
 import numpy as np
 
-from layercard.artifacts import SCHEMA_VERSION, load_artifact, write_json
+from layercard.artifacts import SCHEMA_VERSION, Fields, load_artifact, write_json
 from layercard.card import stats
-from layercard.card.validate import Fields, check_card
+from layercard.card.validate import check_card
 from layercard.config.card import SCORES
 from layercard.errors import LayercardError
 

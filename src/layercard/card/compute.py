@@ -251,7 +251,7 @@ def _check_finite(
 ) -> None:
     """Refuse NaN or infinity in what the card would hold, naming the statistic and its unit or input:
     JSON has no such numbers, and every score read from them would be meaningless."""
-    from layercard.card.validate import show
+    from layercard.artifacts import show
     from layercard.errors import setting_name
 
     for kind, rows in (("unit", units), ("input", groups)):

@@ -2,133 +2,17 @@
 
 A hand-edited or damaged artifact must fail where it is read, with one line naming the file and the field
 (``card.json: units[3].grad_norm: must be a finite number >= 0, got NaN``), never deep inside a later
-stage. :class:`Fields` holds the checks every artifact shares; :func:`check_card` applies them to a card.
+stage. :func:`check_card` applies :class:`layercard.artifacts.Fields`, the checks every artifact shares,
+to a card.
 """
 
 from __future__ import annotations
 
-import math
-import numbers
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, NoReturn
+from typing import Any
 
-from layercard.artifacts import finite_text
-from layercard.errors import LayercardError
+from layercard.artifacts import Fields
 from layercard.models.roles import CANONICAL_ROLES, FUSED_ROLES
-
-_MISSING = object()
-
-
-def show(value: Any) -> str:
-    """A value as an error message shows it: NaN and Infinity as JSON spells them, text quoted."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return finite_text(value)
-    if isinstance(value, str):
-        return f"{value[:40]!r} (text)"
-    if isinstance(value, bool) or value is None:
-        return {True: "true", False: "false", None: "null"}[value]
-    if isinstance(value, Mapping):
-        return "a mapping"
-    if isinstance(value, (list, tuple)):
-        if len(value) > 8 or not all(_is_number(v) or isinstance(v, str) for v in value):
-            return f"a list of {len(value)}"
-        return "[" + ", ".join(show(v) if not isinstance(v, str) else repr(v) for v in value) + "]"
-    return repr(value)[:40]
-
-
-def _is_number(v: Any) -> bool:
-    return isinstance(v, numbers.Real) and not isinstance(v, bool)
-
-
-class Fields:
-    """Checks of one artifact's fields; the first failure raises ``SOURCE: FIELD: PROBLEM, got VALUE``."""
-
-    def __init__(self, source: str) -> None:
-        self.source = source
-
-    def fail(self, where: str, problem: str, value: Any = _MISSING) -> NoReturn:
-        got = "" if value is _MISSING else f", got {show(value)}"
-        raise LayercardError(f"{self.source}: {where}: {problem}{got}")
-
-    def get(self, d: Mapping[str, Any], key: str, where: str = "") -> Any:
-        """``d[key]``; a missing key fails naming it."""
-        path = f"{where}.{key}" if where else key
-        if key not in d:
-            self.fail(path, "missing")
-        return d[key]
-
-    def mapping(self, value: Any, where: str) -> Mapping[str, Any]:
-        if not isinstance(value, Mapping):
-            self.fail(where, "must be a mapping", value)
-        return value
-
-    def items(self, value: Any, where: str) -> Sequence[Any]:
-        if not isinstance(value, list):
-            self.fail(where, "must be a list", value)
-        return value
-
-    def text(self, value: Any, where: str) -> str:
-        if not isinstance(value, str):
-            self.fail(where, "must be text", value)
-        return value
-
-    def integer(self, value: Any, where: str, *, minimum: int | None = None, below: int | None = None) -> int:
-        """An integer (not a float, text or bool) in ``[minimum, below)``."""
-        ok = isinstance(value, numbers.Integral) and not isinstance(value, bool)
-        if ok and minimum is not None and value < minimum:
-            ok = False
-        if ok and below is not None and value >= below:
-            ok = False
-        if not ok:
-            if below is not None:
-                self.fail(where, f"must be an integer in {minimum or 0}..{below - 1}", value)
-            self.fail(where, "must be an integer" + (f" >= {minimum}" if minimum is not None else ""), value)
-        return int(value)
-
-    def number(self, value: Any, where: str, *, minimum: float | None = None, above: bool = False) -> float:
-        """A finite number (``minimum`` inclusive, or exclusive with ``above``)."""
-        ok = _is_number(value) and math.isfinite(value)
-        if ok and minimum is not None:
-            ok = value > minimum if above else value >= minimum
-        if not ok:
-            bound = "" if minimum is None else f" {'>' if above else '>='} {minimum:g}"
-            self.fail(where, f"must be a finite number{bound}", value)
-        return float(value)
-
-    def numbers(self, value: Any, where: str, *, minimum: float | None = None) -> list[float]:
-        """A list of finite numbers, each ``>= minimum``."""
-        for i, v in enumerate(self.items(value, where)):
-            if not (_is_number(v) and math.isfinite(v) and (minimum is None or v >= minimum)):
-                self.number(v, f"{where}[{i}]", minimum=minimum)
-        return value
-
-    def known(self, d: Mapping[str, Any], names: set[str], where: str = "") -> None:
-        """Refuse a key of ``d`` that is none of ``names``, naming the closest: a misspelt field
-        (``default_scroe``) would otherwise be dropped and its default taken in silence."""
-        import difflib
-
-        extra = next((k for k in d if k not in names), None)
-        if extra is not None:
-            close = difflib.get_close_matches(str(extra), sorted(names), n=1)
-            hint = f" (did you mean {close[0]}?)" if close else ""
-            self.fail(f"{where}.{extra}" if where else str(extra), f"unknown field{hint}")
-
-    def optional(self, value: Any, where: str, check: Callable[[Any, str], Any]) -> Any:
-        """``value`` when null, else ``check(value, where)``."""
-        return None if value is None else check(value, where)
-
-    def finite_everywhere(self, value: Any, where: str) -> None:
-        """No NaN or infinity anywhere in ``value`` (nested mappings and lists)."""
-        if isinstance(value, float):
-            if not math.isfinite(value):
-                self.fail(where, "must be a finite number", value)
-        elif isinstance(value, Mapping):
-            for k, v in value.items():
-                self.finite_everywhere(v, f"{where}.{k}" if where else str(k))
-        elif isinstance(value, list):
-            for i, v in enumerate(value):
-                self.finite_everywhere(v, f"{where}[{i}]")
-
 
 # ---------------------------------------------------------------------------------------------------------
 # card.json

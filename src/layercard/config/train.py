@@ -66,7 +66,8 @@ class TrainConfig(Schema):
     eva_rho: float = setting(
         2.0,
         kind="pos_float",
-        help="the most a module's rank may grow, as a multiple of its planned rank (init: eva; >= 1)",
+        help="the most a module's rank may grow, as a multiple of its planned rank, or of the largest "
+        "planned rank among the modules reading its input (q,k,v; gate,up) (init: eva; >= 1)",
     )
 
     def validate(self) -> None:

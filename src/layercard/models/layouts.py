@@ -162,7 +162,8 @@ def base_model(model: nn.Module) -> nn.Module:
     return model
 
 
-def _model_type(model: nn.Module) -> str | None:
+def model_type(model: nn.Module) -> str | None:
+    """The architecture's name in its config (``llama``, ``gpt2``), or None where it has none."""
     cfg = getattr(base_model(model), "config", None)
     return getattr(cfg, "model_type", None)
 
@@ -178,7 +179,7 @@ def get_module(model: nn.Module, path: str) -> nn.Module:
     """The submodule at ``path`` (relative to the PEFT-unwrapped model)."""
     mod = _try_module(base_model(model), path)
     if mod is None:
-        raise LayercardError(f"model {_model_type(model)!r}: no module at path {path!r}")
+        raise LayercardError(f"model {model_type(model)!r}: no module at path {path!r}")
     return mod
 
 
@@ -189,7 +190,7 @@ def _first_path(root: nn.Module, candidates: Sequence[str]) -> str | None:
 def layout_for(model: nn.Module) -> ArchLayout:
     """The layout of ``model``: the family table by ``config.model_type``, else a generic search."""
     root = base_model(model)
-    mtype = _model_type(model)
+    mtype = model_type(model)
     family = _MODEL_TYPES.get(mtype or "")
     tried: list[str] = []
     if family is not None:
@@ -593,7 +594,7 @@ def units(
     if missing:
         have = ",".join(r for r in CANONICAL_ROLES if r in available)
         raise LayercardError(
-            f"roles: model {layout.family!r} ({_model_type(model)}) has no module for role "
+            f"roles: model {layout.family!r} ({model_type(model)}) has no module for role "
             f"{','.join(missing)}; it has {have}"
         )
     chosen = [(name, spec) for name, spec in layout.roles.items() if set(spec[1]) & set(wanted)]

@@ -8,8 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from layercard.artifacts import SCHEMA_VERSION, load_artifact, write_json
-from layercard.card.validate import Fields
+from layercard.artifacts import SCHEMA_VERSION, Fields, load_artifact, write_json
 from layercard.errors import LayercardError, message_line
 from layercard.plan.predict import caveats, predicted, provenance, unit_rank
 from layercard.plan.ranks import captured_at, lora_config

@@ -223,7 +223,7 @@ def _place(space: Space, cfg: PlanConfig, layers: list[int]) -> _Placement:
         "bottleneck": int(cfg.rank),
         "layers": list(layers),
         "adapters_per_layer": ADAPTERS_PER_LAYER,
-        "d_model": int(space.card.model.get("d_model") or 0),
+        "d_model": space.d_model(),
     }
     return _Placement(planned, None, adapter, int(space.cost(layers, "params")), None)
 

@@ -89,7 +89,7 @@ def kind_warnings(kind: str) -> list[str]:
         return []
     return [
         f"kind {kind}: predicted gain and step time come from LoRA measurements (a proxy); "
-        "params are an estimate for two bottleneck adapters per layer"
+        "params count the two bottleneck adapters per layer that train builds"
     ]
 
 

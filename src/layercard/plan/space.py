@@ -59,9 +59,19 @@ class Space:
         """Trainable parameters of adapting one layer at ``unit_rank``."""
         if self.kind == "lora":
             return sum(self.unit_rank * (u.d_in + u.d_out) for u in self.units[layer])
-        d = int(self.card.model.get("d_model") or self.units[layer][0].d_in)
-        # Down d→b and up b→d projections with biases, per adapter (an estimate until train builds them).
+        d = self.d_model()
+        # Down d→b and up b→d projections with biases, per adapter: what train builds.
         return ADAPTERS_PER_LAYER * (2 * d * self.unit_rank + self.unit_rank + d)
+
+    def d_model(self) -> int:
+        """The residual stream's width, which bottleneck adapters read and write: the card's, else what an
+        o or down projection writes or another role reads (a down projection reads the MLP's width)."""
+        if self.card.model.get("d_model"):
+            return int(self.card.model["d_model"])
+        for u in (u for rows in self.units.values() for u in rows):
+            if u.role in ("o", "down"):
+                return int(u.d_out)
+        return int(next(u.d_in for rows in self.units.values() for u in rows))
 
     def modules(self, layers: Sequence[int]) -> int:
         """Adapted modules (LoRA) or adapters (houlsby/parallel) of a layer set."""

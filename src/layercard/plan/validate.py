@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from layercard.card.validate import Fields
+from layercard.artifacts import Fields
 from layercard.config import ADAPTER_KINDS
 from layercard.config.card import SCORES
 

@@ -21,7 +21,7 @@ from layercard.run_layout import BASE_EVAL, TRIMMED_EVAL, RunLayout
 LOSS, METRIC, STEP = ".4f", ".3f", ".3f"
 
 if TYPE_CHECKING:
-    from layercard.card.validate import Fields
+    from layercard.artifacts import Fields
     from layercard.train import TrainMetrics
 
 __all__ = [
@@ -76,7 +76,7 @@ def read_trim(path: Path) -> dict[str, Any]:
 def check_trim(d: Mapping[str, Any], source: str) -> None:
     """Check a trim.json dict for what is read of it: the boundaries swept and chosen (layers of the model),
     the before, after and sweep rows, the data it was measured on."""
-    from layercard.card.validate import Fields
+    from layercard.artifacts import Fields
     from layercard.train.metrics import check_task_record
 
     f = Fields(source)

@@ -18,8 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from layercard.artifacts import atomic_path
-from layercard.card.validate import Fields
+from layercard.artifacts import Fields, atomic_path
 from layercard.errors import LayercardError, first_line
 
 CHECKPOINT_DIR = "checkpoints"

@@ -2,10 +2,12 @@
 
 Each LoRA A starts as the top right-singular vectors of its module's inputs on the first training
 micro-batches (B stays zero, so the model starts as its base), and rank moves between modules by
-explained variance: the planned total is kept, and no module grows past ``eva_rho`` times its planned
-rank. A module can end at rank 0 and is then not adapted. PEFT does the computation
-(``get_eva_state_dict``, ``initialize_lora_eva_weights``); this module chooses the batches, bounds the
-work, gives every process the same answer and keeps the saved adapter's targets exact.
+explained variance: the planned total is kept, and no module grows past ``eva_rho`` times the largest
+planned rank among the modules that read its input (PEFT decomposes q, k and v, or gate and up, once, and
+bounds them together: a rank-1 q beside a rank-16 v may reach 2 × 16). A module can end at rank 0 and is
+then not adapted. PEFT does the computation (``get_eva_state_dict``, ``initialize_lora_eva_weights``);
+this module chooses the batches, bounds the work, gives every process the same answer and keeps the saved
+adapter's targets exact.
 """
 
 from __future__ import annotations

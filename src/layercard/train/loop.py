@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from layercard.artifacts import (
+    Fields,
     Provenance,
     check_out_folder,
     non_finite,
@@ -25,7 +26,6 @@ from layercard.artifacts import (
     sha256_json,
     writer_lock,
 )
-from layercard.card.validate import Fields
 from layercard.cost import (
     all_finite,
     forward_seconds,

@@ -11,8 +11,7 @@ from typing import Any
 import numpy as np
 from torch import nn
 
-from layercard.artifacts import SCHEMA_VERSION, load_artifact, write_json
-from layercard.card.validate import Fields
+from layercard.artifacts import SCHEMA_VERSION, Fields, load_artifact, write_json
 from layercard.inference import eval_mode
 from layercard.tasks import Encoded, batches
 from layercard.tasks.loss import forward_loss

@@ -15,6 +15,7 @@ from typing import Any
 
 from layercard.cost import memory_kind_text
 from layercard.plan.artifact import Plan
+from layercard.progress import count
 from layercard.train.metrics import TrainMetrics
 
 README_FILE = "README.md"
@@ -53,7 +54,7 @@ def _rank_text(ranks: Sequence[int]) -> str:
     counts = Counter(ranks)
     if len(counts) == 1:
         return f"rank {next(iter(counts))}"
-    return "ranks " + ", ".join(f"{r} ({n} modules)" for r, n in sorted(counts.items()))
+    return "ranks " + ", ".join(f"{r} ({count(n, 'module')})" for r, n in sorted(counts.items()))
 
 
 def _planned(plan: Plan) -> str:
