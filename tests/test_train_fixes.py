@@ -269,9 +269,7 @@ def test_a_lora_readme_and_metrics_say_what_was_trained():
         "lora_alpha": {n: 2.0 * r for n, r in kept.items()}, "bottleneck": None,
     }  # fmt: skip
     text = _placement(plan, SimpleNamespace(adapted=adapted, eva_ranks=ranks))
-    assert text.startswith(
-        "3 LoRA modules: q, v of layers 1–2 (2 layers), ranks 2 (1 module), 6 (1 module)"
-    )
+    assert text.startswith("3 LoRA modules: q, v of layers 1–2 (2 layers), ranks 2 (1 module), 6 (1 module)")
     assert "lora_alpha 2 × rank; EVA set these ranks from the plan's 4 LoRA modules" in text
     assert text.endswith("rank 4, lora_alpha 8 (1 of its modules dropped at rank 0)")
 
