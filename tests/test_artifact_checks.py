@@ -99,9 +99,9 @@ def _refused(run: Path, rel: str, change: Callable[[Any], Any], problem: str) ->
         (_set(adapted=[1, 2]), "adapted: must be a mapping, got [1, 2]"),
         (_set(s_per_step="fast"), "s_per_step: must be a finite number >= 0, got 'fast' (text)"),
         (_set(peak_memory_mib="lots"), "peak_memory_mib: must be a finite number >= 0, got 'lots' (text)"),
-        (_set(final_val_loss="x"), "final_val_loss: must be a finite number >= 0, got 'x' (text)"),
+        (_set(final_val_loss="x"), "final_val_loss: must be a finite number, got 'x' (text)"),
         (_set(loss_curve={"a": 1}), "loss_curve: must be a list, got a mapping"),
-        (_set(loss_curve=[[1, "a"]]), "loss_curve[0][1]: must be a finite number >= 0, got 'a' (text)"),
+        (_set(loss_curve=[[1, "a"]]), "loss_curve[0][1]: must be a finite number, got 'a' (text)"),
         (_set(s_per_step_spread="x"), "s_per_step_spread: must be a mapping, got 'x' (text)"),
         (_set(task=[]), "task: must be a mapping, got []"),
         (_drop("steps"), "steps: missing"),
@@ -124,6 +124,18 @@ def test_train_metrics_without_the_fields_recorded_later_still_load(run_copy):
     _edit(run_copy / TRAIN, old)
     m = TrainMetrics.load(run_copy / TRAIN)
     assert m.predicted_step_time_scaled_s is None and m.s_per_step_spread is None and m.adapted is None
+
+
+def test_a_negative_loss_a_trainers_own_objective_logged_loads(run_copy):
+    """The Trainer callback records what a Trainer subclass logs, and a margin or reward objective may be
+    negative: the run still reports."""
+
+    def negative(d: dict[str, Any]) -> None:
+        d["loss_curve"] = [[s, loss - 100.0] for s, loss in d["loss_curve"]]
+        d["first_train_loss"] = d["loss_curve"][0][1]
+
+    _edit(run_copy / TRAIN, negative)
+    assert TrainMetrics.load(run_copy / TRAIN).first_train_loss < 0
 
 
 # ---------------------------------------------------------------- eval.json and predictions.jsonl
@@ -153,6 +165,13 @@ def _metric(name: str, value: Any) -> Callable[[dict[str, Any]], None]:
 )
 def test_eval_fields_are_checked(run_copy, change, problem):
     _refused(run_copy, EVAL, change, problem)
+
+
+def test_a_score_a_rounding_past_its_scale_loads(run_copy):
+    """Floating point can put a perfect score a rounding past its scale (a perfect BLEU computes as
+    100.00000000000004): that is the scale, not a damaged file."""
+    _edit(run_copy / EVAL, _metric("exact_match", 1.0000000000000002))
+    assert EvalResult.load(run_copy / EVAL).metrics["exact_match"] > 1.0
 
 
 def test_an_eval_loss_must_be_its_examples_loss(run_copy):

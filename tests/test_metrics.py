@@ -85,6 +85,9 @@ def test_bleu_multi_reference():
         ["a dog barked at the mailman loudly"],
     ]
     assert bleu(preds, refs) == pytest.approx(100.0)  # exact copy of one reference each, uneven ref counts
+    # a perfect score is the scale itself, not a rounding past it (exp(log 100) = 100.00000000000004)
+    twelve = ["one two three four five six seven eight nine ten eleven twelve"]
+    assert bleu(twelve, [twelve]) <= METRICS["bleu"].scale
     assert bleu(preds, [[r[-1]] for r in refs]) == pytest.approx(100.0)
     assert bleu(["completely unrelated words"], [["the cat sat on the mat today"]]) == pytest.approx(0.0)
     partial = bleu(["the cat sat on the mat"], [["the cat sat on the mat today"]])

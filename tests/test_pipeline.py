@@ -644,9 +644,9 @@ def test_config_errors_name_the_key(tmp_path):
     # YAML's unquoted on / no are booleans: the message says to quote them
     assert _error({**base, "task": {**base["task"], "eval_split": False}}) == (
         "config.yaml: task.eval_split: must be a non-empty string, got False (YAML reads an unquoted off or "
-        "no as False: quote it)"
+        "no as false: quote it)"
     )
-    assert "(YAML reads an unquoted on, off, yes or no as True: quote it)" in _error(
+    assert "(YAML reads an unquoted on, off, yes or no as true: quote it)" in _error(
         {**base, "train": {"scheduler": True}}
     )
     assert _error(apply_overrides(base, ["card.coupling=maybe"])) == (

@@ -479,7 +479,7 @@ def read_json(path: str | os.PathLike[str], *, kind: str | None = None) -> dict[
         raise LayercardError(f"{p}: no such file")
     try:
         # utf-8-sig: a byte-order mark some editors add is not an error
-        obj = json.loads(p.read_bytes().decode("utf-8-sig"), object_pairs_hook=_unique_keys)
+        obj = json.loads(p.read_bytes().decode("utf-8-sig"), object_pairs_hook=unique_keys)
     except UnicodeDecodeError as e:
         raise LayercardError(f"{p}: not UTF-8 text (byte {e.start})") from None
     except json.JSONDecodeError as e:
@@ -512,7 +512,7 @@ def read_json(path: str | os.PathLike[str], *, kind: str | None = None) -> dict[
     return obj
 
 
-def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+def unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     """A JSON object whose keys are unique: a key written twice (an edit) would keep its last value in
     silence."""
     out: dict[str, Any] = {}

@@ -34,11 +34,12 @@ from layercard.artifacts import (
     hash_folder,
     non_finite,
     read_json,
+    unique_keys,
     write_json,
     write_text,
 )
 from layercard.config import EvalConfig
-from layercard.errors import LayercardError, expect
+from layercard.errors import LayercardError, expect, message_line
 from layercard.inference import eval_example_losses, eval_loss, generate, prompts_finite
 from layercard.tasks import (
     METRICS,
@@ -258,7 +259,9 @@ def check_metric_scores(f: Fields, value: Any, where: str) -> Mapping[str, float
         at = f"{where}.{name}"
         f.number(x, at)
         metric = METRICS.get(str(name))
-        if metric is not None and not 0 <= x <= metric.scale:
+        # a score computed in floating point may sit a rounding past its scale (sacrebleu's perfect BLEU
+        # is exp(log 100) = 100.00000000000004)
+        if metric is not None and not -1e-9 * metric.scale <= x <= metric.scale * (1 + 1e-9):
             f.fail(at, f"must be a score in [0, {metric.scale:g}]", x)
     return scores
 
@@ -324,9 +327,11 @@ def _read_predictions(path: Path, n: int) -> list[dict[str, Any]]:
         if not line.strip():
             continue
         try:
-            row = json.loads(line)
+            row = json.loads(line, object_pairs_hook=unique_keys)
         except json.JSONDecodeError as e:
             raise LayercardError(f"{path}: line {i}: not valid JSON ({e.msg}, column {e.colno})") from None
+        except ValueError as e:  # a key written twice, an integer past Python's digits
+            raise LayercardError(f"{path}: line {i}: not valid JSON ({message_line(e)})") from None
         f.mapping(row, f"line {i}")
         found = non_finite(row)
         if found is not None:

@@ -35,7 +35,9 @@ modules). A diverging run is stopped as ``layercard train`` stops one: after eve
 parameters and the model's training loss are checked, and every logged ``loss`` and ``eval_loss``; at
 the first that is NaN or infinite the Trainer stops without saving or evaluating that step, and
 ``trainer.train()`` raises a :class:`~layercard.errors.LayercardError` at its end, with no
-``train_metrics.json`` written.
+``train_metrics.json`` written. The raise comes from ``on_train_end``, the callback's last event: the
+callbacks after it (the Trainer's progress bar among them) miss that event, and the Trainer is left as an
+exception inside ``train()`` leaves it; make a new one to train again.
 
 The model hash and the data hash are the plan's (the callback does not read the weights); pass
 ``task=`` (a layercard Task) to record the training data instead. With ``out_dir`` at

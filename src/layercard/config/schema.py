@@ -157,7 +157,7 @@ def _str(where: str, spec: Spec, v: Any) -> str:
     if not isinstance(v, str) or not v.strip():
         # YAML reads on, off, yes and no as booleans: the text the user wrote needs quotes
         hint = (
-            f" (YAML reads an unquoted {'on or yes' if v else 'off or no'} as {v}: quote it)"
+            f" (YAML reads an unquoted {'on or yes' if v else 'off or no'} as {str(v).lower()}: quote it)"
             if isinstance(v, bool)
             else ""
         )
@@ -168,7 +168,11 @@ def _str(where: str, spec: Spec, v: Any) -> str:
 def _choice(where: str, spec: Spec, v: Any) -> str:
     valid = spec.choice_list()
     if not isinstance(v, str) or v not in valid:
-        hint = f" (YAML reads an unquoted on, off, yes or no as {v}: quote it)" if isinstance(v, bool) else ""
+        hint = (
+            f" (YAML reads an unquoted on, off, yes or no as {str(v).lower()}: quote it)"
+            if isinstance(v, bool)
+            else ""
+        )
         raise ConfigError(where, f"must be one of {', '.join(valid)}; got {v!r}{hint}")
     return v
 

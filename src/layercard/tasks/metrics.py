@@ -142,7 +142,8 @@ def bleu(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> flo
     if n_streams == 0:
         raise LayercardError("bleu: every example has an empty reference list")
     streams = [[refs[i] if i < len(refs) else None for refs in references] for i in range(n_streams)]
-    return float(sacrebleu.corpus_bleu(list(predictions), streams).score)
+    # clipped: exp(log 100) makes a perfect score 100.00000000000004
+    return min(float(sacrebleu.corpus_bleu(list(predictions), streams).score), 100.0)
 
 
 # A number: a minus sign unless it joins two words ("3-4" is a range, not -4), digits in thousands groups

@@ -199,7 +199,8 @@ def check_train_metrics(d: Mapping[str, Any], source: str) -> None:
         (_COUNTS, lambda v, w: f.integer(v, w, minimum=0)),
         (_AMOUNTS, lambda v, w: f.number(v, w, minimum=0)),
         (_SIGNED, f.number),
-        (_LOSSES, lambda v, w: f.number(v, w, minimum=0)),
+        # any sign: a Trainer subclass's own objective (a margin, a reward) may log a negative loss
+        (_LOSSES, f.number),
     ):
         for key in keys:
             if key in _NOT_NULL:
@@ -234,7 +235,7 @@ def _check_curve(f: Fields, value: Any, where: str) -> None:
         if not (isinstance(row, list) and len(row) == 2):
             f.fail(f"{where}[{i}]", "must be a [step, loss] pair", row)
         f.integer(row[0], f"{where}[{i}][0]", minimum=0)
-        f.number(row[1], f"{where}[{i}][1]", minimum=0)
+        f.number(row[1], f"{where}[{i}][1]")  # a loss, of any sign (see _LOSSES)
 
 
 def _check_placement(f: Fields, d: Mapping[str, Any], where: str) -> None:
