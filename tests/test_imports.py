@@ -17,6 +17,7 @@ ORDER = [
     "errors",
     "progress",
     "artifacts",
+    "plotting",
     "models",
     "tasks",
     "config",

@@ -1330,3 +1330,20 @@ def test_the_frontier_figures_cost_ticks_are_labelled_by_their_own_values(tiny_c
     )
     plot_frontier(plan, tmp_path / "f.png")
     assert checked and len(set(checked)) == len(checked), checked  # no two ticks share a label
+
+
+def test_drawing_a_figure_leaves_the_callers_matplotlib_as_it_was(tiny_card, tmp_path):
+    """A notebook's backend is not switched, and no figure is left open in pyplot."""
+    import matplotlib
+    import matplotlib.pyplot as plt
+
+    from layercard.plan.figures import plot_frontier
+
+    before = matplotlib.get_backend()
+    plt.switch_backend("pdf")  # a backend of the caller's that is not Agg
+    try:
+        plot_frontier(make_plan(tiny_card, PlanConfig("recommend", budget="params=0.5x")), tmp_path / "f.png")
+        assert matplotlib.get_backend() == "pdf" and plt.get_fignums() == []
+        assert (tmp_path / "f.png").read_bytes().startswith(b"\x89PNG")
+    finally:
+        plt.switch_backend(before)

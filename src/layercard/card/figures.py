@@ -6,37 +6,25 @@ from pathlib import Path
 
 import numpy as np
 
-from layercard.artifacts import atomic_path
 from layercard.card.artifact import Card
+from layercard.plotting import new_figure, save_png
 
 # Every figure a card folder can hold: a rewrite removes those its new card has no data for.
 FIGURES = ("card_heatmap.png", "card_profiles.png", "card_coupling.png")
 
 
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def _save(fig, path: Path) -> Path:
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png")
-    _plt().close(fig)
+    save_png(fig, path)
     return path
 
 
 def heatmap(card: Card, path: Path) -> Path:
     """Layers × roles heat map of resnorm (log scale)."""
-    plt = _plt()
     roles = [r for r in dict.fromkeys(u.role for u in card.units)]
     mat = np.full((card.n_layers, len(roles)), np.nan)
     for u in card.units:
         mat[u.layer, roles.index(u.role)] = u.resnorm
-    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(roles), 0.22 * card.n_layers + 1.5))
+    fig, ax = new_figure(figsize=(1.2 + 0.9 * len(roles), 0.22 * card.n_layers + 1.5))
     with np.errstate(divide="ignore"):
         im = ax.imshow(np.log10(mat), aspect="auto", cmap="viridis", origin="lower")
     ax.set_xticks(range(len(roles)), roles)
@@ -48,10 +36,9 @@ def heatmap(card: Card, path: Path) -> Path:
 
 def profiles(card: Card, path: Path) -> Path:
     """Per-layer profiles: resnorm, gradient norm, activation energy and first-step rate."""
-    plt = _plt()
     rows = card.layer_table()
     layers = [r["layer"] for r in rows]
-    fig, axes = plt.subplots(4, 1, figsize=(7, 8), sharex=True)
+    fig, axes = new_figure(4, 1, figsize=(7, 8), sharex=True)
     for ax, (key, label) in zip(
         axes,
         [
@@ -76,9 +63,8 @@ def profiles(card: Card, path: Path) -> Path:
 def coupling(card: Card, path: Path) -> Path | None:
     if not card.coupling:
         return None
-    plt = _plt()
     c = np.asarray(card.coupling["matrix"])
-    fig, ax = plt.subplots(figsize=(6, 5))
+    fig, ax = new_figure(figsize=(6, 5))
     im = ax.imshow(c, cmap="RdBu_r", vmin=-1, vmax=1, origin="lower")
     layers = card.coupling["layers"]
     step = max(1, len(layers) // 10)
@@ -94,12 +80,11 @@ def coupling(card: Card, path: Path) -> Path | None:
 def compare_plot(a: Card, b: Card, path: Path, rho: float | None, score: str = "resnorm") -> Path:
     """Per-layer ``score`` (a layer_table column) of two cards side by side, and one against the other,
     titled with their Spearman ρ (None: undefined, a constant column)."""
-    plt = _plt()
     ra = [r[score] for r in a.layer_table()]
     rb = [r[score] for r in b.layer_table()]
     # A log axis only where every value is positive (rate can be negative, a score zero).
     scale = "log" if all(v > 0 for v in ra + rb) else "linear"
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fig, axes = new_figure(1, 2, figsize=(11, 4))
     axes[0].plot(ra, marker="o", ms=3, label=a.task["name"])
     axes[0].plot(rb, marker="s", ms=3, label=b.task["name"])
     axes[0].set_xlabel("layer")

@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from layercard.artifacts import atomic_path
+from layercard.plotting import new_figure, save_png
 
 _LABELS = {
     "params": "trainable parameters",
@@ -33,14 +33,9 @@ def plot_frontier(
     figures.
     """
     colors = colors or {}
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     pred = plan.predicted
     kinds = list(pred["frontier"])
-    fig, axes = plt.subplots(1, len(kinds), figsize=(7.0 * len(kinds), 4.2), squeeze=False)
+    fig, axes = new_figure(1, len(kinds), figsize=(7.0 * len(kinds), 4.2), squeeze=False)
     err = pred["quality"].get("model_error", pred["quality"]["expected_error"])
     for ax, kind in zip(axes[0], kinds, strict=True):
         rows = pred["frontier"][kind]
@@ -125,9 +120,7 @@ def plot_frontier(
         f"{plan.card['model_id']} · {plan.card['task']} · policy {plan.config['policy']}", fontsize=9
     )
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png", bbox_inches="tight")
-    plt.close(fig)
+    save_png(fig, path)
     return Path(path)
 
 

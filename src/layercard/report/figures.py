@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from layercard.artifacts import atomic_path
+from layercard.plotting import new_figure, save_png
 
 if TYPE_CHECKING:
     from layercard.train import TrainMetrics
@@ -16,15 +16,6 @@ if TYPE_CHECKING:
 __all__ = ["Figure", "fig_gain", "fig_placements", "fig_quality_cost", "fig_trace", "fig_training", "palette"]
 
 _DPI = 100
-
-
-def _plt() -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,32 +28,31 @@ class Figure:
 
 
 def _save(fig: Any, path: Path) -> bytes:
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=_DPI, bbox_inches="tight", format="png")
-        data = tmp.read_bytes()
-    _plt().close(fig)
-    return data
+    return save_png(fig, path, dpi=_DPI)
 
 
 def palette(names: Sequence[str]) -> dict[str, Any]:
     """One colour per model, by its place among the run's rows: every figure passes the same names, so a
     placement has one colour throughout the report."""
-    cmap = _plt().get_cmap("tab10")
+    from matplotlib import colormaps
+
+    cmap = colormaps["tab10"]
     return {n: cmap(i % 10) for i, n in enumerate(names)}
 
 
 def fig_placements(rows: list[dict[str, Any]], n_layers: int, path: Path) -> bytes:
     """Which layers each placement adapts (the trimmed adapter included)."""
-    plt = _plt()
+    from matplotlib.patches import Rectangle
+
     shown = [r for r in rows if r["kind"] != "base"]
     colors = palette([r["name"] for r in rows])  # each placement in its colour of the other figures
-    fig, ax = plt.subplots(figsize=(min(12, 2 + 0.3 * n_layers), 0.9 + 0.45 * len(shown)))
+    fig, ax = new_figure(figsize=(min(12, 2 + 0.3 * n_layers), 0.9 + 0.45 * len(shown)))
     for i, r in enumerate(shown):
         for layer in r["layers"]:
             # hollow, as in the quality-cost chart: the trimmed adapter is its parent's training, cut
             hollow = r["kind"] == "trimmed"
             ax.add_patch(
-                plt.Rectangle(
+                Rectangle(
                     (layer - 0.45, i - 0.38),
                     0.9,
                     0.76,
@@ -84,9 +74,8 @@ def fig_placements(rows: list[dict[str, Any]], n_layers: int, path: Path) -> byt
 
 def fig_training(curves: dict[str, TrainMetrics], path: Path, names: Sequence[str] = ()) -> bytes:
     """Training and validation loss curves of every placement; ``names``: the run's rows, for colours."""
-    plt = _plt()
     colors = palette([*names, *(n for n in curves if n not in names)])
-    fig, ax = plt.subplots(figsize=(7.5, 4))
+    fig, ax = new_figure(figsize=(7.5, 4))
     for name, m in curves.items():
         lc = m.loss_curve or []
         if lc:
@@ -113,9 +102,8 @@ def fig_training(curves: dict[str, TrainMetrics], path: Path, names: Sequence[st
 def fig_trace(trace: Trace | None, trim: dict[str, Any], path: Path) -> bytes:
     """Logit-lens curves with the boundary candidates (when there is a trace), and the sweep's metric
     against K."""
-    plt = _plt()
     panels = 2 if trace is not None else 1
-    fig, axes = plt.subplots(1, panels, figsize=(6.5 * panels, 4), squeeze=False)
+    fig, axes = new_figure(1, panels, figsize=(6.5 * panels, 4), squeeze=False)
     axes = axes[0]
     if trace is not None:
         _trace_panel(axes[0], trace, trim["chosen_k"])
@@ -144,10 +132,9 @@ def _sweep_panel(ax: Any, trim: dict[str, Any]) -> None:
 
 def fig_gain(rows: list[dict[str, Any]], score: str, path: Path) -> bytes:
     """The plans' predicted set gain against the measured loss drop, one point per placement."""
-    plt = _plt()
     pts = [r for r in rows if r["kind"] == "placement" and r.get("predicted_gain") is not None]
     colors = palette([r["name"] for r in rows])  # the same colour per model as in the cost chart
-    fig, ax = plt.subplots(figsize=(6, 4.5))
+    fig, ax = new_figure(figsize=(6, 4.5))
     for r in pts:
         y = r.get("measured_gain")
         if y is None:
@@ -173,12 +160,11 @@ _COSTS = (
 
 def fig_quality_cost(rows: list[dict[str, Any]], primary: str | None, path: Path) -> bytes:
     """Primary metric (top) and eval loss (bottom) against each cost, one point per model."""
-    plt = _plt()
     shown = [r for r in rows if r["kind"] != "base"]
     colors = palette([r["name"] for r in rows])
     base = next((r for r in rows if r["kind"] == "base"), None)
     qualities = [("primary_value", primary or "primary metric"), ("eval_loss", "eval loss (lower is better)")]
-    fig, axes = plt.subplots(2, len(_COSTS), figsize=(4 * len(_COSTS), 7), squeeze=False)
+    fig, axes = new_figure(2, len(_COSTS), figsize=(4 * len(_COSTS), 7), squeeze=False)
     for row_i, (qkey, qlabel) in enumerate(qualities):
         for col, (ckey, clabel) in enumerate(_COSTS):
             ax = axes[row_i][col]

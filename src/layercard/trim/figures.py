@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
-from layercard.artifacts import atomic_path
+from layercard.plotting import new_figure, save_png
 from layercard.trim.sweep import row_value
 
 __all__ = ["draw_sweep", "draw_trace", "plot_sweep", "plot_trace"]
@@ -32,20 +32,8 @@ class Curves(Protocol):
     def n_layers(self) -> int: ...
 
 
-def _plt():
-    # matplotlib is imported on first use: importing layercard.trim must not pull it in
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def _save_png(fig: Any, path: Path) -> Path:
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png")
-    _plt().close(fig)
+    save_png(fig, path)
     return path
 
 
@@ -98,8 +86,7 @@ def draw_sweep(ax: Any, result: dict[str, Any]) -> list[Any]:
 
 def plot_trace(tr: Curves, path: str | Path) -> Path:
     """trace.png: both lens curves with the boundary candidates of the 'on' curve marked."""
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = new_figure(figsize=(7, 4))
     draw_trace(ax, tr)
     title = f"{(tr.provenance or {}).get('model_id', '')} · {tr.task.get('name', '')}".strip(" ·")
     ax.set_title(
@@ -112,8 +99,7 @@ def plot_trace(tr: Curves, path: str | Path) -> Path:
 
 def plot_sweep(result: dict[str, Any], path: str | Path) -> Path:
     """trim.png: the selection metric and loss against the boundary K, the chosen K marked."""
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = new_figure(figsize=(7, 4))
     ax.legend(handles=draw_sweep(ax, result), fontsize=8, loc="lower right")
     ax.grid(alpha=0.3)
     ax.set_title(f"trim sweep · {result['task'].get('name', '')}", fontsize=9)

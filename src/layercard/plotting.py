@@ -1,0 +1,36 @@
+"""Figures without pyplot: every PNG layercard draws is made and written here.
+
+A figure is a ``matplotlib.figure.Figure`` on its own Agg canvas, so drawing one neither switches the
+process's matplotlib backend (a notebook's inline plots keep theirs) nor registers the figure with pyplot,
+where one whose drawing raised would stay open. matplotlib is imported on first use: importing layercard
+must not pull it in.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from layercard.artifacts import atomic_path
+
+__all__ = ["new_figure", "save_png"]
+
+
+def new_figure(nrows: int = 1, ncols: int = 1, **kw: Any) -> tuple[Any, Any]:
+    """A figure and its axes, as ``pyplot.subplots(nrows, ncols, **kw)`` gives them (``figsize`` and the
+    figure's other settings go to the figure, the rest to its subplots)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure_keys = ("figsize", "dpi", "layout")
+    fig = Figure(**{k: kw.pop(k) for k in figure_keys if k in kw})
+    FigureCanvasAgg(fig)
+    return fig, fig.subplots(nrows, ncols, **kw)
+
+
+def save_png(fig: Any, path: str | os.PathLike[str], dpi: int = 110) -> bytes:
+    """Write ``fig`` to ``path`` as PNG, atomically (tight bounding box); returns the bytes written."""
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=dpi, bbox_inches="tight", format="png")
+        return Path(tmp).read_bytes()
