@@ -388,3 +388,21 @@ def test_what_an_atomic_write_leaves_has_the_usual_modes(tmp_path: Path) -> None
         assert (tmp_path / "one.json").stat().st_mode & 0o777 == 0o644
     finally:
         os.umask(mask)
+
+
+def test_a_failed_write_removes_the_folders_it_made(tmp_path: Path) -> None:
+    (tmp_path / "kept").mkdir()
+    target = tmp_path / "kept" / "new" / "deeper" / "report.html"
+    with pytest.raises(RuntimeError), artifacts.atomic_path(target) as tmp:
+        tmp.write_text("half")
+        raise RuntimeError("a figure failed to draw")
+    # the folders the write made go again; the one that was there stays
+    assert (tmp_path / "kept").is_dir() and not (tmp_path / "kept" / "new").exists()
+    # one that something else filled meanwhile stays too
+    with pytest.raises(RuntimeError), artifacts.atomic_path(target) as tmp:
+        (tmp_path / "kept" / "new" / "other.txt").write_text("someone else's")
+        raise RuntimeError("again")
+    assert (tmp_path / "kept" / "new" / "other.txt").is_file() and not target.parent.exists()
+    with artifacts.atomic_path(target) as tmp:  # a write that succeeds keeps them
+        tmp.write_text("whole")
+    assert target.read_text() == "whole"

@@ -258,27 +258,47 @@ def _temp_prefix(name: str) -> str:
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary sibling path; rename it onto ``path`` only if the block succeeds.
 
-    Works for files and folders. On failure the temporary is removed and ``path`` is untouched. Stale
-    temporaries of the same name left by a killed process are removed first.
+    Works for files and folders. On failure the temporary is removed and ``path`` is untouched, and the
+    folders above it that this write made are removed again where they are still empty. Stale temporaries
+    of the same name left by a killed process are removed first.
     """
     final = Path(path)
     _check_parents(final, str(final))
+    made = _missing_folders(final.parent)
+    done = False
     try:
-        final.parent.mkdir(parents=True, exist_ok=True)
-        remove_stale_temps(final.parent, final.name)
-        tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(final.name), suffix=".tmp", dir=final.parent))
-    except OSError as e:
-        raise _not_written(final, e) from None
-    target = tmp / final.name
-    try:
-        yield target
-        _commit(target, final, tmp)
-    except OSError as e:
-        if not _write_failed(e, tmp, final):
-            raise
-        raise _not_written(final, e) from None
+        try:
+            final.parent.mkdir(parents=True, exist_ok=True)
+            remove_stale_temps(final.parent, final.name)
+            tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(final.name), suffix=".tmp", dir=final.parent))
+        except OSError as e:
+            raise _not_written(final, e) from None
+        target = tmp / final.name
+        try:
+            yield target
+            _commit(target, final, tmp)
+            done = True
+        except OSError as e:
+            if not _write_failed(e, tmp, final):
+                raise
+            raise _not_written(final, e) from None
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if not done:
+            for folder in made:  # deepest first; one that holds anything by now stays
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
+
+
+def _missing_folders(folder: Path) -> list[Path]:
+    """``folder`` and those above it that do not exist yet, deepest first: what a write would make."""
+    out = []
+    for p in (folder, *folder.parents):
+        if p.exists() or p.is_symlink():
+            break
+        out.append(p)
+    return out
 
 
 def _write_failed(e: OSError, tmp: Path, final: Path) -> bool:
