@@ -55,9 +55,16 @@ from typing import Any
 from layercard.errors import LayercardError
 from layercard.plan import Plan
 
-__all__ = ["TARGETS", "Export", "export_plan"]
+__all__ = ["FILENAMES", "TARGETS", "Export", "export_plan"]
 
 TARGETS = ("peft", "trl", "axolotl", "llamafactory")
+# The usual name of each target's file (its suffix says its format).
+FILENAMES = {
+    "peft": "adapter_config.json",
+    "trl": "train_trl.py",
+    "axolotl": "axolotl.yaml",
+    "llamafactory": "llamafactory.yaml",
+}
 # Layer containers PEFT finds on its own; another one must be named for layers_to_transform.
 _PEFT_LAYER_PATTERNS = ("layers", "h", "block", "blocks", "layer")
 
@@ -234,7 +241,7 @@ def _peft(plan: Plan, lora: dict[str, Any], source: str | None, plan_file: str |
         + "model = get_peft_model(model, peft_config)\n"
     )
     text = json.dumps(config, indent=2) + "\n"
-    return Export("peft", "adapter_config.json", text, (), snippet)
+    return Export("peft", FILENAMES["peft"], text, (), snippet)
 
 
 def _trl(plan: Plan, lora: dict[str, Any], source: str | None, plan_file: str | None) -> Export:
@@ -266,7 +273,7 @@ def _trl(plan: Plan, lora: dict[str, Any], source: str | None, plan_file: str | 
         + ")\n"
         + "trainer.train()\n"
     )
-    return Export("trl", "train_trl.py", text)
+    return Export("trl", FILENAMES["trl"], text)
 
 
 def _whole(alpha: float) -> int:
@@ -331,7 +338,7 @@ def _axolotl(plan: Plan, lora: dict[str, Any], source: str | None, plan_file: st
             body["lora_alpha_pattern"] = alphas
         header.append("per-module ranks: lora_rank_pattern and lora_alpha_pattern (axolotl 0.18 and later)")
     text = _yaml(header, notes, body)
-    return Export("axolotl", "axolotl.yaml", text, tuple(notes))
+    return Export("axolotl", FILENAMES["axolotl"], text, tuple(notes))
 
 
 def _llamafactory(plan: Plan, lora: dict[str, Any], source: str | None, plan_file: str | None) -> Export:
@@ -358,7 +365,7 @@ def _llamafactory(plan: Plan, lora: dict[str, Any], source: str | None, plan_fil
         header.append(
             "the planned modules are Conv1D (fan_in_fan_out): PEFT sets that for them itself, with a warning"
         )
-    return Export("llamafactory", "llamafactory.yaml", _yaml(header, notes, body), tuple(notes))
+    return Export("llamafactory", FILENAMES["llamafactory"], _yaml(header, notes, body), tuple(notes))
 
 
 def export_plan(plan: Plan | str | Path, to: str) -> Export:

@@ -11,15 +11,8 @@ from rich.markup import escape
 from layercard.cli.app import app, console, emit_json, guard, result_console
 from layercard.errors import LayercardError
 
-# The file each target writes, and the names of the others: a name of another's is refused.
-_SUFFIXES = {
-    "peft": (".json",),
-    "trl": (".py",),
-    "axolotl": (".yaml", ".yml"),
-    "llamafactory": (".yaml", ".yml"),
-}
-_FORMATS = {"peft": "JSON", "trl": "a Python script", "axolotl": "YAML", "llamafactory": "YAML"}
-_KNOWN = {s for names in _SUFFIXES.values() for s in names}
+# The formats a file name says it holds: an export written under another format's name is refused.
+_FORMATS = {".json": "JSON", ".py": "a Python script", ".yaml": "YAML", ".yml": "YAML"}
 
 
 @app.command("export")
@@ -42,10 +35,11 @@ def export_cmd(
 ) -> None:
     """Write a plan for another training tool; say what it cannot express and how that was approximated."""
     from layercard.artifacts import check_out_file, same_file, write_text
-    from layercard.export import export_plan
+    from layercard.export import FILENAMES, export_plan
 
     if out is not None:
-        check_out_file(out, example=f"{to}{_SUFFIXES.get(to, ('.yaml',))[0]}")
+        suffix = Path(FILENAMES.get(to, ".yaml")).suffix  # the export's own file name says its format
+        check_out_file(out, example=f"{to}{suffix}")
         if to == "peft" and out.suffix.lower() == ".py":  # the snippet goes beside the JSON, as FILE.py
             raise LayercardError(
                 f"--out {out}: the peft export writes JSON there and the snippet beside it "
@@ -59,12 +53,12 @@ def export_cmd(
                     f"--out {out}{whose}: that is the plan file {plan}, which the export would overwrite; "
                     "give another path"
                 )
-        own = _SUFFIXES.get(to, ())
-        if own and out.suffix.lower() in _KNOWN and out.suffix.lower() not in own:
+        given = _FORMATS.get(out.suffix.lower())
+        if to in FILENAMES and given is not None and given != _FORMATS[suffix]:
             # a file named for another format would be read as that format by whatever opens it
             raise LayercardError(
-                f"--out {out}: the {to} export is {_FORMATS[to]}, not {out.suffix}; give a path such as "
-                f"{out.with_suffix(own[0])}"
+                f"--out {out}: the {to} export is {_FORMATS[suffix]}, not {out.suffix}; give a path such as "
+                f"{out.with_suffix(suffix)}"
             )
     result = export_plan(plan, to)
     written: list[str] = []
