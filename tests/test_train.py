@@ -334,6 +334,24 @@ def test_stream_positions_are_those_of_the_batches_it_builds():
     assert launch_positions(stream, 2, 2, world=2) == (max(sum(first), sum(mine)) / 2, max(built))
 
 
+def test_seed_replicates_share_no_epoch_order():
+    from layercard.train.data import Stream
+
+    encoded = [Encoded((i,), (i,), 0) for i in range(12)]
+
+    def epochs(seed: int, order: list[int]) -> dict[int, list[int]]:
+        stream = Stream(encoded, 12, 0, seed=seed)  # one micro-batch per epoch
+        return {k: stream.batch(k)["input_ids"].flatten().tolist() for k in order}
+
+    ahead = epochs(0, [0, 1, 2, 3])
+    assert epochs(0, [3, 1, 0, 2]) == ahead  # any access order gives the same epochs
+    assert sorted(ahead[0]) == list(range(12)) and len({tuple(v) for v in ahead.values()}) == 4
+    first = torch.randperm(12, generator=torch.Generator().manual_seed(0)).tolist()
+    assert ahead[0] == first  # the first epoch is the seed's own permutation
+    other = epochs(1, [0, 1, 2, 3])
+    assert not {tuple(v) for v in ahead.values()} & {tuple(v) for v in other.values()}
+
+
 def test_train_metrics_artifact_roundtrip(lora_run, tmp_path: Path):
     path = lora_run["out"] / "train_metrics.json"
     tm = TrainMetrics.load(path)

@@ -6,10 +6,11 @@ A plain PyTorch loop under :class:`accelerate.Accelerator` (device placement, mu
 precision). The loss of an optimizer step is the mean cross-entropy over the target tokens of all its
 micro-batches (prompt tokens carry the ignore index), exactly what the card measured.
 
-Data order is a function of the seed alone: epoch ``e`` is a permutation drawn from ``seed + e`` and
-a step consumes the next ``grad_accum`` micro-batches of the cycled stream. A checkpoint therefore
-needs only the number of micro-batches consumed, the trainable weights, the optimizer and scheduler
-state and the RNG states (dropout) for a resumed run to reproduce the uninterrupted loss curve.
+Data order is a function of the seed alone: epoch ``e`` is the ``e``-th permutation drawn from one
+generator seeded with ``seed``, and a step consumes the next ``grad_accum`` micro-batches of the cycled
+stream. A checkpoint therefore needs only the number of micro-batches consumed, the trainable weights,
+the optimizer and scheduler state and the RNG states (dropout) for a resumed run to reproduce the
+uninterrupted loss curve.
 
 Run folder::
 

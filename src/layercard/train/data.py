@@ -1,7 +1,8 @@
 """The training data stream and the learning-rate schedule: both pure functions of the seed and config.
 
-Epoch ``e`` is a permutation drawn from ``seed + e`` and a step consumes the next ``grad_accum``
-micro-batches of the cycled stream, so a checkpoint needs only the number of micro-batches consumed.
+Epoch ``e`` is the ``e``-th permutation drawn from one generator seeded with ``seed`` (so two seeds
+share no epoch order) and a step consumes the next ``grad_accum`` micro-batches of the cycled stream, so
+a checkpoint needs only the number of micro-batches consumed.
 """
 
 from __future__ import annotations
@@ -24,12 +25,17 @@ class Stream:
         self.pad_id = pad_id
         self.seed = seed
         self.per_epoch = math.ceil(len(encoded) / batch_size)
-        self._perm: tuple[int, list[int]] | None = None
+        self._gen: torch.Generator | None = None
+        self._perm: tuple[int, list[int]] = (-1, [])
 
     def _order(self, epoch: int) -> list[int]:
-        if self._perm is None or self._perm[0] != epoch:
-            g = torch.Generator().manual_seed(self.seed + epoch)
-            self._perm = (epoch, torch.randperm(len(self.encoded), generator=g).tolist())
+        # One generator drawn epoch after epoch: seeding epoch e with seed + e gave seed s's second
+        # epoch the order of seed s + 1's first, so seed replicates of a multi-epoch run overlapped.
+        if self._gen is None or epoch < self._perm[0]:
+            self._gen = torch.Generator().manual_seed(self.seed)
+            self._perm = (-1, [])
+        while self._perm[0] < epoch:
+            self._perm = (self._perm[0] + 1, torch.randperm(len(self.encoded), generator=self._gen).tolist())
         return self._perm[1]
 
     def _indices(self, k: int) -> list[int]:
