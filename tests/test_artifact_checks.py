@@ -105,6 +105,7 @@ def _refused(run: Path, rel: str, change: Callable[[Any], Any], problem: str) ->
         (_set(s_per_step_spread="x"), "s_per_step_spread: must be a mapping, got 'x' (text)"),
         (_set(task=[]), "task: must be a mapping, got []"),
         (_drop("steps"), "steps: missing"),
+        (_set(final_trian_loss=1.0), "final_trian_loss: unknown field (did you mean final_train_loss?)"),
     ],
 )
 def test_train_metrics_fields_are_checked(run_copy, change, problem):
@@ -161,6 +162,7 @@ def _metric(name: str, value: Any) -> Callable[[dict[str, Any]], None]:
         (_set(timing=[]), "timing: must be a mapping, got []"),
         (_set(task=[]), "task: must be a mapping, got []"),
         (_set(provenance="x"), "provenance: must be a mapping, got 'x' (text)"),
+        (_set(metrcs={}), "metrcs: unknown field (did you mean metrics?)"),
     ],
 )
 def test_eval_fields_are_checked(run_copy, change, problem):
@@ -214,6 +216,7 @@ def test_trim_fields_are_checked(run_copy):
         (_set(chosen_k=-5), f"chosen_k: must be an integer in 0..{n - 1}, got -5"),
         (_set(chosen_k="0"), f"chosen_k: must be an integer in 0..{n - 1}, got '0' (text)"),
         (_drop("chosen_k"), "chosen_k: missing"),
+        (_set(chosen=0), "chosen: unknown field (did you mean chosen_k?)"),
         (_set(after=[]), "after: must be a mapping, got []"),
         (
             lambda d: d["sweep"][0].update(adapted_modules=-1),

@@ -269,6 +269,8 @@ def check_metric_scores(f: Fields, value: Any, where: str) -> Mapping[str, float
 def check_eval(d: Mapping[str, Any], source: str) -> None:
     """Check an eval.json dict field by field: its scores and loss, its examples and what each records."""
     f = Fields(source)
+    extra = {"kind", "schema_version", "metric_scales", "predictions_file"}  # what to_dict adds
+    f.known(d, {x.name for x in dataclasses.fields(EvalResult)} | extra)
     n = f.integer(f.get(d, "n"), "n", minimum=1)  # an evaluation of no examples is refused, not written
     if not check_metric_scores(f, f.get(d, "metrics"), "metrics"):
         f.fail("metrics", "must hold at least one metric (the first is the primary), got none")

@@ -78,8 +78,10 @@ def check_trim(d: Mapping[str, Any], source: str) -> None:
     the before, after and sweep rows, the data it was measured on."""
     from layercard.artifacts import Fields
     from layercard.train.metrics import check_task_record
+    from layercard.trim.run import TRIM_FIELDS
 
     f = Fields(source)
+    f.known(d, set(TRIM_FIELDS))
     f.mapping(f.get(d, "provenance"), "provenance")
     f.text(f.get(d, "adapter"), "adapter")
     f.text(f.get(d, "metric"), "metric")

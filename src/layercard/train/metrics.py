@@ -179,6 +179,7 @@ def check_train_metrics(d: Mapping[str, Any], source: str) -> None:
     """Check a train_metrics.json dict field by field: types, counts, signs and the shapes of its curves and
     records. A field added after the first files (see the dataclass) may be missing; the others may not."""
     f = Fields(source)
+    f.known(d, {x.name for x in dataclasses.fields(TrainMetrics)} | {"kind", "schema_version"})
 
     def field(key: str) -> Any:  # a field every file has must be there; a later one may be missing
         return f.get(d, key) if key in _REQUIRED else d.get(key)

@@ -57,6 +57,13 @@ __all__ = [
 ]
 
 TRIM_KIND = "trim"
+# The top-level fields of trim.json (the report refuses any other: a misspelt one would be dropped).
+TRIM_FIELDS = frozenset({
+    "kind", "schema_version", "adapter", "adapter_format", "metric", "higher_is_better", "tie_tolerance",
+    "metrics", "metric_scales", "n_layers", "adapted_layers", "candidates", "trace", "ks", "sweep",
+    "chosen_k", "metric_flat", "before", "after", "after_matches_sweep", "adapted_modules_before",
+    "adapted_modules_after", "export", "merged", "task", "timings", "provenance",
+})  # fmt: skip
 TRIM_FILE = "trim.json"
 TRIM_PNG = "trim.png"
 TRIMMED_DIR = "adapter-trimmed"
