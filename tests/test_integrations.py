@@ -314,8 +314,12 @@ def test_a_non_finite_logged_value_stops_the_run(trainer_run, tmp_path):
             lambda lc: get_peft_model(tiny_model("gpt2"), LoraConfig(r=4, target_modules=["c_attn"])),
             r"transformer\.h\.0\.attn\.c_attn \(rank 4\) is adapted but not planned, and 3 more",
         ),
+        (
+            lambda lc: LoraConfig(**{**lc, "modules_to_save": ["lm_head"]}),
+            r"the model trains [\d,]+ parameters outside its LoRA modules \(.*lm_head.*\), which the plan",
+        ),
     ],
-    ids=["full-fine-tune", "other-rank", "fewer-modules", "other-model"],
+    ids=["full-fine-tune", "other-rank", "fewer-modules", "other-model", "modules-to-save"],
 )
 def test_the_callback_refuses_a_model_that_is_not_the_plans(trainer_run, build, message):
     import types

@@ -389,8 +389,9 @@ def _lora_ranks(model: Any) -> dict[str, int]:
 
 
 def _check_adapted(plan: Plan, model: Any, where: str) -> None:
-    """Refuse a model whose LoRA modules or ranks are not ``plan``'s: its figures would be recorded
-    against another placement's predictions. PEFT's EVA init may move ranks and drop modules."""
+    """Refuse a model whose LoRA modules or ranks are not ``plan``'s, or that trains anything else: its
+    figures would be recorded against another placement's predictions. PEFT's EVA init may move ranks and
+    drop modules."""
     got = _lora_ranks(model)
     want = {u.name: int(u.rank) for u in plan.units}
     fix = "build it with get_peft_model(model, plan.peft_config())"
@@ -421,6 +422,15 @@ def _check_adapted(plan: Plan, model: Any, where: str) -> None:
         raise LayercardError(
             f"{where}: the model's LoRA modules are not the plan's ({len(got)} adapted, {len(want)} "
             f"planned): {'; '.join(parts)}; {fix}"
+        )
+    # modules_to_save or a trained bias: parameters the plan neither counts nor prices
+    others = [(n, p.numel()) for n, p in model.named_parameters() if p.requires_grad and "lora_" not in n]
+    if others:
+        raise LayercardError(
+            f"{where}: the model trains {sum(k for _, k in others):,} parameters outside its LoRA modules "
+            f"({others[0][0]}"
+            + (f", and {len(others) - 1} more" if len(others) > 1 else "")
+            + f"), which the plan does not price (modules_to_save, a trained bias?); {fix}"
         )
 
 
