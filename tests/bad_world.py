@@ -75,7 +75,13 @@ def edited(src: Path, dst: Path, change: Callable[[dict[str, Any]], None]) -> Pa
 
 
 def lock_record(pid: int, **kw: Any) -> str:
-    rec = {**artifacts._owner_record(), "pid": pid, "command": "layercard run other.yaml", **kw}
+    rec = {
+        **artifacts._owner_record(),
+        "pid": pid,
+        "pid_start": artifacts._pid_start(pid),
+        "command": "layercard run other.yaml",
+        **kw,
+    }
     return json.dumps(rec)
 
 

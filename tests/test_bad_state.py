@@ -236,6 +236,14 @@ def test_writer_lock_takes_over_stale_locks_and_waits_for_live_ones(world: World
         lock.write_text(lock_record(world.live.pid, boot_id="an-earlier-boot"))
         with artifacts.writer_lock(target):
             pass
+    if artifacts._pid_start(world.live.pid) is not None:  # a live pid that another process had before
+        lock.write_text(lock_record(world.live.pid, pid_start=artifacts._pid_start(world.live.pid) - 1))
+        with artifacts.writer_lock(target):
+            pass
+        lock.write_text(lock_record(world.live.pid))
+        with pytest.raises(LayercardError, match=r"pid \d+ on .*layercard run other\.yaml"):
+            with artifacts.writer_lock(target):
+                pass
     lock.write_text(lock_record(world.live.pid, host="elsewhere", host_tag="elsewhere"))
     with pytest.raises(LayercardError, match=r"pid \d+ on elsewhere.*another machine: if it is gone, delete"):
         with artifacts.writer_lock(target):

@@ -185,6 +185,16 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _pid_start(pid: int) -> int | None:
+    """When process ``pid`` started, in clock ticks since boot, where the system says (Linux): with the
+    pid, it names one process, where a pid alone may have been reused since."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return int(stat[stat.rindex(")") + 2 :].split()[19])  # field 22; the name may hold spaces
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def _boot_id() -> str | None:
     """This boot's id where the system has one (Linux): a lock from before a reboot is stale."""
     try:
@@ -693,6 +703,7 @@ def lock_path(target: str | os.PathLike[str]) -> Path:
 def _owner_record() -> dict[str, Any]:
     return {
         "pid": os.getpid(),
+        "pid_start": _pid_start(os.getpid()),
         "host": socket.gethostname(),
         "host_tag": _host_tag(),
         "boot_id": _boot_id(),
@@ -714,6 +725,9 @@ def _owner_state(text: str) -> tuple[str, dict[str, Any]]:
     if boot is not None and rec.get("boot_id") not in (None, boot):
         return "stale", rec  # written before this machine last booted
     live = pid == os.getpid() or _pid_alive(pid)
+    started = rec.get("pid_start")
+    if live and started is not None and _pid_start(pid) not in (None, started):
+        live = False  # the pid was reused: its writer is gone
     return ("live" if live else "stale"), rec
 
 
@@ -807,7 +821,8 @@ def writer_lock(
 ) -> Iterator[Path]:
     """Hold ``target``'s lock (:func:`lock_path`) for the block: one writing process per folder.
 
-    A lock left by a process that is gone (this machine) is taken over. One held by a live process
+    A lock left by a process that is gone (this machine) is taken over, also where its pid now names
+    another process (the lock records when its writer started). One held by a live process
     fails at once naming it, or with ``wait`` (seconds; None: no limit) is waited for. A lock written on
     another machine cannot be checked: it counts as held. Yields the lock file's path.
     """
