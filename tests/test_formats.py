@@ -157,6 +157,27 @@ def test_saved_dataset_folders_and_their_splits(tmp_path):
         load_task(str(bad))
 
 
+def test_a_folder_named_like_a_builtin_task_leaves_the_task_builtin(tmp_path, monkeypatch):
+    from layercard.pipeline.config import load_config
+
+    # a demo's output holds facts/ and format/: run from there, the names are still the synthetic tasks
+    for name in ("facts", "format"):
+        (tmp_path / name).mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert not is_file_spec("facts") and not is_file_spec("format:train")
+    held = held_out("facts", exclude="train")
+    assert held is not None and held.split == "test" and load_task("facts").split == "train"
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("model: tiny\ntask: facts\nplacements: [{name: a, policy: all, budget: layers=1}]\n")
+    assert load_config(cfg).task.train == "facts"
+    cfg.write_text("model: tiny\ntask: {train: facts, eval: format}\nplacements: [{name: a, policy: all}]\n")
+    assert (load_config(cfg).task.train, load_config(cfg).task.eval) == ("facts", "format")
+    # a folder of another name is still a path, read from the config's folder
+    (tmp_path / "mine").mkdir()
+    cfg.write_text("model: tiny\ntask: mine\nplacements: [{name: a, policy: all}]\n")
+    assert load_config(cfg).task.train == str(tmp_path / "mine") and is_file_spec("mine")
+
+
 def test_read_records_numbers_rows_of_tables(tmp_path):
     pa = pytest.importorskip("pyarrow")
     import pyarrow.parquet as pq

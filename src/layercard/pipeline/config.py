@@ -285,7 +285,7 @@ def _names(raw: Mapping[str, Any]) -> list[str | None]:
 def _resolve_paths(raw: dict[str, Any], folder: Path) -> dict[str, Any]:
     """``raw`` with its relative model and task paths made absolute from the config's ``folder``."""
     from layercard.models import BUILTIN_MODELS
-    from layercard.tasks import is_file_spec
+    from layercard.tasks import is_path_spec
 
     base = folder.resolve()
 
@@ -294,27 +294,34 @@ def _resolve_paths(raw: dict[str, Any], folder: Path) -> dict[str, Any]:
             return value
         return str(base / value) if is_path or (base / value).exists() else value
 
+    def task_path(value: Any) -> Any:
+        # load_task's own test, from the config's folder: a folder there named like a built-in task
+        # (a demo's facts/) leaves the task built in
+        if not isinstance(value, str) or not value or Path(value).expanduser().is_absolute():
+            return value
+        return str(base / value) if is_path_spec(value, base) or is_path_spec(value) else value
+
     out = dict(raw)
     model = out.get("model")
     if isinstance(model, str) and model not in BUILTIN_MODELS:
         out["model"] = local(model, model.startswith(("./", "../")) or model.lower().endswith(".gguf"))
     task = out.get("task")
     if isinstance(task, str):
-        out["task"] = local(task, is_file_spec(task))
+        out["task"] = task_path(task)
     elif isinstance(task, Mapping):
-        out["task"] = {k: _task_path(k, v, local) for k, v in task.items()}
+        out["task"] = {k: _task_path(k, v, local, task_path) for k, v in task.items()}
     return out
 
 
-def _task_path(key: str, value: Any, local: Callable[[Any, bool], Any]) -> Any:
+def _task_path(
+    key: str, value: Any, local: Callable[[Any, bool], Any], task_path: Callable[[Any], Any]
+) -> Any:
     """A task setting with its path read from the config's folder: the data files, and a prompt or system
     text given as ``@FILE``."""
-    from layercard.tasks import is_file_spec
-
     if not isinstance(value, str):
         return value
     if key in ("train", "eval"):
-        return local(value, is_file_spec(value))
+        return task_path(value)
     if key in ("prompt", "system") and value.startswith("@") and len(value) > 1:
         return "@" + local(value[1:], True)
     return value

@@ -198,13 +198,21 @@ def _resolve_dataset(name: str, split: str | None) -> Path:
     raise MissingSplit(f"task {name}:{split}: data file not found; looked in {looked} (set LAYERCARD_DATA)")
 
 
-def _is_path(spec: str) -> bool:
-    """Whether ``spec`` names a data file or folder rather than a preset, synthetic or hub task."""
+def is_path_spec(spec: str, folder: str | Path | None = None) -> bool:
+    """Whether ``spec`` names a data file or folder rather than a preset, synthetic or hub task, read from
+    ``folder`` where relative (else from the working directory).
+
+    A folder that merely shares a built-in task's name (``facts/``, a demo's output) does not make the
+    name a path: ``facts`` stays the synthetic task.
+    """
+    if spec.startswith("hf:"):
+        return False
     p = Path(spec)
-    if p.suffix.lower() in DATA_SUFFIXES or p.is_file() or is_saved_dataset(p):
+    q = Path(folder) / p if folder is not None and not p.expanduser().is_absolute() else p
+    if p.suffix.lower() in DATA_SUFFIXES or q.is_file() or is_saved_dataset(q):
         return True
     name = spec.partition(":")[0]
-    return p.is_dir() and name not in (*DATASET_PRESETS, *SYNTHETIC_TASKS)
+    return q.is_dir() and name not in (*DATASET_PRESETS, *SYNTHETIC_TASKS)
 
 
 def load_task(
@@ -235,7 +243,7 @@ def load_task(
 
     if spec.startswith("hf:"):
         task = _load_hf(spec, split=split or "train", field_map=field_map, fmt=fmt)
-    elif _is_path(spec):
+    elif is_path_spec(spec):
         task = _load_path(Path(spec), split=split, field_map=field_map, preset=fmt)
     else:
         synthetic = spec.startswith("synthetic:")
@@ -356,12 +364,10 @@ def is_file_spec(spec: str) -> bool:
 
     A saved ``DatasetDict`` folder is not: its validation or test split is held out like a preset's.
     """
-    if spec.startswith("hf:"):
+    if not is_path_spec(spec):  # the test load_task reads a spec by, so the two never disagree
         return False
     p = Path(spec)
-    if is_saved_dataset(p):
-        return dataset_splits(p) is None
-    return p.suffix.lower() in DATA_SUFFIXES or p.exists()
+    return dataset_splits(p) is None if is_saved_dataset(p) else True
 
 
 def names_split(spec: str) -> bool:
