@@ -780,3 +780,16 @@ def test_a_gradient_too_small_for_its_norm_is_no_divergence(tmp_path: Path):
         tmp_path,
     )
     assert m["steps"] == 2 and (tmp_path / "adapter").is_dir()
+
+
+def test_a_validation_task_named_without_a_split_is_held_out():
+    from layercard.cli.train import _val_task
+
+    train_t = load_task("synthetic:facts")
+    for val_task in (None, "synthetic:facts", "facts"):  # --task alone, or named again without a split
+        assert _val_task(train_t, "synthetic:facts", val_task, None, 0, {}).split == "test"
+    assert _val_task(train_t, "synthetic:facts", "format", None, 0, {}).name == "format"
+    # the training examples themselves are refused, however they are named
+    for val_task, val_split in (("synthetic:facts", "train"), (None, "train"), ("facts:train", None)):
+        with pytest.raises(LayercardError, match=r"holds the same examples as --task \(train\)"):
+            _val_task(train_t, "synthetic:facts", val_task, val_split, 0, {})

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.table import Table
@@ -29,18 +29,34 @@ from layercard.config import TrainConfig
 from layercard.errors import LayercardError
 from layercard.progress import count
 
+if TYPE_CHECKING:
+    from layercard.tasks import Task
 
-def _val_task(task: str, train_split: str, val_task: str | None, val_split: str | None, seed: int, kw: dict):
-    """The validation task: as given; else, for preset/synthetic tasks, their validation or test split."""
-    from layercard.tasks import held_out, load_task
 
-    if val_task is not None or val_split is not None:
-        try:
-            return load_task(val_task or task, split=val_split, seed=seed, **kw)
-        except LayercardError as e:  # two tasks are named on the line: say which one this is
-            option = "--val-task" if val_task is not None else "--val-split"
-            raise LayercardError(f"{option}: {e}", exit_code=e.exit_code) from e
-    return held_out(task, exclude=train_split, seed=seed, **kw)
+def _val_task(train: Task, task: str, val_task: str | None, val_split: str | None, seed: int, kw: dict):
+    """The validation task: as given; a ``--val-task`` that names no split of its own (and is no file), and
+    ``--task`` without either option, are read on their validation split, else their test split. Never the
+    training examples themselves."""
+    from layercard.tasks import dataset_spec, held_out, is_file_spec, load_task, names_split
+
+    option = "--val-task" if val_task is not None else "--val-split"
+    spec = val_task or task
+    try:
+        if val_split is None and not is_file_spec(spec) and not names_split(spec):
+            same = dataset_spec(spec) == dataset_spec(task)
+            val = held_out(spec, exclude=train.split if same else None, seed=seed, **kw)
+            if val is None and val_task is not None:
+                raise LayercardError(f"{spec}: found no validation or test split; name one with --val-split")
+        else:
+            val = load_task(spec, split=val_split, seed=seed, **kw)
+    except LayercardError as e:  # two tasks are named on the line: say which one this is
+        raise LayercardError(f"{option}: {e}", exit_code=e.exit_code) from e
+    if val is not None and val.data_hash == train.data_hash:
+        raise LayercardError(
+            f"{option}: {spec} ({val.split}) holds the same examples as --task ({train.split}): the run "
+            "would validate on its training examples; give another --val-split or --val-task"
+        )
+    return val
 
 
 @app.command("train")
@@ -61,7 +77,11 @@ def train_cmd(
         typer.Option(help=f"Training split for preset/synthetic tasks (default: train). {SPLIT_HELP}"),
     ] = None,
     val_task: Annotated[
-        str | None, typer.Option(help="Validation task (default: --task's validation or test split).")
+        str | None,
+        typer.Option(
+            help="Validation task (default: --task). Without a split of its own or --val-split, its "
+            "validation split, else its test split; never the training examples."
+        ),
     ] = None,
     val_split: Annotated[str | None, typer.Option(help=f"Validation split. {SPLIT_HELP}")] = None,
     model: Annotated[
@@ -142,7 +162,7 @@ def train_cmd(
     kw = task_kw or {}
     train_t = load_task(task, split=split, seed=seed, **kw)
     note_task(train_t)
-    val_t = _val_task(task, train_t.split, val_task, val_split, seed, kw) if cfg.eval_examples else None
+    val_t = _val_task(train_t, task, val_task, val_split, seed, kw) if cfg.eval_examples else None
     if cfg.eval_examples and val_t is None:
         what = "is one file, with no other split" if is_file_spec(task) else "has no validation or test split"
         note(f"--task {task} {what}: validation is off (give --val-task to validate)")
