@@ -245,6 +245,14 @@ def test_plain_text_is_a_completion_task(tmp_path):
         load_task(str(tmp_path / "notes.jsonl"), prompt="Q: {input}")
     with pytest.raises(LayercardError, match="chat_template: plain-text data has no prompt"):
         load_task(str(tmp_path / "notes.jsonl"), chat_template=True)
+    assert load_task(str(tmp_path / "notes.jsonl"), preset="text").examples == t.examples
+    # the plain-text format trains on the target alone: data with inputs would lose them
+    qa = write_jsonl(tmp_path / "qa.jsonl", [{"input": "q", "target": "a"}])
+    for spec in (str(qa), "synthetic:facts"):
+        with pytest.raises(
+            LayercardError, match="preset 'text': plain text, .* has inputs, which it would drop"
+        ):
+            load_task(spec, preset="text")
 
 
 def test_field_map_renames_columns_and_chooses_the_schema(tmp_path):
@@ -278,6 +286,14 @@ def test_no_schema_fits_lists_the_fields_found(tmp_path):
     assert (
         str(e.value) == f"{p}:1: field map input=quest: no such column (the fields found: question, answer)"
     )
+    # the fields are there and one is null: that row says which, not "no schema fits"
+    null = {"input": "x", "target": None}
+    for rows, line in (
+        ([null, {"input": "y", "target": "z"}], 1),
+        ([{"input": "y", "target": "z"}, null], 2),
+    ):
+        with pytest.raises(LayercardError, match=rf"n\.jsonl:{line}: field 'target' missing"):
+            load_task(str(write_jsonl(tmp_path / "n.jsonl", rows)))
 
 
 # ---------------------------------------------------------------- prompt settings and identity

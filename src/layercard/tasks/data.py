@@ -268,6 +268,12 @@ def load_task(
                 f"synthetic:{'|'.join(SYNTHETIC_TASKS)}, or hf:NAME[:CONFIG]"
             )
 
+    if task.format.completion and any(ex.input for ex in task.examples):
+        # a plain-text format trains on the target alone: every input would be dropped unsaid
+        raise LayercardError(
+            f"preset {task.format.name!r}: plain text, for records of one text field; task {spec!r} has "
+            "inputs, which it would drop; choose another preset"
+        )
     fmt_prompted = apply_prompt(task.format, prompt=prompt, system=system, chat_template=chat_template)
     if fmt_prompted is not task.format:
         task = task.with_format(fmt_prompted)

@@ -83,6 +83,9 @@ def detect_schema(rec: Any, fmap: Mapping[str, str], where: str) -> str:
     for schema in SCHEMAS:
         if all(_present(rec, _col(fmap, f)) for f in _REQUIRED[schema]):
             return schema
+    for schema in SCHEMAS:  # the fields are there, one null: the row's own check names it
+        if all(_col(fmap, f) in rec for f in _REQUIRED[schema]):
+            return schema
     found = ", ".join(map(str, rec)) or "none"
     absent = [f"{key}={column}" for key, column in fmap.items() if column not in rec]
     if absent:  # the map itself is what does not fit: say so, not "use a field map"
