@@ -365,6 +365,9 @@ def test_task_spec_carries_fields_and_prompt_settings():
     }
     assert TaskSpec.build("task", train="synthetic:facts").load_kwargs() == {}
     assert TaskSpec.from_mapping({"train": "x", "fields": ["input=q"]}).fields == "input=q"
+    # a column whose name holds a comma survives the setting's text
+    comma = TaskSpec.from_mapping({"train": "x", "fields": {"input": "Question, text", "target": "a"}})
+    assert comma.load_kwargs()["field_map"] == {"input": "Question, text", "target": "a"}
     with pytest.raises(ConfigError, match=re.escape("task.fields: 'input' is not NAME=COLUMN")):
         TaskSpec.from_mapping({"train": "x", "fields": "input"})
     with pytest.raises(ConfigError, match="task.chat_template: must be true or false"):

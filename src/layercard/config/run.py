@@ -10,6 +10,7 @@ key at its default with its help: ``configs/reference.yaml`` is that text (a tes
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -54,6 +55,11 @@ class RunSettings(Schema):
 
 def parse_fields(items: Any, where: str) -> dict[str, str]:
     """A field map from ``NAME=COLUMN`` items (a list, or one comma-separated string) or a mapping."""
+    if isinstance(items, str) and items.lstrip().startswith("{"):  # a mapping's text (_fields_text)
+        try:
+            items = json.loads(items)
+        except ValueError:
+            raise ConfigError(where, f"must be NAME=COLUMN items or a mapping, got {items!r}") from None
     if isinstance(items, Mapping):
         pairs = [(str(k), v) for k, v in items.items()]
     else:
@@ -140,6 +146,9 @@ class TaskSpec(Schema):
 
 
 def _fields_text(fmap: dict[str, str]) -> str:
+    """A field map as one setting's text: ``NAME=COLUMN,...``, or JSON where a column holds a comma."""
+    if any("," in v or "=" in k for k, v in fmap.items()):
+        return json.dumps(fmap, ensure_ascii=False)
     return ",".join(f"{k}={v}" for k, v in fmap.items())
 
 
