@@ -146,6 +146,9 @@ def _fsdp_card(out: Path) -> None:
         assert is_sharded(model)
         with pytest.raises(LayercardError, match="sharded over 2 processes"):  # coupling needs it whole
             compute_card(loaded, task, CardConfig(**{**FSDP_CARD, "coupling": True}))
+        # 3 micro-batches for 2 processes: one would wait in the other's weight gather for good
+        with pytest.raises(LayercardError, match=r"sharded over 2 processes .* 3 micro-batches of 2 must"):
+            compute_card(loaded, task, CardConfig(**{**FSDP_CARD, "examples": 6}))
         card = compute_card(loaded, task, CardConfig(**FSDP_CARD), progress=False)
         if dist.get_rank() == 0:
             card.save(out / "card.json")

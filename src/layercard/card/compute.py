@@ -277,7 +277,7 @@ def _check_finite(
 # this order, and each phase's wall time lands in card.timings; split, the order would be harder to read.
 def _compute_card(loaded: Any, task: Any, cfg: CardConfig, *, progress: bool | None = None) -> Card:
     from layercard import models
-    from layercard.errors import setting_name
+    from layercard.errors import setting_name, setting_text
     from layercard.tasks import batches as make_batches
     from layercard.tasks import count_target_tokens, cut_note, encode_task, target_entropy
 
@@ -339,6 +339,20 @@ def _compute_card(loaded: Any, task: Any, cfg: CardConfig, *, progress: bool | N
     target_entropy_s = time.perf_counter() - t_h
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
     batch_list = list(make_batches(encoded, cfg.batch_size, pad_id))
+    if world > 1 and len(batch_list) % world and is_sharded(loaded.model):
+        # every forward and backward of a sharded model gathers its weights from all processes: one with a
+        # micro-batch fewer would leave the others waiting in that gather for good
+        k = len(batch_list) // world * world
+        fix = (
+            setting_text("examples", k * cfg.batch_size)
+            if k
+            else setting_text("batch_size", max(1, len(encoded) // world))
+        )
+        raise LayercardError(
+            f"the model's weights are sharded over {world} processes (FSDP): the probe's "
+            f"{len(batch_list)} micro-batches of {cfg.batch_size} must divide among them; set "
+            f"{setting_name('examples')} or {setting_name('batch_size')} so they do (e.g. {fix})"
+        )
     # Every process forms the same batches from the whole probe set, then takes its share of them.
     local_batches = shard(batch_list, rank, world)
     device = next(model.parameters()).device
