@@ -105,6 +105,14 @@ def test_importance_refuses_what_it_cannot_measure(task):
         layer_importance(tiny_model("llama", layers=N_LAYERS), tok, task, task.examples[:2])
     with pytest.raises(LayercardError, match="no examples"):
         layer_importance(_lora_model(), tok, task, [])
+    # a disabled adapter, and LoRA on raw parameters, would be counted as zero importance
+    model = _lora_model()
+    with pytest.raises(LayercardError, match=r"layer 0 self_attn\.q_proj: the adapter is disabled"):
+        with model.disable_adapter():
+            layer_importance(model, tok, task, task.examples[:2])
+    raw = LoraConfig(r=4, target_modules=["v_proj"], target_parameters=["self_attn.q_proj.weight"])
+    with pytest.raises(LayercardError, match=r"q_proj: LoRA on raw parameters \(target_parameters\)"):
+        layer_importance(get_peft_model(tiny_model("llama"), raw), tok, task, task.examples[:2])
 
 
 IMP = {0: 0.1, 1: 0.4, 2: 0.0, 3: 0.3, 4: 0.2}

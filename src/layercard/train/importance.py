@@ -40,15 +40,27 @@ class _State:
 
 def _lora_branches(model: nn.Module) -> list[tuple[int, str, nn.Module, str]]:
     """(layer, path within the layer, LoRA module, adapter name) of every active plain LoRA branch."""
-    from peft.tuners.lora import LoraLayer
+    from peft.tuners.lora import LoraLayer, layer
 
     from layercard.models import decoder_layers
+
+    # LoRA on raw parameters adds its delta to the weight, never calling lora_B: no branch output to hook
+    raw = getattr(layer, "ParamWrapper", ())
 
     out: list[tuple[int, str, nn.Module, str]] = []
     for i, block in enumerate(decoder_layers(model)):
         for name, mod in block.named_modules():
             if not isinstance(mod, LoraLayer):
                 continue
+            if raw and isinstance(mod, raw):
+                raise LayercardError(
+                    f"layer {i} {name}: LoRA on raw parameters (target_parameters); importance is defined "
+                    "for LoRA on linear modules"
+                )
+            if getattr(mod, "disable_adapters", False):  # PEFT's disable_adapter(), or a trim mask
+                raise LayercardError(
+                    f"layer {i} {name}: the adapter is disabled; importance needs the adapters on"
+                )
             if getattr(mod, "merged", False):
                 raise LayercardError(
                     f"layer {i} {name}: the adapter is merged into the weights; importance needs an "
