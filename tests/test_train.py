@@ -788,6 +788,8 @@ def test_a_validation_task_named_without_a_split_is_held_out():
     train_t = load_task("synthetic:facts")
     for val_task in (None, "synthetic:facts", "facts"):  # --task alone, or named again without a split
         assert _val_task(train_t, "synthetic:facts", val_task, None, 0, {}).split == "test"
+    # --task naming its split, alone: the task's held-out split
+    assert _val_task(train_t, "synthetic:facts:train", None, None, 0, {}).split == "test"
     assert _val_task(train_t, "synthetic:facts", "format", None, 0, {}).name == "format"
     # the training examples themselves are refused, however they are named
     for val_task, val_split in (("synthetic:facts", "train"), (None, "train"), ("facts:train", None)):

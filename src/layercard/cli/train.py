@@ -39,6 +39,8 @@ def _val_task(train: Task, task: str, val_task: str | None, val_split: str | Non
     training examples themselves."""
     from layercard.tasks import dataset_spec, held_out, is_file_spec, load_task, names_split
 
+    if val_task is None and val_split is None:  # --task's held-out split; a file has none
+        return held_out(task, exclude=train.split, seed=seed, **kw)
     option = "--val-task" if val_task is not None else "--val-split"
     spec = val_task or task
     try:
