@@ -273,3 +273,18 @@ def test_statistics_on_several_threads_match_one_thread():
         assert g.eigenvalues == pytest.approx(h.eigenvalues, rel=1e-9, abs=1e-12)
     # the gradients the coupling probe reads, one per unit
     assert set(three[2]) == {s.key for s in specs} and not one[2]
+
+
+def test_a_non_finite_loss_names_the_micro_batch_of_the_whole_probe_set():
+    from layercard.card.probe import shard
+    from layercard.errors import LayercardError
+
+    model = tiny_model("llama")
+    batches = _batches(model.config.vocab_size, n_batches=5)
+    batches[3]["input_ids"][1, 0] = 2  # no other batch holds token 2 (drawn from 3 up); its row is NaN
+    with torch.no_grad():
+        model.get_input_embeddings().weight[2] = float("nan")
+    for rank, world, bad in ((0, 1, 3), (1, 2, 3)):  # micro-batch 3 is the second of rank 1's share
+        mine = shard(batches, rank, world)
+        with pytest.raises(LayercardError, match=rf"non-finite loss on probe micro-batch {bad} \(loss=nan\)"):
+            run_probe(model, mine, [], n_target_tokens=_n_target(batches), numbering=(rank, world))

@@ -399,6 +399,7 @@ def _compute_card(loaded: Any, task: Any, cfg: CardConfig, *, progress: bool | N
                 n_target_tokens=n_tgt,  # the whole probe set's count: the shares' losses add up to its mean
                 progress=lambda it, d=desc: track(it, d, total=len(local_batches), enabled=progress),
                 start_layer=min(chunk),
+                numbering=(rank, world),  # shard's deal
             )
             if world > 1:
                 loss = all_reduce_sums(accs, loss)

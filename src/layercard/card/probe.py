@@ -246,8 +246,12 @@ def run_probe(
     n_target_tokens: int,
     progress=None,
     start_layer: int = 0,
+    numbering: tuple[int, int] = (0, 1),
 ) -> float:
     """One forward+backward over ``batches`` with hooks; returns the mean target loss.
+
+    ``numbering`` (first, stride): the index in the whole probe set of ``batches[0]`` and the step between
+    the next ones (a process's share, :func:`shard`), so that an error names the micro-batch of the set.
 
     Each micro-batch's summed loss is divided by the probe's total target-token count, so the
     accumulated gradients are those of the mean loss over the whole probe set.
@@ -269,7 +273,8 @@ def run_probe(
                 loss, _ = forward_loss(model, batch["input_ids"].to(device), mask, batch["labels"].to(device))
                 loss = loss / n_target_tokens
                 if not torch.isfinite(loss):
-                    raise LayercardError(f"non-finite loss on probe micro-batch {step} (loss={loss.item()})")
+                    index = numbering[0] + step * numbering[1]
+                    raise LayercardError(f"non-finite loss on probe micro-batch {index} (loss={loss.item()})")
                 loss.backward()
                 total += float(loss.detach())
     finally:
