@@ -129,6 +129,7 @@ def test_an_interrupt_stops_the_bar_before_saying_so(monkeypatch) -> None:
     app_module = importlib.import_module("layercard.cli.app")  # the package's `app` is the Typer app
     bars: list[Progress] = []
     start = Progress.start
+    monkeypatch.setattr(progress, "stderr_is_terminal", lambda: True)  # a bar, as on a terminal
     monkeypatch.setattr(Progress, "start", lambda self: (bars.append(self), start(self))[1])
     live_when_said: list[bool] = []
     said = lambda *a, **k: live_when_said.append(bars[0].live.is_started)  # noqa: E731
@@ -248,3 +249,17 @@ def test_count_says_one_without_a_plural() -> None:
         "1 step",
         "1,200 steps",
     ]
+
+
+def test_progress_without_a_terminal_is_plain_lines_as_it_goes(monkeypatch, capsys) -> None:
+    from layercard import progress
+
+    monkeypatch.setattr(progress, "stderr_is_terminal", lambda: False)  # a log file
+    monkeypatch.setattr(progress, "PLAIN_EVERY_S", 0.0)  # a line at every step
+    seen = []
+    for i in progress.track(range(3), "work", total=3, enabled=True):
+        seen.append((i, capsys.readouterr().err.splitlines()))  # said before the loop's next step
+    lines = [line.split(" (")[0] for _, out in seen for line in out] + capsys.readouterr().err.splitlines()
+    assert [i for i, _ in seen] == [0, 1, 2]
+    assert [line.split(" (")[0] for line in lines] == ["work: 0/3", "work: 1/3", "work: 2/3", "work: 3/3"]
+    assert "\x1b" not in "".join(lines)  # no control codes in the log

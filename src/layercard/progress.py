@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterable, Iterator
 from typing import Any, TypeVar
 
 T = TypeVar("T")
+
+# Where stderr is no terminal (a log file, CI), a bar is drawn once, at its end: a plain line every this
+# many seconds says how far a long loop has come instead.
+PLAIN_EVERY_S = 30.0
 
 # The bars drawing now. An interrupted loop leaves its bar live until its generator is collected, which is
 # after the interruption is reported: :func:`stop_bars` ends them first.
@@ -38,6 +43,9 @@ def track(
     if not enabled:
         yield from items
         return
+    if not stderr_is_terminal():
+        yield from _plain(items, description, total)
+        return
     from rich.console import Console
     from rich.progress import (
         BarColumn,
@@ -66,6 +74,37 @@ def track(
         finally:
             if prog in _LIVE:  # else stop_bars took it
                 _LIVE.remove(prog)
+
+
+def stderr_is_terminal() -> bool:
+    """Whether stderr is a terminal (as rich judges it), where a bar can be redrawn in place."""
+    from rich.console import Console
+
+    return Console(stderr=True).is_terminal
+
+
+def _elapsed(seconds: float) -> str:
+    m, s = divmod(int(seconds), 60)
+    return f"{m // 60}:{m % 60:02d}:{s:02d}" if m >= 60 else f"{m}:{s:02d}"
+
+
+def _plain(items: Iterable[T], description: str, total: int | None) -> Iterator[T]:
+    """The loop, with a line on stderr at its start, every :data:`PLAIN_EVERY_S` seconds and at its end."""
+    t0 = last = time.monotonic()
+    of = f"/{total}" if total is not None else ""
+    say(f"{description}: 0{of}", enabled=True)
+    done = 0
+    for item in items:
+        yield item
+        done += 1
+        now = time.monotonic()
+        if now - last >= PLAIN_EVERY_S and (total is None or done < total):
+            last = now
+            left = ""
+            if total:
+                left = f", about {_elapsed((now - t0) / done * (total - done))} left"
+            say(f"{description}: {done}{of} ({_elapsed(now - t0)}{left})", enabled=True)
+    say(f"{description}: {done}{of} ({_elapsed(time.monotonic() - t0)})", enabled=True)
 
 
 def stop_bars() -> None:
