@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import typer
-from bad_world import FACTS, World, cli, one_error_line
+from bad_world import CARD, FACTS, World, cli, one_error_line
 
 from layercard import artifacts
 from layercard.cli.app import guard
@@ -263,3 +263,15 @@ def test_progress_without_a_terminal_is_plain_lines_as_it_goes(monkeypatch, caps
     assert [i for i, _ in seen] == [0, 1, 2]
     assert [line.split(" (")[0] for line in lines] == ["work: 0/3", "work: 1/3", "work: 2/3", "work: 3/3"]
     assert "\x1b" not in "".join(lines)  # no control codes in the log
+
+
+def test_quiet_turns_progress_off_for_the_command(world: World, tmp_path: Path, monkeypatch) -> None:
+    from layercard import progress
+
+    monkeypatch.setenv("LAYERCARD_PROGRESS", "1")
+    monkeypatch.setattr(progress, "stderr_is_terminal", lambda: False)  # plain progress lines
+    shown = cli(f"card -m {world.model} -t {FACTS} --examples 4 {CARD} -o {tmp_path / 'a'}")
+    assert shown.exit_code == 0 and "card pass" in shown.output
+    quiet = cli(f"--quiet card -m {world.model} -t {FACTS} --examples 4 {CARD} -o {tmp_path / 'b'}")
+    assert quiet.exit_code == 0 and "card pass" not in quiet.output, quiet.output
+    assert "wrote" in quiet.output  # what the command wrote still says so

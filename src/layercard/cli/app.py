@@ -6,6 +6,7 @@ import contextlib
 import functools
 import inspect
 import json
+import os
 import sys
 import traceback
 import warnings
@@ -88,11 +89,20 @@ app = typer.Typer(
     add_completion=False,
     rich_markup_mode=None,
 )
+
+
 # Errors, notes, warnings and progress go to stderr; what a command found or wrote goes to stdout, so that
 # `layercard plan ... > plan.txt` keeps it (with --json, stdout carries the JSON alone).
-console = Console(stderr=True, emoji=False)
-result_console = Console(emoji=False)
-_STATE = {"debug": False}
+# Where the stream is no terminal (a file, a pipe) and COLUMNS says no width, rich would wrap at 80 columns,
+# splitting paths and table cells: such output is laid out 200 wide instead.
+def _width(stream: Any) -> int | None:
+    tty = getattr(stream, "isatty", None)
+    return None if (tty is not None and tty()) or os.environ.get("COLUMNS") else 200
+
+
+console = Console(stderr=True, emoji=False, width=_width(sys.stderr))
+result_console = Console(emoji=False, width=_width(sys.stdout))
+_STATE = {"debug": False, "quiet": False}
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -153,12 +163,21 @@ def _print_version(value: bool) -> None:
 @app.callback()
 def main(
     debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks.")] = False,
+    quiet: Annotated[
+        bool,
+        typer.Option(
+            "--quiet",
+            "-q",
+            help="No progress bars or lines (as LAYERCARD_PROGRESS=0); notes, warnings and errors show.",
+        ),
+    ] = False,
     version: Annotated[
         bool,
         typer.Option("--version", callback=_print_version, is_eager=True, help="Print the version and exit."),
     ] = False,
 ) -> None:
     _STATE["debug"] = debug
+    _STATE["quiet"] = quiet
     # PEFT still calls a transformers attribute deprecated in v5; the message says nothing to our users.
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
@@ -267,4 +286,5 @@ def load_cli_model(model: str, dtype: str, device: str, trust_remote_code: bool)
 
 
 def progress_flag(json_out: bool) -> bool | None:
-    return False if json_out else None
+    """Whether a command shows progress: not under --json or --quiet; else as LAYERCARD_PROGRESS says."""
+    return False if json_out or _STATE.get("quiet") else None
