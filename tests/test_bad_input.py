@@ -351,6 +351,17 @@ def _(w: World, tmp: Path) -> Row:
     )
 
 
+@case("config-is-a-plan")
+def _(w: World, tmp: Path) -> Row:
+    plan = w.plan  # JSON reads as YAML: a config mistaken for the plan is named as what it is
+    return (
+        f"run {plan} -o {tmp / 'r'}",
+        f"error: {plan}: a layercard plan artifact, not a run config (a YAML file of model, task and "
+        "placements: see src/layercard/configs/reference.yaml)",
+        [tmp / "r"],
+    )
+
+
 @case("eval-adapter-is-a-file")
 def _(w: World, tmp: Path) -> Row:
     f = a_file(tmp)

@@ -150,7 +150,8 @@ def test_budget_parse():
                  ("params=0x", "params=0x: must be a positive"),
                  ("step_time=0", "step_time=0 s: must"),
                  ("params=20%", "'20%' is not a number; 20% of the reference is written 0.2x$"),
-                 ("params=a%", "'a%' is not a number$")]  # fmt: skip
+                 ("params=a%", "'a%' is not a number; write a count, with k/m/g, or a multiple"),
+                 ("memory=5TB", "'5TB' is not a number; write MiB, or a number with M/MB")]  # fmt: skip
     for bad, expect in bad_cases:
         with pytest.raises(LayercardError, match=expect) as e:
             Budget.parse(bad)

@@ -92,7 +92,12 @@ class Budget:
         except ValueError:
             share = _percent(raw)  # a share of the reference is written as a multiple of it
             hint = "" if share is None else f"; {raw} of the reference is written {share:g}x"
-            raise LayercardError(f"budget {text!r}: value {raw!r} is not a number{hint}") from None
+            if kind == "memory" and share is None:
+                hint = "; write MiB, or a number with M/MB/MiB or G/GB/GiB, or a multiple of the reference"
+            elif kind == "params" and share is None:
+                hint = "; write a count, with k/m/g, or a multiple of the reference (0.25x)"
+            value_text = str(text).partition("=")[2].strip()  # as written: raw is lower-cased and cut
+            raise LayercardError(f"budget {text!r}: value {value_text!r} is not a number{hint}") from None
         return cls(kind, value, relative)
 
     def cap(self, reference: dict[str, float]) -> float:

@@ -260,6 +260,11 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> RunConfig:
         raise LayercardError(f"{p}: empty config")
     if not isinstance(raw, dict):
         raise LayercardError(f"{p}: the config must be a mapping of keys to values")
+    if isinstance(raw.get("kind"), str) and "schema_version" in raw:  # card.json, plan.json: JSON is YAML
+        raise LayercardError(
+            f"{p}: a layercard {raw['kind']} artifact, not a run config (a YAML file of model, task and "
+            "placements: see src/layercard/configs/reference.yaml)"
+        )
     sets = tuple(overrides)
     merged = apply_overrides(_resolve_paths(raw, p.parent), sets)
     try:
