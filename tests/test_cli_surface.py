@@ -275,3 +275,28 @@ def test_quiet_turns_progress_off_for_the_command(world: World, tmp_path: Path, 
     quiet = cli(f"--quiet card -m {world.model} -t {FACTS} --examples 4 {CARD} -o {tmp_path / 'b'}")
     assert quiet.exit_code == 0 and "card pass" not in quiet.output, quiet.output
     assert "wrote" in quiet.output  # what the command wrote still says so
+
+
+def test_the_model_defaults_to_the_base_the_adapter_records(world: World, tmp_path: Path) -> None:
+    import shutil
+
+    from bad_world import EVAL
+
+    from layercard.adapters import BASE_FILE
+    from layercard.models import load_model
+
+    adapter = tmp_path / "adapter"
+    shutil.copytree(world.adapter, adapter)
+    base = {"model_id": str(world.model), "model_hash": load_model(str(world.model)).model_hash}
+    (adapter / BASE_FILE).write_text(json.dumps(base))
+    r = cli(f"eval -a {adapter} -t {FACTS} -o {tmp_path / 'e'} {EVAL} --json")
+    assert r.exit_code == 0, r.output
+    evaluated = json.loads((tmp_path / "e" / "eval.json").read_text())
+    assert evaluated["provenance"]["model_id"] == str(world.model)
+    # nothing to take it from: said, before anything loads or is written
+    for line, why in (
+        (f"eval -t {FACTS} -o {tmp_path / 'f'} {EVAL}", "no --adapter"),
+        (f"trim -a {world.adapter} -t {FACTS} -o {tmp_path / 'g'}", "the adapter folder records no base"),
+    ):
+        assert one_error_line(cli(line)) == f"error: --model: required ({why})"
+    assert not (tmp_path / "f").exists() and not (tmp_path / "g").exists()

@@ -455,6 +455,19 @@ def write_base(folder: str | Path, model_id: str, model_hash: str) -> None:
     write_json(Path(folder) / BASE_FILE, {"model_id": model_id, "model_hash": model_hash})
 
 
+def recorded_base(folder: str | Path) -> str | None:
+    """The base model an adapter folder names (its :data:`BASE_FILE`'s ``model_id``, as it was loaded:
+    a built-in name, a folder or a hub id), or None where it names none."""
+    path = Path(folder) / BASE_FILE
+    if not path.is_file():
+        return None
+    try:
+        model_id = json.loads(path.read_text()).get("model_id")
+    except (json.JSONDecodeError, AttributeError, UnicodeDecodeError):
+        raise LayercardError(f"{path}: not a JSON object") from None
+    return model_id if isinstance(model_id, str) and model_id else None
+
+
 def check_base(folder: str | Path, model_hash: str) -> None:
     """Refuse an adapter folder trained on another base: its :data:`BASE_FILE` (PEFT) or its config's
     ``base_model_hash`` (layercard's format). A folder that records neither is not checked."""

@@ -186,6 +186,15 @@ def main(
 DtypeOpt = Annotated[str, typer.Option(help="float32 | bfloat16 | float16.")]
 DeviceOpt = Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N | mps (auto: cuda if present).")]
 TrustOpt = Annotated[bool, typer.Option(help="Allow the model's own code from its folder (off by default).")]
+AdapterModelOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--model",
+        "-m",
+        help="Base model: built-in name (smollm2), local folder, .gguf file, or a hub id in the local "
+        "Hugging Face cache (default: the base the adapter folder records).",
+    ),
+]
 ModelOpt = Annotated[
     str,
     typer.Option(
@@ -277,6 +286,19 @@ def resolve_device(device: str) -> str:
     from layercard import models  # imported here: torch makes `layercard --help` slow
 
     return str(models.resolve_device(device))
+
+
+def adapter_model(model: str | None, adapter: Path | None) -> str:
+    """``--model``, else the base model ``adapter``'s folder records (its hash is checked when attached)."""
+    if model is not None:
+        return model
+    from layercard.adapters import recorded_base
+
+    base = recorded_base(adapter) if adapter is not None and adapter.is_dir() else None
+    if base is None:
+        where = "the adapter folder records no base" if adapter is not None else "no --adapter"
+        raise LayercardError(f"--model: required ({where})")
+    return base
 
 
 def load_cli_model(model: str, dtype: str, device: str, trust_remote_code: bool):

@@ -9,10 +9,11 @@ import typer
 from rich.table import Table
 
 from layercard.cli.app import (
+    AdapterModelOpt,
     DeviceOpt,
     DtypeOpt,
-    ModelOpt,
     TrustOpt,
+    adapter_model,
     app,
     check_adapter,
     console,
@@ -36,9 +37,9 @@ from layercard.config import EvalConfig
 @config_options(EvalConfig)
 @task_options
 def eval_cmd(
-    model: ModelOpt,
     task: TaskOpt,
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for eval.json and predictions.jsonl.")],
+    model: AdapterModelOpt = None,
     adapter: Annotated[
         Path | None, typer.Option("--adapter", "-a", help="PEFT or layercard adapter folder to evaluate.")
     ] = None,
@@ -64,6 +65,7 @@ def eval_cmd(
     assert cfg is not None  # built by config_options before anything loads: a typo costs no time
     if adapter is not None:
         check_adapter(adapter)
+    model_spec = adapter_model(model, adapter)  # before anything is read or written
     check_out_folder(out)
     with writer_lock(out, what="eval folder"):
         t, fallback = resolve_eval_task(task, split=split, seed=seed, **(task_kw or {}))
@@ -71,7 +73,7 @@ def eval_cmd(
             note(fallback)
         note_task(t)
         note_generation(adapter, t.source)
-        loaded = load_cli_model(model, dtype, device, trust_remote_code)
+        loaded = load_cli_model(model_spec, dtype, device, trust_remote_code)
         result = evaluate(loaded, t, cfg, adapter=adapter, progress=progress_flag(json_out))
         path = result.save(out)
     note_examples("--examples", cfg.examples, result.n)

@@ -10,10 +10,11 @@ from rich.table import Table
 
 from layercard.artifacts import check_out_folder, writer_lock
 from layercard.cli.app import (
+    AdapterModelOpt,
     DeviceOpt,
     DtypeOpt,
-    ModelOpt,
     TrustOpt,
+    adapter_model,
     app,
     check_adapter,
     emit_json,
@@ -59,10 +60,10 @@ def _validation_task(spec: str, split: str | None, seed: int, kw: dict | None = 
 @config_options(TraceConfig)
 @task_options
 def trace_cmd(
-    model: ModelOpt,
     adapter: AdapterOpt,
     task: TaskOpt,
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for trace.json and trace.png.")],
+    model: AdapterModelOpt = None,
     split: SplitOpt = None,
     seed: Annotated[int, typer.Option(help="Seed of the example subset and of synthetic tasks.")] = 0,
     dtype: DtypeOpt = "float32",
@@ -78,12 +79,13 @@ def trace_cmd(
 
     assert cfg is not None  # built by config_options
     check_adapter(adapter)
+    model_spec = adapter_model(model, adapter)  # before anything is read or written
     check_out_of_adapter(out, adapter)
     check_out_folder(out)
     with writer_lock(out, what="trace folder"):
         t = _validation_task(task, split, seed, task_kw)
         note_generation(adapter, t.source)
-        loaded = load_cli_model(model, dtype, device, trust_remote_code)
+        loaded = load_cli_model(model_spec, dtype, device, trust_remote_code)
         tr = run_trace(loaded, adapter, t, cfg, progress=progress_flag(json_out))
         path, png = tr.save(out)
     note_examples("--examples", cfg.examples, tr.n_examples)
@@ -115,9 +117,9 @@ def trace_cmd(
 @config_options(TrimConfig)
 @task_options
 def trim_cmd(
-    model: ModelOpt,
     adapter: AdapterOpt,
     task: TaskOpt,
+    model: AdapterModelOpt = None,
     out: Annotated[
         Path | None,
         typer.Option(
@@ -145,6 +147,7 @@ def trim_cmd(
 
     assert cfg is not None  # built by config_options
     check_adapter(adapter)
+    model_spec = adapter_model(model, adapter)  # before anything is read or written
     check_out_of_adapter(out if out is not None else adapter.resolve().parent, adapter)
     out_dir = check_out_folder(out if out is not None else adapter.resolve().parent)
     if export_merged is not None:
@@ -155,7 +158,7 @@ def trim_cmd(
     with writer_lock(out_dir, what="trim folder"):
         t = _validation_task(task, split, seed, task_kw)
         note_generation(adapter, t.source)
-        loaded = load_cli_model(model, dtype, device, trust_remote_code)
+        loaded = load_cli_model(model_spec, dtype, device, trust_remote_code)
         # The command ends after the merge, so the loaded base can take the merge itself (no second copy).
         res = trim(
             loaded, adapter, t, cfg, out_dir, export_merged_dir=export_merged, merge_in_place=True,
