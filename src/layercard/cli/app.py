@@ -211,6 +211,13 @@ def note(text: str) -> None:
     console.print(f"[yellow]note:[/] {escape(text)}", highlight=False, soft_wrap=True)
 
 
+def note_replacing(file: Path, what: str) -> None:
+    """Say, before the work, that ``file`` (an earlier ``what``) will be replaced: the output folder
+    already holds one, perhaps of another model, adapter or task."""
+    if file.is_file():
+        note(f"{file}: holds an earlier {what}, which this one replaces")
+
+
 def given(name: str) -> bool:
     """Whether the running command's option ``name`` (its parameter name) was given on the command line or
     through the environment, even at its default value."""

@@ -18,6 +18,7 @@ from layercard.cli.app import (
     emit_json,
     guard,
     note_examples,
+    note_replacing,
     note_task,
     progress_flag,
     result_console,
@@ -88,10 +89,13 @@ def card_cmd(
     from layercard.api import measure_card
     from layercard.artifacts import check_out_folder, remove_stale_temps, writer_lock
     from layercard.card import distributed, write_card_folder
+    from layercard.card.artifact import CARD_FILE
     from layercard.card.summary import top_layers
 
     dev = distributed.check_processes(processes, device)  # before anything is written
     check_out_folder(out)  # before the probe pass, not after it
+    if distributed.launched_rank() == 0:
+        note_replacing(out / CARD_FILE, "card")
     if distributed.launched_world() > 1:
         # Launched processes share the probe; the first alone holds the folder and writes the card.
         with distributed.launch_group(dev) as my_dev:

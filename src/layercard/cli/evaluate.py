@@ -23,6 +23,7 @@ from layercard.cli.app import (
     note,
     note_examples,
     note_generation,
+    note_replacing,
     note_task,
     progress_flag,
     result_console,
@@ -60,13 +61,14 @@ def eval_cmd(
 ) -> None:
     """Generate greedily on a task, score it with the task metrics and write eval.json + predictions.jsonl."""
     from layercard.artifacts import check_out_folder, writer_lock
-    from layercard.evaluate import evaluate, resolve_eval_task
+    from layercard.evaluate import EVAL_FILE, evaluate, resolve_eval_task
 
     assert cfg is not None  # built by config_options before anything loads: a typo costs no time
     if adapter is not None:
         check_adapter(adapter)
     model_spec = adapter_model(model, adapter)  # before anything is read or written
     check_out_folder(out)
+    note_replacing(out / EVAL_FILE, "evaluation")
     with writer_lock(out, what="eval folder"):
         t, fallback = resolve_eval_task(task, split=split, seed=seed, **(task_kw or {}))
         if fallback:

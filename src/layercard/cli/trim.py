@@ -23,6 +23,7 @@ from layercard.cli.app import (
     note,
     note_examples,
     note_generation,
+    note_replacing,
     progress_flag,
     result_console,
 )
@@ -74,7 +75,7 @@ def trace_cmd(
     task_kw: dict | None = None,
 ) -> None:
     """Logit lens per layer (P of the gold target tokens), adapter on and off; boundary candidates."""
-    from layercard.trim import run_trace
+    from layercard.trim import TRACE_FILE, run_trace
     from layercard.trim.run import check_out_of_adapter
 
     assert cfg is not None  # built by config_options
@@ -82,6 +83,7 @@ def trace_cmd(
     model_spec = adapter_model(model, adapter)  # before anything is read or written
     check_out_of_adapter(out, adapter)
     check_out_folder(out)
+    note_replacing(out / TRACE_FILE, "trace")
     with writer_lock(out, what="trace folder"):
         t = _validation_task(task, split, seed, task_kw)
         note_generation(adapter, t.source)
@@ -142,7 +144,7 @@ def trim_cmd(
     task_kw: dict | None = None,
 ) -> None:
     """Sweep the boundary layer K, pick the best, export adapter-trimmed/ (and optionally a merged model)."""
-    from layercard.trim import trim
+    from layercard.trim import TRIM_FILE, trim
     from layercard.trim.run import TRIM_PNG, check_out_of_adapter
 
     assert cfg is not None  # built by config_options
@@ -150,6 +152,7 @@ def trim_cmd(
     model_spec = adapter_model(model, adapter)  # before anything is read or written
     check_out_of_adapter(out if out is not None else adapter.resolve().parent, adapter)
     out_dir = check_out_folder(out if out is not None else adapter.resolve().parent)
+    note_replacing(out_dir / TRIM_FILE, "trim")
     if export_merged is not None:
         from layercard.trim.run import check_merged_folder
 
