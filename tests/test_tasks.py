@@ -230,6 +230,19 @@ def test_hf_missing_split_is_passed_over_but_other_failures_are_errors(monkeypat
 
     monkeypatch.setattr(datasets, "load_dataset", only_train)
     assert len(load_task("hf:demo/qa", **fields)) == 1
+    from layercard.evaluate import resolve_eval_task
+
+    def train_test(name, config=None, *, split):  # as gsm8k on the hub: no validation split
+        if split == "validation":
+            raise ValueError(f"Unknown split \"{split}\". Should be one of ['train', 'test'].")
+        return rows
+
+    monkeypatch.setattr(datasets, "load_dataset", train_test)
+    task, said = resolve_eval_task("hf:demo/qa", **fields)
+    assert task.split == "test" and said == (
+        "task hf:demo/qa has no validation split: scoring its test split (check its labels are there)"
+    )
+    monkeypatch.setattr(datasets, "load_dataset", only_train)
     with pytest.raises(MissingSplit, match=r"task 'hf:demo/qa': no split 'test' \(Unknown split"):
         load_task("hf:demo/qa", split="test", **fields)
     assert held_out("hf:demo/qa", exclude="train", **fields) is None  # neither held-out split: none

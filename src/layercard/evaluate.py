@@ -39,7 +39,7 @@ from layercard.artifacts import (
     write_text,
 )
 from layercard.config import EvalConfig
-from layercard.errors import LayercardError, expect, message_line
+from layercard.errors import LayercardError, MissingSplit, expect, message_line
 from layercard.inference import eval_example_losses, eval_loss, generate, prompts_finite
 from layercard.tasks import (
     METRICS,
@@ -397,14 +397,18 @@ def resolve_eval_task(
     """The task an evaluation of ``spec`` scores, and a line to show when it is not a held-out split.
 
     ``split`` when given (a split in ``spec`` likewise); else a file as it is; else the test split, then
-    the validation split: a task's default split is its training one, which an evaluation should not
-    score unasked. An ``hf:`` task gets its validation split (a hub dataset's test labels may be hidden,
-    as GLUE's are -1). A task with neither split falls back to its default split, with the line saying
-    so. ``load_kwargs`` go to :func:`layercard.tasks.load_task`.
+    the validation split: a task's default split is its training one, which an evaluation should not score
+    unasked. An ``hf:`` task gets its validation split (a hub dataset's test labels may be hidden, as
+    GLUE's are -1), else its test split, with a line saying so. A task with neither split falls back to
+    its default split, with the line saying so. ``load_kwargs`` go to :func:`layercard.tasks.load_task`.
     """
     spec = str(spec)
     if split is None and spec.startswith("hf:"):
-        return load_task(spec, split="validation", seed=seed, **load_kwargs), None
+        try:
+            return load_task(spec, split="validation", seed=seed, **load_kwargs), None
+        except MissingSplit:  # train and test only (as gsm8k on the hub): its test split, said
+            said = f"task {spec} has no validation split: scoring its test split (check its labels are there)"
+            return load_task(spec, split="test", seed=seed, **load_kwargs), said
     said = None
     if split is None and not is_file_spec(spec) and not names_split(spec):
         task = held_out(spec, seed=seed, order=("test", "validation"), **load_kwargs)
