@@ -135,7 +135,8 @@ class Search:
         return [c for c in self.candidates if all(c.costs[k] <= cap * (1 + 1e-9) for k, cap in caps)]
 
     def recommend(self, budgets: Sequence[Budget]) -> Candidate:
-        """The highest predicted quality within every budget; ties go to fewer parameters."""
+        """The highest predicted quality within every budget; predictions equal to six decimals go to
+        fewer parameters (any larger predicted gain is taken: docs/design.md §6)."""
         best = self.best(budgets)
         if best is None:
             raise LayercardError(
