@@ -68,10 +68,18 @@ def _error_text(error: float | None) -> str:
 
 
 def _percents(*fractions: float) -> list[str]:
-    """Fractions as whole percents, or all to one decimal where two that read the same whole differ at it."""
+    """Fractions as whole percents, or all to one decimal where whole ones would mislead: two less than a
+    point apart that differ at the decimal (99.6% and 99.4% read as 100% and 99%, a point apart), or one
+    under 100% that would read as 100% (as reaching the reference)."""
     whole = [f"{100 * x:.0f}%" for x in fractions]
     tenths = [f"{100 * x:.1f}%" for x in fractions]
-    return tenths if len(set(tenths)) > len(set(whole)) else whole
+    close = any(
+        abs(a - b) < 0.01 and ta != tb
+        for i, (a, ta) in enumerate(zip(fractions, tenths, strict=True))
+        for b, tb in zip(fractions[i + 1 :], tenths[i + 1 :], strict=True)
+    )
+    rounded_up = any(w == "100%" and t != "100.0%" for w, t in zip(whole, tenths, strict=True))
+    return tenths if close or rounded_up else whole
 
 
 # how a prediction outside the quality model's evidence is marked
