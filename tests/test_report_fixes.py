@@ -194,3 +194,16 @@ def test_the_reference_rank_is_the_quality_models(search_run, tmp_path, monkeypa
     copy = tmp_path / "run"
     shutil.copytree(search_run, copy)
     assert "every layer at rank 5)" in Path(build_report(copy)["markdown"]).read_text()
+
+
+def test_fixed_point_figures_round_an_exact_half_up():
+    from layercard.report.tables import fmt
+
+    # 2/32 and 13/16 of the examples, 1/8 of the reference's parameters: exact halves printed low before
+    assert (fmt(2 / 32, ".3f"), fmt(13 / 16, ".3f"), fmt(0.125, ".2f")) == ("0.063", "0.813", "0.13")
+    assert (fmt(1234.5, ",.0f"), fmt(0.30000000000000004, ".2f"), fmt(1.71149, ".4f")) == (
+        "1,235",
+        "0.30",
+        "1.7115",
+    )
+    assert (fmt(None, ".3f"), fmt(float("nan"), ".3f"), fmt(3, ".2f")) == ("—", "nan", "3.00")

@@ -6,7 +6,9 @@ import dataclasses
 import html
 import json
 import math
+import re
 from collections.abc import Sequence
+from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -53,6 +55,11 @@ def fmt(x: Any, spec: str = ".4g") -> str:
         return "nan"
     if isinstance(x, int) and not isinstance(x, bool) and spec == ",":
         return f"{x:,}"
+    fixed = re.fullmatch(r",?\.(\d+)f", spec)
+    if isinstance(x, float) and fixed:
+        # half up on the value as written (2/32 = 0.0625 -> 0.063): format() rounds the binary value half
+        # to even, so an exact half printed low
+        x = Decimal(repr(x)).quantize(Decimal(1).scaleb(-int(fixed.group(1))), rounding=ROUND_HALF_UP)
     return format(x, spec)
 
 
