@@ -294,7 +294,7 @@ def test_the_model_defaults_to_the_base_the_adapter_records(world: World, tmp_pa
     evaluated = json.loads((tmp_path / "e" / "eval.json").read_text())
     assert evaluated["provenance"]["model_id"] == str(world.model)
     again = cli(f"eval -m {world.model} -t {FACTS} -o {tmp_path / 'e'} {EVAL}")  # the base alone, same folder
-    assert again.exit_code == 0 and f"note: {tmp_path / 'e' / 'eval.json'}: holds an earlier evaluation" in (
+    assert again.exit_code == 0 and f"note: {tmp_path / 'e' / 'eval.json'}: replaced the evaluation" in (
         again.output
     )
     # nothing to take it from: said, before anything loads or is written

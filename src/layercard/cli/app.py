@@ -211,11 +211,11 @@ def note(text: str) -> None:
     console.print(f"[yellow]note:[/] {escape(text)}", highlight=False, soft_wrap=True)
 
 
-def note_replacing(file: Path, what: str) -> None:
-    """Say, before the work, that ``file`` (an earlier ``what``) will be replaced: the output folder
-    already holds one, perhaps of another model, adapter or task."""
-    if file.is_file():
-        note(f"{file}: holds an earlier {what}, which this one replaces")
+def note_replaced(file: Path, what: str, earlier: bool) -> None:
+    """Say that ``file`` replaced an ``earlier`` one (whether the folder held it before the work): perhaps
+    the ``what`` of another model, adapter or task."""
+    if earlier:
+        note(f"{file}: replaced the {what} the folder held before")
 
 
 def given(name: str) -> bool:

@@ -18,7 +18,7 @@ from layercard.cli.app import (
     emit_json,
     guard,
     note_examples,
-    note_replacing,
+    note_replaced,
     note_task,
     progress_flag,
     result_console,
@@ -94,8 +94,7 @@ def card_cmd(
 
     dev = distributed.check_processes(processes, device)  # before anything is written
     check_out_folder(out)  # before the probe pass, not after it
-    if distributed.launched_rank() == 0:
-        note_replacing(out / CARD_FILE, "card")
+    earlier = (out / CARD_FILE).is_file()
     if distributed.launched_world() > 1:
         # Launched processes share the probe; the first alone holds the folder and writes the card.
         with distributed.launch_group(dev) as my_dev:
@@ -129,6 +128,7 @@ def card_cmd(
                     progress=progress_flag(json_out),
                 )  # fmt: skip
             written = write_card_folder(card, out)
+    note_replaced(out / CARD_FILE, "card", earlier)
     note_examples("--examples", cfg.examples, int(card.task["n_examples"]))
     summary = {
         "card": str(out / "card.json"),

@@ -23,7 +23,7 @@ from layercard.cli.app import (
     note,
     note_examples,
     note_generation,
-    note_replacing,
+    note_replaced,
     note_task,
     progress_flag,
     result_console,
@@ -68,7 +68,7 @@ def eval_cmd(
         check_adapter(adapter)
     model_spec = adapter_model(model, adapter)  # before anything is read or written
     check_out_folder(out)
-    note_replacing(out / EVAL_FILE, "evaluation")
+    earlier = (out / EVAL_FILE).is_file()
     with writer_lock(out, what="eval folder"):
         t, fallback = resolve_eval_task(task, split=split, seed=seed, **(task_kw or {}))
         if fallback:
@@ -78,6 +78,7 @@ def eval_cmd(
         loaded = load_cli_model(model_spec, dtype, device, trust_remote_code)
         result = evaluate(loaded, t, cfg, adapter=adapter, progress=progress_flag(json_out))
         path = result.save(out)
+    note_replaced(path, "evaluation", earlier)
     note_examples("--examples", cfg.examples, result.n)
     cut = result.cut_note()
     if cut:

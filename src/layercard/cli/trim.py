@@ -23,7 +23,7 @@ from layercard.cli.app import (
     note,
     note_examples,
     note_generation,
-    note_replacing,
+    note_replaced,
     progress_flag,
     result_console,
 )
@@ -83,13 +83,14 @@ def trace_cmd(
     model_spec = adapter_model(model, adapter)  # before anything is read or written
     check_out_of_adapter(out, adapter)
     check_out_folder(out)
-    note_replacing(out / TRACE_FILE, "trace")
+    earlier = (out / TRACE_FILE).is_file()
     with writer_lock(out, what="trace folder"):
         t = _validation_task(task, split, seed, task_kw)
         note_generation(adapter, t.source)
         loaded = load_cli_model(model_spec, dtype, device, trust_remote_code)
         tr = run_trace(loaded, adapter, t, cfg, progress=progress_flag(json_out))
         path, png = tr.save(out)
+    note_replaced(path, "trace", earlier)
     note_examples("--examples", cfg.examples, tr.n_examples)
     if json_out:
         emit_json({**tr.to_dict(), "trace": str(path), "figure": str(png)})
@@ -152,7 +153,7 @@ def trim_cmd(
     model_spec = adapter_model(model, adapter)  # before anything is read or written
     check_out_of_adapter(out if out is not None else adapter.resolve().parent, adapter)
     out_dir = check_out_folder(out if out is not None else adapter.resolve().parent)
-    note_replacing(out_dir / TRIM_FILE, "trim")
+    earlier = (out_dir / TRIM_FILE).is_file()
     if export_merged is not None:
         from layercard.trim.run import check_merged_folder
 
@@ -167,6 +168,7 @@ def trim_cmd(
             loaded, adapter, t, cfg, out_dir, export_merged_dir=export_merged, merge_in_place=True,
             progress=progress_flag(json_out),
         )  # fmt: skip
+    note_replaced(out_dir / TRIM_FILE, "trim", earlier)
     note_examples("--examples", cfg.examples, int(res["task"]["n_examples"]))
     if res.get("after_matches_sweep") is False:
         note(
