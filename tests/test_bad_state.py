@@ -4,6 +4,7 @@ one writer per folder, what a command says it used, and where a config's paths a
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -285,6 +286,36 @@ def test_folder_replacement_uses_its_own_old_name(tmp_path: Path) -> None:
     assert (final / "w").read_text() == "two"
     assert (tmp_path / ".adapter.old" / "keep").read_text() == "theirs"
     assert sorted(p.name for p in tmp_path.iterdir()) == [".adapter.old", "adapter"]
+
+
+@pytest.mark.parametrize("exchange", [True, False], ids=["exchange", "two-renames"])
+def test_a_folder_replace_cut_between_its_steps_keeps_the_old_folder(
+    tmp_path: Path, monkeypatch, exchange: bool
+) -> None:
+    """An interrupt where the old folder has been moved aside and the new one not yet moved in."""
+    final = tmp_path / "figures"
+    final.mkdir()
+    (final / "a.png").write_text("old")
+    if not exchange:  # a system without an atomic exchange: two renames
+        monkeypatch.setattr(artifacts, "_exchange", lambda a, b: False)
+    else:
+        assert artifacts._exchange(tmp_path / "figures", tmp_path / "figures")  # Linux has the call
+    renames: list[Path] = []
+    rename = Path.rename
+
+    def cut_second(self: Path, to: Path) -> Path:
+        renames.append(self)
+        if len(renames) == 2 and to == final:
+            raise KeyboardInterrupt
+        return rename(self, to)
+
+    monkeypatch.setattr(Path, "rename", cut_second)
+    with pytest.raises(KeyboardInterrupt) if not exchange else contextlib.nullcontext():
+        with artifacts.atomic_path(final) as tmp:
+            tmp.mkdir()
+            (tmp / "a.png").write_text("new")
+    assert (final / "a.png").read_text() == ("new" if exchange else "old")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["figures"]
 
 
 # ---------------------------------------------------------------------------------------------------------

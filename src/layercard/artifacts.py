@@ -350,12 +350,36 @@ def _commit(target: Path, final: Path, tmp: Path) -> None:
         what = "a folder" if final.is_dir() else "a file"
         raise LayercardError(f"{final}: exists and is {what}; cannot replace it with a {_kind(target)}")
     if target.is_dir() and final.is_dir():
-        # The old folder goes inside this write's own temporary folder: a unique name, removed with it.
+        # One atomic exchange where the system has it: the old folder lands in this write's temporary, a
+        # unique name removed with it. Else two renames, the old folder put back if the second is cut.
+        if _exchange(target, final):
+            return
         old = tmp / f"{final.name}.old"
         final.rename(old)
-        target.rename(final)
+        try:
+            target.rename(final)
+        except BaseException:
+            old.rename(final)
+            raise
     else:
         os.replace(target, final)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one step (Linux's renameat2 with RENAME_EXCHANGE); False where unsupported."""
+    import ctypes
+
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError):
+        return False
+    at_cwd, exchange = -100, 2
+    if fn(at_cwd, os.fsencode(a), at_cwd, os.fsencode(b), exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):  # no such call, or a file system without it
+        return False
+    raise OSError(err, os.strerror(err), str(b))
 
 
 def is_within(path: str | os.PathLike[str], folder: str | os.PathLike[str]) -> bool:
