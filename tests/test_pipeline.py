@@ -463,6 +463,37 @@ def test_stopped_training_resumes(tiny_run, tmp_path, monkeypatch):
     assert metrics["resumed_from"] == 2 and metrics["steps"] == 5
 
 
+def test_a_stage_folder_another_process_writes_is_left_whole(tiny_run, tmp_path):
+    """`layercard train --resume` on a placement's folder holds its lock: a run of other settings must
+    refuse before deleting anything, and a delete an earlier run had begun is finished by the next."""
+    import subprocess
+
+    from bad_world import dead_pid
+
+    from layercard import artifacts
+
+    cfg_path, copy = copied(tiny_run, tmp_path)
+    folder = copy / "train" / "all"
+    before = sorted(p.name for p in folder.iterdir())
+    other = subprocess.Popen(["sleep", "60"])
+    try:
+        record = {**artifacts._owner_record(), "pid": other.pid, "pid_start": artifacts._pid_start(other.pid)}
+        artifacts.lock_path(folder).write_text(json.dumps(record))
+        with pytest.raises(LayercardError, match=r"another layercard process is writing this stage folder"):
+            run_pipeline(load_config(cfg_path, ["train.lr=0.02"]), copy, progress=False)
+        assert sorted(p.name for p in folder.iterdir()) == before
+    finally:
+        other.kill()
+        other.wait()
+    # a delete cut after its rename: the folder's remains under a dead process's temporary name
+    cut = folder.parent / f".gone.{artifacts._host_tag()}-{dead_pid()}.abcd1234.tmp"
+    cut.mkdir()
+    (cut / "adapter_model.safetensors").write_text("partial")
+    summary = run_pipeline(load_config(cfg_path, ["train.lr=0.02"]), copy, progress=False)
+    assert "train:all" in summary["ran"] and not cut.exists()
+    assert json.loads((folder / "stage.json").read_text())["status"] == "done"
+
+
 def test_a_failed_trim_is_in_the_summary(tiny_run, tmp_path, monkeypatch):
     import layercard.trim
 

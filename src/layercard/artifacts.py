@@ -19,6 +19,7 @@ import numbers
 import os
 import platform
 import re
+import secrets
 import shutil
 import socket
 import sys
@@ -262,6 +263,17 @@ def _temp_prefix(name: str) -> str:
 # ---------------------------------------------------------------------------------------------------------
 # Atomic writes
 # ---------------------------------------------------------------------------------------------------------
+
+
+def remove_folder(folder: str | os.PathLike[str]) -> None:
+    """Delete ``folder`` so that an interrupt leaves it whole or gone: it is first renamed to a temporary
+    sibling owned by this process, which a later sweep of its parent (:func:`remove_stale_temps`) removes
+    where the delete was cut. Deleting in place would leave a part, perhaps without the file that says
+    what the folder is."""
+    folder = Path(folder)
+    tmp = folder.parent / f"{_temp_prefix(folder.name)}{secrets.token_hex(4)}.tmp"
+    folder.rename(tmp)
+    shutil.rmtree(tmp, ignore_errors=True)
 
 
 @contextlib.contextmanager

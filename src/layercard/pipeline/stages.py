@@ -14,7 +14,6 @@ is not the run's, and is never deleted.
 from __future__ import annotations
 
 import dataclasses
-import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -22,10 +21,13 @@ from typing import Any, TypeVar
 
 from layercard.artifacts import (
     SCHEMA_VERSION,
+    check_unlocked,
     content_hash,
     hash_file,
     hash_folder,
     read_json,
+    remove_folder,
+    remove_stale_temps,
     sha256_json,
     write_json,
 )
@@ -379,9 +381,13 @@ class Runner:
             return result
         unfinished = old is not None and old.get("status") in ("running", "failed")
         resume = unfinished and old.get("fingerprint") == fp
+        if owns_folder:
+            # before anything is deleted or recorded: a command of its own (train --resume) may write it
+            check_unlocked(folder, what="stage folder")
+            remove_stale_temps(folder.parent)  # a delete of an earlier call that was cut (remove_folder)
         if owns_folder and folder.exists() and not resume:
             _check_stage_folder(folder, record)
-            shutil.rmtree(folder)  # outputs of other settings: nothing in them may leak into this run
+            remove_folder(folder)  # outputs of other settings: nothing in them may leak into this run
         folder.mkdir(parents=True, exist_ok=True)
         self._emit("start", name, None)
         t0 = time.perf_counter()
