@@ -795,3 +795,16 @@ def test_a_validation_task_named_without_a_split_is_held_out():
     for val_task, val_split in (("synthetic:facts", "train"), (None, "train"), ("facts:train", None)):
         with pytest.raises(LayercardError, match=r"holds the same examples as --task \(train\)"):
             _val_task(train_t, "synthetic:facts", val_task, val_split, 0, {})
+
+
+def test_a_finished_run_is_not_trained_over(lora_run, tmp_path):
+    # checked under the folder's lock, where two processes cannot both pass it
+    run = tmp_path / "run"
+    shutil.copytree(lora_run["out"], run)
+    shutil.rmtree(run / "checkpoints", ignore_errors=True)  # a run that kept none (checkpoint_every 0)
+    before = (run / "train_metrics.json").read_bytes()
+    cfg = TrainConfig(steps=2, **FAST)
+    for resume in (False, True):
+        with pytest.raises(LayercardError, match=r"holds a finished run \(train_metrics\.json\)"):
+            train(lora_run["loaded"], lora_run["plan"], TRAIN, None, cfg, run, resume=resume)
+    assert (run / "train_metrics.json").read_bytes() == before

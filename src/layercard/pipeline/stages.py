@@ -572,10 +572,12 @@ class Runner:
 
         def fn(resume: bool) -> None:
             from layercard.plan import Plan
-            from layercard.train import latest_checkpoint, train
+            from layercard.train import METRICS_FILE, latest_checkpoint, train
 
             plan = Plan.load(out.plan_json(p.name))
             resume = resume and latest_checkpoint(folder) is not None
+            if not resume:  # the metrics of a session cut after writing them, with no checkpoint to resume
+                (folder / METRICS_FILE).unlink(missing_ok=True)
             train(
                 self.loaded,
                 plan,

@@ -234,6 +234,13 @@ def train(
             remove_stale_temps(out_dir)
             remove_stale_temps(out_dir / CHECKPOINT_DIR)
         existing = latest_checkpoint(out_dir)
+        if (out_dir / METRICS_FILE).is_file() and (existing is None or not resume):
+            # under the lock: a check before it could pass for two processes, the later training over the
+            # earlier's finished run (a finished run's last checkpoint is resumed to its figures instead)
+            raise LayercardError(
+                f"{out_dir}: holds a finished run ({METRICS_FILE}); use a new folder, or remove it to train "
+                "again"
+            )
         if existing is not None and not resume:
             raise LayercardError(
                 f"{out_dir}: holds checkpoints of an earlier run ({existing.name}); "
