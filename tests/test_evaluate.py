@@ -302,6 +302,20 @@ def test_cut_prompts_and_loss_examples_are_counted_and_said(tmp_path):
         in note
     )
     assert EvalResult.load(res.save(tmp_path / "ev")).cut_note() == note
+    # a second save cut after its predictions: no eval.json is left to pair with them
+    from layercard import evaluate as E
+
+    def cut(path, d):
+        raise KeyboardInterrupt
+
+    real = E.write_json
+    E.write_json = cut
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            res.save(tmp_path / "ev")
+    finally:
+        E.write_json = real
+    assert not (tmp_path / "ev" / "eval.json").exists() and (tmp_path / "ev" / "predictions.jsonl").is_file()
     whole = evaluate(loaded, TASK, EvalConfig(batch_size=3, loss=False))
     assert whole.task["cut"] == {"prompts": 0, "loss_to_max_length": None, "loss_to_format_limits": None}
     assert whole.cut_note() is None

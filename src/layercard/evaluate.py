@@ -225,9 +225,12 @@ class EvalResult:
     def save(self, out_dir: str | Path) -> Path:
         """Write ``out_dir/predictions.jsonl`` then ``out_dir/eval.json`` (each atomic); returns eval.json.
 
-        eval.json goes last so its presence means the evaluation finished.
+        eval.json goes last so its presence means the evaluation finished, and an earlier eval.json goes
+        first, so that a write cut between the two never pairs it with these predictions.
         """
         out = Path(out_dir)
+        if (out / EVAL_FILE).is_file():  # a folder in its place is refused by the write, as before
+            (out / EVAL_FILE).unlink()
         lines = "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in self.predictions)
         write_text(out / PREDICTIONS_FILE, lines)
         return write_json(out / EVAL_FILE, self.to_dict(include_predictions=False))

@@ -206,8 +206,11 @@ class Trace:
         return cls(**kw)
 
     def save(self, out_dir: str | Path) -> tuple[Path, Path]:
-        """Write ``trace.png`` then ``trace.json`` (each atomic); returns both paths."""
+        """Write ``trace.png`` then ``trace.json`` (each atomic); returns both paths. An earlier trace.json
+        goes first, so that a write cut between the two never pairs it with this trace's figure."""
         out = Path(out_dir)
+        if (out / TRACE_FILE).is_file():  # a folder in its place is refused by the write, as before
+            (out / TRACE_FILE).unlink()
         png = plot_trace(self, out / TRACE_PNG)
         return write_json(out / TRACE_FILE, self.to_dict()), png
 
