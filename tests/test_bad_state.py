@@ -179,6 +179,18 @@ def test_card_command_clears_what_a_killed_card_left(world: World, tmp_path: Pat
     assert not [p.name for p in out.iterdir() if p.name.startswith(".")]
 
 
+def test_a_card_folder_write_clears_the_temporary_a_killed_one_left(world: World, tmp_path: Path) -> None:
+    # the card stage of `layercard run` sweeps nothing in the card folder itself: the write does
+    from layercard.card import Card, write_card_folder
+
+    out = tmp_path / "card"
+    stale = out / temp_name("card", dead_pid())
+    stale.mkdir(parents=True)
+    (stale / "card.json").write_text("{}")
+    write_card_folder(Card.load(world.card), out)
+    assert not stale.exists() and (out / "card.json").is_file()
+
+
 def test_a_stale_checkpoint_temp_is_no_checkpoint_and_goes(world: World, tmp_path: Path) -> None:
     out = tmp_path / "run"
     stale = out / "checkpoints" / temp_name("step-1", dead_pid())

@@ -145,7 +145,7 @@ def write_card_folder(card: Card, out: str | Path) -> list[Path]:
     import shutil
     import tempfile
 
-    from layercard.artifacts import _temp_prefix, check_out_folder, non_finite, write_text
+    from layercard.artifacts import _temp_prefix, check_out_folder, non_finite, remove_stale_temps, write_text
     from layercard.card.artifact import CARD_FILE
     from layercard.card.figures import FIGURES, write_all
     from layercard.errors import LayercardError
@@ -158,7 +158,9 @@ def write_card_folder(card: Card, out: str | Path) -> list[Path]:
             "(JSON has no NaN or Infinity); nothing was written"
         )
     out.mkdir(parents=True, exist_ok=True)
-    # Named as every temporary is, so a later write removes it when a killed process left it.
+    # Named as every temporary is, and the next card's write removes one a killed process left (the
+    # other writes into the folder sweep only the names they write).
+    remove_stale_temps(out, "card")
     tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix("card"), suffix=".tmp", dir=out))
     try:
         names = [p.name for p in write_all(card, tmp)]
