@@ -235,6 +235,10 @@ def test_second_run_skips_every_stage(tiny_run, tmp_path, monkeypatch):
     assert not [e for e in events if e[0] == "start"]
     after = _records(copy)
     assert {k: v["mtime"] for k, v in after.items()} == {k: v["mtime"] for k, v in before.items()}
+    # a report whose figures were lost (a replace cut half-way) is made again, not kept with dead links
+    shutil.rmtree(copy / "figures")
+    summary = run_pipeline(load_config(cfg_path), copy, progress=False)
+    assert summary["ran"] == ["report"] and (copy / "figures").is_dir()
 
 
 def test_until_plan_trains_nothing_and_the_next_call_goes_on(tmp_path):

@@ -765,7 +765,11 @@ class Runner:
             out.root,
             config,
             inputs,
-            [html, md],
+            [
+                html,
+                md,
+                out.root / report.FIGURES_DIR,
+            ],  # the markdown's images: a report without them is redone
             fn,
             summarize,
             record=out.report_record,
