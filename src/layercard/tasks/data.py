@@ -82,14 +82,6 @@ def _examples(
             raise LayercardError(f"{where}: duplicate id {ex.id!r}")
         seen.add(ex.id)
         out.append(ex)
-    for key, column in fmap.items():  # an optional field mapped to no column would be dropped unsaid
-        if key in ("role", "content"):  # keys inside each chat message, checked with the messages
-            continue
-        if not any(isinstance(rec, Mapping) and column in rec for _, _, rec in rows):
-            found = ", ".join(map(str, rows[0][2])) or "none"
-            raise LayercardError(
-                f"{source}: field map {key}={column}: no record has that column (the fields found: {found})"
-            )
     return schema, tuple(out)
 
 
