@@ -3,8 +3,10 @@ written, the version, interruption, and the wording of what the commands print."
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import importlib
+import io
 import json
 import sys
 from pathlib import Path
@@ -275,6 +277,13 @@ def test_quiet_turns_progress_off_for_the_command(world: World, tmp_path: Path, 
     quiet = cli(f"--quiet card -m {world.model} -t {FACTS} --examples 4 {CARD} -o {tmp_path / 'b'}")
     assert quiet.exit_code == 0 and "card pass" not in quiet.output, quiet.output
     assert "wrote" in quiet.output  # what the command wrote still says so
+    # --quiet turns off bars and progress lines alone: a warning said under the same switch still shows
+    monkeypatch.setattr(progress, "_BARS", {"off": True})
+    with contextlib.redirect_stderr(io.StringIO()) as err:
+        assert list(progress.track(range(2), "work", total=2, enabled=True)) == [0, 1]
+        progress.say_progress("work: statistics", enabled=True)
+        progress.say("warning: kept", enabled=True)
+    assert err.getvalue().strip() == "warning: kept"
 
 
 def test_the_model_defaults_to_the_base_the_adapter_records(world: World, tmp_path: Path) -> None:

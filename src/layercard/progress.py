@@ -30,6 +30,15 @@ def fewer_examples(setting: str, asked: int, have: int) -> str:
     return f"{setting}{asked}: the task has {count(have, 'example')}; all {have} were used"
 
 
+# `layercard --quiet`: no bars and no progress lines for this command; notes and warnings still show.
+_BARS = {"off": False}
+
+
+def bars_off(off: bool) -> None:
+    """Turn progress bars and progress lines off (or on again) for what follows in this process."""
+    _BARS["off"] = off
+
+
 def enabled_default() -> bool:
     return os.environ.get("LAYERCARD_PROGRESS", "1") != "0"
 
@@ -40,7 +49,7 @@ def track(
     """Iterate with a rich progress bar on stderr when enabled."""
     if enabled is None:
         enabled = enabled_default()
-    if not enabled:
+    if not enabled or _BARS["off"]:
         yield from items
         return
     if not stderr_is_terminal():
@@ -77,10 +86,11 @@ def track(
 
 
 def stderr_is_terminal() -> bool:
-    """Whether stderr is a terminal (as rich judges it), where a bar can be redrawn in place."""
+    """Whether stderr is a terminal or a notebook (as rich judges them), where a bar is redrawn in place."""
     from rich.console import Console
 
-    return Console(stderr=True).is_terminal
+    console = Console(stderr=True)
+    return console.is_terminal or console.is_jupyter
 
 
 def _elapsed(seconds: float) -> str:
@@ -112,6 +122,12 @@ def stop_bars() -> None:
     starts a line of its own and stays put."""
     while _LIVE:
         _LIVE.pop().stop()
+
+
+def say_progress(text: str, *, enabled: bool | None = None) -> None:
+    """A progress line of a step that has no bar: as :func:`say`, and off under ``--quiet`` as bars are."""
+    if not _BARS["off"]:
+        say(text, enabled=enabled)
 
 
 def say(text: str, *, enabled: bool | None = None) -> None:

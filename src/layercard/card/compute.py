@@ -28,7 +28,7 @@ from layercard.card.probe import (
 )
 from layercard.config import CardConfig
 from layercard.errors import LayercardError
-from layercard.progress import count, say, track
+from layercard.progress import count, say, say_progress, track
 
 
 def _np_dtype(dtype: torch.dtype) -> type:
@@ -405,7 +405,7 @@ def _compute_card(loaded: Any, task: Any, cfg: CardConfig, *, progress: bool | N
                 loss = all_reduce_sums(accs, loss)
             t_stats = time.perf_counter()
             # the statistics take as long as the pass or longer, with no bar of their own
-            say(f"{desc}: statistics of {count(len(accs), 'unit')}", enabled=progress)
+            say_progress(f"{desc}: statistics of {count(len(accs), 'unit')}", enabled=progress)
             u, g, gr, sp = _finish_pass(accs, cfg, n_tgt, weight_snrs)
             timings["stats_s"] = timings.get("stats_s", 0.0) + time.perf_counter() - t_stats
             _check_finite(cfg, u, g, {})  # before coupling and calibration spend their time

@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from layercard.errors import LayercardError, first_line
-from layercard.progress import fewer_examples
+from layercard.progress import bars_off, fewer_examples
 
 try:  # newer typer carries its own copy of click
     from typer import _click
@@ -102,7 +102,7 @@ def _width(stream: Any) -> int | None:
 
 console = Console(stderr=True, emoji=False, width=_width(sys.stderr))
 result_console = Console(emoji=False, width=_width(sys.stdout))
-_STATE = {"debug": False, "quiet": False}
+_STATE = {"debug": False}
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -177,7 +177,7 @@ def main(
     ] = False,
 ) -> None:
     _STATE["debug"] = debug
-    _STATE["quiet"] = quiet
+    bars_off(quiet)  # bars and progress lines only: notes and warnings that share their switch still show
     # PEFT still calls a transformers attribute deprecated in v5; the message says nothing to our users.
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
@@ -315,5 +315,6 @@ def load_cli_model(model: str, dtype: str, device: str, trust_remote_code: bool)
 
 
 def progress_flag(json_out: bool) -> bool | None:
-    """Whether a command shows progress: not under --json or --quiet; else as LAYERCARD_PROGRESS says."""
-    return False if json_out or _STATE.get("quiet") else None
+    """Whether a command shows progress: not under --json; else as LAYERCARD_PROGRESS says (--quiet turns
+    the bars off in :mod:`layercard.progress` itself)."""
+    return False if json_out else None
