@@ -808,3 +808,12 @@ def test_a_finished_run_is_not_trained_over(lora_run, tmp_path):
         with pytest.raises(LayercardError, match=r"holds a finished run \(train_metrics\.json\)"):
             train(lora_run["loaded"], lora_run["plan"], TRAIN, None, cfg, run, resume=resume)
     assert (run / "train_metrics.json").read_bytes() == before
+    # nor resumed from a checkpoint short of its last step (a second `train --resume` of a finished run
+    # whose last step was not checkpointed)
+    kept = TrainConfig(steps=4, **{**FAST, "checkpoint_every": 2, "eval_examples": 0})
+    train(lora_run["loaded"], lora_run["plan"], TRAIN, None, kept, tmp_path / "kept")
+    shutil.rmtree(tmp_path / "kept" / "checkpoints" / "step-4")
+    before = (tmp_path / "kept" / "train_metrics.json").read_bytes()
+    with pytest.raises(LayercardError, match=r"a finished run of 4 steps .* its checkpoint step-2 is short"):
+        train(lora_run["loaded"], lora_run["plan"], TRAIN, None, kept, tmp_path / "kept", resume=True)
+    assert (tmp_path / "kept" / "train_metrics.json").read_bytes() == before

@@ -576,8 +576,9 @@ class Runner:
 
             plan = Plan.load(out.plan_json(p.name))
             resume = resume and latest_checkpoint(folder) is not None
-            if not resume:  # the metrics of a session cut after writing them, with no checkpoint to resume
-                (folder / METRICS_FILE).unlink(missing_ok=True)
+            # the metrics of a session cut after writing them: this stage's run is not done until recorded,
+            # and it goes on from its checkpoint (or from the start) to the same figures
+            (folder / METRICS_FILE).unlink(missing_ok=True)
             train(
                 self.loaded,
                 plan,

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import math
 import os
 import time
@@ -412,6 +413,18 @@ def _free_mixed_precision(cfg: TrainConfig) -> None:
     AcceleratorState._reset_state()
 
 
+def _finished_steps(out_dir: Path) -> int | None:
+    """The steps of the finished run ``out_dir`` holds (its train_metrics.json), or None."""
+    path = out_dir / METRICS_FILE
+    if not path.is_file():
+        return None
+    try:
+        steps = json.loads(path.read_text()).get("steps")
+    except (ValueError, AttributeError, OSError):
+        return None
+    return steps if isinstance(steps, int) and not isinstance(steps, bool) else None
+
+
 def _check_resume_step(run: _Run, ckpt: Path, saved: dict[str, Any], progress: bool | None) -> None:
     """Refuse a checkpoint past the run's last step, and one at it that cannot say what its session
     measured; say when the session will train no step."""
@@ -422,6 +435,15 @@ def _check_resume_step(run: _Run, ckpt: Path, saved: dict[str, Any], progress: b
             f"steps; give {step} steps or more, or use a new --out"
         )
     if step < run.total_steps:
+        done = _finished_steps(run.out_dir)
+        if done is not None and step < done:
+            # a finished run whose last step was not checkpointed, resumed (by a second process): it would
+            # train steps again over the finished adapter and figures. From its last step, it is extended.
+            raise LayercardError(
+                f"{run.out_dir}: holds a finished run of {done} steps ({METRICS_FILE}); its checkpoint "
+                f"{ckpt.name} is short of them, so there is nothing to resume; use a new folder, or remove "
+                "it to train again"
+            )
         return
     if saved.get("memory") is None:
         raise LayercardError(
