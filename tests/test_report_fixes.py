@@ -207,3 +207,7 @@ def test_fixed_point_figures_round_an_exact_half_up():
         "1.7115",
     )
     assert (fmt(None, ".3f"), fmt(float("nan"), ".3f"), fmt(3, ".2f")) == ("—", "nan", "3.00")
+    import numpy as np
+
+    # a numpy float, and values past the default decimal precision, print as before
+    assert (fmt(np.float64(0.0625), ".3f"), fmt(1e30, ",.0f")) == ("0.063", f"{10**30:,}")

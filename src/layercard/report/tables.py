@@ -8,7 +8,7 @@ import json
 import math
 import re
 from collections.abc import Sequence
-from decimal import ROUND_HALF_UP, Decimal
+from decimal import ROUND_HALF_UP, Decimal, localcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -58,8 +58,10 @@ def fmt(x: Any, spec: str = ".4g") -> str:
     fixed = re.fullmatch(r",?\.(\d+)f", spec)
     if isinstance(x, float) and fixed:
         # half up on the value as written (2/32 = 0.0625 -> 0.063): format() rounds the binary value half
-        # to even, so an exact half printed low
-        x = Decimal(repr(x)).quantize(Decimal(1).scaleb(-int(fixed.group(1))), rounding=ROUND_HALF_UP)
+        # to even, so an exact half printed low. repr(float(...)): a numpy float's own repr names its type.
+        with localcontext() as ctx:
+            ctx.prec = 400  # room for any finite float's digits at the asked places
+            x = Decimal(repr(float(x))).quantize(Decimal(1).scaleb(-int(fixed.group(1))), ROUND_HALF_UP)
     return format(x, spec)
 
 
