@@ -948,6 +948,7 @@ def test_percents_take_a_decimal_where_whole_ones_would_read_the_same():
     # less than a point apart: not rounded into a point's gap, nor a value under 1 into 100%
     assert R._percents(0.99614, 0.99447) == ["99.6%", "99.4%"]
     assert R._percents(0.996, 0.90) == ["99.6%", "90.0%"] and R._percents(0.944, 0.9) == ["94%", "90%"]
+    assert R._percents(0.9996, 0.5) == ["100%", "50%"] and R._percents(1.004, 0.5) == ["100%", "50%"]
     rec = F.Candidate("mlp", (0,), "all", 8, 0.99998, {"params": 10.0}, (("u", 8),), 0.04)
     text = R.target_sentence(rec, {}, 0.999, "params", {"params": 20.0})
     assert "predicted to reach 99.9% of the reference's loss drop (predicted 100.0%," in text

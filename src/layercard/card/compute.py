@@ -343,11 +343,11 @@ def _compute_card(loaded: Any, task: Any, cfg: CardConfig, *, progress: bool | N
         # every forward and backward of a sharded model gathers its weights from all processes: one with a
         # micro-batch fewer would leave the others waiting in that gather for good
         k = len(batch_list) // world * world
-        fix = (
-            setting_text("examples", k * cfg.batch_size)
-            if k
-            else setting_text("batch_size", max(1, len(encoded) // world))
-        )
+        if k:
+            fix = setting_text("examples", k * cfg.batch_size)
+        else:  # fewer micro-batches than processes: one of a smaller batch each
+            per = max(1, len(encoded) // world)
+            fix = f"{setting_text('examples', per * world)} with {setting_text('batch_size', per)}"
         raise LayercardError(
             f"the model's weights are sharded over {world} processes (FSDP): the probe's "
             f"{len(batch_list)} micro-batches of {cfg.batch_size} must divide among them; set "

@@ -78,8 +78,11 @@ def _percents(*fractions: float) -> list[str]:
         for i, (a, ta) in enumerate(zip(fractions, tenths, strict=True))
         for b, tb in zip(fractions[i + 1 :], tenths[i + 1 :], strict=True)
     )
-    rounded_up = any(w == "100%" and t != "100.0%" for w, t in zip(whole, tenths, strict=True))
-    return tenths if close or rounded_up else whole
+    # under 100% yet read as 100% where a decimal shows it (99.96% reads 100.0% either way: left whole)
+    under = any(
+        x < 1 and w == "100%" and t != "100.0%" for x, w, t in zip(fractions, whole, tenths, strict=True)
+    )
+    return tenths if close or under else whole
 
 
 # how a prediction outside the quality model's evidence is marked
