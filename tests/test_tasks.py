@@ -238,6 +238,9 @@ def test_hf_missing_split_is_passed_over_but_other_failures_are_errors(monkeypat
         return rows
 
     monkeypatch.setattr(datasets, "load_dataset", train_test)
+    from layercard.cli.trim import _validation_task
+
+    assert _validation_task("hf:demo/qa", None, 0, fields).split == "test"  # trace and trim likewise
     task, said = resolve_eval_task("hf:demo/qa", **fields)
     assert task.split == "test" and said == (
         "task hf:demo/qa has no validation split: scoring its test split (check its labels are there)"
@@ -246,6 +249,10 @@ def test_hf_missing_split_is_passed_over_but_other_failures_are_errors(monkeypat
     with pytest.raises(MissingSplit, match=r"task 'hf:demo/qa': no split 'test' \(Unknown split"):
         load_task("hf:demo/qa", split="test", **fields)
     assert held_out("hf:demo/qa", exclude="train", **fields) is None  # neither held-out split: none
+    from layercard.cli.trim import _validation_task
+
+    with pytest.raises(LayercardError, match="has no validation or test split; name one with --split"):
+        _validation_task("hf:demo/qa", None, 0, fields)  # never its training split unasked
 
     def bad_split(name, config=None, *, split):
         raise ValueError(f"Bad split: {split}. Available splits: ['train']")

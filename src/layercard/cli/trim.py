@@ -30,6 +30,7 @@ from layercard.cli.app import (
 from layercard.cli.options import config_options
 from layercard.cli.task_options import SPLIT_HELP, TaskOpt, task_options
 from layercard.config import TraceConfig, TrimConfig
+from layercard.errors import LayercardError
 from layercard.progress import count
 
 AdapterOpt = Annotated[
@@ -46,10 +47,11 @@ def _validation_task(spec: str, split: str | None, seed: int, kw: dict | None = 
     from layercard.tasks import held_out, is_file_spec, load_task, names_split
 
     kw = kw or {}
-    if split is not None or is_file_spec(spec) or spec.startswith("hf:") or names_split(spec):
-        default = "validation" if spec.startswith("hf:") else None
-        return load_task(spec, split=split or default, seed=seed, **kw)
+    if split is not None or is_file_spec(spec) or names_split(spec):
+        return load_task(spec, split=split, seed=seed, **kw)
     task = held_out(spec, seed=seed, **kw)
+    if task is None and spec.startswith("hf:"):  # a hub task's default split is its training one
+        raise LayercardError(f"task {spec}: has no validation or test split; name one with --split")
     return (
         task if task is not None else load_task(spec, seed=seed, **kw)
     )  # the loader's own error, or default
