@@ -192,7 +192,7 @@ AdapterModelOpt = Annotated[
         "--model",
         "-m",
         help="Base model: built-in name (smollm2), local folder, .gguf file, or a hub id in the local "
-        "Hugging Face cache (default: the base the adapter folder records).",
+        "Hugging Face cache (default: the base a LoRA adapter folder records).",
     ),
 ]
 ModelOpt = Annotated[
