@@ -168,7 +168,7 @@ def main(
         typer.Option(
             "--quiet",
             "-q",
-            help="No progress bars or lines (as LAYERCARD_PROGRESS=0); notes, warnings and errors show.",
+            help="No progress bars or progress lines; notes, warnings and errors still show.",
         ),
     ] = False,
     version: Annotated[

@@ -760,17 +760,14 @@ class Runner:
 
         inputs = {str(p.relative_to(out.root)): hash_file(p) for p in report.report_inputs(out.root)}
         config = {"report_version": report.REPORT_VERSION}
+        outputs = [html, md, out.root / report.FIGURES_DIR]  # a report whose images are gone is made again
         self.stage(
             "report",
             "report",
             out.root,
             config,
             inputs,
-            [
-                html,
-                md,
-                out.root / report.FIGURES_DIR,
-            ],  # the markdown's images: a report without them is redone
+            outputs,
             fn,
             summarize,
             record=out.report_record,
