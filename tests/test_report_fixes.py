@@ -211,3 +211,4 @@ def test_fixed_point_figures_round_an_exact_half_up():
 
     # a numpy float, and values past the default decimal precision, print as before
     assert (fmt(np.float64(0.0625), ".3f"), fmt(1e30, ",.0f")) == ("0.063", f"{10**30:,}")
+    assert fmt(np.float32(0.5), ".0f") == "1"  # any numpy float, as a float

@@ -12,6 +12,8 @@ from decimal import ROUND_HALF_UP, Decimal, localcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from layercard.artifacts import lock_held
 from layercard.plan.frontier import row_label
 from layercard.report.results import (
@@ -51,12 +53,12 @@ def fmt(x: Any, spec: str = ".4g") -> str:
     """``x`` formatted by ``spec``; "—" for a missing value, "nan" for any non-finite float."""
     if x is None:
         return "—"
-    if isinstance(x, float) and not math.isfinite(x):
+    if isinstance(x, (float, np.floating)) and not math.isfinite(x):
         return "nan"
     if isinstance(x, int) and not isinstance(x, bool) and spec == ",":
         return f"{x:,}"
     fixed = re.fullmatch(r",?\.(\d+)f", spec)
-    if isinstance(x, float) and fixed:
+    if isinstance(x, (float, np.floating)) and fixed:
         # half up on the value as written (2/32 = 0.0625 -> 0.063): format() rounds the binary value half
         # to even, so an exact half printed low. repr(float(...)): a numpy float's own repr names its type.
         with localcontext() as ctx:
