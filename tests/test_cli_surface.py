@@ -313,3 +313,17 @@ def test_the_model_defaults_to_the_base_the_adapter_records(world: World, tmp_pa
     ):
         assert one_error_line(cli(line)) == f"error: --model: required ({why})"
     assert not (tmp_path / "f").exists() and not (tmp_path / "g").exists()
+
+
+def test_eval_says_when_the_mapped_references_are_not_there(world: World, tmp_path: Path) -> None:
+    from bad_world import EVAL
+
+    data = tmp_path / "qa.jsonl"
+    data.write_text("".join(json.dumps({"q": f"q{i}", "a": f"a{i}"}) + "\n" for i in range(4)))
+    line = f"eval -m {world.model} -t {data} --field input=q --field target=a --field references=refs"
+    r = cli(f"{line} -o {tmp_path / 'e'} {EVAL}")
+    assert r.exit_code == 0, r.output
+    assert "note: --field references=refs: no evaluated record holds more than its target" in r.output
+    data.write_text("".join(json.dumps({"q": "q", "a": "a", "refs": ["a", "b"]}) + "\n" for _ in range(4)))
+    r = cli(f"{line} -o {tmp_path / 'f'} {EVAL}")
+    assert r.exit_code == 0 and "--field references" not in r.output, r.output

@@ -74,6 +74,13 @@ def eval_cmd(
         if fallback:
             note(fallback)
         note_task(t)
+        column = ((task_kw or {}).get("field_map") or {}).get("references")
+        if column and all(ex.references == (ex.target,) for ex in t.examples):
+            # one map serves every split, so a split without the column is read without it
+            note(
+                f"--field references={column}: no evaluated record holds more than its target there; each is "
+                "scored against its target alone"
+            )
         note_generation(adapter, t.source)
         loaded = load_cli_model(model_spec, dtype, device, trust_remote_code)
         result = evaluate(loaded, t, cfg, adapter=adapter, progress=progress_flag(json_out))
