@@ -37,22 +37,20 @@ def _val_task(train: Task, task: str, val_task: str | None, val_split: str | Non
     """The validation task: as given; a ``--val-task`` that names no split of its own (and is no file), and
     ``--task`` without either option, are read on their validation split, else their test split. Never the
     training examples themselves."""
-    from layercard.tasks import dataset_spec, held_out, is_file_spec, load_task, names_split
+    from layercard.tasks import validation_task
 
     if val_task is None and val_split is None:  # --task's held-out split; a file has none
-        return held_out(task, exclude=train.split, seed=seed, **kw)
+        return validation_task(None, None, task, train.split, seed=seed, **kw)
     option = "--val-task" if val_task is not None else "--val-split"
     spec = val_task or task
     try:
-        if val_split is None and not is_file_spec(spec) and not names_split(spec):
-            same = dataset_spec(spec) == dataset_spec(task)
-            val = held_out(spec, exclude=train.split if same else None, seed=seed, **kw)
-            if val is None and val_task is not None:
-                raise LayercardError(f"{spec}: found no validation or test split; name one with --val-split")
-        else:
-            val = load_task(spec, split=val_split, seed=seed, **kw)
+        val = validation_task(val_task, val_split, task, train.split, seed=seed, **kw)
     except LayercardError as e:  # two tasks are named on the line: say which one this is
         raise LayercardError(f"{option}: {e}", exit_code=e.exit_code) from e
+    if val is None and val_task is not None:
+        raise LayercardError(
+            f"{option}: {spec}: found no validation or test split; name one with --val-split"
+        )
     if val is not None and val.data_hash == train.data_hash:
         raise LayercardError(
             f"{option}: {spec} ({val.split}) holds the same examples as --task ({train.split}): the run "

@@ -180,7 +180,7 @@ class Runner:
 
     # ---- inputs ------------------------------------------------------------------------------------
     def _tasks(self) -> tuple[Any, Any]:
-        from layercard.tasks import dataset_spec, is_file_spec, load_task, names_split
+        from layercard.tasks import is_file_spec, load_task, validation_task
 
         t = self.cfg.task
         # any task setting can fail a load (a field map, a prompt, the split): the whole section is asked
@@ -192,12 +192,16 @@ class Runner:
             raise LayercardError(f"{train_from}: task.train: {e}") from None
         spec = t.eval or t.train
         try:
-            if t.eval_split is None and (t.eval is None or not (is_file_spec(spec) or names_split(spec))):
-                # no split named: the held-out one, never the split training reads (a file: says so)
-                same = dataset_spec(spec) == dataset_spec(t.train)
-                eval_task = _held_out(spec, train_task.split if same else None, self.cfg.seed, kw)
-            else:
-                eval_task = load_task(spec, split=t.eval_split, seed=self.cfg.seed, **kw)
+            # no split named: the held-out one, never the split training reads (a file: says so)
+            eval_task = validation_task(
+                t.eval, t.eval_split, t.train, train_task.split, seed=self.cfg.seed, **kw
+            )
+            if eval_task is None and is_file_spec(spec):
+                raise LayercardError(
+                    f"{spec}: a file has no held-out split; give task.eval (and task.eval_split)"
+                )
+            if eval_task is None:
+                raise LayercardError(f"{spec}: found no validation or test split; give task.eval_split")
         except LayercardError as e:
             raise LayercardError(f"{eval_from}: task.eval: {e}") from None
         if len(train_task) == 0:
@@ -773,15 +777,3 @@ class Runner:
             record=out.report_record,
             owns_folder=False,
         )
-
-
-def _held_out(spec: str, train_split: str | None, seed: int, kw: dict[str, Any]) -> Any:
-    """The validation split of a preset/synthetic/HF task, else its test split; never ``train_split``."""
-    from layercard.tasks import held_out, is_file_spec
-
-    if is_file_spec(spec):
-        raise LayercardError(f"{spec}: a file has no held-out split; give task.eval (and task.eval_split)")
-    task = held_out(spec, exclude=train_split, seed=seed, **kw)
-    if task is None:
-        raise LayercardError(f"{spec}: found no validation or test split; give task.eval_split")
-    return task

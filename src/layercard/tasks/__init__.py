@@ -17,6 +17,7 @@ from layercard.tasks.data import (
     load_task,
     names_split,
     read_jsonl,
+    validation_task,
 )
 from layercard.tasks.encode import (
     Encoded,
@@ -108,6 +109,7 @@ __all__ = [
     "get_preset",
     "dataset_spec",
     "held_out",
+    "validation_task",
     "higher_is_better",
     "is_file_spec",
     "is_path_spec",

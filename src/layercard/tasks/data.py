@@ -391,6 +391,29 @@ def dataset_spec(spec: str) -> str:
     return ":".join(spec.split(":")[: 2 if spec.startswith("synthetic:") else 1])
 
 
+def validation_task(
+    spec: str | None,
+    split: str | None,
+    train_spec: str,
+    train_split: str,
+    *,
+    seed: int = 0,
+    **load_kwargs: Any,
+) -> Task | None:
+    """The task that validates or evaluates a training on ``train_spec`` (read on ``train_split``): ``spec``
+    (else the training task) on ``split``, on the split ``spec`` names, or a file whole; without any of
+    these, its :func:`held_out` split, never ``train_split`` of the same dataset. None where it has no
+    held-out split (a file named as the training task alone has none). ``load_kwargs`` go to
+    :func:`load_task`."""
+    if spec is None and split is None:
+        return held_out(train_spec, exclude=train_split, seed=seed, **load_kwargs)
+    spec = spec or train_spec
+    if split is None and not is_file_spec(spec) and not names_split(spec):
+        same = dataset_spec(spec) == dataset_spec(train_spec)
+        return held_out(spec, exclude=train_split if same else None, seed=seed, **load_kwargs)
+    return load_task(spec, split=split, seed=seed, **load_kwargs)
+
+
 def held_out(
     spec: str,
     *,
