@@ -333,6 +333,22 @@ def test_a_prompt_of_its_own_changes_the_data_hash_and_is_described(tmp_path):
     assert d["format"]["instruction"] == "Q: {input}" and plain.describe()["prompt"]["custom"] is False
 
 
+def test_a_preset_other_than_the_datas_own_changes_the_data_hash(tmp_path):
+    """Two presets prompt and cut the same records differently: a card or run stage made under one must
+    not be taken for the other's, so the hash covers a preset the data does not name."""
+    p = write_jsonl(tmp_path / "qa.jsonl", [{"input": "x", "target": "y"}])
+    plain = load_task(str(p))
+    assert load_task(str(p), preset="jsonl").data_hash == plain.data_hash  # the data's own preset
+    facts = load_task(str(p), preset="facts")
+    sst2 = load_task(str(p), preset="sst2")
+    assert len({plain.data_hash, facts.data_hash, sst2.data_hash}) == 3
+    assert facts.subset(1).data_hash == facts.data_hash  # subsets keep what the hash covers
+    assert load_task(str(p), preset="facts", prompt="Q: {input}").data_hash != facts.data_hash
+    synthetic = load_task("synthetic:facts")
+    assert load_task("synthetic:facts", preset="facts").data_hash == synthetic.data_hash
+    assert load_task("synthetic:facts", preset="jsonl").data_hash != synthetic.data_hash
+
+
 def test_presets_and_synthetic_keep_their_data_hash():
     """A task without prompt settings hashes as before prompts existed (cards made then stay valid)."""
     from layercard.artifacts import sha256_json

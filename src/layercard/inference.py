@@ -15,6 +15,7 @@ not the latency of a single request; compare it only between runs with the same 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import time
 from collections.abc import Iterator, Sequence
@@ -256,7 +257,7 @@ def eval_example_losses(
     if not examples:
         raise LayercardError(f"task {task.name!r}: no examples to score")
     if encoded is None:
-        sub = Task(task.name, task.source, task.split, task.format, tuple(examples))
+        sub = dataclasses.replace(task, examples=tuple(examples))
         encoded = encode_task(tokenizer, sub, max_length=max_length)
     elif len(encoded) != len(examples):
         raise LayercardError(f"eval: {len(encoded)} encoded examples for {len(examples)} examples")

@@ -146,10 +146,12 @@ def _load_path(
     schema, examples = _examples(
         records.rows, source=source, stem=stem, field_map=field_map, cells=records.cells
     )
-    fmt = _schema_format(schema, preset, detect_preset(p) if p.is_file() else PRESETS["jsonl"])
+    detected = detect_preset(p) if p.is_file() else PRESETS["jsonl"]
+    fmt = _schema_format(schema, preset, detected)
     name = fmt.name if fmt.name in DATASET_PRESETS or fmt.name in SYNTHETIC_TASKS else stem
+    chosen = fmt.name != _schema_format(schema, None, detected).name
     # a single file is one split, named by its stem (read_records refused any other split asked of it)
-    return Task(name, str(p.resolve()), records.split or stem, fmt, examples, schema)
+    return Task(name, str(p.resolve()), records.split or stem, fmt, examples, schema, chosen)
 
 
 # ---------------------------------------------------------------- spec resolution
@@ -255,12 +257,13 @@ def load_task(
                 )
         if name in SYNTHETIC_TASKS:
             task = make_synthetic(name, split=split_ or "train", seed=seed)
-            if fmt is not None:
-                task = task.with_format(fmt)
+            if fmt is not None and fmt.name != task.format.name:
+                task = dataclasses.replace(task, format=fmt, preset_chosen=True)
         elif name in DATASET_PRESETS:
             path = _resolve_dataset(name, split_)
             examples = read_jsonl(path, field_map=field_map)
-            task = Task(name, str(path.resolve()), path.stem, fmt or PRESETS[name], examples)
+            chosen = fmt is not None and fmt.name != name
+            task = Task(name, str(path.resolve()), path.stem, fmt or PRESETS[name], examples, None, chosen)
         else:
             raise LayercardError(
                 f"unknown task {spec!r}: expected a data file ({', '.join(DATA_SUFFIXES)}) or saved "
@@ -312,7 +315,9 @@ def _load_hf(spec: str, *, split: str, field_map: Mapping[str, str] | None, fmt:
     source = f"{spec}[{split}]"
     rows = [(f"{source}:{i}", i, rec) for i, rec in enumerate(ds, start=1)]
     schema, examples = _examples(rows, source=source, stem=Path(source).stem, field_map=field_map)
-    return Task(name, spec, split, _schema_format(schema, fmt, PRESETS["jsonl"]), examples, schema)
+    task_fmt = _schema_format(schema, fmt, PRESETS["jsonl"])
+    chosen = task_fmt.name != _schema_format(schema, None, PRESETS["jsonl"]).name
+    return Task(name, spec, split, task_fmt, examples, schema, chosen)
 
 
 _OFFLINE_ENV = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")

@@ -28,6 +28,9 @@ class Task:
     # the schema of the records it was read from (chat, alpaca, input_target, text); None for a preset or
     # synthetic task, whose format holds its prompt
     schema: str | None = None
+    # a preset asked for that is not the one the data names (its folder, schema or task name): the hash
+    # then covers the preset's name, whose prompt and cut limits differ from those of the data's own
+    preset_chosen: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "examples", tuple(self.examples))
@@ -44,15 +47,21 @@ class Task:
     @cached_property
     def data_hash(self) -> str:
         """sha256 of what the model is shown: the examples (ids, texts, references, meta, messages; order
-        matters) and, when it is not its preset's, the prompt. Key-order free.
+        matters), the prompt when it is not its preset's, and the preset's name when it is not the one
+        the data names (:attr:`preset_chosen`). Key-order free.
 
-        A preset's own prompt is left out, so a task loaded without prompt settings keeps the hash it
-        had before prompts could be set, and cards and run folders made then stay valid.
+        The data's own preset and prompt are left out, so a task loaded without preset or prompt settings
+        keeps the hash it had before they could be set, and cards and run folders made then stay valid.
         """
         examples = [ex.to_dict() for ex in self.examples]
-        if not self.custom_prompt:
+        if not self.custom_prompt and not self.preset_chosen:
             return sha256_json(examples)
-        return sha256_json({"examples": examples, "prompt": self.format.prompt()})
+        payload: dict[str, Any] = {"examples": examples}
+        if self.custom_prompt:
+            payload["prompt"] = self.format.prompt()
+        if self.preset_chosen:
+            payload["preset"] = self.format.name
+        return sha256_json(payload)
 
     def subset(self, n: int | None, *, seed: int = 0, offset: int = 0) -> Task:
         """Examples ``offset .. offset+n`` of a seeded shuffle, returned in source order.

@@ -14,6 +14,7 @@ The branch outputs are read by forward hooks on each LoRA B module; the hooks ex
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -128,7 +129,7 @@ def layer_importance(
     """
     if not examples:
         raise LayercardError(f"task {task.name!r}: no examples to measure layer importance on")
-    sub = Task(task.name, task.source, task.split, task.format, tuple(examples))
+    sub = dataclasses.replace(task, examples=tuple(examples))
     encoded = encode_task(tokenizer, sub, max_length=max_length)
     groups = list(batches(encoded, batch_size, pad_id(tokenizer), sort_by_length=True))
     device = device_of(model)

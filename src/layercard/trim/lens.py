@@ -117,7 +117,7 @@ def _gold_probs(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch
 
 
 def _sub_task(task: Task, examples: Sequence[Example]) -> Task:
-    return Task(task.name, task.source, task.split, task.format, tuple(examples))
+    return dataclasses.replace(task, examples=tuple(examples))
 
 
 def _curve(
