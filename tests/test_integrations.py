@@ -353,6 +353,24 @@ def test_eva_may_move_the_plans_ranks(trainer_run):
     callback._remove_hooks()
 
 
+def test_gradient_checkpointing_is_recorded_and_said_to_be_unpriced(trainer_run, tmp_path, monkeypatch):
+    said = said_lines(monkeypatch)
+    plan = trainer_run["plan"]
+    trainer = own_trainer(
+        trainer_run, tmp_path / "t", [LayercardCallback(plan, tmp_path / "gc")], max_steps=2,
+        activation_checkpointing=True, activation_checkpointing_kwargs={"use_reentrant": False},
+    )  # fmt: skip
+    trainer.train()
+    assert TrainMetrics.load(tmp_path / "gc").config["gradient_checkpointing"] is True
+    assert sum("gradient checkpointing is on" in line for line in said) == 1
+    said.clear()
+    own_trainer(
+        trainer_run, tmp_path / "u", [LayercardCallback(plan, tmp_path / "plain")], max_steps=1
+    ).train()
+    assert TrainMetrics.load(tmp_path / "plain").config["gradient_checkpointing"] is False
+    assert not any("gradient checkpointing" in line for line in said)
+
+
 @pytest.mark.parametrize("trainer_counts", [True, False], ids=["trainer-counts-tokens", "hook-counts-tokens"])
 def test_a_resumed_run_records_the_whole_runs_curve(trainer_run, tmp_path, monkeypatch, trainer_counts):
     said = said_lines(monkeypatch)

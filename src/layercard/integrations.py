@@ -27,7 +27,9 @@ What it records, and where it differs from ``layercard train``:
   ``first_train_loss`` is recorded only where step 1 was logged (``logging_steps=1`` or
   ``logging_first_step``) and ``final_train_loss`` only where the last step was;
 - ``batch_size``: the per-device batch × ``gradient_accumulation_steps``, per process as in
-  ``layercard train``.
+  ``layercard train``;
+- activation (gradient) checkpointing is recorded in the config as ``gradient_checkpointing``; the plan
+  prices a step without it, so the callback warns that its time and peak are not what was predicted.
 
 The model must carry the plan's LoRA modules at the plan's ranks (``get_peft_model(model,
 plan.peft_config())``); ``on_train_begin`` refuses any other (PEFT's EVA init may move ranks and drop
@@ -138,6 +140,12 @@ class LayercardCallback(TrainerCallback):
             ]
             touch_weights(model)  # as layercard train does before its memory window
         self._memory_start = reset_peak_memory(self._device)
+        if _checkpointing(args) and getattr(state, "is_world_process_zero", True):
+            # recomputing activations trades time for memory in a way the calibration never measured
+            say(
+                f"warning: {self.out_dir / METRICS_FILE}: gradient checkpointing is on, and the plan priced "
+                "its steps and peak memory without it: expect slower steps and a lower peak than predicted"
+            )
         if self._start_step and getattr(state, "is_world_process_zero", True):
             which = (
                 "target_tokens_seen counts"
@@ -460,5 +468,12 @@ def _trainer_config(args: Any, state: Any) -> dict[str, Any]:
         "scheduler": str(getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)),
         "seed": int(args.seed),
         "dtype": "bfloat16" if args.bf16 else "float16" if args.fp16 else "float32",
-        "gradient_checkpointing": bool(getattr(args, "gradient_checkpointing", False)),
+        "gradient_checkpointing": _checkpointing(args),
     }
+
+
+def _checkpointing(args: Any) -> bool:
+    """Whether the Trainer recomputes activations in backward (``activation_checkpointing``, which newer
+    ``transformers`` also answers to under its former name ``gradient_checkpointing``)."""
+    on = getattr(args, "activation_checkpointing", None)
+    return bool(on if on is not None else getattr(args, "gradient_checkpointing", False))
