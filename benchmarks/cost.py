@@ -18,6 +18,7 @@ The machine should be otherwise idle: step time is shared CPU time. On a GPU the
 the device and dtype given; ``--model`` can be a folder from ``random_weights.py`` (smollm2's shapes, or
 another configuration's with ``--shapes``, random weights: valid for time and memory, not for quality).
 ``--dropout P`` trains every placement with LoRA dropout P (the plan's ``dropout``; default 0).
+``--checkpointing`` calibrates the card and trains every placement with activation checkpointing.
 """
 
 from __future__ import annotations
@@ -78,6 +79,7 @@ class Setup:
     shapes: str | None = None  # the shapes file random_weights.py replaced smollm2's configuration with
     dropout: float = 0.0  # LoRA dropout of every placement's plan
     calibrate_dropout: float = 0.0  # LoRA dropout the card's calibration trains with
+    checkpointing: bool = False  # activation checkpointing in the card's calibration and every run
     fresh: bool = False  # each placement trained in a process of its own (run --fresh)
     threads: int = 2  # torch threads
 
@@ -100,13 +102,19 @@ def setup_differs(stored: dict[str, Any], other: dict[str, Any]) -> list[str]:
 
 
 def _card(
-    loaded: Any, task: Any, folder: Path, batch: int = BATCH, rounds: int = 1, dropout: float = 0.0
+    loaded: Any,
+    task: Any,
+    folder: Path,
+    batch: int = BATCH,
+    rounds: int = 1,
+    dropout: float = 0.0,
+    checkpointing: bool = False,
 ) -> Any:
     from layercard import CardConfig
 
     cfg = CardConfig(
         roles="all-linear", examples=16, batch_size=batch, max_length=MAX_LENGTH, calibrate=True,
-        calibrate_rounds=rounds, calibrate_dropout=dropout,
+        calibrate_rounds=rounds, calibrate_dropout=dropout, calibrate_checkpointing=checkpointing,
     )  # fmt: skip
     return cached_card(loaded, task, cfg, folder)
 
@@ -121,7 +129,7 @@ def plan_and_settings(card: Any, p: Placement, setup: Setup = Setup()) -> tuple[
     )
     cfg = TrainConfig(
         steps=setup.steps, batch_size=setup.batch, lr=1e-4, max_length=MAX_LENGTH, eval_examples=0,
-        checkpoint_every=0, seed=SEED,
+        checkpoint_every=0, seed=SEED, gradient_checkpointing=setup.checkpointing,
     )  # fmt: skip
     return plan, cfg
 
@@ -190,6 +198,7 @@ def run(
             setup.batch,
             setup.calibrate_rounds,
             setup.calibrate_dropout,
+            setup.checkpointing,
         )
         for p in GRID:
             path = RESULTS / name / "runs" / f"{p.name}.json"
@@ -214,6 +223,7 @@ def run(
                 "--steps", str(setup.steps), "--batch", str(setup.batch),
                 "--calibrate-rounds", str(setup.calibrate_rounds), "--only", p.name, "--out", str(RESULTS),
                 "--dropout", str(setup.dropout), "--calibrate-dropout", str(setup.calibrate_dropout),
+                *(["--checkpointing"] if setup.checkpointing else []),
             ]  # fmt: skip
             subprocess.run(cmd, check=True)
 
@@ -225,14 +235,17 @@ def _rel(measured: float, predicted: float) -> float:
 def task_run_folders(results: Path) -> list[Path]:
     """Every task-run folder under ``results`` (a card and its runs), sorted, without those whose runs
     trained at another LoRA dropout than their card's calibration: such a folder measures what that
-    mismatch costs (``dropout0.05``), not how well a calibration prices the runs it was made for."""
+    mismatch costs (``dropout0.05``), not how well a calibration prices the runs it was made for. Folders
+    trained with activation checkpointing (``checkpointing``) are left out too: the rules these folders
+    chose were set on steps that keep their activations."""
     out = []
     for card_path in results.glob("**/card/card.json"):
         folder = card_path.parent.parent
         calibrated = (json.loads(card_path.read_text()).get("cost") or {}).get("dropout", 0.0)
         runs = sorted((folder / "runs").glob("*.json"))
-        trained = json.loads(runs[0].read_text()).get("setup", {}).get("dropout", 0.0) if runs else calibrated
-        if abs(trained - calibrated) < 1e-9:
+        setup = json.loads(runs[0].read_text()).get("setup", {}) if runs else {}
+        trained = setup.get("dropout", 0.0) if runs else calibrated
+        if abs(trained - calibrated) < 1e-9 and not setup.get("checkpointing"):
             out.append(folder)
     return sorted(out)
 
@@ -553,6 +566,7 @@ def report() -> dict[str, Any]:
                 if setup.get("dropout") or setup.get("calibrate_dropout")
                 else {}
             ),
+            **({"checkpointing": True} if setup.get("checkpointing") else {}),
             **(
                 {"calibrate_rounds": setup["calibrate_rounds"]}
                 if setup.get("calibrate_rounds", 1) > 1
@@ -635,6 +649,8 @@ def _markdown(out: dict[str, Any]) -> str:
             "tokenizer): the figures are valid for time and memory, and say nothing about quality.",
             "",
         ]
+    if st.get("checkpointing"):
+        lines[-2] += " The card's calibration and every placement train with activation checkpointing."
     if "dropout" in st:
         lines[-2] += (
             f" Every placement trains with LoRA dropout {st['dropout']:g}; the card's calibration trained "
@@ -812,6 +828,9 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="LoRA dropout of the card's calibration (default: --dropout)",
     )
+    r.add_argument(
+        "--checkpointing", action="store_true", help="activation checkpointing in the calibration and runs"
+    )
     r.add_argument("--only", default="", help="comma-separated grid placements to train (default: all)")
     r.add_argument(
         "--fresh", action="store_true", help="each placement trained in a process of its own, the card loaded"
@@ -834,7 +853,7 @@ def main(argv: list[str] | None = None) -> int:
             shapes=json.loads(mark.read_text()).get("shapes") if mark.is_file() else None,
             dropout=args.dropout,
             calibrate_dropout=args.dropout if args.calibrate_dropout is None else args.calibrate_dropout,
-            fresh=args.fresh or args.fresh_child, threads=args.threads,
+            fresh=args.fresh or args.fresh_child, threads=args.threads, checkpointing=args.checkpointing,
         )  # fmt: skip
         only = [n.strip() for n in args.only.split(",") if n.strip()]
         unknown = [n for n in only if n not in {p.name for p in GRID}]

@@ -238,6 +238,10 @@ class CostModel:
     # dropped copy of its input, and its random draws cost time, so costs hold for plans of this dropout
     # (cards made before it was recorded: 0).
     dropout: float = 0.0
+    # Whether the calibration placements trained with activation checkpointing: each decoder layer then
+    # keeps only its input for backward and recomputes its forward there, so steps are slower and peaks
+    # lower, and costs hold for runs trained the same way (cards made before it was recorded: off).
+    checkpointing: bool = False
     # The mean width (d_in + d_out) of the calibration placements' adapted modules. Where it was recorded,
     # step time's module term counts an adapted module as its width over this: a module's work grows with
     # the rows and columns it reads and writes, and a q,v projection does less than a down projection. On
@@ -492,9 +496,11 @@ def _time_steps(
     *,
     forward: bool = True,
     dropout: float = 0.0,
+    checkpointing: bool = False,
 ) -> _Timed:
     """Wrap ``targets`` in fresh LoRA modules (LoRA dropout ``dropout``) and time ``steps`` optimizer steps
-    after one untimed step, then (with ``forward``) the unmerged no-grad forward, the fastest of two.
+    after one untimed step (with activation checkpointing where ``checkpointing``), then (with ``forward``)
+    the unmerged no-grad forward, the fastest of two.
 
     The first step after a wrap is about a tenth slower than the next ones, in every round and not only the
     first (benchmarks/results/calibration_warmup.md); a training run's median never sees it.
@@ -507,7 +513,7 @@ def _time_steps(
     """
     from peft import LoraConfig, get_peft_model
 
-    from layercard.tasks.loss import forward_loss
+    from layercard.models import activation_checkpointing
 
     device = next(model.parameters()).device
     requires = [p.requires_grad for p in model.parameters()]
@@ -515,39 +521,47 @@ def _time_steps(
         model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets, lora_dropout=dropout)
     )
     try:
-        params = [p for p in peft_model.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=1e-4)
-        ids = batch["input_ids"].to(device)
-        mask = batch["attention_mask"].to(device)
-        labels = batch["labels"].to(device)
-        times = []
-        resident = reset_peak_memory(device)
-        for _ in range(steps + 1):
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            t = time.perf_counter()
-            loss, n = forward_loss(peft_model, ids, mask, labels)
-            (loss / max(n, 1)).backward()
-            del loss
-            # The checks a training step makes on its gradients and update cost per tensor: timed too.
-            grad_norm(params)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            all_finite(params)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - t)
-            if len(times) == 1:
-                first_peak = peak_memory(device)[0] + _tensor_mib(opt.state)
-        peak, _ = peak_memory(device)
-        del opt
-        # The fastest of two: a single pass right after the steps at times took 1.5-2.7x as long.
-        fwd = forward_seconds(peft_model, batch, warm=True, repeats=2) if forward else None
-        return _Timed(times[1:], times[0], resident, float(peak), fwd, float(min(peak, first_peak)))
+        with activation_checkpointing(peft_model, checkpointing):
+            return _steps_timed(peft_model, batch, steps, forward, device)
     finally:
         peft_model.unload()
         for p, r in zip(model.parameters(), requires, strict=True):
             p.requires_grad_(r)
+
+
+def _steps_timed(peft_model, batch: dict[str, torch.Tensor], steps: int, forward: bool, device) -> _Timed:
+    """:func:`_time_steps`' measurement on the wrapped model."""
+    from layercard.tasks.loss import forward_loss
+
+    params = [p for p in peft_model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    ids = batch["input_ids"].to(device)
+    mask = batch["attention_mask"].to(device)
+    labels = batch["labels"].to(device)
+    times = []
+    resident = reset_peak_memory(device)
+    for _ in range(steps + 1):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        loss, n = forward_loss(peft_model, ids, mask, labels)
+        (loss / max(n, 1)).backward()
+        del loss
+        # The checks a training step makes on its gradients and update cost per tensor: timed too.
+        grad_norm(params)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        all_finite(params)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+        if len(times) == 1:
+            first_peak = peak_memory(device)[0] + _tensor_mib(opt.state)
+    peak, _ = peak_memory(device)
+    del opt
+    # The fastest of two: a single pass right after the steps at times took 1.5-2.7x as long.
+    fwd = forward_seconds(peft_model, batch, warm=True, repeats=2) if forward else None
+    return _Timed(times[1:], times[0], resident, float(peak), fwd, float(min(peak, first_peak)))
 
 
 def timings_by_round(row: dict[str, Any]) -> list[list[float]]:
@@ -603,6 +617,7 @@ def calibrate(
     progress=None,
     resident_mib: float | None = None,
     dropout: float = 0.0,
+    checkpointing: bool = False,
 ) -> CostModel:
     """Time LoRA steps (top layer alone, bottom layer alone, middle layer, all layers at rank 8, all layers at
     rank 32), measure each one's peak memory and, for the rank-8 all-layer placement, the unmerged forward
@@ -627,6 +642,8 @@ def calibrate(
     is used.
 
     ``dropout``: the LoRA dropout every placement trains with, as the plans it prices will (recorded).
+    ``checkpointing``: every placement trains with activation checkpointing, as the runs it prices will
+    (recorded).
     """
     from layercard import models
 
@@ -659,7 +676,9 @@ def calibrate(
         if not specs:
             raise LayercardError(f"cost calibration: no units for roles {list(roles)} in layers {layers}")
         names = [s.name for s in specs]
-        return _time_steps(model, names, rows, n_steps, rank, forward=forward, dropout=dropout)
+        return _time_steps(
+            model, names, rows, n_steps, rank, forward=forward, dropout=dropout, checkpointing=checkpointing
+        )
 
     full = configs.index((everything, 8))
 
@@ -753,6 +772,7 @@ def calibrate(
         measured=rows,
         device=str(device),
         dropout=float(dropout),
+        checkpointing=bool(checkpointing),
         # every row adapts every role, so its modules' width is its parameters over its rank
         step_module_width=sum(r["params"] / r["rank"] for r in rows) / sum(r["modules"] for r in rows),
         **fit_forward(base_forward, rows),

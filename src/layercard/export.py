@@ -255,6 +255,8 @@ def _trl(plan: Plan, lora: dict[str, Any], source: str | None, plan_file: str | 
         lines.append("set the path of the plan's plan.json in LayercardCallback below: this export was not")
         lines.append("made from a plan file, so it does not know where the plan is saved")
     callback = json.dumps(plan_file or "plan.json")
+    checkpointing = bool(plan.predicted.get("calibration_checkpointing", False))
+    priced = "with" if checkpointing else "no"
     text = (
         _comment(lines)
         + "from peft import LoraConfig\n"
@@ -263,9 +265,9 @@ def _trl(plan: Plan, lora: dict[str, Any], source: str | None, plan_file: str | 
         + _lora_code(lora)
         + "trainer = SFTTrainer(\n"
         + "    model=model,\n"
-        + "    # as the plan priced its steps: no gradient checkpointing; every step's loss logged for the\n"
-        + "    # callback's loss curve\n"
-        + f"    args=SFTConfig(output_dir={json.dumps(out_dir)}, gradient_checkpointing=False,\n"
+        + f"    # as the plan priced its steps: {priced} gradient checkpointing; every step's loss logged\n"
+        + "    # for the callback's loss curve\n"
+        + f"    args=SFTConfig(output_dir={json.dumps(out_dir)}, gradient_checkpointing={checkpointing},\n"
         + "                   logging_steps=1),\n"
         + "    train_dataset=train_dataset,\n"
         + "    peft_config=peft_config,\n"

@@ -28,8 +28,9 @@ What it records, and where it differs from ``layercard train``:
   ``logging_first_step``) and ``final_train_loss`` only where the last step was;
 - ``batch_size``: the per-device batch × ``gradient_accumulation_steps``, per process as in
   ``layercard train``;
-- activation (gradient) checkpointing is recorded in the config as ``gradient_checkpointing``; the plan
-  prices a step without it, so the callback warns that its time and peak are not what was predicted.
+- activation (gradient) checkpointing is recorded in the config as ``gradient_checkpointing``; where it
+  is not as the plan's cost calibration trained (``card.calibrate_checkpointing``), the callback warns
+  that the run's time and peak are not priced like with like.
 
 The model must carry the plan's LoRA modules at the plan's ranks (``get_peft_model(model,
 plan.peft_config())``); ``on_train_begin`` refuses any other (PEFT's EVA init may move ranks and drop
@@ -140,11 +141,14 @@ class LayercardCallback(TrainerCallback):
             ]
             touch_weights(model)  # as layercard train does before its memory window
         self._memory_start = reset_peak_memory(self._device)
-        if _checkpointing(args) and getattr(state, "is_world_process_zero", True):
-            # recomputing activations trades time for memory in a way the calibration never measured
+        on, priced = _checkpointing(args), bool(self.plan.predicted.get("calibration_checkpointing", False))
+        if on != priced and getattr(state, "is_world_process_zero", True):
+            # recomputing activations trades time for memory: priced only where the calibration did it too
+            this, plan = ("on", "without") if on else ("off", "with")
+            expect = "slower steps and a lower peak" if on else "faster steps and a higher peak"
             say(
-                f"warning: {self.out_dir / METRICS_FILE}: gradient checkpointing is on, and the plan priced "
-                "its steps and peak memory without it: expect slower steps and a lower peak than predicted"
+                f"warning: {self.out_dir / METRICS_FILE}: gradient checkpointing is {this}, and the plan "
+                f"priced its steps and peak memory {plan} it: expect {expect} than predicted"
             )
         if self._start_step and getattr(state, "is_world_process_zero", True):
             which = (

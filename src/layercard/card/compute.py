@@ -439,6 +439,7 @@ def _compute_card(loaded: Any, task: Any, cfg: CardConfig, *, progress: bool | N
             progress=progress,
             resident_mib=resident,
             dropout=cfg.calibrate_dropout,
+            checkpointing=cfg.calibrate_checkpointing,
         ).to_dict()
         timings["calibrate_s"] = time.perf_counter() - t_k
 

@@ -90,6 +90,12 @@ class CardConfig(Schema):
         help="LoRA dropout the calibration placements train with: the plans' dropout, whose costs it prices "
         "(dropout keeps a copy of each adapted module's input and adds time)",
     )
+    calibrate_checkpointing: bool = setting(
+        False,
+        kind="bool",
+        help="the calibration placements train with activation (gradient) checkpointing, as runs with "
+        "train.gradient_checkpointing do, whose slower steps and lower peaks it then prices",
+    )
     weight_snr: bool = setting(
         False,
         kind="bool",

@@ -232,6 +232,7 @@ def _yaml_value(v: Any) -> str:
 # pin them (and --set of the key they go with would then conflict).
 _DERIVED = {
     ("card", "calibrate_dropout"): "left out, it is the placements' dropout where they share one",
+    ("card", "calibrate_checkpointing"): "left out, it is train.gradient_checkpointing",
     ("card", "weight_snr"): "left out here so that such a run can turn it on",
     ("train", "steps"): "left out, 100 unless epochs is given",
 }

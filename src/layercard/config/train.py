@@ -50,6 +50,12 @@ class TrainConfig(Schema):
         None, kind="int", minimum=1, help="houlsby/parallel width; null: the plan's (else 16)"
     )
     load_in_4bit: bool = setting(False, kind="bool", help="4-bit base weights (QLoRA; CUDA + bitsandbytes)")
+    gradient_checkpointing: bool = setting(
+        False,
+        kind="bool",
+        help="recompute each decoder layer's activations in backward (activation checkpointing): a lower "
+        "peak, slower steps; priced where the card's calibration used it (card.calibrate_checkpointing)",
+    )
     dtype: str = setting(
         "float32",
         kind="choice",

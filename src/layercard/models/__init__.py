@@ -12,6 +12,7 @@ from __future__ import annotations
 from layercard.models.layouts import (
     ArchLayout,
     UnitSpec,
+    activation_checkpointing,
     base_model,
     context_length,
     decoder_layers,
@@ -59,6 +60,7 @@ __all__ = [
     "LoadedModel",
     "ROLE_SETS",
     "UnitSpec",
+    "activation_checkpointing",
     "base_model",
     "builtin_path",
     "cache_dir",

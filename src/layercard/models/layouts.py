@@ -14,7 +14,7 @@ import contextlib
 import dataclasses
 import hashlib
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -160,6 +160,37 @@ def base_model(model: nn.Module) -> nn.Module:
     if hasattr(model, "peft_config") and callable(getattr(model, "get_base_model", None)):
         return model.get_base_model()
     return model
+
+
+@contextlib.contextmanager
+def activation_checkpointing(model: nn.Module, on: bool = True) -> Iterator[None]:
+    """Activation (gradient) checkpointing of ``model``'s decoder layers for the block, turned off after it
+    unless it was on before: each layer keeps only its input for backward and recomputes the rest there.
+
+    Non-reentrant, so that it needs no input gradients with a frozen base. A model whose ``transformers``
+    class offers no checkpointing is refused."""
+    if not on:
+        yield
+        return
+    base = base_model(model)
+    if not getattr(base, "supports_gradient_checkpointing", False):
+        raise LayercardError(
+            f"gradient_checkpointing: {type(base).__name__} offers no activation checkpointing in "
+            "transformers; train without it"
+        )
+    # transformers 5 renamed the gradient_checkpointing_* methods activation_checkpointing_*
+    new_api = hasattr(base, "activation_checkpointing_enable")
+    was = any(getattr(m, "gradient_checkpointing", False) is True for m in base.modules())
+    if not was:
+        if new_api:
+            base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    try:
+        yield
+    finally:
+        if not was:
+            base.activation_checkpointing_disable() if new_api else base.gradient_checkpointing_disable()
 
 
 def model_type(model: nn.Module) -> str | None:

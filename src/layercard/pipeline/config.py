@@ -166,15 +166,20 @@ def _task(raw: Any) -> TaskSpec:
     return TaskSpec.from_mapping(raw)
 
 
-def _card_for(card: CardConfig, placements: tuple[PlacementSpec, ...], raw: Any) -> CardConfig:
+def _card_for(
+    card: CardConfig, placements: tuple[PlacementSpec, ...], raw: Any, train: TrainConfig
+) -> CardConfig:
     """The card settings a run's placements need: a `spectrum` placement reads the weight SNRs, so they are
-    measured unless the config turns them off, which is then an error naming the placement; and where
-    every placement has the same LoRA dropout, the cost calibration trains with it unless the config sets
-    its own (a plan of another dropout says so)."""
+    measured unless the config turns them off, which is then an error naming the placement; where every
+    placement has the same LoRA dropout, the cost calibration trains with it unless the config sets its
+    own (a plan of another dropout says so); and it trains with activation checkpointing as the run's
+    training does unless the config sets its own (training says so)."""
     given = raw if isinstance(raw, Mapping) else {}
     dropouts = {p.plan.dropout for p in placements}
     if len(dropouts) == 1 and "calibrate_dropout" not in given:
         card = dataclasses.replace(card, calibrate_dropout=dropouts.pop())
+    if "calibrate_checkpointing" not in given:
+        card = dataclasses.replace(card, calibrate_checkpointing=train.gradient_checkpointing)
     reader = next((p.name for p in placements if p.plan.policy == "spectrum"), None)
     if reader is None or card.weight_snr:
         return card
@@ -213,8 +218,8 @@ def _parse(raw: Any, source: str) -> RunConfig:
     task = _task(raw["task"])
     card = CardConfig.from_mapping(raw.get("card"), seed=seed)
     placements = tuple(_placement(i, p, seed) for i, p in enumerate(placements_raw))
-    card = _card_for(card, placements, raw.get("card"))
     train = TrainConfig.from_mapping(raw.get("train"), seed=seed)
+    card = _card_for(card, placements, raw.get("card"), train)
     trim_raw = raw.get("trim", {})
     if trim_raw is False:  # `trim: false` switches the stage off
         trim_raw = {"enabled": False}

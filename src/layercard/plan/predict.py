@@ -71,6 +71,8 @@ def calibration_batch(cost: dict[str, Any]) -> dict[str, Any]:
         "step_time_position_share": cost.get("step_position_share"),
         "step_micro_batches": cost.get("step_micro_batches", 1),
         "forward_position_share": cost.get("forward_position_share"),
+        # runs trained otherwise are not priced like with like (train says so)
+        "calibration_checkpointing": bool(cost.get("checkpointing", False)),
     }
 
 

@@ -28,11 +28,12 @@ RESUME_FIELDS = (
     "model_hash", "kind", "targets", "lora_config", "data_hash", "seed", "batch_size", "grad_accum", "lr",
     "weight_decay", "warmup_steps", "scheduler", "max_length", "bottleneck", "dtype", "world_size",
     "schedule_steps", "init", "eva_rho", "load_in_4bit", "weights_dtype", "val_data",
+    "gradient_checkpointing",
 )  # fmt: skip
 # What a fingerprint written before a field existed meant by its absence.
 _ABSENT_MEANS = {"init": "default"}
 # Fields fingerprinted only later, whose absence says nothing of the run's value: compared where recorded.
-_RECORDED_LATER = ("load_in_4bit", "weights_dtype", "val_data")
+_RECORDED_LATER = ("load_in_4bit", "weights_dtype", "val_data", "gradient_checkpointing")
 STATE_FILE = "state.json"
 WEIGHTS_FILE = "trainable.safetensors"
 TRAINER_FILE = "trainer_state.pt"

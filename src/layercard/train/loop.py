@@ -37,8 +37,8 @@ from layercard.cost import (
     reset_peak_memory,
     touch_weights,
 )
-from layercard.errors import LayercardError, expect, setting_name
-from layercard.models import BUILTIN_MODELS, LoadedModel, weights_dtype
+from layercard.errors import LayercardError, card_setting_text, expect, setting_name
+from layercard.models import BUILTIN_MODELS, LoadedModel, activation_checkpointing, weights_dtype
 from layercard.plan import Plan, check_model_matches
 from layercard.progress import say, track
 from layercard.tasks import Encoded, Task, cut_note, encode_task
@@ -295,7 +295,7 @@ def _train(
         saved = check_resumable(ckpt, fingerprint)  # before any work, and before EVA trusts its ranks
         _check_resume_step(run, ckpt, saved, progress)
     run = dataclasses.replace(run, budget_notes=tuple(_budget_notes(run)))
-    for line in run.budget_notes:
+    for line in [*run.budget_notes, *_checkpointing_notes(run.plan.predicted, cfg.gradient_checkpointing)]:
         say(f"warning: {line}", enabled=progress if accelerator.is_main_process else False)
     if cfg.warmup_steps >= total_steps:  # allowed (a probe of the warm-up itself), but seldom meant
         say(
@@ -332,7 +332,8 @@ def _train(
         adapted.prepared, optimizer = accelerator.prepare(model, optimizer)
         touch_weights(model)  # resident before the window opens, as when the card measured it
         state.memory_start = reset_peak_memory(accelerator.device)
-        _loop(run, state, adapted.prepared, optimizer, scheduler, trainable, progress, callback)
+        with activation_checkpointing(model, cfg.gradient_checkpointing):
+            _loop(run, state, adapted.prepared, optimizer, scheduler, trainable, progress, callback)
         return _finish(run, state, adapted, trainable, eva_ranks).to_dict()
     finally:
         adapted.restore(accelerator)
@@ -382,6 +383,24 @@ def _budget_notes(run: _Run) -> list[str]:
     first = prices_by_first_step(peak_memory_kind(run.device))
     at = priced_at(run.plan.predicted, per_step, largest, first_step=first, micro_batches=run.cfg.grad_accum)
     return over_budget(budget, run.plan.predicted, at)
+
+
+def _checkpointing_notes(predicted: dict[str, Any], on: bool) -> list[str]:
+    """A line where the plan's costs were calibrated with activation checkpointing set otherwise than this
+    run trains: its steps and peak are then not priced like with like."""
+    if predicted.get("calibration_batch_size") is None:  # no calibrated costs to compare with
+        return []
+    priced = bool(predicted.get("calibration_checkpointing", False))
+    if priced == on:
+        return []
+    this, plan = ("with", "without") if on else ("without", "with")
+    expect = "slower steps and a lower peak" if on else "faster steps and a higher peak"
+    card = card_setting_text("calibrate_checkpointing")
+    fix = f"measure the card with {card}" if on else "measure the card without it"
+    return [
+        f"{setting_name('gradient_checkpointing')}: this run trains {this} activation checkpointing, and the "
+        f"plan's costs were calibrated {plan} it: expect {expect} than predicted ({fix} to price it)"
+    ]
 
 
 def _check_float16(cfg: TrainConfig, device_type: str) -> None:
