@@ -3,6 +3,16 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 PY=${PYTHON:-python3}
+new_enough() { "$1" -c 'import sys; sys.exit(sys.version_info < (3, 10))' 2>/dev/null; }
+if ! new_enough "$PY"; then
+  echo "install.sh: layercard needs Python 3.10 or newer; $PY is $("$PY" --version 2>&1 || echo missing)" \
+    "(set PYTHON=python3.X)" >&2
+  exit 1
+fi
+if [ -x .venv/bin/python ] && ! new_enough .venv/bin/python; then
+  echo "install.sh: .venv holds Python $(.venv/bin/python --version 2>&1 | cut -d' ' -f2), older than 3.10; making it again" >&2
+  rm -rf .venv
+fi
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi

@@ -17,19 +17,12 @@ from typing import Annotated, Any, TypeVar
 import typer
 from rich.console import Console
 from rich.markup import escape
+from typer import _click  # typer's own copy of click
+from typer._click import exceptions as _click_exceptions
+from typer._click import globals as _click_globals
 
 from layercard.errors import LayercardError, first_line
 from layercard.progress import bars_off, fewer_examples
-
-try:  # newer typer carries its own copy of click
-    from typer import _click
-    from typer._click import exceptions as _click_exceptions
-    from typer._click import globals as _click_globals
-except ImportError:  # older typer runs on click itself
-    import click as _click
-    from click import exceptions as _click_exceptions
-    from click import globals as _click_globals
-
 
 # click before 8.2 shows the help of `layercard` alone without an exception (an empty tuple catches nothing)
 _NO_ARGS_HELP = getattr(_click_exceptions, "NoArgsIsHelpError", ())
