@@ -662,6 +662,34 @@ def test_load_gguf_converts_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     assert [m["path"] for m in cached] == [first.source]
 
 
+def test_a_gguf_conversion_draws_no_bar_of_its_own_and_is_kept_per_transformers_major(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """transformers' GGUF reader has a tqdm bar that --quiet cannot reach; the conversion says one line
+    instead, and a tokenizer saved under one transformers major version is not read by another."""
+    import transformers
+    from transformers import modeling_gguf_pytorch_utils as reader
+
+    bars: list[bool] = []
+    real = reader.tqdm
+
+    def bar(*a, **kw):
+        bars.append(kw.get("disable", False))
+        return real(*a, **kw)
+
+    said: list[str] = []
+    monkeypatch.setattr(reader, "tqdm", bar)
+    monkeypatch.setattr(ML, "say_progress", lambda text, **kw: said.append(text))
+    loaded = M.load_model(str(write_tiny_gguf(tmp_path / "t.gguf")))
+    assert bars and all(bars)  # every bar the reader drew was off
+    assert reader.tqdm is bar  # and the reader's own is back
+    assert len(said) == 1 and said[0].startswith("converting t.gguf to safetensors, once")
+    major = transformers.__version__.split(".")[0]
+    assert Path(loaded.source).name.endswith(f"-transformers{major}")
+    monkeypatch.setattr(transformers, "__version__", "99.0.0")
+    assert M.load_model(str(tmp_path / "t.gguf")).source.endswith("-transformers99")
+
+
 def test_gguf_cache_keying_and_lock(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """New content means a new folder; two threads asking at once convert once (slow convert faked)."""
     calls: list[Path] = []

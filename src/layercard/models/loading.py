@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import importlib.util
 import json
 import os
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ import torch
 
 from layercard.artifacts import atomic_path, hash_file, write_json, writer_lock
 from layercard.errors import LayercardError, first_line
+from layercard.progress import say_progress
 
 BUILTIN_MODELS: dict[str, dict[str, str]] = {
     "smollm2": {
@@ -173,17 +175,46 @@ def _gguf_cache(gguf: Path) -> Path:
 
 
 def _gguf_folder(gguf: Path, digest: str) -> Path:
+    """The conversion's folder, one per GGUF and transformers major version: a tokenizer saved by one
+    major version need not load in another (5's ``TokenizersBackend`` is unknown to 4)."""
+    import transformers
+
     stem = re.sub(r"[^A-Za-z0-9_.-]+", "-", gguf.stem)
-    return cache_dir() / "gguf" / f"{stem}-{digest[:16]}"
+    major = transformers.__version__.split(".")[0]
+    return cache_dir() / "gguf" / f"{stem}-{digest[:16]}-transformers{major}"
+
+
+@contextlib.contextmanager
+def _no_gguf_bar() -> Iterator[None]:
+    """transformers' GGUF reader draws a tqdm bar of its own, which no progress switch reaches: off for the
+    block (the conversion says one line of its own instead)."""
+    try:
+        from transformers import modeling_gguf_pytorch_utils as reader
+    except ImportError:
+        yield
+        return
+    bar = getattr(reader, "tqdm", None)
+    if bar is None:
+        yield
+        return
+    reader.tqdm = functools.partial(bar, disable=True)
+    try:
+        yield
+    finally:
+        reader.tqdm = bar
 
 
 def _convert_gguf(gguf: Path, folder: Path, digest: str) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    say_progress(f"converting {gguf.name} to safetensors, once (cached in {folder})")
     t0 = time.perf_counter()
     try:
-        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        with _no_gguf_bar():
+            tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            model = AutoModelForCausalLM.from_pretrained(
+                gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+            )
     except Exception as e:
         raise LayercardError(f"{gguf}: transformers cannot load this GGUF file ({first_line(e)})") from e
     # The GGUF quantizer makes save_pretrained refuse (and the Trainer too); the weights are already dense.
