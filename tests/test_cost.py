@@ -395,7 +395,7 @@ def test_calibration_times_again_only_the_slower_placement_and_keeps_its_forward
     calls: list[tuple[bool, int, bool]] = []  # (every layer, rank, forward timed)
     timed_steps: list[int] = []
 
-    def fake(model, targets, batch, steps, rank=8, *, forward=True, dropout=0.0):
+    def fake(model, targets, batch, steps, rank=8, *, forward=True, dropout=0.0, checkpointing=False):
         every = len({t.split(".layers.")[1].split(".")[0] for t in targets}) == n_layers
         calls.append((every, rank, forward))
         timed_steps.append(steps)

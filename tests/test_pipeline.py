@@ -819,7 +819,7 @@ def test_reference_config_lists_every_key_with_its_default():
     raw = yaml.safe_load(text)
     # keys a run sets for itself when left out are there, commented out
     left_out = set(re.findall(r"^  # (\w+): ", text, re.M))
-    assert left_out == {"calibrate_dropout", "weight_snr", "steps"}
+    assert left_out == {"calibrate_dropout", "calibrate_checkpointing", "weight_snr", "steps"}
     for section in ("card", "train", "trim", "eval"):
         listed = set(raw[section]) | (left_out & set(ref[section]))
         assert listed == set(ref[section]), section  # no key missing from the reference
