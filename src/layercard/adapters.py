@@ -299,7 +299,7 @@ def save_adapters(adapter_set: AdapterSet, path: str | Path, *, base_model_hash:
     with atomic_path(folder / WEIGHTS_FILE) as tmp:
         save_file(tensors, str(tmp), metadata={"format": "pt", "kind": adapter_set.kind})
     with atomic_path(folder / CONFIG_FILE) as tmp:
-        tmp.write_text(json.dumps(cfg, indent=1) + "\n")
+        tmp.write_text(json.dumps(cfg, indent=1) + "\n", encoding="utf-8")
     return folder
 
 
@@ -462,7 +462,7 @@ def recorded_base(folder: str | Path) -> str | None:
     if not path.is_file():
         return None
     try:
-        model_id = json.loads(path.read_text()).get("model_id")
+        model_id = json.loads(path.read_text(encoding="utf-8")).get("model_id")
     except (json.JSONDecodeError, AttributeError, UnicodeDecodeError):
         raise LayercardError(f"{path}: not a JSON object") from None
     return model_id if isinstance(model_id, str) and model_id else None
@@ -476,7 +476,7 @@ def check_base(folder: str | Path, model_hash: str) -> None:
     for name, key in ((BASE_FILE, "model_hash"), (CONFIG_FILE, "base_model_hash")):
         if (p / name).is_file():
             try:
-                saved = json.loads((p / name).read_text()).get(key)
+                saved = json.loads((p / name).read_text(encoding="utf-8")).get(key)
             except (json.JSONDecodeError, AttributeError):
                 raise LayercardError(f"{p / name}: not a JSON object") from None
             break

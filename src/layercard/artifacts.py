@@ -190,7 +190,7 @@ def _pid_start(pid: int) -> int | None:
     """When process ``pid`` started, in clock ticks since boot, where the system says (Linux): with the
     pid, it names one process, where a pid alone may have been reused since."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
+        stat = Path(f"/proc/{pid}/stat").read_text(encoding="utf-8")
         return int(stat[stat.rindex(")") + 2 :].split()[19])  # field 22; the name may hold spaces
     except (OSError, ValueError, IndexError):
         return None
@@ -199,7 +199,7 @@ def _pid_start(pid: int) -> int | None:
 def _boot_id() -> str | None:
     """This boot's id where the system has one (Linux): a lock from before a reboot is stale."""
     try:
-        return Path("/proc/sys/kernel/random/boot_id").read_text().strip() or None
+        return Path("/proc/sys/kernel/random/boot_id").read_text(encoding="utf-8").strip() or None
     except OSError:
         return None
 
@@ -272,7 +272,12 @@ def remove_folder(folder: str | os.PathLike[str]) -> None:
     what the folder is."""
     folder = Path(folder)
     tmp = folder.parent / f"{_temp_prefix(folder.name)}{secrets.token_hex(4)}.tmp"
-    folder.rename(tmp)
+    try:
+        folder.rename(tmp)
+    except OSError as e:
+        raise LayercardError(
+            f"{folder}: cannot be removed to make it again ({e.strerror or e}); nothing in it was changed"
+        ) from None
     shutil.rmtree(tmp, ignore_errors=True)
 
 
@@ -304,6 +309,11 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
             if not _write_failed(e, tmp, final):
                 raise
             raise _not_written(final, e) from None
+        except Exception as e:
+            # safetensors and torch's zip writer say a failed write in errors of their own
+            if not _library_write_failed(e):
+                raise
+            raise _not_written(final, e, free=final.parent) from None
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     finally:
@@ -324,9 +334,10 @@ def _missing_folders(folder: Path) -> list[Path]:
 
 
 def _write_failed(e: OSError, tmp: Path, final: Path) -> bool:
-    """Whether ``e`` is the write's own failure (a full disk, a read-only file system, no permission where
-    it writes), not one of reading an input inside the block, which keeps its own message."""
-    if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+    """Whether ``e`` is the write's own failure (a full disk, a file-size limit, a read-only file system,
+    no permission where it writes), not one of reading an input inside the block, which keeps its own
+    message."""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG):
         return True
     if e.errno not in (errno.EACCES, errno.EPERM):
         return False
@@ -334,8 +345,27 @@ def _write_failed(e: OSError, tmp: Path, final: Path) -> bool:
     return any(n == final or tmp in n.parents or n == tmp for n in names)
 
 
-def _not_written(final: Path, e: OSError) -> LayercardError:
-    return LayercardError(f"{final}: cannot be written ({e.strerror or e}); nothing was written there")
+# What safetensors (SafetensorError) and torch's zip writer (RuntimeError) say when the disk refuses a write.
+_LIBRARY_WRITE_FAILURES = (
+    "No space left on device", "os error 28", "File too large", "os error 27", "Disk quota exceeded",
+    "PytorchStreamWriter failed writing", "inline_container.cc",
+)  # fmt: skip
+
+
+def _library_write_failed(e: Exception) -> bool:
+    """Whether a library's own error inside an atomic write is the disk refusing it."""
+    text = str(e)
+    return type(e).__name__ in ("SafetensorError", "RuntimeError") and any(
+        m in text for m in _LIBRARY_WRITE_FAILURES
+    )
+
+
+def _not_written(final: Path, e: Exception, free: Path | None = None) -> LayercardError:
+    reason = e.strerror if isinstance(e, OSError) and e.strerror else message_line(e)
+    if free is not None:
+        with contextlib.suppress(OSError):
+            reason += f"; {shutil.disk_usage(free).free:,} bytes free there"
+    return LayercardError(f"{final}: cannot be written ({reason}); nothing was written there")
 
 
 def _current_umask() -> int:
@@ -404,6 +434,18 @@ def _kind(p: Path) -> str:
     return "folder" if p.is_dir() else "file"
 
 
+def _out_path(path: str | os.PathLike[str], what: str) -> Path:
+    """``path`` as a Path, refusing an empty one (which would mean the current folder) and one through a
+    symbolic link that leads nowhere (dangling, or a loop), which would fail only once the work is done."""
+    if not str(os.fspath(path)).strip():
+        raise LayercardError(f"{what}: is empty; give a path")
+    p = Path(path)
+    for q in (p, *p.parents):
+        if q.is_symlink() and not q.exists():
+            raise LayercardError(f"{what} {p}: {q} is a symbolic link to nothing (dangling, or a loop)")
+    return p
+
+
 def _check_parents(p: Path, shown: str) -> Path:
     """Refuse a path below a file: the nearest existing ancestor must be a folder; it is returned."""
     for parent in p.parents:
@@ -417,7 +459,7 @@ def _check_parents(p: Path, shown: str) -> Path:
 def check_out_folder(path: str | os.PathLike[str], what: str = "--out") -> Path:
     """Refuse, before any work, an output folder that cannot be one (an existing file, a file above it) or
     cannot be made (its nearest existing folder takes no new entries)."""
-    p = Path(path)
+    p = _out_path(path, what)
     if p.exists() and not p.is_dir():
         raise LayercardError(f"{what} {p}: exists and is a file, not a folder")
     nearest = _check_parents(p, f"{what} {p}")
@@ -450,7 +492,7 @@ def check_out_file(
     """Refuse, before any work, an output file path that is a folder (or lies below a file, or where no
     file can be made), or, with ``suffix``, one whose name does not end in it (a folder meant, not yet
     made, would become a file)."""
-    p = Path(path)
+    p = _out_path(path, what)
     if p.is_dir():
         hint = f"; give a file path such as {p / example}" if example else "; give a file path"
         raise LayercardError(f"{what} {p}: is a folder{hint}")
@@ -476,7 +518,7 @@ def write_json(path: str | os.PathLike[str], obj: Any) -> Path:
             "(JSON has no NaN or Infinity); nothing was written"
         ) from None
     with atomic_path(path) as tmp:
-        tmp.write_text(text + "\n")
+        tmp.write_text(text + "\n", encoding="utf-8")
     return Path(path)
 
 
@@ -780,7 +822,7 @@ def _create_lock(lock: Path, text: str) -> bool:
     """Create ``lock`` holding ``text`` in one step; False when it already exists."""
     tmp = lock.parent / f"{_temp_prefix(lock.name[1:])}{uuid.uuid4().hex[:8]}.tmp"
     try:
-        tmp.write_text(text)
+        tmp.write_text(text, encoding="utf-8")
     except OSError as e:
         why = e.strerror or type(e).__name__
         raise LayercardError(f"{lock}: cannot write the lock file ({why})") from None
@@ -794,7 +836,7 @@ def _create_lock(lock: Path, text: str) -> bool:
             fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
             return False
-        with os.fdopen(fd, "w") as fh:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)
         return True
     finally:
@@ -810,7 +852,7 @@ def _take_over(lock: Path, seen: str) -> None:
     except FileNotFoundError:
         return
     with contextlib.suppress(OSError):
-        if trash.read_text() != seen:  # a new owner got in between: give its lock back
+        if trash.read_text(encoding="utf-8") != seen:  # a new owner got in between: give its lock back
             os.link(trash, lock)
     with contextlib.suppress(OSError):
         trash.unlink()
@@ -844,7 +886,7 @@ def lock_held(target: str | os.PathLike[str]) -> bool:
 def _holder(target: str | os.PathLike[str]) -> tuple[str, dict[str, Any]] | None:
     """The state and owner record of ``target``'s lock where it is held (not stale), else None."""
     try:
-        seen = lock_path(target).read_text()
+        seen = lock_path(target).read_text(encoding="utf-8")
     except OSError:
         return None
     state, rec = _owner_state(seen)
@@ -868,7 +910,7 @@ def writer_lock(
     deadline = None if wait is None else time.monotonic() + wait
     while not _create_lock(lock, mine):
         try:
-            seen = lock.read_text()
+            seen = lock.read_text(encoding="utf-8")
         except FileNotFoundError:
             continue  # released between our attempt and the read
         state, rec = _owner_state(seen)
@@ -882,5 +924,5 @@ def writer_lock(
         yield lock
     finally:
         with contextlib.suppress(OSError):
-            if lock.read_text() == mine:  # still ours: nobody judged us stale and took it
+            if lock.read_text(encoding="utf-8") == mine:  # still ours: nobody judged us stale and took it
                 lock.unlink()

@@ -140,7 +140,7 @@ def spawn_card(
         except Exception as e:  # a worker failed; its own message, when it left one, says why
             said = sorted(Path(tmp).glob(_ERROR_FILE.format(rank="*")))
             if said:
-                raise LayercardError(said[0].read_text().strip()) from None
+                raise LayercardError(said[0].read_text(encoding="utf-8").strip()) from None
             lines = [ln for ln in str(e).splitlines() if ln.strip()]
             raise LayercardError(
                 f"--processes {processes}: a card process failed: {lines[-1] if lines else type(e).__name__}"
@@ -208,7 +208,7 @@ def _worker(
         if rank == 0:
             card.save(Path(tmp) / _CARD_FILE)
     except LayercardError as e:
-        (Path(tmp) / _ERROR_FILE.format(rank=rank)).write_text(str(e))
+        (Path(tmp) / _ERROR_FILE.format(rank=rank)).write_text(str(e), encoding="utf-8")
         raise SystemExit(2) from None
     finally:
         dist.destroy_process_group()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import inspect
 import json
@@ -89,8 +90,15 @@ app = typer.Typer(
 # Where the stream is no terminal (a file, a pipe) and COLUMNS says no width, rich would wrap at 80 columns,
 # splitting paths and table cells: such output is laid out 200 wide instead.
 def _width(stream: Any) -> int | None:
+    """The width to lay out at: the terminal's, or ``$COLUMNS`` where it gives one (rich reads both), else
+    200 for a file or pipe. A ``$COLUMNS`` of 0, a negative or a word would hide every line: it is passed
+    over."""
     tty = getattr(stream, "isatty", None)
-    return None if (tty is not None and tty()) or os.environ.get("COLUMNS") else 200
+    terminal = tty is not None and tty()
+    columns = os.environ.get("COLUMNS")
+    if columns is not None and not (columns.isdigit() and int(columns) >= 20):
+        return 80 if terminal else 200
+    return None if terminal or columns else 200
 
 
 console = Console(stderr=True, emoji=False, width=_width(sys.stderr))
@@ -121,6 +129,17 @@ def guard(fn: F) -> F:
         except (typer.Exit, typer.Abort):
             raise
         except Exception as e:  # an unexpected failure: still one line unless debugging
+            if isinstance(e, BrokenPipeError):
+                # the reader of the output left (`| head -1`): quietly, as a command killed by SIGPIPE
+                # would, the output pointed elsewhere so that the flush at exit does not fail again
+                _output_gone()
+                raise typer.Exit(141) from None
+            if isinstance(e, OSError) and e.filename is None and e.errno in (errno.ENOSPC, errno.EFBIG):
+                # a write that names no file is the output itself (`> /dev/full`); files are named
+                _output_gone()
+                why = escape(e.strerror or str(e))
+                console.print(f"[bold red]error:[/] the output cannot be written ({why})")
+                raise typer.Exit(1) from None
             if _STATE["debug"]:
                 traceback.print_exc()
             else:
@@ -135,6 +154,12 @@ def guard(fn: F) -> F:
     # The help screen keeps a docstring's line breaks; a paragraph should wrap to the terminal instead.
     wrapper.__doc__ = _reflow(fn.__doc__)
     return wrapper  # type: ignore[return-value]
+
+
+def _output_gone() -> None:
+    """Point standard output at nothing, so that the interpreter's flush at exit raises no second error."""
+    with contextlib.suppress(OSError, ValueError):
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 def _reflow(doc: str | None) -> str | None:
@@ -170,9 +195,20 @@ def main(
     ] = False,
 ) -> None:
     _STATE["debug"] = debug
+    _printable_anywhere()
     bars_off(quiet)  # bars and progress lines only: notes and warnings that share their switch still show
     # PEFT still calls a transformers attribute deprecated in v5; the message says nothing to our users.
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+
+
+def _printable_anywhere() -> None:
+    """Let a console whose encoding lacks a character print a stand-in for it (a Latin-1 or ASCII locale
+    and the tables' ρ, ±, ▶) rather than fail after the work is done."""
+    for stream in (sys.stdout, sys.stderr):
+        encoding = (getattr(stream, "encoding", None) or "").lower().replace("-", "").replace("_", "")
+        if encoding != "utf8" and callable(getattr(stream, "reconfigure", None)):
+            with contextlib.suppress(ValueError, OSError):
+                stream.reconfigure(errors="replace")
 
 
 # Options that every model-loading command shares.
@@ -253,7 +289,7 @@ def other_generation(adapter: Path, source: str) -> str | None:
 
     record = adapter.parent / "train_metrics.json"
     try:
-        trained = str(json.loads(record.read_text())["task"]["source"])
+        trained = str(json.loads(record.read_text(encoding="utf-8"))["task"]["source"])
     except (OSError, ValueError, KeyError, TypeError):
         return None  # no training record beside the adapter: nothing to compare
     same_task = trained.split("(")[0] == source.split("(")[0]

@@ -54,7 +54,15 @@ class LoadedModel:
 def cache_dir() -> Path:
     """``$LAYERCARD_CACHE``, else ``~/.cache/layercard``."""
     env = os.environ.get("LAYERCARD_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "layercard"
+    if env:
+        return Path(env).expanduser()
+    try:
+        home = Path.home()
+    except RuntimeError:  # no HOME and no passwd entry (a container run under an arbitrary uid)
+        raise LayercardError(
+            "the model cache: no home folder to keep it in (HOME is unset); set LAYERCARD_CACHE to a folder"
+        ) from None
+    return home / ".cache" / "layercard"
 
 
 def _builtin_gguf(name: str) -> Path:
@@ -131,17 +139,19 @@ def _memo_hash(paths: Sequence[Path], *, with_names: bool) -> str:
     stamp = _stat_key(paths)
     index: dict[str, Any] = {}
     with contextlib.suppress(OSError, ValueError):
-        index = json.loads(index_path.read_text())
+        index = json.loads(index_path.read_text(encoding="utf-8"))
     entry = index.get(key) if isinstance(index, dict) else None
     if isinstance(entry, dict) and entry.get("stat") == stamp:
         return str(entry["sha256"])
     digest = _sha256_files(paths, with_names=with_names)
     with contextlib.suppress(OSError, ValueError):  # re-read so a concurrent writer's entries survive
-        index = json.loads(index_path.read_text())
+        index = json.loads(index_path.read_text(encoding="utf-8"))
     # entries of deleted files (a temporary GGUF, a removed model) are dead weight
     index = {k: v for k, v in index.items() if _files_exist(k)} if isinstance(index, dict) else {}
     index[key] = {"stat": stamp, "sha256": digest}
-    with contextlib.suppress(OSError):  # a read-only cache only costs a recomputation next time
+    # a read-only cache only costs a recomputation next time (write_json says a failed write as a
+    # LayercardError)
+    with contextlib.suppress(OSError, LayercardError):
         write_json(index_path, index)
     return digest
 
@@ -232,7 +242,7 @@ def _convert_gguf(gguf: Path, folder: Path, digest: str) -> None:
             "converted_s": round(time.perf_counter() - t0, 1),
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
-        (tmp / _SOURCE_FILE).write_text(json.dumps(source, indent=1) + "\n")
+        (tmp / _SOURCE_FILE).write_text(json.dumps(source, indent=1) + "\n", encoding="utf-8")
 
 
 def _resolve_dtype(dtype: str) -> torch.dtype:
@@ -481,7 +491,7 @@ def list_models() -> list[dict[str, Any]]:
             if str(folder) in builtin_folders:
                 continue
             with contextlib.suppress(OSError, ValueError):
-                src = json.loads((folder / _SOURCE_FILE).read_text())
+                src = json.loads((folder / _SOURCE_FILE).read_text(encoding="utf-8"))
                 size = sum(f.stat().st_size for f in folder.iterdir() if f.is_file())
                 out.append(
                     {"name": folder.name, "kind": "cache", "path": str(folder), "gguf": src.get("gguf"),
@@ -492,7 +502,7 @@ def list_models() -> list[dict[str, Any]]:
 
 def _cached_folder_for(gguf: Path) -> Path | None:
     with contextlib.suppress(OSError, ValueError):
-        index = json.loads((cache_dir() / "hash_index.json").read_text())
+        index = json.loads((cache_dir() / "hash_index.json").read_text(encoding="utf-8"))
         entry = index.get(f"{gguf.resolve()}|names=False")
         if isinstance(entry, dict) and entry.get("stat") == _stat_key([gguf.resolve()]):
             folder = _gguf_folder(gguf, str(entry["sha256"]))

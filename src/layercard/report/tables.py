@@ -330,7 +330,7 @@ def stages_table(root: Path) -> Table:
         if not p.is_file():
             continue
         try:
-            d = json.loads(p.read_text())
+            d = json.loads(p.read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError):
             continue
         status = str(d.get("status"))

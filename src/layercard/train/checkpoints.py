@@ -108,7 +108,9 @@ def save_checkpoint(
         if scaler is not None:
             extra["scaler"] = scaler.state_dict()
         torch.save(extra, tmp / TRAINER_FILE)
-        (tmp / STATE_FILE).write_text(json.dumps({**state, "numpy_rng": _numpy_state()}) + "\n")
+        (tmp / STATE_FILE).write_text(
+            json.dumps({**state, "numpy_rng": _numpy_state()}) + "\n", encoding="utf-8"
+        )
     for _, old in _checkpoints(out_dir)[:-_KEEP_CHECKPOINTS]:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -140,7 +142,7 @@ def read_state(path: Path) -> dict[str, Any]:
     """The run state checkpoint ``path`` saved, checked for every field a resumed run reads."""
     file = path / STATE_FILE
     try:
-        state = json.loads(file.read_text())
+        state = json.loads(file.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError) as e:
         raise _damaged(file, e) from None
     f = Fields(f"{file}: damaged checkpoint")

@@ -438,7 +438,7 @@ def _finished_steps(out_dir: Path) -> int | None:
     if not path.is_file():
         return None
     try:
-        steps = json.loads(path.read_text()).get("steps")
+        steps = json.loads(path.read_text(encoding="utf-8")).get("steps")
     except (ValueError, AttributeError, OSError):
         return None
     return steps if isinstance(steps, int) and not isinstance(steps, bool) else None

@@ -138,4 +138,4 @@ def write_adapter(
             from layercard.adapters import save_adapters
 
             save_adapters(aset, tmp, base_model_hash=model_hash)
-        (tmp / README_FILE).write_text(readme)
+        (tmp / README_FILE).write_text(readme, encoding="utf-8")

@@ -328,7 +328,7 @@ def _folder_kind(folder: Path) -> str:
     if not (folder / CONFIG_FILE).is_file():
         return "lora"
     try:
-        kind = json.loads((folder / CONFIG_FILE).read_text()).get("kind")
+        kind = json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8")).get("kind")
     except (OSError, ValueError, AttributeError):
         kind = None
     return kind if isinstance(kind, str) and kind != "lora" else "bottleneck"

@@ -90,7 +90,7 @@ def check_trimmable(src: Path) -> dict[str, Any]:
     """The PEFT adapter config of ``src``, refused (before any work) where trimming cannot export it: not
     LoRA, LoRA on raw parameters, or weights not in safetensors."""
     try:
-        cfg = json.loads((src / _PEFT_CONFIG).read_text())
+        cfg = json.loads((src / _PEFT_CONFIG).read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         where = f"line {e.lineno}, column {e.colno}"
         raise LayercardError(f"{src / _PEFT_CONFIG}: not valid JSON ({e.msg}: {where})") from None
@@ -140,7 +140,7 @@ def _write_trimmed_peft(src: Path, dst: Path, keep_upto: int, layers_path: str) 
         if f.is_file() and f.name not in (_PEFT_CONFIG, _PEFT_WEIGHTS):
             shutil.copy2(f, dst / f.name)
     save_file(kept, str(dst / _PEFT_WEIGHTS), metadata={"format": "pt"})
-    (dst / _PEFT_CONFIG).write_text(json.dumps(new, indent=2, sort_keys=True) + "\n")
+    (dst / _PEFT_CONFIG).write_text(json.dumps(new, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     return {
         "format": "peft",
         "kept_tensors": len(kept),
@@ -170,7 +170,7 @@ def _write_trimmed_layercard(src: Path, dst: Path, keep_upto: int) -> dict[str, 
             kept[key] = t.contiguous()
     dst.mkdir(parents=True, exist_ok=True)
     save_file(kept, str(dst / WEIGHTS_FILE), metadata={"format": "pt", "kind": str(cfg["kind"])})
-    (dst / CONFIG_FILE).write_text(json.dumps({**cfg, "layers": layers}, indent=1) + "\n")
+    (dst / CONFIG_FILE).write_text(json.dumps({**cfg, "layers": layers}, indent=1) + "\n", encoding="utf-8")
     modules = [f"layer {i}:{s}" for i in layers for s in ("attn", "mlp")]
     return {
         "format": "layercard",

@@ -428,7 +428,7 @@ def _export_checked(job: _Job, found: _Found) -> _Exported:
             after_row = job.score(trimmed_model, chosen)
             lat = _latency(after_row, job.cfg.latency_repeats, job.gen_timer(trimmed_model))
             after = _summary(trimmed_model, chosen, after_row, lat)
-        (tmp / README_FILE).write_text(_readme(job, found, after, trimmed_dir))
+        (tmp / README_FILE).write_text(_readme(job, found, after, trimmed_dir), encoding="utf-8")
     export.update({"path": str(trimmed_dir), "max_abs_logit_diff_vs_masked": diff})
     return _Exported(export=export, logits=got, after_row=after_row, after=after)
 
@@ -439,7 +439,7 @@ def _readme(job: _Job, found: _Found, after: dict[str, Any], trimmed_dir: Path) 
         model_id=job.loaded.model_id,
         base_source=job.loaded.source,
         parent=str(job.adapter),
-        parent_readme=parent.read_text(errors="replace") if parent.is_file() else None,
+        parent_readme=parent.read_text(errors="replace", encoding="utf-8") if parent.is_file() else None,
         keep_upto=found.chosen,
         kept_layers=after["adapted_layers"],
         metric=job.metric,

@@ -1,0 +1,171 @@
+"""A full or size-limited disk, a read-only or homeless cache, odd output paths, a console that cannot
+print every character, an output that refuses writes: one line each, nothing half-written."""
+
+from __future__ import annotations
+
+import ast
+import errno
+import importlib
+import io
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import typer
+
+from layercard import artifacts
+from layercard.errors import LayercardError
+from layercard.models import loading
+
+cli_app = importlib.import_module("layercard.cli.app")  # the module; `layercard.cli.app` is the Typer app
+
+SRC = Path(__file__).resolve().parents[1] / "src" / "layercard"
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0"),
+        RuntimeError("PytorchStreamWriter failed writing file data/0: file write failed"),
+        OSError(errno.EFBIG, "File too large"),
+        OSError(errno.ENOSPC, "No space left on device"),
+    ],
+    ids=["torch-zip", "torch-stream", "efbig", "enospc"],
+)
+def test_a_write_the_disk_refuses_is_one_line_naming_the_artifact(tmp_path: Path, error: Exception):
+    final = tmp_path / "run" / "adapter"
+    with pytest.raises(LayercardError, match=r"run/adapter: cannot be written \(.*\); nothing was written"):
+        with artifacts.atomic_path(final) as tmp:
+            tmp.mkdir()
+            (tmp / "part.bin").write_bytes(b"x")
+            raise error
+    assert not final.exists() and list(tmp_path.rglob("*")) == []
+
+
+def test_a_library_error_that_is_not_a_write_failure_keeps_its_own(tmp_path: Path):
+    with pytest.raises(RuntimeError, match="shapes do not match"):
+        with artifacts.atomic_path(tmp_path / "x.json"):
+            raise RuntimeError("shapes do not match")
+
+
+def test_a_folder_that_cannot_be_moved_aside_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    folder = tmp_path / "train" / "all"
+    folder.mkdir(parents=True)
+    (folder / "keep.txt").write_text("kept", encoding="utf-8")
+
+    def refuse(self, target):
+        raise PermissionError(errno.EACCES, "Permission denied", str(self), str(target))
+
+    monkeypatch.setattr(Path, "rename", refuse)
+    with pytest.raises(LayercardError, match=r"train/all: cannot be removed to make it again \(Permission"):
+        artifacts.remove_folder(folder)
+    assert (folder / "keep.txt").read_text(encoding="utf-8") == "kept"
+
+
+def test_a_cache_that_takes_no_writes_only_costs_a_recomputation(tmp_path: Path, monkeypatch):
+    monkeypatch.setenv("LAYERCARD_CACHE", str(tmp_path / "cache"))
+    weights = tmp_path / "w.bin"
+    weights.write_bytes(b"weights")
+
+    def refuse(path, obj):
+        raise LayercardError(f"{path}: cannot be written (Permission denied); nothing was written there")
+
+    monkeypatch.setattr(loading, "write_json", refuse)
+    first = loading._memo_hash([weights], with_names=False)
+    assert first == loading._memo_hash([weights], with_names=False) == artifacts.hash_file(weights)
+
+
+def test_no_home_folder_asks_for_layercard_cache(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.delenv("LAYERCARD_CACHE", raising=False)
+
+    def no_home():
+        raise RuntimeError("Could not determine home directory.")
+
+    monkeypatch.setattr(Path, "home", staticmethod(no_home))
+    with pytest.raises(LayercardError, match="set LAYERCARD_CACHE"):
+        loading.cache_dir()
+
+
+@pytest.mark.parametrize("check", [artifacts.check_out_folder, artifacts.check_out_file])
+def test_an_output_through_a_link_to_nothing_or_empty_is_refused_before_any_work(tmp_path: Path, check):
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    for name in ("loop", "dangling", "loop/x.json", "dangling/x.json"):
+        with pytest.raises(LayercardError, match="is a symbolic link to nothing"):
+            check(tmp_path / name)
+    with pytest.raises(LayercardError, match="--out: is empty"):
+        check("")
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    check(tmp_path / "link" / ("sub" if check is artifacts.check_out_folder else "x.json"))
+
+
+@pytest.mark.parametrize(
+    ("columns", "terminal", "width"),
+    [(None, False, 200), ("0", False, 200), ("-5", False, 200), ("wide", False, 200), ("100", False, None),
+     ("0", True, 80), (None, True, None), ("120", True, None)],
+)  # fmt: skip
+def test_a_columns_value_that_would_hide_every_line_is_passed_over(monkeypatch, columns, terminal, width):
+    if columns is None:
+        monkeypatch.delenv("COLUMNS", raising=False)
+    else:
+        monkeypatch.setenv("COLUMNS", columns)
+    stream = io.StringIO()
+    stream.isatty = lambda: terminal  # type: ignore[method-assign]
+    assert cli_app._width(stream) == width
+
+
+def test_a_console_without_a_character_prints_a_stand_in(monkeypatch: pytest.MonkeyPatch):
+    raw = io.BytesIO()
+    latin = io.TextIOWrapper(raw, encoding="latin-1")
+    monkeypatch.setattr(sys, "stdout", latin)
+    cli_app._printable_anywhere()
+    latin.write("ρ ± ▶\n")
+    latin.flush()
+    assert raw.getvalue() == "? ± ?\n".encode("latin-1")
+
+
+@pytest.mark.parametrize(
+    ("error", "code"),
+    [
+        (BrokenPipeError(errno.EPIPE, "Broken pipe"), 141),
+        (OSError(errno.ENOSPC, "No space left on device"), 1),
+    ],
+    ids=["reader-left", "output-full"],
+)
+def test_an_output_that_refuses_writes_is_no_internal_error(monkeypatch, capsys, error, code):
+    monkeypatch.setattr(cli_app, "_output_gone", lambda: None)  # the test's own stdout stays
+
+    @cli_app.guard
+    def command() -> None:
+        raise error
+
+    with pytest.raises(typer.Exit) as exit_:
+        command()
+    assert exit_.value.exit_code == code
+    err = capsys.readouterr().err
+    assert "internal error" not in err
+    assert ("the output cannot be written (No space left on device)" in err) == (code == 1)
+
+
+def test_every_text_file_is_read_and_written_as_utf8():
+    """A Latin-1 or ASCII locale made the default encoding refuse ρ and – in READMEs after the work."""
+    unnamed = []
+    for path in SRC.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            call = node if isinstance(node, ast.Call) else None
+            name = getattr(getattr(call, "func", None), "attr", None)
+            if name in ("read_text", "write_text") and not any(k.arg == "encoding" for k in call.keywords):
+                unnamed.append(f"{path.relative_to(SRC)}:{node.lineno}")
+    assert unnamed == []
+
+
+def test_a_file_os_error_keeps_its_name(monkeypatch, capsys):
+    @cli_app.guard
+    def command() -> None:
+        raise OSError(errno.ENOSPC, "No space left on device", os.fspath("some/file"))
+
+    with pytest.raises(typer.Exit):
+        command()
+    assert "the output cannot be written" not in capsys.readouterr().err  # a file's own, not the output's
