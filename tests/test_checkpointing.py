@@ -53,6 +53,23 @@ def test_the_context_checkpoints_the_decoder_layers_and_restores_the_model():
         assert not any(_checkpointed_layers(model))
 
 
+def test_checkpointing_keeps_backward_from_going_below_the_lowest_adapted_layer():
+    """transformers turns on input gradients with checkpointing, which would carry every backward down to
+    the embeddings (a placement of the last layers then stepped as slowly as one of every layer)."""
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(
+        tiny_model("llama", seed=0), LoraConfig(r=2, target_modules=["layers.3.self_attn.q_proj"])
+    )
+    ids = torch.randint(0, 90, (2, 16))
+    with activation_checkpointing(model):
+        assert not model.get_input_embeddings()(ids).requires_grad
+        model.train()
+        model(input_ids=ids, use_cache=False).logits.float().pow(2).mean().backward()
+    trained = [p for n, p in model.named_parameters() if "lora_" in n]
+    assert trained and all(p.grad is not None for p in trained)  # the adapted layer still learns
+
+
 def test_the_context_leaves_checkpointing_on_where_it_was_on_and_refuses_a_model_without_it():
     model = tiny_model("gpt2", seed=0)
     model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})

@@ -129,14 +129,18 @@ def reset_peak_memory(device: torch.device) -> float | None:
         return None
     start = memory_in_use(device)
     try:
-        _CLEAR_REFS.write_text("5")
+        _CLEAR_REFS.write_text("5", encoding="utf-8")
     except OSError:
         return None
     return start
 
 
 def _status_mib(field: str) -> float | None:
-    m = re.search(rf"^{field}:\s+(\d+)\s+kB", _STATUS.read_text(), re.MULTILINE) if _STATUS.exists() else None
+    m = (
+        re.search(rf"^{field}:\s+(\d+)\s+kB", _STATUS.read_text(encoding="utf-8"), re.MULTILINE)
+        if _STATUS.exists()
+        else None
+    )
     return int(m.group(1)) / 2**10 if m else None
 
 
@@ -655,9 +659,12 @@ def calibrate(
     _calibrated_here = True
     n_layers = models.num_layers(model)
     everything = list(range(n_layers))
-    configs: list[tuple[list[int], int]] = [([n_layers - 1], 8), ([0], 8), (everything, 8), (everything, 32)]
-    if n_layers > 2:
-        configs.insert(2, ([n_layers // 2], 8))
+    # the top, bottom and middle layers that hold the roles (a hybrid's state-space layers hold no q)
+    held = sorted({u.layer for u in models.units(model, roles)}) or everything
+    top, bottom = [held[-1]], [held[0]]
+    configs: list[tuple[list[int], int]] = [(top, 8), (bottom, 8), (everything, 8), (everything, 32)]
+    if len(held) > 2:
+        configs.insert(2, ([held[len(held) // 2]], 8))
     modes = training_modes(model)
     device = next(model.parameters()).device
     rows_in_batch = int(batch["input_ids"].shape[0])

@@ -303,7 +303,7 @@ def _compute_card(loaded: Any, task: Any, cfg: CardConfig, *, progress: bool | N
         shown = ", ".join(unmapped[:3]) + (", ..." if len(unmapped) > 3 else "")
         say(
             f"note: layers found by name (no known layout for this model): {len(unmapped)} linear modules "
-            f"per layer have no role and are never adapted ({shown})",
+            f"of its decoder layers have no role and are never adapted ({shown})",
             enabled=progress,
         )
     covered = {r for s in specs for r in s.covers}

@@ -68,6 +68,14 @@ class ArchLayout:
     # Modules of a decoder layer holding weight matrices that no role names (the generic layout only):
     # never adapted, e.g. a mixture of experts' fused expert weights.
     unmapped: tuple[str, ...] = ()
+    # Each layer's own roles where the layers differ (the generic layout only: a hybrid of attention and
+    # linear-attention or state-space layers, dense and MoE layers, layers sharing another's keys); None
+    # where every layer has ``roles``. ``roles`` is then every role some layer has.
+    layer_roles: tuple[Mapping[str, RoleSpec], ...] | None = None
+
+    def roles_of(self, layer: int) -> Mapping[str, RoleSpec]:
+        """The roles decoder layer ``layer`` has."""
+        return self.roles if self.layer_roles is None else self.layer_roles[layer]
 
 
 _LLAMA_ROLES = {
@@ -167,8 +175,10 @@ def activation_checkpointing(model: nn.Module, on: bool = True) -> Iterator[None
     """Activation (gradient) checkpointing of ``model``'s decoder layers for the block, turned off after it
     unless it was on before: each layer keeps only its input for backward and recomputes the rest there.
 
-    Non-reentrant, so that it needs no input gradients with a frozen base. A model whose ``transformers``
-    class offers no checkpointing is refused."""
+    Non-reentrant, so that it needs no input gradients with a frozen base: transformers turns those on
+    with it (for the reentrant kind), and they would carry every step's backward down to the embeddings,
+    where a frozen base's stops at the lowest adapted layer; they are turned off again. A model whose
+    ``transformers`` class offers no checkpointing is refused."""
     if not on:
         yield
         return
@@ -182,10 +192,14 @@ def activation_checkpointing(model: nn.Module, on: bool = True) -> Iterator[None
     new_api = hasattr(base, "activation_checkpointing_enable")
     was = any(getattr(m, "gradient_checkpointing", False) is True for m in base.modules())
     if not was:
+        hooked = bool(getattr(base, "_require_grads_hooks", None) or hasattr(base, "_require_grads_hook"))
         if new_api:
             base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         else:
             base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if not hooked and callable(getattr(base, "disable_input_require_grads", None)):
+            with contextlib.suppress(AttributeError):
+                base.disable_input_require_grads()
     try:
         yield
     finally:
@@ -394,41 +408,53 @@ def _generic_roles(layer: nn.Module) -> dict[str, RoleSpec]:
     return roles
 
 
+def _ordered(roles: Mapping[str, RoleSpec]) -> dict[str, RoleSpec]:
+    return dict(sorted(roles.items(), key=lambda kv: role_order(kv[0])))
+
+
 def _generic_layout(root: nn.Module) -> ArchLayout | None:
-    best: tuple[tuple[bool, int, int], str, dict[str, Any]] | None = None
+    best: tuple[tuple[bool, int, int], str, list[dict[str, RoleSpec]]] | None = None
     for path, mod in root.named_modules():
         if not isinstance(mod, nn.ModuleList) or len(mod) == 0:
             continue
         repeats = Counter(type(c).__name__ for c in mod).most_common(1)[0][1]
-        roles = _generic_roles(mod[0])
-        if not roles:
+        # Every layer's own: a hybrid's first layer may be a linear-attention or state-space one, and a
+        # model's first layers dense where the rest are MoE.
+        per_layer = [_generic_roles(layer) for layer in mod]
+        if not any(per_layer):
             continue
         # A vision or audio tower can have more layers than the text decoder; rank those last.
         text = not any(w in path.lower() for w in ("vision", "visual", "audio", "image", "encoder"))
         score = (text, repeats, sum(p.numel() for p in mod.parameters()))
         if best is None or score > best[0]:
-            best = (score, path, roles)
+            best = (score, path, per_layer)
     if best is None:
         return None
-    _, layers_path, roles = best
+    _, layers_path, per_layer = best
     embed = _generic_embed(root)
     head = _generic_head(root, layers_path)
     if embed is None or head is None:
         return None
-    first = get_module(root, layers_path)[0]
-    named = [spec[0] for spec in roles.values()]
-    owners = [name.rpartition(".")[0] for name, p in first.named_parameters() if p.ndim >= 2]
-    unmapped = tuple(
-        dict.fromkeys(o for o in owners if not any(o == n or o.startswith(n + ".") for n in named))
-    )
+    roles: dict[str, RoleSpec] = {}
+    for layer in per_layer:
+        for role, spec in layer.items():
+            roles.setdefault(role, spec)
+    same = all(layer == per_layer[0] for layer in per_layer)
+    unmapped: dict[str, None] = {}
+    for layer, layer_roles in zip(get_module(root, layers_path), per_layer, strict=True):
+        named = [spec[0] for spec in layer_roles.values()]
+        owners = [name.rpartition(".")[0] for name, p in layer.named_parameters() if p.ndim >= 2]
+        left = (o for o in owners if not any(o == n or o.startswith(n + ".") for n in named))
+        unmapped |= dict.fromkeys(left)
     return ArchLayout(
         family="generic",
         embed_path=embed,
         layers_path=layers_path,
-        final_norm_path=_generic_norm(root, layers_path),
+        final_norm_path=_generic_norm(root, layers_path, head),
         lm_head_path=head,
-        roles=dict(sorted(roles.items(), key=lambda kv: role_order(kv[0]))),
-        unmapped=unmapped,
+        roles=_ordered(roles),
+        unmapped=tuple(unmapped),
+        layer_roles=None if same else tuple(_ordered(layer) for layer in per_layer),
     )
 
 
@@ -467,16 +493,31 @@ def _generic_head(root: nn.Module, layers_path: str) -> str | None:
 _HEAD_NAMES = ("lm_head", "embed_out", "head", "output", "unembed")
 
 
-def _generic_norm(root: nn.Module, layers_path: str) -> str | None:
-    """Last module named like a norm that is a sibling of the layer list (``model.norm``, ``ln_f``...)."""
+_NORM_NAMES = ("norm", "final_norm", "final_layernorm", "final_layer_norm", "ln_f", "norm_f")
+
+
+def _generic_norm(root: nn.Module, layers_path: str, head_path: str | None = None) -> str | None:
+    """The final norm: a module named like a norm beside the layer list (``model.norm``, ``ln_f``...) whose
+    weight is as wide as the LM head's input (Gemma 3n and 4 keep narrower per-layer-input norms there
+    too), by its usual name where several are, else the last."""
     parent = layers_path.rsplit(".", 1)[0] if "." in layers_path else ""
     parent_mod = _try_module(root, parent)
     if parent_mod is None:
         return None
-    names = [n for n, _ in parent_mod.named_children() if "norm" in n.lower() or n.lower().startswith("ln")]
+    head = _try_module(root, head_path) if head_path else None
+    width = getattr(head, "in_features", None)
+    names = []
+    for n, mod in parent_mod.named_children():
+        if not ("norm" in n.lower() or n.lower().startswith("ln")):
+            continue
+        weight = getattr(mod, "weight", None)
+        if isinstance(width, int) and isinstance(weight, torch.Tensor) and weight.numel() != width:
+            continue
+        names.append(n)
     if not names:
         return None
-    return f"{parent}.{names[-1]}" if parent else names[-1]
+    name = next((n for n in names if n.lower() in _NORM_NAMES), names[-1])
+    return f"{parent}.{name}" if parent else name
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -579,12 +620,21 @@ def hidden_of(output: Any) -> torch.Tensor:
 def logits_from_hidden(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     """Logits the model would produce if ``hidden`` (pre-final-norm residual stream) left the last layer.
 
-    Applies the final norm, the LM head, and final-logit soft-capping where the config asks for it.
+    Applies the final norm, the LM head, and the output scaling the config asks for: a multiplier
+    (Cohere's ``logit_scale``), a divisor (Granite's and MiniCPM3's ``logits_scaling``) and soft-capping
+    (Gemma's ``final_logit_softcapping``, RecurrentGemma's ``logits_soft_cap``).
     """
     norm = final_norm(model)
     h = norm(hidden) if norm is not None else hidden
     logits = lm_head(model)(h)
-    cap = getattr(getattr(base_model(model), "config", None), "final_logit_softcapping", None)
+    config = getattr(base_model(model), "config", None)
+    scale = getattr(config, "logit_scale", None)
+    if isinstance(scale, (int, float)) and not isinstance(scale, bool) and scale != 1:
+        logits = logits * scale
+    divisor = getattr(config, "logits_scaling", None)
+    if isinstance(divisor, (int, float)) and not isinstance(divisor, bool) and divisor not in (0, 1):
+        logits = logits / divisor
+    cap = getattr(config, "final_logit_softcapping", None) or getattr(config, "logits_soft_cap", None)
     if cap:
         logits = torch.tanh(logits / cap) * cap
     return logits
@@ -628,10 +678,8 @@ def units(
             f"roles: model {layout.family!r} ({model_type(model)}) has no module for role "
             f"{','.join(missing)}; it has {have}"
         )
-    chosen = [(name, spec) for name, spec in layout.roles.items() if set(spec[1]) & set(wanted)]
-    if not chosen:
+    if not any(set(spec[1]) & set(wanted) for spec in layout.roles.values()):
         raise LayercardError(f"roles {roles!r}: none of {','.join(wanted)} exist in model {layout.family!r}")
-    chosen.sort(key=lambda kv: role_order(kv[0]))
     blocks = decoder_layers(model)
     n = len(blocks)
     idx = list(range(n)) if layers is None else [int(i) for i in layers]
@@ -640,6 +688,8 @@ def units(
         raise LayercardError(f"layers: {bad} out of range; the model has layers 0..{n - 1}")
     out: list[UnitSpec] = []
     for i in sorted(set(idx)):
+        # a layer lacking a role (a hybrid's linear-attention layer has no q) has no unit for it
+        chosen = [(name, spec) for name, spec in layout.roles_of(i).items() if set(spec[1]) & set(wanted)]
         for role, (rel, covers, group) in chosen:
             name = f"{layout.layers_path}.{i}.{rel}"
             mod = _try_module(blocks[i], rel)

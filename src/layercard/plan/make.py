@@ -162,6 +162,11 @@ def _roles_and_score(card: Card, cfg: PlanConfig) -> tuple[tuple[str, ...], str]
         covered = card.covered_roles()
         explicit = explicit_roles(cfg.roles)
         roles = tuple(r for r in parse_roles(cfg.roles) if r in covered or r in explicit)
+        if not roles:  # e.g. 'mlp' on an MoE model, whose experts are no units
+            raise LayercardError(
+                f"roles {cfg.roles!r}: the card measured {','.join(card.roles)}, none of "
+                f"{','.join(parse_roles(cfg.roles))}"
+            )
     score = cfg.score or card.default_score
     if score not in SCORES:
         raise LayercardError(f"card default_score {score!r} unknown; valid: {', '.join(SCORES)}")

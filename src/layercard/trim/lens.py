@@ -149,6 +149,18 @@ def _check_curve(curve: Sequence[float], adapter: str) -> None:
         )
 
 
+def _check_lens(last: float, own: float) -> None:
+    """The lens at the last layer must be the model's own output: where it is not, the architecture turns
+    its last hidden state into logits in a way :func:`layercard.models.logits_from_hidden` does not apply,
+    and no layer's reading can be trusted."""
+    if abs(last - own) > 1e-6 + 1e-3 * abs(own):
+        raise LayercardError(
+            f"trace: the logit lens at the last layer gives a mean gold-token probability of {last:.6g}, "
+            f"the model's own output {own:.6g}: this architecture makes its logits in a way the lens does "
+            "not reproduce, so no trace was written"
+        )
+
+
 def boundary_candidates(curve: Sequence[float]) -> dict[str, int]:
     """Boundary candidates of a lens curve ``P(0..L-1)``.
 
@@ -244,6 +256,7 @@ def trace(
     pad = pad_id(tokenizer)
     on, own, n_tok = _curve(model_with_adapter, encoded, pad, batch_size, "lens (adapter on)", progress)
     _check_curve(on, "on")
+    _check_lens(on[-1], own)
     with adapters_off(model_with_adapter):
         off, _, _ = _curve(model_with_adapter, encoded, pad, batch_size, "lens (adapter off)", progress)
     _check_curve(off, "off")
