@@ -104,6 +104,16 @@ GRID = (
 )
 
 
+def _same_config(recorded: dict[str, Any], cfg: Any) -> bool:
+    """Whether a card recorded with ``recorded`` was measured with ``cfg``: a setting CardConfig gained
+    after the card was made counts as its default, which is how the card was measured."""
+    wanted = dataclasses.asdict(cfg)
+    defaults = {f.name: f.default for f in dataclasses.fields(cfg)}
+    return set(recorded) <= set(wanted) and all(
+        recorded.get(k, defaults.get(k)) == v for k, v in wanted.items()
+    )
+
+
 def cached_card(loaded: Any, task: Any, cfg: Any, folder: Path) -> Any:
     """The card of ``task`` under ``cfg`` from ``folder`` when one measured so is there, else measured and
     written there (cost.py shares it)."""
@@ -115,7 +125,7 @@ def cached_card(loaded: Any, task: Any, cfg: Any, folder: Path) -> Any:
         # The card's data hash is its probe subset's; its config is what it was measured with.
         probe = task.subset(cfg.examples, seed=cfg.seed)
         same = card.model["hash"] == loaded.model_hash and card.task["data_hash"] == probe.data_hash
-        if same and card.config == dataclasses.asdict(cfg):
+        if same and _same_config(card.config, cfg):
             return card
     card = measure_card(loaded, task, cfg)
     write_card_folder(card, folder)

@@ -29,13 +29,15 @@ PlanOrReason = tuple[Any, str | None]  # (layercard.plan.Plan, None) or (None, w
 # cards are (one calibration round, no dropout in it, no weight SNR: the committed cards hold none). At that
 # value a setting stays out of the card's key, so the committed cards keep the key they were stored under;
 # at any other it enters the key and the card is made again.
-CARD_FIELDS_ADDED: dict[str, Any] = {"calibrate_rounds": 1, "calibrate_dropout": 0.0, "weight_snr": False}
+CARD_FIELDS_ADDED: dict[str, Any] = {
+    "calibrate_rounds": 1, "calibrate_dropout": 0.0, "weight_snr": False, "calibrate_checkpointing": False,
+}  # fmt: skip
 
 
 # Likewise the settings TrainConfig gained after this benchmark's runs (results/placement_runs/) were
 # trained, at the value that trains the way they were (PEFT's own initialisation; eva_rho is read only by
 # the EVA one): out of a run's key at that value, so every committed run keeps its key.
-TRAIN_FIELDS_ADDED: dict[str, Any] = {"init": "default", "eva_rho": 2.0}
+TRAIN_FIELDS_ADDED: dict[str, Any] = {"init": "default", "eva_rho": 2.0, "gradient_checkpointing": False}
 
 
 def _without(config: dict[str, Any], added: dict[str, Any]) -> dict[str, Any]:
