@@ -43,6 +43,18 @@ def test_a_write_the_disk_refuses_is_one_line_naming_the_artifact(tmp_path: Path
     assert not final.exists() and list(tmp_path.rglob("*")) == []
 
 
+def test_a_failed_write_inside_a_folder_write_names_where_it_would_have_been(tmp_path: Path):
+    """The card folder's figure written inside its temporary folder: the message named the temporary,
+    which is gone by the time it is read."""
+    final = tmp_path / "card"
+    with pytest.raises(LayercardError) as failed:
+        with artifacts.atomic_path(final) as tmp:
+            tmp.mkdir()
+            raise LayercardError(f"{tmp / 'card_heatmap.png'}: cannot be written (No space left on device)")
+    assert str(failed.value).startswith(f"{final / 'card_heatmap.png'}: cannot be written")
+    assert ".tmp" not in str(failed.value)
+
+
 def test_a_library_error_that_is_not_a_write_failure_keeps_its_own(tmp_path: Path):
     with pytest.raises(RuntimeError, match="shapes do not match"):
         with artifacts.atomic_path(tmp_path / "x.json"):

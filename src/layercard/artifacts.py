@@ -309,6 +309,12 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
             if not _write_failed(e, tmp, final):
                 raise
             raise _not_written(final, e) from None
+        except LayercardError as e:
+            # a write inside the block names its file inside this temporary, which is gone once it fails:
+            # named where it would have been
+            if str(target) not in str(e):
+                raise
+            raise LayercardError(str(e).replace(str(target), str(final)), exit_code=e.exit_code) from None
         except Exception as e:
             # safetensors and torch's zip writer say a failed write in errors of their own
             if not _library_write_failed(e):
