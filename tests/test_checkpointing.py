@@ -131,7 +131,17 @@ def test_training_otherwise_than_the_calibration_is_said():
     assert _checkpointing_notes({"calibration_batch_size": 4}, True)  # a card made before it: off
 
 
-def test_the_calibration_trains_with_checkpointing_and_records_it():
+def test_the_calibration_trains_with_checkpointing_and_records_it(monkeypatch):
+    import layercard.cost as cost
+
+    timed: list[bool] = []
+    real = cost._steps_timed
+
+    def spy(peft_model, *args, **kwargs):
+        timed.append(all(_checkpointed_layers(peft_model)))
+        return real(peft_model, *args, **kwargs)
+
+    monkeypatch.setattr(cost, "_steps_timed", spy)
     loaded = _loaded()
     cfg = CardConfig(
         examples=8, max_length=64, batch_size=4, roles="q,v", calibrate=True, calibrate_steps=1,
@@ -139,10 +149,13 @@ def test_the_calibration_trains_with_checkpointing_and_records_it():
     )  # fmt: skip
     card = compute_card(loaded, TRAIN, cfg, progress=False)
     assert card.cost["checkpointing"] is True
+    assert timed and all(timed)  # every timed placement stepped with its layers checkpointed
     assert not any(_checkpointed_layers(loaded.model))
     off = dataclasses.replace(cfg, calibrate_checkpointing=False)
+    timed.clear()
     plain = compute_card(loaded, TRAIN, off, progress=False)
     assert plain.cost["checkpointing"] is False
+    assert timed and not any(timed)
 
     from layercard.config import PlanConfig
     from layercard.export import export_plan

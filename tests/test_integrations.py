@@ -371,6 +371,26 @@ def test_gradient_checkpointing_is_recorded_and_said_to_be_unpriced(trainer_run,
     assert not any("gradient checkpointing" in line for line in said)
 
 
+def test_a_trainer_whose_checkpointing_carries_backward_to_the_embeddings_is_said(
+    trainer_run, tmp_path, monkeypatch
+):
+    """The plan's calibration checkpointed with no gradients at the embeddings' output; the Trainer's own
+    checkpointing turns them on, and every backward then runs down to the embeddings."""
+    import dataclasses
+
+    said = said_lines(monkeypatch)
+    plan = dataclasses.replace(
+        trainer_run["plan"], predicted={**trainer_run["plan"].predicted, "calibration_checkpointing": True}
+    )
+    trainer = own_trainer(
+        trainer_run, tmp_path / "t", [LayercardCallback(plan, tmp_path / "gc")], max_steps=1,
+        activation_checkpointing=True, activation_checkpointing_kwargs={"use_reentrant": False},
+    )  # fmt: skip
+    trainer.train()
+    assert sum("keeps gradients at its embeddings' output" in line for line in said) == 1
+    assert not any("gradient checkpointing is" in line for line in said)  # the setting is the plan's
+
+
 @pytest.mark.parametrize("trainer_counts", [True, False], ids=["trainer-counts-tokens", "hook-counts-tokens"])
 def test_a_resumed_run_records_the_whole_runs_curve(trainer_run, tmp_path, monkeypatch, trainer_counts):
     said = said_lines(monkeypatch)

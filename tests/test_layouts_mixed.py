@@ -80,8 +80,9 @@ def test_a_hybrids_cost_calibration_times_the_layers_that_hold_the_roles():
     task = load_task("synthetic:facts").subset(8)
     cfg = CardConfig(examples=4, max_length=48, batch_size=4, roles="q,v", calibrate=True, calibrate_steps=1)
     card = compute_card(loaded, task, cfg)
-    # layer 0, the bottom one, holds no q or v (nor layer 2): the calibration's single layers are 3 and 1
-    assert [row["layers"] for row in card.cost["measured"]][:2] == [[3], [1]]
+    # layer 0, the bottom one, holds no q or v (nor layer 2): the calibration's single layers are 3 and 1,
+    # and its "every layer" rows reach down to layer 1, where their backward stops
+    assert [row["layers"] for row in card.cost["measured"]] == [[3], [1], [1, 3], [1, 3]]
 
 
 def test_same_layers_keep_one_role_map():

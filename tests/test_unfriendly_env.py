@@ -107,7 +107,7 @@ def test_an_output_through_a_link_to_nothing_or_empty_is_refused_before_any_work
         with pytest.raises(LayercardError, match="is a symbolic link to nothing"):
             check(tmp_path / name)
     with pytest.raises(LayercardError, match="--out: is empty"):
-        check("")
+        check("")  # as the Python API passes it (the command line's Path("") is already ".")
     (tmp_path / "real").mkdir()
     (tmp_path / "link").symlink_to(tmp_path / "real")
     check(tmp_path / "link" / ("sub" if check is artifacts.check_out_folder else "x.json"))
@@ -116,7 +116,8 @@ def test_an_output_through_a_link_to_nothing_or_empty_is_refused_before_any_work
 @pytest.mark.parametrize(
     ("columns", "terminal", "width"),
     [(None, False, 200), ("0", False, 200), ("-5", False, 200), ("wide", False, 200), ("100", False, None),
-     ("0", True, 80), (None, True, None), ("120", True, None)],
+     ("0", True, 80), ("7", True, 80), (None, True, None), ("120", True, None), ("wide", True, None),
+     ("", True, None)],
 )  # fmt: skip
 def test_a_columns_value_that_would_hide_every_line_is_passed_over(monkeypatch, columns, terminal, width):
     if columns is None:

@@ -354,7 +354,7 @@ def _write_failed(e: OSError, tmp: Path, final: Path) -> bool:
 # What safetensors (SafetensorError) and torch's zip writer (RuntimeError) say when the disk refuses a write.
 _LIBRARY_WRITE_FAILURES = (
     "No space left on device", "os error 28", "File too large", "os error 27", "Disk quota exceeded",
-    "PytorchStreamWriter failed writing", "inline_container.cc",
+    "PytorchStreamWriter failed writing", "unexpected pos",
 )  # fmt: skip
 
 

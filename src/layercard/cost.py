@@ -658,9 +658,10 @@ def calibrate(
         raise LayercardError(f"cost calibration: dropout must be in [0, 1), got {dropout}")
     _calibrated_here = True
     n_layers = models.num_layers(model)
-    everything = list(range(n_layers))
-    # the top, bottom and middle layers that hold the roles (a hybrid's state-space layers hold no q)
-    held = sorted({u.layer for u in models.units(model, roles)}) or everything
+    # the layers that hold the roles (a hybrid's state-space layers hold no q): "every layer" is these, so
+    # that a row's depth is where its backward stops, and the top, bottom and middle are among them
+    held = sorted({u.layer for u in models.units(model, roles)}) or list(range(n_layers))
+    everything = held
     top, bottom = [held[-1]], [held[0]]
     configs: list[tuple[list[int], int]] = [(top, 8), (bottom, 8), (everything, 8), (everything, 32)]
     if len(held) > 2:

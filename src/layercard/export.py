@@ -257,6 +257,10 @@ def _trl(plan: Plan, lora: dict[str, Any], source: str | None, plan_file: str | 
     callback = json.dumps(plan_file or "plan.json")
     checkpointing = bool(plan.predicted.get("calibration_checkpointing", False))
     priced = "with" if checkpointing else "no"
+    if checkpointing:
+        lines.append("the Trainer's checkpointing also turns on gradients at the embeddings' output, which")
+        lines.append("layercard's does not: every backward then runs down to the embeddings, and a placement")
+        lines.append("that leaves the lower layers out steps slower than priced (the callback says so)")
     text = (
         _comment(lines)
         + "from peft import LoraConfig\n"

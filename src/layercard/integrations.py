@@ -142,6 +142,17 @@ class LayercardCallback(TrainerCallback):
             touch_weights(model)  # as layercard train does before its memory window
         self._memory_start = reset_peak_memory(self._device)
         on, priced = _checkpointing(args), bool(self.plan.predicted.get("calibration_checkpointing", False))
+        if on and priced and model is not None and getattr(state, "is_world_process_zero", True):
+            from layercard.models import input_gradients_on
+
+            if input_gradients_on(model):
+                # transformers' checkpointing turns them on; layercard's calibration turned them off again
+                say(
+                    f"warning: {self.out_dir / METRICS_FILE}: the model keeps gradients at its embeddings' "
+                    "output (the Trainer's checkpointing turns them on), so every backward runs down to the "
+                    "embeddings where the plan priced one that stops at the lowest adapted layer: a "
+                    "placement that leaves the lower layers out steps slower than predicted"
+                )
         if on != priced and getattr(state, "is_world_process_zero", True):
             # recomputing activations trades time for memory: priced only where the calibration did it too
             this, plan = ("on", "without") if on else ("off", "with")

@@ -91,14 +91,15 @@ app = typer.Typer(
 # splitting paths and table cells: such output is laid out 200 wide instead.
 def _width(stream: Any) -> int | None:
     """The width to lay out at: the terminal's, or ``$COLUMNS`` where it gives one (rich reads both), else
-    200 for a file or pipe. A ``$COLUMNS`` of 0, a negative or a word would hide every line: it is passed
-    over."""
+    200 for a file or pipe. rich takes a ``$COLUMNS`` of digits as it is, and 0 hides every line: one under
+    20 is passed over; one that is not a number rich passes over itself."""
     tty = getattr(stream, "isatty", None)
     terminal = tty is not None and tty()
-    columns = os.environ.get("COLUMNS")
-    if columns is not None and not (columns.isdigit() and int(columns) >= 20):
+    columns = os.environ.get("COLUMNS") or ""
+    width = int(columns) if columns.isdigit() else None
+    if width is not None and width < 20:
         return 80 if terminal else 200
-    return None if terminal or columns else 200
+    return None if terminal or width is not None else 200
 
 
 console = Console(stderr=True, emoji=False, width=_width(sys.stderr))

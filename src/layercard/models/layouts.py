@@ -192,7 +192,7 @@ def activation_checkpointing(model: nn.Module, on: bool = True) -> Iterator[None
     new_api = hasattr(base, "activation_checkpointing_enable")
     was = any(getattr(m, "gradient_checkpointing", False) is True for m in base.modules())
     if not was:
-        hooked = bool(getattr(base, "_require_grads_hooks", None) or hasattr(base, "_require_grads_hook"))
+        hooked = input_gradients_on(base)
         if new_api:
             base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         else:
@@ -205,6 +205,14 @@ def activation_checkpointing(model: nn.Module, on: bool = True) -> Iterator[None
     finally:
         if not was:
             base.activation_checkpointing_disable() if new_api else base.gradient_checkpointing_disable()
+
+
+def input_gradients_on(model: nn.Module) -> bool:
+    """Whether ``model`` makes its input embeddings' output require gradients (transformers'
+    ``enable_input_require_grads``, which its checkpointing turns on): every backward then runs down to the
+    embeddings, where a frozen base's stops at the lowest adapted layer."""
+    base = base_model(model)
+    return bool(getattr(base, "_require_grads_hooks", None) or getattr(base, "_require_grads_hook", None))
 
 
 def model_type(model: nn.Module) -> str | None:
@@ -617,23 +625,35 @@ def hidden_of(output: Any) -> torch.Tensor:
     raise LayercardError(f"decoder layer output: expected a tensor or tuple, found {type(output).__name__}")
 
 
+# model types whose ``logits_scaling`` multiplies the logits (Granite's and MiniCPM3's divides them)
+_LOGITS_SCALING_MULTIPLIES = ("hyperclovax",)
+
+
+def _number(value: Any) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
 def logits_from_hidden(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     """Logits the model would produce if ``hidden`` (pre-final-norm residual stream) left the last layer.
 
-    Applies the final norm, the LM head, and the output scaling the config asks for: a multiplier
-    (Cohere's ``logit_scale``), a divisor (Granite's and MiniCPM3's ``logits_scaling``) and soft-capping
-    (Gemma's ``final_logit_softcapping``, RecurrentGemma's ``logits_soft_cap``).
+    Applies the final norm, the LM head, and the output scaling the config asks for: multipliers
+    (Cohere's ``logit_scale``, Falcon-H1's ``lm_head_multiplier``), ``logits_scaling`` (a divisor for
+    Granite and MiniCPM3, a multiplier for HyperCLOVA X) and soft-capping (Gemma's
+    ``final_logit_softcapping``, RecurrentGemma's ``logits_soft_cap``). ``trace`` checks the result
+    against the model's own output, since another architecture may scale in a way of its own.
     """
     norm = final_norm(model)
     h = norm(hidden) if norm is not None else hidden
     logits = lm_head(model)(h)
     config = getattr(base_model(model), "config", None)
-    scale = getattr(config, "logit_scale", None)
-    if isinstance(scale, (int, float)) and not isinstance(scale, bool) and scale != 1:
-        logits = logits * scale
-    divisor = getattr(config, "logits_scaling", None)
-    if isinstance(divisor, (int, float)) and not isinstance(divisor, bool) and divisor not in (0, 1):
-        logits = logits / divisor
+    for name in ("logit_scale", "lm_head_multiplier"):
+        scale = _number(getattr(config, name, None))
+        if scale is not None and scale != 1:
+            logits = logits * scale
+    scaling = _number(getattr(config, "logits_scaling", None))
+    if scaling is not None and scaling not in (0, 1):
+        multiplies = str(getattr(config, "model_type", "")).startswith(_LOGITS_SCALING_MULTIPLIES)
+        logits = logits * scaling if multiplies else logits / scaling
     cap = getattr(config, "final_logit_softcapping", None) or getattr(config, "logits_soft_cap", None)
     if cap:
         logits = torch.tanh(logits / cap) * cap

@@ -47,21 +47,19 @@ class Task:
     @cached_property
     def data_hash(self) -> str:
         """sha256 of what the model is shown: the examples (ids, texts, references, meta, messages; order
-        matters), the prompt when it is not its preset's, and the preset's name when it is not the one
-        the data names (:attr:`preset_chosen`). Key-order free.
+        matters), the prompt when it is not its preset's, else the preset's name when it is not the one
+        the data names (:attr:`preset_chosen`), whose prompt it then stands for. Key-order free.
 
         The data's own preset and prompt are left out, so a task loaded without preset or prompt settings
-        keeps the hash it had before they could be set, and cards and run folders made then stay valid.
+        keeps the hash it had before they could be set, and cards and run folders made then stay valid;
+        a prompt of one's own is hashed as it was before a chosen preset counted.
         """
         examples = [ex.to_dict() for ex in self.examples]
-        if not self.custom_prompt and not self.preset_chosen:
-            return sha256_json(examples)
-        payload: dict[str, Any] = {"examples": examples}
         if self.custom_prompt:
-            payload["prompt"] = self.format.prompt()
+            return sha256_json({"examples": examples, "prompt": self.format.prompt()})
         if self.preset_chosen:
-            payload["preset"] = self.format.name
-        return sha256_json(payload)
+            return sha256_json({"examples": examples, "preset": self.format.name})
+        return sha256_json(examples)
 
     def subset(self, n: int | None, *, seed: int = 0, offset: int = 0) -> Task:
         """Examples ``offset .. offset+n`` of a seeded shuffle, returned in source order.
