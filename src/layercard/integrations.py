@@ -66,7 +66,7 @@ from layercard.plan import Plan
 from layercard.progress import count, say
 from layercard.tasks import IGNORE_INDEX, Task
 from layercard.train import METRICS_FILE, TrainMetrics
-from layercard.train.metrics import median_time, predictions
+from layercard.train.metrics import checkpointing_mismatch, median_time, predictions
 
 __all__ = ["LayercardCallback"]
 
@@ -153,14 +153,10 @@ class LayercardCallback(TrainerCallback):
                     "embeddings where the plan priced one that stops at the lowest adapted layer: a "
                     "placement that leaves the lower layers out steps slower than predicted"
                 )
-        if on != priced and getattr(state, "is_world_process_zero", True):
+        mismatch = checkpointing_mismatch(self.plan.predicted, on)
+        if mismatch is not None and getattr(state, "is_world_process_zero", True):
             # recomputing activations trades time for memory: priced only where the calibration did it too
-            this, plan = ("on", "without") if on else ("off", "with")
-            expect = "slower steps and a lower peak" if on else "faster steps and a higher peak"
-            say(
-                f"warning: {self.out_dir / METRICS_FILE}: gradient checkpointing is {this}, and the plan "
-                f"priced its steps and peak memory {plan} it: expect {expect} than predicted"
-            )
+            say(f"warning: {self.out_dir / METRICS_FILE}: this run {mismatch}")
         if self._start_step and getattr(state, "is_world_process_zero", True):
             which = (
                 "target_tokens_seen counts"

@@ -57,6 +57,7 @@ from layercard.train.eva import eva_summary, init_eva
 from layercard.train.metrics import (
     METRICS_FILE,
     TrainMetrics,
+    checkpointing_mismatch,
     data_time,
     eval_loss,
     median_time,
@@ -388,19 +389,12 @@ def _budget_notes(run: _Run) -> list[str]:
 def _checkpointing_notes(predicted: dict[str, Any], on: bool) -> list[str]:
     """A line where the plan's costs were calibrated with activation checkpointing set otherwise than this
     run trains: its steps and peak are then not priced like with like."""
-    if predicted.get("calibration_batch_size") is None:  # no calibrated costs to compare with
+    said = checkpointing_mismatch(predicted, on)
+    if said is None:
         return []
-    priced = bool(predicted.get("calibration_checkpointing", False))
-    if priced == on:
-        return []
-    this, plan = ("with", "without") if on else ("without", "with")
-    expect = "slower steps and a lower peak" if on else "faster steps and a higher peak"
     card = card_setting_text("calibrate_checkpointing")
     fix = f"measure the card with {card}" if on else "measure the card without it"
-    return [
-        f"{setting_name('gradient_checkpointing')}: this run trains {this} activation checkpointing, and the "
-        f"plan's costs were calibrated {plan} it: expect {expect} than predicted ({fix} to price it)"
-    ]
+    return [f"{setting_name('gradient_checkpointing')}: this run {said} ({fix} to price it)"]
 
 
 def _check_float16(cfg: TrainConfig, device_type: str) -> None:

@@ -272,6 +272,23 @@ def _check_session(f: Fields, value: Any, where: str) -> None:
         f.fail(where, "must be [first, last] with first <= last", steps)
 
 
+def checkpointing_mismatch(predicted: dict[str, Any], on: bool) -> str | None:
+    """Where a run trains with activation checkpointing set otherwise than the plan's costs were calibrated
+    (``calibration_checkpointing``), what that does to its figures: "…, and the plan's costs were
+    calibrated without it: expect …"; None where they agree or the plan has no calibrated costs."""
+    if predicted.get("calibration_batch_size") is None:
+        return None
+    priced = bool(predicted.get("calibration_checkpointing", False))
+    if priced == on:
+        return None
+    this, plan = ("with", "without") if on else ("without", "with")
+    expect = "slower steps and a lower peak" if on else "faster steps and a higher peak"
+    return (
+        f"trains {this} activation checkpointing, and the plan's costs were calibrated {plan} it: expect "
+        f"{expect} than predicted"
+    )
+
+
 def predictions(
     predicted: dict[str, Any],
     s_per_step: float | None,
