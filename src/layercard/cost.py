@@ -136,11 +136,8 @@ def reset_peak_memory(device: torch.device) -> float | None:
 
 
 def _status_mib(field: str) -> float | None:
-    m = (
-        re.search(rf"^{field}:\s+(\d+)\s+kB", _STATUS.read_text(encoding="utf-8"), re.MULTILINE)
-        if _STATUS.exists()
-        else None
-    )
+    text = _STATUS.read_text(encoding="utf-8", errors="replace") if _STATUS.exists() else ""
+    m = re.search(rf"^{field}:\s+(\d+)\s+kB", text, re.MULTILINE)
     return int(m.group(1)) / 2**10 if m else None
 
 
