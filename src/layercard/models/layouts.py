@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import weakref
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
@@ -420,7 +421,22 @@ def _ordered(roles: Mapping[str, RoleSpec]) -> dict[str, RoleSpec]:
     return dict(sorted(roles.items(), key=lambda kv: role_order(kv[0])))
 
 
+# The generic search reads every module of every layer list; layouts are asked for on hot paths (the lens
+# asks per layer and batch), so one found is kept per model while its modules are the same.
+_GENERIC: weakref.WeakKeyDictionary[nn.Module, tuple[int, ArchLayout | None]] = weakref.WeakKeyDictionary()
+
+
 def _generic_layout(root: nn.Module) -> ArchLayout | None:
+    stamp = sum(1 for _ in root.modules())
+    kept = _GENERIC.get(root)
+    if kept is not None and kept[0] == stamp:
+        return kept[1]
+    layout = _search_generic_layout(root)
+    _GENERIC[root] = (stamp, layout)
+    return layout
+
+
+def _search_generic_layout(root: nn.Module) -> ArchLayout | None:
     best: tuple[tuple[bool, int, int], str, list[dict[str, RoleSpec]]] | None = None
     for path, mod in root.named_modules():
         if not isinstance(mod, nn.ModuleList) or len(mod) == 0:
