@@ -163,3 +163,24 @@ def test_a_role_set_the_card_has_none_of_is_named():
     )
     with pytest.raises(LayercardError, match=r"roles 'mlp': the card measured q,v, none of gate,up,down"):
         make_plan(card, PlanConfig(policy="all", roles="mlp"))
+
+
+def test_layer_outputs_that_are_not_one_stream_are_refused_by_the_lens(monkeypatch):
+    """Gemma 3n's layers carry several streams (AltUp): the lens had failed on them with an IndexError."""
+    import contextlib
+
+    from layercard.trim import lens
+
+    model = tiny_model("llama", seed=0)
+    real = lens._layer_outputs
+
+    @contextlib.contextmanager
+    def several_streams(m):
+        with real(m) as store:
+            yield store
+        store[0] = torch.stack([store[0], store[0]])  # (streams, batch, positions, hidden)
+
+    monkeypatch.setattr(lens, "_layer_outputs", several_streams)
+    ids = torch.randint(3, 90, (2, 10))
+    with pytest.raises(LayercardError, match=r"decoder layer 0's output has shape \(2, 2, 10, 32\)"):
+        lens.lens_logits(model, ids)

@@ -71,7 +71,17 @@ def _forward_layers(
     missing = [i for i, h in enumerate(store) if h is None]
     if missing:
         raise LayercardError(f"decoder layers {missing} did not run in the forward pass")
-    return [h for h in store if h is not None], out.logits
+    hiddens = [h for h in store if h is not None]
+    want = tuple(input_ids.shape)
+    odd = next((i for i, h in enumerate(hiddens) if h.dim() != 3 or tuple(h.shape[:2]) != want), None)
+    if odd is not None:
+        # e.g. Gemma 3n's layers carry several streams (AltUp), which only its last step merges into one
+        raise LayercardError(
+            f"decoder layer {odd}'s output has shape {tuple(hiddens[odd].shape)}, not (batch, positions, "
+            f"hidden) = ({want[0]}, {want[1]}, …): not one residual stream the logit lens can read; trace "
+            "and trim's lens cannot run on this model"
+        )
+    return hiddens, out.logits
 
 
 def lens_logits(
