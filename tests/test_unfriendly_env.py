@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import typer
+import typer.main
 
 from layercard import artifacts
 from layercard.errors import LayercardError
@@ -182,3 +183,49 @@ def test_a_file_os_error_keeps_its_name(monkeypatch, capsys):
     with pytest.raises(typer.Exit):
         command()
     assert "the output cannot be written" not in capsys.readouterr().err  # a file's own, not the output's
+
+
+@pytest.mark.parametrize(
+    ("line", "named"),
+    [
+        (["card", "-o", ""], "card -o"),
+        (["card", "--out="], "card --out"),
+        (["plan", "--card", "c.json", "--out", ""], "plan --out"),
+        (["report", ""], "report run_dir"),
+        (["report", "--", ""], "report run_dir"),
+        (["trim", "-t", "sst2", "-a", ""], "trim -a"),
+    ],
+)
+def test_an_empty_path_on_the_command_line_is_refused_not_read_as_the_current_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, line: list[str], named: str
+):
+    from typer.testing import CliRunner
+
+    monkeypatch.chdir(tmp_path)
+    r = CliRunner().invoke(cli_app.app, line)
+    assert r.exit_code == 2
+    assert f"{named}: is empty; give a path" in r.output
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_empty_value_of_an_option_that_is_no_path_is_left_to_the_command(tmp_path: Path):
+    cmd = typer.main.get_command(cli_app.app).get_command(None, "card")
+    assert cli_app._empty_path(cmd, ["--task", "", "--out", str(tmp_path)]) is None
+    assert cli_app._empty_path(cmd, ["--json", "--out", "x"]) is None
+
+
+def test_folders_made_for_a_lock_are_removed_when_the_work_fails_before_writing(tmp_path: Path):
+    target = tmp_path / "a" / "b" / "card"
+    with pytest.raises(RuntimeError), artifacts.writer_lock(target):
+        assert artifacts.lock_path(target).is_file()
+        raise RuntimeError("the model could not be loaded")
+    assert list(tmp_path.iterdir()) == []
+    with artifacts.writer_lock(target):
+        target.mkdir()
+        (target / "card.json").write_text("{}", encoding="utf-8")
+    assert (target / "card.json").is_file()
+    assert not artifacts.lock_path(target).exists()
+    (tmp_path / "kept").mkdir()
+    with pytest.raises(RuntimeError), artifacts.writer_lock(tmp_path / "kept" / "x"):
+        raise RuntimeError
+    assert (tmp_path / "kept").is_dir()  # it was there before

@@ -829,6 +829,8 @@ def _create_lock(lock: Path, text: str) -> bool:
     tmp = lock.parent / f"{_temp_prefix(lock.name[1:])}{uuid.uuid4().hex[:8]}.tmp"
     try:
         tmp.write_text(text, encoding="utf-8")
+    except FileNotFoundError:
+        return False  # its folder was removed by a writer that made it and failed: the caller makes it again
     except OSError as e:
         why = e.strerror or type(e).__name__
         raise LayercardError(f"{lock}: cannot write the lock file ({why})") from None
@@ -911,10 +913,13 @@ def writer_lock(
     another machine cannot be checked: it counts as held. Yields the lock file's path.
     """
     lock = lock_path(target)
-    lock.parent.mkdir(parents=True, exist_ok=True)
+    made = _missing_folders(lock.parent)  # made for the lock alone: removed again if the work left them empty
     mine = json.dumps(_owner_record())
     deadline = None if wait is None else time.monotonic() + wait
-    while not _create_lock(lock, mine):
+    while True:
+        lock.parent.mkdir(parents=True, exist_ok=True)  # again each try: a failed writer may have removed it
+        if _create_lock(lock, mine):
+            break
         try:
             seen = lock.read_text(encoding="utf-8")
         except FileNotFoundError:
@@ -932,3 +937,15 @@ def writer_lock(
         with contextlib.suppress(OSError):
             if lock.read_text(encoding="utf-8") == mine:  # still ours: nobody judged us stale and took it
                 lock.unlink()
+        for folder in made:  # deepest first; one that holds anything stays
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+
+
+def _missing_folders(folder: Path) -> list[Path]:
+    """The folders from ``folder`` up that do not exist yet, deepest first."""
+    missing = []
+    while not folder.exists() and folder.parent != folder:
+        missing.append(folder)
+        folder = folder.parent
+    return missing

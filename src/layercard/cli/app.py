@@ -55,6 +55,36 @@ def _one_line_usage(ctx: Any) -> Iterator[None]:
         raise _UsageLine(e, where.command_path if where is not None else None) from None
 
 
+def _empty_path(command: Any, args: list[str]) -> str | None:
+    """The path option (or argument) given as an empty string in ``args``, if any: the command would read
+    it as ``.``, the current folder, and write there."""
+
+    def is_path(p: Any) -> bool:
+        return getattr(getattr(p, "type_descriptor", None), "annotation", None) is Path
+
+    def takes_value(p: Any) -> bool:
+        return not (getattr(p, "is_flag", False) or getattr(p, "count", False))
+
+    options = [p for p in command.params if any(o.startswith("-") for o in p.opts)]
+    path_opts = {o for p in options if is_path(p) for o in p.opts}
+    value_opts = {o for p in options if takes_value(p) for o in p.opts}
+    path_args = [p.name for p in command.params if is_path(p) and p not in options]
+    before = ""
+    for i, a in enumerate(args):
+        if a == "--":
+            rest = args[i + 1 :]
+            return path_args[0] if path_args and "" in rest else None
+        opt, eq, value = a.partition("=")
+        if eq and opt in path_opts and not value:
+            return opt
+        if a == "" and before in path_opts:
+            return before
+        if a == "" and before not in value_opts and path_args:
+            return path_args[0]
+        before = a
+    return None
+
+
 class _Group(typer.core.TyperGroup):
     """The command group, taking ``--debug`` after the command too (``layercard card ... --debug``), and
     saying a usage error in one line, as every other error is said."""
@@ -63,6 +93,15 @@ class _Group(typer.core.TyperGroup):
         end = args.index("--") if "--" in args else len(args)
         if "--debug" in args[1:end]:
             args = ["--debug", *(a for a in args[:end] if a != "--debug"), *args[end:]]
+        name = next((a for a in args if not a.startswith("-")), None)
+        command = self.get_command(ctx, name) if name else None
+        if command is not None:
+            empty = _empty_path(command, args[args.index(name) + 1 :])
+            if empty:
+                where = f"{ctx.command_path} {name}"
+                raise _click_exceptions.UsageError(
+                    f"{name} {empty}: is empty; give a path (see {where} --help)"
+                )
         return super().parse_args(ctx, args)
 
     def make_context(self, info_name: str | None, args: list[str], parent: Any = None, **extra: Any) -> Any:
