@@ -940,12 +940,3 @@ def writer_lock(
         for folder in made:  # deepest first; one that holds anything stays
             with contextlib.suppress(OSError):
                 folder.rmdir()
-
-
-def _missing_folders(folder: Path) -> list[Path]:
-    """The folders from ``folder`` up that do not exist yet, deepest first."""
-    missing = []
-    while not folder.exists() and folder.parent != folder:
-        missing.append(folder)
-        folder = folder.parent
-    return missing
