@@ -36,6 +36,19 @@ def test_exact_match_normalised_and_max_over_refs():
     assert exact_match("black cat", ["cat"]) == 0.0
 
 
+def test_an_answer_that_is_only_punctuation_is_matched_by_itself_alone():
+    # normalised away, ":(" and an empty answer would both equal the label ":)"
+    for wrong in (":(", "", "+", "...", ">&"):
+        assert exact_match(wrong, [":)"]) == 0.0 and token_f1(wrong, [":)"]) == 0.0
+    assert exact_match(" :) ", [":)"]) == 1.0 and token_f1(":)", [":)"]) == 1.0
+    assert exact_match("+", ["-", "+"]) == 1.0 and exact_match("cat", [":)", "Cat!"]) == 1.0
+
+
+def test_one_text_composed_or_decomposed_normalises_alike():
+    assert normalize_text("cafe\u0301") == normalize_text("caf\u00e9") == "caf\u00e9"
+    assert exact_match("cafe\u0301", ["Caf\u00e9"]) == 1.0 and token_f1("ﬁne", ["fine"]) == 1.0
+
+
 def test_an_answer_that_is_an_article_is_not_matched_by_nothing():
     # multiple-choice letters: without its article rule the reference "A" would equal an empty answer
     assert (

@@ -93,12 +93,29 @@ def test_jsonl_bad_json_names_file_and_line(tmp_path):
         ({"input": "x", "target": 5}, "field 'target' must be a string"),
         ({"input": "x", "target": "y", "references": []}, "field 'references' must be a non-empty list"),
         ({"input": "x", "target": "y", "references": "y"}, "field 'references' must be a non-empty list"),
+        (
+            {"input": "x", "target": "y", "references": ["y", " "]},
+            "field 'references' must be a non-empty list",
+        ),
+        (
+            '{"input": "q \\ud83d", "target": "y"}',
+            "field 'input': character 2 is half of a character (U+D83D",
+        ),
+        ('{"input": "x", "target": "y", "references": ["\\udc00"]}', "field 'references'[0]: character 0"),
         ([1, 2], "expected a JSON object"),
     ],
 )
 def test_jsonl_bad_record(tmp_path, row, message):
     p = write_jsonl(tmp_path / "d.jsonl", [{"input": "ok", "target": "ok"}, row])
     with pytest.raises(LayercardError, match=re.escape(f"{p}:2: {message}")):
+        read_jsonl(p)
+
+
+def test_a_chat_turn_cut_inside_a_character_is_named(tmp_path):
+    whole = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "b"}]}
+    cut = '{"messages": [{"role": "user", "content": "a\\ud800"}, {"role": "assistant", "content": "b"}]}'
+    p = write_jsonl(tmp_path / "c.jsonl", [whole, cut])
+    with pytest.raises(LayercardError, match=re.escape(f"{p}:2: field 'messages'[0].content: character 1")):
         read_jsonl(p)
 
 

@@ -17,6 +17,7 @@ import collections
 import math
 import re
 import string
+import unicodedata
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -47,25 +48,34 @@ _PUNCT = set(string.punctuation)
 
 def normalize_text(text: str, *, articles: bool = True) -> str:
     """SQuAD normalisation: lowercase, drop punctuation and (unless ``articles=False``) the articles
-    a/an/the, collapse whitespace."""
-    text = text.lower()
+    a/an/the, collapse whitespace; first Unicode's compatibility composition (NFKC), so that one text
+    stored composed or decomposed ("café" either way) normalises alike."""
+    text = unicodedata.normalize("NFKC", text).lower()
     text = "".join(ch for ch in text if ch not in _PUNCT)
     if articles:
         text = _ARTICLES.sub(" ", text)
     return " ".join(text.split())
 
 
+def _plain(text: str) -> str:
+    return " ".join(unicodedata.normalize("NFKC", text).lower().split())
+
+
 def _normalized_pairs(prediction: str, references: Sequence[str]) -> list[tuple[str, str]]:
     """(prediction, reference) normalised alike, per reference. A reference that is nothing but articles
     (the answer "A" of a multiple-choice item) keeps them on both sides: dropped, it would equal an empty
-    or wrong answer."""
+    or wrong answer. One that is nothing but punctuation (a ":)" or "+" label) is compared with its
+    punctuation, lowercased with whitespace collapsed: normalised, every such answer, an empty one
+    included, would equal every other."""
     pairs = []
     for ref in references:
         norm = normalize_text(ref)
-        if norm or not normalize_text(ref, articles=False):
+        if norm:
             pairs.append((normalize_text(prediction), norm))
-        else:
+        elif normalize_text(ref, articles=False):
             pairs.append((normalize_text(prediction, articles=False), normalize_text(ref, articles=False)))
+        else:
+            pairs.append((_plain(prediction), _plain(ref)))
     return pairs
 
 

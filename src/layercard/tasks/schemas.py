@@ -109,7 +109,20 @@ def _text(rec: Mapping[str, Any], column: str, where: str, *, required: bool = T
     if required and not value.strip():
         # an empty target trains on nothing but the end token; an empty input has no prompt
         raise LayercardError(f"{where}: field {column!r} missing (empty string)")
-    return value
+    return _whole_characters(value, f"{where}: field {column!r}")
+
+
+def _whole_characters(text: str, at: str) -> str:
+    """``text``, refused where it holds half of a character (an unpaired surrogate, as a JSON "\\ud83d"
+    an exporter cut from its pair writes): no tokenizer takes it."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise LayercardError(
+            f"{at}: character {e.start} is half of a character (U+{ord(text[e.start]):04X}, an unpaired "
+            "surrogate); the text was cut inside a character"
+        ) from None
+    return text
 
 
 def _references(rec: Mapping[str, Any], column: str, target: str, where: str, cells: bool) -> tuple[str, ...]:
@@ -123,10 +136,11 @@ def _references(rec: Mapping[str, Any], column: str, target: str, where: str, ce
         isinstance(refs, str)
         or not isinstance(refs, Sequence)
         or not refs
-        or not all(isinstance(r, str) and r for r in refs)
+        or not all(isinstance(r, str) and r.strip() for r in refs)
     ):
-        raise LayercardError(f"{where}: field {column!r} must be a non-empty list of strings")
-    return tuple(refs)
+        # a blank reference would be matched by an empty answer
+        raise LayercardError(f"{where}: field {column!r} must be a non-empty list of non-blank strings")
+    return tuple(_whole_characters(r, f"{where}: field {column!r}[{k}]") for k, r in enumerate(refs))
 
 
 def _json_cell(text: str) -> Any:
@@ -163,7 +177,7 @@ def _messages(rec: Mapping[str, Any], fmap: Mapping[str, str], where: str, cells
             raise LayercardError(f"{at}.{content_key}: must be a non-empty string, got {content!r}")
         if role == "system" and k > 0:
             raise LayercardError(f"{at}: a system turn may only come first")
-        turns.append((role, content))
+        turns.append((role, _whole_characters(content, f"{at}.{content_key}")))
     rest = turns[1:] if turns[0][0] == "system" else turns
     if not rest or rest[0][0] != "user":
         raise LayercardError(f"{where}: field {column!r}: the conversation must start with a user turn")
