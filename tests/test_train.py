@@ -585,6 +585,12 @@ def test_cli_train(tmp_path: Path, monkeypatch):
     assert res.exit_code == 0, res.output
     bf16 = json.loads((tmp_path / "bf16" / "train_metrics.json").read_text())
     assert bf16["config"]["dtype"] == "bfloat16" and math.isfinite(bf16["final_train_loss"])
+    cut = [str(tmp_path / "cut") if a == str(tmp_path / "bf16") else a for a in elsewhere]
+    res = runner.invoke(app, [*cut, "--steps", "1", "--max-length", "8", "--json"])  # no bars: still said
+    assert res.exit_code == 0 and json.loads(res.stdout)["task"]["cut"]["to_max_length"] == 4, res.output
+    assert "of 4 training examples are longer than max_length 8 tokens" in " ".join(res.stderr.split())
+    assert TrainMetrics.load(tmp_path / "cut" / "train_metrics.json").task["cut"]["to_max_length"] == 4
+    shutil.rmtree(tmp_path / "cut")
     res = runner.invoke(app, [*elsewhere, "--precision", "fp8"])
     said = "--precision: must be one of float32, bfloat16, float16; got 'fp8'"
     assert res.exit_code == 2 and said in res.output

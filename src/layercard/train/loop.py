@@ -11,7 +11,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -248,13 +248,15 @@ def train(
                 f"{out_dir}: holds checkpoints of an earlier run ({existing.name}); "
                 "pass --resume to continue it, or use a new --out"
             )
+        # Notes are said whether or not progress is shown (--json, LAYERCARD_PROGRESS=0), as the card's
+        # are: training on other sequences than the task's, or from the start, is no progress to hide.
         if existing is None and resume and main:
-            say(f"note: --resume: no checkpoint in {out_dir}; training from the start", enabled=progress)
+            say(f"note: --resume: no checkpoint in {out_dir}; training from the start", enabled=True)
         if data is None:
             data = prepare_data(loaded, train_task, val_task, cfg)
         cut = cut_note(data.encoded, cfg.max_length, "training", data.task.format)
         if cut and main:
-            say(cut, enabled=progress)
+            say(cut, enabled=True)
         args = (loaded, plan, data, cfg, out_dir, kind, layers, bottleneck, t_start)
         return _train(*args, resume=resume, progress=progress, callback=callback)
 
@@ -1005,7 +1007,7 @@ def _metrics(
             "weights_dtype": weights_dtype(base),
             "load_in_4bit": cfg.load_in_4bit,
         },
-        task=run.data.task.describe(),
+        task={**run.data.task.describe(), "cut": _cut_counts(run.data.encoded)},
         val_task=run.data.val.describe() if run.data.val is not None else None,
         config=cfg.to_dict(),
         plan=_plan_section(plan),
@@ -1053,3 +1055,9 @@ def _metrics(
             micro_batches=run.cfg.grad_accum,
         ),
     )
+
+
+def _cut_counts(encoded: Sequence[Encoded]) -> dict[str, int]:
+    """``TrainMetrics.task["cut"]``: the training examples cut to ``max_length`` and to the task format's
+    prompt and target limits (the counts the note on them says)."""
+    return {"to_max_length": sum(e.cut for e in encoded), "to_format_limits": sum(e.clipped for e in encoded)}

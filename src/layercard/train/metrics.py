@@ -186,7 +186,9 @@ def check_train_metrics(d: Mapping[str, Any], source: str) -> None:
 
     for key in ("provenance", "model", "config"):
         f.mapping(f.get(d, key), key)
-    check_task_record(f, f.get(d, "task"), "task")
+    task = check_task_record(f, f.get(d, "task"), "task")
+    for key, n in (f.optional(task.get("cut"), "task.cut", f.mapping) or {}).items():  # runs since counted
+        f.integer(n, f"task.cut.{key}", minimum=0)
     f.optional(f.get(d, "val_task"), "val_task", lambda v, w: check_task_record(f, v, w))
     for key in ("adapter_kind", "adapter_dir", "peak_memory_kind", "device"):
         f.text(f.get(d, key), key)
