@@ -119,6 +119,32 @@ def test_a_chat_turn_cut_inside_a_character_is_named(tmp_path):
         read_jsonl(p)
 
 
+@pytest.mark.parametrize(
+    ("fields", "said"),
+    [
+        ({"input": "target"}, "input and target would both be read from 'target'; map target"),
+        ({"target": "input"}, "target and input would both be read from 'input'; map input"),
+        ({"input": "q", "target": "q"}, "input and target would both be read from 'q'"),
+        ({"content": "role"}, "content and role would both be read from 'role'"),
+    ],
+)
+def test_two_fields_read_from_one_column_are_refused(tmp_path, fields, said):
+    turns = [{"role": "user", "content": "c"}, {"role": "assistant", "content": "d"}]
+    row = {"messages": turns} if "content" in fields else {"input": "x", "target": "y", "q": "z"}
+    p = write_jsonl(tmp_path / "d.jsonl", [row])
+    with pytest.raises(LayercardError, match=re.escape(f"field_map: {said}")):
+        load_task(str(p), field_map=fields)
+
+
+def test_an_optional_field_whose_column_the_map_gives_away_is_not_read(tmp_path):
+    p = write_jsonl(tmp_path / "a.jsonl", [{"input": "Name a colour.", "output": "red"}])
+    (ex,) = load_task(str(p), field_map={"instruction": "input"}).examples
+    assert ex.input == "Name a colour." and ex.target == "red"  # not the instruction twice
+    p = write_jsonl(tmp_path / "i.jsonl", [{"id": "q1", "answer": "4", "other": "x"}])
+    (ex,) = load_task(str(p), field_map={"input": "id", "target": "answer"}).examples
+    assert ex.input == "q1" and ex.id != "q1"  # the id column is the input: ids are made
+
+
 def test_jsonl_empty_missing_duplicate(tmp_path):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n\n")

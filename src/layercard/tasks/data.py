@@ -40,7 +40,7 @@ from layercard.tasks.presets import (
     shipped_splits,
 )
 from layercard.tasks.prompt import apply_prompt
-from layercard.tasks.schemas import check_field_map, detect_schema, record_to_example
+from layercard.tasks.schemas import check_field_map, detect_schema, record_to_example, schema_columns
 from layercard.tasks.synthetic import make_synthetic
 from layercard.tasks.task import Task
 
@@ -74,10 +74,11 @@ def _examples(
     if not rows:
         raise LayercardError(f"{source}: no examples")
     schema = detect_schema(rows[0][2], fmap, rows[0][0])
+    columns = schema_columns(schema, fmap)
     out: list[Example] = []
     seen: set[str] = set()
     for where, number, rec in rows:
-        ex = record_to_example(rec, schema, fmap, where, f"{stem}-{number:05d}", cells=cells)
+        ex = record_to_example(rec, schema, columns, where, f"{stem}-{number:05d}", cells=cells)
         if ex.id in seen:
             raise LayercardError(f"{where}: duplicate id {ex.id!r}")
         seen.add(ex.id)

@@ -16,7 +16,7 @@ When several fit, the first in this order wins. Every schema reads an optional `
 to ``Example.meta``. A field map names the column of a field: ``{"input": "question"}`` reads ``input``
 from ``question`` (``role``/``content`` rename the keys inside chat messages). Fields the map names
 also choose the schema: mapping ``target`` says the data is ``input_target`` even before its first row
-is read. Errors start with ``where`` (``FILE:LINE``, or ``SOURCE:ROW`` for tables).
+is read. Two fields never read one column (:func:`schema_columns`). Errors start with ``where`` (``FILE:LINE``, or ``SOURCE:ROW`` for tables).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from typing import Any
 from layercard.errors import LayercardError
 from layercard.tasks.example import ROLES, Example
 
-__all__ = ["FIELDS", "SCHEMAS", "check_field_map", "detect_schema", "record_to_example"]
+__all__ = ["FIELDS", "SCHEMAS", "check_field_map", "detect_schema", "record_to_example", "schema_columns"]
 
 SCHEMAS = ("chat", "alpaca", "input_target", "text")
 FIELDS = ("id", "input", "target", "references", "instruction", "output", "messages", "text")
@@ -60,13 +60,55 @@ def check_field_map(field_map: Mapping[str, str] | None) -> dict[str, str]:
     return fmap
 
 
-def _col(fmap: Mapping[str, str], name: str) -> str:
+def _col(fmap: Mapping[str, str | None], name: str) -> Any:
+    # None: a field not read (:func:`schema_columns`); no record has that key
     return fmap.get(name, name)
 
 
 def _present(rec: Mapping[str, Any], column: str) -> bool:
     # present even when empty: the row's own check then says "field 'target' missing (empty string)"
     return rec.get(column) is not None
+
+
+# Every field a schema reads, each from a column (role and content: a key of a message) of its own; the
+# optional ones in the second tuple.
+_READS = {
+    "chat": ((("id", "messages"), ("id",)), (("role", "content"), ())),
+    "alpaca": ((("id", "instruction", "input", "output", "references"), ("id", "input", "references")),),
+    "input_target": ((("id", "input", "target", "references"), ("id", "references")),),
+    "text": ((("id", "text"), ("id",)),),
+}
+
+
+def schema_columns(schema: str, fmap: Mapping[str, str]) -> dict[str, str | None]:
+    """The column each field of ``schema`` is read from under the field map ``fmap``; None: not read.
+
+    Two fields the map sends to one column (``input=target``: the answer in the prompt) are refused. An
+    optional field left unmapped whose own name the map gives to another field is not read: with
+    ``instruction=input`` an Alpaca record has no separate input, rather than its instruction twice.
+    """
+    columns: dict[str, str | None] = dict(fmap)
+    for fields, optional in _READS[schema]:
+        taken = {fmap[f]: f for f in fields if f in fmap}
+        for field in fields:
+            if field in fmap:
+                continue
+            if field in taken and field in optional:
+                columns[field] = None
+            elif field in taken:
+                raise LayercardError(
+                    f"field_map: {taken[field]} and {field} would both be read from {field!r}; "
+                    f"map {field} to a column of its own"
+                )
+        mapped = [f for f in fields if f in fmap]
+        for i, a in enumerate(mapped):
+            for b in mapped[i + 1 :]:
+                if fmap[a] == fmap[b]:
+                    raise LayercardError(
+                        f"field_map: {a} and {b} would both be read from {fmap[a]!r}; map each to a "
+                        "column of its own"
+                    )
+    return columns
 
 
 def detect_schema(rec: Any, fmap: Mapping[str, str], where: str) -> str:
@@ -196,9 +238,10 @@ def _example_id(rec: Mapping[str, Any], column: str, default: str, where: str) -
 
 
 def record_to_example(
-    rec: Any, schema: str, fmap: Mapping[str, str], where: str, default_id: str, *, cells: bool = False
+    rec: Any, schema: str, fmap: Mapping[str, str | None], where: str, default_id: str, *, cells: bool = False
 ) -> Example:
-    """One record of ``schema`` as an Example; ``cells``: values are table cells (CSV: text, '' = empty)."""
+    """One record of ``schema`` as an Example; ``fmap``: the columns of :func:`schema_columns`; ``cells``:
+    values are table cells (CSV: text, '' = empty)."""
     if not isinstance(rec, Mapping):
         raise LayercardError(f"{where}: expected a JSON object, got {type(rec).__name__}")
     used = {_col(fmap, "id")}
