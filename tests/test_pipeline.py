@@ -643,9 +643,16 @@ def test_an_eval_task_without_a_split_is_held_out(tmp_path):
     assert r.eval_task.split == "test"
     data = tmp_path / "d.jsonl"
     data.write_text("".join(json.dumps({"input": f"q{i}", "target": f"a{i}"}) + "\n" for i in range(8)))
+    copy = tmp_path / "held_out.jsonl"  # the same records under another name: ids made from it differ
+    copy.write_text(data.read_text().replace("\n", "\r\n"))
+    part = tmp_path / "part.jsonl"
+    part.write_text("".join(json.dumps({"input": f"q{i}", "target": f"a{i}"}) + "\n" for i in range(6, 12)))
+    r = runner({"train": str(data), "eval": str(part)})
+    assert r.eval_shared == 2
     msg = "the run would evaluate on its training examples"
     for task in (
         {"train": str(data), "eval": str(data)},
+        {"train": str(data), "eval": str(copy)},
         {"train": "synthetic:facts", "eval_split": "train"},
         {"train": "synthetic:facts", "eval": "synthetic:facts:train"},
     ):

@@ -803,6 +803,21 @@ def test_a_validation_task_named_without_a_split_is_held_out():
             _val_task(train_t, "synthetic:facts", val_task, val_split, 0, {})
 
 
+def test_a_renamed_copy_of_the_training_data_is_no_validation_task(tmp_path, capsys):
+    from layercard.cli.train import _val_task
+
+    rows = [json.dumps({"input": f"q{i}", "target": f"a{i}"}) + "\n" for i in range(8)]
+    (tmp_path / "train.jsonl").write_text("".join(rows))
+    (tmp_path / "copy.jsonl").write_text("".join(reversed(rows)))
+    (tmp_path / "part.jsonl").write_text("".join(rows[5:]) + json.dumps({"input": "new", "target": "b"}))
+    train_t = load_task(str(tmp_path / "train.jsonl"))
+    with pytest.raises(LayercardError, match=r"copy.jsonl \(copy\) holds the same examples as --task"):
+        _val_task(train_t, str(tmp_path / "train.jsonl"), str(tmp_path / "copy.jsonl"), None, 0, {})
+    val = _val_task(train_t, str(tmp_path / "train.jsonl"), str(tmp_path / "part.jsonl"), None, 0, {})
+    assert len(val) == 4 and val.shared_with(train_t) == 3
+    assert "--val-task: 3 of 4 validation examples are also training examples" in capsys.readouterr().err
+
+
 def test_a_finished_run_is_not_trained_over(lora_run, tmp_path):
     # checked under the folder's lock, where two processes cannot both pass it
     run = tmp_path / "run"

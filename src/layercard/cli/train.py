@@ -51,11 +51,14 @@ def _val_task(train: Task, task: str, val_task: str | None, val_split: str | Non
         raise LayercardError(
             f"{option}: {spec}: found no validation or test split; name one with --val-split"
         )
-    if val is not None and val.data_hash == train.data_hash:
+    shared = val.shared_with(train) if val is not None else 0
+    if val is not None and (val.data_hash == train.data_hash or shared == len(val)):
         raise LayercardError(
             f"{option}: {spec} ({val.split}) holds the same examples as --task ({train.split}): the run "
             "would validate on its training examples; give another --val-split or --val-task"
         )
+    if shared:
+        note(f"{option}: {shared} of {len(val)} validation examples are also training examples")
     return val
 
 

@@ -137,6 +137,12 @@ def _in_section(section: str, call: Callable[..., T]) -> Callable[..., T]:
     return within
 
 
+def _shared_note(shared: int, total: int) -> list[tuple[str, str]]:
+    if not shared:
+        return []
+    return [("note", f"{shared} of the eval task's {total} examples are also training examples")]
+
+
 def _examples_note(key: str, asked: int | None, have: int) -> list[tuple[str, str]]:
     """A row saying the config asked for more examples than the task has, and how many were used."""
     if asked is None or asked <= have:
@@ -209,12 +215,15 @@ class Runner:
         if len(eval_task) == 0:
             raise LayercardError(f"{eval_from}: task.eval: no examples")
         # the trim stage selects on eval examples too, so this also keeps training data out of trimming
-        if eval_task.data_hash == train_task.data_hash:
+        shared = eval_task.shared_with(train_task)
+        if eval_task.data_hash == train_task.data_hash or shared == len(eval_task):
             raise LayercardError(
                 f"{eval_from}: task.eval: {spec} ({eval_task.split}) holds the same examples as task.train "
                 f"({train_task.split}): the run would evaluate on its training examples; give another "
                 "task.eval_split or task.eval"
             )
+        # some shared (a copy that gained or lost rows): the evaluation says how many
+        self.eval_shared = shared
         return train_task, eval_task
 
     def _trim_task(self) -> tuple[Any, str]:
@@ -736,6 +745,7 @@ class Runner:
                 ("examples", str(r.n)),
                 ("s/example", _fmt(r.timing.get("s_per_example"), ".3f")),
                 *_examples_note("eval.examples", self.cfg.eval.examples, len(self.eval_task)),
+                *_shared_note(self.eval_shared, len(self.eval_task)),
                 *[("note", line.removeprefix("note: ")) for line in (r.cut_note() or "").splitlines()],
             ]
 

@@ -16,7 +16,8 @@ When several fit, the first in this order wins. Every schema reads an optional `
 to ``Example.meta``. A field map names the column of a field: ``{"input": "question"}`` reads ``input``
 from ``question`` (``role``/``content`` rename the keys inside chat messages). Fields the map names
 also choose the schema: mapping ``target`` says the data is ``input_target`` even before its first row
-is read. Two fields never read one column (:func:`schema_columns`). Errors start with ``where`` (``FILE:LINE``, or ``SOURCE:ROW`` for tables).
+is read. Two fields never read one column (:func:`schema_columns`). Errors start with ``where``
+(``FILE:LINE``, or ``SOURCE:ROW`` for tables).
 """
 
 from __future__ import annotations

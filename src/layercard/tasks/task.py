@@ -61,6 +61,12 @@ class Task:
             return sha256_json({"examples": examples, "preset": self.format.name})
         return sha256_json(examples)
 
+    def shared_with(self, other: Task) -> int:
+        """How many of these examples ``other`` holds too, judged by what a model reads and learns (input,
+        target, conversation), not by ids or file names: a renamed copy shares them all."""
+        theirs = {(e.input, e.target, e.messages) for e in other.examples}
+        return sum((e.input, e.target, e.messages) in theirs for e in self.examples)
+
     def subset(self, n: int | None, *, seed: int = 0, offset: int = 0) -> Task:
         """Examples ``offset .. offset+n`` of a seeded shuffle, returned in source order.
 
