@@ -613,6 +613,19 @@ def test_a_model_folder_that_would_load_wrong_is_refused_in_one_line(tmp_path: P
     tiny_tokenizer().save_pretrained(small)
     with pytest.raises(LayercardError, match="embedding has 32 rows"):
         M.load_model(small)
+    for special in (True, False):  # a token added past the embedding: text yields only one not special
+        grown = tmp_path / f"grown-{special}"
+        tiny_model("llama", layers=2, vocab_size=len(tiny_tokenizer())).save_pretrained(grown)
+        tok = tiny_tokenizer()
+        tok.add_tokens(["<|extra|>"], special_tokens=special)
+        tok.save_pretrained(grown)
+        if special:
+            assert M.load_model(grown).model_hash
+            continue
+        with pytest.raises(
+            LayercardError, match=r"adds '<\|extra\|>' \(id \d+\), past the model's \d+ embedding rows"
+        ):
+            M.load_model(grown)
     absent = [("mps", "not available")] if not torch.backends.mps.is_available() else []
     absent += [("cuda:7", "CUDA")] if torch.cuda.device_count() < 8 else []
     for device, why in [("meta", "holds no data"), *absent]:

@@ -575,6 +575,27 @@ def test_target_truncated_from_the_right(tok):
     assert tok.decode(enc.target_ids) == "abcd" and enc.target_len == 4
 
 
+def test_a_special_token_in_the_data_is_refused_not_read_as_control(tok):
+    from layercard.tasks.encode import prompt_cut
+
+    ok = Example("ok", "say <user> and <eos >", "fine")  # near misses are text
+    assert encode_example(tok, FMT, ok).target_len == 5
+    cases = [
+        (Example("t", "q", "<eos> a"), "its target holds '<eos>'"),
+        (Example("i", "q <|user|> again", "a"), "its input holds '<|user|>'"),
+        (
+            Example("m", "hi", "a", messages=(("user", "hi"), ("assistant", "x<|assistant|>"))),
+            "its messages[1]",
+        ),
+    ]
+    for ex, said in cases:
+        task = Task("t", "mem", "train", FMT, (ok, ex))
+        for encode, arg in ((encode_task, task), (encode_prompt, ex), (prompt_cut, ex)):
+            args = (tok, arg) if encode is encode_task else (tok, FMT, arg)
+            with pytest.raises(LayercardError, match=re.escape(f"example {ex.id!r}: {said}")):
+                encode(*args)
+
+
 def test_encode_task_max_length(tok):
     task = Task("t", "mem", "train", FMT, (Example("1", "x" * 40, "y" * 30), Example("2", "q", "ok")))
     full = encode_task(tok, task)

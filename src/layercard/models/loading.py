@@ -354,6 +354,15 @@ def _load_folder(
             f"{folder}: the tokenizer's vocabulary has {tok.vocab_size} tokens, but the model's embedding "
             f"has {rows} rows; they are not a pair"
         )
+    # An added token that is no special token is produced by text itself; past the embedding it has no row.
+    added = getattr(tok, "added_tokens_decoder", {}) or {}
+    past = sorted((i, str(t)) for i, t in added.items() if i >= rows and not getattr(t, "special", False))
+    if past:
+        more = f" and {len(past) - 1} more" if len(past) > 1 else ""
+        raise LayercardError(
+            f"{folder}: the tokenizer adds {past[0][1]!r} (id {past[0][0]}){more}, past the model's {rows} "
+            "embedding rows, and text produces it; resize the model's embeddings to the tokenizer"
+        )
     if tok.pad_token is None and tok.eos_token is not None:
         tok.pad_token = tok.eos_token
     tok.padding_side = "right"

@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import math
 import random
+import re
+import weakref
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
@@ -144,7 +146,14 @@ def turn_end_token(tokenizer: Any) -> str:
                 return max(matches, key=len)
     eos = getattr(tokenizer, "eos_token", None)
     if not eos:
-        raise LayercardError("tokenizer has no eos_token and its chat template names no turn-end token")
+        templated = (
+            "its chat template names no turn-end token"
+            if has_chat_template(tokenizer)
+            else "no chat template"
+        )
+        raise LayercardError(
+            f"tokenizer has no eos_token and {templated}: nothing would end a target; give it an eos_token"
+        )
     return str(eos)
 
 
@@ -225,6 +234,49 @@ def _start_id(tokenizer: Any) -> int:
     raise LayercardError("tokenizer has neither a bos_token nor an eos_token to start plain text with")
 
 
+_SPECIAL: weakref.WeakKeyDictionary[Any, tuple[int, re.Pattern[str] | None]] = weakref.WeakKeyDictionary()
+
+
+def _special_pattern(tokenizer: Any) -> re.Pattern[str] | None:
+    """One pattern for every special token's text (None: the tokenizer has none), kept per tokenizer
+    while it gains no tokens."""
+    size = len(tokenizer)
+    try:
+        kept = _SPECIAL.get(tokenizer)
+    except TypeError:  # a stand-in that takes no weak reference: made each time
+        kept = None
+    if kept is not None and kept[0] == size:
+        return kept[1]
+    added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+    texts = set(getattr(tokenizer, "all_special_tokens", ()) or ())
+    texts |= {str(t) for t in added.values() if getattr(t, "special", False)}
+    texts = {t for t in texts if t}
+    pattern = re.compile("|".join(map(re.escape, sorted(texts, key=len, reverse=True)))) if texts else None
+    try:
+        _SPECIAL[tokenizer] = (size, pattern)
+    except TypeError:
+        pass
+    return pattern
+
+
+def check_text(tokenizer: Any, ex: Example) -> None:
+    """Refuse an example whose own text holds a special token's text (``<|im_end|>``, ``</s>``): the
+    tokenizer reads it as that control token, not as text, so a target could end before it starts and an
+    input could forge a turn. The prompt template's own special tokens are not the example's."""
+    pattern = _special_pattern(tokenizer)
+    if pattern is None:
+        return
+    fields = [("input", ex.input), ("target", ex.target)]
+    fields += [(f"messages[{k}]", content) for k, (_, content) in enumerate(ex.messages or ())]
+    for name, text in fields:
+        found = pattern.search(text)
+        if found:
+            raise LayercardError(
+                f"example {ex.id!r}: its {name} holds {found.group()!r}, a special token of the tokenizer, "
+                "which would be read as that control token and not as text; remove it from the data"
+            )
+
+
 def _ids(tokenizer: Any, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"]) if text else []
 
@@ -267,6 +319,7 @@ def encode_prompt(
     if fmt.completion:
         return [_start_id(tokenizer)]
     if isinstance(text, Example):
+        check_text(tokenizer, text)
         if text.messages is not None:
             context = _conversation_ids(tokenizer, fmt, text, end_token_id(tokenizer, fmt))[0]
             return context[-budget:]
@@ -279,6 +332,7 @@ def prompt_cut(tokenizer: Any, fmt: TaskFormat, ex: Example) -> bool:
     prompt generation continues): a model answering a cut prompt may lack what the answer needs."""
     if fmt.completion:
         return False
+    check_text(tokenizer, ex)
     if ex.messages is not None:
         context = _conversation_ids(tokenizer, fmt, ex, end_token_id(tokenizer, fmt))[0]
         return len(context) > fmt.max_input_tokens
@@ -348,6 +402,7 @@ def _encode_text(
 
 
 def _encode(tokenizer: Any, fmt: TaskFormat, ex: Example, end_id: int, max_length: int | None) -> Encoded:
+    check_text(tokenizer, ex)
     if ex.messages is not None:
         return _encode_conversation(tokenizer, fmt, ex, end_id, max_length)
     if fmt.completion:
