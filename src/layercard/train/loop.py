@@ -40,7 +40,7 @@ from layercard.cost import (
 from layercard.errors import LayercardError, card_setting_text, expect, setting_name
 from layercard.models import BUILTIN_MODELS, LoadedModel, activation_checkpointing, weights_dtype
 from layercard.plan import Plan, check_model_matches
-from layercard.progress import say, track
+from layercard.progress import enabled_default, say, track
 from layercard.tasks import Encoded, Task, cut_note, encode_task
 from layercard.tasks.loss import forward_loss, target_count
 from layercard.train.checkpoints import (
@@ -250,15 +250,24 @@ def train(
             )
         # Notes are said whether or not progress is shown (--json, LAYERCARD_PROGRESS=0), as the card's
         # are: training on other sequences than the task's, or from the start, is no progress to hide.
+        # With progress, before the run they concern; without, once it is done, so that a failing run
+        # prints its error alone.
+        notes = []
         if existing is None and resume and main:
-            say(f"note: --resume: no checkpoint in {out_dir}; training from the start", enabled=True)
+            notes.append(f"note: --resume: no checkpoint in {out_dir}; training from the start")
         if data is None:
             data = prepare_data(loaded, train_task, val_task, cfg)
         cut = cut_note(data.encoded, cfg.max_length, "training", data.task.format)
         if cut and main:
-            say(cut, enabled=True)
+            notes.append(cut)
+        shown = progress if progress is not None else enabled_default()
+        for text in notes if shown else ():
+            say(text, enabled=True)
         args = (loaded, plan, data, cfg, out_dir, kind, layers, bottleneck, t_start)
-        return _train(*args, resume=resume, progress=progress, callback=callback)
+        metrics = _train(*args, resume=resume, progress=progress, callback=callback)
+        for text in notes if not shown else ():
+            say(text, enabled=True)
+        return metrics
 
 
 # The session itself, under the folder's lock: data, model, optimizer, loop, artifacts.
