@@ -122,10 +122,15 @@ def test_a_chat_turn_cut_inside_a_character_is_named(tmp_path):
 @pytest.mark.parametrize(
     ("fields", "said"),
     [
-        ({"input": "target"}, "input and target would both be read from 'target'; map target"),
-        ({"target": "input"}, "target and input would both be read from 'input'; map input"),
-        ({"input": "q", "target": "q"}, "input and target would both be read from 'q'"),
-        ({"content": "role"}, "content and role would both be read from 'role'"),
+        (
+            {"input": "target"},
+            "input would be read from 'target', the column target is read from too; map target",
+        ),
+        (
+            {"target": "input"},
+            "target would be read from 'input', the column input is read from too; map input",
+        ),
+        ({"content": "role"}, "content would be read from 'role', the column role is read from too"),
     ],
 )
 def test_two_fields_read_from_one_column_are_refused(tmp_path, fields, said):
@@ -134,6 +139,14 @@ def test_two_fields_read_from_one_column_are_refused(tmp_path, fields, said):
     p = write_jsonl(tmp_path / "d.jsonl", [row])
     with pytest.raises(LayercardError, match=re.escape(f"field_map: {said}")):
         load_task(str(p), field_map=fields)
+
+
+def test_two_fields_mapped_to_one_column_on_purpose_read_it_both(tmp_path):
+    p = write_jsonl(tmp_path / "d.jsonl", [{"input": "x", "target": "y", "q": "z"}])
+    (ex,) = load_task(str(p), field_map={"input": "q", "target": "q"}).examples  # an echo task
+    assert ex.input == ex.target == "z"
+    (ex,) = load_task(str(p), field_map={"input": "target", "target": "target"}).examples
+    assert ex.input == ex.target == "y"
 
 
 def test_an_optional_field_whose_column_the_map_gives_away_is_not_read(tmp_path):

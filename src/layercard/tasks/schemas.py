@@ -16,7 +16,8 @@ When several fit, the first in this order wins. Every schema reads an optional `
 to ``Example.meta``. A field map names the column of a field: ``{"input": "question"}`` reads ``input``
 from ``question`` (``role``/``content`` rename the keys inside chat messages). Fields the map names
 also choose the schema: mapping ``target`` says the data is ``input_target`` even before its first row
-is read. Two fields never read one column (:func:`schema_columns`). Errors start with ``where``
+is read. Two fields read one column only where the map says so (:func:`schema_columns`). Errors start
+with ``where``
 (``FILE:LINE``, or ``SOURCE:ROW`` for tables).
 """
 
@@ -84,31 +85,25 @@ _READS = {
 def schema_columns(schema: str, fmap: Mapping[str, str]) -> dict[str, str | None]:
     """The column each field of ``schema`` is read from under the field map ``fmap``; None: not read.
 
-    Two fields the map sends to one column (``input=target``: the answer in the prompt) are refused. An
-    optional field left unmapped whose own name the map gives to another field is not read: with
-    ``instruction=input`` an Alpaca record has no separate input, rather than its instruction twice.
+    A field mapped onto the column another field reads by its own name, that field left unmapped
+    (``input=target``: the answer in the prompt, unsaid), is refused; mapping both to one column says it
+    is meant (an echo task: ``input=text,target=text``). An optional field left so is not read instead:
+    with ``instruction=input`` an Alpaca record has no separate input, rather than its instruction twice.
     """
     columns: dict[str, str | None] = dict(fmap)
     for fields, optional in _READS[schema]:
         taken = {fmap[f]: f for f in fields if f in fmap}
         for field in fields:
-            if field in fmap:
+            if field in fmap or field not in taken:
                 continue
-            if field in taken and field in optional:
+            if field in optional:
                 columns[field] = None
-            elif field in taken:
+            else:
                 raise LayercardError(
-                    f"field_map: {taken[field]} and {field} would both be read from {field!r}; "
-                    f"map {field} to a column of its own"
+                    f"field_map: {taken[field]} would be read from {field!r}, the column {field} is read "
+                    f"from too; map {field} to a column of its own (or to {field!r} as well, if both are "
+                    "meant to read it)"
                 )
-        mapped = [f for f in fields if f in fmap]
-        for i, a in enumerate(mapped):
-            for b in mapped[i + 1 :]:
-                if fmap[a] == fmap[b]:
-                    raise LayercardError(
-                        f"field_map: {a} and {b} would both be read from {fmap[a]!r}; map each to a "
-                        "column of its own"
-                    )
     return columns
 
 
