@@ -17,8 +17,7 @@ to ``Example.meta``. A field map names the column of a field: ``{"input": "quest
 from ``question`` (``role``/``content`` rename the keys inside chat messages). Fields the map names
 also choose the schema: mapping ``target`` says the data is ``input_target`` even before its first row
 is read. Two fields read one column only where the map says so (:func:`schema_columns`). Errors start
-with ``where``
-(``FILE:LINE``, or ``SOURCE:ROW`` for tables).
+with ``where`` (``FILE:LINE``, or ``SOURCE:ROW`` for tables).
 """
 
 from __future__ import annotations
