@@ -8,6 +8,7 @@ import contextlib
 import json
 import math
 import os
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -189,6 +190,28 @@ def test_a_card_folder_write_clears_the_temporary_a_killed_one_left(world: World
     (stale / "card.json").write_text("{}")
     write_card_folder(Card.load(world.card), out)
     assert not stale.exists() and (out / "card.json").is_file()
+
+
+def test_a_run_killed_while_writing_its_first_records_goes_on(world: World, tmp_path: Path) -> None:
+    # killed while run.json, or card/stage.json, was half-written: its temporary alone is left
+    from layercard.pipeline import load_config, run_pipeline
+
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(run_config(world)))
+    cfg = load_config(tmp_path / "c.yaml")
+    for n, left in enumerate(["run.json", "card/stage.json"]):
+        run = tmp_path / f"run{n}"
+        folder, name = (run / left).parent, (run / left).name
+        if folder != run:
+            run_pipeline(cfg, run, progress=False, until="card")
+            shutil.rmtree(folder)
+        temp = folder / temp_name(name, dead_pid())
+        temp.mkdir(parents=True)
+        (temp / name).write_text('{"kind": ')
+        summary = run_pipeline(cfg, run, progress=False, until="card")
+        assert [s["status"] for s in summary["stages"]] == ["ran"] and not temp.exists()
+    (run / "card" / "stage.json").unlink()
+    with pytest.raises(LayercardError, match="holds files but no stage.json"):  # real content: refused
+        run_pipeline(cfg, run, progress=False, until="card")
 
 
 def test_a_stale_checkpoint_temp_is_no_checkpoint_and_goes(world: World, tmp_path: Path) -> None:

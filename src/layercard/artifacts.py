@@ -207,6 +207,12 @@ def _boot_id() -> str | None:
 _TEMP_RE = re.compile(r"^\.(?P<name>.+)\.(?P<host>[A-Za-z0-9_]+)-(?P<pid>\d+)\.[A-Za-z0-9_]+\.tmp$")
 
 
+def is_temporary(name: str) -> bool:
+    """Whether a file name is one of layercard's temporaries (``.NAME.HOST-PID.XXXX.tmp``): never the
+    content of a folder, whether its writer is alive (the folder's lock says so) or gone (swept)."""
+    return _TEMP_RE.match(name) is not None
+
+
 def remove_stale_temps(folder: str | os.PathLike[str], name: str | None = None) -> list[Path]:
     """Remove ``folder``'s temporary siblings (of ``name``, or of any name) whose owner process is gone.
 

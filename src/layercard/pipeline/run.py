@@ -12,6 +12,7 @@ from layercard.artifacts import (
     SCHEMA_VERSION,
     check_out_folder,
     check_unlocked,
+    is_temporary,
     remove_stale_temps,
     write_json,
     writer_lock,
@@ -242,7 +243,8 @@ def _check_run_folder(root: Path) -> None:
             raise LayercardError(
                 f"run folder {root}: lies inside the run folder {parent}; give one outside it"
             )
-    if root.is_dir() and any(root.iterdir()) and not _is_run(root):
+    # a killed run's half-written run.json is no content: the run sweeps it under the folder's lock
+    if root.is_dir() and any(not is_temporary(p.name) for p in root.iterdir()) and not _is_run(root):
         raise LayercardError(
             f"run folder {root}: not empty and holds no {RUN_FILE} of a layercard run; give a new or empty "
             "folder (nothing was written)"

@@ -398,6 +398,7 @@ class Runner:
             # before anything is deleted or recorded: a command of its own (train --resume) may write it
             check_unlocked(folder, what="stage folder")
             remove_stale_temps(folder.parent)  # a delete of an earlier call that was cut (remove_folder)
+            remove_stale_temps(folder)  # a killed call's half-written record, before the folder is judged
         if owns_folder and folder.exists() and not resume:
             _check_stage_folder(folder, record)
             remove_folder(folder)  # outputs of other settings: nothing in them may leak into this run
