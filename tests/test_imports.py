@@ -36,7 +36,7 @@ ORDER = [
     "pipeline",
     "api",
     "cli",
-    "__main__",  # `python -m layercard`: the command line, for launchers that start modules
+    "__main__",  # `layercard` and `python -m layercard`: the command line, for launchers too
 ]
 RANK = {name: i for i, name in enumerate(ORDER)}
 

@@ -229,3 +229,17 @@ def test_folders_made_for_a_lock_are_removed_when_the_work_fails_before_writing(
     with pytest.raises(RuntimeError), artifacts.writer_lock(tmp_path / "kept" / "x"):
         raise RuntimeError
     assert (tmp_path / "kept").is_dir()  # it was there before
+
+
+def test_a_ctrl_c_before_the_command_runs_is_one_line(monkeypatch: pytest.MonkeyPatch, capsys):
+    # while `layercard` still imports torch, no command's own guard is there yet
+    import layercard.__main__ as entry
+    import layercard.cli
+
+    def interrupted(**_: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(layercard.cli, "app", interrupted)
+    with pytest.raises(SystemExit) as exit_:
+        entry.main()
+    assert exit_.value.code == 130 and capsys.readouterr().err == "interrupted\n"

@@ -1,7 +1,23 @@
-"""``python -m layercard``: the command line, also as a module for launchers (``accelerate launch -m``)."""
+"""``python -m layercard`` and the ``layercard`` command: the command line, also as a module for launchers
+(``accelerate launch -m``)."""
 
-from layercard.cli import app
+from __future__ import annotations
+
+import sys
+
+
+def main() -> None:
+    """Run the command line. A Ctrl-C while it is still importing (torch takes about a second) is said as
+    one ``interrupted`` line and exit 130, as it is in a running command, not as a traceback."""
+    try:
+        from layercard.cli import app
+
+        app(prog_name="layercard")
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+
 
 # Guarded: worker processes started by spawning import this module again under another name.
 if __name__ == "__main__":
-    app(prog_name="layercard")
+    main()
