@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -361,6 +362,34 @@ def test_trim_refuses_an_export_that_differs_and_writes_nothing(lora_dir, tmp_pa
     )
     with pytest.raises(LayercardError, match="no such folder"):
         T.trim(_loaded(tiny_model("llama")), tmp_path / "nope", task, cfg, tmp_path / "run")
+
+
+def test_a_trim_cut_in_its_sweep_leaves_no_earlier_trim_json_beside_its_trace(
+    lora_dir, tmp_path, monkeypatch
+):
+    task = load_task("synthetic:facts", split="test")
+    cfg = T.TrimConfig(examples=2, batch_size=2, max_new_tokens=2, max_length=64, metric="loss")
+    out = tmp_path / "run"
+    T.trim(_loaded(tiny_model("llama", layers=LAYERS)), lora_dir, task, cfg, out)
+    assert (out / "trim.json").is_file() and (out / "trim.png").is_file()
+
+    def cut(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(trim_run, "sweep", cut)
+    with pytest.raises(KeyboardInterrupt):
+        T.trim(
+            _loaded(tiny_model("llama", layers=LAYERS)),
+            lora_dir,
+            task,
+            dataclasses.replace(cfg, radius=1),
+            out,
+        )
+    assert (
+        (out / "trace.json").is_file()
+        and not (out / "trim.json").exists()
+        and not (out / "trim.png").exists()
+    )
 
 
 def test_trim_bottleneck_adapter_end_to_end(tmp_path):

@@ -547,10 +547,12 @@ def trim(
     """
     t_start = time.perf_counter()
     job = _job(loaded, adapter_dir, task, cfg, out_dir, export_merged_dir, progress)
+    # An earlier trim.json and its figure would describe another adapter-trimmed/ beside this call's
+    # trace should it be cut or fail before the end: gone before anything of this call is written.
+    (job.out / TRIM_FILE).unlink(missing_ok=True)
+    (job.out / TRIM_PNG).unlink(missing_ok=True)
     with attached(loaded.model, job.adapter, model_hash=loaded.model_hash) as model:
         found = _search(job, model)
-    # an earlier trim.json would describe another adapter-trimmed/ should this call fail after the export
-    (job.out / TRIM_FILE).unlink(missing_ok=True)
     exported = _export_checked(job, found)
     merged_info = None
     if export_merged_dir is not None:
