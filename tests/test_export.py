@@ -365,3 +365,16 @@ def test_export_refuses_to_write_over_its_plan(auto_plan, tmp_path):
     assert res.exit_code != 0 and "the Python snippet goes to" in " ".join(res.output.split())
     assert not (tmp_path / "lora.json").exists() and py_plan.read_bytes() == before
     assert path.read_bytes() == before
+
+
+def test_the_peft_pair_is_written_whole_or_not_at_all(auto_plan, tmp_path):
+    _, path = auto_plan
+    runner = CliRunner()
+    (tmp_path / "peft.py").mkdir()  # the snippet's place is taken: nothing is written, the JSON neither
+    res = runner.invoke(app, ["export", str(path), "--to", "peft", "--out", str(tmp_path / "peft.json")])
+    assert res.exit_code == 2 and "the Python snippet goes beside it as" in " ".join(res.output.split())
+    assert not (tmp_path / "peft.json").exists()
+    (tmp_path / "peft.py").rmdir()
+    (tmp_path / "peft.py").write_text("an earlier plan's snippet")
+    res = runner.invoke(app, ["export", str(path), "--to", "peft", "--out", str(tmp_path / "peft.json")])
+    assert res.exit_code == 0 and "an earlier plan" not in (tmp_path / "peft.py").read_text()

@@ -46,6 +46,13 @@ def export_cmd(
                 f"as {out.with_suffix('.py').name}; give a .json path such as {out.with_suffix('.json')}"
             )
         targets = [out, out.with_suffix(".py")] if to == "peft" else [out]
+        if to == "peft":  # the snippet's path is checked with the JSON's, before either is written
+            if targets[1].is_dir():
+                raise LayercardError(
+                    f"--out {out}: the Python snippet goes beside it as {targets[1]}, which is a folder; "
+                    "give another --out"
+                )
+            check_out_file(targets[1], f"--out {out}: the Python snippet's path")
         for target in targets:
             if same_file(target, plan):
                 whose = "" if target is out else f" (the Python snippet goes to {target})"
@@ -63,6 +70,9 @@ def export_cmd(
     result = export_plan(plan, to)
     written: list[str] = []
     if out is not None:
+        if result.snippet is not None:
+            # an earlier snippet would load an earlier plan's JSON should this write be cut between the two
+            out.with_suffix(".py").unlink(missing_ok=True)
         written.append(str(write_text(out, result.text)))
         if result.snippet is not None:
             written.append(str(write_text(out.with_suffix(".py"), result.snippet)))
