@@ -259,7 +259,9 @@ def test_model_cache_takes_over_a_stale_lock_and_drops_dead_index_entries(tmp_pa
 # ---------------------------------------------------------------------------------------------------------
 
 
-def test_writer_lock_takes_over_stale_locks_and_waits_for_live_ones(world: World, tmp_path: Path) -> None:
+def test_writer_lock_takes_over_stale_locks_and_waits_for_live_ones(
+    world: World, tmp_path: Path, capsys
+) -> None:
     target = tmp_path / "out"
     lock = artifacts.lock_path(target)
     lock.write_text(lock_record(dead_pid()))
@@ -281,9 +283,12 @@ def test_writer_lock_takes_over_stale_locks_and_waits_for_live_ones(world: World
             with artifacts.writer_lock(target):
                 pass
     lock.write_text(lock_record(world.live.pid, host="elsewhere", host_tag="elsewhere"))
-    with pytest.raises(LayercardError, match=r"pid \d+ on elsewhere.*another machine: if it is gone, delete"):
-        with artifacts.writer_lock(target):
-            pass
+    for wait in (0.0, None):  # never waited for without end: nothing here can tell whether it is alive
+        with pytest.raises(
+            LayercardError, match=r"pid \d+ on elsewhere.*another machine: if it is gone, delete"
+        ):
+            with artifacts.writer_lock(target, wait=wait):
+                pass
     lock.unlink()
     waited: list[float] = []
     with artifacts.writer_lock(target):
@@ -291,7 +296,9 @@ def test_writer_lock_takes_over_stale_locks_and_waits_for_live_ones(world: World
         t.start()
         time.sleep(0.3)
     t.join()
-    assert waited and waited[0] >= 0.2  # the second writer waited for the first to finish
+    assert waited and waited[0] >= 0.2  # the second writer waited for the first to finish, and said so once
+    said = " ".join(capsys.readouterr().err.split())
+    assert said.count(f"note: waiting for another layercard process writing {target} (pid {os.getpid()}") == 1
 
 
 def test_one_folder_reached_by_a_link_has_one_lock(tmp_path: Path) -> None:

@@ -922,6 +922,7 @@ def writer_lock(
     made = _missing_folders(lock.parent)  # made for the lock alone: removed again if the work left them empty
     mine = json.dumps(_owner_record())
     deadline = None if wait is None else time.monotonic() + wait
+    said = wait == 0.0  # a wait of none at all is no wait to say
     while True:
         lock.parent.mkdir(parents=True, exist_ok=True)  # again each try: a failed writer may have removed it
         if _create_lock(lock, mine):
@@ -934,8 +935,18 @@ def writer_lock(
         if state == "stale":
             _take_over(lock, seen)
             continue
-        if deadline is not None and time.monotonic() >= deadline:
+        # A lock written on another machine cannot be checked: waited for without end, a writer that died
+        # there would hang this one unsaid.
+        if state == "elsewhere" or (deadline is not None and time.monotonic() >= deadline):
             raise _held(target, what, state, rec, lock)
+        if not said:
+            from layercard.progress import say
+
+            say(
+                f"note: waiting for another layercard process writing {Path(target)} ({_describe(rec)})",
+                enabled=True,
+            )
+            said = True
         time.sleep(0.1)
     try:
         yield lock
