@@ -9,6 +9,7 @@ import importlib
 import io
 import os
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -242,4 +243,24 @@ def test_a_ctrl_c_before_the_command_runs_is_one_line(monkeypatch: pytest.Monkey
     monkeypatch.setattr(layercard.cli, "app", interrupted)
     with pytest.raises(SystemExit) as exit_:
         entry.main()
+    assert exit_.value.code == 130 and capsys.readouterr().err == "interrupted\n"
+
+
+def test_a_sigterm_ends_a_command_as_a_ctrl_c_does(monkeypatch: pytest.MonkeyPatch, capsys):
+    import signal
+
+    import layercard.__main__ as entry
+    import layercard.cli
+
+    def stopped(**_: object) -> None:
+        os.kill(os.getpid(), signal.SIGTERM)  # a scheduler's stop, while the command runs
+        time.sleep(5)  # not reached: the signal is handled first
+
+    monkeypatch.setattr(layercard.cli, "app", stopped)
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        with pytest.raises(SystemExit) as exit_:
+            entry.main()
+    finally:
+        signal.signal(signal.SIGTERM, before)
     assert exit_.value.code == 130 and capsys.readouterr().err == "interrupted\n"
