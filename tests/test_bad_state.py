@@ -214,6 +214,24 @@ def test_a_run_killed_while_writing_its_first_records_goes_on(world: World, tmp_
         run_pipeline(cfg, run, progress=False, until="card")
 
 
+def test_a_run_whose_evaluation_would_fail_says_so_before_training(world: World, tmp_path: Path) -> None:
+    from layercard.pipeline import load_config, run_pipeline
+
+    raw = run_config(world)
+    raw["eval"]["max_new_tokens"] = 100_000  # past the tiny model's context
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(raw))
+    said = (
+        r"train:all: eval \(checked before training\): a prompt of \d+ tokens and eval\.max_new_tokens 100000"
+    )
+    with pytest.raises(LayercardError, match=said):
+        run_pipeline(load_config(tmp_path / "c.yaml"), tmp_path / "run", progress=False)
+    assert not (tmp_path / "run" / "train" / "all" / "adapter").exists()
+    # a call that stops before evaluating trains as asked
+    summary = run_pipeline(load_config(tmp_path / "c.yaml"), tmp_path / "run", progress=False, until="train")
+    assert summary["stages"][-1]["status"] in ("ran", "resumed")  # the failed record is gone on from
+    assert (tmp_path / "run" / "train" / "all" / "adapter").is_dir()
+
+
 def test_a_stale_checkpoint_temp_is_no_checkpoint_and_goes(world: World, tmp_path: Path) -> None:
     out = tmp_path / "run"
     stale = out / "checkpoints" / temp_name("step-1", dead_pid())

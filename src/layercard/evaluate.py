@@ -40,7 +40,7 @@ from layercard.artifacts import (
 )
 from layercard.config import EvalConfig
 from layercard.errors import LayercardError, MissingSplit, expect, message_line
-from layercard.inference import eval_example_losses, eval_loss, generate, prompts_finite
+from layercard.inference import eval_example_losses, eval_loss, generate, generation_prompts, prompts_finite
 from layercard.tasks import (
     METRICS,
     Encoded,
@@ -439,6 +439,26 @@ def _cut_counts(
     return counts, encoded
 
 
+def _evaluated(task: Task, cfg: EvalConfig) -> tuple[Task, EvalConfig]:
+    """The examples :func:`evaluate` scores and its settings as they run, their gold answers checked."""
+    sub = task.subset(cfg.examples, seed=cfg.seed) if cfg.examples is not None else task
+    if len(sub) == 0:
+        raise LayercardError(f"task {task.name!r} ({task.split}): no examples to evaluate")
+    run = cfg.resolved(sub)
+    assert run.metrics is not None  # resolved() filled it
+    check_gold(run.metrics, sub.examples)  # a bad gold answer fails now, not after hours of generation
+    return sub, run
+
+
+def check_evaluable(loaded: Any, task: Task, cfg: EvalConfig) -> None:
+    """Refuse, before any work that precedes an evaluation (a run's training), what :func:`evaluate` of
+    ``task`` would refuse before generating: no examples, a bad gold answer, or prompts that with
+    ``max_new_tokens`` outgrow the model's context."""
+    sub, run = _evaluated(task, cfg)
+    assert run.max_new_tokens is not None  # resolved() filled it
+    generation_prompts(loaded.model, loaded.tokenizer, sub, sub.examples, run.max_new_tokens)
+
+
 def evaluate(
     loaded: Any,
     task: Task | str | Path,
@@ -465,14 +485,9 @@ def evaluate(
     if adapter_dir is not None and not adapter_dir.is_dir():
         raise LayercardError(f"adapter {adapter_dir}: no such folder")
     t_start = time.perf_counter()
-    sub = task.subset(cfg.examples, seed=cfg.seed) if cfg.examples is not None else task
-    if len(sub) == 0:
-        raise LayercardError(f"task {task.name!r} ({task.split}): no examples to evaluate")
-    run = cfg.resolved(sub)
+    sub, run = _evaluated(task, cfg)
     examples = sub.examples
     tok = loaded.tokenizer
-    assert run.metrics is not None  # resolved() filled it
-    check_gold(run.metrics, examples)  # a bad gold answer fails now, not after hours of generation
     cut, encoded = _cut_counts(tok, sub, run.max_length, run.loss)
 
     attach = adapter_dir is not None and model is None

@@ -155,6 +155,21 @@ def _check_context(model: nn.Module, positions: int, asked: str) -> None:
         raise LayercardError(f"{asked}: {over}, and {positions} were asked")
 
 
+def generation_prompts(
+    model: nn.Module, tokenizer: Any, task: Task, examples: Sequence[Example], max_new_tokens: int
+) -> list[list[int]]:
+    """The prompt ids :func:`generate` continues for ``examples``, refused where the longest of them and
+    ``max_new_tokens`` are more positions than the model reads."""
+    prompts = [encode_prompt(tokenizer, task.format, ex) for ex in examples]  # a chat example: all turns
+    longest = max(len(p) for p in prompts)
+    _check_context(
+        model,
+        longest + max_new_tokens,
+        f"a prompt of {longest} tokens and {setting_name('max_new_tokens')} {max_new_tokens}",
+    )
+    return prompts
+
+
 def generate(
     model: nn.Module,
     tokenizer: Any,
@@ -182,13 +197,7 @@ def generate(
     stop_set = set(stops)
     pad = _generation_pad_id(tokenizer, stops)
     gen_cfg = _generation_config(max_new_tokens, stops, pad)
-    prompts = [encode_prompt(tokenizer, task.format, ex) for ex in examples]  # a chat example: all turns
-    longest = max(len(p) for p in prompts)
-    _check_context(
-        model,
-        longest + max_new_tokens,
-        f"a prompt of {longest} tokens and {setting_name('max_new_tokens')} {max_new_tokens}",
-    )
+    prompts = generation_prompts(model, tokenizer, task, examples, max_new_tokens)
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))  # stable: ties keep source order
     groups = [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
     texts: list[str] = [""] * len(prompts)

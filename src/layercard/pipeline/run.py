@@ -262,6 +262,7 @@ def _run_stages(runner: Runner, last: int) -> None:
         runner.plan(p)
     if last < 2:
         return
+    runner.evaluates = last >= STAGE_ORDER.index("eval")  # then training first checks the evaluation's inputs
     for p in cfg.placements:
         runner.train(p)
     if last < 3:

@@ -181,6 +181,10 @@ class Runner:
         self._device_type: str | None = None
         self._run_positions: tuple[float, int] | None = None
         self._train_data: Any = None
+        # Whether this call goes on to evaluate: a training then first checks what the evaluation would
+        # refuse before generating (gold answers, prompts past the model's context), not hours later.
+        self.evaluates = False
+        self._eval_checked = False
         self.train_task, self.eval_task = self._tasks()
         self.trim_task, self.trim_note = self._trim_task()
 
@@ -589,6 +593,16 @@ class Runner:
             from layercard.train import METRICS_FILE, latest_checkpoint, train
 
             plan = Plan.load(out.plan_json(p.name))
+            if self.evaluates and not self._eval_checked:
+                from layercard.evaluate import check_evaluable
+
+                try:
+                    _in_section("eval", check_evaluable)(self.loaded, self.eval_task, self.cfg.eval)
+                except LayercardError as e:
+                    raise LayercardError(
+                        f"eval (checked before training): {e}", exit_code=e.exit_code
+                    ) from None
+                self._eval_checked = True
             resume = resume and latest_checkpoint(folder) is not None
             # the metrics of a session cut after writing them: this stage's run is not done until recorded,
             # and it goes on from its checkpoint (or from the start) to the same figures
