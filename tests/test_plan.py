@@ -1166,6 +1166,28 @@ def test_a_budget_every_placement_fits_says_it_does_not_constrain(tiny_card):
         make_plan(tiny_card, PlanConfig("recommend", budget="step_time=1e-9"))
 
 
+@pytest.mark.parametrize("kind", ["params", "step_time", "memory"])
+def test_the_least_an_unfittable_budget_is_told_fits_when_given_back(tiny_card, kind):
+    # rounded to nearest, the least quoted could be under the least priced, and be refused in turn
+    for budget in (f"{kind}=1e-9", f"{kind}=1e-9x"):
+        with pytest.raises(LayercardError, match="the least the search priced: ") as e:
+            make_plan(tiny_card, PlanConfig("recommend", budget=budget))
+        least = re.search(rf"priced: {kind}=([\d,.]+)(?: s| MiB)? \(([\d.e+-]+)x\)", str(e.value))
+        assert least, str(e.value)
+        for given in (least[1].replace(",", ""), least[2] + "x"):
+            assert make_plan(tiny_card, PlanConfig("recommend", budget=f"{kind}={given}")).layers
+
+
+def test_rounding_up_keeps_exact_values_and_the_digits_shown():
+    from layercard.plan.space import amount, at_least
+
+    assert at_least(1 / 30, 3) == pytest.approx(0.0334) and at_least(0.0333, 3) == pytest.approx(0.0333)
+    assert amount(1.5149, "step_time", up=True) == "1.52 s" and amount(1.5149, "step_time") == "1.51 s"
+    assert (
+        amount(2553.2, "memory", up=True) == "2,554 MiB" and amount(2553.0, "memory", up=True) == "2,553 MiB"
+    )
+
+
 def test_a_plan_of_several_micro_batches_a_step_prices_each(tiny_card):
     one = make_plan(tiny_card, PlanConfig("all", rank=4))
     four = make_plan(tiny_card, PlanConfig("all", rank=4, grad_accum=4))

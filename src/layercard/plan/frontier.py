@@ -24,6 +24,7 @@ from layercard.config import Budget
 from layercard.config.budget import unit_suffix
 from layercard.errors import LayercardError, card_setting_text
 from layercard.plan import quality as Q
+from layercard.plan.space import amount, at_least
 
 MATRICES: dict[str, tuple[str, ...]] = {
     "q,v": ("q", "v"),
@@ -171,9 +172,9 @@ class Search:
         for kind in dict.fromkeys(b.kind for b in budgets):
             low = min(c.costs[kind] for c in supported)
             ref = self.reference[kind]
-            rel = f" ({low / ref:.3g}x)" if ref > 0 else ""
-            value = f"{low:,.0f}" if kind in ("params", "modules", "layers") or low >= 1000 else f"{low:.4g}"
-            parts.append(f"{kind}={value}{unit_suffix(kind)}{rel}")
+            # rounded up as shown: the least quoted, given back as a budget, fits
+            rel = f" ({at_least(low / ref, 3):.3g}x)" if ref > 0 else ""
+            parts.append(f"{kind}={amount(low, kind, unit=False, up=True)}{unit_suffix(kind)}{rel}")
         return ", ".join(parts)
 
     def frontier(self, kind: str, within: Sequence[Budget] = ()) -> list[Candidate]:

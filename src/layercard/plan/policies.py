@@ -111,7 +111,7 @@ def _select_family(
     first = fam(1)
     raise LayercardError(
         f"{budget_text(budget)}: policy {cfg.policy}'s smallest placement {first} already costs "
-        f"{amount(space.cost(first, cost_kind), cost_kind)}"
+        f"{amount(space.cost(first, cost_kind), cost_kind, up=True)}"
     )
 
 
@@ -218,7 +218,7 @@ def _check_budget_possible(space: Space, budget: Budget) -> None:
     if not fits(cheapest, budget.value):
         raise LayercardError(
             f"{budget_text(budget)}: fits no layer; the cheapest single layer of roles "
-            f"{','.join(space.roles)} costs {amount(cheapest, budget.kind)}"
+            f"{','.join(space.roles)} costs {amount(cheapest, budget.kind, up=True)}"
         )
 
 

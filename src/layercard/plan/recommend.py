@@ -18,7 +18,7 @@ from layercard.plan import quality as Q
 from layercard.plan.artifact import Plan, PlannedUnit
 from layercard.plan.predict import calibration_batch, card_summary, dropout_warnings, provenance
 from layercard.plan.ranks import lora_config
-from layercard.plan.space import amount
+from layercard.plan.space import amount, at_least
 
 RULES = ("peft-default", "all-linear", "last-n")
 
@@ -264,10 +264,10 @@ def _none_over_depth(search: F.Search, budgets: Sequence[Budget]) -> str | None:
     kind = blocking[0].kind
     cheapest = min(full, key=lambda c: (c.costs[kind], c.costs["params"]))
     ref = search.reference.get(kind)
-    rel = f" ({cheapest.costs[kind] / ref:.3g}x the reference)" if ref else ""
+    rel = f" ({at_least(cheapest.costs[kind] / ref, 3):.3g}x the reference)" if ref else ""
     return (
         f"none over all the depth fits {blocking[0].label}: the cheapest that covers it, "
-        f"{cheapest.label}, needs {_cost_label(kind, cheapest.costs[kind])}{rel}"
+        f"{cheapest.label}, needs {_cost_label(kind, cheapest.costs[kind], up=True)}{rel}"
     )
 
 
@@ -276,9 +276,10 @@ def _labels(budgets: Sequence[Budget]) -> str:
     return ", ".join(b.label for b in budgets)
 
 
-def _cost_label(kind: str, value: float) -> str:
-    """A cost in a budget's label form: ``step_time=2.55 s``, ``memory=2,553 MiB``, ``params=81,408``."""
-    return f"{kind}={amount(value, kind, unit=False)}{unit_suffix(kind)}"
+def _cost_label(kind: str, value: float, *, up: bool = False) -> str:
+    """A cost in a budget's label form: ``step_time=2.55 s``, ``memory=2,553 MiB``, ``params=81,408``
+    (``up``: rounded up as shown, see :func:`amount`)."""
+    return f"{kind}={amount(value, kind, unit=False, up=up)}{unit_suffix(kind)}"
 
 
 def over_depth_only(card: Card, cfg: PlanConfig, model: Q.QualityModel) -> bool:

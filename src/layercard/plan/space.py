@@ -6,6 +6,7 @@ A *layer* is the planning unit: choosing layer ℓ adapts every unit of the chos
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -149,16 +150,26 @@ def fmt(x: float) -> str:
     return f"{x:.4g}"
 
 
-def amount(x: float, kind: str, *, unit: bool = True) -> str:
+def amount(x: float, kind: str, *, unit: bool = True, up: bool = False) -> str:
     """A cost as messages show it: ``0.44 s``, ``12,288 params``, ``3 layers``; without ``unit`` (a table
-    whose header names it) the number alone."""
+    whose header names it) the number alone. ``up``: rounded up at the precision shown, for a least cost a
+    message quotes, which given back as a budget then fits."""
     if kind == "step_time":
-        text, name = f"{x:.3g}", "s"
+        text, name = f"{at_least(x, 3) if up else x:.3g}", "s"
     elif kind == "memory":
-        text, name = f"{x:,.0f}", "MiB"
+        text, name = f"{math.ceil(x - 1e-9) if up else x:,.0f}", "MiB"
     else:
-        text, name = (f"{int(x):,}" if float(x).is_integer() else f"{x:.4g}"), kind
+        whole = float(x).is_integer()
+        text, name = (f"{int(x):,}" if whole else f"{at_least(x, 4) if up else x:.4g}"), kind
     return f"{text} {name}" if unit else text
+
+
+def at_least(x: float, digits: int) -> float:
+    """``x`` rounded up to ``digits`` significant digits (exact values kept)."""
+    if not math.isfinite(x) or x <= 0:
+        return x
+    step = 10.0 ** (math.floor(math.log10(x)) - digits + 1)
+    return math.ceil(x / step - 1e-9) * step
 
 
 def budget_text(budget: Any) -> str:
