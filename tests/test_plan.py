@@ -1201,7 +1201,7 @@ def test_a_plan_of_several_micro_batches_a_step_prices_each(tiny_card):
     [
         (
             "memory=150",
-            "fits memory=150 MiB: the cheapest that covers it, q,v · all · r=1, needs memory=182 MiB (",
+            "fits memory=150 MiB: the cheapest that covers it, q,v · all · r=1, needs memory=183 MiB (",
         ),
         (
             "step_time=3",
