@@ -167,6 +167,19 @@ def test_relative_budgets_and_the_recommendation():
         s.recommend([Budget("step_time", 0.5, True)])
 
 
+def test_budgets_each_met_alone_but_not_together_are_said_so():
+    s = _search()
+    few = F.Candidate("q,v", (3,), "last-1", 32, 0.9, {"params": 100.0, "modules": 1.0}, ())
+    small = F.Candidate("mlp", (0, 1, 2, 3), "all", 1, 0.8, {"params": 10.0, "modules": 5.0}, ())
+    s = dataclasses.replace(s, candidates=(few, small))
+    budgets = [Budget("params", 20.0), Budget("modules", 2.0)]
+    with pytest.raises(LayercardError, match="no placement fits; each is met alone by some placement") as e:
+        s.recommend(budgets)
+    assert "the least" not in str(e.value)
+    with pytest.raises(LayercardError, match=r"no placement fits; the least the search priced: params=10"):
+        s.recommend([Budget("params", 5.0), Budget("modules", 2.0)])  # one alone is met by none
+
+
 def test_the_recommendation_stays_within_the_ranks_the_model_was_fitted_on():
     card = _card()
     form = Q.FORMS["params"]

@@ -142,11 +142,19 @@ class Search:
         if best is None:
             raise LayercardError(
                 f"budgets {', '.join(b.label for b in budgets)}: no placement fits; "
-                "the least the search priced: "
-                + self._lowest(budgets)
-                + self._floor_note(self.fitting(budgets))
+                + self._why_none(budgets)
             )
         return best
+
+    def _why_none(self, budgets: Sequence[Budget]) -> str:
+        """Why no placement fits ``budgets``: the least each budgeted cost reaches, or, where each budget
+        alone is met, that they are not met together."""
+        supported = [c for c in self.candidates if self.supported(c)]
+        if len(budgets) > 1 and all(any(self.fits(c, [b]) for c in supported) for b in budgets):
+            return "each is met alone by some placement the search priced, but none meets them together"
+        return (
+            "the least the search priced: " + self._lowest(budgets) + self._floor_note(self.fitting(budgets))
+        )
 
     def best(
         self, budgets: Sequence[Budget], where: Callable[[Candidate], bool] | None = None
