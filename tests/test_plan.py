@@ -903,6 +903,10 @@ def test_cli_target_and_memory_budget(card_file, tmp_path, monkeypatch):
     assert "target 0.5" in r.output and "cheapest placement predicted to reach" in r.output
     assert plan.predicted["memory"]["peak_mib"] <= 1.2 * plan.predicted["reference"]["memory"] * (1 + 1e-9)
     assert "memory" in plan.predicted["frontier"]  # cheapest in the budget's kind
+    said = " ".join(r.output.split())
+    # off the params frontier, as the cheapest in memory: said so, not put down to a restriction
+    assert "off this frontier: it is the cheapest in memory predicted to reach 0.5" in said
+    assert "keeps to a restriction" not in said
     out.unlink()
     r = CliRunner().invoke(app, [*base, "--target", "1.5"])
     assert r.exit_code != 0 and "target" in r.output and not out.exists()

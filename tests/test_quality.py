@@ -773,6 +773,11 @@ def test_a_difference_counts_only_beyond_the_larger_expected_error():
     text = R.sentence(rule, {"peft-default": rule}, dataclasses.replace(rec, units=(("w", 2),)))
     assert "the most of any" not in text and "the recommendation within them, mlp · all · r=2" in text
     assert "+7 points" in text
+    # no rule fitted: to budgets that none of them fits, or to none given
+    none = {"peft-default": None, "last-n": None}
+    text = R.sentence(rec, none, budgets=[Budget("modules", 6.0)])
+    assert text.endswith("none of the practitioners' defaults (peft-default, last-n) fits modules=6.")
+    assert R.sentence(rec, none).endswith("no practitioners' default was fitted to a budget.")
 
 
 def test_a_fixed_rule_without_a_budget_takes_a_rank_of_the_grid():

@@ -139,6 +139,7 @@ def _print_search_plan(plan) -> None:
     p = plan.predicted
     q = p["quality"]
     chosen = p["candidate"]  # rounded as the tables show it, so that the summary line reads the same
+    target_cost = (p.get("target") or {}).get("cost")  # the cost a target's plan is the cheapest in
     for kind, rows in p["frontier"].items():
         t = Table(title=f"Frontier · predicted quality against {kind} · {plan.card['task']}")
         # short headers and unwrapped values keep a row on one line of an 80-column terminal
@@ -182,6 +183,11 @@ def _print_search_plan(plan) -> None:
                     if chosen.get("outside_model_range")
                     else ""
                 )
+            )
+        elif not on_frontier and plan.config.get("target") is not None and kind != target_cost:
+            notes.append(
+                f"the plan is off this frontier: it is the cheapest in {target_cost} predicted to reach "
+                f"{plan.config['target']:g}, not the placement predicted best for its {kind}"
             )
         elif not on_frontier and dominated:
             notes.append(

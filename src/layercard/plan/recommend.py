@@ -108,13 +108,15 @@ def sentence(
     *,
     over_depth: bool = False,
     outside: Callable[[F.Candidate], str | None] = _inside,
+    budgets: Sequence[Budget] = (),
 ) -> str:
     """One sentence: what the plan is predicted to gain over the best fixed rule within the same budgets.
 
     A difference is called one only where it exceeds the larger of the two predictions' expected errors,
     and never where either prediction is ``outside`` the quality model's evidence (its reason, else None);
     the rules inside it are compared first. ``pick``: the recommendation within the budgets, which a plan
-    that is a fixed rule is set against; ``over_depth``: it was taken among placements over all the depth.
+    that is a fixed rule is set against; ``over_depth``: it was taken among placements over all the depth;
+    ``budgets``: those the rules were fitted to (none: no rule was).
     """
     fitted = {k: v for k, v in defaults.items() if v is not None}
     err = _error_text(rec.error)
@@ -123,7 +125,12 @@ def sentence(
     if not fitted:
         return (
             f"{rec.label} is predicted to reach {100 * rec.quality:.0f}% of the reference's loss drop "
-            f"(expected error {err}){marked}; no practitioners' default was fitted to a budget."
+            f"(expected error {err}){marked}; "
+            + (
+                f"none of the practitioners' defaults ({', '.join(defaults)}) fits {_labels(budgets)}."
+                if budgets
+                else "no practitioners' default was fitted to a budget."
+            )
         )
     inside = {k: v for k, v in fitted.items() if outside(v) is None}
     name, best = max((inside or fitted).items(), key=lambda kv: kv[1].quality)
@@ -408,7 +415,7 @@ def search_plan(
     if cfg.target is None:
         pick, restricted = _pick(card, cfg, search, chosen, budgets, model, over_depth)
         pred["recommendation"] = sentence(
-            chosen, defaults, pick, over_depth=restricted, outside=search.outside
+            chosen, defaults, pick, over_depth=restricted, outside=search.outside, budgets=budgets
         )
     if pred.get("memory"):
         pred["memory_figure"] = figure
