@@ -144,6 +144,7 @@ def test_budget_parse():
     assert Budget.parse("layers=8") == Budget("layers", 8)
     assert Budget.parse("params=2.5M").value == 2.5e6
     assert Budget.parse(" step-time = 1.5 ") == Budget("step_time", 1.5)
+    assert Budget.parse("step_time=1.5s") == Budget.parse("step_time=1.5 s") == Budget("step_time", 1.5)
     assert str(Budget.parse("modules=16")) == "modules=16"
     bad_cases = [("layers", "KIND=VALUE"), ("flops=3", "flops"), ("layers=x", "'x'"),
                  ("layers=0", "positive"), ("layers=2.5", "whole"), ("params=-1", "positive"),

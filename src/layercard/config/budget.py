@@ -62,8 +62,8 @@ class Budget:
 
     @classmethod
     def parse(cls, text: str) -> Budget:
-        """``'layers=8'``, ``'params=2.5M'``, ``'step_time=1.5'``, ``'modules=16'``, ``'memory=6G'``,
-        ``'params=0.25x'``."""
+        """``'layers=8'``, ``'params=2.5M'``, ``'step_time=1.5'`` (or ``1.5s``), ``'modules=16'``,
+        ``'memory=6G'``, ``'params=0.25x'``."""
         kind, sep, raw = str(text).partition("=")
         kind, raw = kind.strip().lower().replace("-", "_"), raw.strip().lower()
         if not sep or not kind or not raw:
@@ -83,6 +83,8 @@ class Budget:
         mult = 1.0
         if kind == "params" and not relative and raw and raw[-1] in _SUFFIX:
             raw, mult = raw[:-1], _SUFFIX[raw[-1]]
+        if kind == "step_time" and not relative and raw.endswith("s") and raw[:-1].strip():
+            raw = raw[:-1].strip()  # seconds, as messages write a step time ("0.44 s")
         if kind == "memory" and not relative:
             unit = next((u for u in _MEMORY_UNITS if raw.endswith(u) and raw[: -len(u)].strip()), None)
             if unit is not None:
