@@ -982,3 +982,14 @@ def test_a_target_priced_in_a_cost_the_card_did_not_measure_says_how_to_measure_
         match=r"^target 0.95: priced in step_time, .*\(measure the card with `layercard card --calibrate`\)$",
     ):
         make_plan(_card(), PlanConfig(policy="recommend", target=0.95, budget="step_time=1"))
+
+
+def test_a_called_gain_is_the_difference_of_the_percents_shown():
+    from layercard.plan import recommend as R
+
+    def cand(matrices, quality):
+        return F.Candidate(matrices, (0,), "all", 2, quality, {"params": 1.0}, (("u", 2),), 0.01)
+
+    text = R.sentence(cand("mlp", 0.9946), {"peft-default": cand("q,v", 0.9496)})
+    assert "99% of the reference's loss drop against 95%" in text and "+4 points" in text
+    assert R._gap("99.6%", "99.4%") == "+0.2"

@@ -67,6 +67,13 @@ def _error_text(error: float | None) -> str:
     return "unknown" if error is None else f"±{100 * error:.0f} points"
 
 
+def _gap(a: str, b: str) -> str:
+    """The difference of two percents as :func:`_percents` shows them, at their precision, so that the
+    sentence's arithmetic is the reader's (99% against 95%: +4, not the +5 of 99.46% and 94.96%)."""
+    x, y = float(a.rstrip("%")), float(b.rstrip("%"))
+    return f"{x - y:+.1f}" if "." in a else f"{x - y:+.0f}"
+
+
 def _percents(*fractions: float) -> list[str]:
     """Fractions as whole percents, or all to one decimal where whole ones would mislead: two less than a
     point apart that differ at the decimal (99.6% and 99.4% read as 100% and 99%, a point apart), or one
@@ -154,7 +161,7 @@ def sentence(
         if rec_out:
             gap = "no difference is called"
         elif beyond_error(pick, rec):
-            gap = f"{100 * (pick.quality - rec.quality):+.0f} points"
+            gap = f"{_gap(pq, rq)} points"
         else:
             gap = "within the model's error of it"
         return (
@@ -162,15 +169,16 @@ def sentence(
             f"expected error {_error_text(pick.error)})."
         )
     best_out = outside(best)
+    verdict: str | None = None  # the difference, taken from the percents as shown
     if best_out:
         verdict = f"no gain is called over it, its prediction lying {OUTSIDE} ({best_out})"
     elif rec_out:
         verdict = f"no gain is called, the plan's prediction lying {OUTSIDE} ({rec_out})"
     elif not beyond_error(rec, best):
         verdict = "within the model's error of it, so the difference is not a prediction to rely on"
-    else:
-        verdict = f"{100 * (rec.quality - best.quality):+.0f} points"
     rq, bq = _percents(rec.quality, best.quality)
+    if verdict is None:
+        verdict = f"{_gap(rq, bq)} points"
     text = (
         f"{rec.label}: predicted {rq} of the reference's loss drop against {bq} for {name} ({best.label}) "
         f"at the same budgets: {verdict} (expected error {err}; {_error_text(best.error)} for {name})."
