@@ -427,3 +427,17 @@ def test_a_role_set_takes_what_the_model_has_in_the_card_and_the_plan(facts, fam
     assert rec.units and {u.role for u in rec.units} <= {"qkv", "o", "up", "down"}
     assert "gate" not in rec.config["roles"]  # the roles its units adapt, so the plan can be rebuilt
     assert rec.restricted(rec.layers[-1:], card, policy="lora-drop").layers == rec.layers[-1:]
+
+
+def test_a_probe_pass_that_overflowed_is_one_line_naming_the_unit(tmp_path):
+    huge = tmp_path / "huge"  # finite loss, overflowing gradient sums in float32
+    model = tiny_model("llama")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1e4)
+    model.save_pretrained(huge)
+    tiny_tokenizer().save_pretrained(huge)
+    r = CliRunner().invoke(app, _card_args(huge, "synthetic:facts", tmp_path / "card", "--roles", "q,v"))
+    assert r.exit_code == 2, r.output
+    assert "error: unit 0.q: its gradient sums are not finite" in " ".join(r.output.split())
+    assert not (tmp_path / "card").exists()

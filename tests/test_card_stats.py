@@ -8,6 +8,7 @@ import scipy.linalg
 import torch
 
 from layercard.card import stats
+from layercard.errors import LayercardError
 
 
 def _problem(seed: int = 0, n: int = 200, d_in: int = 12, d_out: int = 7, cond: float = 30.0):
@@ -119,6 +120,16 @@ def test_input_stats_isotropic_and_anisotropic():
     assert iso.noise_amplification == pytest.approx(1 / 1.001, rel=1e-9)
     ani = stats.input_stats(np.array([1e-6, 1.0, 1.0, 100.0]), 1e-3)
     assert ani.kappa > 100 and ani.effective_rank < 4 and ani.noise_amplification > 1
+    silent = stats.input_stats(np.zeros(8), 1e-3)  # a dead input spans no direction, not all eight
+    assert silent.effective_rank == 0.0 and silent.energy == 0.0
+
+
+def test_a_matrix_that_overflowed_is_refused_before_its_decomposition():
+    for bad in (np.full((3, 3), np.inf), np.array([[1.0, np.nan], [np.nan, 1.0]])):
+        with pytest.raises(LayercardError, match="is not finite"):
+            stats.spectrum(bad, 4)
+    with pytest.raises(LayercardError, match="is not finite"):
+        stats.singular_values_sq(np.full((2, 3), 1e30, dtype=np.float32))  # its Gram overflows float32
 
 
 def test_set_gain_reduces_to_sum_and_penalises_redundancy():

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from layercard.errors import LayercardError
+
 CAPTURE_RANKS: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
 
 
@@ -40,6 +42,11 @@ def _eigh(sym: np.ndarray, *, vectors: bool = True, upper: bool = False):
     # numpy's LAPACK reads one triangle. (SciPy's eigh, same driver, ran 1.6× slower here after a torch
     # pass: its own BLAS threads compete with torch's.)
     uplo = "U" if upper else "L"
+    if not np.isfinite(sym).all():  # LAPACK would fail on it with "did not converge", or return noise
+        raise LayercardError(
+            f"a {sym.shape[0]}×{sym.shape[1]} matrix of the card's statistics is not finite (NaN or "
+            f"infinite): its values overflowed {sym.dtype}"
+        )
     return np.linalg.eigh(sym, UPLO=uplo) if vectors else np.linalg.eigvalsh(sym, UPLO=uplo)
 
 
@@ -164,7 +171,7 @@ def input_stats(eigenvalues: np.ndarray, delta: float) -> InputStats:
     return InputStats(
         energy=tr / d,
         kappa=float(damped.max() / damped.min()),
-        effective_rank=float(math.exp(entropy)),
+        effective_rank=float(math.exp(entropy)) if tr > 0 else 0.0,  # a silent input spans no direction
         noise_amplification=float(np.sum(1.0 / damped) * tr / d**2) if tr > 0 else 1.0,
     )
 
