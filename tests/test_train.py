@@ -704,6 +704,16 @@ def test_a_weight_blow_up_that_stays_finite_stops_the_run(tmp_path: Path):
     assert not (tmp_path / "adapter").exists() and not (tmp_path / "train_metrics.json").exists()
 
 
+def test_a_loss_that_never_depended_on_the_adapters_is_not_called_a_divergence(tmp_path: Path):
+    loaded = _loaded()
+    with torch.no_grad():
+        models.lm_head(loaded.model).weight.zero_()  # constant logits: no gradient reaches any layer
+    with pytest.raises(LayercardError, match=r"^train: step 1 of 2: .* exactly zero before any update") as e:
+        train(loaded, make_plan(loaded, [1, 3]), TRAIN, VAL, TrainConfig(steps=2, **FAST), tmp_path)
+    assert "diverged" not in str(e.value) and "lower learning rate" not in str(e.value)
+    assert not (tmp_path / "adapter").exists()
+
+
 def test_float16_is_refused_on_a_cpu(tmp_path: Path):
     # Accelerate runs neither float16 autocast nor a loss scaler on a CPU: float32 would be recorded float16
     cfg = TrainConfig(steps=1, dtype="float16", **FAST)

@@ -859,11 +859,20 @@ def _step(
     if acc.scaler is None:  # under fp16 loss scaling, overflowing gradients are the scaler's to skip
         norm = grad_norm(params)
         _check_finite(run, state.step + 1, "gradient norm of the trainable parameters", norm)
-        # Exactly no gradient, after an update, with targets to fit: the weights grew so large that the
+        # Exactly no gradient, with targets to fit. After an update: the weights grew so large that the
         # model's output no longer depends on them (a norm overflowed inside a layer and zeroed the
-        # hidden state). Asked of every element, not of the norm, which squares a tiny gradient to 0. A
-        # shard of a sharded model may hold only parameters whose gradient is still zero: not asked.
-        if state.step > 0 and n_step > 0 and not sharded(acc) and not _any_gradient(params):
+        # hidden state). Before any: it never did (an alpha that scales the adapters to nothing, a model
+        # whose output ignores its hidden states), and no learning rate helps. Asked of every element, not
+        # of the norm, which squares a tiny gradient to 0. A shard of a sharded model may hold only
+        # parameters whose gradient is still zero: not asked.
+        if n_step > 0 and not sharded(acc) and not _any_gradient(params):
+            if state.step == 0:
+                raise LayercardError(
+                    f"train: step 1 of {run.total_steps}: the gradient of the trainable parameters is "
+                    "exactly zero before any update: the loss does not depend on the adapted weights (is the "
+                    f"plan's alpha, {run.plan.config.get('alpha')}, too small, or does the model's output "
+                    f"ignore its layers?). No adapter or {METRICS_FILE} was written"
+                )
             _diverged(run, state.step + 1, "gradient of the trainable parameters is exactly zero")
     try:
         optimizer.step()
