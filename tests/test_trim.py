@@ -135,7 +135,9 @@ def test_boundary_candidates_hand_made():
     # already above half at layer 0; ties in the rise go to the first layer
     assert T.boundary_candidates([0.6, 0.7, 0.8]) == {"sharpest_rise": 1, "half_final": 0}
     assert T.boundary_candidates([0.3]) == {"sharpest_rise": 0, "half_final": 0}
-    assert T.boundary_candidates([0.2, 0.1, 0.0]) == {"sharpest_rise": 1, "half_final": 0}  # final 0
+    # no layer raises P (falling, or flat): no rise is named
+    assert T.boundary_candidates([0.2, 0.1, 0.0]) == {"half_final": 0}
+    assert T.boundary_candidates([0.4, 0.4, 0.4]) == {"half_final": 0}
     with pytest.raises(LayercardError, match="empty"):
         T.boundary_candidates([])
     with pytest.raises(LayercardError, match="non-finite"):

@@ -8,7 +8,8 @@ is already after the final norm in transformers 5).
 
 Candidates (:func:`boundary_candidates`): ``sharpest_rise`` is the layer ``j ≥ 1`` maximising
 ``P(j) − P(j−1)`` (the layer whose own computation raises P most, i.e. ``ℓ+1`` for the argmax of
-``P(ℓ+1) − P(ℓ)``); ``half_final`` is the first layer with ``P(ℓ) ≥ P(L−1)/2``.
+``P(ℓ+1) − P(ℓ)``; none where no layer raises P); ``half_final`` is the first layer with
+``P(ℓ) ≥ P(L−1)/2``.
 """
 
 from __future__ import annotations
@@ -175,8 +176,8 @@ def boundary_candidates(curve: Sequence[float]) -> dict[str, int]:
     """Boundary candidates of a lens curve ``P(0..L-1)``.
 
     ``sharpest_rise``: the layer ``j ≥ 1`` with the largest ``P(j) − P(j−1)`` (the first of
-    rises equal up to 1e-12; 0 for a one-layer curve). ``half_final``: the first layer with
-    ``P(ℓ) ≥ P(L−1) / 2``.
+    rises equal up to 1e-12; 0 for a one-layer curve); left out where no layer raises P (a flat or
+    falling curve has no rise to name). ``half_final``: the first layer with ``P(ℓ) ≥ P(L−1) / 2``.
     """
     p = [float(v) for v in curve]
     if not p:
@@ -187,10 +188,12 @@ def boundary_candidates(curve: Sequence[float]) -> dict[str, int]:
         return {"sharpest_rise": 0, "half_final": 0}
     rises = [p[j] - p[j - 1] for j in range(1, len(p))]
     top = max(rises)
-    # equal rises up to float rounding (1e-12) count as a tie, which goes to the earlier layer
-    sharpest = 1 + next(k for k, r in enumerate(rises) if r >= top - 1e-12)
     half = p[-1] / 2
     first_half = next(i for i, v in enumerate(p) if v >= half)  # the last layer always qualifies
+    if top <= 1e-12:
+        return {"half_final": first_half}
+    # equal rises up to float rounding (1e-12) count as a tie, which goes to the earlier layer
+    sharpest = 1 + next(k for k, r in enumerate(rises) if r >= top - 1e-12)
     return {"sharpest_rise": sharpest, "half_final": first_half}
 
 
