@@ -1183,6 +1183,16 @@ def test_the_least_an_unfittable_budget_is_told_fits_when_given_back(tiny_card, 
             assert make_plan(tiny_card, PlanConfig("recommend", budget=f"{kind}={given}")).layers
 
 
+def test_a_card_without_any_gradient_says_its_predictions_rest_on_size_and_depth(tiny_card):
+    cfg = PlanConfig("recommend", budget="params=0.5x")
+    assert not any("no unit has a gradient" in w for w in make_plan(tiny_card, cfg).warnings)
+    silent = dataclasses.replace(
+        tiny_card, units=[dataclasses.replace(u, grad_norm=0.0) for u in tiny_card.units]
+    )
+    (line,) = [w for w in make_plan(silent, cfg).warnings if "no unit has a gradient" in w]
+    assert "capacity share of the reference is undefined" in line
+
+
 def test_rounding_up_keeps_exact_values_and_the_digits_shown():
     from layercard.plan.space import amount, at_least
 

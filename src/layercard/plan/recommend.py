@@ -445,6 +445,7 @@ def search_plan(
     varied = Q.target_entropy_warning(card) if model == Q.default_model() else None
     warnings += [varied] if varied else []
     warnings += _reference_note(search)
+    warnings += _no_signal(card)
     warnings += _depth_notes(card, cfg, search, chosen, budgets, model, over_depth, kind)
     warnings += dropout_warnings(card, cfg.dropout)
     warnings += _loose_budgets(search, budgets)
@@ -505,6 +506,18 @@ def _pick(
         over_depth = over_depth_only(card, dataclasses.replace(cfg, policy="recommend"), model)
         pick = (best_over_depth(search, budgets) if over_depth else None) or best
     return pick, over_depth and pick is not None and pick is not best
+
+
+def _no_signal(card: Card) -> list[str]:
+    """That the card measured no gradient anywhere, so that the capacity share a prediction reads is 0/0
+    (stored as 0): the placements are then told apart by parameters and depth alone."""
+    if Q.Basis(card).ref_caps[Q.WEIGHT_POWERS.index(2.0)] > 0:  # the capacity the forms read
+        return []
+    return [
+        "card: no unit has a gradient on this task (every score is 0), so the capacity share of the "
+        "reference is undefined for every placement and the predictions rest on parameters and depth "
+        "alone; check the model and the task's targets"
+    ]
 
 
 def _reference_note(search: F.Search) -> list[str]:
