@@ -266,6 +266,8 @@ def test_cli_card_writes_artifacts(tiny_folder, tmp_path):
     assert (out / "card_heatmap.png").read_bytes()[:4] == b"\x89PNG"
     card = Card.load(out / "card.json")
     assert card.provenance["model_hash"] == card.model["hash"]
+    assert {"dtype": "float32", "device": "cpu"}.items() <= card.provenance["config"].items()
+    assert "dtype" not in card.config  # the card's settings alone: a card's fingerprint is unchanged
     assert card.provenance["data_hash"] == card.task["data_hash"]
 
 

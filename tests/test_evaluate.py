@@ -222,6 +222,10 @@ def test_evaluate_defaults_and_round_trip(tmp_path):
     mean_f1 = sum(p["scores"]["token_f1"] for p in res.predictions) / res.n
     assert res.metrics["token_f1"] == pytest.approx(mean_f1)
     assert res.provenance["stage"] == "eval" and res.task["n_examples"] == 4
+    assert {k: res.provenance["config"][k] for k in ("dtype", "device")} == {
+        "dtype": "float32",
+        "device": "cpu",
+    }
     assert res.provenance["data_hash"] == res.task["data_hash"]
 
     path = res.save(tmp_path / "ev")

@@ -522,6 +522,7 @@ def test_cli_trace_and_trim(tiny_folder, lora_dir, tmp_path, monkeypatch):
     res = json.loads((run / "trim.json").read_text())
     assert res["kind"] == "trim" and res["schema_version"] == 1 and res["provenance"]["stage"] == "trim"
     assert "trace_s" not in res["timings"]  # the trace written by `layercard trace` was reused
+    assert {"dtype": "float32", "device": "cpu"}.items() <= res["provenance"]["config"].items()
     assert {"dtype": "float32", "device": "cpu"}.items() <= tr.provenance["config"].items()
     r = CliRunner().invoke(app, ["trim", *common, "--radius", "1", "--out", str(run), "--dtype", "bfloat16"])
     assert r.exit_code == 0, r.output  # another dtype: the float32 trace is no trace of it

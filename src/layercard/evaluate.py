@@ -41,6 +41,7 @@ from layercard.artifacts import (
 from layercard.config import EvalConfig
 from layercard.errors import LayercardError, MissingSplit, expect, message_line
 from layercard.inference import eval_example_losses, eval_loss, generate, generation_prompts, prompts_finite
+from layercard.models import running_on
 from layercard.tasks import (
     METRICS,
     Encoded,
@@ -528,7 +529,7 @@ def evaluate(
     metrics = {name: METRICS[name](texts, examples) for name in run.metrics}
     timing["total_s"] = time.perf_counter() - t_start
     config = run.to_dict()
-    prov_config = {**config, "model_override": model is not None}
+    prov_config = {**config, "model_override": model is not None, **running_on(loaded.model)}
     if adapter_dir is not None:
         prov_config["adapter"] = str(adapter_dir)
         prov_config["adapter_hash"] = hash_folder(adapter_dir)

@@ -467,7 +467,7 @@ def _compute_card(loaded: Any, task: Any, cfg: CardConfig, *, progress: bool | N
         model_hash=loaded.model_hash,
         task=task.name,
         data_hash=probe_task.data_hash,
-        config=config,
+        config={**config, **models.running_on(model)},  # the card itself keeps its settings alone
         seed=cfg.seed,
         wall_time_s=timings["total_s"],
     )

@@ -611,6 +611,12 @@ def weights_dtype(model: nn.Module) -> str:
     return str(next(model.parameters()).dtype).removeprefix("torch.")
 
 
+def running_on(model: nn.Module) -> dict[str, str]:
+    """The dtype and device type a model computes in, as artifacts' provenance records them: figures
+    measured at another precision or on another device are not comparable."""
+    return {"dtype": weights_dtype(model), "device": next(model.parameters()).device.type}
+
+
 def tied_modules(model: nn.Module) -> set[str]:
     """Names of the modules whose weight is one tensor with another module's (an lm_head tied to the
     token embeddings): a change merged into one changes the other too."""

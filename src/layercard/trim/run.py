@@ -143,9 +143,9 @@ def run_trace(
 
 def _running(model: nn.Module) -> dict[str, str]:
     """The dtype and device type the model computes in: a trace made at others is no trace of this run."""
-    from layercard.models import weights_dtype
+    from layercard.models import running_on
 
-    return {"dtype": weights_dtype(model), "device": next(model.parameters()).device.type}
+    return running_on(model)
 
 
 def _reusable_trace(path: Path, loaded: Any, sub: Task, cfg: TraceConfig, adapter_hash: str) -> Trace | None:
@@ -488,7 +488,12 @@ def _result(
         model_hash=job.loaded.model_hash,
         task=sub.name,
         data_hash=sub.data_hash,
-        config={**cfg.to_dict(), "adapter": str(job.adapter), "adapter_hash": job.adapter_hash},
+        config={
+            **cfg.to_dict(),
+            "adapter": str(job.adapter),
+            "adapter_hash": job.adapter_hash,
+            **_running(job.loaded.model),
+        },  # fmt: skip
         seed=cfg.seed,
         wall_time_s=job.timings["total_s"],
     )
