@@ -164,6 +164,7 @@ def test_the_calibration_trains_with_checkpointing_and_records_it(monkeypatch):
     for c, on in ((card, True), (plain, False)):
         plan = plan_from_card(c, PlanConfig(policy="top", budget="layers=1", rank=2))
         assert plan.predicted["calibration_checkpointing"] is on
+        assert c.cost["dtype"] == plan.predicted["calibration_dtype"] == "float32"
         assert f"gradient_checkpointing={on}," in export_plan(plan, "trl").text
 
 
@@ -195,3 +196,15 @@ def test_a_run_calibrates_as_its_training_checkpoints_unless_told(card, calibrat
         raw["card"] = card
     cfg = parse_config(raw)
     assert cfg.train.gradient_checkpointing is True and cfg.card.calibrate_checkpointing is calibrated
+
+
+def test_a_run_in_another_dtype_than_the_calibration_is_told_so():
+    from layercard.train.loop import _dtype_notes
+
+    priced = {"calibration_batch_size": 8, "calibration_dtype": "float32"}
+    assert _dtype_notes(priced, "float32", "float32") == []
+    (line,) = _dtype_notes(priced, "float32", "bfloat16")  # autocast: computes in the precision
+    assert line.startswith("this run computes in bfloat16 and the plan's costs were calibrated in float32")
+    assert _dtype_notes(priced, "bfloat16", "float32")  # weights loaded in bfloat16, no autocast
+    assert _dtype_notes({**priced, "calibration_dtype": None}, "bfloat16", "float32") == []  # an older card
+    assert _dtype_notes({"calibration_dtype": "float32"}, "bfloat16", "float32") == []  # no calibrated costs

@@ -243,6 +243,9 @@ class CostModel:
     # keeps only its input for backward and recomputes its forward there, so steps are slower and peaks
     # lower, and costs hold for runs trained the same way (cards made before it was recorded: off).
     checkpointing: bool = False
+    # The dtype the calibration placements' weights computed in (float32, bfloat16): steps and peaks hold
+    # for runs that compute in it. None on cards made before it was recorded.
+    dtype: str | None = None
     # The mean width (d_in + d_out) of the calibration placements' adapted modules. Where it was recorded,
     # step time's module term counts an adapted module as its width over this: a module's work grows with
     # the rows and columns it reads and writes, and a q,v projection does less than a down projection. On
@@ -778,6 +781,7 @@ def calibrate(
         device=str(device),
         dropout=float(dropout),
         checkpointing=bool(checkpointing),
+        dtype=models.weights_dtype(model),
         # every row adapts every role, so its modules' width is its parameters over its rank
         step_module_width=sum(r["params"] / r["rank"] for r in rows) / sum(r["modules"] for r in rows),
         **fit_forward(base_forward, rows),

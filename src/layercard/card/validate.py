@@ -95,6 +95,7 @@ def _check_cost(f: Fields, cost: Mapping[str, Any], n_layers: int) -> None:
         f.fail("cost.dropout", "must be in [0, 1)", cost["dropout"])
     if "checkpointing" in cost and not isinstance(cost["checkpointing"], bool):
         f.fail("cost.checkpointing", "must be true or false", cost["checkpointing"])
+    f.optional(cost.get("dtype"), "cost.dtype", f.text)  # cards from before it was recorded: none
     first = cost.get("memory_first_step")
     if first is not None:
         for key, v in f.mapping(first, "cost.memory_first_step").items():

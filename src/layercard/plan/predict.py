@@ -73,6 +73,7 @@ def calibration_batch(cost: dict[str, Any]) -> dict[str, Any]:
         "forward_position_share": cost.get("forward_position_share"),
         # runs trained otherwise are not priced like with like (train says so)
         "calibration_checkpointing": bool(cost.get("checkpointing", False)),
+        "calibration_dtype": cost.get("dtype"),  # None: a card from before it was recorded
     }
 
 

@@ -307,7 +307,9 @@ def _train(
         saved = check_resumable(ckpt, fingerprint)  # before any work, and before EVA trusts its ranks
         _check_resume_step(run, ckpt, saved, progress)
     run = dataclasses.replace(run, budget_notes=tuple(_budget_notes(run)))
-    for line in [*run.budget_notes, *_checkpointing_notes(run.plan.predicted, cfg.gradient_checkpointing)]:
+    notes = [*run.budget_notes, *_checkpointing_notes(run.plan.predicted, cfg.gradient_checkpointing)]
+    notes += _dtype_notes(run.plan.predicted, weights_dtype(run.loaded.model), cfg.dtype)
+    for line in notes:
         say(f"warning: {line}", enabled=progress if accelerator.is_main_process else False)
     if cfg.warmup_steps >= total_steps:  # allowed (a probe of the warm-up itself), but seldom meant
         say(
@@ -395,6 +397,20 @@ def _budget_notes(run: _Run) -> list[str]:
     first = prices_by_first_step(peak_memory_kind(run.device))
     at = priced_at(run.plan.predicted, per_step, largest, first_step=first, micro_batches=run.cfg.grad_accum)
     return over_budget(budget, run.plan.predicted, at)
+
+
+def _dtype_notes(predicted: dict[str, Any], weights: str, precision: str) -> list[str]:
+    """A line where the plan's costs were calibrated in another dtype than this run computes in (its
+    precision where that is not float32, else its weights'): steps and peaks differ with it."""
+    calibrated = predicted.get("calibration_dtype")
+    computes = precision if precision != "float32" else weights
+    if calibrated is None or predicted.get("calibration_batch_size") is None or calibrated == computes:
+        return []
+    return [
+        f"this run computes in {computes} and the plan's costs were calibrated in {calibrated}: its steps "
+        f"and peak are not priced like with like (measure the card with `layercard card --dtype {computes}` "
+        "to price it)"
+    ]
 
 
 def _checkpointing_notes(predicted: dict[str, Any], on: bool) -> list[str]:
