@@ -443,3 +443,11 @@ def test_a_probe_pass_that_overflowed_is_one_line_naming_the_unit(tmp_path):
     assert r.exit_code == 2, r.output
     assert "error: unit 0.q: its gradient sums are not finite" in " ".join(r.output.split())
     assert not (tmp_path / "card").exists()
+
+
+def test_a_probe_rank_past_every_module_width_is_refused_before_the_pass(tiny_folder, tmp_path):
+    r = CliRunner().invoke(
+        app, _card_args(tiny_folder, "synthetic:facts", tmp_path / "card", "--lora-rank", "100000")
+    )
+    assert r.exit_code == 2 and "--lora-rank 100000: above the width of unit" in " ".join(r.output.split())
+    assert not (tmp_path / "card").exists()

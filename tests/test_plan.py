@@ -1193,6 +1193,17 @@ def test_a_card_without_any_gradient_says_its_predictions_rest_on_size_and_depth
     assert "capacity share of the reference is undefined" in line
 
 
+def test_a_rank_past_the_modules_width_is_said(tiny_card):
+    width = min(min(u.d_in, u.d_out) for u in tiny_card.units)
+    assert not any(
+        w.startswith("rank: ") for w in make_plan(tiny_card, PlanConfig("all", rank=width)).warnings
+    )
+    (line,) = [
+        w for w in make_plan(tiny_card, PlanConfig("all", rank=width * 4)).warnings if w.startswith("rank: ")
+    ]
+    assert f"at rank {width * 4}" in line and "adds parameters but no capacity" in line
+
+
 def test_rounding_up_keeps_exact_values_and_the_digits_shown():
     from layercard.plan.space import amount, at_least
 

@@ -27,7 +27,7 @@ from layercard.card.probe import (
     shared_cores,
 )
 from layercard.config import CardConfig
-from layercard.errors import LayercardError
+from layercard.errors import LayercardError, setting_name
 from layercard.progress import count, say, say_progress, track
 
 
@@ -262,7 +262,6 @@ def _check_finite(
     """Refuse NaN or infinity in what the card would hold, naming the statistic and its unit or input:
     JSON has no such numbers, and every score read from them would be meaningless."""
     from layercard.artifacts import show
-    from layercard.errors import setting_name
 
     for kind, rows in (("unit", units), ("input", groups)):
         for row in rows:
@@ -308,6 +307,13 @@ def _compute_card(loaded: Any, task: Any, cfg: CardConfig, *, progress: bool | N
     # The spec as written: a role set ('all-linear', 'mlp') takes what the model has; a role named one by
     # one must exist. The card records the roles its units cover.
     specs = models.units(model, cfg.roles)
+    narrowest = min(specs, key=lambda u: min(u.d_in, u.d_out), default=None)
+    if narrowest is not None and cfg.lora_rank > min(narrowest.d_in, narrowest.d_out):
+        # a rank past a module's width adds no capacity, and its draws of A alone may not fit in memory
+        raise LayercardError(
+            f"{setting_name('lora_rank')} {cfg.lora_rank}: above the width of unit {narrowest.key} "
+            f"({narrowest.d_in}→{narrowest.d_out}); a LoRA of rank r > min(d_in, d_out) adds nothing"
+        )
     unmapped = models.layout_for(model).unmapped
     if unmapped:
         shown = ", ".join(unmapped[:3]) + (", ..." if len(unmapped) > 3 else "")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from layercard.card.artifact import SCORES, Card, UnitRow
@@ -105,6 +106,7 @@ def make_plan(card: Card | str | os.PathLike[str], cfg: PlanConfig, *, card_path
     if cfg.target is not None:
         pred["target"] = cfg.target
     warn += caveats(card, cfg.kind, cfg.dropout, pred, score)
+    warn += _past_width(card, placement.units) if cfg.kind == "lora" else []
     # Every policy but `all` must respect its budget; a violation here is a planner bug, never silenced.
     if cfg.budget is not None and cfg.policy != "all":
         used = pred["budget_used"]
@@ -240,3 +242,17 @@ def _layer_path(unit: UnitRow) -> str:
     if i < 0:
         raise LayercardError(f"unit {unit.key}: cannot find layer {unit.layer} in module path {unit.name!r}")
     return unit.name[: i + len(marker) - 1]
+
+
+def _past_width(card: Card, units: Sequence[PlannedUnit]) -> list[str]:
+    """A line where planned ranks exceed their modules' width: parameters that add no capacity."""
+    rows = {u.key: u for u in card.units}
+    wide = [u for u in units if u.key in rows and u.rank > min(rows[u.key].d_in, rows[u.key].d_out)]
+    if not wide:
+        return []
+    row = rows[wide[0].key]
+    return [
+        f"rank: {len(wide)} of {len(units)} planned modules have a rank above their width ({wide[0].key} at "
+        f"rank {wide[0].rank}, {row.d_in}→{row.d_out}); a LoRA of rank r > min(d_in, d_out) adds parameters "
+        "but no capacity"
+    ]
