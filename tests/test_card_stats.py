@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import scipy.linalg
@@ -160,3 +162,10 @@ def test_set_gain_never_exceeds_additive():
     g = np.array([1.0, 0.9])
     v = stats.set_gain(g, near)
     assert g.max() <= v <= g.sum()
+
+
+@pytest.mark.parametrize("scale", [1.0, 1e-170, 1e170])
+def test_coupling_is_a_cosine_at_any_scale(scale):
+    e = np.array([[1.0, 0.0], [1.0, 1.0], [0.0, 0.0]]) * scale  # 45°, and a row of no effect
+    c = stats.coupling_matrix(e)
+    assert c[0, 1] == pytest.approx(math.sqrt(0.5)) and c[0, 2] == 0.0 and np.isfinite(c).all()

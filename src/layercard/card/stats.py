@@ -236,6 +236,10 @@ def set_gain(gains: np.ndarray, coupling: np.ndarray, ridge: float = 1e-6) -> fl
 def coupling_matrix(effects: np.ndarray) -> np.ndarray:
     """Cosine matrix C_uv = ⟨e_u, e_v⟩ / (‖e_u‖‖e_v‖) of output-space effects (rows)."""
     e = np.asarray(effects, dtype=np.float64)
+    # each row over its largest entry first: a cosine does not change, and the norms neither underflow
+    # nor overflow at extreme scales (effects of 1e-170 would read as orthogonal)
+    peak = np.abs(e).max(axis=1, initial=0.0)
+    e = e / np.where(peak > 0, peak, 1.0)[:, None]
     norms = np.linalg.norm(e, axis=1)
     norms[norms == 0] = 1.0
     e = e / norms[:, None]
