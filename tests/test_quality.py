@@ -110,6 +110,8 @@ def test_fit_recovers_a_known_exponent():
     assert params[1] == pytest.approx(0.3) and params[0] in (1.0, 2.0) and err < 1e-9
     worse = Q.mean_abs_error(form, (1.0, 0.6), xs, ys)
     assert worse > 0.05
+    with pytest.raises(LayercardError, match="one finite measured fraction"):
+        Q.fit(form, xs, [*ys[:-1], float("nan")])
 
 
 def test_decision_regret_of_known_orders():
@@ -630,6 +632,8 @@ def test_fit_warp_finds_the_exponent_that_made_the_fractions():
         ([(1, 1.5), (2, 1.4)], "3 or more"),
         ([(1, 1.5), (2, float("nan")), (3, 1.3)], "not finite"),
         ([(1, 2.5), (2, 2.4), (3, 2.3)], "below the base loss"),
+        ([(1, 1.5), (2, -0.4), (3, 1.3)], "0 or more"),
+        ([(1, 1.5), (1, 1.4), (3, 1.3)], "each step measured once"),
     ],
 )
 def test_progress_curve_refuses_curves_it_cannot_fit(points, match):

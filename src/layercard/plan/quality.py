@@ -258,6 +258,8 @@ def fit_progress_curve(points: Sequence[tuple[float, float]], loss0: float, step
     t, y = np.array([p[0] for p in pts]), np.array([p[1] for p in pts])
     if float(np.min(y)) >= loss0:
         raise LayercardError(f"progress curve: no measured loss is below the base loss {loss0:.4g}")
+    if float(np.min(y)) < 0 or loss0 < 0 or len(set(t.tolist())) != len(t):
+        raise LayercardError("progress curve: losses must be 0 or more, and each step measured once")
 
     def f(s: np.ndarray, linf: float, tau: float, kappa: float) -> np.ndarray:
         return linf + (loss0 - linf) * np.exp(-((s / tau) ** kappa))
@@ -396,6 +398,8 @@ def fit(form: Form, xs: Sequence[Features], ys: Sequence[float]) -> tuple[tuple[
     """The parameters on ``form``'s grid with the least mean absolute error on (xs, ys), and that error."""
     if not xs:
         raise LayercardError("quality fit: no measured placements")
+    if len(xs) != len(ys) or not all(math.isfinite(float(y)) for y in ys):
+        raise LayercardError("quality fit: every placement needs one finite measured fraction")
     best: tuple[tuple[float, ...], float] | None = None
     for params in _product(form.grid):
         err = mean_abs_error(form, params, xs, ys)
