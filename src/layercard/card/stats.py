@@ -106,7 +106,8 @@ def whitened_gradient(
 
 def singular_values_sq(m: np.ndarray) -> np.ndarray:
     """σᵢ(M)² in descending order, via the eigenvalues of the smaller Gram matrix."""
-    gram = m @ m.T if m.shape[0] <= m.shape[1] else m.T @ m
+    with np.errstate(over="ignore", invalid="ignore"):  # an overflow is refused by name just below
+        gram = m @ m.T if m.shape[0] <= m.shape[1] else m.T @ m
     # The decomposition reads one triangle, so rounding asymmetry in the product needs no averaging out.
     ev = _eigh(gram, vectors=False).astype(np.float64)
     return np.clip(ev[::-1], 0.0, None)
