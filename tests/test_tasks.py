@@ -607,6 +607,9 @@ def test_a_special_token_in_the_data_is_refused_not_read_as_control(tok):
             args = (tok, arg) if encode is encode_task else (tok, FMT, arg)
             with pytest.raises(LayercardError, match=re.escape(f"example {ex.id!r}: {said}")):
                 encode(*args)
+    splitting = tiny_tokenizer()
+    splitting.split_special_tokens = True  # then "<eos>" in a target is text: nothing to refuse
+    assert encode_example(splitting, FMT, Example("t", "q", "<eos> a")).target_len == len("<eos> a") + 1
 
 
 def test_encode_task_max_length(tok):

@@ -263,6 +263,8 @@ def check_text(tokenizer: Any, ex: Example) -> None:
     """Refuse an example whose own text holds a special token's text (``<|im_end|>``, ``</s>``): the
     tokenizer reads it as that control token, not as text, so a target could end before it starts and an
     input could forge a turn. The prompt template's own special tokens are not the example's."""
+    if getattr(tokenizer, "split_special_tokens", False):
+        return  # a tokenizer told to split them reads their text as text
     pattern = _special_pattern(tokenizer)
     if pattern is None:
         return
