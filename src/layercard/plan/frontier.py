@@ -338,12 +338,14 @@ def over_budget(row: dict[str, Any], budgets: Sequence[str], reference: dict[str
 
 
 def summary_row(c: Candidate, reference: dict[str, float]) -> dict[str, Any]:
-    """A JSON row of a candidate: what, predicted quality, costs absolute and relative to the reference."""
+    """A JSON row of a candidate: what, predicted quality, costs absolute and relative to the reference.
+    Quality keeps the six decimals the recommendation's ties are judged at, so that the frontier's order
+    can be checked from plan.json itself."""
     return {
         "matrices": c.matrices,
         "layers": c.layer_rule,
         "rank": c.rank,
-        "quality": round(c.quality, 4),
+        "quality": round(c.quality, 6),
         **({} if c.error is None else {"error": round(c.error, 4)}),
         **c.costs,
         **{f"{k}_x": round(v / reference[k], 4) for k, v in c.costs.items() if reference.get(k)},
