@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -1202,6 +1203,22 @@ def test_a_rank_past_the_modules_width_is_said(tiny_card):
         w for w in make_plan(tiny_card, PlanConfig("all", rank=width * 4)).warnings if w.startswith("rank: ")
     ]
     assert f"at rank {width * 4}" in line and "adds parameters but no capacity" in line
+
+
+def test_the_frontier_plan_json_keeps_is_non_dominated_by_its_own_numbers():
+    # a real card near saturation, where neighbours along the frontier differ by under 1e-4
+    repo = Path(__file__).resolve().parents[1]
+    card = Card.load(repo / "benchmarks/results/cost/seventeenth-fresh/e2e_nlg/card/card.json")
+    plan = make_plan(card, PlanConfig("recommend", budget="params=0.25x"))
+    rows = plan.predicted["frontier"]["params"]
+    assert len(rows) > 2
+    for a in rows:
+        for b in rows:
+            assert not (
+                b["params"] <= a["params"]
+                and b["quality"] >= a["quality"]
+                and (b["params"], b["quality"]) != (a["params"], a["quality"])
+            ), (a, b)
 
 
 def test_rounding_up_keeps_exact_values_and_the_digits_shown():

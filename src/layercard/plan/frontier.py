@@ -339,13 +339,13 @@ def over_budget(row: dict[str, Any], budgets: Sequence[str], reference: dict[str
 
 def summary_row(c: Candidate, reference: dict[str, float]) -> dict[str, Any]:
     """A JSON row of a candidate: what, predicted quality, costs absolute and relative to the reference.
-    Quality keeps the six decimals the recommendation's ties are judged at, so that the frontier's order
-    can be checked from plan.json itself."""
+    Quality is kept whole: the frontier is ordered, and the recommendation's ties judged (to six decimals),
+    on it, and plan.json should let both be checked from the file itself."""
     return {
         "matrices": c.matrices,
         "layers": c.layer_rule,
         "rank": c.rank,
-        "quality": round(c.quality, 6),
+        "quality": c.quality,
         **({} if c.error is None else {"error": round(c.error, 4)}),
         **c.costs,
         **{f"{k}_x": round(v / reference[k], 4) for k, v in c.costs.items() if reference.get(k)},
