@@ -65,14 +65,14 @@ def _finish_pass(
             raise LayercardError("probe set has no unpadded positions")
     # Overflowed sums (weights far too large for the dtype) have no spectrum: the decomposition would fail
     # on them, or worse converge to a meaningless one. Checked here, naming the first unit, before any.
-    for acc in accs:
-        for what, t in (("input", acc.group.xtx), ("gradient", acc.grad)):
-            if not bool(torch.isfinite(t).all()):
-                raise LayercardError(
-                    f"unit {acc.spec.key}: its {what} sums are not finite (NaN or infinite): the probe "
-                    f"pass overflowed {str(t.dtype).removeprefix('torch.')}; are the model's weights far too "
-                    "large for its dtype?"
-                )
+    sums = [("input", acc, acc.group.xtx) for acc in inputs] + [("gradient", acc, acc.grad) for acc in accs]
+    for what, acc, t in sums:  # each input's sum once, though its units share it
+        if not bool(torch.isfinite(t).all()):
+            raise LayercardError(
+                f"unit {acc.spec.key}: its {what} sums are not finite (NaN or infinite): the probe "
+                f"pass overflowed {str(t.dtype).removeprefix('torch.')}; are the model's weights far too "
+                "large for its dtype?"
+            )
 
     def of_input(acc: UnitAccumulator) -> tuple[stats.Spectrum, Any, np.ndarray | None]:
         g = acc.group
