@@ -23,6 +23,7 @@ from layercard.adapters import attached
 from layercard.artifacts import SCHEMA_VERSION, Provenance, atomic_path, hash_folder, is_within, write_json
 from layercard.config import TraceConfig, TrimConfig
 from layercard.errors import LayercardError, expect
+from layercard.models import running_on
 from layercard.tasks import METRICS, Task, batches, encode_task, higher_is_better
 from layercard.train.readme import README_FILE, trimmed_readme
 from layercard.trim.export import (
@@ -122,7 +123,7 @@ def _traced(
         model_hash=loaded.model_hash,
         task=sub.name,
         data_hash=sub.data_hash,
-        config={**cfg.to_dict(), "adapter": str(adapter), "adapter_hash": adapter_hash, **_running(model)},
+        config={**cfg.to_dict(), "adapter": str(adapter), "adapter_hash": adapter_hash, **running_on(model)},
         seed=cfg.seed,
         wall_time_s=time.perf_counter() - t0,
     )
@@ -141,13 +142,6 @@ def run_trace(
         return _traced(model, loaded, adapter, hash_folder(adapter), task, sub, cfg, progress)
 
 
-def _running(model: nn.Module) -> dict[str, str]:
-    """The dtype and device type the model computes in: a trace made at others is no trace of this run."""
-    from layercard.models import running_on
-
-    return running_on(model)
-
-
 def _reusable_trace(path: Path, loaded: Any, sub: Task, cfg: TraceConfig, adapter_hash: str) -> Trace | None:
     """A trace.json from an earlier run on the same model, adapter, examples and settings, if present."""
     if not path.is_file():
@@ -163,7 +157,8 @@ def _reusable_trace(path: Path, loaded: Any, sub: Task, cfg: TraceConfig, adapte
         and prov.get("data_hash") == sub.data_hash
         and conf.get("adapter_hash") == adapter_hash
         and all(conf.get(k) == v for k, v in cfg.to_dict().items())
-        and all(conf.get(k) == v for k, v in _running(loaded.model).items())
+        # a trace made at another dtype or on another device is no trace of this run
+        and all(conf.get(k) == v for k, v in running_on(loaded.model).items())
     )
     return tr if same else None
 
@@ -492,7 +487,7 @@ def _result(
             **cfg.to_dict(),
             "adapter": str(job.adapter),
             "adapter_hash": job.adapter_hash,
-            **_running(job.loaded.model),
+            **running_on(job.loaded.model),
         },  # fmt: skip
         seed=cfg.seed,
         wall_time_s=job.timings["total_s"],
