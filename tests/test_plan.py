@@ -1231,6 +1231,18 @@ def test_rounding_up_keeps_exact_values_and_the_digits_shown():
     )
 
 
+def test_a_budget_is_loose_when_every_placement_the_recommendation_considers_fits(tiny_card):
+    from layercard.plan import quality as Q
+    from layercard.plan.recommend import price
+
+    search = price(tiny_card, Q.default_model(), "auto")
+    considered = max(c.costs["params"] for c in search.candidates if search.supported(c))
+    assert max(c.costs["params"] for c in search.candidates) > considered  # rank 32 lies outside
+    plan = make_plan(tiny_card, PlanConfig("recommend", budget=f"params={considered:.0f}"))
+    (line,) = [w for w in plan.warnings if "every placement the search considers fits" in w]
+    assert f"the costliest, {considered:,.0f}," in line
+
+
 def test_a_plan_of_several_micro_batches_a_step_prices_each(tiny_card):
     one = make_plan(tiny_card, PlanConfig("all", rank=4))
     four = make_plan(tiny_card, PlanConfig("all", rank=4, grad_accum=4))

@@ -376,13 +376,15 @@ def _rank_unused(cfg: PlanConfig, budgets: list[Budget], chosen: F.Candidate) ->
 
 
 def _loose_budgets(search: F.Search, budgets: list[Budget]) -> list[str]:
-    """A line for each budget every candidate of the search fits under: it does not shape the choice."""
+    """A line for each budget every candidate the recommendation considers (those inside the quality
+    model's evidence) fits under: it does not shape the choice."""
     out = []
+    considered = [c for c in search.candidates if search.supported(c)]
     for b in budgets:
         ref = search.reference.get(b.kind)
-        if not ref:
+        if not ref or not considered:
             continue
-        costliest = max(c.costs[b.kind] for c in search.candidates)
+        costliest = max(c.costs[b.kind] for c in considered)
         if b.cap(search.reference) >= costliest:
             value = f"{costliest:,.0f}" if costliest >= 1000 else f"{costliest:.4g}"
             value += unit_suffix(b.kind)
