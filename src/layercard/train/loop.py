@@ -650,14 +650,15 @@ def estimate(
         micro_batches=cfg.grad_accum,
     )  # fmt: skip
     step_s = at["step_time_scaled_s"] or at["step_time_s"]
+    cut = _cut_counts(data.encoded)
     return {
         "kind": kind,
         "steps": steps,
         "processes": processes,
         "epochs": steps * cfg.grad_accum * processes / stream.per_epoch,
         "train_examples": len(data.encoded),
-        "train_examples_cut": sum(e.cut for e in data.encoded),
-        "train_examples_clipped": sum(e.clipped for e in data.encoded),
+        "train_examples_cut": cut["to_max_length"],
+        "train_examples_clipped": cut["to_format_limits"],
         "format_limits": [data.task.format.max_input_tokens, data.task.format.max_target_tokens],
         "max_length": cfg.max_length,
         "val_examples": len(data.val_encoded),
