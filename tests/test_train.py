@@ -828,6 +828,15 @@ def test_a_renamed_copy_of_the_training_data_is_no_validation_task(tmp_path, cap
     assert "--val-task: 3 of 4 validation examples are also training examples" in capsys.readouterr().err
 
 
+def test_an_empty_validation_split_is_no_copy_of_the_training_data(monkeypatch):
+    import layercard.tasks
+    from layercard.cli.train import _val_task
+
+    empty = dataclasses.replace(load_task("synthetic:format", split="test"), examples=())
+    monkeypatch.setattr(layercard.tasks, "validation_task", lambda *a, **k: empty)
+    assert len(_val_task(load_task("synthetic:facts"), "synthetic:facts", "other", None, 0, {})) == 0
+
+
 def test_a_finished_run_is_not_trained_over(lora_run, tmp_path):
     # checked under the folder's lock, where two processes cannot both pass it
     run = tmp_path / "run"

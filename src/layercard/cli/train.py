@@ -52,7 +52,8 @@ def _val_task(train: Task, task: str, val_task: str | None, val_split: str | Non
             f"{option}: {spec}: found no validation or test split; name one with --val-split"
         )
     shared = val.shared_with(train) if val is not None else 0
-    if val is not None and (val.data_hash == train.data_hash or shared == len(val)):
+    # every example shared (an empty split shares none: it is no copy of the training data)
+    if val is not None and (val.data_hash == train.data_hash or shared == len(val) > 0):
         raise LayercardError(
             f"{option}: {spec} ({val.split}) holds the same examples as --task ({train.split}): the run "
             "would validate on its training examples; give another --val-split or --val-task"
