@@ -194,7 +194,7 @@ def test_the_recommendation_stays_within_the_ranks_the_model_was_fitted_on():
     assert rec.quality == pytest.approx(max(c.quality for c in capped.fitting(budget) if c.rank <= 8))
     assert all(c.rank <= 8 for c in capped.frontier("params"))
     assert capped.cheapest(0.95, "params", budget).rank <= 8
-    assert capped.default_rule("peft-default", budget).rank > 8  # a fixed rule is not capped
+    assert capped.default_rule("peft-default", budget, 32).rank > 8  # a fixed rule is not capped
     assert Q.default_model().max_rank == Q.REFERENCE_RANK
 
 
@@ -283,7 +283,7 @@ def test_practitioner_rules_fit_the_budget_their_way():
     peft = s.default_rule("peft-default", budget)
     assert (peft.matrices, peft.layer_rule) == ("q,v", "all")
     assert peft.costs["params"] <= 0.25 * s.reference["params"]
-    higher = [r for r in F.RANKS if r > peft.rank]
+    higher = [r for r in F.RANKS if F.RULE_RANK >= r > peft.rank]
     assert all(
         ("q,v", "all", r) not in {(c.matrices, c.layer_rule, c.rank) for c in s.fitting(budget)}
         for r in higher
@@ -294,6 +294,20 @@ def test_practitioner_rules_fit_the_budget_their_way():
     assert last.layer_rule == "last-2" and last.rank == 8
     with pytest.raises(LayercardError, match="unknown rule"):
         s.default_rule("everything", budget)
+
+
+def test_a_loose_budget_leaves_the_rank_lowering_rules_at_their_own_rank():
+    s = _search()
+    loose = [Budget("params", 10.0, True)]  # rank 32 on every module fits
+    assert any(c.rank == 32 and c.layer_rule == "all" for c in s.fitting(loose))
+    for rule in ("peft-default", "all-linear"):
+        assert s.default_rule(rule, loose).rank == F.RULE_RANK
+        assert s.default_rule(rule, loose, 16).rank == 16  # a plan's own rank is where the rule starts
+    # a tight one lowers it: the highest rank of the grid at or under the start that fits
+    fitted = s.default_rule("all-linear", [Budget("params", 0.6, True)], 16)
+    assert fitted.rank == 4
+    with_cap = s.default_rule("all-linear", [Budget("params", 0.6, True)], 2)
+    assert with_cap.rank == 2  # never raised above the start to fill a budget
 
 
 def test_step_time_enters_as_a_cost_when_given():
@@ -784,12 +798,24 @@ def test_a_difference_counts_only_beyond_the_larger_expected_error():
     assert R.sentence(rec, none).endswith("no practitioners' default was fitted to a budget.")
 
 
-def test_a_fixed_rule_without_a_budget_takes_a_rank_of_the_grid():
+def test_a_fixed_rule_takes_a_rank_of_the_grid():
     from layercard.config import PlanConfig
     from layercard.plan import make_plan
 
-    with pytest.raises(LayercardError, match="rank 3: policy peft-default without a budget takes a rank of"):
-        make_plan(_card(4), PlanConfig(policy="peft-default", rank=3))
+    for budget in (None, "params=0.5x"):
+        with pytest.raises(LayercardError, match="rank 3: policy peft-default takes a rank of 1, 2, 4, 8"):
+            make_plan(_card(4), PlanConfig(policy="peft-default", rank=3, budget=budget))
+
+
+def test_a_rule_lowered_to_fit_says_from_which_rank():
+    from layercard.config import PlanConfig
+    from layercard.plan import make_plan
+
+    plan = make_plan(_card(4), PlanConfig(policy="all-linear", rank=16, budget="params=0.6x"))
+    assert plan.config["rank"] == 4
+    assert "rank 16: lowered to 4, the highest at which all-linear fits the budgets" in plan.warnings
+    same = make_plan(_card(4), PlanConfig(policy="all-linear", rank=4, budget="params=0.6x"))
+    assert not any(w.startswith("rank ") for w in same.warnings)
 
 
 def test_a_target_within_the_picks_expected_error_is_said_not_to_be_assured():
@@ -900,9 +926,15 @@ def test_fixed_rules_outside_the_models_evidence_are_marked_and_no_gain_is_calle
     said = "for peft-default (q,v · all · r=1) at the same budgets: no gain is called over it, its prediction"
     assert f"{said} lying {R.OUTSIDE}" in text
     assert "is below the smallest placement it was fitted on" in text and "points (expected" not in text
-    # a rule outside the evidence is marked, and the rule inside it is the one compared
+    # under a loose budget the rules stay at their own rank, inside the evidence, and are compared
     wide = make_plan(card, PlanConfig(policy="recommend", budget="params=4x", depth="any"))
     rows = wide.predicted["defaults"]
+    assert rows["all-linear"]["rank"] == rows["peft-default"]["rank"] == F.RULE_RANK
+    assert not any(r["outside_model_range"] for r in rows.values())
+    assert "no gain is called" not in wide.predicted["recommendation"]
+    # a plan that is a rule at a rank above the evidence starts the rules there: they are marked
+    high = make_plan(card, PlanConfig(policy="all-linear", budget="params=4x", rank=32))
+    rows = high.predicted["defaults"]
     assert rows["all-linear"]["rank"] == 32 and rows["all-linear"]["outside_model_range"] is True
     assert rows["last-n"]["outside_model_range"] is False
 
@@ -918,7 +950,7 @@ def test_fixed_rules_outside_the_models_evidence_are_marked_and_no_gain_is_calle
         f"peft-default (q,v · all · r=32) is predicted 99%, a prediction {R.OUTSIDE} (why); no gain" in text
     )
     # a plan that is such a rule says so of itself
-    rule = make_plan(card, PlanConfig(policy="all-linear", budget="params=4x"))
+    rule = make_plan(card, PlanConfig(policy="all-linear", budget="params=4x", rank=32))
     assert (
         f"a prediction {R.OUTSIDE} (rank 32 is above the highest it was fitted on, 8)"
         in (rule.predicted["recommendation"])

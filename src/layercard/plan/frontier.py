@@ -9,7 +9,7 @@ the reference placement (every linear unit of every layer at rank 8; on a card w
 its own units at rank 8): ``params=0.25x`` (:class:`layercard.config.Budget`).
 
 The practitioners' fixed rules are candidates too, each fitted to a budget the way its users fit it:
-``peft-default`` (q,v on every layer) and ``all-linear`` lower the rank, ``last-n`` lowers n.
+``peft-default`` (q,v on every layer) and ``all-linear`` lower the rank from 8, ``last-n`` lowers n.
 """
 
 from __future__ import annotations
@@ -33,6 +33,8 @@ MATRICES: dict[str, tuple[str, ...]] = {
     "all-linear": ("q", "k", "v", "o", "gate", "up", "down"),
 }
 RANKS = (1, 2, 4, 8, 16, 32)
+# The rank the practitioners' fixed rules are written at before a budget lowers it (the usual LoRA default).
+RULE_RANK = 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -231,34 +233,40 @@ class Search:
             )
         return min(ok, key=lambda c: (c.costs[kind], -c.quality))
 
-    def family(self, rule: str) -> list[Candidate]:
+    def family(self, rule: str, rank: int = RULE_RANK) -> list[Candidate]:
         """The placements a practitioners' rule can produce, in the order its users step down:
-        ``peft-default`` and ``all-linear`` from the highest rank, ``last-n`` (rank 8) from the
-        most layers."""
+        ``peft-default`` and ``all-linear`` from ``rank`` down, ``last-n`` (rank 8) from the most layers."""
         by_key = {(c.matrices, c.layer_rule, c.rank): c for c in self.candidates}
         if rule in ("peft-default", "all-linear"):
             matrices = "q,v" if rule == "peft-default" else "all-linear"
-            keys = [(matrices, "all", r) for r in sorted(RANKS, reverse=True)]
+            keys = [(matrices, "all", r) for r in sorted(RANKS, reverse=True) if r <= rank]
         elif rule == "last-n":
             n_layers = self.card.n_layers
             keys = [
-                ("all-linear", "all" if n == n_layers else f"last-{n}", 8) for n in range(n_layers, 0, -1)
+                ("all-linear", "all" if n == n_layers else f"last-{n}", RULE_RANK)
+                for n in range(n_layers, 0, -1)
             ]
         else:
             raise LayercardError(f"unknown rule {rule!r}; valid: peft-default, all-linear, last-n")
         return [by_key[k] for k in keys if k in by_key]
 
-    def default_rule(self, rule: str, budgets: Sequence[Budget]) -> Candidate | None:
-        """A practitioners' rule fitted to the budgets as its users would fit it, or None if nothing fits."""
+    def default_rule(self, rule: str, budgets: Sequence[Budget], rank: int = RULE_RANK) -> Candidate | None:
+        """A practitioners' rule fitted to the budgets as its users would fit it (the rank lowered from
+        ``rank``, or the layers from all), or None if nothing fits."""
         ok = {id(c) for c in self.fitting(budgets)}
-        return next((c for c in self.family(rule) if id(c) in ok), None)
+        return next((c for c in self.family(rule, rank) if id(c) in ok), None)
 
     def default_rule_for(
         self, rule: str, target: float, kind: str, budgets: Sequence[Budget] = ()
     ) -> Candidate | None:
-        """The cheapest placement of a rule predicted to reach ``target`` within the budgets, or None."""
+        """The cheapest placement of a rule predicted to reach ``target`` within the budgets, or None (at any
+        rank of the grid: a practitioner after a target raises the rank as readily as lowers it)."""
         ok = {id(c) for c in self.fitting(budgets)}
-        reach = [c for c in self.family(rule) if id(c) in ok and c.quality >= target and self.in_evidence(c)]
+        reach = [
+            c
+            for c in self.family(rule, max(RANKS))
+            if id(c) in ok and c.quality >= target and self.in_evidence(c)
+        ]
         return min(reach, key=lambda c: (c.costs[kind], -c.quality), default=None)
 
 

@@ -351,22 +351,26 @@ def _chosen(
             f"policy {policy} adapts {','.join(F.MATRICES[need])}; the card measured only "
             f"{','.join(search.card.roles)} (measure the card with {card_setting_text('roles', need)})"
         )
+    if rank not in F.RANKS:
+        grid = ", ".join(map(str, F.RANKS))
+        raise LayercardError(f"rank {rank}: policy {policy} takes a rank of {grid}")
     if not budgets:  # the rule as its users write it, unfitted: every layer at the given rank
-        found = [c for c in search.candidates if (c.matrices, c.layer_rule, c.rank) == (need, "all", rank)]
-        if not found:
-            grid = ", ".join(map(str, F.RANKS))
-            raise LayercardError(f"rank {rank}: policy {policy} without a budget takes a rank of {grid}")
-        return found[0]
-    chosen = search.default_rule(policy, budgets)
+        return next(c for c in search.candidates if (c.matrices, c.layer_rule, c.rank) == (need, "all", rank))
+    chosen = search.default_rule(policy, budgets, rank)
     if chosen is None:
         raise LayercardError(f"policy {policy}: nothing it can place fits {_labels(budgets)}")
     return chosen
 
 
 def _rank_unused(cfg: PlanConfig, budgets: list[Budget], chosen: F.Candidate) -> list[str]:
-    """A line where ``--rank`` was given but the policy chose the rank itself (the default is not said)."""
+    """A line where ``--rank`` was given but the policy chose the rank itself, or a rule lowered it to fit
+    (the default is not said)."""
     if cfg.rank == Q.REFERENCE_RANK or chosen.rank == cfg.rank or cfg.policy == "spectrum":
         return []
+    if cfg.policy in ("peft-default", "all-linear") and budgets and cfg.rank != "auto":
+        return [
+            f"rank {cfg.rank}: lowered to {chosen.rank}, the highest at which {cfg.policy} fits the budgets"
+        ]
     if cfg.policy == "recommend" or budgets or cfg.target is not None:
         return [
             f"rank {cfg.rank}: not used; {cfg.policy} chooses the rank (here {chosen.rank}) with the "
@@ -416,7 +420,9 @@ def search_plan(
     if cfg.target is not None:
         defaults = {rule: search.default_rule_for(rule, cfg.target, kind, budgets) for rule in RULES}
     else:
-        defaults = {rule: search.default_rule(rule, budgets) if budgets else None for rule in RULES}
+        # a plan that is a rank-lowering rule sets the rules' starting rank; any other starts them at theirs
+        start = rank if cfg.policy in ("peft-default", "all-linear") else F.RULE_RANK
+        defaults = {rule: search.default_rule(rule, budgets, start) if budgets else None for rule in RULES}
     by_key = {u.key: u for u in card.units}
     planned = [
         PlannedUnit(key, by_key[key].layer, by_key[key].role, by_key[key].name, r) for key, r in chosen.units
