@@ -489,6 +489,40 @@ def test_what_an_atomic_write_leaves_has_the_usual_modes(tmp_path: Path) -> None
         os.umask(mask)
 
 
+def test_an_atomic_write_reaches_the_disk_before_its_rename(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every file and folder a write leaves is flushed before the rename that names it, and the folder
+    that receives it after, so that a power cut leaves the old artifact or the whole new one."""
+    import os
+
+    events: list[str] = []
+    flush, rename = os.fsync, os.replace
+
+    def fsync(fd: int) -> None:
+        events.append(f"fsync {Path(os.readlink(f'/proc/self/fd/{fd}')).name}")
+        flush(fd)
+
+    def replace(a: os.PathLike[str], b: os.PathLike[str]) -> None:
+        events.append(f"rename {Path(b).name}")
+        rename(a, b)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    with artifacts.atomic_path(tmp_path / "step.json") as tmp:
+        tmp.write_text("{}")
+    assert events == ["fsync step.json", "rename step.json", f"fsync {tmp_path.name}"]
+    events.clear()
+    with artifacts.atomic_path(tmp_path / "step-3") as tmp:
+        (tmp / "inner").mkdir(parents=True)
+        (tmp / "inner" / "weights").write_bytes(b"x")
+        (tmp / "state.json").write_text("{}")
+    flushed = {e.split()[1] for e in events if e.startswith("fsync")}
+    assert {"weights", "inner", "state.json"} <= flushed
+    assert events[-1] == f"fsync {tmp_path.name}"
+    assert (tmp_path / "step-3" / "inner" / "weights").read_bytes() == b"x"
+
+
 def test_a_failed_write_removes_the_folders_it_made(tmp_path: Path) -> None:
     (tmp_path / "kept").mkdir()
     target = tmp_path / "kept" / "new" / "deeper" / "report.html"

@@ -396,10 +396,44 @@ def _usual_modes(target: Path) -> None:
             p.chmod((0o777 if p.is_dir() else 0o666) & ~mask)
 
 
+def _sync(path: Path) -> None:
+    """Flush ``path`` (a file, or a folder and everything in it) to the disk, so that a rename made after it
+    never names data a power cut could still lose (a checkpoint cut short would block its resumption)."""
+    paths = [path] if not path.is_dir() else [*sorted(path.rglob("*"), reverse=True), path]
+    for p in paths:
+        if p.is_symlink():
+            continue
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        except OSError as e:
+            # some file systems cannot flush a folder, or anything: nothing more can be done there
+            if e.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
+                raise
+        finally:
+            os.close(fd)
+
+
+def _sync_folder(folder: Path) -> None:
+    """Flush a folder's entries (a rename into it), where the system allows it."""
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
 def _commit(target: Path, final: Path, tmp: Path) -> None:
-    """Move the finished ``target`` onto ``final``."""
+    """Flush the finished ``target`` to the disk and move it onto ``final``."""
     if target.exists():
         _usual_modes(target)
+        _sync(target)
+    _move(target, final, tmp)
+    _sync_folder(final.parent)
+
+
+def _move(target: Path, final: Path, tmp: Path) -> None:
     if target.is_dir() != final.is_dir() and final.exists():
         what = "a folder" if final.is_dir() else "a file"
         raise LayercardError(f"{final}: exists and is {what}; cannot replace it with a {_kind(target)}")
