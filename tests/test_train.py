@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -724,6 +725,52 @@ def test_float16_is_refused_on_a_cpu(tmp_path: Path):
         estimate(_loaded(), make_plan(_loaded(), [1]), TRAIN, VAL, cfg)
 
 
+def _skipping(monkeypatch: pytest.MonkeyPatch, first: int | None) -> None:
+    """Have Accelerate report the first ``first`` optimizer steps (None: every one) as skipped by a loss
+    scaler, as float16's does on a GPU while its gradients overflow (a CPU runs no scaler)."""
+    from accelerate import Accelerator
+
+    calls = {"n": 0}
+
+    def skipped(self: Any) -> bool:
+        calls["n"] += 1
+        return first is None or calls["n"] <= first
+
+    monkeypatch.setattr(Accelerator, "optimizer_step_was_skipped", property(skipped))
+
+
+def test_steps_a_loss_scaler_skipped_are_counted_and_said(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+):
+    _skipping(monkeypatch, 2)
+    cfg = TrainConfig(steps=3, **{**FAST, "checkpoint_every": 2})
+    m = train(_loaded(), make_plan(_loaded(), [1]), TRAIN, VAL, cfg, tmp_path / "a", progress=False)
+    assert m["skipped_steps"] == 2 and m["steps"] == 3
+    assert TrainMetrics.load(tmp_path / "a").skipped_steps == 2
+    err = capsys.readouterr().err
+    assert "float16's loss scaler skipped 2 of the 3 optimizer steps" in err and "moved on 1" in err
+    # a checkpoint keeps the count, so that a resumed run adds to it
+    state = json.loads((tmp_path / "a" / "checkpoints" / "step-2" / "state.json").read_text())
+    assert state["skipped_steps"] == 2
+    monkeypatch.undo()
+    plain = train(
+        _loaded(), make_plan(_loaded(), [1]), TRAIN, VAL, TrainConfig(steps=1, **FAST), tmp_path / "b"
+    )
+    assert plain["skipped_steps"] == 0 and "loss scaler" not in capsys.readouterr().err
+
+
+def test_a_run_whose_every_step_was_skipped_writes_no_adapter(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    _skipping(monkeypatch, None)
+    with pytest.raises(
+        LayercardError, match=r"^train: float16's loss scaler skipped all 2 optimizer steps"
+    ) as e:
+        train(_loaded(), make_plan(_loaded(), [1]), TRAIN, VAL, TrainConfig(steps=2, **FAST), tmp_path)
+    assert "--precision bfloat16 or float32" in str(e.value)
+    assert not (tmp_path / "adapter").exists() and not (tmp_path / "train_metrics.json").exists()
+
+
 def test_a_metric_that_is_not_finite_leaves_no_adapter(tmp_path: Path):
     loaded = _loaded()
     d = plan_dict(loaded, [1])
@@ -770,7 +817,9 @@ def test_an_update_the_loss_scaler_skipped_does_not_advance_the_schedule(tmp_pat
     for skipped in (False, True):
         monkeypatch.setattr(Accelerator, "optimizer_step_was_skipped", property(lambda self, s=skipped: s))
         out = tmp_path / str(skipped)
-        train(_loaded(), make_plan(_loaded(), [1]), TRAIN, None, cfg, out)
+        # every update skipped: refused at the end, once its checkpoints are written
+        with pytest.raises(LayercardError, match="skipped all 2") if skipped else contextlib.nullcontext():
+            train(_loaded(), make_plan(_loaded(), [1]), TRAIN, None, cfg, out)
         saved = torch.load(out / "checkpoints" / "step-2" / TRAINER_FILE, weights_only=False)
         assert saved["scheduler"]["last_epoch"] == (0 if skipped else 2)
 

@@ -152,7 +152,7 @@ def read_state(path: Path) -> dict[str, Any]:
         f.fail("step", f"must be the step its folder {path.name} names", step)
     for key in ("micro_batches", "tokens_seen", "target_tokens_seen"):
         f.integer(f.get(state, key), key, minimum=0)
-    for key in ("positions_seen", "max_positions"):  # absent where written before they were counted
+    for key in ("positions_seen", "max_positions", "skipped_steps"):  # absent: written before counted
         f.optional(state.get(key), key, lambda v, w: f.integer(v, w, minimum=0))
     for key in ("loss_curve", "val_curve"):
         for i, row in enumerate(f.items(f.get(state, key), key)):

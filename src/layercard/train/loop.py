@@ -105,6 +105,7 @@ class _State:
     target_seen: int = 0
     positions_seen: int = 0  # padded positions (batch × length): what a step computes
     max_positions: int = 0  # the largest micro-batch's padded positions: what peak memory grows with
+    skipped: int = 0  # optimizer steps float16's loss scaler skipped (overflowing gradients): no update
     prior_wall: float = 0.0  # wall time of the sessions before a resume
     resumed_from: int | None = None
     init_s: float | None = None  # seconds of a data-driven init (EVA), counted once across sessions
@@ -129,6 +130,7 @@ class _State:
             # checkpoints written before positions were counted: their real tokens stand in
             positions_seen=int(st.get("positions_seen", st["tokens_seen"])),
             max_positions=int(st.get("max_positions", 0)),
+            skipped=int(st.get("skipped_steps") or 0),  # none before they were counted: loss scalers are rare
             prior_wall=float(st.get("wall_time_s", 0.0)),
             resumed_from=step,
             init_s=st.get("init_s"),
@@ -180,6 +182,7 @@ class _Run:
             "target_tokens_seen": state.target_seen,
             "positions_seen": state.positions_seen,
             "max_positions": state.max_positions,
+            "skipped_steps": state.skipped,
             "wall_time_s": self.wall(state),
             "init_s": state.init_s,
             "fingerprint": self.fingerprint,
@@ -348,9 +351,29 @@ def _train(
         state.memory_start = reset_peak_memory(accelerator.device)
         with activation_checkpointing(model, cfg.gradient_checkpointing):
             _loop(run, state, adapted.prepared, optimizer, scheduler, trainable, progress, callback)
-        return _finish(run, state, adapted, trainable, eva_ranks).to_dict()
+        _check_skipped(state)
+        metrics = _finish(run, state, adapted, trainable, eva_ranks)
+        if state.skipped and accelerator.is_main_process:
+            say(
+                f"note: float16's loss scaler skipped {state.skipped} of the {state.step} optimizer steps "
+                f"(their gradients overflowed); the weights moved on {state.step - state.skipped}",
+                enabled=True,
+            )
+        return metrics.to_dict()
     finally:
         adapted.restore(accelerator)
+
+
+def _check_skipped(state: _State) -> None:
+    """Refuse a run whose every optimizer step float16's loss scaler skipped: its adapter never moved
+    from its initial weights, and would be saved and evaluated as trained."""
+    if state.step and state.skipped >= state.step:
+        flag = setting_name("dtype", flag="--precision")
+        raise LayercardError(
+            f"train: float16's loss scaler skipped all {state.step} optimizer steps (the gradients "
+            f"overflowed at every scale it tried), so the adapter is untrained; train with {flag} bfloat16 "
+            f"or float32. No adapter or {METRICS_FILE} was written"
+        )
 
 
 def sharded(accelerator: Any) -> bool:
@@ -899,7 +922,9 @@ def _step(
             raise
         _check_finite(run, state.step + 1, "update of the trainable parameters", math.inf)
     # An update float16's loss scaler skipped (overflowing gradients) does not advance the schedule.
-    if not acc.optimizer_step_was_skipped:
+    if acc.optimizer_step_was_skipped:
+        state.skipped += 1
+    else:
         scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     if not all_finite(params):
@@ -1076,6 +1101,7 @@ def _metrics(
         budget_notes=list(run.budget_notes),
         adapted=_adapted_section(run, inner),
         peak_memory_steps=list(memory["steps"]),
+        skipped_steps=state.skipped,
         **predictions(
             plan.predicted,
             s_per_step,

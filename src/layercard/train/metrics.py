@@ -115,6 +115,9 @@ class TrainMetrics:
     # The optimizer steps [first, last] of the session whose peak ``peak_memory_mib`` is, with the memory
     # at its start: a resumed run's peak is its last training session's. Older files read None.
     peak_memory_steps: list[int] | None = None
+    # The optimizer steps float16's loss scaler skipped (their gradients overflowed; the weights did not
+    # move on them), out of ``steps``: 0 for a run without one. Older files read None.
+    skipped_steps: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The train_metrics.json form (key order as written)."""
@@ -158,7 +161,7 @@ _REQUIRED = frozenset(
 # Counts; the seconds, MiB, rates and ratios of them measured or predicted (none can be negative); the
 # differences of memory figures and the quality model's fraction (either sign); the losses.
 _COUNTS = ("trainable_params", "total_params", "steps", "tokens_seen", "target_tokens_seen", "resumed_from",
-           "max_batch_positions", "forward_positions")  # fmt: skip
+           "max_batch_positions", "forward_positions", "skipped_steps")  # fmt: skip
 _AMOUNTS = (
     "epochs", "peak_memory_mib", "wall_time_s", "s_per_step", "tokens_per_s", "predicted_step_time_s",
     "batch_tokens_per_step", "predicted_step_time_scaled_s", "predicted_peak_memory_mib",
