@@ -177,9 +177,10 @@ def planned(card: Any, cfg: Any, model: Any = None) -> Any:
     two-task quality model (``TWO_TASK_MODEL``, the default when they were trained), so a re-run lands on
     the same placements."""
     from layercard.config import SEARCH_POLICIES
-    from layercard.plan.make import at_batch, make_plan
+    from layercard.plan.make import make_plan
     from layercard.plan.quality import TWO_TASK_MODEL
     from layercard.plan.recommend import search_plan
+    from layercard.plan.space import at_batch
 
     if cfg.policy in SEARCH_POLICIES:
         return search_plan(at_batch(card, cfg.batch_size), cfg, model=model or TWO_TASK_MODEL)

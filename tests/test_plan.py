@@ -178,6 +178,14 @@ def test_budget_parse():
         (dict(policy="top"), "budget"),
         (dict(policy="top", budget="layers=2", kind="houlsby", rank="auto"), "rank"),
         (dict(policy="top", budget="layers=2", roles="q,zz"), "zz"),
+        (
+            dict(budget="params=0.2x", score="rate"),
+            "score: .*recommend scores units by its quality model's own",
+        ),
+        (
+            dict(policy="spectrum", budget="params=0.2x", score="rate"),
+            "score: .*spectrum scores units by weight_snr",
+        ),
     ],
 )
 def test_config_errors_name_the_field(kw, field):
@@ -627,6 +635,17 @@ def test_restricted_equals_the_direct_plan(tiny_card, tiny_llama, tmp_path):
     assert single.config["policy"] == "single" and [u.layer for u in single.units] == [3, 3]
     assert single.predicted["params"] == _cost(single, tiny_card, "params")
     assert single.predicted["step_time_s"] == pytest.approx(_cost(single, tiny_card, "step_time"))
+
+
+def test_restricted_prices_at_the_plans_own_batches_and_memory_figure(tiny_card):
+    at = dict(batch_size=8, grad_accum=2, memory_figure="first_step")
+    full = make_plan(tiny_card, PlanConfig("all", **at))
+    top = make_plan(tiny_card, PlanConfig("top", budget="layers=3", **at))
+    cut = full.restricted([5, 6, 7], tiny_card, policy="top")
+    assert cut.predicted == _without_budget(top.predicted)
+    # at the card's own batch and figure the same layers are priced otherwise: the case is not idle
+    plain = make_plan(tiny_card, PlanConfig("top", budget="layers=3"))
+    assert plain.predicted["step_time_s"] != cut.predicted["step_time_s"]
 
 
 def test_restricted_keeps_ranks_and_rebuilds_patterns(tiny_card, tiny_llama):

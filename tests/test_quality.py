@@ -805,6 +805,11 @@ def test_a_fixed_rule_takes_a_rank_of_the_grid():
     for budget in (None, "params=0.5x"):
         with pytest.raises(LayercardError, match="rank 3: policy peft-default takes a rank of 1, 2, 4, 8"):
             make_plan(_card(4), PlanConfig(policy="peft-default", rank=3, budget=budget))
+    # last-n places rank 8 under a budget, whatever the rank: an unused one is only said
+    plan = make_plan(_card(4), PlanConfig(policy="last-n", rank=3, budget="params=0.5x"))
+    assert plan.config["rank"] == 8 and "rank 3: not used; last-n chooses the rank (here 8)" in " ".join(
+        plan.warnings
+    )
 
 
 def test_a_rule_lowered_to_fit_says_from_which_rank():

@@ -72,7 +72,10 @@ class PlanConfig(Schema):
     alpha: float | None = setting(None, kind="pos_float", help="LoRA alpha; null: 2·rank per module")
     dropout: float = setting(0.0, kind="unit", help="LoRA dropout")
     score: str | None = setting(
-        None, kind="choice", choices=tuple(SCORES), help="card score used as the gain; null: the card default"
+        None,
+        kind="choice",
+        choices=tuple(SCORES),
+        help="card score used as the gain by the layer policies; null: the card default",
     )
     seed: int = setting(0, kind="seed", yaml=False, help="seed of the random policy")
     kind: str = setting("lora", kind="choice", choices=ADAPTER_KINDS, help="adapter kind")
@@ -189,3 +192,9 @@ class PlanConfig(Schema):
                     else "chooses the matrices and layers"
                 )
                 raise self.fail(name, f"policy {self.policy} {what} itself")
+        if self.score is not None:
+            # the quality model's features are fixed where it was fitted; spectrum ranks by weight_snr
+            by = "weight_snr" if self.policy == "spectrum" else "its quality model's own (gradnorm_energy)"
+            raise self.fail(
+                "score", f"policy {self.policy} scores units by {by}; a score is for the layer policies"
+            )

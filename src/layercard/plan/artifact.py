@@ -12,7 +12,7 @@ from layercard.artifacts import SCHEMA_VERSION, Fields, load_artifact, write_jso
 from layercard.errors import LayercardError, message_line
 from layercard.plan.predict import caveats, predicted, provenance, unit_rank
 from layercard.plan.ranks import captured_at, lora_config
-from layercard.plan.space import build_space
+from layercard.plan.space import build_space, priced_at
 from layercard.plan.validate import check_plan_dict
 
 if TYPE_CHECKING:
@@ -108,7 +108,23 @@ class Plan:
         keep = self._restriction(layers, card)
         cfg = self.config
         roles, score = tuple(cfg["roles"]), cfg["score"]
-        space, notes = build_space(card, roles, score, kind=self.kind, unit_rank=unit_rank(cfg["rank"]))
+        # priced as make_plan priced the plan: at its batches, with its memory figure (plans written before
+        # they were recorded: the card's own batch and the default figure)
+        card = priced_at(
+            card,
+            cfg.get("batch_size"),
+            cfg.get("step_positions"),
+            cfg.get("peak_positions"),
+            cfg.get("grad_accum"),
+        )
+        space, notes = build_space(
+            card,
+            roles,
+            score,
+            kind=self.kind,
+            unit_rank=unit_rank(cfg["rank"]),
+            memory_figure=cfg.get("memory_figure") or "window",
+        )
         units = [u for u in self.units if u.layer in keep]
         lora, adapter, captured = None, None, None
         if self.kind == "lora":

@@ -89,7 +89,7 @@ class Search:
     reference: dict[str, float]
     price: Pricer | None = dataclasses.field(default=None, compare=False, repr=False)
     # The highest rank the quality model has evidence for: the recommendation, a target and the frontier
-    # consider no candidate above it (the fixed rules still may, as their users would).
+    # consider no candidate above it (a fixed rule still may, at the rank a plan of it starts from).
     max_rank: int | None = None
     # The smallest parameter share it has evidence for: no prediction below it is relied on, a fixed rule's
     # included (a target would otherwise be "reached" by an extrapolation).

@@ -28,6 +28,7 @@ from layercard.plan.space import (
     budget_text,
     build_space,
     fits,
+    priced_at,
 )
 
 
@@ -42,28 +43,6 @@ class _Placement:
     captured: float | None
 
 
-def at_batch(card: Card, rows: int | None) -> Card:
-    """``card`` with its cost model priced at ``rows`` sequences per micro-batch (None, or a card without a
-    cost model: unchanged); see ``CostModel.at_batch``."""
-    if rows is None or card.cost is None:
-        return card
-    from layercard.cost import CostModel
-
-    return dataclasses.replace(card, cost=CostModel.from_dict(card.cost).at_batch(rows).to_dict())
-
-
-def at_positions(card: Card, step: float | None, peak: float | None, micro_batches: int = 1) -> Card:
-    """``card`` with its cost model priced at ``step`` padded positions per step of ``micro_batches``
-    micro-batches and a largest micro-batch of ``peak`` (None: its own; a card without a cost model:
-    unchanged); see ``CostModel.at_positions``."""
-    if (step is None and peak is None and micro_batches == 1) or card.cost is None:
-        return card
-    from layercard.cost import CostModel
-
-    moved = CostModel.from_dict(card.cost).at_positions(step, peak, micro_batches)
-    return dataclasses.replace(card, cost=moved.to_dict())
-
-
 def make_plan(card: Card | str | os.PathLike[str], cfg: PlanConfig, *, card_path: str | None = None) -> Plan:
     """Choose layers (and ranks) for ``cfg.policy`` under the budget; see the module docstring.
 
@@ -75,9 +54,7 @@ def make_plan(card: Card | str | os.PathLike[str], cfg: PlanConfig, *, card_path
         card = Card.load(card)
     expect("make_plan", "card", card, Card, wanted="a Card or a card.json path")
     expect("make_plan", "cfg", cfg, PlanConfig, "such as PlanConfig(budget='params=0.2x')")
-    card = at_positions(
-        at_batch(card, cfg.batch_size), cfg.step_positions, cfg.peak_positions, cfg.grad_accum or 1
-    )
+    card = priced_at(card, cfg.batch_size, cfg.step_positions, cfg.peak_positions, cfg.grad_accum)
     if cfg.policy in SEARCH_POLICIES:  # matrices × layers × rank, with the quality model
         return search_plan(card, cfg, card_path=card_path)
     from layercard.cost import memory_figure

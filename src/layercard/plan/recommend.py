@@ -351,7 +351,8 @@ def _chosen(
             f"policy {policy} adapts {','.join(F.MATRICES[need])}; the card measured only "
             f"{','.join(search.card.roles)} (measure the card with {card_setting_text('roles', need)})"
         )
-    if rank not in F.RANKS:
+    # the rank-lowering rules start from the given rank; last-n takes one only without a budget
+    if rank not in F.RANKS and (not budgets or policy != "last-n"):
         grid = ", ".join(map(str, F.RANKS))
         raise LayercardError(f"rank {rank}: policy {policy} takes a rank of {grid}")
     if not budgets:  # the rule as its users write it, unfitted: every layer at the given rank

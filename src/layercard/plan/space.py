@@ -262,3 +262,34 @@ def _coupling(
             f"roles {','.join(roles)}"
         )
     return coupling, notes
+
+
+def at_batch(card: Card, rows: int | None) -> Card:
+    """``card`` with its cost model priced at ``rows`` sequences per micro-batch (None, or a card without a
+    cost model: unchanged); see ``CostModel.at_batch``."""
+    if rows is None or card.cost is None:
+        return card
+    from layercard.cost import CostModel
+
+    return dataclasses.replace(card, cost=CostModel.from_dict(card.cost).at_batch(rows).to_dict())
+
+
+def at_positions(card: Card, step: float | None, peak: float | None, micro_batches: int = 1) -> Card:
+    """``card`` with its cost model priced at ``step`` padded positions per step of ``micro_batches``
+    micro-batches and a largest micro-batch of ``peak`` (None: its own; a card without a cost model:
+    unchanged); see ``CostModel.at_positions``."""
+    if (step is None and peak is None and micro_batches == 1) or card.cost is None:
+        return card
+    from layercard.cost import CostModel
+
+    moved = CostModel.from_dict(card.cost).at_positions(step, peak, micro_batches)
+    return dataclasses.replace(card, cost=moved.to_dict())
+
+
+def priced_at(
+    card: Card, rows: int | None, step: float | None, peak: float | None, micro_batches: int | None
+) -> Card:
+    """``card`` with its cost model priced at a plan's batches: ``rows`` sequences per micro-batch, then
+    ``step`` and ``peak`` padded positions over ``micro_batches`` micro-batches (see :func:`at_batch` and
+    :func:`at_positions`)."""
+    return at_positions(at_batch(card, rows), step, peak, micro_batches or 1)
