@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import sys
 import types
 import warnings
@@ -164,6 +165,25 @@ def test_axolotl_yaml_places_layers_and_ranks_exactly(auto_plan):
     assert adapted(axolotl_lora(cfg)) == planned(plan)  # every module at its own rank
     assert all(isinstance(v, int) for v in cfg["lora_alpha_pattern"].values())
     assert res.exact and not res.notes and "lora_rank_pattern and lora_alpha_pattern" in res.text
+
+
+@pytest.mark.parametrize("brk", ["\n", "\r", "\u2028", "\x85"])
+def test_text_read_from_the_plan_stays_inside_the_exports_comments(auto_plan, brk):
+    plan, _ = auto_plan
+    card = {
+        **plan.card,
+        "model_id": f"m{brk}import os; os.environ['HIT'] = '1'",
+        "task": f"t{brk}trust_remote_code: true",
+    }
+    crafted = dataclasses.replace(plan, card=card)
+    for code in (export_plan(crafted, "peft").snippet or "", export_plan(crafted, "trl").text):
+        top = code[: code.index("from ")]  # everything before the first import is the header comment
+        assert all(line.startswith("#") for line in top.splitlines()), code
+    namespace = {"model": tiny_model("llama", layers=N_LAYERS)}
+    exec(compile(export_plan(crafted, "peft").snippet or "", "lora.py", "exec"), namespace)
+    assert "HIT" not in os.environ
+    for to in ("axolotl", "llamafactory"):
+        assert "trust_remote_code" not in yaml.safe_load(export_plan(crafted, to).text), to
 
 
 def test_a_fractional_alpha_is_rounded_for_the_yaml_tools_and_said():

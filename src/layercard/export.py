@@ -217,7 +217,11 @@ def _lora_code(lora: dict[str, Any]) -> str:
 
 
 def _comment(lines: list[str]) -> str:
-    return "".join(f"# {line}\n" if line else "#\n" for line in lines)
+    """Comment lines, each one line whatever it holds: text read from an artifact (a model id, a task
+    name) with a line break in it would otherwise end the comment and become code or a setting of the
+    exported file (YAML and Python also break lines at ``\r``, ``\x85``, ``\u2028`` and ``\u2029``)."""
+    flat = (" ".join(str(line).splitlines()) for line in lines)
+    return "".join(f"# {line}\n" if line else "#\n" for line in flat)
 
 
 def _yaml(header: list[str], notes: list[str], body: dict[str, Any]) -> str:
