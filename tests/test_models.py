@@ -675,6 +675,21 @@ def test_load_gguf_converts_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     assert [m["path"] for m in cached] == [first.source]
 
 
+def test_a_gguf_is_converted_from_itself_alone(tmp_path: Path) -> None:
+    """Files beside a .gguf take no part in its conversion: config and tokenizer files naming custom code
+    (which transformers would offer to run) or other shapes leave it as the file alone gives it."""
+    gguf = write_tiny_gguf(tmp_path / "m.F32.gguf")
+    hit = tmp_path / "ran.txt"
+    (tmp_path / "evil.py").write_text(f"open({str(hit)!r}, 'w').write('ran')\n")
+    auto = {"AutoConfig": "evil.C", "AutoModelForCausalLM": "evil.M", "AutoTokenizer": ["evil.T", None]}
+    (tmp_path / "config.json").write_text(
+        json.dumps({"model_type": "llama", "num_hidden_layers": 7, "auto_map": auto})
+    )
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"auto_map": auto}))
+    loaded = M.load_model(str(gguf))
+    assert M.num_layers(loaded.model) == 2 and not hit.exists()
+
+
 def test_a_gguf_conversion_draws_no_bar_of_its_own_and_is_kept_per_transformers_major(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -17,6 +17,7 @@ import importlib.util
 import json
 import os
 import re
+import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -214,17 +215,35 @@ def _no_gguf_bar() -> Iterator[None]:
         reader.tqdm = bar
 
 
+@contextlib.contextmanager
+def _alone(gguf: Path) -> Iterator[Path]:
+    """A private temporary folder holding only a link to ``gguf``."""
+    with tempfile.TemporaryDirectory(prefix="layercard-gguf-") as tmp:
+        try:
+            (Path(tmp) / gguf.name).symlink_to(gguf.resolve())
+        except OSError as e:
+            raise LayercardError(
+                f"{gguf}: cannot link it into a temporary folder to convert it ({e})"
+            ) from None
+        yield Path(tmp)
+
+
 def _convert_gguf(gguf: Path, folder: Path, digest: str) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     say_progress(f"converting {gguf.name} to safetensors, once (cached in {folder})")
     t0 = time.perf_counter()
     try:
-        with _no_gguf_bar():
-            tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        # Read from a folder that holds the file alone: a config or tokenizer file beside it would change
+        # the conversion (cached by the file's hash alone), and one naming custom code would have
+        # transformers ask on stdin whether to run it.
+        with _no_gguf_bar(), _alone(gguf) as where:
+            tok = AutoTokenizer.from_pretrained(where, gguf_file=gguf.name, trust_remote_code=False)
             model = AutoModelForCausalLM.from_pretrained(
-                gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+                where, gguf_file=gguf.name, dtype=torch.float32, trust_remote_code=False
             )
+    except LayercardError:
+        raise
     except Exception as e:
         raise LayercardError(f"{gguf}: transformers cannot load this GGUF file ({first_line(e)})") from e
     # The GGUF quantizer makes save_pretrained refuse (and the Trainer too); the weights are already dense.
