@@ -163,6 +163,10 @@ def _metric(name: str, value: Any) -> Callable[[dict[str, Any]], None]:
         (_set(task=[]), "task: must be a mapping, got []"),
         (_set(provenance="x"), "provenance: must be a mapping, got 'x' (text)"),
         (_set(metrcs={}), "metrcs: unknown field (did you mean metrics?)"),
+        (
+            _set(predictions_file="/etc/passwd"),
+            "predictions_file: must be 'predictions.jsonl', the file beside it, got '/etc/passwd' (text)",
+        ),
     ],
 )
 def test_eval_fields_are_checked(run_copy, change, problem):

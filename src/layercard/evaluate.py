@@ -245,9 +245,9 @@ class EvalResult:
         file = p / EVAL_FILE if p.is_dir() and (p.name != EVAL_FILE or (p / EVAL_FILE).exists()) else p
         d = read_json(file, kind=KIND)
         check_eval(d, str(file))
-        preds_path = file.parent / str(d.get("predictions_file", PREDICTIONS_FILE))
+        preds_path = file.parent / PREDICTIONS_FILE
         preds: list[dict[str, Any]] | None = None
-        if "predictions" not in d and preds_path.exists():
+        if "predictions" not in d and preds_path.is_file():
             preds = _read_predictions(preds_path, d["n"])
         try:
             return cls.from_dict(d, predictions=preds)
@@ -291,7 +291,9 @@ def check_eval(d: Mapping[str, Any], source: str) -> None:
         f.optional(x, f"task.cut.{key}", lambda v, w: f.integer(v, w, minimum=0, below=n + 1))
     f.optional(task.get("format"), "task.format", f.mapping)
     f.optional(f.get(d, "adapter"), "adapter", f.text)
-    f.optional(d.get("predictions_file"), "predictions_file", f.text)
+    # always the file beside eval.json: a path elsewhere would have a report read outside the run folder
+    if f.optional(d.get("predictions_file"), "predictions_file", f.text) not in (None, PREDICTIONS_FILE):
+        f.fail("predictions_file", f"must be {PREDICTIONS_FILE!r}, the file beside it", d["predictions_file"])
     if "predictions" in d:
         for i, row in enumerate(f.items(d["predictions"], "predictions")):
             f.mapping(row, f"predictions[{i}]")
