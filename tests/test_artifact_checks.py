@@ -284,3 +284,16 @@ def test_every_committed_artifact_still_loads():
             loaders[kind](path)
             seen[kind] += 1
     assert all(seen.values()), seen
+
+
+@pytest.mark.parametrize("name", ["../../elsewhere", "/abs/run", "all\n"])
+def test_a_placement_name_in_run_json_cannot_lead_the_report_out_of_the_run(run_copy, name):
+    """run.json names the placement folders the report reads: a name that is no plain folder name is refused,
+    not followed."""
+    run_json = run_copy / "run.json"
+    _edit(run_json, lambda d: d["config"]["placements"][0].update(name=name))
+    _report_fails(
+        run_copy,
+        f"{run_json}: config.placements[0].name: {name!r} is not a placement name "
+        "(letters, digits, '_', '.', '-')",
+    )

@@ -163,7 +163,7 @@ class PlacementName(Schema):
     )
 
     def validate(self) -> None:
-        if not NAME_RE.match(self.name):
+        if not NAME_RE.fullmatch(self.name):
             raise self.fail(
                 "name", f"{self.name!r} must be 1-64 letters, digits, '_', '.' or '-' (it names a folder)"
             )

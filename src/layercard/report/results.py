@@ -218,6 +218,8 @@ def _run_json(root: Path) -> dict[str, Any] | None:
     places = cfg.get("placements") if isinstance(cfg, dict) else None
     if not isinstance(places, list) or not all(isinstance(p, dict) and "name" in p for p in places):
         raise LayercardError(f"{path}: not a run record (config.placements: a list of named placements)")
+    for i, p in enumerate(places):  # each names folders the report reads: none may lead out of the run
+        _placement_name(p["name"], f"{path}: config.placements[{i}].name")
     if not isinstance(run.get("inputs", {}), dict):
         raise LayercardError(f"{path}: inputs: not a mapping")
     return run
@@ -257,10 +259,21 @@ def stages_active(root: Path) -> tuple[bool, bool]:
 
 def trim_target(root: Path, trim: dict[str, Any]) -> str:
     """The placement the trim stage trimmed (its record says; else the adapter path does)."""
-    rec = _maybe(RunLayout.stage_record(RunLayout(root).trim_dir))
+    record = RunLayout.stage_record(RunLayout(root).trim_dir)
+    rec = _maybe(record)
     if rec is not None and rec.get("config", {}).get("placement"):
-        return str(rec["config"]["placement"])
-    return Path(trim["adapter"]).parent.name  # .../train/<placement>/adapter
+        return _placement_name(rec["config"]["placement"], f"{record}: config.placement")
+    # .../train/<placement>/adapter
+    return _placement_name(Path(trim["adapter"]).parent.name, "trim.json: adapter's placement")
+
+
+def _placement_name(name: Any, where: str) -> str:
+    """``name`` where it is one a run gives a placement (a plain folder name), else an error at ``where``."""
+    from layercard.config.run import NAME_RE
+
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
+        raise LayercardError(f"{where}: {name!r} is not a placement name (letters, digits, '_', '.', '-')")
+    return name
 
 
 def report_inputs(root: str | Path) -> list[Path]:
