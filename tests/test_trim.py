@@ -219,7 +219,16 @@ def test_trimmed_lora_equals_masked_and_loads_cleanly(tmp_path, capture_load):
         assert kept == (0, 1)
         masked = _logits(model)
 
+    # companions carried over: a plain file and a link within the adapter, not a link out of it
+    secret = tmp_path / "elsewhere" / "id_key"
+    secret.parent.mkdir()
+    secret.write_text("private")
+    (src / "notes.md").write_text("notes")
+    (src / "key.txt").symlink_to(secret)
+    (src / "same.md").symlink_to(src / "notes.md")
     out = T.export_trimmed(src, tmp_path / "trimmed", 2, model)
+    assert (out / "notes.md").read_text() == (out / "same.md").read_text() == "notes"
+    assert not (out / "key.txt").exists()
     cfg = json.loads((out / "adapter_config.json").read_text())
     assert cfg["target_modules"] == [f"model.layers.{i}.self_attn.{m}_proj" for i in (0, 1) for m in "qv"]
     assert cfg["layers_to_transform"] is None

@@ -136,8 +136,10 @@ def _write_trimmed_peft(src: Path, dst: Path, keep_upto: int, layers_path: str) 
     from safetensors.torch import save_file
 
     dst.mkdir(parents=True, exist_ok=True)
+    home = _own_tree(src)
     for f in src.iterdir():  # README, tokenizer files...: carried over unchanged
-        if f.is_file() and f.name not in (_PEFT_CONFIG, _PEFT_WEIGHTS):
+        # a link out of the adapter's own files (to a key, a home folder) is not the adapter's to share
+        if f.is_file() and f.name not in (_PEFT_CONFIG, _PEFT_WEIGHTS) and is_within(f, home):
             shutil.copy2(f, dst / f.name)
     save_file(kept, str(dst / _PEFT_WEIGHTS), metadata={"format": "pt"})
     (dst / _PEFT_CONFIG).write_text(json.dumps(new, indent=2, sort_keys=True) + "\n", encoding="utf-8")
@@ -270,3 +272,11 @@ def export_merged(
         loaded.tokenizer.save_pretrained(str(tmp))
         (tmp / MERGED_MARK).write_text(json.dumps(mark, indent=1) + "\n", encoding="utf-8")
     return merged
+
+
+def _own_tree(src: Path) -> Path:
+    """The tree an adapter folder's files may link into: a Hugging Face cache's model folder
+    (``models--*``, whose snapshot files are links into its ``blobs/``), else the folder itself."""
+    here = src.resolve()
+    return next((p for p in (src.absolute(), *src.absolute().parents) if p.name.startswith("models--")), here)
+
