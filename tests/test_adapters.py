@@ -172,6 +172,23 @@ def test_bad_arguments():
         add_adapters(model, "houlsby", [0], bottleneck=0)
 
 
+def test_an_adapter_that_would_replicate_base_layers_is_refused(tmp_path):
+    """PEFT's layer_replication grows the base itself, which detaching does not undo: the shared base would
+    be wrong for everything after it."""
+    from peft import LoraConfig, get_peft_model
+
+    get_peft_model(tiny_model("llama"), LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+    (tmp_path / "adapter_config.json").write_text(json.dumps({**cfg, "layer_replication": [[0, 2], [0, 2]]}))
+    base = tiny_model("llama")
+    before = {n: tuple(p.shape) for n, p in base.named_parameters()}
+    with pytest.raises(
+        LayercardError, match=r"adapter_config.json: layer_replication: \[\[0, 2\], \[0, 2\]\];"
+    ):
+        load_adapter(base, tmp_path)
+    assert {n: tuple(p.shape) for n, p in base.named_parameters()} == before
+
+
 def test_load_adapter_dispatches_peft_and_ours(tmp_path):
     from peft import LoraConfig, PeftModel, get_peft_model
 

@@ -411,6 +411,7 @@ def load_adapter(model: nn.Module, path: str | Path, *, is_trainable: bool = Fal
     if (folder / PEFT_CONFIG_FILE).is_file():
         from peft import PeftModel
 
+        _refuse_base_changes(folder / PEFT_CONFIG_FILE)
         try:
             return PeftModel.from_pretrained(model, str(folder), is_trainable=is_trainable)
         except Exception as e:
@@ -481,6 +482,20 @@ def check_base(folder: str | Path, model_hash: str) -> None:
                 raise LayercardError(f"{p / name}: not a JSON object") from None
             break
     _refuse_other_base(p, saved, model_hash)
+
+
+def _refuse_base_changes(file: Path) -> None:
+    """Refuse a PEFT config that would change the base itself: ``layer_replication`` adds layers to the
+    shared base, which detaching the adapter does not undo, so every later use of it would be wrong."""
+    try:
+        cfg = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise LayercardError(f"{file}: not readable JSON ({first_line(e)})") from None
+    if isinstance(cfg, dict) and cfg.get("layer_replication"):
+        raise LayercardError(
+            f"{file}: layer_replication: {cfg['layer_replication']!r}; an adapter that replicates base "
+            "layers changes the base model itself, which layercard shares between adapters: not loaded"
+        )
 
 
 def _refuse_other_base(folder: Path, saved: Any, model_hash: str) -> None:
