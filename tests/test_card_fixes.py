@@ -397,3 +397,13 @@ def test_a_gpt2_card_records_conv1d_modules_and_its_plans_set_fan_in_fan_out(fac
         LayercardError, match=r"units\[0\]\.module_kind: must be linear or conv1d, got 'conv'"
     ):
         Card.from_dict(old)
+
+
+def test_names_with_dollar_signs_are_drawn_as_written(coupled, tmp_path):
+    """A task or model name holding two '$' is text, not a formula: the card's figures draw it."""
+    odd = r"price_$\frac{a}$"
+    card = dataclasses.replace(
+        coupled, task={**coupled.task, "name": odd}, model={**coupled.model, "id": f"m_{odd}"}
+    )
+    written = write_card_folder(card, tmp_path / "card")
+    assert [p.name for p in written] == ["card_heatmap.png", "card_profiles.png", "card_coupling.png"]

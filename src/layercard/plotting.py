@@ -14,7 +14,7 @@ from typing import Any
 
 from layercard.artifacts import atomic_path
 
-__all__ = ["new_figure", "save_png"]
+__all__ = ["new_figure", "plain_text", "save_png"]
 
 
 def new_figure(nrows: int = 1, ncols: int = 1, **kw: Any) -> tuple[Any, Any]:
@@ -29,8 +29,19 @@ def new_figure(nrows: int = 1, ncols: int = 1, **kw: Any) -> tuple[Any, Any]:
     return fig, fig.subplots(nrows, ncols, **kw)
 
 
+def plain_text(fig: Any) -> None:
+    """Have every text of ``fig`` drawn as written: a task, file or model name holding two ``$`` would
+    otherwise be read as a formula, and drawing it fail (layercard's own labels use no formulas). Called
+    before anything lays the figure out or draws it."""
+    from matplotlib.text import Text
+
+    for text in fig.findobj(Text):
+        text.set_parse_math(False)
+
+
 def save_png(fig: Any, path: str | os.PathLike[str], dpi: int = 110) -> bytes:
     """Write ``fig`` to ``path`` as PNG, atomically (tight bounding box); returns the bytes written."""
+    plain_text(fig)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=dpi, bbox_inches="tight", format="png")
         return Path(tmp).read_bytes()

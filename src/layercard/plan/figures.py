@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from layercard.plotting import new_figure, save_png
+from layercard.plotting import new_figure, plain_text, save_png
 
 _LABELS = {
     "params": "trainable parameters",
@@ -119,6 +119,7 @@ def plot_frontier(
     fig.suptitle(
         f"{plan.card['model_id']} · {plan.card['task']} · policy {plan.config['policy']}", fontsize=9
     )
+    plain_text(fig)
     fig.tight_layout()
     save_png(fig, path)
     return Path(path)

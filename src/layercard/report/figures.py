@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from layercard.plotting import new_figure, save_png
+from layercard.plotting import new_figure, plain_text, save_png
 
 if TYPE_CHECKING:
     from layercard.train import TrainMetrics
@@ -195,6 +195,7 @@ def fig_quality_cost(rows: list[dict[str, Any]], primary: str | None, path: Path
     handles, labels = axes[0][0].get_legend_handles_labels()
     uniq = dict(zip(labels, handles, strict=False))
     fig.suptitle("quality against cost (hollow square: trimmed adapter)", fontsize=10)
+    plain_text(fig)
     fig.tight_layout()
     if uniq:  # a run folder with training metrics but no evaluation has nothing to label
         fig.legend(
