@@ -278,6 +278,23 @@ def _(w: World, tmp: Path) -> Row:
     return f"run {cfg} -o {tmp / 'run'}", msg, [tmp / "run"]
 
 
+# nested aliases: a few hundred bytes that stand for millions of values
+@case("yaml-alias-bomb")
+def _(w: World, tmp: Path) -> Row:
+    lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x]"]
+    lines += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 7)]
+    cfg = a_config(w, tmp, "\n".join(lines) + "\n")
+    sizes = [10]  # the list and its nine values; each next list, itself and nine of the one before
+    for _ in range(6):
+        sizes.append(1 + 9 * sizes[-1])
+    n = 1 + len(sizes) + sum(sizes)  # the mapping, its keys and their values
+    msg = (
+        f"error: {cfg}: holds {n:,} values once its aliases are expanded, more than the 100,000 a config "
+        "may; write the settings out rather than nesting aliases"
+    )
+    return f"run {cfg} -o {tmp / 'run'}", msg, [tmp / "run"]
+
+
 @case("yaml-duplicate-key-in-a-placement")
 def _(w: World, tmp: Path) -> Row:
     text = yaml.safe_dump(run_config(w), sort_keys=False).replace(

@@ -54,10 +54,37 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
+# The most values a config may hold once its aliases are expanded: a config is a few hundred; nested
+# aliases can make a few hundred bytes stand for billions, which every later walk of it would expand.
+MAX_VALUES = 100_000
+
+
+def expanded_size(value: Any) -> int:
+    """How many values ``value`` holds with every shared mapping or list counted each time it is reached
+    (as YAML aliases are read), computed without expanding them."""
+    sizes: dict[int, int] = {}
+
+    def size(v: Any) -> int:
+        if not isinstance(v, (dict, list)):
+            return 1
+        if id(v) not in sizes:
+            items = [*v.keys(), *v.values()] if isinstance(v, dict) else v
+            sizes[id(v)] = 1 + sum(size(x) for x in items)
+        return sizes[id(v)]
+
+    return size(value)
+
+
 def parse_yaml(text: str, source: str) -> Any:
     """The value of YAML ``text``; errors (a duplicate key names both lines) start with ``source``."""
     try:
-        return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
+        value = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
+        if (n := expanded_size(value)) > MAX_VALUES:
+            raise LayercardError(
+                f"{source}: holds {n:,} values once its aliases are expanded, more than the {MAX_VALUES:,} "
+                "a config may; write the settings out rather than nesting aliases"
+            )
+        return value
     except _DuplicateKey as e:
         raise LayercardError(
             f"{source}: line {e.second}: duplicate key {e.key!r} (first at line {e.first}); "
