@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import typer
 import typer.main
 
@@ -162,6 +163,27 @@ def test_an_output_that_refuses_writes_is_no_internal_error(monkeypatch, capsys,
     err = capsys.readouterr().err
     assert "internal error" not in err
     assert ("the output cannot be written (No space left on device)" in err) == (code == 1)
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        MemoryError(),
+        torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB"),
+        RuntimeError("[enforce fail at alloc_cpu.cpp:121] data. DefaultCPUAllocator: not enough memory"),
+    ],
+    ids=["python", "gpu", "cpu"],
+)
+def test_running_out_of_memory_is_said_as_such(capsys, error):
+    @cli_app.guard
+    def command() -> None:
+        raise error
+
+    with pytest.raises(typer.Exit) as exit_:
+        command()
+    err = " ".join(capsys.readouterr().err.split())
+    assert exit_.value.exit_code == 1 and err.startswith("error: out of memory (") and "internal" not in err
+    assert "a smaller batch, max length or rank needs less" in err
 
 
 def test_every_text_file_is_read_and_written_as_utf8():

@@ -148,6 +148,16 @@ _STATE = {"debug": False}
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+def _out_of_memory(e: BaseException) -> bool:
+    """Whether ``e`` is an allocation that failed: Python's, torch's on a GPU, or torch's CPU allocator's
+    (a RuntimeError)."""
+    torch = sys.modules.get("torch")  # loaded where a tensor was; not imported for this
+    oom = getattr(torch, "OutOfMemoryError", None) if torch is not None else None
+    if isinstance(e, MemoryError) or (oom is not None and isinstance(e, oom)):
+        return True
+    return isinstance(e, RuntimeError) and "not enough memory" in str(e)
+
+
 def guard(fn: F) -> F:
     """Known failures become one line on stderr and a non-zero exit; --debug shows the traceback."""
 
@@ -182,6 +192,13 @@ def guard(fn: F) -> F:
                 raise typer.Exit(1) from None
             if _STATE["debug"]:
                 traceback.print_exc()
+            elif _out_of_memory(e):
+                console.print(
+                    f"[bold red]error:[/] out of memory ({escape(first_line(e))}); a smaller batch, "
+                    "max length or rank needs less (a plan under --budget memory=… keeps to a figure)",
+                    highlight=False,
+                    soft_wrap=True,
+                )
             else:
                 console.print(
                     f"[bold red]internal error:[/] {escape(first_line(e))} "
