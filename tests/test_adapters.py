@@ -189,6 +189,16 @@ def test_an_adapter_that_would_replicate_base_layers_is_refused(tmp_path):
     assert {n: tuple(p.shape) for n, p in base.named_parameters()} == before
 
 
+def test_a_peft_adapter_saved_only_as_a_pickle_is_refused(tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    peft_model = get_peft_model(tiny_model("llama"), LoraConfig(r=2, target_modules=["q_proj"]))
+    peft_model.save_pretrained(tmp_path, safe_serialization=False)
+    assert (tmp_path / "adapter_model.bin").is_file()
+    with pytest.raises(LayercardError, match="holds adapter_model.bin but no adapter_model.safetensors"):
+        load_adapter(tiny_model("llama"), tmp_path)
+
+
 def test_load_adapter_dispatches_peft_and_ours(tmp_path):
     from peft import LoraConfig, PeftModel, get_peft_model
 

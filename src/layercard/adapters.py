@@ -412,6 +412,12 @@ def load_adapter(model: nn.Module, path: str | Path, *, is_trainable: bool = Fal
         from peft import PeftModel
 
         _refuse_base_changes(folder / PEFT_CONFIG_FILE)
+        if not (folder / "adapter_model.safetensors").is_file() and (folder / "adapter_model.bin").is_file():
+            # weights are read from safetensors only, as the models' are
+            raise LayercardError(
+                f"{folder}: holds adapter_model.bin but no adapter_model.safetensors; layercard loads "
+                "weights from safetensors only (save the adapter with safe_serialization=True)"
+            )
         try:
             return PeftModel.from_pretrained(model, str(folder), is_trainable=is_trainable)
         except Exception as e:
