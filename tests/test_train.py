@@ -906,3 +906,27 @@ def test_a_finished_run_is_not_trained_over(lora_run, tmp_path):
     with pytest.raises(LayercardError, match=r"a finished run of 4 steps .* its checkpoint step-2 is short"):
         train(lora_run["loaded"], lora_run["plan"], TRAIN, None, kept, tmp_path / "kept", resume=True)
     assert (tmp_path / "kept" / "train_metrics.json").read_bytes() == before
+
+
+def test_the_4bit_copy_is_read_from_safetensors_and_runs_no_code_the_base_did_not(monkeypatch):
+    """QLoRA reloads the base from its folder: from safetensors alone, and with custom code only where the
+    base itself was loaded with it (its class then comes from transformers' dynamic modules)."""
+    import peft
+    import transformers
+
+    from layercard.train import model as train_model
+
+    seen: dict[str, Any] = {}
+
+    def fake_load(source: str, **kw: Any) -> torch.nn.Module:
+        seen.update(kw)
+        return tiny_model("llama")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", fake_load)
+    monkeypatch.setattr(peft, "prepare_model_for_kbit_training", lambda m, **_: m)
+    train_model.load_4bit(_loaded(), 0)
+    assert seen["use_safetensors"] is True and seen["trust_remote_code"] is False
+    custom = _loaded()
+    monkeypatch.setattr(type(custom.model), "__module__", "transformers_modules.someone.model")
+    train_model.load_4bit(custom, 0)
+    assert seen["trust_remote_code"] is True

@@ -34,9 +34,16 @@ def load_4bit(loaded: LoadedModel, device_index: int) -> nn.Module:
     bnb = BitsAndBytesConfig(
         load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16
     )
+    # the copy runs custom code only where the base did, which was asked for when it was loaded
+    remote = type(loaded.model).__module__.startswith("transformers_modules")
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            loaded.source, quantization_config=bnb, device_map={"": device_index}, local_files_only=True
+            loaded.source,
+            quantization_config=bnb,
+            device_map={"": device_index},
+            local_files_only=True,
+            use_safetensors=True,
+            trust_remote_code=remote,
         )
     except Exception as e:
         raise LayercardError(f"{loaded.source}: cannot load in 4 bit ({first_line(e)})") from e
