@@ -313,6 +313,14 @@ def test_the_model_defaults_to_the_base_the_adapter_records(world: World, tmp_pa
     ):
         assert one_error_line(cli(line)) == f"error: --model: required ({why})"
     assert not (tmp_path / "f").exists() and not (tmp_path / "g").exists()
+    # custom code runs only from a model named on the command line, not from one an artifact names
+    said = "error: --trust-remote-code: runs the model folder's own code, so name the model with --model"
+    r = cli(f"eval -a {adapter} -t {FACTS} -o {tmp_path / 'h'} {EVAL} --trust-remote-code")
+    assert one_error_line(r) == f"{said} (the adapter folder names {str(world.model)!r})"
+    assert not (tmp_path / "h").exists()
+    r = cli(f"train -p {world.plan} -t {FACTS} -o {tmp_path / 'i'} --steps 1 --trust-remote-code")
+    assert one_error_line(r).startswith(f"{said} ({world.plan} names ")
+    assert not (tmp_path / "i").exists()
 
 
 def test_eval_says_when_the_mapped_references_are_not_there(world: World, tmp_path: Path) -> None:

@@ -381,7 +381,7 @@ def resolve_device(device: str) -> str:
     return str(models.resolve_device(device))
 
 
-def adapter_model(model: str | None, adapter: Path | None) -> str:
+def adapter_model(model: str | None, adapter: Path | None, trust_remote_code: bool = False) -> str:
     """``--model``, else the base model ``adapter``'s folder records (its hash is checked when attached)."""
     if model is not None:
         return model
@@ -391,7 +391,18 @@ def adapter_model(model: str | None, adapter: Path | None) -> str:
     if base is None:
         where = "the adapter folder records no base" if adapter is not None else "no --adapter"
         raise LayercardError(f"--model: required ({where})")
-    return base
+    return named_for_code(base, "the adapter folder", trust_remote_code)
+
+
+def named_for_code(model: str, source: str, trust_remote_code: bool) -> str:
+    """``model``, taken from an artifact (``source`` names it), unless custom code is to run: the code of a
+    model only an artifact names would run before its weights' hash could be checked."""
+    if trust_remote_code:
+        raise LayercardError(
+            f"--trust-remote-code: runs the model folder's own code, so name the model with --model "
+            f"({source} names {model!r})"
+        )
+    return model
 
 
 def load_cli_model(model: str, dtype: str, device: str, trust_remote_code: bool):

@@ -66,7 +66,7 @@ def eval_cmd(
     assert cfg is not None  # built by config_options before anything loads: a typo costs no time
     if adapter is not None:
         check_adapter(adapter)
-    model_spec = adapter_model(model, adapter)  # before anything is read or written
+    model_spec = adapter_model(model, adapter, trust_remote_code)  # before anything is read or written
     check_out_folder(out)
     earlier = (out / EVAL_FILE).is_file()
     with writer_lock(out, what="eval folder"):

@@ -16,6 +16,7 @@ from layercard.cli.app import (
     given,
     guard,
     load_cli_model,
+    named_for_code,
     note,
     note_examples,
     note_task,
@@ -163,6 +164,8 @@ def train_cmd(
     model_spec = model or p.card.get("model_id")
     if not model_spec:
         raise LayercardError(f"{plan}: the plan names no model; pass --model")
+    if model is None:
+        named_for_code(model_spec, str(plan), trust_remote_code)
     kw = task_kw or {}
     train_t = load_task(task, split=split, seed=seed, **kw)
     note_task(train_t)

@@ -82,7 +82,7 @@ def trace_cmd(
 
     assert cfg is not None  # built by config_options
     check_adapter(adapter)
-    model_spec = adapter_model(model, adapter)  # before anything is read or written
+    model_spec = adapter_model(model, adapter, trust_remote_code)  # before anything is read or written
     check_out_of_adapter(out, adapter)
     check_out_folder(out)
     earlier = (out / TRACE_FILE).is_file()
@@ -152,7 +152,7 @@ def trim_cmd(
 
     assert cfg is not None  # built by config_options
     check_adapter(adapter)
-    model_spec = adapter_model(model, adapter)  # before anything is read or written
+    model_spec = adapter_model(model, adapter, trust_remote_code)  # before anything is read or written
     check_out_of_adapter(out if out is not None else adapter.resolve().parent, adapter)
     out_dir = check_out_folder(out if out is not None else adapter.resolve().parent)
     earlier = (out_dir / TRIM_FILE).is_file()

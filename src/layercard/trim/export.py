@@ -279,4 +279,3 @@ def _own_tree(src: Path) -> Path:
     (``models--*``, whose snapshot files are links into its ``blobs/``), else the folder itself."""
     here = src.resolve()
     return next((p for p in (src.absolute(), *src.absolute().parents) if p.name.startswith("models--")), here)
-
