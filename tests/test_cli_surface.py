@@ -335,3 +335,25 @@ def test_eval_says_when_the_mapped_references_are_not_there(world: World, tmp_pa
     data.write_text("".join(json.dumps({"q": "q", "a": "a", "refs": ["a", "b"]}) + "\n" for _ in range(4)))
     r = cli(f"{line} -o {tmp_path / 'f'} {EVAL}")
     assert r.exit_code == 0 and "--field references" not in r.output, r.output
+
+
+def test_names_are_printed_as_text_not_markup_or_terminal_controls(capsys) -> None:
+    """A path is printed as it is: brackets are no markup (``[/x]`` had ended the command), and a terminal
+    escape sequence in a name is shown, not obeyed."""
+    from layercard import progress
+
+    odd = "runs/[bold]a/[/x]/\x1b]0;title\x07data.jsonl"
+    progress.say(f"note: {odd}: cut", enabled=True)
+    shown = "runs/[bold]a/[/x]/\\x1b]0;title\\x07data.jsonl"
+    assert capsys.readouterr().err.strip() == f"note: {shown}: cut"
+
+    @guard
+    def command() -> None:
+        raise LayercardError(f"{odd}: not found")
+
+    with pytest.raises(typer.Exit):
+        command()
+    assert " ".join(capsys.readouterr().err.split()) == f"error: {shown}: not found"
+    bar = progress.track(range(2), odd, enabled=True)
+    assert list(bar) == [0, 1]  # piped: plain lines, as the terminal's bar takes the same text
+    assert shown in capsys.readouterr().err

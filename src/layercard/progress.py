@@ -39,6 +39,16 @@ def bars_off(off: bool) -> None:
     _BARS["off"] = off
 
 
+# C0 and C1 controls but tab and line feed: shown as escapes, so that a name holding a terminal's escape
+# sequence (colours, a window title) is printed, not obeyed.
+_CONTROLS = {c: f"\\x{c:02x}" for c in (*range(0x00, 0x09), *range(0x0B, 0x20), 0x7F, *range(0x80, 0xA0))}
+
+
+def printable(text: str) -> str:
+    """``text`` with its control characters (tab and line feed aside) written as ``\\xNN`` escapes."""
+    return text.translate(_CONTROLS)
+
+
 def enabled_default() -> bool:
     return os.environ.get("LAYERCARD_PROGRESS", "1") != "0"
 
@@ -56,6 +66,7 @@ def track(
         yield from _plain(items, description, total)
         return
     from rich.console import Console
+    from rich.markup import escape
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -76,7 +87,8 @@ def track(
     ) as prog:
         _LIVE.append(prog)
         try:
-            tid = prog.add_task(description, total=total)
+            # the description is text (a task or file name), not markup for the bold column around it
+            tid = prog.add_task(escape(printable(description)), total=total)
             for item in items:
                 yield item
                 prog.advance(tid)
@@ -137,4 +149,7 @@ def say(text: str, *, enabled: bool | None = None) -> None:
     if enabled:
         from rich.console import Console
 
-        Console(stderr=True, emoji=False).print(text, highlight=False, soft_wrap=True)
+        # text, not markup: a path such as runs/[a]/x must print as it is, and one with [/x] not fail
+        Console(stderr=True, emoji=False).print(
+            printable(text), highlight=False, soft_wrap=True, markup=False
+        )

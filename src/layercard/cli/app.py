@@ -23,7 +23,7 @@ from typer._click import exceptions as _click_exceptions
 from typer._click import globals as _click_globals
 
 from layercard.errors import LayercardError, first_line
-from layercard.progress import bars_off, fewer_examples
+from layercard.progress import bars_off, fewer_examples, printable
 
 # click before 8.2 shows the help of `layercard` alone without an exception (an empty tuple catches nothing)
 _NO_ARGS_HELP = getattr(_click_exceptions, "NoArgsIsHelpError", ())
@@ -41,7 +41,9 @@ class _UsageLine(_click.ClickException):
         super().__init__(text)
 
     def show(self, file: Any = None) -> None:
-        console.print(f"[bold red]error:[/] {escape(self.message)}", highlight=False, soft_wrap=True)
+        console.print(
+            f"[bold red]error:[/] {escape(printable(self.message))}", highlight=False, soft_wrap=True
+        )
 
 
 @contextlib.contextmanager
@@ -168,7 +170,7 @@ def guard(fn: F) -> F:
         except LayercardError as e:
             if _STATE["debug"]:
                 traceback.print_exc()
-            console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
+            console.print(f"[bold red]error:[/] {escape(printable(str(e)))}", highlight=False, soft_wrap=True)
             raise typer.Exit(e.exit_code) from None
         except KeyboardInterrupt:
             from layercard.progress import stop_bars
@@ -187,21 +189,21 @@ def guard(fn: F) -> F:
             if isinstance(e, OSError) and e.filename is None and e.errno in (errno.ENOSPC, errno.EFBIG):
                 # a write that names no file is the output itself (`> /dev/full`); files are named
                 _output_gone()
-                why = escape(e.strerror or str(e))
+                why = escape(printable(e.strerror or str(e)))
                 console.print(f"[bold red]error:[/] the output cannot be written ({why})")
                 raise typer.Exit(1) from None
             if _STATE["debug"]:
                 traceback.print_exc()
             elif _out_of_memory(e):
                 console.print(
-                    f"[bold red]error:[/] out of memory ({escape(first_line(e))}); a smaller batch, "
-                    "max length or rank needs less (a plan under --budget memory=… keeps to a figure)",
+                    f"[bold red]error:[/] out of memory ({escape(printable(first_line(e)))}); a smaller "
+                    "batch, max length or rank needs less (a plan under --budget memory=… keeps to a figure)",
                     highlight=False,
                     soft_wrap=True,
                 )
             else:
                 console.print(
-                    f"[bold red]internal error:[/] {escape(first_line(e))} "
+                    f"[bold red]internal error:[/] {escape(printable(first_line(e)))} "
                     "(run with --debug for the traceback)",
                     highlight=False,
                     soft_wrap=True,
@@ -294,7 +296,7 @@ ModelOpt = Annotated[
 
 def note(text: str) -> None:
     """One line on stderr about something the user may not expect (not an error)."""
-    console.print(f"[yellow]note:[/] {escape(text)}", highlight=False, soft_wrap=True)
+    console.print(f"[yellow]note:[/] {escape(printable(text))}", highlight=False, soft_wrap=True)
 
 
 def note_replaced(file: Path, what: str, earlier: bool) -> None:
