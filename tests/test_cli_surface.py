@@ -357,3 +357,13 @@ def test_names_are_printed_as_text_not_markup_or_terminal_controls(capsys) -> No
     bar = progress.track(range(2), odd, enabled=True)
     assert list(bar) == [0, 1]  # piped: plain lines, as the terminal's bar takes the same text
     assert shown in capsys.readouterr().err
+
+
+def test_a_task_file_whose_name_looks_like_markup_is_shown_as_named(world: World, tmp_path: Path) -> None:
+    from bad_world import EVAL
+
+    data = tmp_path / "qa[bold][red].jsonl"  # as markup, it would print as qa.jsonl
+    data.write_text("".join(json.dumps({"input": f"q{i}", "target": f"a{i}"}) + "\n" for i in range(4)))
+    r = cli(f"eval -m {world.model} -t {data} -o {tmp_path / 'e'} {EVAL}")
+    assert r.exit_code == 0, r.output
+    assert "qa[bold][red] (" in " ".join(r.output.split()), r.output  # the table's title: name (split)

@@ -294,6 +294,12 @@ ModelOpt = Annotated[
 ]
 
 
+def plain(text: object) -> str:
+    """``text`` for a rich string that also holds markup: its brackets read as text, its controls shown
+    (:func:`printable`); for names and paths in titles and cells."""
+    return escape(printable(str(text)))
+
+
 def note(text: str) -> None:
     """One line on stderr about something the user may not expect (not an error)."""
     console.print(f"[yellow]note:[/] {escape(printable(text))}", highlight=False, soft_wrap=True)

@@ -20,6 +20,7 @@ from layercard.cli.app import (
     note_examples,
     note_replaced,
     note_task,
+    plain,
     progress_flag,
     result_console,
 )
@@ -43,7 +44,7 @@ def models_cmd(
     if json_out:
         emit_json({"cache_dir": str(cache_dir()), "models": rows})
         return
-    t = Table(title=f"layercard models (cache: {cache_dir()})")
+    t = Table(title=f"layercard models (cache: {plain(cache_dir())})")
     keys = sorted({k for r in rows for k in r})
     order = [k for k in ("name", "kind", "status", "description", "path") if k in keys] + [
         k for k in keys if k not in ("name", "kind", "status", "description", "path")
@@ -154,7 +155,10 @@ def card_cmd(
 def _print_card_summary(card) -> None:
     from layercard.card.summary import timings_text, top_layers
 
-    tbl = Table(title=f"Layer Card · {card.model['id']} · {card.task['name']} · roles {','.join(card.roles)}")
+    tbl = Table(
+        title=f"Layer Card · {plain(card.model['id'])} · {plain(card.task['name'])} · "
+        f"roles {','.join(card.roles)}"
+    )
     for col in ("layer", "resnorm", "‖∇W‖", "energy", "κ", "rate"):
         tbl.add_column(col, justify="right")
     rows = card.layer_table()

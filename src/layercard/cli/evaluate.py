@@ -25,6 +25,7 @@ from layercard.cli.app import (
     note_generation,
     note_replaced,
     note_task,
+    plain,
     progress_flag,
     result_console,
 )
@@ -101,9 +102,10 @@ def eval_cmd(
 def _print_result(result) -> None:
     from layercard.tasks import metric_scale
 
-    title = f"eval · {result.provenance['model_id']} · {result.task['name']} ({result.task['split']})"
+    task = f"{plain(result.task['name'])} ({result.task['split']})"
+    title = f"eval · {plain(result.provenance['model_id'])} · {task}"
     if result.adapter:
-        title += f" · adapter {result.adapter}"
+        title += f" · adapter {plain(result.adapter)}"
     tbl = Table(title=title)
     tbl.add_column("metric")
     tbl.add_column("value", justify="right")

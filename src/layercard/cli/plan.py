@@ -18,6 +18,7 @@ from layercard.cli.app import (
     guard,
     load_cli_model,
     note_unused,
+    plain,
     result_console,
 )
 from layercard.cli.options import config_options
@@ -141,7 +142,7 @@ def _print_search_plan(plan) -> None:
     chosen = p["candidate"]  # rounded as the tables show it, so that the summary line reads the same
     target_cost = (p.get("target") or {}).get("cost")  # the cost a target's plan is the cheapest in
     for kind, rows in p["frontier"].items():
-        t = Table(title=f"Frontier · predicted quality against {kind} · {plan.card['task']}")
+        t = Table(title=f"Frontier · predicted quality against {kind} · {plain(plan.card['task'])}")
         # short headers and unwrapped values keep a row on one line of an 80-column terminal
         for col in ("matrices", "layers", "rank", "quality", _cost_header(kind), "× ref", ""):
             t.add_column(col, justify="right" if col not in ("matrices", "layers") else "left", no_wrap=True)
@@ -249,7 +250,8 @@ def _print_plan(plan) -> None:
     p = plan.predicted
     cfg = plan.config
     roles = ",".join(cfg["roles"])
-    title = f"Plan · {cfg['policy']} · {plan.card['model_id']} · {plan.card['task']} · roles {roles}"
+    names = f"{plain(plan.card['model_id'])} · {plain(plan.card['task'])}"
+    title = f"Plan · {cfg['policy']} · {names} · roles {roles}"
     t = Table(title=title, show_header=False)
     t.add_column("", style="bold")
     t.add_column("")

@@ -9,7 +9,7 @@ import typer
 from rich import box
 from rich.table import Table
 
-from layercard.cli.app import app, emit_json, guard, progress_flag, result_console
+from layercard.cli.app import app, emit_json, guard, plain, progress_flag, result_console
 from layercard.progress import count
 from layercard.run_layout import RunLayout
 
@@ -48,7 +48,7 @@ def _on_stage(event: str, name: str, result: Any) -> None:
     t.add_column("what", style="bold")
     t.add_column("value")
     for k, v in result.rows:
-        t.add_row(k, v)
+        t.add_row(k, plain(v))
     result_console.print(t)
 
 
@@ -295,7 +295,7 @@ def demo_cmd(
             ranking = ", ".join(f"{r} {100 * s:.0f}%" for r, s in t["matrices"][:3])
             result_console.print(f"[bold]{task}[/]: card's top matrices {ranking}", highlight=False)
             result_console.print(f"  {t['recommendation']}", highlight=False, soft_wrap=True, markup=False)
-    result_console.print(f"[bold]overview:[/] {path}  ({wall:.0f} s)")
+    result_console.print(f"[bold]overview:[/] {plain(path)}  ({wall:.0f} s)")
 
 
 @app.command("report")

@@ -24,6 +24,7 @@ from layercard.cli.app import (
     note_examples,
     note_generation,
     note_replaced,
+    plain,
     progress_flag,
     result_console,
 )
@@ -98,7 +99,8 @@ def trace_cmd(
         emit_json({**tr.to_dict(), "trace": str(path), "figure": str(png)})
         return
     tbl = Table(
-        title=f"logit lens · {loaded.model_id} · {t.name} ({t.split}) · adapter {adapter}",
+        title=f"logit lens · {plain(loaded.model_id)} · {plain(t.name)} ({t.split}) · "
+        f"adapter {plain(adapter)}",
         caption="P on / P off: the mean probability of the gold target tokens read at the layer, adapter "
         "on / off; bold: a boundary candidate",
     )
@@ -199,7 +201,8 @@ def _print_trim(res: dict[str, Any]) -> None:
     names = res["metrics"]
     passes = len(res["before"].get("s_per_example_samples") or [1])
     tbl = Table(
-        title=f"trim sweep · {res['task']['name']} ({res['task']['split']}) · select by {res['metric']}",
+        title=f"trim sweep · {plain(res['task']['name'])} ({res['task']['split']}) · "
+        f"select by {res['metric']}",
         caption="K: adapters kept in layers 0..K; s/example: one generation pass per K (noisy), where the "
         f"line below gives the fastest of {count(passes, 'pass')}",
     )
