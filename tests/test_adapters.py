@@ -199,6 +199,30 @@ def test_a_peft_adapter_saved_only_as_a_pickle_is_refused(tmp_path):
         load_adapter(tiny_model("llama"), tmp_path)
 
 
+def test_a_config_asking_for_more_than_its_weights_hold_is_refused_before_building(tmp_path):
+    """A rank or bottleneck width that none of the saved tensors has is refused before any module is built
+    (built first, a 1e9 rank asks for hundreds of GiB)."""
+    from peft import LoraConfig, get_peft_model
+
+    get_peft_model(tiny_model("llama"), LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(
+        tmp_path / "p"
+    )
+    cfg_file = tmp_path / "p" / "adapter_config.json"
+    cfg_file.write_text(json.dumps({**json.loads(cfg_file.read_text()), "r": 10**9}))
+    with pytest.raises(
+        LayercardError, match=r"adapter_config.json: rank 1000000000: larger than any LoRA tensor"
+    ):
+        load_adapter(tiny_model("llama"), tmp_path / "p")
+    model = tiny_model("llama")
+    save_adapters(add_adapters(model, "houlsby", [1], bottleneck=4), tmp_path / "b")
+    ours = tmp_path / "b" / CONFIG_FILE
+    ours.write_text(json.dumps({**json.loads(ours.read_text()), "bottleneck": 10**9}))
+    fresh = tiny_model("llama")
+    with pytest.raises(LayercardError, match=r"bottleneck 1000000000: no tensor of .* has it"):
+        load_adapter(fresh, tmp_path / "b")
+    assert attached_adapters(fresh) is None
+
+
 def test_load_adapter_dispatches_peft_and_ours(tmp_path):
     from peft import LoraConfig, PeftModel, get_peft_model
 

@@ -375,9 +375,13 @@ def load_adapters(model: nn.Module, path: str | Path, *, model_hash: str | None 
         tensors = load_file(str(wfile))
     except (SafetensorError, OSError) as e:
         raise LayercardError(f"{wfile}: cannot read safetensors ({e})") from None
-    aset = add_adapters(
-        model, cfg["kind"], cfg["layers"], int(cfg["bottleneck"]), activation=cfg.get("activation", "relu")
-    )
+    width = int(cfg["bottleneck"])
+    if not any(width in t.shape for t in tensors.values()):
+        # refused before the adapters are built: a width the weights do not have could ask for any memory
+        raise LayercardError(
+            f"{folder / CONFIG_FILE}: bottleneck {width}: no tensor of {WEIGHTS_FILE} has it"
+        )
+    aset = add_adapters(model, cfg["kind"], cfg["layers"], width, activation=cfg.get("activation", "relu"))
     try:
         expected = aset.state_dict()
         missing = sorted(set(expected) - set(tensors))
@@ -490,6 +494,31 @@ def check_base(folder: str | Path, model_hash: str) -> None:
     _refuse_other_base(p, saved, model_hash)
 
 
+def _refuse_unweighted_ranks(folder: Path, cfg: Any) -> None:
+    """Refuse a PEFT config whose largest rank no LoRA tensor of its weights has: PEFT builds the modules
+    at the config's ranks before it reads a weight, so such a rank could ask for any memory. Read from the
+    safetensors header alone."""
+    from safetensors import SafetensorError, safe_open
+
+    weights = folder / "adapter_model.safetensors"
+    if not isinstance(cfg, dict) or not weights.is_file():
+        return
+    ranks = [cfg.get("r"), *(cfg.get("rank_pattern") or {}).values()]
+    ranks = [r for r in ranks if isinstance(r, int) and not isinstance(r, bool)]
+    if not ranks:
+        return
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            dims = {d for k in f.keys() if ".lora_" in k for d in f.get_slice(k).get_shape()}
+    except (SafetensorError, OSError) as e:
+        raise LayercardError(f"{weights}: cannot read safetensors ({first_line(e)})") from None
+    if dims and max(ranks) > max(dims):
+        raise LayercardError(
+            f"{folder / PEFT_CONFIG_FILE}: rank {max(ranks)}: larger than any LoRA tensor of {weights.name} "
+            f"({max(dims)} at most)"
+        )
+
+
 def _refuse_base_changes(file: Path) -> None:
     """Refuse a PEFT config that would change the base itself: ``layer_replication`` adds layers to the
     shared base, which detaching the adapter does not undo, so every later use of it would be wrong."""
@@ -497,6 +526,7 @@ def _refuse_base_changes(file: Path) -> None:
         cfg = json.loads(file.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError) as e:
         raise LayercardError(f"{file}: not readable JSON ({first_line(e)})") from None
+    _refuse_unweighted_ranks(file.parent, cfg)
     if isinstance(cfg, dict) and cfg.get("layer_replication"):
         raise LayercardError(
             f"{file}: layer_replication: {cfg['layer_replication']!r}; an adapter that replicates base "
