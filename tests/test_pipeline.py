@@ -784,7 +784,12 @@ def test_config_values_typed_and_defaults_filled(tmp_path):
 def test_a_spectrum_placement_turns_the_weight_snr_on(tmp_path):
     base = tiny_config(tmp_path)
     assert not parse_config(base).card.weight_snr  # nothing reads it: not measured
-    spectrum = apply_overrides(base, ["placements.0.policy=spectrum", "placements.0.budget=params=0.25x"])
+    to_spectrum = ["placements.0.policy=spectrum", "placements.0.budget=params=0.25x"]
+    # the card policy's score does not carry over: spectrum ranks by weight_snr
+    assert "placements[card-2].score: policy spectrum scores units by weight_snr" in _error(
+        apply_overrides(base, to_spectrum)
+    )
+    spectrum = apply_overrides(base, [*to_spectrum, "placements.0.score=null"])
     assert parse_config(spectrum).card.weight_snr
     off = apply_overrides(spectrum, ["card.weight_snr=false"])
     assert _error(off) == (
