@@ -690,6 +690,29 @@ def test_a_gguf_is_converted_from_itself_alone(tmp_path: Path) -> None:
     assert M.num_layers(loaded.model) == 2 and not hit.exists()
 
 
+def test_a_card_of_several_processes_converts_its_gguf_before_they_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Converted by each worker, one had waited on the other, saying so of the user's own command."""
+    import torch.multiprocessing as mp
+
+    from layercard.card.distributed import spawn_card
+    from layercard.config import CardConfig
+
+    gguf = write_tiny_gguf(tmp_path / "m.F32.gguf")
+    assert ML._cached_folder_for(gguf) is None
+    seen: list[bool] = []
+
+    def spawn(*_a: object, **_k: object) -> None:
+        seen.append(ML._cached_folder_for(gguf) is not None)
+        raise RuntimeError("stopped here")
+
+    monkeypatch.setattr(mp, "spawn", spawn)
+    with pytest.raises(LayercardError, match="stopped here"):
+        spawn_card(2, str(gguf), "synthetic:facts", CardConfig(examples=4, batch_size=2), device="cpu")
+    assert seen == [True]
+
+
 def test_a_gguf_conversion_draws_no_bar_of_its_own_and_is_kept_per_transformers_major(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -824,9 +824,10 @@ def test_an_update_the_loss_scaler_skipped_does_not_advance_the_schedule(tmp_pat
         assert saved["scheduler"]["last_epoch"] == (0 if skipped else 2)
 
 
-def test_a_warm_up_as_long_as_the_run_is_said(tmp_path: Path, capsys):
+@pytest.mark.parametrize("progress", [True, False])  # False: --json; a warning is no progress to hide
+def test_a_warm_up_as_long_as_the_run_is_said(tmp_path: Path, capsys, progress):
     cfg = TrainConfig(steps=2, warmup_steps=2, **FAST)
-    train(_loaded(), make_plan(_loaded(), [1]), TRAIN, None, cfg, tmp_path, progress=True)
+    train(_loaded(), make_plan(_loaded(), [1]), TRAIN, None, cfg, tmp_path, progress=progress)
     said = " ".join(capsys.readouterr().err.split())
     assert "warning: --warmup-steps 2 is not below the run's 2 steps: the learning rate never reaches" in said
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from collections.abc import Iterable, Iterator
 from typing import Any, TypeVar
 
@@ -47,6 +48,12 @@ _CONTROLS = {c: f"\\x{c:02x}" for c in (*range(0x00, 0x09), *range(0x0B, 0x20), 
 def printable(text: str) -> str:
     """``text`` with its control characters (tab and line feed aside) written as ``\\xNN`` escapes."""
     return text.translate(_CONTROLS)
+
+
+def hide_library_deprecations() -> None:
+    """Hide the library deprecation warnings that say nothing to a user of layercard: PEFT still reads a
+    transformers attribute deprecated in its v5. Run by the command line and by each process it starts."""
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
 
 def enabled_default() -> bool:

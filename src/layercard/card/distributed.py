@@ -25,6 +25,7 @@ import torch
 
 from layercard.config import CardConfig
 from layercard.errors import LayercardError
+from layercard.progress import hide_library_deprecations
 
 _ERROR_FILE = "error.{rank}.txt"
 _CARD_FILE = "card.json"
@@ -129,8 +130,10 @@ def spawn_card(
     import torch.multiprocessing as mp
 
     from layercard.card.artifact import Card
+    from layercard.models.loading import convert_once
 
     dev = check_processes(processes, device)
+    convert_once(model)  # here: converted by each worker, one would wait on the other under a lock note
     threads = torch.get_num_threads()  # each worker divides them while the others run (probe.shared_cores)
     with tempfile.TemporaryDirectory(prefix="layercard-card-") as tmp:
         args = (processes, tmp, model, task, cfg, split, dtype, dev.type, trust_remote_code, progress)
@@ -189,6 +192,7 @@ def _worker(
     from layercard.models import load_model
     from layercard.tasks import load_task
 
+    hide_library_deprecations()  # a fresh interpreter: the command line's filters are not in it
     torch.set_num_threads(threads)
     os.environ["LOCAL_WORLD_SIZE"] = str(world)  # all on this machine: they share its cores
     device = torch.device("cuda", rank) if device_type == "cuda" else torch.device("cpu")

@@ -10,7 +10,6 @@ import json
 import os
 import sys
 import traceback
-import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -23,7 +22,7 @@ from typer._click import exceptions as _click_exceptions
 from typer._click import globals as _click_globals
 
 from layercard.errors import LayercardError, first_line
-from layercard.progress import bars_off, fewer_examples, printable
+from layercard.progress import bars_off, fewer_examples, hide_library_deprecations, printable
 
 # click before 8.2 shows the help of `layercard` alone without an exception (an empty tuple catches nothing)
 _NO_ARGS_HELP = getattr(_click_exceptions, "NoArgsIsHelpError", ())
@@ -256,8 +255,7 @@ def main(
     _STATE["debug"] = debug
     _printable_anywhere()
     bars_off(quiet)  # bars and progress lines only: notes and warnings that share their switch still show
-    # PEFT still calls a transformers attribute deprecated in v5; the message says nothing to our users.
-    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    hide_library_deprecations()
 
 
 def _printable_anywhere() -> None:

@@ -83,6 +83,17 @@ def _builtin_gguf(name: str) -> Path:
     return path
 
 
+def convert_once(spec: str) -> None:
+    """Convert the GGUF a built-in name or a ``.gguf`` path loads from to its safetensors cache, where that
+    is not done yet, without loading the model: run before processes that each load it, so that one
+    converts and none waits on another (any other spec: nothing to do)."""
+    path = Path(spec).expanduser()
+    if spec in BUILTIN_MODELS:
+        builtin_path(spec)
+    elif path.is_file() and path.suffix.lower() == ".gguf":
+        _gguf_cache(path)
+
+
 def builtin_path(name: str) -> Path:
     """Safetensors cache folder for a built-in model, converting its GGUF on first use (~20 s)."""
     return _gguf_cache(_builtin_gguf(name))

@@ -297,7 +297,7 @@ def _train(
     _check_float16(cfg, accelerator.device.type)
     stream = Stream(data.encoded, cfg.batch_size, data.pad_id, cfg.seed)
     world = accelerator.num_processes
-    cfg = _sharded_config(accelerator, cfg, kind, resume, progress)
+    cfg = _sharded_config(accelerator, cfg, kind, resume)
     total_steps = planned_steps(cfg, len(stream.encoded), world)
     fingerprint = _fingerprint(loaded, plan, cfg, kind, layers, bottleneck, data, world, total_steps)
     run = _Run(
@@ -312,13 +312,15 @@ def _train(
     run = dataclasses.replace(run, budget_notes=tuple(_budget_notes(run)))
     notes = [*run.budget_notes, *_checkpointing_notes(run.plan.predicted, cfg.gradient_checkpointing)]
     notes += _dtype_notes(run.plan.predicted, weights_dtype(run.loaded.model), cfg.dtype)
+    # Said whether or not progress is shown (--json, LAYERCARD_PROGRESS=0), as the notes are: a warning
+    # is no progress to hide. One process says them for all.
     for line in notes:
-        say(f"warning: {line}", enabled=progress if accelerator.is_main_process else False)
+        say(f"warning: {line}", enabled=accelerator.is_main_process)
     if cfg.warmup_steps >= total_steps:  # allowed (a probe of the warm-up itself), but seldom meant
         say(
             f"warning: {setting_name('warmup_steps')} {cfg.warmup_steps} is not below the run's "
             f"{total_steps} steps: the learning rate never reaches its {cfg.lr:g}",
-            enabled=progress if accelerator.is_main_process else False,
+            enabled=accelerator.is_main_process,
         )
 
     # Model: the caller's base, adapted in place and restored in `finally`.
@@ -384,9 +386,7 @@ def sharded(accelerator: Any) -> bool:
     return accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
 
 
-def _sharded_config(
-    accelerator: Any, cfg: TrainConfig, kind: str, resume: bool, progress: bool | None
-) -> TrainConfig:
+def _sharded_config(accelerator: Any, cfg: TrainConfig, kind: str, resume: bool) -> TrainConfig:
     """``cfg`` as a sharded launch runs it: with no checkpoints (their optimizer state is sharded too, so
     none is written, and a warning says so), refusing ``--resume`` and bottleneck adapters (written from
     their own modules' weights); the LoRA adapter is gathered (:func:`_finish`)."""
@@ -403,7 +403,7 @@ def _sharded_config(
         say(
             f"warning: train.checkpoint_every {cfg.checkpoint_every}: {how}, checkpoints are not written; "
             "an interrupted run starts again",
-            enabled=progress if accelerator.is_main_process else False,
+            enabled=accelerator.is_main_process,
         )
         cfg = dataclasses.replace(cfg, checkpoint_every=0)
     return cfg
@@ -835,7 +835,10 @@ def _loop(
     cfg, acc = run.cfg, run.accelerator
     first = True
     steps = range(state.step, run.total_steps)
-    for _ in track(steps, f"train {run.kind}", total=len(steps), enabled=progress):
+    # one bar for the launch: every process would draw its own over the others'
+    for _ in track(
+        steps, f"train {run.kind}", total=len(steps), enabled=progress if acc.is_main_process else False
+    ):
         loss_value = _step(run, state, prepared, optimizer, scheduler, first)
         first = False
         step = state.step
