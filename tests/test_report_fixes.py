@@ -212,3 +212,21 @@ def test_fixed_point_figures_round_an_exact_half_up():
     # a numpy float, and values past the default decimal precision, print as before
     assert (fmt(np.float64(0.0625), ".3f"), fmt(1e30, ",.0f")) == ("0.063", f"{10**30:,}")
     assert fmt(np.float32(0.5), ".0f") == "1"  # any numpy float, as a float
+
+
+def test_names_in_the_markdown_report_are_text_not_html_or_layout(tmp_path):
+    """A task or model name is written into report.md as text: no tag a viewer would render, no line break
+    that ends a table row or a heading (report.html escapes the same text)."""
+    from layercard.report.build import _Doc
+    from layercard.report.tables import Table
+
+    odd = 'qa<img src=x onerror="alert(1)">\nrow'
+    doc = _Doc(title=f"run {odd}", fig_dir=tmp_path)
+    doc.h2(odd)
+    doc.p(f"task {odd}")
+    doc.table(Table(["task", "loss"], [[odd, "1.0"]]))
+    text = doc.markdown("figures")
+    assert "<img" not in text and "&lt;img" in text
+    assert '| qa&lt;img src=x onerror="alert(1)"> row | 1.0 |' in text.splitlines()
+    assert text.splitlines()[0] == '# run qa&lt;img src=x onerror="alert(1)"> row'
+    assert "<img" not in doc.html().replace("<img alt", "")  # the HTML report escapes it as it did

@@ -39,6 +39,7 @@ from layercard.report.tables import (
     Table,
     eval_table,
     headline_table,
+    markdown_text,
     plans_table,
     recommendation_table,
     spearman_or_none,
@@ -118,16 +119,17 @@ class _Doc:
         )
 
     def markdown(self, figures_rel: str) -> str:
-        out = [f"# {self.title}", ""]
+        out = [f"# {markdown_text(self.title)}", ""]
         for kind, x in self.parts:
             if kind == "h2":
-                out += [f"## {x}", ""]
+                out += [f"## {markdown_text(x)}", ""]
             elif kind == "p":
-                out += [x, ""]
+                out += [markdown_text(x), ""]
             elif kind == "table":
                 out += [x.markdown(), ""]
             else:
-                out += [f"![{x.caption}]({figures_rel}/{x.name})", ""]
+                caption = markdown_text(x.caption).replace("[", "\\[").replace("]", "\\]")
+                out += [f"![{caption}]({figures_rel}/{x.name})", ""]
         return "\n".join(out)
 
 

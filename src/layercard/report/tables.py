@@ -107,11 +107,18 @@ class Table:
 
     def markdown(self) -> str:
         def cell(c: str) -> str:
-            return c.replace("|", "\\|")
+            return markdown_text(c).replace("|", "\\|")
 
         lines = ["| " + " | ".join(map(cell, self.header)) + " |", "|" + "---|" * len(self.header)]
         lines += ["| " + " | ".join(map(cell, row)) + " |" for row in self.rows]
         return "\n".join(lines)
+
+
+def markdown_text(text: str) -> str:
+    """Text (a task or model name, a path) for one line of markdown: no tag a viewer would render as HTML
+    (``<`` written as ``&lt;``, which reads back as ``<``), and no line break to end a table row or a
+    heading."""
+    return " ".join(str(text).splitlines()).replace("<", "&lt;")
 
 
 def headline_table(results: dict[str, Any]) -> Table:
