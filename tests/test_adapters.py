@@ -338,3 +338,22 @@ def test_a_folder_of_another_architecture_or_a_damaged_config_is_refused_and_lea
     assert damaged(bottleneck="x") == "bottleneck: must be an integer >= 1, got 'x' (text)"
     assert damaged(schema_version=True).startswith("schema_version: this layercard reads 1")
     assert damaged(d=64).endswith("adapters of a model of width 64; this model's is 32")
+
+
+def test_a_peft_adapter_that_does_not_fit_leaves_the_base_as_it_was(tmp_path):
+    """load_adapter itself undoes what PEFT wrapped before it found the weights do not fit (the base's
+    flags too), and draws nothing from the caller's random state."""
+    from peft import LoraConfig, get_peft_model
+
+    other = get_peft_model(tiny_model("llama"), LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    other.save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+    (tmp_path / "adapter_config.json").write_text(json.dumps({**cfg, "r": 4}))  # weights are rank 2
+    base = tiny_model("llama")
+    flags = {n: p.requires_grad for n, p in base.named_parameters()}
+    state = torch.get_rng_state()
+    with pytest.raises(LayercardError, match="PEFT cannot load this adapter"):
+        load_adapter(base, tmp_path)
+    assert not any(type(m).__module__.startswith("peft.") for m in base.modules())
+    assert {n: p.requires_grad for n, p in base.named_parameters()} == flags
+    assert torch.equal(torch.get_rng_state(), state)

@@ -931,3 +931,48 @@ def test_the_4bit_copy_is_read_from_safetensors_and_runs_no_code_the_base_did_no
     monkeypatch.setattr(type(custom.model), "__module__", "transformers_modules.someone.model")
     train_model.load_4bit(custom, 0)
     assert seen["trust_remote_code"] is True
+
+
+def test_a_run_gives_the_caller_back_its_random_and_accelerate_state(tmp_path: Path):
+    """A script that trains in a loop draws on as it would have (the run seeds for itself), and an
+    Accelerator it makes afterwards may take any precision."""
+    import random
+
+    import numpy as np
+    from accelerate.state import AcceleratorState
+
+    loaded = _loaded()  # built from a seed of its own
+    plan = make_plan(loaded, [1])
+    random.seed(7), np.random.seed(7), torch.manual_seed(7)
+    py, npy, pt = random.getstate(), np.random.get_state()[1].copy(), torch.get_rng_state()
+    shared = dict(AcceleratorState._shared_state)
+    train(loaded, plan, TRAIN, None, TrainConfig(steps=1, **FAST), tmp_path)
+    assert random.getstate() == py and (np.random.get_state()[1] == npy).all()
+    assert torch.equal(torch.get_rng_state(), pt)
+    assert AcceleratorState._shared_state == shared
+
+
+def test_an_interrupt_while_peft_wraps_the_model_leaves_the_base_as_it_was(tmp_path: Path, monkeypatch):
+    """PEFT wraps module after module: cut after the first, the wrapper it left had the next run train the
+    base weights themselves, in place and without an error."""
+    from peft.tuners.lora import LoraModel
+
+    loaded = _loaded()
+    flags = {n: p.requires_grad for n, p in loaded.model.named_parameters()}
+    weights = {n: p.detach().clone() for n, p in loaded.model.named_parameters()}
+    wrap, calls = LoraModel._create_and_replace, {"n": 0}
+
+    def cut(self: Any, *a: Any, **k: Any) -> Any:
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return wrap(self, *a, **k)
+
+    monkeypatch.setattr(LoraModel, "_create_and_replace", cut)
+    with pytest.raises(KeyboardInterrupt):
+        train(loaded, make_plan(loaded, [1, 3]), TRAIN, None, TrainConfig(steps=1, **FAST), tmp_path / "a")
+    monkeypatch.undo()
+    assert {n: p.requires_grad for n, p in loaded.model.named_parameters()} == flags
+    assert not any("lora" in type(m).__module__ for m in loaded.model.modules())
+    train(loaded, make_plan(loaded, [1, 3]), TRAIN, None, TrainConfig(steps=1, **FAST), tmp_path / "b")
+    assert all(torch.equal(p, weights[n]) for n, p in loaded.model.named_parameters())

@@ -423,7 +423,8 @@ def load_adapter(model: nn.Module, path: str | Path, *, is_trainable: bool = Fal
                 "weights from safetensors only (save the adapter with safe_serialization=True)"
             )
         try:
-            return PeftModel.from_pretrained(model, str(folder), is_trainable=is_trainable)
+            with undone_on_failure(model), kept_torch_rng(model):
+                return PeftModel.from_pretrained(model, str(folder), is_trainable=is_trainable)
         except Exception as e:
             raise LayercardError(f"{folder}: PEFT cannot load this adapter ({first_line(e)})") from e
     if (folder / CONFIG_FILE).is_file():
@@ -444,6 +445,37 @@ def _adapter_modules(model: nn.Module) -> set[str]:
         for name, m in model.named_modules()
         if type(m).__module__.startswith(("peft.", "layercard.adapters"))
     }
+
+
+@contextlib.contextmanager
+def undone_on_failure(model: nn.Module) -> Iterator[None]:
+    """Where the block raises (a library's error, Ctrl-C, memory), put ``model`` back as it was: the
+    adapter layers the block wrapped around its modules removed, its ``requires_grad`` flags restored.
+    PEFT wraps layer after layer before it can fail; a wrapper left behind would have the next run train
+    the base itself."""
+    before = _adapter_modules(model)
+    grads = {n: p.requires_grad for n, p in model.named_parameters()}
+    had_config = "peft_config" in vars(model)
+    try:
+        yield
+    except BaseException:
+        _unwrap(model, _adapter_modules(model) - before)
+        for n, p in model.named_parameters():
+            if n in grads:
+                p.requires_grad_(grads[n])
+        if not had_config:
+            vars(model).pop("peft_config", None)
+        raise
+
+
+@contextlib.contextmanager
+def kept_torch_rng(model: nn.Module) -> Iterator[None]:
+    """Leave the caller's torch random state as it was: PEFT draws the initial LoRA weights from it, also
+    where they are then overwritten by saved ones."""
+    device = next(model.parameters()).device
+    gpus = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=gpus):
+        yield
 
 
 def _unwrap(model: nn.Module, names: set[str]) -> None:
@@ -556,15 +588,8 @@ def attached(base: nn.Module, adapter: str | Path, *, model_hash: str | None = N
     before = _adapter_modules(base)
     had = attached_adapters(base)
     grads = {n: p.requires_grad for n, p in base.named_parameters()}
-    try:
-        adapted = load_adapter(base, adapter, is_trainable=False)
-    except BaseException:
-        # PEFT wraps the base's layers before it finds the weights do not fit: unwrap what it left
-        _unwrap(base, _adapter_modules(base) - before)
-        for n, p in base.named_parameters():
-            if n in grads:
-                p.requires_grad_(grads[n])
-        raise
+    # PEFT wraps the base's layers before it finds the weights do not fit: load_adapter unwraps them
+    adapted = load_adapter(base, adapter, is_trainable=False)
     try:
         yield adapted
     finally:

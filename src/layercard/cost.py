@@ -517,13 +517,15 @@ def _time_steps(
     """
     from peft import LoraConfig, get_peft_model
 
+    from layercard.adapters import undone_on_failure
     from layercard.models import activation_checkpointing
 
     device = next(model.parameters()).device
     requires = [p.requires_grad for p in model.parameters()]
-    peft_model = get_peft_model(
-        model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets, lora_dropout=dropout)
-    )
+    with undone_on_failure(model):
+        peft_model = get_peft_model(
+            model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets, lora_dropout=dropout)
+        )
     try:
         with activation_checkpointing(peft_model, checkpointing):
             return _steps_timed(peft_model, batch, steps, forward, device)

@@ -256,6 +256,9 @@ def main(
     _printable_anywhere()
     bars_off(quiet)  # bars and progress lines only: notes and warnings that share their switch still show
     hide_library_deprecations()
+    # layercard draws its own bars; the libraries' (a save's "Writing model shards") only add noise. Read
+    # when transformers is imported, which the commands do after this.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
 def _printable_anywhere() -> None:

@@ -465,10 +465,34 @@ def load_model(
     torch_dtype = _resolve_dtype(dtype)
     dev = resolve_device(device)
     path = Path(spec).expanduser()
-    # layercard draws its own progress bars; transformers' per-load bars only add noise.
+    with _no_transformers_bars():
+        return _load_model(spec, path, torch_dtype, dev, trust_remote_code, local_only)
+
+
+@contextlib.contextmanager
+def _no_transformers_bars() -> Iterator[None]:
+    """transformers' per-load bars off for the block (layercard draws its own; theirs only add noise),
+    as the caller had them after it."""
     from transformers.utils import logging as hf_logging
 
+    was_off = hf_logging.is_progress_bar_enabled() is False
     hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if not was_off:
+            hf_logging.enable_progress_bar()
+
+
+def _load_model(
+    spec: str,
+    path: Path,
+    torch_dtype: torch.dtype,
+    dev: torch.device,
+    trust_remote_code: bool,
+    local_only: bool,
+) -> LoadedModel:
+    """:func:`load_model` once its arguments are read."""
     if spec in BUILTIN_MODELS:  # a built-in name wins over a same-named folder; use ./name for the folder
         folder = builtin_path(spec)
     elif path.is_dir():

@@ -57,7 +57,9 @@ def check_plan(plan: Plan, model: Any) -> dict[str, Any]:
     requires = [p.requires_grad for p in model.parameters()]
     peft_model = None
     try:
-        with warnings.catch_warnings():
+        from layercard.adapters import kept_torch_rng
+
+        with warnings.catch_warnings(), kept_torch_rng(model):
             # PEFT warns on unmatched pattern keys; we check them below and raise instead.
             warnings.simplefilter("ignore")
             try:

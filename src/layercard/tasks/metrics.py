@@ -119,10 +119,15 @@ _ROUGE_SCORER = None
 def _rouge_scorer():  # built lazily: importing rouge_score pulls in nltk, which is slow
     global _ROUGE_SCORER
     if _ROUGE_SCORER is None:
-        from rouge_score import rouge_scorer
+        from rouge_score import rouge_scorer, tokenizers
 
-        # Porter stemming as in the SAMSum/CNN-DM literature and Google's reference scripts
-        _ROUGE_SCORER = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+        # Porter stemming as in the SAMSum/CNN-DM literature and Google's reference scripts. The tokenizer
+        # is given, the same as the default: left to choose it, the scorer logs through absl, which gives
+        # the process's root logger a handler of its own (and a caller's logging.basicConfig then does
+        # nothing).
+        _ROUGE_SCORER = rouge_scorer.RougeScorer(
+            ["rougeL"], use_stemmer=True, tokenizer=tokenizers.DefaultTokenizer(use_stemmer=True)
+        )
     return _ROUGE_SCORER
 
 

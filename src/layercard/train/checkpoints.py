@@ -8,9 +8,11 @@ uninterrupted loss curve.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +73,18 @@ def _set_rng_state(state: dict[str, Any], numpy_state: list[Any] | None) -> None
     if numpy_state is not None:
         name, keys, pos, has_gauss, cached = numpy_state
         np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+
+
+@contextlib.contextmanager
+def kept_random_state() -> Iterator[None]:
+    """Give the caller back its random states (Python's, NumPy's, torch's and CUDA's) after the block: a
+    run seeds them for itself, and a script that trains in a loop must not draw the same numbers each
+    time round."""
+    rng, numpy_state = _rng_state(), _numpy_state()
+    try:
+        yield
+    finally:
+        _set_rng_state(rng, numpy_state)
 
 
 def _tuplify(x: Any) -> Any:

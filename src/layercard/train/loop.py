@@ -11,13 +11,14 @@ import json
 import math
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from layercard.adapters import ADAPTER_ATTR
 from layercard.artifacts import (
     Fields,
     Provenance,
@@ -47,6 +48,7 @@ from layercard.train.checkpoints import (
     CHECKPOINT_DIR,
     RESUME_FIELDS,
     check_resumable,
+    kept_random_state,
     latest_checkpoint,
     load_checkpoint,
     save_checkpoint,
@@ -234,7 +236,11 @@ def train(
         )
     out_dir = check_out_folder(out_dir)
     main = is_launch_main()
-    with writer_lock(out_dir, what="training folder") if main else contextlib.nullcontext():
+    # the run seeds the random generators for itself; the caller's draws go on as they would have
+    with (
+        kept_random_state(),
+        writer_lock(out_dir, what="training folder") if main else contextlib.nullcontext(),
+    ):
         if main:  # what a killed earlier run of this folder left half-written (its owner process is gone)
             remove_stale_temps(out_dir)
             remove_stale_temps(out_dir / CHECKPOINT_DIR)
@@ -267,7 +273,9 @@ def train(
         for text in notes if shown else ():
             say(text, enabled=True)
         args = (loaded, plan, data, cfg, out_dir, kind, layers, bottleneck, t_start)
-        metrics = _train(*args, resume=resume, progress=progress, callback=callback)
+        # seeded for the run, at its own precision; the caller's Accelerate state goes on as it was
+        with _kept_accelerate_state():
+            metrics = _train(*args, resume=resume, progress=progress, callback=callback)
         for text in notes if not shown else ():
             say(text, enabled=True)
         return metrics
@@ -339,6 +347,13 @@ def _train(
         trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
         if not trainable:
             raise LayercardError("plan: no trainable parameters after adapting the model")
+        base_weights = [n for n in trainable if ".lora_" not in n and ADAPTER_ATTR not in n.split(".")]
+        if base_weights:
+            # a base that came in wrapped or unfrozen would be trained itself, in place, with no error
+            raise LayercardError(
+                f"train: {len(base_weights)} base weights would train beside the adapters (e.g. "
+                f"{base_weights[0]}); load the model afresh, with no adapter attached"
+            )
         optimizer = torch.optim.AdamW(trainable.values(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
         state = _State()
@@ -453,6 +468,26 @@ def _check_float16(cfg: TrainConfig, device_type: str) -> None:
     if cfg.dtype == "float16" and device_type == "cpu":
         where = setting_name("dtype", flag="--precision")
         raise LayercardError(f"{where}: float16 trains on a GPU only; on a CPU use bfloat16 or float32")
+
+
+@contextlib.contextmanager
+def _kept_accelerate_state() -> Iterator[None]:
+    """Give the process back Accelerate's shared state as it was before the run (none, or the caller's own
+    Accelerator's): a run sets its precision there, which a later Accelerator of the caller's would find
+    fixed, or which would switch one the caller holds. A launched process's state is the launch's."""
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    if launch_world() > 1:
+        yield
+        return
+    shared = [cls._shared_state for cls in (PartialState, AcceleratorState, GradientState)]
+    saved = [dict(d) for d in shared]
+    try:
+        yield
+    finally:
+        for d, was in zip(shared, saved, strict=True):
+            d.clear()
+            d.update(was)
 
 
 def _free_mixed_precision(cfg: TrainConfig) -> None:

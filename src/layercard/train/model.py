@@ -16,6 +16,7 @@ from layercard.errors import LayercardError, first_line
 from layercard.inference import restore_modes, training_modes
 from layercard.models import LoadedModel
 from layercard.plan import Plan, check_lora_model
+from layercard.progress import hide_library_deprecations
 
 ADAPTER_DIR = "adapter"
 
@@ -60,6 +61,7 @@ class Adapted:
         self.flags = [(p, p.requires_grad) for p in base.parameters()]
         self.modes = training_modes(base)
         self.home = next(base.parameters()).device
+        self.attrs = set(vars(base))  # the instance attributes the caller's model came with
         self.peft_model: Any = None
         self.aset: Any = None
         self.prepared: Any = None  # the model as Accelerate wrapped it
@@ -87,10 +89,14 @@ class Adapted:
                 from layercard.train.eva import eva_lora_config
 
                 config = eva_lora_config(config, eva_rho)
-            with warnings.catch_warnings():
+            from layercard.adapters import undone_on_failure
+
+            with warnings.catch_warnings(), undone_on_failure(self.base):
                 # PEFT suggests meta-device LoRA weights for EVA; ours are small next to the base, and
                 # the model must move to its device before EVA runs, which needs real ones.
                 warnings.filterwarnings("ignore", message=".*eva initialization used with low_cpu_mem_usage")
+                # inside this block, whose filters are fresh each time: said once would be said every run
+                hide_library_deprecations()
                 self.peft_model = get_peft_model(self.base, config)
             check_lora_model(plan, self.peft_model)
             return self.peft_model
@@ -106,6 +112,11 @@ class Adapted:
         if self.prepared is not None:
             # Drops Accelerate's mixed-precision forward wrapper from the caller's model.
             accelerator.unwrap_model(self.prepared, keep_fp32_wrapper=False)
+            if not self.owned:
+                # and the marks it leaves: a caller's own prepare() of the model would do nothing, and the
+                # forward it bound back to the instance ties the model to itself
+                for name in {"_is_accelerate_prepared", "_original_forward", "forward"} - self.attrs:
+                    vars(self.base).pop(name, None)
         if self.peft_model is not None and not self.owned:
             self.peft_model.unload()
         if self.aset is not None:
