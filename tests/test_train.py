@@ -6,6 +6,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -976,3 +977,44 @@ def test_an_interrupt_while_peft_wraps_the_model_leaves_the_base_as_it_was(tmp_p
     assert not any("lora" in type(m).__module__ for m in loaded.model.modules())
     train(loaded, make_plan(loaded, [1, 3]), TRAIN, None, TrainConfig(steps=1, **FAST), tmp_path / "b")
     assert all(torch.equal(p, weights[n]) for n, p in loaded.model.named_parameters())
+
+
+def test_the_same_training_in_two_processes_gives_one_adapter_identity(tmp_path: Path):
+    """PEFT keeps target_modules as a set and safetensors writes several metadata keys in an order that
+    varies per process, and the README records measured times and the path: none may make the same weights,
+    trained twice, two adapters (a run would evaluate and trim them again)."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys; sys.path.insert(0, 'tests'); import test_train as T\n"
+        "from layercard.artifacts import hash_folder\n"
+        "from layercard.train import TrainConfig, train\n"
+        "for kind in ('lora', 'houlsby'):\n"
+        "    out = sys.argv[1] + '/' + kind\n"
+        "    train(T._loaded(), T.make_plan(T._loaded(), [1, 3]), T.TRAIN, None, "
+        "TrainConfig(steps=1, **T.FAST), out, kind=kind, progress=False)\n"
+        "    print(hash_folder(out + '/adapter'))\n"
+    )
+    hashes = []
+    for seed in ("1", "2"):
+        env = {**os.environ, "PYTHONHASHSEED": seed, "OMP_NUM_THREADS": "1"}
+        r = subprocess.run(
+            [sys.executable, "-c", script, str(tmp_path / seed)], env=env, capture_output=True, text=True
+        )
+        assert r.returncode == 0, r.stderr
+        hashes.append(r.stdout.split())
+    assert hashes[0] == hashes[1] and len(hashes[0]) == 2
+
+
+def test_the_training_record_names_its_plan_by_the_plans_content(tmp_path: Path):
+    from layercard.artifacts import content_hash
+
+    plan = make_plan(_loaded(), [1])
+    plan_file = plan.save(tmp_path / "plan.json")
+    records = []
+    for lr in (1e-3, 2e-3):
+        m = train(_loaded(), plan, TRAIN, None, TrainConfig(steps=1, lr=lr, **FAST), tmp_path / str(lr))
+        records.append(m["provenance"]["config"])
+    assert records[0]["plan"] == records[1]["plan"] == content_hash(plan_file)
+    assert records[0]["resume_fingerprint"] != records[1]["resume_fingerprint"]  # the lr is one of them

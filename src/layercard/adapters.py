@@ -297,7 +297,9 @@ def save_adapters(adapter_set: AdapterSet, path: str | Path, *, base_model_hash:
         cfg.update(_shape_of(adapter_set._owner[0]))
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in adapter_set.state_dict().items()}
     with atomic_path(folder / WEIGHTS_FILE) as tmp:
-        save_file(tensors, str(tmp), metadata={"format": "pt", "kind": adapter_set.kind})
+        # one key: the metadata of several is written in an order that varies per process (the kind is in
+        # the config beside it)
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
     with atomic_path(folder / CONFIG_FILE) as tmp:
         tmp.write_text(json.dumps(cfg, indent=1) + "\n", encoding="utf-8")
     return folder

@@ -78,17 +78,28 @@ def hash_file(path: str | os.PathLike[str]) -> str:
 def content_hash(path: str | os.PathLike[str]) -> str:
     """Hash of a JSON artifact without its provenance and timings (when it was made, how long it took), so
     a stage rerun that reproduces the same content does not invalidate the stages downstream of it."""
-    obj = read_json(path)
+    return artifact_hash(read_json(path))
+
+
+def artifact_hash(obj: Any) -> str:
+    """:func:`content_hash` of an artifact's JSON form in memory (``Plan.to_dict()``)."""
     if isinstance(obj, dict):
         obj = {k: v for k, v in obj.items() if k not in ("provenance", "timings")}
     return sha256_json(obj)
 
 
+# What an adapter folder's identity leaves out: its model card, which records the measured step time and
+# memory and the folder's path, so that the same weights trained twice have one identity.
+_NOT_IDENTITY = frozenset({"README.md"})
+
+
 def hash_folder(folder: str | os.PathLike[str]) -> str:
-    """sha256 over a folder's relative file names and bytes: the one identity of an adapter folder."""
+    """sha256 over a folder's relative file names and bytes (its top-level README.md aside): the one
+    identity of an adapter folder."""
     folder = Path(folder)
     h = hashlib.sha256()
-    for f in sorted(p for p in folder.rglob("*") if p.is_file()):
+    files = (p for p in folder.rglob("*") if p.is_file())
+    for f in sorted(p for p in files if p.relative_to(folder).as_posix() not in _NOT_IDENTITY):
         h.update(f"{f.relative_to(folder)}\n".encode())
         _update_from_file(h, f)
     return h.hexdigest()

@@ -22,6 +22,7 @@ from layercard.adapters import ADAPTER_ATTR
 from layercard.artifacts import (
     Fields,
     Provenance,
+    artifact_hash,
     check_out_folder,
     non_finite,
     remove_stale_temps,
@@ -1090,7 +1091,9 @@ def _metrics(
             **cfg.to_dict(),
             "kind": kind,
             "bottleneck": run.bottleneck,
-            "plan": sha256_json(run.fingerprint),
+            "plan": artifact_hash(plan.to_dict()),  # as content_hash reads its plan.json
+            # the settings a resumption must share (train/checkpoints.py RESUME_FIELDS), hashed
+            "resume_fingerprint": sha256_json(run.fingerprint),
         },
         seed=cfg.seed,
         wall_time_s=wall,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -151,9 +152,19 @@ def write_adapter(
             from layercard.adapters import write_base
 
             model.save_pretrained(str(tmp), safe_serialization=True, state_dict=state_dict)
+            _sort_targets(tmp / "adapter_config.json")
             write_base(tmp, model_id, model_hash)  # PEFT's config names the base by a path only
         else:
             from layercard.adapters import save_adapters
 
             save_adapters(aset, tmp, base_model_hash=model_hash)
         (tmp / README_FILE).write_text(readme, encoding="utf-8")
+
+
+def _sort_targets(file: Path) -> None:
+    """List ``target_modules`` in name order: PEFT keeps them as a set, written in an order that varies
+    from process to process, so the same adapter trained twice would differ in its config."""
+    cfg = json.loads(file.read_text(encoding="utf-8"))
+    if isinstance(cfg.get("target_modules"), list):
+        cfg["target_modules"] = sorted(cfg["target_modules"])
+        file.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")

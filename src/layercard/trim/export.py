@@ -171,7 +171,7 @@ def _write_trimmed_layercard(src: Path, dst: Path, keep_upto: int) -> dict[str, 
         if int(m.group(1)) <= keep_upto:
             kept[key] = t.contiguous()
     dst.mkdir(parents=True, exist_ok=True)
-    save_file(kept, str(dst / WEIGHTS_FILE), metadata={"format": "pt", "kind": str(cfg["kind"])})
+    save_file(kept, str(dst / WEIGHTS_FILE), metadata={"format": "pt"})  # one key: see save_adapters
     (dst / CONFIG_FILE).write_text(json.dumps({**cfg, "layers": layers}, indent=1) + "\n", encoding="utf-8")
     modules = [f"layer {i}:{s}" for i in layers for s in ("attn", "mlp")]
     return {
