@@ -71,6 +71,18 @@ def _loaded(model, tok=None) -> LoadedModel:
 # ---------------------------------------------------------------- generate
 
 
+def test_greedy_predictions_ignore_the_checkpoints_generation_defaults():
+    """generate() fills what layercard's config leaves unset from the model's generation_config.json: a
+    no-repeat size or suppressed tokens there would change predictions by a file no artifact hashes."""
+    tok, model = tiny_tokenizer(), _model()
+    plain, _ = generate(model, tok, TASK, TASK.examples, batch_size=3, max_new_tokens=6)
+    own = model.generation_config
+    model.generation_config.no_repeat_ngram_size = 1
+    model.generation_config.suppress_tokens = list(range(4, 200))
+    got, _ = generate(model, tok, TASK, TASK.examples, batch_size=3, max_new_tokens=6)
+    assert got == plain and model.generation_config is own and own.no_repeat_ngram_size == 1
+
+
 def test_generate_order_and_left_padding():
     tok, model = tiny_tokenizer(), _model()
     lengths = {len(encode_prompt(tok, FMT, ex.input)) for ex in TASK.examples}

@@ -610,7 +610,7 @@ def test_dtype_device_and_tokenizer_are_inputs_of_every_stage_that_reads_text(ti
     for stage in ("card", "train/all", "trim", "eval/base", "eval/all"):
         inputs = json.loads((run_dir / stage / "stage.json").read_text())["inputs"]
         assert inputs["dtype"] == "float32" and inputs["device"] == device, stage
-        assert len(inputs["tokenizer"]) == 64, stage
+        assert len(inputs["tokenizer"]) == 64 and len(inputs["config"]) == 64, stage
     assert json.loads((run_dir / "run.json").read_text())["inputs"]["device"] == device
     # the same weights with another chat template: the card reads other prompts
     model = tmp_path / "model"
@@ -621,6 +621,10 @@ def test_dtype_device_and_tokenizer_are_inputs_of_every_stage_that_reads_text(ti
     assert run_pipeline(moved, copy, progress=False, until="card")["skipped"] == ["card"]
     template = model / "chat_template.jinja"
     template.write_text(template.read_text().replace("'<|user|>'", "'<|user|> '"))
+    assert run_pipeline(moved, copy, progress=False, until="card")["ran"] == ["card"]
+    # the same weights under another architecture setting compute otherwise
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "rms_norm_eps": 1e-3}))
     assert run_pipeline(moved, copy, progress=False, until="card")["ran"] == ["card"]
     # and another dtype
     wider = load_config(cfg_path, [f"model={model}", "dtype=bfloat16"])

@@ -135,6 +135,30 @@ def _generation_config(max_new_tokens: int, stop_ids: Sequence[int], pad: int) -
     )
 
 
+@contextlib.contextmanager
+def _own_generation_defaults(model: nn.Module) -> Iterator[None]:
+    """The model's defaults for generation emptied for the block: generate() fills every setting the
+    given config leaves unset from the checkpoint's generation_config.json (suppressed tokens, a
+    no-repeat n-gram size, a length penalty), which would change greedy predictions by a file no artifact
+    hashes."""
+    from transformers import GenerationConfig
+
+    inner = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model
+    had = "generation_config" in vars(inner)
+    saved = getattr(inner, "generation_config", None)
+    if saved is None:
+        yield
+        return
+    inner.generation_config = GenerationConfig()
+    try:
+        yield
+    finally:
+        if had:
+            inner.generation_config = saved
+        else:
+            vars(inner).pop("generation_config", None)
+
+
 def prompts_finite(model: nn.Module, tokenizer: Any, task: Task, examples: Sequence[Example]) -> bool:
     """Whether the model's logits over the prompts of ``examples`` (one batch) are all finite: greedy
     decoding reads NaN logits as a token too, so generation alone cannot tell a broken model."""
@@ -204,7 +228,7 @@ def generate(
     new_tokens = 0
     gen_s = 0.0
     device = device_of(model)
-    with eval_mode(model):
+    with eval_mode(model), _own_generation_defaults(model):
         for group in track(groups, "generate", total=len(groups), enabled=progress):
             input_ids, attention = _left_pad([prompts[i] for i in group], pad)
             input_ids, attention = input_ids.to(device), attention.to(device)

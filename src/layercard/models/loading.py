@@ -144,6 +144,13 @@ def tokenizer_folder_hash(folder: Path) -> str:
     return _sha256_files(files, with_names=True)
 
 
+def config_folder_hash(folder: Path) -> str:
+    """sha256 over a model folder's config.json: the architecture's settings (an activation, a norm's
+    epsilon, a rope scaling) change what the same weights compute, and the model hash covers the weights
+    only."""
+    return _sha256_files([p for p in (folder / "config.json",) if p.is_file()], with_names=True)
+
+
 def _memo_hash(paths: Sequence[Path], *, with_names: bool) -> str:
     """sha256 of files, memoised in the cache's index keyed by path, size and mtime (so computed once)."""
     index_path = cache_dir() / "hash_index.json"

@@ -342,6 +342,14 @@ class Runner:
         return self._tokenizer_hash
 
     @property
+    def config_hash(self) -> str:
+        """The hash of the model folder's config.json (:func:`layercard.models.config_folder_hash`): the
+        same weights compute otherwise under other settings."""
+        from layercard.models import config_folder_hash
+
+        return config_folder_hash(self._model_folder() or Path(self.loaded.source))
+
+    @property
     def n_layers(self) -> int:
         """The model's decoder layers: from its config where the model is a local folder, without loading
         the weights; else from the loaded model."""
@@ -367,7 +375,12 @@ class Runner:
     def loading(self) -> dict[str, str]:
         """What every stage that runs the model reads besides its weights: the tokenizer's files, and the
         dtype and device type it runs at (numbers, timings and memory all depend on them)."""
-        return {"tokenizer": self.tokenizer_hash, "dtype": self.cfg.dtype, "device": self.device_type}
+        return {
+            "tokenizer": self.tokenizer_hash,
+            "config": self.config_hash,
+            "dtype": self.cfg.dtype,
+            "device": self.device_type,
+        }
 
     # ---- the stage mechanism ----------------------------------------------------------------------
     def stage(
