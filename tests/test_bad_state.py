@@ -539,3 +539,22 @@ def test_a_failed_write_removes_the_folders_it_made(tmp_path: Path) -> None:
     with artifacts.atomic_path(target) as tmp:  # a write that succeeds keeps them
         tmp.write_text("whole")
     assert target.read_text() == "whole"
+
+
+def test_other_weights_of_the_same_size_and_mtime_are_hashed_again(tmp_path: Path) -> None:
+    """The weights hash is memoised by file; a copy that keeps size and mtime (`cp -p`, `rsync -t`, an
+    archive) must not keep the old digest for new bytes."""
+    import os
+
+    from layercard.models import loading as ML
+
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(b"a" * 64)
+    first = ML.weights_folder_hash(tmp_path)
+    st = weights.stat()
+    other = tmp_path / "other"
+    other.write_bytes(b"b" * 64)
+    os.utime(other, ns=(st.st_atime_ns, st.st_mtime_ns))
+    os.replace(other, weights)  # same name, size and mtime; new bytes
+    assert weights.stat().st_size == st.st_size and weights.stat().st_mtime_ns == st.st_mtime_ns
+    assert ML.weights_folder_hash(tmp_path) != first

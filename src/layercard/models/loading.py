@@ -100,7 +100,14 @@ def builtin_path(name: str) -> Path:
 
 
 def _stat_key(paths: Sequence[Path]) -> list[list[Any]]:
-    return [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in paths]
+    """What a memoised hash is kept under: with the size and mtime, which a copy can give other bytes too
+    (`cp -p`, `rsync -t`, an archive), the inode and the change time, which any write moves and no tool
+    sets."""
+    keys = []
+    for p in paths:
+        st = p.stat()
+        keys.append([p.name, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino])
+    return keys
 
 
 def _sha256_files(paths: Sequence[Path], *, with_names: bool) -> str:
