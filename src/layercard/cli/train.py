@@ -95,7 +95,8 @@ def train_cmd(
     seed: Annotated[
         int,
         typer.Option(
-            help="Seed of the adapter's initialisation, dropout and data order, and of the tasks' subsets."
+            help="Seed of the adapter's initialisation, dropout and data order, and of the tasks' subsets "
+            "(a synthetic task is generated from it too: give the card's seed to train on its entities)."
         ),
     ] = 0,
     kind: Annotated[

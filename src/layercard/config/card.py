@@ -53,7 +53,12 @@ class CardConfig(Schema):
     lora_alpha: float = setting(16.0, kind="pos_float", help="LoRA alpha assumed by the first-step rate")
     lr: float = setting(1e-3, kind="pos_float", help="learning rate assumed by the first-step rate")
     a_draws: int = setting(4, kind="int", minimum=1, help="LoRA A draws averaged by the first-step rate")
-    seed: int = setting(0, kind="seed", yaml=False, help="seed of the probe subset and draws")
+    seed: int = setting(
+        0,
+        kind="seed",
+        yaml=False,
+        help="seed of the probe subset and draws (and of a synthetic task's generation)",
+    )
     sketch: int | str | None = setting(
         "auto",
         kind="sketch",

@@ -38,7 +38,9 @@ class RunSettings(Schema):
         "smollm2", kind="str", help="built-in name, local Hugging Face folder, .gguf file, or a cached hub id"
     )
     seed: int = setting(
-        0, kind="seed", help="one seed for probe subsets, planning, LoRA init, data order, eval"
+        0,
+        kind="seed",
+        help="one seed for probe subsets, planning, LoRA init, data order, eval, synthetic task generation",
     )
     dtype: str = setting("float32", kind="choice", choices=DTYPES, help="weights dtype of the loaded model")
     device: str = setting("auto", kind="str", help="auto | cpu | cuda | cuda:N | mps")
