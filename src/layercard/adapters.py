@@ -417,7 +417,7 @@ def load_adapter(model: nn.Module, path: str | Path, *, is_trainable: bool = Fal
     if (folder / PEFT_CONFIG_FILE).is_file():
         from peft import PeftModel
 
-        _refuse_base_changes(folder / PEFT_CONFIG_FILE)
+        _check_peft_config(folder / PEFT_CONFIG_FILE)
         if not (folder / "adapter_model.safetensors").is_file() and (folder / "adapter_model.bin").is_file():
             # weights are read from safetensors only, as the models' are
             raise LayercardError(
@@ -553,9 +553,10 @@ def _refuse_unweighted_ranks(folder: Path, cfg: Any) -> None:
         )
 
 
-def _refuse_base_changes(file: Path) -> None:
-    """Refuse a PEFT config that would change the base itself: ``layer_replication`` adds layers to the
-    shared base, which detaching the adapter does not undo, so every later use of it would be wrong."""
+def _check_peft_config(file: Path) -> None:
+    """Refuse a PEFT config that asks for more than its weights hold (:func:`_refuse_unweighted_ranks`) or
+    that would change the base itself: ``layer_replication`` adds layers to the shared base, which
+    detaching the adapter does not undo, so every later use of it would be wrong."""
     try:
         cfg = json.loads(file.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError) as e:

@@ -274,7 +274,7 @@ def train(
         for text in notes if shown else ():
             say(text, enabled=True)
         args = (loaded, plan, data, cfg, out_dir, kind, layers, bottleneck, t_start)
-        # seeded for the run, at its own precision; the caller's Accelerate state goes on as it was
+        # at the run's own precision; the caller's Accelerate state goes on as it was after it
         with _kept_accelerate_state():
             metrics = _train(*args, resume=resume, progress=progress, callback=callback)
         for text in notes if not shown else ():
