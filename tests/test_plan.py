@@ -1444,3 +1444,23 @@ def test_drawing_a_figure_leaves_the_callers_matplotlib_as_it_was(tiny_card, tmp
         assert (tmp_path / "f.png").read_bytes().startswith(b"\x89PNG")
     finally:
         plt.switch_backend(before)
+
+
+def test_a_plan_check_that_peft_refuses_midway_leaves_the_model_as_it_was(tiny_card, tiny_llama, monkeypatch):
+    from peft.tuners.lora import LoraModel
+
+    plan = make_plan(tiny_card, PlanConfig("top", budget="layers=2"))
+    flags = {n: p.requires_grad for n, p in tiny_llama.named_parameters()}
+    wrap, calls = LoraModel._create_and_replace, {"n": 0}
+
+    def refuse_second(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise ValueError("no")
+        return wrap(self, *a, **k)
+
+    monkeypatch.setattr(LoraModel, "_create_and_replace", refuse_second)
+    with pytest.raises(LayercardError, match="PEFT refused the plan's LoraConfig"):
+        check_plan(plan, tiny_llama)
+    assert not any(type(m).__module__.startswith("peft.") for m in tiny_llama.modules())
+    assert {n: p.requires_grad for n, p in tiny_llama.named_parameters()} == flags

@@ -53,27 +53,24 @@ def check_plan(plan: Plan, model: Any) -> dict[str, Any]:
         mod = get_module(model, u.name)
         if not isinstance(mod, nn.Module):
             raise LayercardError(f"plan check: {u.name} is not a module")
+    from layercard.adapters import kept_torch_rng, undone_on_failure
+
     cfg = plan.peft_config()
     requires = [p.requires_grad for p in model.parameters()]
-    peft_model = None
+    # a failed injection may have left LoRA layers behind: undone_on_failure takes them off
+    with warnings.catch_warnings(), kept_torch_rng(model), undone_on_failure(model):
+        # PEFT warns on unmatched pattern keys; we check them below and raise instead.
+        warnings.simplefilter("ignore")
+        try:
+            peft_model = get_peft_model(model, cfg)
+        except (ValueError, TypeError, KeyError, RuntimeError) as e:
+            raise LayercardError(
+                f"plan check: PEFT refused the plan's LoraConfig ({message_line(e)})"
+            ) from None
     try:
-        from layercard.adapters import kept_torch_rng
-
-        with warnings.catch_warnings(), kept_torch_rng(model):
-            # PEFT warns on unmatched pattern keys; we check them below and raise instead.
-            warnings.simplefilter("ignore")
-            try:
-                peft_model = get_peft_model(model, cfg)
-            except (ValueError, TypeError, KeyError, RuntimeError) as e:
-                raise LayercardError(
-                    f"plan check: PEFT refused the plan's LoraConfig ({message_line(e)})"
-                ) from None
         return {"matched": check_lora_model(plan, peft_model), "ok": True}
     finally:
-        if peft_model is not None:
-            peft_model.unload()
-        else:  # a failed injection may have left LoRA layers behind
-            _strip_lora(model)
+        peft_model.unload()
         for p, r in zip(model.parameters(), requires, strict=True):
             p.requires_grad_(r)
 
@@ -129,14 +126,3 @@ def _names(names: Sequence[str]) -> str:
 def _pattern_hits(key: str, names: Sequence[str]) -> list[str]:
     # PEFT 0.21's own rule (peft.utils.other.get_pattern_key and the unmatched-pattern warning).
     return [n for n in names if re.match(rf"(.*\.)?({key})$", n)]
-
-
-def _strip_lora(model: Any) -> None:
-    """Replace any LoRA wrapper left in ``model`` by its base layer."""
-    from peft.tuners.lora import LoraLayer
-
-    for name, mod in list(model.named_modules()):
-        if isinstance(mod, LoraLayer) and name:
-            parent_name, _, child = name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            setattr(parent, child, mod.get_base_layer())
