@@ -171,12 +171,15 @@ def test_an_output_that_refuses_writes_is_no_internal_error(monkeypatch, capsys,
         MemoryError(),
         torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB"),
         RuntimeError("[enforce fail at alloc_cpu.cpp:121] data. DefaultCPUAllocator: not enough memory"),
+        None,  # the CPU allocator's own, raised here
     ],
-    ids=["python", "gpu", "cpu"],
+    ids=["python", "gpu", "cpu", "cpu-now"],
 )
 def test_running_out_of_memory_is_said_as_such(capsys, error):
     @cli_app.guard
     def command() -> None:
+        if error is None:
+            torch.empty(10**17)  # 400 PB: more than a process can address (128 PB at most)
         raise error
 
     with pytest.raises(typer.Exit) as exit_:

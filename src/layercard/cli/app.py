@@ -156,7 +156,10 @@ def _out_of_memory(e: BaseException) -> bool:
     oom = getattr(torch, "OutOfMemoryError", None) if torch is not None else None
     if isinstance(e, MemoryError) or (oom is not None and isinstance(e, oom)):
         return True
-    return isinstance(e, RuntimeError) and "not enough memory" in str(e)
+    # torch's CPU allocator words it either way, by version and by where it failed
+    return isinstance(e, RuntimeError) and any(
+        said in str(e) for said in ("can't allocate memory", "not enough memory")
+    )
 
 
 def guard(fn: F) -> F:
