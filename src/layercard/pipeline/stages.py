@@ -179,6 +179,7 @@ class Runner:
         self._loaded: Any = None
         self._model_hash: str | None = None
         self._tokenizer_hash: str | None = None
+        self._config_hash: str | None = None
         self._device_type: str | None = None
         self._run_positions: tuple[float, int] | None = None
         self._train_data: Any = None
@@ -338,17 +339,23 @@ class Runner:
         if self._tokenizer_hash is None:
             from layercard.models import tokenizer_folder_hash
 
-            folder = self._model_folder() or Path(self.loaded.source)
-            self._tokenizer_hash = tokenizer_folder_hash(folder)
+            self._tokenizer_hash = tokenizer_folder_hash(self._files_folder())
         return self._tokenizer_hash
 
     @property
     def config_hash(self) -> str:
         """The hash of the model folder's config.json (:func:`layercard.models.config_folder_hash`): the
         same weights compute otherwise under other settings."""
-        from layercard.models import config_folder_hash
+        if self._config_hash is None:
+            from layercard.models import config_folder_hash
 
-        return config_folder_hash(self._model_folder() or Path(self.loaded.source))
+            self._config_hash = config_folder_hash(self._files_folder())
+        return self._config_hash
+
+    def _files_folder(self) -> Path:
+        """The folder the model's tokenizer and config files are read from: the local model folder, else
+        the one the loaded model came from."""
+        return self._model_folder() or Path(self.loaded.source)
 
     @property
     def n_layers(self) -> int:
