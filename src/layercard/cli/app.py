@@ -40,9 +40,7 @@ class _UsageLine(_click.ClickException):
         super().__init__(text)
 
     def show(self, file: Any = None) -> None:
-        console.print(
-            f"[bold red]error:[/] {escape(printable(self.message))}", highlight=False, soft_wrap=True
-        )
+        console.print(f"[bold red]error:[/] {plain(self.message)}", highlight=False, soft_wrap=True)
 
 
 @contextlib.contextmanager
@@ -172,7 +170,7 @@ def guard(fn: F) -> F:
         except LayercardError as e:
             if _STATE["debug"]:
                 traceback.print_exc()
-            console.print(f"[bold red]error:[/] {escape(printable(str(e)))}", highlight=False, soft_wrap=True)
+            console.print(f"[bold red]error:[/] {plain(e)}", highlight=False, soft_wrap=True)
             raise typer.Exit(e.exit_code) from None
         except KeyboardInterrupt:
             from layercard.progress import stop_bars
@@ -191,21 +189,21 @@ def guard(fn: F) -> F:
             if isinstance(e, OSError) and e.filename is None and e.errno in (errno.ENOSPC, errno.EFBIG):
                 # a write that names no file is the output itself (`> /dev/full`); files are named
                 _output_gone()
-                why = escape(printable(e.strerror or str(e)))
+                why = plain(e.strerror or str(e))
                 console.print(f"[bold red]error:[/] the output cannot be written ({why})")
                 raise typer.Exit(1) from None
             if _STATE["debug"]:
                 traceback.print_exc()
             elif _out_of_memory(e):
                 console.print(
-                    f"[bold red]error:[/] out of memory ({escape(printable(first_line(e)))}); a smaller "
+                    f"[bold red]error:[/] out of memory ({plain(first_line(e))}); a smaller "
                     "batch, max length or rank needs less (a plan under --budget memory=… keeps to a figure)",
                     highlight=False,
                     soft_wrap=True,
                 )
             else:
                 console.print(
-                    f"[bold red]internal error:[/] {escape(printable(first_line(e)))} "
+                    f"[bold red]internal error:[/] {plain(first_line(e))} "
                     "(run with --debug for the traceback)",
                     highlight=False,
                     soft_wrap=True,
@@ -306,7 +304,7 @@ def plain(text: object) -> str:
 
 def note(text: str) -> None:
     """One line on stderr about something the user may not expect (not an error)."""
-    console.print(f"[yellow]note:[/] {escape(printable(text))}", highlight=False, soft_wrap=True)
+    console.print(f"[yellow]note:[/] {plain(text)}", highlight=False, soft_wrap=True)
 
 
 def note_replaced(file: Path, what: str, earlier: bool) -> None:
