@@ -12,6 +12,7 @@ import shutil
 import threading
 import time
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
 import torch
@@ -30,6 +31,7 @@ from bad_world import (
     run_config,
     temp_name,
 )
+from conftest import REPO
 
 from layercard import artifacts
 from layercard.errors import LayercardError
@@ -558,3 +560,48 @@ def test_other_weights_of_the_same_size_and_mtime_are_hashed_again(tmp_path: Pat
     os.replace(other, weights)  # same name, size and mtime; new bytes
     assert weights.stat().st_size == st.st_size and weights.stat().st_mtime_ns == st.st_mtime_ns
     assert ML.weights_folder_hash(tmp_path) != first
+
+
+def test_an_adapters_identity_skips_hidden_files_and_separates_files(tmp_path: Path) -> None:
+    """What a file browser leaves in an adapter folder does not change its identity; one file holding
+    another's name and bytes after its own does not pass for the two files."""
+    from layercard.artifacts import hash_folder
+
+    one, two = tmp_path / "one", tmp_path / "two"
+    for d in (one, two):
+        d.mkdir()
+    (one / "a").write_bytes(b"1b\n2")  # "a\n" + "1b\n2": what files a (1) and b (2) once hashed as
+    (two / "a").write_bytes(b"1")
+    (two / "b").write_bytes(b"2")
+    assert hash_folder(one) != hash_folder(two)
+    before = hash_folder(two)
+    (two / ".DS_Store").write_bytes(b"x")
+    (two / ".ipynb_checkpoints").mkdir()
+    (two / ".ipynb_checkpoints" / "a").write_bytes(b"y")
+    assert hash_folder(two) == before
+    (two / "sub").mkdir()
+    (two / "sub" / "c").write_bytes(b"")  # an empty file is part of the identity
+    assert hash_folder(two) != before
+
+
+def test_provenance_names_the_source_commit(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A source checkout reports one package version for every commit: provenance adds the commit, and
+    leaves it out where git cannot tell."""
+    import subprocess
+
+    artifacts.source_commit.cache_clear()
+    try:
+        head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True)
+        if head.returncode != 0 or artifacts.source_commit() is None:
+            pytest.skip("layercard does not run from this git checkout")
+        recorded = artifacts.package_versions()["layercard_commit"]
+        assert recorded.removesuffix("+modified") == head.stdout.strip()
+        artifacts.source_commit.cache_clear()
+
+        def no_git(*a: object, **k: object) -> NoReturn:
+            raise FileNotFoundError("git")
+
+        monkeypatch.setattr(artifacts.subprocess, "run", no_git)
+        assert "layercard_commit" not in artifacts.package_versions()
+    finally:
+        artifacts.source_commit.cache_clear()

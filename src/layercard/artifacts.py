@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
+import functools
 import hashlib
 import json
 import math
@@ -22,6 +23,7 @@ import re
 import secrets
 import shutil
 import socket
+import subprocess
 import sys
 import tempfile
 import time
@@ -49,8 +51,36 @@ def package_versions() -> dict[str, str]:
         from layercard import __version__
 
         out["layercard"] = f"{__version__} (source)"
+    commit = source_commit()
+    if commit is not None:
+        out["layercard_commit"] = commit
     out["python"] = platform.python_version()
     return out
+
+
+@functools.cache
+def source_commit() -> str | None:
+    """The git commit of the source tree layercard runs from, ``+modified`` when its tracked files under
+    ``src/`` differ from that commit; None for an installed wheel, or where git cannot tell.
+
+    Every commit of a source checkout reports the same package version, so without it two artifacts of
+    different code would look alike."""
+    root = Path(__file__).resolve().parents[2]
+    if not (root / ".git").exists() or not (root / "pyproject.toml").is_file():
+        return None
+    asks = (["rev-parse", "HEAD"], ["status", "--porcelain", "--untracked-files=no", "--", "src"])
+    try:
+        head, changed = (
+            subprocess.run(
+                ["git", "-C", str(root), *args], capture_output=True, text=True, timeout=10, check=True
+            ).stdout.strip()
+            for args in asks
+        )
+    except (OSError, subprocess.SubprocessError):  # no git, not a repository it trusts, too slow
+        return None
+    if not re.fullmatch(r"[0-9a-f]{40,64}", head):
+        return None
+    return head + ("+modified" if changed else "")
 
 
 def sha256_bytes(data: bytes) -> str:
@@ -93,14 +123,21 @@ def artifact_hash(obj: Any) -> str:
 _NOT_IDENTITY = frozenset({"README.md"})
 
 
+def _in_identity(rel: Path) -> bool:
+    # Hidden files and folders (.DS_Store, .ipynb_checkpoints) are what file browsers and notebooks leave
+    # beside an adapter; no adapter format keeps its weights or config in one.
+    return rel.as_posix() not in _NOT_IDENTITY and not any(part.startswith(".") for part in rel.parts)
+
+
 def hash_folder(folder: str | os.PathLike[str]) -> str:
-    """sha256 over a folder's relative file names and bytes (its top-level README.md aside): the one
-    identity of an adapter folder."""
+    """sha256 over a folder's relative file names, sizes and bytes (its top-level README.md and hidden
+    files aside): the one identity of an adapter folder."""
     folder = Path(folder)
     h = hashlib.sha256()
-    files = (p for p in folder.rglob("*") if p.is_file())
-    for f in sorted(p for p in files if p.relative_to(folder).as_posix() not in _NOT_IDENTITY):
-        h.update(f"{f.relative_to(folder)}\n".encode())
+    files = (p for p in folder.rglob("*") if p.is_file() and _in_identity(p.relative_to(folder)))
+    for f in sorted(files):
+        # the size ahead of the bytes: one file's bytes cannot pass for another file's name and bytes
+        h.update(f"{f.relative_to(folder).as_posix()}\n{f.stat().st_size}\n".encode())
         _update_from_file(h, f)
     return h.hexdigest()
 
