@@ -559,6 +559,26 @@ def test_plan_json_roundtrip(tiny_card, tmp_path):
     assert plan.provenance["stage"] == "plan"
 
 
+def test_a_plan_records_which_card_and_how_it_was_measured(tiny_card, tmp_path):
+    """Two cards of one model and task (another seed, dtype or device) hold other numbers: the plan names
+    the card by its content hash, as card.json on disk hashes, and by how it was measured."""
+    from layercard.artifacts import content_hash
+
+    card_json = tiny_card.save(tmp_path / "card.json")
+    card = Card.load(card_json)
+    plan = make_plan(card, PlanConfig("card", budget="params=3000", rank="auto"), card_path=str(card_json))
+    assert plan.card["content_hash"] == content_hash(card_json)
+    assert (plan.card["seed"], plan.card["dtype"], plan.card["device"]) == (
+        card.config["seed"],
+        "float32",
+        "cpu",
+    )
+    reseeded = dataclasses.replace(card, config={**card.config, "seed": card.config["seed"] + 1})
+    other = make_plan(reseeded, PlanConfig("card", budget="params=3000", rank="auto"))
+    assert other.card["content_hash"] != plan.card["content_hash"] and other.card["seed"] != plan.card["seed"]
+    assert Plan.load(plan.save(tmp_path / "plan.json")).card == plan.card
+
+
 def test_malformed_plan_file(tmp_path):
     p = tmp_path / "plan.json"
     p.write_text(json.dumps({"kind": "plan", "schema_version": 1, "units": [{"key": 1}]}))

@@ -1018,3 +1018,4 @@ def test_the_training_record_names_its_plan_by_the_plans_content(tmp_path: Path)
         records.append(m["provenance"]["config"])
     assert records[0]["plan"] == records[1]["plan"] == content_hash(plan_file)
     assert records[0]["resume_fingerprint"] != records[1]["resume_fingerprint"]  # the lr is one of them
+    assert records[0]["device"] == records[1]["device"] == "cpu"  # where its step time was measured

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -10,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from layercard.artifacts import SCHEMA_VERSION, Fields, load_artifact, write_json
+from layercard.artifacts import SCHEMA_VERSION, Fields, artifact_hash, load_artifact, write_json
 from layercard.card import stats
 from layercard.card.validate import check_card
 from layercard.config.card import SCORES
@@ -204,6 +205,12 @@ class Card:
         """The card as card.json holds it: kind, schema version and every field."""
         d = dataclasses.asdict(self)
         return {"kind": KIND, "schema_version": SCHEMA_VERSION, "scores": SCORES, **d}
+
+    @functools.cached_property
+    def content_hash(self) -> str:
+        """The content hash of this card's card.json (:func:`layercard.artifacts.content_hash`): which
+        card exactly, its timings and provenance aside. Computed once (a card is frozen)."""
+        return artifact_hash(self.to_dict())
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], *, source: str = "card") -> Card:

@@ -166,4 +166,10 @@ def card_summary(card: Card, card_path: str | None) -> dict[str, Any]:
         "prompt": card.task.get("prompt"),
         "roles": list(card.roles),
         "n_layers": card.n_layers,
+        # which card exactly, and how it was measured: cards of one model and task at another seed, dtype
+        # or device hold other numbers
+        "content_hash": card.content_hash,
+        "seed": card.config.get("seed"),
+        "dtype": card.provenance.get("config", {}).get("dtype"),
+        "device": card.provenance.get("config", {}).get("device"),
     }

@@ -40,7 +40,7 @@ from layercard.cost import (
     touch_weights,
 )
 from layercard.errors import LayercardError, card_setting_text, expect, setting_name
-from layercard.models import BUILTIN_MODELS, LoadedModel, activation_checkpointing, weights_dtype
+from layercard.models import BUILTIN_MODELS, LoadedModel, activation_checkpointing, running_on, weights_dtype
 from layercard.plan import Plan, check_model_matches
 from layercard.progress import enabled_default, say, track
 from layercard.tasks import Encoded, Task, cut_note, encode_task
@@ -1091,6 +1091,7 @@ def _metrics(
             **cfg.to_dict(),
             "kind": kind,
             "bottleneck": run.bottleneck,
+            "device": running_on(loaded.model)["device"],  # where the step time and peak were measured
             "plan": artifact_hash(plan.to_dict()),  # as content_hash reads its plan.json
             # the settings a resumption must share (train/checkpoints.py RESUME_FIELDS), hashed
             "resume_fingerprint": sha256_json(run.fingerprint),
