@@ -184,6 +184,7 @@ class Runner:
         self._device_type: str | None = None
         self._run_positions: tuple[float, int] | None = None
         self._train_data: Any = None
+        self._cut_said = False
         # Whether this call goes on to evaluate: a training then first checks what the evaluation would
         # refuse before generating (gold answers, prompts past the model's context), not hours later.
         self.evaluates = False
@@ -639,7 +640,9 @@ class Runner:
                 resume=resume,
                 progress=self.progress,
                 data=self.train_data,
+                say_cut=not self._cut_said,  # every placement trains on the same examples
             )
+            self._cut_said = True
 
         def summarize() -> list[tuple[str, str]]:
             from layercard.cost import memory_kind_text

@@ -212,6 +212,7 @@ def train(
     kind: str | None = None,
     callback: StepCallback | None = None,
     data: TrainData | None = None,
+    say_cut: bool = True,
 ) -> dict[str, Any]:
     """Train the adapters ``plan`` places; write ``adapter/`` and ``train_metrics.json``; return the metrics
     (the :class:`TrainMetrics` dict).
@@ -224,7 +225,8 @@ def train(
     exception it raises stops the run like a crash would (checkpoints stay, nothing else is written).
     ``loaded.model`` is restored afterwards (LoRA unloaded, adapters removed, grad flags reset).
     ``data``: these tasks already encoded by :func:`prepare_data` for ``loaded`` and ``cfg`` (else they
-    are encoded here).
+    are encoded here). ``say_cut=False`` leaves out the note of examples cut to ``max_length``: a caller
+    that trains several plans on one ``data`` says it once.
     """
     t_start = time.perf_counter()
     kind, layers, bottleneck = _check_inputs(loaded, plan, train_task, val_task, cfg, kind)
@@ -268,7 +270,7 @@ def train(
         if data is None:
             data = prepare_data(loaded, train_task, val_task, cfg)
         cut = cut_note(data.encoded, cfg.max_length, "training", data.task.format)
-        if cut and main:
+        if cut and main and say_cut:
             notes.append(cut)
         shown = progress if progress is not None else enabled_default()
         for text in notes if shown else ():
