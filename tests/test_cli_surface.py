@@ -357,6 +357,11 @@ def test_names_are_printed_as_text_not_markup_or_terminal_controls(capsys) -> No
     bar = progress.track(range(2), odd, enabled=True)
     assert list(bar) == [0, 1]  # piped: plain lines, as the terminal's bar takes the same text
     assert shown in capsys.readouterr().err
+    from layercard.cli.app import note, warning
+
+    note(f"{odd}: kept")  # export's notes and plan's warnings print through these
+    warning(f"{odd}: kept")
+    assert capsys.readouterr().err.split("\n")[:2] == [f"note: {shown}: kept", f"warning: {shown}: kept"]
 
 
 def test_a_task_file_whose_name_looks_like_markup_is_shown_as_named(world: World, tmp_path: Path) -> None:

@@ -307,6 +307,11 @@ def note(text: str) -> None:
     console.print(f"[yellow]note:[/] {plain(text)}", highlight=False, soft_wrap=True)
 
 
+def warning(text: str) -> None:
+    """One line on stderr about something that may make a result other than the user meant."""
+    console.print(f"[yellow]warning:[/] {plain(text)}", highlight=False, soft_wrap=True)
+
+
 def note_replaced(file: Path, what: str, earlier: bool) -> None:
     """Say that ``file`` replaced an ``earlier`` one (whether the folder held it before the work): perhaps
     the ``what`` of another model, adapter or task."""

@@ -6,9 +6,8 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.markup import escape
 
-from layercard.cli.app import app, console, emit_json, guard, result_console
+from layercard.cli.app import app, console, emit_json, guard, note, result_console
 from layercard.errors import LayercardError
 
 # The formats a file name says it holds: an export written under another format's name is refused.
@@ -84,8 +83,8 @@ def export_cmd(
         return
     if out is None:
         typer.echo(result.text, nl=False)
-    for note in result.notes:
-        console.print(f"[yellow]note:[/] {escape(note)}", highlight=False, soft_wrap=True)
+    for text in result.notes:
+        note(text)
     # without --out stdout holds the export alone, so that `> FILE` is the file; with it, what was written
     said = result_console if out is not None else console
     if result.exact:

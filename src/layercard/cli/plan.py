@@ -6,13 +6,11 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.markup import escape
 from rich.table import Table
 
 from layercard.cli.app import (
     TrustOpt,
     app,
-    console,
     emit_json,
     given,
     guard,
@@ -20,11 +18,12 @@ from layercard.cli.app import (
     note_unused,
     plain,
     result_console,
+    warning,
 )
 from layercard.cli.options import config_options
 from layercard.config import SEARCH_POLICIES, PlanConfig
 from layercard.errors import LayercardError
-from layercard.progress import count
+from layercard.progress import count, printable
 
 
 @app.command("plan")
@@ -214,9 +213,9 @@ def _print_search_plan(plan) -> None:
         + (f", peak {peak_text(p['memory'], p.get('memory_figure'))}" if p.get("memory") else "")
         + (f"; priced at {where}" if (where := positions_text(plan.config)) else "")
     )
-    result_console.print(p["recommendation"], highlight=False, soft_wrap=True, markup=False)
+    result_console.print(printable(p["recommendation"]), highlight=False, soft_wrap=True, markup=False)
     for w in plan.warnings:
-        console.print(f"[yellow]warning:[/] {escape(w)}", highlight=False, soft_wrap=True)
+        warning(w)
     timed = [b for b in p["budgets"] if b.split("=")[0] in ("memory", "step_time")]
     if timed and not where and p.get("calibration_batch_positions"):
         result_console.print(
@@ -275,9 +274,9 @@ def _print_plan(plan) -> None:
         else f"{st:.3g} (all layers {p['all_layer_step_time_s']:.3g})",
     )
     result_console.print(t)
-    result_console.print(f"[dim]score basis: {escape(p['score_basis'])}[/]", highlight=False, soft_wrap=True)
+    result_console.print(f"[dim]score basis: {plain(p['score_basis'])}[/]", highlight=False, soft_wrap=True)
     for w in plan.warnings:
-        console.print(f"[yellow]warning:[/] {escape(w)}", highlight=False, soft_wrap=True)
+        warning(w)
 
 
 def _ranks_text(plan) -> str:
