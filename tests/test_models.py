@@ -554,6 +554,27 @@ def test_load_model_from_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     assert relative.model_id == str(folder.resolve()) and relative.model_hash == sha
 
 
+def test_a_hub_download_takes_python_files_only_for_code_it_may_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import huggingface_hub
+
+    folder = tmp_path / "snapshot"
+    _save_tiny(folder)
+    asked: list[list[str]] = []
+
+    def snapshot_download(repo_id: str, *, local_files_only: bool, allow_patterns: list[str]) -> str:
+        asked.append(allow_patterns)
+        return str(folder)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    loaded = M.load_model("some-org/some-model", local_only=False)
+    assert loaded.model_id == "some-org/some-model" and "*.safetensors" in asked[0]
+    assert "*.py" not in asked[0]  # a repository's code is not fetched for a model that will not run it
+    M.load_model("some-org/some-model", local_only=False, trust_remote_code=True)
+    assert "*.py" in asked[1]
+
+
 def test_load_model_errors(tmp_path: Path) -> None:
     missing = tmp_path / "nope"
     with pytest.raises(LayercardError, match="nope") as err:

@@ -322,14 +322,15 @@ def resolve_device(device: str) -> torch.device:
     return dev
 
 
-def _hub_snapshot(spec: str, *, local_only: bool) -> Path | None:
-    """The local snapshot folder for a hub id (downloading only when allowed), or None."""
+def _hub_snapshot(spec: str, *, local_only: bool, code: bool) -> Path | None:
+    """The local snapshot folder for a hub id (downloading only when allowed), or None; ``code``: the
+    repository's Python files too (a model loaded with ``trust_remote_code`` runs them)."""
     if not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", spec) or spec.startswith("."):
         return None
     try:
         from huggingface_hub import snapshot_download
 
-        patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.py"]
+        patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"] + (["*.py"] if code else [])
         return Path(snapshot_download(spec, local_files_only=local_only, allow_patterns=patterns))
     except Exception:
         return None
@@ -516,7 +517,7 @@ def _load_model(
             raise LayercardError(f"model {spec!r}: a file but not .gguf; pass a model folder or a .gguf file")
         folder = _gguf_cache(path)
     else:
-        snap = _hub_snapshot(spec, local_only=local_only)
+        snap = _hub_snapshot(spec, local_only=local_only, code=trust_remote_code)
         if snap is None:
             where = (
                 "and not in the local Hugging Face cache; network use is off (local_only)"
