@@ -547,6 +547,14 @@ def test_the_api_refuses_wrong_arguments_in_one_line(world: World, tmp_path: Pat
         (lambda: trim(loaded, world.adapter, task, None, t), "trim: cfg must be a TrimConfig, got NoneType"),
         (lambda: check_plan(card, loaded), "check_plan: plan must be a Plan, got Card"),
         (lambda: layercard.run_pipeline(str(cfg_path), t), "run_pipeline: cfg must be a RunConfig, got str"),
+        (
+            lambda: evaluate_model(loaded.model, task, EvalConfig(examples=2)),
+            "evaluate: loaded must be a LoadedModel, got LlamaForCausalLM",
+        ),
+        (
+            lambda: layercard.load_adapter(loaded, world.adapter),
+            "load_adapter: model must be a Module, got LoadedModel; pass the loaded model's .model",
+        ),
     ]:  # each had been an AttributeError or TypeError from inside the stage
         with pytest.raises(LayercardError, match="^" + re.escape(said)):
             call()

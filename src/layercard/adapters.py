@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from layercard.artifacts import SCHEMA_VERSION, atomic_path
-from layercard.errors import LayercardError, first_line
+from layercard.errors import LayercardError, expect, first_line
 
 __all__ = [
     "ACTIVATIONS",
@@ -413,6 +413,8 @@ def load_adapter(model: nn.Module, path: str | Path, *, is_trainable: bool = Fal
     (see :func:`attached_adapters`). As with PEFT, the base weights are frozen and the adapter's are
     trainable only with ``is_trainable``.
     """
+    # a LoadedModel is what every other function takes: say which part of it this one wants
+    expect("load_adapter", "model", model, nn.Module, "pass the loaded model's .model")
     folder = Path(path)
     if (folder / PEFT_CONFIG_FILE).is_file():
         from peft import PeftModel

@@ -41,7 +41,7 @@ from layercard.artifacts import (
 from layercard.config import EvalConfig
 from layercard.errors import LayercardError, MissingSplit, expect, message_line
 from layercard.inference import eval_example_losses, eval_loss, generate, generation_prompts, prompts_finite
-from layercard.models import running_on
+from layercard.models import LoadedModel, running_on
 from layercard.tasks import (
     METRICS,
     Encoded,
@@ -453,17 +453,18 @@ def _evaluated(task: Task, cfg: EvalConfig) -> tuple[Task, EvalConfig]:
     return sub, run
 
 
-def check_evaluable(loaded: Any, task: Task, cfg: EvalConfig) -> None:
+def check_evaluable(loaded: LoadedModel, task: Task, cfg: EvalConfig) -> None:
     """Refuse, before any work that precedes an evaluation (a run's training), what :func:`evaluate` of
     ``task`` would refuse before generating: no examples, a bad gold answer, or prompts that with
     ``max_new_tokens`` outgrow the model's context."""
+    expect("check_evaluable", "loaded", loaded, LoadedModel, "load it with layercard.load_model")
     sub, run = _evaluated(task, cfg)
     assert run.max_new_tokens is not None  # resolved() filled it
     generation_prompts(loaded.model, loaded.tokenizer, sub, sub.examples, run.max_new_tokens)
 
 
 def evaluate(
-    loaded: Any,
+    loaded: LoadedModel,
     task: Task | str | Path,
     cfg: EvalConfig,
     *,
@@ -481,6 +482,7 @@ def evaluate(
     ``cfg.seed``): its test split, else its validation split, never its training split unasked.
     The gold data is checked for every metric before anything is generated.
     """
+    expect("evaluate", "loaded", loaded, LoadedModel, "load it with layercard.load_model")
     expect("evaluate", "cfg", cfg, EvalConfig, "such as EvalConfig(examples=64)")
     if isinstance(task, (str, Path)):
         task = resolve_eval_task(str(task), seed=cfg.seed)[0]

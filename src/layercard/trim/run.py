@@ -23,7 +23,7 @@ from layercard.adapters import attached
 from layercard.artifacts import SCHEMA_VERSION, Provenance, atomic_path, hash_folder, is_within, write_json
 from layercard.config import TraceConfig, TrimConfig
 from layercard.errors import LayercardError, expect
-from layercard.models import running_on
+from layercard.models import LoadedModel, running_on
 from layercard.tasks import METRICS, Task, batches, encode_task, higher_is_better
 from layercard.train.readme import README_FILE, trimmed_readme
 from layercard.trim.export import (
@@ -281,8 +281,6 @@ def _job(
     progress: bool | None,
 ) -> _Job:
     """Check the inputs, pick the examples and metrics, and build the scorers."""
-    from layercard.models import LoadedModel
-
     expect("trim", "loaded", loaded, LoadedModel, "load it with layercard.load_model")
     expect("trim", "task", task, Task, "read it with layercard.load_task")
     expect("trim", "cfg", cfg, TrimConfig, "such as TrimConfig(examples=32)")
@@ -526,7 +524,7 @@ def _result(
 
 
 def trim(
-    loaded: Any,
+    loaded: LoadedModel,
     adapter_dir: str | Path,
     task: Task,
     cfg: TrimConfig,
