@@ -14,6 +14,7 @@ The command line is a thin layer over these functions; so are the run pipeline a
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from layercard.adapters import load_adapter
@@ -52,8 +53,8 @@ __all__ = [
 
 
 def measure_card(
-    model: LoadedModel | str,
-    task: Task | str,
+    model: LoadedModel | str | os.PathLike[str],
+    task: Task | str | os.PathLike[str],
     cfg: CardConfig | None = None,
     *,
     split: str | None = None,

@@ -679,7 +679,7 @@ def _chosen_units(card: Card, chosen: F.Candidate) -> list[tuple[UnitRow, int]]:
     return [(by_key[key], r) for key, r in chosen.units]
 
 
-def _memory(card: Card, units: Sequence[tuple[UnitRow, int]]) -> dict[str, float] | None:
+def _memory(card: Card, units: Sequence[tuple[UnitRow, int]]) -> dict[str, Any] | None:
     """A placement's predicted peak memory and its activation part (see CostModel.memory), from its unit
     rows with their ranks."""
     from layercard.cost import CostModel

@@ -113,7 +113,7 @@ class Space:
             return None
         return self.cost_model.forward_time(self.modules(layers))
 
-    def memory(self, layers: Sequence[int], params: int | None = None) -> dict[str, float] | None:
+    def memory(self, layers: Sequence[int], params: int | None = None) -> dict[str, Any] | None:
         """Predicted peak training memory and its activation part (MiB, §5), or None if not measured."""
         if self.cost_model is None:
             return None

@@ -219,7 +219,7 @@ def is_path_spec(spec: str, folder: str | Path | None = None) -> bool:
 
 
 def load_task(
-    spec: str,
+    spec: str | os.PathLike[str],
     *,
     split: str | None = None,
     limit: int | None = None,
