@@ -109,6 +109,18 @@ def tiny_run(tmp_path_factory) -> tuple[Path, Path, dict[str, Any]]:
     return make_run(tmp_path_factory.mktemp("pipeline"))
 
 
+def test_every_artifact_names_the_tokenizer_it_read(tiny_run):
+    """The model hash covers the weights only: each artifact's provenance also names the tokenizer and
+    chat-template files, as the run's fingerprints do."""
+    from layercard.models import tokenizer_folder_hash
+
+    cfg_path, run_dir, _ = tiny_run
+    want = tokenizer_folder_hash(cfg_path.parent / "tiny-llama")
+    names = ["card/card.json", "plan/all/plan.json", "train/all/train_metrics.json", "eval/all/eval.json"]
+    for name in names + ["trim/trim.json", "trim/trace.json"]:
+        assert json.loads((run_dir / name).read_text())["provenance"]["tokenizer_hash"] == want, name
+
+
 def _records(run_dir: Path) -> dict[str, dict[str, Any]]:
     recs = {}
     for p in [*run_dir.glob(f"**/{STAGE_FILE}"), run_dir / "report.stage.json"]:

@@ -157,6 +157,9 @@ class Provenance:
     wall_time_s: float
     created: str
     machine: dict[str, Any]
+    # the model folder's tokenizer and chat-template files (models.tokenizer_folder_hash): they decide the
+    # tokens every stage reads, and model_hash covers the weights only; None for a model built in memory
+    tokenizer_hash: str | None = None
 
     @classmethod
     def make(
@@ -170,6 +173,7 @@ class Provenance:
         config: dict[str, Any],
         seed: int,
         wall_time_s: float,
+        tokenizer_hash: str | None = None,
     ) -> Provenance:
         return cls(
             stage=stage,
@@ -183,6 +187,7 @@ class Provenance:
             wall_time_s=round(float(wall_time_s), 3),
             created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             machine=machine_info(),
+            tokenizer_hash=tokenizer_hash,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -190,7 +195,8 @@ class Provenance:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Provenance:
-        return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls)})
+        # a field added later (tokenizer_hash) has a default, and artifacts written before it lack it
+        return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d or f.default is None})
 
 
 def machine_info() -> dict[str, Any]:

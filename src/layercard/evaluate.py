@@ -541,6 +541,7 @@ def evaluate(
         stage="eval",
         model_id=loaded.model_id,
         model_hash=loaded.model_hash,
+        tokenizer_hash=loaded.tokenizer_hash,
         task=sub.name,
         data_hash=sub.data_hash,
         config=prov_config,

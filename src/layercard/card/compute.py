@@ -471,6 +471,7 @@ def _compute_card(loaded: Any, task: Any, cfg: CardConfig, *, progress: bool | N
         stage="card",
         model_id=loaded.model_id,
         model_hash=loaded.model_hash,
+        tokenizer_hash=loaded.tokenizer_hash,
         task=task.name,
         data_hash=probe_task.data_hash,
         config={**config, **models.running_on(model)},  # the card itself keeps its settings alone

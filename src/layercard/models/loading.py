@@ -51,6 +51,13 @@ class LoadedModel:
     model_hash: str
     source: str
 
+    @functools.cached_property
+    def tokenizer_hash(self) -> str | None:
+        """:func:`tokenizer_folder_hash` of the folder the model was loaded from; None for a model built in
+        memory (``source`` is no folder)."""
+        folder = Path(self.source)
+        return tokenizer_folder_hash(folder) if self.source != "memory" and folder.is_dir() else None
+
 
 def cache_dir() -> Path:
     """``$LAYERCARD_CACHE``, else ``~/.cache/layercard``."""

@@ -145,6 +145,7 @@ def provenance(card: Card, config: dict[str, Any], t0: float) -> dict[str, Any]:
         config=config,
         seed=config["seed"],
         wall_time_s=time.perf_counter() - t0,
+        tokenizer_hash=card.provenance.get("tokenizer_hash"),  # the card's tokens are the plan's
     ).to_dict()
 
 

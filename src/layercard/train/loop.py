@@ -1087,6 +1087,7 @@ def _metrics(
         stage="train",
         model_id=loaded.model_id,
         model_hash=loaded.model_hash,
+        tokenizer_hash=loaded.tokenizer_hash,
         task=run.data.task.name,
         data_hash=run.data.task.data_hash,
         config={

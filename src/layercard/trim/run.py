@@ -121,6 +121,7 @@ def _traced(
         stage="trace",
         model_id=loaded.model_id,
         model_hash=loaded.model_hash,
+        tokenizer_hash=loaded.tokenizer_hash,
         task=sub.name,
         data_hash=sub.data_hash,
         config={**cfg.to_dict(), "adapter": str(adapter), "adapter_hash": adapter_hash, **running_on(model)},
@@ -479,6 +480,7 @@ def _result(
         stage="trim",
         model_id=job.loaded.model_id,
         model_hash=job.loaded.model_hash,
+        tokenizer_hash=job.loaded.tokenizer_hash,
         task=sub.name,
         data_hash=sub.data_hash,
         config={
