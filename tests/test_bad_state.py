@@ -279,6 +279,34 @@ def test_model_cache_takes_over_a_stale_lock_and_drops_dead_index_entries(tmp_pa
 # ---------------------------------------------------------------------------------------------------------
 
 
+def test_a_lock_held_from_another_pid_namespace_is_not_taken_over(tmp_path: Path) -> None:
+    """A writer in a container on the same machine (same host name, another pid namespace) records a pid
+    that names another process, or none, here: the lock file's flock, which its writer holds however it
+    was started, says it is live. Once that writer is gone, its lock is taken over."""
+    fcntl = pytest.importorskip("fcntl")
+    target = tmp_path / "out"
+    lock = artifacts.lock_path(target)
+    for record in (
+        lock_record(1, pid_start=-1, pid_ns="pid:[1]"),  # pid 1 there is not this machine's pid 1
+        lock_record(dead_pid()),
+        "",  # an exclusive create whose record is not written yet (no hard links on the file system)
+    ):
+        lock.write_text(record)
+        fd = os.open(lock, os.O_RDONLY)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # what the writer holds while it writes
+        try:
+            with pytest.raises(LayercardError, match="another layercard process is writing"):
+                with artifacts.writer_lock(target):
+                    pass
+            assert artifacts.lock_held(target) and lock.read_text() == record
+        finally:
+            os.close(fd)  # the writer ends
+        with artifacts.writer_lock(target) as held:
+            assert json.loads(held.read_text())["pid"] == os.getpid()
+            assert artifacts._flocked(held)  # and this process holds it the same way
+        assert not lock.exists()
+
+
 def test_writer_lock_takes_over_stale_locks_and_waits_for_live_ones(
     world: World, tmp_path: Path, capsys
 ) -> None:

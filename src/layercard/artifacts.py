@@ -250,6 +250,45 @@ def _pid_start(pid: int) -> int | None:
         return None
 
 
+def _pid_namespace() -> str | None:
+    """This process's pid namespace where the system names one (Linux): a pid from another namespace (a
+    container on the same machine) names another process here, or none."""
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return None
+
+
+def _hold(fd: int) -> None:
+    """Take an exclusive ``flock`` on ``fd``'s file where the system has one: held until the process
+    closes it or ends, however it ends, and seen from every pid namespace of the machine."""
+    try:
+        import fcntl
+
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except (ImportError, OSError):  # no flock here (another platform, some network file systems)
+        pass
+
+
+def _flocked(path: Path) -> bool | None:
+    """Whether some process holds ``path``'s ``flock`` (:func:`_hold`); None where that cannot be told."""
+    try:
+        import fcntl
+
+        fd = os.open(path, os.O_RDONLY)
+    except (ImportError, OSError):
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return None
+    finally:
+        os.close(fd)  # and with it the probe's own shared lock
+    return False
+
+
 def _boot_id() -> str | None:
     """This boot's id where the system has one (Linux): a lock from before a reboot is stale."""
     try:
@@ -885,23 +924,35 @@ def _owner_record() -> dict[str, Any]:
         "host": socket.gethostname(),
         "host_tag": _host_tag(),
         "boot_id": _boot_id(),
+        "pid_ns": _pid_namespace(),
         "command": " ".join(Path(a).name if i == 0 else a for i, a in enumerate(sys.argv))[:200],
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
 
 
-def _owner_state(text: str) -> tuple[str, dict[str, Any]]:
-    """("live" | "stale" | "elsewhere", the owner record) of a lock file's text."""
+def _owner_state(text: str, lock: Path) -> tuple[str, dict[str, Any]]:
+    """("live" | "stale" | "elsewhere", the owner record) of lock file ``lock`` that held ``text``.
+
+    An owner that holds the file's ``flock`` is live whatever its record says (it may be in another pid
+    namespace, or have written no record yet); without one, the record is judged."""
     try:
         rec = json.loads(text)
         pid = int(rec["pid"])
     except (ValueError, KeyError, TypeError):
-        return "stale", {}  # not a record layercard writes whole: no owner to wait for
+        # not a record layercard writes whole: no owner to wait for, unless one holds the file
+        return ("live" if _flocked(lock) else "stale"), {}
     if rec.get("host_tag") != _host_tag():
         return "elsewhere", rec
     boot = _boot_id()
     if boot is not None and rec.get("boot_id") not in (None, boot):
         return "stale", rec  # written before this machine last booted
+    held = _flocked(lock)
+    if held:
+        return "live", rec
+    ns = _pid_namespace()
+    if rec.get("pid_ns") not in (None, ns):
+        # another pid namespace on this machine: its pid means nothing here, so only the flock can tell
+        return ("stale" if held is False else "elsewhere"), rec
     live = pid == os.getpid() or _pid_alive(pid)
     started = rec.get("pid_start")
     if live and started is not None and _pid_start(pid) not in (None, started):
@@ -918,29 +969,34 @@ def _describe(rec: dict[str, Any]) -> str:
     return ", ".join(parts)
 
 
-def _create_lock(lock: Path, text: str) -> bool:
-    """Create ``lock`` holding ``text`` in one step; False when it already exists."""
+def _create_lock(lock: Path, text: str) -> int | None:
+    """Create ``lock`` holding ``text`` in one step and hold its ``flock``: the open descriptor that holds
+    it (closed when the lock is released), or None when the lock already exists."""
     tmp = lock.parent / f"{_temp_prefix(lock.name[1:])}{uuid.uuid4().hex[:8]}.tmp"
     try:
         tmp.write_text(text, encoding="utf-8")
+        fd = os.open(tmp, os.O_RDONLY)
     except FileNotFoundError:
-        return False  # its folder was removed by a writer that made it and failed: the caller makes it again
+        return None  # its folder was removed by a writer that made it and failed: the caller makes it again
     except OSError as e:
         why = e.strerror or type(e).__name__
         raise LayercardError(f"{lock}: cannot write the lock file ({why})") from None
+    _hold(fd)  # before the file is the lock: no moment where it is the lock and held by no one
     try:
         os.link(tmp, lock)  # a lock file never exists without its owner record
-        return True
+        return fd
     except FileExistsError:
-        return False
+        os.close(fd)
+        return None
     except OSError:  # no hard links on this filesystem: an exclusive create, then the record
+        os.close(fd)
         try:
             fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
-            return False
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        return True
+            return None
+        _hold(fd)
+        os.write(fd, text.encode("utf-8"))
+        return fd
     finally:
         with contextlib.suppress(OSError):
             tmp.unlink()
@@ -991,7 +1047,7 @@ def _holder(target: str | os.PathLike[str]) -> tuple[str, dict[str, Any]] | None
         seen = lock_path(target).read_text(encoding="utf-8")
     except OSError:
         return None
-    state, rec = _owner_state(seen)
+    state, rec = _owner_state(seen, lock_path(target))
     return None if state == "stale" else (state, rec)
 
 
@@ -1013,13 +1069,14 @@ def writer_lock(
     said = wait == 0.0  # a wait of none at all is no wait to say
     while True:
         lock.parent.mkdir(parents=True, exist_ok=True)  # again each try: a failed writer may have removed it
-        if _create_lock(lock, mine):
+        held = _create_lock(lock, mine)
+        if held is not None:
             break
         try:
             seen = lock.read_text(encoding="utf-8")
         except FileNotFoundError:
             continue  # released between our attempt and the read
-        state, rec = _owner_state(seen)
+        state, rec = _owner_state(seen, lock)
         if state == "stale":
             _take_over(lock, seen)
             continue
@@ -1042,6 +1099,7 @@ def writer_lock(
         with contextlib.suppress(OSError):
             if lock.read_text(encoding="utf-8") == mine:  # still ours: nobody judged us stale and took it
                 lock.unlink()
+        os.close(held)  # the flock goes with it, after the file: a waiting writer then makes its own
         for folder in made:  # deepest first; one that holds anything stays
             with contextlib.suppress(OSError):
                 folder.rmdir()
