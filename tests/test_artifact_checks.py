@@ -297,3 +297,23 @@ def test_a_placement_name_in_run_json_cannot_lead_the_report_out_of_the_run(run_
         f"{run_json}: config.placements[0].name: {name!r} is not a placement name "
         "(letters, digits, '_', '.', '-')",
     )
+
+
+def test_an_artifact_rewritten_after_its_stage_is_left_out_of_the_report(run_copy):
+    """A command run into the run's folder after the run (an eval of another adapter, say) writes figures
+    the run did not make: the stage's record keeps its outputs' hashes, and the report leaves them out."""
+    from layercard.report import collect_results
+
+    before = collect_results(run_copy)
+    assert "eval:all" not in before["left_out"]
+    row = next(r for r in before["rows"] if r["name"] == "all")
+    # another evaluation's file: valid, and not the one the stage wrote
+    _edit(run_copy / "eval/all/eval.json", lambda d: d["provenance"].update(created="2020-01-01T00:00:00Z"))
+    after = collect_results(run_copy)
+    assert "eval:all" in after["left_out"]
+    assert next(r for r in after["rows"] if r["name"] == "all")["eval_loss"] is None
+    assert row["eval_loss"] is not None
+    r = CliRunner().invoke(app, ["report", str(run_copy)])
+    assert r.exit_code == 0, r.output
+    said = " ".join((run_copy / "report.md").read_text().split())
+    assert "Left out: the artifacts of eval:all" in said and "rewritten after it" in said

@@ -11,7 +11,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import REPO
+from conftest import REPO, restaged
 from test_pipeline import make_model_dir, make_run, tiny_config, write_config
 from typer.testing import CliRunner
 
@@ -387,6 +387,7 @@ def test_a_budget_a_run_went_over_is_in_its_report(run_dir, tmp_path):
     m = json.loads(path.read_text())
     line = "budget memory=900 MiB: this run's largest micro-batch puts its predicted peak at 950 MiB"
     path.write_text(json.dumps(m | {"budget_notes": [line]}))
+    restaged(path, copy)
     md = Path(build_report(copy)["markdown"]).read_text()
     assert f"{path.parent.name}: warning: {line}" in md
     assert "warning: budget" not in (run_dir / "report.md").read_text()  # none where no budget was over
@@ -400,6 +401,7 @@ def test_placements_without_a_set_gain_say_why_the_gain_section_is_empty(run_dir
         plan = json.loads(path.read_text())
         plan["predicted"].pop("gain", None)
         path.write_text(json.dumps(plan))
+        restaged(path, copy)
     text = Path(build_report(copy)["html"]).read_text()
     assert "No placement here predicts a set gain" in text and "Needs plans" not in text
 
@@ -412,6 +414,7 @@ def test_a_trim_whose_metric_tied_at_every_k_says_the_tie_rule_chose(run_dir, tm
     said = "Every K scored the same"
     assert said not in Path(build_report(copy)["html"]).read_text() or trim.get("metric_flat")
     path.write_text(json.dumps({**trim, "metric_flat": True}))
+    restaged(path, copy)
     md = Path(build_report(copy)["markdown"]).read_text()
     assert f"{said} {trim['metric']}: it did not tell the boundaries apart" in md
 

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import restaged
 from test_pipeline import make_model_dir, make_run, tiny_config, write_config
 
 from layercard.report import build_report
@@ -181,6 +182,7 @@ def test_the_trim_latency_counts_its_passes(run_dir, tmp_path):
     for side in ("before", "after"):
         trim[side]["s_per_example_samples"] = trim[side]["s_per_example_samples"][:1]
     path.write_text(json.dumps(trim))
+    restaged(path, copy)
     md = Path(build_report(copy)["markdown"]).read_text()
     assert "trimming above are each one pass." in md and "1 passes" not in md
 

@@ -302,8 +302,9 @@ def _headline(doc: _Doc, run: _Run) -> None:
         doc.p(
             "Left out: the artifacts of "
             + ", ".join(run.results["left_out"])
-            + ", whose stage failed or was "
-            "made from inputs the run has since replaced; the next `layercard run` makes them again."
+            + ", whose stage failed, was made from inputs the run has since replaced, or whose files "
+            "were rewritten after it (by a command run into the run's folder); the next `layercard run` "
+            "makes them again."
         )
     for stage, error in (run.results.get("failed") or {}).items():
         doc.p(f"Failed: {stage}, which left no artifact ({error or 'no error recorded'}).")

@@ -12,7 +12,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from layercard.artifacts import content_hash, hash_folder, read_json
+from layercard.artifacts import content_hash, hash_file, hash_folder, read_json
 from layercard.errors import LayercardError
 from layercard.run_layout import BASE_EVAL, TRIMMED_EVAL, RunLayout
 
@@ -317,7 +317,8 @@ def _primary(ev: Any) -> tuple[str | None, float | None]:
 class _Rows:
     """The rows of :func:`collect_results`; the primary metric is the first evaluation's first metric."""
 
-    def __init__(self, base_ev: Any, now: Mapping[str, Any]) -> None:
+    def __init__(self, base_ev: Any, now: Mapping[str, Any], root: Path) -> None:
+        self.root = root
         self.base_loss = base_ev.loss if base_ev is not None else None
         self.primary = _primary(base_ev)[0]
         self.now = now  # the run's input hashes (run.json), which each stage record must name
@@ -419,10 +420,39 @@ def _kept(
         if rec is not None and rec.get("status") == "failed":
             rows.failed[stage] = str(rec.get("error") or "")
         return False
-    if upstream and fresh(RunLayout.stage_record(artifact.parent), settings, **inputs):
+    record = RunLayout.stage_record(artifact.parent)
+    if upstream and fresh(record, settings, **inputs) and _as_recorded(record, artifact, rows.root):
         return True
     rows.left_out.append(stage)
     return False
+
+
+def _as_recorded(record: Path, artifact: Path, root: Path) -> bool:
+    """Whether ``artifact`` holds what its stage wrote, by the hash the stage's record keeps: a command run
+    into the run's folder since (an eval of another adapter, say) wrote another run's figures there.
+    Records of an older layercard keep no hashes. One that is not as recorded is still read, so that a
+    damaged file is refused in one line as anywhere else, rather than passed over."""
+    hashes = (_maybe(record) or {}).get("output_hashes")
+    key = str(artifact.relative_to(root))
+    if not isinstance(hashes, dict) or key not in hashes:
+        return True
+    if artifact.is_file() and hashes[key] == hash_file(artifact):
+        return True
+    _read_artifact(artifact)
+    return False
+
+
+def _read_artifact(path: Path) -> Any:
+    """``path`` read by the loader of its kind (each checks its fields), by file name."""
+    from layercard.card import Card
+    from layercard.evaluate import EvalResult
+    from layercard.plan import Plan
+
+    loaders: dict[str, Callable[[Path], Any]] = {
+        "card.json": Card.load, "plan.json": Plan.load, "train_metrics.json": read_train_metrics,
+        "eval.json": EvalResult.load, "trim.json": read_trim,
+    }  # fmt: skip
+    return loaders.get(path.name, read_json)(path)
 
 
 def _placement_row(
@@ -554,13 +584,13 @@ def collect_results(root: str | Path) -> dict[str, Any]:
     trim_on, base_on = stages_active(root)
     cfg = run_config(root) or {}  # the settings each stage's artifacts must have been made under
     now = run_inputs(root)
-    probe = _Rows(None, now)  # the base row's checks, before the rows exist
+    probe = _Rows(None, now, root)  # the base row's checks, before the rows exist
     base_ok = base_on and _kept(
         probe, f"eval:{BASE_EVAL}", lay.eval_json(BASE_EVAL), cfg.get("eval"),
         **probe.model_inputs(data="eval_data"),
     )  # fmt: skip
     base_ev = load_optional(EvalResult.load, lay.eval_json(BASE_EVAL)) if base_ok else None
-    rows = _Rows(base_ev, now)
+    rows = _Rows(base_ev, now, root)
     rows.left_out += probe.left_out
     rows.failed |= probe.failed
     card_ok = _kept(rows, "card", lay.card_json, **rows.model_inputs(data="train_data"))
