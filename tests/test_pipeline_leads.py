@@ -166,7 +166,7 @@ def test_the_default_folder_holds_the_run_of_one_config_file(tmp_path, monkeypat
         run_pipeline(load_config(b), progress=False, until="card")
     assert str(e.value) == (
         f"run folder runs/config: holds the run of {a.resolve()}, not of {b.resolve()}; give this config a "
-        "folder of its own with --out (nothing was written)"
+        "folder of its own with --out, or go on with that run with --out runs/config (nothing was written)"
     )
     assert sorted(p.stat().st_mtime_ns for p in run_dir.rglob("*")) == before
     # the same config file, however it is named, goes on in its folder
@@ -182,6 +182,24 @@ def test_the_default_folder_holds_the_run_of_one_config_file(tmp_path, monkeypat
     assert str(e.value).startswith(
         f"run folder runs/config: holds the run of {b.resolve()}, not of a config built in memory; "
     )
+
+
+def test_a_moved_project_goes_on_with_its_run(tmp_path, monkeypatch, capsys):
+    """A project moved (or copied) with its run folder keeps its run under the config's new path: the
+    config the folder names is gone, so there is no other config's run to keep apart."""
+    first_home, moved = tmp_path / "p1", tmp_path / "p2"
+    first_home.mkdir()
+    path = write_config(first_home, small_config(make_model_dir(tmp_path)))
+    monkeypatch.chdir(first_home)
+    assert run_pipeline(load_config(path), progress=False, until="card")["ran"] == ["card"]
+    first_home.rename(moved)
+    monkeypatch.chdir(moved)
+    again = run_pipeline(load_config(moved / "config.yaml"), progress=False, until="card")
+    assert again["skipped"] == ["card"]
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"holds the run of {path.resolve()}, which no longer exists; going on with it" in err
+    run_json = json.loads((moved / "runs/config/run.json").read_text())
+    assert run_json["config_path"] == str((moved / "config.yaml").resolve())
 
 
 # ---------------------------------------------------------------- the JSON summary's paths

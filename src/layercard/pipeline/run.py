@@ -20,6 +20,7 @@ from layercard.artifacts import (
 from layercard.errors import LayercardError, expect
 from layercard.pipeline.config import RunConfig
 from layercard.pipeline.stages import Runner, StageCallback
+from layercard.progress import say
 from layercard.run_layout import BASE_EVAL, RUN_FILE, TRIMMED_EVAL, RunLayout
 
 __all__ = ["RUN_KIND", "STAGE_ORDER", "SUMMARY_KIND", "choose_threads", "default_run_dir", "run_pipeline"]
@@ -215,15 +216,24 @@ def _check_same_config(root: Path, cfg: RunConfig) -> None:
     if not isinstance(rec, dict) or "config_path" not in rec:
         return  # a run recorded before run.json named its config
     other = rec["config_path"]
-    if other != cfg.path:
+    if other == cfg.path:
+        return
 
-        def said(path: object) -> str:
-            return str(path) if path is not None else "a config built in memory"
+    def said(path: object) -> str:
+        return str(path) if path is not None else "a config built in memory"
 
-        raise LayercardError(
-            f"run folder {root}: holds the run of {said(other)}, not of {said(cfg.path)}; give this config "
-            "a folder of its own with --out (nothing was written)"
+    if isinstance(other, str) and cfg.path is not None and not Path(other).exists():
+        # the project was moved or copied (or that config deleted): no other config's run to keep apart
+        say(
+            f"note: run folder {root}: holds the run of {other}, which no longer exists; going on with it "
+            f"as the run of {cfg.path}",
+            enabled=True,
         )
+        return
+    raise LayercardError(
+        f"run folder {root}: holds the run of {said(other)}, not of {said(cfg.path)}; give this config "
+        f"a folder of its own with --out, or go on with that run with --out {root} (nothing was written)"
+    )
 
 
 def _is_run(folder: Path) -> bool:
