@@ -226,3 +226,38 @@ def test_the_json_summary_paths_are_absolute(tmp_path, monkeypatch):
     d = json.loads(r.stdout)
     assert d["skipped"][:2] == ["card", "plan:all"] and Path(d["report"]["html"]).is_file()
     assert all(Path(p).is_absolute() for p in (d["run_dir"], d["summary"], *d["report"].values()))
+
+
+# ---------------------------------------------------------------- records of other versions
+
+
+def test_a_stage_of_another_layercard_version_is_said_or_kept(tmp_path, capsys):
+    """A stage recorded by an older layercard is made again, saying why; one a newer layercard wrote is
+    not deleted by this one (its work would be lost to an older environment run by mistake)."""
+    from layercard.pipeline.stages import STAGE_VERSION, stage_fingerprint
+
+    path = write_config(tmp_path, small_config(make_model_dir(tmp_path)))
+    out = tmp_path / "run"
+    assert run_pipeline(load_config(path), out, progress=False, until="card")["ran"] == ["card"]
+    record = out / "card" / "stage.json"
+    rec = json.loads(record.read_text())
+    assert rec["stage_version"] == STAGE_VERSION
+    capsys.readouterr()
+    for newer in ({"stage_version": STAGE_VERSION + 1}, {"schema_version": rec["schema_version"] + 1}):
+        record.write_text(json.dumps({**rec, **newer}))
+        before = sorted((p.name, p.stat().st_mtime_ns) for p in (out / "card").iterdir())
+        with pytest.raises(
+            LayercardError, match=r"stage card: .*stage\.json was written by a newer layercard"
+        ):
+            run_pipeline(load_config(path), out, progress=False, until="card")
+        assert sorted((p.name, p.stat().st_mtime_ns) for p in (out / "card").iterdir()) == before
+    older = STAGE_VERSION - 1
+    fp = stage_fingerprint("card", rec["config"], rec["inputs"], version=older)
+    record.write_text(json.dumps({**rec, "fingerprint": fp, "stage_version": older}))
+    assert run_pipeline(load_config(path), out, progress=False, until="card")["ran"] == ["card"]
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"stage card: made again: it was made by a layercard of stage version {older}" in err
+    rec.pop("stage_version")  # a record from before records named their version
+    record.write_text(json.dumps({**rec, "fingerprint": fp}))
+    assert run_pipeline(load_config(path), out, progress=False, until="card")["ran"] == ["card"]
+    assert f"stage version {older}, whose outputs differ" in " ".join(capsys.readouterr().err.split())

@@ -14,6 +14,7 @@ is not the run's, and is never deleted.
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -33,7 +34,7 @@ from layercard.artifacts import (
 )
 from layercard.errors import LayercardError, first_line, run_section
 from layercard.pipeline.config import PlacementSpec, RunConfig
-from layercard.progress import fewer_examples
+from layercard.progress import fewer_examples, say
 from layercard.report import fmt as _fmt
 from layercard.run_layout import RunLayout
 
@@ -88,9 +89,23 @@ class StageResult:
 StageCallback = Callable[[str, str, "StageResult | None"], None]
 
 
-def stage_fingerprint(kind: str, config: Any, inputs: Mapping[str, Any]) -> str:
-    """sha256 of the stage kind, its config and its input artifacts' hashes."""
-    return sha256_json({"stage": kind, "version": STAGE_VERSION, "config": config, "inputs": dict(inputs)})
+def stage_fingerprint(
+    kind: str, config: Any, inputs: Mapping[str, Any], *, version: int = STAGE_VERSION
+) -> str:
+    """sha256 of the stage kind, its config and its input artifacts' hashes, under stage ``version``."""
+    return sha256_json({"stage": kind, "version": version, "config": config, "inputs": dict(inputs)})
+
+
+def _other_version(old: Mapping[str, Any], kind: str, config: Any, inputs: Mapping[str, Any]) -> int | None:
+    """The stage version of another layercard whose record ``old`` is, where it was made from these same
+    settings and inputs (so that version, not the run's config, is why the stage is made again)."""
+    recorded = old.get("stage_version")
+    if isinstance(recorded, int) and not isinstance(recorded, bool):
+        candidates = [recorded] if recorded != STAGE_VERSION else []
+    else:  # records written before they named their version
+        candidates = list(range(1, STAGE_VERSION))
+    fp = old.get("fingerprint")
+    return next((v for v in candidates if stage_fingerprint(kind, config, inputs, version=v) == fp), None)
 
 
 def _output_hash(path: Path) -> str | None:
@@ -118,11 +133,29 @@ def _check_stage_folder(folder: Path, record: Path) -> None:
         )
 
 
-def _read_record(path: Path) -> dict[str, Any] | None:
+def _read_record(path: Path, stage: str) -> dict[str, Any] | None:
+    """The stage record at ``path``, or None where there is none to go by. One a newer layercard wrote is
+    refused: its stage would be deleted and made again by older code, losing the newer one's work."""
     try:
-        return read_json(path, kind=STAGE_KIND)
-    except LayercardError:
-        return None
+        rec = raw = read_json(path, kind=STAGE_KIND)
+    except LayercardError:  # none, unreadable, or of another schema version: which one, below
+        rec = None
+        try:
+            raw = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+    newer = isinstance(raw, dict) and any(
+        isinstance(raw.get(key), int) and raw[key] > ours
+        for key, ours in (("schema_version", SCHEMA_VERSION), ("stage_version", STAGE_VERSION))
+    )
+    if newer:
+        raise LayercardError(
+            f"stage {stage}: {path} was written by a newer layercard (schema version "
+            f"{raw.get('schema_version')}, stage version {raw.get('stage_version', '?')}; this one's "
+            f"{SCHEMA_VERSION} and {STAGE_VERSION}); nothing was deleted: run it with that layercard, or "
+            "give another run folder"
+        )
+    return rec
 
 
 def _write_record(path: Path, **fields: Any) -> None:
@@ -413,12 +446,20 @@ class Runner:
         record = record or RunLayout.stage_record(folder)
         where = str(folder.resolve())  # the summary's paths are absolute, whatever the run folder given
         fp = stage_fingerprint(kind, config, inputs)
-        old = _read_record(record)
+        old = _read_record(record, name)
         done = old is not None and old.get("fingerprint") == fp and old.get("status") == "done"
         if done and _outputs_intact(old, outputs, self.out.root):
             result = StageResult(name, "skipped", 0.0, where, fp, summarize())
             self._emit("end", name, result)
             return result
+        if old is not None and old.get("fingerprint") != fp:
+            version = _other_version(old, kind, config, inputs)
+            if version is not None:
+                say(
+                    f"note: stage {name}: made again: it was made by a layercard of stage version {version}, "
+                    f"whose outputs differ from this one's ({STAGE_VERSION})",
+                    enabled=True,
+                )
         unfinished = old is not None and old.get("status") in ("running", "failed")
         resume = unfinished and old.get("fingerprint") == fp
         if owns_folder:
@@ -432,7 +473,10 @@ class Runner:
         folder.mkdir(parents=True, exist_ok=True)
         self._emit("start", name, None)
         t0 = time.perf_counter()
-        base = {"stage": name, "fingerprint": fp, "config": config, "inputs": dict(inputs)}
+        base = {
+            "stage": name, "stage_version": STAGE_VERSION, "fingerprint": fp, "config": config,
+            "inputs": dict(inputs),
+        }  # fmt: skip
         _write_record(record, status="running", **base)
         try:
             fn(resume)
