@@ -633,3 +633,21 @@ def test_provenance_names_the_source_commit(monkeypatch: pytest.MonkeyPatch) -> 
         assert "layercard_commit" not in artifacts.package_versions()
     finally:
         artifacts.source_commit.cache_clear()
+
+
+def test_a_command_does_not_write_into_a_run_another_process_is_running(world: World, tmp_path: Path) -> None:
+    """A run's stages read what lies in its folder as their own: a command writing there while the run
+    goes on (a plan into its plan folder, an eval into its eval folder) is refused before any work."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "run.json").write_text(json.dumps({"kind": "run_config"}))
+    artifacts.lock_path(run).write_text(lock_record(world.live.pid))  # the run, still running
+    plan = f"plan --card {world.card} --policy all --out {run / 'plan' / 'x' / 'plan.json'}"
+    evaluate = f"eval -m {world.model} -t synthetic:facts -o {run / 'eval' / 'x'} {EVAL}"
+    for line in (plan, evaluate):
+        said = one_error_line(cli(line))
+        assert f"lies inside the run folder {run}, which another layercard process is running" in said
+    assert sorted(p.name for p in run.iterdir()) == ["run.json"]
+    artifacts.lock_path(run).unlink()  # the run ended: its folder is the user's to write in
+    r = cli(plan)
+    assert r.exit_code == 0, r.output

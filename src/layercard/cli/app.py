@@ -329,6 +329,21 @@ def given(name: str) -> bool:
     return source is not None and source.name in ("COMMANDLINE", "ENVIRONMENT")
 
 
+def outside_live_runs(path: Path, what: str = "--out") -> None:
+    """Refuse, before any work, an output inside the folder of a run another process is running: its
+    stages would read what this command writes as their own, or replace it."""
+    from layercard.artifacts import lock_held
+    from layercard.run_layout import RUN_FILE
+
+    full = Path(os.path.realpath(path))
+    for folder in (full, *full.parents):
+        if (folder / RUN_FILE).is_file() and lock_held(folder):
+            raise LayercardError(
+                f"{what} {path}: lies inside the run folder {folder}, which another layercard process is "
+                "running; wait for it to finish or choose another output (nothing was written)"
+            )
+
+
 def check_adapter(adapter: Path) -> None:
     """Refuse, before anything loads, an ``--adapter`` that is no adapter folder, naming the option."""
     from layercard.adapters import CONFIG_FILE, PEFT_CONFIG_FILE

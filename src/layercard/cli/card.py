@@ -20,6 +20,7 @@ from layercard.cli.app import (
     note_examples,
     note_replaced,
     note_task,
+    outside_live_runs,
     plain,
     progress_flag,
     result_console,
@@ -95,6 +96,7 @@ def card_cmd(
 
     dev = distributed.check_processes(processes, device)  # before anything is written
     check_out_folder(out)  # before the probe pass, not after it
+    outside_live_runs(out)
     earlier = (out / CARD_FILE).is_file()
     if distributed.launched_world() > 1:
         # Launched processes share the probe; the first alone holds the folder and writes the card.

@@ -25,6 +25,7 @@ from layercard.cli.app import (
     note_generation,
     note_replaced,
     note_task,
+    outside_live_runs,
     plain,
     progress_flag,
     result_console,
@@ -69,6 +70,7 @@ def eval_cmd(
         check_adapter(adapter)
     model_spec = adapter_model(model, adapter, trust_remote_code)  # before anything is read or written
     check_out_folder(out)
+    outside_live_runs(out)
     earlier = (out / EVAL_FILE).is_file()
     with writer_lock(out, what="eval folder"):
         t, fallback = resolve_eval_task(task, split=split, seed=seed, **(task_kw or {}))

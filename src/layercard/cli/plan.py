@@ -16,6 +16,7 @@ from layercard.cli.app import (
     guard,
     load_cli_model,
     note_unused,
+    outside_live_runs,
     plain,
     result_console,
     warning,
@@ -55,6 +56,7 @@ def plan_cmd(
 
     assert cfg is not None  # built by config_options
     check_out_file(out, example="plan.json", suffix=".json")  # before any work
+    outside_live_runs(out)
     card_file = card / CARD_FILE if card.is_dir() else card
     if same_file(out, card_file):
         raise LayercardError(f"--out {out}: that is the card {card_file}, which the plan would overwrite")

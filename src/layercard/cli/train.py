@@ -21,6 +21,7 @@ from layercard.cli.app import (
     note_examples,
     note_task,
     note_unused,
+    outside_live_runs,
     progress_flag,
     result_console,
 )
@@ -148,6 +149,7 @@ def train_cmd(
         if out is None:
             raise LayercardError("--out: required (the run folder), except with --dry-run")
         check_out_folder(out)
+        outside_live_runs(out)
         if is_launch_main():  # at once; train() takes the lock once the model is loaded
             check_unlocked(out, what="training folder")
         if (out / METRICS_FILE).is_file():

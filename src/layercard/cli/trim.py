@@ -24,6 +24,7 @@ from layercard.cli.app import (
     note_examples,
     note_generation,
     note_replaced,
+    outside_live_runs,
     plain,
     progress_flag,
     result_console,
@@ -86,6 +87,7 @@ def trace_cmd(
     model_spec = adapter_model(model, adapter, trust_remote_code)  # before anything is read or written
     check_out_of_adapter(out, adapter)
     check_out_folder(out)
+    outside_live_runs(out)
     earlier = (out / TRACE_FILE).is_file()
     with writer_lock(out, what="trace folder"):
         t = _validation_task(task, split, seed, task_kw)
@@ -157,6 +159,7 @@ def trim_cmd(
     model_spec = adapter_model(model, adapter, trust_remote_code)  # before anything is read or written
     check_out_of_adapter(out if out is not None else adapter.resolve().parent, adapter)
     out_dir = check_out_folder(out if out is not None else adapter.resolve().parent)
+    outside_live_runs(out_dir, "--out" if out is not None else "the adapter's folder")
     earlier = (out_dir / TRIM_FILE).is_file()
     if export_merged is not None:
         from layercard.trim.run import check_merged_folder
