@@ -651,3 +651,28 @@ def test_a_command_does_not_write_into_a_run_another_process_is_running(world: W
     artifacts.lock_path(run).unlink()  # the run ended: its folder is the user's to write in
     r = cli(plan)
     assert r.exit_code == 0, r.output
+
+
+def test_an_adapter_on_a_base_with_other_tokenizer_files_is_said(world: World, tmp_path: Path) -> None:
+    """The weights' hash names a base; its tokenizer files and config.json are recorded beside it, and a
+    base with the same weights but other files takes the adapter with a note: the tokens it reads, or
+    what its layers compute, are not those the adapter was trained on."""
+    from layercard.models import config_folder_hash, tokenizer_folder_hash
+
+    out = tmp_path / "t"
+    r = cli(f"train -p {world.plan} -m {world.model} -t synthetic:facts -o {out} {ONE_STEP}")
+    assert r.exit_code == 0, r.output
+    base = json.loads((out / "adapter" / "layercard_base.json").read_text())
+    assert base["tokenizer_hash"] == tokenizer_folder_hash(world.model)
+    assert base["config_hash"] == config_folder_hash(world.model)
+    other = tmp_path / "other"
+    shutil.copytree(world.model, other)
+    settings = json.loads((other / "tokenizer_config.json").read_text())
+    (other / "tokenizer_config.json").write_text(json.dumps({**settings, "chat_template": "{{ messages }}"}))
+    for model, said in ((world.model, False), (other, True)):
+        r = cli(
+            f"eval -m {model} --adapter {out / 'adapter'} -t synthetic:facts -o {tmp_path / str(said)} {EVAL}"
+        )
+        assert r.exit_code == 0, r.output
+        note = "trained on a base with these weights but other tokenizer or chat-template files than this"
+        assert (note in " ".join(r.output.split())) == said, r.output

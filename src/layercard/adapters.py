@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -495,11 +495,20 @@ def _unwrap(model: nn.Module, names: set[str]) -> None:
             setattr(parent, child, base_layer())
 
 
-def write_base(folder: str | Path, model_id: str, model_hash: str) -> None:
-    """Record in an adapter folder the base model it was trained on (:data:`BASE_FILE`)."""
+# What a base's files other than its weights are recorded as (LoadedModel.base_files): the same weights
+# read other tokens, or compute otherwise, under other tokenizer files or another config.json.
+BASE_FILES = {"tokenizer_hash": "tokenizer or chat-template files", "config_hash": "config.json"}
+
+
+def write_base(
+    folder: str | Path, model_id: str, model_hash: str, files: Mapping[str, str] | None = None
+) -> None:
+    """Record in an adapter folder the base model it was trained on (:data:`BASE_FILE`), with the hashes
+    of its other files ``files`` (:data:`BASE_FILES`) where it came from a folder."""
     from layercard.artifacts import write_json
 
-    write_json(Path(folder) / BASE_FILE, {"model_id": model_id, "model_hash": model_hash})
+    record = {"model_id": model_id, "model_hash": model_hash, **(files or {})}
+    write_json(Path(folder) / BASE_FILE, record)
 
 
 def recorded_base(folder: str | Path) -> str | None:
@@ -515,19 +524,33 @@ def recorded_base(folder: str | Path) -> str | None:
     return model_id if isinstance(model_id, str) and model_id else None
 
 
-def check_base(folder: str | Path, model_hash: str) -> None:
+def check_base(folder: str | Path, model_hash: str, files: Mapping[str, str] | None = None) -> None:
     """Refuse an adapter folder trained on another base: its :data:`BASE_FILE` (PEFT) or its config's
-    ``base_model_hash`` (layercard's format). A folder that records neither is not checked."""
+    ``base_model_hash`` (layercard's format). A folder that records neither is not checked. Where the
+    weights are the same but the base's other ``files`` differ from those recorded, say so: the adapter
+    loads, and may not do here what it did there."""
     p = Path(folder)
+    record: dict[str, Any] = {}
     saved = None
     for name, key in ((BASE_FILE, "model_hash"), (CONFIG_FILE, "base_model_hash")):
         if (p / name).is_file():
             try:
-                saved = json.loads((p / name).read_text(encoding="utf-8")).get(key)
+                record = json.loads((p / name).read_text(encoding="utf-8"))
+                saved = record.get(key)
             except (json.JSONDecodeError, AttributeError):
                 raise LayercardError(f"{p / name}: not a JSON object") from None
             break
     _refuse_other_base(p, saved, model_hash)
+    other = [what for key, what in BASE_FILES.items() if key in record and key in (files or {})
+             and record[key] != (files or {})[key]]  # fmt: skip
+    if other:
+        from layercard.progress import say
+
+        say(
+            f"note: {p}: trained on a base with these weights but other {' and '.join(other)} than this "
+            "model's; what it measured there may not hold here",
+            enabled=True,
+        )
 
 
 def _refuse_unweighted_ranks(folder: Path, cfg: Any) -> None:
@@ -580,16 +603,22 @@ def _refuse_other_base(folder: Path, saved: Any, model_hash: str) -> None:
 
 
 @contextlib.contextmanager
-def attached(base: nn.Module, adapter: str | Path, *, model_hash: str | None = None) -> Iterator[nn.Module]:
+def attached(
+    base: nn.Module,
+    adapter: str | Path,
+    *,
+    model_hash: str | None = None,
+    files: Mapping[str, str] | None = None,
+) -> Iterator[nn.Module]:
     """The base with ``adapter`` attached for the block; detached again afterwards, even on error.
 
     Callers reuse ``loaded.model`` (e.g. evaluate several adapters or trim levels on one base), so the
     base must come back exactly as it was: adapter layers or hooks removed and ``requires_grad`` flags
     restored (attaching freezes every base parameter). With ``model_hash``, an adapter recorded as trained
-    on another base is refused.
+    on another base is refused (:func:`check_base`, which also compares the base's other ``files``).
     """
     if model_hash is not None:
-        check_base(adapter, model_hash)
+        check_base(adapter, model_hash, files)
     before = _adapter_modules(base)
     had = attached_adapters(base)
     grads = {n: p.requires_grad for n, p in base.named_parameters()}

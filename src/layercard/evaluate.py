@@ -497,7 +497,7 @@ def evaluate(
 
     attach = adapter_dir is not None and model is None
     ctx = (
-        attached(loaded.model, adapter_dir, model_hash=loaded.model_hash)
+        attached(loaded.model, adapter_dir, model_hash=loaded.model_hash, files=loaded.base_files)
         if attach
         else contextlib.nullcontext()
     )

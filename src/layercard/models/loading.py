@@ -58,6 +58,20 @@ class LoadedModel:
         folder = Path(self.source)
         return tokenizer_folder_hash(folder) if self.source != "memory" and folder.is_dir() else None
 
+    @functools.cached_property
+    def config_hash(self) -> str | None:
+        """:func:`config_folder_hash` of the folder the model was loaded from; None for a model built in
+        memory."""
+        folder = Path(self.source)
+        return config_folder_hash(folder) if self.source != "memory" and folder.is_dir() else None
+
+    @property
+    def base_files(self) -> dict[str, str]:
+        """The hashes of the base's files other than its weights, as an adapter folder records them
+        (:data:`layercard.adapters.BASE_FILES`); empty for a model built in memory."""
+        got = {"tokenizer_hash": self.tokenizer_hash, "config_hash": self.config_hash}
+        return {k: v for k, v in got.items() if v is not None}
+
 
 def cache_dir() -> Path:
     """``$LAYERCARD_CACHE``, else ``~/.cache/layercard``."""

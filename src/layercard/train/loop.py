@@ -1057,6 +1057,7 @@ def _finish(
             loaded.model_hash,
             readme,
             state_dict=whole,
+            base_files=loaded.base_files,
         )
         metrics.save(run.out_dir / METRICS_FILE)
     acc.wait_for_everyone()

@@ -141,10 +141,12 @@ def write_adapter(
     readme: str,
     *,
     state_dict: dict[str, Any] | None = None,
+    base_files: dict[str, str] | None = None,
 ) -> None:
     """The adapter folder, atomically: vanilla PEFT for LoRA, layercard's format for bottlenecks, and
     ``readme`` as its README.md (in place of PEFT's placeholder model card). ``state_dict``: the whole
-    model's weights where ``model``'s own are sharded (LoRA only)."""
+    model's weights where ``model``'s own are sharded (LoRA only); ``base_files``: the hashes of the base's
+    other files (``LoadedModel.base_files``), recorded beside its weights' hash."""
     from layercard.train.readme import README_FILE
 
     with atomic_path(path) as tmp:
@@ -153,7 +155,7 @@ def write_adapter(
 
             model.save_pretrained(str(tmp), safe_serialization=True, state_dict=state_dict)
             _sort_targets(tmp / "adapter_config.json")
-            write_base(tmp, model_id, model_hash)  # PEFT's config names the base by a path only
+            write_base(tmp, model_id, model_hash, base_files)  # PEFT's config names the base by a path only
         else:
             from layercard.adapters import save_adapters
 

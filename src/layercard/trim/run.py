@@ -139,7 +139,7 @@ def run_trace(
     adapter = Path(adapter_dir)
     _adapter_kind(adapter)
     sub = _subset(task, cfg.examples, cfg.seed)
-    with attached(loaded.model, adapter, model_hash=loaded.model_hash) as model:
+    with attached(loaded.model, adapter, model_hash=loaded.model_hash, files=loaded.base_files) as model:
         return _traced(model, loaded, adapter, hash_folder(adapter), task, sub, cfg, progress)
 
 
@@ -551,7 +551,7 @@ def trim(
     # trace should it be cut or fail before the end: gone before anything of this call is written.
     (job.out / TRIM_FILE).unlink(missing_ok=True)
     (job.out / TRIM_PNG).unlink(missing_ok=True)
-    with attached(loaded.model, job.adapter, model_hash=loaded.model_hash) as model:
+    with attached(loaded.model, job.adapter, model_hash=loaded.model_hash, files=loaded.base_files) as model:
         found = _search(job, model)
     exported = _export_checked(job, found)
     merged_info = None
