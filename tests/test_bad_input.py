@@ -81,6 +81,9 @@ card_case("card-number-as-text", setter("units", 0, "resnorm")("0.5"),
           "units[0].resnorm: must be a finite number >= 0, got '0.5' (text)")  # fmt: skip
 card_case("card-unit-on-layer-99", setter("units", 0, "layer")(99),
           "units[0].layer: must be an integer in 0..3, got 99")  # fmt: skip
+# the model's layer count itself is one past its last layer
+card_case("card-unit-on-layer-4-of-4", setter("units", 0, "layer")(4),
+          "units[0].layer: must be an integer in 0..3, got 4")  # fmt: skip
 card_case("card-negative-energy", setter("groups", 0, "energy")(-1.0),
           "groups[0].energy: must be a finite number >= 0, got -1.0")  # fmt: skip
 card_case("card-infinite-loss", setter("loss")(math.inf), "loss: must be a finite number, got Infinity")
@@ -119,6 +122,8 @@ plan_case(
 )
 plan_case("plan-unit-outside-the-model", setter("units", 0, "layer")(99),
           "units[0].layer: must be an integer in 0..3, got 99")  # fmt: skip
+plan_case("plan-unit-one-past-the-last-layer", setter("units", 0, "layer")(4),
+          "units[0].layer: must be an integer in 0..3, got 4")  # fmt: skip
 plan_case(
     "plan-nan-gain", setter("predicted", "gain")(math.nan), "predicted.gain: must be a finite number, got NaN"
 )

@@ -169,3 +169,12 @@ def test_coupling_is_a_cosine_at_any_scale(scale):
     e = np.array([[1.0, 0.0], [1.0, 1.0], [0.0, 0.0]]) * scale  # 45°, and a row of no effect
     c = stats.coupling_matrix(e)
     assert c[0, 1] == pytest.approx(math.sqrt(0.5)) and c[0, 2] == 0.0 and np.isfinite(c).all()
+
+
+def test_coupling_diagonal_is_exactly_one_even_for_a_layer_of_no_effect():
+    """A unit is fully coupled with itself: C_uu = 1 exactly, also where its effect was measured as zero
+    (its cosine with itself is undefined): the set gain and ρ(S) read C − I as the coupling between units."""
+    e = np.array([[1.0, 2.0, 3.0], [0.0, 0.0, 0.0], [0.3, -0.7, 0.1], [1e-3, 1e-3, 0.0]])
+    c = stats.coupling_matrix(e)
+    assert (np.diag(c) == 1.0).all()
+    assert c[1, 0] == c[1, 2] == 0.0  # no effect: orthogonal to every other unit

@@ -193,6 +193,15 @@ def test_config_errors_name_the_field(kw, field):
         PlanConfig(**kw)
 
 
+def test_memory_budgets_read_g_gb_and_gib_alike_as_gibibytes():
+    """A memory budget is in MiB, and the help says G and GB are GiB (M and MB MiB), as memory sizes are
+    usually meant: 6G, 6GB and 6GiB are all 6 · 1024 = 6144 MiB, not 6000."""
+    for text in ("memory=6G", "memory=6GB", "memory=6GiB", "memory=6 gb", "memory=6144"):
+        assert Budget.parse(text) == Budget("memory", 6144.0), text
+    for text in ("memory=512M", "memory=512MB", "memory=512MiB"):
+        assert Budget.parse(text) == Budget("memory", 512.0), text
+
+
 def test_unknown_policy_lists_valid():
     with pytest.raises(LayercardError) as e:
         PlanConfig("best", budget="layers=2")
@@ -324,6 +333,47 @@ def test_stratified_takes_the_best_of_each_band(tiny_card):
         assert inside == [max(band, key=lambda x: g[x])]
     two = make_plan(tiny_card, PlanConfig("card-stratified", bands=2, budget="layers=8"))
     assert len(two.layers) == 2 and two.layers[0] < 4 <= two.layers[1]
+
+
+def test_stratified_breaks_a_tie_within_a_band_to_the_lower_layer():
+    """card-stratified takes the best layer of each band by predicted gain; of equal ones, the lower."""
+    card = synthetic_card([0.5, 1.0, 1.0, 1.0, 0.2, 0.2, 0.9, 0.3])
+    # bands {0,1} {2,3} {4,5} {6,7}: 1 is best of its band; 2 and 3 tie, as do 4 and 5; 6 is best
+    assert make_plan(card, PlanConfig("card-stratified", budget="layers=4")).layers == [1, 2, 4, 6]
+
+
+def test_layer_family_policies_take_the_most_layers_that_fit_a_parameter_budget():
+    """uniform, middle and card-stratified define one set per K; under a parameter budget each takes the
+    largest K whose set fits, not the first that does."""
+    card = synthetic_card([1.0] * N_LAYERS)  # a layer costs 8 · (32 + 32) = 512 parameters at rank 8
+    # 2048 parameters are 4 layers: the band centres, the middle four, the lower of each tied band
+    expect = {"uniform": [1, 3, 5, 7], "middle": [2, 3, 4, 5], "card-stratified": [0, 2, 4, 6]}
+    for policy, layers in expect.items():
+        plan = make_plan(card, PlanConfig(policy, budget="params=2048"))
+        assert plan.layers == layers and plan.predicted["params"] == 2048, policy
+
+
+def _with_widths(card: Card, widths: list[int]) -> Card:
+    """``card`` with layer i's unit ``widths[i]`` wide in and out."""
+    units = [
+        dataclasses.replace(u, d_in=w, d_out=w, lora_params=8 * 2 * w, grad_eig_energy=[1.0] * w)
+        for u, w in zip(card.units, widths, strict=True)
+    ]
+    return dataclasses.replace(card, units=units)
+
+
+def test_card_greedy_weighs_gain_by_the_parameters_it_costs():
+    """Under a parameter budget the card policy adds the layer of most predicted gain per added parameter:
+    a wide layer worth more alone loses to two narrow ones worth more together."""
+    widths, gains, cap = [256, 16, 16], [1.0, 0.6, 0.6], 4096
+    card = _with_widths(synthetic_card(gains), widths)
+    plan = make_plan(card, PlanConfig("card", budget=f"params={cap}"))
+    # brute force over every layer set that fits (no coupling: a set's gain is the sum of its layers')
+    params = [8 * 2 * w for w in widths]  # 4096, 256, 256
+    sets = [[i for i in range(3) if m >> i & 1] for m in range(1, 8)]
+    best = max((s for s in sets if sum(params[i] for i in s) <= cap), key=lambda s: sum(gains[i] for i in s))
+    assert plan.layers == best == [1, 2]
+    assert plan.predicted["gain"] == pytest.approx(1.2)
 
 
 def test_card_avoids_identical_coupled_layers():
@@ -469,6 +519,21 @@ def test_rank_auto_respects_params_budget(tiny_card, tiny_llama):
     # Without a parameter budget, auto spends what uniform rank 8 would on the chosen layers.
     plan2 = make_plan(tiny_card, PlanConfig("top", budget="layers=2", rank="auto"))
     assert plan2.predicted["params"] <= 2 * per_layer
+
+
+def test_rank_auto_doubles_the_rank_of_most_gain_per_added_parameter():
+    """rank auto starts every module at its smallest measured rank and doubles, while it fits, the one
+    whose captured gain per added parameter is largest: a narrow module's doublings are cheap."""
+    # layer 0: d = 16 (32 parameters per rank), gain 1; layer 1: d = 256 (512 per rank), gain 2;
+    # captured@r = gain · (1 − 2^-r) at r = 1, 2, 4, 8. From rank 1 each (544 parameters) within 1056:
+    #   0: 1→2 adds 0.25 for 32 (0.0078 each), 1: 1→2 adds 0.5 for 512 (0.00098 each) → 0, now 576
+    #   0: 2→4 adds 0.1875 for 64 (0.0029 each), beating 1 again → 0, now 640
+    #   0: 4→8 adds 0.0586 for 128; 1's doubling to 1152 no longer fits → 0, now 768
+    #   0 is at its highest measured rank and 1 still does not fit: done
+    card = _with_widths(synthetic_card([1.0, 2.0]), [16, 256])
+    plan = make_plan(card, PlanConfig("all", budget="params=1056", rank="auto"))
+    assert {u.layer: u.rank for u in plan.units} == {0: 8, 1: 1}
+    assert plan.predicted["params"] == 8 * 32 + 1 * 512
 
 
 def test_rank_pattern_key_of_layer_1_does_not_hit_layer_11():

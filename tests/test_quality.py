@@ -149,6 +149,63 @@ def test_frontier_is_non_dominated_and_sorted():
                 assert not (c.costs[kind] <= p.costs[kind] and c.quality > p.quality + 1e-12)
 
 
+def _saturating_search() -> F.Search:
+    """A search whose predicted quality stops growing at a quarter of the reference's parameters, so that
+    many placements tie at the top."""
+    return F.search(_card(), predict=lambda f: min(f.params, 0.25))
+
+
+def test_each_step_of_the_frontier_buys_more_predicted_quality():
+    """A frontier point costs more than the one before only if it is predicted to be better: a placement
+    of equal predicted quality and higher cost is dominated."""
+    s = _saturating_search()
+    top = max(c.quality for c in s.candidates)
+    for kind in ("params", "modules"):
+        front = s.frontier(kind)
+        assert all(b.quality > a.quality for a, b in zip(front, front[1:], strict=False)), kind
+        # it ends at the cheapest placement of the top quality, and nothing dearer follows
+        assert front[-1].quality == top
+        assert front[-1].costs[kind] == min(c.costs[kind] for c in s.candidates if c.quality == top)
+
+
+def test_equal_predicted_quality_goes_to_fewer_parameters():
+    """The recommendation is the highest predicted quality within the budgets; of placements predicted
+    equal (to six decimals), the one of fewest parameters."""
+    s = _saturating_search()
+    budget = [Budget("params", 10.0, True)]  # every candidate fits
+    fitting = s.fitting(budget)
+    top = max(round(c.quality, 6) for c in fitting)
+    tied = [c for c in fitting if round(c.quality, 6) == top]
+    assert len({c.costs["params"] for c in tied}) > 1  # a tie the rule must break
+    pick = s.recommend(budget)
+    assert pick.quality == pytest.approx(0.25)
+    assert pick.costs["params"] == min(c.costs["params"] for c in tied)
+
+
+def test_spread_layer_sets_take_the_centre_of_each_equal_band():
+    """``spread-n`` puts n layers evenly over the depth: the (rounded-down) centre of each of n equal
+    bands, as policy uniform does, not the bands' first layers."""
+    sets = dict(F.layer_sets(30))
+    # 4 bands of 7.5 layers: centres 3.75, 11.25, 18.75, 26.25
+    assert sets["spread-4"] == (3, 11, 18, 26)
+    # 8 bands of 3.75: centres 1.875, 5.625, 9.375, 13.125, 16.875, 20.625, 24.375, 28.125
+    assert sets["spread-8"] == (1, 5, 9, 13, 16, 20, 24, 28)
+    assert dict(F.layer_sets(8))["spread-2"] == (2, 6)  # bands 0-3 and 4-7: centres 2 and 6
+
+
+def test_a_fixed_rules_target_is_sought_above_its_own_rank():
+    """A practitioner after a target raises the rank as readily as lowers it: the cheapest placement of a
+    rule reaching the target may be above rank 8."""
+    s = F.search(_card(), predict=lambda f: Q.FORMS["params"].fn(f, (0.5,)))
+    # q,v holds 64 of each layer's 272 reference parameters (every linear module at rank 8): at rank 8 it
+    # is predicted at √(64/272) = 0.485, at rank 16 at √(128/272) = 0.686
+    at8 = next(c for c in s.candidates if (c.matrices, c.layer_rule, c.rank) == ("q,v", "all", 8))
+    assert at8.quality == pytest.approx((64 / 272) ** 0.5)
+    rule = s.default_rule_for("peft-default", 0.6, "params")
+    assert rule is not None and (rule.matrices, rule.layer_rule, rule.rank) == ("q,v", "all", 16)
+    assert rule.quality == pytest.approx((128 / 272) ** 0.5)
+
+
 def test_relative_budgets_and_the_recommendation():
     s = _search()
     assert s.reference["params"] == pytest.approx(sum(8 * (u.d_in + u.d_out) for u in s.card.units))
@@ -575,7 +632,7 @@ def test_target_gives_the_cheapest_placement_predicted_to_reach_it():
     assert capped.predicted["modules"] == min(c.costs["modules"] for c in ok) <= cap
     # every fixed rule's entry is that rule's cheapest placement reaching the target
     for rule, row in plan.predicted["defaults"].items():
-        fam = [c for c in s.family(rule) if c.quality >= target]
+        fam = [c for c in s.family(rule, max(F.RANKS)) if c.quality >= target and s.in_evidence(c)]
         if not fam:
             assert row is None
         else:

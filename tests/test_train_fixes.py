@@ -18,7 +18,7 @@ from test_train import FAST, TRAIN, VAL, _loaded, make_plan, plan_dict
 from layercard.errors import LayercardError
 from layercard.plan import Plan
 from layercard.train import TrainConfig, train
-from layercard.train.checkpoints import check_resumable, latest_checkpoint
+from layercard.train.checkpoints import check_resumable, latest_checkpoint, save_checkpoint
 from layercard.train.readme import _placement, trimmed_readme
 
 CKPT = {**FAST, "checkpoint_every": 2}
@@ -143,6 +143,43 @@ def test_a_resume_compares_load_in_4bit_where_the_checkpoint_records_it(checkpoi
         del state["fingerprint"][key]
     (ckpt / "state.json").write_text(json.dumps(state))
     check_resumable(ckpt, {**fingerprint, "load_in_4bit": True, "val_data": "none"})
+
+
+def test_a_checkpoint_from_before_init_was_recorded_resumes_only_a_default_init(checkpointed):
+    """A fingerprint written before ``init`` was recorded meant the default init by its absence: a resume
+    with EVA is refused as a change of init, one with the default goes on."""
+    out, _, _ = checkpointed
+    ckpt = latest_checkpoint(out)
+    state = json.loads((ckpt / "state.json").read_text())
+    fingerprint = dict(state["fingerprint"])
+    assert fingerprint["init"] == "default"
+    del state["fingerprint"]["init"]
+    (ckpt / "state.json").write_text(json.dumps(state))
+    with pytest.raises(LayercardError, match="cannot resume: init was 'default', now 'eva'"):
+        check_resumable(ckpt, {**fingerprint, "init": "eva"})
+    assert check_resumable(ckpt, fingerprint)["step"] == 4
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Which checkpoints are the newest and are kept
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_checkpoints_are_ordered_by_step_number_not_by_folder_name(tmp_path: Path):
+    """step-10 is newer than step-9 though its name sorts first; a save keeps the two highest steps."""
+    for step in (9, 10):
+        folder = tmp_path / "checkpoints" / f"step-{step}"
+        folder.mkdir(parents=True)
+        (folder / "state.json").write_text("{}")
+    assert latest_checkpoint(tmp_path) == tmp_path / "checkpoints" / "step-10"
+    out = tmp_path / "run"
+    weight = torch.nn.Parameter(torch.zeros(2))
+    optimizer = torch.optim.SGD([weight], lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    for step in (8, 10, 12):
+        save_checkpoint(out, step, {"w": weight}, optimizer, scheduler, {"step": step})
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-10", "step-12"]
+    assert latest_checkpoint(out) == out / "checkpoints" / "step-12"
 
 
 # ---------------------------------------------------------------------------------------------------------
