@@ -218,6 +218,7 @@ class Runner:
         self._run_positions: tuple[float, int] | None = None
         self._train_data: Any = None
         self._cut_said = False
+        self._card_read: tuple[tuple[int, int, int], Any] | None = None
         # Whether this call goes on to evaluate: a training then first checks what the evaluation would
         # refuse before generating (gold answers, prompts past the model's context), not hours later.
         self.evaluates = False
@@ -510,10 +511,20 @@ class Runner:
             self.on_stage(event, name, result)
 
     # ---- card ---------------------------------------------------------------------------------------
-    def card(self) -> None:
-        """The Layer Card of the model on the training task."""
+    def read_card(self) -> Any:
+        """The run's card.json, read once for the stages that read it (every plan, the card's summary): a
+        large model's card takes a noticeable time to read and to hash. Keyed by the file's identity, so
+        a card made again is read again."""
         from layercard.card import Card
 
+        st = self.out.card_json.stat()
+        key = (st.st_mtime_ns, st.st_size, st.st_ino)
+        if self._card_read is None or self._card_read[0] != key:
+            self._card_read = (key, Card.load(self.out.card_json))
+        return self._card_read[1]
+
+    def card(self) -> None:
+        """The Layer Card of the model on the training task."""
         out = self.out
         config = dataclasses.asdict(self.cfg.card)
 
@@ -526,7 +537,7 @@ class Runner:
         def summarize() -> list[tuple[str, str]]:
             from layercard.card.summary import top_layers
 
-            card = Card.load(out.card_json)
+            card = self.read_card()
             rows = [
                 ("model", f"{card.model['id']} ({card.n_layers} layers)"),
                 ("probe", f"{card.task['n_examples']} examples, {card.n_target_tokens} target tokens"),
@@ -562,10 +573,9 @@ class Runner:
         at_run = p.plan.step_positions is None and p.plan.peak_positions is None
 
         def fn(_resume: bool) -> None:
-            from layercard.card import Card
             from layercard.plan import make_plan
 
-            card = Card.load(out.card_json)
+            card = self.read_card()
             made = plan_cfg
             if made.memory_figure == "auto" and not self.trains_here:
                 from layercard.cost import figure_elsewhere
