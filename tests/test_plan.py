@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import re
 from pathlib import Path
@@ -934,17 +935,35 @@ def test_an_axis_is_log_only_where_its_costs_span_a_decade(card_file, tmp_path):
     seen: dict[str, str] = {}
     real = plt.Figure.savefig
 
+    ticks: dict[str, list] = {}
+
     def keep_scales(fig, *a, **k):  # the axes' scales as drawn, before the figure is closed
         seen.update({ax.get_xlabel(): ax.get_xscale() for ax in fig.axes if ax.get_xlabel()})
+        fig.canvas.draw()
+        for ax in fig.axes:
+            shown = [t for t in ax.get_xticklabels() if t.get_text() and t.get_visible()]
+            ticks[ax.get_xlabel()] = [t for t in shown if ax.bbox.x0 - 5 <= t.get_window_extent().x0]
         return real(fig, *a, **k)
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(plt.Figure, "savefig", keep_scales)
         plot_frontier(plan, tmp_path / "f.png")
-    for kind, rows in plan.predicted["frontier"].items():
-        label = next(k for k in seen if k.startswith(("trainable", "peak")[kind == "memory"]))
-        assert seen[label] == ("log" if _wide([row[kind] for row in rows]) else "linear"), (kind, seen)
-    assert sorted(seen.values()) == ["linear", "log"]  # parameters span decades, memory does not
+        for kind, rows in plan.predicted["frontier"].items():
+            label = next(k for k in seen if k.startswith(("trainable", "peak")[kind == "memory"]))
+            assert seen[label] == ("log" if _wide([row[kind] for row in rows]) else "linear"), (kind, seen)
+        assert sorted(seen.values()) == ["linear", "log"]  # parameters span decades, memory does not
+        # a log axis's ticks are numbers, not the source of the formulas matplotlib writes them as
+        log_ticks = [t.get_text() for label, s in seen.items() if s == "log" for t in ticks[label]]
+        assert log_ticks and not any("$" in t or "mathdefault" in t for t in log_ticks), log_ticks
+        # a 70B model's peaks (six-figure MiB): the labels do not run into each other
+        big = {**plan.predicted["frontier"]}
+        big["memory"] = [{**r, "memory": r["memory"] * 600} for r in big["memory"]]
+        budgets = [b for b in plan.predicted["budgets"] if not b.startswith("memory")]
+        scaled = dataclasses.replace(plan, predicted={**plan.predicted, "frontier": big, "budgets": budgets})
+        plot_frontier(scaled, tmp_path / "g.png")
+        label = next(k for k in ticks if k.startswith("peak"))
+        boxes = sorted((t.get_window_extent() for t in ticks[label]), key=lambda b: b.x0)
+        assert len(boxes) >= 2 and all(a.x1 <= b.x0 for a, b in itertools.pairwise(boxes)), ticks[label]
 
 
 def test_frontier_table_keeps_the_cheapest_of_equal_looking_rows_and_the_plan():

@@ -32,11 +32,26 @@ def new_figure(nrows: int = 1, ncols: int = 1, **kw: Any) -> tuple[Any, Any]:
 def plain_text(fig: Any) -> None:
     """Have every text of ``fig`` drawn as written: a task, file or model name holding two ``$`` would
     otherwise be read as a formula, and drawing it fail (layercard's own labels use no formulas). Called
-    before anything lays the figure out or draws it."""
+    before anything lays the figure out or draws it.
+
+    A log axis names its ticks by formulas of its own (``10^{7}``); read as text they would show the
+    formula's source, so such an axis is given the same ticks written as plain numbers."""
     from matplotlib.text import Text
+    from matplotlib.ticker import LogFormatter, LogFormatterMathtext
 
     for text in fig.findobj(Text):
         text.set_parse_math(False)
+    for ax in fig.axes:
+        for axis in (ax.xaxis, ax.yaxis):
+            for get, put in (
+                (axis.get_major_formatter, axis.set_major_formatter),
+                (axis.get_minor_formatter, axis.set_minor_formatter),
+            ):
+                f = get()
+                if isinstance(f, LogFormatterMathtext):
+                    # the same settings; matplotlib keeps the base and threshold unexposed
+                    base, linthresh = getattr(f, "_base", 10.0), getattr(f, "_linthresh", None)
+                    put(LogFormatter(base, f.labelOnlyBase, f.minor_thresholds, linthresh))
 
 
 def save_png(fig: Any, path: str | os.PathLike[str], dpi: int = 110) -> bytes:

@@ -104,7 +104,10 @@ def plot_frontier(
             # whole-number label would name a tick by its neighbour's value
             width = max(span) - min(span) if span else 0.0
             if width >= 5 or kind == "modules":
-                ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+                # six-figure peaks (a 70B model's MiB) print 7-character labels: fewer of them fit a panel
+                wide = len(f"{max(span, default=0):,.0f}") >= 7
+                ticks = MaxNLocator(nbins=5, integer=True) if wide else MaxNLocator(integer=True)
+                ax.xaxis.set_major_locator(ticks)
                 ax.xaxis.set_major_formatter(StrMethodFormatter("{x:,.0f}"))
             else:
                 ax.xaxis.set_major_formatter(StrMethodFormatter("{x:,.1f}" if width >= 0.5 else "{x:,.2f}"))
