@@ -110,9 +110,11 @@ class Card:
 
     def group_of(self, unit: UnitRow) -> GroupRow:
         """The input group (the statistics of the input) that ``unit`` reads."""
-        return self._groups_by_key()[unit.group]
+        return self._groups_by_key[unit.group]
 
+    @functools.cached_property
     def _groups_by_key(self) -> dict[str, GroupRow]:
+        # built once: the planner asks for a unit's group hundreds of thousands of times on a large model
         return {g.key: g for g in self.groups}
 
     def resnorm_sq(self, unit: UnitRow, delta: float | None = None) -> float:
