@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import heapq
 from collections import Counter
 from collections.abc import Sequence
 from typing import Any, Protocol
@@ -23,52 +24,59 @@ class RankedModule(Protocol):
 
 def captured_at(unit: UnitRow, rank: int) -> float:
     """captured@r, or at the largest measured rank ≤ r (a lower bound) when r was not measured."""
-    table = {int(k): float(v) for k, v in unit.captured.items()}
-    if not table:
-        return 0.0
+    return _at({int(k): float(v) for k, v in unit.captured.items()}, rank)
+
+
+def _at(table: dict[int, float], rank: int) -> float:
     below = [k for k in table if k <= rank]
     return table[max(below)] if below else 0.0
 
 
 def auto_ranks(units: Sequence[UnitRow], param_budget: float) -> dict[str, int]:
     """Allocate per-unit ranks from captured@r: start at the smallest rank, then repeatedly double the
-    unit with the largest captured gain per added parameter while the doubling fits the budget."""
+    unit with the largest captured gain per added parameter while the doubling fits the budget (of
+    equal ones, the first in ``units``)."""
     ranks: dict[str, int] = {}
-    measured: dict[str, list[int]] = {}
+    tables: list[dict[int, float]] = []
     for u in units:
-        ks = sorted(int(k) for k in u.captured)
-        if not ks:
+        table = {int(k): float(v) for k, v in u.captured.items()}
+        if not table:
             raise LayercardError(f"rank auto: unit {u.key} has no captured@r values in the card")
-        measured[u.key] = ks
-        ranks[u.key] = ks[0]
+        tables.append(table)
+        ranks[u.key] = min(table)
     used = sum(ranks[u.key] * (u.d_in + u.d_out) for u in units)
-    if used > param_budget * (1 + REL_TOL):
+    cap = param_budget * (1 + REL_TOL)
+    if used > cap:
         raise LayercardError(
             f"rank auto: {len(units)} modules at rank {min(ranks.values())} need {used} params, "
             f"over the budget of {param_budget:.0f} params"
         )
-    while True:
-        best: tuple[float, int, str] | None = None
-        for i, u in enumerate(units):
-            r = ranks[u.key]
-            nxt = 2 * r
-            # Ranks beyond min(d_in, d_out) or beyond the measured ranks capture nothing new.
-            if nxt > min(u.d_in, u.d_out, measured[u.key][-1]):
-                continue
-            added = r * (u.d_in + u.d_out)
-            if used + added > param_budget * (1 + REL_TOL):
-                continue
-            dc = captured_at(u, nxt) - captured_at(u, r)
-            if dc <= 0:
-                continue
-            key = (dc / added, -i, u.key)
-            if best is None or key[:2] > best[:2]:
-                best = key
-        if best is None:
-            return ranks
-        u = next(x for x in units if x.key == best[2])
-        used += ranks[u.key] * (u.d_in + u.d_out)
+
+    def doubling(i: int) -> tuple[float, int] | None:
+        """(−gain per added parameter, i) of doubling unit i's rank, or None where it gains nothing."""
+        u, table = units[i], tables[i]
+        r = ranks[u.key]
+        # Ranks beyond min(d_in, d_out) or beyond the measured ranks capture nothing new.
+        if 2 * r > min(u.d_in, u.d_out, max(table)):
+            return None
+        dc = _at(table, 2 * r) - _at(table, r)
+        return (-dc / (r * (u.d_in + u.d_out)), i) if dc > 0 else None
+
+    # Only the doubled unit's next step changes, and the parameters used only grow: a doubling that does
+    # not fit now never will. A heap then finds each best doubling without rescanning every unit.
+    heap = [d for d in (doubling(i) for i in range(len(units))) if d is not None]
+    heapq.heapify(heap)
+    while heap:
+        _, i = heapq.heappop(heap)
+        u = units[i]
+        added = ranks[u.key] * (u.d_in + u.d_out)
+        if used + added > cap:
+            continue
+        used += added
         ranks[u.key] *= 2
+        if (d := doubling(i)) is not None:
+            heapq.heappush(heap, d)
+    return ranks
 
 
 def lora_config(
