@@ -388,11 +388,13 @@ class _Rows:
         }
 
 
-def fresh(record: Path, settings: Mapping[str, Any] | None = None, **inputs: Callable[[], str]) -> bool:
-    """Whether the stage whose record this is finished, from the inputs the run has now (each given as
+def fresh(
+    rec: Mapping[str, Any] | None, settings: Mapping[str, Any] | None = None, **inputs: Callable[[], str]
+) -> bool:
+    """Whether the stage whose record ``rec`` is finished, from the inputs the run has now (each given as
     the function that hashes it) and with the ``settings`` the run's config gives it now (a setting the
-    config leaves to the run, null there, is not compared). A folder without a record counts as fresh."""
-    rec = _maybe(record)
+    config leaves to the run, null there, is not compared). A folder without a record (None) counts as
+    fresh."""
     if rec is None:
         return True
     if rec.get("status") != "done":
@@ -415,24 +417,23 @@ def _kept(
 ) -> bool:
     """Whether ``artifact`` is there, what it was made from is kept (``upstream``) and the stage that owns
     its folder is :func:`fresh`; one that is there but not kept is noted as left out."""
+    rec = _maybe(RunLayout.stage_record(artifact.parent))
     if not artifact.exists():
-        rec = _maybe(RunLayout.stage_record(artifact.parent))
         if rec is not None and rec.get("status") == "failed":
             rows.failed[stage] = str(rec.get("error") or "")
         return False
-    record = RunLayout.stage_record(artifact.parent)
-    if upstream and fresh(record, settings, **inputs) and _as_recorded(record, artifact, rows.root):
+    if upstream and fresh(rec, settings, **inputs) and _as_recorded(rec, artifact, rows.root):
         return True
     rows.left_out.append(stage)
     return False
 
 
-def _as_recorded(record: Path, artifact: Path, root: Path) -> bool:
-    """Whether ``artifact`` holds what its stage wrote, by the hash the stage's record keeps: a command run
-    into the run's folder since (an eval of another adapter, say) wrote another run's figures there.
-    Records of an older layercard keep no hashes. One that is not as recorded is still read, so that a
-    damaged file is refused in one line as anywhere else, rather than passed over."""
-    hashes = (_maybe(record) or {}).get("output_hashes")
+def _as_recorded(rec: Mapping[str, Any] | None, artifact: Path, root: Path) -> bool:
+    """Whether ``artifact`` holds what its stage wrote, by the hash the stage's record ``rec`` keeps: a
+    command run into the run's folder since (an eval of another adapter, say) wrote another run's figures
+    there. Records of an older layercard keep no hashes. One that is not as recorded is still read, so
+    that a damaged file is refused in one line as anywhere else, rather than passed over."""
+    hashes = (rec or {}).get("output_hashes")
     key = str(artifact.relative_to(root))
     if not isinstance(hashes, dict) or key not in hashes:
         return True
