@@ -541,8 +541,10 @@ def check_base(folder: str | Path, model_hash: str, files: Mapping[str, str] | N
                 raise LayercardError(f"{p / name}: not a JSON object") from None
             break
     _refuse_other_base(p, saved, model_hash)
-    other = [what for key, what in BASE_FILES.items() if key in record and key in (files or {})
-             and record[key] != (files or {})[key]]  # fmt: skip
+    now = files or {}
+    other = [
+        what for key, what in BASE_FILES.items() if key in record and key in now and record[key] != now[key]
+    ]
     if other:
         from layercard.progress import say
 

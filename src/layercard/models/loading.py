@@ -51,19 +51,21 @@ class LoadedModel:
     model_hash: str
     source: str
 
+    @property
+    def _folder(self) -> Path | None:
+        """The folder the model was loaded from; None for a model built in memory."""
+        folder = Path(self.source)
+        return folder if self.source != "memory" and folder.is_dir() else None
+
     @functools.cached_property
     def tokenizer_hash(self) -> str | None:
-        """:func:`tokenizer_folder_hash` of the folder the model was loaded from; None for a model built in
-        memory (``source`` is no folder)."""
-        folder = Path(self.source)
-        return tokenizer_folder_hash(folder) if self.source != "memory" and folder.is_dir() else None
+        """:func:`tokenizer_folder_hash` of the folder the model was loaded from (None: built in memory)."""
+        return tokenizer_folder_hash(self._folder) if self._folder is not None else None
 
     @functools.cached_property
     def config_hash(self) -> str | None:
-        """:func:`config_folder_hash` of the folder the model was loaded from; None for a model built in
-        memory."""
-        folder = Path(self.source)
-        return config_folder_hash(folder) if self.source != "memory" and folder.is_dir() else None
+        """:func:`config_folder_hash` of the folder the model was loaded from (None: built in memory)."""
+        return config_folder_hash(self._folder) if self._folder is not None else None
 
     @property
     def base_files(self) -> dict[str, str]:
