@@ -676,3 +676,17 @@ def test_an_adapter_on_a_base_with_other_tokenizer_files_is_said(world: World, t
         assert r.exit_code == 0, r.output
         note = "trained on a base with these weights but other tokenizer or chat-template files than this"
         assert (note in " ".join(r.output.split())) == said, r.output
+
+
+def test_a_plan_another_process_is_writing_is_left_alone(world: World, tmp_path: Path) -> None:
+    """plan.json and its frontier figure have one writer at a time: a second plan to the same file while
+    the first is at work would leave one's plan beside the other's figure."""
+    out = tmp_path / "plan.json"
+    artifacts.lock_path(out).write_text(lock_record(world.live.pid))  # another plan, at work
+    said = one_error_line(cli(f"plan --card {world.card} --policy all --out {out}"))
+    assert "another layercard process is writing this plan file" in said
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f".{out.name}.lock"]
+    artifacts.lock_path(out).unlink()
+    r = cli(f"plan --card {world.card} --policy all --out {out}")
+    assert r.exit_code == 0, r.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plan.json"]  # and no lock left behind

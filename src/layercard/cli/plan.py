@@ -49,7 +49,7 @@ def plan_cmd(
     cfg: PlanConfig | None = None,
 ) -> None:
     """Place adapters from a Layer Card under a budget: plan.json with a ready PEFT LoraConfig."""
-    from layercard.artifacts import check_out_file, same_file
+    from layercard.artifacts import check_out_file, same_file, writer_lock
     from layercard.card import Card
     from layercard.card.artifact import CARD_FILE
     from layercard.plan import check_model_matches, check_plan, make_plan
@@ -71,19 +71,22 @@ def plan_cmd(
     figure_path = out.with_name(out.stem + "_frontier.png")
     if cfg.policy in SEARCH_POLICIES:
         check_out_file(figure_path, "the frontier figure")
-    c = Card.load(card)
-    plan = make_plan(c, cfg, card_path=str(card))
-    check: dict[str, Any] | None = None
-    if check_model is not None:
-        loaded = load_cli_model(check_model, dtype, device, trust_remote_code)
-        check_model_matches(plan, loaded, where=str(card))
-        check = check_plan(plan, loaded.model)
-    figure = None
-    if cfg.policy in SEARCH_POLICIES:
-        from layercard.plan.figures import plot_frontier
+    # one writer of a plan.json and its figure at a time: two plans at once could leave one's file beside
+    # the other's figure
+    with writer_lock(out, what="plan file"):
+        c = Card.load(card)
+        plan = make_plan(c, cfg, card_path=str(card))
+        check: dict[str, Any] | None = None
+        if check_model is not None:
+            loaded = load_cli_model(check_model, dtype, device, trust_remote_code)
+            check_model_matches(plan, loaded, where=str(card))
+            check = check_plan(plan, loaded.model)
+        figure = None
+        if cfg.policy in SEARCH_POLICIES:
+            from layercard.plan.figures import plot_frontier
 
-        figure = plot_frontier(plan, figure_path)
-    plan.save(out)  # only now: a failed plan, check or figure leaves no plan.json behind
+            figure = plot_frontier(plan, figure_path)
+        plan.save(out)  # only now: a failed plan, check or figure leaves no plan.json behind
     if json_out:
         emit_json(
             {
