@@ -690,3 +690,12 @@ def test_a_plan_another_process_is_writing_is_left_alone(world: World, tmp_path:
     r = cli(f"plan --card {world.card} --policy all --out {out}")
     assert r.exit_code == 0, r.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["plan.json"]  # and no lock left behind
+
+
+def test_training_on_another_task_than_the_cards_is_said(world: World, tmp_path: Path) -> None:
+    """A plan's predictions are for the task its card measured: training it on another says so."""
+    said = "the plan's card was measured on task 'facts', and this run trains on 'format'"
+    for task, other in ((FACTS, False), ("synthetic:format", True)):
+        r = cli(f"train -p {world.plan} -m {world.model} -t {task} -o {tmp_path / task[10:]} {ONE_STEP}")
+        assert r.exit_code == 0, r.output
+        assert (said in " ".join(r.output.split())) == other, r.output

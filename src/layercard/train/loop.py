@@ -267,6 +267,12 @@ def train(
         notes = []
         if existing is None and resume and main:
             notes.append(f"note: --resume: no checkpoint in {out_dir}; training from the start")
+        measured_on = plan.card.get("task")
+        if main and isinstance(measured_on, str) and measured_on != train_task.name:
+            notes.append(
+                f"note: the plan's card was measured on task {measured_on!r}, and this run trains on "
+                f"{train_task.name!r}: the plan's predictions are for the card's task"
+            )
         if data is None:
             data = prepare_data(loaded, train_task, val_task, cfg)
         cut = cut_note(data.encoded, cfg.max_length, "training", data.task.format)
