@@ -235,10 +235,14 @@ def test_second_run_skips_every_stage(tiny_run, tmp_path, monkeypatch):
     import layercard.cost
 
     cfg_path, copy = copied(tiny_run, tmp_path)
-    before = _records(copy)
     # as in a new process: no calibration here, so a plan made now would price the first steps' memory; the
     # cached plans keep the figure they were made with rather than retraining every placement
     monkeypatch.setattr(layercard.cost, "_calibrated_here", False)
+    # the report names its run folder: in a copy it is made again, and names the copy; nothing else reruns
+    moved = run_pipeline(load_config(cfg_path), copy, progress=False)
+    assert moved["ran"] == ["report"], moved["ran"]
+    assert f"Run folder {copy.resolve()};" in (copy / "report.md").read_text()
+    before = _records(copy)
     events: list[tuple[str, str]] = []
     summary = run_pipeline(
         load_config(cfg_path), copy, progress=False, on_stage=lambda e, n, r: events.append((e, n))
@@ -917,7 +921,7 @@ def test_cli_run_json_and_tables(tiny_run, tmp_path):
     r = CliRunner().invoke(app, ["run", str(cfg_path), "--out", str(copy), "--json"])
     assert r.exit_code == 0, r.output
     d = json.loads(r.stdout)
-    assert d["ran"] == [] and Path(d["report"]["html"]).is_file()
+    assert d["ran"] == ["report"] and Path(d["report"]["html"]).is_file()  # in a copy: it names the copy
     assert [row["name"] for row in d["rows"]] == ["base", "card-2", "all", "all-trimmed"]
     # what --until plan is for, a run's costs before training, is in its JSON too
     r = CliRunner().invoke(app, ["run", str(cfg_path), "--out", str(copy), "--until", "plan", "--json"])

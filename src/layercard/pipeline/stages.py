@@ -867,7 +867,8 @@ class Runner:
             return [("html", str(html.resolve())), ("markdown", str(md.resolve()))]
 
         inputs = {str(p.relative_to(out.root)): hash_file(p) for p in report.report_inputs(out.root)}
-        config = {"report_version": report.REPORT_VERSION}
+        # the report names its run folder: a run copied or moved elsewhere makes it again
+        config = {"report_version": report.REPORT_VERSION, "run_folder": str(out.root.resolve())}
         outputs = [html, md, out.root / report.FIGURES_DIR]  # a report whose images are gone is made again
         self.stage(
             "report",
