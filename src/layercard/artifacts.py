@@ -1068,7 +1068,10 @@ def writer_lock(
     deadline = None if wait is None else time.monotonic() + wait
     said = wait == 0.0  # a wait of none at all is no wait to say
     while True:
-        lock.parent.mkdir(parents=True, exist_ok=True)  # again each try: a failed writer may have removed it
+        try:  # again each try: a failed writer may have removed it
+            lock.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise _not_written(Path(target), e) from None
         held = _create_lock(lock, mine)
         if held is not None:
             break

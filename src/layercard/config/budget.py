@@ -24,6 +24,13 @@ def unit_suffix(kind: str) -> str:
     return f" {COST_UNITS[kind]}" if kind in COST_UNITS else ""
 
 
+def grouped(part: str) -> str:
+    """One budget as text (``params=100000000``) with a large whole number grouped for reading
+    (``params=100,000,000``); any other as it is."""
+    kind, _, value = part.partition("=")
+    return f"{kind}={int(value):,}" if value.isdigit() and int(value) >= 10_000 else part
+
+
 def _shown(kind: str, v: object, relative: bool = False) -> str:
     """A budget value in a message: whole numbers without a decimal point, seconds with their unit, a
     multiple of the reference with its ``x``."""
@@ -120,7 +127,7 @@ class Budget:
     def label(self) -> str:
         """The budget as messages show it, with its unit (``step_time=0.44 s``, ``memory=6144 MiB``)."""
         unit = "" if self.relative else unit_suffix(self.kind)
-        return f"{self}{unit}"
+        return f"{grouped(str(self))}{unit}"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from layercard.plan.space import budget_label
 from layercard.plotting import new_figure, plain_text, save_png
 
 _LABELS = {
@@ -93,7 +94,7 @@ def plot_frontier(
         for b in pred.get("budgets", []):
             if b.startswith(f"{kind}="):
                 cap = _cap(b, pred["reference"])
-                ax.axvline(cap, color="tab:red", ls=":", label=f"budget {b}")
+                ax.axvline(cap, color="tab:red", ls=":", label=f"budget {budget_label(b)}")
         # a log axis where the costs span a decade or more (parameters, mostly); over a narrower range its
         # ticks would read 1.1×10³, so the axis is linear with whole numbers
         ax.set_xscale("log" if log else "linear")

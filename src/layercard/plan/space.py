@@ -14,7 +14,7 @@ import numpy as np
 
 from layercard.card import stats
 from layercard.card.artifact import Card, UnitRow
-from layercard.config.budget import unit_suffix
+from layercard.config.budget import grouped, unit_suffix
 from layercard.errors import LayercardError, card_setting_text
 
 # Rank used to cost layer selection when ranks are allocated afterwards ("auto"): the uniform reference.
@@ -183,7 +183,7 @@ def budget_label(text: str) -> str:
     parts = []
     for part in str(text).split(","):
         unit = "" if part.endswith("x") else unit_suffix(part.split("=")[0])
-        parts.append(part + unit)
+        parts.append(grouped(part) + unit)
     return ", ".join(parts)
 
 
