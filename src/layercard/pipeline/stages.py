@@ -218,7 +218,8 @@ class Runner:
         self._run_positions: tuple[float, int] | None = None
         self._train_data: Any = None
         self._cut_said = False
-        self._card_read: tuple[tuple[int, int, int], Any] | None = None
+        # what is read from card.json once for every stage that needs it, keyed by the file's identity
+        self._card_memo: dict[str, tuple[tuple[int, int, int], Any]] = {}
         # Whether this call goes on to evaluate: a training then first checks what the evaluation would
         # refuse before generating (gold answers, prompts past the model's context), not hours later.
         self.evaluates = False
@@ -511,17 +512,26 @@ class Runner:
             self.on_stage(event, name, result)
 
     # ---- card ---------------------------------------------------------------------------------------
+    def _of_card_file(self, what: str, read: Callable[[Path], Any]) -> Any:
+        """``read(card.json)``, once per card file for every stage that needs it (every plan, the card's
+        summary): a large model's card takes a noticeable time to read and to hash. Keyed by the file's
+        identity, so a card made again is read again."""
+        path = self.out.card_json
+        try:
+            st = path.stat()
+        except OSError:
+            return read(path)  # no card: the reader says so, as it would have
+        key = (st.st_mtime_ns, st.st_size, st.st_ino)
+        got = self._card_memo.get(what)
+        if got is None or got[0] != key:
+            got = self._card_memo[what] = (key, read(path))
+        return got[1]
+
     def read_card(self) -> Any:
-        """The run's card.json, read once for the stages that read it (every plan, the card's summary): a
-        large model's card takes a noticeable time to read and to hash. Keyed by the file's identity, so
-        a card made again is read again."""
+        """The run's card.json as a Card, read once per card file."""
         from layercard.card import Card
 
-        st = self.out.card_json.stat()
-        key = (st.st_mtime_ns, st.st_size, st.st_ino)
-        if self._card_read is None or self._card_read[0] != key:
-            self._card_read = (key, Card.load(self.out.card_json))
-        return self._card_read[1]
+        return self._of_card_file("card", Card.load)
 
     def card(self) -> None:
         """The Layer Card of the model on the training task."""
@@ -648,7 +658,7 @@ class Runner:
             "batch_size": plan_cfg.batch_size,
             "grad_accum": plan_cfg.grad_accum,
         }
-        inputs = {"card": content_hash(out.card_json)}
+        inputs = {"card": self._of_card_file("content_hash", content_hash)}
         if at_run:  # what the training's positions follow
             t = self.cfg.train
             keys = ("batch_size", "grad_accum", "steps", "epochs", "max_length", "train_examples", "seed")
