@@ -210,8 +210,10 @@ class Card:
 
     @functools.cached_property
     def content_hash(self) -> str:
-        """The content hash of this card's card.json (:func:`layercard.artifacts.content_hash`): which
-        card exactly, its timings and provenance aside. Computed once (a card is frozen)."""
+        """The content hash of the card.json this card writes (:func:`layercard.artifacts.content_hash`):
+        which card exactly, its timings and provenance aside. A card.json of an earlier version, whose
+        missing fields load with their defaults, hashes otherwise as a file. Computed once (a card is
+        frozen)."""
         return artifact_hash(self.to_dict())
 
     @classmethod
