@@ -644,7 +644,11 @@ def test_a_command_does_not_write_into_a_run_another_process_is_running(world: W
     artifacts.lock_path(run).write_text(lock_record(world.live.pid))  # the run, still running
     plan = f"plan --card {world.card} --policy all --out {run / 'plan' / 'x' / 'plan.json'}"
     evaluate = f"eval -m {world.model} -t synthetic:facts -o {run / 'eval' / 'x'} {EVAL}"
-    for line in (plan, evaluate):
+    merged = (
+        f"trim -m {world.model} --adapter {world.adapter} -t synthetic:facts --out {tmp_path / 'trim'} "
+        f"--export-merged {run / 'merged'}"
+    )
+    for line in (plan, evaluate, merged):
         said = one_error_line(cli(line))
         assert f"lies inside the run folder {run}, which another layercard process is running" in said
     assert sorted(p.name for p in run.iterdir()) == ["run.json"]

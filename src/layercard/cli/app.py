@@ -344,6 +344,17 @@ def outside_live_runs(path: Path, what: str = "--out") -> None:
             )
 
 
+def out_folder(path: Path, what: str = "--out") -> Path:
+    """Refuse, before any work, an output folder that cannot be one or cannot be made
+    (:func:`layercard.artifacts.check_out_folder`), or that lies inside a live run's folder
+    (:func:`outside_live_runs`); the folder as a path."""
+    from layercard.artifacts import check_out_folder
+
+    folder = check_out_folder(path, what)
+    outside_live_runs(folder, what)
+    return folder
+
+
 def check_adapter(adapter: Path) -> None:
     """Refuse, before anything loads, an ``--adapter`` that is no adapter folder, naming the option."""
     from layercard.adapters import CONFIG_FILE, PEFT_CONFIG_FILE

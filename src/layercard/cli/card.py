@@ -20,7 +20,7 @@ from layercard.cli.app import (
     note_examples,
     note_replaced,
     note_task,
-    outside_live_runs,
+    out_folder,
     plain,
     progress_flag,
     result_console,
@@ -89,14 +89,13 @@ def card_cmd(
 ) -> None:
     """Measure the frozen model on a task: the Layer Card (card.json, card.md, PNG figures)."""
     from layercard.api import measure_card
-    from layercard.artifacts import check_out_folder, remove_stale_temps, writer_lock
+    from layercard.artifacts import remove_stale_temps, writer_lock
     from layercard.card import distributed, write_card_folder
     from layercard.card.artifact import CARD_FILE
     from layercard.card.summary import top_layers
 
     dev = distributed.check_processes(processes, device)  # before anything is written
-    check_out_folder(out)  # before the probe pass, not after it
-    outside_live_runs(out)
+    out_folder(out)  # before the probe pass, not after it
     earlier = (out / CARD_FILE).is_file()
     if distributed.launched_world() > 1:
         # Launched processes share the probe; the first alone holds the folder and writes the card.

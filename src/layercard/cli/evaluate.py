@@ -25,7 +25,7 @@ from layercard.cli.app import (
     note_generation,
     note_replaced,
     note_task,
-    outside_live_runs,
+    out_folder,
     plain,
     progress_flag,
     result_console,
@@ -62,15 +62,14 @@ def eval_cmd(
     task_kw: dict | None = None,
 ) -> None:
     """Generate greedily on a task, score it with the task metrics and write eval.json + predictions.jsonl."""
-    from layercard.artifacts import check_out_folder, writer_lock
+    from layercard.artifacts import writer_lock
     from layercard.evaluate import EVAL_FILE, evaluate, resolve_eval_task
 
     assert cfg is not None  # built by config_options before anything loads: a typo costs no time
     if adapter is not None:
         check_adapter(adapter)
     model_spec = adapter_model(model, adapter, trust_remote_code)  # before anything is read or written
-    check_out_folder(out)
-    outside_live_runs(out)
+    out_folder(out)
     earlier = (out / EVAL_FILE).is_file()
     with writer_lock(out, what="eval folder"):
         t, fallback = resolve_eval_task(task, split=split, seed=seed, **(task_kw or {}))

@@ -21,7 +21,7 @@ from layercard.cli.app import (
     note_examples,
     note_task,
     note_unused,
-    outside_live_runs,
+    out_folder,
     progress_flag,
     result_console,
 )
@@ -132,7 +132,7 @@ def train_cmd(
     task_kw: dict | None = None,
 ) -> None:
     """Train the adapters a plan places; write adapter/, train_metrics.json and checkpoints/ under --out."""
-    from layercard.artifacts import check_out_folder, check_unlocked
+    from layercard.artifacts import check_unlocked
     from layercard.plan import Plan, check_model_matches
     from layercard.tasks import is_file_spec, load_task
     from layercard.train import METRICS_FILE, check_plan_settings, is_launch_main, launch_world, train
@@ -148,8 +148,7 @@ def train_cmd(
     if not dry_run:
         if out is None:
             raise LayercardError("--out: required (the run folder), except with --dry-run")
-        check_out_folder(out)
-        outside_live_runs(out)
+        out_folder(out)
         if is_launch_main():  # at once; train() takes the lock once the model is loaded
             check_unlocked(out, what="training folder")
         if (out / METRICS_FILE).is_file():

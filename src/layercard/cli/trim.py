@@ -8,7 +8,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from layercard.artifacts import check_out_folder, writer_lock
+from layercard.artifacts import writer_lock
 from layercard.cli.app import (
     AdapterModelOpt,
     DeviceOpt,
@@ -24,7 +24,7 @@ from layercard.cli.app import (
     note_examples,
     note_generation,
     note_replaced,
-    outside_live_runs,
+    out_folder,
     plain,
     progress_flag,
     result_console,
@@ -86,8 +86,7 @@ def trace_cmd(
     check_adapter(adapter)
     model_spec = adapter_model(model, adapter, trust_remote_code)  # before anything is read or written
     check_out_of_adapter(out, adapter)
-    check_out_folder(out)
-    outside_live_runs(out)
+    out_folder(out)
     earlier = (out / TRACE_FILE).is_file()
     with writer_lock(out, what="trace folder"):
         t = _validation_task(task, split, seed, task_kw)
@@ -158,13 +157,15 @@ def trim_cmd(
     check_adapter(adapter)
     model_spec = adapter_model(model, adapter, trust_remote_code)  # before anything is read or written
     check_out_of_adapter(out if out is not None else adapter.resolve().parent, adapter)
-    out_dir = check_out_folder(out if out is not None else adapter.resolve().parent)
-    outside_live_runs(out_dir, "--out" if out is not None else "the adapter's folder")
+    out_dir = out_folder(
+        out if out is not None else adapter.resolve().parent,
+        "--out" if out is not None else "the adapter's folder",
+    )
     earlier = (out_dir / TRIM_FILE).is_file()
     if export_merged is not None:
         from layercard.trim.run import check_merged_folder
 
-        check_out_folder(export_merged, "--export-merged")
+        out_folder(export_merged, "--export-merged")
         check_merged_folder(export_merged, adapter, out_dir)
     with writer_lock(out_dir, what="trim folder"):
         t = _validation_task(task, split, seed, task_kw)
