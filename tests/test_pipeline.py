@@ -1104,3 +1104,16 @@ def test_auto_threads_take_the_idle_cores(monkeypatch):
     monkeypatch.setattr(R, "_busy_cores", lambda: None)
     monkeypatch.setattr(os, "getloadavg", lambda: (float(cores), 0.0, 0.0))
     assert R.choose_threads("auto") == 1
+
+
+def test_a_plans_warnings_go_to_stderr_with_its_stage(capsys):
+    """A run's stage tables are its results, on stdout; a plan's warnings go to stderr, as every standalone
+    command's do, each naming the stage it came from."""
+    from layercard.cli.run import _on_stage
+    from layercard.pipeline.stages import StageResult
+
+    rows = [("placement", "mlp · 0–29 · r2"), ("warning", "quality model: the default")]
+    _on_stage("end", "plan:top", StageResult("plan:top", "ran", 0.5, "plan/top", "f", rows))
+    out, err = capsys.readouterr()
+    assert "mlp · 0–29 · r2" in out and "quality model" not in out
+    assert "warning: plan:top: quality model: the default" in " ".join(err.split())

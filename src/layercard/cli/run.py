@@ -9,7 +9,7 @@ import typer
 from rich import box
 from rich.table import Table
 
-from layercard.cli.app import app, emit_json, guard, plain, progress_flag, result_console
+from layercard.cli.app import app, emit_json, guard, plain, progress_flag, result_console, warning
 from layercard.progress import count
 from layercard.run_layout import RunLayout
 
@@ -48,8 +48,12 @@ def _on_stage(event: str, name: str, result: Any) -> None:
     t.add_column("what", style="bold")
     t.add_column("value")
     for k, v in result.rows:
-        t.add_row(k, plain(v))
+        if k != "warning":
+            t.add_row(k, plain(v))
     result_console.print(t)
+    for k, v in result.rows:
+        if k == "warning":  # on stderr, where every command's warnings go
+            warning(f"{name}: {v}")
 
 
 def _fmt(x: Any, spec: str = ".4g") -> str:
