@@ -37,3 +37,14 @@ def test_an_error_naming_a_split_prints_it_as_written(tmp_path, monkeypatch) -> 
     assert result.exit_code == 2
     assert "task sst2:train: data file not found" in " ".join(result.output.split())
     assert not (tmp_path / "c").exists()
+
+
+def test_layer_lists_read_as_ranges():
+    """A layer list names every layer once, in order, with runs of three or more as ranges: a large
+    model's layers read as one range, not as a hundred indices."""
+    from layercard.progress import layers_text
+
+    assert layers_text(range(126)) == "0–125"
+    assert layers_text([10, 0, 1, 2, 3, 12, 13]) == "0–3, 10, 12, 13"
+    assert layers_text([5, 5, 6, 7]) == "5–7"
+    assert layers_text([3, 19]) == "3, 19" and layers_text([]) == ""

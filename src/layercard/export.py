@@ -54,6 +54,7 @@ from typing import Any
 
 from layercard.errors import LayercardError
 from layercard.plan import Plan
+from layercard.progress import layers_text
 
 __all__ = ["FILENAMES", "TARGETS", "Export", "export_plan"]
 
@@ -179,7 +180,7 @@ def _header(plan: Plan, source: str | None, target: str) -> list[str]:
         else f"layercard plan exported for {target}",
         f"model {plan.card.get('model_id')} ({plan.card.get('n_layers')} layers), "
         f"task {plan.card.get('task')}, policy {plan.config.get('policy')}",
-        f"layers {plan.layers}; {len({u.name for u in plan.units})} modules; "
+        f"layers {layers_text(plan.layers)}; {len({u.name for u in plan.units})} modules; "
         f"{pred.get('params')} trainable parameters planned",
     ]
 

@@ -26,6 +26,21 @@ def count(n: int, noun: str) -> str:
     return f"{n:,} {noun}" + ("es" if noun.endswith(("s", "x", "ch", "sh")) else "s")
 
 
+def layers_text(layers: Iterable[int]) -> str:
+    """Layer indices as a reader takes them in: runs of three or more as ranges (``0–3, 10, 12``), so that
+    a 126-layer model's every layer is ``0–125``."""
+    s = sorted(set(layers))
+    parts: list[str] = []
+    i = 0
+    while i < len(s):
+        j = i
+        while j + 1 < len(s) and s[j + 1] == s[j] + 1:
+            j += 1
+        parts += [f"{s[i]}–{s[j]}"] if j - i >= 2 else [str(x) for x in s[i : j + 1]]
+        i = j + 1
+    return ", ".join(parts)
+
+
 def fewer_examples(setting: str, asked: int, have: int) -> str:
     """That ``setting`` asked for more examples than the task has, and that all were used."""
     return f"{setting}{asked}: the task has {count(have, 'example')}; all {have} were used"

@@ -24,7 +24,7 @@ from layercard.cli.app import (
 from layercard.cli.options import config_options
 from layercard.config import SEARCH_POLICIES, PlanConfig
 from layercard.errors import LayercardError
-from layercard.progress import count, printable
+from layercard.progress import count, layers_text, printable
 
 
 @app.command("plan")
@@ -261,7 +261,7 @@ def _print_plan(plan) -> None:
     t.add_column("")
     budget = budget_label(str(cfg["budget"]))
     t.add_row("budget", budget + (f", target {cfg['target']}" if cfg["target"] is not None else ""))
-    t.add_row("layers", f"{len(plan.layers)}: {plan.layers}")
+    t.add_row("layers", f"{len(plan.layers)}: {layers_text(plan.layers)}")
     t.add_row("adapter", plan.kind)
     t.add_row("units", str(len(plan.units)))
     t.add_row("ranks", _ranks_text(plan))

@@ -29,7 +29,7 @@ from layercard.cli.options import config_options
 from layercard.cli.task_options import SPLIT_HELP, TaskOpt, task_options
 from layercard.config import TrainConfig
 from layercard.errors import LayercardError
-from layercard.progress import count
+from layercard.progress import count, layers_text
 
 if TYPE_CHECKING:
     from layercard.tasks import Task
@@ -287,7 +287,7 @@ def _print_summary(m: dict[str, Any]) -> None:
     plan = m["plan"]
     layers = (m.get("adapted") or plan)["layers"]  # as trained (older files: as planned)
     tbl = Table(
-        title=f"train · {m['adapter_kind']} · layers {layers} · {count(m['steps'], 'step')}",
+        title=f"train · {m['adapter_kind']} · layers {layers_text(layers)} · {count(m['steps'], 'step')}",
         show_header=False,
     )
     tbl.add_column("what")

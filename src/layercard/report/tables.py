@@ -16,6 +16,7 @@ import numpy as np
 
 from layercard.artifacts import lock_held
 from layercard.plan.frontier import row_label
+from layercard.progress import layers_text
 from layercard.report.results import (
     LOSS,
     METRIC,
@@ -85,10 +86,7 @@ def with_error(x: Any, err: Any, spec: str = ".2f") -> str:
 def _layers(layers: Sequence[int]) -> str:
     if not layers:
         return "—"
-    s = sorted(layers)
-    if len(s) > 3 and s == list(range(s[0], s[-1] + 1)):
-        return f"{s[0]}–{s[-1]} ({len(s)})"
-    return ", ".join(map(str, s)) + f" ({len(s)})"
+    return f"{layers_text(layers)} ({len(set(layers))})"
 
 
 @dataclasses.dataclass(frozen=True)
