@@ -974,9 +974,25 @@ def test_frontier_table_keeps_the_cheapest_of_equal_looking_rows_and_the_plan():
 
     rows = [row(0.9001, "last-2"), row(0.9003, "last-3"), row(0.95, "last-4"), row(0.9502, "last-5"),
             row(0.9504, "last-6"), row(0.96, "all")]  # fmt: skip
-    shown = shown_frontier(rows, row(0.9504, "last-6"))
-    assert [r["layers"] for r in shown] == ["last-2", "last-4", "last-6", "all"]
-    assert shown_frontier(rows, row(0.9, "elsewhere")) == [rows[0], rows[2], rows[5]]
+    shown, step = shown_frontier(rows, row(0.9504, "last-6"))
+    assert [r["layers"] for r in shown] == ["last-2", "last-4", "last-6", "all"] and step == 0.001
+    assert shown_frontier(rows, row(0.9, "elsewhere"))[0] == [rows[0], rows[2], rows[5]]
+
+
+def test_a_long_frontier_table_keeps_rows_spaced_in_quality():
+    """A hundred-layer frontier (a last-n row per n) keeps a screenful of rows spread over its range of
+    predicted quality, its first and last, and the plan's own row."""
+    from layercard.cli.plan import FRONTIER_ROWS, shown_frontier
+
+    rows = [{"matrices": "mlp", "layers": f"last-{n}", "rank": 2, "quality": 0.3 + 0.6 * n / 125} for n in
+            range(1, 126)]  # fmt: skip
+    chosen = rows[40]
+    shown, step = shown_frontier(rows, chosen)
+    assert len(shown) <= FRONTIER_ROWS + 1 and len(shown) >= FRONTIER_ROWS - 2
+    assert shown[0] is rows[0] and shown[-1] is rows[-1] and chosen in shown
+    qs = [r["quality"] for r in shown if r is not chosen]
+    assert all(b - a >= step - 1e-3 for a, b in zip(qs, qs[1:-1], strict=False))
+    assert step == pytest.approx(0.6 * 124 / 125 / (FRONTIER_ROWS - 1), abs=1e-3)
 
 
 def test_cli_plan_recommends_when_no_policy_is_named(card_file, tmp_path):

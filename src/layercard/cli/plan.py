@@ -118,20 +118,37 @@ def plan_cmd(
     result_console.print(f"wrote {out}" + (f" and {figure}" if figure is not None else ""), markup=False)
 
 
-def shown_frontier(rows: list[dict], chosen: dict) -> list[dict]:
-    """The frontier rows worth a line: of the rows whose predicted quality reads the same to three decimals,
-    the cheapest (the frontier lists them cheapest first), and the plan's own row wherever it is. The
-    differences between the others lie far inside the quality model's error."""
+# A frontier table longer than this (a model of a hundred layers, stepping one layer at a time) keeps rows
+# spaced in predicted quality instead, so that it stays a screenful.
+FRONTIER_ROWS = 24
+
+
+def shown_frontier(rows: list[dict], chosen: dict, most: int = FRONTIER_ROWS) -> tuple[list[dict], float]:
+    """The frontier rows worth a line, and the least rise in predicted quality between them: of the rows
+    whose predicted quality reads the same to three decimals, the cheapest (the frontier lists them
+    cheapest first); where more than ``most`` remain, a row only where it rises by a ``most``-th of the
+    frontier's range over the last row kept, and the last. The plan's own row shows wherever it is. The
+    differences between the rows left out lie far inside the quality model's error."""
     from layercard.plan.frontier import row_label
 
-    seen: set[str] = set()
-    out = []
-    for r in rows:
-        label = f"{r['quality']:.3f}"
-        if label not in seen or row_label(r) == row_label(chosen):
-            out.append(r)
-        seen.add(label)
-    return out
+    def thinned(step: float) -> list[dict]:
+        out: list[dict] = []
+        last = None
+        for i, r in enumerate(rows):
+            q = round(r["quality"], 3)
+            if last is None or q >= last + step - 1e-9 or (step > 0.001 and i == len(rows) - 1):
+                out.append(r)
+                last = q
+            elif row_label(r) == row_label(chosen):
+                out.append(r)
+        return out
+
+    shown, step = thinned(0.001), 0.001
+    if len(shown) > most:
+        qs = [round(r["quality"], 3) for r in rows]
+        step = max(0.001, (max(qs) - min(qs)) / (most - 1))
+        shown = thinned(step)
+    return shown, step
 
 
 def _print_search_plan(plan) -> None:
@@ -150,7 +167,7 @@ def _print_search_plan(plan) -> None:
         # short headers and unwrapped values keep a row on one line of an 80-column terminal
         for col in ("matrices", "layers", "rank", "quality", _cost_header(kind), "× ref", ""):
             t.add_column(col, justify="right" if col not in ("matrices", "layers") else "left", no_wrap=True)
-        shown = shown_frontier(rows, chosen)
+        shown, step = shown_frontier(rows, chosen)
         on_frontier = any(row_label(r) == row_label(chosen) for r in shown)
         # under several budgets the plan may lie off one cost's frontier: its row is shown all the same
         any_over = False
@@ -166,9 +183,14 @@ def _print_search_plan(plan) -> None:
             )  # fmt: skip
         notes = []
         if len(shown) < len(rows):
+            alike = (
+                "the same predicted quality to three decimals"
+                if step <= 0.001
+                else f"less than {step:.3f} more predicted quality than a row shown"
+            )
             notes.append(
-                f"{len(rows) - len(shown)} more frontier placements cost more for the same predicted quality "
-                "to three decimals; plan.json and the figure keep them"
+                f"{len(rows) - len(shown)} more frontier placements cost more for {alike}; plan.json and the "
+                "figure keep them"
             )
         if any_over:
             notes.append("over: beyond a budget (" + ", ".join(p["budgets"]) + ")")
