@@ -247,33 +247,75 @@ def _shortfall_markdown(out: dict[str, Any]) -> str:
     return "\n".join([*lines, ""])
 
 
+def _name_points(ax: Any, points: Sequence[tuple[str, float, float]]) -> None:
+    """Write each point's name beside it, at the first of a few offsets where the name covers no other name,
+    no point and the legend, stays inside the axes and lies nearer its own point than any other; names
+    moved off the first ring get a leader line."""
+    fig = ax.figure
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    at = [ax.transData.transform((x, y)) for _, x, y in points]
+    taken = [ax.get_legend().get_window_extent(renderer)] if ax.get_legend() else []
+    frame = ax.get_window_extent(renderer)
+
+    def gap(box: Any, px: float, py: float) -> float:
+        return math.hypot(max(box.x0 - px, 0, px - box.x1), max(box.y0 - py, 0, py - box.y1))
+
+    near = [(5, 2), (5, -9), (-5, 2), (-5, -9)]
+    far = [(dx, dy) for d in (14, 24, 34) for dy in (d, -d - 8) for dx in (12, -12)]
+    for i, (name, x, y) in enumerate(points):
+        placed = None
+        for dx, dy in [*near, *far]:
+            leader = (dx, dy) not in near
+            t = ax.annotate(
+                name, (x, y), fontsize=7, textcoords="offset points", xytext=(dx, dy),
+                ha="left" if dx > 0 else "right", va="center" if leader else "baseline",
+                arrowprops={"arrowstyle": "-", "lw": 0.6, "color": "0.35", "shrinkB": 3} if leader else None,
+            )  # fmt: skip
+            box = t.get_window_extent(renderer).expanded(1.05, 1.15)
+            own = gap(box, *at[i])
+            clear = (
+                frame.contains(box.x0, box.y0)
+                and frame.contains(box.x1, box.y1)
+                and not any(box.overlaps(b) for b in taken)
+                and not any(j != i and box.contains(px, py) for j, (px, py) in enumerate(at))
+                and (leader or all(own < gap(box, px, py) for j, (px, py) in enumerate(at) if j != i))
+            )
+            if clear:
+                placed = box
+                break
+            t.remove()
+        if placed is None:  # every place is crowded: the first far one, with its leader line
+            t = ax.annotate(
+                name, (x, y), fontsize=7, textcoords="offset points", xytext=far[0], va="center",
+                arrowprops={"arrowstyle": "-", "lw": 0.6, "color": "0.35", "shrinkB": 3},
+            )  # fmt: skip
+            placed = t.get_window_extent(renderer)
+        taken.append(placed)
+
+
 def _shortfall_plot(out: dict[str, Any]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
     for role, marker in (("set", "o"), ("tested", "^")):
         rs = {n: r for n, r in out["tasks"].items() if r["role"] == role}
         label = {"set": "set the threshold", "tested": "built after it"}[role]
         xs, ys = [r["card_entropy"] for r in rs.values()], [r["shortfall"] for r in rs.values()]
-        ax.scatter(xs, ys, marker=marker, label=label)
-        for n, r in rs.items():
-            ax.annotate(
-                n,
-                (r["card_entropy"], r["shortfall"]),
-                fontsize=7,
-                textcoords="offset points",
-                xytext=(4, -10) if role == "tested" else (4, 3),
-            )
+        ax.scatter(xs, ys, marker=marker, label=label, alpha=0.8)
     ax.axvline(out["threshold"], color="grey", ls="--", lw=0.8, label="plans warn from here")
     ax.axhline(0.0, color="grey", lw=0.5)
     ax.set_xlabel("target entropy as a card reads it (nats per token)")
     ax.set_ylabel("default's shortfall under half the depth")
-    ax.legend(fontsize=8)
+    xs = [r["card_entropy"] for r in out["tasks"].values()]
+    ax.set_xlim(min(xs) - 0.3, max(xs) + 1.0)  # room for the names right of the last points
+    ax.legend(fontsize=8, loc="upper left")
     ax.grid(alpha=0.3)
     fig.tight_layout()
+    _name_points(ax, [(n, r["card_entropy"], r["shortfall"]) for n, r in out["tasks"].items()])
     fig.savefig(SHORTFALL.with_suffix(".png"), dpi=100)
     plt.close(fig)
 

@@ -73,3 +73,37 @@ def test_the_entropy_warning_states_the_committed_shortfalls(stats):
         on_high_side = r["card_entropy"] >= Q.HIGH_TARGET_ENTROPY
         assert (r["entropy"] >= Q.HIGH_TARGET_ENTROPY) == on_high_side
         assert all((v >= 0.05) == on_high_side for v in r["other_seeds"].values())
+
+
+def test_point_names_cover_no_other_name_and_sit_by_their_own_point(stats):
+    """Close points (a pair 0.014 apart, as gsm8k_pose and gsm8k_reverse are) get names that do not overlap,
+    each nearer its own point than any other unless a leader line joins them."""
+    import math
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = [("a_pose", 5.402, 0.218), ("b_reverse", 5.402, 0.232), ("c", 5.49, 0.263), ("d", 5.759, 0.233),
+              ("e", 5.965, 0.267), ("f", 3.709, 0.010), ("g", 3.709, 0.006)]  # fmt: skip
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    ax.scatter([p[1] for p in points], [p[2] for p in points])
+    ax.set_xlim(3, 7)
+    stats._name_points(ax, points)
+    fig.canvas.draw()
+    r = fig.canvas.get_renderer()
+    texts = {t.get_text(): t for t in ax.texts}
+    assert sorted(texts) == sorted(p[0] for p in points)
+    boxes = {n: t.get_window_extent(r) for n, t in texts.items()}
+    names = list(boxes)
+    assert not any(boxes[a].overlaps(boxes[b]) for i, a in enumerate(names) for b in names[i + 1 :])
+    at = {n: ax.transData.transform((x, y)) for n, x, y in points}
+
+    def gap(box, p):
+        return math.hypot(max(box.x0 - p[0], 0, p[0] - box.x1), max(box.y0 - p[1], 0, p[1] - box.y1))
+
+    for n, t in texts.items():
+        if t.arrow_patch is None:
+            assert all(gap(boxes[n], at[n]) < gap(boxes[n], at[m]) for m in at if m != n), n
+    plt.close(fig)
