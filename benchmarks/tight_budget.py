@@ -208,7 +208,8 @@ def _machines_text(out: dict[str, Any]) -> str:
 
 
 def _plot(out: dict[str, Any]) -> None:
-    """tight.png: per task, each candidate's mean test loss (bars: range over seeds) against its trainable
+    """tight.png: per task, each candidate's mean test loss (bars: the range over seeds, as long as it and
+    centred on the mean: the runs keep the range, not each seed's loss) against its trainable
     parameters, under every parameter budget; the recommendation's points joined across budgets. The
     previous default's picks are left to the table (at params=0.1x they are the last-n rule's)."""
     import matplotlib
@@ -223,7 +224,9 @@ def _plot(out: dict[str, Any]) -> None:
     cols = min(2, len(tasks))
     rows = -(-len(tasks) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 3.6 * rows + 0.6), squeeze=False)
-    colours = {"recommend": "C3", "peft-default": "C0", "all-linear": "C2", "last-n": "C1"}
+    colours = {"recommend": "C3", "peft-default": "C0", "all-linear": "C4", "last-n": "C1"}
+    # shapes as well as colours, so that no two candidates differ by colour alone
+    markers = {"recommend": "o", "peft-default": "s", "all-linear": "^", "last-n": "v"}
     labelled: set[str] = set()
     for ax, task in zip(axes.flat, tasks, strict=False):
         seen: set[tuple[str, str]] = set()  # a placement shared by two budgets is drawn once
@@ -235,7 +238,7 @@ def _plot(out: dict[str, Any]) -> None:
                     continue
                 seen.add((c, r["signature"]))
                 ax.errorbar(
-                    r["params"] / 1e3, r["test_loss"], yerr=r["test_loss_range"] / 2, fmt="o",
+                    r["params"] / 1e3, r["test_loss"], yerr=r["test_loss_range"] / 2, fmt=markers[c],
                     color=colours[c], ms=7 if c == "recommend" else 5, capsize=2,
                     label=None if c in labelled else c, zorder=3 if c == "recommend" else 2,
                 )  # fmt: skip
@@ -251,7 +254,8 @@ def _plot(out: dict[str, Any]) -> None:
     for ax in list(axes.flat)[len(tasks) :]:
         ax.axis("off")
     fig.legend(loc="upper center", ncol=len(colours), fontsize=9, frameon=False)
-    fig.text(0.5, 0.005, f"budgets: {', '.join(budgets)}; bars: range over seeds", ha="center", fontsize=8)
+    bars = "as long as the range over seeds, centred on the mean"
+    fig.text(0.5, 0.005, f"budgets: {', '.join(budgets)}; bars: {bars}", ha="center", fontsize=8)
     fig.tight_layout(rect=(0, 0.03, 1, 0.95))
     fig.savefig(OUT / "tight.png", dpi=100)
     plt.close(fig)
