@@ -352,6 +352,10 @@ def test_an_untrained_search_placement_shows_its_plans_predicted_cost():
     cells = dict(zip(table.header, table.rows[0], strict=True))
     assert cells["s/step measured / predicted"] == "— / 0.059"  # s/step as every table gives it
     assert cells["peak MiB measured / predicted"] == "— / 430"
+    # an exact half (2,048 of 16,384 is 0.125) reads as the overview and demo.md round it: half up
+    plan.predicted["candidate"] = {**cand, "params": 2048.0}
+    cells = dict(zip(table.header, recommendation_table({"r": plan}, {}, {"rows": []}).rows[0], strict=True))
+    assert cells["params (× ref)"] == "2,048 (0.13)"
 
 
 def test_an_interrupted_stage_is_shown_stopped_unless_its_run_is_live(run_dir, tmp_path):

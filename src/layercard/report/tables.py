@@ -222,7 +222,7 @@ def recommendation_table(
                 name,
                 str(plan.config["policy"]),
                 row_label(cand),
-                f"{int(cand['params']):,} ({cand['params'] / ref:.2f})",
+                f"{int(cand['params']):,} ({fmt(cand['params'] / ref, '.2f')})",  # as the overview rounds
                 f"{fmt(step, STEP)} / {fmt(step_pred, STEP)}",
                 f"{fmt(m.peak_memory_mib if m else None, ',.0f')} / {fmt(peak_pred, ',.0f')}",
                 f"{with_error(r.get('measured_fraction'), r.get('measured_fraction_se'))} / "
