@@ -208,3 +208,35 @@ def test_a_run_in_another_dtype_than_the_calibration_is_told_so():
     assert _dtype_notes(priced, "bfloat16", "float32")  # weights loaded in bfloat16, no autocast
     assert _dtype_notes({**priced, "calibration_dtype": None}, "bfloat16", "float32") == []  # an older card
     assert _dtype_notes({"calibration_dtype": "float32"}, "bfloat16", "float32") == []  # no calibrated costs
+
+
+def test_a_run_on_another_machine_than_the_calibration_is_told_so(tmp_path: Path):
+    """A plan's costs are the card's machine's: a run on another device, processor, CPU count or torch
+    thread count is told that its steps and peak are priced for the other, and its metrics keep the line."""
+    from layercard.artifacts import machine_info
+    from layercard.train.metrics import machine_mismatch
+
+    here = {"processor": "x86_64", "cpu_model": "Xeon A", "cpu_count": 2, "torch_threads": 2}
+    priced = {"calibration_batch_size": 4, "calibration_device": "cpu", "calibration_machine": here}
+    assert machine_mismatch(priced, "cpu", dict(here)) is None
+    line = machine_mismatch(priced, "cpu", {**here, "torch_threads": 1})
+    assert "measured on cpu on Xeon A with 2 CPUs, 2 torch threads" in line
+    assert "this run trains on cpu on Xeon A with 2 CPUs, 1 torch thread (other torch threads)" in line
+    line = machine_mismatch(priced, "cpu", {**here, "cpu_model": "Epyc B", "cpu_count": 16})
+    assert "(another processor, other CPUs)" in line
+    line = machine_mismatch(priced, "cuda", {**here, "cuda_device": "H100"})
+    assert "(another device)" in line
+    gpu = {**priced, "calibration_device": "cuda", "calibration_machine": {**here, "cuda_device": "H100"}}
+    assert machine_mismatch(gpu, "cuda", {**here, "cpu_count": 16, "cuda_device": "H100"}) is None  # CPUs: no
+    assert machine_mismatch(gpu, "cuda", {**here, "cuda_device": "A100"})
+    older = {k: v for k, v in here.items() if k != "cpu_model"}  # a card from before the model was kept
+    assert machine_mismatch({**priced, "calibration_machine": older}, "cpu", {**here, "cpu_model": "B"}) is None
+    assert machine_mismatch({**priced, "calibration_batch_size": None}, "cuda", here) is None  # nothing priced
+
+    loaded = _loaded()
+    plan = make_plan(loaded, [1, 2])
+    other = {**machine_info(), "torch_threads": 99}
+    plan = dataclasses.replace(plan, predicted={**plan.predicted, **priced, "calibration_machine": other})
+    m = train(loaded, plan, TRAIN, VAL, TrainConfig(steps=1, **FAST), tmp_path / "run", progress=False)
+    (line,) = m["price_notes"]
+    assert "99 torch threads" in line and "(other torch threads)" in line

@@ -361,15 +361,37 @@ def test_gradient_checkpointing_is_recorded_and_said_to_be_unpriced(trainer_run,
         activation_checkpointing=True, activation_checkpointing_kwargs={"use_reentrant": False},
     )  # fmt: skip
     trainer.train()
-    assert TrainMetrics.load(tmp_path / "gc").config["gradient_checkpointing"] is True
+    metrics = TrainMetrics.load(tmp_path / "gc")
+    assert metrics.config["gradient_checkpointing"] is True
     mismatch = "trains with activation checkpointing, and the plan's costs were calibrated without it"
     assert sum(mismatch in line for line in said) == 1
+    assert [mismatch in line for line in metrics.price_notes] == [True]  # the report says it too
     said.clear()
     own_trainer(
         trainer_run, tmp_path / "u", [LayercardCallback(plan, tmp_path / "plain")], max_steps=1
     ).train()
     assert TrainMetrics.load(tmp_path / "plain").config["gradient_checkpointing"] is False
     assert not any("activation checkpointing" in line for line in said)
+    assert TrainMetrics.load(tmp_path / "plain").price_notes == []
+
+
+def test_a_trainer_on_another_machine_than_the_calibration_is_said(trainer_run, tmp_path, monkeypatch):
+    """A Trainer run is told, as layercard train is, when the plan's costs were measured on another
+    machine (here: other torch threads), and its metrics keep the line."""
+    import dataclasses
+
+    from layercard.artifacts import machine_info
+
+    said = said_lines(monkeypatch)
+    plan = trainer_run["plan"]
+    if plan.predicted.get("calibration_batch_size") is None:
+        pytest.skip("the plan has no calibrated costs")
+    other = {**machine_info(), "torch_threads": 99}
+    plan = dataclasses.replace(plan, predicted={**plan.predicted, "calibration_machine": other})
+    own_trainer(trainer_run, tmp_path / "t", [LayercardCallback(plan, tmp_path / "m")], max_steps=1).train()
+    (line,) = TrainMetrics.load(tmp_path / "m").price_notes
+    assert "99 torch threads" in line and "(other torch threads)" in line
+    assert sum("(other torch threads)" in s for s in said) == 1
 
 
 def test_a_trainer_whose_checkpointing_carries_backward_to_the_embeddings_is_said(

@@ -1045,7 +1045,8 @@ def test_demo_command_runs_the_packaged_config(tmp_path, monkeypatch):
 
     threads = json.loads((out / "facts" / "summary.json").read_text())["threads"]
     here = machine_info()  # the steps and peaks above were measured on this machine, at the run's threads
-    on = f"Measured on {here['processor']} with {here['cpu_count']} CPUs, {count(threads, 'torch thread')}."
+    cpu = here.get("cpu_model") or here["processor"]  # the processor's model where the system names it
+    on = f"Measured on {cpu} with {here['cpu_count']} CPUs, {count(threads, 'torch thread')}."
     assert on in overview
 
 

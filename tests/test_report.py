@@ -390,10 +390,12 @@ def test_a_budget_a_run_went_over_is_in_its_report(run_dir, tmp_path):
     path = sorted((copy / "train").glob("*/train_metrics.json"))[0]
     m = json.loads(path.read_text())
     line = "budget memory=900 MiB: this run's largest micro-batch puts its predicted peak at 950 MiB"
-    path.write_text(json.dumps(m | {"budget_notes": [line]}))
+    priced = "the plan's costs were measured on cpu on A with 2 CPUs; this run trains on cpu on B"
+    path.write_text(json.dumps(m | {"budget_notes": [line], "price_notes": [priced]}))
     restaged(path, copy)
     md = Path(build_report(copy)["markdown"]).read_text()
     assert f"{path.parent.name}: warning: {line}" in md
+    assert f"{path.parent.name}: warning: {priced}" in md  # and a run not priced like with like
     assert "warning: budget" not in (run_dir / "report.md").read_text()  # none where no budget was over
 
 

@@ -199,6 +199,20 @@ class Provenance:
         return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d or f.default is None})
 
 
+def _cpu_model() -> str | None:
+    """The processor's model name where the system tells it (Linux): ``platform.processor()`` there names
+    only the architecture, alike for every x86 machine."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() in ("model name", "Model") and value.strip():
+                    return value.strip()
+    except OSError:
+        pass
+    return None
+
+
 def machine_info() -> dict[str, Any]:
     """A short description of the machine a number was measured on."""
     info: dict[str, Any] = {
@@ -206,6 +220,8 @@ def machine_info() -> dict[str, Any]:
         "processor": platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(),
     }
+    if model := _cpu_model():
+        info["cpu_model"] = model
     try:
         import torch
 
@@ -215,6 +231,28 @@ def machine_info() -> dict[str, Any]:
     except Exception:  # torch missing is not an error for provenance
         pass
     return info
+
+
+def machine_text(machine: dict[str, Any]) -> str:
+    """A machine as messages state it: processor, CPUs, torch threads and any GPU."""
+    cpu = machine.get("cpu_model") or machine.get("processor", "?")
+    text = f"{cpu} with {machine.get('cpu_count', '?')} CPUs"
+    if machine.get("torch_threads") is not None:
+        n = machine["torch_threads"]
+        text += f", {n} torch thread" + ("" if n == 1 else "s")
+    return text + (f", {machine['cuda_device']}" if machine.get("cuda_device") else "")
+
+
+def other_machine(measured: dict[str, Any], here: dict[str, Any], device_type: str) -> list[str]:
+    """What differs between the machine ``measured`` describes and ``here`` (both :func:`machine_info`)
+    that moves a ``device_type`` step's time: the GPU on CUDA, the processor, its CPUs and torch's threads
+    on a CPU. A field one of the two lacks (a record from before it was kept) is not a difference."""
+    keys = (
+        ("cuda_device",)
+        if device_type == "cuda"
+        else ("cpu_model", "processor", "cpu_count", "torch_threads")
+    )
+    return [k for k in keys if k in measured and k in here and measured[k] != here[k]]
 
 
 # ---------------------------------------------------------------------------------------------------------

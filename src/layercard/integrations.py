@@ -59,14 +59,14 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
-from layercard.artifacts import Provenance
+from layercard.artifacts import Provenance, machine_info
 from layercard.cost import peak_memory, prices_by_first_step, reset_peak_memory, touch_weights
 from layercard.errors import LayercardError
 from layercard.plan import Plan
 from layercard.progress import count, say
 from layercard.tasks import IGNORE_INDEX, Task
 from layercard.train import METRICS_FILE, TrainMetrics
-from layercard.train.metrics import checkpointing_mismatch, median_time, predictions
+from layercard.train.metrics import checkpointing_mismatch, machine_mismatch, median_time, predictions
 
 __all__ = ["LayercardCallback"]
 
@@ -94,6 +94,7 @@ class LayercardCallback(TrainerCallback):
         self.task = task
         self._hooks: list[Any] = []
         self._device = torch.device("cpu")
+        self._price_notes: list[str] = []
         self._reset()
 
     def _reset(self) -> None:
@@ -154,9 +155,15 @@ class LayercardCallback(TrainerCallback):
                     "placement that leaves the lower layers out steps slower than predicted"
                 )
         mismatch = checkpointing_mismatch(self.plan.predicted, on)
-        if mismatch is not None and getattr(state, "is_world_process_zero", True):
-            # recomputing activations trades time for memory: priced only where the calibration did it too
-            say(f"warning: {self.out_dir / METRICS_FILE}: this run {mismatch}")
+        # recomputing activations trades time for memory: priced only where the calibration did it too;
+        # and a step's time is the machine's it was measured on
+        self._price_notes = [
+            *([f"this run {mismatch}"] if mismatch is not None else []),
+            *filter(None, [machine_mismatch(self.plan.predicted, self._device.type, machine_info())]),
+        ]
+        if getattr(state, "is_world_process_zero", True):
+            for line in self._price_notes:
+                say(f"warning: {self.out_dir / METRICS_FILE}: {line}")
         if self._start_step and getattr(state, "is_world_process_zero", True):
             which = (
                 "target_tokens_seen counts"
@@ -349,6 +356,7 @@ class LayercardCallback(TrainerCallback):
             "batch_tokens_per_step": tokens_per_step,
             "resumed_from": self._start_step or None,
             "wall_time_s": round(wall, 3),
+            "price_notes": list(self._price_notes),
             **predictions(
                 plan.predicted,
                 s_per_step,

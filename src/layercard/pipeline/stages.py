@@ -741,7 +741,7 @@ class Runner:
             rows += _examples_note("train.train_examples", asked, len(self.train_task))
             if val is not None:
                 rows += _examples_note("train.eval_examples", self.cfg.train.eval_examples, len(val))
-            return rows + [("warning", line) for line in m.budget_notes or []]
+            return rows + [("warning", line) for line in [*(m.budget_notes or []), *(m.price_notes or [])]]
 
         inputs = {
             "plan": content_hash(out.plan_json(p.name)),

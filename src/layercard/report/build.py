@@ -10,7 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from layercard.artifacts import atomic_path, write_text
+from layercard.artifacts import atomic_path, machine_text, write_text
 from layercard.errors import LayercardError
 from layercard.progress import count
 from layercard.report.figures import (
@@ -389,7 +389,7 @@ def _training(doc: _Doc, run: _Run) -> None:
         "so it need not equal the tokens per step over the median s/step."
     )
     for name, m in run.metrics.items():
-        for line in m.budget_notes or []:
+        for line in [*(m.budget_notes or []), *(m.price_notes or [])]:
             doc.p(f"{name}: warning: {line}")
     planning = _planning_cost(run)
     if planning:
@@ -579,7 +579,7 @@ def _provenance(doc: _Doc, run: _Run) -> None:
         text += (
             f"; seed {card.provenance.get('seed')}; "
             + ", ".join(f"{k} {val}" for k, val in v.items())
-            + f"; machine {machine.get('processor', '?')} ({machine.get('cpu_count', '?')} CPUs)"
+            + f"; machine {machine_text(machine)}"
         )
     if text:
         doc.p(text[0].upper() + text[1:] + ".")

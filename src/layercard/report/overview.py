@@ -6,9 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from layercard.artifacts import write_text
+from layercard.artifacts import machine_text, write_text
 from layercard.plan.frontier import row_label
-from layercard.progress import count
 from layercard.report.results import (
     collect_results,
     load_optional,
@@ -119,14 +118,6 @@ def overview_markdown(tasks: dict[str, dict[str, Any]], wall_s: float | None = N
     if machines:
         out += [f"Measured on {' and '.join(machines)}.", ""]
     return "\n".join(out)
-
-
-def machine_text(machine: dict[str, Any]) -> str:
-    """A training's machine as the overview states it: processor, CPUs, torch threads and any GPU."""
-    text = f"{machine.get('processor', '?')} with {machine.get('cpu_count', '?')} CPUs"
-    if machine.get("torch_threads") is not None:
-        text += f", {count(machine['torch_threads'], 'torch thread')}"
-    return text + (f", {machine['cuda_device']}" if machine.get("cuda_device") else "")
 
 
 def write_overview(folders: dict[str, Path], path: Path, wall_s: float | None = None) -> dict[str, Any]:

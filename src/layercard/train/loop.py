@@ -24,6 +24,7 @@ from layercard.artifacts import (
     Provenance,
     artifact_hash,
     check_out_folder,
+    machine_info,
     non_finite,
     remove_stale_temps,
     sha256_json,
@@ -63,6 +64,7 @@ from layercard.train.metrics import (
     checkpointing_mismatch,
     data_time,
     eval_loss,
+    machine_mismatch,
     median_time,
     over_budget,
     predictions,
@@ -161,6 +163,8 @@ class _Run:
     t_start: float
     # the plan's budgets this run's own batches put over (:func:`_budget_notes`), said before its first step
     budget_notes: tuple[str, ...] = ()
+    # where the plan's costs were calibrated otherwise than this run trains (:func:`_price_notes`)
+    price_notes: tuple[str, ...] = ()
 
     @property
     def device(self) -> torch.device:
@@ -326,9 +330,10 @@ def _train(
     if ckpt is not None:
         saved = check_resumable(ckpt, fingerprint)  # before any work, and before EVA trusts its ranks
         _check_resume_step(run, ckpt, saved, progress)
-    run = dataclasses.replace(run, budget_notes=tuple(_budget_notes(run)))
-    notes = [*run.budget_notes, *_checkpointing_notes(run.plan.predicted, cfg.gradient_checkpointing)]
-    notes += _dtype_notes(run.plan.predicted, weights_dtype(run.loaded.model), cfg.dtype)
+    run = dataclasses.replace(
+        run, budget_notes=tuple(_budget_notes(run)), price_notes=tuple(_price_notes(run))
+    )
+    notes = [*run.budget_notes, *run.price_notes]
     # Said whether or not progress is shown (--json, LAYERCARD_PROGRESS=0), as the notes are: a warning
     # is no progress to hide. One process says them for all.
     for line in notes:
@@ -444,6 +449,18 @@ def _budget_notes(run: _Run) -> list[str]:
     first = prices_by_first_step(peak_memory_kind(run.device))
     at = priced_at(run.plan.predicted, per_step, largest, first_step=first, micro_batches=run.cfg.grad_accum)
     return over_budget(budget, run.plan.predicted, at)
+
+
+def _price_notes(run: _Run) -> list[str]:
+    """Where the plan's costs were calibrated otherwise than this run trains: with activation checkpointing
+    set otherwise, in another dtype, or on another device or machine. Its steps and peak are then not
+    priced like with like."""
+    predicted = run.plan.predicted
+    return [
+        *_checkpointing_notes(predicted, run.cfg.gradient_checkpointing),
+        *_dtype_notes(predicted, weights_dtype(run.loaded.model), run.cfg.dtype),
+        *filter(None, [machine_mismatch(predicted, run.device.type, machine_info())]),
+    ]
 
 
 def _dtype_notes(predicted: dict[str, Any], weights: str, precision: str) -> list[str]:
@@ -1151,6 +1168,7 @@ def _metrics(
         init_s=round(state.init_s, 3) if state.init_s is not None else None,
         eva_ranks=eva_ranks,
         budget_notes=list(run.budget_notes),
+        price_notes=list(run.price_notes),
         adapted=_adapted_section(run, inner),
         peak_memory_steps=list(memory["steps"]),
         skipped_steps=state.skipped,

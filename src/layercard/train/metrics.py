@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 from torch import nn
 
-from layercard.artifacts import SCHEMA_VERSION, Fields, load_artifact, write_json
+from layercard.artifacts import SCHEMA_VERSION, Fields, load_artifact, machine_text, other_machine, write_json
 from layercard.inference import eval_mode
 from layercard.tasks import Encoded, batches
 from layercard.tasks.loss import forward_loss
@@ -108,6 +108,10 @@ class TrainMetrics:
     # at, the card's calibration batch unless it was given a run's. Empty where they fit or the plan had
     # none; older files read None.
     budget_notes: list[str] | None = None
+    # Where the plan's costs were calibrated otherwise than this run trained (activation checkpointing,
+    # dtype, device or machine), one line each, said before its first step: its step time and peak were
+    # then not priced like with like. Older files read None.
+    price_notes: list[str] | None = None
     # What was trained, read from the adapted model, where ``plan`` is the placement as planned: ``kind``,
     # ``layers``, ``modules``, for LoRA each module's ``ranks`` and ``lora_alpha`` (EVA moves ranks and drops
     # modules), for bottleneck adapters (``--kind``) their ``bottleneck`` width. Older files read None.
@@ -219,8 +223,9 @@ def check_train_metrics(d: Mapping[str, Any], source: str) -> None:
     f.optional(d.get("adapted"), "adapted", lambda v, w: _check_placement(f, f.mapping(v, w), w))
     f.optional(d.get("eva_ranks"), "eva_ranks", lambda v, w: _ints_by_name(f, v, w))
     f.optional(d.get("s_per_step_spread"), "s_per_step_spread", lambda v, w: _check_spread(f, v, w))
-    for i, line in enumerate(f.optional(d.get("budget_notes"), "budget_notes", f.items) or []):
-        f.text(line, f"budget_notes[{i}]")
+    for key in ("budget_notes", "price_notes"):
+        for i, line in enumerate(f.optional(d.get(key), key, f.items) or []):
+            f.text(line, f"{key}[{i}]")
     f.optional(d.get("peak_memory_steps"), "peak_memory_steps", lambda v, w: _check_session(f, v, w))
 
 
@@ -292,6 +297,38 @@ def checkpointing_mismatch(predicted: dict[str, Any], on: bool) -> str | None:
         f"trains {this} activation checkpointing, and the plan's costs were calibrated {plan} it: expect "
         f"{expect} than predicted"
     )
+
+
+def machine_mismatch(predicted: dict[str, Any], device_type: str, here: dict[str, Any]) -> str | None:
+    """Where the plan's costs were measured on another device type than ``device_type``, or on a machine
+    whose processor, CPUs, torch threads or GPU (:func:`layercard.artifacts.other_machine`) differ from
+    ``here`` (:func:`layercard.artifacts.machine_info`), the line that says so; None where they agree, the
+    plan has no calibrated costs, or its card did not record them."""
+    if predicted.get("calibration_batch_size") is None:
+        return None
+    device = predicted.get("calibration_device")
+    measured = predicted.get("calibration_machine") or {}
+    other_device = device is not None and str(device).split(":")[0] != device_type
+    differs = other_machine(measured, here, device_type)
+    if not other_device and not differs:
+        return None
+    there = f"{device} on {machine_text(measured)}" if measured else str(device)
+    why = "another device" if other_device else ", ".join(dict.fromkeys(_MACHINE_FIELDS[k] for k in differs))
+    return (
+        f"the plan's costs were measured on {there}; this run trains on {device_type} on "
+        f"{machine_text(here)} ({why}): its steps and peak are priced for the other (measure the card "
+        "here to price it)"
+    )
+
+
+# the machine fields :func:`other_machine` compares, as a message names them
+_MACHINE_FIELDS = {
+    "cuda_device": "another GPU",
+    "cpu_model": "another processor",
+    "processor": "another processor",
+    "cpu_count": "other CPUs",
+    "torch_threads": "other torch threads",
+}
 
 
 def predictions(
