@@ -230,8 +230,10 @@ def test_a_run_on_another_machine_than_the_calibration_is_told_so(tmp_path: Path
     assert machine_mismatch(gpu, "cuda", {**here, "cpu_count": 16, "cuda_device": "H100"}) is None  # CPUs: no
     assert machine_mismatch(gpu, "cuda", {**here, "cuda_device": "A100"})
     older = {k: v for k, v in here.items() if k != "cpu_model"}  # a card from before the model was kept
-    assert machine_mismatch({**priced, "calibration_machine": older}, "cpu", {**here, "cpu_model": "B"}) is None
-    assert machine_mismatch({**priced, "calibration_batch_size": None}, "cuda", here) is None  # nothing priced
+    newer = {**here, "cpu_model": "B"}
+    assert machine_mismatch({**priced, "calibration_machine": older}, "cpu", newer) is None
+    unpriced = {**priced, "calibration_batch_size": None}
+    assert machine_mismatch(unpriced, "cuda", here) is None  # nothing priced
 
     loaded = _loaded()
     plan = make_plan(loaded, [1, 2])

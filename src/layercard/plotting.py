@@ -8,6 +8,7 @@ must not pull it in.
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 from typing import Any
@@ -37,7 +38,9 @@ def plain_text(fig: Any) -> None:
     A log axis names its ticks by formulas of its own (``10^{7}``); read as text they would show the
     formula's source, so such an axis is given the same ticks written as plain numbers."""
     from matplotlib.text import Text
-    from matplotlib.ticker import LogFormatter, LogFormatterMathtext
+    from matplotlib.ticker import LogFormatterMathtext
+
+    plain_log = _signed_log_formatter()
 
     for text in fig.findobj(Text):
         text.set_parse_math(False)
@@ -51,7 +54,21 @@ def plain_text(fig: Any) -> None:
                 if isinstance(f, LogFormatterMathtext):
                     # the same settings; matplotlib keeps the base and threshold unexposed
                     base, linthresh = getattr(f, "_base", 10.0), getattr(f, "_linthresh", None)
-                    put(LogFormatter(base, f.labelOnlyBase, f.minor_thresholds, linthresh))
+                    put(plain_log(base, f.labelOnlyBase, f.minor_thresholds, linthresh))
+
+
+@functools.cache
+def _signed_log_formatter() -> type:
+    """matplotlib's plain ``LogFormatter``, writing a negative tick with its sign: a symmetric log axis
+    has them, and the plain formatter names -10 as 10."""
+    from matplotlib.ticker import LogFormatter
+
+    class SignedLogFormatter(LogFormatter):
+        def __call__(self, x: float, pos: int | None = None) -> str:
+            text = super().__call__(x, pos)
+            return self.fix_minus("-" + text) if x < 0 and text else text
+
+    return SignedLogFormatter
 
 
 def save_png(fig: Any, path: str | os.PathLike[str], dpi: int = 110) -> bytes:

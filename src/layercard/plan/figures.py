@@ -4,11 +4,30 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from layercard.plan.space import budget_label
 from layercard.plotting import new_figure, plain_text, save_png
+
+FRONTIER = "tab:blue"
+_NEUTRAL = "0.45"
+# colours for rules and trained placements a caller gave none: none of them the frontier's blue or a
+# grey the measured points' legend entry could be mistaken for
+_SPARE = (
+    "tab:orange",
+    "tab:purple",
+    "tab:brown",
+    "tab:pink",
+    "tab:olive",
+    "tab:cyan",
+    "tab:green",
+    "tab:red",
+)
+# where a measured point's name may go, in points from it (x on the side its place on the axis chose),
+# nearest first
+_NAME_ROWS = (-8, 8, -18, 18, -28, 28)
 
 _LABELS = {
     "params": "trainable parameters",
@@ -33,31 +52,39 @@ def plot_frontier(
     for a measured point or a rule of that name, so that a placement keeps the colour of a caller's other
     figures.
     """
-    colors = colors or {}
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+
     pred = plan.predicted
+    color_of = _point_colors([*(pred.get("defaults") or {}), *(measured or {})], colors or {})
     kinds = list(pred["frontier"])
     fig, axes = new_figure(1, len(kinds), figsize=(7.0 * len(kinds), 4.2), squeeze=False)
+    placed: list[tuple[Any, list[Any]]] = []  # each panel's measured names
+    marks: dict[Any, list[tuple[float, float]]] = {}  # and its points, which the names keep off
     err = pred["quality"].get("model_error", pred["quality"]["expected_error"])
     for ax, kind in zip(axes[0], kinds, strict=True):
         rows = pred["frontier"][kind]
         xs, ys = [r[kind] for r in rows], [r["quality"] for r in rows]
-        ax.plot(xs, ys, marker="o", ms=4, color="tab:blue", label="frontier (predicted)")
+        ax.plot(xs, ys, marker="o", ms=4, color=FRONTIER, label="frontier (predicted)")
         errs = [r.get("error", err) for r in rows]  # each placement's expected error, else the model's
-        if all(e is not None for e in errs):
+        shown_error = all(e is not None for e in errs)
+        if shown_error:
             lo = [y - e for y, e in zip(ys, errs, strict=True)]
             hi = [y + e for y, e in zip(ys, errs, strict=True)]
-            ax.fill_between(xs, lo, hi, color="tab:blue", alpha=0.12)
+            ax.fill_between(xs, lo, hi, color=FRONTIER, alpha=0.12)
             if len(xs) == 1:  # a band over one cost has no width: its error as a bar
-                ax.errorbar(xs, ys, yerr=errs, fmt="none", ecolor="tab:blue", alpha=0.5, capsize=4)
+                ax.errorbar(xs, ys, yerr=errs, fmt="none", ecolor=FRONTIER, alpha=0.5, capsize=4)
         for name, row in (pred.get("defaults") or {}).items():
             if row is not None and kind in row:
                 # a fixed rule's own expected error: one that leaves depth out is less certain
                 yerr = None if row.get("error") is None else [row["error"]]
+                shown_error |= yerr is not None
                 ax.errorbar(
                     [row[kind]], [row["quality"]], yerr=yerr, fmt="s", ms=6, capsize=3, label=name,
-                    color=colors.get(name),
+                    color=color_of[name],
                 )  # fmt: skip
         chosen = pred["candidate"]
+        shown_error |= chosen.get("error") is not None
         if chosen.get("error") is not None:  # the plan's own expected error, as the rules show theirs
             ax.errorbar(
                 [chosen[kind]], [chosen["quality"]], yerr=[chosen["error"]], fmt="none", ecolor="black",
@@ -69,7 +96,8 @@ def plot_frontier(
         # every point the panel's cost axis spans: its scale, and where a measured point's name has room
         span = xs + [m[k] for m in (measured or {}).values() for k in (kind, f"{kind}_predicted") if k in m]
         log = _wide(span)
-        for i, (name, m) in enumerate((measured or {}).items()):
+        names: list[Any] = []
+        for name, m in (measured or {}).items():
             if kind not in m:
                 continue
             ax.annotate(
@@ -78,15 +106,20 @@ def plot_frontier(
             )  # fmt: skip
             ax.errorbar(
                 [m[kind]], [m["fraction"]], yerr=None if m.get("se") is None else [m["se"]], fmt="D", ms=5,
-                color=colors.get(name, "tab:purple"), capsize=2, zorder=6,
-                label="measured ± its sampling error (arrow from predicted)" if i == 0 else None,
+                color=color_of[name], capsize=2, zorder=6,
             )  # fmt: skip
             # a name near the axis' right end is written to the left of its point, inside the panel
             right = _position(m[kind], span, log) > 0.8
-            ax.annotate(
+            text = ax.annotate(
                 name, (m[kind], m["fraction"]), fontsize=7, xytext=(-4 if right else 4, -8),
-                textcoords="offset points", ha="right" if right else "left",
+                textcoords="offset points", ha="right" if right else "left", va="center",
             )  # fmt: skip
+            names.append(text)
+        placed.append((ax, names))
+        marks[ax] = [(t.xy[0], t.xy[1]) for t in names] + [(chosen[kind], chosen["quality"])]
+        marks[ax] += [
+            (r[kind], r["quality"]) for r in (pred.get("defaults") or {}).values() if r and kind in r
+        ]
         if (target := pred.get("target")) is not None:
             ax.axhline(
                 target["fraction"], color="tab:green", ls="--", lw=1, label=f"target {target['fraction']:g}"
@@ -118,15 +151,78 @@ def plot_frontier(
         ax.set_xlabel(label)
         ax.set_ylabel("fraction of the reference's loss drop")
         ax.grid(alpha=0.3)
+        handles, labels = ax.get_legend_handles_labels()
+        if shown_error:
+            handles.append(Patch(facecolor=FRONTIER, alpha=0.12, edgecolor=FRONTIER, lw=0.8))
+            labels.append("expected error of the prediction")
+        if names:
+            # one entry for every measured point, in no placement's colour: their names say whose
+            handles.append(Line2D([], [], marker="D", ms=5, ls="none", color=_NEUTRAL))
+            labels.append("measured ± its sampling error (arrow from predicted)")
         # Beside the panel, not on it: the trained placements' points sit anywhere under the frontier.
-        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
+        ax.legend(handles, labels, fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
     fig.suptitle(
         f"{plan.card['model_id']} · {plan.card['task']} · policy {plan.config['policy']}", fontsize=9
     )
     plain_text(fig)
     fig.tight_layout()
+    # the names are placed once the panels have their final size: how near two points lie is only
+    # known on the page
+    for ax, names in placed:
+        _separate(fig, ax, names, marks[ax])
     save_png(fig, path)
     return Path(path)
+
+
+def _point_colors(names: list[str], given: dict[str, Any]) -> dict[str, Any]:
+    """A colour per name: the caller's unless it is the frontier's, else a spare one that no name of the
+    caller's has (so that a rule does not take the colour a placement has in the caller's other figures)."""
+    from matplotlib.colors import same_color
+
+    out = {n: given[n] for n in names if n in given and not same_color(given[n], FRONTIER)}
+    spare = [c for c in _SPARE if not any(same_color(c, v) for v in given.values())] or list(_SPARE)
+    for i, n in enumerate(n for n in dict.fromkeys(names) if n not in out):
+        out[n] = spare[i % len(spare)]
+    return out
+
+
+def _separate(fig: Any, ax: Any, names: list[Any], marks: list[tuple[float, float]]) -> None:
+    """Move the names of measured points off each other and off the panel's marks (data points): in the
+    order of their points along the axis, each takes the nearest place beside its point that clears the
+    names placed before it and the marks (the least crowded one where none does; another name weighs more
+    than a mark)."""
+    if not names:
+        return
+    renderer = fig.canvas.get_renderer()
+    r = 4.0 * fig.dpi / 72  # a marker's half-width, in pixels
+    dots = [(x - r, y - r, x + r, y + r) for x, y in ax.transData.transform(marks)] if marks else []
+    placed: list[tuple[float, float, float, float]] = []
+    for text in sorted(names, key=lambda t: ax.transData.transform(t.xy)[0]):
+        side = 1 if text.xyann[0] > 0 else -1
+        best: tuple[float, tuple[float, float]] | None = None
+        for dx, dy in [(side * 5, y) for y in _NAME_ROWS] + [(-side * 5, y) for y in _NAME_ROWS]:
+            _put(text, dx, dy)
+            box = text.get_window_extent(renderer).padded(1.0).extents
+            clash = 10 * sum(_shared_area(box, b) for b in placed) + sum(_shared_area(box, d) for d in dots)
+            if best is None or clash < best[0]:
+                best = (clash, (dx, dy))
+            if clash == 0:
+                break
+        assert best is not None
+        _put(text, *best[1])
+        placed.append(tuple(text.get_window_extent(renderer).extents))
+
+
+def _put(text: Any, dx: float, dy: float) -> None:
+    text.xyann = (dx, dy)
+    text.set_horizontalalignment("left" if dx > 0 else "right")
+
+
+def _shared_area(a: Sequence[float], b: Sequence[float]) -> float:
+    """The area two boxes (x0, y0, x1, y1) share."""
+    w = min(a[2], b[2]) - max(a[0], b[0])
+    h = min(a[3], b[3]) - max(a[1], b[1])
+    return max(w, 0.0) * max(h, 0.0)
 
 
 def _wide(xs: list[float]) -> bool:

@@ -370,7 +370,9 @@ def _plans(doc: _Doc, run: _Run) -> None:
     doc.table(plans_table(run.plans))
     n_layers = run.card.n_layers if run.card else 1 + max((x for r in rows for x in r["layers"]), default=0)
     doc.figure(
-        "placements.png", "Adapted layers of every placement", lambda p: fig_placements(rows, n_layers, p)
+        "placements.png",
+        "Adapted layers of every placement",
+        lambda p: fig_placements(rows, n_layers, p, plans=run.plans),
     )
     for name, plan in run.plans.items():
         for w in plan.warnings:

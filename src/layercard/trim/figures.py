@@ -13,7 +13,10 @@ from typing import Any, Protocol
 from layercard.plotting import new_figure, save_png
 from layercard.trim.sweep import row_value
 
-__all__ = ["draw_sweep", "draw_trace", "plot_sweep", "plot_trace"]
+__all__ = ["draw_sweep", "draw_trace", "plot_sweep", "plot_trace", "sweep_legend"]
+
+# the chosen K in the one style of both panels; the trace's candidates are dotted in colours of their own
+_CHOSEN = {"color": "black", "ls": "-", "lw": 1.2, "alpha": 0.6}
 
 
 class Curves(Protocol):
@@ -50,7 +53,7 @@ def draw_trace(ax: Any, tr: Curves, *, chosen_k: int | None = None) -> None:
         color, label = styles.get(key, ("tab:purple", key))
         ax.axvline(layer, color=color, ls=":", lw=1.5, label=f"{label}: layer {layer}")
     if chosen_k is not None:
-        ax.axvline(chosen_k, color="black", lw=1, alpha=0.6, label=f"chosen K = {chosen_k}")
+        ax.axvline(chosen_k, **_CHOSEN, label=f"chosen K={chosen_k}")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("layer (output of)")
     ax.set_ylabel("P(gold next token), logit lens")
@@ -78,10 +81,18 @@ def draw_sweep(ax: Any, result: dict[str, Any]) -> list[Any]:
         # ax's legend is drawn over the twin's lines, not under them
         ax.set_zorder(ax2.get_zorder() + 1)
         ax.patch.set_visible(False)
-    lines.append(
-        ax.axvline(result["chosen_k"], color="tab:red", ls=":", label=f"chosen K={result['chosen_k']}")
-    )
+    lines.append(ax.axvline(result["chosen_k"], **_CHOSEN, label=f"chosen K={result['chosen_k']}"))
     return lines
+
+
+def sweep_legend(ax: Any, handles: list[Any], title: str, fontsize: float = 8) -> None:
+    """The sweep's legend in one row above ``ax`` and ``title`` above it: inside the panel the legend hid
+    points wherever it stood (the loss is lowest, and so drawn lowest, at the largest K)."""
+    ax.legend(
+        handles=handles, fontsize=fontsize, loc="lower center", bbox_to_anchor=(0.5, 1.0),
+        ncol=len(handles), frameon=False, borderaxespad=0.2,
+    )  # fmt: skip
+    ax.set_title(title, fontsize=9, pad=2.0 * fontsize + 6)
 
 
 def plot_trace(tr: Curves, path: str | Path) -> Path:
@@ -100,7 +111,6 @@ def plot_trace(tr: Curves, path: str | Path) -> Path:
 def plot_sweep(result: dict[str, Any], path: str | Path) -> Path:
     """trim.png: the selection metric and loss against the boundary K, the chosen K marked."""
     fig, ax = new_figure(figsize=(7, 4))
-    ax.legend(handles=draw_sweep(ax, result), fontsize=8, loc="lower right")
+    sweep_legend(ax, draw_sweep(ax, result), f"trim sweep · {result['task'].get('name', '')}")
     ax.grid(alpha=0.3)
-    ax.set_title(f"trim sweep · {result['task'].get('name', '')}", fontsize=9)
     return _save_png(fig, Path(path))
