@@ -26,7 +26,8 @@ DEFAULT_SCORE = "gradnorm_energy"
 DEFAULT_SCORE_BASIS = (
     "chosen by layercard's placement benchmark (smollm2, LoRA r=8 on q,v, 36 steps): Spearman with the "
     "measured single-layer test-loss drop 0.98 on e2e_nlg and 0.07 on sst2 (selection tasks), then "
-    "unchanged 0.76 on gsm8k and 0.98 on samsum (confirmation tasks); see benchmarks/results/placement.md"
+    "unchanged 0.76 on gsm8k and 0.98 on samsum (confirmation tasks); see benchmarks/results/placement.md "
+    "in the layercard source tree"
 )
 
 

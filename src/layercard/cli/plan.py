@@ -223,7 +223,13 @@ def _print_search_plan(plan) -> None:
             )
         elif not on_frontier:
             notes.append("the plan is not one of the search's placements, which this frontier holds")
-        t.caption = "; ".join(notes) or None
+        # what the columns are, where nothing else on the screen says it
+        notes.insert(
+            0,
+            "quality: the predicted fraction of the reference's loss drop ± the quality model's expected "
+            f"error; × ref: the {kind} over the reference's",
+        )
+        t.caption = "; ".join(notes)
         result_console.print(t)
     from layercard.plan.space import budget_label
 
@@ -299,6 +305,10 @@ def _print_plan(plan) -> None:
         "no cost model in the card"
         if st is None
         else f"{st:.3g} (all layers {p['all_layer_step_time_s']:.3g})",
+    )
+    t.caption = (
+        f"predicted gain: the card's {p['score']} summed over the layers' units (no unit); a layer policy "
+        "ranks layers by it and predicts no loss or quality (policy recommend does)"
     )
     result_console.print(t)
     result_console.print(f"[dim]score basis: {plain(p['score_basis'])}[/]", highlight=False, soft_wrap=True)

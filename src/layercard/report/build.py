@@ -262,6 +262,12 @@ def _recommendation(doc: _Doc, run: _Run) -> None:
         lambda p: plot_frontier(plan, p, measured, colors=palette([r["name"] for r in run.rows])),
     )
     doc.table(recommendation_table(run.plans, run.metrics, run.results))
+    doc.p(
+        "In the quality column the two ± differ: the measured one is one standard error over the evaluated "
+        "examples (it does not cover the training seed); the predicted one is the quality model's expected "
+        "absolute error for a placement covering that much of the depth, from its errors on benchmark tasks "
+        "it was not fitted on: not a confidence interval."
+    )
     leads = measured_leads_sentence(run.rows) or eval_loss_sentence(run.rows)
     if leads:
         doc.p(leads)
@@ -368,6 +374,12 @@ def _plans(doc: _Doc, run: _Run) -> None:
         return
     rows = run.rows
     doc.table(plans_table(run.plans))
+    if any("candidate" not in plan.predicted for plan in run.plans.values()):
+        doc.p(
+            "A layer policy's predicted gain is the card's score summed over its layers' units (no unit), "
+            "and its share is of that sum over all layers: a ranking of layers, not a predicted loss or "
+            "quality. The search placements' share is the quality model's prediction."
+        )
     n_layers = run.card.n_layers if run.card else 1 + max((x for r in rows for x in r["layers"]), default=0)
     doc.figure(
         "placements.png",

@@ -225,7 +225,10 @@ def recommendation_table(
                 f"{int(cand['params']):,} ({fmt(cand['params'] / ref, '.2f')})",  # as the overview rounds
                 f"{fmt(step, STEP)} / {fmt(step_pred, STEP)}",
                 f"{fmt(m.peak_memory_mib if m else None, ',.0f')} / {fmt(peak_pred, ',.0f')}",
-                f"{with_error(r.get('measured_fraction'), r.get('measured_fraction_se'))} / "
+                # the reference's fraction is 1 by its definition, neither measured nor predicted
+                "1 by definition"
+                if r.get("is_reference")
+                else f"{with_error(r.get('measured_fraction'), r.get('measured_fraction_se'))} / "
                 f"{with_error(quality, err)}",
                 fmt(r.get("eval_loss"), LOSS),
                 fmt(r.get("primary_value"), METRIC),
