@@ -52,17 +52,17 @@ def predicted(
         "captured": captured,
     }
     if card.cost is not None:
-        out |= calibration_batch(card)
+        out |= calibration_batch(card.cost, card.provenance.get("machine"))
     if out["memory"]:
         out["memory_figure"] = space.memory_figure
     return out
 
 
-def calibration_batch(card: Card) -> dict[str, Any]:
-    """The batch a card's times and memory refer to (as the plan priced them), and how much of each grows
-    with positions, so that train can compare like with like at its own batch (see
-    ``train.metrics.predictions``); and the device and machine they were measured on."""
-    cost = card.cost or {}
+def calibration_batch(cost: dict[str, Any], machine: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The batch a card's times and memory (its ``cost``) refer to (as the plan priced them), and how much
+    of each grows with positions, so that train can compare like with like at its own batch (see
+    ``train.metrics.predictions``); and the device and ``machine`` (the card's provenance) they were
+    measured on."""
     return {
         "calibration_batch_size": cost.get("batch_size"),
         "calibration_batch_tokens": cost.get("batch_tokens"),
@@ -76,7 +76,7 @@ def calibration_batch(card: Card) -> dict[str, Any]:
         "calibration_checkpointing": bool(cost.get("checkpointing", False)),
         "calibration_dtype": cost.get("dtype"),  # None: a card from before it was recorded
         "calibration_device": cost.get("device"),
-        "calibration_machine": card.provenance.get("machine"),
+        "calibration_machine": machine,
     }
 
 

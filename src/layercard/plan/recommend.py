@@ -662,7 +662,7 @@ def _predicted(
         "score": model.score,
     }
     if card.cost is not None:
-        pred |= calibration_batch(card)
+        pred |= calibration_batch(card.cost, card.provenance.get("machine"))
         pred["memory"] = _memory(card, units)
         pred["forward_s"] = chosen.costs.get("forward_s")
     return pred
