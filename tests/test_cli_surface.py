@@ -272,6 +272,8 @@ def test_quiet_turns_progress_off_for_the_command(world: World, tmp_path: Path, 
 
     monkeypatch.setenv("LAYERCARD_PROGRESS", "1")
     monkeypatch.setattr(progress, "stderr_is_terminal", lambda: False)  # plain progress lines
+    # the switch --quiet sets lasts for the process: the test's own copy, so that later tests keep theirs
+    monkeypatch.setattr(progress, "_BARS", {"off": False})
     shown = cli(f"card -m {world.model} -t {FACTS} --examples 4 {CARD} -o {tmp_path / 'a'}")
     assert shown.exit_code == 0 and "card pass" in shown.output
     quiet = cli(f"--quiet card -m {world.model} -t {FACTS} --examples 4 {CARD} -o {tmp_path / 'b'}")
