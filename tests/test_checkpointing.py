@@ -242,3 +242,26 @@ def test_a_run_on_another_machine_than_the_calibration_is_told_so(tmp_path: Path
     m = train(loaded, plan, TRAIN, VAL, TrainConfig(steps=1, **FAST), tmp_path / "run", progress=False)
     (line,) = m["price_notes"]
     assert "99 torch threads" in line and "(other torch threads)" in line
+
+
+def test_a_macs_processor_is_named_by_its_model(monkeypatch):
+    """Every Apple silicon Mac reports its architecture alike ("arm"): the processor's model comes from
+    sysctl there, so that another Mac's costs are told apart."""
+    import subprocess
+
+    from layercard import artifacts
+
+    seen = []
+
+    def sysctl(args, **kw):
+        seen.append(args)
+        return subprocess.CompletedProcess(args, 0, stdout="Apple M3 Pro\n", stderr="")
+
+    artifacts._cpu_model.cache_clear()
+    monkeypatch.setattr(artifacts.sys, "platform", "darwin")
+    monkeypatch.setattr(artifacts.subprocess, "run", sysctl)
+    try:
+        assert artifacts._cpu_model() == "Apple M3 Pro"
+        assert seen == [["sysctl", "-n", "machdep.cpu.brand_string"]]
+    finally:
+        artifacts._cpu_model.cache_clear()

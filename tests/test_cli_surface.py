@@ -374,3 +374,22 @@ def test_a_task_file_whose_name_looks_like_markup_is_shown_as_named(world: World
     r = cli(f"eval -m {world.model} -t {data} -o {tmp_path / 'e'} {EVAL}")
     assert r.exit_code == 0, r.output
     assert "qa[bold][red] (" in " ".join(r.output.split()), r.output  # the table's title: name (split)
+
+
+def test_windows_is_refused_in_one_line_before_any_work(monkeypatch, tmp_path: Path) -> None:
+    """On Windows layercard's locks and folder writes fail part-way: a command says so before any work,
+    while its help still shows."""
+    import importlib
+
+    from typer.testing import CliRunner
+
+    app_module = importlib.import_module("layercard.cli.app")  # the module: the package's `app` is the app
+    monkeypatch.setattr(app_module, "_on_windows", lambda: True)
+    r = CliRunner().invoke(app_module.app, ["plan", "--card", str(tmp_path / "card.json"), "--budget",
+                                            "params=0.2x", "--out", str(tmp_path / "p.json")])  # fmt: skip
+    assert r.exit_code == 2 and r.output.strip().splitlines() == [
+        "error: layercard runs on Linux and macOS, not on Windows: run it under WSL 2 (Windows Subsystem for "
+        "Linux)"
+    ]
+    assert not list(tmp_path.iterdir())
+    assert CliRunner().invoke(app_module.app, ["plan", "--help"]).exit_code == 0

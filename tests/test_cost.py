@@ -592,3 +592,65 @@ def test_the_figure_a_later_process_trains_by():
     assert figure_elsewhere({"memory_kind": "process_peak_rss"}) == "window"
     assert figure_elsewhere(None) == "window"
     assert memory_figure({"memory_kind": "process_peak_rss"}, figure_elsewhere(None)) == "window"
+
+
+def test_a_peak_that_cannot_be_reset_is_named_the_process_lifetimes(monkeypatch, tmp_path):
+    """Outside Linux, or where the resident high-water mark cannot be reset, a CPU run's peak is the
+    process's since it began: it is named so, not passed off as the run's own."""
+    from layercard import cost
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(cost, "_RESET_FAILED", {"cpu": False})  # the test's own: later tests keep theirs
+    assert cost.peak_memory_kind(torch.device("cuda")) == "cuda_max_memory_allocated"
+    if cost._STATUS.exists() and cost._CLEAR_REFS.exists():
+        assert cost.reset_peak_memory(cpu) is not None
+        assert cost.peak_memory(cpu)[1] == "process_peak_rss"
+    if not cost._STATUS.exists():
+        monkeypatch.setattr(cost, "_STATUS", tmp_path / "status")
+        cost._STATUS.write_text("VmRSS:\t100 kB\nVmHWM:\t200 kB\n")
+    monkeypatch.setattr(cost, "_CLEAR_REFS", tmp_path)  # a folder: writing to it fails as a locked /proc
+    assert cost.reset_peak_memory(cpu) is None
+    peak, kind = cost.peak_memory(cpu)
+    assert kind == "process_lifetime_peak_rss" == cost.peak_memory_kind(cpu) and peak > 0
+    assert "not this run's alone" in cost.memory_kind_text(kind)
+    monkeypatch.setattr(cost, "_STATUS", tmp_path / "none")  # no /proc at all
+    cost._RESET_FAILED["cpu"] = False
+    assert cost.reset_peak_memory(cpu) is None and cost.peak_memory(cpu)[1] == "process_lifetime_peak_rss"
+
+
+def test_timing_waits_for_every_accelerator_not_cuda_alone(monkeypatch):
+    """A clock read after queued GPU work times the queueing unless it waits first: on Apple's MPS too,
+    where timing had waited on CUDA only."""
+    from layercard.inference import synchronize
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: calls.append(("cuda", device)))
+    monkeypatch.setattr(torch.mps, "synchronize", lambda: calls.append(("mps", None)))
+    synchronize(torch.device("cpu"))
+    synchronize(torch.device("cuda", 1))
+    synchronize(torch.device("mps"))
+    assert calls == [("cuda", torch.device("cuda", 1)), ("mps", None)]
+
+
+def test_float64_statistics_leave_a_device_that_holds_none():
+    """Apple's MPS holds no float64: the card's, coupling's, lens' and importance's float64 sums are taken
+    on the CPU there, and on the tensor's own device elsewhere."""
+    from layercard.inference import as_float64
+
+    t = torch.ones(3, dtype=torch.float32)
+    assert as_float64(t).dtype == torch.float64 and as_float64(t).device == t.device
+
+    class OnMps(torch.Tensor):  # a tensor that says it lies on MPS, as torch cannot make one here
+        @property
+        def device(self):
+            return torch.device("mps")
+
+        def double(self):
+            raise TypeError("Cannot convert a MPS Tensor to float64 dtype")
+
+        def cpu(self):
+            return self.as_subclass(torch.Tensor)
+
+    fake = torch.ones(2).as_subclass(OnMps)
+    out = as_float64(fake)
+    assert out.dtype == torch.float64 and out.tolist() == [1.0, 1.0]

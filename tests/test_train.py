@@ -726,6 +726,16 @@ def test_float16_is_refused_on_a_cpu(tmp_path: Path):
         estimate(_loaded(), make_plan(_loaded(), [1]), TRAIN, VAL, cfg)
 
 
+def test_the_dry_run_takes_the_device_training_takes_on_a_mac(monkeypatch):
+    """Training takes a CUDA GPU, else the CPU, also where Apple's MPS is there: the dry run judges
+    float16 on that device too, and refuses it as the run would."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    cfg = TrainConfig(steps=1, dtype="float16", **FAST)
+    with pytest.raises(LayercardError, match="^--precision: float16 trains on a GPU only"):
+        estimate(_loaded(), make_plan(_loaded(), [1]), TRAIN, VAL, cfg)
+
+
 def _skipping(monkeypatch: pytest.MonkeyPatch, first: int | None) -> None:
     """Have Accelerate report the first ``first`` optimizer steps (None: every one) as skipped by a loss
     scaler, as float16's does on a GPU while its gradients overflow (a CPU runs no scaler)."""

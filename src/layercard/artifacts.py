@@ -199,9 +199,18 @@ class Provenance:
         return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d or f.default is None})
 
 
+@functools.cache
 def _cpu_model() -> str | None:
-    """The processor's model name where the system tells it (Linux): ``platform.processor()`` there names
-    only the architecture, alike for every x86 machine."""
+    """The processor's model name where the system tells it (Linux's /proc, macOS's sysctl):
+    ``platform.processor()`` names only the architecture, alike for every x86 or Apple silicon machine."""
+    if sys.platform == "darwin":
+        try:
+            out = subprocess.run(
+                ["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True, text=True, timeout=5
+            )
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return out.stdout.strip() or None if out.returncode == 0 else None
     try:
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
             for line in f:

@@ -17,7 +17,6 @@ import ctypes
 import dataclasses
 import math
 import re
-import resource
 import sys
 import time
 from collections.abc import Sequence
@@ -28,11 +27,14 @@ import numpy as np
 import torch
 
 from layercard.errors import LayercardError
-from layercard.inference import eval_mode, restore_modes, training_modes
+from layercard.inference import eval_mode, restore_modes, synchronize, training_modes
 from layercard.progress import track
 
 _STATUS = Path("/proc/self/status")
 _CLEAR_REFS = Path("/proc/self/clear_refs")
+# Whether the last reset of this process's resident high-water mark failed (a /proc it may not write):
+# its peaks are then the lifetime's, and are named so.
+_RESET_FAILED = {"cpu": False}
 # Whether this process has run a cost calibration. On a CPU its steps widen the heap that a later training
 # run in the same process starts from and peaks in; a process of its own does not carry that.
 _calibrated_here = False
@@ -131,7 +133,9 @@ def reset_peak_memory(device: torch.device) -> float | None:
     try:
         _CLEAR_REFS.write_text("5", encoding="utf-8")
     except OSError:
+        _RESET_FAILED["cpu"] = True
         return None
+    _RESET_FAILED["cpu"] = False
     return start
 
 
@@ -142,12 +146,19 @@ def _status_mib(field: str) -> float | None:
 
 
 def peak_memory_kind(device: torch.device) -> str:
-    """What :func:`peak_memory` measures on ``device``."""
-    return "cuda_max_memory_allocated" if device.type == "cuda" else "process_peak_rss"
+    """What :func:`peak_memory` measures on ``device``: CUDA's allocator peak; on a CPU the process's
+    resident peak since the last reset, or, where the system offers no reset (outside Linux) or it failed,
+    since the process began (``process_lifetime_peak_rss``: a run's peak then includes all the process did
+    before it)."""
+    if device.type == "cuda":
+        return "cuda_max_memory_allocated"
+    windowed = _STATUS.exists() and _CLEAR_REFS.exists() and not _RESET_FAILED["cpu"]
+    return "process_peak_rss" if windowed else "process_lifetime_peak_rss"
 
 
 KIND_TEXT = {
     "process_peak_rss": "process's resident peak",
+    "process_lifetime_peak_rss": "process's resident peak since it began, not this run's alone",
     "cuda_max_memory_allocated": "CUDA allocator's peak",
 }
 
@@ -169,6 +180,8 @@ def peak_memory(device: torch.device) -> tuple[float, str]:
     hwm = _status_mib("VmHWM")
     if hwm is not None:
         return hwm, kind
+    import resource  # Unix only; imported here so that the rest of layercard imports anywhere
+
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     # Linux reports KiB, macOS bytes.
     return rss / (2**20 if sys.platform == "darwin" else 2**10), kind
@@ -480,12 +493,10 @@ def forward_seconds(model, batch: dict[str, torch.Tensor], *, warm: bool, repeat
     times = []
     with eval_mode(model):
         for i in range(repeats if warm else repeats + 1):
-            if device.type == "cuda":
-                torch.cuda.synchronize()
+            synchronize(device)
             t = time.perf_counter()
             model(input_ids=ids, attention_mask=mask, use_cache=False)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
+            synchronize(device)
             if warm or i > 0:
                 times.append(time.perf_counter() - t)
     return float(min(times))
@@ -547,8 +558,7 @@ def _steps_timed(peft_model, batch: dict[str, torch.Tensor], steps: int, forward
     times = []
     resident = reset_peak_memory(device)
     for _ in range(steps + 1):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        synchronize(device)
         t = time.perf_counter()
         loss, n = forward_loss(peft_model, ids, mask, labels)
         (loss / max(n, 1)).backward()
@@ -558,8 +568,7 @@ def _steps_timed(peft_model, batch: dict[str, torch.Tensor], steps: int, forward
         opt.step()
         opt.zero_grad(set_to_none=True)
         all_finite(params)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        synchronize(device)
         times.append(time.perf_counter() - t)
         if len(times) == 1:
             first_peak = peak_memory(device)[0] + _tensor_mib(opt.state)

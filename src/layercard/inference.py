@@ -38,6 +38,7 @@ from layercard.tasks import (
 )
 
 __all__ = [
+    "as_float64",
     "device_of",
     "eval_example_losses",
     "eval_loss",
@@ -45,6 +46,7 @@ __all__ = [
     "generate",
     "pad_id",
     "restore_modes",
+    "synchronize",
     "training_modes",
 ]
 
@@ -52,6 +54,21 @@ __all__ = [
 def device_of(model: nn.Module) -> torch.device:
     """The device of the model's (first) parameters, where its inputs go."""
     return next(model.parameters()).device
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the work queued on an accelerator (CUDA, Apple's MPS) to finish, so that a clock read next
+    times the work and not its queueing; nothing on a CPU, which computes as it goes."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def as_float64(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in float64, on its device where that holds float64; Apple's MPS holds none, so there on the
+    CPU."""
+    return t.cpu().double() if t.device.type == "mps" else t.double()
 
 
 def training_modes(model: nn.Module) -> list[tuple[nn.Module, bool]]:

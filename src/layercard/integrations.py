@@ -62,6 +62,7 @@ from transformers import TrainerCallback
 from layercard.artifacts import Provenance, machine_info
 from layercard.cost import peak_memory, prices_by_first_step, reset_peak_memory, touch_weights
 from layercard.errors import LayercardError
+from layercard.inference import synchronize
 from layercard.plan import Plan
 from layercard.progress import count, say
 from layercard.tasks import IGNORE_INDEX, Task
@@ -207,8 +208,7 @@ class LayercardCallback(TrainerCallback):
         self._hooks = []
 
     def _sync(self) -> None:
-        if self._device.type == "cuda":
-            torch.cuda.synchronize(self._device)
+        synchronize(self._device)
 
     def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self._sync()

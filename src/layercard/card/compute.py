@@ -28,6 +28,7 @@ from layercard.card.probe import (
 )
 from layercard.config import CardConfig
 from layercard.errors import LayercardError, setting_name
+from layercard.inference import as_float64
 from layercard.progress import count, say, say_progress, track
 
 
@@ -99,8 +100,8 @@ def _finish_pass(
             rsq = stats.resnorm_sq_from_energy(energy_j, spec.eigenvalues, spec.n, cfg.delta)
             m = stats.whitened_gradient(gcoord, spec, cfg.delta, proj)
             r = cfg.lora_rank
-            a = acc.a_stack.double().cpu().numpy()
-            asa = acc.asa.double().cpu().numpy() / g.n
+            a = as_float64(acc.a_stack).cpu().numpy()
+            asa = as_float64(acc.asa).cpu().numpy() / g.n
             draws = [a[i * r : (i + 1) * r] for i in range(cfg.a_draws)]
             asas = [asa[i * r : (i + 1) * r, i * r : (i + 1) * r] for i in range(cfg.a_draws)]
             rate, lin, quad = stats.first_step_rate(
@@ -144,7 +145,7 @@ def _finish_pass(
             )
             spectra[gkey] = spec
         if keep_grads:
-            grads[acc.spec.key] = acc.grad.double().cpu()
+            grads[acc.spec.key] = as_float64(acc.grad).cpu()
         rate, lin, quad = u["rate"]
         unit_rows.append(
             UnitRow(

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from layercard.card.probe import eval_mode
+from layercard.inference import as_float64
 from layercard.models import get_module, lm_head
 from layercard.tasks.loss import target_mask
 
@@ -78,7 +79,7 @@ def _final_hidden(model: nn.Module, batches: Sequence[dict[str, torch.Tensor]]) 
         # Positions that predict a target token: label at t+1 is not masked.
         pos = torch.zeros_like(labels, dtype=torch.bool)
         pos[:, :-1] = target_mask(labels)
-        parts.append(h[pos].to(torch.float64).reshape(-1))
+        parts.append(as_float64(h[pos]).reshape(-1))
     return torch.cat(parts)
 
 
@@ -106,8 +107,8 @@ def layer_effects(
             wnorm = 0.0
             dnorm = 0.0
             for name, dw in deltas.items():
-                wnorm += float(get_module(model, name).weight.detach().double().norm() ** 2)
-                dnorm += float(dw.double().norm() ** 2)
+                wnorm += float(as_float64(get_module(model, name).weight.detach()).norm() ** 2)
+                dnorm += float(as_float64(dw).norm() ** 2)
             if dnorm == 0.0:
                 rows.append(None)
                 continue

@@ -166,6 +166,7 @@ def guard(fn: F) -> F:
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
+            _check_system()
             return fn(*args, **kwargs)
         except LayercardError as e:
             if _STATE["debug"]:
@@ -213,6 +214,20 @@ def guard(fn: F) -> F:
     # The help screen keeps a docstring's line breaks; a paragraph should wrap to the terminal instead.
     wrapper.__doc__ = _reflow(fn.__doc__)
     return wrapper  # type: ignore[return-value]
+
+
+def _on_windows() -> bool:
+    return os.name == "nt"
+
+
+def _check_system() -> None:
+    """Refuse, before any work, a system layercard does not run on: on Windows its folder locks, atomic
+    folder writes and the built-in model's link fail part-way through a command."""
+    if _on_windows():
+        raise LayercardError(
+            "layercard runs on Linux and macOS, not on Windows: run it under WSL 2 (Windows Subsystem for "
+            "Linux)"
+        )
 
 
 def _output_gone() -> None:

@@ -324,8 +324,14 @@ def _headline(doc: _Doc, run: _Run) -> None:
     if any(r.get("peak_memory_kind") == "process_peak_rss" for r in run.rows):
         doc.p(
             "Peak memory on CPU is the process's peak resident size while that placement trained (the "
-            "loaded model and the process around it included; on Linux the peak is reset before each "
-            "training, elsewhere it is the process's lifetime peak)."
+            "loaded model and the process around it included; the peak is reset before each training)."
+        )
+    if any(r.get("peak_memory_kind") == "process_lifetime_peak_rss" for r in run.rows):
+        doc.p(
+            "Where a peak is the process's since it began (this system offers no reset of it), it includes "
+            "everything the process did before that placement trained: the card, and the placements "
+            "trained before it. Such peaks can only grow from one placement to the next and do not compare "
+            "placements."
         )
 
 

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from layercard.errors import LayercardError
-from layercard.inference import device_of, eval_mode, pad_id
+from layercard.inference import as_float64, device_of, eval_mode, pad_id
 from layercard.progress import track
 from layercard.tasks import Example, Task, batches, encode_task
 
@@ -94,7 +94,7 @@ def _branch_hooks(model: nn.Module, state: _State) -> Iterator[list[int]]:
     def make(layer: int, mod: nn.Module, adapter: str):
         def hook(_b: nn.Module, _args: Any, out: torch.Tensor) -> None:
             scale = float(mod.scaling[adapter])
-            sq = out.detach().double().pow(2).sum(-1) * (scale * scale)
+            sq = as_float64(out.detach()).pow(2).sum(-1) * (scale * scale)
             mask = state.mask
             if mask is not None and sq.shape == mask.shape:
                 sq = sq * mask
@@ -137,7 +137,7 @@ def layer_importance(
     with eval_mode(model), _branch_hooks(model, state) as layers:
         for batch in track(groups, "lora-drop importance", total=len(groups), enabled=progress):
             mask = batch["attention_mask"].to(device)
-            state.mask = mask.to(torch.float64)
+            state.mask = as_float64(mask)
             model(input_ids=batch["input_ids"].to(device), attention_mask=mask)
         state.mask = None
     sums = {layer: float(state.sums[layer]) for layer in layers}

@@ -41,6 +41,7 @@ from layercard.cost import (
     touch_weights,
 )
 from layercard.errors import LayercardError, card_setting_text, expect, setting_name
+from layercard.inference import synchronize
 from layercard.models import BUILTIN_MODELS, LoadedModel, activation_checkpointing, running_on, weights_dtype
 from layercard.plan import Plan, check_model_matches
 from layercard.progress import enabled_default, say, track
@@ -716,11 +717,8 @@ def estimate(
     budgets that those positions put over. A step's price leaves out the processes' exchange of
     gradients."""
     kind, _, _ = _check_inputs(loaded, plan, train_task, val_task, cfg, kind, where="estimate_training")
-    # the device the training's Accelerator would take: a GPU, else Apple's, else the CPU
-    mps = getattr(torch.backends, "mps", None)
-    _check_float16(
-        cfg, "cuda" if torch.cuda.is_available() else "mps" if mps and mps.is_available() else "cpu"
-    )
+    # the device the training's Accelerator takes (:func:`train`): a CUDA GPU, else the CPU
+    _check_float16(cfg, "cuda" if torch.cuda.is_available() else "cpu")
     if processes < 1:
         raise LayercardError(f"processes: {processes} is not a number of processes (1 or more)")
     if data is None:
@@ -924,8 +922,7 @@ def _step(
 ) -> float:
     """One optimizer step over ``grad_accum`` micro-batches; returns its loss (mean over processes)."""
     cfg, acc, device, world = run.cfg, run.accelerator, run.device, run.world
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    synchronize(device)
     t0 = time.perf_counter()
     rank = acc.process_index
     micro = [run.stream.batch((state.consumed + j) * world + rank) for j in range(cfg.grad_accum)]
@@ -933,8 +930,7 @@ def _step(
     # Built and on the device before any compute, so that their seconds can be told from the step's:
     # the calibration times steps on one batch already there.
     micro = [{k: v.to(device) for k, v in b.items()} for b in micro]
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    synchronize(device)
     data_s = time.perf_counter() - t0
     # The step's loss is the mean over the target tokens of every process's micro-batches (§7): each process
     # divides by the count over all of them, and scales by `world` because gradients are averaged over
@@ -993,8 +989,7 @@ def _step(
     optimizer.zero_grad(set_to_none=True)
     if not all_finite(params):
         _check_finite(run, state.step + 1, "update of the trainable parameters", math.inf)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    synchronize(device)
     state.step += 1
     state.consumed += cfg.grad_accum
     state.step_times.append([state.step, time.perf_counter() - t0, n_tokens * world, first, data_s])

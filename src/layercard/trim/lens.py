@@ -26,7 +26,7 @@ from torch import nn
 
 from layercard.artifacts import SCHEMA_VERSION, load_artifact, write_json
 from layercard.errors import LayercardError
-from layercard.inference import device_of, eval_mode, pad_id
+from layercard.inference import as_float64, device_of, eval_mode, pad_id
 from layercard.progress import track
 from layercard.tasks import Example, Task, batches, encode_task, target_mask
 from layercard.trim.figures import plot_trace
@@ -122,9 +122,9 @@ def _gold_probs(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch
         rows = h[:, :-1][gold_mask]
         for s in range(0, rows.shape[0], chunk):
             lp = logits_from_hidden(model, rows[s : s + chunk]).float().log_softmax(-1)
-            out[i, s : s + chunk] = lp.gather(-1, gold[s : s + chunk, None])[:, 0].exp().double().cpu()
+            out[i, s : s + chunk] = as_float64(lp.gather(-1, gold[s : s + chunk, None])[:, 0].exp()).cpu()
     own = logits[:, :-1][gold_mask].float().log_softmax(-1).gather(-1, gold[:, None])[:, 0].exp()
-    return out, own.double().cpu()
+    return out, as_float64(own).cpu()
 
 
 def _sub_task(task: Task, examples: Sequence[Example]) -> Task:
