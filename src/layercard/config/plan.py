@@ -56,14 +56,16 @@ class PlanConfig(Schema):
         None,
         kind="budget",
         help="layers=N | params=N (k/M suffix) | step_time=SECONDS | modules=N | memory=MIB "
-        "(or 6G: G and GB are GiB, M and MB MiB); relative: params=0.25x; "
+        "(or 6G: G and GB are GiB, M and MB MiB); relative to the reference (every linear module of every "
+        "layer at rank 8): params=0.25x; "
         "several (search policies): params=0.25x,step_time=0.6x; null for policy all",
     )
     target: float | None = setting(
         None,
         kind="fraction",
         help="or: the cheapest placement predicted to reach this fraction (recommend: of the reference's "
-        "loss drop; layer policies: of the all-layer gain)",
+        "loss drop, cheapest in the first budget's kind, else in parameters; layer policies: of the "
+        "all-layer gain)",
     )
     roles: str | None = setting(None, kind="roles", help="roles to adapt; null: the card's roles")
     rank: int | str = setting(
@@ -121,7 +123,8 @@ class PlanConfig(Schema):
         kind="choice",
         choices=MEMORY_FIGURES,
         help="peak memory priced for a run in a process that ran no calibration (first_step: a separate "
-        "layercard train) or in the one that computed the card (window); auto: this process's",
+        "layercard train) or in the one that computed the card (window); auto: on a CPU, first_step "
+        "unless this process calibrated the card (layercard run), on CUDA window",
     )
 
     def validate(self) -> None:

@@ -196,7 +196,9 @@ class EvalStage(Schema):
 
     SECTION = "eval"
 
-    base: bool = setting(True, kind="bool", help="also evaluate the base model: the reference of loss drops")
+    base: bool = setting(
+        True, kind="bool", help="also evaluate the base model: loss drops are measured from it"
+    )
 
 
 # (YAML key, run-level schema or None, stage schema or None, comment) in file order.
