@@ -72,7 +72,10 @@ def test_checkpointing_keeps_backward_from_going_below_the_lowest_adapted_layer(
 
 def test_the_context_leaves_checkpointing_on_where_it_was_on_and_refuses_a_model_without_it():
     model = tiny_model("gpt2", seed=0)
-    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:  # transformers before 5.23
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     with activation_checkpointing(model):
         pass
     assert all(_checkpointed_layers(model))

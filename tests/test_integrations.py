@@ -4,6 +4,7 @@ model, and a plain ``transformers.Trainer`` measured by :class:`LayercardCallbac
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -220,6 +221,10 @@ def own_trainer(trainer_run, folder: Path, callbacks: list, **settings):
         learning_rate=1e-2, report_to=[], save_strategy="no", use_cpu=True, seed=0, disable_tqdm=True,
     )  # fmt: skip
     pad = trainer_run["pad_id"]
+    fields = {f.name for f in dataclasses.fields(TrainingArguments)}
+    for key in ("activation_checkpointing", "activation_checkpointing_kwargs"):
+        if key in settings and key not in fields:  # transformers before 5.23 names it gradient_…
+            settings[key.replace("activation", "gradient")] = settings.pop(key)
     return Trainer(
         model=get_peft_model(tiny_model("llama", seed=0), trainer_run["plan"].peft_config()),
         args=TrainingArguments(**{**args, **settings}),
@@ -378,8 +383,6 @@ def test_gradient_checkpointing_is_recorded_and_said_to_be_unpriced(trainer_run,
 def test_a_trainer_on_another_machine_than_the_calibration_is_said(trainer_run, tmp_path, monkeypatch):
     """A Trainer run is told, as layercard train is, when the plan's costs were measured on another
     machine (here: other torch threads), and its metrics keep the line."""
-    import dataclasses
-
     from layercard.artifacts import machine_info
 
     said = said_lines(monkeypatch)
@@ -399,8 +402,6 @@ def test_a_trainer_whose_checkpointing_carries_backward_to_the_embeddings_is_sai
 ):
     """The plan's calibration checkpointed with no gradients at the embeddings' output; the Trainer's own
     checkpointing turns them on, and every backward then runs down to the embeddings."""
-    import dataclasses
-
     said = said_lines(monkeypatch)
     plan = dataclasses.replace(
         trainer_run["plan"], predicted={**trainer_run["plan"].predicted, "calibration_checkpointing": True}

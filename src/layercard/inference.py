@@ -259,7 +259,9 @@ def generate(
                 # finished rows are padded with pad_id after their stop token: count only real tokens
                 new_tokens += len(ids) if cut is None else cut + 1
                 kept = ids if cut is None else ids[:cut]
-                texts[i] = tokenizer.decode(kept, skip_special_tokens=True).strip()
+                # the text as generated: transformers 4 tidied spaces before punctuation by default, 5 not
+                text = tokenizer.decode(kept, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+                texts[i] = text.strip()
     timing = {
         "gen_s": gen_s,
         "new_tokens": new_tokens,
