@@ -1031,10 +1031,11 @@ def test_demo_command_runs_the_packaged_config(tmp_path, monkeypatch):
         # the report opens with the recommendation, before the headline table
         assert html.index("Recommendation") < html.index("Headline")
         assert summary["recommendation"]["sentence"].split(":")[0] in html
-        # each search placement's quality, measured / predicted ± its expected error
+        # each search placement's quality, measured / predicted ± its expected error; the reference's is 1
         report = (out / task / "report.md").read_text()
         measured = r"-?\d\.\d\d(?: ± \d\.\d\d)?|—"
-        assert len(re.findall(rf"\| (?:{measured}) / \d\.\d\d ± 0\.\d\d \|", report)) == 4
+        assert len(re.findall(rf"\| (?:{measured}) / \d\.\d\d ± 0\.\d\d \|", report)) == 3
+        assert report.count("| 1 by definition |") == 1 and "the two ± differ" in report
     names = [f"placements[{n}].depth" for n in ("recommend", "peft-default", "all-linear", "reference")]
     assert named == names * 2
     overview = (out / "demo.md").read_text()
