@@ -163,7 +163,7 @@ def sentence(
         elif beyond_error(pick, rec):
             gap = f"{_gap(pq, rq)} points"
         else:
-            gap = "within the model's error of it"
+            gap = "within the model's error of each other"
         return (
             f"{head}; the recommendation within them{scope}, {pick.label}, is predicted {pq} ({gap}; "
             f"expected error {_error_text(pick.error)})."
@@ -175,7 +175,7 @@ def sentence(
     elif rec_out:
         verdict = f"no gain is called, the plan's prediction lying {OUTSIDE} ({rec_out})"
     elif not beyond_error(rec, best):
-        verdict = "within the model's error of it, so the difference is not a prediction to rely on"
+        verdict = "within the model's error of each other, so the difference is not a prediction to rely on"
     rq, bq = _percents(rec.quality, best.quality)
     if verdict is None:
         verdict = f"{_gap(rq, bq)} points"

@@ -406,7 +406,9 @@ def _training(doc: _Doc, run: _Run) -> None:
     doc.p(
         "Measured s/step is the median of the timed steps (a session's first step, which pays warm-up, "
         "left out where another was timed); mean tokens/s is those steps' tokens over their summed seconds, "
-        "so it need not equal the tokens per step over the median s/step."
+        "so it need not equal the tokens per step over the median s/step. Val loss is training's own "
+        "validation loss on its validation examples, for its curve; eval loss, in the tables above, is the "
+        "evaluation's on its own examples: the two need not agree."
     )
     for name, m in run.metrics.items():
         for line in [*(m.budget_notes or []), *(m.price_notes or [])]:

@@ -65,6 +65,7 @@ def task_rows(root: Path) -> dict[str, Any]:
     return {
         "task": card.task["name"] if card else root.name,
         "matrices": matrix_ranking(card) if card else [],
+        "score": card.default_score if card else None,
         "recommendation": sentence,
         "planning": planning_sentence(card, metrics, rec) if card else None,
         "measured_leads": measured_leads_sentence(results["rows"]),
@@ -84,7 +85,13 @@ def overview_markdown(tasks: dict[str, dict[str, Any]], wall_s: float | None = N
         ranking = ", ".join(f"{role} {100 * share:.0f}%" for role, share in t["matrices"][:4])
         out += [f"## {name}", ""]
         if t["matrices"]:
-            out += [f"The card's score by matrix (share of the total): {ranking}.", ""]
+            shown = min(4, len(t["matrices"]))
+            of = f"the top {shown} of {len(t['matrices'])}" if shown < len(t["matrices"]) else "all"
+            score = f"{t.get('score') or 'default'} score"
+            out += [
+                f"The card's {score} summed by matrix over the layers (share of the total; {of}): {ranking}.",
+                "",
+            ]
         if t["recommendation"]:
             out += [f"Recommendation: {t['recommendation']}", ""]
         primary = t["primary_metric"] or "metric"

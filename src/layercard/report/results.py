@@ -204,7 +204,10 @@ def planning_sentence(card: Any, metrics: Mapping[str, TrainMetrics], guided: st
         f"({m.steps} steps)."
     )
     if steps is not None:
-        text += f" At its {m.s_per_step:{STEP}} s/step the card is 10% of a run of {steps:,} steps or more."
+        text += (
+            f" At {name}'s {m.s_per_step:{STEP}} s/step, the card costs 10% or less of any run of {steps:,} "
+            "steps or more."
+        )
     return text
 
 
