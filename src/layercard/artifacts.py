@@ -210,7 +210,7 @@ def _cpu_model() -> str | None:
             )
         except (OSError, subprocess.SubprocessError):
             return None
-        return out.stdout.strip() or None if out.returncode == 0 else None
+        return (out.stdout.strip() or None) if out.returncode == 0 else None
     try:
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
             for line in f:
