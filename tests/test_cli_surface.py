@@ -393,3 +393,37 @@ def test_windows_is_refused_in_one_line_before_any_work(monkeypatch, tmp_path: P
     ]
     assert not list(tmp_path.iterdir())
     assert CliRunner().invoke(app_module.app, ["plan", "--help"]).exit_code == 0
+
+
+def test_a_command_gives_the_process_its_settings_back(monkeypatch, tmp_path: Path) -> None:
+    """A process that runs commands in turn (a notebook, a sweep) keeps its own settings: after --quiet
+    progress shows again, and the command's warning filter, hub variable and stream error handlers go."""
+    import importlib
+    import os
+    import warnings
+
+    from typer.testing import CliRunner
+
+    from layercard import progress
+
+    app_module = importlib.import_module("layercard.cli.app")
+    monkeypatch.setattr(progress, "_BARS", {"off": False})
+    monkeypatch.delenv("HF_HUB_DISABLE_PROGRESS_BARS", raising=False)
+    with warnings.catch_warnings():
+        before = list(warnings.filters)
+        seen = {}
+
+        def probe() -> None:  # what the command itself runs under
+            seen.update(off=progress.bars_are_off(), hub=os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS"))
+
+        monkeypatch.setattr(app_module, "_check_system", probe)
+        line = ["--quiet", "plan", "--card", str(tmp_path / "none.json"), "--budget", "params=0.2x",
+                "--out", str(tmp_path / "p.json")]  # fmt: skip
+        r = CliRunner().invoke(app_module.app, line)
+        assert r.exit_code == 2  # a failed command gives them back too
+        assert seen == {"off": True, "hub": "1"}
+        assert not progress.bars_are_off()
+        assert "HF_HUB_DISABLE_PROGRESS_BARS" not in os.environ
+        assert [f for f in warnings.filters if app_module._ours(f)] == [
+            f for f in before if app_module._ours(f)
+        ]

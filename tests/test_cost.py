@@ -654,3 +654,20 @@ def test_float64_statistics_leave_a_device_that_holds_none():
     fake = torch.ones(2).as_subclass(OnMps)
     out = as_float64(fake)
     assert out.dtype == torch.float64 and out.tolist() == [1.0, 1.0]
+
+
+def test_only_a_calibration_that_trained_on_a_cpu_marks_the_process(monkeypatch):
+    """A later training in this process is priced by the window's figure only where a calibration's steps
+    widened this process's heap: one refused before any step (a role the model lacks) leaves the process
+    as it was."""
+    from layercard import cost
+
+    monkeypatch.setattr(cost, "_calibrated_here", False)
+    model = tiny_model("llama", seed=0)
+    ids = torch.randint(5, 90, (2, 16))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+    with pytest.raises(LayercardError, match="unknown role"):
+        calibrate(model, None, batch, ["gate_nonexistent"], steps=1, rounds=1)
+    assert cost.prices_by_first_step("process_peak_rss")  # still a process of its own
+    calibrate(model, None, batch, ["q", "v"], steps=1, rounds=1)
+    assert not cost.prices_by_first_step("process_peak_rss") and cost._calibrated_here

@@ -817,3 +817,20 @@ def test_smollm2_real(monkeypatch: pytest.MonkeyPatch) -> None:
     assert tok.chat_template and tok.pad_token is not None and tok.padding_side == "right"
     assert not hasattr(model.config, "quantization_config") and getattr(model, "hf_quantizer", None) is None
     assert M.load_model("smollm2").model_hash == loaded.model_hash
+
+
+def test_a_loaded_models_file_hashes_are_those_it_read(tmp_path, monkeypatch):
+    """The tokenizer and config.json hashes a model records are those of the files it was loaded from,
+    even where the folder's files change before anything asks for them."""
+    from layercard.models import config_folder_hash, tokenizer_folder_hash
+
+    monkeypatch.setenv("LAYERCARD_CACHE", str(tmp_path / "cache"))
+    folder = tmp_path / "m"
+    _save_tiny(folder, pad=False)
+    tok, cfg = tokenizer_folder_hash(folder), config_folder_hash(folder)
+    loaded = M.load_model(str(folder))
+    for name in ("tokenizer_config.json", "config.json"):
+        path = folder / name
+        path.write_text(path.read_text().replace("{", '{"edited": 1, ', 1))
+    assert tokenizer_folder_hash(folder) != tok and config_folder_hash(folder) != cfg
+    assert (loaded.tokenizer_hash, loaded.config_hash) == (tok, cfg)

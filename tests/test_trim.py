@@ -732,3 +732,17 @@ def test_the_sweep_legend_names_the_loss_line_on_the_twin_axis():
         assert [h.get_label() for h in handles] == ["loss", "chosen K=1"]
     finally:
         plt.close("all")
+
+
+def test_a_merged_export_leaves_the_callers_random_numbers_alone(lora_dir, tmp_path, monkeypatch):
+    """PEFT draws initial LoRA weights from the caller's generator before loading the saved ones: the
+    merge draws from its own, so that the caller's next random numbers are the ones it seeded."""
+    from layercard.trim.export import export_merged
+
+    monkeypatch.setenv("LAYERCARD_CACHE", str(tmp_path / "cache"))
+    loaded = _loaded(tiny_model("llama", layers=LAYERS))
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    export_merged(loaded, lora_dir, tmp_path / "merged")
+    assert torch.equal(torch.rand(3), expected)

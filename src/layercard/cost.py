@@ -667,7 +667,6 @@ def calibrate(
         raise LayercardError(f"cost calibration: steps and rounds must be ≥ 1, got {steps} and {rounds}")
     if not 0.0 <= dropout < 1.0:
         raise LayercardError(f"cost calibration: dropout must be in [0, 1), got {dropout}")
-    _calibrated_here = True
     n_layers = models.num_layers(model)
     # the layers that hold the roles (a hybrid's state-space layers hold no q): "every layer" is these, so
     # that a row's depth is where its backward stops, and the top, bottom and middle are among them
@@ -736,6 +735,10 @@ def calibrate(
                 measure(i, n_steps=1)
     finally:
         restore_modes(modes)
+        # the heap a CPU's training steps widened is this process's from now on; a calibration that
+        # stopped before any step, or whose peaks are CUDA's allocator's, widened none
+        if any(timed) and peak_memory_kind(device) == "process_peak_rss":
+            _calibrated_here = True
     rows = []
     for (layers, rank), ts in zip(configs, timed, strict=True):
         specs = models.units(model, roles, layers=layers)

@@ -50,6 +50,11 @@ def fewer_examples(setting: str, asked: int, have: int) -> str:
 _BARS = {"off": False}
 
 
+def bars_are_off() -> bool:
+    """Whether progress bars and progress lines are off for this process (:func:`bars_off`)."""
+    return _BARS["off"]
+
+
 def bars_off(off: bool) -> None:
     """Turn progress bars and progress lines off (or on again) for what follows in this process."""
     _BARS["off"] = off
@@ -65,10 +70,14 @@ def printable(text: str) -> str:
     return text.translate(_CONTROLS)
 
 
+# A library deprecation that says nothing to a user of layercard (:func:`hide_library_deprecations`).
+HIDDEN_DEPRECATION = ".*is_gradient_checkpointing.*"
+
+
 def hide_library_deprecations() -> None:
     """Hide the library deprecation warnings that say nothing to a user of layercard: PEFT still reads a
     transformers attribute deprecated in its v5. Run by the command line and by each process it starts."""
-    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=HIDDEN_DEPRECATION, category=FutureWarning)
 
 
 def enabled_default() -> bool:

@@ -10,6 +10,7 @@ import json
 import os
 import sys
 import traceback
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -254,6 +255,7 @@ def _print_version(value: bool) -> None:
 
 @app.callback()
 def main(
+    ctx: typer.Context,
     debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks.")] = False,
     quiet: Annotated[
         bool,
@@ -269,12 +271,57 @@ def main(
     ] = False,
 ) -> None:
     _STATE["debug"] = debug
+    # The settings below are the command's: a process that runs commands in turn (a notebook, a sweep
+    # calling the app) gets its own back when each ends, whether it succeeded or not.
+    ctx.call_on_close(_restore_process_settings(_process_settings()))
     _printable_anywhere()
     bars_off(quiet)  # bars and progress lines only: notes and warnings that share their switch still show
     hide_library_deprecations()
     # layercard draws its own bars; the libraries' (a save's "Writing model shards") only add noise. Read
     # when transformers is imported, which the commands do after this.
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+
+def _process_settings() -> dict[str, Any]:
+    """What a command changes of the process: the progress switch, the warning filters, the hub's
+    progress-bar variable and the output streams' error handlers."""
+    from layercard.progress import bars_are_off
+
+    return {
+        "bars_off": bars_are_off(),
+        "filters": list(warnings.filters),
+        "hub_bars": os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS"),
+        "errors": [getattr(stream, "errors", None) for stream in (sys.stdout, sys.stderr)],
+    }
+
+
+def _restore_process_settings(saved: dict[str, Any]) -> Callable[[], None]:
+    def restore() -> None:
+        bars_off(saved["bars_off"])
+        # the filter the command added, not those the libraries it imported added for themselves
+        warnings.filters[:] = [f for f in warnings.filters if f in saved["filters"] or not _ours(f)]
+        if saved["hub_bars"] is None:
+            os.environ.pop("HF_HUB_DISABLE_PROGRESS_BARS", None)
+        else:
+            os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = saved["hub_bars"]
+        for stream, errors in zip((sys.stdout, sys.stderr), saved["errors"], strict=True):
+            if (
+                errors
+                and getattr(stream, "errors", errors) != errors
+                and callable(getattr(stream, "reconfigure", None))
+            ):
+                with contextlib.suppress(ValueError, OSError):
+                    stream.reconfigure(errors=errors)
+
+    return restore
+
+
+def _ours(entry: tuple[Any, ...]) -> bool:
+    """Whether a warning filter is the one :func:`layercard.progress.hide_library_deprecations` adds."""
+    from layercard.progress import HIDDEN_DEPRECATION
+
+    message = entry[1]
+    return getattr(message, "pattern", message) == HIDDEN_DEPRECATION
 
 
 def _printable_anywhere() -> None:

@@ -555,13 +555,16 @@ def _load_model(
     model, tok = _load_folder(folder, dtype=torch_dtype, device=dev, trust_remote_code=trust_remote_code)
     # A local path is recorded whole, so that a plan or card read from another folder finds the model.
     local = spec not in BUILTIN_MODELS and path.exists()
-    return LoadedModel(
+    loaded = LoadedModel(
         model=model,
         tokenizer=tok,
         model_id=str(path.resolve()) if local else spec,
         model_hash=weights_folder_hash(folder),
         source=str(folder.resolve()) if local else str(folder),
     )
+    # the files as they were read now, not as the folder holds them when something first asks
+    _ = loaded.tokenizer_hash, loaded.config_hash
+    return loaded
 
 
 def list_models() -> list[dict[str, Any]]:

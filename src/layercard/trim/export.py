@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from layercard.adapters import kept_torch_rng
 from layercard.artifacts import atomic_path, is_within
 from layercard.errors import LayercardError
 from layercard.trim.mask import _is_int, _layer_of, _layers_path
@@ -263,7 +264,8 @@ def export_merged(
         )
     check_merged_target(out_dir, [src], what="merged model folder")
     base = loaded.model if in_place else copy.deepcopy(loaded.model)
-    merged = PeftModel.from_pretrained(base, str(src)).merge_and_unload()
+    with kept_torch_rng(base):  # PEFT draws initial LoRA weights from the caller's generator
+        merged = PeftModel.from_pretrained(base, str(src)).merge_and_unload()
     merged.eval()
     checked = check(merged) if check is not None else {}
     mark = {"base": loaded.model_id, "base_hash": loaded.model_hash, "adapter": str(src), **checked}
