@@ -495,3 +495,17 @@ def test_tsv_quotes_are_text_and_csv_keeps_its_quoting(tmp_path):
     csv_file = tmp_path / "d.csv"
     csv_file.write_text('input,target\n"Great, he said",positive\n')
     assert load_task(str(csv_file)).examples[0].input == "Great, he said"
+
+
+def test_a_compressed_data_file_is_named_so(tmp_path):
+    """A .jsonl.gz given as a task is compressed, not text that is not UTF-8: the error says which and how
+    to undo it."""
+    import gzip
+
+    from layercard.tasks import load_task
+
+    path = tmp_path / "data.jsonl.gz"
+    with gzip.open(path, "wt", encoding="utf-8") as f:
+        f.write('{"input": "a", "target": "b"}\n' * 200)
+    with pytest.raises(LayercardError, match=re.escape(f"{path}: gzip-compressed, not text; decompress it")):
+        load_task(str(path))

@@ -51,7 +51,23 @@ def _read_text(p: Path) -> str:
     try:
         return p.read_text(encoding="utf-8-sig")  # utf-8-sig: a leading byte-order mark is dropped
     except UnicodeDecodeError as e:
+        with open(p, "rb") as f:
+            head = f.read(4)
+        for magic, kind, undo in _COMPRESSED:
+            if head.startswith(magic):
+                raise LayercardError(
+                    f"{p}: {kind}-compressed, not text; decompress it first ({undo} {p.name})"
+                ) from None
         raise LayercardError(f"{p}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+
+# The signatures of compressed files a data file is sometimes given as, and the command that undoes each.
+_COMPRESSED = (
+    (b"\x1f\x8b", "gzip", "gunzip -k"),
+    (b"BZh", "bzip2", "bunzip2 -k"),
+    (b"\xfd7zXZ", "xz", "unxz -k"),
+    (b"\x28\xb5\x2f\xfd", "zstd", "unzstd"),
+)
 
 
 def _jsonl(p: Path, text: str) -> list[tuple[str, int, Any]]:
