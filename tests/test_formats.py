@@ -509,3 +509,9 @@ def test_a_compressed_data_file_is_named_so(tmp_path):
         f.write('{"input": "a", "target": "b"}\n' * 200)
     with pytest.raises(LayercardError, match=re.escape(f"{path}: gzip-compressed, not text; decompress it")):
         load_task(str(path))
+    import lzma
+
+    xz = tmp_path / "data.jsonl.xz"
+    xz.write_bytes(lzma.compress(b'{"input": "a", "target": "b"}\n' * 200))
+    with pytest.raises(LayercardError, match=re.escape(f"{xz}: xz-compressed, not text")):
+        load_task(str(xz))

@@ -52,7 +52,7 @@ def _read_text(p: Path) -> str:
         return p.read_text(encoding="utf-8-sig")  # utf-8-sig: a leading byte-order mark is dropped
     except UnicodeDecodeError as e:
         with open(p, "rb") as f:
-            head = f.read(4)
+            head = f.read(8)
         for magic, kind, undo in _COMPRESSED:
             if head.startswith(magic):
                 raise LayercardError(
