@@ -64,9 +64,17 @@ def smollm2():
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """A tiny model, card, plan, data and a live lock holder for the bad-input and bad-state tests."""
+    import torch
     from bad_world import make_world
 
-    w = make_world(tmp_path_factory.mktemp("bad"))
+    # Built with the one thread its tests run with (``_threads``), or its calibrated card's machine would
+    # differ from theirs, and training would add a line saying so to the one error line they expect.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        w = make_world(tmp_path_factory.mktemp("bad"))
+    finally:
+        torch.set_num_threads(before)
     yield w
     w.live.kill()
     w.live.wait()
