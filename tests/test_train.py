@@ -1029,3 +1029,37 @@ def test_the_training_record_names_its_plan_by_the_plans_content(tmp_path: Path)
     assert records[0]["plan"] == records[1]["plan"] == content_hash(plan_file)
     assert records[0]["resume_fingerprint"] != records[1]["resume_fingerprint"]  # the lr is one of them
     assert records[0]["device"] == records[1]["device"] == "cpu"  # where its step time was measured
+
+
+def test_a_large_training_set_is_encoded_as_the_run_reads_it(tmp_path: Path, monkeypatch):
+    import layercard.train.loop as loop
+    from layercard.tasks import EncodedTask
+    from layercard.train import prepare_data
+
+    task = load_task("synthetic:facts", split="train").subset(40)
+    loaded = _loaded()
+    plan = make_plan(loaded, [1, 3])
+    # 3 steps of 2 micro-batches of 4 read at most 24 of the 40 examples
+    cfg = TrainConfig(steps=3, grad_accum=2, lr=1e-2, eval_every=3, **{**FAST, "train_examples": None})
+    ahead = train(loaded, plan, task, VAL, cfg, tmp_path / "ahead", progress=False)
+    monkeypatch.setattr(loop, "ENCODE_AHEAD", 10)
+    est = estimate(loaded, plan, task, VAL, cfg)
+    data = prepare_data(loaded, task, VAL, cfg)
+    assert isinstance(data.encoded, EncodedTask) and not data.encoded.read()
+    read = train(loaded, plan, task, VAL, cfg, tmp_path / "read", progress=False, data=data)
+    n_read = len(data.encoded.read())
+    assert 4 <= n_read <= 24 < len(task)
+    # the same batches, so the same run, with the whole task's size and hash on record
+    for key in ("loss_curve", "val_curve", "batch_positions_per_step", "max_batch_positions", "tokens_seen"):
+        assert read[key] == ahead[key], key
+    assert read["task"]["n_examples"] == 40 and read["task"]["data_hash"] == ahead["task"]["data_hash"]
+    assert est["train_examples"] == 40 and est["positions_per_step"] == ahead["batch_positions_per_step"]
+    # cut counts are of the examples read: a length that cuts every example cuts those alone
+    short = dataclasses.replace(cfg, max_length=8)
+    cut = estimate(loaded, plan, task, VAL, short)
+    assert cut["train_examples_cut"] == n_read
+    # an example longer than the model reads is refused before any step, among those the run reads
+    monkeypatch.setattr(models, "past_context", lambda model, n: "past its context" if n > 20 else None)
+    with pytest.raises(LayercardError, match="past its context"):
+        train(loaded, plan, task, VAL, cfg, tmp_path / "long", progress=False)
+    assert not (tmp_path / "long" / "train_metrics.json").exists()

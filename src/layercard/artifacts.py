@@ -28,7 +28,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import Any, NoReturn
@@ -87,9 +87,36 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def _canonical(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+
+
 def sha256_json(obj: Any) -> str:
     """Hash of a JSON-able object, independent of key order."""
-    return sha256_bytes(json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str).encode())
+    return sha256_bytes(_canonical(obj).encode())
+
+
+def sha256_json_list(
+    items: Iterable[Any], *, into: str | None = None, beside: Mapping[str, Any] | None = None
+) -> str:
+    """:func:`sha256_json` of ``list(items)``, or of ``{into: list(items), **beside}``, hashed as the items
+    come: the list is never held whole."""
+    h = hashlib.sha256()
+    head, tail = "[", "]"
+    if into is not None:
+        rest = dict(beside or {})
+        if into in rest:
+            raise ValueError(f"sha256_json_list: {into!r} is both the list's key and beside it")
+        keys = sorted([into, *rest])
+        at = keys.index(into)
+        before = "".join(f"{_canonical(k)}:{_canonical(rest[k])}," for k in keys[:at])
+        after = "".join(f",{_canonical(k)}:{_canonical(rest[k])}" for k in keys[at + 1 :])
+        head, tail = "{" + before + _canonical(into) + ":[", "]" + after + "}"
+    h.update(head.encode())
+    for i, item in enumerate(items):
+        h.update((("," if i else "") + _canonical(item)).encode())
+    h.update(tail.encode())
+    return h.hexdigest()
 
 
 def _update_from_file(h: Any, path: Path) -> None:

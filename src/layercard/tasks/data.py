@@ -30,7 +30,14 @@ from typing import Any
 
 from layercard.errors import LayercardError, MissingSplit, message_line
 from layercard.tasks.example import Example
-from layercard.tasks.formats import DATA_SUFFIXES, dataset_splits, is_saved_dataset, read_records
+from layercard.tasks.formats import (
+    DATA_SUFFIXES,
+    check_own_split,
+    dataset_splits,
+    is_saved_dataset,
+    read_records,
+)
+from layercard.tasks.lines import is_line_file, line_examples
 from layercard.tasks.presets import (
     DATASET_PRESETS,
     PRESETS,
@@ -104,12 +111,29 @@ def examples_from_records(
 
 def read_jsonl(
     path: str | os.PathLike[str], *, field_map: Mapping[str, str] | None = None
-) -> tuple[Example, ...]:
+) -> Sequence[Example]:
     """Read and validate a data file's examples (JSONL, or any format of ``read_records``); errors name
-    FILE:LINE."""
-    p = Path(path)
-    records = read_records(p)
-    return _examples(records.rows, source=str(p), stem=p.stem, field_map=field_map, cells=records.cells)[1]
+    FILE:LINE. A large JSONL file's examples are read when used (``layercard.tasks.lines``)."""
+    return _file_examples(Path(path), field_map=field_map)[1]
+
+
+def _file_examples(
+    p: Path, *, field_map: Mapping[str, str] | None, split: str | None = None
+) -> tuple[str, Sequence[Example], str | None]:
+    """(schema, examples, the split a saved DatasetDict's was read from) of a data file or saved dataset:
+    a large JSONL file indexed (:func:`~layercard.tasks.lines.line_examples`), any other read whole."""
+    stem = p.stem if p.is_file() else p.name
+    if is_line_file(p):
+        check_own_split(p, split, (p.stem,))
+        lazy = line_examples(p, stem=stem, field_map=field_map)
+        if lazy is not None:
+            return lazy[0], lazy[1], None
+    records = read_records(p, split=split)
+    source = f"{p}[{records.split}]" if records.split else str(p)
+    schema, examples = _examples(
+        records.rows, source=source, stem=stem, field_map=field_map, cells=records.cells
+    )
+    return schema, examples, records.split
 
 
 def expand_references(examples: Sequence[Example]) -> tuple[Example, ...]:
@@ -141,18 +165,14 @@ def _load_path(
     p: Path, *, split: str | None, field_map: Mapping[str, str] | None, preset: TaskFormat | None
 ) -> Task:
     """A task from a data file or a saved dataset folder."""
-    records = read_records(p, split=split)
-    source = f"{p}[{records.split}]" if records.split else str(p)
+    schema, examples, read_split = _file_examples(p, field_map=field_map, split=split)
     stem = p.stem if p.is_file() else p.name
-    schema, examples = _examples(
-        records.rows, source=source, stem=stem, field_map=field_map, cells=records.cells
-    )
     detected = detect_preset(p) if p.is_file() else PRESETS["jsonl"]
     fmt = _schema_format(schema, preset, detected)
     name = fmt.name if fmt.name in DATASET_PRESETS or fmt.name in SYNTHETIC_TASKS else stem
     chosen = fmt.name != _schema_format(schema, None, detected).name
     # a single file is one split, named by its stem (read_records refused any other split asked of it)
-    return Task(name, str(p.resolve()), records.split or stem, fmt, examples, schema, chosen)
+    return Task(name, str(p.resolve()), read_split or stem, fmt, examples, schema, chosen)
 
 
 # ---------------------------------------------------------------- spec resolution
@@ -272,7 +292,8 @@ def load_task(
                 f"synthetic:{'|'.join(SYNTHETIC_TASKS)}, or hf:NAME[:CONFIG]"
             )
 
-    if task.format.completion and any(ex.input for ex in task.examples):
+    # text records have no input; any other record's is read until one is found
+    if task.format.completion and task.schema != "text" and any(ex.input for ex in task.examples):
         # a plain-text format trains on the target alone: every input would be dropped unsaid
         raise LayercardError(
             f"preset {task.format.name!r}: plain text, for records of one text field; task {spec!r} has "

@@ -27,8 +27,8 @@ import random
 import re
 import weakref
 from collections import Counter
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -436,12 +436,69 @@ def encode_example(tokenizer: Any, fmt: TaskFormat, ex: Example) -> Encoded:
     return _encode(tokenizer, fmt, ex, end_token_id(tokenizer, fmt), None)
 
 
-def encode_task(tokenizer: Any, task: Task, *, max_length: int | None = None) -> list[Encoded]:
-    """Encode every example of ``task``; ``max_length`` (≥ 2) caps prompt + target tokens."""
+def _check_max_length(max_length: int | None) -> None:
     if max_length is not None and max_length < 2:
         raise LayercardError(f"max_length: must be >= 2 (one prompt and one target token), got {max_length}")
+
+
+def encode_task(tokenizer: Any, task: Task, *, max_length: int | None = None) -> list[Encoded]:
+    """Encode every example of ``task``; ``max_length`` (≥ 2) caps prompt + target tokens."""
+    _check_max_length(max_length)
     end_id = end_token_id(tokenizer, task.format)
     return [_encode(tokenizer, task.format, ex, end_id, max_length) for ex in task.examples]
+
+
+# A training set larger than this is encoded as a run reads it (:class:`EncodedTask`), not ahead.
+ENCODE_AHEAD = 10_000
+
+
+class EncodedTask(Sequence[Encoded]):
+    """A task's encoded examples, each encoded when first read: of a large training set, a run encodes
+    the examples it reads alone. :meth:`read` gives those encoded so far."""
+
+    def __init__(self, tokenizer: Any, task: Task, *, max_length: int | None = None) -> None:
+        _check_max_length(max_length)
+        self._tok, self._task, self._max_length = tokenizer, task, max_length
+        self._end_id = end_token_id(tokenizer, task.format)
+        self._done: dict[int, Encoded] = {}
+
+    def __len__(self) -> int:
+        return len(self._task)
+
+    def __repr__(self) -> str:
+        return f"EncodedTask({self._task.name!r}, {len(self._done)} of {len(self)} encoded)"
+
+    def __getitem__(self, j: int) -> Encoded:  # type: ignore[override]
+        n = len(self)
+        if not isinstance(j, int) or not -n <= j < n:
+            raise IndexError(j)
+        j %= n
+        if j not in self._done:
+            self.fill([j])
+        return self._done[j]
+
+    def __iter__(self) -> Iterator[Encoded]:
+        for start in range(0, len(self), 256):
+            part = range(start, min(start + 256, len(self)))
+            self.fill(part)
+            yield from (self._done[j] for j in part)
+
+    def fill(self, indices: Iterable[int]) -> None:
+        """Encode the examples at ``indices`` not yet encoded (a large file's read in a few passes)."""
+        missing = sorted({j for j in indices if j not in self._done})
+        for start in range(0, len(missing), 4096):
+            part = missing[start : start + 4096]
+            for j, ex in zip(part, self._task.at(part).examples, strict=True):
+                self._done[j] = _encode(self._tok, self._task.format, ex, self._end_id, self._max_length)
+
+    def read(self) -> list[Encoded]:
+        """The examples encoded so far, in the task's order."""
+        return [self._done[j] for j in sorted(self._done)]
+
+
+def encoded_so_far(encoded: Sequence[Encoded]) -> Sequence[Encoded]:
+    """What of ``encoded`` has been encoded: all of a list, the examples read of an :class:`EncodedTask`."""
+    return encoded.read() if isinstance(encoded, EncodedTask) else encoded
 
 
 def cut_note(
@@ -553,8 +610,7 @@ def target_entropy(
     for start in range(0, len(order), 64):
         if len(ids) >= sample:
             break
-        part = replace(task, examples=tuple(task.examples[i] for i in order[start : start + 64]))
-        for e in encode_task(tokenizer, part, max_length=max_length):
+        for e in encode_task(tokenizer, task.at(order[start : start + 64]), max_length=max_length):
             ids += [t for t in e.labels if t != IGNORE_INDEX]
     if not ids:
         raise LayercardError(f"task {task.name}: no target tokens to read the target entropy from")

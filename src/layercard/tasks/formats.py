@@ -24,6 +24,7 @@ from layercard.errors import LayercardError, MissingSplit, message_line
 __all__ = [
     "DATA_SUFFIXES",
     "Records",
+    "check_own_split",
     "dataset_splits",
     "is_saved_dataset",
     "read_records",
@@ -196,7 +197,7 @@ def _recorded_split(p: Path) -> str | None:
     return split if isinstance(split, str) and split else None
 
 
-def _check_own_split(p: Path, split: str | None, own: tuple[str | None, ...]) -> None:
+def check_own_split(p: Path, split: str | None, own: tuple[str | None, ...]) -> None:
     """Refuse a split a single file or Dataset does not hold: it holds one, named ``own``; reading it
     anyway would score (or train on) other rows than the split asked for."""
     if split is None or split in own:
@@ -212,7 +213,7 @@ def _saved_dataset(p: Path, split: str | None) -> Records:
     splits = dataset_splits(p)
     chosen = None
     if splits is None:
-        _check_own_split(p, split, (p.name, _recorded_split(p)))
+        check_own_split(p, split, (p.name, _recorded_split(p)))
     else:
         if split is None:
             if "train" not in splits and len(splits) != 1:
@@ -247,7 +248,7 @@ def read_records(path: str | Path, *, split: str | None = None) -> Records:
             raise LayercardError(f"{p}: a folder, but not a saved dataset (no {_DICT_FILE} or {_STATE_FILE})")
         return _saved_dataset(p, split)
     if p.is_file():  # a missing file is reported as such below
-        _check_own_split(p, split, (p.stem,))
+        check_own_split(p, split, (p.stem,))
     suffix = p.suffix.lower()
     if suffix == ".parquet":
         return Records(_parquet(p))

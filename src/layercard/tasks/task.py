@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import dataclasses
 import random
+from collections import Counter
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
 
-from layercard.artifacts import sha256_json
+from layercard.artifacts import sha256_json_list
 from layercard.errors import LayercardError
+from layercard.progress import track
 from layercard.tasks.example import Example
+from layercard.tasks.lines import LineExamples
 from layercard.tasks.presets import PRESETS, TaskFormat
 
 __all__ = ["Task"]
@@ -24,7 +28,7 @@ class Task:
     source: str
     split: str
     format: TaskFormat
-    examples: tuple[Example, ...]
+    examples: Sequence[Example]  # a tuple, or a large file's examples read when used (LineExamples)
     # the schema of the records it was read from (chat, alpaca, input_target, text); None for a preset or
     # synthetic task, whose format holds its prompt
     schema: str | None = None
@@ -33,7 +37,8 @@ class Task:
     preset_chosen: bool = False
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "examples", tuple(self.examples))
+        if not isinstance(self.examples, LineExamples):  # a large file's stay on disk until read
+            object.__setattr__(self, "examples", tuple(self.examples))
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -54,18 +59,29 @@ class Task:
         keeps the hash it had before they could be set, and cards and run folders made then stay valid;
         a prompt of one's own is hashed as it was before a chosen preset counted.
         """
-        examples = [ex.to_dict() for ex in self.examples]
+        examples = (ex.to_dict() for ex in self._read_all("hashing"))
         if self.custom_prompt:
-            return sha256_json({"examples": examples, "prompt": self.format.prompt()})
+            return sha256_json_list(examples, into="examples", beside={"prompt": self.format.prompt()})
         if self.preset_chosen:
-            return sha256_json({"examples": examples, "preset": self.format.name})
-        return sha256_json(examples)
+            return sha256_json_list(examples, into="examples", beside={"preset": self.format.name})
+        return sha256_json_list(examples)
+
+    def _read_all(self, doing: str) -> Iterable[Example]:
+        """Every example; a large file's with a progress bar, as each is read from it."""
+        if isinstance(self.examples, LineExamples):
+            return track(self.examples, f"{doing} {self.examples.path.name}", total=len(self.examples))
+        return self.examples
 
     def shared_with(self, other: Task) -> int:
         """How many of these examples ``other`` holds too, judged by what a model reads and learns (input,
         target, conversation), not by ids or file names: a renamed copy shares them all."""
-        theirs = {(e.input, e.target, e.messages) for e in other.examples}
-        return sum((e.input, e.target, e.messages) in theirs for e in self.examples)
+        if len(other) < len(self):
+            theirs = {(e.input, e.target, e.messages) for e in other._read_all("reading")}
+            return sum((e.input, e.target, e.messages) in theirs for e in self._read_all("comparing"))
+        # the larger task is read once and not held: a large file's training set may not fit in memory
+        mine = Counter((e.input, e.target, e.messages) for e in self._read_all("reading"))
+        found = {k for e in other._read_all("comparing") if (k := (e.input, e.target, e.messages)) in mine}
+        return sum(mine[k] for k in found)
 
     def subset(self, n: int | None, *, seed: int = 0, offset: int = 0) -> Task:
         """Examples ``offset .. offset+n`` of a seeded shuffle, returned in source order.
@@ -81,8 +97,13 @@ class Task:
         order = list(range(len(self.examples)))
         random.Random(seed).shuffle(order)
         stop = None if n is None else offset + n
-        picked = sorted(order[offset:stop])
-        return dataclasses.replace(self, examples=tuple(self.examples[i] for i in picked))
+        return self.at(sorted(order[offset:stop]))
+
+    def at(self, indices: Sequence[int]) -> Task:
+        """The task of the examples at ``indices``, in that order (a large file's read in one go)."""
+        if isinstance(self.examples, LineExamples):
+            return dataclasses.replace(self, examples=self.examples.take(indices))
+        return dataclasses.replace(self, examples=tuple(self.examples[i] for i in indices))
 
     def with_format(self, fmt: TaskFormat) -> Task:
         """The same examples under another prompt format."""

@@ -42,6 +42,15 @@ class Stream:
         epoch, i = divmod(k, self.per_epoch)
         return self._order(epoch)[i * self.batch_size : (i + 1) * self.batch_size]
 
+    def run_indices(self, micro_batches: int) -> list[int]:
+        """The examples the first ``micro_batches`` micro-batches hold, each once."""
+        if micro_batches >= self.per_epoch:  # a whole epoch holds every example
+            return list(range(len(self.encoded)))
+        seen: dict[int, None] = {}
+        for k in range(micro_batches):
+            seen.update(dict.fromkeys(self._indices(k)))
+        return list(seen)
+
     def batch(self, k: int) -> dict[str, torch.Tensor]:
         """The ``k``-th micro-batch of the stream (epochs follow each other)."""
         return collate([self.encoded[j] for j in self._indices(k)], self.pad_id)

@@ -30,6 +30,7 @@ from layercard.artifacts import (
     sha256_json,
     writer_lock,
 )
+from layercard.card.distributed import launched_world
 from layercard.cost import (
     all_finite,
     forward_seconds,
@@ -45,7 +46,7 @@ from layercard.inference import synchronize
 from layercard.models import BUILTIN_MODELS, LoadedModel, activation_checkpointing, running_on, weights_dtype
 from layercard.plan import Plan, check_model_matches
 from layercard.progress import enabled_default, say, track
-from layercard.tasks import Encoded, Task, cut_note, encode_task
+from layercard.tasks import ENCODE_AHEAD, Encoded, EncodedTask, Task, cut_note, encode_task, encoded_so_far
 from layercard.tasks.loss import forward_loss, target_count
 from layercard.train.checkpoints import (
     CHECKPOINT_DIR,
@@ -88,7 +89,8 @@ class TrainData:
 
     task: Task
     val: Task | None
-    encoded: list[Encoded]
+    # a list, or for a task of more than ENCODE_AHEAD examples an EncodedTask: encoded as runs read them
+    encoded: Sequence[Encoded]
     val_encoded: list[Encoded]
     pad_id: int
     # what the encoding follows: the tokenizer and the settings that pick and cut the examples
@@ -280,7 +282,8 @@ def train(
             )
         if data is None:
             data = prepare_data(loaded, train_task, val_task, cfg)
-        cut = cut_note(data.encoded, cfg.max_length, "training", data.task.format)
+        read_run(loaded, data, cfg, launched_world())
+        cut = cut_note(encoded_so_far(data.encoded), cfg.max_length, "training", data.task.format)
         if cut and main and say_cut:
             notes.append(cut)
         shown = progress if progress is not None else enabled_default()
@@ -694,6 +697,7 @@ def planned_positions(data: TrainData, cfg: TrainConfig, world: int = 1) -> tupl
     """(mean padded positions per step, the largest micro-batch's) of the run ``cfg`` would train on
     ``data`` (:func:`prepare_data`) in ``world`` processes, from its data order alone: what a plan for it
     is priced at (with several processes, the busiest one's: :func:`launch_positions`)."""
+    _fill_run(data, cfg, world)
     stream, steps = _stream(data, cfg, world)
     return launch_positions(stream, steps, cfg.grad_accum, world)
 
@@ -723,6 +727,7 @@ def estimate(
         raise LayercardError(f"processes: {processes} is not a number of processes (1 or more)")
     if data is None:
         data = prepare_data(loaded, train_task, val_task, cfg)
+    read_run(loaded, data, cfg, processes)
     stream, steps = _stream(data, cfg, processes)
     per_step, largest = launch_positions(stream, steps, cfg.grad_accum, processes)
     memory_kind = peak_memory_kind(next(loaded.model.parameters()).device)
@@ -732,7 +737,7 @@ def estimate(
         micro_batches=cfg.grad_accum,
     )  # fmt: skip
     step_s = at["step_time_scaled_s"] or at["step_time_s"]
-    cut = _cut_counts(data.encoded)
+    cut = _cut_counts(encoded_so_far(data.encoded))
     return {
         "kind": kind,
         "steps": steps,
@@ -809,7 +814,7 @@ def _data_key(train_task: Task, val_task: Task | None, cfg: TrainConfig) -> tupl
     return (train_task.data_hash, val, cfg.train_examples, cfg.eval_examples, cfg.max_length, cfg.seed)
 
 
-def _check_context(model: nn.Module, encoded: list[Any], max_length: int) -> None:
+def _check_context(model: nn.Module, encoded: Sequence[Any], max_length: int) -> None:
     """Refuse examples longer than the model reads: past a learned position table a forward fails, and
     past any other the model reads positions it never saw."""
     from layercard.models import past_context
@@ -822,16 +827,36 @@ def _check_context(model: nn.Module, encoded: list[Any], max_length: int) -> Non
         )
 
 
+def read_run(loaded: LoadedModel, data: TrainData, cfg: TrainConfig, world: int = 1) -> None:
+    """Encode the training examples the run ``cfg`` reads in ``world`` processes, where ``data`` holds a
+    task too large to encode ahead (:class:`~layercard.tasks.EncodedTask`), and refuse one longer than
+    the model reads, before any step. A task encoded ahead is left as it is."""
+    if _fill_run(data, cfg, world):
+        _check_context(loaded.model, encoded_so_far(data.encoded), cfg.max_length)
+
+
+def _fill_run(data: TrainData, cfg: TrainConfig, world: int) -> bool:
+    """Encode the examples of :func:`read_run`; whether ``data`` encodes as runs read (else it did all)."""
+    if not isinstance(data.encoded, EncodedTask):
+        return False
+    stream, steps = _stream(data, cfg, world)
+    data.encoded.fill(stream.run_indices(steps * cfg.grad_accum * world))
+    return True
+
+
 def prepare_data(loaded: LoadedModel, train_task: Task, val_task: Task | None, cfg: TrainConfig) -> TrainData:
     """A seeded subset of ``train_task``, encoded once; the validation subset likewise. Pass it to
     :func:`train` (``data=``) and :func:`planned_positions` to encode the examples once for many runs."""
     task = train_task.subset(cfg.train_examples, seed=cfg.seed) if cfg.train_examples else train_task
     tok = loaded.tokenizer
     pad_id = next((int(t) for t in (tok.pad_token_id, tok.eos_token_id) if t is not None), 0)
-    encoded = encode_task(tok, task, max_length=cfg.max_length)
-    if not encoded:
+    if len(task) > ENCODE_AHEAD:  # a run may read a small part: read_run encodes that part
+        encoded: Sequence[Encoded] = EncodedTask(tok, task, max_length=cfg.max_length)
+    else:
+        encoded = encode_task(tok, task, max_length=cfg.max_length)
+        _check_context(loaded.model, encoded, cfg.max_length)
+    if not len(encoded):
         raise LayercardError(f"task {task.name!r}: no training examples")
-    _check_context(loaded.model, encoded, cfg.max_length)
     val = (
         val_task.subset(cfg.eval_examples, seed=cfg.seed)
         if val_task is not None and cfg.eval_examples
@@ -1131,7 +1156,7 @@ def _metrics(
             "weights_dtype": weights_dtype(base),
             "load_in_4bit": cfg.load_in_4bit,
         },
-        task={**run.data.task.describe(), "cut": _cut_counts(run.data.encoded)},
+        task={**run.data.task.describe(), "cut": _cut_counts(encoded_so_far(run.data.encoded))},
         val_task=run.data.val.describe() if run.data.val is not None else None,
         config=cfg.to_dict(),
         plan=_plan_section(plan),

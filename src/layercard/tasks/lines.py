@@ -1,0 +1,252 @@
+"""Large JSON-lines files, read a record at a time.
+
+A JSONL file of :data:`LAZY_BYTES` or more is indexed rather than parsed: one pass over its bytes checks
+that it is UTF-8 and notes where each record's line starts. Its examples (:class:`LineExamples`) are then
+parsed when a command reads them: a seeded subset of 64 parses 64 lines, whatever the file's size. The
+examples, their order, ids and line numbers are those the whole-file reader gives, so subsets, data
+hashes, cards and run folders are the same whichever reader read the file.
+
+What changes is when a malformed record is found: a record no command reads is not checked. Reading every
+example (training on the whole file, its data hash) checks each one, and a duplicate id, in file order.
+"""
+
+from __future__ import annotations
+
+import codecs
+import json
+import time
+from array import array
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any, overload
+
+from layercard.errors import LayercardError
+from layercard.progress import count, say_progress
+from layercard.tasks.example import Example
+from layercard.tasks.schemas import check_field_map, detect_schema, record_to_example, schema_columns
+
+__all__ = ["LAZY_BYTES", "LineExamples", "index_lines", "is_line_file", "line_examples"]
+
+# Below this size a file is parsed whole, so that every malformed record is reported before any work.
+LAZY_BYTES = 16 * 1024 * 1024
+_CHUNK = 1 << 24
+_BOM = codecs.BOM_UTF8
+# A command says it is reading a file this large, as the pass takes a second or more.
+_SAY_BYTES = 256 * 1024 * 1024
+
+
+class NotLineData(Exception):
+    """The file has line breaks the whole-file reader counts differently (a lone carriage return), or
+    bytes that are not UTF-8: the whole-file reader reads it, and names the fault."""
+
+
+def is_line_file(p: Path) -> bool:
+    """Whether ``p`` is read one record per line (``.jsonl``, ``.ndjson`` or any name but the other data
+    suffixes) and is large enough to be read a record at a time."""
+    if p.suffix.lower() in (".json", ".csv", ".tsv", ".parquet"):
+        return False
+    try:
+        return p.is_file() and p.stat().st_size >= LAZY_BYTES
+    except OSError:
+        return False
+
+
+def _has_text(line: bytes) -> bool:
+    """Whether the decoded line holds anything but white space, as ``str.strip`` judges it."""
+    s = line.strip()
+    if not s:
+        return False
+    if 0x21 <= s[0] <= 0x7E:  # a printable ASCII character is never white space
+        return True
+    return bool(s.decode("utf-8", "replace").strip())
+
+
+def _stamp(p: Path) -> tuple[int, int]:
+    st = p.stat()
+    return st.st_size, st.st_mtime_ns
+
+
+def index_lines(p: Path) -> tuple[array, array]:
+    """(byte offset, 1-based line number) of each line of ``p`` that holds a record, in one pass that
+    also checks the whole file is UTF-8. Raises :class:`NotLineData` where it is not, or where a carriage
+    return stands alone (the whole-file reader breaks lines there)."""
+    offsets, numbers = array("q"), array("q")
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    carry, pos, lineno = b"", 0, 0
+    with open(p, "rb") as f:
+        while True:
+            chunk = f.read(_CHUNK)
+            try:
+                decoder.decode(chunk, final=not chunk)
+            except UnicodeDecodeError:
+                raise NotLineData from None
+            if not chunk:
+                break
+            buf = carry + chunk
+            parts = buf.split(b"\n")
+            carry = parts.pop()
+            has_cr = b"\r" in buf
+            for part in parts:
+                lineno += 1
+                if has_cr and part.find(b"\r") not in (-1, len(part) - 1):
+                    raise NotLineData
+                if _has_text(part[len(_BOM) :] if pos == 0 and part.startswith(_BOM) else part):
+                    offsets.append(pos)
+                    numbers.append(lineno)
+                pos += len(part) + 1
+    if carry:
+        lineno += 1
+        if b"\r" in carry[:-1]:
+            raise NotLineData
+        if _has_text(carry[len(_BOM) :] if pos == 0 and carry.startswith(_BOM) else carry):
+            offsets.append(pos)
+            numbers.append(lineno)
+    return offsets, numbers
+
+
+class LineExamples(Sequence[Example]):
+    """The examples of an indexed JSONL file, each parsed from its line when read."""
+
+    def __init__(
+        self,
+        path: Path,
+        offsets: array,
+        numbers: array,
+        *,
+        schema: str,
+        columns: Mapping[str, str | None],
+        stem: str,
+        stamp: tuple[int, int],
+    ) -> None:
+        self.path = path
+        self._offsets = offsets
+        self._numbers = numbers
+        self.schema = schema
+        self._columns = dict(columns)
+        self._stem = stem
+        self._stamp = stamp
+
+    def __len__(self) -> int:
+        return len(self._offsets)
+
+    def __repr__(self) -> str:
+        return f"LineExamples({str(self.path)!r}, {len(self)} examples)"
+
+    @overload
+    def __getitem__(self, i: int) -> Example: ...
+    @overload
+    def __getitem__(self, i: slice) -> tuple[Example, ...]: ...
+    def __getitem__(self, i: int | slice) -> Example | tuple[Example, ...]:
+        if isinstance(i, slice):
+            return self.take(range(*i.indices(len(self))))
+        n = len(self)
+        if not -n <= i < n:
+            raise IndexError(i)
+        return self.take([i % n])[0]
+
+    def _key(self) -> tuple[Any, ...]:
+        return (
+            self.path,
+            self._stamp,
+            self.schema,
+            tuple(sorted(self._columns.items(), key=str)),
+            self._stem,
+        )
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, LineExamples):  # the same file, unchanged, read alike
+            return self._key() == other._key()
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
+    def _open(self) -> Any:
+        if _stamp(self.path) != self._stamp:
+            raise LayercardError(f"{self.path}: changed since it was read; run the command again")
+        return open(self.path, "rb")
+
+    def _example(self, line: bytes, k: int) -> Example:
+        lineno = self._numbers[k]
+        if self._offsets[k] == 0 and line.startswith(_BOM):
+            line = line[len(_BOM) :]
+        text = line.rstrip(b"\n").removesuffix(b"\r").decode("utf-8")
+        where = f"{self.path}:{lineno}"
+        try:
+            rec = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise LayercardError(f"{where}: not valid JSON ({e.msg}: column {e.colno})") from None
+        return record_to_example(rec, self.schema, self._columns, where, f"{self._stem}-{lineno:05d}")
+
+    def take(self, indices: Sequence[int]) -> tuple[Example, ...]:
+        """The examples at ``indices`` (each in range), in that order; a duplicate id among them is
+        refused as the whole-file reader refuses one."""
+        out: list[Example] = []
+        seen: set[str] = set()
+        with self._open() as f:
+            for k in indices:
+                f.seek(self._offsets[k])
+                ex = self._example(f.readline(), k)
+                if ex.id in seen:
+                    raise LayercardError(f"{self.path}:{self._numbers[k]}: duplicate id {ex.id!r}")
+                seen.add(ex.id)
+                out.append(ex)
+        return tuple(out)
+
+    def __iter__(self) -> Iterator[Example]:
+        """Every example in file order, each checked, and ids checked for duplicates."""
+        seen: set[str] = set()
+        k, n = 0, len(self)
+        with self._open() as f:
+            for lineno, line in enumerate(f, start=1):
+                if k == n:
+                    break
+                if lineno != self._numbers[k]:
+                    continue
+                ex = self._example(line, k)
+                if ex.id in seen:
+                    raise LayercardError(f"{self.path}:{lineno}: duplicate id {ex.id!r}")
+                seen.add(ex.id)
+                k += 1
+                yield ex
+
+
+def line_examples(
+    p: Path, *, stem: str, field_map: Mapping[str, str] | None
+) -> tuple[str, LineExamples] | None:
+    """(schema, examples) of a large JSONL file, read a record at a time; None where the whole-file
+    reader must read it (:class:`NotLineData`), which then names what is wrong with it."""
+    size = p.stat().st_size
+    stamp = _stamp(p)
+    t0 = time.monotonic()
+    if size >= _SAY_BYTES:
+        say_progress(f"indexing {p.name} ({size / 2**20:,.0f} MiB)")
+    try:
+        offsets, numbers = index_lines(p)
+    except NotLineData:
+        return None
+    if _stamp(p) != stamp:
+        raise LayercardError(f"{p}: changed while it was read; run the command again")
+    if not offsets:
+        raise LayercardError(f"{p}: no examples")
+    fmap = check_field_map(field_map)
+    with open(p, "rb") as f:
+        f.seek(offsets[0])
+        first = f.readline()
+    if offsets[0] == 0 and first.startswith(_BOM):
+        first = first[len(_BOM) :]
+    where = f"{p}:{numbers[0]}"
+    try:
+        rec = json.loads(first.rstrip(b"\n").removesuffix(b"\r").decode("utf-8"))
+    except json.JSONDecodeError as e:
+        raise LayercardError(f"{where}: not valid JSON ({e.msg}: column {e.colno})") from None
+    schema = detect_schema(rec, fmap, where)
+    columns = schema_columns(schema, fmap)
+    examples = LineExamples(p, offsets, numbers, schema=schema, columns=columns, stem=stem, stamp=stamp)
+    examples.take([0])  # the first record is checked whole, as the schema was read from it
+    if size >= _SAY_BYTES:
+        say_progress(
+            f"indexing {p.name}: {count(len(examples), 'record')} ({time.monotonic() - t0:.1f} s); each is "
+            "read when used"
+        )
+    return schema, examples
