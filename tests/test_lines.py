@@ -165,3 +165,17 @@ def test_a_list_hashed_as_it_comes_is_hashed_as_the_whole_list():
             assert sha256_json_list(items, into="examples", beside=beside) == sha256_json(
                 {"examples": items, **beside}
             )
+
+
+def test_a_whole_read_of_a_large_file_leaves_its_hash_known(tmp_path, monkeypatch):
+    p = _awkward(tmp_path / "d.jsonl")
+    monkeypatch.setattr(lines, "LAZY_BYTES", 1 << 40)
+    whole = load_task(str(p), prompt="Q: {input}")
+    monkeypatch.setattr(lines, "LAZY_BYTES", 0)
+    lazy = load_task(str(p), prompt="Q: {input}")
+    small = whole.subset(3)
+    assert small.shared_with(lazy) == 3  # reads the large file to its end
+    assert "data_hash" in lazy.__dict__ and lazy.data_hash == whole.data_hash
+    again = load_task(str(p), prompt="Q: {input}")
+    assert any(e.input for e in again._read_all("reading"))  # a read stopped early leaves no hash
+    assert "data_hash" not in again.__dict__ and again.data_hash == whole.data_hash

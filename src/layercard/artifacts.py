@@ -96,26 +96,42 @@ def sha256_json(obj: Any) -> str:
     return sha256_bytes(_canonical(obj).encode())
 
 
+class JsonListHash:
+    """:func:`sha256_json` of a list, or of ``{into: the list, **beside}``, taken as the items come
+    (:meth:`add`): the list is never held whole."""
+
+    def __init__(self, *, into: str | None = None, beside: Mapping[str, Any] | None = None) -> None:
+        head, self._tail = "[", "]"
+        if into is not None:
+            rest = dict(beside or {})
+            if into in rest:
+                raise ValueError(f"JsonListHash: {into!r} is both the list's key and beside it")
+            keys = sorted([into, *rest])
+            at = keys.index(into)
+            before = "".join(f"{_canonical(k)}:{_canonical(rest[k])}," for k in keys[:at])
+            after = "".join(f",{_canonical(k)}:{_canonical(rest[k])}" for k in keys[at + 1 :])
+            head, self._tail = "{" + before + _canonical(into) + ":[", "]" + after + "}"
+        self._h = hashlib.sha256(head.encode())
+        self._sep = ""
+
+    def add(self, item: Any) -> None:
+        self._h.update((self._sep + _canonical(item)).encode())
+        self._sep = ","
+
+    def hexdigest(self) -> str:
+        h = self._h.copy()
+        h.update(self._tail.encode())
+        return h.hexdigest()
+
+
 def sha256_json_list(
     items: Iterable[Any], *, into: str | None = None, beside: Mapping[str, Any] | None = None
 ) -> str:
-    """:func:`sha256_json` of ``list(items)``, or of ``{into: list(items), **beside}``, hashed as the items
-    come: the list is never held whole."""
-    h = hashlib.sha256()
-    head, tail = "[", "]"
-    if into is not None:
-        rest = dict(beside or {})
-        if into in rest:
-            raise ValueError(f"sha256_json_list: {into!r} is both the list's key and beside it")
-        keys = sorted([into, *rest])
-        at = keys.index(into)
-        before = "".join(f"{_canonical(k)}:{_canonical(rest[k])}," for k in keys[:at])
-        after = "".join(f",{_canonical(k)}:{_canonical(rest[k])}" for k in keys[at + 1 :])
-        head, tail = "{" + before + _canonical(into) + ":[", "]" + after + "}"
-    h.update(head.encode())
-    for i, item in enumerate(items):
-        h.update((("," if i else "") + _canonical(item)).encode())
-    h.update(tail.encode())
+    """:func:`sha256_json` of ``list(items)``, or of ``{into: list(items), **beside}``, taken as the items
+    come (:class:`JsonListHash`)."""
+    h = JsonListHash(into=into, beside=beside)
+    for item in items:
+        h.add(item)
     return h.hexdigest()
 
 

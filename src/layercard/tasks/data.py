@@ -17,6 +17,9 @@ A task spec is one of
 
 Prompt settings (``prompt=``, ``system=``, ``chat_template=``; ``layercard.tasks.prompt``) then
 replace the format's wording, whatever the source.
+
+A JSONL file of 16 MiB or more is indexed rather than parsed, and each record read when a command uses
+it (``layercard.tasks.lines``): a seeded subset of a large file reads its own lines alone.
 """
 
 from __future__ import annotations

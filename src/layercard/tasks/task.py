@@ -5,12 +5,12 @@ from __future__ import annotations
 import dataclasses
 import random
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
 
-from layercard.artifacts import sha256_json_list
+from layercard.artifacts import JsonListHash, sha256_json_list
 from layercard.errors import LayercardError
 from layercard.progress import track
 from layercard.tasks.example import Example
@@ -59,18 +59,38 @@ class Task:
         keeps the hash it had before they could be set, and cards and run folders made then stay valid;
         a prompt of one's own is hashed as it was before a chosen preset counted.
         """
-        examples = (ex.to_dict() for ex in self._read_all("hashing"))
+        if isinstance(self.examples, LineExamples):
+            for _ in self._read_all("hashing"):  # a whole read of a large file hashes it on the way
+                pass
+            return self.__dict__["data_hash"]
+        return sha256_json_list((ex.to_dict() for ex in self.examples), **self._hash_layout())
+
+    def _hash_layout(self) -> dict[str, Any]:
+        """What :attr:`data_hash` hashes beside the examples (:class:`~layercard.artifacts.JsonListHash`)."""
         if self.custom_prompt:
-            return sha256_json_list(examples, into="examples", beside={"prompt": self.format.prompt()})
+            return {"into": "examples", "beside": {"prompt": self.format.prompt()}}
         if self.preset_chosen:
-            return sha256_json_list(examples, into="examples", beside={"preset": self.format.name})
-        return sha256_json_list(examples)
+            return {"into": "examples", "beside": {"preset": self.format.name}}
+        return {}
 
     def _read_all(self, doing: str) -> Iterable[Example]:
         """Every example; a large file's with a progress bar, as each is read from it."""
         if isinstance(self.examples, LineExamples):
-            return track(self.examples, f"{doing} {self.examples.path.name}", total=len(self.examples))
+            return self._read_file(doing)
         return self.examples
+
+    def _read_file(self, doing: str) -> Iterator[Example]:
+        """A large file's examples, hashed as they are read: a read to its end leaves :attr:`data_hash`
+        known, so that comparing the file with another and recording its hash read it once."""
+        assert isinstance(self.examples, LineExamples)
+        known = "data_hash" in self.__dict__
+        h = None if known else JsonListHash(**self._hash_layout())
+        for ex in track(self.examples, f"{doing} {self.examples.path.name}", total=len(self.examples)):
+            if h is not None:
+                h.add(ex.to_dict())
+            yield ex
+        if h is not None:
+            self.__dict__["data_hash"] = h.hexdigest()  # the cached_property's own slot
 
     def shared_with(self, other: Task) -> int:
         """How many of these examples ``other`` holds too, judged by what a model reads and learns (input,
