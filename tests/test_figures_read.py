@@ -421,3 +421,25 @@ def test_a_symmetric_log_axis_keeps_its_negative_ticks_signed():
     fig.canvas.draw()
     texts = [t.get_text() for t, y in zip(ax.get_yticklabels(), ax.get_yticks(), strict=True) if y < 0]
     assert texts and all(t.startswith(("-", "\u2212")) for t in texts if t), texts
+
+
+def test_a_long_runs_loss_is_drawn_as_a_sliding_mean_over_its_faint_raw_losses(tmp_path, monkeypatch):
+    import layercard.report.figures as report_figures
+
+    assert report_figures.running_mean([1.0, 3.0, 5.0, 7.0], 2) == [1.0, 2.0, 4.0, 6.0]
+    rng = np.random.default_rng(0)
+    long = [[s, 2.0 - s / 3000 + float(rng.normal(0, 0.5))] for s in range(1, 3001)]
+    short = [[s, 2.0 - s / 50] for s in range(1, 51)]
+    curves = {
+        "long": types.SimpleNamespace(loss_curve=long, val_curve=[[1500, 1.6], [3000, 1.2]]),
+        "short": types.SimpleNamespace(loss_curve=short, val_curve=[]),
+    }
+    figs = _capture(monkeypatch, report_figures, "_save")
+    report_figures.fig_training(curves, tmp_path / "training.png")
+    ax = figs[0].axes[0]
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert labels == ["long train (mean of 120 logged steps)", "long validation", "short train"]
+    faint, mean = ax.lines[0], ax.lines[1]
+    assert faint.get_alpha() < 0.5 and len(faint.get_ydata()) == len(mean.get_ydata()) == 3000
+    assert np.std(np.diff(mean.get_ydata()[200:])) < np.std(np.diff(faint.get_ydata())) / 20
+    assert list(ax.lines[3].get_ydata()) == [v for _, v in short]  # a short run's losses as they are

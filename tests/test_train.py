@@ -1063,3 +1063,20 @@ def test_a_large_training_set_is_encoded_as_the_run_reads_it(tmp_path: Path, mon
     with pytest.raises(LayercardError, match="past its context"):
         train(loaded, plan, task, VAL, cfg, tmp_path / "long", progress=False)
     assert not (tmp_path / "long" / "train_metrics.json").exists()
+
+
+def test_a_resumed_runs_progress_counts_on_from_its_checkpoint(tmp_path: Path, capsys):
+    loaded = _loaded()
+    plan = make_plan(loaded, [1])
+    cfg = TrainConfig(steps=4, lr=1e-2, eval_every=0, **{**FAST, "checkpoint_every": 2})
+
+    def stop(step: int, _loss: float, _model: torch.nn.Module) -> None:
+        if step == 2:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        train(loaded, plan, TRAIN, VAL, cfg, tmp_path, callback=stop, progress=False)
+    capsys.readouterr()
+    train(loaded, plan, TRAIN, VAL, cfg, tmp_path, resume=True, progress=True)
+    said = [line for line in capsys.readouterr().err.splitlines() if line.startswith("train lora:")]
+    assert said[0] == "train lora: 2/4" and said[-1].startswith("train lora: 4/4 (")

@@ -85,16 +85,22 @@ def enabled_default() -> bool:
 
 
 def track(
-    items: Iterable[T], description: str, *, total: int | None = None, enabled: bool | None = None
+    items: Iterable[T],
+    description: str,
+    *,
+    total: int | None = None,
+    enabled: bool | None = None,
+    start: int = 0,
 ) -> Iterator[T]:
-    """Iterate with a rich progress bar on stderr when enabled."""
+    """Iterate with a rich progress bar on stderr when enabled; ``start``: how many of ``total`` were done
+    before these items (a resumed run's steps)."""
     if enabled is None:
         enabled = enabled_default()
     if not enabled or _BARS["off"]:
         yield from items
         return
     if not stderr_is_terminal():
-        yield from _plain(items, description, total)
+        yield from _plain(items, description, total, start)
         return
     from rich.console import Console
     from rich.markup import escape
@@ -119,7 +125,7 @@ def track(
         _LIVE.append(prog)
         try:
             # the description is text (a task or file name), not markup for the bold column around it
-            tid = prog.add_task(escape(printable(description)), total=total)
+            tid = prog.add_task(escape(printable(description)), total=total, completed=start)
             for item in items:
                 yield item
                 prog.advance(tid)
@@ -141,12 +147,12 @@ def _elapsed(seconds: float) -> str:
     return f"{m // 60}:{m % 60:02d}:{s:02d}" if m >= 60 else f"{m}:{s:02d}"
 
 
-def _plain(items: Iterable[T], description: str, total: int | None) -> Iterator[T]:
+def _plain(items: Iterable[T], description: str, total: int | None, start: int = 0) -> Iterator[T]:
     """The loop, with a line on stderr at its start, every :data:`PLAIN_EVERY_S` seconds and at its end."""
     t0 = last = time.monotonic()
     of = f"/{total}" if total is not None else ""
-    say(f"{description}: 0{of}", enabled=True)
-    done = 0
+    say(f"{description}: {start}{of}", enabled=True)
+    done = start
     for item in items:
         yield item
         done += 1
@@ -155,7 +161,7 @@ def _plain(items: Iterable[T], description: str, total: int | None) -> Iterator[
             last = now
             left = ""
             if total:
-                left = f", about {_elapsed((now - t0) / done * (total - done))} left"
+                left = f", about {_elapsed((now - t0) / (done - start) * (total - done))} left"
             say(f"{description}: {done}{of} ({_elapsed(now - t0)}{left})", enabled=True)
     say(f"{description}: {done}{of} ({_elapsed(time.monotonic() - t0)})", enabled=True)
 

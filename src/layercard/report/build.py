@@ -418,7 +418,8 @@ def _training(doc: _Doc, run: _Run) -> None:
         doc.p(planning)
     doc.figure(
         "training.png",
-        "Training loss per step (solid) and validation loss (dashed)",
+        "Training loss per step (solid; past 100 logged steps, a sliding mean over the raw losses, drawn "
+        "faint) and validation loss (dashed)",
         lambda p: fig_training(run.metrics, p, [r["name"] for r in run.rows]),
     )
 

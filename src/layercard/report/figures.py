@@ -97,13 +97,37 @@ def _placement_label(row: dict[str, Any], plans: Mapping[str, Any]) -> str:
     return "\n".join([row["name"], ", ".join(about)]) if about else row["name"]
 
 
+# A loss curve with more logged steps than this is drawn as a sliding mean over its faint raw losses.
+SMOOTH_AFTER = 100
+
+
+def running_mean(values: Sequence[float], window: int) -> list[float]:
+    """The mean of each value and the ``window - 1`` before it (fewer at the start)."""
+    out, total = [], 0.0
+    for i, v in enumerate(values):
+        total += v
+        if i >= window:
+            total -= values[i - window]
+        out.append(total / min(i + 1, window))
+    return out
+
+
 def fig_training(curves: dict[str, TrainMetrics], path: Path, names: Sequence[str] = ()) -> bytes:
     """Training and validation loss curves of every placement; ``names``: the run's rows, for colours."""
     colors = palette([*names, *(n for n in curves if n not in names)])
     fig, ax = new_figure(figsize=(7.5, 4))
     for name, m in curves.items():
         lc = m.loss_curve or []
-        if lc:
+        if len(lc) > SMOOTH_AFTER:
+            # thousands of single-batch losses make a band that hides the other runs: the raw losses
+            # stay, faint, under their sliding mean
+            w = max(5, len(lc) // 25)
+            ax.plot([s for s, _ in lc], [v for _, v in lc], color=colors[name], lw=0.6, alpha=0.25)
+            ax.plot(
+                [s for s, _ in lc], running_mean([v for _, v in lc], w), color=colors[name], lw=1.2,
+                label=f"{name} train (mean of {w} logged steps)",
+            )  # fmt: skip
+        elif lc:
             ax.plot([s for s, _ in lc], [v for _, v in lc], color=colors[name], lw=1.2, label=f"{name} train")
         vc = m.val_curve or []
         if vc:

@@ -921,7 +921,11 @@ def _loop(
     steps = range(state.step, run.total_steps)
     # one bar for the launch: every process would draw its own over the others'
     for _ in track(
-        steps, f"train {run.kind}", total=len(steps), enabled=progress if acc.is_main_process else False
+        steps,
+        f"train {run.kind}",
+        total=run.total_steps,
+        start=state.step,  # a resumed run counts on from its checkpoint's step
+        enabled=progress if acc.is_main_process else False,
     ):
         loss_value = _step(run, state, prepared, optimizer, scheduler, first)
         first = False
