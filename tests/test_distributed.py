@@ -52,13 +52,18 @@ def _env() -> dict[str, str]:
     }
 
 
-def _launch(args: list[str], timeout: float = 120, torchrun: bool = False) -> subprocess.CompletedProcess:
-    """``accelerate launch`` with the shipped two-process CPU config (or ``torch.distributed.run``)."""
+def _launch(
+    args: list[str], tmp: Path, timeout: float = 120, torchrun: bool = False
+) -> subprocess.CompletedProcess:
+    """``accelerate launch`` with the shipped two-process CPU config (or ``torch.distributed.run``); the
+    launcher's own temporary folders go under ``tmp``, not the machine's /tmp."""
     launcher = ["torch.distributed.run", "--nproc_per_node", "2"] if torchrun else [
         "accelerate.commands.launch", "--config_file", str(DDP_CPU)
     ]  # fmt: skip
     cmd = [sys.executable, "-m", *launcher, *args]
-    r = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=timeout, cwd=REPO)
+    (tmp / "launcher-tmp").mkdir(parents=True, exist_ok=True)
+    env = {**_env(), "TMPDIR": str(tmp / "launcher-tmp")}
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout, cwd=REPO)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return r
 
@@ -119,7 +124,10 @@ def test_card_under_accelerate_launch_equals_one(tiny_folder: Path, tmp_path: Pa
     opts = "--batch-size 8"
     one = _card(tiny_folder, tmp_path / "one", opts)
     out = tmp_path / "launched"
-    _launch(["-m", "layercard", "card", "-m", str(tiny_folder), "-o", str(out), *f"{CARD} {opts}".split()])
+    _launch(
+        ["-m", "layercard", "card", "-m", str(tiny_folder), "-o", str(out), *f"{CARD} {opts}".split()],
+        tmp_path,
+    )
     _numbers_equal(_card_numbers(one), _card_numbers(out))
 
 
@@ -163,7 +171,7 @@ def test_card_of_an_fsdp_sharded_model_equals_one(tmp_path: Path) -> None:
     loaded = _loaded()
     one = compute_card(loaded, load_task("synthetic:facts", split="train"), CardConfig(**FSDP_CARD))
     one.save(tmp_path / "one" / "card.json")
-    _launch([__file__, "fsdp-card", str(tmp_path / "two")], torchrun=True)
+    _launch([__file__, "fsdp-card", str(tmp_path / "two")], tmp_path, torchrun=True)
     _numbers_equal(_card_numbers(tmp_path / "one"), _card_numbers(tmp_path / "two"))
 
 
@@ -266,7 +274,7 @@ def _train(out: Path, batch_size: int) -> dict[str, Any]:
 def test_training_in_two_processes_equals_one(tmp_path: Path) -> None:
     """2 processes × batch 2 take the examples one process takes at batch 4: the same loss curve."""
     one = _train(tmp_path / "one", 4)
-    _launch([__file__, "train", str(tmp_path / "two"), "2"])
+    _launch([__file__, "train", str(tmp_path / "two"), "2"], tmp_path)
     two = json.loads((tmp_path / "two" / "train_metrics.json").read_text())
     assert two["world_size"] == 2 and one["world_size"] == 1
     a = [v for _, v in one["loss_curve"]]
