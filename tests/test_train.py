@@ -1080,3 +1080,33 @@ def test_a_resumed_runs_progress_counts_on_from_its_checkpoint(tmp_path: Path, c
     train(loaded, plan, TRAIN, VAL, cfg, tmp_path, resume=True, progress=True)
     said = [line for line in capsys.readouterr().err.splitlines() if line.startswith("train lora:")]
     assert said[0] == "train lora: 2/4" and said[-1].startswith("train lora: 4/4 (")
+
+
+def test_ctrl_c_is_held_to_the_end_of_its_step_which_is_checkpointed(tmp_path: Path, capsys):
+    import signal
+
+    loaded = _loaded()
+    plan = make_plan(loaded, [0, 2], dropout=0.2)
+    cfg = TrainConfig(steps=6, lr=1e-2, eval_every=2, **{**FAST, "checkpoint_every": 50})
+
+    def ctrl_c(step: int, _loss: float, _model: torch.nn.Module) -> None:
+        if step == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    full = train(loaded, plan, TRAIN, VAL, cfg, tmp_path / "full", progress=False)
+    with pytest.raises(KeyboardInterrupt):
+        train(loaded, plan, TRAIN, VAL, cfg, tmp_path / "part", callback=ctrl_c, progress=False)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # given back
+    assert "interrupted after step 3 of 6: checkpoint checkpoints/step-3 kept" in capsys.readouterr().err
+    assert [p.name for p in (tmp_path / "part" / "checkpoints").iterdir()] == ["step-3"]
+    resumed = train(loaded, plan, TRAIN, VAL, cfg, tmp_path / "part", resume=True, progress=False)
+    assert resumed["resumed_from"] == 3
+    for key in ("loss_curve", "val_curve"):
+        for (s1, a), (s2, b) in zip(resumed[key], full[key], strict=True):
+            assert s1 == s2 and a == pytest.approx(b, rel=1e-6, abs=1e-6)
+    # with checkpoints off there is nothing to keep: Ctrl-C interrupts where it lands
+    off = dataclasses.replace(cfg, checkpoint_every=0)
+    with pytest.raises(KeyboardInterrupt):
+        train(loaded, plan, TRAIN, VAL, off, tmp_path / "off", callback=ctrl_c, progress=False)
+    assert not (tmp_path / "off" / "checkpoints").exists()
+    assert "interrupted after" not in capsys.readouterr().err

@@ -45,7 +45,7 @@ from layercard.errors import LayercardError, card_setting_text, expect, setting_
 from layercard.inference import synchronize
 from layercard.models import BUILTIN_MODELS, LoadedModel, activation_checkpointing, running_on, weights_dtype
 from layercard.plan import Plan, check_model_matches
-from layercard.progress import enabled_default, say, track
+from layercard.progress import enabled_default, say, stop_bars, track
 from layercard.tasks import ENCODE_AHEAD, Encoded, EncodedTask, Task, cut_note, encode_task, encoded_so_far
 from layercard.tasks.loss import forward_loss, target_count
 from layercard.train.checkpoints import (
@@ -916,6 +916,54 @@ def _loop(
     callback: StepCallback | None,
 ) -> None:
     """Optimizer steps from ``state.step`` to the end: log, validate, checkpoint, call back."""
+    with _interrupt_after_step(run.world == 1 and bool(run.cfg.checkpoint_every)) as interrupted:
+        _steps(run, state, prepared, optimizer, scheduler, trainable, progress, callback, interrupted)
+    if run.data.val_encoded and (not state.val_curve or state.val_curve[-1][0] != state.step):
+        state.val_curve.append([state.step, _val_loss(run, prepared, state.step)])
+
+
+@contextlib.contextmanager
+def _interrupt_after_step(enabled: bool) -> Iterator[list[bool]]:
+    """While ``enabled`` (one process, checkpoints on): a first Ctrl-C is held until the step it lands in
+    is done, so that the step can be checkpointed (an interrupt inside an optimizer step would leave the
+    weights half updated); a second one interrupts at once. Yields a list that is non-empty once asked.
+    Where the process ignores SIGINT, or this is not the main thread, nothing changes."""
+    import signal
+    import threading
+
+    asked: list[bool] = []
+    if not enabled or threading.current_thread() is not threading.main_thread():
+        yield asked
+        return
+    before = signal.getsignal(signal.SIGINT)
+    if before is not signal.default_int_handler:  # ignored, or the caller's own handler: left alone
+        yield asked
+        return
+
+    def hold(_signum: int, _frame: Any) -> None:
+        asked.append(True)
+        signal.signal(signal.SIGINT, before)
+
+    signal.signal(signal.SIGINT, hold)
+    try:
+        yield asked
+    finally:
+        signal.signal(signal.SIGINT, before)
+
+
+def _steps(
+    run: _Run,
+    state: _State,
+    prepared: nn.Module,
+    optimizer: Any,
+    scheduler: Any,
+    trainable: dict[str, nn.Parameter],
+    progress: bool | None,
+    callback: StepCallback | None,
+    interrupted: list[bool],
+) -> None:
+    """The optimizer steps of :func:`_loop`; after a step an interrupt was held in, its checkpoint, then
+    KeyboardInterrupt."""
     cfg, acc = run.cfg, run.accelerator
     first = True
     steps = range(state.step, run.total_steps)
@@ -935,15 +983,25 @@ def _loop(
             state.loss_curve.append([step, loss_value])
         if run.data.val_encoded and cfg.eval_every and step % cfg.eval_every == 0:
             state.val_curve.append([step, _val_loss(run, prepared, step)])
-        if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
+        saved = bool(cfg.checkpoint_every) and step % cfg.checkpoint_every == 0
+        if saved:
             acc.wait_for_everyone()
             if acc.is_main_process:
                 ckpt_state = run.checkpoint_state(state)
                 save_checkpoint(run.out_dir, step, trainable, optimizer, scheduler, ckpt_state, acc.scaler)
         if callback is not None:
             callback(step, loss_value, acc.unwrap_model(prepared))
-    if run.data.val_encoded and (not state.val_curve or state.val_curve[-1][0] != state.step):
-        state.val_curve.append([state.step, _val_loss(run, prepared, state.step)])
+        if interrupted:
+            if not saved:
+                ckpt_state = run.checkpoint_state(state)
+                save_checkpoint(run.out_dir, step, trainable, optimizer, scheduler, ckpt_state, acc.scaler)
+            stop_bars()
+            say(
+                f"interrupted after step {step} of {run.total_steps}: checkpoint "
+                f"{CHECKPOINT_DIR}/step-{step} kept; --resume continues from it",
+                enabled=True,
+            )
+            raise KeyboardInterrupt
 
 
 def _step(
