@@ -915,9 +915,50 @@ def _loop(
     progress: bool | None,
     callback: StepCallback | None,
 ) -> None:
-    """Optimizer steps from ``state.step`` to the end: log, validate, checkpoint, call back."""
+    """Optimizer steps from ``state.step`` to the end: log, validate, checkpoint, call back; after a step
+    an interrupt was held in (:func:`_interrupt_after_step`), its checkpoint, then KeyboardInterrupt."""
+
+    def checkpoint(step: int) -> None:
+        state_now = run.checkpoint_state(state)
+        save_checkpoint(run.out_dir, step, trainable, optimizer, scheduler, state_now, run.accelerator.scaler)
+
     with _interrupt_after_step(run.world == 1 and bool(run.cfg.checkpoint_every)) as interrupted:
-        _steps(run, state, prepared, optimizer, scheduler, trainable, progress, callback, interrupted)
+        cfg, acc = run.cfg, run.accelerator
+        first = True
+        steps = range(state.step, run.total_steps)
+        # one bar for the launch: every process would draw its own over the others'
+        for _ in track(
+            steps,
+            f"train {run.kind}",
+            total=run.total_steps,
+            start=state.step,  # a resumed run counts on from its checkpoint's step
+            enabled=progress if acc.is_main_process else False,
+        ):
+            loss_value = _step(run, state, prepared, optimizer, scheduler, first)
+            first = False
+            step = state.step
+            # The first and the last step are kept whatever log_every: the run's first and final losses.
+            if step == 1 or step % cfg.log_every == 0 or step == run.total_steps:
+                state.loss_curve.append([step, loss_value])
+            if run.data.val_encoded and cfg.eval_every and step % cfg.eval_every == 0:
+                state.val_curve.append([step, _val_loss(run, prepared, step)])
+            saved = bool(cfg.checkpoint_every) and step % cfg.checkpoint_every == 0
+            if saved:
+                acc.wait_for_everyone()
+                if acc.is_main_process:
+                    checkpoint(step)
+            if callback is not None:
+                callback(step, loss_value, acc.unwrap_model(prepared))
+            if interrupted:
+                if not saved:
+                    checkpoint(step)
+                stop_bars()
+                say(
+                    f"interrupted after step {step} of {run.total_steps}: checkpoint "
+                    f"{CHECKPOINT_DIR}/step-{step} kept; --resume continues from it",
+                    enabled=True,
+                )
+                raise KeyboardInterrupt
     if run.data.val_encoded and (not state.val_curve or state.val_curve[-1][0] != state.step):
         state.val_curve.append([state.step, _val_loss(run, prepared, state.step)])
 
@@ -949,59 +990,6 @@ def _interrupt_after_step(enabled: bool) -> Iterator[list[bool]]:
         yield asked
     finally:
         signal.signal(signal.SIGINT, before)
-
-
-def _steps(
-    run: _Run,
-    state: _State,
-    prepared: nn.Module,
-    optimizer: Any,
-    scheduler: Any,
-    trainable: dict[str, nn.Parameter],
-    progress: bool | None,
-    callback: StepCallback | None,
-    interrupted: list[bool],
-) -> None:
-    """The optimizer steps of :func:`_loop`; after a step an interrupt was held in, its checkpoint, then
-    KeyboardInterrupt."""
-    cfg, acc = run.cfg, run.accelerator
-    first = True
-    steps = range(state.step, run.total_steps)
-    # one bar for the launch: every process would draw its own over the others'
-    for _ in track(
-        steps,
-        f"train {run.kind}",
-        total=run.total_steps,
-        start=state.step,  # a resumed run counts on from its checkpoint's step
-        enabled=progress if acc.is_main_process else False,
-    ):
-        loss_value = _step(run, state, prepared, optimizer, scheduler, first)
-        first = False
-        step = state.step
-        # The first and the last step are kept whatever log_every: the run's first and final losses.
-        if step == 1 or step % cfg.log_every == 0 or step == run.total_steps:
-            state.loss_curve.append([step, loss_value])
-        if run.data.val_encoded and cfg.eval_every and step % cfg.eval_every == 0:
-            state.val_curve.append([step, _val_loss(run, prepared, step)])
-        saved = bool(cfg.checkpoint_every) and step % cfg.checkpoint_every == 0
-        if saved:
-            acc.wait_for_everyone()
-            if acc.is_main_process:
-                ckpt_state = run.checkpoint_state(state)
-                save_checkpoint(run.out_dir, step, trainable, optimizer, scheduler, ckpt_state, acc.scaler)
-        if callback is not None:
-            callback(step, loss_value, acc.unwrap_model(prepared))
-        if interrupted:
-            if not saved:
-                ckpt_state = run.checkpoint_state(state)
-                save_checkpoint(run.out_dir, step, trainable, optimizer, scheduler, ckpt_state, acc.scaler)
-            stop_bars()
-            say(
-                f"interrupted after step {step} of {run.total_steps}: checkpoint "
-                f"{CHECKPOINT_DIR}/step-{step} kept; --resume continues from it",
-                enabled=True,
-            )
-            raise KeyboardInterrupt
 
 
 def _step(
