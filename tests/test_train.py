@@ -1110,3 +1110,27 @@ def test_ctrl_c_is_held_to_the_end_of_its_step_which_is_checkpointed(tmp_path: P
         train(loaded, plan, TRAIN, VAL, off, tmp_path / "off", callback=ctrl_c, progress=False)
     assert not (tmp_path / "off" / "checkpoints").exists()
     assert "interrupted after" not in capsys.readouterr().err
+
+
+def test_the_command_lines_sigterm_is_held_to_the_end_of_its_step_too(tmp_path: Path, capsys):
+    import signal
+
+    from layercard.errors import stop_as_interrupted
+
+    loaded = _loaded()
+    plan = make_plan(loaded, [0, 2])
+    cfg = TrainConfig(steps=4, lr=1e-2, eval_every=0, **{**FAST, "checkpoint_every": 50})
+
+    def term(step: int, _loss: float, _model: torch.nn.Module) -> None:
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    before = signal.signal(signal.SIGTERM, stop_as_interrupted)  # as `layercard` sets it
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            train(loaded, plan, TRAIN, VAL, cfg, tmp_path, callback=term, progress=False)
+        assert signal.getsignal(signal.SIGTERM) is stop_as_interrupted
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert "interrupted after step 2 of 4" in capsys.readouterr().err
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step-2"]

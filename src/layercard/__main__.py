@@ -7,16 +7,14 @@ import signal
 import sys
 
 
-def _terminated(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt  # unwound as a Ctrl-C is: temporaries removed, locks released, one line
-
-
 def main() -> None:
     """Run the command line. A Ctrl-C while it is still importing (torch takes about a second) is said as
     one ``interrupted`` line and exit 130, as it is in a running command, not as a traceback. A SIGTERM
     (a job scheduler's stop, ``kill``) ends a command as a Ctrl-C does, where it had ended it at once,
     leaving its temporaries and lock for the next command to sweep."""
-    signal.signal(signal.SIGTERM, _terminated)
+    from layercard.errors import stop_as_interrupted
+
+    signal.signal(signal.SIGTERM, stop_as_interrupted)
     try:
         from layercard.cli import app
 

@@ -19,6 +19,13 @@ class MissingSplit(LayercardError):
     """A task has no split of the name asked for (a held-out lookup then tries the next one)."""
 
 
+def stop_as_interrupted(_signum: int, _frame: object) -> None:
+    """The command line's SIGTERM handler: a job scheduler's stop or a ``kill`` unwinds as a Ctrl-C does
+    (temporaries removed, locks released, one line); training holds it to the end of a step as it holds a
+    Ctrl-C."""
+    raise KeyboardInterrupt
+
+
 def message_line(e: BaseException) -> str:
     """The first line of an exception's message, or its type's name where it has none: a library's
     error quoted inside one of ours, which must stay one line."""

@@ -41,7 +41,7 @@ from layercard.cost import (
     reset_peak_memory,
     touch_weights,
 )
-from layercard.errors import LayercardError, card_setting_text, expect, setting_name
+from layercard.errors import LayercardError, card_setting_text, expect, setting_name, stop_as_interrupted
 from layercard.inference import synchronize
 from layercard.models import BUILTIN_MODELS, LoadedModel, activation_checkpointing, running_on, weights_dtype
 from layercard.plan import Plan, check_model_matches
@@ -965,10 +965,11 @@ def _loop(
 
 @contextlib.contextmanager
 def _interrupt_after_step(enabled: bool) -> Iterator[list[bool]]:
-    """While ``enabled`` (one process, checkpoints on): a first Ctrl-C is held until the step it lands in
-    is done, so that the step can be checkpointed (an interrupt inside an optimizer step would leave the
-    weights half updated); a second one interrupts at once. Yields a list that is non-empty once asked.
-    Where the process ignores SIGINT, or this is not the main thread, nothing changes."""
+    """While ``enabled`` (one process, checkpoints on): a first Ctrl-C, or the command line's SIGTERM (a
+    job scheduler's stop), is held until the step it lands in is done, so that the step can be
+    checkpointed (an interrupt inside an optimizer step would leave the weights half updated); a second
+    one interrupts at once. Yields a list that is non-empty once asked. A signal the process ignores or
+    handles its own way is left alone, as is everything off the main thread."""
     import signal
     import threading
 
@@ -976,20 +977,24 @@ def _interrupt_after_step(enabled: bool) -> Iterator[list[bool]]:
     if not enabled or threading.current_thread() is not threading.main_thread():
         yield asked
         return
-    before = signal.getsignal(signal.SIGINT)
-    if before is not signal.default_int_handler:  # ignored, or the caller's own handler: left alone
-        yield asked
-        return
+    ours = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: stop_as_interrupted}
+    before = {sig: signal.getsignal(sig) for sig in ours}
+    held = [sig for sig, handler in ours.items() if before[sig] is handler]
+
+    def give_back() -> None:
+        for sig in held:
+            signal.signal(sig, before[sig])
 
     def hold(_signum: int, _frame: Any) -> None:
         asked.append(True)
-        signal.signal(signal.SIGINT, before)
+        give_back()
 
-    signal.signal(signal.SIGINT, hold)
+    for sig in held:
+        signal.signal(sig, hold)
     try:
         yield asked
     finally:
-        signal.signal(signal.SIGINT, before)
+        give_back()
 
 
 def _step(
