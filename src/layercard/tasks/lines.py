@@ -104,6 +104,17 @@ def index_lines(p: Path) -> tuple[array, array]:
     return offsets, numbers
 
 
+def _record(line: bytes, at_start: bool, where: str) -> Any:
+    """The JSON record of one line as read from the file (its break, and at the file's start a byte-order
+    mark, left out); ``where``: FILE:LINE, for the error."""
+    if at_start and line.startswith(_BOM):
+        line = line[len(_BOM) :]
+    try:
+        return json.loads(line.rstrip(b"\n").removesuffix(b"\r").decode("utf-8"))
+    except json.JSONDecodeError as e:
+        raise LayercardError(f"{where}: not valid JSON ({e.msg}: column {e.colno})") from None
+
+
 class LineExamples(Sequence[Example]):
     """The examples of an indexed JSONL file, each parsed from its line when read."""
 
@@ -168,14 +179,8 @@ class LineExamples(Sequence[Example]):
 
     def _example(self, line: bytes, k: int) -> Example:
         lineno = self._numbers[k]
-        if self._offsets[k] == 0 and line.startswith(_BOM):
-            line = line[len(_BOM) :]
-        text = line.rstrip(b"\n").removesuffix(b"\r").decode("utf-8")
         where = f"{self.path}:{lineno}"
-        try:
-            rec = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise LayercardError(f"{where}: not valid JSON ({e.msg}: column {e.colno})") from None
+        rec = _record(line, self._offsets[k] == 0, where)
         return record_to_example(rec, self.schema, self._columns, where, f"{self._stem}-{lineno:05d}")
 
     def take(self, indices: Sequence[int]) -> tuple[Example, ...]:
@@ -232,14 +237,8 @@ def line_examples(
     fmap = check_field_map(field_map)
     with open(p, "rb") as f:
         f.seek(offsets[0])
-        first = f.readline()
-    if offsets[0] == 0 and first.startswith(_BOM):
-        first = first[len(_BOM) :]
-    where = f"{p}:{numbers[0]}"
-    try:
-        rec = json.loads(first.rstrip(b"\n").removesuffix(b"\r").decode("utf-8"))
-    except json.JSONDecodeError as e:
-        raise LayercardError(f"{where}: not valid JSON ({e.msg}: column {e.colno})") from None
+        where = f"{p}:{numbers[0]}"
+        rec = _record(f.readline(), offsets[0] == 0, where)
     schema = detect_schema(rec, fmap, where)
     columns = schema_columns(schema, fmap)
     examples = LineExamples(p, offsets, numbers, schema=schema, columns=columns, stem=stem, stamp=stamp)
