@@ -1094,22 +1094,34 @@ def test_ctrl_c_is_held_to_the_end_of_its_step_which_is_checkpointed(tmp_path: P
             os.kill(os.getpid(), signal.SIGINT)
 
     full = train(loaded, plan, TRAIN, VAL, cfg, tmp_path / "full", progress=False)
-    with pytest.raises(KeyboardInterrupt):
-        train(loaded, plan, TRAIN, VAL, cfg, tmp_path / "part", callback=ctrl_c, progress=False)
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # given back
-    assert "interrupted after step 3 of 6: checkpoint checkpoints/step-3 kept" in capsys.readouterr().err
+    # Python's own Ctrl-C handler, as a terminal's command has it: a suite started in the background
+    # inherits SIGINT ignored, which training leaves alone
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            train(loaded, plan, TRAIN, VAL, cfg, tmp_path / "part", callback=ctrl_c, progress=False)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # given back
+        # with checkpoints off there is nothing to keep: Ctrl-C interrupts where it lands
+        off = dataclasses.replace(cfg, checkpoint_every=0)
+        with pytest.raises(KeyboardInterrupt):
+            train(loaded, plan, TRAIN, VAL, off, tmp_path / "off", callback=ctrl_c, progress=False)
+        # a process that ignores SIGINT (a background job) keeps ignoring it: the run goes to its end
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        train(loaded, plan, TRAIN, VAL, cfg, tmp_path / "ignored", callback=ctrl_c, progress=False)
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, inherited)
+    assert not (tmp_path / "off" / "checkpoints").exists()
+    assert (tmp_path / "ignored" / "train_metrics.json").is_file()
+    said = capsys.readouterr().err
+    assert said.count("interrupted after") == 1
+    assert "interrupted after step 3 of 6: checkpoint checkpoints/step-3 kept" in said
     assert [p.name for p in (tmp_path / "part" / "checkpoints").iterdir()] == ["step-3"]
     resumed = train(loaded, plan, TRAIN, VAL, cfg, tmp_path / "part", resume=True, progress=False)
     assert resumed["resumed_from"] == 3
     for key in ("loss_curve", "val_curve"):
         for (s1, a), (s2, b) in zip(resumed[key], full[key], strict=True):
             assert s1 == s2 and a == pytest.approx(b, rel=1e-6, abs=1e-6)
-    # with checkpoints off there is nothing to keep: Ctrl-C interrupts where it lands
-    off = dataclasses.replace(cfg, checkpoint_every=0)
-    with pytest.raises(KeyboardInterrupt):
-        train(loaded, plan, TRAIN, VAL, off, tmp_path / "off", callback=ctrl_c, progress=False)
-    assert not (tmp_path / "off" / "checkpoints").exists()
-    assert "interrupted after" not in capsys.readouterr().err
 
 
 def test_the_command_lines_sigterm_is_held_to_the_end_of_its_step_too(tmp_path: Path, capsys):
