@@ -117,18 +117,18 @@ def fig_training(curves: dict[str, TrainMetrics], path: Path, names: Sequence[st
     colors = palette([*names, *(n for n in curves if n not in names)])
     fig, ax = new_figure(figsize=(7.5, 4))
     for name, m in curves.items():
-        lc = m.loss_curve or []
-        if len(lc) > SMOOTH_AFTER:
+        steps, losses = [s for s, _ in m.loss_curve or []], [v for _, v in m.loss_curve or []]
+        if len(steps) > SMOOTH_AFTER:
             # thousands of single-batch losses make a band that hides the other runs: the raw losses
             # stay, faint, under their sliding mean
-            w = max(5, len(lc) // 25)
-            ax.plot([s for s, _ in lc], [v for _, v in lc], color=colors[name], lw=0.6, alpha=0.25)
+            w = max(5, len(steps) // 25)
+            ax.plot(steps, losses, color=colors[name], lw=0.6, alpha=0.25)
             ax.plot(
-                [s for s, _ in lc], running_mean([v for _, v in lc], w), color=colors[name], lw=1.2,
+                steps, running_mean(losses, w), color=colors[name], lw=1.2,
                 label=f"{name} train (mean of {w} logged steps)",
             )  # fmt: skip
-        elif lc:
-            ax.plot([s for s, _ in lc], [v for _, v in lc], color=colors[name], lw=1.2, label=f"{name} train")
+        elif steps:
+            ax.plot(steps, losses, color=colors[name], lw=1.2, label=f"{name} train")
         vc = m.val_curve or []
         if vc:
             ax.plot(

@@ -83,8 +83,7 @@ class Task:
         """A large file's examples, hashed as they are read: a read to its end leaves :attr:`data_hash`
         known, so that comparing the file with another and recording its hash read it once."""
         assert isinstance(self.examples, LineExamples)
-        known = "data_hash" in self.__dict__
-        h = None if known else JsonListHash(**self._hash_layout())
+        h = None if "data_hash" in self.__dict__ else JsonListHash(**self._hash_layout())
         for ex in track(self.examples, f"{doing} {self.examples.path.name}", total=len(self.examples)):
             if h is not None:
                 h.add(ex.to_dict())

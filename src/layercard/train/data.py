@@ -43,13 +43,10 @@ class Stream:
         return self._order(epoch)[i * self.batch_size : (i + 1) * self.batch_size]
 
     def run_indices(self, micro_batches: int) -> list[int]:
-        """The examples the first ``micro_batches`` micro-batches hold, each once."""
+        """The examples the first ``micro_batches`` micro-batches hold, each once, in order."""
         if micro_batches >= self.per_epoch:  # a whole epoch holds every example
             return list(range(len(self.encoded)))
-        seen: dict[int, None] = {}
-        for k in range(micro_batches):
-            seen.update(dict.fromkeys(self._indices(k)))
-        return list(seen)
+        return sorted({j for k in range(micro_batches) for j in self._indices(k)})
 
     def batch(self, k: int) -> dict[str, torch.Tensor]:
         """The ``k``-th micro-batch of the stream (epochs follow each other)."""
