@@ -80,11 +80,10 @@ def index_lines(p: Path) -> tuple[array, array]:
                 decoder.decode(chunk, final=not chunk)
             except UnicodeDecodeError:
                 raise NotLineData from None
-            if not chunk:
-                break
             buf = carry + chunk
             parts = buf.split(b"\n")
-            carry = parts.pop()
+            # the piece after the last line break waits for the next chunk; at the end it is the last line
+            carry = parts.pop() if chunk else b""
             has_cr = b"\r" in buf
             for part in parts:
                 lineno += 1
@@ -94,13 +93,8 @@ def index_lines(p: Path) -> tuple[array, array]:
                     offsets.append(pos)
                     numbers.append(lineno)
                 pos += len(part) + 1
-    if carry:
-        lineno += 1
-        if b"\r" in carry[:-1]:
-            raise NotLineData
-        if _has_text(carry[len(_BOM) :] if pos == 0 and carry.startswith(_BOM) else carry):
-            offsets.append(pos)
-            numbers.append(lineno)
+            if not chunk:
+                break
     return offsets, numbers
 
 
