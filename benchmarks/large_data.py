@@ -1,7 +1,8 @@
-"""Time and peak memory of `card`, `eval` and `train --dry-run` on large JSONL training files.
+"""Time and peak memory of `card`, `eval` and `train --dry-run` on large training data.
 
-Writes files of 1,000, 200,000 and 2,000,000 records (``--sizes``), each record a question and answer
-of the built-in synthetic facts task under an id of its own, and runs on each, in a process of its own:
+Writes JSONL files of 1,000, 200,000 and 2,000,000 records (``--sizes``), each record a question and
+answer of the built-in synthetic facts task under an id of its own, and the 2,000,000 as a Parquet file
+and a saved dataset (``--table-sizes``, ``save_to_disk``), and runs on each, in a process of its own:
 
 - ``card --examples 16 --no-calibrate`` (16 probe examples, and the target entropy's sample);
 - ``eval --examples 8`` (the base model on 8 examples);
@@ -11,7 +12,8 @@ of the built-in synthetic facts task under an id of its own, and runs on each, i
 Each command's wall time and the peak resident memory of its process (``wait4``) are recorded. Commands
 run with the package of this source tree; ``--src LABEL=PATH`` adds a source folder to compare (another
 commit's ``src``), run the same way. A command past ``--max-s`` is stopped and recorded as such. Results
-are kept per source, size and command in the JSON, so a second call runs only what is missing.
+are kept per source, format, size and command in the JSON, each with the commit it ran at, so a second
+call runs only what is missing.
 
     .venv/bin/python benchmarks/large_data.py
     git worktree add /tmp/before <commit> && \\
@@ -34,6 +36,7 @@ WORK = HERE.parent / "runs" / "large_data"
 THIS = ("this", HERE.parent / "src")
 
 COMMANDS = ("card", "eval", "train_dry_run")
+FORMATS = ("jsonl", "parquet", "dataset")
 
 
 def _records(path: Path, n: int, split: str) -> Path:
@@ -50,6 +53,30 @@ def _records(path: Path, n: int, split: str) -> Path:
             f.write(json.dumps({"id": f"{split}-{i}", "input": ex.input, "target": ex.target}) + "\n")
     tmp.rename(path)
     return path
+
+
+def _table_data(jsonl: Path, fmt: str) -> Path:
+    """The records of ``jsonl`` as a Parquet file or a saved dataset folder, written once."""
+    path = jsonl.with_suffix(".parquet" if fmt == "parquet" else ".dataset")
+    if path.exists():
+        return path
+    import datasets
+    import pyarrow.json as pj
+    import pyarrow.parquet as pq
+
+    table = pj.read_json(jsonl)
+    tmp = path.with_name(path.name + ".part")
+    if fmt == "parquet":
+        pq.write_table(table, tmp)
+    else:
+        datasets.Dataset(table).save_to_disk(str(tmp))
+    tmp.rename(path)
+    return path
+
+
+def _mib(path: Path) -> float:
+    files = [path] if path.is_file() else [f for f in path.rglob("*") if f.is_file()]
+    return round(sum(f.stat().st_size for f in files) / 2**20, 1)
 
 
 def _run(args: list[str], src: Path, max_s: float) -> dict:
@@ -149,18 +176,21 @@ def _table(results: dict) -> str:
         "(the file sizes below). `card --examples 16 --no-calibrate`, `eval --examples 8` (the base model), "
         "`train --dry-run` of an 8-layer plan at 100 steps of 8, validated on 64 of 1,000 test questions.",
         "",
-        "Sources: "
-        + ", ".join(f"`{k}` at {v or 'an unknown commit'}" for k, v in results["sources"].items())
-        + ".",
+        "The Parquet file and the saved dataset (`save_to_disk`) hold the 2,000,000-record file's records; "
+        "their size is on disk (the Parquet file is compressed).",
         "",
-        "| source | records | file MiB | command | wall s | peak RSS MiB |",
-        "|---|---:|---:|---|---:|---:|",
+        "| source | commit | format | records | size MiB | command | wall s | peak RSS MiB |",
+        "|---|---|---|---:|---:|---|---:|---:|",
     ]
-    for r in sorted(results["runs"].values(), key=lambda r: (r["source"], r["records"], r["command"])):
+    order = {f: i for i, f in enumerate(FORMATS)}
+    for r in sorted(
+        results["runs"].values(), key=lambda r: (order[r["format"]], r["source"], r["records"], r["command"])
+    ):
         wall = f"stopped at {r['wall_s']:.0f}" if r["stopped"] else f"{r['wall_s']:.1f}"
         peak = f"{r['peak_rss_mib']:,.0f}" + (" (at the stop)" if r["stopped"] else "")
         lines.append(
-            f"| {r['source']} | {r['records']:,} | {r['file_mib']:,.1f} | {r['command']} | {wall} | {peak} |"
+            f"| {r['source']} | {r['commit'] or '?'} | {r['format']} | {r['records']:,} "
+            f"| {r['file_mib']:,.1f} | {r['command']} | {wall} | {peak} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -171,19 +201,26 @@ def _figure(results: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    runs = list(results["runs"].values())
+    tables = [r for r in runs if r["format"] != "jsonl"]
+    fig, axes = plt.subplots(2 if tables else 1, 2, figsize=(11, 8.4 if tables else 4.2), squeeze=False)
     styles = ["-", "--", ":", "-."]
     colours = {"card": "tab:blue", "eval": "tab:orange", "train_dry_run": "tab:green"}
-    for s, source in enumerate(results["sources"]):
+    sources = list(dict.fromkeys(r["source"] for r in runs))
+    for s, source in enumerate(sources):
         for command in COMMANDS:
             rows = sorted(
-                (r for r in results["runs"].values() if r["source"] == source and r["command"] == command),
+                (
+                    r
+                    for r in runs
+                    if r["format"] == "jsonl" and r["source"] == source and r["command"] == command
+                ),
                 key=lambda r: r["records"],
             )
             if not rows:
                 continue
             x = [r["records"] for r in rows]
-            for ax, key in zip(axes, ("wall_s", "peak_rss_mib"), strict=True):
+            for ax, key in zip(axes[0], ("wall_s", "peak_rss_mib"), strict=True):
                 ax.plot(x, [r[key] for r in rows], styles[s % 4], marker="o", color=colours[command],
                         label=f"{command} ({source})")  # fmt: skip
                 for r in rows:
@@ -191,13 +228,32 @@ def _figure(results: dict, path: Path) -> None:
                         ax.annotate(
                             "stopped", (r["records"], r[key]), textcoords="offset points", xytext=(4, 4)
                         )
-    for ax, label in zip(axes, ("wall time (s)", "peak resident memory (MiB)"), strict=True):
+    for ax, label in zip(axes[0], ("wall time (s)", "peak resident memory (MiB)"), strict=True):
         ax.set_xscale("log")
-        ax.set_xlabel("records in the training file")
+        ax.set_xlabel("records in the JSONL training file")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
-    fig.suptitle("layercard on large JSONL files (one command per process)")
+    axes[0][0].legend(fontsize=8)
+    if tables:
+        groups = list(dict.fromkeys((r["format"], r["records"], r["command"]) for r in tables))
+        table_sources = list(dict.fromkeys(r["source"] for r in tables))
+        width = 0.8 / len(table_sources)
+        for ax, key, label in zip(
+            axes[1], ("wall_s", "peak_rss_mib"), ("wall time (s)", "peak resident memory (MiB)"), strict=True
+        ):
+            for s, source in enumerate(table_sources):
+                by = {
+                    (r["format"], r["records"], r["command"]): r[key] for r in tables if r["source"] == source
+                }
+                xs = [g + s * width for g, k in enumerate(groups) if k in by]
+                ax.bar(xs, [by[k] for k in groups if k in by], width, label=source)
+            ax.set_xticks([g + 0.4 - width / 2 for g in range(len(groups))])
+            ax.set_xticklabels([f"{f}\n{c}" for f, _, c in groups], fontsize=7)
+            ax.set_ylabel(label)
+            ax.set_title(f"Parquet and saved dataset, {groups[0][1]:,} records", fontsize=9)
+            ax.grid(alpha=0.3, axis="y")
+        axes[1][0].legend(fontsize=8)
+    fig.suptitle("layercard on large training data (one command per process)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -205,7 +261,10 @@ def _figure(results: dict, path: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sizes", default="1000,200000,2000000", help="records per training file")
+    ap.add_argument("--sizes", default="1000,200000,2000000", help="records per JSONL training file")
+    ap.add_argument(
+        "--table-sizes", default="2000000", help="records per Parquet file and saved dataset (of --sizes)"
+    )
     ap.add_argument("--src", action="append", default=[], help="LABEL=PATH: another source folder to run")
     ap.add_argument("--max-s", type=float, default=900, help="stop a command after this many seconds")
     ap.add_argument("--redo", action="store_true", help="run every command again")
@@ -217,25 +276,32 @@ def main() -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / "large_data.json"
     results = json.loads(path.read_text()) if path.is_file() and not args.redo else {"runs": {}}
+    for r in results["runs"].values():  # rows from before formats and per-run commits were recorded
+        r.setdefault("format", "jsonl")
+        r.setdefault("commit", results.get("sources", {}).get(r["source"]))
     results["machine"] = machine_info()
-    results.setdefault("sources", {}).update({label: _commit(src) for label, src in sources})
+    results.pop("sources", None)
+    commits = {label: _commit(src) for label, src in sources}
     val = _records(WORK / "val.jsonl", 1000, "test")
     plan = _plan(val)
+    table_sizes = {int(x) for x in args.table_sizes.split(",") if x}
     for n in [int(x) for x in args.sizes.split(",")]:
-        data = _records(WORK / f"train_{n}.jsonl", n, "train")
-        for label, src in sources:
-            for command in COMMANDS:
-                key = f"{label}/{n}/{command}"
-                if key in results["runs"]:
-                    continue
-                out = WORK / f"out_{label}_{n}_{command}"
-                r = _run(_command(command, data, val, plan, out), src, args.max_s)
-                results["runs"][key] = {
-                    "source": label, "records": n, "file_mib": round(data.stat().st_size / 2**20, 1),
-                    "command": command, **r,
-                }  # fmt: skip
-                print(key, r, flush=True)
-                write_json(path, results)
+        jsonl = _records(WORK / f"train_{n}.jsonl", n, "train")
+        for fmt in ("jsonl", "parquet", "dataset") if n in table_sizes else ("jsonl",):
+            data = jsonl if fmt == "jsonl" else _table_data(jsonl, fmt)
+            for label, src in sources:
+                for command in COMMANDS:
+                    key = f"{label}/{n}/{command}" if fmt == "jsonl" else f"{label}/{fmt}/{n}/{command}"
+                    if key in results["runs"]:
+                        continue
+                    out = WORK / f"out_{label}_{fmt}_{n}_{command}"
+                    r = _run(_command(command, data, val, plan, out), src, args.max_s)
+                    results["runs"][key] = {
+                        "source": label, "commit": commits[label], "format": fmt, "records": n,
+                        "file_mib": _mib(data), "command": command, **r,
+                    }  # fmt: skip
+                    print(key, r, flush=True)
+                    write_json(path, results)
     write_json(path, results)
     (RESULTS / "large_data.md").write_text(_table(results))
     _figure(results, RESULTS / "large_data.png")

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from tiny_tok import tiny_tokenizer
 
-import layercard.tasks.lines as lines
+import layercard.tasks.lazy as lazy_data
 from layercard.artifacts import sha256_json, sha256_json_list
 from layercard.errors import LayercardError
 from layercard.tasks import load_task, target_entropy
@@ -20,9 +20,9 @@ from layercard.tasks.lines import LineExamples
 
 def _both(path: Path, monkeypatch, **kw):
     """(the whole-file reader's task, the line reader's task) of ``path``."""
-    monkeypatch.setattr(lines, "LAZY_BYTES", 1 << 40)
+    monkeypatch.setattr(lazy_data, "LAZY_BYTES", 1 << 40)
     whole = load_task(str(path), **kw)
-    monkeypatch.setattr(lines, "LAZY_BYTES", 0)
+    monkeypatch.setattr(lazy_data, "LAZY_BYTES", 0)
     lazy = load_task(str(path), **kw)
     return whole, lazy
 
@@ -72,13 +72,13 @@ def test_the_line_reader_gives_the_whole_file_readers_examples_hashes_and_subset
 
 def test_a_large_file_alone_is_read_a_record_at_a_time(tmp_path, monkeypatch):
     p = _awkward(tmp_path / "d.jsonl")
-    monkeypatch.setattr(lines, "LAZY_BYTES", p.stat().st_size + 1)
+    monkeypatch.setattr(lazy_data, "LAZY_BYTES", p.stat().st_size + 1)
     assert isinstance(load_task(str(p)).examples, tuple)
-    monkeypatch.setattr(lines, "LAZY_BYTES", p.stat().st_size)
+    monkeypatch.setattr(lazy_data, "LAZY_BYTES", p.stat().st_size)
     assert isinstance(load_task(str(p)).examples, LineExamples)
     json_file = tmp_path / "d.json"  # a JSON array is parsed whole, whatever its size
     json_file.write_text(json.dumps([{"input": "a", "target": "b"}]))
-    monkeypatch.setattr(lines, "LAZY_BYTES", 0)
+    monkeypatch.setattr(lazy_data, "LAZY_BYTES", 0)
     assert isinstance(load_task(str(json_file)).examples, tuple)
 
 
@@ -96,10 +96,10 @@ def test_a_record_is_checked_when_read_and_all_are_when_all_are_read(tmp_path, m
     rows[20] = bad
     p = tmp_path / "d.jsonl"
     p.write_text("\n".join(rows) + "\n")
-    monkeypatch.setattr(lines, "LAZY_BYTES", 1 << 40)
+    monkeypatch.setattr(lazy_data, "LAZY_BYTES", 1 << 40)
     with pytest.raises(LayercardError, match=re.escape(f"{p}:21: {message}")):
         load_task(str(p))
-    monkeypatch.setattr(lines, "LAZY_BYTES", 0)
+    monkeypatch.setattr(lazy_data, "LAZY_BYTES", 0)
     task = load_task(str(p))  # indexed; line 21 is not read yet
     picked = task.subset(5, seed=0)
     assert "d-00021" not in {e.id for e in picked.examples} and len(picked) == 5
@@ -112,7 +112,7 @@ def test_a_record_is_checked_when_read_and_all_are_when_all_are_read(tmp_path, m
 def test_the_first_record_is_checked_when_the_file_is_indexed(tmp_path, monkeypatch):
     p = tmp_path / "d.jsonl"
     p.write_text(json.dumps({"input": 3, "target": "t"}) + "\n" + json.dumps({"input": "a", "target": "b"}))
-    monkeypatch.setattr(lines, "LAZY_BYTES", 0)
+    monkeypatch.setattr(lazy_data, "LAZY_BYTES", 0)
     with pytest.raises(LayercardError, match=re.escape(f"{p}:1: field 'input' must be a string")):
         load_task(str(p))
     p.write_text("\n\n")
@@ -133,7 +133,7 @@ def test_what_the_line_reader_cannot_read_the_whole_file_reader_reads_or_names(t
     p.write_bytes(body)
     outcomes = []
     for size in (1 << 40, 0):
-        monkeypatch.setattr(lines, "LAZY_BYTES", size)
+        monkeypatch.setattr(lazy_data, "LAZY_BYTES", size)
         try:
             t = load_task(str(p))
             outcomes.append(("ok", type(t.examples), [(e.input, e.target) for e in t.examples]))
@@ -146,7 +146,7 @@ def test_what_the_line_reader_cannot_read_the_whole_file_reader_reads_or_names(t
 def test_a_file_changed_after_it_was_indexed_is_refused(tmp_path, monkeypatch):
     p = tmp_path / "d.jsonl"
     p.write_text("".join(json.dumps({"input": f"q{i}", "target": "t"}) + "\n" for i in range(10)))
-    monkeypatch.setattr(lines, "LAZY_BYTES", 0)
+    monkeypatch.setattr(lazy_data, "LAZY_BYTES", 0)
     task = load_task(str(p))
     with p.open("a") as f:
         f.write(json.dumps({"input": "new", "target": "t"}) + "\n")
@@ -169,9 +169,9 @@ def test_a_list_hashed_as_it_comes_is_hashed_as_the_whole_list():
 
 def test_a_whole_read_of_a_large_file_leaves_its_hash_known(tmp_path, monkeypatch):
     p = _awkward(tmp_path / "d.jsonl")
-    monkeypatch.setattr(lines, "LAZY_BYTES", 1 << 40)
+    monkeypatch.setattr(lazy_data, "LAZY_BYTES", 1 << 40)
     whole = load_task(str(p), prompt="Q: {input}")
-    monkeypatch.setattr(lines, "LAZY_BYTES", 0)
+    monkeypatch.setattr(lazy_data, "LAZY_BYTES", 0)
     lazy = load_task(str(p), prompt="Q: {input}")
     small = whole.subset(3)
     assert small.shared_with(lazy) == 3  # reads the large file to its end

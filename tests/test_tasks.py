@@ -240,7 +240,7 @@ def test_hf_tasks_are_read_from_the_local_cache_only(monkeypatch, tmp_path):
         )  # fmt: skip
         if name == "nobody/uncached":  # the library's own words for a dataset it has not cached, offline
             raise ConnectionError("Couldn't reach 'nobody/uncached' on the Hub (OfflineModeIsEnabled)")
-        return [{"input": "q", "target": "a"}]
+        return datasets.Dataset.from_list([{"input": "q", "target": "a"}])
 
     real = datasets.load_dataset
     monkeypatch.setattr(datasets, "load_dataset", record)
@@ -276,7 +276,7 @@ def test_hf_missing_split_is_passed_over_but_other_failures_are_errors(monkeypat
     datasets = pytest.importorskip("datasets")
     from layercard.tasks import held_out
 
-    rows = [{"question": "q1", "answer": "a1"}]
+    rows = datasets.Dataset.from_list([{"question": "q1", "answer": "a1"}])
     fields = {"field_map": {"input": "question", "target": "answer"}}
 
     def only_train(name, config=None, *, split):  # the library's own wording for an absent split

@@ -18,8 +18,10 @@ A task spec is one of
 Prompt settings (``prompt=``, ``system=``, ``chat_template=``; ``layercard.tasks.prompt``) then
 replace the format's wording, whatever the source.
 
-A JSONL file of 16 MiB or more is indexed rather than parsed, and each record read when a command uses
-it (``layercard.tasks.lines``): a seeded subset of a large file reads its own lines alone.
+Large data is read a record at a time (``layercard.tasks.lazy``): a JSONL file of 16 MiB or more is
+indexed rather than parsed (``layercard.tasks.lines``), and a Parquet file, saved dataset or ``hf:``
+dataset whose table holds 16 MiB or more converts each row when a command uses it; a seeded subset of
+large data reads its own records alone.
 """
 
 from __future__ import annotations
@@ -35,11 +37,14 @@ from layercard.errors import LayercardError, MissingSplit, message_line
 from layercard.tasks.example import Example
 from layercard.tasks.formats import (
     DATA_SUFFIXES,
+    TableRows,
     check_own_split,
+    dataset_rows,
     dataset_splits,
     is_saved_dataset,
     read_records,
 )
+from layercard.tasks.lazy import first_record_schema, table_examples
 from layercard.tasks.lines import is_line_file, line_examples
 from layercard.tasks.presets import (
     DATASET_PRESETS,
@@ -50,7 +55,7 @@ from layercard.tasks.presets import (
     shipped_splits,
 )
 from layercard.tasks.prompt import apply_prompt
-from layercard.tasks.schemas import check_field_map, detect_schema, record_to_example, schema_columns
+from layercard.tasks.schemas import check_field_map, record_to_example
 from layercard.tasks.synthetic import make_synthetic
 from layercard.tasks.task import Task
 
@@ -83,8 +88,7 @@ def _examples(
     fmap = check_field_map(field_map)
     if not rows:
         raise LayercardError(f"{source}: no examples")
-    schema = detect_schema(rows[0][2], fmap, rows[0][0])
-    columns = schema_columns(schema, fmap)
+    schema, columns = first_record_schema(rows[0], fmap)
     out: list[Example] = []
     seen: set[str] = set()
     for where, number, rec in rows:
@@ -116,7 +120,7 @@ def read_jsonl(
     path: str | os.PathLike[str], *, field_map: Mapping[str, str] | None = None
 ) -> Sequence[Example]:
     """Read and validate a data file's examples (JSONL, or any format of ``read_records``); errors name
-    FILE:LINE. A large JSONL file's examples are read when used (``layercard.tasks.lines``)."""
+    FILE:LINE. Large data's examples are read when used (``layercard.tasks.lazy``)."""
     return _file_examples(Path(path), field_map=field_map)[1]
 
 
@@ -124,7 +128,8 @@ def _file_examples(
     p: Path, *, field_map: Mapping[str, str] | None, split: str | None = None
 ) -> tuple[str, Sequence[Example], str | None]:
     """(schema, examples, the split a saved DatasetDict's was read from) of a data file or saved dataset:
-    a large JSONL file indexed (:func:`~layercard.tasks.lines.line_examples`), any other read whole."""
+    a large JSONL file indexed (:func:`~layercard.tasks.lines.line_examples`), a large table's rows read
+    when used (:func:`~layercard.tasks.lazy.table_examples`), any other read whole."""
     stem = p.stem if p.is_file() else p.name
     if is_line_file(p):
         check_own_split(p, split, (p.stem,))
@@ -132,6 +137,9 @@ def _file_examples(
         if lazy is not None:
             return lazy[0], lazy[1], None
     records = read_records(p, split=split)
+    if isinstance(records.rows, TableRows):
+        schema, examples = table_examples(records.rows, stem=stem, field_map=field_map)
+        return schema, examples, records.split
     source = f"{p}[{records.split}]" if records.split else str(p)
     schema, examples = _examples(
         records.rows, source=source, stem=stem, field_map=field_map, cells=records.cells
@@ -338,8 +346,8 @@ def _load_hf(spec: str, *, split: str, field_map: Mapping[str, str] | None, fmt:
             ) from None
         raise LayercardError(f"task {spec!r}: datasets.load_dataset failed: {msg}") from None
     source = f"{spec}[{split}]"
-    rows = [(f"{source}:{i}", i, rec) for i, rec in enumerate(ds, start=1)]
-    schema, examples = _examples(rows, source=source, stem=Path(source).stem, field_map=field_map)
+    rows = dataset_rows(ds, source, source)
+    schema, examples = table_examples(rows, stem=Path(source).stem, field_map=field_map)
     task_fmt = _schema_format(schema, fmt, PRESETS["jsonl"])
     chosen = task_fmt.name != _schema_format(schema, None, PRESETS["jsonl"]).name
     return Task(name, spec, split, task_fmt, examples, schema, chosen)

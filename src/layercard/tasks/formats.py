@@ -15,15 +15,17 @@ from __future__ import annotations
 import csv
 import io
 import json
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
 
 from layercard.errors import LayercardError, MissingSplit, message_line
 
 __all__ = [
     "DATA_SUFFIXES",
     "Records",
+    "TableRows",
     "check_own_split",
     "dataset_splits",
     "is_saved_dataset",
@@ -41,7 +43,7 @@ class Records:
     the record's position (JSON arrays, tables), and names examples without an id. ``cells``: values
     are table text (CSV)."""
 
-    rows: list[tuple[str, int, Any]]
+    rows: Sequence[tuple[str, int, Any]]  # a list, or a table's rows read when used (TableRows)
     cells: bool = False
     split: str | None = None  # the split read from a saved DatasetDict
 
@@ -158,7 +160,102 @@ def _cells(p: Path, text: str, delimiter: str, quoting: int, *, strict: bool) ->
     return rows
 
 
-def _parquet(p: Path) -> list[tuple[str, int, Any]]:
+def _stamps(files: Sequence[Path]) -> tuple[tuple[str, int, int], ...]:
+    out = []
+    for f in files:
+        st = f.stat()
+        out.append((str(f), st.st_size, st.st_mtime_ns))
+    return tuple(out)
+
+
+class TableRows(Sequence[tuple[str, int, Any]]):
+    """The rows of a Parquet table or a ``datasets.Dataset`` as ``(where, number, record)``, ``where``
+    ``SOURCE:ROW`` and ``number`` the 1-based row; each row becomes a record when read, and a whole read
+    converts them in batches. ``files``: what the data was read from, refused once changed (a saved
+    dataset's are memory-mapped)."""
+
+    _BATCH = 10_000
+
+    def __init__(self, source: str, label: str, data: Any, files: Sequence[Path]) -> None:
+        self.source = source
+        self.label = label
+        self._data = data  # a pyarrow.Table, or a datasets.Dataset
+        self._files = tuple(files)
+        self._stamps = _stamps(self._files)
+
+    @property
+    def _arrow(self) -> bool:
+        import pyarrow as pa
+
+        return isinstance(self._data, pa.Table)
+
+    @property
+    def nbytes(self) -> int:
+        """The bytes the table's data takes in memory (or mapped from disk)."""
+        return int(self._data.nbytes if self._arrow else self._data.data.nbytes)
+
+    def __len__(self) -> int:
+        return int(self._data.num_rows)
+
+    def key(self) -> tuple[Any, ...]:
+        """The source and the state its files were read in."""
+        return (self.source, self._stamps)
+
+    def _check(self) -> None:
+        if _stamps(self._files) != self._stamps:
+            raise LayercardError(f"{self.source}: changed since it was read; run the command again")
+
+    def _records(self, indices: Sequence[int]) -> list[Any]:
+        if self._arrow:
+            return self._data.take(list(indices)).to_pylist()
+        return _batch_rows(self._data[list(indices)], len(indices))
+
+    def take(self, indices: Sequence[int]) -> list[tuple[str, int, Any]]:
+        """The rows at ``indices`` (each in range), in that order."""
+        self._check()
+        recs = self._records(indices) if len(indices) else []
+        return [(f"{self.source}:{i + 1}", i + 1, rec) for i, rec in zip(indices, recs, strict=True)]
+
+    @overload
+    def __getitem__(self, i: int) -> tuple[str, int, Any]: ...
+    @overload
+    def __getitem__(self, i: slice) -> list[tuple[str, int, Any]]: ...
+    def __getitem__(self, i: int | slice) -> tuple[str, int, Any] | list[tuple[str, int, Any]]:
+        if isinstance(i, slice):
+            return self.take(range(*i.indices(len(self))))
+        n = len(self)
+        if not -n <= i < n:
+            raise IndexError(i)
+        return self.take([i % n])[0]
+
+    def __iter__(self) -> Iterator[tuple[str, int, Any]]:
+        self._check()
+        n = len(self)
+        for start in range(0, n, self._BATCH):
+            stop = min(n, start + self._BATCH)
+            if self._arrow:
+                recs = self._data.slice(start, stop - start).to_pylist()
+            else:
+                recs = _batch_rows(self._data[start:stop], stop - start)
+            for i, rec in enumerate(recs, start=start + 1):
+                yield f"{self.source}:{i}", i, rec
+
+
+def _batch_rows(batch: dict[str, list[Any]], n: int) -> list[dict[str, Any]]:
+    """A ``datasets`` batch (a list per column) as its ``n`` rows, each a dict in column order."""
+    keys = list(batch)
+    if not keys:
+        return [{} for _ in range(n)]
+    return [dict(zip(keys, values, strict=True)) for values in zip(*(batch[k] for k in keys), strict=True)]
+
+
+def dataset_rows(ds: Any, source: str, label: str) -> TableRows:
+    """The rows of a ``datasets.Dataset`` (memory-mapped from the files it names, or in memory)."""
+    files = [Path(f["filename"]) for f in getattr(ds, "cache_files", None) or () if "filename" in f]
+    return TableRows(source, label, ds, files)
+
+
+def _parquet(p: Path) -> TableRows:
     if not p.is_file():
         raise LayercardError(f"{p}: no such file")
     try:
@@ -167,7 +264,7 @@ def _parquet(p: Path) -> list[tuple[str, int, Any]]:
         table = pq.read_table(p)
     except Exception as e:  # a corrupt or foreign file: one line
         raise LayercardError(f"{p}: not a readable Parquet file ({message_line(e)})") from None
-    return [(f"{p}:{i}", i, row) for i, row in enumerate(table.to_pylist(), start=1)]
+    return TableRows(str(p), p.name, table, [p])
 
 
 def is_saved_dataset(path: str | Path) -> bool:
@@ -233,11 +330,13 @@ def _saved_dataset(p: Path, split: str | None) -> Records:
         msg = message_line(e)
         raise LayercardError(f"{p}: datasets.load_from_disk failed: {msg}") from None
     source = f"{p}[{chosen}]" if chosen else str(p)
-    return Records([(f"{source}:{i}", i, row) for i, row in enumerate(ds, start=1)], split=chosen)
+    label = f"{p.name}[{chosen}]" if chosen else p.name
+    return Records(dataset_rows(ds, source, label), split=chosen)
 
 
 def read_records(path: str | Path, *, split: str | None = None) -> Records:
-    """Every record of a data file or saved dataset folder (``split``: which split of a DatasetDict).
+    """Every record of a data file or saved dataset folder (``split``: which split of a DatasetDict); a
+    Parquet file's or saved dataset's as :class:`TableRows`, each row converted when read.
 
     A single file or saved Dataset is one split, named by its stem (or the split a Dataset records):
     another ``split`` raises :class:`~layercard.errors.MissingSplit`.

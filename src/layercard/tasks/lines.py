@@ -1,13 +1,9 @@
 """Large JSON-lines files, read a record at a time.
 
-A JSONL file of :data:`LAZY_BYTES` or more is indexed rather than parsed: one pass over its bytes checks
-that it is UTF-8 and notes where each record's line starts. Its examples (:class:`LineExamples`) are then
-parsed when a command reads them: a seeded subset of 64 parses 64 lines, whatever the file's size. The
-examples, their order, ids and line numbers are those the whole-file reader gives, so subsets, data
-hashes, cards and run folders are the same whichever reader read the file.
-
-What changes is when a malformed record is found: a record no command reads is not checked. Reading every
-example (training on the whole file, its data hash) checks each one, and a duplicate id, in file order.
+A JSONL file of :data:`~layercard.tasks.lazy.LAZY_BYTES` or more is indexed rather than parsed: one pass
+over its bytes checks that it is UTF-8 and notes where each record's line starts. Its examples
+(:class:`LineExamples`, a :class:`~layercard.tasks.lazy.LazyExamples`) are then parsed when a command
+reads them, with the ids and line numbers the whole-file reader gives.
 """
 
 from __future__ import annotations
@@ -18,17 +14,15 @@ import time
 from array import array
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, overload
+from typing import Any
 
 from layercard.errors import LayercardError
 from layercard.progress import count, say_progress
-from layercard.tasks.example import Example
-from layercard.tasks.schemas import check_field_map, detect_schema, record_to_example, schema_columns
+from layercard.tasks import lazy
+from layercard.tasks.lazy import LazyExamples, first_record_schema
 
-__all__ = ["LAZY_BYTES", "LineExamples", "index_lines", "is_line_file", "line_examples"]
+__all__ = ["LineExamples", "index_lines", "is_line_file", "line_examples"]
 
-# Below this size a file is parsed whole, so that every malformed record is reported before any work.
-LAZY_BYTES = 16 * 1024 * 1024
 _CHUNK = 1 << 24
 _BOM = codecs.BOM_UTF8
 # A command says it is reading a file this large, as the pass takes a second or more.
@@ -46,7 +40,7 @@ def is_line_file(p: Path) -> bool:
     if p.suffix.lower() in (".json", ".csv", ".tsv", ".parquet"):
         return False
     try:
-        return p.is_file() and p.stat().st_size >= LAZY_BYTES
+        return p.is_file() and p.stat().st_size >= lazy.LAZY_BYTES
     except OSError:
         return False
 
@@ -109,92 +103,45 @@ def _record(line: bytes, at_start: bool, where: str) -> Any:
         raise LayercardError(f"{where}: not valid JSON ({e.msg}: column {e.colno})") from None
 
 
-class LineExamples(Sequence[Example]):
+class LineExamples(LazyExamples):
     """The examples of an indexed JSONL file, each parsed from its line when read."""
 
     def __init__(
-        self,
-        path: Path,
-        offsets: array,
-        numbers: array,
-        *,
-        schema: str,
-        columns: Mapping[str, str | None],
-        stem: str,
-        stamp: tuple[int, int],
+        self, path: Path, offsets: array, numbers: array, *, stamp: tuple[int, int], **kw: Any
     ) -> None:
+        super().__init__(**kw)
         self.path = path
         self._offsets = offsets
         self._numbers = numbers
-        self.schema = schema
-        self._columns = dict(columns)
-        self._stem = stem
         self._stamp = stamp
+
+    @property
+    def label(self) -> str:
+        return self.path.name
 
     def __len__(self) -> int:
         return len(self._offsets)
 
-    def __repr__(self) -> str:
-        return f"LineExamples({str(self.path)!r}, {len(self)} examples)"
-
-    @overload
-    def __getitem__(self, i: int) -> Example: ...
-    @overload
-    def __getitem__(self, i: slice) -> tuple[Example, ...]: ...
-    def __getitem__(self, i: int | slice) -> Example | tuple[Example, ...]:
-        if isinstance(i, slice):
-            return self.take(range(*i.indices(len(self))))
-        n = len(self)
-        if not -n <= i < n:
-            raise IndexError(i)
-        return self.take([i % n])[0]
-
-    def _key(self) -> tuple[Any, ...]:
-        return (
-            self.path,
-            self._stamp,
-            self.schema,
-            tuple(sorted(self._columns.items(), key=str)),
-            self._stem,
-        )
-
-    def __eq__(self, other: object) -> bool:
-        if isinstance(other, LineExamples):  # the same file, unchanged, read alike
-            return self._key() == other._key()
-        return NotImplemented
-
-    def __hash__(self) -> int:
-        return hash(self._key())
+    def _source_key(self) -> tuple[Any, ...]:
+        return (self.path, self._stamp)
 
     def _open(self) -> Any:
         if _stamp(self.path) != self._stamp:
             raise LayercardError(f"{self.path}: changed since it was read; run the command again")
         return open(self.path, "rb")
 
-    def _example(self, line: bytes, k: int) -> Example:
+    def _row(self, line: bytes, k: int) -> tuple[str, int, Any]:
         lineno = self._numbers[k]
         where = f"{self.path}:{lineno}"
-        rec = _record(line, self._offsets[k] == 0, where)
-        return record_to_example(rec, self.schema, self._columns, where, f"{self._stem}-{lineno:05d}")
+        return where, lineno, _record(line, self._offsets[k] == 0, where)
 
-    def take(self, indices: Sequence[int]) -> tuple[Example, ...]:
-        """The examples at ``indices`` (each in range), in that order; a duplicate id among them is
-        refused as the whole-file reader refuses one."""
-        out: list[Example] = []
-        seen: set[str] = set()
+    def _rows_at(self, indices: Sequence[int]) -> Iterator[tuple[str, int, Any]]:
         with self._open() as f:
             for k in indices:
                 f.seek(self._offsets[k])
-                ex = self._example(f.readline(), k)
-                if ex.id in seen:
-                    raise LayercardError(f"{self.path}:{self._numbers[k]}: duplicate id {ex.id!r}")
-                seen.add(ex.id)
-                out.append(ex)
-        return tuple(out)
+                yield self._row(f.readline(), k)
 
-    def __iter__(self) -> Iterator[Example]:
-        """Every example in file order, each checked, and ids checked for duplicates."""
-        seen: set[str] = set()
+    def _all_rows(self) -> Iterator[tuple[str, int, Any]]:
         k, n = 0, len(self)
         with self._open() as f:
             for lineno, line in enumerate(f, start=1):
@@ -202,12 +149,8 @@ class LineExamples(Sequence[Example]):
                     break
                 if lineno != self._numbers[k]:
                     continue
-                ex = self._example(line, k)
-                if ex.id in seen:
-                    raise LayercardError(f"{self.path}:{lineno}: duplicate id {ex.id!r}")
-                seen.add(ex.id)
+                yield self._row(line, k)
                 k += 1
-                yield ex
 
 
 def line_examples(
@@ -228,13 +171,11 @@ def line_examples(
         raise LayercardError(f"{p}: changed while it was read; run the command again")
     if not offsets:
         raise LayercardError(f"{p}: no examples")
-    fmap = check_field_map(field_map)
     with open(p, "rb") as f:
         f.seek(offsets[0])
         where = f"{p}:{numbers[0]}"
-        rec = _record(f.readline(), offsets[0] == 0, where)
-    schema = detect_schema(rec, fmap, where)
-    columns = schema_columns(schema, fmap)
+        first = (where, numbers[0], _record(f.readline(), offsets[0] == 0, where))
+    schema, columns = first_record_schema(first, field_map)
     examples = LineExamples(p, offsets, numbers, schema=schema, columns=columns, stem=stem, stamp=stamp)
     examples.take([0])  # the first record is checked whole, as the schema was read from it
     if size >= _SAY_BYTES:

@@ -14,7 +14,7 @@ from layercard.artifacts import JsonListHash, sha256_json_list
 from layercard.errors import LayercardError
 from layercard.progress import track
 from layercard.tasks.example import Example
-from layercard.tasks.lines import LineExamples
+from layercard.tasks.lazy import LazyExamples
 from layercard.tasks.presets import PRESETS, TaskFormat
 
 __all__ = ["Task"]
@@ -28,7 +28,7 @@ class Task:
     source: str
     split: str
     format: TaskFormat
-    examples: Sequence[Example]  # a tuple, or a large file's examples read when used (LineExamples)
+    examples: Sequence[Example]  # a tuple, or large data's examples read when used (LazyExamples)
     # the schema of the records it was read from (chat, alpaca, input_target, text); None for a preset or
     # synthetic task, whose format holds its prompt
     schema: str | None = None
@@ -37,7 +37,7 @@ class Task:
     preset_chosen: bool = False
 
     def __post_init__(self) -> None:
-        if not isinstance(self.examples, LineExamples):  # a large file's stay on disk until read
+        if not isinstance(self.examples, LazyExamples):  # a large file's stay on disk until read
             object.__setattr__(self, "examples", tuple(self.examples))
 
     def __len__(self) -> int:
@@ -59,7 +59,7 @@ class Task:
         keeps the hash it had before they could be set, and cards and run folders made then stay valid;
         a prompt of one's own is hashed as it was before a chosen preset counted.
         """
-        if isinstance(self.examples, LineExamples):
+        if isinstance(self.examples, LazyExamples):
             for _ in self._read_all("hashing"):  # a whole read of a large file hashes it on the way
                 pass
             return self.__dict__["data_hash"]
@@ -75,16 +75,16 @@ class Task:
 
     def _read_all(self, doing: str) -> Iterable[Example]:
         """Every example; a large file's with a progress bar, as each is read from it."""
-        if isinstance(self.examples, LineExamples):
+        if isinstance(self.examples, LazyExamples):
             return self._read_file(doing)
         return self.examples
 
     def _read_file(self, doing: str) -> Iterator[Example]:
         """A large file's examples, hashed as they are read: a read to its end leaves :attr:`data_hash`
         known, so that comparing the file with another and recording its hash read it once."""
-        assert isinstance(self.examples, LineExamples)
+        assert isinstance(self.examples, LazyExamples)
         h = None if "data_hash" in self.__dict__ else JsonListHash(**self._hash_layout())
-        for ex in track(self.examples, f"{doing} {self.examples.path.name}", total=len(self.examples)):
+        for ex in track(self.examples, f"{doing} {self.examples.label}", total=len(self.examples)):
             if h is not None:
                 h.add(ex.to_dict())
             yield ex
@@ -120,7 +120,7 @@ class Task:
 
     def at(self, indices: Sequence[int]) -> Task:
         """The task of the examples at ``indices``, in that order (a large file's read in one go)."""
-        if isinstance(self.examples, LineExamples):
+        if isinstance(self.examples, LazyExamples):
             return dataclasses.replace(self, examples=self.examples.take(indices))
         return dataclasses.replace(self, examples=tuple(self.examples[i] for i in indices))
 
