@@ -222,7 +222,7 @@ def _figure(results: dict, path: Path) -> None:
             x = [r["records"] for r in rows]
             for ax, key in zip(axes[0], ("wall_s", "peak_rss_mib"), strict=True):
                 ax.plot(x, [r[key] for r in rows], styles[s % 4], marker="o", color=colours[command],
-                        label=f"{command} ({source})")  # fmt: skip
+                        label=f"{command} ({source}, {rows[0]['commit']})")  # fmt: skip
                 for r in rows:
                     if r["stopped"]:
                         ax.annotate(
@@ -246,7 +246,8 @@ def _figure(results: dict, path: Path) -> None:
                     (r["format"], r["records"], r["command"]): r[key] for r in tables if r["source"] == source
                 }
                 xs = [g + s * width for g, k in enumerate(groups) if k in by]
-                ax.bar(xs, [by[k] for k in groups if k in by], width, label=source)
+                commit = next(r["commit"] for r in tables if r["source"] == source)
+                ax.bar(xs, [by[k] for k in groups if k in by], width, label=f"{source}, {commit}")
             ax.set_xticks([g + 0.4 - width / 2 for g in range(len(groups))])
             ax.set_xticklabels([f"{f}\n{c}" for f, _, c in groups], fontsize=7)
             ax.set_ylabel(label)

@@ -7,7 +7,8 @@ holds an array of records, or JSON lines. A ``.csv`` file has CSV's quoting; a `
 it where the whole file is strictly quoted CSV with tabs (as Python's csv and pandas write it), else
 unquoted (tabs separate cells, quotes are text). A single file is one split, named by its stem. A saved
 dataset is a folder written by ``datasets.Dataset.save_to_disk`` (or a ``DatasetDict``'s, whose split is
-chosen by name).
+chosen by name). Parquet files and saved datasets are kept as tables (:class:`TableRows`), a row becoming a
+record when read.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ __all__ = [
     "Records",
     "TableRows",
     "check_own_split",
+    "dataset_rows",
     "dataset_splits",
     "is_saved_dataset",
     "read_records",
