@@ -165,6 +165,16 @@ def _plan(val: Path) -> Path:
     return plan
 
 
+def _upgrade(results: dict) -> dict:
+    """Results written before runs recorded their format and commit: JSONL, at the commit the file then
+    named for their source."""
+    sources = results.pop("sources", {})
+    for r in results["runs"].values():
+        r.setdefault("format", "jsonl")
+        r.setdefault("commit", sources.get(r["source"]))
+    return results
+
+
 def _table(results: dict) -> str:
     from layercard.artifacts import machine_text
 
@@ -276,12 +286,8 @@ def main() -> None:
     WORK.mkdir(parents=True, exist_ok=True)
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / "large_data.json"
-    results = json.loads(path.read_text()) if path.is_file() and not args.redo else {"runs": {}}
-    for r in results["runs"].values():  # rows from before formats and per-run commits were recorded
-        r.setdefault("format", "jsonl")
-        r.setdefault("commit", results.get("sources", {}).get(r["source"]))
+    results = _upgrade(json.loads(path.read_text()) if path.is_file() and not args.redo else {"runs": {}})
     results["machine"] = machine_info()
-    results.pop("sources", None)
     commits = {label: _commit(src) for label, src in sources}
     val = _records(WORK / "val.jsonl", 1000, "test")
     plan = _plan(val)

@@ -423,6 +423,24 @@ def test_a_symmetric_log_axis_keeps_its_negative_ticks_signed():
     assert texts and all(t.startswith(("-", "\u2212")) for t in texts if t), texts
 
 
+def test_a_process_set_to_typeset_with_latex_still_draws_plain_figures(tmp_path):
+    """A notebook's ``text.usetex`` does not reach layercard's figures: without LaTeX they would fail."""
+    import matplotlib
+    from matplotlib.text import Text
+
+    from layercard.plotting import new_figure, save_png
+
+    with matplotlib.rc_context({"text.usetex": True}):
+        fig, ax = new_figure()
+        ax.plot([1, 10, 100], [0.5, 0.2, 0.1])
+        ax.set_xscale("log")
+        ax.set_title("task a_b at $2 and $3")
+        png = save_png(fig, tmp_path / "f.png")
+    assert png.startswith(b"\x89PNG")
+    texts = fig.findobj(Text)
+    assert len(texts) > 5 and not any(t.get_usetex() for t in texts)  # tick labels made while drawing too
+
+
 def test_a_long_runs_loss_is_drawn_as_a_sliding_mean_over_its_faint_raw_losses(tmp_path, monkeypatch):
     import layercard.report.figures as report_figures
 

@@ -38,13 +38,33 @@ def test_a_command_past_its_time_is_stopped_and_said_so(bench, tmp_path, monkeyp
     with pytest.raises(SystemExit, match=r"failed \(3\)"):
         bench._run(["card"], src.parent, max_s=30)
     runs = {
-        "this/10/card": {"source": "this", "records": 10, "file_mib": 0.0, "command": "card",
-                         "wall_s": 1.25, "peak_rss_mib": 100.0, "stopped": False},
-        "before/10/card": {"source": "before", "records": 10, "file_mib": 0.0, "command": "card",
-                           "wall_s": 700.0, "peak_rss_mib": 4000.0, "stopped": True},
+        "this/10/card": {"source": "this", "commit": "abc", "format": "jsonl", "records": 10,
+                         "file_mib": 0.0, "command": "card", "wall_s": 1.25, "peak_rss_mib": 100.0,
+                         "stopped": False},
+        "before/parquet/10/card": {"source": "before", "commit": None, "format": "parquet", "records": 10,
+                                   "file_mib": 0.0, "command": "card", "wall_s": 700.0,
+                                   "peak_rss_mib": 4000.0, "stopped": True},
     }  # fmt: skip
-    text = bench._table(
-        {"machine": {"cpu_model": "cpu", "cpu_count": 2}, "sources": {"this": "abc"}, "runs": runs}
-    )
-    assert "| this | 10 | 0.0 | card | 1.2 | 100 |" in text
-    assert "| before | 10 | 0.0 | card | stopped at 700 | 4,000 (at the stop) |" in text
+    text = bench._table({"machine": {"cpu_model": "cpu", "cpu_count": 2}, "runs": runs})
+    assert "| this | abc | jsonl | 10 | 0.0 | card | 1.2 | 100 |" in text
+    assert "| before | ? | parquet | 10 | 0.0 | card | stopped at 700 | 4,000 (at the stop) |" in text
+    assert text.index("| this | abc | jsonl") < text.index("| before | ? | parquet")  # JSONL rows first
+
+
+def test_rows_written_before_formats_were_recorded_keep_their_commit(bench):
+    old = {"sources": {"this": "abc", "before": "def"}, "runs": {"this/10/card": {"source": "this"}}}
+    assert bench._upgrade(old) == {
+        "runs": {"this/10/card": {"source": "this", "format": "jsonl", "commit": "abc"}}
+    }
+
+
+def test_the_table_files_hold_the_jsonl_files_records(bench, tmp_path):
+    jsonl = bench._records(tmp_path / "r.jsonl", 30, "train")
+    from layercard.tasks import load_task
+
+    want = [(e.id, e.input, e.target) for e in load_task(str(jsonl)).examples]
+    for fmt in ("parquet", "dataset"):
+        data = bench._table_data(jsonl, fmt)
+        assert bench._table_data(jsonl, fmt) == data  # written once
+        assert [(e.id, e.input, e.target) for e in load_task(str(data)).examples] == want
+        assert bench._mib(data) >= 0.0 and not list(tmp_path.glob("*.part"))

@@ -417,7 +417,8 @@ def test_resume_equals_uninterrupted(tmp_path: Path, kind: str):
     for key in ("loss_curve", "val_curve"):
         for (s1, a), (s2, b) in zip(resumed[key], full[key], strict=True):
             assert s1 == s2 and a == pytest.approx(b, rel=1e-6, abs=1e-6)
-    assert sorted(p.name for p in (part / "checkpoints").iterdir()) == ["step-3", "step-6"]
+    # finished: the newest checkpoint alone, the one a longer run could go on from
+    assert [p.name for p in (part / "checkpoints").iterdir()] == ["step-6"]
     assert resumed["tokens_seen"] == full["tokens_seen"]
 
 
@@ -911,11 +912,11 @@ def test_a_finished_run_is_not_trained_over(lora_run, tmp_path):
     assert (run / "train_metrics.json").read_bytes() == before
     # nor resumed from a checkpoint short of its last step (a second `train --resume` of a finished run
     # whose last step was not checkpointed)
-    kept = TrainConfig(steps=4, **{**FAST, "checkpoint_every": 2, "eval_examples": 0})
+    kept = TrainConfig(steps=5, **{**FAST, "checkpoint_every": 2, "eval_examples": 0})
     train(lora_run["loaded"], lora_run["plan"], TRAIN, None, kept, tmp_path / "kept")
-    shutil.rmtree(tmp_path / "kept" / "checkpoints" / "step-4")
+    assert [p.name for p in (tmp_path / "kept" / "checkpoints").iterdir()] == ["step-4"]  # the newest alone
     before = (tmp_path / "kept" / "train_metrics.json").read_bytes()
-    with pytest.raises(LayercardError, match=r"a finished run of 4 steps .* its checkpoint step-2 is short"):
+    with pytest.raises(LayercardError, match=r"a finished run of 5 steps .* its checkpoint step-4 is short"):
         train(lora_run["loaded"], lora_run["plan"], TRAIN, None, kept, tmp_path / "kept", resume=True)
     assert (tmp_path / "kept" / "train_metrics.json").read_bytes() == before
 

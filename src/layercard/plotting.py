@@ -32,8 +32,10 @@ def new_figure(nrows: int = 1, ncols: int = 1, **kw: Any) -> tuple[Any, Any]:
 
 def plain_text(fig: Any) -> None:
     """Have every text of ``fig`` drawn as written: a task, file or model name holding two ``$`` would
-    otherwise be read as a formula, and drawing it fail (layercard's own labels use no formulas). Called
-    before anything lays the figure out or draws it.
+    otherwise be read as a formula, and drawing it fail (layercard's own labels use no formulas). Nor is
+    text sent to LaTeX where the process's settings ask for it (``text.usetex``, a notebook's choice): a
+    machine without LaTeX could then draw no figure. Called before anything lays the figure out or draws
+    it.
 
     A log axis names its ticks by formulas of its own (``10^{7}``); read as text they would show the
     formula's source, so such an axis is given the same ticks written as plain numbers."""
@@ -44,6 +46,7 @@ def plain_text(fig: Any) -> None:
 
     for text in fig.findobj(Text):
         text.set_parse_math(False)
+        text.set_usetex(False)
     for ax in fig.axes:
         for axis in (ax.xaxis, ax.yaxis):
             for get, put in (
@@ -73,7 +76,10 @@ def _signed_log_formatter() -> type:
 
 def save_png(fig: Any, path: str | os.PathLike[str], dpi: int = 110) -> bytes:
     """Write ``fig`` to ``path`` as PNG, atomically (tight bounding box); returns the bytes written."""
+    import matplotlib
+
     plain_text(fig)
-    with atomic_path(path) as tmp:
+    # texts made while drawing (tick labels) take the setting then
+    with atomic_path(path) as tmp, matplotlib.rc_context({"text.usetex": False}):
         fig.savefig(tmp, dpi=dpi, bbox_inches="tight", format="png")
         return Path(tmp).read_bytes()

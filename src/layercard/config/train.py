@@ -41,7 +41,12 @@ class TrainConfig(Schema):
     )
     eval_examples: int = setting(64, kind="int", minimum=0, help="validation examples; 0: no validation")
     eval_every: int = setting(25, kind="int", minimum=0, help="validate every N steps; 0: at the end only")
-    checkpoint_every: int = setting(50, kind="int", minimum=0, help="checkpoint every N steps; 0: never")
+    checkpoint_every: int = setting(
+        50,
+        kind="int",
+        minimum=0,
+        help="checkpoint every N steps (the last two kept; once finished, the newest); 0: never",
+    )
     log_every: int = setting(
         1, kind="int", minimum=1, help="keep every N-th step in the loss curve (and the first and last)"
     )

@@ -32,6 +32,7 @@ __all__ = [
     "dataset_splits",
     "is_saved_dataset",
     "read_records",
+    "reads_lines",
 ]
 
 DATA_SUFFIXES = (".jsonl", ".ndjson", ".json", ".csv", ".tsv", ".parquet")
@@ -354,8 +355,17 @@ def read_records(path: str | Path, *, split: str | None = None) -> Records:
     if suffix == ".parquet":
         return Records(_parquet(p))
     text = _read_text(p)
+    if reads_lines(p):
+        return Records(_jsonl(p, text))
     if suffix == ".json":
         return Records(_json(p, text))
-    if suffix in (".csv", ".tsv"):
-        return Records(_csv(p, text, "\t" if suffix == ".tsv" else ","), cells=True)
-    return Records(_jsonl(p, text))  # .jsonl, .ndjson and any other name: one JSON record per line
+    return Records(_csv(p, text, "\t" if suffix == ".tsv" else ","), cells=True)
+
+
+def reads_lines(p: Path) -> bool:
+    """Whether :func:`read_records` reads ``p`` as one JSON record per line: ``.jsonl``, ``.ndjson`` and
+    any name but the other data suffixes'."""
+    return p.suffix.lower() not in _NOT_LINES
+
+
+_NOT_LINES = (".json", ".csv", ".tsv", ".parquet")

@@ -19,6 +19,7 @@ from typing import Any
 from layercard.errors import LayercardError
 from layercard.progress import count, say_progress
 from layercard.tasks import lazy
+from layercard.tasks.formats import reads_lines
 from layercard.tasks.lazy import LazyExamples, first_record_schema
 
 __all__ = ["LineExamples", "index_lines", "is_line_file", "line_examples"]
@@ -37,7 +38,7 @@ class NotLineData(Exception):
 def is_line_file(p: Path) -> bool:
     """Whether ``p`` is read one record per line (``.jsonl``, ``.ndjson`` or any name but the other data
     suffixes) and is large enough to be read a record at a time."""
-    if p.suffix.lower() in (".json", ".csv", ".tsv", ".parquet"):
+    if not reads_lines(p):
         return False
     try:
         return p.is_file() and p.stat().st_size >= lazy.LAZY_BYTES

@@ -1,9 +1,10 @@
 """Checkpoints of a training run: trainable weights, optimizer and scheduler state, RNG states.
 
 ``out_dir/checkpoints/step-N/`` holds ``trainable.safetensors``, ``trainer_state.pt`` and ``state.json``
-(the run state, the settings fingerprint and the memory figures of the session that wrote it); the last
-two checkpoints are kept. With the seeded data stream this is all a resumed run needs to reproduce the
-uninterrupted loss curve.
+(the run state, the settings fingerprint and the memory figures of the session that wrote it). A run
+that trains keeps its last two checkpoints, a finished run its newest alone (:func:`prune_checkpoints`):
+an older one could resume nothing, since a finished run is extended only from its last step. With the
+seeded data stream this is all a resumed run needs to reproduce the uninterrupted loss curve.
 """
 
 from __future__ import annotations
@@ -125,9 +126,14 @@ def save_checkpoint(
         (tmp / STATE_FILE).write_text(
             json.dumps({**state, "numpy_rng": _numpy_state()}) + "\n", encoding="utf-8"
         )
-    for _, old in _checkpoints(out_dir)[:-_KEEP_CHECKPOINTS]:
-        shutil.rmtree(old, ignore_errors=True)
+    prune_checkpoints(out_dir, _KEEP_CHECKPOINTS)
     return final
+
+
+def prune_checkpoints(out_dir: Path, keep: int) -> None:
+    """Remove all but the newest ``keep`` checkpoints of a run."""
+    for _, old in _checkpoints(out_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def _damaged(file: Path, why: BaseException | str) -> LayercardError:

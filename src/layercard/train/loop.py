@@ -55,6 +55,7 @@ from layercard.train.checkpoints import (
     kept_random_state,
     latest_checkpoint,
     load_checkpoint,
+    prune_checkpoints,
     save_checkpoint,
 )
 from layercard.train.config import _MIXED_PRECISION, VALID_KINDS, TrainConfig
@@ -1158,6 +1159,7 @@ def _finish(
             base_files=loaded.base_files,
         )
         metrics.save(run.out_dir / METRICS_FILE)
+        prune_checkpoints(run.out_dir, 1)
     acc.wait_for_everyone()
     return metrics
 
