@@ -218,7 +218,10 @@ def test_chat_messages_keep_the_conversation(tmp_path):
         ([], "must be a non-empty list"),
         ([{"role": "user", "content": "hi"}], "the last turn must be the assistant's"),
         ([{"role": "assistant", "content": "hi"}], "must start with a user turn"),
-        ([{"role": "human", "content": "hi"}], "field 'messages'[0].role: 'human' is not one of system"),
+        (
+            [{"role": "bot", "content": "hi"}],
+            "field 'messages'[0].role: 'bot' is not one of system, user, assistant, human, gpt",
+        ),
         ([{"role": "user", "content": ""}], "field 'messages'[0].content: must be a non-empty string"),
         (
             [{"from": "user", "content": "hi"}],
@@ -233,6 +236,87 @@ def test_chat_messages_keep_the_conversation(tmp_path):
 def test_bad_conversations_name_file_line_and_turn(tmp_path, messages, message):
     p = write_jsonl(tmp_path / "c.jsonl", [CHAT[1], {"messages": messages}])
     with pytest.raises(LayercardError, match=re.escape(f"{p}:2: ") + ".*" + re.escape(message)):
+        load_task(str(p))
+
+
+def _sharegpt(row: dict) -> dict:
+    """A chat record in ShareGPT's layout: the system turn as a field of its own."""
+    turns = row["messages"]
+    names = {"user": "human", "assistant": "gpt"}
+    out: dict = {"conversations": [{"from": names[m["role"]], "value": m["content"]} for m in turns[1:]]}
+    if turns[0]["role"] == "system":
+        out["system"] = turns[0]["content"]
+    else:
+        out["conversations"].insert(0, {"from": names[turns[0]["role"]], "value": turns[0]["content"]})
+    return out
+
+
+def test_sharegpt_conversations_read_as_the_same_chat_examples(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [_sharegpt(r) for r in CHAT]
+    assert rows[0]["system"] == "Be brief." and "system" not in rows[1]
+    chat = load_task(str(write_jsonl(tmp_path / "m" / "chat.jsonl", CHAT)))
+    files = [write_jsonl(tmp_path / "s" / "chat.jsonl", rows)]
+    files.append(tmp_path / "a" / "chat.json")
+    files[-1].parent.mkdir()
+    files[-1].write_text(json.dumps(rows, indent=1))
+    files.append(tmp_path / "p" / "chat.parquet")
+    files[-1].parent.mkdir()
+    pq.write_table(pa.Table.from_pylist([{"system": None, **r} for r in rows]), files[-1])
+    (tmp_path / "c").mkdir()
+    files.append(write_csv(tmp_path / "c" / "chat.csv", [{"system": r.get("system", ""),
+                                                          "conversations": json.dumps(r["conversations"])}
+                                                         for r in rows]))  # fmt: skip
+    for f in files:
+        t = load_task(str(f))
+        assert t.format.name == "chat" and t.schema == "chat", f
+        # turns, input, target and no leftover fields; a CSV row's id is its line, after the header
+        same = [(e.input, e.target, e.messages, e.meta) for e in t.examples]
+        assert same == [(e.input, e.target, e.messages, e.meta) for e in chat.examples], f
+        assert t.data_hash == chat.data_hash or f.suffix == ".csv", f
+    # "human" and "gpt" are user and assistant in any chat data
+    renamed = [
+        {
+            "messages": [
+                {**m, "role": {"user": "human"}.get(m["role"], m["role"])} for m in CHAT[1]["messages"]
+            ]
+        }
+    ]
+    assert load_task(str(write_jsonl(tmp_path / "r.jsonl", renamed))).examples[0].messages == (
+        ("user", "2+2?"),
+        ("assistant", "4"),
+    )
+
+
+def test_a_sharegpt_system_field_and_the_field_map(tmp_path):
+    conv = [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello."}]
+    both = {"system": "Be brief.", "conversations": [{"from": "system", "value": "Terse."}, *conv]}
+    p = write_jsonl(tmp_path / "both.jsonl", [both])
+    with pytest.raises(LayercardError, match=re.escape(f"{p}:1: field 'system' and the conversation's own")):
+        load_task(str(p))
+    p = write_jsonl(tmp_path / "odd.jsonl", [{"conversations": conv}, {"conversations": conv, "system": 3}])
+    with pytest.raises(LayercardError, match=re.escape(f"{p}:2: field 'system' must be a string, got int")):
+        load_task(str(p))
+    # a null or blank system field is none; the field map names it for other chat data
+    p = write_jsonl(tmp_path / "blank.jsonl", [{"conversations": conv, "system": " "}])
+    assert load_task(str(p)).examples[0].messages[0] == ("user", "Hi")
+    own = [
+        {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}], "sys": "S"}
+    ]
+    p = write_jsonl(tmp_path / "own.jsonl", own)
+    assert load_task(str(p)).examples[0].meta == {"sys": "S"}  # not read unless named
+    t = load_task(str(p), field_map={"system": "sys"})
+    assert t.examples[0].messages[0] == ("system", "S") and t.examples[0].meta == {}
+    # a field map naming other fields reads the record as they say
+    p = write_jsonl(tmp_path / "qa.jsonl", [{"conversations": conv, "q": "x", "a": "y"}])
+    assert load_task(str(p), field_map={"input": "q", "target": "a"}).schema == "input_target"
+    tool = {"conversations": [*conv[:1], {"from": "function_call", "value": "f()"}, conv[1]]}
+    p = write_jsonl(tmp_path / "tool.jsonl", [tool])
+    with pytest.raises(
+        LayercardError, match=re.escape("'conversations'[1].from: 'function_call' is not one of")
+    ):
         load_task(str(p))
 
 

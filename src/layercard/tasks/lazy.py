@@ -20,7 +20,13 @@ from typing import Any, overload
 from layercard.errors import LayercardError
 from layercard.tasks.example import Example
 from layercard.tasks.formats import TableRows
-from layercard.tasks.schemas import check_field_map, detect_schema, record_to_example, schema_columns
+from layercard.tasks.schemas import (
+    check_field_map,
+    detect_schema,
+    detected_map,
+    record_to_example,
+    schema_columns,
+)
 
 __all__ = ["LAZY_BYTES", "LazyExamples", "TableExamples", "table_examples"]
 
@@ -137,9 +143,9 @@ def first_record_schema(
     first: tuple[str, int, Any], field_map: Mapping[str, str] | None
 ) -> tuple[str, dict[str, str | None]]:
     """(schema, columns) of a source whose first record is ``first``, as the whole-source reader detects
-    them."""
-    fmap = check_field_map(field_map)
+    them; a ShareGPT conversation's columns join the field map (:func:`.schemas.detected_map`)."""
     where, _, rec = first
+    fmap = detected_map(rec, check_field_map(field_map))
     schema = detect_schema(rec, fmap, where)
     return schema, schema_columns(schema, fmap)
 

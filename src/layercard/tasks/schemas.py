@@ -13,8 +13,13 @@ text          text                                   plain-text completion: the 
 ============  =====================================  ===================================================
 
 When several fit, the first in this order wins. Every schema reads an optional ``id``; other fields go
-to ``Example.meta``. A field map names the column of a field: ``{"input": "question"}`` reads ``input``
-from ``question`` (``role``/``content`` rename the keys inside chat messages). Fields the map names
+to ``Example.meta``. A conversation in ShareGPT's layout (``conversations: [{from, value}, ...]``, roles
+``human`` and ``gpt``, an optional ``system`` field) is chat data: where the first record has one and the
+field map names no schema's fields, :func:`detected_map` reads it through the field map
+``messages=conversations, role=from, content=value, system=system``. Chat roles ``human`` and
+``gpt`` are read as ``user`` and ``assistant``. A field map names the column of a field:
+``{"input": "question"}`` reads ``input`` from ``question`` (``role``/``content`` rename the keys inside
+chat messages, ``system`` names a column holding the conversation's system prompt). Fields the map names
 also choose the schema: mapping ``target`` says the data is ``input_target`` even before its first row
 is read. Two fields read one column only where the map says so (:func:`schema_columns`). Errors start
 with ``where`` (``FILE:LINE``, or ``SOURCE:ROW`` for tables).
@@ -29,11 +34,20 @@ from typing import Any
 from layercard.errors import LayercardError
 from layercard.tasks.example import ROLES, Example
 
-__all__ = ["FIELDS", "SCHEMAS", "check_field_map", "detect_schema", "record_to_example", "schema_columns"]
+__all__ = [
+    "FIELDS",
+    "ROLE_NAMES",
+    "SCHEMAS",
+    "check_field_map",
+    "detect_schema",
+    "detected_map",
+    "record_to_example",
+    "schema_columns",
+]
 
 SCHEMAS = ("chat", "alpaca", "input_target", "text")
 FIELDS = ("id", "input", "target", "references", "instruction", "output", "messages", "text")
-FIELDS += ("role", "content")  # the keys inside chat messages
+FIELDS += ("role", "content", "system")  # the keys inside chat messages; a conversation's system prompt
 _REQUIRED = {
     "chat": ("messages",),
     "alpaca": ("instruction", "output"),
@@ -42,11 +56,15 @@ _REQUIRED = {
 }
 # Fields that belong to one schema alone: naming one in the field map chooses that schema.
 _DISTINCT = {
-    "chat": ("messages", "role", "content"),
+    "chat": ("messages", "role", "content", "system"),
     "alpaca": ("instruction", "output"),
     "input_target": ("target",),
     "text": ("text",),
 }
+# Role names chat data may use for the two speakers (ShareGPT's), read as the roles they stand for.
+ROLE_NAMES = {"human": "user", "gpt": "assistant"}
+# ShareGPT's columns: the conversation, the keys of each turn, and the system prompt beside them.
+_SHAREGPT = {"messages": "conversations", "role": "from", "content": "value", "system": "system"}
 _DESCRIBE = "messages (chat), instruction + output (Alpaca), input + target, or text"
 
 
@@ -74,7 +92,7 @@ def _present(rec: Mapping[str, Any], column: str) -> bool:
 # Every field a schema reads, each from a column (role and content: a key of a message) of its own; the
 # optional ones in the second tuple.
 _READS = {
-    "chat": ((("id", "messages"), ("id",)), (("role", "content"), ())),
+    "chat": ((("id", "messages", "system"), ("id", "system")), (("role", "content"), ())),
     "alpaca": ((("id", "instruction", "input", "output", "references"), ("id", "input", "references")),),
     "input_target": ((("id", "input", "target", "references"), ("id", "references")),),
     "text": ((("id", "text"), ("id",)),),
@@ -104,6 +122,27 @@ def schema_columns(schema: str, fmap: Mapping[str, str]) -> dict[str, str | None
                     "meant to read it)"
                 )
     return columns
+
+
+def detected_map(rec: Any, fmap: Mapping[str, str]) -> dict[str, str]:
+    """``fmap`` with ShareGPT's columns added where ``rec`` is a conversation in its layout (a non-empty
+    ``conversations`` list whose first turn has ``from`` and ``value``, and no ``messages``) and the map
+    names no schema's fields; else ``fmap`` as it is."""
+    if (
+        not isinstance(rec, Mapping)
+        or "messages" in rec
+        or any(f in fmap for fs in _DISTINCT.values() for f in fs)
+    ):
+        return dict(fmap)
+    turns = rec.get("conversations")
+    if isinstance(turns, str):  # a table cell holding the conversation as JSON
+        turns = _json_cell(turns)
+    if not isinstance(turns, Sequence) or isinstance(turns, str) or not turns:
+        return dict(fmap)
+    first = turns[0]
+    if not isinstance(first, Mapping) or "from" not in first or "value" not in first:
+        return dict(fmap)
+    return {**fmap, **_SHAREGPT}
 
 
 def detect_schema(rec: Any, fmap: Mapping[str, str], where: str) -> str:
@@ -208,19 +247,41 @@ def _messages(rec: Mapping[str, Any], fmap: Mapping[str, str], where: str, cells
         for key in (role_key, content_key):
             if key not in m:  # a mapped key the items lack: say which keys they have
                 raise LayercardError(f"{at}: no key {key!r} (the item's keys: {', '.join(map(str, m))})")
+        role = ROLE_NAMES.get(role, role) if isinstance(role, str) else role
         if role not in ROLES:
-            raise LayercardError(f"{at}.{role_key}: {role!r} is not one of {', '.join(ROLES)}")
+            names = ", ".join((*ROLES, *ROLE_NAMES))
+            raise LayercardError(f"{at}.{role_key}: {m.get(role_key)!r} is not one of {names}")
         if not isinstance(content, str) or not content.strip():
             raise LayercardError(f"{at}.{content_key}: must be a non-empty string, got {content!r}")
         if role == "system" and k > 0:
             raise LayercardError(f"{at}: a system turn may only come first")
         turns.append((role, _whole_characters(content, f"{at}.{content_key}")))
+    system = _system(rec, fmap.get("system"), where, cells)
+    if system is not None:
+        if turns[0][0] == "system":
+            raise LayercardError(
+                f"{where}: field {fmap['system']!r} and the conversation's own system turn: give one of them"
+            )
+        turns.insert(0, ("system", system))
     rest = turns[1:] if turns[0][0] == "system" else turns
     if not rest or rest[0][0] != "user":
         raise LayercardError(f"{where}: field {column!r}: the conversation must start with a user turn")
     if turns[-1][0] != "assistant":
         raise LayercardError(f"{where}: field {column!r}: the last turn must be the assistant's (the target)")
     return tuple(turns)
+
+
+def _system(rec: Mapping[str, Any], column: str | None, where: str, cells: bool) -> str | None:
+    """The conversation's system prompt from its own column, where the field map names one; None where
+    it has none (absent, null, or an empty cell)."""
+    if column is None:
+        return None
+    value = rec.get(column)
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    if not isinstance(value, str):
+        raise LayercardError(f"{where}: field {column!r} must be a string, got {type(value).__name__}")
+    return _whole_characters(value, f"{where}: field {column!r}")
 
 
 def _example_id(rec: Mapping[str, Any], column: str, default: str, where: str) -> str:
@@ -246,7 +307,7 @@ def record_to_example(
         users = [c for r, c in messages if r == "user"]
         inp, target = users[-1], messages[-1][1]
         refs: tuple[str, ...] = (target,)
-        used.add(_col(fmap, "messages"))
+        used |= {_col(fmap, "messages"), fmap.get("system")}
     elif schema == "text":
         inp, target = "", _text(rec, _col(fmap, "text"), where)
         refs = (target,)
