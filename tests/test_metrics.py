@@ -91,6 +91,49 @@ def test_rouge_l_by_hand():
     assert value == pytest.approx((5 / 6 + 0.0) / 2)
 
 
+def test_rouge_l_is_rouge_scores_own_on_ascii_text():
+    """On ASCII text the words are those of rouge_score's default tokenizer (with Porter stemming), so
+    scores match the literature's; checked on random ASCII text and, where present, SAMSum's summaries."""
+    import json
+    import os
+    import random
+    from pathlib import Path
+
+    from rouge_score import rouge_scorer
+
+    reference = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    rng = random.Random(0)
+    words = ["Running", "ran", "cats", "the", "A", "quickly", "it's", "U.S.", "x2", "3.5", "well-known", "_"]
+    pairs = []
+    for _ in range(200):
+        pick = lambda: " ".join(rng.choice(words) + rng.choice(["", ",", "!", " --"]) for _ in range(8))  # noqa: E731
+        pairs.append((pick(), pick()))
+    root = Path(os.environ.get("LAYERCARD_DATA", "../shared/data")) / "samsum" / "validation.jsonl"
+    if root.is_file():
+        rows = [json.loads(line) for line in root.read_text(encoding="utf-8").splitlines()[:300]]
+        texts = [r["target"] for r in rows if r["target"].isascii()]
+        pairs += list(zip(texts, texts[1:], strict=False))
+    for pred, ref in pairs:
+        want = reference.score(ref, pred)["rougeL"].fmeasure
+        assert rouge_l([pred], [[ref]]) == pytest.approx(want, abs=1e-12), (pred, ref)
+
+
+def test_rouge_l_and_token_f1_read_every_script():
+    """rouge_score alone keeps a-z and 0-9 only: Russian or Chinese text would have no words and score 0."""
+    from rouge_score import rouge_scorer
+
+    reference = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    ru = ("кошка спит на окне", "кошка сидит на окне")
+    zh = ("今天天气很好", "今天天气不错")  # no spaces: each character a word
+    assert reference.score(ru[1], ru[0])["rougeL"].fmeasure == 0.0
+    assert rouge_l([ru[0]], [[ru[1]]]) == pytest.approx(3 / 4)
+    assert rouge_l([zh[0]], [[zh[1]]]) == pytest.approx(4 / 6)
+    assert rouge_l(["Größe"], [["größe"]]) == 1.0 and rouge_l(["Größe"], [["grosse"]]) == 0.0
+    assert token_f1(zh[0], [zh[1]]) == pytest.approx(4 / 6)
+    assert token_f1("東京 は 大きい", ["東京は大きい"]) == 1.0  # the same characters, spaced or not
+    assert token_f1("the cat sat", ["a cat sat"]) == 1.0  # space-separated text as before
+
+
 def test_bleu_multi_reference():
     preds = ["the cat sat on the mat today", "a dog barked at the mailman loudly"]
     refs = [

@@ -44,6 +44,18 @@ __all__ = [
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCT = set(string.punctuation)
+# Scripts written without spaces between words (Thai, Lao, Myanmar, Khmer, Japanese kana, CJK
+# ideographs): each of their characters is counted as a word.
+_UNSPACED = re.compile(
+    "[\u0e00-\u0eff\u1000-\u109f\u1780-\u17ff\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
+    "\U00020000-\U0003134f]"
+)
+_WORD = re.compile(r"[^\W_]+")  # letters and digits of any script
+
+
+def _spaced(text: str) -> str:
+    """``text`` with each character of a script written without spaces set apart as a word."""
+    return _UNSPACED.sub(r" \g<0> ", text)
 
 
 def normalize_text(text: str, *, articles: bool = True) -> str:
@@ -108,9 +120,10 @@ def _f1_one(pred_tokens: list[str], ref_tokens: list[str]) -> float:
 
 
 def token_f1(prediction: str, references: Sequence[str]) -> float:
-    """SQuAD token F1 over normalised whitespace tokens (bag of words), max over references."""
+    """SQuAD token F1 over normalised whitespace tokens (bag of words), max over references; each
+    character of a script written without spaces (Chinese, Japanese, Thai) is a token."""
     pairs = _normalized_pairs(prediction, references)
-    return max((_f1_one(p.split(), r.split()) for p, r in pairs), default=0.0)
+    return max((_f1_one(_spaced(p).split(), _spaced(r).split()) for p, r in pairs), default=0.0)
 
 
 _ROUGE_SCORER = None
@@ -119,22 +132,36 @@ _ROUGE_SCORER = None
 def _rouge_scorer():  # built lazily: importing rouge_score pulls in nltk, which is slow
     global _ROUGE_SCORER
     if _ROUGE_SCORER is None:
+        from nltk.stem import porter
         from rouge_score import rouge_scorer, tokenizers
 
+        class WordTokenizer(tokenizers.Tokenizer):
+            """rouge_score's default tokenizer on ASCII text (lowercased runs of letters and digits, words
+            of four characters or more Porter-stemmed), keeping the letters of every script: the default
+            drops every character outside a-z and 0-9, so that a text in Russian or Chinese has no
+            words and every prediction scores 0. Words with letters beyond ASCII are not stemmed (the
+            stemmer is English's); each character of a script written without spaces is a word."""
+
+            def __init__(self) -> None:
+                self._stemmer = porter.PorterStemmer()
+
+            def tokenize(self, text: str) -> list[str]:
+                words = _WORD.findall(_spaced(text.lower()))
+                return [self._stemmer.stem(w) if len(w) > 3 and w.isascii() else w for w in words]
+
         # Porter stemming as in the SAMSum/CNN-DM literature and Google's reference scripts. The tokenizer
-        # is given, the same as the default: left to choose it, the scorer logs through absl, which gives
-        # the process's root logger a handler of its own (and a caller's logging.basicConfig then does
-        # nothing).
-        _ROUGE_SCORER = rouge_scorer.RougeScorer(
-            ["rougeL"], use_stemmer=True, tokenizer=tokenizers.DefaultTokenizer(use_stemmer=True)
-        )
+        # is given: left to choose it, the scorer logs through absl, which gives the process's root logger
+        # a handler of its own (and a caller's logging.basicConfig then does nothing).
+        _ROUGE_SCORER = rouge_scorer.RougeScorer(["rougeL"], tokenizer=WordTokenizer())
     return _ROUGE_SCORER
 
 
 def rouge_l(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> float:
     """Mean ROUGE-L F-measure in [0, 1] (not ×100); per example the best reference counts.
 
-    Uses ``rouge_score`` (lowercases, keeps only ASCII letters and digits, Porter stemming).
+    Uses ``rouge_score`` with its default tokenization on ASCII text (lowercased letters and digits,
+    Porter stemming), kept for the letters of every script (words beyond ASCII unstemmed; a character
+    of Chinese, Japanese or Thai a word of its own).
     """
     _check_parallel(predictions, references, "rouge_l")
     scorer = _rouge_scorer()
