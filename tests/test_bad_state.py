@@ -519,6 +519,26 @@ def test_what_an_atomic_write_leaves_has_the_usual_modes(tmp_path: Path) -> None
         os.umask(mask)
 
 
+def test_an_atomic_write_reads_the_umask_without_setting_it(tmp_path: Path, monkeypatch) -> None:
+    """Setting the umask to learn it would leave other threads a moment with no mask: where the system
+    reports it (Linux), it is read, and the modes follow it (0o027 here)."""
+    import os
+
+    if not Path("/proc/self/status").is_file() or "Umask:" not in Path("/proc/self/status").read_text():
+        pytest.skip("this system does not report the umask in /proc/self/status")
+    mask = os.umask(0o027)
+    calls = []
+    real = os.umask
+    monkeypatch.setattr(os, "umask", lambda m: calls.append(m) or real(m))
+    try:
+        with artifacts.atomic_path(tmp_path / "one.json") as tmp:
+            tmp.write_text("{}")
+            tmp.chmod(0o600)
+        assert (tmp_path / "one.json").stat().st_mode & 0o777 == 0o640 and calls == []
+    finally:
+        real(mask)
+
+
 def test_an_atomic_write_reaches_the_disk_before_its_rename(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

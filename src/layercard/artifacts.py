@@ -564,6 +564,14 @@ def _not_written(final: Path, e: Exception, free: Path | None = None) -> Layerca
 
 
 def _current_umask() -> int:
+    """The process's umask, read where the system reports it: setting it to learn it (the only other way)
+    leaves a moment in which another thread's files are made with no mask at all."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
     mask = os.umask(0)
     os.umask(mask)
     return mask
