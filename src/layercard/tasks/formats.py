@@ -31,6 +31,7 @@ __all__ = [
     "dataset_rows",
     "dataset_splits",
     "is_saved_dataset",
+    "item_by_take",
     "read_records",
     "reads_lines",
 ]
@@ -224,12 +225,7 @@ class TableRows(Sequence[tuple[str, int, Any]]):
     @overload
     def __getitem__(self, i: slice) -> list[tuple[str, int, Any]]: ...
     def __getitem__(self, i: int | slice) -> tuple[str, int, Any] | list[tuple[str, int, Any]]:
-        if isinstance(i, slice):
-            return self.take(range(*i.indices(len(self))))
-        n = len(self)
-        if not -n <= i < n:
-            raise IndexError(i)
-        return self.take([i % n])[0]
+        return item_by_take(self, i)
 
     def __iter__(self) -> Iterator[tuple[str, int, Any]]:
         self._check()
@@ -242,6 +238,17 @@ class TableRows(Sequence[tuple[str, int, Any]]):
                 recs = _batch_rows(self._data[start:stop], stop - start)
             for i, rec in enumerate(recs, start=start + 1):
                 yield f"{self.source}:{i}", i, rec
+
+
+def item_by_take(seq: Any, i: int | slice) -> Any:
+    """``seq[i]`` for a sequence read through its ``take(indices)`` (a slice: the items it spans, in one
+    read), with a list's negative indices and IndexError."""
+    if isinstance(i, slice):
+        return seq.take(range(*i.indices(len(seq))))
+    n = len(seq)
+    if not -n <= i < n:
+        raise IndexError(i)
+    return seq.take([i % n])[0]
 
 
 def _batch_rows(batch: dict[str, list[Any]], n: int) -> list[dict[str, Any]]:

@@ -19,7 +19,7 @@ from typing import Any, overload
 
 from layercard.errors import LayercardError
 from layercard.tasks.example import Example
-from layercard.tasks.formats import TableRows
+from layercard.tasks.formats import TableRows, item_by_take
 from layercard.tasks.schemas import (
     check_field_map,
     detect_schema,
@@ -75,12 +75,7 @@ class LazyExamples(Sequence[Example], ABC):
     @overload
     def __getitem__(self, i: slice) -> tuple[Example, ...]: ...
     def __getitem__(self, i: int | slice) -> Example | tuple[Example, ...]:
-        if isinstance(i, slice):
-            return self.take(range(*i.indices(len(self))))
-        n = len(self)
-        if not -n <= i < n:
-            raise IndexError(i)
-        return self.take([i % n])[0]
+        return item_by_take(self, i)
 
     def _key(self) -> tuple[Any, ...]:
         columns = tuple(sorted(self._columns.items(), key=str))
