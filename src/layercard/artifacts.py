@@ -567,7 +567,7 @@ def _current_umask() -> int:
     """The process's umask, read where the system reports it: setting it to learn it (the only other way)
     leaves a moment in which another thread's files are made with no mask at all."""
     try:
-        for line in Path("/proc/self/status").read_text().splitlines():
+        for line in Path("/proc/self/status").read_text(encoding="utf-8", errors="replace").splitlines():
             if line.startswith("Umask:"):
                 return int(line.split()[1], 8)
     except (OSError, ValueError, IndexError):
