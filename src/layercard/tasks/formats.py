@@ -181,17 +181,14 @@ class TableRows(Sequence[tuple[str, int, Any]]):
     _BATCH = 10_000
 
     def __init__(self, source: str, label: str, data: Any, files: Sequence[Path]) -> None:
+        import pyarrow as pa  # what both kinds of table are made of
+
         self.source = source
         self.label = label
-        self._data = data  # a pyarrow.Table, or a datasets.Dataset
+        self._data = data
+        self._arrow = isinstance(data, pa.Table)  # else a datasets.Dataset
         self._files = tuple(files)
         self._stamps = _stamps(self._files)
-
-    @property
-    def _arrow(self) -> bool:
-        import pyarrow as pa
-
-        return isinstance(self._data, pa.Table)
 
     @property
     def nbytes(self) -> int:
