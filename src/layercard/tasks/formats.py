@@ -28,8 +28,10 @@ __all__ = [
     "Records",
     "TableRows",
     "check_own_split",
+    "check_unchanged",
     "dataset_rows",
     "dataset_splits",
+    "file_stamps",
     "is_saved_dataset",
     "item_by_take",
     "read_records",
@@ -164,12 +166,22 @@ def _cells(p: Path, text: str, delimiter: str, quoting: int, *, strict: bool) ->
     return rows
 
 
-def _stamps(files: Sequence[Path]) -> tuple[tuple[str, int, int], ...]:
+Stamps = tuple[tuple[str, int, int], ...]
+
+
+def file_stamps(files: Sequence[Path]) -> Stamps:
+    """(path, size, modification time) of each file: what tells that data read from them has changed."""
     out = []
     for f in files:
         st = f.stat()
         out.append((str(f), st.st_size, st.st_mtime_ns))
     return tuple(out)
+
+
+def check_unchanged(what: str | Path, files: Sequence[Path], stamps: Stamps) -> None:
+    """Refuse to read on from ``files`` where they changed since ``stamps`` were taken of them."""
+    if file_stamps(files) != stamps:
+        raise LayercardError(f"{what}: changed since it was read; run the command again")
 
 
 class TableRows(Sequence[tuple[str, int, Any]]):
@@ -188,7 +200,7 @@ class TableRows(Sequence[tuple[str, int, Any]]):
         self._data = data
         self._arrow = isinstance(data, pa.Table)  # else a datasets.Dataset
         self._files = tuple(files)
-        self._stamps = _stamps(self._files)
+        self._stamps = file_stamps(self._files)
 
     @property
     def nbytes(self) -> int:
@@ -203,8 +215,7 @@ class TableRows(Sequence[tuple[str, int, Any]]):
         return (self.source, self._stamps)
 
     def _check(self) -> None:
-        if _stamps(self._files) != self._stamps:
-            raise LayercardError(f"{self.source}: changed since it was read; run the command again")
+        check_unchanged(self.source, self._files, self._stamps)
 
     def _records(self, indices: Sequence[int]) -> list[Any]:
         if self._arrow:

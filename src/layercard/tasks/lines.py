@@ -19,7 +19,7 @@ from typing import Any
 from layercard.errors import LayercardError
 from layercard.progress import count, say_progress
 from layercard.tasks import lazy
-from layercard.tasks.formats import reads_lines
+from layercard.tasks.formats import Stamps, check_unchanged, file_stamps, reads_lines
 from layercard.tasks.lazy import LazyExamples, first_record_schema
 
 __all__ = ["LineExamples", "index_lines", "is_line_file", "line_examples"]
@@ -54,11 +54,6 @@ def _has_text(line: bytes) -> bool:
     if 0x21 <= s[0] <= 0x7E:  # a printable ASCII character is never white space
         return True
     return bool(s.decode("utf-8", "replace").strip())
-
-
-def _stamp(p: Path) -> tuple[int, int]:
-    st = p.stat()
-    return st.st_size, st.st_mtime_ns
 
 
 def index_lines(p: Path) -> tuple[array, array]:
@@ -107,9 +102,7 @@ def _record(line: bytes, at_start: bool, where: str) -> Any:
 class LineExamples(LazyExamples):
     """The examples of an indexed JSONL file, each parsed from its line when read."""
 
-    def __init__(
-        self, path: Path, offsets: array, numbers: array, *, stamp: tuple[int, int], **kw: Any
-    ) -> None:
+    def __init__(self, path: Path, offsets: array, numbers: array, *, stamp: Stamps, **kw: Any) -> None:
         super().__init__(**kw)
         self.path = path
         self._offsets = offsets
@@ -127,8 +120,7 @@ class LineExamples(LazyExamples):
         return (self.path, self._stamp)
 
     def _open(self) -> Any:
-        if _stamp(self.path) != self._stamp:
-            raise LayercardError(f"{self.path}: changed since it was read; run the command again")
+        check_unchanged(self.path, (self.path,), self._stamp)
         return open(self.path, "rb")
 
     def _row(self, line: bytes, k: int) -> tuple[str, int, Any]:
@@ -160,7 +152,7 @@ def line_examples(
     """(schema, examples) of a large JSONL file, read a record at a time; None where the whole-file
     reader must read it (:class:`NotLineData`), which then names what is wrong with it."""
     size = p.stat().st_size
-    stamp = _stamp(p)
+    stamp = file_stamps((p,))
     t0 = time.monotonic()
     if size >= _SAY_BYTES:
         say_progress(f"indexing {p.name} ({size / 2**20:,.0f} MiB)")
@@ -168,7 +160,7 @@ def line_examples(
         offsets, numbers = index_lines(p)
     except NotLineData:
         return None
-    if _stamp(p) != stamp:
+    if file_stamps((p,)) != stamp:
         raise LayercardError(f"{p}: changed while it was read; run the command again")
     if not offsets:
         raise LayercardError(f"{p}: no examples")
