@@ -276,6 +276,9 @@ def test_sharegpt_conversations_read_as_the_same_chat_examples(tmp_path):
         same = [(e.input, e.target, e.messages, e.meta) for e in t.examples]
         assert same == [(e.input, e.target, e.messages, e.meta) for e in chat.examples], f
         assert t.data_hash == chat.data_hash or f.suffix == ".csv", f
+    # chat messages under ShareGPT's column name
+    named = write_jsonl(tmp_path / "n" / "chat.jsonl", [{"conversations": r["messages"]} for r in CHAT])
+    assert load_task(str(named)).data_hash == chat.data_hash
     # "human" and "gpt" are user and assistant in any chat data
     renamed = [
         {

@@ -16,7 +16,8 @@ When several fit, the first in this order wins. Every schema reads an optional `
 to ``Example.meta``. A conversation in ShareGPT's layout (``conversations: [{from, value}, ...]``, roles
 ``human`` and ``gpt``, an optional ``system`` field) is chat data: where the first record has one and the
 field map names no schema's fields, :func:`detected_map` reads it through the field map
-``messages=conversations, role=from, content=value, system=system``. Chat roles ``human`` and
+``messages=conversations, role=from, content=value, system=system`` (a ``conversations`` list of
+``{role, content}`` turns: ``messages=conversations``). Chat roles ``human`` and
 ``gpt`` are read as ``user`` and ``assistant``. A field map names the column of a field:
 ``{"input": "question"}`` reads ``input`` from ``question`` (``role``/``content`` rename the keys inside
 chat messages, ``system`` names a column holding the conversation's system prompt). Fields the map names
@@ -127,7 +128,8 @@ def schema_columns(schema: str, fmap: Mapping[str, str]) -> dict[str, str | None
 def detected_map(rec: Any, fmap: Mapping[str, str]) -> dict[str, str]:
     """``fmap`` with ShareGPT's columns added where ``rec`` is a conversation in its layout (a non-empty
     ``conversations`` list whose first turn has ``from`` and ``value``, and no ``messages``) and the map
-    names no schema's fields; else ``fmap`` as it is."""
+    names no schema's fields, or with ``messages=conversations`` where that list's turns have ``role``
+    and ``content``; else ``fmap`` as it is."""
     if (
         not isinstance(rec, Mapping)
         or "messages" in rec
@@ -140,9 +142,11 @@ def detected_map(rec: Any, fmap: Mapping[str, str]) -> dict[str, str]:
     if not isinstance(turns, Sequence) or isinstance(turns, str) or not turns:
         return dict(fmap)
     first = turns[0]
-    if not isinstance(first, Mapping) or "from" not in first or "value" not in first:
-        return dict(fmap)
-    return {**fmap, **_SHAREGPT}
+    if isinstance(first, Mapping) and "from" in first and "value" in first:
+        return {**fmap, **_SHAREGPT}
+    if isinstance(first, Mapping) and "role" in first and "content" in first:
+        return {**fmap, "messages": "conversations"}  # chat messages under ShareGPT's column name
+    return dict(fmap)
 
 
 def detect_schema(rec: Any, fmap: Mapping[str, str], where: str) -> str:
