@@ -37,7 +37,7 @@ class Task:
     preset_chosen: bool = False
 
     def __post_init__(self) -> None:
-        if not isinstance(self.examples, LazyExamples):  # a large file's stay on disk until read
+        if not isinstance(self.examples, LazyExamples):  # large data's stay in their source until read
             object.__setattr__(self, "examples", tuple(self.examples))
 
     def __len__(self) -> int:
@@ -60,7 +60,7 @@ class Task:
         a prompt of one's own is hashed as it was before a chosen preset counted.
         """
         if isinstance(self.examples, LazyExamples):
-            for _ in self._read_all("hashing"):  # a whole read of a large file hashes it on the way
+            for _ in self._read_all("hashing"):  # a whole read of large data hashes it on the way
                 pass
             return self.__dict__["data_hash"]
         return sha256_json_list((ex.to_dict() for ex in self.examples), **self._hash_layout())
@@ -74,14 +74,14 @@ class Task:
         return {}
 
     def _read_all(self, doing: str) -> Iterable[Example]:
-        """Every example; a large file's with a progress bar, as each is read from it."""
+        """Every example; large data's with a progress bar, as each is read from its source."""
         if isinstance(self.examples, LazyExamples):
             return self._read_file(doing)
         return self.examples
 
     def _read_file(self, doing: str) -> Iterator[Example]:
-        """A large file's examples, hashed as they are read: a read to its end leaves :attr:`data_hash`
-        known, so that comparing the file with another and recording its hash read it once."""
+        """Large data's examples, hashed as they are read: a read to its end leaves :attr:`data_hash`
+        known, so that comparing the data with another set and recording its hash read it once."""
         assert isinstance(self.examples, LazyExamples)
         h = None if "data_hash" in self.__dict__ else JsonListHash(**self._hash_layout())
         for ex in track(self.examples, f"{doing} {self.examples.label}", total=len(self.examples)):
@@ -119,7 +119,7 @@ class Task:
         return self.at(sorted(order[offset:stop]))
 
     def at(self, indices: Sequence[int]) -> Task:
-        """The task of the examples at ``indices``, in that order (a large file's read in one go)."""
+        """The task of the examples at ``indices``, in that order (large data's read in one go)."""
         if isinstance(self.examples, LazyExamples):
             return dataclasses.replace(self, examples=self.examples.take(indices))
         return dataclasses.replace(self, examples=tuple(self.examples[i] for i in indices))
