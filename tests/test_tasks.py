@@ -607,6 +607,15 @@ def test_a_special_token_in_the_data_is_refused_not_read_as_control(tok):
             args = (tok, arg) if encode is encode_task else (tok, FMT, arg)
             with pytest.raises(LayercardError, match=re.escape(f"example {ex.id!r}: {said}")):
                 encode(*args)
+    # a token of the vocabulary made special later, the vocabulary's size unchanged, is refused from then on
+    marked = tiny_tokenizer()
+    hashed = Example("h", "q", "a # b")
+    assert encode_example(marked, FMT, hashed).target_len == len("a # b") + 1
+    size = len(marked)
+    marked.add_special_tokens({"additional_special_tokens": ["#"]})
+    assert len(marked) == size
+    with pytest.raises(LayercardError, match=re.escape("example 'h': its target holds '#'")):
+        encode_example(marked, FMT, hashed)
     splitting = tiny_tokenizer()
     splitting.split_special_tokens = True  # then "<eos>" in a target is text: nothing to refuse
     assert encode_example(splitting, FMT, Example("t", "q", "<eos> a")).target_len == len("<eos> a") + 1

@@ -234,26 +234,30 @@ def _start_id(tokenizer: Any) -> int:
     raise LayercardError("tokenizer has neither a bos_token nor an eos_token to start plain text with")
 
 
-_SPECIAL: weakref.WeakKeyDictionary[Any, tuple[int, re.Pattern[str] | None]] = weakref.WeakKeyDictionary()
+_SPECIAL: weakref.WeakKeyDictionary[Any, tuple[tuple[Any, ...], re.Pattern[str] | None]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 def _special_pattern(tokenizer: Any) -> re.Pattern[str] | None:
     """One pattern for every special token's text (None: the tokenizer has none), kept per tokenizer
-    while it gains no tokens."""
-    size = len(tokenizer)
+    while it gains no tokens and its special tokens stay the same (a token of its vocabulary made special
+    leaves its size as it was)."""
+    specials = tuple(getattr(tokenizer, "all_special_tokens", ()) or ())
+    key = (len(tokenizer), specials)
     try:
         kept = _SPECIAL.get(tokenizer)
     except TypeError:  # a stand-in that takes no weak reference: made each time
         kept = None
-    if kept is not None and kept[0] == size:
+    if kept is not None and kept[0] == key:
         return kept[1]
     added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
-    texts = set(getattr(tokenizer, "all_special_tokens", ()) or ())
+    texts = set(specials)
     texts |= {str(t) for t in added.values() if getattr(t, "special", False)}
     texts = {t for t in texts if t}
     pattern = re.compile("|".join(map(re.escape, sorted(texts, key=len, reverse=True)))) if texts else None
     try:
-        _SPECIAL[tokenizer] = (size, pattern)
+        _SPECIAL[tokenizer] = (key, pattern)
     except TypeError:
         pass
     return pattern
