@@ -82,6 +82,29 @@ def test_a_large_file_alone_is_read_a_record_at_a_time(tmp_path, monkeypatch):
     assert isinstance(load_task(str(json_file)).examples, tuple)
 
 
+def test_a_json_file_of_json_lines_is_read_a_record_at_a_time_too(tmp_path, monkeypatch):
+    """datasets' to_json writes JSON lines under a .json name; an array, or one value, is read whole."""
+    p = tmp_path / "d.json"
+    p.write_bytes(_awkward(tmp_path / "a.jsonl").read_bytes())
+    whole, lazy = _both(p, monkeypatch)
+    assert isinstance(lazy.examples, LineExamples) and isinstance(whole.examples, tuple)
+    assert list(lazy.examples) == list(whole.examples) and lazy.data_hash == whole.data_hash
+    one = tmp_path / "one.json"
+    one.write_text("\n" + json.dumps({"input": "a", "target": "b"}) + "\n")
+    array = tmp_path / "array.json"
+    array.write_text(" \n" + json.dumps([{"input": "a", "target": "b"}, {"input": "c", "target": "d"}]))
+    for path in (one, array):
+        outcomes = []
+        for size in (1 << 40, 0):
+            monkeypatch.setattr(lazy_data, "LAZY_BYTES", size)
+            try:
+                outcomes.append(("ok", type(load_task(str(path)).examples)))
+            except LayercardError as e:
+                outcomes.append(("error", str(e)))
+        assert outcomes[0] == outcomes[1]
+        assert outcomes[0][0] == ("error" if path == one else "ok")  # one value: not an array of records
+
+
 @pytest.mark.parametrize(
     "bad, message",
     [

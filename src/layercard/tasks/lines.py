@@ -36,14 +36,24 @@ class NotLineData(Exception):
 
 
 def is_line_file(p: Path) -> bool:
-    """Whether ``p`` is read one record per line (``.jsonl``, ``.ndjson`` or any name but the other data
-    suffixes) and is large enough to be read a record at a time."""
-    if not reads_lines(p):
+    """Whether ``p`` is read one record per line (``.jsonl``, ``.ndjson``, any name but the other data
+    suffixes, or a ``.json`` file that does not open an array: JSON lines, as ``datasets``' ``to_json``
+    writes them) and is large enough to be read a record at a time."""
+    if not (reads_lines(p) or p.suffix.lower() == ".json"):
         return False
     try:
-        return p.is_file() and p.stat().st_size >= lazy.LAZY_BYTES
+        if not (p.is_file() and p.stat().st_size >= lazy.LAZY_BYTES):
+            return False
+        return reads_lines(p) or _opens_with_record(p)
     except OSError:
         return False
+
+
+def _opens_with_record(p: Path) -> bool:
+    """Whether the first thing in ``p`` (after a byte-order mark and white space) is a JSON object."""
+    with open(p, "rb") as f:
+        head = f.read(1 << 16).removeprefix(_BOM).lstrip()
+    return head.startswith(b"{")
 
 
 def _has_text(line: bytes) -> bool:
@@ -150,7 +160,8 @@ def line_examples(
     p: Path, *, stem: str, field_map: Mapping[str, str] | None
 ) -> tuple[str, LineExamples] | None:
     """(schema, examples) of a large JSONL file, read a record at a time; None where the whole-file
-    reader must read it (:class:`NotLineData`), which then names what is wrong with it."""
+    reader must read it (:class:`NotLineData`, or a ``.json`` file of one record), which then names what
+    is wrong with it."""
     size = p.stat().st_size
     stamp = file_stamps((p,))
     t0 = time.monotonic()
@@ -164,6 +175,8 @@ def line_examples(
         raise LayercardError(f"{p}: changed while it was read; run the command again")
     if not offsets:
         raise LayercardError(f"{p}: no examples")
+    if len(offsets) < 2 and not reads_lines(p):
+        return None  # a .json file of one value: the whole-file reader says it is not an array
     with open(p, "rb") as f:
         f.seek(offsets[0])
         where = f"{p}:{numbers[0]}"
