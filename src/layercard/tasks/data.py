@@ -18,10 +18,10 @@ A task spec is one of
 Prompt settings (``prompt=``, ``system=``, ``chat_template=``; ``layercard.tasks.prompt``) then
 replace the format's wording, whatever the source.
 
-Large data is read a record at a time (``layercard.tasks.lazy``): a JSONL file of 16 MiB or more is
-indexed rather than parsed (``layercard.tasks.lines``), and a Parquet file, saved dataset or ``hf:``
-dataset whose table holds 16 MiB or more converts each row when a command uses it; a seeded subset of
-large data reads its own records alone.
+Large data is read a record at a time (``layercard.tasks.lazy``): a JSONL file of 16 MiB or more (or a
+``.json`` file of JSON lines) is indexed rather than parsed (``layercard.tasks.lines``), and a Parquet
+file, saved dataset or ``hf:`` dataset whose table holds 16 MiB or more converts each row when a command
+uses it; a seeded subset of large data reads its own records alone.
 """
 
 from __future__ import annotations
