@@ -58,12 +58,20 @@ def _spaced(text: str) -> str:
     return _UNSPACED.sub(r" \g<0> ", text)
 
 
+def _is_punct(ch: str) -> bool:
+    """ASCII punctuation (symbols such as ``$`` and ``+`` included, as SQuAD drops them) or any Unicode
+    punctuation: curly quotes and apostrophes, dashes, « », ¿, 。 — the forms a model writes as readily
+    as the ASCII ones."""
+    return ch in _PUNCT or unicodedata.category(ch).startswith("P")
+
+
 def normalize_text(text: str, *, articles: bool = True) -> str:
-    """SQuAD normalisation: lowercase, drop punctuation and (unless ``articles=False``) the articles
-    a/an/the, collapse whitespace; first Unicode's compatibility composition (NFKC), so that one text
-    stored composed or decomposed ("café" either way) normalises alike."""
+    """SQuAD normalisation: lowercase, drop punctuation (ASCII and Unicode's) and (unless
+    ``articles=False``) the articles a/an/the, collapse whitespace; first Unicode's compatibility
+    composition (NFKC), so that one text stored composed or decomposed ("café" either way) normalises
+    alike."""
     text = unicodedata.normalize("NFKC", text).lower()
-    text = "".join(ch for ch in text if ch not in _PUNCT)
+    text = "".join(ch for ch in text if not _is_punct(ch))
     if articles:
         text = _ARTICLES.sub(" ", text)
     return " ".join(text.split())
