@@ -220,7 +220,7 @@ def test_chat_messages_keep_the_conversation(tmp_path):
         ([{"role": "assistant", "content": "hi"}], "must start with a user turn"),
         (
             [{"role": "bot", "content": "hi"}],
-            "field 'messages'[0].role: 'bot' is not one of system, user, assistant, human, gpt",
+            "field 'messages'[0].role: 'bot' is not one of system, user, assistant, tool, human, gpt, function_call, observation",
         ),
         ([{"role": "user", "content": ""}], "field 'messages'[0].content: must be a non-empty string"),
         (
@@ -315,10 +315,23 @@ def test_a_sharegpt_system_field_and_the_field_map(tmp_path):
     # a field map naming other fields reads the record as they say
     p = write_jsonl(tmp_path / "qa.jsonl", [{"conversations": conv, "q": "x", "a": "y"}])
     assert load_task(str(p), field_map={"input": "q", "target": "a"}).schema == "input_target"
-    tool = {"conversations": [*conv[:1], {"from": "function_call", "value": "f()"}, conv[1]]}
-    p = write_jsonl(tmp_path / "tool.jsonl", [tool])
+    # tool use: the call is the assistant's turn, what it returned a tool turn; the definitions stay in meta
+    call = [{"from": "function_call", "value": "f()"}, {"from": "observation", "value": "42"}]
+    tool = {"conversations": [*conv[:1], *call, conv[1]], "tools": '[{"name": "f"}]'}
+    sharegpt = load_task(str(write_jsonl(tmp_path / "tool.jsonl", [tool])))
+    ex = sharegpt.examples[0]
+    assert ex.messages == (("user", "Hi"), ("assistant", "f()"), ("tool", "42"), ("assistant", "Hello."))
+    assert (ex.input, ex.target, ex.meta) == ("Hi", "Hello.", {"tools": tool["tools"]})
+    # the same conversation as messages with a tool role: the same examples and hash
+    turns = [{"role": r, "content": c} for r, c in ex.messages]
+    same = write_jsonl(tmp_path / "m" / "tool.jsonl", [{"messages": turns, "tools": tool["tools"]}])
+    assert load_task(str(same)).data_hash == sharegpt.data_hash
+    # a role still unknown is refused by name
+    odd = {"conversations": [*conv[:1], {"from": "bot", "value": "f()"}, conv[1]]}
+    p = write_jsonl(tmp_path / "odd_role.jsonl", [odd])
     with pytest.raises(
-        LayercardError, match=re.escape("'conversations'[1].from: 'function_call' is not one of")
+        LayercardError,
+        match=re.escape("'conversations'[1].from: 'bot' is not one of system, user, assistant, tool, human"),
     ):
         load_task(str(p))
 

@@ -807,6 +807,28 @@ def test_smol_real_encoding(smol_tok, spec, monkeypatch):
     _check_smol_encoding(smol_tok, load_task(spec, limit=12, seed=1))
 
 
+def test_smol_tool_use_trains_on_the_call_and_the_answer_not_on_what_the_tool_returned(smol_tok):
+    turns = (
+        ("user", "Weather in Paris?"),
+        ("assistant", '{"name": "weather", "arguments": {"city": "Paris"}}'),
+        ("tool", '{"temp": 21}'),
+        ("assistant", "It is 21 degrees."),
+    )
+    ex = Example("w", "Weather in Paris?", "It is 21 degrees.", messages=turns)
+    fmt = dataclasses.replace(PRESETS["chat"], max_input_tokens=256, max_target_tokens=64)
+    enc = encode_example(smol_tok, fmt, ex)
+    chat = smol_tok.apply_chat_template([{"role": r, "content": c} for r, c in turns], tokenize=False)
+    # the whole sequence is the template's rendering, the tool turn in its own role
+    assert smol_tok.decode(enc.input_ids) + "\n" == chat and '<|im_start|>tool\n{"temp": 21}' in chat
+    labelled = zip(enc.input_ids, enc.labels, strict=True)
+    trained = smol_tok.decode([i for i, lab in labelled if lab != IGNORE_INDEX])
+    assert trained == turns[1][1] + "<|im_end|>" + turns[3][1] + "<|im_end|>"
+    # generation continues after the tool's answer
+    assert smol_tok.decode(encode_prompt(smol_tok, fmt, ex)).endswith(
+        '{"temp": 21}<|im_end|>\n<|im_start|>assistant\n'
+    )
+
+
 # ---------------------------------------------------------------- conversations and plain text
 
 CHAT_FMT = dataclasses.replace(PRESETS["chat"], max_input_tokens=256, max_target_tokens=64)

@@ -16,7 +16,8 @@ from layercard.errors import LayercardError
 
 __all__ = ["ROLES", "Example"]
 
-ROLES = ("system", "user", "assistant")
+# a tool turn (what a called function returned) is context, like a user turn: no loss on it
+ROLES = ("system", "user", "assistant", "tool")
 
 
 @dataclass(frozen=True)

@@ -17,8 +17,10 @@ to ``Example.meta``. A conversation in ShareGPT's layout (``conversations: [{fro
 ``human`` and ``gpt``, an optional ``system`` field) is chat data: where the first record has one and the
 field map names no schema's fields, :func:`detected_map` reads it through the field map
 ``messages=conversations, role=from, content=value, system=system`` (a ``conversations`` list of
-``{role, content}`` turns: ``messages=conversations``). Chat roles ``human`` and
-``gpt`` are read as ``user`` and ``assistant``. A field map names the column of a field:
+``{role, content}`` turns: ``messages=conversations``). Chat roles ``human``, ``gpt``,
+``function_call`` and ``observation`` are read as ``user``, ``assistant``, ``assistant`` and ``tool``; a
+tool turn is context, like a user turn. A ``tools`` field (the functions' definitions) stays in
+``Example.meta``: it is not written into the prompt. A field map names the column of a field:
 ``{"input": "question"}`` reads ``input`` from ``question`` (``role``/``content`` rename the keys inside
 chat messages, ``system`` names a column holding the conversation's system prompt). Fields the map names
 also choose the schema: mapping ``target`` says the data is ``input_target`` even before its first row
@@ -62,8 +64,9 @@ _DISTINCT = {
     "input_target": ("target",),
     "text": ("text",),
 }
-# Role names chat data may use for the two speakers (ShareGPT's), read as the roles they stand for.
-ROLE_NAMES = {"human": "user", "gpt": "assistant"}
+# Role names chat data may use (ShareGPT's), read as the roles they stand for: a function call is the
+# assistant's turn (its text trained on like any reply), what the function returned is a tool turn.
+ROLE_NAMES = {"human": "user", "gpt": "assistant", "function_call": "assistant", "observation": "tool"}
 # ShareGPT's columns: the conversation, the keys of each turn, and the system prompt beside them.
 _SHAREGPT = {"messages": "conversations", "role": "from", "content": "value", "system": "system"}
 _DESCRIBE = "messages (chat), instruction + output (Alpaca), input + target, or text"
