@@ -220,7 +220,8 @@ def test_chat_messages_keep_the_conversation(tmp_path):
         ([{"role": "assistant", "content": "hi"}], "must start with a user turn"),
         (
             [{"role": "bot", "content": "hi"}],
-            "field 'messages'[0].role: 'bot' is not one of system, user, assistant, tool, human, gpt, function_call, observation",
+            "field 'messages'[0].role: 'bot' is not one of system, user, assistant, tool, human, gpt, "
+            "function_call, observation",
         ),
         ([{"role": "user", "content": ""}], "field 'messages'[0].content: must be a non-empty string"),
         (
