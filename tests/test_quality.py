@@ -443,6 +443,33 @@ def test_a_plan_prices_the_unmerged_forward_at_its_own_batch():
     assert at8.predicted["calibration_batch_positions"] == 800
 
 
+def test_plans_on_another_model_than_the_fitted_one_say_so():
+    from layercard.config import PlanConfig
+    from layercard.plan import make_plan
+    from layercard.plan.recommend import search_plan
+
+    other = _card()  # a hand-made model
+    text = Q.other_model_warning(other)
+    assert text is not None and "fitted and checked on smollm2 alone" in text and "(hand: 8 layers)" in text
+    cfg = PlanConfig(policy="recommend", budget="params=0.25x")
+    assert text in make_plan(other, cfg).warnings
+    # the built-in smollm2, by name or by its weights' hash (the same weights from a folder of their own)
+    builtin = dataclasses.replace(other, model={**other.model, "id": "smollm2"})
+    copied = dataclasses.replace(
+        other, model={**other.model, "id": "/models/smol", "hash": Q.FITTED_ON["hash"]}
+    )
+    for card in (builtin, copied):
+        assert Q.other_model_warning(card) is None
+        assert not any("fitted and checked" in w for w in make_plan(card, cfg).warnings)
+    # a random-weights copy of smollm2's shapes is another model
+    shaped = dataclasses.replace(other, model={"id": "runs/random-smollm2", "hash": "x", "family": "llama"})
+    assert "(runs/random-smollm2: llama)" in (Q.other_model_warning(shaped) or "")
+    # a model of the user's own, not fitted on any run, already says what it rests on
+    unfitted = Q.QualityModel("params", (0.5,), expected_error=None, basis="test basis")
+    warnings = search_plan(other, cfg, model=unfitted).warnings
+    assert "quality model: test basis" in warnings and not any("fitted and checked" in w for w in warnings)
+
+
 def test_plans_caution_where_targets_are_varied():
     from layercard.config import PlanConfig
     from layercard.plan import make_plan

