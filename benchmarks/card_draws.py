@@ -122,8 +122,8 @@ def task_rows(task: str, seeds: list[int]) -> dict[str, Any]:
 
     paths = {s: card(task, s) for s in seeds}
     cards = {s: Card.load(p) for s, p in paths.items()}
-    profiles = {s: [float(x) for x in c.layer_scores()] for s, c in cards.items()}
-    rho = [_spearman(profiles[a], profiles[b]) for a, b in itertools.combinations(seeds, 2)]
+    profiles = {str(s): [float(x) for x in c.layer_scores()] for s, c in cards.items()}
+    rho = [_spearman(profiles[a], profiles[b]) for a, b in itertools.combinations(profiles, 2)]
     asks = [*BUDGETS, *(f"target={t}" for t in TARGETS)]
     rows = []
     for ask in asks:
@@ -199,7 +199,12 @@ def markdown(data: dict[str, Any]) -> str:
             f"{t['task']} {t['layer_spearman']['mean']:.3f} (least {t['layer_spearman']['min']:.3f})"
             for t in data["tasks"]
         )
-        + ".",
+        + (
+            f"; between tasks (seed {data['seeds'][0]}'s cards) {s['between_tasks']['min']:.3f}–"
+            f"{s['between_tasks']['max']:.3f}."
+            if s.get("between_tasks")
+            else "."
+        ),
         "",
         "![per-layer scores over the draws](card_draws.png)",
     ]
@@ -238,6 +243,11 @@ def main() -> None:
     tasks = [task_rows(t, seeds) for t in args.tasks.split(",")]
     rows = [r for t in tasks for r in t["rows"]]
     losses = [r["cross_loss_max"] for r in rows]
+    first = str(seeds[0])
+    # how far apart two tasks' cards are, against two draws of one task's
+    between = [
+        _spearman(a["profiles"][first], b["profiles"][first]) for a, b in itertools.combinations(tasks, 2)
+    ]
     machine = machine_info()
     data = {
         "benchmark": "card_draws",
@@ -251,6 +261,9 @@ def main() -> None:
             "all_agree": sum(r["distinct"] == 1 for r in rows),
             "modal_share_mean": round(statistics.fmean(r["modal_share"] for r in rows), 3),
             "same_matrices_and_rank": sum(r["same_matrices_and_rank"] for r in rows),
+            "between_tasks": {"min": round(min(between), 3), "max": round(max(between), 3)}
+            if between
+            else None,
             "cross_loss_max": max(losses),
             "cross_loss_mean": round(
                 statistics.fmean([r["cross_loss_mean"] for r in rows if r["distinct"] > 1] or [0.0]), 4
