@@ -449,8 +449,8 @@ def test_plans_on_another_model_than_the_fitted_one_say_so():
     from layercard.plan.recommend import search_plan
 
     other = _card()  # a hand-made model
-    text = Q.other_model_warning(other)
-    assert text is not None and "fitted and checked on smollm2 alone" in text and "(hand: 8 layers)" in text
+    text = Q.other_model_warning(other.model)
+    assert text is not None and text.startswith(Q.OTHER_MODEL) and "fitted and checked on smollm2 alone" in text and "(hand: 8 layers)" in text
     cfg = PlanConfig(policy="recommend", budget="params=0.25x")
     assert text in make_plan(other, cfg).warnings
     # the built-in smollm2, by name or by its weights' hash (the same weights from a folder of their own)
@@ -459,11 +459,11 @@ def test_plans_on_another_model_than_the_fitted_one_say_so():
         other, model={**other.model, "id": "/models/smol", "hash": Q.FITTED_ON["hash"]}
     )
     for card in (builtin, copied):
-        assert Q.other_model_warning(card) is None
+        assert Q.other_model_warning(card.model) is None
         assert not any("fitted and checked" in w for w in make_plan(card, cfg).warnings)
     # a random-weights copy of smollm2's shapes is another model
     shaped = dataclasses.replace(other, model={"id": "runs/random-smollm2", "hash": "x", "family": "llama"})
-    assert "(runs/random-smollm2: llama)" in (Q.other_model_warning(shaped) or "")
+    assert "(runs/random-smollm2: llama)" in (Q.other_model_warning(shaped.model) or "")
     # a model of the user's own, not fitted on any run, already says what it rests on
     unfitted = Q.QualityModel("params", (0.5,), expected_error=None, basis="test basis")
     warnings = search_plan(other, cfg, model=unfitted).warnings

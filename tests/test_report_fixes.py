@@ -232,3 +232,20 @@ def test_names_in_the_markdown_report_are_text_not_html_or_layout(tmp_path):
     assert '| qa&lt;img src=x onerror="alert(1)"> row | 1.0 |' in text.splitlines()
     assert text.splitlines()[0] == '# run qa&lt;img src=x onerror="alert(1)"> row'
     assert "<img" not in doc.html().replace("<img alt", "")  # the HTML report escapes it as it did
+
+
+def test_the_recommendation_on_another_model_is_cautioned_beside_its_sentence(
+    search_run, tmp_path, monkeypatch
+):
+    import layercard.plan.quality as quality
+
+    md = (search_run / "report.md").read_text()
+    top = md[md.index("## Recommendation") : md.index("Quality is the fraction")]
+    # the tiny model is not the quality model's own: the plan's warning stands under the sentence, once
+    assert top.count(f"Caution: {quality.OTHER_MODEL}smollm2 alone") == 1
+    # only that warning is lifted there: with its opening changed, none of the plan's warnings is
+    monkeypatch.setattr(quality, "OTHER_MODEL", "quality model: not a warning any plan gives")
+    copy = tmp_path / "run"
+    shutil.copytree(search_run, copy)
+    md = Path(build_report(copy)["markdown"]).read_text()
+    assert "## Recommendation" in md and "Caution:" not in md

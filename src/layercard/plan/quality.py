@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -582,23 +583,26 @@ FITTED_ON = {
 }
 
 
-def fitted_on_this_model(card: Card) -> bool:
-    """Whether the card measured the model the built-in quality models were fitted on."""
-    return card.model.get("id") == FITTED_ON["id"] or card.model.get("hash") == FITTED_ON["hash"]
+def fitted_on_this_model(model: Mapping[str, Any]) -> bool:
+    """Whether a card's ``model`` (its id and weights' hash) is the model the built-in quality models were
+    fitted on."""
+    return model.get("id") == FITTED_ON["id"] or model.get("hash") == FITTED_ON["hash"]
 
 
-def other_model_warning(card: Card) -> str | None:
+OTHER_MODEL = "quality model: fitted and checked on "  # how the warning below begins
+
+
+def other_model_warning(model: Mapping[str, Any]) -> str | None:
     """A caution for plans whose card measured another model than the quality models' own (FITTED_ON):
-    no run of that model checked the fractions or their expected errors. None on that model."""
-    if fitted_on_this_model(card):
+    no run of that model checked the fractions or their expected errors. None on that model. ``model``: a
+    card's ``model`` (id, hash, family, n_layers)."""
+    if fitted_on_this_model(model):
         return None
-    m = card.model
-    shape = ", ".join(
-        x for x in (m.get("family"), f"{m['n_layers']} layers" if m.get("n_layers") else None) if x
-    )
+    n = model.get("n_layers")
+    shape = ", ".join(x for x in (model.get("family"), f"{n} layers" if n else None) if x)
     return (
-        f"quality model: fitted and checked on {FITTED_ON['id']} alone ({FITTED_ON['family']}, "
-        f"{FITTED_ON['n_layers']} layers); no placement of this card's model ({m.get('id')}"
+        f"{OTHER_MODEL}{FITTED_ON['id']} alone ({FITTED_ON['family']}, "
+        f"{FITTED_ON['n_layers']} layers); no placement of this card's model ({model.get('id')}"
         + (f": {shape}" if shape else "")
         + ") was trained to check it, so the predicted fractions and their expected errors are carried over "
         "unmeasured: check the plan's pick against a fixed rule with a short training run of each"

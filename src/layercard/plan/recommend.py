@@ -450,7 +450,7 @@ def search_plan(
                 F.summary_row(c, search.reference) for c in search.frontier(kind, within=others)
             ]
     warnings = [] if model.is_fitted else [f"quality model: {model.basis}"]
-    other = Q.other_model_warning(card) if model.is_fitted else None
+    other = Q.other_model_warning(card.model) if model.is_fitted else None
     warnings += [other] if other else []
     # the caution's figures were measured with the default model
     varied = Q.target_entropy_warning(card) if model == Q.default_model() else None

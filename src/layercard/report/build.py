@@ -224,11 +224,15 @@ def _recommendation(doc: _Doc, run: _Run) -> None:
     if rec is None:
         return
     from layercard.plan.figures import plot_frontier
-    from layercard.plan.quality import REFERENCE_RANK
+    from layercard.plan.quality import OTHER_MODEL, REFERENCE_RANK
 
     plan = run.plans[rec]
     doc.h2("Recommendation")
     doc.p(f"{rec}: {plan.predicted['recommendation']}")
+    # beside the sentence it qualifies: on another model than the quality model's own, its fractions are
+    # unmeasured
+    for w in [w for w in plan.warnings if w.startswith(OTHER_MODEL)][:1]:
+        doc.p(f"Caution: {w}")
     ref = run.results.get("reference")
     doc.p(
         "Quality is the fraction of the reference's loss drop (every linear module of every layer at rank "
