@@ -605,7 +605,8 @@ def other_model_warning(model: Mapping[str, Any]) -> str | None:
         f"{FITTED_ON['n_layers']} layers); no placement of this card's model ({model.get('id')}"
         + (f": {shape}" if shape else "")
         + ") was trained to check it, so the predicted fractions and their expected errors are carried over "
-        "unmeasured: check the plan's pick against a fixed rule with a short training run of each"
+        "unmeasured: check the pick against a fixed rule by training both (a `layercard run` whose "
+        "placements are `recommend` and `peft-default` does)"
     )
 
 
