@@ -450,7 +450,8 @@ def test_plans_on_another_model_than_the_fitted_one_say_so():
 
     other = _card()  # a hand-made model
     text = Q.other_model_warning(other.model)
-    assert text is not None and text.startswith(Q.OTHER_MODEL) and "fitted and checked on smollm2 alone" in text and "(hand: 8 layers)" in text
+    assert text is not None and text.startswith(Q.OTHER_MODEL)
+    assert "fitted and checked on smollm2 alone" in text and "(hand: 8 layers)" in text
     cfg = PlanConfig(policy="recommend", budget="params=0.25x")
     assert text in make_plan(other, cfg).warnings
     # the built-in smollm2, by name or by its weights' hash (the same weights from a folder of their own)
