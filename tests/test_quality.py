@@ -469,6 +469,10 @@ def test_plans_on_another_model_than_the_fitted_one_say_so():
     unfitted = Q.QualityModel("params", (0.5,), expected_error=None, basis="test basis")
     warnings = search_plan(other, cfg, model=unfitted).warnings
     assert "quality model: test basis" in warnings and not any("fitted and checked" in w for w in warnings)
+    # one the user fitted on their own runs is not the built-in models' and carries no such warning
+    own = Q.QualityModel("params", (0.5,), expected_error=0.03, basis="my runs")
+    assert not any(w.startswith(Q.OTHER_MODEL) for w in search_plan(other, cfg, model=own).warnings)
+    assert text in search_plan(other, cfg, model=Q.TEN_TASK_MODEL).warnings
 
 
 def test_plans_caution_where_targets_are_varied():

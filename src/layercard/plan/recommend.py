@@ -450,7 +450,8 @@ def search_plan(
                 F.summary_row(c, search.reference) for c in search.frontier(kind, within=others)
             ]
     warnings = [] if model.is_fitted else [f"quality model: {model.basis}"]
-    other = Q.other_model_warning(card.model) if model.is_fitted else None
+    # the built-in models' runs were all smollm2's; a model of the user's own says what it rests on
+    other = Q.other_model_warning(card.model) if model in Q.BUILT_IN_MODELS else None
     warnings += [other] if other else []
     # the caution's figures were measured with the default model
     varied = Q.target_entropy_warning(card) if model == Q.default_model() else None
