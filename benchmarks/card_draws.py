@@ -88,14 +88,12 @@ def label(pick: dict[str, Any]) -> str:
     return f"{pick['matrices']} · {pick['layers']} · r={pick['rank']}"
 
 
-def _cross(cards: dict[int, Any], picks: dict[int, dict[str, Any]], ask: str) -> list[float]:
+def _cross(searches: dict[int, Any], picks: dict[int, dict[str, Any]], ask: str) -> list[float]:
     """For every ordered pair of draws (d, e) with different picks: what d's card predicts it loses by
-    taking e's pick (0 where d's card prices e's pick over the budget, or does not price it)."""
-    from layercard.plan.recommend import price
-
-    searches = {d: price(c) for d, c in cards.items()}
+    taking e's pick (0 where d's card prices e's pick over the budget, or does not price it).
+    ``searches``: each draw's card priced (:func:`layercard.plan.recommend.price`)."""
     losses = []
-    for d, e in itertools.permutations(cards, 2):
+    for d, e in itertools.permutations(searches, 2):
         if label(picks[d]) == label(picks[e]):
             continue
         search = searches[d]
@@ -119,18 +117,21 @@ def _spearman(a: list[float], b: list[float]) -> float:
 
 def task_rows(task: str, seeds: list[int]) -> dict[str, Any]:
     from layercard.card import Card
+    from layercard.plan.recommend import price
 
     paths = {s: card(task, s) for s in seeds}
     cards = {s: Card.load(p) for s, p in paths.items()}
     profiles = {str(s): [float(x) for x in c.layer_scores()] for s, c in cards.items()}
     rho = [_spearman(profiles[a], profiles[b]) for a, b in itertools.combinations(profiles, 2)]
     asks = [*BUDGETS, *(f"target={t}" for t in TARGETS)]
+    # each card priced once for every ask
+    searches = {s: price(c) for s, c in cards.items()}
     rows = []
     for ask in asks:
         picks = {s: plan(p, ask) for s, p in paths.items()}
         labels = [label(p) for p in picks.values()]
         modal = max(set(labels), key=labels.count)
-        losses = _cross(cards, picks, ask)
+        losses = _cross(searches, picks, ask)
         rows.append(
             {
                 "ask": ask,
