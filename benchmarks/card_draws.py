@@ -130,7 +130,7 @@ def task_rows(task: str, seeds: list[int]) -> dict[str, Any]:
     for ask in asks:
         picks = {s: plan(p, ask) for s, p in paths.items()}
         labels = [label(p) for p in picks.values()]
-        modal = max(set(labels), key=labels.count)
+        modal = max(labels, key=labels.count)  # of equal counts, the first draw's: the same every run
         losses = _cross(searches, picks, ask)
         rows.append(
             {
