@@ -327,6 +327,14 @@ def test_a_sharegpt_system_field_and_the_field_map(tmp_path):
     turns = [{"role": r, "content": c} for r, c in ex.messages]
     same = write_jsonl(tmp_path / "m" / "tool.jsonl", [{"messages": turns, "tools": tool["tools"]}])
     assert load_task(str(same)).data_hash == sharegpt.data_hash
+    # tools: a list of definitions or its JSON text, checked at load; none is none
+    for ok in ([{"name": "f"}], None, "", "[]"):
+        assert load_task(str(write_jsonl(tmp_path / "ok.jsonl", [{**tool, "tools": ok}]))).examples[0]
+    for bad, said in (("f()", "not JSON"), ('{"name": "f"}', "must be a list of tool definitions"),
+                      (["f"], "must be a list of tool definitions")):  # fmt: skip
+        p = write_jsonl(tmp_path / "bad_tools.jsonl", [tool, {**tool, "tools": bad}])
+        with pytest.raises(LayercardError, match=re.escape(f"{p}:2: field 'tools': {said}")):
+            load_task(str(p))
     # a role still unknown is refused by name
     odd = {"conversations": [*conv[:1], {"from": "bot", "value": "f()"}, conv[1]]}
     p = write_jsonl(tmp_path / "odd_role.jsonl", [odd])

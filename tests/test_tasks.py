@@ -829,6 +829,29 @@ def test_smol_tool_use_trains_on_the_call_and_the_answer_not_on_what_the_tool_re
     )
 
 
+def test_tool_definitions_go_to_the_chat_template_of_every_segment():
+    from tiny_tok import CHAT_TEMPLATE
+
+    tok = tiny_tokenizer()
+    # a template that writes the tools first, as tool-calling models' templates do in their system turn
+    tok.chat_template = "{% if tools %}{{ 'tools:' + (tools | tojson) + '\\n' }}{% endif %}" + CHAT_TEMPLATE
+    turns = (("user", "sum 2 2"), ("assistant", "add(2,2)"), ("tool", "4"), ("assistant", "it is 4."))
+    tools = [{"name": "add"}]
+    plain = Example("t", "sum 2 2", "it is 4.", messages=turns)
+    with_tools = Example("t", "sum 2 2", "it is 4.", messages=turns, meta={"tools": json.dumps(tools)})
+    fmt = CHAT_FMT
+    enc, bare = encode_example(tok, fmt, with_tools), encode_example(tok, fmt, plain)
+    head = tok('tools:[{"name": "add"}]\n', add_special_tokens=False)["input_ids"]
+    # the definitions open the sequence, untrained; everything after is the conversation as without them
+    assert list(enc.input_ids[: len(head)]) == head and set(enc.labels[: len(head)]) == {IGNORE_INDEX}
+    assert (enc.input_ids[len(head) :], enc.labels[len(head) :]) == (bare.input_ids, bare.labels)
+    # the prompt generation continues holds them too
+    assert encode_prompt(tok, fmt, with_tools)[: len(head)] == head
+    # without a chat template they are not written
+    no_template = tiny_tokenizer(with_chat_template=False)
+    assert encode_example(no_template, fmt, with_tools) == encode_example(no_template, fmt, plain)
+
+
 # ---------------------------------------------------------------- conversations and plain text
 
 CHAT_FMT = dataclasses.replace(PRESETS["chat"], max_input_tokens=256, max_target_tokens=64)

@@ -9,17 +9,29 @@ turns the same whether or not later turns follow; one that does not is an error,
 
 Without a chat template (switched off, or a tokenizer without one) the layout is the single-turn one
 repeated: ``system\\n\\n`` once, each user turn and ``\\n``, each reply and the end token.
+
+A chat record's ``tools`` (tool definitions) go to the chat template with every rendering, so each
+segment sees them as the template writes them; without a chat template they are not written.
 """
 
 from __future__ import annotations
 
+import json
+from collections.abc import Mapping
 from typing import Any
 
 from layercard.errors import LayercardError
 from layercard.tasks.example import Example
 from layercard.tasks.presets import TaskFormat
 
-__all__ = ["chat_segments", "conversation", "has_chat_template", "render_chat", "uses_chat_template"]
+__all__ = [
+    "chat_segments",
+    "conversation",
+    "has_chat_template",
+    "render_chat",
+    "tool_definitions",
+    "uses_chat_template",
+]
 
 Turn = tuple[str, str]
 
@@ -33,8 +45,35 @@ def uses_chat_template(tokenizer: Any, fmt: TaskFormat) -> bool:
     return fmt.chat_template and has_chat_template(tokenizer)
 
 
-def render_chat(tokenizer: Any, messages: list[dict[str, str]], *, generation_prompt: bool) -> str:
-    out = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+def tool_definitions(value: Any, where: str) -> list[dict[str, Any]] | None:
+    """A chat record's ``tools`` as chat templates take them: a list of tool definitions (JSON objects),
+    given as such or as the JSON text of one (ShareGPT keeps them as text); None where it has none
+    (absent, null, blank, an empty list). Anything else is an error that starts with ``where``."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as e:
+            raise LayercardError(f"{where}: not JSON ({e.msg} at character {e.pos})") from None
+    if not isinstance(value, list) or not all(isinstance(t, Mapping) for t in value):
+        raise LayercardError(f"{where}: must be a list of tool definitions (JSON objects), got {value!r:.80}")
+    return [dict(t) for t in value] or None
+
+
+def render_chat(
+    tokenizer: Any,
+    messages: list[dict[str, str]],
+    *,
+    generation_prompt: bool,
+    tools: list[dict[str, Any]] | None = None,
+) -> str:
+    """The chat template's text of ``messages``; ``tools`` go to the template, which writes them where
+    its model expects them, or leaves them out."""
+    kw = {"tools": tools} if tools else {}
+    out = tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=generation_prompt, **kw
+    )
     if not isinstance(out, str):  # some versions return a list for batched input
         raise LayercardError(f"chat template returned {type(out).__name__}, expected a string")
     return out
@@ -54,17 +93,19 @@ def _messages(turns: list[Turn]) -> list[dict[str, str]]:
     return [{"role": r, "content": c} for r, c in turns]
 
 
-def _accepted(tokenizer: Any, turns: list[Turn], ex_id: str) -> list[Turn]:
+def _accepted(
+    tokenizer: Any, turns: list[Turn], ex_id: str, tools: list[dict[str, Any]] | None
+) -> list[Turn]:
     """``turns``, with a system turn folded into the first user turn if the template refuses one."""
     try:
-        render_chat(tokenizer, _messages(turns), generation_prompt=False)
+        render_chat(tokenizer, _messages(turns), generation_prompt=False, tools=tools)
         return turns
     except Exception as e:  # e.g. Gemma's template refuses a system turn, as build_prompt handles it
         if turns[0][0] != "system":
             raise LayercardError(f"example {ex_id!r}: chat template failed: {e}") from None
     folded = [(turns[1][0], f"{turns[0][1]}\n\n{turns[1][1]}"), *turns[2:]]
     try:
-        render_chat(tokenizer, _messages(folded), generation_prompt=False)
+        render_chat(tokenizer, _messages(folded), generation_prompt=False, tools=tools)
     except Exception as e:
         raise LayercardError(f"example {ex_id!r}: chat template failed: {e}") from None
     return folded
@@ -88,14 +129,15 @@ def chat_segments(tokenizer: Any, fmt: TaskFormat, ex: Example, end_token: str) 
     turns = conversation(fmt, ex)
     if not uses_chat_template(tokenizer, fmt):
         return _plain_segments(turns)
-    turns = _accepted(tokenizer, turns, ex.id)
+    tools = tool_definitions(ex.meta.get("tools"), f"example {ex.id!r}: field 'tools'")
+    turns = _accepted(tokenizer, turns, ex.id, tools)
     segments: list[tuple[str, bool]] = []
     done = ""  # the rendered text the segments so far cover
     for i, (role, _) in enumerate(turns):
         if role != "assistant":
             continue
-        before = render_chat(tokenizer, _messages(turns[:i]), generation_prompt=True)
-        after = render_chat(tokenizer, _messages(turns[: i + 1]), generation_prompt=False)
+        before = render_chat(tokenizer, _messages(turns[:i]), generation_prompt=True, tools=tools)
+        after = render_chat(tokenizer, _messages(turns[: i + 1]), generation_prompt=False, tools=tools)
         if not before.startswith(done) or not after.startswith(before):
             raise LayercardError(
                 f"example {ex.id!r}: the chat template renders earlier turns differently once later turns "

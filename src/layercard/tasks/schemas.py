@@ -19,8 +19,9 @@ field map names no schema's fields, :func:`detected_map` reads it through the fi
 ``messages=conversations, role=from, content=value, system=system`` (a ``conversations`` list of
 ``{role, content}`` turns: ``messages=conversations``). Chat roles ``human``, ``gpt``,
 ``function_call`` and ``observation`` are read as ``user``, ``assistant``, ``assistant`` and ``tool``; a
-tool turn is context, like a user turn. A ``tools`` field (the functions' definitions) stays in
-``Example.meta``: it is not written into the prompt. A field map names the column of a field:
+tool turn is context, like a user turn. A chat record's ``tools`` field (the tool definitions: a list
+of JSON objects, or its JSON text) is checked, kept in ``Example.meta`` as given, and handed to the chat
+template when the example is encoded. A field map names the column of a field:
 ``{"input": "question"}`` reads ``input`` from ``question`` (``role``/``content`` rename the keys inside
 chat messages, ``system`` names a column holding the conversation's system prompt). Fields the map names
 also choose the schema: mapping ``target`` says the data is ``input_target`` even before its first row
@@ -35,6 +36,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from layercard.errors import LayercardError
+from layercard.tasks.chat import tool_definitions
 from layercard.tasks.example import ROLES, Example
 
 __all__ = [
@@ -311,6 +313,8 @@ def record_to_example(
     messages = None
     if schema == "chat":
         messages = _messages(rec, fmap, where, cells)
+        # checked here, kept as given: the chat template reads them when the example is encoded
+        tool_definitions(rec.get("tools"), f"{where}: field 'tools'")
         users = [c for r, c in messages if r == "user"]
         inp, target = users[-1], messages[-1][1]
         refs: tuple[str, ...] = (target,)
