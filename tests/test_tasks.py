@@ -600,6 +600,27 @@ def test_a_special_token_in_the_data_is_refused_not_read_as_control(tok):
             Example("m", "hi", "a", messages=(("user", "hi"), ("assistant", "x<|assistant|>"))),
             "its messages[1]",
         ),
+        # a chat example's tool definitions are written into the sequence by the template too
+        (
+            Example(
+                "d",
+                "hi",
+                "a",
+                messages=(("user", "hi"), ("assistant", "a")),
+                meta={"tools": '[{"n": "<eos>"}]'},
+            ),
+            "its tools holds '<eos>'",
+        ),
+        (
+            Example(
+                "l",
+                "hi",
+                "a",
+                messages=(("user", "hi"), ("assistant", "a")),
+                meta={"tools": [{"n": "<eos>"}]},
+            ),
+            "its tools holds '<eos>'",
+        ),
     ]
     for ex, said in cases:
         task = Task("t", "mem", "train", FMT, (ok, ex))
@@ -607,6 +628,9 @@ def test_a_special_token_in_the_data_is_refused_not_read_as_control(tok):
             args = (tok, arg) if encode is encode_task else (tok, FMT, arg)
             with pytest.raises(LayercardError, match=re.escape(f"example {ex.id!r}: {said}")):
                 encode(*args)
+    # a plain example's own "tools" field is not written by any template: it is its business
+    plain = Example("p", "q", "a", meta={"tools": "<eos>"})
+    assert encode_example(tok, FMT, plain).target_len == 2
     # a token of the vocabulary made special later, the vocabulary's size unchanged, is refused from then on
     marked = tiny_tokenizer()
     hashed = Example("h", "q", "a # b")

@@ -22,6 +22,7 @@ token and on nothing else; an over-long conversation loses its oldest tokens. Pl
 
 from __future__ import annotations
 
+import json
 import math
 import random
 import re
@@ -274,6 +275,9 @@ def check_text(tokenizer: Any, ex: Example) -> None:
         return
     fields = [("input", ex.input), ("target", ex.target)]
     fields += [(f"messages[{k}]", content) for k, (_, content) in enumerate(ex.messages or ())]
+    tools = ex.meta.get("tools") if ex.messages is not None else None
+    if tools:  # the chat template writes them into the sequence too
+        fields.append(("tools", tools if isinstance(tools, str) else json.dumps(tools, ensure_ascii=False)))
     for name, text in fields:
         found = pattern.search(text)
         if found:
