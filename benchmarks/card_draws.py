@@ -109,20 +109,15 @@ def _cross(searches: dict[int, Any], picks: dict[int, dict[str, Any]], ask: str)
     return losses
 
 
-def _spearman(a: list[float], b: list[float]) -> float:
-    from scipy.stats import spearmanr
-
-    return float(spearmanr(a, b).statistic)
-
-
 def task_rows(task: str, seeds: list[int]) -> dict[str, Any]:
     from layercard.card import Card
+    from layercard.card.stats import spearman
     from layercard.plan.recommend import price
 
     paths = {s: card(task, s) for s in seeds}
     cards = {s: Card.load(p) for s, p in paths.items()}
     profiles = {str(s): [float(x) for x in c.layer_scores()] for s, c in cards.items()}
-    rho = [_spearman(profiles[a], profiles[b]) for a, b in itertools.combinations(profiles, 2)]
+    rho = [spearman(profiles[a], profiles[b]) for a, b in itertools.combinations(profiles, 2)]
     asks = [*BUDGETS, *(f"target={t}" for t in TARGETS)]
     # each card priced once for every ask
     searches = {s: price(c) for s, c in cards.items()}
@@ -239,6 +234,7 @@ def main() -> None:
     if not os.environ.get("LAYERCARD_DATA"):
         raise SystemExit("LAYERCARD_DATA must name the folder of the preset tasks' data")
     from layercard.artifacts import machine_info, machine_text, write_json, write_text
+    from layercard.card.stats import spearman
 
     seeds = [int(s) for s in args.seeds.split(",")]
     tasks = [task_rows(t, seeds) for t in args.tasks.split(",")]
@@ -247,7 +243,7 @@ def main() -> None:
     first = str(seeds[0])
     # how far apart two tasks' cards are, against two draws of one task's
     between = [
-        _spearman(a["profiles"][first], b["profiles"][first]) for a, b in itertools.combinations(tasks, 2)
+        spearman(a["profiles"][first], b["profiles"][first]) for a, b in itertools.combinations(tasks, 2)
     ]
     machine = machine_info()
     data = {
