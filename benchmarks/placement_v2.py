@@ -238,14 +238,9 @@ def _run_path(task: str, sig: str, seed: int, runs: Path | None = None) -> Path:
 
 
 def _test_loss(loaded: Any, test: Any, s: TaskSetting, adapter: Path | None) -> float:
-    import contextlib
+    from quality import adapter_test_loss  # this folder is on sys.path
 
-    from layercard.adapters import attached
-    from layercard.inference import eval_loss
-
-    ctx = attached(loaded.model, adapter) if adapter is not None else contextlib.nullcontext(loaded.model)
-    with ctx as net:
-        return eval_loss(net, loaded.tokenizer, test, test.examples, batch_size=16, max_length=s.max_length)
+    return adapter_test_loss(loaded, test, adapter, s.max_length)
 
 
 def _train_cfg(s: TaskSetting, seed: int, steps: int = STEPS, **extra: Any) -> Any:

@@ -147,7 +147,9 @@ def _card(loaded: Any, task: Any, setting: TaskSetting) -> Any:
     return cached_card(loaded, task, cfg, RESULTS / "cards" / setting.name)
 
 
-def _test_loss(loaded: Any, test: Any, setting: TaskSetting, adapter: Path | None) -> float:
+def adapter_test_loss(loaded: Any, test: Any, adapter: Path | None, max_length: int) -> float:
+    """The test loss of every example of ``test`` (teacher-forced), with the adapter at ``adapter``
+    attached, or of the base model for None: what the quality-benchmark family scores runs by."""
     import contextlib
 
     from layercard.adapters import attached
@@ -155,9 +157,11 @@ def _test_loss(loaded: Any, test: Any, setting: TaskSetting, adapter: Path | Non
 
     ctx = attached(loaded.model, adapter) if adapter is not None else contextlib.nullcontext(loaded.model)
     with ctx as net:
-        return eval_loss(
-            net, loaded.tokenizer, test, test.examples, batch_size=16, max_length=setting.max_length
-        )
+        return eval_loss(net, loaded.tokenizer, test, test.examples, batch_size=16, max_length=max_length)
+
+
+def _test_loss(loaded: Any, test: Any, setting: TaskSetting, adapter: Path | None) -> float:
+    return adapter_test_loss(loaded, test, adapter, setting.max_length)
 
 
 def _base(loaded: Any, test: Any, setting: TaskSetting) -> float:

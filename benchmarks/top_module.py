@@ -88,14 +88,9 @@ def predicted(card: Any, name: str) -> tuple[float, float | None]:
 
 
 def _test_loss(loaded: Any, test: Any, adapter: Path | None) -> float:
-    import contextlib
+    from quality import adapter_test_loss  # this folder is on sys.path
 
-    from layercard.adapters import attached
-    from layercard.inference import eval_loss
-
-    ctx = attached(loaded.model, adapter) if adapter is not None else contextlib.nullcontext(loaded.model)
-    with ctx as net:
-        return eval_loss(net, loaded.tokenizer, test, test.examples, batch_size=16, max_length=MAX_LENGTH)
+    return adapter_test_loss(loaded, test, adapter, MAX_LENGTH)
 
 
 def _saved_card(task: str) -> Any:
