@@ -95,7 +95,21 @@ def test_each_format_runs_card_plan_train(kind, tmp_path):
 
 @pytest.fixture(scope="module")
 def trainer_run(tmp_path_factory):
-    """Card and plan from layercard, training by a plain Trainer with the callback, in a run folder."""
+    """Card and plan from layercard, training by a plain Trainer with the callback, in a run folder.
+
+    Built with the one thread its tests train with (conftest's ``_threads``), or its calibrated card's
+    machine would differ from theirs and every run would add a note saying so: a module fixture is set
+    up before the function fixture that sets the thread count, whatever the tests before left it at.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield _trainer_run(tmp_path_factory)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _trainer_run(tmp_path_factory):
     from transformers import Trainer, TrainingArguments
 
     root = tmp_path_factory.mktemp("own")
