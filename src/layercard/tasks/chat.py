@@ -12,6 +12,13 @@ repeated: ``system\\n\\n`` once, each user turn and ``\\n``, each reply and the 
 
 A chat record's ``tools`` (tool definitions) go to the chat template with every rendering, so each
 segment sees them as the template writes them; without a chat template they are not written.
+
+An assistant turn's ``tool_calls`` go to the template in the message, as tool-calling templates take
+them, and are trained on as the template writes them. A template that does not write them (SmolLM2's
+writes the content alone) would train an empty reply, so there, and without a chat template, each call
+is written into the turn's text as a JSON object ``{"name": ..., "arguments": {...}}`` on a line of its
+own after the content: the text a ShareGPT ``function_call`` turn holds. An assistant turn of weight 0
+is context: rendered like any reply, trained on not at all.
 """
 
 from __future__ import annotations
@@ -61,9 +68,55 @@ def tool_definitions(value: Any, where: str) -> list[dict[str, Any]] | None:
     return [dict(t) for t in value] or None
 
 
+def _json(value: Any, where: str) -> Any:
+    if not isinstance(value, str):
+        return value
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError as e:
+        raise LayercardError(f"{where}: not JSON ({e.msg} at character {e.pos})") from None
+
+
+def tool_calls(value: Any, where: str) -> list[dict[str, Any]] | None:
+    """An assistant turn's ``tool_calls`` in the layout chat templates take:
+    ``[{"type": "function", "function": {"name": ..., "arguments": {...}}, "id": ...}]``. Each call is
+    OpenAI's ``{"function": {"name", "arguments"}}`` (arguments a JSON object or its text, as OpenAI
+    writes them) or the bare ``{"name", "arguments"}``; the list may be JSON text. None where there are
+    none; anything else is an error that starts with ``where``."""
+    value = _json(value, where)
+    if value is None:
+        return None
+    if not isinstance(value, list) or not all(isinstance(c, Mapping) for c in value):
+        raise LayercardError(f"{where}: must be a list of tool calls (JSON objects), got {value!r:.80}")
+    calls = []
+    for k, call in enumerate(value):
+        fn = call.get("function", call)
+        name = fn.get("name") if isinstance(fn, Mapping) else None
+        if not isinstance(name, str) or not name.strip():
+            raise LayercardError(f"{where}[{k}]: a tool call needs the function's name, got {call!r:.80}")
+        args = _json(fn.get("arguments", {}), f"{where}[{k}].arguments")
+        if not isinstance(args, Mapping):
+            raise LayercardError(f"{where}[{k}].arguments: must be a JSON object, got {args!r:.80}")
+        out: dict[str, Any] = {"type": "function", "function": {"name": name, "arguments": dict(args)}}
+        if call.get("id") is not None:
+            out["id"] = str(call["id"])
+        calls.append(out)
+    return calls or None
+
+
+def calls_text(calls: list[Mapping[str, Any]]) -> str:
+    """Tool calls as text, one JSON object ``{"name": ..., "arguments": ...}`` a line."""
+    return "\n".join(
+        json.dumps(
+            {"name": c["function"]["name"], "arguments": c["function"]["arguments"]}, ensure_ascii=False
+        )
+        for c in calls
+    )
+
+
 def render_chat(
     tokenizer: Any,
-    messages: list[dict[str, str]],
+    messages: list[Turn],
     *,
     generation_prompt: bool,
     tools: list[dict[str, Any]] | None = None,
@@ -81,16 +134,37 @@ def render_chat(
 
 def conversation(fmt: TaskFormat, ex: Example) -> list[Turn]:
     """The example's turns as the model sees them: the format's template around every user turn and
-    its system prompt when the conversation brings none."""
+    its system prompt when the conversation brings none; each turn with its other fields."""
     assert ex.messages is not None
-    turns = [(r, fmt.render_instruction(c) if r == "user" else c) for r, c in ex.messages]
-    if fmt.system and turns[0][0] != "system":
-        turns.insert(0, ("system", fmt.system))
+    fields = ex.turn_fields or [{}] * len(ex.messages)
+    turns = [
+        {"role": r, "content": fmt.render_instruction(c) if r == "user" else c, **f}
+        for (r, c), f in zip(ex.messages, fields, strict=True)
+    ]
+    if fmt.system and turns[0]["role"] != "system":
+        turns.insert(0, {"role": "system", "content": fmt.system})
     return turns
 
 
-def _messages(turns: list[Turn]) -> list[dict[str, str]]:
-    return [{"role": r, "content": c} for r, c in turns]
+def _trained(turn: Turn) -> bool:
+    return turn["role"] == "assistant" and turn.get("weight", 1) != 0
+
+
+def _messages(turns: list[Turn]) -> list[Turn]:
+    # the loss weight is layercard's business, not the template's
+    return [{k: v for k, v in t.items() if k != "weight"} for t in turns]
+
+
+def _calls_as_text(turns: list[Turn]) -> list[Turn]:
+    """``turns`` with every tool call written into its turn's text (:func:`calls_text`)."""
+    out = []
+    for turn in turns:
+        if turn.get("tool_calls"):
+            calls = calls_text(turn["tool_calls"])
+            text = f"{turn['content']}\n{calls}" if turn["content"] else calls
+            turn = {**{k: v for k, v in turn.items() if k != "tool_calls"}, "content": text}
+        out.append(turn)
+    return out
 
 
 def _accepted(
@@ -101,9 +175,9 @@ def _accepted(
         render_chat(tokenizer, _messages(turns), generation_prompt=False, tools=tools)
         return turns
     except Exception as e:  # e.g. Gemma's template refuses a system turn, as build_prompt handles it
-        if turns[0][0] != "system":
+        if turns[0]["role"] != "system":
             raise LayercardError(f"example {ex_id!r}: chat template failed: {e}") from None
-    folded = [(turns[1][0], f"{turns[0][1]}\n\n{turns[1][1]}"), *turns[2:]]
+    folded = [{**turns[1], "content": f"{turns[0]['content']}\n\n{turns[1]['content']}"}, *turns[2:]]
     try:
         render_chat(tokenizer, _messages(folded), generation_prompt=False, tools=tools)
     except Exception as e:
@@ -111,40 +185,65 @@ def _accepted(
     return folded
 
 
-def _plain_segments(turns: list[Turn]) -> list[tuple[str, bool]]:
-    segments: list[tuple[str, bool]] = []
+Segment = tuple[str, bool, bool]
+
+
+def _plain_segments(turns: list[Turn]) -> list[Segment]:
+    segments: list[Segment] = []
     pending = ""
-    for role, content in turns:
+    for turn in _calls_as_text(turns):
+        role, content = turn["role"], turn["content"]
         if role == "assistant":
-            segments += [(pending, False), (content, True)]
+            segments += [(pending, False, False), (content, True, _trained(turn))]
             pending = ""
         else:
             pending += content + ("\n\n" if role == "system" else "\n")
     return segments
 
 
-def chat_segments(tokenizer: Any, fmt: TaskFormat, ex: Example, end_token: str) -> list[tuple[str, bool]]:
-    """The conversation of ``ex`` as ``(text, is_reply)`` segments, alternating context and reply and
-    ending with the final reply; a reply's text excludes the turn-end token ``end_token``."""
-    turns = conversation(fmt, ex)
-    if not uses_chat_template(tokenizer, fmt):
-        return _plain_segments(turns)
-    tools = tool_definitions(ex.meta.get("tools"), f"example {ex.id!r}: field 'tools'")
-    turns = _accepted(tokenizer, turns, ex.id, tools)
-    segments: list[tuple[str, bool]] = []
+def _template_segments(
+    tokenizer: Any, ex_id: str, turns: list[Turn], tools: list[dict[str, Any]] | None, end_token: str
+) -> list[Segment] | None:
+    """The segments as the chat template renders ``turns``; None where it leaves a turn's tool calls out
+    (it renders the turn the same without them)."""
+    segments: list[Segment] = []
     done = ""  # the rendered text the segments so far cover
-    for i, (role, _) in enumerate(turns):
-        if role != "assistant":
+    for i, turn in enumerate(turns):
+        if turn["role"] != "assistant":
             continue
         before = render_chat(tokenizer, _messages(turns[:i]), generation_prompt=True, tools=tools)
         after = render_chat(tokenizer, _messages(turns[: i + 1]), generation_prompt=False, tools=tools)
         if not before.startswith(done) or not after.startswith(before):
             raise LayercardError(
-                f"example {ex.id!r}: the chat template renders earlier turns differently once later turns "
+                f"example {ex_id!r}: the chat template renders earlier turns differently once later turns "
                 "follow, so the assistant turns cannot be masked exactly; use --no-chat-template"
             )
         reply = after[len(before) :]
         cut = reply.rfind(end_token)
-        segments += [(before[len(done) :], False), (reply[:cut] if cut >= 0 else reply, True)]
+        text = reply[:cut] if cut >= 0 else reply
+        if turn.get("tool_calls"):
+            bare = {k: v for k, v in turn.items() if k != "tool_calls"}
+            if (
+                render_chat(tokenizer, _messages([*turns[:i], bare]), generation_prompt=False, tools=tools)
+                == after
+            ):
+                return None
+        segments += [(before[len(done) :], False, False), (text, True, _trained(turn))]
         done = after[: len(before) + cut + len(end_token)] if cut >= 0 else after
+    return segments
+
+
+def chat_segments(tokenizer: Any, fmt: TaskFormat, ex: Example, end_token: str) -> list[Segment]:
+    """The conversation of ``ex`` as ``(text, is_reply, trained)`` segments, alternating context and
+    reply and ending with the final reply; a reply's text excludes the turn-end token ``end_token``;
+    ``trained``: the reply carries loss (weight 0 makes it context)."""
+    turns = conversation(fmt, ex)
+    if not uses_chat_template(tokenizer, fmt):
+        return _plain_segments(turns)
+    tools = tool_definitions(ex.meta.get("tools"), f"example {ex.id!r}: field 'tools'")
+    turns = _accepted(tokenizer, turns, ex.id, tools)
+    segments = _template_segments(tokenizer, ex.id, turns, tools, end_token)
+    if segments is None:  # the template drops tool calls: write them as text, as without a template
+        segments = _template_segments(tokenizer, ex.id, _calls_as_text(turns), tools, end_token)
+    assert segments is not None
     return segments

@@ -16,8 +16,9 @@ generation prompt) and loses its start. A target is cut from the right.
 
 Two more layouts: a chat example (``Example.messages``) is the whole conversation, each segment
 tokenized separately (``layercard.tasks.chat``), with loss on every assistant reply and its turn-end
-token and on nothing else; an over-long conversation loses its oldest tokens. Plain text (a
-``completion`` format) is the BOS token (else EOS) followed by the text and EOS, all of it target.
+token (a reply of weight 0 excepted) and on nothing else; an over-long conversation loses its oldest
+tokens. Plain text (a ``completion`` format) is the BOS token (else EOS) followed by the text and EOS,
+all of it target.
 """
 
 from __future__ import annotations
@@ -35,7 +36,13 @@ from typing import Any
 import torch
 
 from layercard.errors import LayercardError, setting_name
-from layercard.tasks.chat import chat_segments, has_chat_template, render_chat, uses_chat_template
+from layercard.tasks.chat import (
+    calls_text,
+    chat_segments,
+    has_chat_template,
+    render_chat,
+    uses_chat_template,
+)
 from layercard.tasks.example import Example
 from layercard.tasks.loss import IGNORE_INDEX
 from layercard.tasks.presets import TaskFormat
@@ -275,6 +282,9 @@ def check_text(tokenizer: Any, ex: Example) -> None:
         return
     fields = [("input", ex.input), ("target", ex.target)]
     fields += [(f"messages[{k}]", content) for k, (_, content) in enumerate(ex.messages or ())]
+    for k, turn in enumerate(ex.turn_fields or ()):
+        if turn.get("tool_calls"):
+            fields.append((f"messages[{k}].tool_calls", calls_text(turn["tool_calls"])))
     tools = ex.meta.get("tools") if ex.messages is not None else None
     if tools:  # the chat template writes them into the sequence too
         fields.append(("tools", tools if isinstance(tools, str) else json.dumps(tools, ensure_ascii=False)))
@@ -301,13 +311,14 @@ def _conversation_ids(
     ids = [] if uses_chat_template(tokenizer, fmt) else _plain_bos(tokenizer)
     labels = [IGNORE_INDEX] * len(ids)
     clipped = False
-    for text, is_reply in segments[:-1]:
+    for text, is_reply, trained in segments[:-1]:
         part = _ids(tokenizer, text)
-        if is_reply:
+        if trained:
             clipped |= len(part) + 1 > fmt.max_target_tokens
             part = (part + [end_id])[: fmt.max_target_tokens]
             labels += part
-        else:
+        else:  # context, or a reply of weight 0: whole, its end token too, with no loss
+            part += [end_id] if is_reply else []
             labels += [IGNORE_INDEX] * len(part)
         ids += part
     reply = _ids(tokenizer, segments[-1][0]) + [end_id]

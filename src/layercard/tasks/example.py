@@ -3,7 +3,8 @@
 The lowest module of the tasks package: data, metrics and encoding all speak of examples.
 A chat example also carries its whole conversation (``messages``): training puts loss on every
 assistant turn, while ``input``/``target`` (the last user turn and the final assistant turn) serve
-generation and scoring like any other example.
+generation and scoring like any other example. A turn may carry fields beyond its role and content
+(``Example.turn_fields``): an assistant turn's tool calls and loss weight, a tool turn's call id and name.
 """
 
 from __future__ import annotations
@@ -26,7 +27,9 @@ class Example:
     when the data gives none; data that gives them need not list the target).
 
     ``messages``: for chat data, the conversation as ``(role, content)`` pairs ending with the
-    assistant turn ``target``; ``None`` for everything else.
+    assistant turn ``target``; ``None`` for everything else. ``turn_fields``: per turn of ``messages``,
+    its fields beyond role and content (``tool_calls``, ``weight``, ``tool_call_id``, ``name``), as
+    :mod:`layercard.tasks.schemas` checked them; ``None`` where no turn has any.
     """
 
     id: str
@@ -36,6 +39,7 @@ class Example:
     # left out of the hash (a dict is unhashable) but not of equality, so examples can go in sets
     meta: Mapping[str, Any] = field(default_factory=dict, hash=False)
     messages: tuple[tuple[str, str], ...] | None = None
+    turn_fields: tuple[Mapping[str, Any], ...] | None = field(default=None, hash=False)
 
     def __post_init__(self) -> None:
         for name in ("id", "input", "target"):
@@ -53,6 +57,10 @@ class Example:
                     f"{', '.join(ROLES)}, ending with an assistant turn"
                 )
             object.__setattr__(self, "messages", turns)
+        if self.turn_fields is not None:
+            if self.messages is None or len(self.turn_fields) != len(self.messages):
+                raise LayercardError(f"Example {self.id!r}: turn_fields must hold one mapping per message")
+            object.__setattr__(self, "turn_fields", tuple(dict(f) for f in self.turn_fields))
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {
@@ -63,5 +71,9 @@ class Example:
             "meta": dict(self.meta),
         }
         if self.messages is not None:  # only then: the data hash of every other example stays as it was
-            d["messages"] = [{"role": r, "content": c} for r, c in self.messages]
+            fields = self.turn_fields or [{}] * len(self.messages)
+            # a turn's other fields only where it has them: the data hash of plain turns stays as it was
+            d["messages"] = [
+                {"role": r, "content": c, **f} for (r, c), f in zip(self.messages, fields, strict=True)
+            ]
         return d

@@ -21,7 +21,10 @@ field map names no schema's fields, :func:`detected_map` reads it through the fi
 ``function_call`` and ``observation`` are read as ``user``, ``assistant``, ``assistant`` and ``tool``; a
 tool turn is context, like a user turn. A chat record's ``tools`` field (the tool definitions: a list
 of JSON objects, or its JSON text) is checked, kept in ``Example.meta`` as given, and handed to the chat
-template when the example is encoded. A field map names the column of a field:
+template when the example is encoded. A turn in OpenAI's layout may carry more fields
+(:func:`_turn_fields`): an assistant turn's ``tool_calls`` (its content then null or empty) and
+``weight`` (0: context, no loss), a tool turn's ``tool_call_id`` and ``name``; they go to
+``Example.turn_fields``. A field map names the column of a field:
 ``{"input": "question"}`` reads ``input`` from ``question`` (``role``/``content`` rename the keys inside
 chat messages, ``system`` names a column holding the conversation's system prompt). Fields the map names
 also choose the schema: mapping ``target`` says the data is ``input_target`` even before its first row
@@ -36,7 +39,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from layercard.errors import LayercardError
-from layercard.tasks.chat import tool_definitions
+from layercard.tasks.chat import tool_calls, tool_definitions
 from layercard.tasks.example import ROLES, Example
 
 __all__ = [
@@ -235,9 +238,12 @@ def _json_cell(text: str) -> Any:
         return text
 
 
-def _messages(rec: Mapping[str, Any], fmap: Mapping[str, str], where: str, cells: bool) -> tuple:
+def _messages(
+    rec: Mapping[str, Any], fmap: Mapping[str, str], where: str, cells: bool
+) -> tuple[tuple[tuple[str, str], ...], tuple[dict[str, Any], ...] | None]:
     """The conversation as (role, content) pairs, checked: optional system turn first, then a user turn,
-    ending with an assistant turn."""
+    ending with an assistant turn with content; and each turn's other fields (:func:`_turn_fields`),
+    None where no turn has any."""
     column = _col(fmap, "messages")
     raw = rec.get(column)
     if raw is None:
@@ -247,7 +253,7 @@ def _messages(rec: Mapping[str, Any], fmap: Mapping[str, str], where: str, cells
     if isinstance(raw, (str, bytes)) or not isinstance(raw, Sequence) or not raw:
         raise LayercardError(f"{where}: field {column!r} must be a non-empty list of {{role, content}} items")
     role_key, content_key = _col(fmap, "role"), _col(fmap, "content")
-    turns = []
+    turns, fields = [], []
     for k, m in enumerate(raw):
         at = f"{where}: field {column!r}[{k}]"
         if not isinstance(m, Mapping):
@@ -260,11 +266,15 @@ def _messages(rec: Mapping[str, Any], fmap: Mapping[str, str], where: str, cells
         if role not in ROLES:
             names = ", ".join((*ROLES, *ROLE_NAMES))
             raise LayercardError(f"{at}.{role_key}: {m.get(role_key)!r} is not one of {names}")
-        if not isinstance(content, str) or not content.strip():
+        extra = _turn_fields(m, role, at)
+        if extra.get("tool_calls") and (content is None or content == ""):
+            content = ""  # a turn that only calls tools: the calls are its text
+        elif not isinstance(content, str) or not content.strip():
             raise LayercardError(f"{at}.{content_key}: must be a non-empty string, got {content!r}")
         if role == "system" and k > 0:
             raise LayercardError(f"{at}: a system turn may only come first")
         turns.append((role, _whole_characters(content, f"{at}.{content_key}")))
+        fields.append(extra)
     system = _system(rec, fmap.get("system"), where, cells)
     if system is not None:
         if turns[0][0] == "system":
@@ -272,12 +282,49 @@ def _messages(rec: Mapping[str, Any], fmap: Mapping[str, str], where: str, cells
                 f"{where}: field {fmap['system']!r} and the conversation's own system turn: give one of them"
             )
         turns.insert(0, ("system", system))
+        fields.insert(0, {})
     rest = turns[1:] if turns[0][0] == "system" else turns
     if not rest or rest[0][0] != "user":
         raise LayercardError(f"{where}: field {column!r}: the conversation must start with a user turn")
     if turns[-1][0] != "assistant":
         raise LayercardError(f"{where}: field {column!r}: the last turn must be the assistant's (the target)")
-    return tuple(turns)
+    last = f"{where}: field {column!r}[{len(raw) - 1}]"
+    if not turns[-1][1]:
+        raise LayercardError(
+            f"{last}: the last turn is the target and only calls tools; end the conversation with the "
+            "assistant's answer (a turn with content)"
+        )
+    if fields[-1].get("weight") == 0:
+        raise LayercardError(
+            f"{last}.weight: the last turn is the target, which training learns; it cannot be 0"
+        )
+    return tuple(turns), (tuple(fields) if any(fields) else None)
+
+
+def _turn_fields(m: Mapping[str, Any], role: str, at: str) -> dict[str, Any]:
+    """A turn's fields beyond role and content, checked: an assistant turn's ``tool_calls`` and
+    ``weight`` (0: context, no loss; 1: trained, as without it), a tool turn's ``tool_call_id`` and
+    ``name``. Other keys are not read."""
+    out: dict[str, Any] = {}
+    calls = tool_calls(m.get("tool_calls"), f"{at}.tool_calls")
+    weight = m.get("weight")
+    if (calls or weight is not None) and role != "assistant":
+        key = "tool_calls" if calls else "weight"
+        raise LayercardError(f"{at}.{key}: only an assistant turn has one (this turn is {role!r})")
+    if calls:
+        out["tool_calls"] = calls
+    if weight is not None:
+        if isinstance(weight, bool) or weight not in (0, 1):
+            raise LayercardError(f"{at}.weight: must be 0 (no loss on this turn) or 1, got {weight!r}")
+        if weight == 0:  # weight 1 is every turn's default: the same data, the same hash
+            out["weight"] = 0
+    if role == "tool":
+        for key in ("tool_call_id", "name"):
+            if m.get(key) is not None:
+                if not isinstance(m[key], str):
+                    raise LayercardError(f"{at}.{key}: must be a string, got {m[key]!r}")
+                out[key] = m[key]
+    return out
 
 
 def _system(rec: Mapping[str, Any], column: str | None, where: str, cells: bool) -> str | None:
@@ -310,9 +357,9 @@ def record_to_example(
     if not isinstance(rec, Mapping):
         raise LayercardError(f"{where}: expected a JSON object, got {type(rec).__name__}")
     used = {_col(fmap, "id")}
-    messages = None
+    messages = turn_fields = None
     if schema == "chat":
-        messages = _messages(rec, fmap, where, cells)
+        messages, turn_fields = _messages(rec, fmap, where, cells)
         # checked here, kept as given: the chat template reads them when the example is encoded
         tool_definitions(rec.get("tools"), f"{where}: field 'tools'")
         users = [c for r, c in messages if r == "user"]
@@ -338,4 +385,12 @@ def record_to_example(
         used.add(_col(fmap, "references"))
     ex_id = _example_id(rec, _col(fmap, "id"), default_id, where)
     meta = {k: v for k, v in rec.items() if k not in used}
-    return Example(id=ex_id, input=inp, target=target, references=refs, meta=meta, messages=messages)
+    return Example(
+        id=ex_id,
+        input=inp,
+        target=target,
+        references=refs,
+        meta=meta,
+        messages=messages,
+        turn_fields=turn_fields,
+    )

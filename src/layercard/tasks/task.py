@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import random
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
@@ -18,6 +19,13 @@ from layercard.tasks.lazy import LazyExamples
 from layercard.tasks.presets import PRESETS, TaskFormat
 
 __all__ = ["Task"]
+
+
+def _learned(ex: Example) -> tuple[Any, ...]:
+    """What a model reads and learns of ``ex``: its texts, its conversation and the turns' tool calls
+    and weights."""
+    fields = json.dumps(ex.turn_fields, sort_keys=True) if ex.turn_fields else None
+    return ex.input, ex.target, ex.messages, fields
 
 
 @dataclass(frozen=True)
@@ -95,11 +103,11 @@ class Task:
         """How many of these examples ``other`` holds too, judged by what a model reads and learns (input,
         target, conversation), not by ids or file names: a renamed copy shares them all."""
         if len(other) < len(self):
-            theirs = {(e.input, e.target, e.messages) for e in other._read_all("reading")}
-            return sum((e.input, e.target, e.messages) in theirs for e in self._read_all("comparing"))
+            theirs = {_learned(e) for e in other._read_all("reading")}
+            return sum(_learned(e) in theirs for e in self._read_all("comparing"))
         # the larger task is read once and not held: a large file's training set may not fit in memory
-        mine = Counter((e.input, e.target, e.messages) for e in self._read_all("reading"))
-        found = {k for e in other._read_all("comparing") if (k := (e.input, e.target, e.messages)) in mine}
+        mine = Counter(_learned(e) for e in self._read_all("reading"))
+        found = {k for e in other._read_all("comparing") if (k := _learned(e)) in mine}
         return sum(mine[k] for k in found)
 
     def subset(self, n: int | None, *, seed: int = 0, offset: int = 0) -> Task:

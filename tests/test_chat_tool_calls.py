@@ -1,0 +1,211 @@
+"""Chat data in OpenAI's layout beyond role and content: an assistant turn's ``tool_calls`` (content
+null) and ``weight``, a tool turn's ``tool_call_id`` and ``name``."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+from tiny_tok import CHAT_TEMPLATE, tiny_tokenizer
+
+from layercard.errors import LayercardError
+from layercard.tasks import PRESETS
+from layercard.tasks.data import examples_from_records
+from layercard.tasks.encode import IGNORE_INDEX, encode_example, encode_prompt
+from layercard.tasks.schemas import record_to_example
+
+FMT = dataclasses.replace(PRESETS["chat"], max_input_tokens=256, max_target_tokens=64)
+CALL = {"id": "c1", "type": "function", "function": {"name": "add", "arguments": '{"a": 2, "b": 2}'}}
+
+
+def _record(*, first: dict | None = None, last: dict | None = None) -> dict:
+    return {
+        "messages": [
+            {"role": "user", "content": "sum 2 2"},
+            {"role": "assistant", "content": None, "tool_calls": [CALL], **(first or {})},
+            {"role": "tool", "tool_call_id": "c1", "name": "add", "content": "4"},
+            {"role": "assistant", "content": "it is 4.", **(last or {})},
+        ]
+    }
+
+
+def _example(rec: dict):
+    return record_to_example(rec, "chat", {}, "f.jsonl:1", "0")
+
+
+def _trained(tok, enc) -> str:
+    return tok.decode([i for i, lab in zip(enc.input_ids, enc.labels, strict=True) if lab != IGNORE_INDEX])
+
+
+def test_an_openai_tool_call_record_is_read_with_its_calls_and_the_tool_turns_ids():
+    ex = _example(_record())
+    assert ex.messages == (("user", "sum 2 2"), ("assistant", ""), ("tool", "4"), ("assistant", "it is 4."))
+    assert ex.target == "it is 4." and ex.input == "sum 2 2"
+    # the arguments' JSON text is parsed: chat templates take a mapping
+    call = {"type": "function", "function": {"name": "add", "arguments": {"a": 2, "b": 2}}, "id": "c1"}
+    assert ex.turn_fields == ({}, {"tool_calls": [call]}, {"tool_call_id": "c1", "name": "add"}, {})
+    # the bare {name, arguments} layout and the list as JSON text read the same
+    bare = _record(
+        first={"tool_calls": json.dumps([{"id": "c1", "name": "add", "arguments": {"a": 2, "b": 2}}])}
+    )
+    assert _example(bare) == ex
+
+
+def test_weight_one_is_the_default_and_leaves_the_data_hash_as_it_was():
+    plain = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+    weighted = {
+        "messages": [
+            {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": "hello", "weight": 1},
+        ]
+    }
+    a, b = _example(plain), _example(weighted)
+    assert a == b and a.turn_fields is None and a.to_dict() == b.to_dict()
+    assert "weight" not in json.dumps(a.to_dict())
+
+
+@pytest.mark.parametrize(
+    ("first", "last", "message"),
+    [
+        (
+            {"tool_calls": [{"function": {"arguments": "{}"}}]},
+            None,
+            r"\[1\].tool_calls\[0\]: a tool call needs",
+        ),
+        (
+            {"tool_calls": [{"name": "add", "arguments": "{a: 2}"}]},
+            None,
+            r"\[1\].tool_calls\[0\].arguments: not JSON",
+        ),
+        (
+            {"tool_calls": [{"name": "add", "arguments": "[2]"}]},
+            None,
+            r"\[1\].tool_calls\[0\].arguments: must be",
+        ),
+        ({"tool_calls": "add(2, 2)"}, None, r"\[1\].tool_calls: not JSON"),
+        ({"tool_calls": [], "content": None}, None, r"\[1\].content: must be a non-empty string"),
+        ({"weight": 2}, None, r"\[1\].weight: must be 0 .* got 2"),
+        ({"weight": True}, None, r"\[1\].weight: must be 0"),
+        (None, {"weight": 0}, r"\[3\].weight: the last turn is the target"),
+        (None, {"content": None, "tool_calls": [CALL]}, r"\[3\]: the last turn is the target and only calls"),
+    ],
+)
+def test_bad_tool_calls_and_weights_are_refused_by_file_line_and_field(first, last, message):
+    with pytest.raises(LayercardError, match=r"^f\.jsonl:1: field 'messages'" + message):
+        _example(_record(first=first, last=last))
+
+
+def test_tool_calls_and_weight_belong_to_assistant_turns_and_tool_ids_are_strings():
+    for key, value in (("tool_calls", [CALL]), ("weight", 0)):
+        rec = _record()
+        rec["messages"][0][key] = value
+        with pytest.raises(
+            LayercardError, match=rf"\[0\].{key}: only an assistant turn has one \(this turn is 'user'"
+        ):
+            _example(rec)
+    rec = _record()
+    rec["messages"][2]["tool_call_id"] = 7
+    with pytest.raises(LayercardError, match=r"\[2\].tool_call_id: must be a string, got 7"):
+        _example(rec)
+
+
+# a template that writes an assistant turn's calls, as tool-calling models' templates do
+CALLS_TEMPLATE = CHAT_TEMPLATE.replace(
+    "{% else %}{{ '<|assistant|>' + message['content']",
+    "{% else %}{{ '<|assistant|>' + message['content'] }}"
+    "{% for c in message.get('tool_calls', []) %}"
+    "{{ 'call ' + c.function.name + (c.function.arguments | tojson) }}"
+    "{% endfor %}{{ ''",
+)
+
+
+def test_a_template_that_writes_tool_calls_trains_them_as_it_writes_them():
+    tok = tiny_tokenizer()
+    tok.chat_template = CALLS_TEMPLATE
+    enc = encode_example(tok, FMT, _example(_record()))
+    assert _trained(tok, enc) == 'call add{"a": 2, "b": 2}<eos>it is 4.<eos>'
+    # the tool's answer is context; generation continues after it
+    assert tok.decode(encode_prompt(tok, FMT, _example(_record()))).endswith(
+        "<|assistant|>4<eos>\n<|assistant|>"
+    )
+
+
+def test_a_template_that_drops_tool_calls_gets_them_as_text():
+    tok = tiny_tokenizer()  # its template writes the content alone
+    as_text = '{"name": "add", "arguments": {"a": 2, "b": 2}}'
+    enc = encode_example(tok, FMT, _example(_record()))
+    assert _trained(tok, enc) == as_text + "<eos>it is 4.<eos>"
+    # the same as a ShareGPT function_call turn holding that text
+    sharegpt = {
+        "conversations": [
+            {"from": "human", "value": "sum 2 2"},
+            {"from": "function_call", "value": as_text},
+            {"from": "observation", "value": "4"},
+            {"from": "gpt", "value": "it is 4."},
+        ]
+    }
+    (other,) = examples_from_records([sharegpt], source="f.jsonl")
+    assert encode_example(tok, FMT, other).input_ids == enc.input_ids
+    # content and calls together: the calls follow the content on a line of their own
+    both = encode_example(tok, FMT, _example(_record(first={"content": "let me add."})))
+    assert _trained(tok, both).startswith("let me add.\n" + as_text + "<eos>")
+    # without a chat template the calls are text as well
+    bare = tiny_tokenizer(with_chat_template=False)
+    assert _trained(bare, encode_example(bare, FMT, _example(_record()))) == as_text + "<eos>it is 4.<eos>"
+
+
+@pytest.mark.parametrize("template", [True, False])
+def test_a_reply_of_weight_zero_is_context_with_its_end_token(template):
+    tok = tiny_tokenizer(with_chat_template=template)
+    rec = {
+        "messages": [
+            {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": "bad reply", "weight": 0},
+            {"role": "user", "content": "again"},
+            {"role": "assistant", "content": "good reply"},
+        ]
+    }
+    weighted = encode_example(tok, FMT, _example(rec))
+    rec["messages"][1].pop("weight")
+    whole = encode_example(tok, FMT, _example(rec))
+    # the same sequence, the first reply and its end token untrained
+    assert weighted.input_ids == whole.input_ids
+    assert _trained(tok, whole) == "bad reply<eos>good reply<eos>"
+    assert _trained(tok, weighted) == "good reply<eos>"
+    assert weighted.prompt_len > whole.prompt_len
+
+
+def test_a_special_token_inside_a_tool_call_is_refused():
+    tok = tiny_tokenizer()
+    rec = _record(first={"tool_calls": [{"name": "add", "arguments": {"a": "<eos>"}}]})
+    with pytest.raises(LayercardError, match=r"its messages\[1\].tool_calls holds '<eos>'"):
+        encode_example(tok, FMT, _example(rec))
+
+
+def _task(ex):
+    from layercard.tasks import Task
+
+    return Task(name="t", source="f.jsonl", split="train", format=FMT, examples=(ex,), schema="chat")
+
+
+def test_conversations_that_differ_only_in_a_call_are_not_the_same_data():
+    one = _example(_record())
+    other = _example(_record(first={"tool_calls": [{"name": "add", "arguments": {"a": 2, "b": 3}}]}))
+    assert one.messages == other.messages and one != other
+    a, b = _task(one), _task(other)
+    assert a.shared_with(b) == 0 and a.shared_with(_task(one)) == 1
+    assert a.data_hash != b.data_hash
+
+
+def test_smol_tool_calls_in_openai_layout_train_on_the_call_as_text_and_the_answer(smollm2):
+    tok = smollm2.tokenizer  # SmolLM2's template writes the content alone
+    ex = _example(_record())
+    enc = encode_example(tok, FMT, ex)
+    as_text = '{"name": "add", "arguments": {"a": 2, "b": 2}}'
+    assert _trained(tok, enc) == as_text + "<|im_end|>" + "it is 4.<|im_end|>"
+    chat = tok.apply_chat_template(
+        [{"role": r, "content": as_text if k == 1 else c} for k, (r, c) in enumerate(ex.messages)],
+        tokenize=False,
+    )
+    assert tok.decode(enc.input_ids) + "\n" == chat and "<|im_start|>tool\n4<|im_end|>" in chat
