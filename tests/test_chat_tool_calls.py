@@ -12,7 +12,8 @@ from tiny_tok import CHAT_TEMPLATE, tiny_tokenizer
 from layercard.errors import LayercardError
 from layercard.tasks import PRESETS
 from layercard.tasks.data import examples_from_records
-from layercard.tasks.encode import IGNORE_INDEX, encode_example, encode_prompt
+from layercard.tasks.encode import IGNORE_INDEX, encode_example, encode_prompt, scored_as_written
+from layercard.tasks.metrics import exact_match
 from layercard.tasks.schemas import record_to_example
 
 FMT = dataclasses.replace(PRESETS["chat"], max_input_tokens=256, max_target_tokens=64)
@@ -88,7 +89,6 @@ def test_weight_one_is_the_default_and_leaves_the_data_hash_as_it_was():
         ({"weight": 2}, None, r"\[1\].weight: must be 0 .* got 2"),
         ({"weight": True}, None, r"\[1\].weight: must be 0"),
         (None, {"weight": 0}, r"\[3\].weight: the last turn is the target"),
-        (None, {"content": None, "tool_calls": [CALL]}, r"\[3\]: the last turn is the target and only calls"),
     ],
 )
 def test_bad_tool_calls_and_weights_are_refused_by_file_line_and_field(first, last, message):
@@ -209,3 +209,63 @@ def test_smol_tool_calls_in_openai_layout_train_on_the_call_as_text_and_the_answ
         tokenize=False,
     )
     assert tok.decode(enc.input_ids) + "\n" == chat and "<|im_start|>tool\n4<|im_end|>" in chat
+
+
+def _ends_in_a_call(content=None) -> dict:
+    rec = _record()
+    rec["messages"][1:] = [{"role": "assistant", "content": content, "tool_calls": [CALL]}]
+    return rec
+
+
+def test_a_conversation_may_end_in_a_tool_call_whose_text_is_the_target():
+    as_text = '{"name": "add", "arguments": {"a": 2, "b": 2}}'
+    ex = _example(_ends_in_a_call())
+    assert ex.target == ex.references[0] == as_text and ex.messages[-1] == ("assistant", "")
+    assert _example(_ends_in_a_call("adding.")).target == "adding.\n" + as_text
+    # trained as the template writes it, or as that text where it leaves calls out
+    tok = tiny_tokenizer()
+    assert _trained(tok, encode_example(tok, FMT, ex)) == as_text + "<eos>"
+    tok.chat_template = CALLS_TEMPLATE
+    assert _trained(tok, encode_example(tok, FMT, ex)) == 'call add{"a": 2, "b": 2}<eos>'
+
+
+def test_a_final_tool_call_is_scored_as_the_chat_template_writes_it():
+    ex = _example(_ends_in_a_call())
+    plain, bare, calls = tiny_tokenizer(), tiny_tokenizer(with_chat_template=False), tiny_tokenizer()
+    calls.chat_template = CALLS_TEMPLATE
+    # where the calls are written as text, that text is the reference already
+    assert scored_as_written(plain, FMT, ex) is ex and scored_as_written(bare, FMT, ex) is ex
+    written = scored_as_written(calls, FMT, ex)
+    assert written.references == (written.target,) == ('call add{"a": 2, "b": 2}',)
+    assert exact_match('call add{"a": 2, "b": 2}', written.references) == 1.0
+    # a conversation that ends in an answer keeps its target
+    answered = _example(_record())
+    assert scored_as_written(calls, FMT, answered) is answered
+
+
+def test_evaluate_and_the_trim_sweep_score_a_final_call_as_the_template_writes_it(monkeypatch):
+    import torch
+    from tiny import tiny_model
+
+    import layercard.inference as inference
+    from layercard.evaluate import EvalConfig, evaluate
+    from layercard.models import LoadedModel
+    from layercard.trim.sweep import task_scorer
+
+    tok = tiny_tokenizer()
+    tok.chat_template = CALLS_TEMPLATE
+    model = tiny_model("llama", seed=0).to(torch.float32)
+    loaded = LoadedModel(model=model, tokenizer=tok, model_id="tiny", model_hash="0" * 64, source="memory")
+    task = _task(_example(_ends_in_a_call()))
+    res = evaluate(
+        loaded, task, EvalConfig(examples=1, max_new_tokens=3, loss=False, metrics=("exact_match",))
+    )
+    assert res.predictions[0]["references"] == ['call add{"a": 2, "b": 2}']
+    scorer = task_scorer(
+        tok, task, task.examples, metrics=["exact_match"], batch_size=1, max_new_tokens=3, max_length=None,
+        loss=False,
+    )  # fmt: skip
+    # what the scorer compares a generation with: a model that writes the call exactly scores 1
+    timing = {"s_per_example": 0.0, "tokens_per_s": 0.0, "new_tokens": 3}
+    monkeypatch.setattr(inference, "generate", lambda *a, **k: (['call add{"a": 2, "b": 2}'], timing))
+    assert scorer(model, 0)["metrics"]["exact_match"] == 1.0

@@ -56,6 +56,7 @@ from layercard.tasks import (
     load_task,
     names_split,
     prompt_cut,
+    scored_as_written,
     strict_match,
     token_f1,
 )
@@ -530,7 +531,9 @@ def evaluate(
                 "no eval.json was written"
             )
 
-    metrics = {name: METRICS[name](texts, examples) for name in run.metrics}
+    # a final turn of tool calls is scored as the chat template writes it, as the model learned it
+    scored = [scored_as_written(tok, sub.format, ex) for ex in examples]
+    metrics = {name: METRICS[name](texts, scored) for name in run.metrics}
     timing["total_s"] = time.perf_counter() - t_start
     config = run.to_dict()
     prov_config = {**config, "model_override": model is not None, **running_on(loaded.model)}
@@ -554,7 +557,7 @@ def evaluate(
         loss=None if loss is None else float(loss),
         n=len(examples),
         timing=timing,
-        predictions=_prediction_rows(examples, texts, run.metrics),
+        predictions=_prediction_rows(scored, texts, run.metrics),
         provenance=provenance.to_dict(),
         config=config,
         task=task_info,

@@ -155,13 +155,17 @@ def _messages(turns: list[Turn]) -> list[Turn]:
     return [{k: v for k, v in t.items() if k != "weight"} for t in turns]
 
 
+def with_calls(content: str, calls: list[Mapping[str, Any]]) -> str:
+    """A turn's text with its tool calls written in: the content, then the calls (:func:`calls_text`)."""
+    return f"{content}\n{calls_text(calls)}" if content else calls_text(calls)
+
+
 def _calls_as_text(turns: list[Turn]) -> list[Turn]:
-    """``turns`` with every tool call written into its turn's text (:func:`calls_text`)."""
+    """``turns`` with every tool call written into its turn's text (:func:`with_calls`)."""
     out = []
     for turn in turns:
         if turn.get("tool_calls"):
-            calls = calls_text(turn["tool_calls"])
-            text = f"{turn['content']}\n{calls}" if turn["content"] else calls
+            text = with_calls(turn["content"], turn["tool_calls"])
             turn = {**{k: v for k, v in turn.items() if k != "tool_calls"}, "content": text}
         out.append(turn)
     return out

@@ -23,6 +23,7 @@ all of it target.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import random
@@ -61,6 +62,7 @@ __all__ = [
     "end_token_id",
     "plug_in_entropy",
     "prompt_cut",
+    "scored_as_written",
     "target_entropy",
     "turn_end_token",
     "turn_end_token_id",
@@ -324,6 +326,19 @@ def _conversation_ids(
     reply = _ids(tokenizer, segments[-1][0]) + [end_id]
     clipped |= len(reply) > fmt.max_target_tokens
     return ids, labels, reply[: fmt.max_target_tokens], clipped
+
+
+def scored_as_written(tokenizer: Any, fmt: TaskFormat, ex: Example) -> Example:
+    """``ex`` with the reference evaluation scores a generation against: its target, except where its last
+    turn calls tools and the chat template writes calls in its own form; the reference is then that turn
+    as the template writes it, decoded as generation decodes (special tokens left out)."""
+    if not ex.turn_fields or not ex.turn_fields[-1].get("tool_calls") or fmt.completion:
+        return ex
+    end_token = tokenizer.convert_ids_to_tokens(end_token_id(tokenizer, fmt))
+    reply = chat_segments(tokenizer, fmt, ex, end_token)[-1][0]
+    ids = _ids(tokenizer, reply)
+    text = tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False).strip()
+    return ex if text == ex.target else dataclasses.replace(ex, target=text, references=(text,))
 
 
 def encode_prompt(

@@ -22,9 +22,10 @@ field map names no schema's fields, :func:`detected_map` reads it through the fi
 tool turn is context, like a user turn. A chat record's ``tools`` field (the tool definitions: a list
 of JSON objects, or its JSON text) is checked, kept in ``Example.meta`` as given, and handed to the chat
 template when the example is encoded. A turn in OpenAI's layout may carry more fields
-(:func:`_turn_fields`): an assistant turn's ``tool_calls`` (its content then null or empty) and
-``weight`` (0: context, no loss), a tool turn's ``tool_call_id`` and ``name``; they go to
-``Example.turn_fields``. A field map names the column of a field:
+(:func:`_turn_fields`): an assistant turn's ``tool_calls`` (its content then null or empty; where the
+last turn calls tools, the calls as text are the target) and ``weight`` (0: context, no loss; never on
+the last turn), a tool turn's ``tool_call_id`` and ``name``; they go to ``Example.turn_fields``.
+A field map names the column of a field:
 ``{"input": "question"}`` reads ``input`` from ``question`` (``role``/``content`` rename the keys inside
 chat messages, ``system`` names a column holding the conversation's system prompt). Fields the map names
 also choose the schema: mapping ``target`` says the data is ``input_target`` even before its first row
@@ -39,7 +40,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from layercard.errors import LayercardError
-from layercard.tasks.chat import tool_calls, tool_definitions
+from layercard.tasks.chat import tool_calls, tool_definitions, with_calls
 from layercard.tasks.example import ROLES, Example
 
 __all__ = [
@@ -289,11 +290,6 @@ def _messages(
     if turns[-1][0] != "assistant":
         raise LayercardError(f"{where}: field {column!r}: the last turn must be the assistant's (the target)")
     last = f"{where}: field {column!r}[{len(raw) - 1}]"
-    if not turns[-1][1]:
-        raise LayercardError(
-            f"{last}: the last turn is the target and only calls tools; end the conversation with the "
-            "assistant's answer (a turn with content)"
-        )
     if fields[-1].get("weight") == 0:
         raise LayercardError(
             f"{last}.weight: the last turn is the target, which training learns; it cannot be 0"
@@ -363,7 +359,10 @@ def record_to_example(
         # checked here, kept as given: the chat template reads them when the example is encoded
         tool_definitions(rec.get("tools"), f"{where}: field 'tools'")
         users = [c for r, c in messages if r == "user"]
-        inp, target = users[-1], messages[-1][1]
+        # a final turn that calls tools: its calls are the target, as text (the template's form is
+        # what evaluation scores where it writes them otherwise: layercard.tasks.encode.scored_as_written)
+        calls = (turn_fields or [{}])[-1].get("tool_calls")
+        inp, target = users[-1], with_calls(messages[-1][1], calls) if calls else messages[-1][1]
         refs: tuple[str, ...] = (target,)
         used |= {_col(fmap, "messages"), fmap.get("system")}
     elif schema == "text":

@@ -23,7 +23,7 @@ from torch import nn
 from layercard import inference
 from layercard.errors import LayercardError, setting_name
 from layercard.progress import track
-from layercard.tasks import Example, Task, check_gold, compute_metrics
+from layercard.tasks import Example, Task, check_gold, compute_metrics, scored_as_written
 from layercard.trim.mask import adapted_modules, masked_layers
 
 __all__ = [
@@ -176,13 +176,14 @@ def task_scorer(
     """
     names = list(dict.fromkeys(metrics))
     check_gold(names, examples)  # before any K is generated for
+    scored = [scored_as_written(tokenizer, task.format, ex) for ex in examples]  # as evaluate scores
 
     def score(model: nn.Module, k: int) -> dict[str, Any]:
         texts, timing = inference.generate(
             model, tokenizer, task, examples, batch_size=batch_size, max_new_tokens=max_new_tokens,
             progress=False,  # the sweep's own bar is live; rich cannot nest a second one
         )  # fmt: skip
-        values = compute_metrics(names, texts, examples)
+        values = compute_metrics(names, texts, scored)
         value = None
         if loss:
             value = inference.eval_loss(
