@@ -176,11 +176,24 @@ def test_a_reply_of_weight_zero_is_context_with_its_end_token(template):
     assert weighted.prompt_len > whole.prompt_len
 
 
-def test_a_special_token_inside_a_tool_call_is_refused():
+def test_a_special_token_inside_a_tool_call_or_a_tool_turns_name_is_refused():
     tok = tiny_tokenizer()
     rec = _record(first={"tool_calls": [{"name": "add", "arguments": {"a": "<eos>"}}]})
     with pytest.raises(LayercardError, match=r"its messages\[1\].tool_calls holds '<eos>'"):
         encode_example(tok, FMT, _example(rec))
+    rec = _record()
+    rec["messages"][2]["name"] = "add<eos>"
+    with pytest.raises(LayercardError, match=r"its messages\[2\].name holds '<eos>'"):
+        encode_example(tok, FMT, _example(rec))
+
+
+def test_turn_fields_are_one_mapping_per_message():
+    from layercard.tasks import Example
+
+    turns = (("user", "hi"), ("assistant", "hello"))
+    for fields in (({},), ({}, "weight")):
+        with pytest.raises(LayercardError, match="turn_fields must hold one mapping per message"):
+            Example("e", "hi", "hello", messages=turns, turn_fields=fields)
 
 
 def _task(ex):

@@ -284,9 +284,10 @@ def check_text(tokenizer: Any, ex: Example) -> None:
         return
     fields = [("input", ex.input), ("target", ex.target)]
     fields += [(f"messages[{k}]", content) for k, (_, content) in enumerate(ex.messages or ())]
-    for k, turn in enumerate(ex.turn_fields or ()):
+    for k, turn in enumerate(ex.turn_fields or ()):  # what a template may write of a turn's other fields
         if turn.get("tool_calls"):
             fields.append((f"messages[{k}].tool_calls", calls_text(turn["tool_calls"])))
+        fields += [(f"messages[{k}].{key}", turn[key]) for key in ("tool_call_id", "name") if key in turn]
     tools = ex.meta.get("tools") if ex.messages is not None else None
     if tools:  # the chat template writes them into the sequence too
         fields.append(("tools", tools if isinstance(tools, str) else json.dumps(tools, ensure_ascii=False)))

@@ -58,7 +58,11 @@ class Example:
                 )
             object.__setattr__(self, "messages", turns)
         if self.turn_fields is not None:
-            if self.messages is None or len(self.turn_fields) != len(self.messages):
+            if (
+                self.messages is None
+                or len(self.turn_fields) != len(self.messages)
+                or not all(isinstance(f, Mapping) for f in self.turn_fields)
+            ):
                 raise LayercardError(f"Example {self.id!r}: turn_fields must hold one mapping per message")
             object.__setattr__(self, "turn_fields", tuple(dict(f) for f in self.turn_fields))
 
