@@ -282,3 +282,81 @@ def test_evaluate_and_the_trim_sweep_score_a_final_call_as_the_template_writes_i
     timing = {"s_per_example": 0.0, "tokens_per_s": 0.0, "new_tokens": 3}
     monkeypatch.setattr(inference, "generate", lambda *a, **k: (['call add{"a": 2, "b": 2}'], timing))
     assert scorer(model, 0)["metrics"]["exact_match"] == 1.0
+
+
+# ---------------------------------------------------------------- train_turns: the final reply alone
+
+
+def _chat_file(tmp_path):
+    rows = [
+        {
+            "messages": [
+                {"role": "user", "content": f"hi {k}"},
+                {"role": "assistant", "content": f"hello {k}"},
+                {"role": "user", "content": "again"},
+                {"role": "assistant", "content": f"bye {k}"},
+            ]
+        }
+        for k in range(4)
+    ]
+    path = tmp_path / "chat.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.mark.parametrize("template", [True, False])
+def test_train_turns_last_trains_the_final_reply_alone(tmp_path, template):
+    from layercard.tasks import load_task
+
+    tok = tiny_tokenizer(with_chat_template=template)
+    every = load_task(str(_chat_file(tmp_path)))
+    last = load_task(str(_chat_file(tmp_path)), train_turns="last")
+    assert last.format.train_turns == "last" and every.format.train_turns == "all"
+    a, b = (
+        encode_example(tok, every.format, every.examples[0]),
+        encode_example(tok, last.format, last.examples[0]),
+    )
+    assert a.input_ids == b.input_ids
+    assert _trained(tok, a) == "hello 0<eos>bye 0<eos>" and _trained(tok, b) == "bye 0<eos>"
+    # the task's identity says so, and "all" is the default's
+    assert last.data_hash != every.data_hash
+    assert load_task(str(_chat_file(tmp_path)), train_turns="all").data_hash == every.data_hash
+
+
+def test_train_turns_round_trips_and_is_checked(tmp_path):
+    from layercard.tasks import TaskFormat, load_task
+
+    fmt = dataclasses.replace(FMT, train_turns="last")
+    assert TaskFormat.from_dict(fmt.to_dict()) == fmt and "train_turns" not in FMT.to_dict()
+    assert "train_turns" not in FMT.prompt() and fmt.prompt()["train_turns"] == "last"
+    with pytest.raises(LayercardError, match="TaskFormat.train_turns: must be one of all, last, got 'first'"):
+        dataclasses.replace(FMT, train_turns="first")
+    with pytest.raises(LayercardError, match="^train_turns: must be one of all, last, got 'first'"):
+        load_task(str(_chat_file(tmp_path)), train_turns="first")
+    # data of one target per record has no turns to choose among
+    alpaca = tmp_path / "a.jsonl"
+    alpaca.write_text(json.dumps({"instruction": "say hi", "output": "hi"}) + "\n")
+    with pytest.raises(LayercardError, match=r"^train_turns: 'last' chooses among .* holds alpaca records"):
+        load_task(str(alpaca), train_turns="last")
+    with pytest.raises(
+        LayercardError, match=r"^train_turns: 'last' chooses among .* the facts preset's data"
+    ):
+        load_task("synthetic:facts", train_turns="last")
+    assert load_task(str(alpaca), train_turns="all").format.train_turns == "all"
+
+
+def test_train_turns_from_the_command_line_and_a_run_config():
+    from layercard.cli.task_options import task_kwargs
+    from layercard.config.schema import ConfigError
+    from layercard.pipeline import parse_config
+
+    assert task_kwargs(train_turns="last") == {"train_turns": "last"} and task_kwargs() == {}
+    with pytest.raises(ConfigError, match="--train-turns"):
+        task_kwargs(train_turns="first")
+    base = {"placements": [{"name": "all", "policy": "all"}]}
+    cfg = parse_config({**base, "task": {"train": "chat.jsonl", "train_turns": "last"}})
+    assert cfg.task.load_kwargs() == {"train_turns": "last"}
+    with pytest.raises(
+        LayercardError, match="^config: task.train_turns: must be one of all, last; got 'first'"
+    ):
+        parse_config({**base, "task": {"train": "chat.jsonl", "train_turns": "first"}})

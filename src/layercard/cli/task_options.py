@@ -1,7 +1,7 @@
 """Options shared by every command that loads a task: the field map and the prompt settings.
 
-:func:`task_options` gives a command ``--field``, ``--prompt``, ``--system`` and
-``--chat-template/--no-chat-template`` and hands it ``task_kw``: the keywords of
+:func:`task_options` gives a command ``--field``, ``--prompt``, ``--system``,
+``--chat-template/--no-chat-template`` and ``--train-turns`` and hands it ``task_kw``: the keywords of
 ``layercard.tasks.load_task`` they stand for, checked before anything loads::
 
     @app.command("card")
@@ -26,6 +26,7 @@ import typer
 
 from layercard.config.run import parse_fields
 from layercard.config.schema import ConfigError
+from layercard.tasks.presets import TRAIN_TURNS
 
 __all__ = [
     "SPLIT_HELP",
@@ -35,6 +36,7 @@ __all__ = [
     "PromptOpt",
     "SystemOpt",
     "TaskOpt",
+    "TrainTurnsOpt",
     "task_kwargs",
     "task_options",
 ]
@@ -74,6 +76,15 @@ ChatTemplateOpt = Annotated[
     ),
 ]
 
+TrainTurnsOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--train-turns",
+        help="Chat data: the assistant turns that carry loss, all or last (the final reply alone; "
+        "the earlier ones are context). Default: all.",
+    ),
+]
+
 _ESCAPES = {"n": "\n", "t": "\t", "\\": "\\"}
 
 
@@ -88,6 +99,7 @@ def task_kwargs(
     prompt: str | None = None,
     system: str | None = None,
     chat_template: bool | None = None,
+    train_turns: str | None = None,
 ) -> dict[str, Any]:
     """The ``load_task`` keywords of the task options (unset ones left out); a bad ``--field`` fails here."""
     kw: dict[str, Any] = {}
@@ -102,10 +114,21 @@ def task_kwargs(
         kw["system"] = _unescape(system)
     if chat_template is not None:
         kw["chat_template"] = chat_template
+    if train_turns is not None:
+        if train_turns not in TRAIN_TURNS:
+            choices = ", ".join(TRAIN_TURNS)
+            raise ConfigError("--train-turns", f"must be one of {choices}, got {train_turns!r}")
+        kw["train_turns"] = train_turns
     return kw
 
 
-_OPTIONS = {"field": FieldOpt, "prompt": PromptOpt, "system": SystemOpt, "chat_template": ChatTemplateOpt}
+_OPTIONS = {
+    "field": FieldOpt,
+    "prompt": PromptOpt,
+    "system": SystemOpt,
+    "chat_template": ChatTemplateOpt,
+    "train_turns": TrainTurnsOpt,
+}
 
 
 def task_options(fn: F) -> F:

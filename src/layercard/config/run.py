@@ -21,6 +21,7 @@ from layercard.config.plan import PlanConfig
 from layercard.config.schema import ConfigError, Schema, setting, spec_of, to_jsonable
 from layercard.config.train import DTYPES, TrainConfig
 from layercard.config.trim import TrimConfig
+from layercard.tasks.presets import TRAIN_TURNS
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 RESERVED_NAMES = ("base", "trimmed")  # the eval folders of the base model and the trimmed adapter
@@ -90,8 +91,9 @@ class TaskSpec(Schema):
 
     ``eval`` defaults to ``train``. With ``eval_split`` null, an eval task that names no split of its
     own is read on its validation split, else its test split (never the training split); a data file is
-    read whole. A run refuses eval data equal to its training data. ``fields``, ``prompt``, ``system``
-    and ``chat_template`` apply to both; :meth:`load_kwargs` gives them as ``load_task`` keywords.
+    read whole. A run refuses eval data equal to its training data. ``fields``, ``prompt``, ``system``,
+    ``chat_template`` and ``train_turns`` apply to both; :meth:`load_kwargs` gives them as ``load_task``
+    keywords.
     """
 
     SECTION = "task"
@@ -123,6 +125,12 @@ class TaskSpec(Schema):
     chat_template: bool | None = setting(
         None, kind="bool", help="render prompts with the model's chat template; null: on (off for plain text)"
     )
+    train_turns: str | None = setting(
+        None,
+        kind="choice",
+        choices=TRAIN_TURNS,
+        help="chat data: the assistant turns that carry loss, all or last (the final reply alone); null: all",
+    )
 
     @classmethod
     def prepare(cls, values: dict[str, Any]) -> dict[str, Any]:
@@ -141,7 +149,7 @@ class TaskSpec(Schema):
         kw: dict[str, Any] = {}
         if self.fields is not None:
             kw["field_map"] = parse_fields(self.fields, f"{self.SECTION}.fields")
-        for name in ("prompt", "system", "chat_template"):
+        for name in ("prompt", "system", "chat_template", "train_turns"):
             if getattr(self, name) is not None:
                 kw[name] = getattr(self, name)
         return kw

@@ -18,7 +18,8 @@ them, and are trained on as the template writes them. A template that does not w
 writes the content alone) would train an empty reply, so there, and without a chat template, each call
 is written into the turn's text as a JSON object ``{"name": ..., "arguments": {...}}`` on a line of its
 own after the content: the text a ShareGPT ``function_call`` turn holds. An assistant turn of weight 0
-is context: rendered like any reply, trained on not at all.
+is context: rendered like any reply, trained on not at all; so is every reply but the final one where
+the format trains the last turn only (``TaskFormat.train_turns``).
 """
 
 from __future__ import annotations
@@ -243,11 +244,19 @@ def chat_segments(tokenizer: Any, fmt: TaskFormat, ex: Example, end_token: str) 
     ``trained``: the reply carries loss (weight 0 makes it context)."""
     turns = conversation(fmt, ex)
     if not uses_chat_template(tokenizer, fmt):
-        return _plain_segments(turns)
+        return _turns_trained(_plain_segments(turns), fmt)
     tools = tool_definitions(ex.meta.get("tools"), f"example {ex.id!r}: field 'tools'")
     turns = _accepted(tokenizer, turns, ex.id, tools)
     segments = _template_segments(tokenizer, ex.id, turns, tools, end_token)
     if segments is None:  # the template drops tool calls: write them as text, as without a template
         segments = _template_segments(tokenizer, ex.id, _calls_as_text(turns), tools, end_token)
     assert segments is not None
-    return segments
+    return _turns_trained(segments, fmt)
+
+
+def _turns_trained(segments: list[Segment], fmt: TaskFormat) -> list[Segment]:
+    """``segments`` with loss on the final reply alone where the format trains the last turn only."""
+    if fmt.train_turns == "all":
+        return segments
+    last = len(segments) - 1
+    return [(text, reply, trained and k == last) for k, (text, reply, trained) in enumerate(segments)]

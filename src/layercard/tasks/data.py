@@ -15,7 +15,8 @@ A task spec is one of
 - ``hf:NAME[:CONFIG]`` through ``datasets.load_dataset``, from the local Hugging Face cache only (as
   models are: nothing is downloaded at run time).
 
-Prompt settings (``prompt=``, ``system=``, ``chat_template=``; ``layercard.tasks.prompt``) then
+Prompt settings (``prompt=``, ``system=``, ``chat_template=``, ``train_turns=``;
+``layercard.tasks.prompt``) then
 replace the format's wording, whatever the source.
 
 Large data is read a record at a time (``layercard.tasks.lazy``): a JSONL file of 16 MiB or more (or a
@@ -261,6 +262,7 @@ def load_task(
     prompt: str | None = None,
     system: str | None = None,
     chat_template: bool | None = None,
+    train_turns: str | None = None,
 ) -> Task:
     """Load a task from a spec (see the module docstring).
 
@@ -268,7 +270,8 @@ def load_task(
     expanded, so the number of distinct inputs is what ``limit`` says. ``preset`` overrides the
     detected prompt format. ``seed`` also generates the synthetic tasks. ``prompt`` (a template with
     ``{input}``, or ``@FILE``), ``system`` (text or ``@FILE``) and ``chat_template`` (``None``: the
-    format's) set the prompt (``layercard.tasks.prompt``).
+    format's) set the prompt (``layercard.tasks.prompt``); ``train_turns`` (``all`` or ``last``) which
+    assistant turns of chat data carry loss.
     """
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
         raise LayercardError(f"limit: must be a non-negative integer or None, got {limit!r}")
@@ -310,7 +313,15 @@ def load_task(
             f"preset {task.format.name!r}: plain text, for records of one text field; task {spec!r} has "
             "inputs, which it would drop; choose another preset"
         )
-    fmt_prompted = apply_prompt(task.format, prompt=prompt, system=system, chat_template=chat_template)
+    if train_turns not in (None, "all") and task.schema != "chat":
+        kind = f"{task.schema} records" if task.schema else f"the {task.format.name} preset's data"
+        raise LayercardError(
+            f"train_turns: {train_turns!r} chooses among a conversation's assistant turns; task {spec!r} "
+            f"holds {kind}, one target each"
+        )
+    fmt_prompted = apply_prompt(
+        task.format, prompt=prompt, system=system, chat_template=chat_template, train_turns=train_turns
+    )
     if fmt_prompted is not task.format:
         task = task.with_format(fmt_prompted)
     if limit is not None:

@@ -24,7 +24,18 @@ from pathlib import Path
 from layercard.errors import LayercardError
 from layercard.tasks.metrics import METRICS
 
-__all__ = ["DATASET_PRESETS", "PRESETS", "TaskFormat", "detect_preset", "get_preset", "shipped_splits"]
+__all__ = [
+    "DATASET_PRESETS",
+    "PRESETS",
+    "TRAIN_TURNS",
+    "TaskFormat",
+    "detect_preset",
+    "get_preset",
+    "shipped_splits",
+]
+
+# which assistant turns of a conversation carry loss: every one, or the final reply alone
+TRAIN_TURNS = ("all", "last")
 
 
 @dataclass(frozen=True)
@@ -37,6 +48,8 @@ class TaskFormat:
     ``max_new_tokens`` generation at evaluation. ``chat_template``: render the prompt with the
     tokenizer's chat template (off, or a tokenizer without one: ``"{system}\n\n{instruction}\n"``).
     ``completion``: plain-text data, no prompt at all; the loss covers the whole text (the target).
+    ``train_turns``: which assistant turns of chat data carry loss, ``all`` or ``last`` (the final
+    reply alone; the earlier ones are context).
     """
 
     name: str
@@ -48,6 +61,7 @@ class TaskFormat:
     system: str | None = None
     chat_template: bool = True
     completion: bool = False
+    train_turns: str = "all"
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
@@ -75,6 +89,10 @@ class TaskFormat:
                 raise LayercardError(f"TaskFormat.{field}: must be true or false, got {value!r}")
         if self.completion and self.chat_template:
             raise LayercardError(f"TaskFormat {self.name!r}: plain-text completion uses no chat template")
+        if self.train_turns not in TRAIN_TURNS:
+            raise LayercardError(
+                f"TaskFormat.train_turns: must be one of {', '.join(TRAIN_TURNS)}, got {self.train_turns!r}"
+            )
 
     @property
     def primary_metric(self) -> str:
@@ -85,8 +103,13 @@ class TaskFormat:
         return self.instruction.replace("{input}", text)
 
     def prompt(self) -> dict[str, object]:
-        """The settings that decide the prompt text: template, system prompt, chat template on/off."""
-        return {"template": self.instruction, "system": self.system, "chat_template": self.chat_template}
+        """The settings that decide the prompt text and what carries loss: template, system prompt, chat
+        template on/off, and the trained turns where not all of them."""
+        d: dict[str, object] = {"template": self.instruction, "system": self.system}
+        d["chat_template"] = self.chat_template
+        if self.train_turns != "all":  # only then: prompts recorded before it existed read the same
+            d["train_turns"] = self.train_turns
+        return d
 
     def to_dict(self) -> dict[str, object]:
         d: dict[str, object] = {
@@ -104,6 +127,8 @@ class TaskFormat:
             d["chat_template"] = False
         if self.completion:
             d["completion"] = True
+        if self.train_turns != "all":
+            d["train_turns"] = self.train_turns
         return d
 
     @classmethod
@@ -119,6 +144,7 @@ class TaskFormat:
                 system=d.get("system"),  # type: ignore[arg-type]
                 chat_template=d.get("chat_template", True),  # type: ignore[arg-type]
                 completion=d.get("completion", False),  # type: ignore[arg-type]
+                train_turns=d.get("train_turns", "all"),  # type: ignore[arg-type]
             )
         except KeyError as e:
             raise LayercardError(f"TaskFormat: field {e.args[0]!r} missing") from None

@@ -1,10 +1,12 @@
-"""Prompt settings: a template with ``{input}``, a system prompt, and the chat template on or off.
+"""Prompt settings: a template with ``{input}``, a system prompt, the chat template on or off, and
+which assistant turns of chat data carry loss.
 
-They come from :func:`layercard.tasks.load_task` (``prompt=``, ``system=``, ``chat_template=``), the
-command line (``--prompt``, ``--system``, ``--chat-template/--no-chat-template``) or a run config
-(``task.prompt``, ``task.system``, ``task.chat_template``), and replace the preset's wording in the
-task's :class:`TaskFormat`. A value starting with ``@`` is read from that file (UTF-8). Outer
-whitespace is dropped (a run config's text settings drop it too, so both give the same prompt).
+They come from :func:`layercard.tasks.load_task` (``prompt=``, ``system=``, ``chat_template=``,
+``train_turns=``), the command line (``--prompt``, ``--system``, ``--chat-template/--no-chat-template``,
+``--train-turns``) or a run config (``task.prompt``, ``task.system``, ``task.chat_template``,
+``task.train_turns``), and replace the preset's wording in the task's :class:`TaskFormat`. A value
+starting with ``@`` is read from that file (UTF-8). Outer whitespace is dropped (a run config's text
+settings drop it too, so both give the same prompt).
 ``Task.data_hash`` covers a prompt that differs from its preset's, so a card measured under one
 prompt is never taken for one measured under another.
 """
@@ -15,7 +17,7 @@ import dataclasses
 from pathlib import Path
 
 from layercard.errors import LayercardError
-from layercard.tasks.presets import TaskFormat
+from layercard.tasks.presets import TRAIN_TURNS, TaskFormat
 
 __all__ = ["apply_prompt", "read_setting"]
 
@@ -46,10 +48,14 @@ def apply_prompt(
     prompt: str | None = None,
     system: str | None = None,
     chat_template: bool | None = None,
+    train_turns: str | None = None,
 ) -> TaskFormat:
     """``fmt`` with the given prompt settings (``None`` keeps the format's own)."""
+    if train_turns is not None and train_turns not in TRAIN_TURNS:
+        raise LayercardError(f"train_turns: must be one of {', '.join(TRAIN_TURNS)}, got {train_turns!r}")
     if fmt.completion:
         given = [n for n, v in (("prompt", prompt), ("system", system)) if v is not None]
+        given += ["train_turns"] if train_turns not in (None, "all") else []
         if given or chat_template:
             what = given[0] if given else "chat_template"
             raise LayercardError(
@@ -73,4 +79,6 @@ def apply_prompt(
         if not isinstance(chat_template, bool):
             raise LayercardError(f"chat_template: must be true or false, got {chat_template!r}")
         changes["chat_template"] = chat_template
+    if train_turns is not None and train_turns != fmt.train_turns:
+        changes["train_turns"] = train_turns
     return dataclasses.replace(fmt, **changes) if changes else fmt
