@@ -7,6 +7,7 @@ import dataclasses
 import json
 
 import pytest
+from data_files import write_format
 from tiny_tok import CHAT_TEMPLATE, tiny_tokenizer
 
 from layercard.errors import LayercardError
@@ -288,20 +289,7 @@ def test_evaluate_and_the_trim_sweep_score_a_final_call_as_the_template_writes_i
 
 
 def _chat_file(tmp_path):
-    rows = [
-        {
-            "messages": [
-                {"role": "user", "content": f"hi {k}"},
-                {"role": "assistant", "content": f"hello {k}"},
-                {"role": "user", "content": "again"},
-                {"role": "assistant", "content": f"bye {k}"},
-            ]
-        }
-        for k in range(4)
-    ]
-    path = tmp_path / "chat.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
+    return write_format("chat", tmp_path)
 
 
 @pytest.mark.parametrize("template", [True, False])
@@ -317,7 +305,7 @@ def test_train_turns_last_trains_the_final_reply_alone(tmp_path, template):
         encode_example(tok, last.format, last.examples[0]),
     )
     assert a.input_ids == b.input_ids
-    assert _trained(tok, a) == "hello 0<eos>bye 0<eos>" and _trained(tok, b) == "bye 0<eos>"
+    assert _trained(tok, a) == "hello 0<eos>then 1<eos>" and _trained(tok, b) == "then 1<eos>"
     # the task's identity says so, and "all" is the default's
     assert last.data_hash != every.data_hash
     assert load_task(str(_chat_file(tmp_path)), train_turns="all").data_hash == every.data_hash
