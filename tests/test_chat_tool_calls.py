@@ -132,6 +132,17 @@ def test_a_template_that_writes_tool_calls_trains_them_as_it_writes_them():
     )
 
 
+def test_a_template_that_refuses_a_turn_without_content_or_calls_is_taken_to_write_them():
+    tok = tiny_tokenizer()
+    guard = (
+        "{% for m in messages %}{% if m.role == 'assistant' and not m.content and not m.tool_calls %}"
+        "{{ raise_exception('an assistant turn needs content or tool calls') }}{% endif %}{% endfor %}"
+    )
+    tok.chat_template = guard + CALLS_TEMPLATE
+    enc = encode_example(tok, FMT, _example(_record()))
+    assert _trained(tok, enc) == 'call add{"a": 2, "b": 2}<eos>it is 4.<eos>'
+
+
 def test_a_template_that_drops_tool_calls_gets_them_as_text():
     tok = tiny_tokenizer()  # its template writes the content alone
     as_text = '{"name": "add", "arguments": {"a": 2, "b": 2}}'

@@ -226,16 +226,26 @@ def _template_segments(
         reply = after[len(before) :]
         cut = reply.rfind(end_token)
         text = reply[:cut] if cut >= 0 else reply
-        if turn.get("tool_calls"):
-            bare = {k: v for k, v in turn.items() if k != "tool_calls"}
-            if (
-                render_chat(tokenizer, _messages([*turns[:i], bare]), generation_prompt=False, tools=tools)
-                == after
-            ):
-                return None
+        if turn.get("tool_calls") and _drops_calls(tokenizer, turns[:i], turn, after, tools):
+            return None
         segments += [(before[len(done) :], False, False), (text, True, _trained(turn))]
         done = after[: len(before) + cut + len(end_token)] if cut >= 0 else after
     return segments
+
+
+def _drops_calls(
+    tokenizer: Any, earlier: list[Turn], turn: Turn, rendered: str, tools: list[dict[str, Any]] | None
+) -> bool:
+    """Whether the template renders ``turn`` after ``earlier`` as ``rendered`` without its tool calls
+    too: it leaves them out. A template that cannot render the turn without them writes them."""
+    bare = {k: v for k, v in turn.items() if k != "tool_calls"}
+    try:
+        return (
+            render_chat(tokenizer, _messages([*earlier, bare]), generation_prompt=False, tools=tools)
+            == rendered
+        )
+    except Exception:  # e.g. a template that refuses an assistant turn with no content
+        return False
 
 
 def chat_segments(tokenizer: Any, fmt: TaskFormat, ex: Example, end_token: str) -> list[Segment]:
