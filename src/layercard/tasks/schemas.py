@@ -243,8 +243,8 @@ def _messages(
     rec: Mapping[str, Any], fmap: Mapping[str, str], where: str, cells: bool
 ) -> tuple[tuple[tuple[str, str], ...], tuple[dict[str, Any], ...] | None]:
     """The conversation as (role, content) pairs, checked: optional system turn first, then a user turn,
-    ending with an assistant turn with content; and each turn's other fields (:func:`_turn_fields`),
-    None where no turn has any."""
+    ending with an assistant turn (its content, or its tool calls); and each turn's other fields
+    (:func:`_turn_fields`), None where no turn has any."""
     column = _col(fmap, "messages")
     raw = rec.get(column)
     if raw is None:
