@@ -267,6 +267,7 @@ def test_compute_metrics_errors_and_registry():
         compute_metrics(["exact_match"], [], [])
     assert set(METRICS) == {
         "exact_match", "strict_match", "token_f1", "rouge_l", "bleu", "gsm8k_accuracy", "label_accuracy",
+        "tool_call_match",
     }  # fmt: skip
     assert metric_scale("bleu") == 100.0 and all(m.scale == 1.0 for n, m in METRICS.items() if n != "bleu")
 
@@ -359,3 +360,44 @@ def test_over_budget_names_each_budget_the_runs_batches_exceed():
     assert over_budget("memory=0.5x", {k: v for k, v in predicted.items() if k != "reference"}, at) == []
     # shorter batches than the card's: under a budget the plan met, never over it
     assert over_budget("memory=3000,step_time=2.0", predicted, priced_at(predicted, 400.0, 450)) == []
+
+
+# ---------------------------------------------------------------- tool calls
+
+
+def test_tool_call_match_compares_calls_not_their_json_text():
+    from layercard.tasks.metrics import tool_call_match, tool_calls_in
+
+    ref = '<tool_call>\n{"name": "add", "arguments": {"a": 2, "b": 3}}\n</tool_call>'
+    # another key order, spacing and wrapping: the same call
+    assert tool_call_match('{"arguments":{"b":3,"a":2},"name":"add"}', [ref]) == 1.0
+    assert tool_call_match('[{"name": "add", "parameters": {"a": 2, "b": 3}}]', [ref]) == 1.0  # Llama's key
+    assert (
+        tool_call_match('{"name": "add", "arguments": "{\\"a\\": 2, \\"b\\": 3}"}', [ref]) == 1.0
+    )  # as text
+    # another argument, another function, a missing or an extra call, no call: not the same
+    assert tool_call_match('{"name": "add", "arguments": {"a": 2, "b": 4}}', [ref]) == 0.0
+    assert tool_call_match('{"name": "sub", "arguments": {"a": 2, "b": 3}}', [ref]) == 0.0
+    assert tool_call_match(ref + "\n" + ref, [ref]) == 0.0
+    assert tool_call_match("it is 5", [ref]) == 0.0
+    assert tool_call_match('{"name": "add"}', [ref]) == 0.0  # no arguments: not a call
+    # several calls keep their order; an object inside a call's arguments is not a call of its own
+    two = '{"name": "a", "arguments": {}}\n{"name": "b", "arguments": {"x": 1}}'
+    assert tool_calls_in(two) == [("a", "{}"), ("b", '{"x": 1}')]
+    nested = '{"name": "f", "arguments": {"inner": {"name": "g", "arguments": {}}}}'
+    assert [name for name, _ in tool_calls_in(nested)] == ["f"]
+    # OpenAI's layout written out: the call inside "function"
+    assert tool_calls_in('{"id": "c1", "function": {"name": "f", "arguments": "{}"}}') == [("f", "{}")]
+    assert tool_calls_in("{not json} and {}") is None
+
+
+def test_tool_call_match_refuses_gold_without_a_call_before_generating():
+    from layercard.tasks import Example, check_gold, compute_metrics
+
+    good = Example("g", "q", '{"name": "f", "arguments": {"x": 1}}')
+    with pytest.raises(
+        LayercardError, match=r"^tool_call_match: example 'b': its reference holds no tool call"
+    ):
+        check_gold(["tool_call_match"], [good, Example("b", "q", "just text")])
+    scores = compute_metrics(["tool_call_match"], ['{"name":"f","arguments":{"x":1}}', "no"], [good, good])
+    assert scores == {"tool_call_match": 0.5}

@@ -59,6 +59,7 @@ from layercard.tasks import (
     scored_as_written,
     strict_match,
     token_f1,
+    tool_call_match,
 )
 from layercard.train.metrics import check_task_record
 
@@ -103,6 +104,7 @@ _PER_EXAMPLE: dict[str, Callable[[str, Example], float]] = {
     "token_f1": lambda p, ex: token_f1(p, ex.references),
     "strict_match": lambda p, ex: strict_match(p, ex.references),
     "gsm8k_accuracy": lambda p, ex: METRICS["gsm8k_accuracy"]([p], [ex]),
+    "tool_call_match": lambda p, ex: tool_call_match(p, ex.references),
 }
 _ALWAYS = ("exact_match", "token_f1")
 

@@ -68,6 +68,7 @@ from layercard.tasks.metrics import (
     rouge_l,
     strict_match,
     token_f1,
+    tool_call_match,
 )
 from layercard.tasks.presets import DATASET_PRESETS, PRESETS, TaskFormat, detect_preset, get_preset
 from layercard.tasks.prompt import apply_prompt, read_setting
@@ -145,6 +146,7 @@ __all__ = [
     "target_entropy",
     "target_mask",
     "token_f1",
+    "tool_call_match",
     "turn_end_token",
     "turn_end_token_id",
 ]

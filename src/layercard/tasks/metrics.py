@@ -3,8 +3,8 @@
 Scales: every metric is in [0, 1] except ``bleu``, which keeps sacrebleu's 0–100 scale because that is
 the number every BLEU table in the literature reports. :data:`METRICS` records each metric's scale.
 
-Per-example functions (``exact_match``, ``strict_match``, ``token_f1``) take one prediction and its
-references and take the maximum over references. Corpus functions (``rouge_l``, ``bleu``,
+Per-example functions (``exact_match``, ``strict_match``, ``token_f1``, ``tool_call_match``) take one
+prediction and its references and take the maximum over references. Corpus functions (``rouge_l``, ``bleu``,
 ``gsm8k_accuracy``, ``label_accuracy``) take parallel lists. :func:`compute_metrics` dispatches by name
 over a list of :class:`~layercard.tasks.example.Example`.
 Every metric declares its direction (``higher_is_better``); so does the teacher-forced ``loss``, which
@@ -14,6 +14,7 @@ is not a text metric but is selected on beside them.
 from __future__ import annotations
 
 import collections
+import json
 import math
 import re
 import string
@@ -40,6 +41,8 @@ __all__ = [
     "rouge_l",
     "strict_match",
     "token_f1",
+    "tool_call_match",
+    "tool_calls_in",
 ]
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
@@ -284,6 +287,62 @@ def label_accuracy(
     return correct / len(predictions)
 
 
+_DECODER = json.JSONDecoder()
+
+
+def tool_calls_in(text: str) -> list[tuple[str, str]] | None:
+    """The tool calls written in ``text`` as (name, arguments as sorted JSON) pairs, in order: every JSON
+    object with a string ``name`` and ``arguments`` (or ``parameters``, Llama's key) that is an object
+    or its JSON text, wherever it stands (bare, one a line, inside a template's tags or a JSON list).
+    None where the text holds none. An object inside a call is part of it, not a call of its own."""
+    calls: list[tuple[str, str]] = []
+    k = text.find("{")
+    while k >= 0:
+        try:
+            obj, end = _DECODER.raw_decode(text, k)
+        except json.JSONDecodeError:
+            k = text.find("{", k + 1)
+            continue
+        call = _as_call(obj)
+        if call is not None:
+            calls.append(call)
+            k = text.find("{", end)
+        else:
+            k = text.find("{", k + 1)
+    return calls or None
+
+
+def _as_call(obj: object) -> tuple[str, str] | None:
+    if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
+        return None
+    args = obj.get("arguments", obj.get("parameters"))
+    if isinstance(args, str):
+        try:
+            args = json.loads(args)
+        except json.JSONDecodeError:
+            return None
+    if not isinstance(args, dict):
+        return None
+    return obj["name"], json.dumps(args, sort_keys=True, ensure_ascii=False)
+
+
+def tool_call_match(prediction: str, references: Sequence[str]) -> float:
+    """1.0 where the prediction's tool calls (:func:`tool_calls_in`) are those of a reference: the same
+    functions with the same arguments, in the same order, whatever the JSON's key order and spacing or
+    the text around it; else 0.0."""
+    calls = tool_calls_in(prediction)
+    return float(calls is not None and any(calls == tool_calls_in(r) for r in references))
+
+
+def _tool_call_gold(examples: Sequence[Example]) -> None:
+    for ex in examples:
+        if not any(tool_calls_in(r) for r in ex.references):
+            raise LayercardError(
+                f"tool_call_match: example {ex.id!r}: its reference holds no tool call (a JSON object with "
+                f"a name and arguments), got {ex.target!r:.80}"
+            )
+
+
 def _check_parallel(a: Sequence[object], b: Sequence[object], name: str) -> None:
     if len(a) != len(b):
         raise LayercardError(f"{name}: {len(a)} predictions but {len(b)} references")
@@ -376,6 +435,13 @@ METRICS: dict[str, Metric] = {
             _label_accuracy_examples,
             1.0,
             "first label word equals the gold label",
+        ),
+        Metric(
+            "tool_call_match",
+            _mean_per_example(tool_call_match),
+            1.0,
+            "the same tool calls (names and arguments) as a ref, whatever their JSON's key order or spacing",
+            check_gold=_tool_call_gold,
         ),
     )
 }
