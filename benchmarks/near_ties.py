@@ -7,8 +7,9 @@ of the two pairs the draws split on at params=0.2x and 0.25x (the MLP at rank 2 
 last 26; every linear module at rank 2 on all layers and on the last 28) with the quality benchmark's
 settings (`quality.py`: 36 steps of batch 4, lr 2e-3, its cards and test sets) at three seeds on the two
 tasks the quality model was chosen on. Runs the quality benchmark already holds (same settings, same
-seed) are read from there; the rest are kept under results/quality/near_ties/runs/ and skipped when
-present (resumable). Each seed's fraction is of the same seed's reference drop.
+seed) are read from there; the rest are trained by the quality benchmark's own run function and kept under
+results/quality/near_ties/runs/ (seed 0's at its top, others in seed{N}/) and skipped when present
+(resumable). Each seed's fraction is of the same seed's reference drop.
 
     .venv/bin/python benchmarks/near_ties.py run
     .venv/bin/python benchmarks/near_ties.py summary
@@ -19,12 +20,8 @@ Writes results/quality/near_ties/near_ties.{json,md,png}.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
-import os
 import statistics
-import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +47,7 @@ REF = QB.GRID[0]
 def _path(task: str, name: str, seed: int) -> Path:
     """The run's file: the quality benchmark's where it holds the run, else this benchmark's own."""
     theirs = QB._run_path(task, name, seed)
-    return theirs if theirs.is_file() else RESULTS / "runs" / f"{task}-{name}-seed{seed}.json"
+    return theirs if theirs.is_file() else QB._run_path(task, name, seed, root=RESULTS / "runs")
 
 
 def _plan(card: Any, p: Any) -> Any:
@@ -70,11 +67,10 @@ def predicted(card: Any, p: Any) -> tuple[float, float | None, list[int]]:
 
 
 def run(threads: int) -> None:
+    """Every pair's runs and the reference's, at every seed, that neither benchmark holds yet."""
     import torch
 
     from layercard import load_model, load_task
-    from layercard.artifacts import machine_info, write_json
-    from layercard.train import train
 
     torch.set_num_threads(threads)
     loaded = load_model("smollm2")
@@ -85,27 +81,8 @@ def run(threads: int) -> None:
         card = QB._card(loaded, train_task.subset(QB.TRAIN_EXAMPLES, seed=QB.SEED), s)
         for seed in SEEDS:
             for p in (REF, *(p for pair in PAIRS for p in pair)):
-                path = _path(name, p.name, seed)
-                if path.is_file():
-                    continue
-                plan = _plan(card, p)
-                cfg = QB.train_settings(s.max_length, seed)
-                t0 = time.perf_counter()
-                with tempfile.TemporaryDirectory(prefix="near-ties-") as tmp:
-                    metrics = train(loaded, plan, train_task, None, cfg, tmp, progress=False)
-                    loss = QB._test_loss(loaded, test, s, Path(tmp) / "adapter")
-                write_json(
-                    path,
-                    {
-                        "task": name, "name": p.name, "seed": seed, "steps": QB.STEPS,
-                        "placement": dataclasses.asdict(p),
-                        "layers": plan.layers, "params": plan.predicted["params"], "test_loss": loss,
-                        "s_per_step": metrics["s_per_step"], "wall_s": round(time.perf_counter() - t0, 1),
-                        "load_1min": os.getloadavg()[0], "threads": torch.get_num_threads(),
-                        "machine": machine_info(),
-                    },
-                )  # fmt: skip
-                print(f"{name} {p.name} seed {seed}: test loss {loss:.4f}", flush=True)
+                if not QB._run_path(name, p.name, seed).is_file():
+                    QB._run(loaded, card, train_task, test, s, p, seed, root=RESULTS / "runs")
 
 
 def _loss(task: str, name: str, seed: int) -> float | None:
@@ -126,11 +103,11 @@ def summarize() -> dict[str, Any]:
     for task in TASKS:
         base = float(json.loads((QB.RESULTS / "runs" / f"{task}-base.json").read_text())["test_loss"])
         card = _card(task)
+        refs = {s: _loss(task, REF.name, s) for s in SEEDS}
         for wide, narrow in PAIRS:
             sides = {}
             for p in (wide, narrow):
                 losses = {s: _loss(task, p.name, s) for s in SEEDS}
-                refs = {s: _loss(task, REF.name, s) for s in SEEDS}
                 if any(v is None for v in (*losses.values(), *refs.values())):
                     raise SystemExit(f"{task} {p.name}: runs missing; run `near_ties.py run` first")
                 fractions = [(base - losses[s]) / (base - refs[s]) for s in SEEDS]

@@ -181,9 +181,17 @@ def run_seeds(folder: Path) -> list[int]:
 
 
 def _run_path(
-    task: str, name: str, seed: int = SEED, steps: int = STEPS, scheduler: str = SCHEDULER, wide: bool = False
+    task: str,
+    name: str,
+    seed: int = SEED,
+    steps: int = STEPS,
+    scheduler: str = SCHEDULER,
+    wide: bool = False,
+    root: Path | None = None,
 ) -> Path:
-    folder = RESULTS / "runs" if scheduler == SCHEDULER else RESULTS / "runs" / scheduler
+    """Where a run is kept: under ``root`` (default RESULTS/runs), by schedule, test set, seed and steps."""
+    root = RESULTS / "runs" if root is None else root
+    folder = root if scheduler == SCHEDULER else root / scheduler
     folder = folder / "wide" if wide else folder
     folder = folder if seed == SEED else folder / f"seed{seed}"
     if steps != STEPS:
@@ -222,11 +230,12 @@ def _run(
     steps: int = STEPS,
     scheduler: str = SCHEDULER,
     wide: Any = None,
+    root: Path | None = None,
 ) -> None:
     from layercard.artifacts import machine_info, write_json
     from layercard.train import train
 
-    path = _run_path(setting.name, p.name, seed, steps, scheduler, wide=wide is not None)
+    path = _run_path(setting.name, p.name, seed, steps, scheduler, wide=wide is not None, root=root)
     if path.is_file():
         return
     plan, cfg = _plan_and_settings(card, setting, p, seed, steps, scheduler)
