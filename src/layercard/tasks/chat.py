@@ -53,22 +53,6 @@ def uses_chat_template(tokenizer: Any, fmt: TaskFormat) -> bool:
     return fmt.chat_template and has_chat_template(tokenizer)
 
 
-def tool_definitions(value: Any, where: str) -> list[dict[str, Any]] | None:
-    """A chat record's ``tools`` as chat templates take them: a list of tool definitions (JSON objects),
-    given as such or as the JSON text of one (ShareGPT keeps them as text); None where it has none
-    (absent, null, blank, an empty list). Anything else is an error that starts with ``where``."""
-    if value is None or (isinstance(value, str) and not value.strip()):
-        return None
-    if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError as e:
-            raise LayercardError(f"{where}: not JSON ({e.msg} at character {e.pos})") from None
-    if not isinstance(value, list) or not all(isinstance(t, Mapping) for t in value):
-        raise LayercardError(f"{where}: must be a list of tool definitions (JSON objects), got {value!r:.80}")
-    return [dict(t) for t in value] or None
-
-
 def _json(value: Any, where: str) -> Any:
     if not isinstance(value, str):
         return value
@@ -76,6 +60,18 @@ def _json(value: Any, where: str) -> Any:
         return json.loads(value)
     except json.JSONDecodeError as e:
         raise LayercardError(f"{where}: not JSON ({e.msg} at character {e.pos})") from None
+
+
+def tool_definitions(value: Any, where: str) -> list[dict[str, Any]] | None:
+    """A chat record's ``tools`` as chat templates take them: a list of tool definitions (JSON objects),
+    given as such or as the JSON text of one (ShareGPT keeps them as text); None where it has none
+    (absent, null, blank, an empty list). Anything else is an error that starts with ``where``."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    value = _json(value, where)
+    if not isinstance(value, list) or not all(isinstance(t, Mapping) for t in value):
+        raise LayercardError(f"{where}: must be a list of tool definitions (JSON objects), got {value!r:.80}")
+    return [dict(t) for t in value] or None
 
 
 def tool_calls(value: Any, where: str) -> list[dict[str, Any]] | None:
