@@ -723,3 +723,33 @@ def test_training_on_another_task_than_the_cards_is_said(world: World, tmp_path:
         r = cli(f"train -p {world.plan} -m {world.model} -t {task} -o {tmp_path / task[10:]} {ONE_STEP}")
         assert r.exit_code == 0, r.output
         assert (said in " ".join(r.output.split())) == other, r.output
+
+
+def test_other_prompt_settings_than_the_cards_and_the_trainings_are_said(
+    world: World, tmp_path: Path
+) -> None:
+    """A --system (or --prompt, --chat-template, --train-turns) given to one command and not the next is
+    said: training after a card made without it, and scoring an adapter trained with it."""
+    said = (
+        "the plan's card was measured with other prompt settings than this run trains with "
+        "(system prompt none, here 'Brief.')"
+    )
+    runs = {}
+    for system in (None, "Brief."):
+        out = tmp_path / f"run{system is not None}"
+        opt = f" --system {system}" if system else ""
+        r = cli(f"train -p {world.plan} -m {world.model} -t {FACTS} -o {out} {ONE_STEP}{opt}")
+        assert r.exit_code == 0, r.output
+        assert (said in " ".join(r.output.split())) == (system is not None), r.output
+        runs[system] = out / "adapter"
+    trained = (
+        "the adapter was trained with other prompt settings than this task's "
+        "(system prompt 'Brief.', here none)"
+    )
+    adapter = runs["Brief."]
+    for opt, other in (("", True), (" --system Brief.", False)):
+        r = cli(
+            f"eval -m {world.model} --adapter {adapter} -t {FACTS} -o {tmp_path / str(other)} {EVAL}{opt}"
+        )
+        assert r.exit_code == 0, r.output
+        assert (trained in " ".join(r.output.split())) == other, r.output

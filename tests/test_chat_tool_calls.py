@@ -359,3 +359,23 @@ def test_train_turns_from_the_command_line_and_a_run_config():
         LayercardError, match="^config: task.train_turns: must be one of all, last; got 'first'"
     ):
         parse_config({**base, "task": {"train": "chat.jsonl", "train_turns": "first"}})
+
+
+def test_prompt_changes_names_each_setting_that_moved():
+    from layercard.tasks import prompt_changes
+
+    fmt = PRESETS["chat"]
+    last = dataclasses.replace(fmt, train_turns="last", system="Be brief.", chat_template=False)
+    assert prompt_changes(fmt.prompt(), fmt.prompt()) == []
+    assert prompt_changes(fmt.prompt(), last.prompt()) == [
+        "system prompt none, here 'Be brief.'",
+        "chat template on, here off",
+        "train_turns all, here last",
+    ]
+    # a record from before train_turns existed reads as all; one without a prompt is not compared
+    assert prompt_changes({"template": fmt.instruction}, last.prompt()) == ["train_turns all, here last"]
+    assert prompt_changes(None, last.prompt()) == []
+    long = dataclasses.replace(fmt, instruction="x" * 100 + "{input}")
+    assert prompt_changes(fmt.prompt(), long.prompt()) == [
+        f"prompt template '{{input}}', here '{'x' * 57}...'"
+    ]

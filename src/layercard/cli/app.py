@@ -442,16 +442,23 @@ def note_task(task: Any) -> None:
         note(text)
 
 
+def _trained_task(adapter: Path) -> dict | None:
+    """The task record of the training beside ``adapter`` (its ``train_metrics.json``), or None."""
+    record = adapter.parent / "train_metrics.json"
+    try:
+        task = json.loads(record.read_text(encoding="utf-8"))["task"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # no training record beside the adapter: nothing to compare
+    return task if isinstance(task, dict) else None
+
+
 def other_generation(adapter: Path, source: str) -> str | None:
     """A note where ``adapter`` was trained on a synthetic task generated otherwise (another seed) than
     the one to be scored: its test split then asks about entities the training never saw."""
-    import json
-
-    record = adapter.parent / "train_metrics.json"
-    try:
-        trained = str(json.loads(record.read_text(encoding="utf-8"))["task"]["source"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None  # no training record beside the adapter: nothing to compare
+    trained = _trained_task(adapter)
+    if trained is None or "source" not in trained:
+        return None
+    trained = str(trained["source"])
     same_task = trained.split("(")[0] == source.split("(")[0]
     if not (source.startswith("synthetic:") and same_task and trained != source):
         return None
@@ -461,10 +468,33 @@ def other_generation(adapter: Path, source: str) -> str | None:
     )
 
 
-def note_generation(adapter: Path | None, source: str) -> None:
-    """Say so when ``adapter`` was trained on another generation of the synthetic task to be scored."""
-    if adapter is not None and (said := other_generation(adapter, source)):
-        note(said)
+def other_prompt(adapter: Path, task: Any) -> str | None:
+    """A note where ``adapter`` was trained on a task of the same format as ``task`` under other prompt
+    settings (a ``--prompt``, ``--system``, ``--chat-template`` or ``--train-turns`` given to one command
+    and not the other): the scores are then for prompts, or replies, other than the trained ones."""
+    from layercard.tasks.prompt import prompt_changes  # light: no tokenizer or torch behind it
+
+    trained = _trained_task(adapter)
+    fmt = trained.get("format") if trained is not None else None
+    if not isinstance(fmt, dict) or fmt.get("name") != task.format.name:
+        return None  # another kind of task: its prompts differ by design
+    changed = prompt_changes(trained.get("prompt"), task.format.prompt())
+    if not changed:
+        return None
+    return (
+        f"the adapter was trained with other prompt settings than this task's ({'; '.join(changed)}); "
+        "give the training's options to score it on what it was trained for"
+    )
+
+
+def note_generation(adapter: Path | None, task: Any) -> None:
+    """Say so when ``adapter`` was trained on another generation of the synthetic task to be scored, or
+    under other prompt settings."""
+    if adapter is None:
+        return
+    for said in (other_generation(adapter, task.source), other_prompt(adapter, task)):
+        if said:
+            note(said)
 
 
 def note_examples(option: str, asked: int | None, used: int) -> None:

@@ -83,7 +83,7 @@ def eval_cmd(
                 f"--field references={column}: no evaluated record holds more than its target there; each is "
                 "scored against its target alone"
             )
-        note_generation(adapter, t.source)
+        note_generation(adapter, t)
         loaded = load_cli_model(model_spec, dtype, device, trust_remote_code)
         result = evaluate(loaded, t, cfg, adapter=adapter, progress=progress_flag(json_out))
         path = result.save(out)

@@ -90,7 +90,7 @@ def trace_cmd(
     earlier = (out / TRACE_FILE).is_file()
     with writer_lock(out, what="trace folder"):
         t = _validation_task(task, split, seed, task_kw)
-        note_generation(adapter, t.source)
+        note_generation(adapter, t)
         loaded = load_cli_model(model_spec, dtype, device, trust_remote_code)
         tr = run_trace(loaded, adapter, t, cfg, progress=progress_flag(json_out))
         path, png = tr.save(out)
@@ -169,7 +169,7 @@ def trim_cmd(
         check_merged_folder(export_merged, adapter, out_dir)
     with writer_lock(out_dir, what="trim folder"):
         t = _validation_task(task, split, seed, task_kw)
-        note_generation(adapter, t.source)
+        note_generation(adapter, t)
         loaded = load_cli_model(model_spec, dtype, device, trust_remote_code)
         # The command ends after the merge, so the loaded base can take the merge itself (no second copy).
         res = trim(

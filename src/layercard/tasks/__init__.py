@@ -71,7 +71,7 @@ from layercard.tasks.metrics import (
     tool_call_match,
 )
 from layercard.tasks.presets import DATASET_PRESETS, PRESETS, TaskFormat, detect_preset, get_preset
-from layercard.tasks.prompt import apply_prompt, read_setting
+from layercard.tasks.prompt import apply_prompt, prompt_changes, read_setting
 from layercard.tasks.schemas import FIELDS, SCHEMAS
 from layercard.tasks.synthetic import make_facts, make_format, make_synthetic
 
@@ -135,6 +135,7 @@ __all__ = [
     "names_split",
     "normalize_text",
     "plug_in_entropy",
+    "prompt_changes",
     "prompt_cut",
     "scored_as_written",
     "read_jsonl",

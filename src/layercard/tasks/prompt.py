@@ -14,12 +14,14 @@ prompt is never taken for one measured under another.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from layercard.errors import LayercardError
 from layercard.tasks.presets import TRAIN_TURNS, TaskFormat
 
-__all__ = ["apply_prompt", "read_setting"]
+__all__ = ["apply_prompt", "prompt_changes", "read_setting"]
 
 
 def read_setting(value: str, what: str) -> str:
@@ -82,3 +84,39 @@ def apply_prompt(
     if train_turns is not None and train_turns != fmt.train_turns:
         changes["train_turns"] = train_turns
     return dataclasses.replace(fmt, **changes) if changes else fmt
+
+
+def _setting(key: str, value: Any) -> str:
+    if key == "chat_template":
+        return "on" if value else "off"
+    if key == "system" and not value:
+        return "none"
+    return _short(value) if key in ("template", "system") else str(value)
+
+
+_SETTING_NAMES = {
+    "template": "prompt template",
+    "system": "system prompt",
+    "chat_template": "chat template",
+    "train_turns": "train_turns",
+}
+
+
+def prompt_changes(recorded: Mapping[str, Any] | None, now: Mapping[str, Any]) -> list[str]:
+    """The prompt settings (``TaskFormat.prompt()``) in which ``now`` differs from ``recorded``, each as
+    ``"<setting> <recorded value>, here <now's>"``; empty where they agree or nothing was recorded.
+
+    A setting an older record lacks is not compared, except ``train_turns``, which a record leaves out
+    where it is ``all``.
+    """
+    if not isinstance(recorded, Mapping):
+        return []
+    out = []
+    for key, name in _SETTING_NAMES.items():
+        default = "all" if key == "train_turns" else None
+        if key not in recorded and default is None:
+            continue
+        there, here = recorded.get(key, default), now.get(key, default)
+        if there != here:
+            out.append(f"{name} {_setting(key, there)}, here {_setting(key, here)}")
+    return out

@@ -46,7 +46,16 @@ from layercard.inference import synchronize
 from layercard.models import BUILTIN_MODELS, LoadedModel, activation_checkpointing, running_on, weights_dtype
 from layercard.plan import Plan, check_model_matches
 from layercard.progress import enabled_default, say, stop_bars, track
-from layercard.tasks import ENCODE_AHEAD, Encoded, EncodedTask, Task, cut_note, encode_task, encoded_so_far
+from layercard.tasks import (
+    ENCODE_AHEAD,
+    Encoded,
+    EncodedTask,
+    Task,
+    cut_note,
+    encode_task,
+    encoded_so_far,
+    prompt_changes,
+)
 from layercard.tasks.loss import forward_loss, target_count
 from layercard.train.checkpoints import (
     CHECKPOINT_DIR,
@@ -280,6 +289,11 @@ def train(
             notes.append(
                 f"note: the plan's card was measured on task {measured_on!r}, and this run trains on "
                 f"{train_task.name!r}: the plan's predictions are for the card's task"
+            )
+        elif main and (changed := prompt_changes(plan.card.get("prompt"), train_task.format.prompt())):
+            notes.append(
+                f"note: the plan's card was measured with other prompt settings than this run trains with "
+                f"({'; '.join(changed)}): the plan's predictions are for the card's settings"
             )
         if data is None:
             data = prepare_data(loaded, train_task, val_task, cfg)
