@@ -381,6 +381,13 @@ def test_tool_call_match_compares_calls_not_their_json_text():
     assert tool_call_match(ref + "\n" + ref, [ref]) == 0.0
     assert tool_call_match("it is 5", [ref]) == 0.0
     assert tool_call_match('{"name": "add"}', [ref]) == 0.0  # no arguments: not a call
+    # a whole number however written is that number; a string, a bool or another number is not
+    for same in ("2.0", "2e0", "20e-1"):
+        assert tool_call_match('{"name": "add", "arguments": {"a": ' + same + ', "b": 3}}', [ref]) == 1.0
+    for other in ('"2"', "true", "2.5"):
+        assert tool_call_match('{"name": "add", "arguments": {"a": ' + other + ', "b": 3}}', [ref]) == 0.0
+    deep = '{"name": "f", "arguments": {"xs": [1.0, {"y": 3.0}]}}'
+    assert tool_calls_in(deep) == [("f", '{"xs": [1, {"y": 3}]}')]
     # several calls keep their order; an object inside a call's arguments is not a call of its own
     two = '{"name": "a", "arguments": {}}\n{"name": "b", "arguments": {"x": 1}}'
     assert tool_calls_in(two) == [("a", "{}"), ("b", '{"x": 1}')]

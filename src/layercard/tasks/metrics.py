@@ -323,13 +323,26 @@ def _as_call(obj: object) -> tuple[str, str] | None:
             return None
     if not isinstance(args, dict):
         return None
-    return obj["name"], json.dumps(args, sort_keys=True, ensure_ascii=False)
+    return obj["name"], json.dumps(_whole_numbers(args), sort_keys=True, ensure_ascii=False)
+
+
+def _whole_numbers(value: object) -> object:
+    """``value`` with every whole float written as an int: an argument of 2.0 is the number 2, as a
+    function taking a number reads it."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, dict):
+        return {k: _whole_numbers(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_whole_numbers(v) for v in value]
+    return value
 
 
 def tool_call_match(prediction: str, references: Sequence[str]) -> float:
     """1.0 where the prediction's tool calls (:func:`tool_calls_in`) are those of a reference: the same
-    functions with the same arguments, in the same order, whatever the JSON's key order and spacing or
-    the text around it; else 0.0."""
+    functions with the same arguments, in the same order, whatever the JSON's key order and spacing, the
+    text around it or how a whole number is written (2, 2.0, 2e0); else 0.0. A string argument is
+    compared as written: "2" is not the number 2."""
     calls = tool_calls_in(prediction)
     return float(calls is not None and any(calls == tool_calls_in(r) for r in references))
 
