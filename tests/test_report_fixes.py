@@ -249,3 +249,13 @@ def test_the_recommendation_on_another_model_is_cautioned_beside_its_sentence(
     shutil.copytree(search_run, copy)
     md = Path(build_report(copy)["markdown"]).read_text()
     assert "## Recommendation" in md and "Caution:" not in md
+
+
+def test_long_durations_are_also_written_in_hours_days_or_years():
+    from layercard.report.tables import seconds_text
+
+    assert [seconds_text(x) for x in (None, 5, 50, 500, 3599)] == ["—", "5 s", "50.0 s", "500 s", "3,599 s"]
+    assert seconds_text(5400) == "5,400 s (1.5 h)"
+    assert seconds_text(1.5 * 86400) == "129,600 s (36.0 h)"  # days from two of them
+    assert seconds_text(3 * 86400) == "259,200 s (3.0 days)"
+    assert seconds_text(10**12) == "1,000,000,000,000 s (31,688.1 years)"

@@ -336,6 +336,23 @@ def test_stream_positions_are_those_of_the_batches_it_builds():
     assert launch_positions(stream, 2, 2, world=2) == (max(sum(first), sum(mine)) / 2, max(built))
 
 
+def test_a_run_of_any_length_is_priced_from_its_first_micro_batches(monkeypatch):
+    """Pricing counts at most EXACT_MICRO_BATCHES micro-batches of a process: a run of 10^12 steps is
+    priced at once, at the mean and largest of its first ones, and a shorter run exactly."""
+    from layercard.train import data
+
+    encoded = [Encoded(tuple(range(n)), tuple(range(n)), 0) for n in (3, 9, 4, 7, 5)]
+    stream = data.Stream(encoded, 2, 0, seed=1)
+    monkeypatch.setattr(data, "EXACT_MICRO_BATCHES", 6)
+    built = [stream.batch(k)["input_ids"].numel() for k in range(12)]
+    # three steps of two micro-batches: the six counted, exactly
+    assert data.run_positions(stream, 3, 2, world=1, rank=0) == (sum(built[:6]) / 3, max(built[:6]))
+    # 10^12 steps of two, two processes, this one the first: micro-batches 0, 2, ..., 10 counted
+    mine = built[0:12:2]
+    per_step, largest = data.run_positions(stream, 10**12, 2, world=2, rank=0)
+    assert per_step == pytest.approx(2 * sum(mine) / 6) and largest == max(mine)
+
+
 def test_seed_replicates_share_no_epoch_order():
     from layercard.train.data import Stream
 

@@ -68,13 +68,18 @@ def fmt(x: Any, spec: str = ".4g") -> str:
     return format(x, spec)
 
 
+_LONG_UNITS = ((365.25 * 86400, "years"), (86400, "days"), (3600, "h"))
+
+
 def seconds_text(x: float | None) -> str:
     """A duration in seconds: whole seconds from 100 s, tenths from 10 s, three significant digits below;
-    "—" if missing."""
+    from an hour on, also in hours, days or years ("7,200 s (2.0 h)"); "—" if missing."""
     if x is None:
         return "—"
     if abs(x) >= 100:
-        return f"{x:,.0f} s"
+        # hours from one, days and years from two: "36.0 h" reads better than "1.5 days"
+        long = [(size, name) for size, name in _LONG_UNITS if abs(x) >= (size if name == "h" else 2 * size)]
+        return f"{x:,.0f} s" + (f" ({x / long[0][0]:,.1f} {long[0][1]})" if long else "")
     return f"{x:.1f} s" if abs(x) >= 10 else f"{x:.3g} s"
 
 
