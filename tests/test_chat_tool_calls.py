@@ -296,6 +296,46 @@ def test_evaluate_and_the_trim_sweep_score_a_final_call_as_the_template_writes_i
     assert scorer(model, 0)["metrics"]["exact_match"] == 1.0
 
 
+def test_data_of_tool_calls_is_scored_by_its_calls_unless_metrics_are_given():
+    from layercard.tasks import default_metrics
+
+    text = PRESETS["chat"].metrics
+    call, answer = _example(_ends_in_a_call()), _example(_record())
+    assert default_metrics("chat", text, [call, call]) == ("tool_call_match", *text)
+    assert default_metrics("jsonl", ("exact_match",), [call]) == ("tool_call_match", "exact_match")
+    # a set that also ends in answers, a preset's data, or no examples: the format's metrics as they are
+    assert default_metrics("chat", text, [call, answer]) == text
+    assert default_metrics("gsm8k", ("gsm8k_accuracy",), [call]) == ("gsm8k_accuracy",)
+    assert default_metrics("chat", text, []) == text
+    assert default_metrics("chat", ("tool_call_match", "exact_match"), [call]) == (
+        "tool_call_match",
+        "exact_match",
+    )
+
+
+def test_evaluate_leads_with_tool_call_match_where_every_reference_as_scored_holds_a_call():
+    import torch
+    from tiny import tiny_model
+
+    from layercard.evaluate import EvalConfig, evaluate
+    from layercard.models import LoadedModel
+
+    model = tiny_model("llama", seed=0).to(torch.float32)
+    task = _task(_example(_ends_in_a_call()))
+    cfg = EvalConfig(examples=1, max_new_tokens=2, loss=False)
+    tok = tiny_tokenizer()  # its template leaves calls out: they are scored as their JSON text
+    loaded = LoadedModel(model=model, tokenizer=tok, model_id="tiny", model_hash="0" * 64, source="memory")
+    assert list(evaluate(loaded, task, cfg).metrics) == ["tool_call_match", *PRESETS["chat"].metrics]
+    # a template that writes calls in a form of its own holds no call to compare: text metrics, and
+    # tool_call_match asked for is refused before anything is generated
+    tok.chat_template = CALLS_TEMPLATE
+    assert list(evaluate(loaded, task, cfg).metrics) == list(PRESETS["chat"].metrics)
+    with pytest.raises(
+        LayercardError, match="tool_call_match: example '0': its reference holds no tool call"
+    ):
+        evaluate(loaded, task, dataclasses.replace(cfg, metrics=("tool_call_match",)))
+
+
 # ---------------------------------------------------------------- train_turns: the final reply alone
 
 

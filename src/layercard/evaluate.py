@@ -445,15 +445,18 @@ def _cut_counts(
     return counts, encoded
 
 
-def _evaluated(task: Task, cfg: EvalConfig) -> tuple[Task, EvalConfig]:
-    """The examples :func:`evaluate` scores and its settings as they run, their gold answers checked."""
+def _evaluated(task: Task, cfg: EvalConfig, tok: Any) -> tuple[Task, EvalConfig, list[Example]]:
+    """The examples :func:`evaluate` generates for, its settings as they run, and the examples as their
+    generations are scored (a final turn of tool calls as the chat template writes it, as the model
+    learned it), whose gold answers are checked."""
     sub = task.subset(cfg.examples, seed=cfg.seed) if cfg.examples is not None else task
     if len(sub) == 0:
         raise LayercardError(f"task {task.name!r} ({task.split}): no examples to evaluate")
-    run = cfg.resolved(sub)
+    scored = [scored_as_written(tok, sub.format, ex) for ex in sub.examples]
+    run = cfg.resolved(sub, scored)
     assert run.metrics is not None  # resolved() filled it
-    check_gold(run.metrics, sub.examples)  # a bad gold answer fails now, not after hours of generation
-    return sub, run
+    check_gold(run.metrics, scored)  # a bad gold answer fails now, not after hours of generation
+    return sub, run, scored
 
 
 def check_evaluable(loaded: LoadedModel, task: Task, cfg: EvalConfig) -> None:
@@ -461,7 +464,7 @@ def check_evaluable(loaded: LoadedModel, task: Task, cfg: EvalConfig) -> None:
     ``task`` would refuse before generating: no examples, a bad gold answer, or prompts that with
     ``max_new_tokens`` outgrow the model's context."""
     expect("check_evaluable", "loaded", loaded, LoadedModel, "load it with layercard.load_model")
-    sub, run = _evaluated(task, cfg)
+    sub, run, _ = _evaluated(task, cfg, loaded.tokenizer)
     assert run.max_new_tokens is not None  # resolved() filled it
     generation_prompts(loaded.model, loaded.tokenizer, sub, sub.examples, run.max_new_tokens)
 
@@ -493,7 +496,7 @@ def evaluate(
     if adapter_dir is not None and not adapter_dir.is_dir():
         raise LayercardError(f"adapter {adapter_dir}: no such folder")
     t_start = time.perf_counter()
-    sub, run = _evaluated(task, cfg)
+    sub, run, scored = _evaluated(task, cfg, loaded.tokenizer)
     examples = sub.examples
     tok = loaded.tokenizer
     cut, encoded = _cut_counts(tok, sub, run.max_length, run.loss)
@@ -533,8 +536,6 @@ def evaluate(
                 "no eval.json was written"
             )
 
-    # a final turn of tool calls is scored as the chat template writes it, as the model learned it
-    scored = [scored_as_written(tok, sub.format, ex) for ex in examples]
     metrics = {name: METRICS[name](texts, scored) for name in run.metrics}
     timing["total_s"] = time.perf_counter() - t_start
     config = run.to_dict()

@@ -30,11 +30,19 @@ class EvalConfig(Schema):
     )
     seed: int = setting(0, kind="seed", yaml=False, help="seed of the example subset")
 
-    def resolved(self, task: Any) -> EvalConfig:
-        """This config with the task-format defaults filled in (what actually runs)."""
+    def resolved(self, task: Any, examples: Any = None) -> EvalConfig:
+        """This config with the task-format defaults filled in (what actually runs). Without metrics given,
+        they are :func:`layercard.tasks.default_metrics` of ``examples`` (the task's examples as they are
+        scored; default: as they are)."""
+        from layercard.tasks.metrics import default_metrics
+
+        fmt = task.format
+        scored = task.examples if examples is None else examples
         return dataclasses.replace(
             self,
-            metrics=self.metrics if self.metrics is not None else tuple(task.format.metrics),
+            metrics=self.metrics
+            if self.metrics is not None
+            else default_metrics(fmt.name, fmt.metrics, scored),
             max_new_tokens=self.max_new_tokens or task.format.max_new_tokens,
         )
 

@@ -31,6 +31,7 @@ __all__ = [
     "bleu",
     "check_gold",
     "compute_metrics",
+    "default_metrics",
     "exact_match",
     "extract_final_number",
     "LOSS",
@@ -345,6 +346,20 @@ def tool_call_match(prediction: str, references: Sequence[str]) -> float:
     compared as written: "2" is not the number 2."""
     calls = tool_calls_in(prediction)
     return float(calls is not None and any(calls == tool_calls_in(r) for r in references))
+
+
+# The formats of data no preset names, whose metrics compare text: data of tool calls is scored by its calls.
+_GENERIC_FORMATS = ("chat", "jsonl")
+
+
+def default_metrics(format_name: str, metrics: Sequence[str], examples: Sequence[Example]) -> tuple[str, ...]:
+    """The metrics an evaluation scores when none are asked for: the format's ``metrics``, led by
+    ``tool_call_match`` where the data is one no preset names (chat or input/target records) and every
+    reference of every example holds a tool call (a function-calling set)."""
+    calls = format_name in _GENERIC_FORMATS and bool(examples)
+    calls = calls and all(ex.references and all(tool_calls_in(r) for r in ex.references) for ex in examples)
+    lead = ("tool_call_match",) if calls and "tool_call_match" not in metrics else ()
+    return (*lead, *metrics)
 
 
 def _tool_call_gold(examples: Sequence[Example]) -> None:

@@ -24,7 +24,15 @@ from layercard.artifacts import SCHEMA_VERSION, Provenance, atomic_path, hash_fo
 from layercard.config import TraceConfig, TrimConfig
 from layercard.errors import LayercardError, expect
 from layercard.models import LoadedModel, running_on
-from layercard.tasks import METRICS, Task, batches, encode_task, higher_is_better
+from layercard.tasks import (
+    METRICS,
+    Task,
+    batches,
+    default_metrics,
+    encode_task,
+    higher_is_better,
+    scored_as_written,
+)
 from layercard.train.readme import README_FILE, trimmed_readme
 from layercard.trim.export import (
     _adapter_kind,
@@ -300,9 +308,11 @@ def _job(
             check_mergeable(adapter, loaded.model)
     sub = _subset(task, cfg.examples, cfg.seed)
     tok = loaded.tokenizer
-    metric = cfg.metric or sub.format.metrics[0]
+    scored = [scored_as_written(tok, sub.format, ex) for ex in sub.examples]  # as the sweep scores them
+    metrics = default_metrics(sub.format.name, sub.format.metrics, scored)
+    metric = cfg.metric or metrics[0]
     higher = higher_is_better(metric)  # each metric declares its direction; the loss is lower-is-better
-    names = list(dict.fromkeys([*([metric] if metric != "loss" else []), *sub.format.metrics]))
+    names = list(dict.fromkeys([*([metric] if metric != "loss" else []), *metrics]))
     names += [m for m in ("token_f1", "rouge_l") if m not in names]  # F1/ROUGE-L beside the task metric
     max_new = cfg.max_new_tokens or sub.format.max_new_tokens
     score = task_scorer(

@@ -175,8 +175,8 @@ def task_scorer(
     Generation timing (``s_per_example``, ``tokens_per_s``) is that of the model as it is (unmerged).
     """
     names = list(dict.fromkeys(metrics))
-    check_gold(names, examples)  # before any K is generated for
     scored = [scored_as_written(tokenizer, task.format, ex) for ex in examples]  # as evaluate scores
+    check_gold(names, scored)  # before any K is generated for
 
     def score(model: nn.Module, k: int) -> dict[str, Any]:
         texts, timing = inference.generate(
