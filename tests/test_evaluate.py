@@ -530,17 +530,19 @@ def test_more_positions_than_the_model_reads_are_refused_in_one_line():
 
 
 def test_eval_notes_a_synthetic_task_generated_otherwise_than_the_training_one(tmp_path):
-    from layercard.cli.app import other_generation
+    from layercard.cli.app import other_generation, trained_task
 
     adapter = tmp_path / "run" / "adapter"
     adapter.mkdir(parents=True)
     trained = "synthetic:facts(seed=1,n_entities=50)"
     (tmp_path / "run" / "train_metrics.json").write_text(json.dumps({"task": {"source": trained}}))
-    said = other_generation(adapter, "synthetic:facts(seed=0,n_entities=50)")
+    record = trained_task(adapter)
+    said = other_generation(record, "synthetic:facts(seed=0,n_entities=50)")
     assert said is not None and "synthetic:facts(seed=1,n_entities=50)" in said and "--seed" in said
-    assert other_generation(adapter, trained) is None  # the same generation
-    assert other_generation(adapter, "synthetic:format(seed=0)") is None  # another task: not this note
-    assert other_generation(tmp_path / "elsewhere", "synthetic:facts(seed=0,n_entities=50)") is None
+    assert other_generation(record, trained) is None  # the same generation
+    assert other_generation(record, "synthetic:format(seed=0)") is None  # another task: not this note
+    elsewhere = trained_task(tmp_path / "elsewhere")
+    assert other_generation(elsewhere, "synthetic:facts(seed=0,n_entities=50)") is None
 
 
 def test_inference_and_the_forward_timing_restore_each_modules_mode():

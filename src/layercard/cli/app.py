@@ -442,7 +442,7 @@ def note_task(task: Any) -> None:
         note(text)
 
 
-def _trained_task(adapter: Path) -> dict | None:
+def trained_task(adapter: Path) -> dict | None:
     """The task record of the training beside ``adapter`` (its ``train_metrics.json``), or None."""
     record = adapter.parent / "train_metrics.json"
     try:
@@ -452,10 +452,10 @@ def _trained_task(adapter: Path) -> dict | None:
     return task if isinstance(task, dict) else None
 
 
-def other_generation(adapter: Path, source: str) -> str | None:
-    """A note where ``adapter`` was trained on a synthetic task generated otherwise (another seed) than
-    the one to be scored: its test split then asks about entities the training never saw."""
-    trained = _trained_task(adapter)
+def other_generation(trained: dict | None, source: str) -> str | None:
+    """A note where the adapter whose training recorded the task ``trained`` (:func:`trained_task`) was
+    trained on a synthetic task generated otherwise (another seed) than the one to be scored: its test
+    split then asks about entities the training never saw."""
     if trained is None or "source" not in trained:
         return None
     trained = str(trained["source"])
@@ -468,13 +468,13 @@ def other_generation(adapter: Path, source: str) -> str | None:
     )
 
 
-def other_prompt(adapter: Path, task: Any) -> str | None:
-    """A note where ``adapter`` was trained on a task of the same format as ``task`` under other prompt
-    settings (a ``--prompt``, ``--system``, ``--chat-template`` or ``--train-turns`` given to one command
-    and not the other): the scores are then for prompts, or replies, other than the trained ones."""
+def other_prompt(trained: dict | None, task: Any) -> str | None:
+    """A note where the adapter whose training recorded the task ``trained`` (:func:`trained_task`) was
+    trained on a task of the same format as ``task`` under other prompt settings (a ``--prompt``,
+    ``--system``, ``--chat-template`` or ``--train-turns`` given to one command and not the other): the
+    scores are then for prompts, or replies, other than the trained ones."""
     from layercard.tasks.prompt import prompt_changes  # light: no tokenizer or torch behind it
 
-    trained = _trained_task(adapter)
     fmt = trained.get("format") if trained is not None else None
     if not isinstance(fmt, dict) or fmt.get("name") != task.format.name:
         return None  # another kind of task: its prompts differ by design
@@ -492,7 +492,8 @@ def note_generation(adapter: Path | None, task: Any) -> None:
     under other prompt settings."""
     if adapter is None:
         return
-    for said in (other_generation(adapter, task.source), other_prompt(adapter, task)):
+    trained = trained_task(adapter)
+    for said in (other_generation(trained, task.source), other_prompt(trained, task)):
         if said:
             note(said)
 
