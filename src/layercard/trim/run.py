@@ -317,7 +317,7 @@ def _job(
     max_new = cfg.max_new_tokens or sub.format.max_new_tokens
     score = task_scorer(
         tok, sub, sub.examples, metrics=names, batch_size=cfg.batch_size, max_new_tokens=max_new,
-        max_length=cfg.max_length,
+        max_length=cfg.max_length, scored=scored,
     )  # fmt: skip
     # Selecting by loss needs no text: generating at every K would cost most of the sweep for nothing.
     sweep_score = (

@@ -169,13 +169,17 @@ def task_scorer(
     max_new_tokens: int,
     max_length: int | None,
     loss: bool = True,
+    scored: Sequence[Example] | None = None,
 ) -> Scorer:
     """A scorer for :func:`sweep`: greedy generation scored with ``metrics``, plus the target loss.
 
-    Generation timing (``s_per_example``, ``tokens_per_s``) is that of the model as it is (unmerged).
+    ``scored``: ``examples`` as their generations are scored (:func:`layercard.tasks.scored_as_written`,
+    as evaluate scores them), where the caller has them already. Generation timing (``s_per_example``,
+    ``tokens_per_s``) is that of the model as it is (unmerged).
     """
     names = list(dict.fromkeys(metrics))
-    scored = [scored_as_written(tokenizer, task.format, ex) for ex in examples]  # as evaluate scores
+    if scored is None:
+        scored = [scored_as_written(tokenizer, task.format, ex) for ex in examples]
     check_gold(names, scored)  # before any K is generated for
 
     def score(model: nn.Module, k: int) -> dict[str, Any]:
