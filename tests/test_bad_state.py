@@ -742,6 +742,10 @@ def test_other_prompt_settings_than_the_cards_and_the_trainings_are_said(
         assert r.exit_code == 0, r.output
         assert (said in " ".join(r.output.split())) == (system is not None), r.output
         runs[system] = out / "adapter"
+        # a dry run, where one checks a run before it starts, says the same
+        r = cli(f"train -p {world.plan} -m {world.model} -t {FACTS} --dry-run {ONE_STEP}{opt}")
+        assert r.exit_code == 0, r.output
+        assert (said in " ".join(r.output.split())) == (system is not None), r.output
     trained = (
         "the adapter was trained with other prompt settings than this task's "
         "(system prompt 'Brief.', here none)"

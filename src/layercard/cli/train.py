@@ -264,6 +264,8 @@ def _print_estimate(e: dict[str, Any], plan: Path) -> None:
     )
     if cut:
         console.print(cut, markup=False)
+    if e["card_note"]:
+        console.print(f"note: {e['card_note']}", markup=False)
     for line in e["budget_notes"]:
         console.print(f"warning: {line}", markup=False)
     result_console.print(

@@ -284,17 +284,8 @@ def train(
         notes = []
         if existing is None and resume and main:
             notes.append(f"note: --resume: no checkpoint in {out_dir}; training from the start")
-        measured_on = plan.card.get("task")
-        if main and isinstance(measured_on, str) and measured_on != train_task.name:
-            notes.append(
-                f"note: the plan's card was measured on task {measured_on!r}, and this run trains on "
-                f"{train_task.name!r}: the plan's predictions are for the card's task"
-            )
-        elif main and (changed := prompt_changes(plan.card.get("prompt"), train_task.format.prompt())):
-            notes.append(
-                f"note: the plan's card was measured with other prompt settings than this run trains with "
-                f"({'; '.join(changed)}): the plan's predictions are for the card's settings"
-            )
+        if main and (other := other_card_task(plan, train_task)):
+            notes.append(f"note: {other}")
         if data is None:
             data = prepare_data(loaded, train_task, val_task, cfg)
         read_run(loaded, data, cfg, launched_world())
@@ -455,6 +446,24 @@ def _sharded_config(accelerator: Any, cfg: TrainConfig, kind: str, resume: bool)
         )
         cfg = dataclasses.replace(cfg, checkpoint_every=0)
     return cfg
+
+
+def other_card_task(plan: Plan, train_task: Task) -> str | None:
+    """A line where ``train_task`` is another task than the one the plan's card measured, or the same
+    under other prompt settings: the plan's predictions are for the card's. None where they agree."""
+    measured_on = plan.card.get("task")
+    if isinstance(measured_on, str) and measured_on != train_task.name:
+        return (
+            f"the plan's card was measured on task {measured_on!r}, and this run trains on "
+            f"{train_task.name!r}: the plan's predictions are for the card's task"
+        )
+    changed = prompt_changes(plan.card.get("prompt"), train_task.format.prompt())
+    if changed:
+        return (
+            f"the plan's card was measured with other prompt settings than this run trains with "
+            f"({'; '.join(changed)}): the plan's predictions are for the card's settings"
+        )
+    return None
 
 
 def _budget_notes(run: _Run) -> list[str]:
@@ -732,9 +741,10 @@ def estimate(
     ``accelerate launch`` starts them), without training or writing anything: its steps and epochs, the
     padded positions its micro-batches compute (from the data order alone; with several processes, those
     of the busiest one per step and the largest micro-batch of any), the plan's step time and peak memory
-    priced there as training prices them, the predicted time of its optimizer steps, and the plan's
-    budgets that those positions put over. A step's price leaves out the processes' exchange of
-    gradients."""
+    priced there as training prices them, the predicted time of its optimizer steps, the plan's
+    budgets that those positions put over, and the line training says where its card measured another
+    task or other prompt settings (:func:`other_card_task`). A step's price leaves out the processes'
+    exchange of gradients."""
     kind, _, _ = _check_inputs(loaded, plan, train_task, val_task, cfg, kind, where="estimate_training")
     # the device the training's Accelerator takes (:func:`train`): a CUDA GPU, else the CPU
     _check_float16(cfg, "cuda" if torch.cuda.is_available() else "cpu")
@@ -777,6 +787,7 @@ def estimate(
         "peak_memory_mib": at["peak_mib"],
         "peak_memory_at_run_mib": at["peak_scaled_mib"],
         "budget_notes": over_budget(plan.config.get("budget"), predicted, at),
+        "card_note": other_card_task(plan, train_task),
     }
 
 
