@@ -29,6 +29,7 @@ LAYERS = 10  # the examples plan 8 layers
 SMALLER = {
     "card": "--examples 8 --max-length 64 --batch-size 4 --no-calibrate --roles q,v".split(),
     "train": "--steps 2 --batch-size 4 --max-length 64".split(),
+    "eval": "--examples 4 --batch-size 4 --max-new-tokens 8".split(),
 }
 
 
@@ -72,6 +73,32 @@ def test_alpaca_cli_example(tiny_folder, tmp_path, monkeypatch):
     metrics = TrainMetrics.load("runs/mine/train")
     assert len(plan.layers) == 8 and metrics.steps == 2 and metrics.task["name"] == "alpaca"
     assert Path("runs/mine/train/adapter/adapter_config.json").is_file()
+
+
+def test_tool_calls_cli_example(tiny_folder, tmp_path, monkeypatch):
+    """The function-calling example: the record the README shows, varied, through its four commands;
+    eval's primary metric is tool_call_match."""
+    monkeypatch.chdir(tmp_path)
+    shown = re.search(r"each ending in the call to make:\n\n```json\n(.*?)\n```", README.read_text(), re.S)
+    assert shown, "README: the function-calling record is not shown"
+    record = json.loads(shown.group(1))
+
+    def varied(i: int) -> str:
+        rec = json.loads(json.dumps(record))
+        rec["messages"][0]["content"] = f"What is {i} minus 3?"
+        call = rec["messages"][-1]["tool_calls"][0]["function"]
+        call["arguments"] = json.dumps({"expression": f"{i}-3"})
+        return json.dumps(rec) + "\n"
+
+    Path("calls.jsonl").write_text("".join(varied(i) for i in range(8)))
+    Path("calls_test.jsonl").write_text("".join(varied(i) for i in range(20, 24)))
+    commands = command_lines(example("tool-calls-cli", "bash"))
+    assert [c[0] for c in commands] == ["card", "plan", "train", "eval"]
+    for args in commands:
+        args = [str(tiny_folder) if a == "smollm2" else a for a in args]
+        run(args + SMALLER.get(args[0], []))
+    result = json.loads(Path("runs/calls/eval/eval.json").read_text())
+    assert list(result["metrics"])[0] == "tool_call_match" and result["n"] == 4
 
 
 def test_trainer_api_and_export_examples(tmp_path, monkeypatch):
