@@ -871,9 +871,33 @@ def test_tool_definitions_go_to_the_chat_template_of_every_segment():
     assert (enc.input_ids[len(head) :], enc.labels[len(head) :]) == (bare.input_ids, bare.labels)
     # the prompt generation continues holds them too
     assert encode_prompt(tok, fmt, with_tools)[: len(head)] == head
-    # without a chat template they are not written
-    no_template = tiny_tokenizer(with_chat_template=False)
-    assert encode_example(no_template, fmt, with_tools) == encode_example(no_template, fmt, plain)
+    # a template that leaves them out, or none at all: the definitions are the system turn's text, one
+    # JSON object a line, as a conversation that opened with that system turn would be encoded
+    as_system = Example("t", "sum 2 2", "it is 4.", messages=(("system", '{"name": "add"}'), *turns))
+    for tok in (tiny_tokenizer(), tiny_tokenizer(with_chat_template=False)):
+        assert encode_example(tok, fmt, with_tools) == encode_example(tok, fmt, as_system)
+        assert encode_prompt(tok, fmt, with_tools) == encode_prompt(tok, fmt, as_system)
+    # after a system prompt of the conversation's own, a blank line apart
+    both = Example(
+        "t", "sum 2 2", "it is 4.", messages=(("system", "Be brief."), *turns), meta=with_tools.meta
+    )
+    joined = Example(
+        "t", "sum 2 2", "it is 4.", messages=(("system", 'Be brief.\n\n{"name": "add"}'), *turns)
+    )
+    assert encode_example(tiny_tokenizer(), fmt, both) == encode_example(tiny_tokenizer(), fmt, joined)
+
+
+def test_smol_sees_the_tool_definitions_its_template_leaves_out(smol_tok):
+    """SmolLM2's template writes no tools: the definitions become the system turn's text."""
+    tools = [{"type": "function", "function": {"name": "add", "parameters": {"type": "object"}}}]
+    turns = (("user", "sum 2 2"), ("assistant", "it is 4."))
+    ex = Example("t", "sum 2 2", "it is 4.", messages=turns, meta={"tools": tools})
+    enc = encode_example(smol_tok, CHAT_FMT, ex)
+    assert smol_tok.decode(enc.input_ids).startswith(f"<|im_start|>system\n{json.dumps(tools[0])}<|im_end|>")
+    trained = smol_tok.decode(
+        [i for i, lab in zip(enc.input_ids, enc.labels, strict=True) if lab != IGNORE_INDEX]
+    )
+    assert trained == "it is 4.<|im_end|>"
 
 
 # ---------------------------------------------------------------- conversations and plain text

@@ -11,7 +11,10 @@ Without a chat template (switched off, or a tokenizer without one) the layout is
 repeated: ``system\\n\\n`` once, each user turn and ``\\n``, each reply and the end token.
 
 A chat record's ``tools`` (tool definitions) go to the chat template with every rendering, so each
-segment sees them as the template writes them; without a chat template they are not written.
+segment sees them as the template writes them. A template that does not write them (SmolLM2's leaves
+them out) would train a model that never sees the tools it calls, so there, and without a chat template,
+the definitions are written into the system turn as text, one JSON object a line after any system
+prompt (a system turn of their own where the conversation has none).
 
 An assistant turn's ``tool_calls`` go to the template in the message, as tool-calling templates take
 them, and are trained on as the template writes them. A template that does not write them (SmolLM2's
@@ -168,6 +171,31 @@ def _calls_as_text(turns: list[Turn]) -> list[Turn]:
     return out
 
 
+def tools_text(tools: list[Mapping[str, Any]]) -> str:
+    """Tool definitions as text, one JSON object a line."""
+    return "\n".join(json.dumps(t, ensure_ascii=False) for t in tools)
+
+
+def _tools_as_text(turns: list[Turn], tools: list[dict[str, Any]]) -> list[Turn]:
+    """``turns`` with the tool definitions written into the system turn (:func:`tools_text`), after its
+    content; a system turn of their own where there is none."""
+    text = tools_text(tools)
+    if turns and turns[0]["role"] == "system":
+        content = turns[0]["content"]
+        return [{**turns[0], "content": f"{content}\n\n{text}" if content else text}, *turns[1:]]
+    return [{"role": "system", "content": text}, *turns]
+
+
+def _drops_tools(tokenizer: Any, turns: list[Turn], tools: list[dict[str, Any]]) -> bool:
+    """Whether the template renders ``turns`` the same without ``tools``: it leaves them out. A template
+    that fails on the turns either way is left to the renderings that follow to report."""
+    try:
+        written = render_chat(tokenizer, _messages(turns), generation_prompt=False, tools=tools)
+        return written == render_chat(tokenizer, _messages(turns), generation_prompt=False)
+    except Exception:
+        return False
+
+
 def _accepted(
     tokenizer: Any, turns: list[Turn], ex_id: str, tools: list[dict[str, Any]] | None
 ) -> list[Turn]:
@@ -249,9 +277,11 @@ def chat_segments(tokenizer: Any, fmt: TaskFormat, ex: Example, end_token: str) 
     reply and ending with the final reply; a reply's text excludes the turn-end token ``end_token``;
     ``trained``: the reply carries loss (weight 0 makes it context)."""
     turns = conversation(fmt, ex)
-    if not uses_chat_template(tokenizer, fmt):
-        return _turns_trained(_plain_segments(turns), fmt)
     tools = tool_definitions(ex.meta.get("tools"), f"example {ex.id!r}: field 'tools'")
+    if not uses_chat_template(tokenizer, fmt):
+        return _turns_trained(_plain_segments(_tools_as_text(turns, tools) if tools else turns), fmt)
+    if tools and _drops_tools(tokenizer, turns, tools):  # written as text, as without a template
+        turns, tools = _tools_as_text(turns, tools), None
     turns = _accepted(tokenizer, turns, ex.id, tools)
     segments = _template_segments(tokenizer, ex.id, turns, tools, end_token)
     if segments is None:  # the template drops tool calls: write them as text, as without a template
