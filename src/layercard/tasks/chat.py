@@ -171,15 +171,10 @@ def _calls_as_text(turns: list[Turn]) -> list[Turn]:
     return out
 
 
-def tools_text(tools: list[Mapping[str, Any]]) -> str:
-    """Tool definitions as text, one JSON object a line."""
-    return "\n".join(json.dumps(t, ensure_ascii=False) for t in tools)
-
-
 def _tools_as_text(turns: list[Turn], tools: list[dict[str, Any]]) -> list[Turn]:
-    """``turns`` with the tool definitions written into the system turn (:func:`tools_text`), after its
-    content; a system turn of their own where there is none."""
-    text = tools_text(tools)
+    """``turns`` with the tool definitions written into the system turn as text, one JSON object a line,
+    after its content; a system turn of their own where there is none."""
+    text = "\n".join(json.dumps(t, ensure_ascii=False) for t in tools)
     if turns and turns[0]["role"] == "system":
         content = turns[0]["content"]
         return [{**turns[0], "content": f"{content}\n\n{text}" if content else text}, *turns[1:]]
