@@ -268,19 +268,26 @@ def test_a_final_tool_call_is_scored_as_the_chat_template_writes_it():
     assert scored_as_written(calls, FMT, answered) is answered
 
 
-def test_evaluate_and_the_trim_sweep_score_a_final_call_as_the_template_writes_it(monkeypatch):
+def _loaded(tok):
+    """A tiny Llama with ``tok``, as evaluate takes a model."""
     import torch
     from tiny import tiny_model
 
+    from layercard.models import LoadedModel
+
+    model = tiny_model("llama", seed=0).to(torch.float32)
+    return LoadedModel(model=model, tokenizer=tok, model_id="tiny", model_hash="0" * 64, source="memory")
+
+
+def test_evaluate_and_the_trim_sweep_score_a_final_call_as_the_template_writes_it(monkeypatch):
     import layercard.inference as inference
     from layercard.evaluate import EvalConfig, evaluate
-    from layercard.models import LoadedModel
     from layercard.trim.sweep import task_scorer
 
     tok = tiny_tokenizer()
     tok.chat_template = CALLS_TEMPLATE
-    model = tiny_model("llama", seed=0).to(torch.float32)
-    loaded = LoadedModel(model=model, tokenizer=tok, model_id="tiny", model_hash="0" * 64, source="memory")
+    loaded = _loaded(tok)
+    model = loaded.model
     task = _task(_example(_ends_in_a_call()))
     res = evaluate(
         loaded, task, EvalConfig(examples=1, max_new_tokens=3, loss=False, metrics=("exact_match",))
@@ -314,17 +321,12 @@ def test_data_of_tool_calls_is_scored_by_its_calls_unless_metrics_are_given():
 
 
 def test_evaluate_leads_with_tool_call_match_where_every_reference_as_scored_holds_a_call():
-    import torch
-    from tiny import tiny_model
-
     from layercard.evaluate import EvalConfig, evaluate
-    from layercard.models import LoadedModel
 
-    model = tiny_model("llama", seed=0).to(torch.float32)
     task = _task(_example(_ends_in_a_call()))
     cfg = EvalConfig(examples=1, max_new_tokens=2, loss=False)
     tok = tiny_tokenizer()  # its template leaves calls out: they are scored as their JSON text
-    loaded = LoadedModel(model=model, tokenizer=tok, model_id="tiny", model_hash="0" * 64, source="memory")
+    loaded = _loaded(tok)
     assert list(evaluate(loaded, task, cfg).metrics) == ["tool_call_match", *PRESETS["chat"].metrics]
     # a template that writes calls in a form of its own holds no call to compare: text metrics, and
     # tool_call_match asked for is refused before anything is generated
