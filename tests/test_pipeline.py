@@ -175,6 +175,11 @@ def test_run_writes_every_artifact(tiny_run):
     assert rows["all"]["measured_gain"] == pytest.approx(rows["base"]["eval_loss"] - rows["all"]["eval_loss"])
     assert rows["all"]["s_per_step"] > 0 and rows["card-2"]["predicted_gain"] is not None
     assert rows["all-trimmed"]["modules"] <= rows["all"]["modules"]
+    # the trim stage's summary says what chose K, and the loss beside the metric where the loss did
+    trim = json.loads((run_dir / "trim" / "trim.json").read_text())
+    said = next(s["summary"] for s in summary["stages"] if s["stage"] == "trim")
+    by_loss = trim["chosen_by"] == "loss"
+    assert ("by the held-out loss" in said["chosen K"]) is by_loss and ("loss before → after" in said) is by_loss
     saved = json.loads((run_dir / "summary.json").read_text())
     assert saved["rows"] == json.loads(json.dumps(summary["rows"]))
     # plans are priced at the batch the placements train at (train.batch_size), and say so

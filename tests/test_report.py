@@ -412,17 +412,27 @@ def test_placements_without_a_set_gain_say_why_the_gain_section_is_empty(run_dir
     assert "No placement here predicts a set gain" in text and "Needs plans" not in text
 
 
-def test_a_trim_whose_metric_tied_at_every_k_says_the_tie_rule_chose(run_dir, tmp_path):
+def test_a_trim_whose_metric_tied_at_every_k_says_what_chose(run_dir, tmp_path):
+    from layercard.report.results import check_trim
+
     copy = tmp_path / "run"
     shutil.copytree(run_dir, copy)
     path = copy / "trim" / "trim.json"
     trim = json.loads(path.read_text())
     said = "Every K scored the same"
     assert said not in Path(build_report(copy)["html"]).read_text() or trim.get("metric_flat")
-    path.write_text(json.dumps({**trim, "metric_flat": True}))
+    tied = f"{said} {trim['metric']}: it did not tell the boundaries apart, so"
+    # a trim.json written before chosen_by was recorded: the tie rule chose
+    path.write_text(json.dumps({**{k: v for k, v in trim.items() if k != "chosen_by"}, "metric_flat": True}))
     restaged(path, copy)
-    md = Path(build_report(copy)["markdown"]).read_text()
-    assert f"{said} {trim['metric']}: it did not tell the boundaries apart" in md
+    md = " ".join(Path(build_report(copy)["markdown"]).read_text().split())
+    assert f"{tied} the tie rule kept the fewest adapted layers" in md
+    path.write_text(json.dumps({**trim, "metric_flat": True, "chosen_by": "loss"}))
+    restaged(path, copy)
+    md = " ".join(Path(build_report(copy)["markdown"]).read_text().split())
+    assert f"{tied} K was chosen by the held-out loss" in md
+    with pytest.raises(LayercardError, match="chosen_by"):
+        check_trim({**trim, "chosen_by": "rouge_l" if trim["metric"] != "rouge_l" else "bleu"}, "trim.json")
 
 
 def test_a_rebuilt_report_reads_as_the_first(run_dir, tmp_path):

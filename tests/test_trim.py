@@ -306,6 +306,16 @@ def test_sweep_picks_best_with_ties_to_fewer_layers():
     assert not T.metric_is_flat(rows, "exact_match") and T.metric_is_flat(rows, "exact_match", tolerance=0.9)
     flat = [{**r, "metrics": {"exact_match": 0.0}} for r in rows]
     assert T.metric_is_flat(flat, "exact_match") and not T.metric_is_flat(flat[:1], "exact_match")
+    # a flat metric leaves the choice to the loss (lowest at K=2); the tie rule alone would keep one layer
+    assert T.choose_boundary(flat, "exact_match") == 0
+    assert T.boundary_choice(rows, "exact_match") == (2, "exact_match")
+    assert T.boundary_choice(flat, "exact_match") == (2, "loss")
+    assert T.boundary_choice(rows, "loss", higher_is_better=False) == (2, "loss")
+    assert T.boundary_choice(rows, "exact_match", tolerance=0.9) == (2, "loss")  # flat within the tolerance
+    same_loss = [{**r, "loss": 0.5} for r in flat]  # loss ties too: fewer layers
+    assert T.boundary_choice(same_loss, "exact_match") == (0, "loss")
+    no_loss = [{**r, "loss": None} if r["k"] == 3 else r for r in flat]  # a row without a loss: the tie rule
+    assert T.boundary_choice(no_loss, "exact_match") == (0, "exact_match")
     # a NaN never wins, a lower-is-better read flips the choice
     rows[3]["metrics"]["exact_match"] = float("nan")
     rows[2]["metrics"]["exact_match"] = 0.2
@@ -563,6 +573,9 @@ def test_cli_trace_and_trim(tiny_folder, lora_dir, tmp_path, monkeypatch):
     assert res["ks"] == [1, 2, 3]
     flat = T.metric_is_flat(res["sweep"], res["metric"], tolerance=res["tie_tolerance"])
     assert res["metric_flat"] is flat
+    assert res["chosen_by"] == ("loss" if flat else "exact_match")
+    if flat:  # the loss chose: no boundary swept has a lower one
+        assert res["after"]["loss"] == min(r["loss"] for r in res["sweep"])
     assert ("every K scored the same exact_match" in " ".join(r.output.split())) is flat
 
 

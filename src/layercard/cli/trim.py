@@ -230,12 +230,13 @@ def _print_trim(res: dict[str, Any]) -> None:
         f"chosen K = {res['chosen_k']}: adapted layers {b['n_adapted_layers']} → {a['n_adapted_layers']}, "
         f"modules {b['adapted_modules']} → {a['adapted_modules']}, {res['metric']} "
         f"{_fmt(b, res['metric'])} → {_fmt(a, res['metric'])}, "
-        f"latency {latency_text(b, a)} (unmerged)"
+        + (f"loss {_fmt(b, 'loss')} → {_fmt(a, 'loss')}, " if res.get("chosen_by") == "loss" else "")
+        + f"latency {latency_text(b, a)} (unmerged)"
     )
     if res.get("metric_flat"):
         from layercard.trim import flat_metric_text
 
-        note(flat_metric_text(res["metric"]))
+        note(flat_metric_text(res["metric"], res.get("chosen_by")))
 
 
 def _fmt(row: dict[str, Any], metric: str) -> str:

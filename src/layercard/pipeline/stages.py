@@ -797,13 +797,17 @@ class Runner:
             def val(row: dict[str, Any]) -> Any:
                 return row.get("loss") if metric == "loss" else row["metrics"].get(metric)
 
+            by_loss = ""
+            if t.get("chosen_by") == "loss":  # the metric tied at every K
+                by_loss = f", by the held-out loss: every K scored the same {metric}"
             return [
                 ("placement", target),
                 ("selected on", self.trim_note),
                 ("candidates", ", ".join(f"{k}={v}" for k, v in (t.get("candidates") or {}).items()) or "—"),
                 ("boundaries swept", str(t["ks"])),
-                ("chosen K", f"{t['chosen_k']} (adapters kept in layers ≤ K)"),
+                ("chosen K", f"{t['chosen_k']} (adapters kept in layers ≤ K){by_loss}"),
                 (f"{metric} before → after", f"{_fmt(val(b))} → {_fmt(val(a))}"),
+                *([("loss before → after", f"{_fmt(b['loss'])} → {_fmt(a['loss'])}")] if by_loss else []),
                 ("adapted layers before → after", f"{b['n_adapted_layers']} → {a['n_adapted_layers']}"),
                 ("adapted modules before → after", f"{b['adapted_modules']} → {a['adapted_modules']}"),
                 ("latency before → after", latency_text(b, a)),
@@ -813,7 +817,8 @@ class Runner:
                 else []
             )
 
-        config = {**spec.to_dict(), "placement": target, "seed": self.cfg.seed}
+        # rule 2: a metric that ties at every K leaves K to the loss; a trim made under rule 1 is made again
+        config = {**spec.to_dict(), "placement": target, "seed": self.cfg.seed, "boundary_rule": 2}
         inputs = {
             "adapter": hash_folder(out.adapter_dir(target)),
             "model": self.model_hash,

@@ -464,7 +464,7 @@ def _trimming(doc: _Doc, run: _Run) -> None:
         from layercard.trim import flat_metric_text
 
         with run_section("trim"):  # a report is of a run folder, whose config sets trim.metric
-            text = flat_metric_text(trim["metric"])
+            text = flat_metric_text(trim["metric"], trim.get("chosen_by"))
         doc.p(text[0].upper() + text[1:] + ".")
     if a["n_adapted_layers"] == b["n_adapted_layers"]:
         doc.p(

@@ -101,6 +101,9 @@ def check_trim(d: Mapping[str, Any], source: str) -> None:
     for name, k in (f.optional(d.get("candidates"), "candidates", f.mapping) or {}).items():
         layer(k, f"candidates.{name}")
     f.optional(d.get("trace"), "trace", f.text)
+    chosen_by = f.optional(d.get("chosen_by"), "chosen_by", f.text)  # absent before it was recorded
+    if chosen_by is not None and chosen_by not in (d["metric"], "loss"):
+        f.fail("chosen_by", f"must be the metric {d['metric']!r} or 'loss'", chosen_by)
     for key in ("higher_is_better", "metric_flat", "after_matches_sweep"):
         if d.get(key) is not None and not isinstance(d[key], bool):
             f.fail(key, "must be true or false", d[key])

@@ -4,7 +4,8 @@
    on validation examples, with the adapter on and off, and the boundary candidates of the 'on' curve.
 2. **Sweep** (:mod:`layercard.trim.sweep`): for each boundary ``K`` the adapters of decoder layers
    ``> K`` are switched off (:mod:`layercard.trim.mask`) and the validation set is scored; the best K
-   wins, ties going to fewer adapted layers. A sweep that selects by ``loss`` generates nothing.
+   wins, ties going to fewer adapted layers; where the metric ties at every K, the held-out loss
+   chooses. A sweep that selects by ``loss`` generates nothing.
 3. **Export** (:mod:`layercard.trim.export`): the adapter without layers ``> K``, in its own format.
 4. **Stage** (:mod:`layercard.trim.run`): :func:`run_trace` and :func:`trim`, which write trace.json,
    trim.json and their figures (:mod:`layercard.trim.figures`); settings in :mod:`layercard.trim.config`.
@@ -25,6 +26,7 @@ from layercard.trim.lens import TRACE_FILE, TRACE_PNG, Trace, boundary_candidate
 from layercard.trim.mask import adapted_layers, adapted_modules, adapters_off, masked_layers
 from layercard.trim.run import MERGED_DIR, TRIM_FILE, TRIMMED_DIR, latency_text, run_trace, trim
 from layercard.trim.sweep import (
+    boundary_choice,
     candidate_ks,
     choose_boundary,
     flat_metric_text,
@@ -47,6 +49,7 @@ __all__ = [
     "adapted_modules",
     "adapters_off",
     "boundary_candidates",
+    "boundary_choice",
     "candidate_ks",
     "choose_boundary",
     "flat_metric_text",

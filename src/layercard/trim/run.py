@@ -47,8 +47,8 @@ from layercard.trim.lens import TRACE_FILE, Trace, trace
 from layercard.trim.mask import adapted_layers, adapted_modules, masked_layers
 from layercard.trim.sweep import (
     Scorer,
+    boundary_choice,
     candidate_ks,
-    choose_boundary,
     loss_scorer,
     metric_is_flat,
     sweep,
@@ -70,8 +70,8 @@ TRIM_KIND = "trim"
 TRIM_FIELDS = frozenset({
     "kind", "schema_version", "adapter", "adapter_format", "metric", "higher_is_better", "tie_tolerance",
     "metrics", "metric_scales", "n_layers", "adapted_layers", "candidates", "trace", "ks", "sweep",
-    "chosen_k", "metric_flat", "before", "after", "after_matches_sweep", "adapted_modules_before",
-    "adapted_modules_after", "export", "merged", "task", "timings", "provenance",
+    "chosen_k", "chosen_by", "metric_flat", "before", "after", "after_matches_sweep",
+    "adapted_modules_before", "adapted_modules_after", "export", "merged", "task", "timings", "provenance",
 })  # fmt: skip
 TRIM_FILE = "trim.json"
 TRIM_PNG = "trim.png"
@@ -358,6 +358,7 @@ class _Found:
     ks: list[int]
     rows: list[dict[str, Any]]
     chosen: int
+    chosen_by: str  # the selection metric, or "loss" where the metric tied at every K
     modules_before: list[str]
     modules_after: list[str]
     before: dict[str, Any]
@@ -385,7 +386,7 @@ def _search(job: _Job, model: nn.Module) -> _Found:
     t0 = time.perf_counter()
     rows = sweep(model, ks, job.sweep_score, progress=job.progress)
     job.timings["sweep_s"] = time.perf_counter() - t0
-    chosen = choose_boundary(rows, job.metric, job.higher, tolerance=cfg.tie_tolerance)
+    chosen, chosen_by = boundary_choice(rows, job.metric, job.higher, tolerance=cfg.tie_tolerance)
     # Before = nothing masked (K = the last adapted layer). A generating sweep has measured it already (its
     # last row); a loss-only sweep has no texts, so it is measured here, after a warm-up generation, since
     # it is then the process's first. Either way its extra latency passes run warm, after the sweep.
@@ -398,7 +399,7 @@ def _search(job: _Job, model: nn.Module) -> _Found:
     with masked_layers(model, chosen):
         ref_logits = _logits(model, job.probe)
     return _Found(
-        n_layers=n_layers, have=have, tr=tr, ks=ks, rows=rows, chosen=chosen,
+        n_layers=n_layers, have=have, tr=tr, ks=ks, rows=rows, chosen=chosen, chosen_by=chosen_by,
         modules_before=adapted_modules(model), modules_after=adapted_modules(model, chosen), before=before,
         ref_logits=ref_logits,
     )  # fmt: skip
@@ -519,7 +520,8 @@ def _result(
         "ks": found.ks,
         "sweep": [{k: v for k, v in r.items() if k != "predictions"} for r in found.rows],
         "chosen_k": found.chosen,
-        # every K tied on the metric: the tie rule chose, not the metric
+        "chosen_by": found.chosen_by,
+        # every K tied on the metric: the metric did not choose
         "metric_flat": metric_is_flat(found.rows, job.metric, tolerance=cfg.tie_tolerance),
         "before": found.before,
         "after": exported.after,

@@ -5,7 +5,9 @@ For each boundary ``K`` the adapters of decoder layers ``> K`` are switched off
 loss (:func:`task_scorer`) or, when the selection metric is the loss, by the teacher-forced loss alone
 (:func:`loss_scorer`, no generation). :func:`choose_boundary` takes the best; rows within
 ``tie_tolerance`` (absolute, on the metric's own scale; default 1e-9, i.e. exact ties up to float noise)
-of the best count as tied, and a tie goes to fewer adapted layers, then the smaller ``K``.
+of the best count as tied, and a tie goes to fewer adapted layers, then the smaller ``K``. Where the
+metric ties at every K (:func:`metric_is_flat`), it says nothing about where to cut, so the rows' held-out
+loss chooses instead (:func:`boundary_choice`).
 
 ``K`` always names a decoder layer that carries an adapter: boundaries that keep the same adapted layers
 give identical models, so a window is mapped to the highest adapted layer ``≤ K`` and deduplicated
@@ -28,6 +30,7 @@ from layercard.trim.mask import adapted_modules, masked_layers
 
 __all__ = [
     "Scorer",
+    "boundary_choice",
     "candidate_ks",
     "choose_boundary",
     "flat_metric_text",
@@ -135,16 +138,39 @@ def choose_boundary(
 
 def metric_is_flat(rows: Sequence[dict[str, Any]], metric: str, *, tolerance: float = 1e-9) -> bool:
     """Whether every row with a value of ``metric`` ties with the best (more than one such row): the
-    metric did not tell the boundaries apart, so the tie rule alone chose (the fewest adapted layers)."""
+    metric did not tell the boundaries apart."""
     values = [v for v in (row_value(r, metric) for r in rows) if v is not None]
     return len(values) > 1 and max(values) - min(values) <= tolerance
 
 
-def flat_metric_text(metric: str) -> str:
-    """What a sweep whose ``metric`` tied at every K (:func:`metric_is_flat`) means for its choice."""
-    return (
-        f"every K scored the same {metric}: it did not tell the boundaries apart, so the tie rule kept the "
-        f"fewest adapted layers ({setting_name('metric')} loss scores each K by its held-out loss)"
+def boundary_choice(
+    rows: Sequence[dict[str, Any]], metric: str, higher_is_better: bool = True, *, tolerance: float = 1e-9
+) -> tuple[int, str]:
+    """The chosen ``k`` and what chose it: ``metric`` (:func:`choose_boundary`), or ``"loss"`` where the
+    metric ties at every K and every row has a finite loss.
+
+    A flat metric holds no evidence about any boundary, and the tie rule alone would then drop every
+    adapter it may; the held-out loss, measured on the same examples, still tells the boundaries apart.
+    Loss ties (up to 1e-9) go to fewer adapted layers too.
+    """
+    if (
+        metric != "loss"
+        and metric_is_flat(rows, metric, tolerance=tolerance)
+        and all(row_value(r, "loss") is not None for r in rows)
+    ):
+        return choose_boundary(rows, "loss", higher_is_better=False), "loss"
+    return choose_boundary(rows, metric, higher_is_better, tolerance=tolerance), metric
+
+
+def flat_metric_text(metric: str, chosen_by: str | None = None) -> str:
+    """What a sweep whose ``metric`` tied at every K (:func:`metric_is_flat`) means for its choice;
+    ``chosen_by`` is what chose K (trim.json's ``chosen_by``; absent in a trim.json written before it)."""
+    head = f"every K scored the same {metric}: it did not tell the boundaries apart, so "
+    if chosen_by == "loss":
+        return head + "K was chosen by the held-out loss of each K on the same examples"
+    return head + (
+        f"the tie rule kept the fewest adapted layers ({setting_name('metric')} loss scores each K by its "
+        "held-out loss)"
     )
 
 
