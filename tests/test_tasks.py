@@ -77,6 +77,22 @@ def test_jsonl_good_file(tmp_path):
     assert b.references == ("q", "r") and b.id == "mine-00003"  # default id names the line
 
 
+def test_a_file_named_as_a_split_takes_its_folders_name(tmp_path):
+    """data/calls/train.jsonl is the train split of task 'calls': two tasks' train.jsonl differ by name."""
+    rec = [{"input": "x", "target": "y"}]
+    for folder, file, name in [
+        ("calls", "train.jsonl", "calls"),
+        ("calls", "Validation.jsonl", "calls"),
+        ("calls", "test-00000-of-00002.jsonl", "calls"),
+        ("other", "train.jsonl", "other"),
+        ("calls", "calls_train.jsonl", "calls_train"),  # its own name
+        ("calls", "trains.jsonl", "trains"),
+    ]:
+        path = write_jsonl(tmp_path / folder / file, rec)
+        task = load_task(str(path))
+        assert (task.name, task.split) == (name, Path(file).stem), file
+
+
 def test_jsonl_bad_json_names_file_and_line(tmp_path):
     p = write_jsonl(tmp_path / "bad.jsonl", [{"input": "x", "target": "y"}, '{"input": "x", "target": '])
     with pytest.raises(LayercardError, match=re.escape(f"{p}:2: not valid JSON (")):

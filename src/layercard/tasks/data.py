@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -72,6 +73,11 @@ __all__ = [
 ]
 
 SYNTHETIC_TASKS = ("facts", "format")
+# A file or saved Dataset named as a split (train.jsonl, test.parquet, train-00000-of-00002.parquet) is
+# one split of the task its folder holds, and takes that folder's name.
+_SPLIT_NAME = re.compile(
+    r"(train|training|test|testing|validation|valid|val|dev|eval|evaluation)(-\d+-of-\d+)?", re.I
+)
 
 
 # ---------------------------------------------------------------- records to examples
@@ -181,10 +187,18 @@ def _load_path(
     stem = p.stem if p.is_file() else p.name
     detected = detect_preset(p) if p.is_file() else PRESETS["jsonl"]
     fmt = _schema_format(schema, preset, detected)
-    name = fmt.name if fmt.name in DATASET_PRESETS or fmt.name in SYNTHETIC_TASKS else stem
+    name = fmt.name if fmt.name in DATASET_PRESETS or fmt.name in SYNTHETIC_TASKS else _path_task_name(p)
     chosen = fmt.name != _schema_format(schema, None, detected).name
     # a single file is one split, named by its stem (read_records refused any other split asked of it)
     return Task(name, str(p.resolve()), read_split or stem, fmt, examples, schema, chosen)
+
+
+def _path_task_name(p: Path) -> str:
+    """The task name of a data file or saved dataset folder: its stem, or where that names a split
+    (``data/calls/train.jsonl``), the name of the folder holding it (``calls``)."""
+    stem = p.stem if p.is_file() else p.name
+    folder = p.resolve().parent.name
+    return folder if _SPLIT_NAME.fullmatch(stem) and folder else stem
 
 
 # ---------------------------------------------------------------- spec resolution
