@@ -349,10 +349,43 @@ def test_cut_prompts_and_loss_examples_are_counted_and_said(tmp_path):
         E.write_json = real
     assert not (tmp_path / "ev" / "eval.json").exists() and (tmp_path / "ev" / "predictions.jsonl").is_file()
     whole = evaluate(loaded, TASK, EvalConfig(batch_size=3, loss=False))
-    assert whole.task["cut"] == {"prompts": 0, "loss_to_max_length": None, "loss_to_format_limits": None}
+    assert {k: v for k, v in whole.task["cut"].items() if k != "generations"} == {
+        "prompts": 0, "loss_to_max_length": None, "loss_to_format_limits": None,
+    }  # fmt: skip
+    whole = dataclasses.replace(whole, task={**whole.task, "cut": {**whole.task["cut"], "generations": 0}})
     assert whole.cut_note() is None
     old = dataclasses.replace(whole, task={k: v for k, v in whole.task.items() if k != "cut"})
     assert old.cut_note() is None  # an eval.json from before the counts
+
+
+def test_generations_stopped_at_max_new_tokens_are_counted_and_said(tmp_path):
+    """A completion reaching max_new_tokens with no end token is scored as cut: eval counts and says it."""
+    from layercard.inference import turn_end_token_id
+
+    loaded = _loaded(_model(torch.float32))
+    stop = turn_end_token_id(loaded.tokenizer)
+    other = next(
+        i for i in range(loaded.tokenizer.vocab_size) if i != stop and i != loaded.tokenizer.eos_token_id
+    )
+
+    def forced(token: int):
+        def hook(module, args, out):  # every position predicts ``token``
+            return torch.zeros_like(out).index_fill_(-1, torch.tensor([token]), 1.0)
+
+        return loaded.model.lm_head.register_forward_hook(hook)
+
+    cfg = EvalConfig(batch_size=4, max_new_tokens=3, loss=False)
+    for token, capped in ((stop, 0), (other, len(TASK))):
+        handle = forced(token)
+        try:
+            res = evaluate(loaded, TASK, cfg)
+        finally:
+            handle.remove()
+        assert res.task["cut"]["generations"] == capped
+        said = f"note: {capped} of {len(TASK)} generations reached max_new_tokens 3 before an end token"
+        assert (said in (res.cut_note() or "")) is (capped > 0)
+        assert EvalResult.load(res.save(tmp_path / str(token))).cut_note() == res.cut_note()
+    assert "raise --max-new-tokens" in res.cut_note()
 
 
 @pytest.fixture()

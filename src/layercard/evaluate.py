@@ -39,7 +39,7 @@ from layercard.artifacts import (
     write_text,
 )
 from layercard.config import EvalConfig
-from layercard.errors import LayercardError, MissingSplit, expect, message_line
+from layercard.errors import LayercardError, MissingSplit, expect, message_line, setting_name
 from layercard.inference import eval_example_losses, eval_loss, generate, generation_prompts, prompts_finite
 from layercard.models import LoadedModel, running_on
 from layercard.tasks import (
@@ -146,9 +146,10 @@ class EvalResult:
     """One evaluation: corpus metrics, loss, timing, per-example predictions and where it came from.
 
     ``task["cut"]`` counts the examples whose tokens were cut: ``prompts``, generation prompts cut to the
-    format's ``max_input_tokens``; ``loss_to_max_length`` and ``loss_to_format_limits``, loss examples cut
-    to ``max_length`` and to the format's prompt and target limits (None without the loss). An
-    eval.json from before these counts has no ``cut``.
+    format's ``max_input_tokens``; ``generations``, completions stopped at ``max_new_tokens`` before an
+    end token; ``loss_to_max_length`` and ``loss_to_format_limits``, loss examples cut to ``max_length``
+    and to the format's prompt and target limits (None without the loss). An eval.json from before these
+    counts has no ``cut``, and one from before ``generations`` none of that.
     """
 
     metrics: dict[str, float]
@@ -194,6 +195,12 @@ class EvalResult:
                 f"note: {cut['prompts']} of {self.n} eval prompts are longer than the task format's limit of "
                 f"{fmt.get('max_input_tokens')} prompt tokens and were cut to it for generation, as training "
                 "cuts them (from the input's start first)"
+            )
+        if cut.get("generations"):
+            lines.append(
+                f"note: {cut['generations']} of {self.n} generations reached max_new_tokens "
+                f"{self.config.get('max_new_tokens')} before an end token, and are scored as cut there "
+                f"(raise {setting_name('max_new_tokens')} to let them finish)"
             )
         limits = (fmt.get("max_input_tokens"), fmt.get("max_target_tokens"))
         loss = cut_text(
@@ -518,6 +525,7 @@ def evaluate(
             max_new_tokens=run.max_new_tokens,
             progress=progress,
         )
+        cut["generations"] = int(timing.pop("capped"))
         loss: float | None = None
         sums: list[float] | None = None
         tokens: list[int] | None = None

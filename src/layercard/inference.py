@@ -226,7 +226,8 @@ def generate(
     Prompts are batched longest-first to cut padding, left-padded, and decoded up to the first stop
     token (turn-end or eos), special tokens skipped, outer whitespace stripped. Timing:
     ``gen_s`` (wall time in ``generate``), ``new_tokens`` (generated tokens up to and including the stop
-    token), ``s_per_example`` and ``tokens_per_s``.
+    token), ``s_per_example`` and ``tokens_per_s``; beside them ``capped``, the completions that reached
+    ``max_new_tokens`` with no stop token (their text ends where generation was stopped).
     """
     if batch_size < 1:
         raise LayercardError(f"batch_size: must be >= 1, got {batch_size}")
@@ -243,6 +244,7 @@ def generate(
     groups = [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
     texts: list[str] = [""] * len(prompts)
     new_tokens = 0
+    capped = 0
     gen_s = 0.0
     device = device_of(model)
     with eval_mode(model), _own_generation_defaults(model):
@@ -258,6 +260,7 @@ def generate(
                 cut = next((k for k, t in enumerate(ids) if t in stop_set), None)
                 # finished rows are padded with pad_id after their stop token: count only real tokens
                 new_tokens += len(ids) if cut is None else cut + 1
+                capped += cut is None
                 kept = ids if cut is None else ids[:cut]
                 # the text as generated: transformers 4 tidied spaces before punctuation by default, 5 not
                 text = tokenizer.decode(kept, skip_special_tokens=True, clean_up_tokenization_spaces=False)
@@ -267,6 +270,7 @@ def generate(
         "new_tokens": new_tokens,
         "s_per_example": gen_s / len(prompts),
         "tokens_per_s": new_tokens / gen_s if gen_s > 0 else 0.0,  # JSON has no NaN
+        "capped": capped,
     }
     return texts, timing
 
