@@ -310,8 +310,10 @@ def test_data_of_tool_calls_is_scored_by_its_calls_unless_metrics_are_given():
     call, answer = _example(_ends_in_a_call()), _example(_record())
     assert default_metrics("chat", text, [call, call]) == ("tool_call_match", *text)
     assert default_metrics("jsonl", ("exact_match",), [call]) == ("tool_call_match", "exact_match")
-    # a set that also ends in answers, a preset's data, or no examples: the format's metrics as they are
-    assert default_metrics("chat", text, [call, answer]) == text
+    # a set that also ends in answers: the text metrics lead and tool_call_match follows them
+    assert default_metrics("chat", text, [call, answer]) == (*text, "tool_call_match")
+    # no call at all, a preset's data, or no examples: the format's metrics as they are
+    assert default_metrics("chat", text, [answer, answer]) == text
     assert default_metrics("gsm8k", ("gsm8k_accuracy",), [call]) == ("gsm8k_accuracy",)
     assert default_metrics("chat", text, []) == text
     assert default_metrics("chat", ("tool_call_match", "exact_match"), [call]) == (
@@ -333,7 +335,7 @@ def test_evaluate_leads_with_tool_call_match_where_every_reference_as_scored_hol
     tok.chat_template = CALLS_TEMPLATE
     assert list(evaluate(loaded, task, cfg).metrics) == list(PRESETS["chat"].metrics)
     with pytest.raises(
-        LayercardError, match="tool_call_match: example '0': its reference holds no tool call"
+        LayercardError, match="tool_call_match: no reference of the 1 examples holds a tool call"
     ):
         evaluate(loaded, task, dataclasses.replace(cfg, metrics=("tool_call_match",)))
 

@@ -388,6 +388,26 @@ def test_generations_stopped_at_max_new_tokens_are_counted_and_said(tmp_path):
     assert "raise --max-new-tokens" in res.cut_note()
 
 
+def test_a_mixed_function_calling_set_says_what_tool_call_match_is_made_of(tmp_path):
+    res = evaluate(
+        _loaded(_model(torch.float32)), TASK, EvalConfig(batch_size=6, max_new_tokens=2, loss=False)
+    )
+    call = '{"name": "f", "arguments": {"x": 1}}'
+    rows = [
+        {"id": "a", "input": "q", "prediction": call, "references": [call], "scores": {}},
+        {"id": "b", "input": "q", "prediction": "no", "references": [call], "scores": {}},
+        {"id": "c", "input": "q", "prediction": "yes", "references": ["yes"], "scores": {}},
+    ]
+    mixed = dataclasses.replace(res, metrics={"tool_call_match": 2 / 3}, predictions=rows, n=3)
+    assert mixed.tool_call_note() == (
+        "note: tool_call_match mixes two counts here: of 2 conversations due a call, 1 made the right one "
+        "(0 another, 1 none); of 1 due an answer, 1 made no call (0 called)"
+    )
+    assert dataclasses.replace(mixed, metrics={"exact_match": 0.0}).tool_call_note() is None
+    assert dataclasses.replace(mixed, predictions=rows[:2], n=2).tool_call_note() is None  # calls alone
+    assert res.tool_call_note() is None
+
+
 @pytest.fixture()
 def lora_dir(tmp_path):
     from peft import LoraConfig, get_peft_model

@@ -402,9 +402,33 @@ def test_tool_call_match_refuses_gold_without_a_call_before_generating():
     from layercard.tasks import Example, check_gold, compute_metrics
 
     good = Example("g", "q", '{"name": "f", "arguments": {"x": 1}}')
+    answer = Example("b", "q", "just text")
     with pytest.raises(
-        LayercardError, match=r"^tool_call_match: example 'b': its reference holds no tool call"
+        LayercardError, match=r"^tool_call_match: no reference of the 2 examples holds a tool call.*'b'"
     ):
-        check_gold(["tool_call_match"], [good, Example("b", "q", "just text")])
+        check_gold(["tool_call_match"], [answer, answer])
     scores = compute_metrics(["tool_call_match"], ['{"name":"f","arguments":{"x":1}}', "no"], [good, good])
     assert scores == {"tool_call_match": 0.5}
+    # a mixed set: where the reference makes no call, the prediction is right when it makes none either
+    check_gold(["tool_call_match"], [good, answer])
+    call, text = '{"name":"f","arguments":{"x":1}}', "other words"
+    for preds, want in (([call, text], 1.0), ([call, call], 0.5), ([text, text], 0.5), ([text, call], 0.0)):
+        assert compute_metrics(["tool_call_match"], preds, [good, answer]) == {"tool_call_match": want}
+
+
+def test_tool_call_split_counts_calls_and_answers_of_a_mixed_set():
+    from layercard.tasks import tool_call_split
+
+    call = '{"name": "f", "arguments": {"x": 1}}'
+    other = '{"name": "f", "arguments": {"x": 2}}'
+    refs = [[call], [call], [call], ["positive"], ["negative"]]
+    preds = [call, other, "no call", "positive", other]
+    assert tool_call_split(preds, refs) == {
+        "calls_right": 1, "calls_other": 1, "calls_missing": 1, "answers_right": 1, "answers_called": 1,
+    }  # fmt: skip
+    # the counts are tool_call_match's: right calls and answers without a call, over every example
+    assert compute_metrics(
+        ["tool_call_match"], preds, [Example(str(i), "q", r[0]) for i, r in enumerate(refs)]
+    ) == {"tool_call_match": 2 / 5}
+    assert tool_call_split(preds[:3], refs[:3]) is None  # every reference a call: not mixed
+    assert tool_call_split(preds[3:], refs[3:]) is None  # none

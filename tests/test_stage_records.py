@@ -91,3 +91,11 @@ def test_an_evaluation_whose_stage_did_not_finish_is_not_reported(tiny_run, tmp_
     assert rows["card-2"]["eval_loss"] is None and rows["card-2"]["measured_gain"] is None
     assert "eval:card-2" in results["left_out"] or "eval:card-2" in results["failed"]
     assert rows["all"]["eval_loss"] == before["all"]["eval_loss"]  # the other rows stay
+
+
+def test_a_stage_summary_keeps_every_note():
+    from layercard.pipeline.stages import StageResult
+
+    rows = [("loss", "0.5"), ("note", "one"), ("note", "two")]
+    said = StageResult("eval:x", "ran", 1.0, "/tmp", "fp", rows).to_dict()["summary"]
+    assert said == {"loss": "0.5", "note": "one\ntwo"}

@@ -60,6 +60,7 @@ from layercard.tasks import (
     strict_match,
     token_f1,
     tool_call_match,
+    tool_call_split,
 )
 from layercard.train.metrics import check_task_record
 
@@ -199,7 +200,7 @@ class EvalResult:
         if cut.get("generations"):
             lines.append(
                 f"note: {cut['generations']} of {self.n} generations reached max_new_tokens "
-                f"{self.config.get('max_new_tokens')} before an end token, and are scored as cut there "
+                f"{self.config.get('max_new_tokens')} before an end token and were scored as cut there "
                 f"(raise {setting_name('max_new_tokens')} to let them finish)"
             )
         limits = (fmt.get("max_input_tokens"), fmt.get("max_target_tokens"))
@@ -214,6 +215,26 @@ class EvalResult:
         if loss:
             lines.append(loss)
         return "\n".join(lines) or None
+
+    def tool_call_note(self) -> str | None:
+        """A line saying what ``tool_call_match`` is made of where the references mix calls and answers
+        (:func:`~layercard.tasks.tool_call_split`), or None: there a conversation due an answer counts
+        right whenever no call is made, and the mean alone does not say how the calls fared."""
+        if "tool_call_match" not in self.metrics or not self.predictions:
+            return None
+        split = tool_call_split(
+            [r["prediction"] for r in self.predictions], [r["references"] for r in self.predictions]
+        )
+        if split is None:
+            return None
+        due = split["calls_right"] + split["calls_other"] + split["calls_missing"]
+        answers = split["answers_right"] + split["answers_called"]
+        return (
+            f"note: tool_call_match mixes two counts here: of {due} conversations due a call, "
+            f"{split['calls_right']} made the right one ({split['calls_other']} another, "
+            f"{split['calls_missing']} none); of {answers} due an answer, {split['answers_right']} made no "
+            f"call ({split['answers_called']} called)"
+        )
 
     def to_dict(self, *, include_predictions: bool = True) -> dict[str, Any]:
         """Every field, as eval.json holds it without ``include_predictions`` (predictions.jsonl)."""

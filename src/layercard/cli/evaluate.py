@@ -89,9 +89,9 @@ def eval_cmd(
         path = result.save(out)
     note_replaced(path, "evaluation", earlier)
     note_examples("--examples", cfg.examples, result.n)
-    cut = result.cut_note()
-    if cut:
-        console.print(cut, markup=False)
+    for said in (result.cut_note(), result.tool_call_note()):
+        if said:
+            console.print(said, markup=False)
     if json_out:
         d = result.to_dict(include_predictions=False)
         emit_json({**d, "eval": str(path), "predictions": str(out / d["predictions_file"])})

@@ -82,8 +82,17 @@ class StageResult:
             "seconds": round(self.seconds, 3),
             "folder": self.folder,
             "fingerprint": self.fingerprint,
-            "summary": dict(self.rows),
+            "summary": _joined(self.rows),
         }
+
+
+def _joined(rows: Sequence[tuple[str, str]]) -> dict[str, str]:
+    """A stage's rows as a mapping; the values of a label said twice (two notes) are joined a line apart,
+    where a plain dict would keep the last alone."""
+    out: dict[str, str] = {}
+    for label, value in rows:
+        out[label] = f"{out[label]}\n{value}" if label in out else value
+    return out
 
 
 StageCallback = Callable[[str, str, "StageResult | None"], None]
@@ -855,7 +864,11 @@ class Runner:
                 ("s/example", _fmt(r.timing.get("s_per_example"), ".3f")),
                 *_examples_note("eval.examples", self.cfg.eval.examples, len(self.eval_task)),
                 *_shared_note(self.eval_shared, len(self.eval_task)),
-                *[("note", line.removeprefix("note: ")) for line in (r.cut_note() or "").splitlines()],
+                *[
+                    ("note", line.removeprefix("note: "))
+                    for said in (r.cut_note(), r.tool_call_note())
+                    for line in (said or "").splitlines()
+                ],
             ]
 
         inputs = {

@@ -70,6 +70,7 @@ from layercard.tasks.metrics import (
     strict_match,
     token_f1,
     tool_call_match,
+    tool_call_split,
 )
 from layercard.tasks.presets import DATASET_PRESETS, PRESETS, TaskFormat, detect_preset, get_preset
 from layercard.tasks.prompt import apply_prompt, prompt_changes, read_setting
@@ -150,6 +151,7 @@ __all__ = [
     "target_mask",
     "token_f1",
     "tool_call_match",
+    "tool_call_split",
     "turn_end_token",
     "turn_end_token_id",
 ]

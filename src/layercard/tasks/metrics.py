@@ -43,6 +43,7 @@ __all__ = [
     "strict_match",
     "token_f1",
     "tool_call_match",
+    "tool_call_split",
     "tool_calls_in",
 ]
 
@@ -343,9 +344,34 @@ def tool_call_match(prediction: str, references: Sequence[str]) -> float:
     """1.0 where the prediction's tool calls (:func:`tool_calls_in`) are those of a reference: the same
     functions with the same arguments, in the same order, whatever the JSON's key order and spacing, the
     text around it or how a whole number is written (2, 2.0, 2e0); else 0.0. A string argument is
-    compared as written: "2" is not the number 2."""
+    compared as written: "2" is not the number 2. Against a reference that makes no call, a prediction
+    is right when it makes none either (whatever its text, which the text metrics score)."""
     calls = tool_calls_in(prediction)
-    return float(calls is not None and any(calls == tool_calls_in(r) for r in references))
+    return float(any(calls == tool_calls_in(r) for r in references))
+
+
+def tool_call_split(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> dict[str, int] | None:
+    """What :func:`tool_call_match` is made of on a set whose references mix calls and answers, or None
+    where they do not mix: of the examples due a call (some reference makes one), ``calls_right``,
+    ``calls_other`` (another call) and ``calls_missing`` (no call); of those due an answer,
+    ``answers_right`` (no call made) and ``answers_called``."""
+    _check_parallel(predictions, references, "tool_call_split")
+    out = dict.fromkeys(("calls_right", "calls_other", "calls_missing", "answers_right", "answers_called"), 0)
+    for pred, refs in zip(predictions, references, strict=True):
+        made = tool_calls_in(pred)
+        if any(tool_calls_in(r) for r in refs):
+            key = (
+                "calls_missing"
+                if made is None
+                else "calls_right"
+                if tool_call_match(pred, refs)
+                else "calls_other"
+            )
+        else:
+            key = "answers_right" if made is None else "answers_called"
+        out[key] += 1
+    due = out["calls_right"] + out["calls_other"] + out["calls_missing"]
+    return out if 0 < due < len(predictions) else None
 
 
 # The formats of data no preset names, whose metrics compare text: data of tool calls is scored by its calls.
@@ -353,22 +379,27 @@ _GENERIC_FORMATS = ("chat", "jsonl")
 
 
 def default_metrics(format_name: str, metrics: Sequence[str], examples: Sequence[Example]) -> tuple[str, ...]:
-    """The metrics an evaluation scores when none are asked for: the format's ``metrics``, led by
-    ``tool_call_match`` where the data is one no preset names (chat or input/target records) and every
-    reference of every example holds a tool call (a function-calling set)."""
-    calls = format_name in _GENERIC_FORMATS and bool(examples)
-    calls = calls and all(ex.references and all(tool_calls_in(r) for r in ex.references) for ex in examples)
-    lead = ("tool_call_match",) if calls and "tool_call_match" not in metrics else ()
-    return (*lead, *metrics)
+    """The metrics an evaluation scores when none are asked for: the format's ``metrics``, for data no
+    preset names (chat or input/target records) led by ``tool_call_match`` where every reference of
+    every example holds a tool call (a function-calling set), and followed by it where some do (a set
+    that ends now in a call, now in an answer: the text metrics lead, as most of it is text)."""
+    if format_name not in _GENERIC_FORMATS or not examples or "tool_call_match" in metrics:
+        return tuple(metrics)
+    holds = [bool(ex.references) and all(tool_calls_in(r) for r in ex.references) for ex in examples]
+    if all(holds):
+        return ("tool_call_match", *metrics)
+    some = any(tool_calls_in(r) for ex in examples for r in ex.references)
+    return (*metrics, "tool_call_match") if some else tuple(metrics)
 
 
 def _tool_call_gold(examples: Sequence[Example]) -> None:
-    for ex in examples:
-        if not any(tool_calls_in(r) for r in ex.references):
-            raise LayercardError(
-                f"tool_call_match: example {ex.id!r}: its reference holds no tool call (a JSON object with "
-                f"a name and arguments), got {ex.target!r:.80}"
-            )
+    """A set where no reference holds a call would score only that none is made: refused."""
+    if examples and not any(tool_calls_in(r) for ex in examples for r in ex.references):
+        ex = examples[0]
+        raise LayercardError(
+            f"tool_call_match: no reference of the {len(examples)} examples holds a tool call (a JSON "
+            f"object with a name and arguments); example {ex.id!r}'s is {ex.target!r:.80}"
+        )
 
 
 def _check_parallel(a: Sequence[object], b: Sequence[object], name: str) -> None:
@@ -468,7 +499,8 @@ METRICS: dict[str, Metric] = {
             "tool_call_match",
             _mean_per_example(tool_call_match),
             1.0,
-            "the same tool calls (names and arguments) as a ref, whatever their JSON's key order or spacing",
+            "the same tool calls (names and arguments) as a ref, whatever their JSON's key order or spacing; "
+            "none where it makes none",
             check_gold=_tool_call_gold,
         ),
     )
