@@ -482,7 +482,7 @@ def test_a_run_says_when_a_stage_used_fewer_examples_than_asked(world: World, tm
 
     def on_stage(event: str, name: str, result) -> None:
         for key, value in result.rows if result is not None else ():
-            if key == "note" and " were cut to " in value:  # the evaluation's cut counts
+            if key == "note" and (" were cut to " in value or " as cut there " in value):  # cut counts
                 cut.setdefault(name, []).append(value)
             elif key == "note":
                 notes[name] = value
@@ -494,6 +494,7 @@ def test_a_run_says_when_a_stage_used_fewer_examples_than_asked(world: World, tm
     assert notes["eval:all"].startswith("eval.examples=100000: the task has ")
     said = cut["eval:all"]  # the world's examples outgrow its tiny format: every one is cut, and said
     assert said[0].startswith("400 of 400 eval prompts are longer than the task format's limit of 96")
+    assert " of 400 generations reached max_new_tokens 2 before an end token" in said[1]  # the tiny model's
     assert said[-1].startswith("400 of 400 eval loss examples exceed the task format's limits")
     assert "train:all" not in notes  # train_examples is unset: all examples, as asked
 
