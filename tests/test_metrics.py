@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from layercard.errors import LayercardError
@@ -379,6 +381,12 @@ def test_tool_call_match_compares_calls_not_their_json_text():
     assert tool_call_match('{"name": "add", "arguments": {"a": 2, "b": 4}}', [ref]) == 0.0
     assert tool_call_match('{"name": "sub", "arguments": {"a": 2, "b": 3}}', [ref]) == 0.0
     assert tool_call_match(ref + "\n" + ref, [ref]) == 0.0
+    # the calls of one turn are made together: another order is the same calls, a call twice is not two
+    paris, london = (json.dumps({"name": "w", "arguments": {"city": c}}) for c in ("Paris", "London"))
+    assert tool_call_match(london + "\n" + paris, [paris + "\n" + london]) == 1.0
+    assert tool_call_match(f"[{london}, {paris}]", [paris + "\n" + london]) == 1.0
+    assert tool_call_match(paris + "\n" + paris, [paris + "\n" + london]) == 0.0
+    assert tool_call_match(paris, [paris + "\n" + london]) == 0.0
     assert tool_call_match("it is 5", [ref]) == 0.0
     assert tool_call_match('{"name": "add"}', [ref]) == 0.0  # no arguments: not a call
     # a whole number however written is that number; a string, a bool or another number is not

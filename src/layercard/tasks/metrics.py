@@ -342,12 +342,19 @@ def _whole_numbers(value: object) -> object:
 
 def tool_call_match(prediction: str, references: Sequence[str]) -> float:
     """1.0 where the prediction's tool calls (:func:`tool_calls_in`) are those of a reference: the same
-    functions with the same arguments, in the same order, whatever the JSON's key order and spacing, the
-    text around it or how a whole number is written (2, 2.0, 2e0); else 0.0. A string argument is
-    compared as written: "2" is not the number 2. Against a reference that makes no call, a prediction
-    is right when it makes none either (whatever its text, which the text metrics score)."""
-    calls = tool_calls_in(prediction)
-    return float(any(calls == tool_calls_in(r) for r in references))
+    functions with the same arguments, each as often, in any order (the calls of one turn are made
+    together, so their order carries nothing), whatever the JSON's key order and spacing, the text
+    around it or how a whole number is written (2, 2.0, 2e0); else 0.0. A string argument is compared
+    as written: "2" is not the number 2. Against a reference that makes no call, a prediction is right
+    when it makes none either (whatever its text, which the text metrics score)."""
+    calls = _call_set(prediction)
+    return float(any(calls == _call_set(r) for r in references))
+
+
+def _call_set(text: str) -> list[tuple[str, str]] | None:
+    """The calls of ``text`` sorted: two turns making the same calls in another order compare equal."""
+    calls = tool_calls_in(text)
+    return None if calls is None else sorted(calls)
 
 
 def tool_call_split(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> dict[str, int] | None:
