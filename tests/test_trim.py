@@ -325,6 +325,15 @@ def test_sweep_picks_best_with_ties_to_fewer_layers():
         T.choose_boundary(rows, "rouge_l")
 
 
+def test_capped_text_names_the_boundaries_whose_generations_were_stopped():
+    rows = [{"k": 1, "capped": 0}, {"k": 2, "capped": 3}, {"k": 3, "capped": 1}, {"k": 4}]
+    assert T.capped_text(rows, 8, 64) == (
+        "at K = 2, 3, up to 3 of 8 generations reached max_new_tokens 64 before an end token and were scored "
+        "as cut there (raise --max-new-tokens to let them finish)"
+    )
+    assert T.capped_text(rows[:1] + rows[3:], 8, 64) is None
+
+
 def test_candidate_ks_window_and_canonical_boundaries():
     # adapters on 1, 4, 5, 9 of 12 layers; candidates 4 and 9 with radius 1
     ks = T.candidate_ks(12, [1, 4, 5, 9], candidates=[4, 9], radius=1)
@@ -573,6 +582,10 @@ def test_cli_trace_and_trim(tiny_folder, lora_dir, tmp_path, monkeypatch):
     assert res["ks"] == [1, 2, 3]
     flat = T.metric_is_flat(res["sweep"], res["metric"], tolerance=res["tie_tolerance"])
     assert res["metric_flat"] is flat
+    # the sweep counts the generations stopped at --max-new-tokens 2, and says so where there are any
+    assert res["max_new_tokens"] == 2 and all(0 <= r["capped"] <= 3 for r in res["sweep"])
+    capped = any(r["capped"] for r in res["sweep"])
+    assert ("generations reached max_new_tokens 2" in " ".join(r.output.split())) is capped
     assert res["chosen_by"] == ("loss" if flat else "exact_match")
     if flat:  # the loss chose: no boundary swept has a lower one
         assert res["after"]["loss"] == min(r["loss"] for r in res["sweep"])

@@ -150,7 +150,7 @@ def trim_cmd(
     task_kw: dict | None = None,
 ) -> None:
     """Sweep the boundary layer K, pick the best, export adapter-trimmed/ (and optionally a merged model)."""
-    from layercard.trim import TRIM_FILE, trim
+    from layercard.trim import TRIM_FILE, capped_text, trim
     from layercard.trim.run import TRIM_PNG, check_out_of_adapter
 
     assert cfg is not None  # built by config_options
@@ -183,6 +183,9 @@ def trim_cmd(
             f"the trimmed adapter did not measure what the sweep measured at K = {res['chosen_k']} (other "
             "texts or loss); the 'after' figures are the trimmed adapter's own"
         )
+    capped = capped_text(res["sweep"], int(res["task"]["n_examples"]), res.get("max_new_tokens"))
+    if capped:
+        note(capped)
     if t.split == "test":
         note(
             f"--task {task}: the boundary was chosen on the test split; an evaluation of the trimmed "

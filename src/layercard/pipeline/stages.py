@@ -797,7 +797,7 @@ class Runner:
 
         def summarize() -> list[tuple[str, str]]:
             from layercard.report.results import read_trim
-            from layercard.trim import latency_text
+            from layercard.trim import capped_text, latency_text
 
             t = read_trim(out.trim_json)
             b, a = t["before"], t["after"]
@@ -809,10 +809,11 @@ class Runner:
             by_loss = ""
             if t.get("chosen_by") == "loss":  # the metric tied at every K
                 by_loss = f", by the held-out loss: every K scored the same {metric}"
-            return [
+            cands = ", ".join(f"{k}={v}" for k, v in (t.get("candidates") or {}).items())
+            rows = [
                 ("placement", target),
                 ("selected on", self.trim_note),
-                ("candidates", ", ".join(f"{k}={v}" for k, v in (t.get("candidates") or {}).items()) or "—"),
+                ("candidates", cands or "—"),
                 ("boundaries swept", str(t["ks"])),
                 ("chosen K", f"{t['chosen_k']} (adapters kept in layers ≤ K){by_loss}"),
                 (f"{metric} before → after", f"{_fmt(val(b))} → {_fmt(val(a))}"),
@@ -820,11 +821,12 @@ class Runner:
                 ("adapted layers before → after", f"{b['n_adapted_layers']} → {a['n_adapted_layers']}"),
                 ("adapted modules before → after", f"{b['adapted_modules']} → {a['adapted_modules']}"),
                 ("latency before → after", latency_text(b, a)),
-            ] + (
-                [("warning", "the trimmed adapter did not measure what the sweep measured at the chosen K")]
-                if t.get("after_matches_sweep") is False
-                else []
-            )
+            ]
+            if t.get("after_matches_sweep") is False:
+                said = "the trimmed adapter did not measure what the sweep measured at the chosen K"
+                rows.append(("warning", said))
+            capped = capped_text(t["sweep"], int(t["task"]["n_examples"]), t.get("max_new_tokens"))
+            return rows + ([("note", capped)] if capped else [])
 
         # rule 2: a metric that ties at every K leaves K to the loss; a trim made under rule 1 is made again
         config = {**spec.to_dict(), "placement": target, "seed": self.cfg.seed, "boundary_rule": 2}

@@ -101,6 +101,7 @@ def check_trim(d: Mapping[str, Any], source: str) -> None:
     for name, k in (f.optional(d.get("candidates"), "candidates", f.mapping) or {}).items():
         layer(k, f"candidates.{name}")
     f.optional(d.get("trace"), "trace", f.text)
+    f.optional(d.get("max_new_tokens"), "max_new_tokens", lambda v, w: f.integer(v, w, minimum=1))
     chosen_by = f.optional(d.get("chosen_by"), "chosen_by", f.text)  # absent before it was recorded
     if chosen_by is not None and chosen_by not in (d["metric"], "loss"):
         f.fail("chosen_by", f"must be the metric {d['metric']!r} or 'loss'", chosen_by)

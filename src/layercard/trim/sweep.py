@@ -32,6 +32,7 @@ __all__ = [
     "Scorer",
     "boundary_choice",
     "candidate_ks",
+    "capped_text",
     "choose_boundary",
     "flat_metric_text",
     "metric_is_flat",
@@ -174,6 +175,20 @@ def flat_metric_text(metric: str, chosen_by: str | None = None) -> str:
     )
 
 
+def capped_text(rows: Sequence[dict[str, Any]], n: int, max_new_tokens: int | None) -> str | None:
+    """What the sweep rows' ``capped`` counts (generations that reached ``max_new_tokens`` before an end
+    token, out of ``n`` examples) mean for their scores; None where no generation was stopped so."""
+    hit = [(int(r["k"]), int(r["capped"])) for r in rows if r.get("capped")]
+    if not hit:
+        return None
+    most = max(c for _, c in hit)
+    return (
+        f"at K = {', '.join(str(k) for k, _ in hit)}, up to {most} of {n} generations reached max_new_tokens "
+        f"{max_new_tokens} before an end token and were scored as cut there (raise "
+        f"{setting_name('max_new_tokens')} to let them finish)"
+    )
+
+
 def _checked_loss(value: float, k: int) -> float:
     """``value``, the loss of boundary ``k``; a NaN or infinite loss stops the trim stage."""
     if not math.isfinite(value):
@@ -227,6 +242,7 @@ def task_scorer(
             "tokens_per_s": timing["tokens_per_s"],
             # latency rows compare only at equal lengths: a model that stops sooner is faster per example
             "new_tokens_per_example": timing["new_tokens"] / len(examples),
+            "capped": timing["capped"],  # generations stopped at max_new_tokens, scored as cut there
             "predictions": texts,
         }
 
