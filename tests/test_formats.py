@@ -125,8 +125,55 @@ def test_not_utf8_and_missing_files_are_one_line_errors(tmp_path):
         load_task(str(tmp_path / "absent.parquet"))
     folder = tmp_path / "plain_folder"
     folder.mkdir()
-    with pytest.raises(LayercardError, match="a folder, but not a saved dataset"):
+    (folder / "notes.txt").write_text("not data")
+    with pytest.raises(LayercardError, match="a folder with no data file .*and not a saved dataset"):
         load_task(str(folder))
+
+
+def test_a_folder_of_data_files_holds_one_split_a_file(tmp_path):
+    """calls/train.jsonl and calls/validation.csv: the task calls, its splits named by the files."""
+    from layercard.tasks.data import dataset_spec, validation_task
+
+    calls = tmp_path / "calls"
+    write_jsonl(calls / "train.jsonl", [{"input": "a", "target": "b"}, {"input": "c", "target": "d"}])
+    (calls / "validation.csv").write_text("input,target\ne,f\n")
+    (calls / "README.md").write_text("# not data")
+    (calls / ".hidden.jsonl").write_text("not json")
+    t = load_task(str(calls))
+    assert (t.name, t.split, len(t), t.source) == (
+        "calls",
+        "train",
+        2,
+        str((calls / "train.jsonl").resolve()),
+    )
+    v = load_task(str(calls), split="validation")
+    assert (v.name, v.split, [e.input for e in v.examples]) == ("calls", "validation", ["e"])
+    with pytest.raises(MissingSplit, match=re.escape("no split 'test'; its splits: train, validation")):
+        load_task(str(calls), split="test")
+    # like a DatasetDict: splits to hold out, the validation split first
+    assert (
+        not is_file_spec(str(calls))
+        and not names_split(str(calls))
+        and dataset_spec(str(calls)) == str(calls)
+    )
+    held = held_out(str(calls), exclude="train")
+    assert held is not None and held.split == "validation"
+    assert validation_task(None, None, str(calls), "train").split == "validation"
+    # no train split and more than one other: one must be chosen
+    two = tmp_path / "two"
+    for name in ("a", "b"):
+        write_jsonl(two / f"{name}.jsonl", [{"input": "x", "target": "y"}])
+    with pytest.raises(LayercardError, match=re.escape("splits a, b; choose one (split=NAME)")):
+        load_task(str(two))
+    assert load_task(str(two), split="b").split == "b"
+    # a split in shards, or twice, is refused
+    (two / "b.csv").write_text("input,target\nx,y\n")
+    with pytest.raises(LayercardError, match=re.escape("two files of split 'b' (b.csv, b.jsonl); keep one")):
+        load_task(str(two), split="a")
+    shards = tmp_path / "shards"
+    write_jsonl(shards / "train-00000-of-00002.jsonl", [{"input": "x", "target": "y"}])
+    with pytest.raises(LayercardError, match="one shard of a split"):
+        load_task(str(shards))
 
 
 def test_saved_dataset_folders_and_their_splits(tmp_path):
@@ -142,7 +189,7 @@ def test_saved_dataset_folders_and_their_splits(tmp_path):
     assert len(load_task(str(both))) == 2 and load_task(str(both)).split == "train"
     val = load_task(str(both), split="validation")
     assert (len(val), val.split, val.source.endswith("both")) == (1, "validation", True)
-    with pytest.raises(LayercardError, match=re.escape("no split 'test'; saved splits: train, validation")):
+    with pytest.raises(LayercardError, match=re.escape("no split 'test'; its splits: train, validation")):
         load_task(str(both), split="test")
     # a DatasetDict has splits to hold out, like a preset; a single file or Dataset has none
     assert not is_file_spec(str(both)) and not names_split(str(both))
@@ -153,16 +200,18 @@ def test_saved_dataset_folders_and_their_splits(tmp_path):
     datasets.DatasetDict(
         {"a": datasets.Dataset.from_list(QA), "b": datasets.Dataset.from_list(QA)}
     ).save_to_disk(str(bad))
-    with pytest.raises(LayercardError, match=re.escape("saved splits a, b; choose one (split=NAME)")):
+    with pytest.raises(LayercardError, match=re.escape("splits a, b; choose one (split=NAME)")):
         load_task(str(bad))
 
 
 def test_a_folder_named_like_a_builtin_task_leaves_the_task_builtin(tmp_path, monkeypatch):
     from layercard.pipeline.config import load_config
 
-    # a demo's output holds facts/ and format/: run from there, the names are still the synthetic tasks
+    # a demo's output holds facts/ and format/: run from there, the names are still the synthetic tasks,
+    # though the folders hold JSON files
     for name in ("facts", "format"):
         (tmp_path / name).mkdir()
+        (tmp_path / name / "summary.json").write_text("{}")
     monkeypatch.chdir(tmp_path)
     assert not is_file_spec("facts") and not is_file_spec("format:train")
     held = held_out("facts", exclude="train")

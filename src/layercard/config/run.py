@@ -100,11 +100,12 @@ class TaskSpec(Schema):
 
     train: str = setting(
         kind="str",
-        help="data file (JSONL, JSON, CSV, TSV, Parquet) or saved dataset folder, PRESET:SPLIT "
+        help="data file (JSONL, JSON, CSV, TSV, Parquet), folder of one such file a split, or saved "
+        "dataset folder, PRESET:SPLIT "
         "(gsm8k:train), synthetic:facts|format, hf:NAME[:CONFIG] (from the local Hugging Face cache)",
     )
     train_split: str | None = setting(
-        None, kind="str", help="split of a preset/synthetic task or saved dataset; null: train"
+        None, kind="str", help="split of a preset/synthetic task or dataset folder; null: train"
     )
     eval: str | None = setting(None, kind="str", help="null: the training task ...")
     eval_split: str | None = setting(

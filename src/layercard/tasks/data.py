@@ -2,8 +2,10 @@
 
 A task spec is one of
 
-- a data file: JSONL, JSON, CSV/TSV or Parquet (``layercard.tasks.formats``), or a folder written by
-  ``datasets``' ``save_to_disk`` (a DatasetDict's split chosen by ``split=``). A single file (or saved
+- a data file: JSONL, JSON, CSV/TSV or Parquet (``layercard.tasks.formats``), a folder of such files,
+  one a split named by its stem (``calls/train.jsonl``, ``calls/test.jsonl``), or a folder written by
+  ``datasets``' ``save_to_disk`` (a folder's or DatasetDict's split chosen by ``split=``, else
+  ``train``). A single file (or saved
   Dataset) is one split, named by its stem: any other ``split=`` is refused. Records follow one of the schemas
   of ``layercard.tasks.schemas`` (``input``/``target``, Alpaca, chat ``messages``, plain ``text``),
   detected from the first record; ``field_map`` names other columns. The prompt format comes from
@@ -41,10 +43,13 @@ from layercard.tasks.formats import (
     DATA_SUFFIXES,
     TableRows,
     check_own_split,
+    chosen_split,
     dataset_rows,
     dataset_splits,
+    is_dataset_folder,
     is_saved_dataset,
     read_records,
+    split_files,
 )
 from layercard.tasks.lazy import first_record_schema, table_examples
 from layercard.tasks.lines import is_line_file, line_examples
@@ -136,7 +141,13 @@ def _file_examples(
 ) -> tuple[str, Sequence[Example], str | None]:
     """(schema, examples, the split a saved DatasetDict's was read from) of a data file or saved dataset:
     a large JSONL file indexed (:func:`~layercard.tasks.lines.line_examples`), a large table's rows read
-    when used (:func:`~layercard.tasks.lazy.table_examples`), any other read whole."""
+    when used (:func:`~layercard.tasks.lazy.table_examples`), any other read whole. A folder of data
+    files reads the file of its split."""
+    files = split_files(p)
+    if files is not None:
+        chosen = chosen_split(p, list(files), split)
+        schema, examples, _ = _file_examples(files[chosen], field_map=field_map)
+        return schema, examples, chosen
     stem = p.stem if p.is_file() else p.name
     if is_line_file(p):
         check_own_split(p, split, (p.stem,))
@@ -185,12 +196,14 @@ def _load_path(
     """A task from a data file or a saved dataset folder."""
     schema, examples, read_split = _file_examples(p, field_map=field_map, split=split)
     stem = p.stem if p.is_file() else p.name
-    detected = detect_preset(p) if p.is_file() else PRESETS["jsonl"]
+    files = split_files(p)
+    read = files[read_split] if files is not None and read_split is not None else p  # the file read
+    detected = detect_preset(read) if read.is_file() else PRESETS["jsonl"]
     fmt = _schema_format(schema, preset, detected)
     name = fmt.name if fmt.name in DATASET_PRESETS or fmt.name in SYNTHETIC_TASKS else _path_task_name(p)
     chosen = fmt.name != _schema_format(schema, None, detected).name
     # a single file is one split, named by its stem (read_records refused any other split asked of it)
-    return Task(name, str(p.resolve()), read_split or stem, fmt, examples, schema, chosen)
+    return Task(name, str(read.resolve()), read_split or stem, fmt, examples, schema, chosen)
 
 
 def _path_task_name(p: Path) -> str:
@@ -431,25 +444,32 @@ def _unknown_split(e: Exception) -> bool:
 def is_file_spec(spec: str) -> bool:
     """A task read from one file (or one saved Dataset folder): it has no other split to hold out.
 
-    A saved ``DatasetDict`` folder is not: its validation or test split is held out like a preset's.
+    A saved ``DatasetDict`` folder, or a folder of data files, is not: its validation or test split is held
+    out like a preset's.
     """
     if not is_path_spec(spec):  # the test load_task reads a spec by, so the two never disagree
         return False
     p = Path(spec)
-    return dataset_splits(p) is None if is_saved_dataset(p) else True
+    return dataset_splits(p) is None if is_dataset_folder(p) else True
 
 
 def names_split(spec: str) -> bool:
     """Whether ``spec`` carries its own split (``NAME:SPLIT``, ``synthetic:NAME:SPLIT``; never ``hf:``)."""
-    if spec.startswith("hf:") or is_file_spec(spec) or is_saved_dataset(spec):
+    if spec.startswith("hf:") or is_file_spec(spec) or _splits_folder(spec):
         return False
     return len(spec.split(":")) > (2 if spec.startswith("synthetic:") else 1)
+
+
+def _splits_folder(spec: str) -> bool:
+    """Whether ``spec`` is a path to a folder of splits (a saved dataset, or a folder of data files); a
+    folder that shares a built-in task's name is not a path (:func:`is_path_spec`)."""
+    return is_path_spec(spec) and is_dataset_folder(spec)
 
 
 def dataset_spec(spec: str) -> str:
     """The dataset a task spec names, without its split (``sst2:train`` → ``sst2``); a file, a saved
     dataset folder or an ``hf:`` spec names itself."""
-    if spec.startswith("hf:") or is_file_spec(spec) or is_saved_dataset(spec):
+    if spec.startswith("hf:") or is_file_spec(spec) or _splits_folder(spec):
         return spec
     return ":".join(spec.split(":")[: 2 if spec.startswith("synthetic:") else 1])
 
@@ -495,7 +515,7 @@ def held_out(
     if is_file_spec(spec):
         return None
     base = dataset_spec(spec)
-    splits = dataset_splits(spec) if is_saved_dataset(spec) else None
+    splits = dataset_splits(spec) if _splits_folder(spec) else None
     for candidate in order:
         if candidate == exclude or (splits is not None and candidate not in splits):
             continue

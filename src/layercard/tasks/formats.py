@@ -7,8 +7,10 @@ holds an array of records, or JSON lines. A ``.csv`` file has CSV's quoting; a `
 it where the whole file is strictly quoted CSV with tabs (as Python's csv and pandas write it), else
 unquoted (tabs separate cells, quotes are text). A single file is one split, named by its stem. A saved
 dataset is a folder written by ``datasets.Dataset.save_to_disk`` (or a ``DatasetDict``'s, whose split is
-chosen by name). Parquet files and saved datasets are kept as tables (:class:`TableRows`), a row becoming a
-record when read.
+chosen by name). A folder of data files that is not a saved dataset holds one split a file, named by its
+stem (``calls/train.jsonl``, ``calls/test.jsonl``: :func:`split_files`), chosen by name as a
+``DatasetDict``'s. Parquet files and saved datasets are kept as tables (:class:`TableRows`), a row becoming
+a record when read.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,11 +31,14 @@ __all__ = [
     "Records",
     "TableRows",
     "check_own_split",
+    "chosen_split",
     "check_unchanged",
     "dataset_rows",
     "dataset_splits",
     "file_stamps",
+    "is_dataset_folder",
     "is_saved_dataset",
+    "split_files",
     "item_by_take",
     "read_records",
     "reads_lines",
@@ -291,8 +297,56 @@ def is_saved_dataset(path: str | Path) -> bool:
     return p.is_dir() and ((p / _DICT_FILE).is_file() or (p / _STATE_FILE).is_file())
 
 
+# A shard's name as the hub's converted datasets write it: train-00000-of-00002.parquet
+_SHARD = re.compile(r".+-\d+-of-\d+")
+
+
+def split_files(path: str | Path) -> dict[str, Path] | None:
+    """The data files of a folder that holds one split a file, by split (each file's stem), or None where
+    ``path`` is no such folder (a file, a saved dataset, a folder without a data file). Hidden files are
+    not read; two files of one stem, or a split in shards, are refused."""
+    p = Path(path)
+    if not p.is_dir() or is_saved_dataset(p):
+        return None
+    files: dict[str, Path] = {}
+    for f in sorted(p.iterdir()):
+        if f.name.startswith(".") or f.suffix.lower() not in DATA_SUFFIXES or not f.is_file():
+            continue
+        if _SHARD.fullmatch(f.stem):
+            raise LayercardError(
+                f"{f}: one shard of a split; a folder is read as one file a split (train.jsonl, "
+                "test.parquet): join the shards into one file, or give one file"
+            )
+        if f.stem in files:
+            raise LayercardError(
+                f"{p}: two files of split {f.stem!r} ({files[f.stem].name}, {f.name}); keep one"
+            )
+        files[f.stem] = f
+    return files or None
+
+
+def is_dataset_folder(path: str | Path) -> bool:
+    """Whether ``path`` is a folder of splits: a saved dataset, or one of data files (:func:`split_files`)."""
+    return is_saved_dataset(path) or split_files(path) is not None
+
+
+def chosen_split(p: Path, splits: Sequence[str], split: str | None) -> str:
+    """The split of a folder of ``splits`` to read: ``split``, else ``train``, else the only one."""
+    if split is None:
+        if "train" not in splits and len(splits) != 1:
+            raise LayercardError(f"{p}: splits {', '.join(splits)}; choose one (split=NAME)")
+        return "train" if "train" in splits else splits[0]
+    if split not in splits:
+        raise MissingSplit(f"{p}: no split {split!r}; its splits: {', '.join(splits)}")
+    return split
+
+
 def dataset_splits(path: str | Path) -> list[str] | None:
-    """The split names of a saved DatasetDict folder; ``None`` for a single saved Dataset."""
+    """The split names of a saved DatasetDict folder or a folder of data files (:func:`split_files`);
+    ``None`` for a single saved Dataset."""
+    files = split_files(path)
+    if files is not None:
+        return list(files)
     p = Path(path) / _DICT_FILE
     if not p.is_file():
         return None
@@ -330,14 +384,7 @@ def _saved_dataset(p: Path, split: str | None) -> Records:
     if splits is None:
         check_own_split(p, split, (p.name, _recorded_split(p)))
     else:
-        if split is None:
-            if "train" not in splits and len(splits) != 1:
-                raise LayercardError(f"{p}: saved splits {', '.join(splits)}; choose one (split=NAME)")
-            chosen = "train" if "train" in splits else splits[0]
-        elif split not in splits:
-            raise MissingSplit(f"{p}: no split {split!r}; saved splits: {', '.join(splits)}")
-        else:
-            chosen = split
+        chosen = chosen_split(p, splits, split)
     try:
         import datasets
 
@@ -361,8 +408,16 @@ def read_records(path: str | Path, *, split: str | None = None) -> Records:
     """
     p = Path(path)
     if p.is_dir():
+        files = split_files(p)
+        if files is not None:
+            chosen = chosen_split(p, list(files), split)
+            records = read_records(files[chosen])
+            return Records(records.rows, cells=records.cells, split=chosen)
         if not is_saved_dataset(p):
-            raise LayercardError(f"{p}: a folder, but not a saved dataset (no {_DICT_FILE} or {_STATE_FILE})")
+            raise LayercardError(
+                f"{p}: a folder with no data file ({', '.join(DATA_SUFFIXES)}), and not a saved dataset (no "
+                f"{_DICT_FILE} or {_STATE_FILE})"
+            )
         return _saved_dataset(p, split)
     if p.is_file():  # a missing file is reported as such below
         check_own_split(p, split, (p.stem,))
