@@ -159,6 +159,22 @@ def test_a_folder_of_data_files_holds_one_split_a_file(tmp_path):
     held = held_out(str(calls), exclude="train")
     assert held is not None and held.split == "validation"
     assert validation_task(None, None, str(calls), "train").split == "validation"
+    # FOLDER:SPLIT names a split as PRESET:SPLIT does, here and in a run config beside the folder
+    assert load_task(f"{calls}:validation").split == "validation" and names_split(f"{calls}:validation")
+    assert dataset_spec(f"{calls}:validation") == str(calls)
+    assert held_out(f"{calls}:train", exclude="train").split == "validation"
+    with pytest.raises(LayercardError, match="split 'validation' in the spec but split='train' given"):
+        load_task(f"{calls}:validation", split="train")
+    with pytest.raises(MissingSplit, match="no split 'test'"):
+        load_task(f"{calls}:test")
+    from layercard.pipeline.config import load_config
+
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(
+        "model: tiny\ntask: {train: calls, eval: calls:validation}\nplacements: [{name: a, policy: all}]\n"
+    )
+    spec = load_config(cfg).task
+    assert (spec.train, spec.eval) == (str(calls), f"{calls}:validation")
     # no train split and more than one other: one must be chosen
     two = tmp_path / "two"
     for name in ("a", "b"):

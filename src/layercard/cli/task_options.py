@@ -46,7 +46,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 # Every form load_task reads (layercard.tasks.data), so that --help is where a user learns them.
 TASK_HELP = (
     "Data file (JSONL, JSON, CSV, TSV or Parquet), folder of one such file a split (train.jsonl, "
-    "test.jsonl), folder saved by datasets' save_to_disk, "
+    "test.jsonl) or saved by datasets' save_to_disk (FOLDER[:SPLIT]), "
     "PRESET[:SPLIT] (e2e_nlg, gsm8k, samsum, sst2; e2e_nlg:validation), synthetic:facts / "
     "synthetic:format, or hf:NAME[:CONFIG] (from the local Hugging Face cache)."
 )

@@ -100,8 +100,8 @@ class TaskSpec(Schema):
 
     train: str = setting(
         kind="str",
-        help="data file (JSONL, JSON, CSV, TSV, Parquet), folder of one such file a split, or saved "
-        "dataset folder, PRESET:SPLIT "
+        help="data file (JSONL, JSON, CSV, TSV, Parquet), folder of one such file a split or saved "
+        "dataset folder (FOLDER[:SPLIT]), PRESET:SPLIT "
         "(gsm8k:train), synthetic:facts|format, hf:NAME[:CONFIG] (from the local Hugging Face cache)",
     )
     train_split: str | None = setting(

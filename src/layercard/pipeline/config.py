@@ -295,7 +295,7 @@ def _names(raw: Mapping[str, Any]) -> list[str | None]:
 def _resolve_paths(raw: dict[str, Any], folder: Path) -> dict[str, Any]:
     """``raw`` with its relative model and task paths made absolute from the config's ``folder``."""
     from layercard.models import BUILTIN_MODELS
-    from layercard.tasks import is_path_spec
+    from layercard.tasks import folder_split, is_path_spec
 
     base = folder.resolve()
 
@@ -309,7 +309,10 @@ def _resolve_paths(raw: dict[str, Any], folder: Path) -> dict[str, Any]:
         # (a demo's facts/) leaves the task built in
         if not isinstance(value, str) or not value or Path(value).expanduser().is_absolute():
             return value
-        return str(base / value) if is_path_spec(value, base) or is_path_spec(value) else value
+        if is_path_spec(value, base) or is_path_spec(value):
+            return str(base / value)
+        named = folder_split(value, base)  # FOLDER:SPLIT, the folder read from the config's folder
+        return f"{base / named[0]}:{named[1]}" if named is not None else value
 
     out = dict(raw)
     model = out.get("model")

@@ -73,6 +73,7 @@ __all__ = [
     "dataset_spec",
     "examples_from_records",
     "expand_references",
+    "folder_split",
     "load_task",
     "read_jsonl",
 ]
@@ -277,6 +278,21 @@ def is_path_spec(spec: str, folder: str | Path | None = None) -> bool:
     return q.is_dir() and name not in (*DATASET_PRESETS, *SYNTHETIC_TASKS)
 
 
+def folder_split(spec: str, folder: str | Path | None = None) -> tuple[str, str] | None:
+    """``(FOLDER, SPLIT)`` where ``spec`` is ``FOLDER:SPLIT`` and ``FOLDER`` a folder of splits (a folder
+    of data files, or a saved ``DatasetDict``; read from ``folder`` where relative), as ``PRESET:SPLIT``
+    names a preset's split; None for any other spec, a built-in task's name among them."""
+    head, sep, tail = spec.rpartition(":")
+    if not sep or not head or not tail or spec.startswith(("hf:", "synthetic:")):
+        return None
+    if head in (*DATASET_PRESETS, *SYNTHETIC_TASKS):
+        return None
+    q = Path(head)
+    if folder is not None and not q.expanduser().is_absolute():
+        q = Path(folder) / q
+    return (head, tail) if is_dataset_folder(q) and dataset_splits(q) is not None else None
+
+
 def load_task(
     spec: str | os.PathLike[str],
     *,
@@ -305,10 +321,16 @@ def load_task(
     fmt = get_preset(preset) if preset is not None else None
     spec = str(spec)
 
+    named = folder_split(spec)
     if spec.startswith("hf:"):
         task = _load_hf(spec, split=split or "train", field_map=field_map, fmt=fmt)
     elif is_path_spec(spec):
         task = _load_path(Path(spec), split=split, field_map=field_map, preset=fmt)
+    elif named is not None:
+        folder, in_spec = named
+        if split and split != in_spec:
+            raise LayercardError(f"task {spec!r}: split {in_spec!r} in the spec but split={split!r} given")
+        task = _load_path(Path(folder), split=in_spec, field_map=field_map, preset=fmt)
     else:
         synthetic = spec.startswith("synthetic:")
         name, split_ = _split_spec(spec.removeprefix("synthetic:"), split)
@@ -328,8 +350,9 @@ def load_task(
             task = Task(name, str(path.resolve()), path.stem, fmt or PRESETS[name], examples, None, chosen)
         else:
             raise LayercardError(
-                f"unknown task {spec!r}: expected a data file ({', '.join(DATA_SUFFIXES)}) or saved "
-                f"dataset folder, one of {', '.join(DATASET_PRESETS)} (as NAME:SPLIT), "
+                f"unknown task {spec!r}: expected a data file ({', '.join(DATA_SUFFIXES)}), a folder of "
+                f"them or a saved dataset folder (as FOLDER[:SPLIT]), one of {', '.join(DATASET_PRESETS)} "
+                "(as NAME:SPLIT), "
                 f"synthetic:{'|'.join(SYNTHETIC_TASKS)}, or hf:NAME[:CONFIG]"
             )
 
@@ -515,7 +538,7 @@ def held_out(
     if is_file_spec(spec):
         return None
     base = dataset_spec(spec)
-    splits = dataset_splits(spec) if _splits_folder(spec) else None
+    splits = dataset_splits(base) if _splits_folder(base) else None
     for candidate in order:
         if candidate == exclude or (splits is not None and candidate not in splits):
             continue
