@@ -298,7 +298,7 @@ def test_evaluate_and_the_trim_sweep_score_a_final_call_as_the_template_writes_i
         loss=False,
     )  # fmt: skip
     # what the scorer compares a generation with: a model that writes the call exactly scores 1
-    timing = {"s_per_example": 0.0, "tokens_per_s": 0.0, "new_tokens": 3}
+    timing = {"s_per_example": 0.0, "tokens_per_s": 0.0, "new_tokens": 3, "capped": 0}
     monkeypatch.setattr(inference, "generate", lambda *a, **k: (['call add{"a": 2, "b": 2}'], timing))
     assert scorer(model, 0)["metrics"]["exact_match"] == 1.0
 
