@@ -598,6 +598,25 @@ def test_eval_notes_a_synthetic_task_generated_otherwise_than_the_training_one(t
     assert other_generation(elsewhere, "synthetic:facts(seed=0,n_entities=50)") is None
 
 
+def test_eval_notes_the_split_the_adapter_was_trained_on(tmp_path):
+    from layercard.cli.app import trained_examples
+    from layercard.tasks import load_task
+
+    calls = tmp_path / "calls"
+    calls.mkdir()
+    for split, rows in (("train", ["a", "b", "c"]), ("test", ["d"])):
+        text = "".join(json.dumps({"input": x, "target": x}) + "\n" for x in rows)
+        (calls / f"{split}.jsonl").write_text(text)
+    train, test = load_task(str(calls)), load_task(f"{calls}:test")
+    record = {"source": train.source, "split": "train", "data_hash": train.data_hash}
+    said = trained_examples(record, load_task(f"{calls}:train"))
+    assert said is not None and "trained on this split (train of calls)" in said
+    assert trained_examples(record, test) is None and trained_examples(None, train) is None
+    # a subset of the split (train --train-examples) is still its split; the same data elsewhere is the same
+    assert trained_examples({**record, "data_hash": "0" * 64}, train) is not None
+    assert trained_examples({"source": "elsewhere", "split": "x", "data_hash": train.data_hash}, train)
+
+
 def test_inference_and_the_forward_timing_restore_each_modules_mode():
     from layercard.cost import forward_seconds
 

@@ -487,13 +487,32 @@ def other_prompt(trained: dict | None, task: Any) -> str | None:
     )
 
 
+def trained_examples(trained: dict | None, task: Any) -> str | None:
+    """A note where ``task`` holds the examples the adapter was trained on (its training recorded the task
+    ``trained``, :func:`trained_task`): the same data, or the same split of the same source."""
+    if trained is None:
+        return None
+    same_data = trained.get("data_hash") == task.data_hash
+    same_split = (trained.get("source"), trained.get("split")) == (task.source, task.split)
+    if not (same_data or same_split):
+        return None
+    return (
+        f"the adapter was trained on this split ({task.split} of {task.name}): its scores on the examples "
+        "it learned flatter it; score a split it did not train on"
+    )
+
+
 def note_generation(adapter: Path | None, task: Any) -> None:
-    """Say so when ``adapter`` was trained on another generation of the synthetic task to be scored, or
-    under other prompt settings."""
+    """Say so when ``adapter`` was trained on these examples, on another generation of the synthetic task
+    to be scored, or under other prompt settings."""
     if adapter is None:
         return
     trained = trained_task(adapter)
-    for said in (other_generation(trained, task.source), other_prompt(trained, task)):
+    for said in (
+        trained_examples(trained, task),
+        other_generation(trained, task.source),
+        other_prompt(trained, task),
+    ):
         if said:
             note(said)
 
