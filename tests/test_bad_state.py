@@ -428,6 +428,25 @@ def test_train_on_a_file_says_validation_is_off(world: World, tmp_path: Path) ->
     assert r.exit_code == 0, r.output
     assert f"note: --task {world.data} is one file, with no other split: validation is off" in r.output
     assert json.loads((tmp_path / "run" / "train_metrics.json").read_text())["val_task"] is None
+    # a train.jsonl with a test.jsonl beside it: the note names the folder, which holds the test split out
+    folder = tmp_path / "calls"
+    folder.mkdir()
+    for split in ("train", "test"):
+        shutil.copy(world.data, folder / f"{split}.jsonl")
+    r = cli(f"train -p {world.plan} -t {folder / 'train.jsonl'} {TRAIN} {ONE_STEP} --dry-run")
+    assert r.exit_code == 0, r.output
+    said = " ".join(r.output.split())
+    assert f"or --task {folder} to hold out its test split, test.jsonl)" in said, r.output
+    # the folder's test split is a copy of its train split: refused, as a --val-split of it would be
+    r = cli(f"train -p {world.plan} -t {folder} {TRAIN} {ONE_STEP} --dry-run")
+    said = " ".join(r.output.split())
+    assert r.exit_code != 0 and f"--task {folder}: its test split holds the same examples as" in said, said
+    lines = (folder / "test.jsonl").read_text().splitlines()
+    (folder / "test.jsonl").write_text("\n".join([*lines[:1], json.dumps({"input": "new", "target": "x"})]))
+    r = cli(f"train -p {world.plan} -t {folder} {TRAIN} {ONE_STEP} --dry-run")
+    said = " ".join(r.output.split())
+    assert r.exit_code == 0 and "validation is off" not in said, said
+    assert f"--task {folder}: its test split: 1 of 2 validation examples are also training examples" in said
 
 
 def test_relative_paths_in_a_config_are_read_from_its_folder(

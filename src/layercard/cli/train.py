@@ -41,28 +41,49 @@ def _val_task(train: Task, task: str, val_task: str | None, val_split: str | Non
     training examples themselves."""
     from layercard.tasks import validation_task
 
-    if val_task is None and val_split is None:  # --task's held-out split; a file has none
-        return validation_task(None, None, task, train.split, seed=seed, **kw)
+    held_out = val_task is None and val_split is None  # --task's held-out split; a file has none
     option = "--val-task" if val_task is not None else "--val-split"
     spec = val_task or task
     try:
         val = validation_task(val_task, val_split, task, train.split, seed=seed, **kw)
     except LayercardError as e:  # two tasks are named on the line: say which one this is
+        if held_out:
+            raise
         raise LayercardError(f"{option}: {e}", exit_code=e.exit_code) from e
     if val is None and val_task is not None:
         raise LayercardError(
             f"{option}: {spec}: found no validation or test split; name one with --val-split"
         )
-    shared = val.shared_with(train) if val is not None else 0
+    if val is None:
+        return None
+    shared = val.shared_with(train)
     # every example shared (an empty split shares none: it is no copy of the training data)
-    if val is not None and (val.data_hash == train.data_hash or shared == len(val) > 0):
+    if val.data_hash == train.data_hash or shared == len(val) > 0:
+        where = f"--task {task}: its {val.split} split" if held_out else f"{option}: {spec} ({val.split})"
         raise LayercardError(
-            f"{option}: {spec} ({val.split}) holds the same examples as --task ({train.split}): the run "
-            "would validate on its training examples; give another --val-split or --val-task"
+            f"{where} holds the same examples as --task ({train.split}): the run would validate on its "
+            "training examples; give another --val-split or --val-task"
         )
     if shared:
-        note(f"{option}: {shared} of {len(val)} validation examples are also training examples")
+        where = f"--task {task}: its {val.split} split" if held_out else option
+        note(f"{where}: {shared} of {len(val)} validation examples are also training examples")
     return val
+
+
+def _beside(task: str) -> str:
+    """Where ``task`` is one file of a folder that holds a validation or test split beside it, the hint to
+    name the folder (its splits then held out); else nothing."""
+    from layercard.tasks.formats import split_files
+
+    p = Path(task)
+    try:
+        files = split_files(p.parent) if p.is_file() and p.stem in ("train", "training") else None
+    except LayercardError:  # the folder is no dataset (two files of a split): no hint
+        return ""
+    held = [s for s in ("validation", "test") if files and s in files]
+    if not held:
+        return ""
+    return f", or --task {p.parent} to hold out its {held[0]} split, {files[held[0]].name}"
 
 
 @app.command("train")
@@ -174,7 +195,7 @@ def train_cmd(
     val_t = _val_task(train_t, task, val_task, val_split, seed, kw) if cfg.eval_examples else None
     if cfg.eval_examples and val_t is None:
         what = "is one file, with no other split" if is_file_spec(task) else "has no validation or test split"
-        note(f"--task {task} {what}: validation is off (give --val-task to validate)")
+        note(f"--task {task} {what}: validation is off (give --val-task to validate{_beside(task)})")
     loaded = load_cli_model(model_spec, dtype, "auto", trust_remote_code)  # Accelerate places it
     check_model_matches(p, loaded, where=str(plan))
     if dry_run:
