@@ -31,17 +31,17 @@ __all__ = [
     "Records",
     "TableRows",
     "check_own_split",
-    "chosen_split",
     "check_unchanged",
+    "chosen_split",
     "dataset_rows",
     "dataset_splits",
     "file_stamps",
     "is_dataset_folder",
     "is_saved_dataset",
-    "split_files",
     "item_by_take",
     "read_records",
     "reads_lines",
+    "split_files",
 ]
 
 DATA_SUFFIXES = (".jsonl", ".ndjson", ".json", ".csv", ".tsv", ".parquet")
