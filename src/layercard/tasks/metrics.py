@@ -366,16 +366,12 @@ def tool_call_split(predictions: Sequence[str], references: Sequence[Sequence[st
     out = dict.fromkeys(("calls_right", "calls_other", "calls_missing", "answers_right", "answers_called"), 0)
     for pred, refs in zip(predictions, references, strict=True):
         made = tool_calls_in(pred)
-        if any(tool_calls_in(r) for r in refs):
-            key = (
-                "calls_missing"
-                if made is None
-                else "calls_right"
-                if tool_call_match(pred, refs)
-                else "calls_other"
-            )
-        else:
+        if not any(tool_calls_in(r) for r in refs):
             key = "answers_right" if made is None else "answers_called"
+        elif made is None:
+            key = "calls_missing"
+        else:
+            key = "calls_right" if tool_call_match(pred, refs) else "calls_other"
         out[key] += 1
     due = out["calls_right"] + out["calls_other"] + out["calls_missing"]
     return out if 0 < due < len(predictions) else None

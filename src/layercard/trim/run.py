@@ -69,9 +69,8 @@ TRIM_KIND = "trim"
 # The top-level fields of trim.json (the report refuses any other: a misspelt one would be dropped).
 TRIM_FIELDS = frozenset({
     "kind", "schema_version", "adapter", "adapter_format", "metric", "higher_is_better", "tie_tolerance",
-    "max_new_tokens",
-    "metrics", "metric_scales", "n_layers", "adapted_layers", "candidates", "trace", "ks", "sweep",
-    "chosen_k", "chosen_by", "metric_flat", "before", "after", "after_matches_sweep",
+    "max_new_tokens", "metrics", "metric_scales", "n_layers", "adapted_layers", "candidates", "trace", "ks",
+    "sweep", "chosen_k", "chosen_by", "metric_flat", "before", "after", "after_matches_sweep",
     "adapted_modules_before", "adapted_modules_after", "export", "merged", "task", "timings", "provenance",
 })  # fmt: skip
 TRIM_FILE = "trim.json"
