@@ -334,7 +334,9 @@ def chosen_split(p: Path, splits: Sequence[str], split: str | None) -> str:
     """The split of a folder of ``splits`` to read: ``split``, else ``train``, else the only one."""
     if split is None:
         if "train" not in splits and len(splits) != 1:
-            raise LayercardError(f"{p}: splits {', '.join(splits)}; choose one (split=NAME)")
+            raise LayercardError(
+                f"{p}: splits {', '.join(splits)}; choose one ({p}:SPLIT, or a split option)"
+            )
         return "train" if "train" in splits else splits[0]
     if split not in splits:
         raise MissingSplit(f"{p}: no split {split!r}; its splits: {', '.join(splits)}")
