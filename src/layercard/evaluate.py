@@ -39,7 +39,7 @@ from layercard.artifacts import (
     write_text,
 )
 from layercard.config import EvalConfig
-from layercard.errors import LayercardError, MissingSplit, expect, message_line, setting_name
+from layercard.errors import LayercardError, MissingSplit, expect, message_line
 from layercard.inference import eval_example_losses, eval_loss, generate, generation_prompts, prompts_finite
 from layercard.models import LoadedModel, running_on
 from layercard.tasks import (
@@ -47,6 +47,7 @@ from layercard.tasks import (
     Encoded,
     Example,
     Task,
+    capped_generations_text,
     check_gold,
     cut_text,
     encode_task,
@@ -198,11 +199,8 @@ class EvalResult:
                 "cuts them (from the input's start first)"
             )
         if cut.get("generations"):
-            lines.append(
-                f"note: {cut['generations']} of {self.n} generations reached max_new_tokens "
-                f"{self.config.get('max_new_tokens')} before an end token and were scored as cut there "
-                f"(raise {setting_name('max_new_tokens')} to let them finish)"
-            )
+            limit = self.config.get("max_new_tokens")
+            lines.append("note: " + capped_generations_text(cut["generations"], self.n, limit))
         limits = (fmt.get("max_input_tokens"), fmt.get("max_target_tokens"))
         loss = cut_text(
             cut.get("loss_to_max_length") or 0,

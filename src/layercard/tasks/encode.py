@@ -583,6 +583,15 @@ def cut_text(
     return "\n".join(lines) or None
 
 
+def capped_generations_text(count: str | int, total: int, max_new_tokens: int | None) -> str:
+    """That ``count`` of ``total`` generations reached ``max_new_tokens`` before an end token, and what
+    that means for their scores (eval's note, and the trim sweep's per K)."""
+    return (
+        f"{count} of {total} generations reached max_new_tokens {max_new_tokens} before an end token and "
+        f"were scored as cut there (raise {setting_name('max_new_tokens')} to let them finish)"
+    )
+
+
 # ---------------------------------------------------------------- batching
 
 

@@ -25,7 +25,14 @@ from torch import nn
 from layercard import inference
 from layercard.errors import LayercardError, setting_name
 from layercard.progress import track
-from layercard.tasks import Example, Task, check_gold, compute_metrics, scored_as_written
+from layercard.tasks import (
+    Example,
+    Task,
+    capped_generations_text,
+    check_gold,
+    compute_metrics,
+    scored_as_written,
+)
 from layercard.trim.mask import adapted_modules, masked_layers
 
 __all__ = [
@@ -182,11 +189,8 @@ def capped_text(rows: Sequence[dict[str, Any]], n: int, max_new_tokens: int | No
     if not hit:
         return None
     most = max(c for _, c in hit)
-    return (
-        f"at K = {', '.join(str(k) for k, _ in hit)}, up to {most} of {n} generations reached max_new_tokens "
-        f"{max_new_tokens} before an end token and were scored as cut there (raise "
-        f"{setting_name('max_new_tokens')} to let them finish)"
-    )
+    said = capped_generations_text(f"up to {most}", n, max_new_tokens)
+    return f"at K = {', '.join(str(k) for k, _ in hit)}, {said}"
 
 
 def _checked_loss(value: float, k: int) -> float:
