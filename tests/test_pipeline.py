@@ -421,6 +421,20 @@ def test_checkpoint_frequency_trains_nothing_again(tiny_run, tmp_path):
     assert summary["ran"] == ["report"] and summary["left_out"] == [], summary  # the report is redrawn
 
 
+def test_keeping_the_best_weights_trains_again_only_when_asked(tiny_run, tmp_path):
+    """Settings added after run folders were first made stay out of the train stage's fingerprint at their
+    defaults: a folder trained before them is not trained again."""
+    cfg_path, copy = copied(tiny_run, tmp_path)
+    record = _records(copy)["train:all"]
+    assert "keep_best" not in record["config"] and "early_stopping" not in record["config"]
+    off = ["train.keep_best=false", "train.early_stopping=0"]
+    assert run_pipeline(load_config(cfg_path, off), copy, progress=False)["ran"] == ["report"]
+    kept = run_pipeline(load_config(cfg_path, ["train.keep_best=true"]), copy, progress=False)
+    assert {"train:all", "train:card-2"} <= set(kept["ran"])
+    metrics = json.loads((copy / "train" / "all" / "train_metrics.json").read_text())
+    assert metrics["best_step"] in [s for s, _ in metrics["val_curve"]]
+
+
 def test_changed_train_steps_reruns_downstream_only(tiny_run, tmp_path, monkeypatch):
     import layercard.train
 

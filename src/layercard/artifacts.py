@@ -940,6 +940,11 @@ class Fields:
             self.fail(where, "must be a list", value)
         return value
 
+    def flag(self, value: Any, where: str) -> bool:
+        if not isinstance(value, bool):
+            self.fail(where, "must be true or false", value)
+        return value
+
     def text(self, value: Any, where: str) -> str:
         if not isinstance(value, str):
             self.fail(where, "must be text", value)

@@ -17,7 +17,9 @@ class TrainConfig(Schema):
     """Training hyper-parameters. Exactly one of ``steps`` / ``epochs`` (``steps=None`` with epochs).
 
     ``eval_every=0`` evaluates only at the end, ``checkpoint_every=0`` writes no checkpoints,
-    ``eval_examples=0`` skips validation. ``bottleneck=None`` takes the plan's (else 16). ``dtype`` is the
+    ``eval_examples=0`` skips validation. ``keep_best`` keeps the weights of the validation with the lowest
+    loss as the adapter; ``early_stopping=N`` stops once N validations in a row find none lower, and keeps
+    those weights too. ``bottleneck=None`` takes the plan's (else 16). ``dtype`` is the
     compute precision (Accelerate mixed precision for bfloat16/float16); the weights keep their dtype.
     ``init=eva`` (LoRA only) sets each LoRA A from the SVD of its module's inputs on the first training
     batches and moves rank between modules, keeping the planned total; ``eva_rho`` caps the growth.
@@ -46,6 +48,18 @@ class TrainConfig(Schema):
         kind="int",
         minimum=0,
         help="checkpoint every N steps (the last two kept; once finished, the newest); 0: never",
+    )
+    keep_best: bool = setting(
+        False,
+        kind="bool",
+        help="adapter/ holds the weights of the validation with the lowest loss, not the last step's",
+    )
+    early_stopping: int = setting(
+        0,
+        kind="int",
+        minimum=0,
+        help="stop once N validations in a row find no lower loss than the best, and keep the best "
+        "weights; 0: train every step",
     )
     log_every: int = setting(
         1, kind="int", minimum=1, help="keep every N-th step in the loss curve (and the first and last)"
@@ -81,6 +95,12 @@ class TrainConfig(Schema):
         "planned rank among the modules reading its input (q,k,v; gate,up) (init: eva; >= 1)",
     )
 
+    @property
+    def keeps_best(self) -> bool:
+        """Whether the adapter is the weights of the lowest validation loss (``keep_best`` or early
+        stopping), not the last step's."""
+        return self.keep_best or self.early_stopping > 0
+
     def validate(self) -> None:
         if (self.steps is None) == (self.epochs is None):
             raise self.fail(
@@ -88,6 +108,13 @@ class TrainConfig(Schema):
                 f"give exactly one of steps and epochs (got steps={self.steps!r}, epochs={self.epochs!r}); "
                 "set steps to null to train by epochs",
             )
+        for name, on in (("keep_best", self.keep_best), ("early_stopping", self.early_stopping > 0)):
+            if on and not (self.eval_examples and self.eval_every):
+                off = "eval_examples is 0" if not self.eval_examples else "eval_every is 0 (the end only)"
+                raise self.fail(
+                    name,
+                    f"chooses among validations, and {off}; validate every N steps, or leave it off",
+                )
         if self.eva_rho < 1:
             raise self.fail("eva_rho", f"must be a number >= 1, got {self.eva_rho!r}")
 

@@ -95,6 +95,9 @@ def _joined(rows: Sequence[tuple[str, str]]) -> dict[str, str]:
     return out
 
 
+# Train settings added after run folders were first fingerprinted, with the default that trains as before.
+_TRAIN_ADDED_LATER = {"keep_best": False, "early_stopping": 0}
+
 StageCallback = Callable[[str, str, "StageResult | None"], None]
 
 
@@ -738,6 +741,7 @@ class Runner:
                 ),
                 ("train loss first → last", f"{_fmt(m.first_train_loss)} → {_fmt(m.final_train_loss)}"),
                 ("final val loss", _fmt(m.final_val_loss)),
+                *([("adapter weights", kept)] if (kept := m.kept_text()) else []),
                 (
                     f"peak memory ({memory_kind_text(m.peak_memory_kind)}) measured / predicted",
                     f"{m.peak_memory_mib:,.0f} / {_fmt(predicted_peak_mib(m), ',.0f')} MiB"
@@ -761,8 +765,12 @@ class Runner:
         }
         outputs = [out.adapter_dir(p.name), out.train_metrics(p.name)]
         # How often checkpoints are written changes no weight or figure of a finished run: not a reason to
-        # train it again.
-        config = {k: v for k, v in self.cfg.train.to_dict().items() if k != "checkpoint_every"}
+        # train it again. Nor is a setting added since, left at the default that means what runs did before.
+        config = {
+            k: v
+            for k, v in self.cfg.train.to_dict().items()
+            if k != "checkpoint_every" and not (k in _TRAIN_ADDED_LATER and v == _TRAIN_ADDED_LATER[k])
+        }
         self.stage(f"train:{p.name}", "train", folder, config, inputs, outputs, fn, summarize)
 
     # ---- trim ---------------------------------------------------------------------------------------

@@ -106,8 +106,7 @@ def check_trim(d: Mapping[str, Any], source: str) -> None:
     if chosen_by is not None and chosen_by not in (d["metric"], "loss"):
         f.fail("chosen_by", f"must be the metric {d['metric']!r} or 'loss'", chosen_by)
     for key in ("higher_is_better", "metric_flat", "after_matches_sweep"):
-        if d.get(key) is not None and not isinstance(d[key], bool):
-            f.fail(key, "must be true or false", d[key])
+        f.optional(d.get(key), key, f.flag)
     check_task_record(f, f.get(d, "task"), "task")
     for key in ("before", "after"):
         _trim_row(f, f.get(d, key), key, layer, measured=True)

@@ -261,7 +261,7 @@ def train_table(metrics: dict[str, TrainMetrics]) -> Table:
     rows = [
         [
             name,
-            str(m.steps),
+            str(m.steps) + (f" of {m.planned_steps} (stopped early)" if m.stopped_early else ""),
             measured_step_text(m.s_per_step, m.s_per_step_spread),
             fmt(predicted_s_per_step(m), STEP),
             fmt(m.tokens_per_s, ",.0f"),
@@ -270,7 +270,8 @@ def train_table(metrics: dict[str, TrainMetrics]) -> Table:
             + memory_figure_note(m.predicted_memory_figure),
             f"{fmt(m.forward_s, '.3f')} / {fmt(predicted_forward_s(m), '.3f')}",
             f"{fmt(m.first_train_loss, LOSS)} → {fmt(m.final_train_loss, LOSS)}",
-            fmt(m.final_val_loss, LOSS),
+            fmt(m.final_val_loss, LOSS)
+            + (f" (adapter: step {m.best_step}'s {fmt(m.best_val_loss, LOSS)})" if m.best_step else ""),
         ]
         for name, m in metrics.items()
     ]

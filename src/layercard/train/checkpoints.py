@@ -31,15 +31,17 @@ RESUME_FIELDS = (
     "model_hash", "kind", "targets", "lora_config", "data_hash", "seed", "batch_size", "grad_accum", "lr",
     "weight_decay", "warmup_steps", "scheduler", "max_length", "bottleneck", "dtype", "world_size",
     "schedule_steps", "init", "eva_rho", "load_in_4bit", "weights_dtype", "val_data",
-    "gradient_checkpointing",
+    "gradient_checkpointing", "keep_best", "early_stopping",
 )  # fmt: skip
 # What a fingerprint written before a field existed meant by its absence.
-_ABSENT_MEANS = {"init": "default"}
+_ABSENT_MEANS = {"init": "default", "keep_best": False, "early_stopping": 0}
 # Fields fingerprinted only later, whose absence says nothing of the run's value: compared where recorded.
 _RECORDED_LATER = ("load_in_4bit", "weights_dtype", "val_data", "gradient_checkpointing")
 STATE_FILE = "state.json"
 WEIGHTS_FILE = "trainable.safetensors"
 TRAINER_FILE = "trainer_state.pt"
+# The weights of the run's lowest validation loss so far, in a run that keeps them (``keep_best``).
+BEST_FILE = "best.safetensors"
 
 
 def _checkpoints(out_dir: Path) -> list[tuple[int, Path]]:
@@ -105,10 +107,12 @@ def save_checkpoint(
     scheduler: Any,
     state: dict[str, Any],
     scaler: Any = None,
+    best: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write ``step-N`` atomically, then drop all but the newest checkpoints. ``scaler``: float16's loss
     scaler, whose scale a resumed run must start from (at the first scale it would skip the updates the
-    uninterrupted run made)."""
+    uninterrupted run made). ``best``: the weights of the lowest validation loss so far, for a run that
+    keeps them."""
     from safetensors.torch import save_file
 
     final = out_dir / CHECKPOINT_DIR / f"step-{step}"
@@ -118,6 +122,8 @@ def save_checkpoint(
             {k: p.detach().cpu().contiguous() for k, p in trainable.items()},
             str(tmp / WEIGHTS_FILE),
         )
+        if best is not None:
+            save_file({k: t.contiguous() for k, t in best.items()}, str(tmp / BEST_FILE))
         extra = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
         extra["rng"] = _rng_state()
         if scaler is not None:
@@ -185,6 +191,13 @@ def read_state(path: Path) -> dict[str, Any]:
             f.fail(f"step_times[{i}]", "must be a [step, seconds, tokens, first, ...] row", row)
     for key in ("wall_time_s", "init_s"):
         f.optional(state.get(key), key, lambda v, w: f.number(v, w, minimum=0))
+    best = f.optional(state.get("best"), "best", f.items)
+    if best is not None:
+        if len(best) != 2:
+            f.fail("best", "must be a [step, loss] pair", best)
+        f.integer(best[0], "best[0]", minimum=1)
+        f.number(best[1], "best[1]")
+    f.optional(state.get("stopped_early"), "stopped_early", f.flag)
     f.mapping(f.get(state, "fingerprint"), "fingerprint")
     if state.get("memory") is not None:
         _check_memory(f, state["memory"])
@@ -237,23 +250,8 @@ def load_checkpoint(
     Refuses a checkpoint whose settings fingerprint differs in any of :data:`RESUME_FIELDS`, and names the
     file of one that cannot be read.
     """
-    from safetensors.torch import load_file
-
     state = check_resumable(path, fingerprint)
-    weights = path / WEIGHTS_FILE
-    try:
-        tensors = load_file(str(weights))
-    except Exception as e:  # safetensors raises its own error type, and OSError for a missing file
-        raise _damaged(weights, e) from None
-    if set(tensors) != set(trainable):
-        missing = sorted(set(trainable) - set(tensors))[:3]
-        raise LayercardError(f"{path}: checkpoint weights do not match the model (missing e.g. {missing})")
-    wrong = next((k for k, p in trainable.items() if tuple(tensors[k].shape) != tuple(p.shape)), None)
-    if wrong is not None:
-        raise LayercardError(
-            f"{weights}: checkpoint weights do not match the model ({wrong}: shape "
-            f"{tuple(tensors[wrong].shape)}, the model's {tuple(trainable[wrong].shape)})"
-        )
+    tensors = _read_weights(path / WEIGHTS_FILE, trainable)
     with torch.no_grad():
         for k, p in trainable.items():
             p.copy_(tensors[k].to(p.device, p.dtype))
@@ -268,3 +266,30 @@ def load_checkpoint(
     except Exception as e:  # pickle, torch and the states' own checks each raise their own types
         raise _damaged(extra_file, e) from None
     return state
+
+
+def load_best(path: Path, trainable: dict[str, nn.Parameter]) -> dict[str, torch.Tensor]:
+    """The weights of the lowest validation loss that checkpoint ``path`` kept (``keep_best``), on the CPU."""
+    return _read_weights(path / BEST_FILE, trainable)
+
+
+def _read_weights(file: Path, trainable: dict[str, nn.Parameter]) -> dict[str, torch.Tensor]:
+    """The tensors of a checkpoint's weights ``file``, checked to be ``trainable``'s names and shapes."""
+    from safetensors.torch import load_file
+
+    try:
+        tensors = load_file(str(file))
+    except Exception as e:  # safetensors raises its own error type, and OSError for a missing file
+        raise _damaged(file, e) from None
+    if set(tensors) != set(trainable):
+        missing = sorted(set(trainable) - set(tensors))[:3]
+        raise LayercardError(
+            f"{file.parent}: checkpoint weights do not match the model (missing e.g. {missing})"
+        )
+    wrong = next((k for k, p in trainable.items() if tuple(tensors[k].shape) != tuple(p.shape)), None)
+    if wrong is not None:
+        raise LayercardError(
+            f"{file}: checkpoint weights do not match the model ({wrong}: shape "
+            f"{tuple(tensors[wrong].shape)}, the model's {tuple(trainable[wrong].shape)})"
+        )
+    return tensors

@@ -63,6 +63,7 @@ from layercard.train.checkpoints import (
     check_resumable,
     kept_random_state,
     latest_checkpoint,
+    load_best,
     load_checkpoint,
     prune_checkpoints,
     save_checkpoint,
@@ -133,6 +134,12 @@ class _State:
     # This session's own, never saved: the step it started from and the memory in use when its window began.
     session_from: int = 0
     memory_start: float | None = None
+    # A run that keeps its best weights (``keep_best``, early stopping): [step, loss] of the lowest
+    # validation loss so far, and those weights (CPU copies; a checkpoint keeps them as its best file).
+    best: list[Any] | None = None
+    best_weights: dict[str, torch.Tensor] | None = dataclasses.field(default=None, repr=False)
+    # early stopping ended the run at ``step``: a resumed session has nothing left to train
+    stopped_early: bool = False
 
     @classmethod
     def from_checkpoint(cls, st: dict[str, Any]) -> _State:
@@ -154,6 +161,8 @@ class _State:
             init_s=st.get("init_s"),
             memory=st.get("memory"),
             session_from=step,
+            best=st.get("best"),
+            stopped_early=bool(st.get("stopped_early")),
         )
 
 
@@ -207,6 +216,8 @@ class _Run:
             "init_s": state.init_s,
             "fingerprint": self.fingerprint,
             "memory": self.session_memory(state),
+            "best": state.best,
+            "stopped_early": state.stopped_early,
         }
 
     def session_memory(self, state: _State) -> dict[str, Any]:
@@ -384,6 +395,8 @@ def _train(
         if ckpt is not None:
             saved = load_checkpoint(ckpt, trainable, optimizer, scheduler, fingerprint, accelerator.scaler)
             state = _State.from_checkpoint(saved)
+            if state.best is not None:
+                state.best_weights = load_best(ckpt, trainable)
         if init_s is not None:
             state.init_s = (state.init_s or 0.0) + init_s
         # The scheduler is stepped by hand: Accelerate's wrapper would step it once per process.
@@ -393,6 +406,7 @@ def _train(
         with activation_checkpointing(model, cfg.gradient_checkpointing):
             _loop(run, state, adapted.prepared, optimizer, scheduler, trainable, progress, callback)
         _check_skipped(state)
+        _take_best(run, state, trainable)
         metrics = _finish(run, state, adapted, trainable, eva_ranks)
         if state.skipped and accelerator.is_main_process:
             say(
@@ -438,6 +452,12 @@ def _sharded_config(accelerator: Any, cfg: TrainConfig, kind: str, resume: bool)
         )
     if resume:
         raise LayercardError(f"--resume: {how}, no checkpoints are written, so there is none to resume from")
+    if cfg.keeps_best:
+        key = "keep_best" if cfg.keep_best else "early_stopping"
+        raise LayercardError(
+            f"{setting_name(key)}: {how}, each process holds a part of every weight, and the best ones are "
+            "not kept; leave it off, or train without sharding"
+        )
     if cfg.checkpoint_every:
         say(
             f"warning: train.checkpoint_every {cfg.checkpoint_every}: {how}, checkpoints are not written; "
@@ -586,7 +606,8 @@ def _check_resume_step(run: _Run, ckpt: Path, saved: dict[str, Any], progress: b
             f"{ckpt}: cannot resume: the checkpoint is at step {step}, past this run's {run.total_steps} "
             f"steps; give {step} steps or more, or use a new --out"
         )
-    if step < run.total_steps:
+    stopped = bool(saved.get("stopped_early"))
+    if step < run.total_steps and not stopped:
         done = _finished_steps(run.out_dir)
         if done is not None and step < done:
             # a finished run whose last step was not checkpointed, resumed (by a second process): it would
@@ -605,8 +626,9 @@ def _check_resume_step(run: _Run, ckpt: Path, saved: dict[str, Any], progress: b
         )
     if run.accelerator.is_main_process:
         say(
-            f"note: {ckpt.name} is the run's last step: writing its adapter and {METRICS_FILE} without "
-            "training, with the peak memory the session that trained it measured",
+            f"note: {ckpt.name} is the run's last step{' (early stopping ended it)' if stopped else ''}: "
+            f"writing its adapter and {METRICS_FILE} without training, with the peak memory the session that "
+            "trained it measured",
             enabled=progress,
         )
 
@@ -673,6 +695,12 @@ def _check_inputs(
         plan.peft_config()  # fail before any work when a non-LoRA plan has no LoraConfig
     elif cfg.init != "default":
         raise cfg.fail("init", f"{cfg.init} initialises LoRA; {kind} adapters train from init: default")
+    if cfg.keeps_best and val_task is None:
+        raise cfg.fail(
+            "keep_best" if cfg.keep_best else "early_stopping",
+            "chooses among validations, and this run has no validation task; give it one (a held-out "
+            "split, or --val-task)",
+        )
     layers = list(plan.layers)
     if not layers:
         raise LayercardError("plan: no layers to adapt")
@@ -946,7 +974,13 @@ def _loop(
 
     def checkpoint(step: int) -> None:
         state_now = run.checkpoint_state(state)
-        save_checkpoint(run.out_dir, step, trainable, optimizer, scheduler, state_now, run.accelerator.scaler)
+        save_checkpoint(
+            run.out_dir, step, trainable, optimizer, scheduler, state_now, run.accelerator.scaler,
+            best=state.best_weights,
+        )  # fmt: skip
+
+    if state.stopped_early:  # resumed at the validation that stopped it: nothing is left to train
+        return
 
     with _interrupt_after_step(run.world == 1 and bool(run.cfg.checkpoint_every)) as interrupted:
         cfg, acc = run.cfg, run.accelerator
@@ -967,8 +1001,10 @@ def _loop(
             if step == 1 or step % cfg.log_every == 0 or step == run.total_steps:
                 state.loss_curve.append([step, loss_value])
             if run.data.val_encoded and cfg.eval_every and step % cfg.eval_every == 0:
-                state.val_curve.append([step, _val_loss(run, prepared, step)])
-            saved = bool(cfg.checkpoint_every) and step % cfg.checkpoint_every == 0
+                _validate(run, state, prepared, trainable, step)
+            # checkpointed where it stops too, so that --resume finds the run finished
+            state.stopped_early = early_stop_due(state.val_curve, state.best, cfg.early_stopping)
+            saved = bool(cfg.checkpoint_every) and (step % cfg.checkpoint_every == 0 or state.stopped_early)
             if saved:
                 acc.wait_for_everyone()
                 if acc.is_main_process:
@@ -985,8 +1021,53 @@ def _loop(
                     enabled=True,
                 )
                 raise KeyboardInterrupt
+            if state.stopped_early:
+                stop_bars()
+                best_step, best_loss = state.best  # type: ignore[misc]  # set: early stopping keeps the best
+                say(
+                    f"note: early stopping: {cfg.early_stopping} validations in a row found no loss below "
+                    f"step {best_step}'s {best_loss:.4f}; stopped after step {step} of {run.total_steps}",
+                    enabled=acc.is_main_process,
+                )
+                break
     if run.data.val_encoded and (not state.val_curve or state.val_curve[-1][0] != state.step):
-        state.val_curve.append([state.step, _val_loss(run, prepared, state.step)])
+        _validate(run, state, prepared, trainable, state.step)
+
+
+def early_stop_due(val_curve: Sequence[Sequence[float]], best: Sequence[Any] | None, patience: int) -> bool:
+    """Whether early stopping ends a run now: ``patience`` (> 0) validations of ``val_curve`` in a row
+    after the one of the lowest loss so far (``best``, [step, loss]) found none lower."""
+    if patience <= 0 or best is None:
+        return False
+    return sum(1 for step, _ in val_curve if step > best[0]) >= patience
+
+
+def _validate(
+    run: _Run, state: _State, prepared: nn.Module, trainable: dict[str, nn.Parameter], step: int
+) -> None:
+    """The validation loss at ``step``, on the curve; in a run that keeps its best weights, a copy of them
+    where it is the lowest yet (a tie keeps the earlier step's)."""
+    loss = _val_loss(run, prepared, step)
+    state.val_curve.append([step, loss])
+    if run.cfg.keeps_best and (state.best is None or loss < state.best[1]):
+        state.best = [step, loss]
+        state.best_weights = {k: p.detach().to("cpu", copy=True) for k, p in trainable.items()}
+
+
+def _take_best(run: _Run, state: _State, trainable: dict[str, nn.Parameter]) -> None:
+    """In a run that keeps its best weights, put them back in the model for the adapter, and say so where
+    they are not the last step's."""
+    if state.best is None or state.best_weights is None or state.best[0] == state.step:
+        return
+    with torch.no_grad():
+        for k, p in trainable.items():
+            p.copy_(state.best_weights[k].to(p.device, p.dtype))
+    last = state.val_curve[-1][1]
+    say(
+        f"note: the adapter holds step {state.best[0]}'s weights, the lowest validation loss "
+        f"({state.best[1]:.4f}; step {state.step}'s {last:.4f})",
+        enabled=run.accelerator.is_main_process,
+    )
 
 
 @contextlib.contextmanager
@@ -1274,6 +1355,10 @@ def _metrics(
         adapted=_adapted_section(run, inner),
         peak_memory_steps=list(memory["steps"]),
         skipped_steps=state.skipped,
+        planned_steps=run.total_steps,
+        best_step=state.best[0] if state.best is not None else None,
+        best_val_loss=state.best[1] if state.best is not None else None,
+        stopped_early=state.stopped_early,
         **predictions(
             plan.predicted,
             s_per_step,

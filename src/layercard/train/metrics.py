@@ -122,6 +122,26 @@ class TrainMetrics:
     # The optimizer steps float16's loss scaler skipped (their gradients overflowed; the weights did not
     # move on them), out of ``steps``: 0 for a run without one. Older files read None.
     skipped_steps: int | None = None
+    # The steps the run was set to train (``steps`` is those it trained), whether early stopping ended it
+    # before them, and, in a run that keeps its best weights (``keep_best``, early stopping), the step whose
+    # weights the adapter holds and its validation loss, the lowest. Older files read None; so do
+    # ``best_*`` of a run whose adapter is its last step's.
+    planned_steps: int | None = None
+    stopped_early: bool | None = None
+    best_step: int | None = None
+    best_val_loss: float | None = None
+
+    def kept_text(self) -> str | None:
+        """Which step's weights the adapter holds, where the run kept its best (``keep_best``, early
+        stopping), and where early stopping ended it; None for a run that kept its last step's."""
+        if self.best_step is None or self.best_val_loss is None:
+            return None
+        text = f"step {self.best_step}'s, the lowest validation loss ({self.best_val_loss:.4f})"
+        if self.best_step != self.steps and self.final_val_loss is not None:
+            text += f"; step {self.steps}'s {self.final_val_loss:.4f}"
+        if self.stopped_early:
+            text += f"; early stopping ended the run after step {self.steps} of {self.planned_steps}"
+        return text
 
     def to_dict(self) -> dict[str, Any]:
         """The train_metrics.json form (key order as written)."""
@@ -165,7 +185,8 @@ _REQUIRED = frozenset(
 # Counts; the seconds, MiB, rates and ratios of them measured or predicted (none can be negative); the
 # differences of memory figures and the quality model's fraction (either sign); the losses.
 _COUNTS = ("trainable_params", "total_params", "steps", "tokens_seen", "target_tokens_seen", "resumed_from",
-           "max_batch_positions", "forward_positions", "skipped_steps")  # fmt: skip
+           "max_batch_positions", "forward_positions", "skipped_steps", "planned_steps",
+           "best_step")  # fmt: skip
 _AMOUNTS = (
     "epochs", "peak_memory_mib", "wall_time_s", "s_per_step", "tokens_per_s", "predicted_step_time_s",
     "batch_tokens_per_step", "predicted_step_time_scaled_s", "predicted_peak_memory_mib",
@@ -177,7 +198,7 @@ _SIGNED = (
     "predicted_training_memory_mib", "training_memory_ratio", "predicted_quality",
     "predicted_peak_memory_at_start_mib", "peak_memory_at_start_ratio",
 )  # fmt: skip
-_LOSSES = ("first_train_loss", "final_train_loss", "final_val_loss")
+_LOSSES = ("first_train_loss", "final_train_loss", "final_val_loss", "best_val_loss")
 _NOT_NULL = frozenset({"trainable_params", "total_params", "steps", "tokens_seen", "target_tokens_seen",
                        "epochs", "peak_memory_mib", "wall_time_s"})  # fmt: skip
 
@@ -201,6 +222,7 @@ def check_train_metrics(d: Mapping[str, Any], source: str) -> None:
         f.text(f.get(d, key), key)
     for key in ("init", "predicted_memory_figure"):
         f.optional(d.get(key), key, f.text)
+    f.optional(d.get("stopped_early"), "stopped_early", f.flag)
     for key in ("world_size", "batch_size"):
         f.integer(f.get(d, key), key, minimum=1)
     for key in ("predicted_batch_size", "predicted_batch_tokens"):

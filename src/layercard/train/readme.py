@@ -181,6 +181,7 @@ def adapter_readme(
             "held-out loss",
             f"{_num(m.final_val_loss, '.4f')} on {_task_text(m.val_task)}" if m.val_task else "not measured",
         ),
+        *([("these weights", kept)] if (kept := m.kept_text()) else []),
         (
             "step time",
             _predicted(m.s_per_step, m.predicted_step_time_scaled_s, ".3f", " s", f"median on {m.device}"),

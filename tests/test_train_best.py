@@ -1,0 +1,233 @@
+"""Keeping the best validation's weights (keep_best) and early stopping, on a tiny model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from test_train import FAST, TRAIN, VAL, _loaded, make_plan
+
+from layercard.errors import LayercardError
+from layercard.train import TrainConfig, TrainMetrics, train
+from layercard.train.loop import early_stop_due
+
+# A learning rate high enough that the tiny model's validation loss turns back up within the run.
+HOT = dict(lr=0.1, eval_every=1, **FAST)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+class Interrupt(Exception):
+    pass
+
+
+def _run(out: Path, *, stop_at: int | None = None, resume: bool = False, **settings: Any) -> dict[str, Any]:
+    """Train the tiny model with ``settings`` over :data:`HOT`; record the LoRA weights after each step."""
+    loaded = _loaded()
+    seen: dict[int, dict[str, torch.Tensor]] = {}
+
+    def callback(step: int, _loss: float, model: torch.nn.Module) -> None:
+        seen[step] = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
+        if step == stop_at:
+            raise Interrupt
+
+    cfg = TrainConfig(**{**HOT, "steps": 20, **settings})
+    metrics = train(loaded, make_plan(loaded, [1, 3]), TRAIN, VAL, cfg, out, resume=resume, callback=callback)
+    return {"metrics": metrics, "seen": seen}
+
+
+def _adapter(out: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(out / "adapter" / "adapter_model.safetensors"))
+
+
+def _matches(adapter: dict[str, torch.Tensor], weights: dict[str, torch.Tensor]) -> bool:
+    """Whether every saved adapter tensor equals the run's weight of the same module at one step."""
+    by_module = {n.replace(".default", ""): t for n, t in weights.items()}
+    return all(torch.equal(t, by_module[n]) for n, t in adapter.items())
+
+
+@pytest.fixture(scope="module")
+def plain_and_best(tmp_path_factory) -> dict[str, Any]:
+    root = tmp_path_factory.mktemp("best")
+    return {"plain": _run(root / "plain"), "best": _run(root / "best", keep_best=True), "root": root}
+
+
+def test_early_stop_due_counts_the_validations_since_the_best():
+    curve = [[1, 3.0], [2, 2.0], [3, 2.5], [4, 2.4]]
+    assert not early_stop_due(curve, [2, 2.0], 3)
+    assert early_stop_due(curve, [2, 2.0], 2)
+    assert not early_stop_due(curve, [4, 2.4], 1)  # the best is the newest validation
+    assert not early_stop_due(curve, [2, 2.0], 0)  # off
+    assert not early_stop_due(curve, None, 1)  # nothing kept
+
+
+def test_keep_best_trains_the_same_run_and_keeps_the_lowest_validation(plain_and_best):
+    plain, best = plain_and_best["plain"]["metrics"], plain_and_best["best"]["metrics"]
+    # keeping the best changes nothing in training
+    assert best["loss_curve"] == plain["loss_curve"] and best["val_curve"] == plain["val_curve"]
+    losses = [loss for _, loss in best["val_curve"]]
+    low = min(losses)
+    step = best["val_curve"][losses.index(low)][0]
+    assert step < best["steps"], "the run must turn back up for this test to say anything"
+    assert (best["best_step"], best["best_val_loss"]) == (step, low)
+    assert best["steps"] == best["planned_steps"] == 20 and best["stopped_early"] is False
+    assert plain["best_step"] is None and plain["best_val_loss"] is None
+
+    seen = plain_and_best["best"]["seen"]
+    kept, last = _adapter(plain_and_best["root"] / "best"), _adapter(plain_and_best["root"] / "plain")
+    assert _matches(kept, seen[step]) and not _matches(kept, seen[20])
+    assert _matches(last, seen[20])
+    text = TrainMetrics.from_dict(best).kept_text()
+    assert text is not None and f"step {step}'s" in text and "early stopping" not in text
+    assert TrainMetrics.from_dict(plain).kept_text() is None
+
+
+def test_early_stopping_stops_after_patience_and_a_resume_finds_it_finished(tmp_path: Path, plain_and_best):
+    full = plain_and_best["plain"]["metrics"]
+    run = _run(tmp_path, early_stopping=2, checkpoint_every=5)
+    m = run["metrics"]
+    assert m["stopped_early"] is True and m["planned_steps"] == 20 and m["steps"] < 20
+    # the curve is the full run's up to where it stopped, and it stopped at the first step it was due
+    assert m["val_curve"] == full["val_curve"][: m["steps"]]
+    due = [s for s, _ in full["val_curve"] if early_stop_due(full["val_curve"][:s], _best(full, s), 2)]
+    assert m["steps"] == due[0]
+    assert _matches(_adapter(tmp_path), run["seen"][m["best_step"]])
+    assert "early stopping ended the run" in (TrainMetrics.from_dict(m).kept_text() or "")
+    # checkpointed where it stopped, though not a multiple of checkpoint_every
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == [f"step-{m['steps']}"]
+    state = json.loads((tmp_path / "checkpoints" / f"step-{m['steps']}" / "state.json").read_text())
+    assert state["stopped_early"] is True and state["best"][0] == m["best_step"]
+
+    adapter = _adapter(tmp_path)
+    (tmp_path / "train_metrics.json").unlink()  # as if the session had died after its last checkpoint
+    again = _run(tmp_path, early_stopping=2, checkpoint_every=5, resume=True)
+    assert again["seen"] == {}  # no step trained
+    assert again["metrics"]["steps"] == m["steps"] and again["metrics"]["best_step"] == m["best_step"]
+    assert all(torch.equal(t, adapter[n]) for n, t in _adapter(tmp_path).items())
+
+
+def _best(metrics: dict[str, Any], step: int) -> list[Any]:
+    """[step, loss] of the lowest validation up to ``step``, the earliest of ties."""
+    curve = metrics["val_curve"][:step]
+    low = min(loss for _, loss in curve)
+    return next([s, loss] for s, loss in curve if loss == low)
+
+
+def test_an_interrupted_run_keeps_its_best_across_the_resume(tmp_path: Path, plain_and_best):
+    best = plain_and_best["best"]["metrics"]
+    stop = best["best_step"] + 1  # the best is behind the checkpoint, in its best file
+    with pytest.raises(Interrupt):
+        _run(tmp_path, keep_best=True, checkpoint_every=stop, stop_at=stop)
+    assert (tmp_path / "checkpoints" / f"step-{stop}" / "best.safetensors").is_file()
+    resumed = _run(tmp_path, keep_best=True, checkpoint_every=stop, resume=True)["metrics"]
+    assert resumed["resumed_from"] == stop
+    assert (resumed["best_step"], resumed["best_val_loss"]) == (best["best_step"], best["best_val_loss"])
+    kept = _adapter(plain_and_best["root"] / "best")
+    assert all(torch.allclose(t, kept[n], atol=1e-6) for n, t in _adapter(tmp_path).items())
+
+
+def test_a_resume_must_keep_the_best_as_the_run_did(tmp_path: Path):
+    with pytest.raises(Interrupt):
+        _run(tmp_path, checkpoint_every=2, stop_at=2)
+    with pytest.raises(LayercardError, match="cannot resume: keep_best was False, now True"):
+        _run(tmp_path, keep_best=True, checkpoint_every=2, resume=True)
+
+
+@pytest.mark.parametrize(
+    ("settings", "field", "why"),
+    [
+        ({"keep_best": True, "eval_examples": 0}, "keep_best", "eval_examples is 0"),
+        ({"early_stopping": 2, "eval_every": 0}, "early_stopping", "eval_every is 0"),
+        ({"early_stopping": -1}, "early_stopping", "non-negative"),
+    ],
+)
+def test_settings_that_leave_nothing_to_choose_from_are_refused(settings, field, why):
+    with pytest.raises(LayercardError, match=f"^train.{field}:.*({why})"):
+        TrainConfig(**settings)
+
+
+def test_a_run_with_no_validation_task_cannot_keep_its_best(tmp_path: Path):
+    loaded = _loaded()
+    cfg = TrainConfig(steps=2, keep_best=True, **FAST)
+    with pytest.raises(LayercardError, match="^train.keep_best: .*no validation task"):
+        train(loaded, make_plan(loaded, [1]), TRAIN, None, cfg, tmp_path)
+    assert not any(tmp_path.iterdir())
+
+
+def test_the_metrics_file_checks_the_new_fields(plain_and_best, tmp_path: Path):
+    d = dict(plain_and_best["best"]["metrics"])
+    path = tmp_path / "train_metrics.json"
+    path.write_text(json.dumps(d))
+    assert TrainMetrics.load(path).best_step == d["best_step"]
+    for key, bad in (("stopped_early", "no"), ("best_step", -1), ("best_val_loss", "low")):
+        path.write_text(json.dumps({**d, key: bad}))
+        with pytest.raises(LayercardError, match=key):
+            TrainMetrics.load(path)
+    old = {
+        k: v
+        for k, v in d.items()
+        if k not in ("best_step", "best_val_loss", "stopped_early", "planned_steps")
+    }
+    path.write_text(json.dumps(old))
+    assert TrainMetrics.load(path).kept_text() is None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The command line
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_cli_train_says_which_weights_the_adapter_holds(world, tmp_path: Path):
+    from bad_world import FACTS, TRAIN, cli
+
+    out = tmp_path / "run"
+    r = cli(f"train -p {world.plan} -t {FACTS} -o {out} {TRAIN} --steps 4 --eval-every 1 --keep-best")
+    assert r.exit_code == 0, r.output
+    m = TrainMetrics.load(out)
+    assert m.best_step is not None and m.best_val_loss == min(loss for _, loss in m.val_curve)
+    assert "adapter weights" in r.output and f"step {m.best_step}'s" in r.output
+    assert f"step {m.best_step}'s" in (out / "adapter" / "README.md").read_text()
+
+
+@pytest.mark.parametrize(
+    ("extra", "said"),
+    [
+        (
+            "--early-stopping 2 --eval-every 0",
+            "error: --early-stopping: chooses among validations, and eval_every is 0",
+        ),
+        (
+            "--keep-best --eval-examples 0",
+            "error: --keep-best: chooses among validations, and eval_examples is 0",
+        ),
+    ],
+)
+def test_cli_train_refuses_best_weights_without_validations(world, tmp_path: Path, extra: str, said: str):
+    from bad_world import FACTS, TRAIN, cli, one_error_line
+
+    out = tmp_path / "run"
+    r = cli(f"train -p {world.plan} -t {FACTS} -o {out} {TRAIN} --steps 2 {extra}")
+    assert said in one_error_line(r)
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_cli_train_refuses_best_weights_on_a_file_without_a_held_out_split(world, tmp_path: Path):
+    from bad_world import cli
+
+    out = tmp_path / "run"
+    r = cli(
+        f"train -p {world.plan} -t {world.data} -o {out} --batch-size 2 --max-length 64 --steps 2 --keep-best"
+    )
+    assert r.exit_code == 2, r.output
+    assert "keep_best: chooses among validations, and this run has no validation task" in r.output
+    assert not (out / "adapter").exists() and not (out / "train_metrics.json").exists()
