@@ -225,9 +225,21 @@ def test_cli_train_refuses_best_weights_on_a_file_without_a_held_out_split(world
     from bad_world import cli
 
     out = tmp_path / "run"
-    r = cli(
-        f"train -p {world.plan} -t {world.data} -o {out} --batch-size 2 --max-length 64 --steps 2 --keep-best"
+    line = f"train -p {world.plan} -t {world.data} -o {out} --batch-size 2 --max-length 64 --steps 2"
+    r = cli(f"{line} --early-stopping 2 --eval-every 1")
+    assert r.exit_code == 2  # after the note that the file's prompts carry no instruction
+    assert r.output.splitlines()[-1] == (
+        f"error: --early-stopping: chooses among validations, and --task {world.data} is one file, with no "
+        "other split; give --val-task"
     )
-    assert r.exit_code == 2, r.output
-    assert "keep_best: chooses among validations, and this run has no validation task" in r.output
-    assert not (out / "adapter").exists() and not (out / "train_metrics.json").exists()
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_a_dry_run_says_early_stopping_may_end_the_run_sooner(world):
+    from bad_world import FACTS, TRAIN, cli
+
+    r = cli(f"train -p {world.plan} -t {FACTS} {TRAIN} --steps 6 --eval-every 2 --early-stopping 2 --dry-run")
+    assert r.exit_code == 0, r.output
+    assert "--early-stopping 2: the run may end at a validation (every 2 steps) before its 6" in r.output
+    plain = cli(f"train -p {world.plan} -t {FACTS} {TRAIN} --steps 6 --dry-run")
+    assert plain.exit_code == 0 and "early-stopping" not in plain.output

@@ -195,6 +195,11 @@ def train_cmd(
     val_t = _val_task(train_t, task, val_task, val_split, seed, kw) if cfg.eval_examples else None
     if cfg.eval_examples and val_t is None:
         what = "is one file, with no other split" if is_file_spec(task) else "has no validation or test split"
+        if cfg.keeps_best:  # before the model loads
+            raise LayercardError(
+                f"{'--keep-best' if cfg.keep_best else '--early-stopping'}: chooses among validations, and "
+                f"--task {task} {what}; give --val-task{_beside(task)}"
+            )
         note(f"--task {task} {what}: validation is off (give --val-task to validate{_beside(task)})")
     loaded = load_cli_model(model_spec, dtype, "auto", trust_remote_code)  # Accelerate places it
     check_model_matches(p, loaded, where=str(plan))
@@ -208,6 +213,11 @@ def train_cmd(
             emit_json(est)
         else:
             _print_estimate(est, plan)
+        if cfg.early_stopping:
+            note(
+                f"--early-stopping {cfg.early_stopping}: the run may end at a validation (every "
+                f"{cfg.eval_every} steps) before its {est['steps']:,}; the figures above are for all of them"
+            )
         return
     assert out is not None
     metrics = train(
