@@ -243,3 +243,47 @@ def test_a_dry_run_says_early_stopping_may_end_the_run_sooner(world):
     assert "--early-stopping 2: the run may end at a validation (every 2 steps) before its 6" in r.output
     plain = cli(f"train -p {world.plan} -t {FACTS} {TRAIN} --steps 6 --dry-run")
     assert plain.exit_code == 0 and "early-stopping" not in plain.output
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Gradient clipping
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _norms_at_update(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, **settings: Any) -> tuple[list, dict]:
+    """The trainable gradients' global norm as each AdamW update saw them, and the run's metrics."""
+    from layercard.cost import grad_norm
+
+    seen: list[float] = []
+    real = torch.optim.AdamW.step
+
+    def step(self, *a: Any, **kw: Any) -> Any:
+        seen.append(grad_norm([p for g in self.param_groups for p in g["params"]]))
+        return real(self, *a, **kw)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    loaded = _loaded()
+    cfg = TrainConfig(**{**FAST, "steps": 4, "lr": 1e-2, "eval_examples": 0, **settings})
+    return seen, train(loaded, make_plan(loaded, [1, 3]), TRAIN, None, cfg, tmp_path, progress=False)
+
+
+def test_max_grad_norm_clips_each_update_and_counts_the_steps(tmp_path: Path, monkeypatch):
+    free, plain = _norms_at_update(monkeypatch, tmp_path / "free")
+    assert plain["clipped_steps"] is None and TrainMetrics.from_dict(plain).clipped_text() is None
+    cap = min(free) / 2  # below every step's own norm: each is clipped
+    clipped, m = _norms_at_update(monkeypatch, tmp_path / "clipped", max_grad_norm=cap)
+    assert len(clipped) == 4 and all(n == pytest.approx(cap, rel=1e-4) for n in clipped)
+    assert m["clipped_steps"] == 4
+    assert TrainMetrics.from_dict(m).clipped_text() == f"4 of 4 steps (max_grad_norm {cap:g})"
+    # above every norm: nothing clipped, and the run is the unclipped one
+    _, loose = _norms_at_update(monkeypatch, tmp_path / "loose", max_grad_norm=max(free) * 100)
+    assert loose["clipped_steps"] == 0 and loose["loss_curve"] == plain["loss_curve"]
+
+
+def test_a_resume_must_clip_as_the_run_did(tmp_path: Path):
+    with pytest.raises(Interrupt):
+        _run(tmp_path, checkpoint_every=2, stop_at=2)
+    with pytest.raises(LayercardError, match="cannot resume: max_grad_norm was None, now 1.0"):
+        _run(tmp_path, max_grad_norm=1.0, checkpoint_every=2, resume=True)
+    with pytest.raises(LayercardError, match="^train.max_grad_norm:"):
+        TrainConfig(max_grad_norm=0.0)

@@ -372,6 +372,8 @@ def _print_summary(m: dict[str, Any]) -> None:
     tbl.add_row("final val loss", _fmt(m["final_val_loss"], ".4f"))
     if (kept := tm.kept_text()) is not None:
         tbl.add_row("adapter weights", kept)
+    if (clipped := tm.clipped_text()) is not None:
+        tbl.add_row("gradients clipped", clipped)
     if m.get("resumed_from") is not None:
         tbl.add_row("resumed from step", str(m["resumed_from"]))
     result_console.print(tbl)

@@ -35,6 +35,12 @@ class TrainConfig(Schema):
     grad_accum: int = setting(1, kind="int", minimum=1, help="micro-batches per optimizer step")
     lr: float = setting(1e-3, kind="pos_float", help="AdamW learning rate")
     weight_decay: float = setting(0.0, kind="nonneg_float", help="AdamW weight decay")
+    max_grad_norm: float | None = setting(
+        None,
+        kind="pos_float",
+        help="clip the trainable parameters' gradient to this global norm before each update; null: no "
+        "clipping",
+    )
     warmup_steps: int = setting(0, kind="int", minimum=0, help="linear warm-up steps")
     scheduler: str = setting("constant", kind="choice", choices=SCHEDULERS, help="learning-rate schedule")
     max_length: int = setting(128, kind="int", minimum=2, help="max tokens per training example")

@@ -96,7 +96,7 @@ def _joined(rows: Sequence[tuple[str, str]]) -> dict[str, str]:
 
 
 # Train settings added after run folders were first fingerprinted, with the default that trains as before.
-_TRAIN_ADDED_LATER = {"keep_best": False, "early_stopping": 0}
+_TRAIN_ADDED_LATER = {"keep_best": False, "early_stopping": 0, "max_grad_norm": None}
 
 StageCallback = Callable[[str, str, "StageResult | None"], None]
 
@@ -742,6 +742,7 @@ class Runner:
                 ("train loss first → last", f"{_fmt(m.first_train_loss)} → {_fmt(m.final_train_loss)}"),
                 ("final val loss", _fmt(m.final_val_loss)),
                 *([("adapter weights", kept)] if (kept := m.kept_text()) else []),
+                *([("gradients clipped", clipped)] if (clipped := m.clipped_text()) else []),
                 (
                     f"peak memory ({memory_kind_text(m.peak_memory_kind)}) measured / predicted",
                     f"{m.peak_memory_mib:,.0f} / {_fmt(predicted_peak_mib(m), ',.0f')} MiB"

@@ -31,10 +31,10 @@ RESUME_FIELDS = (
     "model_hash", "kind", "targets", "lora_config", "data_hash", "seed", "batch_size", "grad_accum", "lr",
     "weight_decay", "warmup_steps", "scheduler", "max_length", "bottleneck", "dtype", "world_size",
     "schedule_steps", "init", "eva_rho", "load_in_4bit", "weights_dtype", "val_data",
-    "gradient_checkpointing", "keep_best", "early_stopping",
+    "gradient_checkpointing", "keep_best", "early_stopping", "max_grad_norm",
 )  # fmt: skip
 # What a fingerprint written before a field existed meant by its absence.
-_ABSENT_MEANS = {"init": "default", "keep_best": False, "early_stopping": 0}
+_ABSENT_MEANS = {"init": "default", "keep_best": False, "early_stopping": 0, "max_grad_norm": None}
 # Fields fingerprinted only later, whose absence says nothing of the run's value: compared where recorded.
 _RECORDED_LATER = ("load_in_4bit", "weights_dtype", "val_data", "gradient_checkpointing")
 STATE_FILE = "state.json"
@@ -178,7 +178,12 @@ def read_state(path: Path) -> dict[str, Any]:
         f.fail("step", f"must be the step its folder {path.name} names", step)
     for key in ("micro_batches", "tokens_seen", "target_tokens_seen"):
         f.integer(f.get(state, key), key, minimum=0)
-    for key in ("positions_seen", "max_positions", "skipped_steps"):  # absent: written before counted
+    for key in (
+        "positions_seen",
+        "max_positions",
+        "skipped_steps",
+        "clipped_steps",
+    ):  # absent: not counted yet
         f.optional(state.get(key), key, lambda v, w: f.integer(v, w, minimum=0))
     for key in ("loss_curve", "val_curve"):
         for i, row in enumerate(f.items(f.get(state, key), key)):

@@ -125,6 +125,7 @@ class _State:
     positions_seen: int = 0  # padded positions (batch × length): what a step computes
     max_positions: int = 0  # the largest micro-batch's padded positions: what peak memory grows with
     skipped: int = 0  # optimizer steps float16's loss scaler skipped (overflowing gradients): no update
+    clipped: int = 0  # optimizer steps whose gradient norm max_grad_norm clipped
     prior_wall: float = 0.0  # wall time of the sessions before a resume
     resumed_from: int | None = None
     init_s: float | None = None  # seconds of a data-driven init (EVA), counted once across sessions
@@ -156,6 +157,7 @@ class _State:
             positions_seen=int(st.get("positions_seen", st["tokens_seen"])),
             max_positions=int(st.get("max_positions", 0)),
             skipped=int(st.get("skipped_steps") or 0),  # none before they were counted: loss scalers are rare
+            clipped=int(st.get("clipped_steps") or 0),  # none before clipping existed
             prior_wall=float(st.get("wall_time_s", 0.0)),
             resumed_from=step,
             init_s=st.get("init_s"),
@@ -212,6 +214,7 @@ class _Run:
             "positions_seen": state.positions_seen,
             "max_positions": state.max_positions,
             "skipped_steps": state.skipped,
+            "clipped_steps": state.clipped,
             "wall_time_s": self.wall(state),
             "init_s": state.init_s,
             "fingerprint": self.fingerprint,
@@ -1161,6 +1164,11 @@ def _step(
                     f"ignore its layers?). No adapter or {METRICS_FILE} was written"
                 )
             _diverged(run, state.step + 1, "gradient of the trainable parameters is exactly zero")
+    if cfg.max_grad_norm is not None:
+        # Accelerate's clipping: it unscales float16's gradients first, and under a launch clips the
+        # gradient every process holds after their exchange
+        total = float(acc.clip_grad_norm_(params, cfg.max_grad_norm))
+        state.clipped += int(total > cfg.max_grad_norm)
     try:
         optimizer.step()
     except RuntimeError as e:
@@ -1355,6 +1363,7 @@ def _metrics(
         adapted=_adapted_section(run, inner),
         peak_memory_steps=list(memory["steps"]),
         skipped_steps=state.skipped,
+        clipped_steps=state.clipped if cfg.max_grad_norm is not None else None,
         planned_steps=run.total_steps,
         best_step=state.best[0] if state.best is not None else None,
         best_val_loss=state.best[1] if state.best is not None else None,

@@ -127,6 +127,9 @@ class TrainMetrics:
     # weights the adapter holds and its validation loss, the lowest. Older files read None; so do
     # ``best_*`` of a run whose adapter is its last step's.
     planned_steps: int | None = None
+    # The optimizer steps whose gradient norm was above ``max_grad_norm`` and clipped to it: None for a run
+    # that clips none (and for older files).
+    clipped_steps: int | None = None
     stopped_early: bool | None = None
     best_step: int | None = None
     best_val_loss: float | None = None
@@ -137,11 +140,17 @@ class TrainMetrics:
         if self.best_step is None or self.best_val_loss is None:
             return None
         text = f"step {self.best_step}'s, the lowest validation loss ({self.best_val_loss:.4f})"
-        if self.best_step != self.steps and self.final_val_loss is not None:
-            text += f"; step {self.steps}'s {self.final_val_loss:.4f}"
         if self.stopped_early:
             text += f"; early stopping ended the run after step {self.steps} of {self.planned_steps}"
         return text
+
+    def clipped_text(self) -> str | None:
+        """How many steps ``max_grad_norm`` clipped, for a run that clips; else None."""
+        if self.clipped_steps is None:
+            return None
+        return (
+            f"{self.clipped_steps} of {self.steps} steps (max_grad_norm {self.config.get('max_grad_norm'):g})"
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """The train_metrics.json form (key order as written)."""
@@ -185,7 +194,7 @@ _REQUIRED = frozenset(
 # Counts; the seconds, MiB, rates and ratios of them measured or predicted (none can be negative); the
 # differences of memory figures and the quality model's fraction (either sign); the losses.
 _COUNTS = ("trainable_params", "total_params", "steps", "tokens_seen", "target_tokens_seen", "resumed_from",
-           "max_batch_positions", "forward_positions", "skipped_steps", "planned_steps",
+           "max_batch_positions", "forward_positions", "skipped_steps", "planned_steps", "clipped_steps",
            "best_step")  # fmt: skip
 _AMOUNTS = (
     "epochs", "peak_memory_mib", "wall_time_s", "s_per_step", "tokens_per_s", "predicted_step_time_s",
