@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_train import FAST, TRAIN, VAL, _loaded, make_plan
+from test_train import FAST, TRAIN, VAL, _loaded, _one_thread, make_plan  # noqa: F401  (a fixture: one thread)
 
 from layercard.errors import LayercardError
 from layercard.train import TrainConfig, TrainMetrics, train
@@ -17,14 +17,6 @@ from layercard.train.loop import early_stop_due
 
 # A learning rate high enough that the tiny model's validation loss turns back up within the run.
 HOT = dict(lr=0.1, eval_every=1, **FAST)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 class Interrupt(Exception):
