@@ -433,6 +433,8 @@ def test_keeping_the_best_weights_trains_again_only_when_asked(tiny_run, tmp_pat
     assert {"train:all", "train:card-2"} <= set(kept["ran"])
     metrics = json.loads((copy / "train" / "all" / "train_metrics.json").read_text())
     assert metrics["best_step"] in [s for s, _ in metrics["val_curve"]]
+    said = f"all: the adapter holds step {metrics['best_step']}'s, the lowest validation loss"
+    assert said in (copy / "report.md").read_text()
 
 
 def test_changed_train_steps_reruns_downstream_only(tiny_run, tmp_path, monkeypatch):

@@ -37,7 +37,10 @@ CARD_FIELDS_ADDED: dict[str, Any] = {
 # Likewise the settings TrainConfig gained after this benchmark's runs (results/placement_runs/) were
 # trained, at the value that trains the way they were (PEFT's own initialisation; eva_rho is read only by
 # the EVA one): out of a run's key at that value, so every committed run keeps its key.
-TRAIN_FIELDS_ADDED: dict[str, Any] = {"init": "default", "eva_rho": 2.0, "gradient_checkpointing": False}
+TRAIN_FIELDS_ADDED: dict[str, Any] = {
+    "init": "default", "eva_rho": 2.0, "gradient_checkpointing": False, "keep_best": False,
+    "early_stopping": 0, "max_grad_norm": None,
+}  # fmt: skip
 
 
 def _without(config: dict[str, Any], added: dict[str, Any]) -> dict[str, Any]:

@@ -415,6 +415,11 @@ def _training(doc: _Doc, run: _Run) -> None:
         "evaluation's on its own examples: the two need not agree."
     )
     for name, m in run.metrics.items():
+        if (kept := m.kept_text()) is not None:
+            doc.p(
+                f"{name}: the adapter holds {kept}; the plan predicted its quality after the "
+                f"{m.planned_steps} planned steps"
+            )
         for line in [*(m.budget_notes or []), *(m.price_notes or [])]:
             doc.p(f"{name}: warning: {line}")
     planning = _planning_cost(run)
