@@ -811,7 +811,7 @@ def test_a_metric_that_is_not_finite_leaves_no_adapter(tmp_path: Path):
 
 
 def test_a_checkpoint_keeps_the_loss_scale(tmp_path: Path):
-    from layercard.train.checkpoints import load_checkpoint, save_checkpoint
+    from layercard.train.checkpoints import _ABSENT_MEANS, load_checkpoint, save_checkpoint
 
     weight = torch.nn.Parameter(torch.ones(2))
     optimizer = torch.optim.AdamW([weight])
@@ -819,7 +819,7 @@ def test_a_checkpoint_keeps_the_loss_scale(tmp_path: Path):
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**24)
     scaler.scale(torch.ones(1))  # the scale is made on first use
     scaler.update(new_scale=2.0**19)  # where float16 had backed off to when the checkpoint was written
-    run = {"init": "default"}  # the one setting a fingerprint compares where it is absent
+    run = dict(_ABSENT_MEANS)  # the settings a fingerprint compares where they are absent
     counts = {"step": 4, "micro_batches": 4, "tokens_seen": 8, "target_tokens_seen": 4, "wall_time_s": 1.0}
     state = {
         **counts,
