@@ -279,3 +279,17 @@ def test_a_resume_must_clip_as_the_run_did(tmp_path: Path):
         _run(tmp_path, max_grad_norm=1.0, checkpoint_every=2, resume=True)
     with pytest.raises(LayercardError, match="^train.max_grad_norm:"):
         TrainConfig(max_grad_norm=0.0)
+
+
+@pytest.mark.parametrize(
+    ("best", "said"), [([3], r"best: must be a \[step, loss\] pair"), ([0, 1.0], r"best\[0\]")]
+)
+def test_a_checkpoint_with_a_damaged_best_is_named(tmp_path: Path, best: list, said: str):
+    with pytest.raises(Interrupt):
+        _run(tmp_path, keep_best=True, checkpoint_every=2, stop_at=2)
+    state_file = tmp_path / "checkpoints" / "step-2" / "state.json"
+    state = json.loads(state_file.read_text())
+    assert state["best"][0] in (1, 2)
+    state_file.write_text(json.dumps({**state, "best": best}))
+    with pytest.raises(LayercardError, match=f"damaged checkpoint.*{said}"):
+        _run(tmp_path, keep_best=True, checkpoint_every=2, resume=True)

@@ -178,36 +178,32 @@ def read_state(path: Path) -> dict[str, Any]:
         f.fail("step", f"must be the step its folder {path.name} names", step)
     for key in ("micro_batches", "tokens_seen", "target_tokens_seen"):
         f.integer(f.get(state, key), key, minimum=0)
-    for key in (
-        "positions_seen",
-        "max_positions",
-        "skipped_steps",
-        "clipped_steps",
-    ):  # absent: not counted yet
+    # absent: written before they were counted
+    for key in ("positions_seen", "max_positions", "skipped_steps", "clipped_steps"):
         f.optional(state.get(key), key, lambda v, w: f.integer(v, w, minimum=0))
     for key in ("loss_curve", "val_curve"):
         for i, row in enumerate(f.items(f.get(state, key), key)):
-            if not (isinstance(row, list) and len(row) == 2):
-                f.fail(f"{key}[{i}]", "must be a [step, loss] pair", row)
-            f.integer(row[0], f"{key}[{i}][0]", minimum=1)
-            f.number(row[1], f"{key}[{i}][1]")
+            _step_loss(f, row, f"{key}[{i}]")
     for i, row in enumerate(f.items(f.get(state, "step_times"), "step_times")):
         if not (isinstance(row, list) and len(row) >= 4):
             f.fail(f"step_times[{i}]", "must be a [step, seconds, tokens, first, ...] row", row)
     for key in ("wall_time_s", "init_s"):
         f.optional(state.get(key), key, lambda v, w: f.number(v, w, minimum=0))
-    best = f.optional(state.get("best"), "best", f.items)
-    if best is not None:
-        if len(best) != 2:
-            f.fail("best", "must be a [step, loss] pair", best)
-        f.integer(best[0], "best[0]", minimum=1)
-        f.number(best[1], "best[1]")
+    f.optional(state.get("best"), "best", lambda v, w: _step_loss(f, v, w))
     f.optional(state.get("stopped_early"), "stopped_early", f.flag)
     f.mapping(f.get(state, "fingerprint"), "fingerprint")
     if state.get("memory") is not None:
         _check_memory(f, state["memory"])
     f.finite_everywhere(state, "")
     return state
+
+
+def _step_loss(f: Fields, row: Any, where: str) -> None:
+    """A ``[step, loss]`` pair: a point of a loss curve, or the best validation."""
+    if not (isinstance(row, list) and len(row) == 2):
+        f.fail(where, "must be a [step, loss] pair", row)
+    f.integer(row[0], f"{where}[0]", minimum=1)
+    f.number(row[1], f"{where}[1]")
 
 
 def _check_memory(f: Fields, memory: Any) -> None:
