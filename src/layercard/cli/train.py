@@ -28,7 +28,7 @@ from layercard.cli.app import (
 from layercard.cli.options import config_options
 from layercard.cli.task_options import SPLIT_HELP, TaskOpt, task_options
 from layercard.config import TrainConfig
-from layercard.errors import LayercardError
+from layercard.errors import LayercardError, setting_name
 from layercard.progress import count, layers_text
 
 if TYPE_CHECKING:
@@ -197,7 +197,7 @@ def train_cmd(
         what = "is one file, with no other split" if is_file_spec(task) else "has no validation or test split"
         if cfg.keeps_best:  # before the model loads
             raise LayercardError(
-                f"{'--keep-best' if cfg.keep_best else '--early-stopping'}: chooses among validations, and "
+                f"{setting_name(cfg.best_setting)}: chooses among validations, and "
                 f"--task {task} {what}; give --val-task{_beside(task)}"
             )
         note(f"--task {task} {what}: validation is off (give --val-task to validate{_beside(task)})")

@@ -107,6 +107,12 @@ class TrainConfig(Schema):
         stopping), not the last step's."""
         return self.keep_best or self.early_stopping > 0
 
+    @property
+    def best_setting(self) -> str:
+        """The setting that asks for the best weights, as errors name it: ``keep_best`` where it is on,
+        else ``early_stopping``."""
+        return "keep_best" if self.keep_best else "early_stopping"
+
     def validate(self) -> None:
         if (self.steps is None) == (self.epochs is None):
             raise self.fail(

@@ -456,10 +456,9 @@ def _sharded_config(accelerator: Any, cfg: TrainConfig, kind: str, resume: bool)
     if resume:
         raise LayercardError(f"--resume: {how}, no checkpoints are written, so there is none to resume from")
     if cfg.keeps_best:
-        key = "keep_best" if cfg.keep_best else "early_stopping"
         raise LayercardError(
-            f"{setting_name(key)}: {how}, each process holds a part of every weight, and the best ones are "
-            "not kept; leave it off, or train without sharding"
+            f"{setting_name(cfg.best_setting)}: {how}, each process holds a part of every weight, and the "
+            "best ones are not kept; leave it off, or train without sharding"
         )
     if cfg.checkpoint_every:
         say(
@@ -700,7 +699,7 @@ def _check_inputs(
         raise cfg.fail("init", f"{cfg.init} initialises LoRA; {kind} adapters train from init: default")
     if cfg.keeps_best and val_task is None:
         raise cfg.fail(
-            "keep_best" if cfg.keep_best else "early_stopping",
+            cfg.best_setting,
             "chooses among validations, and this run has no validation task; give it one (a held-out "
             "split, or --val-task)",
         )
