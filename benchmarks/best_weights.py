@@ -2,10 +2,11 @@
 
 smollm2, the MLP of every layer at rank 2, trained on 32 examples for 80 steps of batch 4 (10 epochs) at
 lr 2e-3, up to 128 tokens, validated every 5 steps on 32 held-out examples: a run long enough to overfit.
-Each task is trained three ways from the same seed: keeping the last step's weights (`last`, the
-default), `keep_best`, and `early_stopping: 3`. Each adapter is then scored by the teacher-forced loss
-of 200 test examples disjoint from the validated ones (the same seeded shuffle, past its first 32), beside
-the base model's.
+Each task is trained four ways from the same seed: keeping the last step's weights (`last`, the
+default), `keep_best`, `early_stopping: 3`, and `early_stopping: 3` counting only drops of more than
+0.05 nats (`min_delta`, `early_stopping_min_delta: 0.05`). Each adapter is then scored by the
+teacher-forced loss of 200 test examples disjoint from the validated ones (the same seeded shuffle, past
+its first 32), beside the base model's.
 
     .venv/bin/python benchmarks/best_weights.py run
     .venv/bin/python benchmarks/best_weights.py summary
@@ -28,8 +29,18 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "best_weights"
 # task: (training split, held-out split: the validated examples and, past them, the test examples)
-TASKS = {"gsm8k": ("gsm8k:train", "gsm8k:test"), "e2e_nlg": ("e2e_nlg:validation", "e2e_nlg:test")}
-VARIANTS = {"last": {}, "keep_best": {"keep_best": True}, "early_stopping": {"early_stopping": 3}}
+TASKS = {
+    "gsm8k": ("gsm8k:train", "gsm8k:test"),
+    "e2e_nlg": ("e2e_nlg:validation", "e2e_nlg:test"),
+    "sst2": ("sst2:train", "sst2:validation"),
+}
+MIN_DELTA = 0.05  # nats per token; set before any run with it
+VARIANTS = {
+    "last": {},
+    "keep_best": {"keep_best": True},
+    "early_stopping": {"early_stopping": 3},
+    "min_delta": {"early_stopping": 3, "early_stopping_min_delta": MIN_DELTA},
+}
 TRAIN_EXAMPLES, VAL_EXAMPLES, TEST_EXAMPLES = 32, 32, 200
 STEPS, EVERY, BATCH, LR, MAX_LENGTH, RANK = 80, 5, 4, 2e-3, 128, 2
 
@@ -207,9 +218,13 @@ def _figure(records: list[dict[str, Any]]) -> None:
         best = others.get("keep_best")
         if best is not None and best["best_step"] is not None:
             ax.axvline(best["best_step"], color="tab:green", ls="--", label=f"best: step {best['best_step']}")
-        stop = others.get("early_stopping")
-        if stop is not None and stop["stopped_early"]:
-            ax.axvline(stop["steps"], color="tab:red", ls=":", label=f"early stop: step {stop['steps']}")
+        for variant, color, name in (
+            ("early_stopping", "tab:red", "early stop"),
+            ("min_delta", "tab:purple", f"early stop, min delta {MIN_DELTA:g}"),
+        ):
+            stop = others.get(variant)
+            if stop is not None and stop["stopped_early"]:
+                ax.axvline(stop["steps"], color=color, ls=":", label=f"{name}: step {stop['steps']}")
         ax.set_title(r["task"])
         ax.set_xlabel("step")
         ax.set_ylabel("validation loss (nats per target token)")

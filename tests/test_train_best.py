@@ -13,7 +13,7 @@ from test_train import FAST, TRAIN, VAL, _loaded, _one_thread, make_plan  # noqa
 
 from layercard.errors import LayercardError
 from layercard.train import TrainConfig, TrainMetrics, train
-from layercard.train.loop import early_stop_due
+from layercard.train.loop import early_stop_due, patience_anchor, stop_reason
 
 # A learning rate high enough that the tiny model's validation loss turns back up within the run.
 HOT = dict(lr=0.1, eval_every=1, **FAST)
@@ -56,11 +56,32 @@ def plain_and_best(tmp_path_factory) -> dict[str, Any]:
 
 def test_early_stop_due_counts_the_validations_since_the_best():
     curve = [[1, 3.0], [2, 2.0], [3, 2.5], [4, 2.4]]
-    assert not early_stop_due(curve, [2, 2.0], 3)
-    assert early_stop_due(curve, [2, 2.0], 2)
-    assert not early_stop_due(curve, [4, 2.4], 1)  # the best is the newest validation
-    assert not early_stop_due(curve, [2, 2.0], 0)  # off
-    assert not early_stop_due(curve, None, 1)  # nothing kept
+    assert not early_stop_due(curve, 3)
+    assert early_stop_due(curve, 2)
+    assert not early_stop_due([*curve, [5, 1.9]], 1)  # the best is the newest validation
+    assert not early_stop_due([*curve[:2], [3, 2.0]], 2)  # a tie is no lower: one since the best
+    assert early_stop_due([*curve[:2], [3, 2.0]], 1)
+    assert not early_stop_due(curve, 0)  # off
+    assert not early_stop_due([], 1)
+
+
+def test_a_minimum_improvement_counts_only_drops_larger_than_it():
+    curve = [[1, 3.0], [2, 2.0], [3, 1.95], [4, 1.92], [5, 1.5], [6, 1.48]]
+    assert patience_anchor(curve) == (0, [6, 1.48])
+    # 1.95 and 1.92 are not more than 0.1 below 2.0; 1.5 is, and 1.48 not below it by more
+    assert patience_anchor(curve, 0.1) == (1, [5, 1.5])
+    assert [s for s, _ in curve if early_stop_due(curve[:s], 2, 0.1)] == [4]
+    assert not any(early_stop_due(curve[:s], 2) for s in range(1, 7))
+    assert patience_anchor(curve, 5.0) == (5, [1, 3.0])  # no drop is large enough: the first counts
+    cfg = TrainConfig(**{**HOT, "early_stopping": 2, "early_stopping_min_delta": 0.1})
+    assert (
+        stop_reason(curve[:4], cfg)
+        == "2 validations in a row found no loss more than 0.1 below step 2's 2.0000"
+    )
+    plain = TrainConfig(**{**HOT, "early_stopping": 2})
+    assert stop_reason([[1, 3.0], [2, 2.0], [3, 2.5], [4, 2.4]], plain) == (
+        "2 validations in a row found no loss below step 2's 2.0000"
+    )
 
 
 def test_keep_best_trains_the_same_run_and_keeps_the_lowest_validation(plain_and_best):
@@ -91,7 +112,7 @@ def test_early_stopping_stops_after_patience_and_a_resume_finds_it_finished(tmp_
     assert m["stopped_early"] is True and m["planned_steps"] == 20 and m["steps"] < 20
     # the curve is the full run's up to where it stopped, and it stopped at the first step it was due
     assert m["val_curve"] == full["val_curve"][: m["steps"]]
-    due = [s for s, _ in full["val_curve"] if early_stop_due(full["val_curve"][:s], _best(full, s), 2)]
+    due = [s for s, _ in full["val_curve"] if early_stop_due(full["val_curve"][:s], 2)]
     assert m["steps"] == due[0]
     assert _matches(_adapter(tmp_path), run["seen"][m["best_step"]])
     assert "early stopping ended the run" in (TrainMetrics.from_dict(m).kept_text() or "")
@@ -108,11 +129,21 @@ def test_early_stopping_stops_after_patience_and_a_resume_finds_it_finished(tmp_
     assert all(torch.equal(t, adapter[n]) for n, t in _adapter(tmp_path).items())
 
 
-def _best(metrics: dict[str, Any], step: int) -> list[Any]:
-    """[step, loss] of the lowest validation up to ``step``, the earliest of ties."""
-    curve = metrics["val_curve"][:step]
-    low = min(loss for _, loss in curve)
-    return next([s, loss] for s, loss in curve if loss == low)
+def test_a_minimum_improvement_stops_sooner_and_the_adapter_still_holds_the_lowest_loss(
+    tmp_path: Path, plain_and_best
+):
+    full = plain_and_best["plain"]["metrics"]["val_curve"]
+    # larger than any drop the run makes: only the first validation is ever the anchor
+    delta = 2 * (full[0][1] - min(loss for _, loss in full)) + 1.0
+    m = _run(tmp_path, early_stopping=2, early_stopping_min_delta=delta)
+    assert m["metrics"]["stopped_early"] is True and m["metrics"]["steps"] == 3  # validations 2 and 3
+    assert m["metrics"]["val_curve"] == full[:3]
+    losses = [loss for _, loss in full[:3]]
+    low = losses.index(min(losses))
+    assert low > 0, "the run must fall within three steps for this test to say anything"
+    assert (m["metrics"]["best_step"], m["metrics"]["best_val_loss"]) == tuple(full[low])
+    assert _matches(_adapter(tmp_path), m["seen"][full[low][0]])
+    assert m["metrics"]["config"]["early_stopping_min_delta"] == delta
 
 
 def test_an_interrupted_run_keeps_its_best_across_the_resume(tmp_path: Path, plain_and_best):
@@ -135,12 +166,21 @@ def test_a_resume_must_keep_the_best_as_the_run_did(tmp_path: Path):
         _run(tmp_path, keep_best=True, checkpoint_every=2, resume=True)
 
 
+def test_a_resume_must_keep_the_minimum_improvement(tmp_path: Path):
+    with pytest.raises(Interrupt):
+        _run(tmp_path, early_stopping=5, checkpoint_every=2, stop_at=2)
+    with pytest.raises(LayercardError, match="cannot resume: early_stopping_min_delta was 0.0, now 0.5"):
+        _run(tmp_path, early_stopping=5, early_stopping_min_delta=0.5, checkpoint_every=2, resume=True)
+
+
 @pytest.mark.parametrize(
     ("settings", "field", "why"),
     [
         ({"keep_best": True, "eval_examples": 0}, "keep_best", "eval_examples is 0"),
         ({"early_stopping": 2, "eval_every": 0}, "early_stopping", "eval_every is 0"),
         ({"early_stopping": -1}, "early_stopping", "non-negative"),
+        ({"early_stopping_min_delta": 0.1}, "early_stopping_min_delta", "early_stopping is 0"),
+        ({"early_stopping": 2, "early_stopping_min_delta": -0.1}, "early_stopping_min_delta", ">= 0"),
     ],
 )
 def test_settings_that_leave_nothing_to_choose_from_are_refused(settings, field, why):

@@ -18,9 +18,10 @@ class TrainConfig(Schema):
 
     ``eval_every=0`` evaluates only at the end, ``checkpoint_every=0`` writes no checkpoints,
     ``eval_examples=0`` skips validation. ``keep_best`` keeps the weights of the validation with the lowest
-    loss as the adapter; ``early_stopping=N`` stops once N validations in a row find none lower, and keeps
-    those weights too. ``bottleneck=None`` takes the plan's (else 16). ``dtype`` is the
-    compute precision (Accelerate mixed precision for bfloat16/float16); the weights keep their dtype.
+    loss as the adapter; ``early_stopping=N`` stops once N validations in a row find none lower (by more
+    than ``early_stopping_min_delta``), and keeps those weights too. ``bottleneck=None`` takes the plan's
+    (else 16). ``dtype`` is the compute precision (Accelerate mixed precision for bfloat16/float16); the
+    weights keep their dtype.
     ``init=eva`` (LoRA only) sets each LoRA A from the SVD of its module's inputs on the first training
     batches and moves rank between modules, keeping the planned total; ``eva_rho`` caps the growth.
     """
@@ -66,6 +67,12 @@ class TrainConfig(Schema):
         minimum=0,
         help="stop once N validations in a row find no lower loss than the best, and keep the best "
         "weights; 0: train every step",
+    )
+    early_stopping_min_delta: float = setting(
+        0.0,
+        kind="nonneg_float",
+        help="early stopping counts a validation as lower only when its loss is more than this below the "
+        "last one it counted so (nats per token); the adapter still holds the lowest loss's weights",
     )
     log_every: int = setting(
         1, kind="int", minimum=1, help="keep every N-th step in the loss curve (and the first and last)"
@@ -127,6 +134,12 @@ class TrainConfig(Schema):
                     name,
                     f"chooses among validations, and {off}; validate every N steps, or leave it off",
                 )
+        if self.early_stopping_min_delta and not self.early_stopping:
+            raise self.fail(
+                "early_stopping_min_delta",
+                f"is {self.early_stopping_min_delta!r}, and early_stopping is 0 (off); set early_stopping "
+                "to N validations, or leave it 0",
+            )
         if self.eva_rho < 1:
             raise self.fail("eva_rho", f"must be a number >= 1, got {self.eva_rho!r}")
 

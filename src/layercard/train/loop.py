@@ -1005,7 +1005,9 @@ def _loop(
             if run.data.val_encoded and cfg.eval_every and step % cfg.eval_every == 0:
                 _validate(run, state, prepared, trainable, step)
             # checkpointed where it stops too, so that --resume finds the run finished
-            state.stopped_early = early_stop_due(state.val_curve, state.best, cfg.early_stopping)
+            state.stopped_early = early_stop_due(
+                state.val_curve, cfg.early_stopping, cfg.early_stopping_min_delta
+            )
             saved = bool(cfg.checkpoint_every) and (step % cfg.checkpoint_every == 0 or state.stopped_early)
             if saved:
                 acc.wait_for_everyone()
@@ -1025,10 +1027,9 @@ def _loop(
                 raise KeyboardInterrupt
             if state.stopped_early:
                 stop_bars()
-                best_step, best_loss = state.best  # type: ignore[misc]  # set: early stopping keeps the best
                 say(
-                    f"note: early stopping: {cfg.early_stopping} validations in a row found no loss below "
-                    f"step {best_step}'s {best_loss:.4f}; stopped after step {step} of {run.total_steps}",
+                    f"note: early stopping: {stop_reason(state.val_curve, cfg)}; stopped after step {step} "
+                    f"of {run.total_steps}",
                     enabled=acc.is_main_process,
                 )
                 break
@@ -1036,12 +1037,33 @@ def _loop(
         _validate(run, state, prepared, trainable, state.step)
 
 
-def early_stop_due(val_curve: Sequence[Sequence[float]], best: Sequence[Any] | None, patience: int) -> bool:
+def patience_anchor(val_curve: Sequence[Sequence[float]], min_delta: float = 0.0) -> tuple[int, list[float]]:
+    """How many validations came after the anchor early stopping counts from, and the anchor ([step, loss]):
+    the first validation, or the last whose loss was more than ``min_delta`` below the anchor before it.
+    At ``min_delta`` 0 the anchor is the lowest loss so far (a tie keeps the earlier), the weights a run
+    that keeps its best holds."""
+    anchor: list[float] = []
+    since = 0
+    for point in val_curve:
+        if not anchor or point[1] < anchor[1] - min_delta:
+            anchor, since = list(point), 0
+        else:
+            since += 1
+    return since, anchor
+
+
+def early_stop_due(val_curve: Sequence[Sequence[float]], patience: int, min_delta: float = 0.0) -> bool:
     """Whether early stopping ends a run now: ``patience`` (> 0) validations of ``val_curve`` in a row
-    after the one of the lowest loss so far (``best``, [step, loss]) found none lower."""
-    if patience <= 0 or best is None:
-        return False
-    return sum(1 for step, _ in val_curve if step > best[0]) >= patience
+    found no loss more than ``min_delta`` below the anchor (:func:`patience_anchor`)."""
+    return patience > 0 and patience_anchor(val_curve, min_delta)[0] >= patience
+
+
+def stop_reason(val_curve: Sequence[Sequence[float]], cfg: TrainConfig) -> str:
+    """Why early stopping ended a run, in words: "3 validations in a row found no loss below step 20's
+    1.7233"."""
+    _, (step, loss) = patience_anchor(val_curve, cfg.early_stopping_min_delta)
+    below = f"more than {cfg.early_stopping_min_delta:g} below" if cfg.early_stopping_min_delta else "below"
+    return f"{cfg.early_stopping} validations in a row found no loss {below} step {int(step)}'s {loss:.4f}"
 
 
 def _validate(
