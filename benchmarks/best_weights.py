@@ -188,10 +188,14 @@ def summary() -> dict[str, Any]:
             )
     lines += [
         "",
-        "Training seconds include the validations (16 of 32 examples in 80 steps, 7 in 35) and the final "
-        "unmerged forward; one run each, on a machine that was not kept otherwise idle. What the table "
-        "does not show: a run whose validation loss still falls at its last step keeps the same weights "
-        "either way, and early stopping then trains every step.",
+        f"Training seconds include the validations (one of {VAL_EXAMPLES} examples every {EVERY} steps) "
+        "and the final unmerged forward; one run each, on a machine that was not kept otherwise idle. "
+        "Early stopping chooses among the validations it has seen: where the validation loss swings "
+        "from one validation to the next, a swing can end the run before a later, lower loss, which "
+        "`keep_best` over every step still finds. A minimum improvement makes the count start sooner, "
+        "never later, so it can only end a run at the same step or before. What the table does not "
+        "show: a run whose validation loss still falls at its last step keeps the same weights either "
+        "way, and early stopping then trains every step.",
         "",
         "![validation loss per step, the best step and the early stop](best_weights.png)",
     ]

@@ -6,6 +6,7 @@ launch``, ``fsdp-card OUT`` under ``torch.distributed.run``.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -15,6 +16,7 @@ from typing import Any
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from tiny import tiny_model
 from tiny_tok import tiny_tokenizer
 from typer.testing import CliRunner
@@ -298,10 +300,44 @@ def test_training_in_two_processes_equals_one(tmp_path: Path) -> None:
     assert est["positions_per_step"] == pytest.approx(busiest) and busiest >= mine
 
 
+# Validated every step, with a clipping cap under the tiny model's gradient norms at most steps: early
+# stopping, the best weights and clipping all act within the run.
+BEST = dict(steps=24, lr=0.05, eval_examples=8, eval_every=1, early_stopping=2, max_grad_norm=0.05)
+
+
+def _train_best(out: Path, batch_size: int) -> dict[str, Any]:
+    loaded = _loaded()
+    task = load_task("synthetic:facts", split="train")
+    val = load_task("synthetic:facts", split="test")
+    cfg = dataclasses.replace(_cfg(batch_size), **BEST)
+    return train(loaded, _plan(loaded), task, val, cfg, out)
+
+
+def test_early_stopping_best_weights_and_clipping_in_two_processes_equal_one(tmp_path: Path) -> None:
+    """The validation loss both processes share decides the stop and the best weights, and the clipped
+    gradient is the averaged one: two processes at batch 2 stop, keep and clip as one at batch 4."""
+    one = _train_best(tmp_path / "one", 4)
+    assert one["stopped_early"] and one["steps"] < BEST["steps"], "the run must stop early to say anything"
+    assert one["best_step"] < one["steps"] and 0 < one["clipped_steps"]
+    _launch([__file__, "train-best", str(tmp_path / "two"), "2"], tmp_path)
+    two = json.loads((tmp_path / "two" / "train_metrics.json").read_text())
+    assert two["world_size"] == 2
+    for key in ("steps", "stopped_early", "best_step", "clipped_steps"):
+        assert two[key] == one[key], key
+    assert [s for s, _ in two["val_curve"]] == [s for s, _ in one["val_curve"]]
+    assert [v for _, v in two["val_curve"]] == pytest.approx([v for _, v in one["val_curve"]], rel=1e-4)
+    assert [v for _, v in two["loss_curve"]] == pytest.approx([v for _, v in one["loss_curve"]], rel=1e-4)
+    a = load_file(str(tmp_path / "one" / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "two" / "adapter" / "adapter_model.safetensors"))
+    assert set(a) == set(b) and all(torch.allclose(a[k], b[k], rtol=1e-3, atol=1e-6) for k in a)
+
+
 if __name__ == "__main__":  # a launched worker
     torch.set_num_threads(1)
     if sys.argv[1] == "train":
         _train(Path(sys.argv[2]), int(sys.argv[3]))
+    elif sys.argv[1] == "train-best":
+        _train_best(Path(sys.argv[2]), int(sys.argv[3]))
     elif sys.argv[1] == "fsdp-card":
         _fsdp_card(Path(sys.argv[2]))
 
