@@ -426,8 +426,12 @@ def test_keeping_the_best_weights_trains_again_only_when_asked(tiny_run, tmp_pat
     defaults: a folder trained before them is not trained again."""
     cfg_path, copy = copied(tiny_run, tmp_path)
     record = _records(copy)["train:all"]
-    assert not {"keep_best", "early_stopping", "max_grad_norm"} & set(record["config"])
-    off = ["train.keep_best=false", "train.early_stopping=0", "train.max_grad_norm=null"]
+    added = {"keep_best", "early_stopping", "max_grad_norm", "early_stopping_min_delta"}
+    assert not added & set(record["config"])
+    off = [
+        "train.keep_best=false", "train.early_stopping=0", "train.max_grad_norm=null",
+        "train.early_stopping_min_delta=0",
+    ]  # fmt: skip
     assert run_pipeline(load_config(cfg_path, off), copy, progress=False)["ran"] == ["report"]
     kept = run_pipeline(load_config(cfg_path, ["train.keep_best=true"]), copy, progress=False)
     assert {"train:all", "train:card-2"} <= set(kept["ran"])
