@@ -190,7 +190,9 @@ def test_a_folder_of_data_files_holds_one_split_a_file(tmp_path):
         load_task(str(two), split="a")
     shards = tmp_path / "shards"
     write_jsonl(shards / "train-00000-of-00002.jsonl", [{"input": "x", "target": "y"}])
-    with pytest.raises(LayercardError, match="one shard of a split"):
+    with pytest.raises(
+        LayercardError, match="one shard of a split; shards are joined where they are Parquet"
+    ):
         load_task(str(shards))
 
 
@@ -693,3 +695,99 @@ def test_a_compressed_data_file_is_named_so(tmp_path):
     xz.write_bytes(lzma.compress(b'{"input": "a", "target": "b"}\n' * 200))
     with pytest.raises(LayercardError, match=re.escape(f"{xz}: xz-compressed, not text")):
         load_task(str(xz))
+
+
+def _shards(folder: Path, split: str, rows: list, sizes: list[int]) -> list[Path]:
+    """``rows`` written as Parquet shards of ``split`` of the given sizes, named as the hub names them."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder.mkdir(parents=True, exist_ok=True)
+    paths, start = [], 0
+    for k, size in enumerate(sizes):
+        paths.append(folder / f"{split}-{k:05d}-of-{len(sizes):05d}.parquet")
+        pq.write_table(pa.Table.from_pylist(rows[start : start + size]), paths[-1])
+        start += size
+    return paths
+
+
+@pytest.mark.parametrize("lazy", [False, True])
+def test_a_split_in_parquet_shards_reads_as_one_file_of_its_rows(tmp_path, monkeypatch, lazy):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    import layercard.tasks.lazy as lazy_data
+
+    monkeypatch.setattr(lazy_data, "LAZY_BYTES", 0 if lazy else 1 << 40)
+    rows = [{"input": f"q{i}", "target": f"a{i}"} for i in range(7)]  # no ids: named by row number
+    _shards(tmp_path / "sharded", "train", rows, [3, 1, 3])
+    _shards(tmp_path / "sharded", "test", rows[:2], [2])  # one shard of one
+    (tmp_path / "whole").mkdir()
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "whole" / "train.parquet")
+    joined, whole = load_task(str(tmp_path / "sharded")), load_task(str(tmp_path / "whole"))
+    assert joined.split == "train" and len(joined) == 7
+    assert [e.to_dict() for e in joined.examples] == [e.to_dict() for e in whole.examples]
+    assert joined.data_hash == whole.data_hash
+    assert joined.source == str((tmp_path / "sharded").resolve())
+    test = load_task(str(tmp_path / "sharded"), split="test")
+    assert [e.input for e in test.examples] == ["q0", "q1"] and test.split == "test"
+    # a record is named by its own shard and its row there
+    bad = [*rows[:4], {"nothing": "here"}, *rows[5:]]
+    _shards(tmp_path / "bad", "train", bad, [3, 4])
+    where = re.escape(f"{tmp_path / 'bad' / 'train-00001-of-00002.parquet'}:2: field 'input' missing")
+    with pytest.raises(LayercardError, match=where):
+        list(load_task(str(tmp_path / "bad")).examples)
+
+
+def test_shard_sets_that_cannot_be_read_whole_are_refused(tmp_path):
+    rows = [{"input": f"q{i}", "target": f"a{i}"} for i in range(4)]
+    paths = _shards(tmp_path / "gap", "train", rows, [1, 1, 2])
+    paths[1].unlink()
+    with pytest.raises(
+        LayercardError,
+        match=re.escape("split 'train' is in 3 shards and shard 1 (train-00001-of-00003.parquet)"),
+    ):
+        load_task(str(tmp_path / "gap"))
+    _shards(tmp_path / "twice", "train", rows, [2, 2])
+    write_jsonl(tmp_path / "twice" / "train.jsonl", rows)
+    with pytest.raises(LayercardError, match=re.escape("two files of split 'train' (train-00000-of-00002")):
+        load_task(str(tmp_path / "twice"))
+    _shards(tmp_path / "mixed", "train", rows, [2, 2])
+    _shards(tmp_path / "mixed" / "x", "train", rows, [1, 1, 2])
+    (tmp_path / "mixed" / "x" / "train-00002-of-00003.parquet").rename(
+        tmp_path / "mixed" / "train-00002-of-00003.parquet"
+    )
+    with pytest.raises(
+        LayercardError, match="a shard of 3, beside shards of split 'train' of 2; keep one set"
+    ):
+        load_task(str(tmp_path / "mixed"))
+    other = _shards(tmp_path / "columns", "train", rows, [2, 2])
+    _shards(tmp_path / "columns" / "x", "train", [{"question": "q", "answer": "a"}] * 2, [2])
+    (tmp_path / "columns" / "x" / "train-00000-of-00001.parquet").replace(other[1])
+    with pytest.raises(
+        LayercardError, match=re.escape("train-00001-of-00002.parquet: its columns (question, answer)")
+    ):
+        load_task(str(tmp_path / "columns"))
+
+
+def test_real_data_in_shards_is_the_same_task_as_its_file(tmp_path):
+    """sst2's validation split, written as three Parquet shards in a folder named as its own, is the task
+    its JSONL file is: the same examples and data hash, so a card or run made from either serves both."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from conftest import shared_data
+
+    jsonl = shared_data("sst2/validation.jsonl")
+    rows = [json.loads(line) for line in jsonl.read_text(encoding="utf-8").splitlines() if line.strip()]
+    folder = tmp_path / "sst2"
+    _shards(folder, "validation", rows, [300, 300, len(rows) - 600])
+    pq.write_table(pa.Table.from_pylist(rows[:5]), folder / "train.parquet")
+    file_task = load_task(str(jsonl))
+    shard_task = load_task(str(folder), split="validation")
+    assert (
+        (shard_task.name, shard_task.format.name)
+        == (file_task.name, file_task.format.name)
+        == ("sst2", "sst2")
+    )
+    assert len(shard_task) == len(file_task) == len(rows) > 600
+    assert shard_task.data_hash == file_task.data_hash

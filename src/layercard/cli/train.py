@@ -83,7 +83,8 @@ def _beside(task: str) -> str:
     held = [s for s in ("validation", "test") if files and s in files]
     if not held:
         return ""
-    return f", or --task {p.parent} to hold out its {held[0]} split, {files[held[0]].name}"
+    shown = files[held[0]][0].name if len(files[held[0]]) == 1 else f"{len(files[held[0]])} Parquet shards"
+    return f", or --task {p.parent} to hold out its {held[0]} split, {shown}"
 
 
 @app.command("train")

@@ -50,6 +50,7 @@ from layercard.tasks.formats import (
     is_saved_dataset,
     read_records,
     split_files,
+    split_records,
 )
 from layercard.tasks.lazy import first_record_schema, table_examples
 from layercard.tasks.lines import is_line_file, line_examples
@@ -147,7 +148,11 @@ def _file_examples(
     files = split_files(p)
     if files is not None:
         chosen = chosen_split(p, list(files), split)
-        schema, examples, _ = _file_examples(files[chosen], field_map=field_map)
+        if len(files[chosen]) == 1:
+            schema, examples, _ = _file_examples(files[chosen][0], field_map=field_map)
+            return schema, examples, chosen
+        # a split in shards: their rows in order, named as one file of the split would name them
+        schema, examples = table_examples(split_records(files[chosen]).rows, stem=chosen, field_map=field_map)
         return schema, examples, chosen
     stem = p.stem if p.is_file() else p.name
     if is_line_file(p):
@@ -198,13 +203,15 @@ def _load_path(
     schema, examples, read_split = _file_examples(p, field_map=field_map, split=split)
     stem = p.stem if p.is_file() else p.name
     files = split_files(p)
-    read = files[read_split] if files is not None and read_split is not None else p  # the file read
-    detected = detect_preset(read) if read.is_file() else PRESETS["jsonl"]
+    read = files[read_split] if files is not None and read_split is not None else (p,)  # the files read
+    detected = detect_preset(read[0]) if read[0].is_file() else PRESETS["jsonl"]
     fmt = _schema_format(schema, preset, detected)
     name = fmt.name if fmt.name in DATASET_PRESETS or fmt.name in SYNTHETIC_TASKS else _path_task_name(p)
     chosen = fmt.name != _schema_format(schema, None, detected).name
-    # a single file is one split, named by its stem (read_records refused any other split asked of it)
-    return Task(name, str(read.resolve()), read_split or stem, fmt, examples, schema, chosen)
+    # a single file is one split, named by its stem (read_records refused any other split asked of it);
+    # a split in shards has the folder for its source, as a saved dataset's split has
+    source = read[0] if len(read) == 1 else p
+    return Task(name, str(source.resolve()), read_split or stem, fmt, examples, schema, chosen)
 
 
 def _path_task_name(p: Path) -> str:

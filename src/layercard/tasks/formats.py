@@ -9,14 +9,17 @@ unquoted (tabs separate cells, quotes are text). A single file is one split, nam
 dataset is a folder written by ``datasets.Dataset.save_to_disk`` (or a ``DatasetDict``'s, whose split is
 chosen by name). A folder of data files that is not a saved dataset holds one split a file, named by its
 stem (``calls/train.jsonl``, ``calls/test.jsonl``: :func:`split_files`), chosen by name as a
-``DatasetDict``'s. Parquet files and saved datasets are kept as tables (:class:`TableRows`), a row becoming
+``DatasetDict``'s; a split in Parquet shards (``train-00000-of-00002.parquet``, …) is its shards joined in
+order, each row named by its own shard and row there. Parquet files and saved datasets are kept as tables (:class:`TableRows`), a row becoming
 a record when read.
 """
 
 from __future__ import annotations
 
+import bisect
 import csv
 import io
+import itertools
 import json
 import re
 from collections.abc import Iterator, Sequence
@@ -41,6 +44,7 @@ __all__ = [
     "item_by_take",
     "read_records",
     "reads_lines",
+    "split_records",
     "split_files",
 ]
 
@@ -198,7 +202,9 @@ class TableRows(Sequence[tuple[str, int, Any]]):
 
     _BATCH = 10_000
 
-    def __init__(self, source: str, label: str, data: Any, files: Sequence[Path]) -> None:
+    def __init__(
+        self, source: str, label: str, data: Any, files: Sequence[Path], rows_per_file: Sequence[int] = ()
+    ) -> None:
         import pyarrow as pa  # what both kinds of table are made of
 
         self.source = source
@@ -207,6 +213,16 @@ class TableRows(Sequence[tuple[str, int, Any]]):
         self._arrow = isinstance(data, pa.Table)  # else a datasets.Dataset
         self._files = tuple(files)
         self._stamps = file_stamps(self._files)
+        # a table joined from shards: each row is named by its own file and row there, and numbered by
+        # its place in the whole
+        self._starts = list(itertools.accumulate(rows_per_file, initial=0))[:-1] if rows_per_file else []
+
+    def _where(self, i: int) -> str:
+        """``SOURCE:ROW`` of the 0-based row ``i``; a joined shard's own file and row in it."""
+        if not self._starts:
+            return f"{self.source}:{i + 1}"
+        k = bisect.bisect_right(self._starts, i) - 1
+        return f"{self._files[k]}:{i - self._starts[k] + 1}"
 
     @property
     def nbytes(self) -> int:
@@ -232,7 +248,7 @@ class TableRows(Sequence[tuple[str, int, Any]]):
         """The rows at ``indices`` (each in range), in that order."""
         self._check()
         recs = self._records(indices) if len(indices) else []
-        return [(f"{self.source}:{i + 1}", i + 1, rec) for i, rec in zip(indices, recs, strict=True)]
+        return [(self._where(i), i + 1, rec) for i, rec in zip(indices, recs, strict=True)]
 
     @overload
     def __getitem__(self, i: int) -> tuple[str, int, Any]: ...
@@ -251,7 +267,7 @@ class TableRows(Sequence[tuple[str, int, Any]]):
             else:
                 recs = _batch_rows(self._data[start:stop], stop - start)
             for i, rec in enumerate(recs, start=start + 1):
-                yield f"{self.source}:{i}", i, rec
+                yield self._where(i - 1), i, rec
 
 
 def item_by_take(seq: Any, i: int | slice) -> Any:
@@ -280,15 +296,19 @@ def dataset_rows(ds: Any, source: str, label: str) -> TableRows:
 
 
 def _parquet(p: Path) -> TableRows:
+    return TableRows(str(p), p.name, _parquet_table(p), [p])
+
+
+def _parquet_table(p: Path) -> Any:
+    """The ``pyarrow.Table`` of a Parquet file."""
     if not p.is_file():
         raise LayercardError(f"{p}: no such file")
     try:
         import pyarrow.parquet as pq
 
-        table = pq.read_table(p)
+        return pq.read_table(p)
     except Exception as e:  # a corrupt or foreign file: one line
         raise LayercardError(f"{p}: not a readable Parquet file ({message_line(e)})") from None
-    return TableRows(str(p), p.name, table, [p])
 
 
 def is_saved_dataset(path: str | Path) -> bool:
@@ -298,31 +318,83 @@ def is_saved_dataset(path: str | Path) -> bool:
 
 
 # A shard's name as the hub's converted datasets write it: train-00000-of-00002.parquet
-_SHARD = re.compile(r".+-\d+-of-\d+")
+_SHARD = re.compile(r"(?P<split>.+)-(?P<index>\d+)-of-(?P<count>\d+)")
 
 
-def split_files(path: str | Path) -> dict[str, Path] | None:
+def split_files(path: str | Path) -> dict[str, tuple[Path, ...]] | None:
     """The data files of a folder that holds one split a file, by split (each file's stem), or None where
-    ``path`` is no such folder (a file, a saved dataset, a folder without a data file). Hidden files are
-    not read; two files of one stem, or a split in shards, are refused."""
+    ``path`` is no such folder (a file, a saved dataset, a folder without a data file). A split in Parquet
+    shards (``train-00000-of-00002.parquet``, ``train-00001-of-00002.parquet``) is its shards in order;
+    every other split is one file. Hidden files are not read; two files of one split, a shard set with one
+    missing, and shards of another format are refused."""
     p = Path(path)
     if not p.is_dir() or is_saved_dataset(p):
         return None
-    files: dict[str, Path] = {}
+    files: dict[str, tuple[Path, ...]] = {}
+    shards: dict[str, dict[int, Path]] = {}
+    counts: dict[str, int] = {}
     for f in sorted(p.iterdir()):
         if f.name.startswith(".") or f.suffix.lower() not in DATA_SUFFIXES or not f.is_file():
             continue
-        if _SHARD.fullmatch(f.stem):
+        shard = _SHARD.fullmatch(f.stem)
+        if shard is None:
+            _add_split(p, files, f.stem, (f,))
+            continue
+        if f.suffix.lower() != ".parquet":
             raise LayercardError(
-                f"{f}: one shard of a split; a folder is read as one file a split (train.jsonl, "
-                "test.parquet): join the shards into one file, or give one file"
+                f"{f}: one shard of a split; shards are joined where they are Parquet files, and a "
+                f"{f.suffix} split is read from one file: join the shards into one file, or give one file"
             )
-        if f.stem in files:
+        split, count = shard["split"], int(shard["count"])
+        if counts.setdefault(split, count) != count:
             raise LayercardError(
-                f"{p}: two files of split {f.stem!r} ({files[f.stem].name}, {f.name}); keep one"
+                f"{f}: a shard of {count}, beside shards of split {split!r} of {counts[split]}; keep one set"
             )
-        files[f.stem] = f
-    return files or None
+        shards.setdefault(split, {})[int(shard["index"])] = f
+    for split, found in shards.items():
+        missing = [i for i in range(counts[split]) if i not in found]
+        if missing or len(found) != counts[split]:
+            what = (
+                f"shard {missing[0]} ({split}-{missing[0]:05d}-of-{counts[split]:05d}.parquet) is missing"
+                if missing
+                else f"shards numbered past {counts[split] - 1}"
+            )
+            raise LayercardError(
+                f"{p}: split {split!r} is in {counts[split]} shards and {what}; a split is read whole"
+            )
+        _add_split(p, files, split, tuple(found[i] for i in range(counts[split])))
+    return dict(sorted(files.items())) or None
+
+
+def _add_split(folder: Path, files: dict[str, tuple[Path, ...]], split: str, paths: tuple[Path, ...]) -> None:
+    if split in files:
+        names = sorted(f.name for f in (*files[split], *paths))
+        raise LayercardError(
+            f"{folder}: two files of split {split!r} ({', '.join(names[:2])}"
+            f"{', …' if len(names) > 2 else ''}); keep one"
+        )
+    files[split] = paths
+
+
+def split_records(paths: Sequence[Path]) -> Records:
+    """The records of one split of a folder (:func:`split_files`): its file, or its Parquet shards
+    joined in order."""
+    if len(paths) == 1:
+        return read_records(paths[0])
+    import pyarrow as pa
+
+    tables = [_parquet_table(f) for f in paths]
+    for f, t in zip(paths[1:], tables[1:], strict=True):
+        if not t.schema.equals(tables[0].schema):
+            raise LayercardError(
+                f"{f}: its columns ({', '.join(t.schema.names)}) differ from those of {paths[0].name} "
+                f"({', '.join(tables[0].schema.names)}); the shards of a split share one schema"
+            )
+    shard = _SHARD.fullmatch(paths[0].stem)
+    assert shard is not None  # split_files made the set of shard names
+    name = f"{shard['split']}-*-of-{shard['count']}.parquet"
+    table = pa.concat_tables(tables)
+    return Records(TableRows(str(paths[0].parent / name), name, table, paths, [t.num_rows for t in tables]))
 
 
 def is_dataset_folder(path: str | Path) -> bool:
@@ -413,7 +485,7 @@ def read_records(path: str | Path, *, split: str | None = None) -> Records:
         files = split_files(p)
         if files is not None:
             chosen = chosen_split(p, list(files), split)
-            records = read_records(files[chosen])
+            records = split_records(files[chosen])
             return Records(records.rows, cells=records.cells, split=chosen)
         if not is_saved_dataset(p):
             raise LayercardError(
