@@ -10,8 +10,8 @@ dataset is a folder written by ``datasets.Dataset.save_to_disk`` (or a ``Dataset
 chosen by name). A folder of data files that is not a saved dataset holds one split a file, named by its
 stem (``calls/train.jsonl``, ``calls/test.jsonl``: :func:`split_files`), chosen by name as a
 ``DatasetDict``'s; a split in Parquet shards (``train-00000-of-00002.parquet``, …) is its shards joined in
-order, each row named by its own shard and row there. Parquet files and saved datasets are kept as tables (:class:`TableRows`), a row becoming
-a record when read.
+order, each row named by its own shard and row there. Parquet files and saved datasets are kept as
+tables (:class:`TableRows`), a row becoming a record when read.
 """
 
 from __future__ import annotations
