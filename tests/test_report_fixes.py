@@ -259,3 +259,23 @@ def test_long_durations_are_also_written_in_hours_days_or_years():
     assert seconds_text(1.5 * 86400) == "129,600 s (36.0 h)"  # days from two of them
     assert seconds_text(3 * 86400) == "259,200 s (3.0 days)"
     assert seconds_text(10**12) == "1,000,000,000,000 s (31,688.1 years)"
+
+
+def test_a_measured_quality_from_earlier_weights_says_which_step(search_run, tmp_path):
+    copy = tmp_path / "run"
+    shutil.copytree(search_run, copy)
+    md = Path(build_report(copy)["markdown"]).read_text()
+    assert "(step " not in md.split("## Recommendation")[1].split("##")[0]  # the last step's weights
+    path = copy / "train" / "recommend" / "train_metrics.json"
+    m = _json(path)
+    step = m["val_curve"][0][0] if m["val_curve"] else 1
+    assert step < m["steps"], "the tiny run must validate before its last step for this test to say anything"
+    path.write_text(json.dumps(m | {"best_step": step, "best_val_loss": 1.0, "planned_steps": m["steps"]}))
+    restaged(path, copy)
+    md = Path(build_report(copy)["markdown"]).read_text()
+    said = md.split("## Recommendation")[1].split("##")[0]
+    row = next(line for line in said.splitlines() if line.startswith("| recommend |"))
+    assert f"(step {step} of {m['steps']}) / " in row
+    assert "A measured quality marked (step N of M) is that of an adapter holding step N's weights" in said
+    reference = next(line for line in said.splitlines() if line.startswith("| reference |"))
+    assert "(step " not in reference

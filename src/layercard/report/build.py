@@ -265,13 +265,19 @@ def _recommendation(doc: _Doc, run: _Run) -> None:
         ),
         lambda p: plot_frontier(plan, p, measured, colors=palette([r["name"] for r in run.rows])),
     )
-    doc.table(recommendation_table(run.plans, run.metrics, run.results))
+    table = recommendation_table(run.plans, run.metrics, run.results)
+    doc.table(table)
     doc.p(
         "In the quality column the two ± differ: the measured one is one standard error over the evaluated "
         "examples (it does not cover the training seed); the predicted one is the quality model's expected "
         "absolute error for a placement covering that much of the depth, from its errors on benchmark tasks "
         "it was not fitted on: not a confidence interval."
     )
+    if any("(step " in row[6] for row in table.rows):
+        doc.p(
+            "A measured quality marked (step N of M) is that of an adapter holding step N's weights, the "
+            "lowest validation loss (keep_best, early stopping); its prediction is for all M planned steps."
+        )
     leads = measured_leads_sentence(run.rows) or eval_loss_sentence(run.rows)
     if leads:
         doc.p(leads)

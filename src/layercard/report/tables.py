@@ -233,13 +233,22 @@ def recommendation_table(
                 # the reference's fraction is 1 by its definition, neither measured nor predicted
                 "1 by definition"
                 if r.get("is_reference")
-                else f"{with_error(r.get('measured_fraction'), r.get('measured_fraction_se'))} / "
+                else f"{with_error(r.get('measured_fraction'), r.get('measured_fraction_se'))}"
+                f"{_earlier_weights(m) if r.get('measured_fraction') is not None else ''} / "
                 f"{with_error(quality, err)}",
                 fmt(r.get("eval_loss"), LOSS),
                 fmt(r.get("primary_value"), METRIC),
             ]
         )
     return Table(header, rows)
+
+
+def _earlier_weights(m: TrainMetrics | None) -> str:
+    """A measured quality's note where the adapter holds an earlier step's weights than the planned steps
+    the prediction is for: " (step 20 of 80)"; else nothing."""
+    if m is None or m.best_step is None or m.best_step == m.planned_steps:
+        return ""
+    return f" (step {m.best_step} of {m.planned_steps})"
 
 
 def train_table(metrics: dict[str, TrainMetrics]) -> Table:
