@@ -13,7 +13,7 @@ from test_train import FAST, TRAIN, VAL, _loaded, _one_thread, make_plan  # noqa
 
 from layercard.errors import LayercardError
 from layercard.train import TrainConfig, TrainMetrics, train
-from layercard.train.loop import early_stop_due, patience_anchor, stop_reason
+from layercard.train.loop import early_stop_due, patience_anchor, stop_reason, swing_text
 
 # A learning rate high enough that the tiny model's validation loss turns back up within the run.
 HOT = dict(lr=0.1, eval_every=1, **FAST)
@@ -82,6 +82,28 @@ def test_a_minimum_improvement_counts_only_drops_larger_than_it():
     assert stop_reason([[1, 3.0], [2, 2.0], [3, 2.5], [4, 2.4]], plain) == (
         "2 validations in a row found no loss below step 2's 2.0000"
     )
+
+
+def test_a_stop_over_a_curve_that_fell_again_is_said_to_swing():
+    assert swing_text([[1, 3.0], [2, 2.0], [3, 2.5], [4, 2.8]]) is None  # a steady rise after the best
+    assert swing_text([[1, 3.0], [2, 2.0], [3, 2.5], [4, 2.2]]) == "step 3's 2.5000 → step 4's 2.2000"
+    assert swing_text([[1, 3.0], [2, 2.0]]) is None  # nothing counted yet
+    # with a minimum improvement the count runs from the anchor: 1.95 below 2.0 is no swing, 1.97 is
+    curve = [[1, 3.0], [2, 2.0], [3, 1.95], [4, 1.97]]
+    assert swing_text(curve, 0.1) is None and swing_text(curve[:3] + [[4, 1.9]], 0.1) is not None
+
+
+def test_the_swing_note_tells_the_benchmark_curves_apart():
+    """On the committed best-weights runs: sst2's validation loss swung, and its early stop came before a
+    lower loss that keep_best found; gsm8k's and e2e_nlg's rose steadily after their best."""
+    runs = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "best_weights" / "runs"
+    said = {}
+    for task in ("gsm8k", "e2e_nlg", "sst2"):
+        r = json.loads((runs / f"{task}-early_stopping.json").read_text())
+        said[task] = swing_text(r["val_curve"])
+        best = json.loads((runs / f"{task}-keep_best.json").read_text())["best_step"]
+        assert (best > r["steps"]) == (said[task] is not None)
+    assert said["sst2"] == "step 20's 0.5293 → step 25's 0.2941"
 
 
 def test_keep_best_trains_the_same_run_and_keeps_the_lowest_validation(plain_and_best):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import json
 import math
 import os
@@ -1032,6 +1033,13 @@ def _loop(
                     f"of {run.total_steps}",
                     enabled=acc.is_main_process,
                 )
+                if (fall := swing_text(state.val_curve, cfg.early_stopping_min_delta)) is not None:
+                    say(
+                        f"note: early stopping: the validation loss fell again after rising ({fall}), so it "
+                        f"may swing rather than turn; a larger {setting_name('early_stopping')} waits out a "
+                        "swing",
+                        enabled=acc.is_main_process,
+                    )
                 break
     if run.data.val_encoded and (not state.val_curve or state.val_curve[-1][0] != state.step):
         _validate(run, state, prepared, trainable, state.step)
@@ -1064,6 +1072,18 @@ def stop_reason(val_curve: Sequence[Sequence[float]], cfg: TrainConfig) -> str:
     _, (step, loss) = patience_anchor(val_curve, cfg.early_stopping_min_delta)
     below = f"more than {cfg.early_stopping_min_delta:g} below" if cfg.early_stopping_min_delta else "below"
     return f"{cfg.early_stopping} validations in a row found no loss {below} step {int(step)}'s {loss:.4f}"
+
+
+def swing_text(val_curve: Sequence[Sequence[float]], min_delta: float = 0.0) -> str | None:
+    """Where a validation the early-stopping count ran over was lower than the one before it, the first
+    such fall in words ("step 20's 0.5293 → step 25's 0.2941"): a curve that falls again after rising may
+    be swinging rather than turning. None where the count ran over a steady rise."""
+    since, _ = patience_anchor(val_curve, min_delta)
+    counted = list(val_curve[len(val_curve) - since :]) if since else []
+    for (s0, a), (s1, b) in itertools.pairwise(counted):
+        if b < a:
+            return f"step {int(s0)}'s {a:.4f} → step {int(s1)}'s {b:.4f}"
+    return None
 
 
 def _validate(
