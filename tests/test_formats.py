@@ -750,7 +750,12 @@ def test_shard_sets_that_cannot_be_read_whole_are_refused(tmp_path):
         load_task(str(tmp_path / "gap"))
     _shards(tmp_path / "twice", "train", rows, [2, 2])
     write_jsonl(tmp_path / "twice" / "train.jsonl", rows)
-    with pytest.raises(LayercardError, match=re.escape("two files of split 'train' (train-00000-of-00002")):
+    with pytest.raises(
+        LayercardError,
+        match=re.escape(
+            "two files of split 'train' (train.jsonl, 2 Parquet shards from train-00000-of-00002.parquet)"
+        ),
+    ):
         load_task(str(tmp_path / "twice"))
     _shards(tmp_path / "mixed", "train", rows, [2, 2])
     _shards(tmp_path / "mixed" / "x", "train", rows, [1, 1, 2])

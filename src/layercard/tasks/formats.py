@@ -368,12 +368,15 @@ def split_files(path: str | Path) -> dict[str, tuple[Path, ...]] | None:
 
 def _add_split(folder: Path, files: dict[str, tuple[Path, ...]], split: str, paths: tuple[Path, ...]) -> None:
     if split in files:
-        names = sorted(f.name for f in (*files[split], *paths))
         raise LayercardError(
-            f"{folder}: two files of split {split!r} ({', '.join(names[:2])}"
-            f"{', …' if len(names) > 2 else ''}); keep one"
+            f"{folder}: two files of split {split!r} ({_named(files[split])}, {_named(paths)}); keep one"
         )
     files[split] = paths
+
+
+def _named(paths: Sequence[Path]) -> str:
+    """A split's file by name, or its shards by count and first name."""
+    return paths[0].name if len(paths) == 1 else f"{len(paths)} Parquet shards from {paths[0].name}"
 
 
 def split_records(paths: Sequence[Path]) -> Records:
