@@ -273,7 +273,8 @@ def _recommendation(doc: _Doc, run: _Run) -> None:
         "absolute error for a placement covering that much of the depth, from its errors on benchmark tasks "
         "it was not fitted on: not a confidence interval."
     )
-    if any("(step " in row[6] for row in table.rows):
+    quality = table.header.index("quality measured / predicted")
+    if any("(step " in row[quality] for row in table.rows):
         doc.p(
             "A measured quality marked (step N of M) is that of an adapter holding step N's weights, the "
             "lowest validation loss (keep_best, early stopping); its prediction is for all M planned steps."
