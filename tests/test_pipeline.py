@@ -426,11 +426,11 @@ def test_keeping_the_best_weights_trains_again_only_when_asked(tiny_run, tmp_pat
     defaults: a folder trained before them is not trained again."""
     cfg_path, copy = copied(tiny_run, tmp_path)
     record = _records(copy)["train:all"]
-    added = {"keep_best", "early_stopping", "max_grad_norm", "early_stopping_min_delta"}
+    added = {"keep_best", "early_stopping", "max_grad_norm", "early_stopping_min_delta", "group_by_length"}
     assert not added & set(record["config"])
     off = [
         "train.keep_best=false", "train.early_stopping=0", "train.max_grad_norm=null",
-        "train.early_stopping_min_delta=0",
+        "train.early_stopping_min_delta=0", "train.group_by_length=false",
     ]  # fmt: skip
     assert run_pipeline(load_config(cfg_path, off), copy, progress=False)["ran"] == ["report"]
     kept = run_pipeline(load_config(cfg_path, ["train.keep_best=true"]), copy, progress=False)

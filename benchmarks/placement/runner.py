@@ -39,7 +39,7 @@ CARD_FIELDS_ADDED: dict[str, Any] = {
 # the EVA one): out of a run's key at that value, so every committed run keeps its key.
 TRAIN_FIELDS_ADDED: dict[str, Any] = {
     "init": "default", "eva_rho": 2.0, "gradient_checkpointing": False, "keep_best": False,
-    "early_stopping": 0, "max_grad_norm": None, "early_stopping_min_delta": 0.0,
+    "early_stopping": 0, "max_grad_norm": None, "early_stopping_min_delta": 0.0, "group_by_length": False,
 }  # fmt: skip
 
 

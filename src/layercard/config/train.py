@@ -45,6 +45,13 @@ class TrainConfig(Schema):
     warmup_steps: int = setting(0, kind="int", minimum=0, help="linear warm-up steps")
     scheduler: str = setting("constant", kind="choice", choices=SCHEDULERS, help="learning-rate schedule")
     max_length: int = setting(128, kind="int", minimum=2, help="max tokens per training example")
+    group_by_length: bool = setting(
+        False,
+        kind="bool",
+        help="form each micro-batch from examples of near length (sorted within windows of 50 "
+        "micro-batches, whose order is then shuffled): less padding, so fewer positions per step; the same "
+        "examples per epoch",
+    )
     train_examples: int | None = setting(
         None, kind="int", minimum=1, help="seeded subset of the training task; null: all"
     )

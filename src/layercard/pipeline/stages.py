@@ -98,6 +98,7 @@ def _joined(rows: Sequence[tuple[str, str]]) -> dict[str, str]:
 # Train settings added after run folders were first fingerprinted, with the default that trains as before.
 _TRAIN_ADDED_LATER = {
     "keep_best": False, "early_stopping": 0, "max_grad_norm": None, "early_stopping_min_delta": 0.0,
+    "group_by_length": False,
 }  # fmt: skip
 
 StageCallback = Callable[[str, str, "StageResult | None"], None]

@@ -32,11 +32,12 @@ RESUME_FIELDS = (
     "weight_decay", "warmup_steps", "scheduler", "max_length", "bottleneck", "dtype", "world_size",
     "schedule_steps", "init", "eva_rho", "load_in_4bit", "weights_dtype", "val_data",
     "gradient_checkpointing", "keep_best", "early_stopping", "max_grad_norm", "early_stopping_min_delta",
+    "group_by_length",
 )  # fmt: skip
 # What a fingerprint written before a field existed meant by its absence.
 _ABSENT_MEANS = {
     "init": "default", "keep_best": False, "early_stopping": 0, "max_grad_norm": None,
-    "early_stopping_min_delta": 0.0,
+    "early_stopping_min_delta": 0.0, "group_by_length": False,
 }  # fmt: skip
 # Fields fingerprinted only later, whose absence says nothing of the run's value: compared where recorded.
 _RECORDED_LATER = ("load_in_4bit", "weights_dtype", "val_data", "gradient_checkpointing")

@@ -2,7 +2,9 @@
 
 Epoch ``e`` is the ``e``-th permutation drawn from one generator seeded with ``seed`` (so two seeds
 share no epoch order) and a step consumes the next ``grad_accum`` micro-batches of the cycled stream, so
-a checkpoint needs only the number of micro-batches consumed.
+a checkpoint needs only the number of micro-batches consumed. With ``group_by_length`` each window of
+:data:`GROUP_WINDOW` micro-batches of that order is sorted by length and cut into micro-batches, whose
+order within the window is then shuffled: the same examples per step and per epoch, less padding.
 """
 
 from __future__ import annotations
@@ -10,23 +12,40 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 
+import numpy as np
 import torch
 
-from layercard.tasks import Encoded, collate
+from layercard.tasks import Encoded, EncodedTask, collate
 from layercard.train.config import TrainConfig
+
+# Micro-batches whose examples group_by_length sorts by length together: wide enough that a batch's rows
+# come out close in length, narrow enough that a window holds a sample of the whole epoch's lengths
+# rather than one end of them.
+GROUP_WINDOW = 50
 
 
 class Stream:
-    """Micro-batch ``k`` of the cycled, per-epoch-shuffled stream; a pure function of the seed."""
+    """Micro-batch ``k`` of the cycled, per-epoch-shuffled stream; a pure function of the seed (and of
+    ``group_by_length``)."""
 
-    def __init__(self, encoded: Sequence[Encoded], batch_size: int, pad_id: int, seed: int) -> None:
+    def __init__(
+        self,
+        encoded: Sequence[Encoded],
+        batch_size: int,
+        pad_id: int,
+        seed: int,
+        *,
+        group_by_length: bool = False,
+    ) -> None:
         self.encoded = encoded
         self.batch_size = batch_size
         self.pad_id = pad_id
         self.seed = seed
+        self.group_by_length = group_by_length
         self.per_epoch = math.ceil(len(encoded) / batch_size)
         self._gen: torch.Generator | None = None
         self._perm: tuple[int, list[int]] = (-1, [])
+        self._windows: dict[tuple[int, int], list[int]] = {}
 
     def _order(self, epoch: int) -> list[int]:
         # One generator drawn epoch after epoch: seeding epoch e with seed + e gave seed s's second
@@ -38,14 +57,50 @@ class Stream:
             self._perm = (self._perm[0] + 1, torch.randperm(len(self.encoded), generator=self._gen).tolist())
         return self._perm[1]
 
+    def _window_span(self, epoch: int, w: int) -> list[int]:
+        """The examples of window ``w`` of epoch ``epoch``'s order, before any grouping."""
+        span = GROUP_WINDOW * self.batch_size
+        return self._order(epoch)[w * span : (w + 1) * span]
+
+    def _window(self, epoch: int, w: int) -> list[int]:
+        """Window ``w`` of epoch ``epoch`` as grouped: sorted longest first (ties in the shuffled order),
+        cut into micro-batches, the full ones shuffled. A short last micro-batch stays last, where the
+        epoch's micro-batches are cut. Grouped one window at a time, so that a run reading part of a
+        large training set encodes no more than the windows it reads."""
+        key = (epoch, w)
+        if key not in self._windows:
+            if self._windows and next(iter(self._windows))[0] != epoch:
+                self._windows.clear()  # one epoch's windows at a time
+            part = self._window_span(epoch, w)
+            if isinstance(self.encoded, EncodedTask):
+                self.encoded.fill(part)  # in a few passes, not one example at a time
+            part = sorted(part, key=lambda j: -len(self.encoded[j]))
+            bs = self.batch_size
+            rows = [part[i : i + bs] for i in range(0, len(part), bs)]
+            full = [r for r in rows if len(r) == bs]
+            # Each window's shuffle is drawn from its own seed, so that any micro-batch can be found
+            # without grouping the windows before it, and the epoch order's draws stay as without.
+            order = np.random.default_rng([self.seed, epoch, w]).permutation(len(full)).tolist()
+            self._windows[key] = [j for i in order for j in full[i]] + [
+                j for r in rows[len(full) :] for j in r
+            ]
+        return self._windows[key]
+
     def _indices(self, k: int) -> list[int]:
         epoch, i = divmod(k, self.per_epoch)
+        if self.group_by_length:
+            w, i = divmod(i, GROUP_WINDOW)
+            return self._window(epoch, w)[i * self.batch_size : (i + 1) * self.batch_size]
         return self._order(epoch)[i * self.batch_size : (i + 1) * self.batch_size]
 
     def run_indices(self, micro_batches: int) -> list[int]:
-        """The examples the first ``micro_batches`` micro-batches hold, each once, in order."""
+        """The examples the first ``micro_batches`` micro-batches hold, each once, in order; grouped, those
+        of every window they draw from, whose lengths the grouping reads."""
         if micro_batches >= self.per_epoch:  # a whole epoch holds every example
             return list(range(len(self.encoded)))
+        if self.group_by_length:
+            windows = {i // GROUP_WINDOW for i in range(micro_batches)}  # all in the first epoch
+            return sorted({j for w in windows for j in self._window_span(0, w)})
         return sorted({j for k in range(micro_batches) for j in self._indices(k)})
 
     def batch(self, k: int) -> dict[str, torch.Tensor]:

@@ -341,7 +341,7 @@ def _train(
     _free_mixed_precision(cfg)
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=_MIXED_PRECISION[cfg.dtype])
     _check_float16(cfg, accelerator.device.type)
-    stream = Stream(data.encoded, cfg.batch_size, data.pad_id, cfg.seed)
+    stream = Stream(data.encoded, cfg.batch_size, data.pad_id, cfg.seed, group_by_length=cfg.group_by_length)
     world = accelerator.num_processes
     cfg = _sharded_config(accelerator, cfg, kind, resume)
     total_steps = planned_steps(cfg, len(stream.encoded), world)
@@ -744,7 +744,7 @@ def planned_steps(cfg: TrainConfig, n_examples: int, world: int = 1) -> int:
 
 def _stream(data: TrainData, cfg: TrainConfig, world: int = 1) -> tuple[Stream, int]:
     """The stream and step count of the run ``cfg`` would train on ``data`` in ``world`` processes."""
-    stream = Stream(data.encoded, cfg.batch_size, data.pad_id, cfg.seed)
+    stream = Stream(data.encoded, cfg.batch_size, data.pad_id, cfg.seed, group_by_length=cfg.group_by_length)
     return stream, planned_steps(cfg, len(stream.encoded), world)
 
 
