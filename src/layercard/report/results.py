@@ -336,6 +336,14 @@ class _Rows:
         self.failed: dict[str, str] = {}
         # per compared model: its examples' summed losses and the hash of the examples they are of
         self.example_losses: dict[str, tuple[list[float], Any]] = {}
+        self._hashes: dict[Path, str] = {}
+
+    def content_hash(self, path: Path) -> str:
+        """:func:`content_hash` of ``path``, read once per report: every placement's plan was made from the
+        one card, whose file runs to megabytes."""
+        if path not in self._hashes:
+            self._hashes[path] = content_hash(path)
+        return self._hashes[path]
 
     def inputs(self, **keys: str) -> dict[str, Callable[[], Any]]:
         """The :func:`fresh` checks of a stage record's inputs ``keys`` (record key -> run.json key)
@@ -476,7 +484,7 @@ def _placement_row(
         f"plan:{name}",
         plan_file,
         upstream=card_ok,
-        card=lambda: content_hash(lay.card_json) if lay.card_json.is_file() else None,
+        card=lambda: rows.content_hash(lay.card_json) if lay.card_json.is_file() else None,
         **rows.inputs(train_data="train_data"),
     )
     train_ok = _kept(
