@@ -17,7 +17,6 @@ results/best_weights/best_weights.{json,md,png}.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
@@ -239,14 +238,9 @@ def _figure(records: list[dict[str, Any]]) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("what", choices=("run", "summary"))
-    args = parser.parse_args()
-    if args.what == "run":
-        run()
-    print(json.dumps(summary()["tasks"], indent=1))
+    from quality import run_or_summary  # this folder is on sys.path
+
+    run_or_summary(__doc__, run, summary)
 
 
 if __name__ == "__main__":

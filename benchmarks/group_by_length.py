@@ -16,7 +16,6 @@ results/group_by_length/group_by_length.{json,md,png}.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -258,14 +257,9 @@ def _figure(tasks: dict[str, Any]) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("what", choices=("run", "summary"))
-    args = parser.parse_args()
-    if args.what == "run":
-        run()
-    print(json.dumps(summary()["tasks"], indent=1))
+    from quality import run_or_summary  # this folder is on sys.path
+
+    run_or_summary(__doc__, run, summary)
 
 
 if __name__ == "__main__":
