@@ -257,7 +257,7 @@ def _figure(tasks: dict[str, Any]) -> None:
 
 
 def main() -> None:
-    from quality import run_or_summary  # this folder is on sys.path
+    from usage import run_or_summary  # this folder is on sys.path
 
     run_or_summary(__doc__, run, summary)
 

@@ -160,18 +160,6 @@ def adapter_test_loss(loaded: Any, test: Any, adapter: Path | None, max_length: 
         return eval_loss(net, loaded.tokenizer, test, test.examples, batch_size=16, max_length=max_length)
 
 
-def run_or_summary(doc: str | None, run: Any, summary: Any) -> None:
-    """The command line of a benchmark whose `run` trains (resumably) and whose `summary` writes its
-    results from the kept runs: `run` does both, `summary` the second alone; prints the per-task part."""
-    import json
-
-    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=("run", "summary"))
-    if parser.parse_args().what == "run":
-        run()
-    print(json.dumps(summary()["tasks"], indent=1))
-
-
 def _test_loss(loaded: Any, test: Any, setting: TaskSetting, adapter: Path | None) -> float:
     return adapter_test_loss(loaded, test, adapter, setting.max_length)
 
