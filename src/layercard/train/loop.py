@@ -341,10 +341,9 @@ def _train(
     _free_mixed_precision(cfg)
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=_MIXED_PRECISION[cfg.dtype])
     _check_float16(cfg, accelerator.device.type)
-    stream = Stream(data.encoded, cfg.batch_size, data.pad_id, cfg.seed, group_by_length=cfg.group_by_length)
     world = accelerator.num_processes
-    cfg = _sharded_config(accelerator, cfg, kind, resume)
-    total_steps = planned_steps(cfg, len(stream.encoded), world)
+    cfg = _sharded_config(accelerator, cfg, kind, resume)  # its checkpoints alone: the stream is the same
+    stream, total_steps = _stream(data, cfg, world)
     fingerprint = _fingerprint(loaded, plan, cfg, kind, layers, bottleneck, data, world, total_steps)
     run = _Run(
         loaded, plan, cfg, kind, layers, bottleneck, out_dir, data, accelerator, stream, total_steps,
