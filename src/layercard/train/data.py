@@ -98,9 +98,9 @@ class Stream:
         of every window they draw from, whose lengths the grouping reads."""
         if micro_batches >= self.per_epoch:  # a whole epoch holds every example
             return list(range(len(self.encoded)))
-        if self.group_by_length:
-            windows = {i // GROUP_WINDOW for i in range(micro_batches)}  # all in the first epoch
-            return sorted({j for w in windows for j in self._window_span(0, w)})
+        if self.group_by_length:  # the first epoch's windows that hold them, whole
+            windows = math.ceil(micro_batches / GROUP_WINDOW)
+            return sorted(self._order(0)[: windows * GROUP_WINDOW * self.batch_size])
         return sorted({j for k in range(micro_batches) for j in self._indices(k)})
 
     def batch(self, k: int) -> dict[str, torch.Tensor]:
