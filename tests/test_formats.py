@@ -796,3 +796,29 @@ def test_real_data_in_shards_is_the_same_task_as_its_file(tmp_path):
     )
     assert len(shard_task) == len(file_task) == len(rows) > 600
     assert shard_task.data_hash == file_task.data_hash
+
+
+def test_one_shard_given_alone_says_where_the_rest_of_its_split_is(tmp_path, capsys):
+    from layercard.cli.app import note_task
+
+    rows = [{"input": f"q{i}", "target": f"a{i}"} for i in range(4)]
+    paths = _shards(tmp_path / "sharded", "train", rows, [2, 2])
+    alone = load_task(str(paths[1]))
+    assert len(alone) == 2  # read alone, as before
+    said = (
+        f"task sharded: train-00001-of-00002.parquet is shard 2 of 2 of split 'train', read alone; give its "
+        f"folder, {tmp_path / 'sharded'}, to read all 2 as split 'train'"
+    )
+    assert alone.shard_note() == said
+    note_task(alone)
+    assert said in " ".join(capsys.readouterr().err.split())
+    assert load_task(str(tmp_path / "sharded")).shard_note() is None  # the folder reads them all
+    one = _shards(tmp_path / "one", "train", rows, [4])
+    assert load_task(str(one[0])).shard_note() is None  # a split of one shard is whole
+    write_jsonl(tmp_path / "text" / "train-00000-of-00003.jsonl", rows)
+    text = load_task(str(tmp_path / "text" / "train-00000-of-00003.jsonl")).shard_note()
+    assert text is not None and text.endswith(
+        "shard 1 of 3 of split 'train', read alone; join the shards into one file to read the whole split"
+    )
+    write_jsonl(tmp_path / "plain" / "train.jsonl", rows)
+    assert load_task(str(tmp_path / "plain" / "train.jsonl")).shard_note() is None

@@ -436,10 +436,11 @@ def note_unused(option: str, why: str) -> None:
 
 
 def note_task(task: Any) -> None:
-    """Say so when a task's prompts give no instruction (:meth:`layercard.tasks.Task.prompt_note`)."""
-    text = task.prompt_note()
-    if text:
-        note(text)
+    """Say so when a task's prompts give no instruction (:meth:`layercard.tasks.Task.prompt_note`), and
+    when it is one shard of a split read alone (:meth:`layercard.tasks.Task.shard_note`)."""
+    for text in (task.prompt_note(), task.shard_note()):
+        if text:
+            note(text)
 
 
 def trained_task(adapter: Path) -> dict | None:

@@ -321,6 +321,22 @@ def is_saved_dataset(path: str | Path) -> bool:
 _SHARD = re.compile(r"(?P<split>.+)-(?P<index>\d+)-of-(?P<count>\d+)")
 
 
+def lone_shard_text(path: str | Path) -> str | None:
+    """What to say of a file named as one shard of a split of several (``train-00001-of-00004.parquet``),
+    read alone: where the rest of the split is. None for any other path."""
+    p = Path(path)
+    shard = _SHARD.fullmatch(p.stem)
+    if shard is None or not p.is_file() or int(shard["count"]) < 2:
+        return None
+    split, count = shard["split"], int(shard["count"])
+    whole = (
+        f"give its folder, {p.parent}, to read all {count} as split {split!r}"
+        if p.suffix.lower() == ".parquet"
+        else "join the shards into one file to read the whole split"
+    )
+    return f"{p.name} is shard {int(shard['index']) + 1} of {count} of split {split!r}, read alone; {whole}"
+
+
 def split_files(path: str | Path) -> dict[str, tuple[Path, ...]] | None:
     """The data files of a folder that holds one split a file, by split (each file's stem), or None where
     ``path`` is no such folder (a file, a saved dataset, a folder without a data file). A split in Parquet

@@ -15,6 +15,7 @@ from layercard.artifacts import JsonListHash, sha256_json_list
 from layercard.errors import LayercardError
 from layercard.progress import track
 from layercard.tasks.example import Example
+from layercard.tasks.formats import lone_shard_text
 from layercard.tasks.lazy import LazyExamples
 from layercard.tasks.presets import PRESETS, TaskFormat
 
@@ -151,6 +152,11 @@ class Task:
             "names this file's folder); give --prompt 'Your instruction:\\n{input}' (task.prompt in a "
             "run config) to say what the target is"
         )
+
+    def shard_note(self) -> str | None:
+        """A line for a task read from one file of a split in shards, else None."""
+        text = lone_shard_text(self.source)
+        return None if text is None else f"task {self.name}: {text}"
 
     def describe(self) -> dict[str, Any]:
         """What an artifact records about the task."""
